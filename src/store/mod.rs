@@ -1,0 +1,151 @@
+//! Object stores: one narrow trait and its implementations.
+//!
+//! The trait is deliberately small (get, put, put-if-absent, delete, list,
+//! head). Retries, fault injection and metrics are wrappers around it
+//! ([`retry::RetryStore`], [`fault::FaultStore`]) rather than logic inside
+//! every backend.
+
+pub mod fault;
+pub mod local;
+pub mod memory;
+pub mod retry;
+pub mod s3;
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// What went wrong with one store call.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("object {0} not found")]
+    NotFound(String),
+    /// A conditional write (`If-None-Match: *`) found the object already there.
+    #[error("object {0} already exists (conditional write refused)")]
+    PreconditionFailed(String),
+    /// Worth retrying: 5xx, throttling, timeouts, connection resets.
+    #[error("transient store error: {0}")]
+    Transient(String),
+    /// Not worth retrying: access denied, bad bucket, malformed request.
+    #[error("store error: {0}")]
+    Permanent(String),
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Transient(_))
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Conditions on a PUT.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PutMode {
+    /// Create or replace.
+    #[default]
+    Overwrite,
+    /// Create only if no object exists under the key (`If-None-Match: *`).
+    IfAbsent,
+}
+
+/// One listed object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    /// Seconds since the Unix epoch, when the store knows it.
+    pub modified_unix: Option<i64>,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, Default)]
+pub struct ListPage {
+    pub objects: Vec<ObjectInfo>,
+    /// With a delimiter: the "directories" directly under the prefix, each ending in `/`.
+    pub common_prefixes: Vec<String>,
+    /// Pass as `start_after` to get the next page; `None` when the listing is complete.
+    pub next_start_after: Option<String>,
+}
+
+/// A listing request.
+#[derive(Debug, Clone, Default)]
+pub struct ListRequest<'a> {
+    pub prefix: &'a str,
+    pub start_after: Option<&'a str>,
+    /// Group keys at the next `/` after the prefix.
+    pub delimiter: bool,
+    pub max_keys: usize,
+}
+
+#[async_trait]
+pub trait ObjectStore: Send + Sync + fmt::Debug {
+    /// Read an object, or a byte range of it.
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes>;
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()>;
+    /// Delete an object; deleting a missing object succeeds.
+    async fn delete(&self, key: &str) -> StoreResult<()>;
+    /// List keys in lexicographic order.
+    async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage>;
+    /// Size of an object, `None` when absent.
+    async fn head(&self, key: &str) -> StoreResult<Option<u64>>;
+    /// A short human description ("s3://bucket", "file:///dir").
+    fn describe(&self) -> String;
+}
+
+pub type DynStore = Arc<dyn ObjectStore>;
+
+/// List every object under a prefix, following pages.
+pub async fn list_all(store: &dyn ObjectStore, prefix: &str) -> StoreResult<Vec<ObjectInfo>> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .list(ListRequest {
+                prefix,
+                start_after: after.as_deref(),
+                delimiter: false,
+                max_keys: 1000,
+            })
+            .await?;
+        out.extend(page.objects);
+        match page.next_start_after {
+            Some(next) => after = Some(next),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// Probe whether the store honours `If-None-Match: *`: create a probe object
+/// twice; the second create must be refused.
+pub async fn supports_conditional_put(store: &dyn ObjectStore, prefix: &str) -> StoreResult<bool> {
+    let key = format!("{prefix}.s3blk-probe-{:016x}", rand::random::<u64>());
+    store.put(&key, Bytes::from_static(b"1"), PutMode::IfAbsent).await?;
+    let second = store.put(&key, Bytes::from_static(b"2"), PutMode::IfAbsent).await;
+    let _ = store.delete(&key).await;
+    match second {
+        Err(StoreError::PreconditionFailed(_)) => Ok(true),
+        Ok(()) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+pub(crate) fn apply_range(data: &Bytes, range: Option<Range<u64>>, key: &str) -> StoreResult<Bytes> {
+    match range {
+        None => Ok(data.clone()),
+        Some(r) => {
+            let len = data.len() as u64;
+            if r.start > r.end || r.start > len {
+                return Err(StoreError::Permanent(format!(
+                    "range {}..{} outside object {key} of {len} bytes",
+                    r.start, r.end
+                )));
+            }
+            let end = r.end.min(len);
+            Ok(data.slice(r.start as usize..end as usize))
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Amazon S3 and S3-compatible stores (MinIO, Ceph RGW, R2, GCS, moto).
+//!
+//! Endpoint, region and credentials come from the AWS SDK's standard chain
+//! (`AWS_ENDPOINT_URL[_S3]`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, profiles,
+//! IRSA). A custom endpoint implies path-style addressing and, unless the
+//! user says otherwise, checksums "when required": recent SDKs otherwise send
+//! aws-chunked bodies with CRC trailers that several S3-compatible servers
+//! reject. The SDK's own retries are disabled: [`super::retry::RetryStore`]
+//! is the one retry layer.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_config::BehaviorVersion;
+use aws_config::meta::region::RegionProviderChain;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use bytes::Bytes;
+
+use super::{ListPage, ListRequest, ObjectInfo, ObjectStore, PutMode, StoreError, StoreResult};
+
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+}
+
+/// How the SDK computes request checksums (`S3BLK_S3_CHECKSUMS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChecksumMode {
+    Always,
+    WhenRequired,
+}
+
+impl S3Store {
+    /// Build a client from the environment's standard AWS configuration.
+    pub async fn from_env(bucket: &str) -> StoreResult<Self> {
+        let region = RegionProviderChain::default_provider().or_else("us-east-1");
+        let sdk = aws_config::defaults(BehaviorVersion::latest()).region(region).load().await;
+        let custom_endpoint = sdk.endpoint_url().is_some();
+        let checksums = match std::env::var("S3BLK_S3_CHECKSUMS").ok().as_deref() {
+            Some("always") => ChecksumMode::Always,
+            Some("when-required") => ChecksumMode::WhenRequired,
+            Some(other) => {
+                return Err(StoreError::Permanent(format!(
+                    "S3BLK_S3_CHECKSUMS must be 'always' or 'when-required', not {other:?}"
+                )));
+            }
+            None if custom_endpoint => ChecksumMode::WhenRequired,
+            None => ChecksumMode::Always,
+        };
+        let mut conf = aws_sdk_s3::config::Builder::from(&sdk)
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(Duration::from_secs(60))
+                    .build(),
+            );
+        if custom_endpoint {
+            conf = conf.force_path_style(true);
+        }
+        if checksums == ChecksumMode::WhenRequired {
+            conf = conf
+                .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+                .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        }
+        Ok(Self { client: Client::from_conf(conf.build()), bucket: bucket.to_string() })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+}
+
+/// Map an SDK error to a store error. Credentials never appear: only the
+/// status, the S3 error code and message.
+fn map_err<E: ProvideErrorMetadata + std::fmt::Debug>(
+    what: &str,
+    key: &str,
+    err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> StoreError {
+    match &err {
+        SdkError::TimeoutError(_) => StoreError::Transient(format!("{what} {key}: timeout")),
+        SdkError::DispatchFailure(e) => {
+            StoreError::Transient(format!("{what} {key}: connection failed: {:?}", e.as_connector_error()))
+        }
+        SdkError::ResponseError(_) => StoreError::Transient(format!("{what} {key}: malformed or cut response")),
+        SdkError::ServiceError(se) => {
+            let status = se.raw().status().as_u16();
+            let code = se.err().code().unwrap_or("");
+            let msg = se.err().message().unwrap_or("");
+            let detail = format!("{what} {key}: HTTP {status} {code} {msg}").trim_end().to_string();
+            match (status, code) {
+                (404, _) | (_, "NoSuchKey") => StoreError::NotFound(key.to_string()),
+                (412, _) | (_, "PreconditionFailed") => StoreError::PreconditionFailed(key.to_string()),
+                // A concurrent conditional write is in progress: retry, and the
+                // retry gets the real answer (412 or success).
+                (409, "ConditionalRequestConflict") => StoreError::Transient(detail),
+                (429, _) | (500..=599, _) | (_, "SlowDown" | "RequestTimeout" | "InternalError") => {
+                    StoreError::Transient(detail)
+                }
+                _ => StoreError::Permanent(detail),
+            }
+        }
+        _ => StoreError::Permanent(format!("{what} {key}: {err:?}")),
+    }
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
+        let mut req = self.client.get_object().bucket(&self.bucket).key(key);
+        if let Some(r) = &range {
+            if r.start >= r.end {
+                return Ok(Bytes::new());
+            }
+            req = req.range(format!("bytes={}-{}", r.start, r.end - 1));
+        }
+        let out = req.send().await.map_err(|e| map_err("GET", key, e))?;
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::Transient(format!("GET {key}: body cut short: {e}")))?;
+        Ok(body.into_bytes())
+    }
+
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        let mut req = self.client.put_object().bucket(&self.bucket).key(key).body(ByteStream::from(body));
+        if mode == PutMode::IfAbsent {
+            req = req.if_none_match("*");
+        }
+        req.send().await.map_err(|e| map_err("PUT", key, e))?;
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        match self.client.delete_object().bucket(&self.bucket).key(key).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => match map_err("DELETE", key, e) {
+                StoreError::NotFound(_) => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
+        let max = if req.max_keys == 0 { 1000 } else { req.max_keys.min(1000) };
+        let mut call = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(req.prefix)
+            .max_keys(max as i32);
+        if let Some(after) = req.start_after {
+            call = call.start_after(after);
+        }
+        if req.delimiter {
+            call = call.delimiter("/");
+        }
+        let out = call.send().await.map_err(|e| map_err("LIST", req.prefix, e))?;
+        let objects: Vec<ObjectInfo> = out
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                Some(ObjectInfo {
+                    key: o.key()?.to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    modified_unix: o.last_modified().map(|t| t.secs()),
+                })
+            })
+            .collect();
+        let common_prefixes: Vec<String> =
+            out.common_prefixes().iter().filter_map(|p| p.prefix().map(str::to_string)).collect();
+        let next_start_after = if out.is_truncated().unwrap_or(false) {
+            let last_obj = objects.last().map(|o| o.key.clone());
+            let last_prefix = common_prefixes.last().map(|p| format!("{p}\u{10ffff}"));
+            last_obj.into_iter().chain(last_prefix).max()
+        } else {
+            None
+        };
+        Ok(ListPage { objects, common_prefixes, next_start_after })
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
+        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+            Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
+            Err(e) => match map_err("HEAD", key, e) {
+                StoreError::NotFound(_) => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("s3://{}", self.bucket)
+    }
+}

@@ -1,0 +1,194 @@
+//! Consistency check of a stored volume: every invariant of the format.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use futures::stream::{self, StreamExt};
+use serde::Serialize;
+
+use super::format::{
+    self, ChunkRef, JournalRecord, SnapshotRecord, parse_checkpoint_key, parse_chunk_key, parse_journal_key,
+};
+use super::{VolumeError, VolumeResult, replay};
+use crate::store::{ObjectStore, StoreError};
+
+#[derive(Debug, Default, Serialize)]
+pub struct FsckReport {
+    pub volume: String,
+    pub clean: bool,
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+    pub size: u64,
+    pub head_seq: u64,
+    pub journal_records: u64,
+    pub checkpoints: u64,
+    pub snapshots: u64,
+    pub referenced_chunks: u64,
+    pub verified_chunks: u64,
+    pub garbage_chunks: u64,
+}
+
+/// Check a volume. `verify_data` reads every referenced chunk and checks
+/// its crc32c; otherwise only presence and size are checked.
+pub async fn fsck(
+    store: &dyn ObjectStore,
+    vol: &str,
+    verify_data: bool,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> VolumeResult<FsckReport> {
+    let mut rep = FsckReport { volume: format!("{}/{vol}", store.describe()), ..Default::default() };
+    let meta = match replay::read_meta(store, vol).await {
+        Ok(m) => m,
+        Err(e @ VolumeError::NotFound(_)) => return Err(e),
+        Err(VolumeError::Store(e)) => return Err(e.into()),
+        Err(e) => {
+            rep.errors.push(format!("volume.json: {e}"));
+            return Ok(rep);
+        }
+    };
+    let chunk_size = meta.chunk_size as u64;
+    let objects = crate::store::list_all(store, vol).await?;
+    let mut journal = BTreeMap::new();
+    let mut checkpoints = BTreeSet::new();
+    let mut chunks: HashMap<(u64, u64), u64> = HashMap::new();
+    let mut snapshots = Vec::new();
+    for o in &objects {
+        if o.key == format::meta_key(vol) {
+            continue;
+        } else if let Some(seq) = parse_journal_key(vol, &o.key) {
+            journal.insert(seq, o.key.clone());
+        } else if let Some(seq) = parse_checkpoint_key(vol, &o.key) {
+            checkpoints.insert(seq);
+        } else if let Some(ig) = parse_chunk_key(vol, &o.key) {
+            chunks.insert(ig, o.size);
+        } else if o.key.starts_with(&format::snapshot_prefix(vol)) && o.key.ends_with(".json") {
+            snapshots.push(o.key.clone());
+        } else if !o.key[vol.len()..].starts_with(".s3blk-probe-") {
+            rep.warnings.push(format!("unknown object {}", o.key));
+        }
+    }
+    rep.journal_records = journal.len() as u64;
+    rep.checkpoints = checkpoints.len() as u64;
+    rep.snapshots = snapshots.len() as u64;
+
+    // Every journal record decodes and sits under its own seq.
+    for (seq, key) in &journal {
+        match store.get(key, None).await {
+            Ok(b) => match JournalRecord::decode(&b, key) {
+                Ok(r) if r.seq != *seq => rep.errors.push(format!("{key} holds seq {}", r.seq)),
+                Ok(_) => {}
+                Err(e) => rep.errors.push(e.to_string()),
+            },
+            Err(e) => rep.errors.push(format!("{key}: {e}")),
+        }
+    }
+    // The journal is contiguous from its start (0, or just after a checkpoint).
+    if let Some(&first) = journal.keys().next() {
+        if first != 0 && !checkpoints.iter().any(|&c| c + 1 >= first) {
+            rep.errors.push(format!("journal starts at {first} but no checkpoint covers the records before it"));
+        }
+        let mut prev = first;
+        for &seq in journal.keys().skip(1) {
+            if seq != prev + 1 {
+                rep.errors.push(format!("journal records {}..{} are missing", prev + 1, seq));
+            }
+            prev = seq;
+        }
+    } else if checkpoints.is_empty() {
+        rep.errors.push("no journal records and no checkpoint".into());
+    }
+
+    let head = match replay::replay(store, vol, chunk_size, None).await {
+        Ok(st) => st,
+        Err(VolumeError::Store(e)) => return Err(e.into()),
+        Err(e) => {
+            rep.errors.push(format!("replay: {e}"));
+            rep.clean = false;
+            return Ok(rep);
+        }
+    };
+    rep.size = head.size;
+    rep.head_seq = head.head;
+    for s in &head.stale_records {
+        rep.warnings.push(format!("journal record {s} was written by a fenced writer and is ignored"));
+    }
+
+    // Chunks referenced by the head and by every snapshot.
+    let mut referenced: BTreeMap<(u64, u64), u32> = BTreeMap::new();
+    let mut add_refs = |map: &format::ChunkMap| {
+        for (i, r) in map {
+            if let ChunkRef::Stored { generation, crc } = r {
+                referenced.insert((*i, *generation), *crc);
+            }
+        }
+    };
+    add_refs(&head.map);
+    for key in &snapshots {
+        let rec = match store.get(key, None).await {
+            Ok(b) => match SnapshotRecord::decode(&b, key) {
+                Ok(r) => r,
+                Err(e) => {
+                    rep.errors.push(e.to_string());
+                    continue;
+                }
+            },
+            Err(e) => {
+                rep.errors.push(format!("{key}: {e}"));
+                continue;
+            }
+        };
+        if rec.seq > head.head {
+            rep.errors.push(format!("{key} pins seq {} past the journal head {}", rec.seq, head.head));
+            continue;
+        }
+        match replay::replay(store, vol, chunk_size, Some(rec.seq)).await {
+            Ok(st) => add_refs(&st.map),
+            Err(VolumeError::Store(e)) => return Err(e.into()),
+            Err(e) => rep.errors.push(format!("{key}: cannot rebuild its state: {e}")),
+        }
+    }
+    rep.referenced_chunks = referenced.len() as u64;
+
+    let mut to_verify = Vec::new();
+    for ((index, generation), crc) in &referenced {
+        match chunks.get(&(*index, *generation)) {
+            None => rep.errors.push(format!("chunk {index} generation {generation:x} is referenced but missing")),
+            Some(&size) if size != chunk_size => rep.errors.push(format!(
+                "chunk {index} generation {generation:x} has {size} bytes, expected {chunk_size}"
+            )),
+            Some(_) => to_verify.push((*index, *generation, *crc)),
+        }
+    }
+    rep.garbage_chunks = chunks.keys().filter(|k| !referenced.contains_key(k)).count() as u64;
+    if rep.garbage_chunks > 0 {
+        rep.warnings.push(format!(
+            "{} chunk objects are referenced by nothing (left by uncommitted writes; compaction reclaims them)",
+            rep.garbage_chunks
+        ));
+    }
+
+    if verify_data {
+        let total = to_verify.len() as u64;
+        let mut done = 0u64;
+        let mut results = stream::iter(to_verify.into_iter().map(|(index, generation, crc)| async move {
+            let key = format::chunk_key(vol, index, generation);
+            let r = match store.get(&key, None).await {
+                Ok(d) if crc32c::crc32c(&d) == crc => Ok(None),
+                Ok(_) => Ok(Some(format!("chunk object {key} fails its checksum"))),
+                Err(StoreError::NotFound(_)) => Ok(Some(format!("chunk object {key} vanished"))),
+                Err(e) => Err(e),
+            };
+            r
+        }))
+        .buffer_unordered(16);
+        while let Some(r) = results.next().await {
+            if let Some(err) = r? {
+                rep.errors.push(err);
+            }
+            done += 1;
+            rep.verified_chunks += 1;
+            progress(done, total);
+        }
+    }
+    rep.clean = rep.errors.is_empty();
+    Ok(rep)
+}

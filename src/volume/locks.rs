@@ -1,0 +1,45 @@
+//! Per-chunk async locks. Requests touching different chunks run in
+//! parallel; requests touching the same chunk are serialised. Entries are
+//! dropped when the last holder or waiter lets go, so the table stays as
+//! small as the number of chunks currently in use.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+
+#[derive(Debug, Default)]
+pub struct ChunkLocks {
+    table: Mutex<HashMap<u64, Arc<AsyncMutex<()>>>>,
+}
+
+pub struct ChunkGuard<'a> {
+    locks: &'a ChunkLocks,
+    index: u64,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl ChunkLocks {
+    pub async fn lock(&self, index: u64) -> ChunkGuard<'_> {
+        let m = {
+            let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+            t.entry(index).or_default().clone()
+        };
+        let guard = m.lock_owned().await;
+        ChunkGuard { locks: self, index, guard: Some(guard) }
+    }
+}
+
+impl Drop for ChunkGuard<'_> {
+    fn drop(&mut self) {
+        let mut t = self.locks.table.lock().unwrap_or_else(|p| p.into_inner());
+        self.guard = None;
+        // Two references left (the table's and the one inside the guard we
+        // just dropped are gone: only the table's) means nobody waits.
+        if let Some(m) = t.get(&self.index) {
+            if Arc::strong_count(m) == 1 {
+                t.remove(&self.index);
+            }
+        }
+    }
+}
