@@ -190,7 +190,7 @@ pub async fn read_meta(store: &dyn ObjectStore, vol: &str) -> VolumeResult<forma
     let key = format::meta_key(vol);
     match store.get(&key, None).await {
         Ok(bytes) => Ok(format::VolumeMeta::decode(&bytes)?),
-        Err(StoreError::NotFound(_)) => Err(VolumeError::NotFound(format!("{}{vol}", store.describe() + "/"))),
+        Err(StoreError::NotFound(_)) => Err(VolumeError::NotFound(format!("{}/{}", store.describe(), vol.trim_end_matches('/')))),
         Err(e) => Err(e.into()),
     }
 }

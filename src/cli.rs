@@ -1,0 +1,511 @@
+//! Command-line interface. `anyhow` lives here and nowhere else.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::clock::{Clock, SystemClock};
+use crate::location::{Location, open_store};
+use crate::size::{format_size, parse_size};
+use crate::store::retry::RetryPolicy;
+use crate::store::{self, DynStore, ListRequest};
+use crate::volume::engine::{CreateOptions, is_zero};
+use crate::volume::format::{self, DEFAULT_CHUNK_SIZE};
+use crate::volume::{OpenOptions, Volume, VolumeError, fsck, replay};
+
+#[derive(Parser, Debug)]
+#[command(name = "s3blk", version, about = "Block volumes on S3: NBD server, CLI and Kubernetes CSI driver")]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Global {
+    /// Attempts per store call before giving up (retries use exponential backoff with jitter).
+    #[arg(long, global = true, env = "S3BLK_RETRY_ATTEMPTS", default_value_t = 10)]
+    retry_attempts: u32,
+    /// Seconds one store call may take before it is abandoned and retried.
+    #[arg(long, global = true, env = "S3BLK_ATTEMPT_TIMEOUT", default_value_t = 30)]
+    attempt_timeout: u64,
+    /// Dirty data held in memory before background uploads start and writers wait.
+    #[arg(long, global = true, env = "S3BLK_DIRTY_LIMIT", default_value = "256MiB", value_parser = parse_size)]
+    dirty_limit: u64,
+    /// Clean chunk data cached in memory for reads.
+    #[arg(long, global = true, env = "S3BLK_CACHE_SIZE", default_value = "128MiB", value_parser = parse_size)]
+    cache_size: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Manage volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Check every invariant of a stored volume; exit code 2 when it is damaged.
+    Fsck {
+        url: String,
+        /// Check chunk presence and size only, without reading their bytes.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCmd {
+    /// Create an empty (sparse) volume.
+    Create {
+        url: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CHUNK_SIZE as u64)]
+        chunk_size: u64,
+        /// Accept a store that ignores conditional writes: no protection against two writers.
+        #[arg(long)]
+        single_writer: bool,
+    },
+    /// List the volumes under a store URL (s3://bucket/prefix, file:///dir or a directory).
+    List {
+        url: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a volume's parameters and state.
+    Inspect {
+        url: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a volume and every object under its prefix.
+    Delete { url: String },
+    /// Copy a file (or `-` for stdin) into a volume.
+    Import {
+        url: String,
+        file: String,
+        /// Create the volume first, sized to the input unless --size is given.
+        #[arg(long)]
+        create: bool,
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CHUNK_SIZE as u64)]
+        chunk_size: u64,
+    },
+    /// Copy a volume (or one of its snapshots) to a file (or `-` for stdout).
+    Export {
+        url: String,
+        file: String,
+        #[arg(long)]
+        snapshot: Option<String>,
+    },
+    /// Record a snapshot of the volume's committed state.
+    Snapshot { url: String, name: String },
+    /// Grow a volume (takes over the volume as its writer while it runs).
+    Resize {
+        url: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("S3BLK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl Global {
+    fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.retry_attempts.max(1),
+            attempt_timeout: Duration::from_secs(self.attempt_timeout.max(1)),
+            ..RetryPolicy::default()
+        }
+    }
+    fn open_options(&self, read_only: bool) -> OpenOptions {
+        OpenOptions { read_only, dirty_limit: self.dirty_limit, cache_limit: self.cache_size, ..OpenOptions::default() }
+    }
+}
+
+async fn connect(url: &str, g: &Global, need_name: bool) -> Result<(Location, DynStore)> {
+    let loc = Location::parse(url, need_name)?;
+    let store = open_store(&loc.store, g.policy()).await.with_context(|| format!("cannot open the store for {url}"))?;
+    Ok((loc, store))
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let g = cli.global;
+    match cli.command {
+        Command::Volume(cmd) => volume_cmd(cmd, &g).await,
+        Command::Fsck { url, quick, json } => {
+            let (loc, store) = connect(&url, &g, true).await?;
+            let show = !json && std::io::stderr().is_terminal();
+            let progress = move |done: u64, total: u64| {
+                if show && (done % 64 == 0 || done == total) {
+                    eprint!("\rverifying chunks: {done}/{total}");
+                    if done == total {
+                        eprintln!();
+                    }
+                }
+            };
+            let rep = fsck::fsck(store.as_ref(), &loc.prefix, !quick, &progress).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                println!("volume:     {}", loc.display());
+                println!("size:       {} ({} bytes)", format_size(rep.size), rep.size);
+                println!("journal:    {} records, head seq {}", rep.journal_records, rep.head_seq);
+                println!("checkpoints {}, snapshots {}", rep.checkpoints, rep.snapshots);
+                println!("chunks:     {} referenced, {} verified, {} garbage", rep.referenced_chunks, rep.verified_chunks, rep.garbage_chunks);
+                for w in &rep.warnings {
+                    println!("warning: {w}");
+                }
+                for e in &rep.errors {
+                    println!("ERROR: {e}");
+                }
+                println!("{}", if rep.clean { "clean" } else { "DAMAGED" });
+            }
+            Ok(if rep.clean { ExitCode::SUCCESS } else { ExitCode::from(2) })
+        }
+    }
+}
+
+async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
+    let clock = SystemClock;
+    match cmd {
+        VolumeCmd::Create { url, size, chunk_size, single_writer } => {
+            let (loc, store) = connect(&url, g, true).await?;
+            let chunk_size = u32::try_from(chunk_size).map_err(|_| anyhow::anyhow!("chunk size too large"))?;
+            let meta = Volume::create(store, &loc.prefix, CreateOptions { size, chunk_size, parent: None, single_writer }, &clock)
+                .await
+                .with_context(|| format!("cannot create {}", loc.display()))?;
+            println!("created {} ({}, chunk size {})", loc.display(), format_size(meta.size), format_size(meta.chunk_size as u64));
+            if meta.single_writer {
+                eprintln!("warning: the store ignores conditional writes; the volume is in single-writer mode (no fencing)");
+            }
+        }
+        VolumeCmd::List { url, json } => {
+            let (loc, store) = connect(&url, g, false).await?;
+            let vols = list_volumes(&store, &loc.prefix).await?;
+            if json {
+                let v: Vec<_> = vols.iter().map(|(n, m)| serde_json::json!({"name": n, "size": m.size, "chunk_size": m.chunk_size, "created_unix": m.created_unix, "uuid": m.uuid})).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<40} {:>12} {:>10}", "NAME", "SIZE", "CHUNK");
+                for (n, m) in &vols {
+                    println!("{:<40} {:>12} {:>10}", n, format_size(m.size), format_size(m.chunk_size as u64));
+                }
+            }
+        }
+        VolumeCmd::Inspect { url, json } => {
+            let (loc, store) = connect(&url, g, true).await?;
+            let meta = replay::read_meta(store.as_ref(), &loc.prefix).await?;
+            let st = replay::replay(store.as_ref(), &loc.prefix, meta.chunk_size as u64, None).await?;
+            let snaps = store::list_all(store.as_ref(), &format::snapshot_prefix(&loc.prefix)).await?;
+            let snaps: Vec<String> = snaps
+                .iter()
+                .filter_map(|o| o.key.strip_prefix(&format::snapshot_prefix(&loc.prefix))?.strip_suffix(".json").map(str::to_string))
+                .collect();
+            let stored = st.map.values().filter(|r| matches!(r, format::ChunkRef::Stored { .. })).count() as u64;
+            if json {
+                let v = serde_json::json!({
+                    "volume": loc.display(), "meta": meta, "size": st.size, "head_seq": st.head, "epoch": st.epoch,
+                    "checkpoint": st.checkpoint, "mapped_chunks": st.map.len(), "stored_chunks": stored,
+                    "stored_bytes": stored * meta.chunk_size as u64, "snapshots": snaps,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("volume:        {}", loc.display());
+                println!("uuid:          {}", meta.uuid);
+                println!("size:          {} ({} bytes)", format_size(st.size), st.size);
+                println!("chunk size:    {}", format_size(meta.chunk_size as u64));
+                println!("stored chunks: {} ({})", stored, format_size(stored * meta.chunk_size as u64));
+                println!("journal head:  {} (writer epoch {})", st.head, st.epoch);
+                if let Some(p) = &meta.parent {
+                    println!("parent:        {} @ {}", p.volume, p.snapshot);
+                }
+                println!("snapshots:     {}", if snaps.is_empty() { "-".to_string() } else { snaps.join(", ") });
+                if meta.single_writer {
+                    println!("mode:          single writer (store without conditional writes)");
+                }
+            }
+        }
+        VolumeCmd::Delete { url } => {
+            let (loc, store) = connect(&url, g, true).await?;
+            let n = delete_volume(&store, &loc.prefix, true).await?;
+            if n == 0 {
+                bail!("volume {} does not exist", loc.display());
+            }
+            println!("deleted {} ({n} objects)", loc.display());
+        }
+        VolumeCmd::Import { url, file, create, size, chunk_size } => {
+            let (loc, store) = connect(&url, g, true).await?;
+            import(&loc, store, &file, create, size, chunk_size, g).await?;
+        }
+        VolumeCmd::Export { url, file, snapshot } => {
+            let (loc, store) = connect(&url, g, true).await?;
+            let mut opts = g.open_options(true);
+            opts.snapshot = snapshot;
+            let vol = Volume::open(store, &loc.prefix, opts).await.with_context(|| format!("cannot open {}", loc.display()))?;
+            export(&vol, &file).await?;
+        }
+        VolumeCmd::Snapshot { url, name } => {
+            let (loc, store) = connect(&url, g, true).await?;
+            let rec = snapshot_committed(&store, &loc.prefix, &name, &clock).await?;
+            println!("snapshot {name} of {} pins journal seq {} ({})", loc.display(), rec.seq, format_size(rec.size));
+        }
+        VolumeCmd::Resize { url, size } => {
+            let (loc, store) = connect(&url, g, true).await?;
+            let vol = Volume::open(store, &loc.prefix, g.open_options(false)).await?;
+            vol.resize(size).await.with_context(|| format!("cannot resize {}", loc.display()))?;
+            println!("{} is now {}", loc.display(), format_size(size));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Volumes directly under a prefix: `(name, meta)`.
+pub async fn list_volumes(store: &DynStore, prefix: &str) -> Result<Vec<(String, format::VolumeMeta)>> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .list(ListRequest { prefix, start_after: after.as_deref(), delimiter: true, max_keys: 1000 })
+            .await?;
+        for p in &page.common_prefixes {
+            match replay::read_meta(store.as_ref(), p).await {
+                Ok(m) => out.push((p[prefix.len()..].trim_end_matches('/').to_string(), m)),
+                Err(VolumeError::NotFound(_)) => {}
+                Err(e) => tracing::warn!(prefix = %p, error = %e, "unreadable volume"),
+            }
+        }
+        match page.next_start_after {
+            Some(n) => after = Some(n),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// Delete every object of a volume, `volume.json` first so a half-deleted
+/// volume never looks usable. Returns how many objects were deleted.
+pub async fn delete_volume(store: &DynStore, prefix: &str, progress: bool) -> Result<u64> {
+    use futures::stream::{self, StreamExt, TryStreamExt};
+    let objects = store::list_all(store.as_ref(), prefix).await?;
+    let total = objects.len() as u64;
+    if total == 0 {
+        return Ok(0);
+    }
+    store.delete(&format::meta_key(prefix)).await?;
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let show = progress && std::io::stderr().is_terminal();
+    stream::iter(objects.iter().filter(|o| o.key != format::meta_key(prefix)).map(|o| {
+        let done = &done;
+        async move {
+            store.delete(&o.key).await?;
+            let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if show && d % 100 == 0 {
+                eprint!("\rdeleted {d}/{total} objects");
+            }
+            Ok::<_, store::StoreError>(())
+        }
+    }))
+    .buffer_unordered(32)
+    .try_collect::<Vec<()>>()
+    .await?;
+    if show {
+        eprintln!();
+    }
+    Ok(total)
+}
+
+/// Pin the volume's committed head under a snapshot name, without taking
+/// over the volume (a live writer keeps going).
+pub async fn snapshot_committed(
+    store: &DynStore,
+    prefix: &str,
+    name: &str,
+    clock: &dyn Clock,
+) -> Result<format::SnapshotRecord> {
+    format::validate_snapshot_name(name)?;
+    let meta = replay::read_meta(store.as_ref(), prefix).await?;
+    let st = replay::replay(store.as_ref(), prefix, meta.chunk_size as u64, None).await?;
+    let rec = format::SnapshotRecord {
+        format_version: format::FORMAT_VERSION,
+        name: name.to_string(),
+        seq: st.head,
+        size: st.size,
+        created_unix: clock.now_unix(),
+    };
+    let body = bytes::Bytes::from(serde_json::to_vec_pretty(&rec)?);
+    match store.put(&format::snapshot_key(prefix, name), body, store::PutMode::IfAbsent).await {
+        Ok(()) => Ok(rec),
+        Err(store::StoreError::PreconditionFailed(_)) => bail!("snapshot {name} already exists"),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Progress on stderr: a live line on a terminal, a line every 10% otherwise.
+struct Progress {
+    what: &'static str,
+    total: Option<u64>,
+    start: Instant,
+    last: Instant,
+    last_decile: u64,
+    tty: bool,
+}
+
+impl Progress {
+    fn new(what: &'static str, total: Option<u64>) -> Self {
+        let now = Instant::now();
+        Self { what, total, start: now, last: now, last_decile: 0, tty: std::io::stderr().is_terminal() }
+    }
+    fn rate(&self, done: u64) -> String {
+        let secs = self.start.elapsed().as_secs_f64().max(1e-3);
+        format!("{}/s", format_size((done as f64 / secs) as u64))
+    }
+    fn update(&mut self, done: u64) {
+        if self.tty {
+            if self.last.elapsed() >= Duration::from_millis(500) {
+                self.last = Instant::now();
+                match self.total {
+                    Some(t) if t > 0 => eprint!("\r{} {} / {} ({}%), {}   ", self.what, format_size(done), format_size(t), done * 100 / t, self.rate(done)),
+                    _ => eprint!("\r{} {}, {}   ", self.what, format_size(done), self.rate(done)),
+                }
+            }
+        } else if let Some(t) = self.total.filter(|t| *t > 0) {
+            let decile = done * 10 / t;
+            if decile > self.last_decile {
+                self.last_decile = decile;
+                eprintln!("{} {}% ({} of {}, {})", self.what, decile * 10, format_size(done), format_size(t), self.rate(done));
+            }
+        }
+    }
+    fn finish(&self, done: u64) {
+        if self.tty {
+            eprintln!();
+        }
+        eprintln!("{} {} in {:.1}s ({})", self.what, format_size(done), self.start.elapsed().as_secs_f64(), self.rate(done));
+    }
+}
+
+async fn import(loc: &Location, store: DynStore, file: &str, create: bool, size: Option<u64>, chunk_size: u64, g: &Global) -> Result<()> {
+    let (mut input, input_len): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, Option<u64>) = if file == "-" {
+        (Box::new(tokio::io::stdin()), None)
+    } else {
+        let f = tokio::fs::File::open(file).await.with_context(|| format!("cannot open {file}"))?;
+        let len = f.metadata().await?.len();
+        (Box::new(f), Some(len))
+    };
+    if create {
+        let size = match (size, input_len) {
+            (Some(s), _) => s,
+            (None, Some(l)) => l.div_ceil(format::BLOCK_SIZE as u64).max(1) * format::BLOCK_SIZE as u64,
+            (None, None) => bail!("--create from stdin needs --size"),
+        };
+        let chunk_size = u32::try_from(chunk_size).map_err(|_| anyhow::anyhow!("chunk size too large"))?;
+        Volume::create(store.clone(), &loc.prefix, CreateOptions { size, chunk_size, parent: None, single_writer: false }, &SystemClock).await?;
+    }
+    let vol = Volume::open(store, &loc.prefix, g.open_options(false)).await.with_context(|| format!("cannot open {}", loc.display()))?;
+    let vsize = vol.size();
+    if let Some(l) = input_len {
+        if l > vsize {
+            bail!("{file} has {l} bytes, more than the volume's {vsize}; grow it with `s3blk volume resize`");
+        }
+    }
+    let cs = vol.chunk_size() as usize;
+    let mut buf = vec![0u8; cs];
+    let mut offset = 0u64;
+    let mut progress = Progress::new("imported", input_len);
+    loop {
+        let mut filled = 0;
+        while filled < cs {
+            let n = input.read(&mut buf[filled..]).await.with_context(|| format!("reading {file}"))?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        if offset + filled as u64 > vsize {
+            bail!("the input is larger than the volume ({vsize} bytes); nothing past the last flush was committed");
+        }
+        // Whole-block writes keep the volume's block alignment; a short
+        // tail is written as is.
+        let piece = &buf[..filled];
+        if is_zero(piece) {
+            vol.write_zeroes(offset, filled as u64).await?;
+        } else {
+            vol.write(offset, piece).await?;
+        }
+        offset += filled as u64;
+        progress.update(offset);
+        if filled < cs {
+            break;
+        }
+    }
+    vol.flush().await.context("final flush failed: the import is not committed")?;
+    progress.finish(offset);
+    println!("imported {} into {}", format_size(offset), loc.display());
+    Ok(())
+}
+
+async fn export(vol: &Volume, file: &str) -> Result<()> {
+    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if file == "-" {
+        Box::new(tokio::io::stdout())
+    } else {
+        Box::new(tokio::fs::File::create(PathBuf::from(file)).await.with_context(|| format!("cannot create {file}"))?)
+    };
+    let size = vol.size();
+    let step = (vol.chunk_size() * 8).min(64 << 20);
+    let mut progress = Progress::new("exported", Some(size));
+    let mut offset = 0u64;
+    // Keep one read in flight while the previous block is being written.
+    let mut next = Some(tokio::spawn({
+        let v = vol.clone();
+        async move { v.read(0, step.min(size)).await }
+    }));
+    while let Some(h) = next.take() {
+        let data = h.await.context("read task failed")??;
+        let len = data.len() as u64;
+        let following = offset + len;
+        if following < size {
+            let v = vol.clone();
+            let n = step.min(size - following);
+            next = Some(tokio::spawn(async move { v.read(following, n).await }));
+        }
+        out.write_all(&data).await.with_context(|| format!("writing {file}"))?;
+        offset = following;
+        progress.update(offset);
+    }
+    out.flush().await?;
+    if file != "-" {
+        drop(out);
+    }
+    progress.finish(offset);
+    Ok(())
+}
+
