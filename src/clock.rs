@@ -38,7 +38,10 @@ pub struct ManualClock {
 
 impl ManualClock {
     pub fn new(now_unix: i64) -> Self {
-        Self { slept: Mutex::default(), now: Mutex::new(now_unix) }
+        Self {
+            slept: Mutex::default(),
+            now: Mutex::new(now_unix),
+        }
     }
     pub fn sleeps(&self) -> Vec<Duration> {
         self.slept.lock().unwrap_or_else(|p| p.into_inner()).clone()

@@ -3,7 +3,9 @@
 
 pub mod cli;
 pub mod clock;
+pub mod error;
 pub mod location;
+pub mod nbd;
 pub mod size;
 pub mod store;
 pub mod volume;

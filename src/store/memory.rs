@@ -7,7 +7,9 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ListPage, ListRequest, ObjectInfo, ObjectStore, PutMode, StoreError, StoreResult, apply_range};
+use super::{
+    ListPage, ListRequest, ObjectInfo, ObjectStore, PutMode, StoreError, StoreResult, apply_range,
+};
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -42,7 +44,11 @@ impl MemoryStore {
 #[async_trait]
 impl ObjectStore for MemoryStore {
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
-        let data = self.lock().get(key).cloned().ok_or_else(|| StoreError::NotFound(key.to_string()))?;
+        let data = self
+            .lock()
+            .get(key)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
         apply_range(&data, range, key)
     }
 
@@ -81,7 +87,11 @@ pub(crate) fn list_sorted<'k>(
     req: &ListRequest<'_>,
     modified: impl Fn(&str) -> Option<i64>,
 ) -> ListPage {
-    let max = if req.max_keys == 0 { 1000 } else { req.max_keys };
+    let max = if req.max_keys == 0 {
+        1000
+    } else {
+        req.max_keys
+    };
     let mut page = ListPage::default();
     let mut count = 0usize;
     let mut last: Option<String> = None;

@@ -17,7 +17,15 @@ pub struct CleanCache {
 
 impl CleanCache {
     pub fn new(limit: u64) -> Self {
-        Self { entries: HashMap::new(), order: BTreeMap::new(), tick: 0, bytes: 0, limit, hits: 0, misses: 0 }
+        Self {
+            entries: HashMap::new(),
+            order: BTreeMap::new(),
+            tick: 0,
+            bytes: 0,
+            limit,
+            hits: 0,
+            misses: 0,
+        }
     }
 
     pub fn get(&mut self, index: u64) -> Option<Bytes> {
@@ -43,7 +51,9 @@ impl CleanCache {
         self.entries.insert(index, (data, self.tick));
         self.order.insert(self.tick, index);
         while self.bytes > self.limit {
-            let Some((_, victim)) = self.order.pop_first() else { break };
+            let Some((_, victim)) = self.order.pop_first() else {
+                break;
+            };
             if let Some((d, _)) = self.entries.remove(&victim) {
                 self.bytes -= d.len() as u64;
             }

@@ -29,7 +29,9 @@ pub enum VolumeError {
     Fenced(String),
     #[error("volume data is damaged: {0}")]
     Corrupt(String),
-    #[error("the store does not honour conditional writes (If-None-Match), so two writers could not be fenced; pass --single-writer to accept that")]
+    #[error(
+        "the store does not honour conditional writes (If-None-Match), so two writers could not be fenced; pass --single-writer to accept that"
+    )]
     NoConditionalWrites,
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -1,0 +1,469 @@
+//! One NBD connection: option haggling, then the transmission phase.
+//!
+//! Requests are read in order but executed concurrently, each in its own
+//! task, and answered as they finish (out of order, matched by handle).
+//! A byte budget bounds how much request payload may be in flight, so a
+//! client cannot make us buffer without limit. Ordering guarantees the
+//! protocol asks for hold because the engine makes every *completed* write
+//! visible to later reads and covered by any later FLUSH, on every
+//! connection (hence CAN_MULTI_CONN).
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+
+use super::proto::{self, Request};
+use crate::error::nbd_errno;
+use crate::volume::Volume;
+use crate::volume::engine::is_zero;
+
+/// What a server offers: one volume under one name.
+#[derive(Debug)]
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub volume: Volume,
+    pub read_only: bool,
+}
+
+impl Export {
+    pub fn flags(&self) -> u16 {
+        let mut f = proto::TF_HAS_FLAGS
+            | proto::TF_SEND_FLUSH
+            | proto::TF_SEND_FUA
+            | proto::TF_CAN_MULTI_CONN
+            | proto::TF_SEND_CACHE;
+        if self.read_only {
+            f |= proto::TF_READ_ONLY;
+        } else {
+            f |= proto::TF_SEND_TRIM | proto::TF_SEND_WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn matches(&self, name: &[u8]) -> bool {
+        name.is_empty() || name == self.name.as_bytes()
+    }
+
+    /// Block sizes: any 512-byte aligned request works; whole chunks are
+    /// what the engine likes best.
+    pub fn block_sizes(&self) -> (u32, u32, u32) {
+        let chunk = self.volume.chunk_size().min(proto::MAX_PAYLOAD as u64) as u32;
+        (512, chunk.max(4096), proto::MAX_PAYLOAD)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Proto(#[from] proto::ProtoError),
+}
+
+/// Bytes of request payload that may be in flight on one connection.
+const INFLIGHT_BYTES: usize = 64 << 20;
+const PERMIT_UNIT: usize = 4096;
+
+enum Next {
+    Transmit { structured: bool },
+    Close,
+}
+
+/// Run one connection to completion.
+pub async fn run<S>(
+    stream: S,
+    export: Arc<Export>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    match handshake(&mut rd, &mut wr, &export).await? {
+        Next::Close => Ok(()),
+        Next::Transmit { structured } => transmit(rd, wr, export, structured, shutdown).await,
+    }
+}
+
+async fn reply<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    option: u32,
+    kind: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
+    wr.write_all(&proto::option_reply(option, kind, data)).await
+}
+
+async fn handshake<S: AsyncRead + AsyncWrite>(
+    rd: &mut ReadHalf<S>,
+    wr: &mut WriteHalf<S>,
+    export: &Export,
+) -> Result<Next, SessionError> {
+    wr.write_all(&proto::server_greeting()).await?;
+    wr.flush().await?;
+    let client_flags = rd.read_u32().await?;
+    let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
+    let mut structured = false;
+    loop {
+        let mut hdr = [0u8; 16];
+        rd.read_exact(&mut hdr).await?;
+        let code = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
+        let len = u32::from_be_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]);
+        let mut frame = hdr.to_vec();
+        if len > proto::MAX_OPTION_LEN {
+            // Skip the payload without buffering it, then refuse the option.
+            let skipped = tokio::io::copy(&mut rd.take(len as u64), &mut tokio::io::sink()).await?;
+            if skipped != len as u64 {
+                return Ok(Next::Close);
+            }
+            reply(wr, code, proto::REP_ERR_TOO_BIG, b"option too large").await?;
+            continue;
+        }
+        frame.resize(16 + len as usize, 0);
+        rd.read_exact(&mut frame[16..]).await?;
+        let Some((opt, _)) = proto::parse_option(&frame)? else {
+            return Ok(Next::Close);
+        };
+        match opt.code {
+            proto::OPT_EXPORT_NAME => {
+                if !export.matches(&opt.data) {
+                    tracing::info!(name = %String::from_utf8_lossy(&opt.data), "unknown export requested");
+                    return Ok(Next::Close);
+                }
+                wr.write_all(&proto::export_name_reply(
+                    export.volume.size(),
+                    export.flags(),
+                    no_zeroes,
+                ))
+                .await?;
+                return Ok(Next::Transmit { structured });
+            }
+            proto::OPT_ABORT => {
+                let _ = reply(wr, opt.code, proto::REP_ACK, &[]).await;
+                return Ok(Next::Close);
+            }
+            proto::OPT_LIST => {
+                if !opt.data.is_empty() {
+                    reply(wr, opt.code, proto::REP_ERR_INVALID, b"LIST takes no data").await?;
+                } else {
+                    let entry =
+                        proto::list_entry(export.name.as_bytes(), export.description.as_bytes());
+                    reply(wr, opt.code, proto::REP_SERVER, &entry).await?;
+                    reply(wr, opt.code, proto::REP_ACK, &[]).await?;
+                }
+            }
+            proto::OPT_INFO | proto::OPT_GO => {
+                let Some(req) = proto::parse_info_request(&opt.data) else {
+                    reply(
+                        wr,
+                        opt.code,
+                        proto::REP_ERR_INVALID,
+                        b"malformed INFO/GO request",
+                    )
+                    .await?;
+                    continue;
+                };
+                if !export.matches(&req.name) {
+                    reply(wr, opt.code, proto::REP_ERR_UNKNOWN, b"no such export").await?;
+                    continue;
+                }
+                let size = export.volume.size();
+                reply(
+                    wr,
+                    opt.code,
+                    proto::REP_INFO,
+                    &proto::info_export(size, export.flags()),
+                )
+                .await?;
+                let (min, pref, max) = export.block_sizes();
+                reply(
+                    wr,
+                    opt.code,
+                    proto::REP_INFO,
+                    &proto::info_block_size(min, pref, max),
+                )
+                .await?;
+                if req.requests.contains(&proto::INFO_NAME) {
+                    reply(
+                        wr,
+                        opt.code,
+                        proto::REP_INFO,
+                        &proto::info_text(proto::INFO_NAME, export.name.as_bytes()),
+                    )
+                    .await?;
+                }
+                if req.requests.contains(&proto::INFO_DESCRIPTION) {
+                    let d =
+                        proto::info_text(proto::INFO_DESCRIPTION, export.description.as_bytes());
+                    reply(wr, opt.code, proto::REP_INFO, &d).await?;
+                }
+                reply(wr, opt.code, proto::REP_ACK, &[]).await?;
+                if opt.code == proto::OPT_GO {
+                    return Ok(Next::Transmit { structured });
+                }
+            }
+            proto::OPT_STRUCTURED_REPLY => {
+                if !opt.data.is_empty() {
+                    reply(
+                        wr,
+                        opt.code,
+                        proto::REP_ERR_INVALID,
+                        b"STRUCTURED_REPLY takes no data",
+                    )
+                    .await?;
+                } else {
+                    structured = true;
+                    reply(wr, opt.code, proto::REP_ACK, &[]).await?;
+                }
+            }
+            proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
+                if !structured {
+                    reply(
+                        wr,
+                        opt.code,
+                        proto::REP_ERR_INVALID,
+                        b"negotiate structured replies first",
+                    )
+                    .await?;
+                } else {
+                    // No metadata contexts are offered: an empty list.
+                    reply(wr, opt.code, proto::REP_ACK, &[]).await?;
+                }
+            }
+            proto::OPT_STARTTLS => {
+                reply(
+                    wr,
+                    opt.code,
+                    proto::REP_ERR_UNSUP,
+                    b"TLS is not supported; use a unix socket",
+                )
+                .await?;
+            }
+            other => {
+                let msg = format!("option {other} is not supported");
+                reply(wr, other, proto::REP_ERR_UNSUP, msg.as_bytes()).await?;
+            }
+        }
+        wr.flush().await?;
+    }
+}
+
+type Writer<S> = Arc<Mutex<WriteHalf<S>>>;
+
+async fn send<S: AsyncWrite>(wr: &Writer<S>, parts: &[&[u8]]) {
+    let mut w = wr.lock().await;
+    for p in parts {
+        if w.write_all(p).await.is_err() {
+            return;
+        }
+    }
+    let _ = w.flush().await;
+}
+
+async fn transmit<S>(
+    mut rd: ReadHalf<S>,
+    wr: WriteHalf<S>,
+    export: Arc<Export>,
+    structured: bool,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SessionError>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let wr: Writer<S> = Arc::new(Mutex::new(wr));
+    let budget = Arc::new(Semaphore::new(INFLIGHT_BYTES / PERMIT_UNIT));
+    let mut tasks = JoinSet::new();
+    let result = loop {
+        let mut hdr = [0u8; proto::REQUEST_HEADER_LEN];
+        tokio::select! {
+            r = rd.read_exact(&mut hdr) => {
+                if let Err(e) = r {
+                    // EOF without DISC: the client went away. Writes it was
+                    // told completed are in the engine; flush them below.
+                    break if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(()) } else { Err(e.into()) };
+                }
+            }
+            _ = shutdown.changed() => break Ok(()),
+        }
+        while tasks.try_join_next().is_some() {}
+        let req = match proto::parse_request(&hdr) {
+            Ok(Some(r)) => r,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e.into()),
+        };
+        if req.kind == proto::CMD_DISC {
+            break Ok(());
+        }
+        let units = (req.length as usize)
+            .min(INFLIGHT_BYTES)
+            .div_ceil(PERMIT_UNIT)
+            .max(1) as u32;
+        let permit = match budget.clone().acquire_many_owned(units).await {
+            Ok(p) => p,
+            Err(_) => break Ok(()),
+        };
+        let mut payload = None;
+        if req.kind == proto::CMD_WRITE {
+            if req.length > proto::MAX_PAYLOAD {
+                let n = tokio::io::copy(
+                    &mut (&mut rd).take(req.length as u64),
+                    &mut tokio::io::sink(),
+                )
+                .await?;
+                if n != req.length as u64 {
+                    break Ok(());
+                }
+                send(&wr, &[&proto::simple_reply(proto::EINVAL, req.handle)]).await;
+                continue;
+            }
+            let mut buf = vec![0u8; req.length as usize];
+            if let Err(e) = rd.read_exact(&mut buf).await {
+                break if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    Ok(())
+                } else {
+                    Err(e.into())
+                };
+            }
+            payload = Some(buf);
+        }
+        let (export, wr) = (export.clone(), wr.clone());
+        tasks.spawn(handle(req, payload, export, wr, structured, permit));
+    };
+    while tasks.join_next().await.is_some() {}
+    if !export.read_only {
+        if let Err(e) = export.volume.flush().await {
+            tracing::warn!(error = %e, "flush at disconnect failed");
+        }
+    }
+    let _ = wr.lock().await.shutdown().await;
+    result
+}
+
+async fn handle<S: AsyncWrite>(
+    req: Request,
+    payload: Option<Vec<u8>>,
+    export: Arc<Export>,
+    wr: Writer<S>,
+    structured: bool,
+    _permit: OwnedSemaphorePermit,
+) {
+    let vol = &export.volume;
+    let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+    let writes = matches!(
+        req.kind,
+        proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES
+    );
+    if writes && export.read_only {
+        return send(&wr, &[&proto::simple_reply(proto::EPERM, req.handle)]).await;
+    }
+    let len = req.length as u64;
+    let result = match req.kind {
+        proto::CMD_READ => {
+            if req.length > proto::MAX_PAYLOAD {
+                Err((
+                    proto::EINVAL,
+                    "read larger than the maximum block size".to_string(),
+                ))
+            } else {
+                match vol.read(req.offset, len).await {
+                    Ok(data) => return send_read(&wr, req, data, structured).await,
+                    Err(e) => Err((nbd_errno(&e), e.to_string())),
+                }
+            }
+        }
+        proto::CMD_WRITE => {
+            let data = payload.unwrap_or_default();
+            let r = vol.write(req.offset, &data).await;
+            drop(data);
+            finish(r, fua, vol).await
+        }
+        proto::CMD_TRIM | proto::CMD_WRITE_ZEROES => {
+            finish(vol.write_zeroes(req.offset, len).await, fua, vol).await
+        }
+        proto::CMD_FLUSH => vol
+            .flush()
+            .await
+            .map_err(|e| (nbd_errno(&e), e.to_string())),
+        proto::CMD_CACHE => vol
+            .prefetch(req.offset, len)
+            .await
+            .map_err(|e| (nbd_errno(&e), e.to_string())),
+        other => Err((proto::EINVAL, format!("command {other} is not supported"))),
+    };
+    match result {
+        Ok(()) => send(&wr, &[&proto::simple_reply(0, req.handle)]).await,
+        Err((errno, msg)) => {
+            tracing::debug!(kind = req.kind, offset = req.offset, len, errno, error = %msg, "request failed");
+            if structured && req.kind == proto::CMD_READ {
+                send(&wr, &[&proto::structured_error(req.handle, errno, &msg)]).await
+            } else {
+                send(&wr, &[&proto::simple_reply(errno, req.handle)]).await
+            }
+        }
+    }
+}
+
+async fn finish(
+    r: Result<(), crate::volume::VolumeError>,
+    fua: bool,
+    vol: &Volume,
+) -> Result<(), (u32, String)> {
+    let r = match r {
+        Ok(()) if fua => vol.flush().await,
+        other => other,
+    };
+    r.map_err(|e| (nbd_errno(&e), e.to_string()))
+}
+
+async fn send_read<S: AsyncWrite>(wr: &Writer<S>, req: Request, data: Vec<u8>, structured: bool) {
+    if !structured {
+        return send(wr, &[&proto::simple_reply(0, req.handle), &data]).await;
+    }
+    let pieces = proto::split_holes(&data, 4096, is_zero);
+    let last = pieces.len().saturating_sub(1);
+    let mut headers: Vec<(Vec<u8>, Option<std::ops::Range<usize>>)> =
+        Vec::with_capacity(pieces.len() + 1);
+    for (i, (pos, len, hole)) in pieces.iter().enumerate() {
+        let flags = if i == last { proto::REPLY_FLAG_DONE } else { 0 };
+        let offset = req.offset + *pos as u64;
+        if *hole {
+            let mut f =
+                proto::structured_header(flags, proto::REPLY_TYPE_OFFSET_HOLE, req.handle, 12)
+                    .to_vec();
+            f.extend_from_slice(&offset.to_be_bytes());
+            f.extend_from_slice(&(*len as u32).to_be_bytes());
+            headers.push((f, None));
+        } else {
+            let mut f = proto::structured_header(
+                flags,
+                proto::REPLY_TYPE_OFFSET_DATA,
+                req.handle,
+                8 + *len as u32,
+            )
+            .to_vec();
+            f.extend_from_slice(&offset.to_be_bytes());
+            headers.push((f, Some(*pos..*pos + *len)));
+        }
+    }
+    if pieces.is_empty() {
+        let f = proto::structured_header(
+            proto::REPLY_FLAG_DONE,
+            proto::REPLY_TYPE_NONE,
+            req.handle,
+            0,
+        )
+        .to_vec();
+        headers.push((f, None));
+    }
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(headers.len() * 2);
+    for (h, r) in &headers {
+        parts.push(h);
+        if let Some(r) = r {
+            parts.push(&data[r.clone()]);
+        }
+    }
+    send(wr, &parts).await
+}
