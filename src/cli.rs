@@ -20,11 +20,7 @@ use crate::volume::format::{self, DEFAULT_CHUNK_SIZE};
 use crate::volume::{OpenOptions, Volume, VolumeError, fsck, replay};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "s3blk",
-    version,
-    about = "Block volumes on S3: NBD server, CLI and Kubernetes CSI driver"
-)]
+#[command(name = "s3blk", version, about = "Block volumes on S3: NBD server, CLI and Kubernetes CSI driver")]
 pub struct Cli {
     #[command(flatten)]
     global: Global,
@@ -35,20 +31,10 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 struct Global {
     /// Attempts per store call before giving up (retries use exponential backoff with jitter).
-    #[arg(
-        long,
-        global = true,
-        env = "S3BLK_RETRY_ATTEMPTS",
-        default_value_t = 10
-    )]
+    #[arg(long, global = true, env = "S3BLK_RETRY_ATTEMPTS", default_value_t = 10)]
     retry_attempts: u32,
     /// Seconds one store call may take before it is abandoned and retried.
-    #[arg(
-        long,
-        global = true,
-        env = "S3BLK_ATTEMPT_TIMEOUT",
-        default_value_t = 30
-    )]
+    #[arg(long, global = true, env = "S3BLK_ATTEMPT_TIMEOUT", default_value_t = 30)]
     attempt_timeout: u64,
     /// Dirty data held in memory before background uploads start and writers wait.
     #[arg(long, global = true, env = "S3BLK_DIRTY_LIMIT", default_value = "256MiB", value_parser = parse_size)]
@@ -152,21 +138,11 @@ enum VolumeCmd {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Serve { .. }) {
-        "info"
-    } else {
-        "warn"
-    };
+    let default_level = if matches!(cli.command, Command::Serve { .. }) { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("S3BLK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -191,48 +167,21 @@ impl Global {
         }
     }
     fn open_options(&self, read_only: bool) -> OpenOptions {
-        OpenOptions {
-            read_only,
-            dirty_limit: self.dirty_limit,
-            cache_limit: self.cache_size,
-            ..OpenOptions::default()
-        }
+        OpenOptions { read_only, dirty_limit: self.dirty_limit, cache_limit: self.cache_size, ..OpenOptions::default() }
     }
 }
 
 async fn connect(url: &str, g: &Global, need_name: bool) -> Result<(Location, DynStore)> {
     let loc = Location::parse(url, need_name)?;
-    let store = open_store(&loc.store, g.policy())
-        .await
-        .with_context(|| format!("cannot open the store for {url}"))?;
+    let store = open_store(&loc.store, g.policy()).await.with_context(|| format!("cannot open the store for {url}"))?;
     Ok((loc, store))
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     let g = cli.global;
     match cli.command {
-        Command::Serve {
-            url,
-            listen,
-            create,
-            size,
-            chunk_size,
-            read_only,
-            export_name,
-        } => {
-            serve(
-                ServeArgs {
-                    url,
-                    listen,
-                    create,
-                    size,
-                    chunk_size,
-                    read_only,
-                    export_name,
-                },
-                &g,
-            )
-            .await?;
+        Command::Serve { url, listen, create, size, chunk_size, read_only, export_name } => {
+            serve(ServeArgs { url, listen, create, size, chunk_size, read_only, export_name }, &g).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Volume(cmd) => volume_cmd(cmd, &g).await,
@@ -253,14 +202,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 println!("volume:     {}", loc.display());
                 println!("size:       {} ({} bytes)", format_size(rep.size), rep.size);
-                println!(
-                    "journal:    {} records, head seq {}",
-                    rep.journal_records, rep.head_seq
-                );
-                println!(
-                    "checkpoints {}, snapshots {}",
-                    rep.checkpoints, rep.snapshots
-                );
+                println!("journal:    {} records, head seq {}", rep.journal_records, rep.head_seq);
+                println!("checkpoints {}, snapshots {}", rep.checkpoints, rep.snapshots);
                 println!(
                     "chunks:     {} referenced, {} verified, {} garbage",
                     rep.referenced_chunks, rep.verified_chunks, rep.garbage_chunks
@@ -273,11 +216,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 println!("{}", if rep.clean { "clean" } else { "DAMAGED" });
             }
-            Ok(if rep.clean {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(2)
-            })
+            Ok(if rep.clean { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
     }
 }
@@ -285,24 +224,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
     let clock = SystemClock;
     match cmd {
-        VolumeCmd::Create {
-            url,
-            size,
-            chunk_size,
-            single_writer,
-        } => {
+        VolumeCmd::Create { url, size, chunk_size, single_writer } => {
             let (loc, store) = connect(&url, g, true).await?;
-            let chunk_size =
-                u32::try_from(chunk_size).map_err(|_| anyhow::anyhow!("chunk size too large"))?;
+            let chunk_size = u32::try_from(chunk_size).map_err(|_| anyhow::anyhow!("chunk size too large"))?;
             let meta = Volume::create(
                 store,
                 &loc.prefix,
-                CreateOptions {
-                    size,
-                    chunk_size,
-                    parent: None,
-                    single_writer,
-                },
+                CreateOptions { size, chunk_size, parent: None, single_writer },
                 &clock,
             )
             .await
@@ -328,36 +256,22 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
             } else {
                 println!("{:<40} {:>12} {:>10}", "NAME", "SIZE", "CHUNK");
                 for (n, m) in &vols {
-                    println!(
-                        "{:<40} {:>12} {:>10}",
-                        n,
-                        format_size(m.size),
-                        format_size(m.chunk_size as u64)
-                    );
+                    println!("{:<40} {:>12} {:>10}", n, format_size(m.size), format_size(m.chunk_size as u64));
                 }
             }
         }
         VolumeCmd::Inspect { url, json } => {
             let (loc, store) = connect(&url, g, true).await?;
             let meta = replay::read_meta(store.as_ref(), &loc.prefix).await?;
-            let st =
-                replay::replay(store.as_ref(), &loc.prefix, meta.chunk_size as u64, None).await?;
-            let snaps =
-                store::list_all(store.as_ref(), &format::snapshot_prefix(&loc.prefix)).await?;
+            let st = replay::replay(store.as_ref(), &loc.prefix, meta.chunk_size as u64, None).await?;
+            let snaps = store::list_all(store.as_ref(), &format::snapshot_prefix(&loc.prefix)).await?;
             let snaps: Vec<String> = snaps
                 .iter()
                 .filter_map(|o| {
-                    o.key
-                        .strip_prefix(&format::snapshot_prefix(&loc.prefix))?
-                        .strip_suffix(".json")
-                        .map(str::to_string)
+                    o.key.strip_prefix(&format::snapshot_prefix(&loc.prefix))?.strip_suffix(".json").map(str::to_string)
                 })
                 .collect();
-            let stored = st
-                .map
-                .values()
-                .filter(|r| matches!(r, format::ChunkRef::Stored { .. }))
-                .count() as u64;
+            let stored = st.map.values().filter(|r| matches!(r, format::ChunkRef::Stored { .. })).count() as u64;
             if json {
                 let v = serde_json::json!({
                     "volume": loc.display(), "meta": meta, "size": st.size, "head_seq": st.head, "epoch": st.epoch,
@@ -368,29 +282,14 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
             } else {
                 println!("volume:        {}", loc.display());
                 println!("uuid:          {}", meta.uuid);
-                println!(
-                    "size:          {} ({} bytes)",
-                    format_size(st.size),
-                    st.size
-                );
+                println!("size:          {} ({} bytes)", format_size(st.size), st.size);
                 println!("chunk size:    {}", format_size(meta.chunk_size as u64));
-                println!(
-                    "stored chunks: {} ({})",
-                    stored,
-                    format_size(stored * meta.chunk_size as u64)
-                );
+                println!("stored chunks: {} ({})", stored, format_size(stored * meta.chunk_size as u64));
                 println!("journal head:  {} (writer epoch {})", st.head, st.epoch);
                 if let Some(p) = &meta.parent {
                     println!("parent:        {} @ {}", p.volume, p.snapshot);
                 }
-                println!(
-                    "snapshots:     {}",
-                    if snaps.is_empty() {
-                        "-".to_string()
-                    } else {
-                        snaps.join(", ")
-                    }
-                );
+                println!("snapshots:     {}", if snaps.is_empty() { "-".to_string() } else { snaps.join(", ") });
                 if meta.single_writer {
                     println!("mode:          single writer (store without conditional writes)");
                 }
@@ -404,21 +303,11 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
             }
             println!("deleted {} ({n} objects)", loc.display());
         }
-        VolumeCmd::Import {
-            url,
-            file,
-            create,
-            size,
-            chunk_size,
-        } => {
+        VolumeCmd::Import { url, file, create, size, chunk_size } => {
             let (loc, store) = connect(&url, g, true).await?;
             import(&loc, store, &file, create, size, chunk_size, g).await?;
         }
-        VolumeCmd::Export {
-            url,
-            file,
-            snapshot,
-        } => {
+        VolumeCmd::Export { url, file, snapshot } => {
             let (loc, store) = connect(&url, g, true).await?;
             let mut opts = g.open_options(true);
             opts.snapshot = snapshot;
@@ -430,19 +319,12 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
         VolumeCmd::Snapshot { url, name } => {
             let (loc, store) = connect(&url, g, true).await?;
             let rec = snapshot_committed(&store, &loc.prefix, &name, &clock).await?;
-            println!(
-                "snapshot {name} of {} pins journal seq {} ({})",
-                loc.display(),
-                rec.seq,
-                format_size(rec.size)
-            );
+            println!("snapshot {name} of {} pins journal seq {} ({})", loc.display(), rec.seq, format_size(rec.size));
         }
         VolumeCmd::Resize { url, size } => {
             let (loc, store) = connect(&url, g, true).await?;
             let vol = Volume::open(store, &loc.prefix, g.open_options(false)).await?;
-            vol.resize(size)
-                .await
-                .with_context(|| format!("cannot resize {}", loc.display()))?;
+            vol.resize(size).await.with_context(|| format!("cannot resize {}", loc.display()))?;
             println!("{} is now {}", loc.display(), format_size(size));
         }
     }
@@ -450,21 +332,12 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
 }
 
 /// Volumes directly under a prefix: `(name, meta)`.
-pub async fn list_volumes(
-    store: &DynStore,
-    prefix: &str,
-) -> Result<Vec<(String, format::VolumeMeta)>> {
+pub async fn list_volumes(store: &DynStore, prefix: &str) -> Result<Vec<(String, format::VolumeMeta)>> {
     let mut out = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let page = store
-            .list(ListRequest {
-                prefix,
-                start_after: after.as_deref(),
-                delimiter: true,
-                max_keys: 1000,
-            })
-            .await?;
+        let page =
+            store.list(ListRequest { prefix, start_after: after.as_deref(), delimiter: true, max_keys: 1000 }).await?;
         for p in &page.common_prefixes {
             match replay::read_meta(store.as_ref(), p).await {
                 Ok(m) => out.push((p[prefix.len()..].trim_end_matches('/').to_string(), m)),
@@ -491,22 +364,17 @@ pub async fn delete_volume(store: &DynStore, prefix: &str, progress: bool) -> Re
     store.delete(&format::meta_key(prefix)).await?;
     let done = std::sync::atomic::AtomicU64::new(0);
     let show = progress && std::io::stderr().is_terminal();
-    stream::iter(
-        objects
-            .iter()
-            .filter(|o| o.key != format::meta_key(prefix))
-            .map(|o| {
-                let done = &done;
-                async move {
-                    store.delete(&o.key).await?;
-                    let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    if show && d % 100 == 0 {
-                        eprint!("\rdeleted {d}/{total} objects");
-                    }
-                    Ok::<_, store::StoreError>(())
-                }
-            }),
-    )
+    stream::iter(objects.iter().filter(|o| o.key != format::meta_key(prefix)).map(|o| {
+        let done = &done;
+        async move {
+            store.delete(&o.key).await?;
+            let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if show && d % 100 == 0 {
+                eprint!("\rdeleted {d}/{total} objects");
+            }
+            Ok::<_, store::StoreError>(())
+        }
+    }))
     .buffer_unordered(32)
     .try_collect::<Vec<()>>()
     .await?;
@@ -535,14 +403,7 @@ pub async fn snapshot_committed(
         created_unix: clock.now_unix(),
     };
     let body = bytes::Bytes::from(serde_json::to_vec_pretty(&rec)?);
-    match store
-        .put(
-            &format::snapshot_key(prefix, name),
-            body,
-            store::PutMode::IfAbsent,
-        )
-        .await
-    {
+    match store.put(&format::snapshot_key(prefix, name), body, store::PutMode::IfAbsent).await {
         Ok(()) => Ok(rec),
         Err(store::StoreError::PreconditionFailed(_)) => bail!("snapshot {name} already exists"),
         Err(e) => Err(e.into()),
@@ -562,14 +423,7 @@ struct Progress {
 impl Progress {
     fn new(what: &'static str, total: Option<u64>) -> Self {
         let now = Instant::now();
-        Self {
-            what,
-            total,
-            start: now,
-            last: now,
-            last_decile: 0,
-            tty: std::io::stderr().is_terminal(),
-        }
+        Self { what, total, start: now, last: now, last_decile: 0, tty: std::io::stderr().is_terminal() }
     }
     fn rate(&self, done: u64) -> String {
         let secs = self.start.elapsed().as_secs_f64().max(1e-3);
@@ -588,12 +442,7 @@ impl Progress {
                         done * 100 / t,
                         self.rate(done)
                     ),
-                    _ => eprint!(
-                        "\r{} {}, {}   ",
-                        self.what,
-                        format_size(done),
-                        self.rate(done)
-                    ),
+                    _ => eprint!("\r{} {}, {}   ", self.what, format_size(done), self.rate(done)),
                 }
             }
         } else if let Some(t) = self.total.filter(|t| *t > 0) {
@@ -634,35 +483,24 @@ async fn import(
     chunk_size: u64,
     g: &Global,
 ) -> Result<()> {
-    let (mut input, input_len): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, Option<u64>) =
-        if file == "-" {
-            (Box::new(tokio::io::stdin()), None)
-        } else {
-            let f = tokio::fs::File::open(file)
-                .await
-                .with_context(|| format!("cannot open {file}"))?;
-            let len = f.metadata().await?.len();
-            (Box::new(f), Some(len))
-        };
+    let (mut input, input_len): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, Option<u64>) = if file == "-" {
+        (Box::new(tokio::io::stdin()), None)
+    } else {
+        let f = tokio::fs::File::open(file).await.with_context(|| format!("cannot open {file}"))?;
+        let len = f.metadata().await?.len();
+        (Box::new(f), Some(len))
+    };
     if create {
         let size = match (size, input_len) {
             (Some(s), _) => s,
-            (None, Some(l)) => {
-                l.div_ceil(format::BLOCK_SIZE as u64).max(1) * format::BLOCK_SIZE as u64
-            }
+            (None, Some(l)) => l.div_ceil(format::BLOCK_SIZE as u64).max(1) * format::BLOCK_SIZE as u64,
             (None, None) => bail!("--create from stdin needs --size"),
         };
-        let chunk_size =
-            u32::try_from(chunk_size).map_err(|_| anyhow::anyhow!("chunk size too large"))?;
+        let chunk_size = u32::try_from(chunk_size).map_err(|_| anyhow::anyhow!("chunk size too large"))?;
         Volume::create(
             store.clone(),
             &loc.prefix,
-            CreateOptions {
-                size,
-                chunk_size,
-                parent: None,
-                single_writer: false,
-            },
+            CreateOptions { size, chunk_size, parent: None, single_writer: false },
             &SystemClock,
         )
         .await?;
@@ -673,9 +511,7 @@ async fn import(
     let vsize = vol.size();
     if let Some(l) = input_len {
         if l > vsize {
-            bail!(
-                "{file} has {l} bytes, more than the volume's {vsize}; grow it with `s3blk volume resize`"
-            );
+            bail!("{file} has {l} bytes, more than the volume's {vsize}; grow it with `s3blk volume resize`");
         }
     }
     let cs = vol.chunk_size() as usize;
@@ -685,10 +521,7 @@ async fn import(
     loop {
         let mut filled = 0;
         while filled < cs {
-            let n = input
-                .read(&mut buf[filled..])
-                .await
-                .with_context(|| format!("reading {file}"))?;
+            let n = input.read(&mut buf[filled..]).await.with_context(|| format!("reading {file}"))?;
             if n == 0 {
                 break;
             }
@@ -698,9 +531,7 @@ async fn import(
             break;
         }
         if offset + filled as u64 > vsize {
-            bail!(
-                "the input is larger than the volume ({vsize} bytes); nothing past the last flush was committed"
-            );
+            bail!("the input is larger than the volume ({vsize} bytes); nothing past the last flush was committed");
         }
         // Whole-block writes keep the volume's block alignment; a short
         // tail is written as is.
@@ -716,9 +547,7 @@ async fn import(
             break;
         }
     }
-    vol.flush()
-        .await
-        .context("final flush failed: the import is not committed")?;
+    vol.flush().await.context("final flush failed: the import is not committed")?;
     progress.finish(offset);
     println!("imported {} into {}", format_size(offset), loc.display());
     Ok(())
@@ -728,11 +557,7 @@ async fn export(vol: &Volume, file: &str) -> Result<()> {
     let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if file == "-" {
         Box::new(tokio::io::stdout())
     } else {
-        Box::new(
-            tokio::fs::File::create(PathBuf::from(file))
-                .await
-                .with_context(|| format!("cannot create {file}"))?,
-        )
+        Box::new(tokio::fs::File::create(PathBuf::from(file)).await.with_context(|| format!("cannot create {file}"))?)
     };
     let size = vol.size();
     let step = (vol.chunk_size() * 8).min(64 << 20);
@@ -752,9 +577,7 @@ async fn export(vol: &Volume, file: &str) -> Result<()> {
             let n = step.min(size - following);
             next = Some(tokio::spawn(async move { v.read(following, n).await }));
         }
-        out.write_all(&data)
-            .await
-            .with_context(|| format!("writing {file}"))?;
+        out.write_all(&data).await.with_context(|| format!("writing {file}"))?;
         offset = following;
         progress.update(offset);
     }
@@ -779,36 +602,18 @@ struct ServeArgs {
 async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
     use crate::nbd::{Export, Listen, server};
     let (loc, store) = connect(&a.url, g, true).await?;
-    let name = loc
-        .prefix
-        .trim_end_matches('/')
-        .rsplit('/')
-        .next()
-        .unwrap_or("volume")
-        .to_string();
+    let name = loc.prefix.trim_end_matches('/').rsplit('/').next().unwrap_or("volume").to_string();
     if a.create {
         match replay::read_meta(store.as_ref(), &loc.prefix).await {
             Ok(meta) => {
                 if a.size.is_some_and(|s| s != meta.size) {
-                    eprintln!(
-                        "note: {} already exists ({}); --size is ignored",
-                        loc.display(),
-                        format_size(meta.size)
-                    );
+                    eprintln!("note: {} already exists ({}); --size is ignored", loc.display(), format_size(meta.size));
                 }
             }
             Err(VolumeError::NotFound(_)) => {
-                let size = a
-                    .size
-                    .ok_or_else(|| anyhow::anyhow!("--create needs --size for a new volume"))?;
-                let chunk_size = u32::try_from(a.chunk_size)
-                    .map_err(|_| anyhow::anyhow!("chunk size too large"))?;
-                let opts = CreateOptions {
-                    size,
-                    chunk_size,
-                    parent: None,
-                    single_writer: false,
-                };
+                let size = a.size.ok_or_else(|| anyhow::anyhow!("--create needs --size for a new volume"))?;
+                let chunk_size = u32::try_from(a.chunk_size).map_err(|_| anyhow::anyhow!("chunk size too large"))?;
+                let opts = CreateOptions { size, chunk_size, parent: None, single_writer: false };
                 Volume::create(store.clone(), &loc.prefix, opts, &SystemClock).await?;
                 eprintln!("created {} ({})", loc.display(), format_size(size));
             }
@@ -823,9 +628,7 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
         Some(l) => Listen::parse(l).map_err(anyhow::Error::msg)?,
         None => Listen::Unix(PathBuf::from(format!("{name}.sock"))),
     };
-    let bound = server::bind(&listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen:?}"))?;
+    let bound = server::bind(&listen).await.with_context(|| format!("cannot listen on {listen:?}"))?;
     let size = vol.size();
     let export = Arc::new(Export {
         name: export_name.clone(),
@@ -847,15 +650,9 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
             println!("           nbdinfo \"nbd+unix:///{export_name}?socket={path}\"");
         }
         None => {
-            let (host, port) = bound
-                .address
-                .rsplit_once(':')
-                .unwrap_or((&bound.address, "10809"));
+            let (host, port) = bound.address.rsplit_once(':').unwrap_or((&bound.address, "10809"));
             println!("  attach:  nbd-client {host} {port} -N {export_name} /dev/nbd0");
-            println!(
-                "  inspect: qemu-img info nbd://{}/{export_name}",
-                bound.address
-            );
+            println!("  inspect: qemu-img info nbd://{}/{export_name}", bound.address);
         }
     }
     println!("stop with Ctrl-C: in-flight requests finish and everything is flushed to the store");
@@ -867,9 +664,7 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
         tracing::info!("signal received, shutting down");
         let _ = tx.send(true);
     });
-    server::serve(bound, export, rx)
-        .await
-        .context("serving failed")?;
+    server::serve(bound, export, rx).await.context("serving failed")?;
     eprintln!("stopped; all acknowledged writes are committed");
     Ok(())
 }

@@ -22,10 +22,7 @@ impl Clock for SystemClock {
         tokio::time::sleep(d).await
     }
     fn now_unix(&self) -> i64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0)
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
     }
 }
 
@@ -38,10 +35,7 @@ pub struct ManualClock {
 
 impl ManualClock {
     pub fn new(now_unix: i64) -> Self {
-        Self {
-            slept: Mutex::default(),
-            now: Mutex::new(now_unix),
-        }
+        Self { slept: Mutex::default(), now: Mutex::new(now_unix) }
     }
     pub fn sleeps(&self) -> Vec<Duration> {
         self.slept.lock().unwrap_or_else(|p| p.into_inner()).clone()

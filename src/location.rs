@@ -29,10 +29,7 @@ pub struct LocationError {
 }
 
 fn bad(url: &str, reason: &str) -> LocationError {
-    LocationError {
-        url: url.to_string(),
-        reason: reason.to_string(),
-    }
+    LocationError { url: url.to_string(), reason: reason.to_string() }
 }
 
 fn clean_prefix(url: &str, path: &str) -> Result<String, LocationError> {
@@ -56,25 +53,14 @@ impl Location {
             }
             let prefix = clean_prefix(url, path)?;
             if need_name && prefix.is_empty() {
-                return Err(bad(
-                    url,
-                    "no volume name after the bucket (s3://bucket/prefix/name)",
-                ));
+                return Err(bad(url, "no volume name after the bucket (s3://bucket/prefix/name)"));
             }
-            return Ok(Location {
-                store: StoreSpec::S3 {
-                    bucket: bucket.to_string(),
-                },
-                prefix,
-            });
+            return Ok(Location { store: StoreSpec::S3 { bucket: bucket.to_string() }, prefix });
         }
         let path = match url.strip_prefix("file://") {
             Some(p) if p.starts_with('/') => PathBuf::from(p),
             Some(_) => {
-                return Err(bad(
-                    url,
-                    "file URLs need an absolute path (file:///dir/name)",
-                ));
+                return Err(bad(url, "file URLs need an absolute path (file:///dir/name)"));
             }
             None if url.contains("://") => {
                 return Err(bad(url, "unknown scheme (use s3://, file:// or a path)"));
@@ -83,36 +69,17 @@ impl Location {
         };
         let path = normalize(&path);
         if !need_name {
-            return Ok(Location {
-                store: StoreSpec::Local { root: path },
-                prefix: String::new(),
-            });
+            return Ok(Location { store: StoreSpec::Local { root: path }, prefix: String::new() });
         }
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| bad(url, "no volume name"))?;
-        let root = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        let root = if root.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            root
-        };
-        Ok(Location {
-            store: StoreSpec::Local { root },
-            prefix: format!("{name}/"),
-        })
+        let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| bad(url, "no volume name"))?;
+        let root = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let root = if root.as_os_str().is_empty() { PathBuf::from(".") } else { root };
+        Ok(Location { store: StoreSpec::Local { root }, prefix: format!("{name}/") })
     }
 
     /// A child volume (or other prefix) in the same store.
     pub fn child(&self, name: &str) -> Location {
-        Location {
-            store: self.store.clone(),
-            prefix: format!("{}{name}/", self.prefix),
-        }
+        Location { store: self.store.clone(), prefix: format!("{}{name}/", self.prefix) }
     }
 
     pub fn display(&self) -> String {
@@ -120,10 +87,7 @@ impl Location {
             StoreSpec::S3 { bucket } => {
                 format!("s3://{bucket}/{}", self.prefix.trim_end_matches('/'))
             }
-            StoreSpec::Local { root } => root
-                .join(self.prefix.trim_end_matches('/'))
-                .display()
-                .to_string(),
+            StoreSpec::Local { root } => root.join(self.prefix.trim_end_matches('/')).display().to_string(),
         }
     }
 }
@@ -136,11 +100,7 @@ fn normalize(p: &Path) -> PathBuf {
             other => out.push(other),
         }
     }
-    if out.as_os_str().is_empty() {
-        PathBuf::from(".")
-    } else {
-        out
-    }
+    if out.as_os_str().is_empty() { PathBuf::from(".") } else { out }
 }
 
 /// Connect to a store, wrapped in the retry layer.
@@ -162,12 +122,7 @@ mod tests {
         assert_eq!(l.store, StoreSpec::S3 { bucket: "b".into() });
         assert_eq!(l.prefix, "p/q/vol/");
         let l = Location::parse("file:///data/vols/v1", true).unwrap();
-        assert_eq!(
-            l.store,
-            StoreSpec::Local {
-                root: "/data/vols".into()
-            }
-        );
+        assert_eq!(l.store, StoreSpec::Local { root: "/data/vols".into() });
         assert_eq!(l.prefix, "v1/");
         let l = Location::parse("./demo-volume", true).unwrap();
         assert_eq!(l.store, StoreSpec::Local { root: ".".into() });
@@ -178,14 +133,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_urls() {
-        for u in [
-            "",
-            "s3://",
-            "s3://b",
-            "s3://b/../x",
-            "http://x/y",
-            "file://rel/x",
-        ] {
+        for u in ["", "s3://", "s3://b", "s3://b/../x", "http://x/y", "file://rel/x"] {
             assert!(Location::parse(u, true).is_err(), "{u} accepted");
         }
     }

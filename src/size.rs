@@ -7,13 +7,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
-        return Err(format!(
-            "invalid size {s:?}: expected a number with an optional unit like 10GiB"
-        ));
+        return Err(format!("invalid size {s:?}: expected a number with an optional unit like 10GiB"));
     }
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: number too large"))?;
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}: number too large"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kib" => 1 << 10,
@@ -27,8 +23,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "tb" => 1_000_000_000_000,
         other => return Err(format!("invalid size {s:?}: unknown unit {other:?}")),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("invalid size {s:?}: too large"))
+    n.checked_mul(mult).ok_or_else(|| format!("invalid size {s:?}: too large"))
 }
 
 /// `1073741824` → `1 GiB`.
@@ -40,11 +35,7 @@ pub fn format_size(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 || v.fract() == 0.0 {
-        format!("{v:.0} {}", UNITS[u])
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
+    if u == 0 || v.fract() == 0.0 { format!("{v:.0} {}", UNITS[u]) } else { format!("{v:.2} {}", UNITS[u]) }
 }
 
 #[cfg(test)]

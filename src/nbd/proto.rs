@@ -145,13 +145,7 @@ pub fn parse_option(buf: &[u8]) -> Result<Option<(RawOption, usize)>, ProtoError
     if buf.len() < total {
         return Ok(None);
     }
-    Ok(Some((
-        RawOption {
-            code,
-            data: buf[16..total].to_vec(),
-        },
-        total,
-    )))
+    Ok(Some((RawOption { code, data: buf[16..total].to_vec() }, total)))
 }
 
 /// The payload of `NBD_OPT_INFO` / `NBD_OPT_GO`.
@@ -293,13 +287,7 @@ pub fn structured_header(flags: u16, kind: u16, handle: u64, payload_len: u32) -
 /// A structured error chunk (always the last: DONE set).
 pub fn structured_error(handle: u64, error: u32, message: &str) -> Vec<u8> {
     let msg = &message.as_bytes()[..message.len().min(4096)];
-    let mut out = structured_header(
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_ERROR,
-        handle,
-        6 + msg.len() as u32,
-    )
-    .to_vec();
+    let mut out = structured_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle, 6 + msg.len() as u32).to_vec();
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     out.extend_from_slice(msg);
@@ -309,11 +297,7 @@ pub fn structured_error(handle: u64, error: u32, message: &str) -> Vec<u8> {
 /// Split a READ result into data and hole pieces at `granule` boundaries
 /// (relative to the request offset): runs of all-zero granules become holes,
 /// so sparse regions cost no bytes on the wire.
-pub fn split_holes(
-    data: &[u8],
-    granule: usize,
-    is_zero: impl Fn(&[u8]) -> bool,
-) -> Vec<(usize, usize, bool)> {
+pub fn split_holes(data: &[u8], granule: usize, is_zero: impl Fn(&[u8]) -> bool) -> Vec<(usize, usize, bool)> {
     let mut out: Vec<(usize, usize, bool)> = Vec::new();
     let granule = granule.max(1);
     let mut pos = 0;
@@ -348,10 +332,7 @@ mod tests {
             assert_eq!(parse_option(&frame[..cut]).unwrap(), None);
         }
         let (o, used) = parse_option(&frame).unwrap().unwrap();
-        assert_eq!(
-            (o.code, o.data.as_slice(), used),
-            (OPT_GO, &b"abcd"[..], frame.len())
-        );
+        assert_eq!((o.code, o.data.as_slice(), used), (OPT_GO, &b"abcd"[..], frame.len()));
     }
 
     #[test]
@@ -359,10 +340,7 @@ mod tests {
         let mut frame = IHAVEOPT.to_be_bytes().to_vec();
         frame.extend_from_slice(&OPT_GO.to_be_bytes());
         frame.extend_from_slice(&u32::MAX.to_be_bytes());
-        assert!(matches!(
-            parse_option(&frame),
-            Err(ProtoError::OptionTooLong { .. })
-        ));
+        assert!(matches!(parse_option(&frame), Err(ProtoError::OptionTooLong { .. })));
     }
 
     #[test]
@@ -374,10 +352,7 @@ mod tests {
         d.extend_from_slice(&INFO_NAME.to_be_bytes());
         assert_eq!(
             parse_info_request(&d),
-            Some(InfoRequest {
-                name: b"vol".to_vec(),
-                requests: vec![INFO_BLOCK_SIZE, INFO_NAME]
-            })
+            Some(InfoRequest { name: b"vol".to_vec(), requests: vec![INFO_BLOCK_SIZE, INFO_NAME] })
         );
         assert_eq!(parse_info_request(&d[..d.len() - 1]), None);
         let mut huge = u32::MAX.to_be_bytes().to_vec();
@@ -387,13 +362,7 @@ mod tests {
 
     #[test]
     fn requests_round_trip() {
-        let r = Request {
-            flags: CMD_FLAG_FUA,
-            kind: CMD_WRITE,
-            handle: 0xdead,
-            offset: 1 << 40,
-            length: 4096,
-        };
+        let r = Request { flags: CMD_FLAG_FUA, kind: CMD_WRITE, handle: 0xdead, offset: 1 << 40, length: 4096 };
         let b = encode_request(&r);
         assert_eq!(parse_request(&b[..27]).unwrap(), None);
         assert_eq!(parse_request(&b).unwrap(), Some(r));
@@ -407,9 +376,6 @@ mod tests {
         let mut d = vec![0u8; 4096 * 4];
         d[4096] = 1;
         let v = split_holes(&d, 4096, |b| b.iter().all(|&x| x == 0));
-        assert_eq!(
-            v,
-            vec![(0, 4096, true), (4096, 4096, false), (8192, 8192, true)]
-        );
+        assert_eq!(v, vec![(0, 4096, true), (4096, 4096, false), (8192, 8192, true)]);
     }
 }

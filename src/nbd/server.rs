@@ -55,18 +55,12 @@ pub async fn bind(listen: &Listen) -> std::io::Result<Bound> {
             let path = std::path::absolute(path)?;
             remove_stale_socket(&path)?;
             let l = UnixListener::bind(&path)?;
-            Ok(Bound {
-                address: format!("unix:{}", path.display()),
-                acceptor: Acceptor::Unix(l, path),
-            })
+            Ok(Bound { address: format!("unix:{}", path.display()), acceptor: Acceptor::Unix(l, path) })
         }
         Listen::Tcp(addr) => {
             let l = TcpListener::bind(addr).await?;
             let local = l.local_addr()?;
-            Ok(Bound {
-                address: local.to_string(),
-                acceptor: Acceptor::Tcp(l),
-            })
+            Ok(Bound { address: local.to_string(), acceptor: Acceptor::Tcp(l) })
         }
     }
 }
@@ -87,11 +81,7 @@ fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
 
 /// Serve until `shutdown` turns true: then stop accepting, let sessions
 /// finish their in-flight requests, and flush the volume.
-pub async fn serve(
-    bound: Bound,
-    export: Arc<Export>,
-    mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
+pub async fn serve(bound: Bound, export: Arc<Export>, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
     let mut sessions = JoinSet::new();
     loop {
         let spawn_session = |sessions: &mut JoinSet<()>, peer: String, fut: SessionFuture| {
@@ -125,10 +115,7 @@ pub async fn serve(
     }
     tracing::info!("shutting down: finishing in-flight requests");
     let drain = async { while sessions.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(60), drain)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(60), drain).await.is_err() {
         tracing::warn!("sessions did not finish within 60s");
     }
     if !export.read_only {
@@ -140,8 +127,7 @@ pub async fn serve(
     Ok(())
 }
 
-type SessionFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), session::SessionError>> + Send>>;
+type SessionFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), session::SessionError>> + Send>>;
 
 enum Conn {
     Unix(tokio::net::UnixStream),

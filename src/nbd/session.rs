@@ -73,11 +73,7 @@ enum Next {
 }
 
 /// Run one connection to completion.
-pub async fn run<S>(
-    stream: S,
-    export: Arc<Export>,
-    shutdown: watch::Receiver<bool>,
-) -> Result<(), SessionError>
+pub async fn run<S>(stream: S, export: Arc<Export>, shutdown: watch::Receiver<bool>) -> Result<(), SessionError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -88,12 +84,7 @@ where
     }
 }
 
-async fn reply<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    option: u32,
-    kind: u32,
-    data: &[u8],
-) -> std::io::Result<()> {
+async fn reply<W: AsyncWrite + Unpin>(wr: &mut W, option: u32, kind: u32, data: &[u8]) -> std::io::Result<()> {
     wr.write_all(&proto::option_reply(option, kind, data)).await
 }
 
@@ -133,12 +124,7 @@ async fn handshake<S: AsyncRead + AsyncWrite>(
                     tracing::info!(name = %String::from_utf8_lossy(&opt.data), "unknown export requested");
                     return Ok(Next::Close);
                 }
-                wr.write_all(&proto::export_name_reply(
-                    export.volume.size(),
-                    export.flags(),
-                    no_zeroes,
-                ))
-                .await?;
+                wr.write_all(&proto::export_name_reply(export.volume.size(), export.flags(), no_zeroes)).await?;
                 return Ok(Next::Transmit { structured });
             }
             proto::OPT_ABORT => {
@@ -149,21 +135,14 @@ async fn handshake<S: AsyncRead + AsyncWrite>(
                 if !opt.data.is_empty() {
                     reply(wr, opt.code, proto::REP_ERR_INVALID, b"LIST takes no data").await?;
                 } else {
-                    let entry =
-                        proto::list_entry(export.name.as_bytes(), export.description.as_bytes());
+                    let entry = proto::list_entry(export.name.as_bytes(), export.description.as_bytes());
                     reply(wr, opt.code, proto::REP_SERVER, &entry).await?;
                     reply(wr, opt.code, proto::REP_ACK, &[]).await?;
                 }
             }
             proto::OPT_INFO | proto::OPT_GO => {
                 let Some(req) = proto::parse_info_request(&opt.data) else {
-                    reply(
-                        wr,
-                        opt.code,
-                        proto::REP_ERR_INVALID,
-                        b"malformed INFO/GO request",
-                    )
-                    .await?;
+                    reply(wr, opt.code, proto::REP_ERR_INVALID, b"malformed INFO/GO request").await?;
                     continue;
                 };
                 if !export.matches(&req.name) {
@@ -171,33 +150,15 @@ async fn handshake<S: AsyncRead + AsyncWrite>(
                     continue;
                 }
                 let size = export.volume.size();
-                reply(
-                    wr,
-                    opt.code,
-                    proto::REP_INFO,
-                    &proto::info_export(size, export.flags()),
-                )
-                .await?;
+                reply(wr, opt.code, proto::REP_INFO, &proto::info_export(size, export.flags())).await?;
                 let (min, pref, max) = export.block_sizes();
-                reply(
-                    wr,
-                    opt.code,
-                    proto::REP_INFO,
-                    &proto::info_block_size(min, pref, max),
-                )
-                .await?;
+                reply(wr, opt.code, proto::REP_INFO, &proto::info_block_size(min, pref, max)).await?;
                 if req.requests.contains(&proto::INFO_NAME) {
-                    reply(
-                        wr,
-                        opt.code,
-                        proto::REP_INFO,
-                        &proto::info_text(proto::INFO_NAME, export.name.as_bytes()),
-                    )
-                    .await?;
+                    reply(wr, opt.code, proto::REP_INFO, &proto::info_text(proto::INFO_NAME, export.name.as_bytes()))
+                        .await?;
                 }
                 if req.requests.contains(&proto::INFO_DESCRIPTION) {
-                    let d =
-                        proto::info_text(proto::INFO_DESCRIPTION, export.description.as_bytes());
+                    let d = proto::info_text(proto::INFO_DESCRIPTION, export.description.as_bytes());
                     reply(wr, opt.code, proto::REP_INFO, &d).await?;
                 }
                 reply(wr, opt.code, proto::REP_ACK, &[]).await?;
@@ -207,13 +168,7 @@ async fn handshake<S: AsyncRead + AsyncWrite>(
             }
             proto::OPT_STRUCTURED_REPLY => {
                 if !opt.data.is_empty() {
-                    reply(
-                        wr,
-                        opt.code,
-                        proto::REP_ERR_INVALID,
-                        b"STRUCTURED_REPLY takes no data",
-                    )
-                    .await?;
+                    reply(wr, opt.code, proto::REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data").await?;
                 } else {
                     structured = true;
                     reply(wr, opt.code, proto::REP_ACK, &[]).await?;
@@ -221,26 +176,14 @@ async fn handshake<S: AsyncRead + AsyncWrite>(
             }
             proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
                 if !structured {
-                    reply(
-                        wr,
-                        opt.code,
-                        proto::REP_ERR_INVALID,
-                        b"negotiate structured replies first",
-                    )
-                    .await?;
+                    reply(wr, opt.code, proto::REP_ERR_INVALID, b"negotiate structured replies first").await?;
                 } else {
                     // No metadata contexts are offered: an empty list.
                     reply(wr, opt.code, proto::REP_ACK, &[]).await?;
                 }
             }
             proto::OPT_STARTTLS => {
-                reply(
-                    wr,
-                    opt.code,
-                    proto::REP_ERR_UNSUP,
-                    b"TLS is not supported; use a unix socket",
-                )
-                .await?;
+                reply(wr, opt.code, proto::REP_ERR_UNSUP, b"TLS is not supported; use a unix socket").await?;
             }
             other => {
                 let msg = format!("option {other} is not supported");
@@ -297,10 +240,7 @@ where
         if req.kind == proto::CMD_DISC {
             break Ok(());
         }
-        let units = (req.length as usize)
-            .min(INFLIGHT_BYTES)
-            .div_ceil(PERMIT_UNIT)
-            .max(1) as u32;
+        let units = (req.length as usize).min(INFLIGHT_BYTES).div_ceil(PERMIT_UNIT).max(1) as u32;
         let permit = match budget.clone().acquire_many_owned(units).await {
             Ok(p) => p,
             Err(_) => break Ok(()),
@@ -308,11 +248,7 @@ where
         let mut payload = None;
         if req.kind == proto::CMD_WRITE {
             if req.length > proto::MAX_PAYLOAD {
-                let n = tokio::io::copy(
-                    &mut (&mut rd).take(req.length as u64),
-                    &mut tokio::io::sink(),
-                )
-                .await?;
+                let n = tokio::io::copy(&mut (&mut rd).take(req.length as u64), &mut tokio::io::sink()).await?;
                 if n != req.length as u64 {
                     break Ok(());
                 }
@@ -321,11 +257,7 @@ where
             }
             let mut buf = vec![0u8; req.length as usize];
             if let Err(e) = rd.read_exact(&mut buf).await {
-                break if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    Ok(())
-                } else {
-                    Err(e.into())
-                };
+                break if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(()) } else { Err(e.into()) };
             }
             payload = Some(buf);
         }
@@ -352,10 +284,7 @@ async fn handle<S: AsyncWrite>(
 ) {
     let vol = &export.volume;
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
-    let writes = matches!(
-        req.kind,
-        proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES
-    );
+    let writes = matches!(req.kind, proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES);
     if writes && export.read_only {
         return send(&wr, &[&proto::simple_reply(proto::EPERM, req.handle)]).await;
     }
@@ -363,10 +292,7 @@ async fn handle<S: AsyncWrite>(
     let result = match req.kind {
         proto::CMD_READ => {
             if req.length > proto::MAX_PAYLOAD {
-                Err((
-                    proto::EINVAL,
-                    "read larger than the maximum block size".to_string(),
-                ))
+                Err((proto::EINVAL, "read larger than the maximum block size".to_string()))
             } else {
                 match vol.read(req.offset, len).await {
                     Ok(data) => return send_read(&wr, req, data, structured).await,
@@ -380,17 +306,9 @@ async fn handle<S: AsyncWrite>(
             drop(data);
             finish(r, fua, vol).await
         }
-        proto::CMD_TRIM | proto::CMD_WRITE_ZEROES => {
-            finish(vol.write_zeroes(req.offset, len).await, fua, vol).await
-        }
-        proto::CMD_FLUSH => vol
-            .flush()
-            .await
-            .map_err(|e| (nbd_errno(&e), e.to_string())),
-        proto::CMD_CACHE => vol
-            .prefetch(req.offset, len)
-            .await
-            .map_err(|e| (nbd_errno(&e), e.to_string())),
+        proto::CMD_TRIM | proto::CMD_WRITE_ZEROES => finish(vol.write_zeroes(req.offset, len).await, fua, vol).await,
+        proto::CMD_FLUSH => vol.flush().await.map_err(|e| (nbd_errno(&e), e.to_string())),
+        proto::CMD_CACHE => vol.prefetch(req.offset, len).await.map_err(|e| (nbd_errno(&e), e.to_string())),
         other => Err((proto::EINVAL, format!("command {other} is not supported"))),
     };
     match result {
@@ -406,11 +324,7 @@ async fn handle<S: AsyncWrite>(
     }
 }
 
-async fn finish(
-    r: Result<(), crate::volume::VolumeError>,
-    fua: bool,
-    vol: &Volume,
-) -> Result<(), (u32, String)> {
+async fn finish(r: Result<(), crate::volume::VolumeError>, fua: bool, vol: &Volume) -> Result<(), (u32, String)> {
     let r = match r {
         Ok(()) if fua => vol.flush().await,
         other => other,
@@ -424,38 +338,24 @@ async fn send_read<S: AsyncWrite>(wr: &Writer<S>, req: Request, data: Vec<u8>, s
     }
     let pieces = proto::split_holes(&data, 4096, is_zero);
     let last = pieces.len().saturating_sub(1);
-    let mut headers: Vec<(Vec<u8>, Option<std::ops::Range<usize>>)> =
-        Vec::with_capacity(pieces.len() + 1);
+    let mut headers: Vec<(Vec<u8>, Option<std::ops::Range<usize>>)> = Vec::with_capacity(pieces.len() + 1);
     for (i, (pos, len, hole)) in pieces.iter().enumerate() {
         let flags = if i == last { proto::REPLY_FLAG_DONE } else { 0 };
         let offset = req.offset + *pos as u64;
         if *hole {
-            let mut f =
-                proto::structured_header(flags, proto::REPLY_TYPE_OFFSET_HOLE, req.handle, 12)
-                    .to_vec();
+            let mut f = proto::structured_header(flags, proto::REPLY_TYPE_OFFSET_HOLE, req.handle, 12).to_vec();
             f.extend_from_slice(&offset.to_be_bytes());
             f.extend_from_slice(&(*len as u32).to_be_bytes());
             headers.push((f, None));
         } else {
-            let mut f = proto::structured_header(
-                flags,
-                proto::REPLY_TYPE_OFFSET_DATA,
-                req.handle,
-                8 + *len as u32,
-            )
-            .to_vec();
+            let mut f =
+                proto::structured_header(flags, proto::REPLY_TYPE_OFFSET_DATA, req.handle, 8 + *len as u32).to_vec();
             f.extend_from_slice(&offset.to_be_bytes());
             headers.push((f, Some(*pos..*pos + *len)));
         }
     }
     if pieces.is_empty() {
-        let f = proto::structured_header(
-            proto::REPLY_FLAG_DONE,
-            proto::REPLY_TYPE_NONE,
-            req.handle,
-            0,
-        )
-        .to_vec();
+        let f = proto::structured_header(proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, req.handle, 0).to_vec();
         headers.push((f, None));
     }
     let mut parts: Vec<&[u8]> = Vec::with_capacity(headers.len() * 2);

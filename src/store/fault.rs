@@ -67,10 +67,11 @@ impl FaultStore {
     }
 
     pub fn add_rule(&self, rule: Rule) {
-        self.rules
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(rule);
+        self.rules.lock().unwrap_or_else(|p| p.into_inner()).push(rule);
+    }
+
+    pub fn clear_rules(&self) {
+        self.rules.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// After `n` more PUTs succeed, the process "crashes": every later call fails.
@@ -90,9 +91,7 @@ impl FaultStore {
     fn take_fault(&self, op: Op, key: &str) -> Option<Fault> {
         let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
         let rule = rules.iter_mut().find(|r| {
-            r.times > 0
-                && r.op.is_none_or(|o| o == op)
-                && r.key_contains.as_deref().is_none_or(|s| key.contains(s))
+            r.times > 0 && r.op.is_none_or(|o| o == op) && r.key_contains.as_deref().is_none_or(|s| key.contains(s))
         })?;
         rule.times -= 1;
         Some(rule.fault)
@@ -100,17 +99,13 @@ impl FaultStore {
 
     async fn gate(&self, op: Op, key: &str) -> StoreResult<Option<Fault>> {
         if self.crashed() {
-            return Err(StoreError::Permanent(
-                "simulated crash: store unreachable".into(),
-            ));
+            return Err(StoreError::Permanent("simulated crash: store unreachable".into()));
         }
         if op == Op::Put {
             let left = self.puts_before_crash.load(Ordering::SeqCst);
             if left == 0 {
                 self.crashed.store(true, Ordering::SeqCst);
-                return Err(StoreError::Permanent(
-                    "simulated crash: store unreachable".into(),
-                ));
+                return Err(StoreError::Permanent("simulated crash: store unreachable".into()));
             }
             if left != u64::MAX {
                 self.puts_before_crash.store(left - 1, Ordering::SeqCst);
@@ -118,15 +113,9 @@ impl FaultStore {
             self.puts_seen.fetch_add(1, Ordering::SeqCst);
         }
         match self.take_fault(op, key) {
-            Some(Fault::ServerError) => Err(StoreError::Transient(format!(
-                "injected 500 InternalError on {key}"
-            ))),
-            Some(Fault::SlowDown) => Err(StoreError::Transient(format!(
-                "injected 503 SlowDown on {key}"
-            ))),
-            Some(Fault::Reset) => Err(StoreError::Transient(format!(
-                "injected connection reset on {key}"
-            ))),
+            Some(Fault::ServerError) => Err(StoreError::Transient(format!("injected 500 InternalError on {key}"))),
+            Some(Fault::SlowDown) => Err(StoreError::Transient(format!("injected 503 SlowDown on {key}"))),
+            Some(Fault::Reset) => Err(StoreError::Transient(format!("injected connection reset on {key}"))),
             Some(Fault::Hang) => {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
                 Err(StoreError::Transient("injected hang ended".into()))
@@ -138,9 +127,9 @@ impl FaultStore {
 
     fn after<T>(fault: Option<Fault>, key: &str, r: StoreResult<T>) -> StoreResult<T> {
         match (fault, r) {
-            (Some(Fault::LostResponse), Ok(_)) => Err(StoreError::Transient(format!(
-                "injected lost response on {key}"
-            ))),
+            (Some(Fault::LostResponse), Ok(_)) => {
+                Err(StoreError::Transient(format!("injected lost response on {key}")))
+            }
             (_, r) => r,
         }
     }

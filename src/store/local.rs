@@ -38,18 +38,14 @@ impl LocalStore {
     fn path_of(&self, key: &str) -> StoreResult<PathBuf> {
         if key.is_empty()
             || key.starts_with('/')
-            || key
-                .split('/')
-                .any(|c| c == ".." || c == "." || c.starts_with(TMP_PREFIX))
+            || key.split('/').any(|c| c == ".." || c == "." || c.starts_with(TMP_PREFIX))
         {
             return Err(StoreError::Permanent(format!("invalid object key {key:?}")));
         }
         Ok(self.root.join(key))
     }
 
-    async fn blocking<T: Send + 'static>(
-        f: impl FnOnce() -> StoreResult<T> + Send + 'static,
-    ) -> StoreResult<T> {
+    async fn blocking<T: Send + 'static>(f: impl FnOnce() -> StoreResult<T> + Send + 'static) -> StoreResult<T> {
         tokio::task::spawn_blocking(f)
             .await
             .map_err(|e| StoreError::Transient(format!("local store worker failed: {e}")))?
@@ -72,16 +68,11 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
 }
 
 fn write_object(path: &Path, body: &[u8], mode: PutMode) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::other("object path has no parent"))?;
+    let dir = path.parent().ok_or_else(|| io::Error::other("object path has no parent"))?;
     fs::create_dir_all(dir)?;
     let tmp = dir.join(format!("{TMP_PREFIX}{:016x}", rand::random::<u64>()));
     let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(body)?;
         f.sync_all()?;
         drop(f);
@@ -115,11 +106,7 @@ fn walk(dir: &Path, rel: &str, out: &mut Vec<(String, u64, Option<i64>)>) -> io:
         if name.starts_with(TMP_PREFIX) {
             continue;
         }
-        let key = if rel.is_empty() {
-            name.clone()
-        } else {
-            format!("{rel}/{name}")
-        };
+        let key = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
         let meta = entry.metadata()?;
         if meta.is_dir() {
             walk(&entry.path(), &key, out)?;
@@ -200,11 +187,7 @@ impl ObjectStore for LocalStore {
         if !dir_rel.is_empty() {
             self.path_of(dir_rel)?;
         }
-        let dir = if dir_rel.is_empty() {
-            self.root.clone()
-        } else {
-            self.root.join(dir_rel)
-        };
+        let dir = if dir_rel.is_empty() { self.root.clone() } else { self.root.join(dir_rel) };
         let rel = dir_rel.to_string();
         let key = req.prefix.to_string();
         let mut found = Self::blocking(move || {
@@ -216,11 +199,9 @@ impl ObjectStore for LocalStore {
         found.sort_by(|a, b| a.0.cmp(&b.0));
         let modified: std::collections::HashMap<&str, Option<i64>> =
             found.iter().map(|(k, _, m)| (k.as_str(), *m)).collect();
-        Ok(super::memory::list_sorted(
-            found.iter().map(|(k, s, _)| (k.as_str(), *s)),
-            &req,
-            |k| modified.get(k).copied().flatten(),
-        ))
+        Ok(super::memory::list_sorted(found.iter().map(|(k, s, _)| (k.as_str(), *s)), &req, |k| {
+            modified.get(k).copied().flatten()
+        }))
     }
 
     async fn head(&self, key: &str) -> StoreResult<Option<u64>> {

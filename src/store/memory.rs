@@ -7,9 +7,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{
-    ListPage, ListRequest, ObjectInfo, ObjectStore, PutMode, StoreError, StoreResult, apply_range,
-};
+use super::{ListPage, ListRequest, ObjectInfo, ObjectStore, PutMode, StoreError, StoreResult, apply_range};
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -44,11 +42,7 @@ impl MemoryStore {
 #[async_trait]
 impl ObjectStore for MemoryStore {
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
-        let data = self
-            .lock()
-            .get(key)
-            .cloned()
-            .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
+        let data = self.lock().get(key).cloned().ok_or_else(|| StoreError::NotFound(key.to_string()))?;
         apply_range(&data, range, key)
     }
 
@@ -87,11 +81,7 @@ pub(crate) fn list_sorted<'k>(
     req: &ListRequest<'_>,
     modified: impl Fn(&str) -> Option<i64>,
 ) -> ListPage {
-    let max = if req.max_keys == 0 {
-        1000
-    } else {
-        req.max_keys
-    };
+    let max = if req.max_keys == 0 { 1000 } else { req.max_keys };
     let mut page = ListPage::default();
     let mut count = 0usize;
     let mut last: Option<String> = None;
@@ -125,11 +115,7 @@ pub(crate) fn list_sorted<'k>(
             page.next_start_after = last;
             return page;
         }
-        page.objects.push(ObjectInfo {
-            key: key.to_string(),
-            size,
-            modified_unix: modified(key),
-        });
+        page.objects.push(ObjectInfo { key: key.to_string(), size, modified_unix: modified(key) });
         last = Some(key.to_string());
         count += 1;
     }

@@ -103,14 +103,8 @@ pub async fn list_all(store: &dyn ObjectStore, prefix: &str) -> StoreResult<Vec<
     let mut out = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let page = store
-            .list(ListRequest {
-                prefix,
-                start_after: after.as_deref(),
-                delimiter: false,
-                max_keys: 1000,
-            })
-            .await?;
+        let page =
+            store.list(ListRequest { prefix, start_after: after.as_deref(), delimiter: false, max_keys: 1000 }).await?;
         out.extend(page.objects);
         match page.next_start_after {
             Some(next) => after = Some(next),
@@ -123,12 +117,8 @@ pub async fn list_all(store: &dyn ObjectStore, prefix: &str) -> StoreResult<Vec<
 /// twice; the second create must be refused.
 pub async fn supports_conditional_put(store: &dyn ObjectStore, prefix: &str) -> StoreResult<bool> {
     let key = format!("{prefix}.s3blk-probe-{:016x}", rand::random::<u64>());
-    store
-        .put(&key, Bytes::from_static(b"1"), PutMode::IfAbsent)
-        .await?;
-    let second = store
-        .put(&key, Bytes::from_static(b"2"), PutMode::IfAbsent)
-        .await;
+    store.put(&key, Bytes::from_static(b"1"), PutMode::IfAbsent).await?;
+    let second = store.put(&key, Bytes::from_static(b"2"), PutMode::IfAbsent).await;
     let _ = store.delete(&key).await;
     match second {
         Err(StoreError::PreconditionFailed(_)) => Ok(true),
@@ -137,11 +127,7 @@ pub async fn supports_conditional_put(store: &dyn ObjectStore, prefix: &str) -> 
     }
 }
 
-pub(crate) fn apply_range(
-    data: &Bytes,
-    range: Option<Range<u64>>,
-    key: &str,
-) -> StoreResult<Bytes> {
+pub(crate) fn apply_range(data: &Bytes, range: Option<Range<u64>>, key: &str) -> StoreResult<Bytes> {
     match range {
         None => Ok(data.clone()),
         Some(r) => {

@@ -47,11 +47,7 @@ pub type Jitter = Arc<dyn Fn(Duration) -> Duration + Send + Sync>;
 pub fn full_jitter() -> Jitter {
     Arc::new(|cap: Duration| {
         let nanos = cap.as_nanos().min(u64::MAX as u128) as u64;
-        if nanos == 0 {
-            cap
-        } else {
-            Duration::from_nanos(rand::random_range(0..=nanos))
-        }
+        if nanos == 0 { cap } else { Duration::from_nanos(rand::random_range(0..=nanos)) }
     })
 }
 
@@ -65,10 +61,7 @@ pub struct RetryStore {
 
 impl std::fmt::Debug for RetryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RetryStore")
-            .field("inner", &self.inner)
-            .field("policy", &self.policy)
-            .finish()
+        f.debug_struct("RetryStore").field("inner", &self.inner).field("policy", &self.policy).finish()
     }
 }
 
@@ -77,18 +70,8 @@ impl RetryStore {
         Self::with_clock(inner, policy, Arc::new(SystemClock), full_jitter())
     }
 
-    pub fn with_clock(
-        inner: DynStore,
-        policy: RetryPolicy,
-        clock: Arc<dyn Clock>,
-        jitter: Jitter,
-    ) -> Self {
-        Self {
-            inner,
-            policy,
-            clock,
-            jitter,
-        }
+    pub fn with_clock(inner: DynStore, policy: RetryPolicy, clock: Arc<dyn Clock>, jitter: Jitter) -> Self {
+        Self { inner, policy, clock, jitter }
     }
 
     async fn run<T, F, Fut>(&self, what: &str, key: &str, mut op: F) -> StoreResult<T>
@@ -113,9 +96,7 @@ impl RetryStore {
                     self.clock.sleep(delay).await;
                 }
                 Err(StoreError::Transient(msg)) => {
-                    return Err(StoreError::Transient(format!(
-                        "{msg} (gave up after {attempt} attempts)"
-                    )));
+                    return Err(StoreError::Transient(format!("{msg} (gave up after {attempt} attempts)")));
                 }
                 other => return other,
             }
@@ -126,16 +107,14 @@ impl RetryStore {
 #[async_trait]
 impl ObjectStore for RetryStore {
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
-        self.run("GET", key, || self.inner.get(key, range.clone()))
-            .await
+        self.run("GET", key, || self.inner.get(key, range.clone())).await
     }
 
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
         // A conditional PUT that times out may still have landed; a retry then
         // sees 412. Callers that care (journal commits) resolve that by reading
         // the object back and comparing it with what they wrote.
-        self.run("PUT", key, || self.inner.put(key, body.clone(), mode))
-            .await
+        self.run("PUT", key, || self.inner.put(key, body.clone(), mode)).await
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
@@ -143,8 +122,7 @@ impl ObjectStore for RetryStore {
     }
 
     async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
-        self.run("LIST", req.prefix, || self.inner.list(req.clone()))
-            .await
+        self.run("LIST", req.prefix, || self.inner.list(req.clone())).await
     }
 
     async fn head(&self, key: &str) -> StoreResult<Option<u64>> {

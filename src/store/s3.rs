@@ -37,14 +37,35 @@ pub enum ChecksumMode {
     WhenRequired,
 }
 
+/// Explicit connection settings; anything left `None` comes from the
+/// environment's standard AWS chain.
+#[derive(Debug, Clone, Default)]
+pub struct S3Settings {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Static credentials: (access key id, secret access key).
+    pub credentials: Option<(String, String)>,
+}
+
 impl S3Store {
     /// Build a client from the environment's standard AWS configuration.
     pub async fn from_env(bucket: &str) -> StoreResult<Self> {
-        let region = RegionProviderChain::default_provider().or_else("us-east-1");
-        let sdk = aws_config::defaults(BehaviorVersion::latest())
-            .region(region)
-            .load()
-            .await;
+        Self::connect(bucket, S3Settings::default()).await
+    }
+
+    /// Build a client from explicit settings, falling back to the environment.
+    pub async fn connect(bucket: &str, settings: S3Settings) -> StoreResult<Self> {
+        let region = RegionProviderChain::first_try(settings.region.map(aws_config::Region::new))
+            .or_default_provider()
+            .or_else("us-east-1");
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(region);
+        if let Some(ep) = &settings.endpoint {
+            loader = loader.endpoint_url(ep);
+        }
+        if let Some((id, secret)) = settings.credentials {
+            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(id, secret, None, None, "s3blk"));
+        }
+        let sdk = loader.load().await;
         let custom_endpoint = sdk.endpoint_url().is_some();
         let checksums = match std::env::var("S3BLK_S3_CHECKSUMS").ok().as_deref() {
             Some("always") => ChecksumMode::Always,
@@ -57,14 +78,12 @@ impl S3Store {
             None if custom_endpoint => ChecksumMode::WhenRequired,
             None => ChecksumMode::Always,
         };
-        let mut conf = aws_sdk_s3::config::Builder::from(&sdk)
-            .retry_config(RetryConfig::disabled())
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(5))
-                    .operation_attempt_timeout(Duration::from_secs(60))
-                    .build(),
-            );
+        let mut conf = aws_sdk_s3::config::Builder::from(&sdk).retry_config(RetryConfig::disabled()).timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .operation_attempt_timeout(Duration::from_secs(60))
+                .build(),
+        );
         if custom_endpoint {
             conf = conf.force_path_style(true);
         }
@@ -73,10 +92,7 @@ impl S3Store {
                 .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
                 .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
         }
-        Ok(Self {
-            client: Client::from_conf(conf.build()),
-            bucket: bucket.to_string(),
-        })
+        Ok(Self { client: Client::from_conf(conf.build()), bucket: bucket.to_string() })
     }
 
     pub fn client(&self) -> &Client {
@@ -97,31 +113,22 @@ fn map_err<E: ProvideErrorMetadata + std::fmt::Debug>(
 ) -> StoreError {
     match &err {
         SdkError::TimeoutError(_) => StoreError::Transient(format!("{what} {key}: timeout")),
-        SdkError::DispatchFailure(e) => StoreError::Transient(format!(
-            "{what} {key}: connection failed: {:?}",
-            e.as_connector_error()
-        )),
-        SdkError::ResponseError(_) => {
-            StoreError::Transient(format!("{what} {key}: malformed or cut response"))
+        SdkError::DispatchFailure(e) => {
+            StoreError::Transient(format!("{what} {key}: connection failed: {:?}", e.as_connector_error()))
         }
+        SdkError::ResponseError(_) => StoreError::Transient(format!("{what} {key}: malformed or cut response")),
         SdkError::ServiceError(se) => {
             let status = se.raw().status().as_u16();
             let code = se.err().code().unwrap_or("");
             let msg = se.err().message().unwrap_or("");
-            let detail = format!("{what} {key}: HTTP {status} {code} {msg}")
-                .trim_end()
-                .to_string();
+            let detail = format!("{what} {key}: HTTP {status} {code} {msg}").trim_end().to_string();
             match (status, code) {
                 (404, _) | (_, "NoSuchKey") => StoreError::NotFound(key.to_string()),
-                (412, _) | (_, "PreconditionFailed") => {
-                    StoreError::PreconditionFailed(key.to_string())
-                }
+                (412, _) | (_, "PreconditionFailed") => StoreError::PreconditionFailed(key.to_string()),
                 // A concurrent conditional write is in progress: retry, and the
                 // retry gets the real answer (412 or success).
                 (409, "ConditionalRequestConflict") => StoreError::Transient(detail),
-                (429, _)
-                | (500..=599, _)
-                | (_, "SlowDown" | "RequestTimeout" | "InternalError") => {
+                (429, _) | (500..=599, _) | (_, "SlowDown" | "RequestTimeout" | "InternalError") => {
                     StoreError::Transient(detail)
                 }
                 _ => StoreError::Permanent(detail),
@@ -142,21 +149,13 @@ impl ObjectStore for S3Store {
             req = req.range(format!("bytes={}-{}", r.start, r.end - 1));
         }
         let out = req.send().await.map_err(|e| map_err("GET", key, e))?;
-        let body = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::Transient(format!("GET {key}: body cut short: {e}")))?;
+        let body =
+            out.body.collect().await.map_err(|e| StoreError::Transient(format!("GET {key}: body cut short: {e}")))?;
         Ok(body.into_bytes())
     }
 
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
-        let mut req = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .body(ByteStream::from(body));
+        let mut req = self.client.put_object().bucket(&self.bucket).key(key).body(ByteStream::from(body));
         if mode == PutMode::IfAbsent {
             req = req.if_none_match("*");
         }
@@ -165,14 +164,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
-        match self
-            .client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
+        match self.client.delete_object().bucket(&self.bucket).key(key).send().await {
             Ok(_) => Ok(()),
             Err(e) => match map_err("DELETE", key, e) {
                 StoreError::NotFound(_) => Ok(()),
@@ -182,27 +174,15 @@ impl ObjectStore for S3Store {
     }
 
     async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
-        let max = if req.max_keys == 0 {
-            1000
-        } else {
-            req.max_keys.min(1000)
-        };
-        let mut call = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(req.prefix)
-            .max_keys(max as i32);
+        let max = if req.max_keys == 0 { 1000 } else { req.max_keys.min(1000) };
+        let mut call = self.client.list_objects_v2().bucket(&self.bucket).prefix(req.prefix).max_keys(max as i32);
         if let Some(after) = req.start_after {
             call = call.start_after(after);
         }
         if req.delimiter {
             call = call.delimiter("/");
         }
-        let out = call
-            .send()
-            .await
-            .map_err(|e| map_err("LIST", req.prefix, e))?;
+        let out = call.send().await.map_err(|e| map_err("LIST", req.prefix, e))?;
         let objects: Vec<ObjectInfo> = out
             .contents()
             .iter()
@@ -214,11 +194,8 @@ impl ObjectStore for S3Store {
                 })
             })
             .collect();
-        let common_prefixes: Vec<String> = out
-            .common_prefixes()
-            .iter()
-            .filter_map(|p| p.prefix().map(str::to_string))
-            .collect();
+        let common_prefixes: Vec<String> =
+            out.common_prefixes().iter().filter_map(|p| p.prefix().map(str::to_string)).collect();
         let next_start_after = if out.is_truncated().unwrap_or(false) {
             let last_obj = objects.last().map(|o| o.key.clone());
             let last_prefix = common_prefixes.last().map(|p| format!("{p}\u{10ffff}"));
@@ -226,22 +203,11 @@ impl ObjectStore for S3Store {
         } else {
             None
         };
-        Ok(ListPage {
-            objects,
-            common_prefixes,
-            next_start_after,
-        })
+        Ok(ListPage { objects, common_prefixes, next_start_after })
     }
 
     async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
-        match self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
+        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
             Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
             Err(e) => match map_err("HEAD", key, e) {
                 StoreError::NotFound(_) => Ok(None),

@@ -17,15 +17,7 @@ pub struct CleanCache {
 
 impl CleanCache {
     pub fn new(limit: u64) -> Self {
-        Self {
-            entries: HashMap::new(),
-            order: BTreeMap::new(),
-            tick: 0,
-            bytes: 0,
-            limit,
-            hits: 0,
-            misses: 0,
-        }
+        Self { entries: HashMap::new(), order: BTreeMap::new(), tick: 0, bytes: 0, limit, hits: 0, misses: 0 }
     }
 
     pub fn get(&mut self, index: u64) -> Option<Bytes> {

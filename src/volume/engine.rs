@@ -27,8 +27,8 @@ use tokio::sync::Semaphore;
 
 use super::cache::CleanCache;
 use super::format::{
-    self, ChunkMap, ChunkRef, JournalRecord, ParentRef, RecordKind, SnapshotRecord, VolumeMeta,
-    chunk_key, journal_key, meta_key, snapshot_key,
+    self, ChunkMap, ChunkRef, JournalRecord, ParentRef, RecordKind, SnapshotRecord, VolumeMeta, chunk_key, journal_key,
+    meta_key, snapshot_key,
 };
 use super::locks::ChunkLocks;
 use super::replay::{self, Replayed};
@@ -182,12 +182,7 @@ fn pieces(offset: u64, len: u64, chunk_size: u64) -> impl Iterator<Item = Piece>
         let index = cur / chunk_size;
         let at = cur % chunk_size;
         let n = (chunk_size - at).min(end - cur);
-        let p = Piece {
-            index,
-            at: at as usize,
-            len: n as usize,
-            pos: (cur - offset) as usize,
-        };
+        let p = Piece { index, at: at as usize, len: n as usize, pos: (cur - offset) as usize };
         cur += n;
         Some(p)
     })
@@ -220,10 +215,7 @@ impl Volume {
         format::check_size(opts.size).map_err(VolumeError::InvalidArgument)?;
         format::check_chunk_size(opts.chunk_size).map_err(VolumeError::InvalidArgument)?;
         if store.head(&meta_key(vol)).await?.is_some() {
-            return Err(VolumeError::AlreadyExists(format!(
-                "volume {}/{vol}",
-                store.describe()
-            )));
+            return Err(VolumeError::AlreadyExists(format!("volume {}/{vol}", store.describe())));
         }
         let conditional = crate::store::supports_conditional_put(store.as_ref(), vol).await?;
         if !conditional && !opts.single_writer {
@@ -231,11 +223,7 @@ impl Volume {
         }
         let meta = VolumeMeta {
             format_version: format::FORMAT_VERSION,
-            uuid: format!(
-                "{:016x}{:016x}",
-                rand::random::<u64>(),
-                rand::random::<u64>()
-            ),
+            uuid: format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>()),
             size: opts.size,
             chunk_size: opts.chunk_size,
             block_size: format::BLOCK_SIZE,
@@ -244,20 +232,10 @@ impl Volume {
             parent: opts.parent,
             single_writer: !conditional,
         };
-        match store
-            .put(
-                &meta_key(vol),
-                Bytes::from(meta.encode()),
-                PutMode::IfAbsent,
-            )
-            .await
-        {
+        match store.put(&meta_key(vol), Bytes::from(meta.encode()), PutMode::IfAbsent).await {
             Ok(()) => {}
             Err(StoreError::PreconditionFailed(_)) => {
-                return Err(VolumeError::AlreadyExists(format!(
-                    "volume {}/{vol}",
-                    store.describe()
-                )));
+                return Err(VolumeError::AlreadyExists(format!("volume {}/{vol}", store.describe())));
             }
             Err(e) => return Err(e.into()),
         }
@@ -271,14 +249,7 @@ impl Volume {
             chunks: Vec::new(),
             inline: Vec::new(),
         };
-        match store
-            .put(
-                &journal_key(vol, 0),
-                Bytes::from(rec.encode()),
-                PutMode::IfAbsent,
-            )
-            .await
-        {
+        match store.put(&journal_key(vol, 0), Bytes::from(rec.encode()), PutMode::IfAbsent).await {
             // A retried PUT that had landed the first time answers 412.
             Ok(()) | Err(StoreError::PreconditionFailed(_)) => Ok(meta),
             Err(e) => Err(e.into()),
@@ -303,30 +274,16 @@ impl Volume {
             Some(p) => {
                 let pmeta = replay::read_meta(store.as_ref(), &p.volume).await?;
                 if pmeta.chunk_size != meta.chunk_size {
-                    return Err(VolumeError::Corrupt(
-                        "clone and parent chunk sizes differ".into(),
-                    ));
+                    return Err(VolumeError::Corrupt("clone and parent chunk sizes differ".into()));
                 }
-                let pst =
-                    replay::replay(store.as_ref(), &p.volume, chunk_size, Some(p.seq)).await?;
-                Some(Parent {
-                    vol: p.volume.clone(),
-                    map: pst.map,
-                })
+                let pst = replay::replay(store.as_ref(), &p.volume, chunk_size, Some(p.seq)).await?;
+                Some(Parent { vol: p.volume.clone(), map: pst.map })
             }
             None => None,
         };
         let writer = rand::random::<u64>() | 1;
         if !opts.read_only {
-            open_for_write(
-                &store,
-                vol,
-                chunk_size,
-                &mut st,
-                writer,
-                opts.clock.now_unix(),
-            )
-            .await?;
+            open_for_write(&store, vol, chunk_size, &mut st, writer, opts.clock.now_unix()).await?;
         }
         let permits = (opts.dirty_limit / chunk_size).max(2) as usize;
         let state = State {
@@ -399,11 +356,7 @@ impl Volume {
             head_seq: st.head,
             epoch: st.epoch,
             mapped_chunks: st.map.len() as u64,
-            stored_chunks: st
-                .map
-                .values()
-                .filter(|r| matches!(r, ChunkRef::Stored { .. }))
-                .count() as u64,
+            stored_chunks: st.map.values().filter(|r| matches!(r, ChunkRef::Stored { .. })).count() as u64,
             dirty_chunks: st.slots.len() as u64,
             staged_chunks: st.staged.len() as u64,
             cache_bytes: st.clean.bytes(),
@@ -419,14 +372,13 @@ impl Volume {
         inner.check_range(offset, len)?;
         let mut out = vec![0u8; len as usize];
         let ps: Vec<Piece> = pieces(offset, len, inner.chunk_size).collect();
-        let fetched: Vec<(Piece, Option<Bytes>)> =
-            stream::iter(ps.into_iter().map(|p| async move {
-                let _g = inner.locks.lock(p.index).await;
-                Ok::<_, VolumeError>((p, inner.chunk_bytes(p.index).await?))
-            }))
-            .buffered(inner.opts.concurrency)
-            .try_collect()
-            .await?;
+        let fetched: Vec<(Piece, Option<Bytes>)> = stream::iter(ps.into_iter().map(|p| async move {
+            let _g = inner.locks.lock(p.index).await;
+            Ok::<_, VolumeError>((p, inner.chunk_bytes(p.index).await?))
+        }))
+        .buffered(inner.opts.concurrency)
+        .try_collect()
+        .await?;
         for (p, data) in fetched {
             if let Some(d) = data {
                 out[p.pos..p.pos + p.len].copy_from_slice(&d[p.at..p.at + p.len]);
@@ -441,9 +393,7 @@ impl Volume {
         self.inner.check_writable()?;
         self.inner.check_range(offset, data.len() as u64)?;
         for p in pieces(offset, data.len() as u64, self.inner.chunk_size) {
-            self.inner
-                .write_piece(p, Some(&data[p.pos..p.pos + p.len]), self)
-                .await?;
+            self.inner.write_piece(p, Some(&data[p.pos..p.pos + p.len]), self).await?;
         }
         Ok(())
     }
@@ -497,8 +447,7 @@ impl Volume {
 
     /// Flush, then record a snapshot pinning the committed state.
     pub async fn snapshot(&self, name: &str) -> VolumeResult<SnapshotRecord> {
-        format::validate_snapshot_name(name)
-            .map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
+        format::validate_snapshot_name(name).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
         self.flush().await?;
         let (seq, size) = {
             let st = self.inner.lock();
@@ -511,15 +460,9 @@ impl Volume {
             size,
             created_unix: self.inner.opts.clock.now_unix(),
         };
-        let body = serde_json::to_vec_pretty(&rec)
-            .map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
+        let body = serde_json::to_vec_pretty(&rec).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
         let key = snapshot_key(&self.inner.vol, name);
-        match self
-            .inner
-            .store
-            .put(&key, Bytes::from(body), PutMode::IfAbsent)
-            .await
-        {
+        match self.inner.store.put(&key, Bytes::from(body), PutMode::IfAbsent).await {
             Ok(()) => Ok(rec),
             Err(StoreError::PreconditionFailed(_)) => {
                 let existing = read_snapshot(&self.inner.store, &self.inner.vol, name).await?;
@@ -591,8 +534,7 @@ impl Volume {
 }
 
 async fn read_snapshot(store: &DynStore, vol: &str, name: &str) -> VolumeResult<SnapshotRecord> {
-    format::validate_snapshot_name(name)
-        .map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
+    format::validate_snapshot_name(name).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
     let key = snapshot_key(vol, name);
     match store.get(&key, None).await {
         Ok(b) => Ok(SnapshotRecord::decode(&b, &key)?),
@@ -624,10 +566,7 @@ async fn open_for_write(
             inline: Vec::new(),
         };
         let bytes = Bytes::from(rec.encode());
-        match store
-            .put(&journal_key(vol, seq), bytes.clone(), PutMode::IfAbsent)
-            .await
-        {
+        match store.put(&journal_key(vol, seq), bytes.clone(), PutMode::IfAbsent).await {
             Ok(()) => {}
             Err(StoreError::PreconditionFailed(_)) => {
                 if !is_own_record(store, vol, seq, &bytes).await? {
@@ -640,9 +579,7 @@ async fn open_for_write(
         st.apply(&rec, chunk_size)?;
         return Ok(());
     }
-    Err(VolumeError::Fenced(
-        "could not append an open record: too many concurrent writers".into(),
-    ))
+    Err(VolumeError::Fenced("could not append an open record: too many concurrent writers".into()))
 }
 
 /// After a conditional PUT answered 412: is the record there the one we
@@ -679,10 +616,7 @@ impl Inner {
     }
 
     fn next_generation(&self, epoch: u64) -> u64 {
-        format::generation(
-            epoch,
-            self.generation_counter.fetch_add(1, Ordering::SeqCst),
-        )
+        format::generation(epoch, self.generation_counter.fetch_add(1, Ordering::SeqCst))
     }
 
     /// The current bytes of a chunk (`None` = zeros). Caller holds the chunk lock.
@@ -700,11 +634,7 @@ impl Inner {
             }
             match st.staged.get(&index).or_else(|| st.map.get(&index)) {
                 Some(r) => (self.vol.as_str(), *r),
-                None => match self
-                    .parent
-                    .as_ref()
-                    .and_then(|p| p.map.get(&index).map(|r| (p, *r)))
-                {
+                None => match self.parent.as_ref().and_then(|p| p.map.get(&index).map(|r| (p, *r))) {
                     Some((p, r)) => (p.vol.as_str(), r),
                     None => return Ok(None),
                 },
@@ -717,9 +647,7 @@ impl Inner {
         let data = match self.store.get(&key, None).await {
             Ok(d) => d,
             Err(StoreError::NotFound(_)) => {
-                return Err(VolumeError::Corrupt(format!(
-                    "chunk object {key} is missing"
-                )));
+                return Err(VolumeError::Corrupt(format!("chunk object {key} is missing")));
             }
             Err(e) => return Err(e.into()),
         };
@@ -755,9 +683,7 @@ impl Inner {
         let base = if full {
             None
         } else {
-            self.chunk_bytes(p.index)
-                .await
-                .inspect_err(|_| self.dirty_permits.add_permits(1))?
+            self.chunk_bytes(p.index).await.inspect_err(|_| self.dirty_permits.add_permits(1))?
         };
         let mut slot_data = match (full, base) {
             (true, _) | (false, None) => DirtyData::Zero,
@@ -768,13 +694,7 @@ impl Inner {
         st.tick += 1;
         let since = st.tick;
         st.clean.remove(p.index);
-        st.slots.insert(
-            p.index,
-            Slot {
-                data: slot_data,
-                since,
-            },
-        );
+        st.slots.insert(p.index, Slot { data: slot_data, since });
         Ok(())
     }
 
@@ -785,9 +705,7 @@ impl Inner {
                 return Ok(());
             }
             vol.kick_uploader();
-            match tokio::time::timeout(Duration::from_millis(200), self.dirty_permits.acquire())
-                .await
-            {
+            match tokio::time::timeout(Duration::from_millis(200), self.dirty_permits.acquire()).await {
                 Ok(Ok(p)) => {
                     p.forget();
                     return Ok(());
@@ -859,16 +777,12 @@ impl Inner {
                 }
                 let mut v: Vec<(u64, u64)> = st.slots.iter().map(|(i, s)| (s.since, *i)).collect();
                 v.sort_unstable();
-                v.into_iter()
-                    .take(self.opts.concurrency)
-                    .map(|(_, i)| i)
-                    .collect()
+                v.into_iter().take(self.opts.concurrency).map(|(_, i)| i).collect()
             };
-            let results: Vec<VolumeResult<()>> =
-                stream::iter(batch.into_iter().map(|i| self.upload_chunk(i)))
-                    .buffer_unordered(self.opts.concurrency)
-                    .collect()
-                    .await;
+            let results: Vec<VolumeResult<()>> = stream::iter(batch.into_iter().map(|i| self.upload_chunk(i)))
+                .buffer_unordered(self.opts.concurrency)
+                .collect()
+                .await;
             for r in results {
                 if let Err(e) = r {
                     tracing::warn!(volume = %self.vol, error = %e, "background upload failed");
@@ -891,10 +805,7 @@ impl Inner {
                 self.apply_commit(&u.record);
                 Ok(())
             }
-            Ok(_) => Err(self.fence(format!(
-                "journal record {} was written by another writer",
-                u.seq
-            ))),
+            Ok(_) => Err(self.fence(format!("journal record {} was written by another writer", u.seq))),
             Err(StoreError::NotFound(_)) => Ok(()),
             Err(e) => {
                 self.lock().uncertain = Some(u);
@@ -945,18 +856,11 @@ impl Inner {
             Ok(()) => {}
             Err(StoreError::PreconditionFailed(_)) => {
                 if !is_own_record(&self.store, &self.vol, rec.seq, &bytes).await? {
-                    return Err(self.fence(format!(
-                        "journal record {} was written by another writer",
-                        rec.seq
-                    )));
+                    return Err(self.fence(format!("journal record {} was written by another writer", rec.seq)));
                 }
             }
             Err(e) => {
-                self.lock().uncertain = Some(Uncertain {
-                    seq: rec.seq,
-                    bytes,
-                    record: rec,
-                });
+                self.lock().uncertain = Some(Uncertain { seq: rec.seq, bytes, record: rec });
                 return Err(e.into());
             }
         }
@@ -965,17 +869,8 @@ impl Inner {
         // has passed us: a newer writer exists, and this record landed in a
         // hole nobody will read. Report failure rather than lose the data
         // silently.
-        if !self.meta.single_writer
-            && self
-                .store
-                .head(&journal_key(&self.vol, rec.seq - 1))
-                .await?
-                .is_none()
-        {
-            return Err(self.fence(format!(
-                "journal record {} was already folded by compaction",
-                rec.seq - 1
-            )));
+        if !self.meta.single_writer && self.store.head(&journal_key(&self.vol, rec.seq - 1)).await?.is_none() {
+            return Err(self.fence(format!("journal record {} was already folded by compaction", rec.seq - 1)));
         }
         self.apply_commit(&rec);
         tracing::debug!(volume = %self.vol, seq = rec.seq, chunks = rec.chunks.len(), "committed");
@@ -1017,18 +912,8 @@ mod tests {
 
     #[test]
     fn pieces_split_at_chunk_boundaries() {
-        let v: Vec<(u64, usize, usize, usize)> = pieces(100, 300, 128)
-            .map(|p| (p.index, p.at, p.len, p.pos))
-            .collect();
-        assert_eq!(
-            v,
-            vec![
-                (0, 100, 28, 0),
-                (1, 0, 128, 28),
-                (2, 0, 128, 156),
-                (3, 0, 16, 284)
-            ]
-        );
+        let v: Vec<(u64, usize, usize, usize)> = pieces(100, 300, 128).map(|p| (p.index, p.at, p.len, p.pos)).collect();
+        assert_eq!(v, vec![(0, 100, 28, 0), (1, 0, 128, 28), (2, 0, 128, 156), (3, 0, 16, 284)]);
         assert_eq!(pieces(0, 0, 128).count(), 0);
     }
 

@@ -38,9 +38,7 @@ pub enum FormatError {
     Truncated(String),
     #[error("{0}: bad magic (not an s3blk object)")]
     BadMagic(String),
-    #[error(
-        "{what}: format version {found} is newer than this s3blk understands ({FORMAT_VERSION})"
-    )]
+    #[error("{what}: format version {found} is newer than this s3blk understands ({FORMAT_VERSION})")]
     Version { what: String, found: u32 },
     #[error("{0}: checksum mismatch")]
     Checksum(String),
@@ -49,10 +47,7 @@ pub enum FormatError {
 }
 
 fn invalid(what: &str, detail: impl Into<String>) -> FormatError {
-    FormatError::Invalid {
-        what: what.to_string(),
-        detail: detail.into(),
-    }
+    FormatError::Invalid { what: what.to_string(), detail: detail.into() }
 }
 
 // ---------------------------------------------------------------- names
@@ -109,19 +104,14 @@ pub fn parse_chunk_key(vol: &str, key: &str) -> Option<(u64, u64)> {
     if !ok(i) || !ok(g) {
         return None;
     }
-    Some((
-        u64::from_str_radix(i, 16).ok()?,
-        u64::from_str_radix(g, 16).ok()?,
-    ))
+    Some((u64::from_str_radix(i, 16).ok()?, u64::from_str_radix(g, 16).ok()?))
 }
 
 /// Snapshot names become object names: keep them to a safe alphabet.
 pub fn validate_snapshot_name(name: &str) -> Result<(), FormatError> {
     let ok = !name.is_empty()
         && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         && !name.starts_with('.');
     if ok {
         Ok(())
@@ -184,27 +174,18 @@ impl VolumeMeta {
     pub fn validate(&self) -> Result<(), FormatError> {
         let w = "volume.json";
         if self.format_version > FORMAT_VERSION {
-            return Err(FormatError::Version {
-                what: w.into(),
-                found: self.format_version,
-            });
+            return Err(FormatError::Version { what: w.into(), found: self.format_version });
         }
         if self.format_version == 0 {
             return Err(invalid(w, "format_version 0"));
         }
         check_chunk_size(self.chunk_size).map_err(|d| invalid(w, d))?;
         if self.block_size != BLOCK_SIZE {
-            return Err(invalid(
-                w,
-                format!("block_size {} (expected {BLOCK_SIZE})", self.block_size),
-            ));
+            return Err(invalid(w, format!("block_size {} (expected {BLOCK_SIZE})", self.block_size)));
         }
         check_size(self.size).map_err(|d| invalid(w, d))?;
         if self.checksum != "crc32c" {
-            return Err(invalid(
-                w,
-                format!("unknown checksum algorithm {:?}", self.checksum),
-            ));
+            return Err(invalid(w, format!("unknown checksum algorithm {:?}", self.checksum)));
         }
         Ok(())
     }
@@ -230,18 +211,14 @@ impl VolumeMeta {
 
 pub fn check_chunk_size(cs: u32) -> Result<(), String> {
     if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
-        return Err(format!(
-            "chunk size {cs} must be a power of two between 64 KiB and 64 MiB"
-        ));
+        return Err(format!("chunk size {cs} must be a power of two between 64 KiB and 64 MiB"));
     }
     Ok(())
 }
 
 pub fn check_size(size: u64) -> Result<(), String> {
     if size == 0 || size % BLOCK_SIZE as u64 != 0 || size > MAX_VOLUME_SIZE {
-        return Err(format!(
-            "size {size} must be a non-zero multiple of {BLOCK_SIZE} bytes, at most 1 EiB"
-        ));
+        return Err(format!("size {size} must be a non-zero multiple of {BLOCK_SIZE} bytes, at most 1 EiB"));
     }
     Ok(())
 }
@@ -260,13 +237,9 @@ pub struct SnapshotRecord {
 
 impl SnapshotRecord {
     pub fn decode(bytes: &[u8], what: &str) -> Result<Self, FormatError> {
-        let r: SnapshotRecord =
-            serde_json::from_slice(bytes).map_err(|e| invalid(what, e.to_string()))?;
+        let r: SnapshotRecord = serde_json::from_slice(bytes).map_err(|e| invalid(what, e.to_string()))?;
         if r.format_version > FORMAT_VERSION {
-            return Err(FormatError::Version {
-                what: what.into(),
-                found: r.format_version,
-            });
+            return Err(FormatError::Version { what: what.into(), found: r.format_version });
         }
         Ok(r)
     }
@@ -341,17 +314,10 @@ impl<'a> Reader<'a> {
         }
         let (body, tail) = buf.split_at(buf.len() - 4);
         let stored = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
-        let mut r = Reader {
-            buf: body,
-            pos: 8,
-            what,
-        };
+        let mut r = Reader { buf: body, pos: 8, what };
         let version = r.u32()?;
         if version > FORMAT_VERSION || version == 0 {
-            return Err(FormatError::Version {
-                what: what.into(),
-                found: version,
-            });
+            return Err(FormatError::Version { what: what.into(), found: version });
         }
         if crc32c::crc32c(body) != stored {
             return Err(FormatError::Checksum(what.into()));
@@ -422,10 +388,7 @@ fn get_ref(r: &mut Reader<'_>) -> Result<ChunkRef, FormatError> {
     if generation == ZERO_GENERATION {
         return Ok(ChunkRef::Zero);
     }
-    Ok(ChunkRef::Stored {
-        generation,
-        crc: r.u32()?,
-    })
+    Ok(ChunkRef::Stored { generation, crc: r.u32()? })
 }
 
 // ---------------------------------------------------------------- journal
@@ -512,23 +475,11 @@ impl JournalRecord {
         for _ in 0..n {
             let offset = r.u64()?;
             let len = r.count(1)?;
-            inline.push(InlineWrite {
-                offset,
-                data: r.take(len)?.to_vec(),
-            });
+            inline.push(InlineWrite { offset, data: r.take(len)?.to_vec() });
         }
         r.done()?;
         check_size(size).map_err(|d| invalid(what, d))?;
-        Ok(JournalRecord {
-            kind,
-            seq,
-            epoch,
-            size,
-            writer,
-            created_unix,
-            chunks,
-            inline,
-        })
+        Ok(JournalRecord { kind, seq, epoch, size, writer, created_unix, chunks, inline })
     }
 }
 
@@ -574,21 +525,14 @@ impl Checkpoint {
             let index = if i == 0 {
                 delta
             } else {
-                prev.checked_add(delta)
-                    .filter(|_| delta > 0)
-                    .ok_or_else(|| invalid(what, "indexes not increasing"))?
+                prev.checked_add(delta).filter(|_| delta > 0).ok_or_else(|| invalid(what, "indexes not increasing"))?
             };
             prev = index;
             map.insert(index, get_ref(&mut r)?);
         }
         r.done()?;
         check_size(size).map_err(|d| invalid(what, d))?;
-        Ok(Checkpoint {
-            seq,
-            epoch,
-            size,
-            map,
-        })
+        Ok(Checkpoint { seq, epoch, size, map })
     }
 }
 
@@ -604,20 +548,8 @@ mod tests {
             size: 1 << 30,
             writer: 42,
             created_unix: 1_700_000_000,
-            chunks: vec![
-                (0, ChunkRef::Zero),
-                (
-                    5,
-                    ChunkRef::Stored {
-                        generation: generation(3, 9),
-                        crc: 0xdead_beef,
-                    },
-                ),
-            ],
-            inline: vec![InlineWrite {
-                offset: 4096,
-                data: vec![1, 2, 3],
-            }],
+            chunks: vec![(0, ChunkRef::Zero), (5, ChunkRef::Stored { generation: generation(3, 9), crc: 0xdead_beef })],
+            inline: vec![InlineWrite { offset: 4096, data: vec![1, 2, 3] }],
         }
     }
 
@@ -634,15 +566,9 @@ mod tests {
             for bit in 0..8 {
                 let mut b = bytes.clone();
                 b[i] ^= 1 << bit;
-                assert!(
-                    JournalRecord::decode(&b, "j").is_err(),
-                    "flip at byte {i} bit {bit} accepted"
-                );
+                assert!(JournalRecord::decode(&b, "j").is_err(), "flip at byte {i} bit {bit} accepted");
             }
-            assert!(
-                JournalRecord::decode(&bytes[..i], "j").is_err(),
-                "truncation at {i} accepted"
-            );
+            assert!(JournalRecord::decode(&bytes[..i], "j").is_err(), "truncation at {i} accepted");
         }
     }
 
@@ -650,26 +576,9 @@ mod tests {
     fn checkpoint_round_trips() {
         let mut map = ChunkMap::new();
         map.insert(0, ChunkRef::Zero);
-        map.insert(
-            1,
-            ChunkRef::Stored {
-                generation: 1,
-                crc: 2,
-            },
-        );
-        map.insert(
-            1 << 40,
-            ChunkRef::Stored {
-                generation: 3,
-                crc: 4,
-            },
-        );
-        let cp = Checkpoint {
-            seq: 9,
-            epoch: 2,
-            size: 1 << 50,
-            map,
-        };
+        map.insert(1, ChunkRef::Stored { generation: 1, crc: 2 });
+        map.insert(1 << 40, ChunkRef::Stored { generation: 3, crc: 4 });
+        let cp = Checkpoint { seq: 9, epoch: 2, size: 1 << 50, map };
         assert_eq!(Checkpoint::decode(&cp.encode(), "c").unwrap(), cp);
     }
 
@@ -683,10 +592,7 @@ mod tests {
         w.u64(4096);
         w.varint(u64::MAX / 2);
         let bytes = w.finish();
-        assert!(matches!(
-            JournalRecord::decode(&bytes, "j"),
-            Err(FormatError::Truncated(_))
-        ));
+        assert!(matches!(JournalRecord::decode(&bytes, "j"), Err(FormatError::Truncated(_))));
     }
 
     #[test]
@@ -714,22 +620,10 @@ mod tests {
         };
         assert!(VolumeMeta::decode(&good.encode()).is_ok());
         let enc = good.encode();
-        assert!(matches!(
-            VolumeMeta::decode(&enc[..enc.len() / 2]),
-            Err(FormatError::Truncated(_))
-        ));
-        let bad = VolumeMeta {
-            chunk_size: 3000,
-            ..good.clone()
-        };
+        assert!(matches!(VolumeMeta::decode(&enc[..enc.len() / 2]), Err(FormatError::Truncated(_))));
+        let bad = VolumeMeta { chunk_size: 3000, ..good.clone() };
         assert!(VolumeMeta::decode(&bad.encode()).is_err());
-        let newer = VolumeMeta {
-            format_version: 99,
-            ..good
-        };
-        assert!(matches!(
-            VolumeMeta::decode(&newer.encode()),
-            Err(FormatError::Version { .. })
-        ));
+        let newer = VolumeMeta { format_version: 99, ..good };
+        assert!(matches!(VolumeMeta::decode(&newer.encode()), Err(FormatError::Version { .. })));
     }
 }

@@ -6,8 +6,7 @@ use futures::stream::{self, StreamExt};
 use serde::Serialize;
 
 use super::format::{
-    self, ChunkRef, JournalRecord, SnapshotRecord, parse_checkpoint_key, parse_chunk_key,
-    parse_journal_key,
+    self, ChunkRef, JournalRecord, SnapshotRecord, parse_checkpoint_key, parse_chunk_key, parse_journal_key,
 };
 use super::{VolumeError, VolumeResult, replay};
 use crate::store::{ObjectStore, StoreError};
@@ -36,10 +35,7 @@ pub async fn fsck(
     verify_data: bool,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> VolumeResult<FsckReport> {
-    let mut rep = FsckReport {
-        volume: format!("{}/{vol}", store.describe()),
-        ..Default::default()
-    };
+    let mut rep = FsckReport { volume: format!("{}/{vol}", store.describe()), ..Default::default() };
     let meta = match replay::read_meta(store, vol).await {
         Ok(m) => m,
         Err(e @ VolumeError::NotFound(_)) => return Err(e),
@@ -88,21 +84,17 @@ pub async fn fsck(
     // The journal is contiguous from its start (0, or just after a checkpoint).
     if let Some(&first) = journal.keys().next() {
         if first != 0 && !checkpoints.iter().any(|&c| c + 1 >= first) {
-            rep.errors.push(format!(
-                "journal starts at {first} but no checkpoint covers the records before it"
-            ));
+            rep.errors.push(format!("journal starts at {first} but no checkpoint covers the records before it"));
         }
         let mut prev = first;
         for &seq in journal.keys().skip(1) {
             if seq != prev + 1 {
-                rep.errors
-                    .push(format!("journal records {}..{} are missing", prev + 1, seq));
+                rep.errors.push(format!("journal records {}..{} are missing", prev + 1, seq));
             }
             prev = seq;
         }
     } else if checkpoints.is_empty() {
-        rep.errors
-            .push("no journal records and no checkpoint".into());
+        rep.errors.push("no journal records and no checkpoint".into());
     }
 
     let head = match replay::replay(store, vol, chunk_size, None).await {
@@ -117,9 +109,7 @@ pub async fn fsck(
     rep.size = head.size;
     rep.head_seq = head.head;
     for s in &head.stale_records {
-        rep.warnings.push(format!(
-            "journal record {s} was written by a fenced writer and is ignored"
-        ));
+        rep.warnings.push(format!("journal record {s} was written by a fenced writer and is ignored"));
     }
 
     // Chunks referenced by the head and by every snapshot.
@@ -147,18 +137,13 @@ pub async fn fsck(
             }
         };
         if rec.seq > head.head {
-            rep.errors.push(format!(
-                "{key} pins seq {} past the journal head {}",
-                rec.seq, head.head
-            ));
+            rep.errors.push(format!("{key} pins seq {} past the journal head {}", rec.seq, head.head));
             continue;
         }
         match replay::replay(store, vol, chunk_size, Some(rec.seq)).await {
             Ok(st) => add_refs(&st.map),
             Err(VolumeError::Store(e)) => return Err(e.into()),
-            Err(e) => rep
-                .errors
-                .push(format!("{key}: cannot rebuild its state: {e}")),
+            Err(e) => rep.errors.push(format!("{key}: cannot rebuild its state: {e}")),
         }
     }
     rep.referenced_chunks = referenced.len() as u64;
@@ -166,19 +151,14 @@ pub async fn fsck(
     let mut to_verify = Vec::new();
     for ((index, generation), crc) in &referenced {
         match chunks.get(&(*index, *generation)) {
-            None => rep.errors.push(format!(
-                "chunk {index} generation {generation:x} is referenced but missing"
-            )),
-            Some(&size) if size != chunk_size => rep.errors.push(format!(
-                "chunk {index} generation {generation:x} has {size} bytes, expected {chunk_size}"
-            )),
+            None => rep.errors.push(format!("chunk {index} generation {generation:x} is referenced but missing")),
+            Some(&size) if size != chunk_size => rep
+                .errors
+                .push(format!("chunk {index} generation {generation:x} has {size} bytes, expected {chunk_size}")),
             Some(_) => to_verify.push((*index, *generation, *crc)),
         }
     }
-    rep.garbage_chunks = chunks
-        .keys()
-        .filter(|k| !referenced.contains_key(k))
-        .count() as u64;
+    rep.garbage_chunks = chunks.keys().filter(|k| !referenced.contains_key(k)).count() as u64;
     if rep.garbage_chunks > 0 {
         rep.warnings.push(format!(
             "{} chunk objects are referenced by nothing (left by uncommitted writes; compaction reclaims them)",
@@ -189,20 +169,16 @@ pub async fn fsck(
     if verify_data {
         let total = to_verify.len() as u64;
         let mut done = 0u64;
-        let mut results = stream::iter(to_verify.into_iter().map(
-            |(index, generation, crc)| async move {
-                let key = format::chunk_key(vol, index, generation);
-                let r = match store.get(&key, None).await {
-                    Ok(d) if crc32c::crc32c(&d) == crc => Ok(None),
-                    Ok(_) => Ok(Some(format!("chunk object {key} fails its checksum"))),
-                    Err(StoreError::NotFound(_)) => {
-                        Ok(Some(format!("chunk object {key} vanished")))
-                    }
-                    Err(e) => Err(e),
-                };
-                r
-            },
-        ))
+        let mut results = stream::iter(to_verify.into_iter().map(|(index, generation, crc)| async move {
+            let key = format::chunk_key(vol, index, generation);
+            let r = match store.get(&key, None).await {
+                Ok(d) if crc32c::crc32c(&d) == crc => Ok(None),
+                Ok(_) => Ok(Some(format!("chunk object {key} fails its checksum"))),
+                Err(StoreError::NotFound(_)) => Ok(Some(format!("chunk object {key} vanished"))),
+                Err(e) => Err(e),
+            };
+            r
+        }))
         .buffer_unordered(16);
         while let Some(r) = results.next().await {
             if let Some(err) = r? {

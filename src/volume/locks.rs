@@ -26,11 +26,7 @@ impl ChunkLocks {
             t.entry(index).or_default().clone()
         };
         let guard = m.lock_owned().await;
-        ChunkGuard {
-            locks: self,
-            index,
-            guard: Some(guard),
-        }
+        ChunkGuard { locks: self, index, guard: Some(guard) }
     }
 }
 

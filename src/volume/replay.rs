@@ -4,8 +4,8 @@
 use bytes::Bytes;
 
 use super::format::{
-    self, Checkpoint, ChunkMap, JournalRecord, RecordKind, checkpoint_prefix, journal_key,
-    journal_prefix, parse_checkpoint_key, parse_journal_key,
+    self, Checkpoint, ChunkMap, JournalRecord, RecordKind, checkpoint_prefix, journal_key, journal_prefix,
+    parse_checkpoint_key, parse_journal_key,
 };
 use super::{VolumeError, VolumeResult};
 use crate::store::{ListRequest, ObjectStore, StoreError};
@@ -32,18 +32,12 @@ impl Replayed {
         match rec.kind {
             RecordKind::Create => {
                 if rec.seq != 0 {
-                    return Err(VolumeError::Corrupt(format!(
-                        "create record at seq {}",
-                        rec.seq
-                    )));
+                    return Err(VolumeError::Corrupt(format!("create record at seq {}", rec.seq)));
                 }
             }
             RecordKind::Open => {
                 if rec.epoch != rec.seq {
-                    return Err(VolumeError::Corrupt(format!(
-                        "open record {} has epoch {}",
-                        rec.seq, rec.epoch
-                    )));
+                    return Err(VolumeError::Corrupt(format!("open record {} has epoch {}", rec.seq, rec.epoch)));
                 }
                 self.epoch = rec.epoch;
             }
@@ -59,19 +53,13 @@ impl Replayed {
             }
         }
         if rec.size < self.size && rec.kind != RecordKind::Create {
-            return Err(VolumeError::Corrupt(format!(
-                "record {} shrinks the volume",
-                rec.seq
-            )));
+            return Err(VolumeError::Corrupt(format!("record {} shrinks the volume", rec.seq)));
         }
         self.size = rec.size;
         let chunks = rec.size.div_ceil(chunk_size);
         for (index, r) in &rec.chunks {
             if *index >= chunks {
-                return Err(VolumeError::Corrupt(format!(
-                    "record {} maps chunk {index} past the end",
-                    rec.seq
-                )));
+                return Err(VolumeError::Corrupt(format!("record {} maps chunk {index} past the end", rec.seq)));
             }
             self.map.insert(*index, *r);
         }
@@ -87,11 +75,7 @@ impl Replayed {
     }
 }
 
-async fn latest_checkpoint(
-    store: &dyn ObjectStore,
-    vol: &str,
-    upto: Option<u64>,
-) -> VolumeResult<Option<Checkpoint>> {
+async fn latest_checkpoint(store: &dyn ObjectStore, vol: &str, upto: Option<u64>) -> VolumeResult<Option<Checkpoint>> {
     let prefix = checkpoint_prefix(vol);
     let all = crate::store::list_all(store, &prefix).await?;
     let best = all
@@ -111,11 +95,7 @@ async fn latest_checkpoint(
 }
 
 /// Fetch and decode one journal record.
-pub async fn read_record(
-    store: &dyn ObjectStore,
-    vol: &str,
-    seq: u64,
-) -> VolumeResult<Option<(JournalRecord, Bytes)>> {
+pub async fn read_record(store: &dyn ObjectStore, vol: &str, seq: u64) -> VolumeResult<Option<(JournalRecord, Bytes)>> {
     let key = journal_key(vol, seq);
     match store.get(&key, None).await {
         Ok(bytes) => {
@@ -132,12 +112,7 @@ pub async fn read_record(
 
 /// Replay from scratch (latest checkpoint, then the journal), stopping at
 /// `upto` when given (snapshots and clone parents).
-pub async fn replay(
-    store: &dyn ObjectStore,
-    vol: &str,
-    chunk_size: u64,
-    upto: Option<u64>,
-) -> VolumeResult<Replayed> {
+pub async fn replay(store: &dyn ObjectStore, vol: &str, chunk_size: u64, upto: Option<u64>) -> VolumeResult<Replayed> {
     let mut state = Replayed::default();
     let mut started = false;
     if let Some(cp) = latest_checkpoint(store, vol, upto).await? {
@@ -153,9 +128,7 @@ pub async fn replay(
     }
     catch_up(store, vol, chunk_size, &mut state, started, upto).await?;
     if !started && state.records_replayed == 0 {
-        return Err(VolumeError::Corrupt(format!(
-            "{vol}: no journal records and no checkpoint"
-        )));
+        return Err(VolumeError::Corrupt(format!("{vol}: no journal records and no checkpoint")));
     }
     Ok(state)
 }
@@ -170,19 +143,10 @@ pub async fn catch_up(
     upto: Option<u64>,
 ) -> VolumeResult<()> {
     let prefix = journal_prefix(vol);
-    let mut after = if started {
-        Some(journal_key(vol, state.head))
-    } else {
-        None
-    };
+    let mut after = if started { Some(journal_key(vol, state.head)) } else { None };
     loop {
         let page = store
-            .list(ListRequest {
-                prefix: &prefix,
-                start_after: after.as_deref(),
-                delimiter: false,
-                max_keys: 1000,
-            })
+            .list(ListRequest { prefix: &prefix, start_after: after.as_deref(), delimiter: false, max_keys: 1000 })
             .await?;
         for obj in &page.objects {
             let Some(seq) = parse_journal_key(vol, &obj.key) else {
@@ -204,10 +168,7 @@ pub async fn catch_up(
             let bytes = store.get(&obj.key, None).await?;
             let rec = JournalRecord::decode(&bytes, &obj.key)?;
             if rec.seq != seq {
-                return Err(VolumeError::Corrupt(format!(
-                    "{} holds seq {}",
-                    obj.key, rec.seq
-                )));
+                return Err(VolumeError::Corrupt(format!("{} holds seq {}", obj.key, rec.seq)));
             }
             state.apply(&rec, chunk_size)?;
             started = true;
@@ -224,11 +185,9 @@ pub async fn read_meta(store: &dyn ObjectStore, vol: &str) -> VolumeResult<forma
     let key = format::meta_key(vol);
     match store.get(&key, None).await {
         Ok(bytes) => Ok(format::VolumeMeta::decode(&bytes)?),
-        Err(StoreError::NotFound(_)) => Err(VolumeError::NotFound(format!(
-            "{}/{}",
-            store.describe(),
-            vol.trim_end_matches('/')
-        ))),
+        Err(StoreError::NotFound(_)) => {
+            Err(VolumeError::NotFound(format!("{}/{}", store.describe(), vol.trim_end_matches('/'))))
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -1,0 +1,174 @@
+//! Shared test harness: a real S3 server (moto) and stores to test against.
+//!
+//! `tests/run.sh` starts one moto server for the whole run and exports
+//! `S3BLK_TEST_S3_ENDPOINT`. Run directly (`cargo nextest run`), each test
+//! process starts its own moto from `.venv/bin/moto_server` or PATH, which
+//! exits with the test process. Without moto, S3 variants skip loudly —
+//! except under `CI=true`, where a missing tool is a failure.
+#![allow(dead_code)]
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use s3blk::store::DynStore;
+use s3blk::store::local::LocalStore;
+use s3blk::store::retry::{RetryPolicy, RetryStore};
+use s3blk::store::s3::{S3Settings, S3Store};
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// A required external tool: present → true; missing → skip loudly, or fail under CI.
+pub fn require_tool(name: &str) -> bool {
+    if which(name).is_some() {
+        return true;
+    }
+    if in_ci() {
+        panic!("{name} is required but not installed (tests/run.sh installs it)");
+    }
+    eprintln!("\n*** SKIPPING: {name} is not installed; run ./tests/run.sh to install test tools ***\n");
+    false
+}
+
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+fn wait_port(port: u16, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+fn start_moto() -> Option<String> {
+    let venv = repo_root().join(".venv/bin/moto_server");
+    let bin = std::env::var_os("S3BLK_MOTO_SERVER")
+        .map(PathBuf::from)
+        .or_else(|| venv.is_file().then_some(venv))
+        .or_else(|| which("moto_server"))?;
+    let port = free_port();
+    // The shell watches this test process and stops moto when it is gone.
+    let script = format!(
+        "{} -H 127.0.0.1 -p {port} >/dev/null 2>&1 & m=$!; while kill -0 {} 2>/dev/null; do sleep 1; done; kill $m",
+        bin.display(),
+        std::process::id()
+    );
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    if !wait_port(port, Duration::from_secs(30)) {
+        panic!("moto_server did not start on port {port}");
+    }
+    Some(format!("http://127.0.0.1:{port}"))
+}
+
+/// The S3 endpoint to test against, or `None` (skipped) when there is none.
+pub fn s3_endpoint() -> Option<String> {
+    static EP: OnceLock<Option<String>> = OnceLock::new();
+    EP.get_or_init(|| {
+        if let Ok(ep) = std::env::var("S3BLK_TEST_S3_ENDPOINT") {
+            return Some(ep);
+        }
+        let started = start_moto();
+        if started.is_none() {
+            if in_ci() {
+                panic!("no S3 server: set S3BLK_TEST_S3_ENDPOINT or install moto[server] (tests/run.sh does)");
+            }
+            eprintln!("\n*** SKIPPING S3 tests: no moto_server found; run ./tests/run.sh ***\n");
+        }
+        started
+    })
+    .clone()
+}
+
+pub fn fast_policy() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 6,
+        base_delay: Duration::from_millis(5),
+        max_delay: Duration::from_millis(50),
+        attempt_timeout: Duration::from_secs(20),
+    }
+}
+
+pub fn s3_settings(endpoint: &str) -> S3Settings {
+    S3Settings {
+        endpoint: Some(endpoint.to_string()),
+        region: Some("us-east-1".into()),
+        credentials: Some(("testing".into(), "testing".into())),
+    }
+}
+
+/// Environment for child processes talking to the test S3 server.
+pub fn s3_env(endpoint: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT_URL", endpoint.to_string()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ACCESS_KEY_ID", "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+    ]
+}
+
+pub fn unique(name: &str) -> String {
+    format!("{name}-{:08x}", rand::random::<u32>())
+}
+
+/// A fresh bucket on the test S3 server; the raw store (no retry layer).
+pub async fn s3_raw_store(bucket: &str) -> Option<Arc<S3Store>> {
+    let ep = s3_endpoint()?;
+    let s = S3Store::connect(bucket, s3_settings(&ep)).await.expect("s3 client");
+    s.client().create_bucket().bucket(bucket).send().await.expect("create bucket");
+    Some(Arc::new(s))
+}
+
+pub async fn s3_store() -> Option<DynStore> {
+    let raw = s3_raw_store(&unique("bkt")).await?;
+    Some(Arc::new(RetryStore::new(raw, fast_policy())))
+}
+
+pub fn local_store(dir: &Path) -> DynStore {
+    Arc::new(RetryStore::new(Arc::new(LocalStore::new(dir).expect("local store")), fast_policy()))
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+pub fn s3blk_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_s3blk"))
+}

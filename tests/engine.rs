@@ -1,0 +1,692 @@
+//! The volume engine against real stores: the local directory store and a
+//! real S3 server (moto), plus the fault-injecting store for crashes and
+//! retries.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use s3blk::clock::ManualClock;
+use s3blk::store::fault::{Fault, FaultStore, Op, Rule};
+use s3blk::store::memory::MemoryStore;
+use s3blk::store::retry::{RetryPolicy, RetryStore};
+use s3blk::store::{self, DynStore, ObjectStore, PutMode};
+use s3blk::volume::engine::CreateOptions;
+use s3blk::volume::format::{self, Checkpoint};
+use s3blk::volume::{OpenOptions, Volume, VolumeError, fsck, replay};
+
+const CS: u32 = 64 << 10;
+
+fn create_opts(size: u64) -> CreateOptions {
+    CreateOptions { size, chunk_size: CS, parent: None, single_writer: false }
+}
+
+async fn create(store: &DynStore, vol: &str, size: u64) {
+    Volume::create(store.clone(), vol, create_opts(size), &s3blk::clock::SystemClock).await.expect("create");
+}
+
+async fn open(store: &DynStore, vol: &str) -> Volume {
+    Volume::open(store.clone(), vol, OpenOptions::default()).await.expect("open")
+}
+
+async fn open_ro(store: &DynStore, vol: &str) -> Volume {
+    Volume::open(store.clone(), vol, OpenOptions { read_only: true, ..OpenOptions::default() }).await.expect("open ro")
+}
+
+async fn assert_fsck_clean(store: &DynStore, vol: &str) {
+    let rep = fsck::fsck(store.as_ref(), vol, true, &|_, _| {}).await.expect("fsck ran");
+    assert!(rep.clean, "fsck found damage: {:?}", rep.errors);
+}
+
+/// Run a test body against the local directory store and against S3.
+macro_rules! on_both_stores {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn local() {
+                let dir = tempfile::tempdir().expect("tempdir");
+                super::$name(super::common::local_store(dir.path())).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn s3() {
+                let Some(store) = super::common::s3_store().await else { return };
+                super::$name(store).await
+            }
+        }
+    };
+}
+
+// ------------------------------------------------------------------ model
+
+#[derive(Debug, Clone)]
+enum Action {
+    Write {
+        off: u64,
+        len: usize,
+        seed: u64,
+    },
+    Zero {
+        off: u64,
+        len: u64,
+    },
+    Read {
+        off: u64,
+        len: u64,
+    },
+    Flush,
+    /// Drop the engine without flushing and open again: unflushed writes vanish.
+    Reopen,
+}
+
+/// 5 whole chunks and a partial last chunk.
+const MODEL_SIZE: u64 = 5 * CS as u64 + 12288;
+
+fn offset_strategy() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        0..MODEL_SIZE,
+        (0..6u64, -3i64..3).prop_map(|(c, d)| (c * CS as u64).saturating_add_signed(d).min(MODEL_SIZE - 1)),
+    ]
+}
+
+fn action_strategy() -> impl Strategy<Value = Action> {
+    prop_oneof![
+        5 => (offset_strategy(), 1usize..150_000, any::<u64>()).prop_map(|(off, len, seed)| Action::Write {
+            off,
+            len: len.min((MODEL_SIZE - off) as usize),
+            seed
+        }),
+        2 => (offset_strategy(), 1u64..200_000).prop_map(|(off, len)| Action::Zero { off, len: len.min(MODEL_SIZE - off) }),
+        2 => (offset_strategy(), 1u64..200_000).prop_map(|(off, len)| Action::Read { off, len: len.min(MODEL_SIZE - off) }),
+        2 => Just(Action::Flush),
+        1 => Just(Action::Reopen),
+    ]
+}
+
+async fn run_model(store: DynStore, actions: Vec<Action>) -> Result<(), TestCaseError> {
+    let vol = format!("{}/", common::unique("model"));
+    create(&store, &vol, MODEL_SIZE).await;
+    let mut v = open(&store, &vol).await;
+    let mut model = vec![0u8; MODEL_SIZE as usize];
+    let mut durable = model.clone();
+    for a in actions {
+        match a {
+            Action::Write { off, len, seed } => {
+                let data = common::pattern(seed, len);
+                v.write(off, &data).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                model[off as usize..off as usize + len].copy_from_slice(&data);
+            }
+            Action::Zero { off, len } => {
+                v.write_zeroes(off, len).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            Action::Read { off, len } => {
+                let got = v.read(off, len).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert!(got == model[off as usize..(off + len) as usize], "read {off}+{len} differs");
+            }
+            Action::Flush => {
+                v.flush().await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                durable = model.clone();
+            }
+            Action::Reopen => {
+                drop(v);
+                v = open(&store, &vol).await;
+                model = durable.clone();
+            }
+        }
+    }
+    let all = v.read(0, MODEL_SIZE).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert!(all == model, "final contents differ from the model");
+    v.flush().await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+    drop(v);
+    let again =
+        open_ro(&store, &vol).await.read(0, MODEL_SIZE).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert!(again == model, "contents after reopen differ from the model");
+    Ok(())
+}
+
+fn model_test(store: DynStore, cases: u32) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases, ..ProptestConfig::default() });
+    let result = runner.run(&proptest::collection::vec(action_strategy(), 1..14), |actions| {
+        rt.block_on(run_model(store.clone(), actions))
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn random_io_matches_model_local() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    model_test(common::local_store(dir.path()), 48);
+}
+
+#[test]
+fn random_io_matches_model_memory() {
+    model_test(Arc::new(MemoryStore::new()), 96);
+}
+
+#[test]
+fn random_io_matches_model_s3() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let Some(store) = rt.block_on(common::s3_store()) else { return };
+    drop(rt);
+    model_test(store, 16);
+}
+
+// ------------------------------------------------------------------ crash consistency
+
+struct CrashRig {
+    mem: Arc<MemoryStore>,
+    fault: Arc<FaultStore>,
+}
+
+impl CrashRig {
+    fn new() -> Self {
+        let mem = Arc::new(MemoryStore::new());
+        let fault = Arc::new(FaultStore::new(mem.clone()));
+        Self { mem, fault }
+    }
+    fn plain(&self) -> DynStore {
+        self.mem.clone()
+    }
+    fn faulty(&self) -> DynStore {
+        self.fault.clone()
+    }
+}
+
+/// State A: chunks 0..3 hold pattern 1. State B: chunk 0 partly rewritten,
+/// chunk 1 zeroed, chunks 3 and 4 written (3 chunk uploads + 1 journal PUT).
+async fn write_a(v: &Volume) {
+    v.write(0, &common::pattern(1, 3 * CS as usize)).await.expect("write A");
+}
+async fn write_b(v: &Volume) {
+    v.write(1000, &common::pattern(2, 5000)).await.expect("write B0");
+    v.write_zeroes(CS as u64, CS as u64).await.expect("zero B1");
+    v.write(3 * CS as u64 + 7, &common::pattern(3, CS as usize + 100)).await.expect("write B3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_is_all_or_nothing_at_every_crash_point() {
+    let size = 8 * CS as u64;
+    // Reference images of A and B.
+    let reference = |with_b: bool| async move {
+        let rig = CrashRig::new();
+        create(&rig.plain(), "v/", size).await;
+        let v = open(&rig.plain(), "v/").await;
+        write_a(&v).await;
+        if with_b {
+            write_b(&v).await;
+        }
+        v.read(0, size).await.expect("read")
+    };
+    let image_a = reference(false).await;
+    let image_b = reference(true).await;
+    assert_ne!(image_a, image_b);
+
+    let mut saw_ok = false;
+    let mut saw_err = false;
+    for crash_after in 0..=6u64 {
+        let rig = CrashRig::new();
+        create(&rig.plain(), "v/", size).await;
+        let v = open(&rig.faulty(), "v/").await;
+        write_a(&v).await;
+        v.flush().await.expect("flush A");
+        write_b(&v).await;
+        let puts_before = rig.fault.puts_seen();
+        rig.fault.crash_after_puts(crash_after);
+        let result = v.flush().await;
+        let journal_put_reached = rig.fault.puts_seen() - puts_before >= 4;
+        drop(v);
+        // "Restart": a new engine on the store as the crash left it.
+        let after = open_ro(&rig.plain(), "v/").await.read(0, size).await.expect("read after crash");
+        match &result {
+            Ok(()) => {
+                saw_ok = true;
+                assert!(after == image_b, "crash after {crash_after} puts: flush acknowledged but B not durable");
+            }
+            Err(e) => {
+                saw_err = true;
+                assert!(after == image_a || after == image_b, "crash after {crash_after} puts: torn volume ({e})");
+                if !journal_put_reached {
+                    assert!(after == image_a, "crash before the journal PUT must leave A");
+                }
+            }
+        }
+        assert_fsck_clean(&rig.plain(), "v/").await;
+        // A new writer takes over cleanly and can commit.
+        let w = open(&rig.plain(), "v/").await;
+        w.write(0, b"after").await.expect("write after crash");
+        w.flush().await.expect("flush after crash");
+    }
+    assert!(saw_ok && saw_err, "the crash points must cover both outcomes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_during_background_uploads_leaves_last_flush() {
+    let rig = CrashRig::new();
+    let size = 32 * CS as u64;
+    create(&rig.plain(), "v/", size).await;
+    let opts = OpenOptions { dirty_limit: 2 * CS as u64, ..OpenOptions::default() };
+    let v = Volume::open(rig.faulty(), "v/", opts).await.expect("open");
+    write_a(&v).await;
+    v.flush().await.expect("flush A");
+    let image_a = v.read(0, size).await.expect("read");
+    rig.fault.crash_after_puts(3);
+    // Past the dirty limit the writer waits for background uploads, which
+    // hit the crash; writes then fail instead of growing memory.
+    let mut failed = false;
+    for i in 0..20u64 {
+        if v.write(i * CS as u64, &common::pattern(i + 10, CS as usize)).await.is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "writes must fail once uploads cannot proceed");
+    drop(v);
+    let after = open_ro(&rig.plain(), "v/").await.read(0, size).await.expect("read");
+    assert!(after == image_a);
+    assert_fsck_clean(&rig.plain(), "v/").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_journal_response_is_recognised_as_own_commit() {
+    let rig = CrashRig::new();
+    create(&rig.plain(), "v/", 8 * CS as u64).await;
+    let clock = Arc::new(ManualClock::new(0));
+    let retrying: DynStore =
+        Arc::new(RetryStore::with_clock(rig.faulty(), common::fast_policy(), clock.clone(), Arc::new(|d| d)));
+    let v = open(&retrying, "v/").await;
+    v.write(0, &common::pattern(5, 10_000)).await.expect("write");
+    rig.fault.add_rule(Rule {
+        op: Some(Op::Put),
+        key_contains: Some("journal/".into()),
+        fault: Fault::LostResponse,
+        times: 1,
+    });
+    v.flush().await.expect("the retried PUT answers 412 and must be recognised as ours");
+    assert_eq!(clock.sleeps().len(), 1);
+    drop(v);
+    let got = open_ro(&rig.plain(), "v/").await.read(0, 10_000).await.expect("read");
+    assert_eq!(got, common::pattern(5, 10_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_commit_is_resolved_by_the_next_flush() {
+    let rig = CrashRig::new();
+    create(&rig.plain(), "v/", 8 * CS as u64).await;
+    // No retry layer: the lost response surfaces as an error.
+    let v = open(&rig.faulty(), "v/").await;
+    v.write(0, &common::pattern(6, 1000)).await.expect("write");
+    rig.fault.add_rule(Rule {
+        op: Some(Op::Put),
+        key_contains: Some("journal/".into()),
+        fault: Fault::LostResponse,
+        times: 1,
+    });
+    assert!(v.flush().await.is_err());
+    v.write(CS as u64, &common::pattern(7, 1000)).await.expect("write 2");
+    v.flush().await.expect("next flush resolves the uncertain commit and commits on top");
+    drop(v);
+    let r = open_ro(&rig.plain(), "v/").await;
+    assert_eq!(r.read(0, 1000).await.expect("read"), common::pattern(6, 1000));
+    assert_eq!(r.read(CS as u64, 1000).await.expect("read"), common::pattern(7, 1000));
+    assert_fsck_clean(&rig.plain(), "v/").await;
+}
+
+// ------------------------------------------------------------------ fencing
+
+async fn stale_writer_is_fenced(store: DynStore) {
+    let vol = format!("{}/", common::unique("fence"));
+    create(&store, &vol, 8 * CS as u64).await;
+    let a = open(&store, &vol).await;
+    a.write(0, b"from the stale writer").await.expect("a write");
+    let b = open(&store, &vol).await;
+    b.write(0, b"from the live writer!").await.expect("b write");
+    b.flush().await.expect("b flush");
+    match a.flush().await {
+        Err(VolumeError::Fenced(_)) => {}
+        other => panic!("stale flush must be fenced, got {other:?}"),
+    }
+    assert!(matches!(a.write(0, b"x").await, Err(VolumeError::Fenced(_))));
+    assert!(matches!(a.flush().await, Err(VolumeError::Fenced(_))));
+    b.write(100, b"still live").await.expect("b write 2");
+    b.flush().await.expect("b flush 2");
+    drop((a, b));
+    let r = open_ro(&store, &vol).await;
+    assert_eq!(r.read(0, 21).await.expect("read"), b"from the live writer!");
+    assert_eq!(r.read(100, 10).await.expect("read"), b"still live");
+    assert_fsck_clean(&store, &vol).await;
+}
+on_both_stores!(stale_writer_is_fenced);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_writer_cannot_commit_into_a_compacted_journal() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    create(&store, "v/", 8 * CS as u64).await;
+    let a = open(&store, "v/").await;
+    let b = open(&store, "v/").await;
+    b.write(0, b"live").await.expect("write");
+    b.flush().await.expect("flush");
+    // Compaction: checkpoint at the head, then delete the folded records below it.
+    let st = replay::replay(store.as_ref(), "v/", CS as u64, None).await.expect("replay");
+    let cp = Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map: st.map.clone() };
+    store
+        .put(&format::checkpoint_key("v/", st.head), Bytes::from(cp.encode()), PutMode::Overwrite)
+        .await
+        .expect("put cp");
+    for seq in 0..st.head {
+        store.delete(&format::journal_key("v/", seq)).await.expect("delete");
+    }
+    a.write(0, b"dead").await.expect("a write");
+    assert!(matches!(a.flush().await, Err(VolumeError::Fenced(_))), "the stale writer must learn it lost");
+    let r = open_ro(&store, "v/").await;
+    assert_eq!(r.read(0, 4).await.expect("read"), b"live");
+}
+
+// ------------------------------------------------------------------ retries
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_faults_are_retried_within_budget() {
+    let mem = Arc::new(MemoryStore::new());
+    let fault = Arc::new(FaultStore::new(mem.clone()));
+    let clock = Arc::new(ManualClock::new(0));
+    let policy = RetryPolicy { attempt_timeout: Duration::from_millis(300), ..common::fast_policy() };
+    let store: DynStore = Arc::new(RetryStore::with_clock(fault.clone(), policy, clock.clone(), Arc::new(|d| d)));
+    create(&store, "v/", 16 * CS as u64).await;
+    let v = open(&store, "v/").await;
+    let data = common::pattern(9, 4 * CS as usize);
+    v.write(0, &data).await.expect("write");
+    let rules = [
+        (Op::Put, "chunks/", Fault::ServerError, 2),
+        (Op::Put, "chunks/", Fault::SlowDown, 2),
+        (Op::Put, "chunks/", Fault::Reset, 1),
+        (Op::Put, "journal/", Fault::SlowDown, 2),
+        (Op::Put, "journal/", Fault::Hang, 1),
+        (Op::Head, "journal/", Fault::Reset, 1),
+    ];
+    for (op, key, f, times) in rules {
+        fault.add_rule(Rule { op: Some(op), key_contains: Some(key.into()), fault: f, times });
+    }
+    v.flush().await.expect("flush must succeed within the retry budget");
+    assert_eq!(clock.sleeps().len(), 9, "one backoff per injected fault");
+    drop(v);
+    let r = open_ro(&store, "v/").await;
+    fault.add_rule(Rule {
+        op: Some(Op::Get),
+        key_contains: Some("chunks/".into()),
+        fault: Fault::ServerError,
+        times: 3,
+    });
+    fault.add_rule(Rule { op: Some(Op::Get), key_contains: Some("chunks/".into()), fault: Fault::Hang, times: 1 });
+    assert!(r.read(0, data.len() as u64).await.expect("read") == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_retries_fail_clearly_and_the_volume_recovers() {
+    let mem = Arc::new(MemoryStore::new());
+    let fault = Arc::new(FaultStore::new(mem.clone()));
+    let clock = Arc::new(ManualClock::new(0));
+    let store: DynStore =
+        Arc::new(RetryStore::with_clock(fault.clone(), common::fast_policy(), clock.clone(), Arc::new(|d| d)));
+    create(&store, "v/", 16 * CS as u64).await;
+    let v = open(&store, "v/").await;
+    // One chunk: a single upload, so the recorded backoffs form one sequence.
+    let data = common::pattern(11, CS as usize);
+    v.write(0, &data).await.expect("write");
+    fault.add_rule(Rule { op: Some(Op::Put), key_contains: None, fault: Fault::SlowDown, times: 1000 });
+    let err = v.flush().await.expect_err("S3 is down: flush must fail");
+    let msg = err.to_string();
+    assert!(msg.contains("gave up after 6 attempts") && msg.contains("SlowDown"), "unclear error: {msg}");
+    // Exponential backoff, capped.
+    let sleeps = clock.sleeps();
+    let ms: Vec<u64> = sleeps.iter().map(|d| d.as_millis() as u64).collect();
+    assert_eq!(ms, vec![5, 10, 20, 40, 50]);
+    assert!(sleeps.iter().all(|d| *d <= Duration::from_millis(50)));
+    // S3 comes back: the same engine commits everything, nothing was lost.
+    fault.clear_rules();
+    v.flush().await.expect("flush after recovery");
+    drop(v);
+    assert!(open_ro(&store, "v/").await.read(0, data.len() as u64).await.expect("read") == data);
+}
+
+#[test]
+fn backoff_caps_grow_exponentially_to_the_maximum() {
+    let p = RetryPolicy {
+        max_attempts: 10,
+        base_delay: Duration::from_millis(100),
+        max_delay: Duration::from_secs(1),
+        attempt_timeout: Duration::from_secs(1),
+    };
+    let caps: Vec<u128> = (0..6).map(|r| p.delay_cap(r).as_millis()).collect();
+    assert_eq!(caps, vec![100, 200, 400, 800, 1000, 1000]);
+    assert_eq!(p.delay_cap(1000), Duration::from_secs(1));
+    let jitter = s3blk::store::retry::full_jitter();
+    for _ in 0..100 {
+        assert!(jitter(Duration::from_millis(100)) <= Duration::from_millis(100));
+    }
+}
+
+// ------------------------------------------------------------------ bad input
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_objects_give_clear_errors() {
+    let mem = Arc::new(MemoryStore::new());
+    let store: DynStore = mem.clone();
+    create(&store, "v/", 8 * CS as u64).await;
+    let v = open(&store, "v/").await;
+    v.write(0, &common::pattern(1, 2 * CS as usize)).await.expect("write");
+    v.flush().await.expect("flush");
+    drop(v);
+    let expect_corrupt = |r: Result<Volume, VolumeError>, what: &str| match r {
+        Err(VolumeError::Corrupt(m)) => assert!(m.contains(what), "error {m:?} does not name {what}"),
+        Err(e) => panic!("expected a corruption error naming {what}, got {e}"),
+        Ok(_) => panic!("damaged {what} was accepted"),
+    };
+    // volume.json: garbage, truncated, impossible fields.
+    let good_meta = mem.get("v/volume.json", None).await.expect("meta");
+    for bad in [&b"not json"[..], &good_meta[..good_meta.len() / 2], &b"{\"format_version\":1}"[..]] {
+        mem.tamper("v/volume.json", Bytes::copy_from_slice(bad));
+        expect_corrupt(Volume::open(store.clone(), "v/", OpenOptions::default()).await, "volume.json");
+    }
+    let mut meta: serde_json::Value = serde_json::from_slice(&good_meta).expect("json");
+    meta["chunk_size"] = 12345.into();
+    mem.tamper("v/volume.json", Bytes::from(serde_json::to_vec(&meta).expect("json")));
+    expect_corrupt(Volume::open(store.clone(), "v/", OpenOptions::default()).await, "chunk size");
+    mem.tamper("v/volume.json", good_meta);
+
+    // A journal record: flipped byte, truncated, missing.
+    let jkey = format::journal_key("v/", 2);
+    let good_rec = mem.get(&jkey, None).await.expect("record");
+    let mut flipped = good_rec.to_vec();
+    flipped[30] ^= 0x40;
+    mem.tamper(&jkey, Bytes::from(flipped));
+    expect_corrupt(Volume::open(store.clone(), "v/", OpenOptions::default()).await, "checksum");
+    mem.tamper(&jkey, good_rec.slice(..good_rec.len() - 7));
+    expect_corrupt(Volume::open(store.clone(), "v/", OpenOptions::default()).await, "journal");
+    mem.tamper(&jkey, good_rec);
+    // A record in the middle (the newest one missing is indistinguishable
+    // from a shorter history, which is why records are never deleted above
+    // a checkpoint).
+    let middle = format::journal_key("v/", 1);
+    let middle_rec = mem.get(&middle, None).await.expect("record");
+    mem.delete(&middle).await.expect("delete");
+    expect_corrupt(Volume::open(store.clone(), "v/", OpenOptions::default()).await, "missing");
+    mem.tamper(&middle, middle_rec);
+
+    // A chunk: bytes changed under the same name, or truncated.
+    let chunk = store::list_all(mem.as_ref(), "v/chunks/0000000000000000/").await.expect("list")[0].key.clone();
+    let good_chunk = mem.get(&chunk, None).await.expect("chunk");
+    let mut bad = good_chunk.to_vec();
+    bad[777] ^= 1;
+    mem.tamper(&chunk, Bytes::from(bad));
+    let r = open_ro(&store, "v/").await;
+    match r.read(0, 4096).await {
+        Err(VolumeError::Corrupt(m)) => assert!(m.contains("checksum"), "{m}"),
+        other => panic!("checksum mismatch not detected: {other:?}"),
+    }
+    let rep = fsck::fsck(store.as_ref(), "v/", true, &|_, _| {}).await.expect("fsck");
+    assert!(!rep.clean && rep.errors.iter().any(|e| e.contains("checksum")), "{:?}", rep.errors);
+    mem.tamper(&chunk, good_chunk.slice(..1000));
+    let r = open_ro(&store, "v/").await;
+    assert!(matches!(r.read(0, 10).await, Err(VolumeError::Corrupt(m)) if m.contains("1000 bytes")));
+    mem.tamper(&chunk, good_chunk);
+    assert_fsck_clean(&store, "v/").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_io_is_refused_and_changes_nothing() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let size = 4 * CS as u64;
+    create(&store, "v/", size).await;
+    let v = open(&store, "v/").await;
+    let oor = |r: Result<(), VolumeError>| assert!(matches!(r, Err(VolumeError::OutOfRange { .. })), "{r:?}");
+    oor(v.write(size - 1, b"ab").await);
+    oor(v.write(u64::MAX - 1, b"ab").await);
+    oor(v.write_zeroes(size, 1).await);
+    oor(v.write_zeroes(1, u64::MAX).await);
+    assert!(matches!(v.read(size, 1).await, Err(VolumeError::OutOfRange { .. })));
+    assert!(matches!(v.read(u64::MAX, 2).await, Err(VolumeError::OutOfRange { .. })));
+    assert_eq!(v.stats().dirty_chunks, 0);
+    v.write(size - 1, b"z").await.expect("last byte is writable");
+    assert!(matches!(v.resize(size - 4096).await, Err(VolumeError::InvalidArgument(_))));
+    assert!(matches!(v.resize(size + 1).await, Err(VolumeError::InvalidArgument(_))));
+}
+
+// ------------------------------------------------------------------ sparseness
+
+async fn sparse_volumes_cost_a_handful_of_objects(store: DynStore) {
+    let vol = format!("{}/", common::unique("sparse"));
+    let tib = 1u64 << 40;
+    Volume::create(
+        store.clone(),
+        &vol,
+        CreateOptions { size: tib, chunk_size: 1 << 20, parent: None, single_writer: false },
+        &s3blk::clock::SystemClock,
+    )
+    .await
+    .expect("create");
+    let v = open(&store, &vol).await;
+    let objects = store::list_all(store.as_ref(), &vol).await.expect("list");
+    assert!(objects.len() <= 3, "a new 1 TiB volume has {} objects: {objects:?}", objects.len());
+    // Zeros written as data, as WRITE_ZEROES, anywhere: no chunk objects.
+    v.write(0, &vec![0u8; 3 << 20]).await.expect("write zeros");
+    v.write_zeroes(tib - (8 << 20), 8 << 20).await.expect("write_zeroes");
+    v.write(500 << 30, &vec![0u8; 4096]).await.expect("write zeros");
+    v.flush().await.expect("flush");
+    let chunks = store::list_all(store.as_ref(), &format::chunk_prefix(&vol)).await.expect("list");
+    assert!(chunks.is_empty(), "zeros created chunk objects: {chunks:?}");
+    // Trimming written data releases its chunk from the map.
+    v.write(1 << 30, b"data").await.expect("write");
+    v.flush().await.expect("flush");
+    assert_eq!(v.stats().stored_chunks, 1);
+    v.write_zeroes(1 << 30, 1 << 20).await.expect("trim");
+    v.flush().await.expect("flush");
+    assert_eq!(v.stats().stored_chunks, 0);
+    assert_eq!(v.read(1 << 30, 4).await.expect("read"), vec![0; 4]);
+    let total = store::list_all(store.as_ref(), &vol).await.expect("list").len();
+    assert!(total <= 10, "{total} objects after a few small commits");
+}
+on_both_stores!(sparse_volumes_cost_a_handful_of_objects);
+
+// ------------------------------------------------------------------ snapshots, resize, concurrency
+
+async fn snapshots_pin_state_and_resize_grows(store: DynStore) {
+    let vol = format!("{}/", common::unique("snap"));
+    let size = 6 * CS as u64;
+    create(&store, &vol, size).await;
+    let v = open(&store, &vol).await;
+    v.write(10, b"before snapshot").await.expect("write");
+    let rec = v.snapshot("s1").await.expect("snapshot");
+    assert!(matches!(v.snapshot("bad/name").await, Err(VolumeError::InvalidArgument(_))));
+    v.write(10, b"AFTER  snapshot").await.expect("write");
+    v.resize(size * 2).await.expect("grow");
+    v.write(size * 2 - 5, b"tail!").await.expect("write in the new space");
+    v.flush().await.expect("flush");
+    let snap = Volume::open(store.clone(), &vol, OpenOptions { snapshot: Some("s1".into()), ..OpenOptions::default() })
+        .await
+        .expect("open snapshot");
+    assert_eq!(snap.size(), rec.size);
+    assert_eq!(snap.read(10, 15).await.expect("read"), b"before snapshot");
+    assert!(snap.write(0, b"x").await.is_err(), "snapshots are read-only");
+    drop(v);
+    let head = open_ro(&store, &vol).await;
+    assert_eq!(head.size(), size * 2);
+    assert_eq!(head.read(10, 15).await.expect("read"), b"AFTER  snapshot");
+    assert_eq!(head.read(size * 2 - 5, 5).await.expect("read"), b"tail!");
+    assert_eq!(head.read(size, 4096).await.expect("read"), vec![0; 4096], "grown space reads zeros");
+    assert_fsck_clean(&store, &vol).await;
+}
+on_both_stores!(snapshots_pin_state_and_resize_grows);
+
+async fn concurrent_requests_do_not_interfere(store: DynStore) {
+    let vol = format!("{}/", common::unique("conc"));
+    let size = 16 * CS as u64;
+    create(&store, &vol, size).await;
+    let v = open(&store, &vol).await;
+    // 48 disjoint, unaligned ranges, several per chunk, written concurrently
+    // with reads and flushes.
+    let region = size / 48;
+    let mut tasks = Vec::new();
+    for i in 0..48u64 {
+        let v = v.clone();
+        tasks.push(tokio::spawn(async move {
+            let off = i * region + 3;
+            let data = common::pattern(i, (region - 7) as usize);
+            v.write(off, &data).await.expect("write");
+            if i % 8 == 0 {
+                v.flush().await.expect("flush");
+            }
+            assert_eq!(v.read(off, data.len() as u64).await.expect("read"), data);
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    v.flush().await.expect("flush");
+    drop(v);
+    let r = open_ro(&store, &vol).await;
+    for i in 0..48u64 {
+        let data = common::pattern(i, (region - 7) as usize);
+        assert_eq!(r.read(i * region + 3, data.len() as u64).await.expect("read"), data, "range {i}");
+    }
+    assert_fsck_clean(&store, &vol).await;
+}
+on_both_stores!(concurrent_requests_do_not_interfere);
+
+async fn volume_opens_from_a_checkpoint(store: DynStore) {
+    let vol = format!("{}/", common::unique("cp"));
+    create(&store, &vol, 8 * CS as u64).await;
+    let v = open(&store, &vol).await;
+    v.write(0, &common::pattern(1, 3 * CS as usize)).await.expect("write");
+    v.flush().await.expect("flush");
+    let st = replay::replay(store.as_ref(), &vol, CS as u64, None).await.expect("replay");
+    let cp = Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map: st.map.clone() };
+    store.put(&format::checkpoint_key(&vol, st.head), Bytes::from(cp.encode()), PutMode::IfAbsent).await.expect("cp");
+    for seq in 0..st.head {
+        store.delete(&format::journal_key(&vol, seq)).await.expect("delete");
+    }
+    v.write(CS as u64 * 5, b"after the checkpoint").await.expect("write");
+    v.flush().await.expect("flush after checkpoint");
+    drop(v);
+    let r = open_ro(&store, &vol).await;
+    assert_eq!(r.read(0, 3 * CS as u64).await.expect("read"), common::pattern(1, 3 * CS as usize));
+    assert_eq!(r.read(CS as u64 * 5, 20).await.expect("read"), b"after the checkpoint");
+    assert_fsck_clean(&store, &vol).await;
+}
+on_both_stores!(volume_opens_from_a_checkpoint);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_twice_is_refused() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    create(&store, "v/", 1 << 20).await;
+    let again = Volume::create(store.clone(), "v/", create_opts(1 << 20), &s3blk::clock::SystemClock).await;
+    assert!(matches!(again, Err(VolumeError::AlreadyExists(_))), "{again:?}");
+    assert!(matches!(
+        Volume::open(store.clone(), "nope/", OpenOptions::default()).await,
+        Err(VolumeError::NotFound(_))
+    ));
+}
