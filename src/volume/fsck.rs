@@ -171,13 +171,12 @@ pub async fn fsck(
         let mut done = 0u64;
         let mut results = stream::iter(to_verify.into_iter().map(|(index, generation, crc)| async move {
             let key = format::chunk_key(vol, index, generation);
-            let r = match store.get(&key, None).await {
+            match store.get(&key, None).await {
                 Ok(d) if crc32c::crc32c(&d) == crc => Ok(None),
                 Ok(_) => Ok(Some(format!("chunk object {key} fails its checksum"))),
                 Err(StoreError::NotFound(_)) => Ok(Some(format!("chunk object {key} vanished"))),
                 Err(e) => Err(e),
-            };
-            r
+            }
         }))
         .buffer_unordered(16);
         while let Some(r) = results.next().await {

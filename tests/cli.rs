@@ -1,0 +1,199 @@
+//! The `s3blk` binary as a user runs it, against the local store and S3.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn s3blk(env: &[(&'static str, String)], args: &[&str]) -> Output {
+    let mut c = Command::new(common::s3blk_bin());
+    c.args(args).env("S3BLK_RETRY_ATTEMPTS", "3").env("S3BLK_ATTEMPT_TIMEOUT", "20");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run s3blk")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "s3blk failed ({:?}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A failed command prints exactly one line, `error: …`, and no panic.
+fn one_line_error(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "expected exit 1, stderr: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
+    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "unexpected error: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn round_trip(env: &[(&'static str, String)], vol: &str, store_url: &str, dir: &Path) {
+    let input = dir.join("in.bin");
+    // 5 MiB + an unaligned tail: partial last chunk.
+    let mut data = common::pattern(42, (5 << 20) + 1234);
+    data[(2 << 20)..(3 << 20)].fill(0);
+    std::fs::write(&input, &data).expect("write input");
+    let out = ok(&s3blk(env, &["volume", "create", vol, "--size", "8MiB", "--chunk-size", "1MiB"]));
+    assert!(out.contains("created"), "{out}");
+    ok(&s3blk(env, &["volume", "import", vol, input.to_str().expect("path")]));
+    let output = dir.join("out.bin");
+    ok(&s3blk(env, &["volume", "export", vol, output.to_str().expect("path")]));
+    let back = std::fs::read(&output).expect("read output");
+    assert_eq!(back.len(), 8 << 20);
+    assert!(back[..data.len()] == data[..], "exported bytes differ");
+    assert!(back[data.len()..].iter().all(|&b| b == 0));
+    let fsck = ok(&s3blk(env, &["fsck", vol]));
+    assert!(fsck.contains("clean"), "{fsck}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&s3blk(env, &["volume", "inspect", vol, "--json"]))).expect("inspect json");
+    assert_eq!(json["size"], 8 << 20);
+    assert_eq!(json["stored_chunks"], 5, "the zero chunk and the untouched ones cost nothing: {json}");
+    let list = ok(&s3blk(env, &["volume", "list", store_url]));
+    let name = vol.rsplit('/').next().expect("name");
+    assert!(list.contains(name), "{list}");
+    // Snapshot, overwrite, export the snapshot: the old bytes.
+    ok(&s3blk(env, &["volume", "snapshot", vol, "before"]));
+    one_line_error(&s3blk(env, &["volume", "snapshot", vol, "before"]), "already exists");
+    let zeros = dir.join("zeros.bin");
+    std::fs::write(&zeros, vec![0u8; 1 << 20]).expect("write");
+    ok(&s3blk(env, &["volume", "import", vol, zeros.to_str().expect("path")]));
+    let snap_out = dir.join("snap.bin");
+    ok(&s3blk(env, &["volume", "export", vol, snap_out.to_str().expect("path"), "--snapshot", "before"]));
+    assert!(std::fs::read(&snap_out).expect("read")[..data.len()] == data[..]);
+    ok(&s3blk(env, &["volume", "resize", vol, "--size", "16MiB"]));
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&s3blk(env, &["volume", "inspect", vol, "--json"]))).expect("inspect json");
+    assert_eq!(json["size"], 16 << 20);
+    let fsck: serde_json::Value = serde_json::from_str(&ok(&s3blk(env, &["fsck", vol, "--json"]))).expect("fsck json");
+    assert_eq!(fsck["clean"], true, "{fsck}");
+    ok(&s3blk(env, &["volume", "delete", vol]));
+    let list = ok(&s3blk(env, &["volume", "list", store_url]));
+    assert!(!list.contains(name), "{list}");
+    one_line_error(&s3blk(env, &["volume", "delete", vol]), "does not exist");
+}
+
+#[test]
+fn cli_round_trip_local() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let vol = store.join("vol1");
+    round_trip(&[], vol.to_str().expect("path"), store.to_str().expect("path"), dir.path());
+}
+
+#[test]
+fn cli_round_trip_s3() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let bucket = common::unique("cli");
+    let Some(_store) = rt.block_on(common::s3_raw_store(&bucket)) else { return };
+    let env = common::s3_env(&common::s3_endpoint().expect("endpoint"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    round_trip(&env, &format!("s3://{bucket}/team/vol1"), &format!("s3://{bucket}/team"), dir.path());
+}
+
+#[test]
+fn bad_input_gives_one_clear_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vol = dir.path().join("v");
+    let v = vol.to_str().expect("path");
+    one_line_error(&s3blk(&[], &["volume", "create", v, "--size", "1000"]), "multiple of 4096");
+    one_line_error(&s3blk(&[], &["volume", "create", v, "--size", "1GiB", "--chunk-size", "3000"]), "power of two");
+    one_line_error(&s3blk(&[], &["volume", "inspect", v]), "not found");
+    one_line_error(&s3blk(&[], &["volume", "create", "ftp://x/y", "--size", "1GiB"]), "unknown scheme");
+    one_line_error(&s3blk(&[], &["volume", "create", "s3://bucket", "--size", "1GiB"]), "no volume name");
+    ok(&s3blk(&[], &["volume", "create", v, "--size", "1MiB", "--chunk-size", "64KiB"]));
+    one_line_error(&s3blk(&[], &["volume", "create", v, "--size", "1MiB"]), "already exists");
+    let big = dir.path().join("big.bin");
+    std::fs::write(&big, vec![1u8; (1 << 20) + 4096]).expect("write");
+    one_line_error(&s3blk(&[], &["volume", "import", v, big.to_str().expect("path")]), "more than the volume");
+    one_line_error(&s3blk(&[], &["volume", "export", v, "/nonexistent-dir/x"]), "cannot create");
+    one_line_error(&s3blk(&[], &["volume", "export", v, "-", "--snapshot", "nope"]), "snapshot nope not found");
+    one_line_error(&s3blk(&[], &["volume", "resize", v, "--size", "64KiB"]), "shrinking");
+    // clap's own usage errors are not panics either.
+    let out = s3blk(&[], &["volume", "create", v, "--size", "lots"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid size"));
+    // Nothing above damaged the volume.
+    assert!(ok(&s3blk(&[], &["fsck", v])).contains("clean"));
+}
+
+#[test]
+fn fsck_exits_2_on_damage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vol = dir.path().join("v");
+    let v = vol.to_str().expect("path");
+    ok(&s3blk(&[], &["volume", "create", v, "--size", "1MiB", "--chunk-size", "64KiB"]));
+    let input = dir.path().join("in");
+    std::fs::write(&input, common::pattern(3, 200_000)).expect("write");
+    ok(&s3blk(&[], &["volume", "import", v, input.to_str().expect("path")]));
+    let chunk_dir = vol.join("chunks/0000000000000001");
+    let chunk = std::fs::read_dir(&chunk_dir).expect("chunk dir").next().expect("a chunk").expect("entry").path();
+    let mut bytes = std::fs::read(&chunk).expect("read");
+    bytes[5] ^= 0xff;
+    std::fs::write(&chunk, bytes).expect("write");
+    let out = s3blk(&[], &["fsck", v]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("DAMAGED") && text.contains("checksum"), "{text}");
+    let out = s3blk(&[], &["volume", "export", v, "-"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fails its checksum"));
+}
+
+fn children_peak_rss_bytes() -> u64 {
+    // SAFETY: getrusage only writes into the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    assert_eq!(rc, 0);
+    ru.ru_maxrss as u64 * 1024
+}
+
+/// Importing 2 GiB without any intermediate flush must keep the process's
+/// memory near the dirty limit, not near the data size.
+#[test]
+fn import_memory_stays_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vol = dir.path().join("v");
+    let v = vol.to_str().expect("path");
+    ok(&s3blk(&[], &["volume", "create", v, "--size", "2GiB"]));
+    let dirty_limit: u64 = 64 << 20;
+    let cache: u64 = 16 << 20;
+    let mut child = Command::new(common::s3blk_bin())
+        .args(["volume", "import", v, "-", "--dirty-limit", "64MiB", "--cache-size", "16MiB"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn import");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let block = common::pattern(7, 1 << 20);
+    for i in 0..2048u32 {
+        let mut b = block.clone();
+        b[..4].copy_from_slice(&i.to_le_bytes());
+        stdin.write_all(&b).expect("feed import");
+    }
+    drop(stdin);
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let peak = children_peak_rss_bytes();
+    let allowance = dirty_limit + cache + (64 << 20);
+    eprintln!(
+        "import of 2 GiB: peak RSS {} MiB (dirty limit {} MiB, cache {} MiB, allowance {} MiB)",
+        peak >> 20,
+        dirty_limit >> 20,
+        cache >> 20,
+        allowance >> 20
+    );
+    assert!(peak < allowance, "peak RSS {} MiB exceeds {} MiB", peak >> 20, allowance >> 20);
+    let fsck: serde_json::Value = serde_json::from_str(&ok(&s3blk(&[], &["fsck", v, "--json", "--quick"]))).expect("json");
+    assert_eq!(fsck["clean"], true);
+    assert_eq!(fsck["referenced_chunks"], 2048);
+}

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs, start a real S3 server (moto),
+# and run every test. Usage: ./tests/run.sh [extra cargo-nextest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+# --- Debian packages: real NBD clients, filesystems, QEMU for the kernel test.
+declare -A pkg_for=(
+  [nbd-client]=nbd-client [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=libnbd-bin
+  [nbdkit]=nbdkit [fio]=fio [qemu-img]=qemu-utils [qemu-io]=qemu-utils
+  [mkfs.ext4]=e2fsprogs [mkfs.xfs]=xfsprogs [qemu-system-x86_64]=qemu-system-x86
+  [busybox]=busybox-static [cpio]=cpio [depmod]=kmod [shellcheck]=shellcheck
+)
+missing=()
+for cmd in "${!pkg_for[@]}"; do
+  if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$cmd" ] && [ ! -x "/sbin/$cmd" ]; then
+    missing+=("${pkg_for[$cmd]}")
+  fi
+done
+if ! /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1; then missing+=(python3-libnbd); fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+  log "installing Debian packages: ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- Python tools in a venv: the S3 server.
+if [ ! -x .venv/bin/moto_server ]; then
+  log "creating .venv with moto[server]"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check 'moto[server]>=5'
+fi
+
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+  log "installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+
+# --- One S3 server for the whole run, on a free loopback port.
+mkdir -p target
+port=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+.venv/bin/moto_server -H 127.0.0.1 -p "$port" >target/moto.log 2>&1 &
+moto_pid=$!
+trap 'kill "$moto_pid" 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+  if .venv/bin/python -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null; then break; fi
+  sleep 0.2
+done
+export S3BLK_TEST_S3_ENDPOINT="http://127.0.0.1:$port"
+log "moto S3 server on $S3BLK_TEST_S3_ENDPOINT"
+
+log "running the test suite"
+cargo nextest run --profile ci --all-targets "$@"
