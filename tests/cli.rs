@@ -193,7 +193,8 @@ fn import_memory_stays_bounded() {
         allowance >> 20
     );
     assert!(peak < allowance, "peak RSS {} MiB exceeds {} MiB", peak >> 20, allowance >> 20);
-    let fsck: serde_json::Value = serde_json::from_str(&ok(&s3blk(&[], &["fsck", v, "--json", "--quick"]))).expect("json");
+    let fsck: serde_json::Value =
+        serde_json::from_str(&ok(&s3blk(&[], &["fsck", v, "--json", "--quick"]))).expect("json");
     assert_eq!(fsck["clean"], true);
     assert_eq!(fsck["referenced_chunks"], 2048);
 }

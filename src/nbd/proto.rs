@@ -313,9 +313,42 @@ pub fn split_holes(data: &[u8], granule: usize, is_zero: impl Fn(&[u8]) -> bool)
     out
 }
 
+/// Fuzz entry point: run every parser over arbitrary bytes. It must never
+/// panic and never allocate more than a small multiple of the input.
+pub fn fuzz_one(data: &[u8]) {
+    let mut rest = data;
+    while let Ok(Some((opt, used))) = parse_option(rest) {
+        let _ = parse_info_request(&opt.data);
+        rest = &rest[used..];
+    }
+    let _ = parse_info_request(data);
+    let mut rest = data;
+    while let Ok(Some(r)) = parse_request(rest) {
+        let _ = encode_request(&r);
+        rest = &rest[REQUEST_HEADER_LEN..];
+    }
+    let _ = split_holes(data, 1 + data.first().copied().unwrap_or(0) as usize, |b| b.iter().all(|&x| x == 0));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            fuzz_one(&data);
+        }
+
+        #[test]
+        fn framed_options_with_arbitrary_payloads_parse_back(code in any::<u32>(), data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let frame = opt(code, &data);
+            let (o, used) = parse_option(&frame).unwrap().unwrap();
+            prop_assert_eq!(used, frame.len());
+            prop_assert_eq!(o, RawOption { code, data });
+        }
+    }
 
     fn opt(code: u32, data: &[u8]) -> Vec<u8> {
         let mut v = IHAVEOPT.to_be_bytes().to_vec();

@@ -7,6 +7,8 @@
 //! except under `CI=true`, where a missing tool is a failure.
 #![allow(dead_code)]
 
+pub mod nbd_client;
+
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

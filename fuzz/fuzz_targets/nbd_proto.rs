@@ -1,0 +1,8 @@
+#![no_main]
+//! `cargo fuzz run nbd_proto`: the NBD codec over arbitrary bytes. Inputs
+//! that ever crashed belong in `corpus/nbd_proto/`, which the normal test
+//! suite replays.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    s3blk::nbd::proto::fuzz_one(data);
+});

@@ -1,0 +1,490 @@
+//! The NBD server against real clients (libnbd's nbdinfo/nbdcopy/nbdsh,
+//! QEMU's qemu-img/qemu-io, fio's nbd engine) and protocol edge cases over a
+//! raw socket.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::nbd_client::{self, Client};
+use s3blk::nbd::{Export, Listen, proto, server};
+use s3blk::store::DynStore;
+use s3blk::store::memory::MemoryStore;
+use s3blk::volume::engine::CreateOptions;
+use s3blk::volume::{OpenOptions, Volume};
+
+/// `s3blk serve` running as a separate process, as users run it.
+struct Served {
+    child: Option<Child>,
+    sock: PathBuf,
+    vol: PathBuf,
+    name: String,
+}
+
+impl Served {
+    fn start(dir: &Path, name: &str, size: &str, extra: &[&str]) -> Served {
+        let vol = dir.join(name);
+        let sock = dir.join(format!("{name}.sock"));
+        let mut child = Command::new(common::s3blk_bin())
+            .arg("serve")
+            .arg(&vol)
+            .args(["--create", "--size", size, "--listen"])
+            .arg(format!("unix:{}", sock.display()))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines.next().expect("serve printed nothing").expect("read");
+        assert!(first.starts_with("serving ") && first.contains(&sock.display().to_string()), "{first}");
+        let attach = lines.next().expect("attach line").expect("read");
+        assert!(attach.contains("nbd-client -unix") && attach.contains(name), "{attach}");
+        std::thread::spawn(move || for _ in lines {});
+        Served { child: Some(child), sock, vol, name: name.to_string() }
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///{}?socket={}", self.name, self.sock.display())
+    }
+
+    fn signal(&mut self, sig: &str) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        Command::new("kill").args([sig, &child.id().to_string()]).status().expect("kill");
+        child.wait().expect("wait")
+    }
+
+    /// SIGTERM: the server finishes in-flight requests, flushes, exits 0.
+    fn stop(&mut self) {
+        let st = self.signal("-TERM");
+        assert!(st.success(), "serve exited with {st:?} after SIGTERM");
+        assert!(!self.sock.exists(), "socket left behind");
+    }
+
+    /// The volume's bytes as the store holds them (only committed data).
+    fn export(&self, len: usize) -> Vec<u8> {
+        let out = Command::new(common::s3blk_bin())
+            .args(["volume", "export"])
+            .arg(&self.vol)
+            .arg("-")
+            .output()
+            .expect("export");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout[..len.min(out.stdout.len())].to_vec()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn tool");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn tools(names: &[&str]) -> bool {
+    names.iter().all(|n| common::require_tool(n))
+}
+
+#[test]
+fn nbdinfo_reports_size_block_sizes_and_flags() {
+    if !tools(&["nbdinfo"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let srv = Served::start(dir.path(), "info", "96MiB", &["--chunk-size", "256KiB"]);
+    let out = run(Command::new("nbdinfo").arg("--json").arg(srv.uri()));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nbdinfo json");
+    let e = &j["exports"][0];
+    assert_eq!(e["export-name"], "info");
+    assert_eq!(e["export-size"], 96u64 << 20);
+    assert_eq!(e["block_size_minimum"], 512);
+    assert_eq!(e["block_size_preferred"], 256 << 10);
+    assert_eq!(e["block_size_maximum"], 32 << 20);
+    for flag in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn", "can_cache"] {
+        assert_eq!(e[flag], true, "{flag} in {e}");
+    }
+    assert_eq!(e["is_read_only"], false);
+    assert_eq!(e["is_rotational"], false);
+    assert_eq!(j["structured"], true);
+    let list = run(Command::new("nbdinfo").arg("--list").arg(format!("nbd+unix:///?socket={}", srv.sock.display())));
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains("export=\"info\""), "{text}");
+    drop(srv);
+
+    let srv = Served::start(dir.path(), "info", "96MiB", &["--read-only"]);
+    let out = run(Command::new("nbdinfo").arg("--json").arg(srv.uri()));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nbdinfo json");
+    assert_eq!(j["exports"][0]["is_read_only"], true);
+    assert_eq!(j["exports"][0]["can_trim"], false);
+}
+
+#[test]
+fn nbdcopy_round_trip_256mib_survives_restart() {
+    if !tools(&["nbdcopy"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.bin");
+    let mut data = common::pattern(77, 256 << 20);
+    data[(100 << 20)..(140 << 20)].fill(0);
+    std::fs::write(&src, &data).expect("write src");
+    let mut srv = Served::start(dir.path(), "copy", "256MiB", &[]);
+    run(Command::new("nbdcopy").arg("--flush").arg(&src).arg(srv.uri()));
+    let back = dir.path().join("back.bin");
+    run(Command::new("nbdcopy").arg(srv.uri()).arg(&back));
+    assert!(std::fs::read(&back).expect("read") == data, "nbdcopy out differs from what went in");
+    srv.stop();
+    assert!(srv.export(data.len()) == data, "data not durable after a clean stop");
+}
+
+#[test]
+fn qemu_img_convert_and_compare() {
+    if !tools(&["qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, common::pattern(5, 64 << 20)).expect("write");
+    let srv = Served::start(dir.path(), "qimg", "64MiB", &[]);
+    let info = run(Command::new("qemu-img").args(["info", "--output=json"]).arg(srv.uri()));
+    let j: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
+    assert_eq!(j["virtual-size"], 64 << 20);
+    run(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(srv.uri()));
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(srv.uri()));
+}
+
+#[test]
+fn qemu_io_unaligned_io_trim_zero_flush_fua() {
+    if !tools(&["qemu-io"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut srv = Served::start(dir.path(), "qio", "16MiB", &["--chunk-size", "64KiB"]);
+    let cmds = [
+        "write -P 0xab 1000 3000",
+        "read -P 0xab 1000 3000",
+        "write -P 0xcd 65530 20",
+        "read -P 0xcd 65530 20",
+        "write -f -P 0x11 5M 12345",
+        "read -P 0x11 5M 12345",
+        "write -z 2M 1M",
+        "read -P 0 2M 1M",
+        "write -P 0x22 3M 1M",
+        "discard 3M 512K",
+        "read -P 0 3M 512K",
+        "read -P 0x22 3584K 512K",
+        "flush",
+    ];
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = run(c.arg(srv.uri()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("verification failed") && !text.contains("error"), "{text}");
+    assert_eq!(text.matches("read ").count(), 6, "{text}");
+    srv.stop();
+    let img = srv.export(16 << 20);
+    assert!(img[1000..4000].iter().all(|&b| b == 0xab));
+    assert!(img[5 << 20..(5 << 20) + 12345].iter().all(|&b| b == 0x11));
+    assert!(img[3 << 20..(3 << 20) + (512 << 10)].iter().all(|&b| b == 0));
+}
+
+const NBDSH_SCRIPT: &str = r#"
+import errno, os
+uri = os.environ["URI"]
+h.set_strict_mode(0)            # send unaligned and out-of-range requests as they are
+h.connect_uri(uri)
+size = h.get_size()
+h.pwrite(b"\xab" * 3000, 1001)
+assert h.pread(3000, 1001) == b"\xab" * 3000
+assert h.pread(10, 996) == b"\0" * 5 + b"\xab" * 5
+h.pwrite(b"\x11" * 12345, 5 * 2**20 + 7, nbd.CMD_FLAG_FUA)
+h.zero(1002, 100)                              # unaligned WRITE_ZEROES of 100..1102 (count, offset)
+assert h.pread(3, 1100) == b"\0\0\xab"          # zeroed range ends at 1102
+assert h.pread(1002, 100) == b"\0" * 1002
+h.zero(2**20, 2**20, nbd.CMD_FLAG_NO_HOLE)
+h.trim(2**20, 2**21)
+h.cache(2**22, 0)
+h.flush()
+# Structured read of data followed by a megabyte of holes.
+chunk = h.pread(2**20 + 12345, 5 * 2**20 + 7)
+assert chunk[:12345] == b"\x11" * 12345
+assert chunk[12345:] == b"\0" * 2**20
+for bad in [(4096, size), (1, size), (2**20, size - 2**19)]:
+    try:
+        h.pread(*bad)
+        raise SystemExit("read past the end succeeded")
+    except nbd.Error as e:
+        assert e.errnum == errno.EINVAL, e
+try:
+    h.pwrite(b"x" * 10, size - 5)
+    raise SystemExit("write past the end succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.EINVAL, e
+# A second connection sees the first one's completed writes (multi-conn).
+h2 = nbd.NBD()
+h2.set_strict_mode(0)
+h2.connect_uri(uri)
+h.pwrite(b"conn-one", 8 * 2**20)
+assert h2.pread(8, 8 * 2**20) == b"conn-one"
+h2.flush()
+print("NBDSH-OK")
+"#;
+
+fn python_libnbd() -> bool {
+    let ok = Command::new("/usr/bin/python3").args(["-c", "import nbd"]).status().is_ok_and(|s| s.success());
+    if !ok {
+        assert!(!common::in_ci(), "python3-libnbd is required (tests/run.sh installs it)");
+        eprintln!("\n*** SKIPPING: python3-libnbd is not installed ***\n");
+    }
+    ok
+}
+
+#[test]
+fn nbdsh_unaligned_holes_errors_and_multi_conn_flush() {
+    if !tools(&["nbdsh"]) || !python_libnbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut srv = Served::start(dir.path(), "sh", "16MiB", &[]);
+    // libnbd's Python bindings (what nbdsh runs on) load only in Debian's interpreter.
+    let script = format!("import nbd\nh = nbd.NBD()\n{NBDSH_SCRIPT}");
+    let out = run(Command::new("/usr/bin/python3").env("URI", srv.uri()).args(["-c", &script]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("NBDSH-OK"));
+    // The flush on connection 2 covered connection 1's write: it survives
+    // a crash (SIGKILL, no shutdown flush).
+    srv.signal("-KILL");
+    let img = srv.export(16 << 20);
+    assert_eq!(&img[8 << 20..(8 << 20) + 8], b"conn-one");
+    assert!(img[1102..4001].iter().all(|&b| b == 0xab));
+    assert!(img[100..1102].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn fio_verify_qd32_four_connections() {
+    if !tools(&["fio"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let srv = Served::start(dir.path(), "fio", "128MiB", &["--chunk-size", "256KiB"]);
+    let job = format!(
+        "[global]\nioengine=nbd\nuri={}\nrw=randwrite\nbs=4k\nsize=32m\niodepth=32\nverify=crc32c\nverify_fatal=1\n\
+         do_verify=1\nnumjobs=4\noffset_increment=32m\ngroup_reporting=1\n[verify]\n",
+        srv.uri()
+    );
+    let jobfile = dir.path().join("verify.fio");
+    std::fs::write(&jobfile, job).expect("write job");
+    let report = dir.path().join("fio.json");
+    run(Command::new("fio").arg("--output-format=json").arg(format!("--output={}", report.display())).arg(&jobfile));
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("fio json");
+    let job = &j["jobs"][0];
+    assert_eq!(job["error"], 0, "{job}");
+    assert!(job["write"]["io_bytes"].as_u64().unwrap_or(0) >= 4 * (32 << 20), "{job}");
+    assert!(job["read"]["io_bytes"].as_u64().unwrap_or(0) >= 4 * (32 << 20), "verify pass did not read: {job}");
+}
+
+// ------------------------------------------------------------------ raw protocol edge cases (in-process server)
+
+struct InProcess {
+    sock: PathBuf,
+    _dir: tempfile::TempDir,
+    store: DynStore,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+async fn in_process(read_only: bool) -> InProcess {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let opts = CreateOptions { size: 4 << 20, chunk_size: 64 << 10, parent: None, single_writer: false };
+    Volume::create(store.clone(), "v/", opts, &s3blk::clock::SystemClock).await.expect("create");
+    let volume =
+        Volume::open(store.clone(), "v/", OpenOptions { read_only, ..OpenOptions::default() }).await.expect("open");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("s.sock");
+    let bound = server::bind(&Listen::Unix(sock.clone())).await.expect("bind");
+    let export = Arc::new(Export { name: "v".into(), description: "test".into(), volume, read_only });
+    let (shutdown, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(server::serve(bound, export, rx));
+    InProcess { sock, _dir: dir, store, shutdown, task }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_malformed_options_get_errors_not_a_dropped_connection() {
+    let srv = in_process(false).await;
+    let mut s = nbd_client::greet(&srv.sock).await;
+    for (code, data, want) in [
+        (99u32, &b"whatever"[..], proto::REP_ERR_UNSUP),
+        (proto::OPT_STARTTLS, &b""[..], proto::REP_ERR_UNSUP),
+        (proto::OPT_LIST, &b"junk"[..], proto::REP_ERR_INVALID),
+        (proto::OPT_GO, &b"\0\0"[..], proto::REP_ERR_INVALID),
+        (proto::OPT_STRUCTURED_REPLY, &b"x"[..], proto::REP_ERR_INVALID),
+        (proto::OPT_SET_META_CONTEXT, &b""[..], proto::REP_ERR_INVALID),
+    ] {
+        nbd_client::send_option(&mut s, code, data).await;
+        let (opt, kind, _) = nbd_client::read_option_reply(&mut s).await;
+        assert_eq!((opt, kind), (code, want), "option {code}");
+    }
+    nbd_client::send_option(&mut s, proto::OPT_INFO, &nbd_client::go_payload("no-such-export")).await;
+    assert_eq!(nbd_client::read_option_reply(&mut s).await.1, proto::REP_ERR_UNKNOWN);
+    // An option claiming 4 GiB: refused without the server buffering it.
+    let mut hdr = proto::IHAVEOPT.to_be_bytes().to_vec();
+    hdr.extend_from_slice(&proto::OPT_GO.to_be_bytes());
+    hdr.extend_from_slice(&(proto::MAX_OPTION_LEN + 1).to_be_bytes());
+    tokio::io::AsyncWriteExt::write_all(&mut s, &hdr).await.expect("hdr");
+    tokio::io::AsyncWriteExt::write_all(&mut s, &vec![0u8; proto::MAX_OPTION_LEN as usize + 1]).await.expect("body");
+    assert_eq!(nbd_client::read_option_reply(&mut s).await.1, proto::REP_ERR_TOO_BIG);
+    // The connection is still good.
+    let mut c = nbd_client::go(s, "v").await;
+    assert_eq!(c.size, 4 << 20);
+    assert_eq!(c.write(1, 0, b"still here").await, 0);
+    assert_eq!(c.read(2, 0, 10).await.expect("read"), b"still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_errnos_and_the_connection_survives() {
+    let srv = in_process(false).await;
+    let mut c = Client::connect(&srv.sock, "v").await;
+    let size = c.size;
+    assert_eq!(c.read(1, size, 1).await, Err(proto::EINVAL));
+    assert_eq!(c.read(2, u64::MAX - 10, 100).await, Err(proto::EINVAL));
+    assert_eq!(c.write(3, size - 2, b"abc").await, proto::EINVAL);
+    // A WRITE longer than the maximum block size: EINVAL, payload skipped.
+    let big = vec![7u8; proto::MAX_PAYLOAD as usize + 4096];
+    c.send(proto::CMD_WRITE, 0, 4, 0, big.len() as u32, &big).await;
+    assert_eq!(c.reply().await, (proto::EINVAL, 4));
+    assert_eq!(c.read(5, 0, 4).await.expect("read"), vec![0; 4], "the oversized write changed data");
+    c.send(99, 0, 6, 0, 0, &[]).await;
+    assert_eq!(c.reply().await, (proto::EINVAL, 6));
+    assert_eq!(c.flush(7).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_answered_out_of_order_by_handle() {
+    let srv = in_process(false).await;
+    let mut c = Client::connect(&srv.sock, "v").await;
+    // Pipeline 64 writes to distinct chunks, then read them all back.
+    for i in 0..64u64 {
+        let data = common::pattern(i, 1000);
+        c.send(proto::CMD_WRITE, 0, 1000 + i, i * 65536 + 17, 1000, &data).await;
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..64 {
+        let (err, h) = c.reply().await;
+        assert_eq!(err, 0);
+        assert!(seen.insert(h), "handle {h} answered twice");
+    }
+    assert_eq!(seen.len(), 64);
+    for i in 0..64u64 {
+        assert_eq!(c.read(i, i * 65536 + 17, 1000).await.expect("read"), common::pattern(i, 1000));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_export_refuses_writes_with_eperm() {
+    let srv = in_process(true).await;
+    let mut c = Client::connect(&srv.sock, "v").await;
+    assert_ne!(c.flags & proto::TF_READ_ONLY, 0);
+    assert_eq!(c.write(1, 0, b"no").await, proto::EPERM);
+    c.send(proto::CMD_TRIM, 0, 2, 0, 4096, &[]).await;
+    assert_eq!(c.reply().await, (proto::EPERM, 2));
+    assert_eq!(c.flush(3).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_writer_answers_eshutdown() {
+    let srv = in_process(false).await;
+    let mut c = Client::connect(&srv.sock, "v").await;
+    assert_eq!(c.write(1, 0, b"before").await, 0);
+    assert_eq!(c.flush(2).await, 0);
+    // Another writer takes over the volume.
+    let other = Volume::open(srv.store.clone(), "v/", OpenOptions::default()).await.expect("open");
+    other.write(0, b"takeover").await.expect("write");
+    other.flush().await.expect("flush");
+    assert_eq!(c.write(3, 100, b"stale").await, 0, "the write is only buffered");
+    assert_eq!(c.flush(4).await, proto::ESHUTDOWN);
+    assert_eq!(c.write(5, 100, b"stale").await, proto::ESHUTDOWN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_vanishing_mid_request_loses_no_acknowledged_data() {
+    let srv = in_process(false).await;
+    let mut c = Client::connect(&srv.sock, "v").await;
+    assert_eq!(c.write(1, 0, b"acknowledged").await, 0);
+    // Half a write request, then the socket closes.
+    let r = proto::Request { flags: 0, kind: proto::CMD_WRITE, handle: 2, offset: 4096, length: 8192 };
+    tokio::io::AsyncWriteExt::write_all(&mut c.s, &proto::encode_request(&r)).await.expect("hdr");
+    tokio::io::AsyncWriteExt::write_all(&mut c.s, &[9u8; 100]).await.expect("part");
+    drop(c);
+    // The server stays up; the acknowledged write was flushed at disconnect.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = Volume::open(srv.store.clone(), "v/", OpenOptions { read_only: true, ..OpenOptions::default() })
+            .await
+            .expect("open");
+        if v.read(0, 12).await.expect("read") == b"acknowledged" {
+            assert_eq!(v.read(4096, 100).await.expect("read"), vec![0; 100], "a torn request was applied");
+            break;
+        }
+        assert!(Instant::now() < deadline, "acknowledged write never committed after disconnect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut c2 = Client::connect(&srv.sock, "v").await;
+    assert_eq!(c2.read(1, 0, 12).await.expect("read"), b"acknowledged");
+    let _ = srv.shutdown.send(true);
+    srv.task.await.expect("join").expect("server stopped cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_bytes_never_crash_a_session() {
+    use tokio::io::AsyncWriteExt;
+    let srv = in_process(false).await;
+    for seed in 0..64u64 {
+        let mut s = tokio::net::UnixStream::connect(&srv.sock).await.expect("connect");
+        let mut junk = common::pattern(seed, 200 + (seed as usize * 37) % 3000);
+        if seed % 2 == 0 {
+            // Valid greeting reply, then junk options.
+            junk[..4].copy_from_slice(&1u32.to_be_bytes());
+            junk[4..12].copy_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        }
+        let _ = s.write_all(&junk).await;
+        let _ = s.shutdown().await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read_to_end(&mut s, &mut sink))
+            .await
+            .expect("session must end, not hang");
+    }
+    let mut c = Client::connect(&srv.sock, "v").await;
+    assert_eq!(c.write(1, 0, b"alive").await, 0);
+}
+
+#[test]
+fn fuzz_corpus_replays_cleanly() {
+    let dir = common::repo_root().join("fuzz/corpus/nbd_proto");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("corpus dir") {
+        let data = std::fs::read(entry.expect("entry").path()).expect("read");
+        s3blk::nbd::proto::fuzz_one(&data);
+        n += 1;
+    }
+    assert!(n >= 8, "corpus has only {n} inputs");
+}
