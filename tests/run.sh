@@ -3,7 +3,6 @@
 # and run every test. Usage: ./tests/run.sh [extra cargo-nextest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$PWD
 
 log() { printf '==> %s\n' "$*" >&2; }
 
