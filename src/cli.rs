@@ -137,6 +137,7 @@ enum VolumeCmd {
 }
 
 pub fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let default_level = if matches!(cli.command, Command::Serve { .. }) { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("S3BLK_LOG")
@@ -681,5 +682,19 @@ async fn wait_for_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// Chunk buffers are large (1 MiB by default) and short-lived. glibc serves
+/// such allocations with mmap and returns them with munmap, so every new
+/// buffer is page-faulted in again; keeping them on the heap instead makes
+/// reuse free. Memory stays bounded by the dirty limit and cache size.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
 }

@@ -9,8 +9,15 @@ use crate::store::{DynStore, StoreError, local::LocalStore, s3::S3Store};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreSpec {
-    S3 { bucket: String },
-    Local { root: PathBuf },
+    S3 {
+        bucket: String,
+    },
+    Local {
+        root: PathBuf,
+    },
+    /// In-process memory (`memory://name`): gone when the process exits.
+    /// For benchmarks and experiments only.
+    Memory,
 }
 
 /// A volume: which store, and the key prefix of the volume inside it
@@ -57,6 +64,13 @@ impl Location {
             }
             return Ok(Location { store: StoreSpec::S3 { bucket: bucket.to_string() }, prefix });
         }
+        if let Some(rest) = url.strip_prefix("memory://") {
+            let prefix = clean_prefix(url, rest)?;
+            if need_name && prefix.is_empty() {
+                return Err(bad(url, "no volume name (memory://name)"));
+            }
+            return Ok(Location { store: StoreSpec::Memory, prefix });
+        }
         let path = match url.strip_prefix("file://") {
             Some(p) if p.starts_with('/') => PathBuf::from(p),
             Some(_) => {
@@ -88,6 +102,7 @@ impl Location {
                 format!("s3://{bucket}/{}", self.prefix.trim_end_matches('/'))
             }
             StoreSpec::Local { root } => root.join(self.prefix.trim_end_matches('/')).display().to_string(),
+            StoreSpec::Memory => format!("memory://{}", self.prefix.trim_end_matches('/')),
         }
     }
 }
@@ -108,6 +123,7 @@ pub async fn open_store(spec: &StoreSpec, policy: RetryPolicy) -> Result<DynStor
     let base: DynStore = match spec {
         StoreSpec::S3 { bucket } => Arc::new(S3Store::from_env(bucket).await?),
         StoreSpec::Local { root } => Arc::new(LocalStore::new(root)?),
+        StoreSpec::Memory => Arc::new(crate::store::memory::MemoryStore::new()),
     };
     Ok(Arc::new(RetryStore::new(base, policy)))
 }
@@ -133,7 +149,8 @@ mod tests {
 
     #[test]
     fn rejects_bad_urls() {
-        for u in ["", "s3://", "s3://b", "s3://b/../x", "http://x/y", "file://rel/x"] {
+        assert_eq!(Location::parse("memory://bench", true).unwrap().store, StoreSpec::Memory);
+        for u in ["", "s3://", "s3://b", "s3://b/../x", "http://x/y", "file://rel/x", "memory://"] {
             assert!(Location::parse(u, true).is_err(), "{u} accepted");
         }
     }

@@ -97,12 +97,14 @@ pub async fn serve(bound: Bound, export: Arc<Export>, mut shutdown: watch::Recei
             _ = shutdown.changed() => break,
             r = accept(&bound.acceptor) => match r {
                 Ok(Conn::Unix(s)) => {
-                    let f = session::run(s, export.clone(), shutdown.clone());
+                    let (r, w) = s.into_split();
+                    let f = session::run(r, w, export.clone(), shutdown.clone());
                     spawn_session(&mut sessions, "unix".into(), Box::pin(f))
                 }
                 Ok(Conn::Tcp(s, peer)) => {
                     let _ = s.set_nodelay(true);
-                    let f = session::run(s, export.clone(), shutdown.clone());
+                    let (r, w) = s.into_split();
+                    let f = session::run(r, w, export.clone(), shutdown.clone());
                     spawn_session(&mut sessions, peer, Box::pin(f))
                 }
                 Err(e) => {

@@ -374,14 +374,14 @@ impl Volume {
         let ps: Vec<Piece> = pieces(offset, len, inner.chunk_size).collect();
         let fetched: Vec<(Piece, Option<Bytes>)> = stream::iter(ps.into_iter().map(|p| async move {
             let _g = inner.locks.lock(p.index).await;
-            Ok::<_, VolumeError>((p, inner.chunk_bytes(p.index).await?))
+            Ok::<_, VolumeError>((p, inner.piece_bytes(p).await?))
         }))
         .buffered(inner.opts.concurrency)
         .try_collect()
         .await?;
         for (p, data) in fetched {
             if let Some(d) = data {
-                out[p.pos..p.pos + p.len].copy_from_slice(&d[p.at..p.at + p.len]);
+                out[p.pos..p.pos + p.len].copy_from_slice(&d);
             }
         }
         self.maybe_readahead(offset, len);
@@ -617,6 +617,21 @@ impl Inner {
 
     fn next_generation(&self, epoch: u64) -> u64 {
         format::generation(epoch, self.generation_counter.fetch_add(1, Ordering::SeqCst))
+    }
+
+    /// The bytes of one piece of a chunk (`None` = zeros), copying no more
+    /// than the piece from a dirty buffer. Caller holds the chunk lock.
+    async fn piece_bytes(&self, p: Piece) -> VolumeResult<Option<Bytes>> {
+        {
+            let st = self.lock();
+            if let Some(slot) = st.slots.get(&p.index) {
+                return Ok(match &slot.data {
+                    DirtyData::Zero => None,
+                    DirtyData::Data(v) => Some(Bytes::copy_from_slice(&v[p.at..p.at + p.len])),
+                });
+            }
+        }
+        Ok(self.chunk_bytes(p.index).await?.map(|b| b.slice(p.at..p.at + p.len)))
     }
 
     /// The current bytes of a chunk (`None` = zeros). Caller holds the chunk lock.
@@ -888,6 +903,7 @@ fn apply_piece(slot: &mut DirtyData, p: Piece, data: Option<&[u8]>, chunk_size: 
                 v[p.at..p.at + p.len].fill(0);
             }
         }
+        (DirtyData::Zero, Some(d)) if p.len as u64 == chunk_size => *slot = DirtyData::Data(d.to_vec()),
         (DirtyData::Zero, Some(d)) => {
             let mut v = vec![0u8; chunk_size as usize];
             v[p.at..p.at + p.len].copy_from_slice(d);
