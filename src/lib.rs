@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod clock;
+pub mod csi;
 pub mod error;
 pub mod location;
 pub mod nbd;

@@ -96,6 +96,20 @@ impl Location {
         Location { store: self.store.clone(), prefix: format!("{}{name}/", self.prefix) }
     }
 
+    /// The canonical URL, parseable again by [`Location::parse`]: used as
+    /// the CSI volume id, so the driver needs no state of its own.
+    pub fn url(&self) -> String {
+        let name = self.prefix.trim_end_matches('/');
+        match &self.store {
+            StoreSpec::S3 { bucket } => format!("s3://{bucket}/{name}"),
+            StoreSpec::Local { root } => {
+                let abs = std::path::absolute(root).unwrap_or_else(|_| root.clone());
+                format!("file://{}", normalize(&abs.join(name)).display())
+            }
+            StoreSpec::Memory => format!("memory://{name}"),
+        }
+    }
+
     pub fn display(&self) -> String {
         match &self.store {
             StoreSpec::S3 { bucket } => {

@@ -57,11 +57,13 @@ exec </dev/console >/dev/console 2>&1
 for m in /modules/*.ko; do $bb insmod "$m" 2>/dev/null; done
 $bb mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 host /host || echo "S3BLK-VM-EXIT: 9p mount failed"
 for d in dev proc sys; do $bb mount --bind /$d /host/$d; done
-$bb mount -t tmpfs tmp /host/tmp
+# Scratch space lives on /run: the host's /tmp stays visible, since the
+# checkout (and so the script and binary) may be under it.
 $bb mount -t tmpfs run /host/run
 script=$($bb sed -n 's/.*s3blk\.script=\([^ ]*\).*/\1/p' /proc/cmdline)
 bin=$($bb sed -n 's/.*s3blk\.bin=\([^ ]*\).*/\1/p' /proc/cmdline)
-S3BLK_BIN="$bin" HOME=/tmp PATH=/usr/sbin:/usr/bin:/sbin:/bin $bb chroot /host /bin/bash "$script"
+$bb mkdir -p /host/run/s3blk-vm
+S3BLK_BIN="$bin" TMPDIR=/run/s3blk-vm HOME=/run/s3blk-vm PATH=/usr/sbin:/usr/bin:/sbin:/bin $bb chroot /host /bin/bash "$script"
 echo "S3BLK-VM-EXIT: $?"
 $bb sync
 $bb poweroff -f

@@ -1,0 +1,236 @@
+//! Pieces shared by the CSI services: ids, parameters, capabilities, store
+//! connections, per-volume in-flight guards and error mapping.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use tonic::Status;
+
+use super::pb;
+use crate::location::{Location, StoreSpec};
+use crate::store::retry::{RetryPolicy, RetryStore};
+use crate::store::s3::{S3Settings, S3Store};
+use crate::store::{DynStore, StoreError};
+use crate::volume::VolumeError;
+
+pub type RpcResult<T> = Result<tonic::Response<T>, Status>;
+
+/// Map an engine error to a gRPC status. Messages carry object names and
+/// S3 error codes, never credentials.
+pub fn status(e: VolumeError) -> Status {
+    match &e {
+        VolumeError::NotFound(_) => Status::not_found(e.to_string()),
+        VolumeError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+        VolumeError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
+        VolumeError::OutOfRange { .. } => Status::out_of_range(e.to_string()),
+        VolumeError::ReadOnly | VolumeError::Fenced(_) | VolumeError::NoConditionalWrites => {
+            Status::failed_precondition(e.to_string())
+        }
+        VolumeError::Corrupt(_) => Status::data_loss(e.to_string()),
+        VolumeError::Store(se) => store_status(se),
+    }
+}
+
+pub fn store_status(e: &StoreError) -> Status {
+    match e {
+        StoreError::NotFound(_) => Status::not_found(e.to_string()),
+        StoreError::PreconditionFailed(_) => Status::aborted(e.to_string()),
+        StoreError::Transient(_) => Status::unavailable(e.to_string()),
+        StoreError::Permanent(m) if m.contains("AccessDenied") || m.contains("403") => {
+            Status::permission_denied(e.to_string())
+        }
+        StoreError::Permanent(_) => Status::internal(e.to_string()),
+    }
+}
+
+/// A snapshot id: `<volume-url>@<name>`.
+pub fn snapshot_id(volume: &Location, name: &str) -> String {
+    format!("{}@{name}", volume.url())
+}
+
+pub fn parse_volume_id(id: &str) -> Result<Location, Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("volume id is required"));
+    }
+    Location::parse(id, true).map_err(|e| Status::not_found(format!("no such volume: {e}")))
+}
+
+pub fn parse_snapshot_id(id: &str) -> Result<(Location, String), Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("snapshot id is required"));
+    }
+    let (vol, name) = id.rsplit_once('@').ok_or_else(|| Status::not_found(format!("no such snapshot {id:?}")))?;
+    let loc = Location::parse(vol, true).map_err(|e| Status::not_found(format!("no such snapshot: {e}")))?;
+    crate::volume::format::validate_snapshot_name(name).map_err(|e| Status::not_found(e.to_string()))?;
+    Ok((loc, name.to_string()))
+}
+
+/// A Kubernetes name (`pvc-…`, `snapshot-…`) as an object-name component:
+/// `[a-z0-9._-]`, at most 80 characters; anything changed gets a hash suffix
+/// so different names never collide.
+pub fn object_name(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    let clean = clean.trim_start_matches('.').to_string();
+    if clean == name && !clean.is_empty() && clean.len() <= 80 {
+        return clean;
+    }
+    let short: String = clean.chars().take(70).collect();
+    format!("{short}-{:08x}", crc32c::crc32c(name.as_bytes()))
+}
+
+/// Access modes a block device with a single writer can honour.
+pub fn check_capability(cap: &pb::VolumeCapability) -> Result<(), String> {
+    use pb::volume_capability::AccessType;
+    use pb::volume_capability::access_mode::Mode;
+    match &cap.access_type {
+        None => return Err("volume capability has no access type (block or mount)".into()),
+        Some(AccessType::Mount(m)) => {
+            if !["", "ext4", "xfs"].contains(&m.fs_type.as_str()) {
+                return Err(format!("filesystem {:?} is not supported (ext4, xfs)", m.fs_type));
+            }
+        }
+        Some(AccessType::Block(_)) => {}
+    }
+    let mode = cap.access_mode.as_ref().map(|m| m.mode()).unwrap_or(Mode::Unknown);
+    match mode {
+        Mode::SingleNodeWriter
+        | Mode::SingleNodeReaderOnly
+        | Mode::MultiNodeReaderOnly
+        | Mode::SingleNodeSingleWriter => Ok(()),
+        Mode::Unknown => Err("volume capability has no access mode".into()),
+        other => Err(format!("access mode {other:?} is not supported: an s3blk volume has one writer at a time")),
+    }
+}
+
+pub fn check_capabilities(caps: &[pb::VolumeCapability]) -> Result<(), Status> {
+    if caps.is_empty() {
+        return Err(Status::invalid_argument("volume capabilities are required"));
+    }
+    for c in caps {
+        check_capability(c).map_err(Status::invalid_argument)?;
+    }
+    Ok(())
+}
+
+/// Connections to stores, made once per bucket and credentials.
+#[derive(Default)]
+pub struct Stores {
+    cache: Mutex<HashMap<String, DynStore>>,
+    policy: RetryPolicy,
+}
+
+impl std::fmt::Debug for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stores").finish_non_exhaustive()
+    }
+}
+
+fn secret<'a>(secrets: &'a HashMap<String, String>, keys: &[&str]) -> Option<&'a str> {
+    keys.iter().find_map(|k| secrets.get(*k)).map(String::as_str).filter(|v| !v.is_empty())
+}
+
+impl Stores {
+    pub fn new(policy: RetryPolicy) -> Self {
+        Self { cache: Mutex::default(), policy }
+    }
+
+    /// The store a location lives in. S3 endpoint, region and credentials
+    /// come from the request's secrets when given, else from the
+    /// environment (pod AWS settings, IRSA).
+    pub async fn get(&self, loc: &Location, secrets: &HashMap<String, String>) -> Result<DynStore, Status> {
+        let settings = S3Settings {
+            endpoint: secret(secrets, &["endpoint", "AWS_ENDPOINT_URL"]).map(str::to_string),
+            region: secret(secrets, &["region", "AWS_REGION"]).map(str::to_string),
+            credentials: match (
+                secret(secrets, &["accessKeyID", "AWS_ACCESS_KEY_ID"]),
+                secret(secrets, &["secretAccessKey", "AWS_SECRET_ACCESS_KEY"]),
+            ) {
+                (Some(id), Some(key)) => Some((id.to_string(), key.to_string())),
+                _ => None,
+            },
+        };
+        let key = match &loc.store {
+            StoreSpec::S3 { bucket } => format!(
+                "s3|{bucket}|{:?}|{:?}|{:08x}",
+                settings.endpoint,
+                settings.region,
+                settings.credentials.as_ref().map(|(i, k)| crc32c::crc32c(format!("{i}:{k}").as_bytes())).unwrap_or(0)
+            ),
+            StoreSpec::Local { root } => format!("file|{}", root.display()),
+            StoreSpec::Memory => "memory".to_string(),
+        };
+        if let Some(s) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(s.clone());
+        }
+        let base: DynStore = match &loc.store {
+            StoreSpec::S3 { bucket } => {
+                Arc::new(S3Store::connect(bucket, settings).await.map_err(|e| store_status(&e))?)
+            }
+            StoreSpec::Local { root } => {
+                Arc::new(crate::store::local::LocalStore::new(root).map_err(|e| store_status(&e))?)
+            }
+            StoreSpec::Memory => Arc::new(crate::store::memory::MemoryStore::new()),
+        };
+        let store: DynStore = Arc::new(RetryStore::new(base, self.policy.clone()));
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, store.clone());
+        Ok(store)
+    }
+}
+
+/// Operations in flight, by key: a second call for the same volume while
+/// the first runs gets ABORTED, as the CSI spec asks.
+#[derive(Debug, Default, Clone)]
+pub struct InFlight {
+    keys: Arc<Mutex<HashSet<String>>>,
+}
+
+pub struct InFlightGuard {
+    keys: Arc<Mutex<HashSet<String>>>,
+    key: String,
+}
+
+impl InFlight {
+    pub fn start(&self, key: &str) -> Result<InFlightGuard, Status> {
+        let mut k = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if !k.insert(key.to_string()) {
+            return Err(Status::aborted(format!("an operation on {key} is already in progress")));
+        }
+        Ok(InFlightGuard { keys: self.keys.clone(), key: key.to_string() })
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_names_are_safe_and_distinct() {
+        assert_eq!(object_name("pvc-0a1b2c3d"), "pvc-0a1b2c3d");
+        let a = object_name("My Volume/1");
+        let b = object_name("My Volume/2");
+        assert_ne!(a, b);
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)), "{a}");
+        assert!(object_name(&"x".repeat(300)).len() <= 80);
+        assert!(!object_name("..").starts_with('.'));
+    }
+
+    #[test]
+    fn ids_round_trip() {
+        let loc = Location::parse("s3://b/p/vol", true).unwrap();
+        assert_eq!(parse_volume_id(&loc.url()).unwrap(), loc);
+        let (l, n) = parse_snapshot_id(&snapshot_id(&loc, "snap-1")).unwrap();
+        assert_eq!((l, n.as_str()), (loc, "snap-1"));
+        assert_eq!(parse_volume_id("").unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(parse_volume_id("garbage://x").unwrap_err().code(), tonic::Code::NotFound);
+        assert_eq!(parse_snapshot_id("s3://b/v@bad/name").unwrap_err().code(), tonic::Code::NotFound);
+    }
+}

@@ -1,0 +1,9 @@
+//! The Kubernetes CSI driver: identity, controller and node services.
+
+/// Generated from `proto/csi.proto` (package `csi.v1`).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("csi.v1");
+}
+
+pub mod common;
