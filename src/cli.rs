@@ -66,6 +66,24 @@ enum Command {
         #[arg(long)]
         export_name: Option<String>,
     },
+    /// Run the Kubernetes CSI driver (gRPC on a unix socket).
+    Csi {
+        #[arg(long, value_enum, default_value = "controller")]
+        mode: CsiMode,
+        #[arg(long, default_value = "unix:///csi/csi.sock")]
+        endpoint: String,
+        #[arg(long, default_value = "csi.s3blk.dev")]
+        driver_name: String,
+        /// This node's id (node mode).
+        #[arg(long, env = "S3BLK_NODE_ID")]
+        node_id: Option<String>,
+        /// Store for volumes whose StorageClass names none, and for ListVolumes (s3://bucket/prefix).
+        #[arg(long, env = "S3BLK_STORE")]
+        store: Option<String>,
+        /// Capacity reported by GetCapacity (object stores are bottomless).
+        #[arg(long, default_value = "1PiB", value_parser = parse_size)]
+        capacity: u64,
+    },
     /// Manage volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
@@ -78,6 +96,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum CsiMode {
+    Controller,
+    Node,
+    All,
 }
 
 #[derive(Subcommand, Debug)]
@@ -139,7 +164,8 @@ enum VolumeCmd {
 pub fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Serve { .. }) { "info" } else { "warn" };
+    let default_level =
+        if matches!(cli.command, Command::Serve { .. } | Command::Csi { .. }) { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("S3BLK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
@@ -183,6 +209,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve { url, listen, create, size, chunk_size, read_only, export_name } => {
             serve(ServeArgs { url, listen, create, size, chunk_size, read_only, export_name }, &g).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Csi { mode, endpoint, driver_name, node_id, store, capacity } => {
+            use crate::csi::server::{CsiConfig, Mode};
+            let default_store = store.map(|s| Location::parse(&s, false)).transpose()?;
+            let mode = match mode {
+                CsiMode::Controller => Mode::Controller,
+                CsiMode::Node => Mode::Node,
+                CsiMode::All => Mode::All,
+            };
+            let cfg = CsiConfig { mode, endpoint, driver_name, node_id, default_store, capacity };
+            let stores = Arc::new(crate::csi::common::Stores::new(g.policy()));
+            crate::csi::server::run(cfg, stores, wait_for_signal()).await?;
+            eprintln!("CSI driver stopped");
             Ok(ExitCode::SUCCESS)
         }
         Command::Volume(cmd) => volume_cmd(cmd, &g).await,

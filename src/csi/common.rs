@@ -120,6 +120,8 @@ pub fn check_capabilities(caps: &[pb::VolumeCapability]) -> Result<(), Status> {
 pub struct Stores {
     cache: Mutex<HashMap<String, DynStore>>,
     policy: RetryPolicy,
+    /// Used for whatever a request's secrets leave out.
+    defaults: S3Settings,
 }
 
 impl std::fmt::Debug for Stores {
@@ -134,7 +136,12 @@ fn secret<'a>(secrets: &'a HashMap<String, String>, keys: &[&str]) -> Option<&'a
 
 impl Stores {
     pub fn new(policy: RetryPolicy) -> Self {
-        Self { cache: Mutex::default(), policy }
+        Self { cache: Mutex::default(), policy, defaults: S3Settings::default() }
+    }
+
+    /// With explicit S3 settings for requests that carry no secrets.
+    pub fn with_defaults(policy: RetryPolicy, defaults: S3Settings) -> Self {
+        Self { cache: Mutex::default(), policy, defaults }
     }
 
     /// The store a location lives in. S3 endpoint, region and credentials
@@ -142,14 +149,18 @@ impl Stores {
     /// environment (pod AWS settings, IRSA).
     pub async fn get(&self, loc: &Location, secrets: &HashMap<String, String>) -> Result<DynStore, Status> {
         let settings = S3Settings {
-            endpoint: secret(secrets, &["endpoint", "AWS_ENDPOINT_URL"]).map(str::to_string),
-            region: secret(secrets, &["region", "AWS_REGION"]).map(str::to_string),
+            endpoint: secret(secrets, &["endpoint", "AWS_ENDPOINT_URL"])
+                .map(str::to_string)
+                .or_else(|| self.defaults.endpoint.clone()),
+            region: secret(secrets, &["region", "AWS_REGION"])
+                .map(str::to_string)
+                .or_else(|| self.defaults.region.clone()),
             credentials: match (
                 secret(secrets, &["accessKeyID", "AWS_ACCESS_KEY_ID"]),
                 secret(secrets, &["secretAccessKey", "AWS_SECRET_ACCESS_KEY"]),
             ) {
                 (Some(id), Some(key)) => Some((id.to_string(), key.to_string())),
-                _ => None,
+                _ => self.defaults.credentials.clone(),
             },
         };
         let key = match &loc.store {

@@ -7,3 +7,6 @@ pub mod pb {
 }
 
 pub mod common;
+pub mod controller;
+pub mod identity;
+pub mod server;

@@ -145,7 +145,8 @@ struct Inner {
     chunk_size: u64,
     opts: OpenOptions,
     writer: u64,
-    parent: Option<Parent>,
+    /// For a clone: the ancestors' chunk maps at their pinned seqs, nearest first.
+    parents: Vec<Parent>,
     state: Mutex<State>,
     locks: ChunkLocks,
     /// One permit per chunk that may be dirty at once.
@@ -270,17 +271,7 @@ impl Volume {
             None => None,
         };
         let mut st = replay::replay(store.as_ref(), vol, chunk_size, upto).await?;
-        let parent = match &meta.parent {
-            Some(p) => {
-                let pmeta = replay::read_meta(store.as_ref(), &p.volume).await?;
-                if pmeta.chunk_size != meta.chunk_size {
-                    return Err(VolumeError::Corrupt("clone and parent chunk sizes differ".into()));
-                }
-                let pst = replay::replay(store.as_ref(), &p.volume, chunk_size, Some(p.seq)).await?;
-                Some(Parent { vol: p.volume.clone(), map: pst.map })
-            }
-            None => None,
-        };
+        let parents = load_parents(&store, &meta).await?;
         let writer = rand::random::<u64>() | 1;
         if !opts.read_only {
             open_for_write(&store, vol, chunk_size, &mut st, writer, opts.clock.now_unix()).await?;
@@ -317,7 +308,7 @@ impl Volume {
                 chunk_size,
                 opts,
                 writer,
-                parent,
+                parents,
                 state: Mutex::new(state),
                 locks: ChunkLocks::default(),
                 dirty_permits: Semaphore::new(permits),
@@ -533,7 +524,28 @@ impl Volume {
     }
 }
 
-async fn read_snapshot(store: &DynStore, vol: &str, name: &str) -> VolumeResult<SnapshotRecord> {
+/// Deepest clone chain followed (clone of a clone of ...).
+const MAX_CLONE_DEPTH: usize = 32;
+
+async fn load_parents(store: &DynStore, meta: &VolumeMeta) -> VolumeResult<Vec<Parent>> {
+    let mut parents = Vec::new();
+    let mut next = meta.parent.clone();
+    while let Some(p) = next {
+        if parents.len() >= MAX_CLONE_DEPTH {
+            return Err(VolumeError::Corrupt(format!("clone chain deeper than {MAX_CLONE_DEPTH}")));
+        }
+        let pmeta = replay::read_meta(store.as_ref(), &p.volume).await?;
+        if pmeta.chunk_size != meta.chunk_size {
+            return Err(VolumeError::Corrupt(format!("clone parent {} has another chunk size", p.volume)));
+        }
+        let pst = replay::replay(store.as_ref(), &p.volume, meta.chunk_size as u64, Some(p.seq)).await?;
+        parents.push(Parent { vol: p.volume.clone(), map: pst.map });
+        next = pmeta.parent;
+    }
+    Ok(parents)
+}
+
+pub async fn read_snapshot(store: &DynStore, vol: &str, name: &str) -> VolumeResult<SnapshotRecord> {
     format::validate_snapshot_name(name).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
     let key = snapshot_key(vol, name);
     match store.get(&key, None).await {
@@ -649,7 +661,9 @@ impl Inner {
             }
             match st.staged.get(&index).or_else(|| st.map.get(&index)) {
                 Some(r) => (self.vol.as_str(), *r),
-                None => match self.parent.as_ref().and_then(|p| p.map.get(&index).map(|r| (p, *r))) {
+                // The nearest ancestor that maps the chunk decides (a ZERO
+                // there hides older ancestors' bytes).
+                None => match self.parents.iter().find_map(|p| p.map.get(&index).map(|r| (p, *r))) {
                     Some((p, r)) => (p.vol.as_str(), r),
                     None => return Ok(None),
                 },

@@ -1,0 +1,889 @@
+//! The CSI controller service: volumes, attachments and snapshots as
+//! objects in the store. Stateless: every id names its own location.
+//!
+//! Objects the controller adds under a volume's prefix:
+//! - `attachments/<node>.json`: the volume is published to that node
+//!   (ControllerPublish). At most one read-write attachment at a time.
+//! - `clones/<name>.json`: a clone reads through this volume's chunks.
+//! - `deleted.json`: the volume was deleted while snapshots or clones still
+//!   depend on its chunks; it is invisible and reaped when they are gone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Response, Status};
+
+use super::common::{
+    InFlight, RpcResult, Stores, check_capabilities, check_capability, object_name, parse_snapshot_id, parse_volume_id,
+    snapshot_id, status, store_status,
+};
+use super::pb;
+use crate::clock::{Clock, SystemClock};
+use crate::location::Location;
+use crate::size::parse_size;
+use crate::store::{self, DynStore, ListRequest, PutMode, StoreError};
+use crate::volume::engine::{CreateOptions, read_snapshot};
+use crate::volume::format::{self, DEFAULT_CHUNK_SIZE, ParentRef, SnapshotRecord, VolumeMeta};
+use crate::volume::{OpenOptions, Volume, VolumeError, replay};
+
+/// Default size when a request gives no capacity.
+pub const DEFAULT_CAPACITY: u64 = 1 << 30;
+
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Where volumes go when the StorageClass names no store, and what
+    /// ListVolumes lists.
+    pub default_store: Option<Location>,
+    /// Reported by GetCapacity: object stores are bottomless.
+    pub capacity: u64,
+}
+
+#[derive(Debug)]
+pub struct ControllerService {
+    cfg: ControllerConfig,
+    stores: Arc<Stores>,
+    inflight: InFlight,
+    clock: Arc<dyn Clock>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Attachment {
+    node_id: String,
+    readonly: bool,
+    created_unix: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CloneMarker {
+    clone: String,
+    seq: u64,
+}
+
+/// StorageClass parameters s3blk understands.
+#[derive(Debug, Default)]
+struct Params {
+    store: Option<Location>,
+    chunk_size: Option<u32>,
+    context: HashMap<String, String>,
+}
+
+fn parse_params(p: &HashMap<String, String>) -> Result<Params, Status> {
+    let mut out = Params::default();
+    let mut bucket = None;
+    let mut prefix = String::new();
+    for (k, v) in p {
+        match k.as_str() {
+            "store" => {
+                out.store = Some(
+                    Location::parse(v, false).map_err(|e| Status::invalid_argument(format!("parameter store: {e}")))?,
+                )
+            }
+            "bucket" => bucket = Some(v.clone()),
+            "prefix" => prefix = v.trim_matches('/').to_string(),
+            "chunkSize" => {
+                let cs = parse_size(v).map_err(|e| Status::invalid_argument(format!("parameter chunkSize: {e}")))?;
+                let cs = u32::try_from(cs).map_err(|_| Status::invalid_argument("parameter chunkSize: too large"))?;
+                format::check_chunk_size(cs)
+                    .map_err(|e| Status::invalid_argument(format!("parameter chunkSize: {e}")))?;
+                out.chunk_size = Some(cs);
+            }
+            "cacheSize" => {
+                parse_size(v).map_err(|e| Status::invalid_argument(format!("parameter cacheSize: {e}")))?;
+                out.context.insert(k.clone(), v.clone());
+            }
+            "fsType" => {
+                if !["ext4", "xfs"].contains(&v.as_str()) {
+                    return Err(Status::invalid_argument(format!("parameter fsType: {v:?} (ext4 or xfs)")));
+                }
+                out.context.insert(k.clone(), v.clone());
+            }
+            "mkfsOptions" => {
+                out.context.insert(k.clone(), v.clone());
+            }
+            // Keys the sidecars and Kubernetes add for themselves.
+            k if k.starts_with("csi.storage.k8s.io/") => {}
+            other => return Err(Status::invalid_argument(format!("unknown parameter {other:?}"))),
+        }
+    }
+    if let Some(b) = bucket {
+        if out.store.is_some() {
+            return Err(Status::invalid_argument("give either store or bucket/prefix, not both"));
+        }
+        let url = if prefix.is_empty() { format!("s3://{b}") } else { format!("s3://{b}/{prefix}") };
+        out.store =
+            Some(Location::parse(&url, false).map_err(|e| Status::invalid_argument(format!("parameter bucket: {e}")))?);
+    }
+    Ok(out)
+}
+
+/// Capacity range → size: at least `required`, rounded up to whole chunks,
+/// at most `limit`.
+fn size_for(range: Option<&pb::CapacityRange>, chunk: u64, minimum: u64) -> Result<u64, Status> {
+    let (req, lim) = range.map(|r| (r.required_bytes, r.limit_bytes)).unwrap_or((0, 0));
+    if req < 0 || lim < 0 {
+        return Err(Status::invalid_argument("capacity must not be negative"));
+    }
+    let (req, lim) = (req as u64, lim as u64);
+    if lim != 0 && req > lim {
+        return Err(Status::invalid_argument("required_bytes exceeds limit_bytes"));
+    }
+    let want = if req == 0 { DEFAULT_CAPACITY.min(if lim == 0 { u64::MAX } else { lim }) } else { req };
+    let want = want.max(minimum).max(1);
+    let rounded = want.div_ceil(chunk).checked_mul(chunk).filter(|s| *s <= format::MAX_VOLUME_SIZE);
+    let rounded = rounded.ok_or_else(|| Status::out_of_range("capacity larger than the largest volume (1 EiB)"))?;
+    if lim != 0 && rounded > lim {
+        // A limit below one chunk: fall back to block granularity.
+        let block = want.div_ceil(format::BLOCK_SIZE as u64) * format::BLOCK_SIZE as u64;
+        if block <= lim {
+            return Ok(block);
+        }
+        return Err(Status::out_of_range(format!("no size of whole blocks fits {req}..={lim} bytes")));
+    }
+    Ok(rounded)
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn timestamp(unix: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: unix, nanos: 0 }
+}
+
+impl ControllerService {
+    pub fn new(cfg: ControllerConfig, stores: Arc<Stores>) -> Self {
+        Self { cfg, stores, inflight: InFlight::default(), clock: Arc::new(SystemClock) }
+    }
+
+    async fn store_for(&self, loc: &Location, secrets: &HashMap<String, String>) -> Result<DynStore, Status> {
+        self.stores.get(loc, secrets).await
+    }
+
+    /// The volume's metadata, or NOT_FOUND (also for tombstoned volumes).
+    async fn live_meta(&self, store: &DynStore, loc: &Location) -> Result<VolumeMeta, Status> {
+        let meta = replay::read_meta(store.as_ref(), &loc.prefix).await.map_err(status)?;
+        if store.head(&tombstone_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_some() {
+            return Err(Status::not_found(format!("volume {} was deleted", loc.url())));
+        }
+        Ok(meta)
+    }
+
+    async fn volume_message(&self, store: &DynStore, loc: &Location, meta: &VolumeMeta) -> Result<pb::Volume, Status> {
+        let st = replay::replay(store.as_ref(), &loc.prefix, meta.chunk_size as u64, None).await.map_err(status)?;
+        let mut context = HashMap::new();
+        context.insert("chunkSize".to_string(), meta.chunk_size.to_string());
+        Ok(pb::Volume {
+            capacity_bytes: to_i64(st.size),
+            volume_id: loc.url(),
+            volume_context: context,
+            ..Default::default()
+        })
+    }
+
+    async fn attachments(&self, store: &DynStore, loc: &Location) -> Result<Vec<Attachment>, Status> {
+        let objs = store::list_all(store.as_ref(), &format!("{}attachments/", loc.prefix))
+            .await
+            .map_err(|e| store_status(&e))?;
+        let mut out = Vec::new();
+        for o in objs {
+            let body = match store.get(&o.key, None).await {
+                Ok(b) => b,
+                Err(StoreError::NotFound(_)) => continue,
+                Err(e) => return Err(store_status(&e)),
+            };
+            match serde_json::from_slice::<Attachment>(&body) {
+                Ok(a) => out.push(a),
+                Err(e) => tracing::warn!(key = %o.key, error = %e, "unreadable attachment record"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Delete a tombstoned volume once nothing depends on it any more.
+    async fn reap(&self, store: &DynStore, loc: &Location) -> Result<(), Status> {
+        if store.head(&tombstone_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_none() {
+            return Ok(());
+        }
+        if has_dependants(store, &loc.prefix).await? {
+            return Ok(());
+        }
+        let parent = replay::read_meta(store.as_ref(), &loc.prefix).await.ok().and_then(|m| m.parent);
+        delete_prefix(store, &loc.prefix).await?;
+        tracing::info!(volume = %loc.url(), "reaped deleted volume");
+        if let Some(p) = parent {
+            self.drop_clone_marker(store, &p.volume, loc).await?;
+        }
+        Ok(())
+    }
+
+    async fn drop_clone_marker(&self, store: &DynStore, parent_prefix: &str, clone: &Location) -> Result<(), Status> {
+        let name = clone.prefix.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
+        store.delete(&format!("{parent_prefix}clones/{name}.json")).await.map_err(|e| store_status(&e))?;
+        // The internal snapshot that pinned the clone's source goes with it.
+        store
+            .delete(&format::snapshot_key(parent_prefix, &format!("clone-{name}")))
+            .await
+            .map_err(|e| store_status(&e))?;
+        let ploc = Location { store: clone.store.clone(), prefix: parent_prefix.to_string() };
+        Box::pin(self.reap(store, &ploc)).await
+    }
+
+    async fn snapshot_message(&self, store: &DynStore, vol: &Location, rec: &SnapshotRecord) -> pb::Snapshot {
+        let _ = store;
+        pb::Snapshot {
+            size_bytes: to_i64(rec.size),
+            snapshot_id: snapshot_id(vol, &rec.name),
+            source_volume_id: vol.url(),
+            creation_time: Some(timestamp(rec.created_unix)),
+            ready_to_use: true,
+            group_snapshot_id: String::new(),
+        }
+    }
+
+    /// Snapshots of one volume, sorted by name.
+    async fn volume_snapshots(&self, store: &DynStore, vol: &Location) -> Result<Vec<SnapshotRecord>, Status> {
+        let prefix = format::snapshot_prefix(&vol.prefix);
+        let objs = store::list_all(store.as_ref(), &prefix).await.map_err(|e| store_status(&e))?;
+        let mut out = Vec::new();
+        for o in objs {
+            if !o.key.ends_with(".json") {
+                continue;
+            }
+            match store.get(&o.key, None).await {
+                Ok(b) => match SnapshotRecord::decode(&b, &o.key) {
+                    Ok(r) if !r.name.starts_with("clone-") => out.push(r),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(key = %o.key, error = %e, "unreadable snapshot record"),
+                },
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(store_status(&e)),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Volumes directly under the default store, sorted by name.
+    async fn all_volumes(&self) -> Result<Vec<Location>, Status> {
+        let Some(root) = &self.cfg.default_store else { return Ok(Vec::new()) };
+        let store = self.store_for(root, &HashMap::new()).await?;
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = store
+                .list(ListRequest {
+                    prefix: &root.prefix,
+                    start_after: after.as_deref(),
+                    delimiter: true,
+                    max_keys: 1000,
+                })
+                .await
+                .map_err(|e| store_status(&e))?;
+            for p in page.common_prefixes {
+                let loc = Location { store: root.store.clone(), prefix: p };
+                if store.head(&format::meta_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_some()
+                    && store.head(&tombstone_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_none()
+                {
+                    out.push(loc);
+                }
+            }
+            match page.next_start_after {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        out.sort_by_key(|l| l.url());
+        Ok(out)
+    }
+}
+
+fn tombstone_key(vol: &str) -> String {
+    format!("{vol}deleted.json")
+}
+
+fn attachment_key(vol: &str, node: &str) -> String {
+    format!("{vol}attachments/{}.json", object_name(node))
+}
+
+async fn has_dependants(store: &DynStore, vol: &str) -> Result<bool, Status> {
+    for prefix in [format!("{vol}clones/"), format::snapshot_prefix(vol)] {
+        let page = store
+            .list(ListRequest { prefix: &prefix, start_after: None, delimiter: false, max_keys: 1 })
+            .await
+            .map_err(|e| store_status(&e))?;
+        if !page.objects.is_empty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+async fn delete_prefix(store: &DynStore, prefix: &str) -> Result<(), Status> {
+    use futures::stream::{self as fstream, StreamExt, TryStreamExt};
+    let objs = store::list_all(store.as_ref(), prefix).await.map_err(|e| store_status(&e))?;
+    // volume.json first: a half-deleted volume never looks usable.
+    store.delete(&format::meta_key(prefix)).await.map_err(|e| store_status(&e))?;
+    let keys: Vec<String> = objs.into_iter().map(|o| o.key).collect();
+    fstream::iter(keys.into_iter().map(|k| {
+        let store = store.clone();
+        async move { store.delete(&k).await }
+    }))
+    .buffer_unordered(32)
+    .try_collect::<Vec<()>>()
+    .await
+    .map_err(|e| store_status(&e))?;
+    Ok(())
+}
+
+fn parse_pagination(max: i32, token: &str) -> Result<(usize, usize), Status> {
+    if max < 0 {
+        return Err(Status::invalid_argument("max_entries must not be negative"));
+    }
+    let start = if token.is_empty() {
+        0
+    } else {
+        token.parse::<usize>().map_err(|_| Status::aborted(format!("invalid starting token {token:?}")))?
+    };
+    Ok((start, if max == 0 { usize::MAX } else { max as usize }))
+}
+
+fn page<T>(items: Vec<T>, start: usize, max: usize) -> Result<(Vec<T>, String), Status> {
+    if start > items.len() {
+        return Err(Status::aborted(format!("starting token {start} is past the end")));
+    }
+    let total = items.len();
+    let out: Vec<T> = items.into_iter().skip(start).take(max).collect();
+    let next = if start + out.len() < total { (start + out.len()).to_string() } else { String::new() };
+    Ok((out, next))
+}
+
+#[tonic::async_trait]
+impl pb::controller_server::Controller for ControllerService {
+    async fn create_volume(&self, request: Request<pb::CreateVolumeRequest>) -> RpcResult<pb::CreateVolumeResponse> {
+        let req = request.into_inner();
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("name is required"));
+        }
+        check_capabilities(&req.volume_capabilities)?;
+        let params = parse_params(&req.parameters)?;
+        let root =
+            params.store.clone().or_else(|| self.cfg.default_store.clone()).ok_or_else(|| {
+                Status::invalid_argument("no store: set the StorageClass parameter bucket (or store)")
+            })?;
+        let loc = root.child(&object_name(&req.name));
+        let _guard = self.inflight.start(&loc.url())?;
+        let store = self.store_for(&loc, &req.secrets).await?;
+        let chunk = params.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
+
+        // The source, if any: a snapshot, or a volume (cloned via an internal snapshot).
+        let source = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
+            None => None,
+            Some(pb::volume_content_source::Type::Snapshot(s)) => {
+                let (sloc, name) = parse_snapshot_id(&s.snapshot_id)?;
+                let sstore = self.store_for(&sloc, &req.secrets).await?;
+                if sstore.describe() != store.describe() || sloc.store != loc.store {
+                    return Err(Status::invalid_argument("a snapshot can only be restored into the same bucket"));
+                }
+                let rec = read_snapshot(&sstore, &sloc.prefix, &name).await.map_err(status)?;
+                Some((sloc, rec))
+            }
+            Some(pb::volume_content_source::Type::Volume(v)) => {
+                let vloc = parse_volume_id(&v.volume_id)?;
+                if vloc.store != loc.store {
+                    return Err(Status::invalid_argument("a volume can only be cloned within its bucket"));
+                }
+                self.live_meta(&store, &vloc).await?;
+                let snap = format!("clone-{}", object_name(&req.name));
+                let rec = match read_snapshot(&store, &vloc.prefix, &snap).await {
+                    Ok(r) => r,
+                    Err(VolumeError::NotFound(_)) => {
+                        crate::cli::snapshot_committed(&store, &vloc.prefix, &snap, self.clock.as_ref())
+                            .await
+                            .map_err(|e| Status::internal(format!("{e:#}")))?
+                    }
+                    Err(e) => return Err(status(e)),
+                };
+                Some((vloc, rec))
+            }
+        };
+        let minimum = source.as_ref().map(|(_, r)| r.size).unwrap_or(0);
+        let size = size_for(req.capacity_range.as_ref(), chunk as u64, minimum)?;
+        if let Some((_, rec)) = &source {
+            if size < rec.size {
+                return Err(Status::out_of_range("the source is larger than the requested capacity"));
+            }
+        }
+        let parent = source.as_ref().map(|(sloc, rec)| ParentRef {
+            volume: sloc.prefix.clone(),
+            snapshot: rec.name.clone(),
+            seq: rec.seq,
+        });
+
+        // Idempotency: an existing volume of this name is the answer when it matches.
+        match replay::read_meta(store.as_ref(), &loc.prefix).await {
+            Ok(meta) => {
+                let tombstoned = store.head(&tombstone_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_some();
+                let st =
+                    replay::replay(store.as_ref(), &loc.prefix, meta.chunk_size as u64, None).await.map_err(status)?;
+                let lim = req.capacity_range.as_ref().map(|r| r.limit_bytes).unwrap_or(0);
+                let req_b = req.capacity_range.as_ref().map(|r| r.required_bytes).unwrap_or(0);
+                let fits = st.size >= req_b.max(0) as u64 && (lim == 0 || st.size <= lim as u64);
+                if tombstoned || !fits || meta.parent != parent {
+                    return Err(Status::already_exists(format!(
+                        "volume {} exists with a different size or source",
+                        req.name
+                    )));
+                }
+                let mut v = self.volume_message(&store, &loc, &meta).await?;
+                v.volume_context.extend(params.context);
+                v.content_source = req.volume_content_source.clone();
+                return Ok(Response::new(pb::CreateVolumeResponse { volume: Some(v) }));
+            }
+            Err(VolumeError::NotFound(_)) => {}
+            Err(e) => return Err(status(e)),
+        }
+        if let Some((sloc, rec)) = &source {
+            let marker = CloneMarker { clone: loc.url(), seq: rec.seq };
+            let body = serde_json::to_vec(&marker).map_err(|e| Status::internal(e.to_string()))?;
+            let name = loc.prefix.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
+            store
+                .put(&format!("{}clones/{name}.json", sloc.prefix), Bytes::from(body), PutMode::Overwrite)
+                .await
+                .map_err(|e| store_status(&e))?;
+        }
+        let opts = CreateOptions { size, chunk_size: chunk, parent, single_writer: false };
+        let meta = match Volume::create(store.clone(), &loc.prefix, opts, self.clock.as_ref()).await {
+            Ok(m) => m,
+            // Lost a race with a concurrent create of the same name.
+            Err(VolumeError::AlreadyExists(_)) => {
+                replay::read_meta(store.as_ref(), &loc.prefix).await.map_err(status)?
+            }
+            Err(e) => return Err(status(e)),
+        };
+        tracing::info!(volume = %loc.url(), size, "volume created");
+        let mut v = self.volume_message(&store, &loc, &meta).await?;
+        v.volume_context.extend(params.context);
+        v.content_source = req.volume_content_source;
+        Ok(Response::new(pb::CreateVolumeResponse { volume: Some(v) }))
+    }
+
+    async fn delete_volume(&self, request: Request<pb::DeleteVolumeRequest>) -> RpcResult<pb::DeleteVolumeResponse> {
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume id is required"));
+        }
+        // An id that cannot name a volume names no volume: deleting it succeeds.
+        let Ok(loc) = Location::parse(&req.volume_id, true) else {
+            return Ok(Response::new(pb::DeleteVolumeResponse {}));
+        };
+        let _guard = self.inflight.start(&loc.url())?;
+        let store = self.store_for(&loc, &req.secrets).await?;
+        let meta = match replay::read_meta(store.as_ref(), &loc.prefix).await {
+            Ok(m) => Some(m),
+            Err(VolumeError::NotFound(_)) => None,
+            Err(VolumeError::Corrupt(_)) => None,
+            Err(e) => return Err(status(e)),
+        };
+        let Some(meta) = meta else {
+            // Leftovers of an interrupted delete go too.
+            delete_prefix(&store, &loc.prefix).await?;
+            return Ok(Response::new(pb::DeleteVolumeResponse {}));
+        };
+        if let Some(a) = self.attachments(&store, &loc).await?.first() {
+            return Err(Status::failed_precondition(format!("volume is still published to node {}", a.node_id)));
+        }
+        if has_dependants(&store, &loc.prefix).await? {
+            let body = Bytes::from(format!("{{\"deleted_unix\":{}}}", self.clock.now_unix()));
+            store.put(&tombstone_key(&loc.prefix), body, PutMode::Overwrite).await.map_err(|e| store_status(&e))?;
+            tracing::info!(volume = %loc.url(), "volume deleted; objects kept for its snapshots or clones");
+        } else {
+            delete_prefix(&store, &loc.prefix).await?;
+            tracing::info!(volume = %loc.url(), "volume deleted");
+            if let Some(p) = meta.parent {
+                self.drop_clone_marker(&store, &p.volume, &loc).await?;
+            }
+        }
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        request: Request<pb::ControllerPublishVolumeRequest>,
+    ) -> RpcResult<pb::ControllerPublishVolumeResponse> {
+        let req = request.into_inner();
+        let loc = parse_volume_id(&req.volume_id)?;
+        if req.node_id.is_empty() {
+            return Err(Status::invalid_argument("node id is required"));
+        }
+        let cap =
+            req.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume capability is required"))?;
+        check_capability(cap).map_err(Status::invalid_argument)?;
+        let _guard = self.inflight.start(&loc.url())?;
+        let store = self.store_for(&loc, &req.secrets).await?;
+        self.live_meta(&store, &loc).await?;
+        use pb::volume_capability::access_mode::Mode;
+        let mode = cap.access_mode.as_ref().map(|m| m.mode()).unwrap_or(Mode::Unknown);
+        let readonly = req.readonly || matches!(mode, Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly);
+        let existing = self.attachments(&store, &loc).await?;
+        if let Some(same) = existing.iter().find(|a| a.node_id == req.node_id) {
+            if same.readonly != readonly {
+                return Err(Status::already_exists(format!(
+                    "volume is already published to node {} with readonly={}",
+                    same.node_id, same.readonly
+                )));
+            }
+        } else {
+            if let Some(writer) = existing.iter().find(|a| !a.readonly) {
+                if !readonly {
+                    return Err(Status::failed_precondition(format!(
+                        "volume is published read-write to node {}; it has one writer at a time",
+                        writer.node_id
+                    )));
+                }
+            }
+            if !readonly && !existing.is_empty() {
+                return Err(Status::failed_precondition("volume is published read-only elsewhere"));
+            }
+            let a = Attachment { node_id: req.node_id.clone(), readonly, created_unix: self.clock.now_unix() };
+            let body = serde_json::to_vec(&a).map_err(|e| Status::internal(e.to_string()))?;
+            store
+                .put(&attachment_key(&loc.prefix, &req.node_id), Bytes::from(body), PutMode::Overwrite)
+                .await
+                .map_err(|e| store_status(&e))?;
+        }
+        let mut ctx = HashMap::new();
+        ctx.insert("readonly".to_string(), readonly.to_string());
+        Ok(Response::new(pb::ControllerPublishVolumeResponse { publish_context: ctx }))
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        request: Request<pb::ControllerUnpublishVolumeRequest>,
+    ) -> RpcResult<pb::ControllerUnpublishVolumeResponse> {
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume id is required"));
+        }
+        let Ok(loc) = Location::parse(&req.volume_id, true) else {
+            return Ok(Response::new(pb::ControllerUnpublishVolumeResponse {}));
+        };
+        let _guard = self.inflight.start(&loc.url())?;
+        let store = self.store_for(&loc, &req.secrets).await?;
+        let targets: Vec<String> = if req.node_id.is_empty() {
+            self.attachments(&store, &loc).await?.into_iter().map(|a| a.node_id).collect()
+        } else {
+            vec![req.node_id]
+        };
+        for node in targets {
+            store.delete(&attachment_key(&loc.prefix, &node)).await.map_err(|e| store_status(&e))?;
+        }
+        Ok(Response::new(pb::ControllerUnpublishVolumeResponse {}))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<pb::ValidateVolumeCapabilitiesRequest>,
+    ) -> RpcResult<pb::ValidateVolumeCapabilitiesResponse> {
+        let req = request.into_inner();
+        let loc = parse_volume_id(&req.volume_id)?;
+        if req.volume_capabilities.is_empty() {
+            return Err(Status::invalid_argument("volume capabilities are required"));
+        }
+        let store = self.store_for(&loc, &req.secrets).await?;
+        self.live_meta(&store, &loc).await?;
+        if let Err(e) = parse_params(&req.parameters) {
+            return Ok(Response::new(pb::ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: e.message().to_string(),
+            }));
+        }
+        for c in &req.volume_capabilities {
+            if let Err(msg) = check_capability(c) {
+                return Ok(Response::new(pb::ValidateVolumeCapabilitiesResponse { confirmed: None, message: msg }));
+            }
+        }
+        Ok(Response::new(pb::ValidateVolumeCapabilitiesResponse {
+            confirmed: Some(pb::validate_volume_capabilities_response::Confirmed {
+                volume_context: req.volume_context,
+                volume_capabilities: req.volume_capabilities,
+                parameters: req.parameters,
+                mutable_parameters: HashMap::new(),
+            }),
+            message: String::new(),
+        }))
+    }
+
+    async fn list_volumes(&self, request: Request<pb::ListVolumesRequest>) -> RpcResult<pb::ListVolumesResponse> {
+        let req = request.into_inner();
+        let (start, max) = parse_pagination(req.max_entries, &req.starting_token)?;
+        let (locs, next) = page(self.all_volumes().await?, start, max)?;
+        let mut entries = Vec::new();
+        for loc in locs {
+            let store = self.store_for(&loc, &HashMap::new()).await?;
+            let meta = match replay::read_meta(store.as_ref(), &loc.prefix).await {
+                Ok(m) => m,
+                Err(VolumeError::NotFound(_)) => continue,
+                Err(e) => return Err(status(e)),
+            };
+            let volume = self.volume_message(&store, &loc, &meta).await?;
+            let nodes = self.attachments(&store, &loc).await?.into_iter().map(|a| a.node_id).collect();
+            entries.push(pb::list_volumes_response::Entry {
+                volume: Some(volume),
+                status: Some(pb::list_volumes_response::VolumeStatus {
+                    published_node_ids: nodes,
+                    volume_condition: None,
+                }),
+            });
+        }
+        Ok(Response::new(pb::ListVolumesResponse { entries, next_token: next }))
+    }
+
+    async fn get_capacity(&self, request: Request<pb::GetCapacityRequest>) -> RpcResult<pb::GetCapacityResponse> {
+        let req = request.into_inner();
+        for c in &req.volume_capabilities {
+            if check_capability(c).is_err() {
+                return Ok(Response::new(pb::GetCapacityResponse::default()));
+            }
+        }
+        parse_params(&req.parameters)?;
+        Ok(Response::new(pb::GetCapacityResponse {
+            available_capacity: to_i64(self.cfg.capacity),
+            maximum_volume_size: Some(to_i64(format::MAX_VOLUME_SIZE)),
+            minimum_volume_size: Some(format::BLOCK_SIZE as i64),
+        }))
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _request: Request<pb::ControllerGetCapabilitiesRequest>,
+    ) -> RpcResult<pb::ControllerGetCapabilitiesResponse> {
+        use pb::controller_service_capability::{Rpc, Type, rpc::Type as T};
+        let caps = [
+            T::CreateDeleteVolume,
+            T::PublishUnpublishVolume,
+            T::ListVolumes,
+            T::GetCapacity,
+            T::CreateDeleteSnapshot,
+            T::ListSnapshots,
+            T::CloneVolume,
+            T::PublishReadonly,
+            T::ExpandVolume,
+            T::ListVolumesPublishedNodes,
+            T::GetVolume,
+        ]
+        .into_iter()
+        .map(|t| pb::ControllerServiceCapability { r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })) })
+        .collect();
+        Ok(Response::new(pb::ControllerGetCapabilitiesResponse { capabilities: caps }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        request: Request<pb::CreateSnapshotRequest>,
+    ) -> RpcResult<pb::CreateSnapshotResponse> {
+        let req = request.into_inner();
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("snapshot name is required"));
+        }
+        let vloc = parse_volume_id(&req.source_volume_id)?;
+        let name = object_name(&req.name);
+        let store = self.store_for(&vloc, &req.secrets).await?;
+        // Snapshot names are unique per store: an index entry claims the name.
+        let root_prefix =
+            vloc.prefix.trim_end_matches('/').rsplit_once('/').map(|(p, _)| format!("{p}/")).unwrap_or_default();
+        let index_key = format!("{root_prefix}_snapshots/{name}");
+        let sid = snapshot_id(&vloc, &name);
+        match store.put(&index_key, Bytes::from(sid.clone()), PutMode::IfAbsent).await {
+            Ok(()) => {}
+            Err(StoreError::PreconditionFailed(_)) => {
+                let owner = store.get(&index_key, None).await.map_err(|e| store_status(&e))?;
+                if owner != sid.as_bytes() {
+                    return Err(Status::already_exists(format!(
+                        "snapshot name {} is used by another volume",
+                        req.name
+                    )));
+                }
+            }
+            Err(e) => return Err(store_status(&e)),
+        }
+        let _guard = self.inflight.start(&sid)?;
+        self.live_meta(&store, &vloc).await?;
+        let rec = match read_snapshot(&store, &vloc.prefix, &name).await {
+            Ok(r) => r,
+            Err(VolumeError::NotFound(_)) => {
+                crate::cli::snapshot_committed(&store, &vloc.prefix, &name, self.clock.as_ref())
+                    .await
+                    .map_err(|e| Status::internal(format!("{e:#}")))?
+            }
+            Err(e) => return Err(status(e)),
+        };
+        tracing::info!(snapshot = %sid, seq = rec.seq, "snapshot created");
+        Ok(Response::new(pb::CreateSnapshotResponse {
+            snapshot: Some(self.snapshot_message(&store, &vloc, &rec).await),
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<pb::DeleteSnapshotRequest>,
+    ) -> RpcResult<pb::DeleteSnapshotResponse> {
+        let req = request.into_inner();
+        if req.snapshot_id.is_empty() {
+            return Err(Status::invalid_argument("snapshot id is required"));
+        }
+        let Ok((vloc, name)) = parse_snapshot_id(&req.snapshot_id) else {
+            return Ok(Response::new(pb::DeleteSnapshotResponse {}));
+        };
+        let _guard = self.inflight.start(&req.snapshot_id)?;
+        let store = self.store_for(&vloc, &req.secrets).await?;
+        store.delete(&format::snapshot_key(&vloc.prefix, &name)).await.map_err(|e| store_status(&e))?;
+        let root_prefix =
+            vloc.prefix.trim_end_matches('/').rsplit_once('/').map(|(p, _)| format!("{p}/")).unwrap_or_default();
+        store.delete(&format!("{root_prefix}_snapshots/{name}")).await.map_err(|e| store_status(&e))?;
+        self.reap(&store, &vloc).await?;
+        Ok(Response::new(pb::DeleteSnapshotResponse {}))
+    }
+
+    async fn list_snapshots(&self, request: Request<pb::ListSnapshotsRequest>) -> RpcResult<pb::ListSnapshotsResponse> {
+        let req = request.into_inner();
+        let (start, max) = parse_pagination(req.max_entries, &req.starting_token)?;
+        let mut all = Vec::new();
+        if !req.snapshot_id.is_empty() {
+            if let Ok((vloc, name)) = parse_snapshot_id(&req.snapshot_id) {
+                let store = self.store_for(&vloc, &req.secrets).await?;
+                match read_snapshot(&store, &vloc.prefix, &name).await {
+                    Ok(rec)
+                        if req.source_volume_id.is_empty()
+                            || parse_volume_id(&req.source_volume_id).is_ok_and(|l| l == vloc) =>
+                    {
+                        all.push(self.snapshot_message(&store, &vloc, &rec).await)
+                    }
+                    Ok(_) | Err(VolumeError::NotFound(_)) | Err(VolumeError::InvalidArgument(_)) => {}
+                    Err(e) => return Err(status(e)),
+                }
+            }
+        } else {
+            let vols = if req.source_volume_id.is_empty() {
+                self.all_volumes().await?
+            } else {
+                match Location::parse(&req.source_volume_id, true) {
+                    Ok(l) => vec![l],
+                    Err(_) => Vec::new(),
+                }
+            };
+            for vloc in vols {
+                let store = self.store_for(&vloc, &req.secrets).await?;
+                for rec in self.volume_snapshots(&store, &vloc).await? {
+                    all.push(self.snapshot_message(&store, &vloc, &rec).await);
+                }
+            }
+        }
+        let (items, next) = page(all, start, max)?;
+        let entries = items.into_iter().map(|s| pb::list_snapshots_response::Entry { snapshot: Some(s) }).collect();
+        Ok(Response::new(pb::ListSnapshotsResponse { entries, next_token: next }))
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        request: Request<pb::ControllerExpandVolumeRequest>,
+    ) -> RpcResult<pb::ControllerExpandVolumeResponse> {
+        let req = request.into_inner();
+        let loc = parse_volume_id(&req.volume_id)?;
+        let range =
+            req.capacity_range.as_ref().ok_or_else(|| Status::invalid_argument("capacity range is required"))?;
+        let _guard = self.inflight.start(&loc.url())?;
+        let store = self.store_for(&loc, &req.secrets).await?;
+        let meta = self.live_meta(&store, &loc).await?;
+        let st = replay::replay(store.as_ref(), &loc.prefix, meta.chunk_size as u64, None).await.map_err(status)?;
+        let want = size_for(Some(range), meta.chunk_size as u64, 0)?;
+        let is_block = matches!(
+            req.volume_capability.as_ref().and_then(|c| c.access_type.as_ref()),
+            Some(pb::volume_capability::AccessType::Block(_))
+        );
+        if want <= st.size {
+            return Ok(Response::new(pb::ControllerExpandVolumeResponse {
+                capacity_bytes: to_i64(st.size),
+                node_expansion_required: !is_block,
+            }));
+        }
+        // While a node has the volume attached, its engine is the writer:
+        // the node grows the volume (NodeExpandVolume). Otherwise grow it here.
+        if self.attachments(&store, &loc).await?.iter().any(|a| !a.readonly) {
+            return Ok(Response::new(pb::ControllerExpandVolumeResponse {
+                capacity_bytes: to_i64(want),
+                node_expansion_required: true,
+            }));
+        }
+        let vol = Volume::open(store.clone(), &loc.prefix, OpenOptions::default()).await.map_err(status)?;
+        vol.resize(want).await.map_err(status)?;
+        tracing::info!(volume = %loc.url(), size = want, "volume expanded");
+        Ok(Response::new(pb::ControllerExpandVolumeResponse {
+            capacity_bytes: to_i64(want),
+            node_expansion_required: !is_block,
+        }))
+    }
+
+    async fn controller_get_volume(
+        &self,
+        request: Request<pb::ControllerGetVolumeRequest>,
+    ) -> RpcResult<pb::ControllerGetVolumeResponse> {
+        let req = request.into_inner();
+        let loc = parse_volume_id(&req.volume_id)?;
+        let store = self.store_for(&loc, &HashMap::new()).await?;
+        let meta = self.live_meta(&store, &loc).await?;
+        let volume = self.volume_message(&store, &loc, &meta).await?;
+        let nodes = self.attachments(&store, &loc).await?.into_iter().map(|a| a.node_id).collect();
+        Ok(Response::new(pb::ControllerGetVolumeResponse {
+            volume: Some(volume),
+            status: Some(pb::controller_get_volume_response::VolumeStatus {
+                published_node_ids: nodes,
+                volume_condition: Some(pb::VolumeCondition { abnormal: false, message: "ok".into() }),
+            }),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(req: i64, lim: i64) -> pb::CapacityRange {
+        pb::CapacityRange { required_bytes: req, limit_bytes: lim }
+    }
+
+    #[test]
+    fn capacity_rounds_up_to_chunks_within_limits() {
+        let mib = 1 << 20;
+        assert_eq!(size_for(None, mib, 0).unwrap(), DEFAULT_CAPACITY);
+        assert_eq!(size_for(Some(&range(1, 0)), mib, 0).unwrap(), mib);
+        assert_eq!(size_for(Some(&range(mib as i64 + 1, 0)), mib, 0).unwrap(), 2 * mib);
+        assert_eq!(size_for(Some(&range(5000, 8192)), mib, 0).unwrap(), 8192, "block granularity under a small limit");
+        assert_eq!(size_for(Some(&range(0, 10 * mib as i64)), mib, 0).unwrap(), 10 * mib);
+        assert_eq!(size_for(Some(&range(-1, 0)), mib, 0).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(size_for(Some(&range(10, 5)), mib, 0).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(size_for(Some(&range(5000, 5000)), mib, 0).unwrap_err().code(), tonic::Code::OutOfRange);
+        assert_eq!(size_for(Some(&range(i64::MAX, 0)), mib, 0).unwrap_err().code(), tonic::Code::OutOfRange);
+        assert_eq!(size_for(Some(&range(1, 0)), mib, 3 * mib).unwrap(), 3 * mib, "at least the source size");
+    }
+
+    #[test]
+    fn parameters_are_validated() {
+        let p = |kv: &[(&str, &str)]| parse_params(&kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        let ok = p(&[("bucket", "b"), ("prefix", "/k8s/"), ("chunkSize", "4MiB"), ("fsType", "xfs")]).unwrap();
+        assert_eq!(ok.store.unwrap().url(), "s3://b/k8s");
+        assert_eq!(ok.chunk_size, Some(4 << 20));
+        assert_eq!(ok.context["fsType"], "xfs");
+        for bad in [
+            &[("chunkSize", "3000")][..],
+            &[("fsType", "btrfs")],
+            &[("bogus", "1")],
+            &[("bucket", "b"), ("store", "s3://c")],
+            &[("cacheSize", "lots")],
+        ] {
+            assert_eq!(p(bad).unwrap_err().code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
+        assert!(p(&[("csi.storage.k8s.io/pvc/name", "x")]).is_ok());
+    }
+}

@@ -1,0 +1,109 @@
+//! `s3blk csi`: the gRPC server on a unix socket.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use super::common::Stores;
+use super::controller::{ControllerConfig, ControllerService};
+use super::identity::IdentityService;
+use super::pb;
+use crate::location::Location;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Controller,
+    Node,
+    All,
+}
+
+#[derive(Debug, Clone)]
+pub struct CsiConfig {
+    pub mode: Mode,
+    /// `unix:///path` or `unix:/path`.
+    pub endpoint: String,
+    pub driver_name: String,
+    pub node_id: Option<String>,
+    pub default_store: Option<Location>,
+    pub capacity: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CsiError {
+    #[error("endpoint {0:?}: only unix sockets are supported (unix:///path/csi.sock)")]
+    Endpoint(String),
+    #[error("socket {path}: {source}")]
+    Socket { path: PathBuf, source: std::io::Error },
+    #[error("the node service is not available yet in this version; run --mode controller")]
+    NodeUnavailable,
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+pub fn socket_path(endpoint: &str) -> Result<PathBuf, CsiError> {
+    let p = endpoint
+        .strip_prefix("unix://")
+        .or_else(|| endpoint.strip_prefix("unix:"))
+        .ok_or_else(|| CsiError::Endpoint(endpoint.to_string()))?;
+    if p.is_empty() {
+        return Err(CsiError::Endpoint(endpoint.to_string()));
+    }
+    Ok(PathBuf::from(p))
+}
+
+/// Bind the socket: remove a stale socket file, create parent directories,
+/// and allow only the owner (the CO's sidecars run as root next to us).
+pub fn bind(path: &std::path::Path) -> Result<UnixListener, CsiError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let err = |source| CsiError::Socket { path: path.to_path_buf(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
+        Ok(_) => return Err(err(std::io::Error::other("exists and is not a socket"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let l = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(l)
+}
+
+/// Serve until `shutdown` completes, then finish in-flight calls and remove the socket.
+pub async fn run(
+    cfg: CsiConfig,
+    stores: Arc<Stores>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), CsiError> {
+    if cfg.mode != Mode::Controller {
+        return Err(CsiError::NodeUnavailable);
+    }
+    let path = socket_path(&cfg.endpoint)?;
+    let listener = bind(&path)?;
+    let identity = IdentityService {
+        driver_name: cfg.driver_name.clone(),
+        controller: true,
+        probe_store: cfg.default_store.clone(),
+        stores: stores.clone(),
+    };
+    let controller = ControllerService::new(
+        ControllerConfig { default_store: cfg.default_store.clone(), capacity: cfg.capacity },
+        stores,
+    );
+    static REQUEST_ID: AtomicU64 = AtomicU64::new(1);
+    tracing::info!(endpoint = %cfg.endpoint, driver = %cfg.driver_name, "CSI controller listening");
+    let result = tonic::transport::Server::builder()
+        .trace_fn(|req| {
+            tracing::info_span!("csi", method = %req.uri().path(), request_id = REQUEST_ID.fetch_add(1, Ordering::Relaxed))
+        })
+        .add_service(pb::identity_server::IdentityServer::new(identity))
+        .add_service(pb::controller_server::ControllerServer::new(controller))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    let _ = std::fs::remove_file(&path);
+    result.map_err(CsiError::from)
+}

@@ -1,0 +1,532 @@
+//! The CSI controller over gRPC on a unix socket, against a real S3 server
+//! (moto): spec behaviour, idempotency, error codes, pagination, capacity
+//! rounding, attachments, snapshots and clones restoring the right bytes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use s3blk::csi::common::Stores;
+use s3blk::csi::pb;
+use s3blk::csi::pb::controller_client::ControllerClient;
+use s3blk::csi::pb::identity_client::IdentityClient;
+use s3blk::csi::server::{CsiConfig, Mode};
+use s3blk::location::Location;
+use s3blk::store::DynStore;
+use s3blk::volume::{OpenOptions, Volume};
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Driver {
+    ctl: ControllerClient<Channel>,
+    id: IdentityClient<Channel>,
+    bucket: String,
+    store: DynStore,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), s3blk::csi::server::CsiError>>,
+}
+
+async fn driver() -> Option<Driver> {
+    let endpoint = common::s3_endpoint()?;
+    let bucket = common::unique("csi");
+    let raw = common::s3_raw_store(&bucket).await?;
+    let store: DynStore = Arc::new(s3blk::store::retry::RetryStore::new(raw, common::fast_policy()));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("csi.sock");
+    let cfg = CsiConfig {
+        mode: Mode::Controller,
+        endpoint: format!("unix://{}", sock.display()),
+        driver_name: "csi.s3blk.dev".into(),
+        node_id: None,
+        default_store: Some(Location::parse(&format!("s3://{bucket}/k8s"), false).expect("store")),
+        capacity: 1 << 50,
+    };
+    // Requests without secrets (ListVolumes, GetVolume) use these settings.
+    let stores = Arc::new(Stores::with_defaults(common::fast_policy(), common::s3_settings(&endpoint)));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(s3blk::csi::server::run(cfg, stores, async move {
+        let _ = rx.await;
+    }));
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let path = sock.clone();
+    let channel = tonic::transport::Endpoint::try_from("http://localhost")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .expect("connect");
+    Some(Driver {
+        ctl: ControllerClient::new(channel.clone()),
+        id: IdentityClient::new(channel),
+        bucket,
+        store,
+        _dir: dir,
+        stop: Some(tx),
+        task,
+    })
+}
+
+fn secrets() -> HashMap<String, String> {
+    let ep = common::s3_endpoint().expect("endpoint");
+    HashMap::from([
+        ("endpoint".to_string(), ep),
+        ("accessKeyID".to_string(), "testing".to_string()),
+        ("secretAccessKey".to_string(), "testing".to_string()),
+    ])
+}
+
+fn mount_cap(mode: pb::volume_capability::access_mode::Mode) -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_type: Some(pb::volume_capability::AccessType::Mount(pb::volume_capability::MountVolume {
+            fs_type: "ext4".into(),
+            ..Default::default()
+        })),
+        access_mode: Some(pb::volume_capability::AccessMode { mode: mode as i32 }),
+    }
+}
+
+fn rwo() -> pb::VolumeCapability {
+    mount_cap(pb::volume_capability::access_mode::Mode::SingleNodeWriter)
+}
+
+fn create_req(name: &str, required: i64, limit: i64) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(pb::CapacityRange { required_bytes: required, limit_bytes: limit }),
+        volume_capabilities: vec![rwo()],
+        parameters: HashMap::from([("chunkSize".into(), "64KiB".into())]),
+        secrets: secrets(),
+        ..Default::default()
+    }
+}
+
+async fn create(d: &mut Driver, name: &str, size: i64) -> pb::Volume {
+    d.ctl.create_volume(create_req(name, size, 0)).await.expect("create").into_inner().volume.expect("volume")
+}
+
+fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => s.code(),
+    }
+}
+
+fn prefix_of(volume_id: &str) -> String {
+    Location::parse(volume_id, true).expect("volume id").prefix
+}
+
+async fn write(d: &Driver, volume_id: &str, offset: u64, data: &[u8]) {
+    let v = Volume::open(d.store.clone(), &prefix_of(volume_id), OpenOptions::default()).await.expect("open");
+    v.write(offset, data).await.expect("write");
+    v.flush().await.expect("flush");
+}
+
+async fn read(d: &Driver, volume_id: &str, offset: u64, len: u64) -> Vec<u8> {
+    let v =
+        Volume::open(d.store.clone(), &prefix_of(volume_id), OpenOptions { read_only: true, ..OpenOptions::default() })
+            .await
+            .expect("open");
+    v.read(offset, len).await.expect("read")
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_reports_name_capabilities_and_probes_the_store() {
+    let Some(mut d) = driver().await else { return };
+    let info = d.id.get_plugin_info(pb::GetPluginInfoRequest {}).await.expect("info").into_inner();
+    assert_eq!(info.name, "csi.s3blk.dev");
+    assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
+    let caps = d.id.get_plugin_capabilities(pb::GetPluginCapabilitiesRequest {}).await.expect("caps").into_inner();
+    let text = format!("{caps:?}");
+    assert!(text.contains("VolumeExpansion") && text.contains("Service"), "{text}");
+    let probe = d.id.probe(pb::ProbeRequest {}).await.expect("probe").into_inner();
+    assert_eq!(probe.ready, Some(true));
+    let ctl = d.ctl.controller_get_capabilities(pb::ControllerGetCapabilitiesRequest {}).await.expect("caps");
+    assert_eq!(ctl.into_inner().capabilities.len(), 11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_volume_is_idempotent_rounds_capacity_and_rejects_bad_requests() {
+    let Some(mut d) = driver().await else { return };
+    let v = create(&mut d, "pvc-one", 1).await;
+    assert_eq!(v.capacity_bytes, 64 << 10, "rounded up to one chunk");
+    assert!(v.volume_id.starts_with(&format!("s3://{}/k8s/", d.bucket)), "{}", v.volume_id);
+    let again = create(&mut d, "pvc-one", 1).await;
+    assert_eq!(again.volume_id, v.volume_id, "same name, same volume");
+    assert_eq!(code(d.ctl.create_volume(create_req("pvc-one", 10 << 20, 0)).await), Code::AlreadyExists);
+    let exact = d.ctl.create_volume(create_req("pvc-exact", 5000, 8192)).await.expect("create").into_inner();
+    assert_eq!(exact.volume.expect("volume").capacity_bytes, 8192, "block granularity inside a tight limit");
+    assert_eq!(code(d.ctl.create_volume(create_req("pvc-tight", 5000, 5000)).await), Code::OutOfRange);
+    assert_eq!(code(d.ctl.create_volume(create_req("pvc-neg", -5, 0)).await), Code::InvalidArgument);
+    assert_eq!(code(d.ctl.create_volume(create_req("", 1, 0)).await), Code::InvalidArgument);
+    let mut no_caps = create_req("pvc-nocaps", 1, 0);
+    no_caps.volume_capabilities.clear();
+    assert_eq!(code(d.ctl.create_volume(no_caps).await), Code::InvalidArgument);
+    let mut multi = create_req("pvc-rwx", 1, 0);
+    multi.volume_capabilities = vec![mount_cap(pb::volume_capability::access_mode::Mode::MultiNodeMultiWriter)];
+    assert_eq!(code(d.ctl.create_volume(multi).await), Code::InvalidArgument);
+    let mut bad_param = create_req("pvc-param", 1, 0);
+    bad_param.parameters.insert("chunkSize".into(), "3000".into());
+    assert_eq!(code(d.ctl.create_volume(bad_param).await), Code::InvalidArgument);
+    // None of the refused requests created anything.
+    let list = d.ctl.list_volumes(pb::ListVolumesRequest::default()).await.expect("list").into_inner();
+    assert_eq!(list.entries.len(), 2, "{list:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_of_one_name_make_one_volume() {
+    let Some(d) = driver().await else { return };
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let mut c = d.ctl.clone();
+        tasks.push(tokio::spawn(async move { c.create_volume(create_req("pvc-race", 1 << 20, 0)).await }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(r) => {
+                ids.insert(r.into_inner().volume.expect("volume").volume_id);
+            }
+            Err(s) => assert_eq!(s.code(), Code::Aborted, "{s}"),
+        }
+    }
+    assert_eq!(ids.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_fences_a_second_writer_node() {
+    let Some(mut d) = driver().await else { return };
+    let v = create(&mut d, "pvc-pub", 1 << 20).await;
+    let publish = |node: &str, ro: bool| pb::ControllerPublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: node.into(),
+        volume_capability: Some(rwo()),
+        readonly: ro,
+        secrets: secrets(),
+        volume_context: HashMap::new(),
+    };
+    let ctx = d.ctl.controller_publish_volume(publish("node-a", false)).await.expect("publish").into_inner();
+    assert_eq!(ctx.publish_context["readonly"], "false");
+    d.ctl.controller_publish_volume(publish("node-a", false)).await.expect("idempotent publish");
+    assert_eq!(code(d.ctl.controller_publish_volume(publish("node-b", false)).await), Code::FailedPrecondition);
+    assert_eq!(code(d.ctl.controller_publish_volume(publish("node-a", true)).await), Code::AlreadyExists);
+    assert_eq!(code(d.ctl.controller_publish_volume(publish("", false)).await), Code::InvalidArgument);
+    let mut missing = publish("node-a", false);
+    missing.volume_id = format!("s3://{}/k8s/nope", d.bucket);
+    assert_eq!(code(d.ctl.controller_publish_volume(missing).await), Code::NotFound);
+    let mut garbage = publish("node-a", false);
+    garbage.volume_id = "not a volume id".into();
+    assert_eq!(code(d.ctl.controller_publish_volume(garbage).await), Code::NotFound);
+    let got = d.ctl.controller_get_volume(pb::ControllerGetVolumeRequest { volume_id: v.volume_id.clone() }).await;
+    assert_eq!(got.expect("get").into_inner().status.expect("status").published_node_ids, vec!["node-a"]);
+    // Deleting a published volume is refused; unpublish then delete works.
+    let del = pb::DeleteVolumeRequest { volume_id: v.volume_id.clone(), secrets: secrets() };
+    assert_eq!(code(d.ctl.delete_volume(del.clone()).await), Code::FailedPrecondition);
+    let unpub = pb::ControllerUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: "node-a".into(),
+        secrets: secrets(),
+    };
+    d.ctl.controller_unpublish_volume(unpub.clone()).await.expect("unpublish");
+    d.ctl.controller_unpublish_volume(unpub).await.expect("unpublish again");
+    d.ctl.controller_publish_volume(publish("node-b", false)).await.expect("now node-b may write");
+    d.ctl
+        .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            node_id: String::new(),
+            secrets: secrets(),
+        })
+        .await
+        .expect("unpublish everywhere");
+    d.ctl.delete_volume(del.clone()).await.expect("delete");
+    d.ctl.delete_volume(del).await.expect("delete is idempotent");
+    d.ctl
+        .delete_volume(pb::DeleteVolumeRequest { volume_id: "garbage".into(), secrets: secrets() })
+        .await
+        .expect("an unknown id is already deleted");
+    assert_eq!(
+        code(d.ctl.delete_volume(pb::DeleteVolumeRequest { volume_id: String::new(), secrets: secrets() }).await),
+        Code::InvalidArgument
+    );
+    let left = s3blk::store::list_all(d.store.as_ref(), &prefix_of(&v.volume_id)).await.expect("list");
+    assert!(left.is_empty(), "deleted volume left objects: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_volumes_paginates_and_validate_checks_capabilities() {
+    let Some(mut d) = driver().await else { return };
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(create(&mut d, &format!("pvc-list-{i}"), 1 << 20).await.volume_id);
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let r = d
+            .ctl
+            .list_volumes(pb::ListVolumesRequest { max_entries: 2, starting_token: token.clone() })
+            .await
+            .expect("list")
+            .into_inner();
+        assert!(r.entries.len() <= 2);
+        seen.extend(r.entries.into_iter().map(|e| e.volume.expect("volume").volume_id));
+        pages += 1;
+        if r.next_token.is_empty() {
+            break;
+        }
+        token = r.next_token;
+    }
+    assert_eq!(pages, 3);
+    seen.sort();
+    ids.sort();
+    assert_eq!(seen, ids);
+    assert_eq!(
+        code(d.ctl.list_volumes(pb::ListVolumesRequest { max_entries: 0, starting_token: "zz".into() }).await),
+        Code::Aborted
+    );
+    assert_eq!(
+        code(d.ctl.list_volumes(pb::ListVolumesRequest { max_entries: -1, ..Default::default() }).await),
+        Code::InvalidArgument
+    );
+
+    let validate = |caps: Vec<pb::VolumeCapability>| pb::ValidateVolumeCapabilitiesRequest {
+        volume_id: ids[0].clone(),
+        volume_capabilities: caps,
+        secrets: secrets(),
+        ..Default::default()
+    };
+    let ok = d.ctl.validate_volume_capabilities(validate(vec![rwo()])).await.expect("validate").into_inner();
+    assert!(ok.confirmed.is_some());
+    let no = d
+        .ctl
+        .validate_volume_capabilities(validate(vec![mount_cap(
+            pb::volume_capability::access_mode::Mode::MultiNodeMultiWriter,
+        )]))
+        .await
+        .expect("validate")
+        .into_inner();
+    assert!(no.confirmed.is_none() && !no.message.is_empty());
+    assert_eq!(code(d.ctl.validate_volume_capabilities(validate(vec![])).await), Code::InvalidArgument);
+    let mut gone = validate(vec![rwo()]);
+    gone.volume_id = format!("s3://{}/k8s/missing", d.bucket);
+    assert_eq!(code(d.ctl.validate_volume_capabilities(gone).await), Code::NotFound);
+    let cap = d.ctl.get_capacity(pb::GetCapacityRequest::default()).await.expect("capacity").into_inner();
+    assert_eq!(cap.available_capacity, 1 << 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_and_clones_restore_the_right_bytes() {
+    let Some(mut d) = driver().await else { return };
+    let src = create(&mut d, "pvc-src", 1 << 20).await;
+    let first = common::pattern(1, 200_000);
+    write(&d, &src.volume_id, 1000, &first).await;
+    let snap_req = |name: &str, vol: &str| pb::CreateSnapshotRequest {
+        source_volume_id: vol.into(),
+        name: name.into(),
+        secrets: secrets(),
+        parameters: HashMap::new(),
+    };
+    let snap = d.ctl.create_snapshot(snap_req("snap-1", &src.volume_id)).await.expect("snapshot").into_inner();
+    let snap = snap.snapshot.expect("snapshot");
+    assert!(snap.ready_to_use);
+    assert_eq!(snap.source_volume_id, src.volume_id);
+    let again = d.ctl.create_snapshot(snap_req("snap-1", &src.volume_id)).await.expect("idempotent").into_inner();
+    assert_eq!(again.snapshot.expect("snapshot").snapshot_id, snap.snapshot_id);
+    let other = create(&mut d, "pvc-other", 1 << 20).await;
+    assert_eq!(code(d.ctl.create_snapshot(snap_req("snap-1", &other.volume_id)).await), Code::AlreadyExists);
+    assert_eq!(code(d.ctl.create_snapshot(snap_req("", &src.volume_id)).await), Code::InvalidArgument);
+
+    // The source moves on; the snapshot does not.
+    let second = common::pattern(2, 100_000);
+    write(&d, &src.volume_id, 1000, &second).await;
+
+    let from_snap = |name: &str, size: i64, limit: i64| {
+        let mut r = create_req(name, size, limit);
+        r.volume_content_source = Some(pb::VolumeContentSource {
+            r#type: Some(pb::volume_content_source::Type::Snapshot(pb::volume_content_source::SnapshotSource {
+                snapshot_id: snap.snapshot_id.clone(),
+            })),
+        });
+        r
+    };
+    let restored = d.ctl.create_volume(from_snap("pvc-restored", 2 << 20, 0)).await.expect("restore").into_inner();
+    let restored = restored.volume.expect("volume");
+    assert_eq!(restored.capacity_bytes, 2 << 20);
+    assert_eq!(read(&d, &restored.volume_id, 1000, first.len() as u64).await, first);
+    // A limit below the snapshot's size cannot be honoured.
+    assert_eq!(code(d.ctl.create_volume(from_snap("pvc-small", 4096, 8192)).await), Code::OutOfRange);
+
+    // Clone of the live volume: its current bytes.
+    let mut clone_req = create_req("pvc-clone", 1 << 20, 0);
+    clone_req.volume_content_source = Some(pb::VolumeContentSource {
+        r#type: Some(pb::volume_content_source::Type::Volume(pb::volume_content_source::VolumeSource {
+            volume_id: src.volume_id.clone(),
+        })),
+    });
+    let clone = d.ctl.create_volume(clone_req).await.expect("clone").into_inner().volume.expect("volume");
+    let mut expect = first.clone();
+    expect[..second.len()].copy_from_slice(&second);
+    assert_eq!(read(&d, &clone.volume_id, 1000, expect.len() as u64).await, expect);
+    // Writing the clone leaves the source alone, and a clone of the clone sees both layers.
+    write(&d, &clone.volume_id, 0, b"clone-only").await;
+    assert_ne!(read(&d, &src.volume_id, 0, 10).await, b"clone-only");
+    let mut cc = create_req("pvc-clone2", 1 << 20, 0);
+    cc.volume_content_source = Some(pb::VolumeContentSource {
+        r#type: Some(pb::volume_content_source::Type::Volume(pb::volume_content_source::VolumeSource {
+            volume_id: clone.volume_id.clone(),
+        })),
+    });
+    let clone2 = d.ctl.create_volume(cc).await.expect("clone of clone").into_inner().volume.expect("volume");
+    assert_eq!(read(&d, &clone2.volume_id, 0, 10).await, b"clone-only");
+    assert_eq!(read(&d, &clone2.volume_id, 1000 + 150_000, 10).await, expect[150_000..150_010]);
+
+    // ListSnapshots: by id, by source, all.
+    let by_id = d
+        .ctl
+        .list_snapshots(pb::ListSnapshotsRequest { snapshot_id: snap.snapshot_id.clone(), ..Default::default() })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(by_id.entries.len(), 1);
+    let missing = d
+        .ctl
+        .list_snapshots(pb::ListSnapshotsRequest {
+            snapshot_id: format!("{}@nope", src.volume_id),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(missing.entries.is_empty());
+    d.ctl.create_snapshot(snap_req("snap-2", &src.volume_id)).await.expect("snapshot 2");
+    let by_src = d
+        .ctl
+        .list_snapshots(pb::ListSnapshotsRequest {
+            source_volume_id: src.volume_id.clone(),
+            max_entries: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(by_src.entries.len(), 1);
+    assert!(!by_src.next_token.is_empty());
+
+    // Deleting the source while snapshots and clones depend on it hides it
+    // but keeps its chunks; the restored volume still reads.
+    d.ctl
+        .delete_volume(pb::DeleteVolumeRequest { volume_id: src.volume_id.clone(), secrets: secrets() })
+        .await
+        .expect("delete src");
+    let ids: Vec<String> = d
+        .ctl
+        .list_volumes(pb::ListVolumesRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.volume.expect("volume").volume_id)
+        .collect();
+    assert!(!ids.contains(&src.volume_id));
+    assert_eq!(read(&d, &restored.volume_id, 1000, first.len() as u64).await, first);
+    // When the last dependant goes, the source's objects go too.
+    for id in [&clone2.volume_id, &clone.volume_id, &restored.volume_id] {
+        d.ctl
+            .delete_volume(pb::DeleteVolumeRequest { volume_id: id.clone(), secrets: secrets() })
+            .await
+            .expect("delete");
+    }
+    for name in ["snap-1", "snap-2"] {
+        let sid = format!("{}@{name}", src.volume_id);
+        d.ctl
+            .delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: sid.clone(), secrets: secrets() })
+            .await
+            .expect("delete");
+        d.ctl.delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: sid, secrets: secrets() }).await.expect("again");
+    }
+    let left = s3blk::store::list_all(d.store.as_ref(), &prefix_of(&src.volume_id)).await.expect("list");
+    assert!(left.is_empty(), "source not reaped: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expand_grows_offline_volumes_and_defers_to_the_node_when_attached() {
+    let Some(mut d) = driver().await else { return };
+    let v = create(&mut d, "pvc-grow", 1 << 20).await;
+    write(&d, &v.volume_id, 10, b"keep me").await;
+    let expand = |bytes: i64| pb::ControllerExpandVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        capacity_range: Some(pb::CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
+        secrets: secrets(),
+        volume_capability: Some(rwo()),
+    };
+    let r = d.ctl.controller_expand_volume(expand(3 << 20)).await.expect("expand").into_inner();
+    assert_eq!(r.capacity_bytes, 3 << 20);
+    assert!(r.node_expansion_required, "a filesystem must be grown on the node");
+    assert_eq!(read(&d, &v.volume_id, 10, 7).await, b"keep me");
+    let smaller = d.ctl.controller_expand_volume(expand(1 << 20)).await.expect("no shrink").into_inner();
+    assert_eq!(smaller.capacity_bytes, 3 << 20);
+    assert_eq!(
+        code(
+            d.ctl
+                .controller_expand_volume(pb::ControllerExpandVolumeRequest { capacity_range: None, ..expand(1) })
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    d.ctl
+        .controller_publish_volume(pb::ControllerPublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            node_id: "node-a".into(),
+            volume_capability: Some(rwo()),
+            readonly: false,
+            secrets: secrets(),
+            volume_context: HashMap::new(),
+        })
+        .await
+        .expect("publish");
+    let r = d.ctl.controller_expand_volume(expand(5 << 20)).await.expect("expand attached").into_inner();
+    assert!(r.node_expansion_required);
+    let got = d.ctl.controller_get_volume(pb::ControllerGetVolumeRequest { volume_id: v.volume_id.clone() }).await;
+    assert_eq!(
+        got.expect("get").into_inner().volume.expect("volume").capacity_bytes,
+        3 << 20,
+        "the attached writer grows it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_appear_in_errors() {
+    let Some(mut d) = driver().await else { return };
+    let mut req = create_req("pvc-secret", 1 << 20, 0);
+    // A closed port: every call fails, and the error travels back to the CO.
+    req.secrets = HashMap::from([
+        ("endpoint".to_string(), "http://127.0.0.1:9".to_string()),
+        ("accessKeyID".to_string(), "AKIDLEAKCHECK".to_string()),
+        ("secretAccessKey".to_string(), "TOPSECRET-do-not-log".to_string()),
+    ]);
+    let err = d.ctl.create_volume(req).await.expect_err("the store is unreachable");
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    let text = format!("{err:?}");
+    assert!(!text.contains("TOPSECRET") && !text.contains("AKIDLEAKCHECK"), "secret leaked: {text}");
+}
