@@ -83,6 +83,12 @@ enum Command {
         /// Capacity reported by GetCapacity (object stores are bottomless).
         #[arg(long, default_value = "1PiB", value_parser = parse_size)]
         capacity: u64,
+        /// Node mode: stage records and per-volume NBD sockets.
+        #[arg(long, default_value = "/var/lib/s3blk")]
+        state_dir: PathBuf,
+        /// Node mode: volumes this node can attach (nbd devices).
+        #[arg(long, default_value_t = 16)]
+        max_volumes: i64,
     },
     /// Manage volumes.
     #[command(subcommand)]
@@ -211,7 +217,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             serve(ServeArgs { url, listen, create, size, chunk_size, read_only, export_name }, &g).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Csi { mode, endpoint, driver_name, node_id, store, capacity } => {
+        Command::Csi { mode, endpoint, driver_name, node_id, store, capacity, state_dir, max_volumes } => {
             use crate::csi::server::{CsiConfig, Mode};
             let default_store = store.map(|s| Location::parse(&s, false)).transpose()?;
             let mode = match mode {
@@ -219,7 +225,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 CsiMode::Node => Mode::Node,
                 CsiMode::All => Mode::All,
             };
-            let cfg = CsiConfig { mode, endpoint, driver_name, node_id, default_store, capacity };
+            let cfg = CsiConfig {
+                mode,
+                endpoint,
+                driver_name,
+                node_id,
+                default_store,
+                capacity,
+                state_dir,
+                max_volumes,
+                dirty_limit: g.dirty_limit,
+                cache_limit: g.cache_size,
+            };
             let stores = Arc::new(crate::csi::common::Stores::new(g.policy()));
             crate::csi::server::run(cfg, stores, wait_for_signal()).await?;
             eprintln!("CSI driver stopped");

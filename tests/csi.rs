@@ -42,6 +42,10 @@ async fn driver() -> Option<Driver> {
         node_id: None,
         default_store: Some(Location::parse(&format!("s3://{bucket}/k8s"), false).expect("store")),
         capacity: 1 << 50,
+        state_dir: dir.path().join("state"),
+        max_volumes: 16,
+        dirty_limit: 64 << 20,
+        cache_limit: 64 << 20,
     };
     // Requests without secrets (ListVolumes, GetVolume) use these settings.
     let stores = Arc::new(Stores::with_defaults(common::fast_policy(), common::s3_settings(&endpoint)));

@@ -9,4 +9,6 @@ pub mod pb {
 pub mod common;
 pub mod controller;
 pub mod identity;
+pub mod mount;
+pub mod node;
 pub mod server;

@@ -10,6 +10,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use super::common::Stores;
 use super::controller::{ControllerConfig, ControllerService};
 use super::identity::IdentityService;
+use super::node::{NodeConfig, NodeService};
 use super::pb;
 use crate::location::Location;
 
@@ -29,6 +30,11 @@ pub struct CsiConfig {
     pub node_id: Option<String>,
     pub default_store: Option<Location>,
     pub capacity: u64,
+    /// Node mode: where stage records and per-volume sockets live.
+    pub state_dir: PathBuf,
+    pub max_volumes: i64,
+    pub dirty_limit: u64,
+    pub cache_limit: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,8 +43,10 @@ pub enum CsiError {
     Endpoint(String),
     #[error("socket {path}: {source}")]
     Socket { path: PathBuf, source: std::io::Error },
-    #[error("the node service is not available yet in this version; run --mode controller")]
-    NodeUnavailable,
+    #[error("node mode needs --node-id")]
+    NoNodeId,
+    #[error("state directory {path}: {source}")]
+    StateDir { path: PathBuf, source: std::io::Error },
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -79,31 +87,52 @@ pub async fn run(
     stores: Arc<Stores>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), CsiError> {
-    if cfg.mode != Mode::Controller {
-        return Err(CsiError::NodeUnavailable);
-    }
     let path = socket_path(&cfg.endpoint)?;
+    let with_controller = cfg.mode != Mode::Node;
+    let node = if cfg.mode != Mode::Controller {
+        let node_id = cfg.node_id.clone().filter(|n| !n.is_empty()).ok_or(CsiError::NoNodeId)?;
+        let ncfg = NodeConfig {
+            node_id,
+            state_dir: cfg.state_dir.clone(),
+            max_volumes: cfg.max_volumes,
+            dirty_limit: cfg.dirty_limit,
+            cache_limit: cfg.cache_limit,
+        };
+        let n = NodeService::new(ncfg, stores.clone())
+            .map_err(|source| CsiError::StateDir { path: cfg.state_dir.clone(), source })?;
+        let n = Arc::new(n);
+        n.recover().await;
+        Some(n)
+    } else {
+        None
+    };
     let listener = bind(&path)?;
     let identity = IdentityService {
         driver_name: cfg.driver_name.clone(),
-        controller: true,
+        controller: with_controller,
         probe_store: cfg.default_store.clone(),
         stores: stores.clone(),
     };
-    let controller = ControllerService::new(
-        ControllerConfig { default_store: cfg.default_store.clone(), capacity: cfg.capacity },
-        stores,
-    );
+    let controller = with_controller.then(|| {
+        pb::controller_server::ControllerServer::new(ControllerService::new(
+            ControllerConfig { default_store: cfg.default_store.clone(), capacity: cfg.capacity },
+            stores,
+        ))
+    });
     static REQUEST_ID: AtomicU64 = AtomicU64::new(1);
-    tracing::info!(endpoint = %cfg.endpoint, driver = %cfg.driver_name, "CSI controller listening");
+    tracing::info!(endpoint = %cfg.endpoint, driver = %cfg.driver_name, mode = ?cfg.mode, "CSI driver listening");
     let result = tonic::transport::Server::builder()
         .trace_fn(|req| {
             tracing::info_span!("csi", method = %req.uri().path(), request_id = REQUEST_ID.fetch_add(1, Ordering::Relaxed))
         })
         .add_service(pb::identity_server::IdentityServer::new(identity))
-        .add_service(pb::controller_server::ControllerServer::new(controller))
+        .add_optional_service(controller)
+        .add_optional_service(node.clone().map(pb::node_server::NodeServer::from_arc))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
+    if let Some(n) = node {
+        n.shutdown().await;
+    }
     let _ = std::fs::remove_file(&path);
     result.map_err(CsiError::from)
 }

@@ -3,7 +3,7 @@
 # script with the host's root filesystem mounted read-only over 9p, so the
 # guest uses the same binaries (s3blk, nbd-client, mkfs) as the host.
 #
-#   tests/vm/run.sh GUEST-SCRIPT S3BLK-BINARY [TIMEOUT-SECONDS]
+#   tests/vm/run.sh GUEST-SCRIPT S3BLK-BINARY [TIMEOUT-SECONDS [TEST-BINARY]]
 #
 # The guest script's output appears on stdout; the last line is
 # "S3BLK-VM-EXIT: <status>". Kernel and initramfs are cached in target/vm.
@@ -14,6 +14,7 @@ work="$repo/target/vm"
 script=$(realpath "$1")
 bin=$(realpath "$2")
 timeout_s=${3:-600}
+test_bin=${4:+$(realpath "$4")}
 mkdir -p "$work"
 
 # --- kernel: the current Debian kernel package, unpacked, never installed.
@@ -62,8 +63,9 @@ for d in dev proc sys; do $bb mount --bind /$d /host/$d; done
 $bb mount -t tmpfs run /host/run
 script=$($bb sed -n 's/.*s3blk\.script=\([^ ]*\).*/\1/p' /proc/cmdline)
 bin=$($bb sed -n 's/.*s3blk\.bin=\([^ ]*\).*/\1/p' /proc/cmdline)
+test_bin=$($bb sed -n 's/.*s3blk\.test=\([^ ]*\).*/\1/p' /proc/cmdline)
 $bb mkdir -p /host/run/s3blk-vm
-S3BLK_BIN="$bin" TMPDIR=/run/s3blk-vm HOME=/run/s3blk-vm PATH=/usr/sbin:/usr/bin:/sbin:/bin $bb chroot /host /bin/bash "$script"
+S3BLK_TEST_BIN="$test_bin" S3BLK_BIN="$bin" TMPDIR=/run/s3blk-vm HOME=/run/s3blk-vm PATH=/usr/sbin:/usr/bin:/sbin:/bin $bb chroot /host /bin/bash "$script"
 echo "S3BLK-VM-EXIT: $?"
 $bb sync
 $bb poweroff -f
@@ -78,4 +80,4 @@ exec timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 \
   -machine q35,accel=tcg -smp 2 -m 1536 -nographic -no-reboot -nic none \
   -kernel "$kernel" -initrd "$work/initrd.img" \
   -virtfs "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap" \
-  -append "console=ttyS0 panic=-1 quiet loglevel=3 s3blk.script=$script s3blk.bin=$bin"
+  -append "console=ttyS0 panic=-1 quiet loglevel=3 s3blk.script=$script s3blk.bin=$bin${test_bin:+ s3blk.test=$test_bin}"

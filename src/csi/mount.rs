@@ -1,0 +1,203 @@
+//! What the node plugin does to the host: find a free `/dev/nbdX`, attach
+//! it with `nbd-client`, make and grow filesystems, mount and unmount.
+//! Every external program is named here, so the container image can be
+//! checked against this list.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+/// Programs the node plugin runs (the container image must provide them).
+pub const PROGRAMS: &[&str] =
+    &["nbd-client", "blkid", "mkfs.ext4", "mkfs.xfs", "mount", "umount", "resize2fs", "xfs_growfs", "blockdev"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{cmd} failed: {detail}")]
+    Command { cmd: String, detail: String },
+    #[error("no free /dev/nbd device (load the module with more devices: modprobe nbd nbds_max=N)")]
+    NoFreeDevice,
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("{0} did not come up within {1:?}")]
+    Timeout(String, Duration),
+}
+
+/// Run a program; its stderr becomes the error.
+pub async fn run(cmd: &str, args: &[&str]) -> Result<String, MountError> {
+    let out = tokio::process::Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| MountError::Command { cmd: cmd.to_string(), detail: e.to_string() })?;
+    if !out.status.success() {
+        let detail = format!(
+            "{} ({})",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            out.status.code().map(|c| format!("exit {c}")).unwrap_or_else(|| "killed".into())
+        );
+        return Err(MountError::Command { cmd: format!("{cmd} {}", args.join(" ")), detail });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn sys_block(dev: &str) -> PathBuf {
+    PathBuf::from("/sys/block").join(dev.trim_start_matches("/dev/"))
+}
+
+/// Size in bytes the kernel reports for an nbd device (0 = not connected).
+pub fn device_size(dev: &str) -> u64 {
+    std::fs::read_to_string(sys_block(dev).join("size"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(|sectors| sectors * 512)
+        .unwrap_or(0)
+}
+
+/// Every nbd device the kernel has, in numeric order.
+pub fn nbd_devices() -> Vec<String> {
+    let mut devs: Vec<(u32, String)> = std::fs::read_dir("/sys/block")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter_map(|n| n.strip_prefix("nbd").and_then(|i| i.parse::<u32>().ok()).map(|i| (i, n)))
+                .collect()
+        })
+        .unwrap_or_default();
+    devs.sort();
+    devs.into_iter().map(|(_, n)| format!("/dev/{n}")).collect()
+}
+
+/// A device nobody uses: no size and no client process.
+pub fn free_device(taken: &[String]) -> Result<String, MountError> {
+    nbd_devices()
+        .into_iter()
+        .find(|d| !taken.contains(d) && device_size(d) == 0 && !sys_block(d).join("pid").exists())
+        .ok_or(MountError::NoFreeDevice)
+}
+
+/// Attach `dev` to the NBD server on `socket`. `-persist` makes the client
+/// reconnect when the server restarts (plugin upgrade or crash).
+pub async fn attach(socket: &Path, export: &str, dev: &str, readonly: bool) -> Result<(), MountError> {
+    let sock = socket.display().to_string();
+    let mut args = vec!["-unix", &sock, "-N", export, "-b", "4096", "-L", "-persist", dev];
+    if readonly {
+        args.insert(0, "-readonly");
+    }
+    run("nbd-client", &args).await?;
+    wait_for(dev, Duration::from_secs(20), || device_size(dev) > 0).await
+}
+
+pub async fn detach(dev: &str) -> Result<(), MountError> {
+    if device_size(dev) == 0 && !sys_block(dev).join("pid").exists() {
+        return Ok(());
+    }
+    run("nbd-client", &["-d", dev]).await?;
+    wait_for(dev, Duration::from_secs(20), || device_size(dev) == 0).await
+}
+
+async fn wait_for(what: &str, limit: Duration, cond: impl Fn() -> bool) -> Result<(), MountError> {
+    let start = std::time::Instant::now();
+    while !cond() {
+        if start.elapsed() > limit {
+            return Err(MountError::Timeout(what.to_string(), limit));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Tell the kernel the device grew (`NBD_SET_SIZE`); works while connected.
+pub fn set_device_size(dev: &str, bytes: u64) -> Result<(), MountError> {
+    use std::os::fd::AsRawFd;
+    const NBD_SET_SIZE: libc::c_ulong = 0xab02;
+    let f = std::fs::OpenOptions::new().read(true).open(dev).map_err(|e| MountError::Io(dev.to_string(), e))?;
+    // SAFETY: NBD_SET_SIZE takes its argument by value; the fd is open for
+    // the duration of the call.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), NBD_SET_SIZE as _, bytes as libc::c_ulong) };
+    if rc != 0 {
+        return Err(MountError::Io(format!("{dev}: NBD_SET_SIZE"), std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The filesystem on a device, `None` when it holds none.
+pub async fn filesystem(dev: &str) -> Result<Option<String>, MountError> {
+    match run("blkid", &["-p", "-o", "value", "-s", "TYPE", dev]).await {
+        Ok(out) => Ok(Some(out.trim().to_string()).filter(|s| !s.is_empty())),
+        // blkid exits 2 when it finds nothing.
+        Err(MountError::Command { detail, .. }) if detail.contains("exit 2") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+pub async fn mkfs(dev: &str, fs: &str, options: &str) -> Result<(), MountError> {
+    let opts: Vec<&str> = options.split_whitespace().collect();
+    let mut args: Vec<&str> = match fs {
+        "xfs" => vec!["-q"],
+        _ => vec!["-q", "-F", "-E", "nodiscard"],
+    };
+    args.extend(opts);
+    args.push(dev);
+    run(if fs == "xfs" { "mkfs.xfs" } else { "mkfs.ext4" }, &args).await.map(|_| ())
+}
+
+/// Is `path` a mount point (per /proc/self/mountinfo)?
+pub fn is_mountpoint(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let target = path.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| unescape(m) == target))
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}
+
+pub async fn mount(source: &str, target: &Path, fs: Option<&str>, options: &[String]) -> Result<(), MountError> {
+    let t = target.display().to_string();
+    let opts = options.join(",");
+    let mut args: Vec<&str> = Vec::new();
+    if let Some(fs) = fs {
+        args.extend(["-t", fs]);
+    }
+    if !opts.is_empty() {
+        args.extend(["-o", &opts]);
+    }
+    args.extend([source, &t]);
+    run("mount", &args).await.map(|_| ())
+}
+
+pub async fn umount(target: &Path) -> Result<(), MountError> {
+    if !is_mountpoint(target) {
+        return Ok(());
+    }
+    run("umount", &[&target.display().to_string()]).await.map(|_| ())
+}
+
+pub async fn grow_filesystem(dev: &str, mountpoint: &Path, fs: &str) -> Result<(), MountError> {
+    match fs {
+        "xfs" => run("xfs_growfs", &[&mountpoint.display().to_string()]).await.map(|_| ()),
+        _ => run("resize2fs", &[dev]).await.map(|_| ()),
+    }
+}
+
+/// (total, free, used) bytes and inodes of a mounted filesystem.
+pub fn statvfs(path: &Path) -> Result<([u64; 3], [u64; 3]), MountError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| MountError::Io(path.display().to_string(), std::io::Error::other(e)))?;
+    // SAFETY: statvfs writes into the struct we pass and reads the C string.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
+    if rc != 0 {
+        return Err(MountError::Io(path.display().to_string(), std::io::Error::last_os_error()));
+    }
+    let bs = s.f_frsize as u64;
+    let total = s.f_blocks as u64 * bs;
+    let avail = s.f_bavail as u64 * bs;
+    let used = total.saturating_sub(s.f_bfree as u64 * bs);
+    let inodes = s.f_files as u64;
+    let ifree = s.f_ffree as u64;
+    Ok(([total, avail, used], [inodes, ifree, inodes.saturating_sub(ifree)]))
+}

@@ -1,0 +1,480 @@
+//! The CSI node service: serve a volume from this process over NBD on a
+//! per-volume unix socket, attach it with `nbd-client`, then mkfs (only if
+//! the device holds no filesystem) and mount it at the staging path.
+//!
+//! Each staged volume has a record in the state directory, so a restarted
+//! plugin serves its volumes again on the same sockets; `nbd-client
+//! -persist` reconnects to them.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, watch};
+use tonic::{Request, Response, Status};
+
+use super::common::{InFlight, RpcResult, Stores, check_capability, parse_volume_id, status};
+use super::mount::{self, MountError};
+use super::pb;
+use crate::nbd::{Export, Listen, server};
+use crate::size::parse_size;
+use crate::volume::{OpenOptions, Volume};
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node_id: String,
+    pub state_dir: PathBuf,
+    pub max_volumes: i64,
+    /// Engine settings for served volumes (overridable per volume by `cacheSize`).
+    pub dirty_limit: u64,
+    pub cache_limit: u64,
+}
+
+/// What a staged volume needs to be served again after a restart.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StageRecord {
+    volume_id: String,
+    staging_path: PathBuf,
+    device: String,
+    socket: PathBuf,
+    export: String,
+    /// `None` for raw block volumes.
+    fs_type: Option<String>,
+    readonly: bool,
+    cache_limit: u64,
+    /// Kept (mode 0600, root-only directory) so a restarted plugin can
+    /// reconnect to the store with the same credentials.
+    #[serde(default)]
+    secrets: HashMap<String, String>,
+}
+
+struct Staged {
+    record: StageRecord,
+    volume: Volume,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+pub struct NodeService {
+    cfg: NodeConfig,
+    stores: Arc<Stores>,
+    staged: Mutex<HashMap<String, Staged>>,
+    inflight: InFlight,
+}
+
+impl std::fmt::Debug for NodeService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeService").field("cfg", &self.cfg).finish_non_exhaustive()
+    }
+}
+
+fn internal(e: MountError) -> Status {
+    Status::internal(e.to_string())
+}
+
+fn key_of(volume_id: &str) -> String {
+    format!("{:08x}", crc32c::crc32c(volume_id.as_bytes()))
+}
+
+fn required_path(p: &str, what: &str) -> Result<PathBuf, Status> {
+    if p.is_empty() {
+        return Err(Status::invalid_argument(format!("{what} is required")));
+    }
+    let path = PathBuf::from(p);
+    if !path.is_absolute() {
+        return Err(Status::invalid_argument(format!("{what} must be absolute")));
+    }
+    Ok(path)
+}
+
+impl NodeService {
+    pub fn new(cfg: NodeConfig, stores: Arc<Stores>) -> Result<Self, std::io::Error> {
+        std::fs::create_dir_all(&cfg.state_dir)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))?;
+        Ok(Self { cfg, stores, staged: Mutex::new(HashMap::new()), inflight: InFlight::default() })
+    }
+
+    fn record_path(&self, volume_id: &str) -> PathBuf {
+        self.cfg.state_dir.join(format!("{}.json", key_of(volume_id)))
+    }
+
+    fn save(&self, r: &StageRecord) -> Result<(), Status> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.record_path(&r.volume_id);
+        let tmp = path.with_extension("tmp");
+        let body = serde_json::to_vec_pretty(r).map_err(|e| Status::internal(e.to_string()))?;
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| Status::internal(format!("state record {}: {e}", path.display())))
+    }
+
+    /// Open the volume and serve it on its socket.
+    async fn serve(&self, r: &StageRecord) -> Result<Staged, Status> {
+        let loc = parse_volume_id(&r.volume_id)?;
+        let store = self.stores.get(&loc, &r.secrets).await?;
+        let opts = OpenOptions {
+            read_only: r.readonly,
+            dirty_limit: self.cfg.dirty_limit,
+            cache_limit: r.cache_limit,
+            ..OpenOptions::default()
+        };
+        let volume = Volume::open(store, &loc.prefix, opts).await.map_err(status)?;
+        let bound = server::bind(&Listen::Unix(r.socket.clone()))
+            .await
+            .map_err(|e| Status::internal(format!("socket {}: {e}", r.socket.display())))?;
+        let export = Arc::new(Export {
+            name: r.export.clone(),
+            description: r.volume_id.clone(),
+            volume: volume.clone(),
+            read_only: r.readonly,
+        });
+        let (shutdown, rx) = watch::channel(false);
+        let task = tokio::spawn(server::serve(bound, export, rx));
+        Ok(Staged { record: r.clone(), volume, shutdown, task })
+    }
+
+    /// Serve again every volume staged before a restart.
+    pub async fn recover(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.cfg.state_dir) else { return };
+        for entry in dir.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let record: StageRecord = match std::fs::read(&path).map(|b| serde_json::from_slice(&b)) {
+                Ok(Ok(r)) => r,
+                _ => {
+                    tracing::warn!(path = %path.display(), "unreadable stage record skipped");
+                    continue;
+                }
+            };
+            match self.serve(&record).await {
+                Ok(s) => {
+                    tracing::info!(volume = %record.volume_id, device = %record.device, "serving staged volume again");
+                    if mount::device_size(&record.device) == 0 {
+                        if let Err(e) =
+                            mount::attach(&record.socket, &record.export, &record.device, record.readonly).await
+                        {
+                            tracing::warn!(volume = %record.volume_id, error = %e, "re-attach failed");
+                        }
+                    }
+                    self.staged.lock().await.insert(record.volume_id.clone(), s);
+                }
+                Err(e) => tracing::error!(volume = %record.volume_id, error = %e, "cannot serve staged volume"),
+            }
+        }
+    }
+
+    /// Stop serving: flush everything, then close the socket.
+    async fn stop(&self, s: Staged) -> Result<(), Status> {
+        let _ = s.shutdown.send(true);
+        match s.task.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Status::internal(format!("final flush of {} failed: {e}", s.record.volume_id))),
+            Err(e) => Err(Status::internal(format!("server task: {e}"))),
+        }
+    }
+
+    /// Flush and stop every served volume (plugin shutdown). Devices stay
+    /// attached: `nbd-client -persist` reconnects when the plugin returns.
+    pub async fn shutdown(&self) {
+        let all: Vec<Staged> = self.staged.lock().await.drain().map(|(_, s)| s).collect();
+        for s in all {
+            let id = s.record.volume_id.clone();
+            if let Err(e) = self.stop(s).await {
+                tracing::error!(volume = %id, error = %e, "stop failed");
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::node_server::Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        request: Request<pb::NodeStageVolumeRequest>,
+    ) -> RpcResult<pb::NodeStageVolumeResponse> {
+        let req = request.into_inner();
+        parse_volume_id(&req.volume_id)?;
+        let staging = required_path(&req.staging_target_path, "staging target path")?;
+        let cap =
+            req.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume capability is required"))?;
+        check_capability(cap).map_err(Status::invalid_argument)?;
+        let _guard = self.inflight.start(&req.volume_id)?;
+        if let Some(s) = self.staged.lock().await.get(&req.volume_id) {
+            if s.record.staging_path == staging {
+                return Ok(Response::new(pb::NodeStageVolumeResponse {}));
+            }
+            return Err(Status::failed_precondition(format!(
+                "volume is already staged at {}",
+                s.record.staging_path.display()
+            )));
+        }
+        if staging.exists() && !staging.is_dir() {
+            return Err(Status::failed_precondition(format!("{} is not a directory", staging.display())));
+        }
+        use pb::volume_capability::{AccessType, access_mode::Mode};
+        let mode = cap.access_mode.as_ref().map(|m| m.mode()).unwrap_or(Mode::Unknown);
+        let readonly = req.publish_context.get("readonly").is_some_and(|v| v == "true")
+            || matches!(mode, Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly);
+        let fs_type = match &cap.access_type {
+            Some(AccessType::Mount(m)) => Some(
+                Some(m.fs_type.clone())
+                    .filter(|f| !f.is_empty())
+                    .or_else(|| req.volume_context.get("fsType").cloned())
+                    .unwrap_or_else(|| "ext4".to_string()),
+            ),
+            _ => None,
+        };
+        let cache_limit = match req.volume_context.get("cacheSize") {
+            Some(v) => parse_size(v).map_err(Status::invalid_argument)?,
+            None => self.cfg.cache_limit,
+        };
+        let taken: Vec<String> = self.staged.lock().await.values().map(|s| s.record.device.clone()).collect();
+        let device = mount::free_device(&taken).map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        let key = key_of(&req.volume_id);
+        let record = StageRecord {
+            volume_id: req.volume_id.clone(),
+            staging_path: staging.clone(),
+            device: device.clone(),
+            socket: self.cfg.state_dir.join(format!("{key}.sock")),
+            export: key,
+            fs_type: fs_type.clone(),
+            readonly,
+            cache_limit,
+            secrets: req.secrets.clone(),
+        };
+        let staged = self.serve(&record).await?;
+        let result: Result<(), Status> = async {
+            mount::attach(&record.socket, &record.export, &device, readonly).await.map_err(internal)?;
+            if let Some(fs) = &fs_type {
+                match mount::filesystem(&device).await.map_err(internal)? {
+                    Some(found) if &found != fs => {
+                        return Err(Status::failed_precondition(format!(
+                            "the volume holds a {found} filesystem, not {fs}"
+                        )));
+                    }
+                    Some(_) => {}
+                    None if readonly => {
+                        return Err(Status::failed_precondition(
+                            "a read-only volume without a filesystem cannot be mounted",
+                        ));
+                    }
+                    None => {
+                        let opts = req.volume_context.get("mkfsOptions").cloned().unwrap_or_default();
+                        mount::mkfs(&device, fs, &opts).await.map_err(internal)?;
+                    }
+                }
+                std::fs::create_dir_all(&staging)
+                    .map_err(|e| Status::internal(format!("{}: {e}", staging.display())))?;
+                let mut flags = match &cap.access_type {
+                    Some(AccessType::Mount(m)) => m.mount_flags.clone(),
+                    _ => Vec::new(),
+                };
+                if readonly {
+                    flags.push("ro".into());
+                }
+                mount::mount(&device, &staging, Some(fs), &flags).await.map_err(internal)?;
+            }
+            self.save(&record)
+        }
+        .await;
+        if let Err(e) = result {
+            // Leave nothing half-done behind.
+            let _ = mount::umount(&staging).await;
+            let _ = mount::detach(&device).await;
+            let _ = self.stop(staged).await;
+            return Err(e);
+        }
+        tracing::info!(volume = %req.volume_id, device = %device, staging = %staging.display(), "volume staged");
+        self.staged.lock().await.insert(req.volume_id, staged);
+        Ok(Response::new(pb::NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<pb::NodeUnstageVolumeRequest>,
+    ) -> RpcResult<pb::NodeUnstageVolumeResponse> {
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume id is required"));
+        }
+        let staging = required_path(&req.staging_target_path, "staging target path")?;
+        let _guard = self.inflight.start(&req.volume_id)?;
+        mount::umount(&staging).await.map_err(internal)?;
+        let staged = self.staged.lock().await.remove(&req.volume_id);
+        if let Some(s) = staged {
+            if let Err(e) = mount::detach(&s.record.device).await {
+                self.staged.lock().await.insert(req.volume_id.clone(), s);
+                return Err(internal(e));
+            }
+            self.stop(s).await?;
+        }
+        let _ = std::fs::remove_file(self.record_path(&req.volume_id));
+        tracing::info!(volume = %req.volume_id, "volume unstaged");
+        Ok(Response::new(pb::NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<pb::NodePublishVolumeRequest>,
+    ) -> RpcResult<pb::NodePublishVolumeResponse> {
+        let req = request.into_inner();
+        parse_volume_id(&req.volume_id)?;
+        let target = required_path(&req.target_path, "target path")?;
+        let staging = required_path(&req.staging_target_path, "staging target path")?;
+        let cap =
+            req.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume capability is required"))?;
+        check_capability(cap).map_err(Status::invalid_argument)?;
+        let device = {
+            let staged = self.staged.lock().await;
+            let s = staged
+                .get(&req.volume_id)
+                .ok_or_else(|| Status::failed_precondition("the volume is not staged on this node"))?;
+            if s.record.staging_path != staging {
+                return Err(Status::invalid_argument("staging path differs from the one the volume was staged at"));
+            }
+            s.record.device.clone()
+        };
+        if mount::is_mountpoint(&target) {
+            return Ok(Response::new(pb::NodePublishVolumeResponse {}));
+        }
+        let mut opts = vec!["bind".to_string()];
+        let block = matches!(cap.access_type, Some(pb::volume_capability::AccessType::Block(_)));
+        let source = if block {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Status::internal(e.to_string()))?;
+            }
+            if !target.exists() {
+                std::fs::File::create(&target).map_err(|e| Status::internal(format!("{}: {e}", target.display())))?;
+            }
+            device
+        } else {
+            std::fs::create_dir_all(&target).map_err(|e| Status::internal(format!("{}: {e}", target.display())))?;
+            staging.display().to_string()
+        };
+        mount::mount(&source, &target, None, &opts).await.map_err(internal)?;
+        if req.readonly {
+            opts.extend(["remount".to_string(), "ro".to_string()]);
+            if let Err(e) = mount::mount(&source, &target, None, &opts).await {
+                let _ = mount::umount(&target).await;
+                return Err(internal(e));
+            }
+        }
+        Ok(Response::new(pb::NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<pb::NodeUnpublishVolumeRequest>,
+    ) -> RpcResult<pb::NodeUnpublishVolumeResponse> {
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume id is required"));
+        }
+        let target = required_path(&req.target_path, "target path")?;
+        mount::umount(&target).await.map_err(internal)?;
+        if target.is_dir() {
+            let _ = std::fs::remove_dir(&target);
+        } else if target.exists() {
+            let _ = std::fs::remove_file(&target);
+        }
+        Ok(Response::new(pb::NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<pb::NodeGetVolumeStatsRequest>,
+    ) -> RpcResult<pb::NodeGetVolumeStatsResponse> {
+        let req = request.into_inner();
+        parse_volume_id(&req.volume_id)?;
+        let path = required_path(&req.volume_path, "volume path")?;
+        let staged = self.staged.lock().await;
+        let s = staged.get(&req.volume_id).ok_or_else(|| Status::not_found("the volume is not staged on this node"))?;
+        if !path.exists() {
+            return Err(Status::not_found(format!("{} does not exist", path.display())));
+        }
+        let condition = match s.volume.fenced() {
+            Some(why) => pb::VolumeCondition { abnormal: true, message: format!("fenced: {why}") },
+            None => pb::VolumeCondition { abnormal: false, message: "ok".into() },
+        };
+        use pb::volume_usage::Unit;
+        let usage = if s.record.fs_type.is_some() && path.is_dir() {
+            let (bytes, inodes) = mount::statvfs(&path).map_err(internal)?;
+            let u = |v: [u64; 3], unit: Unit| pb::VolumeUsage {
+                total: v[0] as i64,
+                available: v[1] as i64,
+                used: v[2] as i64,
+                unit: unit as i32,
+            };
+            vec![u(bytes, Unit::Bytes), u(inodes, Unit::Inodes)]
+        } else {
+            vec![pb::VolumeUsage { total: s.volume.size() as i64, unit: Unit::Bytes as i32, ..Default::default() }]
+        };
+        Ok(Response::new(pb::NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) }))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        request: Request<pb::NodeExpandVolumeRequest>,
+    ) -> RpcResult<pb::NodeExpandVolumeResponse> {
+        let req = request.into_inner();
+        parse_volume_id(&req.volume_id)?;
+        required_path(&req.volume_path, "volume path")?;
+        let _guard = self.inflight.start(&req.volume_id)?;
+        let (volume, record) = {
+            let staged = self.staged.lock().await;
+            let s =
+                staged.get(&req.volume_id).ok_or_else(|| Status::not_found("the volume is not staged on this node"))?;
+            (s.volume.clone(), s.record.clone())
+        };
+        let want = req
+            .capacity_range
+            .as_ref()
+            .map(|r| r.required_bytes.max(0) as u64)
+            .filter(|b| *b > 0)
+            .ok_or_else(|| Status::invalid_argument("capacity range is required"))?;
+        let chunk = volume.chunk_size();
+        let want = want.div_ceil(chunk) * chunk;
+        if want > volume.size() {
+            // This engine is the volume's writer: it grows and commits the size.
+            volume.resize(want).await.map_err(status)?;
+        }
+        let size = volume.size();
+        if mount::device_size(&record.device) < size {
+            mount::set_device_size(&record.device, size).map_err(internal)?;
+        }
+        if let Some(fs) = &record.fs_type {
+            mount::grow_filesystem(&record.device, &record.staging_path, fs).await.map_err(internal)?;
+        }
+        tracing::info!(volume = %req.volume_id, size, "volume expanded on the node");
+        Ok(Response::new(pb::NodeExpandVolumeResponse { capacity_bytes: size as i64 }))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _r: Request<pb::NodeGetCapabilitiesRequest>,
+    ) -> RpcResult<pb::NodeGetCapabilitiesResponse> {
+        use pb::node_service_capability::{Rpc, Type, rpc::Type as T};
+        let caps = [T::StageUnstageVolume, T::GetVolumeStats, T::ExpandVolume, T::VolumeCondition]
+            .into_iter()
+            .map(|t| pb::NodeServiceCapability { r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })) })
+            .collect();
+        Ok(Response::new(pb::NodeGetCapabilitiesResponse { capabilities: caps }))
+    }
+
+    async fn node_get_info(&self, _r: Request<pb::NodeGetInfoRequest>) -> RpcResult<pb::NodeGetInfoResponse> {
+        Ok(Response::new(pb::NodeGetInfoResponse {
+            node_id: self.cfg.node_id.clone(),
+            max_volumes_per_node: self.cfg.max_volumes,
+            accessible_topology: None,
+        }))
+    }
+}
