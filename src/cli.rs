@@ -89,6 +89,9 @@ enum Command {
         /// Node mode: volumes this node can attach (nbd devices).
         #[arg(long, default_value_t = 16)]
         max_volumes: i64,
+        /// Serve Prometheus metrics (/metrics) and /healthz on this address, e.g. 0.0.0.0:9808.
+        #[arg(long)]
+        metrics_address: Option<String>,
     },
     /// Manage volumes.
     #[command(subcommand)]
@@ -217,7 +220,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             serve(ServeArgs { url, listen, create, size, chunk_size, read_only, export_name }, &g).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Csi { mode, endpoint, driver_name, node_id, store, capacity, state_dir, max_volumes } => {
+        Command::Csi {
+            mode,
+            endpoint,
+            driver_name,
+            node_id,
+            store,
+            capacity,
+            state_dir,
+            max_volumes,
+            metrics_address,
+        } => {
             use crate::csi::server::{CsiConfig, Mode};
             let default_store = store.map(|s| Location::parse(&s, false)).transpose()?;
             let mode = match mode {
@@ -236,6 +249,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 max_volumes,
                 dirty_limit: g.dirty_limit,
                 cache_limit: g.cache_size,
+                metrics_address,
             };
             let stores = Arc::new(crate::csi::common::Stores::new(g.policy()));
             crate::csi::server::run(cfg, stores, wait_for_signal()).await?;

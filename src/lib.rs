@@ -6,6 +6,7 @@ pub mod clock;
 pub mod csi;
 pub mod error;
 pub mod location;
+pub mod metrics;
 pub mod nbd;
 pub mod size;
 pub mod store;

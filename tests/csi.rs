@@ -46,6 +46,7 @@ async fn driver() -> Option<Driver> {
         max_volumes: 16,
         dirty_limit: 64 << 20,
         cache_limit: 64 << 20,
+        metrics_address: Some("127.0.0.1:0".into()),
     };
     // Requests without secrets (ListVolumes, GetVolume) use these settings.
     let stores = Arc::new(Stores::with_defaults(common::fast_policy(), common::s3_settings(&endpoint)));
@@ -533,4 +534,31 @@ async fn credentials_never_appear_in_errors() {
     assert_eq!(err.code(), Code::Unavailable, "{err}");
     let text = format!("{err:?}");
     assert!(!text.contains("TOPSECRET") && !text.contains("AKIDLEAKCHECK"), "secret leaked: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_serves_prometheus_text() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(s3blk::metrics::serve(l));
+    // Real traffic through the retry layer shows up as store counters.
+    let store: DynStore = Arc::new(s3blk::store::retry::RetryStore::new(
+        Arc::new(s3blk::store::memory::MemoryStore::new()),
+        common::fast_policy(),
+    ));
+    store.head("x").await.expect("head");
+    let get = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.expect("send");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    };
+    let text = get("/metrics").await;
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(text.contains("# TYPE s3blk_store_requests_total counter"), "{text}");
+    assert!(text.contains("s3blk_store_requests_total{op=\"HEAD\"}"), "{text}");
+    assert!(get("/healthz").await.ends_with("ok\n"));
+    assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
 }

@@ -35,6 +35,8 @@ pub struct CsiConfig {
     pub max_volumes: i64,
     pub dirty_limit: u64,
     pub cache_limit: u64,
+    /// `HOST:PORT` for Prometheus metrics, if wanted.
+    pub metrics_address: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +49,8 @@ pub enum CsiError {
     NoNodeId,
     #[error("state directory {path}: {source}")]
     StateDir { path: PathBuf, source: std::io::Error },
+    #[error("metrics address {0}: {1}")]
+    Metrics(String, std::io::Error),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -107,6 +111,14 @@ pub async fn run(
         None
     };
     let listener = bind(&path)?;
+    let metrics = match &cfg.metrics_address {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| CsiError::Metrics(addr.clone(), e))?;
+            tracing::info!(address = %addr, "metrics at /metrics");
+            Some(tokio::spawn(crate::metrics::serve(l)))
+        }
+        None => None,
+    };
     let identity = IdentityService {
         driver_name: cfg.driver_name.clone(),
         controller: with_controller,
@@ -125,6 +137,11 @@ pub async fn run(
         .trace_fn(|req| {
             tracing::info_span!("csi", method = %req.uri().path(), request_id = REQUEST_ID.fetch_add(1, Ordering::Relaxed))
         })
+        .layer(tower::util::MapRequestLayer::new(|req: http::Request<tonic::body::Body>| {
+            let method = req.uri().path().rsplit('/').next().unwrap_or("unknown").to_string();
+            crate::metrics::inc("s3blk_csi_requests_total", &format!("method=\"{method}\""));
+            req
+        }))
         .add_service(pb::identity_server::IdentityServer::new(identity))
         .add_optional_service(controller)
         .add_optional_service(node.clone().map(pb::node_server::NodeServer::from_arc))
@@ -132,6 +149,9 @@ pub async fn run(
         .await;
     if let Some(n) = node {
         n.shutdown().await;
+    }
+    if let Some(m) = metrics {
+        m.abort();
     }
     let _ = std::fs::remove_file(&path);
     result.map_err(CsiError::from)

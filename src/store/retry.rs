@@ -80,8 +80,10 @@ impl RetryStore {
         Fut: std::future::Future<Output = StoreResult<T>> + Send,
     {
         let mut attempt = 0u32;
+        let labels = format!("op=\"{what}\"");
         loop {
             attempt += 1;
+            crate::metrics::inc("s3blk_store_requests_total", &labels);
             let result = match tokio::time::timeout(self.policy.attempt_timeout, op()).await {
                 Ok(r) => r,
                 Err(_) => Err(StoreError::Transient(format!(
@@ -91,12 +93,18 @@ impl RetryStore {
             };
             match result {
                 Err(e) if e.is_retryable() && attempt < self.policy.max_attempts => {
+                    crate::metrics::inc("s3blk_store_retries_total", &labels);
                     let delay = (self.jitter)(self.policy.delay_cap(attempt - 1));
                     tracing::debug!(op = what, key, attempt, ?delay, error = %e, "retrying store call");
                     self.clock.sleep(delay).await;
                 }
                 Err(StoreError::Transient(msg)) => {
+                    crate::metrics::inc("s3blk_store_failures_total", &labels);
                     return Err(StoreError::Transient(format!("{msg} (gave up after {attempt} attempts)")));
+                }
+                Err(e @ StoreError::Permanent(_)) => {
+                    crate::metrics::inc("s3blk_store_failures_total", &labels);
+                    return Err(e);
                 }
                 other => return other,
             }

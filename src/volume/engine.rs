@@ -845,6 +845,7 @@ impl Inner {
 
     fn fence(&self, why: String) -> VolumeError {
         tracing::error!(volume = %self.vol, reason = %why, "writer fenced");
+        crate::metrics::inc("s3blk_fenced_total", "");
         self.lock().fenced = Some(why.clone());
         VolumeError::Fenced(why)
     }
@@ -863,6 +864,15 @@ impl Inner {
 
     /// Write the next journal record with every staged chunk.
     async fn commit(&self) -> VolumeResult<()> {
+        let started = std::time::Instant::now();
+        let r = self.commit_inner().await;
+        if r.is_ok() {
+            crate::metrics::add("s3blk_commit_seconds_total", "", started.elapsed().as_secs_f64());
+        }
+        r
+    }
+
+    async fn commit_inner(&self) -> VolumeResult<()> {
         let rec = {
             let st = self.lock();
             if st.staged.is_empty() && st.size == st.committed_size {
@@ -902,6 +912,7 @@ impl Inner {
             return Err(self.fence(format!("journal record {} was already folded by compaction", rec.seq - 1)));
         }
         self.apply_commit(&rec);
+        crate::metrics::inc("s3blk_commits_total", "");
         tracing::debug!(volume = %self.vol, seq = rec.seq, chunks = rec.chunks.len(), "committed");
         Ok(())
     }
