@@ -1,7 +1,8 @@
 //! Human sizes: `10GiB`, `512M`, `4096`.
 
-/// Parse a size. Binary (`KiB`, `MiB`, `GiB`, `TiB`, and the short `K`,
-/// `M`, `G`, `T`) and decimal (`KB`, `MB`, `GB`, `TB`) suffixes; bytes otherwise.
+/// Parse a size. Binary (`KiB`, `MiB`, `GiB`, `TiB`, the short `K`, `M`,
+/// `G`, `T`, and Kubernetes' `Ki`, `Mi`, `Gi`, `Ti`) and decimal (`KB`,
+/// `MB`, `GB`, `TB`) suffixes; bytes otherwise.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -12,11 +13,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}: number too large"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "t" | "tib" => 1 << 40,
-        "p" | "pib" => 1 << 50,
+        "k" | "ki" | "kib" => 1 << 10,
+        "m" | "mi" | "mib" => 1 << 20,
+        "g" | "gi" | "gib" => 1 << 30,
+        "t" | "ti" | "tib" => 1 << 40,
+        "p" | "pi" | "pib" => 1 << 50,
         "kb" => 1_000,
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
@@ -46,6 +47,7 @@ mod tests {
     fn parses_units() {
         assert_eq!(parse_size("10GiB"), Ok(10 << 30));
         assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("256Mi"), Ok(256 << 20), "Kubernetes quantities");
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
         assert!(parse_size("GiB").is_err());

@@ -29,11 +29,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# --- Python tools in a venv: the S3 server.
-if [ ! -x .venv/bin/moto_server ]; then
-  log "creating .venv with moto[server]"
-  python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check 'moto[server]>=5'
+# --- Python tools in a venv: the S3 server, and the chart tests' tools.
+py_tools=('moto[server]>=5' 'helm-python-sdk>=0.2' 'kubernetes-validate>=1.30' 'pytest>=8' 'pyyaml')
+if [ ! -x .venv/bin/moto_server ] || ! .venv/bin/python -c 'import helm_python, kubernetes_validate, pytest, yaml' 2>/dev/null; then
+  log "installing Python tools into .venv: ${py_tools[*]}"
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check "${py_tools[@]}"
 fi
 
 if ! command -v cargo-nextest >/dev/null 2>&1; then
@@ -54,5 +55,8 @@ done
 export S3BLK_TEST_S3_ENDPOINT="http://127.0.0.1:$port"
 log "moto S3 server on $S3BLK_TEST_S3_ENDPOINT"
 
-log "running the test suite"
+log "running the Rust test suite"
 cargo nextest run --profile ci --all-targets "$@"
+
+log "running the chart, deploy and script tests"
+.venv/bin/python -m pytest -q tests/chart

@@ -1,0 +1,208 @@
+"""The Helm chart, deploy/ manifests, Dockerfile and scripts, checked offline.
+
+Rendering and linting use helm-python-sdk (Helm v4 embedded); every object
+is validated strictly (no unknown fields) against the Kubernetes 1.30
+schemas with kubernetes-validate.
+"""
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from render import CHART, OUT, ROOT, render
+
+KUBE_VERSION = "1.30.0"
+IN_CI = os.environ.get("CI") in ("true", "1")
+
+# CRD kinds kubernetes-validate has no schema for: checked by hand.
+CRD_REQUIRED = {
+    ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): {"apiVersion", "kind", "metadata", "driver", "deletionPolicy"},
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): {"apiVersion", "kind", "metadata", "spec"},
+}
+
+
+def docs_of(values=None):
+    chart = helm_python.Chart.load(str(CHART))
+    out = chart.render(values or {}, name="s3blk", namespace="kube-system", is_install=True)
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs, out
+
+
+def validate_all(docs):
+    for doc in docs:
+        key = (doc["apiVersion"], doc["kind"])
+        if key in CRD_REQUIRED:
+            missing = CRD_REQUIRED[key] - set(doc)
+            assert not missing, f"{key}: missing {missing}"
+            continue
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def kinds(docs):
+    return sorted(d["kind"] for d in docs)
+
+
+def find(docs, kind, name_part=""):
+    return [d for d in docs if d["kind"] == kind and name_part in d["metadata"]["name"]]
+
+
+def test_default_render_has_every_component_and_validates():
+    docs, out = docs_of()
+    validate_all(docs)
+    for kind in ["CSIDriver", "Deployment", "DaemonSet", "StorageClass", "VolumeSnapshotClass", "ClusterRole",
+                 "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount", "PodDisruptionBudget", "Service"]:
+        assert find(docs, kind), f"no {kind} rendered"
+    driver = find(docs, "CSIDriver")[0]["spec"]
+    assert driver["attachRequired"] is True and driver["podInfoOnMount"] is True
+    ctrl = find(docs, "Deployment")[0]["spec"]
+    assert ctrl["replicas"] == 2
+    names = [c["name"] for c in ctrl["template"]["spec"]["containers"]]
+    for sidecar in ["csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapshotter", "liveness-probe"]:
+        assert sidecar in names
+    assert ctrl["template"]["spec"]["priorityClassName"] == "system-cluster-critical"
+    ds = find(docs, "DaemonSet")[0]["spec"]["template"]["spec"]
+    assert ds["priorityClassName"] == "system-node-critical"
+    node = [c for c in ds["containers"] if c["name"] == "s3blk"][0]
+    assert node["securityContext"]["privileged"] is True
+    kubelet = [m for m in node["volumeMounts"] if m["name"] == "kubelet-dir"][0]
+    assert kubelet["mountPropagation"] == "Bidirectional"
+    assert ds["initContainers"][0]["command"] == ["modprobe", "nbd", "nbds_max=64"]
+    modules = [v for v in ds["volumes"] if v["name"] == "modules"][0]
+    assert modules["hostPath"]["path"] == "/lib/modules"
+    sc = find(docs, "StorageClass")[0]
+    assert sc["allowVolumeExpansion"] is True and sc["provisioner"] == "csi.s3blk.dev"
+    assert "kubectl" in out["s3blk/templates/NOTES.txt"] and "PersistentVolumeClaim" in out["s3blk/templates/NOTES.txt"]
+
+
+def test_rbac_is_least_privilege():
+    docs, _ = docs_of()
+    rules = find(docs, "ClusterRole")[0]["rules"]
+    for r in rules:
+        assert "*" not in r["verbs"] and "*" not in r["resources"], r
+        if "secrets" in r["resources"]:
+            assert r["verbs"] == ["get"], "secrets are read, never listed"
+    leases = find(docs, "Role")[0]
+    assert leases["metadata"]["namespace"] == "kube-system"
+    node_sa = find(docs, "ServiceAccount", "node")[0]
+    assert node_sa["automountServiceAccountToken"] is False
+
+
+MATRIX = [
+    ({"s3": {"existingSecret": "my-s3"}}, lambda d: not find(d, "Secret")
+     and "my-s3" in str(find(d, "StorageClass")[0]["parameters"])),
+    ({"s3": {"accessKeyID": "AK", "secretAccessKey": "SK", "endpoint": "http://minio:9000", "checksums": "when-required"}},
+     lambda d: find(d, "Secret")[0]["stringData"]["endpoint"] == "http://minio:9000"),
+    ({"storageClass": {"default": True, "fsType": "xfs", "reclaimPolicy": "Retain", "parameters": {"mkfsOptions": "-m 0"}}},
+     lambda d: find(d, "StorageClass")[0]["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"] == "true"
+     and find(d, "StorageClass")[0]["parameters"]["mkfsOptions"] == "-m 0"),
+    ({"storageClass": {"create": False}, "volumeSnapshotClass": {"create": False}},
+     lambda d: not find(d, "StorageClass") and not find(d, "VolumeSnapshotClass")),
+    ({"controller": {"replicas": 1}}, lambda d: not find(d, "PodDisruptionBudget")),
+    ({"metrics": {"enabled": False}}, lambda d: not find(d, "Service")),
+    ({"metrics": {"serviceMonitor": {"enabled": True}}}, lambda d: find(d, "ServiceMonitor")),
+    ({"node": {"kubeletDir": "/var/lib/k0s/kubelet", "nbdsMax": 128}, "driverName": "blk.example.com"},
+     lambda d: "/var/lib/k0s/kubelet/plugins/blk.example.com" in str(find(d, "DaemonSet")[0])
+     and find(d, "CSIDriver")[0]["metadata"]["name"] == "blk.example.com"),
+    ({"image": {"repository": "registry.local/s3blk", "tag": "dev", "pullPolicy": "Always"},
+      "imagePullSecrets": [{"name": "regcred"}]},
+     lambda d: "registry.local/s3blk:dev" in str(find(d, "Deployment")[0])),
+]
+
+
+@pytest.mark.parametrize("values,expect", MATRIX, ids=[str(i) for i in range(len(MATRIX))])
+def test_value_matrix_renders_and_validates(values, expect):
+    docs, _ = docs_of(values)
+    validate_all(docs)
+    assert expect(docs), f"unexpected render for {values}"
+
+
+def test_lint_is_clean():
+    report = helm_python.lint(str(CHART), strict=True, kube_version="v1.30.0")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("values", [
+    {"controller": {"replicas": 0}},
+    {"node": {"nbdsMax": 0}},
+    {"storageClass": {"fsType": "btrfs"}},
+    {"storageClass": {"reclaimPolicy": "Recycle"}},
+    {"store": {"bucket": "Not A Bucket"}},
+    {"s3": {"checksums": "sometimes"}},
+    {"s3": {"endpoint": "minio:9000"}},
+    {"metrics": {"port": 70000}},
+    {"node": {"cacheSize": "lots"}},
+    {"typo": True},
+    {"driverName": "UPPER_case"},
+])
+def test_schema_rejects_bad_values(values):
+    chart = helm_python.Chart.load(str(CHART))
+    with pytest.raises(helm_python.HelmValuesError):
+        chart.render(values, name="s3blk", namespace="kube-system")
+
+
+def test_deploy_matches_the_rendered_chart():
+    assert OUT.read_text() == render(), "deploy/s3blk.yaml is stale: run tests/chart/render.py"
+    kust = yaml.safe_load((ROOT / "deploy" / "kustomization.yaml").read_text())
+    assert kust["resources"] == ["s3blk.yaml"]
+
+
+# Which Debian package provides each program the node plugin runs.
+PACKAGE_OF = {
+    "nbd-client": "nbd-client", "blkid": "util-linux", "blockdev": "util-linux", "mkfs.ext4": "e2fsprogs",
+    "resize2fs": "e2fsprogs", "mkfs.xfs": "xfsprogs", "xfs_growfs": "xfsprogs", "mount": "mount",
+    "umount": "mount", "modprobe": "kmod",
+}
+
+
+def test_dockerfile_runtime_stage_provides_every_program_the_code_runs():
+    src = (ROOT / "src" / "csi" / "mount.rs").read_text()
+    programs = re.search(r"pub const PROGRAMS: &\[&str\] =\s*&\[(.*?)\];", src, re.S).group(1)
+    programs = re.findall(r'"([^"]+)"', programs) + ["modprobe"]  # modprobe: the DaemonSet's init container
+    unknown = [p for p in programs if p not in PACKAGE_OF]
+    assert not unknown, f"map these programs to Debian packages: {unknown}"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    runtime = dockerfile.split("\nFROM ")[-1]
+    install = re.search(r"apt-get install[^\n]*\n(.*?)&& rm", runtime, re.S).group(1)
+    packages = set(install.replace("\\", " ").split())
+    for prog in programs:
+        assert PACKAGE_OF[prog] in packages, f"{prog} needs package {PACKAGE_OF[prog]} in the runtime stage"
+    assert "ca-certificates" in packages
+    assert "USER 65532" in runtime
+
+
+def shell_scripts():
+    found = [ROOT / ".ci" / "run"]
+    for d in ["tests", "bench"]:
+        found.extend(sorted((ROOT / d).rglob("*.sh")))
+    return found
+
+
+def test_scripts_pass_shellcheck():
+    if not shutil.which("shellcheck"):
+        assert not IN_CI, "shellcheck is required (tests/run.sh installs it)"
+        pytest.skip("shellcheck not installed")
+    scripts = shell_scripts()
+    assert len(scripts) >= 6
+    r = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_kind_e2e_dry_run_prints_every_step():
+    r = subprocess.run([str(ROOT / "tests" / "e2e" / "kind.sh"), "--dry-run"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    for step in ["kind create cluster", "docker build", "kind load docker-image", "helm install s3blk charts/s3blk",
+                 "kind: VolumeSnapshot", "dataSource: {name: data-snap", "volumeMode: Block",
+                 "kubectl patch pvc data", "bucket holds no objects", "nothing was executed"]:
+        assert step in r.stdout, f"dry run does not show {step!r}"
