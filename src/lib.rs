@@ -1,6 +1,7 @@
 //! s3blk: block volumes stored as chunk objects under an S3 prefix, served
 //! over NBD and through a Kubernetes CSI driver.
 
+pub mod attach;
 pub mod cli;
 pub mod clock;
 pub mod csi;

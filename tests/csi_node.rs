@@ -1,7 +1,8 @@
 //! The CSI node service with a real kernel: inside a QEMU VM (see
 //! tests/vm/run.sh), `s3blk csi --mode all` stages volumes through
 //! nbd-client, makes ext4 and xfs filesystems, publishes them, expands them
-//! online, moves them to another node id, and hands out raw block devices.
+//! online, keeps I/O going across a plugin restart, moves them to another
+//! node id, and hands out raw block devices.
 //! On the host the test boots the VM; inside it, the same binary drives
 //! the plugin over gRPC.
 
@@ -20,7 +21,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 #[test]
-fn node_stage_publish_expand_block_in_a_vm() {
+fn node_stage_publish_expand_restart_block_in_a_vm() {
     let tools = ["qemu-system-x86_64", "busybox", "cpio", "depmod", "modprobe", "nbd-client", "mkfs.xfs", "blkid"];
     if !tools.iter().all(|t| common::require_tool(t)) {
         return;
@@ -218,7 +219,7 @@ fn bytes_total(stats: &pb::NodeGetVolumeStatsResponse) -> i64 {
 
 /// Runs only inside the VM (S3BLK_IN_VM=1): needs root, /dev/nbd*, mkfs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "runs inside the VM started by node_stage_publish_expand_block_in_a_vm"]
+#[ignore = "runs inside the VM started by node_stage_publish_expand_restart_block_in_a_vm"]
 async fn node_lifecycle_inside_vm() {
     assert_eq!(std::env::var("S3BLK_IN_VM").as_deref(), Ok("1"), "only inside the VM");
     let w = work();
@@ -306,10 +307,23 @@ async fn node_lifecycle_inside_vm() {
         .into_inner();
     assert!(bytes_total(&stats) > before + (200 << 20), "filesystem did not grow: {before} -> {stats:?}");
 
-    // Not yet: a plugin restart while the volume is mounted. With
-    // ioctl-mode nbd-client the kernel fails I/O while the server is gone;
-    // surviving it needs netlink reconfiguration with dead_conn_timeout.
-    let more = write_files(&target, "more", 5);
+    step("plugin restart with the volume mounted: I/O keeps working");
+    drop((ctl, node));
+    plugin.stop();
+    // While the plugin is away the kernel holds I/O; a writer started now
+    // completes once the new plugin has reconnected the device.
+    let pending = {
+        let target = target.clone();
+        std::thread::spawn(move || write_files(&target, "during-restart", 3))
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let plugin = start_plugin("node-1");
+    let (mut ctl, mut node) = clients(&plugin.sock).await;
+    let during = pending.join().expect("writer thread");
+    let more = write_files(&target, "after-restart", 5);
+    check_files(&files, &target, &target);
+    check_files(&during, &target, &target);
+    check_files(&more, &target, &target);
 
     step("unpublish, unstage; stage again as another node: files verify");
     unstage(&mut node, &id, &staging, &target).await;
@@ -324,6 +338,7 @@ async fn node_lifecycle_inside_vm() {
     node.node_publish_volume(publish_req(&id, &staging, &target2, &ext4)).await.expect("publish on node-2");
     check_files(&files, &target, &target2);
     check_files(&more, &target, &target2);
+    check_files(&during, &target, &target2);
     unstage(&mut node, &id, &staging, &target2).await;
     unpublish_ctl(&mut ctl, &id, "node-2").await;
 

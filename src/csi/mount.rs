@@ -1,5 +1,5 @@
-//! What the node plugin does to the host: find a free `/dev/nbdX`, attach
-//! it with `nbd-client`, make and grow filesystems, mount and unmount.
+//! What the node plugin does to the host: find a free `/dev/nbdX`, make and
+//! grow filesystems, mount and unmount (attaching is in `crate::attach`).
 //! Every external program is named here, so the container image can be
 //! checked against this list.
 
@@ -77,18 +77,7 @@ pub fn free_device(taken: &[String]) -> Result<String, MountError> {
         .ok_or(MountError::NoFreeDevice)
 }
 
-/// Attach `dev` to the NBD server on `socket`. `-persist` makes the client
-/// reconnect when the server restarts (plugin upgrade or crash).
-pub async fn attach(socket: &Path, export: &str, dev: &str, readonly: bool) -> Result<(), MountError> {
-    let sock = socket.display().to_string();
-    let mut args = vec!["-unix", &sock, "-N", export, "-b", "4096", "-L", "-persist", dev];
-    if readonly {
-        args.insert(0, "-readonly");
-    }
-    run("nbd-client", &args).await?;
-    wait_for(dev, Duration::from_secs(20), || device_size(dev) > 0).await
-}
-
+/// Detach a device attached by `nbd-client` (the ioctl interface).
 pub async fn detach(dev: &str) -> Result<(), MountError> {
     if device_size(dev) == 0 && !sys_block(dev).join("pid").exists() {
         return Ok(());

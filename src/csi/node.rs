@@ -1,10 +1,11 @@
 //! The CSI node service: serve a volume from this process over NBD on a
-//! per-volume unix socket, attach it with `nbd-client`, then mkfs (only if
-//! the device holds no filesystem) and mount it at the staging path.
+//! per-volume unix socket, attach it to `/dev/nbdX` through the kernel's
+//! netlink interface, then mkfs (only if the device holds no filesystem)
+//! and mount it at the staging path.
 //!
 //! Each staged volume has a record in the state directory, so a restarted
-//! plugin serves its volumes again on the same sockets; `nbd-client
-//! -persist` reconnects to them.
+//! plugin serves its volumes again on the same sockets and gives the kernel
+//! fresh connections; the mounted filesystems only see a pause.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -71,6 +72,21 @@ impl std::fmt::Debug for NodeService {
 
 fn internal(e: MountError) -> Status {
     Status::internal(e.to_string())
+}
+
+fn attach_err(e: crate::attach::AttachError) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// Detach through netlink; a device attached by `nbd-client` (ioctl) falls back to it.
+async fn detach(dev: &str) -> Result<(), Status> {
+    match crate::attach::disconnect(dev).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::warn!(device = dev, error = %e, "netlink disconnect failed, trying nbd-client -d");
+            mount::detach(dev).await.map_err(internal)
+        }
+    }
 }
 
 fn key_of(volume_id: &str) -> String {
@@ -158,12 +174,16 @@ impl NodeService {
             match self.serve(&record).await {
                 Ok(s) => {
                     tracing::info!(volume = %record.volume_id, device = %record.device, "serving staged volume again");
-                    if mount::device_size(&record.device) == 0 {
-                        if let Err(e) =
-                            mount::attach(&record.socket, &record.export, &record.device, record.readonly).await
-                        {
-                            tracing::warn!(volume = %record.volume_id, error = %e, "re-attach failed");
-                        }
+                    // The kernel has been holding the device's I/O since the
+                    // old connection died: hand it a fresh socket.
+                    let r = if mount::device_size(&record.device) > 0 {
+                        crate::attach::reconnect(&record.socket, &record.export, &record.device).await
+                    } else {
+                        crate::attach::connect(&record.socket, &record.export, &record.device).await
+                    };
+                    match r {
+                        Ok(()) => tracing::info!(volume = %record.volume_id, "device reconnected"),
+                        Err(e) => tracing::error!(volume = %record.volume_id, error = %e, "reconnect failed"),
                     }
                     self.staged.lock().await.insert(record.volume_id.clone(), s);
                 }
@@ -183,7 +203,8 @@ impl NodeService {
     }
 
     /// Flush and stop every served volume (plugin shutdown). Devices stay
-    /// attached: `nbd-client -persist` reconnects when the plugin returns.
+    /// attached: the kernel holds their I/O (dead-connection timeout) until
+    /// the restarted plugin reconnects them.
     pub async fn shutdown(&self) {
         let all: Vec<Staged> = self.staged.lock().await.drain().map(|(_, s)| s).collect();
         for s in all {
@@ -253,7 +274,7 @@ impl pb::node_server::Node for NodeService {
         };
         let staged = self.serve(&record).await?;
         let result: Result<(), Status> = async {
-            mount::attach(&record.socket, &record.export, &device, readonly).await.map_err(internal)?;
+            crate::attach::connect(&record.socket, &record.export, &device).await.map_err(attach_err)?;
             if let Some(fs) = &fs_type {
                 match mount::filesystem(&device).await.map_err(internal)? {
                     Some(found) if &found != fs => {
@@ -289,7 +310,7 @@ impl pb::node_server::Node for NodeService {
         if let Err(e) = result {
             // Leave nothing half-done behind.
             let _ = mount::umount(&staging).await;
-            let _ = mount::detach(&device).await;
+            let _ = detach(&device).await;
             let _ = self.stop(staged).await;
             return Err(e);
         }
@@ -311,9 +332,9 @@ impl pb::node_server::Node for NodeService {
         mount::umount(&staging).await.map_err(internal)?;
         let staged = self.staged.lock().await.remove(&req.volume_id);
         if let Some(s) = staged {
-            if let Err(e) = mount::detach(&s.record.device).await {
+            if let Err(e) = detach(&s.record.device).await {
                 self.staged.lock().await.insert(req.volume_id.clone(), s);
-                return Err(internal(e));
+                return Err(e);
             }
             self.stop(s).await?;
         }
@@ -449,7 +470,10 @@ impl pb::node_server::Node for NodeService {
         }
         let size = volume.size();
         if mount::device_size(&record.device) < size {
-            mount::set_device_size(&record.device, size).map_err(internal)?;
+            if let Err(e) = crate::attach::resize(&record.device, size).await {
+                tracing::debug!(error = %e, "netlink resize failed, trying NBD_SET_SIZE");
+                mount::set_device_size(&record.device, size).map_err(internal)?;
+            }
         }
         if let Some(fs) = &record.fs_type {
             mount::grow_filesystem(&record.device, &record.staging_path, fs).await.map_err(internal)?;
