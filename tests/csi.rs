@@ -60,17 +60,7 @@ async fn driver() -> Option<Driver> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let path = sock.clone();
-    let channel = tonic::transport::Endpoint::try_from("http://localhost")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .expect("connect");
+    let channel = common::grpc_channel(&sock).await;
     Some(Driver {
         ctl: ControllerClient::new(channel.clone()),
         id: IdentityClient::new(channel),

@@ -85,17 +85,7 @@ impl Plugin {
 }
 
 async fn clients(sock: &Path) -> (ControllerClient<Channel>, NodeClient<Channel>) {
-    let path = sock.to_path_buf();
-    let channel = tonic::transport::Endpoint::try_from("http://localhost")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .expect("connect");
+    let channel = common::grpc_channel(sock).await;
     (ControllerClient::new(channel.clone()), NodeClient::new(channel))
 }
 

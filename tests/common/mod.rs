@@ -174,3 +174,18 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 pub fn s3blk_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_s3blk"))
 }
+
+/// A gRPC channel over a unix socket (the CSI endpoint).
+pub async fn grpc_channel(sock: &Path) -> tonic::transport::Channel {
+    let path = sock.to_path_buf();
+    tonic::transport::Endpoint::try_from("http://localhost")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .expect("connect to the CSI socket")
+}
