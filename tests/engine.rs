@@ -690,3 +690,28 @@ async fn creating_twice_is_refused() {
         Err(VolumeError::NotFound(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_fencing_and_an_unreachable_store() {
+    let rig = CrashRig::new();
+    create(&rig.plain(), "v/", 4 * CS as u64).await;
+    let v = open(&rig.faulty(), "v/").await;
+    assert_eq!(v.health(Duration::from_secs(5)).await, None);
+    rig.fault.add_rule(Rule { op: Some(Op::Head), key_contains: None, fault: Fault::Hang, times: 1 });
+    let slow = v.health(Duration::from_millis(100)).await.expect("a hung store is unhealthy");
+    assert!(slow.contains("did not answer"), "{slow}");
+    rig.fault.crash_after_puts(0);
+    let _ = v.write(0, b"x").await;
+    let _ = v.flush().await;
+    let down = v.health(Duration::from_secs(5)).await.expect("an unreachable store is unhealthy");
+    assert!(down.contains("store unreachable"), "{down}");
+    let w = open(&rig.plain(), "v/").await;
+    w.write(0, b"new writer").await.expect("write");
+    w.flush().await.expect("flush");
+    // A newer writer opens: w's next flush finds itself fenced, and says so.
+    let _newer = open(&rig.plain(), "v/").await;
+    w.write(0, b"stale").await.expect("buffered");
+    assert!(w.flush().await.is_err());
+    let fenced = w.health(Duration::from_secs(5)).await.expect("a fenced writer is unhealthy");
+    assert!(fenced.starts_with("fenced"), "{fenced}");
+}

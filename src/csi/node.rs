@@ -417,17 +417,21 @@ impl pb::node_server::Node for NodeService {
         let req = request.into_inner();
         parse_volume_id(&req.volume_id)?;
         let path = required_path(&req.volume_path, "volume path")?;
-        let staged = self.staged.lock().await;
-        let s = staged.get(&req.volume_id).ok_or_else(|| Status::not_found("the volume is not staged on this node"))?;
+        let (volume, record) = {
+            let staged = self.staged.lock().await;
+            let s =
+                staged.get(&req.volume_id).ok_or_else(|| Status::not_found("the volume is not staged on this node"))?;
+            (s.volume.clone(), s.record.clone())
+        };
         if !path.exists() {
             return Err(Status::not_found(format!("{} does not exist", path.display())));
         }
-        let condition = match s.volume.fenced() {
-            Some(why) => pb::VolumeCondition { abnormal: true, message: format!("fenced: {why}") },
+        let condition = match volume.health(std::time::Duration::from_secs(5)).await {
+            Some(why) => pb::VolumeCondition { abnormal: true, message: why },
             None => pb::VolumeCondition { abnormal: false, message: "ok".into() },
         };
         use pb::volume_usage::Unit;
-        let usage = if s.record.fs_type.is_some() && path.is_dir() {
+        let usage = if record.fs_type.is_some() && path.is_dir() {
             let (bytes, inodes) = mount::statvfs(&path).map_err(internal)?;
             let u = |v: [u64; 3], unit: Unit| pb::VolumeUsage {
                 total: v[0] as i64,
@@ -437,7 +441,7 @@ impl pb::node_server::Node for NodeService {
             };
             vec![u(bytes, Unit::Bytes), u(inodes, Unit::Inodes)]
         } else {
-            vec![pb::VolumeUsage { total: s.volume.size() as i64, unit: Unit::Bytes as i32, ..Default::default() }]
+            vec![pb::VolumeUsage { total: volume.size() as i64, unit: Unit::Bytes as i32, ..Default::default() }]
         };
         Ok(Response::new(pb::NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) }))
     }

@@ -339,6 +339,20 @@ impl Volume {
         self.inner.lock().fenced.clone()
     }
 
+    /// Why the volume is unhealthy, if it is: fenced, or its store does
+    /// not answer (one cheap HEAD, bounded by `timeout`).
+    pub async fn health(&self, timeout: Duration) -> Option<String> {
+        if let Some(why) = self.fenced() {
+            return Some(format!("fenced: {why}"));
+        }
+        match tokio::time::timeout(timeout, self.inner.store.head(&meta_key(&self.inner.vol))).await {
+            Ok(Ok(Some(_))) => None,
+            Ok(Ok(None)) => Some("volume.json is gone from the store".into()),
+            Ok(Err(e)) => Some(format!("store unreachable: {e}")),
+            Err(_) => Some(format!("store did not answer within {timeout:?}")),
+        }
+    }
+
     pub fn stats(&self) -> VolumeStats {
         let st = self.inner.lock();
         VolumeStats {

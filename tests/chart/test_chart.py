@@ -79,6 +79,16 @@ def test_default_render_has_every_component_and_validates():
     assert ds["initContainers"][0]["command"] == ["modprobe", "nbd", "nbds_max=64"]
     modules = [v for v in ds["volumes"] if v["name"] == "modules"][0]
     assert modules["hostPath"]["path"] == "/lib/modules"
+    # Containers of one pod share a network namespace: no port may repeat.
+    for workload in find(docs, "Deployment") + find(docs, "DaemonSet"):
+        pod = workload["spec"]["template"]["spec"]
+        used = []
+        for c in pod["containers"]:
+            mine = {p["containerPort"] for p in c.get("ports", [])}
+            mine |= {int(a.rsplit(":", 1)[1]) for a in c.get("args", [])
+                     if re.match(r"--(http-endpoint|metrics-address)=", a)}
+            used += sorted(mine)
+        assert len(used) == len(set(used)), f"{workload['metadata']['name']}: ports repeat: {used}"
     sc = find(docs, "StorageClass")[0]
     assert sc["allowVolumeExpansion"] is True and sc["provisioner"] == "csi.s3blk.dev"
     assert "kubectl" in out["s3blk/templates/NOTES.txt"] and "PersistentVolumeClaim" in out["s3blk/templates/NOTES.txt"]
