@@ -93,6 +93,7 @@ fn offset_strategy() -> impl Strategy<Value = u64> {
 
 fn action_strategy() -> impl Strategy<Value = Action> {
     prop_oneof![
+        1 => (0..5u64, any::<u64>()).prop_map(|(c, seed)| Action::Write { off: c * CS as u64, len: CS as usize, seed }),
         5 => (offset_strategy(), 1usize..150_000, any::<u64>()).prop_map(|(off, len, seed)| Action::Write {
             off,
             len: len.min((MODEL_SIZE - off) as usize),
@@ -115,7 +116,12 @@ async fn run_model(store: DynStore, actions: Vec<Action>) -> Result<(), TestCase
         match a {
             Action::Write { off, len, seed } => {
                 let data = common::pattern(seed, len);
-                v.write(off, &data).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                // Whole-chunk writes go through the buffer-taking path.
+                if off % CS as u64 == 0 && len == CS as usize {
+                    v.write_vec(off, data.clone()).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                } else {
+                    v.write(off, &data).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                }
                 model[off as usize..off as usize + len].copy_from_slice(&data);
             }
             Action::Zero { off, len } => {

@@ -331,9 +331,7 @@ async fn handle<W: AsyncWrite + Unpin>(
             }
         }
         proto::CMD_WRITE => {
-            let data = payload.unwrap_or_default();
-            let r = vol.write(req.offset, &data).await;
-            drop(data);
+            let r = vol.write_vec(req.offset, payload.unwrap_or_default()).await;
             finish(r, fua, vol).await
         }
         proto::CMD_TRIM | proto::CMD_WRITE_ZEROES => finish(vol.write_zeroes(req.offset, len).await, fua, vol).await,

@@ -403,6 +403,33 @@ impl Volume {
         Ok(())
     }
 
+    /// Like [`Volume::write`], taking the buffer: a write of exactly one
+    /// whole chunk becomes the chunk's dirty buffer without a copy.
+    pub async fn write_vec(&self, offset: u64, data: Vec<u8>) -> VolumeResult<()> {
+        let cs = self.inner.chunk_size;
+        if offset % cs != 0 || data.len() as u64 != cs {
+            return self.write(offset, &data).await;
+        }
+        self.inner.check_writable()?;
+        self.inner.check_range(offset, cs)?;
+        let index = offset / cs;
+        let _g = self.inner.locks.lock(index).await;
+        {
+            let mut st = self.inner.lock();
+            if let Some(slot) = st.slots.get_mut(&index) {
+                slot.data = DirtyData::Data(data);
+                return Ok(());
+            }
+        }
+        self.inner.acquire_dirty_permit(self).await?;
+        let mut st = self.inner.lock();
+        st.tick += 1;
+        let since = st.tick;
+        st.clean.remove(index);
+        st.slots.insert(index, Slot { data: DirtyData::Data(data), since });
+        Ok(())
+    }
+
     /// Zero a range (TRIM and WRITE_ZEROES). Whole chunks become ZERO
     /// references: no object, no bytes.
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> VolumeResult<()> {
