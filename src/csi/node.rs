@@ -331,6 +331,17 @@ impl pb::node_server::Node for NodeService {
         let _guard = self.inflight.start(&req.volume_id)?;
         mount::umount(&staging).await.map_err(internal)?;
         let staged = self.staged.lock().await.remove(&req.volume_id);
+        if staged.is_none() {
+            // Not served by this process (it could not serve the volume after
+            // a restart): the record still says which device to let go of.
+            let record: Option<StageRecord> = std::fs::read(self.record_path(&req.volume_id))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            if let Some(r) = record {
+                detach(&r.device).await?;
+                let _ = std::fs::remove_file(&r.socket);
+            }
+        }
         if let Some(s) = staged {
             if let Err(e) = detach(&s.record.device).await {
                 self.staged.lock().await.insert(req.volume_id.clone(), s);

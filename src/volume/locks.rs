@@ -33,9 +33,9 @@ impl ChunkLocks {
 impl Drop for ChunkGuard<'_> {
     fn drop(&mut self) {
         let mut t = self.locks.table.lock().unwrap_or_else(|p| p.into_inner());
+        // Release the lock first; then the table's own reference is the only
+        // one left exactly when nobody else holds or waits for this chunk.
         self.guard = None;
-        // Two references left (the table's and the one inside the guard we
-        // just dropped are gone: only the table's) means nobody waits.
         if let Some(m) = t.get(&self.index) {
             if Arc::strong_count(m) == 1 {
                 t.remove(&self.index);
