@@ -3,6 +3,10 @@
 //! that ever crashed belong in `corpus/nbd_proto/`, which the normal test
 //! suite replays.
 
+#[allow(dead_code)]
+#[path = "../../src/nbd/proto.rs"]
+mod proto;
+
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    s3blk::nbd::proto::fuzz_one(data);
+    proto::fuzz_one(data);
 });
