@@ -334,9 +334,8 @@ impl pb::node_server::Node for NodeService {
         if staged.is_none() {
             // Not served by this process (it could not serve the volume after
             // a restart): the record still says which device to let go of.
-            let record: Option<StageRecord> = std::fs::read(self.record_path(&req.volume_id))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
+            let record: Option<StageRecord> =
+                std::fs::read(self.record_path(&req.volume_id)).ok().and_then(|b| serde_json::from_slice(&b).ok());
             if let Some(r) = record {
                 detach(&r.device).await?;
                 let _ = std::fs::remove_file(&r.socket);

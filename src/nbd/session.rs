@@ -10,8 +10,9 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::proto::{self, Request};
@@ -203,29 +204,66 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
 }
 
-type Writer<W> = Arc<Mutex<W>>;
+/// A reply on its way to the socket. It holds its request's share of the
+/// in-flight budget until it has been written, so queued replies count
+/// against the same bound as requests being processed.
+struct Reply {
+    parts: Vec<Bytes>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
 
-/// Write one reply. Small replies are gathered into one buffer so they
-/// cost one syscall; large ones are written part by part.
-async fn send<W: AsyncWrite + Unpin>(wr: &Writer<W>, parts: &[&[u8]]) {
-    let total: usize = parts.iter().map(|p| p.len()).sum();
-    let mut w = wr.lock().await;
-    if total <= 128 << 10 {
-        let mut buf = Vec::with_capacity(total);
-        for p in parts {
-            buf.extend_from_slice(p);
-        }
-        if w.write_all(&buf).await.is_err() {
-            return;
-        }
-    } else {
-        for p in parts {
-            if w.write_all(p).await.is_err() {
-                return;
+#[derive(Clone)]
+struct Replies(mpsc::UnboundedSender<Reply>);
+
+impl Replies {
+    fn send(&self, parts: Vec<Bytes>, permit: Option<OwnedSemaphorePermit>) {
+        // Only fails when the writer has stopped (the connection is gone).
+        let _ = self.0.send(Reply { parts, _permit: permit });
+    }
+
+    fn simple(&self, error: u32, handle: u64, permit: Option<OwnedSemaphorePermit>) {
+        self.send(vec![Bytes::copy_from_slice(&proto::simple_reply(error, handle))], permit);
+    }
+}
+
+/// The connection's only writer: it takes every reply that is ready and
+/// writes them together, small ones gathered into one buffer, so a busy
+/// connection costs few syscalls.
+async fn write_replies<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::UnboundedReceiver<Reply>) {
+    const GATHER: usize = 64 << 10;
+    let mut buf: Vec<u8> = Vec::with_capacity(256 << 10);
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 256 {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
             }
         }
+        let mut ok = true;
+        for part in batch.iter().flat_map(|r| r.parts.iter()) {
+            if part.len() >= GATHER {
+                if !buf.is_empty() {
+                    ok &= w.write_all(&buf).await.is_ok();
+                    buf.clear();
+                }
+                ok &= w.write_all(part).await.is_ok();
+            } else {
+                buf.extend_from_slice(part);
+            }
+            if !ok {
+                break;
+            }
+        }
+        if ok && !buf.is_empty() {
+            ok = w.write_all(&buf).await.is_ok();
+        }
+        buf.clear();
+        if !ok || w.flush().await.is_err() {
+            break;
+        }
     }
-    let _ = w.flush().await;
+    let _ = w.shutdown().await;
 }
 
 async fn transmit<R, W>(
@@ -239,7 +277,9 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let wr: Writer<W> = Arc::new(Mutex::new(wr));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_replies(wr, rx));
+    let wr = Replies(tx);
     let budget = Arc::new(Semaphore::new(INFLIGHT_BYTES / PERMIT_UNIT));
     let mut tasks = JoinSet::new();
     let result = loop {
@@ -275,7 +315,7 @@ where
                 if n != req.length as u64 {
                     break Ok(());
                 }
-                send(&wr, &[&proto::simple_reply(proto::EINVAL, req.handle)]).await;
+                wr.simple(proto::EINVAL, req.handle, None);
                 continue;
             }
             let mut buf = vec![0u8; req.length as usize];
@@ -300,23 +340,24 @@ where
             tracing::warn!(error = %e, "flush at disconnect failed");
         }
     }
-    let _ = wr.lock().await.shutdown().await;
+    drop(wr);
+    let _ = writer.await;
     result
 }
 
-async fn handle<W: AsyncWrite + Unpin>(
+async fn handle(
     req: Request,
     payload: Option<Vec<u8>>,
     export: Arc<Export>,
-    wr: Writer<W>,
+    wr: Replies,
     structured: bool,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 ) {
     let vol = &export.volume;
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
     let writes = matches!(req.kind, proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES);
     if writes && export.read_only {
-        return send(&wr, &[&proto::simple_reply(proto::EPERM, req.handle)]).await;
+        return wr.simple(proto::EPERM, req.handle, Some(permit));
     }
     let len = req.length as u64;
     let result = match req.kind {
@@ -325,7 +366,7 @@ async fn handle<W: AsyncWrite + Unpin>(
                 Err((proto::EINVAL, "read larger than the maximum block size".to_string()))
             } else {
                 match vol.read(req.offset, len).await {
-                    Ok(data) => return send_read(&wr, req, data, structured).await,
+                    Ok(data) => return send_read(&wr, req, data, structured, permit),
                     Err(e) => Err((nbd_errno(&e), e.to_string())),
                 }
             }
@@ -340,13 +381,13 @@ async fn handle<W: AsyncWrite + Unpin>(
         other => Err((proto::EINVAL, format!("command {other} is not supported"))),
     };
     match result {
-        Ok(()) => send(&wr, &[&proto::simple_reply(0, req.handle)]).await,
+        Ok(()) => wr.simple(0, req.handle, Some(permit)),
         Err((errno, msg)) => {
             tracing::debug!(kind = req.kind, offset = req.offset, len, errno, error = %msg, "request failed");
             if structured && req.kind == proto::CMD_READ {
-                send(&wr, &[&proto::structured_error(req.handle, errno, &msg)]).await
+                wr.send(vec![Bytes::from(proto::structured_error(req.handle, errno, &msg))], Some(permit))
             } else {
-                send(&wr, &[&proto::simple_reply(errno, req.handle)]).await
+                wr.simple(errno, req.handle, Some(permit))
             }
         }
     }
@@ -360,13 +401,15 @@ async fn finish(r: Result<(), crate::volume::VolumeError>, fua: bool, vol: &Volu
     r.map_err(|e| (nbd_errno(&e), e.to_string()))
 }
 
-async fn send_read<W: AsyncWrite + Unpin>(wr: &Writer<W>, req: Request, data: Vec<u8>, structured: bool) {
+fn send_read(wr: &Replies, req: Request, data: Vec<u8>, structured: bool, permit: OwnedSemaphorePermit) {
     if !structured {
-        return send(wr, &[&proto::simple_reply(0, req.handle), &data]).await;
+        let header = Bytes::copy_from_slice(&proto::simple_reply(0, req.handle));
+        return wr.send(vec![header, Bytes::from(data)], Some(permit));
     }
     let pieces = proto::split_holes(&data, 4096, is_zero);
+    let data = Bytes::from(data);
     let last = pieces.len().saturating_sub(1);
-    let mut headers: Vec<(Vec<u8>, Option<std::ops::Range<usize>>)> = Vec::with_capacity(pieces.len() + 1);
+    let mut parts = Vec::with_capacity(pieces.len() * 2 + 1);
     for (i, (pos, len, hole)) in pieces.iter().enumerate() {
         let flags = if i == last { proto::REPLY_FLAG_DONE } else { 0 };
         let offset = req.offset + *pos as u64;
@@ -374,24 +417,18 @@ async fn send_read<W: AsyncWrite + Unpin>(wr: &Writer<W>, req: Request, data: Ve
             let mut f = proto::structured_header(flags, proto::REPLY_TYPE_OFFSET_HOLE, req.handle, 12).to_vec();
             f.extend_from_slice(&offset.to_be_bytes());
             f.extend_from_slice(&(*len as u32).to_be_bytes());
-            headers.push((f, None));
+            parts.push(Bytes::from(f));
         } else {
             let mut f =
                 proto::structured_header(flags, proto::REPLY_TYPE_OFFSET_DATA, req.handle, 8 + *len as u32).to_vec();
             f.extend_from_slice(&offset.to_be_bytes());
-            headers.push((f, Some(*pos..*pos + *len)));
+            parts.push(Bytes::from(f));
+            parts.push(data.slice(*pos..*pos + *len));
         }
     }
     if pieces.is_empty() {
-        let f = proto::structured_header(proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, req.handle, 0).to_vec();
-        headers.push((f, None));
+        let f = proto::structured_header(proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, req.handle, 0);
+        parts.push(Bytes::copy_from_slice(&f));
     }
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(headers.len() * 2);
-    for (h, r) in &headers {
-        parts.push(h);
-        if let Some(r) = r {
-            parts.push(&data[r.clone()]);
-        }
-    }
-    send(wr, &parts).await
+    wr.send(parts, Some(permit));
 }
