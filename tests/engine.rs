@@ -129,7 +129,12 @@ async fn run_model(store: DynStore, actions: Vec<Action>) -> Result<(), TestCase
                 model[off as usize..(off + len) as usize].fill(0);
             }
             Action::Read { off, len } => {
-                let got = v.read(off, len).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                // Both read paths: the copying one and the shared-bytes one.
+                let got = if off % 2 == 0 {
+                    v.read(off, len).await.map_err(|e| TestCaseError::fail(e.to_string()))?
+                } else {
+                    v.read_bytes(off, len).await.map_err(|e| TestCaseError::fail(e.to_string()))?.to_vec()
+                };
                 prop_assert!(got == model[off as usize..(off + len) as usize], "read {off}+{len} differs");
             }
             Action::Flush => {

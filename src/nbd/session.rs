@@ -325,10 +325,13 @@ where
             payload = Some(buf);
         }
         let (export, wr) = (export.clone(), wr.clone());
-        // A write with nothing else in flight is a memory copy: doing it
-        // here saves a task hand-off per request. Everything else, and any
-        // request arriving while others run, gets its own task.
-        if tasks.is_empty() && matches!(req.kind, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES | proto::CMD_TRIM) {
+        // A write, or a read of cached data, with nothing else in flight is
+        // a memory copy: doing it here saves a task hand-off per request.
+        // Everything else, and any request arriving while others run, gets
+        // its own task.
+        let memory_only = matches!(req.kind, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES | proto::CMD_TRIM)
+            || (req.kind == proto::CMD_READ && export.volume.is_cached(req.offset, req.length as u64));
+        if tasks.is_empty() && memory_only {
             handle(req, payload, export, wr, structured, permit).await;
         } else {
             tasks.spawn(handle(req, payload, export, wr, structured, permit));
@@ -365,7 +368,7 @@ async fn handle(
             if req.length > proto::MAX_PAYLOAD {
                 Err((proto::EINVAL, "read larger than the maximum block size".to_string()))
             } else {
-                match vol.read(req.offset, len).await {
+                match vol.read_bytes(req.offset, len).await {
                     Ok(data) => return send_read(&wr, req, data, structured, permit),
                     Err(e) => Err((nbd_errno(&e), e.to_string())),
                 }
@@ -401,13 +404,12 @@ async fn finish(r: Result<(), crate::volume::VolumeError>, fua: bool, vol: &Volu
     r.map_err(|e| (nbd_errno(&e), e.to_string()))
 }
 
-fn send_read(wr: &Replies, req: Request, data: Vec<u8>, structured: bool, permit: OwnedSemaphorePermit) {
+fn send_read(wr: &Replies, req: Request, data: Bytes, structured: bool, permit: OwnedSemaphorePermit) {
     if !structured {
         let header = Bytes::copy_from_slice(&proto::simple_reply(0, req.handle));
-        return wr.send(vec![header, Bytes::from(data)], Some(permit));
+        return wr.send(vec![header, data], Some(permit));
     }
     let pieces = proto::split_holes(&data, 4096, is_zero);
-    let data = Bytes::from(data);
     let last = pieces.len().saturating_sub(1);
     let mut parts = Vec::with_capacity(pieces.len() * 2 + 1);
     for (i, (pos, len, hole)) in pieces.iter().enumerate() {

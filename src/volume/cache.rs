@@ -33,6 +33,11 @@ impl CleanCache {
         Some(data.clone())
     }
 
+    /// Is the chunk cached? (No effect on recency or hit counters.)
+    pub fn peek(&self, index: u64) -> bool {
+        self.entries.contains_key(&index)
+    }
+
     pub fn insert(&mut self, index: u64, data: Bytes) {
         self.remove(index);
         if data.len() as u64 > self.limit {

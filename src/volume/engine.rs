@@ -393,6 +393,37 @@ impl Volume {
         Ok(out)
     }
 
+    /// Like [`Volume::read`], returning shared bytes: a read inside one
+    /// cached chunk is a slice of the cache, with no copy.
+    pub async fn read_bytes(&self, offset: u64, len: u64) -> VolumeResult<Bytes> {
+        let inner = &self.inner;
+        inner.check_range(offset, len)?;
+        let mut ps = pieces(offset, len, inner.chunk_size);
+        if let (Some(p), None) = (ps.next(), ps.next()) {
+            let data = {
+                let _g = inner.locks.lock(p.index).await;
+                inner.piece_bytes(p).await?
+            };
+            self.maybe_readahead(offset, len);
+            return Ok(data.unwrap_or_else(|| Bytes::from(vec![0u8; p.len])));
+        }
+        self.read(offset, len).await.map(Bytes::from)
+    }
+
+    /// True when every byte of the range is in memory (dirty or cached):
+    /// reading it touches no store.
+    pub fn is_cached(&self, offset: u64, len: u64) -> bool {
+        let st = self.inner.lock();
+        if offset.checked_add(len).is_none_or(|end| end > st.size) {
+            return false;
+        }
+        pieces(offset, len, self.inner.chunk_size).all(|p| {
+            st.slots.contains_key(&p.index)
+                || st.clean.peek(p.index)
+                || matches!(st.staged.get(&p.index).or_else(|| st.map.get(&p.index)), Some(ChunkRef::Zero))
+        })
+    }
+
     /// Write `data` at `offset`. Not durable until [`Volume::flush`].
     pub async fn write(&self, offset: u64, data: &[u8]) -> VolumeResult<()> {
         self.inner.check_writable()?;
