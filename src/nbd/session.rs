@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::proto::{self, Request};
@@ -212,25 +212,60 @@ struct Reply {
     _permit: Option<OwnedSemaphorePermit>,
 }
 
-#[derive(Clone)]
-struct Replies(mpsc::UnboundedSender<Reply>);
+/// Where replies go: straight to the socket when nobody is writing (no
+/// hand-off, the common case at low queue depth), else to the writer
+/// task's queue, which batches whatever piles up.
+struct Replies<W> {
+    tx: mpsc::UnboundedSender<Reply>,
+    out: Arc<Mutex<W>>,
+}
 
-impl Replies {
-    fn send(&self, parts: Vec<Bytes>, permit: Option<OwnedSemaphorePermit>) {
-        // Only fails when the writer has stopped (the connection is gone).
-        let _ = self.0.send(Reply { parts, _permit: permit });
-    }
-
-    fn simple(&self, error: u32, handle: u64, permit: Option<OwnedSemaphorePermit>) {
-        self.send(vec![Bytes::copy_from_slice(&proto::simple_reply(error, handle))], permit);
+impl<W> Clone for Replies<W> {
+    fn clone(&self) -> Self {
+        Self { tx: self.tx.clone(), out: self.out.clone() }
     }
 }
 
-/// The connection's only writer: it takes every reply that is ready and
-/// writes them together, small ones gathered into one buffer, so a busy
-/// connection costs few syscalls.
-async fn write_replies<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::UnboundedReceiver<Reply>) {
+impl<W: AsyncWrite + Unpin> Replies<W> {
+    async fn send(&self, parts: Vec<Bytes>, permit: Option<OwnedSemaphorePermit>) {
+        let reply = Reply { parts, _permit: permit };
+        if let Ok(mut w) = self.out.try_lock() {
+            let mut buf = Vec::new();
+            let _ = write_batch(&mut *w, std::slice::from_ref(&reply), &mut buf).await;
+            return;
+        }
+        // Only fails when the writer has stopped (the connection is gone).
+        let _ = self.tx.send(reply);
+    }
+
+    async fn simple(&self, error: u32, handle: u64, permit: Option<OwnedSemaphorePermit>) {
+        self.send(vec![Bytes::copy_from_slice(&proto::simple_reply(error, handle))], permit).await
+    }
+}
+
+/// Write replies, small parts gathered into one buffer: few syscalls.
+async fn write_batch<W: AsyncWrite + Unpin>(w: &mut W, batch: &[Reply], buf: &mut Vec<u8>) -> std::io::Result<()> {
     const GATHER: usize = 64 << 10;
+    buf.clear();
+    for part in batch.iter().flat_map(|r| r.parts.iter()) {
+        if part.len() >= GATHER {
+            if !buf.is_empty() {
+                w.write_all(buf).await?;
+                buf.clear();
+            }
+            w.write_all(part).await?;
+        } else {
+            buf.extend_from_slice(part);
+        }
+    }
+    if !buf.is_empty() {
+        w.write_all(buf).await?;
+    }
+    w.flush().await
+}
+
+/// The queue's writer: takes every reply that is ready and writes them together.
+async fn write_replies<W: AsyncWrite + Unpin>(out: Arc<Mutex<W>>, mut rx: mpsc::UnboundedReceiver<Reply>) {
     let mut buf: Vec<u8> = Vec::with_capacity(256 << 10);
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -240,30 +275,12 @@ async fn write_replies<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::UnboundedR
                 Err(_) => break,
             }
         }
-        let mut ok = true;
-        for part in batch.iter().flat_map(|r| r.parts.iter()) {
-            if part.len() >= GATHER {
-                if !buf.is_empty() {
-                    ok &= w.write_all(&buf).await.is_ok();
-                    buf.clear();
-                }
-                ok &= w.write_all(part).await.is_ok();
-            } else {
-                buf.extend_from_slice(part);
-            }
-            if !ok {
-                break;
-            }
-        }
-        if ok && !buf.is_empty() {
-            ok = w.write_all(&buf).await.is_ok();
-        }
-        buf.clear();
-        if !ok || w.flush().await.is_err() {
+        let mut w = out.lock().await;
+        if write_batch(&mut *w, &batch, &mut buf).await.is_err() {
             break;
         }
     }
-    let _ = w.shutdown().await;
+    let _ = out.lock().await.shutdown().await;
 }
 
 async fn transmit<R, W>(
@@ -278,8 +295,9 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_replies(wr, rx));
-    let wr = Replies(tx);
+    let out = Arc::new(Mutex::new(wr));
+    let writer = tokio::spawn(write_replies(out.clone(), rx));
+    let wr = Replies { tx, out };
     let budget = Arc::new(Semaphore::new(INFLIGHT_BYTES / PERMIT_UNIT));
     let mut tasks = JoinSet::new();
     let result = loop {
@@ -315,7 +333,7 @@ where
                 if n != req.length as u64 {
                     break Ok(());
                 }
-                wr.simple(proto::EINVAL, req.handle, None);
+                wr.simple(proto::EINVAL, req.handle, None).await;
                 continue;
             }
             let mut buf = vec![0u8; req.length as usize];
@@ -348,11 +366,11 @@ where
     result
 }
 
-async fn handle(
+async fn handle<W: AsyncWrite + Unpin>(
     req: Request,
     payload: Option<Vec<u8>>,
     export: Arc<Export>,
-    wr: Replies,
+    wr: Replies<W>,
     structured: bool,
     permit: OwnedSemaphorePermit,
 ) {
@@ -360,7 +378,7 @@ async fn handle(
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
     let writes = matches!(req.kind, proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES);
     if writes && export.read_only {
-        return wr.simple(proto::EPERM, req.handle, Some(permit));
+        return wr.simple(proto::EPERM, req.handle, Some(permit)).await;
     }
     let len = req.length as u64;
     let result = match req.kind {
@@ -369,7 +387,7 @@ async fn handle(
                 Err((proto::EINVAL, "read larger than the maximum block size".to_string()))
             } else {
                 match vol.read_bytes(req.offset, len).await {
-                    Ok(data) => return send_read(&wr, req, data, structured, permit),
+                    Ok(data) => return send_read(&wr, req, data, structured, permit).await,
                     Err(e) => Err((nbd_errno(&e), e.to_string())),
                 }
             }
@@ -384,13 +402,13 @@ async fn handle(
         other => Err((proto::EINVAL, format!("command {other} is not supported"))),
     };
     match result {
-        Ok(()) => wr.simple(0, req.handle, Some(permit)),
+        Ok(()) => wr.simple(0, req.handle, Some(permit)).await,
         Err((errno, msg)) => {
             tracing::debug!(kind = req.kind, offset = req.offset, len, errno, error = %msg, "request failed");
             if structured && req.kind == proto::CMD_READ {
-                wr.send(vec![Bytes::from(proto::structured_error(req.handle, errno, &msg))], Some(permit))
+                wr.send(vec![Bytes::from(proto::structured_error(req.handle, errno, &msg))], Some(permit)).await
             } else {
-                wr.simple(errno, req.handle, Some(permit))
+                wr.simple(errno, req.handle, Some(permit)).await
             }
         }
     }
@@ -404,10 +422,16 @@ async fn finish(r: Result<(), crate::volume::VolumeError>, fua: bool, vol: &Volu
     r.map_err(|e| (nbd_errno(&e), e.to_string()))
 }
 
-fn send_read(wr: &Replies, req: Request, data: Bytes, structured: bool, permit: OwnedSemaphorePermit) {
+async fn send_read<W: AsyncWrite + Unpin>(
+    wr: &Replies<W>,
+    req: Request,
+    data: Bytes,
+    structured: bool,
+    permit: OwnedSemaphorePermit,
+) {
     if !structured {
         let header = Bytes::copy_from_slice(&proto::simple_reply(0, req.handle));
-        return wr.send(vec![header, data], Some(permit));
+        return wr.send(vec![header, data], Some(permit)).await;
     }
     let pieces = proto::split_holes(&data, 4096, is_zero);
     let last = pieces.len().saturating_sub(1);
@@ -432,5 +456,5 @@ fn send_read(wr: &Replies, req: Request, data: Bytes, structured: bool, permit: 
         let f = proto::structured_header(proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, req.handle, 0);
         parts.push(Bytes::copy_from_slice(&f));
     }
-    wr.send(parts, Some(permit));
+    wr.send(parts, Some(permit)).await;
 }
