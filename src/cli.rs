@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::SystemClock;
 use crate::location::{Location, open_store};
 use crate::size::{format_size, parse_size};
 use crate::store::retry::RetryPolicy;
@@ -390,7 +390,7 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
         }
         VolumeCmd::Snapshot { url, name } => {
             let (loc, store) = connect(&url, g, true).await?;
-            let rec = snapshot_committed(&store, &loc.prefix, &name, &clock).await?;
+            let rec = crate::volume::engine::snapshot_committed(&store, &loc.prefix, &name, &clock).await?;
             println!("snapshot {name} of {} pins journal seq {} ({})", loc.display(), rec.seq, format_size(rec.size));
         }
         VolumeCmd::Resize { url, size } => {
@@ -454,32 +454,6 @@ pub async fn delete_volume(store: &DynStore, prefix: &str, progress: bool) -> Re
         eprintln!();
     }
     Ok(total)
-}
-
-/// Pin the volume's committed head under a snapshot name, without taking
-/// over the volume (a live writer keeps going).
-pub async fn snapshot_committed(
-    store: &DynStore,
-    prefix: &str,
-    name: &str,
-    clock: &dyn Clock,
-) -> Result<format::SnapshotRecord> {
-    format::validate_snapshot_name(name)?;
-    let meta = replay::read_meta(store.as_ref(), prefix).await?;
-    let st = replay::replay(store.as_ref(), prefix, meta.chunk_size as u64, None).await?;
-    let rec = format::SnapshotRecord {
-        format_version: format::FORMAT_VERSION,
-        name: name.to_string(),
-        seq: st.head,
-        size: st.size,
-        created_unix: clock.now_unix(),
-    };
-    let body = bytes::Bytes::from(serde_json::to_vec_pretty(&rec)?);
-    match store.put(&format::snapshot_key(prefix, name), body, store::PutMode::IfAbsent).await {
-        Ok(()) => Ok(rec),
-        Err(store::StoreError::PreconditionFailed(_)) => bail!("snapshot {name} already exists"),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// Progress on stderr: a live line on a terminal, a line every 10% otherwise.

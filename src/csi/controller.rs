@@ -24,7 +24,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::location::Location;
 use crate::size::parse_size;
 use crate::store::{self, DynStore, ListRequest, PutMode, StoreError};
-use crate::volume::engine::{CreateOptions, read_snapshot};
+use crate::volume::engine::{CreateOptions, read_snapshot, snapshot_committed};
 use crate::volume::format::{self, DEFAULT_CHUNK_SIZE, ParentRef, SnapshotRecord, VolumeMeta};
 use crate::volume::{OpenOptions, Volume, VolumeError, replay};
 
@@ -399,9 +399,7 @@ impl pb::controller_server::Controller for ControllerService {
                 let rec = match read_snapshot(&store, &vloc.prefix, &snap).await {
                     Ok(r) => r,
                     Err(VolumeError::NotFound(_)) => {
-                        crate::cli::snapshot_committed(&store, &vloc.prefix, &snap, self.clock.as_ref())
-                            .await
-                            .map_err(|e| Status::internal(format!("{e:#}")))?
+                        snapshot_committed(&store, &vloc.prefix, &snap, self.clock.as_ref()).await.map_err(status)?
                     }
                     Err(e) => return Err(status(e)),
                 };
@@ -713,9 +711,7 @@ impl pb::controller_server::Controller for ControllerService {
         let rec = match read_snapshot(&store, &vloc.prefix, &name).await {
             Ok(r) => r,
             Err(VolumeError::NotFound(_)) => {
-                crate::cli::snapshot_committed(&store, &vloc.prefix, &name, self.clock.as_ref())
-                    .await
-                    .map_err(|e| Status::internal(format!("{e:#}")))?
+                snapshot_committed(&store, &vloc.prefix, &name, self.clock.as_ref()).await.map_err(status)?
             }
             Err(e) => return Err(status(e)),
         };

@@ -596,6 +596,32 @@ impl Volume {
     }
 }
 
+/// Pin the volume's committed head under a snapshot name without taking
+/// over the volume: a live writer keeps going.
+pub async fn snapshot_committed(
+    store: &DynStore,
+    vol: &str,
+    name: &str,
+    clock: &dyn Clock,
+) -> VolumeResult<SnapshotRecord> {
+    format::validate_snapshot_name(name).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
+    let meta = replay::read_meta(store.as_ref(), vol).await?;
+    let st = replay::replay(store.as_ref(), vol, meta.chunk_size as u64, None).await?;
+    let rec = SnapshotRecord {
+        format_version: format::FORMAT_VERSION,
+        name: name.to_string(),
+        seq: st.head,
+        size: st.size,
+        created_unix: clock.now_unix(),
+    };
+    let body = serde_json::to_vec_pretty(&rec).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
+    match store.put(&snapshot_key(vol, name), Bytes::from(body), PutMode::IfAbsent).await {
+        Ok(()) => Ok(rec),
+        Err(StoreError::PreconditionFailed(_)) => Err(VolumeError::AlreadyExists(format!("snapshot {name}"))),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Deepest clone chain followed (clone of a clone of ...).
 const MAX_CLONE_DEPTH: usize = 32;
 
