@@ -17,7 +17,7 @@ use crate::store::retry::RetryPolicy;
 use crate::store::{self, DynStore, ListRequest};
 use crate::volume::engine::{CreateOptions, is_zero};
 use crate::volume::format::{self, DEFAULT_CHUNK_SIZE};
-use crate::volume::{OpenOptions, Volume, VolumeError, fsck, replay};
+use crate::volume::{OpenOptions, Volume, VolumeError, compact, fsck, replay};
 
 #[derive(Parser, Debug)]
 #[command(name = "s3blk", version, about = "Block volumes on S3: NBD server, CLI and Kubernetes CSI driver")]
@@ -42,6 +42,10 @@ struct Global {
     /// Clean chunk data cached in memory for reads.
     #[arg(long, global = true, env = "S3BLK_CACHE_SIZE", default_value = "128MiB", value_parser = parse_size)]
     cache_size: u64,
+    /// NBD: microseconds a connection answering requests back to back polls
+    /// for the next one before sleeping (saves a wakeup per request; 0 = off).
+    #[arg(long, global = true, env = "S3BLK_BUSY_POLL_US", default_value_t = 50)]
+    busy_poll_us: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -96,6 +100,20 @@ enum Command {
     /// Manage volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Fold the journal into a checkpoint and delete chunk generations,
+    /// journal records and checkpoints nothing references any more. Safe
+    /// while a writer is live: nothing younger than --safety-age is touched.
+    Compact {
+        url: String,
+        /// Leave objects younger than this alone (e.g. 300, 90s, 5m, 1h).
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        safety_age: Duration,
+        /// Report what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check every invariant of a stored volume; exit code 2 when it is damaged.
     Fsck {
         url: String,
@@ -249,6 +267,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 max_volumes,
                 dirty_limit: g.dirty_limit,
                 cache_limit: g.cache_size,
+                busy_poll: Duration::from_micros(g.busy_poll_us),
                 metrics_address,
             };
             let stores = Arc::new(crate::csi::common::Stores::new(g.policy()));
@@ -257,6 +276,38 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Volume(cmd) => volume_cmd(cmd, &g).await,
+        Command::Compact { url, safety_age, dry_run, json } => {
+            let (loc, store) = connect(&url, &g, true).await?;
+            let opts = compact::CompactOptions { safety_age, dry_run, ..compact::CompactOptions::default() };
+            let rep = compact::compact(&store, &loc.prefix, &opts, &SystemClock)
+                .await
+                .with_context(|| format!("cannot compact {}", loc.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                let verb = if dry_run { "would delete" } else { "deleted" };
+                println!("volume:      {}", loc.display());
+                match rep.folded_seq {
+                    Some(x) => println!("journal:     head seq {}, folded up to seq {x}", rep.head_seq),
+                    None => println!("journal:     head seq {}, nothing old enough to fold", rep.head_seq),
+                }
+                println!(
+                    "{verb}: {} journal records, {} checkpoints, {} chunk objects ({})",
+                    rep.journal_records_deleted,
+                    rep.checkpoints_deleted,
+                    rep.chunks_deleted,
+                    format_size(rep.chunk_bytes_deleted)
+                );
+                println!(
+                    "kept:        {} live chunks, {} unreferenced but younger than {}s, {} snapshots",
+                    rep.chunks_live,
+                    rep.chunks_kept_young,
+                    safety_age.as_secs(),
+                    rep.snapshots
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Fsck { url, quick, json } => {
             let (loc, store) = connect(&url, &g, true).await?;
             let show = !json && std::io::stderr().is_terminal();
@@ -681,6 +732,7 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
         description: format!("s3blk volume {}", loc.display()),
         volume: vol,
         read_only: a.read_only,
+        busy_poll: Duration::from_micros(g.busy_poll_us),
     });
     println!(
         "serving {} ({}{}) on {}, export \"{export_name}\"",
@@ -742,4 +794,18 @@ fn tune_allocator() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
+}
+
+/// `300`, `90s`, `5m`, `1h`: a duration in whole seconds.
+fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a duration like 300, 90s, 5m or 1h"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m or h)")),
+    };
+    n.checked_mul(mult).map(Duration::from_secs).ok_or_else(|| format!("{s:?}: too large"))
 }

@@ -73,8 +73,20 @@ fn round_trip(env: &[(&'static str, String)], vol: &str, store_url: &str, dir: &
     let json: serde_json::Value =
         serde_json::from_str(&ok(&s3blk(env, &["volume", "inspect", vol, "--json"]))).expect("inspect json");
     assert_eq!(json["size"], 16 << 20);
+    // Compaction folds the journal; the volume and its snapshot read the same.
+    let text = ok(&s3blk(env, &["compact", vol, "--dry-run"]));
+    assert!(text.contains("would delete"), "{text}");
+    let rep: serde_json::Value =
+        serde_json::from_str(&ok(&s3blk(env, &["compact", vol, "--safety-age", "0", "--json"]))).expect("compact json");
+    assert!(rep["journal_records_deleted"].as_u64().is_some_and(|n| n > 0), "{rep}");
+    ok(&s3blk(env, &["volume", "export", vol, snap_out.to_str().expect("path"), "--snapshot", "before"]));
+    assert!(std::fs::read(&snap_out).expect("read")[..data.len()] == data[..]);
+    ok(&s3blk(env, &["volume", "export", vol, output.to_str().expect("path")]));
+    let back = std::fs::read(&output).expect("read output");
+    assert!(back[..1 << 20].iter().all(|&b| b == 0) && back[1 << 20..data.len()] == data[1 << 20..]);
     let fsck: serde_json::Value = serde_json::from_str(&ok(&s3blk(env, &["fsck", vol, "--json"]))).expect("fsck json");
     assert_eq!(fsck["clean"], true, "{fsck}");
+    assert_eq!(fsck["garbage_chunks"], 0, "{fsck}");
     ok(&s3blk(env, &["volume", "delete", vol]));
     let list = ok(&s3blk(env, &["volume", "list", store_url]));
     assert!(!list.contains(name), "{list}");
@@ -117,6 +129,9 @@ fn bad_input_gives_one_clear_line() {
     one_line_error(&s3blk(&[], &["volume", "export", v, "/nonexistent-dir/x"]), "cannot create");
     one_line_error(&s3blk(&[], &["volume", "export", v, "-", "--snapshot", "nope"]), "snapshot nope not found");
     one_line_error(&s3blk(&[], &["volume", "resize", v, "--size", "64KiB"]), "shrinking");
+    let out = s3blk(&[], &["compact", v, "--safety-age", "5 days"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown unit"), "{out:?}");
     // clap's own usage errors are not panics either.
     let out = s3blk(&[], &["volume", "create", v, "--size", "lots"]);
     assert_eq!(out.status.code(), Some(2));

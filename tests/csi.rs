@@ -46,6 +46,7 @@ async fn driver() -> Option<Driver> {
         max_volumes: 16,
         dirty_limit: 64 << 20,
         cache_limit: 64 << 20,
+        busy_poll: std::time::Duration::from_micros(50),
         metrics_address: Some("127.0.0.1:0".into()),
     };
     // Requests without secrets (ListVolumes, GetVolume) use these settings.

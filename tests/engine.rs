@@ -16,7 +16,7 @@ use s3blk::store::retry::{RetryPolicy, RetryStore};
 use s3blk::store::{self, DynStore, ObjectStore, PutMode};
 use s3blk::volume::engine::CreateOptions;
 use s3blk::volume::format::{self, Checkpoint};
-use s3blk::volume::{OpenOptions, Volume, VolumeError, fsck, replay};
+use s3blk::volume::{OpenOptions, Volume, VolumeError, compact, fsck, replay};
 
 const CS: u32 = 64 << 10;
 
@@ -116,8 +116,12 @@ async fn run_model(store: DynStore, actions: Vec<Action>) -> Result<(), TestCase
         match a {
             Action::Write { off, len, seed } => {
                 let data = common::pattern(seed, len);
-                // Whole-chunk writes go through the buffer-taking path.
-                if off % CS as u64 == 0 && len == CS as usize {
+                // Whole-chunk writes go through the buffer-taking path; a
+                // third of the others try the in-memory fast path first.
+                let now = if seed % 3 == 0 { v.write_now(off, &data) } else { None };
+                if let Some(r) = now {
+                    r.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                } else if off % CS as u64 == 0 && len == CS as usize {
                     v.write_vec(off, data.clone()).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
                 } else {
                     v.write(off, &data).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
@@ -129,8 +133,12 @@ async fn run_model(store: DynStore, actions: Vec<Action>) -> Result<(), TestCase
                 model[off as usize..(off + len) as usize].fill(0);
             }
             Action::Read { off, len } => {
-                // Both read paths: the copying one and the shared-bytes one.
-                let got = if off % 2 == 0 {
+                // Every read path: the in-memory fast path (when it takes
+                // the read), the copying one and the shared-bytes one.
+                let now = if off % 3 == 2 { v.read_now(off, len).map(|b| b.to_vec()) } else { None };
+                let got = if let Some(got) = now {
+                    got
+                } else if off % 2 == 0 {
                     v.read(off, len).await.map_err(|e| TestCaseError::fail(e.to_string()))?
                 } else {
                     v.read_bytes(off, len).await.map_err(|e| TestCaseError::fail(e.to_string()))?.to_vec()
@@ -725,4 +733,209 @@ async fn health_reports_fencing_and_an_unreachable_store() {
     assert!(w.flush().await.is_err());
     let fenced = w.health(Duration::from_secs(5)).await.expect("a fenced writer is unhealthy");
     assert!(fenced.starts_with("fenced"), "{fenced}");
+}
+
+// ------------------------------------------------------------- compaction
+
+async fn keys(store: &DynStore, prefix: &str) -> Vec<String> {
+    store::list_all(store.as_ref(), prefix).await.expect("list").into_iter().map(|o| o.key).collect()
+}
+
+/// A clock an hour ahead: every object the test wrote is past the safety age.
+fn later() -> ManualClock {
+    ManualClock::new(s3blk::clock::Clock::now_unix(&s3blk::clock::SystemClock) + 3600)
+}
+
+async fn compaction_folds_the_journal_and_collects_garbage(store: DynStore) {
+    let vol = format!("{}/", common::unique("compact"));
+    create(&store, &vol, 8 * CS as u64).await;
+    let v = open(&store, &vol).await;
+    let cs = CS as usize;
+    let mut model = vec![0u8; 8 * cs];
+    let put = |model: &mut Vec<u8>, chunk: usize, seed: u64| {
+        let data = common::pattern(seed, cs);
+        model[chunk * cs..(chunk + 1) * cs].copy_from_slice(&data);
+        data
+    };
+    for c in 0..4 {
+        let d = put(&mut model, c, 10 + c as u64);
+        v.write(c as u64 * CS as u64, &d).await.expect("write A");
+    }
+    v.flush().await.expect("flush A");
+    let at_snapshot = model.clone();
+    v.snapshot("s1").await.expect("snapshot");
+    for c in 0..3 {
+        let d = put(&mut model, c, 20 + c as u64);
+        v.write(c as u64 * CS as u64, &d).await.expect("write B");
+    }
+    v.flush().await.expect("flush B");
+    let d = put(&mut model, 1, 30);
+    v.write(CS as u64, &d).await.expect("write C");
+    v.write_zeroes(3 * CS as u64, CS as u64).await.expect("zero chunk 3");
+    model[3 * cs..4 * cs].fill(0);
+    v.flush().await.expect("flush C");
+    let records_before = keys(&store, &format::journal_prefix(&vol)).await.len();
+
+    let opts = compact::CompactOptions::default();
+    let rep = compact::compact(&store, &vol, &opts, &later()).await.expect("compact");
+    // Chunk 1's B generation is the only one neither the head nor s1 needs.
+    assert_eq!(rep.chunks_deleted, 1, "{rep:?}");
+    assert_eq!(rep.folded_seq, Some(rep.head_seq), "{rep:?}");
+    assert_eq!(rep.journal_records_deleted as usize, records_before - 1, "{rep:?}");
+    assert_eq!(keys(&store, &format::journal_prefix(&vol)).await.len(), 1, "only the head record stays");
+    assert!(!keys(&store, &format::checkpoint_prefix(&vol)).await.is_empty());
+    let rep = fsck::fsck(store.as_ref(), &vol, true, &|_, _| {}).await.expect("fsck");
+    assert!(rep.clean && rep.garbage_chunks == 0, "{rep:?}");
+
+    // The live writer keeps committing after the journal under it was folded.
+    let d = put(&mut model, 5, 40);
+    v.write(5 * CS as u64, &d).await.expect("write after compaction");
+    v.flush().await.expect("flush after compaction");
+    drop(v);
+    assert_eq!(open_ro(&store, &vol).await.read(0, 8 * CS as u64).await.expect("read"), model);
+    let snap = Volume::open(store.clone(), &vol, OpenOptions { snapshot: Some("s1".into()), ..OpenOptions::default() })
+        .await
+        .expect("open snapshot");
+    assert_eq!(snap.read(0, 8 * CS as u64).await.expect("read snapshot"), at_snapshot);
+
+    // Once the snapshot is gone, the generations only it pinned go too.
+    store.delete(&format::snapshot_key(&vol, "s1")).await.expect("delete snapshot");
+    let rep = compact::compact(&store, &vol, &opts, &later()).await.expect("compact again");
+    assert_eq!(rep.chunks_deleted, 4, "A generations of chunks 0-3: {rep:?}");
+    assert_eq!(keys(&store, &format::chunk_prefix(&vol)).await.len(), 4, "chunks 0, 1, 2 and 5 remain");
+    assert_fsck_clean(&store, &vol).await;
+    assert_eq!(open_ro(&store, &vol).await.read(0, 8 * CS as u64).await.expect("read"), model);
+}
+on_both_stores!(compaction_folds_the_journal_and_collects_garbage);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_leaves_young_objects_and_dry_runs_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(dir.path());
+    let vol = "young/";
+    create(&store, vol, 4 * CS as u64).await;
+    let v = open(&store, vol).await;
+    for seed in 0..3 {
+        v.write(0, &common::pattern(seed, CS as usize)).await.expect("write");
+        v.flush().await.expect("flush");
+    }
+    let before = keys(&store, "").await;
+    let dry = compact::CompactOptions { dry_run: true, ..compact::CompactOptions::default() };
+    let rep = compact::compact(&store, vol, &dry, &later()).await.expect("dry run");
+    assert_eq!(rep.chunks_deleted, 2, "a dry run reports what it would delete: {rep:?}");
+    assert_eq!(keys(&store, "").await, before, "a dry run changes nothing");
+    let now = compact::CompactOptions::default();
+    let rep = compact::compact(&store, vol, &now, &s3blk::clock::SystemClock).await.expect("compact");
+    assert_eq!((rep.folded_seq, rep.chunks_deleted), (None, 0), "{rep:?}");
+    assert_eq!(keys(&store, "").await, before, "nothing younger than the safety age is touched");
+}
+
+/// Compaction in a loop beside a writer that keeps writing and flushing:
+/// a short real safety age, real clocks, the writer never fenced, nothing lost.
+async fn compaction_beside_a_live_writer_loses_nothing(store: DynStore) {
+    let vol = format!("{}/", common::unique("live"));
+    create(&store, &vol, 16 * CS as u64).await;
+    let v = open(&store, &vol).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let compactor = {
+        let (store, vol, stop) = (store.clone(), vol.clone(), stop.clone());
+        tokio::spawn(async move {
+            let opts = compact::CompactOptions { safety_age: Duration::from_secs(2), ..Default::default() };
+            let mut deleted = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let rep = compact::compact(&store, &vol, &opts, &s3blk::clock::SystemClock).await.expect("compact");
+                deleted += rep.chunks_deleted + rep.journal_records_deleted;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            deleted
+        })
+    };
+    let mut model = vec![0u8; 16 * CS as usize];
+    let started = std::time::Instant::now();
+    let mut round = 0u64;
+    while started.elapsed() < Duration::from_secs(6) {
+        for k in 0..4u64 {
+            let off = ((round * 7 + k * 3) % 16) * CS as u64 + (k * 4096);
+            let data = common::pattern(round * 10 + k, 3 * 4096);
+            let end = (off as usize + data.len()).min(model.len());
+            v.write(off, &data[..end - off as usize]).await.expect("write");
+            model[off as usize..end].copy_from_slice(&data[..end - off as usize]);
+        }
+        v.flush().await.expect("a live writer beside compaction is never fenced");
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let deleted = compactor.await.expect("compactor");
+    assert!(deleted > 0, "compaction collected nothing in {round} rounds");
+    assert_eq!(v.read(0, 16 * CS as u64).await.expect("read"), model);
+    drop(v);
+    assert_eq!(open_ro(&store, &vol).await.read(0, 16 * CS as u64).await.expect("reopen"), model);
+    assert_fsck_clean(&store, &vol).await;
+}
+on_both_stores!(compaction_beside_a_live_writer_loses_nothing);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_uploads_are_committed_without_a_flush() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(dir.path());
+    create(&store, "auto/", 16 * CS as u64).await;
+    let opts = OpenOptions {
+        dirty_limit: 2 * CS as u64,
+        commit_interval: Duration::from_millis(100),
+        ..OpenOptions::default()
+    };
+    let v = Volume::open(store.clone(), "auto/", opts).await.expect("open");
+    let data = common::pattern(5, 12 * CS as usize);
+    v.write(0, &data).await.expect("write past the dirty limit");
+    let head = v.stats().head_seq;
+    let mut committed = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if v.stats().head_seq > head && v.stats().staged_chunks == 0 {
+            committed = true;
+            break;
+        }
+    }
+    assert!(committed, "staged uploads were not committed: {:?}", v.stats());
+    // What was committed reads back from a fresh view of the store.
+    let ro = open_ro(&store, "auto/").await;
+    let got = ro.read(0, 12 * CS as u64).await.expect("read");
+    let stored = (0..12)
+        .filter(|&c| got[c * CS as usize..(c + 1) * CS as usize] == data[c * CS as usize..(c + 1) * CS as usize])
+        .count();
+    assert!(stored >= 8, "only {stored} of 12 chunks were committed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_chunk_that_vanished_is_uploaded_again_before_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(dir.path());
+    create(&store, "vanish/", 16 * CS as u64).await;
+    let opts = OpenOptions {
+        dirty_limit: 2 * CS as u64,
+        commit_interval: Duration::from_secs(3600),
+        recheck_staged_after: Duration::ZERO,
+        ..OpenOptions::default()
+    };
+    let v = Volume::open(store.clone(), "vanish/", opts).await.expect("open");
+    let data = common::pattern(9, 8 * CS as usize);
+    v.write(0, &data).await.expect("write past the dirty limit");
+    // Wait for the background uploads, then lose their objects, as an
+    // over-eager collector would.
+    for _ in 0..50 {
+        if v.stats().staged_chunks >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let staged = keys(&store, &format::chunk_prefix("vanish/")).await;
+    assert!(staged.len() >= 4, "expected staged uploads, found {staged:?}");
+    for k in &staged {
+        store.delete(k).await.expect("delete");
+    }
+    v.flush().await.expect("flush re-uploads what vanished");
+    drop(v);
+    assert_eq!(open_ro(&store, "vanish/").await.read(0, 8 * CS as u64).await.expect("read"), data);
+    assert_fsck_clean(&store, "vanish/").await;
 }

@@ -322,7 +322,13 @@ async fn in_process(read_only: bool) -> InProcess {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("s.sock");
     let bound = server::bind(&Listen::Unix(sock.clone())).await.expect("bind");
-    let export = Arc::new(Export { name: "v".into(), description: "test".into(), volume, read_only });
+    let export = Arc::new(Export {
+        name: "v".into(),
+        description: "test".into(),
+        volume,
+        read_only,
+        busy_poll: std::time::Duration::from_micros(50),
+    });
     let (shutdown, rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(server::serve(bound, export, rx));
     InProcess { sock, _dir: dir, store, shutdown, task }

@@ -30,6 +30,7 @@ pub struct NodeConfig {
     /// Engine settings for served volumes (overridable per volume by `cacheSize`).
     pub dirty_limit: u64,
     pub cache_limit: u64,
+    pub busy_poll: std::time::Duration,
 }
 
 /// What a staged volume needs to be served again after a restart.
@@ -150,6 +151,7 @@ impl NodeService {
             description: r.volume_id.clone(),
             volume: volume.clone(),
             read_only: r.readonly,
+            busy_poll: self.cfg.busy_poll,
         });
         let (shutdown, rx) = watch::channel(false);
         let task = tokio::spawn(server::serve(bound, export, rx));

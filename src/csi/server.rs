@@ -35,6 +35,8 @@ pub struct CsiConfig {
     pub max_volumes: i64,
     pub dirty_limit: u64,
     pub cache_limit: u64,
+    /// NBD busy polling per connection (see `nbd::session::Export`).
+    pub busy_poll: std::time::Duration,
     /// `HOST:PORT` for Prometheus metrics, if wanted.
     pub metrics_address: Option<String>,
 }
@@ -101,6 +103,7 @@ pub async fn run(
             max_volumes: cfg.max_volumes,
             dirty_limit: cfg.dirty_limit,
             cache_limit: cfg.cache_limit,
+            busy_poll: cfg.busy_poll,
         };
         let n = NodeService::new(ncfg, stores.clone())
             .map_err(|source| CsiError::StateDir { path: cfg.state_dir.clone(), source })?;

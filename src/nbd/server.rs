@@ -1,6 +1,7 @@
 //! The listener: a unix socket (default) or TCP, one session per
 //! connection, graceful shutdown.
 
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,14 +98,16 @@ pub async fn serve(bound: Bound, export: Arc<Export>, mut shutdown: watch::Recei
             _ = shutdown.changed() => break,
             r = accept(&bound.acceptor) => match r {
                 Ok(Conn::Unix(s)) => {
+                    let fd = s.as_raw_fd();
                     let (r, w) = s.into_split();
-                    let f = session::run(r, w, export.clone(), shutdown.clone());
+                    let f = session::run(r, w, export.clone(), shutdown.clone(), Some(fd));
                     spawn_session(&mut sessions, "unix".into(), Box::pin(f))
                 }
                 Ok(Conn::Tcp(s, peer)) => {
                     let _ = s.set_nodelay(true);
+                    let fd = s.as_raw_fd();
                     let (r, w) = s.into_split();
-                    let f = session::run(r, w, export.clone(), shutdown.clone());
+                    let f = session::run(r, w, export.clone(), shutdown.clone(), Some(fd));
                     spawn_session(&mut sessions, peer, Box::pin(f))
                 }
                 Err(e) => {

@@ -50,6 +50,14 @@ pub struct OpenOptions {
     /// Open the state at this snapshot (read-only).
     pub snapshot: Option<String>,
     pub clock: Arc<dyn Clock>,
+    /// Chunks uploaded in the background (past the dirty limit) are
+    /// committed this long after, flush or not, so compaction, which
+    /// collects unreferenced chunks older than its safety age, never sees
+    /// them unreferenced for long.
+    pub commit_interval: Duration,
+    /// A commit whose oldest staged chunk was uploaded longer ago than this
+    /// first checks that the chunk objects are still there.
+    pub recheck_staged_after: Duration,
 }
 
 impl Default for OpenOptions {
@@ -58,6 +66,8 @@ impl Default for OpenOptions {
             read_only: false,
             dirty_limit: 256 << 20,
             cache_limit: 128 << 20,
+            commit_interval: Duration::from_secs(10),
+            recheck_staged_after: Duration::from_secs(60),
             concurrency: 16,
             readahead_chunks: 4,
             snapshot: None,
@@ -103,6 +113,9 @@ struct Slot {
     data: DirtyData,
     /// When it became dirty (for choosing what to upload first).
     since: u64,
+    /// Its bytes are on their way to the store (moved out of `data`); only
+    /// the chunk lock's holder may touch the slot until it is done.
+    uploading: bool,
 }
 
 /// A commit whose journal PUT failed without a clear answer: it may or may
@@ -129,6 +142,8 @@ struct State {
     uncertain: Option<Uncertain>,
     tick: u64,
     last_read_end: u64,
+    /// When the oldest chunk in `staged` was uploaded.
+    staged_since: Option<std::time::Instant>,
 }
 
 #[derive(Debug)]
@@ -153,6 +168,7 @@ struct Inner {
     dirty_permits: Semaphore,
     flush_lock: tokio::sync::Mutex<()>,
     uploader_running: AtomicBool,
+    committer_running: AtomicBool,
     generation_counter: AtomicU64,
 }
 
@@ -192,6 +208,10 @@ fn pieces(offset: u64, len: u64, chunk_size: u64) -> impl Iterator<Item = Piece>
 /// True when every byte is zero. Works in 4 KiB blocks of 16-byte words
 /// so data that is not zero is rejected after its first block.
 pub fn is_zero(buf: &[u8]) -> bool {
+    // Data that is not zero nearly always says so in its first bytes.
+    if buf.iter().take(16).any(|&b| b != 0) {
+        return false;
+    }
     buf.chunks(4096).all(|block| {
         let words = block.chunks_exact(16);
         let tail = words.remainder();
@@ -291,6 +311,7 @@ impl Volume {
             uncertain: None,
             tick: 0,
             last_read_end: u64::MAX,
+            staged_since: None,
         };
         tracing::info!(
             volume = vol,
@@ -314,6 +335,7 @@ impl Volume {
                 dirty_permits: Semaphore::new(permits),
                 flush_lock: tokio::sync::Mutex::new(()),
                 uploader_running: AtomicBool::new(false),
+                committer_running: AtomicBool::new(false),
                 generation_counter: AtomicU64::new(1),
             }),
         })
@@ -410,18 +432,72 @@ impl Volume {
         self.read(offset, len).await.map(Bytes::from)
     }
 
-    /// True when every byte of the range is in memory (dirty or cached):
-    /// reading it touches no store.
-    pub fn is_cached(&self, offset: u64, len: u64) -> bool {
-        let st = self.inner.lock();
-        if offset.checked_add(len).is_none_or(|end| end > st.size) {
-            return false;
+    /// A read served on the spot when its bytes are in memory: one chunk,
+    /// dirty (and not being uploaded), cached, or known to be zeros. No
+    /// chunk lock and no await: the state lock alone orders it against
+    /// writers, which change a chunk's bytes only under that lock. `None`
+    /// means "take [`Volume::read_bytes`]".
+    pub fn read_now(&self, offset: u64, len: u64) -> Option<Bytes> {
+        let inner = &self.inner;
+        // Out-of-range requests take the normal path and its error.
+        offset.checked_add(len)?;
+        let mut ps = pieces(offset, len, inner.chunk_size);
+        let (Some(p), None) = (ps.next(), ps.next()) else {
+            return None;
+        };
+        let (data, sequential) = {
+            let mut st = inner.lock();
+            if offset.checked_add(len).is_none_or(|end| end > st.size) {
+                return None;
+            }
+            let data = match st.slots.get(&p.index) {
+                Some(slot) if slot.uploading => return None,
+                Some(Slot { data: DirtyData::Data(v), .. }) => Bytes::copy_from_slice(&v[p.at..p.at + p.len]),
+                Some(Slot { data: DirtyData::Zero, .. }) => Bytes::from(vec![0u8; p.len]),
+                None => match st.clean.get(p.index) {
+                    Some(b) => b.slice(p.at..p.at + p.len),
+                    None => match st.staged.get(&p.index).or_else(|| st.map.get(&p.index)) {
+                        Some(ChunkRef::Zero) => Bytes::from(vec![0u8; p.len]),
+                        None if inner.parents.is_empty() => Bytes::from(vec![0u8; p.len]),
+                        _ => return None,
+                    },
+                },
+            };
+            (data, note_read(&mut st, offset, len))
+        };
+        if sequential {
+            self.readahead_after(offset + len);
         }
-        pieces(offset, len, self.inner.chunk_size).all(|p| {
-            st.slots.contains_key(&p.index)
-                || st.clean.peek(p.index)
-                || matches!(st.staged.get(&p.index).or_else(|| st.map.get(&p.index)), Some(ChunkRef::Zero))
-        })
+        Some(data)
+    }
+
+    /// A write applied on the spot when it falls in one chunk that is
+    /// already dirty and not being uploaded: a copy under the state lock.
+    /// `None` means "take [`Volume::write_vec`]".
+    pub fn write_now(&self, offset: u64, data: &[u8]) -> Option<VolumeResult<()>> {
+        let inner = &self.inner;
+        offset.checked_add(data.len() as u64)?;
+        let mut ps = pieces(offset, data.len() as u64, inner.chunk_size);
+        let (Some(p), None) = (ps.next(), ps.next()) else {
+            return None;
+        };
+        if inner.opts.read_only {
+            return Some(Err(VolumeError::ReadOnly));
+        }
+        let mut st = inner.lock();
+        if let Some(why) = &st.fenced {
+            return Some(Err(VolumeError::Fenced(why.clone())));
+        }
+        if offset.checked_add(data.len() as u64).is_none_or(|end| end > st.size) {
+            return None;
+        }
+        match st.slots.get_mut(&p.index) {
+            Some(slot) if !slot.uploading => {
+                apply_piece(&mut slot.data, p, Some(data), inner.chunk_size);
+                Some(Ok(()))
+            }
+            _ => None,
+        }
     }
 
     /// Write `data` at `offset`. Not durable until [`Volume::flush`].
@@ -457,7 +533,7 @@ impl Volume {
         st.tick += 1;
         let since = st.tick;
         st.clean.remove(index);
-        st.slots.insert(index, Slot { data: DirtyData::Data(data), since });
+        st.slots.insert(index, Slot { data: DirtyData::Data(data), since, uploading: false });
         Ok(())
     }
 
@@ -551,24 +627,25 @@ impl Volume {
     }
 
     fn maybe_readahead(&self, offset: u64, len: u64) {
+        if note_read(&mut self.inner.lock(), offset, len) {
+            self.readahead_after(offset + len);
+        }
+    }
+
+    /// Fetch the chunks after `end` into the cache in the background.
+    fn readahead_after(&self, end: u64) {
         let inner = &self.inner;
         let ra = inner.opts.readahead_chunks;
-        let sequential = {
-            let mut st = inner.lock();
-            let seq = st.last_read_end == offset;
-            st.last_read_end = offset + len;
-            seq
-        };
-        if ra == 0 || !sequential {
+        if ra == 0 {
             return;
         }
         let size = self.size();
-        let next = (offset + len).div_ceil(inner.chunk_size);
+        let next = end.div_ceil(inner.chunk_size);
         let last = size.div_ceil(inner.chunk_size);
         for index in next..(next + ra).min(last) {
             let cached = {
-                let mut st = inner.lock();
-                st.slots.contains_key(&index) || st.clean.get(index).is_some()
+                let st = inner.lock();
+                st.slots.contains_key(&index) || st.clean.peek(index)
             };
             if cached {
                 continue;
@@ -592,6 +669,44 @@ impl Volume {
         tokio::spawn(async move {
             vol.inner.background_upload().await;
             vol.inner.uploader_running.store(false, Ordering::SeqCst);
+            vol.kick_committer();
+        });
+    }
+
+    /// Commit background uploads within `commit_interval`. The task holds
+    /// no strong reference: a closed volume stops it.
+    fn kick_committer(&self) {
+        let inner = &self.inner;
+        if inner.lock().staged.is_empty() || inner.committer_running.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let weak = Arc::downgrade(inner);
+        let interval = inner.opts.commit_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let pending = {
+                    let st = inner.lock();
+                    !st.staged.is_empty() && st.fenced.is_none()
+                };
+                if pending {
+                    let _f = inner.flush_lock.lock().await;
+                    let r = async {
+                        inner.resolve_uncertain().await?;
+                        inner.commit().await
+                    };
+                    if let Err(e) = r.await {
+                        tracing::warn!(volume = %inner.vol, error = %e, "committing background uploads failed; will retry");
+                    }
+                    continue;
+                }
+                inner.committer_running.store(false, Ordering::SeqCst);
+                // Staged again between the check and the flag: keep going.
+                if inner.lock().staged.is_empty() || inner.committer_running.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+            }
         });
     }
 }
@@ -605,6 +720,7 @@ pub async fn snapshot_committed(
     clock: &dyn Clock,
 ) -> VolumeResult<SnapshotRecord> {
     format::validate_snapshot_name(name).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
+    let started = std::time::Instant::now();
     let meta = replay::read_meta(store.as_ref(), vol).await?;
     let st = replay::replay(store.as_ref(), vol, meta.chunk_size as u64, None).await?;
     let rec = SnapshotRecord {
@@ -615,12 +731,30 @@ pub async fn snapshot_committed(
         created_unix: clock.now_unix(),
     };
     let body = serde_json::to_vec_pretty(&rec).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
-    match store.put(&snapshot_key(vol, name), Bytes::from(body), PutMode::IfAbsent).await {
-        Ok(()) => Ok(rec),
-        Err(StoreError::PreconditionFailed(_)) => Err(VolumeError::AlreadyExists(format!("snapshot {name}"))),
-        Err(e) => Err(e.into()),
+    let key = snapshot_key(vol, name);
+    match store.put(&key, Bytes::from(body), PutMode::IfAbsent).await {
+        Ok(()) => {}
+        Err(StoreError::PreconditionFailed(_)) => return Err(VolumeError::AlreadyExists(format!("snapshot {name}"))),
+        Err(e) => return Err(e.into()),
     }
+    // Compaction only folds records older than its safety age (minutes),
+    // and keeps what every snapshot it lists needs. A snapshot that took
+    // long between reading the head and recording it may have missed that
+    // listing: withdraw it rather than leave one that cannot be read.
+    let slow = started.elapsed() > SNAPSHOT_DEADLINE;
+    if slow || !super::compact::snapshot_still_replayable(store, vol, rec.seq).await? {
+        store.delete(&key).await?;
+        return Err(VolumeError::Store(StoreError::Transient(format!(
+            "snapshot {name} took too long to record (compaction may have folded seq {}); try again",
+            rec.seq
+        ))));
+    }
+    Ok(rec)
 }
+
+/// Longest a snapshot of a volume with a live writer may take between
+/// reading the head and recording it; well under compaction's safety age.
+const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Deepest clone chain followed (clone of a clone of ...).
 const MAX_CLONE_DEPTH: usize = 32;
@@ -821,7 +955,7 @@ impl Inner {
         st.tick += 1;
         let since = st.tick;
         st.clean.remove(p.index);
-        st.slots.insert(p.index, Slot { data: slot_data, since });
+        st.slots.insert(p.index, Slot { data: slot_data, since, uploading: false });
         Ok(())
     }
 
@@ -859,6 +993,7 @@ impl Inner {
             };
             // We hold the chunk lock, so nobody can modify the slot while its
             // bytes are on the wire: move them out instead of copying.
+            slot.uploading = true;
             let data = match std::mem::replace(&mut slot.data, DirtyData::Zero) {
                 DirtyData::Zero => None,
                 DirtyData::Data(v) if is_zero(&v) => None,
@@ -876,6 +1011,7 @@ impl Inner {
                     let mut st = self.lock();
                     if let Some(slot) = st.slots.get_mut(&index) {
                         slot.data = DirtyData::Data(d.to_vec());
+                        slot.uploading = false;
                     }
                     return Err(e.into());
                 }
@@ -885,6 +1021,7 @@ impl Inner {
         let mut st = self.lock();
         st.slots.remove(&index);
         st.staged.insert(index, r);
+        st.staged_since.get_or_insert_with(std::time::Instant::now);
         if let Some(d) = data {
             st.clean.insert(index, d);
         }
@@ -958,6 +1095,63 @@ impl Inner {
         }
         st.head = rec.seq;
         st.committed_size = rec.size;
+        if st.staged.is_empty() {
+            st.staged_since = None;
+        }
+    }
+
+    /// Staged chunks uploaded long ago (a commit kept failing, say) may
+    /// have been collected by a compaction that saw them unreferenced past
+    /// its safety age. Check they are there; upload again from the cache
+    /// what is missing; refuse to commit a reference to a missing object.
+    async fn recheck_old_staged(&self) -> VolumeResult<()> {
+        let old: Vec<(u64, u64, u32)> = {
+            let st = self.lock();
+            match st.staged_since {
+                Some(t) if t.elapsed() >= self.opts.recheck_staged_after => st
+                    .staged
+                    .iter()
+                    .filter_map(|(i, r)| match r {
+                        ChunkRef::Stored { generation, crc } => Some((*i, *generation, *crc)),
+                        ChunkRef::Zero => None,
+                    })
+                    .collect(),
+                _ => return Ok(()),
+            }
+        };
+        for (index, generation, crc) in old {
+            if self.store.head(&chunk_key(&self.vol, index, generation)).await?.is_some() {
+                continue;
+            }
+            let cached = {
+                let mut st = self.lock();
+                if st.slots.contains_key(&index) {
+                    // Rewritten since: the dirty slot supersedes the lost
+                    // upload, and the next upload stages it afresh.
+                    if st.staged.get(&index) == Some(&ChunkRef::Stored { generation, crc }) {
+                        st.staged.remove(&index);
+                    }
+                    continue;
+                }
+                st.clean.get(index).filter(|d| crc32c::crc32c(d) == crc)
+            };
+            let Some(data) = cached else {
+                return Err(self.fence(format!(
+                    "chunk {index} was uploaded but its object is gone before it could be committed; \
+                     the unflushed writes to it are lost"
+                )));
+            };
+            let epoch = self.lock().epoch;
+            let fresh = self.next_generation(epoch);
+            self.store.put(&chunk_key(&self.vol, index, fresh), data, PutMode::Overwrite).await?;
+            tracing::warn!(volume = %self.vol, index, "re-uploaded a staged chunk that had disappeared");
+            let mut st = self.lock();
+            if st.staged.get(&index) == Some(&ChunkRef::Stored { generation, crc }) {
+                st.staged.insert(index, ChunkRef::Stored { generation: fresh, crc });
+            }
+        }
+        self.lock().staged_since = Some(std::time::Instant::now());
+        Ok(())
     }
 
     /// Write the next journal record with every staged chunk.
@@ -971,6 +1165,7 @@ impl Inner {
     }
 
     async fn commit_inner(&self) -> VolumeResult<()> {
+        self.recheck_old_staged().await?;
         let rec = {
             let st = self.lock();
             if st.staged.is_empty() && st.size == st.committed_size {
@@ -1014,6 +1209,13 @@ impl Inner {
         tracing::debug!(volume = %self.vol, seq = rec.seq, chunks = rec.chunks.len(), "committed");
         Ok(())
     }
+}
+
+/// Record a read for sequential detection: true when it continues the last one.
+fn note_read(st: &mut State, offset: u64, len: u64) -> bool {
+    let sequential = st.last_read_end == offset;
+    st.last_read_end = offset + len;
+    sequential
 }
 
 fn apply_piece(slot: &mut DirtyData, p: Piece, data: Option<&[u8]>, chunk_size: u64) {

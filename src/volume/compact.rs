@@ -1,0 +1,299 @@
+//! Compaction: fold the journal into a checkpoint, delete what nothing
+//! references any more.
+//!
+//! Safe to run while a writer is live, and concurrently with itself,
+//! because it never touches anything younger than the safety age:
+//!
+//! - The fold point `X` is the newest journal record older than the safety
+//!   age. A checkpoint is written at `X`; records below `X` are deleted;
+//!   `X` itself and everything after it stay, so a live writer always finds
+//!   its predecessor record (the engine's check against resurrected seqs).
+//! - Every snapshot gets a checkpoint at its seq before the records it
+//!   needs go, so snapshots and clones of this volume still replay.
+//! - A chunk generation is garbage when no map that can still be read
+//!   refers to it: the map at `X`, any record after `X` (read again just
+//!   before deleting), any snapshot. It is deleted only when its object is
+//!   older than the safety age, so uploads whose commit is still on its way
+//!   are never collected (the engine commits background uploads within
+//!   seconds, and re-checks old uploads before committing them).
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{StreamExt, stream};
+
+use super::format::{
+    self, Checkpoint, ChunkRef, JournalRecord, SnapshotRecord, checkpoint_key, journal_key, parse_checkpoint_key,
+    parse_chunk_key, parse_journal_key,
+};
+use super::replay;
+use super::{VolumeError, VolumeResult};
+use crate::clock::Clock;
+use crate::store::{DynStore, ObjectInfo, PutMode, StoreError, list_all};
+
+/// Default age below which compaction leaves objects alone.
+pub const DEFAULT_SAFETY_AGE: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone)]
+pub struct CompactOptions {
+    /// Objects younger than this are never deleted, records younger than
+    /// this never folded.
+    pub safety_age: Duration,
+    /// Report what would be done, change nothing.
+    pub dry_run: bool,
+    /// Deletes in flight at once.
+    pub concurrency: usize,
+}
+
+impl Default for CompactOptions {
+    fn default() -> Self {
+        Self { safety_age: DEFAULT_SAFETY_AGE, dry_run: false, concurrency: 16 }
+    }
+}
+
+/// What one compaction did (or, dry run, would do).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CompactReport {
+    pub head_seq: u64,
+    /// The seq folded into a checkpoint, if any record was old enough.
+    pub folded_seq: Option<u64>,
+    pub checkpoints_written: u64,
+    pub checkpoints_deleted: u64,
+    pub journal_records_deleted: u64,
+    pub chunks_live: u64,
+    pub chunks_deleted: u64,
+    pub chunk_bytes_deleted: u64,
+    /// Unreferenced chunk objects kept because they are younger than the safety age.
+    pub chunks_kept_young: u64,
+    pub snapshots: u64,
+    pub dry_run: bool,
+}
+
+/// Compact the volume under `vol`.
+pub async fn compact(
+    store: &DynStore,
+    vol: &str,
+    opts: &CompactOptions,
+    clock: &dyn Clock,
+) -> VolumeResult<CompactReport> {
+    let meta = replay::read_meta(store.as_ref(), vol).await?;
+    let cs = meta.chunk_size as u64;
+    let mut report = CompactReport { dry_run: opts.dry_run, ..CompactReport::default() };
+    let now = clock.now_unix();
+    let cutoff = now.saturating_sub(opts.safety_age.as_secs() as i64);
+
+    // The fold point: the newest record old enough, never behind an
+    // existing checkpoint.
+    let journal = list_all(store.as_ref(), &format::journal_prefix(vol)).await?;
+    let checkpoints = list_all(store.as_ref(), &format::checkpoint_prefix(vol)).await?;
+    let newest_checkpoint = checkpoints.iter().filter_map(|o| parse_checkpoint_key(vol, &o.key)).max();
+    let mut fold = None;
+    for o in &journal {
+        let Some(seq) = parse_journal_key(vol, &o.key) else { continue };
+        if seq >= fold.unwrap_or(0) && is_old(store, o, cutoff).await? {
+            fold = Some(seq);
+        }
+    }
+    let fold = match (fold, newest_checkpoint) {
+        (Some(f), Some(c)) => Some(f.max(c)),
+        (f, c) => f.or(c),
+    };
+
+    // Maps that can still be read: at the fold point, after it, at every snapshot.
+    let mut live: HashSet<(u64, u64)> = HashSet::new();
+    let head_state = replay::replay(store.as_ref(), vol, cs, None).await?;
+    report.head_seq = head_state.head;
+    add_map(&mut live, head_state.map.iter());
+    let mut pinned: BTreeSet<u64> = BTreeSet::new();
+    if let Some(x) = fold {
+        let at_fold = replay::replay(store.as_ref(), vol, cs, Some(x)).await?;
+        add_map(&mut live, at_fold.map.iter());
+        if newest_checkpoint != Some(x) {
+            report.checkpoints_written += 1;
+            if !opts.dry_run {
+                write_checkpoint(store, vol, &at_fold).await?;
+            }
+        }
+        pinned.insert(x);
+    }
+    let after = fold.map_or(0, |x| x + 1);
+    add_records(store, vol, after, &mut live).await?;
+    let snapshots = list_snapshots(store, vol).await?;
+    report.snapshots = snapshots.len() as u64;
+    for snap in &snapshots {
+        let at = replay::replay(store.as_ref(), vol, cs, Some(snap.seq)).await?;
+        if at.head != snap.seq {
+            return Err(VolumeError::Corrupt(format!(
+                "snapshot {} pins seq {}, but the journal replays only to {}",
+                snap.name, snap.seq, at.head
+            )));
+        }
+        add_map(&mut live, at.map.iter());
+        if at.checkpoint != Some(snap.seq) && fold.is_some_and(|x| snap.seq < x) {
+            report.checkpoints_written += 1;
+            if !opts.dry_run {
+                write_checkpoint(store, vol, &at).await?;
+            }
+        }
+        pinned.insert(snap.seq);
+    }
+
+    // Fold: journal records and checkpoints below the fold point go.
+    if let Some(x) = fold {
+        let old_records: Vec<String> = journal
+            .iter()
+            .filter(|o| parse_journal_key(vol, &o.key).is_some_and(|s| s < x))
+            .map(|o| o.key.clone())
+            .collect();
+        let old_checkpoints: Vec<String> = checkpoints
+            .iter()
+            .filter(|o| parse_checkpoint_key(vol, &o.key).is_some_and(|s| s < x && !pinned.contains(&s)))
+            .map(|o| o.key.clone())
+            .collect();
+        report.journal_records_deleted = old_records.len() as u64;
+        report.checkpoints_deleted = old_checkpoints.len() as u64;
+        if !opts.dry_run {
+            delete_all(store, old_records, opts.concurrency).await?;
+            delete_all(store, old_checkpoints, opts.concurrency).await?;
+        }
+    }
+
+    // Collect garbage chunks. Commits that landed while we worked count
+    // as live too: read the journal tail once more right before deleting.
+    let chunks = list_all(store.as_ref(), &format::chunk_prefix(vol)).await?;
+    add_records(store, vol, report.head_seq + 1, &mut live).await?;
+    report.chunks_live = live.len() as u64;
+    let mut doomed = Vec::new();
+    for o in &chunks {
+        let Some(id) = parse_chunk_key(vol, &o.key) else { continue };
+        if live.contains(&id) {
+            continue;
+        }
+        if o.modified_unix.is_some_and(|m| m <= cutoff) {
+            report.chunks_deleted += 1;
+            report.chunk_bytes_deleted += o.size;
+            doomed.push(o.key.clone());
+        } else {
+            report.chunks_kept_young += 1;
+        }
+    }
+    if !opts.dry_run {
+        delete_all(store, doomed, opts.concurrency).await?;
+    }
+    report.folded_seq = fold;
+    if !opts.dry_run {
+        crate::metrics::inc("s3blk_compactions_total", "");
+        crate::metrics::add("s3blk_compaction_deleted_chunks_total", "", report.chunks_deleted as f64);
+    }
+    tracing::info!(
+        volume = %vol,
+        head = report.head_seq,
+        folded = ?report.folded_seq,
+        records_deleted = report.journal_records_deleted,
+        chunks_deleted = report.chunks_deleted,
+        dry_run = opts.dry_run,
+        "compacted"
+    );
+    Ok(report)
+}
+
+/// Is the object older than the cutoff? Stores that report no modification
+/// time fall back to the record's own creation time.
+async fn is_old(store: &DynStore, o: &ObjectInfo, cutoff: i64) -> VolumeResult<bool> {
+    if let Some(m) = o.modified_unix {
+        return Ok(m <= cutoff);
+    }
+    let bytes = match store.get(&o.key, None).await {
+        Ok(b) => b,
+        Err(StoreError::NotFound(_)) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(JournalRecord::decode(&bytes, &o.key)?.created_unix <= cutoff)
+}
+
+fn add_map<'a>(live: &mut HashSet<(u64, u64)>, map: impl Iterator<Item = (&'a u64, &'a ChunkRef)>) {
+    for (index, r) in map {
+        if let ChunkRef::Stored { generation, .. } = r {
+            live.insert((*index, *generation));
+        }
+    }
+}
+
+/// Every chunk any record from `from` on refers to.
+async fn add_records(store: &DynStore, vol: &str, from: u64, live: &mut HashSet<(u64, u64)>) -> VolumeResult<()> {
+    let start = from.checked_sub(1).map(|s| journal_key(vol, s));
+    let prefix = format::journal_prefix(vol);
+    let mut after = start;
+    loop {
+        let page = store
+            .list(crate::store::ListRequest {
+                prefix: &prefix,
+                start_after: after.as_deref(),
+                delimiter: false,
+                max_keys: 1000,
+            })
+            .await?;
+        for o in &page.objects {
+            let Some(seq) = parse_journal_key(vol, &o.key) else { continue };
+            if seq < from {
+                continue;
+            }
+            if let Some((rec, _)) = replay::read_record(store.as_ref(), vol, seq).await? {
+                add_map(live, rec.chunks.iter().map(|(i, r)| (i, r)));
+            }
+        }
+        match page.next_start_after {
+            Some(n) => after = Some(n),
+            None => return Ok(()),
+        }
+    }
+}
+
+async fn list_snapshots(store: &DynStore, vol: &str) -> VolumeResult<Vec<SnapshotRecord>> {
+    let mut out = Vec::new();
+    for o in list_all(store.as_ref(), &format::snapshot_prefix(vol)).await? {
+        if !o.key.ends_with(".json") {
+            continue;
+        }
+        let bytes = match store.get(&o.key, None).await {
+            Ok(b) => b,
+            Err(StoreError::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        out.push(SnapshotRecord::decode(&bytes, &o.key)?);
+    }
+    Ok(out)
+}
+
+async fn write_checkpoint(store: &DynStore, vol: &str, st: &replay::Replayed) -> VolumeResult<()> {
+    let cp = Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map: st.map.clone() };
+    match store.put(&checkpoint_key(vol, st.head), Bytes::from(cp.encode()), PutMode::IfAbsent).await {
+        // Another compactor wrote the same seq: the same map, by construction.
+        Ok(()) | Err(StoreError::PreconditionFailed(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn delete_all(store: &DynStore, keys: Vec<String>, concurrency: usize) -> VolumeResult<()> {
+    let results: Vec<Result<(), StoreError>> = stream::iter(keys.into_iter().map(|k| async move {
+        match store.delete(&k).await {
+            Ok(()) | Err(StoreError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }))
+    .buffer_unordered(concurrency.max(1))
+    .collect()
+    .await;
+    results.into_iter().collect::<Result<(), _>>().map_err(VolumeError::from)
+}
+
+/// Check, after writing a snapshot record pinning `seq`, that compaction
+/// has not folded `seq` away meanwhile: its journal record or a checkpoint
+/// at it must exist.
+pub async fn snapshot_still_replayable(store: &DynStore, vol: &str, seq: u64) -> VolumeResult<bool> {
+    if store.head(&journal_key(vol, seq)).await?.is_some() {
+        return Ok(true);
+    }
+    Ok(store.head(&checkpoint_key(vol, seq)).await?.is_some())
+}
