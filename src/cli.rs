@@ -96,6 +96,12 @@ enum Command {
         /// Serve Prometheus metrics (/metrics) and /healthz on this address, e.g. 0.0.0.0:9808.
         #[arg(long)]
         metrics_address: Option<String>,
+        /// Controller: compact every volume under --store this often (0 = never).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        compact_interval: Duration,
+        /// Controller: compaction leaves objects younger than this alone.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        compact_safety_age: Duration,
     },
     /// Manage volumes.
     #[command(subcommand)]
@@ -248,6 +254,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             state_dir,
             max_volumes,
             metrics_address,
+            compact_interval,
+            compact_safety_age,
         } => {
             use crate::csi::server::{CsiConfig, Mode};
             let default_store = store.map(|s| Location::parse(&s, false)).transpose()?;
@@ -268,6 +276,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 dirty_limit: g.dirty_limit,
                 cache_limit: g.cache_size,
                 busy_poll: Duration::from_micros(g.busy_poll_us),
+                compact_interval,
+                compact_safety_age,
                 metrics_address,
             };
             let stores = Arc::new(crate::csi::common::Stores::new(g.policy()));

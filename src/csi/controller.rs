@@ -26,7 +26,7 @@ use crate::size::parse_size;
 use crate::store::{self, DynStore, ListRequest, PutMode, StoreError};
 use crate::volume::engine::{CreateOptions, read_snapshot, snapshot_committed};
 use crate::volume::format::{self, DEFAULT_CHUNK_SIZE, ParentRef, SnapshotRecord, VolumeMeta};
-use crate::volume::{OpenOptions, Volume, VolumeError, replay};
+use crate::volume::{OpenOptions, Volume, VolumeError, compact, replay};
 
 /// Default size when a request gives no capacity.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
@@ -266,7 +266,41 @@ impl ControllerService {
     }
 
     /// Volumes directly under the default store, sorted by name.
+    /// The compaction reconcile pass: compact every volume under the
+    /// default store, deleted ones still kept for their snapshots and
+    /// clones included. Returns (compacted, failed). Safe beside live
+    /// writers and beside the same pass in another controller replica.
+    pub async fn compact_all(&self, opts: &compact::CompactOptions) -> Result<(u64, u64), Status> {
+        let (mut done, mut failed) = (0, 0);
+        for loc in self.volumes(true).await? {
+            let store = self.store_for(&loc, &HashMap::new()).await?;
+            match compact::compact(&store, &loc.prefix, opts, self.clock.as_ref()).await {
+                Ok(rep) => {
+                    done += 1;
+                    if rep.chunks_deleted + rep.journal_records_deleted > 0 {
+                        tracing::info!(
+                            volume = %loc.url(),
+                            chunks_deleted = rep.chunks_deleted,
+                            records_deleted = rep.journal_records_deleted,
+                            "volume compacted"
+                        );
+                    }
+                }
+                Err(e) => {
+                    failed += 1;
+                    crate::metrics::inc("s3blk_compaction_failures_total", "");
+                    tracing::warn!(volume = %loc.url(), error = %e, "compaction failed; retried next pass");
+                }
+            }
+        }
+        Ok((done, failed))
+    }
+
     async fn all_volumes(&self) -> Result<Vec<Location>, Status> {
+        self.volumes(false).await
+    }
+
+    async fn volumes(&self, with_deleted: bool) -> Result<Vec<Location>, Status> {
         let Some(root) = &self.cfg.default_store else { return Ok(Vec::new()) };
         let store = self.store_for(root, &HashMap::new()).await?;
         let mut out = Vec::new();
@@ -284,7 +318,8 @@ impl ControllerService {
             for p in page.common_prefixes {
                 let loc = Location { store: root.store.clone(), prefix: p };
                 if store.head(&format::meta_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_some()
-                    && store.head(&tombstone_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_none()
+                    && (with_deleted
+                        || store.head(&tombstone_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_none())
                 {
                     out.push(loc);
                 }

@@ -13,6 +13,7 @@ use super::identity::IdentityService;
 use super::node::{NodeConfig, NodeService};
 use super::pb;
 use crate::location::Location;
+use crate::volume::compact;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -37,6 +38,10 @@ pub struct CsiConfig {
     pub cache_limit: u64,
     /// NBD busy polling per connection (see `nbd::session::Export`).
     pub busy_poll: std::time::Duration,
+    /// Controller: how often every volume under the default store is
+    /// compacted (zero: never), and the compaction safety age.
+    pub compact_interval: std::time::Duration,
+    pub compact_safety_age: std::time::Duration,
     /// `HOST:PORT` for Prometheus metrics, if wanted.
     pub metrics_address: Option<String>,
 }
@@ -128,12 +133,14 @@ pub async fn run(
         probe_store: cfg.default_store.clone(),
         stores: stores.clone(),
     };
-    let controller = with_controller.then(|| {
-        pb::controller_server::ControllerServer::new(ControllerService::new(
-            ControllerConfig { default_store: cfg.default_store.clone(), capacity: cfg.capacity },
-            stores,
-        ))
+    let ccfg = ControllerConfig { default_store: cfg.default_store.clone(), capacity: cfg.capacity };
+    let compactor = (with_controller && !cfg.compact_interval.is_zero() && cfg.default_store.is_some()).then(|| {
+        let svc = ControllerService::new(ccfg.clone(), stores.clone());
+        let opts = compact::CompactOptions { safety_age: cfg.compact_safety_age, ..Default::default() };
+        tokio::spawn(compaction_loop(svc, opts, cfg.compact_interval))
     });
+    let controller =
+        with_controller.then(|| pb::controller_server::ControllerServer::new(ControllerService::new(ccfg, stores)));
     static REQUEST_ID: AtomicU64 = AtomicU64::new(1);
     tracing::info!(endpoint = %cfg.endpoint, driver = %cfg.driver_name, mode = ?cfg.mode, "CSI driver listening");
     let result = tonic::transport::Server::builder()
@@ -156,6 +163,31 @@ pub async fn run(
     if let Some(m) = metrics {
         m.abort();
     }
+    if let Some(c) = compactor {
+        c.abort();
+    }
     let _ = std::fs::remove_file(&path);
     result.map_err(CsiError::from)
+}
+
+/// The compaction reconcile loop: a pass over every volume each interval
+/// (the first after a random part of it, so replicas drift apart).
+async fn compaction_loop(svc: ControllerService, opts: compact::CompactOptions, interval: std::time::Duration) {
+    let mut wait = interval.mul_f64(rand::random::<f64>().max(0.05));
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = interval;
+        let started = std::time::Instant::now();
+        match svc.compact_all(&opts).await {
+            Ok((done, failed)) => {
+                tracing::info!(
+                    volumes = done,
+                    failed,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "compaction pass done"
+                )
+            }
+            Err(e) => tracing::warn!(error = %e.message(), "compaction pass could not list volumes"),
+        }
+    }
 }
