@@ -123,6 +123,9 @@ MATRIX = [
     ({"node": {"kubeletDir": "/var/lib/k0s/kubelet", "nbdsMax": 128}, "driverName": "blk.example.com"},
      lambda d: "/var/lib/k0s/kubelet/plugins/blk.example.com" in str(find(d, "DaemonSet")[0])
      and find(d, "CSIDriver")[0]["metadata"]["name"] == "blk.example.com"),
+    ({"controller": {"compaction": {"interval": 0, "safetyAge": "10m"}}},
+     lambda d: {"--compact-interval=0", "--compact-safety-age=10m"}
+     <= set(find(d, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"])),
     ({"image": {"repository": "registry.local/s3blk", "tag": "dev", "pullPolicy": "Always"},
       "imagePullSecrets": [{"name": "regcred"}]},
      lambda d: "registry.local/s3blk:dev" in str(find(d, "Deployment")[0])),
@@ -152,6 +155,8 @@ def test_lint_is_clean():
     {"s3": {"endpoint": "minio:9000"}},
     {"metrics": {"port": 70000}},
     {"node": {"cacheSize": "lots"}},
+    {"controller": {"compaction": {"interval": "daily", "safetyAge": "5m"}}},
+    {"controller": {"compaction": {"interval": "1h", "safetyAge": -1}}},
     {"typo": True},
     {"driverName": "UPPER_case"},
 ])
