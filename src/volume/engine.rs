@@ -106,6 +106,78 @@ pub struct VolumeStats {
 enum DirtyData {
     Zero,
     Data(Vec<u8>),
+    /// Whole pages written over bytes that were never read: the chunk's
+    /// stored bytes are fetched only when it is uploaded, or when a read
+    /// needs a page that is not here. A small random write to a chunk that
+    /// is not cached therefore waits for no download.
+    Pages(PageBuf),
+}
+
+/// The unit of [`DirtyData::Pages`].
+const PAGE: usize = 4096;
+
+/// A chunk-sized buffer of which only the pages marked written are
+/// meaningful (the rest are zeros until merged with the stored bytes).
+/// Allocated zeroed, so untouched pages cost no memory.
+#[derive(Debug)]
+struct PageBuf {
+    buf: Vec<u8>,
+    written: Vec<u64>,
+}
+
+impl PageBuf {
+    fn new(chunk_size: u64) -> Self {
+        let pages = chunk_size as usize / PAGE;
+        Self { buf: vec![0u8; chunk_size as usize], written: vec![0u64; pages.div_ceil(64)] }
+    }
+
+    fn is_written(&self, page: usize) -> bool {
+        self.written[page / 64] & (1 << (page % 64)) != 0
+    }
+
+    /// Write whole pages at `at` (`None` = zeros).
+    fn write(&mut self, at: usize, len: usize, data: Option<&[u8]>) {
+        match data {
+            Some(d) => self.buf[at..at + len].copy_from_slice(d),
+            None => self.buf[at..at + len].fill(0),
+        }
+        for page in at / PAGE..(at + len) / PAGE {
+            self.written[page / 64] |= 1 << (page % 64);
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.written.iter().map(|w| w.count_ones() as usize).sum::<usize>() == self.buf.len() / PAGE
+    }
+
+    /// The piece's bytes when written pages cover all of it.
+    fn covered(&self, p: Piece) -> Option<&[u8]> {
+        (p.at / PAGE..(p.at + p.len).div_ceil(PAGE))
+            .all(|page| self.is_written(page))
+            .then(|| &self.buf[p.at..p.at + p.len])
+    }
+
+    /// The chunk's bytes: the written pages over `base` (`None` = zeros).
+    fn merged(mut self, base: Option<&[u8]>) -> Vec<u8> {
+        if let Some(base) = base {
+            for page in 0..self.buf.len() / PAGE {
+                if !self.is_written(page) {
+                    let r = page * PAGE..(page + 1) * PAGE;
+                    self.buf[r.clone()].copy_from_slice(&base[r]);
+                }
+            }
+        }
+        self.buf
+    }
+}
+
+/// Turn pages over an unread base into the whole chunk, given the base.
+fn materialize(slot: &mut DirtyData, base: Option<&[u8]>) {
+    if let DirtyData::Pages(_) = slot {
+        if let DirtyData::Pages(pb) = std::mem::replace(slot, DirtyData::Zero) {
+            *slot = DirtyData::Data(pb.merged(base));
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -454,6 +526,7 @@ impl Volume {
                 Some(slot) if slot.uploading => return None,
                 Some(Slot { data: DirtyData::Data(v), .. }) => Bytes::copy_from_slice(&v[p.at..p.at + p.len]),
                 Some(Slot { data: DirtyData::Zero, .. }) => Bytes::from(vec![0u8; p.len]),
+                Some(Slot { data: DirtyData::Pages(pb), .. }) => Bytes::copy_from_slice(pb.covered(p)?),
                 None => match st.clean.get(p.index) {
                     Some(b) => b.slice(p.at..p.at + p.len),
                     None => match st.staged.get(&p.index).or_else(|| st.map.get(&p.index)) {
@@ -493,8 +566,7 @@ impl Volume {
         }
         match st.slots.get_mut(&p.index) {
             Some(slot) if !slot.uploading => {
-                apply_piece(&mut slot.data, p, Some(data), inner.chunk_size);
-                Some(Ok(()))
+                apply_piece(&mut slot.data, p, Some(data), inner.chunk_size).then_some(Ok(()))
             }
             _ => None,
         }
@@ -868,11 +940,15 @@ impl Inner {
     async fn piece_bytes(&self, p: Piece) -> VolumeResult<Option<Bytes>> {
         {
             let st = self.lock();
-            if let Some(slot) = st.slots.get(&p.index) {
-                return Ok(match &slot.data {
-                    DirtyData::Zero => None,
-                    DirtyData::Data(v) => Some(Bytes::copy_from_slice(&v[p.at..p.at + p.len])),
-                });
+            match st.slots.get(&p.index).map(|s| &s.data) {
+                None => {}
+                Some(DirtyData::Zero) => return Ok(None),
+                Some(DirtyData::Data(v)) => return Ok(Some(Bytes::copy_from_slice(&v[p.at..p.at + p.len]))),
+                Some(DirtyData::Pages(pb)) => {
+                    if let Some(v) = pb.covered(p) {
+                        return Ok(Some(Bytes::copy_from_slice(v)));
+                    }
+                }
             }
         }
         Ok(self.chunk_bytes(p.index).await?.map(|b| b.slice(p.at..p.at + p.len)))
@@ -880,14 +956,37 @@ impl Inner {
 
     /// The current bytes of a chunk (`None` = zeros). Caller holds the chunk lock.
     async fn chunk_bytes(&self, index: u64) -> VolumeResult<Option<Bytes>> {
+        let over_base = {
+            let st = self.lock();
+            match st.slots.get(&index).map(|s| &s.data) {
+                None => false,
+                Some(DirtyData::Zero) => return Ok(None),
+                Some(DirtyData::Data(v)) => return Ok(Some(Bytes::copy_from_slice(v))),
+                Some(DirtyData::Pages(_)) => true,
+            }
+        };
+        let base = self.stored_bytes(index).await?;
+        if !over_base {
+            return Ok(base);
+        }
+        // Merge once, in place, with the pages as they are now (the fast
+        // write path may have added some meanwhile); later reads are copies.
+        let mut st = self.lock();
+        let Some(slot) = st.slots.get_mut(&index) else {
+            return Ok(base);
+        };
+        materialize(&mut slot.data, base.as_deref());
+        Ok(match &slot.data {
+            DirtyData::Data(v) => Some(Bytes::copy_from_slice(v)),
+            _ => None,
+        })
+    }
+
+    /// The chunk's bytes as committed or staged, ignoring any dirty slot
+    /// (`None` = zeros): from the cache, or fetched and verified.
+    async fn stored_bytes(&self, index: u64) -> VolumeResult<Option<Bytes>> {
         let (vol, r) = {
             let mut st = self.lock();
-            if let Some(slot) = st.slots.get(&index) {
-                return Ok(match &slot.data {
-                    DirtyData::Zero => None,
-                    DirtyData::Data(v) => Some(Bytes::copy_from_slice(v)),
-                });
-            }
             if let Some(b) = st.clean.get(index) {
                 return Ok(Some(b));
             }
@@ -925,7 +1024,12 @@ impl Inner {
                 "chunk object {key} fails its checksum (crc32c {actual:08x}, expected {crc:08x})"
             )));
         }
-        self.lock().clean.insert(index, data.clone());
+        let mut st = self.lock();
+        // The cache holds a chunk's current bytes: with a dirty slot over
+        // them, these are only its base.
+        if !st.slots.contains_key(&index) {
+            st.clean.insert(index, data.clone());
+        }
         Ok(Some(data))
     }
 
@@ -935,20 +1039,35 @@ impl Inner {
         {
             let mut st = self.lock();
             if let Some(slot) = st.slots.get_mut(&p.index) {
-                apply_piece(&mut slot.data, p, data, self.chunk_size);
-                return Ok(());
+                if apply_piece(&mut slot.data, p, data, self.chunk_size) {
+                    return Ok(());
+                }
             }
+        }
+        if self.lock().slots.contains_key(&p.index) {
+            // Pages over an unread base, and a write that is not whole
+            // pages: read the base now and merge. (We hold the chunk lock:
+            // only the fast path may add pages meanwhile, and the merge
+            // below sees them.)
+            let base = self.stored_bytes(p.index).await?;
+            let mut st = self.lock();
+            if let Some(slot) = st.slots.get_mut(&p.index) {
+                materialize(&mut slot.data, base.as_deref());
+                apply_piece(&mut slot.data, p, data, self.chunk_size);
+            }
+            return Ok(());
         }
         // A new dirty chunk needs a permit: this is where memory is bounded.
         self.acquire_dirty_permit(vol).await?;
-        let base = if full {
-            None
+        let mut slot_data = if full {
+            DirtyData::Zero
+        } else if p.at % PAGE == 0 && p.len % PAGE == 0 {
+            DirtyData::Pages(PageBuf::new(self.chunk_size))
         } else {
-            self.chunk_bytes(p.index).await.inspect_err(|_| self.dirty_permits.add_permits(1))?
-        };
-        let mut slot_data = match (full, base) {
-            (true, _) | (false, None) => DirtyData::Zero,
-            (false, Some(b)) => DirtyData::Data(b.to_vec()),
+            match self.chunk_bytes(p.index).await.inspect_err(|_| self.dirty_permits.add_permits(1))? {
+                None => DirtyData::Zero,
+                Some(b) => DirtyData::Data(b.to_vec()),
+            }
         };
         apply_piece(&mut slot_data, p, data, self.chunk_size);
         let mut st = self.lock();
@@ -985,6 +1104,8 @@ impl Inner {
     /// Upload one dirty chunk as a new generation and stage it.
     async fn upload_chunk(&self, index: u64) -> VolumeResult<()> {
         let _g = self.locks.lock(index).await;
+        let pages = matches!(self.lock().slots.get(&index).map(|s| &s.data), Some(DirtyData::Pages(_)));
+        let base = if pages { self.stored_bytes(index).await? } else { None };
         let (data, epoch) = {
             let mut st = self.lock();
             let epoch = st.epoch;
@@ -994,11 +1115,12 @@ impl Inner {
             // We hold the chunk lock, so nobody can modify the slot while its
             // bytes are on the wire: move them out instead of copying.
             slot.uploading = true;
-            let data = match std::mem::replace(&mut slot.data, DirtyData::Zero) {
+            let v = match std::mem::replace(&mut slot.data, DirtyData::Zero) {
                 DirtyData::Zero => None,
-                DirtyData::Data(v) if is_zero(&v) => None,
-                DirtyData::Data(v) => Some(Bytes::from(v)),
+                DirtyData::Data(v) => Some(v),
+                DirtyData::Pages(pb) => Some(pb.merged(base.as_deref())),
             };
+            let data = v.filter(|v| !is_zero(v)).map(Bytes::from);
             (data, epoch)
         };
         let r = match &data {
@@ -1022,8 +1144,9 @@ impl Inner {
         st.slots.remove(&index);
         st.staged.insert(index, r);
         st.staged_since.get_or_insert_with(std::time::Instant::now);
-        if let Some(d) = data {
-            st.clean.insert(index, d);
+        match data {
+            Some(d) => st.clean.insert(index, d),
+            None => st.clean.remove(index),
         }
         drop(st);
         self.dirty_permits.add_permits(1);
@@ -1218,24 +1341,38 @@ fn note_read(st: &mut State, offset: u64, len: u64) -> bool {
     sequential
 }
 
-fn apply_piece(slot: &mut DirtyData, p: Piece, data: Option<&[u8]>, chunk_size: u64) {
+/// Apply a write (`None` = zeros) to a dirty chunk. False, with nothing
+/// changed, when the slot holds pages over an unread base and the write is
+/// not whole pages: the caller must read the base first.
+fn apply_piece(slot: &mut DirtyData, p: Piece, data: Option<&[u8]>, chunk_size: u64) -> bool {
+    if p.len as u64 == chunk_size {
+        *slot = match data {
+            None => DirtyData::Zero,
+            Some(d) => DirtyData::Data(d.to_vec()),
+        };
+        return true;
+    }
     match (slot as &mut DirtyData, data) {
         (DirtyData::Zero, None) => {}
-        (DirtyData::Data(v), None) => {
-            if p.len as u64 == chunk_size {
-                *slot = DirtyData::Zero;
-            } else {
-                v[p.at..p.at + p.len].fill(0);
-            }
-        }
-        (DirtyData::Zero, Some(d)) if p.len as u64 == chunk_size => *slot = DirtyData::Data(d.to_vec()),
+        (DirtyData::Data(v), None) => v[p.at..p.at + p.len].fill(0),
         (DirtyData::Zero, Some(d)) => {
             let mut v = vec![0u8; chunk_size as usize];
             v[p.at..p.at + p.len].copy_from_slice(d);
             *slot = DirtyData::Data(v);
         }
         (DirtyData::Data(v), Some(d)) => v[p.at..p.at + p.len].copy_from_slice(d),
+        (DirtyData::Pages(pb), data) => {
+            if p.at % PAGE != 0 || p.len % PAGE != 0 {
+                return false;
+            }
+            pb.write(p.at, p.len, data);
+            if pb.full() {
+                // Every page written: the base no longer matters.
+                materialize(slot, None);
+            }
+        }
     }
+    true
 }
 
 impl Drop for Inner {
