@@ -163,8 +163,13 @@ enum VolumeCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Delete a volume and every object under its prefix.
-    Delete { url: String },
+    /// Delete a volume and every object under its prefix (its snapshots too).
+    Delete {
+        url: String,
+        /// Delete even when clones still read through this volume's snapshots (they break).
+        #[arg(long)]
+        force: bool,
+    },
     /// Copy a file (or `-` for stdin) into a volume.
     Import {
         url: String,
@@ -428,11 +433,31 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 }
             }
         }
-        VolumeCmd::Delete { url } => {
+        VolumeCmd::Delete { url, force } => {
             let (loc, store) = connect(&url, g, true).await?;
+            let clones = store::list_all(store.as_ref(), &format!("{}clones/", loc.prefix)).await?;
+            if !clones.is_empty() && !force {
+                let names: Vec<&str> = clones
+                    .iter()
+                    .filter_map(|o| o.key.rsplit('/').next().and_then(|n| n.strip_suffix(".json")))
+                    .collect();
+                bail!(
+                    "volume {} has clones reading through its snapshots ({}); delete them first, or pass --force to break them",
+                    loc.display(),
+                    names.join(", ")
+                );
+            }
+            let parent = replay::read_meta(store.as_ref(), &loc.prefix).await.ok().and_then(|m| m.parent);
             let n = delete_volume(&store, &loc.prefix, true).await?;
             if n == 0 {
                 bail!("volume {} does not exist", loc.display());
+            }
+            // A clone lets go of its parent: the marker and the snapshot
+            // that pinned its source go too.
+            if let Some(p) = parent {
+                let name = loc.prefix.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
+                store.delete(&format!("{}clones/{name}.json", p.volume)).await?;
+                store.delete(&format::snapshot_key(&p.volume, &format!("clone-{name}"))).await?;
             }
             println!("deleted {} ({n} objects)", loc.display());
         }

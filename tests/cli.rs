@@ -213,3 +213,41 @@ fn import_memory_stays_bounded() {
     assert_eq!(fsck["clean"], true);
     assert_eq!(fsck["referenced_chunks"], 2048);
 }
+
+#[test]
+fn delete_refuses_to_break_clones_and_a_deleted_clone_lets_go_of_its_parent() {
+    use s3blk::volume::engine::{CreateOptions, snapshot_committed};
+    use s3blk::volume::format::{ParentRef, snapshot_key};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("store");
+    let parent = root.join("parent");
+    let p = parent.to_str().expect("path");
+    ok(&s3blk(&[], &["volume", "create", p, "--size", "1MiB", "--chunk-size", "64KiB"]));
+    // A clone as the CSI controller makes one: a snapshot pinning the
+    // source, a marker in the parent, a volume reading through it.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let store = common::local_store(&root);
+    rt.block_on(async {
+        let clock = s3blk::clock::SystemClock;
+        let rec = snapshot_committed(&store, "parent/", "clone-child", &clock).await.expect("snapshot");
+        s3blk::store::ObjectStore::put(
+            store.as_ref(),
+            "parent/clones/child.json",
+            bytes::Bytes::from_static(b"{}"),
+            s3blk::store::PutMode::Overwrite,
+        )
+        .await
+        .expect("marker");
+        let parent = Some(ParentRef { volume: "parent/".into(), snapshot: "clone-child".into(), seq: rec.seq });
+        let opts = CreateOptions { size: 1 << 20, chunk_size: 64 << 10, parent, single_writer: false };
+        s3blk::volume::Volume::create(store.clone(), "child/", opts, &clock).await.expect("clone");
+    });
+    one_line_error(&s3blk(&[], &["volume", "delete", p]), "clones reading through its snapshots (child)");
+    assert!(ok(&s3blk(&[], &["fsck", p])).contains("clean"), "the refused delete changed nothing");
+    ok(&s3blk(&[], &["volume", "delete", root.join("child").to_str().expect("path")]));
+    let left = rt.block_on(s3blk::store::list_all(store.as_ref(), "parent/")).expect("list");
+    let keys: Vec<&str> = left.iter().map(|o| o.key.as_str()).collect();
+    assert!(!keys.iter().any(|k| k.contains("clones/")), "marker left behind: {keys:?}");
+    assert!(!keys.contains(&snapshot_key("parent/", "clone-child").as_str()), "pin left behind: {keys:?}");
+    ok(&s3blk(&[], &["volume", "delete", p]));
+}

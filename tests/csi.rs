@@ -587,4 +587,30 @@ async fn the_controller_compacts_every_volume_in_the_background() {
     assert_eq!(read(&d, &vol.volume_id, 0, 1 << 20).await, common::pattern(2, 1 << 20));
     let journal = format!("{}journal/", prefix_of(&vol.volume_id));
     assert_eq!(s3blk::store::list_all(d.store.as_ref(), &journal).await.expect("list").len(), 1, "journal folded");
+
+    // A deleted volume kept for its snapshot is reaped by the loop once the
+    // snapshot is gone by other means (here: its record removed directly).
+    let req = pb::CreateSnapshotRequest {
+        source_volume_id: vol.volume_id.clone(),
+        name: "snap-keep".into(),
+        secrets: secrets(),
+        parameters: HashMap::new(),
+    };
+    d.ctl.create_snapshot(req).await.expect("snapshot");
+    let del = pb::DeleteVolumeRequest { volume_id: vol.volume_id.clone(), secrets: secrets() };
+    d.ctl.delete_volume(del).await.expect("delete keeps the objects for the snapshot");
+    let prefix = prefix_of(&vol.volume_id);
+    assert!(!s3blk::store::list_all(d.store.as_ref(), &prefix).await.expect("list").is_empty());
+    for o in s3blk::store::list_all(d.store.as_ref(), &format!("{prefix}snapshots/")).await.expect("list") {
+        d.store.delete(&o.key).await.expect("delete snapshot record");
+    }
+    let mut left = usize::MAX;
+    for _ in 0..100 {
+        left = s3blk::store::list_all(d.store.as_ref(), &prefix).await.expect("list").len();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, 0, "the deleted volume was not reaped");
 }

@@ -274,6 +274,13 @@ impl ControllerService {
         let (mut done, mut failed) = (0, 0);
         for loc in self.volumes(true).await? {
             let store = self.store_for(&loc, &HashMap::new()).await?;
+            // A deleted volume whose last snapshot or clone has gone meanwhile goes now.
+            if let Err(e) = self.reap(&store, &loc).await {
+                tracing::warn!(volume = %loc.url(), error = %e.message(), "reaping a deleted volume failed");
+            }
+            if replay::read_meta(store.as_ref(), &loc.prefix).await.is_err() {
+                continue;
+            }
             match compact::compact(&store, &loc.prefix, opts, self.clock.as_ref()).await {
                 Ok(rep) => {
                     done += 1;
