@@ -46,6 +46,13 @@ struct Global {
     /// for the next one before sleeping (saves a wakeup per request; 0 = off).
     #[arg(long, global = true, env = "S3BLK_BUSY_POLL_US", default_value_t = 50)]
     busy_poll_us: u64,
+    /// `serve` and the CSI controller: compact the volume(s) this often
+    /// (folds the journal, deletes unreferenced chunk generations; 0 = never).
+    #[arg(long, global = true, env = "S3BLK_COMPACT_INTERVAL", default_value = "1h", value_parser = parse_duration)]
+    compact_interval: Duration,
+    /// Compaction leaves objects younger than this alone.
+    #[arg(long, global = true, env = "S3BLK_COMPACT_SAFETY_AGE", default_value = "5m", value_parser = parse_duration)]
+    compact_safety_age: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -96,12 +103,6 @@ enum Command {
         /// Serve Prometheus metrics (/metrics) and /healthz on this address, e.g. 0.0.0.0:9808.
         #[arg(long)]
         metrics_address: Option<String>,
-        /// Controller: compact every volume under --store this often (0 = never).
-        #[arg(long, default_value = "1h", value_parser = parse_duration)]
-        compact_interval: Duration,
-        /// Controller: compaction leaves objects younger than this alone.
-        #[arg(long, default_value = "5m", value_parser = parse_duration)]
-        compact_safety_age: Duration,
     },
     /// Manage volumes.
     #[command(subcommand)]
@@ -259,8 +260,6 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             state_dir,
             max_volumes,
             metrics_address,
-            compact_interval,
-            compact_safety_age,
         } => {
             use crate::csi::server::{CsiConfig, Mode};
             let default_store = store.map(|s| Location::parse(&s, false)).transpose()?;
@@ -281,8 +280,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 dirty_limit: g.dirty_limit,
                 cache_limit: g.cache_size,
                 busy_poll: Duration::from_micros(g.busy_poll_us),
-                compact_interval,
-                compact_safety_age,
+                compact_interval: g.compact_interval,
+                compact_safety_age: g.compact_safety_age,
                 metrics_address,
             };
             let stores = Arc::new(crate::csi::common::Stores::new(g.policy()));
@@ -752,9 +751,21 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
             Err(e) => return Err(e.into()),
         }
     }
-    let vol = Volume::open(store, &loc.prefix, g.open_options(a.read_only))
+    let vol = Volume::open(store.clone(), &loc.prefix, g.open_options(a.read_only))
         .await
         .with_context(|| format!("cannot open {}", loc.display()))?;
+    if !a.read_only && !g.compact_interval.is_zero() {
+        let (prefix, every) = (loc.prefix.clone(), g.compact_interval);
+        let opts = compact::CompactOptions { safety_age: g.compact_safety_age, ..compact::CompactOptions::default() };
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = compact::compact(&store, &prefix, &opts, &SystemClock).await {
+                    tracing::warn!(error = %e, "compaction failed; retried next interval");
+                }
+            }
+        });
+    }
     let export_name = a.export_name.unwrap_or_else(|| name.clone());
     let listen = match &a.listen {
         Some(l) => Listen::parse(l).map_err(anyhow::Error::msg)?,

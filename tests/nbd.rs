@@ -209,6 +209,34 @@ fn qemu_io_unaligned_io_trim_zero_flush_fua() {
     assert!(img[3 << 20..(3 << 20) + (512 << 10)].iter().all(|&b| b == 0));
 }
 
+#[test]
+fn serve_compacts_its_volume_in_the_background() {
+    if !tools(&["qemu-io"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra = ["--chunk-size", "64KiB", "--compact-interval", "1", "--compact-safety-age", "0"];
+    let mut srv = Served::start(dir.path(), "gc", "1MiB", &extra);
+    // Three clients in turn rewrite chunk 0; each disconnect commits.
+    for pattern in ["0x11", "0x22", "0x33"] {
+        run(Command::new("qemu-io")
+            .args(["-f", "raw", "-c", &format!("write -P {pattern} 0 64k"), "-c", "flush"])
+            .arg(srv.uri()));
+    }
+    let gens = || std::fs::read_dir(srv.vol.join("chunks").join(format!("{:016x}", 0))).map(|d| d.count()).unwrap_or(0);
+    let mut left = gens();
+    for _ in 0..60 {
+        if left == 1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        left = gens();
+    }
+    assert_eq!(left, 1, "superseded generations of chunk 0 were not collected");
+    srv.stop();
+    assert!(srv.export(65536).iter().all(|&b| b == 0x33));
+}
+
 const NBDSH_SCRIPT: &str = r#"
 import errno, os
 uri = os.environ["URI"]
