@@ -981,3 +981,27 @@ async fn zeroed_pages_over_a_base_read_back_as_zeros(store: DynStore) {
     assert_eq!(open_ro(&store, &vol).await.read(0, CS as u64).await.expect("reopen"), vec![0u8; CS as usize]);
 }
 on_both_stores!(zeroed_pages_over_a_base_read_back_as_zeros);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftovers_of_a_deleted_volume_go_only_when_they_are_all_ours_and_old() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(dir.path());
+    let opts = compact::CompactOptions::default();
+    create(&store, "gone/", 4 * CS as u64).await;
+    let v = open(&store, "gone/").await;
+    v.write(0, &common::pattern(3, CS as usize)).await.expect("write");
+    v.flush().await.expect("flush");
+    drop(v);
+    assert_eq!(compact::remove_leftovers(&store, "gone/", &opts, &later()).await.expect("live"), 0, "a live volume");
+    // An interrupted delete: volume.json went first, the rest stayed.
+    store.delete(&format::meta_key("gone/")).await.expect("delete meta");
+    let left = keys(&store, "gone/").await.len();
+    let young = compact::remove_leftovers(&store, "gone/", &opts, &s3blk::clock::SystemClock).await.expect("young");
+    assert_eq!(young, 0, "objects younger than the safety age stay");
+    store.put("gone/notes.txt", Bytes::from_static(b"not ours"), PutMode::Overwrite).await.expect("put");
+    assert_eq!(compact::remove_leftovers(&store, "gone/", &opts, &later()).await.expect("foreign"), 0);
+    store.delete("gone/notes.txt").await.expect("delete");
+    let removed = compact::remove_leftovers(&store, "gone/", &opts, &later()).await.expect("remove");
+    assert_eq!(removed as usize, left);
+    assert!(keys(&store, "gone/").await.is_empty());
+}

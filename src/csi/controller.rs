@@ -272,8 +272,14 @@ impl ControllerService {
     /// writers and beside the same pass in another controller replica.
     pub async fn compact_all(&self, opts: &compact::CompactOptions) -> Result<(u64, u64), Status> {
         let (mut done, mut failed) = (0, 0);
-        for loc in self.volumes(true).await? {
+        for (loc, has_meta) in self.prefixes().await? {
             let store = self.store_for(&loc, &HashMap::new()).await?;
+            if !has_meta {
+                if let Err(e) = compact::remove_leftovers(&store, &loc.prefix, opts, self.clock.as_ref()).await {
+                    tracing::warn!(prefix = %loc.url(), error = %e, "removing leftovers failed");
+                }
+                continue;
+            }
             // A deleted volume whose last snapshot or clone has gone meanwhile goes now.
             if let Err(e) = self.reap(&store, &loc).await {
                 tracing::warn!(volume = %loc.url(), error = %e.message(), "reaping a deleted volume failed");
@@ -308,6 +314,22 @@ impl ControllerService {
     }
 
     async fn volumes(&self, with_deleted: bool) -> Result<Vec<Location>, Status> {
+        let mut out = Vec::new();
+        for (loc, has_meta) in self.prefixes().await? {
+            if has_meta {
+                let store = self.store_for(&loc, &HashMap::new()).await?;
+                if with_deleted
+                    || store.head(&tombstone_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_none()
+                {
+                    out.push(loc);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every prefix directly under the default store, and whether it holds a volume.
+    async fn prefixes(&self) -> Result<Vec<(Location, bool)>, Status> {
         let Some(root) = &self.cfg.default_store else { return Ok(Vec::new()) };
         let store = self.store_for(root, &HashMap::new()).await?;
         let mut out = Vec::new();
@@ -324,19 +346,16 @@ impl ControllerService {
                 .map_err(|e| store_status(&e))?;
             for p in page.common_prefixes {
                 let loc = Location { store: root.store.clone(), prefix: p };
-                if store.head(&format::meta_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_some()
-                    && (with_deleted
-                        || store.head(&tombstone_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_none())
-                {
-                    out.push(loc);
-                }
+                let has_meta =
+                    store.head(&format::meta_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_some();
+                out.push((loc, has_meta));
             }
             match page.next_start_after {
                 Some(n) => after = Some(n),
                 None => break,
             }
         }
-        out.sort_by_key(|l| l.url());
+        out.sort_by_key(|(l, _)| l.url());
         Ok(out)
     }
 }

@@ -139,6 +139,14 @@ pub async fn compact(
         pinned.insert(snap.seq);
     }
 
+    // The volume may have been deleted while we worked: take back what we
+    // wrote rather than leave objects under a prefix nobody will visit.
+    if report.checkpoints_written > 0 && !opts.dry_run && store.head(&format::meta_key(vol)).await?.is_none() {
+        let ours: Vec<String> = pinned.iter().map(|s| checkpoint_key(vol, *s)).collect();
+        delete_all(store, ours, opts.concurrency).await?;
+        return Err(VolumeError::NotFound(vol.trim_end_matches('/').to_string()));
+    }
+
     // Fold: journal records and checkpoints below the fold point go.
     if let Some(x) = fold {
         let old_records: Vec<String> = journal
@@ -296,4 +304,37 @@ pub async fn snapshot_still_replayable(store: &DynStore, vol: &str, seq: u64) ->
         return Ok(true);
     }
     Ok(store.head(&checkpoint_key(vol, seq)).await?.is_some())
+}
+
+/// What s3blk keeps under a volume's prefix, besides `volume.json`.
+const VOLUME_PARTS: [&str; 7] =
+    ["journal/", "chunks/", "checkpoints/", "snapshots/", "clones/", "attachments/", "deleted.json"];
+
+/// Remove the leftovers of a volume whose `volume.json` is gone (an
+/// interrupted delete, or a compaction that raced one): every object is
+/// s3blk's and older than the safety age, or nothing is touched. Returns
+/// the number of objects deleted.
+pub async fn remove_leftovers(
+    store: &DynStore,
+    prefix: &str,
+    opts: &CompactOptions,
+    clock: &dyn Clock,
+) -> VolumeResult<u64> {
+    if store.head(&format::meta_key(prefix)).await?.is_some() {
+        return Ok(0);
+    }
+    let objects = list_all(store.as_ref(), prefix).await?;
+    let cutoff = clock.now_unix().saturating_sub(opts.safety_age.as_secs() as i64);
+    let ours = |o: &ObjectInfo| {
+        o.key.strip_prefix(prefix).is_some_and(|rest| VOLUME_PARTS.iter().any(|p| rest.starts_with(p)))
+    };
+    if objects.is_empty() || !objects.iter().all(|o| ours(o) && o.modified_unix.is_some_and(|m| m <= cutoff)) {
+        return Ok(0);
+    }
+    let n = objects.len() as u64;
+    if !opts.dry_run {
+        delete_all(store, objects.into_iter().map(|o| o.key).collect(), opts.concurrency).await?;
+        tracing::info!(prefix, objects = n, "removed the leftovers of a deleted volume");
+    }
+    Ok(n)
 }
