@@ -358,6 +358,7 @@ where
     let mut tasks = JoinSet::new();
     let result = loop {
         let mut hdr = [0u8; proto::REQUEST_HEADER_LEN];
+        while tasks.try_join_next().is_some() {}
         if let Some(p) = poller.as_mut() {
             if rd.buffer().is_empty() && tasks.is_empty() {
                 p.wait();
@@ -406,7 +407,7 @@ where
             }
             payload = Some(buf);
         }
-        // Reads of bytes in memory and small writes into an already-dirty
+        // Reads of bytes in memory and writes within one already-dirty
         // chunk are answered on the spot: no task, no chunk lock.
         if req.kind == proto::CMD_READ && req.length <= proto::MAX_PAYLOAD {
             if let Some(data) = export.volume.read_now(req.offset, req.length as u64) {
