@@ -291,6 +291,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Volume(cmd) => volume_cmd(cmd, &g).await,
         Command::Compact { url, safety_age, dry_run, json } => {
+            warn_short_safety_age(safety_age);
             let (loc, store) = connect(&url, &g, true).await?;
             let opts = compact::CompactOptions { safety_age, dry_run, ..compact::CompactOptions::default() };
             let rep = compact::compact(&store, &loc.prefix, &opts, &SystemClock)
@@ -755,6 +756,7 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
         .await
         .with_context(|| format!("cannot open {}", loc.display()))?;
     if !a.read_only && !g.compact_interval.is_zero() {
+        warn_short_safety_age(g.compact_safety_age);
         let (prefix, every) = (loc.prefix.clone(), g.compact_interval);
         let opts = compact::CompactOptions { safety_age: g.compact_safety_age, ..compact::CompactOptions::default() };
         tokio::spawn(async move {
@@ -854,4 +856,13 @@ fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
         _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m or h)")),
     };
     n.checked_mul(mult).map(Duration::from_secs).ok_or_else(|| format!("{s:?}: too large"))
+}
+
+fn warn_short_safety_age(age: Duration) {
+    if age < compact::MIN_LIVE_SAFETY_AGE {
+        eprintln!(
+            "warning: a compaction safety age under {}s is safe only while no writer has the volume open",
+            compact::MIN_LIVE_SAFETY_AGE.as_secs()
+        );
+    }
 }

@@ -136,6 +136,12 @@ pub async fn run(
     let ccfg = ControllerConfig { default_store: cfg.default_store.clone(), capacity: cfg.capacity };
     let compactor = (with_controller && !cfg.compact_interval.is_zero() && cfg.default_store.is_some()).then(|| {
         let svc = ControllerService::new(ccfg.clone(), stores.clone());
+        if cfg.compact_safety_age < compact::MIN_LIVE_SAFETY_AGE {
+            tracing::warn!(
+                safety_age = cfg.compact_safety_age.as_secs(),
+                "compaction safety age is too short to be safe beside live writers"
+            );
+        }
         let opts = compact::CompactOptions { safety_age: cfg.compact_safety_age, ..Default::default() };
         tokio::spawn(compaction_loop(svc, opts, cfg.compact_interval))
     });

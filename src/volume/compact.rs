@@ -35,6 +35,11 @@ use crate::store::{DynStore, ObjectInfo, PutMode, StoreError, list_all};
 /// Default age below which compaction leaves objects alone.
 pub const DEFAULT_SAFETY_AGE: Duration = Duration::from_secs(300);
 
+/// The shortest safety age that is safe beside a live writer: longer than
+/// the engine's re-check of old staged chunks (one minute) and a snapshot's
+/// deadline (30 s), with room for clock skew.
+pub const MIN_LIVE_SAFETY_AGE: Duration = Duration::from_secs(120);
+
 #[derive(Debug, Clone)]
 pub struct CompactOptions {
     /// Objects younger than this are never deleted, records younger than

@@ -826,7 +826,7 @@ pub async fn snapshot_committed(
 
 /// Longest a snapshot of a volume with a live writer may take between
 /// reading the head and recording it; well under compaction's safety age.
-const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(60);
+const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Deepest clone chain followed (clone of a clone of ...).
 const MAX_CLONE_DEPTH: usize = 32;
