@@ -53,6 +53,8 @@ pub struct FaultStore {
     puts_before_crash: AtomicU64,
     crashed: AtomicBool,
     puts_seen: AtomicU64,
+    /// Calls of kind Delete left before the simulated crash; u64::MAX = never.
+    deletes_before_crash: AtomicU64,
 }
 
 impl FaultStore {
@@ -63,6 +65,7 @@ impl FaultStore {
             puts_before_crash: AtomicU64::new(u64::MAX),
             crashed: AtomicBool::new(false),
             puts_seen: AtomicU64::new(0),
+            deletes_before_crash: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -78,6 +81,12 @@ impl FaultStore {
     pub fn crash_after_puts(&self, n: u64) {
         self.crashed.store(false, Ordering::SeqCst);
         self.puts_before_crash.store(n, Ordering::SeqCst);
+    }
+
+    /// After `n` more DELETEs succeed, the process "crashes": every later call fails.
+    pub fn crash_after_deletes(&self, n: u64) {
+        self.crashed.store(false, Ordering::SeqCst);
+        self.deletes_before_crash.store(n, Ordering::SeqCst);
     }
 
     pub fn crashed(&self) -> bool {
@@ -111,6 +120,16 @@ impl FaultStore {
                 self.puts_before_crash.store(left - 1, Ordering::SeqCst);
             }
             self.puts_seen.fetch_add(1, Ordering::SeqCst);
+        }
+        if op == Op::Delete {
+            let left = self.deletes_before_crash.load(Ordering::SeqCst);
+            if left == 0 {
+                self.crashed.store(true, Ordering::SeqCst);
+                return Err(StoreError::Permanent("simulated crash: store unreachable".into()));
+            }
+            if left != u64::MAX {
+                self.deletes_before_crash.store(left - 1, Ordering::SeqCst);
+            }
         }
         match self.take_fault(op, key) {
             Some(Fault::ServerError) => Err(StoreError::Transient(format!("injected 500 InternalError on {key}"))),

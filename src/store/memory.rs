@@ -9,9 +9,16 @@ use bytes::Bytes;
 
 use super::{ListPage, ListRequest, ObjectInfo, ObjectStore, PutMode, StoreError, StoreResult, apply_range};
 
+/// Bytes and when they were written (seconds since the Unix epoch).
+type Objects = BTreeMap<String, (Bytes, i64)>;
+
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    objects: Mutex<BTreeMap<String, Bytes>>,
+    objects: Mutex<Objects>,
+}
+
+fn now_unix() -> i64 {
+    crate::clock::Clock::now_unix(&crate::clock::SystemClock)
 }
 
 impl MemoryStore {
@@ -19,7 +26,7 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Bytes>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Objects> {
         // A poisoned lock only means a panic elsewhere; the map itself is intact.
         self.objects.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -35,14 +42,14 @@ impl MemoryStore {
 
     /// Replace an object's bytes behind the engine's back (corruption tests).
     pub fn tamper(&self, key: &str, body: Bytes) {
-        self.lock().insert(key.to_string(), body);
+        self.lock().insert(key.to_string(), (body, now_unix()));
     }
 }
 
 #[async_trait]
 impl ObjectStore for MemoryStore {
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
-        let data = self.lock().get(key).cloned().ok_or_else(|| StoreError::NotFound(key.to_string()))?;
+        let data = self.lock().get(key).map(|(b, _)| b.clone()).ok_or_else(|| StoreError::NotFound(key.to_string()))?;
         apply_range(&data, range, key)
     }
 
@@ -51,7 +58,7 @@ impl ObjectStore for MemoryStore {
         if mode == PutMode::IfAbsent && map.contains_key(key) {
             return Err(StoreError::PreconditionFailed(key.to_string()));
         }
-        map.insert(key.to_string(), body);
+        map.insert(key.to_string(), (body, now_unix()));
         Ok(())
     }
 
@@ -62,12 +69,12 @@ impl ObjectStore for MemoryStore {
 
     async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
         let map = self.lock();
-        let keys = map.iter().map(|(k, v)| (k.as_str(), v.len() as u64));
-        Ok(list_sorted(keys, &req, |_| None))
+        let keys = map.iter().map(|(k, (v, _))| (k.as_str(), v.len() as u64));
+        Ok(list_sorted(keys, &req, |k| map.get(k).map(|(_, t)| *t)))
     }
 
     async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
-        Ok(self.lock().get(key).map(|b| b.len() as u64))
+        Ok(self.lock().get(key).map(|(b, _)| b.len() as u64))
     }
 
     fn describe(&self) -> String {
