@@ -1069,3 +1069,54 @@ async fn compaction_is_crash_consistent_at_every_step() {
         w.flush().await.expect("a new writer commits after the crash");
     }
 }
+
+/// A store that runs a compaction of `f/` the first time the journal is
+/// listed: a reader replaying the journal finds it folded under its feet.
+#[derive(Debug)]
+struct CompactsOnJournalList {
+    inner: DynStore,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for CompactsOnJournalList {
+    async fn get(&self, key: &str, range: Option<std::ops::Range<u64>>) -> store::StoreResult<Bytes> {
+        self.inner.get(key, range).await
+    }
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> store::StoreResult<()> {
+        self.inner.put(key, body, mode).await
+    }
+    async fn delete(&self, key: &str) -> store::StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, req: store::ListRequest<'_>) -> store::StoreResult<store::ListPage> {
+        if req.prefix.ends_with("journal/") && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            let opts = compact::CompactOptions::default();
+            compact::compact(&self.inner, "f/", &opts, &later()).await.expect("compaction in the middle");
+        }
+        self.inner.list(req).await
+    }
+    async fn head(&self, key: &str) -> store::StoreResult<Option<u64>> {
+        self.inner.head(key).await
+    }
+    fn describe(&self) -> String {
+        "compacting wrapper".into()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_while_compaction_folds_the_journal_replays_again() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "f/", 4 * CS as u64).await;
+    let v = open(&mem, "f/").await;
+    for round in 0..6u64 {
+        v.write(round * 4096, &common::pattern(round, 4096)).await.expect("write");
+        v.flush().await.expect("flush");
+    }
+    let want = v.read(0, 4 * CS as u64).await.expect("read");
+    drop(v);
+    let racing: DynStore = Arc::new(CompactsOnJournalList { inner: mem.clone(), armed: true.into() });
+    let got = open_ro(&racing, "f/").await.read(0, 4 * CS as u64).await.expect("read");
+    assert_eq!(got, want);
+    assert!(!store::list_all(mem.as_ref(), "f/checkpoints/").await.expect("list").is_empty(), "compaction ran");
+}

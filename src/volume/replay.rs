@@ -111,11 +111,48 @@ pub async fn read_record(store: &dyn ObjectStore, vol: &str, seq: u64) -> Volume
 }
 
 /// Replay from scratch (latest checkpoint, then the journal), stopping at
-/// `upto` when given (snapshots and clone parents).
+/// `upto` when given (snapshots and clone parents). A compaction running
+/// meanwhile may fold records away under us; it writes a newer checkpoint
+/// first, so a gap with a newer checkpoint behind it means "start again".
 pub async fn replay(store: &dyn ObjectStore, vol: &str, chunk_size: u64, upto: Option<u64>) -> VolumeResult<Replayed> {
+    let mut attempts = 0;
+    loop {
+        let cp = latest_checkpoint(store, vol, upto).await?;
+        let from = cp.as_ref().map(|c| c.seq);
+        match replay_from(store, vol, chunk_size, upto, cp).await {
+            Err(VolumeError::Corrupt(why)) if attempts < 3 && checkpoint_after(store, vol, upto, from).await? => {
+                attempts += 1;
+                tracing::debug!(volume = vol, reason = %why, "journal folded during replay; replaying again");
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Is there now a checkpoint newer than `from` (and not past `upto`)?
+async fn checkpoint_after(
+    store: &dyn ObjectStore,
+    vol: &str,
+    upto: Option<u64>,
+    from: Option<u64>,
+) -> VolumeResult<bool> {
+    let all = crate::store::list_all(store, &checkpoint_prefix(vol)).await?;
+    Ok(all
+        .iter()
+        .filter_map(|o| parse_checkpoint_key(vol, &o.key))
+        .any(|s| upto.is_none_or(|u| s <= u) && from.is_none_or(|f| s > f)))
+}
+
+async fn replay_from(
+    store: &dyn ObjectStore,
+    vol: &str,
+    chunk_size: u64,
+    upto: Option<u64>,
+    cp: Option<Checkpoint>,
+) -> VolumeResult<Replayed> {
     let mut state = Replayed::default();
     let mut started = false;
-    if let Some(cp) = latest_checkpoint(store, vol, upto).await? {
+    if let Some(cp) = cp {
         state = Replayed {
             map: cp.map,
             size: cp.size,
