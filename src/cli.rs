@@ -76,6 +76,9 @@ enum Command {
         /// Export name clients ask for (default: the volume's name).
         #[arg(long)]
         export_name: Option<String>,
+        /// Serve Prometheus metrics (/metrics) and /healthz on this address, e.g. 127.0.0.1:9808.
+        #[arg(long)]
+        metrics_address: Option<String>,
     },
     /// Run the Kubernetes CSI driver (gRPC on a unix socket).
     Csi {
@@ -246,8 +249,9 @@ async fn connect(url: &str, g: &Global, need_name: bool) -> Result<(Location, Dy
 async fn run(cli: Cli) -> Result<ExitCode> {
     let g = cli.global;
     match cli.command {
-        Command::Serve { url, listen, create, size, chunk_size, read_only, export_name } => {
-            serve(ServeArgs { url, listen, create, size, chunk_size, read_only, export_name }, &g).await?;
+        Command::Serve { url, listen, create, size, chunk_size, read_only, export_name, metrics_address } => {
+            let a = ServeArgs { url, listen, create, size, chunk_size, read_only, export_name, metrics_address };
+            serve(a, &g).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Csi {
@@ -729,6 +733,7 @@ struct ServeArgs {
     chunk_size: u64,
     read_only: bool,
     export_name: Option<String>,
+    metrics_address: Option<String>,
 }
 
 async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
@@ -774,6 +779,11 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
         None => Listen::Unix(PathBuf::from(format!("{name}.sock"))),
     };
     let bound = server::bind(&listen).await.with_context(|| format!("cannot listen on {listen:?}"))?;
+    if let Some(addr) = &a.metrics_address {
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!(address = %addr, "metrics at /metrics");
+        tokio::spawn(crate::metrics::serve(l));
+    }
     let size = vol.size();
     let export = Arc::new(Export {
         name: export_name.clone(),

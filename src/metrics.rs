@@ -21,6 +21,9 @@ const HELP: &[(&str, &str)] = &[
     ("s3blk_commit_seconds_total", "Time spent in commits (flushes)."),
     ("s3blk_fenced_total", "Writers that found themselves fenced."),
     ("s3blk_csi_requests_total", "CSI RPCs by method."),
+    ("s3blk_compactions_total", "Volume compactions completed."),
+    ("s3blk_compaction_deleted_chunks_total", "Chunk objects deleted by compaction."),
+    ("s3blk_compaction_failures_total", "Volume compactions that failed (retried next pass)."),
 ];
 
 /// Add `v` to a counter. `labels` is a Prometheus label body, e.g. `op="GET"`.

@@ -237,6 +237,37 @@ fn serve_compacts_its_volume_in_the_background() {
     assert!(srv.export(65536).iter().all(|&b| b == 0x33));
 }
 
+#[test]
+fn serve_exposes_prometheus_metrics() {
+    if !tools(&["qemu-io"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut srv = Served::start(dir.path(), "met", "1MiB", &["--chunk-size", "64KiB", "--metrics-address", &addr]);
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 0 64k", "-c", "flush"]).arg(srv.uri()));
+    let scrape = |path: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect to the metrics port");
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).expect("send");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        out
+    };
+    let text = scrape("/metrics");
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    let commits = text
+        .lines()
+        .find_map(|l| l.strip_prefix("s3blk_commits_total "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(commits >= 1.0, "the client's flush is not counted: {text}");
+    assert!(text.contains("# TYPE s3blk_compactions_total counter"), "{text}");
+    assert!(scrape("/healthz").ends_with("ok\n"));
+    srv.stop();
+}
+
 const NBDSH_SCRIPT: &str = r#"
 import errno, os
 uri = os.environ["URI"]
