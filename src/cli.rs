@@ -439,7 +439,7 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
         }
         VolumeCmd::Delete { url, force } => {
             let (loc, store) = connect(&url, g, true).await?;
-            let clones = store::list_all(store.as_ref(), &format!("{}clones/", loc.prefix)).await?;
+            let clones = store::list_all(store.as_ref(), &format::clones_prefix(&loc.prefix)).await?;
             if !clones.is_empty() && !force {
                 let names: Vec<&str> = clones
                     .iter()
@@ -459,9 +459,8 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
             // A clone lets go of its parent: the marker and the snapshot
             // that pinned its source go too.
             if let Some(p) = parent {
-                let name = loc.prefix.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
-                store.delete(&format!("{}clones/{name}.json", p.volume)).await?;
-                store.delete(&format::snapshot_key(&p.volume, &format!("clone-{name}"))).await?;
+                store.delete(&format::clone_marker_key(&p.volume, &loc.prefix)).await?;
+                store.delete(&format::snapshot_key(&p.volume, &format::clone_pin_name(&loc.prefix))).await?;
             }
             println!("deleted {} ({n} objects)", loc.display());
         }
@@ -739,7 +738,7 @@ struct ServeArgs {
 async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
     use crate::nbd::{Export, Listen, server};
     let (loc, store) = connect(&a.url, g, true).await?;
-    let name = loc.prefix.trim_end_matches('/').rsplit('/').next().unwrap_or("volume").to_string();
+    let name = format::volume_name(&loc.prefix).to_string();
     if a.create {
         match replay::read_meta(store.as_ref(), &loc.prefix).await {
             Ok(meta) => {

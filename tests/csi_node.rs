@@ -203,6 +203,15 @@ fn check_files(files: &HashMap<PathBuf, Vec<u8>>, from: &Path, to: &Path) {
     }
 }
 
+async fn volume_stats(node: &mut NodeClient<Channel>, id: &str, target: &Path) -> pb::NodeGetVolumeStatsResponse {
+    let req = pb::NodeGetVolumeStatsRequest {
+        volume_id: id.to_string(),
+        volume_path: target.display().to_string(),
+        staging_target_path: String::new(),
+    };
+    node.node_get_volume_stats(req).await.expect("stats").into_inner()
+}
+
 fn bytes_total(stats: &pb::NodeGetVolumeStatsResponse) -> i64 {
     stats.usage.iter().find(|u| u.unit == pb::volume_usage::Unit::Bytes as i32).map(|u| u.total).unwrap_or(0)
 }
@@ -248,15 +257,7 @@ async fn node_lifecycle_inside_vm() {
     node.node_publish_volume(publish_req(&id, &staging, &target, &ext4)).await.expect("publish");
     node.node_publish_volume(publish_req(&id, &staging, &target, &ext4)).await.expect("publish is idempotent");
     let files = write_files(&target, "first", 20);
-    let stats = node
-        .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
-            volume_id: id.clone(),
-            volume_path: target.display().to_string(),
-            staging_target_path: String::new(),
-        })
-        .await
-        .expect("stats")
-        .into_inner();
+    let stats = volume_stats(&mut node, &id, &target).await;
     let before = bytes_total(&stats);
     assert!(before > 200 << 20 && stats.usage.len() == 2, "{stats:?}");
     assert_eq!(stats.volume_condition.as_ref().map(|c| c.abnormal), Some(false));
@@ -286,15 +287,7 @@ async fn node_lifecycle_inside_vm() {
         .expect("node expand")
         .into_inner();
     assert_eq!(r.capacity_bytes, 512 << 20);
-    let stats = node
-        .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
-            volume_id: id.clone(),
-            volume_path: target.display().to_string(),
-            staging_target_path: String::new(),
-        })
-        .await
-        .expect("stats")
-        .into_inner();
+    let stats = volume_stats(&mut node, &id, &target).await;
     assert!(bytes_total(&stats) > before + (200 << 20), "filesystem did not grow: {before} -> {stats:?}");
 
     step("plugin restart with the volume mounted: I/O keeps working");

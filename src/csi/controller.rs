@@ -219,11 +219,10 @@ impl ControllerService {
     }
 
     async fn drop_clone_marker(&self, store: &DynStore, parent_prefix: &str, clone: &Location) -> Result<(), Status> {
-        let name = clone.prefix.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
-        store.delete(&format!("{parent_prefix}clones/{name}.json")).await.map_err(|e| store_status(&e))?;
+        store.delete(&format::clone_marker_key(parent_prefix, &clone.prefix)).await.map_err(|e| store_status(&e))?;
         // The internal snapshot that pinned the clone's source goes with it.
         store
-            .delete(&format::snapshot_key(parent_prefix, &format!("clone-{name}")))
+            .delete(&format::snapshot_key(parent_prefix, &format::clone_pin_name(&clone.prefix)))
             .await
             .map_err(|e| store_status(&e))?;
         let ploc = Location { store: clone.store.clone(), prefix: parent_prefix.to_string() };
@@ -284,10 +283,9 @@ impl ControllerService {
             if let Err(e) = self.reap(&store, &loc).await {
                 tracing::warn!(volume = %loc.url(), error = %e.message(), "reaping a deleted volume failed");
             }
-            if replay::read_meta(store.as_ref(), &loc.prefix).await.is_err() {
-                continue;
-            }
             match compact::compact(&store, &loc.prefix, opts, self.clock.as_ref()).await {
+                // Reaped just now, or deleted meanwhile.
+                Err(VolumeError::NotFound(_)) => {}
                 Ok(rep) => {
                     done += 1;
                     if rep.chunks_deleted + rep.journal_records_deleted > 0 {
@@ -309,18 +307,13 @@ impl ControllerService {
         Ok((done, failed))
     }
 
+    /// The live volumes under the default store (not the deleted ones kept for dependants).
     async fn all_volumes(&self) -> Result<Vec<Location>, Status> {
-        self.volumes(false).await
-    }
-
-    async fn volumes(&self, with_deleted: bool) -> Result<Vec<Location>, Status> {
         let mut out = Vec::new();
         for (loc, has_meta) in self.prefixes().await? {
             if has_meta {
                 let store = self.store_for(&loc, &HashMap::new()).await?;
-                if with_deleted
-                    || store.head(&tombstone_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_none()
-                {
+                if store.head(&tombstone_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_none() {
                     out.push(loc);
                 }
             }
@@ -369,7 +362,7 @@ fn attachment_key(vol: &str, node: &str) -> String {
 }
 
 async fn has_dependants(store: &DynStore, vol: &str) -> Result<bool, Status> {
-    for prefix in [format!("{vol}clones/"), format::snapshot_prefix(vol)] {
+    for prefix in [format::clones_prefix(vol), format::snapshot_prefix(vol)] {
         let page = store
             .list(ListRequest { prefix: &prefix, start_after: None, delimiter: false, max_keys: 1 })
             .await
@@ -382,20 +375,11 @@ async fn has_dependants(store: &DynStore, vol: &str) -> Result<bool, Status> {
 }
 
 async fn delete_prefix(store: &DynStore, prefix: &str) -> Result<(), Status> {
-    use futures::stream::{self as fstream, StreamExt, TryStreamExt};
     let objs = store::list_all(store.as_ref(), prefix).await.map_err(|e| store_status(&e))?;
     // volume.json first: a half-deleted volume never looks usable.
     store.delete(&format::meta_key(prefix)).await.map_err(|e| store_status(&e))?;
     let keys: Vec<String> = objs.into_iter().map(|o| o.key).collect();
-    fstream::iter(keys.into_iter().map(|k| {
-        let store = store.clone();
-        async move { store.delete(&k).await }
-    }))
-    .buffer_unordered(32)
-    .try_collect::<Vec<()>>()
-    .await
-    .map_err(|e| store_status(&e))?;
-    Ok(())
+    store::delete_keys(store.as_ref(), keys, 32).await.map_err(|e| store_status(&e))
 }
 
 fn parse_pagination(max: i32, token: &str) -> Result<(usize, usize), Status> {
@@ -456,7 +440,7 @@ impl pb::controller_server::Controller for ControllerService {
                     return Err(Status::invalid_argument("a volume can only be cloned within its bucket"));
                 }
                 self.live_meta(&store, &vloc).await?;
-                let snap = format!("clone-{}", object_name(&req.name));
+                let snap = format::clone_pin_name(&loc.prefix);
                 let rec = match read_snapshot(&store, &vloc.prefix, &snap).await {
                     Ok(r) => r,
                     Err(VolumeError::NotFound(_)) => {
@@ -506,9 +490,8 @@ impl pb::controller_server::Controller for ControllerService {
         if let Some((sloc, rec)) = &source {
             let marker = CloneMarker { clone: loc.url(), seq: rec.seq };
             let body = serde_json::to_vec(&marker).map_err(|e| Status::internal(e.to_string()))?;
-            let name = loc.prefix.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
             store
-                .put(&format!("{}clones/{name}.json", sloc.prefix), Bytes::from(body), PutMode::Overwrite)
+                .put(&format::clone_marker_key(&sloc.prefix, &loc.prefix), Bytes::from(body), PutMode::Overwrite)
                 .await
                 .map_err(|e| store_status(&e))?;
         }

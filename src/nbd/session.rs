@@ -377,7 +377,6 @@ where
         if let Some(p) = poller.as_mut() {
             p.arrived();
         }
-        while tasks.try_join_next().is_some() {}
         let req = match proto::parse_request(&hdr) {
             Ok(Some(r)) => r,
             Ok(None) => break Ok(()),

@@ -110,26 +110,23 @@ impl FaultStore {
         if self.crashed() {
             return Err(StoreError::Permanent("simulated crash: store unreachable".into()));
         }
-        if op == Op::Put {
-            let left = self.puts_before_crash.load(Ordering::SeqCst);
-            if left == 0 {
-                self.crashed.store(true, Ordering::SeqCst);
-                return Err(StoreError::Permanent("simulated crash: store unreachable".into()));
+        let budget = match op {
+            Op::Put => Some(&self.puts_before_crash),
+            Op::Delete => Some(&self.deletes_before_crash),
+            _ => None,
+        };
+        if let Some(left) = budget {
+            match left.load(Ordering::SeqCst) {
+                0 => {
+                    self.crashed.store(true, Ordering::SeqCst);
+                    return Err(StoreError::Permanent("simulated crash: store unreachable".into()));
+                }
+                u64::MAX => {}
+                n => left.store(n - 1, Ordering::SeqCst),
             }
-            if left != u64::MAX {
-                self.puts_before_crash.store(left - 1, Ordering::SeqCst);
-            }
-            self.puts_seen.fetch_add(1, Ordering::SeqCst);
         }
-        if op == Op::Delete {
-            let left = self.deletes_before_crash.load(Ordering::SeqCst);
-            if left == 0 {
-                self.crashed.store(true, Ordering::SeqCst);
-                return Err(StoreError::Permanent("simulated crash: store unreachable".into()));
-            }
-            if left != u64::MAX {
-                self.deletes_before_crash.store(left - 1, Ordering::SeqCst);
-            }
+        if op == Op::Put {
+            self.puts_seen.fetch_add(1, Ordering::SeqCst);
         }
         match self.take_fault(op, key) {
             Some(Fault::ServerError) => Err(StoreError::Transient(format!("injected 500 InternalError on {key}"))),

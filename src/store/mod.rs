@@ -113,6 +113,16 @@ pub async fn list_all(store: &dyn ObjectStore, prefix: &str) -> StoreResult<Vec<
     }
 }
 
+/// Delete every key, `concurrency` calls at a time; the first error stops it.
+pub async fn delete_keys(store: &dyn ObjectStore, keys: Vec<String>, concurrency: usize) -> StoreResult<()> {
+    use futures::stream::{self, StreamExt, TryStreamExt};
+    stream::iter(keys.into_iter().map(|k| async move { store.delete(&k).await }))
+        .buffer_unordered(concurrency.max(1))
+        .try_collect::<Vec<()>>()
+        .await
+        .map(drop)
+}
+
 /// Probe whether the store honours `If-None-Match: *`: create a probe object
 /// twice; the second create must be refused.
 pub async fn supports_conditional_put(store: &dyn ObjectStore, prefix: &str) -> StoreResult<bool> {

@@ -21,7 +21,6 @@ use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{StreamExt, stream};
 
 use super::format::{
     self, Checkpoint, ChunkRef, JournalRecord, SnapshotRecord, checkpoint_key, journal_key, parse_checkpoint_key,
@@ -289,16 +288,7 @@ async fn write_checkpoint(store: &DynStore, vol: &str, st: &replay::Replayed) ->
 }
 
 async fn delete_all(store: &DynStore, keys: Vec<String>, concurrency: usize) -> VolumeResult<()> {
-    let results: Vec<Result<(), StoreError>> = stream::iter(keys.into_iter().map(|k| async move {
-        match store.delete(&k).await {
-            Ok(()) | Err(StoreError::NotFound(_)) => Ok(()),
-            Err(e) => Err(e),
-        }
-    }))
-    .buffer_unordered(concurrency.max(1))
-    .collect()
-    .await;
-    results.into_iter().collect::<Result<(), _>>().map_err(VolumeError::from)
+    Ok(crate::store::delete_keys(store.as_ref(), keys, concurrency).await?)
 }
 
 /// Check, after writing a snapshot record pinning `seq`, that compaction
@@ -310,10 +300,6 @@ pub async fn snapshot_still_replayable(store: &DynStore, vol: &str, seq: u64) ->
     }
     Ok(store.head(&checkpoint_key(vol, seq)).await?.is_some())
 }
-
-/// What s3blk keeps under a volume's prefix, besides `volume.json`.
-const VOLUME_PARTS: [&str; 7] =
-    ["journal/", "chunks/", "checkpoints/", "snapshots/", "clones/", "attachments/", "deleted.json"];
 
 /// Remove the leftovers of a volume whose `volume.json` is gone (an
 /// interrupted delete, or a compaction that raced one): every object is
@@ -330,8 +316,15 @@ pub async fn remove_leftovers(
     }
     let objects = list_all(store.as_ref(), prefix).await?;
     let cutoff = clock.now_unix().saturating_sub(opts.safety_age.as_secs() as i64);
+    let format_parts = [
+        format::journal_prefix(prefix),
+        format::chunk_prefix(prefix),
+        format::checkpoint_prefix(prefix),
+        format::snapshot_prefix(prefix),
+    ];
     let ours = |o: &ObjectInfo| {
-        o.key.strip_prefix(prefix).is_some_and(|rest| VOLUME_PARTS.iter().any(|p| rest.starts_with(p)))
+        format_parts.iter().any(|p| o.key.starts_with(p.as_str()))
+            || o.key.strip_prefix(prefix).is_some_and(super::fsck::is_known_extra)
     };
     if objects.is_empty() || !objects.iter().all(|o| ours(o) && o.modified_unix.is_some_and(|m| m <= cutoff)) {
         return Ok(0);

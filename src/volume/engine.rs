@@ -519,7 +519,7 @@ impl Volume {
         };
         let (data, sequential) = {
             let mut st = inner.lock();
-            if offset.checked_add(len).is_none_or(|end| end > st.size) {
+            if offset + len > st.size {
                 return None;
             }
             let data = match st.slots.get(&p.index) {
@@ -561,7 +561,7 @@ impl Volume {
         if let Some(why) = &st.fenced {
             return Some(Err(VolumeError::Fenced(why.clone())));
         }
-        if offset.checked_add(data.len() as u64).is_none_or(|end| end > st.size) {
+        if offset + data.len() as u64 > st.size {
             return None;
         }
         match st.slots.get_mut(&p.index) {
@@ -1036,15 +1036,13 @@ impl Inner {
     async fn write_piece(&self, p: Piece, data: Option<&[u8]>, vol: &Volume) -> VolumeResult<()> {
         let _g = self.locks.lock(p.index).await;
         let full = p.at == 0 && p.len as u64 == self.chunk_size;
-        {
-            let mut st = self.lock();
-            if let Some(slot) = st.slots.get_mut(&p.index) {
-                if apply_piece(&mut slot.data, p, data, self.chunk_size) {
-                    return Ok(());
-                }
-            }
+        // `None`: no dirty slot yet; `Some(false)`: pages over an unread base.
+        let applied =
+            self.lock().slots.get_mut(&p.index).map(|slot| apply_piece(&mut slot.data, p, data, self.chunk_size));
+        if applied == Some(true) {
+            return Ok(());
         }
-        if self.lock().slots.contains_key(&p.index) {
+        if applied == Some(false) {
             // Pages over an unread base, and a write that is not whole
             // pages: read the base now and merge. (We hold the chunk lock:
             // only the fast path may add pages meanwhile, and the merge

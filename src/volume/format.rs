@@ -79,6 +79,22 @@ pub fn snapshot_prefix(vol: &str) -> String {
 pub fn snapshot_key(vol: &str, name: &str) -> String {
     format!("{vol}snapshots/{name}.json")
 }
+/// The volume's own name: the last segment of its prefix.
+pub fn volume_name(vol: &str) -> &str {
+    vol.trim_end_matches('/').rsplit('/').next().unwrap_or_default()
+}
+/// Markers of the clones that read through this volume's snapshots.
+pub fn clones_prefix(vol: &str) -> String {
+    format!("{vol}clones/")
+}
+/// The marker `parent` keeps for the clone under `clone_vol`.
+pub fn clone_marker_key(parent: &str, clone_vol: &str) -> String {
+    format!("{parent}clones/{}.json", volume_name(clone_vol))
+}
+/// The snapshot of the parent that pins a clone's source.
+pub fn clone_pin_name(clone_vol: &str) -> String {
+    format!("clone-{}", volume_name(clone_vol))
+}
 
 fn parse_hex_tail(key: &str, prefix: &str, width: usize) -> Option<u64> {
     let tail = key.strip_prefix(prefix)?;

@@ -12,7 +12,7 @@ use super::{VolumeError, VolumeResult, replay};
 use crate::store::{ObjectStore, StoreError};
 
 /// Objects the CSI controller keeps beside the volume format proper.
-fn is_known_extra(rel: &str) -> bool {
+pub(crate) fn is_known_extra(rel: &str) -> bool {
     rel.starts_with(".s3blk-probe-")
         || rel == "deleted.json"
         || (rel.starts_with("attachments/") && rel.ends_with(".json"))
