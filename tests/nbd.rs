@@ -354,7 +354,11 @@ fn fio_verify_qd32_four_connections() {
     let jobfile = dir.path().join("verify.fio");
     std::fs::write(&jobfile, job).expect("write job");
     let report = dir.path().join("fio.json");
-    run(Command::new("fio").arg("--output-format=json").arg(format!("--output={}", report.display())).arg(&jobfile));
+    run(Command::new("fio")
+        .current_dir(dir.path())
+        .arg("--output-format=json")
+        .arg(format!("--output={}", report.display()))
+        .arg(&jobfile));
     let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("fio json");
     let job = &j["jobs"][0];
     assert_eq!(job["error"], 0, "{job}");

@@ -25,8 +25,25 @@ if [ "${#missing[@]}" -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo=sudo
+  apt_install() { DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
+  # QEMU's packages must come from one release: machines that ship qemu-utils
+  # from backports cannot take the stable qemu-system-x86, whose
+  # qemu-system-common that qemu-utils declares broken.
+  qemu_from=""
+  if [[ " ${missing[*]} " == *" qemu-system-x86 "* ]] \
+    && [[ "$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)" == *bpo* ]]; then
+    codename=$(sed -n 's/^VERSION_CODENAME=//p' /etc/os-release)
+    qemu_from="$codename-backports"
+    if ! grep -rqs -- "$qemu_from" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      log "adding $qemu_from to the apt sources (qemu-utils comes from there)"
+      printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+        "$qemu_from" | $sudo tee /etc/apt/sources.list.d/s3blk-backports.sources >/dev/null
+    fi
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | grep -vx qemu-system-x86)
+  fi
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ "${#missing[@]}" -eq 0 ] || apt_install "${missing[@]}"
+  [ -z "$qemu_from" ] || apt_install -t "$qemu_from" qemu-system-x86
 fi
 
 # --- Python tools in a venv: the S3 server, and the chart tests' tools.
