@@ -251,3 +251,20 @@ fn delete_refuses_to_break_clones_and_a_deleted_clone_lets_go_of_its_parent() {
     assert!(!keys.contains(&snapshot_key("parent/", "clone-child").as_str()), "pin left behind: {keys:?}");
     ok(&s3blk(&[], &["volume", "delete", p]));
 }
+
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vol = dir.path().join("logged");
+    let vol = vol.to_str().expect("path");
+    let input = dir.path().join("in.bin");
+    std::fs::write(&input, common::pattern(7, 4096)).expect("write input");
+    let out = s3blk(
+        &[("S3BLK_LOG", "info".to_string())],
+        &["volume", "import", vol, input.to_str().expect("path"), "--create", "--size", "1MiB"],
+    );
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("volume opened"), "expected an info log line: {err}");
+    assert!(!err.contains('\u{1b}'), "escape codes in logs written to a pipe: {err:?}");
+}
