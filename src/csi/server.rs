@@ -197,3 +197,26 @@ async fn compaction_loop(svc: ControllerService, opts: compact::CompactOptions, 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn socket_replaces_a_stale_one_is_owner_only_and_never_clobbers_a_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("nested/csi.sock");
+        let first = bind(&sock).expect("first bind");
+        drop(first); // the socket file stays behind, as after a crash
+        assert!(sock.exists());
+        let _l = bind(&sock).expect("a stale socket is replaced");
+        let mode = std::fs::metadata(&sock).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, b"keep me").expect("write");
+        let e = bind(&file).expect_err("a regular file is not a socket");
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).expect("read"), b"keep me");
+    }
+}
