@@ -53,6 +53,11 @@ struct Global {
     /// Compaction leaves objects younger than this alone.
     #[arg(long, global = true, env = "S3BLK_COMPACT_SAFETY_AGE", default_value = "5m", value_parser = parse_duration)]
     compact_safety_age: Duration,
+    /// Writers: a commit is sent only while its oldest chunk upload is
+    /// younger than this; then it is abandoned and its chunks uploaded
+    /// again. Keep it well below every compactor's safety age.
+    #[arg(long, global = true, env = "S3BLK_COMMIT_DEADLINE", default_value = "75s", value_parser = parse_duration)]
+    commit_deadline: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -239,7 +244,16 @@ impl Global {
         }
     }
     fn open_options(&self, read_only: bool) -> OpenOptions {
-        OpenOptions { read_only, dirty_limit: self.dirty_limit, cache_limit: self.cache_size, ..OpenOptions::default() }
+        OpenOptions {
+            read_only,
+            dirty_limit: self.dirty_limit,
+            cache_limit: self.cache_size,
+            commit_deadline: self.commit_deadline,
+            // Chunks older than this go up again before a commit names them,
+            // so a commit starts with most of its deadline left.
+            restage_after: self.commit_deadline * 2 / 5,
+            ..OpenOptions::default()
+        }
     }
 }
 

@@ -426,15 +426,17 @@ where
             }
         }
         let (export, wr) = (export.clone(), wr.clone());
-        // Other writes with nothing else in flight are memory copies too,
-        // unless they must fetch a chunk to merge into: doing them here
-        // saves a task hand-off. Everything else gets its own task.
+        // Other writes with nothing else in flight are usually memory
+        // copies too: poll them once here, which saves a task hand-off when
+        // they finish at once. One that has to wait (for a fetch, for dirty
+        // memory, for a FUA commit) moves to its own task, so this loop
+        // goes on reading requests and never waits for the store.
         let inline = matches!(req.kind, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES | proto::CMD_TRIM);
-        if tasks.is_empty() && inline {
-            handle(req, payload, export, wr, structured, permit).await;
-        } else {
-            tasks.spawn(handle(req, payload, export, wr, structured, permit));
+        let mut work = Box::pin(handle(req, payload, export, wr, structured, permit));
+        if tasks.is_empty() && inline && futures::poll!(work.as_mut()).is_ready() {
+            continue;
         }
+        tasks.spawn(work);
     };
     while tasks.join_next().await.is_some() {}
     if !export.read_only {

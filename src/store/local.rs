@@ -67,29 +67,84 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
+/// Create `dir` and any missing parents, fsyncing each parent that got a
+/// new entry, so a crash cannot lose a directory an object was put in.
+fn create_dirs(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dirs(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => dir.parent().map_or(Ok(()), fsync_dir),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// How often a write starts again when a concurrent delete removed its
+/// (then empty) directory between creating it and writing into it.
+const DIR_RACE_ATTEMPTS: usize = 16;
+
 fn write_object(path: &Path, body: &[u8], mode: PutMode) -> io::Result<()> {
     let dir = path.parent().ok_or_else(|| io::Error::other("object path has no parent"))?;
-    fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!("{TMP_PREFIX}{:016x}", rand::random::<u64>()));
+    let mut attempt = 0;
+    loop {
+        // A directory on the way went away under us (a delete of its last
+        // object removed it): make it again. Once our temporary file is in
+        // it, it is not empty and stays.
+        let opened = create_dirs(dir).and_then(|()| {
+            let tmp = dir.join(format!("{TMP_PREFIX}{:016x}", rand::random::<u64>()));
+            fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map(|f| (f, tmp))
+        });
+        match opened {
+            Ok((f, tmp)) => return finish_object(f, &tmp, dir, path, body, mode),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < DIR_RACE_ATTEMPTS => attempt += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn finish_object(mut f: fs::File, tmp: &Path, dir: &Path, path: &Path, body: &[u8], mode: PutMode) -> io::Result<()> {
     let result = (|| {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(body)?;
         f.sync_all()?;
-        drop(f);
         match mode {
-            PutMode::Overwrite => fs::rename(&tmp, path),
+            PutMode::Overwrite => fs::rename(tmp, path),
             PutMode::IfAbsent => {
-                let linked = fs::hard_link(&tmp, path);
-                let _ = fs::remove_file(&tmp);
+                let linked = fs::hard_link(tmp, path);
+                let _ = fs::remove_file(tmp);
                 linked
             }
         }?;
         fsync_dir(dir)
     })();
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(tmp);
     }
     result
+}
+
+/// Remove an object and the directories its removal left empty, up to the
+/// root. A directory that is not empty (or just got a new entry) stays.
+fn delete_object(root: &Path, path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    let mut dir = path.parent().map(Path::to_path_buf);
+    while let Some(d) = dir {
+        if d == root || fs::remove_dir(&d).is_err() {
+            break;
+        }
+        dir = d.parent().map(Path::to_path_buf);
+    }
+    if let Some(d) = path.parent().filter(|d| d.is_dir()) {
+        fsync_dir(d)?;
+    }
+    Ok(())
 }
 
 fn walk(dir: &Path, rel: &str, out: &mut Vec<(String, u64, Option<i64>)>) -> io::Result<()> {
@@ -161,24 +216,7 @@ impl ObjectStore for LocalStore {
         let path = self.path_of(key)?;
         let root = self.root.clone();
         let key = key.to_string();
-        Self::blocking(move || {
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(io_err(&key, e)),
-            }
-            // Remove directories left empty, up to the root, so a deleted
-            // volume leaves nothing behind. Failure (not empty) stops the climb.
-            let mut dir = path.parent().map(Path::to_path_buf);
-            while let Some(d) = dir {
-                if d == root || fs::remove_dir(&d).is_err() {
-                    break;
-                }
-                dir = d.parent().map(Path::to_path_buf);
-            }
-            Ok(())
-        })
-        .await
+        Self::blocking(move || delete_object(&root, &path).map_err(|e| io_err(&key, e))).await
     }
 
     async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
@@ -218,5 +256,40 @@ impl ObjectStore for LocalStore {
 
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A delete of a directory's last object removes the directory; a write
+    /// into that directory at the same moment must still succeed.
+    #[test]
+    fn writes_survive_concurrent_deletes_of_their_directory() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let root = root.path().to_path_buf();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let deleter = {
+            let (root, stop) = (root.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let victim = root.join("v/chunks/0/a");
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = write_object(&victim, b"x", PutMode::Overwrite);
+                    delete_object(&root, &victim).expect("delete");
+                }
+            })
+        };
+        let mut failures = Vec::new();
+        for i in 0..2000 {
+            let path = root.join(format!("v/chunks/0/b{i}"));
+            if let Err(e) = write_object(&path, b"y", PutMode::IfAbsent) {
+                failures.push(e.to_string());
+            }
+            let _ = delete_object(&root, &path);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        deleter.join().expect("deleter thread");
+        assert!(failures.is_empty(), "{} of 2000 writes failed, first: {:?}", failures.len(), failures.first());
     }
 }

@@ -26,8 +26,8 @@ use super::format::{
     self, Checkpoint, ChunkRef, JournalRecord, SnapshotRecord, checkpoint_key, journal_key, parse_checkpoint_key,
     parse_chunk_key, parse_journal_key,
 };
-use super::replay;
 use super::{VolumeError, VolumeResult};
+use super::{journal, replay};
 use crate::clock::Clock;
 use crate::store::{DynStore, ObjectInfo, PutMode, StoreError, list_all};
 
@@ -71,6 +71,10 @@ pub struct CompactReport {
     /// Unreferenced chunk objects kept because they are younger than the safety age.
     pub chunks_kept_young: u64,
     pub snapshots: u64,
+    /// Snapshot records that could not be read: while any is listed,
+    /// compaction deletes nothing from the volume.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unreadable_snapshots: Vec<String>,
     pub dry_run: bool,
 }
 
@@ -84,14 +88,19 @@ pub async fn compact(
     let meta = replay::read_meta(store.as_ref(), vol).await?;
     let cs = meta.chunk_size as u64;
     let mut report = CompactReport { dry_run: opts.dry_run, ..CompactReport::default() };
-    let now = clock.now_unix();
+    // Ages are measured on the store's clock, never this host's: a
+    // controller whose clock runs fast must not think fresh chunks old.
+    let now = match opts.dry_run {
+        true => clock.now_unix(),
+        false => store_now(store, vol).await?.unwrap_or_else(|| clock.now_unix()),
+    };
     let cutoff = now.saturating_sub(opts.safety_age.as_secs() as i64);
 
-    // The fold point: the newest record old enough, never behind an
-    // existing checkpoint.
+    // The fold point: the newest record (or checkpoint) old enough. A
+    // young checkpoint (a writer writes them as it goes) speeds up replay
+    // but does not move the fold point.
     let journal = list_all(store.as_ref(), &format::journal_prefix(vol)).await?;
     let checkpoints = list_all(store.as_ref(), &format::checkpoint_prefix(vol)).await?;
-    let newest_checkpoint = checkpoints.iter().filter_map(|o| parse_checkpoint_key(vol, &o.key)).max();
     let mut fold = None;
     for o in &journal {
         let Some(seq) = parse_journal_key(vol, &o.key) else { continue };
@@ -99,10 +108,12 @@ pub async fn compact(
             fold = Some(seq);
         }
     }
-    let fold = match (fold, newest_checkpoint) {
-        (Some(f), Some(c)) => Some(f.max(c)),
-        (f, c) => f.or(c),
-    };
+    for o in &checkpoints {
+        let Some(seq) = parse_checkpoint_key(vol, &o.key) else { continue };
+        if seq > fold.unwrap_or(0) && o.modified_unix.is_some_and(|m| m <= cutoff) {
+            fold = Some(seq);
+        }
+    }
 
     // Maps that can still be read: at the fold point, after it, at every snapshot.
     let mut live: HashSet<(u64, u64)> = HashSet::new();
@@ -113,7 +124,7 @@ pub async fn compact(
     if let Some(x) = fold {
         let at_fold = replay::replay(store.as_ref(), vol, cs, Some(x)).await?;
         add_map(&mut live, at_fold.map.iter());
-        if newest_checkpoint != Some(x) {
+        if !checkpoints.iter().any(|o| parse_checkpoint_key(vol, &o.key) == Some(x)) {
             report.checkpoints_written += 1;
             if !opts.dry_run {
                 write_checkpoint(store, vol, &at_fold).await?;
@@ -123,7 +134,7 @@ pub async fn compact(
     }
     let after = fold.map_or(0, |x| x + 1);
     add_records(store, vol, after, &mut live).await?;
-    let snapshots = list_snapshots(store, vol).await?;
+    let (snapshots, unreadable) = list_snapshots(store, vol).await?;
     report.snapshots = snapshots.len() as u64;
     for snap in &snapshots {
         let at = replay::replay(store.as_ref(), vol, cs, Some(snap.seq)).await?;
@@ -151,13 +162,28 @@ pub async fn compact(
         return Err(VolumeError::NotFound(vol.trim_end_matches('/').to_string()));
     }
 
-    // Fold: journal records and checkpoints below the fold point go.
+    // A snapshot record that cannot be read pins a seq nobody knows: no
+    // record, checkpoint or chunk may go until it is fixed or deleted.
+    // Writing checkpoints (above) is still safe and keeps opening fast.
+    if !unreadable.is_empty() {
+        report.unreadable_snapshots = unreadable.clone();
+        crate::metrics::add("s3blk_compaction_unreadable_snapshots_total", "", unreadable.len() as f64);
+        tracing::error!(
+            volume = %vol,
+            snapshots = ?unreadable,
+            "snapshot records cannot be read; nothing is deleted from this volume until they are repaired or removed"
+        );
+        report.folded_seq = fold;
+        return Ok(report);
+    }
+
+    // Fold: journal records and checkpoints below the fold point go. The
+    // records strictly in ascending order, one after the other (the
+    // journal never gets a hole below a record that remains: writers'
+    // fencing proof rests on it).
     if let Some(x) = fold {
-        let old_records: Vec<String> = journal
-            .iter()
-            .filter(|o| parse_journal_key(vol, &o.key).is_some_and(|s| s < x))
-            .map(|o| o.key.clone())
-            .collect();
+        let old_records: Vec<u64> =
+            journal.iter().filter_map(|o| parse_journal_key(vol, &o.key)).filter(|s| *s < x).collect();
         let old_checkpoints: Vec<String> = checkpoints
             .iter()
             .filter(|o| parse_checkpoint_key(vol, &o.key).is_some_and(|s| s < x && !pinned.contains(&s)))
@@ -166,7 +192,8 @@ pub async fn compact(
         report.journal_records_deleted = old_records.len() as u64;
         report.checkpoints_deleted = old_checkpoints.len() as u64;
         if !opts.dry_run {
-            delete_all(store, old_records, opts.concurrency).await?;
+            let (_, r) = journal::delete_ascending(store.as_ref(), vol, &old_records).await;
+            r?;
             delete_all(store, old_checkpoints, opts.concurrency).await?;
         }
     }
@@ -208,6 +235,17 @@ pub async fn compact(
         "compacted"
     );
     Ok(report)
+}
+
+/// The store's clock: the modification time it gives an object written
+/// now (`None` when it keeps none). The probe object is removed again.
+pub async fn store_now(store: &DynStore, vol: &str) -> VolumeResult<Option<i64>> {
+    let key = format::clock_probe_key(vol);
+    store.put(&key, Bytes::from_static(b"s3blk clock probe"), PutMode::Overwrite).await?;
+    let page =
+        store.list(crate::store::ListRequest { prefix: &key, start_after: None, delimiter: false, max_keys: 1 }).await;
+    let _ = store.delete(&key).await;
+    Ok(page?.objects.into_iter().find(|o| o.key == key).and_then(|o| o.modified_unix))
 }
 
 /// Is the object older than the cutoff? Stores that report no modification
@@ -262,8 +300,11 @@ async fn add_records(store: &DynStore, vol: &str, from: u64, live: &mut HashSet<
     }
 }
 
-async fn list_snapshots(store: &DynStore, vol: &str) -> VolumeResult<Vec<SnapshotRecord>> {
+/// Every snapshot record, and the keys of those that cannot be read or
+/// decoded (reported, never guessed at).
+async fn list_snapshots(store: &DynStore, vol: &str) -> VolumeResult<(Vec<SnapshotRecord>, Vec<String>)> {
     let mut out = Vec::new();
+    let mut unreadable = Vec::new();
     for o in list_all(store.as_ref(), &format::snapshot_prefix(vol)).await? {
         if !o.key.ends_with(".json") {
             continue;
@@ -273,9 +314,15 @@ async fn list_snapshots(store: &DynStore, vol: &str) -> VolumeResult<Vec<Snapsho
             Err(StoreError::NotFound(_)) => continue,
             Err(e) => return Err(e.into()),
         };
-        out.push(SnapshotRecord::decode(&bytes, &o.key)?);
+        match SnapshotRecord::decode(&bytes, &o.key) {
+            Ok(s) => out.push(s),
+            Err(e) => {
+                tracing::warn!(volume = %vol, key = %o.key, error = %e, "unreadable snapshot record");
+                unreadable.push(o.key);
+            }
+        }
     }
-    Ok(out)
+    Ok((out, unreadable))
 }
 
 async fn write_checkpoint(store: &DynStore, vol: &str, st: &replay::Replayed) -> VolumeResult<()> {

@@ -73,6 +73,10 @@ pub fn checkpoint_prefix(vol: &str) -> String {
 pub fn checkpoint_key(vol: &str, seq: u64) -> String {
     format!("{vol}checkpoints/{seq:020x}")
 }
+/// Written and removed at once by compaction to read the store's clock.
+pub fn clock_probe_key(vol: &str) -> String {
+    format!("{vol}.s3blk-clock")
+}
 pub fn snapshot_prefix(vol: &str) -> String {
     format!("{vol}snapshots/")
 }
@@ -147,8 +151,18 @@ pub fn validate_snapshot_name(name: &str) -> Result<(), FormatError> {
 /// never upload the same chunk object name, so chunks are never overwritten.
 pub const GENERATION_COUNTER_BITS: u32 = 36;
 
+/// A writer's counter stays below this, so no generation is ever the
+/// reserved ZERO value.
+pub const MAX_GENERATION_COUNTER: u64 = (1 << GENERATION_COUNTER_BITS) - 2;
+
+/// The generation for a writer's `counter`th upload. Past 2^28 epochs the
+/// high bits repeat, so names are unique by the writer's counter and epoch
+/// only up to there; what makes them collision-free in every case is that
+/// chunk objects are created with `If-None-Match: *` and a taken name is
+/// never overwritten (the writer takes the next one).
 pub fn generation(epoch: u64, counter: u64) -> u64 {
-    (epoch << GENERATION_COUNTER_BITS) | (counter & ((1 << GENERATION_COUNTER_BITS) - 1))
+    const EPOCH_BITS: u32 = 64 - GENERATION_COUNTER_BITS;
+    ((epoch & ((1 << EPOCH_BITS) - 1)) << GENERATION_COUNTER_BITS) | (counter & ((1 << GENERATION_COUNTER_BITS) - 1))
 }
 
 pub fn generation_epoch(generation: u64) -> u64 {

@@ -14,6 +14,7 @@ use crate::store::{ObjectStore, StoreError};
 /// Objects the CSI controller keeps beside the volume format proper.
 pub(crate) fn is_known_extra(rel: &str) -> bool {
     rel.starts_with(".s3blk-probe-")
+        || rel == ".s3blk-clock"
         || rel == "deleted.json"
         || (rel.starts_with("attachments/") && rel.ends_with(".json"))
         || (rel.starts_with("clones/") && rel.ends_with(".json"))

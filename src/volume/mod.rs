@@ -5,6 +5,7 @@ pub mod compact;
 pub mod engine;
 pub mod format;
 pub mod fsck;
+pub mod journal;
 pub mod locks;
 pub mod replay;
 

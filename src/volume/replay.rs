@@ -24,6 +24,10 @@ pub struct Replayed {
     /// Seq of the checkpoint the replay started from, if any.
     pub checkpoint: Option<u64>,
     pub records_replayed: u64,
+    /// The bytes of the record at `head`, when the replay read it (not
+    /// when the head is a checkpoint's): a writer's fencing proof compares
+    /// the record below its first append with these.
+    pub head_bytes: Option<Bytes>,
 }
 
 impl Replayed {
@@ -170,7 +174,11 @@ async fn replay_from(
     Ok(state)
 }
 
+/// Journal records fetched at once during replay.
+const REPLAY_FETCHES: usize = 32;
+
 /// Apply every record after `state.head` (or from seq 0 when `!started`).
+/// Records of one listing page are fetched in parallel and applied in order.
 pub async fn catch_up(
     store: &dyn ObjectStore,
     vol: &str,
@@ -179,20 +187,26 @@ pub async fn catch_up(
     mut started: bool,
     upto: Option<u64>,
 ) -> VolumeResult<()> {
+    use futures::stream::{self, StreamExt, TryStreamExt};
     let prefix = journal_prefix(vol);
     let mut after = if started { Some(journal_key(vol, state.head)) } else { None };
     loop {
         let page = store
             .list(ListRequest { prefix: &prefix, start_after: after.as_deref(), delimiter: false, max_keys: 1000 })
             .await?;
+        // The seqs this page must supply, in order, checked for gaps before
+        // anything is fetched.
+        let mut wanted = Vec::new();
+        let mut expected = if started { state.head + 1 } else { 0 };
+        let mut reached_end = false;
         for obj in &page.objects {
             let Some(seq) = parse_journal_key(vol, &obj.key) else {
                 continue;
             };
             if upto.is_some_and(|u| seq > u) {
-                return Ok(());
+                reached_end = true;
+                break;
             }
-            let expected = if started { state.head + 1 } else { 0 };
             if seq < expected {
                 // Folded into the checkpoint but not yet deleted.
                 continue;
@@ -202,17 +216,34 @@ pub async fn catch_up(
                     "journal record {expected} is missing (next present is {seq})"
                 )));
             }
-            let bytes = store.get(&obj.key, None).await?;
-            let rec = JournalRecord::decode(&bytes, &obj.key)?;
+            wanted.push((seq, obj.key.clone()));
+            expected = seq + 1;
+        }
+        let records: Vec<(u64, String, Bytes)> = stream::iter(wanted.into_iter().map(|(seq, key)| async move {
+            match store.get(&key, None).await {
+                Ok(bytes) => Ok((seq, key, bytes)),
+                // Folded away between the listing and the fetch.
+                Err(StoreError::NotFound(_)) => {
+                    Err(VolumeError::Corrupt(format!("journal record {seq} disappeared during replay")))
+                }
+                Err(e) => Err(VolumeError::from(e)),
+            }
+        }))
+        .buffered(REPLAY_FETCHES)
+        .try_collect()
+        .await?;
+        for (seq, key, bytes) in records {
+            let rec = JournalRecord::decode(&bytes, &key)?;
             if rec.seq != seq {
-                return Err(VolumeError::Corrupt(format!("{} holds seq {}", obj.key, rec.seq)));
+                return Err(VolumeError::Corrupt(format!("{key} holds seq {}", rec.seq)));
             }
             state.apply(&rec, chunk_size)?;
+            state.head_bytes = Some(bytes);
             started = true;
         }
         match page.next_start_after {
-            Some(n) => after = Some(n),
-            None => return Ok(()),
+            Some(n) if !reached_end => after = Some(n),
+            _ => return Ok(()),
         }
     }
 }

@@ -116,3 +116,36 @@ impl Client {
         Ok(self.read_payload(len as usize).await)
     }
 }
+
+impl Client {
+    async fn try_send(&mut self, kind: u16, handle: u64, offset: u64, length: u32, data: &[u8]) -> std::io::Result<()> {
+        let r = proto::Request { flags: 0, kind, handle, offset, length };
+        self.s.write_all(&proto::encode_request(&r)).await?;
+        self.s.write_all(data).await
+    }
+
+    async fn try_reply(&mut self, handle: u64) -> std::io::Result<u32> {
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h).await?;
+        let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+        if h[..4] != proto::SIMPLE_REPLY_MAGIC.to_be_bytes() {
+            return Err(bad("bad reply magic"));
+        }
+        if h[8..] != handle.to_be_bytes() {
+            return Err(bad("reply for another handle"));
+        }
+        Ok(u32::from_be_bytes([h[4], h[5], h[6], h[7]]))
+    }
+
+    /// A write whose connection may die under it: `Err` when the server
+    /// went away (the write may or may not have been applied).
+    pub async fn try_write(&mut self, handle: u64, offset: u64, data: &[u8]) -> std::io::Result<u32> {
+        self.try_send(proto::CMD_WRITE, handle, offset, data.len() as u32, data).await?;
+        self.try_reply(handle).await
+    }
+
+    pub async fn try_flush(&mut self, handle: u64) -> std::io::Result<u32> {
+        self.try_send(proto::CMD_FLUSH, handle, 0, 0, &[]).await?;
+        self.try_reply(handle).await
+    }
+}

@@ -2,34 +2,61 @@
 //!
 //! Durability rules, in the order they matter:
 //! 1. A write lands in a dirty chunk buffer in memory. It is not durable.
-//! 2. Dirty chunks are uploaded as *new* chunk objects (never overwriting),
-//!    in the background past the dirty limit and always at flush. An
-//!    uploaded chunk is "staged": readable by us, invisible to everyone else.
+//! 2. Dirty chunks are uploaded as *new* chunk objects (never overwriting,
+//!    created with `If-None-Match: *`), in the background past the dirty
+//!    limit and always at flush. An uploaded chunk is "staged": readable by
+//!    us, invisible to everyone else. Its bytes stay in memory until a commit
+//!    references it, so it can be uploaded again whatever happens to the
+//!    object.
 //! 3. A flush uploads every dirty chunk, then creates `journal/<head+1>`
-//!    with `If-None-Match: *`. Only when that PUT succeeds is the flush
+//!    with `If-None-Match: *` and proves the record below it is still the
+//!    one this writer appended ([`super::journal`]). Only then is the flush
 //!    acknowledged. A crash anywhere before leaves garbage chunk objects,
-//!    never a torn volume; a 412 means another writer took over (fenced).
+//!    never a torn volume; another writer's record there means we were
+//!    fenced.
+//! 4. A journal PUT whose outcome is unknown (an error, a timeout, the
+//!    flush's future dropped) stays *pending* and is sent again with the
+//!    same bytes until the store says where it stands, so a record that did
+//!    land is recognised as ours. A pending record is sent only while its
+//!    oldest chunk is younger than [`OpenOptions::commit_deadline`], well
+//!    inside compaction's safety age; past it the record is abandoned and
+//!    its chunks uploaded again, so no commit can land referencing chunks
+//!    that compaction may already have collected.
 //!
-//! Concurrency: every access to chunk *i* (read-modify-write, fetch, upload)
-//! holds chunk *i*'s async lock, so overlapping requests are serialised and
-//! uploads of one chunk happen in order; different chunks proceed in
-//! parallel. Shared bookkeeping lives in one `std::sync::Mutex` that is never
-//! held across an await.
+//! Cancellation: no state depends on a future running to completion. A
+//! dirty slot keeps its bytes while they are uploaded (writes meanwhile
+//! copy them first), a pending record is noted before its PUT is sent, and
+//! memory permits are owned guards that travel with the slot or staged
+//! chunk they account for.
+//!
+//! Concurrency: reads, fetches and read-modify-writes of chunk *i* hold
+//! chunk *i*'s async lock; uploads of chunk *i* hold its upload lock, and
+//! the chunk lock only while merging pages with a fetched base, never
+//! across the PUT, so reads never wait for an upload's retries. Shared
+//! bookkeeping lives in one `std::sync::Mutex` that is never held across an
+//! await.
 
-use std::collections::{BTreeMap, HashMap};
+mod dirty;
+
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+pub use dirty::is_zero;
+use dirty::{DirtyData, PAGE, PageBuf, Piece, pieces};
 
 use super::cache::CleanCache;
 use super::format::{
-    self, ChunkMap, ChunkRef, JournalRecord, ParentRef, RecordKind, SnapshotRecord, VolumeMeta, chunk_key, journal_key,
-    meta_key, snapshot_key,
+    self, Checkpoint, ChunkMap, ChunkRef, JournalRecord, ParentRef, RecordKind, SnapshotRecord, VolumeMeta,
+    checkpoint_key, chunk_key, journal_key, meta_key, snapshot_key,
 };
+use super::journal::{self, Appended};
 use super::locks::ChunkLocks;
 use super::replay::{self, Replayed};
 use super::{VolumeError, VolumeResult};
@@ -55,9 +82,13 @@ pub struct OpenOptions {
     /// collects unreferenced chunks older than its safety age, never sees
     /// them unreferenced for long.
     pub commit_interval: Duration,
-    /// A commit whose oldest staged chunk was uploaded longer ago than this
-    /// first checks that the chunk objects are still there.
-    pub recheck_staged_after: Duration,
+    /// A staged chunk uploaded longer ago than this is uploaded again (from
+    /// the bytes kept in memory) before a commit refers to it.
+    pub restage_after: Duration,
+    /// A journal record is sent only while its oldest chunk is younger
+    /// than this; then it is abandoned and its chunks are uploaded again.
+    /// Must stay well below compaction's safety age.
+    pub commit_deadline: Duration,
 }
 
 impl Default for OpenOptions {
@@ -67,7 +98,8 @@ impl Default for OpenOptions {
             dirty_limit: 256 << 20,
             cache_limit: 128 << 20,
             commit_interval: Duration::from_secs(10),
-            recheck_staged_after: Duration::from_secs(60),
+            restage_after: Duration::from_secs(30),
+            commit_deadline: Duration::from_secs(75),
             concurrency: 16,
             readahead_chunks: 4,
             snapshot: None,
@@ -103,100 +135,36 @@ pub struct VolumeStats {
 }
 
 #[derive(Debug)]
-enum DirtyData {
-    Zero,
-    Data(Vec<u8>),
-    /// Whole pages written over bytes that were never read: the chunk's
-    /// stored bytes are fetched only when it is uploaded, or when a read
-    /// needs a page that is not here. A small random write to a chunk that
-    /// is not cached therefore waits for no download.
-    Pages(PageBuf),
-}
-
-/// The unit of [`DirtyData::Pages`].
-const PAGE: usize = 4096;
-
-/// A chunk-sized buffer of which only the pages marked written are
-/// meaningful (the rest are zeros until merged with the stored bytes).
-/// Allocated zeroed, so untouched pages cost no memory.
-#[derive(Debug)]
-struct PageBuf {
-    buf: Vec<u8>,
-    written: Vec<u64>,
-}
-
-impl PageBuf {
-    fn new(chunk_size: u64) -> Self {
-        let pages = chunk_size as usize / PAGE;
-        Self { buf: vec![0u8; chunk_size as usize], written: vec![0u64; pages.div_ceil(64)] }
-    }
-
-    fn is_written(&self, page: usize) -> bool {
-        self.written[page / 64] & (1 << (page % 64)) != 0
-    }
-
-    /// Write whole pages at `at` (`None` = zeros).
-    fn write(&mut self, at: usize, len: usize, data: Option<&[u8]>) {
-        match data {
-            Some(d) => self.buf[at..at + len].copy_from_slice(d),
-            None => self.buf[at..at + len].fill(0),
-        }
-        for page in at / PAGE..(at + len) / PAGE {
-            self.written[page / 64] |= 1 << (page % 64);
-        }
-    }
-
-    fn full(&self) -> bool {
-        self.written.iter().map(|w| w.count_ones() as usize).sum::<usize>() == self.buf.len() / PAGE
-    }
-
-    /// The piece's bytes when written pages cover all of it.
-    fn covered(&self, p: Piece) -> Option<&[u8]> {
-        (p.at / PAGE..(p.at + p.len).div_ceil(PAGE))
-            .all(|page| self.is_written(page))
-            .then(|| &self.buf[p.at..p.at + p.len])
-    }
-
-    /// The chunk's bytes: the written pages over `base` (`None` = zeros).
-    fn merged(mut self, base: Option<&[u8]>) -> Vec<u8> {
-        if let Some(base) = base {
-            for page in 0..self.buf.len() / PAGE {
-                if !self.is_written(page) {
-                    let r = page * PAGE..(page + 1) * PAGE;
-                    self.buf[r.clone()].copy_from_slice(&base[r]);
-                }
-            }
-        }
-        self.buf
-    }
-}
-
-/// Turn pages over an unread base into the whole chunk, given the base.
-fn materialize(slot: &mut DirtyData, base: Option<&[u8]>) {
-    if let DirtyData::Pages(_) = slot {
-        if let DirtyData::Pages(pb) = std::mem::replace(slot, DirtyData::Zero) {
-            *slot = DirtyData::Data(pb.merged(base));
-        }
-    }
-}
-
-#[derive(Debug)]
 struct Slot {
     data: DirtyData,
+    /// Changes with every write: an upload that finishes finds out whether
+    /// what it sent is still the slot's content.
+    version: u64,
     /// When it became dirty (for choosing what to upload first).
     since: u64,
-    /// Its bytes are on their way to the store (moved out of `data`); only
-    /// the chunk lock's holder may touch the slot until it is done.
-    uploading: bool,
+    /// The memory this chunk holds; moves to the staged chunk on upload.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
-/// A commit whose journal PUT failed without a clear answer: it may or may
-/// not have landed. The next flush finds out before writing anything.
+/// An uploaded chunk no commit refers to yet.
 #[derive(Debug)]
-struct Uncertain {
-    seq: u64,
+struct Staged {
+    r: ChunkRef,
+    /// Its bytes (`None` for zeros), kept to upload it again if needed.
+    data: Option<Bytes>,
+    /// When its upload started.
+    at: Instant,
+    /// Held, not read: dropped with the entry, it gives the memory back.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// A journal record sent (or about to be sent) whose outcome is unknown.
+#[derive(Debug, Clone)]
+struct Pending {
     bytes: Bytes,
     record: JournalRecord,
+    /// Upload time of its oldest chunk: the deadline counts from here.
+    oldest: Instant,
 }
 
 #[derive(Debug)]
@@ -204,18 +172,22 @@ struct State {
     size: u64,
     committed_size: u64,
     head: u64,
+    /// The bytes of the record at `head` when known (ours, or replayed).
+    head_bytes: Option<Bytes>,
     epoch: u64,
     map: ChunkMap,
-    staged: BTreeMap<u64, ChunkRef>,
-    slots: HashMap<u64, Slot>,
+    staged: BTreeMap<u64, Staged>,
+    slots: BTreeMap<u64, Slot>,
     clean: CleanCache,
     fenced: Option<String>,
     upload_error: Option<StoreError>,
-    uncertain: Option<Uncertain>,
+    pending: Option<Pending>,
+    /// Records given up on at seq `head + 1`: one may still land.
+    abandoned: Vec<(Bytes, JournalRecord)>,
     tick: u64,
     last_read_end: u64,
-    /// When the oldest chunk in `staged` was uploaded.
-    staged_since: Option<std::time::Instant>,
+    /// Seq of the newest checkpoint known (written by us or replayed from).
+    checkpoint_seq: u64,
 }
 
 #[derive(Debug)]
@@ -236,11 +208,12 @@ struct Inner {
     parents: Vec<Parent>,
     state: Mutex<State>,
     locks: ChunkLocks,
-    /// One permit per chunk that may be dirty at once.
-    dirty_permits: Semaphore,
+    upload_locks: ChunkLocks,
+    /// One permit per chunk that may be dirty or staged at once.
+    dirty_permits: Arc<Semaphore>,
+    total_permits: usize,
     flush_lock: tokio::sync::Mutex<()>,
     uploader_running: AtomicBool,
-    committer_running: AtomicBool,
     generation_counter: AtomicU64,
 }
 
@@ -250,55 +223,19 @@ pub struct Volume {
     inner: Arc<Inner>,
 }
 
-/// A piece of a request that falls in one chunk.
-#[derive(Debug, Clone, Copy)]
-struct Piece {
-    index: u64,
-    /// Offset inside the chunk.
-    at: usize,
-    len: usize,
-    /// Offset inside the request buffer.
-    pos: usize,
+/// Journal records a writer lets accumulate past the newest checkpoint
+/// before it writes one itself, so that opening never replays many.
+fn checkpoint_every(mapped: usize) -> u64 {
+    (mapped as u64 / 1024).clamp(64, 1024)
 }
 
-fn pieces(offset: u64, len: u64, chunk_size: u64) -> impl Iterator<Item = Piece> {
-    let end = offset + len;
-    let mut cur = offset;
-    std::iter::from_fn(move || {
-        if cur >= end {
-            return None;
-        }
-        let index = cur / chunk_size;
-        let at = cur % chunk_size;
-        let n = (chunk_size - at).min(end - cur);
-        let p = Piece { index, at: at as usize, len: n as usize, pos: (cur - offset) as usize };
-        cur += n;
-        Some(p)
-    })
-}
-
-/// True when every byte is zero. Works in 4 KiB blocks of 16-byte words
-/// so data that is not zero is rejected after its first block.
-pub fn is_zero(buf: &[u8]) -> bool {
-    // Data that is not zero nearly always says so in its first bytes.
-    if buf.iter().take(16).any(|&b| b != 0) {
-        return false;
-    }
-    buf.chunks(4096).all(|block| {
-        let words = block.chunks_exact(16);
-        let tail = words.remainder();
-        let acc = words.fold(0u128, |acc, w| {
-            let mut a = [0u8; 16];
-            a.copy_from_slice(w);
-            acc | u128::from_ne_bytes(a)
-        });
-        acc == 0 && tail.iter().all(|&b| b == 0)
-    })
-}
+/// Chunk uploads tried under fresh names when a name is taken.
+const NAME_ATTEMPTS: u32 = 8;
 
 impl Volume {
     /// Create a new volume: probe conditional writes, then write
-    /// `volume.json` and the create record, both conditionally.
+    /// `volume.json` and the create record, both conditionally. A retried
+    /// create whose first attempt landed (its answer lost) succeeds.
     pub async fn create(
         store: DynStore,
         vol: &str,
@@ -325,10 +262,18 @@ impl Volume {
             parent: opts.parent,
             single_writer: !conditional,
         };
-        match store.put(&meta_key(vol), Bytes::from(meta.encode()), PutMode::IfAbsent).await {
+        let meta_bytes = Bytes::from(meta.encode());
+        match store.put(&meta_key(vol), meta_bytes.clone(), PutMode::IfAbsent).await {
             Ok(()) => {}
             Err(StoreError::PreconditionFailed(_)) => {
-                return Err(VolumeError::AlreadyExists(format!("volume {}/{vol}", store.describe())));
+                // Ours if the bytes are (the uuid makes them unique).
+                match store.get(&meta_key(vol), None).await {
+                    Ok(existing) if existing == meta_bytes => {}
+                    Ok(_) | Err(StoreError::NotFound(_)) => {
+                        return Err(VolumeError::AlreadyExists(format!("volume {}/{vol}", store.describe())));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             Err(e) => return Err(e.into()),
         }
@@ -343,7 +288,8 @@ impl Volume {
             inline: Vec::new(),
         };
         match store.put(&journal_key(vol, 0), Bytes::from(rec.encode()), PutMode::IfAbsent).await {
-            // A retried PUT that had landed the first time answers 412.
+            // A retried PUT that had landed the first time answers 412; the
+            // record is ours: nobody else can have written volume.json.
             Ok(()) | Err(StoreError::PreconditionFailed(_)) => Ok(meta),
             Err(e) => Err(e.into()),
         }
@@ -366,34 +312,38 @@ impl Volume {
         let parents = load_parents(&store, &meta).await?;
         let writer = rand::random::<u64>() | 1;
         if !opts.read_only {
-            open_for_write(&store, vol, chunk_size, &mut st, writer, opts.clock.now_unix()).await?;
+            open_for_write(&store, vol, &meta, &mut st, writer, opts.clock.now_unix()).await?;
         }
         let permits = (opts.dirty_limit / chunk_size).max(2) as usize;
         let state = State {
             size: st.size,
             committed_size: st.size,
             head: st.head,
+            head_bytes: st.head_bytes.clone(),
             epoch: st.epoch,
             map: st.map,
             staged: BTreeMap::new(),
-            slots: HashMap::new(),
+            slots: BTreeMap::new(),
             clean: CleanCache::new(opts.cache_limit),
             fenced: None,
             upload_error: None,
-            uncertain: None,
+            pending: None,
+            abandoned: Vec::new(),
             tick: 0,
             last_read_end: u64::MAX,
-            staged_since: None,
+            checkpoint_seq: st.checkpoint.unwrap_or(0),
         };
         tracing::info!(
             volume = vol,
             size = st.size,
             head = st.head,
             epoch = st.epoch,
+            records_replayed = st.records_replayed,
             read_only = opts.read_only,
             "volume opened"
         );
-        Ok(Volume {
+        let read_only = opts.read_only;
+        let v = Volume {
             inner: Arc::new(Inner {
                 store,
                 vol: vol.to_string(),
@@ -404,13 +354,18 @@ impl Volume {
                 parents,
                 state: Mutex::new(state),
                 locks: ChunkLocks::default(),
-                dirty_permits: Semaphore::new(permits),
+                upload_locks: ChunkLocks::default(),
+                dirty_permits: Arc::new(Semaphore::new(permits)),
+                total_permits: permits,
                 flush_lock: tokio::sync::Mutex::new(()),
                 uploader_running: AtomicBool::new(false),
-                committer_running: AtomicBool::new(false),
                 generation_counter: AtomicU64::new(1),
             }),
-        })
+        };
+        if !read_only {
+            v.start_committer();
+        }
+        Ok(v)
     }
 
     pub fn meta(&self) -> &VolumeMeta {
@@ -505,10 +460,10 @@ impl Volume {
     }
 
     /// A read served on the spot when its bytes are in memory: one chunk,
-    /// dirty (and not being uploaded), cached, or known to be zeros. No
-    /// chunk lock and no await: the state lock alone orders it against
-    /// writers, which change a chunk's bytes only under that lock. `None`
-    /// means "take [`Volume::read_bytes`]".
+    /// dirty, staged, cached, or known to be zeros. No chunk lock and no
+    /// await: the state lock alone orders it against writers, which change
+    /// a chunk's bytes only under that lock. `None` means "take
+    /// [`Volume::read_bytes`]".
     pub fn read_now(&self, offset: u64, len: u64) -> Option<Bytes> {
         let inner = &self.inner;
         // Out-of-range requests take the normal path and its error.
@@ -523,16 +478,19 @@ impl Volume {
                 return None;
             }
             let data = match st.slots.get(&p.index) {
-                Some(slot) if slot.uploading => return None,
-                Some(Slot { data: DirtyData::Data(v), .. }) => Bytes::copy_from_slice(&v[p.at..p.at + p.len]),
-                Some(Slot { data: DirtyData::Zero, .. }) => Bytes::from(vec![0u8; p.len]),
-                Some(Slot { data: DirtyData::Pages(pb), .. }) => Bytes::copy_from_slice(pb.covered(p)?),
-                None => match st.clean.get(p.index) {
-                    Some(b) => b.slice(p.at..p.at + p.len),
-                    None => match st.staged.get(&p.index).or_else(|| st.map.get(&p.index)) {
-                        Some(ChunkRef::Zero) => Bytes::from(vec![0u8; p.len]),
-                        None if inner.parents.is_empty() => Bytes::from(vec![0u8; p.len]),
-                        _ => return None,
+                Some(slot) => slot.data.piece(p)?.unwrap_or_else(|| Bytes::from(vec![0u8; p.len])),
+                None => match st.staged.get(&p.index) {
+                    Some(s) => match &s.data {
+                        Some(b) => b.slice(p.at..p.at + p.len),
+                        None => Bytes::from(vec![0u8; p.len]),
+                    },
+                    None => match st.clean.get(p.index) {
+                        Some(b) => b.slice(p.at..p.at + p.len),
+                        None => match st.map.get(&p.index) {
+                            Some(ChunkRef::Zero) => Bytes::from(vec![0u8; p.len]),
+                            None if inner.parents.is_empty() => Bytes::from(vec![0u8; p.len]),
+                            _ => return None,
+                        },
                     },
                 },
             };
@@ -545,8 +503,8 @@ impl Volume {
     }
 
     /// A write applied on the spot when it falls in one chunk that is
-    /// already dirty and not being uploaded: a copy under the state lock.
-    /// `None` means "take [`Volume::write_vec`]".
+    /// already dirty: a copy under the state lock. `None` means "take
+    /// [`Volume::write_vec`]".
     pub fn write_now(&self, offset: u64, data: &[u8]) -> Option<VolumeResult<()>> {
         let inner = &self.inner;
         offset.checked_add(data.len() as u64)?;
@@ -564,12 +522,14 @@ impl Volume {
         if offset + data.len() as u64 > st.size {
             return None;
         }
-        match st.slots.get_mut(&p.index) {
-            Some(slot) if !slot.uploading => {
-                apply_piece(&mut slot.data, p, Some(data), inner.chunk_size).then_some(Ok(()))
-            }
-            _ => None,
+        st.tick += 1;
+        let tick = st.tick;
+        let slot = st.slots.get_mut(&p.index)?;
+        if !slot.data.apply(p, Some(data), inner.chunk_size) {
+            return None;
         }
+        slot.version = tick;
+        Some(Ok(()))
     }
 
     /// Write `data` at `offset`. Not durable until [`Volume::flush`].
@@ -593,19 +553,22 @@ impl Volume {
         self.inner.check_range(offset, cs)?;
         let index = offset / cs;
         let _g = self.inner.locks.lock(index).await;
-        {
+        let data = DirtyData::Data(Arc::new(data));
+        let data = {
             let mut st = self.inner.lock();
-            if let Some(slot) = st.slots.get_mut(&index) {
-                slot.data = DirtyData::Data(data);
-                return Ok(());
+            st.tick += 1;
+            let tick = st.tick;
+            match st.slots.get_mut(&index) {
+                Some(slot) => {
+                    slot.data = data;
+                    slot.version = tick;
+                    return Ok(());
+                }
+                None => data,
             }
-        }
-        self.inner.acquire_dirty_permit(self).await?;
-        let mut st = self.inner.lock();
-        st.tick += 1;
-        let since = st.tick;
-        st.clean.remove(index);
-        st.slots.insert(index, Slot { data: DirtyData::Data(data), since, uploading: false });
+        };
+        let permit = self.inner.acquire_dirty_permit(self).await?;
+        self.inner.insert_slot(index, data, permit);
         Ok(())
     }
 
@@ -622,7 +585,7 @@ impl Volume {
 
     /// Make every write acknowledged before this call durable: upload dirty
     /// chunks, then commit one journal record. Returns only when the record
-    /// is on the store.
+    /// is on the store and proven ours. Safe to cancel at any await.
     pub async fn flush(&self) -> VolumeResult<()> {
         let inner = &self.inner;
         if inner.opts.read_only {
@@ -630,7 +593,6 @@ impl Volume {
         }
         let _f = inner.flush_lock.lock().await;
         inner.check_writable()?;
-        inner.resolve_uncertain().await?;
         let dirty: Vec<u64> = inner.lock().slots.keys().copied().collect();
         stream::iter(dirty.into_iter().map(|i| inner.upload_chunk(i)))
             .buffer_unordered(inner.opts.concurrency)
@@ -717,7 +679,7 @@ impl Volume {
         for index in next..(next + ra).min(last) {
             let cached = {
                 let st = inner.lock();
-                st.slots.contains_key(&index) || st.clean.peek(index)
+                st.slots.contains_key(&index) || st.staged.contains_key(&index) || st.clean.peek(index)
             };
             if cached {
                 continue;
@@ -732,6 +694,8 @@ impl Volume {
         }
     }
 
+    /// Past the dirty limit: upload the oldest dirty chunks and commit them,
+    /// which gives their memory back to writers.
     fn kick_uploader(&self) {
         let inner = &self.inner;
         if inner.uploader_running.swap(true, Ordering::SeqCst) {
@@ -741,42 +705,29 @@ impl Volume {
         tokio::spawn(async move {
             vol.inner.background_upload().await;
             vol.inner.uploader_running.store(false, Ordering::SeqCst);
-            vol.kick_committer();
         });
     }
 
-    /// Commit background uploads within `commit_interval`. The task holds
-    /// no strong reference: a closed volume stops it.
-    fn kick_committer(&self) {
-        let inner = &self.inner;
-        if inner.lock().staged.is_empty() || inner.committer_running.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let weak = Arc::downgrade(inner);
-        let interval = inner.opts.commit_interval;
+    /// Commit background uploads (and settle pending records) within
+    /// `commit_interval`, flush or not. The task holds no strong reference:
+    /// a closed volume stops it.
+    fn start_committer(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let interval = self.inner.opts.commit_interval;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(interval).await;
                 let Some(inner) = weak.upgrade() else { return };
-                let pending = {
+                let due = {
                     let st = inner.lock();
-                    !st.staged.is_empty() && st.fenced.is_none()
+                    st.fenced.is_none() && (!st.staged.is_empty() || st.pending.is_some())
                 };
-                if pending {
-                    let _f = inner.flush_lock.lock().await;
-                    let r = async {
-                        inner.resolve_uncertain().await?;
-                        inner.commit().await
-                    };
-                    if let Err(e) = r.await {
-                        tracing::warn!(volume = %inner.vol, error = %e, "committing background uploads failed; will retry");
-                    }
+                if !due {
                     continue;
                 }
-                inner.committer_running.store(false, Ordering::SeqCst);
-                // Staged again between the check and the flag: keep going.
-                if inner.lock().staged.is_empty() || inner.committer_running.swap(true, Ordering::SeqCst) {
-                    return;
+                let _f = inner.flush_lock.lock().await;
+                if let Err(e) = inner.commit().await {
+                    tracing::warn!(volume = %inner.vol, error = %e, "committing background uploads failed; will retry");
                 }
             }
         });
@@ -792,7 +743,7 @@ pub async fn snapshot_committed(
     clock: &dyn Clock,
 ) -> VolumeResult<SnapshotRecord> {
     format::validate_snapshot_name(name).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let meta = replay::read_meta(store.as_ref(), vol).await?;
     let st = replay::replay(store.as_ref(), vol, meta.chunk_size as u64, None).await?;
     let rec = SnapshotRecord {
@@ -859,16 +810,18 @@ pub async fn read_snapshot(store: &DynStore, vol: &str, name: &str) -> VolumeRes
     }
 }
 
-/// Append an Open record at head+1. Losing the race to another writer's
-/// record just means replaying it and trying the next seq.
+/// Append an Open record at head+1, and prove it follows the record we
+/// replayed. Losing the race to another writer's record (or finding the
+/// journal folded past us) just means replaying and trying the next seq.
 async fn open_for_write(
     store: &DynStore,
     vol: &str,
-    chunk_size: u64,
+    meta: &VolumeMeta,
     st: &mut Replayed,
     writer: u64,
     now: i64,
 ) -> VolumeResult<()> {
+    let chunk_size = meta.chunk_size as u64;
     for _ in 0..32 {
         let seq = st.head + 1;
         let rec = JournalRecord {
@@ -882,30 +835,39 @@ async fn open_for_write(
             inline: Vec::new(),
         };
         let bytes = Bytes::from(rec.encode());
-        match store.put(&journal_key(vol, seq), bytes.clone(), PutMode::IfAbsent).await {
-            Ok(()) => {}
-            Err(StoreError::PreconditionFailed(_)) => {
-                if !is_own_record(store, vol, seq, &bytes).await? {
-                    replay::catch_up(store.as_ref(), vol, chunk_size, st, true, None).await?;
-                    continue;
+        let landed = loop {
+            match journal::append(store.as_ref(), vol, seq, &bytes, &[]).await {
+                Ok(a) => break a,
+                // Unknown outcome: the same bytes again tell.
+                Err(e) if e.is_retryable() => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if landed == Appended::Ours {
+            let proof = if meta.single_writer {
+                Ok(())
+            } else {
+                journal::prove_successor(store.as_ref(), vol, seq, st.head_bytes.as_ref()).await?
+            };
+            match proof {
+                Ok(()) => {
+                    st.apply(&rec, chunk_size)?;
+                    st.head_bytes = Some(bytes);
+                    return Ok(());
+                }
+                Err(why) => {
+                    tracing::info!(volume = vol, seq, reason = %why, "open record landed behind the journal; replaying")
                 }
             }
-            Err(e) => return Err(e.into()),
+            *st = replay::replay(store.as_ref(), vol, chunk_size, None).await?;
+            continue;
         }
-        st.apply(&rec, chunk_size)?;
-        return Ok(());
+        // Another writer's record: catch up and try after it.
+        if replay::catch_up(store.as_ref(), vol, chunk_size, st, true, None).await.is_err() {
+            *st = replay::replay(store.as_ref(), vol, chunk_size, None).await?;
+        }
     }
     Err(VolumeError::Fenced("could not append an open record: too many concurrent writers".into()))
-}
-
-/// After a conditional PUT answered 412: is the record there the one we
-/// wrote (an earlier attempt landed and only its answer was lost)?
-async fn is_own_record(store: &DynStore, vol: &str, seq: u64, bytes: &Bytes) -> VolumeResult<bool> {
-    match store.get(&journal_key(vol, seq), None).await {
-        Ok(existing) => Ok(existing == *bytes),
-        Err(StoreError::NotFound(_)) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
 }
 
 impl Inner {
@@ -931,25 +893,27 @@ impl Inner {
         Ok(())
     }
 
-    fn next_generation(&self, epoch: u64) -> u64 {
-        format::generation(epoch, self.generation_counter.fetch_add(1, Ordering::SeqCst))
+    fn next_generation(&self, epoch: u64) -> VolumeResult<u64> {
+        let counter = self.generation_counter.fetch_add(1, Ordering::SeqCst);
+        if counter >= format::MAX_GENERATION_COUNTER {
+            return Err(self.fence("this writer used up its chunk names; open the volume again".into()));
+        }
+        Ok(format::generation(epoch, counter))
+    }
+
+    fn insert_slot(&self, index: u64, data: DirtyData, permit: OwnedSemaphorePermit) {
+        let mut st = self.lock();
+        st.tick += 1;
+        let tick = st.tick;
+        st.clean.remove(index);
+        st.slots.insert(index, Slot { data, version: tick, since: tick, permit: Some(permit) });
     }
 
     /// The bytes of one piece of a chunk (`None` = zeros), copying no more
     /// than the piece from a dirty buffer. Caller holds the chunk lock.
     async fn piece_bytes(&self, p: Piece) -> VolumeResult<Option<Bytes>> {
-        {
-            let st = self.lock();
-            match st.slots.get(&p.index).map(|s| &s.data) {
-                None => {}
-                Some(DirtyData::Zero) => return Ok(None),
-                Some(DirtyData::Data(v)) => return Ok(Some(Bytes::copy_from_slice(&v[p.at..p.at + p.len]))),
-                Some(DirtyData::Pages(pb)) => {
-                    if let Some(v) = pb.covered(p) {
-                        return Ok(Some(Bytes::copy_from_slice(v)));
-                    }
-                }
-            }
+        if let Some(b) = self.lock().slots.get(&p.index).and_then(|s| s.data.piece(p)) {
+            return Ok(b);
         }
         Ok(self.chunk_bytes(p.index).await?.map(|b| b.slice(p.at..p.at + p.len)))
     }
@@ -975,22 +939,76 @@ impl Inner {
         let Some(slot) = st.slots.get_mut(&index) else {
             return Ok(base);
         };
-        materialize(&mut slot.data, base.as_deref());
+        slot.data.materialize(base.as_deref());
         Ok(match &slot.data {
             DirtyData::Data(v) => Some(Bytes::copy_from_slice(v)),
             _ => None,
         })
     }
 
-    /// The chunk's bytes as committed or staged, ignoring any dirty slot
-    /// (`None` = zeros): from the cache, or fetched and verified.
+    /// The chunk's bytes as staged or committed, ignoring any dirty slot
+    /// (`None` = zeros): staged bytes from memory, else from the cache, or
+    /// fetched and verified.
     async fn stored_bytes(&self, index: u64) -> VolumeResult<Option<Bytes>> {
+        let mut followed = false;
+        loop {
+            match self.try_stored_bytes(index).await {
+                // A read-only opener's map may refer to a chunk generation
+                // that a writer has since replaced and compaction collected:
+                // follow the journal to the current state, once per read.
+                Err(VolumeError::Corrupt(why))
+                    if why.ends_with("is missing") && self.follows_journal() && !followed =>
+                {
+                    followed = true;
+                    self.follow_journal().await?;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// A read-only opener of the live volume (not of a snapshot).
+    fn follows_journal(&self) -> bool {
+        self.opts.read_only && self.opts.snapshot.is_none()
+    }
+
+    /// Bring a read-only opener's map up to the journal's head: the
+    /// records after ours, or, when compaction folded past our head, the
+    /// latest checkpoint and what follows it.
+    async fn follow_journal(&self) -> VolumeResult<()> {
+        let cs = self.chunk_size;
+        let mut next = {
+            let st = self.lock();
+            Replayed { map: st.map.clone(), size: st.size, head: st.head, epoch: st.epoch, ..Replayed::default() }
+        };
+        if replay::catch_up(self.store.as_ref(), &self.vol, cs, &mut next, true, None).await.is_err() {
+            next = replay::replay(self.store.as_ref(), &self.vol, cs, None).await?;
+        }
+        let mut st = self.lock();
+        tracing::debug!(volume = %self.vol, from = st.head, to = next.head, "read-only opener followed the journal");
+        for (index, r) in &next.map {
+            if st.map.get(index) != Some(r) {
+                st.clean.remove(*index);
+            }
+        }
+        st.map = next.map;
+        st.head = next.head;
+        st.size = st.size.max(next.size);
+        st.committed_size = st.size;
+        st.epoch = next.epoch;
+        Ok(())
+    }
+
+    async fn try_stored_bytes(&self, index: u64) -> VolumeResult<Option<Bytes>> {
         let (vol, r) = {
             let mut st = self.lock();
+            if let Some(s) = st.staged.get(&index) {
+                return Ok(s.data.clone());
+            }
             if let Some(b) = st.clean.get(index) {
                 return Ok(Some(b));
             }
-            match st.staged.get(&index).or_else(|| st.map.get(&index)) {
+            match st.map.get(&index) {
                 Some(r) => (self.vol.as_str(), *r),
                 // The nearest ancestor that maps the chunk decides (a ZERO
                 // there hides older ancestors' bytes).
@@ -1026,8 +1044,9 @@ impl Inner {
         }
         let mut st = self.lock();
         // The cache holds a chunk's current bytes: with a dirty slot over
-        // them, these are only its base.
-        if !st.slots.contains_key(&index) {
+        // them, these are only its base. A chunk staged or remapped while
+        // we fetched is not cached either.
+        if !st.slots.contains_key(&index) && !st.staged.contains_key(&index) && st.map.get(&index) == Some(&r) {
             st.clean.insert(index, data.clone());
         }
         Ok(Some(data))
@@ -1037,8 +1056,18 @@ impl Inner {
         let _g = self.locks.lock(p.index).await;
         let full = p.at == 0 && p.len as u64 == self.chunk_size;
         // `None`: no dirty slot yet; `Some(false)`: pages over an unread base.
-        let applied =
-            self.lock().slots.get_mut(&p.index).map(|slot| apply_piece(&mut slot.data, p, data, self.chunk_size));
+        let applied = {
+            let mut st = self.lock();
+            st.tick += 1;
+            let tick = st.tick;
+            st.slots.get_mut(&p.index).map(|slot| {
+                let done = slot.data.apply(p, data, self.chunk_size);
+                if done {
+                    slot.version = tick;
+                }
+                done
+            })
+        };
         if applied == Some(true) {
             return Ok(());
         }
@@ -1049,45 +1078,41 @@ impl Inner {
             // below sees them.)
             let base = self.stored_bytes(p.index).await?;
             let mut st = self.lock();
+            st.tick += 1;
+            let tick = st.tick;
             if let Some(slot) = st.slots.get_mut(&p.index) {
-                materialize(&mut slot.data, base.as_deref());
-                apply_piece(&mut slot.data, p, data, self.chunk_size);
+                slot.data.materialize(base.as_deref());
+                slot.data.apply(p, data, self.chunk_size);
+                slot.version = tick;
             }
             return Ok(());
         }
         // A new dirty chunk needs a permit: this is where memory is bounded.
-        self.acquire_dirty_permit(vol).await?;
+        // The permit is a guard: dropped with this future, it goes back.
+        let permit = self.acquire_dirty_permit(vol).await?;
         let mut slot_data = if full {
             DirtyData::Zero
         } else if p.at % PAGE == 0 && p.len % PAGE == 0 {
             DirtyData::Pages(PageBuf::new(self.chunk_size))
         } else {
-            match self.chunk_bytes(p.index).await.inspect_err(|_| self.dirty_permits.add_permits(1))? {
+            match self.chunk_bytes(p.index).await? {
                 None => DirtyData::Zero,
-                Some(b) => DirtyData::Data(b.to_vec()),
+                Some(b) => DirtyData::Data(Arc::new(b.to_vec())),
             }
         };
-        apply_piece(&mut slot_data, p, data, self.chunk_size);
-        let mut st = self.lock();
-        st.tick += 1;
-        let since = st.tick;
-        st.clean.remove(p.index);
-        st.slots.insert(p.index, Slot { data: slot_data, since, uploading: false });
+        slot_data.apply(p, data, self.chunk_size);
+        self.insert_slot(p.index, slot_data, permit);
         Ok(())
     }
 
-    async fn acquire_dirty_permit(&self, vol: &Volume) -> VolumeResult<()> {
+    async fn acquire_dirty_permit(&self, vol: &Volume) -> VolumeResult<OwnedSemaphorePermit> {
         loop {
-            if let Ok(p) = self.dirty_permits.try_acquire() {
-                p.forget();
-                return Ok(());
+            if let Ok(p) = self.dirty_permits.clone().try_acquire_owned() {
+                return Ok(p);
             }
             vol.kick_uploader();
-            match tokio::time::timeout(Duration::from_millis(200), self.dirty_permits.acquire()).await {
-                Ok(Ok(p)) => {
-                    p.forget();
-                    return Ok(());
-                }
+            match tokio::time::timeout(Duration::from_millis(200), self.dirty_permits.clone().acquire_owned()).await {
+                Ok(Ok(p)) => return Ok(p),
                 Ok(Err(_)) => return Err(VolumeError::Fenced("volume closed".into())),
                 Err(_) => {
                     if let Some(e) = self.lock().upload_error.take() {
@@ -1099,66 +1124,75 @@ impl Inner {
         }
     }
 
-    /// Upload one dirty chunk as a new generation and stage it.
+    /// Upload a chunk's bytes under a fresh generation, created
+    /// conditionally: a name already taken (by any writer, ever) is never
+    /// overwritten; the next name is tried.
+    async fn put_chunk(&self, index: u64, data: &Bytes) -> VolumeResult<ChunkRef> {
+        let crc = crc32c::crc32c(data);
+        let mode = if self.meta.single_writer { PutMode::Overwrite } else { PutMode::IfAbsent };
+        for _ in 0..NAME_ATTEMPTS {
+            let epoch = self.lock().epoch;
+            let generation = self.next_generation(epoch)?;
+            match self.store.put(&chunk_key(&self.vol, index, generation), data.clone(), mode).await {
+                Ok(()) => return Ok(ChunkRef::Stored { generation, crc }),
+                // Taken, or our own earlier attempt whose answer was lost:
+                // either way a fresh name is safe (the other is garbage).
+                Err(StoreError::PreconditionFailed(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(VolumeError::Corrupt(format!("chunk {index}: {NAME_ATTEMPTS} fresh object names were all taken")))
+    }
+
+    /// Upload one dirty chunk as a new generation and stage it. The slot
+    /// keeps its bytes throughout: cancelled or failed, nothing is lost.
     async fn upload_chunk(&self, index: u64) -> VolumeResult<()> {
-        let _g = self.locks.lock(index).await;
+        let _u = self.upload_locks.lock(index).await;
         let pages = matches!(self.lock().slots.get(&index).map(|s| &s.data), Some(DirtyData::Pages(_)));
-        let base = if pages { self.stored_bytes(index).await? } else { None };
-        let (data, epoch) = {
-            let mut st = self.lock();
-            let epoch = st.epoch;
-            let Some(slot) = st.slots.get_mut(&index) else {
+        if pages {
+            let _g = self.locks.lock(index).await;
+            let base = self.stored_bytes(index).await?;
+            if let Some(slot) = self.lock().slots.get_mut(&index) {
+                slot.data.materialize(base.as_deref());
+            }
+        }
+        let (data, version) = {
+            let st = self.lock();
+            let Some(slot) = st.slots.get(&index) else {
                 return Ok(());
             };
-            // We hold the chunk lock, so nobody can modify the slot while its
-            // bytes are on the wire: move them out instead of copying.
-            slot.uploading = true;
-            let v = match std::mem::replace(&mut slot.data, DirtyData::Zero) {
-                DirtyData::Zero => None,
-                DirtyData::Data(v) => Some(v),
-                DirtyData::Pages(pb) => Some(pb.merged(base.as_deref())),
+            let Some(data) = slot.data.upload_bytes() else {
+                return Err(VolumeError::Corrupt(format!("chunk {index}: pages left unmerged before upload")));
             };
-            let data = v.filter(|v| !is_zero(v)).map(Bytes::from);
-            (data, epoch)
+            (data, slot.version)
         };
+        let at = Instant::now();
         let r = match &data {
             None => ChunkRef::Zero,
-            Some(d) => {
-                let generation = self.next_generation(epoch);
-                let crc = crc32c::crc32c(d);
-                let key = chunk_key(&self.vol, index, generation);
-                if let Err(e) = self.store.put(&key, d.clone(), PutMode::Overwrite).await {
-                    let mut st = self.lock();
-                    if let Some(slot) = st.slots.get_mut(&index) {
-                        slot.data = DirtyData::Data(d.to_vec());
-                        slot.uploading = false;
-                    }
-                    return Err(e.into());
-                }
-                ChunkRef::Stored { generation, crc }
-            }
+            Some(d) => self.put_chunk(index, d).await?,
         };
         let mut st = self.lock();
-        st.slots.remove(&index);
-        st.staged.insert(index, r);
-        st.staged_since.get_or_insert_with(std::time::Instant::now);
-        match data {
-            Some(d) => st.clean.insert(index, d),
-            None => st.clean.remove(index),
+        let unchanged = st.slots.get(&index).is_some_and(|s| s.version == version);
+        let permit = if unchanged { st.slots.remove(&index).and_then(|mut s| s.permit.take()) } else { None };
+        if unchanged {
+            match &data {
+                Some(d) => st.clean.insert(index, d.clone()),
+                None => st.clean.remove(index),
+            }
         }
-        drop(st);
-        self.dirty_permits.add_permits(1);
+        // A staged chunk it replaces keeps its permit until dropped here.
+        st.staged.insert(index, Staged { r, data, at, _permit: permit });
         Ok(())
     }
 
-    /// Upload the oldest dirty chunks until a quarter of the permits are free.
+    /// Upload the oldest dirty chunks until a quarter of the permits are
+    /// free, then commit them, which frees their permits.
     async fn background_upload(&self) {
         loop {
             let batch: Vec<u64> = {
                 let st = self.lock();
-                let total = (self.opts.dirty_limit / self.chunk_size).max(2) as usize;
-                if st.fenced.is_some() || st.slots.len() * 4 <= total * 3 {
-                    return;
+                if st.fenced.is_some() || st.slots.len() * 4 <= self.total_permits * 3 {
+                    break;
                 }
                 let mut v: Vec<(u64, u64)> = st.slots.iter().map(|(i, s)| (s.since, *i)).collect();
                 v.sort_unstable();
@@ -1168,33 +1202,25 @@ impl Inner {
                 .buffer_unordered(self.opts.concurrency)
                 .collect()
                 .await;
-            for r in results {
-                if let Err(e) = r {
-                    tracing::warn!(volume = %self.vol, error = %e, "background upload failed");
-                    if let VolumeError::Store(se) = e {
-                        self.lock().upload_error = Some(se);
-                    }
-                    return;
+            if let Some(e) = results.into_iter().find_map(Result::err) {
+                tracing::warn!(volume = %self.vol, error = %e, "background upload failed");
+                if let VolumeError::Store(se) = e {
+                    self.lock().upload_error = Some(se);
                 }
+                return;
             }
         }
-    }
-
-    /// Find out whether an earlier commit whose PUT failed ambiguously landed.
-    async fn resolve_uncertain(&self) -> VolumeResult<()> {
-        let Some(u) = self.lock().uncertain.take() else {
-            return Ok(());
+        let due = {
+            let st = self.lock();
+            st.fenced.is_none() && (!st.staged.is_empty() || st.pending.is_some())
         };
-        match self.store.get(&journal_key(&self.vol, u.seq), None).await {
-            Ok(existing) if existing == u.bytes => {
-                self.apply_commit(&u.record);
-                Ok(())
-            }
-            Ok(_) => Err(self.fence(format!("journal record {} was written by another writer", u.seq))),
-            Err(StoreError::NotFound(_)) => Ok(()),
-            Err(e) => {
-                self.lock().uncertain = Some(u);
-                Err(e.into())
+        if due {
+            let _f = self.flush_lock.lock().await;
+            if let Err(e) = self.commit().await {
+                tracing::warn!(volume = %self.vol, error = %e, "committing background uploads failed");
+                if let VolumeError::Store(se) = e {
+                    self.lock().upload_error = Some(se);
+                }
             }
         }
     }
@@ -1206,129 +1232,181 @@ impl Inner {
         VolumeError::Fenced(why)
     }
 
-    fn apply_commit(&self, rec: &JournalRecord) {
+    /// A record of ours is the journal's head now.
+    fn apply_commit(&self, rec: &JournalRecord, bytes: Bytes) {
         let mut st = self.lock();
         for (index, r) in &rec.chunks {
-            if st.staged.get(index) == Some(r) {
-                st.staged.remove(index);
+            if st.staged.get(index).is_some_and(|s| s.r == *r) {
+                if let Some(s) = st.staged.remove(index) {
+                    if let (Some(d), false) = (s.data, st.slots.contains_key(index)) {
+                        st.clean.insert(*index, d);
+                    }
+                }
             }
             st.map.insert(*index, *r);
         }
         st.head = rec.seq;
+        st.head_bytes = Some(bytes);
         st.committed_size = rec.size;
-        if st.staged.is_empty() {
-            st.staged_since = None;
-        }
+        st.pending = None;
+        st.abandoned.clear();
     }
 
-    /// Staged chunks uploaded long ago (a commit kept failing, say) may
-    /// have been collected by a compaction that saw them unreferenced past
-    /// its safety age. Check they are there; upload again from the cache
-    /// what is missing; refuse to commit a reference to a missing object.
-    async fn recheck_old_staged(&self) -> VolumeResult<()> {
-        let old: Vec<(u64, u64, u32)> = {
+    /// Staged chunks uploaded longer ago than `restage_after` go up again
+    /// under fresh names from the bytes kept in memory, so that no commit
+    /// refers to a chunk compaction could have collected meanwhile.
+    async fn restage(&self, older_than: Duration) -> VolumeResult<()> {
+        let now = Instant::now();
+        let old: Vec<(u64, ChunkRef, Bytes)> = {
             let st = self.lock();
-            match st.staged_since {
-                Some(t) if t.elapsed() >= self.opts.recheck_staged_after => st
-                    .staged
-                    .iter()
-                    .filter_map(|(i, r)| match r {
-                        ChunkRef::Stored { generation, crc } => Some((*i, *generation, *crc)),
-                        ChunkRef::Zero => None,
-                    })
-                    .collect(),
-                _ => return Ok(()),
-            }
+            st.staged
+                .iter()
+                .filter(|(_, s)| now.saturating_duration_since(s.at) >= older_than)
+                .filter_map(|(i, s)| s.data.clone().map(|d| (*i, s.r, d)))
+                .collect()
         };
-        for (index, generation, crc) in old {
-            if self.store.head(&chunk_key(&self.vol, index, generation)).await?.is_some() {
-                continue;
-            }
-            let cached = {
-                let mut st = self.lock();
-                if st.slots.contains_key(&index) {
-                    // Rewritten since: the dirty slot supersedes the lost
-                    // upload, and the next upload stages it afresh.
-                    if st.staged.get(&index) == Some(&ChunkRef::Stored { generation, crc }) {
-                        st.staged.remove(&index);
-                    }
-                    continue;
-                }
-                st.clean.get(index).filter(|d| crc32c::crc32c(d) == crc)
-            };
-            let Some(data) = cached else {
-                return Err(self.fence(format!(
-                    "chunk {index} was uploaded but its object is gone before it could be committed; \
-                     the unflushed writes to it are lost"
-                )));
-            };
-            let epoch = self.lock().epoch;
-            let fresh = self.next_generation(epoch);
-            self.store.put(&chunk_key(&self.vol, index, fresh), data, PutMode::Overwrite).await?;
-            tracing::warn!(volume = %self.vol, index, "re-uploaded a staged chunk that had disappeared");
+        for (index, old_ref, data) in old {
+            let at = Instant::now();
+            let r = self.put_chunk(index, &data).await?;
             let mut st = self.lock();
-            if st.staged.get(&index) == Some(&ChunkRef::Stored { generation, crc }) {
-                st.staged.insert(index, ChunkRef::Stored { generation: fresh, crc });
+            if let Some(s) = st.staged.get_mut(&index).filter(|s| s.r == old_ref) {
+                s.r = r;
+                s.at = at;
             }
+            tracing::debug!(volume = %self.vol, index, "uploaded an old staged chunk again before committing it");
         }
-        self.lock().staged_since = Some(std::time::Instant::now());
         Ok(())
     }
 
-    /// Write the next journal record with every staged chunk.
+    /// Commit every staged chunk (and a grown size) in the next journal
+    /// record; first settle a pending record from an earlier attempt.
     async fn commit(&self) -> VolumeResult<()> {
-        let started = std::time::Instant::now();
-        let r = self.commit_inner().await;
-        if r.is_ok() {
-            crate::metrics::add("s3blk_commit_seconds_total", "", started.elapsed().as_secs_f64());
-        }
-        r
-    }
-
-    async fn commit_inner(&self) -> VolumeResult<()> {
-        self.recheck_old_staged().await?;
-        let rec = {
-            let st = self.lock();
+        let started = Instant::now();
+        for _ in 0..8 {
+            let pending = self.lock().pending.clone();
+            if let Some(p) = pending {
+                self.settle(p).await?;
+                continue;
+            }
+            self.restage(self.opts.restage_after).await?;
+            let mut st = self.lock();
             if st.staged.is_empty() && st.size == st.committed_size {
+                drop(st);
+                crate::metrics::add("s3blk_commit_seconds_total", "", started.elapsed().as_secs_f64());
                 return Ok(());
             }
-            JournalRecord {
+            let record = JournalRecord {
                 kind: RecordKind::Commit,
                 seq: st.head + 1,
                 epoch: st.epoch,
                 size: st.size,
                 writer: self.writer,
                 created_unix: self.opts.clock.now_unix(),
-                chunks: st.staged.iter().map(|(i, r)| (*i, *r)).collect(),
+                chunks: st.staged.iter().map(|(i, s)| (*i, s.r)).collect(),
                 inline: Vec::new(),
-            }
+            };
+            let oldest = st.staged.values().map(|s| s.at).min().unwrap_or_else(Instant::now);
+            // Noted before it is sent: if this future is dropped mid-PUT,
+            // the next commit finds out whether it landed.
+            st.pending = Some(Pending { bytes: Bytes::from(record.encode()), record, oldest });
+        }
+        Err(VolumeError::Store(StoreError::Transient("the journal kept moving under this commit; try again".into())))
+    }
+
+    /// Find out where a pending record stands, sending it (again) if it
+    /// may not have landed. Ok when it, or an earlier abandoned record of
+    /// ours, is now proven the journal's head.
+    async fn settle(&self, p: Pending) -> VolumeResult<()> {
+        let seq = p.record.seq;
+        let deadline = p.oldest + self.opts.commit_deadline;
+        let (prev, earlier) = {
+            let st = self.lock();
+            (st.head_bytes.clone(), st.abandoned.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>())
         };
-        let key = journal_key(&self.vol, rec.seq);
-        let bytes = Bytes::from(rec.encode());
-        match self.store.put(&key, bytes.clone(), PutMode::IfAbsent).await {
-            Ok(()) => {}
-            Err(StoreError::PreconditionFailed(_)) => {
-                if !is_own_record(&self.store, &self.vol, rec.seq, &bytes).await? {
-                    return Err(self.fence(format!("journal record {} was written by another writer", rec.seq)));
-                }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let answer = if left.is_zero() {
+            None
+        } else {
+            tokio::time::timeout(left, journal::append(self.store.as_ref(), &self.vol, seq, &p.bytes, &earlier))
+                .await
+                .ok()
+        };
+        let landed = match answer {
+            Some(Ok(a)) => a,
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(self.abandon(p).await),
+        };
+        let (record, bytes) = match landed {
+            Appended::Ours => (p.record.clone(), p.bytes.clone()),
+            Appended::Earlier(i) => {
+                let (b, r) = self.lock().abandoned[i].clone();
+                tracing::warn!(volume = %self.vol, seq, "a commit given up on landed after all; committing again after it");
+                (r, b)
             }
-            Err(e) => {
-                self.lock().uncertain = Some(Uncertain { seq: rec.seq, bytes, record: rec });
-                return Err(e.into());
+            Appended::Taken(why) => return Err(self.fence(why)),
+        };
+        if !self.meta.single_writer {
+            match journal::prove_successor(self.store.as_ref(), &self.vol, seq, prev.as_ref()).await? {
+                Ok(()) => {}
+                Err(why) => return Err(self.fence(why)),
             }
         }
-        // Compaction deletes folded journal records oldest first, and only
-        // below a checkpoint. If our predecessor record is gone, compaction
-        // has passed us: a newer writer exists, and this record landed in a
-        // hole nobody will read. Report failure rather than lose the data
-        // silently.
-        if !self.meta.single_writer && self.store.head(&journal_key(&self.vol, rec.seq - 1)).await?.is_none() {
-            return Err(self.fence(format!("journal record {} was already folded by compaction", rec.seq - 1)));
-        }
-        self.apply_commit(&rec);
+        // When an abandoned record landed instead of `p`, `p` is dropped
+        // here too: what it carried is still staged and goes in the next.
+        self.apply_commit(&record, bytes);
         crate::metrics::inc("s3blk_commits_total", "");
-        tracing::debug!(volume = %self.vol, seq = rec.seq, chunks = rec.chunks.len(), "committed");
+        tracing::debug!(volume = %self.vol, seq, chunks = record.chunks.len(), "committed");
+        self.maybe_checkpoint();
         Ok(())
+    }
+
+    /// Give up on a pending record that did not land in time: it may still
+    /// land (then it is recognised as ours), but its chunks go up again
+    /// under fresh names and the next commit refers to those.
+    async fn abandon(&self, p: Pending) -> VolumeError {
+        tracing::warn!(
+            volume = %self.vol,
+            seq = p.record.seq,
+            deadline = ?self.opts.commit_deadline,
+            "journal record did not land in time; its chunks will be uploaded again"
+        );
+        {
+            let mut st = self.lock();
+            st.pending = None;
+            st.abandoned.push((p.bytes, p.record));
+        }
+        if let Err(e) = self.restage(Duration::ZERO).await {
+            return e;
+        }
+        VolumeError::Store(StoreError::Transient(format!(
+            "the commit did not land within {:?}; its chunks were uploaded again, try again",
+            self.opts.commit_deadline
+        )))
+    }
+
+    /// Write a checkpoint at the head now and then, so that opening the
+    /// volume replays few records whatever the flush rate.
+    fn maybe_checkpoint(&self) {
+        let cp = {
+            let mut st = self.lock();
+            if st.head.saturating_sub(st.checkpoint_seq) < checkpoint_every(st.map.len()) {
+                return;
+            }
+            st.checkpoint_seq = st.head;
+            Checkpoint { seq: st.head, epoch: st.epoch, size: st.committed_size, map: st.map.clone() }
+        };
+        let store = self.store.clone();
+        let key = checkpoint_key(&self.vol, cp.seq);
+        let vol = self.vol.clone();
+        tokio::spawn(async move {
+            match store.put(&key, Bytes::from(cp.encode()), PutMode::IfAbsent).await {
+                // Compaction may have written the same seq: the same map.
+                Ok(()) | Err(StoreError::PreconditionFailed(_)) => {
+                    tracing::debug!(volume = %vol, seq = cp.seq, "writer checkpoint written")
+                }
+                Err(e) => tracing::warn!(volume = %vol, seq = cp.seq, error = %e, "writer checkpoint failed"),
+            }
+        });
     }
 }
 
@@ -1339,68 +1417,11 @@ fn note_read(st: &mut State, offset: u64, len: u64) -> bool {
     sequential
 }
 
-/// Apply a write (`None` = zeros) to a dirty chunk. False, with nothing
-/// changed, when the slot holds pages over an unread base and the write is
-/// not whole pages: the caller must read the base first.
-fn apply_piece(slot: &mut DirtyData, p: Piece, data: Option<&[u8]>, chunk_size: u64) -> bool {
-    if p.len as u64 == chunk_size {
-        *slot = match data {
-            None => DirtyData::Zero,
-            Some(d) => DirtyData::Data(d.to_vec()),
-        };
-        return true;
-    }
-    match (slot as &mut DirtyData, data) {
-        (DirtyData::Zero, None) => {}
-        (DirtyData::Data(v), None) => v[p.at..p.at + p.len].fill(0),
-        (DirtyData::Zero, Some(d)) => {
-            let mut v = vec![0u8; chunk_size as usize];
-            v[p.at..p.at + p.len].copy_from_slice(d);
-            *slot = DirtyData::Data(v);
-        }
-        (DirtyData::Data(v), Some(d)) => v[p.at..p.at + p.len].copy_from_slice(d),
-        (DirtyData::Pages(pb), data) => {
-            if p.at % PAGE != 0 || p.len % PAGE != 0 {
-                return false;
-            }
-            pb.write(p.at, p.len, data);
-            if pb.full() {
-                // Every page written: the base no longer matters.
-                materialize(slot, None);
-            }
-        }
-    }
-    true
-}
-
 impl Drop for Inner {
     fn drop(&mut self) {
         let st = self.lock();
         if !st.slots.is_empty() || !st.staged.is_empty() {
             tracing::warn!(volume = %self.vol, dirty = st.slots.len(), staged = st.staged.len(), "volume closed with unflushed writes");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pieces_split_at_chunk_boundaries() {
-        let v: Vec<(u64, usize, usize, usize)> = pieces(100, 300, 128).map(|p| (p.index, p.at, p.len, p.pos)).collect();
-        assert_eq!(v, vec![(0, 100, 28, 0), (1, 0, 128, 28), (2, 0, 128, 156), (3, 0, 16, 284)]);
-        assert_eq!(pieces(0, 0, 128).count(), 0);
-    }
-
-    #[test]
-    fn zero_detection() {
-        assert!(is_zero(&[0u8; 4099]));
-        let mut b = vec![0u8; 4099];
-        b[4098] = 1;
-        assert!(!is_zero(&b));
-        b[4098] = 0;
-        b[3] = 1;
-        assert!(!is_zero(&b));
     }
 }

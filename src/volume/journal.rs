@@ -1,0 +1,102 @@
+//! Appending to the journal, and the proof that makes an append a commit.
+//!
+//! A record is appended at `head + 1` with `If-None-Match: *`. That alone
+//! does not prove the writer still owns the volume: compaction deletes
+//! folded records, and a writer that slept through a takeover and a fold
+//! could create its next record in the hole the fold left. So a commit
+//! counts only once, after the conditional PUT, the record below it is
+//! found byte for byte as this writer left it ([`prove_successor`]).
+//!
+//! That proof rests on one rule compaction keeps: journal records are
+//! deleted strictly in ascending order, each after the one before was gone
+//! ([`delete_ascending`]). A record that still exists therefore has every
+//! later record of its history above it; if our predecessor is there and
+//! is ours, nobody appended between it and us, and nobody folded past us.
+
+use bytes::Bytes;
+
+use super::format::journal_key;
+use crate::store::{ObjectStore, PutMode, StoreError, StoreResult};
+
+/// How a conditional append ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    /// The record under the seq is exactly ours (this call or an earlier
+    /// attempt with the same bytes created it).
+    Ours,
+    /// The record there is one this writer gave up on earlier (index into
+    /// the `earlier` list): it landed after all.
+    Earlier(usize),
+    /// Another writer's record holds the seq, or it was folded away.
+    Taken(String),
+}
+
+/// Create `journal/<seq>` holding `bytes`. A 412 is told apart: our own
+/// record (an earlier attempt landed and its answer was lost), one of our
+/// `earlier` abandoned records, or somebody else's. Any other error leaves
+/// the outcome unknown: the caller must try again with the same bytes.
+pub async fn append(
+    store: &dyn ObjectStore,
+    vol: &str,
+    seq: u64,
+    bytes: &Bytes,
+    earlier: &[Bytes],
+) -> StoreResult<Appended> {
+    let key = journal_key(vol, seq);
+    match store.put(&key, bytes.clone(), PutMode::IfAbsent).await {
+        Ok(()) => Ok(Appended::Ours),
+        Err(StoreError::PreconditionFailed(_)) => match store.get(&key, None).await {
+            Ok(existing) if existing == *bytes => Ok(Appended::Ours),
+            Ok(existing) => Ok(match earlier.iter().position(|e| *e == existing) {
+                Some(i) => Appended::Earlier(i),
+                None => Appended::Taken(format!("journal record {seq} was written by another writer")),
+            }),
+            // Created, then deleted: only compaction deletes records, and
+            // only below a fold point, so the volume has moved on past us.
+            Err(StoreError::NotFound(_)) => {
+                Ok(Appended::Taken(format!("journal record {seq} was already folded by compaction")))
+            }
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// The fencing proof for a record that landed at `seq`: the record at
+/// `seq - 1` must still exist and, when the writer knows its bytes, be
+/// exactly those. `Ok(Err(why))` means fenced; a store error means "not
+/// known yet, ask again".
+pub async fn prove_successor(
+    store: &dyn ObjectStore,
+    vol: &str,
+    seq: u64,
+    prev: Option<&Bytes>,
+) -> StoreResult<Result<(), String>> {
+    let Some(before) = seq.checked_sub(1) else {
+        return Ok(Ok(()));
+    };
+    match store.get(&journal_key(vol, before), None).await {
+        Ok(b) if prev.is_none_or(|p| *p == b) => Ok(Ok(())),
+        Ok(_) => Ok(Err(format!("journal record {before} is not the one this writer appended after"))),
+        Err(StoreError::NotFound(_)) => Ok(Err(format!("journal record {before} was already folded by compaction"))),
+        Err(e) => Err(e),
+    }
+}
+
+/// Delete journal records strictly in ascending order, one at a time, each
+/// only after the one before it is gone: a crash or error leaves a prefix
+/// deleted, never a hole below a record that remains. Returns how many
+/// were deleted before an error, if one stopped it.
+pub async fn delete_ascending(store: &dyn ObjectStore, vol: &str, seqs: &[u64]) -> (u64, StoreResult<()>) {
+    let mut sorted = seqs.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut done = 0;
+    for seq in sorted {
+        if let Err(e) = store.delete(&journal_key(vol, seq)).await {
+            return (done, Err(e));
+        }
+        done += 1;
+    }
+    (done, Ok(()))
+}

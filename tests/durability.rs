@@ -1,0 +1,493 @@
+//! One test per way the engine could lose acknowledged data or let a fenced
+//! writer commit (each failed before its fix). The stores are real (memory,
+//! local directory) behind the fault-injecting wrapper; where a scenario
+//! needs an answer S3 can give but the fault wrapper cannot (a PUT that
+//! lands after its client gave up), a small wrapper in this file scripts it.
+
+mod common;
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use s3blk::clock::{Clock, ManualClock, SystemClock};
+use s3blk::store::fault::{Fault, FaultStore, Op, Rule};
+use s3blk::store::memory::MemoryStore;
+use s3blk::store::retry::RetryStore;
+use s3blk::store::{DynStore, ListPage, ListRequest, ObjectStore, PutMode, StoreError, StoreResult};
+use s3blk::volume::compact::{self, CompactOptions};
+use s3blk::volume::engine::CreateOptions;
+use s3blk::volume::format::{self, ChunkRef};
+use s3blk::volume::{OpenOptions, Volume, VolumeError, fsck, replay};
+
+const CS: u32 = 64 << 10;
+const CSU: u64 = CS as u64;
+
+struct Rig {
+    mem: Arc<MemoryStore>,
+    fault: Arc<FaultStore>,
+}
+
+impl Rig {
+    fn new() -> Self {
+        let mem = Arc::new(MemoryStore::new());
+        let fault = Arc::new(FaultStore::new(mem.clone()));
+        Self { mem, fault }
+    }
+    fn plain(&self) -> DynStore {
+        self.mem.clone()
+    }
+    fn faulty(&self) -> DynStore {
+        self.fault.clone()
+    }
+    fn rule(&self, op: Option<Op>, key: &str, fault: Fault, times: u64) {
+        self.fault.add_rule(Rule { op, key_contains: Some(key.to_string()), fault, times });
+    }
+}
+
+async fn create(store: &DynStore, vol: &str, size: u64) {
+    let opts = CreateOptions { size, chunk_size: CS, parent: None, single_writer: false };
+    Volume::create(store.clone(), vol, opts, &SystemClock).await.expect("create");
+}
+
+async fn open_with(store: &DynStore, vol: &str, opts: OpenOptions) -> Volume {
+    Volume::open(store.clone(), vol, opts).await.expect("open")
+}
+
+async fn open(store: &DynStore, vol: &str) -> Volume {
+    open_with(store, vol, OpenOptions::default()).await
+}
+
+async fn read_fresh(store: &DynStore, vol: &str, offset: u64, len: u64) -> Vec<u8> {
+    let ro = OpenOptions { read_only: true, ..OpenOptions::default() };
+    open_with(store, vol, ro).await.read(offset, len).await.expect("fresh read")
+}
+
+async fn assert_fsck_clean(store: &DynStore, vol: &str) {
+    let rep = fsck::fsck(store.as_ref(), vol, true, &|_, _| {}).await.expect("fsck ran");
+    assert!(rep.clean, "fsck found damage: {:?}", rep.errors);
+}
+
+/// Compaction that treats everything as old (safety age zero on the
+/// store's clock): the most it may ever delete.
+fn eager() -> CompactOptions {
+    CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() }
+}
+
+fn journal_key(seq: u64) -> String {
+    format::journal_key("v/", seq)
+}
+
+// 1 ---------------------------------------------------------------------------
+
+/// A flush cancelled while a chunk's upload hangs: the chunk keeps its
+/// bytes (reads, the next flush and a fresh opener all see them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_upload_never_zeroes_its_chunk() {
+    let rig = Rig::new();
+    create(&rig.plain(), "v/", 4 * CSU).await;
+    let v = open(&rig.faulty(), "v/").await;
+    let mut expect = common::pattern(1, CS as usize);
+    v.write(0, &expect).await.expect("write");
+    v.flush().await.expect("flush");
+    v.write(5, &[0xEE]).await.expect("write one byte");
+    expect[5] = 0xEE;
+    rig.rule(Some(Op::Put), "chunks/", Fault::Hang, 1);
+    let r = tokio::time::timeout(Duration::from_millis(100), v.flush()).await;
+    assert!(r.is_err(), "the flush should still be waiting for the hung upload");
+    rig.fault.clear_rules();
+    assert_eq!(v.read(0, CSU).await.expect("read"), expect, "the cancelled upload lost the chunk's bytes");
+    v.flush().await.expect("flush after the cancellation");
+    drop(v);
+    assert_eq!(read_fresh(&rig.plain(), "v/", 0, CSU).await, expect);
+    assert_fsck_clean(&rig.plain(), "v/").await;
+}
+
+// 2 ---------------------------------------------------------------------------
+
+/// Writer A commits, B takes over and commits more, and a compaction that
+/// fails part-way (one journal delete errors) leaves the journal however it
+/// leaves it. A's next flush must be fenced, and nobody may ever see A's
+/// post-takeover data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_writer_cannot_commit_after_a_partial_compaction() {
+    let rig = Rig::new();
+    create(&rig.plain(), "v/", 4 * CSU).await;
+    let a = open(&rig.plain(), "v/").await; // open record 1
+    a.write(0, b"A-before").await.expect("a write");
+    a.flush().await.expect("a flush"); // record 2
+    let b = open(&rig.plain(), "v/").await; // open record 3
+    for i in 0..2u64 {
+        b.write(CSU + i, b"B").await.expect("b write");
+        b.flush().await.expect("b flush"); // records 4, 5
+    }
+    // The delete of record 2 fails; the compaction stops there.
+    rig.rule(Some(Op::Delete), &journal_key(2), Fault::ServerError, 1);
+    let _ = compact::compact(&rig.faulty(), "v/", &eager(), &SystemClock).await;
+    rig.fault.clear_rules();
+    a.write(0, b"A-stale!").await.expect("a buffers the write");
+    match a.flush().await {
+        Err(VolumeError::Fenced(_)) => {}
+        other => panic!("the stale writer's flush must be fenced, got {other:?}"),
+    }
+    assert_eq!(read_fresh(&rig.plain(), "v/", 0, 8).await, b"A-before");
+    drop((a, b));
+    assert_fsck_clean(&rig.plain(), "v/").await;
+}
+
+/// The first commit into a folded part of the journal loses its answer; the
+/// retry that finds it there must still run the fencing proof.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ambiguous_commit_into_a_folded_journal_is_still_fenced() {
+    let rig = Rig::new();
+    create(&rig.plain(), "v/", 4 * CSU).await;
+    let a = open(&rig.faulty(), "v/").await; // 1
+    a.write(0, b"A-before").await.expect("a write");
+    a.flush().await.expect("a flush"); // 2
+    let b = open(&rig.plain(), "v/").await; // 3
+    for i in 0..3u64 {
+        b.write(CSU + i, b"B").await.expect("b write");
+        b.flush().await.expect("b flush"); // 4, 5, 6
+    }
+    let rep = compact::compact(&rig.plain(), "v/", &eager(), &SystemClock).await.expect("compact");
+    assert_eq!(rep.folded_seq, Some(6), "everything is old: the fold reaches the head");
+    // A's next record goes to seq 3, which compaction deleted; its answer is lost.
+    a.write(0, b"A-stale!").await.expect("a write");
+    rig.rule(Some(Op::Put), "journal/", Fault::LostResponse, 1);
+    assert!(a.flush().await.is_err(), "the lost answer surfaces (no retry layer)");
+    match a.flush().await {
+        Err(VolumeError::Fenced(_)) => {}
+        other => panic!("resolving the ambiguous commit must fence the stale writer, got {other:?}"),
+    }
+    a.write(2 * CSU, b"more").await.ok();
+    assert!(matches!(a.flush().await, Err(VolumeError::Fenced(_))));
+    assert_eq!(read_fresh(&rig.plain(), "v/", 0, 8).await, b"A-before");
+    drop((a, b));
+    // The stale record is garbage below the checkpoint; the next pass removes it.
+    compact::compact(&rig.plain(), "v/", &eager(), &SystemClock).await.expect("compact again");
+    assert_fsck_clean(&rig.plain(), "v/").await;
+}
+
+// 3 ---------------------------------------------------------------------------
+
+/// A compactor whose clock runs an hour fast must not collect the chunks of
+/// a commit that is still on its way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_compactor_clock_never_collects_a_pending_commits_chunks() {
+    let rig = Rig::new();
+    create(&rig.plain(), "v/", 4 * CSU).await;
+    let v = open(&rig.faulty(), "v/").await;
+    let data = common::pattern(3, 2 * CS as usize);
+    v.write(0, &data).await.expect("write");
+    // The journal PUT hangs: the flush is given up on, its chunks staged.
+    rig.rule(Some(Op::Put), "journal/", Fault::Hang, 1);
+    assert!(tokio::time::timeout(Duration::from_millis(200), v.flush()).await.is_err());
+    rig.fault.clear_rules();
+    let skewed = ManualClock::new(Clock::now_unix(&SystemClock) + 3600);
+    let rep = compact::compact(&rig.plain(), "v/", &CompactOptions::default(), &skewed).await.expect("compact");
+    assert_eq!(rep.chunks_deleted, 0, "fresh staged chunks were collected: {rep:?}");
+    v.flush().await.expect("the commit lands");
+    drop(v);
+    assert_eq!(read_fresh(&rig.plain(), "v/", 0, 2 * CSU).await, data);
+    assert_fsck_clean(&rig.plain(), "v/").await;
+}
+
+/// A journal PUT that cannot land is given up on within the commit deadline
+/// (not after the retry layer's minutes), and its chunks are uploaded again
+/// under fresh names before the next commit refers to them.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_commit_that_cannot_land_in_time_is_abandoned_and_its_chunks_restaged() {
+    let rig = Rig::new();
+    create(&rig.plain(), "v/", 4 * CSU).await;
+    let retrying: DynStore = Arc::new(RetryStore::new(rig.faulty(), Default::default()));
+    let opts = OpenOptions { commit_deadline: Duration::from_secs(60), ..OpenOptions::default() };
+    let v = open_with(&retrying, "v/", opts).await;
+    let data = common::pattern(4, CS as usize);
+    v.write(0, &data).await.expect("write");
+    rig.rule(Some(Op::Put), "journal/", Fault::Hang, 1000);
+    let started = tokio::time::Instant::now();
+    let err = v.flush().await.expect_err("the commit cannot land");
+    let took = started.elapsed();
+    assert!(took <= Duration::from_secs(61), "gave up after {took:?}, past the 60 s deadline");
+    assert!(err.to_string().contains("did not land"), "unclear error: {err}");
+    rig.fault.clear_rules();
+    let before: Vec<String> = keys(&rig.plain(), "v/chunks/").await;
+    assert_eq!(before.len(), 2, "the chunk was uploaded once more after the abandon: {before:?}");
+    v.flush().await.expect("the next flush commits");
+    let st = replay::replay(rig.mem.as_ref(), "v/", CSU, None).await.expect("replay");
+    let Some(ChunkRef::Stored { generation, .. }) = st.map.get(&0) else { panic!("chunk 0 not mapped") };
+    let newest = before.iter().filter_map(|k| format::parse_chunk_key("v/", k)).map(|(_, g)| g).max();
+    assert_eq!(Some(*generation), newest, "the commit must refer to the fresh upload");
+    drop(v);
+    assert_eq!(read_fresh(&rig.plain(), "v/", 0, CSU).await, data);
+}
+
+async fn keys(store: &DynStore, prefix: &str) -> Vec<String> {
+    s3blk::store::list_all(store.as_ref(), prefix).await.expect("list").into_iter().map(|o| o.key).collect()
+}
+
+// 4 ---------------------------------------------------------------------------
+
+/// An uploaded chunk whose commit failed, and whose object then vanished:
+/// a partial write over it must merge with its bytes, never with the older
+/// committed generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_staged_chunk_never_reverts_completed_writes() {
+    let rig = Rig::new();
+    create(&rig.plain(), "v/", 4 * CSU).await;
+    let opts = OpenOptions { cache_limit: 0, restage_after: Duration::ZERO, ..OpenOptions::default() };
+    let v = open_with(&rig.faulty(), "v/", opts).await;
+    v.write(0, &common::pattern(1, CS as usize)).await.expect("write A");
+    v.flush().await.expect("flush A");
+    let mut expect = common::pattern(2, CS as usize);
+    v.write(0, &expect).await.expect("write B");
+    rig.rule(Some(Op::Put), "journal/", Fault::ServerError, 1);
+    assert!(v.flush().await.is_err(), "the commit of B fails; B stays staged");
+    // An over-eager collector removes B's object.
+    let committed = replay::replay(rig.mem.as_ref(), "v/", CSU, None).await.expect("replay");
+    for k in keys(&rig.plain(), "v/chunks/").await {
+        let g = format::parse_chunk_key("v/", &k).map(|(_, g)| g);
+        if !matches!(committed.map.get(&0), Some(ChunkRef::Stored { generation, .. }) if Some(*generation) == g) {
+            rig.plain().delete(&k).await.expect("delete");
+        }
+    }
+    v.write(8192, &[7u8; 4096]).await.expect("page write over B");
+    expect[8192..12288].fill(7);
+    v.flush().await.expect("flush");
+    assert_eq!(v.read(0, CSU).await.expect("read"), expect);
+    drop(v);
+    assert_eq!(read_fresh(&rig.plain(), "v/", 0, CSU).await, expect, "bytes of B reverted");
+    assert_fsck_clean(&rig.plain(), "v/").await;
+}
+
+// 5 ---------------------------------------------------------------------------
+
+/// The commit landed, but the fencing proof's read failed: the next flush
+/// must recognise the record as ours, not fence the only writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_proof_after_a_landed_commit_does_not_self_fence() {
+    let rig = Rig::new();
+    create(&rig.plain(), "v/", 4 * CSU).await;
+    let v = open(&rig.faulty(), "v/").await; // open record 1; next commit is 2
+    v.write(0, b"first").await.expect("write");
+    rig.rule(None, &journal_key(1), Fault::ServerError, 1);
+    assert!(v.flush().await.is_err(), "the proof's read fails (no retry layer)");
+    v.write(CSU, b"second").await.expect("write 2");
+    v.flush().await.expect("the writer must not fence itself");
+    drop(v);
+    assert_eq!(read_fresh(&rig.plain(), "v/", 0, 5).await, b"first");
+    assert_eq!(read_fresh(&rig.plain(), "v/", CSU, 6).await, b"second");
+    assert_fsck_clean(&rig.plain(), "v/").await;
+}
+
+/// A store where the first journal PUT fails at the client but lands on
+/// the server later: right after the next GET of that key has answered
+/// (the worst moment for a writer that resolves by reading first).
+#[derive(Debug)]
+struct LateLanding {
+    inner: DynStore,
+    armed: Mutex<bool>,
+    late: Mutex<Option<(String, Bytes)>>,
+}
+
+#[async_trait]
+impl ObjectStore for LateLanding {
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
+        let r = self.inner.get(key, range).await;
+        let late = {
+            let mut l = self.late.lock().unwrap_or_else(|p| p.into_inner());
+            if l.as_ref().is_some_and(|(k, _)| k == key) { l.take() } else { None }
+        };
+        if let Some((k, body)) = late {
+            let _ = self.inner.put(&k, body, PutMode::IfAbsent).await;
+        }
+        r
+    }
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        let arm =
+            key.contains("journal/") && std::mem::take(&mut *self.armed.lock().unwrap_or_else(|p| p.into_inner()));
+        if arm {
+            *self.late.lock().unwrap_or_else(|p| p.into_inner()) = Some((key.to_string(), body));
+            return Err(StoreError::Transient("timed out (the request is still on its way)".into()));
+        }
+        self.inner.put(key, body, mode).await
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
+        self.inner.list(req).await
+    }
+    async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
+        self.inner.head(key).await
+    }
+    fn describe(&self) -> String {
+        "late-landing".into()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_lands_late_is_recognised_as_ours() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CSU).await;
+    let late = Arc::new(LateLanding { inner: mem.clone(), armed: Mutex::new(false), late: Mutex::new(None) });
+    let store: DynStore = late.clone();
+    let v = open(&store, "v/").await;
+    v.write(0, b"first").await.expect("write");
+    *late.armed.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    assert!(v.flush().await.is_err(), "the PUT times out at the client");
+    v.write(CSU, b"second").await.expect("write 2");
+    v.flush().await.expect("the late record is ours: no self-fencing");
+    v.write(2 * CSU, b"third").await.expect("write 3");
+    v.flush().await.expect("and the writer goes on");
+    drop(v);
+    assert_eq!(read_fresh(&mem, "v/", 0, 5).await, b"first");
+    assert_eq!(read_fresh(&mem, "v/", CSU, 6).await, b"second");
+    assert_eq!(read_fresh(&mem, "v/", 2 * CSU, 5).await, b"third");
+    assert_fsck_clean(&mem, "v/").await;
+}
+
+// 6 ---------------------------------------------------------------------------
+
+/// The first `volume.json` PUT lands but its answer is lost; the retry's
+/// 412 must be recognised as our own create.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_first_put_landed_succeeds() {
+    let rig = Rig::new();
+    let clock = Arc::new(ManualClock::new(0));
+    let retrying: DynStore =
+        Arc::new(RetryStore::with_clock(rig.faulty(), common::fast_policy(), clock, Arc::new(|d| d)));
+    rig.rule(Some(Op::Put), "volume.json", Fault::LostResponse, 1);
+    let opts = CreateOptions { size: 4 * CSU, chunk_size: CS, parent: None, single_writer: false };
+    Volume::create(retrying.clone(), "v/", opts.clone(), &SystemClock).await.expect("create must succeed");
+    let v = open(&retrying, "v/").await;
+    v.write(0, b"usable").await.expect("write");
+    v.flush().await.expect("flush");
+    // Someone else's create under the same name is still refused.
+    assert!(matches!(
+        Volume::create(retrying.clone(), "v/", opts, &SystemClock).await,
+        Err(VolumeError::AlreadyExists(_))
+    ));
+}
+
+// 7 ---------------------------------------------------------------------------
+
+/// A read-only opener beside a live writer: after the writer replaced a
+/// chunk and compaction collected the old generation, reads still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_opener_follows_the_writer_past_compaction() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    create(&store, "v/", 4 * CSU).await;
+    let w = open(&store, "v/").await;
+    w.write(0, &common::pattern(1, CS as usize)).await.expect("write");
+    w.flush().await.expect("flush");
+    let ro = open_with(&store, "v/", OpenOptions { read_only: true, cache_limit: 0, ..OpenOptions::default() }).await;
+    let newer = common::pattern(2, CS as usize);
+    w.write(0, &newer).await.expect("overwrite");
+    w.flush().await.expect("flush");
+    let rep = compact::compact(&store, "v/", &eager(), &SystemClock).await.expect("compact");
+    assert!(rep.chunks_deleted >= 1, "the old generation must be collected for this test: {rep:?}");
+    assert_eq!(ro.read(0, CSU).await.expect("the reader must follow the journal, not fail"), newer);
+}
+
+// 9 ---------------------------------------------------------------------------
+
+/// An unreadable snapshot record: compaction reports it and deletes
+/// nothing (it cannot know what the snapshot pins), without failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_snapshot_is_reported_and_nothing_is_deleted() {
+    let rig = Rig::new();
+    let store = rig.plain();
+    create(&store, "v/", 4 * CSU).await;
+    let w = open(&store, "v/").await;
+    for i in 0..3u8 {
+        w.write(0, &[i; 4096]).await.expect("write");
+        w.flush().await.expect("flush");
+    }
+    w.snapshot("good").await.expect("snapshot");
+    rig.mem.tamper(&format::snapshot_key("v/", "broken"), Bytes::from_static(b"{not json"));
+    let before = keys(&store, "v/").await;
+    let rep = compact::compact(&store, "v/", &eager(), &SystemClock).await.expect("compaction must not fail");
+    assert_eq!(rep.unreadable_snapshots, vec![format::snapshot_key("v/", "broken")]);
+    let after = keys(&store, "v/").await;
+    assert!(before.iter().all(|k| after.contains(k)), "something was deleted: {before:?} -> {after:?}");
+    let f = fsck::fsck(store.as_ref(), "v/", true, &|_, _| {}).await.expect("fsck");
+    assert!(!f.clean && f.errors.iter().any(|e| e.contains("broken")), "fsck must name it: {:?}", f.errors);
+}
+
+// 10 --------------------------------------------------------------------------
+
+/// A read of a chunk whose upload is stuck in retries is answered from
+/// memory at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_never_wait_for_an_uploads_retries() {
+    let rig = Rig::new();
+    create(&rig.plain(), "v/", 4 * CSU).await;
+    let v = open(&rig.faulty(), "v/").await;
+    let data = common::pattern(5, CS as usize);
+    v.write(0, &data).await.expect("write");
+    rig.rule(Some(Op::Put), "chunks/", Fault::Hang, 1);
+    let flusher = tokio::spawn({
+        let v = v.clone();
+        async move { v.flush().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let got = tokio::time::timeout(Duration::from_secs(2), v.read(100, 4096)).await;
+    assert_eq!(got.expect("the read waited for the upload").expect("read"), data[100..4196].to_vec());
+    let got = tokio::time::timeout(Duration::from_secs(2), v.write(200, b"during")).await;
+    got.expect("a write waited for the upload").expect("write");
+    flusher.abort();
+}
+
+// 11 --------------------------------------------------------------------------
+
+/// A chunk object name that is already taken is never overwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_objects_are_never_overwritten() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    create(&store, "v/", 4 * CSU).await;
+    let v = open(&store, "v/").await;
+    let epoch = v.stats().epoch;
+    // The names this writer would use next, taken by objects that are not its own.
+    let squatted: Vec<String> = (0..4).map(|c| format::chunk_key("v/", 0, format::generation(epoch, c))).collect();
+    for k in &squatted {
+        store.put(k, Bytes::from_static(b"someone else's bytes"), PutMode::Overwrite).await.expect("put");
+    }
+    let data = common::pattern(6, CS as usize);
+    v.write(0, &data).await.expect("write");
+    v.flush().await.expect("flush");
+    for k in &squatted {
+        assert_eq!(store.get(k, None).await.expect("get"), Bytes::from_static(b"someone else's bytes"), "{k}");
+    }
+    drop(v);
+    assert_eq!(read_fresh(&store, "v/", 0, CSU).await, data);
+    // The high bits wrap past 2^28 epochs instead of overflowing into nonsense.
+    assert_eq!(format::generation(1 << 28, 5), format::generation(0, 5));
+    assert_ne!(format::generation(u64::MAX, format::MAX_GENERATION_COUNTER), u64::MAX);
+}
+
+// 12 --------------------------------------------------------------------------
+
+/// Whatever the flush rate, a writer keeps the journal past its newest
+/// checkpoint short, so opening replays few records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_volume_opens_replaying_few_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(dir.path());
+    create(&store, "v/", 4 * CSU).await;
+    let v = open(&store, "v/").await;
+    for i in 0..400u64 {
+        v.write((i % 4) * CSU, &i.to_le_bytes()).await.expect("write");
+        v.flush().await.expect("flush");
+    }
+    drop(v);
+    // Checkpoints are written in the background: give the last one a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let st = replay::replay(store.as_ref(), "v/", CSU, None).await.expect("replay");
+    assert!(st.head >= 401);
+    assert!(st.records_replayed <= 130, "opening replays {} records", st.records_replayed);
+    assert_eq!(read_fresh(&store, "v/", 3 * CSU, 8).await, 399u64.to_le_bytes());
+    assert_fsck_clean(&store, "v/").await;
+}
