@@ -660,7 +660,7 @@ async fn delete_volume_never_deletes_what_s3blk_does_not_own() {
     let b = create(&mut d, "pvc-b", 1 << 20).await;
     write(&d, &a.volume_id, 0, b"volume a").await;
     write(&d, &b.volume_id, 0, b"volume b").await;
-    put(&d, "unrelated/data", b"not written by s3blk").await;
+    put(&d, "unrelated/data/report.csv", b"not written by s3blk").await;
     put(&d, "k8s/notes/readme.txt", b"an operator's notes beside the volumes").await;
     let bucket = d.bucket.clone();
 
@@ -693,7 +693,7 @@ async fn delete_volume_never_deletes_what_s3blk_does_not_own() {
     assert!(err.message().contains("holds another volume"), "{err}");
 
     // Nothing above touched anything.
-    assert_eq!(keys_under(&d, "unrelated/").await, vec!["unrelated/data"]);
+    assert_eq!(keys_under(&d, "unrelated/").await, vec!["unrelated/data/report.csv"]);
     assert_eq!(keys_under(&d, "k8s/notes/").await, vec!["k8s/notes/readme.txt"]);
     assert!(!keys_under(&d, &inner).await.is_empty());
     assert_eq!(read(&d, &a.volume_id, 0, 8).await, b"volume a");
