@@ -712,6 +712,15 @@ async fn delete_volume_never_deletes_what_s3blk_does_not_own() {
     // The tombstone is one object more than the volume had.
     assert!(line.contains(&format!("objects={}", objects + 1)), "{line}");
     assert_eq!(read(&d, &a.volume_id, 0, 8).await, b"volume a");
+
+    // A store a StorageClass named is served as well, once provisioned into.
+    let mut team = create_req("pvc-team", 1 << 20, 0);
+    team.parameters.extend([("bucket".to_string(), bucket.clone()), ("prefix".to_string(), "team".to_string())]);
+    let t = d.ctl.create_volume(team).await.expect("create").into_inner().volume.expect("volume");
+    assert_eq!(t.volume_id, format!("s3://{bucket}/team/pvc-team"));
+    d.ctl.delete_volume(delete_req(&t.volume_id)).await.expect("delete in a StorageClass's store");
+    assert!(keys_under(&d, "team/pvc-team/").await.is_empty());
+    d.ctl.delete_volume(delete_req(&t.volume_id)).await.expect("and again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
