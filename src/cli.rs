@@ -14,7 +14,8 @@ use crate::clock::SystemClock;
 use crate::location::{Location, open_store};
 use crate::size::{format_size, parse_size};
 use crate::store::retry::RetryPolicy;
-use crate::store::{self, DynStore, ListRequest};
+use crate::store::{self, DynStore};
+use crate::volume::catalog::{self, DeleteOutcome, EntryState, OnDependants};
 use crate::volume::engine::{CreateOptions, is_zero};
 use crate::volume::format::{self, DEFAULT_CHUNK_SIZE};
 use crate::volume::{OpenOptions, Volume, VolumeError, compact, fsck, replay};
@@ -172,10 +173,12 @@ enum VolumeCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Delete a volume and every object under its prefix (its snapshots too).
+    /// Delete a volume and every object s3blk wrote under its prefix (its
+    /// snapshots too). A prefix that is no s3blk volume, or that also holds
+    /// anything else (another volume, other files), is left whole.
     Delete {
         url: String,
-        /// Delete even when clones still read through this volume's snapshots (they break).
+        /// Delete even when clones still read through this volume's snapshots (they break), or it is published to a node.
         #[arg(long)]
         force: bool,
     },
@@ -385,6 +388,7 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
     match cmd {
         VolumeCmd::Create { url, size, chunk_size, single_writer } => {
             let (loc, store) = connect(&url, g, true).await?;
+            catalog::check_name_free(&store, &loc.prefix).await?;
             let chunk_size = u32::try_from(chunk_size).map_err(|_| anyhow::anyhow!("chunk size too large"))?;
             let meta = Volume::create(
                 store,
@@ -456,30 +460,12 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
         }
         VolumeCmd::Delete { url, force } => {
             let (loc, store) = connect(&url, g, true).await?;
-            let clones = store::list_all(store.as_ref(), &format::clones_prefix(&loc.prefix)).await?;
-            if !clones.is_empty() && !force {
-                let names: Vec<&str> = clones
-                    .iter()
-                    .filter_map(|o| o.key.rsplit('/').next().and_then(|n| n.strip_suffix(".json")))
-                    .collect();
-                bail!(
-                    "volume {} has clones reading through its snapshots ({}); delete them first, or pass --force to break them",
-                    loc.display(),
-                    names.join(", ")
-                );
+            let rule = if force { OnDependants::Break } else { OnDependants::RefuseClones };
+            match catalog::delete_volume(&store, &loc.prefix, rule, &clock).await? {
+                DeleteOutcome::Deleted { objects } => println!("deleted {} ({objects} objects)", loc.display()),
+                DeleteOutcome::Absent => bail!("volume {} does not exist", loc.display()),
+                DeleteOutcome::Kept => bail!("volume {} is kept for its clones", loc.display()),
             }
-            let parent = replay::read_meta(store.as_ref(), &loc.prefix).await.ok().and_then(|m| m.parent);
-            let n = delete_volume(&store, &loc.prefix, true).await?;
-            if n == 0 {
-                bail!("volume {} does not exist", loc.display());
-            }
-            // A clone lets go of its parent: the marker and the snapshot
-            // that pinned its source go too.
-            if let Some(p) = parent {
-                store.delete(&format::clone_marker_key(&p.volume, &loc.prefix)).await?;
-                store.delete(&format::snapshot_key(&p.volume, &format::clone_pin_name(&loc.prefix))).await?;
-            }
-            println!("deleted {} ({n} objects)", loc.display());
         }
         VolumeCmd::Import { url, file, create, size, chunk_size } => {
             let (loc, store) = connect(&url, g, true).await?;
@@ -509,57 +495,20 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Volumes directly under a prefix: `(name, meta)`.
+/// Live volumes directly under a prefix: `(name, meta)`.
 pub async fn list_volumes(store: &DynStore, prefix: &str) -> Result<Vec<(String, format::VolumeMeta)>> {
     let mut out = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page =
-            store.list(ListRequest { prefix, start_after: after.as_deref(), delimiter: true, max_keys: 1000 }).await?;
-        for p in &page.common_prefixes {
-            match replay::read_meta(store.as_ref(), p).await {
-                Ok(m) => out.push((p[prefix.len()..].trim_end_matches('/').to_string(), m)),
-                Err(VolumeError::NotFound(_)) => {}
-                Err(e) => tracing::warn!(prefix = %p, error = %e, "unreadable volume"),
-            }
+    for e in catalog::list(store, prefix).await? {
+        if e.state != EntryState::Live {
+            continue;
         }
-        match page.next_start_after {
-            Some(n) => after = Some(n),
-            None => return Ok(out),
+        match replay::read_meta(store.as_ref(), &e.prefix).await {
+            Ok(m) => out.push((e.name, m)),
+            Err(VolumeError::NotFound(_)) => {}
+            Err(err) => tracing::warn!(prefix = %e.prefix, error = %err, "unreadable volume"),
         }
     }
-}
-
-/// Delete every object of a volume, `volume.json` first so a half-deleted
-/// volume never looks usable. Returns how many objects were deleted.
-pub async fn delete_volume(store: &DynStore, prefix: &str, progress: bool) -> Result<u64> {
-    use futures::stream::{self, StreamExt, TryStreamExt};
-    let objects = store::list_all(store.as_ref(), prefix).await?;
-    let total = objects.len() as u64;
-    if total == 0 {
-        return Ok(0);
-    }
-    store.delete(&format::meta_key(prefix)).await?;
-    let done = std::sync::atomic::AtomicU64::new(0);
-    let show = progress && std::io::stderr().is_terminal();
-    stream::iter(objects.iter().filter(|o| o.key != format::meta_key(prefix)).map(|o| {
-        let done = &done;
-        async move {
-            store.delete(&o.key).await?;
-            let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            if show && d % 100 == 0 {
-                eprint!("\rdeleted {d}/{total} objects");
-            }
-            Ok::<_, store::StoreError>(())
-        }
-    }))
-    .buffer_unordered(32)
-    .try_collect::<Vec<()>>()
-    .await?;
-    if show {
-        eprintln!();
-    }
-    Ok(total)
+    Ok(out)
 }
 
 /// Progress on stderr: a live line on a terminal, a line every 10% otherwise.
@@ -649,6 +598,7 @@ async fn import(
             (None, None) => bail!("--create from stdin needs --size"),
         };
         let chunk_size = u32::try_from(chunk_size).map_err(|_| anyhow::anyhow!("chunk size too large"))?;
+        catalog::check_name_free(&store, &loc.prefix).await?;
         Volume::create(
             store.clone(),
             &loc.prefix,
@@ -767,6 +717,7 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
                 let size = a.size.ok_or_else(|| anyhow::anyhow!("--create needs --size for a new volume"))?;
                 let chunk_size = u32::try_from(a.chunk_size).map_err(|_| anyhow::anyhow!("chunk size too large"))?;
                 let opts = CreateOptions { size, chunk_size, parent: None, single_writer: false };
+                catalog::check_name_free(&store, &loc.prefix).await?;
                 Volume::create(store.clone(), &loc.prefix, opts, &SystemClock).await?;
                 eprintln!("created {} ({})", loc.display(), format_size(size));
             }

@@ -268,3 +268,33 @@ fn logs_to_a_pipe_carry_no_colour_codes() {
     assert!(err.contains("volume opened"), "expected an info log line: {err}");
     assert!(!err.contains('\u{1b}'), "escape codes in logs written to a pipe: {err:?}");
 }
+
+#[test]
+fn delete_leaves_whatever_is_not_an_s3blk_volume_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |p: &str| dir.path().join(p).to_str().expect("path").to_string();
+    // Someone's directory of files.
+    std::fs::create_dir(dir.path().join("notes")).expect("mkdir");
+    std::fs::write(dir.path().join("notes/todo.txt"), b"keep me").expect("write");
+    one_line_error(&s3blk(&[], &["volume", "delete", &path("notes")]), "nothing was deleted");
+    assert_eq!(std::fs::read(dir.path().join("notes/todo.txt")).expect("still there"), b"keep me");
+    // A store: a directory of volumes.
+    for v in ["store/v1", "store/v2"] {
+        ok(&s3blk(&[], &["volume", "create", &path(v), "--size", "1MiB", "--chunk-size", "64KiB"]));
+    }
+    one_line_error(&s3blk(&[], &["volume", "delete", &path("store")]), "holds another volume");
+    // A volume with a stranger's file in it.
+    std::fs::write(dir.path().join("store/v1/mine.txt"), b"not s3blk's").expect("write");
+    one_line_error(&s3blk(&[], &["volume", "delete", &path("store/v1")]), "did not write");
+    for v in ["store/v1", "store/v2"] {
+        assert!(ok(&s3blk(&[], &["fsck", &path(v)])).contains("clean"), "{v} was touched");
+    }
+    // s3blk's names without volume.json or a deletion marker prove nothing.
+    std::fs::remove_file(dir.path().join("store/v2/volume.json")).expect("rm");
+    one_line_error(&s3blk(&[], &["volume", "delete", &path("store/v2")]), "is not an s3blk volume");
+    assert!(dir.path().join("store/v2/journal").read_dir().expect("journal").next().is_some());
+    // Once the stranger's file is gone, the volume goes.
+    std::fs::remove_file(dir.path().join("store/v1/mine.txt")).expect("rm");
+    assert!(ok(&s3blk(&[], &["volume", "delete", &path("store/v1")])).contains("deleted"));
+    assert!(!dir.path().join("store/v1/volume.json").exists());
+}

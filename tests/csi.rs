@@ -614,3 +614,236 @@ async fn the_controller_compacts_every_volume_in_the_background() {
     }
     assert_eq!(left, 0, "the deleted volume was not reaped");
 }
+
+/// Logs of the whole test process, for checks that something was logged.
+fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let writer = move || LogSink(sink.clone());
+        let _ = tracing_subscriber::fmt().with_ansi(false).with_writer(writer).try_init();
+        buf
+    })
+    .clone()
+}
+
+struct LogSink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+async fn put(d: &Driver, key: &str, body: &'static [u8]) {
+    d.store.put(key, bytes::Bytes::from_static(body), s3blk::store::PutMode::Overwrite).await.expect("put");
+}
+
+async fn keys_under(d: &Driver, prefix: &str) -> Vec<String> {
+    s3blk::store::list_all(d.store.as_ref(), prefix).await.expect("list").into_iter().map(|o| o.key).collect()
+}
+
+fn delete_req(id: &str) -> pb::DeleteVolumeRequest {
+    pb::DeleteVolumeRequest { volume_id: id.into(), secrets: secrets() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_volume_never_deletes_what_s3blk_does_not_own() {
+    let logs = captured_logs();
+    let Some(mut d) = driver().await else { return };
+    let a = create(&mut d, "pvc-a", 1 << 20).await;
+    let b = create(&mut d, "pvc-b", 1 << 20).await;
+    write(&d, &a.volume_id, 0, b"volume a").await;
+    write(&d, &b.volume_id, 0, b"volume b").await;
+    put(&d, "unrelated/data/report.csv", b"not written by s3blk").await;
+    put(&d, "k8s/notes/readme.txt", b"an operator's notes beside the volumes").await;
+    let bucket = d.bucket.clone();
+
+    // A prefix of the same bucket outside the store, and the store root itself.
+    for id in
+        [format!("s3://{bucket}/unrelated/data"), format!("s3://{bucket}/unrelated"), format!("s3://{bucket}/k8s")]
+    {
+        let err = d.ctl.delete_volume(delete_req(&id)).await.expect_err(&id);
+        assert_eq!(err.code(), Code::InvalidArgument, "{id}: {err}");
+        assert!(err.message().contains("outside the stores"), "{err}");
+    }
+    // The bucket root is no volume id at all: nothing to delete.
+    d.ctl.delete_volume(delete_req(&format!("s3://{bucket}"))).await.expect("bucket root");
+    // A name in the store holding someone else's objects is no volume.
+    let err = d.ctl.delete_volume(delete_req(&format!("s3://{bucket}/k8s/notes"))).await.expect_err("notes");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("did not write"), "{err}");
+
+    // A volume whose prefix holds another volume (made there by hand) is left whole.
+    let inner = format!("{}inner/", prefix_of(&a.volume_id));
+    let opts = s3blk::volume::engine::CreateOptions {
+        size: 1 << 20,
+        chunk_size: 64 << 10,
+        parent: None,
+        single_writer: false,
+    };
+    Volume::create(d.store.clone(), &inner, opts, &s3blk::clock::SystemClock).await.expect("nested volume");
+    let err = d.ctl.delete_volume(delete_req(&a.volume_id)).await.expect_err("nested");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("holds another volume"), "{err}");
+
+    // Nothing above touched anything.
+    assert_eq!(keys_under(&d, "unrelated/").await, vec!["unrelated/data/report.csv"]);
+    assert_eq!(keys_under(&d, "k8s/notes/").await, vec!["k8s/notes/readme.txt"]);
+    assert!(!keys_under(&d, &inner).await.is_empty());
+    assert_eq!(read(&d, &a.volume_id, 0, 8).await, b"volume a");
+    assert_eq!(read(&d, &b.volume_id, 0, 8).await, b"volume b");
+    let list = d.ctl.list_volumes(pb::ListVolumesRequest::default()).await.expect("list").into_inner();
+    assert_eq!(list.entries.len(), 2, "{list:?}");
+
+    // A volume of the store goes, logged with its object count; deleting it again is fine.
+    let objects = keys_under(&d, &prefix_of(&b.volume_id)).await.len();
+    d.ctl.delete_volume(delete_req(&b.volume_id)).await.expect("delete b");
+    assert!(keys_under(&d, &prefix_of(&b.volume_id)).await.is_empty());
+    d.ctl.delete_volume(delete_req(&b.volume_id)).await.expect("delete b again");
+    let text = String::from_utf8_lossy(&logs.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    let line = text.lines().find(|l| l.contains("volume deleted") && l.contains(&b.volume_id));
+    let line = line.unwrap_or_else(|| panic!("no log line for the deletion of {}:\n{text}", b.volume_id));
+    // The tombstone is one object more than the volume had.
+    assert!(line.contains(&format!("objects={}", objects + 1)), "{line}");
+    assert_eq!(read(&d, &a.volume_id, 0, 8).await, b"volume a");
+
+    // A store a StorageClass named is served as well, once provisioned into.
+    let mut team = create_req("pvc-team", 1 << 20, 0);
+    team.parameters.extend([("bucket".to_string(), bucket.clone()), ("prefix".to_string(), "team".to_string())]);
+    let t = d.ctl.create_volume(team).await.expect("create").into_inner().volume.expect("volume");
+    assert_eq!(t.volume_id, format!("s3://{bucket}/team/pvc-team"));
+    d.ctl.delete_volume(delete_req(&t.volume_id)).await.expect("delete in a StorageClass's store");
+    assert!(keys_under(&d, "team/pvc-team/").await.is_empty());
+    d.ctl.delete_volume(delete_req(&t.volume_id)).await.expect("and again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_volume_never_touches_the_controllers_own_files() {
+    let Some(mut d) = driver().await else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plain = dir.path().join("vol");
+    std::fs::create_dir(&plain).expect("mkdir");
+    std::fs::write(plain.join("file"), b"keep me").expect("write");
+    // Even a real s3blk volume in a directory the driver does not serve.
+    let local = common::local_store(dir.path());
+    let opts = s3blk::volume::engine::CreateOptions {
+        size: 1 << 20,
+        chunk_size: 64 << 10,
+        parent: None,
+        single_writer: false,
+    };
+    Volume::create(local.clone(), "real/", opts, &s3blk::clock::SystemClock).await.expect("local volume");
+    let path = plain.to_str().expect("path").to_string();
+    // A plain path is no volume id this driver issues: OK, nothing touched.
+    d.ctl.delete_volume(delete_req(&path)).await.expect("a path names no volume");
+    for id in [format!("file://{path}"), format!("file://{}/real", dir.path().display())] {
+        let err = d.ctl.delete_volume(delete_req(&id)).await.expect_err(&id);
+        assert_eq!(err.code(), Code::InvalidArgument, "{id}: {err}");
+    }
+    assert_eq!(std::fs::read(plain.join("file")).expect("the file is still there"), b"keep me");
+    assert!(dir.path().join("real/volume.json").is_file(), "the local volume was touched");
+    // Nor can a StorageClass send the controller to a directory of its host.
+    let mut req = create_req("pvc-local", 1 << 20, 0);
+    req.parameters.insert("store".into(), format!("file://{}", dir.path().display()));
+    assert_eq!(code(d.ctl.create_volume(req).await), Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_tombstoned_remains_are_reaped() {
+    let Some(mut d) = driver_with(std::time::Duration::from_secs(1), std::time::Duration::ZERO).await else { return };
+    let gone = create(&mut d, "pvc-gone", 1 << 20).await;
+    let half = create(&mut d, "pvc-half", 1 << 20).await;
+    let cut = create(&mut d, "pvc-cut", 1 << 20).await;
+    for v in [&gone, &half, &cut] {
+        write(&d, &v.volume_id, 0, &common::pattern(5, 200_000)).await;
+    }
+    let (gone_p, half_p, cut_p) = (prefix_of(&gone.volume_id), prefix_of(&half.volume_id), prefix_of(&cut.volume_id));
+    // Deletes that died after the tombstone and volume.json went: s3blk's own remains.
+    for p in [&gone_p, &cut_p] {
+        put(&d, &format!("{p}deleted.json"), b"{\"deleted_unix\":0}").await;
+        d.store.delete(&format!("{p}volume.json")).await.expect("delete volume.json");
+    }
+    // No volume.json and no tombstone: nothing proves these objects are a
+    // deleted volume's, so they stay.
+    d.store.delete(&format!("{half_p}volume.json")).await.expect("delete volume.json");
+    let half_keys = keys_under(&d, &half_p).await;
+    assert!(!half_keys.is_empty());
+
+    // DeleteVolume finishes an interrupted delete, and deletes nothing unproven.
+    d.ctl.delete_volume(delete_req(&cut.volume_id)).await.expect("finish the delete");
+    assert!(keys_under(&d, &cut_p).await.is_empty());
+    d.ctl.delete_volume(delete_req(&half.volume_id)).await.expect("no volume there");
+    assert_eq!(keys_under(&d, &half_p).await, half_keys);
+
+    // The reconcile loop reaps the tombstoned remains...
+    let mut left = usize::MAX;
+    for _ in 0..100 {
+        left = keys_under(&d, &gone_p).await.len();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, 0, "the remains of the interrupted delete were not reaped");
+    // ...and, passes later, still not the unproven ones.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(keys_under(&d, &half_p).await, half_keys, "objects without a tombstone were deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_volume_outlives_its_snapshot() {
+    use s3blk::volume::compact::{CompactOptions, compact};
+    let Some(mut d) = driver().await else { return };
+    let src = create(&mut d, "pvc-origin", 1 << 20).await;
+    let before = common::pattern(21, 1 << 20);
+    write(&d, &src.volume_id, 0, &before).await;
+    let snap = d
+        .ctl
+        .create_snapshot(pb::CreateSnapshotRequest {
+            source_volume_id: src.volume_id.clone(),
+            name: "snap-gone".into(),
+            secrets: secrets(),
+            parameters: HashMap::new(),
+        })
+        .await
+        .expect("snapshot")
+        .into_inner()
+        .snapshot
+        .expect("snapshot");
+    let mut restore = create_req("pvc-restored", 1 << 20, 0);
+    restore.volume_content_source = Some(pb::VolumeContentSource {
+        r#type: Some(pb::volume_content_source::Type::Snapshot(pb::volume_content_source::SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        })),
+    });
+    let restored = d.ctl.create_volume(restore).await.expect("restore").into_inner().volume.expect("volume");
+    // The source moves on over every chunk: only the snapshot's state still
+    // refers to the first generation.
+    write(&d, &src.volume_id, 0, &common::pattern(22, 1 << 20)).await;
+
+    let del = pb::DeleteSnapshotRequest { snapshot_id: snap.snapshot_id.clone(), secrets: secrets() };
+    d.ctl.delete_snapshot(del).await.expect("delete snapshot");
+    let listed = d.ctl.list_snapshots(pb::ListSnapshotsRequest::default()).await.expect("list").into_inner();
+    assert!(listed.entries.is_empty(), "the deleted snapshot is still listed: {listed:?}");
+
+    // Compaction with every object past the safety age (ages are measured
+    // on the store's clock, so the age is zero rather than the clock late).
+    let eager = CompactOptions { safety_age: std::time::Duration::ZERO, ..CompactOptions::default() };
+    let later = s3blk::clock::SystemClock;
+    let src_p = prefix_of(&src.volume_id);
+    compact(&d.store, &src_p, &eager, &later).await.expect("compact");
+    assert_eq!(read(&d, &restored.volume_id, 0, 1 << 20).await, before, "the restored volume lost its data");
+
+    // Once the restored volume goes, its pin goes, and the old data with the next compaction.
+    d.ctl.delete_volume(delete_req(&restored.volume_id)).await.expect("delete restored");
+    assert!(keys_under(&d, &format!("{src_p}snapshots/")).await.is_empty(), "pin left behind");
+    let rep = compact(&d.store, &src_p, &eager, &later).await.expect("compact");
+    assert_eq!(rep.chunks_deleted, 16, "{rep:?}");
+    assert_eq!(read(&d, &src.volume_id, 0, 1 << 20).await, common::pattern(22, 1 << 20));
+}

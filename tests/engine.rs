@@ -980,27 +980,41 @@ async fn zeroed_pages_over_a_base_read_back_as_zeros(store: DynStore) {
 }
 on_both_stores!(zeroed_pages_over_a_base_read_back_as_zeros);
 
+/// The reaper removes a volume only on s3blk's own word: a tombstone old
+/// enough, and nothing but s3blk's objects under the prefix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leftovers_of_a_deleted_volume_go_only_when_they_are_all_ours_and_old() {
+async fn remains_of_a_deleted_volume_go_only_when_tombstoned_all_ours_and_old() {
+    use s3blk::volume::catalog::{self, CatalogError, ReapAge};
     let dir = tempfile::tempdir().expect("tempdir");
     let store = common::local_store(dir.path());
-    let opts = compact::CompactOptions::default();
+    // Ages are measured on the store's clock: "old" is a zero safety age.
+    let clock = s3blk::clock::SystemClock;
+    let old = || Some(ReapAge { safety_age: Duration::ZERO, clock: &clock });
+    let young = || Some(ReapAge { safety_age: compact::DEFAULT_SAFETY_AGE, clock: &clock });
     create(&store, "gone/", 4 * CS as u64).await;
     let v = open(&store, "gone/").await;
     v.write(0, &common::pattern(3, CS as usize)).await.expect("write");
     v.flush().await.expect("flush");
     drop(v);
-    assert_eq!(compact::remove_leftovers(&store, "gone/", &opts, &later()).await.expect("live"), 0, "a live volume");
-    // An interrupted delete: volume.json went first, the rest stayed.
+    assert_eq!(catalog::reap(&store, "gone/", old()).await.expect("live"), None, "a live volume");
+    // volume.json gone, but no tombstone: nothing proves the rest is a deleted volume's.
     store.delete(&format::meta_key("gone/")).await.expect("delete meta");
     let left = keys(&store, "gone/").await.len();
-    let young = compact::remove_leftovers(&store, "gone/", &opts, &s3blk::clock::SystemClock).await.expect("young");
-    assert_eq!(young, 0, "objects younger than the safety age stay");
+    assert_eq!(catalog::reap(&store, "gone/", old()).await.expect("untombstoned"), None);
+    assert_eq!(keys(&store, "gone/").await.len(), left);
+    // The tombstone an interrupted delete leaves behind.
+    let tombstone = catalog::tombstone_key("gone/");
+    store.put(&tombstone, Bytes::from_static(b"{\"deleted_unix\":0}"), PutMode::Overwrite).await.expect("put");
+    assert_eq!(catalog::reap(&store, "gone/", young()).await.expect("young"), None, "a young tombstone");
     store.put("gone/notes.txt", Bytes::from_static(b"not ours"), PutMode::Overwrite).await.expect("put");
-    assert_eq!(compact::remove_leftovers(&store, "gone/", &opts, &later()).await.expect("foreign"), 0);
+    let foreign = catalog::reap(&store, "gone/", old()).await;
+    assert!(matches!(foreign, Err(CatalogError::ForeignObjects { .. })), "{foreign:?}");
+    assert_eq!(keys(&store, "gone/").await.len(), left + 2, "nothing deleted beside a foreign object");
     store.delete("gone/notes.txt").await.expect("delete");
-    let removed = compact::remove_leftovers(&store, "gone/", &opts, &later()).await.expect("remove");
-    assert_eq!(removed as usize, left);
+    // A snapshot record the interrupted delete had not reached yet does not hold it up.
+    store.put("gone/snapshots/old.json", Bytes::from_static(b"{}"), PutMode::Overwrite).await.expect("put");
+    let removed = catalog::reap(&store, "gone/", old()).await.expect("remove");
+    assert_eq!(removed, Some(left as u64 + 2));
     assert!(keys(&store, "gone/").await.is_empty());
 }
 

@@ -12,6 +12,8 @@ use crate::store::retry::{RetryPolicy, RetryStore};
 use crate::store::s3::{S3Settings, S3Store};
 use crate::store::{DynStore, StoreError};
 use crate::volume::VolumeError;
+use crate::volume::catalog::CatalogError;
+pub use crate::volume::catalog::object_name;
 
 pub type RpcResult<T> = Result<tonic::Response<T>, Status>;
 
@@ -28,6 +30,23 @@ pub fn status(e: VolumeError) -> Status {
         }
         VolumeError::Corrupt(_) => Status::data_loss(e.to_string()),
         VolumeError::Store(se) => store_status(se),
+    }
+}
+
+/// Map a catalog error to a gRPC status: refusals that protect data are
+/// FAILED_PRECONDITION (the CO retries once the condition is gone).
+pub fn catalog_status(e: CatalogError) -> Status {
+    match e {
+        CatalogError::NotAVolume { .. }
+        | CatalogError::StoreRoot { .. }
+        | CatalogError::HoldsVolume { .. }
+        | CatalogError::ForeignObjects { .. }
+        | CatalogError::Published { .. }
+        | CatalogError::HasClones { .. } => Status::failed_precondition(e.to_string()),
+        CatalogError::BeingDeleted { .. } => Status::aborted(e.to_string()),
+        CatalogError::SnapshotGone { .. } => Status::not_found(e.to_string()),
+        CatalogError::Volume(v) => status(v),
+        CatalogError::Store(s) => store_status(&s),
     }
 }
 
@@ -63,22 +82,6 @@ pub fn parse_snapshot_id(id: &str) -> Result<(Location, String), Status> {
     let loc = Location::parse(vol, true).map_err(|e| Status::not_found(format!("no such snapshot: {e}")))?;
     crate::volume::format::validate_snapshot_name(name).map_err(|e| Status::not_found(e.to_string()))?;
     Ok((loc, name.to_string()))
-}
-
-/// A Kubernetes name (`pvc-…`, `snapshot-…`) as an object-name component:
-/// `[a-z0-9._-]`, at most 80 characters; anything changed gets a hash suffix
-/// so different names never collide.
-pub fn object_name(name: &str) -> String {
-    let clean: String = name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c.to_ascii_lowercase() } else { '-' })
-        .collect();
-    let clean = clean.trim_start_matches('.').to_string();
-    if clean == name && !clean.is_empty() && clean.len() <= 80 {
-        return clean;
-    }
-    let short: String = clean.chars().take(70).collect();
-    format!("{short}-{:08x}", crc32c::crc32c(name.as_bytes()))
 }
 
 /// Access modes a block device with a single writer can honour.
@@ -222,17 +225,6 @@ impl Drop for InFlightGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn object_names_are_safe_and_distinct() {
-        assert_eq!(object_name("pvc-0a1b2c3d"), "pvc-0a1b2c3d");
-        let a = object_name("My Volume/1");
-        let b = object_name("My Volume/2");
-        assert_ne!(a, b);
-        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)), "{a}");
-        assert!(object_name(&"x".repeat(300)).len() <= 80);
-        assert!(!object_name("..").starts_with('.'));
-    }
 
     #[test]
     fn ids_round_trip() {

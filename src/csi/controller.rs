@@ -1,29 +1,46 @@
 //! The CSI controller service: volumes, attachments and snapshots as
-//! objects in the store. Stateless: every id names its own location.
+//! objects in the store. Stateless: every id names its own location. The
+//! bookkeeping objects (attachments, clone markers, pins, tombstones, store
+//! markers) and every deletion belong to [`crate::volume::catalog`]; this
+//! service validates requests, calls it and the engine, and maps their
+//! errors to gRPC codes.
 //!
-//! Objects the controller adds under a volume's prefix:
-//! - `attachments/<node>.json`: the volume is published to that node
-//!   (ControllerPublish). At most one read-write attachment at a time.
-//! - `clones/<name>.json`: a clone reads through this volume's chunks.
-//! - `deleted.json`: the volume was deleted while snapshots or clones still
-//!   depend on its chunks; it is invisible and reaped when they are gone.
+//! ## Which volume ids DeleteVolume acts on
+//!
+//! A volume id is the canonical URL of the volume (`Location::url`):
+//! `<store root>/<name>`, where the store root is `--store` or a bucket and
+//! prefix a StorageClass named (marked with `.s3blk-store.json` at the
+//! first CreateVolume there; directory and memory stores only as
+//! `--store`), and `<name>` is what [`object_name`] makes of a CSI name.
+//!
+//! | id | answer |
+//! |---|---|
+//! | empty | INVALID_ARGUMENT |
+//! | no canonical volume URL (`garbage`, a plain path such as `/dir/vol`) | OK: it names no volume; nothing is touched |
+//! | a canonical URL outside the stores served, or a name the driver never gives (a store root, another bucket or prefix, another directory) | INVALID_ARGUMENT; nothing is touched |
+//! | in a served store, nothing there | OK (already deleted, or never created) |
+//! | in a served store, only s3blk-named objects but no `volume.json` and no tombstone | OK; nothing is deleted (not proven a volume), a warning is logged |
+//! | anything but s3blk's own objects under it (another volume, a store, foreign data) | FAILED_PRECONDITION; nothing is touched |
+//! | published to a node | FAILED_PRECONDITION |
+//! | snapshots or clones read through it | OK; hidden behind its tombstone, reaped when they are gone |
+//! | otherwise | OK; tombstone, every object, tombstone last; logged with the object count |
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
 use super::common::{
-    InFlight, RpcResult, Stores, check_capabilities, check_capability, object_name, parse_snapshot_id, parse_volume_id,
-    snapshot_id, status, store_status,
+    InFlight, RpcResult, Stores, catalog_status, check_capabilities, check_capability, object_name, parse_snapshot_id,
+    parse_volume_id, snapshot_id, status, store_status,
 };
 use super::pb;
 use crate::clock::{Clock, SystemClock};
-use crate::location::Location;
+use crate::location::{Location, StoreSpec};
 use crate::size::parse_size;
-use crate::store::{self, DynStore, ListRequest, PutMode, StoreError};
+use crate::store::{self, DynStore, PutMode, StoreError};
+use crate::volume::catalog::{self, Attachment, CatalogError, DeleteOutcome, EntryState, OnDependants};
 use crate::volume::engine::{CreateOptions, read_snapshot, snapshot_committed};
 use crate::volume::format::{self, DEFAULT_CHUNK_SIZE, ParentRef, SnapshotRecord, VolumeMeta};
 use crate::volume::{OpenOptions, Volume, VolumeError, compact, replay};
@@ -46,19 +63,6 @@ pub struct ControllerService {
     stores: Arc<Stores>,
     inflight: InFlight,
     clock: Arc<dyn Clock>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Attachment {
-    node_id: String,
-    readonly: bool,
-    created_unix: i64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct CloneMarker {
-    clone: String,
-    seq: u64,
 }
 
 /// StorageClass parameters s3blk understands.
@@ -164,7 +168,7 @@ impl ControllerService {
     /// The volume's metadata, or NOT_FOUND (also for tombstoned volumes).
     async fn live_meta(&self, store: &DynStore, loc: &Location) -> Result<VolumeMeta, Status> {
         let meta = replay::read_meta(store.as_ref(), &loc.prefix).await.map_err(status)?;
-        if store.head(&tombstone_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_some() {
+        if catalog::is_deleted(store, &loc.prefix).await.map_err(catalog_status)? {
             return Err(Status::not_found(format!("volume {} was deleted", loc.url())));
         }
         Ok(meta)
@@ -183,50 +187,13 @@ impl ControllerService {
     }
 
     async fn attachments(&self, store: &DynStore, loc: &Location) -> Result<Vec<Attachment>, Status> {
-        let objs = store::list_all(store.as_ref(), &format!("{}attachments/", loc.prefix))
-            .await
-            .map_err(|e| store_status(&e))?;
-        let mut out = Vec::new();
-        for o in objs {
-            let body = match store.get(&o.key, None).await {
-                Ok(b) => b,
-                Err(StoreError::NotFound(_)) => continue,
-                Err(e) => return Err(store_status(&e)),
-            };
-            match serde_json::from_slice::<Attachment>(&body) {
-                Ok(a) => out.push(a),
-                Err(e) => tracing::warn!(key = %o.key, error = %e, "unreadable attachment record"),
-            }
-        }
-        Ok(out)
+        catalog::attachments(store, &loc.prefix).await.map_err(catalog_status)
     }
 
     /// Delete a tombstoned volume once nothing depends on it any more.
     async fn reap(&self, store: &DynStore, loc: &Location) -> Result<(), Status> {
-        if store.head(&tombstone_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_none() {
-            return Ok(());
-        }
-        if has_dependants(store, &loc.prefix).await? {
-            return Ok(());
-        }
-        let parent = replay::read_meta(store.as_ref(), &loc.prefix).await.ok().and_then(|m| m.parent);
-        delete_prefix(store, &loc.prefix).await?;
-        tracing::info!(volume = %loc.url(), "reaped deleted volume");
-        if let Some(p) = parent {
-            self.drop_clone_marker(store, &p.volume, loc).await?;
-        }
+        catalog::reap(store, &loc.prefix, None).await.map_err(catalog_status)?;
         Ok(())
-    }
-
-    async fn drop_clone_marker(&self, store: &DynStore, parent_prefix: &str, clone: &Location) -> Result<(), Status> {
-        store.delete(&format::clone_marker_key(parent_prefix, &clone.prefix)).await.map_err(|e| store_status(&e))?;
-        // The internal snapshot that pinned the clone's source goes with it.
-        store
-            .delete(&format::snapshot_key(parent_prefix, &format::clone_pin_name(&clone.prefix)))
-            .await
-            .map_err(|e| store_status(&e))?;
-        let ploc = Location { store: clone.store.clone(), prefix: parent_prefix.to_string() };
-        Box::pin(self.reap(store, &ploc)).await
     }
 
     async fn snapshot_message(&self, store: &DynStore, vol: &Location, rec: &SnapshotRecord) -> pb::Snapshot {
@@ -264,27 +231,30 @@ impl ControllerService {
         Ok(out)
     }
 
-    /// Volumes directly under the default store, sorted by name.
     /// The compaction reconcile pass: compact every volume under the
     /// default store, deleted ones still kept for their snapshots and
-    /// clones included. Returns (compacted, failed). Safe beside live
-    /// writers and beside the same pass in another controller replica.
+    /// clones included, and reap deleted volumes nothing depends on any
+    /// more (tombstoned ones only: a prefix without a tombstone is never
+    /// removed). Returns (compacted, failed). Safe beside live writers and
+    /// beside the same pass in another controller replica.
     pub async fn compact_all(&self, opts: &compact::CompactOptions) -> Result<(u64, u64), Status> {
         let (mut done, mut failed) = (0, 0);
-        for (loc, has_meta) in self.prefixes().await? {
+        for (loc, state) in self.entries().await? {
             let store = self.store_for(&loc, &HashMap::new()).await?;
-            if !has_meta {
-                if let Err(e) = compact::remove_leftovers(&store, &loc.prefix, opts, self.clock.as_ref()).await {
-                    tracing::warn!(prefix = %loc.url(), error = %e, "removing leftovers failed");
+            match state {
+                EntryState::Other => continue,
+                EntryState::Deleted if !opts.dry_run => {
+                    // Kept for dependants that have gone meanwhile, or an
+                    // interrupted delete: removed once the tombstone is old.
+                    let age = catalog::ReapAge { safety_age: opts.safety_age, clock: self.clock.as_ref() };
+                    if let Err(e) = catalog::reap(&store, &loc.prefix, Some(age)).await {
+                        tracing::warn!(volume = %loc.url(), error = %e, "reaping a deleted volume failed");
+                    }
                 }
-                continue;
-            }
-            // A deleted volume whose last snapshot or clone has gone meanwhile goes now.
-            if let Err(e) = self.reap(&store, &loc).await {
-                tracing::warn!(volume = %loc.url(), error = %e.message(), "reaping a deleted volume failed");
+                EntryState::Deleted | EntryState::Live => {}
             }
             match compact::compact(&store, &loc.prefix, opts, self.clock.as_ref()).await {
-                // Reaped just now, or deleted meanwhile.
+                // Reaped just now, deleted meanwhile, or the remains of a delete.
                 Err(VolumeError::NotFound(_)) => {}
                 Ok(rep) => {
                     done += 1;
@@ -307,79 +277,45 @@ impl ControllerService {
         Ok((done, failed))
     }
 
-    /// The live volumes under the default store (not the deleted ones kept for dependants).
+    /// The live volumes under the default store (not the deleted ones kept
+    /// for dependants), sorted by URL.
     async fn all_volumes(&self) -> Result<Vec<Location>, Status> {
-        let mut out = Vec::new();
-        for (loc, has_meta) in self.prefixes().await? {
-            if has_meta {
-                let store = self.store_for(&loc, &HashMap::new()).await?;
-                if store.head(&tombstone_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_none() {
-                    out.push(loc);
-                }
-            }
-        }
-        Ok(out)
+        let entries = self.entries().await?;
+        Ok(entries.into_iter().filter(|(_, s)| *s == EntryState::Live).map(|(l, _)| l).collect())
     }
 
-    /// Every prefix directly under the default store, and whether it holds a volume.
-    async fn prefixes(&self) -> Result<Vec<(Location, bool)>, Status> {
+    /// Every prefix directly under the default store, and what it holds.
+    async fn entries(&self) -> Result<Vec<(Location, EntryState)>, Status> {
         let Some(root) = &self.cfg.default_store else { return Ok(Vec::new()) };
         let store = self.store_for(root, &HashMap::new()).await?;
-        let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = store
-                .list(ListRequest {
-                    prefix: &root.prefix,
-                    start_after: after.as_deref(),
-                    delimiter: true,
-                    max_keys: 1000,
-                })
-                .await
-                .map_err(|e| store_status(&e))?;
-            for p in page.common_prefixes {
-                let loc = Location { store: root.store.clone(), prefix: p };
-                let has_meta =
-                    store.head(&format::meta_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_some();
-                out.push((loc, has_meta));
-            }
-            match page.next_start_after {
-                Some(n) => after = Some(n),
-                None => break,
-            }
-        }
+        let entries = catalog::list(&store, &root.prefix).await.map_err(catalog_status)?;
+        let mut out: Vec<(Location, EntryState)> =
+            entries.into_iter().map(|e| (Location { store: root.store.clone(), prefix: e.prefix }, e.state)).collect();
         out.sort_by_key(|(l, _)| l.url());
         Ok(out)
     }
-}
 
-fn tombstone_key(vol: &str) -> String {
-    format!("{vol}deleted.json")
-}
-
-fn attachment_key(vol: &str, node: &str) -> String {
-    format!("{vol}attachments/{}.json", object_name(node))
-}
-
-async fn has_dependants(store: &DynStore, vol: &str) -> Result<bool, Status> {
-    for prefix in [format::clones_prefix(vol), format::snapshot_prefix(vol)] {
-        let page = store
-            .list(ListRequest { prefix: &prefix, start_after: None, delimiter: false, max_keys: 1 })
-            .await
-            .map_err(|e| store_status(&e))?;
-        if !page.objects.is_empty() {
+    /// Is `root` a store this controller provisions into: `--store`, or a
+    /// bucket and prefix a StorageClass named (marked at its first
+    /// CreateVolume)? Directory and memory stores are served only as
+    /// `--store`: the controller never touches other paths of its host.
+    async fn serves(&self, root: &Location, secrets: &HashMap<String, String>) -> Result<bool, Status> {
+        if self.cfg.default_store.as_ref().is_some_and(|d| d.url() == root.url()) {
             return Ok(true);
         }
+        if !matches!(root.store, StoreSpec::S3 { .. }) {
+            return Ok(false);
+        }
+        let store = self.store_for(root, secrets).await?;
+        catalog::is_marked_store(&store, &root.prefix).await.map_err(catalog_status)
     }
-    Ok(false)
 }
 
-async fn delete_prefix(store: &DynStore, prefix: &str) -> Result<(), Status> {
-    let objs = store::list_all(store.as_ref(), prefix).await.map_err(|e| store_status(&e))?;
-    // volume.json first: a half-deleted volume never looks usable.
-    store.delete(&format::meta_key(prefix)).await.map_err(|e| store_status(&e))?;
-    let keys: Vec<String> = objs.into_iter().map(|o| o.key).collect();
-    store::delete_keys(store.as_ref(), keys, 32).await.map_err(|e| store_status(&e))
+/// The store root a volume lives in and the volume's name.
+fn split_volume(loc: &Location) -> (Location, &str) {
+    let name = format::volume_name(&loc.prefix);
+    let root_len = loc.prefix.len().saturating_sub(name.len() + 1);
+    (Location { store: loc.store.clone(), prefix: loc.prefix[..root_len].to_string() }, name)
 }
 
 fn parse_pagination(max: i32, token: &str) -> Result<(usize, usize), Status> {
@@ -417,6 +353,13 @@ impl pb::controller_server::Controller for ControllerService {
             params.store.clone().or_else(|| self.cfg.default_store.clone()).ok_or_else(|| {
                 Status::invalid_argument("no store: set the StorageClass parameter bucket (or store)")
             })?;
+        if !matches!(root.store, StoreSpec::S3 { .. })
+            && self.cfg.default_store.as_ref().is_none_or(|d| d.url() != root.url())
+        {
+            return Err(Status::invalid_argument(
+                "a directory or memory store is served only as the driver's --store; StorageClasses name S3 stores",
+            ));
+        }
         let loc = root.child(&object_name(&req.name));
         let _guard = self.inflight.start(&loc.url())?;
         let store = self.store_for(&loc, &req.secrets).await?;
@@ -458,16 +401,18 @@ impl pb::controller_server::Controller for ControllerService {
                 return Err(Status::out_of_range("the source is larger than the requested capacity"));
             }
         }
+        // The parent names the pin that keeps what the new volume reads
+        // (for a restore, a pin of its own beside the user's snapshot).
         let parent = source.as_ref().map(|(sloc, rec)| ParentRef {
             volume: sloc.prefix.clone(),
-            snapshot: rec.name.clone(),
+            snapshot: format::clone_pin_name(&loc.prefix),
             seq: rec.seq,
         });
 
         // Idempotency: an existing volume of this name is the answer when it matches.
         match replay::read_meta(store.as_ref(), &loc.prefix).await {
             Ok(meta) => {
-                let tombstoned = store.head(&tombstone_key(&loc.prefix)).await.map_err(|e| store_status(&e))?.is_some();
+                let tombstoned = catalog::is_deleted(&store, &loc.prefix).await.map_err(catalog_status)?;
                 let st =
                     replay::replay(store.as_ref(), &loc.prefix, meta.chunk_size as u64, None).await.map_err(status)?;
                 let lim = req.capacity_range.as_ref().map(|r| r.limit_bytes).unwrap_or(0);
@@ -487,13 +432,18 @@ impl pb::controller_server::Controller for ControllerService {
             Err(VolumeError::NotFound(_)) => {}
             Err(e) => return Err(status(e)),
         }
+        catalog::check_name_free(&store, &loc.prefix).await.map_err(catalog_status)?;
+        let (root_loc, _) = split_volume(&loc);
+        catalog::mark_store(&store, &root_loc.prefix, self.clock.as_ref()).await.map_err(catalog_status)?;
         if let Some((sloc, rec)) = &source {
-            let marker = CloneMarker { clone: loc.url(), seq: rec.seq };
-            let body = serde_json::to_vec(&marker).map_err(|e| Status::internal(e.to_string()))?;
-            store
-                .put(&format::clone_marker_key(&sloc.prefix, &loc.prefix), Bytes::from(body), PutMode::Overwrite)
+            if rec.name != format::clone_pin_name(&loc.prefix) {
+                // A restore: deleting the snapshot must not take what this
+                // volume reads through, so it gets a pin of its own.
+                catalog::pin_snapshot_for(&store, &sloc.prefix, rec, &loc.prefix).await.map_err(catalog_status)?;
+            }
+            catalog::add_clone_marker(&store, &sloc.prefix, &loc.prefix, &loc.url(), rec.seq)
                 .await
-                .map_err(|e| store_status(&e))?;
+                .map_err(catalog_status)?;
         }
         let opts = CreateOptions { size, chunk_size: chunk, parent, single_writer: false };
         let meta = match Volume::create(store.clone(), &loc.prefix, opts, self.clock.as_ref()).await {
@@ -516,36 +466,29 @@ impl pb::controller_server::Controller for ControllerService {
         if req.volume_id.is_empty() {
             return Err(Status::invalid_argument("volume id is required"));
         }
-        // An id that cannot name a volume names no volume: deleting it succeeds.
-        let Ok(loc) = Location::parse(&req.volume_id, true) else {
+        // An id this driver never issues names no volume: deleting it
+        // succeeds and touches nothing (see the table at the top).
+        let Some(loc) = Location::parse(&req.volume_id, true).ok().filter(|l| l.url() == req.volume_id) else {
+            tracing::info!(volume_id = %req.volume_id, "DeleteVolume of an id that names no s3blk volume: nothing to do");
             return Ok(Response::new(pb::DeleteVolumeResponse {}));
         };
+        let (root, name) = split_volume(&loc);
+        if object_name(name) != name || !self.serves(&root, &req.secrets).await? {
+            return Err(Status::invalid_argument(format!(
+                "volume id {} is outside the stores this driver provisions into; nothing was deleted",
+                req.volume_id
+            )));
+        }
         let _guard = self.inflight.start(&loc.url())?;
         let store = self.store_for(&loc, &req.secrets).await?;
-        let meta = match replay::read_meta(store.as_ref(), &loc.prefix).await {
-            Ok(m) => Some(m),
-            Err(VolumeError::NotFound(_)) => None,
-            Err(VolumeError::Corrupt(_)) => None,
-            Err(e) => return Err(status(e)),
-        };
-        let Some(meta) = meta else {
-            // Leftovers of an interrupted delete go too.
-            delete_prefix(&store, &loc.prefix).await?;
-            return Ok(Response::new(pb::DeleteVolumeResponse {}));
-        };
-        if let Some(a) = self.attachments(&store, &loc).await?.first() {
-            return Err(Status::failed_precondition(format!("volume is still published to node {}", a.node_id)));
-        }
-        if has_dependants(&store, &loc.prefix).await? {
-            let body = Bytes::from(format!("{{\"deleted_unix\":{}}}", self.clock.now_unix()));
-            store.put(&tombstone_key(&loc.prefix), body, PutMode::Overwrite).await.map_err(|e| store_status(&e))?;
-            tracing::info!(volume = %loc.url(), "volume deleted; objects kept for its snapshots or clones");
-        } else {
-            delete_prefix(&store, &loc.prefix).await?;
-            tracing::info!(volume = %loc.url(), "volume deleted");
-            if let Some(p) = meta.parent {
-                self.drop_clone_marker(&store, &p.volume, &loc).await?;
+        match catalog::delete_volume(&store, &loc.prefix, OnDependants::Keep, self.clock.as_ref()).await {
+            Ok(DeleteOutcome::Absent | DeleteOutcome::Kept | DeleteOutcome::Deleted { .. }) => {}
+            // No volume.json and no tombstone: no volume, so nothing to
+            // delete; the objects stay for an operator to look at.
+            Err(e @ CatalogError::NotAVolume { .. }) => {
+                tracing::warn!(volume = %loc.url(), error = %e, "DeleteVolume found no volume to delete");
             }
+            Err(e) => return Err(catalog_status(e)),
         }
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
@@ -589,11 +532,7 @@ impl pb::controller_server::Controller for ControllerService {
                 return Err(Status::failed_precondition("volume is published read-only elsewhere"));
             }
             let a = Attachment { node_id: req.node_id.clone(), readonly, created_unix: self.clock.now_unix() };
-            let body = serde_json::to_vec(&a).map_err(|e| Status::internal(e.to_string()))?;
-            store
-                .put(&attachment_key(&loc.prefix, &req.node_id), Bytes::from(body), PutMode::Overwrite)
-                .await
-                .map_err(|e| store_status(&e))?;
+            catalog::attach(&store, &loc.prefix, &a).await.map_err(catalog_status)?;
         }
         let mut ctx = HashMap::new();
         ctx.insert("readonly".to_string(), readonly.to_string());
@@ -619,7 +558,7 @@ impl pb::controller_server::Controller for ControllerService {
             vec![req.node_id]
         };
         for node in targets {
-            store.delete(&attachment_key(&loc.prefix, &node)).await.map_err(|e| store_status(&e))?;
+            catalog::detach(&store, &loc.prefix, &node).await.map_err(catalog_status)?;
         }
         Ok(Response::new(pb::ControllerUnpublishVolumeResponse {}))
     }
@@ -776,8 +715,15 @@ impl pb::controller_server::Controller for ControllerService {
         let Ok((vloc, name)) = parse_snapshot_id(&req.snapshot_id) else {
             return Ok(Response::new(pb::DeleteSnapshotResponse {}));
         };
+        // The pins that keep what clones and restored volumes read are no
+        // snapshots a CO can see (ListSnapshots hides them) or delete.
+        if name.starts_with("clone-") {
+            return Ok(Response::new(pb::DeleteSnapshotResponse {}));
+        }
         let _guard = self.inflight.start(&req.snapshot_id)?;
         let store = self.store_for(&vloc, &req.secrets).await?;
+        // Volumes restored from it hold pins of their own: its data stays
+        // until the last of them is deleted.
         store.delete(&format::snapshot_key(&vloc.prefix, &name)).await.map_err(|e| store_status(&e))?;
         let root_prefix =
             vloc.prefix.trim_end_matches('/').rsplit_once('/').map(|(p, _)| format!("{p}/")).unwrap_or_default();

@@ -347,39 +347,3 @@ pub async fn snapshot_still_replayable(store: &DynStore, vol: &str, seq: u64) ->
     }
     Ok(store.head(&checkpoint_key(vol, seq)).await?.is_some())
 }
-
-/// Remove the leftovers of a volume whose `volume.json` is gone (an
-/// interrupted delete, or a compaction that raced one): every object is
-/// s3blk's and older than the safety age, or nothing is touched. Returns
-/// the number of objects deleted.
-pub async fn remove_leftovers(
-    store: &DynStore,
-    prefix: &str,
-    opts: &CompactOptions,
-    clock: &dyn Clock,
-) -> VolumeResult<u64> {
-    if store.head(&format::meta_key(prefix)).await?.is_some() {
-        return Ok(0);
-    }
-    let objects = list_all(store.as_ref(), prefix).await?;
-    let cutoff = clock.now_unix().saturating_sub(opts.safety_age.as_secs() as i64);
-    let format_parts = [
-        format::journal_prefix(prefix),
-        format::chunk_prefix(prefix),
-        format::checkpoint_prefix(prefix),
-        format::snapshot_prefix(prefix),
-    ];
-    let ours = |o: &ObjectInfo| {
-        format_parts.iter().any(|p| o.key.starts_with(p.as_str()))
-            || o.key.strip_prefix(prefix).is_some_and(super::fsck::is_known_extra)
-    };
-    if objects.is_empty() || !objects.iter().all(|o| ours(o) && o.modified_unix.is_some_and(|m| m <= cutoff)) {
-        return Ok(0);
-    }
-    let n = objects.len() as u64;
-    if !opts.dry_run {
-        delete_all(store, objects.into_iter().map(|o| o.key).collect(), opts.concurrency).await?;
-        tracing::info!(prefix, objects = n, "removed the leftovers of a deleted volume");
-    }
-    Ok(n)
-}

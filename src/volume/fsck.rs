@@ -11,15 +11,6 @@ use super::format::{
 use super::{VolumeError, VolumeResult, replay};
 use crate::store::{ObjectStore, StoreError};
 
-/// Objects the CSI controller keeps beside the volume format proper.
-pub(crate) fn is_known_extra(rel: &str) -> bool {
-    rel.starts_with(".s3blk-probe-")
-        || rel == ".s3blk-clock"
-        || rel == "deleted.json"
-        || (rel.starts_with("attachments/") && rel.ends_with(".json"))
-        || (rel.starts_with("clones/") && rel.ends_with(".json"))
-}
-
 #[derive(Debug, Default, Serialize)]
 pub struct FsckReport {
     pub volume: String,
@@ -71,7 +62,7 @@ pub async fn fsck(
             chunks.insert(ig, o.size);
         } else if o.key.starts_with(&format::snapshot_prefix(vol)) && o.key.ends_with(".json") {
             snapshots.push(o.key.clone());
-        } else if !is_known_extra(&o.key[vol.len()..]) {
+        } else if !super::catalog::is_bookkeeping(&o.key[vol.len()..]) {
             rep.warnings.push(format!("unknown object {}", o.key));
         }
     }

@@ -1,6 +1,7 @@
 //! Block volumes stored as chunk objects: format, engine, consistency checks.
 
 pub mod cache;
+pub mod catalog;
 pub mod compact;
 pub mod engine;
 pub mod format;

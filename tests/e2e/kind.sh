@@ -213,7 +213,7 @@ run kubectl delete pvc data raw restored cloned --wait
 bucket_empty() {
   local left
   for _ in $(seq 60); do
-    left=$(kubectl -n "$ns" exec deploy/minio -- sh -c "mc alias set local http://localhost:9000 s3blk s3blk-secret >/dev/null && mc ls --recursive local/volumes/kubernetes/ | grep -v '/_snapshots/' | wc -l")
+    left=$(kubectl -n "$ns" exec deploy/minio -- sh -c "mc alias set local http://localhost:9000 s3blk s3blk-secret >/dev/null && mc ls --recursive local/volumes/kubernetes/ | grep -v -e '/_snapshots/' -e '[.]s3blk-store[.]json' | wc -l")
     [ "$left" = 0 ] && return 0
     sleep 5
   done

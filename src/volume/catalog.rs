@@ -1,0 +1,609 @@
+//! The catalog of volumes in a store: which prefixes are s3blk volumes, and
+//! the bookkeeping objects kept beside the volume format proper.
+//!
+//! Owns: listing the volumes under a store root; deleting a volume;
+//! reaping deleted volumes once nothing depends on them; attachment records
+//! (ControllerPublish); clone markers and the pins that keep the source of
+//! a clone or of a restored volume readable; the marker that names a prefix
+//! as a store the CSI controller provisions into. Does not own the volume
+//! format (`format.rs`), compaction (`compact.rs`) or any protocol's error
+//! codes: callers map [`CatalogError`] at their edge.
+//!
+//! Objects it adds under a volume's prefix:
+//! - `deleted.json`, the tombstone: the volume is deleted. Written before
+//!   the first object is deleted and removed after the last one, so the
+//!   remains of an interrupted delete are recognisable as s3blk's. While
+//!   snapshots or clones still read through the volume it is only hidden,
+//!   and reaped when the last of them goes.
+//! - `attachments/<node>.json`: the volume is published to that node.
+//! - `clones/<name>.json`: the volume `<name>` reads through this one.
+//! - `snapshots/clone-<name>.json`: the pin that keeps what that clone reads.
+//!
+//! And at a store root: `.s3blk-store.json`, written when the controller
+//! first provisions a volume there.
+//!
+//! Deletion follows design invariant 5: only s3blk's own object names, and
+//! only under a prefix that proves to be an s3blk volume (its `volume.json`
+//! or its tombstone). A prefix that also holds anything else (another
+//! volume, a store's objects, someone else's data) is left whole; absence of
+//! `volume.json` alone never marks anything for deletion.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::engine::read_snapshot;
+use super::format::{self, SnapshotRecord};
+use super::{VolumeError, replay};
+use crate::clock::Clock;
+use crate::store::{self, DynStore, ListRequest, ObjectInfo, ObjectStore, PutMode, StoreError};
+
+/// The tombstone's name under a volume's prefix.
+pub const TOMBSTONE: &str = "deleted.json";
+/// The store marker's name under a store root.
+pub const STORE_MARKER: &str = ".s3blk-store.json";
+/// Deletes in flight at once.
+const DELETE_CONCURRENCY: usize = 32;
+/// Listings a delete makes to catch objects that appeared while it ran
+/// (a writer that had not stopped) before it leaves them to the reaper.
+const DELETE_ROUNDS: usize = 3;
+
+/// Why the catalog refused or failed. Each names the volume (or prefix) it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error(
+        "{volume} is not an s3blk volume (it holds {objects} objects but neither volume.json nor a deletion marker); nothing was deleted"
+    )]
+    NotAVolume { volume: String, objects: usize },
+    #[error("{volume} is the root of a store of volumes; nothing was deleted")]
+    StoreRoot { volume: String },
+    #[error("{volume} holds another volume ({inner}); nothing was deleted")]
+    HoldsVolume { volume: String, inner: String },
+    #[error("{volume} holds {objects} objects s3blk did not write (such as {example}); nothing was deleted")]
+    ForeignObjects { volume: String, objects: usize, example: String },
+    #[error("volume {volume} is still published to node {node}")]
+    Published { volume: String, node: String },
+    #[error(
+        "volume {volume} has clones reading through its snapshots ({}); delete them first, or pass --force to break them",
+        .clones.join(", ")
+    )]
+    HasClones { volume: String, clones: Vec<String> },
+    #[error("volume {volume} is being deleted; its name is free once the deletion has finished")]
+    BeingDeleted { volume: String },
+    #[error("snapshot {snapshot} of {volume} was deleted")]
+    SnapshotGone { volume: String, snapshot: String },
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub type CatalogResult<T> = Result<T, CatalogError>;
+
+fn describe(store: &dyn ObjectStore, vol: &str) -> String {
+    format!("{}/{}", store.describe(), vol.trim_end_matches('/'))
+}
+
+// ---------------------------------------------------------------- names
+
+pub fn tombstone_key(vol: &str) -> String {
+    format!("{vol}{TOMBSTONE}")
+}
+
+pub fn attachment_key(vol: &str, node: &str) -> String {
+    format!("{vol}attachments/{}.json", object_name(node))
+}
+
+pub fn store_marker_key(root: &str) -> String {
+    format!("{root}{STORE_MARKER}")
+}
+
+/// A Kubernetes name (`pvc-…`, `snapshot-…`, a node) as an object-name
+/// component: `[a-z0-9._-]`, at most 80 characters; anything changed gets
+/// a hash suffix so different names never collide.
+pub fn object_name(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    let clean = clean.trim_start_matches('.').to_string();
+    if clean == name && !clean.is_empty() && clean.len() <= 80 {
+        return clean;
+    }
+    let short: String = clean.chars().take(70).collect();
+    format!("{short}-{:08x}", crc32c::crc32c(name.as_bytes()))
+}
+
+/// `<dir><name>.json` with a single-segment name → the name.
+fn json_in<'a>(rel: &'a str, dir: &str) -> Option<&'a str> {
+    rel.strip_prefix(dir)?.strip_suffix(".json").filter(|n| !n.is_empty() && !n.contains('/'))
+}
+
+/// Objects the catalog and the engine keep under a volume beside the format
+/// proper (`rel` is the key relative to the volume's prefix).
+/// What compaction writes and removes at once to read the store's clock
+/// (a crash may leave it behind).
+const CLOCK_PROBE: &str = ".s3blk-clock";
+
+pub(crate) fn is_bookkeeping(rel: &str) -> bool {
+    let probe =
+        rel.strip_prefix(".s3blk-probe-").is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    probe
+        || rel == TOMBSTONE
+        || rel == CLOCK_PROBE
+        || json_in(rel, "attachments/").is_some()
+        || json_in(rel, "clones/").is_some()
+}
+
+/// Is `key` one of the object names s3blk writes under the volume `vol`?
+pub fn is_own_object(vol: &str, key: &str) -> bool {
+    let Some(rel) = key.strip_prefix(vol) else { return false };
+    key == format::meta_key(vol)
+        || format::parse_journal_key(vol, key).is_some()
+        || format::parse_checkpoint_key(vol, key).is_some()
+        || format::parse_chunk_key(vol, key).is_some()
+        || json_in(rel, "snapshots/").is_some_and(|n| format::validate_snapshot_name(n).is_ok())
+        || is_bookkeeping(rel)
+}
+
+/// Refuse a listing that holds anything but `vol`'s own objects, naming
+/// the most telling stranger: a store's marker, another volume, or any.
+fn check_all_own(store: &dyn ObjectStore, vol: &str, objects: &[ObjectInfo]) -> CatalogResult<()> {
+    let foreign: Vec<&str> = objects.iter().map(|o| o.key.as_str()).filter(|k| !is_own_object(vol, k)).collect();
+    let Some(first) = foreign.first() else { return Ok(()) };
+    let volume = describe(store, vol);
+    if foreign.iter().any(|k| k.strip_prefix(vol).is_some_and(|r| r == STORE_MARKER)) {
+        return Err(CatalogError::StoreRoot { volume });
+    }
+    let nested = foreign
+        .iter()
+        .find_map(|k| k.strip_suffix("volume.json").or_else(|| k.strip_suffix(TOMBSTONE)).filter(|p| p.ends_with('/')));
+    if let Some(inner) = nested {
+        return Err(CatalogError::HoldsVolume { volume, inner: describe(store, inner) });
+    }
+    Err(CatalogError::ForeignObjects { volume, objects: foreign.len(), example: first.to_string() })
+}
+
+// ---------------------------------------------------------------- stores
+
+/// Record that the controller provisions volumes under `root`.
+pub async fn mark_store(store: &DynStore, root: &str, clock: &dyn Clock) -> CatalogResult<()> {
+    let body = serde_json::json!({ "format_version": format::FORMAT_VERSION, "created_unix": clock.now_unix() });
+    match store.put(&store_marker_key(root), Bytes::from(body.to_string()), PutMode::IfAbsent).await {
+        Ok(()) | Err(StoreError::PreconditionFailed(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Has the controller provisioned volumes under `root`?
+pub async fn is_marked_store(store: &DynStore, root: &str) -> CatalogResult<bool> {
+    Ok(store.head(&store_marker_key(root)).await?.is_some())
+}
+
+// ---------------------------------------------------------------- listing
+
+/// What a prefix directly under a store root holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryState {
+    /// A volume in use.
+    Live,
+    /// Tombstoned: kept for its snapshots or clones, or an interrupted delete.
+    Deleted,
+    /// Neither `volume.json` nor a tombstone: not a volume (never touched).
+    Other,
+}
+
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The key prefix, ending with `/`.
+    pub prefix: String,
+    /// The last segment of the prefix.
+    pub name: String,
+    pub state: EntryState,
+}
+
+/// Every prefix directly under `root`, sorted by key.
+pub async fn list(store: &DynStore, root: &str) -> CatalogResult<Vec<Entry>> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .list(ListRequest { prefix: root, start_after: after.as_deref(), delimiter: true, max_keys: 1000 })
+            .await?;
+        for p in page.common_prefixes {
+            let state = if store.head(&tombstone_key(&p)).await?.is_some() {
+                EntryState::Deleted
+            } else if store.head(&format::meta_key(&p)).await?.is_some() {
+                EntryState::Live
+            } else {
+                EntryState::Other
+            };
+            let name = format::volume_name(&p).to_string();
+            out.push(Entry { prefix: p, name, state });
+        }
+        match page.next_start_after {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    out.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+    Ok(out)
+}
+
+/// Is the volume tombstoned (deleted, perhaps still kept for dependants)?
+pub async fn is_deleted(store: &DynStore, vol: &str) -> CatalogResult<bool> {
+    Ok(store.head(&tombstone_key(vol)).await?.is_some())
+}
+
+/// Refuse to create a volume where a deleted one is still being removed:
+/// the reaper would take the new volume for the remains of the old.
+pub async fn check_name_free(store: &DynStore, vol: &str) -> CatalogResult<()> {
+    if is_deleted(store, vol).await? {
+        return Err(CatalogError::BeingDeleted { volume: describe(store.as_ref(), vol) });
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- attachments
+
+/// A ControllerPublish: the volume is attached to `node_id`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attachment {
+    pub node_id: String,
+    pub readonly: bool,
+    pub created_unix: i64,
+}
+
+pub async fn attachments(store: &DynStore, vol: &str) -> CatalogResult<Vec<Attachment>> {
+    let mut out = Vec::new();
+    for o in store::list_all(store.as_ref(), &format!("{vol}attachments/")).await? {
+        let body = match store.get(&o.key, None).await {
+            Ok(b) => b,
+            Err(StoreError::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        match serde_json::from_slice::<Attachment>(&body) {
+            Ok(a) => out.push(a),
+            Err(e) => tracing::warn!(key = %o.key, error = %e, "unreadable attachment record"),
+        }
+    }
+    Ok(out)
+}
+
+pub async fn attach(store: &DynStore, vol: &str, a: &Attachment) -> CatalogResult<()> {
+    let body = serde_json::to_vec(a).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
+    store.put(&attachment_key(vol, &a.node_id), Bytes::from(body), PutMode::Overwrite).await?;
+    Ok(())
+}
+
+pub async fn detach(store: &DynStore, vol: &str, node: &str) -> CatalogResult<()> {
+    Ok(store.delete(&attachment_key(vol, node)).await?)
+}
+
+// ---------------------------------------------------------------- clones and pins
+
+/// The marker a source volume keeps for a clone (or restored volume) that reads through it.
+#[derive(Debug, Serialize, Deserialize)]
+struct CloneMarker {
+    clone: String,
+    seq: u64,
+}
+
+/// Record in `source` that the volume at `clone` (named `clone_id` for
+/// people) reads through it as of `seq`.
+pub async fn add_clone_marker(
+    store: &DynStore,
+    source: &str,
+    clone: &str,
+    clone_id: &str,
+    seq: u64,
+) -> CatalogResult<()> {
+    let body = serde_json::to_vec(&CloneMarker { clone: clone_id.to_string(), seq })
+        .map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
+    store.put(&format::clone_marker_key(source, clone), Bytes::from(body), PutMode::Overwrite).await?;
+    Ok(())
+}
+
+/// Pin what a volume restored from the snapshot `snap` of `source` reads:
+/// a snapshot of its own at the same seq, which compaction keeps until the
+/// restored volume is deleted, whatever happens to `snap`. Fails when
+/// `snap` is deleted before the pin is in place (compaction may then
+/// already have folded its seq away).
+pub async fn pin_snapshot_for(
+    store: &DynStore,
+    source: &str,
+    snap: &SnapshotRecord,
+    clone: &str,
+) -> CatalogResult<SnapshotRecord> {
+    let pin = SnapshotRecord { name: format::clone_pin_name(clone), ..snap.clone() };
+    let body = serde_json::to_vec_pretty(&pin).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
+    let key = format::snapshot_key(source, &pin.name);
+    match store.put(&key, Bytes::from(body), PutMode::IfAbsent).await {
+        Ok(()) => {}
+        // A retried restore: the pin it wrote the first time.
+        Err(StoreError::PreconditionFailed(_)) => {
+            let existing = read_snapshot(store, source, &pin.name).await?;
+            if existing.seq != snap.seq {
+                return Err(VolumeError::AlreadyExists(format!("snapshot {} at another seq", pin.name)).into());
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    // Compaction keeps what any snapshot it lists needs. The snapshot still
+    // being there after the pin was written means every compaction pass
+    // since has seen one of the two.
+    match read_snapshot(store, source, &snap.name).await {
+        Ok(r) if r.seq == snap.seq => Ok(pin),
+        Ok(_) | Err(VolumeError::NotFound(_)) => {
+            store.delete(&key).await?;
+            Err(CatalogError::SnapshotGone { volume: describe(store.as_ref(), source), snapshot: snap.name.clone() })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A clone (or restored volume) lets go of its source: the marker and the
+/// pin go, and the source too when it was deleted and this was the last
+/// thing that kept it (if that fails, the reaper tries again later).
+pub async fn release_source(store: &DynStore, source: &str, clone: &str) -> CatalogResult<()> {
+    store.delete(&format::clone_marker_key(source, clone)).await?;
+    store.delete(&format::snapshot_key(source, &format::clone_pin_name(clone))).await?;
+    if let Err(e) = Box::pin(reap(store, source, None)).await {
+        tracing::warn!(volume = %describe(store.as_ref(), source), error = %e, "reaping a deleted source failed");
+    }
+    Ok(())
+}
+
+/// Do snapshots or clones still read through the volume?
+pub async fn has_dependants(store: &DynStore, vol: &str) -> CatalogResult<bool> {
+    for prefix in [format::clones_prefix(vol), format::snapshot_prefix(vol)] {
+        let page =
+            store.list(ListRequest { prefix: &prefix, start_after: None, delimiter: false, max_keys: 1 }).await?;
+        if !page.objects.is_empty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+// ---------------------------------------------------------------- delete and reap
+
+/// What a delete does about snapshots and clones that read through the volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDependants {
+    /// Hide the volume behind its tombstone and keep its objects until its
+    /// last snapshot and clone is gone (CSI: snapshots outlive their volume).
+    Keep,
+    /// Refuse while clones read through it; its own snapshots go with it
+    /// (the CLI).
+    RefuseClones,
+    /// Delete it anyway, published or not; clones reading through it break
+    /// (the CLI's `--force`).
+    Break,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    /// Nothing was there: already deleted, or never created.
+    Absent,
+    /// Hidden behind its tombstone; objects kept for snapshots or clones.
+    Kept,
+    /// Gone: this many objects deleted.
+    Deleted { objects: u64 },
+}
+
+/// Delete the volume under `vol`: prove it is one (its `volume.json` or
+/// tombstone) holding nothing but s3blk's own objects, write the tombstone,
+/// delete every object, the tombstone last. Refuses, deleting nothing, when
+/// the proof is missing, anything else lives under the prefix, or (unless
+/// `Break`) the volume is published.
+pub async fn delete_volume(
+    store: &DynStore,
+    vol: &str,
+    on_dependants: OnDependants,
+    clock: &dyn Clock,
+) -> CatalogResult<DeleteOutcome> {
+    let volume = describe(store.as_ref(), vol);
+    if vol.is_empty() {
+        return Err(CatalogError::StoreRoot { volume });
+    }
+    let objects = store::list_all(store.as_ref(), vol).await?;
+    if objects.is_empty() {
+        return Ok(DeleteOutcome::Absent);
+    }
+    check_all_own(store.as_ref(), vol, &objects)?;
+    let has = |key: String| objects.iter().any(|o| o.key == key);
+    let tombstoned = has(tombstone_key(vol));
+    let has_meta = has(format::meta_key(vol));
+    if !tombstoned && !has_meta {
+        return Err(CatalogError::NotAVolume { volume, objects: objects.len() });
+    }
+    if on_dependants != OnDependants::Break {
+        if let Some(a) = attachments(store, vol).await?.first() {
+            return Err(CatalogError::Published { volume, node: a.node_id.clone() });
+        }
+    }
+    let clones: Vec<String> =
+        objects.iter().filter_map(|o| json_in(o.key.strip_prefix(vol)?, "clones/").map(str::to_string)).collect();
+    let snapshots = objects.iter().any(|o| o.key.starts_with(&format::snapshot_prefix(vol)));
+    // Without volume.json a tombstoned volume is an interrupted delete:
+    // its snapshots and clones were gone or let go before it began.
+    match on_dependants {
+        OnDependants::Keep if has_meta && (!clones.is_empty() || snapshots) => {
+            write_tombstone(store, vol, clock).await?;
+            tracing::info!(
+                volume = %volume,
+                objects = objects.len(),
+                clones = clones.len(),
+                "volume deleted; its objects are kept for its snapshots or clones"
+            );
+            return Ok(DeleteOutcome::Kept);
+        }
+        OnDependants::RefuseClones if has_meta && !clones.is_empty() => {
+            return Err(CatalogError::HasClones { volume, clones });
+        }
+        _ => {}
+    }
+    write_tombstone(store, vol, clock).await?;
+    Ok(DeleteOutcome::Deleted { objects: finish_delete(store, vol).await? })
+}
+
+/// The deletion proper of a tombstoned volume: it lets go of its source
+/// first (while its `volume.json` still names it), then every object goes.
+async fn finish_delete(store: &DynStore, vol: &str) -> CatalogResult<u64> {
+    if let Some(p) = replay::read_meta(store.as_ref(), vol).await.ok().and_then(|m| m.parent) {
+        release_source(store, &p.volume, vol).await?;
+    }
+    purge(store, vol).await
+}
+
+async fn write_tombstone(store: &DynStore, vol: &str, clock: &dyn Clock) -> CatalogResult<()> {
+    let body = Bytes::from(format!("{{\"deleted_unix\":{}}}\n", clock.now_unix()));
+    match store.put(&tombstone_key(vol), body, PutMode::IfAbsent).await {
+        // Already tombstoned: keep the first one, its age counts.
+        Ok(()) | Err(StoreError::PreconditionFailed(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// When the background reaper may act on a tombstone: once it is older
+/// than `safety_age`, so a delete still running finishes on its own.
+#[derive(Debug, Clone, Copy)]
+pub struct ReapAge<'a> {
+    pub safety_age: Duration,
+    pub clock: &'a dyn Clock,
+}
+
+/// Remove a tombstoned volume once no snapshot or clone reads through it
+/// any more: the volume kept for its dependants, or the remains of an
+/// interrupted delete. Untombstoned prefixes are never touched. Returns the
+/// number of objects deleted, `None` when there was nothing to do.
+pub async fn reap(store: &DynStore, vol: &str, age: Option<ReapAge<'_>>) -> CatalogResult<Option<u64>> {
+    let Some(tombstone) = tombstone_info(store, vol).await? else { return Ok(None) };
+    if let Some(a) = age {
+        // The tombstone's age on the store's clock, as compaction measures.
+        let now = super::compact::store_now(store, vol).await?.unwrap_or_else(|| a.clock.now_unix());
+        let cutoff = now.saturating_sub(a.safety_age.as_secs() as i64);
+        let when = match tombstone.modified_unix {
+            Some(m) => Some(m),
+            None => tombstone_written(store, vol).await?,
+        };
+        if when.is_none_or(|w| w > cutoff) {
+            return Ok(None);
+        }
+    }
+    // volume.json goes first when the objects do: without it, this is an
+    // interrupted delete to finish, whatever records are left.
+    if store.head(&format::meta_key(vol)).await?.is_some() && has_dependants(store, vol).await? {
+        return Ok(None);
+    }
+    Ok(Some(finish_delete(store, vol).await?))
+}
+
+async fn tombstone_info(store: &DynStore, vol: &str) -> CatalogResult<Option<ObjectInfo>> {
+    let key = tombstone_key(vol);
+    let page = store.list(ListRequest { prefix: &key, start_after: None, delimiter: false, max_keys: 1 }).await?;
+    Ok(page.objects.into_iter().find(|o| o.key == key))
+}
+
+/// The tombstone's own record of when it was written (stores that report
+/// no modification time).
+async fn tombstone_written(store: &DynStore, vol: &str) -> CatalogResult<Option<i64>> {
+    #[derive(Deserialize)]
+    struct Tombstone {
+        deleted_unix: i64,
+    }
+    match store.get(&tombstone_key(vol), None).await {
+        Ok(b) => Ok(serde_json::from_slice::<Tombstone>(&b).ok().map(|t| t.deleted_unix)),
+        Err(StoreError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Delete every object of a tombstoned volume, `volume.json` first (a
+/// half-deleted volume never opens), the tombstone last. Each round lists
+/// afresh and checks again that only s3blk's objects and the tombstone are
+/// there; objects that keep appearing are left, with the tombstone, to the
+/// reaper.
+async fn purge(store: &DynStore, vol: &str) -> CatalogResult<u64> {
+    let volume = describe(store.as_ref(), vol);
+    let tombstone = tombstone_key(vol);
+    let meta = format::meta_key(vol);
+    let mut deleted = 0u64;
+    for _ in 0..DELETE_ROUNDS {
+        let objects = store::list_all(store.as_ref(), vol).await?;
+        if !objects.iter().any(|o| o.key == tombstone) {
+            // Someone else finished the job meanwhile.
+            return Ok(deleted);
+        }
+        check_all_own(store.as_ref(), vol, &objects)?;
+        let rest: BTreeSet<String> = objects.into_iter().map(|o| o.key).filter(|k| *k != tombstone).collect();
+        if rest.is_empty() {
+            store.delete(&tombstone).await?;
+            tracing::info!(volume = %volume, objects = deleted + 1, "volume deleted");
+            return Ok(deleted + 1);
+        }
+        if rest.contains(&meta) {
+            store.delete(&meta).await?;
+        }
+        let n = rest.len() as u64;
+        let keys: Vec<String> = rest.into_iter().filter(|k| *k != meta).collect();
+        store::delete_keys(store.as_ref(), keys, DELETE_CONCURRENCY).await?;
+        deleted += n;
+    }
+    tracing::warn!(
+        volume = %volume,
+        objects = deleted,
+        "objects of a deleted volume are still appearing; its tombstone stays for the reaper"
+    );
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_names_are_safe_and_distinct() {
+        assert_eq!(object_name("pvc-0a1b2c3d"), "pvc-0a1b2c3d");
+        let a = object_name("My Volume/1");
+        let b = object_name("My Volume/2");
+        assert_ne!(a, b);
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)), "{a}");
+        assert!(object_name(&"x".repeat(300)).len() <= 80);
+        assert!(!object_name("..").starts_with('.'));
+    }
+
+    #[test]
+    fn own_objects_are_exactly_the_names_s3blk_writes() {
+        let v = "k8s/pvc-1/";
+        for own in [
+            format::meta_key(v),
+            format::journal_key(v, 3),
+            format::checkpoint_key(v, 3),
+            format::chunk_key(v, 1, 2),
+            format::snapshot_key(v, "snap-1"),
+            format::clone_marker_key(v, "k8s/pvc-2/"),
+            attachment_key(v, "node-a"),
+            tombstone_key(v),
+            format!("{v}.s3blk-probe-0123456789abcdef"),
+        ] {
+            assert!(is_own_object(v, &own), "{own}");
+        }
+        for foreign in [
+            "k8s/pvc-1/readme.txt",
+            "k8s/pvc-1/inner/volume.json",
+            "k8s/pvc-1/journal/volume.json",
+            "k8s/pvc-1/chunks/0000000000000001/zz",
+            "k8s/pvc-1/attachments/a/b.json",
+            "k8s/pvc-1/snapshots/x/y.json",
+            "k8s/pvc-1/.s3blk-store.json",
+            "k8s/pvc-10/volume.json",
+            "k8s/volume.json",
+        ] {
+            assert!(!is_own_object(v, foreign), "{foreign}");
+        }
+    }
+}
