@@ -108,9 +108,9 @@ async fn a_cancelled_upload_never_zeroes_its_chunk() {
 // 2 ---------------------------------------------------------------------------
 
 /// Writer A commits, B takes over and commits more, and a compaction that
-/// fails part-way (one journal delete errors) leaves the journal however it
-/// leaves it. A's next flush must be fenced, and nobody may ever see A's
-/// post-takeover data.
+/// dies part-way (killed while one journal delete hangs) leaves the journal
+/// however it leaves it. A's next flush must be fenced, and nobody may ever
+/// see A's post-takeover data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_writer_cannot_commit_after_a_partial_compaction() {
     let rig = Rig::new();
@@ -123,9 +123,11 @@ async fn a_fenced_writer_cannot_commit_after_a_partial_compaction() {
         b.write(CSU + i, b"B").await.expect("b write");
         b.flush().await.expect("b flush"); // records 4, 5
     }
-    // The delete of record 2 fails; the compaction stops there.
-    rig.rule(Some(Op::Delete), &journal_key(2), Fault::ServerError, 1);
-    let _ = compact::compact(&rig.faulty(), "v/", &eager(), &SystemClock).await;
+    // The delete of record 2 hangs, and the compaction is killed there.
+    rig.rule(Some(Op::Delete), &journal_key(2), Fault::Hang, 1);
+    let (faulty, opts) = (rig.faulty(), eager());
+    let killed = tokio::time::timeout(Duration::from_secs(2), compact::compact(&faulty, "v/", &opts, &SystemClock));
+    assert!(killed.await.is_err(), "the compaction should hang at the delete of record 2");
     rig.fault.clear_rules();
     a.write(0, b"A-stale!").await.expect("a buffers the write");
     match a.flush().await {

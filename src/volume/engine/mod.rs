@@ -229,6 +229,10 @@ fn checkpoint_every(mapped: usize) -> u64 {
     (mapped as u64 / 1024).clamp(64, 1024)
 }
 
+/// Rounds of the open record's append (each already retried by the store
+/// layer) before opening fails.
+const OPEN_APPEND_TRIES: u32 = 3;
+
 /// Chunk uploads tried under fresh names when a name is taken.
 const NAME_ATTEMPTS: u32 = 8;
 
@@ -835,11 +839,12 @@ async fn open_for_write(
             inline: Vec::new(),
         };
         let bytes = Bytes::from(rec.encode());
+        let mut tries = 0;
         let landed = loop {
             match journal::append(store.as_ref(), vol, seq, &bytes, &[]).await {
                 Ok(a) => break a,
                 // Unknown outcome: the same bytes again tell.
-                Err(e) if e.is_retryable() => continue,
+                Err(e) if e.is_retryable() && tries < OPEN_APPEND_TRIES => tries += 1,
                 Err(e) => return Err(e.into()),
             }
         };
@@ -1000,7 +1005,7 @@ impl Inner {
     }
 
     async fn try_stored_bytes(&self, index: u64) -> VolumeResult<Option<Bytes>> {
-        let (vol, r) = {
+        let (vol, r, own) = {
             let mut st = self.lock();
             if let Some(s) = st.staged.get(&index) {
                 return Ok(s.data.clone());
@@ -1009,11 +1014,11 @@ impl Inner {
                 return Ok(Some(b));
             }
             match st.map.get(&index) {
-                Some(r) => (self.vol.as_str(), *r),
+                Some(r) => (self.vol.as_str(), *r, Some(*r)),
                 // The nearest ancestor that maps the chunk decides (a ZERO
                 // there hides older ancestors' bytes).
                 None => match self.parents.iter().find_map(|p| p.map.get(&index).map(|r| (p, *r))) {
-                    Some((p, r)) => (p.vol.as_str(), r),
+                    Some((p, r)) => (p.vol.as_str(), r, None),
                     None => return Ok(None),
                 },
             }
@@ -1046,7 +1051,7 @@ impl Inner {
         // The cache holds a chunk's current bytes: with a dirty slot over
         // them, these are only its base. A chunk staged or remapped while
         // we fetched is not cached either.
-        if !st.slots.contains_key(&index) && !st.staged.contains_key(&index) && st.map.get(&index) == Some(&r) {
+        if !st.slots.contains_key(&index) && !st.staged.contains_key(&index) && st.map.get(&index).copied() == own {
             st.clean.insert(index, data.clone());
         }
         Ok(Some(data))
@@ -1315,7 +1320,8 @@ impl Inner {
 
     /// Find out where a pending record stands, sending it (again) if it
     /// may not have landed. Ok when it, or an earlier abandoned record of
-    /// ours, is now proven the journal's head.
+    /// ours, is now proven the journal's head, or when it was too old to
+    /// send and was abandoned (nothing pending any more either way).
     async fn settle(&self, p: Pending) -> VolumeResult<()> {
         let seq = p.record.seq;
         let deadline = p.oldest + self.opts.commit_deadline;
@@ -1324,17 +1330,22 @@ impl Inner {
             (st.head_bytes.clone(), st.abandoned.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>())
         };
         let left = deadline.saturating_duration_since(Instant::now());
-        let answer = if left.is_zero() {
-            None
-        } else {
-            tokio::time::timeout(left, journal::append(self.store.as_ref(), &self.vol, seq, &p.bytes, &earlier))
-                .await
-                .ok()
-        };
-        let landed = match answer {
-            Some(Ok(a)) => a,
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err(self.abandon(p).await),
+        if left.is_zero() {
+            // Too old to send again (an earlier attempt failed long ago):
+            // give it up and let the caller commit afresh.
+            return self.abandon(p).await;
+        }
+        let sent = journal::append(self.store.as_ref(), &self.vol, seq, &p.bytes, &earlier);
+        let landed = match tokio::time::timeout(left, sent).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                self.abandon(p).await?;
+                return Err(VolumeError::Store(StoreError::Transient(format!(
+                    "the commit did not land within {:?}; its chunks were uploaded again, try again",
+                    self.opts.commit_deadline
+                ))));
+            }
         };
         let (record, bytes) = match landed {
             Appended::Ours => (p.record.clone(), p.bytes.clone()),
@@ -1363,7 +1374,7 @@ impl Inner {
     /// Give up on a pending record that did not land in time: it may still
     /// land (then it is recognised as ours), but its chunks go up again
     /// under fresh names and the next commit refers to those.
-    async fn abandon(&self, p: Pending) -> VolumeError {
+    async fn abandon(&self, p: Pending) -> VolumeResult<()> {
         tracing::warn!(
             volume = %self.vol,
             seq = p.record.seq,
@@ -1375,13 +1386,7 @@ impl Inner {
             st.pending = None;
             st.abandoned.push((p.bytes, p.record));
         }
-        if let Err(e) = self.restage(Duration::ZERO).await {
-            return e;
-        }
-        VolumeError::Store(StoreError::Transient(format!(
-            "the commit did not land within {:?}; its chunks were uploaded again, try again",
-            self.opts.commit_deadline
-        )))
+        self.restage(Duration::ZERO).await
     }
 
     /// Write a checkpoint at the head now and then, so that opening the
