@@ -1,0 +1,285 @@
+//! The read path: dirty, staged, cached or fetched bytes; readahead; a
+//! read-only opener following the journal.
+
+use super::*;
+
+impl Volume {
+    /// Read `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: u64) -> VolumeResult<Vec<u8>> {
+        let inner = &self.inner;
+        inner.check_range(offset, len)?;
+        let mut out = vec![0u8; len as usize];
+        let ps: Vec<Piece> = pieces(offset, len, inner.chunk_size).collect();
+        let fetched: Vec<(Piece, Option<Bytes>)> = stream::iter(ps.into_iter().map(|p| async move {
+            let _g = inner.locks.lock(p.index).await;
+            Ok::<_, VolumeError>((p, inner.piece_bytes(p).await?))
+        }))
+        .buffered(inner.opts.concurrency)
+        .try_collect()
+        .await?;
+        for (p, data) in fetched {
+            if let Some(d) = data {
+                out[p.pos..p.pos + p.len].copy_from_slice(&d);
+            }
+        }
+        self.maybe_readahead(offset, len);
+        Ok(out)
+    }
+
+    /// Like [`Volume::read`], returning shared bytes: a read inside one
+    /// cached chunk is a slice of the cache, with no copy.
+    pub async fn read_bytes(&self, offset: u64, len: u64) -> VolumeResult<Bytes> {
+        let inner = &self.inner;
+        inner.check_range(offset, len)?;
+        let mut ps = pieces(offset, len, inner.chunk_size);
+        if let (Some(p), None) = (ps.next(), ps.next()) {
+            let data = {
+                let _g = inner.locks.lock(p.index).await;
+                inner.piece_bytes(p).await?
+            };
+            self.maybe_readahead(offset, len);
+            return Ok(data.unwrap_or_else(|| Bytes::from(vec![0u8; p.len])));
+        }
+        self.read(offset, len).await.map(Bytes::from)
+    }
+
+    /// A read served on the spot when its bytes are in memory: one chunk,
+    /// dirty, staged, cached, or known to be zeros. No chunk lock and no
+    /// await: the state lock alone orders it against writers, which change
+    /// a chunk's bytes only under that lock. `None` means "take
+    /// [`Volume::read_bytes`]".
+    pub fn read_now(&self, offset: u64, len: u64) -> Option<Bytes> {
+        let inner = &self.inner;
+        // Out-of-range requests take the normal path and its error.
+        offset.checked_add(len)?;
+        let mut ps = pieces(offset, len, inner.chunk_size);
+        let (Some(p), None) = (ps.next(), ps.next()) else {
+            return None;
+        };
+        let (data, sequential) = {
+            let mut st = inner.lock();
+            if offset + len > st.size {
+                return None;
+            }
+            let data = match st.slots.get(&p.index) {
+                Some(slot) => slot.data.piece(p)?.unwrap_or_else(|| Bytes::from(vec![0u8; p.len])),
+                None => match st.staged.get(&p.index) {
+                    Some(s) => match &s.data {
+                        Some(b) => b.slice(p.at..p.at + p.len),
+                        None => Bytes::from(vec![0u8; p.len]),
+                    },
+                    None => match st.clean.get(p.index) {
+                        Some(b) => b.slice(p.at..p.at + p.len),
+                        None => match st.map.get(&p.index) {
+                            Some(ChunkRef::Zero) => Bytes::from(vec![0u8; p.len]),
+                            None if inner.parents.is_empty() => Bytes::from(vec![0u8; p.len]),
+                            _ => return None,
+                        },
+                    },
+                },
+            };
+            (data, note_read(&mut st, offset, len))
+        };
+        if sequential {
+            self.readahead_after(offset + len);
+        }
+        Some(data)
+    }
+
+    /// Prefetch a chunk into the cache (NBD_CMD_CACHE).
+    pub async fn prefetch(&self, offset: u64, len: u64) -> VolumeResult<()> {
+        let inner = &self.inner;
+        inner.check_range(offset, len)?;
+        for p in pieces(offset, len, inner.chunk_size) {
+            let _g = inner.locks.lock(p.index).await;
+            inner.chunk_bytes(p.index).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn maybe_readahead(&self, offset: u64, len: u64) {
+        if note_read(&mut self.inner.lock(), offset, len) {
+            self.readahead_after(offset + len);
+        }
+    }
+
+    /// Fetch the chunks after `end` into the cache in the background.
+    pub(super) fn readahead_after(&self, end: u64) {
+        let inner = &self.inner;
+        let ra = inner.opts.readahead_chunks;
+        if ra == 0 {
+            return;
+        }
+        let size = self.size();
+        let next = end.div_ceil(inner.chunk_size);
+        let last = size.div_ceil(inner.chunk_size);
+        for index in next..(next + ra).min(last) {
+            let cached = {
+                let st = inner.lock();
+                st.slots.contains_key(&index) || st.staged.contains_key(&index) || st.clean.peek(index)
+            };
+            if cached {
+                continue;
+            }
+            let vol = self.clone();
+            tokio::spawn(async move {
+                let _g = vol.inner.locks.lock(index).await;
+                if let Err(e) = vol.inner.chunk_bytes(index).await {
+                    tracing::debug!(index, error = %e, "readahead failed");
+                }
+            });
+        }
+    }
+}
+
+impl Inner {
+    /// The bytes of one piece of a chunk (`None` = zeros), copying no more
+    /// than the piece from a dirty buffer. Caller holds the chunk lock.
+    pub(super) async fn piece_bytes(&self, p: Piece) -> VolumeResult<Option<Bytes>> {
+        if let Some(b) = self.lock().slots.get(&p.index).and_then(|s| s.data.piece(p)) {
+            return Ok(b);
+        }
+        Ok(self.chunk_bytes(p.index).await?.map(|b| b.slice(p.at..p.at + p.len)))
+    }
+
+    /// The current bytes of a chunk (`None` = zeros). Caller holds the chunk lock.
+    pub(super) async fn chunk_bytes(&self, index: u64) -> VolumeResult<Option<Bytes>> {
+        let over_base = {
+            let st = self.lock();
+            match st.slots.get(&index).map(|s| &s.data) {
+                None => false,
+                Some(DirtyData::Zero) => return Ok(None),
+                Some(DirtyData::Data(v)) => return Ok(Some(Bytes::copy_from_slice(v))),
+                Some(DirtyData::Pages(_)) => true,
+            }
+        };
+        let base = self.stored_bytes(index).await?;
+        if !over_base {
+            return Ok(base);
+        }
+        // Merge once, in place, with the pages as they are now (the fast
+        // write path may have added some meanwhile); later reads are copies.
+        let mut st = self.lock();
+        let Some(slot) = st.slots.get_mut(&index) else {
+            return Ok(base);
+        };
+        slot.data.materialize(base.as_deref());
+        Ok(match &slot.data {
+            DirtyData::Data(v) => Some(Bytes::copy_from_slice(v)),
+            _ => None,
+        })
+    }
+
+    /// The chunk's bytes as staged or committed, ignoring any dirty slot
+    /// (`None` = zeros): staged bytes from memory, else from the cache, or
+    /// fetched and verified.
+    pub(super) async fn stored_bytes(&self, index: u64) -> VolumeResult<Option<Bytes>> {
+        let mut followed = false;
+        loop {
+            match self.try_stored_bytes(index).await {
+                // A read-only opener's map may refer to a chunk generation
+                // that a writer has since replaced and compaction collected:
+                // follow the journal to the current state, once per read.
+                Err(VolumeError::Corrupt(why))
+                    if why.ends_with("is missing") && self.follows_journal() && !followed =>
+                {
+                    followed = true;
+                    self.follow_journal().await?;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// A read-only opener of the live volume (not of a snapshot).
+    pub(super) fn follows_journal(&self) -> bool {
+        self.opts.read_only && self.opts.snapshot.is_none()
+    }
+
+    /// Bring a read-only opener's map up to the journal's head: the
+    /// records after ours, or, when compaction folded past our head, the
+    /// latest checkpoint and what follows it.
+    pub(super) async fn follow_journal(&self) -> VolumeResult<()> {
+        let cs = self.chunk_size;
+        let mut next = {
+            let st = self.lock();
+            Replayed { map: st.map.clone(), size: st.size, head: st.head, epoch: st.epoch, ..Replayed::default() }
+        };
+        if replay::catch_up(self.store.as_ref(), &self.vol, cs, &mut next, true, None).await.is_err() {
+            next = replay::replay(self.store.as_ref(), &self.vol, cs, None).await?;
+        }
+        let mut st = self.lock();
+        tracing::debug!(volume = %self.vol, from = st.head, to = next.head, "read-only opener followed the journal");
+        for (index, r) in &next.map {
+            if st.map.get(index) != Some(r) {
+                st.clean.remove(*index);
+            }
+        }
+        st.map = next.map;
+        st.head = next.head;
+        st.size = st.size.max(next.size);
+        st.committed_size = st.size;
+        st.epoch = next.epoch;
+        Ok(())
+    }
+
+    pub(super) async fn try_stored_bytes(&self, index: u64) -> VolumeResult<Option<Bytes>> {
+        let (vol, r, own) = {
+            let mut st = self.lock();
+            if let Some(s) = st.staged.get(&index) {
+                return Ok(s.data.clone());
+            }
+            if let Some(b) = st.clean.get(index) {
+                return Ok(Some(b));
+            }
+            match st.map.get(&index) {
+                Some(r) => (self.vol.as_str(), *r, Some(*r)),
+                // The nearest ancestor that maps the chunk decides (a ZERO
+                // there hides older ancestors' bytes).
+                None => match self.parents.iter().find_map(|p| p.map.get(&index).map(|r| (p, *r))) {
+                    Some((p, r)) => (p.vol.as_str(), r, None),
+                    None => return Ok(None),
+                },
+            }
+        };
+        let ChunkRef::Stored { generation, crc } = r else {
+            return Ok(None);
+        };
+        let key = chunk_key(vol, index, generation);
+        let data = match self.store.get(&key, None).await {
+            Ok(d) => d,
+            Err(StoreError::NotFound(_)) => {
+                return Err(VolumeError::Corrupt(format!("chunk object {key} is missing")));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if data.len() as u64 != self.chunk_size {
+            return Err(VolumeError::Corrupt(format!(
+                "chunk object {key} has {} bytes, expected {}",
+                data.len(),
+                self.chunk_size
+            )));
+        }
+        let actual = crc32c::crc32c(&data);
+        if actual != crc {
+            return Err(VolumeError::Corrupt(format!(
+                "chunk object {key} fails its checksum (crc32c {actual:08x}, expected {crc:08x})"
+            )));
+        }
+        let mut st = self.lock();
+        // The cache holds a chunk's current bytes: with a dirty slot over
+        // them, these are only its base. A chunk staged or remapped while
+        // we fetched is not cached either.
+        if !st.slots.contains_key(&index) && !st.staged.contains_key(&index) && st.map.get(&index).copied() == own {
+            st.clean.insert(index, data.clone());
+        }
+        Ok(Some(data))
+    }
+}
+
+/// Record a read for sequential detection: true when it continues the last one.
+fn note_read(st: &mut State, offset: u64, len: u64) -> bool {
+    let sequential = st.last_read_end == offset;
+    st.last_read_end = offset + len;
+    sequential
+}

@@ -1,0 +1,157 @@
+//! Uploads: dirty chunks become staged chunk objects under fresh names,
+//! in the background past the dirty limit and at every flush.
+
+use super::*;
+
+impl Volume {
+    /// Past the dirty limit: upload the oldest dirty chunks and commit them,
+    /// which gives their memory back to writers.
+    pub(super) fn kick_uploader(&self) {
+        let inner = &self.inner;
+        if inner.uploader_running.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let vol = self.clone();
+        tokio::spawn(async move {
+            vol.inner.background_upload().await;
+            vol.inner.uploader_running.store(false, Ordering::SeqCst);
+        });
+    }
+}
+
+impl Inner {
+    pub(super) fn next_generation(&self, epoch: u64) -> VolumeResult<u64> {
+        let counter = self.generation_counter.fetch_add(1, Ordering::SeqCst);
+        if counter >= format::MAX_GENERATION_COUNTER {
+            return Err(self.fence("this writer used up its chunk names; open the volume again".into()));
+        }
+        Ok(format::generation(epoch, counter))
+    }
+
+    /// Upload a chunk's bytes under a fresh generation, created
+    /// conditionally: a name already taken (by any writer, ever) is never
+    /// overwritten; the next name is tried.
+    pub(super) async fn put_chunk(&self, index: u64, data: &Bytes) -> VolumeResult<ChunkRef> {
+        let crc = crc32c::crc32c(data);
+        let mode = if self.meta.single_writer { PutMode::Overwrite } else { PutMode::IfAbsent };
+        for _ in 0..NAME_ATTEMPTS {
+            let epoch = self.lock().epoch;
+            let generation = self.next_generation(epoch)?;
+            match self.store.put(&chunk_key(&self.vol, index, generation), data.clone(), mode).await {
+                Ok(()) => return Ok(ChunkRef::Stored { generation, crc }),
+                // Taken, or our own earlier attempt whose answer was lost:
+                // either way a fresh name is safe (the other is garbage).
+                Err(StoreError::PreconditionFailed(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(VolumeError::Corrupt(format!("chunk {index}: {NAME_ATTEMPTS} fresh object names were all taken")))
+    }
+
+    /// Upload one dirty chunk as a new generation and stage it. The slot
+    /// keeps its bytes throughout: cancelled or failed, nothing is lost.
+    pub(super) async fn upload_chunk(&self, index: u64) -> VolumeResult<()> {
+        let _u = self.upload_locks.lock(index).await;
+        let pages = matches!(self.lock().slots.get(&index).map(|s| &s.data), Some(DirtyData::Pages(_)));
+        if pages {
+            let _g = self.locks.lock(index).await;
+            let base = self.stored_bytes(index).await?;
+            if let Some(slot) = self.lock().slots.get_mut(&index) {
+                slot.data.materialize(base.as_deref());
+            }
+        }
+        let (data, version) = {
+            let st = self.lock();
+            let Some(slot) = st.slots.get(&index) else {
+                return Ok(());
+            };
+            let Some(data) = slot.data.upload_bytes() else {
+                return Err(VolumeError::Corrupt(format!("chunk {index}: pages left unmerged before upload")));
+            };
+            (data, slot.version)
+        };
+        let at = Instant::now();
+        let r = match &data {
+            None => ChunkRef::Zero,
+            Some(d) => self.put_chunk(index, d).await?,
+        };
+        let mut st = self.lock();
+        let unchanged = st.slots.get(&index).is_some_and(|s| s.version == version);
+        let permit = if unchanged { st.slots.remove(&index).and_then(|mut s| s.permit.take()) } else { None };
+        if unchanged {
+            match &data {
+                Some(d) => st.clean.insert(index, d.clone()),
+                None => st.clean.remove(index),
+            }
+        }
+        // A staged chunk it replaces keeps its permit until dropped here.
+        st.staged.insert(index, Staged { r, data, at, _permit: permit });
+        Ok(())
+    }
+
+    /// Upload the oldest dirty chunks until a quarter of the permits are
+    /// free, then commit them, which frees their permits.
+    pub(super) async fn background_upload(&self) {
+        loop {
+            let batch: Vec<u64> = {
+                let st = self.lock();
+                if st.fenced.is_some() || st.slots.len() * 4 <= self.total_permits * 3 {
+                    break;
+                }
+                let mut v: Vec<(u64, u64)> = st.slots.iter().map(|(i, s)| (s.since, *i)).collect();
+                v.sort_unstable();
+                v.into_iter().take(self.opts.concurrency).map(|(_, i)| i).collect()
+            };
+            let results: Vec<VolumeResult<()>> = stream::iter(batch.into_iter().map(|i| self.upload_chunk(i)))
+                .buffer_unordered(self.opts.concurrency)
+                .collect()
+                .await;
+            if let Some(e) = results.into_iter().find_map(Result::err) {
+                tracing::warn!(volume = %self.vol, error = %e, "background upload failed");
+                if let VolumeError::Store(se) = e {
+                    self.lock().upload_error = Some(se);
+                }
+                return;
+            }
+        }
+        let due = {
+            let st = self.lock();
+            st.fenced.is_none() && (!st.staged.is_empty() || st.pending.is_some())
+        };
+        if due {
+            let _f = self.flush_lock.lock().await;
+            if let Err(e) = self.commit().await {
+                tracing::warn!(volume = %self.vol, error = %e, "committing background uploads failed");
+                if let VolumeError::Store(se) = e {
+                    self.lock().upload_error = Some(se);
+                }
+            }
+        }
+    }
+
+    /// Staged chunks uploaded longer ago than `restage_after` go up again
+    /// under fresh names from the bytes kept in memory, so that no commit
+    /// refers to a chunk compaction could have collected meanwhile.
+    pub(super) async fn restage(&self, older_than: Duration) -> VolumeResult<()> {
+        let now = Instant::now();
+        let old: Vec<(u64, ChunkRef, Bytes)> = {
+            let st = self.lock();
+            st.staged
+                .iter()
+                .filter(|(_, s)| now.saturating_duration_since(s.at) >= older_than)
+                .filter_map(|(i, s)| s.data.clone().map(|d| (*i, s.r, d)))
+                .collect()
+        };
+        for (index, old_ref, data) in old {
+            let at = Instant::now();
+            let r = self.put_chunk(index, &data).await?;
+            let mut st = self.lock();
+            if let Some(s) = st.staged.get_mut(&index).filter(|s| s.r == old_ref) {
+                s.r = r;
+                s.at = at;
+            }
+            tracing::debug!(volume = %self.vol, index, "uploaded an old staged chunk again before committing it");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,169 @@
+//! The write path: applying writes to dirty chunks, bounded by owned
+//! memory permits.
+
+use super::*;
+
+impl Volume {
+    /// A write applied on the spot when it falls in one chunk that is
+    /// already dirty: a copy under the state lock. `None` means "take
+    /// [`Volume::write_vec`]".
+    pub fn write_now(&self, offset: u64, data: &[u8]) -> Option<VolumeResult<()>> {
+        let inner = &self.inner;
+        offset.checked_add(data.len() as u64)?;
+        let mut ps = pieces(offset, data.len() as u64, inner.chunk_size);
+        let (Some(p), None) = (ps.next(), ps.next()) else {
+            return None;
+        };
+        if inner.opts.read_only {
+            return Some(Err(VolumeError::ReadOnly));
+        }
+        let mut st = inner.lock();
+        if let Some(why) = &st.fenced {
+            return Some(Err(VolumeError::Fenced(why.clone())));
+        }
+        if offset + data.len() as u64 > st.size {
+            return None;
+        }
+        st.tick += 1;
+        let tick = st.tick;
+        let slot = st.slots.get_mut(&p.index)?;
+        if !slot.data.apply(p, Some(data), inner.chunk_size) {
+            return None;
+        }
+        slot.version = tick;
+        Some(Ok(()))
+    }
+
+    /// Write `data` at `offset`. Not durable until [`Volume::flush`].
+    pub async fn write(&self, offset: u64, data: &[u8]) -> VolumeResult<()> {
+        self.inner.check_writable()?;
+        self.inner.check_range(offset, data.len() as u64)?;
+        for p in pieces(offset, data.len() as u64, self.inner.chunk_size) {
+            self.inner.write_piece(p, Some(&data[p.pos..p.pos + p.len]), self).await?;
+        }
+        Ok(())
+    }
+
+    /// Like [`Volume::write`], taking the buffer: a write of exactly one
+    /// whole chunk becomes the chunk's dirty buffer without a copy.
+    pub async fn write_vec(&self, offset: u64, data: Vec<u8>) -> VolumeResult<()> {
+        let cs = self.inner.chunk_size;
+        if offset % cs != 0 || data.len() as u64 != cs {
+            return self.write(offset, &data).await;
+        }
+        self.inner.check_writable()?;
+        self.inner.check_range(offset, cs)?;
+        let index = offset / cs;
+        let _g = self.inner.locks.lock(index).await;
+        let data = DirtyData::Data(Arc::new(data));
+        let data = {
+            let mut st = self.inner.lock();
+            st.tick += 1;
+            let tick = st.tick;
+            match st.slots.get_mut(&index) {
+                Some(slot) => {
+                    slot.data = data;
+                    slot.version = tick;
+                    return Ok(());
+                }
+                None => data,
+            }
+        };
+        let permit = self.inner.acquire_dirty_permit(self).await?;
+        self.inner.insert_slot(index, data, permit);
+        Ok(())
+    }
+
+    /// Zero a range (TRIM and WRITE_ZEROES). Whole chunks become ZERO
+    /// references: no object, no bytes.
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> VolumeResult<()> {
+        self.inner.check_writable()?;
+        self.inner.check_range(offset, len)?;
+        for p in pieces(offset, len, self.inner.chunk_size) {
+            self.inner.write_piece(p, None, self).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    pub(super) fn insert_slot(&self, index: u64, data: DirtyData, permit: OwnedSemaphorePermit) {
+        let mut st = self.lock();
+        st.tick += 1;
+        let tick = st.tick;
+        st.clean.remove(index);
+        st.slots.insert(index, Slot { data, version: tick, since: tick, permit: Some(permit) });
+    }
+
+    pub(super) async fn write_piece(&self, p: Piece, data: Option<&[u8]>, vol: &Volume) -> VolumeResult<()> {
+        let _g = self.locks.lock(p.index).await;
+        let full = p.at == 0 && p.len as u64 == self.chunk_size;
+        // `None`: no dirty slot yet; `Some(false)`: pages over an unread base.
+        let applied = {
+            let mut st = self.lock();
+            st.tick += 1;
+            let tick = st.tick;
+            st.slots.get_mut(&p.index).map(|slot| {
+                let done = slot.data.apply(p, data, self.chunk_size);
+                if done {
+                    slot.version = tick;
+                }
+                done
+            })
+        };
+        if applied == Some(true) {
+            return Ok(());
+        }
+        if applied == Some(false) {
+            // Pages over an unread base, and a write that is not whole
+            // pages: read the base now and merge. (We hold the chunk lock:
+            // only the fast path may add pages meanwhile, and the merge
+            // below sees them.)
+            let base = self.stored_bytes(p.index).await?;
+            let mut st = self.lock();
+            st.tick += 1;
+            let tick = st.tick;
+            if let Some(slot) = st.slots.get_mut(&p.index) {
+                slot.data.materialize(base.as_deref());
+                slot.data.apply(p, data, self.chunk_size);
+                slot.version = tick;
+            }
+            return Ok(());
+        }
+        // A new dirty chunk needs a permit: this is where memory is bounded.
+        // The permit is a guard: dropped with this future, it goes back.
+        let permit = self.acquire_dirty_permit(vol).await?;
+        let mut slot_data = if full {
+            DirtyData::Zero
+        } else if p.at % PAGE == 0 && p.len % PAGE == 0 {
+            DirtyData::Pages(PageBuf::new(self.chunk_size))
+        } else {
+            match self.chunk_bytes(p.index).await? {
+                None => DirtyData::Zero,
+                Some(b) => DirtyData::Data(Arc::new(b.to_vec())),
+            }
+        };
+        slot_data.apply(p, data, self.chunk_size);
+        self.insert_slot(p.index, slot_data, permit);
+        Ok(())
+    }
+
+    pub(super) async fn acquire_dirty_permit(&self, vol: &Volume) -> VolumeResult<OwnedSemaphorePermit> {
+        loop {
+            if let Ok(p) = self.dirty_permits.clone().try_acquire_owned() {
+                return Ok(p);
+            }
+            vol.kick_uploader();
+            match tokio::time::timeout(Duration::from_millis(200), self.dirty_permits.clone().acquire_owned()).await {
+                Ok(Ok(p)) => return Ok(p),
+                Ok(Err(_)) => return Err(VolumeError::Fenced("volume closed".into())),
+                Err(_) => {
+                    if let Some(e) = self.lock().upload_error.take() {
+                        return Err(e.into());
+                    }
+                    self.check_writable()?;
+                }
+            }
+        }
+    }
+}
