@@ -85,6 +85,9 @@ enum Command {
         /// Serve Prometheus metrics (/metrics) and /healthz on this address, e.g. 127.0.0.1:9808.
         #[arg(long)]
         metrics_address: Option<String>,
+        /// Clients served at once; further connections are closed at once.
+        #[arg(long, default_value_t = crate::nbd::session::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
     },
     /// Run the Kubernetes CSI driver (gRPC on a unix socket).
     Csi {
@@ -269,8 +272,28 @@ async fn connect(url: &str, g: &Global, need_name: bool) -> Result<(Location, Dy
 async fn run(cli: Cli) -> Result<ExitCode> {
     let g = cli.global;
     match cli.command {
-        Command::Serve { url, listen, create, size, chunk_size, read_only, export_name, metrics_address } => {
-            let a = ServeArgs { url, listen, create, size, chunk_size, read_only, export_name, metrics_address };
+        Command::Serve {
+            url,
+            listen,
+            create,
+            size,
+            chunk_size,
+            read_only,
+            export_name,
+            metrics_address,
+            max_connections,
+        } => {
+            let a = ServeArgs {
+                url,
+                listen,
+                create,
+                size,
+                chunk_size,
+                read_only,
+                export_name,
+                metrics_address,
+                max_connections,
+            };
             serve(a, &g).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -700,12 +723,20 @@ struct ServeArgs {
     read_only: bool,
     export_name: Option<String>,
     metrics_address: Option<String>,
+    max_connections: usize,
 }
 
 async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
     use crate::nbd::{Export, Listen, server};
     let (loc, store) = connect(&a.url, g, true).await?;
     let name = format::volume_name(&loc.prefix).to_string();
+    // The address first: a server that cannot listen must not have taken
+    // the volume over from a live one.
+    let listen = match &a.listen {
+        Some(l) => Listen::parse(l).map_err(anyhow::Error::msg)?,
+        None => Listen::Unix(PathBuf::from(format!("{name}.sock"))),
+    };
+    let bound = server::bind(&listen).await.with_context(|| format!("cannot listen on {listen:?}"))?;
     if a.create {
         match replay::read_meta(store.as_ref(), &loc.prefix).await {
             Ok(meta) => {
@@ -741,11 +772,6 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
         });
     }
     let export_name = a.export_name.unwrap_or_else(|| name.clone());
-    let listen = match &a.listen {
-        Some(l) => Listen::parse(l).map_err(anyhow::Error::msg)?,
-        None => Listen::Unix(PathBuf::from(format!("{name}.sock"))),
-    };
-    let bound = server::bind(&listen).await.with_context(|| format!("cannot listen on {listen:?}"))?;
     if let Some(addr) = &a.metrics_address {
         let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot serve metrics on {addr}"))?;
         tracing::info!(address = %addr, "metrics at /metrics");
@@ -758,6 +784,11 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
         volume: vol,
         read_only: a.read_only,
         busy_poll: Duration::from_micros(g.busy_poll_us),
+        limits: crate::nbd::session::Limits::new(
+            crate::nbd::session::DEFAULT_SERVER_INFLIGHT,
+            a.max_connections,
+            crate::nbd::session::DEFAULT_IO_DEADLINE,
+        ),
     });
     println!(
         "serving {} ({}{}) on {}, export \"{export_name}\"",

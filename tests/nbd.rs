@@ -391,6 +391,7 @@ async fn in_process(read_only: bool) -> InProcess {
         volume,
         read_only,
         busy_poll: std::time::Duration::from_micros(50),
+        limits: s3blk::nbd::session::Limits::default(),
     });
     let (shutdown, rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(server::serve(bound, export, rx));

@@ -152,6 +152,7 @@ impl NodeService {
             volume: volume.clone(),
             read_only: r.readonly,
             busy_poll: self.cfg.busy_poll,
+            limits: crate::nbd::session::Limits::default(),
         });
         let (shutdown, rx) = watch::channel(false);
         let task = tokio::spawn(server::serve(bound, export, rx));

@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+
+/// The memory a request holds until its reply is written: its share of
+/// the connection's budget and of the server's.
+type Permit = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 use tokio::task::JoinSet;
 
 use super::proto::{self, Request};
@@ -33,7 +37,41 @@ pub struct Export {
     /// polls its socket for the next one before it sleeps (zero: never).
     /// See [`Poller`].
     pub busy_poll: Duration,
+    /// What all connections to this export may use together.
+    pub limits: Limits,
 }
+
+/// Bounds that keep hostile or broken clients from exhausting the server.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Request payload and reply bytes in flight across all connections.
+    pub inflight: Arc<Semaphore>,
+    /// Connections served at once; more are refused (closed at accept).
+    pub max_connections: usize,
+    /// A client must finish the handshake within this, and a request's
+    /// payload must keep arriving: no progress for this long drops it.
+    pub io_deadline: Duration,
+}
+
+impl Limits {
+    pub fn new(inflight_bytes: usize, max_connections: usize, io_deadline: Duration) -> Self {
+        let units = (inflight_bytes / PERMIT_UNIT).max(proto::MAX_PAYLOAD as usize / PERMIT_UNIT);
+        Self { inflight: Arc::new(Semaphore::new(units)), max_connections: max_connections.max(1), io_deadline }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::new(DEFAULT_SERVER_INFLIGHT, DEFAULT_MAX_CONNECTIONS, DEFAULT_IO_DEADLINE)
+    }
+}
+
+/// Server-wide payload and reply bytes in flight, by default.
+pub const DEFAULT_SERVER_INFLIGHT: usize = 256 << 20;
+/// Connections at once, by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Handshake and payload deadline, by default (qemu-nbd's handshake limit).
+pub const DEFAULT_IO_DEADLINE: Duration = Duration::from_secs(10);
 
 impl Export {
     pub fn flags(&self) -> u16 {
@@ -72,6 +110,30 @@ pub enum SessionError {
 
 /// Bytes of request payload that may be in flight on one connection.
 const INFLIGHT_BYTES: usize = 64 << 20;
+/// A payload buffer grows by at most this much per read.
+const PAYLOAD_STEP: usize = 1 << 20;
+
+/// Read a `len`-byte payload into `buf`, growing it only as bytes arrive.
+/// `Ok(false)`: the client went away, or sent nothing for `deadline`.
+async fn read_payload<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut Vec<u8>,
+    len: usize,
+    deadline: Duration,
+) -> std::io::Result<bool> {
+    while buf.len() < len {
+        let want = (len - buf.len()).min(PAYLOAD_STEP);
+        let start = buf.len();
+        buf.resize(start + want, 0);
+        match tokio::time::timeout(deadline, rd.read(&mut buf[start..])).await {
+            Ok(Ok(0)) | Err(_) => return Ok(false),
+            Ok(Ok(n)) => buf.truncate(start + n),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+    Ok(true)
+}
 const PERMIT_UNIT: usize = 4096;
 
 enum Next {
@@ -95,7 +157,18 @@ where
 {
     // Buffered: a request header and its payload usually arrive in one read.
     let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
-    match handshake(&mut rd, &mut wr, &export).await? {
+    let mut stop = shutdown.clone();
+    let next = tokio::select! {
+        r = tokio::time::timeout(export.limits.io_deadline, handshake(&mut rd, &mut wr, &export)) => match r {
+            Ok(r) => r?,
+            Err(_) => {
+                tracing::info!(deadline = ?export.limits.io_deadline, "client did not finish the handshake in time; closing");
+                return Ok(());
+            }
+        },
+        _ = stop.changed() => return Ok(()),
+    };
+    match next {
         Next::Close => Ok(()),
         Next::Transmit { structured } => {
             let poller = fd.filter(|_| !export.busy_poll.is_zero()).map(|fd| Poller::new(fd, export.busy_poll));
@@ -141,7 +214,7 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         match opt.code {
             proto::OPT_EXPORT_NAME => {
                 if !export.matches(&opt.data) {
-                    tracing::info!(name = %String::from_utf8_lossy(&opt.data), "unknown export requested");
+                    tracing::info!(name = %crate::nbd::printable(&opt.data), "unknown export requested");
                     return Ok(Next::Close);
                 }
                 wr.write_all(&proto::export_name_reply(export.volume.size(), export.flags(), no_zeroes)).await?;
@@ -219,7 +292,7 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 /// against the same bound as requests being processed.
 struct Reply {
     parts: Vec<Bytes>,
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: Option<Permit>,
 }
 
 /// Where replies go: straight to the socket when nobody is writing (no
@@ -237,7 +310,7 @@ impl<W> Clone for Replies<W> {
 }
 
 impl<W: AsyncWrite + Unpin> Replies<W> {
-    async fn send(&self, parts: Vec<Bytes>, permit: Option<OwnedSemaphorePermit>) {
+    async fn send(&self, parts: Vec<Bytes>, permit: Option<Permit>) {
         let reply = Reply { parts, _permit: permit };
         if let Ok(mut w) = self.out.try_lock() {
             let mut buf = Vec::new();
@@ -248,7 +321,7 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
         let _ = self.tx.send(reply);
     }
 
-    async fn simple(&self, error: u32, handle: u64, permit: Option<OwnedSemaphorePermit>) {
+    async fn simple(&self, error: u32, handle: u64, permit: Option<Permit>) {
         self.send(vec![Bytes::copy_from_slice(&proto::simple_reply(error, handle))], permit).await
     }
 }
@@ -386,9 +459,17 @@ where
             break Ok(());
         }
         let units = (req.length as usize).min(INFLIGHT_BYTES).div_ceil(PERMIT_UNIT).max(1) as u32;
-        let permit = match budget.clone().acquire_many_owned(units).await {
-            Ok(p) => p,
-            Err(_) => break Ok(()),
+        let permits = async {
+            let mine = budget.clone().acquire_many_owned(units).await.ok()?;
+            let all = export.limits.inflight.clone().acquire_many_owned(units).await.ok()?;
+            Some((mine, all))
+        };
+        let permit = tokio::select! {
+            p = permits => match p {
+                Some(p) => p,
+                None => break Ok(()),
+            },
+            _ = shutdown.changed() => break Ok(()),
         };
         let mut payload = None;
         if req.kind == proto::CMD_WRITE {
@@ -400,9 +481,19 @@ where
                 wr.simple(proto::EINVAL, req.handle, None).await;
                 continue;
             }
-            let mut buf = vec![0u8; req.length as usize];
-            if let Err(e) = rd.read_exact(&mut buf).await {
-                break if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(()) } else { Err(e.into()) };
+            // The buffer grows as the payload arrives: a header alone pins
+            // budget, not memory. A payload that stops arriving (or a
+            // shutdown) ends the connection.
+            let mut buf = Vec::with_capacity((req.length as usize).min(PAYLOAD_STEP));
+            let deadline = export.limits.io_deadline;
+            let r = tokio::select! {
+                r = read_payload(&mut rd, &mut buf, req.length as usize, deadline) => r,
+                _ = shutdown.changed() => break Ok(()),
+            };
+            match r {
+                Ok(true) => {}
+                Ok(false) => break Ok(()),
+                Err(e) => break Err(e.into()),
             }
             payload = Some(buf);
         }
@@ -455,7 +546,7 @@ async fn handle<W: AsyncWrite + Unpin>(
     export: Arc<Export>,
     wr: Replies<W>,
     structured: bool,
-    permit: OwnedSemaphorePermit,
+    permit: Permit,
 ) {
     let vol = &export.volume;
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
@@ -510,7 +601,7 @@ async fn send_read<W: AsyncWrite + Unpin>(
     req: Request,
     data: Bytes,
     structured: bool,
-    permit: OwnedSemaphorePermit,
+    permit: Permit,
 ) {
     if !structured {
         let header = Bytes::copy_from_slice(&proto::simple_reply(0, req.handle));

@@ -1,0 +1,211 @@
+//! The NBD server against hostile and broken clients, black-box: `s3blk
+//! serve` as a separate process, raw sockets as clients.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use s3blk::nbd::proto;
+
+struct Server {
+    child: Child,
+    sock: PathBuf,
+    stderr: PathBuf,
+}
+
+fn serve(dir: &Path, name: &str, extra: &[&str]) -> Server {
+    let sock = dir.join(format!("{name}.sock"));
+    let stderr = dir.join(format!("{name}.log"));
+    let mut child = Command::new(common::s3blk_bin())
+        .arg("serve")
+        .arg(dir.join(name))
+        .args(["--create", "--size", "64MiB", "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).expect("log file"))
+        .spawn()
+        .expect("spawn serve");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().and_then(Result::ok).unwrap_or_default();
+    assert!(first.starts_with("serving "), "serve did not start: {first:?}");
+    std::thread::spawn(move || for _ in lines {});
+    Server { child, sock, stderr }
+}
+
+impl Server {
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// SIGTERM, and how long the server took to exit.
+    fn stop(&mut self) -> Duration {
+        let start = Instant::now();
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
+        let st = self.child.wait().expect("wait");
+        assert!(
+            st.success(),
+            "serve exited with {st:?}; log: {}",
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        );
+        start.elapsed()
+    }
+}
+
+/// Finish the handshake with GO; the stream is then in transmission.
+fn handshake(sock: &Path) -> UnixStream {
+    let mut s = UnixStream::connect(sock).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).expect("greeting");
+    s.write_all(&(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).to_be_bytes()).expect("flags");
+    let payload = common::nbd_client::go_payload("");
+    let mut f = proto::IHAVEOPT.to_be_bytes().to_vec();
+    f.extend_from_slice(&proto::OPT_GO.to_be_bytes());
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    f.extend_from_slice(&payload);
+    s.write_all(&f).expect("GO");
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).expect("option reply");
+        let kind = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+        let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]) as usize;
+        let mut d = vec![0u8; len];
+        s.read_exact(&mut d).expect("option data");
+        if kind == proto::REP_ACK {
+            return s;
+        }
+    }
+}
+
+/// Closed by the server within `limit`?
+fn closed_within(s: &mut UnixStream, limit: Duration) -> bool {
+    s.set_read_timeout(Some(limit)).expect("timeout");
+    let mut b = [0u8; 1024];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Headers of maximum-size WRITEs with no payload behind them pin budget,
+/// not memory; the server keeps serving an honest client meanwhile.
+#[test]
+fn header_only_writes_do_not_pin_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let srv = serve(dir.path(), "mem", &[]);
+    let before = srv.rss_kib();
+    let mut hostile = Vec::new();
+    for i in 0..20u64 {
+        let mut s = handshake(&srv.sock);
+        let r = proto::Request { flags: 0, kind: proto::CMD_WRITE, handle: i, offset: 0, length: proto::MAX_PAYLOAD };
+        s.write_all(&proto::encode_request(&r)).expect("header");
+        hostile.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = srv.rss_kib().saturating_sub(before);
+    eprintln!("RSS grew by {} MiB with 20 header-only 32 MiB writes pending", grown >> 10);
+    assert!(grown < 64 << 10, "RSS grew by {} MiB", grown >> 10);
+    drop(hostile);
+    drop(srv);
+}
+
+/// A client that connects and says nothing is dropped at the handshake
+/// deadline; one that stops sending a payload is dropped too.
+#[test]
+fn silent_clients_are_dropped_at_the_deadline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut srv = serve(dir.path(), "idle", &[]);
+    let mut silent = UnixStream::connect(&srv.sock).expect("connect");
+    let mut g = [0u8; 18];
+    silent.read_exact(&mut g).expect("greeting");
+    let started = Instant::now();
+    assert!(closed_within(&mut silent, Duration::from_secs(20)), "a silent client was kept past 20 s");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(8), "dropped after {took:?}, before the 10 s deadline");
+    let mut stalled = handshake(&srv.sock);
+    let r = proto::Request { flags: 0, kind: proto::CMD_WRITE, handle: 1, offset: 0, length: 1 << 20 };
+    stalled.write_all(&proto::encode_request(&r)).expect("header");
+    stalled.write_all(&[0u8; 1000]).expect("some payload");
+    assert!(closed_within(&mut stalled, Duration::from_secs(20)), "a stalled payload was waited for past 20 s");
+    srv.stop();
+}
+
+/// SIGTERM with an idle stranger connected mid-handshake exits promptly
+/// (well inside Kubernetes' 30 s grace period) and commits first.
+#[test]
+fn shutdown_does_not_wait_for_idle_strangers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut srv = serve(dir.path(), "term", &[]);
+    let mut writer = handshake(&srv.sock);
+    let r = proto::Request { flags: 0, kind: proto::CMD_WRITE, handle: 1, offset: 4096, length: 4096 };
+    writer.write_all(&proto::encode_request(&r)).expect("header");
+    writer.write_all(&[0x5a; 4096]).expect("payload");
+    let mut reply = [0u8; 16];
+    writer.read_exact(&mut reply).expect("reply");
+    assert_eq!(&reply[4..8], &[0, 0, 0, 0], "the write failed");
+    let _stranger = UnixStream::connect(&srv.sock).expect("connect");
+    let _idle = handshake(&srv.sock);
+    let took = srv.stop();
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    let out = Command::new(common::s3blk_bin())
+        .args(["volume", "export"])
+        .arg(dir.path().join("term"))
+        .arg("-")
+        .output()
+        .expect("export");
+    assert!(out.stdout[4096..8192].iter().all(|&b| b == 0x5a), "the acknowledged write was not committed");
+}
+
+/// A second server refuses a socket path a live server answers on (and the
+/// first keeps serving); the socket is 0600 whatever the umask.
+#[test]
+fn a_live_socket_is_never_taken_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // SAFETY: umask only changes this process's file creation mask; the child inherits it.
+    let old = unsafe { libc::umask(0) };
+    let mut first = serve(dir.path(), "live", &[]);
+    unsafe { libc::umask(old) };
+    let mode = std::fs::metadata(&first.sock).expect("socket").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    let second = Command::new(common::s3blk_bin())
+        .arg("serve")
+        .arg(dir.path().join("other"))
+        .args(["--create", "--size", "1MiB", "--listen"])
+        .arg(format!("unix:{}", first.sock.display()))
+        .output()
+        .expect("second serve");
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("server that is running"), "{err}");
+    assert!(!dir.path().join("other").join("volume.json").exists(), "the refused server created its volume anyway");
+    let _ = handshake(&first.sock);
+    first.stop();
+    assert!(!first.sock.exists(), "socket left behind");
+}
+
+/// Connections past --max-connections are closed at once.
+#[test]
+fn connections_past_the_limit_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut srv = serve(dir.path(), "max", &["--max-connections", "2"]);
+    let _a = handshake(&srv.sock);
+    let _b = handshake(&srv.sock);
+    let mut c = UnixStream::connect(&srv.sock).expect("connect");
+    assert!(closed_within(&mut c, Duration::from_secs(5)), "a third connection was served");
+    srv.stop();
+}
