@@ -630,15 +630,21 @@ async fn import(
         )
         .await?;
     }
-    let vol = Volume::open(store, &loc.prefix, g.open_options(false))
+    // Check the input against the volume before taking it over: a refused
+    // import must not have fenced a server that is using the volume.
+    let vsize = Volume::open(store.clone(), &loc.prefix, g.open_options(true))
         .await
-        .with_context(|| format!("cannot open {}", loc.display()))?;
-    let vsize = vol.size();
+        .with_context(|| format!("cannot open {}", loc.display()))?
+        .size();
     if let Some(l) = input_len {
         if l > vsize {
             bail!("{file} has {l} bytes, more than the volume's {vsize}; grow it with `s3blk volume resize`");
         }
     }
+    let vol = Volume::open(store, &loc.prefix, g.open_options(false))
+        .await
+        .with_context(|| format!("cannot open {}", loc.display()))?;
+    let vsize = vol.size();
     let cs = vol.chunk_size() as usize;
     let mut buf = vec![0u8; cs];
     let mut offset = 0u64;

@@ -209,3 +209,33 @@ fn connections_past_the_limit_are_refused() {
     assert!(closed_within(&mut c, Duration::from_secs(5)), "a third connection was served");
     srv.stop();
 }
+
+/// An import refused for its size does not take the volume from the
+/// server that is using it.
+#[test]
+fn a_refused_import_does_not_fence_the_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut srv = serve(dir.path(), "busy", &[]);
+    let mut client = handshake(&srv.sock);
+    let big = dir.path().join("big.img");
+    std::fs::File::create(&big).and_then(|f| f.set_len(65 << 20)).expect("big file");
+    let out = Command::new(common::s3blk_bin())
+        .args(["volume", "import"])
+        .arg(dir.path().join("busy"))
+        .arg(&big)
+        .output()
+        .expect("import");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("more than the volume"), "{out:?}");
+    let r = proto::Request { flags: 0, kind: proto::CMD_WRITE, handle: 7, offset: 0, length: 4096 };
+    client.write_all(&proto::encode_request(&r)).expect("header");
+    client.write_all(&[1u8; 4096]).expect("payload");
+    let f = proto::Request { flags: 0, kind: proto::CMD_FLUSH, handle: 8, offset: 0, length: 0 };
+    client.write_all(&proto::encode_request(&f)).expect("flush");
+    for _ in 0..2 {
+        let mut reply = [0u8; 16];
+        client.read_exact(&mut reply).expect("reply");
+        assert_eq!(&reply[4..8], &[0, 0, 0, 0], "the server was fenced by the refused import");
+    }
+    srv.stop();
+}
