@@ -123,18 +123,13 @@ fn json_in<'a>(rel: &'a str, dir: &str) -> Option<&'a str> {
 
 /// Objects the catalog and the engine keep under a volume beside the format
 /// proper (`rel` is the key relative to the volume's prefix).
-/// What compaction writes and removes at once to read the store's clock
-/// (a crash may leave it behind).
-const CLOCK_PROBE: &str = ".s3blk-clock";
-
 pub(crate) fn is_bookkeeping(rel: &str) -> bool {
+    let hex16 = |h: &str| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit());
+    // The conditional-write probe of create, and compaction's clock probe
+    // (a crash may leave either behind).
     let probe =
-        rel.strip_prefix(".s3blk-probe-").is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()));
-    probe
-        || rel == TOMBSTONE
-        || rel == CLOCK_PROBE
-        || json_in(rel, "attachments/").is_some()
-        || json_in(rel, "clones/").is_some()
+        rel.strip_prefix(".s3blk-probe-").is_some_and(hex16) || rel.strip_prefix(".s3blk-clock-").is_some_and(hex16);
+    probe || rel == TOMBSTONE || json_in(rel, "attachments/").is_some() || json_in(rel, "clones/").is_some()
 }
 
 /// Is `key` one of the object names s3blk writes under the volume `vol`?

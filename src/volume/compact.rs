@@ -238,14 +238,23 @@ pub async fn compact(
 }
 
 /// The store's clock: the modification time it gives an object written
-/// now (`None` when it keeps none). The probe object is removed again.
+/// now. The probe's name is unique to this call (compactors run side by
+/// side) and it is removed again. `None` only when the store keeps no
+/// modification times at all; a probe the listing does not show is an
+/// error (retried next pass), never a reason to fall back to this host's
+/// clock.
 pub async fn store_now(store: &DynStore, vol: &str) -> VolumeResult<Option<i64>> {
-    let key = format::clock_probe_key(vol);
+    let key = format::clock_probe_key(vol, rand::random::<u64>());
     store.put(&key, Bytes::from_static(b"s3blk clock probe"), PutMode::Overwrite).await?;
     let page =
         store.list(crate::store::ListRequest { prefix: &key, start_after: None, delimiter: false, max_keys: 1 }).await;
     let _ = store.delete(&key).await;
-    Ok(page?.objects.into_iter().find(|o| o.key == key).and_then(|o| o.modified_unix))
+    match page?.objects.into_iter().find(|o| o.key == key) {
+        Some(o) => Ok(o.modified_unix),
+        None => Err(VolumeError::Store(StoreError::Transient(format!(
+            "the store's listing does not show {key}, just written: its clock cannot be read; compacting later"
+        )))),
+    }
 }
 
 /// Is the object older than the cutoff? Stores that report no modification
@@ -301,29 +310,40 @@ async fn add_records(store: &DynStore, vol: &str, from: u64, live: &mut HashSet<
 }
 
 /// Every snapshot record, and the keys of those that cannot be read or
-/// decoded (reported, never guessed at).
+/// decoded (reported, never guessed at). A record listed but gone when
+/// fetched means snapshots changed under us (a restore may have pinned the
+/// same seq under another name just before the delete): list again until
+/// one listing reads whole.
 async fn list_snapshots(store: &DynStore, vol: &str) -> VolumeResult<(Vec<SnapshotRecord>, Vec<String>)> {
-    let mut out = Vec::new();
-    let mut unreadable = Vec::new();
-    for o in list_all(store.as_ref(), &format::snapshot_prefix(vol)).await? {
-        if !o.key.ends_with(".json") {
-            continue;
-        }
-        let bytes = match store.get(&o.key, None).await {
-            Ok(b) => b,
-            Err(StoreError::NotFound(_)) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        match SnapshotRecord::decode(&bytes, &o.key) {
-            Ok(s) => out.push(s),
-            Err(e) => {
-                tracing::warn!(volume = %vol, key = %o.key, error = %e, "unreadable snapshot record");
-                unreadable.push(o.key);
+    'listing: for _ in 0..SNAPSHOT_LISTINGS {
+        let mut out = Vec::new();
+        let mut unreadable = Vec::new();
+        for o in list_all(store.as_ref(), &format::snapshot_prefix(vol)).await? {
+            if !o.key.ends_with(".json") {
+                continue;
+            }
+            let bytes = match store.get(&o.key, None).await {
+                Ok(b) => b,
+                Err(StoreError::NotFound(_)) => continue 'listing,
+                Err(e) => return Err(e.into()),
+            };
+            match SnapshotRecord::decode(&bytes, &o.key) {
+                Ok(s) => out.push(s),
+                Err(e) => {
+                    tracing::warn!(volume = %vol, key = %o.key, error = %e, "unreadable snapshot record");
+                    unreadable.push(o.key);
+                }
             }
         }
+        return Ok((out, unreadable));
     }
-    Ok((out, unreadable))
+    Err(VolumeError::Store(StoreError::Transient(format!(
+        "{vol}: snapshots kept changing while compaction read them; compacting later"
+    ))))
 }
+
+/// Listings of snapshot records tried before a pass gives up.
+const SNAPSHOT_LISTINGS: usize = 5;
 
 async fn write_checkpoint(store: &DynStore, vol: &str, st: &replay::Replayed) -> VolumeResult<()> {
     let cp = Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map: st.map.clone() };

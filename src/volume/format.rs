@@ -73,9 +73,10 @@ pub fn checkpoint_prefix(vol: &str) -> String {
 pub fn checkpoint_key(vol: &str, seq: u64) -> String {
     format!("{vol}checkpoints/{seq:020x}")
 }
-/// Written and removed at once by compaction to read the store's clock.
-pub fn clock_probe_key(vol: &str) -> String {
-    format!("{vol}.s3blk-clock")
+/// Written and removed at once by compaction to read the store's clock
+/// (one name per probe: compactors run side by side).
+pub fn clock_probe_key(vol: &str, nonce: u64) -> String {
+    format!("{vol}.s3blk-clock-{nonce:016x}")
 }
 pub fn snapshot_prefix(vol: &str) -> String {
     format!("{vol}snapshots/")

@@ -15,7 +15,7 @@
 
 use bytes::Bytes;
 
-use super::format::journal_key;
+use super::format::{Checkpoint, checkpoint_key, journal_key};
 use crate::store::{ObjectStore, PutMode, StoreError, StoreResult};
 
 /// How a conditional append ended.
@@ -62,15 +62,39 @@ pub async fn append(
     }
 }
 
+/// Whether a record sent earlier with an unknown outcome landed: `None`
+/// when nothing is under `seq`, else whose it is (as [`append`] tells).
+pub async fn read_back(
+    store: &dyn ObjectStore,
+    vol: &str,
+    seq: u64,
+    bytes: &Bytes,
+    earlier: &[Bytes],
+) -> StoreResult<Option<Appended>> {
+    match store.get(&journal_key(vol, seq), None).await {
+        Ok(existing) if existing == *bytes => Ok(Some(Appended::Ours)),
+        Ok(existing) => Ok(Some(match earlier.iter().position(|e| *e == existing) {
+            Some(i) => Appended::Earlier(i),
+            None => Appended::Taken(format!("journal record {seq} was written by another writer")),
+        })),
+        Err(StoreError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// The fencing proof for a record that landed at `seq`: the record at
 /// `seq - 1` must still exist and, when the writer knows its bytes, be
-/// exactly those. `Ok(Err(why))` means fenced; a store error means "not
-/// known yet, ask again".
+/// exactly those. When compaction has folded it away, a checkpoint at
+/// `seq` itself whose newest writer epoch is ours proves the same (no
+/// other writer opened up to `seq`): that happens when a record of ours
+/// that was long in doubt became the fold point. `Ok(Err(why))` means
+/// fenced; a store error means "not known yet, ask again".
 pub async fn prove_successor(
     store: &dyn ObjectStore,
     vol: &str,
     seq: u64,
     prev: Option<&Bytes>,
+    epoch: u64,
 ) -> StoreResult<Result<(), String>> {
     let Some(before) = seq.checked_sub(1) else {
         return Ok(Ok(()));
@@ -78,7 +102,16 @@ pub async fn prove_successor(
     match store.get(&journal_key(vol, before), None).await {
         Ok(b) if prev.is_none_or(|p| *p == b) => Ok(Ok(())),
         Ok(_) => Ok(Err(format!("journal record {before} is not the one this writer appended after"))),
-        Err(StoreError::NotFound(_)) => Ok(Err(format!("journal record {before} was already folded by compaction"))),
+        Err(StoreError::NotFound(_)) => {
+            let key = checkpoint_key(vol, seq);
+            match store.get(&key, None).await {
+                Ok(b) if Checkpoint::decode(&b, &key).is_ok_and(|cp| cp.seq == seq && cp.epoch == epoch) => Ok(Ok(())),
+                Ok(_) | Err(StoreError::NotFound(_)) => {
+                    Ok(Err(format!("journal record {before} was already folded by compaction")))
+                }
+                Err(e) => Err(e),
+            }
+        }
         Err(e) => Err(e),
     }
 }

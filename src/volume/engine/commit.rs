@@ -120,41 +120,60 @@ impl Inner {
                 chunks: st.staged.iter().map(|(i, s)| (*i, s.r)).collect(),
                 inline: Vec::new(),
             };
-            let oldest = st.staged.values().map(|s| s.at).min().unwrap_or_else(Instant::now);
+            // Only chunk objects age: a ZERO entry refers to nothing
+            // compaction could collect.
+            let clock = self.opts.clock.as_ref();
+            let oldest = st
+                .staged
+                .values()
+                .filter(|s| matches!(s.r, ChunkRef::Stored { .. }))
+                .map(|s| s.at)
+                .max_by_key(|at| at.age(clock))
+                .unwrap_or_else(|| Stamp::now(clock));
             // Noted before it is sent: if this future is dropped mid-PUT,
             // the next commit finds out whether it landed.
-            st.pending = Some(Pending { bytes: Bytes::from(record.encode()), record, oldest });
+            st.pending = Some(Pending { bytes: Bytes::from(record.encode()), record, oldest, sent: false });
         }
         Err(VolumeError::Store(StoreError::Transient("the journal kept moving under this commit; try again".into())))
     }
 
-    /// Find out where a pending record stands, sending it (again) if it
-    /// may not have landed. Ok when it, or an earlier abandoned record of
-    /// ours, is now proven the journal's head, or when it was too old to
-    /// send and was abandoned (nothing pending any more either way).
+    /// Send a pending record, or find out where one sent before stands. Ok
+    /// when it, or an earlier abandoned record of ours, is now proven the
+    /// journal's head, or when it was abandoned (not there, or too old to
+    /// send): nothing is pending any more either way.
     pub(super) async fn settle(&self, p: Pending) -> VolumeResult<()> {
         let seq = p.record.seq;
-        let deadline = p.oldest + self.opts.commit_deadline;
-        let (prev, earlier) = {
+        let (prev, earlier, epoch) = {
             let st = self.lock();
-            (st.head_bytes.clone(), st.abandoned.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>())
+            (st.head_bytes.clone(), st.abandoned.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>(), st.epoch)
         };
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            // Too old to send again (an earlier attempt failed long ago):
-            // give it up and let the caller commit afresh.
-            return self.abandon(p).await;
-        }
-        let sent = journal::append(self.store.as_ref(), &self.vol, seq, &p.bytes, &earlier);
-        let landed = match tokio::time::timeout(left, sent).await {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => {
-                self.abandon(p).await?;
-                return Err(VolumeError::Store(StoreError::Transient(format!(
-                    "the commit did not land within {:?}; its chunks were uploaded again, try again",
-                    self.opts.commit_deadline
-                ))));
+        let landed = if p.sent {
+            // Sent before with no clear answer: read back what is there.
+            match journal::read_back(self.store.as_ref(), &self.vol, seq, &p.bytes, &earlier).await? {
+                Some(a) => a,
+                None => return self.abandon(p).await,
+            }
+        } else {
+            let left = self.opts.commit_deadline.saturating_sub(p.oldest.age(self.opts.clock.as_ref()));
+            if left.is_zero() {
+                // Its chunks are too old to be named (an earlier attempt at
+                // committing them failed long ago): upload them again.
+                return self.abandon(p).await;
+            }
+            if let Some(pending) = self.lock().pending.as_mut() {
+                pending.sent = true;
+            }
+            let sent = journal::append(self.store.as_ref(), &self.vol, seq, &p.bytes, &earlier);
+            match tokio::time::timeout(left, sent).await {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => {
+                    self.abandon(p).await?;
+                    return Err(VolumeError::Store(StoreError::Transient(format!(
+                        "the commit did not land within {:?}; its chunks were uploaded again, try again",
+                        self.opts.commit_deadline
+                    ))));
+                }
             }
         };
         let (record, bytes) = match landed {
@@ -167,7 +186,7 @@ impl Inner {
             Appended::Taken(why) => return Err(self.fence(why)),
         };
         if !self.meta.single_writer {
-            match journal::prove_successor(self.store.as_ref(), &self.vol, seq, prev.as_ref()).await? {
+            match journal::prove_successor(self.store.as_ref(), &self.vol, seq, prev.as_ref(), epoch).await? {
                 Ok(()) => {}
                 Err(why) => return Err(self.fence(why)),
             }

@@ -14,14 +14,16 @@
 //!    acknowledged. A crash anywhere before leaves garbage chunk objects,
 //!    never a torn volume; another writer's record there means we were
 //!    fenced.
-//! 4. A journal PUT whose outcome is unknown (an error, a timeout, the
-//!    flush's future dropped) stays *pending* and is sent again with the
-//!    same bytes until the store says where it stands, so a record that did
-//!    land is recognised as ours. A pending record is sent only while its
-//!    oldest chunk is younger than [`OpenOptions::commit_deadline`], well
-//!    inside compaction's safety age; past it the record is abandoned and
-//!    its chunks uploaded again, so no commit can land referencing chunks
-//!    that compaction may already have collected.
+//! 4. A journal record is sent once, and only while its oldest chunk is
+//!    younger than [`OpenOptions::commit_deadline`] (well inside
+//!    compaction's safety age). When its outcome is unknown (an error, a
+//!    timeout, the flush's future dropped) it stays *pending*, and the next
+//!    commit reads back what is under its seq: ours (then proven and
+//!    applied), someone else's (fenced), or nothing — then the record is
+//!    abandoned, its chunks go up again under fresh names and a new record
+//!    is built. An abandoned record that lands after all is recognised as
+//!    ours. No record is ever sent long after its chunks were uploaded, so
+//!    none can land referring to chunks compaction may have collected.
 //!
 //! Cancellation: no state depends on a future running to completion. A
 //! dirty slot keeps its bytes while they are uploaded (writes meanwhile
@@ -150,6 +152,27 @@ struct Slot {
     permit: Option<OwnedSemaphorePermit>,
 }
 
+/// A moment, on two clocks: the monotonic one, and the wall clock through
+/// the injected [`Clock`]. An age is the larger of the two, so neither a
+/// wall clock stepped back nor a host suspended (the monotonic clock stops
+/// while the store's does not) makes a chunk look younger than it is.
+#[derive(Debug, Clone, Copy)]
+struct Stamp {
+    mono: Instant,
+    wall: i64,
+}
+
+impl Stamp {
+    fn now(clock: &dyn Clock) -> Self {
+        Self { mono: Instant::now(), wall: clock.now_unix() }
+    }
+
+    fn age(&self, clock: &dyn Clock) -> Duration {
+        let wall = Duration::from_secs(clock.now_unix().saturating_sub(self.wall).max(0) as u64);
+        self.mono.elapsed().max(wall)
+    }
+}
+
 /// An uploaded chunk no commit refers to yet.
 #[derive(Debug)]
 struct Staged {
@@ -157,7 +180,7 @@ struct Staged {
     /// Its bytes (`None` for zeros), kept to upload it again if needed.
     data: Option<Bytes>,
     /// When its upload started.
-    at: Instant,
+    at: Stamp,
     /// Held, not read: dropped with the entry, it gives the memory back.
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -167,8 +190,12 @@ struct Staged {
 struct Pending {
     bytes: Bytes,
     record: JournalRecord,
-    /// Upload time of its oldest chunk: the deadline counts from here.
-    oldest: Instant,
+    /// Upload time of its oldest chunk object: the deadline counts from here.
+    oldest: Stamp,
+    /// Its PUT may have gone out. A record is sent once: after that its
+    /// fate is read back, never sent again (a copy sent late could land
+    /// after compaction collected its chunks).
+    sent: bool,
 }
 
 #[derive(Debug)]
@@ -574,7 +601,9 @@ async fn open_for_write(
             let proof = if meta.single_writer {
                 Ok(())
             } else {
-                journal::prove_successor(store.as_ref(), vol, seq, st.head_bytes.as_ref()).await?
+                // An open record is never in doubt long: no checkpoint can
+                // vouch for it (epoch 0 is no writer's).
+                journal::prove_successor(store.as_ref(), vol, seq, st.head_bytes.as_ref(), 0).await?
             };
             match proof {
                 Ok(()) => {

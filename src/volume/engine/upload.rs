@@ -70,7 +70,7 @@ impl Inner {
             };
             (data, slot.version)
         };
-        let at = Instant::now();
+        let at = Stamp::now(self.opts.clock.as_ref());
         let r = match &data {
             None => ChunkRef::Zero,
             Some(d) => self.put_chunk(index, d).await?,
@@ -133,17 +133,17 @@ impl Inner {
     /// under fresh names from the bytes kept in memory, so that no commit
     /// refers to a chunk compaction could have collected meanwhile.
     pub(super) async fn restage(&self, older_than: Duration) -> VolumeResult<()> {
-        let now = Instant::now();
+        let clock = self.opts.clock.as_ref();
         let old: Vec<(u64, ChunkRef, Bytes)> = {
             let st = self.lock();
             st.staged
                 .iter()
-                .filter(|(_, s)| now.saturating_duration_since(s.at) >= older_than)
+                .filter(|(_, s)| s.at.age(clock) >= older_than)
                 .filter_map(|(i, s)| s.data.clone().map(|d| (*i, s.r, d)))
                 .collect()
         };
         for (index, old_ref, data) in old {
-            let at = Instant::now();
+            let at = Stamp::now(clock);
             let r = self.put_chunk(index, &data).await?;
             let mut st = self.lock();
             if let Some(s) = st.staged.get_mut(&index).filter(|s| s.r == old_ref) {

@@ -1,0 +1,384 @@
+//! Races and clock disagreements around fencing and compaction: two
+//! compactors probing the store's clock at once, a writer host paused while
+//! its commit was in doubt, a snapshot deleted right after a restore pinned
+//! it, an outage with a zeroed chunk staged, a record in doubt that became
+//! compaction's fold point. Each once broke a design §4 invariant or lost
+//! acknowledged data; each test names the scenario.
+
+mod common;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use s3blk::clock::{Clock, ManualClock, SystemClock};
+use s3blk::store::fault::{Fault, FaultStore, Op, Rule};
+use s3blk::store::memory::MemoryStore;
+use s3blk::store::{DynStore, ListPage, ListRequest, ObjectStore, PutMode, StoreResult};
+use s3blk::volume::compact::{self, CompactOptions};
+use s3blk::volume::engine::CreateOptions;
+use s3blk::volume::format;
+use s3blk::volume::{OpenOptions, Volume};
+
+const CS: u32 = 64 << 10;
+const CSU: u64 = CS as u64;
+
+async fn create(store: &DynStore, vol: &str, size: u64) {
+    let opts = CreateOptions { size, chunk_size: CS, parent: None, single_writer: false };
+    Volume::create(store.clone(), vol, opts, &SystemClock).await.expect("create");
+}
+
+async fn open_with(store: &DynStore, vol: &str, opts: OpenOptions) -> Volume {
+    Volume::open(store.clone(), vol, opts).await.expect("open")
+}
+
+async fn read_fresh(store: &DynStore, vol: &str, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+    let ro = OpenOptions { read_only: true, ..OpenOptions::default() };
+    let v = Volume::open(store.clone(), vol, ro).await.map_err(|e| e.to_string())?;
+    v.read(offset, len).await.map_err(|e| e.to_string())
+}
+
+// A ---------------------------------------------------------------------------
+
+/// Another compactor (the controller, a CLI `s3blk compact`, the reaper)
+/// runs its clock probe on the same key: its DELETE of the probe lands
+/// between our PUT and our LIST.
+#[derive(Debug)]
+struct ProbeRace {
+    inner: DynStore,
+    vol: String,
+    armed: AtomicBool,
+}
+
+#[async_trait]
+impl ObjectStore for ProbeRace {
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
+        self.inner.get(key, range).await
+    }
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        self.inner.put(key, body, mode).await
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
+        let probe = format!("{}.s3blk-clock-", self.vol);
+        if req.prefix.starts_with(&probe) && self.armed.swap(false, Ordering::SeqCst) {
+            // The other compactor's probe round: PUT, LIST, DELETE.
+            compact::store_now(&self.inner, &self.vol).await.expect("the other compactor's probe");
+        }
+        self.inner.list(req).await
+    }
+    async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
+        self.inner.head(key).await
+    }
+    fn describe(&self) -> String {
+        "probe-race".into()
+    }
+}
+
+/// Invariant 3 (ages on the store's clock) with two compactors: when the
+/// other one's probe DELETE lands between our probe PUT and LIST,
+/// `store_now` finds no probe and `compact` silently falls back to this
+/// host's clock. A host clock an hour fast then collects the staged chunks
+/// of a commit still on its way; the commit lands and the flush is
+/// acknowledged over missing chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_compactors_probe_delete_makes_compaction_use_the_host_clock() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let fault = Arc::new(FaultStore::new(mem.clone()));
+    let faulty: DynStore = fault.clone();
+    create(&mem, "v/", 4 * CSU).await;
+    let v = open_with(&faulty, "v/", OpenOptions::default()).await;
+    let data = common::pattern(3, 2 * CS as usize);
+    v.write(0, &data).await.expect("write");
+    // The journal PUT hangs: the flush is given up on, its chunks staged.
+    fault.add_rule(Rule { op: Some(Op::Put), key_contains: Some("journal/".into()), fault: Fault::Hang, times: 1 });
+    assert!(tokio::time::timeout(Duration::from_millis(200), v.flush()).await.is_err());
+    fault.clear_rules();
+
+    let race: DynStore = Arc::new(ProbeRace { inner: mem.clone(), vol: "v/".into(), armed: AtomicBool::new(true) });
+    let fast_host = ManualClock::new(Clock::now_unix(&SystemClock) + 3600);
+    let rep = compact::compact(&race, "v/", &CompactOptions::default(), &fast_host).await.expect("compact");
+    let deleted = rep.chunks_deleted;
+
+    v.flush().await.expect("the commit lands and is acknowledged");
+    drop(v);
+    let fresh = read_fresh(&mem, "v/", 0, 2 * CSU).await;
+    assert!(
+        deleted == 0 && fresh.as_deref() == Ok(&data[..]),
+        "compaction on the host's clock collected {deleted} fresh staged chunks; the acknowledged flush reads {:?}",
+        fresh.map(|d| d.len())
+    );
+}
+
+// B ---------------------------------------------------------------------------
+
+/// A store with its own clock: every object's LastModified is the store's
+/// `now` when it was written (tests move it independently of the host).
+#[derive(Debug)]
+struct Timed {
+    inner: DynStore,
+    now: AtomicI64,
+    times: Mutex<HashMap<String, i64>>,
+}
+
+impl Timed {
+    fn new(inner: DynStore) -> Self {
+        Self { inner, now: AtomicI64::new(1_700_000_000), times: Mutex::default() }
+    }
+    fn advance(&self, secs: i64) {
+        self.now.fetch_add(secs, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Timed {
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
+        self.inner.get(key, range).await
+    }
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        let r = self.inner.put(key, body, mode).await;
+        if r.is_ok() {
+            self.times.lock().unwrap().insert(key.to_string(), self.now.load(Ordering::SeqCst));
+        }
+        r
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
+        let mut page = self.inner.list(req).await?;
+        let times = self.times.lock().unwrap();
+        for o in &mut page.objects {
+            o.modified_unix = times.get(&o.key).copied();
+        }
+        Ok(page)
+    }
+    async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
+        self.inner.head(key).await
+    }
+    fn describe(&self) -> String {
+        "timed".into()
+    }
+}
+
+/// The commit deadline (75 s) is measured on the writer host's monotonic
+/// clock (`tokio::time::Instant`), compaction's safety age (300 s) on the
+/// store's. When the two disagree — the host is suspended or its VM paused
+/// (CLOCK_MONOTONIC does not advance across either) for 10 minutes while
+/// a journal PUT was pending — the writer still believes its staged chunks
+/// are 1 s old, re-sends the pending record after compaction collected
+/// them, proves it, and acknowledges a flush over missing chunks.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_pending_commit_resent_after_a_host_pause_refers_to_collected_chunks() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let fault = Arc::new(FaultStore::new(mem.clone()));
+    let timed = Arc::new(Timed::new(fault.clone()));
+    let store: DynStore = timed.clone();
+    create(&store, "v/", 4 * CSU).await;
+    let v = open_with(&store, "v/", OpenOptions::default()).await;
+    let data = common::pattern(7, CS as usize);
+    v.write(0, &data).await.expect("write");
+    fault.add_rule(Rule { op: Some(Op::Put), key_contains: Some("journal/".into()), fault: Fault::Hang, times: 1 });
+    assert!(tokio::time::timeout(Duration::from_secs(1), v.flush()).await.is_err(), "the journal PUT hangs");
+    fault.clear_rules();
+    // The host is paused for 10 minutes: the store's clock moves on, the
+    // writer's monotonic clock does not.
+    timed.advance(600);
+    let rep = compact::compact(&store, "v/", &CompactOptions::default(), &SystemClock).await.expect("compact");
+    let deleted = rep.chunks_deleted;
+    let flushed = v.flush().await;
+    drop(v);
+    let fresh = read_fresh(&mem, "v/", 0, CSU).await;
+    assert!(
+        flushed.is_err() || fresh.as_deref() == Ok(&data[..]),
+        "flush acknowledged ({flushed:?}) after compaction collected {deleted} of its staged chunks; fresh read: {:?}",
+        fresh.map(|d| d.len())
+    );
+}
+
+// C ---------------------------------------------------------------------------
+
+/// Compaction lists `snapshots/`, then GETs each record. Right after its
+/// LIST: a restore pins the snapshot (`pin_snapshot_for`), finds the
+/// snapshot still there, succeeds; then the user deletes the snapshot.
+#[derive(Debug)]
+struct PinRace {
+    inner: DynStore,
+    snap: s3blk::volume::format::SnapshotRecord,
+    fired: AtomicBool,
+}
+
+#[async_trait]
+impl ObjectStore for PinRace {
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
+        self.inner.get(key, range).await
+    }
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        self.inner.put(key, body, mode).await
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
+        let page = self.inner.list(req.clone()).await?;
+        if req.prefix == format::snapshot_prefix("v/") && !self.fired.swap(true, Ordering::SeqCst) {
+            s3blk::volume::catalog::pin_snapshot_for(&self.inner, "v/", &self.snap, "r/")
+                .await
+                .expect("the restore's pin succeeds: the snapshot is still there");
+            self.inner.delete(&format::snapshot_key("v/", &self.snap.name)).await.expect("DeleteSnapshot");
+        }
+        Ok(page)
+    }
+    async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
+        self.inner.head(key).await
+    }
+    fn describe(&self) -> String {
+        "pin-race".into()
+    }
+}
+
+/// `pin_snapshot_for` claims "the snapshot still being there after the pin
+/// was written means every compaction pass since has seen one of the two".
+/// A pass that listed before the pin and GETs the snapshot after its
+/// deletion sees neither (`list_snapshots` skips a record gone between LIST
+/// and GET), folds past the snapshot's seq and collects its chunks: the
+/// restored volume, created successfully, reads EIO.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_deleted_right_after_a_restore_takes_the_restored_volumes_data() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CSU).await;
+    let w = open_with(&mem, "v/", OpenOptions::default()).await;
+    let d1 = common::pattern(11, CS as usize);
+    w.write(0, &d1).await.expect("write");
+    w.flush().await.expect("flush");
+    let snap = s3blk::volume::engine::snapshot_committed(&mem, "v/", "s1", &SystemClock).await.expect("snapshot");
+    w.write(0, &common::pattern(12, CS as usize)).await.expect("overwrite");
+    w.flush().await.expect("flush");
+    drop(w);
+
+    let race: DynStore = Arc::new(PinRace { inner: mem.clone(), snap: snap.clone(), fired: AtomicBool::new(false) });
+    let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
+    let rep = compact::compact(&race, "v/", &eager, &SystemClock).await.expect("compact");
+
+    // The restored volume (CSI CreateVolume from snapshot s1) reads through v at the pinned seq.
+    let parent = format::ParentRef { volume: "v/".into(), snapshot: format::clone_pin_name("r/"), seq: snap.seq };
+    let opts = CreateOptions { size: 4 * CSU, chunk_size: CS, parent: Some(parent), single_writer: false };
+    Volume::create(mem.clone(), "r/", opts, &SystemClock).await.expect("create restored");
+    let got = read_fresh(&mem, "r/", 0, CSU).await;
+    let next = compact::compact(&mem, "v/", &eager, &SystemClock).await.map(|_| ()).map_err(|e| e.to_string());
+    assert!(
+        got.as_deref() == Ok(&d1[..]),
+        "restored volume lost its data (compaction deleted {} chunks, snapshots seen {}): {:?}; next compaction of the source: {next:?}",
+        rep.chunks_deleted,
+        rep.snapshots,
+        got.map(|d| d.len())
+    );
+}
+
+// D ---------------------------------------------------------------------------
+
+/// The only writer's journal PUT lands but its answer is lost; then the
+/// writer's node loses the store for 400 s (the controller does not).
+/// The pending record is abandoned at the deadline. Compaction, on the
+/// store's clock, finds that record (the writer's own, 400 s old) the
+/// newest old one, folds to it and deletes the records below it. When the
+/// store is back, the next commit recognises the abandoned record as ours
+/// (`Appended::Earlier`) but its proof needs the record below it, which
+/// compaction deleted: the only writer fences itself (defect 5 again).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn the_only_writer_fences_itself_when_compaction_folds_to_its_abandoned_record() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let timed = Arc::new(Timed::new(mem.clone()));
+    let tstore: DynStore = timed.clone();
+    let fault = Arc::new(FaultStore::new(tstore.clone()));
+    let faulty: DynStore = fault.clone();
+    create(&tstore, "v/", 4 * CSU).await;
+    let w = open_with(&faulty, "v/", OpenOptions::default()).await; // record 1
+    w.write(0, b"acknowledged").await.expect("write");
+    w.flush().await.expect("flush"); // record 2
+    w.write(CSU, b"second").await.expect("write");
+    fault.add_rule(Rule {
+        op: Some(Op::Put),
+        key_contains: Some("journal/".into()),
+        fault: Fault::LostResponse,
+        times: 1,
+    });
+    assert!(w.flush().await.is_err(), "record 3 lands, its answer is lost");
+    // The writer's node is cut off from the store for 400 s.
+    fault.add_rule(Rule { op: None, key_contains: None, fault: Fault::ServerError, times: u64::MAX });
+    tokio::time::sleep(Duration::from_secs(400)).await;
+    timed.advance(400);
+    let rep = compact::compact(&tstore, "v/", &CompactOptions::default(), &SystemClock).await.expect("compact");
+    fault.clear_rules();
+    let r = w.flush().await;
+    assert!(r.is_ok(), "the only writer fenced itself (compaction folded to {:?}): {r:?}", rep.folded_seq);
+}
+
+// E ---------------------------------------------------------------------------
+
+/// A TRIM of a whole chunk stages a ZERO reference (no object) with the
+/// time of its "upload". Its commit is held up 80 s by a store outage.
+/// Afterwards every record the writer builds takes that time as its oldest
+/// chunk (`oldest` = min over all staged), is past the commit deadline
+/// before it is sent, and is abandoned; `restage` skips ZERO entries, so
+/// their time is never renewed. No journal PUT is ever sent again: every
+/// flush fails ("the journal kept moving") although the store is back.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_zero_chunk_staged_through_an_outage_blocks_every_later_commit() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let fault = Arc::new(FaultStore::new(mem.clone()));
+    let faulty: DynStore = fault.clone();
+    create(&mem, "v/", 4 * CSU).await;
+    let w = open_with(&faulty, "v/", OpenOptions::default()).await;
+    w.write(CSU, b"kept").await.expect("write");
+    w.flush().await.expect("flush");
+    w.write_zeroes(0, CSU).await.expect("trim a whole chunk");
+    fault.add_rule(Rule {
+        op: Some(Op::Put),
+        key_contains: Some("journal/".into()),
+        fault: Fault::ServerError,
+        times: u64::MAX,
+    });
+    assert!(w.flush().await.is_err(), "the store is out");
+    tokio::time::sleep(Duration::from_secs(80)).await;
+    fault.clear_rules();
+    let puts_before = fault.puts_seen();
+    let r = w.flush().await;
+    let puts = fault.puts_seen() - puts_before;
+    w.write(2 * CSU, b"later").await.expect("write");
+    let r2 = w.flush().await;
+    assert!(
+        r.is_ok() && r2.is_ok(),
+        "the store is back but the writer cannot commit: {r:?} / {r2:?} ({puts} PUTs sent by the first flush)"
+    );
+}
+
+/// Control for E: the same outage with a data chunk staged instead of a
+/// ZERO reference recovers (the data chunk is restaged, its time renewed).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn control_a_data_chunk_staged_through_an_outage_commits_afterwards() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let fault = Arc::new(FaultStore::new(mem.clone()));
+    let faulty: DynStore = fault.clone();
+    create(&mem, "v/", 4 * CSU).await;
+    let w = open_with(&faulty, "v/", OpenOptions::default()).await;
+    w.write(CSU, b"kept").await.expect("write");
+    w.flush().await.expect("flush");
+    w.write(0, b"data, not zeros").await.expect("write");
+    fault.add_rule(Rule {
+        op: Some(Op::Put),
+        key_contains: Some("journal/".into()),
+        fault: Fault::ServerError,
+        times: u64::MAX,
+    });
+    assert!(w.flush().await.is_err(), "the store is out");
+    tokio::time::sleep(Duration::from_secs(80)).await;
+    fault.clear_rules();
+    w.flush().await.expect("commits once the store is back");
+}
