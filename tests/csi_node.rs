@@ -591,6 +591,20 @@ async fn node_in_its_own_network_namespace_inside_vm() {
             )) && text.contains("Unstage and stage the volume again"),
             "the restarted plugin does not say why the device cannot come back and what to do:\n{text}"
         );
+        step("own network namespace: the dead device is never handed to another volume");
+        let other = create(&mut ctl, "pvc-netns-other", 64 << 20, block_cap()).await;
+        let (ostaging, otarget) = (w.join("staging/other"), w.join("pods/other/dev"));
+        publish_ctl(&mut ctl, &other, "node-ns", &block_cap()).await;
+        node.node_stage_volume(stage_req(&other, &ostaging, &block_cap())).await.expect("stage another volume");
+        node.node_publish_volume(publish_req(&other, &ostaging, &otarget, &block_cap())).await.expect("publish it");
+        {
+            use std::os::unix::fs::MetadataExt;
+            let got = std::fs::metadata(&otarget).expect("block target").rdev();
+            let dead = std::fs::metadata(&dev).expect("dead device").rdev();
+            assert_ne!(got, dead, "the new volume got {dev}, which a stale filesystem still uses");
+        }
+        unstage(&mut node, &other, &ostaging, &otarget).await;
+        unpublish_ctl(&mut ctl, &other, "node-ns").await;
         step("own network namespace: unstage and stage again bring the volume back");
         unstage(&mut node, &id, &staging, &target).await;
         node.node_stage_volume(stage_req(&id, &staging, &ext4)).await.expect("stage after the restart");

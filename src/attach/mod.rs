@@ -463,4 +463,19 @@ mod tests {
         assert_eq!(version_of("linux"), None);
         assert!(version_of("6.4.0").is_some_and(|v| v >= (6, 4)));
     }
+
+    #[test]
+    fn errors_name_the_cause_and_the_fix() {
+        let driver = AttachError::DriverMissing.to_string();
+        assert!(driver.contains("driver is not loaded") && driver.contains("modprobe nbd"), "{driver}");
+        let full = AttachError::NoFreeDevice { detail: "16 in use, 0 held or being set up by another task".into() };
+        let full = full.to_string();
+        assert!(full.contains("no free /dev/nbd device (16 in use") && full.contains("nbds_max"), "{full}");
+        let why = netlink_unreachable_reason();
+        let running = kernel_version().expect("uname");
+        if (running.0, running.1) < (6, 4) {
+            assert!(why.contains("only in the host's network namespace"), "{why}");
+        }
+        assert!(why.contains(&running.2), "the reason does not name the kernel: {why}");
+    }
 }
