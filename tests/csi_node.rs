@@ -475,10 +475,10 @@ fn wait_all_detached(what: &str) {
 /// Runs only inside the VM: the node plugin in a network namespace of its
 /// own, as in a pod without hostNetwork. Before Linux 6.4 the kernel's nbd
 /// netlink family is not reachable there and the plugin attaches through
-/// the ioctl interface: stage, publish, expand online, read back after a
-/// re-stage. A plugin restart then shows what that interface loses (the
-/// device goes away with the process) and how the volume comes back
-/// (unstage, stage again: every synced file is there).
+/// the ioctl interface: stage, publish, expand online, two volumes staged
+/// at once. A plugin restart then shows what that interface loses (the
+/// device fails I/O; it is never handed to another volume) and how the
+/// volume comes back (unstage, stage again: every synced file is there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "runs inside the VM started by node_stage_publish_expand_restart_block_in_a_vm"]
 async fn node_in_its_own_network_namespace_inside_vm() {
@@ -540,12 +540,6 @@ async fn node_in_its_own_network_namespace_inside_vm() {
     let after = bytes_total(&volume_stats(&mut node, &id, &target).await);
     assert!(after > before + (200 << 20), "filesystem did not grow: {before} -> {after}");
 
-    step("own network namespace: unstage, stage again, files read back");
-    unstage(&mut node, &id, &staging, &target).await;
-    wait_all_detached("after unstage");
-    node.node_stage_volume(stage_req(&id, &staging, &ext4)).await.expect("stage again");
-    node.node_publish_volume(publish_req(&id, &staging, &target, &ext4)).await.expect("publish again");
-    check_files(&files, &target, &target);
     let more = write_files(&target, "netns-more", 5);
 
     step("own network namespace: two raw block volumes staged at once get two free devices");
@@ -616,6 +610,12 @@ async fn node_in_its_own_network_namespace_inside_vm() {
         drop((ctl, node));
         plugin.stop();
     } else {
+        step("own network namespace: unstage, stage again, files read back");
+        unstage(&mut node, &id, &staging, &target).await;
+        node.node_stage_volume(stage_req(&id, &staging, &ext4)).await.expect("stage again");
+        node.node_publish_volume(publish_req(&id, &staging, &target, &ext4)).await.expect("publish again");
+        check_files(&files, &target, &target);
+        check_files(&more, &target, &target);
         unstage(&mut node, &id, &staging, &target).await;
         unpublish_ctl(&mut ctl, &id, "node-ns").await;
         drop((ctl, node));
@@ -712,13 +712,6 @@ async fn node_as_the_chart_ships_it_inside_vm() {
     let plugin = spawn_plugin(&args, &sock, !host_network, Some(&log));
     let mut node = NodeClient::new(common::grpc_channel(&plugin.sock).await);
     let during = pending.join().expect("writer thread");
-    check_files(&files, &target, &target);
-    check_files(&during, &target, &target);
-
-    step("as the chart ships it: unstage, stage again, files read back");
-    unstage(&mut node, &id, &staging, &target).await;
-    node.node_stage_volume(stage_req(&id, &staging, &ext4)).await.expect("stage again");
-    node.node_publish_volume(publish_req(&id, &staging, &target, &ext4)).await.expect("publish again");
     check_files(&files, &target, &target);
     check_files(&during, &target, &target);
     unstage(&mut node, &id, &staging, &target).await;

@@ -89,6 +89,8 @@ pub enum AttachError {
     Lock(PathBuf, io::Error),
     #[error("{0} is not an nbd device")]
     NotNbd(String),
+    #[error("{0} is held or being set up by another task")]
+    DeviceBusy(String),
     #[error("{0} did not reach the expected size within {1:?}")]
     Timeout(String, Duration),
     #[error("attach worker: {0}")]
@@ -291,6 +293,9 @@ impl Attacher {
                         tracing::debug!(device = %dev, "another task holds it or is setting it up: skipped");
                     }
                 }
+            }
+            if !probe {
+                return Err(AttachError::DeviceBusy(candidates.join(", ")));
             }
             let detail = if candidates.is_empty() && in_use == 0 {
                 "the nbd driver has no devices".to_string()
