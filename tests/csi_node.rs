@@ -1,8 +1,12 @@
 //! The CSI node service with a real kernel: inside a QEMU VM (see
 //! tests/vm/run.sh), `s3blk csi --mode all` stages volumes through
-//! nbd-client, makes ext4 and xfs filesystems, publishes them, expands them
-//! online, keeps I/O going across a plugin restart, moves them to another
-//! node id, and hands out raw block devices.
+//! the kernel's NBD client, makes ext4 and xfs filesystems, publishes them,
+//! expands them online, keeps I/O going across a plugin restart, moves them
+//! to another node id, and hands out raw block devices. Two more scenarios
+//! run the plugin as Kubernetes would: in a network namespace of its own
+//! (a pod without hostNetwork; before Linux 6.4 the kernel's nbd netlink
+//! family is not reachable there), and with the arguments and network
+//! namespace the chart's node DaemonSet ships.
 //! On the host the test boots the VM; inside it, the same binary drives
 //! the plugin over gRPC.
 
@@ -56,24 +60,58 @@ fn work() -> PathBuf {
 
 fn start_plugin(node_id: &str) -> Plugin {
     let w = work();
-    let sock = w.join("csi.sock");
-    let child = Command::new(std::env::var("S3BLK_BIN").expect("S3BLK_BIN"))
-        .args(["csi", "--mode", "all", "--node-id", node_id, "--endpoint"])
-        .arg(format!("unix://{}", sock.display()))
-        .arg("--store")
-        .arg(format!("file://{}", w.join("store").display()))
-        .arg("--state-dir")
-        .arg(w.join("state"))
-        .env("S3BLK_LOG", "info")
-        .spawn()
-        .expect("start plugin");
-    for _ in 0..200 {
+    let args: Vec<String> = vec![
+        "csi".into(),
+        "--mode=all".into(),
+        format!("--node-id={node_id}"),
+        format!("--store=file://{}", w.join("store").display()),
+        format!("--state-dir={}", w.join("state").display()),
+    ];
+    spawn_plugin(&args, &w.join("csi.sock"), false, None)
+}
+
+/// Start `s3blk <args> --endpoint=unix://<sock>`, in a network namespace
+/// of its own when `own_netns` (as in a pod without hostNetwork), its log
+/// appended to `log` when given.
+fn spawn_plugin(args: &[String], sock: &Path, own_netns: bool, log: Option<&Path>) -> Plugin {
+    let bin = std::env::var("S3BLK_BIN").expect("S3BLK_BIN");
+    let mut cmd = if own_netns {
+        let mut c = Command::new("unshare");
+        c.arg("--net").arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    };
+    cmd.args(args).arg(format!("--endpoint=unix://{}", sock.display())).env("S3BLK_LOG", "info");
+    if let Some(log) = log {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("plugin log");
+        cmd.stderr(f.try_clone().expect("dup log")).stdout(f);
+    }
+    let child = cmd.spawn().expect("start plugin");
+    // A restarted plugin serves its staged volumes before it listens: under
+    // software emulation on a busy host that took over 10 s.
+    for _ in 0..1200 {
         if sock.exists() {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Plugin { child, sock }
+    Plugin { child, sock: sock.to_path_buf() }
+}
+
+/// Prints a plugin log when the test fails, so the VM's console has it.
+struct LogOnPanic(PathBuf);
+
+impl Drop for LogOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- plugin log {} ---\n{}",
+                self.0.display(),
+                std::fs::read_to_string(&self.0).unwrap_or_default()
+            );
+        }
+    }
 }
 
 impl Plugin {
@@ -246,7 +284,7 @@ async fn node_lifecycle_inside_vm() {
         Code::FailedPrecondition
     );
     assert!(
-        s3blk::csi::mount::nbd_devices().iter().all(|d| s3blk::csi::mount::device_size(d) == 0),
+        s3blk::attach::devices::nbd_devices().iter().all(|d| s3blk::attach::devices::device_size(d) == 0),
         "a device stayed attached"
     );
 
@@ -368,6 +406,317 @@ async fn node_lifecycle_inside_vm() {
     unstage(&mut node, &bid, &bstaging, &btarget).await;
     drop((ctl, node));
     plugin.stop();
-    assert!(s3blk::csi::mount::nbd_devices().iter().all(|d| s3blk::csi::mount::device_size(d) == 0));
+    assert!(s3blk::attach::devices::nbd_devices().iter().all(|d| s3blk::attach::devices::device_size(d) == 0));
     step("done");
+}
+
+/// Linux before 6.4 offers the nbd netlink family only in the host's
+/// network namespace.
+fn netlink_only_in_host_netns() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) < (6, 4)
+}
+
+/// The device mounted at `path` (from /proc/self/mountinfo).
+fn mounted_device(path: &Path) -> String {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let target = path.display().to_string();
+    info.lines()
+        .filter(|l| l.split(' ').nth(4) == Some(target.as_str()))
+        .find_map(|l| l.split(" - ").nth(1).and_then(|rest| rest.split(' ').nth(1)).map(str::to_string))
+        .unwrap_or_else(|| panic!("nothing is mounted at {target}"))
+}
+
+/// Read the device's first block past the page cache; bounded, so a
+/// device that hangs fails the test instead of the VM's time limit.
+fn direct_read(dev: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dev = dev.to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&dev).and_then(|mut f| {
+            let layout = std::alloc::Layout::from_size_align(4096, 4096).expect("layout");
+            // SAFETY: a 4096-byte buffer with 4096 alignment (O_DIRECT), freed below.
+            let buf = unsafe { std::alloc::alloc_zeroed(layout) };
+            // SAFETY: buf points to 4096 writable bytes.
+            let r = f.read_exact(unsafe { std::slice::from_raw_parts_mut(buf, 4096) });
+            // SAFETY: allocated above with this layout.
+            unsafe { std::alloc::dealloc(buf, layout) };
+            r
+        });
+        let _ = tx.send(r);
+    });
+    rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| Err(std::io::Error::other("read hung for 20 s")))
+}
+
+/// Every nbd device the kernel has, with its size in bytes.
+fn nbd_sizes() -> Vec<(String, u64)> {
+    s3blk::attach::devices::nbd_devices()
+        .into_iter()
+        .map(|d| {
+            let size = s3blk::attach::devices::device_size(&d);
+            (d, size)
+        })
+        .collect()
+}
+
+/// Poll until no nbd device has a size.
+fn wait_all_detached(what: &str) {
+    for _ in 0..200 {
+        if nbd_sizes().iter().all(|(_, s)| *s == 0) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what}: devices still attached: {:?}", nbd_sizes());
+}
+
+/// Runs only inside the VM: the node plugin in a network namespace of its
+/// own, as in a pod without hostNetwork. Before Linux 6.4 the kernel's nbd
+/// netlink family is not reachable there and the plugin attaches through
+/// the ioctl interface: stage, publish, expand online, two volumes staged
+/// at once. A plugin restart then shows what that interface loses (the
+/// device fails I/O; it is never handed to another volume) and how the
+/// volume comes back (unstage, stage again: every synced file is there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs inside the VM started by node_stage_publish_expand_restart_block_in_a_vm"]
+async fn node_in_its_own_network_namespace_inside_vm() {
+    assert_eq!(std::env::var("S3BLK_IN_VM").as_deref(), Ok("1"), "only inside the VM");
+    let w = work().join("netns");
+    std::fs::create_dir_all(&w).expect("work dir");
+    let log = w.join("plugin.log");
+    let _dump = LogOnPanic(log.clone());
+    let args: Vec<String> = vec![
+        "csi".into(),
+        "--mode=all".into(),
+        "--node-id=node-ns".into(),
+        format!("--store=file://{}", w.join("store").display()),
+        format!("--state-dir={}", w.join("state").display()),
+    ];
+    let sock = w.join("csi.sock");
+    let plugin = spawn_plugin(&args, &sock, true, Some(&log));
+    let (mut ctl, mut node) = clients(&plugin.sock).await;
+    let ioctl_expected = netlink_only_in_host_netns();
+
+    step("own network namespace: stage (mkfs), publish, write files");
+    let ext4 = mount_cap("ext4");
+    let id = create(&mut ctl, "pvc-netns", 256 << 20, ext4.clone()).await;
+    let (staging, target) = (w.join("staging"), w.join("pods/a"));
+    publish_ctl(&mut ctl, &id, "node-ns", &ext4).await;
+    node.node_stage_volume(stage_req(&id, &staging, &ext4)).await.expect("stage in a network namespace of its own");
+    node.node_publish_volume(publish_req(&id, &staging, &target, &ext4)).await.expect("publish");
+    let files = write_files(&target, "netns", 10);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    if ioctl_expected {
+        assert!(text.contains("interface=\"ioctl\""), "not attached through ioctls:\n{text}");
+        assert!(
+            text.contains("only in the host's network namespace")
+                && text.contains("reconnecting after a plugin restart"),
+            "the log does not say why ioctls are used and what is lost:\n{text}"
+        );
+    }
+
+    step("own network namespace: expand online 256 MiB -> 512 MiB");
+    let before = bytes_total(&volume_stats(&mut node, &id, &target).await);
+    ctl.controller_expand_volume(pb::ControllerExpandVolumeRequest {
+        volume_id: id.clone(),
+        capacity_range: Some(pb::CapacityRange { required_bytes: 512 << 20, limit_bytes: 0 }),
+        volume_capability: Some(ext4.clone()),
+        ..Default::default()
+    })
+    .await
+    .expect("controller expand");
+    node.node_expand_volume(pb::NodeExpandVolumeRequest {
+        volume_id: id.clone(),
+        volume_path: target.display().to_string(),
+        capacity_range: Some(pb::CapacityRange { required_bytes: 512 << 20, limit_bytes: 0 }),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(ext4.clone()),
+        secrets: HashMap::new(),
+    })
+    .await
+    .expect("node expand");
+    let after = bytes_total(&volume_stats(&mut node, &id, &target).await);
+    assert!(after > before + (200 << 20), "filesystem did not grow: {before} -> {after}");
+
+    let more = write_files(&target, "netns-more", 5);
+
+    step("own network namespace: two raw block volumes staged at once get two free devices");
+    let block = block_cap();
+    let mut staged = Vec::new();
+    for name in ["pvc-netns-b1", "pvc-netns-b2"] {
+        let bid = create(&mut ctl, name, 64 << 20, block.clone()).await;
+        publish_ctl(&mut ctl, &bid, "node-ns", &block).await;
+        staged.push((bid, w.join(format!("staging/{name}")), w.join(format!("pods/{name}/dev"))));
+    }
+    let (mut n1, mut n2) = (node.clone(), node.clone());
+    let (r1, r2) = tokio::join!(
+        n1.node_stage_volume(stage_req(&staged[0].0, &staged[0].1, &block)),
+        n2.node_stage_volume(stage_req(&staged[1].0, &staged[1].1, &block)),
+    );
+    r1.expect("first concurrent stage");
+    r2.expect("second concurrent stage");
+    let mut rdevs = Vec::new();
+    for (bid, bstaging, btarget) in &staged {
+        node.node_publish_volume(publish_req(bid, bstaging, btarget, &block)).await.expect("publish block");
+        use std::os::unix::fs::MetadataExt;
+        rdevs.push(std::fs::metadata(btarget).expect("block target").rdev());
+    }
+    assert_ne!(rdevs[0], rdevs[1], "two volumes got the same device");
+    for (bid, bstaging, btarget) in &staged {
+        unstage(&mut node, bid, bstaging, btarget).await;
+        unpublish_ctl(&mut ctl, bid, "node-ns").await;
+    }
+
+    if ioctl_expected {
+        step("own network namespace: a plugin restart leaves the ioctl-attached device failing I/O");
+        let dev = mounted_device(&staging);
+        drop((ctl, node));
+        plugin.stop();
+        let read = direct_read(&dev);
+        assert!(read.is_err(), "{dev} still reads after its plugin exited: {read:?}");
+        let plugin = spawn_plugin(&args, &sock, true, Some(&log));
+        let (mut ctl, mut node) = clients(&plugin.sock).await;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            text.contains(&format!(
+                "{dev} needs a new connection after the plugin restarted, which only netlink can give"
+            )) && text.contains("Unstage and stage the volume again"),
+            "the restarted plugin does not say why the device cannot come back and what to do:\n{text}"
+        );
+        step("own network namespace: the dead device is never handed to another volume");
+        let other = create(&mut ctl, "pvc-netns-other", 64 << 20, block_cap()).await;
+        let (ostaging, otarget) = (w.join("staging/other"), w.join("pods/other/dev"));
+        publish_ctl(&mut ctl, &other, "node-ns", &block_cap()).await;
+        node.node_stage_volume(stage_req(&other, &ostaging, &block_cap())).await.expect("stage another volume");
+        node.node_publish_volume(publish_req(&other, &ostaging, &otarget, &block_cap())).await.expect("publish it");
+        {
+            use std::os::unix::fs::MetadataExt;
+            let got = std::fs::metadata(&otarget).expect("block target").rdev();
+            let dead = std::fs::metadata(&dev).expect("dead device").rdev();
+            assert_ne!(got, dead, "the new volume got {dev}, which a stale filesystem still uses");
+        }
+        unstage(&mut node, &other, &ostaging, &otarget).await;
+        unpublish_ctl(&mut ctl, &other, "node-ns").await;
+        step("own network namespace: unstage and stage again bring the volume back");
+        unstage(&mut node, &id, &staging, &target).await;
+        node.node_stage_volume(stage_req(&id, &staging, &ext4)).await.expect("stage after the restart");
+        node.node_publish_volume(publish_req(&id, &staging, &target, &ext4)).await.expect("publish after the restart");
+        check_files(&files, &target, &target);
+        check_files(&more, &target, &target);
+        unstage(&mut node, &id, &staging, &target).await;
+        unpublish_ctl(&mut ctl, &id, "node-ns").await;
+        drop((ctl, node));
+        plugin.stop();
+    } else {
+        step("own network namespace: unstage, stage again, files read back");
+        unstage(&mut node, &id, &staging, &target).await;
+        node.node_stage_volume(stage_req(&id, &staging, &ext4)).await.expect("stage again");
+        node.node_publish_volume(publish_req(&id, &staging, &target, &ext4)).await.expect("publish again");
+        check_files(&files, &target, &target);
+        check_files(&more, &target, &target);
+        unstage(&mut node, &id, &staging, &target).await;
+        unpublish_ctl(&mut ctl, &id, "node-ns").await;
+        drop((ctl, node));
+        plugin.stop();
+    }
+    wait_all_detached("at the end");
+    step("own network namespace: done");
+}
+
+/// The node DaemonSet of the rendered chart (deploy/s3blk.yaml, kept equal
+/// to the chart by tests/chart): whether its pod uses the host's network
+/// namespace, and the s3blk container's arguments.
+fn chart_node_pod() -> (bool, Vec<String>) {
+    let path = common::repo_root().join("deploy/s3blk.yaml");
+    let text = std::fs::read_to_string(&path).expect("deploy/s3blk.yaml");
+    let ds = text
+        .split("\n---\n")
+        .find(|d| d.lines().any(|l| l.trim() == "kind: DaemonSet"))
+        .expect("deploy/s3blk.yaml has no DaemonSet");
+    let host_network = ds.lines().any(|l| l.trim() == "hostNetwork: true");
+    let lines: Vec<&str> = ds.lines().collect();
+    let container = lines.iter().position(|l| l.trim() == "- name: s3blk").expect("no s3blk container");
+    let args_at = (container..lines.len()).find(|&i| lines[i].trim() == "args:").expect("s3blk container has no args");
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let args = lines[args_at + 1..]
+        .iter()
+        .take_while(|l| indent(l) >= indent(lines[args_at]) && l.trim_start().starts_with("- "))
+        .map(|l| l.trim_start().trim_start_matches("- ").trim().to_string())
+        .collect();
+    (host_network, args)
+}
+
+/// Runs only inside the VM: the node plugin with the arguments the chart's
+/// DaemonSet gives it and in the network namespace its pod gets (the
+/// host's, with hostNetwork). Stage, publish, write; restart the plugin
+/// with I/O in flight: on this configuration the device is reconnected
+/// (netlink) and every write lands, on every kernel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs inside the VM started by node_stage_publish_expand_restart_block_in_a_vm"]
+async fn node_as_the_chart_ships_it_inside_vm() {
+    assert_eq!(std::env::var("S3BLK_IN_VM").as_deref(), Ok("1"), "only inside the VM");
+    let w = work().join("chart");
+    std::fs::create_dir_all(&w).expect("work dir");
+    let log = w.join("plugin.log");
+    let _dump = LogOnPanic(log.clone());
+    let (host_network, chart_args) = chart_node_pod();
+    assert!(chart_args.first().map(String::as_str) == Some("csi") && chart_args.contains(&"--mode=node".into()));
+    // What kubelet and the pod's mounts would provide: $(NODE_NAME), the
+    // CSI socket (added by spawn_plugin), the host's state directory.
+    let args: Vec<String> = chart_args
+        .iter()
+        .filter(|a| !a.starts_with("--endpoint="))
+        .map(|a| {
+            if a.starts_with("--state-dir=") {
+                format!("--state-dir={}", w.join("state").display())
+            } else {
+                a.replace("$(NODE_NAME)", "chart-node")
+            }
+        })
+        .collect();
+    let vol = w.join("store/pvc-chart");
+    let out = Command::new(std::env::var("S3BLK_BIN").expect("S3BLK_BIN"))
+        .args(["volume", "create"])
+        .arg(format!("file://{}", vol.display()))
+        .args(["--size", "256MiB"])
+        .output()
+        .expect("s3blk volume create");
+    assert!(out.status.success(), "volume create: {}", String::from_utf8_lossy(&out.stderr));
+    let id = format!("file://{}", vol.display());
+    let sock = w.join("csi.sock");
+    let plugin = spawn_plugin(&args, &sock, !host_network, Some(&log));
+    let mut node = NodeClient::new(common::grpc_channel(&plugin.sock).await);
+
+    step(&format!("as the chart ships it (hostNetwork: {host_network}): stage, publish, write"));
+    let ext4 = mount_cap("ext4");
+    let (staging, target) = (w.join("staging"), w.join("pods/a"));
+    node.node_stage_volume(stage_req(&id, &staging, &ext4)).await.expect("stage");
+    node.node_publish_volume(publish_req(&id, &staging, &target, &ext4)).await.expect("publish");
+    let files = write_files(&target, "chart", 10);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("interface=\"netlink\""),
+        "the chart's configuration did not attach through netlink:\n{text}"
+    );
+
+    step("as the chart ships it: plugin restart with I/O in flight, the device is reconnected");
+    drop(node);
+    plugin.stop();
+    let pending = {
+        let target = target.clone();
+        std::thread::spawn(move || write_files(&target, "chart-during-restart", 3))
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let plugin = spawn_plugin(&args, &sock, !host_network, Some(&log));
+    let mut node = NodeClient::new(common::grpc_channel(&plugin.sock).await);
+    let during = pending.join().expect("writer thread");
+    check_files(&files, &target, &target);
+    check_files(&during, &target, &target);
+    unstage(&mut node, &id, &staging, &target).await;
+    drop(node);
+    plugin.stop();
+    wait_all_detached("at the end");
+    step("as the chart ships it: done");
 }

@@ -70,6 +70,16 @@ fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
+/// Why the nbd netlink family cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The generic netlink controller does not know the `nbd` family here.
+    #[error("the kernel's nbd netlink family is not reachable")]
+    FamilyMissing,
+    #[error("generic netlink: {0}")]
+    Io(io::Error),
+}
+
 pub struct NbdNetlink {
     fd: OwnedFd,
     family: u16,
@@ -77,9 +87,14 @@ pub struct NbdNetlink {
 }
 
 impl NbdNetlink {
-    /// Open a generic netlink socket and look up the `nbd` family (the nbd
-    /// module must be loaded).
-    pub fn open() -> io::Result<Self> {
+    /// Open a generic netlink socket and look up the `nbd` family. The
+    /// family is missing when the nbd driver is not loaded, and, before
+    /// Linux 6.4, from every network namespace but the host's.
+    pub fn open() -> Result<Self, OpenError> {
+        Self::open_socket().map_err(OpenError::Io)?.lookup_family()
+    }
+
+    fn open_socket() -> io::Result<Self> {
         // SAFETY: plain socket(2); the fd is owned right away.
         let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_GENERIC) };
         if raw < 0 {
@@ -112,17 +127,24 @@ impl NbdNetlink {
                 std::mem::size_of::<libc::timeval>() as libc::socklen_t,
             )
         };
-        let mut nl = Self { fd, family: 0, seq: 0 };
+        Ok(Self { fd, family: 0, seq: 0 })
+    }
+
+    fn lookup_family(mut self) -> Result<Self, OpenError> {
         let mut a = Attrs::default();
         a.put(CTRL_ATTR_FAMILY_NAME, b"nbd\0");
-        let replies = nl.request(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1, &a)?;
-        nl.family = replies
+        let replies = match self.request(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1, &a) {
+            Ok(r) => r,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Err(OpenError::FamilyMissing),
+            Err(e) => return Err(OpenError::Io(e)),
+        };
+        self.family = replies
             .iter()
             .flat_map(|r| attrs(r.get(4..).unwrap_or_default()))
             .find(|(t, p)| *t == CTRL_ATTR_FAMILY_ID && p.len() >= 2)
             .map(|(_, p)| u16::from_ne_bytes([p[0], p[1]]))
-            .ok_or_else(|| io::Error::other("the kernel has no nbd netlink family (modprobe nbd)"))?;
-        Ok(nl)
+            .ok_or(OpenError::FamilyMissing)?;
+        Ok(self)
     }
 
     /// Send one request and wait for its acknowledgement; returns the

@@ -1,26 +1,21 @@
-//! What the node plugin does to the host: find a free `/dev/nbdX`, make and
-//! grow filesystems, mount and unmount (attaching is in `crate::attach`).
+//! What the node plugin does to the host: make and grow filesystems, mount
+//! and unmount (choosing and attaching `/dev/nbdX` is in `crate::attach`).
 //! Every external program is named here, so the container image can be
 //! checked against this list.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
 
 /// Programs the node plugin runs (the container image must provide them).
 pub const PROGRAMS: &[&str] =
-    &["nbd-client", "blkid", "mkfs.ext4", "mkfs.xfs", "mount", "umount", "resize2fs", "xfs_growfs", "blockdev"];
+    &["blkid", "mkfs.ext4", "mkfs.xfs", "mount", "umount", "resize2fs", "xfs_growfs", "blockdev"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
     #[error("{cmd} failed: {detail}")]
     Command { cmd: String, detail: String },
-    #[error("no free /dev/nbd device (load the module with more devices: modprobe nbd nbds_max=N)")]
-    NoFreeDevice,
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
-    #[error("{0} did not come up within {1:?}")]
-    Timeout(String, Duration),
 }
 
 /// Run a program; its stderr becomes the error.
@@ -40,75 +35,6 @@ pub async fn run(cmd: &str, args: &[&str]) -> Result<String, MountError> {
         return Err(MountError::Command { cmd: format!("{cmd} {}", args.join(" ")), detail });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn sys_block(dev: &str) -> PathBuf {
-    PathBuf::from("/sys/block").join(dev.trim_start_matches("/dev/"))
-}
-
-/// Size in bytes the kernel reports for an nbd device (0 = not connected).
-pub fn device_size(dev: &str) -> u64 {
-    std::fs::read_to_string(sys_block(dev).join("size"))
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .map(|sectors| sectors * 512)
-        .unwrap_or(0)
-}
-
-/// Every nbd device the kernel has, in numeric order.
-pub fn nbd_devices() -> Vec<String> {
-    let mut devs: Vec<(u32, String)> = std::fs::read_dir("/sys/block")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter_map(|n| n.strip_prefix("nbd").and_then(|i| i.parse::<u32>().ok()).map(|i| (i, n)))
-                .collect()
-        })
-        .unwrap_or_default();
-    devs.sort();
-    devs.into_iter().map(|(_, n)| format!("/dev/{n}")).collect()
-}
-
-/// A device nobody uses: no size and no client process.
-pub fn free_device(taken: &[String]) -> Result<String, MountError> {
-    nbd_devices()
-        .into_iter()
-        .find(|d| !taken.contains(d) && device_size(d) == 0 && !sys_block(d).join("pid").exists())
-        .ok_or(MountError::NoFreeDevice)
-}
-
-/// Detach a device attached by `nbd-client` (the ioctl interface).
-pub async fn detach(dev: &str) -> Result<(), MountError> {
-    if device_size(dev) == 0 && !sys_block(dev).join("pid").exists() {
-        return Ok(());
-    }
-    run("nbd-client", &["-d", dev]).await?;
-    wait_for(dev, Duration::from_secs(20), || device_size(dev) == 0).await
-}
-
-async fn wait_for(what: &str, limit: Duration, cond: impl Fn() -> bool) -> Result<(), MountError> {
-    let start = std::time::Instant::now();
-    while !cond() {
-        if start.elapsed() > limit {
-            return Err(MountError::Timeout(what.to_string(), limit));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
-/// Tell the kernel the device grew (`NBD_SET_SIZE`); works while connected.
-pub fn set_device_size(dev: &str, bytes: u64) -> Result<(), MountError> {
-    use std::os::fd::AsRawFd;
-    const NBD_SET_SIZE: libc::c_ulong = 0xab02;
-    let f = std::fs::OpenOptions::new().read(true).open(dev).map_err(|e| MountError::Io(dev.to_string(), e))?;
-    // SAFETY: NBD_SET_SIZE takes its argument by value; the fd is open for
-    // the duration of the call.
-    let rc = unsafe { libc::ioctl(f.as_raw_fd(), NBD_SET_SIZE as _, bytes as libc::c_ulong) };
-    if rc != 0 {
-        return Err(MountError::Io(format!("{dev}: NBD_SET_SIZE"), std::io::Error::last_os_error()));
-    }
-    Ok(())
 }
 
 /// The filesystem on a device, `None` when it holds none.

@@ -1,14 +1,16 @@
 //! The CSI node service: serve a volume from this process over NBD on a
-//! per-volume unix socket, attach it to `/dev/nbdX` through the kernel's
-//! netlink interface, then mkfs (only if the device holds no filesystem)
-//! and mount it at the staging path.
+//! per-volume unix socket, attach it to a free `/dev/nbdX` (`crate::attach`:
+//! the kernel's netlink interface, or its ioctls where netlink is not
+//! reachable), then mkfs (only if the device holds no filesystem) and mount
+//! it at the staging path.
 //!
 //! Each staged volume has a record in the state directory, so a restarted
 //! plugin serves its volumes again on the same sockets and gives the kernel
-//! fresh connections; the mounted filesystems only see a pause.
+//! fresh connections; the mounted filesystems only see a pause. (Devices
+//! attached through ioctls do not survive the restart: see `crate::attach`.)
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -18,6 +20,7 @@ use tonic::{Request, Response, Status};
 use super::common::{InFlight, RpcResult, Stores, check_capability, parse_volume_id, status};
 use super::mount::{self, MountError};
 use super::pb;
+use crate::attach::{AttachError, Attacher, devices};
 use crate::nbd::{Export, Listen, server};
 use crate::size::parse_size;
 use crate::volume::{OpenOptions, Volume};
@@ -51,11 +54,39 @@ struct StageRecord {
     secrets: HashMap<String, String>,
 }
 
-struct Staged {
-    record: StageRecord,
+/// A volume served on its NBD socket by this process.
+struct Server {
     volume: Volume,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// What serving a volume takes (a stage record minus where it is attached).
+struct ServeSpec<'a> {
+    volume_id: &'a str,
+    socket: &'a Path,
+    export: &'a str,
+    readonly: bool,
+    cache_limit: u64,
+    secrets: &'a HashMap<String, String>,
+}
+
+impl<'a> ServeSpec<'a> {
+    fn of(r: &'a StageRecord) -> Self {
+        Self {
+            volume_id: &r.volume_id,
+            socket: &r.socket,
+            export: &r.export,
+            readonly: r.readonly,
+            cache_limit: r.cache_limit,
+            secrets: &r.secrets,
+        }
+    }
+}
+
+struct Staged {
+    record: StageRecord,
+    server: Server,
 }
 
 pub struct NodeService {
@@ -63,6 +94,7 @@ pub struct NodeService {
     stores: Arc<Stores>,
     staged: Mutex<HashMap<String, Staged>>,
     inflight: InFlight,
+    attacher: Attacher,
 }
 
 impl std::fmt::Debug for NodeService {
@@ -75,18 +107,11 @@ fn internal(e: MountError) -> Status {
     Status::internal(e.to_string())
 }
 
-fn attach_err(e: crate::attach::AttachError) -> Status {
-    Status::internal(e.to_string())
-}
-
-/// Detach through netlink; a device attached by `nbd-client` (ioctl) falls back to it.
-async fn detach(dev: &str) -> Result<(), Status> {
-    match crate::attach::disconnect(dev).await {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            tracing::warn!(device = dev, error = %e, "netlink disconnect failed, trying nbd-client -d");
-            mount::detach(dev).await.map_err(internal)
-        }
+fn attach_err(e: AttachError) -> Status {
+    match e {
+        AttachError::NoFreeDevice { .. } => Status::resource_exhausted(e.to_string()),
+        AttachError::DriverMissing => Status::failed_precondition(e.to_string()),
+        _ => Status::internal(e.to_string()),
     }
 }
 
@@ -110,7 +135,8 @@ impl NodeService {
         std::fs::create_dir_all(&cfg.state_dir)?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))?;
-        Ok(Self { cfg, stores, staged: Mutex::new(HashMap::new()), inflight: InFlight::default() })
+        let attacher = Attacher::new(&cfg.state_dir);
+        Ok(Self { cfg, stores, staged: Mutex::new(HashMap::new()), inflight: InFlight::default(), attacher })
     }
 
     fn record_path(&self, volume_id: &str) -> PathBuf {
@@ -133,30 +159,30 @@ impl NodeService {
     }
 
     /// Open the volume and serve it on its socket.
-    async fn serve(&self, r: &StageRecord) -> Result<Staged, Status> {
-        let loc = parse_volume_id(&r.volume_id)?;
-        let store = self.stores.get(&loc, &r.secrets).await?;
+    async fn serve(&self, spec: &ServeSpec<'_>) -> Result<Server, Status> {
+        let loc = parse_volume_id(spec.volume_id)?;
+        let store = self.stores.get(&loc, spec.secrets).await?;
         let opts = OpenOptions {
-            read_only: r.readonly,
+            read_only: spec.readonly,
             dirty_limit: self.cfg.dirty_limit,
-            cache_limit: r.cache_limit,
+            cache_limit: spec.cache_limit,
             ..OpenOptions::default()
         };
         let volume = Volume::open(store, &loc.prefix, opts).await.map_err(status)?;
-        let bound = server::bind(&Listen::Unix(r.socket.clone()))
+        let bound = server::bind(&Listen::Unix(spec.socket.to_path_buf()))
             .await
-            .map_err(|e| Status::internal(format!("socket {}: {e}", r.socket.display())))?;
+            .map_err(|e| Status::internal(format!("socket {}: {e}", spec.socket.display())))?;
         let export = Arc::new(Export {
-            name: r.export.clone(),
-            description: r.volume_id.clone(),
+            name: spec.export.to_string(),
+            description: spec.volume_id.to_string(),
             volume: volume.clone(),
-            read_only: r.readonly,
+            read_only: spec.readonly,
             busy_poll: self.cfg.busy_poll,
             limits: crate::nbd::session::Limits::default(),
         });
         let (shutdown, rx) = watch::channel(false);
         let task = tokio::spawn(server::serve(bound, export, rx));
-        Ok(Staged { record: r.clone(), volume, shutdown, task })
+        Ok(Server { volume, shutdown, task })
     }
 
     /// Serve again every volume staged before a restart.
@@ -174,21 +200,25 @@ impl NodeService {
                     continue;
                 }
             };
-            match self.serve(&record).await {
-                Ok(s) => {
+            match self.serve(&ServeSpec::of(&record)).await {
+                Ok(server) => {
                     tracing::info!(volume = %record.volume_id, device = %record.device, "serving staged volume again");
-                    // The kernel has been holding the device's I/O since the
-                    // old connection died: hand it a fresh socket.
-                    let r = if mount::device_size(&record.device) > 0 {
-                        crate::attach::reconnect(&record.socket, &record.export, &record.device).await
+                    // A netlink-attached device: the kernel has been holding
+                    // its I/O since the old connection died; hand it a fresh
+                    // socket. A device without a size lost its connection
+                    // (ioctl-attached, or the dead-connection timeout passed):
+                    // connect it again.
+                    let r = if devices::device_size(&record.device) > 0 {
+                        self.attacher.reconnect(&record.socket, &record.export, &record.device).await
                     } else {
-                        crate::attach::connect(&record.socket, &record.export, &record.device).await
+                        let a = &self.attacher;
+                        a.attach_device(&record.socket, &record.export, &record.device).await.map(drop)
                     };
                     match r {
                         Ok(()) => tracing::info!(volume = %record.volume_id, "device reconnected"),
                         Err(e) => tracing::error!(volume = %record.volume_id, error = %e, "reconnect failed"),
                     }
-                    self.staged.lock().await.insert(record.volume_id.clone(), s);
+                    self.staged.lock().await.insert(record.volume_id.clone(), Staged { record, server });
                 }
                 Err(e) => tracing::error!(volume = %record.volume_id, error = %e, "cannot serve staged volume"),
             }
@@ -196,24 +226,32 @@ impl NodeService {
     }
 
     /// Stop serving: flush everything, then close the socket.
-    async fn stop(&self, s: Staged) -> Result<(), Status> {
+    async fn stop(&self, volume_id: &str, s: Server) -> Result<(), Status> {
         let _ = s.shutdown.send(true);
         match s.task.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Status::internal(format!("final flush of {} failed: {e}", s.record.volume_id))),
+            Ok(Err(e)) => Err(Status::internal(format!("final flush of {volume_id} failed: {e}"))),
             Err(e) => Err(Status::internal(format!("server task: {e}"))),
         }
     }
 
-    /// Flush and stop every served volume (plugin shutdown). Devices stay
-    /// attached: the kernel holds their I/O (dead-connection timeout) until
-    /// the restarted plugin reconnects them.
+    /// Flush and stop every served volume (plugin shutdown). Devices
+    /// attached through netlink stay attached: the kernel holds their I/O
+    /// (dead-connection timeout) until the restarted plugin reconnects them.
+    /// Devices attached through ioctls go away with this process.
     pub async fn shutdown(&self) {
+        let lost = self.attacher.ioctl_devices();
+        if !lost.is_empty() {
+            tracing::warn!(
+                devices = ?lost,
+                "these devices were attached through the NBD ioctl interface: their I/O fails from now on, until \
+                 their volumes are staged again"
+            );
+        }
         let all: Vec<Staged> = self.staged.lock().await.drain().map(|(_, s)| s).collect();
         for s in all {
-            let id = s.record.volume_id.clone();
-            if let Err(e) = self.stop(s).await {
-                tracing::error!(volume = %id, error = %e, "stop failed");
+            if let Err(e) = self.stop(&s.record.volume_id, s.server).await {
+                tracing::error!(volume = %s.record.volume_id, error = %e, "stop failed");
             }
         }
     }
@@ -261,23 +299,37 @@ impl pb::node_server::Node for NodeService {
             Some(v) => parse_size(v).map_err(Status::invalid_argument)?,
             None => self.cfg.cache_limit,
         };
-        let taken: Vec<String> = self.staged.lock().await.values().map(|s| s.record.device.clone()).collect();
-        let device = mount::free_device(&taken).map_err(|e| Status::resource_exhausted(e.to_string()))?;
         let key = key_of(&req.volume_id);
+        let socket = self.cfg.state_dir.join(format!("{key}.sock"));
+        let spec = ServeSpec {
+            volume_id: &req.volume_id,
+            socket: &socket,
+            export: &key,
+            readonly,
+            cache_limit,
+            secrets: &req.secrets,
+        };
+        let server = self.serve(&spec).await?;
+        let taken: Vec<String> = self.staged.lock().await.values().map(|s| s.record.device.clone()).collect();
+        let device = match self.attacher.attach(&socket, &key, &taken).await {
+            Ok(a) => a.device,
+            Err(e) => {
+                let _ = self.stop(&req.volume_id, server).await;
+                return Err(attach_err(e));
+            }
+        };
         let record = StageRecord {
             volume_id: req.volume_id.clone(),
             staging_path: staging.clone(),
             device: device.clone(),
-            socket: self.cfg.state_dir.join(format!("{key}.sock")),
+            socket,
             export: key,
             fs_type: fs_type.clone(),
             readonly,
             cache_limit,
             secrets: req.secrets.clone(),
         };
-        let staged = self.serve(&record).await?;
         let result: Result<(), Status> = async {
-            crate::attach::connect(&record.socket, &record.export, &device).await.map_err(attach_err)?;
             if let Some(fs) = &fs_type {
                 match mount::filesystem(&device).await.map_err(internal)? {
                     Some(found) if &found != fs => {
@@ -313,12 +365,12 @@ impl pb::node_server::Node for NodeService {
         if let Err(e) = result {
             // Leave nothing half-done behind.
             let _ = mount::umount(&staging).await;
-            let _ = detach(&device).await;
-            let _ = self.stop(staged).await;
+            let _ = self.attacher.detach(&device).await;
+            let _ = self.stop(&req.volume_id, server).await;
             return Err(e);
         }
         tracing::info!(volume = %req.volume_id, device = %device, staging = %staging.display(), "volume staged");
-        self.staged.lock().await.insert(req.volume_id, staged);
+        self.staged.lock().await.insert(req.volume_id, Staged { record, server });
         Ok(Response::new(pb::NodeStageVolumeResponse {}))
     }
 
@@ -340,16 +392,16 @@ impl pb::node_server::Node for NodeService {
             let record: Option<StageRecord> =
                 std::fs::read(self.record_path(&req.volume_id)).ok().and_then(|b| serde_json::from_slice(&b).ok());
             if let Some(r) = record {
-                detach(&r.device).await?;
+                self.attacher.detach(&r.device).await.map_err(attach_err)?;
                 let _ = std::fs::remove_file(&r.socket);
             }
         }
         if let Some(s) = staged {
-            if let Err(e) = detach(&s.record.device).await {
+            if let Err(e) = self.attacher.detach(&s.record.device).await {
                 self.staged.lock().await.insert(req.volume_id.clone(), s);
-                return Err(e);
+                return Err(attach_err(e));
             }
-            self.stop(s).await?;
+            self.stop(&req.volume_id, s.server).await?;
         }
         let _ = std::fs::remove_file(self.record_path(&req.volume_id));
         tracing::info!(volume = %req.volume_id, "volume unstaged");
@@ -434,7 +486,7 @@ impl pb::node_server::Node for NodeService {
             let staged = self.staged.lock().await;
             let s =
                 staged.get(&req.volume_id).ok_or_else(|| Status::not_found("the volume is not staged on this node"))?;
-            (s.volume.clone(), s.record.clone())
+            (s.server.volume.clone(), s.record.clone())
         };
         if !path.exists() {
             return Err(Status::not_found(format!("{} does not exist", path.display())));
@@ -471,7 +523,7 @@ impl pb::node_server::Node for NodeService {
             let staged = self.staged.lock().await;
             let s =
                 staged.get(&req.volume_id).ok_or_else(|| Status::not_found("the volume is not staged on this node"))?;
-            (s.volume.clone(), s.record.clone())
+            (s.server.volume.clone(), s.record.clone())
         };
         let want = req
             .capacity_range
@@ -486,11 +538,8 @@ impl pb::node_server::Node for NodeService {
             volume.resize(want).await.map_err(status)?;
         }
         let size = volume.size();
-        if mount::device_size(&record.device) < size {
-            if let Err(e) = crate::attach::resize(&record.device, size).await {
-                tracing::debug!(error = %e, "netlink resize failed, trying NBD_SET_SIZE");
-                mount::set_device_size(&record.device, size).map_err(internal)?;
-            }
+        if devices::device_size(&record.device) < size {
+            self.attacher.resize(&record.device, size).await.map_err(attach_err)?;
         }
         if let Some(fs) = &record.fs_type {
             mount::grow_filesystem(&record.device, &record.staging_path, fs).await.map_err(internal)?;

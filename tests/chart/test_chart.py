@@ -79,6 +79,10 @@ def test_default_render_has_every_component_and_validates():
     assert ds["initContainers"][0]["command"] == ["modprobe", "nbd", "nbds_max=64"]
     modules = [v for v in ds["volumes"] if v["name"] == "modules"][0]
     assert modules["hostPath"]["path"] == "/lib/modules"
+    # Kernels before 6.4 offer the nbd netlink interface (reconnect after a
+    # plugin restart) only in the host's network namespace; in-cluster DNS
+    # still resolves with ClusterFirstWithHostNet.
+    assert ds["hostNetwork"] is True and ds["dnsPolicy"] == "ClusterFirstWithHostNet"
     # Containers of one pod share a network namespace: no port may repeat.
     for workload in find(docs, "Deployment") + find(docs, "DaemonSet"):
         pod = workload["spec"]["template"]["spec"]
@@ -123,6 +127,13 @@ MATRIX = [
     ({"node": {"kubeletDir": "/var/lib/k0s/kubelet", "nbdsMax": 128}, "driverName": "blk.example.com"},
      lambda d: "/var/lib/k0s/kubelet/plugins/blk.example.com" in str(find(d, "DaemonSet")[0])
      and find(d, "CSIDriver")[0]["metadata"]["name"] == "blk.example.com"),
+    ({"node": {"hostNetwork": False}},
+     lambda d: "hostNetwork" not in find(d, "DaemonSet")[0]["spec"]["template"]["spec"]
+     and "dnsPolicy" not in find(d, "DaemonSet")[0]["spec"]["template"]["spec"]),
+    ({"node": {"registrarPort": 19809, "livenessPort": 19898}},
+     lambda d: {"--http-endpoint=:19809", "--http-endpoint=:19898"}
+     <= {a for c in find(d, "DaemonSet")[0]["spec"]["template"]["spec"]["containers"] for a in c.get("args", [])}
+     and "19809" in str(find(d, "DaemonSet")[0]["spec"]["template"]["spec"]["containers"][1]["livenessProbe"])),
     ({"controller": {"compaction": {"interval": 0, "safetyAge": "10m"}}},
      lambda d: {"--compact-interval=0", "--compact-safety-age=10m"}
      <= set(find(d, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"])),
@@ -154,6 +165,8 @@ def test_lint_is_clean():
     {"s3": {"checksums": "sometimes"}},
     {"s3": {"endpoint": "minio:9000"}},
     {"metrics": {"port": 70000}},
+    {"node": {"hostNetwork": "yes"}},
+    {"node": {"livenessPort": 0}},
     {"node": {"cacheSize": "lots"}},
     {"controller": {"compaction": {"interval": "daily", "safetyAge": "5m"}}},
     {"controller": {"compaction": {"interval": "1h", "safetyAge": -1}}},

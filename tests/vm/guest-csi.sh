@@ -1,8 +1,11 @@
 #!/bin/bash
-# Runs inside the VM (tests/vm/run.sh): the CSI node lifecycle test, which
-# is part of the tests/csi_node.rs binary and runs only inside the guest.
+# Runs inside the VM (tests/vm/run.sh): the CSI node tests of the
+# tests/csi_node.rs binary that run only inside the guest: the lifecycle,
+# the plugin in a network namespace of its own (a pod without hostNetwork),
+# and the plugin as the chart's DaemonSet runs it.
 set -euo pipefail
 : "${S3BLK_BIN:?}" "${S3BLK_TEST_BIN:?}"
 export S3BLK_IN_VM=1
-"$S3BLK_TEST_BIN" --exact node_lifecycle_inside_vm --ignored --nocapture --test-threads 1
+"$S3BLK_TEST_BIN" --ignored --nocapture --test-threads 1 --exact \
+  node_lifecycle_inside_vm node_in_its_own_network_namespace_inside_vm node_as_the_chart_ships_it_inside_vm
 echo "S3BLK-VM-RESULT: PASS"
