@@ -558,3 +558,43 @@ fn fuzz_corpus_replays_cleanly() {
     }
     assert!(n >= 8, "corpus has only {n} inputs");
 }
+
+/// A write that has to wait for the store (here: a partial write whose
+/// chunk must be fetched first, and the fetch hangs) does not stop the
+/// connection from reading and answering the requests behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_waiting_for_the_store_does_not_stall_its_connection() {
+    use s3blk::store::fault::{Fault, FaultStore, Op, Rule};
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let fault = Arc::new(FaultStore::new(mem.clone()));
+    let opts = CreateOptions { size: 4 << 20, chunk_size: 64 << 10, parent: None, single_writer: false };
+    Volume::create(mem.clone(), "v/", opts, &s3blk::clock::SystemClock).await.expect("create");
+    let seed = Volume::open(mem.clone(), "v/", OpenOptions::default()).await.expect("open");
+    seed.write(64 << 10, &common::pattern(3, 64 << 10)).await.expect("write");
+    seed.flush().await.expect("flush");
+    drop(seed);
+    let volume = Volume::open(fault.clone(), "v/", OpenOptions::default()).await.expect("open");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("s.sock");
+    let bound = server::bind(&Listen::Unix(sock.clone())).await.expect("bind");
+    let export = Arc::new(Export {
+        name: "v".into(),
+        description: "test".into(),
+        volume,
+        read_only: false,
+        busy_poll: Duration::ZERO,
+        limits: s3blk::nbd::session::Limits::default(),
+    });
+    let (_shutdown, rx) = tokio::sync::watch::channel(false);
+    let _task = tokio::spawn(server::serve(bound, export, rx));
+    let mut c = Client::connect(&sock, "v").await;
+    fault.add_rule(Rule { op: Some(Op::Get), key_contains: Some("chunks/".into()), fault: Fault::Hang, times: 1 });
+    // 100 bytes into chunk 1: the engine needs the chunk's stored bytes.
+    c.send(proto::CMD_WRITE, 0, 1, (64 << 10) + 10, 100, &[7u8; 100]).await;
+    c.send(proto::CMD_READ, 0, 2, 2 << 20, 4096, &[]).await;
+    let (err, handle) = tokio::time::timeout(Duration::from_secs(5), c.reply())
+        .await
+        .expect("the read behind a waiting write was not answered");
+    assert_eq!((err, handle), (0, 2));
+    assert!(c.read_payload(4096).await.iter().all(|&b| b == 0));
+}
