@@ -64,31 +64,7 @@ struct Global {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve a volume over NBD (unix socket by default, TCP when asked).
-    Serve {
-        url: String,
-        /// `unix:PATH` or `HOST:PORT`; default: a unix socket named after the volume in the current directory.
-        #[arg(long)]
-        listen: Option<String>,
-        /// Create the volume if it does not exist yet (needs --size).
-        #[arg(long)]
-        create: bool,
-        #[arg(long, value_parser = parse_size)]
-        size: Option<u64>,
-        #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CHUNK_SIZE as u64)]
-        chunk_size: u64,
-        /// Serve without taking over the volume: writes are refused.
-        #[arg(long)]
-        read_only: bool,
-        /// Export name clients ask for (default: the volume's name).
-        #[arg(long)]
-        export_name: Option<String>,
-        /// Serve Prometheus metrics (/metrics) and /healthz on this address, e.g. 127.0.0.1:9808.
-        #[arg(long)]
-        metrics_address: Option<String>,
-        /// Clients served at once; further connections are closed at once.
-        #[arg(long, default_value_t = crate::nbd::session::DEFAULT_MAX_CONNECTIONS)]
-        max_connections: usize,
-    },
+    Serve(ServeArgs),
     /// Run the Kubernetes CSI driver (gRPC on a unix socket).
     Csi {
         #[arg(long, value_enum, default_value = "controller")]
@@ -217,8 +193,7 @@ enum VolumeCmd {
 pub fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    let default_level =
-        if matches!(cli.command, Command::Serve { .. } | Command::Csi { .. }) { "info" } else { "warn" };
+    let default_level = if matches!(cli.command, Command::Serve(_) | Command::Csi { .. }) { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("S3BLK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     // Colour only on a terminal: container runtimes and log files keep the
@@ -272,28 +247,7 @@ async fn connect(url: &str, g: &Global, need_name: bool) -> Result<(Location, Dy
 async fn run(cli: Cli) -> Result<ExitCode> {
     let g = cli.global;
     match cli.command {
-        Command::Serve {
-            url,
-            listen,
-            create,
-            size,
-            chunk_size,
-            read_only,
-            export_name,
-            metrics_address,
-            max_connections,
-        } => {
-            let a = ServeArgs {
-                url,
-                listen,
-                create,
-                size,
-                chunk_size,
-                read_only,
-                export_name,
-                metrics_address,
-                max_connections,
-            };
+        Command::Serve(a) => {
             serve(a, &g).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -720,15 +674,33 @@ async fn export(vol: &Volume, file: &str) -> Result<()> {
     Ok(())
 }
 
+#[derive(Args, Debug)]
 struct ServeArgs {
+    /// The volume: s3://bucket/prefix/name, file:///dir/name, or a directory path.
     url: String,
+    /// `unix:PATH` or `HOST:PORT`; default: a unix socket named after the volume in the current directory.
+    #[arg(long)]
     listen: Option<String>,
+    /// Create the volume if it does not exist yet (needs --size).
+    #[arg(long)]
     create: bool,
+    /// Size of a volume --create makes, e.g. 1GiB (a multiple of 4096 bytes).
+    #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
+    /// Chunk size of a volume --create makes: 64KiB to 64MiB, a power of two.
+    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CHUNK_SIZE as u64)]
     chunk_size: u64,
+    /// Serve without taking over the volume: writes are refused.
+    #[arg(long)]
     read_only: bool,
+    /// Export name clients ask for (default: the volume's name).
+    #[arg(long)]
     export_name: Option<String>,
+    /// Serve Prometheus metrics (/metrics) and /healthz on this address, e.g. 127.0.0.1:9808.
+    #[arg(long)]
     metrics_address: Option<String>,
+    /// Clients served at once; further connections are closed at once.
+    #[arg(long, default_value_t = crate::nbd::session::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
 }
 
