@@ -226,11 +226,105 @@ def test_scripts_pass_shellcheck():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_kind_e2e_dry_run_prints_every_step():
+def kind_dry_run(**env):
     r = subprocess.run([str(ROOT / "tests" / "e2e" / "kind.sh"), "--dry-run"], capture_output=True, text=True,
-                       timeout=60)
+                       timeout=60, env={**os.environ, **env})
     assert r.returncode == 0, r.stderr
-    for step in ["kind create cluster", "docker build", "kind load docker-image", "helm install s3blk charts/s3blk",
+    return r.stdout
+
+
+def heredocs(out):
+    """The inline manifests a dry run prints: (terminator, text) for every
+    `<<'END'` block, in order."""
+    found, lines = [], iter(out.splitlines())
+    for line in lines:
+        m = re.search(r"<<'(\w+)'", line)
+        if not line.startswith("+ ") or not m:
+            continue
+        end, body = m.group(1), []
+        for inner in lines:
+            if inner == end:
+                break
+            body.append(inner)
+        else:
+            raise AssertionError(f"heredoc {end!r} not closed after {line!r}")
+        found.append((end, "\n".join(body)))
+    return found
+
+
+def test_kind_e2e_dry_run_prints_every_step():
+    out = kind_dry_run()
+    for step in ["kind create cluster", "docker build", "kind load docker-image", "kind load image-archive",
+                 "helm install s3blk charts/s3blk", "rollout status deploy/snapshot-controller",
                  "kind: VolumeSnapshot", "dataSource: {name: data-snap", "volumeMode: Block",
-                 "kubectl patch pvc data", "bucket holds no objects", "nothing was executed"]:
-        assert step in r.stdout, f"dry run does not show {step!r}"
+                 "kubectl patch pvc data", "controller.compaction.interval=15s", "deleted parent volume is tombstoned",
+                 "bucket holds nothing but the store marker", "nothing was executed"]:
+        assert step in out, f"dry run does not show {step!r}"
+    # The image is built before the cluster exists.
+    assert out.index("docker build") < out.index("kind create cluster")
+    # Deletions and waits are bounded (kubectl's default is a week).
+    for line in out.splitlines():
+        if line.startswith(("+ kubectl delete", "+ kubectl wait", "+ kubectl -n kube-system rollout")):
+            assert "--timeout" in line, line
+    # The parent goes first, its dependants after it is seen tombstoned.
+    assert out.index("+ kubectl delete pvc data ") < out.index("tombstoned") < out.index("delete pvc raw restored cloned")
+
+
+def test_kind_e2e_manifests_parse_and_validate():
+    docs = []
+    for end, text in heredocs(kind_dry_run()):
+        try:
+            parsed = [d for d in yaml.safe_load_all(text) if d is not None]
+        except yaml.YAMLError as e:
+            raise AssertionError(f"invalid YAML in the {end} manifest:\n{text}\n{e}") from e
+        assert parsed, f"empty {end} manifest"
+        docs.extend(parsed)
+    kinds_seen = sorted(d["kind"] for d in docs)
+    assert kinds_seen.count("Pod") == 7 and kinds_seen.count("PersistentVolumeClaim") == 4, kinds_seen
+    for kind in ["Cluster", "Deployment", "Service", "VolumeSnapshot"]:
+        assert kind in kinds_seen, f"no {kind} among the e2e manifests"
+    validated = 0
+    for doc in docs:
+        if doc["apiVersion"].startswith(("kind.x-k8s.io/", "snapshot.storage.k8s.io/")):
+            # No schema in kubernetes-validate: the fields the run relies on.
+            assert doc["kind"] in ("Cluster", "VolumeSnapshot"), doc
+            if doc["kind"] == "VolumeSnapshot":
+                assert doc["spec"]["source"]["persistentVolumeClaimName"] == "data"
+            continue
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        validated += 1
+    assert validated == len(docs) - 2 == 13
+    # Every data pod's command is one shell string that reached YAML intact.
+    commands = [d["spec"]["containers"][0]["command"] for d in docs if d["kind"] == "Pod"]
+    assert all(c[:2] == ["sh", "-c"] and len(c) == 3 for c in commands), commands
+    assert any("sha256sum" in c[2] and "/dev/xvda" in c[2] for c in commands)
+
+
+def test_kind_e2e_pins_versions_the_chart_supports():
+    out = kind_dry_run()
+    cluster = next(yaml.safe_load(t) for end, t in heredocs(out) if end == "KIND")
+    images = {n["image"] for n in cluster["nodes"]}
+    assert len(images) == 1, images
+    m = re.fullmatch(r"kindest/node:v(\d+)\.(\d+)\.(\d+)(@sha256:[0-9a-f]{64})?", images.pop())
+    assert m, "kindest/node must be pinned to a release"
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    low = re.match(r">=\s*(\d+)\.(\d+)", chart["kubeVersion"])
+    assert (int(m.group(1)), int(m.group(2))) >= (int(low.group(1)), int(low.group(2))) >= (1, 30)
+    # kind mounts /lib/modules itself: no second mount of it.
+    for node in cluster["nodes"]:
+        assert all(x["containerPath"] != "/lib/modules" for x in node.get("extraMounts", []))
+    minio = re.search(r"image: (quay\.io/minio/minio:\S+)", out).group(1)
+    assert re.fullmatch(r"quay\.io/minio/minio:RELEASE\.\d{4}-\d\d-\d\dT[\d-]+Z", minio), minio
+    assert minio >= "quay.io/minio/minio:RELEASE.2024-08-29", "older MinIO ignores If-None-Match on PutObject"
+
+
+@pytest.mark.parametrize("image,repo,tag", [
+    ("s3blk:e2e", "s3blk", "e2e"),
+    ("localhost:5000/s3blk:dev", "localhost:5000/s3blk", "dev"),
+    ("localhost:5000/s3blk", "localhost:5000/s3blk", "latest"),
+    ("registry.example:443/team/s3blk:1.2", "registry.example:443/team/s3blk", "1.2"),
+])
+def test_kind_e2e_image_reference_with_registry_port(image, repo, tag):
+    out = kind_dry_run(IMAGE=image)
+    assert f"--set image.repository={repo} --set image.tag={tag} " in out
+    assert f"docker build -t {image} ." in out
