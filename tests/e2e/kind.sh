@@ -197,11 +197,11 @@ nodes:
     extraMounts: [{hostPath: /dev, containerPath: /dev}]
 KIND
 }
-echo "+ kind create cluster --name $cluster --wait 180s --config - <<'KIND'"
+echo "+ kind create cluster --name $cluster --wait 180s --config=- <<'KIND'"
 printf '%s\nKIND\n' "$(kind_config)"
 if [ "$dry" = 0 ]; then
   created=1
-  kind_config | kind create cluster --name "$cluster" --wait 180s --config -
+  kind_config | kind create cluster --name "$cluster" --wait 180s --config=-
 fi
 
 section "load image"
