@@ -589,7 +589,15 @@ async fn node_in_its_own_network_namespace_inside_vm() {
         assert!(read.is_err(), "{dev} still reads after its plugin exited: {read:?}");
         let plugin = spawn_plugin(&args, &sock, true, Some(&log));
         let (mut ctl, mut node) = clients(&plugin.sock).await;
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        // Recovery runs in the background, after the socket is up.
+        let mut text = String::new();
+        for _ in 0..600 {
+            text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.matches("recovery of staged volumes finished").count() >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         assert!(
             text.contains(&format!(
                 "{dev} needs a new connection after the plugin restarted, which only netlink can give"
