@@ -63,16 +63,14 @@ pub async fn mkfs(dev: &str, fs: &str, options: &str) -> Result<(), MountError> 
 pub fn mounted_at(path: &Path) -> Option<(String, String, String)> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = path.to_string_lossy();
-    info.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-")?;
-            (f.get(4).is_some_and(|m| unescape(m) == want)).then(|| {
-                let fs = f.get(sep + 1).copied().unwrap_or_default();
-                (f[2].to_string(), fs.to_string(), f.get(5).copied().unwrap_or_default().to_string())
-            })
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-")?;
+        (f.get(4).is_some_and(|m| unescape(m) == want)).then(|| {
+            let fs = f.get(sep + 1).copied().unwrap_or_default();
+            (f[2].to_string(), fs.to_string(), f.get(5).copied().unwrap_or_default().to_string())
         })
-        .last()
+    })
 }
 
 /// Is `path` a mount point (per /proc/self/mountinfo)?
