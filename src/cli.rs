@@ -85,6 +85,10 @@ enum Command {
         /// Node mode: stage records and per-volume NBD sockets.
         #[arg(long, default_value = "/var/lib/s3blk")]
         state_dir: PathBuf,
+        /// Node mode: where stage secrets are kept so a restarted plugin can serve its volumes again. Must be a
+        /// tmpfs (never persistent disk); after a reboot it is empty and such volumes need staging again.
+        #[arg(long, default_value = "/run/s3blk")]
+        secrets_dir: PathBuf,
         /// Node mode: volumes this node can attach (nbd devices).
         #[arg(long, default_value_t = 16)]
         max_volumes: i64,
@@ -259,6 +263,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             store,
             capacity,
             state_dir,
+            secrets_dir,
             max_volumes,
             metrics_address,
         } => {
@@ -277,6 +282,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 default_store,
                 capacity,
                 state_dir,
+                secrets_dir,
                 max_volumes,
                 dirty_limit: g.dirty_limit,
                 cache_limit: g.cache_size,

@@ -47,6 +47,7 @@ async fn driver_with(compact_interval: std::time::Duration, compact_safety_age: 
         default_store: Some(Location::parse(&format!("s3://{bucket}/k8s"), false).expect("store")),
         capacity: 1 << 50,
         state_dir: dir.path().join("state"),
+        secrets_dir: dir.path().join("secrets"),
         max_volumes: 16,
         dirty_limit: 64 << 20,
         cache_limit: 64 << 20,

@@ -292,6 +292,17 @@ async fn node_lifecycle_inside_vm() {
     publish_ctl(&mut ctl, &id, "node-1", &ext4).await;
     node.node_stage_volume(stage_req(&id, &staging, &ext4)).await.expect("stage");
     node.node_stage_volume(stage_req(&id, &staging, &ext4)).await.expect("stage is idempotent");
+    let dev = mounted_device(&staging);
+    step("a staging path that lost its mount: publish refuses, stage mounts it again");
+    let st = Command::new("umount").arg(&staging).status().expect("umount");
+    assert!(st.success());
+    assert_eq!(
+        code(node.node_publish_volume(publish_req(&id, &staging, &target, &ext4)).await),
+        Code::FailedPrecondition,
+        "publish bind-mounted an unmounted staging directory"
+    );
+    node.node_stage_volume(stage_req(&id, &staging, &ext4)).await.expect("stage again");
+    assert_eq!(mounted_device(&staging), dev, "stage did not mount the volume's device again");
     node.node_publish_volume(publish_req(&id, &staging, &target, &ext4)).await.expect("publish");
     node.node_publish_volume(publish_req(&id, &staging, &target, &ext4)).await.expect("publish is idempotent");
     let files = write_files(&target, "first", 20);
@@ -578,7 +589,15 @@ async fn node_in_its_own_network_namespace_inside_vm() {
         assert!(read.is_err(), "{dev} still reads after its plugin exited: {read:?}");
         let plugin = spawn_plugin(&args, &sock, true, Some(&log));
         let (mut ctl, mut node) = clients(&plugin.sock).await;
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        // Recovery runs in the background, after the socket is up.
+        let mut text = String::new();
+        for _ in 0..600 {
+            text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.matches("recovery of staged volumes finished").count() >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         assert!(
             text.contains(&format!(
                 "{dev} needs a new connection after the plugin restarted, which only netlink can give"
@@ -685,6 +704,22 @@ async fn node_as_the_chart_ships_it_inside_vm() {
         .expect("s3blk volume create");
     assert!(out.status.success(), "volume create: {}", String::from_utf8_lossy(&out.stderr));
     let id = format!("file://{}", vol.display());
+    // What ControllerPublish records (the chart's CSIDriver requires
+    // attach): a restarted plugin serves only volumes published to it.
+    std::fs::create_dir_all(vol.join("attachments")).expect("attachments dir");
+    let a = serde_json::json!({ "node_id": "chart-node", "readonly": false, "created_unix": 0 });
+    std::fs::write(vol.join("attachments/chart-node.json"), a.to_string()).expect("attachment record");
+    let secrets: HashMap<String, String> = [
+        ("accessKeyID".to_string(), "AKIDCHARTSECRET0003".to_string()),
+        ("secretAccessKey".to_string(), "sk-chart-secret-value-0004".to_string()),
+    ]
+    .into();
+    let no_secret_in = |p: &Path| {
+        let text = std::fs::read_to_string(p).unwrap_or_default();
+        for v in secrets.values() {
+            assert!(!text.contains(v.as_str()), "{} holds a stage secret", p.display());
+        }
+    };
     let sock = w.join("csi.sock");
     let plugin = spawn_plugin(&args, &sock, !host_network, Some(&log));
     let mut node = NodeClient::new(common::grpc_channel(&plugin.sock).await);
@@ -692,7 +727,12 @@ async fn node_as_the_chart_ships_it_inside_vm() {
     step(&format!("as the chart ships it (hostNetwork: {host_network}): stage, publish, write"));
     let ext4 = mount_cap("ext4");
     let (staging, target) = (w.join("staging"), w.join("pods/a"));
-    node.node_stage_volume(stage_req(&id, &staging, &ext4)).await.expect("stage");
+    let mut req = stage_req(&id, &staging, &ext4);
+    req.secrets = secrets.clone();
+    node.node_stage_volume(req).await.expect("stage");
+    for e in std::fs::read_dir(w.join("state")).expect("state dir").flatten() {
+        no_secret_in(&e.path());
+    }
     node.node_publish_volume(publish_req(&id, &staging, &target, &ext4)).await.expect("publish");
     let files = write_files(&target, "chart", 10);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -718,5 +758,234 @@ async fn node_as_the_chart_ships_it_inside_vm() {
     drop(node);
     plugin.stop();
     wait_all_detached("at the end");
+    no_secret_in(&log);
+    let left: Vec<_> =
+        std::fs::read_dir("/run/s3blk").map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "stage secrets outlived the unstage: {left:?}");
     step("as the chart ships it: done");
+}
+
+// ------------------------------------------------------------------
+// Node service on the host, without a kernel NBD client: the plugin
+// recovers stage records written by the test (as a plugin that
+// restarted would find them); no device can be attached here, so
+// recovery serves the volume on its NBD socket only, which the test
+// drives with its own NBD client.
+
+/// A volume in a local store, and a node plugin's state directory that
+/// says the volume was staged on `node-1` before a restart.
+struct Restarted {
+    dir: tempfile::TempDir,
+    id: String,
+    vol: PathBuf,
+    socket: PathBuf,
+    export: String,
+}
+
+impl Restarted {
+    fn new(published_to: &[&str], legacy_secrets: Option<&HashMap<String, String>>) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vol = dir.path().join("store/pvc-1");
+        let out = Command::new(common::s3blk_bin())
+            .args(["volume", "create"])
+            .arg(format!("file://{}", vol.display()))
+            .args(["--size", "64MiB"])
+            .output()
+            .expect("s3blk volume create");
+        assert!(out.status.success(), "volume create: {}", String::from_utf8_lossy(&out.stderr));
+        let id = format!("file://{}", vol.display());
+        for node in published_to {
+            std::fs::create_dir_all(vol.join("attachments")).expect("attachments dir");
+            let a = serde_json::json!({ "node_id": node, "readonly": false, "created_unix": 0 });
+            std::fs::write(vol.join(format!("attachments/{node}.json")), a.to_string()).expect("attachment");
+        }
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).expect("state dir");
+        let export = format!("{:08x}", crc32c::crc32c(id.as_bytes()));
+        let socket = state.join(format!("{export}.sock"));
+        let mut record = serde_json::json!({
+            "volume_id": id,
+            "staging_path": dir.path().join("staging").display().to_string(),
+            "device": "/dev/nbd15",
+            "socket": socket.display().to_string(),
+            "export": export,
+            "fs_type": null,
+            "readonly": false,
+            "cache_limit": 16 << 20,
+        });
+        if let Some(s) = legacy_secrets {
+            record["secrets"] = serde_json::to_value(s).expect("secrets");
+        }
+        std::fs::write(Restarted::record_path_of(&state, &export), record.to_string()).expect("record");
+        Self { dir, id, vol, socket, export }
+    }
+
+    fn record_path_of(state: &Path, export: &str) -> PathBuf {
+        state.join(format!("{export}.json"))
+    }
+
+    fn record_path(&self) -> PathBuf {
+        Restarted::record_path_of(&self.dir.path().join("state"), &self.export)
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("plugin.log")
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
+    fn secrets_dir(&self) -> PathBuf {
+        self.dir.path().join("run-s3blk")
+    }
+
+    /// The node plugin as it restarts on `node-1`; returns once its socket
+    /// answers and it logged the outcome of recovering the volume.
+    async fn start(&self) -> (Child, NodeClient<Channel>) {
+        let sock = self.dir.path().join("csi.sock");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log()).expect("plugin log");
+        let child = Command::new(common::s3blk_bin())
+            .args(["--retry-attempts", "1", "--attempt-timeout", "2"])
+            .args(["csi", "--mode=node", "--node-id=node-1"])
+            .arg(format!("--state-dir={}", self.dir.path().join("state").display()))
+            .arg(format!("--secrets-dir={}", self.secrets_dir().display()))
+            .arg(format!("--endpoint=unix://{}", sock.display()))
+            .env("S3BLK_LOG", "info")
+            .stderr(log.try_clone().expect("dup log"))
+            .stdout(log)
+            .spawn()
+            .expect("start plugin");
+        for _ in 0..400 {
+            if sock.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let node = NodeClient::new(common::grpc_channel(&sock).await);
+        let outcomes = ["serving staged volume again", "not serving the staged volume again", "cannot serve"];
+        for _ in 0..400 {
+            if outcomes.iter().any(|o| self.log_text().contains(o)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (child, node)
+    }
+
+    async fn open(&self, read_only: bool) -> s3blk::volume::Volume {
+        let loc = s3blk::location::Location::parse(&self.id, true).expect("volume id");
+        let store =
+            s3blk::csi::common::Stores::new(common::fast_policy()).get(&loc, &HashMap::new()).await.expect("store");
+        let opts = s3blk::volume::OpenOptions { read_only, ..Default::default() };
+        s3blk::volume::Volume::open(store, &loc.prefix, opts).await.expect("open volume")
+    }
+
+    fn unstage_req(&self) -> pb::NodeUnstageVolumeRequest {
+        pb::NodeUnstageVolumeRequest {
+            volume_id: self.id.clone(),
+            staging_target_path: self.dir.path().join("staging").display().to_string(),
+        }
+    }
+}
+
+fn stop_child(mut child: Child) {
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    let _ = child.wait();
+}
+
+/// Issue 11 item 3: a plugin that restarts must not take back a volume
+/// that has since been published to another node: opening it for write
+/// would fence the legitimate writer there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_leaves_a_volume_published_to_another_node_alone() {
+    let r = Restarted::new(&["node-2"], None);
+    // The writer on node-2.
+    let writer = r.open(false).await;
+    writer.write(0, &common::pattern(1, 4096)).await.expect("write on node-2");
+    writer.flush().await.expect("flush on node-2");
+    let (child, _node) = r.start().await;
+    let log = r.log_text();
+    writer.write(4096, &common::pattern(2, 4096)).await.expect("write on node-2 after node-1 restarted");
+    let flushed = writer.flush().await;
+    stop_child(child);
+    assert!(
+        flushed.is_ok() && writer.fenced().is_none(),
+        "the restarted node-1 plugin fenced node-2's writer: {flushed:?} {:?}\n{log}",
+        writer.fenced()
+    );
+    assert!(log.contains("its attachment record no longer names this node"), "{log}");
+    assert!(r.record_path().exists(), "the stage record is kept for NodeUnstage");
+}
+
+/// Issue 11 item 6: NodeUnstage commits acknowledged writes before it
+/// lets the volume go; while the store refuses them the RPC fails (and
+/// keeps failing on retry) and nothing is lost; once the store is back,
+/// unstage succeeds and the writes are in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_unstage_fails_while_writes_cannot_be_committed() {
+    let r = Restarted::new(&["node-1"], None);
+    let (child, mut node) = r.start().await;
+    assert!(r.log_text().contains("serving staged volume again"), "{}", r.log_text());
+    // The store goes away before the writes, so nothing can be uploaded
+    // behind the test's back; the writes are acknowledged from memory.
+    let away = r.vol.with_extension("away");
+    std::fs::rename(&r.vol, &away).expect("take the store away");
+    // A file where the volume's directory was: nothing can be created under it.
+    std::fs::write(&r.vol, b"not a directory").expect("block the volume's path");
+    let data = common::pattern(7, 256 << 10);
+    let mut nbd = common::nbd_client::Client::connect(&r.socket, &r.export).await;
+    assert_eq!(nbd.write(1, 1 << 20, &data).await, 0, "write acknowledged");
+    drop(nbd);
+    for attempt in 0..2 {
+        let e = node.node_unstage_volume(r.unstage_req()).await.expect_err("unstage must fail while the store is away");
+        assert_eq!(e.code(), Code::Unavailable, "attempt {attempt}: {e:?}");
+        assert!(e.message().contains("cannot commit"), "{}", e.message());
+    }
+    std::fs::remove_file(&r.vol).expect("unblock the volume's path");
+    std::fs::rename(&away, &r.vol).expect("bring the store back");
+    node.node_unstage_volume(r.unstage_req()).await.expect("unstage once the store is back");
+    stop_child(child);
+    assert!(!r.record_path().exists(), "the stage record outlived the unstage");
+    let v = r.open(true).await;
+    assert_eq!(v.read(1 << 20, data.len() as u64).await.expect("read back"), data, "acknowledged writes were lost");
+}
+
+/// Issue 11 item 7: stage secrets never stay on persistent disk. A stage
+/// record of an earlier version holding them is rewritten without them;
+/// they move to the secrets directory (0700, files 0600), leave it at
+/// unstage, and appear in no log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_secrets_never_stay_in_the_state_dir_or_logs() {
+    use std::os::unix::fs::PermissionsExt;
+    let secrets: HashMap<String, String> = [
+        ("accessKeyID".to_string(), "AKIDTESTSECRET0001".to_string()),
+        ("secretAccessKey".to_string(), "sk-test-secret-value-0002".to_string()),
+    ]
+    .into();
+    let r = Restarted::new(&["node-1"], Some(&secrets));
+    let (child, mut node) = r.start().await;
+    assert!(r.log_text().contains("serving staged volume again"), "{}", r.log_text());
+    let on_disk = |p: &Path| {
+        let text = std::fs::read_to_string(p).unwrap_or_default();
+        secrets.values().filter(|v| text.contains(v.as_str())).count()
+    };
+    for e in std::fs::read_dir(r.dir.path().join("state")).expect("state dir").flatten() {
+        assert_eq!(on_disk(&e.path()), 0, "{} holds a secret", e.path().display());
+    }
+    let kept: Vec<PathBuf> =
+        std::fs::read_dir(r.secrets_dir()).expect("secrets dir").flatten().map(|e| e.path()).collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(on_disk(&kept[0]), 2, "the secrets were not kept for the next restart");
+    let mode = |p: &Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+    assert_eq!(mode(&r.secrets_dir()), 0o700);
+    assert_eq!(mode(&kept[0]), 0o600);
+    node.node_unstage_volume(r.unstage_req()).await.expect("unstage");
+    assert!(!kept[0].exists(), "the secrets outlived the unstage");
+    stop_child(child);
+    let log = r.log_text();
+    assert!(!log.is_empty());
+    for v in secrets.values() {
+        assert!(!log.contains(v.as_str()), "a secret is in the log:\n{log}");
+    }
 }

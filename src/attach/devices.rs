@@ -32,6 +32,11 @@ pub fn device_size(dev: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The device's `major:minor` as sysfs reports it.
+pub fn dev_t(dev: &str) -> Option<String> {
+    std::fs::read_to_string(sys_block(dev).join("dev")).ok().map(|s| s.trim().to_string())
+}
+
 /// Every nbd device the kernel has, in numeric order.
 pub fn nbd_devices() -> Vec<String> {
     let mut devs: Vec<(u32, String)> = std::fs::read_dir("/sys/block")

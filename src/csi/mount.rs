@@ -58,6 +58,21 @@ pub async fn mkfs(dev: &str, fs: &str, options: &str) -> Result<(), MountError> 
     run(if fs == "xfs" { "mkfs.xfs" } else { "mkfs.ext4" }, &args).await.map(|_| ())
 }
 
+/// What is mounted at `path` (the topmost mount, per
+/// /proc/self/mountinfo): `(major:minor, filesystem type, mount options)`.
+pub fn mounted_at(path: &Path) -> Option<(String, String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_string_lossy();
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-")?;
+        (f.get(4).is_some_and(|m| unescape(m) == want)).then(|| {
+            let fs = f.get(sep + 1).copied().unwrap_or_default();
+            (f[2].to_string(), fs.to_string(), f.get(5).copied().unwrap_or_default().to_string())
+        })
+    })
+}
+
 /// Is `path` a mount point (per /proc/self/mountinfo)?
 pub fn is_mountpoint(path: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };

@@ -8,6 +8,16 @@
 //! plugin serves its volumes again on the same sockets and gives the kernel
 //! fresh connections; the mounted filesystems only see a pause. (Devices
 //! attached through ioctls do not survive the restart: see `crate::attach`.)
+//! A restarted plugin serves a volume again only while its attachment
+//! record (ControllerPublish) still names this node; recovery runs in the
+//! background, one task per volume, while the CSI socket already answers.
+//!
+//! Stage secrets never reach the state directory (persistent disk): they
+//! are kept in memory and, for a restart, in `--secrets-dir` (a tmpfs such
+//! as /run/s3blk: directory 0700, files 0600). After a reboot that copy is
+//! gone, and a volume staged with secrets cannot be served again until
+//! kubelet stages it again. Secrets never appear in logs, errors or
+//! `Debug` output.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,12 +33,14 @@ use super::pb;
 use crate::attach::{AttachError, Attacher, devices};
 use crate::nbd::{Export, Listen, server};
 use crate::size::parse_size;
-use crate::volume::{OpenOptions, Volume};
+use crate::volume::{OpenOptions, Volume, catalog};
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub node_id: String,
     pub state_dir: PathBuf,
+    /// Where stage secrets are kept for a restart: must be a tmpfs.
+    pub secrets_dir: PathBuf,
     pub max_volumes: i64,
     /// Engine settings for served volumes (overridable per volume by `cacheSize`).
     pub dirty_limit: u64,
@@ -36,7 +48,19 @@ pub struct NodeConfig {
     pub busy_poll: std::time::Duration,
 }
 
+/// Stage secrets: serialised only into `--secrets-dir`, never printed.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+struct Secrets(HashMap<String, String>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secrets({} keys, redacted)", self.0.len())
+    }
+}
+
 /// What a staged volume needs to be served again after a restart.
+/// Written to the state directory: holds no secret.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StageRecord {
     volume_id: String,
@@ -48,10 +72,13 @@ struct StageRecord {
     fs_type: Option<String>,
     readonly: bool,
     cache_limit: u64,
-    /// Kept (mode 0600, root-only directory) so a restarted plugin can
-    /// reconnect to the store with the same credentials.
+    /// The stage carried secrets (kept in `--secrets-dir`, not here).
     #[serde(default)]
-    secrets: HashMap<String, String>,
+    has_secrets: bool,
+    /// Records of earlier versions kept the secrets here: read once,
+    /// moved to `--secrets-dir`, never written back.
+    #[serde(default, rename = "secrets", skip_serializing)]
+    legacy_secrets: Secrets,
 }
 
 /// A volume served on its NBD socket by this process.
@@ -72,14 +99,14 @@ struct ServeSpec<'a> {
 }
 
 impl<'a> ServeSpec<'a> {
-    fn of(r: &'a StageRecord) -> Self {
+    fn of(r: &'a StageRecord, secrets: &'a HashMap<String, String>) -> Self {
         Self {
             volume_id: &r.volume_id,
             socket: &r.socket,
             export: &r.export,
             readonly: r.readonly,
             cache_limit: r.cache_limit,
-            secrets: &r.secrets,
+            secrets,
         }
     }
 }
@@ -113,6 +140,30 @@ fn attach_err(e: AttachError) -> Status {
         AttachError::DriverMissing => Status::failed_precondition(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
+}
+
+/// What the staging path of a staged filesystem volume holds.
+enum StagedMount {
+    Ok,
+    Missing,
+    Wrong(String),
+}
+
+fn staged_mount(r: &StageRecord) -> StagedMount {
+    let Some((dev_t, fs, _opts)) = mount::mounted_at(&r.staging_path) else { return StagedMount::Missing };
+    let want = devices::dev_t(&r.device);
+    if want.as_deref() != Some(dev_t.as_str()) {
+        return StagedMount::Wrong(format!(
+            "{} is mounted from device {dev_t}, not from this volume's {} ({})",
+            r.staging_path.display(),
+            r.device,
+            want.unwrap_or_else(|| "unknown".into())
+        ));
+    }
+    if r.fs_type.as_deref().is_some_and(|want| want != fs) {
+        return StagedMount::Wrong(format!("{} holds a {fs} filesystem, not the volume's", r.staging_path.display()));
+    }
+    StagedMount::Ok
 }
 
 fn key_of(volume_id: &str) -> String {
@@ -158,6 +209,73 @@ impl NodeService {
         write().map_err(|e| Status::internal(format!("state record {}: {e}", path.display())))
     }
 
+    fn secrets_path(&self, volume_id: &str) -> PathBuf {
+        self.cfg.secrets_dir.join(format!("{}.json", key_of(volume_id)))
+    }
+
+    /// Keep a stage's secrets for a restart, in `--secrets-dir` (tmpfs).
+    /// Errors name the file, never its content.
+    fn save_secrets(&self, volume_id: &str, secrets: &Secrets) -> Result<(), Status> {
+        use std::io::Write;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let dir = &self.cfg.secrets_dir;
+        let path = self.secrets_path(volume_id);
+        let tmp = path.with_extension("tmp");
+        let body = serde_json::to_vec(secrets).map_err(|_| Status::internal("stage secrets cannot be encoded"))?;
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            f.write_all(&body)?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| Status::internal(format!("secrets file {}: {e}", path.display())))
+    }
+
+    fn load_secrets(&self, volume_id: &str) -> Option<Secrets> {
+        let body = std::fs::read(self.secrets_path(volume_id)).ok()?;
+        serde_json::from_slice(&body).ok()
+    }
+
+    fn remove_secrets(&self, volume_id: &str) {
+        let _ = std::fs::remove_file(self.secrets_path(volume_id));
+    }
+
+    /// Every stage record in the state directory.
+    fn records(&self) -> Vec<(PathBuf, Option<StageRecord>)> {
+        let Ok(dir) = std::fs::read_dir(&self.cfg.state_dir) else { return Vec::new() };
+        dir.flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("json"))
+            .map(|p| {
+                let r = std::fs::read(&p).ok().and_then(|b| serde_json::from_slice::<StageRecord>(&b).ok());
+                (p, r)
+            })
+            .collect()
+    }
+
+    /// Devices recorded as attached to any volume: served by this process
+    /// or only on disk (a record recovery did not serve). Never handed to
+    /// another volume, never detached for another one.
+    async fn recorded_devices(&self, except: Option<&str>) -> Vec<String> {
+        let mut taken: Vec<String> = self
+            .staged
+            .lock()
+            .await
+            .values()
+            .filter(|s| Some(s.record.volume_id.as_str()) != except)
+            .map(|s| s.record.device.clone())
+            .collect();
+        for (_, r) in self.records() {
+            if let Some(r) = r.filter(|r| Some(r.volume_id.as_str()) != except) {
+                taken.push(r.device);
+            }
+        }
+        taken.sort();
+        taken.dedup();
+        taken
+    }
+
     /// Open the volume and serve it on its socket.
     async fn serve(&self, spec: &ServeSpec<'_>) -> Result<Server, Status> {
         let loc = parse_volume_id(spec.volume_id)?;
@@ -185,43 +303,125 @@ impl NodeService {
         Ok(Server { volume, shutdown, task })
     }
 
-    /// Serve again every volume staged before a restart.
-    pub async fn recover(&self) {
-        let Ok(dir) = std::fs::read_dir(&self.cfg.state_dir) else { return };
-        for entry in dir.flatten() {
-            let path = entry.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+    /// Serve again every volume staged before a restart, each in a task of
+    /// its own; returns at once (the CSI socket does not wait for it). A
+    /// volume being recovered refuses other operations (ABORTED, kubelet
+    /// retries).
+    pub fn recover(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (path, record) in self.records() {
+            let Some(record) = record else {
+                tracing::warn!(path = %path.display(), "unreadable stage record skipped");
                 continue;
+            };
+            let guard = match self.inflight.start(&record.volume_id) {
+                Ok(g) => g,
+                Err(_) => continue,
+            };
+            let me = self.clone();
+            tasks.spawn(async move {
+                me.recover_one(record).await;
+                drop(guard);
+            });
+        }
+        tokio::spawn(async move {
+            while tasks.join_next().await.is_some() {}
+            tracing::info!("recovery of staged volumes finished");
+        })
+    }
+
+    /// Does the volume's attachment record (ControllerPublish) still name
+    /// this node? Store errors are retried for a while; `Err` when the
+    /// store cannot tell.
+    async fn published_here(&self, volume_id: &str, secrets: &HashMap<String, String>) -> Result<bool, String> {
+        let loc = parse_volume_id(volume_id).map_err(|e| e.message().to_string())?;
+        let mut last = String::new();
+        for attempt in 0..5u32 {
+            if attempt > 0 {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
             }
-            let record: StageRecord = match std::fs::read(&path).map(|b| serde_json::from_slice(&b)) {
-                Ok(Ok(r)) => r,
-                _ => {
-                    tracing::warn!(path = %path.display(), "unreadable stage record skipped");
+            let store = match self.stores.get(&loc, secrets).await {
+                Ok(s) => s,
+                Err(e) => {
+                    last = e.message().to_string();
                     continue;
                 }
             };
-            match self.serve(&ServeSpec::of(&record)).await {
-                Ok(server) => {
-                    tracing::info!(volume = %record.volume_id, device = %record.device, "serving staged volume again");
-                    // A netlink-attached device: the kernel has been holding
-                    // its I/O since the old connection died; hand it a fresh
-                    // socket. A device without a size lost its connection
-                    // (ioctl-attached, or the dead-connection timeout passed):
-                    // connect it again.
-                    let r = if devices::device_size(&record.device) > 0 {
-                        self.attacher.reconnect(&record.socket, &record.export, &record.device).await
-                    } else {
-                        let a = &self.attacher;
-                        a.attach_device(&record.socket, &record.export, &record.device).await.map(drop)
-                    };
-                    match r {
-                        Ok(()) => tracing::info!(volume = %record.volume_id, "device reconnected"),
-                        Err(e) => tracing::error!(volume = %record.volume_id, error = %e, "reconnect failed"),
-                    }
-                    self.staged.lock().await.insert(record.volume_id.clone(), Staged { record, server });
-                }
-                Err(e) => tracing::error!(volume = %record.volume_id, error = %e, "cannot serve staged volume"),
+            match catalog::attachments(&store, &loc.prefix).await {
+                Ok(list) => return Ok(list.iter().any(|a| a.node_id == self.cfg.node_id)),
+                Err(e) => last = e.to_string(),
             }
+        }
+        Err(last)
+    }
+
+    async fn recover_one(&self, mut record: StageRecord) {
+        let id = record.volume_id.clone();
+        if !record.legacy_secrets.0.is_empty() {
+            // An earlier version wrote the secrets into the record: move
+            // them to the secrets directory and rewrite the record.
+            let legacy = std::mem::take(&mut record.legacy_secrets);
+            record.has_secrets = true;
+            if let Err(e) = self.save_secrets(&id, &legacy).and_then(|()| self.save(&record)) {
+                tracing::error!(volume = %id, error = %e.message(), "moving secrets out of the stage record failed");
+            }
+        }
+        let secrets = if record.has_secrets {
+            match self.load_secrets(&id) {
+                Some(s) => s,
+                None => {
+                    tracing::error!(
+                        volume = %id, device = %record.device, secrets_dir = %self.cfg.secrets_dir.display(),
+                        "cannot serve the staged volume again: its stage secrets were kept only in memory and in the \
+                         secrets directory (tmpfs), which no longer holds them (a reboot, or a directory not kept \
+                         across plugin restarts); its I/O fails until kubelet unstages and stages it again"
+                    );
+                    return;
+                }
+            }
+        } else {
+            Secrets::default()
+        };
+        match self.published_here(&id, &secrets.0).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    volume = %id, node = %self.cfg.node_id, device = %record.device,
+                    "not serving the staged volume again: its attachment record no longer names this node (it was \
+                     unpublished or moved to another node); opening it here would fence its writer"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::error!(
+                    volume = %id, error = %e,
+                    "not serving the staged volume again: cannot read its attachment records to check it is still \
+                     published to this node"
+                );
+                return;
+            }
+        }
+        match self.serve(&ServeSpec::of(&record, &secrets.0)).await {
+            Ok(server) => {
+                tracing::info!(volume = %id, device = %record.device, "serving staged volume again");
+                // A netlink-attached device: the kernel has been holding
+                // its I/O since the old connection died; hand it a fresh
+                // socket. A device without a size lost its connection
+                // (ioctl-attached, or the dead-connection timeout passed):
+                // connect it again.
+                let r = if devices::device_size(&record.device) > 0 {
+                    self.attacher.reconnect(&record.socket, &record.export, &record.device).await
+                } else {
+                    let a = &self.attacher;
+                    a.attach_device(&record.socket, &record.export, &record.device).await.map(drop)
+                };
+                match r {
+                    Ok(()) => tracing::info!(volume = %id, "device reconnected"),
+                    Err(e) => tracing::error!(volume = %id, error = %e, "reconnect failed"),
+                }
+                self.staged.lock().await.insert(id, Staged { record, server });
+            }
+            Err(e) => tracing::error!(volume = %id, error = %e.message(), "cannot serve staged volume"),
         }
     }
 
@@ -270,14 +470,30 @@ impl pb::node_server::Node for NodeService {
             req.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume capability is required"))?;
         check_capability(cap).map_err(Status::invalid_argument)?;
         let _guard = self.inflight.start(&req.volume_id)?;
-        if let Some(s) = self.staged.lock().await.get(&req.volume_id) {
-            if s.record.staging_path == staging {
-                return Ok(Response::new(pb::NodeStageVolumeResponse {}));
+        let already = self.staged.lock().await.get(&req.volume_id).map(|s| s.record.clone());
+        if let Some(r) = already {
+            if r.staging_path != staging {
+                return Err(Status::failed_precondition(format!(
+                    "volume is already staged at {}",
+                    r.staging_path.display()
+                )));
             }
-            return Err(Status::failed_precondition(format!(
-                "volume is already staged at {}",
-                s.record.staging_path.display()
-            )));
+            // Kubelet stages again after a restart of either side: the
+            // staging path must really hold this volume's filesystem.
+            if let Some(fs) = &r.fs_type {
+                match staged_mount(&r) {
+                    StagedMount::Ok => {}
+                    StagedMount::Missing => {
+                        std::fs::create_dir_all(&staging)
+                            .map_err(|e| Status::internal(format!("{}: {e}", staging.display())))?;
+                        let flags: Vec<String> = if r.readonly { vec!["ro".into()] } else { Vec::new() };
+                        mount::mount(&r.device, &staging, Some(fs), &flags).await.map_err(internal)?;
+                        tracing::info!(volume = %req.volume_id, device = %r.device, "staging path mounted again");
+                    }
+                    StagedMount::Wrong(why) => return Err(Status::failed_precondition(why)),
+                }
+            }
+            return Ok(Response::new(pb::NodeStageVolumeResponse {}));
         }
         if staging.exists() && !staging.is_dir() {
             return Err(Status::failed_precondition(format!("{} is not a directory", staging.display())));
@@ -310,7 +526,7 @@ impl pb::node_server::Node for NodeService {
             secrets: &req.secrets,
         };
         let server = self.serve(&spec).await?;
-        let taken: Vec<String> = self.staged.lock().await.values().map(|s| s.record.device.clone()).collect();
+        let taken = self.recorded_devices(None).await;
         let device = match self.attacher.attach(&socket, &key, &taken).await {
             Ok(a) => a.device,
             Err(e) => {
@@ -327,7 +543,8 @@ impl pb::node_server::Node for NodeService {
             fs_type: fs_type.clone(),
             readonly,
             cache_limit,
-            secrets: req.secrets.clone(),
+            has_secrets: !req.secrets.is_empty(),
+            legacy_secrets: Secrets::default(),
         };
         let result: Result<(), Status> = async {
             if let Some(fs) = &fs_type {
@@ -359,6 +576,9 @@ impl pb::node_server::Node for NodeService {
                 }
                 mount::mount(&device, &staging, Some(fs), &flags).await.map_err(internal)?;
             }
+            if record.has_secrets {
+                self.save_secrets(&req.volume_id, &Secrets(req.secrets.clone()))?;
+            }
             self.save(&record)
         }
         .await;
@@ -366,6 +586,7 @@ impl pb::node_server::Node for NodeService {
             // Leave nothing half-done behind.
             let _ = mount::umount(&staging).await;
             let _ = self.attacher.detach(&device).await;
+            self.remove_secrets(&req.volume_id);
             let _ = self.stop(&req.volume_id, server).await;
             return Err(e);
         }
@@ -385,24 +606,47 @@ impl pb::node_server::Node for NodeService {
         let staging = required_path(&req.staging_target_path, "staging target path")?;
         let _guard = self.inflight.start(&req.volume_id)?;
         mount::umount(&staging).await.map_err(internal)?;
-        let staged = self.staged.lock().await.remove(&req.volume_id);
-        if staged.is_none() {
-            // Not served by this process (it could not serve the volume after
-            // a restart): the record still says which device to let go of.
-            let record: Option<StageRecord> =
-                std::fs::read(self.record_path(&req.volume_id)).ok().and_then(|b| serde_json::from_slice(&b).ok());
-            if let Some(r) = record {
-                self.attacher.detach(&r.device).await.map_err(attach_err)?;
-                let _ = std::fs::remove_file(&r.socket);
+        let served = self.staged.lock().await.get(&req.volume_id).map(|s| (s.server.volume.clone(), s.record.clone()));
+        let record = match &served {
+            Some((_, r)) => Some(r.clone()),
+            // Not served by this process (recovery did not serve it after
+            // a restart): the record still says which device it attached.
+            None => std::fs::read(self.record_path(&req.volume_id)).ok().and_then(|b| serde_json::from_slice(&b).ok()),
+        };
+        if let Some((volume, _)) = &served {
+            // Commit every acknowledged write before anything is let go:
+            // while that fails the volume stays served and attached, and
+            // kubelet retries.
+            if !volume.is_read_only() {
+                if let Err(e) = volume.flush().await {
+                    tracing::error!(volume = %req.volume_id, error = %e, "unstage: committing the volume failed");
+                    return Err(Status::unavailable(format!(
+                        "cannot commit the volume's acknowledged writes to the store ({e}); it stays staged and \
+                         attached until they are committed"
+                    )));
+                }
             }
         }
-        if let Some(s) = staged {
-            if let Err(e) = self.attacher.detach(&s.record.device).await {
-                self.staged.lock().await.insert(req.volume_id.clone(), s);
-                return Err(attach_err(e));
+        if let Some(r) = &record {
+            // Only a device this volume attached, and only while no other
+            // volume's record names it.
+            let others = self.recorded_devices(Some(&req.volume_id)).await;
+            if others.contains(&r.device) {
+                tracing::warn!(
+                    volume = %req.volume_id, device = %r.device,
+                    "unstage: the recorded device now belongs to another volume: left attached"
+                );
+            } else {
+                self.attacher.detach(&r.device).await.map_err(attach_err)?;
             }
+        }
+        if let Some(s) = self.staged.lock().await.remove(&req.volume_id) {
             self.stop(&req.volume_id, s.server).await?;
         }
+        if let Some(r) = &record {
+            let _ = std::fs::remove_file(&r.socket);
+        }
+        self.remove_secrets(&req.volume_id);
         let _ = std::fs::remove_file(self.record_path(&req.volume_id));
         tracing::info!(volume = %req.volume_id, "volume unstaged");
         Ok(Response::new(pb::NodeUnstageVolumeResponse {}))
@@ -426,6 +670,18 @@ impl pb::node_server::Node for NodeService {
                 .ok_or_else(|| Status::failed_precondition("the volume is not staged on this node"))?;
             if s.record.staging_path != staging {
                 return Err(Status::invalid_argument("staging path differs from the one the volume was staged at"));
+            }
+            if s.record.fs_type.is_some() {
+                match staged_mount(&s.record) {
+                    StagedMount::Ok => {}
+                    StagedMount::Missing => {
+                        return Err(Status::failed_precondition(format!(
+                            "{} is not mounted: stage the volume again",
+                            staging.display()
+                        )));
+                    }
+                    StagedMount::Wrong(why) => return Err(Status::failed_precondition(why)),
+                }
             }
             s.record.device.clone()
         };

@@ -33,6 +33,8 @@ pub struct CsiConfig {
     pub capacity: u64,
     /// Node mode: where stage records and per-volume sockets live.
     pub state_dir: PathBuf,
+    /// Node mode: where stage secrets are kept for a restart (a tmpfs).
+    pub secrets_dir: PathBuf,
     pub max_volumes: i64,
     pub dirty_limit: u64,
     pub cache_limit: u64,
@@ -105,6 +107,7 @@ pub async fn run(
         let ncfg = NodeConfig {
             node_id,
             state_dir: cfg.state_dir.clone(),
+            secrets_dir: cfg.secrets_dir.clone(),
             max_volumes: cfg.max_volumes,
             dirty_limit: cfg.dirty_limit,
             cache_limit: cfg.cache_limit,
@@ -113,7 +116,9 @@ pub async fn run(
         let n = NodeService::new(ncfg, stores.clone())
             .map_err(|source| CsiError::StateDir { path: cfg.state_dir.clone(), source })?;
         let n = Arc::new(n);
-        n.recover().await;
+        // In the background: the socket comes up at once; a volume being
+        // recovered answers ABORTED until it is served again.
+        n.recover();
         Some(n)
     } else {
         None

@@ -39,12 +39,23 @@ pub enum ChecksumMode {
 
 /// Explicit connection settings; anything left `None` comes from the
 /// environment's standard AWS chain.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct S3Settings {
     pub endpoint: Option<String>,
     pub region: Option<String>,
     /// Static credentials: (access key id, secret access key).
     pub credentials: Option<(String, String)>,
+}
+
+/// Never prints the credentials.
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("credentials", &self.credentials.as_ref().map(|_| "redacted"))
+            .finish()
+    }
 }
 
 impl S3Store {
@@ -218,5 +229,22 @@ impl ObjectStore for S3Store {
 
     fn describe(&self) -> String {
         format!("s3://{}", self.bucket)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::S3Settings;
+
+    #[test]
+    fn debug_output_hides_the_credentials() {
+        let s = S3Settings {
+            endpoint: Some("http://s3.example".into()),
+            region: None,
+            credentials: Some(("AKIDDEBUGTEST".into(), "debug-secret-value".into())),
+        };
+        let text = format!("{s:?}");
+        assert!(!text.contains("AKIDDEBUGTEST") && !text.contains("debug-secret-value"), "{text}");
+        assert!(text.contains("http://s3.example"), "{text}");
     }
 }
