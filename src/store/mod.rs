@@ -10,6 +10,7 @@ pub mod local;
 pub mod memory;
 pub mod retry;
 pub mod s3;
+pub mod sim;
 
 use std::fmt;
 use std::ops::Range;
