@@ -18,26 +18,34 @@
 //! - one or two compactors with the shortest safety age the engine calls
 //!   safe beside a live writer, crashed mid-way at times.
 //!
+//! Same seed, same run: every store delay and fault is drawn from the seed
+//! and the call itself (not from the order calls happen to start in), and
+//! events due in the same instant run in a seeded order (see
+//! `s3blk::store::sim`). `same_seed_same_run` checks it.
+//!
 //! The oracle keeps, per 4 KiB block, the history of every value written
-//! there (in acknowledgement order, whichever session wrote it; a write
-//! that failed is kept too, as it may have reached the engine) and a
-//! durable floor: the newest write of a session acknowledged before the
-//! start of a flush (or resize or snapshot) that session got `Ok` for.
-//! A value that a reader of committed state saw raises the floor too: a
-//! committed value cannot go back. Then:
+//! there, in the order writes were issued, whichever session issued them
+//! (a write is part of the history from the moment it is issued: the
+//! engine may commit part of a write in progress; a write that failed stays
+//! in it), and a durable floor: the newest write of a session acknowledged
+//! before the start of a flush (or resize or snapshot) that session got
+//! `Ok` for. A value that a reader of committed state saw raises the floor
+//! too: a committed value cannot go back. Then:
 //! - a read of committed state (a read-only opener, the base a writer
 //!   opened with, the final checks) returns a value at or above the floor;
 //!   never an older one, never zeros in place of durable data, never bytes
 //!   that were never written to the block;
-//! - a write acknowledged to a session after a later session's open
-//!   succeeded is never visible, and a flush covering such a write is
-//!   never acknowledged (the old session was fenced);
+//! - a write issued by a session after a later session's open succeeded is
+//!   never visible, and a flush covering such a write is never acknowledged
+//!   (the old session was fenced);
 //! - a writer reads back exactly its own latest writes (blocks it has not
 //!   written: the state it opened with, stable from read to read);
 //! - a writer is told it is fenced only when a later session tried to open;
 //! - a snapshot reads as its writer's view when the snapshot was taken;
 //!   a reader's values never go back in time; sizes never shrink;
-//! - nothing reports corruption (the simulated store never damages data);
+//! - nothing reports damage (the simulated store damages nothing); a read
+//!   that does is told apart by opening afresh: a stale opener's map, or
+//!   committed data gone;
 //! - at quiescence a takeover reads every block at or above its floor,
 //!   two compactions change nothing a reader sees, and `fsck` (reading
 //!   every chunk) is clean.
@@ -78,7 +86,7 @@ const VOL: &str = "sim/vol/";
 /// Session number of the zeros every block starts with.
 const INITIAL: usize = usize::MAX;
 /// Seeds of the default (CI) run.
-const CI_SEEDS: u64 = 96;
+const CI_SEEDS: u64 = 200;
 /// Random seeds added to the default run.
 const CI_RANDOM_SEEDS: u64 = 4;
 
@@ -199,6 +207,11 @@ impl Config {
             readahead_chunks: self.readahead,
             snapshot,
             clock,
+            // The engine times staged chunks with std::time::Instant, which
+            // does not move in a paused runtime: with the default (60 s) its
+            // re-check of old staged chunks would never run here. Zero runs
+            // it before every commit, the cautious end.
+            recheck_staged_after: Duration::ZERO,
             ..OpenOptions::default()
         }
     }
@@ -222,6 +235,38 @@ fn pattern(write: u64, offset: u64, len: usize) -> Vec<u8> {
             word.to_le_bytes()[(o & 7) as usize]
         })
         .collect()
+}
+
+/// Where bytes of block `b` (from byte `at` of it) came from, in runs:
+/// zeros, or write #n's bytes for some volume offset (every 8-byte word of
+/// a [`pattern`] names its write and offset). For reports on bytes that are
+/// no version of the block.
+fn decode(b: u64, at: usize, data: &[u8]) -> String {
+    let base = b * BLOCK + at as u64;
+    let mut runs: Vec<(usize, usize, String)> = Vec::new();
+    let mut pos = 0;
+    while pos < data.len() {
+        let o = base + pos as u64;
+        let word_end = ((o / 8 + 1) * 8 - base) as usize;
+        let end = word_end.min(data.len());
+        let bytes = &data[pos..end];
+        let what = if bytes.iter().all(|&x| x == 0) {
+            "zeros".to_string()
+        } else if end - pos == 8 {
+            let w = u64::from_le_bytes(bytes.try_into().unwrap_or([0; 8]));
+            let write = (w & !(1 << 63)) >> 32;
+            let from = (w & 0xffff_ffff) << 3;
+            if from == o { format!("write #{write}") } else { format!("write #{write} of offset {from}") }
+        } else {
+            "?".to_string()
+        };
+        match runs.last_mut() {
+            Some((_, e, w)) if *w == what => *e = end,
+            _ => runs.push((pos + at, end + at, what)),
+        }
+        pos = end;
+    }
+    runs.iter().map(|(s, e, w)| format!("{s}..{e}: {w}")).collect::<Vec<_>>().join(", ")
 }
 
 fn zeros() -> Bytes {
@@ -251,6 +296,8 @@ struct Version {
     session: usize,
     /// Write number (0: the initial zeros).
     write: u64,
+    /// When the write was issued (a session's writes are issued one at a
+    /// time, so also acknowledged in this order).
     tick: u64,
     acked: bool,
     at: Duration,
@@ -378,7 +425,7 @@ impl Oracle {
             "v{p} ({} write #{} {} at {:.3}s{})",
             self.sessions[v.session].name,
             v.write,
-            if v.acked { "acked" } else { "failed" },
+            if v.acked { "acked" } else { "not acked" },
             v.at.as_secs_f64(),
             if self.excluded(v) { ", after a later session opened" } else { "" }
         )
@@ -430,7 +477,11 @@ impl Oracle {
         }
         let got = self.describe_data(b, at, data);
         if all.is_empty() {
-            return ("never-written", format!("block {b}{piece} reads {got} (durable: {floor})"));
+            let runs = decode(b, at, data);
+            return (
+                "never-written",
+                format!("block {b}{piece} reads bytes never written there [{runs}] (durable: {floor})"),
+            );
         }
         ("acked-data-lost", format!("block {b}{piece} reads {got}, older than durable {floor}"))
     }
@@ -585,15 +636,30 @@ impl Oracle {
         Ok(out)
     }
 
-    /// A write finished: acknowledged, or failed (and may have reached the engine).
-    fn write_done(&mut self, s: usize, write: u64, blocks: Vec<(u64, Bytes)>, acked: bool) {
+    /// A write is issued: from now on its bytes may show (the engine may
+    /// commit part of a write still in progress, as a disk with a volatile
+    /// cache may). Returns where its versions sit in each block's history.
+    fn write_issued(&mut self, s: usize, write: u64, blocks: &[(u64, Bytes)]) -> Vec<usize> {
         let tick = self.next_tick();
         let at = self.world.elapsed();
+        blocks
+            .iter()
+            .map(|(b, data)| {
+                let h = &mut self.history[*b as usize];
+                h.push(Version { data: data.clone(), session: s, write, tick, acked: false, at });
+                h.len() - 1
+            })
+            .collect()
+    }
+
+    /// The write returned: acknowledged, or failed (then any part of it may
+    /// have reached the engine).
+    fn write_done(&mut self, s: usize, blocks: Vec<(u64, Bytes)>, positions: Vec<usize>, acked: bool) {
         if acked {
             self.counts.writes_acked += 1;
         }
-        for (b, data) in blocks {
-            self.history[b as usize].push(Version { data: data.clone(), session: s, write, tick, acked, at });
+        for ((b, data), p) in blocks.into_iter().zip(positions) {
+            self.history[b as usize][p].acked = acked;
             let e = if acked {
                 Expect::exact(data)
             } else {
@@ -955,6 +1021,7 @@ async fn write_op(ctx: &Ctx, s: usize, name: &str, vol: &Volume, rng: &mut StdRn
         }
     };
     let what = if zero { "write_zeroes" } else { "write" };
+    let positions = ctx.oracle().write_issued(s, write, &blocks);
     let r = match data {
         None => vol.write_zeroes(off, len).await,
         Some(d) => {
@@ -972,7 +1039,7 @@ async fn write_op(ctx: &Ctx, s: usize, name: &str, vol: &Volume, rng: &mut StdRn
     };
     let ok = r.is_ok();
     ctx.event(&format!("{name}: {what} #{write} {off}+{len} {}", if ok { "ok" } else { "failed" }));
-    ctx.oracle().write_done(s, write, blocks, ok);
+    ctx.oracle().write_done(s, blocks, positions, ok);
     match r {
         Ok(()) => false,
         Err(e) => note_error(ctx, s, name, what, &e),
@@ -1313,6 +1380,7 @@ struct Outcome {
     counts: Counts,
     events: Vec<(u64, String)>,
     summary: String,
+    wall: Duration,
 }
 
 async fn simulate(seed: u64, verbose: bool) -> Outcome {
@@ -1379,6 +1447,7 @@ async fn simulate(seed: u64, verbose: bool) -> Outcome {
         counts: o.counts,
         events: world.events(),
         summary,
+        wall: Duration::ZERO,
     }
 }
 
@@ -1400,6 +1469,13 @@ fn count_panics() {
 }
 
 fn run_seed(seed: u64, verbose: bool) -> Outcome {
+    let started = std::time::Instant::now();
+    let mut out = run_seed_inner(seed, verbose);
+    out.wall = started.elapsed();
+    out
+}
+
+fn run_seed_inner(seed: u64, verbose: bool) -> Outcome {
     count_panics();
     let before = PANICS.with(|p| p.get());
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build();
@@ -1433,6 +1509,7 @@ fn run_seed(seed: u64, verbose: bool) -> Outcome {
             counts: Counts::default(),
             events: Vec::new(),
             summary: String::new(),
+            wall: Duration::ZERO,
         },
     }
 }
@@ -1441,22 +1518,36 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
 
-fn report(out: &Outcome, events: usize) -> String {
+/// Lines worth reading in a failure report: what actors did and saw, and
+/// the store calls that went wrong (not every call that went right).
+fn story_line(line: &str) -> bool {
+    let text = line.trim_start().split_once(' ').map_or("", |(_, t)| t);
+    let actor_said = text.split_once(' ').is_some_and(|(who, _)| who.ends_with(':'));
+    actor_said
+        || text.starts_with("VIOLATION")
+        || ["answer lost", "never answer", "outage", "abandoned", "412", "crashed", "journal/"]
+            .iter()
+            .any(|m| text.contains(m))
+}
+
+fn report(out: &Outcome, lines: usize) -> String {
     let Some(v) = &out.violation else { return format!("seed {}: ok", out.seed) };
-    let tail: Vec<&String> = out.events[out.events.len().saturating_sub(events)..].iter().map(|(_, l)| l).collect();
+    let story: Vec<&str> = out.events.iter().map(|(_, l)| l.as_str()).filter(|l| story_line(l)).collect();
+    let tail = &story[story.len().saturating_sub(lines)..];
     format!(
-        "seed {seed} FAILED at {:.3}s: {}: {}\n  config: {}\n  replay: S3BLK_SIM_SEED={seed} cargo test --test simulation -- simulation --nocapture\n  last events:\n    {}",
+        "seed {seed} FAILED at {:.3}s: {}: {}\n  config: {}\n  replay: S3BLK_SIM_SEED={seed} cargo test --test simulation -- simulation --nocapture\n  story (last {} lines; the replay prints every event):\n    {}",
         v.at.as_secs_f64(),
         v.invariant,
         v.detail,
         out.summary,
-        tail.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n    "),
+        tail.len(),
+        tail.join("\n    "),
         seed = out.seed
     )
 }
 
 /// Run seeds on a few threads until the list or the time runs out.
-fn run_many(seeds: Vec<u64>, deadline: Option<std::time::Instant>) -> Vec<Outcome> {
+fn run_many(seeds: Vec<u64>, deadline: Option<std::time::Instant>, progress: bool) -> Vec<Outcome> {
     let threads = env_u64("S3BLK_SIM_THREADS").unwrap_or(2).max(1) as usize;
     let queue = Arc::new(Mutex::new(seeds.into_iter()));
     let results = Arc::new(Mutex::new(Vec::new()));
@@ -1471,9 +1562,14 @@ fn run_many(seeds: Vec<u64>, deadline: Option<std::time::Instant>) -> Vec<Outcom
                     let Some(seed) = lock(&queue).next() else { return };
                     let out = run_seed(seed, false);
                     if out.violation.is_some() {
-                        println!("{}", report(&out, 25));
+                        println!("{}", report(&out, 30));
                     }
-                    lock(&results).push(out);
+                    let mut results = lock(&results);
+                    results.push(out);
+                    if progress && results.len() % 200 == 0 {
+                        let failed = results.iter().filter(|o| o.violation.is_some()).count();
+                        println!("... {} seeds, {failed} failed", results.len());
+                    }
                 }
             })
         })
@@ -1496,7 +1592,7 @@ fn simulation() {
             "trace hash {:016x} ({} events), {:?} simulated, {:?}",
             out.trace.0, out.trace.1, out.sim_time, out.counts
         );
-        assert!(out.violation.is_none(), "{}", report(&out, 60));
+        assert!(out.violation.is_none(), "{}", report(&out, 40));
         return;
     }
     let started = std::time::Instant::now();
@@ -1517,7 +1613,8 @@ fn simulation() {
             ((base..base.saturating_add(n)).collect(), secs.map(|s| started + Duration::from_secs(s)))
         }
     };
-    let outcomes = run_many(seeds, deadline);
+    let long = env_u64("S3BLK_SIM_SEEDS").is_some() || env_u64("S3BLK_SIM_SECONDS").is_some();
+    let outcomes = run_many(seeds, deadline, long);
     let mut total = Counts::default();
     let mut sim_time = Duration::ZERO;
     for o in &outcomes {
@@ -1533,11 +1630,14 @@ fn simulation() {
         sim_time += o.sim_time;
     }
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.violation.is_some()).collect();
+    let passed: Vec<Duration> = outcomes.iter().filter(|o| o.violation.is_none()).map(|o| o.wall).collect();
+    let mean_pass = passed.iter().sum::<Duration>().checked_div(passed.len() as u32).unwrap_or_default();
     println!(
-        "{} seeds in {:.1}s ({:.1} simulated hours): {} failed; {total:?}",
+        "{} seeds in {:.1}s ({:.1} simulated hours; a passing seed takes {:.2}s): {} failed; {total:?}",
         outcomes.len(),
         started.elapsed().as_secs_f64(),
         sim_time.as_secs_f64() / 3600.0,
+        mean_pass.as_secs_f64(),
         failed.len()
     );
     for o in &failed {

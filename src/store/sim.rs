@@ -14,13 +14,20 @@
 //!    calls that are concurrent (the engine starts uploads in hash-map
 //!    order).
 //! 2. The request travels (a drawn delay) as an event of the world's
-//!    schedule, then is applied, unless the caller has given up meanwhile (a retry timeout,
-//!    a cancelled future, a crashed process): then it lands or not, as
-//!    drawn. A call can fail before reaching the bucket (transient error),
-//!    reach it and lose its answer, or hang past any timeout (and land or
-//!    not). Concurrent calls complete in the order their delays say.
+//!    schedule, then is applied, unless the caller has given up meanwhile
+//!    (a retry timeout, a cancelled future, a crashed process): then it
+//!    lands or not, as drawn. A call can fail before reaching the bucket
+//!    (transient error), reach it and lose its answer, or hang past any
+//!    timeout (and land or not). Concurrent calls complete in the order
+//!    their delays say; events due in the same timer tick run in an order
+//!    drawn from the seed.
 //! 3. Outage windows (a partitioned actor) fail or black-hole every call
 //!    that starts inside them.
+//!
+//! [`SimGate`], put in front of the retry layer, makes calls started in
+//! one instant proceed in a seeded order, so the retry layer's timeouts
+//! are armed (and fire) in an order that does not depend on the engine's
+//! hash maps.
 //!
 //! Conditional PUTs behave like S3's `If-None-Match: *` (412 when the key
 //! exists); listed objects carry a `LastModified` from the simulated clock.
