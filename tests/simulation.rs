@@ -145,10 +145,7 @@ impl Config {
             max_chunks,
             dirty_chunks: rng.random_range(2..=3),
             cache_chunks: rng.random_range(0..=3),
-            // At least the dirty limit: a flush then starts every upload at
-            // once. (With fewer, uploads run one by one in the order of the
-            // engine's hash map of dirty chunks, which differs per process.)
-            concurrency: rng.random_range(3..=6),
+            concurrency: rng.random_range(1..=6),
             readahead: rng.random_range(0..=2),
             run_for,
             safety_age: compact::MIN_LIVE_SAFETY_AGE + Duration::from_secs(rng.random_range(0..=60)),
@@ -207,11 +204,8 @@ impl Config {
             readahead_chunks: self.readahead,
             snapshot,
             clock,
-            // The engine times staged chunks with std::time::Instant, which
-            // does not move in a paused runtime: with the default (60 s) its
-            // re-check of old staged chunks would never run here. Zero runs
-            // it before every commit, the cautious end.
-            recheck_staged_after: Duration::ZERO,
+            // The engine's own time limits (commit interval, restaging old
+            // chunks, the commit deadline) keep their production values.
             ..OpenOptions::default()
         }
     }
