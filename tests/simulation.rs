@@ -702,6 +702,11 @@ impl Oracle {
             }
             // A fenced session may find its old chunks collected.
             VolumeError::Corrupt(_) if zombie => {}
+            // Compaction beside other compactions and writers must not
+            // take its own race for damage.
+            VolumeError::Corrupt(why) if op == "compact" => {
+                self.violation("compaction-reports-damage", format!("{who}: {why}"))
+            }
             VolumeError::Corrupt(why) => self.violation("corruption-reported", format!("{who} {op}: {why}")),
             other => self.violation("unexpected-error", format!("{who} {op}: {other}")),
         }
