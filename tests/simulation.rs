@@ -1517,21 +1517,23 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
 
-/// Lines worth reading in a failure report: what actors did and saw, and
-/// the store calls that went wrong (not every call that went right).
+/// Lines worth reading in a failure report: what actors did and saw, the
+/// journal, checkpoint and snapshot objects written and deleted, and the
+/// store calls that went wrong (not every call that went right).
 fn story_line(line: &str) -> bool {
     let text = line.trim_start().split_once(' ').map_or("", |(_, t)| t);
     let actor_said = text.split_once(' ').is_some_and(|(who, _)| who.ends_with(':'));
-    actor_said
-        || text.starts_with("VIOLATION")
-        || ["answer lost", "never answer", "outage", "abandoned", "412", "crashed", "journal/"]
-            .iter()
-            .any(|m| text.contains(m))
+    let mutation = [" Put ", " PutIfAbsent ", " Delete "].iter().any(|m| text.contains(m))
+        && ["journal/", "checkpoints/", "snapshots/"].iter().any(|m| text.contains(m));
+    let fault =
+        ["answer lost", "never answer", "outage", "abandoned", "412", "not found"].iter().any(|m| text.contains(m));
+    actor_said || text.starts_with("VIOLATION") || mutation || fault
 }
 
 fn report(out: &Outcome, lines: usize) -> String {
     let Some(v) = &out.violation else { return format!("seed {}: ok", out.seed) };
-    let story: Vec<&str> = out.events.iter().map(|(_, l)| l.as_str()).filter(|l| story_line(l)).collect();
+    let end = out.events.iter().position(|(_, l)| l.contains("VIOLATION")).map_or(out.events.len(), |i| i + 1);
+    let story: Vec<&str> = out.events[..end].iter().map(|(_, l)| l.as_str()).filter(|l| story_line(l)).collect();
     let tail = &story[story.len().saturating_sub(lines)..];
     format!(
         "seed {seed} FAILED at {:.3}s: {}: {}\n  config: {}\n  replay: S3BLK_SIM_SEED={seed} cargo test --test simulation -- simulation --nocapture\n  story (last {} lines; the replay prints every event):\n    {}",
