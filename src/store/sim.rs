@@ -315,14 +315,18 @@ fn blank_key(key: &str) -> String {
     blank_names(key)
 }
 
-/// Any text with probe names and chunk generations blanked out: engine
-/// messages name them, and they differ between runs of one seed.
+/// Object names the engine draws at random: a hex nonce follows these.
+const RANDOM_NAMES: [&str; 2] = [".s3blk-probe-", ".s3blk-clock-"];
+
+/// Any text with random object names (conditional-write probes, compaction's
+/// clock probes) and chunk generations blanked out: engine messages name
+/// them, and they differ between runs of one seed.
 pub fn blank_names(text: &str) -> String {
     let hex_run = |s: &str| s.bytes().take_while(u8::is_ascii_hexdigit).count();
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     loop {
-        let probe = rest.find(".s3blk-probe-").map(|p| (p, p + ".s3blk-probe-".len()));
+        let probe = RANDOM_NAMES.iter().filter_map(|name| rest.find(name).map(|p| (p, p + name.len()))).min();
         let chunk = rest.find("chunks/").and_then(|p| {
             let after = p + "chunks/".len();
             let index = hex_run(&rest[after..]);
@@ -698,5 +702,6 @@ mod tests {
             "object v/.s3blk-probe-* exists; chunk object v/chunks/0000000000000001/* is missing"
         );
         assert_eq!(blank_names("chunks/12 and chunks/"), "chunks/12 and chunks/");
+        assert_eq!(blank_names("v/.s3blk-clock-7426e97c6180d50d -> ok"), "v/.s3blk-clock-* -> ok");
     }
 }
