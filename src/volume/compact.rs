@@ -122,7 +122,17 @@ pub async fn compact(
     add_map(&mut live, head_state.map.iter());
     let mut pinned: BTreeSet<u64> = BTreeSet::new();
     if let Some(x) = fold {
-        let at_fold = replay::replay(store.as_ref(), vol, cs, Some(x)).await?;
+        let at_fold = match replay::replay(store.as_ref(), vol, cs, Some(x)).await {
+            Ok(st) => st,
+            // Another compaction folded past our fold point meanwhile: it
+            // did this pass's work; stop without touching anything.
+            Err(VolumeError::Corrupt(why)) if folded_past(store, vol, x).await? => {
+                return Err(VolumeError::Store(StoreError::Transient(format!(
+                    "another compaction folded past seq {x} while this one ran ({why}); nothing done"
+                ))));
+            }
+            Err(e) => return Err(e),
+        };
         add_map(&mut live, at_fold.map.iter());
         if !checkpoints.iter().any(|o| parse_checkpoint_key(vol, &o.key) == Some(x)) {
             report.checkpoints_written += 1;
@@ -235,6 +245,12 @@ pub async fn compact(
         "compacted"
     );
     Ok(report)
+}
+
+/// Is there a checkpoint past `seq` now?
+async fn folded_past(store: &DynStore, vol: &str, seq: u64) -> VolumeResult<bool> {
+    let all = list_all(store.as_ref(), &format::checkpoint_prefix(vol)).await?;
+    Ok(all.iter().filter_map(|o| parse_checkpoint_key(vol, &o.key)).any(|c| c > seq))
 }
 
 /// The store's clock: the modification time it gives an object written

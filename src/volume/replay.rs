@@ -121,15 +121,40 @@ pub async fn read_record(store: &dyn ObjectStore, vol: &str, seq: u64) -> Volume
 pub async fn replay(store: &dyn ObjectStore, vol: &str, chunk_size: u64, upto: Option<u64>) -> VolumeResult<Replayed> {
     let mut attempts = 0;
     loop {
-        let cp = latest_checkpoint(store, vol, upto).await?;
+        // A checkpoint listed but gone when fetched: a compaction removed
+        // it after writing a newer one; list again.
+        let cp = match latest_checkpoint(store, vol, upto).await {
+            Err(VolumeError::Store(StoreError::NotFound(_))) if attempts < REPLAY_ATTEMPTS => {
+                attempts += 1;
+                continue;
+            }
+            r => r?,
+        };
         let from = cp.as_ref().map(|c| c.seq);
         match replay_from(store, vol, chunk_size, upto, cp).await {
-            Err(VolumeError::Corrupt(why)) if attempts < 3 && checkpoint_after(store, vol, upto, from).await? => {
+            Err(VolumeError::Corrupt(why))
+                if attempts < REPLAY_ATTEMPTS && changed_under(store, vol, upto, from).await? =>
+            {
                 attempts += 1;
                 tracing::debug!(volume = vol, reason = %why, "journal folded during replay; replaying again");
             }
             r => return r,
         }
+    }
+}
+
+/// Replays tried while compaction keeps folding under them.
+const REPLAY_ATTEMPTS: u32 = 4;
+
+/// Did compaction move under a replay that started from `from`: a newer
+/// checkpoint (not past `upto`), or the one it started from gone?
+async fn changed_under(store: &dyn ObjectStore, vol: &str, upto: Option<u64>, from: Option<u64>) -> VolumeResult<bool> {
+    if checkpoint_after(store, vol, upto, from).await? {
+        return Ok(true);
+    }
+    match from {
+        Some(f) => Ok(store.head(&format::checkpoint_key(vol, f)).await?.is_none()),
+        None => Ok(!crate::store::list_all(store, &checkpoint_prefix(vol)).await?.is_empty()),
     }
 }
 
@@ -204,6 +229,12 @@ pub async fn catch_up(
                 continue;
             };
             if upto.is_some_and(|u| seq > u) {
+                // Everything up to `upto` must have been there.
+                if upto.is_some_and(|u| expected <= u) {
+                    return Err(VolumeError::Corrupt(format!(
+                        "journal record {expected} is missing (next present is {seq})"
+                    )));
+                }
                 reached_end = true;
                 break;
             }
@@ -243,7 +274,17 @@ pub async fn catch_up(
         }
         match page.next_start_after {
             Some(n) if !reached_end => after = Some(n),
-            _ => return Ok(()),
+            _ => {
+                // A replay to `upto` that ran out of records below it: they
+                // were folded away under us.
+                if let Some(u) = upto.filter(|u| state.head < *u) {
+                    return Err(VolumeError::Corrupt(format!(
+                        "journal ends at {} before seq {u} (folded during replay)",
+                        state.head
+                    )));
+                }
+                return Ok(());
+            }
         }
     }
 }

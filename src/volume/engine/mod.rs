@@ -472,18 +472,33 @@ impl Volume {
         };
         let body = serde_json::to_vec_pretty(&rec).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
         let key = snapshot_key(&self.inner.vol, name);
-        match self.inner.store.put(&key, Bytes::from(body), PutMode::IfAbsent).await {
-            Ok(()) => Ok(rec),
+        let started = Instant::now();
+        let (store, vol) = (&self.inner.store, self.inner.vol.as_str());
+        let rec = match store.put(&key, Bytes::from(body), PutMode::IfAbsent).await {
+            Ok(()) => rec,
             Err(StoreError::PreconditionFailed(_)) => {
-                let existing = read_snapshot(&self.inner.store, &self.inner.vol, name).await?;
-                if existing.seq == rec.seq {
-                    Ok(existing)
-                } else {
-                    Err(VolumeError::AlreadyExists(format!("snapshot {name}")))
+                let existing = read_snapshot(store, vol, name).await?;
+                if existing.seq != rec.seq {
+                    return Err(VolumeError::AlreadyExists(format!("snapshot {name}")));
                 }
+                existing
             }
-            Err(e) => Err(e.into()),
+            Err(e) => return Err(e.into()),
+        };
+        // The head we pinned must still be replayable: a writer fenced
+        // without knowing it (nothing to commit since) could otherwise pin
+        // a seq compaction has folded away. Withdraw it, as
+        // `snapshot_committed` does, when it is not, or when recording it
+        // took longer than compaction could be relied on to wait.
+        let slow = started.elapsed() > SNAPSHOT_DEADLINE;
+        if slow || !super::compact::snapshot_still_replayable(store, vol, rec.seq).await? {
+            store.delete(&key).await?;
+            return Err(VolumeError::Store(StoreError::Transient(format!(
+                "snapshot {name} could not be recorded at seq {} (the journal moved on); try again",
+                rec.seq
+            ))));
         }
+        Ok(rec)
     }
 }
 
