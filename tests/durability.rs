@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::FaultRig;
+
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use s3blk::clock::{Clock, ManualClock, SystemClock};
-use s3blk::store::fault::{Fault, FaultStore, Op, Rule};
+use s3blk::store::fault::{Fault, Op};
 use s3blk::store::memory::MemoryStore;
 use s3blk::store::retry::RetryStore;
 use s3blk::store::{DynStore, ListPage, ListRequest, ObjectStore, PutMode, StoreError, StoreResult};
@@ -24,28 +26,6 @@ use s3blk::volume::{OpenOptions, Volume, VolumeError, fsck, replay};
 
 const CS: u32 = 64 << 10;
 const CSU: u64 = CS as u64;
-
-struct Rig {
-    mem: Arc<MemoryStore>,
-    fault: Arc<FaultStore>,
-}
-
-impl Rig {
-    fn new() -> Self {
-        let mem = Arc::new(MemoryStore::new());
-        let fault = Arc::new(FaultStore::new(mem.clone()));
-        Self { mem, fault }
-    }
-    fn plain(&self) -> DynStore {
-        self.mem.clone()
-    }
-    fn faulty(&self) -> DynStore {
-        self.fault.clone()
-    }
-    fn rule(&self, op: Option<Op>, key: &str, fault: Fault, times: u64) {
-        self.fault.add_rule(Rule { op, key_contains: Some(key.to_string()), fault, times });
-    }
-}
 
 async fn create(store: &DynStore, vol: &str, size: u64) {
     let opts = CreateOptions { size, chunk_size: CS, parent: None, single_writer: false };
@@ -86,7 +66,7 @@ fn journal_key(seq: u64) -> String {
 /// bytes (reads, the next flush and a fresh opener all see them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_upload_never_zeroes_its_chunk() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     create(&rig.plain(), "v/", 4 * CSU).await;
     let v = open(&rig.faulty(), "v/").await;
     let mut expect = common::pattern(1, CS as usize);
@@ -113,7 +93,7 @@ async fn a_cancelled_upload_never_zeroes_its_chunk() {
 /// see A's post-takeover data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_writer_cannot_commit_after_a_partial_compaction() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     create(&rig.plain(), "v/", 4 * CSU).await;
     let a = open(&rig.plain(), "v/").await; // open record 1
     a.write(0, b"A-before").await.expect("a write");
@@ -143,7 +123,7 @@ async fn a_fenced_writer_cannot_commit_after_a_partial_compaction() {
 /// retry that finds it there must still run the fencing proof.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ambiguous_commit_into_a_folded_journal_is_still_fenced() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     create(&rig.plain(), "v/", 4 * CSU).await;
     let a = open(&rig.faulty(), "v/").await; // 1
     a.write(0, b"A-before").await.expect("a write");
@@ -178,7 +158,7 @@ async fn an_ambiguous_commit_into_a_folded_journal_is_still_fenced() {
 /// a commit that is still on its way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fast_compactor_clock_never_collects_a_pending_commits_chunks() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     create(&rig.plain(), "v/", 4 * CSU).await;
     let v = open(&rig.faulty(), "v/").await;
     let data = common::pattern(3, 2 * CS as usize);
@@ -201,7 +181,7 @@ async fn a_fast_compactor_clock_never_collects_a_pending_commits_chunks() {
 /// under fresh names before the next commit refers to them.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_commit_that_cannot_land_in_time_is_abandoned_and_its_chunks_restaged() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     create(&rig.plain(), "v/", 4 * CSU).await;
     let retrying: DynStore = Arc::new(RetryStore::new(rig.faulty(), Default::default()));
     let opts = OpenOptions { commit_deadline: Duration::from_secs(60), ..OpenOptions::default() };
@@ -237,7 +217,7 @@ async fn keys(store: &DynStore, prefix: &str) -> Vec<String> {
 /// committed generation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_staged_chunk_never_reverts_completed_writes() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     create(&rig.plain(), "v/", 4 * CSU).await;
     let opts = OpenOptions { cache_limit: 0, restage_after: Duration::ZERO, ..OpenOptions::default() };
     let v = open_with(&rig.faulty(), "v/", opts).await;
@@ -270,7 +250,7 @@ async fn a_vanished_staged_chunk_never_reverts_completed_writes() {
 /// must recognise the record as ours, not fence the only writer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_proof_after_a_landed_commit_does_not_self_fence() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     create(&rig.plain(), "v/", 4 * CSU).await;
     let v = open(&rig.faulty(), "v/").await; // open record 1; next commit is 2
     v.write(0, b"first").await.expect("write");
@@ -357,7 +337,7 @@ async fn a_commit_that_lands_late_is_recognised_as_ours() {
 /// 412 must be recognised as our own create.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_whose_first_put_landed_succeeds() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     let clock = Arc::new(ManualClock::new(0));
     let retrying: DynStore =
         Arc::new(RetryStore::with_clock(rig.faulty(), common::fast_policy(), clock, Arc::new(|d| d)));
@@ -400,7 +380,7 @@ async fn a_read_only_opener_follows_the_writer_past_compaction() {
 /// nothing (it cannot know what the snapshot pins), without failing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_snapshot_is_reported_and_nothing_is_deleted() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     let store = rig.plain();
     create(&store, "v/", 4 * CSU).await;
     let w = open(&store, "v/").await;
@@ -425,7 +405,7 @@ async fn an_unreadable_snapshot_is_reported_and_nothing_is_deleted() {
 /// memory at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_never_wait_for_an_uploads_retries() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     create(&rig.plain(), "v/", 4 * CSU).await;
     let v = open(&rig.faulty(), "v/").await;
     let data = common::pattern(5, CS as usize);

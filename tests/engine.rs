@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::FaultRig;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -233,25 +235,6 @@ fn random_io_matches_model_s3() {
 
 // ------------------------------------------------------------------ crash consistency
 
-struct CrashRig {
-    mem: Arc<MemoryStore>,
-    fault: Arc<FaultStore>,
-}
-
-impl CrashRig {
-    fn new() -> Self {
-        let mem = Arc::new(MemoryStore::new());
-        let fault = Arc::new(FaultStore::new(mem.clone()));
-        Self { mem, fault }
-    }
-    fn plain(&self) -> DynStore {
-        self.mem.clone()
-    }
-    fn faulty(&self) -> DynStore {
-        self.fault.clone()
-    }
-}
-
 /// State A: chunks 0..3 hold pattern 1. State B: chunk 0 partly rewritten,
 /// chunk 1 zeroed, chunks 3 and 4 written (3 chunk uploads + 1 journal PUT).
 async fn write_a(v: &Volume) {
@@ -268,7 +251,7 @@ async fn flush_is_all_or_nothing_at_every_crash_point() {
     let size = 8 * CS as u64;
     // Reference images of A and B.
     let reference = |with_b: bool| async move {
-        let rig = CrashRig::new();
+        let rig = FaultRig::new();
         create(&rig.plain(), "v/", size).await;
         let v = open(&rig.plain(), "v/").await;
         write_a(&v).await;
@@ -284,7 +267,7 @@ async fn flush_is_all_or_nothing_at_every_crash_point() {
     let mut saw_ok = false;
     let mut saw_err = false;
     for crash_after in 0..=6u64 {
-        let rig = CrashRig::new();
+        let rig = FaultRig::new();
         create(&rig.plain(), "v/", size).await;
         let v = open(&rig.faulty(), "v/").await;
         write_a(&v).await;
@@ -321,7 +304,7 @@ async fn flush_is_all_or_nothing_at_every_crash_point() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_during_background_uploads_leaves_last_flush() {
-    let rig = CrashRig::new();
+    let rig = FaultRig::new();
     let size = 32 * CS as u64;
     create(&rig.plain(), "v/", size).await;
     let opts = OpenOptions { dirty_limit: 2 * CS as u64, ..OpenOptions::default() };
@@ -355,7 +338,7 @@ async fn crash_during_background_uploads_leaves_last_flush() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_journal_response_is_recognised_as_own_commit() {
-    let rig = CrashRig::new();
+    let rig = FaultRig::new();
     create(&rig.plain(), "v/", 8 * CS as u64).await;
     let clock = Arc::new(ManualClock::new(0));
     let retrying: DynStore =
@@ -377,7 +360,7 @@ async fn lost_journal_response_is_recognised_as_own_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ambiguous_commit_is_resolved_by_the_next_flush() {
-    let rig = CrashRig::new();
+    let rig = FaultRig::new();
     create(&rig.plain(), "v/", 8 * CS as u64).await;
     // No retry layer: the lost response surfaces as an error.
     let v = open(&rig.faulty(), "v/").await;
@@ -754,7 +737,7 @@ async fn creating_twice_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_fencing_and_an_unreachable_store() {
-    let rig = CrashRig::new();
+    let rig = FaultRig::new();
     create(&rig.plain(), "v/", 4 * CS as u64).await;
     let v = open(&rig.faulty(), "v/").await;
     assert_eq!(v.health(Duration::from_secs(5)).await, None);
@@ -1024,7 +1007,7 @@ async fn remains_of_a_deleted_volume_go_only_when_tombstoned_all_ours_and_old() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_is_crash_consistent_at_every_step() {
     let size = 6 * CS as u64;
-    let setup = |rig: &CrashRig| {
+    let setup = |rig: &FaultRig| {
         let store = rig.plain();
         async move {
             create(&store, "c/", size).await;
@@ -1051,7 +1034,7 @@ async fn compaction_is_crash_consistent_at_every_step() {
             .expect("read snapshot");
         (head, snap)
     };
-    let rig = CrashRig::new();
+    let rig = FaultRig::new();
     setup(&rig).await;
     let want = images(rig.plain()).await;
     let dry = compact::CompactOptions { dry_run: true, ..compact::CompactOptions::default() };
@@ -1062,7 +1045,7 @@ async fn compaction_is_crash_consistent_at_every_step() {
 
     let opts = eager();
     for step in 0..=deletes + 1 {
-        let rig = CrashRig::new();
+        let rig = FaultRig::new();
         setup(&rig).await;
         if step == 0 {
             rig.fault.crash_after_puts(1); // dies at the checkpoint PUT (after the clock probe)

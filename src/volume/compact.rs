@@ -126,7 +126,7 @@ pub async fn compact(
             Ok(st) => st,
             // Another compaction folded past our fold point meanwhile: it
             // did this pass's work; stop without touching anything.
-            Err(VolumeError::Corrupt(why)) if folded_past(store, vol, x).await? => {
+            Err(VolumeError::Corrupt(why)) if replay::checkpoint_after(store.as_ref(), vol, None, Some(x)).await? => {
                 return Err(VolumeError::Store(StoreError::Transient(format!(
                     "another compaction folded past seq {x} while this one ran ({why}); nothing done"
                 ))));
@@ -245,12 +245,6 @@ pub async fn compact(
         "compacted"
     );
     Ok(report)
-}
-
-/// Is there a checkpoint past `seq` now?
-async fn folded_past(store: &DynStore, vol: &str, seq: u64) -> VolumeResult<bool> {
-    let all = list_all(store.as_ref(), &format::checkpoint_prefix(vol)).await?;
-    Ok(all.iter().filter_map(|o| parse_checkpoint_key(vol, &o.key)).any(|c| c > seq))
 }
 
 /// The store's clock: the modification time it gives an object written

@@ -159,7 +159,7 @@ async fn changed_under(store: &dyn ObjectStore, vol: &str, upto: Option<u64>, fr
 }
 
 /// Is there now a checkpoint newer than `from` (and not past `upto`)?
-async fn checkpoint_after(
+pub(crate) async fn checkpoint_after(
     store: &dyn ObjectStore,
     vol: &str,
     upto: Option<u64>,

@@ -189,3 +189,28 @@ pub async fn grpc_channel(sock: &Path) -> tonic::transport::Channel {
         .await
         .expect("connect to the CSI socket")
 }
+
+/// A memory store behind the fault-injecting wrapper: `plain()` sees the
+/// store as it is, `faulty()` through the faults.
+pub struct FaultRig {
+    pub mem: Arc<s3blk::store::memory::MemoryStore>,
+    pub fault: Arc<s3blk::store::fault::FaultStore>,
+}
+
+impl FaultRig {
+    pub fn new() -> Self {
+        let mem = Arc::new(s3blk::store::memory::MemoryStore::new());
+        let fault = Arc::new(s3blk::store::fault::FaultStore::new(mem.clone()));
+        Self { mem, fault }
+    }
+    pub fn plain(&self) -> DynStore {
+        self.mem.clone()
+    }
+    pub fn faulty(&self) -> DynStore {
+        self.fault.clone()
+    }
+    /// Fail the next `times` calls of `op` (any op when `None`) on keys containing `key`.
+    pub fn rule(&self, op: Option<s3blk::store::fault::Op>, key: &str, fault: s3blk::store::fault::Fault, times: u64) {
+        self.fault.add_rule(s3blk::store::fault::Rule { op, key_contains: Some(key.to_string()), fault, times });
+    }
+}

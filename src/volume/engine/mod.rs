@@ -463,6 +463,7 @@ impl Volume {
             let st = self.inner.lock();
             (st.head, st.committed_size)
         };
+        let started = Instant::now();
         let rec = SnapshotRecord {
             format_version: format::FORMAT_VERSION,
             name: name.to_string(),
@@ -470,35 +471,9 @@ impl Volume {
             size,
             created_unix: self.inner.opts.clock.now_unix(),
         };
-        let body = serde_json::to_vec_pretty(&rec).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
-        let key = snapshot_key(&self.inner.vol, name);
-        let started = Instant::now();
-        let (store, vol) = (&self.inner.store, self.inner.vol.as_str());
-        let rec = match store.put(&key, Bytes::from(body), PutMode::IfAbsent).await {
-            Ok(()) => rec,
-            Err(StoreError::PreconditionFailed(_)) => {
-                let existing = read_snapshot(store, vol, name).await?;
-                if existing.seq != rec.seq {
-                    return Err(VolumeError::AlreadyExists(format!("snapshot {name}")));
-                }
-                existing
-            }
-            Err(e) => return Err(e.into()),
-        };
-        // The head we pinned must still be replayable: a writer fenced
-        // without knowing it (nothing to commit since) could otherwise pin
-        // a seq compaction has folded away. Withdraw it, as
-        // `snapshot_committed` does, when it is not, or when recording it
-        // took longer than compaction could be relied on to wait.
-        let slow = started.elapsed() > SNAPSHOT_DEADLINE;
-        if slow || !super::compact::snapshot_still_replayable(store, vol, rec.seq).await? {
-            store.delete(&key).await?;
-            return Err(VolumeError::Store(StoreError::Transient(format!(
-                "snapshot {name} could not be recorded at seq {} (the journal moved on); try again",
-                rec.seq
-            ))));
-        }
-        Ok(rec)
+        // A writer fenced without knowing it (nothing to commit since) could
+        // pin a seq compaction has folded away: the check below catches it.
+        record_snapshot(&self.inner.store, &self.inner.vol, rec, started, true).await
     }
 }
 
@@ -521,22 +496,44 @@ pub async fn snapshot_committed(
         size: st.size,
         created_unix: clock.now_unix(),
     };
+    record_snapshot(store, vol, rec, started, false).await
+}
+
+/// Record the snapshot `rec`, then check the seq it pins is still
+/// replayable (its journal record or a checkpoint at it exists): compaction
+/// folds only records older than its safety age and keeps what every
+/// snapshot it lists needs, so a snapshot that took long between reading
+/// the head (`started`) and being recorded, or that pins a seq already
+/// folded, is withdrawn rather than left unreadable. With `same_seq_ok`, a
+/// record already there at the same seq is this snapshot recorded before;
+/// otherwise any record there is someone else's.
+async fn record_snapshot(
+    store: &DynStore,
+    vol: &str,
+    rec: SnapshotRecord,
+    started: Instant,
+    same_seq_ok: bool,
+) -> VolumeResult<SnapshotRecord> {
+    let name = rec.name.clone();
     let body = serde_json::to_vec_pretty(&rec).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
-    let key = snapshot_key(vol, name);
-    match store.put(&key, Bytes::from(body), PutMode::IfAbsent).await {
-        Ok(()) => {}
+    let key = snapshot_key(vol, &name);
+    let rec = match store.put(&key, Bytes::from(body), PutMode::IfAbsent).await {
+        Ok(()) => rec,
+        Err(StoreError::PreconditionFailed(_)) if same_seq_ok => {
+            let existing = read_snapshot(store, vol, &name).await?;
+            if existing.seq != rec.seq {
+                return Err(VolumeError::AlreadyExists(format!("snapshot {name}")));
+            }
+            existing
+        }
         Err(StoreError::PreconditionFailed(_)) => return Err(VolumeError::AlreadyExists(format!("snapshot {name}"))),
         Err(e) => return Err(e.into()),
-    }
-    // Compaction only folds records older than its safety age (minutes),
-    // and keeps what every snapshot it lists needs. A snapshot that took
-    // long between reading the head and recording it may have missed that
-    // listing: withdraw it rather than leave one that cannot be read.
+    };
     let slow = started.elapsed() > SNAPSHOT_DEADLINE;
     if slow || !super::compact::snapshot_still_replayable(store, vol, rec.seq).await? {
         store.delete(&key).await?;
         return Err(VolumeError::Store(StoreError::Transient(format!(
-            "snapshot {name} took too long to record (compaction may have folded seq {}); try again",
+            "snapshot {name} could not be recorded at seq {} (compaction may have folded it); try again",
             rec.seq
         ))));
     }
