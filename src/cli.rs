@@ -1,7 +1,7 @@
 //! Command-line interface. `anyhow` lives here and nowhere else.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -95,6 +95,17 @@ enum Command {
         /// Serve Prometheus metrics (/metrics) and /healthz on this address, e.g. 0.0.0.0:9808.
         #[arg(long)]
         metrics_address: Option<String>,
+    },
+    /// Flush every volume the node plugin serves (the node pod's preStop
+    /// hook): asks each volume's NBD socket under --state-dir for a FLUSH and
+    /// waits for it. Exits non-zero when any volume could not be flushed.
+    CsiFlush {
+        /// The node plugin's --state-dir.
+        #[arg(long, default_value = "/var/lib/s3blk")]
+        state_dir: PathBuf,
+        /// Give up after this long (durations: 90s, 5m).
+        #[arg(long, default_value = "240s", value_parser = parse_duration)]
+        timeout: Duration,
     },
     /// Manage volumes.
     #[command(subcommand)]
@@ -296,6 +307,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("CSI driver stopped");
             Ok(ExitCode::SUCCESS)
         }
+        Command::CsiFlush { state_dir, timeout } => csi_flush(&state_dir, timeout).await,
         Command::Volume(cmd) => volume_cmd(cmd, &g).await,
         Command::Compact { url, safety_age, dry_run, json } => {
             warn_short_safety_age(safety_age);
@@ -837,6 +849,28 @@ fn tune_allocator() {
 }
 
 /// `300`, `90s`, `5m`, `1h`: a duration in whole seconds.
+/// Flush every served volume recorded under `state_dir`, all at once.
+async fn csi_flush(state_dir: &Path, timeout: Duration) -> Result<ExitCode> {
+    let served = crate::csi::flush::served_volumes(state_dir)
+        .with_context(|| format!("reading the node state directory {}", state_dir.display()))?;
+    if served.is_empty() {
+        eprintln!("no staged volumes under {}", state_dir.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let results = crate::csi::flush::flush_all(&served, timeout).await;
+    let mut failed = 0;
+    for (v, r) in served.iter().zip(results) {
+        match r {
+            Ok(()) => eprintln!("flushed {}", v.volume_id),
+            Err(e) => {
+                failed += 1;
+                eprintln!("could not flush {}: {e}", v.volume_id);
+            }
+        }
+    }
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
 fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let t = s.trim();
     let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));

@@ -239,3 +239,64 @@ fn a_refused_import_does_not_fence_the_server() {
     }
     srv.stop();
 }
+
+/// The node pod's preStop hook: `s3blk csi-flush` finds the served volumes
+/// in the state directory and makes their acknowledged writes durable over
+/// an extra NBD connection, so that a plugin killed right after loses
+/// nothing. A record whose socket is dead fails the hook by name.
+#[test]
+fn csi_flush_makes_acknowledged_writes_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).expect("state dir");
+    let mut srv = serve(dir.path(), "live", &[]);
+    let record = |id: &str, sock: &Path| {
+        serde_json::json!({"volume_id": id, "socket": sock, "export": "", "readonly": false, "device": "/dev/nbd0"})
+            .to_string()
+    };
+    std::fs::write(state.join("live.json"), record("vol-live", &srv.sock)).expect("record");
+    // Not a stage record: skipped.
+    std::fs::write(state.join("notes.json"), "{\"something\": 1}").expect("other");
+
+    let data = common::pattern(7, 64 << 10);
+    let mut s = handshake(&srv.sock);
+    let r = proto::Request { flags: 0, kind: proto::CMD_WRITE, handle: 1, offset: 1 << 20, length: data.len() as u32 };
+    s.write_all(&proto::encode_request(&r)).expect("header");
+    s.write_all(&data).expect("payload");
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply).expect("write acknowledged");
+    assert_eq!(u32::from_be_bytes([reply[4], reply[5], reply[6], reply[7]]), 0, "write failed");
+
+    let out = Command::new(common::s3blk_bin())
+        .args(["csi-flush", "--timeout", "60s", "--state-dir"])
+        .arg(&state)
+        .output()
+        .expect("run csi-flush");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "csi-flush failed: {text}");
+    assert!(text.contains("flushed vol-live"), "{text}");
+
+    // The plugin dies without a word; the flushed write must be there.
+    srv.child.kill().expect("SIGKILL");
+    srv.child.wait().expect("wait");
+    let exported = dir.path().join("live.bin");
+    let st = Command::new(common::s3blk_bin())
+        .args(["volume", "export"])
+        .arg(dir.path().join("live"))
+        .arg(&exported)
+        .status()
+        .expect("export");
+    assert!(st.success());
+    let back = std::fs::read(&exported).expect("read export");
+    assert!(back[1 << 20..(1 << 20) + data.len()] == data[..], "the acknowledged write was not made durable");
+
+    // The socket is gone now: the hook fails and names the volume.
+    let out = Command::new(common::s3blk_bin())
+        .args(["csi-flush", "--timeout", "10s", "--state-dir"])
+        .arg(&state)
+        .output()
+        .expect("run csi-flush");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "csi-flush succeeded against a dead socket: {text}");
+    assert!(text.contains("could not flush vol-live"), "{text}");
+}

@@ -8,6 +8,7 @@ pub mod pb {
 
 pub mod common;
 pub mod controller;
+pub mod flush;
 pub mod identity;
 pub mod mount;
 pub mod node;

@@ -1,6 +1,7 @@
 //! The embedded NBD server: a pure protocol codec, the per-connection
 //! session, and the listener.
 
+pub mod client;
 pub mod proto;
 pub mod server;
 pub mod session;

@@ -27,9 +27,21 @@ CRD_REQUIRED = {
 }
 
 
-def docs_of(values=None):
+SNAPSHOT_API = "snapshot.storage.k8s.io/v1/VolumeSnapshotClass"
+
+
+def docs_of(values=None, api_versions=None):
+    """Render offline. `api_versions`: APIs the pretend cluster serves besides
+    the built-in ones (helm's --api-versions)."""
     chart = helm_python.Chart.load(str(CHART))
-    out = chart.render(values or {}, name="s3blk", namespace="kube-system", is_install=True)
+    if api_versions:
+        # Chart.render has no api_versions argument; its native call does.
+        import json
+        from helm_python import _native
+        opts = {"name": "s3blk", "namespace": "kube-system", "is_install": True, "api_versions": api_versions}
+        out = json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(values or {}), json.dumps(opts)))
+    else:
+        out = chart.render(values or {}, name="s3blk", namespace="kube-system", is_install=True)
     docs = []
     for path, text in sorted(out.items()):
         if path.endswith("NOTES.txt"):
@@ -57,13 +69,13 @@ def find(docs, kind, name_part=""):
 
 
 def test_default_render_has_every_component_and_validates():
-    docs, out = docs_of()
+    docs, out = docs_of(api_versions=[SNAPSHOT_API])
     validate_all(docs)
     for kind in ["CSIDriver", "Deployment", "DaemonSet", "StorageClass", "VolumeSnapshotClass", "ClusterRole",
                  "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount", "PodDisruptionBudget", "Service"]:
         assert find(docs, kind), f"no {kind} rendered"
     driver = find(docs, "CSIDriver")[0]["spec"]
-    assert driver["attachRequired"] is True and driver["podInfoOnMount"] is True
+    assert driver["attachRequired"] is True and driver["podInfoOnMount"] is False
     ctrl = find(docs, "Deployment")[0]["spec"]
     assert ctrl["replicas"] == 2
     names = [c["name"] for c in ctrl["template"]["spec"]["containers"]]
@@ -95,6 +107,7 @@ def test_default_render_has_every_component_and_validates():
         assert len(used) == len(set(used)), f"{workload['metadata']['name']}: ports repeat: {used}"
     sc = find(docs, "StorageClass")[0]
     assert sc["allowVolumeExpansion"] is True and sc["provisioner"] == "csi.s3blk.dev"
+    assert sc["parameters"]["csi.storage.k8s.io/fstype"] == "ext4" and "fsType" not in sc["parameters"]
     assert "kubectl" in out["s3blk/templates/NOTES.txt"] and "PersistentVolumeClaim" in out["s3blk/templates/NOTES.txt"]
 
 
@@ -103,12 +116,61 @@ def test_rbac_is_least_privilege():
     rules = find(docs, "ClusterRole")[0]["rules"]
     for r in rules:
         assert "*" not in r["verbs"] and "*" not in r["resources"], r
-        if "secrets" in r["resources"]:
-            assert r["verbs"] == ["get"], "secrets are read, never listed"
-    leases = find(docs, "Role")[0]
-    assert leases["metadata"]["namespace"] == "kube-system"
+        assert "secrets" not in r["resources"], "secrets are readable in the release namespace only"
+        assert "pods" not in r["resources"], "nothing reads pods"
+    role = find(docs, "Role")[0]
+    assert role["metadata"]["namespace"] == "kube-system"
+    by_resource = {res: r["verbs"] for r in role["rules"] for res in r["resources"]}
+    assert by_resource["secrets"] == ["get"], "secrets are read, never listed"
+    assert {"get", "create", "update"} <= set(by_resource["leases"])
     node_sa = find(docs, "ServiceAccount", "node")[0]
     assert node_sa["automountServiceAccountToken"] is False
+
+
+def node_container(docs):
+    return [c for c in find(docs, "DaemonSet")[0]["spec"]["template"]["spec"]["containers"] if c["name"] == "s3blk"][0]
+
+
+def test_operations_defaults():
+    docs, _ = docs_of()
+    ctrl = find(docs, "Deployment")[0]["spec"]["template"]["spec"]
+    driver = ctrl["containers"][0]
+    assert driver["name"] == "s3blk"
+    assert driver["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 9898}
+    liveness = [c for c in ctrl["containers"] if c["name"] == "liveness-probe"][0]
+    assert "--http-endpoint=:9898" in liveness["args"]
+    anti = ctrl["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    assert anti["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert anti["podAffinityTerm"]["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "controller"
+    assert {"key": "CriticalAddonsOnly", "operator": "Exists"} in ctrl["tolerations"]
+    ds = find(docs, "DaemonSet")[0]["spec"]
+    assert ds["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    pod = ds["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 300
+    node = node_container(docs)
+    assert node["livenessProbe"]["httpGet"]["port"] == 9898
+    hook = node["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook[:2] == ["/usr/local/bin/s3blk", "csi-flush"]
+    assert "--state-dir=/var/lib/s3blk" in hook
+    # The hook gives up before the kubelet's grace period runs out.
+    timeout = int(re.search(r"--timeout=(\d+)s", " ".join(hook)).group(1))
+    assert 0 < timeout < pod["terminationGracePeriodSeconds"]
+    # Both the controller's and every node's metrics have a Service.
+    services = {s["metadata"]["name"]: s for s in find(docs, "Service")}
+    assert services["s3blk-metrics"]["spec"]["selector"]["app.kubernetes.io/component"] == "controller"
+    assert services["s3blk-node-metrics"]["spec"]["selector"]["app.kubernetes.io/component"] == "node"
+    assert any(p.get("name") == "metrics" for p in node["ports"])
+
+
+def test_volume_snapshot_class_only_where_the_snapshot_api_exists():
+    without, _ = docs_of()
+    assert not find(without, "VolumeSnapshotClass"), "helm install fails on clusters without the snapshot CRDs"
+    with_api, _ = docs_of(api_versions=[SNAPSHOT_API])
+    assert find(with_api, "VolumeSnapshotClass")[0]["driver"] == "csi.s3blk.dev"
+    forced, _ = docs_of({"volumeSnapshotClass": {"force": True}})
+    assert find(forced, "VolumeSnapshotClass")
+    off, _ = docs_of({"volumeSnapshotClass": {"create": False}}, api_versions=[SNAPSHOT_API])
+    assert not find(off, "VolumeSnapshotClass")
 
 
 MATRIX = [
@@ -118,11 +180,24 @@ MATRIX = [
      lambda d: find(d, "Secret")[0]["stringData"]["endpoint"] == "http://minio:9000"),
     ({"storageClass": {"default": True, "fsType": "xfs", "reclaimPolicy": "Retain", "parameters": {"mkfsOptions": "-m 0"}}},
      lambda d: find(d, "StorageClass")[0]["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"] == "true"
-     and find(d, "StorageClass")[0]["parameters"]["mkfsOptions"] == "-m 0"),
+     and find(d, "StorageClass")[0]["parameters"]["mkfsOptions"] == "-m 0"
+     and find(d, "StorageClass")[0]["parameters"]["csi.storage.k8s.io/fstype"] == "xfs"),
+    ({"node": {"updateStrategy": {"type": "OnDelete"}, "terminationGracePeriodSeconds": 900}},
+     lambda d: find(d, "DaemonSet")[0]["spec"]["updateStrategy"] == {"type": "OnDelete"}
+     and find(d, "DaemonSet")[0]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 900
+     and "--timeout=885s" in node_container(d)["lifecycle"]["preStop"]["exec"]["command"]),
+    ({"controller": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "role", "operator": "In", "values": ["infra"]}]}]}}},
+        "tolerations": [], "livenessPort": 19898}},
+     lambda d: "podAntiAffinity" not in find(d, "Deployment")[0]["spec"]["template"]["spec"]["affinity"]
+     and "tolerations" not in find(d, "Deployment")[0]["spec"]["template"]["spec"]
+     and find(d, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"] == 19898),
     ({"storageClass": {"create": False}, "volumeSnapshotClass": {"create": False}},
      lambda d: not find(d, "StorageClass") and not find(d, "VolumeSnapshotClass")),
     ({"controller": {"replicas": 1}}, lambda d: not find(d, "PodDisruptionBudget")),
     ({"metrics": {"enabled": False}}, lambda d: not find(d, "Service")),
+    ({"volumeSnapshotClass": {"force": True, "deletionPolicy": "Retain"}},
+     lambda d: find(d, "VolumeSnapshotClass")[0]["deletionPolicy"] == "Retain"),
     ({"metrics": {"serviceMonitor": {"enabled": True}}}, lambda d: find(d, "ServiceMonitor")),
     ({"node": {"kubeletDir": "/var/lib/k0s/kubelet", "nbdsMax": 128}, "driverName": "blk.example.com"},
      lambda d: "/var/lib/k0s/kubelet/plugins/blk.example.com" in str(find(d, "DaemonSet")[0])
@@ -168,6 +243,9 @@ def test_lint_is_clean():
     {"node": {"hostNetwork": "yes"}},
     {"node": {"livenessPort": 0}},
     {"node": {"cacheSize": "lots"}},
+    {"node": {"updateStrategy": {"type": "Recreate"}}},
+    {"node": {"terminationGracePeriodSeconds": 5}},
+    {"controller": {"livenessPort": 0}},
     {"controller": {"compaction": {"interval": "daily", "safetyAge": "5m"}}},
     {"controller": {"compaction": {"interval": "1h", "safetyAge": -1}}},
     {"typo": True},
