@@ -18,7 +18,7 @@ use crate::store::{self, DynStore};
 use crate::volume::catalog::{self, DeleteOutcome, EntryState, OnDependants};
 use crate::volume::engine::{CreateOptions, is_zero};
 use crate::volume::format::{self, DEFAULT_CHUNK_SIZE};
-use crate::volume::{OpenOptions, Volume, VolumeError, compact, fsck, replay};
+use crate::volume::{OpenOptions, Volume, VolumeError, compact, fsck, lease, replay};
 
 #[derive(Parser, Debug)]
 #[command(name = "s3blk", version, about = "Block volumes on S3: NBD server, CLI and Kubernetes CSI driver")]
@@ -59,6 +59,11 @@ struct Global {
     /// again. Keep it well below every compactor's safety age.
     #[arg(long, global = true, env = "S3BLK_COMMIT_DEADLINE", default_value = "75s", value_parser = parse_duration)]
     commit_deadline: Duration,
+    /// Writers outside Kubernetes (serve, import, resize) hold a lease on
+    /// the volume, rewritten every third of this; other commands refuse to
+    /// take the volume over while it is live (see --takeover).
+    #[arg(long, global = true, env = "S3BLK_LEASE_TTL", default_value = "30s", value_parser = parse_duration)]
+    lease_ttl: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -172,7 +177,8 @@ enum VolumeCmd {
     /// anything else (another volume, other files), is left whole.
     Delete {
         url: String,
-        /// Delete even when clones still read through this volume's snapshots (they break), or it is published to a node.
+        /// Delete even when clones still read through this volume's snapshots (they break), it is published to a
+        /// node, or a live writer holds its lease.
         #[arg(long)]
         force: bool,
     },
@@ -187,6 +193,9 @@ enum VolumeCmd {
         size: Option<u64>,
         #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CHUNK_SIZE as u64)]
         chunk_size: u64,
+        /// Import even while another writer holds the volume (it is fenced and loses its unflushed writes).
+        #[arg(long)]
+        takeover: bool,
     },
     /// Copy a volume (or one of its snapshots) to a file (or `-` for stdout).
     Export {
@@ -202,6 +211,9 @@ enum VolumeCmd {
         url: String,
         #[arg(long, value_parser = parse_size)]
         size: u64,
+        /// Resize even while another writer holds the volume (it is fenced and loses its unflushed writes).
+        #[arg(long)]
+        takeover: bool,
     },
 }
 
@@ -430,11 +442,19 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 })
                 .collect();
             let stored = st.map.values().filter(|r| matches!(r, format::ChunkRef::Stored { .. })).count() as u64;
+            let occupant = lease::occupant(&store, &loc.prefix, None).await?;
             if json {
+                let writer = occupant.as_ref().map(|o| match o {
+                    lease::Occupant::Lease { holder, age } => serde_json::json!({
+                        "host": holder.host, "pid": holder.pid, "command": holder.command,
+                        "since_unix": holder.since_unix, "renewed_secs_ago": age.as_secs(),
+                    }),
+                    lease::Occupant::Node(node) => serde_json::json!({ "node": node }),
+                });
                 let v = serde_json::json!({
                     "volume": loc.display(), "meta": meta, "size": st.size, "head_seq": st.head, "epoch": st.epoch,
                     "checkpoint": st.checkpoint, "mapped_chunks": st.map.len(), "stored_chunks": stored,
-                    "stored_bytes": stored * meta.chunk_size as u64, "snapshots": snaps,
+                    "stored_bytes": stored * meta.chunk_size as u64, "snapshots": snaps, "writer": writer,
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -444,6 +464,10 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 println!("chunk size:    {}", format_size(meta.chunk_size as u64));
                 println!("stored chunks: {} ({})", stored, format_size(stored * meta.chunk_size as u64));
                 println!("journal head:  {} (writer epoch {})", st.head, st.epoch);
+                match &occupant {
+                    Some(o) => println!("in use by:     {o}"),
+                    None => println!("in use by:     - (no live writer)"),
+                }
                 if let Some(p) = &meta.parent {
                     println!("parent:        {} @ {}", p.volume, p.snapshot);
                 }
@@ -455,6 +479,11 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
         }
         VolumeCmd::Delete { url, force } => {
             let (loc, store) = connect(&url, g, true).await?;
+            if !force
+                && let Some(occ @ lease::Occupant::Lease { .. }) = lease::occupant(&store, &loc.prefix, None).await?
+            {
+                bail!("{}", lease::refusal(&loc.display(), "delete", &occ).replace("--takeover", "--force"));
+            }
             let rule = if force { OnDependants::Break } else { OnDependants::RefuseClones };
             match catalog::delete_volume(&store, &loc.prefix, rule, &clock).await? {
                 DeleteOutcome::Deleted { objects } => println!("deleted {} ({objects} objects)", loc.display()),
@@ -462,9 +491,9 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 DeleteOutcome::Kept => bail!("volume {} is kept for its clones", loc.display()),
             }
         }
-        VolumeCmd::Import { url, file, create, size, chunk_size } => {
+        VolumeCmd::Import { url, file, create, size, chunk_size, takeover } => {
             let (loc, store) = connect(&url, g, true).await?;
-            import(&loc, store, &file, create, size, chunk_size, g).await?;
+            import(&loc, store, &file, ImportArgs { create, size, chunk_size, takeover }, g).await?;
         }
         VolumeCmd::Export { url, file, snapshot } => {
             let (loc, store) = connect(&url, g, true).await?;
@@ -480,10 +509,16 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
             let rec = crate::volume::engine::snapshot_committed(&store, &loc.prefix, &name, &clock).await?;
             println!("snapshot {name} of {} pins journal seq {} ({})", loc.display(), rec.seq, format_size(rec.size));
         }
-        VolumeCmd::Resize { url, size } => {
+        VolumeCmd::Resize { url, size, takeover } => {
             let (loc, store) = connect(&url, g, true).await?;
-            let vol = Volume::open(store, &loc.prefix, g.open_options(false)).await?;
-            vol.resize(size).await.with_context(|| format!("cannot resize {}", loc.display()))?;
+            let held = take_lease(&store, &loc, "resize", takeover, g).await?;
+            let done = async {
+                let vol = Volume::open(store.clone(), &loc.prefix, g.open_options(false)).await?;
+                vol.resize(size).await.with_context(|| format!("cannot resize {}", loc.display()))
+            }
+            .await;
+            held.release().await;
+            done?;
             println!("{} is now {}", loc.display(), format_size(size));
         }
     }
@@ -570,16 +605,16 @@ impl Progress {
     }
 }
 
-async fn import(
-    loc: &Location,
-    store: DynStore,
-    file: &str,
+struct ImportArgs {
     create: bool,
     size: Option<u64>,
     chunk_size: u64,
-    g: &Global,
-) -> Result<()> {
-    let (mut input, input_len): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, Option<u64>) = if file == "-" {
+    takeover: bool,
+}
+
+async fn import(loc: &Location, store: DynStore, file: &str, a: ImportArgs, g: &Global) -> Result<()> {
+    let ImportArgs { create, size, chunk_size, takeover } = a;
+    let (input, input_len): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, Option<u64>) = if file == "-" {
         (Box::new(tokio::io::stdin()), None)
     } else {
         let f = tokio::fs::File::open(file).await.with_context(|| format!("cannot open {file}"))?;
@@ -613,6 +648,20 @@ async fn import(
             bail!("{file} has {l} bytes, more than the volume's {vsize}; grow it with `s3blk volume resize`");
         }
     }
+    let held = take_lease(&store, loc, "import", takeover, g).await?;
+    let done = import_into(loc, store, file, input, input_len, g).await;
+    held.release().await;
+    done
+}
+
+async fn import_into(
+    loc: &Location,
+    store: DynStore,
+    file: &str,
+    mut input: Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+    input_len: Option<u64>,
+    g: &Global,
+) -> Result<()> {
     let vol = Volume::open(store, &loc.prefix, g.open_options(false))
         .await
         .with_context(|| format!("cannot open {}", loc.display()))?;
@@ -720,6 +769,10 @@ struct ServeArgs {
     /// Clients served at once; further connections are closed at once.
     #[arg(long, default_value_t = crate::nbd::session::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Serve even while another writer holds the volume: that writer is
+    /// fenced and loses its unflushed writes.
+    #[arg(long)]
+    takeover: bool,
 }
 
 async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
@@ -751,9 +804,19 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
             Err(e) => return Err(e.into()),
         }
     }
-    let vol = Volume::open(store.clone(), &loc.prefix, g.open_options(a.read_only))
-        .await
-        .with_context(|| format!("cannot open {}", loc.display()))?;
+    let held = match a.read_only {
+        true => None,
+        false => Some(take_lease(&store, &loc, "serve", a.takeover, g).await?),
+    };
+    let vol = match Volume::open(store.clone(), &loc.prefix, g.open_options(a.read_only)).await {
+        Ok(v) => v,
+        Err(e) => {
+            if let Some(l) = held {
+                l.release().await;
+            }
+            return Err(e).with_context(|| format!("cannot open {}", loc.display()));
+        }
+    };
     if !a.read_only && !g.compact_interval.is_zero() {
         warn_short_safety_age(g.compact_safety_age);
         let (prefix, every) = (loc.prefix.clone(), g.compact_interval);
@@ -809,12 +872,35 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
     let (tx, rx) = tokio::sync::watch::channel(false);
+    let (taken_tx, mut taken_rx) = tokio::sync::watch::channel(None::<String>);
+    let lost = held.as_ref().map(|l| l.lost());
     tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("signal received, shutting down");
+        let lost = async {
+            match lost {
+                Some(l) => l.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = wait_for_signal() => tracing::info!("signal received, shutting down"),
+            why = lost => {
+                // Another writer took the volume over: stop serving rather
+                // than answer from memory that will never be committed.
+                tracing::error!("{why}; stopping");
+                let _ = taken_tx.send(Some(why));
+            }
+        }
         let _ = tx.send(true);
     });
-    server::serve(bound, export, rx).await.context("serving failed")?;
+    let served = server::serve(bound, export, rx).await;
+    let taken = taken_rx.borrow_and_update().clone();
+    if let Some(l) = held {
+        l.release().await;
+    }
+    if let Some(why) = taken {
+        bail!("stopped serving {}: {why}", loc.display());
+    }
+    served.context("serving failed")?;
     eprintln!("stopped; all acknowledged writes are committed");
     Ok(())
 }
@@ -869,6 +955,24 @@ async fn csi_flush(state_dir: &Path, timeout: Duration) -> Result<ExitCode> {
         }
     }
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Take the volume's writer lease for `command`, or refuse naming who
+/// holds it.
+async fn take_lease(
+    store: &DynStore,
+    loc: &Location,
+    command: &str,
+    takeover: bool,
+    g: &Global,
+) -> Result<lease::Lease> {
+    match lease::Lease::acquire(store, &loc.prefix, command, takeover, g.lease_ttl, &SystemClock).await {
+        Ok(l) => Ok(l),
+        Err(lease::LeaseError::Busy(occ)) => bail!("{}", lease::refusal(&loc.display(), command, &occ)),
+        Err(lease::LeaseError::Volume(e)) => {
+            Err(e).with_context(|| format!("cannot take the writer lease of {}", loc.display()))
+        }
+    }
 }
 
 fn parse_duration(s: &str) -> std::result::Result<Duration, String> {

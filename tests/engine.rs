@@ -397,6 +397,13 @@ async fn stale_writer_is_fenced(store: DynStore) {
     }
     assert!(matches!(a.write(0, b"x").await, Err(VolumeError::Fenced(_))));
     assert!(matches!(a.flush().await, Err(VolumeError::Fenced(_))));
+    // Nor does it answer reads from its memory, which holds writes that
+    // will never be committed (both the fast and the normal read path).
+    assert!(a.read_now(0, 21).is_none(), "a fenced writer answered a read from memory");
+    match a.read(0, 21).await {
+        Err(VolumeError::Fenced(_)) => {}
+        other => panic!("a fenced writer must refuse reads, got {other:?}"),
+    }
     b.write(100, b"still live").await.expect("b write 2");
     b.flush().await.expect("b flush 2");
     drop((a, b));

@@ -19,8 +19,13 @@ struct Server {
 }
 
 fn serve(dir: &Path, name: &str, extra: &[&str]) -> Server {
-    let sock = dir.join(format!("{name}.sock"));
-    let stderr = dir.join(format!("{name}.log"));
+    serve_on(dir, name, name, extra)
+}
+
+/// Serve the volume `name` on the socket `<sock>.sock`.
+fn serve_on(dir: &Path, name: &str, sock: &str, extra: &[&str]) -> Server {
+    let stderr = dir.join(format!("{sock}.log"));
+    let sock = dir.join(format!("{sock}.sock"));
     let mut child = Command::new(common::s3blk_bin())
         .arg("serve")
         .arg(dir.join(name))
@@ -299,4 +304,82 @@ fn csi_flush_makes_acknowledged_writes_durable() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "csi-flush succeeded against a dead socket: {text}");
     assert!(text.contains("could not flush vol-live"), "{text}");
+}
+
+fn s3blk_out(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
+    let out = Command::new(common::s3blk_bin()).args(args).output().expect("run s3blk");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// No command cuts off a live writer by accident: while `serve` holds the
+/// volume's lease, a second serve, import, resize and delete refuse and
+/// name the holder; inspect shows it. `--takeover` takes the volume, and
+/// the server that lost it stops (it does not answer from memory); once
+/// the holder stops cleanly the lease is gone.
+#[test]
+fn a_served_volume_is_not_taken_over_by_accident() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vol = dir.path().join("held");
+    let vol_os = vol.as_os_str();
+    let mut first = serve(dir.path(), "held", &["--lease-ttl", "3s"]);
+    let pid = first.child.id().to_string();
+    let held_by = format!("`serve` (pid {pid})");
+
+    let other_sock = dir.path().join("other.sock");
+    let listen = format!("unix:{}", other_sock.display());
+    let (ok, _, err) = s3blk_out(&["serve".as_ref(), vol_os, "--listen".as_ref(), listen.as_ref()]);
+    assert!(!ok && err.contains(&held_by) && err.contains("--takeover"), "second serve: {err}");
+    assert!(!other_sock.exists(), "the refused server left its socket behind");
+
+    let input = dir.path().join("in.img");
+    std::fs::write(&input, vec![9u8; 4096]).expect("input");
+    let (ok, _, err) = s3blk_out(&["volume".as_ref(), "import".as_ref(), vol_os, input.as_os_str()]);
+    assert!(!ok && err.contains(&held_by), "import: {err}");
+    let (ok, _, err) = s3blk_out(&["volume".as_ref(), "resize".as_ref(), vol_os, "--size".as_ref(), "128MiB".as_ref()]);
+    assert!(!ok && err.contains(&held_by), "resize: {err}");
+    let (ok, _, err) = s3blk_out(&["volume".as_ref(), "delete".as_ref(), vol_os]);
+    assert!(!ok && err.contains(&held_by) && err.contains("--force"), "delete: {err}");
+    assert!(vol.join("volume.json").exists(), "the refused delete deleted");
+    let (ok, out, _) = s3blk_out(&["volume".as_ref(), "inspect".as_ref(), vol_os]);
+    assert!(ok && out.contains(&format!("in use by:     {held_by}")), "inspect: {out}");
+
+    // The first server still serves: a write and a flush succeed.
+    let mut client = handshake(&first.sock);
+    let r = proto::Request { flags: 0, kind: proto::CMD_WRITE, handle: 1, offset: 0, length: 4096 };
+    client.write_all(&proto::encode_request(&r)).expect("header");
+    client.write_all(&[5u8; 4096]).expect("payload");
+    let f = proto::Request { flags: 0, kind: proto::CMD_FLUSH, handle: 2, offset: 0, length: 0 };
+    client.write_all(&proto::encode_request(&f)).expect("flush");
+    for _ in 0..2 {
+        let mut reply = [0u8; 16];
+        client.read_exact(&mut reply).expect("reply");
+        assert_eq!(&reply[4..8], &[0, 0, 0, 0], "the first server was disturbed by refused commands");
+    }
+    drop(client);
+
+    // An explicit takeover: the first server learns it lost the volume and
+    // stops with an error that says why.
+    let mut second = serve_on(dir.path(), "held", "second", &["--takeover"]);
+    let status = wait_exit(&mut first.child, Duration::from_secs(20)).expect("the overtaken server kept serving");
+    assert!(!status.success());
+    let log = std::fs::read_to_string(&first.stderr).unwrap_or_default();
+    assert!(log.contains("taken over by `serve`"), "{log}");
+    second.stop();
+    // Stopped cleanly: the lease is released, nothing refuses.
+    let (ok, out, err) =
+        s3blk_out(&["volume".as_ref(), "resize".as_ref(), vol_os, "--size".as_ref(), "128MiB".as_ref()]);
+    assert!(ok, "resize after the holder stopped: {out}{err}");
+    let (ok, out, _) = s3blk_out(&["volume".as_ref(), "inspect".as_ref(), vol_os]);
+    assert!(ok && out.contains("no live writer"), "{out}");
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
 }

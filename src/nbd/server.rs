@@ -43,6 +43,19 @@ enum Acceptor {
     Tcp(TcpListener),
 }
 
+impl Drop for Acceptor {
+    /// A socket file goes with its listener, whether it served or not (a
+    /// server that binds and then refuses to start leaves nothing behind);
+    /// only our own: another server may have taken the path since.
+    fn drop(&mut self) {
+        if let Acceptor::Unix(_, path, owned) = self
+            && socket_identity(path).is_ok_and(|id| id == *owned)
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// A bound listener; `serve` runs it.
 pub struct Bound {
     acceptor: Acceptor,
@@ -208,12 +221,7 @@ pub async fn serve(bound: Bound, export: Arc<Export>, mut shutdown: watch::Recei
         tracing::warn!("sessions did not finish within {DRAIN:?}");
     }
     let last = if export.read_only { Ok(()) } else { export.volume.flush().await };
-    if let Acceptor::Unix(_, path, owned) = &bound.acceptor {
-        // Only our own socket file: another server may have taken the path.
-        if socket_identity(path).is_ok_and(|id| id == *owned) {
-            let _ = std::fs::remove_file(path);
-        }
-    }
+    drop(bound);
     first.and(last).map_err(std::io::Error::other)
 }
 

@@ -129,7 +129,11 @@ pub(crate) fn is_bookkeeping(rel: &str) -> bool {
     // (a crash may leave either behind).
     let probe =
         rel.strip_prefix(".s3blk-probe-").is_some_and(hex16) || rel.strip_prefix(".s3blk-clock-").is_some_and(hex16);
-    probe || rel == TOMBSTONE || json_in(rel, "attachments/").is_some() || json_in(rel, "clones/").is_some()
+    probe
+        || rel == TOMBSTONE
+        || rel == super::lease::LEASE_NAME
+        || json_in(rel, "attachments/").is_some()
+        || json_in(rel, "clones/").is_some()
 }
 
 /// Is `key` one of the object names s3blk writes under the volume `vol`?
@@ -583,6 +587,7 @@ mod tests {
             format::clone_marker_key(v, "k8s/pvc-2/"),
             attachment_key(v, "node-a"),
             tombstone_key(v),
+            super::super::lease::lease_key(v),
             format!("{v}.s3blk-probe-0123456789abcdef"),
         ] {
             assert!(is_own_object(v, &own), "{own}");

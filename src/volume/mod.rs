@@ -7,6 +7,7 @@ pub mod engine;
 pub mod format;
 pub mod fsck;
 pub mod journal;
+pub mod lease;
 pub mod locks;
 pub mod replay;
 

@@ -8,6 +8,11 @@ impl Volume {
     pub async fn read(&self, offset: u64, len: u64) -> VolumeResult<Vec<u8>> {
         let inner = &self.inner;
         inner.check_range(offset, len)?;
+        // A fenced writer's memory holds writes that will never be
+        // committed: answering from it would show data no one else sees.
+        if let Some(why) = &inner.lock().fenced {
+            return Err(VolumeError::Fenced(why.clone()));
+        }
         let mut out = vec![0u8; len as usize];
         let ps: Vec<Piece> = pieces(offset, len, inner.chunk_size).collect();
         let fetched: Vec<(Piece, Option<Bytes>)> = stream::iter(ps.into_iter().map(|p| async move {
@@ -58,7 +63,7 @@ impl Volume {
         };
         let (data, sequential) = {
             let mut st = inner.lock();
-            if offset + len > st.size {
+            if offset + len > st.size || st.fenced.is_some() {
                 return None;
             }
             let data = match st.slots.get(&p.index) {

@@ -1,0 +1,290 @@
+//! The writer lease: a courtesy that keeps commands from cutting off a live
+//! writer by accident. A writer outside Kubernetes (`s3blk serve`, `volume
+//! import`, `volume resize`) holds `<volume>/lease.json` and rewrites it
+//! every `LEASE_TTL / 3`; a lease is live while the store's clock says it
+//! was written less than `LEASE_TTL` ago. Commands that would open the
+//! volume for writing (and so fence the live writer) or delete it refuse
+//! while another holder's lease is live, or while a CSI attachment record
+//! names a node, unless told to take over.
+//!
+//! The lease is not what keeps data safe: two writers that both ignore it
+//! (or race past it) are still kept apart by journal fencing. It turns an
+//! accident into a clear refusal that names the holder.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::catalog;
+use super::compact::store_now;
+use super::{VolumeError, VolumeResult};
+use crate::clock::Clock;
+use crate::store::{DynStore, PutMode, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("in use by {0}")]
+    Busy(Occupant),
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+}
+
+/// A lease not rewritten for this long is dead, by default. Each lease
+/// records its own lifetime, so holders and checkers need not agree on it.
+pub const LEASE_TTL: Duration = Duration::from_secs(30);
+/// The object's name under the volume's prefix.
+pub const LEASE_NAME: &str = "lease.json";
+
+pub fn lease_key(vol: &str) -> String {
+    format!("{vol}{LEASE_NAME}")
+}
+
+/// What the lease object says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub host: String,
+    pub pid: u32,
+    /// What holds it: "serve", "import", "resize".
+    pub command: String,
+    /// When this holder first took the lease (holder's clock, Unix seconds).
+    pub since_unix: i64,
+    /// Tells this holder's rewrites from another's.
+    pub token: u64,
+    /// The lease is dead when not rewritten for this long; it is rewritten
+    /// every third of it.
+    pub ttl_secs: u64,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}` (pid {}) on {}, since {}", self.command, self.pid, self.host, format_unix(self.since_unix))
+    }
+}
+
+/// Who else writes the volume right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Occupant {
+    /// Another process holds a live lease; it was last renewed `age` ago.
+    Lease { holder: Holder, age: Duration },
+    /// A CSI attachment record names this node (the volume is published
+    /// to it for writing).
+    Node(String),
+}
+
+impl std::fmt::Display for Occupant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Occupant::Lease { holder, age } => write!(f, "{holder}, renewed {}s ago", age.as_secs()),
+            Occupant::Node(node) => write!(f, "Kubernetes node {node} (CSI attachment)"),
+        }
+    }
+}
+
+fn format_unix(t: i64) -> String {
+    // Seconds are enough for people; UTC, no time-zone database needed.
+    let days = t.div_euclid(86_400);
+    let secs = t.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// The lease as the store holds it, with its age on the store's clock.
+async fn read_lease(store: &DynStore, vol: &str) -> VolumeResult<Option<(Holder, Option<Duration>)>> {
+    let key = lease_key(vol);
+    let page = store
+        .list(crate::store::ListRequest { prefix: &key, start_after: None, delimiter: false, max_keys: 1 })
+        .await?;
+    let Some(info) = page.objects.into_iter().find(|o| o.key == key) else { return Ok(None) };
+    let body = match store.get(&key, None).await {
+        Ok(b) => b,
+        Err(StoreError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let Ok(holder) = serde_json::from_slice::<Holder>(&body) else {
+        tracing::warn!(key = %key, "unreadable lease object; treated as no lease");
+        return Ok(None);
+    };
+    let age = match (info.modified_unix, store_now(store, vol).await?) {
+        (Some(m), Some(now)) => Some(Duration::from_secs(now.saturating_sub(m).max(0) as u64)),
+        _ => None,
+    };
+    Ok(Some((holder, age)))
+}
+
+/// Who, besides `me`, writes the volume now: a live lease or a CSI
+/// attachment for writing.
+pub async fn occupant(store: &DynStore, vol: &str, me: Option<u64>) -> VolumeResult<Option<Occupant>> {
+    if let Some((holder, age)) = read_lease(store, vol).await? {
+        // A store that keeps no modification times: the lease counts as
+        // live (refusing is the safe side; --takeover overrides).
+        let age_known = age.unwrap_or_default();
+        let ttl = Duration::from_secs(holder.ttl_secs.max(1));
+        if Some(holder.token) != me && (age.is_none() || age_known < ttl) {
+            return Ok(Some(Occupant::Lease { holder, age: age_known }));
+        }
+    }
+    let attached = catalog::attachments(store, vol).await.map_err(|e| match e {
+        catalog::CatalogError::Volume(v) => v,
+        catalog::CatalogError::Store(s) => VolumeError::Store(s),
+        other => VolumeError::InvalidArgument(other.to_string()),
+    })?;
+    Ok(attached.into_iter().find(|a| !a.readonly).map(|a| Occupant::Node(a.node_id)))
+}
+
+/// A refusal that names the occupant and the way out.
+pub fn refusal(volume: &str, what: &str, occ: &Occupant) -> String {
+    format!(
+        "{volume} is in use by {occ}; {what} would cut that writer off (its unflushed writes would be lost). \
+         Stop it first, or pass --takeover to {what} anyway"
+    )
+}
+
+/// A held lease: rewritten in the background until released or dropped.
+pub struct Lease {
+    store: DynStore,
+    vol: String,
+    holder: Holder,
+    stop: watch::Sender<bool>,
+    lost: watch::Receiver<Option<String>>,
+    renewer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Lease {
+    /// Take the lease for `command`. Refuses (naming the occupant) while
+    /// another writer is live, unless `takeover`.
+    pub async fn acquire(
+        store: &DynStore,
+        vol: &str,
+        command: &str,
+        takeover: bool,
+        ttl: Duration,
+        clock: &dyn Clock,
+    ) -> Result<Lease, LeaseError> {
+        if !takeover && let Some(occ) = occupant(store, vol, None).await? {
+            return Err(LeaseError::Busy(occ));
+        }
+        let holder = Holder {
+            host: hostname(),
+            pid: std::process::id(),
+            command: command.to_string(),
+            since_unix: clock.now_unix(),
+            token: rand::random::<u64>() | 1,
+            ttl_secs: ttl.as_secs().max(3),
+        };
+        let every = Duration::from_secs(holder.ttl_secs) / 3;
+        write(store, vol, &holder).await?;
+        let (stop, mut stop_rx) = watch::channel(false);
+        let (lost_tx, lost) = watch::channel(None);
+        let (s, v, h) = (store.clone(), vol.to_string(), holder.clone());
+        let renewer = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop_rx.changed() => return,
+                }
+                match read_lease(&s, &v).await {
+                    Ok(Some((other, _))) if other.token != h.token => {
+                        let why = format!("the writer lease was taken over by {other}");
+                        tracing::error!(volume = %v, "{why}");
+                        let _ = lost_tx.send(Some(why));
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(volume = %v, error = %e, "cannot read the writer lease; renewing"),
+                }
+                if let Err(e) = write(&s, &v, &h).await {
+                    tracing::warn!(volume = %v, error = %e, "cannot renew the writer lease; retrying");
+                }
+            }
+        });
+        Ok(Lease { store: store.clone(), vol: vol.to_string(), holder, stop, lost, renewer: Some(renewer) })
+    }
+
+    pub fn holder(&self) -> &Holder {
+        &self.holder
+    }
+
+    /// Resolves (with the reason) once another writer took the lease over.
+    pub fn lost(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let rx = self.lost.clone();
+        wait_lost(rx)
+    }
+
+    /// Stop renewing and remove the lease, if it is still ours.
+    pub async fn release(mut self) {
+        let _ = self.stop.send(true);
+        // No renewal may land after the delete.
+        if let Some(r) = self.renewer.take() {
+            let _ = r.await;
+        }
+        match read_lease(&self.store, &self.vol).await {
+            Ok(Some((h, _))) if h.token == self.holder.token => {
+                if let Err(e) = self.store.delete(&lease_key(&self.vol)).await {
+                    tracing::warn!(volume = %self.vol, error = %e, "cannot remove the writer lease; it expires by itself");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(volume = %self.vol, error = %e, "cannot read the writer lease at release"),
+        }
+    }
+}
+
+async fn wait_lost(mut rx: watch::Receiver<Option<String>>) -> String {
+    loop {
+        if let Some(why) = rx.borrow_and_update().clone() {
+            return why;
+        }
+        if rx.changed().await.is_err() {
+            // The renewal task ended without a takeover (released).
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+async fn write(store: &DynStore, vol: &str, h: &Holder) -> VolumeResult<()> {
+    let body = serde_json::to_vec(h).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
+    store.put(&lease_key(vol), Bytes::from(body), PutMode::Overwrite).await?;
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown host".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_readable() {
+        assert_eq!(format_unix(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_unix(1_795_996_800), "2026-11-30 00:00:00 UTC");
+        assert_eq!(format_unix(951_782_400), "2000-02-29 00:00:00 UTC");
+    }
+}
