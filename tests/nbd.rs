@@ -598,3 +598,138 @@ async fn a_write_waiting_for_the_store_does_not_stall_its_connection() {
     assert_eq!((err, handle), (0, 2));
     assert!(c.read_payload(4096).await.iter().all(|&b| b == 0));
 }
+
+/// Sparse, as NBD tools expect: the base:allocation metadata context.
+/// `nbdinfo --map` shows unmapped and zeroed chunks as holes and written
+/// ones as data; nbdcopy and qemu-img then
+/// skip the holes, so a copy of a mostly empty volume stays sparse.
+#[test]
+fn block_status_reports_holes_and_copies_stay_sparse() {
+    if !tools(&["nbdinfo", "nbdcopy", "qemu-io", "qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let srv = Served::start(dir.path(), "sparse", "64MiB", &["--chunk-size", "1MiB"]);
+    let image = format!("nbd+unix:///sparse?socket={}", srv.sock.display());
+    // Data at [3 MiB, 5 MiB), then zeroes over [4 MiB, 5 MiB), then a
+    // small write at 40 MiB.
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0xab 3M 2M", "-c", "flush"]).arg(&image));
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -z 4M 1M", "-c", "flush"]).arg(&image));
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0xcd 40M 4k"]).arg(&image));
+
+    let out = run(Command::new("nbdinfo").args(["--map", "--json"]).arg(&image));
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).expect("map json");
+    let extents: Vec<(u64, u64, u64)> = map
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|e| {
+            (e["offset"].as_u64().unwrap_or(0), e["length"].as_u64().unwrap_or(0), e["type"].as_u64().unwrap_or(9))
+        })
+        .collect();
+    const M: u64 = 1 << 20;
+    assert_eq!(
+        extents,
+        vec![(0, 3 * M, 3), (3 * M, M, 0), (4 * M, 36 * M, 3), (40 * M, M, 0), (41 * M, 23 * M, 3)],
+        "nbdinfo --map: {map}"
+    );
+
+    // nbdcopy to a file: only the data is written, the rest stays a hole.
+    let copy = dir.path().join("copy.img");
+    std::fs::File::create(&copy).and_then(|f| f.set_len(64 * M)).expect("target");
+    run(Command::new("nbdcopy").arg(&image).arg(&copy));
+    let allocated = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&copy).expect("copy").blocks() * 512
+    };
+    assert!(allocated <= 4 * M, "the copy allocated {allocated} bytes for 2 MiB of data");
+    let bytes = std::fs::read(&copy).expect("read copy");
+    assert!(bytes[3 * M as usize..4 * M as usize].iter().all(|&b| b == 0xab));
+    assert!(bytes[4 * M as usize..5 * M as usize].iter().all(|&b| b == 0));
+    assert!(bytes[40 * M as usize..40 * M as usize + 4096].iter().all(|&b| b == 0xcd));
+    // qemu-img sees the same map.
+    let out = run(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw"]).arg(&image));
+    let qmap: serde_json::Value = serde_json::from_slice(&out.stdout).expect("qemu-img map json");
+    let data: Vec<(u64, u64)> = qmap
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap_or(0), e["length"].as_u64().unwrap_or(0)))
+        .collect();
+    assert_eq!(data, vec![(3 * M, M), (40 * M, M)], "qemu-img map: {qmap}");
+}
+
+/// Metadata context negotiation over a raw socket: LIST offers
+/// base:allocation, SET selects it (exact names only), unknown contexts
+/// are not selected, and BLOCK_STATUS without a selected context is
+/// refused with EINVAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meta_contexts_are_negotiated_by_the_spec() {
+    fn request(export: &str, queries: &[&str]) -> Vec<u8> {
+        let mut d = (export.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        d
+    }
+    async fn contexts(s: &mut tokio::net::UnixStream, code: u32) -> (Vec<String>, u32) {
+        let mut names = Vec::new();
+        loop {
+            let (opt, kind, d) = nbd_client::read_option_reply(s).await;
+            assert_eq!(opt, code);
+            match kind {
+                proto::REP_META_CONTEXT => names.push(String::from_utf8_lossy(&d[4..]).into_owned()),
+                other => return (names, other),
+            }
+        }
+    }
+    let srv = in_process(false).await;
+    let mut s = nbd_client::greet(&srv.sock).await;
+    // Before structured replies: refused.
+    nbd_client::send_option(&mut s, proto::OPT_LIST_META_CONTEXT, &request("v", &[])).await;
+    assert_eq!(contexts(&mut s, proto::OPT_LIST_META_CONTEXT).await, (vec![], proto::REP_ERR_INVALID));
+    nbd_client::send_option(&mut s, proto::OPT_STRUCTURED_REPLY, &[]).await;
+    assert_eq!(nbd_client::read_option_reply(&mut s).await.1, proto::REP_ACK);
+    for (code, queries, want) in [
+        (proto::OPT_LIST_META_CONTEXT, vec![], vec!["base:allocation"]),
+        (proto::OPT_LIST_META_CONTEXT, vec!["base:"], vec!["base:allocation"]),
+        (proto::OPT_LIST_META_CONTEXT, vec!["qemu:dirty-bitmap:x"], vec![]),
+        (proto::OPT_SET_META_CONTEXT, vec!["base:"], vec![]),
+        (proto::OPT_SET_META_CONTEXT, vec!["nope:x", "base:allocation"], vec!["base:allocation"]),
+    ] {
+        nbd_client::send_option(&mut s, code, &request("v", &queries)).await;
+        let want: Vec<String> = want.into_iter().map(String::from).collect();
+        assert_eq!(contexts(&mut s, code).await, (want, proto::REP_ACK), "{code} {queries:?}");
+    }
+    nbd_client::send_option(&mut s, proto::OPT_SET_META_CONTEXT, &request("other", &["base:allocation"])).await;
+    assert_eq!(contexts(&mut s, proto::OPT_SET_META_CONTEXT).await.1, proto::REP_ERR_UNKNOWN);
+    let mut bad = request("v", &["base:allocation"]);
+    bad.push(0);
+    nbd_client::send_option(&mut s, proto::OPT_SET_META_CONTEXT, &bad).await;
+    assert_eq!(contexts(&mut s, proto::OPT_SET_META_CONTEXT).await.1, proto::REP_ERR_INVALID);
+    // The last good SET selected base:allocation: a block status of the
+    // whole (empty) volume is one hole.
+    let mut c = nbd_client::go(s, "v").await;
+    c.send(proto::CMD_BLOCK_STATUS, 0, 9, 0, 4 << 20, &[]).await;
+    let mut h = [0u8; 20];
+    tokio::io::AsyncReadExt::read_exact(&mut c.s, &mut h).await.expect("reply header");
+    assert_eq!(u32::from_be_bytes([h[0], h[1], h[2], h[3]]), proto::STRUCTURED_REPLY_MAGIC);
+    assert_eq!(u16::from_be_bytes([h[6], h[7]]), proto::REPLY_TYPE_BLOCK_STATUS);
+    let mut body = vec![0u8; u32::from_be_bytes([h[16], h[17], h[18], h[19]]) as usize];
+    tokio::io::AsyncReadExt::read_exact(&mut c.s, &mut body).await.expect("reply body");
+    assert_eq!(body, [1u32, 4 << 20, 3].iter().flat_map(|v| v.to_be_bytes()).collect::<Vec<u8>>());
+
+    // Without a selected context, BLOCK_STATUS is refused.
+    let mut s = nbd_client::greet(&srv.sock).await;
+    nbd_client::send_option(&mut s, proto::OPT_STRUCTURED_REPLY, &[]).await;
+    assert_eq!(nbd_client::read_option_reply(&mut s).await.1, proto::REP_ACK);
+    let mut c = nbd_client::go(s, "v").await;
+    c.send(proto::CMD_BLOCK_STATUS, 0, 10, 0, 4096, &[]).await;
+    let mut h = [0u8; 20];
+    tokio::io::AsyncReadExt::read_exact(&mut c.s, &mut h).await.expect("reply header");
+    assert_eq!(u16::from_be_bytes([h[6], h[7]]), proto::REPLY_TYPE_ERROR);
+}

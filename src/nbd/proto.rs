@@ -31,6 +31,7 @@ pub const OPT_SET_META_CONTEXT: u32 = 10;
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 const REP_ERR: u32 = 1 << 31;
 pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
 pub const REP_ERR_POLICY: u32 = REP_ERR | 2;
@@ -63,15 +64,24 @@ pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+/// The one metadata context offered, and the id it gets.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+pub const BASE_ALLOCATION_ID: u32 = 1;
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
 
 // Structured reply chunk types.
 pub const REPLY_FLAG_DONE: u16 = 1;
 pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
 
 // Errors (Linux errno values, as the protocol defines them).
@@ -177,6 +187,44 @@ pub fn parse_info_request(data: &[u8]) -> Option<InfoRequest> {
 }
 
 /// An option reply frame.
+/// A LIST_META_CONTEXT / SET_META_CONTEXT request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContextRequest {
+    pub export: Vec<u8>,
+    pub queries: Vec<Vec<u8>>,
+}
+
+/// Parse `u32 name length, name, u32 query count, (u32 length, query)*`;
+/// `None` when malformed (lengths past the end, bytes left over).
+pub fn parse_meta_context_request(data: &[u8]) -> Option<MetaContextRequest> {
+    fn take(rest: &mut &[u8]) -> Option<Vec<u8>> {
+        let n = be_u32(rest.get(..4)?) as usize;
+        let v = rest.get(4..4usize.checked_add(n)?)?.to_vec();
+        *rest = &rest[4 + n..];
+        Some(v)
+    }
+    let mut rest = data;
+    let export = take(&mut rest)?;
+    let count = be_u32(rest.get(..4)?) as usize;
+    rest = &rest[4..];
+    // Each query takes at least its 4-byte length.
+    if count > rest.len() / 4 {
+        return None;
+    }
+    let mut queries = Vec::with_capacity(count);
+    for _ in 0..count {
+        queries.push(take(&mut rest)?);
+    }
+    rest.is_empty().then_some(MetaContextRequest { export, queries })
+}
+
+/// A REP_META_CONTEXT payload: the context's id and name.
+pub fn meta_context_reply(id: u32, name: &str) -> Vec<u8> {
+    let mut d = id.to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d
+}
+
 pub fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(20 + data.len());
     out.extend_from_slice(&REPLY_MAGIC.to_be_bytes());

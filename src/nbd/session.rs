@@ -136,8 +136,16 @@ async fn read_payload<R: AsyncRead + Unpin>(
 }
 const PERMIT_UNIT: usize = 4096;
 
+/// What the handshake settled for the transmission phase.
+#[derive(Debug, Clone, Copy)]
+struct Negotiated {
+    structured: bool,
+    /// base:allocation selected: BLOCK_STATUS is answered.
+    base_allocation: bool,
+}
+
 enum Next {
-    Transmit { structured: bool },
+    Transmit(Negotiated),
     Close,
 }
 
@@ -170,9 +178,9 @@ where
     };
     match next {
         Next::Close => Ok(()),
-        Next::Transmit { structured } => {
+        Next::Transmit(neg) => {
             let poller = fd.filter(|_| !export.busy_poll.is_zero()).map(|fd| Poller::new(fd, export.busy_poll));
-            transmit(rd, wr, export, structured, shutdown, poller).await
+            transmit(rd, wr, export, neg, shutdown, poller).await
         }
     }
 }
@@ -191,6 +199,9 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let client_flags = rd.read_u32().await?;
     let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
+    // The metadata context SET_META_CONTEXT selected (base:allocation is
+    // the only one offered).
+    let mut base_allocation = false;
     loop {
         let mut hdr = [0u8; 16];
         rd.read_exact(&mut hdr).await?;
@@ -218,7 +229,7 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     return Ok(Next::Close);
                 }
                 wr.write_all(&proto::export_name_reply(export.volume.size(), export.flags(), no_zeroes)).await?;
-                return Ok(Next::Transmit { structured });
+                return Ok(Next::Transmit(Negotiated { structured, base_allocation }));
             }
             proto::OPT_ABORT => {
                 let _ = reply(wr, opt.code, proto::REP_ACK, &[]).await;
@@ -256,7 +267,7 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 }
                 reply(wr, opt.code, proto::REP_ACK, &[]).await?;
                 if opt.code == proto::OPT_GO {
-                    return Ok(Next::Transmit { structured });
+                    return Ok(Next::Transmit(Negotiated { structured, base_allocation }));
                 }
             }
             proto::OPT_STRUCTURED_REPLY => {
@@ -268,11 +279,34 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 }
             }
             proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
-                if !structured {
-                    reply(wr, opt.code, proto::REP_ERR_INVALID, b"negotiate structured replies first").await?;
-                } else {
-                    // No metadata contexts are offered: an empty list.
-                    reply(wr, opt.code, proto::REP_ACK, &[]).await?;
+                let set = opt.code == proto::OPT_SET_META_CONTEXT;
+                match proto::parse_meta_context_request(&opt.data) {
+                    _ if !structured => {
+                        reply(wr, opt.code, proto::REP_ERR_INVALID, b"negotiate structured replies first").await?;
+                    }
+                    None => reply(wr, opt.code, proto::REP_ERR_INVALID, b"malformed meta context request").await?,
+                    Some(req) if !export.matches(&req.export) => {
+                        reply(wr, opt.code, proto::REP_ERR_UNKNOWN, b"no such export").await?;
+                    }
+                    Some(req) => {
+                        // LIST with no queries lists everything; a namespace
+                        // query ("base:") lists its contexts. SET selects
+                        // exact names only, and replaces an earlier choice.
+                        let exact = |q: &Vec<u8>| q == proto::BASE_ALLOCATION.as_bytes();
+                        let offered = if set {
+                            req.queries.iter().any(exact)
+                        } else {
+                            req.queries.is_empty() || req.queries.iter().any(|q| exact(q) || q == b"base:")
+                        };
+                        if set {
+                            base_allocation = offered;
+                        }
+                        if offered {
+                            let d = proto::meta_context_reply(proto::BASE_ALLOCATION_ID, proto::BASE_ALLOCATION);
+                            reply(wr, opt.code, proto::REP_META_CONTEXT, &d).await?;
+                        }
+                        reply(wr, opt.code, proto::REP_ACK, &[]).await?;
+                    }
                 }
             }
             proto::OPT_STARTTLS => {
@@ -415,7 +449,7 @@ async fn transmit<R, W>(
     mut rd: tokio::io::BufReader<R>,
     wr: W,
     export: Arc<Export>,
-    structured: bool,
+    neg: Negotiated,
     mut shutdown: watch::Receiver<bool>,
     mut poller: Option<Poller>,
 ) -> Result<(), SessionError>
@@ -423,6 +457,7 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let structured = neg.structured;
     let (tx, rx) = mpsc::unbounded_channel();
     let out = Arc::new(Mutex::new(wr));
     let writer = tokio::spawn(write_replies(out.clone(), rx));
@@ -458,7 +493,9 @@ where
         if req.kind == proto::CMD_DISC {
             break Ok(());
         }
-        let units = (req.length as usize).min(INFLIGHT_BYTES).div_ceil(PERMIT_UNIT).max(1) as u32;
+        // A block status answer is small whatever range it covers.
+        let bytes = if req.kind == proto::CMD_BLOCK_STATUS { 0 } else { req.length as usize };
+        let units = bytes.min(INFLIGHT_BYTES).div_ceil(PERMIT_UNIT).max(1) as u32;
         let permits = async {
             let mine = budget.clone().acquire_many_owned(units).await.ok()?;
             let all = export.limits.inflight.clone().acquire_many_owned(units).await.ok()?;
@@ -523,7 +560,7 @@ where
         // memory, for a FUA commit) moves to its own task, so this loop
         // goes on reading requests and never waits for the store.
         let inline = matches!(req.kind, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES | proto::CMD_TRIM);
-        let mut work = Box::pin(handle(req, payload, export, wr, structured, permit));
+        let mut work = Box::pin(handle(req, payload, export, wr, neg, permit));
         if tasks.is_empty() && inline && futures::poll!(work.as_mut()).is_ready() {
             continue;
         }
@@ -545,9 +582,10 @@ async fn handle<W: AsyncWrite + Unpin>(
     payload: Option<Vec<u8>>,
     export: Arc<Export>,
     wr: Replies<W>,
-    structured: bool,
+    neg: Negotiated,
     permit: Permit,
 ) {
+    let structured = neg.structured;
     let vol = &export.volume;
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
     let writes = matches!(req.kind, proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES);
@@ -573,19 +611,56 @@ async fn handle<W: AsyncWrite + Unpin>(
         proto::CMD_TRIM | proto::CMD_WRITE_ZEROES => finish(vol.write_zeroes(req.offset, len).await, fua, vol).await,
         proto::CMD_FLUSH => vol.flush().await.map_err(|e| (nbd_errno(&e), e.to_string())),
         proto::CMD_CACHE => vol.prefetch(req.offset, len).await.map_err(|e| (nbd_errno(&e), e.to_string())),
+        proto::CMD_BLOCK_STATUS if neg.base_allocation => match block_status(vol, req) {
+            Ok(reply) => return wr.send(vec![Bytes::from(reply)], Some(permit)).await,
+            Err(e) => Err(e),
+        },
         other => Err((proto::EINVAL, format!("command {other} is not supported"))),
     };
     match result {
         Ok(()) => wr.simple(0, req.handle, Some(permit)).await,
         Err((errno, msg)) => {
             tracing::debug!(kind = req.kind, offset = req.offset, len, errno, error = %msg, "request failed");
-            if structured && req.kind == proto::CMD_READ {
+            if structured && matches!(req.kind, proto::CMD_READ | proto::CMD_BLOCK_STATUS) {
                 wr.send(vec![Bytes::from(proto::structured_error(req.handle, errno, &msg))], Some(permit)).await
             } else {
                 wr.simple(errno, req.handle, Some(permit)).await
             }
         }
     }
+}
+
+/// Extents reported per BLOCK_STATUS reply at most; the client asks again
+/// for the rest.
+const MAX_EXTENTS: usize = 1024;
+
+/// The base:allocation answer: unmapped and all-zero chunks are holes that
+/// read as zeros; everything else (stored or dirty data) is allocated.
+fn block_status(vol: &Volume, req: Request) -> Result<Vec<u8>, (u32, String)> {
+    if req.length == 0 {
+        return Err((proto::EINVAL, "block status of zero bytes".into()));
+    }
+    let size = vol.size();
+    if req.offset >= size {
+        return Err((proto::EINVAL, format!("block status at {} is past the end ({size})", req.offset)));
+    }
+    // A request running past the end is answered up to the end.
+    let len = (req.length as u64).min(size - req.offset);
+    let max = if req.flags & proto::CMD_FLAG_REQ_ONE != 0 { 1 } else { MAX_EXTENTS };
+    let runs = vol.allocation(req.offset, len, max).map_err(|e| (nbd_errno(&e), e.to_string()))?;
+    let mut body = Vec::with_capacity(4 + runs.len() * 8);
+    body.extend_from_slice(&proto::BASE_ALLOCATION_ID.to_be_bytes());
+    for (n, zero) in runs {
+        let flags = if zero { proto::STATE_HOLE | proto::STATE_ZERO } else { 0 };
+        // The request's length is 32-bit, so every run fits.
+        body.extend_from_slice(&(n as u32).to_be_bytes());
+        body.extend_from_slice(&flags.to_be_bytes());
+    }
+    let header =
+        proto::structured_header(proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_BLOCK_STATUS, req.handle, body.len() as u32);
+    let mut out = header.to_vec();
+    out.extend_from_slice(&body);
+    Ok(out)
 }
 
 async fn finish(r: Result<(), crate::volume::VolumeError>, fua: bool, vol: &Volume) -> Result<(), (u32, String)> {

@@ -53,6 +53,48 @@ impl Volume {
     /// await: the state lock alone orders it against writers, which change
     /// a chunk's bytes only under that lock. `None` means "take
     /// [`Volume::read_bytes`]".
+    /// Which parts of `[offset, offset + len)` read as zeros without any
+    /// stored data (unmapped chunks, ZERO chunks, zeroed dirty chunks):
+    /// runs of `(length, zero)`, at most `max_runs` of them, so they may
+    /// cover less than asked. Dirty and stored chunks count as data; for a
+    /// clone, the nearest ancestor that maps a chunk decides. Scans at most
+    /// 64 Ki chunks per call.
+    pub fn allocation(&self, offset: u64, len: u64, max_runs: usize) -> VolumeResult<Vec<(u64, bool)>> {
+        const MAX_SCAN: u64 = 64 << 10;
+        let inner = &self.inner;
+        inner.check_range(offset, len)?;
+        let st = inner.lock();
+        if let Some(why) = &st.fenced {
+            return Err(VolumeError::Fenced(why.clone()));
+        }
+        let cs = inner.chunk_size;
+        let end = offset + len;
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut pos = offset;
+        let mut scanned = 0;
+        while pos < end && scanned < MAX_SCAN {
+            let index = pos / cs;
+            let next = ((index + 1) * cs).min(end);
+            let zero = match (st.slots.get(&index), st.staged.get(&index), st.map.get(&index)) {
+                (Some(slot), _, _) => matches!(slot.data, DirtyData::Zero),
+                (None, Some(staged), _) => staged.data.is_none(),
+                (None, None, Some(r)) => matches!(r, ChunkRef::Zero),
+                (None, None, None) => {
+                    !matches!(inner.parents.iter().find_map(|p| p.map.get(&index)), Some(ChunkRef::Stored { .. }))
+                }
+            };
+            let full = runs.len() >= max_runs.max(1);
+            match runs.last_mut() {
+                Some((n, z)) if *z == zero => *n += next - pos,
+                _ if full => break,
+                _ => runs.push((next - pos, zero)),
+            }
+            pos = next;
+            scanned += 1;
+        }
+        Ok(runs)
+    }
+
     pub fn read_now(&self, offset: u64, len: u64) -> Option<Bytes> {
         let inner = &self.inner;
         // Out-of-range requests take the normal path and its error.
