@@ -200,9 +200,16 @@ enum VolumeCmd {
     /// Copy a volume (or one of its snapshots) to a file (or `-` for stdout).
     Export {
         url: String,
+        /// The target file, or `-` for stdout.
         file: String,
+        /// Export this snapshot instead of the volume's committed state.
         #[arg(long)]
         snapshot: Option<String>,
+        /// Write every byte. By default a file target is written sparse:
+        /// ranges that read as zeros are skipped (holes), as `cp
+        /// --sparse` does; stdout always gets every byte.
+        #[arg(long)]
+        dense: bool,
     },
     /// Record a snapshot of the volume's committed state.
     Snapshot { url: String, name: String },
@@ -495,14 +502,18 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
             let (loc, store) = connect(&url, g, true).await?;
             import(&loc, store, &file, ImportArgs { create, size, chunk_size, takeover }, g).await?;
         }
-        VolumeCmd::Export { url, file, snapshot } => {
+        VolumeCmd::Export { url, file, snapshot, dense } => {
             let (loc, store) = connect(&url, g, true).await?;
             let mut opts = g.open_options(true);
             opts.snapshot = snapshot;
             let vol = Volume::open(store, &loc.prefix, opts)
                 .await
                 .with_context(|| format!("cannot open {}", loc.display()))?;
-            export(&vol, &file).await?;
+            if export(&vol, &file, !dense).await? == Exported::ReaderGone {
+                // The reading end of a pipe went away (`| head`): stop
+                // quietly, as Unix tools do (the status of SIGPIPE).
+                return Ok(ExitCode::from(141));
+            }
         }
         VolumeCmd::Snapshot { url, name } => {
             let (loc, store) = connect(&url, g, true).await?;
@@ -558,7 +569,12 @@ impl Progress {
     }
     fn rate(&self, done: u64) -> String {
         let secs = self.start.elapsed().as_secs_f64().max(1e-3);
-        format!("{}/s", format_size((done as f64 / secs) as u64))
+        let mut r = format!("{}/s", format_size((done as f64 / secs) as u64));
+        if let Some(t) = self.total.filter(|t| *t > done && done > 0) {
+            let eta = (t - done) as f64 * secs / done as f64;
+            r.push_str(&format!(", {:.0}s left", eta.ceil()));
+        }
+        r
     }
     fn update(&mut self, done: u64) {
         if self.tty {
@@ -654,6 +670,14 @@ async fn import(loc: &Location, store: DynStore, file: &str, a: ImportArgs, g: &
     done
 }
 
+/// Of the `written` bytes handed to the volume, those committed to the
+/// store (what is still in memory, dirty or uploaded but not yet in a
+/// journal record, does not count).
+fn committed(vol: &Volume, written: u64) -> u64 {
+    let st = vol.stats();
+    written.saturating_sub((st.dirty_chunks + st.staged_chunks) * u64::from(st.chunk_size))
+}
+
 async fn import_into(
     loc: &Location,
     store: DynStore,
@@ -669,7 +693,7 @@ async fn import_into(
     let cs = vol.chunk_size() as usize;
     let mut buf = vec![0u8; cs];
     let mut offset = 0u64;
-    let mut progress = Progress::new("imported", input_len);
+    let mut progress = Progress::new("committed", input_len);
     loop {
         let mut filled = 0;
         while filled < cs {
@@ -694,23 +718,56 @@ async fn import_into(
             vol.write(offset, piece).await?;
         }
         offset += filled as u64;
-        progress.update(offset);
+        progress.update(committed(&vol, offset));
         if filled < cs {
             break;
         }
     }
-    vol.flush().await.context("final flush failed: the import is not committed")?;
+    // The last part goes up now: keep the progress moving meanwhile.
+    let flush = vol.flush();
+    tokio::pin!(flush);
+    loop {
+        tokio::select! {
+            r = &mut flush => {
+                r.context("final flush failed: the import is not committed")?;
+                break;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(500)) => progress.update(committed(&vol, offset)),
+        }
+    }
     progress.finish(offset);
     println!("imported {} into {}", format_size(offset), loc.display());
     Ok(())
 }
 
-async fn export(vol: &Volume, file: &str) -> Result<()> {
-    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if file == "-" {
-        Box::new(tokio::io::stdout())
+#[derive(Debug, PartialEq, Eq)]
+enum Exported {
+    All,
+    /// stdout was a pipe whose reader left before the end.
+    ReaderGone,
+}
+
+/// Sparse targets skip zeros in granules of this size.
+const SPARSE_GRANULE: usize = 64 << 10;
+
+async fn export(vol: &Volume, file: &str, sparse: bool) -> Result<Exported> {
+    use tokio::io::AsyncSeekExt;
+    enum Out {
+        File(tokio::fs::File),
+        Stdout(tokio::io::Stdout),
+    }
+    let mut out = if file == "-" {
+        Out::Stdout(tokio::io::stdout())
     } else {
-        Box::new(tokio::fs::File::create(PathBuf::from(file)).await.with_context(|| format!("cannot create {file}"))?)
+        Out::File(tokio::fs::File::create(PathBuf::from(file)).await.with_context(|| format!("cannot create {file}"))?)
     };
+    // Only a regular file (created empty above) reads back zeros where it
+    // was skipped: a block device or a FIFO keeps, or never gets, them.
+    let regular = match &out {
+        Out::File(f) => f.metadata().await.is_ok_and(|m| m.is_file()),
+        Out::Stdout(_) => false,
+    };
+    let sparse = sparse && regular;
     let size = vol.size();
     let step = (vol.chunk_size() * 8).min(64 << 20);
     let mut progress = Progress::new("exported", Some(size));
@@ -729,16 +786,43 @@ async fn export(vol: &Volume, file: &str) -> Result<()> {
             let n = step.min(size - following);
             next = Some(tokio::spawn(async move { v.read(following, n).await }));
         }
-        out.write_all(&data).await.with_context(|| format!("writing {file}"))?;
+        match &mut out {
+            Out::Stdout(o) => match o.write_all(&data).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(Exported::ReaderGone),
+                Err(e) => return Err(e).context("writing to stdout"),
+            },
+            Out::File(f) => {
+                for piece in data.chunks(SPARSE_GRANULE) {
+                    if sparse && is_zero(piece) {
+                        f.seek(std::io::SeekFrom::Current(piece.len() as i64)).await?;
+                    } else {
+                        f.write_all(piece).await.with_context(|| format!("writing {file}"))?;
+                    }
+                }
+            }
+        }
         offset = following;
         progress.update(offset);
     }
-    out.flush().await?;
-    if file != "-" {
-        drop(out);
+    match &mut out {
+        Out::Stdout(o) => match o.flush().await {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(Exported::ReaderGone),
+            r => r.context("writing to stdout")?,
+        },
+        Out::File(f) => {
+            if sparse {
+                // Trailing holes: the file still has the volume's size.
+                f.set_len(size).await.with_context(|| format!("writing {file}"))?;
+            }
+            f.flush().await?;
+            if regular {
+                f.sync_all().await.with_context(|| format!("syncing {file}"))?;
+            }
+        }
     }
     progress.finish(offset);
-    Ok(())
+    Ok(Exported::All)
 }
 
 #[derive(Args, Debug)]

@@ -298,3 +298,57 @@ fn delete_leaves_whatever_is_not_an_s3blk_volume_alone() {
     assert!(ok(&s3blk(&[], &["volume", "delete", &path("store/v1")])).contains("deleted"));
     assert!(!dir.path().join("store/v1/volume.json").exists());
 }
+
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("metadata").blocks() * 512
+}
+
+/// `volume export` writes a file target sparse (holes where the volume
+/// reads zeros) unless `--dense`; to a pipe whose reader leaves early it
+/// stops quietly; `volume import` reports committed bytes, not bytes read.
+#[test]
+fn export_is_sparse_and_stops_quietly_at_a_closed_pipe() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vol = dir.path().join("sp");
+    let vol = vol.to_str().expect("path");
+    ok(&s3blk(&[], &["volume", "create", vol, "--size", "64MiB", "--chunk-size", "1MiB"]));
+    let input = dir.path().join("in.bin");
+    let mut data = common::pattern(3, 8 << 20);
+    data[(2 << 20)..(6 << 20)].fill(0);
+    std::fs::write(&input, &data).expect("input");
+    let imp = s3blk(&[("S3BLK_DIRTY_LIMIT", "2MiB".into())], &["volume", "import", vol, input.to_str().expect("path")]);
+    ok(&imp);
+    let err = String::from_utf8_lossy(&imp.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(lines.last().is_some_and(|l| l.starts_with("committed 8 MiB in ")), "import progress: {err}");
+    assert!(lines.iter().all(|l| l.starts_with("committed ")), "import progress: {err}");
+
+    let sparse = dir.path().join("sparse.img");
+    ok(&s3blk(&[], &["volume", "export", vol, sparse.to_str().expect("path")]));
+    let back = std::fs::read(&sparse).expect("read");
+    assert_eq!(back.len(), 64 << 20);
+    assert!(back[..data.len()] == data[..] && back[data.len()..].iter().all(|&b| b == 0));
+    assert!(allocated(&sparse) <= 5 << 20, "sparse export allocated {} bytes for 4 MiB of data", allocated(&sparse));
+
+    let dense = dir.path().join("dense.img");
+    ok(&s3blk(&[], &["volume", "export", vol, dense.to_str().expect("path"), "--dense"]));
+    assert_eq!(std::fs::read(&dense).expect("read"), back);
+    assert!(allocated(&dense) >= 60 << 20, "--dense allocated only {} bytes", allocated(&dense));
+
+    // `| head -c 1000`: the reader leaves; the export ends at once, silent.
+    let mut child = Command::new(common::s3blk_bin())
+        .args(["volume", "export", vol, "-"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn export");
+    let mut first = [0u8; 1000];
+    std::io::Read::read_exact(child.stdout.as_mut().expect("stdout"), &mut first).expect("read");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(first[..], data[..1000]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("error") && !err.contains("panicked"), "export to a closed pipe: {err}");
+    assert_eq!(out.status.code(), Some(141), "{err}");
+}
