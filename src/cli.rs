@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::clock::SystemClock;
-use crate::location::{Location, open_store};
+use crate::location::{Location, open_existing_store, open_store};
 use crate::size::{format_size, parse_size};
 use crate::store::retry::RetryPolicy;
 use crate::store::{self, DynStore};
@@ -272,9 +272,20 @@ impl Global {
     }
 }
 
+/// Parse the URL and open its store; a local store's directory must exist
+/// (commands other than create never create anything).
 async fn connect(url: &str, g: &Global, need_name: bool) -> Result<(Location, DynStore)> {
+    connect_to(url, g, need_name, false).await
+}
+
+async fn connect_to(url: &str, g: &Global, need_name: bool, create: bool) -> Result<(Location, DynStore)> {
     let loc = Location::parse(url, need_name)?;
-    let store = open_store(&loc.store, g.policy()).await.with_context(|| format!("cannot open the store for {url}"))?;
+    let store = if create {
+        open_store(&loc.store, g.policy()).await
+    } else {
+        open_existing_store(&loc.store, g.policy()).await
+    };
+    let store = store.with_context(|| format!("cannot open the store for {url}"))?;
     Ok((loc, store))
 }
 
@@ -336,7 +347,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .await
                 .with_context(|| format!("cannot compact {}", loc.display()))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rep)?);
+                let mut v = serde_json::to_value(&rep)?;
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("volume".into(), serde_json::Value::String(loc.display()));
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 let verb = if dry_run { "would delete" } else { "deleted" };
                 println!("volume:      {}", loc.display());
@@ -401,9 +416,10 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
     let clock = SystemClock;
     match cmd {
         VolumeCmd::Create { url, size, chunk_size, single_writer } => {
-            let (loc, store) = connect(&url, g, true).await?;
+            let (loc, store) = connect_to(&url, g, true, true).await?;
             catalog::check_name_free(&store, &loc.prefix).await?;
-            let chunk_size = u32::try_from(chunk_size).map_err(|_| anyhow::anyhow!("chunk size too large"))?;
+            let chunk_size = chunk_size_arg(chunk_size)?;
+            let size = crate::size::round_to_blocks(size, format::BLOCK_SIZE as u64);
             let meta = Volume::create(
                 store,
                 &loc.prefix,
@@ -499,7 +515,7 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
             }
         }
         VolumeCmd::Import { url, file, create, size, chunk_size, takeover } => {
-            let (loc, store) = connect(&url, g, true).await?;
+            let (loc, store) = connect_to(&url, g, true, create).await?;
             import(&loc, store, &file, ImportArgs { create, size, chunk_size, takeover }, g).await?;
         }
         VolumeCmd::Export { url, file, snapshot, dense } => {
@@ -639,11 +655,11 @@ async fn import(loc: &Location, store: DynStore, file: &str, a: ImportArgs, g: &
     };
     if create {
         let size = match (size, input_len) {
-            (Some(s), _) => s,
+            (Some(s), _) => crate::size::round_to_blocks(s, format::BLOCK_SIZE as u64),
             (None, Some(l)) => l.div_ceil(format::BLOCK_SIZE as u64).max(1) * format::BLOCK_SIZE as u64,
             (None, None) => bail!("--create from stdin needs --size"),
         };
-        let chunk_size = u32::try_from(chunk_size).map_err(|_| anyhow::anyhow!("chunk size too large"))?;
+        let chunk_size = chunk_size_arg(chunk_size)?;
         catalog::check_name_free(&store, &loc.prefix).await?;
         Volume::create(
             store.clone(),
@@ -835,7 +851,7 @@ struct ServeArgs {
     /// Create the volume if it does not exist yet (needs --size).
     #[arg(long)]
     create: bool,
-    /// Size of a volume --create makes, e.g. 1GiB (a multiple of 4096 bytes).
+    /// Size of a volume --create makes, e.g. 1GiB (rounded up to a multiple of 4096 bytes).
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
     /// Chunk size of a volume --create makes: 64KiB to 64MiB, a power of two.
@@ -861,7 +877,7 @@ struct ServeArgs {
 
 async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
     use crate::nbd::{Export, Listen, server};
-    let (loc, store) = connect(&a.url, g, true).await?;
+    let (loc, store) = connect_to(&a.url, g, true, a.create).await?;
     let name = format::volume_name(&loc.prefix).to_string();
     // The address first: a server that cannot listen must not have taken
     // the volume over from a live one.
@@ -879,7 +895,8 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
             }
             Err(VolumeError::NotFound(_)) => {
                 let size = a.size.ok_or_else(|| anyhow::anyhow!("--create needs --size for a new volume"))?;
-                let chunk_size = u32::try_from(a.chunk_size).map_err(|_| anyhow::anyhow!("chunk size too large"))?;
+                let size = crate::size::round_to_blocks(size, format::BLOCK_SIZE as u64);
+                let chunk_size = chunk_size_arg(a.chunk_size)?;
                 let opts = CreateOptions { size, chunk_size, parent: None, single_writer: false };
                 catalog::check_name_free(&store, &loc.prefix).await?;
                 Volume::create(store.clone(), &loc.prefix, opts, &SystemClock).await?;
@@ -1039,6 +1056,21 @@ async fn csi_flush(state_dir: &Path, timeout: Duration) -> Result<ExitCode> {
         }
     }
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// A `--chunk-size` as the format takes it, or an error that gives the range.
+fn chunk_size_arg(bytes: u64) -> Result<u32> {
+    let out_of_range = || {
+        anyhow::anyhow!(
+            "chunk size {} is out of range: a power of two from {} to {}",
+            format_size(bytes),
+            format_size(u64::from(format::MIN_CHUNK_SIZE)),
+            format_size(u64::from(format::MAX_CHUNK_SIZE))
+        )
+    };
+    let cs = u32::try_from(bytes).map_err(|_| out_of_range())?;
+    format::check_chunk_size(cs).map_err(|_| out_of_range())?;
+    Ok(cs)
 }
 
 /// Take the volume's writer lease for `command`, or refuse naming who

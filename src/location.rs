@@ -71,6 +71,26 @@ impl Location {
             }
             return Ok(Location { store: StoreSpec::Memory, prefix });
         }
+        // Anything that looks like a URL but is none of the above is a
+        // mistake (`s3:/bucket/x`, `S3://…`, `file:/x`), not a local path.
+        let scheme = url.split_once(':').map(|(s, _)| s).filter(|s| {
+            s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+        });
+        if let Some(scheme) = scheme {
+            let lower = scheme.to_ascii_lowercase();
+            let known = ["s3", "file", "memory"].contains(&lower.as_str());
+            let rest = &url[scheme.len() + 1..];
+            if (rest.starts_with('/') || known) && !(lower == "file" && scheme == "file" && rest.starts_with("//")) {
+                let hint = match lower.as_str() {
+                    "s3" => "S3 volume URLs are s3://bucket/prefix/name",
+                    "file" => "file URLs are file:///absolute/dir/name",
+                    "memory" => "memory URLs are memory://name",
+                    _ => "use s3://, file:// or a path",
+                };
+                return Err(bad(url, &format!("not a valid URL ({hint})")));
+            }
+        }
         let path = match url.strip_prefix("file://") {
             Some(p) if p.starts_with('/') => PathBuf::from(p),
             Some(_) => {
@@ -132,10 +152,24 @@ fn normalize(p: &Path) -> PathBuf {
     if out.as_os_str().is_empty() { PathBuf::from(".") } else { out }
 }
 
-/// Connect to a store, wrapped in the retry layer.
+/// Connect to a store, wrapped in the retry layer. A local store's
+/// directory is created (`volume create`); see [`open_existing_store`].
 pub async fn open_store(spec: &StoreSpec, policy: RetryPolicy) -> Result<DynStore, StoreError> {
+    open(spec, policy, true).await
+}
+
+/// Like [`open_store`], but a local store's directory must exist: commands
+/// that only read, or act on an existing volume, create nothing.
+pub async fn open_existing_store(spec: &StoreSpec, policy: RetryPolicy) -> Result<DynStore, StoreError> {
+    open(spec, policy, false).await
+}
+
+async fn open(spec: &StoreSpec, policy: RetryPolicy, create: bool) -> Result<DynStore, StoreError> {
     let base: DynStore = match spec {
         StoreSpec::S3 { bucket } => Arc::new(S3Store::from_env(bucket).await?),
+        StoreSpec::Local { root } if !create && !root.is_dir() => {
+            return Err(StoreError::NotFound(format!("directory {} does not exist", root.display())));
+        }
         StoreSpec::Local { root } => Arc::new(LocalStore::new(root)?),
         StoreSpec::Memory => Arc::new(crate::store::memory::MemoryStore::new()),
     };
@@ -166,6 +200,15 @@ mod tests {
         assert_eq!(Location::parse("memory://bench", true).unwrap().store, StoreSpec::Memory);
         for u in ["", "s3://", "s3://b", "s3://b/../x", "http://x/y", "file://rel/x", "memory://"] {
             assert!(Location::parse(u, true).is_err(), "{u} accepted");
+        }
+        // Mistyped URLs are errors, never local paths.
+        for u in ["s3:/x/y", "s3:bucket/y", "S3://b/v", "file:/tmp/x", "memory:x", "https:/b/v", "gs:/b/v"] {
+            let e = Location::parse(u, true).expect_err(u);
+            assert!(e.reason.contains("not a valid URL"), "{u}: {e}");
+        }
+        // Paths with a colon that are not URL-like stay paths.
+        for u in ["./a:b/v", "a:b", "dir/x:y"] {
+            assert!(matches!(Location::parse(u, true), Ok(Location { store: StoreSpec::Local { .. }, .. })), "{u}");
         }
     }
 }

@@ -18,13 +18,30 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "g" | "gi" | "gib" => 1 << 30,
         "t" | "ti" | "tib" => 1 << 40,
         "p" | "pi" | "pib" => 1 << 50,
+        "e" | "ei" | "eib" => 1 << 60,
         "kb" => 1_000,
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
         "tb" => 1_000_000_000_000,
-        other => return Err(format!("invalid size {s:?}: unknown unit {other:?}")),
+        "pb" => 1_000_000_000_000_000,
+        "eb" => 1_000_000_000_000_000_000,
+        other => {
+            return Err(format!(
+                "invalid size {s:?}: unknown unit {other:?} (use KiB, MiB, GiB, TiB, PiB, EiB, or KB, MB, GB, TB, PB, EB)"
+            ));
+        }
     };
     n.checked_mul(mult).ok_or_else(|| format!("invalid size {s:?}: too large"))
+}
+
+/// Round a volume size up to whole blocks; says so on stderr when it
+/// changed anything (`1GB` is 1,000,000,000 bytes, not a block multiple).
+pub fn round_to_blocks(size: u64, block: u64) -> u64 {
+    let rounded = size.div_ceil(block).saturating_mul(block);
+    if rounded != size {
+        eprintln!("note: size {size} rounded up to {rounded} bytes ({}), a multiple of {block}", format_size(rounded));
+    }
+    rounded
 }
 
 /// `1073741824` → `1 GiB`.
@@ -55,5 +72,8 @@ mod tests {
         assert!(parse_size("99999999999999999999").is_err());
         assert!(parse_size("20000000T").is_err());
         assert_eq!(format_size(1 << 30), "1 GiB");
+        assert_eq!(parse_size("1EiB"), Ok(1 << 60));
+        assert_eq!(parse_size("2PB"), Ok(2_000_000_000_000_000));
+        assert!(parse_size("1ZiB").is_err_and(|e| e.contains("EiB")));
     }
 }

@@ -116,10 +116,10 @@ fn bad_input_gives_one_clear_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let vol = dir.path().join("v");
     let v = vol.to_str().expect("path");
-    one_line_error(&s3blk(&[], &["volume", "create", v, "--size", "1000"]), "multiple of 4096");
+    one_line_error(&s3blk(&[], &["volume", "create", v, "--size", "0"]), "non-zero");
     one_line_error(&s3blk(&[], &["volume", "create", v, "--size", "1GiB", "--chunk-size", "3000"]), "power of two");
     one_line_error(&s3blk(&[], &["volume", "inspect", v]), "not found");
-    one_line_error(&s3blk(&[], &["volume", "create", "ftp://x/y", "--size", "1GiB"]), "unknown scheme");
+    one_line_error(&s3blk(&[], &["volume", "create", "ftp://x/y", "--size", "1GiB"]), "not a valid URL");
     one_line_error(&s3blk(&[], &["volume", "create", "s3://bucket", "--size", "1GiB"]), "no volume name");
     ok(&s3blk(&[], &["volume", "create", v, "--size", "1MiB", "--chunk-size", "64KiB"]));
     one_line_error(&s3blk(&[], &["volume", "create", v, "--size", "1MiB"]), "already exists");
@@ -351,4 +351,53 @@ fn export_is_sparse_and_stops_quietly_at_a_closed_pipe() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("error") && !err.contains("panicked"), "export to a closed pipe: {err}");
     assert_eq!(out.status.code(), Some(141), "{err}");
+}
+
+/// Mistakes people make, answered in their terms: a mistyped URL is an
+/// error and never becomes a local directory; read-only commands create
+/// nothing; sizes are rounded to blocks with a note; ranges are stated;
+/// `--listen tcp://` works; `compact --json` names its volume.
+#[test]
+fn mistakes_get_answers_in_the_users_terms() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let in_dir = |args: &[&str]| {
+        Command::new(common::s3blk_bin()).args(args).current_dir(dir.path()).output().expect("run s3blk")
+    };
+    one_line_error(&in_dir(&["volume", "create", "s3:/bucket/v", "--size", "1GiB"]), "S3 volume URLs are s3://");
+    one_line_error(&in_dir(&["volume", "inspect", "s3:bucket/v"]), "not a valid URL");
+    one_line_error(&in_dir(&["volume", "create", "file:/tmp/v", "--size", "1GiB"]), "file:///");
+    one_line_error(&in_dir(&["volume", "list", "nonexistent/dir"]), "does not exist");
+    one_line_error(&in_dir(&["volume", "inspect", "nonexistent/v"]), "does not exist");
+    one_line_error(&in_dir(&["fsck", "gone/v"]), "does not exist");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").collect();
+    assert!(left.is_empty(), "commands that failed created {left:?}");
+
+    let out = in_dir(&["volume", "create", "vols/v", "--size", "1GB"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("rounded up to 1000001536 bytes"), "{err}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&in_dir(&["volume", "inspect", "vols/v", "--json"]))).expect("inspect json");
+    assert_eq!(json["size"], 1_000_001_536u64);
+    one_line_error(
+        &in_dir(&["volume", "create", "vols/w", "--size", "1GiB", "--chunk-size", "1TiB"]),
+        "a power of two from 64 KiB to 64 MiB",
+    );
+    one_line_error(&in_dir(&["volume", "create", "vols/w", "--size", "2EiB"]), "at most 1 EiB");
+    let rep: serde_json::Value =
+        serde_json::from_str(&ok(&in_dir(&["compact", "vols/v", "--json"]))).expect("compact json");
+    assert!(rep["volume"].as_str().is_some_and(|v| v.ends_with("vols/v")), "{rep}");
+
+    let mut child = Command::new(common::s3blk_bin())
+        .args(["serve", "vols/v", "--listen", "tcp://127.0.0.1:0"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve");
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().expect("stdout")), &mut first)
+        .expect("read");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(first.starts_with("serving ") && first.contains(" on 127.0.0.1:"), "{first}");
 }

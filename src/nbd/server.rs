@@ -21,7 +21,15 @@ pub enum Listen {
 impl Listen {
     /// `unix:PATH`, a path containing `/` or ending in `.sock`, or `HOST:PORT`.
     pub fn parse(s: &str) -> Result<Listen, String> {
-        if let Some(p) = s.strip_prefix("unix:") {
+        if let Some(hp) = s.strip_prefix("tcp://") {
+            return match hp.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                    Ok(Listen::Tcp(hp.to_string()))
+                }
+                _ => Err(format!("--listen {s:?}: expected tcp://HOST:PORT")),
+            };
+        }
+        if let Some(p) = s.strip_prefix("unix://").or_else(|| s.strip_prefix("unix:")) {
             if p.is_empty() {
                 return Err("unix: needs a socket path".into());
             }
