@@ -401,3 +401,62 @@ fn mistakes_get_answers_in_the_users_terms() {
     let _ = child.wait();
     assert!(first.starts_with("serving ") && first.contains(" on 127.0.0.1:"), "{first}");
 }
+
+/// S3 trouble in one line a user can act on: a missing bucket is named,
+/// missing credentials fail at once with a hint (not ten seconds of
+/// "transient" retries), an unreachable endpoint is named with the cause;
+/// no Rust debug formatting anywhere.
+#[test]
+fn s3_errors_name_the_cause() {
+    let Some(endpoint) = common::s3_endpoint() else { return };
+    let run = |env: &[(&str, String)], remove: &[&str], args: &[&str]| {
+        let mut c = Command::new(common::s3blk_bin());
+        c.args(args).env("S3BLK_RETRY_ATTEMPTS", "3");
+        for k in remove {
+            c.env_remove(k);
+        }
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let start = std::time::Instant::now();
+        let out = c.output().expect("run s3blk");
+        (out, start.elapsed())
+    };
+    let no_debug = |err: &str| {
+        for debug in ["ConnectorError", "ConnectError(", "Tcp(", "Unix(", "Some(", "kind:"] {
+            assert!(!err.contains(debug), "debug formatting in {err}");
+        }
+    };
+    let env = common::s3_env(&endpoint);
+    let (out, _) = run(&env, &[], &["volume", "create", "s3://no-such-bucket-s3blk/v", "--size", "1MiB"]);
+    one_line_error(&out, "bucket no-such-bucket-s3blk does not exist");
+    no_debug(&String::from_utf8_lossy(&out.stderr));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "").expect("empty config");
+    let nowhere = empty.display().to_string();
+    let bare: Vec<(&str, String)> = vec![
+        ("AWS_ENDPOINT_URL", endpoint.clone()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ("AWS_SHARED_CREDENTIALS_FILE", nowhere.clone()),
+        ("AWS_CONFIG_FILE", nowhere),
+        ("HOME", dir.path().display().to_string()),
+    ];
+    let creds = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"];
+    let (out, took) = run(&bare, &creds, &["volume", "inspect", "s3://bucket/v"]);
+    one_line_error(&out, "no S3 credentials found");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("AWS_ACCESS_KEY_ID"), "{err}");
+    no_debug(&err);
+    assert!(took < std::time::Duration::from_secs(5), "missing credentials were retried for {took:?}");
+
+    let mut closed = env.clone();
+    closed[0].1 = "http://127.0.0.1:9".into();
+    let (out, _) = run(&closed, &[], &["volume", "inspect", "s3://bucket/v"]);
+    one_line_error(&out, "cannot connect to http://127.0.0.1:9");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.to_lowercase().contains("refused"), "{err}");
+    no_debug(&err);
+}

@@ -28,6 +28,8 @@ use super::{ListPage, ListRequest, ObjectInfo, ObjectStore, PutMode, StoreError,
 pub struct S3Store {
     client: Client,
     bucket: String,
+    /// The custom endpoint, or AWS's: named in connection errors.
+    endpoint: String,
 }
 
 /// How the SDK computes request checksums (`S3BLK_S3_CHECKSUMS`).
@@ -103,7 +105,8 @@ impl S3Store {
                 .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
                 .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
         }
-        Ok(Self { client: Client::from_conf(conf.build()), bucket: bucket.to_string() })
+        let endpoint = sdk.endpoint_url().map(str::to_string).unwrap_or_else(|| "AWS S3".to_string());
+        Ok(Self { client: Client::from_conf(conf.build()), bucket: bucket.to_string(), endpoint })
     }
 
     pub fn client(&self) -> &Client {
@@ -115,18 +118,65 @@ impl S3Store {
     }
 }
 
+/// An error and its causes in one line, from the outermost: `a: b: c`
+/// (each only where it adds words), never Rust debug formatting.
+fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut next = err.source();
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = e.source();
+    }
+    out
+}
+
+impl S3Store {
+    /// Map an SDK error to a store error, in the user's terms. Credentials
+    /// never appear: only the status, the S3 error code and message.
+    fn map_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
+        &self,
+        what: &str,
+        key: &str,
+        err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    ) -> StoreError {
+        if let SdkError::ServiceError(se) = &err
+            && se.err().code() == Some("NoSuchBucket")
+        {
+            return StoreError::Permanent(format!("bucket {} does not exist (at {})", self.bucket, self.endpoint));
+        }
+        if let SdkError::DispatchFailure(e) = &err {
+            let why = e.as_connector_error().map(|c| causes(c)).unwrap_or_else(|| "no detail".into());
+            // No credentials is no network hiccup: retrying cannot help.
+            let credentials = e.as_connector_error().is_some_and(|c| format!("{c:?}").contains("CredentialsNotLoaded"));
+            if credentials {
+                return StoreError::Permanent(format!(
+                    "no S3 credentials found ({why}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, \
+                     AWS_PROFILE, or run with an IAM role"
+                ));
+            }
+            return StoreError::Transient(format!("{what} {key}: cannot connect to {}: {why}", self.endpoint));
+        }
+        map_err(what, key, err)
+    }
+}
+
 /// Map an SDK error to a store error. Credentials never appear: only the
 /// status, the S3 error code and message.
-fn map_err<E: ProvideErrorMetadata + std::fmt::Debug>(
+fn map_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
     what: &str,
     key: &str,
     err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
 ) -> StoreError {
     match &err {
         SdkError::TimeoutError(_) => StoreError::Transient(format!("{what} {key}: timeout")),
-        SdkError::DispatchFailure(e) => {
-            StoreError::Transient(format!("{what} {key}: connection failed: {:?}", e.as_connector_error()))
-        }
+        SdkError::DispatchFailure(e) => StoreError::Transient(format!(
+            "{what} {key}: connection failed: {}",
+            e.as_connector_error().map(|c| causes(c)).unwrap_or_default()
+        )),
         SdkError::ResponseError(_) => StoreError::Transient(format!("{what} {key}: malformed or cut response")),
         SdkError::ServiceError(se) => {
             let status = se.raw().status().as_u16();
@@ -145,7 +195,7 @@ fn map_err<E: ProvideErrorMetadata + std::fmt::Debug>(
                 _ => StoreError::Permanent(detail),
             }
         }
-        _ => StoreError::Permanent(format!("{what} {key}: {err:?}")),
+        _ => StoreError::Permanent(format!("{what} {key}: {}", causes(&err))),
     }
 }
 
@@ -159,7 +209,7 @@ impl ObjectStore for S3Store {
             }
             req = req.range(format!("bytes={}-{}", r.start, r.end - 1));
         }
-        let out = req.send().await.map_err(|e| map_err("GET", key, e))?;
+        let out = req.send().await.map_err(|e| self.map_err("GET", key, e))?;
         let body =
             out.body.collect().await.map_err(|e| StoreError::Transient(format!("GET {key}: body cut short: {e}")))?;
         Ok(body.into_bytes())
@@ -170,14 +220,14 @@ impl ObjectStore for S3Store {
         if mode == PutMode::IfAbsent {
             req = req.if_none_match("*");
         }
-        req.send().await.map_err(|e| map_err("PUT", key, e))?;
+        req.send().await.map_err(|e| self.map_err("PUT", key, e))?;
         Ok(())
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
         match self.client.delete_object().bucket(&self.bucket).key(key).send().await {
             Ok(_) => Ok(()),
-            Err(e) => match map_err("DELETE", key, e) {
+            Err(e) => match self.map_err("DELETE", key, e) {
                 StoreError::NotFound(_) => Ok(()),
                 other => Err(other),
             },
@@ -193,7 +243,7 @@ impl ObjectStore for S3Store {
         if req.delimiter {
             call = call.delimiter("/");
         }
-        let out = call.send().await.map_err(|e| map_err("LIST", req.prefix, e))?;
+        let out = call.send().await.map_err(|e| self.map_err("LIST", req.prefix, e))?;
         let objects: Vec<ObjectInfo> = out
             .contents()
             .iter()
@@ -220,7 +270,7 @@ impl ObjectStore for S3Store {
     async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
         match self.client.head_object().bucket(&self.bucket).key(key).send().await {
             Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
-            Err(e) => match map_err("HEAD", key, e) {
+            Err(e) => match self.map_err("HEAD", key, e) {
                 StoreError::NotFound(_) => Ok(None),
                 other => Err(other),
             },
