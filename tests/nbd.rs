@@ -733,3 +733,49 @@ async fn meta_contexts_are_negotiated_by_the_spec() {
     tokio::io::AsyncReadExt::read_exact(&mut c.s, &mut h).await.expect("reply header");
     assert_eq!(u16::from_be_bytes([h[6], h[7]]), proto::REPLY_TYPE_ERROR);
 }
+
+/// The MUSTs and SHOULDs of the protocol the server once skipped: unknown
+/// handshake flags drop the connection; a bad option magic is not trusted
+/// for its length; unknown or unadvertised command flags get EINVAL (and
+/// the stream stays in step); a write past the end gets ENOSPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_musts_flags_magic_and_enospc() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn closed(s: &mut tokio::net::UnixStream) -> bool {
+        let mut b = [0u8; 64];
+        matches!(tokio::time::timeout(Duration::from_secs(3), s.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
+    }
+    let srv = in_process(false).await;
+    // Unknown client flags.
+    let mut s = tokio::net::UnixStream::connect(&srv.sock).await.expect("connect");
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).await.expect("greeting");
+    s.write_all(&(proto::FLAG_C_FIXED_NEWSTYLE | 1 << 7).to_be_bytes()).await.expect("flags");
+    assert!(closed(&mut s).await, "unknown client flags were accepted");
+    // A bad option magic claiming 4 GiB: closed at once, nothing drained.
+    let mut s = nbd_client::greet(&srv.sock).await;
+    let mut hdr = 0x1234_5678_9abc_def0u64.to_be_bytes().to_vec();
+    hdr.extend_from_slice(&proto::OPT_GO.to_be_bytes());
+    hdr.extend_from_slice(&u32::MAX.to_be_bytes());
+    s.write_all(&hdr).await.expect("bad option");
+    assert!(closed(&mut s).await, "a bad option magic was trusted");
+
+    let mut c = Client::connect(&srv.sock, "v").await;
+    c.send(proto::CMD_READ, proto::CMD_FLAG_DF, 1, 0, 512, &[]).await;
+    assert_eq!(c.reply().await, (proto::EINVAL, 1), "DF was never advertised");
+    c.send(proto::CMD_READ, proto::CMD_FLAG_REQ_ONE, 2, 0, 512, &[]).await;
+    assert_eq!(c.reply().await, (proto::EINVAL, 2), "REQ_ONE belongs to BLOCK_STATUS");
+    c.send(proto::CMD_WRITE, 1 << 4, 3, 0, 4096, &[7u8; 4096]).await;
+    assert_eq!(c.reply().await, (proto::EINVAL, 3), "FAST_ZERO was never advertised");
+    // The payload of the refused write was consumed: the stream is in step.
+    assert_eq!(c.write(4, 0, &[9u8; 4096]).await, 0);
+    assert_eq!(c.read(5, 0, 4096).await.expect("read"), vec![9u8; 4096]);
+    c.send(proto::CMD_WRITE_ZEROES, proto::CMD_FLAG_NO_HOLE, 6, 0, 4096, &[]).await;
+    assert_eq!(c.reply().await, (0, 6));
+    let end = c.size;
+    assert_eq!(c.write(7, end - 512, &[1u8; 4096]).await, proto::ENOSPC, "a write past the end");
+    c.send(proto::CMD_WRITE_ZEROES, 0, 8, end, 4096, &[]).await;
+    assert_eq!(c.reply().await, (proto::ENOSPC, 8));
+    c.send(proto::CMD_READ, 0, 9, end, 512, &[]).await;
+    assert_eq!(c.reply().await, (proto::EINVAL, 9), "a read past the end stays EINVAL");
+}

@@ -197,6 +197,11 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     wr.write_all(&proto::server_greeting()).await?;
     wr.flush().await?;
     let client_flags = rd.read_u32().await?;
+    // Flags this server does not know: the spec says drop the connection.
+    if client_flags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
+        tracing::info!(flags = client_flags, "client sent unknown handshake flags; closing");
+        return Ok(Next::Close);
+    }
     let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
     // The metadata context SET_META_CONTEXT selected (base:allocation is
@@ -205,6 +210,12 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     loop {
         let mut hdr = [0u8; 16];
         rd.read_exact(&mut hdr).await?;
+        // The magic first: a length behind a wrong magic means nothing
+        // (and is not drained).
+        if hdr[..8] != proto::IHAVEOPT.to_be_bytes() {
+            tracing::info!("bad option magic; closing");
+            return Ok(Next::Close);
+        }
         let code = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
         let len = u32::from_be_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]);
         let mut frame = hdr.to_vec();
@@ -536,14 +547,14 @@ where
         }
         // Reads of bytes in memory and writes within one already-dirty
         // chunk are answered on the spot: no task, no chunk lock.
-        if req.kind == proto::CMD_READ && req.length <= proto::MAX_PAYLOAD {
+        if req.kind == proto::CMD_READ && req.length <= proto::MAX_PAYLOAD && flags_ok(&req) {
             if let Some(data) = export.volume.read_now(req.offset, req.length as u64) {
                 send_read(&wr, req, data, structured, permit).await;
                 continue;
             }
         }
         if let (proto::CMD_WRITE, Some(data), false) = (req.kind, &payload, export.read_only) {
-            if req.flags & proto::CMD_FLAG_FUA == 0 {
+            if req.flags == 0 {
                 if let Some(r) = export.volume.write_now(req.offset, data) {
                     match r {
                         Ok(()) => wr.simple(0, req.handle, Some(permit)).await,
@@ -577,6 +588,19 @@ where
     result
 }
 
+/// Command flags this server did not advertise or does not know (DF,
+/// FAST_ZERO, extended headers...), or one used on a command it does not
+/// belong to, get EINVAL (after the payload has been read).
+fn flags_ok(req: &Request) -> bool {
+    let allowed = proto::CMD_FLAG_FUA
+        | match req.kind {
+            proto::CMD_WRITE_ZEROES => proto::CMD_FLAG_NO_HOLE,
+            proto::CMD_BLOCK_STATUS => proto::CMD_FLAG_REQ_ONE,
+            _ => 0,
+        };
+    req.flags & !allowed == 0
+}
+
 async fn handle<W: AsyncWrite + Unpin>(
     req: Request,
     payload: Option<Vec<u8>>,
@@ -587,6 +611,10 @@ async fn handle<W: AsyncWrite + Unpin>(
 ) {
     let structured = neg.structured;
     let vol = &export.volume;
+    if !flags_ok(&req) {
+        tracing::debug!(kind = req.kind, flags = req.flags, "request with unsupported flags");
+        return wr.simple(proto::EINVAL, req.handle, Some(permit)).await;
+    }
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
     let writes = matches!(req.kind, proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES);
     if writes && export.read_only {
@@ -668,7 +696,11 @@ async fn finish(r: Result<(), crate::volume::VolumeError>, fua: bool, vol: &Volu
         Ok(()) if fua => vol.flush().await,
         other => other,
     };
-    r.map_err(|e| (nbd_errno(&e), e.to_string()))
+    r.map_err(|e| match e {
+        // A write past the end: ENOSPC, as the spec recommends.
+        crate::volume::VolumeError::OutOfRange { .. } => (proto::ENOSPC, e.to_string()),
+        e => (nbd_errno(&e), e.to_string()),
+    })
 }
 
 async fn send_read<W: AsyncWrite + Unpin>(
