@@ -414,10 +414,11 @@ async fn write_replies<W: AsyncWrite + Unpin>(out: Arc<Mutex<W>>, mut rx: mpsc::
 /// Busy polling for request/reply ping-pong (a client with one request in
 /// flight). Sleeping until the next request arrives costs a wakeup, and on
 /// a virtual machine waking an idle CPU costs tens of microseconds: more
-/// than the request itself. A connection whose requests have been
-/// arriving within a few polling budgets of its replies polls the socket
-/// (a non-blocking peek) for up to one budget before sleeping; one that
-/// goes quiet stops polling at once, so an idle connection costs nothing.
+/// than the request itself. A connection whose last request arrived
+/// within one polling budget of its reply (so polling would have caught
+/// it) polls the socket (a non-blocking peek) for up to one budget before
+/// sleeping; one whose requests come slower than that, a paced client or
+/// an idle one, stops polling at once and costs nothing.
 struct Poller {
     fd: RawFd,
     budget: Duration,
@@ -450,9 +451,10 @@ impl Poller {
         }
     }
 
-    /// Called when a request header has arrived.
+    /// Called when a request header has arrived: stay hot only while
+    /// polling pays (the gap fit in the budget).
     fn arrived(&mut self) {
-        self.hot = self.idle_since.elapsed() < self.budget * 4;
+        self.hot = self.idle_since.elapsed() <= self.budget;
     }
 }
 
@@ -738,4 +740,31 @@ async fn send_read<W: AsyncWrite + Unpin>(
         parts.push(Bytes::copy_from_slice(&f));
     }
     wr.send(parts, Some(permit)).await;
+}
+
+#[cfg(test)]
+mod poller_tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// Polling adapts: a client whose requests arrive within the budget
+    /// keeps it polling; one paced slower than the budget (each poll would
+    /// spin in vain) turns it off at once, and the next wait returns
+    /// without spinning.
+    #[test]
+    fn polling_stops_for_clients_slower_than_the_budget() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let budget = Duration::from_millis(2);
+        let mut p = Poller::new(a.as_raw_fd(), budget);
+        p.wait();
+        p.arrived();
+        assert!(p.hot, "back-to-back requests must keep polling on");
+        p.wait();
+        std::thread::sleep(budget * 2);
+        p.arrived();
+        assert!(!p.hot, "a client paced at twice the budget still made the server poll");
+        let start = Instant::now();
+        p.wait();
+        assert!(start.elapsed() < budget, "a cold connection spun");
+    }
 }
