@@ -148,6 +148,19 @@ enum CsiMode {
 }
 
 #[derive(Subcommand, Debug)]
+enum SnapshotCmd {
+    /// The volume's snapshots.
+    List {
+        url: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot. Volumes cloned or restored from it keep what they
+    /// read (they hold pins of their own).
+    Delete { url: String, name: String },
+}
+
+#[derive(Subcommand, Debug)]
 enum VolumeCmd {
     /// Create an empty (sparse) volume.
     Create {
@@ -211,8 +224,31 @@ enum VolumeCmd {
         #[arg(long)]
         dense: bool,
     },
-    /// Record a snapshot of the volume's committed state.
-    Snapshot { url: String, name: String },
+    /// Record a snapshot of the volume's committed state (`snapshot <URL>
+    /// <NAME>`), or list or delete snapshots.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Snapshot {
+        #[command(subcommand)]
+        action: Option<SnapshotCmd>,
+        /// The volume.
+        #[arg(required = true)]
+        url: Option<String>,
+        /// The new snapshot's name: letters, digits, `-`, `_`, `.`.
+        #[arg(required = true)]
+        name: Option<String>,
+    },
+    /// Make a new volume that reads through a snapshot of another
+    /// (`<VOLUME>@<SNAPSHOT>`) or through its committed state now
+    /// (`<VOLUME>`); it stores only what is written to it afterwards.
+    Clone {
+        /// `<VOLUME-URL>@<SNAPSHOT>` or `<VOLUME-URL>`.
+        source: String,
+        /// The new volume, in the same store.
+        url: String,
+        /// Its size (default: the source's).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+    },
     /// Grow a volume (takes over the volume as its writer while it runs).
     Resize {
         url: String,
@@ -531,10 +567,85 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 return Ok(ExitCode::from(141));
             }
         }
-        VolumeCmd::Snapshot { url, name } => {
+        VolumeCmd::Snapshot { action: Some(SnapshotCmd::List { url, json }), .. } => {
+            let (loc, store) = connect(&url, g, true).await?;
+            replay::read_meta(store.as_ref(), &loc.prefix).await?;
+            let mut snaps = Vec::new();
+            let mut pins = 0;
+            for o in store::list_all(store.as_ref(), &format::snapshot_prefix(&loc.prefix)).await? {
+                let Some(name) =
+                    o.key.strip_prefix(&format::snapshot_prefix(&loc.prefix)).and_then(|n| n.strip_suffix(".json"))
+                else {
+                    continue;
+                };
+                // Pins that keep what clones read are not the user's.
+                if name.starts_with("clone-") {
+                    pins += 1;
+                    continue;
+                }
+                match crate::volume::engine::read_snapshot(&store, &loc.prefix, name).await {
+                    Ok(r) => snaps.push(r),
+                    Err(VolumeError::NotFound(_)) => {}
+                    Err(e) => return Err(e).with_context(|| format!("snapshot {name} of {}", loc.display())),
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snaps)?);
+            } else {
+                println!("{:<40} {:>10} {:>12}  CREATED", "NAME", "SEQ", "SIZE");
+                for r in &snaps {
+                    println!(
+                        "{:<40} {:>10} {:>12}  {}",
+                        r.name,
+                        r.seq,
+                        format_size(r.size),
+                        lease::format_unix(r.created_unix)
+                    );
+                }
+                if pins > 0 {
+                    println!("({pins} more kept for clones and restored volumes)");
+                }
+            }
+        }
+        VolumeCmd::Snapshot { action: Some(SnapshotCmd::Delete { url, name }), .. } => {
+            let (loc, store) = connect(&url, g, true).await?;
+            if name.starts_with("clone-") {
+                bail!("{name} keeps what a clone reads; it goes when that clone is deleted");
+            }
+            crate::volume::engine::read_snapshot(&store, &loc.prefix, &name)
+                .await
+                .with_context(|| format!("snapshot {name} of {}", loc.display()))?;
+            store.delete(&format::snapshot_key(&loc.prefix, &name)).await?;
+            println!("deleted snapshot {name} of {}", loc.display());
+        }
+        VolumeCmd::Snapshot { action: None, url, name } => {
+            let (Some(url), Some(name)) = (url, name) else { bail!("usage: s3blk volume snapshot <URL> <NAME>") };
             let (loc, store) = connect(&url, g, true).await?;
             let rec = crate::volume::engine::snapshot_committed(&store, &loc.prefix, &name, &clock).await?;
             println!("snapshot {name} of {} pins journal seq {} ({})", loc.display(), rec.seq, format_size(rec.size));
+        }
+        VolumeCmd::Clone { source, url, size } => {
+            let (src, snapshot) = match source.rsplit_once('@') {
+                Some((v, s)) if format::validate_snapshot_name(s).is_ok() => (v.to_string(), Some(s.to_string())),
+                _ => (source.clone(), None),
+            };
+            let (sloc, store) = connect(&src, g, true).await?;
+            let loc = Location::parse(&url, true)?;
+            if loc.store != sloc.store {
+                bail!("a clone lives in its source's store: {} is not in the store of {}", url, sloc.display());
+            }
+            let size = size.map(|s| crate::size::round_to_blocks(s, format::BLOCK_SIZE as u64));
+            let meta =
+                catalog::clone_volume(&store, &sloc.prefix, snapshot.as_deref(), &loc.prefix, &loc.url(), size, &clock)
+                    .await
+                    .with_context(|| format!("cannot clone {source} into {}", loc.display()))?;
+            println!(
+                "created {} ({}) reading through {}{}",
+                loc.display(),
+                format_size(meta.size),
+                sloc.display(),
+                snapshot.map(|s| format!("@{s}")).unwrap_or_default()
+            );
         }
         VolumeCmd::Resize { url, size, takeover } => {
             let (loc, store) = connect(&url, g, true).await?;

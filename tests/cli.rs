@@ -460,3 +460,51 @@ fn s3_errors_name_the_cause() {
     assert!(err.to_lowercase().contains("refused"), "{err}");
     no_debug(&err);
 }
+
+/// Snapshots and clones from the CLI: list, clone from a snapshot or from
+/// the committed state, delete the snapshot, compact, and the clones still
+/// read what they were made from.
+#[test]
+fn snapshots_list_delete_and_clones_from_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |n: &str| dir.path().join(n).display().to_string();
+    let (v, c1, c2) = (path("v"), path("c1"), path("c2"));
+    ok(&s3blk(&[], &["volume", "create", &v, "--size", "4MiB", "--chunk-size", "64KiB"]));
+    let first = common::pattern(1, 1 << 20);
+    let second = common::pattern(2, 1 << 20);
+    let input = dir.path().join("in");
+    std::fs::write(&input, &first).expect("input");
+    ok(&s3blk(&[], &["volume", "import", &v, input.to_str().expect("path")]));
+    ok(&s3blk(&[], &["volume", "snapshot", &v, "s1"]));
+    std::fs::write(&input, &second).expect("input");
+    ok(&s3blk(&[], &["volume", "import", &v, input.to_str().expect("path")]));
+
+    let list = ok(&s3blk(&[], &["volume", "snapshot", "list", &v]));
+    assert!(list.lines().any(|l| l.starts_with("s1 ")), "{list}");
+    let out = ok(&s3blk(&[], &["volume", "clone", &format!("{v}@s1"), &c1]));
+    assert!(out.contains("reading through") && out.contains("@s1"), "{out}");
+    ok(&s3blk(&[], &["volume", "clone", &v, &c2, "--size", "8MiB"]));
+    one_line_error(&s3blk(&[], &["volume", "clone", &format!("{v}@nope"), &path("c3")]), "nope");
+    one_line_error(&s3blk(&[], &["volume", "clone", &v, &c1]), "already exists");
+    one_line_error(&s3blk(&[], &["volume", "clone", &v, "s3://other/c"]), "in the store of");
+
+    ok(&s3blk(&[], &["volume", "snapshot", "delete", &v, "s1"]));
+    let list = ok(&s3blk(&[], &["volume", "snapshot", "list", &v, "--json"]));
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&list).expect("json"), serde_json::json!([]));
+    ok(&s3blk(&[], &["compact", &v, "--safety-age", "0"]));
+    let read = |vol: &str| {
+        let out = s3blk(&[], &["volume", "export", vol, "-"]);
+        ok(&out);
+        out.stdout
+    };
+    assert!(read(&c1)[..1 << 20] == first[..], "the clone of s1 lost what it read after s1 was deleted");
+    let c2_bytes = read(&c2);
+    assert_eq!(c2_bytes.len(), 8 << 20);
+    assert!(c2_bytes[..1 << 20] == second[..], "the clone of the committed state");
+    assert!(ok(&s3blk(&[], &["fsck", &c1])).contains("clean"));
+    // The source is kept for its clones; they go first, then it.
+    one_line_error(&s3blk(&[], &["volume", "delete", &v]), "clones");
+    ok(&s3blk(&[], &["volume", "delete", &c1]));
+    ok(&s3blk(&[], &["volume", "delete", &c2]));
+    ok(&s3blk(&[], &["volume", "delete", &v]));
+}

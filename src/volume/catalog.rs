@@ -343,6 +343,67 @@ pub async fn pin_snapshot_for(
     }
 }
 
+/// Create `clone`, a new volume in the same store that reads through
+/// `source`: as of its snapshot `snapshot` (which gets a pin of its own
+/// for the clone, so deleting the snapshot later keeps what the clone
+/// reads), or as of the source's committed state now (`None`). The clone
+/// has the source's chunk size, and `size` (at least the source's size
+/// then; `None`: the same). The CLI's `volume clone`; the CSI controller
+/// takes the same steps in CreateVolume.
+#[allow(clippy::too_many_arguments)]
+pub async fn clone_volume(
+    store: &DynStore,
+    source: &str,
+    snapshot: Option<&str>,
+    clone: &str,
+    clone_id: &str,
+    size: Option<u64>,
+    clock: &dyn Clock,
+) -> CatalogResult<super::format::VolumeMeta> {
+    let meta = replay::read_meta(store.as_ref(), source).await?;
+    if is_deleted(store, source).await? {
+        return Err(CatalogError::BeingDeleted { volume: describe(store.as_ref(), source) });
+    }
+    check_name_free(store, clone).await?;
+    let rec = match snapshot {
+        Some(name) => {
+            let snap = read_snapshot(store, source, name).await?;
+            pin_snapshot_for(store, source, &snap, clone).await?
+        }
+        None => super::engine::snapshot_committed(store, source, &format::clone_pin_name(clone), clock).await?,
+    };
+    let size = size.unwrap_or(rec.size);
+    let created = async {
+        if size < rec.size {
+            return Err(VolumeError::InvalidArgument(format!(
+                "a clone cannot be smaller than its source ({} bytes)",
+                rec.size
+            ))
+            .into());
+        }
+        add_clone_marker(store, source, clone, clone_id, rec.seq).await?;
+        let parent = format::ParentRef { volume: source.to_string(), snapshot: rec.name.clone(), seq: rec.seq };
+        let opts = super::engine::CreateOptions {
+            size,
+            chunk_size: meta.chunk_size,
+            parent: Some(parent),
+            single_writer: meta.single_writer,
+        };
+        Ok::<_, CatalogError>(super::Volume::create(store.clone(), clone, opts, clock).await?)
+    }
+    .await;
+    // Let go of the source again, unless another create of the same name
+    // won a race: the pin and marker are then that clone's.
+    if let Err(e) = &created
+        && !matches!(e, CatalogError::Volume(VolumeError::AlreadyExists(_)))
+    {
+        if let Err(e) = release_source(store, source, clone).await {
+            tracing::warn!(volume = %describe(store.as_ref(), source), error = %e, "releasing a failed clone's pin");
+        }
+    }
+    created
+}
+
 /// A clone (or restored volume) lets go of its source: the marker and the
 /// pin go, and the source too when it was deleted and this was the last
 /// thing that kept it (if that fails, the reaper tries again later).

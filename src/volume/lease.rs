@@ -82,7 +82,8 @@ impl std::fmt::Display for Occupant {
     }
 }
 
-fn format_unix(t: i64) -> String {
+/// Unix seconds as `YYYY-MM-DD hh:mm:ss UTC`.
+pub fn format_unix(t: i64) -> String {
     // Seconds are enough for people; UTC, no time-zone database needed.
     let days = t.div_euclid(86_400);
     let secs = t.rem_euclid(86_400);
