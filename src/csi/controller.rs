@@ -427,6 +427,14 @@ impl ControllerService {
         }
     }
 
+    /// Can a clone or restore source live at `loc`: an S3 bucket, or the
+    /// directory store that is `--store`? Other ids (a plain path, another
+    /// directory) name nothing the driver made, and are never opened.
+    fn may_hold_source(&self, loc: &Location) -> bool {
+        matches!(loc.store, StoreSpec::S3 { .. })
+            || self.cfg.default_store.as_ref().is_some_and(|d| d.url() == split_volume(loc).0.url())
+    }
+
     /// Is `root` a store this controller provisions into: `--store`, or a
     /// bucket and prefix a StorageClass named (marked at its first
     /// CreateVolume)? Directory and memory stores are served only as
@@ -503,7 +511,7 @@ impl pb::controller_server::Controller for ControllerService {
             None => None,
             Some(pb::volume_content_source::Type::Snapshot(s)) => {
                 let (sloc, name) = parse_snapshot_id(&s.snapshot_id)?;
-                if name.starts_with("clone-") {
+                if name.starts_with("clone-") || !self.may_hold_source(&sloc) {
                     return Err(Status::not_found(format!("no such snapshot {}", s.snapshot_id)));
                 }
                 let sstore = self.store_for(&sloc, &req.secrets).await?;
@@ -526,6 +534,9 @@ impl pb::controller_server::Controller for ControllerService {
             }
             Some(pb::volume_content_source::Type::Volume(v)) => {
                 let vloc = parse_volume_id(&v.volume_id)?;
+                if !self.may_hold_source(&vloc) {
+                    return Err(Status::not_found(format!("no such volume {}", v.volume_id)));
+                }
                 let vstore = self.store_for(&vloc, &req.secrets).await?;
                 self.live_meta(&vstore, &vloc).await?;
                 if vloc.store != loc.store {
