@@ -44,13 +44,18 @@ pub fn record(node_id: &str, clock: &dyn Clock) -> NodeRecord {
 /// background task, so an unreachable store never keeps the CSI socket
 /// from coming up. Returns the background task, if one was needed.
 pub async fn register(stores: Arc<Stores>, root: Location, rec: NodeRecord) -> Option<tokio::task::JoinHandle<()>> {
+    // Each attempt runs as a task of its own: whatever goes wrong inside
+    // the store client (even a panic) fails the attempt, never the plugin.
     let attempt = {
         let (stores, root, rec) = (stores.clone(), root.clone(), rec.clone());
         move || {
             let (stores, root, rec) = (stores.clone(), root.clone(), rec.clone());
             async move {
-                let store = stores.get(&root, &HashMap::new()).await.map_err(|s| s.message().to_string())?;
-                catalog::register_node(&store, &root.prefix, &rec).await.map_err(|e| e.to_string())
+                let task = tokio::spawn(async move {
+                    let store = stores.get(&root, &HashMap::new()).await.map_err(|s| s.message().to_string())?;
+                    catalog::register_node(&store, &root.prefix, &rec).await.map_err(|e| e.to_string())
+                });
+                task.await.map_err(|e| format!("the attempt failed: {e}"))?
             }
         }
     };
