@@ -1217,3 +1217,76 @@ print("ANSWERED")
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.contains("ANSWERED"), "{text}");
 }
+
+/// Ids that name a path on the controller's host rather than a volume the
+/// driver could have made: NOT_FOUND (or nothing, for listings), and the
+/// path is never opened, so nothing is created there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_outside_the_drivers_stores_are_not_found_and_never_opened() {
+    let Some(mut d) = driver().await else { return };
+    let host = tempfile::tempdir().expect("tempdir");
+    let mut answers: Vec<(String, Result<(), Code>)> = Vec::new();
+    for id in [format!("{}/plain/vol", host.path().display()), format!("file://{}/url/vol", host.path().display())] {
+        let ok = |r: Result<(), tonic::Status>| r.map_err(|e| e.code());
+        let get = d.ctl.controller_get_volume(pb::ControllerGetVolumeRequest { volume_id: id.clone() }).await;
+        answers.push((format!("get {id}"), ok(get.map(|_| ()))));
+        let validate = d
+            .ctl
+            .validate_volume_capabilities(pb::ValidateVolumeCapabilitiesRequest {
+                volume_id: id.clone(),
+                volume_capabilities: vec![rwo()],
+                ..Default::default()
+            })
+            .await;
+        answers.push((format!("validate {id}"), ok(validate.map(|_| ()))));
+        let publish = d
+            .ctl
+            .controller_publish_volume(pb::ControllerPublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: "node-a".into(),
+                volume_capability: Some(rwo()),
+                ..Default::default()
+            })
+            .await;
+        answers.push((format!("publish {id}"), ok(publish.map(|_| ()))));
+        let expand = d
+            .ctl
+            .controller_expand_volume(pb::ControllerExpandVolumeRequest {
+                volume_id: id.clone(),
+                capacity_range: Some(pb::CapacityRange { required_bytes: 2 << 20, limit_bytes: 0 }),
+                ..Default::default()
+            })
+            .await;
+        answers.push((format!("expand {id}"), ok(expand.map(|_| ()))));
+        let snap = d
+            .ctl
+            .create_snapshot(pb::CreateSnapshotRequest {
+                source_volume_id: id.clone(),
+                name: "snap-host".into(),
+                ..Default::default()
+            })
+            .await;
+        answers.push((format!("snapshot {id}"), ok(snap.map(|_| ()))));
+        let list = d
+            .ctl
+            .list_snapshots(pb::ListSnapshotsRequest { source_volume_id: id.clone(), ..Default::default() })
+            .await
+            .expect("list snapshots")
+            .into_inner();
+        assert!(list.entries.is_empty());
+        d.ctl
+            .list_snapshots(pb::ListSnapshotsRequest { snapshot_id: format!("{id}@snap-host"), ..Default::default() })
+            .await
+            .expect("list snapshots by id");
+        let mut restore = create_req("pvc-from-host", 1 << 20, 0);
+        restore.volume_content_source = Some(pb::VolumeContentSource {
+            r#type: Some(pb::volume_content_source::Type::Snapshot(pb::volume_content_source::SnapshotSource {
+                snapshot_id: format!("{id}@snap-host"),
+            })),
+        });
+        answers.push((format!("restore from {id}"), ok(d.ctl.create_volume(restore).await.map(|_| ()))));
+    }
+    let created: Vec<_> = std::fs::read_dir(host.path()).expect("read dir").flatten().map(|e| e.path()).collect();
+    let wrong: Vec<_> = answers.iter().filter(|(_, a)| *a != Err(Code::NotFound)).collect();
+    assert!(created.is_empty() && wrong.is_empty(), "created on the host: {created:?}; answers: {wrong:#?}");
+}

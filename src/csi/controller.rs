@@ -427,12 +427,31 @@ impl ControllerService {
         }
     }
 
-    /// Can a clone or restore source live at `loc`: an S3 bucket, or the
-    /// directory store that is `--store`? Other ids (a plain path, another
-    /// directory) name nothing the driver made, and are never opened.
-    fn may_hold_source(&self, loc: &Location) -> bool {
+    /// Can a volume of this driver live at `loc`: in an S3 bucket, or in
+    /// the directory store that is `--store`? Other ids (a plain path,
+    /// another directory) name nothing the driver made, and are never
+    /// opened: opening a directory store creates its directory.
+    fn may_hold_volume(&self, loc: &Location) -> bool {
         matches!(loc.store, StoreSpec::S3 { .. })
             || self.cfg.default_store.as_ref().is_some_and(|d| d.url() == split_volume(loc).0.url())
+    }
+
+    /// A volume id's location, or NOT_FOUND for an id the driver never issues.
+    fn volume_location(&self, id: &str) -> Result<Location, Status> {
+        let loc = parse_volume_id(id)?;
+        if !self.may_hold_volume(&loc) {
+            return Err(Status::not_found(format!("no such volume {id}")));
+        }
+        Ok(loc)
+    }
+
+    /// A snapshot id's volume and name, or NOT_FOUND for an id the driver never issues.
+    fn snapshot_location(&self, id: &str) -> Result<(Location, String), Status> {
+        let (loc, name) = parse_snapshot_id(id)?;
+        if !self.may_hold_volume(&loc) {
+            return Err(Status::not_found(format!("no such snapshot {id}")));
+        }
+        Ok((loc, name))
     }
 
     /// Is `root` a store this controller provisions into: `--store`, or a
@@ -510,8 +529,8 @@ impl pb::controller_server::Controller for ControllerService {
         let source = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
             None => None,
             Some(pb::volume_content_source::Type::Snapshot(s)) => {
-                let (sloc, name) = parse_snapshot_id(&s.snapshot_id)?;
-                if name.starts_with("clone-") || !self.may_hold_source(&sloc) {
+                let (sloc, name) = self.snapshot_location(&s.snapshot_id)?;
+                if name.starts_with("clone-") {
                     return Err(Status::not_found(format!("no such snapshot {}", s.snapshot_id)));
                 }
                 let sstore = self.store_for(&sloc, &req.secrets).await?;
@@ -533,10 +552,7 @@ impl pb::controller_server::Controller for ControllerService {
                 Some((sloc, rec))
             }
             Some(pb::volume_content_source::Type::Volume(v)) => {
-                let vloc = parse_volume_id(&v.volume_id)?;
-                if !self.may_hold_source(&vloc) {
-                    return Err(Status::not_found(format!("no such volume {}", v.volume_id)));
-                }
+                let vloc = self.volume_location(&v.volume_id)?;
                 let vstore = self.store_for(&vloc, &req.secrets).await?;
                 self.live_meta(&vstore, &vloc).await?;
                 if vloc.store != loc.store {
@@ -701,7 +717,7 @@ impl pb::controller_server::Controller for ControllerService {
         request: Request<pb::ControllerPublishVolumeRequest>,
     ) -> RpcResult<pb::ControllerPublishVolumeResponse> {
         let req = request.into_inner();
-        let loc = parse_volume_id(&req.volume_id)?;
+        let loc = self.volume_location(&req.volume_id)?;
         if req.node_id.is_empty() {
             return Err(Status::invalid_argument("node id is required"));
         }
@@ -751,7 +767,7 @@ impl pb::controller_server::Controller for ControllerService {
         if req.volume_id.is_empty() {
             return Err(Status::invalid_argument("volume id is required"));
         }
-        let Ok(loc) = Location::parse(&req.volume_id, true) else {
+        let Ok(loc) = self.volume_location(&req.volume_id) else {
             return Ok(Response::new(pb::ControllerUnpublishVolumeResponse {}));
         };
         let _guard = self.inflight.start(&loc.url())?;
@@ -772,7 +788,7 @@ impl pb::controller_server::Controller for ControllerService {
         request: Request<pb::ValidateVolumeCapabilitiesRequest>,
     ) -> RpcResult<pb::ValidateVolumeCapabilitiesResponse> {
         let req = request.into_inner();
-        let loc = parse_volume_id(&req.volume_id)?;
+        let loc = self.volume_location(&req.volume_id)?;
         if req.volume_capabilities.is_empty() {
             return Err(Status::invalid_argument("volume capabilities are required"));
         }
@@ -883,7 +899,7 @@ impl pb::controller_server::Controller for ControllerService {
         if req.name.is_empty() {
             return Err(Status::invalid_argument("snapshot name is required"));
         }
-        let vloc = parse_volume_id(&req.source_volume_id)?;
+        let vloc = self.volume_location(&req.source_volume_id)?;
         let name = object_name(&req.name);
         let store = self.store_for(&vloc, &req.secrets).await?;
         // Snapshot names are unique per store: an index entry claims the name.
@@ -927,7 +943,7 @@ impl pb::controller_server::Controller for ControllerService {
         if req.snapshot_id.is_empty() {
             return Err(Status::invalid_argument("snapshot id is required"));
         }
-        let Ok((vloc, name)) = parse_snapshot_id(&req.snapshot_id) else {
+        let Ok((vloc, name)) = self.snapshot_location(&req.snapshot_id) else {
             return Ok(Response::new(pb::DeleteSnapshotResponse {}));
         };
         // The pins that keep what clones and restored volumes read are no
@@ -952,7 +968,7 @@ impl pb::controller_server::Controller for ControllerService {
         let (start, max) = parse_pagination(req.max_entries, &req.starting_token)?;
         let mut all = Vec::new();
         if !req.snapshot_id.is_empty() {
-            if let Ok((vloc, name)) = parse_snapshot_id(&req.snapshot_id) {
+            if let Ok((vloc, name)) = self.snapshot_location(&req.snapshot_id) {
                 let store = self.store_for(&vloc, &req.secrets).await?;
                 match read_snapshot(&store, &vloc.prefix, &name).await {
                     Ok(rec)
@@ -969,7 +985,7 @@ impl pb::controller_server::Controller for ControllerService {
             let vols = if req.source_volume_id.is_empty() {
                 self.all_volumes().await?
             } else {
-                match Location::parse(&req.source_volume_id, true) {
+                match self.volume_location(&req.source_volume_id) {
                     Ok(l) => vec![l],
                     Err(_) => Vec::new(),
                 }
@@ -991,7 +1007,7 @@ impl pb::controller_server::Controller for ControllerService {
         request: Request<pb::ControllerExpandVolumeRequest>,
     ) -> RpcResult<pb::ControllerExpandVolumeResponse> {
         let req = request.into_inner();
-        let loc = parse_volume_id(&req.volume_id)?;
+        let loc = self.volume_location(&req.volume_id)?;
         let range =
             req.capacity_range.as_ref().ok_or_else(|| Status::invalid_argument("capacity range is required"))?;
         let _guard = self.inflight.start(&loc.url())?;
@@ -1031,7 +1047,7 @@ impl pb::controller_server::Controller for ControllerService {
         request: Request<pb::ControllerGetVolumeRequest>,
     ) -> RpcResult<pb::ControllerGetVolumeResponse> {
         let req = request.into_inner();
-        let loc = parse_volume_id(&req.volume_id)?;
+        let loc = self.volume_location(&req.volume_id)?;
         let store = self.store_for(&loc, &HashMap::new()).await?;
         let reply = |volume: pb::Volume, nodes: Vec<String>, condition: pb::VolumeCondition| {
             Ok(Response::new(pb::ControllerGetVolumeResponse {
