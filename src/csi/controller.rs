@@ -24,6 +24,19 @@
 //! | published to a node | FAILED_PRECONDITION |
 //! | snapshots or clones read through it | OK; hidden behind its tombstone, reaped when they are gone |
 //! | otherwise | OK; tombstone, every object, tombstone last; logged with the object count |
+//!
+//! Every other RPC answers NOT_FOUND for an id outside S3 and `--store`
+//! (a plain path, another directory) and never opens it.
+//!
+//! ## Which stores listing covers, which nodes publishing accepts
+//!
+//! ListVolumes, ListSnapshots and the compaction pass walk `--store` and
+//! every store registered under it (`catalog::register_store`, written by
+//! CreateVolume into another bucket or prefix), with the controller's own
+//! credentials: listing calls carry no secrets, so a registered store those
+//! cannot read is logged and skipped. ControllerPublishVolume accepts a node
+//! id only when the node plugin registered under `--store`
+//! (`csi::registration`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
