@@ -633,6 +633,34 @@ async fn the_controller_compacts_every_volume_in_the_background() {
     assert_eq!(left, 0, "the deleted volume was not reaped");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_compacts_volumes_in_every_store_it_provisioned_into() {
+    let Some(mut d) = driver_with(std::time::Duration::from_secs(1), std::time::Duration::ZERO).await else { return };
+    let (bucket2, store2) = second_bucket().await;
+    let mut req = create_req("pvc-away-compact", 4 << 20, 0);
+    req.parameters.insert("bucket".into(), bucket2);
+    let vol = d.ctl.create_volume(req).await.expect("create in bucket 2").into_inner().volume.expect("v");
+    let prefix = prefix_of(&vol.volume_id);
+    for seed in 0..3 {
+        let v = Volume::open(store2.clone(), &prefix, OpenOptions::default()).await.expect("open");
+        v.write(0, &common::pattern(seed, 1 << 20)).await.expect("write");
+        v.flush().await.expect("flush");
+    }
+    let chunks = format!("{prefix}chunks/");
+    let count = || async { s3blk::store::list_all(store2.as_ref(), &chunks).await.expect("list").len() };
+    let written = count().await;
+    assert!(written >= 3 && written % 3 == 0, "{written} chunk objects");
+    let mut left = written;
+    for _ in 0..100 {
+        left = count().await;
+        if left == written / 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, written / 3, "the volume in the other bucket was not compacted");
+}
+
 /// Logs of the whole test process, for checks that something was logged.
 fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
     static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
