@@ -63,8 +63,9 @@ pub const DEFAULT_CAPACITY: u64 = 1 << 30;
 
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
-    /// Where volumes go when the StorageClass names no store, and what
-    /// ListVolumes lists.
+    /// Where volumes go when the StorageClass names no store; listing
+    /// starts here (with the stores registered under it), and nodes
+    /// register here.
     pub default_store: Option<Location>,
     /// Reported by GetCapacity: object stores are bottomless.
     pub capacity: u64,
