@@ -81,7 +81,7 @@ enum Command {
         /// This node's id (node mode).
         #[arg(long, env = "S3BLK_NODE_ID")]
         node_id: Option<String>,
-        /// Store for volumes whose StorageClass names none, and for ListVolumes (s3://bucket/prefix).
+        /// Store for volumes whose StorageClass names none; the root listing starts from, and where nodes register (s3://bucket/prefix).
         #[arg(long, env = "S3BLK_STORE")]
         store: Option<String>,
         /// Capacity reported by GetCapacity (object stores are bottomless).

@@ -46,9 +46,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   [ -z "$qemu_from" ] || apt_install -t "$qemu_from" qemu-system-x86
 fi
 
-# --- Python tools in a venv: the S3 server, and the chart tests' tools.
-py_tools=('moto[server]>=5' 'helm-python-sdk>=0.2' 'kubernetes-validate>=1.30' 'pytest>=8' 'pyyaml')
-if [ ! -x .venv/bin/moto_server ] || ! .venv/bin/python -c 'import helm_python, kubernetes_validate, pytest, yaml' 2>/dev/null; then
+# --- Python tools in a venv: the S3 server, the chart tests' tools, and a grpcio
+# client (the CSI socket must answer it with its default options).
+py_tools=('moto[server]>=5' 'helm-python-sdk>=0.2' 'kubernetes-validate>=1.30' 'pytest>=8' 'pyyaml' 'grpcio>=1.60')
+if [ ! -x .venv/bin/moto_server ] || ! .venv/bin/python -c 'import helm_python, kubernetes_validate, pytest, yaml, grpc' 2>/dev/null; then
   log "installing Python tools into .venv: ${py_tools[*]}"
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check "${py_tools[@]}"

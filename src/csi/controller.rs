@@ -24,6 +24,19 @@
 //! | published to a node | FAILED_PRECONDITION |
 //! | snapshots or clones read through it | OK; hidden behind its tombstone, reaped when they are gone |
 //! | otherwise | OK; tombstone, every object, tombstone last; logged with the object count |
+//!
+//! Every other RPC answers NOT_FOUND for an id outside S3 and `--store`
+//! (a plain path, another directory) and never opens it.
+//!
+//! ## Which stores listing covers, which nodes publishing accepts
+//!
+//! ListVolumes, ListSnapshots and the compaction pass walk `--store` and
+//! every store registered under it (`catalog::register_store`, written by
+//! CreateVolume into another bucket or prefix), with the controller's own
+//! credentials: listing calls carry no secrets, so a registered store those
+//! cannot read is logged and skipped. ControllerPublishVolume accepts a node
+//! id only when the node plugin registered under `--store`
+//! (`csi::registration`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -50,8 +63,9 @@ pub const DEFAULT_CAPACITY: u64 = 1 << 30;
 
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
-    /// Where volumes go when the StorageClass names no store, and what
-    /// ListVolumes lists.
+    /// Where volumes go when the StorageClass names no store; listing
+    /// starts here (with the stores registered under it), and nodes
+    /// register here.
     pub default_store: Option<Location>,
     /// Reported by GetCapacity: object stores are bottomless.
     pub capacity: u64,
@@ -111,6 +125,9 @@ fn parse_params(p: &HashMap<String, String>) -> Result<Params, Status> {
             other => return Err(Status::invalid_argument(format!("unknown parameter {other:?}"))),
         }
     }
+    if bucket.is_none() && !prefix.is_empty() {
+        return Err(Status::invalid_argument("parameter prefix needs the parameter bucket"));
+    }
     if let Some(b) = bucket {
         if out.store.is_some() {
             return Err(Status::invalid_argument("give either store or bucket/prefix, not both"));
@@ -152,6 +169,40 @@ fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+fn volume_message(loc: &Location, meta: &VolumeMeta, size: u64) -> pb::Volume {
+    let mut context = HashMap::new();
+    context.insert("chunkSize".to_string(), meta.chunk_size.to_string());
+    pb::Volume { capacity_bytes: to_i64(size), volume_id: loc.url(), volume_context: context, ..Default::default() }
+}
+
+/// A store as people name it in a StorageClass.
+fn store_name(loc: &Location) -> String {
+    match &loc.store {
+        StoreSpec::S3 { bucket } => format!("bucket {bucket}"),
+        _ => format!("store {}", split_volume(loc).0.url()),
+    }
+}
+
+/// What CreateVolume records of a request to compare a retry with.
+fn provisioned(params: &Params, caps: &[pb::VolumeCapability]) -> catalog::Provisioned {
+    use pb::volume_capability::AccessType;
+    let mut capabilities: Vec<String> = caps
+        .iter()
+        .map(|c| {
+            let kind = match &c.access_type {
+                Some(AccessType::Block(_)) => "block".to_string(),
+                Some(AccessType::Mount(m)) => format!("mount:{}", m.fs_type),
+                None => "none".to_string(),
+            };
+            let mode = c.access_mode.as_ref().map(|m| m.mode()).unwrap_or_default();
+            format!("{kind}/{}", mode.as_str_name())
+        })
+        .collect();
+    capabilities.sort();
+    capabilities.dedup();
+    catalog::Provisioned { parameters: params.context.clone().into_iter().collect(), capabilities }
+}
+
 fn timestamp(unix: i64) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: unix, nanos: 0 }
 }
@@ -174,16 +225,11 @@ impl ControllerService {
         Ok(meta)
     }
 
+    /// The volume as CSI describes it; its size from the newest journal
+    /// record (`catalog::current_size`), without replaying the journal.
     async fn volume_message(&self, store: &DynStore, loc: &Location, meta: &VolumeMeta) -> Result<pb::Volume, Status> {
-        let st = replay::replay(store.as_ref(), &loc.prefix, meta.chunk_size as u64, None).await.map_err(status)?;
-        let mut context = HashMap::new();
-        context.insert("chunkSize".to_string(), meta.chunk_size.to_string());
-        Ok(pb::Volume {
-            capacity_bytes: to_i64(st.size),
-            volume_id: loc.url(),
-            volume_context: context,
-            ..Default::default()
-        })
+        let size = catalog::current_size(store, &loc.prefix, meta).await.map_err(catalog_status)?;
+        Ok(volume_message(loc, meta, size))
     }
 
     async fn attachments(&self, store: &DynStore, loc: &Location) -> Result<Vec<Attachment>, Status> {
@@ -284,15 +330,142 @@ impl ControllerService {
         Ok(entries.into_iter().filter(|(_, s)| *s == EntryState::Live).map(|(l, _)| l).collect())
     }
 
-    /// Every prefix directly under the default store, and what it holds.
+    /// The store roots listing walks: `--store`, then every S3 store
+    /// registered under it (CreateVolume into another bucket or prefix).
+    async fn known_stores(&self) -> Result<Vec<Location>, Status> {
+        let Some(home) = &self.cfg.default_store else { return Ok(Vec::new()) };
+        let store = self.store_for(home, &HashMap::new()).await?;
+        let mut out = vec![home.clone()];
+        for url in catalog::registered_stores(&store, &home.prefix).await.map_err(catalog_status)? {
+            match Location::parse(&url, false) {
+                Ok(l) if matches!(l.store, StoreSpec::S3 { .. }) && l.url() != home.url() => out.push(l),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "ignoring an unreadable store registry entry"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every prefix directly under each known store, and what it holds.
+    /// Stores are read with the controller's own credentials: a registered
+    /// store they cannot read is logged and left out.
     async fn entries(&self) -> Result<Vec<(Location, EntryState)>, Status> {
-        let Some(root) = &self.cfg.default_store else { return Ok(Vec::new()) };
-        let store = self.store_for(root, &HashMap::new()).await?;
-        let entries = catalog::list(&store, &root.prefix).await.map_err(catalog_status)?;
-        let mut out: Vec<(Location, EntryState)> =
-            entries.into_iter().map(|e| (Location { store: root.store.clone(), prefix: e.prefix }, e.state)).collect();
+        let mut out: Vec<(Location, EntryState)> = Vec::new();
+        for (i, root) in self.known_stores().await?.into_iter().enumerate() {
+            let listed = async {
+                let store = self.store_for(&root, &HashMap::new()).await?;
+                catalog::list(&store, &root.prefix).await.map_err(catalog_status)
+            }
+            .await;
+            let entries = match listed {
+                Ok(e) => e,
+                Err(e) if i > 0 => {
+                    tracing::warn!(
+                        store = %root.url(),
+                        error = %e.message(),
+                        "a store this driver provisioned into cannot be listed with the controller's credentials; its volumes are left out"
+                    );
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            out.extend(
+                entries.into_iter().map(|e| (Location { store: root.store.clone(), prefix: e.prefix }, e.state)),
+            );
+        }
         out.sort_by_key(|(l, _)| l.url());
         Ok(out)
+    }
+
+    /// A volume of this name in a known store other than `root` (a retry
+    /// of a CreateVolume with another bucket or prefix).
+    async fn same_name_elsewhere(&self, root: &Location, name: &str) -> Result<Option<Location>, Status> {
+        for other in self.known_stores().await? {
+            if other.url() == root.url() {
+                continue;
+            }
+            let loc = other.child(name);
+            let found = async {
+                let store = self.store_for(&loc, &HashMap::new()).await?;
+                store.head(&format::meta_key(&loc.prefix)).await.map_err(|e| store_status(&e))
+            }
+            .await;
+            match found {
+                Ok(Some(_)) => return Ok(Some(loc)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(store = %other.url(), error = %e.message(), "cannot check a store for the name")
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// NOT_FOUND unless the node plugin `node` registered itself under the
+    /// controller's `--store` (see `csi::registration`). Without `--store`
+    /// there is nowhere to look, and every node id is taken on trust.
+    async fn check_node(&self, node: &str) -> Result<(), Status> {
+        let Some(home) = &self.cfg.default_store else { return Ok(()) };
+        let store = self.store_for(home, &HashMap::new()).await?;
+        match catalog::node_record(&store, &home.prefix, node).await.map_err(catalog_status)? {
+            Some(_) => Ok(()),
+            None => Err(Status::not_found(format!(
+                "node {node} is unknown: no s3blk node plugin with this id has registered in {}",
+                home.url()
+            ))),
+        }
+    }
+
+    /// The volume's condition as the store shows it: the store unreachable,
+    /// damage fsck finds without reading chunk data (missing or unreadable
+    /// journal records, checkpoints or chunk objects), or records a fenced
+    /// writer left after another writer took the volume over. Reads every
+    /// journal record: for ControllerGetVolume only, never for listing.
+    async fn condition(&self, store: &DynStore, loc: &Location) -> pb::VolumeCondition {
+        let abnormal = |message: String| pb::VolumeCondition { abnormal: true, message };
+        match crate::volume::fsck::fsck(store.as_ref(), &loc.prefix, false, &|_, _| {}).await {
+            Ok(rep) if !rep.clean => abnormal(format!("damaged: {}", rep.errors.join("; "))),
+            Ok(rep) => {
+                let fenced: Vec<&String> = rep.warnings.iter().filter(|w| w.contains("fenced writer")).collect();
+                if fenced.is_empty() {
+                    pb::VolumeCondition { abnormal: false, message: "ok".into() }
+                } else {
+                    abnormal(format!(
+                        "another writer took the volume over while a fenced writer was still writing: {}",
+                        fenced.iter().map(|w| w.as_str()).collect::<Vec<_>>().join("; ")
+                    ))
+                }
+            }
+            Err(VolumeError::Store(e)) => abnormal(format!("store unreachable: {e}")),
+            Err(e) => abnormal(format!("damaged: {e}")),
+        }
+    }
+
+    /// Can a volume of this driver live at `loc`: in an S3 bucket, or in
+    /// the directory store that is `--store`? Other ids (a plain path,
+    /// another directory) name nothing the driver made, and are never
+    /// opened: opening a directory store creates its directory.
+    fn may_hold_volume(&self, loc: &Location) -> bool {
+        matches!(loc.store, StoreSpec::S3 { .. })
+            || self.cfg.default_store.as_ref().is_some_and(|d| d.url() == split_volume(loc).0.url())
+    }
+
+    /// A volume id's location, or NOT_FOUND for an id the driver never issues.
+    fn volume_location(&self, id: &str) -> Result<Location, Status> {
+        let loc = parse_volume_id(id)?;
+        if !self.may_hold_volume(&loc) {
+            return Err(Status::not_found(format!("no such volume {id}")));
+        }
+        Ok(loc)
+    }
+
+    /// A snapshot id's volume and name, or NOT_FOUND for an id the driver never issues.
+    fn snapshot_location(&self, id: &str) -> Result<(Location, String), Status> {
+        let (loc, name) = parse_snapshot_id(id)?;
+        if !self.may_hold_volume(&loc) {
+            return Err(Status::not_found(format!("no such snapshot {id}")));
+        }
+        Ok((loc, name))
     }
 
     /// Is `root` a store this controller provisions into: `--store`, or a
@@ -365,24 +538,45 @@ impl pb::controller_server::Controller for ControllerService {
         let store = self.store_for(&loc, &req.secrets).await?;
         let chunk = params.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
 
-        // The source, if any: a snapshot, or a volume (cloned via an internal snapshot).
+        // The source, if any: a snapshot, or a volume (cloned via an internal
+        // snapshot). It must exist (NOT_FOUND) and live in the new volume's bucket.
         let source = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
             None => None,
             Some(pb::volume_content_source::Type::Snapshot(s)) => {
-                let (sloc, name) = parse_snapshot_id(&s.snapshot_id)?;
-                let sstore = self.store_for(&sloc, &req.secrets).await?;
-                if sstore.describe() != store.describe() || sloc.store != loc.store {
-                    return Err(Status::invalid_argument("a snapshot can only be restored into the same bucket"));
+                let (sloc, name) = self.snapshot_location(&s.snapshot_id)?;
+                if name.starts_with("clone-") {
+                    return Err(Status::not_found(format!("no such snapshot {}", s.snapshot_id)));
                 }
-                let rec = read_snapshot(&sstore, &sloc.prefix, &name).await.map_err(status)?;
+                let sstore = self.store_for(&sloc, &req.secrets).await?;
+                let rec = match read_snapshot(&sstore, &sloc.prefix, &name).await {
+                    Ok(r) => r,
+                    Err(VolumeError::NotFound(_)) => {
+                        return Err(Status::not_found(format!("no such snapshot {}", s.snapshot_id)));
+                    }
+                    Err(e) => return Err(status(e)),
+                };
+                if sstore.describe() != store.describe() || sloc.store != loc.store {
+                    return Err(Status::invalid_argument(format!(
+                        "snapshot {} is in {}, the new volume in {}: a snapshot is restored into its own bucket (use a StorageClass with its bucket)",
+                        s.snapshot_id,
+                        store_name(&sloc),
+                        store_name(&loc)
+                    )));
+                }
                 Some((sloc, rec))
             }
             Some(pb::volume_content_source::Type::Volume(v)) => {
-                let vloc = parse_volume_id(&v.volume_id)?;
+                let vloc = self.volume_location(&v.volume_id)?;
+                let vstore = self.store_for(&vloc, &req.secrets).await?;
+                self.live_meta(&vstore, &vloc).await?;
                 if vloc.store != loc.store {
-                    return Err(Status::invalid_argument("a volume can only be cloned within its bucket"));
+                    return Err(Status::invalid_argument(format!(
+                        "volume {} is in {}, the clone in {}: a volume is cloned within its own bucket (use a StorageClass with its bucket)",
+                        v.volume_id,
+                        store_name(&vloc),
+                        store_name(&loc)
+                    )));
                 }
-                self.live_meta(&store, &vloc).await?;
                 let snap = format::clone_pin_name(&loc.prefix);
                 let rec = match read_snapshot(&store, &vloc.prefix, &snap).await {
                     Ok(r) => r,
@@ -409,22 +603,46 @@ impl pb::controller_server::Controller for ControllerService {
             seq: rec.seq,
         });
 
-        // Idempotency: an existing volume of this name is the answer when it matches.
+        // Idempotency: an existing volume of this name is the answer when
+        // it was made with the same store, chunk size, parameters,
+        // capabilities and source, and its size is in the requested range.
+        let wanted = provisioned(&params, &req.volume_capabilities);
         match replay::read_meta(store.as_ref(), &loc.prefix).await {
             Ok(meta) => {
                 let tombstoned = catalog::is_deleted(&store, &loc.prefix).await.map_err(catalog_status)?;
-                let st =
-                    replay::replay(store.as_ref(), &loc.prefix, meta.chunk_size as u64, None).await.map_err(status)?;
+                if tombstoned {
+                    return Err(Status::already_exists(format!("volume {} exists and is being deleted", req.name)));
+                }
+                let size = catalog::current_size(&store, &loc.prefix, &meta).await.map_err(catalog_status)?;
                 let lim = req.capacity_range.as_ref().map(|r| r.limit_bytes).unwrap_or(0);
                 let req_b = req.capacity_range.as_ref().map(|r| r.required_bytes).unwrap_or(0);
-                let fits = st.size >= req_b.max(0) as u64 && (lim == 0 || st.size <= lim as u64);
-                if tombstoned || !fits || meta.parent != parent {
+                let mut differs = Vec::new();
+                if size < req_b.max(0) as u64 || (lim != 0 && size > lim as u64) {
+                    differs.push(format!("its size {size} is outside the requested range"));
+                }
+                if meta.chunk_size != chunk {
+                    differs.push(format!("chunkSize {} (asked: {chunk})", meta.chunk_size));
+                }
+                if meta.parent != parent {
+                    differs.push("another source".to_string());
+                }
+                // Volumes made before the record was kept (or by the CLI) have none.
+                if let Some(had) = catalog::read_provisioned(&store, &loc.prefix).await.map_err(catalog_status)? {
+                    if had.parameters != wanted.parameters {
+                        differs.push(format!("parameters {:?} (asked: {:?})", had.parameters, wanted.parameters));
+                    }
+                    if had.capabilities != wanted.capabilities {
+                        differs.push(format!("capabilities {:?} (asked: {:?})", had.capabilities, wanted.capabilities));
+                    }
+                }
+                if !differs.is_empty() {
                     return Err(Status::already_exists(format!(
-                        "volume {} exists with a different size or source",
-                        req.name
+                        "volume {} exists with {}",
+                        req.name,
+                        differs.join(", ")
                     )));
                 }
-                let mut v = self.volume_message(&store, &loc, &meta).await?;
+                let mut v = volume_message(&loc, &meta, size);
                 v.volume_context.extend(params.context);
                 v.content_source = req.volume_content_source.clone();
                 return Ok(Response::new(pb::CreateVolumeResponse { volume: Some(v) }));
@@ -432,9 +650,22 @@ impl pb::controller_server::Controller for ControllerService {
             Err(VolumeError::NotFound(_)) => {}
             Err(e) => return Err(status(e)),
         }
+        if let Some(other) = self.same_name_elsewhere(&root, &object_name(&req.name)).await? {
+            return Err(Status::already_exists(format!(
+                "volume {} exists in another store ({}); this request names {}",
+                req.name,
+                split_volume(&other).0.url(),
+                root.url()
+            )));
+        }
         catalog::check_name_free(&store, &loc.prefix).await.map_err(catalog_status)?;
         let (root_loc, _) = split_volume(&loc);
         catalog::mark_store(&store, &root_loc.prefix, self.clock.as_ref()).await.map_err(catalog_status)?;
+        if let Some(home) = self.cfg.default_store.as_ref().filter(|h| h.url() != root.url()) {
+            // So that listing, ListSnapshots and compaction find this store.
+            let home_store = self.store_for(home, &HashMap::new()).await?;
+            catalog::register_store(&home_store, &home.prefix, &root.url()).await.map_err(catalog_status)?;
+        }
         if let Some((sloc, rec)) = &source {
             if rec.name != format::clone_pin_name(&loc.prefix) {
                 // A restore: deleting the snapshot must not take what this
@@ -445,6 +676,8 @@ impl pb::controller_server::Controller for ControllerService {
                 .await
                 .map_err(catalog_status)?;
         }
+        // Before volume.json: a volume never exists without its record.
+        catalog::write_provisioned(&store, &loc.prefix, &wanted).await.map_err(catalog_status)?;
         let opts = CreateOptions { size, chunk_size: chunk, parent, single_writer: false };
         let meta = match Volume::create(store.clone(), &loc.prefix, opts, self.clock.as_ref()).await {
             Ok(m) => m,
@@ -498,7 +731,7 @@ impl pb::controller_server::Controller for ControllerService {
         request: Request<pb::ControllerPublishVolumeRequest>,
     ) -> RpcResult<pb::ControllerPublishVolumeResponse> {
         let req = request.into_inner();
-        let loc = parse_volume_id(&req.volume_id)?;
+        let loc = self.volume_location(&req.volume_id)?;
         if req.node_id.is_empty() {
             return Err(Status::invalid_argument("node id is required"));
         }
@@ -508,6 +741,7 @@ impl pb::controller_server::Controller for ControllerService {
         let _guard = self.inflight.start(&loc.url())?;
         let store = self.store_for(&loc, &req.secrets).await?;
         self.live_meta(&store, &loc).await?;
+        self.check_node(&req.node_id).await?;
         use pb::volume_capability::access_mode::Mode;
         let mode = cap.access_mode.as_ref().map(|m| m.mode()).unwrap_or(Mode::Unknown);
         let readonly = req.readonly || matches!(mode, Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly);
@@ -547,7 +781,7 @@ impl pb::controller_server::Controller for ControllerService {
         if req.volume_id.is_empty() {
             return Err(Status::invalid_argument("volume id is required"));
         }
-        let Ok(loc) = Location::parse(&req.volume_id, true) else {
+        let Ok(loc) = self.volume_location(&req.volume_id) else {
             return Ok(Response::new(pb::ControllerUnpublishVolumeResponse {}));
         };
         let _guard = self.inflight.start(&loc.url())?;
@@ -568,7 +802,7 @@ impl pb::controller_server::Controller for ControllerService {
         request: Request<pb::ValidateVolumeCapabilitiesRequest>,
     ) -> RpcResult<pb::ValidateVolumeCapabilitiesResponse> {
         let req = request.into_inner();
-        let loc = parse_volume_id(&req.volume_id)?;
+        let loc = self.volume_location(&req.volume_id)?;
         if req.volume_capabilities.is_empty() {
             return Err(Status::invalid_argument("volume capabilities are required"));
         }
@@ -608,6 +842,7 @@ impl pb::controller_server::Controller for ControllerService {
                 Err(VolumeError::NotFound(_)) => continue,
                 Err(e) => return Err(status(e)),
             };
+            // No journal replay: the size comes from the newest record.
             let volume = self.volume_message(&store, &loc, &meta).await?;
             let nodes = self.attachments(&store, &loc).await?.into_iter().map(|a| a.node_id).collect();
             entries.push(pb::list_volumes_response::Entry {
@@ -628,7 +863,17 @@ impl pb::controller_server::Controller for ControllerService {
                 return Ok(Response::new(pb::GetCapacityResponse::default()));
             }
         }
-        parse_params(&req.parameters)?;
+        // The store a CreateVolume with these parameters would provision
+        // into: none (or one CreateVolume refuses) has no capacity.
+        let params = parse_params(&req.parameters)?;
+        let root = params.store.or_else(|| self.cfg.default_store.clone());
+        let usable = root.is_some_and(|r| {
+            matches!(r.store, StoreSpec::S3 { .. })
+                || self.cfg.default_store.as_ref().is_some_and(|d| d.url() == r.url())
+        });
+        if !usable {
+            return Ok(Response::new(pb::GetCapacityResponse::default()));
+        }
         Ok(Response::new(pb::GetCapacityResponse {
             available_capacity: to_i64(self.cfg.capacity),
             maximum_volume_size: Some(to_i64(format::MAX_VOLUME_SIZE)),
@@ -668,7 +913,7 @@ impl pb::controller_server::Controller for ControllerService {
         if req.name.is_empty() {
             return Err(Status::invalid_argument("snapshot name is required"));
         }
-        let vloc = parse_volume_id(&req.source_volume_id)?;
+        let vloc = self.volume_location(&req.source_volume_id)?;
         let name = object_name(&req.name);
         let store = self.store_for(&vloc, &req.secrets).await?;
         // Snapshot names are unique per store: an index entry claims the name.
@@ -712,7 +957,7 @@ impl pb::controller_server::Controller for ControllerService {
         if req.snapshot_id.is_empty() {
             return Err(Status::invalid_argument("snapshot id is required"));
         }
-        let Ok((vloc, name)) = parse_snapshot_id(&req.snapshot_id) else {
+        let Ok((vloc, name)) = self.snapshot_location(&req.snapshot_id) else {
             return Ok(Response::new(pb::DeleteSnapshotResponse {}));
         };
         // The pins that keep what clones and restored volumes read are no
@@ -737,7 +982,7 @@ impl pb::controller_server::Controller for ControllerService {
         let (start, max) = parse_pagination(req.max_entries, &req.starting_token)?;
         let mut all = Vec::new();
         if !req.snapshot_id.is_empty() {
-            if let Ok((vloc, name)) = parse_snapshot_id(&req.snapshot_id) {
+            if let Ok((vloc, name)) = self.snapshot_location(&req.snapshot_id) {
                 let store = self.store_for(&vloc, &req.secrets).await?;
                 match read_snapshot(&store, &vloc.prefix, &name).await {
                     Ok(rec)
@@ -754,7 +999,7 @@ impl pb::controller_server::Controller for ControllerService {
             let vols = if req.source_volume_id.is_empty() {
                 self.all_volumes().await?
             } else {
-                match Location::parse(&req.source_volume_id, true) {
+                match self.volume_location(&req.source_volume_id) {
                     Ok(l) => vec![l],
                     Err(_) => Vec::new(),
                 }
@@ -776,7 +1021,7 @@ impl pb::controller_server::Controller for ControllerService {
         request: Request<pb::ControllerExpandVolumeRequest>,
     ) -> RpcResult<pb::ControllerExpandVolumeResponse> {
         let req = request.into_inner();
-        let loc = parse_volume_id(&req.volume_id)?;
+        let loc = self.volume_location(&req.volume_id)?;
         let range =
             req.capacity_range.as_ref().ok_or_else(|| Status::invalid_argument("capacity range is required"))?;
         let _guard = self.inflight.start(&loc.url())?;
@@ -816,18 +1061,42 @@ impl pb::controller_server::Controller for ControllerService {
         request: Request<pb::ControllerGetVolumeRequest>,
     ) -> RpcResult<pb::ControllerGetVolumeResponse> {
         let req = request.into_inner();
-        let loc = parse_volume_id(&req.volume_id)?;
+        let loc = self.volume_location(&req.volume_id)?;
         let store = self.store_for(&loc, &HashMap::new()).await?;
-        let meta = self.live_meta(&store, &loc).await?;
-        let volume = self.volume_message(&store, &loc, &meta).await?;
-        let nodes = self.attachments(&store, &loc).await?.into_iter().map(|a| a.node_id).collect();
-        Ok(Response::new(pb::ControllerGetVolumeResponse {
-            volume: Some(volume),
-            status: Some(pb::controller_get_volume_response::VolumeStatus {
-                published_node_ids: nodes,
-                volume_condition: Some(pb::VolumeCondition { abnormal: false, message: "ok".into() }),
-            }),
-        }))
+        let reply = |volume: pb::Volume, nodes: Vec<String>, condition: pb::VolumeCondition| {
+            Ok(Response::new(pb::ControllerGetVolumeResponse {
+                volume: Some(volume),
+                status: Some(pb::controller_get_volume_response::VolumeStatus {
+                    published_node_ids: nodes,
+                    volume_condition: Some(condition),
+                }),
+            }))
+        };
+        // The store not answering, or a volume.json that cannot be read,
+        // is the volume's condition, not an error of the call: the CO
+        // learns what is wrong with the volume.
+        let bare = || pb::Volume { volume_id: loc.url(), ..Default::default() };
+        let abnormal = |message: String| pb::VolumeCondition { abnormal: true, message };
+        let meta = match replay::read_meta(store.as_ref(), &loc.prefix).await {
+            Ok(m) => m,
+            Err(e @ VolumeError::NotFound(_)) => return Err(status(e)),
+            Err(VolumeError::Store(e)) => {
+                return reply(bare(), Vec::new(), abnormal(format!("store unreachable: {e}")));
+            }
+            Err(e) => return reply(bare(), Vec::new(), abnormal(format!("damaged: {e}"))),
+        };
+        match catalog::is_deleted(&store, &loc.prefix).await {
+            Ok(false) => {}
+            Ok(true) => return Err(Status::not_found(format!("volume {} was deleted", loc.url()))),
+            Err(e) => return reply(bare(), Vec::new(), abnormal(format!("store unreachable: {e}"))),
+        }
+        let nodes = match self.attachments(&store, &loc).await {
+            Ok(a) => a.into_iter().map(|a| a.node_id).collect(),
+            Err(_) => Vec::new(),
+        };
+        let condition = self.condition(&store, &loc).await;
+        let size = catalog::current_size(&store, &loc.prefix, &meta).await.unwrap_or(meta.size);
+        reply(volume_message(&loc, &meta, size), nodes, condition)
     }
 }
 
@@ -867,6 +1136,7 @@ mod tests {
             &[("bogus", "1")],
             &[("bucket", "b"), ("store", "s3://c")],
             &[("cacheSize", "lots")],
+            &[("prefix", "k8s")],
         ] {
             assert_eq!(p(bad).unwrap_err().code(), tonic::Code::InvalidArgument, "{bad:?}");
         }

@@ -6,10 +6,12 @@ pub mod pb {
     tonic::include_proto!("csi.v1");
 }
 
+pub mod authority;
 pub mod common;
 pub mod controller;
 pub mod flush;
 pub mod identity;
 pub mod mount;
 pub mod node;
+pub mod registration;
 pub mod server;

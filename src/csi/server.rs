@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::net::UnixListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use super::common::Stores;
@@ -102,10 +103,11 @@ pub async fn run(
 ) -> Result<(), CsiError> {
     let path = socket_path(&cfg.endpoint)?;
     let with_controller = cfg.mode != Mode::Node;
+    let mut registration = None;
     let node = if cfg.mode != Mode::Controller {
         let node_id = cfg.node_id.clone().filter(|n| !n.is_empty()).ok_or(CsiError::NoNodeId)?;
         let ncfg = NodeConfig {
-            node_id,
+            node_id: node_id.clone(),
             state_dir: cfg.state_dir.clone(),
             secrets_dir: cfg.secrets_dir.clone(),
             max_volumes: cfg.max_volumes,
@@ -116,6 +118,12 @@ pub async fn run(
         let n = NodeService::new(ncfg, stores.clone())
             .map_err(|source| CsiError::StateDir { path: cfg.state_dir.clone(), source })?;
         let n = Arc::new(n);
+        // Register before serving so that ControllerPublish finds the node
+        // (bounded: an unreachable store only delays it to the background).
+        if let Some(root) = &cfg.default_store {
+            let rec = super::registration::record(&node_id, &crate::clock::SystemClock);
+            registration = super::registration::register(stores.clone(), root.clone(), rec).await;
+        }
         // In the background: the socket comes up at once; a volume being
         // recovered answers ABORTED until it is served again.
         n.recover();
@@ -135,7 +143,9 @@ pub async fn run(
     let identity = IdentityService {
         driver_name: cfg.driver_name.clone(),
         controller: with_controller,
-        probe_store: cfg.default_store.clone(),
+        // A node's readiness does not hang on the store: its volumes keep
+        // being served (and fail I/O on their own) while S3 is away.
+        probe_store: if with_controller { cfg.default_store.clone() } else { None },
         stores: stores.clone(),
     };
     let ccfg = ControllerConfig { default_store: cfg.default_store.clone(), capacity: cfg.capacity };
@@ -166,7 +176,11 @@ pub async fn run(
         .add_service(pb::identity_server::IdentityServer::new(identity))
         .add_optional_service(controller)
         .add_optional_service(node.clone().map(pb::node_server::NodeServer::from_arc))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            // Any :authority a client sends on the socket is accepted (see `authority`).
+            UnixListenerStream::new(listener).map(|c| c.map(super::authority::FixAuthority::new)),
+            shutdown,
+        )
         .await;
     if let Some(n) = node {
         n.shutdown().await;
@@ -176,6 +190,9 @@ pub async fn run(
     }
     if let Some(c) = compactor {
         c.abort();
+    }
+    if let Some(r) = registration {
+        r.abort();
     }
     let _ = std::fs::remove_file(&path);
     result.map_err(CsiError::from)

@@ -18,9 +18,17 @@
 //! - `attachments/<node>.json`: the volume is published to that node.
 //! - `clones/<name>.json`: the volume `<name>` reads through this one.
 //! - `snapshots/clone-<name>.json`: the pin that keeps what that clone reads.
+//! - `provisioned.json`: the CSI parameters and capabilities CreateVolume
+//!   made the volume with, so a repeated CreateVolume can tell a retry from
+//!   a conflicting request.
 //!
 //! And at a store root: `.s3blk-store.json`, written when the controller
-//! first provisions a volume there.
+//! first provisions a volume there; `.s3blk-stores/<name>.json`, one per
+//! other store the controller provisioned into (kept under the controller's
+//! own `--store`, so listing can find every store); `.s3blk-nodes/<node>.json`,
+//! written by each node plugin at start-up (ControllerPublish accepts only
+//! nodes that registered). Prefixes starting with `.s3blk-` are s3blk's own
+//! and never listed as volumes (a volume name never starts with a dot).
 //!
 //! Deletion follows design invariant 5: only s3blk's own object names, and
 //! only under a prefix that proves to be an s3blk volume (its `volume.json`
@@ -44,6 +52,11 @@ use crate::store::{self, DynStore, ListRequest, ObjectInfo, ObjectStore, PutMode
 pub const TOMBSTONE: &str = "deleted.json";
 /// The store marker's name under a store root.
 pub const STORE_MARKER: &str = ".s3blk-store.json";
+/// The record of a volume's CSI parameters, under its prefix.
+pub const PROVISIONED: &str = "provisioned.json";
+/// Under a store root: the store registry and the node records.
+pub const STORES_DIR: &str = ".s3blk-stores/";
+pub const NODES_DIR: &str = ".s3blk-nodes/";
 /// Deletes in flight at once.
 const DELETE_CONCURRENCY: usize = 32;
 /// Listings a delete makes to catch objects that appeared while it ran
@@ -132,6 +145,7 @@ pub(crate) fn is_bookkeeping(rel: &str) -> bool {
     probe
         || rel == TOMBSTONE
         || rel == super::lease::LEASE_NAME
+        || rel == PROVISIONED
         || json_in(rel, "attachments/").is_some()
         || json_in(rel, "clones/").is_some()
 }
@@ -181,6 +195,148 @@ pub async fn is_marked_store(store: &DynStore, root: &str) -> CatalogResult<bool
     Ok(store.head(&store_marker_key(root)).await?.is_some())
 }
 
+/// Record, under the controller's own store root `home`, that it also
+/// provisions into the store at `url` (another bucket or prefix), so
+/// listing can walk it. One object per store: concurrent creates never
+/// lose each other's entry.
+pub async fn register_store(store: &DynStore, home: &str, url: &str) -> CatalogResult<()> {
+    let key = format!("{home}{STORES_DIR}{}.json", object_name(url));
+    if store.head(&key).await?.is_some() {
+        return Ok(());
+    }
+    let body = serde_json::json!({ "url": url });
+    match store.put(&key, Bytes::from(body.to_string()), PutMode::IfAbsent).await {
+        Ok(()) | Err(StoreError::PreconditionFailed(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The store URLs registered under `home`, sorted (unreadable entries are
+/// logged and skipped).
+pub async fn registered_stores(store: &DynStore, home: &str) -> CatalogResult<Vec<String>> {
+    #[derive(Deserialize)]
+    struct Registered {
+        url: String,
+    }
+    let mut out = Vec::new();
+    for o in store::list_all(store.as_ref(), &format!("{home}{STORES_DIR}")).await? {
+        match store.get(&o.key, None).await {
+            Ok(b) => match serde_json::from_slice::<Registered>(&b) {
+                Ok(r) => out.push(r.url),
+                Err(e) => tracing::warn!(key = %o.key, error = %e, "unreadable store registry entry"),
+            },
+            Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- nodes
+
+/// A node plugin's registration: it runs, and may be published to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub node_id: String,
+    pub hostname: String,
+    pub started_unix: i64,
+    pub version: String,
+}
+
+pub fn node_key(root: &str, node: &str) -> String {
+    format!("{root}{NODES_DIR}{}.json", object_name(node))
+}
+
+/// Write (or refresh) the node's record under the store root `root`.
+pub async fn register_node(store: &DynStore, root: &str, rec: &NodeRecord) -> CatalogResult<()> {
+    let body = serde_json::to_vec(rec).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
+    store.put(&node_key(root, &rec.node_id), Bytes::from(body), PutMode::Overwrite).await?;
+    Ok(())
+}
+
+/// The node's record under `root`, if it registered there.
+pub async fn node_record(store: &DynStore, root: &str, node: &str) -> CatalogResult<Option<NodeRecord>> {
+    let key = node_key(root, node);
+    match store.get(&key, None).await {
+        Ok(b) => match serde_json::from_slice::<NodeRecord>(&b) {
+            Ok(r) if r.node_id == node => Ok(Some(r)),
+            // Another node whose name maps to the same object name, or garbage.
+            Ok(_) => Ok(None),
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "unreadable node record");
+                Ok(None)
+            }
+        },
+        Err(StoreError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+// ---------------------------------------------------------------- provisioning record
+
+/// What CreateVolume made a volume with, beyond what `volume.json` keeps:
+/// compared when the same name is asked for again.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Provisioned {
+    /// The StorageClass parameters that shape the volume (fsType,
+    /// mkfsOptions, cacheSize), sorted by key.
+    pub parameters: std::collections::BTreeMap<String, String>,
+    /// The requested capabilities, each as `block|mount:<fs>` `/` access mode, sorted.
+    pub capabilities: Vec<String>,
+}
+
+pub async fn write_provisioned(store: &DynStore, vol: &str, p: &Provisioned) -> CatalogResult<()> {
+    let body = serde_json::to_vec(p).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
+    store.put(&format!("{vol}{PROVISIONED}"), Bytes::from(body), PutMode::Overwrite).await?;
+    Ok(())
+}
+
+/// The record, or `None` for a volume made without one (by the CLI, or
+/// before the controller kept it).
+pub async fn read_provisioned(store: &DynStore, vol: &str) -> CatalogResult<Option<Provisioned>> {
+    let key = format!("{vol}{PROVISIONED}");
+    match store.get(&key, None).await {
+        Ok(b) => Ok(serde_json::from_slice(&b).map_err(|e| VolumeError::Corrupt(format!("{key}: {e}"))).map(Some)?),
+        Err(StoreError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+// ---------------------------------------------------------------- size
+
+/// The volume's size without replaying its journal: the size in its
+/// newest journal record, else in its newest checkpoint, else in
+/// `volume.json`. One listing of the journal (a page per thousand records)
+/// and one or two GETs. A record a fenced writer slipped in at the head
+/// (see `Replayed::stale_records`) is taken at its word.
+pub async fn current_size(store: &DynStore, vol: &str, meta: &format::VolumeMeta) -> CatalogResult<u64> {
+    let head = store::list_all(store.as_ref(), &format::journal_prefix(vol))
+        .await?
+        .iter()
+        .filter_map(|o| format::parse_journal_key(vol, &o.key))
+        .max();
+    if let Some(seq) = head {
+        if let Some((rec, _)) = replay::read_record(store.as_ref(), vol, seq).await? {
+            return Ok(rec.size);
+        }
+    }
+    let cp = store::list_all(store.as_ref(), &format::checkpoint_prefix(vol))
+        .await?
+        .into_iter()
+        .filter_map(|o| format::parse_checkpoint_key(vol, &o.key).map(|s| (s, o.key)))
+        .max_by_key(|(s, _)| *s);
+    if let Some((_, key)) = cp {
+        match store.get(&key, None).await {
+            Ok(b) => return Ok(format::Checkpoint::decode(&b, &key).map_err(VolumeError::from)?.size),
+            Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(meta.size)
+}
+
 // ---------------------------------------------------------------- listing
 
 /// What a prefix directly under a store root holds.
@@ -212,6 +368,10 @@ pub async fn list(store: &DynStore, root: &str) -> CatalogResult<Vec<Entry>> {
             .list(ListRequest { prefix: root, start_after: after.as_deref(), delimiter: true, max_keys: 1000 })
             .await?;
         for p in page.common_prefixes {
+            if format::volume_name(&p).starts_with(".s3blk-") {
+                // The store registry and node records: s3blk's, never a volume.
+                continue;
+            }
             let state = if store.head(&tombstone_key(&p)).await?.is_some() {
                 EntryState::Deleted
             } else if store.head(&format::meta_key(&p)).await?.is_some() {

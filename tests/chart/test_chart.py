@@ -86,6 +86,10 @@ def test_default_render_has_every_component_and_validates():
     assert ds["priorityClassName"] == "system-node-critical"
     node = [c for c in ds["containers"] if c["name"] == "s3blk"][0]
     assert node["securityContext"]["privileged"] is True
+    # Nodes register under the store the controller looks them up in.
+    ctrl_main = [c for c in ctrl["template"]["spec"]["containers"] if c["name"] == "s3blk"][0]
+    store_of = lambda c: [a for a in c["args"] if a.startswith("--store=")]
+    assert store_of(node) == store_of(ctrl_main) == ["--store=s3://s3blk/kubernetes"]
     kubelet = [m for m in node["volumeMounts"] if m["name"] == "kubelet-dir"][0]
     assert kubelet["mountPropagation"] == "Bidirectional"
     assert ds["initContainers"][0]["command"] == ["modprobe", "nbd", "nbds_max=64"]
