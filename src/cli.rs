@@ -671,7 +671,11 @@ pub async fn list_volumes(store: &DynStore, prefix: &str) -> Result<Vec<(String,
             continue;
         }
         match replay::read_meta(store.as_ref(), &e.prefix).await {
-            Ok(m) => out.push((e.name, m)),
+            // The size now (after any resize), not the size at creation.
+            Ok(mut m) => {
+                m.size = catalog::current_size(store, &e.prefix, &m).await?;
+                out.push((e.name, m))
+            }
             Err(VolumeError::NotFound(_)) => {}
             Err(err) => tracing::warn!(prefix = %e.prefix, error = %err, "unreadable volume"),
         }

@@ -70,6 +70,8 @@ fn round_trip(env: &[(&'static str, String)], vol: &str, store_url: &str, dir: &
     ok(&s3blk(env, &["volume", "export", vol, snap_out.to_str().expect("path"), "--snapshot", "before"]));
     assert!(std::fs::read(&snap_out).expect("read")[..data.len()] == data[..]);
     ok(&s3blk(env, &["volume", "resize", vol, "--size", "16MiB"]));
+    let list = ok(&s3blk(env, &["volume", "list", store_url]));
+    assert!(list.lines().any(|l| l.contains(name) && l.contains("16 MiB")), "list shows the size after resize: {list}");
     let json: serde_json::Value =
         serde_json::from_str(&ok(&s3blk(env, &["volume", "inspect", vol, "--json"]))).expect("inspect json");
     assert_eq!(json["size"], 16 << 20);
