@@ -87,6 +87,10 @@ enum Command {
         /// Capacity reported by GetCapacity (object stores are bottomless).
         #[arg(long, default_value = "1PiB", value_parser = parse_size)]
         capacity: u64,
+        /// Advertise GET_CAPACITY: only together with the provisioner's
+        /// capacity tracking (`--enable-capacity`).
+        #[arg(long)]
+        capacity_tracking: bool,
         /// Node mode: stage records and per-volume NBD sockets.
         #[arg(long, default_value = "/var/lib/s3blk")]
         state_dir: PathBuf,
@@ -339,6 +343,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             node_id,
             store,
             capacity,
+            capacity_tracking,
             state_dir,
             secrets_dir,
             max_volumes,
@@ -358,6 +363,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 node_id,
                 default_store,
                 capacity,
+                capacity_tracking,
                 state_dir,
                 secrets_dir,
                 max_volumes,

@@ -64,6 +64,7 @@ async fn driver_opts(
         node_id: node.map(str::to_string),
         default_store: Some(Location::parse(&format!("s3://{bucket}/k8s"), false).expect("store")),
         capacity: 1 << 50,
+        capacity_tracking: false,
         state_dir: dir.path().join("state"),
         secrets_dir: dir.path().join("secrets"),
         max_volumes: 16,
@@ -181,7 +182,20 @@ async fn identity_reports_name_capabilities_and_probes_the_store() {
     let probe = d.id.probe(pb::ProbeRequest {}).await.expect("probe").into_inner();
     assert_eq!(probe.ready, Some(true));
     let ctl = d.ctl.controller_get_capabilities(pb::ControllerGetCapabilitiesRequest {}).await.expect("caps");
-    assert_eq!(ctl.into_inner().capabilities.len(), 11);
+    use pb::controller_service_capability::{Type, rpc::Type as T};
+    let rpcs: Vec<i32> = ctl
+        .into_inner()
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(Type::Rpc(r)) => Some(r.r#type),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rpcs.len(), 10, "{rpcs:?}");
+    // GET_CAPACITY only with the provisioner's capacity tracking (the
+    // chart's controller.capacityTracking, `--capacity-tracking`).
+    assert!(!rpcs.contains(&(T::GetCapacity as i32)), "{rpcs:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

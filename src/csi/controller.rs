@@ -69,6 +69,9 @@ pub struct ControllerConfig {
     pub default_store: Option<Location>,
     /// Reported by GetCapacity: object stores are bottomless.
     pub capacity: u64,
+    /// Advertise GET_CAPACITY: only when the provisioner tracks capacity
+    /// (`--enable-capacity`), which is what the capability is for.
+    pub capacity_tracking: bool,
 }
 
 #[derive(Debug)]
@@ -890,7 +893,6 @@ impl pb::controller_server::Controller for ControllerService {
             T::CreateDeleteVolume,
             T::PublishUnpublishVolume,
             T::ListVolumes,
-            T::GetCapacity,
             T::CreateDeleteSnapshot,
             T::ListSnapshots,
             T::CloneVolume,
@@ -898,8 +900,10 @@ impl pb::controller_server::Controller for ControllerService {
             T::ExpandVolume,
             T::ListVolumesPublishedNodes,
             T::GetVolume,
+            T::GetCapacity,
         ]
         .into_iter()
+        .filter(|t| *t != T::GetCapacity || self.cfg.capacity_tracking)
         .map(|t| pb::ControllerServiceCapability { r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })) })
         .collect();
         Ok(Response::new(pb::ControllerGetCapabilitiesResponse { capabilities: caps }))

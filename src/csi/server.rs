@@ -32,6 +32,8 @@ pub struct CsiConfig {
     pub node_id: Option<String>,
     pub default_store: Option<Location>,
     pub capacity: u64,
+    /// Advertise GET_CAPACITY (the provisioner tracks capacity).
+    pub capacity_tracking: bool,
     /// Node mode: where stage records and per-volume sockets live.
     pub state_dir: PathBuf,
     /// Node mode: where stage secrets are kept for a restart (a tmpfs).
@@ -148,7 +150,11 @@ pub async fn run(
         probe_store: if with_controller { cfg.default_store.clone() } else { None },
         stores: stores.clone(),
     };
-    let ccfg = ControllerConfig { default_store: cfg.default_store.clone(), capacity: cfg.capacity };
+    let ccfg = ControllerConfig {
+        default_store: cfg.default_store.clone(),
+        capacity: cfg.capacity,
+        capacity_tracking: cfg.capacity_tracking,
+    };
     let compactor = (with_controller && !cfg.compact_interval.is_zero() && cfg.default_store.is_some()).then(|| {
         let svc = ControllerService::new(ccfg.clone(), stores.clone());
         if cfg.compact_safety_age < compact::MIN_LIVE_SAFETY_AGE {

@@ -76,6 +76,9 @@ def test_default_render_has_every_component_and_validates():
         assert find(docs, kind), f"no {kind} rendered"
     driver = find(docs, "CSIDriver")[0]["spec"]
     assert driver["attachRequired"] is True and driver["podInfoOnMount"] is False
+    assert driver["storageCapacity"] is False
+    ctrl_args = find(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--capacity-tracking" not in ctrl_args, "GET_CAPACITY is advertised only with capacity tracking"
     ctrl = find(docs, "Deployment")[0]["spec"]
     assert ctrl["replicas"] == 2
     names = [c["name"] for c in ctrl["template"]["spec"]["containers"]]
@@ -200,6 +203,13 @@ MATRIX = [
      lambda d: not find(d, "StorageClass") and not find(d, "VolumeSnapshotClass")),
     ({"controller": {"replicas": 1}}, lambda d: not find(d, "PodDisruptionBudget")),
     ({"metrics": {"enabled": False}}, lambda d: not find(d, "Service")),
+    # GET_CAPACITY only with the provisioner's capacity tracking, and both together.
+    ({"controller": {"capacityTracking": True}},
+     lambda d: "--capacity-tracking" in find(d, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+     and "--enable-capacity" in [c for c in find(d, "Deployment")[0]["spec"]["template"]["spec"]["containers"]
+                                 if c["name"] == "csi-provisioner"][0]["args"]
+     and find(d, "CSIDriver")[0]["spec"]["storageCapacity"] is True
+     and any("csistoragecapacities" in r["resources"] for r in find(d, "Role")[0]["rules"])),
     ({"volumeSnapshotClass": {"force": True, "deletionPolicy": "Retain"}},
      lambda d: find(d, "VolumeSnapshotClass")[0]["deletionPolicy"] == "Retain"),
     ({"metrics": {"serviceMonitor": {"enabled": True}}}, lambda d: find(d, "ServiceMonitor")),
