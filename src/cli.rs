@@ -29,7 +29,9 @@ pub struct Cli {
     command: Command,
 }
 
+/// Options of every command, shown apart from each command's own.
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Global options")]
 struct Global {
     /// Attempts per store call before giving up (retries use exponential backoff with jitter).
     #[arg(long, global = true, env = "S3BLK_RETRY_ATTEMPTS", default_value_t = 10)]
@@ -72,10 +74,13 @@ enum Command {
     Serve(ServeArgs),
     /// Run the Kubernetes CSI driver (gRPC on a unix socket).
     Csi {
+        /// What to run: the controller service, the node service, or both (for tests and single-node clusters).
         #[arg(long, value_enum, default_value = "controller")]
         mode: CsiMode,
+        /// The gRPC endpoint the sidecars and kubelet talk to: unix:///path/to/csi.sock.
         #[arg(long, default_value = "unix:///csi/csi.sock")]
         endpoint: String,
+        /// The name the driver registers under; StorageClasses name it as their provisioner.
         #[arg(long, default_value = "csi.s3blk.dev")]
         driver_name: String,
         /// This node's id (node mode).
@@ -105,6 +110,15 @@ enum Command {
         #[arg(long)]
         metrics_address: Option<String>,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell), e.g. `s3blk completions bash > /etc/bash_completion.d/s3blk`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `s3blk manpage > s3blk.1; man ./s3blk.1`.
+    Manpage,
     /// Flush every volume the node plugin serves (the node pod's preStop
     /// hook): asks each volume's NBD socket under --state-dir for a FLUSH and
     /// waits for it. Exits non-zero when any volume could not be flushed.
@@ -123,6 +137,7 @@ enum Command {
     /// journal records and checkpoints nothing references any more. Safe
     /// while a writer is live: nothing younger than --safety-age is touched.
     Compact {
+        /// The volume: s3://bucket/prefix/name, file:///dir/name or a directory path.
         url: String,
         /// Leave objects younger than this alone (e.g. 300, 90s, 5m, 1h).
         #[arg(long, default_value = "5m", value_parser = parse_duration)]
@@ -130,15 +145,18 @@ enum Command {
         /// Report what would be deleted, delete nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Check every invariant of a stored volume; exit code 2 when it is damaged.
     Fsck {
+        /// The volume: s3://bucket/prefix/name, file:///dir/name or a directory path.
         url: String,
         /// Check chunk presence and size only, without reading their bytes.
         #[arg(long)]
         quick: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -155,22 +173,32 @@ enum CsiMode {
 enum SnapshotCmd {
     /// The volume's snapshots.
     List {
+        /// The store: s3://bucket/prefix, file:///dir or a directory.
         url: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Delete a snapshot. Volumes cloned or restored from it keep what they
     /// read (they hold pins of their own).
-    Delete { url: String, name: String },
+    Delete {
+        /// The volume: s3://bucket/prefix/name, file:///dir/name or a directory path.
+        url: String,
+        /// The snapshot's name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum VolumeCmd {
     /// Create an empty (sparse) volume.
     Create {
+        /// The volume: s3://bucket/prefix/name, file:///dir/name or a directory path.
         url: String,
+        /// Its size, e.g. 10GiB (rounded up to a multiple of 4096 bytes).
         #[arg(long, value_parser = parse_size)]
         size: u64,
+        /// Chunk size of a new volume: a power of two from 64KiB to 64MiB.
         #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CHUNK_SIZE as u64)]
         chunk_size: u64,
         /// Accept a store that ignores conditional writes: no protection against two writers.
@@ -179,13 +207,17 @@ enum VolumeCmd {
     },
     /// List the volumes under a store URL (s3://bucket/prefix, file:///dir or a directory).
     List {
+        /// The store: s3://bucket/prefix, file:///dir or a directory.
         url: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Show a volume's parameters and state.
     Inspect {
+        /// The volume: s3://bucket/prefix/name, file:///dir/name or a directory path.
         url: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -193,6 +225,7 @@ enum VolumeCmd {
     /// snapshots too). A prefix that is no s3blk volume, or that also holds
     /// anything else (another volume, other files), is left whole.
     Delete {
+        /// The volume: s3://bucket/prefix/name, file:///dir/name or a directory path.
         url: String,
         /// Delete even when clones still read through this volume's snapshots (they break), it is published to a
         /// node, or a live writer holds its lease.
@@ -201,13 +234,17 @@ enum VolumeCmd {
     },
     /// Copy a file (or `-` for stdin) into a volume.
     Import {
+        /// The volume: s3://bucket/prefix/name, file:///dir/name or a directory path.
         url: String,
+        /// The file to read, or `-` for stdin.
         file: String,
         /// Create the volume first, sized to the input unless --size is given.
         #[arg(long)]
         create: bool,
+        /// With --create: the size of the new volume (default: the input's size).
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
+        /// Chunk size of a new volume: a power of two from 64KiB to 64MiB.
         #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CHUNK_SIZE as u64)]
         chunk_size: u64,
         /// Import even while another writer holds the volume (it is fenced and loses its unflushed writes).
@@ -216,6 +253,7 @@ enum VolumeCmd {
     },
     /// Copy a volume (or one of its snapshots) to a file (or `-` for stdout).
     Export {
+        /// The volume: s3://bucket/prefix/name, file:///dir/name or a directory path.
         url: String,
         /// The target file, or `-` for stdout.
         file: String,
@@ -255,7 +293,9 @@ enum VolumeCmd {
     },
     /// Grow a volume (takes over the volume as its writer while it runs).
     Resize {
+        /// The volume: s3://bucket/prefix/name, file:///dir/name or a directory path.
         url: String,
+        /// The new size (volumes only grow).
         #[arg(long, value_parser = parse_size)]
         size: u64,
         /// Resize even while another writer holds the volume (it is fenced and loses its unflushed writes).
@@ -380,6 +420,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CsiFlush { state_dir, timeout } => csi_flush(&state_dir, timeout).await,
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "s3blk", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Manpage => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd.clone()).render(&mut out)?;
+            // Each subcommand's arguments too, a section each, on the one page.
+            for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                out.extend_from_slice(format!(".SH \"S3BLK {}\"\n", sub.get_name().to_uppercase()).as_bytes());
+                if let Some(about) = sub.get_about() {
+                    out.extend_from_slice(format!("{about}\n").as_bytes());
+                }
+                clap_mangen::Man::new(sub.clone()).render_options_section(&mut out)?;
+            }
+            std::io::Write::write_all(&mut std::io::stdout(), &out)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Volume(cmd) => volume_cmd(cmd, &g).await,
         Command::Compact { url, safety_age, dry_run, json } => {
             warn_short_safety_age(safety_age);
@@ -1231,5 +1291,32 @@ fn warn_short_safety_age(age: Duration) {
             "warning: a compaction safety age under {}s is safe only while no writer has the volume open",
             compact::MIN_LIVE_SAFETY_AGE.as_secs()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--help` explains every argument of every command.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if a.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&<Cli as clap::CommandFactory>::command(), "s3blk", &mut missing);
+        assert!(missing.is_empty(), "arguments without help:\n{}", missing.join("\n"));
     }
 }

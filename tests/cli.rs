@@ -510,3 +510,26 @@ fn snapshots_list_delete_and_clones_from_the_cli() {
     ok(&s3blk(&[], &["volume", "delete", &c2]));
     ok(&s3blk(&[], &["volume", "delete", &v]));
 }
+
+/// Shell completions and the manual page come from the same definitions as
+/// `--help`; global options are listed apart from a command's own.
+#[test]
+fn completions_manpage_and_help() {
+    let bash = ok(&s3blk(&[], &["completions", "bash"]));
+    assert!(bash.contains("_s3blk") && bash.contains("snapshot"), "{bash}");
+    let check = Command::new("bash").args(["-n", "-c", &bash]).output().expect("bash -n");
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    for shell in ["zsh", "fish"] {
+        assert!(!ok(&s3blk(&[], &["completions", shell])).is_empty());
+    }
+    let man = ok(&s3blk(&[], &["manpage"]));
+    assert!(man.contains(".TH s3blk 1"), "{man}");
+    for section in ["S3BLK SERVE", "S3BLK VOLUME", "S3BLK CSI-FLUSH"] {
+        assert!(man.contains(section), "no {section} in the manual page");
+    }
+    assert!(man.contains("takeover"), "serve's own options are on the page");
+    let help = ok(&s3blk(&[], &["serve", "--help"]));
+    let (own, global) = help.split_once("Global options:").expect("a Global options heading");
+    assert!(own.contains("--listen") && !own.contains("--retry-attempts"), "{help}");
+    assert!(global.contains("--retry-attempts"), "{help}");
+}
