@@ -104,6 +104,12 @@ enum Command {
         /// Serve Prometheus metrics (/metrics) and /healthz on this address, e.g. 0.0.0.0:9808.
         #[arg(long)]
         metrics_address: Option<String>,
+        /// Controller: how volumes are compacted. kubernetes: a reconcile loop over this driver's
+        /// PersistentVolumes in one replica at a time (Lease), with Events and annotations; store: every
+        /// replica compacts every volume under --store each interval; auto: kubernetes when an API
+        /// configuration (in-cluster or KUBECONFIG) is found, else store.
+        #[arg(long, value_enum, env = "S3BLK_COMPACTION", default_value = "auto")]
+        compaction: CompactionArg,
     },
     /// Flush every volume the node plugin serves (the node pod's preStop
     /// hook): asks each volume's NBD socket under --state-dir for a FLUSH and
@@ -142,6 +148,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum CompactionArg {
+    Auto,
+    Kubernetes,
+    Store,
+    Off,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
@@ -348,6 +362,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             secrets_dir,
             max_volumes,
             metrics_address,
+            compaction,
         } => {
             use crate::csi::server::{CsiConfig, Mode};
             let default_store = store.map(|s| Location::parse(&s, false)).transpose()?;
@@ -372,6 +387,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 busy_poll: Duration::from_micros(g.busy_poll_us),
                 compact_interval: g.compact_interval,
                 compact_safety_age: g.compact_safety_age,
+                compaction: match compaction {
+                    CompactionArg::Auto => crate::controller::CompactionMode::Auto,
+                    CompactionArg::Kubernetes => crate::controller::CompactionMode::Kubernetes,
+                    CompactionArg::Store => crate::controller::CompactionMode::Store,
+                    CompactionArg::Off => crate::controller::CompactionMode::Off,
+                },
                 metrics_address,
             };
             let stores = Arc::new(crate::csi::common::Stores::new(g.policy()));
