@@ -333,6 +333,26 @@ async fn a_local_volume_outside_the_store_is_refused() {
     assert_eq!(chunk_objects(&store, "pvc-4/").await, 3, "nothing deleted");
 }
 
+/// A PV whose volume is not in the store: a failure with its own reason.
+#[tokio::test]
+async fn a_pv_whose_volume_is_gone_gets_a_volume_not_found_warning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = Location::parse(&format!("file://{}", dir.path().display()), false).expect("root");
+    let handle = root.child("pvc-gone").url();
+    let (client, mut api) = mock_client();
+    let ctx = context(client, Arc::new(Stores::new(common::fast_policy())), Some(root), Arc::new(SystemClock));
+    let task = tokio::spawn(reconcile::reconcile(Arc::new(pv("pv-6", DRIVER, &handle, json!({}), json!({}))), ctx));
+    let (patch, reply) = api.expect("PATCH", "/api/v1/persistentvolumes/pv-6").await;
+    let result = annotation(&patch, ANN_RESULT).as_str().expect("a result");
+    assert!(result.starts_with("failed (VolumeNotFound)"), "{result}");
+    assert_eq!(annotation(&patch, ANN_FAILURES), "1");
+    respond(reply, 200, &json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "pv-6"}}));
+    let (event, reply) = api.expect("POST", "/apis/events.k8s.io/v1/namespaces/default/events").await;
+    assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some("Warning"), Some("VolumeNotFound")));
+    respond(reply, 201, &event);
+    assert_eq!(task.await.expect("task").expect("reconcile"), Action::requeue(BACKOFF));
+}
+
 /// On S3 (moto): the credentials and endpoint come from the Secret the PV
 /// names; the controller's own environment has none, so the compaction
 /// succeeds only through them.
@@ -430,8 +450,8 @@ async fn volumes_without_a_pv_are_reported_as_orphans_and_kept() {
 // ------------------------------------------------------------ leader election
 
 /// A scripted API server holding one Lease, with the real server's
-/// optimistic concurrency: create fails if it exists, replace fails unless
-/// the resourceVersion matches.
+/// optimistic concurrency: create fails if it exists, a replace naming a
+/// resourceVersion fails unless it is the current one.
 #[derive(Default)]
 struct LeaseServer {
     lease: Mutex<Option<Value>>,
@@ -482,9 +502,13 @@ impl LeaseServer {
                 (201, body)
             }
             ("PUT", p) if p == named => {
-                let current =
-                    lease.as_ref().and_then(|l| l["metadata"]["resourceVersion"].as_str().map(str::to_string));
-                if current.is_none() || body["metadata"]["resourceVersion"].as_str() != current.as_deref() {
+                let Some(current) = lease.as_ref().map(|l| l["metadata"]["resourceVersion"].clone()) else {
+                    return (404, status(404, "NotFound"));
+                };
+                // As the real server: a replace that names a resourceVersion
+                // is conditional on it; one that names none is not.
+                let asked = &body["metadata"]["resourceVersion"];
+                if !asked.is_null() && *asked != current {
                     return (409, status(409, "Conflict"));
                 }
                 let v = self.version.fetch_add(1, Ordering::SeqCst) + 1;

@@ -141,10 +141,8 @@ pub fn credentials_for(pv: &PersistentVolume) -> Credentials {
         return c;
     }
     let ann = pv.annotations();
-    if let (Some(name), Some(namespace)) =
-        (ann.get(ANN_PROVISIONER_SECRET_NAME), ann.get(ANN_PROVISIONER_SECRET_NAMESPACE))
-        && !name.is_empty()
-    {
+    let provisioner = (ann.get(ANN_PROVISIONER_SECRET_NAME), ann.get(ANN_PROVISIONER_SECRET_NAMESPACE));
+    if let Some((name, namespace)) = provisioner.0.filter(|n| !n.is_empty()).zip(provisioner.1) {
         return Credentials::Secret {
             namespace: namespace.clone(),
             name: name.clone(),
@@ -405,6 +403,7 @@ async fn compact_volume(pv: &PersistentVolume, handle: &str, ctx: &Context) -> O
     match compact::compact(&store, &loc.prefix, &ctx.compact, ctx.clock.as_ref()).await {
         Ok(r) => Outcome::Compacted(r),
         Err(e @ VolumeError::Fenced(_)) => Outcome::failed("Fenced", e),
+        Err(e @ VolumeError::NotFound(_)) => Outcome::failed("VolumeNotFound", e),
         Err(e) => Outcome::failed("CompactionFailed", e),
     }
 }
