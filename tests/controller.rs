@@ -251,7 +251,10 @@ async fn a_due_volume_is_compacted_annotated_and_gets_an_event() {
     // The watch event our patch causes: not due, only requeued; nothing touched.
     clock.advance(600);
     let annotated = pv("pv-1", DRIVER, &handle, json!({ANN_LAST: when.to_string(), ANN_RESULT: result}), json!({}));
-    let again = reconcile::reconcile(Arc::new(annotated), ctx.clone()).await.expect("reconcile");
+    let again = tokio::time::timeout(Duration::from_secs(20), reconcile::reconcile(Arc::new(annotated), ctx.clone()))
+        .await
+        .expect("not due: answered without waiting for the API")
+        .expect("reconcile");
     assert_eq!(again, Action::requeue(INTERVAL - Duration::from_secs(600)));
     api.expect_silence().await;
 
