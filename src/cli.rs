@@ -109,6 +109,12 @@ enum Command {
         /// Serve Prometheus metrics (/metrics) and /healthz on this address, e.g. 0.0.0.0:9808.
         #[arg(long)]
         metrics_address: Option<String>,
+        /// Controller: how volumes are compacted. kubernetes: a reconcile loop over this driver's
+        /// PersistentVolumes in one replica at a time (Lease), with Events and annotations; store: every
+        /// replica compacts every volume under --store each interval; auto: kubernetes when an API
+        /// configuration (in-cluster or KUBECONFIG) is found, else store.
+        #[arg(long, value_enum, env = "S3BLK_COMPACTION", default_value = "auto")]
+        compaction: CompactionArg,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish,
     /// powershell), e.g. `s3blk completions bash > /etc/bash_completion.d/s3blk`.
@@ -160,6 +166,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum CompactionArg {
+    Auto,
+    Kubernetes,
+    Store,
+    Off,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
@@ -388,6 +402,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             secrets_dir,
             max_volumes,
             metrics_address,
+            compaction,
         } => {
             use crate::csi::server::{CsiConfig, Mode};
             let default_store = store.map(|s| Location::parse(&s, false)).transpose()?;
@@ -412,6 +427,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 busy_poll: Duration::from_micros(g.busy_poll_us),
                 compact_interval: g.compact_interval,
                 compact_safety_age: g.compact_safety_age,
+                compaction: match compaction {
+                    CompactionArg::Auto => crate::controller::CompactionMode::Auto,
+                    CompactionArg::Kubernetes => crate::controller::CompactionMode::Kubernetes,
+                    CompactionArg::Store => crate::controller::CompactionMode::Store,
+                    CompactionArg::Off => crate::controller::CompactionMode::Off,
+                },
                 metrics_address,
             };
             let stores = Arc::new(crate::csi::common::Stores::new(g.policy()));

@@ -24,6 +24,21 @@ const HELP: &[(&str, &str)] = &[
     ("s3blk_compactions_total", "Volume compactions completed."),
     ("s3blk_compaction_deleted_chunks_total", "Chunk objects deleted by compaction."),
     ("s3blk_compaction_failures_total", "Volume compactions that failed (retried next pass)."),
+    (
+        "s3blk_volume_compactions_total",
+        "Compactions of PersistentVolumes' volumes by outcome (changed, unchanged, failed).",
+    ),
+    (
+        "s3blk_compaction_freed_bytes_total",
+        "Bytes of chunk objects deleted by compactions of PersistentVolumes' volumes.",
+    ),
+    ("s3blk_compaction_fenced_writers_total", "Compactions that found journal records of a fenced writer."),
+];
+
+/// Gauges: set, not added to.
+const GAUGE_HELP: &[(&str, &str)] = &[
+    ("s3blk_orphan_volumes", "Volumes under --store that no PersistentVolume names (last scan)."),
+    ("s3blk_compaction_leader", "1 while this replica holds the compaction Lease, else 0."),
 ];
 
 /// Add `v` to a counter. `labels` is a Prometheus label body, e.g. `op="GET"`.
@@ -36,12 +51,19 @@ pub fn inc(name: &'static str, labels: &str) {
     add(name, labels, 1.0);
 }
 
+/// Set a gauge (one listed in `GAUGE_HELP`).
+pub fn set(name: &'static str, labels: &str, v: f64) {
+    let mut c = COUNTERS.lock().unwrap_or_else(|p| p.into_inner());
+    c.insert((name, labels.to_string()), v);
+}
+
 /// The text exposition format.
 pub fn render() -> String {
     let c = COUNTERS.lock().unwrap_or_else(|p| p.into_inner());
     let mut out = String::new();
-    for (name, help) in HELP {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+    let typed = HELP.iter().map(|(n, h)| (n, h, "counter")).chain(GAUGE_HELP.iter().map(|(n, h)| (n, h, "gauge")));
+    for (name, help, kind) in typed {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
         for ((n, labels), v) in c.iter().filter(|((n, _), _)| n == name) {
             if labels.is_empty() {
                 out.push_str(&format!("{n} {v}\n"));
@@ -91,5 +113,9 @@ mod tests {
         let text = render();
         assert!(text.contains("# TYPE s3blk_commits_total counter"));
         assert!(text.contains("s3blk_store_requests_total{op=\"GET\"} "), "{text}");
+        set("s3blk_orphan_volumes", "", 3.0);
+        set("s3blk_orphan_volumes", "", 2.0);
+        let text = render();
+        assert!(text.contains("# TYPE s3blk_orphan_volumes gauge\ns3blk_orphan_volumes 2\n"), "{text}");
     }
 }

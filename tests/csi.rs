@@ -73,6 +73,7 @@ async fn driver_opts(
         busy_poll: std::time::Duration::from_micros(50),
         compact_interval,
         compact_safety_age,
+        compaction: s3blk::controller::CompactionMode::Store,
         metrics_address: Some("127.0.0.1:0".into()),
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -13,6 +13,7 @@ use super::controller::{ControllerConfig, ControllerService};
 use super::identity::IdentityService;
 use super::node::{NodeConfig, NodeService};
 use super::pb;
+use crate::controller::{self, CompactionMode};
 use crate::location::Location;
 use crate::volume::compact;
 
@@ -47,6 +48,8 @@ pub struct CsiConfig {
     /// compacted (zero: never), and the compaction safety age.
     pub compact_interval: std::time::Duration,
     pub compact_safety_age: std::time::Duration,
+    /// Controller: how compaction runs (see `controller::CompactionMode`).
+    pub compaction: CompactionMode,
     /// `HOST:PORT` for Prometheus metrics, if wanted.
     pub metrics_address: Option<String>,
 }
@@ -63,6 +66,8 @@ pub enum CsiError {
     StateDir { path: PathBuf, source: std::io::Error },
     #[error("metrics address {0}: {1}")]
     Metrics(String, std::io::Error),
+    #[error("--compaction=kubernetes: no Kubernetes API configuration (in-cluster or KUBECONFIG): {0}")]
+    Kubernetes(String),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -155,17 +160,10 @@ pub async fn run(
         capacity: cfg.capacity,
         capacity_tracking: cfg.capacity_tracking,
     };
-    let compactor = (with_controller && !cfg.compact_interval.is_zero() && cfg.default_store.is_some()).then(|| {
-        let svc = ControllerService::new(ccfg.clone(), stores.clone());
-        if cfg.compact_safety_age < compact::MIN_LIVE_SAFETY_AGE {
-            tracing::warn!(
-                safety_age = cfg.compact_safety_age.as_secs(),
-                "compaction safety age is too short to be safe beside live writers"
-            );
-        }
-        let opts = compact::CompactOptions { safety_age: cfg.compact_safety_age, ..Default::default() };
-        tokio::spawn(compaction_loop(svc, opts, cfg.compact_interval))
-    });
+    let compactor = match with_controller {
+        true => start_compaction(&cfg, &ccfg, &stores).await?,
+        false => None,
+    };
     let controller =
         with_controller.then(|| pb::controller_server::ControllerServer::new(ControllerService::new(ccfg, stores)));
     static REQUEST_ID: AtomicU64 = AtomicU64::new(1);
@@ -202,6 +200,55 @@ pub async fn run(
     }
     let _ = std::fs::remove_file(&path);
     result.map_err(CsiError::from)
+}
+
+/// Start compaction in the mode asked for (`auto`: Kubernetes when an API
+/// configuration is found, else the pass over `--store`), and log which.
+async fn start_compaction(
+    cfg: &CsiConfig,
+    ccfg: &ControllerConfig,
+    stores: &Arc<Stores>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, CsiError> {
+    if cfg.compact_interval.is_zero() || cfg.compaction == CompactionMode::Off {
+        tracing::info!("compaction mode: off");
+        return Ok(None);
+    }
+    if cfg.compact_safety_age < compact::MIN_LIVE_SAFETY_AGE {
+        tracing::warn!(
+            safety_age = cfg.compact_safety_age.as_secs(),
+            "compaction safety age is too short to be safe beside live writers"
+        );
+    }
+    let opts = compact::CompactOptions { safety_age: cfg.compact_safety_age, ..Default::default() };
+    let client = match cfg.compaction {
+        CompactionMode::Kubernetes => Some(controller::connect().await.map_err(CsiError::Kubernetes)?),
+        CompactionMode::Auto => match controller::connect().await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::info!(reason = %e, "no Kubernetes API configuration");
+                None
+            }
+        },
+        CompactionMode::Store | CompactionMode::Off => None,
+    };
+    if let Some(client) = client {
+        let settings = controller::KubeSettings {
+            driver_name: cfg.driver_name.clone(),
+            default_store: cfg.default_store.clone(),
+            interval: cfg.compact_interval,
+            compact: opts,
+            lease: Default::default(),
+            identity: controller::default_identity(),
+        };
+        return Ok(Some(tokio::spawn(controller::run(client, stores.clone(), settings))));
+    }
+    let Some(root) = &cfg.default_store else {
+        tracing::info!("compaction mode: off (store mode needs --store)");
+        return Ok(None);
+    };
+    tracing::info!(store = %root.url(), interval_seconds = cfg.compact_interval.as_secs(), "compaction mode: store (every replica compacts every volume under --store)");
+    let svc = ControllerService::new(ccfg.clone(), stores.clone());
+    Ok(Some(tokio::spawn(compaction_loop(svc, opts, cfg.compact_interval))))
 }
 
 /// The compaction reconcile loop: a pass over every volume each interval

@@ -75,6 +75,11 @@ pub struct CompactReport {
     /// compaction deletes nothing from the volume.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unreadable_snapshots: Vec<String>,
+    /// Journal records of writers that a newer writer had already fenced
+    /// (replay ignores them): evidence of a takeover from a writer that
+    /// kept running.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stale_records: Vec<u64>,
     pub dry_run: bool,
 }
 
@@ -119,6 +124,7 @@ pub async fn compact(
     let mut live: HashSet<(u64, u64)> = HashSet::new();
     let head_state = replay::replay(store.as_ref(), vol, cs, None).await?;
     report.head_seq = head_state.head;
+    report.stale_records = head_state.stale_records.clone();
     add_map(&mut live, head_state.map.iter());
     let mut pinned: BTreeSet<u64> = BTreeSet::new();
     if let Some(x) = fold {
