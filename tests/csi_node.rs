@@ -844,6 +844,7 @@ impl Restarted {
     /// answers and it logged the outcome of recovering the volume.
     async fn start(&self) -> (Child, NodeClient<Channel>) {
         let sock = self.dir.path().join("csi.sock");
+        let seen = self.log_text().len();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log()).expect("plugin log");
         let child = Command::new(common::s3blk_bin())
             .args(["--retry-attempts", "1", "--attempt-timeout", "2"])
@@ -863,9 +864,14 @@ impl Restarted {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let node = NodeClient::new(common::grpc_channel(&sock).await);
-        let outcomes = ["serving staged volume again", "not serving the staged volume again", "cannot serve"];
+        let outcomes = [
+            "serving staged volume again",
+            "not serving the staged volume again",
+            "cannot serve",
+            "without committing writes it had acknowledged",
+        ];
         for _ in 0..400 {
-            if outcomes.iter().any(|o| self.log_text().contains(o)) {
+            if outcomes.iter().any(|o| self.log_text()[seen..].contains(o)) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -879,6 +885,14 @@ impl Restarted {
             s3blk::csi::common::Stores::new(common::fast_policy()).get(&loc, &HashMap::new()).await.expect("store");
         let opts = s3blk::volume::OpenOptions { read_only, ..Default::default() };
         s3blk::volume::Volume::open(store, &loc.prefix, opts).await.expect("open volume")
+    }
+
+    fn marker_path(&self) -> PathBuf {
+        self.dir.path().join("state").join(format!("{}.unflushed", self.export))
+    }
+
+    fn staging(&self) -> PathBuf {
+        self.dir.path().join("staging")
     }
 
     fn unstage_req(&self) -> pb::NodeUnstageVolumeRequest {
@@ -988,4 +1002,121 @@ async fn stage_secrets_never_stay_in_the_state_dir_or_logs() {
     for v in secrets.values() {
         assert!(!log.contains(v.as_str()), "a secret is in the log:\n{log}");
     }
+}
+
+/// Issue 11 item 4, without a kernel: the served volume carries a marker
+/// in the state directory while it holds acknowledged, uncommitted writes;
+/// a flush clears it, a clean shutdown (SIGTERM) commits and clears it, and
+/// a plugin killed with the marker in place is not served again: the next
+/// plugin reports the loss on every RPC until NodeUnstage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_killed_with_unflushed_writes_reports_the_loss_instead_of_serving() {
+    let r = Restarted::new(&["node-1"], None);
+    let (child, _node) = r.start().await;
+    assert!(r.log_text().contains("serving staged volume again"), "{}", r.log_text());
+    let mut nbd = common::nbd_client::Client::connect(&r.socket, &r.export).await;
+    assert!(!r.marker_path().exists(), "marked before any write");
+    assert_eq!(nbd.write(1, 0, &common::pattern(1, 8192)).await, 0);
+    assert!(r.marker_path().exists(), "an acknowledged, uncommitted write left no marker");
+    assert_eq!(nbd.flush(2).await, 0);
+    assert!(!r.marker_path().exists(), "a flush that committed every write left the marker");
+
+    // A clean shutdown commits what was acknowledged and clears the marker.
+    let clean = common::pattern(2, 8192);
+    assert_eq!(nbd.write(3, 1 << 20, &clean).await, 0);
+    assert!(r.marker_path().exists());
+    stop_child(child);
+    drop(nbd);
+    assert!(!r.marker_path().exists(), "SIGTERM left the marker: the next start would call committed writes lost");
+    let v = r.open(true).await;
+    assert_eq!(v.read(1 << 20, 8192).await.expect("read"), clean, "SIGTERM did not commit acknowledged writes");
+    drop(v);
+
+    // Killed with an acknowledged write in memory only.
+    let (mut child, node) = r.start().await;
+    assert!(r.log_text().contains("serving staged volume again"), "{}", r.log_text());
+    let mut nbd = common::nbd_client::Client::connect(&r.socket, &r.export).await;
+    assert_eq!(nbd.write(4, 2 << 20, &common::pattern(3, 8192)).await, 0);
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    drop(nbd);
+    assert!(r.marker_path().exists());
+    // The killed plugin left its CSI socket file: wait for the new one.
+    let _ = std::fs::remove_file(r.dir.path().join("csi.sock"));
+
+    let (child, mut node2) = r.start().await;
+    drop(node);
+    let log = r.log_text();
+    assert!(log.contains("exited without committing writes it had acknowledged"), "{log}");
+    let e = tokio::net::UnixStream::connect(&r.socket).await;
+    assert!(e.is_err(), "the volume that lost writes is served again as if nothing happened");
+    let lost =
+        |s: &tonic::Status| s.code() == Code::FailedPrecondition && s.message().contains("lost unflushed writes");
+    let stats = node2
+        .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+            volume_id: r.id.clone(),
+            volume_path: r.dir.path().display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .expect("stats of a volume that lost writes")
+        .into_inner();
+    let cond = stats.volume_condition.expect("a volume condition");
+    assert!(
+        cond.abnormal && cond.message.contains("lost unflushed writes in a plugin crash; restart the pod"),
+        "{cond:?}"
+    );
+    let cap = block_cap();
+    let e = node2.node_stage_volume(stage_req(&r.id, &r.staging(), &cap)).await.expect_err("stage must fail");
+    assert!(lost(&e), "{e:?}");
+    let target = r.dir.path().join("target");
+    let e = node2
+        .node_publish_volume(publish_req(&r.id, &r.staging(), &target, &cap))
+        .await
+        .expect_err("publish must fail");
+    assert!(lost(&e), "{e:?}");
+    node2.node_unstage_volume(r.unstage_req()).await.expect("unstage cleans up");
+    assert!(!r.marker_path().exists() && !r.record_path().exists(), "unstage left state behind");
+    stop_child(child);
+}
+
+/// Issue 11, spec: NodeGetVolumeStats and NodeExpandVolume answer
+/// NOT_FOUND for a volume that is not staged here before they look at the
+/// path, and for a path that does not exist; NodeExpandVolume honours the
+/// capacity range's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_stats_and_expand_check_the_volume_then_the_path_and_honour_the_limit() {
+    let r = Restarted::new(&["node-1"], None);
+    let (child, mut node) = r.start().await;
+    assert!(r.log_text().contains("serving staged volume again"), "{}", r.log_text());
+    let unknown = format!("file://{}", r.dir.path().join("store/pvc-unknown").display());
+    let stats = |id: &str, path: &str| pb::NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: path.into(),
+        staging_target_path: String::new(),
+    };
+    let expand = |id: &str, path: &str, range: Option<pb::CapacityRange>| pb::NodeExpandVolumeRequest {
+        volume_id: id.into(),
+        volume_path: path.into(),
+        capacity_range: range,
+        ..Default::default()
+    };
+    let missing = r.dir.path().join("no-such-path").display().to_string();
+    let here = r.dir.path().display().to_string();
+    for path in ["", "relative", missing.as_str()] {
+        let e = node.node_get_volume_stats(stats(&unknown, path)).await.expect_err("unknown volume");
+        assert_eq!(e.code(), Code::NotFound, "stats, unknown volume, path {path:?}: {e:?}");
+        let e = node.node_expand_volume(expand(&unknown, path, None)).await.expect_err("unknown volume");
+        assert_eq!(e.code(), Code::NotFound, "expand, unknown volume, path {path:?}: {e:?}");
+    }
+    let e = node.node_get_volume_stats(stats(&r.id, &missing)).await.expect_err("missing path");
+    assert_eq!(e.code(), Code::NotFound, "stats, missing path: {e:?}");
+    let grow = Some(pb::CapacityRange { required_bytes: 128 << 20, limit_bytes: 0 });
+    let e = node.node_expand_volume(expand(&r.id, &missing, grow)).await.expect_err("missing path");
+    assert_eq!(e.code(), Code::NotFound, "expand, missing path: {e:?}");
+    let over = Some(pb::CapacityRange { required_bytes: 128 << 20, limit_bytes: 100 << 20 });
+    let e = node.node_expand_volume(expand(&r.id, &here, over)).await.expect_err("over the limit");
+    assert_eq!(e.code(), Code::OutOfRange, "expand beyond limit_bytes: {e:?}");
+    stop_child(child);
+    assert_eq!(r.open(true).await.size(), 64 << 20, "an expand beyond its limit grew the volume");
 }
