@@ -1258,11 +1258,13 @@ async fn plugin_crash_never_loses_fsynced_writes_silently_inside_vm() {
     drop(pending_file);
     let after = synced(&log);
     for _ in 0..300 {
-        let l = log.lock().unwrap_or_else(|p| p.into_inner());
-        if l.error.is_some() || l.synced.len() >= after + 10 {
+        let done = {
+            let l = log.lock().unwrap_or_else(|p| p.into_inner());
+            l.error.is_some() || l.synced.len() >= after + 10
+        };
+        if done {
             break;
         }
-        drop(l);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, SeqCst);

@@ -179,19 +179,6 @@ pub async fn grow_filesystem(dev: &str, mountpoint: &Path, fs: &str) -> Result<(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stage_options_per_filesystem() {
-        assert_eq!(stage_options("ext4", false), Vec::<String>::new());
-        assert_eq!(stage_options("xfs", false), ["nouuid"]);
-        assert_eq!(stage_options("ext4", true), ["ro", "noload"]);
-        assert_eq!(stage_options("xfs", true), ["nouuid", "ro", "norecovery"]);
-    }
-}
-
 /// (total, free, used) bytes and inodes of a mounted filesystem.
 pub fn statvfs(path: &Path) -> Result<([u64; 3], [u64; 3]), MountError> {
     use std::os::unix::ffi::OsStrExt;
@@ -210,4 +197,17 @@ pub fn statvfs(path: &Path) -> Result<([u64; 3], [u64; 3]), MountError> {
     let inodes = s.f_files as u64;
     let ifree = s.f_ffree as u64;
     Ok(([total, avail, used], [inodes, ifree, inodes.saturating_sub(ifree)]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_options_per_filesystem() {
+        assert_eq!(stage_options("ext4", false), Vec::<String>::new());
+        assert_eq!(stage_options("xfs", false), ["nouuid"]);
+        assert_eq!(stage_options("ext4", true), ["ro", "noload"]);
+        assert_eq!(stage_options("xfs", true), ["nouuid", "ro", "norecovery"]);
+    }
 }
