@@ -35,7 +35,7 @@ fn node_stage_publish_expand_restart_block_in_a_vm() {
     let out = Command::new(root.join("tests/vm/run.sh"))
         .arg(root.join("tests/vm/guest-csi.sh"))
         .arg(common::s3blk_bin())
-        .arg("540")
+        .arg("900")
         .arg(me)
         .output()
         .expect("run the VM");
@@ -1085,6 +1085,15 @@ async fn a_plugin_killed_with_unflushed_writes_reports_the_loss_instead_of_servi
         .node_publish_volume(publish_req(&r.id, &r.staging(), &target, &cap))
         .await
         .expect_err("publish must fail");
+    assert!(lost(&e), "{e:?}");
+    let e = node2
+        .node_expand_volume(pb::NodeExpandVolumeRequest {
+            volume_id: r.id.clone(),
+            volume_path: r.dir.path().display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("expand must fail");
     assert!(lost(&e), "{e:?}");
     node2.node_unstage_volume(r.unstage_req()).await.expect("unstage cleans up");
     assert!(!r.marker_path().exists() && !r.record_path().exists(), "unstage left state behind");
