@@ -1151,6 +1151,7 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
             a.max_connections,
             crate::nbd::session::DEFAULT_IO_DEADLINE,
         ),
+        unflushed: None,
     });
     println!(
         "serving {} ({}{}) on {}, export \"{export_name}\"",

@@ -392,6 +392,7 @@ async fn in_process(read_only: bool) -> InProcess {
         read_only,
         busy_poll: std::time::Duration::from_micros(50),
         limits: s3blk::nbd::session::Limits::default(),
+        unflushed: None,
     });
     let (shutdown, rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(server::serve(bound, export, rx));
@@ -584,6 +585,7 @@ async fn a_write_waiting_for_the_store_does_not_stall_its_connection() {
         read_only: false,
         busy_poll: Duration::ZERO,
         limits: s3blk::nbd::session::Limits::default(),
+        unflushed: None,
     });
     let (_shutdown, rx) = tokio::sync::watch::channel(false);
     let _task = tokio::spawn(server::serve(bound, export, rx));

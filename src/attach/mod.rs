@@ -413,6 +413,21 @@ impl Attacher {
         .await
     }
 
+    /// Cut the device's connection without waiting for the kernel to let
+    /// it go (a mounted filesystem holds it until unmounted): the I/O the
+    /// kernel holds for a reconnect, and every later request, fail. For a
+    /// device this process did not attach (after a restart).
+    pub async fn disconnect(&self, dev: &str) -> Result<(), AttachError> {
+        let index = devices::index_of(dev).ok_or_else(|| AttachError::NotNbd(dev.to_string()))?;
+        let device = dev.to_string();
+        blocking(move || match NbdNetlink::open() {
+            Ok(mut nl) => nl.disconnect(index).map_err(AttachError::Netlink),
+            // Netlink unreachable here: NBD_DISCONNECT works on either kind.
+            Err(_) => ioctl::disconnect(&device).map_err(|e| AttachError::Ioctl(device, e)),
+        })
+        .await
+    }
+
     /// Disconnect the device and wait until the kernel let it go.
     pub async fn detach(&self, dev: &str) -> Result<(), AttachError> {
         let index = devices::index_of(dev).ok_or_else(|| AttachError::NotNbd(dev.to_string()))?;

@@ -8,7 +8,7 @@ use std::process::Stdio;
 
 /// Programs the node plugin runs (the container image must provide them).
 pub const PROGRAMS: &[&str] =
-    &["blkid", "mkfs.ext4", "mkfs.xfs", "mount", "umount", "resize2fs", "xfs_growfs", "blockdev"];
+    &["blkid", "mkfs.ext4", "mkfs.xfs", "fsck.ext4", "mount", "umount", "resize2fs", "xfs_growfs", "blockdev"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -73,6 +73,13 @@ pub fn mounted_at(path: &Path) -> Option<(String, String, String)> {
     })
 }
 
+/// Is a filesystem on the device `dev_t` (`major:minor`) mounted anywhere
+/// in this mount namespace (per /proc/self/mountinfo)?
+pub fn device_mounted(dev_t: &str) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    info.lines().any(|l| l.split(' ').nth(2) == Some(dev_t))
+}
+
 /// Is `path` a mount point (per /proc/self/mountinfo)?
 pub fn is_mountpoint(path: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
@@ -96,6 +103,66 @@ pub async fn mount(source: &str, target: &Path, fs: Option<&str>, options: &[Str
     }
     args.extend([source, &t]);
     run("mount", &args).await.map(|_| ())
+}
+
+/// Options every stage mount of `fs` gets, besides the user's:
+/// - xfs: `nouuid`, since a clone or restored volume carries its source's
+///   UUID and xfs refuses to mount a second filesystem with the same one
+///   (a clone mounted beside its source on one node);
+/// - read-only: no journal replay (`norecovery` for xfs, `noload` for
+///   ext4). A volume restored from a snapshot of a mounted filesystem is
+///   crash-consistent, its journal needs recovery, and recovery needs to
+///   write, which a read-only device refuses; the mount sees the state as
+///   of the last journal commit.
+pub fn stage_options(fs: &str, readonly: bool) -> Vec<String> {
+    let mut opts = Vec::new();
+    if fs == "xfs" {
+        opts.push("nouuid".to_string());
+    }
+    if readonly {
+        opts.push("ro".to_string());
+        match fs {
+            "xfs" => opts.push("norecovery".to_string()),
+            "ext4" | "ext3" => opts.push("noload".to_string()),
+            _ => {}
+        }
+    }
+    opts
+}
+
+/// What a preen-mode check of an ext4 filesystem found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Preen {
+    Clean,
+    /// Problems were fixed (exit 1 or 2); the output says which.
+    Fixed(String),
+}
+
+/// `fsck.ext4 -p` before an ext4 filesystem is mounted read-write, as a
+/// boot would: replays the journal and fixes what needs no human. Exit 1
+/// and 2 mean errors were corrected; 4 and above mean errors left
+/// uncorrected (or an operational error), reported with fsck's output.
+pub async fn preen_ext4(dev: &str) -> Result<Preen, MountError> {
+    let cmd = "fsck.ext4";
+    let out = tokio::process::Command::new(cmd)
+        .args(["-p", dev])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| MountError::Command { cmd: cmd.to_string(), detail: e.to_string() })?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    match out.status.code() {
+        Some(0) => Ok(Preen::Clean),
+        Some(1 | 2) => Ok(Preen::Fixed(text.trim().to_string())),
+        code => Err(MountError::Command {
+            cmd: format!("{cmd} -p {dev}"),
+            detail: format!(
+                "the filesystem has errors a preen check cannot fix ({}); run fsck.ext4 on the volume by hand: {}",
+                code.map(|c| format!("exit {c}")).unwrap_or_else(|| "killed".into()),
+                text.trim()
+            ),
+        }),
+    }
 }
 
 pub async fn umount(target: &Path) -> Result<(), MountError> {
@@ -130,4 +197,17 @@ pub fn statvfs(path: &Path) -> Result<([u64; 3], [u64; 3]), MountError> {
     let inodes = s.f_files as u64;
     let ifree = s.f_ffree as u64;
     Ok(([total, avail, used], [inodes, ifree, inodes.saturating_sub(ifree)]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_options_per_filesystem() {
+        assert_eq!(stage_options("ext4", false), Vec::<String>::new());
+        assert_eq!(stage_options("xfs", false), ["nouuid"]);
+        assert_eq!(stage_options("ext4", true), ["ro", "noload"]);
+        assert_eq!(stage_options("xfs", true), ["nouuid", "ro", "norecovery"]);
+    }
 }

@@ -31,6 +31,7 @@ use super::common::{InFlight, RpcResult, Stores, check_capability, parse_volume_
 use super::mount::{self, MountError};
 use super::pb;
 use crate::attach::{AttachError, Attacher, devices};
+use crate::nbd::unflushed::UnflushedMarker;
 use crate::nbd::{Export, Listen, server};
 use crate::size::parse_size;
 use crate::volume::{OpenOptions, Volume, catalog};
@@ -111,9 +112,34 @@ impl<'a> ServeSpec<'a> {
     }
 }
 
+/// What `VolumeCondition` and the RPCs say about a volume that lost
+/// acknowledged writes in a plugin crash.
+const LOST_WRITES: &str = "lost unflushed writes in a plugin crash; restart the pod: the volume's device was \
+                           disconnected so the filesystem sees I/O errors, and staging it again (after NodeUnstage) \
+                           mounts the data as of its last flush";
+
+/// How this process holds a staged volume.
+enum Serving {
+    /// Served on its socket by this process.
+    Up(Server),
+    /// The previous plugin process exited without committing writes it had
+    /// acknowledged (its unflushed-writes marker was left behind): the
+    /// device was disconnected, nothing is served until NodeUnstage.
+    LostWrites,
+}
+
 struct Staged {
     record: StageRecord,
-    server: Server,
+    serving: Serving,
+}
+
+impl Staged {
+    fn volume(&self) -> Result<&Volume, Status> {
+        match &self.serving {
+            Serving::Up(s) => Ok(&s.volume),
+            Serving::LostWrites => Err(Status::failed_precondition(LOST_WRITES)),
+        }
+    }
 }
 
 pub struct NodeService {
@@ -166,6 +192,42 @@ fn staged_mount(r: &StageRecord) -> StagedMount {
     StagedMount::Ok
 }
 
+/// Mount a staged volume's filesystem: a preen check first (ext4,
+/// read-write), the options `mount::stage_options` explains, and then grow
+/// the filesystem to the device (a volume restored or cloned into a larger
+/// size holds its source's smaller filesystem).
+async fn mount_staged(
+    volume_id: &str,
+    device: &str,
+    staging: &Path,
+    fs: &str,
+    readonly: bool,
+    user_flags: Vec<String>,
+) -> Result<(), Status> {
+    // Not while the filesystem is mounted elsewhere (a pod's bind mount of
+    // a staging path that lost its mount): fsck refuses, and need not run.
+    let mounted = devices::dev_t(device).is_some_and(|d| mount::device_mounted(&d));
+    if fs == "ext4" && !readonly && !mounted {
+        match mount::preen_ext4(device).await {
+            Ok(mount::Preen::Clean) => {}
+            Ok(mount::Preen::Fixed(out)) => {
+                tracing::warn!(volume = %volume_id, device = %device, output = %out, "fsck.ext4 -p fixed the filesystem");
+            }
+            Err(e) => return Err(Status::failed_precondition(e.to_string())),
+        }
+    }
+    let mut flags = user_flags;
+    flags.extend(mount::stage_options(fs, readonly));
+    mount::mount(device, staging, Some(fs), &flags).await.map_err(internal)?;
+    if !readonly {
+        if let Err(e) = mount::grow_filesystem(device, staging, fs).await {
+            let _ = mount::umount(staging).await;
+            return Err(internal(e));
+        }
+    }
+    Ok(())
+}
+
 fn key_of(volume_id: &str) -> String {
     format!("{:08x}", crc32c::crc32c(volume_id.as_bytes()))
 }
@@ -207,6 +269,12 @@ impl NodeService {
             std::fs::rename(&tmp, &path)
         };
         write().map_err(|e| Status::internal(format!("state record {}: {e}", path.display())))
+    }
+
+    /// Exists while the volume may hold acknowledged, uncommitted writes
+    /// (see `crate::nbd::unflushed`). Beside the stage record.
+    fn marker_path(&self, volume_id: &str) -> PathBuf {
+        self.cfg.state_dir.join(format!("{}.unflushed", key_of(volume_id)))
     }
 
     fn secrets_path(&self, volume_id: &str) -> PathBuf {
@@ -290,6 +358,7 @@ impl NodeService {
         let bound = server::bind(&Listen::Unix(spec.socket.to_path_buf()))
             .await
             .map_err(|e| Status::internal(format!("socket {}: {e}", spec.socket.display())))?;
+        let unflushed = (!spec.readonly).then(|| Arc::new(UnflushedMarker::new(self.marker_path(spec.volume_id))));
         let export = Arc::new(Export {
             name: spec.export.to_string(),
             description: spec.volume_id.to_string(),
@@ -297,6 +366,7 @@ impl NodeService {
             read_only: spec.readonly,
             busy_poll: self.cfg.busy_poll,
             limits: crate::nbd::session::Limits::default(),
+            unflushed,
         });
         let (shutdown, rx) = watch::channel(false);
         let task = tokio::spawn(server::serve(bound, export, rx));
@@ -357,6 +427,10 @@ impl NodeService {
 
     async fn recover_one(&self, mut record: StageRecord) {
         let id = record.volume_id.clone();
+        if UnflushedMarker::found(&self.marker_path(&id)) {
+            self.writes_lost(record).await;
+            return;
+        }
         if !record.legacy_secrets.0.is_empty() {
             // An earlier version wrote the secrets into the record: move
             // them to the secrets directory and rewrite the record.
@@ -419,10 +493,33 @@ impl NodeService {
                     Ok(()) => tracing::info!(volume = %id, "device reconnected"),
                     Err(e) => tracing::error!(volume = %id, error = %e, "reconnect failed"),
                 }
-                self.staged.lock().await.insert(id, Staged { record, server });
+                self.staged.lock().await.insert(id, Staged { record, serving: Serving::Up(server) });
             }
             Err(e) => tracing::error!(volume = %id, error = %e.message(), "cannot serve staged volume"),
         }
+    }
+
+    /// The previous plugin process exited (killed, out of memory) while the
+    /// volume held writes it had acknowledged and not committed: they are
+    /// gone. Reconnecting the device would let the filesystem go on as if
+    /// they had been stored; disconnect it instead, so the I/O the kernel
+    /// holds and every later request fail and the filesystem sees the loss.
+    /// The volume stays staged (and reported) until NodeUnstage.
+    async fn writes_lost(&self, record: StageRecord) {
+        let id = record.volume_id.clone();
+        tracing::error!(
+            volume = %id, device = %record.device,
+            "the previous plugin process exited without committing writes it had acknowledged: they are lost. \
+             Disconnecting the device so that the filesystem sees I/O errors instead of silently missing data; \
+             restart the pods using the volume (NodeUnstage, then NodeStage mounts the data as of its last flush)"
+        );
+        if devices::device_size(&record.device) > 0 {
+            match self.attacher.disconnect(&record.device).await {
+                Ok(()) => tracing::info!(volume = %id, device = %record.device, "device disconnected"),
+                Err(e) => tracing::error!(volume = %id, device = %record.device, error = %e, "disconnect failed"),
+            }
+        }
+        self.staged.lock().await.insert(id, Staged { record, serving: Serving::LostWrites });
     }
 
     /// Stop serving: flush everything, then close the socket.
@@ -450,7 +547,10 @@ impl NodeService {
         }
         let all: Vec<Staged> = self.staged.lock().await.drain().map(|(_, s)| s).collect();
         for s in all {
-            if let Err(e) = self.stop(&s.record.volume_id, s.server).await {
+            // A volume that lost writes keeps its marker: the next process
+            // reports it too, until NodeUnstage.
+            let Serving::Up(server) = s.serving else { continue };
+            if let Err(e) = self.stop(&s.record.volume_id, server).await {
                 tracing::error!(volume = %s.record.volume_id, error = %e, "stop failed");
             }
         }
@@ -470,8 +570,16 @@ impl pb::node_server::Node for NodeService {
             req.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume capability is required"))?;
         check_capability(cap).map_err(Status::invalid_argument)?;
         let _guard = self.inflight.start(&req.volume_id)?;
-        let already = self.staged.lock().await.get(&req.volume_id).map(|s| s.record.clone());
-        if let Some(r) = already {
+        let already = self
+            .staged
+            .lock()
+            .await
+            .get(&req.volume_id)
+            .map(|s| (s.record.clone(), matches!(s.serving, Serving::LostWrites)));
+        if let Some((r, lost)) = already {
+            if lost {
+                return Err(Status::failed_precondition(LOST_WRITES));
+            }
             if r.staging_path != staging {
                 return Err(Status::failed_precondition(format!(
                     "volume is already staged at {}",
@@ -486,8 +594,7 @@ impl pb::node_server::Node for NodeService {
                     StagedMount::Missing => {
                         std::fs::create_dir_all(&staging)
                             .map_err(|e| Status::internal(format!("{}: {e}", staging.display())))?;
-                        let flags: Vec<String> = if r.readonly { vec!["ro".into()] } else { Vec::new() };
-                        mount::mount(&r.device, &staging, Some(fs), &flags).await.map_err(internal)?;
+                        mount_staged(&req.volume_id, &r.device, &staging, fs, r.readonly, Vec::new()).await?;
                         tracing::info!(volume = %req.volume_id, device = %r.device, "staging path mounted again");
                     }
                     StagedMount::Wrong(why) => return Err(Status::failed_precondition(why)),
@@ -517,6 +624,10 @@ impl pb::node_server::Node for NodeService {
         };
         let key = key_of(&req.volume_id);
         let socket = self.cfg.state_dir.join(format!("{key}.sock"));
+        // A fresh stage starts from what the store holds: a marker left
+        // without a stage record (an unstage interrupted at its end) says
+        // nothing about this one.
+        let _ = std::fs::remove_file(self.marker_path(&req.volume_id));
         let spec = ServeSpec {
             volume_id: &req.volume_id,
             socket: &socket,
@@ -567,14 +678,11 @@ impl pb::node_server::Node for NodeService {
                 }
                 std::fs::create_dir_all(&staging)
                     .map_err(|e| Status::internal(format!("{}: {e}", staging.display())))?;
-                let mut flags = match &cap.access_type {
+                let flags = match &cap.access_type {
                     Some(AccessType::Mount(m)) => m.mount_flags.clone(),
                     _ => Vec::new(),
                 };
-                if readonly {
-                    flags.push("ro".into());
-                }
-                mount::mount(&device, &staging, Some(fs), &flags).await.map_err(internal)?;
+                mount_staged(&req.volume_id, &device, &staging, fs, readonly, flags).await?;
             }
             if record.has_secrets {
                 self.save_secrets(&req.volume_id, &Secrets(req.secrets.clone()))?;
@@ -591,7 +699,7 @@ impl pb::node_server::Node for NodeService {
             return Err(e);
         }
         tracing::info!(volume = %req.volume_id, device = %device, staging = %staging.display(), "volume staged");
-        self.staged.lock().await.insert(req.volume_id, Staged { record, server });
+        self.staged.lock().await.insert(req.volume_id, Staged { record, serving: Serving::Up(server) });
         Ok(Response::new(pb::NodeStageVolumeResponse {}))
     }
 
@@ -606,14 +714,14 @@ impl pb::node_server::Node for NodeService {
         let staging = required_path(&req.staging_target_path, "staging target path")?;
         let _guard = self.inflight.start(&req.volume_id)?;
         mount::umount(&staging).await.map_err(internal)?;
-        let served = self.staged.lock().await.get(&req.volume_id).map(|s| (s.server.volume.clone(), s.record.clone()));
+        let served = self.staged.lock().await.get(&req.volume_id).map(|s| (s.volume().ok().cloned(), s.record.clone()));
         let record = match &served {
             Some((_, r)) => Some(r.clone()),
             // Not served by this process (recovery did not serve it after
             // a restart): the record still says which device it attached.
             None => std::fs::read(self.record_path(&req.volume_id)).ok().and_then(|b| serde_json::from_slice(&b).ok()),
         };
-        if let Some((volume, _)) = &served {
+        if let Some((Some(volume), _)) = &served {
             // Commit every acknowledged write before anything is let go:
             // while that fails the volume stays served and attached, and
             // kubelet retries.
@@ -641,13 +749,17 @@ impl pb::node_server::Node for NodeService {
             }
         }
         if let Some(s) = self.staged.lock().await.remove(&req.volume_id) {
-            self.stop(&req.volume_id, s.server).await?;
+            if let Serving::Up(server) = s.serving {
+                self.stop(&req.volume_id, server).await?;
+            }
         }
         if let Some(r) = &record {
             let _ = std::fs::remove_file(&r.socket);
         }
         self.remove_secrets(&req.volume_id);
         let _ = std::fs::remove_file(self.record_path(&req.volume_id));
+        // Last: until the record is gone, a restart must still see the loss.
+        let _ = std::fs::remove_file(self.marker_path(&req.volume_id));
         tracing::info!(volume = %req.volume_id, "volume unstaged");
         Ok(Response::new(pb::NodeUnstageVolumeResponse {}))
     }
@@ -668,6 +780,7 @@ impl pb::node_server::Node for NodeService {
             let s = staged
                 .get(&req.volume_id)
                 .ok_or_else(|| Status::failed_precondition("the volume is not staged on this node"))?;
+            s.volume()?;
             if s.record.staging_path != staging {
                 return Err(Status::invalid_argument("staging path differs from the one the volume was staged at"));
             }
@@ -736,17 +849,28 @@ impl pb::node_server::Node for NodeService {
         request: Request<pb::NodeGetVolumeStatsRequest>,
     ) -> RpcResult<pb::NodeGetVolumeStatsResponse> {
         let req = request.into_inner();
-        parse_volume_id(&req.volume_id)?;
-        let path = required_path(&req.volume_path, "volume path")?;
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume id is required"));
+        }
+        // An unknown volume is NOT_FOUND whatever the path says.
         let (volume, record) = {
             let staged = self.staged.lock().await;
             let s =
                 staged.get(&req.volume_id).ok_or_else(|| Status::not_found("the volume is not staged on this node"))?;
-            (s.server.volume.clone(), s.record.clone())
+            (s.volume().ok().cloned(), s.record.clone())
         };
+        let path = required_path(&req.volume_path, "volume path")?;
         if !path.exists() {
             return Err(Status::not_found(format!("{} does not exist", path.display())));
         }
+        let Some(volume) = volume else {
+            // Its filesystem fails every I/O: no usage to report.
+            let condition = pb::VolumeCondition { abnormal: true, message: LOST_WRITES.into() };
+            return Ok(Response::new(pb::NodeGetVolumeStatsResponse {
+                usage: vec![],
+                volume_condition: Some(condition),
+            }));
+        };
         let condition = match volume.health(std::time::Duration::from_secs(5)).await {
             Some(why) => pb::VolumeCondition { abnormal: true, message: why },
             None => pb::VolumeCondition { abnormal: false, message: "ok".into() },
@@ -772,23 +896,34 @@ impl pb::node_server::Node for NodeService {
         request: Request<pb::NodeExpandVolumeRequest>,
     ) -> RpcResult<pb::NodeExpandVolumeResponse> {
         let req = request.into_inner();
-        parse_volume_id(&req.volume_id)?;
-        required_path(&req.volume_path, "volume path")?;
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume id is required"));
+        }
         let _guard = self.inflight.start(&req.volume_id)?;
+        // An unknown volume is NOT_FOUND whatever the path says.
         let (volume, record) = {
             let staged = self.staged.lock().await;
             let s =
                 staged.get(&req.volume_id).ok_or_else(|| Status::not_found("the volume is not staged on this node"))?;
-            (s.server.volume.clone(), s.record.clone())
+            (s.volume()?.clone(), s.record.clone())
         };
-        let want = req
-            .capacity_range
-            .as_ref()
-            .map(|r| r.required_bytes.max(0) as u64)
-            .filter(|b| *b > 0)
-            .ok_or_else(|| Status::invalid_argument("capacity range is required"))?;
+        let path = required_path(&req.volume_path, "volume path")?;
+        if !path.exists() {
+            return Err(Status::not_found(format!("{} does not exist", path.display())));
+        }
+        // The capacity range is optional: without one the node catches up
+        // with the size the controller gave the volume.
         let chunk = volume.chunk_size();
-        let want = want.div_ceil(chunk) * chunk;
+        let range = req.capacity_range.unwrap_or_default();
+        let required = (range.required_bytes.max(0) as u64).div_ceil(chunk) * chunk;
+        let want = required.max(volume.size());
+        if range.limit_bytes > 0 && want > range.limit_bytes as u64 {
+            return Err(Status::out_of_range(format!(
+                "the volume would be {want} bytes (its size, or the required bytes rounded up to its chunk size \
+                 {chunk}), more than the limit of {} bytes",
+                range.limit_bytes
+            )));
+        }
         if want > volume.size() {
             // This engine is the volume's writer: it grows and commits the size.
             volume.resize(want).await.map_err(status)?;

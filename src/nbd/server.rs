@@ -223,12 +223,12 @@ pub async fn serve(bound: Bound, export: Arc<Export>, mut shutdown: watch::Recei
         }
     }
     tracing::info!("shutting down: committing, then finishing in-flight requests");
-    let first = if export.read_only { Ok(()) } else { export.volume.flush().await };
+    let first = if export.read_only { Ok(()) } else { export.flush().await };
     let drain = async { while sessions.join_next().await.is_some() {} };
     if tokio::time::timeout(DRAIN, drain).await.is_err() {
         tracing::warn!("sessions did not finish within {DRAIN:?}");
     }
-    let last = if export.read_only { Ok(()) } else { export.volume.flush().await };
+    let last = if export.read_only { Ok(()) } else { export.flush().await };
     drop(bound);
     first.and(last).map_err(std::io::Error::other)
 }

@@ -22,9 +22,10 @@ type Permit = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 use tokio::task::JoinSet;
 
 use super::proto::{self, Request};
+use super::unflushed::{UnflushedMarker, WriteGuard};
 use crate::error::nbd_errno;
-use crate::volume::Volume;
 use crate::volume::engine::is_zero;
+use crate::volume::{Volume, VolumeResult};
 
 /// What a server offers: one volume under one name.
 #[derive(Debug)]
@@ -39,6 +40,9 @@ pub struct Export {
     pub busy_poll: Duration,
     /// What all connections to this export may use together.
     pub limits: Limits,
+    /// Marks, in a file, that acknowledged writes may be uncommitted (the
+    /// node plugin's crash detection); `None` when nobody asks.
+    pub unflushed: Option<Arc<UnflushedMarker>>,
 }
 
 /// Bounds that keep hostile or broken clients from exhausting the server.
@@ -86,6 +90,29 @@ impl Export {
             f |= proto::TF_SEND_TRIM | proto::TF_SEND_WRITE_ZEROES;
         }
         f
+    }
+
+    /// Call before a write starts; hold the guard until it finished. An
+    /// error (the marker cannot be created) must fail the write.
+    fn write_begins(&self) -> Result<Option<WriteGuard<'_>>, (u32, String)> {
+        match &self.unflushed {
+            None => Ok(None),
+            Some(m) => m.write_begins().map(Some).map_err(|e| {
+                tracing::error!(error = %e, "write refused: cannot mark the volume as holding unflushed writes");
+                (proto::EIO, e.to_string())
+            }),
+        }
+    }
+
+    /// Commit every completed write; a flush that covered every write
+    /// acknowledged so far clears the unflushed-writes marker.
+    pub async fn flush(&self) -> VolumeResult<()> {
+        let ticket = self.unflushed.as_ref().map(|m| m.flush_begins());
+        self.volume.flush().await?;
+        if let (Some(m), Some(t)) = (&self.unflushed, ticket) {
+            m.flushed(t);
+        }
+        Ok(())
     }
 
     fn matches(&self, name: &[u8]) -> bool {
@@ -557,7 +584,15 @@ where
         }
         if let (proto::CMD_WRITE, Some(data), false) = (req.kind, &payload, export.read_only) {
             if req.flags == 0 {
-                if let Some(r) = export.volume.write_now(req.offset, data) {
+                let now = match export.write_begins() {
+                    Ok(guard) => export.volume.write_now(req.offset, data).map(|r| (r, guard)),
+                    Err((errno, _)) => {
+                        wr.simple(errno, req.handle, Some(permit)).await;
+                        continue;
+                    }
+                };
+                if let Some((r, guard)) = now {
+                    drop(guard);
                     match r {
                         Ok(()) => wr.simple(0, req.handle, Some(permit)).await,
                         Err(e) => wr.simple(nbd_errno(&e), req.handle, Some(permit)).await,
@@ -581,7 +616,7 @@ where
     };
     while tasks.join_next().await.is_some() {}
     if !export.read_only {
-        if let Err(e) = export.volume.flush().await {
+        if let Err(e) = export.flush().await {
             tracing::warn!(error = %e, "flush at disconnect failed");
         }
     }
@@ -634,12 +669,19 @@ async fn handle<W: AsyncWrite + Unpin>(
                 }
             }
         }
-        proto::CMD_WRITE => {
-            let r = vol.write_vec(req.offset, payload.unwrap_or_default()).await;
-            finish(r, fua, vol).await
-        }
-        proto::CMD_TRIM | proto::CMD_WRITE_ZEROES => finish(vol.write_zeroes(req.offset, len).await, fua, vol).await,
-        proto::CMD_FLUSH => vol.flush().await.map_err(|e| (nbd_errno(&e), e.to_string())),
+        proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES => match export.write_begins() {
+            Ok(guard) => {
+                let r = if req.kind == proto::CMD_WRITE {
+                    vol.write_vec(req.offset, payload.unwrap_or_default()).await
+                } else {
+                    vol.write_zeroes(req.offset, len).await
+                };
+                drop(guard);
+                finish(r, fua, &export).await
+            }
+            Err(e) => Err(e),
+        },
+        proto::CMD_FLUSH => export.flush().await.map_err(|e| (nbd_errno(&e), e.to_string())),
         proto::CMD_CACHE => vol.prefetch(req.offset, len).await.map_err(|e| (nbd_errno(&e), e.to_string())),
         proto::CMD_BLOCK_STATUS if neg.base_allocation => match block_status(vol, req) {
             Ok(reply) => return wr.send(vec![Bytes::from(reply)], Some(permit)).await,
@@ -693,9 +735,9 @@ fn block_status(vol: &Volume, req: Request) -> Result<Vec<u8>, (u32, String)> {
     Ok(out)
 }
 
-async fn finish(r: Result<(), crate::volume::VolumeError>, fua: bool, vol: &Volume) -> Result<(), (u32, String)> {
+async fn finish(r: VolumeResult<()>, fua: bool, export: &Export) -> Result<(), (u32, String)> {
     let r = match r {
-        Ok(()) if fua => vol.flush().await,
+        Ok(()) if fua => export.flush().await,
         other => other,
     };
     r.map_err(|e| match e {

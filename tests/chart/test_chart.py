@@ -280,7 +280,7 @@ def test_deploy_matches_the_rendered_chart():
 # Which Debian package provides each program the node plugin runs.
 PACKAGE_OF = {
     "nbd-client": "nbd-client", "blkid": "util-linux", "blockdev": "util-linux", "mkfs.ext4": "e2fsprogs",
-    "resize2fs": "e2fsprogs", "mkfs.xfs": "xfsprogs", "xfs_growfs": "xfsprogs", "mount": "mount",
+    "resize2fs": "e2fsprogs", "fsck.ext4": "e2fsprogs", "mkfs.xfs": "xfsprogs", "xfs_growfs": "xfsprogs", "mount": "mount",
     "umount": "mount", "modprobe": "kmod",
 }
 
