@@ -252,6 +252,11 @@ impl SimWorld {
             .collect()
     }
 
+    /// When the object at `key` was last written (the store's clock, Unix seconds).
+    pub fn modified_unix(&self, key: &str) -> Option<i64> {
+        self.lock().objects.get(key).map(|(_, t)| *t)
+    }
+
     /// Fold an event into the trace hash (with names that differ from run
     /// to run blanked) and the event log.
     pub fn trace(&self, event: &str) {
