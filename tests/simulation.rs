@@ -74,7 +74,9 @@
 //! - `S3BLK_SIM_SEED=n`: run seed n alone, printing every event;
 //! - `S3BLK_SIM_SEEDS=n`, `S3BLK_SIM_SECONDS=t`: run n seeds (from
 //!   `S3BLK_SIM_FIRST`, random by default), or as many as fit in t seconds;
-//! - `S3BLK_SIM_THREADS`: seeds run in parallel on this many threads (2).
+//! - `S3BLK_SIM_THREADS`: seeds run in parallel on this many threads (2);
+//! - `S3BLK_SIM_STOP=1`: stop at the first failing seed (seeds below it
+//!   all run), to count how many seeds a bug takes to show.
 //!
 //! By default a fixed range of seeds and a few random ones run.
 
@@ -2376,19 +2378,27 @@ fn report(out: &Outcome, lines: usize) -> String {
 /// Run seeds on a few threads until the list or the time runs out.
 fn run_many(seeds: Vec<u64>, deadline: Option<std::time::Instant>, progress: bool) -> Vec<Outcome> {
     let threads = env_u64("S3BLK_SIM_THREADS").unwrap_or(2).max(1) as usize;
+    let stop_at_first = env_u64("S3BLK_SIM_STOP").is_some_and(|v| v != 0);
     let queue = Arc::new(Mutex::new(seeds.into_iter()));
     let results = Arc::new(Mutex::new(Vec::new()));
+    let failed = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..threads)
         .map(|_| {
-            let (queue, results) = (queue.clone(), results.clone());
+            let (queue, results, failed) = (queue.clone(), results.clone(), failed.clone());
             std::thread::spawn(move || {
                 loop {
                     if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
                         return;
                     }
+                    // Seeds are taken in order: when one fails, every lower
+                    // seed has been taken and finishes.
+                    if stop_at_first && failed.load(Ordering::SeqCst) {
+                        return;
+                    }
                     let Some(seed) = lock(&queue).next() else { return };
                     let out = run_seed(seed, false);
                     if out.violation.is_some() {
+                        failed.store(true, Ordering::SeqCst);
                         println!("{}", report(&out, 30));
                     }
                     let mut results = lock(&results);
