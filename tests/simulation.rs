@@ -90,9 +90,9 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use s3blk::clock::Clock;
-use s3blk::store::DynStore;
 use s3blk::store::retry::{Jitter, RetryPolicy, RetryStore};
 use s3blk::store::sim::{FaultPlan, Fnv, Outage, SimClock, SimGate, SimStore, SimWorld};
+use s3blk::store::{DynStore, PutMode};
 use s3blk::volume::catalog;
 use s3blk::volume::compact::{self, CompactOptions};
 use s3blk::volume::engine::{CreateOptions, read_snapshot};
@@ -141,6 +141,11 @@ struct Config {
     writer_skew_bound: i64,
     /// Clones restored from snapshots during the run.
     max_clones: u64,
+    /// When an unreadable snapshot record appears (damage from outside).
+    broken_snapshot_at: Option<Duration>,
+    /// When the writer starts a flush storm (a database syncing many times
+    /// a second).
+    storm_at: Option<Duration>,
 }
 
 impl Config {
@@ -165,6 +170,9 @@ impl Config {
         };
         let compactor_skews = (0..rng.random_range(1..=3)).map(|_| skew(rng)).collect();
         let max_clones = rng.random_range(0..=2);
+        let broken_snapshot_at =
+            rng.random_bool(0.15).then(|| Duration::from_secs(rng.random_range(10..run_for.as_secs() - 60)));
+        let storm_at = rng.random_bool(0.25).then(|| Duration::from_secs(rng.random_range(10..run_for.as_secs() - 60)));
         Self {
             chaos,
             initial_chunks,
@@ -179,6 +187,8 @@ impl Config {
             compactor_skews,
             writer_skew_bound: 3,
             max_clones,
+            broken_snapshot_at,
+            storm_at,
         }
     }
 
@@ -414,8 +424,15 @@ struct ReaderView {
 
 impl Oracle {
     fn new(world: Arc<SimWorld>, blocks: usize, size: u64) -> Self {
-        let initial =
-            Version { data: zeros(), session: INITIAL, write: 0, tick: 0, acked: true, acked_tick: 0, at: Duration::ZERO };
+        let initial = Version {
+            data: zeros(),
+            session: INITIAL,
+            write: 0,
+            tick: 0,
+            acked: true,
+            acked_tick: 0,
+            at: Duration::ZERO,
+        };
         Self {
             world,
             tick: 0,
@@ -779,6 +796,8 @@ struct Sim {
     tasks: Mutex<Vec<AbortHandle>>,
     stop: AtomicBool,
     snapshot_names: AtomicU64,
+    /// The flush storm happened (or began).
+    stormed: AtomicBool,
 }
 
 type Ctx = Arc<Sim>;
@@ -949,6 +968,13 @@ async fn writer_loop(ctx: Ctx, s: usize, name: String, vol: Volume, mut rng: Std
         sleep(pause).await;
         if ctx.done() {
             return;
+        }
+        if ctx.cfg.storm_at.is_some_and(|t| ctx.world.elapsed() >= t) && !ctx.stormed.swap(true, Ordering::SeqCst) {
+            if storm(&ctx, s, &name, &vol, &mut rng).await {
+                ctx.event(&format!("{name}: fenced, stops"));
+                return;
+            }
+            continue;
         }
         let op = match rng.random_range(0..100) {
             0..=37 => WriterOp::Write,
@@ -1222,6 +1248,61 @@ async fn burst_read(ctx: &Ctx, s: usize, name: &str, vol: &Volume, off: u64, len
     }
 }
 
+/// Records past the newest checkpoint the engine lets pile up: a writer
+/// writes a checkpoint every 64 records (for volumes this small); one may
+/// fail or be slow to land.
+const JOURNAL_TAIL_BOUND: usize = 3 * 64;
+
+/// Many small writes, each flushed at once, as fast as the store answers;
+/// then, after a quiet minute (for the writer's checkpoint to land), the
+/// journal past the newest checkpoint is bounded however fast the writer
+/// flushed, so any opener replays few records. Compaction cannot help
+/// here: every record is younger than its safety age.
+async fn storm(ctx: &Ctx, s: usize, name: &str, vol: &Volume, rng: &mut StdRng) -> bool {
+    let n = rng.random_range(250..400);
+    ctx.event(&format!("{name}: flush storm of {n}"));
+    let blocks = vol.size() / BLOCK;
+    for _ in 0..n {
+        if ctx.done() {
+            return false;
+        }
+        let b = rng.random_range(0..blocks);
+        if burst_write(ctx, s, name, vol, b * BLOCK, BLOCK, false).await {
+            return true;
+        }
+        let t0 = ctx.oracle().next_tick();
+        match vol.flush().await {
+            Ok(()) => ctx.oracle().flush_acked(s, t0, "flush"),
+            Err(e) => {
+                ctx.event(&format!("{name}: storm ends: {e}"));
+                return note_error(ctx, s, name, "flush", &e);
+            }
+        }
+    }
+    sleep(Duration::from_secs(60)).await;
+    let newest = ctx
+        .world
+        .keys(&format::checkpoint_prefix(VOL))
+        .iter()
+        .filter_map(|k| format::parse_checkpoint_key(VOL, k))
+        .max();
+    let tail = ctx
+        .world
+        .keys(&format::journal_prefix(VOL))
+        .iter()
+        .filter_map(|k| format::parse_journal_key(VOL, k))
+        .filter(|&q| newest.is_none_or(|c| q > c))
+        .count();
+    ctx.event(&format!("{name}: after the storm, {tail} records past checkpoint {newest:?}"));
+    if tail > JOURNAL_TAIL_BOUND {
+        ctx.oracle().violation(
+            "journal-unbounded",
+            format!("{name}: {tail} journal records past the newest checkpoint ({newest:?}) after a flush storm"),
+        );
+    }
+    false
+}
+
 async fn resize_op(ctx: &Ctx, s: usize, name: &str, vol: &Volume, rng: &mut StdRng) -> bool {
     let max = ctx.cfg.max_chunks * CS;
     let size = vol.size();
@@ -1405,6 +1486,10 @@ async fn compactor(ctx: Ctx, n: usize, skew: i64) {
             CompactOptions { safety_age: ctx.cfg.safety_age, dry_run: false, concurrency: rng.random_range(1..=16) };
         // Some passes die part-way (the controller pod is killed).
         let bound = if rng.random_bool(0.25) { ms(&mut rng, 0..8_000) } else { Duration::from_secs(3600) };
+        // Some die as they delete folded journal records: the deletes in
+        // flight land or not (a hole, were they sent several at once).
+        let trip = rng.random_bool(0.2).then(|| rng.random_range(1..=24u64));
+        handle.crash_at_delete(trip.map(|n| ("/journal/", n)));
         let who = handle.actor().to_string();
         // Now and then a clone (compacted beside its parent's compactions).
         let (target, clone) = {
@@ -1425,9 +1510,15 @@ async fn compactor(ctx: Ctx, n: usize, skew: i64) {
                     rep.head_seq, rep.folded_seq, rep.journal_records_deleted, rep.chunks_deleted
                 ));
                 ctx.oracle().counts.compactions += 1;
+                handle.crash_at_delete(None);
                 current = Some((handle, store));
             }
+            Ok(Err(_)) if handle.is_crashed() => {
+                ctx.event(&format!("{who}: killed while deleting journal records"));
+                ctx.oracle().counts.compactions_crashed += 1;
+            }
             Ok(Err(e)) => {
+                handle.crash_at_delete(None);
                 ctx.event(&format!("{who}: compaction of {target} failed: {e}"));
                 match clone {
                     Some(c) => ctx.oracle().clone_error(c, &who, "compact", &e),
@@ -1442,6 +1533,60 @@ async fn compactor(ctx: Ctx, n: usize, skew: i64) {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------- damage from outside
+
+/// Key of the snapshot record [`break_snapshot`] writes.
+const BROKEN_SNAPSHOT: &str = "broken";
+
+/// An unreadable snapshot record appears (a bad restore from backup, a
+/// tool gone wrong). Compaction must go on (folding nothing while it is
+/// there) and report it, never fail.
+async fn break_snapshot(ctx: Ctx, at: Duration) {
+    let mut rng = rng_for(ctx.seed, "vandal");
+    sleep(at).await;
+    let (_h, store) = ctx.store("vandal", FaultPlan::calm(), &mut rng);
+    let key = format::snapshot_key(VOL, BROKEN_SNAPSHOT);
+    match store.put(&key, Bytes::from_static(b"{\"not\": \"a snapshot"), PutMode::Overwrite).await {
+        Ok(()) => ctx.event(&format!("vandal: wrote an unreadable {key}")),
+        Err(e) => ctx.event(&format!("vandal: {e}")),
+    }
+}
+
+/// At quiescence: an unreadable snapshot record is reported by compaction
+/// and `fsck`; then it is removed, as an operator would.
+async fn check_broken_snapshot(ctx: &Ctx, store: &DynStore, clock: &dyn Clock) -> bool {
+    let key = format::snapshot_key(VOL, BROKEN_SNAPSHOT);
+    if ctx.world.keys(&key).is_empty() {
+        return true;
+    }
+    let opts = CompactOptions { safety_age: ctx.cfg.safety_age, ..CompactOptions::default() };
+    match compact::compact(store, VOL, &opts, clock).await {
+        Ok(rep) if rep.unreadable_snapshots.contains(&key) => {}
+        Ok(rep) => {
+            let why = format!("compaction did not report {key}: {:?}", rep.unreadable_snapshots);
+            ctx.oracle().violation("unreadable-snapshot", why);
+            return false;
+        }
+        Err(e) => {
+            ctx.oracle().violation("unreadable-snapshot", format!("compaction failed beside {key}: {e}"));
+            return false;
+        }
+    }
+    match fsck::fsck(store.as_ref(), VOL, false, &|_, _| {}).await {
+        Ok(rep) if !rep.clean => {}
+        other => {
+            let why = format!("fsck did not report {key}: {:?}", other.map(|r| r.errors));
+            ctx.oracle().violation("unreadable-snapshot", why);
+            return false;
+        }
+    }
+    if let Err(e) = store.delete(&key).await {
+        ctx.oracle().violation("unreadable-snapshot", format!("removing {key}: {e}"));
+        return false;
+    }
+    true
 }
 
 // ---------------------------------------------------------------- clones and deletes
@@ -1843,7 +1988,8 @@ async fn clone_reader(ctx: Ctx, c: usize, name: String, stay: Duration) {
     let vol = match Volume::open(store, &prefix, opts).await {
         Ok(v) if deleted => {
             drop(v);
-            ctx.oracle().violation("deleted-volume-opens", format!("{name}: opened {prefix} after its delete returned"));
+            ctx.oracle()
+                .violation("deleted-volume-opens", format!("{name}: opened {prefix} after its delete returned"));
             return;
         }
         Ok(v) => v,
@@ -1942,6 +2088,9 @@ async fn final_checks(ctx: &Ctx) {
     let mut rng = rng_for(ctx.seed, "final");
     let (_h, store) = ctx.store("final", FaultPlan::calm(), &mut rng);
     let clock: Arc<dyn Clock> = Arc::new(SimClock::new(ctx.world.clone(), 0));
+    if !check_broken_snapshot(ctx, &store, clock.as_ref()).await {
+        return;
+    }
     let s = ctx.oracle().new_session("final");
     ctx.oracle().open_attempt(s);
     let vol = match Volume::open(store.clone(), VOL, ctx.cfg.open_options(clock.clone(), false, None)).await {
@@ -2163,7 +2312,8 @@ fn leftovers(ctx: &Ctx, prefix: &str) -> Option<String> {
         left.extend(ctx.world.keys(&format::clone_marker_key(VOL, prefix)));
         left.extend(ctx.world.keys(&format::snapshot_key(VOL, &format::clone_pin_name(prefix))));
     }
-    (!left.is_empty()).then(|| format!("{} objects left after deleting {prefix}: {:?}", left.len(), &left[..left.len().min(5)]))
+    (!left.is_empty())
+        .then(|| format!("{} objects left after deleting {prefix}: {:?}", left.len(), &left[..left.len().min(5)]))
 }
 
 /// Open clone `c` read-only and read it all, checked against its floor.
@@ -2235,12 +2385,16 @@ async fn simulate(seed: u64, verbose: bool) -> Outcome {
         tasks: Mutex::new(Vec::new()),
         stop: AtomicBool::new(false),
         snapshot_names: AtomicU64::new(1),
+        stormed: AtomicBool::new(false),
     });
     let mut crng = rng_for(seed, "creator");
     if create(&ctx, &mut crng).await {
         ctx.spawn(writers(ctx.clone()));
         ctx.spawn(readers(ctx.clone()));
         ctx.spawn(cloner(ctx.clone()));
+        if let Some(at) = ctx.cfg.broken_snapshot_at {
+            ctx.spawn(break_snapshot(ctx.clone(), at));
+        }
         for (n, skew) in ctx.cfg.compactor_skews.clone().into_iter().enumerate() {
             ctx.spawn(compactor(ctx.clone(), n + 1, skew));
         }

@@ -239,6 +239,7 @@ impl SimWorld {
             actor: actor.to_string(),
             plan: Arc::new(Mutex::new(plan)),
             crashed: Arc::new(AtomicBool::new(false)),
+            trip: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -383,6 +384,8 @@ pub struct SimStore {
     actor: String,
     plan: Arc<Mutex<FaultPlan>>,
     crashed: Arc<AtomicBool>,
+    /// Crash as the n-th delete of a key containing the text is sent.
+    trip: Arc<Mutex<Option<(String, u64)>>>,
 }
 
 /// A call's drawn fate and timing.
@@ -422,6 +425,13 @@ impl SimStore {
 
     pub fn is_crashed(&self) -> bool {
         self.crashed.load(Ordering::SeqCst)
+    }
+
+    /// The process dies as it sends its `nth` (from 1) delete of a key
+    /// containing `contains`: that delete and every call in flight land or
+    /// not, as drawn for calls whose caller went away. `None` disarms.
+    pub fn crash_at_delete(&self, trip: Option<(&str, u64)>) {
+        *self.trip.lock().unwrap_or_else(|p| p.into_inner()) = trip.map(|(k, n)| (k.to_string(), n));
     }
 
     /// Replace the fault plan (e.g. a calm one for the final checks).
@@ -473,6 +483,20 @@ impl SimStore {
             return Err(StoreError::Permanent(format!("{what}: process crashed")));
         }
         let plan = self.plan_call(op, key);
+        if op == SimOp::Delete {
+            let mut trip = self.trip.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((contains, n)) = trip.as_mut().filter(|(c, _)| key.contains(c.as_str())) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    let _ = contains;
+                    *trip = None;
+                    drop(trip);
+                    // Dies as the request leaves: it is in flight, like the others.
+                    self.crashed.store(true, Ordering::SeqCst);
+                    self.world.trace(&format!("{} store handle crashed (sending {op:?} {key})", self.actor));
+                }
+            }
+        }
         // Noted as an event of its own: calls that start in the same
         // instant are noted in the seed's order, not the order they started.
         let silent = match plan.fate {

@@ -22,12 +22,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::engine::read_snapshot;
 use super::format::{
     self, Checkpoint, ChunkRef, JournalRecord, SnapshotRecord, checkpoint_key, journal_key, parse_checkpoint_key,
     parse_chunk_key, parse_journal_key,
 };
 use super::{VolumeError, VolumeResult};
-use super::engine::read_snapshot;
 use super::{journal, replay};
 use crate::clock::Clock;
 use crate::store::{DynStore, ObjectInfo, PutMode, StoreError, list_all};
