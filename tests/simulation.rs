@@ -394,6 +394,10 @@ struct Counts {
     snapshots_deleted: u64,
     clones: u64,
     clones_deleted: u64,
+    bursts: u64,
+    storms: u64,
+    unreadable_snapshots_reported: u64,
+    compactions_killed_deleting: u64,
 }
 
 #[derive(Debug)]
@@ -1185,6 +1189,7 @@ async fn burst_op(ctx: &Ctx, s: usize, name: &str, vol: &Volume, rng: &mut StdRn
         }
     }
     ctx.event(&format!("{name}: {} requests at once", ops.len()));
+    ctx.oracle().counts.bursts += 1;
     futures::future::join_all(ops).await.into_iter().any(|fenced| fenced)
 }
 
@@ -1294,6 +1299,7 @@ async fn storm(ctx: &Ctx, s: usize, name: &str, vol: &Volume, rng: &mut StdRng) 
         .filter(|&q| newest.is_none_or(|c| q > c))
         .count();
     ctx.event(&format!("{name}: after the storm, {tail} records past checkpoint {newest:?}"));
+    ctx.oracle().counts.storms += 1;
     if tail > JOURNAL_TAIL_BOUND {
         ctx.oracle().violation(
             "journal-unbounded",
@@ -1516,6 +1522,7 @@ async fn compactor(ctx: Ctx, n: usize, skew: i64) {
             Ok(Err(_)) if handle.is_crashed() => {
                 ctx.event(&format!("{who}: killed while deleting journal records"));
                 ctx.oracle().counts.compactions_crashed += 1;
+                ctx.oracle().counts.compactions_killed_deleting += 1;
             }
             Ok(Err(e)) => {
                 handle.crash_at_delete(None);
@@ -1586,6 +1593,7 @@ async fn check_broken_snapshot(ctx: &Ctx, store: &DynStore, clock: &dyn Clock) -
         ctx.oracle().violation("unreadable-snapshot", format!("removing {key}: {e}"));
         return false;
     }
+    ctx.oracle().counts.unreadable_snapshots_reported += 1;
     true
 }
 
@@ -2621,6 +2629,10 @@ fn simulation() {
         total.snapshots_deleted += c.snapshots_deleted;
         total.clones += c.clones;
         total.clones_deleted += c.clones_deleted;
+        total.bursts += c.bursts;
+        total.storms += c.storms;
+        total.unreadable_snapshots_reported += c.unreadable_snapshots_reported;
+        total.compactions_killed_deleting += c.compactions_killed_deleting;
         sim_time += o.sim_time;
     }
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.violation.is_some()).collect();
