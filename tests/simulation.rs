@@ -65,7 +65,7 @@
 //!   two compactions change nothing a reader sees, and `fsck` (reading
 //!   every chunk) is clean; the same for every live clone; a deleted clone
 //!   leaves no object, pin or marker behind (objects written by requests
-//!   that landed after its delete returned aside); deleting the volume
+//!   that landed after its delete began aside); deleting the volume
 //!   while clones read through it hides it and changes nothing they read;
 //!   deleting the clones and the snapshots then leaves the store empty.
 //!
@@ -146,6 +146,10 @@ struct Config {
     /// When the writer starts a flush storm (a database syncing many times
     /// a second).
     storm_at: Option<Duration>,
+    /// When the writer loses the store as it sends a journal record (its
+    /// chunks already up), and for how long: longer than compaction's
+    /// safety age, shorter than the retry layer's budget for one PUT.
+    commit_outage: Option<(Duration, Duration)>,
 }
 
 impl Config {
@@ -173,6 +177,12 @@ impl Config {
         let broken_snapshot_at =
             rng.random_bool(0.15).then(|| Duration::from_secs(rng.random_range(10..run_for.as_secs() - 60)));
         let storm_at = rng.random_bool(0.25).then(|| Duration::from_secs(rng.random_range(10..run_for.as_secs() - 60)));
+        let commit_outage = rng.random_bool(0.25).then(|| {
+            (
+                Duration::from_secs(rng.random_range(10..run_for.as_secs() / 2)),
+                Duration::from_secs(rng.random_range(190..300)),
+            )
+        });
         Self {
             chaos,
             initial_chunks,
@@ -189,6 +199,7 @@ impl Config {
             max_clones,
             broken_snapshot_at,
             storm_at,
+            commit_outage,
         }
     }
 
@@ -802,6 +813,7 @@ struct Sim {
     snapshot_names: AtomicU64,
     /// The flush storm happened (or began).
     stormed: AtomicBool,
+    commit_outage_armed: AtomicBool,
 }
 
 type Ctx = Arc<Sim>;
@@ -972,6 +984,14 @@ async fn writer_loop(ctx: Ctx, s: usize, name: String, vol: Volume, mut rng: Std
         sleep(pause).await;
         if ctx.done() {
             return;
+        }
+        if let Some((at, len)) = ctx.cfg.commit_outage {
+            if ctx.world.elapsed() >= at && !ctx.commit_outage_armed.swap(true, Ordering::SeqCst) {
+                if let Some(h) = lock(&ctx.handles).iter().rev().find(|h| h.actor() == name) {
+                    ctx.event(&format!("{name}: loses the store at its next journal record, for {len:?}"));
+                    h.outage_at_put("/journal/", Outage { window: Duration::ZERO..len, black_hole: true });
+                }
+            }
         }
         if ctx.cfg.storm_at.is_some_and(|t| ctx.world.elapsed() >= t) && !ctx.stormed.swap(true, Ordering::SeqCst) {
             if storm(&ctx, s, &name, &vol, &mut rng).await {
@@ -1619,8 +1639,8 @@ struct CloneState {
     deleting: Option<u64>,
     /// A delete of it returned Ok: no opener that starts later may open it.
     deleted: bool,
-    /// When (store clock) that delete returned.
-    deleted_unix: i64,
+    /// When (store clock) its deletion began.
+    deleting_unix: i64,
 }
 
 impl CloneState {
@@ -1835,7 +1855,7 @@ async fn clone_life(ctx: Ctx, n: u64, snap: String) {
             floor: vec![0; blocks],
             deleting: None,
             deleted: false,
-            deleted_unix: i64::MAX,
+            deleting_unix: i64::MAX,
         });
         o.clones.len() - 1
     };
@@ -2045,6 +2065,7 @@ async fn delete_clone(ctx: Ctx, c: usize) {
         let t = o.next_tick();
         let k = &mut o.clones[c];
         k.deleting = Some(t);
+        k.deleting_unix = ctx.world.now_unix();
         (format!("{}-delete", k.name), k.prefix.clone())
     };
     let mut rng = rng_for(ctx.seed, &name);
@@ -2081,7 +2102,6 @@ async fn delete_clone(ctx: Ctx, c: usize) {
     {
         let mut o = ctx.oracle();
         o.clones[c].deleted = true;
-        o.clones[c].deleted_unix = ctx.world.now_unix();
         o.counts.clones_deleted += 1;
     }
     // A new opener at once: the volume is gone.
@@ -2220,10 +2240,11 @@ async fn final_clones(ctx: &Ctx) {
             let r = match r {
                 Ok(catalog::DeleteOutcome::Absent) => catalog::release_source(&store, VOL, prefix).await.map(|_| ()),
                 Ok(_) => Ok(()),
-                // Requests in flight when the delete returned (a probe, a
-                // chunk of a writer still at work) may land after it: a
-                // prefix of such leftovers alone is no volume, and the
-                // catalog leaves it be (design invariant 5).
+                // What its writer, readers and compactors still sent while
+                // the delete ran (or in flight when it returned) may land
+                // after the delete's last listing: a prefix of such
+                // leftovers alone is no volume, and the catalog leaves it
+                // be (design invariant 5).
                 Err(catalog::CatalogError::NotAVolume { .. }) if late_writes_only(ctx, c, prefix) => {
                     ctx.event(&format!("final: {prefix}: objects written after its delete are left"));
                     catalog::release_source(&store, VOL, prefix).await.map(|_| ())
@@ -2306,9 +2327,9 @@ async fn final_clones(ctx: &Ctx) {
 }
 
 /// Does all that is left under clone `c`'s prefix stem from writes that
-/// landed after its delete returned?
+/// landed after its delete began?
 fn late_writes_only(ctx: &Ctx, c: usize, prefix: &str) -> bool {
-    let since = ctx.oracle().clones[c].deleted_unix;
+    let since = ctx.oracle().clones[c].deleting_unix;
     let keys = ctx.world.keys(prefix);
     !keys.is_empty() && keys.iter().all(|k| ctx.world.modified_unix(k).is_some_and(|t| t >= since))
 }
@@ -2394,6 +2415,7 @@ async fn simulate(seed: u64, verbose: bool) -> Outcome {
         stop: AtomicBool::new(false),
         snapshot_names: AtomicU64::new(1),
         stormed: AtomicBool::new(false),
+        commit_outage_armed: AtomicBool::new(false),
     });
     let mut crng = rng_for(seed, "creator");
     if create(&ctx, &mut crng).await {

@@ -240,6 +240,7 @@ impl SimWorld {
             plan: Arc::new(Mutex::new(plan)),
             crashed: Arc::new(AtomicBool::new(false)),
             trip: Arc::new(Mutex::new(None)),
+            outage_trip: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -386,6 +387,8 @@ pub struct SimStore {
     crashed: Arc<AtomicBool>,
     /// Crash as the n-th delete of a key containing the text is sent.
     trip: Arc<Mutex<Option<(String, u64)>>>,
+    /// Lose the store (from that call on) as a PUT of a key containing the text is sent.
+    outage_trip: Arc<Mutex<Option<(String, Outage)>>>,
 }
 
 /// A call's drawn fate and timing.
@@ -432,6 +435,13 @@ impl SimStore {
     /// not, as drawn for calls whose caller went away. `None` disarms.
     pub fn crash_at_delete(&self, trip: Option<(&str, u64)>) {
         *self.trip.lock().unwrap_or_else(|p| p.into_inner()) = trip.map(|(k, n)| (k.to_string(), n));
+    }
+
+    /// The actor loses the store as it sends its next PUT of a key
+    /// containing `contains`: that PUT and every call in the outage's
+    /// window (measured from that moment, its length the window's) fail.
+    pub fn outage_at_put(&self, contains: &str, outage: Outage) {
+        *self.outage_trip.lock().unwrap_or_else(|p| p.into_inner()) = Some((contains.to_string(), outage));
     }
 
     /// Replace the fault plan (e.g. a calm one for the final checks).
@@ -481,6 +491,21 @@ impl SimStore {
         let shown = format!("{} {op:?} {key}", self.actor);
         if self.is_crashed() {
             return Err(StoreError::Permanent(format!("{what}: process crashed")));
+        }
+        if matches!(op, SimOp::Put | SimOp::PutIfAbsent) {
+            let mut trip = self.outage_trip.lock().unwrap_or_else(|p| p.into_inner());
+            if trip.as_ref().is_some_and(|(c, _)| key.contains(c.as_str())) {
+                if let Some((_, o)) = trip.take() {
+                    let now = self.world.elapsed();
+                    let window = now..now + (o.window.end - o.window.start);
+                    self.world.trace(&format!(
+                        "{} cut off for {:?} (sending {op:?} {key})",
+                        self.actor,
+                        window.end - now
+                    ));
+                    self.add_outage(Outage { window, black_hole: o.black_hole });
+                }
+            }
         }
         let plan = self.plan_call(op, key);
         if op == SimOp::Delete {
