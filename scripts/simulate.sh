@@ -8,6 +8,7 @@
 #   S3BLK_SIM_SEEDS=N scripts/simulate.sh     N seeds instead of a time limit
 #   S3BLK_SIM_FIRST=N                         first seed (random by default)
 #   S3BLK_SIM_THREADS=N                       parallel seeds (default: all cores)
+#   S3BLK_SIM_STOP=1                          stop at the first failing seed
 #   S3BLK_SIM_PROFILE=dev                     skip the release build
 #   S3BLK_SIM_LOG=FILE                        log (default target/simulate-<time>.log)
 set -euo pipefail

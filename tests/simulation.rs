@@ -8,15 +8,25 @@
 //! Actors, each an async task with its own store handle ([`SimStore`]
 //! wrapped in the real [`RetryStore`]) and its own clock skew:
 //! - writer sessions doing random writes, write-zeroes, reads, flushes
-//!   (some cut short by a timeout, as a cancelled request), resizes and
-//!   snapshots; at random moments a new session takes over, either after
+//!   (some cut short by a timeout, as a cancelled request), resizes,
+//!   snapshots, and bursts of requests in flight at once on one handle
+//!   (writes of distinct blocks, reads of anything, flushes, FUA-like
+//!   writes: a write, then a flush for it); at random moments a new session takes over, either after
 //!   the old one crashed (task aborted, store handle dead, its requests in
 //!   flight landing or not) or while the old one lives on cut off from
 //!   the store, fenced without knowing it yet;
 //! - read-only openers (some at a snapshot) that read everything at open
 //!   and then now and then;
-//! - one or two compactors with the shortest safety age the engine calls
-//!   safe beside a live writer, crashed mid-way at times.
+//! - one to three compactors with the shortest safety age the engine
+//!   calls safe beside a live writer, crashed mid-way at times, each pass
+//!   on the volume or on one of its clones;
+//! - a cloner that restores clones from snapshots as the CSI controller
+//!   does (a pin in the parent, a clone marker, `volume.json` naming the
+//!   pin), deletes snapshots (some that clones were restored from), and
+//!   deletes clones with `catalog::delete_volume` while their writer and
+//!   readers still work; each clone has a writer session and read-only
+//!   openers of its own, reading through the parent while the parent is
+//!   compacted.
 //!
 //! Same seed, same run: every store delay and fault is drawn from the seed
 //! and the call itself (not from the order calls happen to start in), and
@@ -39,23 +49,34 @@
 //!   never visible, and a flush covering such a write is never acknowledged
 //!   (the old session was fenced);
 //! - a writer reads back exactly its own latest writes (blocks it has not
-//!   written: the state it opened with, stable from read to read);
+//!   written: the state it opened with, stable from read to read); a read
+//!   beside writes in flight reads, per block, the value before or after
+//!   each; a flush covers the writes acknowledged before it began;
 //! - a writer is told it is fenced only when a later session tried to open;
 //! - a snapshot reads as its writer's view when the snapshot was taken;
 //!   a reader's values never go back in time; sizes never shrink;
 //! - nothing reports damage (the simulated store damages nothing); a read
 //!   that does is told apart by opening afresh: a stale opener's map, or
 //!   committed data gone;
+//! - a clone reads its own acknowledged writes, and elsewhere exactly the
+//!   snapshot it was restored from, whatever compaction did to the parent;
+//!   once a delete of a clone returned, no new opener opens it;
 //! - at quiescence a takeover reads every block at or above its floor,
 //!   two compactions change nothing a reader sees, and `fsck` (reading
-//!   every chunk) is clean.
+//!   every chunk) is clean; the same for every live clone; a deleted clone
+//!   leaves no object, pin or marker behind (objects written by requests
+//!   that landed after its delete began aside); deleting the volume
+//!   while clones read through it hides it and changes nothing they read;
+//!   deleting the clones and the snapshots then leaves the store empty.
 //!
 //! A failing seed prints its invariant, the last events and the command
 //! that replays it. Environment:
 //! - `S3BLK_SIM_SEED=n`: run seed n alone, printing every event;
 //! - `S3BLK_SIM_SEEDS=n`, `S3BLK_SIM_SECONDS=t`: run n seeds (from
 //!   `S3BLK_SIM_FIRST`, random by default), or as many as fit in t seconds;
-//! - `S3BLK_SIM_THREADS`: seeds run in parallel on this many threads (2).
+//! - `S3BLK_SIM_THREADS`: seeds run in parallel on this many threads (2);
+//! - `S3BLK_SIM_STOP=1`: stop at the first failing seed (seeds below it
+//!   all run), to count how many seeds a bug takes to show.
 //!
 //! By default a fixed range of seeds and a few random ones run.
 
@@ -69,11 +90,13 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use s3blk::clock::Clock;
-use s3blk::store::DynStore;
 use s3blk::store::retry::{Jitter, RetryPolicy, RetryStore};
 use s3blk::store::sim::{FaultPlan, Fnv, Outage, SimClock, SimGate, SimStore, SimWorld};
+use s3blk::store::{DynStore, PutMode};
+use s3blk::volume::catalog;
 use s3blk::volume::compact::{self, CompactOptions};
-use s3blk::volume::engine::CreateOptions;
+use s3blk::volume::engine::{CreateOptions, read_snapshot};
+use s3blk::volume::format::{self, ParentRef};
 use s3blk::volume::{OpenOptions, Volume, VolumeError, fsck};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -116,6 +139,17 @@ struct Config {
     /// Clock skew of each compactor, in seconds.
     compactor_skews: Vec<i64>,
     writer_skew_bound: i64,
+    /// Clones restored from snapshots during the run.
+    max_clones: u64,
+    /// When an unreadable snapshot record appears (damage from outside).
+    broken_snapshot_at: Option<Duration>,
+    /// When the writer starts a flush storm (a database syncing many times
+    /// a second).
+    storm_at: Option<Duration>,
+    /// When the writer loses the store as it sends a journal record (its
+    /// chunks already up), and for how long: longer than compaction's
+    /// safety age, shorter than the retry layer's budget for one PUT.
+    commit_outage: Option<(Duration, Duration)>,
 }
 
 impl Config {
@@ -138,7 +172,17 @@ impl Config {
         let skew = |rng: &mut StdRng| {
             if rng.random_bool(0.15) { rng.random_range(-300..=300) } else { rng.random_range(-3..=3) }
         };
-        let compactor_skews = (0..rng.random_range(1..=2)).map(|_| skew(rng)).collect();
+        let compactor_skews = (0..rng.random_range(1..=3)).map(|_| skew(rng)).collect();
+        let max_clones = rng.random_range(0..=2);
+        let broken_snapshot_at =
+            rng.random_bool(0.15).then(|| Duration::from_secs(rng.random_range(10..run_for.as_secs() - 60)));
+        let storm_at = rng.random_bool(0.25).then(|| Duration::from_secs(rng.random_range(10..run_for.as_secs() - 60)));
+        let commit_outage = rng.random_bool(0.25).then(|| {
+            (
+                Duration::from_secs(rng.random_range(10..run_for.as_secs() / 2)),
+                Duration::from_secs(rng.random_range(190..300)),
+            )
+        });
         Self {
             chaos,
             initial_chunks,
@@ -152,6 +196,10 @@ impl Config {
             takeovers,
             compactor_skews,
             writer_skew_bound: 3,
+            max_clones,
+            broken_snapshot_at,
+            storm_at,
+            commit_outage,
         }
     }
 
@@ -290,10 +338,15 @@ struct Version {
     session: usize,
     /// Write number (0: the initial zeros).
     write: u64,
-    /// When the write was issued (a session's writes are issued one at a
-    /// time, so also acknowledged in this order).
+    /// When the write was issued. Writes in flight at once touch
+    /// different blocks, so a block's versions of one session are issued
+    /// and acknowledged in the same order.
     tick: u64,
     acked: bool,
+    /// When the write was acknowledged (0: not acknowledged). A flush
+    /// covers the writes acknowledged before it started; with requests in
+    /// flight at once, a write issued earlier may be acknowledged later.
+    acked_tick: u64,
     at: Duration,
 }
 
@@ -349,6 +402,13 @@ struct Counts {
     readers: u64,
     compactions: u64,
     compactions_crashed: u64,
+    snapshots_deleted: u64,
+    clones: u64,
+    clones_deleted: u64,
+    bursts: u64,
+    storms: u64,
+    unreadable_snapshots_reported: u64,
+    compactions_killed_deleting: u64,
 }
 
 #[derive(Debug)]
@@ -363,6 +423,9 @@ struct Oracle {
     /// (session, tick) of every open attempt.
     attempts: Vec<(usize, u64)>,
     snapshots: BTreeMap<String, SnapshotExpect>,
+    /// Snapshots whose deletion began: readers at them may fail.
+    deleted_snapshots: std::collections::BTreeSet<String>,
+    clones: Vec<CloneState>,
     violations: Vec<Violation>,
     counts: Counts,
 }
@@ -376,7 +439,15 @@ struct ReaderView {
 
 impl Oracle {
     fn new(world: Arc<SimWorld>, blocks: usize, size: u64) -> Self {
-        let initial = Version { data: zeros(), session: INITIAL, write: 0, tick: 0, acked: true, at: Duration::ZERO };
+        let initial = Version {
+            data: zeros(),
+            session: INITIAL,
+            write: 0,
+            tick: 0,
+            acked: true,
+            acked_tick: 0,
+            at: Duration::ZERO,
+        };
         Self {
             world,
             tick: 0,
@@ -387,6 +458,8 @@ impl Oracle {
             sessions: Vec::new(),
             attempts: Vec::new(),
             snapshots: BTreeMap::new(),
+            deleted_snapshots: Default::default(),
+            clones: Vec::new(),
             violations: Vec::new(),
             counts: Counts::default(),
         }
@@ -640,8 +713,20 @@ impl Oracle {
             .iter()
             .map(|(b, data)| {
                 let h = &mut self.history[*b as usize];
-                h.push(Version { data: data.clone(), session: s, write, tick, acked: false, at });
+                h.push(Version { data: data.clone(), session: s, write, tick, acked: false, acked_tick: 0, at });
                 h.len() - 1
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .zip(blocks)
+            .map(|(p, (b, data))| {
+                // Until it returns, a read may see the block before or after it.
+                let mut e = self.expect(s, *b);
+                if !e.values.contains(data) {
+                    e.values.push(data.clone());
+                }
+                self.sessions[s].view.insert(*b, e);
+                p
             })
             .collect()
     }
@@ -649,11 +734,13 @@ impl Oracle {
     /// The write returned: acknowledged, or failed (then any part of it may
     /// have reached the engine).
     fn write_done(&mut self, s: usize, blocks: Vec<(u64, Bytes)>, positions: Vec<usize>, acked: bool) {
+        let tick = self.next_tick();
         if acked {
             self.counts.writes_acked += 1;
         }
         for ((b, data), p) in blocks.into_iter().zip(positions) {
             self.history[b as usize][p].acked = acked;
+            self.history[b as usize][p].acked_tick = if acked { tick } else { 0 };
             let e = if acked {
                 Expect::exact(data)
             } else {
@@ -672,7 +759,7 @@ impl Oracle {
         self.counts.flushes_acked += 1;
         for b in 0..self.history.len() as u64 {
             let h = &self.history[b as usize];
-            let Some(p) = h.iter().rposition(|v| v.session == s && v.acked && v.tick < t0) else { continue };
+            let Some(p) = h.iter().rposition(|v| v.session == s && v.acked && v.acked_tick < t0) else { continue };
             if self.excluded(&h[p]) {
                 let why = format!(
                     "{} got Ok from {what} covering block {b} = {}, written after a later session had opened",
@@ -724,6 +811,9 @@ struct Sim {
     tasks: Mutex<Vec<AbortHandle>>,
     stop: AtomicBool,
     snapshot_names: AtomicU64,
+    /// The flush storm happened (or began).
+    stormed: AtomicBool,
+    commit_outage_armed: AtomicBool,
 }
 
 type Ctx = Arc<Sim>;
@@ -884,6 +974,7 @@ enum WriterOp {
     Flush,
     Resize,
     Snapshot,
+    Burst,
 }
 
 async fn writer_loop(ctx: Ctx, s: usize, name: String, vol: Volume, mut rng: StdRng) {
@@ -894,10 +985,26 @@ async fn writer_loop(ctx: Ctx, s: usize, name: String, vol: Volume, mut rng: Std
         if ctx.done() {
             return;
         }
+        if let Some((at, len)) = ctx.cfg.commit_outage {
+            if ctx.world.elapsed() >= at && !ctx.commit_outage_armed.swap(true, Ordering::SeqCst) {
+                if let Some(h) = lock(&ctx.handles).iter().rev().find(|h| h.actor() == name) {
+                    ctx.event(&format!("{name}: loses the store at its next journal record, for {len:?}"));
+                    h.outage_at_put("/journal/", Outage { window: Duration::ZERO..len, black_hole: true });
+                }
+            }
+        }
+        if ctx.cfg.storm_at.is_some_and(|t| ctx.world.elapsed() >= t) && !ctx.stormed.swap(true, Ordering::SeqCst) {
+            if storm(&ctx, s, &name, &vol, &mut rng).await {
+                ctx.event(&format!("{name}: fenced, stops"));
+                return;
+            }
+            continue;
+        }
         let op = match rng.random_range(0..100) {
-            0..=39 => WriterOp::Write,
-            40..=49 => WriterOp::Zero,
-            50..=72 => WriterOp::Read,
+            0..=37 => WriterOp::Write,
+            38..=46 => WriterOp::Zero,
+            47..=65 => WriterOp::Read,
+            66..=72 => WriterOp::Burst,
             73..=93 => WriterOp::Flush,
             94..=96 => WriterOp::Resize,
             _ => WriterOp::Snapshot,
@@ -913,6 +1020,7 @@ async fn writer_loop(ctx: Ctx, s: usize, name: String, vol: Volume, mut rng: Std
             WriterOp::Flush => flush_op(&ctx, s, &name, &vol, &mut rng).await,
             WriterOp::Resize => resize_op(&ctx, s, &name, &vol, &mut rng).await,
             WriterOp::Snapshot => snapshot_op(&ctx, s, &name, &vol).await,
+            WriterOp::Burst => burst_op(&ctx, s, &name, &vol, &mut rng).await,
         };
         if fenced {
             ctx.event(&format!("{name}: fenced, stops"));
@@ -1064,6 +1172,163 @@ async fn flush_op(ctx: &Ctx, s: usize, name: &str, vol: &Volume, rng: &mut StdRn
     }
 }
 
+/// Several requests in flight at once on one handle, as a kernel queues
+/// them: writes of whole blocks (no two touching the same block), reads of
+/// anything, flushes, and FUA-like writes (a write, then a flush meant for
+/// it). A read returns, per block, a value some serial order of the
+/// requests allows; a flush covers the writes acknowledged before it began.
+async fn burst_op(ctx: &Ctx, s: usize, name: &str, vol: &Volume, rng: &mut StdRng) -> bool {
+    let size = vol.size();
+    let blocks = size / BLOCK;
+    let mut taken = std::collections::BTreeSet::new();
+    let mut ops: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>>> = Vec::new();
+    for _ in 0..rng.random_range(2..=6) {
+        let mut sub = StdRng::seed_from_u64(rng.random());
+        match rng.random_range(0..100) {
+            0..=54 => {
+                let b = rng.random_range(0..blocks);
+                let n = rng.random_range(1..=(blocks - b).min(8));
+                if (b..b + n).any(|x| taken.contains(&x)) {
+                    continue;
+                }
+                taken.extend(b..b + n);
+                let fua = rng.random_bool(0.3);
+                let zero = rng.random_bool(0.1);
+                ops.push(Box::pin(async move {
+                    if burst_write(ctx, s, name, vol, b * BLOCK, n * BLOCK, zero).await {
+                        return true;
+                    }
+                    if fua { flush_op(ctx, s, name, vol, &mut sub).await } else { false }
+                }));
+            }
+            55..=84 => {
+                let (off, len) = random_range(&mut sub, size);
+                ops.push(Box::pin(async move { burst_read(ctx, s, name, vol, off, len).await }));
+            }
+            _ => ops.push(Box::pin(async move { flush_op(ctx, s, name, vol, &mut sub).await })),
+        }
+    }
+    ctx.event(&format!("{name}: {} requests at once", ops.len()));
+    ctx.oracle().counts.bursts += 1;
+    futures::future::join_all(ops).await.into_iter().any(|fenced| fenced)
+}
+
+async fn burst_write(ctx: &Ctx, s: usize, name: &str, vol: &Volume, off: u64, len: u64, zero: bool) -> bool {
+    let (write, blocks, positions) = {
+        let mut o = ctx.oracle();
+        o.writes += 1;
+        let write = o.writes;
+        let data = (!zero).then(|| pattern(write, off, len as usize));
+        let Ok(blocks) = o.plan_write(s, off, len, data.as_deref()) else { return false };
+        let positions = o.write_issued(s, write, &blocks);
+        (write, blocks, positions)
+    };
+    let r = if zero {
+        vol.write_zeroes(off, len).await
+    } else {
+        let data: Vec<u8> = blocks.iter().flat_map(|(_, d)| d.iter().copied()).collect();
+        vol.write(off, &data).await
+    };
+    let ok = r.is_ok();
+    ctx.event(&format!("{name}: burst write #{write} {off}+{len} {}", if ok { "ok" } else { "failed" }));
+    ctx.oracle().write_done(s, blocks, positions, ok);
+    match r {
+        Ok(()) => false,
+        Err(e) => note_error(ctx, s, name, "write", &e),
+    }
+}
+
+/// A read beside writes in flight: each block reads as what the session
+/// expected when the read began or when it returned (a write in flight
+/// all the while may show or not).
+async fn burst_read(ctx: &Ctx, s: usize, name: &str, vol: &Volume, off: u64, len: u64) -> bool {
+    let before: Vec<Expect> = {
+        let o = ctx.oracle();
+        blocks_of(off, len).iter().map(|&(b, ..)| o.expect(s, b)).collect()
+    };
+    match vol.read(off, len).await {
+        Ok(data) => {
+            ctx.event(&format!("{name}: burst read {off}+{len} ok"));
+            let mut o = ctx.oracle();
+            for ((b, at, pos, n), e0) in blocks_of(off, len).into_iter().zip(before) {
+                let piece = &data[pos..pos + n];
+                if o.check(b, &e0, at, piece).is_ok() {
+                    continue;
+                }
+                let now = o.expect(s, b);
+                if let Err((inv, why)) = o.check(b, &now, at, piece) {
+                    let who = o.sessions[s].name.clone();
+                    o.violation(inv, format!("{who} read beside writes in flight: {why}"));
+                    return false;
+                }
+            }
+            false
+        }
+        Err(e @ VolumeError::Corrupt(_)) if !ctx.oracle().may_be_fenced(s) => {
+            ctx.event(&format!("{name}: burst read {off}+{len} failed: {e}"));
+            diagnose_missing(ctx, name, off, len, &e).await;
+            false
+        }
+        Err(e) => note_error(ctx, s, name, &format!("read {off}+{len}"), &e),
+    }
+}
+
+/// Records past the newest checkpoint the engine lets pile up: a writer
+/// writes a checkpoint every 64 records (for volumes this small); one may
+/// fail or be slow to land.
+const JOURNAL_TAIL_BOUND: usize = 3 * 64;
+
+/// Many small writes, each flushed at once, as fast as the store answers;
+/// then, after a quiet minute (for the writer's checkpoint to land), the
+/// journal past the newest checkpoint is bounded however fast the writer
+/// flushed, so any opener replays few records. Compaction cannot help
+/// here: every record is younger than its safety age.
+async fn storm(ctx: &Ctx, s: usize, name: &str, vol: &Volume, rng: &mut StdRng) -> bool {
+    let n = rng.random_range(250..400);
+    ctx.event(&format!("{name}: flush storm of {n}"));
+    let blocks = vol.size() / BLOCK;
+    for _ in 0..n {
+        if ctx.done() {
+            return false;
+        }
+        let b = rng.random_range(0..blocks);
+        if burst_write(ctx, s, name, vol, b * BLOCK, BLOCK, false).await {
+            return true;
+        }
+        let t0 = ctx.oracle().next_tick();
+        match vol.flush().await {
+            Ok(()) => ctx.oracle().flush_acked(s, t0, "flush"),
+            Err(e) => {
+                ctx.event(&format!("{name}: storm ends: {e}"));
+                return note_error(ctx, s, name, "flush", &e);
+            }
+        }
+    }
+    sleep(Duration::from_secs(60)).await;
+    let newest = ctx
+        .world
+        .keys(&format::checkpoint_prefix(VOL))
+        .iter()
+        .filter_map(|k| format::parse_checkpoint_key(VOL, k))
+        .max();
+    let tail = ctx
+        .world
+        .keys(&format::journal_prefix(VOL))
+        .iter()
+        .filter_map(|k| format::parse_journal_key(VOL, k))
+        .filter(|&q| newest.is_none_or(|c| q > c))
+        .count();
+    ctx.event(&format!("{name}: after the storm, {tail} records past checkpoint {newest:?}"));
+    ctx.oracle().counts.storms += 1;
+    if tail > JOURNAL_TAIL_BOUND {
+        ctx.oracle().violation(
+            "journal-unbounded",
+            format!("{name}: {tail} journal records past the newest checkpoint ({newest:?}) after a flush storm"),
+        );
+    }
+    false
+}
+
 async fn resize_op(ctx: &Ctx, s: usize, name: &str, vol: &Volume, rng: &mut StdRng) -> bool {
     let max = ctx.cfg.max_chunks * CS;
     let size = vol.size();
@@ -1114,7 +1379,7 @@ async fn readers(ctx: Ctx) {
         }
         let snapshot = {
             let o = ctx.oracle();
-            let names: Vec<&String> = o.snapshots.keys().collect();
+            let names: Vec<&String> = o.snapshots.keys().filter(|n| !o.deleted_snapshots.contains(*n)).collect();
             (!names.is_empty() && rng.random_bool(0.3)).then(|| names[rng.random_range(0..names.len())].clone())
         };
         let stay = ms(&mut rng, 5_000..200_000);
@@ -1138,7 +1403,10 @@ async fn reader(ctx: Ctx, name: String, snapshot: Option<String>, stay: Duration
         Ok(v) => v,
         Err(e) => {
             ctx.event(&format!("{name}: open failed: {e}"));
-            ctx.oracle().error(&name, None, "open", &e);
+            let gone = snapshot.as_ref().is_some_and(|s| ctx.oracle().deleted_snapshots.contains(s));
+            if !gone {
+                ctx.oracle().error(&name, None, "open", &e);
+            }
             return;
         }
     };
@@ -1212,7 +1480,10 @@ async fn check_snapshot(ctx: &Ctx, name: &str, vol: &Volume, snap: &str) {
             }
             Err(e) => {
                 ctx.event(&format!("{name}: read {off}+{len} failed: {e}"));
-                ctx.oracle().error(name, None, "read", &e);
+                // A snapshot deleted under its reader may be collected.
+                if !ctx.oracle().deleted_snapshots.contains(snap) {
+                    ctx.oracle().error(name, None, "read", &e);
+                }
             }
         }
         off += len;
@@ -1241,19 +1512,45 @@ async fn compactor(ctx: Ctx, n: usize, skew: i64) {
             CompactOptions { safety_age: ctx.cfg.safety_age, dry_run: false, concurrency: rng.random_range(1..=16) };
         // Some passes die part-way (the controller pod is killed).
         let bound = if rng.random_bool(0.25) { ms(&mut rng, 0..8_000) } else { Duration::from_secs(3600) };
+        // Some die as they delete folded journal records: the deletes in
+        // flight land or not (a hole, were they sent several at once).
+        let trip = rng.random_bool(0.2).then(|| rng.random_range(1..=24u64));
+        handle.crash_at_delete(trip.map(|n| ("/journal/", n)));
         let who = handle.actor().to_string();
-        match tokio::time::timeout(bound, compact::compact(&store, VOL, &opts, &clock)).await {
+        // Now and then a clone (compacted beside its parent's compactions).
+        let (target, clone) = {
+            let o = ctx.oracle();
+            let live: Vec<usize> = (0..o.clones.len()).filter(|&c| o.clones[c].live()).collect();
+            match live.is_empty() || rng.random_bool(0.6) {
+                true => (VOL.to_string(), None),
+                false => {
+                    let c = live[rng.random_range(0..live.len())];
+                    (o.clones[c].prefix.clone(), Some(c))
+                }
+            }
+        };
+        match tokio::time::timeout(bound, compact::compact(&store, &target, &opts, &clock)).await {
             Ok(Ok(rep)) => {
                 ctx.event(&format!(
-                    "{who}: compacted (skew {skew}s, head {}, folded {:?}, records deleted {}, chunks deleted {})",
+                    "{who}: compacted {target} (skew {skew}s, head {}, folded {:?}, records deleted {}, chunks deleted {})",
                     rep.head_seq, rep.folded_seq, rep.journal_records_deleted, rep.chunks_deleted
                 ));
                 ctx.oracle().counts.compactions += 1;
+                handle.crash_at_delete(None);
                 current = Some((handle, store));
             }
+            Ok(Err(_)) if handle.is_crashed() => {
+                ctx.event(&format!("{who}: killed while deleting journal records"));
+                ctx.oracle().counts.compactions_crashed += 1;
+                ctx.oracle().counts.compactions_killed_deleting += 1;
+            }
             Ok(Err(e)) => {
-                ctx.event(&format!("{who}: compaction failed: {e}"));
-                ctx.oracle().error(&who, None, "compact", &e);
+                handle.crash_at_delete(None);
+                ctx.event(&format!("{who}: compaction of {target} failed: {e}"));
+                match clone {
+                    Some(c) => ctx.oracle().clone_error(c, &who, "compact", &e),
+                    None => ctx.oracle().error(&who, None, "compact", &e),
+                }
                 current = Some((handle, store));
             }
             Err(_) => {
@@ -1265,6 +1562,552 @@ async fn compactor(ctx: Ctx, n: usize, skew: i64) {
     }
 }
 
+// ---------------------------------------------------------------- damage from outside
+
+/// Key of the snapshot record [`break_snapshot`] writes.
+const BROKEN_SNAPSHOT: &str = "broken";
+
+/// An unreadable snapshot record appears (a bad restore from backup, a
+/// tool gone wrong). Compaction must go on (folding nothing while it is
+/// there) and report it, never fail.
+async fn break_snapshot(ctx: Ctx, at: Duration) {
+    let mut rng = rng_for(ctx.seed, "vandal");
+    sleep(at).await;
+    let (_h, store) = ctx.store("vandal", FaultPlan::calm(), &mut rng);
+    let key = format::snapshot_key(VOL, BROKEN_SNAPSHOT);
+    match store.put(&key, Bytes::from_static(b"{\"not\": \"a snapshot"), PutMode::Overwrite).await {
+        Ok(()) => ctx.event(&format!("vandal: wrote an unreadable {key}")),
+        Err(e) => ctx.event(&format!("vandal: {e}")),
+    }
+}
+
+/// At quiescence: an unreadable snapshot record is reported by compaction
+/// and `fsck`; then it is removed, as an operator would.
+async fn check_broken_snapshot(ctx: &Ctx, store: &DynStore, clock: &dyn Clock) -> bool {
+    let key = format::snapshot_key(VOL, BROKEN_SNAPSHOT);
+    if ctx.world.keys(&key).is_empty() {
+        return true;
+    }
+    let opts = CompactOptions { safety_age: ctx.cfg.safety_age, ..CompactOptions::default() };
+    match compact::compact(store, VOL, &opts, clock).await {
+        Ok(rep) if rep.unreadable_snapshots.contains(&key) => {}
+        Ok(rep) => {
+            let why = format!("compaction did not report {key}: {:?}", rep.unreadable_snapshots);
+            ctx.oracle().violation("unreadable-snapshot", why);
+            return false;
+        }
+        Err(e) => {
+            ctx.oracle().violation("unreadable-snapshot", format!("compaction failed beside {key}: {e}"));
+            return false;
+        }
+    }
+    match fsck::fsck(store.as_ref(), VOL, false, &|_, _| {}).await {
+        Ok(rep) if !rep.clean => {}
+        other => {
+            let why = format!("fsck did not report {key}: {:?}", other.map(|r| r.errors));
+            ctx.oracle().violation("unreadable-snapshot", why);
+            return false;
+        }
+    }
+    if let Err(e) = store.delete(&key).await {
+        ctx.oracle().violation("unreadable-snapshot", format!("removing {key}: {e}"));
+        return false;
+    }
+    ctx.oracle().counts.unreadable_snapshots_reported += 1;
+    true
+}
+
+// ---------------------------------------------------------------- clones and deletes
+
+/// A volume restored from a snapshot of the simulated volume, made as the
+/// CSI controller makes one (a pin of its own in the parent, a clone
+/// marker, then `volume.json` naming the pin) and written by one session
+/// in whole blocks. Version 0 of a block is the snapshot's content,
+/// version p ≥ 1 the clone's write `writes[b][p - 1]`.
+#[derive(Debug)]
+struct CloneState {
+    name: String,
+    prefix: String,
+    snap: String,
+    base: SnapshotExpect,
+    created: bool,
+    /// Per block: the clone's writes in order, each with when it was
+    /// acknowledged (0: not).
+    writes: Vec<Vec<(Bytes, u64)>>,
+    floor: Vec<usize>,
+    /// When its deletion began: from then on its actors may fail.
+    deleting: Option<u64>,
+    /// A delete of it returned Ok: no opener that starts later may open it.
+    deleted: bool,
+    /// When (store clock) its deletion began.
+    deleting_unix: i64,
+}
+
+impl CloneState {
+    fn live(&self) -> bool {
+        self.created && self.deleting.is_none()
+    }
+}
+
+impl Oracle {
+    /// The first version at or above `lower` of clone `c`'s block `b` that reads as `data`.
+    fn clone_find(&self, c: usize, b: u64, at: usize, data: &[u8], lower: usize) -> Option<usize> {
+        let k = &self.clones[c];
+        let w = &k.writes[b as usize];
+        (lower..=w.len()).find(|&p| {
+            if p == 0 {
+                self.check(b, &k.base.blocks[b as usize], at, data).is_ok()
+            } else {
+                &w[p - 1].0[at..at + data.len()] == data
+            }
+        })
+    }
+
+    /// A reader of clone `c`'s committed state read `data` at `off`;
+    /// `lower` is the floor when it opened, raised by what it read (its
+    /// values never go back).
+    fn clone_read(&mut self, c: usize, who: &str, lower: &mut [usize], off: u64, data: &[u8]) {
+        for (b, at, pos, n) in blocks_of(off, data.len() as u64) {
+            let piece = &data[pos..pos + n];
+            let lo = lower[b as usize];
+            match self.clone_find(c, b, at, piece, lo) {
+                Some(p) => {
+                    if n as u64 == BLOCK {
+                        lower[b as usize] = p;
+                        let f = &mut self.clones[c].floor[b as usize];
+                        *f = (*f).max(p);
+                    }
+                }
+                None => {
+                    let k = &self.clones[c];
+                    let what = match self.clone_find(c, b, at, piece, 0) {
+                        _ if piece.iter().all(|&x| x == 0) => "zeros".to_string(),
+                        Some(0) => "the snapshot's content".to_string(),
+                        Some(p) => format!("its write {p}"),
+                        None => format!("bytes neither snapshot {} nor the clone wrote there", k.snap),
+                    };
+                    let why = format!(
+                        "{who} read block {b} of {} as {what}; durable: version {lo} of {}",
+                        k.name,
+                        k.writes[b as usize].len()
+                    );
+                    let inv = if lo > 0 { "clone-acked-data-lost" } else { "clone-content" };
+                    self.violation(inv, why);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The clone's writer read `data` at `off`: its own latest writes, the
+    /// snapshot where it wrote nothing.
+    fn clone_writer_read(&mut self, c: usize, who: &str, off: u64, data: &[u8]) {
+        for (b, at, pos, n) in blocks_of(off, data.len() as u64) {
+            let piece = &data[pos..pos + n];
+            let k = &self.clones[c];
+            let ok = match k.writes[b as usize].last() {
+                Some((v, _)) => &v[at..at + n] == piece,
+                None => self.check(b, &k.base.blocks[b as usize], at, piece).is_ok(),
+            };
+            if !ok {
+                let why = format!(
+                    "{who} read block {b} of {} as {}; expected its write {}",
+                    k.name,
+                    self.describe_data(b, at, piece),
+                    k.writes[b as usize].len()
+                );
+                self.violation("clone-writer-reads-own-writes", why);
+                return;
+            }
+        }
+    }
+
+    fn clone_flush_acked(&mut self, c: usize, t0: u64) {
+        self.counts.flushes_acked += 1;
+        let k = &mut self.clones[c];
+        for (w, f) in k.writes.iter().zip(k.floor.iter_mut()) {
+            if let Some(p) = w.iter().rposition(|&(_, t)| t != 0 && t < t0) {
+                *f = (*f).max(p + 1);
+            }
+        }
+    }
+
+    /// An actor of clone `c` failed: expected once its deletion began, and
+    /// for store errors; anything else breaks an invariant.
+    fn clone_error(&mut self, c: usize, who: &str, op: &str, e: &VolumeError) {
+        if self.clones[c].deleting.is_some() || matches!(e, VolumeError::Store(_)) {
+            return;
+        }
+        let inv = match e {
+            VolumeError::Fenced(_) => "self-fenced",
+            VolumeError::Corrupt(_) if op == "compact" => "compaction-reports-damage",
+            VolumeError::Corrupt(_) => "corruption-reported",
+            _ => "unexpected-error",
+        };
+        self.violation(inv, format!("{who} {op}: {e}"));
+    }
+}
+
+/// Now and then: restore a clone from a snapshot, delete a clone (its
+/// writer and readers still at work), or delete a snapshot (clones keep
+/// their own pins).
+async fn cloner(ctx: Ctx) {
+    let mut rng = rng_for(ctx.seed, "cloner");
+    let mut made = 0;
+    loop {
+        sleep(ms(&mut rng, 20_000..180_000)).await;
+        if ctx.done() {
+            return;
+        }
+        let (snaps, live): (Vec<String>, Vec<usize>) = {
+            let o = ctx.oracle();
+            let snaps = o.snapshots.keys().filter(|n| !o.deleted_snapshots.contains(*n)).cloned().collect();
+            (snaps, (0..o.clones.len()).filter(|&c| o.clones[c].live()).collect())
+        };
+        let roll = rng.random_range(0..100);
+        if roll < 30 && !live.is_empty() {
+            let c = live[rng.random_range(0..live.len())];
+            ctx.spawn(delete_clone(ctx.clone(), c));
+        } else if roll < 45 && !snaps.is_empty() {
+            let snap = snaps[rng.random_range(0..snaps.len())].clone();
+            delete_snapshot(&ctx, &snap, &mut rng).await;
+        } else if !snaps.is_empty() && made < ctx.cfg.max_clones {
+            made += 1;
+            let snap = snaps[rng.random_range(0..snaps.len())].clone();
+            ctx.spawn(clone_life(ctx.clone(), made, snap));
+        }
+    }
+}
+
+/// Delete a snapshot of the volume, as DeleteSnapshot does.
+async fn delete_snapshot(ctx: &Ctx, snap: &str, rng: &mut StdRng) {
+    ctx.oracle().deleted_snapshots.insert(snap.to_string());
+    let plan = ctx.cfg.fault_plan(rng);
+    let who = format!("del-{snap}");
+    let (_h, store) = ctx.store(&who, plan, rng);
+    for _ in 0..5 {
+        match store.delete(&format::snapshot_key(VOL, snap)).await {
+            Ok(()) => {
+                ctx.event(&format!("{who}: snapshot {snap} deleted"));
+                ctx.oracle().counts.snapshots_deleted += 1;
+                return;
+            }
+            Err(e) => {
+                ctx.event(&format!("{who}: delete failed: {e}"));
+                sleep(ms(rng, 1000..20_000)).await;
+            }
+        }
+    }
+}
+
+enum CloneFail {
+    /// The snapshot went away first: nothing to restore.
+    Gone(String),
+    Retry(String),
+    Bad(String),
+}
+
+fn clone_fail(e: catalog::CatalogError) -> CloneFail {
+    use catalog::CatalogError as C;
+    match e {
+        C::SnapshotGone { .. } | C::Volume(VolumeError::NotFound(_)) => CloneFail::Gone(e.to_string()),
+        C::Store(_) | C::Volume(VolumeError::Store(_)) => CloneFail::Retry(e.to_string()),
+        e => CloneFail::Bad(e.to_string()),
+    }
+}
+
+/// Restore `prefix` from snapshot `snap` of the volume, as CreateVolume
+/// with a snapshot source does.
+async fn make_clone(store: &DynStore, prefix: &str, snap: &str, clock: &dyn Clock) -> Result<u64, CloneFail> {
+    let rec = read_snapshot(store, VOL, snap).await.map_err(|e| clone_fail(e.into()))?;
+    catalog::pin_snapshot_for(store, VOL, &rec, prefix).await.map_err(clone_fail)?;
+    catalog::add_clone_marker(store, VOL, prefix, prefix, rec.seq).await.map_err(clone_fail)?;
+    let parent = ParentRef { volume: VOL.to_string(), snapshot: format::clone_pin_name(prefix), seq: rec.seq };
+    let opts = CreateOptions { size: rec.size, chunk_size: CS as u32, parent: Some(parent), single_writer: false };
+    match Volume::create(store.clone(), prefix, opts, clock).await {
+        // A retry after an attempt that landed.
+        Ok(_) | Err(VolumeError::AlreadyExists(_)) => Ok(rec.size),
+        Err(e) => Err(clone_fail(e.into())),
+    }
+}
+
+/// Restore a clone, then write, read and flush it (whole blocks) until the
+/// run ends or a while after its deletion began; now and then a read-only
+/// opener reads it beside the writer and the parent's compactions.
+async fn clone_life(ctx: Ctx, n: u64, snap: String) {
+    let name = format!("k{n}");
+    let prefix = format!("sim/{name}/");
+    let mut rng = rng_for(ctx.seed, &name);
+    let plan = ctx.cfg.fault_plan(&mut rng);
+    let (_h, store) = ctx.store(&name, plan, &mut rng);
+    let clock = ctx.clock(&mut rng);
+    let c = {
+        let mut o = ctx.oracle();
+        let Some(base) = o.snapshots.get(&snap).cloned() else { return };
+        let blocks = (base.size / BLOCK) as usize;
+        o.clones.push(CloneState {
+            name: name.clone(),
+            prefix: prefix.clone(),
+            snap: snap.clone(),
+            base,
+            created: false,
+            writes: vec![Vec::new(); blocks],
+            floor: vec![0; blocks],
+            deleting: None,
+            deleted: false,
+            deleting_unix: i64::MAX,
+        });
+        o.clones.len() - 1
+    };
+    let mut size = None;
+    for attempt in 1..=10 {
+        if ctx.done() {
+            return;
+        }
+        match make_clone(&store, &prefix, &snap, clock.as_ref()).await {
+            Ok(s) => {
+                size = Some(s);
+                break;
+            }
+            Err(CloneFail::Gone(why)) => {
+                ctx.event(&format!("{name}: not restored from {snap}: {why}"));
+                return;
+            }
+            Err(CloneFail::Retry(why)) => {
+                ctx.event(&format!("{name}: restore attempt {attempt} failed: {why}"));
+                sleep(ms(&mut rng, 500..20_000)).await;
+            }
+            Err(CloneFail::Bad(why)) => {
+                ctx.oracle().violation("clone-create", format!("{name} from {snap}: {why}"));
+                return;
+            }
+        }
+    }
+    let Some(size) = size else { return };
+    {
+        let mut o = ctx.oracle();
+        if size != o.clones[c].base.size {
+            let want = o.clones[c].base.size;
+            o.violation("clone-create", format!("{name}: size {size}, snapshot {snap} was taken at {want}"));
+            return;
+        }
+        o.clones[c].created = true;
+        o.counts.clones += 1;
+    }
+    ctx.event(&format!("{name}: restored from {snap}"));
+    let opts = ctx.cfg.open_options(clock.clone(), false, None);
+    let mut vol = None;
+    for _ in 0..10 {
+        if ctx.done() || ctx.oracle().clones[c].deleting.is_some() {
+            return;
+        }
+        match Volume::open(store.clone(), &prefix, opts.clone()).await {
+            Ok(v) => {
+                vol = Some(v);
+                break;
+            }
+            Err(e) => {
+                ctx.event(&format!("{name}: open failed: {e}"));
+                ctx.oracle().clone_error(c, &name, "open", &e);
+                sleep(ms(&mut rng, 500..20_000)).await;
+            }
+        }
+    }
+    let Some(vol) = vol else { return };
+    ctx.event(&format!("{name}: opened"));
+    let blocks = size / BLOCK;
+    let mut after_delete = rng.random_range(0..8);
+    let mut readers = 0;
+    while !ctx.done() {
+        sleep(ms(&mut rng, 0..3000)).await;
+        if ctx.oracle().clones[c].deleting.is_some() {
+            if after_delete == 0 {
+                ctx.event(&format!("{name}: writer stops"));
+                return;
+            }
+            after_delete -= 1;
+        }
+        match rng.random_range(0..100) {
+            0..=44 => {
+                let b = rng.random_range(0..blocks);
+                let n = rng.random_range(1..=(blocks - b).min(8));
+                let (write, data) = {
+                    let mut o = ctx.oracle();
+                    o.writes += 1;
+                    let write = o.writes;
+                    let data = pattern(write, b * BLOCK, (n * BLOCK) as usize);
+                    for (i, blk) in (b..b + n).enumerate() {
+                        let piece = Bytes::copy_from_slice(&data[i * BLOCK as usize..(i + 1) * BLOCK as usize]);
+                        o.clones[c].writes[blk as usize].push((piece, 0));
+                    }
+                    (write, data)
+                };
+                let r = vol.write(b * BLOCK, &data).await;
+                ctx.event(&format!("{name}: write #{write} {}+{} {}", b * BLOCK, n * BLOCK, r.is_ok()));
+                let mut o = ctx.oracle();
+                match r {
+                    Ok(()) => {
+                        let t = o.next_tick();
+                        for blk in b..b + n {
+                            if let Some(last) = o.clones[c].writes[blk as usize].last_mut() {
+                                last.1 = t;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // What it reads from now on is not known: it stops.
+                        o.clone_error(c, &name, "write", &e);
+                        return;
+                    }
+                }
+            }
+            45..=74 => {
+                let (off, len) = random_range(&mut rng, size);
+                match vol.read(off, len).await {
+                    Ok(d) => {
+                        ctx.event(&format!("{name}: read {off}+{len} ok"));
+                        let mut o = ctx.oracle();
+                        if o.clones[c].deleting.is_none() {
+                            o.clone_writer_read(c, &name, off, &d);
+                        }
+                    }
+                    Err(e) => {
+                        ctx.event(&format!("{name}: read {off}+{len} failed: {e}"));
+                        ctx.oracle().clone_error(c, &name, "read", &e);
+                    }
+                }
+            }
+            75..=94 => {
+                let t0 = ctx.oracle().next_tick();
+                let bound = if rng.random_bool(0.15) { ms(&mut rng, 1..20_000) } else { Duration::from_secs(86_400) };
+                match tokio::time::timeout(bound, vol.flush()).await {
+                    Ok(Ok(())) => {
+                        ctx.event(&format!("{name}: flush ok"));
+                        ctx.oracle().clone_flush_acked(c, t0);
+                    }
+                    Ok(Err(e)) => {
+                        ctx.event(&format!("{name}: flush failed: {e}"));
+                        ctx.oracle().clone_error(c, &name, "flush", &e);
+                    }
+                    Err(_) => ctx.event(&format!("{name}: flush cancelled after {bound:?}")),
+                }
+            }
+            _ => {
+                readers += 1;
+                let stay = ms(&mut rng, 5_000..120_000);
+                ctx.spawn(clone_reader(ctx.clone(), c, format!("{name}r{readers}"), stay));
+            }
+        }
+    }
+}
+
+/// Open clone `c` read-only (refused once a delete of it returned Ok),
+/// read it all, then now and then.
+async fn clone_reader(ctx: Ctx, c: usize, name: String, stay: Duration) {
+    let mut rng = rng_for(ctx.seed, &name);
+    let plan = ctx.cfg.fault_plan(&mut rng);
+    let (_h, store) = ctx.store(&name, plan, &mut rng);
+    let (prefix, deleted, mut lower) = {
+        let o = ctx.oracle();
+        let k = &o.clones[c];
+        (k.prefix.clone(), k.deleted, k.floor.clone())
+    };
+    let opts = ctx.cfg.open_options(ctx.clock(&mut rng), true, None);
+    let vol = match Volume::open(store, &prefix, opts).await {
+        Ok(v) if deleted => {
+            drop(v);
+            ctx.oracle()
+                .violation("deleted-volume-opens", format!("{name}: opened {prefix} after its delete returned"));
+            return;
+        }
+        Ok(v) => v,
+        Err(VolumeError::NotFound(_)) if deleted => return,
+        Err(e) => {
+            ctx.event(&format!("{name}: open failed: {e}"));
+            ctx.oracle().clone_error(c, &name, "open", &e);
+            return;
+        }
+    };
+    ctx.event(&format!("{name}: opened read-only"));
+    let size = vol.size();
+    let until = ctx.world.elapsed() + stay;
+    let mut off = 0;
+    while !ctx.done() {
+        let (o, len) = if off < size {
+            let len = CS.min(size - off);
+            off += len;
+            (off - len, len)
+        } else if ctx.world.elapsed() < until {
+            sleep(ms(&mut rng, 200..20_000)).await;
+            random_range(&mut rng, size)
+        } else {
+            break;
+        };
+        match vol.read(o, len).await {
+            Ok(d) => {
+                ctx.event(&format!("{name}: read {o}+{len} ok"));
+                ctx.oracle().clone_read(c, &name, &mut lower, o, &d);
+            }
+            Err(e) => {
+                ctx.event(&format!("{name}: read {o}+{len} failed: {e}"));
+                ctx.oracle().clone_error(c, &name, "read", &e);
+            }
+        }
+    }
+    ctx.event(&format!("{name}: closed"));
+}
+
+/// Delete clone `c` as DeleteVolume does, its writer and readers still at
+/// work; once the delete returned, a new opener must not find it.
+async fn delete_clone(ctx: Ctx, c: usize) {
+    let (name, prefix) = {
+        let mut o = ctx.oracle();
+        let t = o.next_tick();
+        let k = &mut o.clones[c];
+        k.deleting = Some(t);
+        k.deleting_unix = ctx.world.now_unix();
+        (format!("{}-delete", k.name), k.prefix.clone())
+    };
+    let mut rng = rng_for(ctx.seed, &name);
+    let plan = ctx.cfg.fault_plan(&mut rng);
+    let (_h, store) = ctx.store(&name, plan, &mut rng);
+    let clock = ctx.clock(&mut rng);
+    for attempt in 1..=10 {
+        match catalog::delete_volume(&store, &prefix, catalog::OnDependants::RefuseClones, clock.as_ref()).await {
+            Ok(catalog::DeleteOutcome::Deleted { objects }) => {
+                ctx.event(&format!("{name}: deleted ({objects} objects)"));
+                break;
+            }
+            Ok(catalog::DeleteOutcome::Absent) if attempt > 1 => {
+                ctx.event(&format!("{name}: deleted (by an earlier attempt)"));
+                break;
+            }
+            Ok(other) => {
+                ctx.oracle().violation("clone-delete", format!("{name}: {other:?}, though nothing reads through it"));
+                return;
+            }
+            Err(catalog::CatalogError::Store(e)) => {
+                ctx.event(&format!("{name}: attempt {attempt} failed: {e}"));
+                sleep(ms(&mut rng, 500..20_000)).await;
+            }
+            Err(e) => {
+                ctx.oracle().violation("clone-delete", format!("{name}: {e}"));
+                return;
+            }
+        }
+        if attempt == 10 {
+            return;
+        }
+    }
+    {
+        let mut o = ctx.oracle();
+        o.clones[c].deleted = true;
+        o.counts.clones_deleted += 1;
+    }
+    // A new opener at once: the volume is gone.
+    ctx.spawn(clone_reader(ctx.clone(), c, format!("{name}-check"), Duration::ZERO));
+}
+
 // ---------------------------------------------------------------- quiescence
 
 /// Every actor stopped, every request in flight settled: a takeover reads
@@ -1273,6 +2116,9 @@ async fn final_checks(ctx: &Ctx) {
     let mut rng = rng_for(ctx.seed, "final");
     let (_h, store) = ctx.store("final", FaultPlan::calm(), &mut rng);
     let clock: Arc<dyn Clock> = Arc::new(SimClock::new(ctx.world.clone(), 0));
+    if !check_broken_snapshot(ctx, &store, clock.as_ref()).await {
+        return;
+    }
     let s = ctx.oracle().new_session("final");
     ctx.oracle().open_attempt(s);
     let vol = match Volume::open(store.clone(), VOL, ctx.cfg.open_options(clock.clone(), false, None)).await {
@@ -1358,12 +2204,168 @@ async fn final_checks(ctx: &Ctx) {
             return;
         }
     }
-    let snaps: Vec<String> = ctx.oracle().snapshots.keys().cloned().collect();
+    let snaps: Vec<String> = {
+        let o = ctx.oracle();
+        o.snapshots.keys().filter(|n| !o.deleted_snapshots.contains(*n)).cloned().collect()
+    };
     for snap in snaps {
         let opts = ctx.cfg.open_options(clock.clone(), true, Some(snap.clone()));
         match Volume::open(store.clone(), VOL, opts).await {
             Ok(v) => check_snapshot(ctx, "final", &v, &snap).await,
             Err(e) => ctx.oracle().violation("snapshot-lost", format!("snapshot {snap}: {e}")),
+        }
+    }
+}
+
+/// After the volume's own final checks: every live clone reads what its
+/// snapshot and its acknowledged writes say, before and after compacting
+/// it, and `fsck` finds it clean; no deleted clone opens, and its objects,
+/// pin and marker are gone once reaped. Then the volume is deleted while
+/// clones read through it: it is hidden, the clones still read the same;
+/// deleting the clones and the snapshots leaves nothing under the store.
+async fn final_clones(ctx: &Ctx) {
+    let mut rng = rng_for(ctx.seed, "final-clones");
+    let (_h, store) = ctx.store("final-clones", FaultPlan::calm(), &mut rng);
+    let clock: Arc<dyn Clock> = Arc::new(SimClock::new(ctx.world.clone(), 0));
+    let clones: Vec<(usize, String, bool, bool)> = {
+        let o = ctx.oracle();
+        o.clones.iter().enumerate().map(|(c, k)| (c, k.prefix.clone(), k.created, k.deleting.is_some())).collect()
+    };
+    let mut images = Vec::new();
+    for &(c, ref prefix, created, deleting) in &clones {
+        if deleting || !created {
+            // Finish a delete that gave up, or let go of a restore that never
+            // finished, as a retried DeleteVolume would.
+            let r = catalog::delete_volume(&store, prefix, catalog::OnDependants::RefuseClones, clock.as_ref()).await;
+            let r = match r {
+                Ok(catalog::DeleteOutcome::Absent) => catalog::release_source(&store, VOL, prefix).await.map(|_| ()),
+                Ok(_) => Ok(()),
+                // What its writer, readers and compactors still sent while
+                // the delete ran (or in flight when it returned) may land
+                // after the delete's last listing: a prefix of such
+                // leftovers alone is no volume, and the catalog leaves it
+                // be (design invariant 5).
+                Err(catalog::CatalogError::NotAVolume { .. }) if late_writes_only(ctx, c, prefix) => {
+                    ctx.event(&format!("final: {prefix}: objects written after its delete are left"));
+                    catalog::release_source(&store, VOL, prefix).await.map(|_| ())
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                ctx.oracle().violation("delete-at-quiescence", format!("{prefix}: {e}"));
+                return;
+            }
+            if !late_writes_only(ctx, c, prefix) {
+                if let Some(left) = leftovers(ctx, prefix) {
+                    ctx.oracle().violation("delete-left-objects", left);
+                    return;
+                }
+            }
+            continue;
+        }
+        let Some(image) = read_clone(ctx, &store, &clock, c, "final").await else { return };
+        match fsck::fsck(store.as_ref(), prefix, true, &|_, _| {}).await {
+            Ok(rep) if rep.clean => {}
+            Ok(rep) => return ctx.oracle().violation("fsck", format!("{prefix}: {}", rep.errors.join("; "))),
+            Err(e) => return ctx.oracle().violation("fsck", format!("{prefix}: did not run: {e}")),
+        }
+        let opts = CompactOptions { safety_age: ctx.cfg.safety_age, ..CompactOptions::default() };
+        if let Err(e) = compact::compact(&store, prefix, &opts, clock.as_ref()).await {
+            return ctx.oracle().violation("compact-at-quiescence", format!("{prefix}: {e}"));
+        }
+        let Some(again) = read_clone(ctx, &store, &clock, c, "final").await else { return };
+        if again != image {
+            return ctx.oracle().violation("compaction-changed-data", format!("{prefix} differs after compaction"));
+        }
+        images.push((c, prefix.clone(), image));
+    }
+    // Delete the volume while clones read through it.
+    let expect_kept = !images.is_empty() || !ctx.world.keys(&format::snapshot_prefix(VOL)).is_empty();
+    match catalog::delete_volume(&store, VOL, catalog::OnDependants::Keep, clock.as_ref()).await {
+        Ok(catalog::DeleteOutcome::Kept) if expect_kept => {}
+        Ok(catalog::DeleteOutcome::Deleted { .. }) if !expect_kept => {}
+        other => {
+            let why = format!("{VOL} with {} live clones: {other:?}", images.len());
+            return ctx.oracle().violation("parent-delete", why);
+        }
+    }
+    ctx.event("final: volume deleted");
+    if expect_kept && !matches!(catalog::is_deleted(&store, VOL).await, Ok(true)) {
+        return ctx.oracle().violation("parent-delete", "kept but not marked deleted".into());
+    }
+    for (c, prefix, image) in images {
+        let Some(after) = read_clone(ctx, &store, &clock, c, "after-parent-delete").await else { return };
+        if after != image {
+            return ctx.oracle().violation("parent-delete", format!("{prefix} reads differently"));
+        }
+        match catalog::delete_volume(&store, &prefix, catalog::OnDependants::RefuseClones, clock.as_ref()).await {
+            Ok(catalog::DeleteOutcome::Deleted { .. }) => {}
+            other => return ctx.oracle().violation("clone-delete", format!("{prefix}: {other:?}")),
+        }
+        match Volume::open(store.clone(), &prefix, ctx.cfg.open_options(clock.clone(), true, None)).await {
+            Err(VolumeError::NotFound(_)) => {}
+            Ok(_) => return ctx.oracle().violation("deleted-volume-opens", format!("{prefix} after its delete")),
+            Err(e) => return ctx.oracle().violation("deleted-volume-opens", format!("{prefix}: {e}")),
+        }
+    }
+    // The last snapshots go (as DeleteSnapshot does) and take the volume with them.
+    for key in ctx.world.keys(&format::snapshot_prefix(VOL)) {
+        if let Err(e) = store.delete(&key).await {
+            return ctx.oracle().violation("delete-at-quiescence", format!("{key}: {e}"));
+        }
+    }
+    if let Err(e) = catalog::reap(&store, VOL, None).await {
+        return ctx.oracle().violation("delete-at-quiescence", format!("reap {VOL}: {e}"));
+    }
+    let late: Vec<String> = clones.iter().filter(|k| late_writes_only(ctx, k.0, &k.1)).map(|k| k.1.clone()).collect();
+    let left: Vec<String> =
+        ctx.world.keys("sim/").into_iter().filter(|k| !late.iter().any(|p| k.starts_with(p.as_str()))).collect();
+    if !left.is_empty() {
+        let why = format!("{} objects left after deleting everything: {:?}", left.len(), &left[..left.len().min(5)]);
+        ctx.oracle().violation("delete-left-objects", why);
+    }
+}
+
+/// Does all that is left under clone `c`'s prefix stem from writes that
+/// landed after its delete began?
+fn late_writes_only(ctx: &Ctx, c: usize, prefix: &str) -> bool {
+    let since = ctx.oracle().clones[c].deleting_unix;
+    let keys = ctx.world.keys(prefix);
+    !keys.is_empty() && keys.iter().all(|k| ctx.world.modified_unix(k).is_some_and(|t| t >= since))
+}
+
+/// Objects left under `prefix` (and the parent's pin and marker of it, when it is a clone).
+fn leftovers(ctx: &Ctx, prefix: &str) -> Option<String> {
+    let mut left = ctx.world.keys(prefix);
+    if prefix != "sim/" {
+        left.extend(ctx.world.keys(&format::clone_marker_key(VOL, prefix)));
+        left.extend(ctx.world.keys(&format::snapshot_key(VOL, &format::clone_pin_name(prefix))));
+    }
+    (!left.is_empty())
+        .then(|| format!("{} objects left after deleting {prefix}: {:?}", left.len(), &left[..left.len().min(5)]))
+}
+
+/// Open clone `c` read-only and read it all, checked against its floor.
+async fn read_clone(ctx: &Ctx, store: &DynStore, clock: &Arc<dyn Clock>, c: usize, who: &str) -> Option<Vec<u8>> {
+    let (prefix, mut lower) = {
+        let o = ctx.oracle();
+        (o.clones[c].prefix.clone(), o.clones[c].floor.clone())
+    };
+    let vol = match Volume::open(store.clone(), &prefix, ctx.cfg.open_options(clock.clone(), true, None)).await {
+        Ok(v) => v,
+        Err(e) => {
+            ctx.oracle().violation("open-at-quiescence", format!("{who}: {prefix}: {e}"));
+            return None;
+        }
+    };
+    match vol.read(0, vol.size()).await {
+        Ok(d) => {
+            ctx.oracle().clone_read(c, &format!("{who} {prefix}"), &mut lower, 0, &d);
+            (!ctx.oracle().failed()).then_some(d)
+        }
+        Err(e) => {
+            ctx.oracle().violation("read-at-quiescence", format!("{who}: {prefix}: {e}"));
+            None
         }
     }
 }
@@ -1387,7 +2389,7 @@ async fn simulate(seed: u64, verbose: bool) -> Outcome {
     let mut rng = StdRng::seed_from_u64(seed);
     let cfg = Config::draw(&mut rng);
     let summary = format!(
-        "{:?} chaos, {}..{} chunks, dirty {} chunks, {} min, safety age {}s, takeovers {:?}, compactor skews {:?}",
+        "{:?} chaos, {}..{} chunks, dirty {} chunks, {} min, safety age {}s, takeovers {:?}, compactor skews {:?}, up to {} clones",
         cfg.chaos,
         cfg.initial_chunks,
         cfg.max_chunks,
@@ -1398,7 +2400,8 @@ async fn simulate(seed: u64, verbose: bool) -> Outcome {
             .iter()
             .map(|(t, crash)| format!("{}s{}", t.as_secs(), if *crash { " crash" } else { "" }))
             .collect::<Vec<_>>(),
-        cfg.compactor_skews
+        cfg.compactor_skews,
+        cfg.max_clones
     );
     world.trace(&format!("seed {seed}: {summary}"));
     let oracle = Oracle::new(world.clone(), cfg.max_blocks(), cfg.initial_chunks * CS);
@@ -1411,11 +2414,17 @@ async fn simulate(seed: u64, verbose: bool) -> Outcome {
         tasks: Mutex::new(Vec::new()),
         stop: AtomicBool::new(false),
         snapshot_names: AtomicU64::new(1),
+        stormed: AtomicBool::new(false),
+        commit_outage_armed: AtomicBool::new(false),
     });
     let mut crng = rng_for(seed, "creator");
     if create(&ctx, &mut crng).await {
         ctx.spawn(writers(ctx.clone()));
         ctx.spawn(readers(ctx.clone()));
+        ctx.spawn(cloner(ctx.clone()));
+        if let Some(at) = ctx.cfg.broken_snapshot_at {
+            ctx.spawn(break_snapshot(ctx.clone(), at));
+        }
         for (n, skew) in ctx.cfg.compactor_skews.clone().into_iter().enumerate() {
             ctx.spawn(compactor(ctx.clone(), n + 1, skew));
         }
@@ -1436,6 +2445,9 @@ async fn simulate(seed: u64, verbose: bool) -> Outcome {
     if !ctx.oracle().failed() {
         sleep(Duration::from_secs(3600)).await;
         final_checks(&ctx).await;
+        if !ctx.oracle().failed() {
+            final_clones(&ctx).await;
+        }
     }
     let o = ctx.oracle();
     Outcome {
@@ -1550,19 +2562,27 @@ fn report(out: &Outcome, lines: usize) -> String {
 /// Run seeds on a few threads until the list or the time runs out.
 fn run_many(seeds: Vec<u64>, deadline: Option<std::time::Instant>, progress: bool) -> Vec<Outcome> {
     let threads = env_u64("S3BLK_SIM_THREADS").unwrap_or(2).max(1) as usize;
+    let stop_at_first = env_u64("S3BLK_SIM_STOP").is_some_and(|v| v != 0);
     let queue = Arc::new(Mutex::new(seeds.into_iter()));
     let results = Arc::new(Mutex::new(Vec::new()));
+    let failed = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..threads)
         .map(|_| {
-            let (queue, results) = (queue.clone(), results.clone());
+            let (queue, results, failed) = (queue.clone(), results.clone(), failed.clone());
             std::thread::spawn(move || {
                 loop {
                     if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
                         return;
                     }
+                    // Seeds are taken in order: when one fails, every lower
+                    // seed has been taken and finishes.
+                    if stop_at_first && failed.load(Ordering::SeqCst) {
+                        return;
+                    }
                     let Some(seed) = lock(&queue).next() else { return };
                     let out = run_seed(seed, false);
                     if out.violation.is_some() {
+                        failed.store(true, Ordering::SeqCst);
                         println!("{}", report(&out, 30));
                     }
                     let mut results = lock(&results);
@@ -1628,6 +2648,13 @@ fn simulation() {
         total.readers += c.readers;
         total.compactions += c.compactions;
         total.compactions_crashed += c.compactions_crashed;
+        total.snapshots_deleted += c.snapshots_deleted;
+        total.clones += c.clones;
+        total.clones_deleted += c.clones_deleted;
+        total.bursts += c.bursts;
+        total.storms += c.storms;
+        total.unreadable_snapshots_reported += c.unreadable_snapshots_reported;
+        total.compactions_killed_deleting += c.compactions_killed_deleting;
         sim_time += o.sim_time;
     }
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.violation.is_some()).collect();

@@ -239,6 +239,8 @@ impl SimWorld {
             actor: actor.to_string(),
             plan: Arc::new(Mutex::new(plan)),
             crashed: Arc::new(AtomicBool::new(false)),
+            trip: Arc::new(Mutex::new(None)),
+            outage_trip: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -250,6 +252,11 @@ impl SimWorld {
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, _)| k.clone())
             .collect()
+    }
+
+    /// When the object at `key` was last written (the store's clock, Unix seconds).
+    pub fn modified_unix(&self, key: &str) -> Option<i64> {
+        self.lock().objects.get(key).map(|(_, t)| *t)
     }
 
     /// Fold an event into the trace hash (with names that differ from run
@@ -378,6 +385,10 @@ pub struct SimStore {
     actor: String,
     plan: Arc<Mutex<FaultPlan>>,
     crashed: Arc<AtomicBool>,
+    /// Crash as the n-th delete of a key containing the text is sent.
+    trip: Arc<Mutex<Option<(String, u64)>>>,
+    /// Lose the store (from that call on) as a PUT of a key containing the text is sent.
+    outage_trip: Arc<Mutex<Option<(String, Outage)>>>,
 }
 
 /// A call's drawn fate and timing.
@@ -417,6 +428,20 @@ impl SimStore {
 
     pub fn is_crashed(&self) -> bool {
         self.crashed.load(Ordering::SeqCst)
+    }
+
+    /// The process dies as it sends its `nth` (from 1) delete of a key
+    /// containing `contains`: that delete and every call in flight land or
+    /// not, as drawn for calls whose caller went away. `None` disarms.
+    pub fn crash_at_delete(&self, trip: Option<(&str, u64)>) {
+        *self.trip.lock().unwrap_or_else(|p| p.into_inner()) = trip.map(|(k, n)| (k.to_string(), n));
+    }
+
+    /// The actor loses the store as it sends its next PUT of a key
+    /// containing `contains`: that PUT and every call in the outage's
+    /// window (measured from that moment, its length the window's) fail.
+    pub fn outage_at_put(&self, contains: &str, outage: Outage) {
+        *self.outage_trip.lock().unwrap_or_else(|p| p.into_inner()) = Some((contains.to_string(), outage));
     }
 
     /// Replace the fault plan (e.g. a calm one for the final checks).
@@ -467,7 +492,36 @@ impl SimStore {
         if self.is_crashed() {
             return Err(StoreError::Permanent(format!("{what}: process crashed")));
         }
+        if matches!(op, SimOp::Put | SimOp::PutIfAbsent) {
+            let mut trip = self.outage_trip.lock().unwrap_or_else(|p| p.into_inner());
+            if trip.as_ref().is_some_and(|(c, _)| key.contains(c.as_str())) {
+                if let Some((_, o)) = trip.take() {
+                    let now = self.world.elapsed();
+                    let window = now..now + (o.window.end - o.window.start);
+                    self.world.trace(&format!(
+                        "{} cut off for {:?} (sending {op:?} {key})",
+                        self.actor,
+                        window.end - now
+                    ));
+                    self.add_outage(Outage { window, black_hole: o.black_hole });
+                }
+            }
+        }
         let plan = self.plan_call(op, key);
+        if op == SimOp::Delete {
+            let mut trip = self.trip.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((contains, n)) = trip.as_mut().filter(|(c, _)| key.contains(c.as_str())) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    let _ = contains;
+                    *trip = None;
+                    drop(trip);
+                    // Dies as the request leaves: it is in flight, like the others.
+                    self.crashed.store(true, Ordering::SeqCst);
+                    self.world.trace(&format!("{} store handle crashed (sending {op:?} {key})", self.actor));
+                }
+            }
+        }
         // Noted as an event of its own: calls that start in the same
         // instant are noted in the seed's order, not the order they started.
         let silent = match plan.fate {

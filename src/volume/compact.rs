@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::engine::read_snapshot;
 use super::format::{
     self, Checkpoint, ChunkRef, JournalRecord, SnapshotRecord, checkpoint_key, journal_key, parse_checkpoint_key,
     parse_chunk_key, parse_journal_key,
@@ -153,7 +154,21 @@ pub async fn compact(
     let (snapshots, unreadable) = list_snapshots(store, vol).await?;
     report.snapshots = snapshots.len() as u64;
     for snap in &snapshots {
-        let at = replay::replay(store.as_ref(), vol, cs, Some(snap.seq)).await?;
+        let at = match replay::replay(store.as_ref(), vol, cs, Some(snap.seq)).await {
+            Ok(at) if at.head == snap.seq => at,
+            // Deleted since it was listed, and another pass, which no longer
+            // saw it, folded past its seq: no damage. Stop without deleting
+            // anything (what this pass listed is out of date); the next pass
+            // does not see the snapshot.
+            Ok(_) | Err(VolumeError::Corrupt(_)) if snapshot_gone(store, vol, snap).await? => {
+                return Err(VolumeError::Store(StoreError::Transient(format!(
+                    "snapshot {} was deleted while this compaction ran; nothing done",
+                    snap.name
+                ))));
+            }
+            Ok(at) => at,
+            Err(e) => return Err(e),
+        };
         if at.head != snap.seq {
             return Err(VolumeError::Corrupt(format!(
                 "snapshot {} pins seq {}, but the journal replays only to {}",
@@ -251,6 +266,15 @@ pub async fn compact(
         "compacted"
     );
     Ok(report)
+}
+
+/// Is the snapshot `snap` (as listed) gone now, or another one under its name?
+async fn snapshot_gone(store: &DynStore, vol: &str, snap: &SnapshotRecord) -> VolumeResult<bool> {
+    match read_snapshot(store, vol, &snap.name).await {
+        Ok(now) => Ok(now.seq != snap.seq),
+        Err(VolumeError::NotFound(_)) => Ok(true),
+        Err(e) => Err(e),
+    }
 }
 
 /// The store's clock: the modification time it gives an object written
