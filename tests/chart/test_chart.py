@@ -128,6 +128,10 @@ def test_rbac_is_least_privilege():
     role = find(docs, "Role")[0]
     assert role["metadata"]["namespace"] == "kube-system"
     by_resource = {res: r["verbs"] for r in role["rules"] for res in r["resources"]}
+    # The compaction loop: PersistentVolumes watched and annotated, Events.
+    cluster = {(g, res): r["verbs"] for r in rules for g in r["apiGroups"] for res in r["resources"]}
+    assert {"get", "list", "watch", "patch"} <= set(cluster[("", "persistentvolumes")])
+    assert {"create", "patch"} <= set(cluster[("events.k8s.io", "events")])
     assert by_resource["secrets"] == ["get"], "secrets are read, never listed"
     assert {"get", "create", "update"} <= set(by_resource["leases"])
     node_sa = find(docs, "ServiceAccount", "node")[0]
