@@ -404,6 +404,11 @@ async fn stale_writer_is_fenced(store: DynStore) {
         Err(VolumeError::Fenced(_)) => {}
         other => panic!("a fenced writer must refuse reads, got {other:?}"),
     }
+    // The NBD server's read path.
+    match a.read_bytes(0, 21).await {
+        Err(VolumeError::Fenced(_)) => {}
+        other => panic!("a fenced writer must refuse reads (read_bytes), got {other:?}"),
+    }
     b.write(100, b"still live").await.expect("b write 2");
     b.flush().await.expect("b flush 2");
     drop((a, b));

@@ -651,6 +651,15 @@ impl Inner {
         }
     }
 
+    /// A fenced writer's memory holds writes that will never be committed:
+    /// answering reads from it would show data no one else ever sees.
+    fn check_not_fenced(&self) -> VolumeResult<()> {
+        match &self.lock().fenced {
+            Some(why) => Err(VolumeError::Fenced(why.clone())),
+            None => Ok(()),
+        }
+    }
+
     fn check_writable(&self) -> VolumeResult<()> {
         if self.opts.read_only {
             return Err(VolumeError::ReadOnly);

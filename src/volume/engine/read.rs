@@ -8,11 +8,7 @@ impl Volume {
     pub async fn read(&self, offset: u64, len: u64) -> VolumeResult<Vec<u8>> {
         let inner = &self.inner;
         inner.check_range(offset, len)?;
-        // A fenced writer's memory holds writes that will never be
-        // committed: answering from it would show data no one else sees.
-        if let Some(why) = &inner.lock().fenced {
-            return Err(VolumeError::Fenced(why.clone()));
-        }
+        inner.check_not_fenced()?;
         let mut out = vec![0u8; len as usize];
         let ps: Vec<Piece> = pieces(offset, len, inner.chunk_size).collect();
         let fetched: Vec<(Piece, Option<Bytes>)> = stream::iter(ps.into_iter().map(|p| async move {
@@ -36,6 +32,7 @@ impl Volume {
     pub async fn read_bytes(&self, offset: u64, len: u64) -> VolumeResult<Bytes> {
         let inner = &self.inner;
         inner.check_range(offset, len)?;
+        inner.check_not_fenced()?;
         let mut ps = pieces(offset, len, inner.chunk_size);
         if let (Some(p), None) = (ps.next(), ps.next()) {
             let data = {
@@ -137,6 +134,7 @@ impl Volume {
     pub async fn prefetch(&self, offset: u64, len: u64) -> VolumeResult<()> {
         let inner = &self.inner;
         inner.check_range(offset, len)?;
+        inner.check_not_fenced()?;
         for p in pieces(offset, len, inner.chunk_size) {
             let _g = inner.locks.lock(p.index).await;
             inner.chunk_bytes(p.index).await?;
