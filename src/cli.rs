@@ -707,6 +707,9 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
         }
         VolumeCmd::Snapshot { action: None, url, name } => {
             let (Some(url), Some(name)) = (url, name) else { bail!("usage: s3blk volume snapshot <URL> <NAME>") };
+            if name.starts_with("clone-") {
+                bail!("snapshot names starting with clone- are reserved for the pins that keep what clones read");
+            }
             let (loc, store) = connect(&url, g, true).await?;
             let rec = crate::volume::engine::snapshot_committed(&store, &loc.prefix, &name, &clock).await?;
             println!("snapshot {name} of {} pins journal seq {} ({})", loc.display(), rec.seq, format_size(rec.size));

@@ -489,6 +489,9 @@ fn snapshots_list_delete_and_clones_from_the_cli() {
     one_line_error(&s3blk(&[], &["volume", "clone", &format!("{v}@nope"), &path("c3")]), "nope");
     one_line_error(&s3blk(&[], &["volume", "clone", &v, &c1]), "already exists");
     one_line_error(&s3blk(&[], &["volume", "clone", &v, "s3://other/c"]), "in the store of");
+    // A refused clone onto an existing clone leaves that clone's pin alone.
+    one_line_error(&s3blk(&[], &["volume", "clone", &format!("{v}@s1"), &c1, "--size", "4KiB"]), "already exists");
+    one_line_error(&s3blk(&[], &["volume", "snapshot", &v, "clone-x"]), "reserved");
 
     ok(&s3blk(&[], &["volume", "snapshot", "delete", &v, "s1"]));
     let list = ok(&s3blk(&[], &["volume", "snapshot", "list", &v, "--json"]));
@@ -532,4 +535,31 @@ fn completions_manpage_and_help() {
     let (own, global) = help.split_once("Global options:").expect("a Global options heading");
     assert!(own.contains("--listen") && !own.contains("--retry-attempts"), "{help}");
     assert!(global.contains("--retry-attempts"), "{help}");
+}
+
+/// In a bucket, clones of one source may live under different prefixes;
+/// their pins and markers are named by the clone's last component, so a
+/// second clone of the same name is refused instead of sharing (and later
+/// deleting) the first one's pin.
+#[test]
+fn two_clones_of_one_name_never_share_a_pin() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let bucket = common::unique("clones");
+    let Some(_store) = rt.block_on(common::s3_raw_store(&bucket)) else { return };
+    let env = common::s3_env(&common::s3_endpoint().expect("endpoint"));
+    let golden = format!("s3://{bucket}/golden");
+    ok(&s3blk(&env, &["volume", "create", &golden, "--size", "1MiB", "--chunk-size", "64KiB"]));
+    ok(&s3blk(&env, &["volume", "snapshot", &golden, "v1"]));
+    ok(&s3blk(&env, &["volume", "clone", &format!("{golden}@v1"), &format!("s3://{bucket}/alice/root")]));
+    one_line_error(
+        &s3blk(&env, &["volume", "clone", &format!("{golden}@v1"), &format!("s3://{bucket}/bob/root")]),
+        "already has a clone named root",
+    );
+    one_line_error(
+        &s3blk(&env, &["volume", "clone", &golden, &format!("{golden}/snapshots")]),
+        "inside one another",
+    );
+    // The refusals wrote nothing: alice's clone still holds the source.
+    one_line_error(&s3blk(&env, &["volume", "delete", &golden]), "clones");
+    assert!(ok(&s3blk(&env, &["fsck", &format!("s3://{bucket}/alice/root")])).contains("clean"));
 }

@@ -510,7 +510,12 @@ pub async fn pin_snapshot_for(
 /// has the source's chunk size, and `size` (at least the source's size
 /// then; `None`: the same). The CLI's `volume clone`; the CSI controller
 /// takes the same steps in CreateVolume.
-#[allow(clippy::too_many_arguments)]
+///
+/// Everything that can be refused is checked before anything is written:
+/// the target exists, is inside or around the source, the source already
+/// has a clone of that name (pins and markers are named by the clone's last
+/// path component), the size is too small. A failure after that removes
+/// only the pin and marker this call wrote.
 pub async fn clone_volume(
     store: &DynStore,
     source: &str,
@@ -524,23 +529,52 @@ pub async fn clone_volume(
     if is_deleted(store, source).await? {
         return Err(CatalogError::BeingDeleted { volume: describe(store.as_ref(), source) });
     }
+    if clone.starts_with(source) || source.starts_with(clone) {
+        return Err(VolumeError::InvalidArgument(format!(
+            "{} and its clone cannot be inside one another",
+            describe(store.as_ref(), source)
+        ))
+        .into());
+    }
     check_name_free(store, clone).await?;
+    match replay::read_meta(store.as_ref(), clone).await {
+        Ok(_) => return Err(VolumeError::AlreadyExists(describe(store.as_ref(), clone)).into()),
+        Err(VolumeError::NotFound(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let marker = format::clone_marker_key(source, clone);
+    let pin_name = format::clone_pin_name(clone);
+    let pin_key = format::snapshot_key(source, &pin_name);
+    for key in [&marker, &pin_key] {
+        if store.head(key).await?.is_some() {
+            return Err(VolumeError::AlreadyExists(format!(
+                "{} already has a clone named {} ({key}); give the clone another name",
+                describe(store.as_ref(), source),
+                format::volume_name(clone)
+            ))
+            .into());
+        }
+    }
+    let wanted = match snapshot {
+        Some(name) => read_snapshot(store, source, name).await?.size,
+        None => current_size(store, source, &meta).await?,
+    };
+    if size.is_some_and(|s| s < wanted) {
+        return Err(VolumeError::InvalidArgument(format!(
+            "a clone cannot be smaller than its source ({wanted} bytes)"
+        ))
+        .into());
+    }
     let rec = match snapshot {
         Some(name) => {
             let snap = read_snapshot(store, source, name).await?;
             pin_snapshot_for(store, source, &snap, clone).await?
         }
-        None => super::engine::snapshot_committed(store, source, &format::clone_pin_name(clone), clock).await?,
+        None => super::engine::snapshot_committed(store, source, &pin_name, clock).await?,
     };
-    let size = size.unwrap_or(rec.size);
+    // From here on the pin is this call's (its name was free above).
     let created = async {
-        if size < rec.size {
-            return Err(VolumeError::InvalidArgument(format!(
-                "a clone cannot be smaller than its source ({} bytes)",
-                rec.size
-            ))
-            .into());
-        }
+        let size = size.unwrap_or(rec.size).max(rec.size);
         add_clone_marker(store, source, clone, clone_id, rec.seq).await?;
         let parent = format::ParentRef { volume: source.to_string(), snapshot: rec.name.clone(), seq: rec.seq };
         let opts = super::engine::CreateOptions {
