@@ -1181,11 +1181,28 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     let (taken_tx, mut taken_rx) = tokio::sync::watch::channel(None::<String>);
     let lost = held.as_ref().map(|l| l.lost());
+    let watched = export.volume.clone();
     tokio::spawn(async move {
         let lost = async {
             match lost {
                 Some(l) => l.await,
                 None => std::future::pending().await,
+            }
+        };
+        // A writer fenced by one that took no lease (a CSI node, another
+        // --takeover racing a renewal) stops too.
+        let fenced = async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Some(why) = watched.fenced() {
+                    break format!("this server was fenced ({why})");
+                }
+            }
+        };
+        let lost = async {
+            tokio::select! {
+                why = lost => why,
+                why = fenced => why,
             }
         };
         tokio::select! {

@@ -555,10 +555,7 @@ fn two_clones_of_one_name_never_share_a_pin() {
         &s3blk(&env, &["volume", "clone", &format!("{golden}@v1"), &format!("s3://{bucket}/bob/root")]),
         "already has a clone named root",
     );
-    one_line_error(
-        &s3blk(&env, &["volume", "clone", &golden, &format!("{golden}/snapshots")]),
-        "inside one another",
-    );
+    one_line_error(&s3blk(&env, &["volume", "clone", &golden, &format!("{golden}/snapshots")]), "inside one another");
     // The refusals wrote nothing: alice's clone still holds the source.
     one_line_error(&s3blk(&env, &["volume", "delete", &golden]), "clones");
     assert!(ok(&s3blk(&env, &["fsck", &format!("s3://{bucket}/alice/root")])).contains("clean"));

@@ -546,14 +546,19 @@ impl NodeService {
             );
         }
         let all: Vec<Staged> = self.staged.lock().await.drain().map(|(_, s)| s).collect();
-        for s in all {
+        // All at once: the grace period is shared by every staged volume.
+        let stops = all.into_iter().filter_map(|s| {
             // A volume that lost writes keeps its marker: the next process
             // reports it too, until NodeUnstage.
-            let Serving::Up(server) = s.serving else { continue };
-            if let Err(e) = self.stop(&s.record.volume_id, server).await {
-                tracing::error!(volume = %s.record.volume_id, error = %e, "stop failed");
-            }
-        }
+            let Serving::Up(server) = s.serving else { return None };
+            let id = s.record.volume_id;
+            Some(async move {
+                if let Err(e) = self.stop(&id, server).await {
+                    tracing::error!(volume = %id, error = %e, "stop failed");
+                }
+            })
+        });
+        futures::future::join_all(stops).await;
     }
 }
 

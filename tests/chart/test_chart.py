@@ -163,9 +163,9 @@ def test_operations_defaults():
     hook = node["lifecycle"]["preStop"]["exec"]["command"]
     assert hook[:2] == ["/usr/local/bin/s3blk", "csi-flush"]
     assert "--state-dir=/var/lib/s3blk" in hook
-    # The hook gives up before the kubelet's grace period runs out.
+    # The hook leaves half the grace period to the flush on SIGTERM.
     timeout = int(re.search(r"--timeout=(\d+)s", " ".join(hook)).group(1))
-    assert 0 < timeout < pod["terminationGracePeriodSeconds"]
+    assert 0 < timeout <= pod["terminationGracePeriodSeconds"] // 2
     # Both the controller's and every node's metrics have a Service.
     services = {s["metadata"]["name"]: s for s in find(docs, "Service")}
     assert services["s3blk-metrics"]["spec"]["selector"]["app.kubernetes.io/component"] == "controller"
@@ -196,7 +196,7 @@ MATRIX = [
     ({"node": {"updateStrategy": {"type": "OnDelete"}, "terminationGracePeriodSeconds": 900}},
      lambda d: find(d, "DaemonSet")[0]["spec"]["updateStrategy"] == {"type": "OnDelete"}
      and find(d, "DaemonSet")[0]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 900
-     and "--timeout=885s" in node_container(d)["lifecycle"]["preStop"]["exec"]["command"]),
+     and "--timeout=450s" in node_container(d)["lifecycle"]["preStop"]["exec"]["command"]),
     ({"controller": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": [{"matchExpressions": [{"key": "role", "operator": "In", "values": ["infra"]}]}]}}},
         "tolerations": [], "livenessPort": 19898}},
