@@ -30,6 +30,9 @@ pub struct S3Store {
     bucket: String,
     /// The custom endpoint, or AWS's: named in connection errors.
     endpoint: String,
+    /// The store has answered a call: missing credentials from now on are
+    /// a refresh that failed (retried), no longer a setup mistake.
+    answered: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// How the SDK computes request checksums (`S3BLK_S3_CHECKSUMS`).
@@ -106,7 +109,12 @@ impl S3Store {
                 .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
         }
         let endpoint = sdk.endpoint_url().map(str::to_string).unwrap_or_else(|| "AWS S3".to_string());
-        Ok(Self { client: Client::from_conf(conf.build()), bucket: bucket.to_string(), endpoint })
+        Ok(Self {
+            client: Client::from_conf(conf.build()),
+            bucket: bucket.to_string(),
+            endpoint,
+            answered: Default::default(),
+        })
     }
 
     pub fn client(&self) -> &Client {
@@ -135,6 +143,10 @@ fn causes(err: &(dyn std::error::Error + 'static)) -> String {
 }
 
 impl S3Store {
+    fn answered(&self) {
+        self.answered.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Map an SDK error to a store error, in the user's terms. Credentials
     /// never appear: only the status, the S3 error code and message.
     fn map_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
@@ -152,6 +164,11 @@ impl S3Store {
             let why = e.as_connector_error().map(|c| causes(c)).unwrap_or_else(|| "no detail".into());
             // No credentials is no network hiccup: retrying cannot help.
             let credentials = e.as_connector_error().is_some_and(|c| format!("{c:?}").contains("CredentialsNotLoaded"));
+            if credentials && self.answered.load(std::sync::atomic::Ordering::Relaxed) {
+                // Credentials that worked before and failed to refresh
+                // (an IMDS or STS hiccup): worth retrying.
+                return StoreError::Transient(format!("{what} {key}: refreshing the S3 credentials failed: {why}"));
+            }
             if credentials {
                 return StoreError::Permanent(format!(
                     "no S3 credentials found ({why}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, \
@@ -210,6 +227,7 @@ impl ObjectStore for S3Store {
             req = req.range(format!("bytes={}-{}", r.start, r.end - 1));
         }
         let out = req.send().await.map_err(|e| self.map_err("GET", key, e))?;
+        self.answered();
         let body =
             out.body.collect().await.map_err(|e| StoreError::Transient(format!("GET {key}: body cut short: {e}")))?;
         Ok(body.into_bytes())
@@ -221,6 +239,7 @@ impl ObjectStore for S3Store {
             req = req.if_none_match("*");
         }
         req.send().await.map_err(|e| self.map_err("PUT", key, e))?;
+        self.answered();
         Ok(())
     }
 
@@ -244,6 +263,7 @@ impl ObjectStore for S3Store {
             call = call.delimiter("/");
         }
         let out = call.send().await.map_err(|e| self.map_err("LIST", req.prefix, e))?;
+        self.answered();
         let objects: Vec<ObjectInfo> = out
             .contents()
             .iter()
