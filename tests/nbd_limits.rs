@@ -371,6 +371,13 @@ fn a_served_volume_is_not_taken_over_by_accident() {
     assert!(ok, "resize after the holder stopped: {out}{err}");
     let (ok, out, _) = s3blk_out(&["volume".as_ref(), "inspect".as_ref(), vol_os]);
     assert!(ok && out.contains("no live writer"), "{out}");
+    // A server killed outright leaves its lease behind; a restart on the
+    // same host sees its process is gone and starts at once.
+    let mut crashed = serve_on(dir.path(), "held", "crashed", &[]);
+    crashed.child.kill().expect("SIGKILL");
+    crashed.child.wait().expect("wait");
+    let mut restarted = serve_on(dir.path(), "held", "restarted", &[]);
+    restarted.stop();
 }
 
 fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {

@@ -136,7 +136,7 @@ pub async fn occupant(store: &DynStore, vol: &str, me: Option<u64>) -> VolumeRes
         // live (refusing is the safe side; --takeover overrides).
         let age_known = age.unwrap_or_default();
         let ttl = Duration::from_secs(holder.ttl_secs.max(1));
-        if Some(holder.token) != me && (age.is_none() || age_known < ttl) {
+        if Some(holder.token) != me && (age.is_none() || age_known < ttl) && !holder_is_gone(&holder) {
             return Ok(Some(Occupant::Lease { holder, age: age_known }));
         }
     }
@@ -268,6 +268,26 @@ async fn write(store: &DynStore, vol: &str, h: &Holder) -> VolumeResult<()> {
     let body = serde_json::to_vec(h).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
     store.put(&lease_key(vol), Bytes::from(body), PutMode::Overwrite).await?;
     Ok(())
+}
+
+/// A holder on this host whose process is gone (killed, crashed) holds
+/// nothing: a restart after a crash need not wait out the lease. Its pid is
+/// checked in /proc (the same pid as ours is a previous incarnation of this
+/// process, as in a restarted container, where both are often 1).
+fn holder_is_gone(h: &Holder) -> bool {
+    if h.host != hostname() {
+        return false;
+    }
+    if !std::path::Path::new("/proc/self").exists() {
+        return false;
+    }
+    if h.pid == std::process::id() {
+        return true;
+    }
+    match std::fs::read_to_string(format!("/proc/{}/comm", h.pid)) {
+        Ok(comm) => comm.trim() != "s3blk",
+        Err(_) => true,
+    }
 }
 
 fn hostname() -> String {
