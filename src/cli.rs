@@ -503,7 +503,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let (loc, store) = connect(&url, &g, true).await?;
             let show = !json && std::io::stderr().is_terminal();
             let progress = move |done: u64, total: u64| {
-                if show && (done % 64 == 0 || done == total) {
+                if show && (done.is_multiple_of(64) || done == total) {
                     eprint!("\rverifying chunks: {done}/{total}");
                     if done == total {
                         eprintln!();
@@ -880,10 +880,10 @@ async fn import(loc: &Location, store: DynStore, file: &str, a: ImportArgs, g: &
         .await
         .with_context(|| format!("cannot open {}", loc.display()))?
         .size();
-    if let Some(l) = input_len {
-        if l > vsize {
-            bail!("{file} has {l} bytes, more than the volume's {vsize}; grow it with `s3blk volume resize`");
-        }
+    if let Some(l) = input_len
+        && l > vsize
+    {
+        bail!("{file} has {l} bytes, more than the volume's {vsize}; grow it with `s3blk volume resize`");
     }
     let held = take_lease(&store, loc, "import", takeover, g).await?;
     let done = import_into(loc, store, file, input, input_len, g).await;

@@ -985,13 +985,13 @@ async fn writer_loop(ctx: Ctx, s: usize, name: String, vol: Volume, mut rng: Std
         if ctx.done() {
             return;
         }
-        if let Some((at, len)) = ctx.cfg.commit_outage {
-            if ctx.world.elapsed() >= at && !ctx.commit_outage_armed.swap(true, Ordering::SeqCst) {
-                if let Some(h) = lock(&ctx.handles).iter().rev().find(|h| h.actor() == name) {
-                    ctx.event(&format!("{name}: loses the store at its next journal record, for {len:?}"));
-                    h.outage_at_put("/journal/", Outage { window: Duration::ZERO..len, black_hole: true });
-                }
-            }
+        if let Some((at, len)) = ctx.cfg.commit_outage
+            && ctx.world.elapsed() >= at
+            && !ctx.commit_outage_armed.swap(true, Ordering::SeqCst)
+            && let Some(h) = lock(&ctx.handles).iter().rev().find(|h| h.actor() == name)
+        {
+            ctx.event(&format!("{name}: loses the store at its next journal record, for {len:?}"));
+            h.outage_at_put("/journal/", Outage { window: Duration::ZERO..len, black_hole: true });
         }
         if ctx.cfg.storm_at.is_some_and(|t| ctx.world.elapsed() >= t) && !ctx.stormed.swap(true, Ordering::SeqCst) {
             if storm(&ctx, s, &name, &vol, &mut rng).await {
@@ -2255,11 +2255,11 @@ async fn final_clones(ctx: &Ctx) {
                 ctx.oracle().violation("delete-at-quiescence", format!("{prefix}: {e}"));
                 return;
             }
-            if !late_writes_only(ctx, c, prefix) {
-                if let Some(left) = leftovers(ctx, prefix) {
-                    ctx.oracle().violation("delete-left-objects", left);
-                    return;
-                }
+            if !late_writes_only(ctx, c, prefix)
+                && let Some(left) = leftovers(ctx, prefix)
+            {
+                ctx.oracle().violation("delete-left-objects", left);
+                return;
             }
             continue;
         }

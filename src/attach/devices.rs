@@ -73,10 +73,10 @@ pub fn in_use(dev: &str) -> Option<String> {
     if std::fs::read_dir(sys.join("holders")).is_ok_and(|mut d| d.next().is_some()) {
         return Some("another block device is stacked on it (holders)".into());
     }
-    if let Some(dev_t) = std::fs::read_to_string(sys.join("dev")).ok().map(|s| s.trim().to_string()) {
-        if mounted(&dev_t) {
-            return Some(format!("a filesystem on it is still mounted ({dev_t})"));
-        }
+    if let Some(dev_t) = std::fs::read_to_string(sys.join("dev")).ok().map(|s| s.trim().to_string())
+        && mounted(&dev_t)
+    {
+        return Some(format!("a filesystem on it is still mounted ({dev_t})"));
     }
     None
 }

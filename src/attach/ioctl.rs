@@ -80,7 +80,7 @@ impl Link {
 /// the socket and the device configuration; the device shows its size a
 /// moment later, when `NBD_DO_IT` has started in the link's thread.
 pub fn attach(dev: &str, conn: &Connected) -> Result<Link, SetupError> {
-    if conn.size % BLOCK_SIZE != 0 {
+    if !conn.size.is_multiple_of(BLOCK_SIZE) {
         return Err(SetupError::Failed(io::Error::other(format!(
             "export size {} is not a multiple of {BLOCK_SIZE}",
             conn.size

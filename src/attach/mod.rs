@@ -275,15 +275,16 @@ impl Attacher {
                 // the ioctls do not, so check first: a filesystem mounted in
                 // another mount namespace, or a stacked device, holds the
                 // device exclusively.
-                if probe && matches!(route, Route::Ioctl) {
-                    if let Err(e) = devices::claim_probe(dev) {
-                        if e.raw_os_error() == Some(libc::EBUSY) {
-                            busy += 1;
-                            tracing::debug!(device = %dev, "held exclusively (mounted elsewhere?): skipped");
-                            continue;
-                        }
-                        return Err(AttachError::Ioctl(dev.clone(), e));
+                if probe
+                    && matches!(route, Route::Ioctl)
+                    && let Err(e) = devices::claim_probe(dev)
+                {
+                    if e.raw_os_error() == Some(libc::EBUSY) {
+                        busy += 1;
+                        tracing::debug!(device = %dev, "held exclusively (mounted elsewhere?): skipped");
+                        continue;
                     }
+                    return Err(AttachError::Ioctl(dev.clone(), e));
                 }
                 match connect_device(&mut route, dev, &conn)? {
                     Connect::Netlink => return Ok((lock, dev.clone(), None)),
@@ -438,10 +439,10 @@ impl Attacher {
         let device = dev.to_string();
         let work = move || -> Result<(), (Option<ioctl::Link>, AttachError)> {
             if let Some(link) = link {
-                if !link.is_finished() {
-                    if let Err(e) = ioctl::disconnect(&device) {
-                        return Err((Some(link), AttachError::Ioctl(device, e)));
-                    }
+                if !link.is_finished()
+                    && let Err(e) = ioctl::disconnect(&device)
+                {
+                    return Err((Some(link), AttachError::Ioctl(device, e)));
                 }
                 // NBD_DO_IT returns once the connection is shut down.
                 if let Err(e) = link.join() {

@@ -138,10 +138,11 @@ impl AuthorityRewriter {
                 (CONTINUATION, None) => return Err(RewriteError::Protocol("continuation without headers")),
                 _ => out.extend_from_slice(&self.input[frame.clone()]),
             }
-            if matches!(kind, HEADERS | CONTINUATION) && flags & END_HEADERS != 0 {
-                if let Some(b) = self.open.take() {
-                    self.emit(b, out)?;
-                }
+            if matches!(kind, HEADERS | CONTINUATION)
+                && flags & END_HEADERS != 0
+                && let Some(b) = self.open.take()
+            {
+                self.emit(b, out)?;
             }
             used = frame.end;
         }

@@ -593,10 +593,10 @@ impl pb::controller_server::Controller for ControllerService {
         };
         let minimum = source.as_ref().map(|(_, r)| r.size).unwrap_or(0);
         let size = size_for(req.capacity_range.as_ref(), chunk as u64, minimum)?;
-        if let Some((_, rec)) = &source {
-            if size < rec.size {
-                return Err(Status::out_of_range("the source is larger than the requested capacity"));
-            }
+        if let Some((_, rec)) = &source
+            && size < rec.size
+        {
+            return Err(Status::out_of_range("the source is larger than the requested capacity"));
         }
         // The parent names the pin that keeps what the new volume reads
         // (for a restore, a pin of its own beside the user's snapshot).
@@ -757,13 +757,13 @@ impl pb::controller_server::Controller for ControllerService {
                 )));
             }
         } else {
-            if let Some(writer) = existing.iter().find(|a| !a.readonly) {
-                if !readonly {
-                    return Err(Status::failed_precondition(format!(
-                        "volume is published read-write to node {}; it has one writer at a time",
-                        writer.node_id
-                    )));
-                }
+            if let Some(writer) = existing.iter().find(|a| !a.readonly)
+                && !readonly
+            {
+                return Err(Status::failed_precondition(format!(
+                    "volume is published read-write to node {}; it has one writer at a time",
+                    writer.node_id
+                )));
             }
             if !readonly && !existing.is_empty() {
                 return Err(Status::failed_precondition("volume is published read-only elsewhere"));

@@ -219,11 +219,9 @@ async fn mount_staged(
     let mut flags = user_flags;
     flags.extend(mount::stage_options(fs, readonly));
     mount::mount(device, staging, Some(fs), &flags).await.map_err(internal)?;
-    if !readonly {
-        if let Err(e) = mount::grow_filesystem(device, staging, fs).await {
-            let _ = mount::umount(staging).await;
-            return Err(internal(e));
-        }
+    if !readonly && let Err(e) = mount::grow_filesystem(device, staging, fs).await {
+        let _ = mount::umount(staging).await;
+        return Err(internal(e));
     }
     Ok(())
 }
@@ -730,14 +728,14 @@ impl pb::node_server::Node for NodeService {
             // Commit every acknowledged write before anything is let go:
             // while that fails the volume stays served and attached, and
             // kubelet retries.
-            if !volume.is_read_only() {
-                if let Err(e) = volume.flush().await {
-                    tracing::error!(volume = %req.volume_id, error = %e, "unstage: committing the volume failed");
-                    return Err(Status::unavailable(format!(
-                        "cannot commit the volume's acknowledged writes to the store ({e}); it stays staged and \
+            if !volume.is_read_only()
+                && let Err(e) = volume.flush().await
+            {
+                tracing::error!(volume = %req.volume_id, error = %e, "unstage: committing the volume failed");
+                return Err(Status::unavailable(format!(
+                    "cannot commit the volume's acknowledged writes to the store ({e}); it stays staged and \
                          attached until they are committed"
-                    )));
-                }
+                )));
             }
         }
         if let Some(r) = &record {
@@ -753,10 +751,10 @@ impl pb::node_server::Node for NodeService {
                 self.attacher.detach(&r.device).await.map_err(attach_err)?;
             }
         }
-        if let Some(s) = self.staged.lock().await.remove(&req.volume_id) {
-            if let Serving::Up(server) = s.serving {
-                self.stop(&req.volume_id, server).await?;
-            }
+        if let Some(s) = self.staged.lock().await.remove(&req.volume_id)
+            && let Serving::Up(server) = s.serving
+        {
+            self.stop(&req.volume_id, server).await?;
         }
         if let Some(r) = &record {
             let _ = std::fs::remove_file(&r.socket);

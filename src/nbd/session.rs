@@ -507,10 +507,11 @@ where
     let result = loop {
         let mut hdr = [0u8; proto::REQUEST_HEADER_LEN];
         while tasks.try_join_next().is_some() {}
-        if let Some(p) = poller.as_mut() {
-            if rd.buffer().is_empty() && tasks.is_empty() {
-                p.wait();
-            }
+        if let Some(p) = poller.as_mut()
+            && rd.buffer().is_empty()
+            && tasks.is_empty()
+        {
+            p.wait();
         }
         tokio::select! {
             r = rd.read_exact(&mut hdr) => {
@@ -576,29 +577,31 @@ where
         }
         // Reads of bytes in memory and writes within one already-dirty
         // chunk are answered on the spot: no task, no chunk lock.
-        if req.kind == proto::CMD_READ && req.length <= proto::MAX_PAYLOAD && flags_ok(&req) {
-            if let Some(data) = export.volume.read_now(req.offset, req.length as u64) {
-                send_read(&wr, req, data, structured, permit).await;
-                continue;
-            }
+        if req.kind == proto::CMD_READ
+            && req.length <= proto::MAX_PAYLOAD
+            && flags_ok(&req)
+            && let Some(data) = export.volume.read_now(req.offset, req.length as u64)
+        {
+            send_read(&wr, req, data, structured, permit).await;
+            continue;
         }
-        if let (proto::CMD_WRITE, Some(data), false) = (req.kind, &payload, export.read_only) {
-            if req.flags == 0 {
-                let now = match export.write_begins() {
-                    Ok(guard) => export.volume.write_now(req.offset, data).map(|r| (r, guard)),
-                    Err((errno, _)) => {
-                        wr.simple(errno, req.handle, Some(permit)).await;
-                        continue;
-                    }
-                };
-                if let Some((r, guard)) = now {
-                    drop(guard);
-                    match r {
-                        Ok(()) => wr.simple(0, req.handle, Some(permit)).await,
-                        Err(e) => wr.simple(nbd_errno(&e), req.handle, Some(permit)).await,
-                    }
+        if let (proto::CMD_WRITE, Some(data), false) = (req.kind, &payload, export.read_only)
+            && req.flags == 0
+        {
+            let now = match export.write_begins() {
+                Ok(guard) => export.volume.write_now(req.offset, data).map(|r| (r, guard)),
+                Err((errno, _)) => {
+                    wr.simple(errno, req.handle, Some(permit)).await;
                     continue;
                 }
+            };
+            if let Some((r, guard)) = now {
+                drop(guard);
+                match r {
+                    Ok(()) => wr.simple(0, req.handle, Some(permit)).await,
+                    Err(e) => wr.simple(nbd_errno(&e), req.handle, Some(permit)).await,
+                }
+                continue;
             }
         }
         let (export, wr) = (export.clone(), wr.clone());
@@ -615,10 +618,10 @@ where
         tasks.spawn(work);
     };
     while tasks.join_next().await.is_some() {}
-    if !export.read_only {
-        if let Err(e) = export.flush().await {
-            tracing::warn!(error = %e, "flush at disconnect failed");
-        }
+    if !export.read_only
+        && let Err(e) = export.flush().await
+    {
+        tracing::warn!(error = %e, "flush at disconnect failed");
     }
     drop(wr);
     let _ = writer.await;

@@ -96,10 +96,10 @@ pub(crate) fn list_sorted<'k>(
         if !key.starts_with(req.prefix) {
             continue;
         }
-        if let Some(after) = req.start_after {
-            if key <= after {
-                continue;
-            }
+        if let Some(after) = req.start_after
+            && key <= after
+        {
+            continue;
         }
         if req.delimiter {
             let rest = &key[req.prefix.len()..];

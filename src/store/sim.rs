@@ -494,17 +494,13 @@ impl SimStore {
         }
         if matches!(op, SimOp::Put | SimOp::PutIfAbsent) {
             let mut trip = self.outage_trip.lock().unwrap_or_else(|p| p.into_inner());
-            if trip.as_ref().is_some_and(|(c, _)| key.contains(c.as_str())) {
-                if let Some((_, o)) = trip.take() {
-                    let now = self.world.elapsed();
-                    let window = now..now + (o.window.end - o.window.start);
-                    self.world.trace(&format!(
-                        "{} cut off for {:?} (sending {op:?} {key})",
-                        self.actor,
-                        window.end - now
-                    ));
-                    self.add_outage(Outage { window, black_hole: o.black_hole });
-                }
+            if trip.as_ref().is_some_and(|(c, _)| key.contains(c.as_str()))
+                && let Some((_, o)) = trip.take()
+            {
+                let now = self.world.elapsed();
+                let window = now..now + (o.window.end - o.window.start);
+                self.world.trace(&format!("{} cut off for {:?} (sending {op:?} {key})", self.actor, window.end - now));
+                self.add_outage(Outage { window, black_hole: o.black_hole });
             }
         }
         let plan = self.plan_call(op, key);

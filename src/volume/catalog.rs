@@ -317,10 +317,10 @@ pub async fn current_size(store: &DynStore, vol: &str, meta: &format::VolumeMeta
         .iter()
         .filter_map(|o| format::parse_journal_key(vol, &o.key))
         .max();
-    if let Some(seq) = head {
-        if let Some((rec, _)) = replay::read_record(store.as_ref(), vol, seq).await? {
-            return Ok(rec.size);
-        }
+    if let Some(seq) = head
+        && let Some((rec, _)) = replay::read_record(store.as_ref(), vol, seq).await?
+    {
+        return Ok(rec.size);
     }
     let cp = store::list_all(store.as_ref(), &format::checkpoint_prefix(vol))
         .await?
@@ -590,10 +590,9 @@ pub async fn clone_volume(
     // won a race: the pin and marker are then that clone's.
     if let Err(e) = &created
         && !matches!(e, CatalogError::Volume(VolumeError::AlreadyExists(_)))
+        && let Err(e) = release_source(store, source, clone).await
     {
-        if let Err(e) = release_source(store, source, clone).await {
-            tracing::warn!(volume = %describe(store.as_ref(), source), error = %e, "releasing a failed clone's pin");
-        }
+        tracing::warn!(volume = %describe(store.as_ref(), source), error = %e, "releasing a failed clone's pin");
     }
     created
 }
@@ -674,10 +673,10 @@ pub async fn delete_volume(
     if !tombstoned && !has_meta {
         return Err(CatalogError::NotAVolume { volume, objects: objects.len() });
     }
-    if on_dependants != OnDependants::Break {
-        if let Some(a) = attachments(store, vol).await?.first() {
-            return Err(CatalogError::Published { volume, node: a.node_id.clone() });
-        }
+    if on_dependants != OnDependants::Break
+        && let Some(a) = attachments(store, vol).await?.first()
+    {
+        return Err(CatalogError::Published { volume, node: a.node_id.clone() });
     }
     let clones: Vec<String> =
         objects.iter().filter_map(|o| json_in(o.key.strip_prefix(vol)?, "clones/").map(str::to_string)).collect();

@@ -248,7 +248,7 @@ pub fn check_chunk_size(cs: u32) -> Result<(), String> {
 }
 
 pub fn check_size(size: u64) -> Result<(), String> {
-    if size == 0 || size % BLOCK_SIZE as u64 != 0 || size > MAX_VOLUME_SIZE {
+    if size == 0 || !size.is_multiple_of(BLOCK_SIZE as u64) || size > MAX_VOLUME_SIZE {
         return Err(format!("size {size} must be a non-zero multiple of {BLOCK_SIZE} bytes, at most 1 EiB"));
     }
     Ok(())

@@ -36,10 +36,10 @@ impl Drop for ChunkGuard<'_> {
         // Release the lock first; then the table's own reference is the only
         // one left exactly when nobody else holds or waits for this chunk.
         self.guard = None;
-        if let Some(m) = t.get(&self.index) {
-            if Arc::strong_count(m) == 1 {
-                t.remove(&self.index);
-            }
+        if let Some(m) = t.get(&self.index)
+            && Arc::strong_count(m) == 1
+        {
+            t.remove(&self.index);
         }
     }
 }

@@ -77,12 +77,11 @@ impl Inner {
     pub(super) fn apply_commit(&self, rec: &JournalRecord, bytes: Bytes) {
         let mut st = self.lock();
         for (index, r) in &rec.chunks {
-            if st.staged.get(index).is_some_and(|s| s.r == *r) {
-                if let Some(s) = st.staged.remove(index) {
-                    if let (Some(d), false) = (s.data, st.slots.contains_key(index)) {
-                        st.clean.insert(*index, d);
-                    }
-                }
+            if st.staged.get(index).is_some_and(|s| s.r == *r)
+                && let Some(s) = st.staged.remove(index)
+                && let (Some(d), false) = (s.data, st.slots.contains_key(index))
+            {
+                st.clean.insert(*index, d);
             }
             st.map.insert(*index, *r);
         }

@@ -130,10 +130,10 @@ impl PageBuf {
 impl DirtyData {
     /// Turn pages over an unread base into the whole chunk, given the base.
     pub fn materialize(&mut self, base: Option<&[u8]>) {
-        if let DirtyData::Pages(_) = self {
-            if let DirtyData::Pages(pb) = std::mem::replace(self, DirtyData::Zero) {
-                *self = DirtyData::Data(Arc::new(pb.merged(base)));
-            }
+        if let DirtyData::Pages(_) = self
+            && let DirtyData::Pages(pb) = std::mem::replace(self, DirtyData::Zero)
+        {
+            *self = DirtyData::Data(Arc::new(pb.merged(base)));
         }
     }
 
@@ -168,7 +168,7 @@ impl DirtyData {
             }
             (DirtyData::Data(v), Some(d)) => Arc::make_mut(v)[p.at..p.at + p.len].copy_from_slice(d),
             (DirtyData::Pages(pb), data) => {
-                if p.at % PAGE != 0 || p.len % PAGE != 0 {
+                if !p.at.is_multiple_of(PAGE) || !p.len.is_multiple_of(PAGE) {
                     return false;
                 }
                 pb.write(p.at, p.len, data);

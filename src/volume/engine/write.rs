@@ -48,7 +48,7 @@ impl Volume {
     /// whole chunk becomes the chunk's dirty buffer without a copy.
     pub async fn write_vec(&self, offset: u64, data: Vec<u8>) -> VolumeResult<()> {
         let cs = self.inner.chunk_size;
-        if offset % cs != 0 || data.len() as u64 != cs {
+        if !offset.is_multiple_of(cs) || data.len() as u64 != cs {
             return self.write(offset, &data).await;
         }
         self.inner.check_writable()?;
@@ -135,7 +135,7 @@ impl Inner {
         let permit = self.acquire_dirty_permit(vol).await?;
         let mut slot_data = if full {
             DirtyData::Zero
-        } else if p.at % PAGE == 0 && p.len % PAGE == 0 {
+        } else if p.at.is_multiple_of(PAGE) && p.len.is_multiple_of(PAGE) {
             DirtyData::Pages(PageBuf::new(self.chunk_size))
         } else {
             match self.chunk_bytes(p.index).await? {
