@@ -141,8 +141,13 @@ fn delete_object(root: &Path, path: &Path) -> io::Result<()> {
         }
         dir = d.parent().map(Path::to_path_buf);
     }
-    if let Some(d) = path.parent().filter(|d| d.is_dir()) {
-        fsync_dir(d)?;
+    // The directory that held the name, unless a concurrent delete removed
+    // it meanwhile (then there is nothing left to make durable).
+    if let Some(d) = path.parent() {
+        match fsync_dir(d) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            r => r?,
+        }
     }
     Ok(())
 }

@@ -478,11 +478,12 @@ bucket_keys() {
   fi
   printf '%s\n' "$out" | sed -n 's/.*"key":"\([^"]*\)".*/\1/p'
 }
-# Keys of volumes (everything but the store marker at the store root).
+# Keys of volumes: everything but the store's own records at its root (the
+# store marker, and the node records each node plugin writes at start-up).
 volume_keys() {
   local keys
   keys=$(bucket_keys) || return 1
-  printf '%s\n' "$keys" | grep -vx -e "$store_marker" -e '' || true
+  printf '%s\n' "$keys" | grep -vx -e "$store_marker" -e '' | grep -v "^$store_prefix/\.s3blk-nodes/" || true
 }
 volume_prefix() { # pvc: the volume's prefix in the bucket
   local handle
