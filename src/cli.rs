@@ -1156,6 +1156,8 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
         ),
         unflushed: None,
     });
+    // Before the first line that tells anyone the server is up.
+    let signals = wait_for_signal();
     println!(
         "serving {} ({}{}) on {}, export \"{export_name}\"",
         loc.display(),
@@ -1180,6 +1182,7 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
     let _ = std::io::stdout().flush();
     let (tx, rx) = tokio::sync::watch::channel(false);
     let (taken_tx, mut taken_rx) = tokio::sync::watch::channel(None::<String>);
+    let signalled = signals;
     let lost = held.as_ref().map(|l| l.lost());
     let watched = export.volume.clone();
     tokio::spawn(async move {
@@ -1206,7 +1209,7 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
             }
         };
         tokio::select! {
-            _ = wait_for_signal() => tracing::info!("signal received, shutting down"),
+            _ = signalled => tracing::info!("signal received, shutting down"),
             why = lost => {
                 // Another writer took the volume over: stop serving rather
                 // than answer from memory that will never be committed.
@@ -1229,17 +1232,25 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// SIGTERM or SIGINT. The handlers are installed when this is called, not
+/// when the future is first polled: a signal that arrives right after the
+/// server says it is serving must find them in place (the default action
+/// would kill the process without its final flush).
+fn wait_for_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
