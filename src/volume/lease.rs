@@ -112,20 +112,30 @@ async fn read_lease(store: &DynStore, vol: &str) -> VolumeResult<Option<(Holder,
         .list(crate::store::ListRequest { prefix: &key, start_after: None, delimiter: false, max_keys: 1 })
         .await?;
     let Some(info) = page.objects.into_iter().find(|o| o.key == key) else { return Ok(None) };
-    let body = match store.get(&key, None).await {
-        Ok(b) => b,
-        Err(StoreError::NotFound(_)) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    let Ok(holder) = serde_json::from_slice::<Holder>(&body) else {
-        tracing::warn!(key = %key, "unreadable lease object; treated as no lease");
-        return Ok(None);
-    };
+    let Some(holder) = read_holder(store, vol).await? else { return Ok(None) };
     let age = match (info.modified_unix, store_now(store, vol).await?) {
         (Some(m), Some(now)) => Some(Duration::from_secs(now.saturating_sub(m).max(0) as u64)),
         _ => None,
     };
     Ok(Some((holder, age)))
+}
+
+/// Who the lease object names, without its age: what the holder itself
+/// needs to see whether it still holds it (one GET, no clock probe).
+async fn read_holder(store: &DynStore, vol: &str) -> VolumeResult<Option<Holder>> {
+    let key = lease_key(vol);
+    let body = match store.get(&key, None).await {
+        Ok(b) => b,
+        Err(StoreError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    match serde_json::from_slice::<Holder>(&body) {
+        Ok(h) => Ok(Some(h)),
+        Err(_) => {
+            tracing::warn!(key = %key, "unreadable lease object; treated as no lease");
+            Ok(None)
+        }
+    }
 }
 
 /// Who, besides `me`, writes the volume now: a live lease or a CSI
@@ -199,8 +209,8 @@ impl Lease {
                     _ = tokio::time::sleep(every) => {}
                     _ = stop_rx.changed() => return,
                 }
-                match read_lease(&s, &v).await {
-                    Ok(Some((other, _))) if other.token != h.token => {
+                match read_holder(&s, &v).await {
+                    Ok(Some(other)) if other.token != h.token => {
                         let why = format!("the writer lease was taken over by {other}");
                         tracing::error!(volume = %v, "{why}");
                         let _ = lost_tx.send(Some(why));
@@ -234,8 +244,8 @@ impl Lease {
         if let Some(r) = self.renewer.take() {
             let _ = r.await;
         }
-        match read_lease(&self.store, &self.vol).await {
-            Ok(Some((h, _))) if h.token == self.holder.token => {
+        match read_holder(&self.store, &self.vol).await {
+            Ok(Some(h)) if h.token == self.holder.token => {
                 if let Err(e) = self.store.delete(&lease_key(&self.vol)).await {
                     tracing::warn!(volume = %self.vol, error = %e, "cannot remove the writer lease; it expires by itself");
                 }
