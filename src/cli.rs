@@ -53,8 +53,16 @@ struct Global {
     /// (folds the journal, deletes unreferenced chunk generations; 0 = never).
     #[arg(long, global = true, env = "S3BLK_COMPACT_INTERVAL", default_value = "1h", value_parser = parse_duration)]
     compact_interval: Duration,
-    /// Compaction leaves objects younger than this alone.
-    #[arg(long, global = true, env = "S3BLK_COMPACT_SAFETY_AGE", default_value = "5m", value_parser = parse_duration)]
+    /// Compaction (`compact`, and the compaction `serve` and the CSI
+    /// controller run) leaves objects younger than this alone (e.g. 300, 90s, 5m, 1h).
+    #[arg(
+        long,
+        global = true,
+        visible_alias = "safety-age",
+        env = "S3BLK_COMPACT_SAFETY_AGE",
+        default_value = "5m",
+        value_parser = parse_duration
+    )]
     compact_safety_age: Duration,
     /// Writers: a commit is sent only while its oldest chunk upload is
     /// younger than this; then it is abandoned and its chunks uploaded
@@ -141,13 +149,11 @@ enum Command {
     Volume(VolumeCmd),
     /// Fold the journal into a checkpoint and delete chunk generations,
     /// journal records and checkpoints nothing references any more. Safe
-    /// while a writer is live: nothing younger than --safety-age is touched.
+    /// while a writer is live: nothing younger than --compact-safety-age (alias
+    /// --safety-age) is touched.
     Compact {
         /// The volume: s3://bucket/prefix/name, file:///dir/name or a directory path.
         url: String,
-        /// Leave objects younger than this alone (e.g. 300, 90s, 5m, 1h).
-        #[arg(long, default_value = "5m", value_parser = parse_duration)]
-        safety_age: Duration,
         /// Report what would be deleted, delete nothing.
         #[arg(long)]
         dry_run: bool,
@@ -462,7 +468,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Volume(cmd) => volume_cmd(cmd, &g).await,
-        Command::Compact { url, safety_age, dry_run, json } => {
+        Command::Compact { url, dry_run, json } => {
+            let safety_age = g.compact_safety_age;
             warn_short_safety_age(safety_age);
             let (loc, store) = connect(&url, &g, true).await?;
             let opts = compact::CompactOptions { safety_age, dry_run, ..compact::CompactOptions::default() };

@@ -535,6 +535,12 @@ fn completions_manpage_and_help() {
     let (own, global) = help.split_once("Global options:").expect("a Global options heading");
     assert!(own.contains("--listen") && !own.contains("--retry-attempts"), "{help}");
     assert!(global.contains("--retry-attempts"), "{help}");
+    // `compact` has one safety-age option (the global one, also spelt
+    // --safety-age), and both spellings reach it.
+    let help = ok(&s3blk(&[], &["compact", "--help"]));
+    assert_eq!(help.matches("safety-age <").count(), 1, "{help}");
+    let err = s3blk(&[], &["compact", "/nonexistent-s3blk-volume", "--compact-safety-age", "5 days"]);
+    assert!(!err.status.success() && String::from_utf8_lossy(&err.stderr).contains("5 days"), "{err:?}");
 }
 
 /// In a bucket, clones of one source may live under different prefixes;
@@ -559,4 +565,46 @@ fn two_clones_of_one_name_never_share_a_pin() {
     // The refusals wrote nothing: alice's clone still holds the source.
     one_line_error(&s3blk(&env, &["volume", "delete", &golden]), "clones");
     assert!(ok(&s3blk(&env, &["fsck", &format!("s3://{bucket}/alice/root")])).contains("clean"));
+}
+
+/// README's two set-up commands share one build: the test build (which
+/// built this test) also built every unit `cargo run -- serve` needs, so a
+/// fresh clone compiles once. Cargo reports each unit it would use as fresh;
+/// the first one it has to compile fails the test (it is killed then, not
+/// left compiling the tree).
+#[test]
+fn readme_commands_share_one_build() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let quick = readme.split("## Quick start").nth(1).expect("a Quick start section");
+    let quick = quick.split("\n## ").next().unwrap_or(quick);
+    let commands: Vec<&str> =
+        quick.split("```sh\n").skip(1).filter_map(|b| b.split("```").next()).map(str::trim).collect();
+    assert_eq!(commands, ["cargo run -- serve ./demo-volume --create --size 1GiB", "./tests/run.sh"], "{quick}");
+
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = Command::new(cargo)
+        .args(["build", "--offline", "--bin", "s3blk", "--message-format=json"])
+        .current_dir(root)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run cargo build");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut units = 0;
+    let mut stale = None;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line.expect("read cargo output")) else { continue };
+        if msg["reason"] == "compiler-artifact" {
+            units += 1;
+            if msg["fresh"] != true {
+                stale = Some(msg["package_id"].to_string());
+                let _ = child.kill();
+                break;
+            }
+        }
+    }
+    let status = child.wait().expect("cargo build");
+    assert_eq!(stale, None, "`cargo run` would compile again what the test build compiled");
+    assert!(status.success() && units > 100, "cargo build: {status:?}, {units} units");
 }
