@@ -449,6 +449,149 @@ check "PVC data reports 2Gi" pvc_size_is data 2Gi
 check "filesystem grew to 2Gi" df_grew grown 1900000
 delete pod grown
 
+section "compaction is visible in Kubernetes"
+# The controller compacts each PV's volume in one replica (the Lease holder)
+# and reports it on the PV: an Event and the s3blk.io annotations.
+lease=csi-s3blk-dev-compaction
+pv_annotation() { # pv key
+  kubectl get pv "$1" -o jsonpath="{.metadata.annotations.${2//./\\.}}"
+}
+compacted_event() { # pvc [seconds]
+  local pv i
+  pv=$(pv_of "$1")
+  for ((i = 0; i < ${2:-300}; i += 5)); do
+    if kubectl get events --field-selector "involvedObject.kind=PersistentVolume,involvedObject.name=$pv,reason=Compacted" \
+      -o name | grep -q .; then
+      kubectl get events --field-selector "involvedObject.name=$pv" | tail -n 3
+      return 0
+    fi
+    sleep 5
+  done
+  echo "no Compacted event on $pv ($1); its events and annotations:" >&2
+  kubectl get events --field-selector "involvedObject.name=$pv" >&2 || true
+  kubectl get pv "$pv" -o jsonpath='{.metadata.annotations}' >&2 || true
+  return 1
+}
+compaction_annotated() { # pvc
+  local pv last result
+  pv=$(pv_of "$1")
+  last=$(pv_annotation "$pv" s3blk.io/last-compaction)
+  result=$(pv_annotation "$pv" s3blk.io/last-compaction-result)
+  echo "$pv: last compaction ${last:-none}, result ${result:-none}"
+  [ -n "$last" ] && [ -n "$result" ] && [[ $result != failed* ]]
+}
+check "Compacted event on data's PV" compacted_event data
+check "data's PV carries the last compaction and its result" compaction_annotated data
+
+section "a second StorageClass in another bucket"
+bucket2=volumes-other
+run mc mb "local/$bucket2"
+if [ "$dry" = 0 ]; then
+  secret=$(kubectl get sc s3blk -o jsonpath='{.parameters.csi\.storage\.k8s\.io/provisioner-secret-name}')
+else
+  secret="<the chart's secret>"
+fi
+apply <<YAML
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: s3blk-other}
+provisioner: csi.s3blk.dev
+allowVolumeExpansion: true
+volumeBindingMode: Immediate
+parameters:
+  bucket: $bucket2
+  prefix: other
+  csi.storage.k8s.io/fstype: ext4
+  csi.storage.k8s.io/provisioner-secret-name: $(yq "$secret")
+  csi.storage.k8s.io/provisioner-secret-namespace: $ns
+  csi.storage.k8s.io/controller-publish-secret-name: $(yq "$secret")
+  csi.storage.k8s.io/controller-publish-secret-namespace: $ns
+  csi.storage.k8s.io/node-stage-secret-name: $(yq "$secret")
+  csi.storage.k8s.io/node-stage-secret-namespace: $ns
+  csi.storage.k8s.io/controller-expand-secret-name: $(yq "$secret")
+  csi.storage.k8s.io/controller-expand-secret-namespace: $ns
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: other}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: s3blk-other
+  volumeMode: Filesystem
+  resources: {requests: {storage: 1Gi}}
+YAML
+pod otherw "${workers[0]}" other fs "head -c $((mib << 20)) /dev/urandom > /data/random && sync && sha256sum /data/random && exec sleep 3600"
+check "write to a volume in $bucket2" pod_logged otherw
+in_bucket2() {
+  local keys
+  keys=$(mc ls --recursive "local/$bucket2") || return 1
+  printf '%s\n' "$keys" | grep -q 'volume.json' || { echo "no volume.json in $bucket2: $keys" >&2; return 1; }
+}
+check "the volume lives in $bucket2" in_bucket2
+check "the second StorageClass's volume is compacted (Event)" compacted_event other
+check "its PV carries the compaction annotations" compaction_annotated other
+
+section "node plugin restart under a mounted volume"
+# The node plugin is restarted (its pod deleted; the DaemonSet makes a new
+# one) while otherw keeps its filesystem mounted: the volume is served again
+# and the pod reads and writes on as before.
+node_plugin_pod() { # node
+  kubectl -n "$ns" get pods -l app.kubernetes.io/component=node --field-selector "spec.nodeName=$1" \
+    -o jsonpath='{.items[0].metadata.name}'
+}
+node_plugin_ready() { # node old-pod-name
+  local p i
+  for ((i = 0; i < 180; i += 3)); do
+    p=$(node_plugin_pod "$1" 2>/dev/null || true)
+    if [ -n "$p" ] && [ "$p" != "$2" ] \
+      && kubectl -n "$ns" get pod "$p" -o jsonpath='{.status.containerStatuses[*].ready}' | grep -q true \
+      && ! kubectl -n "$ns" get pod "$p" -o jsonpath='{.status.containerStatuses[*].ready}' | grep -q false; then
+      echo "node plugin on $1: $p"
+      return 0
+    fi
+    sleep 3
+  done
+  echo "no new ready node plugin on $1 (old: $2)" >&2
+  return 1
+}
+io_goes_on() { # pod
+  local sum
+  sum=$(kubectl exec "$1" -- sh -c 'echo after-restart > /data/after && sync && cat /data/after && sha256sum /data/random') || return 1
+  echo "$sum"
+  printf '%s\n' "$sum" | grep -qx after-restart && [ "$(printf '%s\n' "$sum" | tail -n 1 | cut -d' ' -f1)" = "${sums[$1]}" ]
+}
+if [ "$dry" = 0 ]; then old_node_pod=$(node_plugin_pod "${workers[0]}"); else old_node_pod="<node plugin pod>"; fi
+run kubectl -n "$ns" delete pod "$old_node_pod" --wait --timeout=300s
+check "a new node plugin on ${workers[0]} is ready" node_plugin_ready "${workers[0]}" "$old_node_pod"
+check "the mounted volume reads its data and takes writes after the restart" io_goes_on otherw
+
+section "compaction leader failover"
+lease_holder() { kubectl -n "$ns" get lease "$lease" -o jsonpath='{.spec.holderIdentity}'; }
+new_leader_compacts() { # old-holder pvc since
+  local holder pv last i
+  pv=$(pv_of "$2")
+  for ((i = 0; i < 300; i += 5)); do
+    holder=$(lease_holder || true)
+    last=$(pv_annotation "$pv" s3blk.io/last-compaction)
+    if [ -n "$holder" ] && [ "$holder" != "$1" ] && [[ $last > $3 ]]; then
+      echo "Lease $lease now held by $holder; $pv last compacted $last"
+      return 0
+    fi
+    sleep 5
+  done
+  echo "after deleting the leader: holder ${holder:-none} (was $1), $pv last compacted ${last:-never} (before: $3)" >&2
+  return 1
+}
+if [ "$dry" = 0 ]; then
+  leader=$(lease_holder)
+  before=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+else
+  leader="<pod>_<id>" before="<now>"
+fi
+# The holder identity is the pod name, an underscore and a random part.
+run kubectl -n "$ns" delete pod "${leader%_*}" --wait --timeout=180s
+check "another replica takes the Lease and compacts" new_leader_compacts "$leader" data "$before"
+
 section "snapshot, restore, clone"
 apply <<YAML
 apiVersion: snapshot.storage.k8s.io/v1
@@ -540,6 +683,21 @@ check "deleted parent volume is tombstoned" tombstoned "$data_prefix"
 delete pvc raw restored cloned
 for pv in "${dependants_pv[@]}"; do pv_gone "$pv"; done
 check "bucket holds nothing but the store marker" bucket_empty
+if [ "$dry" = 0 ]; then other_pv=$(pv_of other); else other_pv="<other's PV>"; fi
+delete pod otherw
+delete pvc other
+pv_gone "$other_pv"
+bucket2_empty() {
+  local left="" i
+  for ((i = 0; i < 180; i += 10)); do
+    left=$(mc ls --recursive "local/$bucket2" | grep -v -e '\.s3blk-store\.json$' || true)
+    [ -z "$left" ] && return 0
+    sleep 10
+  done
+  echo "left in $bucket2: $left" >&2
+  return 1
+}
+check "$bucket2 holds nothing but its store marker" bucket2_empty
 
 finished=1
 summary
