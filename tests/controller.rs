@@ -632,29 +632,38 @@ async fn the_election_loop_runs_the_work_in_one_replica_and_fails_over() {
     let active = Arc::new(AtomicUsize::new(0));
     let most = Arc::new(AtomicUsize::new(0));
     let started: Arc<Mutex<Vec<&'static str>>> = Arc::default();
-    let replica = |name: &'static str| {
+    let replica = |name: &'static str, stop: tokio::sync::oneshot::Receiver<()>| {
         let (client, _task) = server.client();
         let (active, most, started) = (active.clone(), most.clone(), started.clone());
-        tokio::spawn(elect_and_run(lock(client, name), move || {
-            let (active, most, started) = (active.clone(), most.clone(), started.clone());
-            async move {
-                struct Running(Arc<AtomicUsize>);
-                impl Drop for Running {
-                    fn drop(&mut self) {
-                        self.0.fetch_sub(1, Ordering::SeqCst);
+        let stop = async move {
+            let _ = stop.await;
+        };
+        tokio::spawn(elect_and_run(
+            lock(client, name),
+            move || {
+                let (active, most, started) = (active.clone(), most.clone(), started.clone());
+                async move {
+                    struct Running(Arc<AtomicUsize>);
+                    impl Drop for Running {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, Ordering::SeqCst);
+                        }
                     }
+                    let n = active.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(n, Ordering::SeqCst);
+                    started.lock().expect("lock").push(name);
+                    let _running = Running(active);
+                    std::future::pending::<()>().await
                 }
-                let n = active.fetch_add(1, Ordering::SeqCst) + 1;
-                most.fetch_max(n, Ordering::SeqCst);
-                started.lock().expect("lock").push(name);
-                let _running = Running(active);
-                std::future::pending::<()>().await
-            }
-        }))
+            },
+            stop,
+        ))
     };
-    let a = replica("replica-a");
+    let (_stop_a, stop) = tokio::sync::oneshot::channel();
+    let a = replica("replica-a", stop);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let b = replica("replica-b");
+    let (stop_b, stop) = tokio::sync::oneshot::channel();
+    let b = replica("replica-b", stop);
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(*started.lock().expect("lock"), ["replica-a"]);
     assert_eq!(active.load(Ordering::SeqCst), 1);
@@ -673,7 +682,27 @@ async fn the_election_loop_runs_the_work_in_one_replica_and_fails_over() {
     assert_eq!(active.load(Ordering::SeqCst), 1);
     assert_eq!(server.holder().as_deref(), Some("replica-b"));
     assert!(s3blk::metrics::render().contains("\ns3blk_compaction_leader 1\n"));
-    b.abort();
+
+    // B shuts down gracefully: its work stops, the Lease is handed back,
+    // and a third replica leads at its next round, not a lease duration later.
+    let (_stop_c, stop) = tokio::sync::oneshot::channel();
+    let c = replica("replica-c", stop);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(server.holder().as_deref(), Some("replica-b"));
+    let _ = stop_b.send(());
+    let asked = Instant::now();
+    b.await.expect("b's election loop ends after its stop");
+    assert_eq!(active.load(Ordering::SeqCst), 0, "b's work stopped before its loop ended");
+    assert_eq!(server.holder(), None, "the Lease was handed back");
+    while started.lock().expect("lock").len() < 3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(asked.elapsed() < Duration::from_secs(30), "no takeover");
+    }
+    let took = asked.elapsed();
+    assert!(took <= timing().retry_period + Duration::from_millis(500), "took over {took:?} after a graceful stop");
+    assert_eq!(*started.lock().expect("lock"), ["replica-a", "replica-b", "replica-c"]);
+    assert_eq!(most.load(Ordering::SeqCst), 1, "never two replicas at once");
+    c.abort();
 }
 
 // ------------------------------------------------------------ choosing the mode

@@ -147,6 +147,31 @@ impl LeaseLock {
         }
     }
 
+    /// Hand the Lease back at a graceful shutdown, so another replica takes
+    /// over at its next round instead of after a whole lease duration: the
+    /// holder is cleared, conditional on the record still being ours as
+    /// read. True when it was released; false when it was not ours (any
+    /// more) or another write won.
+    pub async fn release(&mut self) -> Result<bool, kube::Error> {
+        self.renewed = None;
+        let Some(mut current) = self.api.get_opt(&self.name).await? else { return Ok(false) };
+        let s = current.spec.get_or_insert_with(LeaseSpec::default);
+        if s.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Ok(false);
+        }
+        s.holder_identity = None;
+        s.renew_time = Some(MicroTime(Timestamp::now()));
+        s.lease_duration_seconds = Some(1);
+        match self.api.replace(&self.name, &PostParams::default(), &current).await {
+            Ok(_) => {
+                tracing::info!(lease = %self.name, identity = %self.identity, "released the lease");
+                Ok(true)
+            }
+            Err(e) if is_conflict(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn create(&mut self, now: Instant) -> Result<Round, kube::Error> {
         let wall = MicroTime(Timestamp::now());
         let lease = Lease {

@@ -95,14 +95,18 @@ impl Drop for Leading {
     }
 }
 
-/// Run the election forever: while this replica leads, `work()` runs; when
-/// it stops leading (another holder, or no renewal within the renew
-/// deadline), or this loop is dropped, the work is aborted.
-pub async fn elect_and_run<F, Fut>(mut lock: LeaseLock, mut work: F)
+/// Run the election until `shutdown` completes: while this replica leads,
+/// `work()` runs; when it stops leading (another holder, or no renewal
+/// within the renew deadline), or this loop is dropped, the work is
+/// aborted. When `shutdown` completes (a graceful shutdown), the work is
+/// stopped first and then the Lease handed back, so another replica takes
+/// over within a retry period.
+pub async fn elect_and_run<F, Fut>(mut lock: LeaseLock, mut work: F, shutdown: impl Future<Output = ()>)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let mut shutdown = std::pin::pin!(shutdown);
     let timing = lock.timing();
     let mut running: Option<Leading> = None;
     let stop = |running: &mut Option<Leading>, why: &str| {
@@ -137,7 +141,22 @@ where
                 }
             }
         }
-        tokio::time::sleep(timing.retry_period).await;
+        tokio::select! {
+            _ = tokio::time::sleep(timing.retry_period) => {}
+            _ = &mut shutdown => break,
+        }
+    }
+    if let Some(mut leading) = running.take() {
+        leading.0.abort();
+        let _ = (&mut leading.0).await;
+        crate::metrics::set("s3blk_compaction_leader", "", 0.0);
+    }
+    match tokio::time::timeout(timing.retry_period * 2, lock.release()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not release the lease; another replica takes over once it expires")
+        }
+        Err(_) => tracing::warn!("releasing the lease timed out; another replica takes over once it expires"),
     }
 }
 
@@ -197,8 +216,9 @@ pub fn first_backoff(interval: Duration) -> Duration {
     (interval / 60).clamp(Duration::from_secs(10), Duration::from_secs(300)).min(interval.max(Duration::from_secs(1)))
 }
 
-/// Kubernetes mode: elect, and lead while elected. Runs until dropped.
-pub async fn run(client: kube::Client, stores: Arc<Stores>, s: KubeSettings) {
+/// Kubernetes mode: elect, and lead while elected, until `stop` completes
+/// (then the Lease is handed back) or this future is dropped.
+pub async fn run(client: kube::Client, stores: Arc<Stores>, s: KubeSettings, stop: impl Future<Output = ()>) {
     let name = lease_name(&s.driver_name);
     let namespace = client.default_namespace().to_string();
     tracing::info!(
@@ -209,7 +229,7 @@ pub async fn run(client: kube::Client, stores: Arc<Stores>, s: KubeSettings) {
         "compaction mode: kubernetes (PersistentVolumes of this driver, one replica at a time)"
     );
     let lock = LeaseLock::new(Api::<Lease>::namespaced(client.clone(), &namespace), &name, &s.identity, s.lease);
-    elect_and_run(lock, move || lead(client.clone(), stores.clone(), s.clone())).await
+    elect_and_run(lock, move || lead(client.clone(), stores.clone(), s.clone()), stop).await
 }
 
 #[cfg(test)]

@@ -193,7 +193,7 @@ pub async fn run(
         m.abort();
     }
     if let Some(c) = compactor {
-        c.abort();
+        c.stop().await;
     }
     if let Some(r) = registration {
         r.abort();
@@ -208,7 +208,7 @@ async fn start_compaction(
     cfg: &CsiConfig,
     ccfg: &ControllerConfig,
     stores: &Arc<Stores>,
-) -> Result<Option<tokio::task::JoinHandle<()>>, CsiError> {
+) -> Result<Option<Compactor>, CsiError> {
     if cfg.compact_interval.is_zero() || cfg.compaction == CompactionMode::Off {
         tracing::info!("compaction mode: off");
         return Ok(None);
@@ -240,7 +240,12 @@ async fn start_compaction(
             lease: Default::default(),
             identity: controller::default_identity(),
         };
-        return Ok(Some(tokio::spawn(controller::run(client, stores.clone(), settings))));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stopped = async move {
+            let _ = stopped.await;
+        };
+        let task = tokio::spawn(controller::run(client, stores.clone(), settings, stopped));
+        return Ok(Some(Compactor { task, stop: Some(stop) }));
     }
     let Some(root) = &cfg.default_store else {
         tracing::info!("compaction mode: off (store mode needs --store)");
@@ -248,7 +253,29 @@ async fn start_compaction(
     };
     tracing::info!(store = %root.url(), interval_seconds = cfg.compact_interval.as_secs(), "compaction mode: store (every replica compacts every volume under --store)");
     let svc = ControllerService::new(ccfg.clone(), stores.clone());
-    Ok(Some(tokio::spawn(compaction_loop(svc, opts, cfg.compact_interval))))
+    Ok(Some(Compactor { task: tokio::spawn(compaction_loop(svc, opts, cfg.compact_interval)), stop: None }))
+}
+
+/// The compaction task, and (Kubernetes mode) how to stop it gracefully.
+struct Compactor {
+    task: tokio::task::JoinHandle<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Compactor {
+    /// At shutdown: in Kubernetes mode stop the work and hand the Lease to
+    /// another replica (bounded wait); a pass over `--store` is aborted.
+    async fn stop(mut self) {
+        match self.stop.take() {
+            Some(stop) => {
+                let _ = stop.send(());
+                if tokio::time::timeout(std::time::Duration::from_secs(10), &mut self.task).await.is_err() {
+                    self.task.abort();
+                }
+            }
+            None => self.task.abort(),
+        }
+    }
 }
 
 /// The compaction reconcile loop: a pass over every volume each interval
