@@ -747,6 +747,32 @@ async fn creating_twice_is_refused() {
     ));
 }
 
+/// A deleted volume kept only for a clone that reads through it takes no
+/// writer: writes acknowledged into it would vanish when the clone goes
+/// and the reaper finishes the delete. Reading it stays possible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_volume_kept_for_its_clones_takes_no_writer() {
+    use s3blk::volume::catalog;
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let clock = s3blk::clock::SystemClock;
+    create(&store, "parent/", 4 * CS as u64).await;
+    let v = open(&store, "parent/").await;
+    v.write(0, &[7u8; 4096]).await.expect("write");
+    v.flush().await.expect("flush");
+    drop(v);
+    catalog::clone_volume(&store, "parent/", None, "child/", "child", None, &clock).await.expect("clone");
+    let out = catalog::delete_volume(&store, "parent/", catalog::OnDependants::Keep, &clock).await.expect("delete");
+    assert!(matches!(out, catalog::DeleteOutcome::Kept), "{out:?}");
+    match Volume::open(store.clone(), "parent/", OpenOptions::default()).await {
+        Err(VolumeError::NotFound(msg)) => assert!(msg.contains("was deleted"), "{msg}"),
+        other => panic!("a writer opened a deleted volume: {:?}", other.map(|_| ())),
+    }
+    let ro = open_ro(&store, "parent/").await;
+    assert_eq!(ro.read(0, 4096).await.expect("read")[..], [7u8; 4096][..]);
+    let child = open(&store, "child/").await;
+    assert_eq!(child.read(0, 4096).await.expect("read child")[..], [7u8; 4096][..]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_fencing_and_an_unreachable_store() {
     let rig = FaultRig::new();

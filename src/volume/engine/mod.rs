@@ -586,6 +586,15 @@ async fn open_for_write(
     writer: u64,
     now: i64,
 ) -> VolumeResult<()> {
+    // A deleted volume kept behind its tombstone for the snapshots or clones
+    // that read through it: whatever a writer acknowledged there would go
+    // with the rest once the reaper finishes the delete.
+    if store.head(&crate::volume::catalog::tombstone_key(vol)).await?.is_some() {
+        return Err(VolumeError::NotFound(format!(
+            "volume {vol} was deleted (its objects are kept only for the snapshots or clones that read through it); \
+             it can be read, not written"
+        )));
+    }
     let chunk_size = meta.chunk_size as u64;
     for _ in 0..32 {
         let seq = st.head + 1;
