@@ -4,7 +4,7 @@
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use crate::store::retry::{RetryPolicy, RetryStore};
+use crate::store::retry::RetryPolicy;
 use crate::store::{DynStore, StoreError, local::LocalStore, s3::S3Store};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,7 +173,7 @@ async fn open(spec: &StoreSpec, policy: RetryPolicy, create: bool) -> Result<Dyn
         StoreSpec::Local { root } => Arc::new(LocalStore::new(root)?),
         StoreSpec::Memory => Arc::new(crate::store::memory::MemoryStore::new()),
     };
-    Ok(Arc::new(RetryStore::new(base, policy)))
+    Ok(crate::store::layered(base, policy))
 }
 
 #[cfg(test)]

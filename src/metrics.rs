@@ -1,78 +1,461 @@
-//! Prometheus metrics: a small registry of counters and an HTTP endpoint
-//! (`/metrics`, `/healthz`) on its own port.
+//! Prometheus metrics: one process-wide registry (`prometheus-client`) and
+//! the HTTP endpoint (`/metrics`, `/healthz`) on its own port.
 //!
-//! Counters are keyed by name and label set; they sit on paths that are
-//! slow anyway (store calls, commits, CSI RPCs), never on the per-request
-//! NBD path.
+//! What is measured where:
+//! - store calls: [`crate::store::metered`], a wrapper around the store
+//!   (each attempt below the retry wrapper, each call's outcome above it);
+//! - per volume ([`VolumeMetrics`], one per open [`crate::volume::Volume`]):
+//!   commit latency, commits, fencing, NBD request latency by command, and
+//!   the engine's figures (dirty and cached bytes, staged chunks, journal
+//!   records since the last checkpoint), read from the engine at scrape
+//!   time by a collector, so the write path pays nothing for them;
+//! - the CSI RPCs and compaction, where they happen.
+//!
+//! The `volume` label is the volume's prefix in its store (`k8s/pvc-1`,
+//! `demo-volume`). A node serves a handful of volumes, so per-volume series
+//! are cheap there; the series of a volume go away when its last open
+//! handle in the process closes.
+//!
+//! Counters are registered without their `_total` suffix: the encoder adds
+//! it. The exposition is the Prometheus text format 0.0.4 (what the
+//! endpoint has always served; every Prometheus version reads it).
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-static COUNTERS: Mutex<BTreeMap<(&'static str, String), f64>> = Mutex::new(BTreeMap::new());
-
-const HELP: &[(&str, &str)] = &[
-    ("s3blk_store_requests_total", "Store calls by operation (each attempt)."),
-    ("s3blk_store_retries_total", "Store calls retried after a transient failure."),
-    ("s3blk_store_failures_total", "Store calls that failed after all retries or permanently."),
-    ("s3blk_commits_total", "Journal records committed."),
-    ("s3blk_commit_seconds_total", "Time spent in commits (flushes)."),
-    ("s3blk_fenced_total", "Writers that found themselves fenced."),
-    ("s3blk_csi_requests_total", "CSI RPCs by method."),
-    ("s3blk_compactions_total", "Volume compactions completed."),
-    ("s3blk_compaction_deleted_chunks_total", "Chunk objects deleted by compaction."),
-    ("s3blk_compaction_failures_total", "Volume compactions that failed (retried next pass)."),
-    (
-        "s3blk_volume_compactions_total",
-        "Compactions of PersistentVolumes' volumes by outcome (changed, unchanged, failed).",
-    ),
-    (
-        "s3blk_compaction_freed_bytes_total",
-        "Bytes of chunk objects deleted by compactions of PersistentVolumes' volumes.",
-    ),
-    ("s3blk_compaction_fenced_writers_total", "Compactions that found journal records of a fenced writer."),
-];
-
-/// Gauges: set, not added to.
-const GAUGE_HELP: &[(&str, &str)] = &[
-    ("s3blk_orphan_volumes", "Volumes under --store that no PersistentVolume names (last scan)."),
-    ("s3blk_compaction_leader", "1 while this replica holds the compaction Lease, else 0."),
-];
-
-/// Add `v` to a counter. `labels` is a Prometheus label body, e.g. `op="GET"`.
-pub fn add(name: &'static str, labels: &str, v: f64) {
-    let mut c = COUNTERS.lock().unwrap_or_else(|p| p.into_inner());
-    *c.entry((name, labels.to_string())).or_insert(0.0) += v;
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: &'static str,
 }
 
-pub fn inc(name: &'static str, labels: &str) {
-    add(name, labels, 1.0);
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpOutcomeLabels {
+    pub op: &'static str,
+    pub outcome: &'static str,
 }
 
-/// Set a gauge (one listed in `GAUGE_HELP`).
-pub fn set(name: &'static str, labels: &str, v: f64) {
-    let mut c = COUNTERS.lock().unwrap_or_else(|p| p.into_inner());
-    c.insert((name, labels.to_string()), v);
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VolumeLabels {
+    pub volume: String,
 }
 
-/// The text exposition format.
-pub fn render() -> String {
-    let c = COUNTERS.lock().unwrap_or_else(|p| p.into_inner());
-    let mut out = String::new();
-    let typed = HELP.iter().map(|(n, h)| (n, h, "counter")).chain(GAUGE_HELP.iter().map(|(n, h)| (n, h, "gauge")));
-    for (name, help, kind) in typed {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for ((n, labels), v) in c.iter().filter(|((n, _), _)| n == name) {
-            if labels.is_empty() {
-                out.push_str(&format!("{n} {v}\n"));
-            } else {
-                out.push_str(&format!("{n}{{{labels}}} {v}\n"));
-            }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabels {
+    pub volume: String,
+    pub command: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CompactionLabels {
+    pub volume: String,
+    pub outcome: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Store calls. No `volume` label: a store is shared by every volume under
+/// its bucket (the CSI plugins cache one per bucket and credentials), and
+/// the controller's compaction touches every volume of the driver, where
+/// `op × outcome × buckets × volumes` histogram series would grow with the
+/// cluster. Per-volume latency is visible in the commit and NBD histograms.
+#[derive(Debug, Clone)]
+pub struct StoreMetrics {
+    /// Each attempt, by operation.
+    pub requests: Family<OpLabels, Counter>,
+    /// Attempts after a call's first, by operation.
+    pub retries: Family<OpLabels, Counter>,
+    /// Calls that failed after all retries or permanently.
+    pub failures: Family<OpLabels, Counter>,
+    /// The latency of each attempt, by operation and outcome.
+    pub request_seconds: HistogramFamily<OpOutcomeLabels>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CompactionMetrics {
+    pub compactions: Counter,
+    pub deleted_chunks: Counter,
+    pub failures: Counter,
+    pub unreadable_snapshots: Counter,
+    /// Compactions of PersistentVolumes' volumes, by volume and outcome:
+    /// one compaction per volume per interval, three outcomes, no
+    /// histogram, so per-volume series stay few even with many volumes.
+    pub volume_compactions: Family<CompactionLabels, Counter>,
+    pub freed_bytes: Family<VolumeLabels, Counter>,
+    pub fenced_writers: Family<VolumeLabels, Counter>,
+    pub orphan_volumes: Gauge,
+    pub leader: Gauge,
+}
+
+/// Every metric of the process.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub store: StoreMetrics,
+    pub compaction: CompactionMetrics,
+    pub csi_requests: Family<MethodLabels, Counter>,
+    commits: Family<VolumeLabels, Counter>,
+    commit_seconds: HistogramFamily<VolumeLabels>,
+    fenced: Family<VolumeLabels, Counter>,
+    nbd_seconds: HistogramFamily<CommandLabels>,
+    volumes: Arc<OpenVolumes>,
+}
+
+fn store_latency() -> Histogram {
+    // 1 ms .. 33 s: a first byte from S3 takes tens of milliseconds, an
+    // attempt is abandoned after its timeout (30 s by default).
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+fn commit_latency() -> Histogram {
+    // 5 ms .. 10 s: one journal PUT at best, many chunk uploads at worst.
+    Histogram::new(exponential_buckets(0.005, 2.0, 12))
+}
+
+fn nbd_latency() -> Histogram {
+    // 50 µs (a write into memory) .. 27 s (a flush behind a slow store).
+    Histogram::new(exponential_buckets(0.00005, 3.0, 14))
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut r = Registry::default();
+        let store = StoreMetrics {
+            requests: Family::default(),
+            retries: Family::default(),
+            failures: Family::default(),
+            request_seconds: Family::new_with_constructor(store_latency),
+        };
+        r.register("s3blk_store_requests", "Store calls by operation (each attempt)", store.requests.clone());
+        r.register("s3blk_store_retries", "Store calls retried after a transient failure", store.retries.clone());
+        r.register(
+            "s3blk_store_failures",
+            "Store calls that failed after all retries or permanently",
+            store.failures.clone(),
+        );
+        r.register(
+            "s3blk_store_request_duration_seconds",
+            "Latency of each store attempt by operation and outcome (ok, not_found, exists, transient, permanent, abandoned)",
+            store.request_seconds.clone(),
+        );
+        let commits = Family::default();
+        let commit_seconds: HistogramFamily<VolumeLabels> = Family::new_with_constructor(commit_latency);
+        let fenced = Family::default();
+        let nbd_seconds: HistogramFamily<CommandLabels> = Family::new_with_constructor(nbd_latency);
+        r.register("s3blk_commits", "Journal records committed", commits.clone());
+        r.register(
+            "s3blk_commit_duration_seconds",
+            "Time a commit (flush) took: uploading dirty chunks, the journal PUT and its proof",
+            commit_seconds.clone(),
+        );
+        r.register("s3blk_fenced", "Writers that found themselves fenced", fenced.clone());
+        r.register(
+            "s3blk_nbd_request_duration_seconds",
+            "NBD requests by command: from the request fully received to its reply queued",
+            nbd_seconds.clone(),
+        );
+        let csi_requests = Family::default();
+        r.register("s3blk_csi_requests", "CSI RPCs by method", csi_requests.clone());
+        let compaction = CompactionMetrics {
+            compactions: Counter::default(),
+            deleted_chunks: Counter::default(),
+            failures: Counter::default(),
+            unreadable_snapshots: Counter::default(),
+            volume_compactions: Family::default(),
+            freed_bytes: Family::default(),
+            fenced_writers: Family::default(),
+            orphan_volumes: Gauge::default(),
+            leader: Gauge::default(),
+        };
+        let c = &compaction;
+        r.register("s3blk_compactions", "Volume compactions completed", c.compactions.clone());
+        r.register("s3blk_compaction_deleted_chunks", "Chunk objects deleted by compaction", c.deleted_chunks.clone());
+        r.register(
+            "s3blk_compaction_failures",
+            "Volume compactions that failed (retried next pass)",
+            c.failures.clone(),
+        );
+        r.register(
+            "s3blk_compaction_unreadable_snapshots",
+            "Snapshot records compaction could not read (it deletes nothing of their volume then)",
+            c.unreadable_snapshots.clone(),
+        );
+        r.register(
+            "s3blk_volume_compactions",
+            "Compactions of PersistentVolumes' volumes by outcome (changed, unchanged, failed)",
+            c.volume_compactions.clone(),
+        );
+        r.register(
+            "s3blk_compaction_freed_bytes",
+            "Bytes of chunk objects deleted by compactions of PersistentVolumes' volumes",
+            c.freed_bytes.clone(),
+        );
+        r.register(
+            "s3blk_compaction_fenced_writers",
+            "Compactions that found journal records of a fenced writer",
+            c.fenced_writers.clone(),
+        );
+        r.register(
+            "s3blk_orphan_volumes",
+            "Volumes under --store that no PersistentVolume names (last scan)",
+            c.orphan_volumes.clone(),
+        );
+        r.register("s3blk_compaction_leader", "1 while this replica holds the compaction Lease, else 0", c.leader.clone());
+        let volumes = Arc::new(OpenVolumes::default());
+        r.register_collector(Box::new(volumes.clone()));
+        Self { registry: r, store, compaction, csi_requests, commits, commit_seconds, fenced, nbd_seconds, volumes }
+    }
+
+    /// The metrics of one open volume; see [`VolumeMetrics`].
+    pub fn volume(&'static self, prefix: &str, figures: Weak<dyn VolumeFigures>) -> VolumeMetrics {
+        let volume = volume_label(prefix);
+        let labels = VolumeLabels { volume: volume.clone() };
+        let nbd = NbdCommand::ALL.map(|c| {
+            self.nbd_seconds.get_or_create_owned(&CommandLabels { volume: volume.clone(), command: c.label() })
+        });
+        let m = VolumeMetrics {
+            commits: self.commits.get_or_create_owned(&labels),
+            commit_seconds: self.commit_seconds.get_or_create_owned(&labels),
+            fenced: self.fenced.get_or_create_owned(&labels),
+            nbd,
+            volume,
+            metrics: self,
+        };
+        self.volumes.open(&m.volume, figures);
+        m
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail; an encoder error would be a
+        // bug in a collector, and a partial page is the most useful answer.
+        if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+
+    /// Drop the series of a volume no handle of this process has open.
+    fn forget_volume(&self, volume: &str) {
+        let labels = VolumeLabels { volume: volume.to_string() };
+        self.commits.remove(&labels);
+        self.commit_seconds.remove(&labels);
+        self.fenced.remove(&labels);
+        for c in NbdCommand::ALL {
+            self.nbd_seconds.remove(&CommandLabels { volume: volume.to_string(), command: c.label() });
         }
     }
-    out
+}
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// The text exposition of [`global`].
+pub fn render() -> String {
+    global().render()
+}
+
+/// The `volume` label of the volume under `prefix`.
+pub fn volume_label(prefix: &str) -> String {
+    prefix.trim_end_matches('/').to_string()
+}
+
+/// NBD commands, as labelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdCommand {
+    Read,
+    Write,
+    Flush,
+    Trim,
+    WriteZeroes,
+    Cache,
+    BlockStatus,
+    Other,
+}
+
+impl NbdCommand {
+    pub const ALL: [NbdCommand; 8] = [
+        NbdCommand::Read,
+        NbdCommand::Write,
+        NbdCommand::Flush,
+        NbdCommand::Trim,
+        NbdCommand::WriteZeroes,
+        NbdCommand::Cache,
+        NbdCommand::BlockStatus,
+        NbdCommand::Other,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            NbdCommand::Read => "read",
+            NbdCommand::Write => "write",
+            NbdCommand::Flush => "flush",
+            NbdCommand::Trim => "trim",
+            NbdCommand::WriteZeroes => "write_zeroes",
+            NbdCommand::Cache => "cache",
+            NbdCommand::BlockStatus => "block_status",
+            NbdCommand::Other => "other",
+        }
+    }
+}
+
+/// The figures of an open volume, read at scrape time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Figures {
+    /// Chunks written in memory and not uploaded yet, in bytes (whole
+    /// chunks: the unit the dirty limit counts).
+    pub dirty_bytes: u64,
+    /// Clean chunk bytes cached for reads.
+    pub cache_bytes: u64,
+    /// Chunks uploaded that no commit refers to yet.
+    pub staged_chunks: u64,
+    /// Journal records since the newest checkpoint this handle knows of.
+    pub journal_records: u64,
+}
+
+/// Something whose [`Figures`] can be read (an open volume).
+pub trait VolumeFigures: Send + Sync {
+    fn figures(&self) -> Figures;
+}
+
+/// The metrics of one open volume: handles resolved once, so recording a
+/// request is an atomic add or a short per-histogram lock, never a lookup.
+/// Dropped with the volume; the last one of a volume removes its series.
+#[derive(Debug)]
+pub struct VolumeMetrics {
+    pub volume: String,
+    pub commits: Counter,
+    pub commit_seconds: Histogram,
+    pub fenced: Counter,
+    nbd: [Histogram; 8],
+    metrics: &'static Metrics,
+}
+
+impl VolumeMetrics {
+    pub fn nbd(&self, c: NbdCommand) -> &Histogram {
+        &self.nbd[NbdCommand::ALL.iter().position(|x| *x == c).unwrap_or(NbdCommand::ALL.len() - 1)]
+    }
+}
+
+impl Drop for VolumeMetrics {
+    fn drop(&mut self) {
+        if self.metrics.volumes.close(&self.volume) {
+            self.metrics.forget_volume(&self.volume);
+        }
+    }
+}
+
+/// The open volumes, by label, for the gauges read at scrape time.
+#[derive(Default)]
+struct OpenVolumes {
+    open: Mutex<HashMap<String, Vec<Weak<dyn VolumeFigures>>>>,
+}
+
+impl std::fmt::Debug for OpenVolumes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenVolumes").finish_non_exhaustive()
+    }
+}
+
+impl OpenVolumes {
+    fn open(&self, volume: &str, figures: Weak<dyn VolumeFigures>) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.entry(volume.to_string()).or_default().push(figures);
+    }
+
+    /// One handle of `volume` closed (its figures are gone already or
+    /// going): true when it was the last.
+    fn close(&self, volume: &str) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(handles) = open.get_mut(volume) else { return true };
+        // The closing handle's engine may still upgrade (it drops after its
+        // metrics): remove one entry that is dead or, failing that, any.
+        let dead = handles.iter().position(|w| w.strong_count() == 0).unwrap_or(0);
+        if !handles.is_empty() {
+            handles.remove(dead);
+        }
+        if handles.is_empty() {
+            open.remove(volume);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Figures by volume, summed over the handles open in this process.
+    fn snapshot(&self) -> Vec<(String, Figures)> {
+        let handles: Vec<(String, Vec<Arc<dyn VolumeFigures>>)> = {
+            let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            open.iter().map(|(v, hs)| (v.clone(), hs.iter().filter_map(Weak::upgrade).collect())).collect()
+        };
+        let mut out: Vec<(String, Figures)> = handles
+            .into_iter()
+            .filter(|(_, hs)| !hs.is_empty())
+            .map(|(v, hs)| {
+                let sum = hs.iter().map(|h| h.figures()).fold(Figures::default(), |a, f| Figures {
+                    dirty_bytes: a.dirty_bytes + f.dirty_bytes,
+                    cache_bytes: a.cache_bytes + f.cache_bytes,
+                    staged_chunks: a.staged_chunks + f.staged_chunks,
+                    journal_records: a.journal_records.max(f.journal_records),
+                });
+                (v, sum)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
+
+impl Collector for OpenVolumes {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let volumes = self.snapshot();
+        let gauges: [(&str, &str, fn(&Figures) -> u64); 4] = [
+            (
+                "s3blk_volume_dirty_bytes",
+                "Bytes of chunks written and not yet uploaded (whole chunks); 0 after a flush",
+                |f| f.dirty_bytes,
+            ),
+            ("s3blk_volume_cache_bytes", "Clean chunk bytes cached in memory for reads", |f| f.cache_bytes),
+            (
+                "s3blk_volume_staged_chunks",
+                "Chunks uploaded that no journal record refers to yet (committed at the next flush or commit interval)",
+                |f| f.staged_chunks,
+            ),
+            (
+                "s3blk_volume_journal_records_since_checkpoint",
+                "Journal records after the newest checkpoint this writer knows of (opening replays them)",
+                |f| f.journal_records,
+            ),
+        ];
+        for (name, help, get) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (volume, figures) in &volumes {
+                let labels = VolumeLabels { volume: volume.clone() };
+                let value = i64::try_from(get(figures)).unwrap_or(i64::MAX);
+                ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Serve `/metrics` and `/healthz` until the task is dropped.
@@ -94,7 +477,8 @@ pub async fn serve(listener: TcpListener) {
                 ("404 Not Found", "not found\n".to_string())
             };
             let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
                 body.len()
             );
             let _ = sock.write_all(resp.as_bytes()).await;
@@ -106,16 +490,42 @@ pub async fn serve(listener: TcpListener) {
 mod tests {
     use super::*;
 
+    struct Fixed(Figures);
+    impl VolumeFigures for Fixed {
+        fn figures(&self) -> Figures {
+            self.0
+        }
+    }
+
     #[test]
-    fn counters_render_in_text_format() {
-        inc("s3blk_commits_total", "");
-        add("s3blk_store_requests_total", "op=\"GET\"", 2.0);
+    fn metrics_render_in_text_format() {
+        let m = global();
+        m.compaction.compactions.inc();
+        m.store.requests.get_or_create(&OpLabels { op: "GET" }).inc_by(2);
         let text = render();
-        assert!(text.contains("# TYPE s3blk_commits_total counter"));
+        assert!(text.contains("# TYPE s3blk_compactions_total counter"), "{text}");
         assert!(text.contains("s3blk_store_requests_total{op=\"GET\"} "), "{text}");
-        set("s3blk_orphan_volumes", "", 3.0);
-        set("s3blk_orphan_volumes", "", 2.0);
+    }
+
+    #[test]
+    fn a_volume_series_live_as_long_as_its_last_handle() {
+        let f = Figures { dirty_bytes: 4096, cache_bytes: 8192, staged_chunks: 2, journal_records: 7 };
+        let engine: Arc<dyn VolumeFigures> = Arc::new(Fixed(f));
+        let a = global().volume("unit/vol-a/", Arc::downgrade(&engine));
+        let b = global().volume("unit/vol-a/", Arc::downgrade(&engine));
+        a.nbd(NbdCommand::Write).observe(0.001);
         let text = render();
-        assert!(text.contains("# TYPE s3blk_orphan_volumes gauge\ns3blk_orphan_volumes 2\n"), "{text}");
+        assert!(text.contains("s3blk_volume_dirty_bytes{volume=\"unit/vol-a\"} 8192\n"), "{text}");
+        assert!(text.contains("s3blk_volume_journal_records_since_checkpoint{volume=\"unit/vol-a\"} 7\n"), "{text}");
+        assert!(
+            text.contains("s3blk_nbd_request_duration_seconds_count{volume=\"unit/vol-a\",command=\"write\"} 1\n"),
+            "{text}"
+        );
+        drop(a);
+        assert!(render().contains("command=\"write\"} 1\n"), "one handle is still open");
+        drop(b);
+        drop(engine);
+        let text = render();
+        assert!(!text.contains("unit/vol-a"), "{text}");
     }
 }

@@ -111,7 +111,7 @@ where
     let mut running: Option<Leading> = None;
     let stop = |running: &mut Option<Leading>, why: &str| {
         if running.take().is_some() {
-            crate::metrics::set("s3blk_compaction_leader", "", 0.0);
+            crate::metrics::global().compaction.leader.set(0);
             tracing::warn!(why, "stopped leading: compaction stopped in this replica");
         }
     };
@@ -121,7 +121,7 @@ where
             Ok(Round::Leading) => {
                 if running.as_ref().is_none_or(|t| t.0.is_finished()) {
                     tracing::info!(identity = lock.identity(), "leading: compaction runs in this replica");
-                    crate::metrics::set("s3blk_compaction_leader", "", 1.0);
+                    crate::metrics::global().compaction.leader.set(1);
                     running = Some(Leading(tokio::spawn(work())));
                 }
             }

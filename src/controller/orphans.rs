@@ -81,7 +81,7 @@ pub async fn scan_store(
                     Ok(_) => scan.deleted_compacted += 1,
                     Err(VolumeError::NotFound(_)) => {}
                     Err(e) => {
-                        crate::metrics::inc("s3blk_compaction_failures_total", "");
+                        crate::metrics::global().compaction.failures.inc();
                         tracing::warn!(volume = %loc.url(), error = %e, "compacting a deleted volume failed");
                     }
                 }
@@ -89,6 +89,6 @@ pub async fn scan_store(
         }
     }
     scan.orphans.sort();
-    crate::metrics::set("s3blk_orphan_volumes", "", scan.orphans.len() as f64);
+    crate::metrics::global().compaction.orphan_volumes.set(scan.orphans.len() as i64);
     Ok(scan)
 }

@@ -302,21 +302,30 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
     let started = std::time::Instant::now();
     let outcome = compact_volume(&pv, handle, &ctx).await;
     let failures_before = failures_of(&pv);
+    // Per volume (its prefix, as on the node): one compaction per volume
+    // per interval and three outcomes keep the series few however many
+    // volumes the driver has.
+    let metrics = &crate::metrics::global().compaction;
+    let volume = Location::parse(handle, true)
+        .map(|l| crate::metrics::volume_label(&l.prefix))
+        .unwrap_or_else(|_| handle.to_string());
+    let count = |outcome| {
+        let labels = crate::metrics::CompactionLabels { volume: volume.clone(), outcome };
+        metrics.volume_compactions.get_or_create(&labels).inc();
+    };
     let failures = match &outcome {
         Outcome::Compacted(r) => {
-            crate::metrics::inc(
-                "s3blk_volume_compactions_total",
-                if changed(r) { "outcome=\"changed\"" } else { "outcome=\"unchanged\"" },
-            );
-            crate::metrics::add("s3blk_compaction_freed_bytes_total", "", r.chunk_bytes_deleted as f64);
+            count(if changed(r) { "changed" } else { "unchanged" });
+            let labels = crate::metrics::VolumeLabels { volume: volume.clone() };
+            metrics.freed_bytes.get_or_create(&labels).inc_by(r.chunk_bytes_deleted);
             if !r.stale_records.is_empty() {
-                crate::metrics::inc("s3blk_compaction_fenced_writers_total", "");
+                metrics.fenced_writers.get_or_create(&labels).inc();
             }
             tracing::info!(pv = %name, volume = handle, seconds = started.elapsed().as_secs_f64(), result = %summary(r), "volume compacted");
             0
         }
         Outcome::Failed { reason, message } => {
-            crate::metrics::inc("s3blk_volume_compactions_total", "outcome=\"failed\"");
+            count("failed");
             tracing::warn!(pv = %name, volume = handle, reason, error = %message, "compaction failed");
             failures_before + 1
         }

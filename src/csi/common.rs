@@ -8,7 +8,7 @@ use tonic::Status;
 
 use super::pb;
 use crate::location::{Location, StoreSpec};
-use crate::store::retry::{RetryPolicy, RetryStore};
+use crate::store::retry::RetryPolicy;
 use crate::store::s3::{S3Settings, S3Store};
 use crate::store::{DynStore, StoreError};
 use crate::volume::VolumeError;
@@ -188,7 +188,7 @@ impl Stores {
             }
             StoreSpec::Memory => Arc::new(crate::store::memory::MemoryStore::new()),
         };
-        let store: DynStore = Arc::new(RetryStore::new(base, self.policy.clone()));
+        let store = crate::store::layered(base, self.policy.clone());
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, store.clone());
         Ok(store)
     }

@@ -318,7 +318,7 @@ impl ControllerService {
                 }
                 Err(e) => {
                     failed += 1;
-                    crate::metrics::inc("s3blk_compaction_failures_total", "");
+                    crate::metrics::global().compaction.failures.inc();
                     tracing::warn!(volume = %loc.url(), error = %e, "compaction failed; retried next pass");
                 }
             }

@@ -174,7 +174,7 @@ pub async fn run(
         })
         .layer(tower::util::MapRequestLayer::new(|req: http::Request<tonic::body::Body>| {
             let method = req.uri().path().rsplit('/').next().unwrap_or("unknown").to_string();
-            crate::metrics::inc("s3blk_csi_requests_total", &format!("method=\"{method}\""));
+            crate::metrics::global().csi_requests.get_or_create(&crate::metrics::MethodLabels { method }).inc();
             req
         }))
         .add_service(pb::identity_server::IdentityServer::new(identity))

@@ -575,6 +575,10 @@ where
             }
             payload = Some(buf);
         }
+        // Timed from here (the request fully received) until its reply is
+        // ready: recorded before the reply goes out, so a client that has
+        // its answer finds the request counted.
+        let started = std::time::Instant::now();
         // Reads of bytes in memory and writes within one already-dirty
         // chunk are answered on the spot: no task, no chunk lock.
         if req.kind == proto::CMD_READ
@@ -582,6 +586,7 @@ where
             && flags_ok(&req)
             && let Some(data) = export.volume.read_now(req.offset, req.length as u64)
         {
+            observe(&export, req.kind, started);
             send_read(&wr, req, data, structured, permit).await;
             continue;
         }
@@ -597,6 +602,7 @@ where
             };
             if let Some((r, guard)) = now {
                 drop(guard);
+                observe(&export, req.kind, started);
                 match r {
                     Ok(()) => wr.simple(0, req.handle, Some(permit)).await,
                     Err(e) => wr.simple(nbd_errno(&e), req.handle, Some(permit)).await,
@@ -611,7 +617,7 @@ where
         // memory, for a FUA commit) moves to its own task, so this loop
         // goes on reading requests and never waits for the store.
         let inline = matches!(req.kind, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES | proto::CMD_TRIM);
-        let mut work = Box::pin(handle(req, payload, export, wr, neg, permit));
+        let mut work = Box::pin(handle(req, payload, export, wr, neg, permit, started));
         if tasks.is_empty() && inline && futures::poll!(work.as_mut()).is_ready() {
             continue;
         }
@@ -626,6 +632,23 @@ where
     drop(wr);
     let _ = writer.await;
     result
+}
+
+/// Record a request's latency in its volume's histogram for its command
+/// (a short lock on that one histogram, never a global one).
+fn observe(export: &Export, kind: u16, started: std::time::Instant) {
+    use crate::metrics::NbdCommand;
+    let command = match kind {
+        proto::CMD_READ => NbdCommand::Read,
+        proto::CMD_WRITE => NbdCommand::Write,
+        proto::CMD_FLUSH => NbdCommand::Flush,
+        proto::CMD_TRIM => NbdCommand::Trim,
+        proto::CMD_WRITE_ZEROES => NbdCommand::WriteZeroes,
+        proto::CMD_CACHE => NbdCommand::Cache,
+        proto::CMD_BLOCK_STATUS => NbdCommand::BlockStatus,
+        _ => NbdCommand::Other,
+    };
+    export.volume.metrics().nbd(command).observe(started.elapsed().as_secs_f64());
 }
 
 /// Command flags this server did not advertise or does not know (DF,
@@ -648,16 +671,20 @@ async fn handle<W: AsyncWrite + Unpin>(
     wr: Replies<W>,
     neg: Negotiated,
     permit: Permit,
+    started: std::time::Instant,
 ) {
     let structured = neg.structured;
     let vol = &export.volume;
+    let done = || observe(&export, req.kind, started);
     if !flags_ok(&req) {
         tracing::debug!(kind = req.kind, flags = req.flags, "request with unsupported flags");
+        done();
         return wr.simple(proto::EINVAL, req.handle, Some(permit)).await;
     }
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
     let writes = matches!(req.kind, proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES);
     if writes && export.read_only {
+        done();
         return wr.simple(proto::EPERM, req.handle, Some(permit)).await;
     }
     let len = req.length as u64;
@@ -667,7 +694,10 @@ async fn handle<W: AsyncWrite + Unpin>(
                 Err((proto::EINVAL, "read larger than the maximum block size".to_string()))
             } else {
                 match vol.read_bytes(req.offset, len).await {
-                    Ok(data) => return send_read(&wr, req, data, structured, permit).await,
+                    Ok(data) => {
+                        done();
+                        return send_read(&wr, req, data, structured, permit).await;
+                    }
                     Err(e) => Err((nbd_errno(&e), e.to_string())),
                 }
             }
@@ -687,11 +717,15 @@ async fn handle<W: AsyncWrite + Unpin>(
         proto::CMD_FLUSH => export.flush().await.map_err(|e| (nbd_errno(&e), e.to_string())),
         proto::CMD_CACHE => vol.prefetch(req.offset, len).await.map_err(|e| (nbd_errno(&e), e.to_string())),
         proto::CMD_BLOCK_STATUS if neg.base_allocation => match block_status(vol, req) {
-            Ok(reply) => return wr.send(vec![Bytes::from(reply)], Some(permit)).await,
+            Ok(reply) => {
+                done();
+                return wr.send(vec![Bytes::from(reply)], Some(permit)).await;
+            }
             Err(e) => Err(e),
         },
         other => Err((proto::EINVAL, format!("command {other} is not supported"))),
     };
+    done();
     match result {
         Ok(()) => wr.simple(0, req.handle, Some(permit)).await,
         Err((errno, msg)) => {

@@ -1,13 +1,15 @@
 //! Object stores: one narrow trait and its implementations.
 //!
 //! The trait is deliberately small (get, put, put-if-absent, delete, list,
-//! head). Retries, fault injection and metrics are wrappers around it
-//! ([`retry::RetryStore`], [`fault::FaultStore`]) rather than logic inside
-//! every backend.
+//! head). Retries, metrics and fault injection are wrappers around it
+//! ([`retry::RetryStore`], [`metered`], [`fault::FaultStore`]) rather than
+//! logic inside every backend; [`layered`] stacks the first two the way
+//! every store of the process is built.
 
 pub mod fault;
 pub mod local;
 pub mod memory;
+pub mod metered;
 pub mod retry;
 pub mod s3;
 pub mod sim;
@@ -98,6 +100,16 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
 }
 
 pub type DynStore = Arc<dyn ObjectStore>;
+
+/// `base` as the rest of s3blk uses it: attempts metered, retried, calls
+/// metered (see [`metered`] for why metrics sit on both sides of the
+/// retries). Tests put a [`fault::FaultStore`] in as `base`.
+pub fn layered(base: DynStore, policy: retry::RetryPolicy) -> DynStore {
+    let metrics = crate::metrics::global().store.clone();
+    let attempts: DynStore = Arc::new(metered::MeteredAttempts::new(base, metrics.clone()));
+    let retried: DynStore = Arc::new(retry::RetryStore::new(attempts, policy));
+    Arc::new(metered::MeteredStore::new(retried, metrics))
+}
 
 /// List every object under a prefix, following pages.
 pub async fn list_all(store: &dyn ObjectStore, prefix: &str) -> StoreResult<Vec<ObjectInfo>> {

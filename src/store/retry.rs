@@ -1,4 +1,7 @@
 //! Retries with exponential backoff, full jitter and per-attempt timeouts.
+//! Metrics are not kept here: [`super::metered`] wraps this layer on both
+//! sides. Attempts run inline in the caller's task (the metered layers rely
+//! on it to tie attempts to their call).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -80,10 +83,8 @@ impl RetryStore {
         Fut: std::future::Future<Output = StoreResult<T>> + Send,
     {
         let mut attempt = 0u32;
-        let labels = format!("op=\"{what}\"");
         loop {
             attempt += 1;
-            crate::metrics::inc("s3blk_store_requests_total", &labels);
             let result = match tokio::time::timeout(self.policy.attempt_timeout, op()).await {
                 Ok(r) => r,
                 Err(_) => Err(StoreError::Transient(format!(
@@ -93,18 +94,12 @@ impl RetryStore {
             };
             match result {
                 Err(e) if e.is_retryable() && attempt < self.policy.max_attempts => {
-                    crate::metrics::inc("s3blk_store_retries_total", &labels);
                     let delay = (self.jitter)(self.policy.delay_cap(attempt - 1));
                     tracing::debug!(op = what, key, attempt, ?delay, error = %e, "retrying store call");
                     self.clock.sleep(delay).await;
                 }
                 Err(StoreError::Transient(msg)) => {
-                    crate::metrics::inc("s3blk_store_failures_total", &labels);
                     return Err(StoreError::Transient(format!("{msg} (gave up after {attempt} attempts)")));
-                }
-                Err(e @ StoreError::Permanent(_)) => {
-                    crate::metrics::inc("s3blk_store_failures_total", &labels);
-                    return Err(e);
                 }
                 other => return other,
             }

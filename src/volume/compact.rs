@@ -198,7 +198,7 @@ pub async fn compact(
     // Writing checkpoints (above) is still safe and keeps opening fast.
     if !unreadable.is_empty() {
         report.unreadable_snapshots = unreadable.clone();
-        crate::metrics::add("s3blk_compaction_unreadable_snapshots_total", "", unreadable.len() as f64);
+        crate::metrics::global().compaction.unreadable_snapshots.inc_by(unreadable.len() as u64);
         tracing::error!(
             volume = %vol,
             snapshots = ?unreadable,
@@ -253,8 +253,9 @@ pub async fn compact(
     }
     report.folded_seq = fold;
     if !opts.dry_run {
-        crate::metrics::inc("s3blk_compactions_total", "");
-        crate::metrics::add("s3blk_compaction_deleted_chunks_total", "", report.chunks_deleted as f64);
+        let m = &crate::metrics::global().compaction;
+        m.compactions.inc();
+        m.deleted_chunks.inc_by(report.chunks_deleted);
     }
     tracing::info!(
         volume = %vol,

@@ -12,14 +12,22 @@ impl Volume {
         if inner.opts.read_only {
             return Ok(());
         }
-        let _f = inner.flush_lock.lock().await;
-        inner.check_writable()?;
-        let dirty: Vec<u64> = inner.lock().slots.keys().copied().collect();
-        stream::iter(dirty.into_iter().map(|i| inner.upload_chunk(i)))
-            .buffer_unordered(inner.opts.concurrency)
-            .try_collect::<Vec<()>>()
-            .await?;
-        inner.commit().await
+        // Timed from the call, waiting for another flush included: what
+        // the caller (an fsync) waits for, whatever the outcome.
+        let started = Instant::now();
+        let r = async {
+            let _f = inner.flush_lock.lock().await;
+            inner.check_writable()?;
+            let dirty: Vec<u64> = inner.lock().slots.keys().copied().collect();
+            stream::iter(dirty.into_iter().map(|i| inner.upload_chunk(i)))
+                .buffer_unordered(inner.opts.concurrency)
+                .try_collect::<Vec<()>>()
+                .await?;
+            inner.commit().await
+        }
+        .await;
+        inner.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+        r
     }
 
     /// Grow the volume and commit the new size. Shrinking is refused.
@@ -68,7 +76,7 @@ impl Volume {
 impl Inner {
     pub(super) fn fence(&self, why: String) -> VolumeError {
         tracing::error!(volume = %self.vol, reason = %why, "writer fenced");
-        crate::metrics::inc("s3blk_fenced_total", "");
+        self.metrics.fenced.inc();
         self.lock().fenced = Some(why.clone());
         VolumeError::Fenced(why)
     }
@@ -95,7 +103,6 @@ impl Inner {
     /// Commit every staged chunk (and a grown size) in the next journal
     /// record; first settle a pending record from an earlier attempt.
     pub(super) async fn commit(&self) -> VolumeResult<()> {
-        let started = Instant::now();
         for _ in 0..8 {
             let pending = self.lock().pending.clone();
             if let Some(p) = pending {
@@ -105,8 +112,6 @@ impl Inner {
             self.restage(self.opts.restage_after).await?;
             let mut st = self.lock();
             if st.staged.is_empty() && st.size == st.committed_size {
-                drop(st);
-                crate::metrics::add("s3blk_commit_seconds_total", "", started.elapsed().as_secs_f64());
                 return Ok(());
             }
             let record = JournalRecord {
@@ -193,7 +198,7 @@ impl Inner {
         // When an abandoned record landed instead of `p`, `p` is dropped
         // here too: what it carried is still staged and goes in the next.
         self.apply_commit(&record, bytes);
-        crate::metrics::inc("s3blk_commits_total", "");
+        self.metrics.commits.inc();
         tracing::debug!(volume = %self.vol, seq, chunks = record.chunks.len(), "committed");
         self.maybe_checkpoint();
         Ok(())

@@ -246,6 +246,8 @@ struct Inner {
     flush_lock: tokio::sync::Mutex<()>,
     uploader_running: AtomicBool,
     generation_counter: AtomicU64,
+    /// Its commit and NBD request metrics; its gauges read [`Inner::figures`].
+    metrics: crate::metrics::VolumeMetrics,
 }
 
 /// An open volume. Cheap to clone; all clones share one engine.
@@ -379,7 +381,8 @@ impl Volume {
         );
         let read_only = opts.read_only;
         let v = Volume {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|me: &std::sync::Weak<Inner>| Inner {
+                metrics: crate::metrics::global().volume(vol, me.clone()),
                 store,
                 vol: vol.to_string(),
                 meta,
@@ -421,6 +424,11 @@ impl Volume {
 
     pub fn fenced(&self) -> Option<String> {
         self.inner.lock().fenced.clone()
+    }
+
+    /// Its metrics (the NBD server records its requests there).
+    pub fn metrics(&self) -> &crate::metrics::VolumeMetrics {
+        &self.inner.metrics
     }
 
     /// Why the volume is unhealthy, if it is: fenced, or its store does
@@ -677,6 +685,19 @@ impl Inner {
             return Err(VolumeError::Fenced(why.clone()));
         }
         Ok(())
+    }
+}
+
+/// Read at scrape time: one short hold of the state lock per scrape.
+impl crate::metrics::VolumeFigures for Inner {
+    fn figures(&self) -> crate::metrics::Figures {
+        let st = self.lock();
+        crate::metrics::Figures {
+            dirty_bytes: st.slots.len() as u64 * self.chunk_size,
+            cache_bytes: st.clean.bytes(),
+            staged_chunks: st.staged.len() as u64,
+            journal_records: st.head.saturating_sub(st.checkpoint_seq),
+        }
     }
 }
 
