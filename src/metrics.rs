@@ -86,6 +86,39 @@ pub struct StoreMetrics {
     pub request_seconds: HistogramFamily<OpOutcomeLabels>,
 }
 
+impl StoreMetrics {
+    /// Fresh, registered nowhere (the process's are in [`global`]).
+    pub fn new() -> Self {
+        Self {
+            requests: Family::default(),
+            retries: Family::default(),
+            failures: Family::default(),
+            request_seconds: Family::new_with_constructor(store_latency),
+        }
+    }
+
+    pub fn register(&self, r: &mut Registry) {
+        r.register("s3blk_store_requests", "Store calls by operation (each attempt)", self.requests.clone());
+        r.register("s3blk_store_retries", "Store calls retried after a transient failure", self.retries.clone());
+        r.register(
+            "s3blk_store_failures",
+            "Store calls that failed after all retries or permanently",
+            self.failures.clone(),
+        );
+        r.register(
+            "s3blk_store_request_duration_seconds",
+            "Latency of each store attempt by operation and outcome (ok, not_found, exists, transient, permanent, abandoned)",
+            self.request_seconds.clone(),
+        );
+    }
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct CompactionMetrics {
     pub compactions: Counter,
@@ -135,24 +168,8 @@ fn nbd_latency() -> Histogram {
 impl Metrics {
     fn new() -> Self {
         let mut r = Registry::default();
-        let store = StoreMetrics {
-            requests: Family::default(),
-            retries: Family::default(),
-            failures: Family::default(),
-            request_seconds: Family::new_with_constructor(store_latency),
-        };
-        r.register("s3blk_store_requests", "Store calls by operation (each attempt)", store.requests.clone());
-        r.register("s3blk_store_retries", "Store calls retried after a transient failure", store.retries.clone());
-        r.register(
-            "s3blk_store_failures",
-            "Store calls that failed after all retries or permanently",
-            store.failures.clone(),
-        );
-        r.register(
-            "s3blk_store_request_duration_seconds",
-            "Latency of each store attempt by operation and outcome (ok, not_found, exists, transient, permanent, abandoned)",
-            store.request_seconds.clone(),
-        );
+        let store = StoreMetrics::new();
+        store.register(&mut r);
         let commits = Family::default();
         let commit_seconds: HistogramFamily<VolumeLabels> = Family::new_with_constructor(commit_latency);
         let fenced = Family::default();

@@ -572,11 +572,9 @@ async fn metrics_endpoint_serves_prometheus_text() {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     tokio::spawn(s3blk::metrics::serve(l));
-    // Real traffic through the retry layer shows up as store counters.
-    let store: DynStore = Arc::new(s3blk::store::retry::RetryStore::new(
-        Arc::new(s3blk::store::memory::MemoryStore::new()),
-        common::fast_policy(),
-    ));
+    // Real traffic through the store stack shows up as store counters.
+    let store: DynStore =
+        s3blk::store::layered(Arc::new(s3blk::store::memory::MemoryStore::new()), common::fast_policy());
     store.head("x").await.expect("head");
     let get = |path: &'static str| async move {
         let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");

@@ -20,7 +20,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::ops::Range;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -164,5 +164,102 @@ impl ObjectStore for MeteredStore {
 
     fn describe(&self) -> String {
         self.inner.describe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::fault::{Fault, FaultStore, Op, Rule};
+    use crate::store::memory::MemoryStore;
+    use crate::store::retry::{RetryPolicy, RetryStore};
+
+    /// The production stack ([`super::super::layered`]) over a fault
+    /// injector over memory, with metrics of its own, and its exposition.
+    fn stack() -> (DynStore, Arc<FaultStore>, impl Fn() -> String) {
+        let metrics = StoreMetrics::new();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let fault = Arc::new(FaultStore::new(Arc::new(MemoryStore::new())));
+        let policy = RetryPolicy { max_attempts: 3, attempt_timeout: Duration::from_secs(1), ..RetryPolicy::default() };
+        let attempts: DynStore = Arc::new(MeteredAttempts::new(fault.clone(), metrics.clone()));
+        let clock = Arc::new(ManualClock::new(0));
+        let retried: DynStore = Arc::new(RetryStore::with_clock(attempts, policy, clock, Arc::new(|_| Duration::ZERO)));
+        let store: DynStore = Arc::new(MeteredStore::new(retried, metrics));
+        let render = move || {
+            let mut out = String::new();
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &registry).expect("encode");
+            out
+        };
+        (store, fault, render)
+    }
+
+    fn value(text: &str, series: &str) -> u64 {
+        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0)
+    }
+
+    fn rule(op: Op, fault: Fault, times: u64) -> Rule {
+        Rule { op: Some(op), key_contains: None, fault, times }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn counts_every_attempt_and_each_calls_outcome() {
+        let (store, fault, render) = stack();
+        // Two 500s, then the PUT lands: three attempts, two retries, no failure.
+        fault.add_rule(rule(Op::Put, Fault::ServerError, 2));
+        store.put("a", Bytes::from_static(b"x"), PutMode::Overwrite).await.expect("put after retries");
+        // 503s until the retry budget is spent: three attempts, one failure.
+        fault.add_rule(rule(Op::Get, Fault::SlowDown, 5));
+        assert!(matches!(store.get("a", None).await, Err(StoreError::Transient(_))));
+        fault.clear_rules();
+        // Answers that are not failures.
+        assert!(matches!(store.get("missing", None).await, Err(StoreError::NotFound(_))));
+        let taken = store.put("a", Bytes::from_static(b"y"), PutMode::IfAbsent).await;
+        assert!(matches!(taken, Err(StoreError::PreconditionFailed(_))));
+        // An attempt that hangs is abandoned at its timeout and timed as such.
+        fault.add_rule(rule(Op::Delete, Fault::Hang, 1));
+        store.delete("a").await.expect("delete after a hung attempt");
+
+        let text = render();
+        let series = |name: &str, labels: &str| value(&text, &format!("{name}{{{labels}}}"));
+        let latency = |op: &str, outcome: &str| {
+            series("s3blk_store_request_duration_seconds_count", &format!("op=\"{op}\",outcome=\"{outcome}\""))
+        };
+        assert_eq!(series("s3blk_store_requests_total", "op=\"PUT\""), 4, "{text}");
+        assert_eq!(series("s3blk_store_retries_total", "op=\"PUT\""), 2, "{text}");
+        assert_eq!(series("s3blk_store_failures_total", "op=\"PUT\""), 0, "{text}");
+        assert_eq!((latency("PUT", "transient"), latency("PUT", "ok"), latency("PUT", "exists")), (2, 1, 1));
+
+        assert_eq!(series("s3blk_store_requests_total", "op=\"GET\""), 4, "{text}");
+        assert_eq!(series("s3blk_store_retries_total", "op=\"GET\""), 2, "{text}");
+        assert_eq!(series("s3blk_store_failures_total", "op=\"GET\""), 1, "{text}");
+        assert_eq!((latency("GET", "transient"), latency("GET", "not_found")), (3, 1));
+
+        assert_eq!(series("s3blk_store_requests_total", "op=\"DELETE\""), 2, "{text}");
+        assert_eq!(series("s3blk_store_retries_total", "op=\"DELETE\""), 1, "{text}");
+        assert_eq!((latency("DELETE", "abandoned"), latency("DELETE", "ok")), (1, 1));
+        // The hung attempt took its whole timeout (paused time: exactly).
+        let sum = text
+            .lines()
+            .find_map(|l| l.strip_prefix("s3blk_store_request_duration_seconds_sum{op=\"DELETE\",outcome=\"abandoned\"} "))
+            .and_then(|v| v.parse::<f64>().ok());
+        assert_eq!(sum, Some(1.0), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_permanent_failure_is_one_attempt_and_one_failure() {
+        let (store, fault, render) = stack();
+        fault.crash_after_puts(0);
+        assert!(matches!(store.put("k", Bytes::new(), PutMode::Overwrite).await, Err(StoreError::Permanent(_))));
+        let text = render();
+        assert_eq!(value(&text, "s3blk_store_requests_total{op=\"PUT\"}"), 1, "{text}");
+        assert_eq!(value(&text, "s3blk_store_retries_total{op=\"PUT\"}"), 0, "{text}");
+        assert_eq!(value(&text, "s3blk_store_failures_total{op=\"PUT\"}"), 1, "{text}");
     }
 }
