@@ -25,11 +25,11 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -232,7 +232,11 @@ impl Metrics {
             "Volumes under --store that no PersistentVolume names (last scan)",
             c.orphan_volumes.clone(),
         );
-        r.register("s3blk_compaction_leader", "1 while this replica holds the compaction Lease, else 0", c.leader.clone());
+        r.register(
+            "s3blk_compaction_leader",
+            "1 while this replica holds the compaction Lease, else 0",
+            c.leader.clone(),
+        );
         let volumes = Arc::new(OpenVolumes::default());
         r.register_collector(Box::new(volumes.clone()));
         Self { registry: r, store, compaction, csi_requests, commits, commit_seconds, fenced, nbd_seconds, volumes }
@@ -442,10 +446,13 @@ impl OpenVolumes {
     }
 }
 
+/// A gauge read from [`Figures`]: name, help, which figure.
+type Gauged = (&'static str, &'static str, fn(&Figures) -> u64);
+
 impl Collector for OpenVolumes {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let volumes = self.snapshot();
-        let gauges: [(&str, &str, fn(&Figures) -> u64); 4] = [
+        let gauges: [Gauged; 4] = [
             (
                 "s3blk_volume_dirty_bytes",
                 "Bytes of chunks written and not yet uploaded (whole chunks); 0 after a flush",

@@ -246,7 +246,10 @@ async fn a_due_volume_is_compacted_annotated_and_gets_an_event() {
     assert_eq!(task.await.expect("task").expect("reconcile"), Action::requeue(INTERVAL));
     let metrics = s3blk::metrics::render();
     // Per volume, labelled with its prefix in the store.
-    assert!(metrics.contains("\ns3blk_volume_compactions_total{volume=\"pvc-1\",outcome=\"changed\"} 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("\ns3blk_volume_compactions_total{volume=\"pvc-1\",outcome=\"changed\"} 1\n"),
+        "{metrics}"
+    );
     assert!(metrics.contains("\ns3blk_compaction_freed_bytes_total{volume=\"pvc-1\"} 196608\n"), "{metrics}");
 
     // The watch event our patch causes: not due, only requeued; nothing touched.

@@ -247,7 +247,9 @@ mod tests {
         // The hung attempt took its whole timeout (paused time: exactly).
         let sum = text
             .lines()
-            .find_map(|l| l.strip_prefix("s3blk_store_request_duration_seconds_sum{op=\"DELETE\",outcome=\"abandoned\"} "))
+            .find_map(|l| {
+                l.strip_prefix("s3blk_store_request_duration_seconds_sum{op=\"DELETE\",outcome=\"abandoned\"} ")
+            })
             .and_then(|v| v.parse::<f64>().ok());
         assert_eq!(sum, Some(1.0), "{text}");
     }
