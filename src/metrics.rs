@@ -245,20 +245,22 @@ impl Metrics {
     /// The metrics of one open volume; see [`VolumeMetrics`].
     pub fn volume(&'static self, prefix: &str, figures: Weak<dyn VolumeFigures>) -> VolumeMetrics {
         let volume = volume_label(prefix);
+        // Registered and resolved under the lock that closing takes: a
+        // handle opening while the volume's last one closes never holds
+        // series that closing is removing.
+        let _open = self.volumes.open(&volume, figures);
         let labels = VolumeLabels { volume: volume.clone() };
         let nbd = NbdCommand::ALL.map(|c| {
             self.nbd_seconds.get_or_create_owned(&CommandLabels { volume: volume.clone(), command: c.label() })
         });
-        let m = VolumeMetrics {
+        VolumeMetrics {
             commits: self.commits.get_or_create_owned(&labels),
             commit_seconds: self.commit_seconds.get_or_create_owned(&labels),
             fenced: self.fenced.get_or_create_owned(&labels),
             nbd,
             volume,
             metrics: self,
-        };
-        self.volumes.open(&m.volume, figures);
-        m
+        }
     }
 
     /// The text exposition.
@@ -373,17 +375,21 @@ pub struct VolumeMetrics {
 
 impl VolumeMetrics {
     pub fn nbd(&self, c: NbdCommand) -> &Histogram {
-        &self.nbd[NbdCommand::ALL.iter().position(|x| *x == c).unwrap_or(NbdCommand::ALL.len() - 1)]
+        // `ALL` lists the commands in declaration order.
+        &self.nbd[c as usize]
     }
 }
 
 impl Drop for VolumeMetrics {
     fn drop(&mut self) {
-        if self.metrics.volumes.close(&self.volume) {
+        let (last, _open) = self.metrics.volumes.close(&self.volume);
+        if last {
             self.metrics.forget_volume(&self.volume);
         }
     }
 }
+
+type OpenGuard<'a> = std::sync::MutexGuard<'a, HashMap<String, Vec<Weak<dyn VolumeFigures>>>>;
 
 /// The open volumes, by label, for the gauges read at scrape time.
 #[derive(Default)]
@@ -398,28 +404,29 @@ impl std::fmt::Debug for OpenVolumes {
 }
 
 impl OpenVolumes {
-    fn open(&self, volume: &str, figures: Weak<dyn VolumeFigures>) {
+    /// Note a handle of `volume`; the guard returned holds the list.
+    fn open(&self, volume: &str, figures: Weak<dyn VolumeFigures>) -> OpenGuard<'_> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         open.entry(volume.to_string()).or_default().push(figures);
+        open
     }
 
     /// One handle of `volume` closed (its figures are gone already or
     /// going): true when it was the last.
-    fn close(&self, volume: &str) -> bool {
+    fn close(&self, volume: &str) -> (bool, OpenGuard<'_>) {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(handles) = open.get_mut(volume) else { return true };
-        // The closing handle's engine may still upgrade (it drops after its
-        // metrics): remove one entry that is dead or, failing that, any.
+        let Some(handles) = open.get_mut(volume) else { return (true, open) };
+        // The closing handle's entry is dead (its engine is being dropped,
+        // its metrics with it); remove a dead one, or any if none is.
         let dead = handles.iter().position(|w| w.strong_count() == 0).unwrap_or(0);
         if !handles.is_empty() {
             handles.remove(dead);
         }
-        if handles.is_empty() {
+        let last = handles.is_empty();
+        if last {
             open.remove(volume);
-            true
-        } else {
-            false
         }
+        (last, open)
     }
 
     /// Figures by volume, summed over the handles open in this process.
