@@ -149,7 +149,7 @@ where
     if let Some(mut leading) = running.take() {
         leading.0.abort();
         let _ = (&mut leading.0).await;
-        crate::metrics::set("s3blk_compaction_leader", "", 0.0);
+        crate::metrics::global().compaction.leader.set(0);
     }
     match tokio::time::timeout(timing.retry_period * 2, lock.release()).await {
         Ok(Ok(_)) => {}
