@@ -328,8 +328,10 @@ pub fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
     let default_level = if matches!(cli.command, Command::Serve(_) | Command::Csi { .. }) { "info" } else { "warn" };
+    // rustls warns about every client that sends an IP address as its TLS
+    // server name (libnbd and qemu do for nbds://127.0.0.1): not ours to act on.
     let filter = tracing_subscriber::EnvFilter::try_from_env("S3BLK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default_level},rustls=error")));
     // Colour only on a terminal: container runtimes and log files keep the
     // escape codes verbatim.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -1085,10 +1087,56 @@ struct ServeArgs {
     /// fenced and loses its unflushed writes.
     #[arg(long)]
     takeover: bool,
+    /// TLS: `require` (the default once credentials are given) refuses
+    /// everything but STARTTLS before TLS is up; `on` offers TLS and still
+    /// serves plaintext clients; `off` never offers it.
+    #[arg(long, value_enum)]
+    tls: Option<TlsMode>,
+    /// The server's certificate (PEM; its chain may follow it) for NBD over TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM): clients must present a certificate signed by one of them.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsMode {
+    Off,
+    On,
+    Require,
+}
+
+/// The TLS setup `serve` asked for, loaded and checked (every file read)
+/// before anything else happens.
+fn tls_setup(a: &ServeArgs) -> Result<Option<Arc<crate::nbd::tls::Tls>>> {
+    use crate::nbd::tls::{Policy, Tls, X509Files};
+    let files = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(X509Files { cert: cert.clone(), key: key.clone(), client_ca: a.tls_client_ca.clone() })
+        }
+        _ => None,
+    };
+    let policy = match (a.tls, &files) {
+        (None | Some(TlsMode::Off), None) => return Ok(None),
+        (Some(TlsMode::Off), Some(_)) => bail!("--tls=off contradicts --tls-cert/--tls-key: drop one or the other"),
+        (Some(mode), None) => bail!("--tls={mode:?} needs credentials: --tls-cert and --tls-key"),
+        (Some(TlsMode::On), Some(_)) => Policy::Offer,
+        (None | Some(TlsMode::Require), Some(_)) => Policy::Require,
+    };
+    match files {
+        Some(f) => Ok(Some(Arc::new(Tls::x509(&f, policy)?))),
+        None => Ok(None),
+    }
 }
 
 async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
     use crate::nbd::{Export, Listen, server};
+    // Bad TLS files are reported before the store is even looked at.
+    let tls = tls_setup(&a)?;
     let (loc, store) = connect_to(&a.url, g, true, a.create).await?;
     let name = format::volume_name(&loc.prefix).to_string();
     // The address first: a server that cannot listen must not have taken
@@ -1097,7 +1145,8 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
         Some(l) => Listen::parse(l).map_err(anyhow::Error::msg)?,
         None => Listen::Unix(PathBuf::from(format!("{name}.sock"))),
     };
-    let bound = server::bind(&listen).await.with_context(|| format!("cannot listen on {listen:?}"))?;
+    let secured = tls.is_some();
+    let bound = server::bind(&listen, tls).await.with_context(|| format!("cannot listen on {listen:?}"))?;
     if a.create {
         match replay::read_meta(store.as_ref(), &loc.prefix).await {
             Ok(meta) => {
@@ -1177,6 +1226,9 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
             println!("  attach:  nbd-client -unix {path} -N {export_name} /dev/nbd0");
             println!("  inspect: qemu-img info \"nbd+unix:///{export_name}?socket={path}\"");
             println!("           nbdinfo \"nbd+unix:///{export_name}?socket={path}\"");
+        }
+        None if secured => {
+            println!("  inspect: nbdinfo \"nbds://{}/{export_name}?tls-certificates=DIR\"", bound.address);
         }
         None => {
             let (host, port) = bound.address.rsplit_once(':').unwrap_or((&bound.address, "10809"));

@@ -451,7 +451,7 @@ async fn in_process(read_only: bool) -> InProcess {
         Volume::open(store.clone(), "v/", OpenOptions { read_only, ..OpenOptions::default() }).await.expect("open");
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("s.sock");
-    let bound = server::bind(&Listen::Unix(sock.clone())).await.expect("bind");
+    let bound = server::bind(&Listen::Unix(sock.clone()), None).await.expect("bind");
     let export = Arc::new(Export {
         name: "v".into(),
         description: "test".into(),
@@ -644,7 +644,7 @@ async fn a_write_waiting_for_the_store_does_not_stall_its_connection() {
     let volume = Volume::open(fault.clone(), "v/", OpenOptions::default()).await.expect("open");
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("s.sock");
-    let bound = server::bind(&Listen::Unix(sock.clone())).await.expect("bind");
+    let bound = server::bind(&Listen::Unix(sock.clone()), None).await.expect("bind");
     let export = Arc::new(Export {
         name: "v".into(),
         description: "test".into(),

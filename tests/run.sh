@@ -11,7 +11,7 @@ declare -A pkg_for=(
   [nbd-client]=nbd-client [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=libnbd-bin
   [nbdkit]=nbdkit [fio]=fio [qemu-img]=qemu-utils [qemu-io]=qemu-utils
   [mkfs.ext4]=e2fsprogs [mkfs.xfs]=xfsprogs [qemu-system-x86_64]=qemu-system-x86
-  [busybox]=busybox-static [cpio]=cpio [depmod]=kmod [shellcheck]=shellcheck
+  [busybox]=busybox-static [cpio]=cpio [depmod]=kmod [shellcheck]=shellcheck [openssl]=openssl
 )
 missing=()
 for cmd in "${!pkg_for[@]}"; do

@@ -353,7 +353,7 @@ impl NodeService {
             ..OpenOptions::default()
         };
         let volume = Volume::open(store, &loc.prefix, opts).await.map_err(status)?;
-        let bound = server::bind(&Listen::Unix(spec.socket.to_path_buf()))
+        let bound = server::bind(&Listen::Unix(spec.socket.to_path_buf()), None)
             .await
             .map_err(|e| Status::internal(format!("socket {}: {e}", spec.socket.display())))?;
         let unflushed = (!spec.readonly).then(|| Arc::new(UnflushedMarker::new(self.marker_path(spec.volume_id))));

@@ -5,6 +5,7 @@ pub mod client;
 pub mod proto;
 pub mod server;
 pub mod session;
+pub mod tls;
 pub mod unflushed;
 
 pub use server::{Listen, serve};

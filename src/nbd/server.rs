@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::session::{self, Export};
+use super::tls::{Policy, Tls};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
@@ -67,32 +68,41 @@ impl Drop for Acceptor {
 /// A bound listener; `serve` runs it.
 pub struct Bound {
     acceptor: Acceptor,
+    tls: Option<Arc<Tls>>,
     /// The address clients use (`unix:/abs/path` or `host:port`).
     pub address: String,
 }
 
 /// Bind without serving yet, so the caller can print the address first.
 /// A unix socket is created with mode 0600 (whatever the umask) and never
-/// replaces a socket another server still answers on.
-pub async fn bind(listen: &Listen) -> std::io::Result<Bound> {
+/// replaces a socket another server still answers on. `tls`: the TLS setup
+/// every connection is offered (or required to use).
+pub async fn bind(listen: &Listen, tls: Option<Arc<Tls>>) -> std::io::Result<Bound> {
     match listen {
         Listen::Unix(path) => {
             let path = std::path::absolute(path)?;
             remove_stale_socket(&path).await?;
             let l = bind_private(&path)?;
             let owned = socket_identity(&path)?;
-            Ok(Bound { address: format!("unix:{}", path.display()), acceptor: Acceptor::Unix(l, path, owned) })
+            Ok(Bound { address: format!("unix:{}", path.display()), acceptor: Acceptor::Unix(l, path, owned), tls })
         }
         Listen::Tcp(addr) => {
             let l = TcpListener::bind(addr).await?;
             let local = l.local_addr()?;
             if !local.ip().is_loopback() {
-                tracing::warn!(
-                    address = %local,
-                    "serving on a non-loopback address without TLS or authentication: anyone who can reach it can read and write the volume"
-                );
+                match tls.as_deref().map(|t| t.policy) {
+                    None => tracing::warn!(
+                        address = %local,
+                        "serving on a non-loopback address without TLS or authentication: anyone who can reach it can read and write the volume (see --tls-cert, --tls-psk)"
+                    ),
+                    Some(Policy::Offer) => tracing::warn!(
+                        address = %local,
+                        "serving on a non-loopback address with TLS optional (--tls=on): clients that skip TLS are served in plaintext, unauthenticated"
+                    ),
+                    Some(Policy::Require) => {}
+                }
             }
-            Ok(Bound { address: local.to_string(), acceptor: Acceptor::Tcp(l) })
+            Ok(Bound { address: local.to_string(), acceptor: Acceptor::Tcp(l), tls })
         }
     }
 }
@@ -202,19 +212,18 @@ pub async fn serve(bound: Bound, export: Arc<Export>, mut shutdown: watch::Recei
                     drop(conn);
                     continue;
                 }
+                let tls = bound.tls.clone();
                 match conn {
                     Conn::Unix(s) => {
                         let fd = s.as_raw_fd();
-                        let (r, w) = s.into_split();
-                        let f = session::run(r, w, export.clone(), shutdown.clone(), Some(fd));
+                        let f = session::run(s, export.clone(), shutdown.clone(), Some(fd), tls);
                         spawn_session(&mut sessions, "unix".into(), Box::pin(f))
                     }
                     Conn::Tcp(s, peer) => {
                         let _ = s.set_nodelay(true);
                         let fd = s.as_raw_fd();
                         keepalive(fd);
-                        let (r, w) = s.into_split();
-                        let f = session::run(r, w, export.clone(), shutdown.clone(), Some(fd));
+                        let f = session::run(s, export.clone(), shutdown.clone(), Some(fd), tls);
                         spawn_session(&mut sessions, peer, Box::pin(f))
                     }
                 }

@@ -22,6 +22,7 @@ type Permit = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 use tokio::task::JoinSet;
 
 use super::proto::{self, Request};
+use super::tls::{Policy, Secured, Tls};
 use super::unflushed::{UnflushedMarker, WriteGuard};
 use crate::error::nbd_errno;
 use crate::volume::engine::is_zero;
@@ -133,6 +134,8 @@ pub enum SessionError {
     Io(#[from] std::io::Error),
     #[error("protocol: {0}")]
     Proto(#[from] proto::ProtoError),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
 }
 
 /// Bytes of request payload that may be in flight on one connection.
@@ -173,28 +176,50 @@ struct Negotiated {
 
 enum Next {
     Transmit(Negotiated),
+    /// STARTTLS was acknowledged: the TLS handshake comes next.
+    StartTls,
     Close,
 }
 
-/// Run one connection to completion, given its two halves (owned halves of
-/// a socket avoid the lock `tokio::io::split` puts between them). `fd` is
-/// the socket's descriptor when busy polling may use it.
-pub async fn run<R, W>(
-    rd: R,
-    mut wr: W,
+/// A connection's byte stream as accepted: read and written whole during
+/// the handshake (STARTTLS needs it whole), split in two for the
+/// transmission phase.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Reader: AsyncRead + Unpin + Send + 'static;
+    type Writer: AsyncWrite + Unpin + Send + 'static;
+    fn into_halves(self) -> (Self::Reader, Self::Writer);
+}
+
+// Owned halves of a socket avoid the lock `tokio::io::split` puts between them.
+impl Transport for tokio::net::UnixStream {
+    type Reader = tokio::net::unix::OwnedReadHalf;
+    type Writer = tokio::net::unix::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Reader, Self::Writer) {
+        self.into_split()
+    }
+}
+
+impl Transport for tokio::net::TcpStream {
+    type Reader = tokio::net::tcp::OwnedReadHalf;
+    type Writer = tokio::net::tcp::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Reader, Self::Writer) {
+        self.into_split()
+    }
+}
+
+/// Run one connection to completion. `fd` is the socket's descriptor when
+/// busy polling may use it; `tls` the server's TLS setup, if it has one.
+pub async fn run<S: Transport>(
+    stream: S,
     export: Arc<Export>,
     shutdown: watch::Receiver<bool>,
     fd: Option<RawFd>,
-) -> Result<(), SessionError>
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    // Buffered: a request header and its payload usually arrive in one read.
-    let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
+    tls: Option<Arc<Tls>>,
+) -> Result<(), SessionError> {
     let mut stop = shutdown.clone();
-    let next = tokio::select! {
-        r = tokio::time::timeout(export.limits.io_deadline, handshake(&mut rd, &mut wr, &export)) => match r {
+    // One deadline for the whole handshake, the TLS handshake included.
+    let negotiated = tokio::select! {
+        r = tokio::time::timeout(export.limits.io_deadline, negotiate(stream, &export, tls.as_deref())) => match r {
             Ok(r) => r?,
             Err(_) => {
                 tracing::info!(deadline = ?export.limits.io_deadline, "client did not finish the handshake in time; closing");
@@ -203,40 +228,101 @@ where
         },
         _ = stop.changed() => return Ok(()),
     };
-    match next {
-        Next::Close => Ok(()),
-        Next::Transmit(neg) => {
+    match negotiated {
+        Negotiation::Close => Ok(()),
+        Negotiation::Plain(stream, neg) => {
             let poller = fd.filter(|_| !export.busy_poll.is_zero()).map(|fd| Poller::new(fd, export.busy_poll));
-            transmit(rd, wr, export, neg, shutdown, poller).await
+            let (rd, wr) = stream.into_halves();
+            transmit(buffered(rd), wr, export, neg, shutdown, poller).await
+        }
+        Negotiation::Secured(stream, neg) => {
+            // No busy polling: bytes on the socket are not yet a request
+            // (TLS may hold decrypted ones the socket does not show).
+            let (rd, wr) = tokio::io::split(*stream);
+            transmit(buffered(rd), wr, export, neg, shutdown, None).await
         }
     }
+}
+
+/// Buffered: a request header and its payload usually arrive in one read.
+fn buffered<R: AsyncRead>(rd: R) -> tokio::io::BufReader<R> {
+    tokio::io::BufReader::with_capacity(256 << 10, rd)
 }
 
 async fn reply<W: AsyncWrite + Unpin>(wr: &mut W, option: u32, kind: u32, data: &[u8]) -> std::io::Result<()> {
     wr.write_all(&proto::option_reply(option, kind, data)).await
 }
 
-async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-    rd: &mut R,
-    wr: &mut W,
+/// How the handshake ended.
+enum Negotiation<S> {
+    Plain(S, Negotiated),
+    Secured(Box<Secured<S>>, Negotiated),
+    Close,
+}
+
+/// The greeting, options, and (when the client asks) the switch to TLS and
+/// the options after it. Reads are unbuffered: after STARTTLS the next
+/// bytes belong to TLS, and none may sit in a buffer of ours.
+async fn negotiate<S: Transport>(
+    mut stream: S,
     export: &Export,
-) -> Result<Next, SessionError> {
-    wr.write_all(&proto::server_greeting()).await?;
-    wr.flush().await?;
-    let client_flags = rd.read_u32().await?;
+    tls: Option<&Tls>,
+) -> Result<Negotiation<S>, SessionError> {
+    stream.write_all(&proto::server_greeting()).await?;
+    stream.flush().await?;
+    let client_flags = stream.read_u32().await?;
     // Flags this server does not know: the spec says drop the connection.
     if client_flags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
         tracing::info!(flags = client_flags, "client sent unknown handshake flags; closing");
-        return Ok(Next::Close);
+        return Ok(Negotiation::Close);
     }
     let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
+    let before = match tls {
+        None => TlsState::Unavailable,
+        Some(t) if t.policy == Policy::Require => TlsState::Required,
+        Some(_) => TlsState::Offered,
+    };
+    let tls = match (options(&mut stream, export, no_zeroes, before).await?, tls) {
+        (Next::Transmit(neg), _) => return Ok(Negotiation::Plain(stream, neg)),
+        (Next::StartTls, Some(tls)) => tls,
+        (Next::Close | Next::StartTls, _) => return Ok(Negotiation::Close),
+    };
+    let mut secured = tls.accept(stream).await.map_err(SessionError::Tls)?;
+    // Nothing negotiated before TLS carries over (a man in the middle may
+    // have chosen it): the options start again from scratch.
+    match options(&mut secured, export, no_zeroes, TlsState::Established).await? {
+        Next::Transmit(neg) => Ok(Negotiation::Secured(Box::new(secured), neg)),
+        Next::StartTls | Next::Close => Ok(Negotiation::Close),
+    }
+}
+
+/// Where a connection stands with TLS while options are haggled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsState {
+    /// The server has no TLS setup.
+    Unavailable,
+    /// STARTTLS may be asked for; plaintext is served too.
+    Offered,
+    /// Nothing but STARTTLS and ABORT until TLS is up.
+    Required,
+    Established,
+}
+
+/// Haggle options until the client picks the export (or asks for TLS, or
+/// leaves).
+async fn options<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    export: &Export,
+    no_zeroes: bool,
+    tls: TlsState,
+) -> Result<Next, SessionError> {
     let mut structured = false;
     // The metadata context SET_META_CONTEXT selected (base:allocation is
     // the only one offered).
     let mut base_allocation = false;
     loop {
         let mut hdr = [0u8; 16];
-        rd.read_exact(&mut hdr).await?;
+        stream.read_exact(&mut hdr).await?;
         // The magic first: a length behind a wrong magic means nothing
         // (and is not drained).
         if hdr[..8] != proto::IHAVEOPT.to_be_bytes() {
@@ -248,83 +334,98 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         let mut frame = hdr.to_vec();
         if len > proto::MAX_OPTION_LEN {
             // Skip the payload without buffering it, then refuse the option.
-            let skipped = tokio::io::copy(&mut rd.take(len as u64), &mut tokio::io::sink()).await?;
+            let skipped = tokio::io::copy(&mut (&mut *stream).take(len as u64), &mut tokio::io::sink()).await?;
             if skipped != len as u64 {
                 return Ok(Next::Close);
             }
-            reply(wr, code, proto::REP_ERR_TOO_BIG, b"option too large").await?;
+            reply(stream, code, proto::REP_ERR_TOO_BIG, b"option too large").await?;
             continue;
         }
         frame.resize(16 + len as usize, 0);
-        rd.read_exact(&mut frame[16..]).await?;
+        stream.read_exact(&mut frame[16..]).await?;
         let Some((opt, _)) = proto::parse_option(&frame)? else {
             return Ok(Next::Close);
         };
+        if tls == TlsState::Required && !matches!(opt.code, proto::OPT_STARTTLS | proto::OPT_ABORT) {
+            if opt.code == proto::OPT_EXPORT_NAME {
+                // EXPORT_NAME has no error reply: the spec says close.
+                tracing::info!("a plaintext client asked for the export, but TLS is required; closing");
+                return Ok(Next::Close);
+            }
+            reply(stream, opt.code, proto::REP_ERR_TLS_REQD, b"TLS is required: send STARTTLS first").await?;
+            stream.flush().await?;
+            continue;
+        }
         match opt.code {
             proto::OPT_EXPORT_NAME => {
                 if !export.matches(&opt.data) {
                     tracing::info!(name = %crate::nbd::printable(&opt.data), "unknown export requested");
                     return Ok(Next::Close);
                 }
-                wr.write_all(&proto::export_name_reply(export.volume.size(), export.flags(), no_zeroes)).await?;
+                stream.write_all(&proto::export_name_reply(export.volume.size(), export.flags(), no_zeroes)).await?;
                 return Ok(Next::Transmit(Negotiated { structured, base_allocation }));
             }
             proto::OPT_ABORT => {
-                let _ = reply(wr, opt.code, proto::REP_ACK, &[]).await;
+                let _ = reply(stream, opt.code, proto::REP_ACK, &[]).await;
                 return Ok(Next::Close);
             }
             proto::OPT_LIST => {
                 if !opt.data.is_empty() {
-                    reply(wr, opt.code, proto::REP_ERR_INVALID, b"LIST takes no data").await?;
+                    reply(stream, opt.code, proto::REP_ERR_INVALID, b"LIST takes no data").await?;
                 } else {
                     let entry = proto::list_entry(export.name.as_bytes(), export.description.as_bytes());
-                    reply(wr, opt.code, proto::REP_SERVER, &entry).await?;
-                    reply(wr, opt.code, proto::REP_ACK, &[]).await?;
+                    reply(stream, opt.code, proto::REP_SERVER, &entry).await?;
+                    reply(stream, opt.code, proto::REP_ACK, &[]).await?;
                 }
             }
             proto::OPT_INFO | proto::OPT_GO => {
                 let Some(req) = proto::parse_info_request(&opt.data) else {
-                    reply(wr, opt.code, proto::REP_ERR_INVALID, b"malformed INFO/GO request").await?;
+                    reply(stream, opt.code, proto::REP_ERR_INVALID, b"malformed INFO/GO request").await?;
                     continue;
                 };
                 if !export.matches(&req.name) {
-                    reply(wr, opt.code, proto::REP_ERR_UNKNOWN, b"no such export").await?;
+                    reply(stream, opt.code, proto::REP_ERR_UNKNOWN, b"no such export").await?;
                     continue;
                 }
                 let size = export.volume.size();
-                reply(wr, opt.code, proto::REP_INFO, &proto::info_export(size, export.flags())).await?;
+                reply(stream, opt.code, proto::REP_INFO, &proto::info_export(size, export.flags())).await?;
                 let (min, pref, max) = export.block_sizes();
-                reply(wr, opt.code, proto::REP_INFO, &proto::info_block_size(min, pref, max)).await?;
+                reply(stream, opt.code, proto::REP_INFO, &proto::info_block_size(min, pref, max)).await?;
                 if req.requests.contains(&proto::INFO_NAME) {
-                    reply(wr, opt.code, proto::REP_INFO, &proto::info_text(proto::INFO_NAME, export.name.as_bytes()))
-                        .await?;
+                    reply(
+                        stream,
+                        opt.code,
+                        proto::REP_INFO,
+                        &proto::info_text(proto::INFO_NAME, export.name.as_bytes()),
+                    )
+                    .await?;
                 }
                 if req.requests.contains(&proto::INFO_DESCRIPTION) {
                     let d = proto::info_text(proto::INFO_DESCRIPTION, export.description.as_bytes());
-                    reply(wr, opt.code, proto::REP_INFO, &d).await?;
+                    reply(stream, opt.code, proto::REP_INFO, &d).await?;
                 }
-                reply(wr, opt.code, proto::REP_ACK, &[]).await?;
+                reply(stream, opt.code, proto::REP_ACK, &[]).await?;
                 if opt.code == proto::OPT_GO {
                     return Ok(Next::Transmit(Negotiated { structured, base_allocation }));
                 }
             }
             proto::OPT_STRUCTURED_REPLY => {
                 if !opt.data.is_empty() {
-                    reply(wr, opt.code, proto::REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data").await?;
+                    reply(stream, opt.code, proto::REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data").await?;
                 } else {
                     structured = true;
-                    reply(wr, opt.code, proto::REP_ACK, &[]).await?;
+                    reply(stream, opt.code, proto::REP_ACK, &[]).await?;
                 }
             }
             proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
                 let set = opt.code == proto::OPT_SET_META_CONTEXT;
                 match proto::parse_meta_context_request(&opt.data) {
                     _ if !structured => {
-                        reply(wr, opt.code, proto::REP_ERR_INVALID, b"negotiate structured replies first").await?;
+                        reply(stream, opt.code, proto::REP_ERR_INVALID, b"negotiate structured replies first").await?;
                     }
-                    None => reply(wr, opt.code, proto::REP_ERR_INVALID, b"malformed meta context request").await?,
+                    None => reply(stream, opt.code, proto::REP_ERR_INVALID, b"malformed meta context request").await?,
                     Some(req) if !export.matches(&req.export) => {
-                        reply(wr, opt.code, proto::REP_ERR_UNKNOWN, b"no such export").await?;
+                        reply(stream, opt.code, proto::REP_ERR_UNKNOWN, b"no such export").await?;
                     }
                     Some(req) => {
                         // LIST with no queries lists everything; a namespace
@@ -341,21 +442,34 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                         }
                         if offered {
                             let d = proto::meta_context_reply(proto::BASE_ALLOCATION_ID, proto::BASE_ALLOCATION);
-                            reply(wr, opt.code, proto::REP_META_CONTEXT, &d).await?;
+                            reply(stream, opt.code, proto::REP_META_CONTEXT, &d).await?;
                         }
-                        reply(wr, opt.code, proto::REP_ACK, &[]).await?;
+                        reply(stream, opt.code, proto::REP_ACK, &[]).await?;
                     }
                 }
             }
-            proto::OPT_STARTTLS => {
-                reply(wr, opt.code, proto::REP_ERR_UNSUP, b"TLS is not supported; use a unix socket").await?;
-            }
+            proto::OPT_STARTTLS => match tls {
+                TlsState::Unavailable => {
+                    reply(stream, opt.code, proto::REP_ERR_UNSUP, b"this server is not set up for TLS").await?;
+                }
+                TlsState::Established => {
+                    reply(stream, opt.code, proto::REP_ERR_INVALID, b"TLS is already established").await?;
+                }
+                TlsState::Offered | TlsState::Required if !opt.data.is_empty() => {
+                    reply(stream, opt.code, proto::REP_ERR_INVALID, b"STARTTLS takes no data").await?;
+                }
+                TlsState::Offered | TlsState::Required => {
+                    reply(stream, opt.code, proto::REP_ACK, &[]).await?;
+                    stream.flush().await?;
+                    return Ok(Next::StartTls);
+                }
+            },
             other => {
                 let msg = format!("option {other} is not supported");
-                reply(wr, other, proto::REP_ERR_UNSUP, msg.as_bytes()).await?;
+                reply(stream, other, proto::REP_ERR_UNSUP, msg.as_bytes()).await?;
             }
         }
-        wr.flush().await?;
+        stream.flush().await?;
     }
 }
 
