@@ -5,7 +5,7 @@
 #   - connections that send a maximum-size (32 MiB) WRITE header and no payload,
 #   - connections that never say a word after connecting (stalled handshakes),
 #   - connections that promise a 60 KB option and send 100 bytes of it,
-#   - connect/close churn, past --max-connections,
+#   - connect/close churn,
 # open (each reconnects as soon as the server drops it). Prints the legit
 # client's latency (p50/p99, flood/alone), its fresh connections refused,
 # the server's peak RSS against its memory budget, and data mismatches

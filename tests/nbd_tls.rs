@@ -503,3 +503,62 @@ fn non_loopback_listeners_warn_unless_tls_is_required() {
         }
     }
 }
+
+/// Nothing negotiated in plaintext survives STARTTLS (a man in the middle
+/// could have chosen it): structured replies asked for before TLS are off
+/// after it, so a READ gets a simple reply.
+#[test]
+fn options_negotiated_before_starttls_are_forgotten() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(pki) = pki(dir.path()) else { return };
+    let srv = serve(dir.path(), &pki, &["--tls=on"]);
+    let mut s = greet(&srv);
+    send_option(&mut s, proto::OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(option_reply(&mut s).expect("reply"), (proto::OPT_STRUCTURED_REPLY, proto::REP_ACK));
+    send_option(&mut s, proto::OPT_STARTTLS, &[]);
+    assert_eq!(option_reply(&mut s).expect("reply"), (proto::OPT_STARTTLS, proto::REP_ACK));
+
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(pki.path("ca-cert.pem")).expect("CA");
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.expect("CA PEM")).expect("CA");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let mut tls = rustls::StreamOwned::new(conn, s);
+
+    let go = common::nbd_client::go_payload("vol");
+    let mut f = proto::IHAVEOPT.to_be_bytes().to_vec();
+    f.extend_from_slice(&proto::OPT_GO.to_be_bytes());
+    f.extend_from_slice(&(go.len() as u32).to_be_bytes());
+    f.extend_from_slice(&go);
+    tls.write_all(&f).expect("GO over TLS");
+    loop {
+        let mut h = [0u8; 20];
+        tls.read_exact(&mut h).expect("option reply over TLS");
+        let kind = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+        let mut d = vec![0u8; u32::from_be_bytes([h[16], h[17], h[18], h[19]]) as usize];
+        tls.read_exact(&mut d).expect("option data");
+        assert!(kind == proto::REP_ACK || kind == proto::REP_INFO, "GO over TLS got reply {kind:#x}");
+        if kind == proto::REP_ACK {
+            break;
+        }
+    }
+    let read = proto::Request { flags: 0, kind: proto::CMD_READ, handle: 7, offset: 0, length: 4096 };
+    tls.write_all(&proto::encode_request(&read)).expect("READ");
+    let mut magic = [0u8; 4];
+    tls.read_exact(&mut magic).expect("reply");
+    assert_eq!(
+        u32::from_be_bytes(magic),
+        proto::SIMPLE_REPLY_MAGIC,
+        "structured replies negotiated before STARTTLS were still in force after it"
+    );
+}
