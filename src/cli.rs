@@ -1101,6 +1101,10 @@ struct ServeArgs {
     /// CA certificate(s) (PEM): clients must present a certificate signed by one of them.
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Pre-shared keys for NBD over TLS instead of certificates: a file of
+    /// USERNAME:HEXKEY lines (as GnuTLS's psktool writes them).
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_client_ca"])]
+    tls_psk: Option<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -1114,23 +1118,26 @@ enum TlsMode {
 /// before anything else happens.
 fn tls_setup(a: &ServeArgs) -> Result<Option<Arc<crate::nbd::tls::Tls>>> {
     use crate::nbd::tls::{Policy, Tls, X509Files};
-    let files = match (&a.tls_cert, &a.tls_key) {
+    let x509 = match (&a.tls_cert, &a.tls_key) {
         (Some(cert), Some(key)) => {
             Some(X509Files { cert: cert.clone(), key: key.clone(), client_ca: a.tls_client_ca.clone() })
         }
         _ => None,
     };
-    let policy = match (a.tls, &files) {
-        (None | Some(TlsMode::Off), None) => return Ok(None),
-        (Some(TlsMode::Off), Some(_)) => bail!("--tls=off contradicts --tls-cert/--tls-key: drop one or the other"),
-        (Some(mode), None) => bail!("--tls={mode:?} needs credentials: --tls-cert and --tls-key"),
-        (Some(TlsMode::On), Some(_)) => Policy::Offer,
-        (None | Some(TlsMode::Require), Some(_)) => Policy::Require,
+    let has_credentials = x509.is_some() || a.tls_psk.is_some();
+    let policy = match (a.tls, has_credentials) {
+        (None | Some(TlsMode::Off), false) => return Ok(None),
+        (Some(TlsMode::Off), true) => bail!("--tls=off contradicts the TLS credentials given: drop one or the other"),
+        (Some(mode), false) => bail!("--tls={mode:?} needs credentials: --tls-cert and --tls-key, or --tls-psk"),
+        (Some(TlsMode::On), true) => Policy::Offer,
+        (None | Some(TlsMode::Require), true) => Policy::Require,
     };
-    match files {
-        Some(f) => Ok(Some(Arc::new(Tls::x509(&f, policy)?))),
-        None => Ok(None),
-    }
+    let tls = match (x509, &a.tls_psk) {
+        (Some(f), _) => Tls::x509(&f, policy)?,
+        (None, Some(psk)) => Tls::psk(psk, policy)?,
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(Arc::new(tls)))
 }
 
 async fn serve(a: ServeArgs, g: &Global) -> Result<()> {

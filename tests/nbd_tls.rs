@@ -427,6 +427,9 @@ fn bad_tls_files_are_refused_before_the_volume_is_touched() {
     let p = |n: &str| pki.path(n).to_string_lossy().into_owned();
     let missing = dir.path().join("missing.pem").to_string_lossy().into_owned();
     let junk = junk.to_string_lossy().into_owned();
+    let bad_psk = dir.path().join("bad.psk");
+    std::fs::write(&bad_psk, "alice:00ff\nbob=1234\n").expect("bad psk");
+    let bad_psk = bad_psk.to_string_lossy().into_owned();
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
             vec!["--tls-cert".into(), missing.clone(), "--tls-key".into(), p("server-key.pem")],
@@ -465,6 +468,12 @@ fn bad_tls_files_are_refused_before_the_volume_is_touched() {
             "contradicts",
         ),
         (vec!["--tls-cert".into(), p("server-cert.pem")], "--tls-key"),
+        (
+            vec!["--tls-psk".into(), dir.path().join("missing.psk").to_string_lossy().into_owned()],
+            "cannot read PSK file",
+        ),
+        (vec!["--tls-psk".into(), bad_psk.clone()], "line 2"),
+        (vec!["--tls-psk".into(), bad_psk, "--tls-cert".into(), p("server-cert.pem")], "cannot be used with"),
     ];
     for (args, expected) in cases {
         let o = run(Command::new(common::s3blk_bin())
@@ -561,4 +570,57 @@ fn options_negotiated_before_starttls_are_forgotten() {
         proto::SIMPLE_REPLY_MAGIC,
         "structured replies negotiated before STARTTLS were still in force after it"
     );
+}
+
+/// Pre-shared keys (`--tls-psk`, psktool's USERNAME:HEXKEY lines): libnbd
+/// and qemu write and read back over TLS; a wrong key, an unknown username
+/// and a plaintext client are refused.
+#[test]
+fn libnbd_and_qemu_work_with_a_pre_shared_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    if !common::require_tool("nbdinfo") || !common::require_tool("qemu-io") || !libnbd_python() {
+        return;
+    }
+    let key = |seed: u64| common::pattern(seed, 32).iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let write = |name: &str, text: String| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).expect("dir");
+        std::fs::write(d.join("keys.psk"), text).expect("psk");
+        d.join("keys.psk")
+    };
+    let server_keys = write("server", format!("carol:{}\nalice:{}\n", key(1), key(2)));
+    let alice = write("alice", format!("alice:{}\n", key(2)));
+    let wrong = write("wrong", format!("alice:{}\n", key(3)));
+    let bob = write("bob", format!("bob:{}\n", key(2)));
+    let srv = serve_with(dir.path(), "vol", "127.0.0.1:0", &["--tls-psk", server_keys.to_str().expect("utf-8")]);
+    let uri = |user: &str, file: &Path| format!("nbds://{user}@{}/vol?tls-psk-file={}", srv.address, file.display());
+
+    let out = run(Command::new("/usr/bin/python3").env("URI", uri("alice", &alice)).args(["-c", LIBNBD_ROUND_TRIP]));
+    assert!(out.status.success(), "libnbd with a PSK: {}\nserver: {}", text(&out), srv.log());
+    let creds =
+        format!("tls-creds-psk,id=tls0,endpoint=client,dir={},username=alice", dir.path().join("alice").display());
+    let opts = format!("driver=nbd,host=127.0.0.1,port={},export=vol,tls-creds=tls0", srv.port());
+    let io = run(Command::new("qemu-io").args([
+        "--object",
+        &creds,
+        "--image-opts",
+        &opts,
+        "-c",
+        "write -P 0x33 20M 1M",
+        "-c",
+        "read -P 0x33 20M 1M",
+    ]));
+    let t = text(&io);
+    assert!(
+        io.status.success() && t.contains("read 1048576/1048576") && !t.contains("fail"),
+        "qemu-io with a PSK: {t}"
+    );
+
+    for (who, u) in [("a wrong key", uri("alice", &wrong)), ("an unknown username", uri("bob", &bob))] {
+        let o = run(Command::new("nbdinfo").arg("--size").arg(&u));
+        assert!(!o.status.success(), "a client with {who} was served: {}", text(&o));
+    }
+    let plain = run(Command::new("nbdinfo").arg("--size").arg(format!("nbd://{}/vol", srv.address)));
+    assert!(!plain.status.success(), "a plaintext client was served: {}", text(&plain));
+    assert!(srv.log().contains("unknown PSK username"), "{}", srv.log());
 }
