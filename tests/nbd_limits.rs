@@ -129,6 +129,42 @@ fn header_only_writes_do_not_pin_memory() {
     drop(srv);
 }
 
+/// Header-only WRITEs hold no share of the server-wide budget: with more
+/// of them pending than the budget holds (20 x 32 MiB against 256 MiB), an
+/// honest client's write and read are answered at once, not after the
+/// handshake deadline has dropped the hostile connections.
+#[test]
+fn header_only_writes_do_not_starve_honest_clients() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let srv = serve(dir.path(), "starve", &[]);
+    let mut hostile = Vec::new();
+    for i in 0..20u64 {
+        let mut s = handshake(&srv.sock);
+        let r = proto::Request { flags: 0, kind: proto::CMD_WRITE, handle: i, offset: 0, length: proto::MAX_PAYLOAD };
+        s.write_all(&proto::encode_request(&r)).expect("header");
+        hostile.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut honest = handshake(&srv.sock);
+    honest.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    let data = common::pattern(5, 64 << 10);
+    let start = Instant::now();
+    let w = proto::Request { flags: 0, kind: proto::CMD_WRITE, handle: 1, offset: 1 << 20, length: data.len() as u32 };
+    honest.write_all(&proto::encode_request(&w)).expect("write header");
+    honest.write_all(&data).expect("write payload");
+    let mut reply = [0u8; 16];
+    honest.read_exact(&mut reply).expect("no reply to an honest write within 3 s while header-only writes are pending");
+    assert_eq!(&reply[4..8], &[0, 0, 0, 0], "write failed");
+    let r = proto::Request { flags: 0, kind: proto::CMD_READ, handle: 2, offset: 1 << 20, length: data.len() as u32 };
+    honest.write_all(&proto::encode_request(&r)).expect("read header");
+    honest.read_exact(&mut reply).expect("no reply to an honest read within 3 s");
+    let mut back = vec![0u8; data.len()];
+    honest.read_exact(&mut back).expect("read data");
+    assert!(back == data, "read back different data");
+    eprintln!("honest write + read answered in {:?}", start.elapsed());
+    drop(hostile);
+}
+
 /// A client that connects and says nothing is dropped at the handshake
 /// deadline; one that stops sending a payload is dropped too.
 #[test]

@@ -143,17 +143,29 @@ const INFLIGHT_BYTES: usize = 64 << 20;
 /// A payload buffer grows by at most this much per read.
 const PAYLOAD_STEP: usize = 1 << 20;
 
-/// Read a `len`-byte payload into `buf`, growing it only as bytes arrive.
+/// Read a `len`-byte payload into `buf`, growing it only as bytes arrive,
+/// and taking the server-wide budget (`server`, into `held`) for each step
+/// before the buffer grows into it: a header whose payload never comes
+/// holds none of what other connections need.
 /// `Ok(false)`: the client went away, or sent nothing for `deadline`.
 async fn read_payload<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut Vec<u8>,
     len: usize,
     deadline: Duration,
+    server: &Arc<Semaphore>,
+    held: &mut OwnedSemaphorePermit,
 ) -> std::io::Result<bool> {
     while buf.len() < len {
         let want = (len - buf.len()).min(PAYLOAD_STEP);
         let start = buf.len();
+        let units = (start + want).div_ceil(PERMIT_UNIT);
+        if let Some(more) = units.checked_sub(held.num_permits()).filter(|&n| n > 0) {
+            match server.clone().acquire_many_owned(more as u32).await {
+                Ok(p) => held.merge(p),
+                Err(_) => return Ok(false),
+            }
+        }
         buf.resize(start + want, 0);
         match tokio::time::timeout(deadline, rd.read(&mut buf[start..])).await {
             Ok(Ok(0)) | Err(_) => return Ok(false),
@@ -651,12 +663,16 @@ where
         // A block status answer is small whatever range it covers.
         let bytes = if req.kind == proto::CMD_BLOCK_STATUS { 0 } else { req.length as usize };
         let units = bytes.min(INFLIGHT_BYTES).div_ceil(PERMIT_UNIT).max(1) as u32;
+        // A WRITE takes its server-wide share as its payload arrives (see
+        // read_payload); everything else takes it up front.
+        let payload_follows = req.kind == proto::CMD_WRITE && req.length <= proto::MAX_PAYLOAD && req.length > 0;
+        let server_units = if payload_follows { 0 } else { units };
         let permits = async {
             let mine = budget.clone().acquire_many_owned(units).await.ok()?;
-            let all = export.limits.inflight.clone().acquire_many_owned(units).await.ok()?;
+            let all = export.limits.inflight.clone().acquire_many_owned(server_units).await.ok()?;
             Some((mine, all))
         };
-        let permit = tokio::select! {
+        let mut permit = tokio::select! {
             p = permits => match p {
                 Some(p) => p,
                 None => break Ok(()),
@@ -679,7 +695,7 @@ where
             let mut buf = Vec::with_capacity((req.length as usize).min(PAYLOAD_STEP));
             let deadline = export.limits.io_deadline;
             let r = tokio::select! {
-                r = read_payload(&mut rd, &mut buf, req.length as usize, deadline) => r,
+                r = read_payload(&mut rd, &mut buf, req.length as usize, deadline, &export.limits.inflight, &mut permit.1) => r,
                 _ = shutdown.changed() => break Ok(()),
             };
             match r {
