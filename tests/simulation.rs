@@ -1,9 +1,11 @@
 //! Deterministic simulation of the volume engine.
 //!
 //! One `u64` seed decides a whole history: the volume's shape, every
-//! actor's choices, every store call's latency and fault. Each seed runs on
-//! its own single-threaded tokio runtime with paused time, so sleeps,
-//! timeouts and retry backoff take no real time and happen in one order.
+//! actor's choices, every store call's latency and fault (transient
+//! errors, lost answers, hangs, outages, latency spikes of seconds). Each
+//! seed runs on its own single-threaded tokio runtime with paused time, so
+//! sleeps, timeouts and retry backoff take no real time and happen in one
+//! order.
 //!
 //! Actors, each an async task with its own store handle ([`SimStore`]
 //! wrapped in the real [`RetryStore`]) and its own clock skew:
@@ -14,12 +16,17 @@
 //!   writes: a write, then a flush for it); at random moments a new session takes over, either after
 //!   the old one crashed (task aborted, store handle dead, its requests in
 //!   flight landing or not) or while the old one lives on cut off from
-//!   the store, fenced without knowing it yet;
+//!   the store, fenced without knowing it yet; often it comes back only
+//!   after compaction folded the journal past its last record, over a link
+//!   that drops again as its first journal record lands (in the hole the
+//!   fold left), so that its next flush reads that record back;
 //! - read-only openers (some at a snapshot) that read everything at open
 //!   and then now and then;
 //! - one to three compactors with the shortest safety age the engine
 //!   calls safe beside a live writer, crashed mid-way at times, each pass
-//!   on the volume or on one of its clones;
+//!   on the volume or on one of its clones; their clocks are seconds off,
+//!   minutes off, or ahead by more than the safety age (every upload not
+//!   yet committed looks old to such a host);
 //! - a cloner that restores clones from snapshots as the CSI controller
 //!   does (a pin in the parent, a clone marker, `volume.json` naming the
 //!   pin), deletes snapshots (some that clones were restored from), and
@@ -91,7 +98,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use s3blk::clock::Clock;
 use s3blk::store::retry::{Jitter, RetryPolicy, RetryStore};
-use s3blk::store::sim::{FaultPlan, Fnv, Outage, SimClock, SimGate, SimStore, SimWorld};
+use s3blk::store::sim::{FaultPlan, Fnv, Outage, PutTrip, SimClock, SimGate, SimStore, SimWorld};
 use s3blk::store::{DynStore, PutMode};
 use s3blk::volume::catalog;
 use s3blk::volume::compact::{self, CompactOptions};
@@ -166,11 +173,17 @@ impl Config {
             .map(|_| (Duration::from_secs(rng.random_range(20..run_for.as_secs() - 30)), rng.random_bool(0.5)))
             .collect();
         takeovers.sort_by_key(|t| t.0);
+        let safety_age = compact::MIN_LIVE_SAFETY_AGE + Duration::from_secs(rng.random_range(0..=60));
         // Most hosts keep time within seconds; now and then a compactor's
-        // clock is minutes off (the engine promises to measure ages on the
-        // store's clock, so that must be safe too).
-        let skew = |rng: &mut StdRng| {
-            if rng.random_bool(0.15) { rng.random_range(-300..=300) } else { rng.random_range(-3..=3) }
+        // clock is minutes off, and sometimes ahead by more than the safety
+        // age, when every upload not yet committed looks old to it (the
+        // engine promises to measure ages on the store's clock, so that
+        // must be safe too).
+        let safety = safety_age.as_secs() as i64;
+        let skew = |rng: &mut StdRng| match rng.random_range(0..100) {
+            0..=69 => rng.random_range(-3..=3),
+            70..=84 => rng.random_range(-300..=300),
+            _ => rng.random_range(safety + 5..=safety + 300),
         };
         let compactor_skews = (0..rng.random_range(1..=3)).map(|_| skew(rng)).collect();
         let max_clones = rng.random_range(0..=2);
@@ -192,7 +205,7 @@ impl Config {
             concurrency: rng.random_range(1..=6),
             readahead: rng.random_range(0..=2),
             run_for,
-            safety_age: compact::MIN_LIVE_SAFETY_AGE + Duration::from_secs(rng.random_range(0..=60)),
+            safety_age,
             takeovers,
             compactor_skews,
             writer_skew_bound: 3,
@@ -238,6 +251,18 @@ impl Config {
                 window: Duration::from_secs(start)..Duration::from_secs(start + len),
                 black_hole: rng.random_bool(0.5),
             });
+        }
+        // Latency spikes: for a while every call takes seconds (uploads
+        // stay staged that long before their commit lands).
+        let brownouts = match self.chaos {
+            Chaos::Calm => 0,
+            Chaos::Moderate => rng.random_range(0..=1),
+            Chaos::Harsh => rng.random_range(0..=2),
+        };
+        for _ in 0..brownouts {
+            let start = rng.random_range(0..run);
+            let len = rng.random_range(10..120);
+            plan.brownouts.push(Duration::from_secs(start)..Duration::from_secs(start + len));
         }
         plan.abandoned_lands_rate = rng.random_range(0.2..0.8);
         plan
@@ -925,7 +950,30 @@ async fn writers(ctx: Ctx) {
                 // The old writer's node is cut off for a while (that is
                 // why it was replaced) and lives on, fenced unawares.
                 let now = ctx.world.elapsed();
-                let len = Duration::from_secs(rng.random_range(10..400));
+                let mut len = Duration::from_secs(rng.random_range(10..400));
+                // Often it comes back after compaction folded the
+                // journal past its last record, over a link that drops again
+                // just after its first journal record lands: the commit is
+                // in doubt, and its next flush reads the record back, in the
+                // hole the fold left.
+                let safety = ctx.cfg.safety_age.as_secs();
+                let latest = ctx.cfg.run_for.saturating_sub(now).as_secs().saturating_sub(90);
+                if rng.random_bool(0.6) && latest > safety + 90 {
+                    len = Duration::from_secs(rng.random_range(safety + 90..=latest.min(safety + 360)));
+                    // Longer than the retry layer's budget for one call,
+                    // mostly shorter than compactions' intervals.
+                    let flap = Duration::from_secs(rng.random_range(17..40));
+                    handle.trip_at_put(PutTrip {
+                        contains: "/journal/".into(),
+                        not_before: now + len,
+                        lands: Some(rng.random_bool(0.5)),
+                        outage: Outage { window: Duration::ZERO..flap, black_hole: false },
+                    });
+                    ctx.event(&format!(
+                        "{}: its first journal record after the cut lands as the link drops for {flap:?}",
+                        handle.actor()
+                    ));
+                }
                 handle.add_outage(Outage { window: now..now + len, black_hole: rng.random_bool(0.5) });
                 ctx.event(&format!("{}: cut off for {len:?}, left running", handle.actor()));
             }

@@ -22,7 +22,10 @@
 //!    their delays say; events due in the same timer tick run in an order
 //!    drawn from the seed.
 //! 3. Outage windows (a partitioned actor) fail or black-hole every call
-//!    that starts inside them.
+//!    that starts inside them; brownout windows (a latency spike) make
+//!    every call that starts inside them take seconds. An outage can also
+//!    be armed to begin at a PUT ([`SimStore::trip_at_put`]), which fails
+//!    with it or lands just before the link goes.
 //!
 //! [`SimGate`], put in front of the retry layer, makes calls started in
 //! one instant proceed in a seeded order, so the retry layer's timeouts
@@ -73,6 +76,10 @@ pub struct FaultPlan {
     pub abandoned_lands_rate: f64,
     /// Windows (since the start of the simulation) in which every call fails.
     pub outages: Vec<Outage>,
+    /// Windows in which every call is slow (a store's latency spike):
+    /// latencies drawn from `brownout_delay`.
+    pub brownouts: Vec<Range<Duration>>,
+    pub brownout_delay: Range<Duration>,
 }
 
 /// A window in which one actor cannot reach the store.
@@ -96,6 +103,8 @@ impl FaultPlan {
             slow_delay: Duration::from_millis(100)..Duration::from_secs(2),
             abandoned_lands_rate: 0.5,
             outages: Vec::new(),
+            brownouts: Vec::new(),
+            brownout_delay: Duration::from_secs(1)..Duration::from_secs(10),
         }
     }
 }
@@ -387,8 +396,23 @@ pub struct SimStore {
     crashed: Arc<AtomicBool>,
     /// Crash as the n-th delete of a key containing the text is sent.
     trip: Arc<Mutex<Option<(String, u64)>>>,
-    /// Lose the store (from that call on) as a PUT of a key containing the text is sent.
-    outage_trip: Arc<Mutex<Option<(String, Outage)>>>,
+    /// Lose the store as a PUT of a key containing the text is sent.
+    outage_trip: Arc<Mutex<Option<PutTrip>>>,
+}
+
+/// The store lost as one PUT is sent ([`SimStore::trip_at_put`]).
+#[derive(Debug, Clone)]
+pub struct PutTrip {
+    /// The first PUT of a key containing this text...
+    pub contains: String,
+    /// ...sent at or after this moment (since the simulation started).
+    pub not_before: Duration,
+    /// That PUT fails with the outage (`None`), or lands first, its answer
+    /// lost (`Some(true)`) or given (`Some(false)`), the outage beginning
+    /// as it is sent (the calls after it fail).
+    pub lands: Option<bool>,
+    /// The outage: its window's length counts from the trip.
+    pub outage: Outage,
 }
 
 /// A call's drawn fate and timing.
@@ -441,7 +465,12 @@ impl SimStore {
     /// containing `contains`: that PUT and every call in the outage's
     /// window (measured from that moment, its length the window's) fail.
     pub fn outage_at_put(&self, contains: &str, outage: Outage) {
-        *self.outage_trip.lock().unwrap_or_else(|p| p.into_inner()) = Some((contains.to_string(), outage));
+        self.trip_at_put(PutTrip { contains: contains.to_string(), not_before: Duration::ZERO, lands: None, outage });
+    }
+
+    /// Arm a [`PutTrip`] (replacing one armed before).
+    pub fn trip_at_put(&self, trip: PutTrip) {
+        *self.outage_trip.lock().unwrap_or_else(|p| p.into_inner()) = Some(trip);
     }
 
     /// Replace the fault plan (e.g. a calm one for the final checks).
@@ -454,12 +483,16 @@ impl SimStore {
         self.plan.lock().unwrap_or_else(|p| p.into_inner()).outages.push(outage);
     }
 
-    fn plan_call(&self, op: SimOp, key: &str) -> CallPlan {
+    /// Draw a call's fate and timing (`forced`: this fate instead of the drawn one).
+    fn plan_call(&self, op: SimOp, key: &str, forced: Option<Fate>) -> CallPlan {
         let mut rng = self.world.call_rng(&self.actor, op, key);
         let plan = self.plan.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let now = self.world.elapsed();
         let outage = plan.outages.iter().find(|o| o.window.contains(&now));
-        let latency = if rng.random_bool(plan.slow_rate.clamp(0.0, 1.0)) {
+        let slow = rng.random_bool(plan.slow_rate.clamp(0.0, 1.0));
+        let latency = if plan.brownouts.iter().any(|b| b.contains(&now)) {
+            draw(&mut rng, &plan.brownout_delay)
+        } else if slow {
             draw(&mut rng, &plan.slow_delay)
         } else {
             draw(&mut rng, &plan.delay)
@@ -476,6 +509,7 @@ impl SimStore {
             None if roll < plan.error_rate + plan.lost_answer_rate + plan.hang_rate => Fate::Hang,
             None => Fate::Normal,
         };
+        let fate = forced.unwrap_or(fate);
         let travel = if fate == Fate::Hang { draw(&mut rng, &plan.hang_delay) } else { travel };
         CallPlan { fate, travel, answer, lands_if_abandoned, tie: rng.random() }
     }
@@ -492,18 +526,32 @@ impl SimStore {
         if self.is_crashed() {
             return Err(StoreError::Permanent(format!("{what}: process crashed")));
         }
+        let mut forced = None;
         if matches!(op, SimOp::Put | SimOp::PutIfAbsent) {
+            let now = self.world.elapsed();
             let mut trip = self.outage_trip.lock().unwrap_or_else(|p| p.into_inner());
-            if trip.as_ref().is_some_and(|(c, _)| key.contains(c.as_str()))
-                && let Some((_, o)) = trip.take()
+            if trip.as_ref().is_some_and(|t| key.contains(t.contains.as_str()) && now >= t.not_before)
+                && let Some(t) = trip.take()
             {
-                let now = self.world.elapsed();
-                let window = now..now + (o.window.end - o.window.start);
-                self.world.trace(&format!("{} cut off for {:?} (sending {op:?} {key})", self.actor, window.end - now));
-                self.add_outage(Outage { window, black_hole: o.black_hole });
+                let len = t.outage.window.end - t.outage.window.start;
+                let how = match t.lands {
+                    None => "",
+                    Some(true) => "; it lands, its answer lost",
+                    Some(false) => "; it lands and is answered",
+                };
+                self.world.trace(&format!("{} cut off for {len:?} (sending {op:?} {key}{how})", self.actor));
+                let outage = Outage { window: now..now + len, black_hole: t.outage.black_hole };
+                match t.lands {
+                    None => self.add_outage(outage),
+                    // On its way before the link goes.
+                    Some(lost) => forced = Some((if lost { Fate::LostAnswer } else { Fate::Normal }, outage)),
+                }
             }
         }
-        let plan = self.plan_call(op, key);
+        let plan = self.plan_call(op, key, forced.as_ref().map(|f| f.0));
+        if let Some((_, outage)) = forced {
+            self.add_outage(outage);
+        }
         if op == SimOp::Delete {
             let mut trip = self.trip.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((contains, n)) = trip.as_mut().filter(|(c, _)| key.contains(c.as_str())) {
