@@ -20,8 +20,6 @@ for cmd in "${!pkg_for[@]}"; do
   fi
 done
 if ! /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1; then missing+=(python3-libnbd); fi
-# openssl-sys (NBD TLS with pre-shared keys) builds against the system's libssl.
-if ! pkg-config --exists openssl 2>/dev/null; then missing+=(libssl-dev pkg-config); fi
 if [ "${#missing[@]}" -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   log "installing Debian packages: ${missing[*]}"
