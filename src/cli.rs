@@ -114,6 +114,15 @@ enum Command {
         /// Node mode: volumes this node can attach (nbd devices).
         #[arg(long, default_value_t = 16)]
         max_volumes: i64,
+        /// Node mode: memory for dirty data plus chunk cache, shared by every staged volume (half each). Default:
+        /// half of the container's memory limit (--memory-limit, else cgroups); without a limit, --dirty-limit
+        /// plus --cache-size. A StorageClass's cacheSize caps one volume's cache inside it.
+        #[arg(long, env = "S3BLK_MEMORY_BUDGET", value_parser = parse_size)]
+        memory_budget: Option<u64>,
+        /// Node mode: the container's memory limit (the chart passes it from the downward API); default: read
+        /// from cgroups.
+        #[arg(long, env = "S3BLK_MEMORY_LIMIT", value_parser = parse_size)]
+        memory_limit: Option<u64>,
         /// Serve Prometheus metrics (/metrics) and /healthz on this address, e.g. 0.0.0.0:9808.
         #[arg(long)]
         metrics_address: Option<String>,
@@ -409,6 +418,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             state_dir,
             secrets_dir,
             max_volumes,
+            memory_budget,
+            memory_limit,
             metrics_address,
             compaction,
         } => {
@@ -432,6 +443,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 max_volumes,
                 dirty_limit: g.dirty_limit,
                 cache_limit: g.cache_size,
+                memory_budget,
+                memory_limit,
                 busy_poll: Duration::from_micros(g.busy_poll_us),
                 compact_interval: g.compact_interval,
                 compact_safety_age: g.compact_safety_age,

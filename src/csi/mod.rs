@@ -11,6 +11,7 @@ pub mod common;
 pub mod controller;
 pub mod flush;
 pub mod identity;
+pub mod memory;
 pub mod mount;
 pub mod node;
 pub mod registration;

@@ -34,6 +34,7 @@ use crate::attach::{AttachError, Attacher, devices};
 use crate::nbd::unflushed::UnflushedMarker;
 use crate::nbd::{Export, Listen, server};
 use crate::size::parse_size;
+use crate::volume::budget::MemoryBudget;
 use crate::volume::{OpenOptions, Volume, catalog};
 
 #[derive(Debug, Clone)]
@@ -43,8 +44,10 @@ pub struct NodeConfig {
     /// Where stage secrets are kept for a restart: must be a tmpfs.
     pub secrets_dir: PathBuf,
     pub max_volumes: i64,
-    /// Engine settings for served volumes (overridable per volume by `cacheSize`).
-    pub dirty_limit: u64,
+    /// Dirty data and cache shared by every volume this node serves.
+    pub budget: Arc<MemoryBudget>,
+    /// A volume's own cache cap inside the shared budget when its
+    /// StorageClass sets no `cacheSize` (at most the budget's cache).
     pub cache_limit: u64,
     pub busy_poll: std::time::Duration,
 }
@@ -342,17 +345,34 @@ impl NodeService {
         taken
     }
 
-    /// Open the volume and serve it on its socket.
-    async fn serve(&self, spec: &ServeSpec<'_>) -> Result<Server, Status> {
-        let loc = parse_volume_id(spec.volume_id)?;
-        let store = self.stores.get(&loc, spec.secrets).await?;
+    /// The dirty data and cache every volume served here shares.
+    pub fn budget(&self) -> &Arc<MemoryBudget> {
+        &self.cfg.budget
+    }
+
+    /// Open a volume as staging does: inside the node's shared budget,
+    /// with `cache_limit` as its own cache cap there.
+    pub async fn open_volume(
+        &self,
+        volume_id: &str,
+        secrets: &HashMap<String, String>,
+        readonly: bool,
+        cache_limit: u64,
+    ) -> Result<Volume, Status> {
+        let loc = parse_volume_id(volume_id)?;
+        let store = self.stores.get(&loc, secrets).await?;
         let opts = OpenOptions {
-            read_only: spec.readonly,
-            dirty_limit: self.cfg.dirty_limit,
-            cache_limit: spec.cache_limit,
+            read_only: readonly,
+            cache_limit,
+            budget: Some(self.cfg.budget.clone()),
             ..OpenOptions::default()
         };
-        let volume = Volume::open(store, &loc.prefix, opts).await.map_err(status)?;
+        Volume::open(store, &loc.prefix, opts).await.map_err(status)
+    }
+
+    /// Open the volume and serve it on its socket.
+    async fn serve(&self, spec: &ServeSpec<'_>) -> Result<Server, Status> {
+        let volume = self.open_volume(spec.volume_id, spec.secrets, spec.readonly, spec.cache_limit).await?;
         let bound = server::bind(&Listen::Unix(spec.socket.to_path_buf()), None)
             .await
             .map_err(|e| Status::internal(format!("socket {}: {e}", spec.socket.display())))?;
