@@ -79,9 +79,11 @@ pub fn size_budget(explicit: Option<u64>, given_limit: Option<u64>, cgroup_root:
         Ok(Some(limit)) => {
             Sizing { total: limit / 2, source: format!("half of the cgroup memory limit {limit}"), fallback: false }
         }
-        Ok(None) => {
-            Sizing { total: fallback, source: "no memory limit: --dirty-limit plus --cache-size".into(), fallback: true }
-        }
+        Ok(None) => Sizing {
+            total: fallback,
+            source: "no memory limit: --dirty-limit plus --cache-size".into(),
+            fallback: true,
+        },
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the container's memory limit; using --dirty-limit plus --cache-size");
             let source = format!("unreadable memory limit ({e}): --dirty-limit plus --cache-size");

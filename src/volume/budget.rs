@@ -175,14 +175,7 @@ impl DirtyPool {
         }
         let floor = Arc::new(Semaphore::new(if carved.is_some() { want as usize } else { 0 }));
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
-        Ok(DirtyAccount {
-            pool: self.clone(),
-            id,
-            chunk_size,
-            floor,
-            carved,
-            held: Arc::new(AtomicU64::new(0)),
-        })
+        Ok(DirtyAccount { pool: self.clone(), id, chunk_size, floor, carved, held: Arc::new(AtomicU64::new(0)) })
     }
 
     fn note_held(&self, n: u64) {
@@ -252,7 +245,11 @@ impl DirtyAccount {
     /// One chunk's bytes, if free now (from the floor first).
     pub fn try_acquire(&self) -> Option<DirtyGuard> {
         let n = self.chunk_size as u32;
-        let p = self.floor.clone().try_acquire_many_owned(n).or_else(|_| self.pool.shared.clone().try_acquire_many_owned(n));
+        let p = self
+            .floor
+            .clone()
+            .try_acquire_many_owned(n)
+            .or_else(|_| self.pool.shared.clone().try_acquire_many_owned(n));
         p.ok().map(|p| self.guard(p))
     }
 

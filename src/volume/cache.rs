@@ -50,17 +50,7 @@ impl CleanCache {
     /// A cache of at most `limit` bytes drawn from `pool`.
     pub(crate) fn shared(limit: u64, pool: Arc<CachePool>) -> Self {
         let id = pool.new_id();
-        Self {
-            entries: HashMap::new(),
-            ring: VecDeque::new(),
-            stamp: 0,
-            bytes: 0,
-            limit,
-            pool,
-            id,
-            hits: 0,
-            misses: 0,
-        }
+        Self { entries: HashMap::new(), ring: VecDeque::new(), stamp: 0, bytes: 0, limit, pool, id, hits: 0, misses: 0 }
     }
 
     pub(crate) fn id(&self) -> u64 {

@@ -220,6 +220,13 @@ MATRIX = [
     ({"node": {"kubeletDir": "/var/lib/k0s/kubelet", "nbdsMax": 128}, "driverName": "blk.example.com"},
      lambda d: "/var/lib/k0s/kubelet/plugins/blk.example.com" in str(find(d, "DaemonSet")[0])
      and find(d, "CSIDriver")[0]["metadata"]["name"] == "blk.example.com"),
+    # The node's memory budget: from the container's limit unless set.
+    ({}, lambda d: not any(a.startswith(("--memory-budget", "--dirty-limit", "--cache-size"))
+                           for a in node_container(d)["args"])
+     and {"name": "S3BLK_MEMORY_LIMIT", "valueFrom": {"resourceFieldRef": {"containerName": "s3blk",
+                                                                          "resource": "limits.memory"}}}
+     in node_container(d)["env"]),
+    ({"node": {"memoryBudget": "1536Mi"}}, lambda d: "--memory-budget=1536Mi" in node_container(d)["args"]),
     ({"node": {"hostNetwork": False}},
      lambda d: "hostNetwork" not in find(d, "DaemonSet")[0]["spec"]["template"]["spec"]
      and "dnsPolicy" not in find(d, "DaemonSet")[0]["spec"]["template"]["spec"]),
@@ -260,7 +267,7 @@ def test_lint_is_clean():
     {"metrics": {"port": 70000}},
     {"node": {"hostNetwork": "yes"}},
     {"node": {"livenessPort": 0}},
-    {"node": {"cacheSize": "lots"}},
+    {"node": {"memoryBudget": "lots"}},
     {"node": {"updateStrategy": {"type": "Recreate"}}},
     {"node": {"terminationGracePeriodSeconds": 5}},
     {"controller": {"livenessPort": 0}},

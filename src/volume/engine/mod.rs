@@ -369,9 +369,7 @@ impl Volume {
         };
         let dirty = match opts.read_only {
             true => None,
-            false => Some(
-                budget.dirty.register(chunk_size).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?,
-            ),
+            false => Some(budget.dirty.register(chunk_size).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?),
         };
         let state = State {
             size: st.size,
