@@ -6,6 +6,7 @@ pub mod pb {
     tonic::include_proto!("csi.v1");
 }
 
+pub mod attachments;
 pub mod authority;
 pub mod common;
 pub mod controller;

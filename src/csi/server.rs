@@ -8,6 +8,7 @@ use tokio::net::UnixListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use super::attachments::NodeAttachments;
 use super::common::Stores;
 use super::controller::{ControllerConfig, ControllerService};
 use super::identity::IdentityService;
@@ -135,6 +136,16 @@ pub async fn run(
         };
         let n = NodeService::new(ncfg, stores.clone())
             .map_err(|source| CsiError::StateDir { path: cfg.state_dir.clone(), source })?;
+        let n = match controller::connect().await {
+            Ok(client) => {
+                tracing::info!("node recovery consults this node's VolumeAttachments");
+                n.with_kubernetes(NodeAttachments::new(client, cfg.driver_name.clone()))
+            }
+            Err(e) => {
+                tracing::info!(reason = %e, "no Kubernetes API configuration: node recovery reads only the stores' attachment records");
+                n
+            }
+        };
         let n = Arc::new(n);
         // Register before serving so that ControllerPublish finds the node
         // (bounded: an unreachable store only delays it to the background).
