@@ -39,10 +39,11 @@ struct Global {
     /// Seconds one store call may take before it is abandoned and retried.
     #[arg(long, global = true, env = "S3BLK_ATTEMPT_TIMEOUT", default_value_t = 30)]
     attempt_timeout: u64,
-    /// Dirty data held in memory before background uploads start and writers wait.
+    /// Dirty data held in memory before background uploads start and writers wait (per volume; the CSI node
+    /// plugin shares one --memory-budget, and uses this only without a memory limit to size it from).
     #[arg(long, global = true, env = "S3BLK_DIRTY_LIMIT", default_value = "256MiB", value_parser = parse_size)]
     dirty_limit: u64,
-    /// Clean chunk data cached in memory for reads.
+    /// Clean chunk data cached in memory for reads (per volume; see --dirty-limit for the CSI node plugin).
     #[arg(long, global = true, env = "S3BLK_CACHE_SIZE", default_value = "128MiB", value_parser = parse_size)]
     cache_size: u64,
     /// NBD: microseconds a connection answering requests back to back polls

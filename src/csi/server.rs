@@ -77,8 +77,8 @@ pub enum CsiError {
     Metrics(String, std::io::Error),
     #[error("--compaction=kubernetes: no Kubernetes API configuration (in-cluster or KUBECONFIG): {0}")]
     Kubernetes(String),
-    #[error("--memory-budget: {0}")]
-    Budget(#[from] crate::volume::budget::BudgetError),
+    #[error("node memory budget ({from})")]
+    Budget { from: String, source: crate::volume::budget::BudgetError },
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -233,7 +233,7 @@ fn node_budget(cfg: &CsiConfig) -> Result<Arc<MemoryBudget>, CsiError> {
         // No limit known: today's figures, shared.
         MemoryBudget::new(cfg.dirty_limit, cfg.cache_limit)
     } else {
-        MemoryBudget::split(sizing.total)?
+        MemoryBudget::split(sizing.total).map_err(|source| CsiError::Budget { from: sizing.source.clone(), source })?
     };
     tracing::info!(
         dirty_bytes = budget.dirty_limit(),
