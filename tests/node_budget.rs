@@ -253,6 +253,7 @@ async fn cached_chunks_of_every_volume_share_one_limit_and_a_busy_volume_takes_f
         }
     }
     let (i, b) = (idle.stats().cache_bytes, busy.stats().cache_bytes);
+    assert!(i + b <= cache, "the volumes cache {i} + {b} bytes, the node's cache budget is {cache}");
     assert!(n.budget.cache_peak() <= cache, "cache peak {} over {cache}", n.budget.cache_peak());
     assert_eq!(n.budget.cache_bytes(), i + b);
     assert!(b >= 4 * CS, "the busy volume's hot chunks are cached ({b} bytes)");
