@@ -39,10 +39,11 @@ struct Global {
     /// Seconds one store call may take before it is abandoned and retried.
     #[arg(long, global = true, env = "S3BLK_ATTEMPT_TIMEOUT", default_value_t = 30)]
     attempt_timeout: u64,
-    /// Dirty data held in memory before background uploads start and writers wait.
+    /// Dirty data held in memory before background uploads start and writers wait (per volume; the CSI node
+    /// plugin shares one --memory-budget, and uses this only without a memory limit to size it from).
     #[arg(long, global = true, env = "S3BLK_DIRTY_LIMIT", default_value = "256MiB", value_parser = parse_size)]
     dirty_limit: u64,
-    /// Clean chunk data cached in memory for reads.
+    /// Clean chunk data cached in memory for reads (per volume; see --dirty-limit for the CSI node plugin).
     #[arg(long, global = true, env = "S3BLK_CACHE_SIZE", default_value = "128MiB", value_parser = parse_size)]
     cache_size: u64,
     /// NBD: microseconds a connection answering requests back to back polls
@@ -114,6 +115,15 @@ enum Command {
         /// Node mode: volumes this node can attach (nbd devices).
         #[arg(long, default_value_t = 16)]
         max_volumes: i64,
+        /// Node mode: memory for dirty data plus chunk cache, shared by every staged volume (half each). Default:
+        /// half of the container's memory limit (--memory-limit, else cgroups); without a limit, --dirty-limit
+        /// plus --cache-size. A StorageClass's cacheSize caps one volume's cache inside it.
+        #[arg(long, env = "S3BLK_MEMORY_BUDGET", value_parser = parse_size)]
+        memory_budget: Option<u64>,
+        /// Node mode: the container's memory limit (the chart passes it from the downward API); default: read
+        /// from cgroups.
+        #[arg(long, env = "S3BLK_MEMORY_LIMIT", value_parser = parse_size)]
+        memory_limit: Option<u64>,
         /// Serve Prometheus metrics (/metrics) and /healthz on this address, e.g. 0.0.0.0:9808.
         #[arg(long)]
         metrics_address: Option<String>,
@@ -409,6 +419,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             state_dir,
             secrets_dir,
             max_volumes,
+            memory_budget,
+            memory_limit,
             metrics_address,
             compaction,
         } => {
@@ -432,6 +444,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 max_volumes,
                 dirty_limit: g.dirty_limit,
                 cache_limit: g.cache_size,
+                memory_budget,
+                memory_limit,
                 busy_poll: Duration::from_micros(g.busy_poll_us),
                 compact_interval: g.compact_interval,
                 compact_safety_age: g.compact_safety_age,

@@ -759,3 +759,133 @@ async fn the_compaction_mode_is_chosen_and_logged() {
         child.kill().await.expect("kill");
     }
 }
+
+// ------------------------------------------------------------ node recovery
+//
+// A restarted node plugin serves its staged volumes again only while a
+// VolumeAttachment of this driver still attaches them to this node. The
+// API is scripted as above (no API server exists here); the volumes, their
+// store attachment records and the node's stage records are real. The
+// devices are not (attaching needs a kernel, see tests/csi_node.rs): the
+// node serves a volume on its socket and logs that the device could not
+// be reconnected, which is all these tests look at.
+
+struct Restarted {
+    node: Arc<s3blk::csi::node::NodeService>,
+    ids: Vec<String>,
+    state: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Volumes `names`, each published to node-a in its store and staged on
+/// node-a before a restart; a node plugin for node-a that has just started
+/// and consults `client`.
+async fn restarted_node(client: Client, names: &[&str]) -> Restarted {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("store");
+    std::fs::create_dir_all(&root).expect("store dir");
+    let store = common::local_store(&root);
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    let mut ids = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let loc = Location::parse(&format!("file://{}/{name}", root.display()), true).expect("url");
+        let opts = CreateOptions { size: 4 * CS as u64, chunk_size: CS, parent: None, single_writer: false };
+        Volume::create(store.clone(), &loc.prefix, opts, &SystemClock).await.expect("create");
+        let a = s3blk::volume::catalog::Attachment { node_id: "node-a".into(), readonly: false, created_unix: now() };
+        s3blk::volume::catalog::attach(&store, &loc.prefix, &a).await.expect("publish");
+        let record = json!({
+            "volume_id": loc.url(), "staging_path": dir.path().join(format!("staging-{i}")),
+            "device": format!("/dev/nbd-test-{i}"), "socket": state.join(format!("{i}.sock")),
+            "export": format!("export-{i}"), "fs_type": null, "readonly": false, "cache_limit": 1 << 20,
+        });
+        std::fs::write(state.join(format!("{i}.json")), record.to_string()).expect("stage record");
+        ids.push(loc.url());
+    }
+    let cfg = s3blk::csi::node::NodeConfig {
+        node_id: "node-a".into(),
+        state_dir: state.clone(),
+        secrets_dir: dir.path().join("secrets"),
+        max_volumes: 16,
+        budget: s3blk::volume::budget::MemoryBudget::new(16 << 20, 16 << 20),
+        cache_limit: 16 << 20,
+        busy_poll: Duration::ZERO,
+    };
+    let node = s3blk::csi::node::NodeService::new(cfg, Arc::new(Stores::new(common::fast_policy())))
+        .expect("node service")
+        .with_kubernetes(s3blk::csi::attachments::NodeAttachments::new(client, DRIVER));
+    Restarted { node: Arc::new(node), ids, state, _dir: dir }
+}
+
+impl Restarted {
+    /// Is the volume served by the plugin (NodeGetVolumeStats knows it)?
+    async fn serves(&self, id: &str) -> bool {
+        use s3blk::csi::pb::node_server::Node;
+        let req = s3blk::csi::pb::NodeGetVolumeStatsRequest {
+            volume_id: id.to_string(),
+            volume_path: self.state.display().to_string(),
+            staging_target_path: String::new(),
+        };
+        match self.node.node_get_volume_stats(tonic::Request::new(req)).await {
+            Ok(_) => true,
+            Err(s) if s.code() == tonic::Code::NotFound => false,
+            Err(s) => panic!("volume stats of {id}: {s}"),
+        }
+    }
+}
+
+fn volume_attachment(name: &str, attacher: &str, node: &str, pv: &str, deleting: bool) -> Value {
+    let mut meta = json!({"name": name});
+    if deleting {
+        meta["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    }
+    json!({
+        "apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment", "metadata": meta,
+        "spec": {"attacher": attacher, "nodeName": node, "source": {"persistentVolumeName": pv}},
+        "status": {"attached": true},
+    })
+}
+
+#[tokio::test]
+async fn a_restarted_node_serves_again_only_volumes_a_volume_attachment_still_attaches_here() {
+    let (client, mut api) = mock_client();
+    let r = restarted_node(client, &["kept", "detached", "moved", "detaching"]).await;
+    let (kept, detached, moved, detaching) = (&r.ids[0], &r.ids[1], &r.ids[2], &r.ids[3]);
+    let recovery = r.node.recover();
+    let (_, reply) = api.expect("GET", "/apis/storage.k8s.io/v1/volumeattachments").await;
+    let items = json!([
+        volume_attachment("va-kept", DRIVER, "node-a", "pv-kept", false),
+        // `detached` has none; `moved` is attached to another node now.
+        volume_attachment("va-moved", DRIVER, "node-b", "pv-moved", false),
+        volume_attachment("va-detaching", DRIVER, "node-a", "pv-detaching", true),
+        // Another driver's attachment to this node of a PV of ours is not ours.
+        volume_attachment("va-other", "ebs.csi.aws.com", "node-a", "pv-detached", false),
+    ]);
+    let list = json!({"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachmentList",
+                      "metadata": {"resourceVersion": "10"}, "items": items});
+    respond(reply, 200, &list);
+    let (_, reply) = api.expect("GET", "/api/v1/persistentvolumes/pv-kept").await;
+    respond(reply, 200, &serde_json::to_value(pv("pv-kept", DRIVER, kept, json!({}), json!({}))).expect("json"));
+    tokio::time::timeout(Duration::from_secs(60), recovery).await.expect("recovery ends").expect("join");
+    api.expect_silence().await;
+    assert!(r.serves(kept).await, "the attached volume is served again");
+    for id in [detached, moved, detaching] {
+        assert!(!r.serves(id).await, "{id} is not attached here any more: not served");
+    }
+    // Their stage records stay for NodeUnstage to clean up.
+    let records = std::fs::read_dir(&r.state).expect("state").flatten();
+    assert_eq!(records.filter(|e| e.path().extension().is_some_and(|x| x == "json")).count(), 4);
+}
+
+#[tokio::test]
+async fn without_an_answer_from_the_api_a_restarted_node_serves_what_its_stores_say() {
+    let (client, mut api) = mock_client();
+    let r = restarted_node(client, &["one", "two"]).await;
+    let recovery = r.node.recover();
+    let (_, reply) = api.expect("GET", "/apis/storage.k8s.io/v1/volumeattachments").await;
+    respond(reply, 503, &status(503, "ServiceUnavailable"));
+    tokio::time::timeout(Duration::from_secs(60), recovery).await.expect("recovery ends").expect("join");
+    for id in &r.ids {
+        assert!(r.serves(id).await, "{id}: the store's attachment record names this node");
+    }
+}

@@ -70,6 +70,8 @@ async fn driver_opts(
         max_volumes: 16,
         dirty_limit: 64 << 20,
         cache_limit: 64 << 20,
+        memory_budget: None,
+        memory_limit: None,
         busy_poll: std::time::Duration::from_micros(50),
         compact_interval,
         compact_safety_age,

@@ -147,11 +147,15 @@ impl Stores {
         Self { cache: Mutex::default(), policy, defaults }
     }
 
-    /// The store a location lives in. S3 endpoint, region and credentials
-    /// come from the request's secrets when given, else from the
-    /// environment (pod AWS settings, IRSA).
-    pub async fn get(&self, loc: &Location, secrets: &HashMap<String, String>) -> Result<DynStore, Status> {
-        let settings = S3Settings {
+    /// Use `store` for every location in `spec` reached without secrets
+    /// (a process embedding the driver, or a test wrapping the store).
+    pub fn register(&self, spec: &StoreSpec, store: DynStore) {
+        let key = Self::key(spec, &self.settings(&HashMap::new()));
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, store);
+    }
+
+    fn settings(&self, secrets: &HashMap<String, String>) -> S3Settings {
+        S3Settings {
             endpoint: secret(secrets, &["endpoint", "AWS_ENDPOINT_URL"])
                 .map(str::to_string)
                 .or_else(|| self.defaults.endpoint.clone()),
@@ -165,8 +169,11 @@ impl Stores {
                 (Some(id), Some(key)) => Some((id.to_string(), key.to_string())),
                 _ => self.defaults.credentials.clone(),
             },
-        };
-        let key = match &loc.store {
+        }
+    }
+
+    fn key(spec: &StoreSpec, settings: &S3Settings) -> String {
+        match spec {
             StoreSpec::S3 { bucket } => format!(
                 "s3|{bucket}|{:?}|{:?}|{:08x}",
                 settings.endpoint,
@@ -175,7 +182,15 @@ impl Stores {
             ),
             StoreSpec::Local { root } => format!("file|{}", root.display()),
             StoreSpec::Memory => "memory".to_string(),
-        };
+        }
+    }
+
+    /// The store a location lives in. S3 endpoint, region and credentials
+    /// come from the request's secrets when given, else from the
+    /// environment (pod AWS settings, IRSA).
+    pub async fn get(&self, loc: &Location, secrets: &HashMap<String, String>) -> Result<DynStore, Status> {
+        let settings = self.settings(secrets);
+        let key = Self::key(&loc.store, &settings);
         if let Some(s) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(s.clone());
         }

@@ -6,11 +6,13 @@ pub mod pb {
     tonic::include_proto!("csi.v1");
 }
 
+pub mod attachments;
 pub mod authority;
 pub mod common;
 pub mod controller;
 pub mod flush;
 pub mod identity;
+pub mod memory;
 pub mod mount;
 pub mod node;
 pub mod registration;

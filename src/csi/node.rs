@@ -9,8 +9,10 @@
 //! fresh connections; the mounted filesystems only see a pause. (Devices
 //! attached through ioctls do not survive the restart: see `crate::attach`.)
 //! A restarted plugin serves a volume again only while its attachment
-//! record (ControllerPublish) still names this node; recovery runs in the
-//! background, one task per volume, while the CSI socket already answers.
+//! record (ControllerPublish) still names this node and, where the
+//! Kubernetes API is reachable, while a VolumeAttachment still attaches it
+//! to this node (`super::attachments`); recovery runs in the background,
+//! one task per volume, while the CSI socket already answers.
 //!
 //! Stage secrets never reach the state directory (persistent disk): they
 //! are kept in memory and, for a restart, in `--secrets-dir` (a tmpfs such
@@ -19,14 +21,15 @@
 //! kubelet stages it again. Secrets never appear in logs, errors or
 //! `Debug` output.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, OnceCell, watch};
 use tonic::{Request, Response, Status};
 
+use super::attachments::NodeAttachments;
 use super::common::{InFlight, RpcResult, Stores, check_capability, parse_volume_id, status};
 use super::mount::{self, MountError};
 use super::pb;
@@ -34,6 +37,7 @@ use crate::attach::{AttachError, Attacher, devices};
 use crate::nbd::unflushed::UnflushedMarker;
 use crate::nbd::{Export, Listen, server};
 use crate::size::parse_size;
+use crate::volume::budget::MemoryBudget;
 use crate::volume::{OpenOptions, Volume, catalog};
 
 #[derive(Debug, Clone)]
@@ -43,8 +47,10 @@ pub struct NodeConfig {
     /// Where stage secrets are kept for a restart: must be a tmpfs.
     pub secrets_dir: PathBuf,
     pub max_volumes: i64,
-    /// Engine settings for served volumes (overridable per volume by `cacheSize`).
-    pub dirty_limit: u64,
+    /// Dirty data and cache shared by every volume this node serves.
+    pub budget: Arc<MemoryBudget>,
+    /// A volume's own cache cap inside the shared budget when its
+    /// StorageClass sets no `cacheSize` (at most the budget's cache).
     pub cache_limit: u64,
     pub busy_poll: std::time::Duration,
 }
@@ -148,6 +154,8 @@ pub struct NodeService {
     staged: Mutex<HashMap<String, Staged>>,
     inflight: InFlight,
     attacher: Attacher,
+    /// The Kubernetes API, when the plugin runs in a cluster.
+    kubernetes: Option<NodeAttachments>,
 }
 
 impl std::fmt::Debug for NodeService {
@@ -226,6 +234,10 @@ async fn mount_staged(
     Ok(())
 }
 
+/// How long recovery waits for the Kubernetes API before it goes on
+/// without it.
+const KUBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 fn key_of(volume_id: &str) -> String {
     format!("{:08x}", crc32c::crc32c(volume_id.as_bytes()))
 }
@@ -247,7 +259,55 @@ impl NodeService {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))?;
         let attacher = Attacher::new(&cfg.state_dir);
-        Ok(Self { cfg, stores, staged: Mutex::new(HashMap::new()), inflight: InFlight::default(), attacher })
+        Ok(Self {
+            cfg,
+            stores,
+            staged: Mutex::new(HashMap::new()),
+            inflight: InFlight::default(),
+            attacher,
+            kubernetes: None,
+        })
+    }
+
+    /// Consult this node's VolumeAttachments (through `api`) before serving
+    /// staged volumes again after a restart.
+    pub fn with_kubernetes(mut self, api: NodeAttachments) -> Self {
+        self.kubernetes = Some(api);
+        self
+    }
+
+    /// The volumes Kubernetes attaches to this node, read once per recovery
+    /// (`cell`); `None` outside a cluster or when the API cannot tell, and
+    /// then only the stores' attachment records decide.
+    async fn kube_attached<'a>(&self, cell: &'a OnceCell<Option<HashSet<String>>>) -> Option<&'a HashSet<String>> {
+        cell.get_or_init(|| async {
+            let api = self.kubernetes.as_ref()?;
+            let node = &self.cfg.node_id;
+            match tokio::time::timeout(KUBE_TIMEOUT, api.attached_to(node)).await {
+                Ok(Ok(set)) => {
+                    tracing::info!(node = %node, volumes = set.len(), "read this node's VolumeAttachments");
+                    Some(set)
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(
+                        node = %node, error = %e,
+                        "cannot read this node's VolumeAttachments: serving staged volumes again as their stores' \
+                         attachment records say"
+                    );
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        node = %node, timeout = ?KUBE_TIMEOUT,
+                        "the Kubernetes API did not list this node's VolumeAttachments in time: serving staged \
+                         volumes again as their stores' attachment records say"
+                    );
+                    None
+                }
+            }
+        })
+        .await
+        .as_ref()
     }
 
     fn record_path(&self, volume_id: &str) -> PathBuf {
@@ -342,17 +402,34 @@ impl NodeService {
         taken
     }
 
-    /// Open the volume and serve it on its socket.
-    async fn serve(&self, spec: &ServeSpec<'_>) -> Result<Server, Status> {
-        let loc = parse_volume_id(spec.volume_id)?;
-        let store = self.stores.get(&loc, spec.secrets).await?;
+    /// The dirty data and cache every volume served here shares.
+    pub fn budget(&self) -> &Arc<MemoryBudget> {
+        &self.cfg.budget
+    }
+
+    /// Open a volume as staging does: inside the node's shared budget,
+    /// with `cache_limit` as its own cache cap there.
+    pub async fn open_volume(
+        &self,
+        volume_id: &str,
+        secrets: &HashMap<String, String>,
+        readonly: bool,
+        cache_limit: u64,
+    ) -> Result<Volume, Status> {
+        let loc = parse_volume_id(volume_id)?;
+        let store = self.stores.get(&loc, secrets).await?;
         let opts = OpenOptions {
-            read_only: spec.readonly,
-            dirty_limit: self.cfg.dirty_limit,
-            cache_limit: spec.cache_limit,
+            read_only: readonly,
+            cache_limit,
+            budget: Some(self.cfg.budget.clone()),
             ..OpenOptions::default()
         };
-        let volume = Volume::open(store, &loc.prefix, opts).await.map_err(status)?;
+        Volume::open(store, &loc.prefix, opts).await.map_err(status)
+    }
+
+    /// Open the volume and serve it on its socket.
+    async fn serve(&self, spec: &ServeSpec<'_>) -> Result<Server, Status> {
+        let volume = self.open_volume(spec.volume_id, spec.secrets, spec.readonly, spec.cache_limit).await?;
         let bound = server::bind(&Listen::Unix(spec.socket.to_path_buf()), None)
             .await
             .map_err(|e| Status::internal(format!("socket {}: {e}", spec.socket.display())))?;
@@ -377,6 +454,7 @@ impl NodeService {
     /// retries).
     pub fn recover(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let mut tasks = tokio::task::JoinSet::new();
+        let attached = Arc::new(OnceCell::new());
         for (path, record) in self.records() {
             let Some(record) = record else {
                 tracing::warn!(path = %path.display(), "unreadable stage record skipped");
@@ -387,8 +465,10 @@ impl NodeService {
                 Err(_) => continue,
             };
             let me = self.clone();
+            let attached = attached.clone();
             tasks.spawn(async move {
-                me.recover_one(record).await;
+                let attached = me.kube_attached(&attached).await;
+                me.recover_one(record, attached).await;
                 drop(guard);
             });
         }
@@ -423,7 +503,10 @@ impl NodeService {
         Err(last)
     }
 
-    async fn recover_one(&self, mut record: StageRecord) {
+    /// Serve one staged volume again, unless its writes were lost, its
+    /// secrets are gone, or it is no longer attached here: by Kubernetes
+    /// (`attached`, when known) or by its store's attachment record.
+    async fn recover_one(&self, mut record: StageRecord, attached: Option<&HashSet<String>>) {
         let id = record.volume_id.clone();
         if UnflushedMarker::found(&self.marker_path(&id)) {
             self.writes_lost(record).await;
@@ -454,6 +537,16 @@ impl NodeService {
         } else {
             Secrets::default()
         };
+        if let Some(set) = attached
+            && !set.contains(&id)
+        {
+            tracing::warn!(
+                volume = %id, node = %self.cfg.node_id, device = %record.device,
+                "not serving the staged volume again: no VolumeAttachment attaches it to this node any more (it was \
+                 detached or moved while the plugin was down); its stage record stays for NodeUnstage"
+            );
+            return;
+        }
         match self.published_here(&id, &secrets.0).await {
             Ok(true) => {}
             Ok(false) => {

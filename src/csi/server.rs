@@ -8,6 +8,7 @@ use tokio::net::UnixListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use super::attachments::NodeAttachments;
 use super::common::Stores;
 use super::controller::{ControllerConfig, ControllerService};
 use super::identity::IdentityService;
@@ -15,6 +16,7 @@ use super::node::{NodeConfig, NodeService};
 use super::pb;
 use crate::controller::{self, CompactionMode};
 use crate::location::Location;
+use crate::volume::budget::MemoryBudget;
 use crate::volume::compact;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,8 +42,15 @@ pub struct CsiConfig {
     /// Node mode: where stage secrets are kept for a restart (a tmpfs).
     pub secrets_dir: PathBuf,
     pub max_volumes: i64,
+    /// Node mode without a memory limit to size from: the shared budget is
+    /// `dirty_limit` of dirty data plus `cache_limit` of cache.
     pub dirty_limit: u64,
     pub cache_limit: u64,
+    /// Node mode: dirty data plus cache, shared by every staged volume
+    /// (`None`: half of `memory_limit`, else of the cgroup limit).
+    pub memory_budget: Option<u64>,
+    /// Node mode: the container's memory limit, when given (downward API).
+    pub memory_limit: Option<u64>,
     /// NBD busy polling per connection (see `nbd::session::Export`).
     pub busy_poll: std::time::Duration,
     /// Controller: how often every volume under the default store is
@@ -68,6 +77,8 @@ pub enum CsiError {
     Metrics(String, std::io::Error),
     #[error("--compaction=kubernetes: no Kubernetes API configuration (in-cluster or KUBECONFIG): {0}")]
     Kubernetes(String),
+    #[error("node memory budget ({from})")]
+    Budget { from: String, source: crate::volume::budget::BudgetError },
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -113,17 +124,28 @@ pub async fn run(
     let mut registration = None;
     let node = if cfg.mode != Mode::Controller {
         let node_id = cfg.node_id.clone().filter(|n| !n.is_empty()).ok_or(CsiError::NoNodeId)?;
+        let budget = node_budget(&cfg)?;
         let ncfg = NodeConfig {
             node_id: node_id.clone(),
             state_dir: cfg.state_dir.clone(),
             secrets_dir: cfg.secrets_dir.clone(),
             max_volumes: cfg.max_volumes,
-            dirty_limit: cfg.dirty_limit,
-            cache_limit: cfg.cache_limit,
+            cache_limit: budget.cache_limit(),
+            budget,
             busy_poll: cfg.busy_poll,
         };
         let n = NodeService::new(ncfg, stores.clone())
             .map_err(|source| CsiError::StateDir { path: cfg.state_dir.clone(), source })?;
+        let n = match controller::connect().await {
+            Ok(client) => {
+                tracing::info!("node recovery consults this node's VolumeAttachments");
+                n.with_kubernetes(NodeAttachments::new(client, cfg.driver_name.clone()))
+            }
+            Err(e) => {
+                tracing::info!(reason = %e, "no Kubernetes API configuration: node recovery reads only the stores' attachment records");
+                n
+            }
+        };
         let n = Arc::new(n);
         // Register before serving so that ControllerPublish finds the node
         // (bounded: an unreachable store only delays it to the background).
@@ -200,6 +222,26 @@ pub async fn run(
     }
     let _ = std::fs::remove_file(&path);
     result.map_err(CsiError::from)
+}
+
+/// The node's memory budget, shared by every volume it serves.
+fn node_budget(cfg: &CsiConfig) -> Result<Arc<MemoryBudget>, CsiError> {
+    let fallback = cfg.dirty_limit.saturating_add(cfg.cache_limit);
+    let cgroups = std::path::Path::new("/sys/fs/cgroup");
+    let sizing = super::memory::size_budget(cfg.memory_budget, cfg.memory_limit, cgroups, fallback);
+    let budget = if sizing.fallback {
+        // No limit known: today's figures, shared.
+        MemoryBudget::new(cfg.dirty_limit, cfg.cache_limit)
+    } else {
+        MemoryBudget::split(sizing.total).map_err(|source| CsiError::Budget { from: sizing.source.clone(), source })?
+    };
+    tracing::info!(
+        dirty_bytes = budget.dirty_limit(),
+        cache_bytes = budget.cache_limit(),
+        source = %sizing.source,
+        "node memory budget, shared by every staged volume"
+    );
+    Ok(budget)
 }
 
 /// Start compaction in the mode asked for (`auto`: Kubernetes when an API

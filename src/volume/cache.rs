@@ -3,10 +3,18 @@
 //! Eviction is CLOCK, an approximation of LRU: a hit only sets a flag, so
 //! the read path does no reordering; the eviction hand gives flagged
 //! entries a second chance and takes the first unflagged one.
+//!
+//! Each cache has a cap of its own and draws its bytes from a
+//! [`CachePool`] it may share with the caches of other volumes (see
+//! [`super::budget`]): a miss that finds the pool full sweeps the caches
+//! in turn, this one included.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
+
+use super::budget::CachePool;
 
 #[derive(Debug)]
 struct Entry {
@@ -24,14 +32,29 @@ pub struct CleanCache {
     ring: VecDeque<(u64, u64)>,
     stamp: u64,
     bytes: u64,
+    /// This cache's own cap.
     limit: u64,
+    pool: Arc<CachePool>,
+    /// This cache's id in the pool.
+    id: u64,
     pub hits: u64,
     pub misses: u64,
 }
 
 impl CleanCache {
+    /// A cache of its own: `limit` bytes, shared with nobody.
     pub fn new(limit: u64) -> Self {
-        Self { entries: HashMap::new(), ring: VecDeque::new(), stamp: 0, bytes: 0, limit, hits: 0, misses: 0 }
+        Self::shared(limit, Arc::new(CachePool::new(limit)))
+    }
+
+    /// A cache of at most `limit` bytes drawn from `pool`.
+    pub(crate) fn shared(limit: u64, pool: Arc<CachePool>) -> Self {
+        let id = pool.new_id();
+        Self { entries: HashMap::new(), ring: VecDeque::new(), stamp: 0, bytes: 0, limit, pool, id, hits: 0, misses: 0 }
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn get(&mut self, index: u64) -> Option<Bytes> {
@@ -51,14 +74,69 @@ impl CleanCache {
 
     pub fn insert(&mut self, index: u64, data: Bytes) {
         self.remove(index);
-        if data.len() as u64 > self.limit {
+        let n = data.len() as u64;
+        if n > self.limit || n > self.pool.limit() {
             return;
         }
+        // Under this cache's own cap first (two passes clear every flag).
+        let mut tries = 0;
+        while self.bytes + n > self.limit && tries < 3 {
+            if self.sweep(self.bytes + n - self.limit) == 0 {
+                tries += 1;
+            }
+        }
+        if self.bytes + n > self.limit {
+            return;
+        }
+        // Then room in the pool: sweep the caches in turn (this one
+        // directly, the others only if their lock is free this instant).
+        // Two rounds clear every flag, so a third frees something unless
+        // every other cache is busy: then the chunk goes uncached.
+        let mut idle_rounds = 0;
+        while !self.pool.try_reserve(n) {
+            let mut freed = 0;
+            let mut swept_self = false;
+            for (id, member) in self.pool.sweep_order() {
+                let want = self.pool.overshoot(n);
+                if want == 0 {
+                    break;
+                }
+                freed += if id == self.id {
+                    swept_self = true;
+                    self.sweep(want)
+                } else {
+                    member.upgrade().map_or(0, |m| m.try_sweep(want))
+                };
+            }
+            if !swept_self {
+                freed += self.sweep(self.pool.overshoot(n));
+            }
+            if freed == 0 {
+                idle_rounds += 1;
+                if idle_rounds > 2 {
+                    return;
+                }
+            }
+        }
         self.stamp += 1;
-        self.bytes += data.len() as u64;
+        self.bytes += n;
         self.entries.insert(index, Entry { data, referenced: false, stamp: self.stamp });
         self.ring.push_back((index, self.stamp));
-        while self.bytes > self.limit {
+        // Leftovers of removed entries must not pile up in the ring.
+        if self.ring.len() > 2 * self.entries.len() + 16 {
+            let entries = &self.entries;
+            self.ring.retain(|(i, s)| entries.get(i).is_some_and(|e| e.stamp == *s));
+        }
+    }
+
+    /// Run the CLOCK hand for at most one pass over the ring, evicting
+    /// unflagged entries until `want` bytes are freed; flagged ones lose
+    /// their flag (a second chance). Returns the bytes freed.
+    pub(crate) fn sweep(&mut self, want: u64) -> u64 {
+        let mut freed = 0;
+        let mut steps = self.ring.len();
+        while freed < want && steps > 0 {
+            steps -= 1;
             let Some((victim, stamp)) = self.ring.pop_front() else {
                 break;
             };
@@ -68,27 +146,34 @@ impl CleanCache {
                     self.ring.push_back((victim, stamp));
                 }
                 Some(e) if e.stamp == stamp => {
-                    self.bytes -= e.data.len() as u64;
+                    let n = e.data.len() as u64;
                     self.entries.remove(&victim);
+                    self.bytes -= n;
+                    self.pool.release(n);
+                    freed += n;
                 }
                 _ => {}
             }
         }
-        // Leftovers of removed entries must not pile up in the ring.
-        if self.ring.len() > 2 * self.entries.len() + 16 {
-            let entries = &self.entries;
-            self.ring.retain(|(i, s)| entries.get(i).is_some_and(|e| e.stamp == *s));
-        }
+        freed
     }
 
     pub fn remove(&mut self, index: u64) {
         if let Some(e) = self.entries.remove(&index) {
             self.bytes -= e.data.len() as u64;
+            self.pool.release(e.data.len() as u64);
         }
     }
 
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+}
+
+impl Drop for CleanCache {
+    fn drop(&mut self) {
+        self.pool.detach(self.id);
+        self.pool.release(self.bytes);
     }
 }
 

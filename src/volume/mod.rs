@@ -1,5 +1,6 @@
 //! Block volumes stored as chunk objects: format, engine, consistency checks.
 
+pub mod budget;
 pub mod cache;
 pub mod catalog;
 pub mod compact;

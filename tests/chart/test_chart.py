@@ -120,7 +120,7 @@ def test_default_render_has_every_component_and_validates():
 
 def test_rbac_is_least_privilege():
     docs, _ = docs_of()
-    rules = find(docs, "ClusterRole")[0]["rules"]
+    rules = find(docs, "ClusterRole", "controller")[0]["rules"]
     for r in rules:
         assert "*" not in r["verbs"] and "*" not in r["resources"], r
         assert "secrets" not in r["resources"], "secrets are readable in the release namespace only"
@@ -134,8 +134,17 @@ def test_rbac_is_least_privilege():
     assert {"create", "patch"} <= set(cluster[("events.k8s.io", "events")])
     assert by_resource["secrets"] == ["get"], "secrets are read, never listed"
     assert {"get", "create", "update"} <= set(by_resource["leases"])
+    # The node plugin reads its node's VolumeAttachments (and their PVs)
+    # before serving a staged volume again after a restart; nothing more.
     node_sa = find(docs, "ServiceAccount", "node")[0]
-    assert node_sa["automountServiceAccountToken"] is False
+    assert node_sa["automountServiceAccountToken"] is True
+    node_rules = find(docs, "ClusterRole", "node")[0]["rules"]
+    assert sorted((g, res, tuple(r["verbs"])) for r in node_rules for g in r["apiGroups"] for res in r["resources"]) == [
+        ("", "persistentvolumes", ("get",)), ("storage.k8s.io", "volumeattachments", ("get", "list"))]
+    binding = find(docs, "ClusterRoleBinding", "node")[0]
+    assert binding["roleRef"]["name"] == find(docs, "ClusterRole", "node")[0]["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": node_sa["metadata"]["name"],
+                                    "namespace": "kube-system"}]
 
 
 def node_container(docs):
@@ -220,6 +229,13 @@ MATRIX = [
     ({"node": {"kubeletDir": "/var/lib/k0s/kubelet", "nbdsMax": 128}, "driverName": "blk.example.com"},
      lambda d: "/var/lib/k0s/kubelet/plugins/blk.example.com" in str(find(d, "DaemonSet")[0])
      and find(d, "CSIDriver")[0]["metadata"]["name"] == "blk.example.com"),
+    # The node's memory budget: from the container's limit unless set.
+    ({}, lambda d: not any(a.startswith(("--memory-budget", "--dirty-limit", "--cache-size"))
+                           for a in node_container(d)["args"])
+     and {"name": "S3BLK_MEMORY_LIMIT", "valueFrom": {"resourceFieldRef": {"containerName": "s3blk",
+                                                                          "resource": "limits.memory"}}}
+     in node_container(d)["env"]),
+    ({"node": {"memoryBudget": "1536Mi"}}, lambda d: "--memory-budget=1536Mi" in node_container(d)["args"]),
     ({"node": {"hostNetwork": False}},
      lambda d: "hostNetwork" not in find(d, "DaemonSet")[0]["spec"]["template"]["spec"]
      and "dnsPolicy" not in find(d, "DaemonSet")[0]["spec"]["template"]["spec"]),
@@ -260,7 +276,7 @@ def test_lint_is_clean():
     {"metrics": {"port": 70000}},
     {"node": {"hostNetwork": "yes"}},
     {"node": {"livenessPort": 0}},
-    {"node": {"cacheSize": "lots"}},
+    {"node": {"memoryBudget": "lots"}},
     {"node": {"updateStrategy": {"type": "Recreate"}}},
     {"node": {"terminationGracePeriodSeconds": 5}},
     {"controller": {"livenessPort": 0}},

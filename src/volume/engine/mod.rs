@@ -31,6 +31,10 @@
 //! memory permits are owned guards that travel with the slot or staged
 //! chunk they account for.
 //!
+//! Memory: dirty and staged chunks hold bytes of a dirty budget, cached
+//! chunks bytes of a cache budget; both may be shared with other volumes
+//! of the process ([`super::budget`], [`OpenOptions::budget`]).
+//!
 //! Concurrency: reads, fetches and read-modify-writes of chunk *i* hold
 //! chunk *i*'s async lock; uploads of chunk *i* hold its upload lock, and
 //! the chunk lock only while merging pages with a fetched base, never
@@ -46,17 +50,17 @@ mod write;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 pub use dirty::is_zero;
 use dirty::{DirtyData, PAGE, PageBuf, Piece, pieces};
 
+use super::budget::{CacheMember, DirtyAccount, DirtyGuard, MemoryBudget, Uploads};
 use super::cache::CleanCache;
 use super::format::{
     self, Checkpoint, ChunkMap, ChunkRef, JournalRecord, ParentRef, RecordKind, SnapshotRecord, VolumeMeta,
@@ -72,10 +76,16 @@ use crate::store::{DynStore, PutMode, StoreError};
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
     pub read_only: bool,
-    /// Dirty data kept in memory before background uploads start and writers wait.
+    /// Dirty data kept in memory before background uploads start and
+    /// writers wait (without a shared `budget`).
     pub dirty_limit: u64,
-    /// Clean chunk bytes kept in memory for reads.
+    /// Clean chunk bytes kept in memory for reads: this volume's cap, also
+    /// inside a shared `budget`.
     pub cache_limit: u64,
+    /// Dirty and cache budgets shared with other volumes of the process
+    /// (the CSI node plugin's); `None`: a budget of this volume's own
+    /// from `dirty_limit` and `cache_limit`.
+    pub budget: Option<Arc<MemoryBudget>>,
     /// Parallel chunk uploads/downloads.
     pub concurrency: usize,
     /// Chunks fetched ahead of a sequential reader.
@@ -103,6 +113,7 @@ impl Default for OpenOptions {
             read_only: false,
             dirty_limit: 256 << 20,
             cache_limit: 128 << 20,
+            budget: None,
             commit_interval: Duration::from_secs(10),
             restage_after: Duration::from_secs(30),
             commit_deadline: Duration::from_secs(75),
@@ -149,7 +160,7 @@ struct Slot {
     /// When it became dirty (for choosing what to upload first).
     since: u64,
     /// The memory this chunk holds; moves to the staged chunk on upload.
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<DirtyGuard>,
 }
 
 /// A moment, on two clocks: the monotonic one, and the wall clock through
@@ -182,7 +193,7 @@ struct Staged {
     /// When its upload started.
     at: Stamp,
     /// Held, not read: dropped with the entry, it gives the memory back.
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: Option<DirtyGuard>,
 }
 
 /// A journal record sent (or about to be sent) whose outcome is unknown.
@@ -240,9 +251,9 @@ struct Inner {
     state: Mutex<State>,
     locks: ChunkLocks,
     upload_locks: ChunkLocks,
-    /// One permit per chunk that may be dirty or staged at once.
-    dirty_permits: Arc<Semaphore>,
-    total_permits: usize,
+    /// This volume's part of the dirty budget (`None` when read-only).
+    /// After `state`: the guards its slots hold drop first.
+    dirty: Option<DirtyAccount>,
     flush_lock: tokio::sync::Mutex<()>,
     uploader_running: AtomicBool,
     generation_counter: AtomicU64,
@@ -351,7 +362,15 @@ impl Volume {
         if !opts.read_only {
             open_for_write(&store, vol, &meta, &mut st, writer, opts.clock.now_unix()).await?;
         }
-        let permits = (opts.dirty_limit / chunk_size).max(2) as usize;
+        let budget = match &opts.budget {
+            Some(b) => b.clone(),
+            // A budget of its own: today's per-volume limits, at least two chunks dirty.
+            None => MemoryBudget::new((opts.dirty_limit / chunk_size).max(2) * chunk_size, opts.cache_limit),
+        };
+        let dirty = match opts.read_only {
+            true => None,
+            false => Some(budget.dirty.register(chunk_size).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?),
+        };
         let state = State {
             size: st.size,
             committed_size: st.size,
@@ -361,7 +380,7 @@ impl Volume {
             map: st.map,
             staged: BTreeMap::new(),
             slots: BTreeMap::new(),
-            clean: CleanCache::new(opts.cache_limit),
+            clean: CleanCache::shared(opts.cache_limit, budget.cache.clone()),
             fenced: None,
             upload_error: None,
             pending: None,
@@ -380,6 +399,7 @@ impl Volume {
             "volume opened"
         );
         let read_only = opts.read_only;
+        let cache_id = state.clean.id();
         let v = Volume {
             inner: Arc::new_cyclic(|me: &std::sync::Weak<Inner>| Inner {
                 metrics: crate::metrics::global().volume(vol, me.clone()),
@@ -393,13 +413,19 @@ impl Volume {
                 state: Mutex::new(state),
                 locks: ChunkLocks::default(),
                 upload_locks: ChunkLocks::default(),
-                dirty_permits: Arc::new(Semaphore::new(permits)),
-                total_permits: permits,
+                dirty,
                 flush_lock: tokio::sync::Mutex::new(()),
                 uploader_running: AtomicBool::new(false),
                 generation_counter: AtomicU64::new(1),
             }),
         };
+        // Other volumes of the budget may now ask this one to upload or
+        // to give back cache bytes.
+        let weak: Weak<Inner> = Arc::downgrade(&v.inner);
+        budget.cache.attach(cache_id, weak.clone());
+        if let Some(d) = &v.inner.dirty {
+            d.attach(weak);
+        }
         if !read_only {
             v.start_committer();
         }
@@ -697,6 +723,22 @@ impl crate::metrics::VolumeFigures for Inner {
             cache_bytes: st.clean.bytes(),
             staged_chunks: st.staged.len() as u64,
             journal_records: st.head.saturating_sub(st.checkpoint_seq),
+        }
+    }
+}
+
+impl Uploads for Inner {
+    fn start_uploads(self: Arc<Self>) {
+        Volume { inner: self }.kick_uploader();
+    }
+}
+
+impl CacheMember for Inner {
+    fn try_sweep(&self, want: u64) -> u64 {
+        match self.state.try_lock() {
+            Ok(mut st) => st.clean.sweep(want),
+            Err(TryLockError::Poisoned(p)) => p.into_inner().clean.sweep(want),
+            Err(TryLockError::WouldBlock) => 0,
         }
     }
 }

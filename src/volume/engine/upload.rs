@@ -89,13 +89,17 @@ impl Inner {
         Ok(())
     }
 
-    /// Upload the oldest dirty chunks until a quarter of the permits are
-    /// free, then commit them, which frees their permits.
+    /// Upload the oldest dirty chunks until they hold no more than three
+    /// quarters of what this volume held (of its fair share of the dirty
+    /// budget, when it held more: all of the budget when it is the
+    /// volume's own), then commit them, which gives their bytes back. So
+    /// each round frees a quarter at least, whoever asked for it.
     pub(super) async fn background_upload(&self) {
+        let target = self.dirty.as_ref().map_or(0, |d| d.fair_share().min(d.held()) / 4 * 3);
         loop {
             let batch: Vec<u64> = {
                 let st = self.lock();
-                if st.fenced.is_some() || st.slots.len() * 4 <= self.total_permits * 3 {
+                if st.fenced.is_some() || st.slots.len() as u64 * self.chunk_size <= target {
                     break;
                 }
                 let mut v: Vec<(u64, u64)> = st.slots.iter().map(|(i, s)| (s.since, *i)).collect();

@@ -87,7 +87,7 @@ impl Volume {
 }
 
 impl Inner {
-    pub(super) fn insert_slot(&self, index: u64, data: DirtyData, permit: OwnedSemaphorePermit) {
+    pub(super) fn insert_slot(&self, index: u64, data: DirtyData, permit: DirtyGuard) {
         let mut st = self.lock();
         st.tick += 1;
         let tick = st.tick;
@@ -148,16 +148,22 @@ impl Inner {
         Ok(())
     }
 
-    pub(super) async fn acquire_dirty_permit(&self, vol: &Volume) -> VolumeResult<OwnedSemaphorePermit> {
+    /// One chunk's bytes of the dirty budget. While the budget is spent,
+    /// this volume and every volume holding more than its fair share
+    /// upload; the wait keeps its place in the budget's queue.
+    pub(super) async fn acquire_dirty_permit(&self, vol: &Volume) -> VolumeResult<DirtyGuard> {
+        let Some(account) = &self.dirty else { return Err(VolumeError::ReadOnly) };
+        if let Some(g) = account.try_acquire() {
+            return Ok(g);
+        }
+        let wait = account.acquire();
+        tokio::pin!(wait);
         loop {
-            if let Ok(p) = self.dirty_permits.clone().try_acquire_owned() {
-                return Ok(p);
-            }
             vol.kick_uploader();
-            match tokio::time::timeout(Duration::from_millis(200), self.dirty_permits.clone().acquire_owned()).await {
-                Ok(Ok(p)) => return Ok(p),
-                Ok(Err(_)) => return Err(VolumeError::Fenced("volume closed".into())),
-                Err(_) => {
+            account.ask_others_to_upload();
+            tokio::select! {
+                g = &mut wait => return Ok(g),
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
                     if let Some(e) = self.lock().upload_error.take() {
                         return Err(e.into());
                     }

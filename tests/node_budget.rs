@@ -1,0 +1,267 @@
+//! The node plugin's memory budget: every volume one node serves shares
+//! one limit of dirty data and one of cache. Volumes are opened through the
+//! node service exactly as NodeStage opens them (attaching them to a
+//! /dev/nbdX needs a kernel: that part runs in the VM, tests/csi_node.rs),
+//! over a local directory store whose chunk uploads are slowed down or
+//! held, so that writers outrun the store.
+
+mod common;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use s3blk::csi::common::Stores;
+use s3blk::csi::node::{NodeConfig, NodeService};
+use s3blk::location::Location;
+use s3blk::store::{DynStore, ListPage, ListRequest, ObjectStore, PutMode, StoreResult};
+use s3blk::volume::budget::MemoryBudget;
+use s3blk::volume::engine::CreateOptions;
+use s3blk::volume::{OpenOptions, Volume};
+use tokio::sync::watch;
+
+const CS: u64 = 64 << 10;
+
+/// A store whose chunk uploads take `delay`, and those of volumes marked
+/// held wait until they are let go.
+#[derive(Debug)]
+struct SlowStore {
+    inner: DynStore,
+    delay: Duration,
+    held: Mutex<Vec<String>>,
+    release: watch::Sender<bool>,
+}
+
+impl SlowStore {
+    fn new(inner: DynStore, delay: Duration) -> Arc<Self> {
+        Arc::new(Self { inner, delay, held: Mutex::new(Vec::new()), release: watch::channel(false).0 })
+    }
+
+    fn hold(&self, prefix: &str) {
+        self.held.lock().expect("lock").push(prefix.to_string());
+    }
+
+    fn let_go(&self) {
+        self.release.send_replace(true);
+    }
+}
+
+#[async_trait]
+impl ObjectStore for SlowStore {
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
+        self.inner.get(key, range).await
+    }
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        if key.contains("/chunks/") {
+            tokio::time::sleep(self.delay).await;
+            let held = self.held.lock().expect("lock").iter().any(|p| key.starts_with(p.as_str()));
+            if held {
+                let mut rx = self.release.subscribe();
+                let _ = rx.wait_for(|go| *go).await;
+            }
+        }
+        self.inner.put(key, body, mode).await
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
+        self.inner.list(req).await
+    }
+    async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
+        self.inner.head(key).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+struct Node {
+    node: NodeService,
+    budget: Arc<MemoryBudget>,
+    slow: Arc<SlowStore>,
+    plain: DynStore,
+    root: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// A node service with a budget of `dirty` + `cache` bytes, its store a
+/// local directory whose chunk uploads take `delay`.
+fn node(dirty: u64, cache: u64, delay: Duration) -> Node {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("store");
+    std::fs::create_dir_all(&root).expect("store dir");
+    let plain = common::local_store(&root);
+    let slow = SlowStore::new(plain.clone(), delay);
+    let stores = Arc::new(Stores::new(common::fast_policy()));
+    let spec = Location::parse(&format!("file://{}", root.display()), false).expect("store url").store;
+    stores.register(&spec, slow.clone());
+    let budget = MemoryBudget::new(dirty, cache);
+    let cfg = NodeConfig {
+        node_id: "node-a".into(),
+        state_dir: dir.path().join("state"),
+        secrets_dir: dir.path().join("secrets"),
+        max_volumes: 16,
+        budget: budget.clone(),
+        cache_limit: cache,
+        busy_poll: Duration::ZERO,
+    };
+    let node = NodeService::new(cfg, stores).expect("node service");
+    Node { node, budget, slow, plain, root, _dir: dir }
+}
+
+impl Node {
+    /// Create volume `name` and open it as staging would.
+    async fn volume(&self, name: &str, size: u64) -> (String, Volume) {
+        let loc = Location::parse(&format!("file://{}/{name}", self.root.display()), true).expect("volume url");
+        let opts = CreateOptions { size, chunk_size: CS as u32, parent: None, single_writer: false };
+        Volume::create(self.plain.clone(), &loc.prefix, opts, &s3blk::clock::SystemClock).await.expect("create");
+        let v = self.node.open_volume(&loc.url(), &HashMap::new(), false, u64::MAX).await.expect("open");
+        (loc.prefix, v)
+    }
+
+    /// What the store holds for a volume, read by a fresh read-only opener.
+    async fn stored(&self, prefix: &str, len: u64) -> Vec<u8> {
+        let opts = OpenOptions { read_only: true, ..OpenOptions::default() };
+        let v = Volume::open(self.plain.clone(), prefix, opts).await.expect("open read-only");
+        v.read(0, len).await.expect("read back")
+    }
+}
+
+/// Dirty plus staged chunks of every volume, in bytes: what the engines
+/// hold in memory for writes, whatever the budget says.
+fn held_by_engines(volumes: &[Volume]) -> u64 {
+    volumes.iter().map(|v| v.stats()).map(|s| (s.dirty_chunks + s.staged_chunks) * s.chunk_size as u64).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dirty_data_of_every_volume_stays_within_the_one_node_budget() {
+    let limit = 16 * CS;
+    let n = node(limit, 8 * CS, Duration::from_millis(20));
+    let per_volume = 48 * CS;
+    let mut volumes = Vec::new();
+    for i in 0..4 {
+        volumes.push(n.volume(&format!("vol-{i}"), per_volume).await);
+    }
+    let engines: Vec<Volume> = volumes.iter().map(|(_, v)| v.clone()).collect();
+    // Sample what the engines hold while the writers run. Reading four
+    // volumes one after the other is not atomic: a chunk handed from one to
+    // another between two reads may count twice, hence a chunk's slack.
+    let (stop, stopped) = watch::channel(false);
+    let sampler = tokio::spawn(async move {
+        let mut most = 0;
+        while !*stopped.borrow() {
+            most = most.max(held_by_engines(&engines));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        most
+    });
+    let writers: Vec<_> = volumes
+        .iter()
+        .enumerate()
+        .map(|(i, (_, v))| {
+            let v = v.clone();
+            tokio::spawn(async move {
+                let data = common::pattern(i as u64, per_volume as usize);
+                for (c, chunk) in data.chunks(CS as usize).enumerate() {
+                    v.write(c as u64 * CS, chunk).await.expect("write");
+                }
+                v.flush().await.expect("flush");
+            })
+        })
+        .collect();
+    for w in writers {
+        tokio::time::timeout(Duration::from_secs(60), w).await.expect("writers finish").expect("join");
+    }
+    stop.send_replace(true);
+    let most = sampler.await.expect("sampler");
+    let written = 4 * per_volume;
+    assert!(written >= 12 * limit, "the test writes far more than the budget");
+    assert!(most <= limit + CS, "the engines held {most} bytes of writes, the budget is {limit}");
+    assert!(n.budget.dirty_peak() <= limit, "dirty peak {} over the budget {limit}", n.budget.dirty_peak());
+    assert!(n.budget.dirty_peak() >= limit / 2, "the writers never came near the budget: the test proves nothing");
+    assert_eq!(n.budget.dirty_bytes(), 0, "everything flushed, nothing held");
+    for (i, (prefix, _)) in volumes.iter().enumerate() {
+        assert!(n.stored(prefix, per_volume).await == common::pattern(i as u64, per_volume as usize), "volume {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_volume_beside_one_whose_store_stalls_still_writes() {
+    let limit = 16 * CS;
+    let n = node(limit, 8 * CS, Duration::from_millis(1));
+    let (stuck_prefix, stuck) = n.volume("stuck", 64 * CS).await;
+    let (free_prefix, free) = n.volume("free", 64 * CS).await;
+    n.slow.hold(&stuck_prefix);
+    // The stalled volume's writer takes all it can and then waits.
+    let stuck_data = common::pattern(7, 64 * CS as usize);
+    let writer = {
+        let (v, data) = (stuck.clone(), stuck_data.clone());
+        tokio::spawn(async move {
+            for (c, chunk) in data.chunks(CS as usize).enumerate() {
+                v.write(c as u64 * CS, chunk).await.expect("write");
+            }
+            v.flush().await.expect("flush");
+        })
+    };
+    let mut last = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = n.budget.dirty_bytes();
+        if now == last && now > limit / 2 {
+            break;
+        }
+        last = now;
+    }
+    assert!(n.budget.dirty_bytes() >= limit - 2 * CS, "the stalled volume holds all but the other's floor");
+    assert!(!writer.is_finished());
+    // The other volume writes four times the budget and commits it.
+    let data = common::pattern(8, 64 * CS as usize);
+    let progress = async {
+        for (c, chunk) in data.chunks(CS as usize).enumerate() {
+            free.write(c as u64 * CS, chunk).await.expect("write");
+        }
+        free.flush().await.expect("flush");
+    };
+    tokio::time::timeout(Duration::from_secs(30), progress).await.expect("the other volume is not starved");
+    assert!(n.budget.dirty_peak() <= limit);
+    n.slow.let_go();
+    tokio::time::timeout(Duration::from_secs(30), writer).await.expect("stalled writer finishes").expect("join");
+    assert!(n.stored(&free_prefix, 64 * CS).await == data);
+    assert!(n.stored(&stuck_prefix, 64 * CS).await == stuck_data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_chunks_of_every_volume_share_one_limit_and_a_busy_volume_takes_from_an_idle_one() {
+    let cache = 8 * CS;
+    let n = node(16 * CS, cache, Duration::ZERO);
+    let (_, idle) = n.volume("idle", 16 * CS).await;
+    let (_, busy) = n.volume("busy", 16 * CS).await;
+    for v in [&idle, &busy] {
+        v.write(0, &common::pattern(3, 16 * CS as usize)).await.expect("write");
+        v.flush().await.expect("flush");
+    }
+    // The idle volume reads its chunks once and then sits on them.
+    idle.read(0, 16 * CS).await.expect("read");
+    // The busy one reads a hot set of four chunks again and again, never
+    // where the last read ended (no readahead fetching others meanwhile).
+    for _ in 0..20 {
+        for c in [0, 2, 1, 3] {
+            busy.read(c * CS, CS).await.expect("read");
+        }
+    }
+    let (i, b) = (idle.stats().cache_bytes, busy.stats().cache_bytes);
+    assert!(i + b <= cache, "the volumes cache {i} + {b} bytes, the node's cache budget is {cache}");
+    assert!(n.budget.cache_peak() <= cache, "cache peak {} over {cache}", n.budget.cache_peak());
+    assert_eq!(n.budget.cache_bytes(), i + b);
+    assert!(b >= 4 * CS, "the busy volume's hot chunks are cached ({b} bytes)");
+    let before = busy.stats().cache_misses;
+    for c in [0, 2, 1, 3] {
+        busy.read(c * CS, CS).await.expect("read");
+    }
+    assert_eq!(busy.stats().cache_misses, before, "the hot chunks stay cached");
+    assert!(i <= cache - 4 * CS, "the idle volume gave its bytes up ({i} bytes)");
+}
