@@ -165,6 +165,86 @@ fn header_only_writes_do_not_starve_honest_clients() {
     drop(hostile);
 }
 
+/// An honest client's write and read on a fresh connection are answered
+/// within 3 s.
+fn honest_round_trip(sock: &Path) {
+    let mut honest = handshake(sock);
+    honest.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    let data = common::pattern(6, 64 << 10);
+    let w = proto::Request { flags: 0, kind: proto::CMD_WRITE, handle: 1, offset: 2 << 20, length: data.len() as u32 };
+    honest.write_all(&proto::encode_request(&w)).expect("write header");
+    honest.write_all(&data).expect("write payload");
+    let mut reply = [0u8; 16];
+    honest.read_exact(&mut reply).expect("no reply to an honest write within 3 s");
+    assert_eq!(&reply[4..8], &[0, 0, 0, 0], "write failed");
+    let r = proto::Request { flags: 0, kind: proto::CMD_READ, handle: 2, offset: 2 << 20, length: data.len() as u32 };
+    honest.write_all(&proto::encode_request(&r)).expect("read header");
+    honest.read_exact(&mut reply).expect("no reply to an honest read within 3 s");
+    let mut back = vec![0u8; data.len()];
+    honest.read_exact(&mut back).expect("read data");
+    assert!(back == data, "read back different data");
+}
+
+/// WRITE headers longer than any payload (answered EINVAL once their bytes
+/// are skipped) hold none of the server's in-flight budget meanwhile.
+#[test]
+fn oversized_write_headers_do_not_pin_the_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut srv = serve(dir.path(), "oversized", &[]);
+    let mut hostile = Vec::new();
+    for i in 0..8u64 {
+        let mut s = handshake(&srv.sock);
+        let r = proto::Request {
+            flags: 0,
+            kind: proto::CMD_WRITE,
+            handle: i,
+            offset: 0,
+            length: proto::MAX_PAYLOAD + 4096,
+        };
+        s.write_all(&proto::encode_request(&r)).expect("header");
+        hostile.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    honest_round_trip(&srv.sock);
+    drop(hostile);
+    srv.stop();
+}
+
+/// More maximum-size WRITEs streaming at once than the server-wide budget
+/// (256 MiB) holds all get their answers: a connection waiting for its share
+/// holds none of it, so the writes cannot wait on each other for ever.
+#[test]
+fn many_large_writes_at_once_all_complete() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut srv = serve(dir.path(), "stream", &[]);
+    let writers: Vec<_> = (0..10u64)
+        .map(|i| {
+            let sock = srv.sock.clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut s = handshake(&sock);
+                s.set_write_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
+                let len = proto::MAX_PAYLOAD;
+                let r = proto::Request { flags: 0, kind: proto::CMD_WRITE, handle: i, offset: 0, length: len };
+                s.write_all(&proto::encode_request(&r)).map_err(|e| format!("header {i}: {e}"))?;
+                let data = vec![i as u8 + 1; len as usize];
+                s.write_all(&data).map_err(|e| format!("payload {i} not taken: {e}"))?;
+                let mut reply = [0u8; 16];
+                s.read_exact(&mut reply).map_err(|e| format!("no reply to write {i}: {e}"))?;
+                if reply[4..8] != [0, 0, 0, 0] {
+                    return Err(format!("write {i} failed: {reply:?}"));
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("writer thread").expect("every large write is answered");
+    }
+    honest_round_trip(&srv.sock);
+    srv.stop();
+}
+
 /// A client that connects and says nothing is dropped at the handshake
 /// deadline; one that stops sending a payload is dropped too.
 #[test]

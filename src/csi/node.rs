@@ -821,14 +821,23 @@ impl pb::node_server::Node for NodeService {
             // Commit every acknowledged write before anything is let go:
             // while that fails the volume stays served and attached, and
             // kubelet retries.
-            if !volume.is_read_only()
-                && let Err(e) = volume.flush().await
-            {
-                tracing::error!(volume = %req.volume_id, error = %e, "unstage: committing the volume failed");
-                return Err(Status::unavailable(format!(
-                    "cannot commit the volume's acknowledged writes to the store ({e}); it stays staged and \
+            let flushed = if volume.is_read_only() { Ok(()) } else { volume.flush().await };
+            match flushed {
+                Ok(()) => {}
+                // Another writer took the volume over: nothing held here
+                // can be committed any more, and keeping it staged would
+                // only hold its memory and its device for ever.
+                Err(crate::volume::VolumeError::Fenced(why)) => tracing::warn!(
+                    volume = %req.volume_id, reason = %why,
+                    "unstage: the volume was taken over by another writer; writes this node had not committed are discarded"
+                ),
+                Err(e) => {
+                    tracing::error!(volume = %req.volume_id, error = %e, "unstage: committing the volume failed");
+                    return Err(Status::unavailable(format!(
+                        "cannot commit the volume's acknowledged writes to the store ({e}); it stays staged and \
                          attached until they are committed"
-                )));
+                    )));
+                }
             }
         }
         if let Some(r) = &record {

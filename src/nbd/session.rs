@@ -143,11 +143,25 @@ const INFLIGHT_BYTES: usize = 64 << 20;
 /// A payload buffer grows by at most this much per read.
 const PAYLOAD_STEP: usize = 1 << 20;
 
-/// Read a `len`-byte payload into `buf`, growing it only as bytes arrive,
-/// and taking the server-wide budget (`server`, into `held`) for each step
-/// before the buffer grows into it: a header whose payload never comes
-/// holds none of what other connections need.
-/// `Ok(false)`: the client went away, or sent nothing for `deadline`.
+/// Bytes of a payload read before it takes its server-wide share: a header
+/// (and a stalled trickle) pins this much memory at most, no budget.
+const FIRST_BYTES: usize = 64 << 10;
+
+/// Time a whole payload may take: the idle deadline plus one second per
+/// MiB, so a client trickling bytes cannot hold its share for ever.
+fn payload_deadline(deadline: Duration, len: usize) -> Duration {
+    deadline + Duration::from_secs((len >> 20) as u64)
+}
+
+/// Read a `len`-byte payload into `buf`, growing it only as bytes arrive.
+/// The first bytes are read before anything is taken from the server-wide
+/// budget (`server`, into `held`), so a header whose payload never comes
+/// holds none of what other connections need; then the whole payload's
+/// share is taken in one acquire. Never more than once while holding part
+/// of it: connections waiting for the budget hold none of it, so streams
+/// of large writes on many connections cannot wait on each other for ever.
+/// `Ok(false)`: the client went away, sent nothing for `deadline`, or took
+/// longer than [`payload_deadline`] for the whole payload.
 async fn read_payload<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut Vec<u8>,
@@ -156,22 +170,40 @@ async fn read_payload<R: AsyncRead + Unpin>(
     server: &Arc<Semaphore>,
     held: &mut OwnedSemaphorePermit,
 ) -> std::io::Result<bool> {
+    let started = tokio::time::Instant::now();
+    let whole = payload_deadline(deadline, len);
+    let mut read_some = async |buf: &mut Vec<u8>, want: usize| -> std::io::Result<bool> {
+        let start = buf.len();
+        buf.resize(start + want, 0);
+        let left = whole.saturating_sub(started.elapsed()).min(deadline);
+        match tokio::time::timeout(left, rd.read(&mut buf[start..])).await {
+            Ok(Ok(0)) | Err(_) => Ok(false),
+            Ok(Ok(n)) => {
+                buf.truncate(start + n);
+                Ok(true)
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+            Ok(Err(e)) => Err(e),
+        }
+    };
+    let first = len.min(FIRST_BYTES);
+    while buf.len() < first {
+        let want = first - buf.len();
+        if !read_some(buf, want).await? {
+            return Ok(false);
+        }
+    }
+    let units = len.div_ceil(PERMIT_UNIT);
+    if let Some(more) = units.checked_sub(held.num_permits()).filter(|&n| n > 0) {
+        match server.clone().acquire_many_owned(more as u32).await {
+            Ok(p) => held.merge(p),
+            Err(_) => return Ok(false),
+        }
+    }
     while buf.len() < len {
         let want = (len - buf.len()).min(PAYLOAD_STEP);
-        let start = buf.len();
-        let units = (start + want).div_ceil(PERMIT_UNIT);
-        if let Some(more) = units.checked_sub(held.num_permits()).filter(|&n| n > 0) {
-            match server.clone().acquire_many_owned(more as u32).await {
-                Ok(p) => held.merge(p),
-                Err(_) => return Ok(false),
-            }
-        }
-        buf.resize(start + want, 0);
-        match tokio::time::timeout(deadline, rd.read(&mut buf[start..])).await {
-            Ok(Ok(0)) | Err(_) => return Ok(false),
-            Ok(Ok(n)) => buf.truncate(start + n),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
-            Ok(Err(e)) => return Err(e),
+        if !read_some(buf, want).await? {
+            return Ok(false);
         }
     }
     Ok(true)
@@ -665,7 +697,8 @@ where
         let units = bytes.min(INFLIGHT_BYTES).div_ceil(PERMIT_UNIT).max(1) as u32;
         // A WRITE takes its server-wide share as its payload arrives (see
         // read_payload); everything else takes it up front.
-        let payload_follows = req.kind == proto::CMD_WRITE && req.length <= proto::MAX_PAYLOAD && req.length > 0;
+        // One longer than any payload is read and dropped, never buffered.
+        let payload_follows = req.kind == proto::CMD_WRITE && req.length > 0;
         let server_units = if payload_follows { 0 } else { units };
         let permits = async {
             let mine = budget.clone().acquire_many_owned(units).await.ok()?;
@@ -682,7 +715,19 @@ where
         let mut payload = None;
         if req.kind == proto::CMD_WRITE {
             if req.length > proto::MAX_PAYLOAD {
-                let n = tokio::io::copy(&mut (&mut rd).take(req.length as u64), &mut tokio::io::sink()).await?;
+                // Read and dropped in small pieces (no share of the
+                // server's budget), within the payload deadline.
+                let whole = payload_deadline(export.limits.io_deadline, req.length as usize);
+                let mut rest = (&mut rd).take(req.length as u64);
+                let mut sink = tokio::io::sink();
+                let skip = tokio::io::copy(&mut rest, &mut sink);
+                let n = tokio::select! {
+                    n = tokio::time::timeout(whole, skip) => match n {
+                        Ok(n) => n?,
+                        Err(_) => break Ok(()),
+                    },
+                    _ = shutdown.changed() => break Ok(()),
+                };
                 if n != req.length as u64 {
                     break Ok(());
                 }
