@@ -67,6 +67,17 @@ impl Server {
     }
 }
 
+/// A server a test did not stop (it failed, or only dropped it) is killed,
+/// not left running after the test.
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Finish the handshake with GO; the stream is then in transmission.
 fn handshake(sock: &Path) -> UnixStream {
     let mut s = UnixStream::connect(sock).expect("connect");
