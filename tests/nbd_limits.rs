@@ -156,22 +156,8 @@ fn header_only_writes_do_not_starve_honest_clients() {
         hostile.push(s);
     }
     std::thread::sleep(Duration::from_millis(300));
-    let mut honest = handshake(&srv.sock);
-    honest.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
-    let data = common::pattern(5, 64 << 10);
     let start = Instant::now();
-    let w = proto::Request { flags: 0, kind: proto::CMD_WRITE, handle: 1, offset: 1 << 20, length: data.len() as u32 };
-    honest.write_all(&proto::encode_request(&w)).expect("write header");
-    honest.write_all(&data).expect("write payload");
-    let mut reply = [0u8; 16];
-    honest.read_exact(&mut reply).expect("no reply to an honest write within 3 s while header-only writes are pending");
-    assert_eq!(&reply[4..8], &[0, 0, 0, 0], "write failed");
-    let r = proto::Request { flags: 0, kind: proto::CMD_READ, handle: 2, offset: 1 << 20, length: data.len() as u32 };
-    honest.write_all(&proto::encode_request(&r)).expect("read header");
-    honest.read_exact(&mut reply).expect("no reply to an honest read within 3 s");
-    let mut back = vec![0u8; data.len()];
-    honest.read_exact(&mut back).expect("read data");
-    assert!(back == data, "read back different data");
+    honest_round_trip(&srv.sock);
     eprintln!("honest write + read answered in {:?}", start.elapsed());
     drop(hostile);
 }
