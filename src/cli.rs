@@ -1119,6 +1119,40 @@ struct ServeArgs {
     /// USERNAME:HEXKEY lines (as GnuTLS's psktool writes them).
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_client_ca"])]
     tls_psk: Option<PathBuf>,
+    /// Directory of the local write-back logs: every acknowledged write
+    /// stays there until a flush commits it, so `serve` started again on
+    /// this host after a crash carries on with them (default:
+    /// $XDG_STATE_HOME/s3blk/write-log, else ~/.local/state/s3blk/write-log).
+    #[arg(long, env = "S3BLK_WRITE_LOG_DIR", conflicts_with = "no_write_log")]
+    write_log_dir: Option<PathBuf>,
+    /// Keep unflushed writes in memory only: a crash of this process loses
+    /// every write acknowledged since the last flush.
+    #[arg(long)]
+    no_write_log: bool,
+    /// A write-back log holding more than this starts a flush.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    write_log_limit: u64,
+}
+
+impl ServeArgs {
+    /// Where this writer keeps its write-back log (`None`: no log; always
+    /// so for a memory store, which a crash takes along).
+    fn write_log_dir(&self, loc: &Location) -> Result<Option<PathBuf>> {
+        if self.no_write_log || self.read_only || loc.store == crate::location::StoreSpec::Memory {
+            return Ok(None);
+        }
+        if let Some(d) = &self.write_log_dir {
+            return Ok(Some(d.clone()));
+        }
+        let state = match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+            Some(d) => PathBuf::from(d),
+            None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+                Some(h) => PathBuf::from(h).join(".local/state"),
+                None => bail!("no --write-log-dir given and neither XDG_STATE_HOME nor HOME is set (or pass --no-write-log)"),
+            },
+        };
+        Ok(Some(state.join("s3blk/write-log")))
+    }
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -1191,7 +1225,10 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
         true => None,
         false => Some(take_lease(&store, &loc, "serve", a.takeover, g).await?),
     };
-    let vol = match Volume::open(store.clone(), &loc.prefix, g.open_options(a.read_only)).await {
+    let mut opts = g.open_options(a.read_only);
+    opts.log_dir = a.write_log_dir(&loc)?;
+    opts.log_limit = a.write_log_limit;
+    let vol = match Volume::open(store.clone(), &loc.prefix, opts).await {
         Ok(v) => v,
         Err(e) => {
             if let Some(l) = held {
@@ -1218,6 +1255,13 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
         let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot serve metrics on {addr}"))?;
         tracing::info!(address = %addr, "metrics at /metrics");
         tokio::spawn(crate::metrics::serve(l));
+    }
+    if let Some(r) = vol.log_recovery().filter(|r| r.adopted && r.entries > 0) {
+        eprintln!(
+            "replayed {} unflushed writes ({}) from the write-back log of the previous server",
+            r.entries,
+            format_size(r.bytes)
+        );
     }
     let size = vol.size();
     let export = Arc::new(Export {

@@ -10,6 +10,8 @@ pub fn nbd_errno(e: &VolumeError) -> u32 {
         VolumeError::OutOfRange { .. } | VolumeError::InvalidArgument(_) => proto::EINVAL,
         VolumeError::ReadOnly => proto::EPERM,
         VolumeError::Fenced(_) => proto::ESHUTDOWN,
+        VolumeError::LocalLog { no_space: true, .. } => proto::ENOSPC,
+        VolumeError::LocalLog { no_space: false, .. } => proto::EIO,
         VolumeError::NotFound(_)
         | VolumeError::AlreadyExists(_)
         | VolumeError::Corrupt(_)

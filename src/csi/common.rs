@@ -29,6 +29,8 @@ pub fn status(e: VolumeError) -> Status {
             Status::failed_precondition(e.to_string())
         }
         VolumeError::Corrupt(_) => Status::data_loss(e.to_string()),
+        VolumeError::LocalLog { no_space: true, .. } => Status::resource_exhausted(e.to_string()),
+        VolumeError::LocalLog { no_space: false, .. } => Status::internal(e.to_string()),
         VolumeError::Store(se) => store_status(se),
     }
 }

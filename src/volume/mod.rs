@@ -38,6 +38,8 @@ pub enum VolumeError {
         "the store does not honour conditional writes (If-None-Match), so two writers could not be fenced; pass --single-writer to accept that"
     )]
     NoConditionalWrites,
+    #[error("{why}")]
+    LocalLog { why: String, no_space: bool },
     #[error(transparent)]
     Store(#[from] StoreError),
 }

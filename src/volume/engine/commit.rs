@@ -18,12 +18,31 @@ impl Volume {
         let r = async {
             let _f = inner.flush_lock.lock().await;
             inner.check_writable()?;
-            let dirty: Vec<u64> = inner.lock().slots.keys().copied().collect();
+            // The log's segments so far hold only writes already visible in
+            // memory (both happen under the state lock): once this flush
+            // committed, they hold nothing uncommitted.
+            let (dirty, closed) = {
+                let mut st = inner.lock();
+                let closed = st.log.as_mut().and_then(|l| match l.rotate() {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        tracing::warn!(volume = %inner.vol, log = %l.dir().display(), error = %e, "starting a new write-back log segment failed; the log is trimmed at a later flush");
+                        None
+                    }
+                });
+                (st.slots.keys().copied().collect::<Vec<u64>>(), closed)
+            };
             stream::iter(dirty.into_iter().map(|i| inner.upload_chunk(i)))
                 .buffer_unordered(inner.opts.concurrency)
                 .try_collect::<Vec<()>>()
                 .await?;
-            inner.commit().await
+            inner.commit().await?;
+            if let Some(n) = closed
+                && let Some(l) = inner.lock().log.as_mut()
+            {
+                l.release(n);
+            }
+            Ok(())
         }
         .await;
         inner.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
@@ -43,6 +62,7 @@ impl Volume {
                 )));
             }
             st.size = new_size;
+            st.log(log::Record::Size(new_size))?;
         }
         self.flush().await
     }
@@ -53,10 +73,25 @@ impl Volume {
     pub(super) fn start_committer(&self) {
         let weak = Arc::downgrade(&self.inner);
         let interval = self.inner.opts.commit_interval;
+        let log_full = self.inner.lock().log_full.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(interval).await;
+                tokio::select! {
+                    () = tokio::time::sleep(interval) => {}
+                    () = log_full.notified() => {}
+                }
                 let Some(inner) = weak.upgrade() else { return };
+                let full = {
+                    let st = inner.lock();
+                    st.fenced.is_none() && st.log.as_ref().is_some_and(|l| l.bytes() > st.log_limit)
+                };
+                if full {
+                    // Only a flush empties the log.
+                    if let Err(e) = (Volume { inner: inner.clone() }).flush().await {
+                        tracing::warn!(volume = %inner.vol, error = %e, "flushing a full write-back log failed; will retry");
+                    }
+                    continue;
+                }
                 let due = {
                     let st = inner.lock();
                     st.fenced.is_none() && (!st.staged.is_empty() || st.pending.is_some())
@@ -77,7 +112,16 @@ impl Inner {
     pub(super) fn fence(&self, why: String) -> VolumeError {
         tracing::error!(volume = %self.vol, reason = %why, "writer fenced");
         self.metrics.fenced.inc();
-        self.lock().fenced = Some(why.clone());
+        let log = {
+            let mut st = self.lock();
+            st.fenced = Some(why.clone());
+            st.log.take()
+        };
+        // Another writer owns the volume now: what this one acknowledged
+        // and did not commit must never be applied anywhere.
+        if let Some(l) = log {
+            l.discard();
+        }
         VolumeError::Fenced(why)
     }
 

@@ -44,6 +44,7 @@
 
 mod commit;
 mod dirty;
+pub mod log;
 mod read;
 mod upload;
 mod write;
@@ -105,6 +106,14 @@ pub struct OpenOptions {
     /// than this; then it is abandoned and its chunks are uploaded again.
     /// Must stay well below compaction's safety age.
     pub commit_deadline: Duration,
+    /// Where a writer keeps its local write-back log ([`log`]): every
+    /// acknowledged write until a flush commits it, so that a process
+    /// opening the volume after a crash of this one (same directory, no
+    /// other writer in between) carries on with them. `None`: writes live
+    /// in memory only until flushed.
+    pub log_dir: Option<std::path::PathBuf>,
+    /// A log holding more than this starts a flush (which empties it).
+    pub log_limit: u64,
 }
 
 impl Default for OpenOptions {
@@ -121,6 +130,8 @@ impl Default for OpenOptions {
             readahead_chunks: 4,
             snapshot: None,
             clock: Arc::new(SystemClock),
+            log_dir: None,
+            log_limit: 1 << 30,
         }
     }
 }
@@ -230,6 +241,53 @@ struct State {
     last_read_end: u64,
     /// Seq of the newest checkpoint known (written by us or replayed from).
     checkpoint_seq: u64,
+    /// The write-back log (a writer with a `log_dir`), appended in the
+    /// critical section in which each write becomes visible here.
+    log: Option<log::WriteLog>,
+    log_limit: u64,
+    /// Told when the log passes `log_limit` (the committer flushes).
+    log_full: Arc<tokio::sync::Notify>,
+}
+
+impl State {
+    /// Log a change just applied here (under the same lock). An error
+    /// fails the write; what memory holds then is at most a write that
+    /// was never acknowledged.
+    fn log(&mut self, r: log::Record<'_>) -> VolumeResult<()> {
+        let Some(l) = self.log.as_mut() else { return Ok(()) };
+        if let Err(e) = l.append(r) {
+            return Err(VolumeError::LocalLog {
+                no_space: e.kind() == std::io::ErrorKind::StorageFull,
+                why: format!("appending to the write-back log in {} failed: {e}", l.dir().display()),
+            });
+        }
+        if l.bytes() > self.log_limit {
+            self.log_full.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Log a piece of a write (`None`: zeros) at chunk `p.index`.
+    fn log_piece(&mut self, p: Piece, data: Option<&[u8]>, chunk_size: u64) -> VolumeResult<()> {
+        let offset = p.index * chunk_size + p.at as u64;
+        match data {
+            Some(data) => self.log(log::Record::Write { offset, data }),
+            None => self.log(log::Record::Zero { offset, len: p.len as u64 }),
+        }
+    }
+}
+
+/// What opening a writer found in its write-back log directory.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LogRecovery {
+    /// A dead process's log of this writer's predecessor was taken over.
+    pub adopted: bool,
+    /// Entries applied from it, and their payload bytes.
+    pub entries: u64,
+    pub bytes: u64,
+    /// Logs of superseded writers removed (their writes were never
+    /// committed, and another writer opened the volume since).
+    pub discarded: u64,
 }
 
 #[derive(Debug)]
@@ -259,6 +317,8 @@ struct Inner {
     generation_counter: AtomicU64,
     /// Its commit and NBD request metrics; its gauges read [`Inner::figures`].
     metrics: crate::metrics::VolumeMetrics,
+    /// What opening found in the write-back log directory.
+    recovery: Mutex<Option<LogRecovery>>,
 }
 
 /// An open volume. Cheap to clone; all clones share one engine.
@@ -359,8 +419,32 @@ impl Volume {
         let mut st = replay::replay(store.as_ref(), vol, chunk_size, upto).await?;
         let parents = load_parents(&store, &meta).await?;
         let writer = rand::random::<u64>() | 1;
+        let mut claimed = None;
+        let mut recovery = None;
         if !opts.read_only {
-            open_for_write(&store, vol, &meta, &mut st, writer, opts.clock.now_unix()).await?;
+            // The log directory first: a dead predecessor's log is chosen
+            // against the journal as replayed, and marked with our writer
+            // id before our open record is sent, so that a crash right
+            // after it landed still finds the log ours.
+            let mut found = match &opts.log_dir {
+                Some(root) => Some(claim_log(&store, vol, &meta, &st, root, writer).await?),
+                None => None,
+            };
+            let prev_epoch = open_for_write(&store, vol, &meta, &mut st, writer, opts.clock.now_unix()).await?;
+            if let Some((mut c, adopted_epoch, mut rec)) = found.take() {
+                if rec.adopted && adopted_epoch != prev_epoch {
+                    // Another writer opened the volume between our replay
+                    // and our open record: the dead writer's log is
+                    // superseded.
+                    tracing::warn!(volume = vol, log = %c.dir.display(), "the volume was opened by another writer meanwhile: its predecessor's unflushed writes are discarded");
+                    c.clear().map_err(|e| log_io(&c.dir, e))?;
+                    rec.adopted = false;
+                }
+                let state = log::LogState { volume: meta.uuid.clone(), epoch: st.epoch, next_writer: None };
+                c.set_state(state).map_err(|e| log_io(&c.dir, e))?;
+                claimed = Some(c);
+                recovery = Some(rec);
+            }
         }
         let budget = match &opts.budget {
             Some(b) => b.clone(),
@@ -388,6 +472,9 @@ impl Volume {
             tick: 0,
             last_read_end: u64::MAX,
             checkpoint_seq: st.checkpoint.unwrap_or(0),
+            log: None,
+            log_limit: opts.log_limit,
+            log_full: Arc::new(tokio::sync::Notify::new()),
         };
         tracing::info!(
             volume = vol,
@@ -417,6 +504,7 @@ impl Volume {
                 flush_lock: tokio::sync::Mutex::new(()),
                 uploader_running: AtomicBool::new(false),
                 generation_counter: AtomicU64::new(1),
+                recovery: Mutex::new(None),
             }),
         };
         // Other volumes of the budget may now ask this one to upload or
@@ -429,7 +517,64 @@ impl Volume {
         if !read_only {
             v.start_committer();
         }
+        if let (Some(mut c), Some(mut rec)) = (claimed, recovery) {
+            if rec.adopted {
+                v.replay_log(&c, &mut rec).await?;
+            } else {
+                c.clear().map_err(|e| log_io(&c.dir, e))?;
+            }
+            let dir = c.dir.clone();
+            let l = c.into_log().map_err(|e| log_io(&dir, e))?;
+            if rec.adopted {
+                tracing::info!(volume = vol, log = %dir.display(), entries = rec.entries, bytes = rec.bytes, "unflushed writes of the previous process replayed from its write-back log");
+            }
+            v.inner.lock().log = Some(l);
+            *v.inner.recovery.lock().unwrap_or_else(|p| p.into_inner()) = Some(rec);
+        }
         Ok(v)
+    }
+
+    /// What opening found in the write-back log directory (`None`: no log).
+    pub fn log_recovery(&self) -> Option<LogRecovery> {
+        self.inner.recovery.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Apply a dead predecessor's logged writes, in order, through the
+    /// write path (not logged again: they stay in its segments until a
+    /// flush commits them).
+    async fn replay_log(&self, c: &log::Claimed, rec: &mut LogRecovery) -> VolumeResult<()> {
+        let segments = c.segments().map_err(|e| log_io(&c.dir, e))?;
+        let damaged = |e: log::LogError| {
+            VolumeError::Corrupt(format!(
+                "the write-back log of the previous writer cannot be replayed: {e}; to open the volume as of its \
+                 last flush (losing the writes acknowledged after it), move {} aside",
+                c.dir.display()
+            ))
+        };
+        for (i, n) in segments.iter().enumerate() {
+            for e in c.read_segment(*n, i + 1 == segments.len()).map_err(damaged)? {
+                let r = match &e {
+                    log::Entry::Write { offset, data } => self.write(*offset, data).await,
+                    log::Entry::Zero { offset, len } => self.write_zeroes(*offset, *len).await,
+                    log::Entry::Size(size) => {
+                        let mut st = self.inner.lock();
+                        st.size = st.size.max(*size);
+                        Ok(())
+                    }
+                };
+                r.map_err(|err| match err {
+                    VolumeError::OutOfRange { .. } | VolumeError::InvalidArgument(_) => {
+                        damaged(log::LogError::Damaged { path: c.dir.clone(), at: 0, why: err.to_string() })
+                    }
+                    other => other,
+                })?;
+                rec.entries += 1;
+                if let log::Entry::Write { data, .. } = &e {
+                    rec.bytes += data.len() as u64;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn meta(&self) -> &VolumeMeta {
@@ -619,7 +764,7 @@ async fn open_for_write(
     st: &mut Replayed,
     writer: u64,
     now: i64,
-) -> VolumeResult<()> {
+) -> VolumeResult<u64> {
     // A deleted volume kept behind its tombstone for the snapshots or clones
     // that read through it: whatever a writer acknowledged there would go
     // with the rest once the reaper finishes the delete.
@@ -662,9 +807,10 @@ async fn open_for_write(
             };
             match proof {
                 Ok(()) => {
+                    let prev_epoch = st.epoch;
                     st.apply(&rec, chunk_size)?;
                     st.head_bytes = Some(bytes);
-                    return Ok(());
+                    return Ok(prev_epoch);
                 }
                 Err(why) => {
                     tracing::info!(volume = vol, seq, reason = %why, "open record landed behind the journal; replaying")
@@ -679,6 +825,77 @@ async fn open_for_write(
         }
     }
     Err(VolumeError::Fenced("could not append an open record: too many concurrent writers".into()))
+}
+
+fn log_io(dir: &std::path::Path, e: std::io::Error) -> VolumeError {
+    VolumeError::LocalLog {
+        no_space: e.kind() == std::io::ErrorKind::StorageFull,
+        why: format!("write-back log {}: {e}", dir.display()),
+    }
+}
+
+/// Choose this writer's log directory under `root/<uuid>`: a dead
+/// process's whose writes sit on top of the journal as replayed (its epoch
+/// is the journal's, or it was opening and its open record is the
+/// journal's last), else a new one. Logs of superseded writers are
+/// removed. The chosen one is marked with `writer` before returning.
+/// Returns it, the epoch it was chosen against, and the report so far.
+async fn claim_log(
+    store: &DynStore,
+    vol: &str,
+    meta: &VolumeMeta,
+    st: &Replayed,
+    root: &std::path::Path,
+    writer: u64,
+) -> VolumeResult<(log::Claimed, u64, LogRecovery)> {
+    let root = root.join(&meta.uuid);
+    let found = log::scan(&root).map_err(|e| log_io(&root, e))?;
+    let mut rec = LogRecovery::default();
+    let mut chosen = None;
+    let mut opener = None;
+    for c in found {
+        let ours = match &c.state {
+            Some(s) if s.volume == meta.uuid && s.epoch == st.epoch && s.epoch != 0 => true,
+            Some(s) if s.volume == meta.uuid && s.next_writer.is_some() => {
+                if opener.is_none() {
+                    opener = Some(open_record_writer(store, vol, st.epoch).await?);
+                }
+                opener == Some(s.next_writer)
+            }
+            _ => false,
+        };
+        if ours && chosen.is_none() {
+            chosen = Some(c);
+            continue;
+        }
+        tracing::warn!(
+            volume = vol, log = %c.dir.display(), epoch = c.state.as_ref().map(|s| s.epoch),
+            "discarding the write-back log of a superseded writer (the volume was opened by another writer since)"
+        );
+        rec.discarded += 1;
+        let dir = c.dir.clone();
+        c.discard().map_err(|e| log_io(&dir, e))?;
+    }
+    rec.adopted = chosen.is_some();
+    let mut c = match chosen {
+        Some(c) => c,
+        None => log::create(&root).map_err(|e| log_io(&root, e))?,
+    };
+    let epoch = c.state.as_ref().map_or(0, |s| s.epoch);
+    let state = log::LogState { volume: meta.uuid.clone(), epoch, next_writer: Some(writer) };
+    c.set_state(state).map_err(|e| log_io(&c.dir, e))?;
+    Ok((c, st.epoch, rec))
+}
+
+/// The writer id of the open record at `epoch` (`None`: not readable any
+/// more, or not an open record).
+async fn open_record_writer(store: &DynStore, vol: &str, epoch: u64) -> VolumeResult<Option<u64>> {
+    let key = journal_key(vol, epoch);
+    match store.get(&key, None).await {
+        Ok(b) => Ok(JournalRecord::decode(&b, &key).ok().filter(|r| r.kind == RecordKind::Open).map(|r| r.writer)),
+        Err(StoreError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 impl Inner {
@@ -745,9 +962,19 @@ impl CacheMember for Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let st = self.lock();
-        if !st.slots.is_empty() || !st.staged.is_empty() {
-            tracing::warn!(volume = %self.vol, dirty = st.slots.len(), staged = st.staged.len(), "volume closed with unflushed writes");
+        let mut st = self.lock();
+        let log = st.log.take();
+        if !st.slots.is_empty() || !st.staged.is_empty() || st.pending.is_some() {
+            match &log {
+                Some(l) => tracing::warn!(
+                    volume = %self.vol, dirty = st.slots.len(), staged = st.staged.len(), log = %l.dir().display(),
+                    "volume closed with unflushed writes: they stay in its write-back log for the next writer on this host"
+                ),
+                None => tracing::warn!(volume = %self.vol, dirty = st.slots.len(), staged = st.staged.len(), "volume closed with unflushed writes"),
+            }
+        } else if let Some(l) = log {
+            // Every write is committed: the log has nothing left to give.
+            l.discard();
         }
     }
 }

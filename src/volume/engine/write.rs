@@ -31,7 +31,7 @@ impl Volume {
             return None;
         }
         slot.version = tick;
-        Some(Ok(()))
+        Some(st.log_piece(p, Some(data), inner.chunk_size))
     }
 
     /// Write `data` at `offset`. Not durable until [`Volume::flush`].
@@ -64,14 +64,20 @@ impl Volume {
                 Some(slot) => {
                     slot.data = data;
                     slot.version = tick;
-                    return Ok(());
+                    let DirtyData::Data(d) = &slot.data else { return Ok(()) };
+                    let d = d.clone();
+                    return st.log(log::Record::Write { offset, data: &d });
                 }
                 None => data,
             }
         };
         let permit = self.inner.acquire_dirty_permit(self).await?;
-        self.inner.insert_slot(index, data, permit);
-        Ok(())
+        let bytes = match &data {
+            DirtyData::Data(d) => Some(d.clone()),
+            _ => None,
+        };
+        let logged = bytes.as_ref().map(|d| log::Record::Write { offset, data: d.as_slice() });
+        self.inner.insert_slot(index, data, permit, logged)
     }
 
     /// Zero a range (TRIM and WRITE_ZEROES). Whole chunks become ZERO
@@ -87,12 +93,24 @@ impl Volume {
 }
 
 impl Inner {
-    pub(super) fn insert_slot(&self, index: u64, data: DirtyData, permit: DirtyGuard) {
+    /// A new dirty slot; `logged` is the change that made it, logged in
+    /// the same critical section.
+    pub(super) fn insert_slot(
+        &self,
+        index: u64,
+        data: DirtyData,
+        permit: DirtyGuard,
+        logged: Option<log::Record<'_>>,
+    ) -> VolumeResult<()> {
         let mut st = self.lock();
         st.tick += 1;
         let tick = st.tick;
         st.clean.remove(index);
         st.slots.insert(index, Slot { data, version: tick, since: tick, permit: Some(permit) });
+        match logged {
+            Some(r) => st.log(r),
+            None => Ok(()),
+        }
     }
 
     pub(super) async fn write_piece(&self, p: Piece, data: Option<&[u8]>, vol: &Volume) -> VolumeResult<()> {
@@ -103,17 +121,18 @@ impl Inner {
             let mut st = self.lock();
             st.tick += 1;
             let tick = st.tick;
-            st.slots.get_mut(&p.index).map(|slot| {
+            let applied = st.slots.get_mut(&p.index).map(|slot| {
                 let done = slot.data.apply(p, data, self.chunk_size);
                 if done {
                     slot.version = tick;
                 }
                 done
-            })
+            });
+            if applied == Some(true) {
+                return st.log_piece(p, data, self.chunk_size);
+            }
+            applied
         };
-        if applied == Some(true) {
-            return Ok(());
-        }
         if applied == Some(false) {
             // Pages over an unread base, and a write that is not whole
             // pages: read the base now and merge. (We hold the chunk lock:
@@ -127,8 +146,11 @@ impl Inner {
                 slot.data.materialize(base.as_deref());
                 slot.data.apply(p, data, self.chunk_size);
                 slot.version = tick;
+                return st.log_piece(p, data, self.chunk_size);
             }
-            return Ok(());
+            // Cannot happen: a slot of pages is uploaded only under the
+            // chunk lock, which this write holds.
+            return Err(VolumeError::Corrupt(format!("chunk {}: its dirty pages went during a write", p.index)));
         }
         // A new dirty chunk needs a permit: this is where memory is bounded.
         // The permit is a guard: dropped with this future, it goes back.
@@ -144,8 +166,12 @@ impl Inner {
             }
         };
         slot_data.apply(p, data, self.chunk_size);
-        self.insert_slot(p.index, slot_data, permit);
-        Ok(())
+        let offset = p.index * self.chunk_size + p.at as u64;
+        let logged = match data {
+            Some(data) => log::Record::Write { offset, data },
+            None => log::Record::Zero { offset, len: p.len as u64 },
+        };
+        self.insert_slot(p.index, slot_data, permit, Some(logged))
     }
 
     /// One chunk's bytes of the dirty budget. While the budget is spent,

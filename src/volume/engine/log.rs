@@ -1,0 +1,522 @@
+//! The local write-back log: every write a writer acknowledged since its
+//! last flush, on local disk, so that a restarted process (same host, the
+//! journal not moved on by another writer) carries on with them.
+//!
+//! Layout, under `<log-dir>/<volume uuid>/<random>/`:
+//! - `lock`: held with `flock` by the process using the directory, so a
+//!   live process's log is never taken by another, and a dead one's lock
+//!   goes with it;
+//! - `state`: JSON, replaced atomically (write + rename): the writer epoch
+//!   whose writes the segments hold, and while an open is under way the
+//!   writer id of the open record being appended;
+//! - `seg-<n:016x>`: a header, then entries: crc32c, kind, offset, length,
+//!   payload. Appended in the page cache, never fsync'd: a crash of the
+//!   process keeps them; a crash of the node may lose the tail, which a
+//!   volatile write cache is allowed to do.
+//!
+//! Rules the engine keeps (see its module doc): an entry is appended under
+//! the state lock in the same critical section as the write it records
+//! becomes visible in memory, before the write is acknowledged; a flush
+//! rotates to a new segment in the critical section that lists the dirty
+//! chunks, and once its commit succeeded deletes the segments before it;
+//! replaying the remaining segments in order on top of any committed state
+//! of the same writer gives every acknowledged write back (writes are
+//! overwrites: applying one again changes nothing the later ones do not
+//! change again).
+//!
+//! What it does not own: deciding whether a dead process's log may be
+//! adopted (the engine compares its epoch with the journal's), applying
+//! entries (the engine's write path).
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"S3BLKLOG";
+const VERSION: u32 = 1;
+const SEGMENT_HEADER: usize = 16;
+/// crc32c, kind, offset, length.
+const ENTRY_HEADER: usize = 4 + 1 + 8 + 4;
+/// A segment past this size is closed and a new one begun, so replay
+/// reads a bounded amount at a time.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+/// Longest entry payload accepted when reading (the largest chunk).
+const MAX_PAYLOAD: usize = super::format::MAX_CHUNK_SIZE as usize;
+
+const KIND_WRITE: u8 = 1;
+const KIND_ZERO: u8 = 2;
+const KIND_SIZE: u8 = 3;
+
+/// One logged change, in the order it was applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Write { offset: u64, data: Vec<u8> },
+    Zero { offset: u64, len: u64 },
+    /// The volume grew to this size.
+    Size(u64),
+}
+
+/// What `state` says.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LogState {
+    /// The volume's uuid (a directory moved between volumes is refused).
+    pub volume: String,
+    /// The writer epoch (seq of its open record) whose writes the
+    /// segments hold; 0 before the first open landed.
+    pub epoch: u64,
+    /// While an open is under way: the writer id of the open record being
+    /// appended. If it landed, the segments belong to that epoch too.
+    pub next_writer: Option<u64>,
+}
+
+/// A log directory this process holds the lock of: a dead process's
+/// (found by [`scan`]) or a new one ([`create`]).
+#[derive(Debug)]
+pub struct Claimed {
+    pub dir: PathBuf,
+    /// Held, not read: the flock lasts as long as the descriptor.
+    _lock: File,
+    pub state: Option<LogState>,
+}
+
+/// Errors reading a log back.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{path} is damaged at byte {at}: {why}")]
+    Damaged { path: PathBuf, at: u64, why: String },
+}
+
+fn flock_nb(f: &File) -> io::Result<bool> {
+    // SAFETY: flock(2) on a descriptor owned by `f` for the whole call.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("seg-{n:016x}"))
+}
+
+/// The segment numbers in `dir`, ascending.
+fn segments(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let name = e?.file_name();
+        let Some(hex) = name.to_str().and_then(|n| n.strip_prefix("seg-")) else { continue };
+        if let Ok(n) = u64::from_str_radix(hex, 16) {
+            out.push(n);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// The log directories of `root` (one volume's) whose lock this process
+/// could take: those of processes that are gone. Locks are kept.
+pub fn scan(root: &Path) -> io::Result<Vec<Claimed>> {
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        let e = e?;
+        if !e.file_type()?.is_dir() {
+            continue;
+        }
+        let dir = e.path();
+        let lock = fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+        if !flock_nb(&lock)? {
+            continue;
+        }
+        let state = fs::read(dir.join("state")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        out.push(Claimed { dir, _lock: lock, state });
+    }
+    Ok(out)
+}
+
+/// A new, empty log directory under `root`, locked.
+pub fn create(root: &Path) -> io::Result<Claimed> {
+    fs::create_dir_all(root)?;
+    let dir = root.join(format!("{:016x}", rand::random::<u64>()));
+    fs::create_dir(&dir)?;
+    let lock = fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+    if !flock_nb(&lock)? {
+        return Err(io::Error::other(format!("{} is locked by another process", dir.display())));
+    }
+    Ok(Claimed { dir, _lock: lock, state: None })
+}
+
+impl Claimed {
+    /// Replace `state` atomically.
+    pub fn set_state(&mut self, s: LogState) -> io::Result<()> {
+        let tmp = self.dir.join("state.tmp");
+        fs::write(&tmp, serde_json::to_vec(&s).map_err(io::Error::other)?)?;
+        fs::rename(&tmp, self.dir.join("state"))?;
+        self.state = Some(s);
+        Ok(())
+    }
+
+    /// Drop every segment (the writes they hold are superseded).
+    pub fn clear(&mut self) -> io::Result<()> {
+        for n in segments(&self.dir)? {
+            fs::remove_file(segment_path(&self.dir, n))?;
+        }
+        Ok(())
+    }
+
+    /// Remove the directory (the lock goes with it).
+    pub fn discard(self) -> io::Result<()> {
+        fs::remove_dir_all(&self.dir)
+    }
+
+    /// The segments' entries, in order, one segment at a time (`f` gets
+    /// each segment's entries). A torn entry at the end of the last
+    /// segment (a process killed mid-append: that write was never
+    /// acknowledged) is cut off; damage anywhere else is an error.
+    pub fn segments(&self) -> io::Result<Vec<u64>> {
+        segments(&self.dir)
+    }
+
+    /// Read segment `n`. `last`: it is the newest, so a torn tail is cut
+    /// off (and the file truncated) rather than refused.
+    pub fn read_segment(&self, n: u64, last: bool) -> Result<Vec<Entry>, LogError> {
+        let path = segment_path(&self.dir, n);
+        let mut buf = Vec::new();
+        File::open(&path)?.read_to_end(&mut buf)?;
+        let (entries, valid, why) = parse_segment(&buf);
+        if valid < buf.len() {
+            let why = why.unwrap_or_default();
+            if !last {
+                return Err(LogError::Damaged { path, at: valid as u64, why });
+            }
+            tracing::warn!(
+                log = %path.display(), at = valid, dropped = buf.len() - valid, reason = %why,
+                "write-back log ends in a torn entry (the process died while appending it; it was never acknowledged): cut off"
+            );
+            let f = fs::OpenOptions::new().write(true).open(&path)?;
+            f.set_len(valid.max(SEGMENT_HEADER).min(buf.len()) as u64)?;
+            if valid < SEGMENT_HEADER {
+                drop(f);
+                fs::remove_file(&path)?;
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Start appending after the segments already there.
+    pub fn into_log(self) -> io::Result<WriteLog> {
+        let existing = segments(&self.dir)?;
+        let first = existing.first().copied().unwrap_or(1);
+        let next = existing.last().map_or(1, |n| n + 1);
+        let (seg, len) = new_segment(&self.dir, next)?;
+        let bytes = existing
+            .iter()
+            .map(|n| fs::metadata(segment_path(&self.dir, *n)).map(|m| m.len()).unwrap_or(0))
+            .sum::<u64>()
+            + len;
+        Ok(WriteLog { claimed: self, seg, seg_no: next, seg_len: len, first, bytes, broken: None })
+    }
+}
+
+fn new_segment(dir: &Path, n: u64) -> io::Result<(File, u64)> {
+    let mut f = fs::OpenOptions::new().create_new(true).append(true).open(segment_path(dir, n))?;
+    let mut header = [0u8; SEGMENT_HEADER];
+    header[..8].copy_from_slice(MAGIC);
+    header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    f.write_all(&header)?;
+    Ok((f, SEGMENT_HEADER as u64))
+}
+
+/// Entries of a segment's bytes, how many bytes are valid, and why the
+/// rest is not.
+fn parse_segment(buf: &[u8]) -> (Vec<Entry>, usize, Option<String>) {
+    let mut out = Vec::new();
+    if buf.len() < SEGMENT_HEADER {
+        return (out, 0, Some("short segment header".into()));
+    }
+    if &buf[..8] != MAGIC {
+        return (out, 0, Some("not a write-back log segment".into()));
+    }
+    let version = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
+    if version != VERSION {
+        return (out, 0, Some(format!("segment version {version}, this build reads {VERSION}")));
+    }
+    let mut pos = SEGMENT_HEADER;
+    while pos < buf.len() {
+        let rest = &buf[pos..];
+        if rest.len() < ENTRY_HEADER {
+            return (out, pos, Some("short entry header".into()));
+        }
+        let crc = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+        let kind = rest[4];
+        let mut off = [0u8; 8];
+        off.copy_from_slice(&rest[5..13]);
+        let offset = u64::from_le_bytes(off);
+        let len = u32::from_le_bytes([rest[13], rest[14], rest[15], rest[16]]) as usize;
+        let payload_len = if kind == KIND_WRITE { len } else { 0 };
+        if payload_len > MAX_PAYLOAD {
+            return (out, pos, Some(format!("entry of {len} bytes")));
+        }
+        if rest.len() < ENTRY_HEADER + payload_len {
+            return (out, pos, Some("short entry".into()));
+        }
+        let payload = &rest[ENTRY_HEADER..ENTRY_HEADER + payload_len];
+        if crc32c::crc32c_append(crc32c::crc32c(&rest[4..ENTRY_HEADER]), payload) != crc {
+            return (out, pos, Some("checksum mismatch".into()));
+        }
+        out.push(match kind {
+            KIND_WRITE => Entry::Write { offset, data: payload.to_vec() },
+            KIND_ZERO => Entry::Zero { offset, len: len as u64 },
+            KIND_SIZE => Entry::Size(offset),
+            k => return (out, pos, Some(format!("unknown entry kind {k}"))),
+        });
+        pos += ENTRY_HEADER + payload_len;
+    }
+    (out, pos, None)
+}
+
+/// The open log of a writer.
+#[derive(Debug)]
+pub struct WriteLog {
+    claimed: Claimed,
+    seg: File,
+    seg_no: u64,
+    seg_len: u64,
+    /// Oldest segment still on disk.
+    first: u64,
+    /// Bytes of every segment on disk.
+    bytes: u64,
+    /// Set when an append failed and could not be undone: later entries
+    /// would follow a torn one, so nothing more is appended.
+    broken: Option<String>,
+}
+
+/// An entry to append.
+#[derive(Debug, Clone, Copy)]
+pub enum Record<'a> {
+    Write { offset: u64, data: &'a [u8] },
+    Zero { offset: u64, len: u64 },
+    Size(u64),
+}
+
+impl WriteLog {
+    pub fn dir(&self) -> &Path {
+        &self.claimed.dir
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Append one entry to the page cache. On an error the segment is cut
+    /// back to before it, so a later append never follows a torn entry.
+    pub fn append(&mut self, r: Record<'_>) -> io::Result<()> {
+        if let Some(why) = &self.broken {
+            return Err(io::Error::other(format!("the write-back log is unusable after an earlier error: {why}")));
+        }
+        if self.seg_len >= SEGMENT_BYTES {
+            self.next_segment()?;
+        }
+        let (kind, offset, len, payload): (u8, u64, u32, &[u8]) = match r {
+            Record::Write { offset, data } => (KIND_WRITE, offset, data.len() as u32, data),
+            Record::Zero { offset, len } => (KIND_ZERO, offset, len as u32, &[]),
+            Record::Size(size) => (KIND_SIZE, size, 0, &[]),
+        };
+        let mut header = [0u8; ENTRY_HEADER];
+        header[4] = kind;
+        header[5..13].copy_from_slice(&offset.to_le_bytes());
+        header[13..17].copy_from_slice(&len.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&header[4..]), payload);
+        header[..4].copy_from_slice(&crc.to_le_bytes());
+        let r = if payload.len() <= 64 << 10 {
+            let mut one = Vec::with_capacity(ENTRY_HEADER + payload.len());
+            one.extend_from_slice(&header);
+            one.extend_from_slice(payload);
+            self.seg.write_all(&one)
+        } else {
+            self.seg.write_all(&header).and_then(|()| self.seg.write_all(payload))
+        };
+        match r {
+            Ok(()) => {
+                let n = (ENTRY_HEADER + payload.len()) as u64;
+                self.seg_len += n;
+                self.bytes += n;
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(undo) = self.seg.set_len(self.seg_len) {
+                    self.broken = Some(format!("{e}; cutting the torn entry off failed: {undo}"));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn next_segment(&mut self) -> io::Result<()> {
+        let (seg, len) = new_segment(&self.claimed.dir, self.seg_no + 1)?;
+        self.seg = seg;
+        self.seg_no += 1;
+        self.seg_len = len;
+        self.bytes += len;
+        Ok(())
+    }
+
+    /// Close the current segment (when it holds entries) and begin a new
+    /// one; returns the newest segment every entry so far is in.
+    pub fn rotate(&mut self) -> io::Result<u64> {
+        if self.seg_len > SEGMENT_HEADER as u64 {
+            self.next_segment()?;
+        }
+        Ok(self.seg_no - 1)
+    }
+
+    /// Delete segments up to `upto` (their writes are committed).
+    pub fn release(&mut self, upto: u64) {
+        while self.first <= upto && self.first < self.seg_no {
+            let path = segment_path(&self.claimed.dir, self.first);
+            match fs::metadata(&path).and_then(|m| fs::remove_file(&path).map(|()| m.len())) {
+                Ok(len) => self.bytes = self.bytes.saturating_sub(len),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(log = %path.display(), error = %e, "removing a committed write-back log segment failed");
+                    return;
+                }
+            }
+            self.first += 1;
+        }
+    }
+
+    /// Remove the whole directory: every write is committed, or the
+    /// writer was fenced and its writes must never be applied.
+    pub fn discard(self) {
+        let dir = self.claimed.dir.clone();
+        drop(self.seg);
+        if let Err(e) = self.claimed.discard() {
+            tracing::warn!(log = %dir.display(), error = %e, "removing the write-back log failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(records: &[Record<'_>]) -> (Claimed, Vec<Entry>) {
+        let root = tempfile::tempdir().expect("tempdir").keep();
+        let c = create(&root).expect("create");
+        let mut log = c.into_log().expect("log");
+        for r in records {
+            log.append(*r).expect("append");
+        }
+        let dir = log.dir().to_path_buf();
+        drop(log);
+        let mut found = scan(&root).expect("scan");
+        assert_eq!(found.len(), 1);
+        let c = found.remove(0);
+        assert_eq!(c.dir, dir);
+        let segs = c.segments().expect("segments");
+        let mut all = Vec::new();
+        for (i, n) in segs.iter().enumerate() {
+            all.extend(c.read_segment(*n, i + 1 == segs.len()).expect("read"));
+        }
+        (c, all)
+    }
+
+    #[test]
+    fn entries_come_back_in_order() {
+        let data = vec![7u8; 100_000];
+        let (_c, got) = roundtrip(&[
+            Record::Write { offset: 4096, data: b"abc" },
+            Record::Zero { offset: 1 << 20, len: 65536 },
+            Record::Size(1 << 30),
+            Record::Write { offset: 0, data: &data },
+        ]);
+        assert_eq!(
+            got,
+            vec![
+                Entry::Write { offset: 4096, data: b"abc".to_vec() },
+                Entry::Zero { offset: 1 << 20, len: 65536 },
+                Entry::Size(1 << 30),
+                Entry::Write { offset: 0, data },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_live_log_is_not_found_by_scan_and_a_dead_one_is() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let log = create(root.path()).expect("create").into_log().expect("log");
+        assert!(scan(root.path()).expect("scan").is_empty(), "a log whose lock is held was offered");
+        drop(log);
+        assert_eq!(scan(root.path()).expect("scan").len(), 1);
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_off_and_damage_before_it_is_refused() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let mut log = create(root.path()).expect("create").into_log().expect("log");
+        log.append(Record::Write { offset: 0, data: b"one" }).expect("append");
+        let closed = log.rotate().expect("rotate");
+        log.append(Record::Write { offset: 8, data: b"two" }).expect("append");
+        log.append(Record::Write { offset: 16, data: b"three" }).expect("append");
+        let dir = log.dir().to_path_buf();
+        drop(log);
+        // Tear the newest entry: a process killed mid-append.
+        let last = segment_path(&dir, closed + 1);
+        let len = fs::metadata(&last).expect("meta").len();
+        fs::OpenOptions::new().write(true).open(&last).expect("open").set_len(len - 2).expect("truncate");
+        let c = scan(root.path()).expect("scan").remove(0);
+        assert_eq!(c.read_segment(closed, false).expect("first"), vec![Entry::Write { offset: 0, data: b"one".to_vec() }]);
+        assert_eq!(c.read_segment(closed + 1, true).expect("last"), vec![Entry::Write { offset: 8, data: b"two".to_vec() }]);
+        // The torn bytes are gone from the file: appends after it are readable.
+        let mut log = c.into_log().expect("log");
+        log.append(Record::Size(5)).expect("append");
+        drop(log);
+        let c = scan(root.path()).expect("scan").remove(0);
+        assert_eq!(c.read_segment(closed + 1, false).expect("not last now"), vec![Entry::Write {
+            offset: 8,
+            data: b"two".to_vec()
+        }]);
+        // A flipped bit in a closed segment is damage, not a torn tail.
+        let first = segment_path(&dir, closed);
+        let mut b = fs::read(&first).expect("read");
+        let at = b.len() - 1;
+        b[at] ^= 1;
+        fs::write(&first, b).expect("write");
+        match c.read_segment(closed, false) {
+            Err(LogError::Damaged { why, .. }) => assert!(why.contains("checksum"), "{why}"),
+            other => panic!("damage not reported: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn release_deletes_closed_segments_only() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let mut log = create(root.path()).expect("create").into_log().expect("log");
+        log.append(Record::Write { offset: 0, data: b"a" }).expect("append");
+        let closed = log.rotate().expect("rotate");
+        log.append(Record::Write { offset: 1, data: b"b" }).expect("append");
+        log.release(closed);
+        let dir = log.dir().to_path_buf();
+        assert_eq!(segments(&dir).expect("segments"), vec![closed + 1]);
+        // Nothing new since: rotating keeps the same segment.
+        let again = log.rotate().expect("rotate");
+        assert_eq!(again, closed + 1);
+        log.release(again);
+        assert_eq!(segments(&dir).expect("segments"), vec![closed + 2]);
+        assert_eq!(log.bytes(), SEGMENT_HEADER as u64);
+        log.discard();
+        assert!(!dir.exists());
+    }
+}
