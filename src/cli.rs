@@ -1148,7 +1148,9 @@ impl ServeArgs {
             Some(d) => PathBuf::from(d),
             None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
                 Some(h) => PathBuf::from(h).join(".local/state"),
-                None => bail!("no --write-log-dir given and neither XDG_STATE_HOME nor HOME is set (or pass --no-write-log)"),
+                None => bail!(
+                    "no --write-log-dir given and neither XDG_STATE_HOME nor HOME is set (or pass --no-write-log)"
+                ),
             },
         };
         Ok(Some(state.join("s3blk/write-log")))

@@ -152,8 +152,7 @@ async fn campaign(with_log: bool, default_cycles: u64) {
     let bucket = common::unique("crash");
     common::s3_raw_store(&bucket).await.expect("bucket");
     let url = format!("s3://{bucket}/campaign/vol");
-    let cycles: u64 =
-        std::env::var("S3BLK_CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(default_cycles);
+    let cycles: u64 = std::env::var("S3BLK_CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(default_cycles);
     let seed: u64 = std::env::var("S3BLK_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random);
     eprintln!("crash campaign: {cycles} cycles, S3BLK_CRASH_SEED={seed}");
     let mut rng = StdRng::seed_from_u64(seed);

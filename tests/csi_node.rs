@@ -1006,9 +1006,10 @@ async fn stage_secrets_never_stay_in_the_state_dir_or_logs() {
 
 /// Issue 11 item 4, without a kernel: the served volume carries a marker
 /// in the state directory while it holds acknowledged, uncommitted writes;
-/// a flush clears it, a clean shutdown (SIGTERM) commits and clears it, and
-/// a plugin killed with the marker in place is not served again: the next
-/// plugin reports the loss on every RPC until NodeUnstage.
+/// a flush clears it, a clean shutdown (SIGTERM) commits and clears it. A
+/// plugin killed with the marker in place is served again with its
+/// write-back log replayed; when that log is gone, it is not served again:
+/// the next plugin reports the loss on every RPC until NodeUnstage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_killed_with_unflushed_writes_reports_the_loss_instead_of_serving() {
     let r = Restarted::new(&["node-1"], None);
@@ -1043,16 +1044,34 @@ async fn a_plugin_killed_with_unflushed_writes_reports_the_loss_instead_of_servi
     assert_eq!(v.read(1 << 20, 8192).await.expect("read"), clean, "SIGTERM did not commit acknowledged writes");
     drop(v);
 
-    // Killed with an acknowledged write in memory only.
+    // Killed with an acknowledged write not committed: its write-back log
+    // has it, and the next process serves the volume with it.
     let (mut child, node) = r.start().await;
     assert!(r.log_text().contains("serving staged volume again"), "{}", r.log_text());
     let mut nbd = common::nbd_client::Client::connect(&r.socket, &r.export).await;
-    assert_eq!(nbd.write(4, 2 << 20, &common::pattern(3, 8192)).await, 0);
+    let kept = common::pattern(3, 8192);
+    assert_eq!(nbd.write(4, 2 << 20, &kept).await, 0);
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    drop((nbd, node));
+    assert!(r.marker_path().exists());
+    // The killed plugin left its CSI socket file: wait for the new one.
+    let _ = std::fs::remove_file(r.dir.path().join("csi.sock"));
+    let (mut child, node) = r.start().await;
+    let log = r.log_text();
+    assert!(log.contains("were replayed from its write-back log"), "{log}");
+    assert!(!log.contains("exited without committing writes it had acknowledged"), "{log}");
+    let mut nbd = common::nbd_client::Client::connect(&r.socket, &r.export).await;
+    assert_eq!(nbd.read(5, 2 << 20, 8192).await.expect("read"), kept, "the acknowledged write was not replayed");
+
+    // Killed again, and the write-back log is gone with the node's disk:
+    // the acknowledged write is lost, and the next process says so.
+    assert_eq!(nbd.write(6, 3 << 20, &common::pattern(4, 8192)).await, 0);
     child.kill().expect("SIGKILL");
     let _ = child.wait();
     drop(nbd);
     assert!(r.marker_path().exists());
-    // The killed plugin left its CSI socket file: wait for the new one.
+    std::fs::remove_dir_all(r.dir.path().join("state").join("write-log")).expect("remove the write-back log");
     let _ = std::fs::remove_file(r.dir.path().join("csi.sock"));
 
     let (child, mut node2) = r.start().await;

@@ -422,6 +422,9 @@ impl NodeService {
             read_only: readonly,
             cache_limit,
             budget: Some(self.cfg.budget.clone()),
+            // Beside the stage records: a restarted plugin serves the
+            // volume again with every write it had acknowledged.
+            log_dir: (!readonly).then(|| self.cfg.state_dir.join("write-log")),
             ..OpenOptions::default()
         };
         Volume::open(store, &loc.prefix, opts).await.map_err(status)
@@ -508,10 +511,9 @@ impl NodeService {
     /// (`attached`, when known) or by its store's attachment record.
     async fn recover_one(&self, mut record: StageRecord, attached: Option<&HashSet<String>>) {
         let id = record.volume_id.clone();
-        if UnflushedMarker::found(&self.marker_path(&id)) {
-            self.writes_lost(record).await;
-            return;
-        }
+        // Writes acknowledged and not committed when the previous process
+        // died: safe only if its write-back log is taken over below.
+        let marked = UnflushedMarker::found(&self.marker_path(&id));
         if !record.legacy_secrets.0.is_empty() {
             // An earlier version wrote the secrets into the record: move
             // them to the secrets directory and rewrite the record.
@@ -531,7 +533,7 @@ impl NodeService {
                          secrets directory (tmpfs), which no longer holds them (a reboot, or a directory not kept \
                          across plugin restarts); its I/O fails until kubelet unstages and stages it again"
                     );
-                    return;
+                    return self.lost_if(marked, record).await;
                 }
             }
         } else {
@@ -545,7 +547,7 @@ impl NodeService {
                 "not serving the staged volume again: no VolumeAttachment attaches it to this node any more (it was \
                  detached or moved while the plugin was down); its stage record stays for NodeUnstage"
             );
-            return;
+            return self.lost_if(marked, record).await;
         }
         match self.published_here(&id, &secrets.0).await {
             Ok(true) => {}
@@ -555,7 +557,7 @@ impl NodeService {
                     "not serving the staged volume again: its attachment record no longer names this node (it was \
                      unpublished or moved to another node); opening it here would fence its writer"
                 );
-                return;
+                return self.lost_if(marked, record).await;
             }
             Err(e) => {
                 tracing::error!(
@@ -563,11 +565,26 @@ impl NodeService {
                     "not serving the staged volume again: cannot read its attachment records to check it is still \
                      published to this node"
                 );
-                return;
+                return self.lost_if(marked, record).await;
             }
         }
         match self.serve(&ServeSpec::of(&record, &secrets.0)).await {
+            Ok(server) if marked && !server.volume.log_recovery().is_some_and(|r| r.adopted) => {
+                // No write-back log of the previous process to take over
+                // (removed, or another writer opened the volume since):
+                // what it acknowledged is gone.
+                if let Err(e) = self.stop(&id, server).await {
+                    tracing::warn!(volume = %id, error = %e.message(), "stopping the volume that lost writes");
+                }
+                self.writes_lost(record).await;
+            }
             Ok(server) => {
+                if let Some(r) = server.volume.log_recovery().filter(|r| r.adopted && r.entries > 0) {
+                    tracing::info!(
+                        volume = %id, entries = r.entries, bytes = r.bytes,
+                        "writes the previous plugin process acknowledged and had not committed were replayed from its write-back log"
+                    );
+                }
                 tracing::info!(volume = %id, device = %record.device, "serving staged volume again");
                 // A netlink-attached device: the kernel has been holding
                 // its I/O since the old connection died; hand it a fresh
@@ -587,6 +604,14 @@ impl NodeService {
                 self.staged.lock().await.insert(id, Staged { record, serving: Serving::Up(server) });
             }
             Err(e) => tracing::error!(volume = %id, error = %e.message(), "cannot serve staged volume"),
+        }
+    }
+
+    /// Not served again: when the previous process left writes it had
+    /// not committed, they are lost (see [`Self::writes_lost`]).
+    async fn lost_if(&self, marked: bool, record: StageRecord) {
+        if marked {
+            self.writes_lost(record).await;
         }
     }
 

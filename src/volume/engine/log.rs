@@ -51,8 +51,14 @@ const KIND_SIZE: u8 = 3;
 /// One logged change, in the order it was applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
-    Write { offset: u64, data: Vec<u8> },
-    Zero { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
     /// The volume grew to this size.
     Size(u64),
 }
@@ -196,8 +202,11 @@ impl Claimed {
         File::open(&path)?.read_to_end(&mut buf)?;
         let (entries, valid, why) = parse_segment(&buf);
         if valid < buf.len() {
-            let why = why.unwrap_or_default();
-            if !last {
+            let (why, torn) = why.unwrap_or_default();
+            // A process killed mid-append leaves its last entry short; a
+            // node that crashed may leave zeros after the last complete
+            // entry. A bad entry with more after it is damage.
+            if !last || !torn {
                 return Err(LogError::Damaged { path, at: valid as u64, why });
             }
             tracing::warn!(
@@ -239,24 +248,29 @@ fn new_segment(dir: &Path, n: u64) -> io::Result<(File, u64)> {
 }
 
 /// Entries of a segment's bytes, how many bytes are valid, and why the
-/// rest is not.
-fn parse_segment(buf: &[u8]) -> (Vec<Entry>, usize, Option<String>) {
+/// rest is not, with whether it looks like a torn end (the bad entry is
+/// the last thing in the file, or only zeros follow the good ones).
+fn parse_segment(buf: &[u8]) -> (Vec<Entry>, usize, Option<(String, bool)>) {
     let mut out = Vec::new();
     if buf.len() < SEGMENT_HEADER {
-        return (out, 0, Some("short segment header".into()));
+        return (out, 0, Some(("short segment header".into(), true)));
     }
     if &buf[..8] != MAGIC {
-        return (out, 0, Some("not a write-back log segment".into()));
+        return (out, 0, Some(("not a write-back log segment".into(), false)));
     }
     let version = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
     if version != VERSION {
-        return (out, 0, Some(format!("segment version {version}, this build reads {VERSION}")));
+        return (out, 0, Some((format!("segment version {version}, this build reads {VERSION}"), false)));
     }
     let mut pos = SEGMENT_HEADER;
+    let bad = |pos: usize, end: usize, why: String| {
+        let torn = end >= buf.len() || buf[pos..].iter().all(|&b| b == 0);
+        Some((why, torn))
+    };
     while pos < buf.len() {
         let rest = &buf[pos..];
         if rest.len() < ENTRY_HEADER {
-            return (out, pos, Some("short entry header".into()));
+            return (out, pos, Some(("short entry header".into(), true)));
         }
         let crc = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
         let kind = rest[4];
@@ -265,23 +279,24 @@ fn parse_segment(buf: &[u8]) -> (Vec<Entry>, usize, Option<String>) {
         let offset = u64::from_le_bytes(off);
         let len = u32::from_le_bytes([rest[13], rest[14], rest[15], rest[16]]) as usize;
         let payload_len = if kind == KIND_WRITE { len } else { 0 };
+        let end = pos + ENTRY_HEADER + payload_len;
         if payload_len > MAX_PAYLOAD {
-            return (out, pos, Some(format!("entry of {len} bytes")));
+            return (out, pos, bad(pos, buf.len(), format!("entry of {len} bytes")));
         }
         if rest.len() < ENTRY_HEADER + payload_len {
-            return (out, pos, Some("short entry".into()));
+            return (out, pos, Some(("short entry".into(), true)));
         }
         let payload = &rest[ENTRY_HEADER..ENTRY_HEADER + payload_len];
         if crc32c::crc32c_append(crc32c::crc32c(&rest[4..ENTRY_HEADER]), payload) != crc {
-            return (out, pos, Some("checksum mismatch".into()));
+            return (out, pos, bad(pos, end, "checksum mismatch".into()));
         }
         out.push(match kind {
             KIND_WRITE => Entry::Write { offset, data: payload.to_vec() },
             KIND_ZERO => Entry::Zero { offset, len: len as u64 },
             KIND_SIZE => Entry::Size(offset),
-            k => return (out, pos, Some(format!("unknown entry kind {k}"))),
+            k => return (out, pos, bad(pos, end, format!("unknown entry kind {k}"))),
         });
-        pos += ENTRY_HEADER + payload_len;
+        pos = end;
     }
     (out, pos, None)
 }
@@ -477,17 +492,23 @@ mod tests {
         let len = fs::metadata(&last).expect("meta").len();
         fs::OpenOptions::new().write(true).open(&last).expect("open").set_len(len - 2).expect("truncate");
         let c = scan(root.path()).expect("scan").remove(0);
-        assert_eq!(c.read_segment(closed, false).expect("first"), vec![Entry::Write { offset: 0, data: b"one".to_vec() }]);
-        assert_eq!(c.read_segment(closed + 1, true).expect("last"), vec![Entry::Write { offset: 8, data: b"two".to_vec() }]);
+        assert_eq!(
+            c.read_segment(closed, false).expect("first"),
+            vec![Entry::Write { offset: 0, data: b"one".to_vec() }]
+        );
+        assert_eq!(
+            c.read_segment(closed + 1, true).expect("last"),
+            vec![Entry::Write { offset: 8, data: b"two".to_vec() }]
+        );
         // The torn bytes are gone from the file: appends after it are readable.
         let mut log = c.into_log().expect("log");
         log.append(Record::Size(5)).expect("append");
         drop(log);
         let c = scan(root.path()).expect("scan").remove(0);
-        assert_eq!(c.read_segment(closed + 1, false).expect("not last now"), vec![Entry::Write {
-            offset: 8,
-            data: b"two".to_vec()
-        }]);
+        assert_eq!(
+            c.read_segment(closed + 1, false).expect("not last now"),
+            vec![Entry::Write { offset: 8, data: b"two".to_vec() }]
+        );
         // A flipped bit in a closed segment is damage, not a torn tail.
         let first = segment_path(&dir, closed);
         let mut b = fs::read(&first).expect("read");
@@ -498,6 +519,30 @@ mod tests {
             Err(LogError::Damaged { why, .. }) => assert!(why.contains("checksum"), "{why}"),
             other => panic!("damage not reported: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_bad_entry_with_good_ones_after_it_is_damage_even_in_the_last_segment() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let mut log = create(root.path()).expect("create").into_log().expect("log");
+        log.append(Record::Write { offset: 0, data: b"one" }).expect("append");
+        log.append(Record::Write { offset: 8, data: b"two" }).expect("append");
+        let n = log.rotate().expect("rotate");
+        let dir = log.dir().to_path_buf();
+        drop(log);
+        let path = segment_path(&dir, n);
+        let mut b = fs::read(&path).expect("read");
+        // The first entry's payload.
+        b[SEGMENT_HEADER + ENTRY_HEADER] ^= 0x40;
+        fs::write(&path, &b).expect("write");
+        let c = scan(root.path()).expect("scan").remove(0);
+        assert!(matches!(c.read_segment(n, true), Err(LogError::Damaged { .. })), "silently cut at a damaged entry");
+        // Zeros after the good entries (a node crash) are a torn end.
+        let mut b = fs::read(&path).expect("read");
+        b[SEGMENT_HEADER + ENTRY_HEADER] ^= 0x40;
+        b.extend_from_slice(&[0u8; 4096]);
+        fs::write(&path, &b).expect("write");
+        assert_eq!(c.read_segment(n, true).expect("torn").len(), 2);
     }
 
     #[test]

@@ -970,7 +970,9 @@ impl Drop for Inner {
                     volume = %self.vol, dirty = st.slots.len(), staged = st.staged.len(), log = %l.dir().display(),
                     "volume closed with unflushed writes: they stay in its write-back log for the next writer on this host"
                 ),
-                None => tracing::warn!(volume = %self.vol, dirty = st.slots.len(), staged = st.staged.len(), "volume closed with unflushed writes"),
+                None => {
+                    tracing::warn!(volume = %self.vol, dirty = st.slots.len(), staged = st.staged.len(), "volume closed with unflushed writes")
+                }
             }
         } else if let Some(l) = log {
             // Every write is committed: the log has nothing left to give.

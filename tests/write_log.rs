@@ -1,0 +1,314 @@
+//! The local write-back log (issue 13): a writer that died with writes it
+//! acknowledged and did not commit leaves them in its log; the next writer
+//! on the same host (same log directory) replays them when no other writer
+//! opened the volume in between, and discards them otherwise.
+//!
+//! "Died" here is the volume dropped with unflushed writes, which leaves
+//! its log exactly as a killed process does (files closed, lock released);
+//! `tests/crash_campaign.rs` kills real `s3blk serve` processes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use s3blk::store::{DynStore, PutMode};
+use s3blk::volume::engine::CreateOptions;
+use s3blk::volume::format::{self, JournalRecord, RecordKind};
+use s3blk::volume::{OpenOptions, Volume, VolumeError};
+
+const CS: u32 = 64 << 10;
+const SIZE: u64 = 1 << 20;
+
+async fn create(store: &DynStore, vol: &str) -> String {
+    let opts = CreateOptions { size: SIZE, chunk_size: CS, parent: None, single_writer: false };
+    Volume::create(store.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create").uuid
+}
+
+fn with_log(dir: &Path) -> OpenOptions {
+    OpenOptions { log_dir: Some(dir.to_path_buf()), ..OpenOptions::default() }
+}
+
+async fn open_log(store: &DynStore, vol: &str, dir: &Path) -> Volume {
+    Volume::open(store.clone(), vol, with_log(dir)).await.expect("open with a log")
+}
+
+/// The log directories of a volume's uuid under `root`.
+fn log_dirs(root: &Path, uuid: &str) -> Vec<PathBuf> {
+    match std::fs::read_dir(root.join(uuid)) {
+        Ok(d) => d.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Let the volume's background tasks let go of it, so dropping the last
+/// handle closes it (its log's files and lock) as a dead process would.
+async fn die(v: Volume) {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(v);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_after_a_crash_carries_on_with_every_acknowledged_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(&dir.path().join("store"));
+    let logs = dir.path().join("logs");
+    let uuid = create(&store, "v").await;
+    let v = open_log(&store, "v", &logs).await;
+    assert_eq!(v.log_recovery().map(|r| r.adopted), Some(false));
+    let flushed = common::pattern(1, 100_000);
+    v.write(10_000, &flushed).await.expect("write");
+    v.flush().await.expect("flush");
+    // After the flush: an unaligned write across chunks, a whole chunk, zeros.
+    let a = common::pattern(2, 70_000);
+    v.write(50_000, &a).await.expect("write a");
+    let whole = common::pattern(3, CS as usize);
+    v.write_vec(4 * CS as u64, whole.clone()).await.expect("write whole");
+    v.write_zeroes(20_000, 8192).await.expect("zeroes");
+    let mut model = vec![0u8; SIZE as usize];
+    model[10_000..110_000].copy_from_slice(&flushed);
+    model[50_000..120_000].copy_from_slice(&a);
+    model[4 * CS as usize..5 * CS as usize].copy_from_slice(&whole);
+    model[20_000..28_192].fill(0);
+    die(v).await;
+    assert_eq!(log_dirs(&logs, &uuid).len(), 1, "the dead writer's log is gone");
+
+    let v = open_log(&store, "v", &logs).await;
+    let r = v.log_recovery().expect("a log");
+    assert!(r.adopted && r.entries >= 3, "{r:?}");
+    assert_eq!(v.read(0, SIZE).await.expect("read"), model, "acknowledged writes were lost");
+    // They are committed by the next flush, and a clean close leaves no log.
+    v.flush().await.expect("flush");
+    die(v).await;
+    assert!(log_dirs(&logs, &uuid).is_empty(), "a clean close left its log");
+    let v = Volume::open(store.clone(), "v", OpenOptions { read_only: true, ..OpenOptions::default() })
+        .await
+        .expect("open ro");
+    assert_eq!(v.read(0, SIZE).await.expect("read"), model);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_is_not_replayed_after_another_writer_opened_the_volume() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(&dir.path().join("store"));
+    let logs = dir.path().join("logs");
+    let uuid = create(&store, "v").await;
+    let v = open_log(&store, "v", &logs).await;
+    v.write(0, &common::pattern(1, 8192)).await.expect("write");
+    die(v).await;
+    // Another host takes the volume over and writes.
+    let other = Volume::open(store.clone(), "v", OpenOptions::default()).await.expect("other host");
+    let theirs = common::pattern(2, 4096);
+    other.write(4096, &theirs).await.expect("write");
+    other.flush().await.expect("flush");
+    drop(other);
+    // Back on the first host: the dead writer's log is superseded.
+    let v = open_log(&store, "v", &logs).await;
+    let r = v.log_recovery().expect("a log");
+    assert!(!r.adopted && r.discarded == 1, "{r:?}");
+    let mut want = vec![0u8; 8192];
+    want[4096..].copy_from_slice(&theirs);
+    assert_eq!(v.read(0, 8192).await.expect("read"), want, "a superseded writer's writes were applied");
+    assert_eq!(log_dirs(&logs, &uuid).len(), 1);
+}
+
+/// The window between a writer's open record landing and its log's state
+/// saying so: the log names the writer it was being handed to, and is
+/// taken over when that writer's open record is the journal's newest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_handed_to_a_writer_that_died_opening_is_kept_only_if_its_open_record_landed() {
+    for landed in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = common::local_store(&dir.path().join("store"));
+        let logs = dir.path().join("logs");
+        let uuid = create(&store, "v").await;
+        let v = open_log(&store, "v", &logs).await;
+        let data = common::pattern(7, 8192);
+        v.write(0, &data).await.expect("write");
+        let head = v.stats().head_seq;
+        die(v).await;
+        // A writer died between appending its open record and updating
+        // the log's state: the state names it as the next writer.
+        let log = log_dirs(&logs, &uuid).remove(0);
+        let state_path = log.join("state");
+        let mut state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&state_path).expect("state")).expect("json");
+        let next = 0x5eed_u64 | 1;
+        state["next_writer"] = serde_json::json!(next);
+        std::fs::write(&state_path, serde_json::to_vec(&state).expect("json")).expect("state");
+        let rec = JournalRecord {
+            kind: RecordKind::Open,
+            seq: head + 1,
+            epoch: head + 1,
+            size: SIZE,
+            // Not landed: another writer's open record is there instead.
+            writer: if landed { next } else { next + 2 },
+            created_unix: 0,
+            chunks: Vec::new(),
+            inline: Vec::new(),
+        };
+        let key = format::journal_key("v", head + 1);
+        store.put(&key, Bytes::from(rec.encode()), PutMode::IfAbsent).await.expect("open record");
+
+        let v = open_log(&store, "v", &logs).await;
+        let r = v.log_recovery().expect("a log");
+        assert_eq!(r.adopted, landed, "{r:?}");
+        let got = v.read(0, 8192).await.expect("read");
+        if landed {
+            assert_eq!(got, data, "the log of a writer whose open landed was not replayed");
+        } else {
+            assert_eq!(got, vec![0u8; 8192], "the log of a superseded writer was replayed");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_writer_discards_its_log_and_a_live_writers_log_is_never_taken() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(&dir.path().join("store"));
+    let logs = dir.path().join("logs");
+    let uuid = create(&store, "v").await;
+    let a = open_log(&store, "v", &logs).await;
+    a.write(0, &common::pattern(1, 8192)).await.expect("write");
+    // A second writer on the same host while the first is alive: it must
+    // not take the live writer's log.
+    let b = open_log(&store, "v", &logs).await;
+    let r = b.log_recovery().expect("a log");
+    assert!(!r.adopted && r.discarded == 0, "{r:?}");
+    assert_eq!(log_dirs(&logs, &uuid).len(), 2);
+    assert_eq!(b.read(0, 8192).await.expect("read"), vec![0u8; 8192]);
+    // The first writer finds out at its next commit, and drops its log.
+    match a.flush().await {
+        Err(VolumeError::Fenced(_)) => {}
+        other => panic!("the old writer was not fenced: {other:?}"),
+    }
+    assert_eq!(log_dirs(&logs, &uuid).len(), 1, "a fenced writer kept its log");
+    die(a).await;
+    b.flush().await.expect("flush");
+    die(b).await;
+    assert!(log_dirs(&logs, &uuid).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_log_refuses_the_open_with_a_clear_error_and_moving_it_aside_opens_the_last_flush() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(&dir.path().join("store"));
+    let logs = dir.path().join("logs");
+    let uuid = create(&store, "v").await;
+    let v = open_log(&store, "v", &logs).await;
+    let flushed = common::pattern(1, 8192);
+    v.write(0, &flushed).await.expect("write");
+    v.flush().await.expect("flush");
+    v.write(0, &common::pattern(2, 4096)).await.expect("write");
+    v.write(8192, &common::pattern(3, 4096)).await.expect("write");
+    die(v).await;
+    let log = log_dirs(&logs, &uuid).remove(0);
+    let seg = std::fs::read_dir(&log)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("seg-")))
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .expect("a segment");
+    let mut b = std::fs::read(&seg).expect("segment");
+    b[16 + 17 + 100] ^= 1; // the first entry's payload
+    std::fs::write(&seg, b).expect("damage");
+    let e = Volume::open(store.clone(), "v", with_log(&logs)).await.expect_err("a damaged log must refuse the open");
+    let msg = e.to_string();
+    assert!(
+        matches!(e, VolumeError::Corrupt(_)) && msg.contains("checksum") && msg.contains("move") && msg.contains(&uuid),
+        "{msg}"
+    );
+    std::fs::rename(&log, dir.path().join("aside")).expect("move aside");
+    let v = open_log(&store, "v", &logs).await;
+    let mut want = flushed.clone();
+    want.extend_from_slice(&[0u8; 4096]);
+    assert_eq!(v.read(0, 12288).await.expect("read"), want, "not the last flush");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_past_its_limit_starts_a_flush() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(&dir.path().join("store"));
+    let logs = dir.path().join("logs");
+    create(&store, "v").await;
+    let opts = OpenOptions { log_limit: 256 << 10, commit_interval: Duration::from_secs(3600), ..with_log(&logs) };
+    let v = Volume::open(store.clone(), "v", opts).await.expect("open");
+    let head = v.stats().head_seq;
+    v.write(0, &common::pattern(1, 512 << 10)).await.expect("write");
+    let mut committed = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let s = v.stats();
+        if s.head_seq > head && s.dirty_chunks == 0 && s.staged_chunks == 0 {
+            committed = true;
+            break;
+        }
+    }
+    assert!(committed, "a full log did not start a flush: {:?}", v.stats());
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { offset: u64, len: usize, seed: u64 },
+    Zero { offset: u64, len: u64 },
+    Flush,
+    Crash,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let offset = prop_oneof![0..SIZE - 1, (0..SIZE / 4096 - 1).prop_map(|b| b * 4096)];
+    prop_oneof![
+        5 => (offset.clone(), 1..150_000usize, any::<u64>()).prop_map(|(offset, len, seed)| Op::Write { offset, len, seed }),
+        2 => (offset, 1..200_000u64).prop_map(|(offset, len)| Op::Zero { offset, len }),
+        1 => Just(Op::Flush),
+        2 => Just(Op::Crash),
+    ]
+}
+
+async fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(&dir.path().join("store"));
+    let logs = dir.path().join("logs");
+    create(&store, "v").await;
+    let mut model = vec![0u8; SIZE as usize];
+    let mut v = open_log(&store, "v", &logs).await;
+    for op in ops {
+        match op {
+            Op::Write { offset, len, seed } => {
+                let len = len.min((SIZE - offset) as usize);
+                let data = common::pattern(seed, len);
+                v.write(offset, &data).await.expect("write");
+                model[offset as usize..offset as usize + len].copy_from_slice(&data);
+            }
+            Op::Zero { offset, len } => {
+                let len = len.min(SIZE - offset);
+                v.write_zeroes(offset, len).await.expect("zeroes");
+                model[offset as usize..(offset + len) as usize].fill(0);
+            }
+            Op::Flush => v.flush().await.expect("flush"),
+            Op::Crash => {
+                die(v).await;
+                v = open_log(&store, "v", &logs).await;
+            }
+        }
+    }
+    die(v).await;
+    let v = open_log(&store, "v", &logs).await;
+    prop_assert!(v.read(0, SIZE).await.expect("read") == model, "the volume differs from the model");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: std::env::var("S3BLK_LOG_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(12), ..ProptestConfig::default() })]
+    /// Random writes, zeroes, flushes and crashes: after every crash the
+    /// volume reads as if nothing had happened.
+    #[test]
+    fn crashes_anywhere_lose_no_acknowledged_write(ops in proptest::collection::vec(op(), 1..25)) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        rt.block_on(run_ops(ops))?;
+    }
+}
