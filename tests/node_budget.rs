@@ -265,3 +265,19 @@ async fn cached_chunks_of_every_volume_share_one_limit_and_a_busy_volume_takes_f
     assert_eq!(busy.stats().cache_misses, before, "the hot chunks stay cached");
     assert!(i <= cache - 4 * CS, "the idle volume gave its bytes up ({i} bytes)");
 }
+
+/// A writer the budget refuses (its chunks are larger than half the
+/// budget) is refused before it appends its open record: the volume's
+/// current writer is not fenced on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_the_budget_refuses_does_not_fence_the_current_writer() {
+    let n = node(64 << 20, 64 << 20, Duration::ZERO);
+    let (prefix, live) = n.volume("live", 1 << 20).await;
+    live.write(0, &common::pattern(1, 4096)).await.expect("write");
+    let small = MemoryBudget::new(CS, CS);
+    let opts = OpenOptions { budget: Some(small), ..OpenOptions::default() };
+    let e = Volume::open(n.plain.clone(), &prefix, opts).await.expect_err("a chunk larger than half the budget");
+    assert!(e.to_string().contains("budget") || e.to_string().contains("chunk"), "{e}");
+    live.flush().await.expect("the current writer was fenced by a writer that was refused");
+    assert_eq!(n.stored(&prefix, 4096).await, common::pattern(1, 4096));
+}

@@ -216,7 +216,9 @@ async fn a_damaged_log_refuses_the_open_with_a_clear_error_and_moving_it_aside_o
     let mut b = std::fs::read(&seg).expect("segment");
     b[16 + 17 + 100] ^= 1; // the first entry's payload
     std::fs::write(&seg, b).expect("damage");
-    let e = Volume::open(store.clone(), "v", with_log(&logs)).await.expect_err("a damaged log must refuse the open");
+    let Err(e) = Volume::open(store.clone(), "v", with_log(&logs)).await else {
+        panic!("a damaged log must refuse the open");
+    };
     let msg = e.to_string();
     assert!(
         matches!(e, VolumeError::Corrupt(_)) && msg.contains("checksum") && msg.contains("move") && msg.contains(&uuid),
@@ -311,4 +313,112 @@ proptest! {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         rt.block_on(run_ops(ops))?;
     }
+}
+
+/// A store that plays a race: the first journal PUT it sees is preceded
+/// by another writer (on another host) opening the volume, writing and
+/// flushing; the next one lands, and then the proof's read fails, so the
+/// opener errs right after its open record landed (as if killed there).
+#[derive(Debug)]
+struct RaceStore {
+    inner: DynStore,
+    phase: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl s3blk::store::ObjectStore for RaceStore {
+    async fn get(&self, key: &str, range: Option<std::ops::Range<u64>>) -> s3blk::store::StoreResult<Bytes> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if key.contains("journal/") && self.phase.load(SeqCst) == 2 {
+            return Err(s3blk::store::StoreError::Permanent("injected: the opener dies here".into()));
+        }
+        self.inner.get(key, range).await
+    }
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> s3blk::store::StoreResult<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if key.contains("journal/") {
+            match self.phase.load(SeqCst) {
+                0 => {
+                    self.phase.store(1, SeqCst);
+                    let q = Volume::open(self.inner.clone(), "v", OpenOptions::default()).await.expect("other host");
+                    q.write(0, &[2u8; 4096]).await.expect("write");
+                    q.flush().await.expect("flush");
+                }
+                1 => {
+                    let r = self.inner.put(key, body, mode).await;
+                    self.phase.store(2, SeqCst);
+                    return r;
+                }
+                _ => {}
+            }
+        }
+        self.inner.put(key, body, mode).await
+    }
+    async fn delete(&self, key: &str) -> s3blk::store::StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, req: s3blk::store::ListRequest<'_>) -> s3blk::store::StoreResult<s3blk::store::ListPage> {
+        self.inner.list(req).await
+    }
+    async fn head(&self, key: &str) -> s3blk::store::StoreResult<Option<u64>> {
+        self.inner.head(key).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// A writer taking over a dead writer's log loses the race for the next
+/// seq to another host's writer, lands its open record after that one's,
+/// and dies: the log it took over must already be empty, or the next
+/// opener here would replay the dead writer's writes over the other
+/// host's flushed data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_over_log_is_emptied_before_an_open_record_that_follows_another_writer_can_land() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plain = common::local_store(&dir.path().join("store"));
+    let logs = dir.path().join("logs");
+    create(&plain, "v").await;
+    let v = open_log(&plain, "v", &logs).await;
+    v.write(0, &[1u8; 4096]).await.expect("write");
+    die(v).await;
+    let racing: DynStore = std::sync::Arc::new(RaceStore { inner: plain.clone(), phase: 0.into() });
+    match Volume::open(racing, "v", with_log(&logs)).await {
+        Err(e) => assert!(e.to_string().contains("injected"), "{e}"),
+        Ok(v) => panic!("the race was not played: {:?}", v.stats()),
+    }
+    let v = open_log(&plain, "v", &logs).await;
+    assert_eq!(
+        v.read(0, 4096).await.expect("read"),
+        vec![2u8; 4096],
+        "a superseded writer's log was replayed over another writer's flushed data: {:?}",
+        v.log_recovery()
+    );
+}
+
+/// Segments are never fsync'd: after a reboot (a node crash) a log may be
+/// partly lost, or a released segment back. A log of another boot is
+/// never replayed; the volume opens as of its last flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_of_an_earlier_boot_is_never_replayed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(&dir.path().join("store"));
+    let logs = dir.path().join("logs");
+    let uuid = create(&store, "v").await;
+    let v = open_log(&store, "v", &logs).await;
+    v.write(0, &[1u8; 4096]).await.expect("write");
+    v.flush().await.expect("flush");
+    v.write(0, &[3u8; 4096]).await.expect("write");
+    die(v).await;
+    let log = log_dirs(&logs, &uuid).remove(0);
+    let state_path = log.join("state");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_path).expect("state")).expect("json");
+    assert!(state["boot"].is_string(), "{state}");
+    state["boot"] = serde_json::json!("an-earlier-boot");
+    std::fs::write(&state_path, serde_json::to_vec(&state).expect("json")).expect("state");
+    let v = open_log(&store, "v", &logs).await;
+    let r = v.log_recovery().expect("a log");
+    assert!(!r.adopted && r.discarded == 1, "{r:?}");
+    assert_eq!(v.read(0, 4096).await.expect("read"), vec![1u8; 4096]);
 }

@@ -603,7 +603,13 @@ impl NodeService {
                 }
                 self.staged.lock().await.insert(id, Staged { record, serving: Serving::Up(server) });
             }
-            Err(e) => tracing::error!(volume = %id, error = %e.message(), "cannot serve staged volume"),
+            Err(e) => {
+                tracing::error!(volume = %id, error = %e.message(), "cannot serve staged volume");
+                // A write-back log that cannot be replayed (damaged) or a
+                // store that does not answer: what the previous process
+                // acknowledged cannot be served; the filesystem is told.
+                self.lost_if(marked, record).await;
+            }
         }
     }
 
@@ -745,9 +751,11 @@ impl pb::node_server::Node for NodeService {
         };
         let key = key_of(&req.volume_id);
         let socket = self.cfg.state_dir.join(format!("{key}.sock"));
-        // A fresh stage starts from what the store holds: a marker left
-        // without a stage record (an unstage interrupted at its end) says
-        // nothing about this one.
+        // A marker left without a stage record (an unstage interrupted at
+        // its end) says nothing about this stage. (A write-back log left
+        // here by a plugin of this boot that died is still taken over when
+        // no other writer opened the volume since: its writes were
+        // acknowledged.)
         let _ = std::fs::remove_file(self.marker_path(&req.volume_id));
         let spec = ServeSpec {
             volume_id: &req.volume_id,

@@ -61,8 +61,10 @@ impl Volume {
                     st.size
                 )));
             }
-            st.size = new_size;
+            // Logged first: a size the log does not know would make the
+            // writes past the old end unreplayable.
             st.log(log::Record::Size(new_size))?;
+            st.size = new_size;
         }
         self.flush().await
     }
@@ -89,6 +91,9 @@ impl Volume {
                     // Only a flush empties the log.
                     if let Err(e) = (Volume { inner: inner.clone() }).flush().await {
                         tracing::warn!(volume = %inner.vol, error = %e, "flushing a full write-back log failed; will retry");
+                        drop(inner);
+                        // Not again at once, however many writes ask.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                     continue;
                 }

@@ -74,6 +74,17 @@ pub struct LogState {
     /// While an open is under way: the writer id of the open record being
     /// appended. If it landed, the segments belong to that epoch too.
     pub next_writer: Option<u64>,
+    /// The kernel's boot id when the log was written. Segments are never
+    /// fsync'd: after a reboot (a node crash) any of them, or the removal
+    /// of a released one, may be lost or half there, so a log of another
+    /// boot is never replayed (a crashed node may lose unflushed writes).
+    #[serde(default)]
+    pub boot: Option<String>,
+}
+
+/// This boot's id (`None` where the kernel does not say).
+pub fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
 /// A log directory this process holds the lock of: a dead process's
@@ -141,8 +152,22 @@ pub fn scan(root: &Path) -> io::Result<Vec<Claimed>> {
             continue;
         }
         let dir = e.path();
-        let lock = fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+        // Directories being made by another opener ([`create`]).
+        if e.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let lock = match fs::OpenOptions::new().write(true).open(dir.join("lock")) {
+            Ok(l) => l,
+            // Removed meanwhile by the process that held it, or never
+            // finished: nothing to take over.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
         if !flock_nb(&lock)? {
+            continue;
+        }
+        if !dir.join("lock").exists() {
+            // Removed between our open and our lock.
             continue;
         }
         let state = fs::read(dir.join("state")).ok().and_then(|b| serde_json::from_slice(&b).ok());
@@ -151,16 +176,25 @@ pub fn scan(root: &Path) -> io::Result<Vec<Claimed>> {
     Ok(out)
 }
 
-/// A new, empty log directory under `root`, locked.
+/// A new, empty log directory under `root`, locked. Made under a hidden
+/// name and renamed once locked, so [`scan`] never finds it unlocked.
 pub fn create(root: &Path) -> io::Result<Claimed> {
     fs::create_dir_all(root)?;
-    let dir = root.join(format!("{:016x}", rand::random::<u64>()));
-    fs::create_dir(&dir)?;
-    let lock = fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
-    if !flock_nb(&lock)? {
-        return Err(io::Error::other(format!("{} is locked by another process", dir.display())));
+    let name = format!("{:016x}", rand::random::<u64>());
+    let tmp = root.join(format!(".{name}"));
+    fs::create_dir(&tmp)?;
+    let made = fs::OpenOptions::new().create_new(true).write(true).open(tmp.join("lock")).and_then(|lock| {
+        if !flock_nb(&lock)? {
+            return Err(io::Error::other(format!("{} is locked by another process", tmp.display())));
+        }
+        let dir = root.join(&name);
+        fs::rename(&tmp, &dir)?;
+        Ok(Claimed { dir, _lock: lock, state: None })
+    });
+    if made.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
     }
-    Ok(Claimed { dir, _lock: lock, state: None })
+    made
 }
 
 impl Claimed {
@@ -192,6 +226,17 @@ impl Claimed {
     /// acknowledged) is cut off; damage anywhere else is an error.
     pub fn segments(&self) -> io::Result<Vec<u64>> {
         segments(&self.dir)
+    }
+
+    /// Check every segment reads back (a torn end of the last one is
+    /// cut off), without keeping the entries: replay applies nothing
+    /// unless all of it can be applied.
+    pub fn check(&self) -> Result<(), LogError> {
+        let segs = segments(&self.dir)?;
+        for (i, n) in segs.iter().enumerate() {
+            self.read_segment(*n, i + 1 == segs.len())?;
+        }
+        Ok(())
     }
 
     /// Read segment `n`. `last`: it is the newest, so a torn tail is cut
@@ -239,11 +284,25 @@ impl Claimed {
 }
 
 fn new_segment(dir: &Path, n: u64) -> io::Result<(File, u64)> {
-    let mut f = fs::OpenOptions::new().create_new(true).append(true).open(segment_path(dir, n))?;
+    let path = segment_path(dir, n);
+    // A file already under this number can only be one whose header write
+    // failed (segments past the current one never took an entry): reused.
+    let mut f = match fs::OpenOptions::new().create_new(true).append(true).open(&path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            fs::OpenOptions::new().write(true).truncate(true).open(&path)?;
+            fs::OpenOptions::new().append(true).open(&path)?
+        }
+        other => other?,
+    };
     let mut header = [0u8; SEGMENT_HEADER];
     header[..8].copy_from_slice(MAGIC);
     header[8..12].copy_from_slice(&VERSION.to_le_bytes());
-    f.write_all(&header)?;
+    if let Err(e) = f.write_all(&header) {
+        // Not left behind: the next attempt at this number must succeed.
+        drop(f);
+        let _ = fs::remove_file(&path);
+        return Err(e);
+    }
     Ok((f, SEGMENT_HEADER as u64))
 }
 
@@ -312,9 +371,11 @@ pub struct WriteLog {
     first: u64,
     /// Bytes of every segment on disk.
     bytes: u64,
-    /// Set when an append failed and could not be undone: later entries
-    /// would follow a torn one, so nothing more is appended.
-    broken: Option<String>,
+    /// Set when an append failed and could not be cut back: the segment
+    /// (the number) holds a torn entry, which replay would refuse once a
+    /// later segment exists. Nothing is appended until a flush committed
+    /// everything and released that segment.
+    broken: Option<(u64, String)>,
 }
 
 /// An entry to append.
@@ -337,8 +398,10 @@ impl WriteLog {
     /// Append one entry to the page cache. On an error the segment is cut
     /// back to before it, so a later append never follows a torn entry.
     pub fn append(&mut self, r: Record<'_>) -> io::Result<()> {
-        if let Some(why) = &self.broken {
-            return Err(io::Error::other(format!("the write-back log is unusable after an earlier error: {why}")));
+        if let Some((_, why)) = &self.broken {
+            return Err(io::Error::other(format!(
+                "the write-back log takes no writes until the next flush, after an earlier error: {why}"
+            )));
         }
         if self.seg_len >= SEGMENT_BYTES {
             self.next_segment()?;
@@ -371,7 +434,7 @@ impl WriteLog {
             }
             Err(e) => {
                 if let Err(undo) = self.seg.set_len(self.seg_len) {
-                    self.broken = Some(format!("{e}; cutting the torn entry off failed: {undo}"));
+                    self.broken = Some((self.seg_no, format!("{e}; cutting the torn entry off failed: {undo}")));
                 }
                 Err(e)
             }
@@ -390,7 +453,7 @@ impl WriteLog {
     /// Close the current segment (when it holds entries) and begin a new
     /// one; returns the newest segment every entry so far is in.
     pub fn rotate(&mut self) -> io::Result<u64> {
-        if self.seg_len > SEGMENT_HEADER as u64 {
+        if self.seg_len > SEGMENT_HEADER as u64 || self.broken.is_some() {
             self.next_segment()?;
         }
         Ok(self.seg_no - 1)
@@ -409,6 +472,10 @@ impl WriteLog {
                 }
             }
             self.first += 1;
+        }
+        if self.broken.as_ref().is_some_and(|(n, _)| *n < self.first) {
+            tracing::info!(log = %self.claimed.dir.display(), "the write-back log takes writes again");
+            self.broken = None;
         }
     }
 
@@ -543,6 +610,24 @@ mod tests {
         b.extend_from_slice(&[0u8; 4096]);
         fs::write(&path, &b).expect("write");
         assert_eq!(c.read_segment(n, true).expect("torn").len(), 2);
+    }
+
+    #[test]
+    fn a_segment_left_by_a_failed_header_write_does_not_block_rotation() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let mut l = create(root.path()).expect("create").into_log().expect("log");
+        l.append(Record::Write { offset: 0, data: b"a" }).expect("append");
+        let next = segment_path(l.dir(), l.seg_no + 1);
+        // What a header write that failed (ENOSPC) after the create leaves.
+        fs::write(&next, b"S3B").expect("leftover");
+        let closed = l.rotate().expect("rotation is stuck behind a leftover segment");
+        l.append(Record::Write { offset: 1, data: b"b" }).expect("append");
+        drop(l);
+        let c = scan(root.path()).expect("scan").remove(0);
+        assert_eq!(
+            c.read_segment(closed + 1, true).expect("read"),
+            vec![Entry::Write { offset: 1, data: b"b".to_vec() }]
+        );
     }
 
     #[test]

@@ -419,6 +419,17 @@ impl Volume {
         let mut st = replay::replay(store.as_ref(), vol, chunk_size, upto).await?;
         let parents = load_parents(&store, &meta).await?;
         let writer = rand::random::<u64>() | 1;
+        let budget = match &opts.budget {
+            Some(b) => b.clone(),
+            // A budget of its own: today's per-volume limits, at least two chunks dirty.
+            None => MemoryBudget::new((opts.dirty_limit / chunk_size).max(2) * chunk_size, opts.cache_limit),
+        };
+        // Before the open record: a writer refused here must not have
+        // fenced the volume's current writer on its way.
+        let dirty = match opts.read_only {
+            true => None,
+            false => Some(budget.dirty.register(chunk_size).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?),
+        };
         let mut claimed = None;
         let mut recovery = None;
         if !opts.read_only {
@@ -426,35 +437,25 @@ impl Volume {
             // against the journal as replayed, and marked with our writer
             // id before our open record is sent, so that a crash right
             // after it landed still finds the log ours.
-            let mut found = match &opts.log_dir {
+            let mut taking = match &opts.log_dir {
                 Some(root) => Some(claim_log(&store, vol, &meta, &st, root, writer).await?),
                 None => None,
             };
-            let prev_epoch = open_for_write(&store, vol, &meta, &mut st, writer, opts.clock.now_unix()).await?;
-            if let Some((mut c, adopted_epoch, mut rec)) = found.take() {
-                if rec.adopted && adopted_epoch != prev_epoch {
-                    // Another writer opened the volume between our replay
-                    // and our open record: the dead writer's log is
-                    // superseded.
-                    tracing::warn!(volume = vol, log = %c.dir.display(), "the volume was opened by another writer meanwhile: its predecessor's unflushed writes are discarded");
-                    c.clear().map_err(|e| log_io(&c.dir, e))?;
-                    rec.adopted = false;
-                }
-                let state = log::LogState { volume: meta.uuid.clone(), epoch: st.epoch, next_writer: None };
-                c.set_state(state).map_err(|e| log_io(&c.dir, e))?;
-                claimed = Some(c);
-                recovery = Some(rec);
+            let prev_epoch =
+                open_for_write(&store, vol, &meta, &mut st, writer, opts.clock.now_unix(), taking.as_mut()).await?;
+            if let Some(mut t) = taking {
+                t.before_append(prev_epoch)?;
+                let state = log::LogState {
+                    volume: meta.uuid.clone(),
+                    epoch: st.epoch,
+                    next_writer: None,
+                    boot: log::boot_id(),
+                };
+                t.c.set_state(state).map_err(|e| log_io(&t.c.dir, e))?;
+                claimed = Some(t.c);
+                recovery = Some(t.rec);
             }
         }
-        let budget = match &opts.budget {
-            Some(b) => b.clone(),
-            // A budget of its own: today's per-volume limits, at least two chunks dirty.
-            None => MemoryBudget::new((opts.dirty_limit / chunk_size).max(2) * chunk_size, opts.cache_limit),
-        };
-        let dirty = match opts.read_only {
-            true => None,
-            false => Some(budget.dirty.register(chunk_size).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?),
-        };
         let state = State {
             size: st.size,
             committed_size: st.size,
@@ -543,7 +544,6 @@ impl Volume {
     /// write path (not logged again: they stay in its segments until a
     /// flush commits them).
     async fn replay_log(&self, c: &log::Claimed, rec: &mut LogRecovery) -> VolumeResult<()> {
-        let segments = c.segments().map_err(|e| log_io(&c.dir, e))?;
         let damaged = |e: log::LogError| {
             VolumeError::Corrupt(format!(
                 "the write-back log of the previous writer cannot be replayed: {e}; to open the volume as of its \
@@ -551,6 +551,10 @@ impl Volume {
                 c.dir.display()
             ))
         };
+        // All or nothing: every segment is read back before one entry is
+        // applied.
+        c.check().map_err(damaged)?;
+        let segments = c.segments().map_err(|e| log_io(&c.dir, e))?;
         for (i, n) in segments.iter().enumerate() {
             for e in c.read_segment(*n, i + 1 == segments.len()).map_err(damaged)? {
                 let r = match &e {
@@ -764,6 +768,7 @@ async fn open_for_write(
     st: &mut Replayed,
     writer: u64,
     now: i64,
+    mut log: Option<&mut TakingLog>,
 ) -> VolumeResult<u64> {
     // A deleted volume kept behind its tombstone for the snapshots or clones
     // that read through it: whatever a writer acknowledged there would go
@@ -777,6 +782,11 @@ async fn open_for_write(
     let chunk_size = meta.chunk_size as u64;
     for _ in 0..32 {
         let seq = st.head + 1;
+        // Our open record may land from here on: a log taken over must not
+        // outlive another writer's open, even if we die before we know.
+        if let Some(l) = log.as_mut() {
+            l.before_append(st.epoch)?;
+        }
         let rec = JournalRecord {
             kind: RecordKind::Open,
             seq,
@@ -798,6 +808,10 @@ async fn open_for_write(
             }
         };
         if landed == Appended::Ours {
+            if let Some(l) = log.as_mut() {
+                // Ours, even if its proof fails below and we open again.
+                l.ok_epochs.push(seq);
+            }
             let proof = if meta.single_writer {
                 Ok(())
             } else {
@@ -834,12 +848,47 @@ fn log_io(dir: &std::path::Path, e: std::io::Error) -> VolumeError {
     }
 }
 
+/// A log directory an opening writer holds: taken over from a dead
+/// process, or new.
+#[derive(Debug)]
+struct TakingLog {
+    c: log::Claimed,
+    rec: LogRecovery,
+    /// Journal epochs the taken-over writes sit on top of: the one they
+    /// were written at, and our own open records.
+    ok_epochs: Vec<u64>,
+    uuid: String,
+    writer: u64,
+}
+
+impl TakingLog {
+    /// Before each attempt at our open record, and once it landed, with
+    /// the journal's epoch below it: another writer's epoch there means
+    /// the taken-over writes are superseded. They are deleted (and the
+    /// state says so) before the record can land.
+    fn before_append(&mut self, epoch: u64) -> VolumeResult<()> {
+        if !self.rec.adopted || self.ok_epochs.contains(&epoch) {
+            return Ok(());
+        }
+        tracing::warn!(
+            log = %self.c.dir.display(), epoch,
+            "the volume was opened by another writer meanwhile: its predecessor's unflushed writes are discarded"
+        );
+        self.c.clear().map_err(|e| log_io(&self.c.dir, e))?;
+        let state =
+            log::LogState { volume: self.uuid.clone(), epoch, next_writer: Some(self.writer), boot: log::boot_id() };
+        self.c.set_state(state).map_err(|e| log_io(&self.c.dir, e))?;
+        self.rec.adopted = false;
+        Ok(())
+    }
+}
+
 /// Choose this writer's log directory under `root/<uuid>`: a dead
-/// process's whose writes sit on top of the journal as replayed (its epoch
-/// is the journal's, or it was opening and its open record is the
-/// journal's last), else a new one. Logs of superseded writers are
-/// removed. The chosen one is marked with `writer` before returning.
-/// Returns it, the epoch it was chosen against, and the report so far.
+/// process's of this boot whose writes sit on top of the journal as
+/// replayed (its epoch is the journal's, or it was opening and its open
+/// record is the journal's last), else a new one. Logs of superseded
+/// writers and of earlier boots are removed. The chosen one is marked
+/// with `writer` before returning.
 async fn claim_log(
     store: &DynStore,
     vol: &str,
@@ -847,14 +896,17 @@ async fn claim_log(
     st: &Replayed,
     root: &std::path::Path,
     writer: u64,
-) -> VolumeResult<(log::Claimed, u64, LogRecovery)> {
+) -> VolumeResult<TakingLog> {
     let root = root.join(&meta.uuid);
     let found = log::scan(&root).map_err(|e| log_io(&root, e))?;
     let mut rec = LogRecovery::default();
     let mut chosen = None;
     let mut opener = None;
+    let boot = log::boot_id();
     for c in found {
+        let this_boot = boot.is_some() && c.state.as_ref().is_some_and(|s| s.boot == boot);
         let ours = match &c.state {
+            _ if !this_boot => false,
             Some(s) if s.volume == meta.uuid && s.epoch == st.epoch && s.epoch != 0 => true,
             Some(s) if s.volume == meta.uuid && s.next_writer.is_some() => {
                 if opener.is_none() {
@@ -870,7 +922,8 @@ async fn claim_log(
         }
         tracing::warn!(
             volume = vol, log = %c.dir.display(), epoch = c.state.as_ref().map(|s| s.epoch),
-            "discarding the write-back log of a superseded writer (the volume was opened by another writer since)"
+            "discarding the write-back log of a superseded writer (the volume was opened by another writer since, or \
+             the node rebooted: a crashed node may lose unflushed writes)"
         );
         rec.discarded += 1;
         let dir = c.dir.clone();
@@ -882,9 +935,9 @@ async fn claim_log(
         None => log::create(&root).map_err(|e| log_io(&root, e))?,
     };
     let epoch = c.state.as_ref().map_or(0, |s| s.epoch);
-    let state = log::LogState { volume: meta.uuid.clone(), epoch, next_writer: Some(writer) };
+    let state = log::LogState { volume: meta.uuid.clone(), epoch, next_writer: Some(writer), boot };
     c.set_state(state).map_err(|e| log_io(&c.dir, e))?;
-    Ok((c, st.epoch, rec))
+    Ok(TakingLog { c, rec, ok_epochs: vec![st.epoch], uuid: meta.uuid.clone(), writer })
 }
 
 /// The writer id of the open record at `epoch` (`None`: not readable any
