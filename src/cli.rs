@@ -50,6 +50,10 @@ struct Global {
     /// for the next one before sleeping (saves a wakeup per request; 0 = off).
     #[arg(long, global = true, env = "S3BLK_BUSY_POLL_US", default_value_t = 50)]
     busy_poll_us: u64,
+    /// `serve` and the CSI node plugin: a volume's local write-back log
+    /// holding more than this starts a flush (which empties it).
+    #[arg(long, global = true, env = "S3BLK_WRITE_LOG_LIMIT", default_value = "1GiB", value_parser = parse_size)]
+    write_log_limit: u64,
     /// `serve` and the CSI controller: compact the volume(s) this often
     /// (folds the journal, deletes unreferenced chunk generations; 0 = never).
     #[arg(long, global = true, env = "S3BLK_COMPACT_INTERVAL", default_value = "1h", value_parser = parse_duration)]
@@ -447,6 +451,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 memory_budget,
                 memory_limit,
                 busy_poll: Duration::from_micros(g.busy_poll_us),
+                write_log_limit: g.write_log_limit,
                 compact_interval: g.compact_interval,
                 compact_safety_age: g.compact_safety_age,
                 compaction: match compaction {
@@ -1129,9 +1134,6 @@ struct ServeArgs {
     /// every write acknowledged since the last flush.
     #[arg(long)]
     no_write_log: bool,
-    /// A write-back log holding more than this starts a flush.
-    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
-    write_log_limit: u64,
 }
 
 impl ServeArgs {
@@ -1229,7 +1231,7 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
     };
     let mut opts = g.open_options(a.read_only);
     opts.log_dir = a.write_log_dir(&loc)?;
-    opts.log_limit = a.write_log_limit;
+    opts.log_limit = g.write_log_limit;
     let vol = match Volume::open(store.clone(), &loc.prefix, opts).await {
         Ok(v) => v,
         Err(e) => {

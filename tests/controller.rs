@@ -810,6 +810,7 @@ async fn restarted_node(client: Client, names: &[&str]) -> Restarted {
         budget: s3blk::volume::budget::MemoryBudget::new(16 << 20, 16 << 20),
         cache_limit: 16 << 20,
         busy_poll: Duration::ZERO,
+        write_log_limit: 1 << 30,
     };
     let node = s3blk::csi::node::NodeService::new(cfg, Arc::new(Stores::new(common::fast_policy())))
         .expect("node service")

@@ -73,6 +73,7 @@ async fn driver_opts(
         memory_budget: None,
         memory_limit: None,
         busy_poll: std::time::Duration::from_micros(50),
+        write_log_limit: 1 << 30,
         compact_interval,
         compact_safety_age,
         compaction: s3blk::controller::CompactionMode::Store,

@@ -108,6 +108,7 @@ fn node(dirty: u64, cache: u64, delay: Duration) -> Node {
         budget: budget.clone(),
         cache_limit: cache,
         busy_poll: Duration::ZERO,
+        write_log_limit: 1 << 30,
     };
     let node = NodeService::new(cfg, stores).expect("node service");
     Node { node, budget, slow, plain, root, _dir: dir }

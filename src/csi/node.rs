@@ -53,6 +53,8 @@ pub struct NodeConfig {
     /// StorageClass sets no `cacheSize` (at most the budget's cache).
     pub cache_limit: u64,
     pub busy_poll: std::time::Duration,
+    /// A staged volume's write-back log past this starts a flush.
+    pub write_log_limit: u64,
 }
 
 /// Stage secrets: serialised only into `--secrets-dir`, never printed.
@@ -425,6 +427,7 @@ impl NodeService {
             // Beside the stage records: a restarted plugin serves the
             // volume again with every write it had acknowledged.
             log_dir: (!readonly).then(|| self.cfg.state_dir.join("write-log")),
+            log_limit: self.cfg.write_log_limit,
             ..OpenOptions::default()
         };
         Volume::open(store, &loc.prefix, opts).await.map_err(status)

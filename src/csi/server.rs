@@ -53,6 +53,8 @@ pub struct CsiConfig {
     pub memory_limit: Option<u64>,
     /// NBD busy polling per connection (see `nbd::session::Export`).
     pub busy_poll: std::time::Duration,
+    /// Node mode: a staged volume's write-back log past this starts a flush.
+    pub write_log_limit: u64,
     /// Controller: how often every volume under the default store is
     /// compacted (zero: never), and the compaction safety age.
     pub compact_interval: std::time::Duration,
@@ -133,6 +135,7 @@ pub async fn run(
             cache_limit: budget.cache_limit(),
             budget,
             busy_poll: cfg.busy_poll,
+            write_log_limit: cfg.write_log_limit,
         };
         let n = NodeService::new(ncfg, stores.clone())
             .map_err(|source| CsiError::StateDir { path: cfg.state_dir.clone(), source })?;

@@ -236,6 +236,9 @@ MATRIX = [
                                                                           "resource": "limits.memory"}}}
      in node_container(d)["env"]),
     ({"node": {"memoryBudget": "1536Mi"}}, lambda d: "--memory-budget=1536Mi" in node_container(d)["args"]),
+    # The write-back log's size before a flush is forced, per staged volume.
+    ({}, lambda d: "--write-log-limit=1GiB" in node_container(d)["args"]),
+    ({"node": {"writeLogLimit": "4GiB"}}, lambda d: "--write-log-limit=4GiB" in node_container(d)["args"]),
     ({"node": {"hostNetwork": False}},
      lambda d: "hostNetwork" not in find(d, "DaemonSet")[0]["spec"]["template"]["spec"]
      and "dnsPolicy" not in find(d, "DaemonSet")[0]["spec"]["template"]["spec"]),
@@ -277,6 +280,7 @@ def test_lint_is_clean():
     {"node": {"hostNetwork": "yes"}},
     {"node": {"livenessPort": 0}},
     {"node": {"memoryBudget": "lots"}},
+    {"node": {"writeLogLimit": "lots"}},
     {"node": {"updateStrategy": {"type": "Recreate"}}},
     {"node": {"terminationGracePeriodSeconds": 5}},
     {"controller": {"livenessPort": 0}},
