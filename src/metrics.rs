@@ -353,6 +353,8 @@ pub struct Figures {
     pub staged_chunks: u64,
     /// Journal records since the newest checkpoint this handle knows of.
     pub journal_records: u64,
+    /// Bytes of the local write-back log on disk.
+    pub write_log_bytes: u64,
 }
 
 /// Something whose [`Figures`] can be read (an open volume).
@@ -444,6 +446,7 @@ impl OpenVolumes {
                     cache_bytes: a.cache_bytes + f.cache_bytes,
                     staged_chunks: a.staged_chunks + f.staged_chunks,
                     journal_records: a.journal_records.max(f.journal_records),
+                    write_log_bytes: a.write_log_bytes + f.write_log_bytes,
                 });
                 (v, sum)
             })
@@ -459,7 +462,7 @@ type Gauged = (&'static str, &'static str, fn(&Figures) -> u64);
 impl Collector for OpenVolumes {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let volumes = self.snapshot();
-        let gauges: [Gauged; 4] = [
+        let gauges: [Gauged; 5] = [
             (
                 "s3blk_volume_dirty_bytes",
                 "Bytes of chunks written and not yet uploaded (whole chunks); 0 after a flush",
@@ -475,6 +478,11 @@ impl Collector for OpenVolumes {
                 "s3blk_volume_journal_records_since_checkpoint",
                 "Journal records after the newest checkpoint this writer knows of (opening replays them)",
                 |f| f.journal_records,
+            ),
+            (
+                "s3blk_volume_write_log_bytes",
+                "Bytes of the local write-back log: writes acknowledged since the last flush (and segment headers)",
+                |f| f.write_log_bytes,
             ),
         ];
         for (name, help, get) in gauges {
@@ -540,7 +548,8 @@ mod tests {
 
     #[test]
     fn a_volume_series_live_as_long_as_its_last_handle() {
-        let f = Figures { dirty_bytes: 4096, cache_bytes: 8192, staged_chunks: 2, journal_records: 7 };
+        let f =
+            Figures { dirty_bytes: 4096, cache_bytes: 8192, staged_chunks: 2, journal_records: 7, write_log_bytes: 99 };
         let engine: Arc<dyn VolumeFigures> = Arc::new(Fixed(f));
         let a = global().volume("unit/vol-a/", Arc::downgrade(&engine));
         let b = global().volume("unit/vol-a/", Arc::downgrade(&engine));

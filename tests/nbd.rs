@@ -281,7 +281,13 @@ fn serve_exports_per_volume_metrics() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let addr = format!("127.0.0.1:{port}");
-    let mut srv = Served::start(dir.path(), "met", "1MiB", &["--chunk-size", "64KiB", "--metrics-address", &addr]);
+    let log_dir = dir.path().join("write-log").display().to_string();
+    let mut srv = Served::start(
+        dir.path(),
+        "met",
+        "1MiB",
+        &["--chunk-size", "64KiB", "--metrics-address", &addr, "--write-log-dir", &log_dir],
+    );
     let mut client = Command::new("/usr/bin/python3")
         .env("URI", srv.uri())
         .args(["-c", METRICS_CLIENT])
@@ -302,6 +308,8 @@ fn serve_exports_per_volume_metrics() {
     // Three chunks written, none uploaded: whole chunks count.
     assert_eq!(sample(&before, &v("s3blk_volume_dirty_bytes")), Some(3.0 * 65536.0), "{before}");
     assert_eq!(sample(&before, &v("s3blk_volume_staged_chunks")), Some(0.0), "{before}");
+    // The write-back log: a segment header, then three 4 KiB writes of 17 bytes of header each.
+    assert_eq!(sample(&before, &v("s3blk_volume_write_log_bytes")), Some((16 + 3 * (17 + 4096)) as f64), "{before}");
     let journal_before = sample(&before, &v("s3blk_volume_journal_records_since_checkpoint")).expect("journal gauge");
 
     writeln!(stdin).expect("tell the client to flush");
@@ -311,6 +319,8 @@ fn serve_exports_per_volume_metrics() {
     assert_eq!(sample(&after, &nbd("flush")), Some(1.0), "{after}");
     assert_eq!(sample(&after, &v("s3blk_volume_dirty_bytes")), Some(0.0), "{after}");
     assert_eq!(sample(&after, &v("s3blk_volume_staged_chunks")), Some(0.0), "{after}");
+    // Committed: only the new segment's header is left.
+    assert_eq!(sample(&after, &v("s3blk_volume_write_log_bytes")), Some(16.0), "{after}");
     // The flush committed one journal record.
     assert_eq!(
         sample(&after, &v("s3blk_volume_journal_records_since_checkpoint")),

@@ -993,6 +993,7 @@ impl crate::metrics::VolumeFigures for Inner {
             cache_bytes: st.clean.bytes(),
             staged_chunks: st.staged.len() as u64,
             journal_records: st.head.saturating_sub(st.checkpoint_seq),
+            write_log_bytes: st.log.as_ref().map_or(0, |l| l.bytes()),
         }
     }
 }
