@@ -965,6 +965,51 @@ async fn node_unstage_fails_while_writes_cannot_be_committed() {
     assert_eq!(v.read(1 << 20, data.len() as u64).await.expect("read back"), data, "acknowledged writes were lost");
 }
 
+/// A staged volume taken over by another writer (fenced here) can still be
+/// unstaged: its uncommitted writes can never be committed, so unstage
+/// discards them (and their write-back log) instead of failing for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_unstage_lets_a_volume_taken_over_by_another_writer_go() {
+    let r = Restarted::new(&["node-1"], None);
+    let (child, mut node) = r.start().await;
+    assert!(r.log_text().contains("serving staged volume again"), "{}", r.log_text());
+    let mut nbd = common::nbd_client::Client::connect(&r.socket, &r.export).await;
+    assert_eq!(nbd.write(1, 1 << 20, &common::pattern(8, 8192)).await, 0, "write acknowledged");
+    drop(nbd);
+    // Another writer takes the volume over and commits something.
+    let theirs = common::pattern(9, 4096);
+    let other = r.open(false).await;
+    other.write(0, &theirs).await.expect("write");
+    other.flush().await.expect("flush");
+    drop(other);
+    node.node_unstage_volume(r.unstage_req()).await.expect("unstage of a volume fenced by another writer");
+    stop_child(child);
+    let log = r.log_text();
+    assert!(log.contains("taken over by another writer"), "{log}");
+    assert!(!r.record_path().exists(), "the stage record outlived the unstage");
+    let logs = r.dir.path().join("state").join("write-log");
+    let left: Vec<_> = walk(&logs).into_iter().filter(|p| p.is_dir() && p.parent() != Some(logs.as_path())).collect();
+    assert!(left.is_empty(), "the fenced writer's log was kept: {left:?}");
+    let v = r.open(true).await;
+    assert_eq!(v.read(0, 4096).await.expect("read"), theirs);
+    assert_eq!(v.read(1 << 20, 8192).await.expect("read"), vec![0u8; 8192], "a fenced writer's write showed up");
+}
+
+/// Every path under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// Issue 11 item 7: stage secrets never stay on persistent disk. A stage
 /// record of an earlier version holding them is rewritten without them;
 /// they move to the secrets directory (0700, files 0600), leave it at

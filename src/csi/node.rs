@@ -652,6 +652,12 @@ impl NodeService {
         let _ = s.shutdown.send(true);
         match s.task.await {
             Ok(Ok(())) => Ok(()),
+            // Taken over by another writer: nothing held here can be
+            // committed any more (NodeUnstage already said so).
+            Ok(Err(e)) if s.volume.fenced().is_some() => {
+                tracing::warn!(volume = %volume_id, error = %e, "final flush of a volume another writer took over: its uncommitted writes are discarded");
+                Ok(())
+            }
             Ok(Err(e)) => Err(Status::internal(format!("final flush of {volume_id} failed: {e}"))),
             Err(e) => Err(Status::internal(format!("server task: {e}"))),
         }
