@@ -282,3 +282,53 @@ async fn a_writer_the_budget_refuses_does_not_fence_the_current_writer() {
     live.flush().await.expect("the current writer was fenced by a writer that was refused");
     assert_eq!(n.stored(&prefix, 4096).await, common::pattern(1, 4096));
 }
+
+/// A volume staged while the others hold the whole shared budget still
+/// gets its floor (as soon as bytes come back), so a stalled neighbour
+/// that takes everything again cannot starve it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_volume_staged_while_the_budget_is_spent_gets_its_floor_when_bytes_come_back() {
+    let limit = 16 * CS;
+    let n = node(limit, 8 * CS, Duration::from_millis(1));
+    let (first_prefix, first) = n.volume("first", 64 * CS).await;
+    for c in 0..16 {
+        first.write(c * CS, &common::pattern(c, CS as usize)).await.expect("write");
+    }
+    assert_eq!(n.budget.dirty_bytes(), limit, "the first volume holds the whole budget");
+    let (late_prefix, late) = n.volume("late", 64 * CS).await;
+    first.flush().await.expect("flush");
+    // The first volume's store stalls; its writer takes all it can again.
+    n.slow.hold(&first_prefix);
+    let first_data = common::pattern(7, 64 * CS as usize);
+    let writer = {
+        let (v, data) = (first.clone(), first_data.clone());
+        tokio::spawn(async move {
+            for (c, chunk) in data.chunks(CS as usize).enumerate() {
+                v.write(c as u64 * CS, chunk).await.expect("write");
+            }
+            v.flush().await.expect("flush");
+        })
+    };
+    let mut last = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = n.budget.dirty_bytes();
+        if now == last && now > limit / 2 {
+            break;
+        }
+        last = now;
+    }
+    assert!(!writer.is_finished());
+    let data = common::pattern(8, 64 * CS as usize);
+    let progress = async {
+        for (c, chunk) in data.chunks(CS as usize).enumerate() {
+            late.write(c as u64 * CS, chunk).await.expect("write");
+        }
+        late.flush().await.expect("flush");
+    };
+    tokio::time::timeout(Duration::from_secs(30), progress).await.expect("the late volume is not starved");
+    n.slow.let_go();
+    tokio::time::timeout(Duration::from_secs(30), writer).await.expect("stalled writer finishes").expect("join");
+    assert!(n.stored(&late_prefix, 64 * CS).await == data);
+    assert!(n.stored(&first_prefix, 64 * CS).await == first_data);
+}

@@ -164,18 +164,48 @@ impl DirtyPool {
         // means something; a volume that finds no room (or the shared
         // part spent right now) goes without one.
         let want = 2 * chunk_size;
-        let carved = if self.floors.fetch_add(want, Ordering::SeqCst) + want <= self.limit / 2 {
-            self.shared.clone().try_acquire_many_owned(want as u32).ok()
+        let floor = Arc::new(Semaphore::new(0));
+        let carved = Arc::new(Mutex::new(None));
+        let mut carving = None;
+        if self.floors.fetch_add(want, Ordering::SeqCst) + want <= self.limit / 2 {
+            match self.shared.clone().try_acquire_many_owned(want as u32) {
+                Ok(p) => {
+                    floor.add_permits(want as usize);
+                    *lock(&carved) = Some(p);
+                }
+                // The shared part is spent right now (other volumes hold
+                // it): the floor is carved as soon as bytes come back,
+                // ahead of writers that ask later (the semaphore is fair).
+                Err(_) => match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        let (shared, floor, carved) = (self.shared.clone(), floor.clone(), carved.clone());
+                        carving = Some(rt.spawn(async move {
+                            if let Ok(p) = shared.acquire_many_owned(want as u32).await {
+                                floor.add_permits(want as usize);
+                                *lock(&carved) = Some(p);
+                            }
+                        }));
+                    }
+                    Err(_) => {
+                        self.floors.fetch_sub(want, Ordering::SeqCst);
+                    }
+                },
+            }
         } else {
-            None
-        };
-        if carved.is_none() {
             self.floors.fetch_sub(want, Ordering::SeqCst);
             tracing::info!(limit = self.limit, "volume joins the node's dirty budget without a floor of its own");
         }
-        let floor = Arc::new(Semaphore::new(if carved.is_some() { want as usize } else { 0 }));
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
-        Ok(DirtyAccount { pool: self.clone(), id, chunk_size, floor, carved, held: Arc::new(AtomicU64::new(0)) })
+        Ok(DirtyAccount {
+            pool: self.clone(),
+            id,
+            chunk_size,
+            floor,
+            carved,
+            carving,
+            want,
+            held: Arc::new(AtomicU64::new(0)),
+        })
     }
 
     fn note_held(&self, n: u64) {
@@ -192,9 +222,19 @@ pub(crate) struct DirtyAccount {
     /// This volume's floor: bytes no other volume can take.
     floor: Arc<Semaphore>,
     /// The floor's bytes, held out of the shared semaphore while this
-    /// account lives.
-    carved: Option<OwnedSemaphorePermit>,
+    /// account lives (set later by `carving` when the shared part was
+    /// spent at registration).
+    carved: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    /// Waiting for the floor's bytes.
+    carving: Option<tokio::task::JoinHandle<()>>,
+    /// The floor's size, counted in the pool's floors from registration
+    /// (when it has one at all).
+    want: u64,
     held: Arc<AtomicU64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl std::fmt::Debug for DirtyAccount {
@@ -202,7 +242,7 @@ impl std::fmt::Debug for DirtyAccount {
         f.debug_struct("DirtyAccount")
             .field("id", &self.id)
             .field("held", &self.held)
-            .field("floor", &self.carved.as_ref().map(|c| c.num_permits()))
+            .field("floor", &lock(&self.carved).as_ref().map(|c| c.num_permits()))
             .finish_non_exhaustive()
     }
 }
@@ -299,8 +339,13 @@ impl DirtyAccount {
 impl Drop for DirtyAccount {
     fn drop(&mut self) {
         self.pool.members().retain(|m| m.id != self.id);
-        if let Some(c) = self.carved.take() {
-            self.pool.floors.fetch_sub(c.num_permits() as u64, Ordering::SeqCst);
+        let carving = self.carving.take();
+        if let Some(t) = &carving {
+            t.abort();
+        }
+        if lock(&self.carved).take().is_some() || carving.is_some() {
+            // Counted at registration, carved or still waiting.
+            self.pool.floors.fetch_sub(self.want, Ordering::SeqCst);
         }
     }
 }
