@@ -1123,6 +1123,8 @@ async fn a_plugin_killed_with_unflushed_writes_reports_the_loss_instead_of_servi
     drop(node);
     let log = r.log_text();
     assert!(log.contains("exited without committing writes it had acknowledged"), "{log}");
+    // Kept until NodeUnstage: the next restart must report the loss again.
+    assert!(r.marker_path().exists(), "the loss was forgotten: a later restart would serve the volume");
     let e = tokio::net::UnixStream::connect(&r.socket).await;
     assert!(e.is_err(), "the volume that lost writes is served again as if nothing happened");
     let lost =

@@ -579,6 +579,12 @@ impl NodeService {
                 if let Err(e) = self.stop(&id, server).await {
                     tracing::warn!(volume = %id, error = %e.message(), "stopping the volume that lost writes");
                 }
+                // The stopped server's clean final flush removed the
+                // marker: put it back, or a later restart would serve the
+                // volume as if nothing had been lost.
+                if let Err(e) = std::fs::write(self.marker_path(&id), b"") {
+                    tracing::error!(volume = %id, error = %e, "restoring the unflushed-writes marker failed");
+                }
                 self.writes_lost(record).await;
             }
             Ok(server) => {

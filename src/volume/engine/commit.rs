@@ -91,6 +91,7 @@ impl Volume {
                     // Only a flush empties the log.
                     if let Err(e) = (Volume { inner: inner.clone() }).flush().await {
                         tracing::warn!(volume = %inner.vol, error = %e, "flushing a full write-back log failed; will retry");
+                        inner.lock().log_flush_error = Some(e);
                         drop(inner);
                         // Not again at once, however many writes ask.
                         tokio::time::sleep(Duration::from_secs(1)).await;

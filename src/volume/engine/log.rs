@@ -80,6 +80,10 @@ pub struct LogState {
     /// boot is never replayed (a crashed node may lose unflushed writes).
     #[serde(default)]
     pub boot: Option<String>,
+    /// The volume's store and prefix (a copy of the volume elsewhere has
+    /// the same uuid, and never takes this log).
+    #[serde(default)]
+    pub at: Option<String>,
 }
 
 /// This boot's id (`None` where the kernel does not say).
@@ -248,9 +252,9 @@ impl Claimed {
         let (entries, valid, why) = parse_segment(&buf);
         if valid < buf.len() {
             let (why, torn) = why.unwrap_or_default();
-            // A process killed mid-append leaves its last entry short; a
-            // node that crashed may leave zeros after the last complete
-            // entry. A bad entry with more after it is damage.
+            // A process killed mid-append leaves its last entry short
+            // (logs of another boot, where a node crash may have left
+            // anything, are never read). Anything else is damage.
             if !last || !torn {
                 return Err(LogError::Damaged { path, at: valid as u64, why });
             }
@@ -322,10 +326,10 @@ fn parse_segment(buf: &[u8]) -> (Vec<Entry>, usize, Option<(String, bool)>) {
         return (out, 0, Some((format!("segment version {version}, this build reads {VERSION}"), false)));
     }
     let mut pos = SEGMENT_HEADER;
-    let bad = |pos: usize, end: usize, why: String| {
-        let torn = end >= buf.len() || buf[pos..].iter().all(|&b| b == 0);
-        Some((why, torn))
-    };
+    // Only a log of this boot is read (see `LogState::boot`), and a
+    // process killed mid-append leaves its last entry short; a complete
+    // entry that does not check out is damage wherever it is.
+    let bad = |_pos: usize, _end: usize, why: String| Some((why, false));
     while pos < buf.len() {
         let rest = &buf[pos..];
         if rest.len() < ENTRY_HEADER {
@@ -604,12 +608,17 @@ mod tests {
         fs::write(&path, &b).expect("write");
         let c = scan(root.path()).expect("scan").remove(0);
         assert!(matches!(c.read_segment(n, true), Err(LogError::Damaged { .. })), "silently cut at a damaged entry");
-        // Zeros after the good entries (a node crash) are a torn end.
+        // Zeros after the good entries are damage too (a node crash can
+        // leave them, and logs of another boot are never read).
         let mut b = fs::read(&path).expect("read");
         b[SEGMENT_HEADER + ENTRY_HEADER] ^= 0x40;
         b.extend_from_slice(&[0u8; 4096]);
         fs::write(&path, &b).expect("write");
-        assert_eq!(c.read_segment(n, true).expect("torn").len(), 2);
+        assert!(matches!(c.read_segment(n, true), Err(LogError::Damaged { .. })));
+        // A short last entry is a torn end: cut off.
+        b.truncate(b.len() - 4096 - 1);
+        fs::write(&path, &b).expect("write");
+        assert_eq!(c.read_segment(n, true).expect("torn").len(), 1);
     }
 
     #[test]

@@ -247,6 +247,8 @@ struct State {
     log_limit: u64,
     /// Told when the log passes `log_limit` (the committer flushes).
     log_full: Arc<tokio::sync::Notify>,
+    /// Why the last flush of a full log failed (writers waiting for room).
+    log_flush_error: Option<VolumeError>,
 }
 
 impl State {
@@ -265,6 +267,11 @@ impl State {
             self.log_full.notify_one();
         }
         Ok(())
+    }
+
+    /// The log holds more than twice its limit: writers wait.
+    fn log_over_cap(&self) -> bool {
+        self.log.as_ref().is_some_and(|l| l.bytes() > self.log_limit.saturating_mul(2))
     }
 
     /// Log a piece of a write (`None`: zeros) at chunk `p.index`.
@@ -450,6 +457,7 @@ impl Volume {
                     epoch: st.epoch,
                     next_writer: None,
                     boot: log::boot_id(),
+                    at: Some(t.at.clone()),
                 };
                 t.c.set_state(state).map_err(|e| log_io(&t.c.dir, e))?;
                 claimed = Some(t.c);
@@ -476,6 +484,7 @@ impl Volume {
             log: None,
             log_limit: opts.log_limit,
             log_full: Arc::new(tokio::sync::Notify::new()),
+            log_flush_error: None,
         };
         tracing::info!(
             volume = vol,
@@ -808,10 +817,6 @@ async fn open_for_write(
             }
         };
         if landed == Appended::Ours {
-            if let Some(l) = log.as_mut() {
-                // Ours, even if its proof fails below and we open again.
-                l.ok_epochs.push(seq);
-            }
             let proof = if meta.single_writer {
                 Ok(())
             } else {
@@ -827,7 +832,13 @@ async fn open_for_write(
                     return Ok(prev_epoch);
                 }
                 Err(why) => {
-                    tracing::info!(volume = vol, seq, reason = %why, "open record landed behind the journal; replaying")
+                    tracing::info!(volume = vol, seq, reason = %why, "open record landed behind the journal; replaying");
+                    // It may have landed in a hole compaction left after
+                    // another writer's open: a log taken over is
+                    // superseded (its epoch number may even recur).
+                    if let Some(l) = log.as_mut() {
+                        l.supersede(seq)?;
+                    }
                 }
             }
             *st = replay::replay(store.as_ref(), vol, chunk_size, None).await?;
@@ -858,6 +869,9 @@ struct TakingLog {
     /// were written at, and our own open records.
     ok_epochs: Vec<u64>,
     uuid: String,
+    /// The store and prefix: a copy of the volume elsewhere (same uuid)
+    /// never takes this one's log.
+    at: String,
     writer: u64,
 }
 
@@ -870,13 +884,28 @@ impl TakingLog {
         if !self.rec.adopted || self.ok_epochs.contains(&epoch) {
             return Ok(());
         }
+        self.supersede(epoch)
+    }
+
+    /// The taken-over writes are superseded: delete them, and say so in
+    /// the state before anything else can land.
+    fn supersede(&mut self, epoch: u64) -> VolumeResult<()> {
+        if !self.rec.adopted {
+            return Ok(());
+        }
+        self.ok_epochs.clear();
         tracing::warn!(
             log = %self.c.dir.display(), epoch,
             "the volume was opened by another writer meanwhile: its predecessor's unflushed writes are discarded"
         );
         self.c.clear().map_err(|e| log_io(&self.c.dir, e))?;
-        let state =
-            log::LogState { volume: self.uuid.clone(), epoch, next_writer: Some(self.writer), boot: log::boot_id() };
+        let state = log::LogState {
+            volume: self.uuid.clone(),
+            epoch,
+            next_writer: Some(self.writer),
+            boot: log::boot_id(),
+            at: Some(self.at.clone()),
+        };
         self.c.set_state(state).map_err(|e| log_io(&self.c.dir, e))?;
         self.rec.adopted = false;
         Ok(())
@@ -897,6 +926,11 @@ async fn claim_log(
     root: &std::path::Path,
     writer: u64,
 ) -> VolumeResult<TakingLog> {
+    // The uuid names a directory here: only what s3blk itself writes.
+    if meta.uuid.len() != 32 || !meta.uuid.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(VolumeError::Corrupt(format!("volume.json of {vol} has a malformed uuid {:?}", meta.uuid)));
+    }
+    let at = format!("{}/{vol}", store.describe());
     let root = root.join(&meta.uuid);
     let found = log::scan(&root).map_err(|e| log_io(&root, e))?;
     let mut rec = LogRecovery::default();
@@ -905,10 +939,20 @@ async fn claim_log(
     let boot = log::boot_id();
     for c in found {
         let this_boot = boot.is_some() && c.state.as_ref().is_some_and(|s| s.boot == boot);
+        let here = c.state.as_ref().is_some_and(|s| s.volume == meta.uuid && s.at.as_deref() == Some(at.as_str()));
+        // The open record at the journal's epoch was read by the replay
+        // only if no checkpoint covers it; an object under a folded seq
+        // may be a late record that landed in a hole.
+        let open_replayed = st.checkpoint.is_none_or(|c| c < st.epoch);
+        if !here && c.state.is_some() {
+            // A copy of this volume elsewhere (same uuid): its log is its
+            // own, neither taken nor removed here.
+            continue;
+        }
         let ours = match &c.state {
-            _ if !this_boot => false,
-            Some(s) if s.volume == meta.uuid && s.epoch == st.epoch && s.epoch != 0 => true,
-            Some(s) if s.volume == meta.uuid && s.next_writer.is_some() => {
+            _ if !this_boot || !here => false,
+            Some(s) if s.epoch == st.epoch && s.epoch != 0 => true,
+            Some(s) if s.next_writer.is_some() && open_replayed => {
                 if opener.is_none() {
                     opener = Some(open_record_writer(store, vol, st.epoch).await?);
                 }
@@ -935,9 +979,10 @@ async fn claim_log(
         None => log::create(&root).map_err(|e| log_io(&root, e))?,
     };
     let epoch = c.state.as_ref().map_or(0, |s| s.epoch);
-    let state = log::LogState { volume: meta.uuid.clone(), epoch, next_writer: Some(writer), boot };
+    let state =
+        log::LogState { volume: meta.uuid.clone(), epoch, next_writer: Some(writer), boot, at: Some(at.clone()) };
     c.set_state(state).map_err(|e| log_io(&c.dir, e))?;
-    Ok(TakingLog { c, rec, ok_epochs: vec![st.epoch], uuid: meta.uuid.clone(), writer })
+    Ok(TakingLog { c, rec, ok_epochs: vec![st.epoch], uuid: meta.uuid.clone(), at, writer })
 }
 
 /// The writer id of the open record at `epoch` (`None`: not readable any

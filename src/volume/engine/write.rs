@@ -21,6 +21,9 @@ impl Volume {
         if let Some(why) = &st.fenced {
             return Some(Err(VolumeError::Fenced(why.clone())));
         }
+        if st.log_over_cap() {
+            return None;
+        }
         if offset + data.len() as u64 > st.size {
             return None;
         }
@@ -38,6 +41,7 @@ impl Volume {
     pub async fn write(&self, offset: u64, data: &[u8]) -> VolumeResult<()> {
         self.inner.check_writable()?;
         self.inner.check_range(offset, data.len() as u64)?;
+        self.inner.wait_for_log_room().await?;
         for p in pieces(offset, data.len() as u64, self.inner.chunk_size) {
             self.inner.write_piece(p, Some(&data[p.pos..p.pos + p.len]), self).await?;
         }
@@ -53,6 +57,7 @@ impl Volume {
         }
         self.inner.check_writable()?;
         self.inner.check_range(offset, cs)?;
+        self.inner.wait_for_log_room().await?;
         let index = offset / cs;
         let _g = self.inner.locks.lock(index).await;
         let data = DirtyData::Data(Arc::new(data));
@@ -85,6 +90,7 @@ impl Volume {
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> VolumeResult<()> {
         self.inner.check_writable()?;
         self.inner.check_range(offset, len)?;
+        self.inner.wait_for_log_room().await?;
         for p in pieces(offset, len, self.inner.chunk_size) {
             self.inner.write_piece(p, None, self).await?;
         }
@@ -93,6 +99,38 @@ impl Volume {
 }
 
 impl Inner {
+    /// The local disk is bounded too: past twice its limit (the flush the
+    /// limit starts is not keeping up, or the store does not answer),
+    /// writers wait for a flush to empty the log; a flush that fails while
+    /// they wait fails them.
+    pub(super) async fn wait_for_log_room(&self) -> VolumeResult<()> {
+        let waited_from = {
+            let mut st = self.lock();
+            if !st.log_over_cap() {
+                return Ok(());
+            }
+            st.log_flush_error = None;
+            st.log_full.notify_one();
+            Instant::now()
+        };
+        loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let mut st = self.lock();
+            if let Some(why) = &st.fenced {
+                return Err(VolumeError::Fenced(why.clone()));
+            }
+            if !st.log_over_cap() {
+                return Ok(());
+            }
+            if let Some(e) = st.log_flush_error.take() {
+                return Err(e);
+            }
+            if waited_from.elapsed() > Duration::from_secs(1) {
+                st.log_full.notify_one();
+            }
+        }
+    }
+
     /// A new dirty slot; `logged` is the change that made it, logged in
     /// the same critical section.
     pub(super) fn insert_slot(
