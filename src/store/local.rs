@@ -28,6 +28,9 @@ impl LocalStore {
     pub fn new(root: impl Into<PathBuf>) -> StoreResult<Self> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(|e| io_err(&root.display().to_string(), e))?;
+        // Absolute, so that the store describes itself the same way from
+        // any working directory (write-back logs are keyed to it).
+        let root = fs::canonicalize(&root).unwrap_or(root);
         Ok(Self { root })
     }
 
