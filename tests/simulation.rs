@@ -89,6 +89,7 @@
 
 use std::collections::BTreeMap;
 use std::hash::Hasher;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -102,6 +103,7 @@ use s3blk::store::sim::{FaultPlan, Fnv, Outage, PutTrip, SimClock, SimGate, SimS
 use s3blk::store::{DynStore, PutMode};
 use s3blk::volume::catalog;
 use s3blk::volume::compact::{self, CompactOptions};
+use s3blk::volume::engine::log::LogState;
 use s3blk::volume::engine::{CreateOptions, read_snapshot};
 use s3blk::volume::format::{self, ParentRef};
 use s3blk::volume::{OpenOptions, Volume, VolumeError, fsck};
@@ -157,6 +159,45 @@ struct Config {
     /// chunks already up), and for how long: longer than compaction's
     /// safety age, shorter than the retry layer's budget for one PUT.
     commit_outage: Option<(Duration, Duration)>,
+    /// Where each writer session keeps its write-back log: the first
+    /// session's, then one per takeover.
+    hosts: Vec<Host>,
+    /// Where the takeover at quiescence keeps its log.
+    final_host: Host,
+    /// A writer whose log holds more than this flushes on its own.
+    log_limit: u64,
+}
+
+/// Where a writer session runs, as far as its write-back log goes: on one
+/// of two hosts (each a directory of the run's own; a process restarted on
+/// the same host finds the logs left there), or without a log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Host {
+    A,
+    B,
+    NoLog,
+}
+
+impl Host {
+    fn label(self) -> &'static str {
+        match self {
+            Host::A => "host a",
+            Host::B => "host b",
+            Host::NoLog => "no log",
+        }
+    }
+
+    /// The host of a takeover after a session on `prev`: mostly the same
+    /// (a restart in place), often the other one, sometimes none.
+    fn draw_after(prev: Host, rng: &mut StdRng) -> Host {
+        match (rng.random_range(0..100), prev) {
+            (0..=54, Host::NoLog) => Host::A,
+            (0..=54, h) => h,
+            (55..=84, Host::A) => Host::B,
+            (55..=84, _) => Host::A,
+            _ => Host::NoLog,
+        }
+    }
 }
 
 impl Config {
@@ -213,7 +254,26 @@ impl Config {
             broken_snapshot_at,
             storm_at,
             commit_outage,
+            hosts: Vec::new(),
+            final_host: Host::NoLog,
+            log_limit: 0,
         }
+        .draw_logs(rng)
+    }
+
+    /// The write-back log settings, drawn after everything else (so that a
+    /// seed's other choices are what they were before logs were added).
+    fn draw_logs(mut self, rng: &mut StdRng) -> Self {
+        let first = if rng.random_bool(0.85) { Host::A } else { Host::NoLog };
+        self.hosts = vec![first];
+        for _ in 0..self.takeovers.len() {
+            let prev = self.hosts[self.hosts.len() - 1];
+            self.hosts.push(Host::draw_after(prev, rng));
+        }
+        self.final_host = Host::draw_after(self.hosts[self.hosts.len() - 1], rng);
+        self.log_limit =
+            if rng.random_bool(0.3) { rng.random_range(2..=16) * CS } else { OpenOptions::default().log_limit };
+        self
     }
 
     fn max_blocks(&self) -> usize {
@@ -281,6 +341,11 @@ impl Config {
             // chunks, the commit deadline) keep their production values.
             ..OpenOptions::default()
         }
+    }
+
+    /// A writer's options, its write-back log under `log_root` (`None`: no log).
+    fn writer_options(&self, clock: Arc<dyn Clock>, log_root: Option<PathBuf>) -> OpenOptions {
+        OpenOptions { log_dir: log_root, log_limit: self.log_limit, ..self.open_options(clock, false, None) }
     }
 }
 
@@ -373,6 +438,9 @@ struct Version {
     /// flight at once, a write issued earlier may be acknowledged later.
     acked_tick: u64,
     at: Duration,
+    /// Never committed and never to be: the session named here opened
+    /// without it (see [`Oracle::pin_base`]).
+    dead: Option<usize>,
 }
 
 /// What reading one block may return.
@@ -394,10 +462,21 @@ impl Expect {
 #[derive(Debug)]
 struct Session {
     name: String,
+    host: Host,
     first_attempt: u64,
     opened: Option<u64>,
     /// When a later session's open succeeded: this one is fenced from then on.
     superseded: Option<u64>,
+    /// Its process died (a takeover after a crash, or the end of the run).
+    crashed: bool,
+    /// Its write-back log directory, once it opened with one.
+    log_dir: Option<PathBuf>,
+    /// It replayed entries of a predecessor's log as it opened: what it
+    /// opened with is not all committed until it flushes.
+    replayed: bool,
+    /// What it must read where it wrote nothing: what was durable when it
+    /// began opening, raised by what it must have adopted from a crashed
+    /// predecessor's write-back log and by what it read there.
     open_floor: Vec<usize>,
     open_len: Vec<usize>,
     /// Blocks this session wrote or read; the others read as `open_floor..open_len`.
@@ -434,6 +513,32 @@ struct Counts {
     storms: u64,
     unreadable_snapshots_reported: u64,
     compactions_killed_deleting: u64,
+    /// Openers that had to carry on with a crashed predecessor's log.
+    log_restarts: u64,
+    /// Openers that replayed entries of a log, and how many.
+    log_replays: u64,
+    log_entries_replayed: u64,
+    /// Logs of superseded writers removed by openers.
+    logs_discarded: u64,
+    /// Versions found never committed when a later session opened.
+    versions_dead: u64,
+}
+
+/// What a writer opening with a write-back log must do with the logs
+/// left on its host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LogExpect {
+    /// It has no log.
+    NoLog,
+    /// Replay nothing: every log there is a superseded writer's (or a
+    /// live one's), or there is none.
+    Nothing,
+    /// Carry on with this session's writes: it was the last to open, on
+    /// this host, and crashed, and nobody else tried to open since.
+    Replays(usize),
+    /// Another session tried to open since the last one opened, and its
+    /// open record may have landed: either.
+    Either,
 }
 
 #[derive(Debug)]
@@ -472,6 +577,7 @@ impl Oracle {
             acked: true,
             acked_tick: 0,
             at: Duration::ZERO,
+            dead: None,
         };
         Self {
             world,
@@ -505,7 +611,7 @@ impl Oracle {
     }
 
     fn excluded(&self, v: &Version) -> bool {
-        v.session != INITIAL && self.sessions[v.session].superseded.is_some_and(|t| v.tick > t)
+        v.dead.is_some() || v.session != INITIAL && self.sessions[v.session].superseded.is_some_and(|t| v.tick > t)
     }
 
     fn describe(&self, b: u64, p: usize) -> String {
@@ -513,13 +619,17 @@ impl Oracle {
         if v.session == INITIAL {
             return format!("v{p} (initial zeros)");
         }
+        let why = match v.dead {
+            Some(s) => format!(", never committed: {} opened without it", self.sessions[s].name),
+            None if self.excluded(v) => ", after a later session opened".to_string(),
+            None => String::new(),
+        };
         format!(
-            "v{p} ({} write #{} {} at {:.3}s{})",
+            "v{p} ({} write #{} {} at {:.3}s{why})",
             self.sessions[v.session].name,
             v.write,
             if v.acked { "acked" } else { "not acked" },
             v.at.as_secs_f64(),
-            if self.excluded(v) { ", after a later session opened" } else { "" }
         )
     }
 
@@ -555,6 +665,17 @@ impl Oracle {
         };
         let floor = self.describe(b, lower.min(self.history[b as usize].len() - 1));
         let zero = data.iter().all(|&x| x == 0);
+        let h = &self.history[b as usize];
+        if let Some(&p) = all.iter().find(|&&p| p >= lower && p < upper && !zero && h[p].dead.is_some()) {
+            return (
+                "superseded-write-revived",
+                format!(
+                    "block {b}{piece} reads {}: a write a later session opened without came back (a superseded \
+                     writer's write-back log replayed?)",
+                    self.describe(b, p)
+                ),
+            );
+        }
         if let Some(&p) = all.iter().find(|&&p| p >= lower && p < upper && !zero) {
             return (
                 "fenced-write-visible",
@@ -612,13 +733,17 @@ impl Oracle {
 
     // ---- sessions
 
-    fn new_session(&mut self, name: &str) -> usize {
+    fn new_session(&mut self, name: &str, host: Host) -> usize {
         let t = self.next_tick();
         self.sessions.push(Session {
             name: name.to_string(),
+            host,
             first_attempt: t,
             opened: None,
             superseded: None,
+            crashed: false,
+            log_dir: None,
+            replayed: false,
             open_floor: self.floor.clone(),
             open_len: Vec::new(),
             view: BTreeMap::new(),
@@ -632,15 +757,83 @@ impl Oracle {
         self.attempts.push((s, t));
     }
 
-    fn opened(&mut self, s: usize) {
+    /// Session `s` opened. With a crashed predecessor's write-back log to
+    /// carry on with, what that one acknowledged is part of what `s` must
+    /// read where it writes nothing (not yet durable: a reader of committed
+    /// state may still read older values until `s` flushes).
+    fn opened(&mut self, s: usize) -> LogExpect {
+        let expect = self.log_expect(s);
         let t = self.next_tick();
         let lens = self.history.iter().map(Vec::len).collect();
+        if let LogExpect::Replays(m) = expect {
+            let acked = self.acknowledged(m);
+            for (f, a) in self.sessions[s].open_floor.iter_mut().zip(acked) {
+                *f = (*f).max(a);
+            }
+            self.counts.log_restarts += 1;
+        }
         let sess = &mut self.sessions[s];
         sess.opened = Some(t);
         sess.open_len = lens;
         for earlier in &mut self.sessions[..s] {
             earlier.superseded.get_or_insert(t);
         }
+        expect
+    }
+
+    /// What session `s` must do with the write-back logs on its host,
+    /// opening now.
+    fn log_expect(&self, s: usize) -> LogExpect {
+        let host = self.sessions[s].host;
+        if host == Host::NoLog {
+            return LogExpect::NoLog;
+        }
+        let Some(m) = (0..s).rev().find(|&m| self.sessions[m].opened.is_some()) else { return LogExpect::Nothing };
+        let last = &self.sessions[m];
+        if last.host != host || !last.crashed {
+            return LogExpect::Nothing;
+        }
+        let since = last.opened.unwrap_or(0);
+        if self.attempts.iter().any(|&(o, t)| o != m && o != s && t > since) {
+            return LogExpect::Either;
+        }
+        LogExpect::Replays(m)
+    }
+
+    /// Per block, the newest version session `m` must be read at or above
+    /// by a writer carrying on with its log: its last acknowledged write
+    /// there, or what it had to read there itself.
+    fn acknowledged(&self, m: usize) -> Vec<usize> {
+        (0..self.history.len())
+            .map(|b| {
+                let own = self.history[b].iter().rposition(|v| v.session == m && v.acked).unwrap_or(0);
+                own.max(self.sessions[m].open_floor[b])
+            })
+            .collect()
+    }
+
+    /// Session `s` read block `b` of the state it opened with (committed
+    /// state, with the log it adopted replayed on top) as `data`. No
+    /// version issued before it opened and after the last one that reads
+    /// as `data` was ever in that state, so none was ever committed (a
+    /// block's committed versions only move forward) and none can be now
+    /// (no earlier session commits after a later one opened, and no log of
+    /// theirs may be replayed any more): from now on no one may read them.
+    fn pin_base(&mut self, s: usize, b: u64, data: &[u8]) {
+        let (lower, upper) = (self.sessions[s].open_floor[b as usize], self.sessions[s].open_len[b as usize]);
+        let upper = upper.min(self.history[b as usize].len());
+        let h = &self.history[b as usize];
+        let Some(last) = (lower..upper).rev().find(|&p| &h[p].data[..] == data && !self.excluded(&h[p])) else {
+            return;
+        };
+        let mut dead = 0;
+        for v in &mut self.history[b as usize][last + 1..upper] {
+            if v.data[..] != *data && v.dead.is_none() {
+                v.dead = Some(s);
+                dead += 1;
+            }
+        }
+        self.counts.versions_dead += dead;
     }
 
     /// A later session tried to open: this one may be fenced.
@@ -676,8 +869,15 @@ impl Oracle {
                 Ok(p) => {
                     if n as u64 == BLOCK {
                         if let Some(p) = p {
-                            // What a writer opened with was committed: it cannot go back.
-                            self.raise(b, p);
+                            // What a writer opened with was committed: it
+                            // cannot go back. What it replayed from a log
+                            // is committed by its next flush.
+                            let f = &mut self.sessions[s].open_floor[b as usize];
+                            *f = (*f).max(p);
+                            if !self.sessions[s].replayed {
+                                self.raise(b, p);
+                            }
+                            self.pin_base(s, b, piece);
                         }
                         self.sessions[s].view.insert(b, Expect::exact(Bytes::copy_from_slice(piece)));
                     }
@@ -738,7 +938,16 @@ impl Oracle {
             .iter()
             .map(|(b, data)| {
                 let h = &mut self.history[*b as usize];
-                h.push(Version { data: data.clone(), session: s, write, tick, acked: false, acked_tick: 0, at });
+                h.push(Version {
+                    data: data.clone(),
+                    session: s,
+                    write,
+                    tick,
+                    acked: false,
+                    acked_tick: 0,
+                    at,
+                    dead: None,
+                });
                 h.len() - 1
             })
             .collect::<Vec<_>>()
@@ -779,10 +988,14 @@ impl Oracle {
         }
     }
 
-    /// A flush (or resize, snapshot) that started at `t0` returned `Ok`.
+    /// A flush (or resize, snapshot) that started at `t0` returned `Ok`:
+    /// it committed the session's writes acknowledged before `t0`, and what
+    /// it opened with (a predecessor's logged writes included).
     fn flush_acked(&mut self, s: usize, t0: u64, what: &str) {
         self.counts.flushes_acked += 1;
         for b in 0..self.history.len() as u64 {
+            let base = self.sessions[s].open_floor[b as usize];
+            self.raise(b, base);
             let h = &self.history[b as usize];
             let Some(p) = h.iter().rposition(|v| v.session == s && v.acked && v.acked_tick < t0) else { continue };
             if self.excluded(&h[p]) {
@@ -839,6 +1052,8 @@ struct Sim {
     /// The flush storm happened (or began).
     stormed: AtomicBool,
     commit_outage_armed: AtomicBool,
+    /// The hosts' local disks: write-back logs live under `a/` and `b/`.
+    disks: tempfile::TempDir,
 }
 
 type Ctx = Arc<Sim>;
@@ -881,6 +1096,143 @@ impl Sim {
     fn clock(&self, rng: &mut StdRng) -> Arc<dyn Clock> {
         let b = self.cfg.writer_skew_bound;
         Arc::new(SimClock::new(self.world.clone(), rng.random_range(-b..=b)))
+    }
+
+    /// Where writers on `host` keep their write-back logs.
+    fn log_root(&self, host: Host) -> Option<PathBuf> {
+        match host {
+            Host::A => Some(self.disks.path().join("a")),
+            Host::B => Some(self.disks.path().join("b")),
+            Host::NoLog => None,
+        }
+    }
+}
+
+/// How long a crashed writer's engine may take to let go of its
+/// write-back log (its own tasks end once every store call fails).
+const LOG_RELEASE_BOUND: Duration = Duration::from_secs(600);
+
+/// Is the write-back log in `dir` held by a live engine? The engine holds
+/// `lock` with `flock` for as long as it uses the log, and a dead process's
+/// lock goes with its descriptors; a log removed is held by nobody.
+fn log_held(dir: &Path) -> bool {
+    match std::fs::OpenOptions::new().write(true).open(dir.join("lock")) {
+        Ok(f) => matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+        Err(_) => false,
+    }
+}
+
+/// A process that crashed has closed its files. In this one process, a
+/// crashed writer's engine lives on until its own tasks (an upload, a
+/// commit, each failing on the dead store handle) let go of it: wait for
+/// that, so that what the next opener on the host finds is what a dead
+/// process leaves behind.
+async fn wait_log_released(ctx: &Ctx, s: usize) {
+    let (name, dir) = {
+        let o = ctx.oracle();
+        (o.sessions[s].name.clone(), o.sessions[s].log_dir.clone())
+    };
+    let Some(dir) = dir else { return };
+    let since = ctx.world.elapsed();
+    while log_held(&dir) {
+        let waited = ctx.world.elapsed() - since;
+        if waited > LOG_RELEASE_BOUND {
+            let why = format!("{name}: its engine still holds its write-back log {waited:?} after it crashed");
+            ctx.oracle().violation("crashed-writer-lingers", why);
+            return;
+        }
+        sleep(Duration::from_secs(1)).await;
+    }
+    let waited = ctx.world.elapsed() - since;
+    if !waited.is_zero() {
+        ctx.event(&format!("{name}: its engine let go of its write-back log after {waited:?}"));
+    }
+}
+
+/// Every write-back log directory under `root` (of any volume).
+fn log_dirs(root: &Path) -> Vec<PathBuf> {
+    let Ok(volumes) = std::fs::read_dir(root) else { return Vec::new() };
+    volumes.flatten().filter_map(|v| std::fs::read_dir(v.path()).ok()).flatten().flatten().map(|e| e.path()).collect()
+}
+
+/// The log directory of the writer `vol` opened: the one under `root`
+/// whose state names its epoch.
+fn find_log_dir(root: &Path, vol: &Volume) -> Option<PathBuf> {
+    let epoch = vol.stats().epoch;
+    let dirs = std::fs::read_dir(root.join(&vol.meta().uuid)).ok()?;
+    dirs.flatten().map(|e| e.path()).find(|d| {
+        std::fs::read(d.join("state"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<LogState>(&b).ok())
+            .is_some_and(|st| st.epoch == epoch && st.next_writer.is_none())
+    })
+}
+
+/// After session `s` opened: its log is where it should be, and it
+/// replayed what it had to and nothing it must not.
+fn check_log_recovery(ctx: &Ctx, s: usize, vol: &Volume, expect: LogExpect, predecessor_log: bool) {
+    let (name, host) = {
+        let o = ctx.oracle();
+        (o.sessions[s].name.clone(), o.sessions[s].host)
+    };
+    let Some(root) = ctx.log_root(host) else { return };
+    let Some(rec) = vol.log_recovery() else {
+        ctx.oracle().violation("log-missing", format!("{name} opened with a write-back log directory but has no log"));
+        return;
+    };
+    ctx.event(&format!(
+        "{name}: write-back log on {}: {} ({} entries replayed), {} superseded logs discarded; expected {}",
+        host.label(),
+        if rec.adopted { "adopted" } else { "new" },
+        rec.entries,
+        rec.discarded,
+        match expect {
+            LogExpect::Replays(m) => format!("{}'s", ctx.oracle().sessions[m].name),
+            LogExpect::Either => "either".into(),
+            LogExpect::Nothing | LogExpect::NoLog => "nothing replayed".into(),
+        }
+    ));
+    let mut o = ctx.oracle();
+    o.counts.logs_discarded += rec.discarded;
+    o.sessions[s].replayed = rec.adopted && rec.entries > 0;
+    if rec.entries > 0 {
+        o.counts.log_replays += 1;
+        o.counts.log_entries_replayed += rec.entries;
+    }
+    match expect {
+        LogExpect::Replays(m) if predecessor_log && !rec.adopted => {
+            let why = format!(
+                "{name} did not adopt the write-back log {} left on {} when it crashed",
+                o.sessions[m].name,
+                host.label()
+            );
+            o.violation("log-not-adopted", why);
+        }
+        LogExpect::Nothing if rec.adopted && rec.entries > 0 => {
+            let why = format!(
+                "{name} replayed {} entries of a write-back log on {}, though another writer opened after the \
+                 one that wrote it (or it is alive)",
+                rec.entries,
+                host.label()
+            );
+            o.violation("superseded-log-replayed", why);
+        }
+        _ => {}
+    }
+    match find_log_dir(&root, vol) {
+        Some(dir) => o.sessions[s].log_dir = Some(dir),
+        None => o.violation("log-missing", format!("{name}: no write-back log directory names its epoch")),
+    }
+}
+
+/// Did session `s`'s crashed predecessor (if it must carry on with its
+/// log) leave a log directory? One whose writes were all committed is
+/// removed as its engine closes.
+fn predecessor_log(ctx: &Ctx, s: usize) -> bool {
+    let o = ctx.oracle();
+    match o.log_expect(s) {
+        LogExpect::Replays(m) => o.sessions[m].log_dir.as_ref().is_some_and(|d| d.exists()),
+        _ => false,
     }
 }
 
@@ -937,14 +1289,16 @@ async fn create(ctx: &Ctx, rng: &mut StdRng) -> bool {
 /// Takeovers at their times; the first session at once.
 async fn writers(ctx: Ctx) {
     let mut rng = rng_for(ctx.seed, "writers");
-    let mut current = start_session(&ctx, 1, &mut rng).await;
+    let mut current = start_session(&ctx, 1, ctx.cfg.hosts[0], &mut rng).await;
     for (i, (at, crash_old)) in ctx.cfg.takeovers.clone().into_iter().enumerate() {
         tokio::time::sleep_until(Instant::now() + at.saturating_sub(ctx.world.elapsed())).await;
-        if let Some((handle, task)) = current.take() {
+        if let Some((s, handle, task)) = current.take() {
             if crash_old {
                 task.abort();
                 handle.crash();
+                ctx.oracle().sessions[s].crashed = true;
                 ctx.event(&format!("{}: crashed", handle.actor()));
+                wait_log_released(&ctx, s).await;
                 sleep(ms(&mut rng, 0..30_000)).await;
             } else {
                 // The old writer's node is cut off for a while (that is
@@ -978,18 +1332,20 @@ async fn writers(ctx: Ctx) {
                 ctx.event(&format!("{}: cut off for {len:?}, left running", handle.actor()));
             }
         }
-        current = start_session(&ctx, i as u64 + 2, &mut rng).await;
+        current = start_session(&ctx, i as u64 + 2, ctx.cfg.hosts[i + 1], &mut rng).await;
     }
 }
 
-/// Open a writer session (retrying as a restarted node would) and start its task.
-async fn start_session(ctx: &Ctx, n: u64, rng: &mut StdRng) -> Option<(SimStore, AbortHandle)> {
+/// Open a writer session (retrying as a restarted node would), read
+/// everything it opened with, and start its task.
+async fn start_session(ctx: &Ctx, n: u64, host: Host, rng: &mut StdRng) -> Option<(usize, SimStore, AbortHandle)> {
     let name = format!("w{n}");
     let mut arng = rng_for(ctx.seed, &name);
     let plan = ctx.cfg.fault_plan(&mut arng);
     let (handle, store) = ctx.store(&name, plan, &mut arng);
-    let opts = ctx.cfg.open_options(ctx.clock(&mut arng), false, None);
-    let s = ctx.oracle().new_session(&name);
+    let opts = ctx.cfg.writer_options(ctx.clock(&mut arng), ctx.log_root(host));
+    let s = ctx.oracle().new_session(&name, host);
+    let predecessor_log = predecessor_log(ctx, s);
     for attempt in 1..=10 {
         if ctx.done() {
             return None;
@@ -997,12 +1353,14 @@ async fn start_session(ctx: &Ctx, n: u64, rng: &mut StdRng) -> Option<(SimStore,
         ctx.oracle().open_attempt(s);
         match Volume::open(store.clone(), VOL, opts.clone()).await {
             Ok(vol) => {
-                ctx.oracle().opened(s);
+                let expect = ctx.oracle().opened(s);
                 let st = vol.stats();
-                ctx.event(&format!("{name}: opened (epoch {}, size {})", st.epoch, st.size));
+                ctx.event(&format!("{name}: opened (epoch {}, size {}, {})", st.epoch, st.size, host.label()));
+                check_log_recovery(ctx, s, &vol, expect, predecessor_log);
+                read_opened(ctx, s, &name, &vol, &mut arng).await;
                 let task = tokio::spawn(writer_loop(ctx.clone(), s, name, vol, arng)).abort_handle();
                 lock(&ctx.tasks).push(task.clone());
-                return Some((handle, task));
+                return Some((s, handle, task));
             }
             Err(e) => {
                 ctx.event(&format!("{name}: open attempt {attempt} failed: {e}"));
@@ -1012,6 +1370,41 @@ async fn start_session(ctx: &Ctx, n: u64, rng: &mut StdRng) -> Option<(SimStore,
         }
     }
     None
+}
+
+/// A writer reads everything it opened with, before it writes: what it
+/// must find (a crashed predecessor's acknowledged writes, when it carries
+/// on with its log), and where, for the oracle, the committed state stood
+/// when it took over.
+async fn read_opened(ctx: &Ctx, s: usize, name: &str, vol: &Volume, rng: &mut StdRng) {
+    let size = vol.size();
+    let mut off = 0;
+    while off < size && !ctx.done() {
+        let len = CS.min(size - off);
+        for _ in 0..3 {
+            match vol.read(off, len).await {
+                Ok(data) => {
+                    ctx.oracle().writer_read(s, off, &data);
+                    break;
+                }
+                Err(VolumeError::Store(e)) => {
+                    ctx.event(&format!("{name}: read {off}+{len} failed: {e}"));
+                    sleep(ms(rng, 100..5000)).await;
+                }
+                Err(e @ VolumeError::Corrupt(_)) if !ctx.oracle().may_be_fenced(s) => {
+                    ctx.event(&format!("{name}: read {off}+{len} failed: {e}"));
+                    diagnose_missing(ctx, name, off, len, &e).await;
+                    return;
+                }
+                Err(e) => {
+                    note_error(ctx, s, name, &format!("read {off}+{len}"), &e);
+                    return;
+                }
+            }
+        }
+        off += len;
+    }
+    ctx.event(&format!("{name}: read what it opened with"));
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -2167,16 +2560,26 @@ async fn final_checks(ctx: &Ctx) {
     if !check_broken_snapshot(ctx, &store, clock.as_ref()).await {
         return;
     }
-    let s = ctx.oracle().new_session("final");
+    // Every writer died at the stop: its engine lets go of its log.
+    let sessions = ctx.oracle().sessions.len();
+    for w in 0..sessions {
+        wait_log_released(ctx, w).await;
+    }
+    let host = ctx.cfg.final_host;
+    let s = ctx.oracle().new_session("final", host);
+    let predecessor_log = predecessor_log(ctx, s);
     ctx.oracle().open_attempt(s);
-    let vol = match Volume::open(store.clone(), VOL, ctx.cfg.open_options(clock.clone(), false, None)).await {
+    let opts = ctx.cfg.writer_options(clock.clone(), ctx.log_root(host));
+    let vol = match Volume::open(store.clone(), VOL, opts).await {
         Ok(v) => v,
         Err(e) => {
             ctx.oracle().violation("open-at-quiescence", format!("a takeover on a calm store failed: {e}"));
             return;
         }
     };
-    ctx.oracle().opened(s);
+    let expect = ctx.oracle().opened(s);
+    ctx.event(&format!("final: opened (epoch {}, {})", vol.stats().epoch, host.label()));
+    check_log_recovery(ctx, s, &vol, expect, predecessor_log);
     let size = vol.size();
     let size_floor = ctx.oracle().size_floor;
     if size < size_floor {
@@ -2207,6 +2610,18 @@ async fn final_checks(ctx: &Ctx) {
         return;
     }
     drop(vol);
+    // Its writes all committed, its log goes as it closes; the logs of the
+    // writers it superseded went as it opened.
+    if let Some(root) = ctx.log_root(host) {
+        wait_log_released(ctx, s).await;
+        let left = log_dirs(&root);
+        if !left.is_empty() {
+            let why =
+                format!("{} write-back logs left on {} after the last writer closed clean", left.len(), host.label());
+            ctx.oracle().violation("log-left-behind", why);
+            return;
+        }
+    }
     ctx.event("final: takeover read everything; compacting twice");
     for _ in 0..2 {
         sleep(ctx.cfg.safety_age + Duration::from_secs(30)).await;
@@ -2437,7 +2852,7 @@ async fn simulate(seed: u64, verbose: bool) -> Outcome {
     let mut rng = StdRng::seed_from_u64(seed);
     let cfg = Config::draw(&mut rng);
     let summary = format!(
-        "{:?} chaos, {}..{} chunks, dirty {} chunks, {} min, safety age {}s, takeovers {:?}, compactor skews {:?}, up to {} clones",
+        "{:?} chaos, {}..{} chunks, dirty {} chunks, {} min, safety age {}s, takeovers {:?}, compactor skews {:?}, up to {} clones, writers on {:?} then {}, log limit {}",
         cfg.chaos,
         cfg.initial_chunks,
         cfg.max_chunks,
@@ -2449,11 +2864,19 @@ async fn simulate(seed: u64, verbose: bool) -> Outcome {
             .map(|(t, crash)| format!("{}s{}", t.as_secs(), if *crash { " crash" } else { "" }))
             .collect::<Vec<_>>(),
         cfg.compactor_skews,
-        cfg.max_clones
+        cfg.max_clones,
+        cfg.hosts.iter().map(|h| h.label()).collect::<Vec<_>>(),
+        cfg.final_host.label(),
+        cfg.log_limit
     );
     world.trace(&format!("seed {seed}: {summary}"));
     let oracle = Oracle::new(world.clone(), cfg.max_blocks(), cfg.initial_chunks * CS);
+    let disks = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => panic!("cannot make the hosts' directory: {e}"),
+    };
     let ctx: Ctx = Arc::new(Sim {
+        disks,
         seed,
         world: world.clone(),
         cfg,
@@ -2489,6 +2912,9 @@ async fn simulate(seed: u64, verbose: bool) -> Outcome {
         if !h.is_crashed() {
             h.crash();
         }
+    }
+    for s in &mut ctx.oracle().sessions {
+        s.crashed = true;
     }
     if !ctx.oracle().failed() {
         sleep(Duration::from_secs(3600)).await;
@@ -2703,6 +3129,11 @@ fn simulation() {
         total.storms += c.storms;
         total.unreadable_snapshots_reported += c.unreadable_snapshots_reported;
         total.compactions_killed_deleting += c.compactions_killed_deleting;
+        total.log_restarts += c.log_restarts;
+        total.log_replays += c.log_replays;
+        total.log_entries_replayed += c.log_entries_replayed;
+        total.logs_discarded += c.logs_discarded;
+        total.versions_dead += c.versions_dead;
         sim_time += o.sim_time;
     }
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.violation.is_some()).collect();
