@@ -697,8 +697,11 @@ impl ObjectStore for SimStore {
         self.call(SimOp::Head, key, move |objects, _| Ok(objects.get(&k).map(|(b, _)| b.len() as u64))).await
     }
 
+    /// The one simulated bucket, the same from every actor (as every
+    /// client of one S3 bucket names it the same way: what the engine
+    /// keys a host's write-back logs to).
     fn describe(&self) -> String {
-        format!("sim://{}", self.actor)
+        format!("sim://{:016x}", self.world.seed)
     }
 }
 
