@@ -132,6 +132,34 @@ impl Node {
     }
 }
 
+/// Write `data` chunk by chunk from offset 0, then flush.
+async fn write_and_flush(v: &Volume, data: &[u8]) {
+    for (c, chunk) in data.chunks(CS as usize).enumerate() {
+        v.write(c as u64 * CS, chunk).await.expect("write");
+    }
+    v.flush().await.expect("flush");
+}
+
+/// The same, in a task of its own.
+fn spawn_write_and_flush(v: &Volume, data: &[u8]) -> tokio::task::JoinHandle<()> {
+    let (v, data) = (v.clone(), data.to_vec());
+    tokio::spawn(async move { write_and_flush(&v, &data).await })
+}
+
+/// Wait until the node's dirty bytes stop moving above half of `limit`
+/// (a writer whose store stalls has taken all it can).
+async fn until_dirty_settles(n: &Node, limit: u64) {
+    let mut last = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = n.budget.dirty_bytes();
+        if now == last && now > limit / 2 {
+            break;
+        }
+        last = now;
+    }
+}
+
 /// Dirty plus staged chunks of every volume, in bytes: what the engines
 /// hold in memory for writes, whatever the budget says.
 fn held_by_engines(volumes: &[Volume]) -> u64 {
@@ -163,16 +191,7 @@ async fn dirty_data_of_every_volume_stays_within_the_one_node_budget() {
     let writers: Vec<_> = volumes
         .iter()
         .enumerate()
-        .map(|(i, (_, v))| {
-            let v = v.clone();
-            tokio::spawn(async move {
-                let data = common::pattern(i as u64, per_volume as usize);
-                for (c, chunk) in data.chunks(CS as usize).enumerate() {
-                    v.write(c as u64 * CS, chunk).await.expect("write");
-                }
-                v.flush().await.expect("flush");
-            })
-        })
+        .map(|(i, (_, v))| spawn_write_and_flush(v, &common::pattern(i as u64, per_volume as usize)))
         .collect();
     for w in writers {
         tokio::time::timeout(Duration::from_secs(60), w).await.expect("writers finish").expect("join");
@@ -199,35 +218,15 @@ async fn a_volume_beside_one_whose_store_stalls_still_writes() {
     n.slow.hold(&stuck_prefix);
     // The stalled volume's writer takes all it can and then waits.
     let stuck_data = common::pattern(7, 64 * CS as usize);
-    let writer = {
-        let (v, data) = (stuck.clone(), stuck_data.clone());
-        tokio::spawn(async move {
-            for (c, chunk) in data.chunks(CS as usize).enumerate() {
-                v.write(c as u64 * CS, chunk).await.expect("write");
-            }
-            v.flush().await.expect("flush");
-        })
-    };
-    let mut last = 0;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = n.budget.dirty_bytes();
-        if now == last && now > limit / 2 {
-            break;
-        }
-        last = now;
-    }
+    let writer = spawn_write_and_flush(&stuck, &stuck_data);
+    until_dirty_settles(&n, limit).await;
     assert!(n.budget.dirty_bytes() >= limit - 2 * CS, "the stalled volume holds all but the other's floor");
     assert!(!writer.is_finished());
     // The other volume writes four times the budget and commits it.
     let data = common::pattern(8, 64 * CS as usize);
-    let progress = async {
-        for (c, chunk) in data.chunks(CS as usize).enumerate() {
-            free.write(c as u64 * CS, chunk).await.expect("write");
-        }
-        free.flush().await.expect("flush");
-    };
-    tokio::time::timeout(Duration::from_secs(30), progress).await.expect("the other volume is not starved");
+    tokio::time::timeout(Duration::from_secs(30), write_and_flush(&free, &data))
+        .await
+        .expect("the other volume is not starved");
     assert!(n.budget.dirty_peak() <= limit);
     n.slow.let_go();
     tokio::time::timeout(Duration::from_secs(30), writer).await.expect("stalled writer finishes").expect("join");
@@ -300,33 +299,13 @@ async fn a_volume_staged_while_the_budget_is_spent_gets_its_floor_when_bytes_com
     // The first volume's store stalls; its writer takes all it can again.
     n.slow.hold(&first_prefix);
     let first_data = common::pattern(7, 64 * CS as usize);
-    let writer = {
-        let (v, data) = (first.clone(), first_data.clone());
-        tokio::spawn(async move {
-            for (c, chunk) in data.chunks(CS as usize).enumerate() {
-                v.write(c as u64 * CS, chunk).await.expect("write");
-            }
-            v.flush().await.expect("flush");
-        })
-    };
-    let mut last = 0;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = n.budget.dirty_bytes();
-        if now == last && now > limit / 2 {
-            break;
-        }
-        last = now;
-    }
+    let writer = spawn_write_and_flush(&first, &first_data);
+    until_dirty_settles(&n, limit).await;
     assert!(!writer.is_finished());
     let data = common::pattern(8, 64 * CS as usize);
-    let progress = async {
-        for (c, chunk) in data.chunks(CS as usize).enumerate() {
-            late.write(c as u64 * CS, chunk).await.expect("write");
-        }
-        late.flush().await.expect("flush");
-    };
-    tokio::time::timeout(Duration::from_secs(30), progress).await.expect("the late volume is not starved");
+    tokio::time::timeout(Duration::from_secs(30), write_and_flush(&late, &data))
+        .await
+        .expect("the late volume is not starved");
     n.slow.let_go();
     tokio::time::timeout(Duration::from_secs(30), writer).await.expect("stalled writer finishes").expect("join");
     assert!(n.stored(&late_prefix, 64 * CS).await == data);

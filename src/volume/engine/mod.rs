@@ -258,10 +258,7 @@ impl State {
     fn log(&mut self, r: log::Record<'_>) -> VolumeResult<()> {
         let Some(l) = self.log.as_mut() else { return Ok(()) };
         if let Err(e) = l.append(r) {
-            return Err(VolumeError::LocalLog {
-                no_space: e.kind() == std::io::ErrorKind::StorageFull,
-                why: format!("appending to the write-back log in {} failed: {e}", l.dir().display()),
-            });
+            return Err(log_io(l.dir(), e));
         }
         if l.bytes() > self.log_limit {
             self.log_full.notify_one();
