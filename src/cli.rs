@@ -616,6 +616,7 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 })
                 .collect();
             let stored = st.map.values().filter(|r| matches!(r, format::ChunkRef::Stored { .. })).count() as u64;
+            let patch_bytes: u64 = st.patches.values().map(|p| p.bytes()).sum();
             let occupant = lease::occupant(&store, &loc.prefix, None).await?;
             if json {
                 let writer = occupant.as_ref().map(|o| match o {
@@ -628,7 +629,9 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 let v = serde_json::json!({
                     "volume": loc.display(), "meta": meta, "size": st.size, "head_seq": st.head, "epoch": st.epoch,
                     "checkpoint": st.checkpoint, "mapped_chunks": st.map.len(), "stored_chunks": stored,
-                    "stored_bytes": stored * meta.chunk_size as u64, "snapshots": snaps, "writer": writer,
+                    "stored_bytes": stored * meta.chunk_size as u64, "patched_chunks": st.patches.len(),
+                    "patch_bytes": patch_bytes, "format_version": meta.format_version,
+                    "snapshots": snaps, "writer": writer,
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -636,7 +639,15 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 println!("uuid:          {}", meta.uuid);
                 println!("size:          {} ({} bytes)", format_size(st.size), st.size);
                 println!("chunk size:    {}", format_size(meta.chunk_size as u64));
+                println!("format:        {}", meta.format_version);
                 println!("stored chunks: {} ({})", stored, format_size(stored * meta.chunk_size as u64));
+                if !st.patches.is_empty() {
+                    println!(
+                        "patched:       {} chunks ({} of pages not yet folded)",
+                        st.patches.len(),
+                        format_size(patch_bytes)
+                    );
+                }
                 println!("journal head:  {} (writer epoch {})", st.head, st.epoch);
                 match &occupant {
                     Some(o) => println!("in use by:     {o}"),

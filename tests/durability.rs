@@ -68,7 +68,8 @@ fn journal_key(seq: u64) -> String {
 async fn a_cancelled_upload_never_zeroes_its_chunk() {
     let rig = FaultRig::new();
     create(&rig.plain(), "v/", 4 * CSU).await;
-    let v = open(&rig.faulty(), "v/").await;
+    // Whole chunks only: a one-byte change would otherwise go inline.
+    let v = open_with(&rig.faulty(), "v/", OpenOptions { patch_limit: 0, ..OpenOptions::default() }).await;
     let mut expect = common::pattern(1, CS as usize);
     v.write(0, &expect).await.expect("write");
     v.flush().await.expect("flush");
@@ -468,7 +469,8 @@ async fn a_busy_volume_opens_replaying_few_records() {
     // Checkpoints are written in the background: give the last one a moment.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let st = replay::replay(store.as_ref(), "v/", CSU, None).await.expect("replay");
-    assert!(st.head >= 401);
+    // The first write is zeros over zeros: nothing to commit.
+    assert!(st.head >= 400, "head {} replayed {} cp {:?}", st.head, st.records_replayed, st.checkpoint);
     assert!(st.records_replayed <= 130, "opening replays {} records", st.records_replayed);
     assert_eq!(read_fresh(&store, "v/", 3 * CSU, 8).await, 399u64.to_le_bytes());
     assert_fsck_clean(&store, "v/").await;

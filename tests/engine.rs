@@ -118,12 +118,18 @@ fn action_strategy() -> impl Strategy<Value = Action> {
     ]
 }
 
-async fn run_model(store: DynStore, actions: Vec<Action>) -> Result<(), TestCaseError> {
+async fn run_model(store: DynStore, actions: Vec<Action>, fold: bool) -> Result<(), TestCaseError> {
     let vol = format!("{}/", common::unique("model"));
     create(&store, &vol, MODEL_SIZE).await;
     // Small limits: background uploads and cache evictions happen mid-run,
     // so dirty pages are merged with bases fetched back from the store.
-    let small = OpenOptions { dirty_limit: 2 * CS as u64, cache_limit: 2 * CS as u64, ..OpenOptions::default() };
+    let mut small = OpenOptions { dirty_limit: 2 * CS as u64, cache_limit: 2 * CS as u64, ..OpenOptions::default() };
+    if fold {
+        // Few patch bytes and a busy committer: flushes alternate between
+        // inline pages and whole chunks, and folds run beside the writes.
+        small.patch_limit = 6 * 4096;
+        small.commit_interval = Duration::from_millis(3);
+    }
     let open = |store: &DynStore, vol: &str| {
         let (store, vol, small) = (store.clone(), vol.to_string(), small.clone());
         async move { Volume::open(store, &vol, small).await.expect("open") }
@@ -203,11 +209,11 @@ async fn run_model(store: DynStore, actions: Vec<Action>) -> Result<(), TestCase
     Ok(())
 }
 
-fn model_test(store: DynStore, cases: u32) {
+fn model_test(store: DynStore, cases: u32, fold: bool) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases, ..ProptestConfig::default() });
     let result = runner.run(&proptest::collection::vec(action_strategy(), 1..14), |actions| {
-        rt.block_on(run_model(store.clone(), actions))
+        rt.block_on(run_model(store.clone(), actions, fold))
     });
     if let Err(e) = result {
         panic!("{e}");
@@ -217,12 +223,17 @@ fn model_test(store: DynStore, cases: u32) {
 #[test]
 fn random_io_matches_model_local() {
     let dir = tempfile::tempdir().expect("tempdir");
-    model_test(common::local_store(dir.path()), 48);
+    model_test(common::local_store(dir.path()), 48, false);
 }
 
 #[test]
 fn random_io_matches_model_memory() {
-    model_test(Arc::new(MemoryStore::new()), 96);
+    model_test(Arc::new(MemoryStore::new()), 96, false);
+}
+
+#[test]
+fn random_io_matches_model_with_patches_folding_beside_it() {
+    model_test(Arc::new(MemoryStore::new()), 96, true);
 }
 
 #[test]
@@ -230,7 +241,7 @@ fn random_io_matches_model_s3() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let Some(store) = rt.block_on(common::s3_store()) else { return };
     drop(rt);
-    model_test(store, 16);
+    model_test(store, 16, false);
 }
 
 // ------------------------------------------------------------------ crash consistency
@@ -429,7 +440,8 @@ async fn stale_writer_cannot_commit_into_a_compacted_journal() {
     b.flush().await.expect("flush");
     // Compaction: checkpoint at the head, then delete the folded records below it.
     let st = replay::replay(store.as_ref(), "v/", CS as u64, None).await.expect("replay");
-    let cp = Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map: st.map.clone() };
+    let cp =
+        Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map: st.map.clone(), patches: st.patches.clone() };
     store
         .put(&format::checkpoint_key("v/", st.head), Bytes::from(cp.encode()), PutMode::Overwrite)
         .await
@@ -636,12 +648,18 @@ async fn sparse_volumes_cost_a_handful_of_objects(store: DynStore) {
     let chunks = store::list_all(store.as_ref(), &format::chunk_prefix(&vol)).await.expect("list");
     assert!(chunks.is_empty(), "zeros created chunk objects: {chunks:?}");
     // Trimming written data releases its chunk from the map.
+    assert_eq!(v.stats().patched_chunks, 0, "zero pages over zeros were kept as a patch");
+    // A small write goes inline (a patch, no object); a big one is stored.
     v.write(1 << 30, b"data").await.expect("write");
+    v.write(2 << 30, &[7u8; 1 << 19]).await.expect("write");
     v.flush().await.expect("flush");
-    assert_eq!(v.stats().stored_chunks, 1);
+    let s = v.stats();
+    assert_eq!((s.stored_chunks, s.patched_chunks), (1, 1));
     v.write_zeroes(1 << 30, 1 << 20).await.expect("trim");
+    v.write_zeroes(2 << 30, 1 << 20).await.expect("trim");
     v.flush().await.expect("flush");
-    assert_eq!(v.stats().stored_chunks, 0);
+    let s = v.stats();
+    assert_eq!((s.stored_chunks, s.patched_chunks), (0, 0), "trimmed chunks are still held");
     assert_eq!(v.read(1 << 30, 4).await.expect("read"), vec![0; 4]);
     let total = store::list_all(store.as_ref(), &vol).await.expect("list").len();
     assert!(total <= 10, "{total} objects after a few small commits");
@@ -720,7 +738,8 @@ async fn volume_opens_from_a_checkpoint(store: DynStore) {
     v.write(0, &common::pattern(1, 3 * CS as usize)).await.expect("write");
     v.flush().await.expect("flush");
     let st = replay::replay(store.as_ref(), &vol, CS as u64, None).await.expect("replay");
-    let cp = Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map: st.map.clone() };
+    let cp =
+        Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map: st.map.clone(), patches: st.patches.clone() };
     store.put(&format::checkpoint_key(&vol, st.head), Bytes::from(cp.encode()), PutMode::IfAbsent).await.expect("cp");
     for seq in 0..st.head {
         store.delete(&format::journal_key(&vol, seq)).await.expect("delete");
@@ -1156,4 +1175,153 @@ async fn opening_while_compaction_folds_the_journal_replays_again() {
     let got = open_ro(&racing, "f/").await.read(0, 4 * CS as u64).await.expect("read");
     assert_eq!(got, want);
     assert!(!store::list_all(mem.as_ref(), "f/checkpoints/").await.expect("list").is_empty(), "compaction ran");
+}
+
+// ------------------------------------------------------------------ inline pages (format 2)
+
+/// The chunk objects under `vol`.
+async fn chunk_objects(store: &DynStore, vol: &str) -> usize {
+    store::list_all(store.as_ref(), &format::chunk_prefix(vol)).await.expect("list").len()
+}
+
+/// A small write and a flush cost one PUT, the journal record, and no
+/// chunk object; what it wrote reads back from the writer, from a fresh
+/// opener, from a checkpoint that folded the journal, and from a clone of
+/// a snapshot; fsck is clean; the record and checkpoint say format 2.
+async fn a_small_flush_is_one_put_and_reads_back_everywhere(store: DynStore) {
+    let vol = format!("{}/", common::unique("inline"));
+    create(&store, &vol, 4 * CS as u64).await;
+    let fault = Arc::new(FaultStore::new(store.clone()));
+    let counted: DynStore = fault.clone();
+    let v = open(&counted, &vol).await;
+    let mut expect = common::pattern(1, 2 * CS as usize);
+    v.write(0, &expect).await.expect("write");
+    v.flush().await.expect("flush");
+    assert_eq!(chunk_objects(&store, &vol).await, 2);
+    // A whole page, a few bytes inside another page, a zeroed page.
+    let page = common::pattern(2, 4096);
+    let puts = fault.puts_seen();
+    v.write(8192, &page).await.expect("write page");
+    v.write(CS as u64 + 100, b"xyz").await.expect("write bytes");
+    v.write_zeroes(CS as u64 + 3 * 4096, 4096).await.expect("zero a page");
+    v.flush().await.expect("flush");
+    assert_eq!(fault.puts_seen() - puts, 1, "a small flush should cost the journal PUT alone");
+    assert_eq!(chunk_objects(&store, &vol).await, 2, "a small flush uploaded a chunk");
+    expect[8192..8192 + 4096].copy_from_slice(&page);
+    expect[CS as usize + 100..CS as usize + 103].copy_from_slice(b"xyz");
+    expect[CS as usize + 3 * 4096..CS as usize + 4 * 4096].fill(0);
+    let s = v.stats();
+    assert_eq!((s.patched_chunks, s.patch_bytes), (2, 3 * 4096));
+    let head = replay::read_record(store.as_ref(), &vol, s.head_seq).await.expect("read").expect("head record");
+    assert_eq!(head.1[8..12], format::FORMAT_VERSION.to_le_bytes(), "a record with inline pages is format 2");
+    assert_eq!(v.read(0, 2 * CS as u64).await.expect("read"), expect, "the writer reads its patched chunks");
+    drop(v);
+    assert_eq!(open_ro(&store, &vol).await.read(0, 2 * CS as u64).await.expect("read"), expect, "a fresh opener");
+    assert_fsck_clean(&store, &vol).await;
+    // A snapshot, a clone of it, and a write through the clone's own patch.
+    let clock = s3blk::clock::SystemClock;
+    s3blk::volume::engine::snapshot_committed(&store, &vol, "s1", &clock).await.expect("snapshot");
+    let child = format!("{}/", common::unique("inline-child"));
+    let child_id = format::volume_name(&child).to_string();
+    s3blk::volume::catalog::clone_volume(&store, &vol, Some("s1"), &child, &child_id, None, &clock)
+        .await
+        .expect("clone");
+    let c = open(&store, &child).await;
+    assert_eq!(c.read(0, 2 * CS as u64).await.expect("read clone"), expect, "the clone reads the parent's patches");
+    c.write(8192 + 4096, b"child").await.expect("write clone");
+    c.flush().await.expect("flush clone");
+    drop(c);
+    let mut child_expect = expect.clone();
+    child_expect[8192 + 4096..8192 + 4096 + 5].copy_from_slice(b"child");
+    assert_eq!(open_ro(&store, &child).await.read(0, 2 * CS as u64).await.expect("read"), child_expect);
+    // Fold the journal into a checkpoint: the patches travel with it.
+    let st = replay::replay(store.as_ref(), &vol, CS as u64, None).await.expect("replay");
+    let cp =
+        Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map: st.map.clone(), patches: st.patches.clone() };
+    let cp_bytes = cp.encode();
+    assert_eq!(cp_bytes[8..12], format::FORMAT_VERSION.to_le_bytes());
+    store.put(&format::checkpoint_key(&vol, st.head), Bytes::from(cp_bytes), PutMode::IfAbsent).await.expect("cp");
+    for seq in 0..=st.head {
+        store.delete(&format::journal_key(&vol, seq)).await.expect("delete");
+    }
+    let v = open(&store, &vol).await;
+    assert_eq!(v.read(0, 2 * CS as u64).await.expect("read"), expect, "a writer opened from the checkpoint");
+    // A write covering most of a patched chunk stores it whole: the
+    // patch goes, the bytes stay.
+    let big = common::pattern(3, CS as usize / 2);
+    v.write(CS as u64 + CS as u64 / 2, &big).await.expect("write");
+    v.flush().await.expect("flush");
+    expect[CS as usize + CS as usize / 2..2 * CS as usize].copy_from_slice(&big);
+    assert_eq!(v.stats().patched_chunks, 1, "the chunk stored whole kept its patch");
+    drop(v);
+    assert_eq!(open_ro(&store, &vol).await.read(0, 2 * CS as u64).await.expect("read"), expect);
+    assert_fsck_clean(&store, &vol).await;
+}
+on_both_stores!(a_small_flush_is_one_put_and_reads_back_everywhere);
+
+/// Patches past half their limit are folded in the background: the most
+/// patched chunks are stored whole again and the patches go, with the
+/// bytes intact, while writes keep arriving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patches_past_their_limit_are_folded_into_chunks() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    create(&store, "v/", 16 * CS as u64).await;
+    let opts =
+        OpenOptions { patch_limit: 8 * 4096, commit_interval: Duration::from_millis(20), ..OpenOptions::default() };
+    let v = Volume::open(store.clone(), "v/", opts).await.expect("open");
+    let mut model = vec![0u8; 16 * CS as usize];
+    for i in 0..64u64 {
+        let off = (i % 16) * CS as u64 + (i / 16) * 8192;
+        let data = common::pattern(i, 4096);
+        v.write(off, &data).await.expect("write");
+        v.flush().await.expect("flush");
+        model[off as usize..off as usize + 4096].copy_from_slice(&data);
+        assert!(v.stats().patch_bytes <= 8 * 4096, "patches grew past their limit");
+    }
+    let folded = async {
+        while v.stats().patch_bytes > 4 * 4096 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), folded).await.expect("the committer folds patches");
+    assert!(chunk_objects(&store, "v/").await > 0, "folding stores chunks");
+    assert_eq!(v.read(0, 16 * CS as u64).await.expect("read"), model);
+    drop(v);
+    assert_eq!(open_ro(&store, "v/").await.read(0, 16 * CS as u64).await.expect("read"), model);
+    assert_fsck_clean(&store, "v/").await;
+}
+
+/// A volume of format 1 (created before patches existed, its records all
+/// format 1) opens and takes small flushes: the first inline record
+/// upgrades it; a writer with patches off keeps writing format 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_1_volume_opens_and_is_upgraded_by_its_first_small_flush() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    create(&store, "v/", 4 * CS as u64).await;
+    // Rewrite volume.json as format 1 wrote it.
+    let key = format::meta_key("v/");
+    let mut meta = format::VolumeMeta::decode(&store.get(&key, None).await.expect("meta")).expect("meta");
+    meta.format_version = 1;
+    store.put(&key, Bytes::from(meta.encode()), PutMode::Overwrite).await.expect("put meta");
+    let old = OpenOptions { patch_limit: 0, ..OpenOptions::default() };
+    let v = Volume::open(store.clone(), "v/", old).await.expect("open");
+    v.write(0, b"format one").await.expect("write");
+    v.flush().await.expect("flush");
+    let head = v.stats().head_seq;
+    drop(v);
+    for seq in 0..=head {
+        let (_, bytes) = replay::read_record(store.as_ref(), "v/", seq).await.expect("read").expect("record");
+        assert_eq!(bytes[8..12], format::FORMAT_V1.to_le_bytes(), "record {seq} of a writer without patches");
+    }
+    let v = open(&store, "v/").await;
+    assert_eq!(v.read(0, 10).await.expect("read"), b"format one");
+    v.write(4096, b"format two").await.expect("write");
+    v.flush().await.expect("flush");
+    let (_, bytes) = replay::read_record(store.as_ref(), "v/", v.stats().head_seq).await.expect("read").expect("rec");
+    assert_eq!(bytes[8..12], format::FORMAT_VERSION.to_le_bytes());
+    drop(v);
+    let r = open_ro(&store, "v/").await;
+    assert_eq!(r.read(0, 10).await.expect("read"), b"format one");
+    assert_eq!(r.read(4096, 10).await.expect("read"), b"format two");
+    assert_fsck_clean(&store, "v/").await;
 }

@@ -183,7 +183,7 @@ fn check_all_own(store: &dyn ObjectStore, vol: &str, objects: &[ObjectInfo]) -> 
 
 /// Record that the controller provisions volumes under `root`.
 pub async fn mark_store(store: &DynStore, root: &str, clock: &dyn Clock) -> CatalogResult<()> {
-    let body = serde_json::json!({ "format_version": format::FORMAT_VERSION, "created_unix": clock.now_unix() });
+    let body = serde_json::json!({ "format_version": format::FORMAT_V1, "created_unix": clock.now_unix() });
     match store.put(&store_marker_key(root), Bytes::from(body.to_string()), PutMode::IfAbsent).await {
         Ok(()) | Err(StoreError::PreconditionFailed(_)) => Ok(()),
         Err(e) => Err(e.into()),

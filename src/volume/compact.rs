@@ -387,7 +387,8 @@ async fn list_snapshots(store: &DynStore, vol: &str) -> VolumeResult<(Vec<Snapsh
 const SNAPSHOT_LISTINGS: usize = 5;
 
 async fn write_checkpoint(store: &DynStore, vol: &str, st: &replay::Replayed) -> VolumeResult<()> {
-    let cp = Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map: st.map.clone() };
+    let cp =
+        Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map: st.map.clone(), patches: st.patches.clone() };
     match store.put(&checkpoint_key(vol, st.head), Bytes::from(cp.encode()), PutMode::IfAbsent).await {
         // Another compactor wrote the same seq: the same map, by construction.
         Ok(()) | Err(StoreError::PreconditionFailed(_)) => Ok(()),

@@ -15,12 +15,26 @@
 //!
 //! Binary records are little-endian, start with an 8-byte magic and a
 //! format version, and end with a crc32c of everything before it.
+//!
+//! Format 2 adds page patches: a journal record may carry small writes
+//! inline ([`InlineWrite`], whole 4 KiB pages), which replay lays over the
+//! chunk's stored bytes ([`Patch`]); a checkpoint keeps the patches of its
+//! map. A record or checkpoint without patches is still written as
+//! version 1, so a volume that never had a small flush stays readable by
+//! format-1 readers; the first inline write upgrades it (older readers
+//! then refuse it with a version error rather than misread it).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format this build reads and writes (`volume.json` of new volumes).
+pub const FORMAT_VERSION: u32 = 2;
+/// Objects whose layout format 2 did not change (snapshot records,
+/// tombstones, binary objects without patches) keep this version.
+pub const FORMAT_V1: u32 = 1;
 pub const BLOCK_SIZE: u32 = 4096;
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
@@ -299,10 +313,10 @@ pub type ChunkMap = BTreeMap<u64, ChunkRef>;
 struct Writer(Vec<u8>);
 
 impl Writer {
-    fn new(magic: &[u8; 8]) -> Self {
+    fn new(magic: &[u8; 8], version: u32) -> Self {
         let mut w = Writer(Vec::with_capacity(64));
         w.0.extend_from_slice(magic);
-        w.u32(FORMAT_VERSION);
+        w.u32(version);
         w
     }
     fn u8(&mut self, v: u8) {
@@ -332,6 +346,7 @@ struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
     what: &'a str,
+    version: u32,
 }
 
 impl<'a> Reader<'a> {
@@ -345,11 +360,12 @@ impl<'a> Reader<'a> {
         }
         let (body, tail) = buf.split_at(buf.len() - 4);
         let stored = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
-        let mut r = Reader { buf: body, pos: 8, what };
+        let mut r = Reader { buf: body, pos: 8, what, version: 0 };
         let version = r.u32()?;
         if version > FORMAT_VERSION || version == 0 {
             return Err(FormatError::Version { what: what.into(), found: version });
         }
+        r.version = version;
         if crc32c::crc32c(body) != stored {
             return Err(FormatError::Checksum(what.into()));
         }
@@ -434,13 +450,66 @@ pub enum RecordKind {
     Commit = 2,
 }
 
-/// A small write carried inside the record itself (for future small-fsync
-/// optimisation; version 1 writers emit none, readers apply them after the
-/// chunk entries).
+/// One page written inside the record itself (format 2): a small flush
+/// costs the journal PUT alone. Replay applies them after the record's
+/// chunk entries, over the chunk's stored bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InlineWrite {
+    /// Volume byte offset, a multiple of [`BLOCK_SIZE`].
     pub offset: u64,
-    pub data: Vec<u8>,
+    /// [`BLOCK_SIZE`] bytes; `None`: zeros.
+    pub data: Option<Bytes>,
+}
+
+/// Pages laid over a chunk's stored bytes by inline writes since the chunk
+/// was last stored whole: page index within the chunk → its bytes
+/// (`None`: zeros). A chunk entry in a later record replaces the patch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Patch {
+    pub pages: BTreeMap<u32, Option<Bytes>>,
+}
+
+impl Patch {
+    /// Bytes the patch stands for (zero pages count too: they are pages
+    /// that must be folded some day).
+    pub fn bytes(&self) -> u64 {
+        self.pages.len() as u64 * BLOCK_SIZE as u64
+    }
+
+    /// Lay the pages over a chunk's bytes.
+    pub fn apply(&self, chunk: &mut [u8]) {
+        let bs = BLOCK_SIZE as usize;
+        for (page, data) in &self.pages {
+            let at = *page as usize * bs;
+            let Some(dst) = chunk.get_mut(at..at + bs) else { continue };
+            match data {
+                Some(d) => dst.copy_from_slice(d),
+                None => dst.fill(0),
+            }
+        }
+    }
+}
+
+/// Chunk index → its patch. Shared (`Arc`) so that a map can be copied
+/// cheaply and a reader can tell a patch changed under it.
+pub type Patches = BTreeMap<u64, Arc<Patch>>;
+
+fn put_page(w: &mut Writer, data: &Option<Bytes>) {
+    match data {
+        None => w.u8(0),
+        Some(d) => {
+            w.u8(1);
+            w.0.extend_from_slice(d);
+        }
+    }
+}
+
+fn get_page(r: &mut Reader<'_>) -> Result<Option<Bytes>, FormatError> {
+    match r.u8()? {
+        0 => Ok(None),
+        1 => Ok(Some(Bytes::copy_from_slice(r.take(BLOCK_SIZE as usize)?))),
+        f => Err(invalid(r.what, format!("unknown page kind {f}"))),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -461,7 +530,8 @@ pub struct JournalRecord {
 
 impl JournalRecord {
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::new(JOURNAL_MAGIC);
+        let version = if self.inline.is_empty() { FORMAT_V1 } else { FORMAT_VERSION };
+        let mut w = Writer::new(JOURNAL_MAGIC, version);
         w.u8(self.kind as u8);
         w.u64(self.seq);
         w.u64(self.epoch);
@@ -476,8 +546,7 @@ impl JournalRecord {
         w.varint(self.inline.len() as u64);
         for iw in &self.inline {
             w.u64(iw.offset);
-            w.varint(iw.data.len() as u64);
-            w.0.extend_from_slice(&iw.data);
+            put_page(&mut w, &iw.data);
         }
         w.finish()
     }
@@ -502,11 +571,16 @@ impl JournalRecord {
             chunks.push((index, get_ref(&mut r)?));
         }
         let n = r.count(9)?;
+        if n > 0 && r.version < 2 {
+            return Err(invalid(what, "inline writes in a format-1 record"));
+        }
         let mut inline = Vec::with_capacity(n);
         for _ in 0..n {
             let offset = r.u64()?;
-            let len = r.count(1)?;
-            inline.push(InlineWrite { offset, data: r.take(len)?.to_vec() });
+            if !offset.is_multiple_of(BLOCK_SIZE as u64) {
+                return Err(invalid(what, format!("inline write at {offset} is not page aligned")));
+            }
+            inline.push(InlineWrite { offset, data: get_page(&mut r)? });
         }
         r.done()?;
         check_size(size).map_err(|d| invalid(what, d))?;
@@ -525,11 +599,14 @@ pub struct Checkpoint {
     pub epoch: u64,
     pub size: u64,
     pub map: ChunkMap,
+    /// Format 2: the pages laid over the map's chunks.
+    pub patches: Patches,
 }
 
 impl Checkpoint {
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::new(CHECKPOINT_MAGIC);
+        let version = if self.patches.is_empty() { FORMAT_V1 } else { FORMAT_VERSION };
+        let mut w = Writer::new(CHECKPOINT_MAGIC, version);
         w.u64(self.seq);
         w.u64(self.epoch);
         w.u64(self.size);
@@ -539,6 +616,17 @@ impl Checkpoint {
             w.varint(if i == 0 { *index } else { index - prev });
             prev = *index;
             put_ref(&mut w, r);
+        }
+        if version >= 2 {
+            w.varint(self.patches.len() as u64);
+            for (index, patch) in &self.patches {
+                w.u64(*index);
+                w.varint(patch.pages.len() as u64);
+                for (page, data) in &patch.pages {
+                    w.u32(*page);
+                    put_page(&mut w, data);
+                }
+            }
         }
         w.finish()
     }
@@ -561,9 +649,25 @@ impl Checkpoint {
             prev = index;
             map.insert(index, get_ref(&mut r)?);
         }
+        let mut patches = Patches::new();
+        if r.version >= 2 {
+            let n = r.count(9)?;
+            for _ in 0..n {
+                let index = r.u64()?;
+                let pages = r.count(5)?;
+                let mut patch = Patch::default();
+                for _ in 0..pages {
+                    let page = r.u32()?;
+                    patch.pages.insert(page, get_page(&mut r)?);
+                }
+                if patches.insert(index, Arc::new(patch)).is_some() {
+                    return Err(invalid(what, format!("chunk {index} patched twice")));
+                }
+            }
+        }
         r.done()?;
         check_size(size).map_err(|d| invalid(what, d))?;
-        Ok(Checkpoint { seq, epoch, size, map })
+        Ok(Checkpoint { seq, epoch, size, map, patches })
     }
 }
 
@@ -580,7 +684,10 @@ mod tests {
             writer: 42,
             created_unix: 1_700_000_000,
             chunks: vec![(0, ChunkRef::Zero), (5, ChunkRef::Stored { generation: generation(3, 9), crc: 0xdead_beef })],
-            inline: vec![InlineWrite { offset: 4096, data: vec![1, 2, 3] }],
+            inline: vec![
+                InlineWrite { offset: 4096, data: Some(Bytes::from(vec![7u8; BLOCK_SIZE as usize])) },
+                InlineWrite { offset: 8192, data: None },
+            ],
         }
     }
 
@@ -609,13 +716,50 @@ mod tests {
         map.insert(0, ChunkRef::Zero);
         map.insert(1, ChunkRef::Stored { generation: 1, crc: 2 });
         map.insert(1 << 40, ChunkRef::Stored { generation: 3, crc: 4 });
-        let cp = Checkpoint { seq: 9, epoch: 2, size: 1 << 50, map };
-        assert_eq!(Checkpoint::decode(&cp.encode(), "c").unwrap(), cp);
+        let cp = Checkpoint { seq: 9, epoch: 2, size: 1 << 50, map, patches: Patches::new() };
+        let bytes = cp.encode();
+        assert_eq!(bytes[8..12], FORMAT_V1.to_le_bytes(), "a checkpoint without patches stays format 1");
+        assert_eq!(Checkpoint::decode(&bytes, "c").unwrap(), cp);
+        let mut patch = Patch::default();
+        patch.pages.insert(3, Some(Bytes::from(vec![5u8; BLOCK_SIZE as usize])));
+        patch.pages.insert(0, None);
+        let mut patches = Patches::new();
+        patches.insert(1, Arc::new(patch));
+        let cp = Checkpoint { patches, ..cp };
+        let bytes = cp.encode();
+        assert_eq!(bytes[8..12], FORMAT_VERSION.to_le_bytes());
+        assert_eq!(Checkpoint::decode(&bytes, "c").unwrap(), cp);
+    }
+
+    #[test]
+    fn records_are_format_1_unless_they_carry_inline_writes() {
+        let plain = JournalRecord { inline: Vec::new(), ..record() };
+        assert_eq!(plain.encode()[8..12], FORMAT_V1.to_le_bytes());
+        assert_eq!(record().encode()[8..12], FORMAT_VERSION.to_le_bytes());
+        // What a format-1 reader meets: a version it does not know, not garbage.
+        let mut newer = record().encode();
+        newer[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let n = newer.len();
+        let crc = crc32c::crc32c(&newer[..n - 4]);
+        newer[n - 4..].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(JournalRecord::decode(&newer, "j"), Err(FormatError::Version { found: 3, .. })));
+    }
+
+    #[test]
+    fn patches_lay_pages_over_a_chunk() {
+        let mut patch = Patch::default();
+        patch.pages.insert(1, Some(Bytes::from(vec![9u8; BLOCK_SIZE as usize])));
+        patch.pages.insert(2, None);
+        let mut chunk = vec![1u8; 4 * BLOCK_SIZE as usize];
+        patch.apply(&mut chunk);
+        let bs = BLOCK_SIZE as usize;
+        assert_eq!((chunk[0], chunk[bs], chunk[2 * bs], chunk[3 * bs]), (1, 9, 0, 1));
+        assert_eq!(patch.bytes(), 2 * BLOCK_SIZE as u64);
     }
 
     #[test]
     fn huge_counts_do_not_allocate() {
-        let mut w = Writer::new(JOURNAL_MAGIC);
+        let mut w = Writer::new(JOURNAL_MAGIC, FORMAT_V1);
         w.u8(2);
         for _ in 0..5 {
             w.u64(1);

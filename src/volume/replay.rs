@@ -4,7 +4,7 @@
 use bytes::Bytes;
 
 use super::format::{
-    self, Checkpoint, ChunkMap, JournalRecord, RecordKind, checkpoint_prefix, journal_key, journal_prefix,
+    self, Checkpoint, ChunkMap, JournalRecord, Patches, RecordKind, checkpoint_prefix, journal_key, journal_prefix,
     parse_checkpoint_key, parse_journal_key,
 };
 use super::{VolumeError, VolumeResult};
@@ -14,6 +14,8 @@ use crate::store::{ListRequest, ObjectStore, StoreError};
 #[derive(Debug, Clone, Default)]
 pub struct Replayed {
     pub map: ChunkMap,
+    /// Pages laid over the map's chunks by inline writes (format 2).
+    pub patches: Patches,
     pub size: u64,
     /// Seq of the last record applied.
     pub head: u64,
@@ -66,12 +68,18 @@ impl Replayed {
                 return Err(VolumeError::Corrupt(format!("record {} maps chunk {index} past the end", rec.seq)));
             }
             self.map.insert(*index, *r);
+            // Stored whole again: earlier pages are in the new bytes.
+            self.patches.remove(index);
         }
-        if !rec.inline.is_empty() {
-            return Err(VolumeError::Corrupt(format!(
-                "record {} carries inline writes, which this version does not apply",
-                rec.seq
-            )));
+        let bs = format::BLOCK_SIZE as u64;
+        for w in &rec.inline {
+            if w.offset.checked_add(bs).is_none_or(|end| end > rec.size) {
+                return Err(VolumeError::Corrupt(format!("record {} writes inline past the end", rec.seq)));
+            }
+            let index = w.offset / chunk_size;
+            let page = ((w.offset % chunk_size) / bs) as u32;
+            let patch = self.patches.entry(index).or_default();
+            std::sync::Arc::make_mut(patch).pages.insert(page, w.data.clone());
         }
         self.head = rec.seq;
         self.records_replayed += 1;
@@ -184,6 +192,7 @@ async fn replay_from(
     if let Some(cp) = cp {
         state = Replayed {
             map: cp.map,
+            patches: cp.patches,
             size: cp.size,
             head: cp.seq,
             epoch: cp.epoch,

@@ -30,7 +30,12 @@ impl Volume {
                         None
                     }
                 });
-                (st.slots.keys().copied().collect::<Vec<u64>>(), closed)
+                // Chunks with a few dirty pages go inside the record;
+                // the others are uploaded whole.
+                let inline = inner.choose_inline(&st);
+                let dirty = st.slots.keys().filter(|i| !inline.contains(i)).copied().collect::<Vec<u64>>();
+                st.inline_next.extend(inline);
+                (dirty, closed)
             };
             stream::iter(dirty.into_iter().map(|i| inner.upload_chunk(i)))
                 .buffer_unordered(inner.opts.concurrency)
@@ -98,6 +103,9 @@ impl Volume {
                     }
                     continue;
                 }
+                if let Err(e) = inner.fold_patches().await {
+                    tracing::warn!(volume = %inner.vol, error = %e, "folding patched chunks failed; will retry");
+                }
                 let due = {
                     let st = inner.lock();
                     st.fenced.is_none() && (!st.staged.is_empty() || st.pending.is_some())
@@ -131,8 +139,34 @@ impl Inner {
         VolumeError::Fenced(why)
     }
 
-    /// A record of ours is the journal's head now.
-    pub(super) fn apply_commit(&self, rec: &JournalRecord, bytes: Bytes) {
+    /// The dirty chunks a flush sends inline: few touched pages, within
+    /// the chunk's patch cap (a quarter of the chunk), the record's inline
+    /// cap and the volume's patch limit. The rest are uploaded whole,
+    /// which also folds their patches.
+    pub(super) fn choose_inline(&self, st: &State) -> BTreeSet<u64> {
+        let mut out = BTreeSet::new();
+        if self.opts.patch_limit == 0 {
+            return out;
+        }
+        let chunk_cap = self.chunk_size / 4;
+        let (mut record, mut total) = (0u64, st.patch_bytes);
+        for (index, slot) in &st.slots {
+            let new = slot.touched_pages() * PAGE as u64;
+            let had = st.patches.get(index).map_or(0, |p| p.bytes());
+            if had + new > chunk_cap || record + new > RECORD_INLINE_MAX || total + new > self.opts.patch_limit {
+                continue;
+            }
+            record += new;
+            total += new;
+            out.insert(*index);
+        }
+        out
+    }
+
+    /// A record of ours is the journal's head now. `inline_versions`: the
+    /// slots whose pages it carries, at the versions it read (empty when
+    /// the record is not the one built last).
+    pub(super) fn apply_commit(&self, rec: &JournalRecord, bytes: Bytes, inline_versions: &[(u64, u64)]) {
         let mut st = self.lock();
         for (index, r) in &rec.chunks {
             if st.staged.get(index).is_some_and(|s| s.r == *r)
@@ -142,6 +176,41 @@ impl Inner {
                 st.clean.insert(*index, d);
             }
             st.map.insert(*index, *r);
+            // Stored whole: its earlier pages are in the new bytes.
+            if let Some(p) = st.patches.remove(index) {
+                st.patch_bytes -= p.bytes();
+            }
+        }
+        // Then the pages, as replay lays them (after the chunk entries).
+        let mut patched = BTreeSet::new();
+        for w in &rec.inline {
+            let index = w.offset / self.chunk_size;
+            let page = ((w.offset % self.chunk_size) / PAGE as u64) as u32;
+            let patch = st.patches.entry(index).or_default();
+            let before = patch.bytes();
+            Arc::make_mut(patch).pages.insert(page, w.data.clone());
+            let after = patch.bytes();
+            st.patch_bytes += after - before;
+            patched.insert(index);
+        }
+        for index in patched {
+            // A cached copy predates the pages.
+            st.clean.remove(index);
+        }
+        for (index, version) in inline_versions {
+            st.inline_next.remove(index);
+            if st.slots.get(index).is_none_or(|s| s.version != *version) {
+                // Written again meanwhile: still dirty (its pages go again).
+                continue;
+            }
+            if let Some(slot) = st.slots.remove(index)
+                && let DirtyData::Data(v) = slot.data
+                && !st.staged.contains_key(index)
+            {
+                // Its bytes are the chunk's committed bytes now.
+                let v = Arc::try_unwrap(v).unwrap_or_else(|shared| shared.as_ref().clone());
+                st.clean.insert(*index, Bytes::from(v));
+            }
         }
         st.head = rec.seq;
         st.head_bytes = Some(bytes);
@@ -161,7 +230,33 @@ impl Inner {
             }
             self.restage(self.opts.restage_after).await?;
             let mut st = self.lock();
-            if st.staged.is_empty() && st.size == st.committed_size {
+            // The pages of the chunks this flush sends inline, as they are now.
+            let mut inline = Vec::new();
+            let mut inline_versions = Vec::new();
+            for index in &st.inline_next {
+                let Some(slot) = st.slots.get(index) else { continue };
+                inline_versions.push((*index, slot.version));
+                // Zero pages over a chunk that is all zeros go nowhere.
+                let zero_below = !st.staged.contains_key(index)
+                    && !st.patches.contains_key(index)
+                    && match st.map.get(index) {
+                        Some(ChunkRef::Zero) => true,
+                        Some(ChunkRef::Stored { .. }) => false,
+                        None => self.parents.is_empty(),
+                    };
+                for page in slot.touched() {
+                    let Some(data) = slot.data.page(page) else {
+                        return Err(VolumeError::Corrupt(format!("chunk {index}: a written page is not in memory")));
+                    };
+                    if data.is_none() && zero_below {
+                        continue;
+                    }
+                    let offset = index * self.chunk_size + (page * PAGE) as u64;
+                    inline.push(InlineWrite { offset, data });
+                }
+            }
+            if st.staged.is_empty() && inline.is_empty() && st.size == st.committed_size {
+                st.inline_next.clear();
                 return Ok(());
             }
             let record = JournalRecord {
@@ -172,7 +267,7 @@ impl Inner {
                 writer: self.writer,
                 created_unix: self.opts.clock.now_unix(),
                 chunks: st.staged.iter().map(|(i, s)| (*i, s.r)).collect(),
-                inline: Vec::new(),
+                inline,
             };
             // Only chunk objects age: a ZERO entry refers to nothing
             // compaction could collect.
@@ -186,7 +281,8 @@ impl Inner {
                 .unwrap_or_else(|| Stamp::now(clock));
             // Noted before it is sent: if this future is dropped mid-PUT,
             // the next commit finds out whether it landed.
-            st.pending = Some(Pending { bytes: Bytes::from(record.encode()), record, oldest, sent: false });
+            st.pending =
+                Some(Pending { bytes: Bytes::from(record.encode()), record, oldest, sent: false, inline_versions });
         }
         Err(VolumeError::Store(StoreError::Transient("the journal kept moving under this commit; try again".into())))
     }
@@ -230,12 +326,14 @@ impl Inner {
                 }
             }
         };
-        let (record, bytes) = match landed {
-            Appended::Ours => (p.record.clone(), p.bytes.clone()),
+        let (record, bytes, versions) = match landed {
+            Appended::Ours => (p.record.clone(), p.bytes.clone(), p.inline_versions.clone()),
             Appended::Earlier(i) => {
                 let (b, r) = self.lock().abandoned[i].clone();
                 tracing::warn!(volume = %self.vol, seq, "a commit given up on landed after all; committing again after it");
-                (r, b)
+                // Its pages were read from slots that stay dirty: they go
+                // again in the next record.
+                (r, b, Vec::new())
             }
             Appended::Taken(why) => return Err(self.fence(why)),
         };
@@ -247,9 +345,9 @@ impl Inner {
         }
         // When an abandoned record landed instead of `p`, `p` is dropped
         // here too: what it carried is still staged and goes in the next.
-        self.apply_commit(&record, bytes);
+        self.apply_commit(&record, bytes, &versions);
         self.metrics.commits.inc();
-        tracing::debug!(volume = %self.vol, seq, chunks = record.chunks.len(), "committed");
+        tracing::debug!(volume = %self.vol, seq, chunks = record.chunks.len(), pages = record.inline.len(), "committed");
         self.maybe_checkpoint();
         Ok(())
     }
@@ -281,7 +379,13 @@ impl Inner {
                 return;
             }
             st.checkpoint_seq = st.head;
-            Checkpoint { seq: st.head, epoch: st.epoch, size: st.committed_size, map: st.map.clone() }
+            Checkpoint {
+                seq: st.head,
+                epoch: st.epoch,
+                size: st.committed_size,
+                map: st.map.clone(),
+                patches: st.patches.clone(),
+            }
         };
         let store = self.store.clone();
         let key = checkpoint_key(&self.vol, cp.seq);

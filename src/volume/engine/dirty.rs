@@ -147,6 +147,15 @@ impl DirtyData {
         }
     }
 
+    /// One whole page for an inline commit (`Some(None)`: zeros); `None`
+    /// when pages over an unread base do not hold it.
+    pub fn page(&self, page: usize) -> Option<Option<Bytes>> {
+        match self.piece(Piece { index: 0, at: page * PAGE, len: PAGE, pos: 0 })? {
+            Some(b) if !is_zero(&b) => Some(Some(b)),
+            _ => Some(None),
+        }
+    }
+
     /// Apply a write (`None` = zeros). False, with nothing changed, when the
     /// slot holds pages over an unread base and the write is not whole
     /// pages: the caller must read the base first.

@@ -49,7 +49,7 @@ mod read;
 mod upload;
 mod write;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 use std::time::Duration;
@@ -64,8 +64,8 @@ use dirty::{DirtyData, PAGE, PageBuf, Piece, pieces};
 use super::budget::{CacheMember, DirtyAccount, DirtyGuard, MemoryBudget, Uploads};
 use super::cache::CleanCache;
 use super::format::{
-    self, Checkpoint, ChunkMap, ChunkRef, JournalRecord, ParentRef, RecordKind, SnapshotRecord, VolumeMeta,
-    checkpoint_key, chunk_key, journal_key, meta_key, snapshot_key,
+    self, Checkpoint, ChunkMap, ChunkRef, InlineWrite, JournalRecord, ParentRef, Patch, Patches, RecordKind,
+    SnapshotRecord, VolumeMeta, checkpoint_key, chunk_key, journal_key, meta_key, snapshot_key,
 };
 use super::journal::{self, Appended};
 use super::locks::ChunkLocks;
@@ -114,6 +114,13 @@ pub struct OpenOptions {
     pub log_dir: Option<std::path::PathBuf>,
     /// A log holding more than this starts a flush (which empties it).
     pub log_limit: u64,
+    /// Bytes of pages this volume may keep as patches over its chunks
+    /// (format 2): a flush sends a chunk's few dirty pages inside its
+    /// journal record instead of uploading the chunk, while the volume's
+    /// patches stay under this; past half of it, the committer stores the
+    /// most patched chunks whole again. 0: every dirty chunk is uploaded
+    /// (format 1 records only).
+    pub patch_limit: u64,
 }
 
 impl Default for OpenOptions {
@@ -132,6 +139,7 @@ impl Default for OpenOptions {
             clock: Arc::new(SystemClock),
             log_dir: None,
             log_limit: 1 << 30,
+            patch_limit: DEFAULT_PATCH_LIMIT,
         }
     }
 }
@@ -156,15 +164,29 @@ pub struct VolumeStats {
     pub stored_chunks: u64,
     pub dirty_chunks: u64,
     pub staged_chunks: u64,
+    /// Chunks with committed pages over their stored bytes, and those pages' bytes.
+    pub patched_chunks: u64,
+    pub patch_bytes: u64,
     pub cache_bytes: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub fenced: bool,
 }
 
+/// Patch bytes a volume keeps by default: at most this much memory, and
+/// this much in each checkpoint, for pages waiting to be folded.
+pub const DEFAULT_PATCH_LIMIT: u64 = 16 << 20;
+
+/// Inline bytes one journal record carries at most: a small flush stays
+/// one small PUT; the rest of a big one goes up as chunks in parallel.
+const RECORD_INLINE_MAX: u64 = 256 << 10;
+
 #[derive(Debug)]
 struct Slot {
     data: DirtyData,
+    /// Pages written since the slot was made (a bit per page): what a
+    /// flush sends inline when it does not upload the chunk.
+    touched: Vec<u64>,
     /// Changes with every write: an upload that finishes finds out whether
     /// what it sent is still the slot's content.
     version: u64,
@@ -172,6 +194,33 @@ struct Slot {
     since: u64,
     /// The memory this chunk holds; moves to the staged chunk on upload.
     permit: Option<DirtyGuard>,
+}
+
+impl Slot {
+    fn new(data: DirtyData, tick: u64, permit: DirtyGuard, chunk_size: u64) -> Self {
+        let pages = chunk_size as usize / PAGE;
+        Slot { data, touched: vec![0; pages.div_ceil(64)], version: tick, since: tick, permit: Some(permit) }
+    }
+
+    /// Note bytes `[at, at + len)` of the chunk as written.
+    fn touch(&mut self, at: usize, len: usize) {
+        for page in at / PAGE..(at + len).div_ceil(PAGE) {
+            if let Some(w) = self.touched.get_mut(page / 64) {
+                *w |= 1 << (page % 64);
+            }
+        }
+    }
+
+    fn touched_pages(&self) -> u64 {
+        self.touched.iter().map(|w| w.count_ones() as u64).sum()
+    }
+
+    fn touched(&self) -> impl Iterator<Item = usize> + '_ {
+        self.touched
+            .iter()
+            .enumerate()
+            .flat_map(|(i, w)| (0..64).filter(move |b| w & (1 << b) != 0).map(move |b| i * 64 + b))
+    }
 }
 
 /// A moment, on two clocks: the monotonic one, and the wall clock through
@@ -218,6 +267,10 @@ struct Pending {
     /// fate is read back, never sent again (a copy sent late could land
     /// after compaction collected its chunks).
     sent: bool,
+    /// The dirty slots whose touched pages it carries inline, at the
+    /// version it read them: once it is the head, a slot still at that
+    /// version is clean.
+    inline_versions: Vec<(u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -229,6 +282,12 @@ struct State {
     head_bytes: Option<Bytes>,
     epoch: u64,
     map: ChunkMap,
+    /// Committed pages over the map's chunks, and their bytes.
+    patches: Patches,
+    patch_bytes: u64,
+    /// Dirty chunks the running flush commits inline (their touched
+    /// pages) rather than uploading: the next record built carries them.
+    inline_next: BTreeSet<u64>,
     staged: BTreeMap<u64, Staged>,
     slots: BTreeMap<u64, Slot>,
     clean: CleanCache,
@@ -298,6 +357,7 @@ pub struct LogRecovery {
 struct Parent {
     vol: String,
     map: ChunkMap,
+    patches: Patches,
 }
 
 #[derive(Debug)]
@@ -467,6 +527,9 @@ impl Volume {
             head: st.head,
             head_bytes: st.head_bytes.clone(),
             epoch: st.epoch,
+            patch_bytes: st.patches.values().map(|p| p.bytes()).sum(),
+            patches: st.patches,
+            inline_next: BTreeSet::new(),
             map: st.map,
             staged: BTreeMap::new(),
             slots: BTreeMap::new(),
@@ -637,6 +700,8 @@ impl Volume {
             stored_chunks: st.map.values().filter(|r| matches!(r, ChunkRef::Stored { .. })).count() as u64,
             dirty_chunks: st.slots.len() as u64,
             staged_chunks: st.staged.len() as u64,
+            patched_chunks: st.patches.len() as u64,
+            patch_bytes: st.patch_bytes,
             cache_bytes: st.clean.bytes(),
             cache_hits: st.clean.hits,
             cache_misses: st.clean.misses,
@@ -654,7 +719,7 @@ impl Volume {
         };
         let started = Instant::now();
         let rec = SnapshotRecord {
-            format_version: format::FORMAT_VERSION,
+            format_version: format::FORMAT_V1,
             name: name.to_string(),
             seq,
             size,
@@ -679,7 +744,7 @@ pub async fn snapshot_committed(
     let meta = replay::read_meta(store.as_ref(), vol).await?;
     let st = replay::replay(store.as_ref(), vol, meta.chunk_size as u64, None).await?;
     let rec = SnapshotRecord {
-        format_version: format::FORMAT_VERSION,
+        format_version: format::FORMAT_V1,
         name: name.to_string(),
         seq: st.head,
         size: st.size,
@@ -748,7 +813,7 @@ async fn load_parents(store: &DynStore, meta: &VolumeMeta) -> VolumeResult<Vec<P
             return Err(VolumeError::Corrupt(format!("clone parent {} has another chunk size", p.volume)));
         }
         let pst = replay::replay(store.as_ref(), &p.volume, meta.chunk_size as u64, Some(p.seq)).await?;
-        parents.push(Parent { vol: p.volume.clone(), map: pst.map });
+        parents.push(Parent { vol: p.volume.clone(), map: pst.map, patches: pst.patches });
         next = pmeta.parent;
     }
     Ok(parents)

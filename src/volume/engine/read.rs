@@ -72,13 +72,21 @@ impl Volume {
         while pos < end && scanned < MAX_SCAN {
             let index = pos / cs;
             let next = ((index + 1) * cs).min(end);
+            // Patched pages count as data.
             let zero = match (st.slots.get(&index), st.staged.get(&index), st.map.get(&index)) {
                 (Some(slot), _, _) => matches!(slot.data, DirtyData::Zero),
                 (None, Some(staged), _) => staged.data.is_none(),
+                _ if st.patches.contains_key(&index) => false,
                 (None, None, Some(r)) => matches!(r, ChunkRef::Zero),
-                (None, None, None) => {
-                    !matches!(inner.parents.iter().find_map(|p| p.map.get(&index)), Some(ChunkRef::Stored { .. }))
-                }
+                (None, None, None) => !inner
+                    .parents
+                    .iter()
+                    .find_map(|p| match p.map.get(&index) {
+                        _ if p.patches.contains_key(&index) => Some(true),
+                        Some(r) => Some(matches!(r, ChunkRef::Stored { .. })),
+                        None => None,
+                    })
+                    .unwrap_or(false),
             };
             let full = runs.len() >= max_runs.max(1);
             match runs.last_mut() {
@@ -114,6 +122,7 @@ impl Volume {
                     },
                     None => match st.clean.get(p.index) {
                         Some(b) => b.slice(p.at..p.at + p.len),
+                        None if st.patches.contains_key(&p.index) => return None,
                         None => match st.map.get(&p.index) {
                             Some(ChunkRef::Zero) => Bytes::from(vec![0u8; p.len]),
                             None if inner.parents.is_empty() => Bytes::from(vec![0u8; p.len]),
@@ -189,30 +198,35 @@ impl Inner {
 
     /// The current bytes of a chunk (`None` = zeros). Caller holds the chunk lock.
     pub(super) async fn chunk_bytes(&self, index: u64) -> VolumeResult<Option<Bytes>> {
-        let over_base = {
-            let st = self.lock();
-            match st.slots.get(&index).map(|s| &s.data) {
-                None => false,
-                Some(DirtyData::Zero) => return Ok(None),
-                Some(DirtyData::Data(v)) => return Ok(Some(Bytes::copy_from_slice(v))),
-                Some(DirtyData::Pages(_)) => true,
+        loop {
+            let over_base = {
+                let st = self.lock();
+                match st.slots.get(&index).map(|s| &s.data) {
+                    None => false,
+                    Some(DirtyData::Zero) => return Ok(None),
+                    Some(DirtyData::Data(v)) => return Ok(Some(Bytes::copy_from_slice(v))),
+                    Some(DirtyData::Pages(_)) => true,
+                }
+            };
+            let base = self.stored_bytes(index).await?;
+            if !over_base {
+                return Ok(base);
             }
-        };
-        let base = self.stored_bytes(index).await?;
-        if !over_base {
-            return Ok(base);
+            // Merge once, in place, with the pages as they are now (the
+            // fast write path may have added some meanwhile); later reads
+            // are copies.
+            let mut st = self.lock();
+            let Some(slot) = st.slots.get_mut(&index) else {
+                // Committed inline while we fetched: the pages are in the
+                // chunk's patch now, which `base` predates. Read again.
+                continue;
+            };
+            slot.data.materialize(base.as_deref());
+            return Ok(match &slot.data {
+                DirtyData::Data(v) => Some(Bytes::copy_from_slice(v)),
+                _ => None,
+            });
         }
-        // Merge once, in place, with the pages as they are now (the fast
-        // write path may have added some meanwhile); later reads are copies.
-        let mut st = self.lock();
-        let Some(slot) = st.slots.get_mut(&index) else {
-            return Ok(base);
-        };
-        slot.data.materialize(base.as_deref());
-        Ok(match &slot.data {
-            DirtyData::Data(v) => Some(Bytes::copy_from_slice(v)),
-            _ => None,
-        })
     }
 
     /// The chunk's bytes as staged or committed, ignoring any dirty slot
@@ -248,7 +262,14 @@ impl Inner {
         let cs = self.chunk_size;
         let mut next = {
             let st = self.lock();
-            Replayed { map: st.map.clone(), size: st.size, head: st.head, epoch: st.epoch, ..Replayed::default() }
+            Replayed {
+                map: st.map.clone(),
+                patches: st.patches.clone(),
+                size: st.size,
+                head: st.head,
+                epoch: st.epoch,
+                ..Replayed::default()
+            }
         };
         if replay::catch_up(self.store.as_ref(), &self.vol, cs, &mut next, true, None).await.is_err() {
             next = replay::replay(self.store.as_ref(), &self.vol, cs, None).await?;
@@ -260,6 +281,21 @@ impl Inner {
                 st.clean.remove(*index);
             }
         }
+        let changed: Vec<u64> = st
+            .patches
+            .keys()
+            .chain(next.patches.keys())
+            .filter(|i| match (st.patches.get(i), next.patches.get(i)) {
+                (Some(a), Some(b)) => !Arc::ptr_eq(a, b) && a != b,
+                _ => true,
+            })
+            .copied()
+            .collect();
+        for index in changed {
+            st.clean.remove(index);
+        }
+        st.patch_bytes = next.patches.values().map(|p| p.bytes()).sum();
+        st.patches = next.patches;
         st.map = next.map;
         st.head = next.head;
         st.size = st.size.max(next.size);
@@ -269,7 +305,10 @@ impl Inner {
     }
 
     pub(super) async fn try_stored_bytes(&self, index: u64) -> VolumeResult<Option<Bytes>> {
-        let (vol, r, own) = {
+        // Patches to lay over the stored bytes, nearest first: ours, then
+        // each ancestor's down to the one that maps the chunk.
+        let mut patches: Vec<Arc<Patch>> = Vec::new();
+        let (vol, r, own, own_patch) = {
             let mut st = self.lock();
             if let Some(s) = st.staged.get(&index) {
                 return Ok(s.data.clone());
@@ -277,19 +316,61 @@ impl Inner {
             if let Some(b) = st.clean.get(index) {
                 return Ok(Some(b));
             }
+            let own_patch = st.patches.get(&index).cloned();
+            patches.extend(own_patch.clone());
             match st.map.get(&index) {
-                Some(r) => (self.vol.as_str(), *r, Some(*r)),
+                Some(r) => (self.vol.as_str(), *r, Some(*r), own_patch),
                 // The nearest ancestor that maps the chunk decides (a ZERO
                 // there hides older ancestors' bytes).
-                None => match self.parents.iter().find_map(|p| p.map.get(&index).map(|r| (p, *r))) {
-                    Some((p, r)) => (p.vol.as_str(), r, None),
-                    None => return Ok(None),
-                },
+                None => {
+                    let mut found = None;
+                    for p in &self.parents {
+                        patches.extend(p.patches.get(&index).cloned());
+                        if let Some(r) = p.map.get(&index) {
+                            found = Some((p.vol.as_str(), *r));
+                            break;
+                        }
+                    }
+                    let (vol, r) = found.unwrap_or((self.vol.as_str(), ChunkRef::Zero));
+                    (vol, r, None, own_patch)
+                }
             }
         };
-        let ChunkRef::Stored { generation, crc } = r else {
-            return Ok(None);
+        let data = match r {
+            ChunkRef::Zero if patches.is_empty() => return Ok(None),
+            ChunkRef::Zero => Bytes::from(vec![0u8; self.chunk_size as usize]),
+            ChunkRef::Stored { generation, crc } => self.fetch_chunk(vol, index, generation, crc).await?,
         };
+        let data = if patches.is_empty() {
+            data
+        } else {
+            let mut v = data.to_vec();
+            for p in patches.iter().rev() {
+                p.apply(&mut v);
+            }
+            Bytes::from(v)
+        };
+        let mut st = self.lock();
+        // The cache holds a chunk's current bytes: with a dirty slot over
+        // them, these are only its base. A chunk staged, remapped or
+        // patched while we fetched is not cached either.
+        let same_patch = match (st.patches.get(&index), &own_patch) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        if !st.slots.contains_key(&index)
+            && !st.staged.contains_key(&index)
+            && st.map.get(&index).copied() == own
+            && same_patch
+        {
+            st.clean.insert(index, data.clone());
+        }
+        Ok(Some(data))
+    }
+
+    /// Fetch a chunk object and check its size and checksum.
+    async fn fetch_chunk(&self, vol: &str, index: u64, generation: u64, crc: u32) -> VolumeResult<Bytes> {
         let key = chunk_key(vol, index, generation);
         let data = match self.store.get(&key, None).await {
             Ok(d) => d,
@@ -311,14 +392,7 @@ impl Inner {
                 "chunk object {key} fails its checksum (crc32c {actual:08x}, expected {crc:08x})"
             )));
         }
-        let mut st = self.lock();
-        // The cache holds a chunk's current bytes: with a dirty slot over
-        // them, these are only its base. A chunk staged or remapped while
-        // we fetched is not cached either.
-        if !st.slots.contains_key(&index) && !st.staged.contains_key(&index) && st.map.get(&index).copied() == own {
-            st.clean.insert(index, data.clone());
-        }
-        Ok(Some(data))
+        Ok(data)
     }
 }
 

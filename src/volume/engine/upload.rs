@@ -133,6 +133,81 @@ impl Inner {
         }
     }
 
+    /// Patches past half the volume's limit: store the most patched chunks
+    /// whole again (their current bytes, uploaded as new generations and
+    /// committed), until they are under it, so that small flushes keep
+    /// going inline.
+    pub(super) async fn fold_patches(&self) -> VolumeResult<()> {
+        loop {
+            let batch: Vec<u64> = {
+                let st = self.lock();
+                if st.fenced.is_some() || st.patch_bytes <= self.opts.patch_limit / 2 {
+                    return Ok(());
+                }
+                let mut v: Vec<(u64, u64)> = st
+                    .patches
+                    .iter()
+                    .filter(|(i, _)| !st.slots.contains_key(i) && !st.staged.contains_key(i))
+                    .map(|(i, p)| (p.bytes(), *i))
+                    .collect();
+                v.sort_unstable_by(|a, b| b.cmp(a));
+                v.into_iter().take(self.opts.concurrency).map(|(_, i)| i).collect()
+            };
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let staged: Vec<bool> = stream::iter(batch.into_iter().map(|i| self.fold_chunk(i)))
+                .buffer_unordered(self.opts.concurrency)
+                .try_collect()
+                .await?;
+            let _f = self.flush_lock.lock().await;
+            self.commit().await?;
+            if !staged.contains(&true) {
+                // Every one moved under us: try at the next round.
+                return Ok(());
+            }
+        }
+    }
+
+    /// Upload a patched chunk's bytes whole and stage them, unless the
+    /// chunk changed meanwhile (then the next flush deals with it). True
+    /// when staged.
+    async fn fold_chunk(&self, index: u64) -> VolumeResult<bool> {
+        let _u = self.upload_locks.lock(index).await;
+        let (data, map, patch) = {
+            let _g = self.locks.lock(index).await;
+            let (map, patch) = {
+                let st = self.lock();
+                (st.map.get(&index).copied(), st.patches.get(&index).cloned())
+            };
+            (self.stored_bytes(index).await?, map, patch)
+        };
+        let Some(patch) = patch else { return Ok(false) };
+        let at = Stamp::now(self.opts.clock.as_ref());
+        let r = match &data {
+            Some(d) if !is_zero(d) => self.put_chunk(index, d).await?,
+            _ => ChunkRef::Zero,
+        };
+        let mut st = self.lock();
+        // Staged only over exactly the state it read, with no record in
+        // flight or given up on (one could still land with pages these
+        // bytes lack, and this chunk entry would then drop them) and no
+        // write since (a dirty slot's pages sit on the old bytes, which
+        // are these).
+        let unchanged = st.map.get(&index).copied() == map
+            && st.patches.get(&index).is_some_and(|p| Arc::ptr_eq(p, &patch))
+            && !st.slots.contains_key(&index)
+            && !st.staged.contains_key(&index)
+            && st.pending.is_none()
+            && st.abandoned.is_empty();
+        if !unchanged {
+            return Ok(false);
+        }
+        let data = data.filter(|_| matches!(r, ChunkRef::Stored { .. }));
+        st.staged.insert(index, Staged { r, data, at, _permit: None });
+        Ok(true)
+    }
+
     /// Staged chunks uploaded longer ago than `restage_after` go up again
     /// under fresh names from the bytes kept in memory, so that no commit
     /// refers to a chunk compaction could have collected meanwhile.

@@ -33,6 +33,7 @@ impl Volume {
         if !slot.data.apply(p, Some(data), inner.chunk_size) {
             return None;
         }
+        slot.touch(p.at, p.len);
         slot.version = tick;
         Some(st.log_piece(p, Some(data), inner.chunk_size))
     }
@@ -68,6 +69,7 @@ impl Volume {
             match st.slots.get_mut(&index) {
                 Some(slot) => {
                     slot.data = data;
+                    slot.touch(0, cs as usize);
                     slot.version = tick;
                     let DirtyData::Data(d) = &slot.data else { return Ok(()) };
                     let d = d.clone();
@@ -82,7 +84,7 @@ impl Volume {
             _ => None,
         };
         let logged = bytes.as_ref().map(|d| log::Record::Write { offset, data: d.as_slice() });
-        self.inner.insert_slot(index, data, permit, logged)
+        self.inner.insert_slot(index, data, permit, (0, cs as usize), logged)
     }
 
     /// Zero a range (TRIM and WRITE_ZEROES). Whole chunks become ZERO
@@ -131,20 +133,24 @@ impl Inner {
         }
     }
 
-    /// A new dirty slot; `logged` is the change that made it, logged in
-    /// the same critical section.
+    /// A new dirty slot, written at `touched` (offset in the chunk,
+    /// length); `logged` is the change that made it, logged in the same
+    /// critical section.
     pub(super) fn insert_slot(
         &self,
         index: u64,
         data: DirtyData,
         permit: DirtyGuard,
+        touched: (usize, usize),
         logged: Option<log::Record<'_>>,
     ) -> VolumeResult<()> {
         let mut st = self.lock();
         st.tick += 1;
         let tick = st.tick;
         st.clean.remove(index);
-        st.slots.insert(index, Slot { data, version: tick, since: tick, permit: Some(permit) });
+        let mut slot = Slot::new(data, tick, permit, self.chunk_size);
+        slot.touch(touched.0, touched.1);
+        st.slots.insert(index, slot);
         match logged {
             Some(r) => st.log(r),
             None => Ok(()),
@@ -153,6 +159,22 @@ impl Inner {
 
     pub(super) async fn write_piece(&self, p: Piece, data: Option<&[u8]>, vol: &Volume) -> VolumeResult<()> {
         let _g = self.locks.lock(p.index).await;
+        loop {
+            if let Some(r) = self.try_write_piece(p, data, vol).await? {
+                return r;
+            }
+        }
+    }
+
+    /// One attempt of [`Inner::write_piece`] (chunk lock held): `None`
+    /// when the chunk's dirty pages were committed inline while it read
+    /// their base (their slot is gone): try again.
+    async fn try_write_piece(
+        &self,
+        p: Piece,
+        data: Option<&[u8]>,
+        vol: &Volume,
+    ) -> VolumeResult<Option<VolumeResult<()>>> {
         let full = p.at == 0 && p.len as u64 == self.chunk_size;
         // `None`: no dirty slot yet; `Some(false)`: pages over an unread base.
         let applied = {
@@ -162,12 +184,13 @@ impl Inner {
             let applied = st.slots.get_mut(&p.index).map(|slot| {
                 let done = slot.data.apply(p, data, self.chunk_size);
                 if done {
+                    slot.touch(p.at, p.len);
                     slot.version = tick;
                 }
                 done
             });
             if applied == Some(true) {
-                return st.log_piece(p, data, self.chunk_size);
+                return Ok(Some(st.log_piece(p, data, self.chunk_size)));
             }
             applied
         };
@@ -183,12 +206,15 @@ impl Inner {
             if let Some(slot) = st.slots.get_mut(&p.index) {
                 slot.data.materialize(base.as_deref());
                 slot.data.apply(p, data, self.chunk_size);
+                slot.touch(p.at, p.len);
                 slot.version = tick;
-                return st.log_piece(p, data, self.chunk_size);
+                return Ok(Some(st.log_piece(p, data, self.chunk_size)));
             }
-            // Cannot happen: a slot of pages is uploaded only under the
-            // chunk lock, which this write holds.
-            return Err(VolumeError::Corrupt(format!("chunk {}: its dirty pages went during a write", p.index)));
+            // Uploads take a slot of pages only under the chunk lock, which
+            // this write holds; a commit that carried its pages inline
+            // releases it without: they are in the chunk's patch now,
+            // which `base` predates.
+            return Ok(None);
         }
         // A new dirty chunk needs a permit: this is where memory is bounded.
         // The permit is a guard: dropped with this future, it goes back.
@@ -209,7 +235,7 @@ impl Inner {
             Some(data) => log::Record::Write { offset, data },
             None => log::Record::Zero { offset, len: p.len as u64 },
         };
-        self.insert_slot(p.index, slot_data, permit, Some(logged))
+        Ok(Some(self.insert_slot(p.index, slot_data, permit, (p.at, p.len), Some(logged))))
     }
 
     /// One chunk's bytes of the dirty budget. While the budget is spent,
