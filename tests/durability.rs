@@ -126,9 +126,12 @@ async fn a_fenced_writer_cannot_commit_after_a_partial_compaction() {
 async fn an_ambiguous_commit_into_a_folded_journal_is_still_fenced() {
     let rig = FaultRig::new();
     create(&rig.plain(), "v/", 4 * CSU).await;
-    let a = open(&rig.faulty(), "v/").await; // 1
+    // The fold below treats every record as old: so is A's last record.
+    let clock = Arc::new(ManualClock::new(1_700_000_000));
+    let a = open_with(&rig.faulty(), "v/", OpenOptions { clock: clock.clone(), ..OpenOptions::default() }).await; // 1
     a.write(0, b"A-before").await.expect("a write");
     a.flush().await.expect("a flush"); // 2
+    clock.advance(compact::MIN_LIVE_SAFETY_AGE.as_secs() as i64);
     let b = open(&rig.plain(), "v/").await; // 3
     for i in 0..3u64 {
         b.write(CSU + i, b"B").await.expect("b write");
@@ -253,8 +256,12 @@ async fn a_vanished_staged_chunk_never_reverts_completed_writes() {
 async fn a_failed_proof_after_a_landed_commit_does_not_self_fence() {
     let rig = FaultRig::new();
     create(&rig.plain(), "v/", 4 * CSU).await;
-    let v = open(&rig.faulty(), "v/").await; // open record 1; next commit is 2
+    let clock = Arc::new(ManualClock::new(1_700_000_000));
+    let opts = OpenOptions { clock: clock.clone(), ..OpenOptions::default() };
+    let v = open_with(&rig.faulty(), "v/", opts).await; // open record 1; next commit is 2
     v.write(0, b"first").await.expect("write");
+    // Long after the open record: the proof reads it.
+    clock.advance(compact::MIN_LIVE_SAFETY_AGE.as_secs() as i64);
     rig.rule(None, &journal_key(1), Fault::ServerError, 1);
     assert!(v.flush().await.is_err(), "the proof's read fails (no retry layer)");
     v.write(CSU, b"second").await.expect("write 2");

@@ -53,6 +53,7 @@ pub struct FaultStore {
     puts_before_crash: AtomicU64,
     crashed: AtomicBool,
     puts_seen: AtomicU64,
+    gets_seen: AtomicU64,
     /// Calls of kind Delete left before the simulated crash; u64::MAX = never.
     deletes_before_crash: AtomicU64,
 }
@@ -65,6 +66,7 @@ impl FaultStore {
             puts_before_crash: AtomicU64::new(u64::MAX),
             crashed: AtomicBool::new(false),
             puts_seen: AtomicU64::new(0),
+            gets_seen: AtomicU64::new(0),
             deletes_before_crash: AtomicU64::new(u64::MAX),
         }
     }
@@ -97,6 +99,10 @@ impl FaultStore {
         self.puts_seen.load(Ordering::SeqCst)
     }
 
+    pub fn gets_seen(&self) -> u64 {
+        self.gets_seen.load(Ordering::SeqCst)
+    }
+
     fn take_fault(&self, op: Op, key: &str) -> Option<Fault> {
         let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
         let rule = rules.iter_mut().find(|r| {
@@ -125,9 +131,11 @@ impl FaultStore {
                 n => left.store(n - 1, Ordering::SeqCst),
             }
         }
-        if op == Op::Put {
-            self.puts_seen.fetch_add(1, Ordering::SeqCst);
-        }
+        match op {
+            Op::Put => self.puts_seen.fetch_add(1, Ordering::SeqCst),
+            Op::Get => self.gets_seen.fetch_add(1, Ordering::SeqCst),
+            _ => 0,
+        };
         match self.take_fault(op, key) {
             Some(Fault::ServerError) => Err(StoreError::Transient(format!("injected 500 InternalError on {key}"))),
             Some(Fault::SlowDown) => Err(StoreError::Transient(format!("injected 503 SlowDown on {key}"))),

@@ -12,6 +12,15 @@
 //! ([`delete_ascending`]). A record that still exists therefore has every
 //! later record of its history above it; if our predecessor is there and
 //! is ours, nobody appended between it and us, and nobody folded past us.
+//!
+//! A writer that sent the record below less than a proof window ago (the
+//! commit deadline, at most half the shortest safety age compaction
+//! allows beside a live writer) skips that read: another writer's record
+//! at our seq would have been created after the record below it existed,
+//! so after we sent it, and compaction folds nothing younger than its
+//! safety age (invariant 3: on the store's clock), so such a record could
+//! not yet have been folded away when ours landed; the append's success
+//! is then the proof. A writer flushing often pays one PUT per fsync.
 
 use bytes::Bytes;
 

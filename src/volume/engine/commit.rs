@@ -282,7 +282,7 @@ impl Inner {
             // Noted before it is sent: if this future is dropped mid-PUT,
             // the next commit finds out whether it landed.
             st.pending =
-                Some(Pending { bytes: Bytes::from(record.encode()), record, oldest, sent: false, inline_versions });
+                Some(Pending { bytes: Bytes::from(record.encode()), record, oldest, sent: None, inline_versions });
         }
         Err(VolumeError::Store(StoreError::Transient("the journal kept moving under this commit; try again".into())))
     }
@@ -297,7 +297,9 @@ impl Inner {
             let st = self.lock();
             (st.head_bytes.clone(), st.abandoned.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>(), st.epoch)
         };
-        let landed = if p.sent {
+        let clock = self.opts.clock.as_ref();
+        let first_sent = p.sent.unwrap_or_else(|| Stamp::now(clock));
+        let landed = if p.sent.is_some() {
             // Sent before with no clear answer: read back what is there.
             match journal::read_back(self.store.as_ref(), &self.vol, seq, &p.bytes, &earlier).await? {
                 Some(a) => a,
@@ -311,7 +313,7 @@ impl Inner {
                 return self.abandon(p).await;
             }
             if let Some(pending) = self.lock().pending.as_mut() {
-                pending.sent = true;
+                pending.sent = Some(first_sent);
             }
             let sent = journal::append(self.store.as_ref(), &self.vol, seq, &p.bytes, &earlier);
             match tokio::time::timeout(left, sent).await {
@@ -326,18 +328,30 @@ impl Inner {
                 }
             }
         };
-        let (record, bytes, versions) = match landed {
-            Appended::Ours => (p.record.clone(), p.bytes.clone(), p.inline_versions.clone()),
+        let (record, bytes, versions, sent) = match landed {
+            Appended::Ours => (p.record.clone(), p.bytes.clone(), p.inline_versions.clone(), Some(first_sent)),
             Appended::Earlier(i) => {
                 let (b, r) = self.lock().abandoned[i].clone();
                 tracing::warn!(volume = %self.vol, seq, "a commit given up on landed after all; committing again after it");
                 // Its pages were read from slots that stay dirty: they go
                 // again in the next record.
-                (r, b, Vec::new())
+                (r, b, Vec::new(), None)
             }
             Appended::Taken(why) => return Err(self.fence(why)),
         };
-        if !self.meta.single_writer {
+        // The fencing proof. Our record is at `seq` now; it could have
+        // landed in a hole compaction left only if another writer's record
+        // had been there and been folded away. Such a record was created
+        // after the one below ours was (its writer read it first), so no
+        // earlier than we sent that one; compaction folds nothing younger
+        // than its safety age, on the store's clock. So when less than
+        // `PROOF_WINDOW` (well inside the shortest safety age allowed
+        // beside a live writer) has passed since we sent the record below,
+        // on our monotonic clock and on the wall clock alike, no such hole
+        // can have existed when ours landed, before now: the append itself
+        // is the proof. Otherwise the record below must still be ours.
+        let recent = self.lock().head_sent.is_some_and(|s| s.age(clock) < self.proof_window());
+        if !self.meta.single_writer && !recent {
             match journal::prove_successor(self.store.as_ref(), &self.vol, seq, prev.as_ref(), epoch).await? {
                 Ok(()) => {}
                 Err(why) => return Err(self.fence(why)),
@@ -346,10 +360,20 @@ impl Inner {
         // When an abandoned record landed instead of `p`, `p` is dropped
         // here too: what it carried is still staged and goes in the next.
         self.apply_commit(&record, bytes, &versions);
+        // When this record was first sent (unknown for an abandoned one).
+        self.lock().head_sent = sent;
         self.metrics.commits.inc();
         tracing::debug!(volume = %self.vol, seq, chunks = record.chunks.len(), pages = record.inline.len(), "committed");
         self.maybe_checkpoint();
         Ok(())
+    }
+
+    /// How recently the record below a new one must have been sent for the
+    /// append alone to prove the new one ours: the commit deadline, and
+    /// at most half the shortest safety age compaction allows beside a
+    /// live writer.
+    pub(super) fn proof_window(&self) -> Duration {
+        self.opts.commit_deadline.min(super::super::compact::MIN_LIVE_SAFETY_AGE / 2)
     }
 
     /// Give up on a pending record that did not land in time: it may still

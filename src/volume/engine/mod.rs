@@ -8,10 +8,12 @@
 //!    us, invisible to everyone else. Its bytes stay in memory until a commit
 //!    references it, so it can be uploaded again whatever happens to the
 //!    object.
-//! 3. A flush uploads every dirty chunk, then creates `journal/<head+1>`
-//!    with `If-None-Match: *` and proves the record below it is still the
-//!    one this writer appended ([`super::journal`]). Only then is the flush
-//!    acknowledged. A crash anywhere before leaves garbage chunk objects,
+//! 3. A flush uploads every dirty chunk (a chunk with few dirty pages
+//!    sends them inside the record instead: format 2's page patches), then
+//!    creates `journal/<head+1>` with `If-None-Match: *` and proves the
+//!    record below it is still the one this writer appended
+//!    ([`super::journal`]; by the append alone when the writer sent that
+//!    record recently). Only then is the flush acknowledged. A crash anywhere before leaves garbage chunk objects,
 //!    never a torn volume; another writer's record there means we were
 //!    fenced.
 //! 4. A journal record is sent once, and only while its oldest chunk is
@@ -263,10 +265,10 @@ struct Pending {
     record: JournalRecord,
     /// Upload time of its oldest chunk object: the deadline counts from here.
     oldest: Stamp,
-    /// Its PUT may have gone out. A record is sent once: after that its
-    /// fate is read back, never sent again (a copy sent late could land
-    /// after compaction collected its chunks).
-    sent: bool,
+    /// Its PUT may have gone out, first at this moment. A record is sent
+    /// once: after that its fate is read back, never sent again (a copy
+    /// sent late could land after compaction collected its chunks).
+    sent: Option<Stamp>,
     /// The dirty slots whose touched pages it carries inline, at the
     /// version it read them: once it is the head, a slot still at that
     /// version is clean.
@@ -280,6 +282,10 @@ struct State {
     head: u64,
     /// The bytes of the record at `head` when known (ours, or replayed).
     head_bytes: Option<Bytes>,
+    /// When the record at `head` was first sent, when it is ours and
+    /// known: the next commit's fencing proof may rest on it
+    /// ([`Inner::proof_window`]).
+    head_sent: Option<Stamp>,
     epoch: u64,
     map: ChunkMap,
     /// Committed pages over the map's chunks, and their bytes.
@@ -496,6 +502,7 @@ impl Volume {
         };
         let mut claimed = None;
         let mut recovery = None;
+        let mut head_sent = None;
         if !opts.read_only {
             // The log directory first: a dead predecessor's log is chosen
             // against the journal as replayed, and marked with our writer
@@ -505,8 +512,9 @@ impl Volume {
                 Some(root) => Some(claim_log(&store, vol, &meta, &st, root, writer).await?),
                 None => None,
             };
-            let prev_epoch =
-                open_for_write(&store, vol, &meta, &mut st, writer, opts.clock.now_unix(), taking.as_mut()).await?;
+            let (prev_epoch, sent) =
+                open_for_write(&store, vol, &meta, &mut st, writer, opts.clock.as_ref(), taking.as_mut()).await?;
+            head_sent = Some(sent);
             if let Some(mut t) = taking {
                 t.before_append(prev_epoch)?;
                 let state = log::LogState {
@@ -526,6 +534,7 @@ impl Volume {
             committed_size: st.size,
             head: st.head,
             head_bytes: st.head_bytes.clone(),
+            head_sent,
             epoch: st.epoch,
             patch_bytes: st.patches.values().map(|p| p.bytes()).sum(),
             patches: st.patches,
@@ -838,9 +847,9 @@ async fn open_for_write(
     meta: &VolumeMeta,
     st: &mut Replayed,
     writer: u64,
-    now: i64,
+    clock: &dyn Clock,
     mut log: Option<&mut TakingLog>,
-) -> VolumeResult<u64> {
+) -> VolumeResult<(u64, Stamp)> {
     // A deleted volume kept behind its tombstone for the snapshots or clones
     // that read through it: whatever a writer acknowledged there would go
     // with the rest once the reaper finishes the delete.
@@ -864,11 +873,12 @@ async fn open_for_write(
             epoch: seq,
             size: st.size,
             writer,
-            created_unix: now,
+            created_unix: clock.now_unix(),
             chunks: Vec::new(),
             inline: Vec::new(),
         };
         let bytes = Bytes::from(rec.encode());
+        let sent = Stamp::now(clock);
         let mut tries = 0;
         let landed = loop {
             match journal::append(store.as_ref(), vol, seq, &bytes, &[]).await {
@@ -891,7 +901,7 @@ async fn open_for_write(
                     let prev_epoch = st.epoch;
                     st.apply(&rec, chunk_size)?;
                     st.head_bytes = Some(bytes);
-                    return Ok(prev_epoch);
+                    return Ok((prev_epoch, sent));
                 }
                 Err(why) => {
                     tracing::info!(volume = vol, seq, reason = %why, "open record landed behind the journal; replaying");
