@@ -54,6 +54,14 @@ struct Global {
     /// holding more than this starts a flush (which empties it).
     #[arg(long, global = true, env = "S3BLK_WRITE_LOG_LIMIT", default_value = "1GiB", value_parser = parse_size)]
     write_log_limit: u64,
+    /// Writers: a flush sends a chunk's few dirty pages inside its journal
+    /// record (one PUT) instead of uploading the chunk, while the volume
+    /// holds at most this much in such pages (in memory, and in each
+    /// checkpoint); past half of it they are folded back into whole chunks
+    /// in the background. 0 = upload every dirty chunk, writing only
+    /// format-1 records (which s3blk releases without format 2 can read).
+    #[arg(long, global = true, env = "S3BLK_PATCH_LIMIT", default_value = "16MiB", value_parser = parse_size)]
+    patch_limit: u64,
     /// `serve` and the CSI controller: compact the volume(s) this often
     /// (folds the journal, deletes unreferenced chunk generations; 0 = never).
     #[arg(long, global = true, env = "S3BLK_COMPACT_INTERVAL", default_value = "1h", value_parser = parse_duration)]
@@ -383,6 +391,7 @@ impl Global {
             // Chunks older than this go up again before a commit names them,
             // so a commit starts with most of its deadline left.
             restage_after: self.commit_deadline * 2 / 5,
+            patch_limit: self.patch_limit,
             ..OpenOptions::default()
         }
     }
@@ -452,6 +461,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 memory_limit,
                 busy_poll: Duration::from_micros(g.busy_poll_us),
                 write_log_limit: g.write_log_limit,
+                patch_limit: g.patch_limit,
                 compact_interval: g.compact_interval,
                 compact_safety_age: g.compact_safety_age,
                 compaction: match compaction {

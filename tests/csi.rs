@@ -74,6 +74,7 @@ async fn driver_opts(
         memory_limit: None,
         busy_poll: std::time::Duration::from_micros(50),
         write_log_limit: 1 << 30,
+        patch_limit: s3blk::volume::engine::DEFAULT_PATCH_LIMIT,
         compact_interval,
         compact_safety_age,
         compaction: s3blk::controller::CompactionMode::Store,

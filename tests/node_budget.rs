@@ -109,6 +109,7 @@ fn node(dirty: u64, cache: u64, delay: Duration) -> Node {
         cache_limit: cache,
         busy_poll: Duration::ZERO,
         write_log_limit: 1 << 30,
+        patch_limit: s3blk::volume::engine::DEFAULT_PATCH_LIMIT,
     };
     let node = NodeService::new(cfg, stores).expect("node service");
     Node { node, budget, slow, plain, root, _dir: dir }

@@ -55,6 +55,8 @@ pub struct NodeConfig {
     pub busy_poll: std::time::Duration,
     /// A staged volume's write-back log past this starts a flush.
     pub write_log_limit: u64,
+    /// Writers' page patch limit ([`crate::volume::OpenOptions::patch_limit`]).
+    pub patch_limit: u64,
 }
 
 /// Stage secrets: serialised only into `--secrets-dir`, never printed.
@@ -428,6 +430,7 @@ impl NodeService {
             // volume again with every write it had acknowledged.
             log_dir: (!readonly).then(|| self.cfg.state_dir.join("write-log")),
             log_limit: self.cfg.write_log_limit,
+            patch_limit: self.cfg.patch_limit,
             ..OpenOptions::default()
         };
         Volume::open(store, &loc.prefix, opts).await.map_err(status)

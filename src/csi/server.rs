@@ -55,6 +55,8 @@ pub struct CsiConfig {
     pub busy_poll: std::time::Duration,
     /// Node mode: a staged volume's write-back log past this starts a flush.
     pub write_log_limit: u64,
+    /// Writers' page patch limit ([`crate::volume::OpenOptions::patch_limit`]).
+    pub patch_limit: u64,
     /// Controller: how often every volume under the default store is
     /// compacted (zero: never), and the compaction safety age.
     pub compact_interval: std::time::Duration,
@@ -136,6 +138,7 @@ pub async fn run(
             budget,
             busy_poll: cfg.busy_poll,
             write_log_limit: cfg.write_log_limit,
+            patch_limit: cfg.patch_limit,
         };
         let n = NodeService::new(ncfg, stores.clone())
             .map_err(|source| CsiError::StateDir { path: cfg.state_dir.clone(), source })?;
