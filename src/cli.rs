@@ -1253,6 +1253,13 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
     let mut opts = g.open_options(a.read_only);
     opts.log_dir = a.write_log_dir(&loc)?;
     opts.log_limit = g.write_log_limit;
+    if let Some(d) = &opts.log_dir {
+        // Logs of earlier boots are never replayed: nothing else removes
+        // those of volumes that never come back to this host.
+        if let Err(e) = crate::volume::engine::log::sweep_other_boots(d) {
+            tracing::warn!(dir = %d.display(), error = %e, "removing write-back logs of earlier boots failed");
+        }
+    }
     let vol = match Volume::open(store.clone(), &loc.prefix, opts).await {
         Ok(v) => v,
         Err(e) => {

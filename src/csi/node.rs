@@ -462,6 +462,16 @@ impl NodeService {
     /// volume being recovered refuses other operations (ABORTED, kubelet
     /// retries).
     pub fn recover(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        // Logs of earlier boots are never replayed; a volume that never
+        // comes back to this node would keep its log for ever.
+        let logs = self.cfg.state_dir.join("write-log");
+        match crate::volume::engine::log::sweep_other_boots(&logs) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, dir = %logs.display(), "removed write-back logs of earlier boots"),
+            Err(e) => {
+                tracing::warn!(dir = %logs.display(), error = %e, "removing write-back logs of earlier boots failed")
+            }
+        }
         let mut tasks = tokio::task::JoinSet::new();
         let attached = Arc::new(OnceCell::new());
         for (path, record) in self.records() {

@@ -180,13 +180,57 @@ pub fn scan(root: &Path) -> io::Result<Vec<Claimed>> {
     Ok(out)
 }
 
+/// Remove, under `dir` (a log directory root: `<dir>/<volume uuid>/...`),
+/// the logs no writer will ever take over: those of processes that are
+/// gone and that were written on another boot (never replayed: their
+/// segments were not fsync'd), or that never got a state. Logs of live
+/// processes (locked) and of dead ones of this boot are kept. Returns how
+/// many were removed. Without a boot id nothing is removed.
+pub fn sweep_other_boots(dir: &Path) -> io::Result<u64> {
+    let Some(boot) = boot_id() else { return Ok(0) };
+    let volumes = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for v in volumes {
+        let v = v?;
+        let name = v.file_name().to_string_lossy().into_owned();
+        // Only what the engine names: a volume uuid.
+        if !v.file_type()?.is_dir() || name.len() != 32 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        for c in scan(&v.path())? {
+            if c.state.as_ref().is_some_and(|s| s.boot.as_deref() == Some(boot.as_str())) {
+                continue;
+            }
+            let path = c.dir.clone();
+            tracing::info!(log = %path.display(), "removing a write-back log of an earlier boot (never replayed)");
+            c.discard()?;
+            removed += 1;
+        }
+        // Empty now: gone too (another process may be creating a log in
+        // it this instant; then it is not empty and stays).
+        let _ = fs::remove_dir(v.path());
+    }
+    Ok(removed)
+}
+
 /// A new, empty log directory under `root`, locked. Made under a hidden
 /// name and renamed once locked, so [`scan`] never finds it unlocked.
 pub fn create(root: &Path) -> io::Result<Claimed> {
-    fs::create_dir_all(root)?;
     let name = format!("{:016x}", rand::random::<u64>());
     let tmp = root.join(format!(".{name}"));
-    fs::create_dir(&tmp)?;
+    fs::create_dir_all(root)?;
+    if let Err(e) = fs::create_dir(&tmp) {
+        // A sweep removed the (empty) volume directory in between.
+        if e.kind() != io::ErrorKind::NotFound {
+            return Err(e);
+        }
+        fs::create_dir_all(root)?;
+        fs::create_dir(&tmp)?;
+    }
     let made = fs::OpenOptions::new().create_new(true).write(true).open(tmp.join("lock")).and_then(|lock| {
         if !flock_nb(&lock)? {
             return Err(io::Error::other(format!("{} is locked by another process", tmp.display())));
@@ -537,6 +581,38 @@ mod tests {
                 Entry::Write { offset: 0, data },
             ]
         );
+    }
+
+    /// Logs of another boot (and logs that never got a state) go; dead
+    /// logs of this boot and live ones stay; other names are left alone.
+    #[test]
+    fn the_sweep_removes_only_logs_no_writer_will_take_over() {
+        let Some(boot) = boot_id() else { return };
+        let root = tempfile::tempdir().expect("tempdir");
+        let uuid = |c: char| std::iter::repeat_n(c, 32).collect::<String>();
+        let state = |boot: Option<String>| LogState { volume: uuid('a'), epoch: 3, next_writer: None, boot, at: None };
+        let mut old = create(&root.path().join(uuid('a'))).expect("create");
+        old.set_state(state(Some("an-earlier-boot".into()))).expect("state");
+        let old_dir = old.dir.clone();
+        drop(old);
+        let mut dead = create(&root.path().join(uuid('a'))).expect("create");
+        dead.set_state(state(Some(boot.clone()))).expect("state");
+        let dead_dir = dead.dir.clone();
+        drop(dead);
+        let stateless = create(&root.path().join(uuid('b'))).expect("create");
+        let stateless_dir = stateless.dir.clone();
+        drop(stateless);
+        let mut live = create(&root.path().join(uuid('c'))).expect("create");
+        live.set_state(state(Some("an-earlier-boot".into()))).expect("state");
+        let live = live.into_log().expect("log");
+        std::fs::create_dir_all(root.path().join("not-a-uuid/x")).expect("mkdir");
+        assert_eq!(sweep_other_boots(root.path()).expect("sweep"), 2);
+        assert!(!old_dir.exists() && !stateless_dir.exists());
+        assert!(!root.path().join(uuid('b')).exists(), "an emptied volume directory stays");
+        assert!(dead_dir.exists(), "a dead log of this boot was removed");
+        assert!(live.dir().exists(), "a live log was removed");
+        assert!(root.path().join("not-a-uuid/x").exists());
+        assert_eq!(sweep_other_boots(&root.path().join("missing")).expect("sweep"), 0);
     }
 
     #[test]
