@@ -355,6 +355,8 @@ pub struct Figures {
     pub journal_records: u64,
     /// Bytes of the local write-back log on disk.
     pub write_log_bytes: u64,
+    /// Bytes of committed pages laid over chunks, waiting to be folded.
+    pub patch_bytes: u64,
 }
 
 /// Something whose [`Figures`] can be read (an open volume).
@@ -447,6 +449,7 @@ impl OpenVolumes {
                     staged_chunks: a.staged_chunks + f.staged_chunks,
                     journal_records: a.journal_records.max(f.journal_records),
                     write_log_bytes: a.write_log_bytes + f.write_log_bytes,
+                    patch_bytes: a.patch_bytes.max(f.patch_bytes),
                 });
                 (v, sum)
             })
@@ -462,7 +465,7 @@ type Gauged = (&'static str, &'static str, fn(&Figures) -> u64);
 impl Collector for OpenVolumes {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let volumes = self.snapshot();
-        let gauges: [Gauged; 5] = [
+        let gauges: [Gauged; 6] = [
             (
                 "s3blk_volume_dirty_bytes",
                 "Bytes of chunks written and not yet uploaded (whole chunks); 0 after a flush",
@@ -483,6 +486,11 @@ impl Collector for OpenVolumes {
                 "s3blk_volume_write_log_bytes",
                 "Bytes of the local write-back log: writes acknowledged since the last flush (and segment headers)",
                 |f| f.write_log_bytes,
+            ),
+            (
+                "s3blk_volume_patch_bytes",
+                "Bytes of 4 KiB pages committed inside journal records and laid over chunks, not yet folded into whole chunks",
+                |f| f.patch_bytes,
             ),
         ];
         for (name, help, get) in gauges {
@@ -548,8 +556,14 @@ mod tests {
 
     #[test]
     fn a_volume_series_live_as_long_as_its_last_handle() {
-        let f =
-            Figures { dirty_bytes: 4096, cache_bytes: 8192, staged_chunks: 2, journal_records: 7, write_log_bytes: 99 };
+        let f = Figures {
+            dirty_bytes: 4096,
+            cache_bytes: 8192,
+            staged_chunks: 2,
+            journal_records: 7,
+            write_log_bytes: 99,
+            patch_bytes: 0,
+        };
         let engine: Arc<dyn VolumeFigures> = Arc::new(Fixed(f));
         let a = global().volume("unit/vol-a/", Arc::downgrade(&engine));
         let b = global().volume("unit/vol-a/", Arc::downgrade(&engine));

@@ -321,6 +321,9 @@ fn serve_exports_per_volume_metrics() {
     assert_eq!(sample(&after, &v("s3blk_volume_staged_chunks")), Some(0.0), "{after}");
     // Committed: only the new segment's header is left.
     assert_eq!(sample(&after, &v("s3blk_volume_write_log_bytes")), Some(16.0), "{after}");
+    // A page in each of three chunks: committed inside the record, as patches.
+    assert_eq!(sample(&before, &v("s3blk_volume_patch_bytes")), Some(0.0), "{before}");
+    assert_eq!(sample(&after, &v("s3blk_volume_patch_bytes")), Some(3.0 * 4096.0), "{after}");
     // The flush committed one journal record.
     assert_eq!(
         sample(&after, &v("s3blk_volume_journal_records_since_checkpoint")),
@@ -329,13 +332,14 @@ fn serve_exports_per_volume_metrics() {
     );
     assert_eq!(sample(&after, &v("s3blk_commits_total")), Some(1.0), "{after}");
     assert!(sample(&after, &v("s3blk_commit_duration_seconds_count")).is_some_and(|n| n >= 1.0), "{after}");
-    // Committed chunks stay cached for reads.
-    assert!(sample(&after, &v("s3blk_volume_cache_bytes")).is_some_and(|b| b > 0.0), "{after}");
-    // Three chunk objects and a journal record went to the store, each
-    // attempt timed; nothing failed.
+    // Whole pages over chunks never read: committed inline, so nothing
+    // was fetched and nothing is cached.
+    assert_eq!(sample(&after, &v("s3blk_volume_cache_bytes")), Some(0.0), "{after}");
+    // The journal record (and the open record, the lease) went to the
+    // store, each attempt timed; nothing failed.
     let puts = sample(&after, "s3blk_store_request_duration_seconds_count{op=\"PUT\",outcome=\"ok\"}");
-    assert!(puts.is_some_and(|n| n >= 4.0), "{after}");
-    assert!(sample(&after, "s3blk_store_requests_total{op=\"PUT\"}").is_some_and(|n| n >= 4.0), "{after}");
+    assert!(puts.is_some_and(|n| n >= 2.0), "{after}");
+    assert!(sample(&after, "s3blk_store_requests_total{op=\"PUT\"}").is_some_and(|n| n >= 2.0), "{after}");
     assert!(!after.contains("s3blk_store_failures_total{"), "{after}");
     assert!(after.contains("# TYPE s3blk_compactions_total counter"), "{after}");
     assert!(scrape(&addr, "/healthz").ends_with("ok\n"));

@@ -1111,6 +1111,7 @@ impl crate::metrics::VolumeFigures for Inner {
             staged_chunks: st.staged.len() as u64,
             journal_records: st.head.saturating_sub(st.checkpoint_seq),
             write_log_bytes: st.log.as_ref().map_or(0, |l| l.bytes()),
+            patch_bytes: st.patch_bytes,
         }
     }
 }
