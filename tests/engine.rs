@@ -1368,3 +1368,27 @@ async fn a_format_1_volume_opens_and_is_upgraded_by_its_first_small_flush() {
     assert_eq!(r.read(4096, 10).await.expect("read"), b"format two");
     assert_fsck_clean(&store, "v/").await;
 }
+
+/// A page written over a chunk memory holds starts from those bytes: after
+/// its inline commit the chunk is still cached, and reading it back costs
+/// no GET (hot data stays hot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_chunk_stays_cached_through_an_inline_commit() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CS as u64).await;
+    let fault = Arc::new(FaultStore::new(mem.clone()));
+    let store: DynStore = fault.clone();
+    let v = open(&store, "v/").await;
+    let mut expect = common::pattern(1, CS as usize);
+    v.write(0, &expect).await.expect("write");
+    v.flush().await.expect("flush");
+    assert_eq!(v.read(0, CS as u64).await.expect("read"), expect);
+    let page = common::pattern(2, 4096);
+    v.write(4096, &page).await.expect("write a page");
+    v.flush().await.expect("flush");
+    expect[4096..8192].copy_from_slice(&page);
+    assert_eq!(v.stats().patched_chunks, 1, "the page went inline");
+    let gets = fault.gets_seen();
+    assert_eq!(v.read(0, CS as u64).await.expect("read"), expect);
+    assert_eq!(fault.gets_seen() - gets, 0, "the chunk was fetched again after its inline commit");
+}

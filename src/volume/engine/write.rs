@@ -219,8 +219,23 @@ impl Inner {
         // A new dirty chunk needs a permit: this is where memory is bounded.
         // The permit is a guard: dropped with this future, it goes back.
         let permit = self.acquire_dirty_permit(vol).await?;
+        // The chunk's bytes when memory has them (staged, or cached):
+        // then the slot starts from them, and once committed they go back
+        // to the cache, so a hot chunk stays hot.
+        let in_memory = {
+            let mut st = self.lock();
+            match st.staged.get(&p.index) {
+                Some(s) => Some(s.data.clone()),
+                None => st.clean.get(p.index).map(Some),
+            }
+        };
         let mut slot_data = if full {
             DirtyData::Zero
+        } else if let Some(base) = in_memory {
+            match base {
+                None => DirtyData::Zero,
+                Some(b) => DirtyData::Data(Arc::new(b.to_vec())),
+            }
         } else if p.at.is_multiple_of(PAGE) && p.len.is_multiple_of(PAGE) {
             DirtyData::Pages(PageBuf::new(self.chunk_size))
         } else {
