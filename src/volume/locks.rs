@@ -28,6 +28,19 @@ impl ChunkLocks {
         let guard = m.lock_owned().await;
         ChunkGuard { locks: self, index, guard: Some(guard) }
     }
+
+    /// The lock if nobody holds it now.
+    pub fn try_lock(&self, index: u64) -> Option<ChunkGuard<'_>> {
+        let m = {
+            let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+            t.entry(index).or_default().clone()
+        };
+        // On failure the guard-less value's drop removes the entry again
+        // if it is unused.
+        let mut g = ChunkGuard { locks: self, index, guard: None };
+        g.guard = Some(m.try_lock_owned().ok()?);
+        Some(g)
+    }
 }
 
 impl Drop for ChunkGuard<'_> {

@@ -32,7 +32,7 @@ impl Volume {
                 });
                 // Chunks with a few dirty pages go inside the record;
                 // the others are uploaded whole.
-                let inline = inner.choose_inline(&st);
+                let inline = inner.choose_inline(&st, st.slots.keys().copied());
                 let dirty = st.slots.keys().filter(|i| !inline.contains(i)).copied().collect::<Vec<u64>>();
                 st.inline_next.extend(inline);
                 (dirty, closed)
@@ -143,14 +143,16 @@ impl Inner {
     /// the chunk's patch cap (a quarter of the chunk), the record's inline
     /// cap and the volume's patch limit. The rest are uploaded whole,
     /// which also folds their patches.
-    pub(super) fn choose_inline(&self, st: &State) -> BTreeSet<u64> {
+    pub(super) fn choose_inline(&self, st: &State, candidates: impl Iterator<Item = u64>) -> BTreeSet<u64> {
         let mut out = BTreeSet::new();
         if self.opts.patch_limit == 0 {
             return out;
         }
         let chunk_cap = self.chunk_size / 4;
         let (mut record, mut total) = (0u64, st.patch_bytes);
-        for (index, slot) in &st.slots {
+        for index in candidates {
+            let Some(slot) = st.slots.get(&index) else { continue };
+            let index = &index;
             let new = slot.touched_pages() * PAGE as u64;
             let had = st.patches.get(index).map_or(0, |p| p.bytes());
             if had + new > chunk_cap || record + new > RECORD_INLINE_MAX || total + new > self.opts.patch_limit {

@@ -96,16 +96,51 @@ impl Inner {
     /// each round frees a quarter at least, whoever asked for it.
     pub(super) async fn background_upload(&self) {
         let target = self.dirty.as_ref().map_or(0, |d| d.fair_share().min(d.held()) / 4 * 3);
+        // Room for more pages first, when they are past half their limit.
+        if let Err(e) = self.fold_patches().await {
+            tracing::warn!(volume = %self.vol, error = %e, "folding patched chunks failed");
+        }
+        // Off once a round of inline commits freed nothing (the same
+        // chunks written again meanwhile): then they are uploaded.
+        let mut inline_helps = true;
         loop {
-            let batch: Vec<u64> = {
+            let (batch, inline): (Vec<u64>, BTreeSet<u64>) = {
                 let st = self.lock();
                 if st.fenced.is_some() || st.slots.len() as u64 * self.chunk_size <= target {
                     break;
                 }
                 let mut v: Vec<(u64, u64)> = st.slots.iter().map(|(i, s)| (s.since, *i)).collect();
                 v.sort_unstable();
-                v.into_iter().take(self.opts.concurrency).map(|(_, i)| i).collect()
+                // Chunks with few dirty pages, oldest first, go inside one
+                // journal record (no upload, no base to fetch); the oldest
+                // of the others are uploaded.
+                let inline = match inline_helps {
+                    true => self.choose_inline(&st, v.iter().map(|(_, i)| *i)),
+                    false => BTreeSet::new(),
+                };
+                let batch = v.into_iter().map(|(_, i)| i).filter(|i| !inline.contains(i));
+                (batch.take(self.opts.concurrency).collect(), inline)
             };
+            if !inline.is_empty() {
+                let before = {
+                    let mut st = self.lock();
+                    st.inline_next.extend(inline);
+                    st.slots.len()
+                };
+                let _f = self.flush_lock.lock().await;
+                if let Err(e) = self.commit().await {
+                    tracing::warn!(volume = %self.vol, error = %e, "committing dirty pages in the background failed");
+                    if let VolumeError::Store(se) = e {
+                        self.lock().upload_error = Some(se);
+                    }
+                    return;
+                }
+                inline_helps = self.lock().slots.len() < before;
+                continue;
+            }
+            if batch.is_empty() {
+                break;
+            }
             let results: Vec<VolumeResult<()>> = stream::iter(batch.into_iter().map(|i| self.upload_chunk(i)))
                 .buffer_unordered(self.opts.concurrency)
                 .collect()
@@ -173,9 +208,11 @@ impl Inner {
     /// chunk changed meanwhile (then the next flush deals with it). True
     /// when staged.
     async fn fold_chunk(&self, index: u64) -> VolumeResult<bool> {
-        let _u = self.upload_locks.lock(index).await;
+        // Never waits for a chunk's locks: a writer holding one may be
+        // waiting for memory that only the uploader (which folds) frees.
+        let Some(_u) = self.upload_locks.try_lock(index) else { return Ok(false) };
         let (data, map, patch) = {
-            let _g = self.locks.lock(index).await;
+            let Some(_g) = self.locks.try_lock(index) else { return Ok(false) };
             let (map, patch) = {
                 let st = self.lock();
                 (st.map.get(&index).copied(), st.patches.get(&index).cloned())
