@@ -1392,3 +1392,187 @@ async fn a_cached_chunk_stays_cached_through_an_inline_commit() {
     assert_eq!(v.read(0, CS as u64).await.expect("read"), expect);
     assert_eq!(fault.gets_seen() - gets, 0, "the chunk was fetched again after its inline commit");
 }
+
+/// Equal bytes, or the first offset where they differ.
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(at) = got.iter().zip(want).position(|(g, w)| g != w) {
+        panic!("{what}: bytes differ from offset {at} (page {})", at / 4096);
+    }
+}
+
+/// A store that holds PUTs of keys containing a given string (the next
+/// `n` of them, once armed), each until one permit is released: uploads
+/// and commits caught in flight.
+#[derive(Debug)]
+struct HoldsPuts {
+    inner: DynStore,
+    armed: std::sync::Mutex<Option<(String, usize)>>,
+    entered: std::sync::atomic::AtomicUsize,
+    done: std::sync::atomic::AtomicUsize,
+    release: tokio::sync::Semaphore,
+}
+
+impl HoldsPuts {
+    fn new(inner: DynStore) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            armed: std::sync::Mutex::new(None),
+            entered: 0.into(),
+            done: 0.into(),
+            release: tokio::sync::Semaphore::new(0),
+        })
+    }
+    fn arm(&self, key: &str, n: usize) {
+        *self.armed.lock().expect("lock") = Some((key.to_string(), n));
+    }
+    /// Wait until `n` held PUTs have begun (`done`: ended).
+    async fn until(&self, n: usize, done: bool) {
+        let counter = if done { &self.done } else { &self.entered };
+        let wait = async {
+            while counter.load(std::sync::atomic::Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait).await.expect("held PUTs");
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for HoldsPuts {
+    async fn get(&self, key: &str, range: Option<std::ops::Range<u64>>) -> store::StoreResult<Bytes> {
+        self.inner.get(key, range).await
+    }
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> store::StoreResult<()> {
+        let held = {
+            let mut armed = self.armed.lock().expect("lock");
+            match armed.as_mut() {
+                Some((k, n)) if *n > 0 && key.contains(k.as_str()) => {
+                    *n -= 1;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if !held {
+            return self.inner.put(key, body, mode).await;
+        }
+        self.entered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.release.acquire().await.expect("semaphore").forget();
+        let r = self.inner.put(key, body, mode).await;
+        self.done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        r
+    }
+    async fn delete(&self, key: &str) -> store::StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, req: store::ListRequest<'_>) -> store::StoreResult<store::ListPage> {
+        self.inner.list(req).await
+    }
+    async fn head(&self, key: &str) -> store::StoreResult<Option<u64>> {
+        self.inner.head(key).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// A background upload of a chunk read before its last write, ending
+/// after a flush committed the chunk's pages inline, must not put the
+/// older bytes back: neither for the writer's reads nor in the next
+/// record (whose chunk entry would drop the committed pages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_older_than_inline_pages_does_not_bring_back_older_bytes() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CS as u64).await;
+    let chunks = HoldsPuts::new(mem.clone());
+    let store: DynStore = chunks.clone();
+    let (v, want, third) = older_upload_in_flight(&store, &chunks).await;
+    v.flush().await.expect("flush");
+    assert_same(&v.read(0, 8192).await.expect("read"), &want, "after the flush");
+    // The held upload ends, and the uploader commits what it staged.
+    chunks.release.add_permits(1);
+    third.await.expect("join").expect("third write");
+    chunks.until(1, true).await;
+    // What it does next takes no store call: give it a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    settle_staged(&v).await;
+    assert_same(&v.read(0, 8192).await.expect("read"), &want, "the writer, after the older upload ended");
+    v.flush().await.expect("flush");
+    drop(v);
+    assert_same(&open_ro(&mem, "v/").await.read(0, 8192).await.expect("read"), &want, "a fresh opener");
+    assert_fsck_clean(&mem, "v/").await;
+}
+
+/// The same upload ending while the flush's record is in flight (the slot
+/// is still there, written since the upload read it): the record lands
+/// and releases the slot; the chunk staged meanwhile holds less than the
+/// record and must go with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_ending_while_inline_pages_are_in_flight_does_not_outlive_them() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CS as u64).await;
+    let journal = HoldsPuts::new(mem.clone());
+    let chunks = HoldsPuts::new(journal.clone());
+    let store: DynStore = chunks.clone();
+    // The uploader's next upload of chunk 0 (at the flushed version) is
+    // held too, until the record has landed.
+    let (v, want, third) = older_upload_in_flight(&store, &chunks).await;
+    chunks.arm(&format!("{}{:016x}/", format::chunk_prefix("v/"), 0), 1);
+    journal.arm(&format::journal_prefix("v/"), 1);
+    let flush = {
+        let v = v.clone();
+        tokio::spawn(async move { v.flush().await })
+    };
+    journal.until(1, false).await;
+    chunks.release.add_permits(1);
+    chunks.until(1, true).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    journal.release.add_permits(1);
+    flush.await.expect("join").expect("flush");
+    assert_same(&v.read(0, 8192).await.expect("read"), &want, "the writer, after the flush");
+    chunks.release.add_permits(1);
+    third.await.expect("join").expect("third write");
+    settle_staged(&v).await;
+    assert_same(&v.read(0, 8192).await.expect("read"), &want, "the writer, after the uploads ended");
+    v.flush().await.expect("flush");
+    drop(v);
+    assert_same(&open_ro(&mem, "v/").await.read(0, 8192).await.expect("read"), &want, "a fresh opener");
+    assert_fsck_clean(&mem, "v/").await;
+}
+
+/// A writer with room for two dirty chunks: pages a (chunk 0, page 0)
+/// and a page of chunk 1 written; a third chunk's write waiting for the
+/// background uploader, which took chunk 0 and is held in its PUT; then
+/// page b (chunk 0, page 1) written. Returns the volume, chunk 0's first
+/// two pages as they must read, and the waiting write.
+async fn older_upload_in_flight(
+    store: &DynStore,
+    chunks: &HoldsPuts,
+) -> (Volume, Vec<u8>, tokio::task::JoinHandle<Result<(), VolumeError>>) {
+    let opts = OpenOptions { dirty_limit: 2 * CS as u64, concurrency: 1, ..OpenOptions::default() };
+    let v = Volume::open(store.clone(), "v/", opts).await.expect("open");
+    let a = common::pattern(1, 4096);
+    let b = common::pattern(2, 4096);
+    v.write(0, &a).await.expect("write a");
+    v.write(CS as u64, &a).await.expect("write chunk 1");
+    chunks.arm(&format!("{}{:016x}/", format::chunk_prefix("v/"), 0), 1);
+    let third = {
+        let v = v.clone();
+        tokio::spawn(async move { v.write(2 * CS as u64, b"third").await })
+    };
+    chunks.until(1, false).await;
+    v.write(4096, &b).await.expect("write b");
+    let mut want = a;
+    want.extend_from_slice(&b);
+    (v, want, third)
+}
+
+async fn settle_staged(v: &Volume) {
+    let settled = async {
+        while v.stats().staged_chunks > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), settled).await.expect("the uploader settled");
+}

@@ -203,9 +203,13 @@ impl Inner {
                 // Written again meanwhile: still dirty (its pages go again).
                 continue;
             }
+            // A chunk staged since the record was built (an upload that
+            // read the slot before its last write ended meanwhile) holds
+            // no more than the record: read instead of the pages, or named
+            // by the next record, it would take them back.
+            st.staged.remove(index);
             if let Some(slot) = st.slots.remove(index)
                 && let DirtyData::Data(v) = slot.data
-                && !st.staged.contains_key(index)
             {
                 // Its bytes are the chunk's committed bytes now.
                 let v = Arc::try_unwrap(v).unwrap_or_else(|shared| shared.as_ref().clone());
