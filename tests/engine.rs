@@ -1576,3 +1576,21 @@ async fn settle_staged(v: &Volume) {
     };
     tokio::time::timeout(Duration::from_secs(10), settled).await.expect("the uploader settled");
 }
+
+/// Zeros written into a chunk that is all zeros add nothing to a record,
+/// but the flush still leaves the chunk clean: no dirty chunk (and no
+/// dirty memory) stays behind a flush that had nothing to commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_of_zeros_over_zeros_leaves_nothing_dirty() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    create(&store, "v/", 4 * CS as u64).await;
+    let v = open(&store, "v/").await;
+    v.write_zeroes(4096, 4096).await.expect("zero a page");
+    v.write(2 * CS as u64, &[0u8; 4096]).await.expect("write a page of zeros");
+    let head = v.stats().head_seq;
+    v.flush().await.expect("flush");
+    let s = v.stats();
+    assert_eq!(s.head_seq, head, "nothing to commit");
+    assert_eq!(s.dirty_chunks, 0, "a flush left chunks dirty");
+    assert_eq!(v.read(0, 3 * CS as u64).await.expect("read"), vec![0u8; 3 * CS as usize]);
+}

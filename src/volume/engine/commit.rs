@@ -261,6 +261,11 @@ impl Inner {
             }
             if st.staged.is_empty() && inline.is_empty() && st.size == st.committed_size {
                 st.inline_next.clear();
+                // Every page they hold is zeros over a chunk of zeros: they
+                // are what is committed already.
+                for (index, _) in &inline_versions {
+                    st.slots.remove(index);
+                }
                 return Ok(());
             }
             let record = JournalRecord {
