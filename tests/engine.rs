@@ -1594,3 +1594,42 @@ async fn a_flush_of_zeros_over_zeros_leaves_nothing_dirty() {
     assert_eq!(s.dirty_chunks, 0, "a flush left chunks dirty");
     assert_eq!(v.read(0, 3 * CS as u64).await.expect("read"), vec![0u8; 3 * CS as usize]);
 }
+
+/// A checkpoint whose patches lay a page outside its chunk, on a chunk
+/// past the volume's end, or past the end inside the last chunk is
+/// refused as corrupt when opened, not silently half-applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_with_patches_out_of_place_is_refused() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    // Three and a half chunks: the last one is half inside the volume.
+    let size = 3 * CS as u64 + CS as u64 / 2;
+    create(&store, "v/", size).await;
+    let v = open(&store, "v/").await;
+    v.write(0, b"data").await.expect("write");
+    v.flush().await.expect("flush");
+    let head = v.stats().head_seq;
+    drop(v);
+    let st = replay::replay(store.as_ref(), "v/", CS as u64, None).await.expect("replay");
+    assert_eq!(st.patches.len(), 1);
+    let pages = CS / 4096;
+    let page = Some(Bytes::from(vec![7u8; 4096]));
+    for (index, p, what) in [
+        (0u64, pages, "outside its chunk"),
+        (0, u32::MAX, "outside its chunk"),
+        (4, 0, "past the end"),
+        (3, pages / 2, "past the end"),
+    ] {
+        let mut patches = st.patches.clone();
+        let mut patch = format::Patch::default();
+        patch.pages.insert(p, page.clone());
+        patches.insert(index, Arc::new(patch));
+        let cp = Checkpoint { seq: head, epoch: st.epoch, size: st.size, map: st.map.clone(), patches };
+        let key = format::checkpoint_key("v/", head);
+        store.put(&key, Bytes::from(cp.encode()), PutMode::Overwrite).await.expect("put checkpoint");
+        match Volume::open(store.clone(), "v/", OpenOptions { read_only: true, ..OpenOptions::default() }).await {
+            Err(VolumeError::Corrupt(m)) => assert!(m.contains(what), "chunk {index} page {p}: {m}"),
+            Err(e) => panic!("chunk {index} page {p}: expected a corruption error, got {e}"),
+            Ok(_) => panic!("chunk {index} page {p}: a checkpoint patching {what} was accepted"),
+        }
+    }
+}
