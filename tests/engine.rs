@@ -1633,3 +1633,45 @@ async fn a_checkpoint_with_patches_out_of_place_is_refused() {
         }
     }
 }
+
+/// A flush chooses the chunks it sends inline before it uploads the
+/// others; pages written to them meanwhile must not carry the record past
+/// the limits (a chunk's patch cap, the volume's patch limit): such a
+/// chunk is uploaded whole instead, and the flush still commits it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_written_during_a_flush_do_not_carry_its_record_past_the_patch_limits() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CS as u64).await;
+    let chunks = HoldsPuts::new(mem.clone());
+    let store: DynStore = chunks.clone();
+    let limit = 8 * 4096;
+    let v = Volume::open(store.clone(), "v/", OpenOptions { patch_limit: limit, ..OpenOptions::default() })
+        .await
+        .expect("open");
+    let mut want = vec![0u8; 2 * CS as usize];
+    let first = common::pattern(1, 4096);
+    v.write(0, &first).await.expect("write a page");
+    want[..4096].copy_from_slice(&first);
+    let whole = common::pattern(2, CS as usize);
+    v.write(CS as u64, &whole).await.expect("write chunk 1");
+    want[CS as usize..].copy_from_slice(&whole);
+    chunks.arm(&format!("{}{:016x}/", format::chunk_prefix("v/"), 1), 1);
+    let flush = {
+        let v = v.clone();
+        tokio::spawn(async move { v.flush().await })
+    };
+    // The flush chose chunk 0 (one page) inline and uploads chunk 1.
+    chunks.until(1, false).await;
+    let rest = common::pattern(3, CS as usize - 4096);
+    v.write(4096, &rest).await.expect("write the rest of chunk 0");
+    want[4096..CS as usize].copy_from_slice(&rest);
+    chunks.release.add_permits(1);
+    flush.await.expect("join").expect("flush");
+    let s = v.stats();
+    assert!(s.patch_bytes <= limit, "patches of {} bytes past their limit of {limit}", s.patch_bytes);
+    assert!(s.patch_bytes <= CS as u64 / 4, "a patch of {} bytes past a quarter of its chunk", s.patch_bytes);
+    assert_same(&v.read(0, 2 * CS as u64).await.expect("read"), &want, "the writer");
+    drop(v);
+    assert_same(&open_ro(&mem, "v/").await.read(0, 2 * CS as u64).await.expect("read"), &want, "a fresh opener");
+    assert_fsck_clean(&mem, "v/").await;
+}

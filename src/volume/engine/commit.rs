@@ -42,6 +42,16 @@ impl Volume {
                 .try_collect::<Vec<()>>()
                 .await?;
             inner.commit().await?;
+            // Chunks it chose inline whose pages, written meanwhile, no
+            // longer fit: they go up whole, in a second record.
+            let deferred = std::mem::take(&mut inner.lock().inline_deferred);
+            if !deferred.is_empty() {
+                stream::iter(deferred.into_iter().map(|i| inner.upload_chunk(i)))
+                    .buffer_unordered(inner.opts.concurrency)
+                    .try_collect::<Vec<()>>()
+                    .await?;
+                inner.commit().await?;
+            }
             if let Some(n) = closed
                 && let Some(l) = inner.lock().log.as_mut()
             {
@@ -234,11 +244,26 @@ impl Inner {
             }
             self.restage(self.opts.restage_after).await?;
             let mut st = self.lock();
-            // The pages of the chunks this flush sends inline, as they are now.
+            // The pages of the chunks this flush sends inline, as they are
+            // now: within the limits `choose_inline` kept to, which pages
+            // written since may have pushed them past.
             let mut inline = Vec::new();
             let mut inline_versions = Vec::new();
+            let mut deferred = Vec::new();
+            let (mut record_bytes, mut total) = (0u64, st.patch_bytes);
             for index in &st.inline_next {
                 let Some(slot) = st.slots.get(index) else { continue };
+                let new = slot.touched_pages() * PAGE as u64;
+                let had = st.patches.get(index).map_or(0, |p| p.bytes());
+                if had + new > self.chunk_size / 4
+                    || record_bytes + new > RECORD_INLINE_MAX
+                    || total + new > self.opts.patch_limit
+                {
+                    deferred.push(*index);
+                    continue;
+                }
+                record_bytes += new;
+                total += new;
                 inline_versions.push((*index, slot.version));
                 // Zero pages over a chunk that is all zeros go nowhere.
                 let zero_below = !st.staged.contains_key(index)
@@ -258,6 +283,10 @@ impl Inner {
                     let offset = index * self.chunk_size + (page * PAGE) as u64;
                     inline.push(InlineWrite { offset, data });
                 }
+            }
+            for index in deferred {
+                st.inline_next.remove(&index);
+                st.inline_deferred.insert(index);
             }
             if st.staged.is_empty() && inline.is_empty() && st.size == st.committed_size {
                 st.inline_next.clear();
