@@ -1408,6 +1408,8 @@ fn assert_same(got: &[u8], want: &[u8], what: &str) {
 struct HoldsPuts {
     inner: DynStore,
     armed: std::sync::Mutex<Option<(String, usize)>>,
+    /// Hold the answer, after the PUT was applied, instead of the PUT.
+    after: std::sync::atomic::AtomicBool,
     entered: std::sync::atomic::AtomicUsize,
     done: std::sync::atomic::AtomicUsize,
     release: tokio::sync::Semaphore,
@@ -1418,6 +1420,7 @@ impl HoldsPuts {
         Arc::new(Self {
             inner,
             armed: std::sync::Mutex::new(None),
+            after: false.into(),
             entered: 0.into(),
             done: 0.into(),
             release: tokio::sync::Semaphore::new(0),
@@ -1456,6 +1459,13 @@ impl ObjectStore for HoldsPuts {
         };
         if !held {
             return self.inner.put(key, body, mode).await;
+        }
+        if self.after.load(std::sync::atomic::Ordering::SeqCst) {
+            let r = self.inner.put(key, body, mode).await;
+            self.entered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.release.acquire().await.expect("semaphore").forget();
+            self.done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return r;
         }
         self.entered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.release.acquire().await.expect("semaphore").forget();
@@ -1673,5 +1683,39 @@ async fn pages_written_during_a_flush_do_not_carry_its_record_past_the_patch_lim
     assert_same(&v.read(0, 2 * CS as u64).await.expect("read"), &want, "the writer");
     drop(v);
     assert_same(&open_ro(&mem, "v/").await.read(0, 2 * CS as u64).await.expect("read"), &want, "a fresh opener");
+    assert_fsck_clean(&mem, "v/").await;
+}
+
+/// A flush given up while its record, carrying a chunk's pages, was in
+/// flight (the record landed; its answer never came), a write to the same
+/// chunk, and a flush: settling the earlier record must not make the new
+/// flush forget the chunk it chose to send inline, or it returns success
+/// without committing the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settling_an_earlier_inline_record_does_not_drop_a_later_flushs_pages() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CS as u64).await;
+    let journal = HoldsPuts::new(mem.clone());
+    let store: DynStore = journal.clone();
+    let v = open(&store, "v/").await;
+    let a = common::pattern(1, 4096);
+    let b = common::pattern(2, 4096);
+    v.write(0, &a).await.expect("write a");
+    journal.after.store(true, std::sync::atomic::Ordering::SeqCst);
+    journal.arm(&format::journal_prefix("v/"), 1);
+    let flush = {
+        let v = v.clone();
+        tokio::spawn(async move { v.flush().await })
+    };
+    journal.until(1, false).await;
+    flush.abort();
+    assert!(flush.await.is_err(), "the first flush was given up");
+    v.write(4096, &b).await.expect("write b");
+    v.flush().await.expect("flush");
+    let mut want = a;
+    want.extend_from_slice(&b);
+    assert_same(&v.read(0, 8192).await.expect("read"), &want, "the writer");
+    drop(v);
+    assert_same(&open_ro(&mem, "v/").await.read(0, 8192).await.expect("read"), &want, "a fresh opener");
     assert_fsck_clean(&mem, "v/").await;
 }

@@ -208,7 +208,6 @@ impl Inner {
             st.clean.remove(index);
         }
         for (index, version) in inline_versions {
-            st.inline_next.remove(index);
             if st.slots.get(index).is_none_or(|s| s.version != *version) {
                 // Written again meanwhile: still dirty (its pages go again).
                 continue;
@@ -284,12 +283,14 @@ impl Inner {
                     inline.push(InlineWrite { offset, data });
                 }
             }
-            for index in deferred {
-                st.inline_next.remove(&index);
-                st.inline_deferred.insert(index);
-            }
+            // Each chunk chosen is now carried, left out, or clean: a
+            // record that does not land hands its chunks back (`abandon`,
+            // and `settle` when an earlier record landed instead). Taken
+            // here, not when the record lands: a record sent by an earlier
+            // flush must not take a later flush's choice with it.
+            st.inline_next.clear();
+            st.inline_deferred.extend(deferred);
             if st.staged.is_empty() && inline.is_empty() && st.size == st.committed_size {
-                st.inline_next.clear();
                 // Every page they hold is zeros over a chunk of zeros: they
                 // are what is committed already.
                 for (index, _) in &inline_versions {
@@ -372,7 +373,8 @@ impl Inner {
                 let (b, r) = self.lock().abandoned[i].clone();
                 tracing::warn!(volume = %self.vol, seq, "a commit given up on landed after all; committing again after it");
                 // Its pages were read from slots that stay dirty: they go
-                // again in the next record.
+                // again in the next record, with those `p` carried.
+                self.lock().inline_next.extend(p.inline_versions.iter().map(|(i, _)| *i));
                 (r, b, Vec::new(), None)
             }
             Appended::Taken(why) => return Err(self.fence(why)),
@@ -427,6 +429,8 @@ impl Inner {
         {
             let mut st = self.lock();
             st.pending = None;
+            // The chunks whose pages it carried go in the next record.
+            st.inline_next.extend(p.inline_versions.iter().map(|(i, _)| *i));
             st.abandoned.push((p.bytes, p.record));
         }
         self.restage(Duration::ZERO).await
