@@ -1588,8 +1588,8 @@ async fn settle_staged(v: &Volume) {
 }
 
 /// Zeros written into a chunk that is all zeros add nothing to a record,
-/// but the flush still leaves the chunk clean: no dirty chunk (and no
-/// dirty memory) stays behind a flush that had nothing to commit.
+/// but the flush still commits one (see the next test) and leaves the
+/// chunk clean: no dirty chunk (and no dirty memory) stays behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_of_zeros_over_zeros_leaves_nothing_dirty() {
     let store: DynStore = Arc::new(MemoryStore::new());
@@ -1600,8 +1600,8 @@ async fn a_flush_of_zeros_over_zeros_leaves_nothing_dirty() {
     let head = v.stats().head_seq;
     v.flush().await.expect("flush");
     let s = v.stats();
-    assert_eq!(s.head_seq, head, "nothing to commit");
-    assert_eq!(s.dirty_chunks, 0, "a flush left chunks dirty");
+    assert_eq!(s.head_seq, head + 1, "one record, with no chunk and no page");
+    assert_eq!((s.dirty_chunks, s.patched_chunks), (0, 0), "a flush left chunks dirty or patched");
     assert_eq!(v.read(0, 3 * CS as u64).await.expect("read"), vec![0u8; 3 * CS as usize]);
 }
 
@@ -1718,4 +1718,25 @@ async fn settling_an_earlier_inline_record_does_not_drop_a_later_flushs_pages() 
     drop(v);
     assert_same(&open_ro(&mem, "v/").await.read(0, 8192).await.expect("read"), &want, "a fresh opener");
     assert_fsck_clean(&mem, "v/").await;
+}
+
+/// Zeros written over a chunk of zeros add nothing to a record, but the
+/// flush that covers them still proves the writer was not fenced: a
+/// writer another one took over gets an error, never success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_of_zeros_over_zeros_still_finds_the_writer_fenced() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    create(&store, "v/", 4 * CS as u64).await;
+    let old = open(&store, "v/").await;
+    let new = open(&store, "v/").await;
+    new.write(4096, b"the new writer's").await.expect("write");
+    new.flush().await.expect("flush");
+    old.write_zeroes(4096, 4096).await.expect("zero a page");
+    match old.flush().await {
+        Err(VolumeError::Fenced(_)) => {}
+        other => panic!("a writer taken over flushed zeros over its stale view: {other:?}"),
+    }
+    drop(old);
+    let r = open_ro(&store, "v/").await;
+    assert_eq!(r.read(4096, 16).await.expect("read"), b"the new writer's");
 }

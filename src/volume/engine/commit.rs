@@ -290,12 +290,11 @@ impl Inner {
             // flush must not take a later flush's choice with it.
             st.inline_next.clear();
             st.inline_deferred.extend(deferred);
-            if st.staged.is_empty() && inline.is_empty() && st.size == st.committed_size {
-                // Every page they hold is zeros over a chunk of zeros: they
-                // are what is committed already.
-                for (index, _) in &inline_versions {
-                    st.slots.remove(index);
-                }
+            // A chunk whose pages were all zeros over zeros adds nothing,
+            // but the flush covering its writes still commits a record: the
+            // append is what proves this writer was not fenced meanwhile.
+            // Once it lands, the chunk is clean.
+            if st.staged.is_empty() && inline.is_empty() && inline_versions.is_empty() && st.size == st.committed_size {
                 return Ok(());
             }
             let record = JournalRecord {
