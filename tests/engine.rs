@@ -1392,3 +1392,351 @@ async fn a_cached_chunk_stays_cached_through_an_inline_commit() {
     assert_eq!(v.read(0, CS as u64).await.expect("read"), expect);
     assert_eq!(fault.gets_seen() - gets, 0, "the chunk was fetched again after its inline commit");
 }
+
+/// Equal bytes, or the first offset where they differ.
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(at) = got.iter().zip(want).position(|(g, w)| g != w) {
+        panic!("{what}: bytes differ from offset {at} (page {})", at / 4096);
+    }
+}
+
+/// A store that holds PUTs of keys containing a given string (the next
+/// `n` of them, once armed), each until one permit is released: uploads
+/// and commits caught in flight.
+#[derive(Debug)]
+struct HoldsPuts {
+    inner: DynStore,
+    armed: std::sync::Mutex<Option<(String, usize)>>,
+    /// Hold the answer, after the PUT was applied, instead of the PUT.
+    after: std::sync::atomic::AtomicBool,
+    entered: std::sync::atomic::AtomicUsize,
+    done: std::sync::atomic::AtomicUsize,
+    release: tokio::sync::Semaphore,
+}
+
+impl HoldsPuts {
+    fn new(inner: DynStore) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            armed: std::sync::Mutex::new(None),
+            after: false.into(),
+            entered: 0.into(),
+            done: 0.into(),
+            release: tokio::sync::Semaphore::new(0),
+        })
+    }
+    fn arm(&self, key: &str, n: usize) {
+        *self.armed.lock().expect("lock") = Some((key.to_string(), n));
+    }
+    /// Wait until `n` held PUTs have begun (`done`: ended).
+    async fn until(&self, n: usize, done: bool) {
+        let counter = if done { &self.done } else { &self.entered };
+        let wait = async {
+            while counter.load(std::sync::atomic::Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait).await.expect("held PUTs");
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for HoldsPuts {
+    async fn get(&self, key: &str, range: Option<std::ops::Range<u64>>) -> store::StoreResult<Bytes> {
+        self.inner.get(key, range).await
+    }
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> store::StoreResult<()> {
+        let held = {
+            let mut armed = self.armed.lock().expect("lock");
+            match armed.as_mut() {
+                Some((k, n)) if *n > 0 && key.contains(k.as_str()) => {
+                    *n -= 1;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if !held {
+            return self.inner.put(key, body, mode).await;
+        }
+        if self.after.load(std::sync::atomic::Ordering::SeqCst) {
+            let r = self.inner.put(key, body, mode).await;
+            self.entered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.release.acquire().await.expect("semaphore").forget();
+            self.done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return r;
+        }
+        self.entered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.release.acquire().await.expect("semaphore").forget();
+        let r = self.inner.put(key, body, mode).await;
+        self.done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        r
+    }
+    async fn delete(&self, key: &str) -> store::StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, req: store::ListRequest<'_>) -> store::StoreResult<store::ListPage> {
+        self.inner.list(req).await
+    }
+    async fn head(&self, key: &str) -> store::StoreResult<Option<u64>> {
+        self.inner.head(key).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// A background upload of a chunk read before its last write, ending
+/// after a flush committed the chunk's pages inline, must not put the
+/// older bytes back: neither for the writer's reads nor in the next
+/// record (whose chunk entry would drop the committed pages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_older_than_inline_pages_does_not_bring_back_older_bytes() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CS as u64).await;
+    let chunks = HoldsPuts::new(mem.clone());
+    let store: DynStore = chunks.clone();
+    let (v, want, third) = older_upload_in_flight(&store, &chunks).await;
+    v.flush().await.expect("flush");
+    assert_same(&v.read(0, 8192).await.expect("read"), &want, "after the flush");
+    // The held upload ends, and the uploader commits what it staged.
+    chunks.release.add_permits(1);
+    third.await.expect("join").expect("third write");
+    chunks.until(1, true).await;
+    // What it does next takes no store call: give it a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    settle_staged(&v).await;
+    assert_same(&v.read(0, 8192).await.expect("read"), &want, "the writer, after the older upload ended");
+    v.flush().await.expect("flush");
+    drop(v);
+    assert_same(&open_ro(&mem, "v/").await.read(0, 8192).await.expect("read"), &want, "a fresh opener");
+    assert_fsck_clean(&mem, "v/").await;
+}
+
+/// The same upload ending while the flush's record is in flight (the slot
+/// is still there, written since the upload read it): the record lands
+/// and releases the slot; the chunk staged meanwhile holds less than the
+/// record and must go with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_ending_while_inline_pages_are_in_flight_does_not_outlive_them() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CS as u64).await;
+    let journal = HoldsPuts::new(mem.clone());
+    let chunks = HoldsPuts::new(journal.clone());
+    let store: DynStore = chunks.clone();
+    // The uploader's next upload of chunk 0 (at the flushed version) is
+    // held too, until the record has landed.
+    let (v, want, third) = older_upload_in_flight(&store, &chunks).await;
+    chunks.arm(&format!("{}{:016x}/", format::chunk_prefix("v/"), 0), 1);
+    journal.arm(&format::journal_prefix("v/"), 1);
+    let flush = {
+        let v = v.clone();
+        tokio::spawn(async move { v.flush().await })
+    };
+    journal.until(1, false).await;
+    chunks.release.add_permits(1);
+    chunks.until(1, true).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    journal.release.add_permits(1);
+    flush.await.expect("join").expect("flush");
+    assert_same(&v.read(0, 8192).await.expect("read"), &want, "the writer, after the flush");
+    chunks.release.add_permits(1);
+    third.await.expect("join").expect("third write");
+    settle_staged(&v).await;
+    assert_same(&v.read(0, 8192).await.expect("read"), &want, "the writer, after the uploads ended");
+    v.flush().await.expect("flush");
+    drop(v);
+    assert_same(&open_ro(&mem, "v/").await.read(0, 8192).await.expect("read"), &want, "a fresh opener");
+    assert_fsck_clean(&mem, "v/").await;
+}
+
+/// A writer with room for two dirty chunks: pages a (chunk 0, page 0)
+/// and a page of chunk 1 written; a third chunk's write waiting for the
+/// background uploader, which took chunk 0 and is held in its PUT; then
+/// page b (chunk 0, page 1) written. Returns the volume, chunk 0's first
+/// two pages as they must read, and the waiting write.
+async fn older_upload_in_flight(
+    store: &DynStore,
+    chunks: &HoldsPuts,
+) -> (Volume, Vec<u8>, tokio::task::JoinHandle<Result<(), VolumeError>>) {
+    let opts = OpenOptions { dirty_limit: 2 * CS as u64, concurrency: 1, ..OpenOptions::default() };
+    let v = Volume::open(store.clone(), "v/", opts).await.expect("open");
+    let a = common::pattern(1, 4096);
+    let b = common::pattern(2, 4096);
+    v.write(0, &a).await.expect("write a");
+    v.write(CS as u64, &a).await.expect("write chunk 1");
+    chunks.arm(&format!("{}{:016x}/", format::chunk_prefix("v/"), 0), 1);
+    let third = {
+        let v = v.clone();
+        tokio::spawn(async move { v.write(2 * CS as u64, b"third").await })
+    };
+    chunks.until(1, false).await;
+    v.write(4096, &b).await.expect("write b");
+    let mut want = a;
+    want.extend_from_slice(&b);
+    (v, want, third)
+}
+
+async fn settle_staged(v: &Volume) {
+    let settled = async {
+        while v.stats().staged_chunks > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), settled).await.expect("the uploader settled");
+}
+
+/// Zeros written into a chunk that is all zeros add nothing to a record,
+/// but the flush still commits one (see the next test) and leaves the
+/// chunk clean: no dirty chunk (and no dirty memory) stays behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_of_zeros_over_zeros_leaves_nothing_dirty() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    create(&store, "v/", 4 * CS as u64).await;
+    let v = open(&store, "v/").await;
+    v.write_zeroes(4096, 4096).await.expect("zero a page");
+    v.write(2 * CS as u64, &[0u8; 4096]).await.expect("write a page of zeros");
+    let head = v.stats().head_seq;
+    v.flush().await.expect("flush");
+    let s = v.stats();
+    assert_eq!(s.head_seq, head + 1, "one record, with no chunk and no page");
+    assert_eq!((s.dirty_chunks, s.patched_chunks), (0, 0), "a flush left chunks dirty or patched");
+    assert_eq!(v.read(0, 3 * CS as u64).await.expect("read"), vec![0u8; 3 * CS as usize]);
+}
+
+/// A checkpoint whose patches lay a page outside its chunk, on a chunk
+/// past the volume's end, or past the end inside the last chunk is
+/// refused as corrupt when opened, not silently half-applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_with_patches_out_of_place_is_refused() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    // Three and a half chunks: the last one is half inside the volume.
+    let size = 3 * CS as u64 + CS as u64 / 2;
+    create(&store, "v/", size).await;
+    let v = open(&store, "v/").await;
+    v.write(0, b"data").await.expect("write");
+    v.flush().await.expect("flush");
+    let head = v.stats().head_seq;
+    drop(v);
+    let st = replay::replay(store.as_ref(), "v/", CS as u64, None).await.expect("replay");
+    assert_eq!(st.patches.len(), 1);
+    let pages = CS / 4096;
+    let page = Some(Bytes::from(vec![7u8; 4096]));
+    for (index, p, what) in [
+        (0u64, pages, "outside its chunk"),
+        (0, u32::MAX, "outside its chunk"),
+        (4, 0, "past the end"),
+        (3, pages / 2, "past the end"),
+    ] {
+        let mut patches = st.patches.clone();
+        let mut patch = format::Patch::default();
+        patch.pages.insert(p, page.clone());
+        patches.insert(index, Arc::new(patch));
+        let cp = Checkpoint { seq: head, epoch: st.epoch, size: st.size, map: st.map.clone(), patches };
+        let key = format::checkpoint_key("v/", head);
+        store.put(&key, Bytes::from(cp.encode()), PutMode::Overwrite).await.expect("put checkpoint");
+        match Volume::open(store.clone(), "v/", OpenOptions { read_only: true, ..OpenOptions::default() }).await {
+            Err(VolumeError::Corrupt(m)) => assert!(m.contains(what), "chunk {index} page {p}: {m}"),
+            Err(e) => panic!("chunk {index} page {p}: expected a corruption error, got {e}"),
+            Ok(_) => panic!("chunk {index} page {p}: a checkpoint patching {what} was accepted"),
+        }
+    }
+}
+
+/// A flush chooses the chunks it sends inline before it uploads the
+/// others; pages written to them meanwhile must not carry the record past
+/// the limits (a chunk's patch cap, the volume's patch limit): such a
+/// chunk is uploaded whole instead, and the flush still commits it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_written_during_a_flush_do_not_carry_its_record_past_the_patch_limits() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CS as u64).await;
+    let chunks = HoldsPuts::new(mem.clone());
+    let store: DynStore = chunks.clone();
+    let limit = 8 * 4096;
+    let v = Volume::open(store.clone(), "v/", OpenOptions { patch_limit: limit, ..OpenOptions::default() })
+        .await
+        .expect("open");
+    let mut want = vec![0u8; 2 * CS as usize];
+    let first = common::pattern(1, 4096);
+    v.write(0, &first).await.expect("write a page");
+    want[..4096].copy_from_slice(&first);
+    let whole = common::pattern(2, CS as usize);
+    v.write(CS as u64, &whole).await.expect("write chunk 1");
+    want[CS as usize..].copy_from_slice(&whole);
+    chunks.arm(&format!("{}{:016x}/", format::chunk_prefix("v/"), 1), 1);
+    let flush = {
+        let v = v.clone();
+        tokio::spawn(async move { v.flush().await })
+    };
+    // The flush chose chunk 0 (one page) inline and uploads chunk 1.
+    chunks.until(1, false).await;
+    let rest = common::pattern(3, CS as usize - 4096);
+    v.write(4096, &rest).await.expect("write the rest of chunk 0");
+    want[4096..CS as usize].copy_from_slice(&rest);
+    chunks.release.add_permits(1);
+    flush.await.expect("join").expect("flush");
+    let s = v.stats();
+    assert!(s.patch_bytes <= limit, "patches of {} bytes past their limit of {limit}", s.patch_bytes);
+    assert!(s.patch_bytes <= CS as u64 / 4, "a patch of {} bytes past a quarter of its chunk", s.patch_bytes);
+    assert_same(&v.read(0, 2 * CS as u64).await.expect("read"), &want, "the writer");
+    drop(v);
+    assert_same(&open_ro(&mem, "v/").await.read(0, 2 * CS as u64).await.expect("read"), &want, "a fresh opener");
+    assert_fsck_clean(&mem, "v/").await;
+}
+
+/// A flush given up while its record, carrying a chunk's pages, was in
+/// flight (the record landed; its answer never came), a write to the same
+/// chunk, and a flush: settling the earlier record must not make the new
+/// flush forget the chunk it chose to send inline, or it returns success
+/// without committing the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settling_an_earlier_inline_record_does_not_drop_a_later_flushs_pages() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CS as u64).await;
+    let journal = HoldsPuts::new(mem.clone());
+    let store: DynStore = journal.clone();
+    let v = open(&store, "v/").await;
+    let a = common::pattern(1, 4096);
+    let b = common::pattern(2, 4096);
+    v.write(0, &a).await.expect("write a");
+    journal.after.store(true, std::sync::atomic::Ordering::SeqCst);
+    journal.arm(&format::journal_prefix("v/"), 1);
+    let flush = {
+        let v = v.clone();
+        tokio::spawn(async move { v.flush().await })
+    };
+    journal.until(1, false).await;
+    flush.abort();
+    assert!(flush.await.is_err(), "the first flush was given up");
+    v.write(4096, &b).await.expect("write b");
+    v.flush().await.expect("flush");
+    let mut want = a;
+    want.extend_from_slice(&b);
+    assert_same(&v.read(0, 8192).await.expect("read"), &want, "the writer");
+    drop(v);
+    assert_same(&open_ro(&mem, "v/").await.read(0, 8192).await.expect("read"), &want, "a fresh opener");
+    assert_fsck_clean(&mem, "v/").await;
+}
+
+/// Zeros written over a chunk of zeros add nothing to a record, but the
+/// flush that covers them still proves the writer was not fenced: a
+/// writer another one took over gets an error, never success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_of_zeros_over_zeros_still_finds_the_writer_fenced() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    create(&store, "v/", 4 * CS as u64).await;
+    let old = open(&store, "v/").await;
+    let new = open(&store, "v/").await;
+    new.write(4096, b"the new writer's").await.expect("write");
+    new.flush().await.expect("flush");
+    old.write_zeroes(4096, 4096).await.expect("zero a page");
+    match old.flush().await {
+        Err(VolumeError::Fenced(_)) => {}
+        other => panic!("a writer taken over flushed zeros over its stale view: {other:?}"),
+    }
+    drop(old);
+    let r = open_ro(&store, "v/").await;
+    assert_eq!(r.read(4096, 16).await.expect("read"), b"the new writer's");
+}

@@ -655,10 +655,15 @@ impl Checkpoint {
             for _ in 0..n {
                 let index = r.u64()?;
                 let pages = r.count(5)?;
+                if pages == 0 {
+                    return Err(invalid(what, format!("chunk {index} has an empty patch")));
+                }
                 let mut patch = Patch::default();
                 for _ in 0..pages {
                     let page = r.u32()?;
-                    patch.pages.insert(page, get_page(&mut r)?);
+                    if patch.pages.insert(page, get_page(&mut r)?).is_some() {
+                        return Err(invalid(what, format!("page {page} of chunk {index} patched twice")));
+                    }
                 }
                 if patches.insert(index, Arc::new(patch)).is_some() {
                     return Err(invalid(what, format!("chunk {index} patched twice")));
@@ -729,6 +734,31 @@ mod tests {
         let bytes = cp.encode();
         assert_eq!(bytes[8..12], FORMAT_VERSION.to_le_bytes());
         assert_eq!(Checkpoint::decode(&bytes, "c").unwrap(), cp);
+    }
+
+    #[test]
+    fn a_checkpoint_patching_a_page_twice_or_with_no_pages_is_refused() {
+        let encode = |pages: &[u32]| {
+            let mut w = Writer::new(CHECKPOINT_MAGIC, FORMAT_VERSION);
+            w.u64(9);
+            w.u64(2);
+            w.u64(1 << 30);
+            w.varint(0);
+            w.varint(1);
+            w.u64(5);
+            w.varint(pages.len() as u64);
+            for page in pages {
+                w.u32(*page);
+                w.u8(0);
+            }
+            w.finish()
+        };
+        let cp = Checkpoint::decode(&encode(&[3, 4]), "c").expect("two pages");
+        assert_eq!(cp.patches[&5].pages.len(), 2);
+        let err = Checkpoint::decode(&encode(&[3, 3]), "c").expect_err("a page twice");
+        assert!(err.to_string().contains("page 3 of chunk 5 patched twice"), "{err}");
+        let err = Checkpoint::decode(&encode(&[]), "c").expect_err("no pages");
+        assert!(err.to_string().contains("empty patch"), "{err}");
     }
 
     #[test]

@@ -190,6 +190,7 @@ async fn replay_from(
     let mut state = Replayed::default();
     let mut started = false;
     if let Some(cp) = cp {
+        check_patches(&cp, chunk_size)?;
         state = Replayed {
             map: cp.map,
             patches: cp.patches,
@@ -206,6 +207,31 @@ async fn replay_from(
         return Err(VolumeError::Corrupt(format!("{vol}: no journal records and no checkpoint")));
     }
     Ok(state)
+}
+
+/// Every page a checkpoint's patches lay must fall inside its chunk and
+/// inside the volume, as the records they came from had to.
+fn check_patches(cp: &Checkpoint, chunk_size: u64) -> VolumeResult<()> {
+    let bs = format::BLOCK_SIZE as u64;
+    for (index, patch) in &cp.patches {
+        for page in patch.pages.keys() {
+            let at = *page as u64 * bs;
+            let offset = index.checked_mul(chunk_size).and_then(|o| o.checked_add(at));
+            if at + bs > chunk_size {
+                return Err(VolumeError::Corrupt(format!(
+                    "checkpoint {} patches page {page} of chunk {index}, outside its chunk",
+                    cp.seq
+                )));
+            }
+            if offset.and_then(|o| o.checked_add(bs)).is_none_or(|end| end > cp.size) {
+                return Err(VolumeError::Corrupt(format!(
+                    "checkpoint {} patches page {page} of chunk {index}, past the end",
+                    cp.seq
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Journal records fetched at once during replay.

@@ -42,6 +42,16 @@ impl Volume {
                 .try_collect::<Vec<()>>()
                 .await?;
             inner.commit().await?;
+            // Chunks it chose inline whose pages, written meanwhile, no
+            // longer fit: they go up whole, in a second record.
+            let deferred = std::mem::take(&mut inner.lock().inline_deferred);
+            if !deferred.is_empty() {
+                stream::iter(deferred.into_iter().map(|i| inner.upload_chunk(i)))
+                    .buffer_unordered(inner.opts.concurrency)
+                    .try_collect::<Vec<()>>()
+                    .await?;
+                inner.commit().await?;
+            }
             if let Some(n) = closed
                 && let Some(l) = inner.lock().log.as_mut()
             {
@@ -200,14 +210,17 @@ impl Inner {
             st.clean.remove(index);
         }
         for (index, version) in inline_versions {
-            st.inline_next.remove(index);
             if st.slots.get(index).is_none_or(|s| s.version != *version) {
                 // Written again meanwhile: still dirty (its pages go again).
                 continue;
             }
+            // A chunk staged since the record was built (an upload that
+            // read the slot before its last write ended meanwhile) holds
+            // no more than the record: read instead of the pages, or named
+            // by the next record, it would take them back.
+            st.staged.remove(index);
             if let Some(slot) = st.slots.remove(index)
                 && let DirtyData::Data(v) = slot.data
-                && !st.staged.contains_key(index)
             {
                 // Its bytes are the chunk's committed bytes now.
                 let v = Arc::try_unwrap(v).unwrap_or_else(|shared| shared.as_ref().clone());
@@ -232,11 +245,26 @@ impl Inner {
             }
             self.restage(self.opts.restage_after).await?;
             let mut st = self.lock();
-            // The pages of the chunks this flush sends inline, as they are now.
+            // The pages of the chunks this flush sends inline, as they are
+            // now: within the limits `choose_inline` kept to, which pages
+            // written since may have pushed them past.
             let mut inline = Vec::new();
             let mut inline_versions = Vec::new();
+            let mut deferred = Vec::new();
+            let (mut record_bytes, mut total) = (0u64, st.patch_bytes);
             for index in &st.inline_next {
                 let Some(slot) = st.slots.get(index) else { continue };
+                let new = slot.touched_pages() * PAGE as u64;
+                let had = st.patches.get(index).map_or(0, |p| p.bytes());
+                if had + new > self.chunk_size / 4
+                    || record_bytes + new > RECORD_INLINE_MAX
+                    || total + new > self.opts.patch_limit
+                {
+                    deferred.push(*index);
+                    continue;
+                }
+                record_bytes += new;
+                total += new;
                 inline_versions.push((*index, slot.version));
                 // Zero pages over a chunk that is all zeros go nowhere.
                 let zero_below = !st.staged.contains_key(index)
@@ -257,8 +285,18 @@ impl Inner {
                     inline.push(InlineWrite { offset, data });
                 }
             }
-            if st.staged.is_empty() && inline.is_empty() && st.size == st.committed_size {
-                st.inline_next.clear();
+            // Each chunk chosen is now carried, left out, or clean: a
+            // record that does not land hands its chunks back (`abandon`,
+            // and `settle` when an earlier record landed instead). Taken
+            // here, not when the record lands: a record sent by an earlier
+            // flush must not take a later flush's choice with it.
+            st.inline_next.clear();
+            st.inline_deferred.extend(deferred);
+            // A chunk whose pages were all zeros over zeros adds nothing,
+            // but the flush covering its writes still commits a record: the
+            // append is what proves this writer was not fenced meanwhile.
+            // Once it lands, the chunk is clean.
+            if st.staged.is_empty() && inline.is_empty() && inline_versions.is_empty() && st.size == st.committed_size {
                 return Ok(());
             }
             let record = JournalRecord {
@@ -336,7 +374,8 @@ impl Inner {
                 let (b, r) = self.lock().abandoned[i].clone();
                 tracing::warn!(volume = %self.vol, seq, "a commit given up on landed after all; committing again after it");
                 // Its pages were read from slots that stay dirty: they go
-                // again in the next record.
+                // again in the next record, with those `p` carried.
+                self.lock().inline_next.extend(p.inline_versions.iter().map(|(i, _)| *i));
                 (r, b, Vec::new(), None)
             }
             Appended::Taken(why) => return Err(self.fence(why)),
@@ -391,6 +430,8 @@ impl Inner {
         {
             let mut st = self.lock();
             st.pending = None;
+            // The chunks whose pages it carried go in the next record.
+            st.inline_next.extend(p.inline_versions.iter().map(|(i, _)| *i));
             st.abandoned.push((p.bytes, p.record));
         }
         self.restage(Duration::ZERO).await

@@ -294,6 +294,10 @@ struct State {
     /// Dirty chunks the running flush commits inline (their touched
     /// pages) rather than uploading: the next record built carries them.
     inline_next: BTreeSet<u64>,
+    /// Chunks of `inline_next` that a commit left out: written since the
+    /// flush chose them, their pages no longer fit the limits. The flush
+    /// uploads them whole and commits again.
+    inline_deferred: BTreeSet<u64>,
     staged: BTreeMap<u64, Staged>,
     slots: BTreeMap<u64, Slot>,
     clean: CleanCache,
@@ -539,6 +543,7 @@ impl Volume {
             patch_bytes: st.patches.values().map(|p| p.bytes()).sum(),
             patches: st.patches,
             inline_next: BTreeSet::new(),
+            inline_deferred: BTreeSet::new(),
             map: st.map,
             staged: BTreeMap::new(),
             slots: BTreeMap::new(),

@@ -76,6 +76,15 @@ impl Inner {
             Some(d) => self.put_chunk(index, d).await?,
         };
         let mut st = self.lock();
+        if !st.slots.contains_key(&index) {
+            // A commit carried the slot's pages inline meanwhile (only
+            // uploads, one at a time per chunk, and such commits remove
+            // slots): the chunk's committed bytes are those pages over
+            // what it had, at least as new as these. Staged, these would
+            // be read instead, and their chunk entry in the next record
+            // would drop the pages. The object is garbage.
+            return Ok(());
+        }
         let unchanged = st.slots.get(&index).is_some_and(|s| s.version == version);
         let permit = if unchanged { st.slots.remove(&index).and_then(|mut s| s.permit.take()) } else { None };
         if unchanged {
