@@ -1160,7 +1160,8 @@ async fn get_volume_reports_damage_and_fenced_writers() {
 
     // A chunk the journal references is gone.
     let lost = create(&mut d, "pvc-lost-chunk", 1 << 20).await;
-    write(&d, &lost.volume_id, 0, &common::pattern(2, 8192)).await;
+    // Half a chunk (64 KiB here): stored as a chunk object, not as inline pages.
+    write(&d, &lost.volume_id, 0, &common::pattern(2, 32 << 10)).await;
     let chunks = keys_under(&d, &format!("{}chunks/", prefix_of(&lost.volume_id))).await;
     assert_eq!(chunks.len(), 1, "{chunks:?}");
     d.store.delete(&chunks[0]).await.expect("delete chunk");

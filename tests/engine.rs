@@ -1495,9 +1495,10 @@ impl ObjectStore for HoldsPuts {
 async fn an_upload_older_than_inline_pages_does_not_bring_back_older_bytes() {
     let mem: DynStore = Arc::new(MemoryStore::new());
     create(&mem, "v/", 4 * CS as u64).await;
-    let chunks = HoldsPuts::new(mem.clone());
+    let journal = HoldsPuts::new(mem.clone());
+    let chunks = HoldsPuts::new(journal.clone());
     let store: DynStore = chunks.clone();
-    let (v, want, third) = older_upload_in_flight(&store, &chunks).await;
+    let (v, want, third) = older_upload_in_flight(&store, &chunks, &journal).await;
     v.flush().await.expect("flush");
     assert_same(&v.read(0, 8192).await.expect("read"), &want, "after the flush");
     // The held upload ends, and the uploader commits what it staged.
@@ -1527,14 +1528,14 @@ async fn an_upload_ending_while_inline_pages_are_in_flight_does_not_outlive_them
     let store: DynStore = chunks.clone();
     // The uploader's next upload of chunk 0 (at the flushed version) is
     // held too, until the record has landed.
-    let (v, want, third) = older_upload_in_flight(&store, &chunks).await;
+    let (v, want, third) = older_upload_in_flight(&store, &chunks, &journal).await;
     chunks.arm(&format!("{}{:016x}/", format::chunk_prefix("v/"), 0), 1);
     journal.arm(&format::journal_prefix("v/"), 1);
     let flush = {
         let v = v.clone();
         tokio::spawn(async move { v.flush().await })
     };
-    journal.until(1, false).await;
+    journal.until(2, false).await;
     chunks.release.add_permits(1);
     chunks.until(1, true).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1553,26 +1554,37 @@ async fn an_upload_ending_while_inline_pages_are_in_flight_does_not_outlive_them
 
 /// A writer with room for two dirty chunks: pages a (chunk 0, page 0)
 /// and a page of chunk 1 written; a third chunk's write waiting for the
-/// background uploader, which took chunk 0 and is held in its PUT; then
-/// page b (chunk 0, page 1) written. Returns the volume, chunk 0's first
-/// two pages as they must read, and the waiting write.
+/// background uploader. The uploader first commits both chunks' pages
+/// inline; that record is held while both are written again (page a'),
+/// so the round frees nothing and the uploader uploads chunk 0 instead,
+/// held in its PUT; then page b (chunk 0, page 1) written. Returns the
+/// volume, chunk 0's first two pages as they must read, and the waiting
+/// write. `journal` holds journal PUTs under `chunks`.
 async fn older_upload_in_flight(
     store: &DynStore,
     chunks: &HoldsPuts,
+    journal: &HoldsPuts,
 ) -> (Volume, Vec<u8>, tokio::task::JoinHandle<Result<(), VolumeError>>) {
     let opts = OpenOptions { dirty_limit: 2 * CS as u64, concurrency: 1, ..OpenOptions::default() };
     let v = Volume::open(store.clone(), "v/", opts).await.expect("open");
     let a = common::pattern(1, 4096);
+    let a2 = common::pattern(3, 4096);
     let b = common::pattern(2, 4096);
     v.write(0, &a).await.expect("write a");
     v.write(CS as u64, &a).await.expect("write chunk 1");
     chunks.arm(&format!("{}{:016x}/", format::chunk_prefix("v/"), 0), 1);
+    journal.arm(&format::journal_prefix("v/"), 1);
     let third = {
         let v = v.clone();
         tokio::spawn(async move { v.write(2 * CS as u64, b"third").await })
     };
+    journal.until(1, false).await;
+    v.write(0, &a2).await.expect("write a'");
+    v.write(CS as u64, &a2).await.expect("write chunk 1 again");
+    journal.release.add_permits(1);
     chunks.until(1, false).await;
     v.write(4096, &b).await.expect("write b");
+    let a = a2;
     let mut want = a;
     want.extend_from_slice(&b);
     (v, want, third)
