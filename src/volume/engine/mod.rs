@@ -638,23 +638,56 @@ impl Volume {
         // applied.
         c.check().map_err(damaged)?;
         let segments = c.segments().map_err(|e| log_io(&c.dir, e))?;
+        // Only the newest logged bytes of each range are applied, not every
+        // entry in turn: the dirty budget may make the replay commit part
+        // way, and an older entry applied over what the dead writer had
+        // already committed after it would otherwise be committed, taking
+        // the volume back in time until a later entry is replayed (or for
+        // good, if this writer dies first). A volume part-replayed holds,
+        // range by range, its committed bytes or the newest acknowledged
+        // ones: a subset of unflushed writes, as a volatile cache may.
+        let mut ranges = Vec::new();
+        let mut size = None;
         for (i, n) in segments.iter().enumerate() {
             for e in c.read_segment(*n, i + 1 == segments.len()).map_err(damaged)? {
-                let r = match &e {
-                    log::Entry::Write { offset, data } => self.write(*offset, data).await,
-                    log::Entry::Zero { offset, len } => self.write_zeroes(*offset, *len).await,
-                    log::Entry::Size(size) => {
-                        let mut st = self.inner.lock();
-                        st.size = st.size.max(*size);
-                        Ok(())
+                match e {
+                    log::Entry::Write { offset, data } => ranges.push((offset, data.len() as u64)),
+                    log::Entry::Zero { offset, len } => ranges.push((offset, len)),
+                    log::Entry::Size(s) => size = size.max(Some(s)),
+                }
+            }
+        }
+        let keep = newest_parts(&ranges);
+        if let Some(s) = size {
+            let mut st = self.inner.lock();
+            st.size = st.size.max(s);
+        }
+        let mut at = 0;
+        for (i, n) in segments.iter().enumerate() {
+            for e in c.read_segment(*n, i + 1 == segments.len()).map_err(damaged)? {
+                let parts = match &e {
+                    log::Entry::Size(_) => &[][..],
+                    _ => {
+                        at += 1;
+                        keep.get(at - 1).map_or(&[][..], Vec::as_slice)
                     }
                 };
-                r.map_err(|err| match err {
-                    VolumeError::OutOfRange { .. } | VolumeError::InvalidArgument(_) => {
-                        damaged(log::LogError::Damaged { path: c.dir.clone(), at: 0, why: err.to_string() })
-                    }
-                    other => other,
-                })?;
+                for &(start, end) in parts {
+                    let r = match &e {
+                        log::Entry::Write { offset, data } => {
+                            let from = (start - offset) as usize;
+                            self.write(start, &data[from..from + (end - start) as usize]).await
+                        }
+                        log::Entry::Zero { .. } => self.write_zeroes(start, end - start).await,
+                        log::Entry::Size(_) => Ok(()),
+                    };
+                    r.map_err(|err| match err {
+                        VolumeError::OutOfRange { .. } | VolumeError::InvalidArgument(_) => {
+                            damaged(log::LogError::Damaged { path: c.dir.clone(), at: 0, why: err.to_string() })
+                        }
+                        other => other,
+                    })?;
+                }
                 rec.entries += 1;
                 if let log::Entry::Write { data, .. } = &e {
                     rec.bytes += data.len() as u64;
@@ -929,6 +962,42 @@ async fn open_for_write(
     Err(VolumeError::Fenced("could not append an open record: too many concurrent writers".into()))
 }
 
+/// For ranges `(offset, len)` in the order they were written, the parts of
+/// each that no later range overwrote, as `[start, end)` pairs: applying
+/// just those gives the same bytes as applying every range in order.
+fn newest_parts(ranges: &[(u64, u64)]) -> Vec<Vec<(u64, u64)>> {
+    // Disjoint covered intervals, start → end.
+    let mut covered: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut out = vec![Vec::new(); ranges.len()];
+    for (i, &(offset, len)) in ranges.iter().enumerate().rev() {
+        let (start, end) = (offset, offset.saturating_add(len));
+        if start >= end {
+            continue;
+        }
+        // The covered intervals that touch [start, end), merged with it.
+        let first = covered.range(..=start).next_back().filter(|(_, e)| **e >= start).map(|(s, _)| *s);
+        let touching: Vec<(u64, u64)> = covered.range(first.unwrap_or(start)..=end).map(|(s, e)| (*s, *e)).collect();
+        let mut pos = start;
+        for &(s, e) in &touching {
+            if s > pos {
+                out[i].push((pos, s.min(end)));
+            }
+            pos = pos.max(e);
+        }
+        if pos < end {
+            out[i].push((pos, end));
+        }
+        let (mut lo, mut hi) = (start, end);
+        for (s, e) in touching {
+            covered.remove(&s);
+            lo = lo.min(s);
+            hi = hi.max(e);
+        }
+        covered.insert(lo, hi);
+    }
+    out
+}
+
 fn log_io(dir: &std::path::Path, e: std::io::Error) -> VolumeError {
     VolumeError::LocalLog {
         no_space: e.kind() == std::io::ErrorKind::StorageFull,
@@ -1155,5 +1224,36 @@ impl Drop for Inner {
             // Every write is committed: the log has nothing left to give.
             l.discard();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::newest_parts;
+
+    #[test]
+    fn only_the_newest_bytes_of_each_range_are_kept() {
+        // Written in this order: [0,10), [5,15), [20,30), [0,3), [25,26).
+        let parts = newest_parts(&[(0, 10), (5, 10), (20, 10), (0, 3), (25, 1), (40, 0)]);
+        assert_eq!(
+            parts,
+            vec![vec![(3, 5)], vec![(5, 15)], vec![(20, 25), (26, 30)], vec![(0, 3)], vec![(25, 26)], vec![]]
+        );
+        // A range covered by later ones on both sides and in the middle.
+        let parts = newest_parts(&[(0, 100), (0, 10), (50, 10), (90, 10)]);
+        assert_eq!(parts[0], vec![(10, 50), (60, 90)]);
+        // Replaying the kept parts gives what replaying everything gives.
+        let ranges: Vec<(u64, u64)> = (0..200u64).map(|i| ((i * 37) % 150, (i * 13) % 40 + 1)).collect();
+        let (mut all, mut kept) = (vec![0usize; 200], vec![0usize; 200]);
+        for (i, (o, l)) in ranges.iter().enumerate() {
+            all[*o as usize..(*o + *l) as usize].fill(i + 1);
+        }
+        for (i, ps) in newest_parts(&ranges).iter().enumerate() {
+            for (s, e) in ps {
+                assert!(kept[*s as usize..*e as usize].iter().all(|&v| v == 0), "a byte kept twice");
+                kept[*s as usize..*e as usize].fill(i + 1);
+            }
+        }
+        assert_eq!(all, kept);
     }
 }
