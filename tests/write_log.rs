@@ -10,6 +10,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -579,4 +580,49 @@ async fn a_log_that_cannot_be_emptied_stops_growing() {
     v.write(0, &common::pattern(1000, 4096)).await.expect("the store is back");
     v.flush().await.expect("flush");
     assert!(log_bytes() <= 64, "the log did not empty: {} bytes", log_bytes());
+}
+
+/// A log whose older entry for a block was overwritten, and committed, by
+/// a later one of the same dead writer: the replay must not commit the
+/// older bytes part way (the dirty budget makes it commit as it goes),
+/// which would take the block back in time for everyone, for good if the
+/// replaying writer died before reaching the later entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_committing_part_way_never_takes_a_block_back() {
+    use s3blk::volume::engine::log::{self, LogState, Record};
+    let store: DynStore = Arc::new(s3blk::store::memory::MemoryStore::new());
+    let uuid = create(&store, "v/").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The dead writer: it wrote `old` then `new` to block 0 and committed
+    // `new` (its flush released nothing: the log still holds both).
+    let a = open_log(&store, "v/", dir.path()).await;
+    let (old, new) = (vec![1u8; 4096], vec![2u8; 4096]);
+    a.write(0, &new).await.expect("write");
+    a.flush().await.expect("flush");
+    let epoch = a.stats().epoch;
+    die(a).await;
+    let mut c = log::create(&dir.path().join(&uuid)).expect("create log");
+    let at = format!("{}/v/", store.describe());
+    let state = LogState { volume: uuid.clone(), epoch, next_writer: None, boot: log::boot_id(), at: Some(at) };
+    c.set_state(state).expect("state");
+    let mut l = c.into_log().expect("log");
+    let other = vec![3u8; 4096];
+    l.append(Record::Write { offset: 0, data: &old }).expect("append");
+    for chunk in 1..5u64 {
+        l.append(Record::Write { offset: chunk * CS as u64, data: &other }).expect("append");
+    }
+    l.append(Record::Write { offset: 0, data: &new }).expect("append");
+    drop(l);
+    // Room for two dirty chunks: the replay commits as it goes.
+    let opts = OpenOptions { dirty_limit: 2 * CS as u64, ..with_log(dir.path()) };
+    let b = Volume::open(store.clone(), "v/", opts).await.expect("open");
+    assert!(b.log_recovery().is_some_and(|r| r.adopted), "the log was not taken over");
+    assert!(b.read(0, 4096).await.expect("read") == new, "the replaying writer reads an older write");
+    // What another opener sees now (the replaying writer could die here).
+    let ro = Volume::open(store.clone(), "v/", OpenOptions { read_only: true, ..OpenOptions::default() })
+        .await
+        .expect("open read-only");
+    assert!(ro.read(0, 4096).await.expect("read") == new, "block 0 was committed back to an older write");
+    drop(ro);
+    die(b).await;
 }
