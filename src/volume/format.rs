@@ -4,8 +4,8 @@
 //! |---|---|---|
 //! | `volume.json` | once, `If-None-Match: *` | [`VolumeMeta`] |
 //! | `chunks/<index:016x>/<generation:016x>` | never overwritten | one chunk's bytes |
-//! | `journal/<seq:020x>` | `If-None-Match: *` | one [`JournalRecord`] |
-//! | `checkpoints/<seq:020x>` | by compaction | the whole [`ChunkMap`] at `seq` |
+//! | `journal/<seq:020x>` | `If-None-Match: *` | one [`JournalRecord`] (format 2: with inline pages) |
+//! | `checkpoints/<seq:020x>` | by compaction and writers | the whole [`ChunkMap`] at `seq`, and its [`Patches`] |
 //! | `snapshots/<name>.json` | once, `If-None-Match: *` | [`SnapshotRecord`] |
 //!
 //! Chunk checksums (crc32c) live in the chunk map, i.e. in the journal record
