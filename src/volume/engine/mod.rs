@@ -49,6 +49,8 @@ mod dirty;
 pub mod log;
 mod read;
 mod upload;
+#[cfg(test)]
+mod upload_race_tests;
 mod write;
 
 use std::collections::{BTreeMap, BTreeSet};

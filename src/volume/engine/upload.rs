@@ -60,7 +60,7 @@ impl Inner {
                 slot.data.materialize(base.as_deref());
             }
         }
-        let (data, version) = {
+        let (data, version, since) = {
             let st = self.lock();
             let Some(slot) = st.slots.get(&index) else {
                 return Ok(());
@@ -68,7 +68,7 @@ impl Inner {
             let Some(data) = slot.data.upload_bytes() else {
                 return Err(VolumeError::Corrupt(format!("chunk {index}: pages left unmerged before upload")));
             };
-            (data, slot.version)
+            (data, slot.version, slot.since)
         };
         let at = Stamp::now(self.opts.clock.as_ref());
         let r = match &data {
@@ -76,13 +76,15 @@ impl Inner {
             Some(d) => self.put_chunk(index, d).await?,
         };
         let mut st = self.lock();
-        if !st.slots.contains_key(&index) {
+        if st.slots.get(&index).is_none_or(|s| s.since != since) {
             // A commit carried the slot's pages inline meanwhile (only
             // uploads, one at a time per chunk, and such commits remove
-            // slots): the chunk's committed bytes are those pages over
-            // what it had, at least as new as these. Staged, these would
-            // be read instead, and their chunk entry in the next record
-            // would drop the pages. The object is garbage.
+            // slots), and a write since may have made a new slot from the
+            // bytes that commit left: the chunk's committed bytes are
+            // those pages over what it had, at least as new as these.
+            // Staged, these would be read instead, and their chunk entry
+            // in the next record would drop the pages. The object is
+            // garbage.
             return Ok(());
         }
         let unchanged = st.slots.get(&index).is_some_and(|s| s.version == version);
