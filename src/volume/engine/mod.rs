@@ -1258,4 +1258,38 @@ mod tests {
         }
         assert_eq!(all, kept);
     }
+
+    /// Many small random histories (adjacent, nested, zero-length and
+    /// repeated ranges): the kept parts never overlap, each lies inside its
+    /// own range, and laid in order they give what every range in turn
+    /// gives. Ranges ending past `u64::MAX` are cut there.
+    #[test]
+    fn newest_parts_match_applying_every_range_in_order() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m
+        };
+        for _ in 0..2000 {
+            let n = next(12) as usize;
+            let ranges: Vec<(u64, u64)> = (0..n).map(|_| (next(32), next(12))).collect();
+            let (mut all, mut kept) = ([0usize; 48], [0usize; 48]);
+            for (i, (o, l)) in ranges.iter().enumerate() {
+                all[*o as usize..(*o + *l) as usize].fill(i + 1);
+            }
+            for (i, ps) in newest_parts(&ranges).iter().enumerate() {
+                let (o, l) = ranges[i];
+                for (s, e) in ps {
+                    assert!(o <= *s && s < e && *e <= o + l, "{ranges:?}: part {s}..{e} outside range {i}");
+                    assert!(kept[*s as usize..*e as usize].iter().all(|&v| v == 0), "{ranges:?}: a byte kept twice");
+                    kept[*s as usize..*e as usize].fill(i + 1);
+                }
+            }
+            assert_eq!(all, kept, "{ranges:?}");
+        }
+        let m = u64::MAX;
+        assert_eq!(newest_parts(&[(m - 5, 10), (m - 3, 1)]), vec![vec![(m - 5, m - 3), (m - 2, m)], vec![(m - 3, m - 2)]]);
+    }
 }
