@@ -1290,6 +1290,9 @@ mod tests {
             assert_eq!(all, kept, "{ranges:?}");
         }
         let m = u64::MAX;
-        assert_eq!(newest_parts(&[(m - 5, 10), (m - 3, 1)]), vec![vec![(m - 5, m - 3), (m - 2, m)], vec![(m - 3, m - 2)]]);
+        assert_eq!(
+            newest_parts(&[(m - 5, 10), (m - 3, 1)]),
+            vec![vec![(m - 5, m - 3), (m - 2, m)], vec![(m - 3, m - 2)]]
+        );
     }
 }
