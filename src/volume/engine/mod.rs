@@ -194,7 +194,9 @@ struct Slot {
     /// Changes with every write: an upload that finishes finds out whether
     /// what it sent is still the slot's content.
     version: u64,
-    /// When it became dirty (for choosing what to upload first).
+    /// When it became dirty (for choosing what to upload first). A tick
+    /// no other slot has: an upload tells by it whether the slot it read
+    /// is still there or was replaced.
     since: u64,
     /// The memory this chunk holds; moves to the staged chunk on upload.
     permit: Option<DirtyGuard>,
