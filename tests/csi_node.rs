@@ -975,13 +975,15 @@ async fn node_unstage_lets_a_volume_taken_over_by_another_writer_go() {
     assert!(r.log_text().contains("serving staged volume again"), "{}", r.log_text());
     let mut nbd = common::nbd_client::Client::connect(&r.socket, &r.export).await;
     assert_eq!(nbd.write(1, 1 << 20, &common::pattern(8, 8192)).await, 0, "write acknowledged");
-    drop(nbd);
-    // Another writer takes the volume over and commits something.
+    // Another writer takes the volume over and commits something, while
+    // the client is still connected (a disconnect flushes: a small write
+    // commits in one PUT, before the other writer could open).
     let theirs = common::pattern(9, 4096);
     let other = r.open(false).await;
     other.write(0, &theirs).await.expect("write");
     other.flush().await.expect("flush");
     drop(other);
+    drop(nbd);
     node.node_unstage_volume(r.unstage_req()).await.expect("unstage of a volume fenced by another writer");
     stop_child(child);
     let log = r.log_text();
