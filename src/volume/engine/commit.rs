@@ -158,21 +158,32 @@ impl Inner {
         if self.opts.patch_limit == 0 {
             return out;
         }
-        let chunk_cap = self.chunk_size / 4;
-        let (mut record, mut total) = (0u64, st.patch_bytes);
+        let mut used = (0, st.patch_bytes);
         for index in candidates {
-            let Some(slot) = st.slots.get(&index) else { continue };
-            let index = &index;
-            let new = slot.touched_pages() * PAGE as u64;
-            let had = st.patches.get(index).map_or(0, |p| p.bytes());
-            if had + new > chunk_cap || record + new > RECORD_INLINE_MAX || total + new > self.opts.patch_limit {
-                continue;
+            if let Some(slot) = st.slots.get(&index)
+                && self.take_inline_room(st, index, slot, &mut used)
+            {
+                out.insert(index);
             }
-            record += new;
-            total += new;
-            out.insert(*index);
         }
         out
+    }
+
+    /// Whether chunk `index`'s touched pages fit in a record already
+    /// carrying `used.0` inline bytes, with the volume's patches at
+    /// `used.1`: within the chunk's patch cap (a quarter of the chunk), the
+    /// record's cap and the patch limit. When they fit, they are counted in.
+    fn take_inline_room(&self, st: &State, index: u64, slot: &Slot, used: &mut (u64, u64)) -> bool {
+        let new = slot.touched_pages() * PAGE as u64;
+        let had = st.patches.get(&index).map_or(0, |p| p.bytes());
+        let fits = had + new <= self.chunk_size / 4
+            && used.0 + new <= RECORD_INLINE_MAX
+            && used.1 + new <= self.opts.patch_limit;
+        if fits {
+            used.0 += new;
+            used.1 += new;
+        }
+        fits
     }
 
     /// A record of ours is the journal's head now. `inline_versions`: the
@@ -251,20 +262,13 @@ impl Inner {
             let mut inline = Vec::new();
             let mut inline_versions = Vec::new();
             let mut deferred = Vec::new();
-            let (mut record_bytes, mut total) = (0u64, st.patch_bytes);
+            let mut used = (0, st.patch_bytes);
             for index in &st.inline_next {
                 let Some(slot) = st.slots.get(index) else { continue };
-                let new = slot.touched_pages() * PAGE as u64;
-                let had = st.patches.get(index).map_or(0, |p| p.bytes());
-                if had + new > self.chunk_size / 4
-                    || record_bytes + new > RECORD_INLINE_MAX
-                    || total + new > self.opts.patch_limit
-                {
+                if !self.take_inline_room(&st, *index, slot, &mut used) {
                     deferred.push(*index);
                     continue;
                 }
-                record_bytes += new;
-                total += new;
                 inline_versions.push((*index, slot.version));
                 // Zero pages over a chunk that is all zeros go nowhere.
                 let zero_below = !st.staged.contains_key(index)
