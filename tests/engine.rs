@@ -1571,7 +1571,9 @@ async fn older_upload_in_flight(
     let a2 = common::pattern(3, 4096);
     let b = common::pattern(2, 4096);
     v.write(0, &a).await.expect("write a");
-    v.write(CS as u64, &a).await.expect("write chunk 1");
+    // Chunk 1 whole (the budget counts chunk 0 by its one page): the
+    // third write then waits for the uploader.
+    v.write(CS as u64, &common::pattern(4, CS as usize)).await.expect("write chunk 1");
     chunks.arm(&format!("{}{:016x}/", format::chunk_prefix("v/"), 0), 1);
     journal.arm(&format::journal_prefix("v/"), 1);
     let third = {
@@ -1751,4 +1753,93 @@ async fn a_flush_of_zeros_over_zeros_still_finds_the_writer_fenced() {
     drop(old);
     let r = open_ro(&store, "v/").await;
     assert_eq!(r.read(4096, 16).await.expect("read"), b"the new writer's");
+}
+
+/// The dirty budget counts a chunk of pages by its written pages: small
+/// random writes spread over many more chunks than the budget holds whole
+/// stay in memory, with no upload, until a flush; the flush then merges
+/// and uploads them a few at a time, so memory stays near the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_writes_over_many_chunks_take_only_their_pages_of_the_budget() {
+    let rig = FaultRig::new();
+    let chunks = 64u64;
+    let size = chunks * CS as u64;
+    create(&rig.plain(), "v/", size).await;
+    // Whole chunks to start from, so that a merge has stored bytes to read.
+    {
+        let v = Volume::open(rig.plain(), "v/", OpenOptions::default()).await.expect("open");
+        v.write(0, &common::pattern(1, size as usize)).await.expect("write");
+        v.flush().await.expect("flush");
+    }
+    // Room for 12 whole chunks; 64 chunks of two pages each take 512 KiB
+    // (8 chunks' worth).
+    let budget = s3blk::volume::budget::MemoryBudget::new(12 * CS as u64, 2 * CS as u64);
+    let opts = OpenOptions { budget: Some(budget.clone()), patch_limit: 0, concurrency: 2, ..OpenOptions::default() };
+    let v = Volume::open(rig.faulty(), "v/", opts).await.expect("open");
+    let puts = rig.fault.puts_seen();
+    let mut image = common::pattern(1, size as usize);
+    for c in 0..chunks {
+        for page in [3u64, 9] {
+            let off = c * CS as u64 + page * 4096;
+            let data = common::pattern(100 + c * 16 + page, 4096);
+            v.write(off, &data).await.expect("write");
+            image[off as usize..off as usize + 4096].copy_from_slice(&data);
+        }
+    }
+    assert_eq!(rig.fault.puts_seen(), puts, "no upload while the written pages fit the budget");
+    assert_eq!(budget.dirty_bytes(), chunks * 2 * 4096, "the budget counts written pages");
+    // Reads lay the pages over the stored bytes, unaligned ones too.
+    assert_eq!(v.read(0, size).await.expect("read"), image);
+    assert_eq!(v.read(3 * 4096 - 7, 20).await.expect("read"), &image[3 * 4096 - 7..3 * 4096 + 13]);
+    assert_eq!(budget.dirty_bytes(), chunks * 2 * 4096, "reads merge nothing into the slots");
+    v.flush().await.expect("flush");
+    assert_eq!(budget.dirty_bytes(), 0);
+    // Merged for their uploads a few at a time (four chunks a round with
+    // a concurrency of 2), never all of them at once.
+    let peak = budget.dirty_peak();
+    assert!(peak <= chunks * 2 * 4096 + 4 * CS as u64, "dirty peak {peak} bytes");
+    drop(v);
+    assert_eq!(open_ro(&rig.plain(), "v/").await.read(0, size).await.expect("read"), image);
+    assert_fsck_clean(&rig.plain(), "v/").await;
+}
+
+/// A slot of pages that grows (more pages, an unaligned write that merges
+/// it, a whole-chunk write) takes the bytes it grows by, waiting for them
+/// when the budget is spent, and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_of_pages_growing_past_the_budget_waits_and_loses_nothing() {
+    let rig = FaultRig::new();
+    let chunks = 16u64;
+    let size = chunks * CS as u64;
+    create(&rig.plain(), "v/", size).await;
+    let budget = s3blk::volume::budget::MemoryBudget::new(4 * CS as u64, 2 * CS as u64);
+    let opts = OpenOptions { budget: Some(budget.clone()), concurrency: 2, ..OpenOptions::default() };
+    let v = Volume::open(rig.faulty(), "v/", opts).await.expect("open");
+    let mut image = vec![0u8; size as usize];
+    let mut put = |v: &[u8], off: usize| image[off..off + v.len()].copy_from_slice(v);
+    for c in 0..chunks {
+        let base = (c * CS as u64) as usize;
+        let a = common::pattern(c + 1, 8192);
+        v.write(base as u64, &a).await.expect("pages");
+        put(&a, base);
+        // More pages, then an unaligned write (the slot merges), then the
+        // whole chunk on every fourth.
+        let b = common::pattern(c + 50, 4096);
+        v.write(base as u64 + 5 * 4096, &b).await.expect("more pages");
+        put(&b, base + 5 * 4096);
+        let u = common::pattern(c + 90, 100);
+        v.write(base as u64 + 777, &u).await.expect("unaligned");
+        put(&u, base + 777);
+        if c % 4 == 0 {
+            let w = common::pattern(c + 200, CS as usize);
+            v.write_vec(base as u64, w.clone()).await.expect("whole chunk");
+            put(&w, base);
+        }
+        assert!(budget.dirty_bytes() <= 4 * CS as u64 + 4 * CS as u64, "dirty {} bytes", budget.dirty_bytes());
+    }
+    assert_eq!(v.read(0, size).await.expect("read"), image);
+    v.flush().await.expect("flush");
+    drop(v);
+    assert_eq!(open_ro(&rig.plain(), "v/").await.read(0, size).await.expect("read"), image);
+    assert_fsck_clean(&rig.plain(), "v/").await;
 }

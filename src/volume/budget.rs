@@ -8,9 +8,14 @@
 //! decides what to upload and what a cache evicts.
 //!
 //! **Dirty bytes** are counted in a semaphore of bytes. A new dirty chunk
-//! takes its chunk size as an owned [`DirtyGuard`] that travels with the
-//! chunk (dirty, then staged) and gives the bytes back when dropped (after
-//! the commit that makes the chunk durable). Writers that find the budget
+//! takes its bytes as an owned [`DirtyGuard`] that travels with the chunk
+//! (dirty, then staged) and gives the bytes back when dropped (after the
+//! commit that makes the chunk durable): its chunk size, or, while it holds
+//! only whole pages written over bytes never read, 4 KiB per page, the
+//! guard growing with each new page. An upload that merges such a chunk
+//! with its stored bytes takes the rest without waiting (an overdraft:
+//! freeing memory must not wait for memory); the engine bounds it by
+//! merging a few chunks at a time and committing them before the next. Writers that find the budget
 //! spent wait in the semaphore's FIFO queue, so the bytes a slow volume's
 //! upload frees go to whoever waited longest, whatever its volume. Each
 //! writable volume also gets a small floor of its own (two of its chunks),
@@ -247,10 +252,14 @@ impl std::fmt::Debug for DirtyAccount {
     }
 }
 
-/// One chunk's dirty bytes, held while the chunk is dirty or staged; the
-/// bytes go back to the budget when it is dropped.
+/// Dirty bytes held while a chunk is dirty or staged (its whole size, or
+/// the pages written to it when only those are in memory); the bytes go
+/// back to the budget when it is dropped. A guard may grow
+/// ([`DirtyGuard::absorb`]) as a chunk's pages are written.
 pub(crate) struct DirtyGuard {
-    _permit: OwnedSemaphorePermit,
+    /// From the floor, the shared part, or both (a grown guard); none for
+    /// an overdraft ([`DirtyAccount::overdraft`]).
+    _permits: Vec<OwnedSemaphorePermit>,
     bytes: u64,
     held: Arc<AtomicU64>,
     pool: Arc<DirtyPool>,
@@ -269,6 +278,20 @@ impl Drop for DirtyGuard {
     }
 }
 
+impl DirtyGuard {
+    /// The bytes it holds.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Hold `other`'s bytes too (from the same account).
+    pub fn absorb(&mut self, mut other: DirtyGuard) {
+        self._permits.append(&mut other._permits);
+        self.bytes += other.bytes;
+        other.bytes = 0;
+    }
+}
+
 impl DirtyAccount {
     /// Listen for "upload" requests from writers of other volumes.
     pub fn attach(&self, volume: Weak<dyn Uploads>) {
@@ -276,38 +299,61 @@ impl DirtyAccount {
         self.pool.members().push(member);
     }
 
-    fn guard(&self, permit: OwnedSemaphorePermit) -> DirtyGuard {
-        self.held.fetch_add(self.chunk_size, Ordering::SeqCst);
-        self.pool.note_held(self.chunk_size);
-        DirtyGuard { _permit: permit, bytes: self.chunk_size, held: self.held.clone(), pool: self.pool.clone() }
+    fn guard(&self, permits: Vec<OwnedSemaphorePermit>, bytes: u64) -> DirtyGuard {
+        self.held.fetch_add(bytes, Ordering::SeqCst);
+        self.pool.note_held(bytes);
+        DirtyGuard { _permits: permits, bytes, held: self.held.clone(), pool: self.pool.clone() }
     }
 
     /// One chunk's bytes, if free now (from the floor first).
+    #[cfg(test)]
     pub fn try_acquire(&self) -> Option<DirtyGuard> {
-        let n = self.chunk_size as u32;
+        self.try_acquire_bytes(self.chunk_size)
+    }
+
+    /// `n` bytes (at most a chunk's), if free now (from the floor first).
+    pub fn try_acquire_bytes(&self, n: u64) -> Option<DirtyGuard> {
+        let k = n.min(self.chunk_size) as u32;
         let p = self
             .floor
             .clone()
-            .try_acquire_many_owned(n)
-            .or_else(|_| self.pool.shared.clone().try_acquire_many_owned(n));
-        p.ok().map(|p| self.guard(p))
+            .try_acquire_many_owned(k)
+            .or_else(|_| self.pool.shared.clone().try_acquire_many_owned(k));
+        p.ok().map(|p| self.guard(vec![p], u64::from(k)))
     }
 
     /// One chunk's bytes: from the floor or the shared part, whichever
     /// frees first. Cancel-safe: a dropped wait takes nothing.
+    #[cfg(test)]
     pub async fn acquire(&self) -> DirtyGuard {
-        let n = self.chunk_size as u32;
+        self.acquire_bytes(self.chunk_size).await
+    }
+
+    /// `n` bytes (at most a chunk's), as [`DirtyAccount::acquire`].
+    pub async fn acquire_bytes(&self, n: u64) -> DirtyGuard {
+        let k = n.min(self.chunk_size) as u32;
         loop {
             let permit = tokio::select! {
                 biased;
-                p = self.floor.clone().acquire_many_owned(n) => p,
-                p = self.pool.shared.clone().acquire_many_owned(n) => p,
+                p = self.floor.clone().acquire_many_owned(k) => p,
+                p = self.pool.shared.clone().acquire_many_owned(k) => p,
             };
             // Neither semaphore is ever closed.
             if let Ok(p) = permit {
-                return self.guard(p);
+                return self.guard(vec![p], u64::from(k));
             }
             tokio::task::yield_now().await;
+        }
+    }
+
+    /// `n` bytes counted as held without waiting, past the limit when it
+    /// is spent: for memory an upload needs for a moment to free more
+    /// (a chunk of pages merged with its stored bytes), which the
+    /// caller bounds (at most a few chunks, until the next commit).
+    pub fn overdraft(&self, n: u64) -> DirtyGuard {
+        match self.try_acquire_bytes(n) {
+            Some(g) if g.bytes == n => g,
+            _ => self.guard(Vec::new(), n),
         }
     }
 
@@ -485,6 +531,36 @@ mod tests {
         let only = b.dirty.register(1 << 10).expect("register");
         let all: Vec<_> = std::iter::from_fn(|| only.try_acquire()).collect();
         assert_eq!(all.len(), 8);
+    }
+
+    #[tokio::test]
+    async fn guards_grow_page_by_page_and_an_overdraft_is_counted_and_given_back() {
+        let b = MemoryBudget::new(16 << 10, 1 << 10);
+        let a = b.dirty.register(4 << 10).expect("register");
+        let mut g = a.try_acquire_bytes(1 << 10).expect("a page");
+        for _ in 0..15 {
+            g.absorb(a.try_acquire_bytes(1 << 10).expect("another page"));
+        }
+        assert_eq!((g.bytes(), b.dirty_bytes()), (16 << 10, 16 << 10));
+        assert!(a.try_acquire_bytes(1 << 10).is_none(), "the budget is spent");
+        // Past the limit without waiting, counted while held.
+        let o = a.overdraft(4 << 10);
+        assert_eq!((o.bytes(), b.dirty_bytes(), b.dirty_peak()), (4 << 10, 20 << 10, 20 << 10));
+        drop(o);
+        assert_eq!(b.dirty_bytes(), 16 << 10);
+        assert!(a.try_acquire_bytes(1 << 10).is_none(), "an overdraft gives back no bytes it did not take");
+        // A grown guard gives every byte back, from both semaphores.
+        drop(g);
+        assert_eq!(b.dirty_bytes(), 0);
+        let all = a.try_acquire_bytes(4 << 10).expect("a chunk");
+        let o = a.overdraft(2 << 10);
+        assert_eq!(o.bytes(), 2 << 10, "an overdraft takes free bytes when there are some");
+        drop((all, o));
+        let mut whole = Vec::new();
+        while let Some(g) = a.try_acquire() {
+            whole.push(g);
+        }
+        assert_eq!(whole.len(), 4);
     }
 
     #[test]

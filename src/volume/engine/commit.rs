@@ -33,15 +33,33 @@ impl Volume {
                 // Chunks with a few dirty pages go inside the record;
                 // the others are uploaded whole.
                 let inline = inner.choose_inline(&st, st.slots.keys().copied());
-                let dirty = st.slots.keys().filter(|i| !inline.contains(i)).copied().collect::<Vec<u64>>();
+                // Chunks held whole go up at once; chunks of pages are
+                // merged with their stored bytes for the upload, which
+                // takes a whole chunk of memory each, so they go up a few
+                // at a time, each round committed (giving it back) before
+                // the next.
+                let (mut whole, mut pages) = (Vec::new(), Vec::new());
+                for (i, s) in st.slots.iter().filter(|(i, _)| !inline.contains(i)) {
+                    match s.data {
+                        DirtyData::Pages(_) => pages.push(*i),
+                        _ => whole.push(*i),
+                    }
+                }
                 st.inline_next.extend(inline);
-                (dirty, closed)
+                let mut rounds: Vec<Vec<u64>> = pages.chunks(inner.merge_round()).map(<[u64]>::to_vec).collect();
+                match rounds.first_mut() {
+                    Some(r) => r.append(&mut whole),
+                    None => rounds.push(whole),
+                }
+                (rounds, closed)
             };
-            stream::iter(dirty.into_iter().map(|i| inner.upload_chunk(i)))
-                .buffer_unordered(inner.opts.concurrency)
-                .try_collect::<Vec<()>>()
-                .await?;
-            inner.commit().await?;
+            for round in dirty {
+                stream::iter(round.into_iter().map(|i| inner.upload_chunk(i)))
+                    .buffer_unordered(inner.opts.concurrency)
+                    .try_collect::<Vec<()>>()
+                    .await?;
+                inner.commit().await?;
+            }
             // Chunks it chose inline whose pages, written meanwhile, no
             // longer fit: they go up whole, in a second record.
             let deferred = std::mem::take(&mut inner.lock().inline_deferred);
@@ -147,6 +165,12 @@ impl Inner {
             l.discard();
         }
         VolumeError::Fenced(why)
+    }
+
+    /// How many chunks of pages a flush merges and uploads before it
+    /// commits them: each holds a whole chunk of memory meanwhile.
+    pub(super) fn merge_round(&self) -> usize {
+        (self.opts.concurrency * 2).max(4)
     }
 
     /// The dirty chunks a flush sends inline: few touched pages, within

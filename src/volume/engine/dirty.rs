@@ -72,58 +72,96 @@ pub(super) enum DirtyData {
 /// The unit of [`DirtyData::Pages`].
 pub(super) const PAGE: usize = 4096;
 
-/// A chunk-sized buffer of which only the pages marked written are
-/// meaningful (the rest are zeros until merged with the stored bytes).
-/// Allocated zeroed, so untouched pages cost no memory.
+/// One written page (`None`: zeros).
+type Page = Option<Box<[u8; PAGE]>>;
+
+/// The pages written to a chunk over bytes that were never read, by page
+/// number. Only written pages take memory (a chunk with one page written
+/// holds 4 KiB, not the chunk), so the dirty budget counts them one by one.
 #[derive(Debug)]
 pub(super) struct PageBuf {
-    buf: Vec<u8>,
-    written: Vec<u64>,
+    pages: std::collections::BTreeMap<usize, Page>,
+    /// Pages in the chunk.
+    total: usize,
 }
 
 impl PageBuf {
     pub fn new(chunk_size: u64) -> Self {
-        let pages = chunk_size as usize / PAGE;
-        Self { buf: vec![0u8; chunk_size as usize], written: vec![0u64; pages.div_ceil(64)] }
+        Self { pages: std::collections::BTreeMap::new(), total: chunk_size as usize / PAGE }
     }
 
-    fn is_written(&self, page: usize) -> bool {
-        self.written[page / 64] & (1 << (page % 64)) != 0
+    /// Pages written.
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Pages of `[at, at + len)` (whole pages) not written yet.
+    pub fn new_pages(&self, at: usize, len: usize) -> usize {
+        (at / PAGE..(at + len) / PAGE).filter(|page| !self.pages.contains_key(page)).count()
     }
 
     /// Write whole pages at `at` (`None` = zeros).
     fn write(&mut self, at: usize, len: usize, data: Option<&[u8]>) {
-        match data {
-            Some(d) => self.buf[at..at + len].copy_from_slice(d),
-            None => self.buf[at..at + len].fill(0),
-        }
-        for page in at / PAGE..(at + len) / PAGE {
-            self.written[page / 64] |= 1 << (page % 64);
+        for (i, page) in (at / PAGE..(at + len) / PAGE).enumerate() {
+            let bytes = data.map(|d| &d[i * PAGE..(i + 1) * PAGE]).filter(|b| !is_zero(b));
+            let entry = self.pages.entry(page).or_insert(None);
+            match (entry, bytes) {
+                (Some(buf), Some(b)) => buf.copy_from_slice(b),
+                (e, b) => {
+                    *e = b.map(|b| {
+                        let mut buf = Box::new([0u8; PAGE]);
+                        buf.copy_from_slice(b);
+                        buf
+                    })
+                }
+            }
         }
     }
 
     fn full(&self) -> bool {
-        self.written.iter().map(|w| w.count_ones() as usize).sum::<usize>() == self.buf.len() / PAGE
+        self.pages.len() == self.total
     }
 
     /// The piece's bytes when written pages cover all of it.
-    pub fn covered(&self, p: Piece) -> Option<&[u8]> {
-        (p.at / PAGE..(p.at + p.len).div_ceil(PAGE))
-            .all(|page| self.is_written(page))
-            .then(|| &self.buf[p.at..p.at + p.len])
+    pub fn covered(&self, p: Piece) -> Option<Bytes> {
+        let first = p.at / PAGE;
+        let last = (p.at + p.len).div_ceil(PAGE);
+        if (first..last).any(|page| !self.pages.contains_key(&page)) {
+            return None;
+        }
+        let mut out = vec![0u8; p.len];
+        self.lay(p.at, &mut out);
+        Some(Bytes::from(out))
+    }
+
+    /// Lay the written pages that fall in `[at, at + out.len())` of the
+    /// chunk over `out`.
+    fn lay(&self, at: usize, out: &mut [u8]) {
+        let end = at + out.len();
+        for (&page, bytes) in self.pages.range(at / PAGE..end.div_ceil(PAGE)) {
+            let (s, e) = ((page * PAGE).max(at), ((page + 1) * PAGE).min(end));
+            let dst = &mut out[s - at..e - at];
+            match bytes {
+                Some(b) => dst.copy_from_slice(&b[s - page * PAGE..e - page * PAGE]),
+                None => dst.fill(0),
+            }
+        }
+    }
+
+    /// Bytes `[at, at + len)` of the chunk: the written pages over `base`
+    /// (`None` = zeros), leaving the pages as they are.
+    pub fn over(&self, base: Option<&[u8]>, at: usize, len: usize) -> Vec<u8> {
+        let mut out = match base {
+            Some(b) => b[at..at + len].to_vec(),
+            None => vec![0u8; len],
+        };
+        self.lay(at, &mut out);
+        out
     }
 
     /// The chunk's bytes: the written pages over `base` (`None` = zeros).
-    fn merged(mut self, base: Option<&[u8]>) -> Vec<u8> {
-        if let Some(base) = base {
-            for page in 0..self.buf.len() / PAGE {
-                if !self.is_written(page) {
-                    let r = page * PAGE..(page + 1) * PAGE;
-                    self.buf[r.clone()].copy_from_slice(&base[r]);
-                }
-            }
-        }
-        self.buf
+    fn merged(self, base: Option<&[u8]>) -> Vec<u8> {
+        self.over(base, 0, self.total * PAGE)
     }
 }
 
@@ -143,7 +181,7 @@ impl DirtyData {
         match self {
             DirtyData::Zero => Some(None),
             DirtyData::Data(v) => Some(Some(Bytes::copy_from_slice(&v[p.at..p.at + p.len]))),
-            DirtyData::Pages(pb) => pb.covered(p).map(|v| Some(Bytes::copy_from_slice(v))),
+            DirtyData::Pages(pb) => pb.covered(p).map(Some),
         }
     }
 
@@ -188,6 +226,27 @@ impl DirtyData {
             }
         }
         true
+    }
+
+    /// Whether writing piece `p` needs the chunk's stored bytes first
+    /// (pages over an unread base, and a write that is not whole pages).
+    pub fn needs_base(&self, p: Piece, chunk_size: u64) -> bool {
+        matches!(self, DirtyData::Pages(_))
+            && p.len as u64 != chunk_size
+            && !(p.at.is_multiple_of(PAGE) && p.len.is_multiple_of(PAGE))
+    }
+
+    /// The dirty budget bytes this data holds after writing piece `p`:
+    /// its written pages, or the whole chunk.
+    pub fn charge_after(&self, p: Piece, chunk_size: u64) -> u64 {
+        match self {
+            DirtyData::Pages(pb)
+                if p.len as u64 != chunk_size && p.at.is_multiple_of(PAGE) && p.len.is_multiple_of(PAGE) =>
+            {
+                ((pb.len() + pb.new_pages(p.at, p.len)) * PAGE) as u64
+            }
+            _ => chunk_size,
+        }
     }
 
     /// What an upload sends: `None` for zeros (no object), else the bytes,

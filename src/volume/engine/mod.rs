@@ -33,9 +33,12 @@
 //! memory permits are owned guards that travel with the slot or staged
 //! chunk they account for.
 //!
-//! Memory: dirty and staged chunks hold bytes of a dirty budget, cached
+//! Memory: dirty and staged chunks hold bytes of a dirty budget (a dirty
+//! chunk of whole pages over bytes never read, only its pages: small
+//! random writes over many chunks fill the budget page by page), cached
 //! chunks bytes of a cache budget; both may be shared with other volumes
-//! of the process ([`super::budget`], [`OpenOptions::budget`]).
+//! of the process ([`super::budget`], [`OpenOptions::budget`]). A writer
+//! never waits for budget bytes while it holds the lock of a dirty chunk.
 //!
 //! Concurrency: reads, fetches and read-modify-writes of chunk *i* hold
 //! chunk *i*'s async lock; uploads of chunk *i* hold its upload lock, and
@@ -198,7 +201,8 @@ struct Slot {
     /// no other slot has: an upload tells by it whether the slot it read
     /// is still there or was replaced.
     since: u64,
-    /// The memory this chunk holds; moves to the staged chunk on upload.
+    /// The memory this chunk holds (at least [`DirtyData::charge`]);
+    /// moves to the staged chunk on upload.
     permit: Option<DirtyGuard>,
 }
 
@@ -206,6 +210,19 @@ impl Slot {
     fn new(data: DirtyData, tick: u64, permit: DirtyGuard, chunk_size: u64) -> Self {
         let pages = chunk_size as usize / PAGE;
         Slot { data, touched: vec![0; pages.div_ceil(64)], version: tick, since: tick, permit: Some(permit) }
+    }
+
+    /// Dirty bytes of the budget it holds.
+    fn charged(&self) -> u64 {
+        self.permit.as_ref().map_or(0, DirtyGuard::bytes)
+    }
+
+    /// Hold `more` budget bytes too.
+    fn grow(&mut self, more: DirtyGuard) {
+        match &mut self.permit {
+            Some(p) => p.absorb(more),
+            None => self.permit = Some(more),
+        }
     }
 
     /// Note bytes `[at, at + len)` of the chunk as written.

@@ -190,42 +190,49 @@ impl Inner {
     /// The bytes of one piece of a chunk (`None` = zeros), copying no more
     /// than the piece from a dirty buffer. Caller holds the chunk lock.
     pub(super) async fn piece_bytes(&self, p: Piece) -> VolumeResult<Option<Bytes>> {
-        if let Some(b) = self.lock().slots.get(&p.index).and_then(|s| s.data.piece(p)) {
-            return Ok(b);
-        }
-        Ok(self.chunk_bytes(p.index).await?.map(|b| b.slice(p.at..p.at + p.len)))
+        self.bytes_at(p.index, p.at, p.len).await
     }
 
     /// The current bytes of a chunk (`None` = zeros). Caller holds the chunk lock.
     pub(super) async fn chunk_bytes(&self, index: u64) -> VolumeResult<Option<Bytes>> {
+        self.bytes_at(index, 0, self.chunk_size as usize).await
+    }
+
+    /// Bytes `[at, at + len)` of chunk `index` (`None` = zeros): a dirty
+    /// slot's, or its written pages laid over the stored bytes (which
+    /// leaves the slot as it is: it holds only its pages, as the budget
+    /// counts it), or the stored bytes. Caller holds the chunk lock.
+    async fn bytes_at(&self, index: u64, at: usize, len: usize) -> VolumeResult<Option<Bytes>> {
+        let p = Piece { index, at, len, pos: 0 };
         loop {
             let over_base = {
                 let st = self.lock();
-                match st.slots.get(&index).map(|s| &s.data) {
+                match st.slots.get(&index) {
                     None => false,
-                    Some(DirtyData::Zero) => return Ok(None),
-                    Some(DirtyData::Data(v)) => return Ok(Some(Bytes::copy_from_slice(v))),
-                    Some(DirtyData::Pages(_)) => true,
+                    Some(s) => match s.data.piece(p) {
+                        Some(b) => return Ok(b),
+                        None => true,
+                    },
                 }
             };
             let base = self.stored_bytes(index).await?;
             if !over_base {
-                return Ok(base);
+                return Ok(base.map(|b| if at == 0 && len == b.len() { b } else { b.slice(at..at + len) }));
             }
-            // Merge once, in place, with the pages as they are now (the
-            // fast write path may have added some meanwhile); later reads
-            // are copies.
-            let mut st = self.lock();
-            let Some(slot) = st.slots.get_mut(&index) else {
+            // The pages as they are now (the fast write path may have
+            // added some meanwhile).
+            let st = self.lock();
+            match st.slots.get(&index).map(|s| &s.data) {
+                Some(DirtyData::Pages(pb)) => return Ok(Some(Bytes::from(pb.over(base.as_deref(), at, len)))),
+                Some(d) => {
+                    if let Some(b) = d.piece(p) {
+                        return Ok(b);
+                    }
+                }
                 // Committed inline while we fetched: the pages are in the
                 // chunk's patch now, which `base` predates. Read again.
-                continue;
-            };
-            slot.data.materialize(base.as_deref());
-            return Ok(match &slot.data {
-                DirtyData::Data(v) => Some(Bytes::copy_from_slice(v)),
-                _ => None,
-            });
+                None => {}
+            }
         }
     }
 

@@ -57,6 +57,14 @@ impl Inner {
             let _g = self.locks.lock(index).await;
             let base = self.stored_bytes(index).await?;
             if let Some(slot) = self.lock().slots.get_mut(&index) {
+                // The whole chunk is in memory now: the budget counts it,
+                // past the limit if need be (freeing memory must not wait
+                // for memory). Uploads merge a few chunks at a time and
+                // commit them before the next ones.
+                let need = self.chunk_size.saturating_sub(slot.charged());
+                if let (true, Some(d)) = (need > 0, &self.dirty) {
+                    slot.grow(d.overdraft(need));
+                }
                 slot.data.materialize(base.as_deref());
             }
         }
@@ -117,7 +125,7 @@ impl Inner {
         loop {
             let (batch, inline): (Vec<u64>, BTreeSet<u64>) = {
                 let st = self.lock();
-                if st.fenced.is_some() || st.slots.len() as u64 * self.chunk_size <= target {
+                if st.fenced.is_some() || st.slots.values().map(Slot::charged).sum::<u64>() <= target {
                     break;
                 }
                 let mut v: Vec<(u64, u64)> = st.slots.iter().map(|(i, s)| (s.since, *i)).collect();
@@ -158,6 +166,17 @@ impl Inner {
                 .await;
             if let Some(e) = results.into_iter().find_map(Result::err) {
                 tracing::warn!(volume = %self.vol, error = %e, "background upload failed");
+                if let VolumeError::Store(se) = e {
+                    self.lock().upload_error = Some(se);
+                }
+                return;
+            }
+            // Committed batch by batch: staged chunks give their memory
+            // back only then, and chunks of pages merged for their upload
+            // hold more than the budget counted for them.
+            let _f = self.flush_lock.lock().await;
+            if let Err(e) = self.commit().await {
+                tracing::warn!(volume = %self.vol, error = %e, "committing background uploads failed");
                 if let VolumeError::Store(se) = e {
                     self.lock().upload_error = Some(se);
                 }

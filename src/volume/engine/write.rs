@@ -30,6 +30,14 @@ impl Volume {
         st.tick += 1;
         let tick = st.tick;
         let slot = st.slots.get_mut(&p.index)?;
+        if slot.data.needs_base(p, inner.chunk_size) {
+            return None;
+        }
+        // New pages of a slot of pages take budget bytes, if free now.
+        let need = slot.data.charge_after(p, inner.chunk_size).saturating_sub(slot.charged());
+        if need > 0 {
+            slot.grow(inner.dirty.as_ref()?.try_acquire_bytes(need).filter(|g| g.bytes() == need)?);
+        }
         if !slot.data.apply(p, Some(data), inner.chunk_size) {
             return None;
         }
@@ -61,23 +69,41 @@ impl Volume {
         self.inner.wait_for_log_room().await?;
         let index = offset / cs;
         let _g = self.inner.locks.lock(index).await;
-        let data = DirtyData::Data(Arc::new(data));
-        let data = {
+        let data = Arc::new(data);
+        let must_wait = {
             let mut st = self.inner.lock();
             st.tick += 1;
             let tick = st.tick;
             match st.slots.get_mut(&index) {
+                None => false,
                 Some(slot) => {
-                    slot.data = data;
-                    slot.touch(0, cs as usize);
-                    slot.version = tick;
-                    let DirtyData::Data(d) = &slot.data else { return Ok(()) };
-                    let d = d.clone();
-                    return st.log(log::Record::Write { offset, data: &d });
+                    // A slot of pages growing to the whole chunk: the bytes
+                    // may have to be waited for, which the general path does.
+                    let need = cs.saturating_sub(slot.charged());
+                    let more = match need {
+                        0 => None,
+                        _ => self.inner.dirty.as_ref().and_then(|d| d.try_acquire_bytes(need)),
+                    };
+                    match more.filter(|g| g.bytes() == need) {
+                        None if need > 0 => true,
+                        more => {
+                            if let Some(g) = more {
+                                slot.grow(g);
+                            }
+                            slot.data = DirtyData::Data(data.clone());
+                            slot.touch(0, cs as usize);
+                            slot.version = tick;
+                            return st.log(log::Record::Write { offset, data: &data });
+                        }
+                    }
                 }
-                None => data,
             }
         };
+        if must_wait {
+            drop(_g);
+            return self.write(offset, &data).await;
+        }
+        let data = DirtyData::Data(data);
         let permit = self.inner.acquire_dirty_permit(self).await?;
         let bytes = match &data {
             DirtyData::Data(d) => Some(d.clone()),
@@ -158,43 +184,86 @@ impl Inner {
     }
 
     pub(super) async fn write_piece(&self, p: Piece, data: Option<&[u8]>, vol: &Volume) -> VolumeResult<()> {
-        let _g = self.locks.lock(p.index).await;
+        // Budget bytes waited for without the chunk lock, for the next try.
+        let mut extra = None;
         loop {
-            if let Some(r) = self.try_write_piece(p, data, vol).await? {
-                return r;
+            let g = self.locks.lock(p.index).await;
+            match self.try_write_piece(p, data, vol, &mut extra).await? {
+                Attempt::Done(r) => return r,
+                Attempt::Again => {}
+                Attempt::Need(n) => {
+                    // Never wait for memory holding the lock of a dirty
+                    // chunk: the uploader may need it to free memory.
+                    drop(g);
+                    let got = self.acquire_dirty_bytes(vol, n).await?;
+                    match &mut extra {
+                        Some(e) => DirtyGuard::absorb(e, got),
+                        None => extra = Some(got),
+                    }
+                }
             }
         }
     }
 
-    /// One attempt of [`Inner::write_piece`] (chunk lock held): `None`
-    /// when the chunk's dirty pages were committed inline while it read
-    /// their base (their slot is gone): try again.
+    /// `need` budget bytes for a slot: from `extra` (bytes waited for
+    /// before), else free now; `None` when they must be waited for.
+    fn take_bytes(&self, need: u64, extra: &mut Option<DirtyGuard>) -> Option<DirtyGuard> {
+        let have = extra.as_ref().map_or(0, DirtyGuard::bytes);
+        if have >= need {
+            return extra.take();
+        }
+        let more = self.dirty.as_ref()?.try_acquire_bytes(need - have).filter(|g| g.bytes() == need - have)?;
+        Some(match extra.take() {
+            Some(mut e) => {
+                e.absorb(more);
+                e
+            }
+            None => more,
+        })
+    }
+
+    /// One attempt of [`Inner::write_piece`] (chunk lock held).
     async fn try_write_piece(
         &self,
         p: Piece,
         data: Option<&[u8]>,
         vol: &Volume,
-    ) -> VolumeResult<Option<VolumeResult<()>>> {
-        let full = p.at == 0 && p.len as u64 == self.chunk_size;
-        // `None`: no dirty slot yet; `Some(false)`: pages over an unread base.
-        let applied = {
+        extra: &mut Option<DirtyGuard>,
+    ) -> VolumeResult<Attempt> {
+        let cs = self.chunk_size;
+        let full = p.at == 0 && p.len as u64 == cs;
+        // `None`: no dirty slot yet; `Some(g)`: pages over an unread base,
+        // and the budget bytes that the whole chunk will take.
+        let materialize = {
             let mut st = self.lock();
             st.tick += 1;
             let tick = st.tick;
-            let applied = st.slots.get_mut(&p.index).map(|slot| {
-                let done = slot.data.apply(p, data, self.chunk_size);
-                if done {
-                    slot.touch(p.at, p.len);
-                    slot.version = tick;
+            match st.slots.get_mut(&p.index) {
+                None => None,
+                Some(slot) => {
+                    let need = slot.data.charge_after(p, cs).saturating_sub(slot.charged());
+                    let more = match need {
+                        0 => None,
+                        _ => match self.take_bytes(need, extra) {
+                            Some(g) => Some(g),
+                            None => return Ok(Attempt::Need(need)),
+                        },
+                    };
+                    if slot.data.needs_base(p, cs) {
+                        Some(more)
+                    } else {
+                        if let Some(g) = more {
+                            slot.grow(g);
+                        }
+                        slot.data.apply(p, data, cs);
+                        slot.touch(p.at, p.len);
+                        slot.version = tick;
+                        return Ok(Attempt::Done(st.log_piece(p, data, cs)));
+                    }
                 }
-                done
-            });
-            if applied == Some(true) {
-                return Ok(Some(st.log_piece(p, data, self.chunk_size)));
             }
-            applied
         };
-        if applied == Some(false) {
+        if let Some(more) = materialize {
             // Pages over an unread base, and a write that is not whole
             // pages: read the base now and merge. (We hold the chunk lock:
             // only the fast path may add pages meanwhile, and the merge
@@ -204,30 +273,48 @@ impl Inner {
             st.tick += 1;
             let tick = st.tick;
             if let Some(slot) = st.slots.get_mut(&p.index) {
+                if let Some(g) = more {
+                    slot.grow(g);
+                }
                 slot.data.materialize(base.as_deref());
-                slot.data.apply(p, data, self.chunk_size);
+                slot.data.apply(p, data, cs);
                 slot.touch(p.at, p.len);
                 slot.version = tick;
-                return Ok(Some(st.log_piece(p, data, self.chunk_size)));
+                return Ok(Attempt::Done(st.log_piece(p, data, cs)));
             }
             // Uploads take a slot of pages only under the chunk lock, which
             // this write holds; a commit that carried its pages inline
             // releases it without: they are in the chunk's patch now,
             // which `base` predates.
-            return Ok(None);
+            *extra = more;
+            return Ok(Attempt::Again);
         }
-        // A new dirty chunk needs a permit: this is where memory is bounded.
-        // The permit is a guard: dropped with this future, it goes back.
-        let permit = self.acquire_dirty_permit(vol).await?;
+        // A new dirty chunk takes budget bytes: this is where memory is
+        // bounded. Whole pages over bytes not in memory take only their
+        // own; anything else the whole chunk. The bytes are a guard:
+        // dropped with this future, they go back.
+        let pages = !full && p.at.is_multiple_of(PAGE) && p.len.is_multiple_of(PAGE);
+        let from_memory = !full && {
+            let st = self.lock();
+            st.staged.contains_key(&p.index) || st.clean.peek(p.index)
+        };
+        let need = if pages && !from_memory { p.len as u64 } else { cs };
+        let permit = match self.take_bytes(need, extra) {
+            Some(g) => g,
+            None => self.acquire_dirty_bytes(vol, need).await?,
+        };
         // The chunk's bytes when memory has them (staged, or cached):
         // then the slot starts from them, and once committed they go back
         // to the cache, so a hot chunk stays hot.
-        let in_memory = {
-            let mut st = self.lock();
-            match st.staged.get(&p.index) {
-                Some(s) => Some(s.data.clone()),
-                None => st.clean.get(p.index).map(Some),
+        let in_memory = match from_memory {
+            true => {
+                let mut st = self.lock();
+                match st.staged.get(&p.index) {
+                    Some(s) => Some(s.data.clone()),
+                    None => st.clean.get(p.index).map(Some),
+                }
             }
+            false => None,
         };
         let mut slot_data = if full {
             DirtyData::Zero
@@ -236,32 +323,37 @@ impl Inner {
                 None => DirtyData::Zero,
                 Some(b) => DirtyData::Data(Arc::new(b.to_vec())),
             }
-        } else if p.at.is_multiple_of(PAGE) && p.len.is_multiple_of(PAGE) {
-            DirtyData::Pages(PageBuf::new(self.chunk_size))
+        } else if pages {
+            DirtyData::Pages(PageBuf::new(cs))
         } else {
             match self.chunk_bytes(p.index).await? {
                 None => DirtyData::Zero,
                 Some(b) => DirtyData::Data(Arc::new(b.to_vec())),
             }
         };
-        slot_data.apply(p, data, self.chunk_size);
-        let offset = p.index * self.chunk_size + p.at as u64;
+        slot_data.apply(p, data, cs);
+        let offset = p.index * cs + p.at as u64;
         let logged = match data {
             Some(data) => log::Record::Write { offset, data },
             None => log::Record::Zero { offset, len: p.len as u64 },
         };
-        Ok(Some(self.insert_slot(p.index, slot_data, permit, (p.at, p.len), Some(logged))))
+        Ok(Attempt::Done(self.insert_slot(p.index, slot_data, permit, (p.at, p.len), Some(logged))))
     }
 
-    /// One chunk's bytes of the dirty budget. While the budget is spent,
-    /// this volume and every volume holding more than its fair share
-    /// upload; the wait keeps its place in the budget's queue.
+    /// One chunk's bytes of the dirty budget (see [`Inner::acquire_dirty_bytes`]).
     pub(super) async fn acquire_dirty_permit(&self, vol: &Volume) -> VolumeResult<DirtyGuard> {
+        self.acquire_dirty_bytes(vol, self.chunk_size).await
+    }
+
+    /// `n` bytes of the dirty budget (at most a chunk's). While the budget
+    /// is spent, this volume and every volume holding more than its fair
+    /// share upload; the wait keeps its place in the budget's queue.
+    pub(super) async fn acquire_dirty_bytes(&self, vol: &Volume, n: u64) -> VolumeResult<DirtyGuard> {
         let Some(account) = &self.dirty else { return Err(VolumeError::ReadOnly) };
-        if let Some(g) = account.try_acquire() {
+        if let Some(g) = account.try_acquire_bytes(n) {
             return Ok(g);
         }
-        let wait = account.acquire();
+        let wait = account.acquire_bytes(n);
         tokio::pin!(wait);
         loop {
             vol.kick_uploader();
@@ -277,4 +369,13 @@ impl Inner {
             }
         }
     }
+}
+
+/// What one try of a piece's write came to.
+pub(super) enum Attempt {
+    Done(VolumeResult<()>),
+    /// The slot went meanwhile: try again.
+    Again,
+    /// Wait for this many budget bytes without the chunk lock, then try again.
+    Need(u64),
 }
