@@ -1201,7 +1201,7 @@ impl crate::metrics::VolumeFigures for Inner {
     fn figures(&self) -> crate::metrics::Figures {
         let st = self.lock();
         crate::metrics::Figures {
-            dirty_bytes: st.slots.len() as u64 * self.chunk_size,
+            dirty_bytes: st.slots.values().map(Slot::charged).sum(),
             cache_bytes: st.clean.bytes(),
             staged_chunks: st.staged.len() as u64,
             journal_records: st.head.saturating_sub(st.checkpoint_seq),
