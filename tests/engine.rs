@@ -1843,3 +1843,65 @@ async fn a_slot_of_pages_growing_past_the_budget_waits_and_loses_nothing() {
     assert_eq!(open_ro(&rig.plain(), "v/").await.read(0, size).await.expect("read"), image);
     assert_fsck_clean(&rig.plain(), "v/").await;
 }
+
+/// An upload error nobody waited for (the uploader ran because another
+/// volume of the budget asked it to) does not fail a write that starts
+/// waiting later, once the store answers again: only an error met while
+/// a writer waits fails it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_error_nobody_waited_for_does_not_fail_a_later_write() {
+    let rig = FaultRig::new();
+    create(&rig.plain(), "a/", 16 * CS as u64).await;
+    create(&rig.plain(), "b/", 16 * CS as u64).await;
+    let budget = s3blk::volume::budget::MemoryBudget::new(8 * CS as u64, 2 * CS as u64);
+    // A failed PUT is tried again 300 ms later, once.
+    let policy = RetryPolicy {
+        max_attempts: 2,
+        base_delay: Duration::from_millis(300),
+        max_delay: Duration::from_millis(300),
+        attempt_timeout: Duration::from_secs(10),
+    };
+    let a_store: DynStore =
+        Arc::new(RetryStore::with_clock(rig.faulty(), policy, Arc::new(s3blk::clock::SystemClock), Arc::new(|d| d)));
+    let opts = || OpenOptions { budget: Some(budget.clone()), ..OpenOptions::default() };
+    let a = Volume::open(a_store, "a/", opts()).await.expect("open a");
+    let b = Volume::open(rig.faulty(), "b/", opts()).await.expect("open b");
+    let whole = |n| common::pattern(n, CS as usize);
+    // A takes its floor and the whole shared part; B its floor.
+    for i in 0..6u64 {
+        a.write(i * CS as u64, &whole(i + 1)).await.expect("a write");
+    }
+    b.write(0, &whole(20)).await.expect("b write");
+    b.write(CS as u64, &whole(21)).await.expect("b write");
+    // A's chunk uploads fail, B's never answer. B waits for bytes and asks
+    // A to upload; A's uploads fail with no writer of A waiting. B gives up.
+    rig.fault.add_rule(Rule {
+        op: Some(Op::Put),
+        key_contains: Some("a/chunks/".into()),
+        fault: Fault::ServerError,
+        times: 1000,
+    });
+    rig.fault.add_rule(Rule {
+        op: Some(Op::Put),
+        key_contains: Some("b/chunks/".into()),
+        fault: Fault::Hang,
+        times: 1000,
+    });
+    let waited = tokio::time::timeout(Duration::from_secs(1), b.write(2 * CS as u64, &whole(22))).await;
+    assert!(waited.is_err(), "B must wait: A's uploads fail");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The store answers again, slowly: A's next upload round takes a
+    // retry, longer than a waiting writer's look at upload errors.
+    rig.fault.clear_rules();
+    rig.fault.add_rule(Rule {
+        op: Some(Op::Put),
+        key_contains: Some("a/chunks/".into()),
+        fault: Fault::ServerError,
+        times: 1,
+    });
+    drop(b);
+    a.write(6 * CS as u64, &whole(7)).await.expect("a write waiting for A's own uploads, which succeed");
+    a.flush().await.expect("flush");
+    let got = open_ro(&rig.plain(), "a/").await.read(0, 7 * CS as u64).await.expect("read");
+    assert_eq!(got, (1..=7).flat_map(whole).collect::<Vec<u8>>());
+}

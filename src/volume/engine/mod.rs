@@ -323,7 +323,9 @@ struct State {
     slots: BTreeMap<u64, Slot>,
     clean: CleanCache,
     fenced: Option<String>,
-    upload_error: Option<StoreError>,
+    /// The last background upload's failure, and when: a writer waiting
+    /// for dirty bytes since then fails with it.
+    upload_error: Option<(StoreError, Instant)>,
     pending: Option<Pending>,
     /// Records given up on at seq `head + 1`: one may still land.
     abandoned: Vec<(Bytes, JournalRecord)>,

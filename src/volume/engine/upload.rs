@@ -150,7 +150,7 @@ impl Inner {
                 if let Err(e) = self.commit().await {
                     tracing::warn!(volume = %self.vol, error = %e, "committing dirty pages in the background failed");
                     if let VolumeError::Store(se) = e {
-                        self.lock().upload_error = Some(se);
+                        self.lock().upload_error = Some((se, Instant::now()));
                     }
                     return;
                 }
@@ -167,7 +167,7 @@ impl Inner {
             if let Some(e) = results.into_iter().find_map(Result::err) {
                 tracing::warn!(volume = %self.vol, error = %e, "background upload failed");
                 if let VolumeError::Store(se) = e {
-                    self.lock().upload_error = Some(se);
+                    self.lock().upload_error = Some((se, Instant::now()));
                 }
                 return;
             }
@@ -178,7 +178,7 @@ impl Inner {
             if let Err(e) = self.commit().await {
                 tracing::warn!(volume = %self.vol, error = %e, "committing background uploads failed");
                 if let VolumeError::Store(se) = e {
-                    self.lock().upload_error = Some(se);
+                    self.lock().upload_error = Some((se, Instant::now()));
                 }
                 return;
             }
@@ -192,7 +192,7 @@ impl Inner {
             if let Err(e) = self.commit().await {
                 tracing::warn!(volume = %self.vol, error = %e, "committing background uploads failed");
                 if let VolumeError::Store(se) = e {
-                    self.lock().upload_error = Some(se);
+                    self.lock().upload_error = Some((se, Instant::now()));
                 }
             }
         }

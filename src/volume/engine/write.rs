@@ -355,13 +355,20 @@ impl Inner {
         }
         let wait = account.acquire_bytes(n);
         tokio::pin!(wait);
+        let since = Instant::now();
         loop {
             vol.kick_uploader();
             account.ask_others_to_upload();
             tokio::select! {
                 g = &mut wait => return Ok(g),
                 () = tokio::time::sleep(Duration::from_millis(200)) => {
-                    if let Some(e) = self.lock().upload_error.take() {
+                    // Only an upload that failed while this writer waited
+                    // fails it; an older failure (of a round another
+                    // volume asked for, with the store since recovered)
+                    // is dropped, and the next round tries again.
+                    if let Some((e, at)) = self.lock().upload_error.take()
+                        && at >= since
+                    {
                         return Err(e.into());
                     }
                     self.check_writable()?;
