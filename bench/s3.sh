@@ -99,7 +99,7 @@ start_s3blk() { # chunk-size
     >"$work/serve.out" 2>"$work/serve.err" &
   server=$!
   pids+=("$server")
-  for _ in $(seq 300); do grep -q '^serving' "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
+  for _ in $(seq 600); do grep -q '^serving' "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
   grep -q '^serving' "$work/serve.out" || { cat "$work/serve.err" >&2; fail "s3blk serve did not start"; }
   uri="nbd+unix:///vol?socket=$sock"
 }

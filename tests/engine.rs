@@ -1905,3 +1905,37 @@ async fn an_upload_error_nobody_waited_for_does_not_fail_a_later_write() {
     let got = open_ro(&rig.plain(), "a/").await.read(0, 7 * CS as u64).await.expect("read");
     assert_eq!(got, (1..=7).flat_map(whole).collect::<Vec<u8>>());
 }
+
+/// A chunk written while a flush's record is in flight stays dirty after
+/// it; the flush then deletes the write-back log segments it committed,
+/// which hold the only copy of the chunk's older pages: they come into
+/// memory first, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_whose_log_segment_a_flush_deletes_while_still_dirty_come_into_memory_first() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CS as u64).await;
+    let journal = HoldsPuts::new(mem.clone());
+    let store: DynStore = journal.clone();
+    let logs = tempfile::tempdir().expect("tempdir");
+    let opts = OpenOptions { log_dir: Some(logs.path().to_path_buf()), ..OpenOptions::default() };
+    let v = Volume::open(store, "v/", opts).await.expect("open");
+    let a = common::pattern(1, 4096);
+    let b = common::pattern(2, 4096);
+    v.write(0, &a).await.expect("write a");
+    journal.arm(&format::journal_prefix("v/"), 1);
+    let flush = {
+        let v = v.clone();
+        tokio::spawn(async move { v.flush().await })
+    };
+    journal.until(1, false).await;
+    v.write(8192, &b).await.expect("write b while the record is in flight");
+    journal.release.add_permits(1);
+    flush.await.expect("join").expect("flush");
+    let mut want = a.clone();
+    want.extend_from_slice(&[0u8; 4096]);
+    want.extend_from_slice(&b);
+    assert_same(&v.read(0, 12288).await.expect("read"), &want, "the writer, after the flush");
+    v.flush().await.expect("flush again");
+    drop(v);
+    assert_same(&open_ro(&mem, "v/").await.read(0, 12288).await.expect("read"), &want, "a fresh opener");
+}

@@ -626,3 +626,75 @@ async fn a_replay_committing_part_way_never_takes_a_block_back() {
     drop(ro);
     die(b).await;
 }
+
+/// With a write-back log, a page written over bytes not in memory is kept
+/// in the log only: memory (the dirty budget) holds its entry, not its
+/// bytes. Reads, an inline commit, an upload, a flush that a write races
+/// (its segment released while a newer page of the chunk is still dirty)
+/// and a crash all give the bytes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_kept_in_the_log_only_take_no_memory_and_read_back_everywhere() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(&dir.path().join("store"));
+    let logs = dir.path().join("logs");
+    let uuid = create(&store, "v").await;
+    // Stored bytes under the pages, so that reads and uploads merge.
+    let base = common::pattern(9, SIZE as usize);
+    {
+        let v = open_log(&store, "v", &logs).await;
+        v.write(0, &base).await.expect("write");
+        v.flush().await.expect("flush");
+    }
+    let budget = s3blk::volume::budget::MemoryBudget::new(4 * CS as u64, 2 * CS as u64);
+    let opts = OpenOptions { budget: Some(budget.clone()), log_dir: Some(logs.clone()), ..OpenOptions::default() };
+    let v = Volume::open(store.clone(), "v", opts.clone()).await.expect("open");
+    let mut model = base.clone();
+    let chunks = SIZE / CS as u64;
+    let mut pages = 0u64;
+    for c in 0..chunks {
+        for page in [1u64, 2, 7] {
+            let off = c * CS as u64 + page * 4096;
+            let data = common::pattern(100 + c * 16 + page, 4096);
+            v.write(off, &data).await.expect("write");
+            model[off as usize..off as usize + 4096].copy_from_slice(&data);
+            pages += 1;
+        }
+    }
+    // 48 pages (192 KiB of data) in 16 chunks: only their entries count.
+    let held = budget.dirty_bytes();
+    assert!(held < pages * 4096 / 8, "{held} bytes of the dirty budget held for {pages} pages in the log");
+    assert_eq!(v.read(0, SIZE).await.expect("read"), model);
+    assert_eq!(v.read(4096 - 3, 10).await.expect("read"), &model[4093..4103]);
+    // A flush: some chunks go inline, the others are merged and uploaded.
+    v.flush().await.expect("flush");
+    assert_eq!(budget.dirty_bytes(), 0);
+    // A write racing a flush: the chunk stays dirty after it, its older
+    // page's segment goes, and the page must come into memory first.
+    let a = common::pattern(500, 4096);
+    v.write(3 * 4096, &a).await.expect("write");
+    model[3 * 4096..4 * 4096].copy_from_slice(&a);
+    let flushing = {
+        let v = v.clone();
+        tokio::spawn(async move { v.flush().await })
+    };
+    let b = common::pattern(501, 4096);
+    v.write(5 * 4096, &b).await.expect("write during the flush");
+    model[5 * 4096..6 * 4096].copy_from_slice(&b);
+    flushing.await.expect("join").expect("flush");
+    assert_eq!(v.read(0, SIZE).await.expect("read"), model);
+    // More pages, then the writer dies: the next one replays them.
+    let c = common::pattern(502, 8192);
+    v.write(9 * CS as u64 + 8192, &c).await.expect("write");
+    model[9 * CS as usize + 8192..9 * CS as usize + 16384].copy_from_slice(&c);
+    die(v).await;
+    let v = Volume::open(store.clone(), "v", opts).await.expect("open after the crash");
+    assert!(v.log_recovery().is_some_and(|r| r.adopted));
+    assert_eq!(v.read(0, SIZE).await.expect("read"), model, "acknowledged writes were lost");
+    v.flush().await.expect("flush");
+    die(v).await;
+    assert!(log_dirs(&logs, &uuid).is_empty(), "a clean close left its log");
+    let ro = Volume::open(store.clone(), "v", OpenOptions { read_only: true, ..OpenOptions::default() })
+        .await
+        .expect("open ro");
+    assert_eq!(ro.read(0, SIZE).await.expect("read"), model);
+}

@@ -70,10 +70,8 @@ impl Volume {
                     .await?;
                 inner.commit().await?;
             }
-            if let Some(n) = closed
-                && let Some(l) = inner.lock().log.as_mut()
-            {
-                l.release(n);
+            if let Some(n) = closed {
+                inner.release_log(n);
             }
             Ok(())
         }
@@ -165,6 +163,33 @@ impl Inner {
             l.discard();
         }
         VolumeError::Fenced(why)
+    }
+
+    /// Delete the log's segments up to `n` (a flush committed every write
+    /// they hold). Pages of chunks written again while the flush ran may
+    /// still be dirty with their bytes only there: they come into memory
+    /// first (past the dirty limit if need be); when one cannot be read,
+    /// the segments stay, and a later flush tries again.
+    fn release_log(&self, n: u64) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        for (index, slot) in st.slots.iter_mut() {
+            match slot.data.load_logged(n, st.log.as_ref()) {
+                Ok(0) => {}
+                Ok(more) => {
+                    if let Some(d) = &self.dirty {
+                        slot.grow(d.overdraft(more));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %self.vol, index, error = %e, "reading dirty pages back from the write-back log failed; its segments stay");
+                    return;
+                }
+            }
+        }
+        if let Some(l) = st.log.as_mut() {
+            l.release(n);
+        }
     }
 
     /// How many chunks of pages a flush merges and uploads before it
@@ -303,7 +328,7 @@ impl Inner {
                         None => self.parents.is_empty(),
                     };
                 for page in slot.touched() {
-                    let Some(data) = slot.data.page(page) else {
+                    let Some(data) = slot.data.page(page, st.log.as_ref()).map_err(|e| st.log_read(e))? else {
                         return Err(VolumeError::Corrupt(format!("chunk {index}: a written page is not in memory")));
                     };
                     if data.is_none() && zero_below {

@@ -1,9 +1,12 @@
 //! Pure parts of the write path: splitting requests into per-chunk pieces,
 //! zero detection, and the dirty state of one chunk. No I/O, no locks.
 
+use std::io;
 use std::sync::Arc;
 
 use bytes::Bytes;
+
+use super::log::{Pos, WriteLog};
 
 /// A piece of a request that falls in one chunk.
 #[derive(Debug, Clone, Copy)]
@@ -72,48 +75,83 @@ pub(super) enum DirtyData {
 /// The unit of [`DirtyData::Pages`].
 pub(super) const PAGE: usize = 4096;
 
-/// One written page (`None`: zeros).
-type Page = Option<Box<[u8; PAGE]>>;
+/// Where a written page's bytes are.
+#[derive(Debug)]
+enum Page {
+    Zero,
+    Mem(Box<[u8; PAGE]>),
+    /// In the write-back log only (the entry that wrote it).
+    Log(Pos),
+}
+
+/// Dirty budget bytes of a page whose bytes are not in memory (zeros, or
+/// in the write-back log): its entry here.
+pub(super) const LOGGED_PAGE: u64 = 64;
+
+impl Page {
+    fn charge(&self) -> u64 {
+        match self {
+            Page::Mem(_) => PAGE as u64,
+            _ => LOGGED_PAGE,
+        }
+    }
+}
+
+/// The write-back log a slot's pages may be in.
+pub(super) type LogRef<'a> = Option<&'a WriteLog>;
+
+fn read_log(log: LogRef<'_>, pos: Pos, out: &mut [u8]) -> io::Result<()> {
+    match log {
+        Some(l) => l.read_at(pos, out),
+        None => Err(io::Error::new(io::ErrorKind::NotFound, "the write-back log holding a dirty page is gone")),
+    }
+}
 
 /// The pages written to a chunk over bytes that were never read, by page
-/// number. Only written pages take memory (a chunk with one page written
-/// holds 4 KiB, not the chunk), so the dirty budget counts them one by one.
+/// number. Only written pages take memory, and a page the write-back log
+/// holds takes none but its entry here: the dirty budget counts them one
+/// by one ([`LOGGED_PAGE`], or 4 KiB for a page held in memory).
 #[derive(Debug)]
 pub(super) struct PageBuf {
     pages: std::collections::BTreeMap<usize, Page>,
     /// Pages in the chunk.
     total: usize,
+    /// The budget bytes the pages take.
+    charge: u64,
 }
 
 impl PageBuf {
     pub fn new(chunk_size: u64) -> Self {
-        Self { pages: std::collections::BTreeMap::new(), total: chunk_size as usize / PAGE }
+        Self { pages: std::collections::BTreeMap::new(), total: chunk_size as usize / PAGE, charge: 0 }
     }
 
-    /// Pages written.
-    pub fn len(&self) -> usize {
-        self.pages.len()
+    /// What [`PageBuf::write`] of whole pages `[at, at + len)` would make
+    /// the charge at most (`logged`: the bytes go to the log).
+    fn charge_after(&self, at: usize, len: usize, logged: bool) -> u64 {
+        let each = if logged { LOGGED_PAGE } else { PAGE as u64 };
+        let delta: i64 = (at / PAGE..(at + len) / PAGE)
+            .map(|page| each as i64 - self.pages.get(&page).map_or(0, |p| p.charge() as i64))
+            .sum();
+        (self.charge as i64 + delta).max(0) as u64
     }
 
-    /// Pages of `[at, at + len)` (whole pages) not written yet.
-    pub fn new_pages(&self, at: usize, len: usize) -> usize {
-        (at / PAGE..(at + len) / PAGE).filter(|page| !self.pages.contains_key(page)).count()
-    }
-
-    /// Write whole pages at `at` (`None` = zeros).
-    fn write(&mut self, at: usize, len: usize, data: Option<&[u8]>) {
+    /// Write whole pages at `at` (`None` = zeros); `logged`: where the
+    /// write-back log took the bytes (then memory keeps none).
+    fn write(&mut self, at: usize, len: usize, data: Option<&[u8]>, logged: Option<Pos>) {
         for (i, page) in (at / PAGE..(at + len) / PAGE).enumerate() {
             let bytes = data.map(|d| &d[i * PAGE..(i + 1) * PAGE]).filter(|b| !is_zero(b));
-            let entry = self.pages.entry(page).or_insert(None);
-            match (entry, bytes) {
-                (Some(buf), Some(b)) => buf.copy_from_slice(b),
-                (e, b) => {
-                    *e = b.map(|b| {
-                        let mut buf = Box::new([0u8; PAGE]);
-                        buf.copy_from_slice(b);
-                        buf
-                    })
+            let new = match (bytes, logged) {
+                (None, _) => Page::Zero,
+                (Some(_), Some(pos)) => Page::Log(Pos { seg: pos.seg, at: pos.at + (i * PAGE) as u64 }),
+                (Some(b), None) => {
+                    let mut buf = Box::new([0u8; PAGE]);
+                    buf.copy_from_slice(b);
+                    Page::Mem(buf)
                 }
+            };
+            self.charge += new.charge();
+            if let Some(old) = self.pages.insert(page, new) {
+                self.charge -= old.charge();
             }
         }
     }
@@ -123,81 +161,113 @@ impl PageBuf {
     }
 
     /// The piece's bytes when written pages cover all of it.
-    pub fn covered(&self, p: Piece) -> Option<Bytes> {
+    pub fn covered(&self, p: Piece, log: LogRef<'_>) -> io::Result<Option<Bytes>> {
         let first = p.at / PAGE;
         let last = (p.at + p.len).div_ceil(PAGE);
         if (first..last).any(|page| !self.pages.contains_key(&page)) {
-            return None;
+            return Ok(None);
         }
         let mut out = vec![0u8; p.len];
-        self.lay(p.at, &mut out);
-        Some(Bytes::from(out))
+        self.lay(p.at, &mut out, log)?;
+        Ok(Some(Bytes::from(out)))
     }
 
     /// Lay the written pages that fall in `[at, at + out.len())` of the
     /// chunk over `out`.
-    fn lay(&self, at: usize, out: &mut [u8]) {
+    fn lay(&self, at: usize, out: &mut [u8], log: LogRef<'_>) -> io::Result<()> {
         let end = at + out.len();
         for (&page, bytes) in self.pages.range(at / PAGE..end.div_ceil(PAGE)) {
             let (s, e) = ((page * PAGE).max(at), ((page + 1) * PAGE).min(end));
             let dst = &mut out[s - at..e - at];
             match bytes {
-                Some(b) => dst.copy_from_slice(&b[s - page * PAGE..e - page * PAGE]),
-                None => dst.fill(0),
+                Page::Mem(b) => dst.copy_from_slice(&b[s - page * PAGE..e - page * PAGE]),
+                Page::Zero => dst.fill(0),
+                Page::Log(pos) => read_log(log, Pos { seg: pos.seg, at: pos.at + (s - page * PAGE) as u64 }, dst)?,
             }
         }
+        Ok(())
     }
 
     /// Bytes `[at, at + len)` of the chunk: the written pages over `base`
     /// (`None` = zeros), leaving the pages as they are.
-    pub fn over(&self, base: Option<&[u8]>, at: usize, len: usize) -> Vec<u8> {
+    pub fn over(&self, base: Option<&[u8]>, at: usize, len: usize, log: LogRef<'_>) -> io::Result<Vec<u8>> {
         let mut out = match base {
             Some(b) => b[at..at + len].to_vec(),
             None => vec![0u8; len],
         };
-        self.lay(at, &mut out);
-        out
+        self.lay(at, &mut out, log)?;
+        Ok(out)
     }
 
-    /// The chunk's bytes: the written pages over `base` (`None` = zeros).
-    fn merged(self, base: Option<&[u8]>) -> Vec<u8> {
-        self.over(base, 0, self.total * PAGE)
+    /// Bring the pages of log segments up to `upto` into memory (those
+    /// segments are about to go); returns the charge added.
+    fn load(&mut self, upto: u64, log: LogRef<'_>) -> io::Result<u64> {
+        let before = self.charge;
+        for page in self.pages.values_mut() {
+            if let Page::Log(pos) = page
+                && pos.seg <= upto
+            {
+                let mut buf = Box::new([0u8; PAGE]);
+                read_log(log, *pos, &mut buf[..])?;
+                self.charge += PAGE as u64 - LOGGED_PAGE;
+                *page = Page::Mem(buf);
+            }
+        }
+        Ok(self.charge - before)
     }
 }
 
 impl DirtyData {
-    /// Turn pages over an unread base into the whole chunk, given the base.
-    pub fn materialize(&mut self, base: Option<&[u8]>) {
-        if let DirtyData::Pages(_) = self
-            && let DirtyData::Pages(pb) = std::mem::replace(self, DirtyData::Zero)
-        {
-            *self = DirtyData::Data(Arc::new(pb.merged(base)));
+    /// Turn pages over an unread base into the whole chunk, given the
+    /// base. On an error (reading the log) nothing changes.
+    pub fn materialize(&mut self, base: Option<&[u8]>, log: LogRef<'_>) -> io::Result<()> {
+        if let DirtyData::Pages(pb) = self {
+            let v = pb.over(base, 0, pb.total * PAGE, log)?;
+            *self = DirtyData::Data(Arc::new(v));
+        }
+        Ok(())
+    }
+
+    /// Pages over an unread base that cover the whole chunk: the base does
+    /// not matter.
+    pub fn full_pages(&self) -> bool {
+        matches!(self, DirtyData::Pages(pb) if pb.full())
+    }
+
+    /// Bring pages the log holds in segments up to `upto` into memory;
+    /// returns the budget bytes that takes.
+    pub fn load_logged(&mut self, upto: u64, log: LogRef<'_>) -> io::Result<u64> {
+        match self {
+            DirtyData::Pages(pb) => pb.load(upto, log),
+            _ => Ok(0),
         }
     }
 
     /// The bytes of a piece, when this slot alone knows them (`Some(None)`
     /// = zeros); `None` when pages over an unread base do not cover it.
-    pub fn piece(&self, p: Piece) -> Option<Option<Bytes>> {
-        match self {
+    pub fn piece(&self, p: Piece, log: LogRef<'_>) -> io::Result<Option<Option<Bytes>>> {
+        Ok(match self {
             DirtyData::Zero => Some(None),
             DirtyData::Data(v) => Some(Some(Bytes::copy_from_slice(&v[p.at..p.at + p.len]))),
-            DirtyData::Pages(pb) => pb.covered(p).map(Some),
-        }
+            DirtyData::Pages(pb) => pb.covered(p, log)?.map(Some),
+        })
     }
 
     /// One whole page for an inline commit (`Some(None)`: zeros); `None`
     /// when pages over an unread base do not hold it.
-    pub fn page(&self, page: usize) -> Option<Option<Bytes>> {
-        match self.piece(Piece { index: 0, at: page * PAGE, len: PAGE, pos: 0 })? {
-            Some(b) if !is_zero(&b) => Some(Some(b)),
-            _ => Some(None),
-        }
+    pub fn page(&self, page: usize, log: LogRef<'_>) -> io::Result<Option<Option<Bytes>>> {
+        Ok(match self.piece(Piece { index: 0, at: page * PAGE, len: PAGE, pos: 0 }, log)? {
+            None => None,
+            Some(Some(b)) if !is_zero(&b) => Some(Some(b)),
+            Some(_) => Some(None),
+        })
     }
 
-    /// Apply a write (`None` = zeros). False, with nothing changed, when the
-    /// slot holds pages over an unread base and the write is not whole
-    /// pages: the caller must read the base first.
-    pub fn apply(&mut self, p: Piece, data: Option<&[u8]>, chunk_size: u64) -> bool {
+    /// Apply a write (`None` = zeros); `logged`: where the write-back log
+    /// took its bytes. False, with nothing changed, when the slot holds
+    /// pages over an unread base and the write is not whole pages: the
+    /// caller must read the base first.
+    pub fn apply(&mut self, p: Piece, data: Option<&[u8]>, chunk_size: u64, logged: Option<Pos>) -> bool {
         if p.len as u64 == chunk_size {
             *self = match data {
                 None => DirtyData::Zero,
@@ -218,11 +288,7 @@ impl DirtyData {
                 if !p.at.is_multiple_of(PAGE) || !p.len.is_multiple_of(PAGE) {
                     return false;
                 }
-                pb.write(p.at, p.len, data);
-                if pb.full() {
-                    // Every page written: the base no longer matters.
-                    self.materialize(None);
-                }
+                pb.write(p.at, p.len, data, logged);
             }
         }
         true
@@ -236,14 +302,15 @@ impl DirtyData {
             && !(p.at.is_multiple_of(PAGE) && p.len.is_multiple_of(PAGE))
     }
 
-    /// The dirty budget bytes this data holds after writing piece `p`:
-    /// its written pages, or the whole chunk.
-    pub fn charge_after(&self, p: Piece, chunk_size: u64) -> u64 {
+    /// The dirty budget bytes this data holds, at most, after writing
+    /// piece `p` (`logged`: the write-back log takes its bytes): its
+    /// written pages, or the whole chunk.
+    pub fn charge_after(&self, p: Piece, chunk_size: u64, logged: bool) -> u64 {
         match self {
             DirtyData::Pages(pb)
                 if p.len as u64 != chunk_size && p.at.is_multiple_of(PAGE) && p.len.is_multiple_of(PAGE) =>
             {
-                ((pb.len() + pb.new_pages(p.at, p.len)) * PAGE) as u64
+                pb.charge_after(p.at, p.len, logged)
             }
             _ => chunk_size,
         }
@@ -297,12 +364,12 @@ mod tests {
         let cs = 8192u64;
         let mut d = DirtyData::Zero;
         let p = Piece { index: 0, at: 0, len: 8192, pos: 0 };
-        assert!(d.apply(p, Some(&[7u8; 8192]), cs));
+        assert!(d.apply(p, Some(&[7u8; 8192]), cs, None));
         let Some(Some(sent)) = d.upload_bytes() else { panic!("expected bytes") };
         let q = Piece { index: 0, at: 10, len: 1, pos: 0 };
-        assert!(d.apply(q, Some(&[9u8]), cs));
+        assert!(d.apply(q, Some(&[9u8]), cs, None));
         assert_eq!(sent[10], 7, "the upload's bytes changed under it");
-        assert_eq!(d.piece(q), Some(Some(Bytes::from_static(&[9u8]))));
+        assert_eq!(d.piece(q, None).expect("piece"), Some(Some(Bytes::from_static(&[9u8]))));
     }
 
     #[test]
@@ -310,12 +377,44 @@ mod tests {
         let cs = 4 * PAGE as u64;
         let mut d = DirtyData::Pages(PageBuf::new(cs));
         let p = Piece { index: 0, at: PAGE, len: PAGE, pos: 0 };
-        assert!(d.apply(p, Some(&[1u8; PAGE]), cs));
-        assert!(d.piece(Piece { index: 0, at: 0, len: 10, pos: 0 }).is_none());
-        assert!(!d.apply(Piece { index: 0, at: 5, len: 10, pos: 0 }, Some(&[2u8; 10]), cs));
+        assert!(d.apply(p, Some(&[1u8; PAGE]), cs, None));
+        assert!(d.piece(Piece { index: 0, at: 0, len: 10, pos: 0 }, None).expect("piece").is_none());
+        assert!(!d.apply(Piece { index: 0, at: 5, len: 10, pos: 0 }, Some(&[2u8; 10]), cs, None));
         assert!(d.upload_bytes().is_none(), "pages must be merged before an upload");
-        d.materialize(Some(&[3u8; 4 * PAGE]));
+        d.materialize(Some(&[3u8; 4 * PAGE]), None).expect("merge");
         let Some(Some(b)) = d.upload_bytes() else { panic!("expected bytes") };
         assert_eq!((b[0], b[PAGE], b[2 * PAGE]), (3, 1, 3));
+    }
+
+    /// Pages whose bytes the write-back log took are read back from it,
+    /// cost only their entry in the budget, and come into memory (at a
+    /// page's cost) before their segment goes.
+    #[test]
+    fn logged_pages_are_read_from_the_log_and_loaded_before_their_segment_goes() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let mut log = super::super::log::create(root.path()).expect("create").into_log().expect("log");
+        let cs = 4 * PAGE as u64;
+        let mut pb = PageBuf::new(cs);
+        let mut two = vec![5u8; 2 * PAGE];
+        two[PAGE..].fill(6);
+        let at = log.append(super::super::log::Record::Write { offset: PAGE as u64, data: &two }).expect("append");
+        assert_eq!(pb.charge_after(PAGE, 2 * PAGE, true), 2 * LOGGED_PAGE);
+        pb.write(PAGE, 2 * PAGE, Some(&two), Some(at));
+        // A zero page costs its entry, logged or not.
+        pb.write(3 * PAGE, PAGE, Some(&[0u8; PAGE]), None);
+        assert_eq!(pb.charge, 3 * LOGGED_PAGE);
+        let got = pb.over(Some(&[9u8; 4 * PAGE]), 0, 4 * PAGE, Some(&log)).expect("over");
+        assert_eq!((got[0], got[PAGE], got[2 * PAGE], got[3 * PAGE]), (9, 5, 6, 0));
+        let p = Piece { index: 0, at: PAGE + 100, len: PAGE, pos: 0 };
+        let b = pb.covered(p, Some(&log)).expect("read").expect("covered");
+        assert_eq!((b[0], b[PAGE - 101], b[PAGE - 100]), (5, 5, 6));
+        assert!(pb.covered(p, None).is_err(), "no log: an error, never zeros");
+        // The segment is released after a flush: its pages come in first.
+        let seg = log.rotate().expect("rotate");
+        assert_eq!(pb.load(seg, Some(&log)).expect("load"), 2 * (PAGE as u64 - LOGGED_PAGE));
+        log.release(seg);
+        assert!(!log.holds(seg));
+        let again = pb.over(None, 0, 4 * PAGE, None).expect("in memory now");
+        assert_eq!(again, got.iter().enumerate().map(|(i, b)| if i < PAGE { 0 } else { *b }).collect::<Vec<u8>>());
     }
 }

@@ -327,7 +327,16 @@ impl Claimed {
             .map(|n| fs::metadata(segment_path(&self.dir, *n)).map(|m| m.len()).unwrap_or(0))
             .sum::<u64>()
             + len;
-        Ok(WriteLog { claimed: self, seg, seg_no: next, seg_len: len, first, bytes, broken: None })
+        Ok(WriteLog {
+            claimed: self,
+            seg,
+            closed: std::collections::BTreeMap::new(),
+            seg_no: next,
+            seg_len: len,
+            first,
+            bytes,
+            broken: None,
+        })
     }
 }
 
@@ -335,10 +344,10 @@ fn new_segment(dir: &Path, n: u64) -> io::Result<(File, u64)> {
     let path = segment_path(dir, n);
     // A file already under this number can only be one whose header write
     // failed (segments past the current one never took an entry): reused.
-    let mut f = match fs::OpenOptions::new().create_new(true).append(true).open(&path) {
+    let mut f = match fs::OpenOptions::new().create_new(true).read(true).append(true).open(&path) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             fs::OpenOptions::new().write(true).truncate(true).open(&path)?;
-            fs::OpenOptions::new().append(true).open(&path)?
+            fs::OpenOptions::new().read(true).append(true).open(&path)?
         }
         other => other?,
     };
@@ -408,11 +417,21 @@ fn parse_segment(buf: &[u8]) -> (Vec<Entry>, usize, Option<(String, bool)>) {
     (out, pos, None)
 }
 
+/// Where an appended write's bytes are: segment, and offset in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pos {
+    pub seg: u64,
+    pub at: u64,
+}
+
 /// The open log of a writer.
 #[derive(Debug)]
 pub struct WriteLog {
     claimed: Claimed,
     seg: File,
+    /// Closed segments still on disk, open for reading the dirty pages
+    /// whose only copy they hold.
+    closed: std::collections::BTreeMap<u64, File>,
     seg_no: u64,
     seg_len: u64,
     /// Oldest segment still on disk.
@@ -443,9 +462,10 @@ impl WriteLog {
         self.bytes
     }
 
-    /// Append one entry to the page cache. On an error the segment is cut
-    /// back to before it, so a later append never follows a torn entry.
-    pub fn append(&mut self, r: Record<'_>) -> io::Result<()> {
+    /// Append one entry to the page cache; returns where its payload
+    /// begins. On an error the segment is cut back to before it, so a
+    /// later append never follows a torn entry.
+    pub fn append(&mut self, r: Record<'_>) -> io::Result<Pos> {
         if let Some((_, why)) = &self.broken {
             return Err(io::Error::other(format!(
                 "the write-back log takes no writes until the next flush, after an earlier error: {why}"
@@ -475,10 +495,11 @@ impl WriteLog {
         };
         match r {
             Ok(()) => {
+                let pos = Pos { seg: self.seg_no, at: self.seg_len + ENTRY_HEADER as u64 };
                 let n = (ENTRY_HEADER + payload.len()) as u64;
                 self.seg_len += n;
                 self.bytes += n;
-                Ok(())
+                Ok(pos)
             }
             Err(e) => {
                 if let Err(undo) = self.seg.set_len(self.seg_len) {
@@ -489,9 +510,27 @@ impl WriteLog {
         }
     }
 
+    /// Read `buf.len()` bytes appended at `pos`.
+    pub fn read_at(&self, pos: Pos, buf: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let f = match pos.seg == self.seg_no {
+            true => &self.seg,
+            false => self.closed.get(&pos.seg).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, format!("write-back log segment {} was released", pos.seg))
+            })?,
+        };
+        f.read_exact_at(buf, pos.at)
+    }
+
+    /// Whether segment `n` is on disk (not released).
+    pub fn holds(&self, n: u64) -> bool {
+        n == self.seg_no || self.closed.contains_key(&n)
+    }
+
     fn next_segment(&mut self) -> io::Result<()> {
         let (seg, len) = new_segment(&self.claimed.dir, self.seg_no + 1)?;
-        self.seg = seg;
+        let old = std::mem::replace(&mut self.seg, seg);
+        self.closed.insert(self.seg_no, old);
         self.seg_no += 1;
         self.seg_len = len;
         self.bytes += len;
@@ -512,8 +551,13 @@ impl WriteLog {
         while self.first <= upto && self.first < self.seg_no {
             let path = segment_path(&self.claimed.dir, self.first);
             match fs::metadata(&path).and_then(|m| fs::remove_file(&path).map(|()| m.len())) {
-                Ok(len) => self.bytes = self.bytes.saturating_sub(len),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Ok(len) => {
+                    self.bytes = self.bytes.saturating_sub(len);
+                    self.closed.remove(&self.first);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.closed.remove(&self.first);
+                }
                 Err(e) => {
                     tracing::warn!(log = %path.display(), error = %e, "removing a committed write-back log segment failed");
                     return;

@@ -66,7 +66,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use tokio::time::Instant;
 
 pub use dirty::is_zero;
-use dirty::{DirtyData, PAGE, PageBuf, Piece, pieces};
+use dirty::{DirtyData, LOGGED_PAGE, PAGE, PageBuf, Piece, pieces};
 
 use super::budget::{CacheMember, DirtyAccount, DirtyGuard, MemoryBudget, Uploads};
 use super::cache::CleanCache;
@@ -347,15 +347,25 @@ impl State {
     /// Log a change just applied here (under the same lock). An error
     /// fails the write; what memory holds then is at most a write that
     /// was never acknowledged.
-    fn log(&mut self, r: log::Record<'_>) -> VolumeResult<()> {
-        let Some(l) = self.log.as_mut() else { return Ok(()) };
-        if let Err(e) = l.append(r) {
-            return Err(log_io(l.dir(), e));
-        }
+    fn log(&mut self, r: log::Record<'_>) -> VolumeResult<Option<log::Pos>> {
+        let Some(l) = self.log.as_mut() else { return Ok(None) };
+        let pos = l.append(r).map_err(|e| log_io(l.dir(), e))?;
         if l.bytes() > self.log_limit {
             self.log_full.notify_one();
         }
-        Ok(())
+        Ok(Some(pos))
+    }
+
+    /// A dirty page could not be read back from the write-back log.
+    fn log_read(&self, e: std::io::Error) -> VolumeError {
+        if let Some(why) = &self.fenced {
+            // A fenced writer's log is gone with what it did not commit.
+            return VolumeError::Fenced(why.clone());
+        }
+        match &self.log {
+            Some(l) => log_io(l.dir(), e),
+            None => VolumeError::LocalLog { no_space: false, why: format!("write-back log: {e}") },
+        }
     }
 
     /// The log holds more than twice its limit: writers wait.
@@ -364,7 +374,7 @@ impl State {
     }
 
     /// Log a piece of a write (`None`: zeros) at chunk `p.index`.
-    fn log_piece(&mut self, p: Piece, data: Option<&[u8]>, chunk_size: u64) -> VolumeResult<()> {
+    fn log_piece(&mut self, p: Piece, data: Option<&[u8]>, chunk_size: u64) -> VolumeResult<Option<log::Pos>> {
         let offset = p.index * chunk_size + p.at as u64;
         match data {
             Some(data) => self.log(log::Record::Write { offset, data }),

@@ -114,7 +114,10 @@ impl Volume {
                 return None;
             }
             let data = match st.slots.get(&p.index) {
-                Some(slot) => slot.data.piece(p)?.unwrap_or_else(|| Bytes::from(vec![0u8; p.len])),
+                // A page the log cannot give back: the slow path says why.
+                Some(slot) => {
+                    slot.data.piece(p, st.log.as_ref()).ok()??.unwrap_or_else(|| Bytes::from(vec![0u8; p.len]))
+                }
                 None => match st.staged.get(&p.index) {
                     Some(s) => match &s.data {
                         Some(b) => b.slice(p.at..p.at + p.len),
@@ -209,7 +212,7 @@ impl Inner {
                 let st = self.lock();
                 match st.slots.get(&index) {
                     None => false,
-                    Some(s) => match s.data.piece(p) {
+                    Some(s) => match s.data.piece(p, st.log.as_ref()).map_err(|e| st.log_read(e))? {
                         Some(b) => return Ok(b),
                         None => true,
                     },
@@ -222,10 +225,14 @@ impl Inner {
             // The pages as they are now (the fast write path may have
             // added some meanwhile).
             let st = self.lock();
+            let log = st.log.as_ref();
             match st.slots.get(&index).map(|s| &s.data) {
-                Some(DirtyData::Pages(pb)) => return Ok(Some(Bytes::from(pb.over(base.as_deref(), at, len)))),
+                Some(DirtyData::Pages(pb)) => {
+                    let v = pb.over(base.as_deref(), at, len, log).map_err(|e| st.log_read(e))?;
+                    return Ok(Some(Bytes::from(v)));
+                }
                 Some(d) => {
-                    if let Some(b) = d.piece(p) {
+                    if let Some(b) = d.piece(p, log).map_err(|e| st.log_read(e))? {
                         return Ok(b);
                     }
                 }

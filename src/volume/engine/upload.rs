@@ -55,8 +55,15 @@ impl Inner {
         let pages = matches!(self.lock().slots.get(&index).map(|s| &s.data), Some(DirtyData::Pages(_)));
         if pages {
             let _g = self.locks.lock(index).await;
-            let base = self.stored_bytes(index).await?;
-            if let Some(slot) = self.lock().slots.get_mut(&index) {
+            // Pages over the whole chunk need no base.
+            let full = self.lock().slots.get(&index).is_some_and(|s| s.data.full_pages());
+            let base = match full {
+                true => None,
+                false => self.stored_bytes(index).await?,
+            };
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            if let Some(slot) = st.slots.get_mut(&index) {
                 // The whole chunk is in memory now: the budget counts it,
                 // past the limit if need be (freeing memory must not wait
                 // for memory). Uploads merge a few chunks at a time and
@@ -65,7 +72,7 @@ impl Inner {
                 if let (true, Some(d)) = (need > 0, &self.dirty) {
                     slot.grow(d.overdraft(need));
                 }
-                slot.data.materialize(base.as_deref());
+                slot.data.materialize(base.as_deref(), st.log.as_ref()).map_err(|e| st.log_read(e))?;
             }
         }
         let (data, version, since) = {

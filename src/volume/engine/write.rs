@@ -29,21 +29,29 @@ impl Volume {
         }
         st.tick += 1;
         let tick = st.tick;
+        let cs = inner.chunk_size;
+        let logged = st.log.is_some();
+        {
+            let slot = st.slots.get_mut(&p.index)?;
+            if slot.data.needs_base(p, cs) {
+                return None;
+            }
+            // New pages of a slot of pages take budget bytes, if free now.
+            let need = slot.data.charge_after(p, cs, logged).saturating_sub(slot.charged());
+            if need > 0 {
+                slot.grow(inner.dirty.as_ref()?.try_acquire_bytes(need).filter(|g| g.bytes() == need)?);
+            }
+        }
+        // Logged first: a page the log took is kept there only.
+        let pos = match st.log_piece(p, Some(data), cs) {
+            Ok(pos) => pos,
+            Err(e) => return Some(Err(e)),
+        };
         let slot = st.slots.get_mut(&p.index)?;
-        if slot.data.needs_base(p, inner.chunk_size) {
-            return None;
-        }
-        // New pages of a slot of pages take budget bytes, if free now.
-        let need = slot.data.charge_after(p, inner.chunk_size).saturating_sub(slot.charged());
-        if need > 0 {
-            slot.grow(inner.dirty.as_ref()?.try_acquire_bytes(need).filter(|g| g.bytes() == need)?);
-        }
-        if !slot.data.apply(p, Some(data), inner.chunk_size) {
-            return None;
-        }
+        slot.data.apply(p, Some(data), cs, pos);
         slot.touch(p.at, p.len);
         slot.version = tick;
-        Some(st.log_piece(p, Some(data), inner.chunk_size))
+        Some(Ok(()))
     }
 
     /// Write `data` at `offset`. Not durable until [`Volume::flush`].
@@ -90,10 +98,13 @@ impl Volume {
                             if let Some(g) = more {
                                 slot.grow(g);
                             }
-                            slot.data = DirtyData::Data(data.clone());
-                            slot.touch(0, cs as usize);
-                            slot.version = tick;
-                            return st.log(log::Record::Write { offset, data: &data });
+                            st.log(log::Record::Write { offset, data: &data })?;
+                            if let Some(slot) = st.slots.get_mut(&index) {
+                                slot.data = DirtyData::Data(data.clone());
+                                slot.touch(0, cs as usize);
+                                slot.version = tick;
+                            }
+                            return Ok(());
                         }
                     }
                 }
@@ -110,7 +121,7 @@ impl Volume {
             _ => None,
         };
         let logged = bytes.as_ref().map(|d| log::Record::Write { offset, data: d.as_slice() });
-        self.inner.insert_slot(index, data, permit, (0, cs as usize), logged)
+        self.inner.insert_slot(index, data, permit, None, logged)
     }
 
     /// Zero a range (TRIM and WRITE_ZEROES). Whole chunks become ZERO
@@ -159,28 +170,37 @@ impl Inner {
         }
     }
 
-    /// A new dirty slot, written at `touched` (offset in the chunk,
-    /// length); `logged` is the change that made it, logged in the same
-    /// critical section.
+    /// A new dirty slot: `data`, then the write `piece` (with its bytes,
+    /// `None`: zeros) applied over it, or, without one, `data` written
+    /// whole; `logged` is the change that made it, logged in the same
+    /// critical section, first (pages the log takes are kept there only).
     pub(super) fn insert_slot(
         &self,
         index: u64,
-        data: DirtyData,
+        mut data: DirtyData,
         permit: DirtyGuard,
-        touched: (usize, usize),
+        piece: Option<(Piece, Option<&[u8]>)>,
         logged: Option<log::Record<'_>>,
     ) -> VolumeResult<()> {
         let mut st = self.lock();
+        let pos = match logged {
+            Some(r) => st.log(r)?,
+            None => None,
+        };
         st.tick += 1;
         let tick = st.tick;
         st.clean.remove(index);
+        let (at, len) = match piece {
+            Some((p, bytes)) => {
+                data.apply(p, bytes, self.chunk_size, pos);
+                (p.at, p.len)
+            }
+            None => (0, self.chunk_size as usize),
+        };
         let mut slot = Slot::new(data, tick, permit, self.chunk_size);
-        slot.touch(touched.0, touched.1);
+        slot.touch(at, len);
         st.slots.insert(index, slot);
-        match logged {
-            Some(r) => st.log(r),
-            None => Ok(()),
-        }
+        Ok(())
     }
 
     pub(super) async fn write_piece(&self, p: Piece, data: Option<&[u8]>, vol: &Volume) -> VolumeResult<()> {
@@ -238,10 +258,11 @@ impl Inner {
             let mut st = self.lock();
             st.tick += 1;
             let tick = st.tick;
-            match st.slots.get_mut(&p.index) {
+            let logged = st.log.is_some();
+            let more = match st.slots.get_mut(&p.index) {
                 None => None,
                 Some(slot) => {
-                    let need = slot.data.charge_after(p, cs).saturating_sub(slot.charged());
+                    let need = slot.data.charge_after(p, cs, logged).saturating_sub(slot.charged());
                     let more = match need {
                         0 => None,
                         _ => match self.take_bytes(need, extra) {
@@ -255,13 +276,24 @@ impl Inner {
                         if let Some(g) = more {
                             slot.grow(g);
                         }
-                        slot.data.apply(p, data, cs);
-                        slot.touch(p.at, p.len);
-                        slot.version = tick;
-                        return Ok(Attempt::Done(st.log_piece(p, data, cs)));
+                        None
                     }
                 }
+            };
+            if more.is_none() && st.slots.contains_key(&p.index) {
+                // Logged first: a page the log took is kept there only.
+                let pos = match st.log_piece(p, data, cs) {
+                    Ok(pos) => pos,
+                    Err(e) => return Ok(Attempt::Done(Err(e))),
+                };
+                if let Some(slot) = st.slots.get_mut(&p.index) {
+                    slot.data.apply(p, data, cs, pos);
+                    slot.touch(p.at, p.len);
+                    slot.version = tick;
+                }
+                return Ok(Attempt::Done(Ok(())));
             }
+            more
         };
         if let Some(more) = materialize {
             // Pages over an unread base, and a write that is not whole
@@ -269,18 +301,26 @@ impl Inner {
             // only the fast path may add pages meanwhile, and the merge
             // below sees them.)
             let base = self.stored_bytes(p.index).await?;
-            let mut st = self.lock();
+            let mut guard = self.lock();
+            let st = &mut *guard;
             st.tick += 1;
             let tick = st.tick;
             if let Some(slot) = st.slots.get_mut(&p.index) {
                 if let Some(g) = more {
                     slot.grow(g);
                 }
-                slot.data.materialize(base.as_deref());
-                slot.data.apply(p, data, cs);
-                slot.touch(p.at, p.len);
-                slot.version = tick;
-                return Ok(Attempt::Done(st.log_piece(p, data, cs)));
+                if let Err(e) = slot.data.materialize(base.as_deref(), st.log.as_ref()) {
+                    return Ok(Attempt::Done(Err(st.log_read(e))));
+                }
+                if let Err(e) = st.log_piece(p, data, cs) {
+                    return Ok(Attempt::Done(Err(e)));
+                }
+                if let Some(slot) = st.slots.get_mut(&p.index) {
+                    slot.data.apply(p, data, cs, None);
+                    slot.touch(p.at, p.len);
+                    slot.version = tick;
+                }
+                return Ok(Attempt::Done(Ok(())));
             }
             // Uploads take a slot of pages only under the chunk lock, which
             // this write holds; a commit that carried its pages inline
@@ -294,11 +334,15 @@ impl Inner {
         // own; anything else the whole chunk. The bytes are a guard:
         // dropped with this future, they go back.
         let pages = !full && p.at.is_multiple_of(PAGE) && p.len.is_multiple_of(PAGE);
-        let from_memory = !full && {
+        let (from_memory, logged) = {
             let st = self.lock();
-            st.staged.contains_key(&p.index) || st.clean.peek(p.index)
+            (!full && (st.staged.contains_key(&p.index) || st.clean.peek(p.index)), st.log.is_some())
         };
-        let need = if pages && !from_memory { p.len as u64 } else { cs };
+        let need = match (pages && !from_memory, logged) {
+            (true, true) => (p.len / PAGE) as u64 * LOGGED_PAGE,
+            (true, false) => p.len as u64,
+            (false, _) => cs,
+        };
         let permit = match self.take_bytes(need, extra) {
             Some(g) => g,
             None => self.acquire_dirty_bytes(vol, need).await?,
@@ -316,7 +360,7 @@ impl Inner {
             }
             false => None,
         };
-        let mut slot_data = if full {
+        let slot_data = if full {
             DirtyData::Zero
         } else if let Some(base) = in_memory {
             match base {
@@ -331,13 +375,12 @@ impl Inner {
                 Some(b) => DirtyData::Data(Arc::new(b.to_vec())),
             }
         };
-        slot_data.apply(p, data, cs);
         let offset = p.index * cs + p.at as u64;
         let logged = match data {
             Some(data) => log::Record::Write { offset, data },
             None => log::Record::Zero { offset, len: p.len as u64 },
         };
-        Ok(Attempt::Done(self.insert_slot(p.index, slot_data, permit, (p.at, p.len), Some(logged))))
+        Ok(Attempt::Done(self.insert_slot(p.index, slot_data, permit, Some((p, data)), Some(logged))))
     }
 
     /// One chunk's bytes of the dirty budget (see [`Inner::acquire_dirty_bytes`]).
