@@ -2555,7 +2555,7 @@ async fn delete_clone(ctx: Ctx, c: usize) {
                 ctx.event(&format!("{name}: deleted ({objects} objects)"));
                 break;
             }
-            Ok(catalog::DeleteOutcome::Absent) if attempt > 1 => {
+            Ok(catalog::DeleteOutcome::Absent | catalog::DeleteOutcome::Probes { .. }) if attempt > 1 => {
                 ctx.event(&format!("{name}: deleted (by an earlier attempt)"));
                 break;
             }
@@ -2737,7 +2737,11 @@ async fn final_clones(ctx: &Ctx) {
             // finished, as a retried DeleteVolume would.
             let r = catalog::delete_volume(&store, prefix, catalog::OnDependants::RefuseClones, clock.as_ref()).await;
             let r = match r {
-                Ok(catalog::DeleteOutcome::Absent) => catalog::release_source(&store, VOL, prefix).await.map(|_| ()),
+                // No volume there (at most the probes of a create that
+                // failed): let go of the source.
+                Ok(catalog::DeleteOutcome::Absent | catalog::DeleteOutcome::Probes { .. }) => {
+                    catalog::release_source(&store, VOL, prefix).await.map(|_| ())
+                }
                 Ok(_) => Ok(()),
                 // What its writer, readers and compactors still sent while
                 // the delete ran (or in flight when it returned) may land

@@ -286,7 +286,7 @@ async fn snapshot_gone(store: &DynStore, vol: &str, snap: &SnapshotRecord) -> Vo
 /// clock.
 pub async fn store_now(store: &DynStore, vol: &str) -> VolumeResult<Option<i64>> {
     let key = format::clock_probe_key(vol, rand::random::<u64>());
-    store.put(&key, Bytes::from_static(b"s3blk clock probe"), PutMode::Overwrite).await?;
+    store.put(&key, Bytes::from_static(format::CLOCK_PROBE_BODY), PutMode::Overwrite).await?;
     let page =
         store.list(crate::store::ListRequest { prefix: &key, start_after: None, delimiter: false, max_keys: 1 }).await;
     let _ = store.delete(&key).await;
