@@ -67,7 +67,8 @@ struct Global {
     #[arg(long, global = true, env = "S3BLK_COMPACT_INTERVAL", default_value = "1h", value_parser = parse_duration)]
     compact_interval: Duration,
     /// Compaction (`compact`, and the compaction `serve` and the CSI
-    /// controller run) leaves objects younger than this alone (e.g. 300, 90s, 5m, 1h).
+    /// controller run) leaves objects younger than this alone (e.g. 300, 90s, 5m, 1h). Under 120s is safe only
+    /// while no writer has the volume open: the CSI controller refuses it, the others warn.
     #[arg(
         long,
         global = true,
@@ -464,6 +465,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 patch_limit: g.patch_limit,
                 compact_interval: g.compact_interval,
                 compact_safety_age: g.compact_safety_age,
+                allow_short_safety_age: false,
                 compaction: match compaction {
                     CompactionArg::Auto => crate::controller::CompactionMode::Auto,
                     CompactionArg::Kubernetes => crate::controller::CompactionMode::Kubernetes,
@@ -683,6 +685,10 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
             match catalog::delete_volume(&store, &loc.prefix, rule, &clock).await? {
                 DeleteOutcome::Deleted { objects } => println!("deleted {} ({objects} objects)", loc.display()),
                 DeleteOutcome::Absent => bail!("volume {} does not exist", loc.display()),
+                DeleteOutcome::Probes { objects } => println!(
+                    "no volume at {}; deleted the {objects} probe objects a failed create left there",
+                    loc.display()
+                ),
                 DeleteOutcome::Kept => bail!("volume {} is kept for its clones", loc.display()),
             }
         }

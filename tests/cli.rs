@@ -297,10 +297,64 @@ fn delete_leaves_whatever_is_not_an_s3blk_volume_alone() {
     std::fs::remove_file(dir.path().join("store/v2/volume.json")).expect("rm");
     one_line_error(&s3blk(&[], &["volume", "delete", &path("store/v2")]), "is not an s3blk volume");
     assert!(dir.path().join("store/v2/journal").read_dir().expect("journal").next().is_some());
+    // The store probe a failed create left behind (its delete lost) is s3blk's own: it goes.
+    std::fs::create_dir(dir.path().join("failed")).expect("mkdir");
+    std::fs::write(dir.path().join("failed/.s3blk-probe-0123456789abcdef"), b"1").expect("write");
+    assert!(ok(&s3blk(&[], &["volume", "delete", &path("failed")])).contains("deleted the 1 probe objects"));
+    assert!(!dir.path().join("failed/.s3blk-probe-0123456789abcdef").exists());
     // Once the stranger's file is gone, the volume goes.
     std::fs::remove_file(dir.path().join("store/v1/mine.txt")).expect("rm");
     assert!(ok(&s3blk(&[], &["volume", "delete", &path("store/v1")])).contains("deleted"));
     assert!(!dir.path().join("store/v1/volume.json").exists());
+}
+
+/// The CSI controller compacts beside live writers: a safety age under
+/// 120 s is refused at start-up, with one clear line and no socket left;
+/// with its compaction off the same age is no reason to refuse.
+#[test]
+fn the_csi_controller_refuses_a_safety_age_too_short_beside_live_writers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("csi.sock");
+    let endpoint = format!("unix://{}", sock.display());
+    let start = |extra: &[&str]| {
+        let mut c = Command::new(common::s3blk_bin());
+        c.args(["csi", "--mode", "controller", "--endpoint", &endpoint, "--compaction", "store"]);
+        c.args(["--store", dir.path().join("store").to_str().expect("path")]).args(extra);
+        c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run s3blk csi")
+    };
+    // Bounded: a controller that starts would run until killed.
+    let finish = |mut child: std::process::Child| -> Option<Output> {
+        for _ in 0..100 {
+            if child.try_wait().expect("wait").is_some() {
+                return Some(child.wait_with_output().expect("output"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        child.kill().expect("kill");
+        let _ = child.wait();
+        None
+    };
+    let out = finish(start(&["--compact-safety-age", "119s"])).expect("the controller started with a 119 s safety age");
+    one_line_error(&out, "safety age of 119s is shorter than 120s");
+    assert!(!sock.exists(), "a refused controller left its socket");
+    // At 120 s, or with compaction off, it starts (and is stopped here).
+    for extra in [&["--compact-safety-age", "120s"][..], &["--compact-safety-age", "0", "--compact-interval", "0"]] {
+        let child = start(extra);
+        for _ in 0..100 {
+            if sock.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let mut child = child;
+        let running = child.try_wait().expect("wait").is_none();
+        let started = sock.exists();
+        child.kill().expect("kill");
+        let out = child.wait_with_output().expect("output");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(running && started, "the controller did not start with {extra:?}: {err}");
+        let _ = std::fs::remove_file(&sock);
+    }
 }
 
 fn allocated(path: &Path) -> u64 {

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use s3blk::clock::{Clock, ManualClock, SystemClock};
 use s3blk::store::fault::{Fault, FaultStore, Op, Rule};
 use s3blk::store::memory::MemoryStore;
-use s3blk::store::{DynStore, ListPage, ListRequest, ObjectStore, PutMode, StoreResult};
+use s3blk::store::{self, DynStore, ListPage, ListRequest, ObjectStore, PutMode, StoreResult};
 use s3blk::volume::compact::{self, CompactOptions};
 use s3blk::volume::engine::CreateOptions;
 use s3blk::volume::format;
@@ -464,4 +464,61 @@ async fn a_snapshot_deleted_while_compaction_runs_is_no_damage() {
     );
     compact::compact(&mem, "v/", &eager, &SystemClock).await.expect("the next pass");
     assert_eq!(read_fresh(&mem, "v/", 0, CSU).await.as_deref(), Ok(&last[..]));
+}
+
+/// A store that lists objects without a modification time.
+#[derive(Debug)]
+struct NoModifiedTimes {
+    inner: DynStore,
+}
+
+#[async_trait]
+impl ObjectStore for NoModifiedTimes {
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
+        self.inner.get(key, range).await
+    }
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        self.inner.put(key, body, mode).await
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
+        let mut page = self.inner.list(req).await?;
+        page.objects.iter_mut().for_each(|o| o.modified_unix = None);
+        Ok(page)
+    }
+    async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
+        self.inner.head(key).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// Invariant 3 (ages on the store's clock): where the store lists no
+/// modification time, an object's age is unknown and compaction folds and
+/// deletes nothing, beside a live writer, however old a host's clock (the
+/// compactor's, or the record's own `created_unix`) makes it look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_takes_objects_without_a_store_time_for_young() {
+    let store: DynStore = Arc::new(NoModifiedTimes { inner: Arc::new(MemoryStore::new()) });
+    create(&store, "v/", 4 * CSU).await;
+    let v = open_with(&store, "v/", OpenOptions::default()).await;
+    for seed in 0..3 {
+        v.write(0, &common::pattern(seed, CS as usize)).await.expect("write");
+        v.flush().await.expect("flush");
+    }
+    let journal = store::list_all(store.as_ref(), &format::journal_prefix("v/")).await.expect("list").len();
+    let fast_host = ManualClock::new(Clock::now_unix(&SystemClock) + 3600);
+    let rep = compact::compact(&store, "v/", &CompactOptions::default(), &fast_host).await.expect("compact");
+    assert!(
+        rep.folded_seq.is_none() && rep.journal_records_deleted == 0 && rep.chunks_deleted == 0,
+        "compaction trusted a host clock: {rep:?}"
+    );
+    assert_eq!(store::list_all(store.as_ref(), &format::journal_prefix("v/")).await.expect("list").len(), journal);
+    v.write(CSU, &common::pattern(9, CS as usize)).await.expect("write");
+    v.flush().await.expect("the writer commits on");
+    drop(v);
+    assert_eq!(read_fresh(&store, "v/", 0, CSU).await.as_deref(), Ok(&common::pattern(2, CS as usize)[..]));
 }

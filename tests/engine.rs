@@ -1101,6 +1101,58 @@ async fn remains_of_a_deleted_volume_go_only_when_tombstoned_all_ours_and_old() 
     assert!(keys(&store, "gone/").await.is_empty());
 }
 
+/// A clone whose create failed after the delete of its store probe was lost
+/// leaves only that probe under its prefix: deleting the clone removes it
+/// (and nothing else: a probe beside anything s3blk did not write, or a
+/// probe's name holding other bytes, is refused and left whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_clone_leaves_nothing_a_delete_cannot_remove() {
+    use s3blk::store::local::LocalStore;
+    use s3blk::volume::catalog::{self, CatalogError, DeleteOutcome, OnDependants};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fault = Arc::new(FaultStore::new(Arc::new(LocalStore::new(dir.path()).expect("local store"))));
+    let store: DynStore = Arc::new(RetryStore::new(fault.clone(), common::fast_policy()));
+    let clock = s3blk::clock::SystemClock;
+    create(&store, "parent/", 4 * CS as u64).await;
+    // Every delete of the probe fails, and so does the clone's volume.json.
+    for key in [".s3blk-probe-", "child/volume.json"] {
+        let op = if key.contains("probe") { Op::Delete } else { Op::Put };
+        fault.add_rule(Rule { op: Some(op), key_contains: Some(key.into()), fault: Fault::ServerError, times: 1000 });
+    }
+    let failed = catalog::clone_volume(&store, "parent/", None, "child/", "child", None, &clock).await;
+    assert!(failed.is_err(), "the clone was created: {failed:?}");
+    fault.clear_rules();
+    let left = keys(&store, "child/").await;
+    assert!(left.len() == 1 && left[0].starts_with("child/.s3blk-probe-"), "{left:?}");
+    let out = catalog::delete_volume(&store, "child/", OnDependants::RefuseClones, &clock).await;
+    assert!(matches!(out, Ok(DeleteOutcome::Probes { objects: 1 })), "{out:?}");
+    assert!(keys(&store, "child/").await.is_empty());
+    // The parent let go of the failed clone and deletes as usual.
+    let out = catalog::delete_volume(&store, "parent/", OnDependants::RefuseClones, &clock).await;
+    assert!(matches!(out, Ok(DeleteOutcome::Deleted { .. })), "{out:?}");
+
+    // A probe beside someone else's object: nothing goes.
+    let probe = "other/.s3blk-probe-0123456789abcdef";
+    store.put(probe, Bytes::from_static(b"1"), PutMode::Overwrite).await.expect("put");
+    store.put("other/notes.txt", Bytes::from_static(b"not ours"), PutMode::Overwrite).await.expect("put");
+    let out = catalog::delete_volume(&store, "other/", OnDependants::RefuseClones, &clock).await;
+    assert!(matches!(out, Err(CatalogError::ForeignObjects { .. })), "{out:?}");
+    assert_eq!(keys(&store, "other/").await.len(), 2);
+    // A probe's name (and a clock probe's) holding bytes s3blk never writes there: nothing goes.
+    store.delete("other/notes.txt").await.expect("delete");
+    let clock_probe = "other/.s3blk-clock-00000000000000ff";
+    store.put(clock_probe, Bytes::from_static(b"s3blk clock probe"), PutMode::Overwrite).await.expect("put");
+    store.put(probe, Bytes::from_static(b"someone's data"), PutMode::Overwrite).await.expect("put");
+    let out = catalog::delete_volume(&store, "other/", OnDependants::RefuseClones, &clock).await;
+    assert!(matches!(out, Err(CatalogError::NotAVolume { objects: 2, .. })), "{out:?}");
+    assert_eq!(keys(&store, "other/").await.len(), 2);
+    // Both as s3blk writes them: both go.
+    store.put(probe, Bytes::from_static(b"2"), PutMode::Overwrite).await.expect("put");
+    let out = catalog::delete_volume(&store, "other/", OnDependants::RefuseClones, &clock).await;
+    assert!(matches!(out, Ok(DeleteOutcome::Probes { objects: 2 })), "{out:?}");
+    assert!(keys(&store, "other/").await.is_empty());
+}
+
 /// A compaction that dies at any point (at its checkpoint PUT, or after
 /// any number of deletes) leaves a volume that reads the same, snapshot
 /// included, passes fsck, takes a new writer, and compacts fully next time.

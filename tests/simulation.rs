@@ -480,11 +480,15 @@ struct Expect {
     base: bool,
     lower: usize,
     upper: usize,
+    /// The session whose own view this is, while it holds writes it
+    /// replayed from a crashed predecessor's write-back log and has not
+    /// been told it is fenced (see [`Oracle::held`]).
+    holder: Option<usize>,
 }
 
 impl Expect {
     fn exact(data: Bytes) -> Self {
-        Self { values: vec![data], base: false, lower: 0, upper: 0 }
+        Self { values: vec![data], base: false, lower: 0, upper: 0, holder: None }
     }
 }
 
@@ -503,6 +507,11 @@ struct Session {
     /// It replayed entries of a predecessor's log as it opened: what it
     /// opened with is not all committed until it flushes.
     replayed: bool,
+    /// Whose log it replayed: the last session to open before it.
+    adopted_from: Option<usize>,
+    /// An operation of it failed as fenced: from then on it reads nothing
+    /// it replayed (the engine refuses reads once it knows).
+    told_fenced: bool,
     /// What it must read where it wrote nothing: what was durable when it
     /// began opening, raised by what it must have adopted from a crashed
     /// predecessor's write-back log and by what it read there.
@@ -641,7 +650,43 @@ impl Oracle {
     }
 
     fn excluded(&self, v: &Version) -> bool {
-        v.dead.is_some() || v.session != INITIAL && self.sessions[v.session].superseded.is_some_and(|t| v.tick > t)
+        v.dead.is_some() || self.issued_fenced(v)
+    }
+
+    /// Issued by a session after a later one had opened.
+    fn issued_fenced(&self, v: &Version) -> bool {
+        v.session != INITIAL && self.sessions[v.session].superseded.is_some_and(|t| v.tick > t)
+    }
+
+    /// Excluded from what `holder` may read: a version a session that
+    /// opened after `holder` declared dead (it opened without it) is still
+    /// in `holder`'s memory when `holder` replayed it from its crashed
+    /// predecessor's write-back log (or from what that one had replayed in
+    /// turn): `holder`, fenced without knowing it yet, reads it until it is
+    /// told. Nobody else ever reads it again.
+    fn excluded_for(&self, v: &Version, holder: Option<usize>) -> bool {
+        match (holder, v.dead) {
+            (Some(s), Some(d)) if self.opened_after(d, s) && self.held(s, v) => self.issued_fenced(v),
+            _ => self.excluded(v),
+        }
+    }
+
+    /// Did session `d` open after session `s`?
+    fn opened_after(&self, d: usize, s: usize) -> bool {
+        matches!((self.sessions[d].opened, self.sessions[s].opened), (Some(td), Some(ts)) if td > ts)
+    }
+
+    /// Is `v` a write session `s` replayed from a predecessor's write-back
+    /// log (that session's own, or one it had replayed in turn)?
+    fn held(&self, s: usize, v: &Version) -> bool {
+        let mut from = self.sessions[s].adopted_from.filter(|_| self.sessions[s].replayed);
+        while let Some(m) = from {
+            if v.session == m {
+                return true;
+            }
+            from = self.sessions[m].adopted_from.filter(|_| self.sessions[m].replayed);
+        }
+        false
     }
 
     fn describe(&self, b: u64, p: usize) -> String {
@@ -668,10 +713,12 @@ impl Oracle {
         (0..h.len()).filter(|&p| &h[p].data[at..at + data.len()] == data).collect()
     }
 
-    /// The first version in `lower..upper`, not written by a fenced session, that reads as `data`.
-    fn find(&self, b: u64, at: usize, data: &[u8], lower: usize, upper: usize) -> Option<usize> {
+    /// The first version in `lower..upper`, not written by a fenced session, that reads as `data`
+    /// (to `holder`, see [`Oracle::excluded_for`]).
+    fn find(&self, b: u64, at: usize, data: &[u8], lower: usize, upper: usize, holder: Option<usize>) -> Option<usize> {
         let h = &self.history[b as usize];
-        (lower..upper.min(h.len())).find(|&p| &h[p].data[at..at + data.len()] == data && !self.excluded(&h[p]))
+        (lower..upper.min(h.len()))
+            .find(|&p| &h[p].data[at..at + data.len()] == data && !self.excluded_for(&h[p], holder))
     }
 
     /// What `data` is, in words: zeros, a version, or bytes never written there.
@@ -734,7 +781,7 @@ impl Oracle {
             return Ok(None);
         }
         if e.base {
-            if let Some(p) = self.find(b, at, data, e.lower, e.upper) {
+            if let Some(p) = self.find(b, at, data, e.lower, e.upper, e.holder) {
                 return Ok(Some(p));
             }
             if e.values.is_empty() {
@@ -774,6 +821,8 @@ impl Oracle {
             crashed: None,
             log_dir: None,
             replayed: false,
+            adopted_from: None,
+            told_fenced: false,
             open_floor: self.floor.clone(),
             open_len: Vec::new(),
             view: BTreeMap::new(),
@@ -881,6 +930,7 @@ impl Oracle {
             base: true,
             lower: sess.open_floor[b as usize],
             upper: sess.open_len.get(b as usize).copied().unwrap_or(0),
+            holder: (sess.replayed && !sess.told_fenced).then_some(s),
         })
     }
 
@@ -928,7 +978,7 @@ impl Oracle {
         for (b, at, pos, n) in blocks_of(offset, data.len() as u64) {
             let piece = &data[pos..pos + n];
             let lower = r.lower[b as usize];
-            match self.find(b, at, piece, lower, usize::MAX) {
+            match self.find(b, at, piece, lower, usize::MAX, None) {
                 Some(p) if n as u64 == BLOCK => {
                     r.lower[b as usize] = p;
                     self.raise(b, p);
@@ -1043,8 +1093,10 @@ impl Oracle {
         }
     }
 
+    /// A snapshot is committed state: it holds nothing by virtue of a log.
     fn snapshot_expect(&self, s: usize, size: u64) -> SnapshotExpect {
-        SnapshotExpect { size, blocks: (0..size / BLOCK).map(|b| self.expect(s, b)).collect() }
+        let blocks = (0..size / BLOCK).map(|b| Expect { holder: None, ..self.expect(s, b) }).collect();
+        SnapshotExpect { size, blocks }
     }
 
     /// An operation of session `s` (or of a reader, `None`) failed.
@@ -1053,6 +1105,9 @@ impl Oracle {
         match e {
             VolumeError::Store(_) => {}
             VolumeError::Fenced(why) => {
+                if let Some(s) = s {
+                    self.sessions[s].told_fenced = true;
+                }
                 if !zombie {
                     self.violation("self-fenced", format!("{who} {op}: fenced though no later session opened: {why}"));
                 }
@@ -1227,6 +1282,9 @@ fn check_log_recovery(ctx: &Ctx, s: usize, vol: &Volume, expect: LogExpect, pred
     let mut o = ctx.oracle();
     o.counts.logs_discarded += rec.discarded;
     o.sessions[s].replayed = rec.adopted && rec.entries > 0;
+    // Whose writes it replayed: the last session to open before it's (and
+    // what that one had replayed in turn), as `log_expect` reckons.
+    o.sessions[s].adopted_from = (0..s).rev().find(|&m| o.sessions[m].opened.is_some());
     if rec.entries > 0 {
         o.counts.log_replays += 1;
         o.counts.log_entries_replayed += rec.entries;
@@ -2555,7 +2613,7 @@ async fn delete_clone(ctx: Ctx, c: usize) {
                 ctx.event(&format!("{name}: deleted ({objects} objects)"));
                 break;
             }
-            Ok(catalog::DeleteOutcome::Absent) if attempt > 1 => {
+            Ok(catalog::DeleteOutcome::Absent | catalog::DeleteOutcome::Probes { .. }) if attempt > 1 => {
                 ctx.event(&format!("{name}: deleted (by an earlier attempt)"));
                 break;
             }
@@ -2737,7 +2795,11 @@ async fn final_clones(ctx: &Ctx) {
             // finished, as a retried DeleteVolume would.
             let r = catalog::delete_volume(&store, prefix, catalog::OnDependants::RefuseClones, clock.as_ref()).await;
             let r = match r {
-                Ok(catalog::DeleteOutcome::Absent) => catalog::release_source(&store, VOL, prefix).await.map(|_| ()),
+                // No volume there (at most the probes of a create that
+                // failed): let go of the source.
+                Ok(catalog::DeleteOutcome::Absent | catalog::DeleteOutcome::Probes { .. }) => {
+                    catalog::release_source(&store, VOL, prefix).await.map(|_| ())
+                }
                 Ok(_) => Ok(()),
                 // What its writer, readers and compactors still sent while
                 // the delete ran (or in flight when it returned) may land

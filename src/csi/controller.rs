@@ -718,7 +718,12 @@ impl pb::controller_server::Controller for ControllerService {
         let _guard = self.inflight.start(&loc.url())?;
         let store = self.store_for(&loc, &req.secrets).await?;
         match catalog::delete_volume(&store, &loc.prefix, OnDependants::Keep, self.clock.as_ref()).await {
-            Ok(DeleteOutcome::Absent | DeleteOutcome::Kept | DeleteOutcome::Deleted { .. }) => {}
+            Ok(
+                DeleteOutcome::Absent
+                | DeleteOutcome::Probes { .. }
+                | DeleteOutcome::Kept
+                | DeleteOutcome::Deleted { .. },
+            ) => {}
             // No volume.json and no tombstone: no volume, so nothing to
             // delete; the objects stay for an operator to look at.
             Err(e @ CatalogError::NotAVolume { .. }) => {

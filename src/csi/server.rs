@@ -61,6 +61,11 @@ pub struct CsiConfig {
     /// compacted (zero: never), and the compaction safety age.
     pub compact_interval: std::time::Duration,
     pub compact_safety_age: std::time::Duration,
+    /// Controller: accept a safety age under `compact::MIN_LIVE_SAFETY_AGE`
+    /// (otherwise refused at start-up: the controller compacts beside live
+    /// writers). Never set from the command line; for tests that need
+    /// compaction to act at once on volumes no second writer takes over.
+    pub allow_short_safety_age: bool,
     /// Controller: how compaction runs (see `controller::CompactionMode`).
     pub compaction: CompactionMode,
     /// `HOST:PORT` for Prometheus metrics, if wanted.
@@ -81,6 +86,8 @@ pub enum CsiError {
     Metrics(String, std::io::Error),
     #[error("--compaction=kubernetes: no Kubernetes API configuration (in-cluster or KUBECONFIG): {0}")]
     Kubernetes(String),
+    #[error("--compact-safety-age: {0}")]
+    SafetyAge(#[from] compact::ShortSafetyAge),
     #[error("node memory budget ({from})")]
     Budget { from: String, source: crate::volume::budget::BudgetError },
     #[error("gRPC server: {0}")]
@@ -125,6 +132,12 @@ pub async fn run(
 ) -> Result<(), CsiError> {
     let path = socket_path(&cfg.endpoint)?;
     let with_controller = cfg.mode != Mode::Node;
+    // Before anything starts: the controller's compaction (the pass over
+    // --store, or the Kubernetes reconcile loop) runs beside live writers.
+    let compacts = !cfg.compact_interval.is_zero() && cfg.compaction != CompactionMode::Off;
+    if with_controller && compacts && !cfg.allow_short_safety_age {
+        compact::check_live_safety_age(cfg.compact_safety_age)?;
+    }
     let mut registration = None;
     let node = if cfg.mode != Mode::Controller {
         let node_id = cfg.node_id.clone().filter(|n| !n.is_empty()).ok_or(CsiError::NoNodeId)?;
@@ -261,11 +274,9 @@ async fn start_compaction(
         tracing::info!("compaction mode: off");
         return Ok(None);
     }
-    if cfg.compact_safety_age < compact::MIN_LIVE_SAFETY_AGE {
-        tracing::warn!(
-            safety_age = cfg.compact_safety_age.as_secs(),
-            "compaction safety age is too short to be safe beside live writers"
-        );
+    if let Err(e) = compact::check_live_safety_age(cfg.compact_safety_age) {
+        // Only with allow_short_safety_age (see `run`).
+        tracing::warn!(error = %e, "compacting with a short safety age");
     }
     let opts = compact::CompactOptions { safety_age: cfg.compact_safety_age, ..Default::default() };
     let client = match cfg.compaction {

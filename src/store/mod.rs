@@ -136,12 +136,21 @@ pub async fn delete_keys(store: &dyn ObjectStore, keys: Vec<String>, concurrency
         .map(drop)
 }
 
+/// The name of [`supports_conditional_put`]'s probe under a prefix is this
+/// stem and 16 hex digits.
+pub const PROBE_STEM: &str = ".s3blk-probe-";
+/// What the probe's first and second create write (the second lands only
+/// on a store that ignores `If-None-Match`).
+pub const PROBE_BODIES: [&[u8]; 2] = [b"1", b"2"];
+
 /// Probe whether the store honours `If-None-Match: *`: create a probe object
-/// twice; the second create must be refused.
+/// twice; the second create must be refused. The probe is deleted again;
+/// when that delete is lost, the catalog recognises what is left
+/// (`catalog::delete_volume`).
 pub async fn supports_conditional_put(store: &dyn ObjectStore, prefix: &str) -> StoreResult<bool> {
-    let key = format!("{prefix}.s3blk-probe-{:016x}", rand::random::<u64>());
-    store.put(&key, Bytes::from_static(b"1"), PutMode::IfAbsent).await?;
-    let second = store.put(&key, Bytes::from_static(b"2"), PutMode::IfAbsent).await;
+    let key = format!("{prefix}{PROBE_STEM}{:016x}", rand::random::<u64>());
+    store.put(&key, Bytes::from_static(PROBE_BODIES[0]), PutMode::IfAbsent).await?;
+    let second = store.put(&key, Bytes::from_static(PROBE_BODIES[1]), PutMode::IfAbsent).await;
     let _ = store.delete(&key).await;
     match second {
         Err(StoreError::PreconditionFailed(_)) => Ok(true),

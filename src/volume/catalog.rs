@@ -137,17 +137,30 @@ fn json_in<'a>(rel: &'a str, dir: &str) -> Option<&'a str> {
 /// Objects the catalog and the engine keep under a volume beside the format
 /// proper (`rel` is the key relative to the volume's prefix).
 pub(crate) fn is_bookkeeping(rel: &str) -> bool {
-    let hex16 = |h: &str| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit());
-    // The conditional-write probe of create, and compaction's clock probe
-    // (a crash may leave either behind).
-    let probe =
-        rel.strip_prefix(".s3blk-probe-").is_some_and(hex16) || rel.strip_prefix(".s3blk-clock-").is_some_and(hex16);
-    probe
+    is_probe(rel)
         || rel == TOMBSTONE
         || rel == super::lease::LEASE_NAME
         || rel == PROVISIONED
         || json_in(rel, "attachments/").is_some()
         || json_in(rel, "clones/").is_some()
+}
+
+/// The conditional-write probe of create and compaction's clock probe
+/// (`rel` relative to the volume's prefix): each is deleted right after it
+/// was written, but a crash or a lost delete may leave it behind.
+fn is_probe(rel: &str) -> bool {
+    let hex16 = |h: &str| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit());
+    rel.strip_prefix(store::PROBE_STEM).is_some_and(hex16)
+        || rel.strip_prefix(format::CLOCK_PROBE_STEM).is_some_and(hex16)
+}
+
+/// Does the probe `rel` hold exactly what s3blk writes into it?
+fn is_probe_body(rel: &str, body: &[u8]) -> bool {
+    if rel.starts_with(store::PROBE_STEM) {
+        store::PROBE_BODIES.contains(&body)
+    } else {
+        body == format::CLOCK_PROBE_BODY
+    }
 }
 
 /// Is `key` one of the object names s3blk writes under the volume `vol`?
@@ -645,13 +658,19 @@ pub enum DeleteOutcome {
     Kept,
     /// Gone: this many objects deleted.
     Deleted { objects: u64 },
+    /// No volume: only the probes of a create that failed (its delete of
+    /// them lost), or of a compaction cut short, were there; this many
+    /// were deleted.
+    Probes { objects: u64 },
 }
 
 /// Delete the volume under `vol`: prove it is one (its `volume.json` or
 /// tombstone) holding nothing but s3blk's own objects, write the tombstone,
 /// delete every object, the tombstone last. Refuses, deleting nothing, when
 /// the proof is missing, anything else lives under the prefix, or (unless
-/// `Break`) the volume is published.
+/// `Break`) the volume is published. A prefix holding nothing but s3blk's
+/// probes, each named and filled as s3blk writes them, is what a create
+/// that failed left behind: the probes go (see [`delete_probes`]).
 pub async fn delete_volume(
     store: &DynStore,
     vol: &str,
@@ -671,6 +690,9 @@ pub async fn delete_volume(
     let tombstoned = has(tombstone_key(vol));
     let has_meta = has(format::meta_key(vol));
     if !tombstoned && !has_meta {
+        if objects.iter().all(|o| o.key.strip_prefix(vol).is_some_and(is_probe)) {
+            return delete_probes(store, vol, &objects).await;
+        }
         return Err(CatalogError::NotAVolume { volume, objects: objects.len() });
     }
     if on_dependants != OnDependants::Break
@@ -710,6 +732,32 @@ async fn finish_delete(store: &DynStore, vol: &str) -> CatalogResult<u64> {
         release_source(store, &p.volume, vol).await?;
     }
     purge(store, vol).await
+}
+
+/// Delete the probes that are all a prefix holds (no volume: a create
+/// failed after its probe's delete was lost). Their names alone carry
+/// s3blk's mark, and each must also hold exactly what s3blk writes into it
+/// before any goes: a prefix with anything else is refused, whole, as no
+/// volume (design invariant 5).
+async fn delete_probes(store: &DynStore, vol: &str, objects: &[ObjectInfo]) -> CatalogResult<DeleteOutcome> {
+    let mut keys = Vec::new();
+    for o in objects {
+        let rel = o.key.strip_prefix(vol).unwrap_or(&o.key);
+        match store.get(&o.key, None).await {
+            Ok(body) if is_probe_body(rel, &body) => keys.push(o.key.clone()),
+            Ok(_) => {
+                let volume = describe(store.as_ref(), vol);
+                return Err(CatalogError::NotAVolume { volume, objects: objects.len() });
+            }
+            // Gone meanwhile (its writer's delete landed late).
+            Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let n = keys.len() as u64;
+    store::delete_keys(store.as_ref(), keys, DELETE_CONCURRENCY).await?;
+    tracing::info!(volume = %describe(store.as_ref(), vol), objects = n, "no volume; deleted the probes a failed create left");
+    Ok(DeleteOutcome::Probes { objects: n })
 }
 
 async fn write_tombstone(store: &DynStore, vol: &str, clock: &dyn Clock) -> CatalogResult<()> {

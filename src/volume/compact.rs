@@ -24,8 +24,8 @@ use bytes::Bytes;
 
 use super::engine::read_snapshot;
 use super::format::{
-    self, Checkpoint, ChunkRef, JournalRecord, SnapshotRecord, checkpoint_key, journal_key, parse_checkpoint_key,
-    parse_chunk_key, parse_journal_key,
+    self, Checkpoint, ChunkRef, SnapshotRecord, checkpoint_key, journal_key, parse_checkpoint_key, parse_chunk_key,
+    parse_journal_key,
 };
 use super::{VolumeError, VolumeResult};
 use super::{journal, replay};
@@ -39,6 +39,28 @@ pub const DEFAULT_SAFETY_AGE: Duration = Duration::from_secs(300);
 /// the engine's re-check of old staged chunks (one minute) and a snapshot's
 /// deadline (30 s), with room for clock skew.
 pub const MIN_LIVE_SAFETY_AGE: Duration = Duration::from_secs(120);
+
+/// A safety age too short for a compactor that runs beside live writers.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "a compaction safety age of {}s is shorter than {}s, the least that is safe beside live writers (a writer's \
+     proof that no other writer took over its volume rests on compaction never folding younger journal records)",
+    .age.as_secs(),
+    MIN_LIVE_SAFETY_AGE.as_secs()
+)]
+pub struct ShortSafetyAge {
+    pub age: Duration,
+}
+
+/// Refuse a safety age under [`MIN_LIVE_SAFETY_AGE`] for a compactor that
+/// runs beside live writers (the CSI controller's passes); an offline
+/// `s3blk compact` of a volume nobody writes may go lower.
+pub fn check_live_safety_age(age: Duration) -> Result<(), ShortSafetyAge> {
+    match age < MIN_LIVE_SAFETY_AGE {
+        true => Err(ShortSafetyAge { age }),
+        false => Ok(()),
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct CompactOptions {
@@ -110,13 +132,13 @@ pub async fn compact(
     let mut fold = None;
     for o in &journal {
         let Some(seq) = parse_journal_key(vol, &o.key) else { continue };
-        if seq >= fold.unwrap_or(0) && is_old(store, o, cutoff).await? {
+        if seq >= fold.unwrap_or(0) && is_old(o, cutoff) {
             fold = Some(seq);
         }
     }
     for o in &checkpoints {
         let Some(seq) = parse_checkpoint_key(vol, &o.key) else { continue };
-        if seq > fold.unwrap_or(0) && o.modified_unix.is_some_and(|m| m <= cutoff) {
+        if seq > fold.unwrap_or(0) && is_old(o, cutoff) {
             fold = Some(seq);
         }
     }
@@ -240,7 +262,7 @@ pub async fn compact(
         if live.contains(&id) {
             continue;
         }
-        if o.modified_unix.is_some_and(|m| m <= cutoff) {
+        if is_old(o, cutoff) {
             report.chunks_deleted += 1;
             report.chunk_bytes_deleted += o.size;
             doomed.push(o.key.clone());
@@ -286,7 +308,7 @@ async fn snapshot_gone(store: &DynStore, vol: &str, snap: &SnapshotRecord) -> Vo
 /// clock.
 pub async fn store_now(store: &DynStore, vol: &str) -> VolumeResult<Option<i64>> {
     let key = format::clock_probe_key(vol, rand::random::<u64>());
-    store.put(&key, Bytes::from_static(b"s3blk clock probe"), PutMode::Overwrite).await?;
+    store.put(&key, Bytes::from_static(format::CLOCK_PROBE_BODY), PutMode::Overwrite).await?;
     let page =
         store.list(crate::store::ListRequest { prefix: &key, start_after: None, delimiter: false, max_keys: 1 }).await;
     let _ = store.delete(&key).await;
@@ -298,18 +320,12 @@ pub async fn store_now(store: &DynStore, vol: &str) -> VolumeResult<Option<i64>>
     }
 }
 
-/// Is the object older than the cutoff? Stores that report no modification
-/// time fall back to the record's own creation time.
-async fn is_old(store: &DynStore, o: &ObjectInfo, cutoff: i64) -> VolumeResult<bool> {
-    if let Some(m) = o.modified_unix {
-        return Ok(m <= cutoff);
-    }
-    let bytes = match store.get(&o.key, None).await {
-        Ok(b) => b,
-        Err(StoreError::NotFound(_)) => return Ok(false),
-        Err(e) => return Err(e.into()),
-    };
-    Ok(JournalRecord::decode(&bytes, &o.key)?.created_unix <= cutoff)
+/// Is the object older than the cutoff on the store's clock? An object the
+/// store lists without a modification time counts as young: its age is
+/// unknown, and a host's clock (the record's own `created_unix`) is no
+/// measure of it (design invariant 3). Every store s3blk supports lists one.
+fn is_old(o: &ObjectInfo, cutoff: i64) -> bool {
+    o.modified_unix.is_some_and(|m| m <= cutoff)
 }
 
 fn add_map<'a>(live: &mut HashSet<(u64, u64)>, map: impl Iterator<Item = (&'a u64, &'a ChunkRef)>) {

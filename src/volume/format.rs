@@ -90,8 +90,12 @@ pub fn checkpoint_key(vol: &str, seq: u64) -> String {
 /// Written and removed at once by compaction to read the store's clock
 /// (one name per probe: compactors run side by side).
 pub fn clock_probe_key(vol: &str, nonce: u64) -> String {
-    format!("{vol}.s3blk-clock-{nonce:016x}")
+    format!("{vol}{CLOCK_PROBE_STEM}{nonce:016x}")
 }
+/// The clock probe's name under a volume is this stem and 16 hex digits.
+pub const CLOCK_PROBE_STEM: &str = ".s3blk-clock-";
+/// What a clock probe holds.
+pub const CLOCK_PROBE_BODY: &[u8] = b"s3blk clock probe";
 pub fn snapshot_prefix(vol: &str) -> String {
     format!("{vol}snapshots/")
 }
