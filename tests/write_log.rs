@@ -187,6 +187,11 @@ async fn a_fenced_writer_discards_its_log_and_a_live_writers_log_is_never_taken(
         other => panic!("the old writer was not fenced: {other:?}"),
     }
     assert_eq!(log_dirs(&logs, &uuid).len(), 1, "a fenced writer kept its log");
+    // Its pages were in that log only: reading them says why they are gone.
+    match a.read(0, 8192).await {
+        Err(VolumeError::Fenced(_)) => {}
+        other => panic!("a fenced writer's read of pages its log held: {other:?}"),
+    }
     die(a).await;
     b.flush().await.expect("flush");
     die(b).await;
