@@ -1991,3 +1991,39 @@ async fn pages_whose_log_segment_a_flush_deletes_while_still_dirty_come_into_mem
     drop(v);
     assert_same(&open_ro(&mem, "v/").await.read(0, 12288).await.expect("read"), &want, "a fresh opener");
 }
+
+/// Writers that waited for the bytes to grow a chunk of pages, and found
+/// it uploaded meanwhile, never hold those bytes while they wait for a
+/// whole chunk's: several of them at once must not spend the budget
+/// among themselves and wait for each other forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_growing_chunks_of_pages_do_not_starve_each_other() {
+    let rig = FaultRig::new();
+    let chunks = 32u64;
+    let size = chunks * CS as u64;
+    create(&rig.plain(), "v/", size).await;
+    let budget = s3blk::volume::budget::MemoryBudget::new(2 * CS as u64, 64 * CS as u64);
+    let opts = OpenOptions { budget: Some(budget.clone()), concurrency: 2, patch_limit: 0, ..OpenOptions::default() };
+    let v = Volume::open(rig.faulty(), "v/", opts).await.expect("open");
+    let writers = 4u64;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let v = v.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..40u64 {
+                let c = (round * writers + w) % chunks;
+                let base = c * CS as u64;
+                v.write(base + 4096, &common::pattern(round, 4096)).await.expect("a page");
+                v.write(base + 100, &common::pattern(round + 1, 100)).await.expect("unaligned");
+            }
+        }));
+    }
+    let all = async {
+        for t in tasks {
+            t.await.expect("writer");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), all).await.expect("writers stuck waiting for the dirty budget");
+    v.flush().await.expect("flush");
+    assert_eq!(budget.dirty_bytes(), 0);
+}
