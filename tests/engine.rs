@@ -2079,3 +2079,40 @@ async fn chunks_of_pages_a_flush_defers_are_merged_a_few_at_a_time() {
     assert_eq!(open_ro(&mem, "v/").await.read(0, size).await.expect("read"), image);
     assert_fsck_clean(&mem, "v/").await;
 }
+
+/// Chunks of pages merged for an upload whose commit then fails stay
+/// staged, each holding a whole chunk of memory past the budget: flushes
+/// retried while the journal refuses records must not merge more of them
+/// round after round, but commit those first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_commits_do_not_pile_up_merged_chunks_of_pages() {
+    let rig = FaultRig::new();
+    let chunks = 60u64;
+    let size = chunks * CS as u64;
+    create(&rig.plain(), "v/", size).await;
+    let limit = 4 * CS as u64;
+    let budget = s3blk::volume::budget::MemoryBudget::new(limit, 64 * CS as u64);
+    let opts = OpenOptions { budget: Some(budget.clone()), concurrency: 2, patch_limit: 0, ..OpenOptions::default() };
+    let v = Volume::open(rig.faulty(), "v/", opts).await.expect("open");
+    let mut image = vec![0u8; size as usize];
+    for c in 0..chunks {
+        let off = c * CS as u64 + 4096;
+        let data = common::pattern(c + 1, 4096);
+        v.write(off, &data).await.expect("write");
+        image[off as usize..off as usize + 4096].copy_from_slice(&data);
+    }
+    rig.rule(Some(Op::Put), &format::journal_prefix("v/"), Fault::ServerError, 1000);
+    for _ in 0..20 {
+        assert!(v.flush().await.is_err(), "a flush whose record cannot land must fail");
+    }
+    // The pages, and a round or two of chunks merged (four a round).
+    let held = budget.dirty_bytes();
+    assert!(held <= chunks * 4096 + 8 * CS as u64, "{held} bytes held with a dirty limit of {limit}");
+    rig.fault.clear_rules();
+    v.flush().await.expect("flush");
+    assert_eq!(budget.dirty_bytes(), 0);
+    assert_eq!(v.read(0, size).await.expect("read"), image);
+    drop(v);
+    assert_eq!(open_ro(&rig.plain(), "v/").await.read(0, size).await.expect("read"), image);
+    assert_fsck_clean(&rig.plain(), "v/").await;
+}

@@ -198,13 +198,27 @@ impl Inner {
         rounds
     }
 
-    /// Upload a round of dirty chunks and commit.
+    /// Upload a round of dirty chunks and commit. Caller holds the flush
+    /// lock.
     async fn upload_round(&self, round: Vec<u64>) -> VolumeResult<()> {
+        self.commit_staged_first().await?;
         stream::iter(round.into_iter().map(|i| self.upload_chunk(i)))
             .buffer_unordered(self.opts.concurrency)
             .try_collect::<Vec<()>>()
             .await?;
         self.commit().await
+    }
+
+    /// Chunks uploaded by rounds whose commit failed stay staged, each
+    /// holding a whole chunk of memory (past the budget when it merged
+    /// pages): with a round's worth of them, commit them before merging
+    /// more, so that retried flushes or uploads cannot pile them up while
+    /// the journal refuses records. Caller holds the flush lock.
+    pub(super) async fn commit_staged_first(&self) -> VolumeResult<()> {
+        if self.lock().staged.len() >= self.merge_round() {
+            self.commit().await?;
+        }
+        Ok(())
     }
 
     /// How many chunks of pages a flush merges and uploads before it
