@@ -1991,3 +1991,128 @@ async fn pages_whose_log_segment_a_flush_deletes_while_still_dirty_come_into_mem
     drop(v);
     assert_same(&open_ro(&mem, "v/").await.read(0, 12288).await.expect("read"), &want, "a fresh opener");
 }
+
+/// Writers that waited for the bytes to grow a chunk of pages, and found
+/// it uploaded meanwhile, never hold those bytes while they wait for a
+/// whole chunk's: several of them at once must not spend the budget
+/// among themselves and wait for each other forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_growing_chunks_of_pages_do_not_starve_each_other() {
+    let rig = FaultRig::new();
+    let chunks = 32u64;
+    let size = chunks * CS as u64;
+    create(&rig.plain(), "v/", size).await;
+    let budget = s3blk::volume::budget::MemoryBudget::new(2 * CS as u64, 64 * CS as u64);
+    let opts = OpenOptions { budget: Some(budget.clone()), concurrency: 2, patch_limit: 0, ..OpenOptions::default() };
+    let v = Volume::open(rig.faulty(), "v/", opts).await.expect("open");
+    let writers = 4u64;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let v = v.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..40u64 {
+                let c = (round * writers + w) % chunks;
+                let base = c * CS as u64;
+                v.write(base + 4096, &common::pattern(round, 4096)).await.expect("a page");
+                v.write(base + 100, &common::pattern(round + 1, 100)).await.expect("unaligned");
+            }
+        }));
+    }
+    let all = async {
+        for t in tasks {
+            t.await.expect("writer");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), all).await.expect("writers stuck waiting for the dirty budget");
+    v.flush().await.expect("flush");
+    assert_eq!(budget.dirty_bytes(), 0);
+}
+
+/// Chunks of pages a flush chose to send inline, written meanwhile past
+/// what a record carries for them, go up whole after the record: merged
+/// for their upload a few at a time, each round committed before the
+/// next, like the flush's other chunks of pages, not all at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_of_pages_a_flush_defers_are_merged_a_few_at_a_time() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let pages_chunks = 16u64;
+    let size = 64 * CS as u64;
+    create(&mem, "v/", size).await;
+    let held = HoldsPuts::new(mem.clone());
+    let store: DynStore = held.clone();
+    let budget = s3blk::volume::budget::MemoryBudget::new(8 * CS as u64, 64 * CS as u64);
+    let opts = OpenOptions { budget: Some(budget.clone()), concurrency: 2, ..OpenOptions::default() };
+    let v = Volume::open(store, "v/", opts).await.expect("open");
+    let mut image = vec![0u8; size as usize];
+    let mut write = async |off: u64, data: Vec<u8>| {
+        v.write(off, &data).await.expect("write");
+        image[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    };
+    // One page in each of 16 chunks (sent inline), and a whole chunk
+    // (uploaded), whose upload is held.
+    for c in 0..pages_chunks {
+        write(c * CS as u64, common::pattern(c + 1, 4096)).await;
+    }
+    write(40 * CS as u64, common::pattern(99, CS as usize)).await;
+    held.arm(&format!("{}{:016x}/", format::chunk_prefix("v/"), 40), 1);
+    let flush = {
+        let v = v.clone();
+        tokio::spawn(async move { v.flush().await })
+    };
+    held.until(1, false).await;
+    // Four more pages each: past a chunk's patch cap (a quarter of it),
+    // so the record leaves them out.
+    for c in 0..pages_chunks {
+        for page in 1..5u64 {
+            write(c * CS as u64 + page * 4096, common::pattern(c * 8 + page + 200, 4096)).await;
+        }
+    }
+    held.release.add_permits(1);
+    flush.await.expect("flush task").expect("flush");
+    let peak = budget.dirty_peak();
+    // The pages (16 chunks of five) and chunk 40, then four chunks merged
+    // at a time: never the 16 at once.
+    assert!(peak <= pages_chunks * 5 * 4096 + 5 * CS as u64, "dirty peak {peak} bytes");
+    assert_eq!(budget.dirty_bytes(), 0);
+    assert_eq!(v.read(0, size).await.expect("read"), image);
+    drop(v);
+    assert_eq!(open_ro(&mem, "v/").await.read(0, size).await.expect("read"), image);
+    assert_fsck_clean(&mem, "v/").await;
+}
+
+/// Chunks of pages merged for an upload whose commit then fails stay
+/// staged, each holding a whole chunk of memory past the budget: flushes
+/// retried while the journal refuses records must not merge more of them
+/// round after round, but commit those first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_commits_do_not_pile_up_merged_chunks_of_pages() {
+    let rig = FaultRig::new();
+    let chunks = 60u64;
+    let size = chunks * CS as u64;
+    create(&rig.plain(), "v/", size).await;
+    let limit = 4 * CS as u64;
+    let budget = s3blk::volume::budget::MemoryBudget::new(limit, 64 * CS as u64);
+    let opts = OpenOptions { budget: Some(budget.clone()), concurrency: 2, patch_limit: 0, ..OpenOptions::default() };
+    let v = Volume::open(rig.faulty(), "v/", opts).await.expect("open");
+    let mut image = vec![0u8; size as usize];
+    for c in 0..chunks {
+        let off = c * CS as u64 + 4096;
+        let data = common::pattern(c + 1, 4096);
+        v.write(off, &data).await.expect("write");
+        image[off as usize..off as usize + 4096].copy_from_slice(&data);
+    }
+    rig.rule(Some(Op::Put), &format::journal_prefix("v/"), Fault::ServerError, 1000);
+    for _ in 0..20 {
+        assert!(v.flush().await.is_err(), "a flush whose record cannot land must fail");
+    }
+    // The pages, and a round or two of chunks merged (four a round).
+    let held = budget.dirty_bytes();
+    assert!(held <= chunks * 4096 + 8 * CS as u64, "{held} bytes held with a dirty limit of {limit}");
+    rig.fault.clear_rules();
+    v.flush().await.expect("flush");
+    assert_eq!(budget.dirty_bytes(), 0);
+    assert_eq!(v.read(0, size).await.expect("read"), image);
+    drop(v);
+    assert_eq!(open_ro(&rig.plain(), "v/").await.read(0, size).await.expect("read"), image);
+    assert_fsck_clean(&rig.plain(), "v/").await;
+}

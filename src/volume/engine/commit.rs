@@ -33,42 +33,26 @@ impl Volume {
                 // Chunks with a few dirty pages go inside the record;
                 // the others are uploaded whole.
                 let inline = inner.choose_inline(&st, st.slots.keys().copied());
-                // Chunks held whole go up at once; chunks of pages are
-                // merged with their stored bytes for the upload, which
-                // takes a whole chunk of memory each, so they go up a few
-                // at a time, each round committed (giving it back) before
-                // the next.
-                let (mut whole, mut pages) = (Vec::new(), Vec::new());
-                for (i, s) in st.slots.iter().filter(|(i, _)| !inline.contains(i)) {
-                    match s.data {
-                        DirtyData::Pages(_) => pages.push(*i),
-                        _ => whole.push(*i),
-                    }
-                }
+                let rounds = inner.upload_rounds(st.slots.iter().filter(|(i, _)| !inline.contains(i)));
                 st.inline_next.extend(inline);
-                let mut rounds: Vec<Vec<u64>> = pages.chunks(inner.merge_round()).map(<[u64]>::to_vec).collect();
-                match rounds.first_mut() {
-                    Some(r) => r.append(&mut whole),
-                    None => rounds.push(whole),
-                }
                 (rounds, closed)
             };
             for round in dirty {
-                stream::iter(round.into_iter().map(|i| inner.upload_chunk(i)))
-                    .buffer_unordered(inner.opts.concurrency)
-                    .try_collect::<Vec<()>>()
-                    .await?;
-                inner.commit().await?;
+                inner.upload_round(round).await?;
             }
             // Chunks it chose inline whose pages, written meanwhile, no
-            // longer fit: they go up whole, in a second record.
-            let deferred = std::mem::take(&mut inner.lock().inline_deferred);
-            if !deferred.is_empty() {
-                stream::iter(deferred.into_iter().map(|i| inner.upload_chunk(i)))
-                    .buffer_unordered(inner.opts.concurrency)
-                    .try_collect::<Vec<()>>()
-                    .await?;
-                inner.commit().await?;
+            // longer fit: they go up whole, in more records (chunks of
+            // pages a few at a time, as above).
+            // Committed even when their slots are gone: an upload that
+            // took one may have staged it since the last record.
+            let deferred = {
+                let mut st = inner.lock();
+                let deferred = std::mem::take(&mut st.inline_deferred);
+                (!deferred.is_empty())
+                    .then(|| inner.upload_rounds(deferred.iter().filter_map(|i| st.slots.get_key_value(i))))
+            };
+            for round in deferred.into_iter().flatten() {
+                inner.upload_round(round).await?;
             }
             if let Some(n) = closed {
                 inner.release_log(n);
@@ -190,6 +174,51 @@ impl Inner {
         if let Some(l) = st.log.as_mut() {
             l.release(n);
         }
+    }
+
+    /// Dirty chunks in upload rounds, each committed before the next:
+    /// chunks held whole go up at once (in the first); chunks of pages are
+    /// merged with their stored bytes for the upload, which takes a whole
+    /// chunk of memory each, so they go up [`Inner::merge_round`] at a
+    /// time, each round giving that memory back before the next. Always
+    /// one round at least.
+    fn upload_rounds<'a>(&self, slots: impl Iterator<Item = (&'a u64, &'a Slot)>) -> Vec<Vec<u64>> {
+        let (mut whole, mut pages) = (Vec::new(), Vec::new());
+        for (i, s) in slots {
+            match s.data {
+                DirtyData::Pages(_) => pages.push(*i),
+                _ => whole.push(*i),
+            }
+        }
+        let mut rounds: Vec<Vec<u64>> = pages.chunks(self.merge_round()).map(<[u64]>::to_vec).collect();
+        match rounds.first_mut() {
+            Some(r) => r.append(&mut whole),
+            None => rounds.push(whole),
+        }
+        rounds
+    }
+
+    /// Upload a round of dirty chunks and commit. Caller holds the flush
+    /// lock.
+    async fn upload_round(&self, round: Vec<u64>) -> VolumeResult<()> {
+        self.commit_staged_first().await?;
+        stream::iter(round.into_iter().map(|i| self.upload_chunk(i)))
+            .buffer_unordered(self.opts.concurrency)
+            .try_collect::<Vec<()>>()
+            .await?;
+        self.commit().await
+    }
+
+    /// Chunks uploaded by rounds whose commit failed stay staged, each
+    /// holding a whole chunk of memory (past the budget when it merged
+    /// pages): with a round's worth of them, commit them before merging
+    /// more, so that retried flushes or uploads cannot pile them up while
+    /// the journal refuses records. Caller holds the flush lock.
+    pub(super) async fn commit_staged_first(&self) -> VolumeResult<()> {
+        if self.lock().staged.len() >= self.merge_round() {
+            self.commit().await?;
+        }
+        Ok(())
     }
 
     /// How many chunks of pages a flush merges and uploads before it

@@ -167,6 +167,16 @@ impl Inner {
             if batch.is_empty() {
                 break;
             }
+            if self.lock().staged.len() >= self.merge_round() {
+                let _f = self.flush_lock.lock().await;
+                if let Err(e) = self.commit_staged_first().await {
+                    tracing::warn!(volume = %self.vol, error = %e, "committing earlier uploads failed");
+                    if let VolumeError::Store(se) = e {
+                        self.lock().upload_error = Some((se, Instant::now()));
+                    }
+                    return;
+                }
+            }
             let results: Vec<VolumeResult<()>> = stream::iter(batch.into_iter().map(|i| self.upload_chunk(i)))
                 .buffer_unordered(self.opts.concurrency)
                 .collect()

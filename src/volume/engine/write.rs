@@ -208,18 +208,19 @@ impl Inner {
         let mut extra = None;
         loop {
             let g = self.locks.lock(p.index).await;
-            match self.try_write_piece(p, data, vol, &mut extra).await? {
+            match self.try_write_piece(p, data, &mut extra).await? {
                 Attempt::Done(r) => return r,
                 Attempt::Again => {}
                 Attempt::Need(n) => {
                     // Never wait for memory holding the lock of a dirty
-                    // chunk: the uploader may need it to free memory.
+                    // chunk (the uploader may need it to free memory), nor
+                    // holding budget bytes: writers that each kept some
+                    // while waiting for more could spend the budget among
+                    // themselves, leaving nothing to upload, and wait for
+                    // each other forever.
                     drop(g);
-                    let got = self.acquire_dirty_bytes(vol, n).await?;
-                    match &mut extra {
-                        Some(e) => DirtyGuard::absorb(e, got),
-                        None => extra = Some(got),
-                    }
+                    drop(extra.take());
+                    extra = Some(self.acquire_dirty_bytes(vol, n).await?);
                 }
             }
         }
@@ -247,7 +248,6 @@ impl Inner {
         &self,
         p: Piece,
         data: Option<&[u8]>,
-        vol: &Volume,
         extra: &mut Option<DirtyGuard>,
     ) -> VolumeResult<Attempt> {
         let cs = self.chunk_size;
@@ -343,9 +343,8 @@ impl Inner {
             (true, false) => p.len as u64,
             (false, _) => cs,
         };
-        let permit = match self.take_bytes(need, extra) {
-            Some(g) => g,
-            None => self.acquire_dirty_bytes(vol, need).await?,
+        let Some(permit) = self.take_bytes(need, extra) else {
+            return Ok(Attempt::Need(need));
         };
         // The chunk's bytes when memory has them (staged, or cached):
         // then the slot starts from them, and once committed they go back
@@ -426,6 +425,7 @@ pub(super) enum Attempt {
     Done(VolumeResult<()>),
     /// The slot went meanwhile: try again.
     Again,
-    /// Wait for this many budget bytes without the chunk lock, then try again.
+    /// Wait for this many budget bytes (in all, giving back those held)
+    /// without the chunk lock, then try again.
     Need(u64),
 }
