@@ -52,38 +52,45 @@ impl Inner {
     /// keeps its bytes throughout: cancelled or failed, nothing is lost.
     pub(super) async fn upload_chunk(&self, index: u64) -> VolumeResult<()> {
         let _u = self.upload_locks.lock(index).await;
-        let pages = matches!(self.lock().slots.get(&index).map(|s| &s.data), Some(DirtyData::Pages(_)));
-        if pages {
-            let _g = self.locks.lock(index).await;
-            // Pages over the whole chunk need no base.
-            let full = self.lock().slots.get(&index).is_some_and(|s| s.data.full_pages());
-            let base = match full {
-                true => None,
-                false => self.stored_bytes(index).await?,
+        let (data, version, since) = loop {
+            let pages = matches!(self.lock().slots.get(&index).map(|s| &s.data), Some(DirtyData::Pages(_)));
+            // Held until the slot's bytes are read: no new slot of pages
+            // can appear meanwhile (slots are made under the chunk lock).
+            let _g = match pages {
+                true => Some(self.locks.lock(index).await),
+                false => None,
             };
-            let mut guard = self.lock();
-            let st = &mut *guard;
-            if let Some(slot) = st.slots.get_mut(&index) {
-                // The whole chunk is in memory now: the budget counts it,
-                // past the limit if need be (freeing memory must not wait
-                // for memory). Uploads merge a few chunks at a time and
-                // commit them before the next ones.
-                let need = self.chunk_size.saturating_sub(slot.charged());
-                if let (true, Some(d)) = (need > 0, &self.dirty) {
-                    slot.grow(d.overdraft(need));
+            if pages {
+                // Pages over the whole chunk need no base.
+                let full = self.lock().slots.get(&index).is_some_and(|s| s.data.full_pages());
+                let base = match full {
+                    true => None,
+                    false => self.stored_bytes(index).await?,
+                };
+                let mut guard = self.lock();
+                let st = &mut *guard;
+                if let Some(slot) = st.slots.get_mut(&index) {
+                    // The whole chunk is in memory now: the budget counts
+                    // it, past the limit if need be (freeing memory must
+                    // not wait for memory). Uploads merge a few chunks at
+                    // a time and commit them before the next ones.
+                    let need = self.chunk_size.saturating_sub(slot.charged());
+                    if let (true, Some(d)) = (need > 0, &self.dirty) {
+                        slot.grow(d.overdraft(need));
+                    }
+                    slot.data.materialize(base.as_deref(), st.log.as_ref()).map_err(|e| st.log_read(e))?;
                 }
-                slot.data.materialize(base.as_deref(), st.log.as_ref()).map_err(|e| st.log_read(e))?;
             }
-        }
-        let (data, version, since) = {
             let st = self.lock();
             let Some(slot) = st.slots.get(&index) else {
                 return Ok(());
             };
-            let Some(data) = slot.data.upload_bytes() else {
-                return Err(VolumeError::Corrupt(format!("chunk {index}: pages left unmerged before upload")));
-            };
-            (data, slot.version, slot.since)
+            match slot.data.upload_bytes() {
+                Some(data) => break (data, slot.version, slot.since),
+                // The slot read was committed inline meanwhile and a write
+                // made a new one, of pages: merge that one too.
+                None => continue,
+            }
         };
         let at = Stamp::now(self.opts.clock.as_ref());
         let r = match &data {
