@@ -24,6 +24,12 @@
 //! overwrites: applying one again changes nothing the later ones do not
 //! change again).
 //!
+//! A dirty page written whole over bytes the engine does not hold lives in
+//! the log only: [`WriteLog::append`] returns where its bytes are and
+//! [`WriteLog::read_at`] reads them back (closed segments stay open for
+//! that until released); the engine brings such pages into memory before
+//! it releases their segment.
+//!
 //! What it does not own: deciding whether a dead process's log may be
 //! adopted (the engine compares its epoch with the journal's), applying
 //! entries (the engine's write path).

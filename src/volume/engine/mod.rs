@@ -35,7 +35,9 @@
 //!
 //! Memory: dirty and staged chunks hold bytes of a dirty budget (a dirty
 //! chunk of whole pages over bytes never read, only its pages: small
-//! random writes over many chunks fill the budget page by page), cached
+//! random writes over many chunks fill the budget page by page; with a
+//! write-back log such pages stay in the log only, and memory holds where
+//! they are, until a flush is about to delete their segment), cached
 //! chunks bytes of a cache budget; both may be shared with other volumes
 //! of the process ([`super::budget`], [`OpenOptions::budget`]). A writer
 //! never waits for budget bytes while it holds the lock of a dirty chunk.
