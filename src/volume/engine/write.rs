@@ -299,8 +299,13 @@ impl Inner {
             // Pages over an unread base, and a write that is not whole
             // pages: read the base now and merge. (We hold the chunk lock:
             // only the fast path may add pages meanwhile, and the merge
-            // below sees them.)
-            let base = self.stored_bytes(p.index).await?;
+            // below sees them.) Pages over the whole chunk need no base:
+            // writes only add pages, and a new slot needs our lock.
+            let full_pages = self.lock().slots.get(&p.index).is_some_and(|s| s.data.full_pages());
+            let base = match full_pages {
+                true => None,
+                false => self.stored_bytes(p.index).await?,
+            };
             let mut guard = self.lock();
             let st = &mut *guard;
             st.tick += 1;
