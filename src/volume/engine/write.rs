@@ -343,10 +343,9 @@ impl Inner {
             let st = self.lock();
             (!full && (st.staged.contains_key(&p.index) || st.clean.peek(p.index)), st.log.is_some())
         };
-        let need = match (pages && !from_memory, logged) {
-            (true, true) => (p.len / PAGE) as u64 * LOGGED_PAGE,
-            (true, false) => p.len as u64,
-            (false, _) => cs,
+        let need = match pages && !from_memory {
+            true => PageBuf::new(cs).charge_after(p.at, p.len, logged),
+            false => cs,
         };
         let Some(permit) = self.take_bytes(need, extra) else {
             return Ok(Attempt::Need(need));
