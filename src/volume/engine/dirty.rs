@@ -214,20 +214,23 @@ impl PageBuf {
     }
 
     /// Bring the pages of log segments up to `upto` into memory (those
-    /// segments are about to go); returns the charge added.
-    fn load(&mut self, upto: u64, log: LogRef<'_>) -> io::Result<u64> {
+    /// segments are about to go); returns the charge added, also when a
+    /// page could not be read (those before it are in memory).
+    fn load(&mut self, upto: u64, log: LogRef<'_>) -> (u64, io::Result<()>) {
         let before = self.charge;
         for page in self.pages.values_mut() {
             if let Page::Log(pos) = page
                 && pos.seg <= upto
             {
                 let mut buf = Box::new([0u8; PAGE]);
-                read_log(log, *pos, &mut buf[..])?;
+                if let Err(e) = read_log(log, *pos, &mut buf[..]) {
+                    return (self.charge - before, Err(e));
+                }
                 self.charge += PAGE as u64 - LOGGED_PAGE;
                 *page = Page::Mem(buf);
             }
         }
-        Ok(self.charge - before)
+        (self.charge - before, Ok(()))
     }
 }
 
@@ -249,11 +252,12 @@ impl DirtyData {
     }
 
     /// Bring pages the log holds in segments up to `upto` into memory;
-    /// returns the budget bytes that takes.
-    pub fn load_logged(&mut self, upto: u64, log: LogRef<'_>) -> io::Result<u64> {
+    /// returns the budget bytes that takes, also when one could not be
+    /// read (the error).
+    pub fn load_logged(&mut self, upto: u64, log: LogRef<'_>) -> (u64, io::Result<()>) {
         match self {
             DirtyData::Pages(pb) => pb.load(upto, log),
-            _ => Ok(0),
+            _ => (0, Ok(())),
         }
     }
 
@@ -425,7 +429,9 @@ mod tests {
         assert!(pb.covered(p, None).is_err(), "no log: an error, never zeros");
         // The segment is released after a flush: its pages come in first.
         let seg = log.rotate().expect("rotate");
-        assert_eq!(pb.load(seg, Some(&log)).expect("load"), 2 * (PAGE as u64 - LOGGED_PAGE));
+        let (added, r) = pb.load(seg, Some(&log));
+        r.expect("load");
+        assert_eq!(added, 2 * (PAGE as u64 - LOGGED_PAGE));
         log.release(seg);
         assert!(!log.holds(seg));
         let again = pb.over(None, 0, 4 * PAGE, None).expect("in memory now");
