@@ -306,8 +306,10 @@ fn serve_exports_per_volume_metrics() {
     assert!(before.starts_with("HTTP/1.1 200 OK"), "{before}");
     assert_eq!(sample(&before, &nbd("write")), Some(3.0), "{before}");
     // Three chunks written, none uploaded: a page each, whose bytes only
-    // the write-back log keeps; the dirty budget counts their entries.
-    assert_eq!(sample(&before, &v("s3blk_volume_dirty_bytes")), Some(3.0 * 64.0), "{before}");
+    // the write-back log keeps; the dirty budget counts their entries (128
+    // bytes) and their slots (1 KiB, and a bit a page of the chunk).
+    let slot = 1024.0 + f64::from(64u32 << 10) / 4096.0 / 8.0;
+    assert_eq!(sample(&before, &v("s3blk_volume_dirty_bytes")), Some(3.0 * (128.0 + slot)), "{before}");
     assert_eq!(sample(&before, &v("s3blk_volume_staged_chunks")), Some(0.0), "{before}");
     // The write-back log: a segment header, then three 4 KiB writes of 17 bytes of header each.
     assert_eq!(sample(&before, &v("s3blk_volume_write_log_bytes")), Some((16 + 3 * (17 + 4096)) as f64), "{before}");

@@ -703,3 +703,41 @@ async fn pages_kept_in_the_log_only_take_no_memory_and_read_back_everywhere() {
         .expect("open ro");
     assert_eq!(ro.read(0, SIZE).await.expect("read"), model);
 }
+
+/// A chunk written over whole, page by page, needs none of its stored
+/// bytes any more: a smaller write after that must not fetch them (a
+/// store that cannot give them back fails no write, and the write costs
+/// no GET).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_written_whole_in_pages_takes_a_small_write_without_fetching_its_stored_bytes() {
+    use s3blk::store::fault::{Fault, Op};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logs = dir.path().join("logs");
+    let rig = common::FaultRig::new();
+    let store = rig.faulty();
+    create(&store, "v").await;
+    {
+        let v = Volume::open(store.clone(), "v", OpenOptions::default()).await.expect("open");
+        v.write(0, &common::pattern(1, CS as usize)).await.expect("write");
+        v.flush().await.expect("flush");
+    }
+    let v = open_log(&store, "v", &logs).await;
+    let mut model = common::pattern(2, CS as usize);
+    for page in 0..CS as u64 / 4096 {
+        let at = page as usize * 4096;
+        v.write(page * 4096, &model[at..at + 4096]).await.expect("page write");
+    }
+    // The chunk's stored bytes cannot be read from now on.
+    rig.rule(Some(Op::Get), "chunks/", Fault::ServerError, 1000);
+    let small = common::pattern(3, 512);
+    v.write(100, &small).await.expect("a small write over a chunk written whole fetched its stored bytes");
+    model[100..612].copy_from_slice(&small);
+    assert_eq!(v.read(0, CS as u64).await.expect("read"), model);
+    v.flush().await.expect("flush");
+    drop(v);
+    rig.fault.clear_rules();
+    let ro = Volume::open(store.clone(), "v", OpenOptions { read_only: true, ..OpenOptions::default() })
+        .await
+        .expect("open ro");
+    assert_eq!(ro.read(0, CS as u64).await.expect("read"), model);
+}

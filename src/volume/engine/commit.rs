@@ -158,17 +158,14 @@ impl Inner {
         let mut guard = self.lock();
         let st = &mut *guard;
         for (index, slot) in st.slots.iter_mut() {
-            match slot.data.load_logged(n, st.log.as_ref()) {
-                Ok(0) => {}
-                Ok(more) => {
-                    if let Some(d) = &self.dirty {
-                        slot.grow(d.overdraft(more));
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(volume = %self.vol, index, error = %e, "reading dirty pages back from the write-back log failed; its segments stay");
-                    return;
-                }
+            let (more, r) = slot.data.load_logged(n, st.log.as_ref());
+            // The pages brought in are counted, whether all came or not.
+            if let (true, Some(d)) = (more > 0, &self.dirty) {
+                slot.grow(d.overdraft(more));
+            }
+            if let Err(e) = r {
+                tracing::warn!(volume = %self.vol, index, error = %e, "reading dirty pages back from the write-back log failed; its segments stay");
+                return;
             }
         }
         if let Some(l) = st.log.as_mut() {

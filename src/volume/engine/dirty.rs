@@ -85,8 +85,17 @@ enum Page {
 }
 
 /// Dirty budget bytes of a page whose bytes are not in memory (zeros, or
-/// in the write-back log): its entry here.
-pub(super) const LOGGED_PAGE: u64 = 64;
+/// in the write-back log): its entry here, with its share of the map's
+/// nodes (which may be half full).
+pub(super) const LOGGED_PAGE: u64 = 128;
+
+/// Dirty budget bytes a slot of pages takes besides its pages: the slot,
+/// its entry among the slots, its page map's first node, its budget
+/// guard, and its bitmap of touched pages (a bit a page). A chunk dirty by
+/// one page in the log takes about ten times that page's entry.
+pub(super) fn slot_overhead(chunk_size: u64) -> u64 {
+    1024 + chunk_size / PAGE as u64 / 8
+}
 
 impl Page {
     fn charge(&self) -> u64 {
@@ -110,24 +119,29 @@ fn read_log(log: LogRef<'_>, pos: Pos, out: &mut [u8]) -> io::Result<()> {
 /// The pages written to a chunk over bytes that were never read, by page
 /// number. Only written pages take memory, and a page the write-back log
 /// holds takes none but its entry here: the dirty budget counts them one
-/// by one ([`LOGGED_PAGE`], or 4 KiB for a page held in memory).
+/// by one ([`LOGGED_PAGE`], or 4 KiB for a page held in memory), over
+/// what the slot itself takes ([`slot_overhead`]).
 #[derive(Debug)]
 pub(super) struct PageBuf {
     pages: std::collections::BTreeMap<usize, Page>,
     /// Pages in the chunk.
     total: usize,
-    /// The budget bytes the pages take.
+    /// The budget bytes the pages (and the slot) take.
     charge: u64,
 }
 
 impl PageBuf {
     pub fn new(chunk_size: u64) -> Self {
-        Self { pages: std::collections::BTreeMap::new(), total: chunk_size as usize / PAGE, charge: 0 }
+        Self {
+            pages: std::collections::BTreeMap::new(),
+            total: chunk_size as usize / PAGE,
+            charge: slot_overhead(chunk_size),
+        }
     }
 
     /// What [`PageBuf::write`] of whole pages `[at, at + len)` would make
     /// the charge at most (`logged`: the bytes go to the log).
-    fn charge_after(&self, at: usize, len: usize, logged: bool) -> u64 {
+    pub fn charge_after(&self, at: usize, len: usize, logged: bool) -> u64 {
         let each = if logged { LOGGED_PAGE } else { PAGE as u64 };
         let delta: i64 = (at / PAGE..(at + len) / PAGE)
             .map(|page| each as i64 - self.pages.get(&page).map_or(0, |p| p.charge() as i64))
@@ -200,20 +214,23 @@ impl PageBuf {
     }
 
     /// Bring the pages of log segments up to `upto` into memory (those
-    /// segments are about to go); returns the charge added.
-    fn load(&mut self, upto: u64, log: LogRef<'_>) -> io::Result<u64> {
+    /// segments are about to go); returns the charge added, also when a
+    /// page could not be read (those before it are in memory).
+    fn load(&mut self, upto: u64, log: LogRef<'_>) -> (u64, io::Result<()>) {
         let before = self.charge;
         for page in self.pages.values_mut() {
             if let Page::Log(pos) = page
                 && pos.seg <= upto
             {
                 let mut buf = Box::new([0u8; PAGE]);
-                read_log(log, *pos, &mut buf[..])?;
+                if let Err(e) = read_log(log, *pos, &mut buf[..]) {
+                    return (self.charge - before, Err(e));
+                }
                 self.charge += PAGE as u64 - LOGGED_PAGE;
                 *page = Page::Mem(buf);
             }
         }
-        Ok(self.charge - before)
+        (self.charge - before, Ok(()))
     }
 }
 
@@ -235,11 +252,12 @@ impl DirtyData {
     }
 
     /// Bring pages the log holds in segments up to `upto` into memory;
-    /// returns the budget bytes that takes.
-    pub fn load_logged(&mut self, upto: u64, log: LogRef<'_>) -> io::Result<u64> {
+    /// returns the budget bytes that takes, also when one could not be
+    /// read (the error).
+    pub fn load_logged(&mut self, upto: u64, log: LogRef<'_>) -> (u64, io::Result<()>) {
         match self {
             DirtyData::Pages(pb) => pb.load(upto, log),
-            _ => Ok(0),
+            _ => (0, Ok(())),
         }
     }
 
@@ -398,11 +416,11 @@ mod tests {
         let mut two = vec![5u8; 2 * PAGE];
         two[PAGE..].fill(6);
         let at = log.append(super::super::log::Record::Write { offset: PAGE as u64, data: &two }).expect("append");
-        assert_eq!(pb.charge_after(PAGE, 2 * PAGE, true), 2 * LOGGED_PAGE);
+        assert_eq!(pb.charge_after(PAGE, 2 * PAGE, true), slot_overhead(cs) + 2 * LOGGED_PAGE);
         pb.write(PAGE, 2 * PAGE, Some(&two), Some(at));
         // A zero page costs its entry, logged or not.
         pb.write(3 * PAGE, PAGE, Some(&[0u8; PAGE]), None);
-        assert_eq!(pb.charge, 3 * LOGGED_PAGE);
+        assert_eq!(pb.charge, slot_overhead(cs) + 3 * LOGGED_PAGE);
         let got = pb.over(Some(&[9u8; 4 * PAGE]), 0, 4 * PAGE, Some(&log)).expect("over");
         assert_eq!((got[0], got[PAGE], got[2 * PAGE], got[3 * PAGE]), (9, 5, 6, 0));
         let p = Piece { index: 0, at: PAGE + 100, len: PAGE, pos: 0 };
@@ -411,7 +429,9 @@ mod tests {
         assert!(pb.covered(p, None).is_err(), "no log: an error, never zeros");
         // The segment is released after a flush: its pages come in first.
         let seg = log.rotate().expect("rotate");
-        assert_eq!(pb.load(seg, Some(&log)).expect("load"), 2 * (PAGE as u64 - LOGGED_PAGE));
+        let (added, r) = pb.load(seg, Some(&log));
+        r.expect("load");
+        assert_eq!(added, 2 * (PAGE as u64 - LOGGED_PAGE));
         log.release(seg);
         assert!(!log.holds(seg));
         let again = pb.over(None, 0, 4 * PAGE, None).expect("in memory now");

@@ -68,7 +68,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use tokio::time::Instant;
 
 pub use dirty::is_zero;
-use dirty::{DirtyData, LOGGED_PAGE, PAGE, PageBuf, Piece, pieces};
+use dirty::{DirtyData, PAGE, PageBuf, Piece, pieces};
 
 use super::budget::{CacheMember, DirtyAccount, DirtyGuard, MemoryBudget, Uploads};
 use super::cache::CleanCache;

@@ -299,8 +299,13 @@ impl Inner {
             // Pages over an unread base, and a write that is not whole
             // pages: read the base now and merge. (We hold the chunk lock:
             // only the fast path may add pages meanwhile, and the merge
-            // below sees them.)
-            let base = self.stored_bytes(p.index).await?;
+            // below sees them.) Pages over the whole chunk need no base:
+            // writes only add pages, and a new slot needs our lock.
+            let full_pages = self.lock().slots.get(&p.index).is_some_and(|s| s.data.full_pages());
+            let base = match full_pages {
+                true => None,
+                false => self.stored_bytes(p.index).await?,
+            };
             let mut guard = self.lock();
             let st = &mut *guard;
             st.tick += 1;
@@ -338,10 +343,9 @@ impl Inner {
             let st = self.lock();
             (!full && (st.staged.contains_key(&p.index) || st.clean.peek(p.index)), st.log.is_some())
         };
-        let need = match (pages && !from_memory, logged) {
-            (true, true) => (p.len / PAGE) as u64 * LOGGED_PAGE,
-            (true, false) => p.len as u64,
-            (false, _) => cs,
+        let need = match pages && !from_memory {
+            true => PageBuf::new(cs).charge_after(p.at, p.len, logged),
+            false => cs,
         };
         let Some(permit) = self.take_bytes(need, extra) else {
             return Ok(Attempt::Need(need));
