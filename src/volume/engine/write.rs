@@ -183,6 +183,10 @@ impl Inner {
         logged: Option<log::Record<'_>>,
     ) -> VolumeResult<()> {
         let mut st = self.lock();
+        if let Some(why) = &st.fenced {
+            // Fenced since the write looked (its log is gone with it).
+            return Err(VolumeError::Fenced(why.clone()));
+        }
         let pos = match logged {
             Some(r) => st.log(r)?,
             None => None,
@@ -256,6 +260,9 @@ impl Inner {
         // and the budget bytes that the whole chunk will take.
         let materialize = {
             let mut st = self.lock();
+            if let Some(why) = &st.fenced {
+                return Ok(Attempt::Done(Err(VolumeError::Fenced(why.clone()))));
+            }
             st.tick += 1;
             let tick = st.tick;
             let logged = st.log.is_some();
