@@ -219,9 +219,12 @@ impl Inner {
     }
 
     /// How many chunks of pages a flush merges and uploads before it
-    /// commits them: each holds a whole chunk of memory meanwhile.
+    /// commits them: each holds a whole chunk of memory meanwhile, past
+    /// the dirty limit if need be, so a round is also at most half of the
+    /// volume's share of that limit (at least two chunks).
     pub(super) fn merge_round(&self) -> usize {
-        (self.opts.concurrency * 2).max(4)
+        let share = self.dirty.as_ref().map_or(u64::MAX, |d| d.fair_share() / self.chunk_size / 2);
+        (self.opts.concurrency * 2).max(4).min(usize::try_from(share).unwrap_or(usize::MAX)).max(2)
     }
 
     /// The dirty chunks a flush sends inline: few touched pages, within

@@ -80,6 +80,9 @@ impl Volume {
         let data = Arc::new(data);
         let must_wait = {
             let mut st = self.inner.lock();
+            if let Some(why) = &st.fenced {
+                return Err(VolumeError::Fenced(why.clone()));
+            }
             st.tick += 1;
             let tick = st.tick;
             match st.slots.get_mut(&index) {
