@@ -40,7 +40,8 @@ struct Global {
     #[arg(long, global = true, env = "S3BLK_ATTEMPT_TIMEOUT", default_value_t = 30)]
     attempt_timeout: u64,
     /// Dirty data held in memory before background uploads start and writers wait (per volume; the CSI node
-    /// plugin shares one --memory-budget, and uses this only without a memory limit to size it from).
+    /// plugin shares one --memory-budget, and uses this only without a memory limit to size it from). Whole
+    /// pages that only the write-back log holds count 128 bytes each.
     #[arg(long, global = true, env = "S3BLK_DIRTY_LIMIT", default_value = "256MiB", value_parser = parse_size)]
     dirty_limit: u64,
     /// Clean chunk data cached in memory for reads (per volume; see --dirty-limit for the CSI node plugin).
