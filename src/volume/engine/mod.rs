@@ -375,6 +375,18 @@ impl State {
         self.log.as_ref().is_some_and(|l| l.bytes() > self.log_limit.saturating_mul(2))
     }
 
+    /// Write a piece (`None`: zeros) to chunk `p.index`'s dirty slot, logged
+    /// first: a page the log takes is kept there only.
+    fn write_logged(&mut self, p: Piece, data: Option<&[u8]>, chunk_size: u64, tick: u64) -> VolumeResult<()> {
+        let pos = self.log_piece(p, data, chunk_size)?;
+        if let Some(slot) = self.slots.get_mut(&p.index) {
+            slot.data.apply(p, data, chunk_size, pos);
+            slot.touch(p.at, p.len);
+            slot.version = tick;
+        }
+        Ok(())
+    }
+
     /// Log a piece of a write (`None`: zeros) at chunk `p.index`.
     fn log_piece(&mut self, p: Piece, data: Option<&[u8]>, chunk_size: u64) -> VolumeResult<Option<log::Pos>> {
         let offset = p.index * chunk_size + p.at as u64;

@@ -162,10 +162,7 @@ impl Inner {
                 };
                 let _f = self.flush_lock.lock().await;
                 if let Err(e) = self.commit().await {
-                    tracing::warn!(volume = %self.vol, error = %e, "committing dirty pages in the background failed");
-                    if let VolumeError::Store(se) = e {
-                        self.lock().upload_error = Some((se, Instant::now()));
-                    }
+                    self.upload_failed("committing dirty pages in the background failed", e);
                     return;
                 }
                 inline_helps = self.lock().slots.len() < before;
@@ -177,10 +174,7 @@ impl Inner {
             if self.lock().staged.len() >= self.merge_round() {
                 let _f = self.flush_lock.lock().await;
                 if let Err(e) = self.commit_staged_first().await {
-                    tracing::warn!(volume = %self.vol, error = %e, "committing earlier uploads failed");
-                    if let VolumeError::Store(se) = e {
-                        self.lock().upload_error = Some((se, Instant::now()));
-                    }
+                    self.upload_failed("committing earlier uploads failed", e);
                     return;
                 }
             }
@@ -189,10 +183,7 @@ impl Inner {
                 .collect()
                 .await;
             if let Some(e) = results.into_iter().find_map(Result::err) {
-                tracing::warn!(volume = %self.vol, error = %e, "background upload failed");
-                if let VolumeError::Store(se) = e {
-                    self.lock().upload_error = Some((se, Instant::now()));
-                }
+                self.upload_failed("background upload failed", e);
                 return;
             }
             // Committed batch by batch: staged chunks give their memory
@@ -200,10 +191,7 @@ impl Inner {
             // hold more than the budget counted for them.
             let _f = self.flush_lock.lock().await;
             if let Err(e) = self.commit().await {
-                tracing::warn!(volume = %self.vol, error = %e, "committing background uploads failed");
-                if let VolumeError::Store(se) = e {
-                    self.lock().upload_error = Some((se, Instant::now()));
-                }
+                self.upload_failed("committing background uploads failed", e);
                 return;
             }
         }
@@ -214,11 +202,17 @@ impl Inner {
         if due {
             let _f = self.flush_lock.lock().await;
             if let Err(e) = self.commit().await {
-                tracing::warn!(volume = %self.vol, error = %e, "committing background uploads failed");
-                if let VolumeError::Store(se) = e {
-                    self.lock().upload_error = Some((se, Instant::now()));
-                }
+                self.upload_failed("committing background uploads failed", e);
             }
+        }
+    }
+
+    /// A background upload or commit failed: logged, and kept for the
+    /// writers waiting for the memory it would have freed.
+    fn upload_failed(&self, what: &str, e: VolumeError) {
+        tracing::warn!(volume = %self.vol, error = %e, "{what}");
+        if let VolumeError::Store(se) = e {
+            self.lock().upload_error = Some((se, Instant::now()));
         }
     }
 

@@ -42,16 +42,7 @@ impl Volume {
                 slot.grow(inner.dirty.as_ref()?.try_acquire_bytes(need).filter(|g| g.bytes() == need)?);
             }
         }
-        // Logged first: a page the log took is kept there only.
-        let pos = match st.log_piece(p, Some(data), cs) {
-            Ok(pos) => pos,
-            Err(e) => return Some(Err(e)),
-        };
-        let slot = st.slots.get_mut(&p.index)?;
-        slot.data.apply(p, Some(data), cs, pos);
-        slot.touch(p.at, p.len);
-        slot.version = tick;
-        Some(Ok(()))
+        Some(st.write_logged(p, Some(data), cs, tick))
     }
 
     /// Write `data` at `offset`. Not durable until [`Volume::flush`].
@@ -291,17 +282,7 @@ impl Inner {
                 }
             };
             if more.is_none() && st.slots.contains_key(&p.index) {
-                // Logged first: a page the log took is kept there only.
-                let pos = match st.log_piece(p, data, cs) {
-                    Ok(pos) => pos,
-                    Err(e) => return Ok(Attempt::Done(Err(e))),
-                };
-                if let Some(slot) = st.slots.get_mut(&p.index) {
-                    slot.data.apply(p, data, cs, pos);
-                    slot.touch(p.at, p.len);
-                    slot.version = tick;
-                }
-                return Ok(Attempt::Done(Ok(())));
+                return Ok(Attempt::Done(st.write_logged(p, data, cs, tick)));
             }
             more
         };
@@ -327,15 +308,7 @@ impl Inner {
                 if let Err(e) = slot.data.materialize(base.as_deref(), st.log.as_ref()) {
                     return Ok(Attempt::Done(Err(st.log_read(e))));
                 }
-                if let Err(e) = st.log_piece(p, data, cs) {
-                    return Ok(Attempt::Done(Err(e)));
-                }
-                if let Some(slot) = st.slots.get_mut(&p.index) {
-                    slot.data.apply(p, data, cs, None);
-                    slot.touch(p.at, p.len);
-                    slot.version = tick;
-                }
-                return Ok(Attempt::Done(Ok(())));
+                return Ok(Attempt::Done(st.write_logged(p, data, cs, tick)));
             }
             // Uploads take a slot of pages only under the chunk lock, which
             // this write holds; a commit that carried its pages inline
