@@ -43,6 +43,14 @@ async fn assert_fsck_clean(store: &DynStore, vol: &str) {
     assert!(rep.clean, "fsck found damage: {:?}", rep.errors);
 }
 
+/// A fresh read-only opener reads `want` as the volume's first `len`
+/// bytes, and fsck finds it clean.
+async fn assert_stored(store: &DynStore, vol: &str, len: u64, want: &[u8], what: &str) {
+    let got = open_ro(store, vol).await.read(0, len).await.expect("read");
+    assert!(got == want, "{what}: the stored bytes differ");
+    assert_fsck_clean(store, vol).await;
+}
+
 /// Run a test body against the local directory store and against S3.
 macro_rules! on_both_stores {
     ($name:ident) => {
@@ -1001,8 +1009,7 @@ async fn compaction_beside_a_live_writer_loses_nothing(store: DynStore) {
     assert!(deleted > 0, "compaction collected nothing in {round} rounds");
     assert_eq!(v.read(0, 16 * CS as u64).await.expect("read"), model);
     drop(v);
-    assert_eq!(open_ro(&store, &vol).await.read(0, 16 * CS as u64).await.expect("reopen"), model);
-    assert_fsck_clean(&store, &vol).await;
+    assert_stored(&store, &vol, 16 * CS as u64, &model, "a fresh opener").await;
 }
 on_both_stores!(compaction_beside_a_live_writer_loses_nothing);
 
@@ -1311,8 +1318,7 @@ async fn a_small_flush_is_one_put_and_reads_back_everywhere(store: DynStore) {
     assert_eq!(head.1[8..12], format::FORMAT_VERSION.to_le_bytes(), "a record with inline pages is format 2");
     assert_eq!(v.read(0, 2 * CS as u64).await.expect("read"), expect, "the writer reads its patched chunks");
     drop(v);
-    assert_eq!(open_ro(&store, &vol).await.read(0, 2 * CS as u64).await.expect("read"), expect, "a fresh opener");
-    assert_fsck_clean(&store, &vol).await;
+    assert_stored(&store, &vol, 2 * CS as u64, &expect, "a fresh opener").await;
     // A snapshot, a clone of it, and a write through the clone's own patch.
     let clock = s3blk::clock::SystemClock;
     s3blk::volume::engine::snapshot_committed(&store, &vol, "s1", &clock).await.expect("snapshot");
@@ -1349,8 +1355,7 @@ async fn a_small_flush_is_one_put_and_reads_back_everywhere(store: DynStore) {
     expect[CS as usize + CS as usize / 2..2 * CS as usize].copy_from_slice(&big);
     assert_eq!(v.stats().patched_chunks, 1, "the chunk stored whole kept its patch");
     drop(v);
-    assert_eq!(open_ro(&store, &vol).await.read(0, 2 * CS as u64).await.expect("read"), expect);
-    assert_fsck_clean(&store, &vol).await;
+    assert_stored(&store, &vol, 2 * CS as u64, &expect, "a fresh opener").await;
 }
 on_both_stores!(a_small_flush_is_one_put_and_reads_back_everywhere);
 
@@ -1382,8 +1387,7 @@ async fn patches_past_their_limit_are_folded_into_chunks() {
     assert!(chunk_objects(&store, "v/").await > 0, "folding stores chunks");
     assert_eq!(v.read(0, 16 * CS as u64).await.expect("read"), model);
     drop(v);
-    assert_eq!(open_ro(&store, "v/").await.read(0, 16 * CS as u64).await.expect("read"), model);
-    assert_fsck_clean(&store, "v/").await;
+    assert_stored(&store, "v/", 16 * CS as u64, &model, "a fresh opener").await;
 }
 
 /// A volume of format 1 (created before patches existed, its records all
@@ -1854,8 +1858,7 @@ async fn small_writes_over_many_chunks_take_only_their_pages_of_the_budget() {
     let peak = budget.dirty_peak();
     assert!(peak <= counted + 4 * CS as u64, "dirty peak {peak} bytes");
     drop(v);
-    assert_eq!(open_ro(&rig.plain(), "v/").await.read(0, size).await.expect("read"), image);
-    assert_fsck_clean(&rig.plain(), "v/").await;
+    assert_stored(&rig.plain(), "v/", size, &image, "a fresh opener").await;
 }
 
 /// A slot of pages that grows (more pages, an unaligned write that merges
@@ -1895,8 +1898,7 @@ async fn a_slot_of_pages_growing_past_the_budget_waits_and_loses_nothing() {
     assert_eq!(v.read(0, size).await.expect("read"), image);
     v.flush().await.expect("flush");
     drop(v);
-    assert_eq!(open_ro(&rig.plain(), "v/").await.read(0, size).await.expect("read"), image);
-    assert_fsck_clean(&rig.plain(), "v/").await;
+    assert_stored(&rig.plain(), "v/", size, &image, "a fresh opener").await;
 }
 
 /// An upload error nobody waited for (the uploader ran because another
@@ -2079,8 +2081,7 @@ async fn chunks_of_pages_a_flush_defers_are_merged_a_few_at_a_time() {
     assert_eq!(budget.dirty_bytes(), 0);
     assert_eq!(v.read(0, size).await.expect("read"), image);
     drop(v);
-    assert_eq!(open_ro(&mem, "v/").await.read(0, size).await.expect("read"), image);
-    assert_fsck_clean(&mem, "v/").await;
+    assert_stored(&mem, "v/", size, &image, "a fresh opener").await;
 }
 
 /// Chunks of pages merged for an upload whose commit then fails stay
@@ -2116,8 +2117,7 @@ async fn failed_commits_do_not_pile_up_merged_chunks_of_pages() {
     assert_eq!(budget.dirty_bytes(), 0);
     assert_eq!(v.read(0, size).await.expect("read"), image);
     drop(v);
-    assert_eq!(open_ro(&rig.plain(), "v/").await.read(0, size).await.expect("read"), image);
-    assert_fsck_clean(&rig.plain(), "v/").await;
+    assert_stored(&rig.plain(), "v/", size, &image, "a fresh opener").await;
 }
 
 /// A flush that brings still-dirty pages into memory before deleting
