@@ -324,7 +324,7 @@ fn the_csi_controller_refuses_a_safety_age_too_short_beside_live_writers() {
     };
     // Bounded: a controller that starts would run until killed.
     let finish = |mut child: std::process::Child| -> Option<Output> {
-        for _ in 0..100 {
+        for _ in 0..600 {
             if child.try_wait().expect("wait").is_some() {
                 return Some(child.wait_with_output().expect("output"));
             }
@@ -340,7 +340,7 @@ fn the_csi_controller_refuses_a_safety_age_too_short_beside_live_writers() {
     // At 120 s, or with compaction off, it starts (and is stopped here).
     for extra in [&["--compact-safety-age", "120s"][..], &["--compact-safety-age", "0", "--compact-interval", "0"]] {
         let child = start(extra);
-        for _ in 0..100 {
+        for _ in 0..600 {
             if sock.exists() {
                 break;
             }

@@ -613,14 +613,7 @@ async fn the_controller_compacts_every_volume_in_the_background() {
     };
     let written = count(d.store.clone(), chunks.clone()).await;
     assert!(written >= 3 && written % 3 == 0, "{written} chunk objects");
-    let mut left = written;
-    for _ in 0..100 {
-        left = count(d.store.clone(), chunks.clone()).await;
-        if left == written / 3 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let left = common::poll_until(|| count(d.store.clone(), chunks.clone()), |n| *n == written / 3).await;
     assert_eq!(left, written / 3, "the reconcile loop did not collect the superseded generations");
     assert_eq!(read(&d, &vol.volume_id, 0, 1 << 20).await, common::pattern(2, 1 << 20));
     let journal = format!("{}journal/", prefix_of(&vol.volume_id));
@@ -642,14 +635,11 @@ async fn the_controller_compacts_every_volume_in_the_background() {
     for o in s3blk::store::list_all(d.store.as_ref(), &format!("{prefix}snapshots/")).await.expect("list") {
         d.store.delete(&o.key).await.expect("delete snapshot record");
     }
-    let mut left = usize::MAX;
-    for _ in 0..100 {
-        left = s3blk::store::list_all(d.store.as_ref(), &prefix).await.expect("list").len();
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let left = common::poll_until(
+        || async { s3blk::store::list_all(d.store.as_ref(), &prefix).await.expect("list").len() },
+        |n| *n == 0,
+    )
+    .await;
     assert_eq!(left, 0, "the deleted volume was not reaped");
 }
 
@@ -670,14 +660,7 @@ async fn the_controller_compacts_volumes_in_every_store_it_provisioned_into() {
     let count = || async { s3blk::store::list_all(store2.as_ref(), &chunks).await.expect("list").len() };
     let written = count().await;
     assert!(written >= 3 && written % 3 == 0, "{written} chunk objects");
-    let mut left = written;
-    for _ in 0..100 {
-        left = count().await;
-        if left == written / 3 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let left = common::poll_until(count, |n| *n == written / 3).await;
     assert_eq!(left, written / 3, "the volume in the other bucket was not compacted");
 }
 
@@ -848,14 +831,7 @@ async fn only_tombstoned_remains_are_reaped() {
     assert_eq!(keys_under(&d, &half_p).await, half_keys);
 
     // The reconcile loop reaps the tombstoned remains...
-    let mut left = usize::MAX;
-    for _ in 0..100 {
-        left = keys_under(&d, &gone_p).await.len();
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let left = common::poll_until(|| async { keys_under(&d, &gone_p).await.len() }, |n| *n == 0).await;
     assert_eq!(left, 0, "the remains of the interrupted delete were not reaped");
     // ...and, passes later, still not the unproven ones.
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;

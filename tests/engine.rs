@@ -1027,14 +1027,8 @@ async fn background_uploads_are_committed_without_a_flush() {
     let data = common::pattern(5, 12 * CS as usize);
     let head = v.stats().head_seq;
     v.write(0, &data).await.expect("write past the dirty limit");
-    let mut committed = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if v.stats().head_seq > head && v.stats().staged_chunks == 0 {
-            committed = true;
-            break;
-        }
-    }
+    let committed =
+        common::poll_until(|| async { v.stats().head_seq > head && v.stats().staged_chunks == 0 }, |done| *done).await;
     assert!(committed, "staged uploads were not committed: {:?}", v.stats());
     // What was committed reads back from a fresh view of the store.
     let ro = open_ro(&store, "auto/").await;

@@ -225,7 +225,7 @@ fn serve_compacts_its_volume_in_the_background() {
     }
     let gens = || std::fs::read_dir(srv.vol.join("chunks").join(format!("{:016x}", 0))).map(|d| d.count()).unwrap_or(0);
     let mut left = gens();
-    for _ in 0..60 {
+    for _ in 0..900 {
         if left == 1 {
             break;
         }

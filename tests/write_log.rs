@@ -247,17 +247,16 @@ async fn a_log_past_its_limit_starts_a_flush() {
     let v = Volume::open(store.clone(), "v", opts).await.expect("open");
     let head = v.stats().head_seq;
     v.write(0, &common::pattern(1, 512 << 10)).await.expect("write");
-    let mut committed = false;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let s = v.stats();
-        // Committed what the log held when it passed its limit; what was
-        // written after that is less than the limit.
-        if s.head_seq > head && (s.dirty_chunks + s.staged_chunks) * CS as u64 <= 256 << 10 {
-            committed = true;
-            break;
-        }
-    }
+    // Committed what the log held when it passed its limit; what was
+    // written after that is less than the limit.
+    let committed = common::poll_until(
+        || async {
+            let s = v.stats();
+            s.head_seq > head && (s.dirty_chunks + s.staged_chunks) * CS as u64 <= 256 << 10
+        },
+        |done| *done,
+    )
+    .await;
     assert!(committed, "a full log did not start a flush: {:?}", v.stats());
 }
 

@@ -158,6 +158,28 @@ pub fn local_store(dir: &Path) -> DynStore {
     Arc::new(RetryStore::new(Arc::new(LocalStore::new(dir).expect("local store")), fast_policy()))
 }
 
+/// How long a test waits for background work (a reconcile pass, a reaper)
+/// before calling it missing. Generous: under a loaded CI run one pass of
+/// the controller's loop against moto has taken several seconds.
+pub const BACKGROUND_DEADLINE: Duration = Duration::from_secs(90);
+
+/// Probe every 100 ms until `done` holds for the probe's value or
+/// `BACKGROUND_DEADLINE` passes; returns the last value probed.
+pub async fn poll_until<T, F, Fut>(mut probe: F, done: impl Fn(&T) -> bool) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = Instant::now() + BACKGROUND_DEADLINE;
+    loop {
+        let v = probe().await;
+        if done(&v) || Instant::now() >= deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Deterministic pseudo-random bytes.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
