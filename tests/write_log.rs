@@ -237,6 +237,50 @@ async fn a_damaged_log_refuses_the_open_with_a_clear_error_and_moving_it_aside_o
     assert_eq!(v.read(0, 12288).await.expect("read"), want, "not the last flush");
 }
 
+/// What a writer leaves when an append failed and could not be cut back
+/// (the log takes no more writes), a flush rotated, and the process died
+/// before the flush released the torn segment: a torn entry, then empty
+/// segments. The torn entry was never acknowledged; the writes before it
+/// were, and the next open replays them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_entry_followed_only_by_empty_segments_is_the_logs_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(&dir.path().join("store"));
+    let logs = dir.path().join("logs");
+    let uuid = create(&store, "v").await;
+    let v = open_log(&store, "v", &logs).await;
+    let a = common::pattern(1, 8192);
+    let b = common::pattern(2, 4096);
+    v.write(0, &a).await.expect("write");
+    v.write(3 * CS as u64, &b).await.expect("write");
+    die(v).await;
+    let log = log_dirs(&logs, &uuid).remove(0);
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&log)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("seg-")))
+        .collect();
+    segs.sort();
+    let last = segs.last().expect("a segment").clone();
+    let mut bytes = std::fs::read(&last).expect("segment");
+    let header = bytes[..16].to_vec();
+    bytes.extend_from_slice(&[0x5a; 11]); // part of an entry header
+    std::fs::write(&last, &bytes).expect("tear");
+    let name = last.file_name().expect("name").to_string_lossy().into_owned();
+    let digits = name.trim_start_matches("seg-");
+    let next = u64::from_str_radix(digits, 16).expect("segment number") + 1;
+    for k in 0..2 {
+        let path = log.join(format!("seg-{:0width$x}", next + k, width = digits.len()));
+        std::fs::write(path, &header).expect("empty segment");
+    }
+    let v = Volume::open(store.clone(), "v", with_log(&logs)).await.expect("the log's end refused as damage");
+    assert!(v.log_recovery().is_some_and(|r| r.adopted), "{:?}", v.log_recovery());
+    assert_eq!(v.read(0, 8192).await.expect("read"), a, "an acknowledged write was lost");
+    assert_eq!(v.read(3 * CS as u64, 4096).await.expect("read"), b, "an acknowledged write was lost");
+    v.flush().await.expect("flush");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_past_its_limit_starts_a_flush() {
     let dir = tempfile::tempdir().expect("tempdir");

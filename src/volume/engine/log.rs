@@ -286,7 +286,24 @@ impl Claimed {
     /// cut off), without keeping the entries: replay applies nothing
     /// unless all of it can be applied.
     pub fn check(&self) -> Result<(), LogError> {
-        let segs = segments(&self.dir)?;
+        let mut segs = segments(&self.dir)?;
+        // Segments at the end that hold no entry are removed first, so the
+        // log ends where its last entry does. A writer whose append failed
+        // and could not be cut back (`WriteLog::broken`) appends nothing
+        // more, but a flush still rotates: died before releasing, it leaves
+        // the torn entry followed by empty segments, and that torn entry is
+        // the log's real end (never acknowledged), not damage before it.
+        while segs.len() > 1 {
+            let Some(&n) = segs.last() else { break };
+            if !self.read_segment(n, true)?.is_empty() {
+                break;
+            }
+            match fs::remove_file(segment_path(&self.dir, n)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+            segs.pop();
+        }
         for (i, n) in segs.iter().enumerate() {
             self.read_segment(*n, i + 1 == segs.len())?;
         }
