@@ -21,6 +21,7 @@ use s3blk::clock::{Clock, ManualClock, SystemClock};
 use s3blk::store::fault::{Fault, FaultStore, Op, Rule};
 use s3blk::store::memory::MemoryStore;
 use s3blk::store::{self, DynStore, ListPage, ListRequest, ObjectStore, PutMode, StoreResult};
+use s3blk::volume::catalog::{self, OnDependants};
 use s3blk::volume::compact::{self, CompactOptions};
 use s3blk::volume::engine::CreateOptions;
 use s3blk::volume::format;
@@ -521,4 +522,93 @@ async fn compaction_takes_objects_without_a_store_time_for_young() {
     v.flush().await.expect("the writer commits on");
     drop(v);
     assert_eq!(read_fresh(&store, "v/", 0, CSU).await.as_deref(), Ok(&common::pattern(2, CS as usize)[..]));
+}
+
+// G ---------------------------------------------------------------------------
+
+/// A delete that runs between an opening writer's tombstone check and its
+/// open record landing: `delete` runs right after that record's PUT.
+struct DeleteRace {
+    inner: DynStore,
+    armed: AtomicBool,
+    on: OnDependants,
+}
+
+impl std::fmt::Debug for DeleteRace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("delete-race")
+    }
+}
+
+#[async_trait]
+impl ObjectStore for DeleteRace {
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
+        self.inner.get(key, range).await
+    }
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        let open_record = key.starts_with(&format::journal_prefix("v/")) && mode == PutMode::IfAbsent;
+        self.inner.put(key, body, mode).await?;
+        if open_record && self.armed.swap(false, Ordering::SeqCst) {
+            catalog::delete_volume(&self.inner, "v/", self.on, &SystemClock).await.expect("the delete");
+        }
+        Ok(())
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
+        self.inner.list(req).await
+    }
+    async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
+        self.inner.head(key).await
+    }
+    fn describe(&self) -> String {
+        "delete-race".into()
+    }
+}
+
+/// The tombstone check before an open record is check-then-act. A delete
+/// that purges the volume in between: the open must fail, and leave
+/// nothing under the prefix (an object there without `volume.json` would
+/// make it "not a volume", which no delete may touch). A delete that keeps
+/// the volume behind its tombstone for a snapshot: the open must fail too,
+/// as it does when it sees the tombstone first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_deleted_while_a_writer_opens_it_is_not_opened() {
+    for on in [OnDependants::Keep, OnDependants::RefuseClones] {
+        let plain: DynStore = Arc::new(MemoryStore::new());
+        create(&plain, "v/", 4 * CSU).await;
+        if on == OnDependants::Keep {
+            let v = open_with(&plain, "v/", OpenOptions::default()).await;
+            v.write(0, &common::pattern(1, CS as usize)).await.expect("write");
+            v.snapshot("s").await.expect("snapshot");
+            drop(v);
+        }
+        let race = Arc::new(DeleteRace { inner: plain.clone(), armed: AtomicBool::new(true), on });
+        let store: DynStore = race.clone();
+        let r = Volume::open(store.clone(), "v/", OpenOptions::default()).await;
+        assert!(!race.armed.load(Ordering::SeqCst), "{on:?}: the delete never ran");
+        match r {
+            Err(VolumeError::NotFound(why)) => assert!(why.contains("deleted"), "{on:?}: {why}"),
+            Err(e) => panic!("{on:?}: {e}"),
+            Ok(v) => {
+                let flushed = async {
+                    v.write(0, &common::pattern(2, CS as usize)).await?;
+                    v.flush().await
+                }
+                .await;
+                let left = store::list_all(plain.as_ref(), "v/").await.expect("list");
+                panic!(
+                    "{on:?}: a deleted volume was opened for writing; a write and flush gave {flushed:?}, leaving {:?}",
+                    left.iter().map(|o| o.key.as_str()).collect::<Vec<_>>()
+                );
+            }
+        }
+        let left: Vec<String> =
+            store::list_all(plain.as_ref(), "v/").await.expect("list").into_iter().map(|o| o.key).collect();
+        match on {
+            OnDependants::Keep => assert!(left.iter().any(|k| k.ends_with("deleted.json")), "{left:?}"),
+            _ => assert!(left.is_empty(), "{on:?}: left {left:?} under a deleted volume's prefix"),
+        }
+    }
 }

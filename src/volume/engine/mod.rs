@@ -974,6 +974,7 @@ async fn open_for_write(
             }
         };
         if landed == Appended::Ours {
+            deleted_since_open(store, vol, seq).await?;
             let proof = if meta.single_writer {
                 Ok(())
             } else {
@@ -1007,6 +1008,29 @@ async fn open_for_write(
         }
     }
     Err(VolumeError::Fenced("could not append an open record: too many concurrent writers".into()))
+}
+
+/// The tombstone check before an open record is check-then-act: a delete
+/// can tombstone the volume, and even purge it, between the check and the
+/// record landing. So the check is made again once the record is ours, and
+/// the open fails on a tombstone or a `volume.json` gone. A delete writes
+/// its tombstone before it deletes anything and `volume.json` before the
+/// rest, then lists again until nothing but the tombstone is left: a
+/// record that landed while `volume.json` was still there is seen by a
+/// later listing; one that landed after is not, and is taken back here
+/// (no volume is left for it to belong to).
+async fn deleted_since_open(store: &DynStore, vol: &str, seq: u64) -> VolumeResult<()> {
+    let meta_gone = store.head(&format::meta_key(vol)).await?.is_none();
+    if !meta_gone && store.head(&crate::volume::catalog::tombstone_key(vol)).await?.is_none() {
+        return Ok(());
+    }
+    if meta_gone {
+        let key = format::journal_key(vol, seq);
+        if let Err(e) = store.delete(&key).await {
+            tracing::warn!(volume = vol, key = %key, error = %e, "removing the open record of a volume deleted meanwhile failed");
+        }
+    }
+    Err(VolumeError::NotFound(format!("volume {vol} was deleted while it was being opened")))
 }
 
 /// For ranges `(offset, len)` in the order they were written, the parts of
