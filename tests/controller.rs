@@ -812,6 +812,7 @@ async fn restarted_node(client: Client, names: &[&str]) -> Restarted {
         busy_poll: Duration::ZERO,
         write_log_limit: 1 << 30,
         patch_limit: s3blk::volume::engine::DEFAULT_PATCH_LIMIT,
+        nbd_inflight: s3blk::csi::node::nbd_inflight(None),
     };
     let node = s3blk::csi::node::NodeService::new(cfg, Arc::new(Stores::new(common::fast_policy())))
         .expect("node service")

@@ -91,6 +91,11 @@ struct Node {
 /// A node service with a budget of `dirty` + `cache` bytes, its store a
 /// local directory whose chunk uploads take `delay`.
 fn node(dirty: u64, cache: u64, delay: Duration) -> Node {
+    node_with(dirty, cache, delay, s3blk::csi::node::nbd_inflight(None))
+}
+
+/// The same, with `nbd_inflight` NBD bytes in flight for the whole node.
+fn node_with(dirty: u64, cache: u64, delay: Duration, nbd_inflight: usize) -> Node {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().join("store");
     std::fs::create_dir_all(&root).expect("store dir");
@@ -110,6 +115,7 @@ fn node(dirty: u64, cache: u64, delay: Duration) -> Node {
         busy_poll: Duration::ZERO,
         write_log_limit: 1 << 30,
         patch_limit: s3blk::volume::engine::DEFAULT_PATCH_LIMIT,
+        nbd_inflight,
     };
     let node = NodeService::new(cfg, stores).expect("node service");
     Node { node, budget, slow, plain, root, _dir: dir }
@@ -118,11 +124,17 @@ fn node(dirty: u64, cache: u64, delay: Duration) -> Node {
 impl Node {
     /// Create volume `name` and open it as staging would.
     async fn volume(&self, name: &str, size: u64) -> (String, Volume) {
+        let url = self.create(name, size).await;
+        let v = self.node.open_volume(&url, &HashMap::new(), false, u64::MAX).await.expect("open");
+        (Location::parse(&url, true).expect("volume url").prefix, v)
+    }
+
+    /// Create volume `name`; returns its volume id (URL).
+    async fn create(&self, name: &str, size: u64) -> String {
         let loc = Location::parse(&format!("file://{}/{name}", self.root.display()), true).expect("volume url");
         let opts = CreateOptions { size, chunk_size: CS as u32, parent: None, single_writer: false };
         Volume::create(self.plain.clone(), &loc.prefix, opts, &s3blk::clock::SystemClock).await.expect("create");
-        let v = self.node.open_volume(&loc.url(), &HashMap::new(), false, u64::MAX).await.expect("open");
-        (loc.prefix, v)
+        loc.url()
     }
 
     /// What the store holds for a volume, read by a fresh read-only opener.
@@ -311,4 +323,57 @@ async fn a_volume_staged_while_the_budget_is_spent_gets_its_floor_when_bytes_com
     tokio::time::timeout(Duration::from_secs(30), writer).await.expect("stalled writer finishes").expect("join");
     assert!(n.stored(&late_prefix, 64 * CS).await == data);
     assert!(n.stored(&first_prefix, 64 * CS).await == first_data);
+}
+
+/// NBD request buffers count against one bound for the whole node, not
+/// one per volume: a write whose 32 MiB payload is still arriving on one
+/// volume holds the whole node's NBD allowance (here 32 MiB), and a read of
+/// another volume waits for it, so many busy volumes cannot take more
+/// memory than the node set aside for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_buffers_of_every_volume_share_one_bound() {
+    let allowance = s3blk::nbd::proto::MAX_PAYLOAD as usize;
+    let n = node_with(64 << 20, 16 << 20, Duration::ZERO, allowance);
+    let sockets = tempfile::tempdir().expect("tempdir");
+    let mut served = Vec::new();
+    for name in ["a", "b"] {
+        let id = n.create(name, 64 << 20).await;
+        let sock = sockets.path().join(format!("{name}.sock"));
+        served.push(n.node.serve_unattached(&id, &sock, name).await.expect("serve"));
+    }
+    let mut a = common::nbd_client::Client::connect(&sockets.path().join("a.sock"), "a").await;
+    let mut b = common::nbd_client::Client::connect(&sockets.path().join("b.sock"), "b").await;
+    let data = common::pattern(1, allowance);
+    let cut = allowance - 4096;
+    a.send(s3blk::nbd::proto::CMD_WRITE, 0, 1, 0, allowance as u32, &data[..cut]).await;
+    // Until the whole payload is in, the server holds at least `cut` bytes of it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let read = tokio::spawn(async move {
+        let r = b.read(2, 0, 1 << 20).await;
+        (b, r)
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!read.is_finished(), "a read of another volume took NBD buffers past the node's allowance");
+    use tokio::io::AsyncWriteExt;
+    a.s.write_all(&data[cut..]).await.expect("rest of the payload");
+    assert_eq!(a.reply().await, (0, 1), "the write");
+    let (mut b, r) =
+        tokio::time::timeout(Duration::from_secs(30), read).await.expect("the read went on").expect("join");
+    assert_eq!(r.expect("read"), vec![0u8; 1 << 20]);
+    assert_eq!(b.read(3, 0, 4096).await.expect("read"), vec![0u8; 4096]);
+    assert_eq!(a.read(4, 0, 4096).await.expect("read"), data[..4096].to_vec());
+    for s in served {
+        n.node.stop_serving(s).await.expect("stop");
+    }
+}
+
+/// A quarter of the container's memory limit, between one largest request
+/// and the NBD server's default; that default with no limit known.
+#[test]
+fn the_nbd_allowance_is_a_quarter_of_the_memory_limit_within_bounds() {
+    use s3blk::csi::node::nbd_inflight;
+    assert_eq!(nbd_inflight(Some(512 << 20)), 128 << 20);
+    assert_eq!(nbd_inflight(Some(64 << 20)), 32 << 20, "never below one 32 MiB request");
+    assert_eq!(nbd_inflight(Some(8 << 30)), 256 << 20);
+    assert_eq!(nbd_inflight(None), 256 << 20);
 }

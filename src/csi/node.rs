@@ -57,6 +57,20 @@ pub struct NodeConfig {
     pub write_log_limit: u64,
     /// Writers' page patch limit ([`crate::volume::OpenOptions::patch_limit`]).
     pub patch_limit: u64,
+    /// NBD request payload and reply bytes in flight, across every volume
+    /// this node serves and every connection to it (see [`nbd_inflight`]).
+    pub nbd_inflight: usize,
+}
+
+/// The NBD bytes in flight a node allows across all the volumes it serves:
+/// a quarter of the container's memory limit when one is known, between one
+/// largest request (32 MiB) and the NBD server's default of 256 MiB; that
+/// default without a limit. With the half the memory budget takes, this
+/// leaves at least a quarter of the limit to the process itself.
+pub fn nbd_inflight(container_limit: Option<u64>) -> usize {
+    let default = crate::nbd::session::DEFAULT_SERVER_INFLIGHT as u64;
+    let floor = crate::nbd::proto::MAX_PAYLOAD as u64;
+    container_limit.map_or(default, |l| (l / 4).clamp(floor, default)) as usize
 }
 
 /// Stage secrets: serialised only into `--secrets-dir`, never printed.
@@ -97,6 +111,12 @@ struct Server {
     volume: Volume,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// A volume served by [`NodeService::serve_unattached`].
+pub struct Served {
+    volume_id: String,
+    server: Server,
 }
 
 /// What serving a volume takes (a stage record minus where it is attached).
@@ -158,6 +178,9 @@ pub struct NodeService {
     staged: Mutex<HashMap<String, Staged>>,
     inflight: InFlight,
     attacher: Attacher,
+    /// What every export's connections share: one bound on NBD buffers for
+    /// the whole node, not one per volume.
+    nbd_limits: crate::nbd::session::Limits,
     /// The Kubernetes API, when the plugin runs in a cluster.
     kubernetes: Option<NodeAttachments>,
 }
@@ -263,7 +286,13 @@ impl NodeService {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))?;
         let attacher = Attacher::new(&cfg.state_dir);
+        let nbd_limits = crate::nbd::session::Limits::new(
+            cfg.nbd_inflight,
+            crate::nbd::session::DEFAULT_MAX_CONNECTIONS,
+            crate::nbd::session::DEFAULT_IO_DEADLINE,
+        );
         Ok(Self {
+            nbd_limits,
             cfg,
             stores,
             staged: Mutex::new(HashMap::new()),
@@ -449,7 +478,7 @@ impl NodeService {
             volume: volume.clone(),
             read_only: spec.readonly,
             busy_poll: self.cfg.busy_poll,
-            limits: crate::nbd::session::Limits::default(),
+            limits: self.nbd_limits.clone(),
             unflushed,
         });
         let (shutdown, rx) = watch::channel(false);
@@ -664,6 +693,27 @@ impl NodeService {
             }
         }
         self.staged.lock().await.insert(id, Staged { record, serving: Serving::LostWrites });
+    }
+
+    /// Serve a volume on a unix socket as NodeStage does, without attaching
+    /// it to a device (what the volumes of a node share is tested with it
+    /// where no kernel is at hand); `stop_serving` ends it.
+    pub async fn serve_unattached(&self, volume_id: &str, socket: &Path, export: &str) -> Result<Served, Status> {
+        let secrets = HashMap::new();
+        let spec = ServeSpec {
+            volume_id,
+            socket,
+            export,
+            readonly: false,
+            cache_limit: self.cfg.cache_limit,
+            secrets: &secrets,
+        };
+        Ok(Served { volume_id: volume_id.to_string(), server: self.serve(&spec).await? })
+    }
+
+    /// Flush a volume `serve_unattached` serves and close its socket.
+    pub async fn stop_serving(&self, s: Served) -> Result<(), Status> {
+        self.stop(&s.volume_id, s.server).await
     }
 
     /// Stop serving: flush everything, then close the socket.

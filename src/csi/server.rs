@@ -141,7 +141,7 @@ pub async fn run(
     let mut registration = None;
     let node = if cfg.mode != Mode::Controller {
         let node_id = cfg.node_id.clone().filter(|n| !n.is_empty()).ok_or(CsiError::NoNodeId)?;
-        let budget = node_budget(&cfg)?;
+        let (budget, nbd_inflight) = node_budget(&cfg)?;
         let ncfg = NodeConfig {
             node_id: node_id.clone(),
             state_dir: cfg.state_dir.clone(),
@@ -152,6 +152,7 @@ pub async fn run(
             busy_poll: cfg.busy_poll,
             write_log_limit: cfg.write_log_limit,
             patch_limit: cfg.patch_limit,
+            nbd_inflight,
         };
         let n = NodeService::new(ncfg, stores.clone())
             .map_err(|source| CsiError::StateDir { path: cfg.state_dir.clone(), source })?;
@@ -243,8 +244,9 @@ pub async fn run(
     result.map_err(CsiError::from)
 }
 
-/// The node's memory budget, shared by every volume it serves.
-fn node_budget(cfg: &CsiConfig) -> Result<Arc<MemoryBudget>, CsiError> {
+/// The node's memory budget and its bound on NBD bytes in flight, each
+/// shared by every volume it serves.
+fn node_budget(cfg: &CsiConfig) -> Result<(Arc<MemoryBudget>, usize), CsiError> {
     let fallback = cfg.dirty_limit.saturating_add(cfg.cache_limit);
     let cgroups = std::path::Path::new("/sys/fs/cgroup");
     let sizing = super::memory::size_budget(cfg.memory_budget, cfg.memory_limit, cgroups, fallback);
@@ -254,13 +256,17 @@ fn node_budget(cfg: &CsiConfig) -> Result<Arc<MemoryBudget>, CsiError> {
     } else {
         MemoryBudget::split(sizing.total).map_err(|source| CsiError::Budget { from: sizing.source.clone(), source })?
     };
+    let limit =
+        cfg.memory_limit.filter(|l| *l > 0).or_else(|| super::memory::cgroup_memory_limit(cgroups).ok().flatten());
+    let nbd_inflight = super::node::nbd_inflight(limit);
     tracing::info!(
         dirty_bytes = budget.dirty_limit(),
         cache_bytes = budget.cache_limit(),
+        nbd_inflight_bytes = nbd_inflight,
         source = %sizing.source,
-        "node memory budget, shared by every staged volume"
+        "node memory budget and NBD bytes in flight, each shared by every staged volume"
     );
-    Ok(budget)
+    Ok((budget, nbd_inflight))
 }
 
 /// Start compaction in the mode asked for (`auto`: Kubernetes when an API
