@@ -524,9 +524,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     None => println!("journal:     head seq {}, nothing old enough to fold", rep.head_seq),
                 }
                 println!(
-                    "{verb}: {} journal records, {} checkpoints, {} chunk objects ({})",
+                    "{verb}: {} journal records, {} checkpoints ({} part objects), {} chunk objects ({})",
                     rep.journal_records_deleted,
                     rep.checkpoints_deleted,
+                    rep.checkpoint_parts_deleted,
                     rep.chunks_deleted,
                     format_size(rep.chunk_bytes_deleted)
                 );
@@ -558,7 +559,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("volume:     {}", loc.display());
                 println!("size:       {} ({} bytes)", format_size(rep.size), rep.size);
                 println!("journal:    {} records, head seq {}", rep.journal_records, rep.head_seq);
-                println!("checkpoints {}, snapshots {}", rep.checkpoints, rep.snapshots);
+                match rep.checkpoint_parts {
+                    0 => println!("checkpoints {}, snapshots {}", rep.checkpoints, rep.snapshots),
+                    n => println!("checkpoints {} ({n} part objects), snapshots {}", rep.checkpoints, rep.snapshots),
+                }
                 println!(
                     "chunks:     {} referenced, {} verified, {} garbage",
                     rep.referenced_chunks, rep.verified_chunks, rep.garbage_chunks

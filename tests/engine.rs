@@ -1309,7 +1309,7 @@ async fn a_small_flush_is_one_put_and_reads_back_everywhere(store: DynStore) {
     let s = v.stats();
     assert_eq!((s.patched_chunks, s.patch_bytes), (2, 3 * 4096));
     let head = replay::read_record(store.as_ref(), &vol, s.head_seq).await.expect("read").expect("head record");
-    assert_eq!(head.1[8..12], format::FORMAT_VERSION.to_le_bytes(), "a record with inline pages is format 2");
+    assert_eq!(head.1[8..12], format::FORMAT_V2.to_le_bytes(), "a record with inline pages is format 2");
     assert_eq!(v.read(0, 2 * CS as u64).await.expect("read"), expect, "the writer reads its patched chunks");
     drop(v);
     assert_stored(&store, &vol, 2 * CS as u64, &expect, "a fresh opener").await;
@@ -1334,7 +1334,7 @@ async fn a_small_flush_is_one_put_and_reads_back_everywhere(store: DynStore) {
     let cp =
         Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map: st.map.clone(), patches: st.patches.clone() };
     let cp_bytes = cp.encode();
-    assert_eq!(cp_bytes[8..12], format::FORMAT_VERSION.to_le_bytes());
+    assert_eq!(cp_bytes[8..12], format::FORMAT_V2.to_le_bytes());
     store.put(&format::checkpoint_key(&vol, st.head), Bytes::from(cp_bytes), PutMode::IfAbsent).await.expect("cp");
     for seq in 0..=st.head {
         store.delete(&format::journal_key(&vol, seq)).await.expect("delete");
@@ -1411,7 +1411,7 @@ async fn a_format_1_volume_opens_and_is_upgraded_by_its_first_small_flush() {
     v.write(4096, b"format two").await.expect("write");
     v.flush().await.expect("flush");
     let (_, bytes) = replay::read_record(store.as_ref(), "v/", v.stats().head_seq).await.expect("read").expect("rec");
-    assert_eq!(bytes[8..12], format::FORMAT_VERSION.to_le_bytes());
+    assert_eq!(bytes[8..12], format::FORMAT_V2.to_le_bytes());
     drop(v);
     let r = open_ro(&store, "v/").await;
     assert_eq!(r.read(0, 10).await.expect("read"), b"format one");
@@ -2172,4 +2172,101 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// The checkpoint parts under `vol`: (seq, tag) of each.
+async fn checkpoint_parts(store: &DynStore, vol: &str) -> Vec<(u64, u64)> {
+    store::list_all(store.as_ref(), &format::checkpoint_prefix(vol))
+        .await
+        .expect("list")
+        .iter()
+        .filter_map(|o| format::parse_checkpoint_part_key(vol, &o.key).map(|(s, t, _)| (s, t)))
+        .collect()
+}
+
+/// A chunk map past one checkpoint part (here entries for chunks that
+/// read as zeros, as trimming records them) is checkpointed as a manifest
+/// and parts: a fresh opener starts from it, fsck checks every part, a
+/// second writer of the same seq takes its own parts back, and compaction
+/// writes the next one in parts too and removes the old one's.
+async fn a_map_past_one_checkpoint_part_is_checkpointed_in_parts(store: DynStore) {
+    let vol = format!("{}/", common::unique("split"));
+    let n = format::CHECKPOINT_PART_ENTRIES as u64 * 2 + 10;
+    create(&store, &vol, (n + 8) * CS as u64).await;
+    let v = open(&store, &vol).await;
+    let mut want = common::pattern(1, 3 * CS as usize);
+    v.write(0, &want).await.expect("write");
+    v.flush().await.expect("flush");
+    let st = replay::replay(store.as_ref(), &vol, CS as u64, None).await.expect("replay");
+    let mut map = st.map.clone();
+    map.extend((8..n).map(|i| (i, format::ChunkRef::Zero)));
+    let cp = Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map, patches: st.patches.clone() };
+    assert!(replay::write_checkpoint(store.as_ref(), &vol, &cp).await.expect("checkpoint"), "not written");
+    let parts = checkpoint_parts(&store, &vol).await;
+    assert_eq!(parts.len(), 3, "{parts:?}");
+    assert!(!replay::write_checkpoint(store.as_ref(), &vol, &cp).await.expect("again"), "written twice");
+    assert_eq!(checkpoint_parts(&store, &vol).await, parts, "the second writer's parts were left behind");
+
+    let from = replay::replay(store.as_ref(), &vol, CS as u64, None).await.expect("replay");
+    assert_eq!((from.checkpoint, from.map.len() as u64), (Some(st.head), n - 8 + st.map.len() as u64));
+    assert_stored(&store, &vol, 3 * CS as u64, &want, "from a split checkpoint").await;
+    let rep = fsck::fsck(store.as_ref(), &vol, true, &|_, _| {}).await.expect("fsck");
+    assert_eq!(rep.checkpoint_parts, 3);
+    assert!(rep.warnings.is_empty(), "{:?}", rep.warnings);
+
+    let more = common::pattern(2, CS as usize);
+    v.write(CS as u64, &more).await.expect("write");
+    v.flush().await.expect("flush");
+    want[CS as usize..2 * CS as usize].copy_from_slice(&more);
+    let opts = compact::CompactOptions { safety_age: Duration::ZERO, ..Default::default() };
+    let rep = compact::compact(&store, &vol, &opts, &s3blk::clock::SystemClock).await.expect("compact");
+    let x = rep.folded_seq.expect("folded");
+    assert!(x > st.head && rep.checkpoints_written == 1, "{rep:?}");
+    assert_eq!(rep.checkpoint_parts_deleted, 3, "{rep:?}");
+    let parts = checkpoint_parts(&store, &vol).await;
+    assert!(parts.len() == 3 && parts.iter().all(|(s, _)| *s == x), "{parts:?}");
+    assert_stored(&store, &vol, 3 * CS as u64, &want, "after compaction").await;
+    drop(v);
+    let v = open(&store, &vol).await;
+    assert_eq!(v.read(0, 3 * CS as u64).await.expect("read"), want);
+}
+on_both_stores!(a_map_past_one_checkpoint_part_is_checkpointed_in_parts);
+
+/// Parts a writer of a checkpoint left without its manifest (it died, or
+/// lost the race and could not take them back): fsck names them, and
+/// compaction removes them once it folds past their seq, not before (the
+/// manifest may be on its way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_parts_no_manifest_names_go_once_folded_past() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let vol = "v/";
+    create(&store, vol, 8 * CS as u64).await;
+    let v = open(&store, vol).await;
+    v.write(0, &common::pattern(1, CS as usize)).await.expect("write");
+    v.flush().await.expect("flush");
+    let st = replay::replay(store.as_ref(), vol, CS as u64, None).await.expect("replay");
+    let mut map = st.map.clone();
+    map.extend((8..format::CHECKPOINT_PART_ENTRIES as u64 + 20).map(|i| (i, format::ChunkRef::Zero)));
+    let cp = Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map, patches: st.patches.clone() };
+    let (_, parts) = cp.encode_stored(77);
+    assert_eq!(parts.len(), 2);
+    for (n, p) in parts.into_iter().enumerate() {
+        let key = format::checkpoint_part_key(vol, st.head, 77, n as u32);
+        store.put(&key, Bytes::from(p), PutMode::Overwrite).await.expect("part");
+    }
+    let rep = fsck::fsck(store.as_ref(), vol, true, &|_, _| {}).await.expect("fsck");
+    assert!(rep.clean && rep.checkpoint_parts == 2, "{rep:?}");
+    assert!(rep.warnings.iter().any(|w| w.contains("no checkpoint names")), "{:?}", rep.warnings);
+    // Folded up to their seq, not past it: they stay.
+    let rep = compact::compact(&store, vol, &eager(), &s3blk::clock::SystemClock).await.expect("compact");
+    assert_eq!((rep.folded_seq, rep.checkpoint_parts_deleted), (Some(st.head), 0), "{rep:?}");
+    assert_eq!(checkpoint_parts(&store, vol).await.len(), 2);
+    v.write(CS as u64, &common::pattern(2, CS as usize)).await.expect("write");
+    v.flush().await.expect("flush");
+    let rep = compact::compact(&store, vol, &eager(), &s3blk::clock::SystemClock).await.expect("compact");
+    assert!(rep.folded_seq > Some(st.head) && rep.checkpoint_parts_deleted == 2, "{rep:?}");
+    assert!(checkpoint_parts(&store, vol).await.is_empty());
+    drop(v);
+    let rep = fsck::fsck(store.as_ref(), vol, true, &|_, _| {}).await.expect("fsck");
+    assert!(rep.clean && rep.warnings.is_empty(), "{rep:?}");
 }

@@ -3183,6 +3183,9 @@ fn run_many(seeds: Vec<u64>, deadline: Option<std::time::Instant>, progress: boo
 
 #[test]
 fn simulation() {
+    // Every checkpoint of more than two mapped chunks is split into parts,
+    // so that the parts' writes, reads and deletions meet every race.
+    format::set_checkpoint_part_entries(2);
     if let Some(seed) = env_u64("S3BLK_SIM_SEED") {
         let out = run_seed(seed, true);
         println!(

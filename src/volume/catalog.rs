@@ -169,6 +169,7 @@ pub fn is_own_object(vol: &str, key: &str) -> bool {
     key == format::meta_key(vol)
         || format::parse_journal_key(vol, key).is_some()
         || format::parse_checkpoint_key(vol, key).is_some()
+        || format::parse_checkpoint_part_key(vol, key).is_some()
         || format::parse_chunk_key(vol, key).is_some()
         || json_in(rel, "snapshots/").is_some_and(|n| format::validate_snapshot_name(n).is_ok())
         || is_bookkeeping(rel)
@@ -342,7 +343,7 @@ pub async fn current_size(store: &DynStore, vol: &str, meta: &format::VolumeMeta
         .max_by_key(|(s, _)| *s);
     if let Some((_, key)) = cp {
         match store.get(&key, None).await {
-            Ok(b) => return Ok(format::Checkpoint::decode(&b, &key).map_err(VolumeError::from)?.size),
+            Ok(b) => return Ok(format::StoredCheckpoint::decode(&b, &key).map_err(VolumeError::from)?.size()),
             Err(StoreError::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }

@@ -17,7 +17,7 @@
 //!   are never collected (the engine commits background uploads within
 //!   seconds, and re-checks old uploads before committing them).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -91,6 +91,9 @@ pub struct CompactReport {
     pub chunks_live: u64,
     pub chunks_deleted: u64,
     pub chunk_bytes_deleted: u64,
+    /// Parts of split checkpoints deleted (with their checkpoints, or
+    /// left by a writer of a checkpoint that did not land).
+    pub checkpoint_parts_deleted: u64,
     /// Unreferenced chunk objects kept because they are younger than the safety age.
     pub chunks_kept_young: u64,
     pub snapshots: u64,
@@ -212,6 +215,11 @@ pub async fn compact(
     if report.checkpoints_written > 0 && !opts.dry_run && store.head(&format::meta_key(vol)).await?.is_none() {
         let ours: Vec<String> = pinned.iter().map(|s| checkpoint_key(vol, *s)).collect();
         delete_all(store, ours, opts.concurrency).await?;
+        let parts = list_all(store.as_ref(), &format::checkpoint_prefix(vol))
+            .await?
+            .into_iter()
+            .filter(|o| format::parse_checkpoint_part_key(vol, &o.key).is_some_and(|(s, _, _)| pinned.contains(&s)));
+        delete_all(store, parts.map(|o| o.key).collect(), opts.concurrency).await?;
         return Err(VolumeError::NotFound(vol.trim_end_matches('/').to_string()));
     }
 
@@ -242,12 +250,15 @@ pub async fn compact(
             .filter(|o| parse_checkpoint_key(vol, &o.key).is_some_and(|s| s < x && !pinned.contains(&s)))
             .map(|o| o.key.clone())
             .collect();
+        let old_parts = stray_parts(store, vol, &checkpoints, x, &pinned, cutoff).await?;
         report.journal_records_deleted = old_records.len() as u64;
         report.checkpoints_deleted = old_checkpoints.len() as u64;
+        report.checkpoint_parts_deleted = old_parts.len() as u64;
         if !opts.dry_run {
             let (_, r) = journal::delete_ascending(store.as_ref(), vol, &old_records).await;
             r?;
             delete_all(store, old_checkpoints, opts.concurrency).await?;
+            delete_all(store, old_parts, opts.concurrency).await?;
         }
     }
 
@@ -289,6 +300,62 @@ pub async fn compact(
         "compacted"
     );
     Ok(report)
+}
+
+/// The parts of split checkpoints that may go, from the listing of
+/// `checkpoints/`: those of every checkpoint below the fold point `x` that
+/// is not pinned (they go with their manifests), and, of a pinned one,
+/// parts old enough that its manifest names another writer's (a checkpoint
+/// written twice at one seq). A pinned checkpoint whose manifest is not
+/// there yet keeps every part: it may be on its way. Parts at or past the
+/// fold point stay (a writer's checkpoint in progress); they fall below a
+/// later fold point. A manifest landing late, after its parts went below
+/// the fold point, is never read: every replay finds a newer checkpoint
+/// (the fold point's, or the one compaction keeps at each snapshot's seq).
+async fn stray_parts(
+    store: &DynStore,
+    vol: &str,
+    listing: &[ObjectInfo],
+    x: u64,
+    pinned: &BTreeSet<u64>,
+    cutoff: i64,
+) -> VolumeResult<Vec<String>> {
+    let mut out = Vec::new();
+    let mut tags: BTreeMap<u64, Option<u64>> = BTreeMap::new();
+    for o in listing {
+        let Some((seq, tag, _)) = format::parse_checkpoint_part_key(vol, &o.key) else { continue };
+        if seq >= x {
+            continue;
+        }
+        if !pinned.contains(&seq) {
+            out.push(o.key.clone());
+            continue;
+        }
+        if !is_old(o, cutoff) || !listing.iter().any(|m| parse_checkpoint_key(vol, &m.key) == Some(seq)) {
+            continue;
+        }
+        let kept = match tags.get(&seq) {
+            Some(t) => *t,
+            None => {
+                let key = checkpoint_key(vol, seq);
+                let t = match store.get(&key, None).await {
+                    Ok(b) => match format::StoredCheckpoint::decode(&b, &key)? {
+                        format::StoredCheckpoint::Split(s) => Some(s.tag),
+                        format::StoredCheckpoint::Whole(_) => None,
+                    },
+                    // Gone since the listing: leave its parts to a later pass.
+                    Err(StoreError::NotFound(_)) => Some(tag),
+                    Err(e) => return Err(e.into()),
+                };
+                tags.insert(seq, t);
+                t
+            }
+        };
+        if kept != Some(tag) {
+            out.push(o.key.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// Is the snapshot `snap` (as listed) gone now, or another one under its name?
@@ -405,11 +472,9 @@ const SNAPSHOT_LISTINGS: usize = 5;
 async fn write_checkpoint(store: &DynStore, vol: &str, st: &replay::Replayed) -> VolumeResult<()> {
     let cp =
         Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map: st.map.clone(), patches: st.patches.clone() };
-    match store.put(&checkpoint_key(vol, st.head), Bytes::from(cp.encode()), PutMode::IfAbsent).await {
-        // Another compactor wrote the same seq: the same map, by construction.
-        Ok(()) | Err(StoreError::PreconditionFailed(_)) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    // Another compactor (or the writer) may have written the same seq: the
+    // same map, by construction.
+    replay::write_checkpoint(store.as_ref(), vol, &cp).await.map(|_| ())
 }
 
 async fn delete_all(store: &DynStore, keys: Vec<String>, concurrency: usize) -> VolumeResult<()> {

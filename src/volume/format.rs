@@ -31,10 +31,28 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// The newest format this build reads and writes (`volume.json` of new volumes).
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = FORMAT_V3;
 /// Objects whose layout format 2 did not change (snapshot records,
 /// tombstones, binary objects without patches) keep this version.
 pub const FORMAT_V1: u32 = 1;
+/// Page patches: journal records with inline writes, checkpoints with patches.
+pub const FORMAT_V2: u32 = 2;
+/// Split checkpoints: a checkpoint whose map has more than
+/// [`CHECKPOINT_PART_ENTRIES`] entries is a manifest plus parts.
+pub const FORMAT_V3: u32 = 3;
+/// Chunk map entries per part of a split checkpoint: about 1.7 MB of a
+/// dense map, so no object grows with the volume (a 64 TiB volume of 1 MiB
+/// chunks has 512 parts) and an open fetches the parts side by side.
+pub const CHECKPOINT_PART_ENTRIES: usize = 1 << 17;
+
+static PART_ENTRIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(CHECKPOINT_PART_ENTRIES);
+
+/// Split checkpoints into parts of `n` map entries from now on, in this
+/// whole process (at least 1): the simulation makes even its small volumes'
+/// checkpoints split, to try the parts' races. Readers take any split.
+pub fn set_checkpoint_part_entries(n: usize) {
+    PART_ENTRIES.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+}
 pub const BLOCK_SIZE: u32 = 4096;
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
@@ -44,6 +62,7 @@ pub const MAX_VOLUME_SIZE: u64 = 1 << 60;
 
 const JOURNAL_MAGIC: &[u8; 8] = b"S3BLKJR\x01";
 const CHECKPOINT_MAGIC: &[u8; 8] = b"S3BLKCP\x01";
+const CHECKPOINT_PART_MAGIC: &[u8; 8] = b"S3BLKCX\x01";
 
 /// Errors decoding a stored object.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,6 +105,12 @@ pub fn checkpoint_prefix(vol: &str) -> String {
 }
 pub fn checkpoint_key(vol: &str, seq: u64) -> String {
     format!("{vol}checkpoints/{seq:020x}")
+}
+/// Part `n` of the split checkpoint at `seq` whose manifest names `tag`
+/// (each writer of a checkpoint picks its own: two writing the same seq
+/// never overwrite each other's parts).
+pub fn checkpoint_part_key(vol: &str, seq: u64, tag: u64, n: u32) -> String {
+    format!("{vol}checkpoints/{seq:020x}.{tag:016x}.{n:06x}")
 }
 /// Written and removed at once by compaction to read the store's clock
 /// (one name per probe: compactors run side by side).
@@ -134,6 +159,20 @@ pub fn parse_journal_key(vol: &str, key: &str) -> Option<u64> {
 /// `checkpoints/<seq>` → seq.
 pub fn parse_checkpoint_key(vol: &str, key: &str) -> Option<u64> {
     parse_hex_tail(key, &checkpoint_prefix(vol), 20)
+}
+/// `checkpoints/<seq>.<tag>.<n>` → (seq, tag, n).
+pub fn parse_checkpoint_part_key(vol: &str, key: &str) -> Option<(u64, u64, u32)> {
+    let tail = key.strip_prefix(&checkpoint_prefix(vol))?;
+    let mut it = tail.split('.');
+    let (seq, tag, n) = (it.next()?, it.next()?, it.next()?);
+    let hex = |s: &str, w: usize| (s.len() == w && s.bytes().all(|b| b.is_ascii_hexdigit())).then_some(());
+    hex(seq, 20)?;
+    hex(tag, 16)?;
+    hex(n, 6)?;
+    if it.next().is_some() {
+        return None;
+    }
+    Some((u64::from_str_radix(seq, 16).ok()?, u64::from_str_radix(tag, 16).ok()?, u32::from_str_radix(n, 16).ok()?))
 }
 /// `chunks/<index>/<generation>` → (index, generation).
 pub fn parse_chunk_key(vol: &str, key: &str) -> Option<(u64, u64)> {
@@ -534,7 +573,7 @@ pub struct JournalRecord {
 
 impl JournalRecord {
     pub fn encode(&self) -> Vec<u8> {
-        let version = if self.inline.is_empty() { FORMAT_V1 } else { FORMAT_VERSION };
+        let version = if self.inline.is_empty() { FORMAT_V1 } else { FORMAT_V2 };
         let mut w = Writer::new(JOURNAL_MAGIC, version);
         w.u8(self.kind as u8);
         w.u64(self.seq);
@@ -608,75 +647,318 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// The whole checkpoint as one object (format 1, or 2 with patches).
     pub fn encode(&self) -> Vec<u8> {
-        let version = if self.patches.is_empty() { FORMAT_V1 } else { FORMAT_VERSION };
+        let version = if self.patches.is_empty() { FORMAT_V1 } else { FORMAT_V2 };
         let mut w = Writer::new(CHECKPOINT_MAGIC, version);
         w.u64(self.seq);
         w.u64(self.epoch);
         w.u64(self.size);
-        w.varint(self.map.len() as u64);
-        let mut prev = 0u64;
-        for (i, (index, r)) in self.map.iter().enumerate() {
-            w.varint(if i == 0 { *index } else { index - prev });
-            prev = *index;
-            put_ref(&mut w, r);
-        }
-        if version >= 2 {
-            w.varint(self.patches.len() as u64);
-            for (index, patch) in &self.patches {
-                w.u64(*index);
-                w.varint(patch.pages.len() as u64);
-                for (page, data) in &patch.pages {
-                    w.u32(*page);
-                    put_page(&mut w, data);
-                }
-            }
+        put_map(&mut w, self.map.len(), self.map.iter());
+        if version >= FORMAT_V2 {
+            put_patches(&mut w, self.patches.iter());
         }
         w.finish()
     }
 
+    /// A checkpoint stored whole; a split one's manifest is refused (see
+    /// [`StoredCheckpoint`]).
+    pub fn decode(bytes: &[u8], what: &str) -> Result<Self, FormatError> {
+        match StoredCheckpoint::decode(bytes, what)? {
+            StoredCheckpoint::Whole(cp) => Ok(cp),
+            StoredCheckpoint::Split(_) => Err(invalid(what, "a split checkpoint's manifest, not a whole checkpoint")),
+        }
+    }
+
+    /// The objects that store this checkpoint: `checkpoints/<seq>` and its
+    /// parts (none when the map fits one part: then it is stored whole).
+    /// `tag` names the parts ([`checkpoint_part_key`]).
+    pub fn encode_stored(&self, tag: u64) -> (Vec<u8>, Vec<Vec<u8>>) {
+        self.encode_stored_with(tag, PART_ENTRIES.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn encode_stored_with(&self, tag: u64, per_part: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
+        if self.map.len() <= per_part {
+            return (self.encode(), Vec::new());
+        }
+        // Index ranges of `per_part` map entries each, covering every index.
+        let starts: Vec<u64> =
+            std::iter::once(0).chain(self.map.keys().copied().skip(per_part).step_by(per_part)).collect();
+        let mut parts = Vec::with_capacity(starts.len());
+        let mut refs = Vec::with_capacity(starts.len());
+        for (n, &first) in starts.iter().enumerate() {
+            let last = starts.get(n + 1).map_or(u64::MAX, |next| next - 1);
+            let mut w = Writer::new(CHECKPOINT_PART_MAGIC, FORMAT_V3);
+            w.u64(self.seq);
+            w.u64(tag);
+            w.u32(n as u32);
+            w.u64(first);
+            w.u64(last);
+            let entries = self.map.range(first..=last);
+            let count = entries.clone().count();
+            put_map(&mut w, count, entries);
+            put_patches(&mut w, self.patches.range(first..=last));
+            let bytes = w.finish();
+            refs.push(PartRef {
+                first,
+                last,
+                entries: count as u64,
+                len: bytes.len() as u64,
+                crc: crc32c::crc32c(&bytes),
+            });
+            parts.push(bytes);
+        }
+        let manifest = SplitCheckpoint { seq: self.seq, epoch: self.epoch, size: self.size, tag, parts: refs };
+        (manifest.encode(), parts)
+    }
+}
+
+fn put_map<'a>(w: &mut Writer, len: usize, map: impl Iterator<Item = (&'a u64, &'a ChunkRef)>) {
+    w.varint(len as u64);
+    let mut prev = 0u64;
+    for (i, (index, r)) in map.enumerate() {
+        w.varint(if i == 0 { *index } else { index - prev });
+        prev = *index;
+        put_ref(w, r);
+    }
+}
+
+/// The map entries, in increasing index order (a map is built from them in
+/// one go: far cheaper than inserting a million entries one by one).
+fn get_map(r: &mut Reader<'_>, what: &str) -> Result<Vec<(u64, ChunkRef)>, FormatError> {
+    let n = r.count(9)?;
+    let mut map = Vec::with_capacity(n);
+    let mut prev = 0u64;
+    for i in 0..n {
+        let delta = r.varint()?;
+        let index = if i == 0 {
+            delta
+        } else {
+            prev.checked_add(delta).filter(|_| delta > 0).ok_or_else(|| invalid(what, "indexes not increasing"))?
+        };
+        prev = index;
+        map.push((index, get_ref(r)?));
+    }
+    Ok(map)
+}
+
+fn put_patches<'a>(w: &mut Writer, patches: impl Iterator<Item = (&'a u64, &'a Arc<Patch>)> + Clone) {
+    w.varint(patches.clone().count() as u64);
+    for (index, patch) in patches {
+        w.u64(*index);
+        w.varint(patch.pages.len() as u64);
+        for (page, data) in &patch.pages {
+            w.u32(*page);
+            put_page(w, data);
+        }
+    }
+}
+
+fn get_patches(r: &mut Reader<'_>, what: &str) -> Result<Patches, FormatError> {
+    let mut patches = Patches::new();
+    let n = r.count(9)?;
+    for _ in 0..n {
+        let index = r.u64()?;
+        let pages = r.count(5)?;
+        if pages == 0 {
+            return Err(invalid(what, format!("chunk {index} has an empty patch")));
+        }
+        let mut patch = Patch::default();
+        for _ in 0..pages {
+            let page = r.u32()?;
+            if patch.pages.insert(page, get_page(r)?).is_some() {
+                return Err(invalid(what, format!("page {page} of chunk {index} patched twice")));
+            }
+        }
+        if patches.insert(index, Arc::new(patch)).is_some() {
+            return Err(invalid(what, format!("chunk {index} patched twice")));
+        }
+    }
+    Ok(patches)
+}
+
+/// What `checkpoints/<seq>` holds: a whole checkpoint, or the manifest of
+/// one split into parts (format 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredCheckpoint {
+    Whole(Checkpoint),
+    Split(SplitCheckpoint),
+}
+
+impl StoredCheckpoint {
     pub fn decode(bytes: &[u8], what: &str) -> Result<Self, FormatError> {
         let mut r = Reader::open(bytes, CHECKPOINT_MAGIC, what)?;
         let seq = r.u64()?;
         let epoch = r.u64()?;
         let size = r.u64()?;
-        let n = r.count(9)?;
-        let mut map = ChunkMap::new();
-        let mut prev = 0u64;
-        for i in 0..n {
-            let delta = r.varint()?;
-            let index = if i == 0 {
-                delta
-            } else {
-                prev.checked_add(delta).filter(|_| delta > 0).ok_or_else(|| invalid(what, "indexes not increasing"))?
-            };
-            prev = index;
-            map.insert(index, get_ref(&mut r)?);
-        }
-        let mut patches = Patches::new();
-        if r.version >= 2 {
-            let n = r.count(9)?;
+        if r.version >= FORMAT_V3 {
+            let tag = r.u64()?;
+            let n = r.count(22)?;
+            let mut parts = Vec::with_capacity(n);
             for _ in 0..n {
-                let index = r.u64()?;
-                let pages = r.count(5)?;
-                if pages == 0 {
-                    return Err(invalid(what, format!("chunk {index} has an empty patch")));
-                }
-                let mut patch = Patch::default();
-                for _ in 0..pages {
-                    let page = r.u32()?;
-                    if patch.pages.insert(page, get_page(&mut r)?).is_some() {
-                        return Err(invalid(what, format!("page {page} of chunk {index} patched twice")));
-                    }
-                }
-                if patches.insert(index, Arc::new(patch)).is_some() {
-                    return Err(invalid(what, format!("chunk {index} patched twice")));
-                }
+                let (first, last) = (r.u64()?, r.u64()?);
+                let (entries, len, crc) = (r.varint()?, r.varint()?, r.u32()?);
+                parts.push(PartRef { first, last, entries, len, crc });
             }
+            r.done()?;
+            check_size(size).map_err(|d| invalid(what, d))?;
+            // Contiguous ranges from 0 to the last index, each non-empty.
+            let mut next = Some(0u64);
+            for p in &parts {
+                if Some(p.first) != next || p.last < p.first {
+                    return Err(invalid(what, "checkpoint parts do not cover every chunk index once"));
+                }
+                next = p.last.checked_add(1);
+            }
+            if parts.is_empty() || next.is_some() {
+                return Err(invalid(what, "checkpoint parts do not cover every chunk index once"));
+            }
+            return Ok(StoredCheckpoint::Split(SplitCheckpoint { seq, epoch, size, tag, parts }));
         }
+        let map = get_map(&mut r, what)?.into_iter().collect();
+        let patches = if r.version >= FORMAT_V2 { get_patches(&mut r, what)? } else { Patches::new() };
         r.done()?;
         check_size(size).map_err(|d| invalid(what, d))?;
-        Ok(Checkpoint { seq, epoch, size, map, patches })
+        Ok(StoredCheckpoint::Whole(Checkpoint { seq, epoch, size, map, patches }))
+    }
+
+    pub fn seq(&self) -> u64 {
+        match self {
+            StoredCheckpoint::Whole(c) => c.seq,
+            StoredCheckpoint::Split(s) => s.seq,
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        match self {
+            StoredCheckpoint::Whole(c) => c.epoch,
+            StoredCheckpoint::Split(s) => s.epoch,
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        match self {
+            StoredCheckpoint::Whole(c) => c.size,
+            StoredCheckpoint::Split(s) => s.size,
+        }
+    }
+}
+
+/// The manifest of a split checkpoint: its header and, for each part in
+/// index order, the range it covers and what its object must hold (its
+/// length and crc32c: a part swapped, truncated or of another writer is
+/// refused, never merged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitCheckpoint {
+    pub seq: u64,
+    pub epoch: u64,
+    pub size: u64,
+    pub tag: u64,
+    pub parts: Vec<PartRef>,
+}
+
+/// One part of a split checkpoint, as its manifest records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartRef {
+    /// Chunk indexes `first..=last`: the map entries and patches in them.
+    pub first: u64,
+    pub last: u64,
+    pub entries: u64,
+    pub len: u64,
+    pub crc: u32,
+}
+
+impl SplitCheckpoint {
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new(CHECKPOINT_MAGIC, FORMAT_V3);
+        w.u64(self.seq);
+        w.u64(self.epoch);
+        w.u64(self.size);
+        w.u64(self.tag);
+        w.varint(self.parts.len() as u64);
+        for p in &self.parts {
+            w.u64(p.first);
+            w.u64(p.last);
+            w.varint(p.entries);
+            w.varint(p.len);
+            w.u32(p.crc);
+        }
+        w.finish()
+    }
+
+    /// Where part `n` is stored.
+    pub fn part_key(&self, vol: &str, n: usize) -> String {
+        checkpoint_part_key(vol, self.seq, self.tag, n as u32)
+    }
+
+    /// Decode part `n` (as fetched) into `into`, after checking it is the
+    /// very object the manifest names.
+    pub fn decode_part(&self, n: usize, bytes: &[u8], what: &str, into: &mut Assembly) -> Result<(), FormatError> {
+        let p = self.parts.get(n).ok_or_else(|| invalid(what, format!("no part {n} in the manifest")))?;
+        if bytes.len() as u64 != p.len || crc32c::crc32c(bytes) != p.crc {
+            return Err(invalid(what, "not the part its checkpoint's manifest names (length or checksum differ)"));
+        }
+        let mut r = Reader::open(bytes, CHECKPOINT_PART_MAGIC, what)?;
+        let (seq, tag, num, first, last) = (r.u64()?, r.u64()?, r.u32()?, r.u64()?, r.u64()?);
+        if seq != self.seq || tag != self.tag || num as usize != n || first != p.first || last != p.last {
+            return Err(invalid(what, "a part of another checkpoint"));
+        }
+        let map = get_map(&mut r, what)?;
+        let patches = get_patches(&mut r, what)?;
+        r.done()?;
+        let outside = |i: &u64| *i < first || *i > last;
+        if map.len() as u64 != p.entries || map.iter().map(|(i, _)| i).any(outside) || patches.keys().any(outside) {
+            return Err(invalid(what, "entries outside the part's range"));
+        }
+        if into.next != n {
+            return Err(invalid(what, format!("part {n} assembled out of order (expected part {})", into.next)));
+        }
+        into.next += 1;
+        into.entries.extend(map);
+        into.patches.extend(patches);
+        Ok(())
+    }
+
+    /// Start assembling the checkpoint, part 0 first.
+    pub fn assembly(&self) -> Assembly {
+        let total = self.parts.iter().map(|p| p.entries).sum::<u64>();
+        Assembly {
+            seq: self.seq,
+            epoch: self.epoch,
+            size: self.size,
+            parts: self.parts.len(),
+            next: 0,
+            entries: Vec::with_capacity(total.min(1 << 26) as usize),
+            patches: Patches::new(),
+        }
+    }
+}
+
+/// A split checkpoint being put together from its parts, in order.
+#[derive(Debug)]
+pub struct Assembly {
+    seq: u64,
+    epoch: u64,
+    size: u64,
+    parts: usize,
+    next: usize,
+    entries: Vec<(u64, ChunkRef)>,
+    patches: Patches,
+}
+
+impl Assembly {
+    /// The checkpoint, once every part is in.
+    pub fn finish(self, what: &str) -> Result<Checkpoint, FormatError> {
+        if self.next != self.parts {
+            return Err(invalid(what, format!("{} of {} parts assembled", self.next, self.parts)));
+        }
+        Ok(Checkpoint {
+            seq: self.seq,
+            epoch: self.epoch,
+            size: self.size,
+            map: self.entries.into_iter().collect(),
+            patches: self.patches,
+        })
     }
 }
 
@@ -736,14 +1018,99 @@ mod tests {
         patches.insert(1, Arc::new(patch));
         let cp = Checkpoint { patches, ..cp };
         let bytes = cp.encode();
-        assert_eq!(bytes[8..12], FORMAT_VERSION.to_le_bytes());
+        assert_eq!(bytes[8..12], FORMAT_V2.to_le_bytes());
         assert_eq!(Checkpoint::decode(&bytes, "c").unwrap(), cp);
+    }
+
+    fn big_checkpoint(n: u64) -> Checkpoint {
+        let mut map = ChunkMap::new();
+        for i in 0..n {
+            let r = if i % 3 == 0 { ChunkRef::Zero } else { ChunkRef::Stored { generation: i, crc: i as u32 } };
+            map.insert(i * 7 + 2, r);
+        }
+        let mut patches = Patches::new();
+        for i in [0u64, 2, 30, 7 * n] {
+            let mut patch = Patch::default();
+            patch.pages.insert(1, Some(Bytes::from(vec![i as u8; BLOCK_SIZE as usize])));
+            patches.insert(i, Arc::new(patch));
+        }
+        Checkpoint { seq: 40, epoch: 12, size: 1 << 40, map, patches }
+    }
+
+    fn assemble(manifest: &[u8], parts: &[Vec<u8>]) -> Result<Checkpoint, FormatError> {
+        let StoredCheckpoint::Split(s) = StoredCheckpoint::decode(manifest, "m")? else {
+            panic!("not split");
+        };
+        let mut cp = s.assembly();
+        for (n, p) in parts.iter().enumerate() {
+            s.decode_part(n, p, "p", &mut cp)?;
+        }
+        cp.finish("m")
+    }
+
+    #[test]
+    fn a_big_checkpoint_splits_into_parts_that_assemble_back() {
+        let cp = big_checkpoint(10);
+        // Small enough: stored whole, as before.
+        let (whole, none) = cp.encode_stored_with(5, 10);
+        assert!(none.is_empty());
+        assert_eq!(Checkpoint::decode(&whole, "c").unwrap(), cp);
+        let (manifest, parts) = cp.encode_stored_with(5, 3);
+        assert_eq!(parts.len(), 4);
+        assert_eq!(manifest[8..12], FORMAT_V3.to_le_bytes(), "a split checkpoint's manifest is format 3");
+        assert!(Checkpoint::decode(&manifest, "m").is_err(), "a manifest read as a whole checkpoint");
+        let stored = StoredCheckpoint::decode(&manifest, "m").unwrap();
+        assert_eq!((stored.seq(), stored.epoch(), stored.size()), (40, 12, 1 << 40));
+        assert_eq!(assemble(&manifest, &parts).unwrap(), cp);
+        // The default part size keeps every part bounded.
+        let cp = big_checkpoint(CHECKPOINT_PART_ENTRIES as u64 * 2 + 1);
+        let (manifest, parts) = cp.encode_stored(9);
+        assert_eq!(parts.len(), 3);
+        assert!(parts.iter().all(|p| p.len() < 4 << 20), "{:?}", parts.iter().map(Vec::len).collect::<Vec<_>>());
+        assert_eq!(assemble(&manifest, &parts).unwrap(), cp);
+    }
+
+    #[test]
+    fn a_part_swapped_damaged_or_of_another_checkpoint_is_refused() {
+        let cp = big_checkpoint(10);
+        let (manifest, parts) = cp.encode_stored_with(5, 3);
+        let mut swapped = parts.clone();
+        swapped.swap(0, 1);
+        assert!(assemble(&manifest, &swapped).is_err(), "parts swapped");
+        let mut flipped = parts.clone();
+        flipped[2][20] ^= 1;
+        assert!(assemble(&manifest, &flipped).is_err(), "a bit flipped");
+        let mut short = parts.clone();
+        let len = short[1].len();
+        short[1].truncate(len - 1);
+        assert!(assemble(&manifest, &short).is_err(), "truncated");
+        let (_, other) = cp.encode_stored_with(6, 3);
+        assert!(assemble(&manifest, &other).is_err(), "another writer's parts");
+        let later = Checkpoint { seq: 41, ..cp.clone() };
+        let (_, later) = later.encode_stored_with(5, 3);
+        assert!(assemble(&manifest, &later).is_err(), "parts of another seq");
+        for cut in [manifest.len() - 5, 20] {
+            assert!(StoredCheckpoint::decode(&manifest[..cut], "m").is_err());
+        }
+        // A manifest whose parts leave a range uncovered, or overlap.
+        for bad in [
+            vec![PartRef { first: 0, last: 9, entries: 0, len: 0, crc: 0 }],
+            vec![PartRef { first: 1, last: u64::MAX, entries: 0, len: 0, crc: 0 }],
+            vec![
+                PartRef { first: 0, last: 9, entries: 0, len: 0, crc: 0 },
+                PartRef { first: 9, last: u64::MAX, entries: 0, len: 0, crc: 0 },
+            ],
+            vec![],
+        ] {
+            let m = SplitCheckpoint { seq: 1, epoch: 1, size: 1 << 30, tag: 1, parts: bad.clone() }.encode();
+            assert!(StoredCheckpoint::decode(&m, "m").is_err(), "{bad:?}");
+        }
     }
 
     #[test]
     fn a_checkpoint_patching_a_page_twice_or_with_no_pages_is_refused() {
         let encode = |pages: &[u32]| {
-            let mut w = Writer::new(CHECKPOINT_MAGIC, FORMAT_VERSION);
+            let mut w = Writer::new(CHECKPOINT_MAGIC, FORMAT_V2);
             w.u64(9);
             w.u64(2);
             w.u64(1 << 30);
@@ -769,14 +1136,16 @@ mod tests {
     fn records_are_format_1_unless_they_carry_inline_writes() {
         let plain = JournalRecord { inline: Vec::new(), ..record() };
         assert_eq!(plain.encode()[8..12], FORMAT_V1.to_le_bytes());
-        assert_eq!(record().encode()[8..12], FORMAT_VERSION.to_le_bytes());
+        assert_eq!(record().encode()[8..12], FORMAT_V2.to_le_bytes());
         // What a format-1 reader meets: a version it does not know, not garbage.
         let mut newer = record().encode();
-        newer[8..12].copy_from_slice(&3u32.to_le_bytes());
+        newer[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         let n = newer.len();
         let crc = crc32c::crc32c(&newer[..n - 4]);
         newer[n - 4..].copy_from_slice(&crc.to_le_bytes());
-        assert!(matches!(JournalRecord::decode(&newer, "j"), Err(FormatError::Version { found: 3, .. })));
+        assert!(
+            matches!(JournalRecord::decode(&newer, "j"), Err(FormatError::Version { found, .. }) if found == FORMAT_VERSION + 1)
+        );
     }
 
     #[test]
@@ -809,6 +1178,12 @@ mod tests {
         let v = "p/vol/";
         assert_eq!(parse_journal_key(v, &journal_key(v, 77)), Some(77));
         assert_eq!(parse_checkpoint_key(v, &checkpoint_key(v, 5)), Some(5));
+        let part = checkpoint_part_key(v, 5, u64::MAX, 7);
+        assert_eq!(parse_checkpoint_part_key(v, &part), Some((5, u64::MAX, 7)));
+        assert_eq!(parse_checkpoint_key(v, &part), None, "a part taken for a checkpoint");
+        assert_eq!(parse_checkpoint_part_key(v, &checkpoint_key(v, 5)), None);
+        assert_eq!(parse_checkpoint_part_key(v, &format!("{part}.1")), None);
+        assert!(crate::volume::catalog::is_own_object(v, &part));
         assert_eq!(parse_chunk_key(v, &chunk_key(v, 3, 99)), Some((3, 99)));
         assert_eq!(parse_chunk_key(v, "p/vol/chunks/xyz/1"), None);
         assert_eq!(generation_epoch(generation(12, 34)), 12);

@@ -24,7 +24,7 @@
 
 use bytes::Bytes;
 
-use super::format::{Checkpoint, checkpoint_key, journal_key};
+use super::format::{StoredCheckpoint, checkpoint_key, journal_key};
 use crate::store::{ObjectStore, PutMode, StoreError, StoreResult};
 
 /// How a conditional append ended.
@@ -114,7 +114,9 @@ pub async fn prove_successor(
         Err(StoreError::NotFound(_)) => {
             let key = checkpoint_key(vol, seq);
             match store.get(&key, None).await {
-                Ok(b) if Checkpoint::decode(&b, &key).is_ok_and(|cp| cp.seq == seq && cp.epoch == epoch) => Ok(Ok(())),
+                Ok(b) if StoredCheckpoint::decode(&b, &key).is_ok_and(|cp| cp.seq() == seq && cp.epoch() == epoch) => {
+                    Ok(Ok(()))
+                }
                 Ok(_) | Err(StoreError::NotFound(_)) => {
                     Ok(Err(format!("journal record {before} was already folded by compaction")))
                 }

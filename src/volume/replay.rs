@@ -95,15 +95,95 @@ async fn latest_checkpoint(store: &dyn ObjectStore, vol: &str, upto: Option<u64>
         .filter_map(|o| parse_checkpoint_key(vol, &o.key).map(|s| (s, &o.key)))
         .filter(|(s, _)| upto.is_none_or(|u| *s <= u))
         .max_by_key(|(s, _)| *s);
-    let Some((seq, key)) = best else {
+    let Some((seq, _)) = best else {
         return Ok(None);
     };
-    let bytes = store.get(key, None).await?;
-    let cp = Checkpoint::decode(&bytes, key)?;
-    if cp.seq != seq {
-        return Err(VolumeError::Corrupt(format!("{key} holds seq {}", cp.seq)));
+    Ok(Some(read_checkpoint(store, vol, seq).await?))
+}
+
+/// Fetch and decode the checkpoint at `seq`: a whole one, or a split one's
+/// manifest and then its parts, side by side. A part gone is the store's
+/// NotFound, as the manifest gone would be (a compaction removed the
+/// checkpoint meanwhile: the caller lists again).
+pub async fn read_checkpoint(store: &dyn ObjectStore, vol: &str, seq: u64) -> VolumeResult<Checkpoint> {
+    use futures::stream::{self, StreamExt, TryStreamExt};
+    let key = format::checkpoint_key(vol, seq);
+    let bytes = store.get(&key, None).await?;
+    let stored = format::StoredCheckpoint::decode(&bytes, &key)?;
+    if stored.seq() != seq {
+        return Err(VolumeError::Corrupt(format!("{key} holds seq {}", stored.seq())));
     }
-    Ok(Some(cp))
+    let split = match stored {
+        format::StoredCheckpoint::Whole(cp) => return Ok(cp),
+        format::StoredCheckpoint::Split(s) => s,
+    };
+    let mut cp = split.assembly();
+    let mut parts = stream::iter(0..split.parts.len())
+        .map(|n| {
+            let key = split.part_key(vol, n);
+            async move { store.get(&key, None).await.map(|b| (n, key, b)) }
+        })
+        .buffered(REPLAY_FETCHES);
+    while let Some((n, key, b)) = parts.try_next().await? {
+        split.decode_part(n, &b, &key, &mut cp)?;
+    }
+    Ok(cp.finish(&key)?)
+}
+
+/// Store `cp` at `checkpoints/<seq>` unless a checkpoint is there already
+/// (then it holds the same map: the state at a seq is the state at that
+/// seq). A split one's parts go first, under a name of this call's own,
+/// and its manifest last; a manifest that lost the race, or failed, takes
+/// its parts back (best effort: compaction collects parts left below its
+/// fold point). Returns whether this call's checkpoint landed.
+pub async fn write_checkpoint(store: &dyn ObjectStore, vol: &str, cp: &Checkpoint) -> VolumeResult<bool> {
+    use crate::store::PutMode;
+    use futures::stream::{self, StreamExt, TryStreamExt};
+    let tag = rand::random::<u64>();
+    let (head, parts) = cp.encode_stored(tag);
+    let keys: Vec<String> = (0..parts.len()).map(|n| format::checkpoint_part_key(vol, cp.seq, tag, n as u32)).collect();
+    let put_parts = stream::iter(keys.iter().cloned().zip(parts))
+        .map(|(key, body)| async move { store.put(&key, Bytes::from(body), PutMode::Overwrite).await })
+        .buffer_unordered(REPLAY_FETCHES)
+        .try_collect::<Vec<()>>()
+        .await;
+    let key = format::checkpoint_key(vol, cp.seq);
+    let head = Bytes::from(head);
+    let landed = match put_parts {
+        Ok(_) => store.put(&key, head.clone(), PutMode::IfAbsent).await,
+        Err(e) => {
+            // No manifest was sent: nothing refers to the parts.
+            take_back(store, vol, keys, &e.to_string()).await;
+            return Err(e.into());
+        }
+    };
+    match landed {
+        Ok(()) => Ok(true),
+        // Ours, landed on an earlier try whose answer was lost, or another's.
+        Err(StoreError::PreconditionFailed(_)) => match store.get(&key, None).await {
+            Ok(there) if there == head => Ok(true),
+            Ok(_) => {
+                take_back(store, vol, keys, "another checkpoint at this seq landed first").await;
+                Ok(false)
+            }
+            // Not known which: the parts stay (compaction collects them
+            // once below its fold point if no manifest names them).
+            Err(e) => Err(e.into()),
+        },
+        // The manifest may have landed: its parts stay.
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Remove the parts of a checkpoint whose manifest is certainly not there
+/// (best effort: compaction collects parts left below its fold point).
+async fn take_back(store: &dyn ObjectStore, vol: &str, keys: Vec<String>, why: &str) {
+    if keys.is_empty() {
+        return;
+    }
+    if let Err(e) = crate::store::delete_keys(store, keys, REPLAY_FETCHES).await {
+        tracing::warn!(volume = vol, error = %e, reason = why, "removing the parts of a checkpoint that was not written failed");
+    }
 }
 
 /// Fetch and decode one journal record.

@@ -537,14 +537,11 @@ impl Inner {
             }
         };
         let store = self.store.clone();
-        let key = checkpoint_key(&self.vol, cp.seq);
         let vol = self.vol.clone();
         tokio::spawn(async move {
-            match store.put(&key, Bytes::from(cp.encode()), PutMode::IfAbsent).await {
-                // Compaction may have written the same seq: the same map.
-                Ok(()) | Err(StoreError::PreconditionFailed(_)) => {
-                    tracing::debug!(volume = %vol, seq = cp.seq, "writer checkpoint written")
-                }
+            // Compaction may have written the same seq: the same map.
+            match crate::volume::replay::write_checkpoint(store.as_ref(), &vol, &cp).await {
+                Ok(_) => tracing::debug!(volume = %vol, seq = cp.seq, "writer checkpoint written"),
                 Err(e) => tracing::warn!(volume = %vol, seq = cp.seq, error = %e, "writer checkpoint failed"),
             }
         });

@@ -74,7 +74,7 @@ use super::budget::{CacheMember, DirtyAccount, DirtyGuard, MemoryBudget, Uploads
 use super::cache::CleanCache;
 use super::format::{
     self, Checkpoint, ChunkMap, ChunkRef, InlineWrite, JournalRecord, ParentRef, Patch, Patches, RecordKind,
-    SnapshotRecord, VolumeMeta, checkpoint_key, chunk_key, journal_key, meta_key, snapshot_key,
+    SnapshotRecord, VolumeMeta, chunk_key, journal_key, meta_key, snapshot_key,
 };
 use super::journal::{self, Appended};
 use super::locks::ChunkLocks;
