@@ -2270,3 +2270,33 @@ async fn checkpoint_parts_no_manifest_names_go_once_folded_past() {
     let rep = fsck::fsck(store.as_ref(), vol, true, &|_, _| {}).await.expect("fsck");
     assert!(rep.clean && rep.warnings.is_empty(), "{rep:?}");
 }
+
+/// A part of a checkpoint gone while its manifest is still there is
+/// damage: the open refuses with a clear error naming it, and fsck reports
+/// it; a missing part is never read as an empty range of the map.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_missing_a_part_is_damage_not_an_empty_range() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let vol = "v/";
+    let n = format::CHECKPOINT_PART_ENTRIES as u64 + 20;
+    create(&store, vol, n * CS as u64).await;
+    let v = open(&store, vol).await;
+    v.write(0, &common::pattern(1, CS as usize)).await.expect("write");
+    v.flush().await.expect("flush");
+    drop(v);
+    let st = replay::replay(store.as_ref(), vol, CS as u64, None).await.expect("replay");
+    let mut map = st.map.clone();
+    map.extend((8..n).map(|i| (i, format::ChunkRef::Zero)));
+    let cp = Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map, patches: st.patches.clone() };
+    assert!(replay::write_checkpoint(store.as_ref(), vol, &cp).await.expect("checkpoint"));
+    let (seq, tag) = checkpoint_parts(&store, vol).await[1];
+    let gone = format::checkpoint_part_key(vol, seq, tag, 1);
+    store.delete(&gone).await.expect("delete a part");
+    let Err(e) = Volume::open(store.clone(), vol, OpenOptions { read_only: true, ..OpenOptions::default() }).await
+    else {
+        panic!("a volume whose checkpoint lost a part opened");
+    };
+    assert!(matches!(e, VolumeError::Corrupt(_)) && e.to_string().contains(&gone), "{e}");
+    let rep = fsck::fsck(store.as_ref(), vol, false, &|_, _| {}).await.expect("fsck");
+    assert!(!rep.clean && rep.errors.iter().any(|e| e.contains(&gone)), "{:?}", rep.errors);
+}

@@ -84,13 +84,11 @@ pub async fn fsck(
                 if let Ok(format::StoredCheckpoint::Split(s)) = format::StoredCheckpoint::decode(&b, &key) {
                     named.insert((seq, s.tag));
                 }
-                if let Err(e) = replay::read_checkpoint(store, vol, seq).await {
-                    match e {
-                        VolumeError::Store(e) if !matches!(e, crate::store::StoreError::NotFound(_)) => {
-                            return Err(e.into());
-                        }
-                        e => rep.errors.push(format!("checkpoint {seq}: {e}")),
-                    }
+                match replay::read_checkpoint(store, vol, seq).await {
+                    // Removed by a compaction since the listing.
+                    Ok(_) | Err(VolumeError::Store(crate::store::StoreError::NotFound(_))) => {}
+                    Err(VolumeError::Store(e)) => return Err(e.into()),
+                    Err(e) => rep.errors.push(format!("checkpoint {seq}: {e}")),
                 }
             }
             // Removed by a compaction since the listing.

@@ -124,8 +124,17 @@ pub async fn read_checkpoint(store: &dyn ObjectStore, vol: &str, seq: u64) -> Vo
             async move { store.get(&key, None).await.map(|b| (n, key, b)) }
         })
         .buffered(REPLAY_FETCHES);
-    while let Some((n, key, b)) = parts.try_next().await? {
-        split.decode_part(n, &b, &key, &mut cp)?;
+    loop {
+        match parts.try_next().await {
+            Ok(Some((n, part, b))) => split.decode_part(n, &b, &part, &mut cp)?,
+            Ok(None) => break,
+            // Compaction removes a checkpoint's manifest before its parts:
+            // a part gone while the manifest is still there is damage.
+            Err(StoreError::NotFound(part)) if store.head(&key).await?.is_some() => {
+                return Err(VolumeError::Corrupt(format!("{key} names the part {part}, which is missing")));
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(cp.finish(&key)?)
 }
