@@ -526,12 +526,15 @@ async fn compaction_takes_objects_without_a_store_time_for_young() {
 
 // G ---------------------------------------------------------------------------
 
-/// A delete that runs between an opening writer's tombstone check and its
-/// open record landing: `delete` runs right after that record's PUT.
+/// A delete that runs between a check that the volume is there and the
+/// object written on the strength of it: right after the first
+/// conditional PUT of a key under `trigger` (an open record, a snapshot
+/// record).
 struct DeleteRace {
     inner: DynStore,
     armed: AtomicBool,
     on: OnDependants,
+    trigger: String,
 }
 
 impl std::fmt::Debug for DeleteRace {
@@ -546,9 +549,9 @@ impl ObjectStore for DeleteRace {
         self.inner.get(key, range).await
     }
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
-        let open_record = key.starts_with(&format::journal_prefix("v/")) && mode == PutMode::IfAbsent;
+        let hit = key.starts_with(&self.trigger) && mode == PutMode::IfAbsent;
         self.inner.put(key, body, mode).await?;
-        if open_record && self.armed.swap(false, Ordering::SeqCst) {
+        if hit && self.armed.swap(false, Ordering::SeqCst) {
             catalog::delete_volume(&self.inner, "v/", self.on, &SystemClock).await.expect("the delete");
         }
         Ok(())
@@ -584,7 +587,8 @@ async fn a_volume_deleted_while_a_writer_opens_it_is_not_opened() {
             v.snapshot("s").await.expect("snapshot");
             drop(v);
         }
-        let race = Arc::new(DeleteRace { inner: plain.clone(), armed: AtomicBool::new(true), on });
+        let trigger = format::journal_prefix("v/");
+        let race = Arc::new(DeleteRace { inner: plain.clone(), armed: AtomicBool::new(true), on, trigger });
         let store: DynStore = race.clone();
         let r = Volume::open(store.clone(), "v/", OpenOptions::default()).await;
         assert!(!race.armed.load(Ordering::SeqCst), "{on:?}: the delete never ran");
@@ -610,5 +614,33 @@ async fn a_volume_deleted_while_a_writer_opens_it_is_not_opened() {
             OnDependants::Keep => assert!(left.iter().any(|k| k.ends_with("deleted.json")), "{left:?}"),
             _ => assert!(left.is_empty(), "{on:?}: left {left:?} under a deleted volume's prefix"),
         }
+    }
+}
+
+/// The same race for a snapshot taken without taking the volume over (the
+/// CSI controller's CreateSnapshot): a snapshot recorded just as the volume
+/// is deleted must not be reported taken (its record went with the volume,
+/// or it would pin a deleted volume's data), and must leave nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_taken_while_its_volume_is_deleted_is_not_reported_taken() {
+    for on in [OnDependants::Keep, OnDependants::RefuseClones] {
+        let plain: DynStore = Arc::new(MemoryStore::new());
+        create(&plain, "v/", 4 * CSU).await;
+        let v = open_with(&plain, "v/", OpenOptions::default()).await;
+        v.write(0, &common::pattern(1, CS as usize)).await.expect("write");
+        v.flush().await.expect("flush");
+        drop(v);
+        let trigger = format::snapshot_prefix("v/");
+        let race = Arc::new(DeleteRace { inner: plain.clone(), armed: AtomicBool::new(true), on, trigger });
+        let store: DynStore = race.clone();
+        let r = s3blk::volume::engine::snapshot_committed(&store, "v/", "s", &SystemClock).await;
+        assert!(!race.armed.load(Ordering::SeqCst), "{on:?}: the delete never ran");
+        match r {
+            Err(VolumeError::NotFound(why)) => assert!(why.contains("deleted"), "{on:?}: {why}"),
+            other => panic!("{on:?}: a snapshot of a volume deleted meanwhile gave {other:?}"),
+        }
+        let left: Vec<String> =
+            store::list_all(plain.as_ref(), "v/").await.expect("list").into_iter().map(|o| o.key).collect();
+        assert!(!left.iter().any(|k| k.contains("snapshots/")), "{on:?}: left {left:?}");
     }
 }

@@ -865,18 +865,29 @@ async fn record_snapshot(
     let name = rec.name.clone();
     let body = serde_json::to_vec_pretty(&rec).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
     let key = snapshot_key(vol, &name);
-    let rec = match store.put(&key, Bytes::from(body), PutMode::IfAbsent).await {
-        Ok(()) => rec,
+    let (rec, ours) = match store.put(&key, Bytes::from(body), PutMode::IfAbsent).await {
+        Ok(()) => (rec, true),
         Err(StoreError::PreconditionFailed(_)) if same_seq_ok => {
             let existing = read_snapshot(store, vol, &name).await?;
             if existing.seq != rec.seq {
                 return Err(VolumeError::AlreadyExists(format!("snapshot {name}")));
             }
-            existing
+            (existing, false)
         }
         Err(StoreError::PreconditionFailed(_)) => return Err(VolumeError::AlreadyExists(format!("snapshot {name}"))),
         Err(e) => return Err(e.into()),
     };
+    // The volume may have been deleted since it was looked at: a record
+    // landing after the delete's last listing would be left behind under
+    // a prefix without a volume, and one behind a tombstone would pin a
+    // deleted volume's data. (A record already there is left alone.)
+    if ours
+        && (store.head(&format::meta_key(vol)).await?.is_none()
+            || store.head(&crate::volume::catalog::tombstone_key(vol)).await?.is_some())
+    {
+        store.delete(&key).await?;
+        return Err(VolumeError::NotFound(format!("volume {vol} was deleted while snapshot {name} was being taken")));
+    }
     let slow = started.elapsed() > SNAPSHOT_DEADLINE;
     if slow || !super::compact::snapshot_still_replayable(store, vol, rec.seq).await? {
         store.delete(&key).await?;
