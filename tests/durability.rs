@@ -18,7 +18,7 @@ use s3blk::clock::{Clock, ManualClock, SystemClock};
 use s3blk::store::fault::{Fault, Op};
 use s3blk::store::memory::MemoryStore;
 use s3blk::store::retry::RetryStore;
-use s3blk::store::{DynStore, ListPage, ListRequest, ObjectStore, PutMode, StoreError, StoreResult};
+use s3blk::store::{DynStore, PutMode, StoreError, StoreResult};
 use s3blk::volume::compact::{self, CompactOptions};
 use s3blk::volume::engine::CreateOptions;
 use s3blk::volume::format::{self, ChunkRef};
@@ -277,44 +277,31 @@ async fn a_failed_proof_after_a_landed_commit_does_not_self_fence() {
 /// (the worst moment for a writer that resolves by reading first).
 #[derive(Debug)]
 struct LateLanding {
-    inner: DynStore,
     armed: Mutex<bool>,
     late: Mutex<Option<(String, Bytes)>>,
 }
 
 #[async_trait]
-impl ObjectStore for LateLanding {
-    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
-        let r = self.inner.get(key, range).await;
+impl common::Around for LateLanding {
+    async fn get(&self, inner: &DynStore, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
+        let r = inner.get(key, range).await;
         let late = {
             let mut l = self.late.lock().unwrap_or_else(|p| p.into_inner());
             if l.as_ref().is_some_and(|(k, _)| k == key) { l.take() } else { None }
         };
         if let Some((k, body)) = late {
-            let _ = self.inner.put(&k, body, PutMode::IfAbsent).await;
+            let _ = inner.put(&k, body, PutMode::IfAbsent).await;
         }
         r
     }
-    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+    async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
         let arm =
             key.contains("journal/") && std::mem::take(&mut *self.armed.lock().unwrap_or_else(|p| p.into_inner()));
         if arm {
             *self.late.lock().unwrap_or_else(|p| p.into_inner()) = Some((key.to_string(), body));
             return Err(StoreError::Transient("timed out (the request is still on its way)".into()));
         }
-        self.inner.put(key, body, mode).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
-        self.inner.list(req).await
-    }
-    async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
-        self.inner.head(key).await
-    }
-    fn describe(&self) -> String {
-        "late-landing".into()
+        inner.put(key, body, mode).await
     }
 }
 
@@ -322,7 +309,7 @@ impl ObjectStore for LateLanding {
 async fn a_commit_that_lands_late_is_recognised_as_ours() {
     let mem: DynStore = Arc::new(MemoryStore::new());
     create(&mem, "v/", 4 * CSU).await;
-    let late = Arc::new(LateLanding { inner: mem.clone(), armed: Mutex::new(false), late: Mutex::new(None) });
+    let late = common::Wrapped::new(mem.clone(), LateLanding { armed: Mutex::new(false), late: Mutex::new(None) });
     let store: DynStore = late.clone();
     let v = open(&store, "v/").await;
     v.write(0, b"first").await.expect("write");

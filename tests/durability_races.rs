@@ -17,10 +17,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use common::{Around, Wrapped};
 use s3blk::clock::{Clock, ManualClock, SystemClock};
 use s3blk::store::fault::{Fault, FaultStore, Op, Rule};
 use s3blk::store::memory::MemoryStore;
-use s3blk::store::{self, DynStore, ListPage, ListRequest, ObjectStore, PutMode, StoreResult};
+use s3blk::store::{self, DynStore, ListPage, ListRequest, PutMode, StoreResult};
 use s3blk::volume::catalog::{self, OnDependants};
 use s3blk::volume::compact::{self, CompactOptions};
 use s3blk::volume::engine::CreateOptions;
@@ -52,35 +53,19 @@ async fn read_fresh(store: &DynStore, vol: &str, offset: u64, len: u64) -> Resul
 /// between our PUT and our LIST.
 #[derive(Debug)]
 struct ProbeRace {
-    inner: DynStore,
     vol: String,
     armed: AtomicBool,
 }
 
 #[async_trait]
-impl ObjectStore for ProbeRace {
-    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
-        self.inner.get(key, range).await
-    }
-    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
-        self.inner.put(key, body, mode).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
+impl Around for ProbeRace {
+    async fn list(&self, inner: &DynStore, req: ListRequest<'_>) -> StoreResult<ListPage> {
         let probe = format!("{}.s3blk-clock-", self.vol);
         if req.prefix.starts_with(&probe) && self.armed.swap(false, Ordering::SeqCst) {
             // The other compactor's probe round: PUT, LIST, DELETE.
-            compact::store_now(&self.inner, &self.vol).await.expect("the other compactor's probe");
+            compact::store_now(inner, &self.vol).await.expect("the other compactor's probe");
         }
-        self.inner.list(req).await
-    }
-    async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
-        self.inner.head(key).await
-    }
-    fn describe(&self) -> String {
-        "probe-race".into()
+        inner.list(req).await
     }
 }
 
@@ -104,7 +89,7 @@ async fn a_concurrent_compactors_probe_delete_makes_compaction_use_the_host_cloc
     assert!(tokio::time::timeout(Duration::from_millis(200), v.flush()).await.is_err());
     fault.clear_rules();
 
-    let race: DynStore = Arc::new(ProbeRace { inner: mem.clone(), vol: "v/".into(), armed: AtomicBool::new(true) });
+    let race: DynStore = Wrapped::new(mem.clone(), ProbeRace { vol: "v/".into(), armed: AtomicBool::new(true) });
     let fast_host = ManualClock::new(Clock::now_unix(&SystemClock) + 3600);
     let rep = compact::compact(&race, "v/", &CompactOptions::default(), &fast_host).await.expect("compact");
     let deleted = rep.chunks_deleted;
@@ -125,14 +110,13 @@ async fn a_concurrent_compactors_probe_delete_makes_compaction_use_the_host_cloc
 /// `now` when it was written (tests move it independently of the host).
 #[derive(Debug)]
 struct Timed {
-    inner: DynStore,
     now: AtomicI64,
     times: Mutex<HashMap<String, i64>>,
 }
 
 impl Timed {
-    fn new(inner: DynStore) -> Self {
-        Self { inner, now: AtomicI64::new(1_700_000_000), times: Mutex::default() }
+    fn new(inner: DynStore) -> Arc<Wrapped<Self>> {
+        Wrapped::new(inner, Self { now: AtomicI64::new(1_700_000_000), times: Mutex::default() })
     }
     fn advance(&self, secs: i64) {
         self.now.fetch_add(secs, Ordering::SeqCst);
@@ -140,33 +124,21 @@ impl Timed {
 }
 
 #[async_trait]
-impl ObjectStore for Timed {
-    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
-        self.inner.get(key, range).await
-    }
-    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
-        let r = self.inner.put(key, body, mode).await;
+impl Around for Timed {
+    async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        let r = inner.put(key, body, mode).await;
         if r.is_ok() {
             self.times.lock().unwrap().insert(key.to_string(), self.now.load(Ordering::SeqCst));
         }
         r
     }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
-        let mut page = self.inner.list(req).await?;
+    async fn list(&self, inner: &DynStore, req: ListRequest<'_>) -> StoreResult<ListPage> {
+        let mut page = inner.list(req).await?;
         let times = self.times.lock().unwrap();
         for o in &mut page.objects {
             o.modified_unix = times.get(&o.key).copied();
         }
         Ok(page)
-    }
-    async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
-        self.inner.head(key).await
-    }
-    fn describe(&self) -> String {
-        "timed".into()
     }
 }
 
@@ -181,7 +153,7 @@ impl ObjectStore for Timed {
 async fn a_pending_commit_resent_after_a_host_pause_refers_to_collected_chunks() {
     let mem: DynStore = Arc::new(MemoryStore::new());
     let fault = Arc::new(FaultStore::new(mem.clone()));
-    let timed = Arc::new(Timed::new(fault.clone()));
+    let timed = Timed::new(fault.clone());
     let store: DynStore = timed.clone();
     create(&store, "v/", 4 * CSU).await;
     let v = open_with(&store, "v/", OpenOptions::default()).await;
@@ -212,37 +184,21 @@ async fn a_pending_commit_resent_after_a_host_pause_refers_to_collected_chunks()
 /// snapshot still there, succeeds; then the user deletes the snapshot.
 #[derive(Debug)]
 struct PinRace {
-    inner: DynStore,
     snap: s3blk::volume::format::SnapshotRecord,
     fired: AtomicBool,
 }
 
 #[async_trait]
-impl ObjectStore for PinRace {
-    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
-        self.inner.get(key, range).await
-    }
-    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
-        self.inner.put(key, body, mode).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
-        let page = self.inner.list(req.clone()).await?;
+impl Around for PinRace {
+    async fn list(&self, inner: &DynStore, req: ListRequest<'_>) -> StoreResult<ListPage> {
+        let page = inner.list(req.clone()).await?;
         if req.prefix == format::snapshot_prefix("v/") && !self.fired.swap(true, Ordering::SeqCst) {
-            s3blk::volume::catalog::pin_snapshot_for(&self.inner, "v/", &self.snap, "r/")
+            s3blk::volume::catalog::pin_snapshot_for(inner, "v/", &self.snap, "r/")
                 .await
                 .expect("the restore's pin succeeds: the snapshot is still there");
-            self.inner.delete(&format::snapshot_key("v/", &self.snap.name)).await.expect("DeleteSnapshot");
+            inner.delete(&format::snapshot_key("v/", &self.snap.name)).await.expect("DeleteSnapshot");
         }
         Ok(page)
-    }
-    async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
-        self.inner.head(key).await
-    }
-    fn describe(&self) -> String {
-        "pin-race".into()
     }
 }
 
@@ -265,7 +221,7 @@ async fn a_snapshot_deleted_right_after_a_restore_takes_the_restored_volumes_dat
     w.flush().await.expect("flush");
     drop(w);
 
-    let race: DynStore = Arc::new(PinRace { inner: mem.clone(), snap: snap.clone(), fired: AtomicBool::new(false) });
+    let race: DynStore = Wrapped::new(mem.clone(), PinRace { snap: snap.clone(), fired: AtomicBool::new(false) });
     let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
     let rep = compact::compact(&race, "v/", &eager, &SystemClock).await.expect("compact");
 
@@ -297,7 +253,7 @@ async fn a_snapshot_deleted_right_after_a_restore_takes_the_restored_volumes_dat
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn the_only_writer_fences_itself_when_compaction_folds_to_its_abandoned_record() {
     let mem: DynStore = Arc::new(MemoryStore::new());
-    let timed = Arc::new(Timed::new(mem.clone()));
+    let timed = Timed::new(mem.clone());
     let tstore: DynStore = timed.clone();
     let fault = Arc::new(FaultStore::new(tstore.clone()));
     let faulty: DynStore = fault.clone();
@@ -392,37 +348,21 @@ async fn control_a_data_chunk_staged_through_an_outage_commits_afterwards() {
 /// this pass read the snapshot's record.
 #[derive(Debug)]
 struct SnapshotDeleteRace {
-    inner: DynStore,
     snap_key: String,
     armed: AtomicBool,
 }
 
 #[async_trait]
-impl ObjectStore for SnapshotDeleteRace {
-    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
-        let r = self.inner.get(key, range).await;
+impl Around for SnapshotDeleteRace {
+    async fn get(&self, inner: &DynStore, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
+        let r = inner.get(key, range).await;
         if key == self.snap_key && self.armed.swap(false, Ordering::SeqCst) {
             // DeleteSnapshot, then the other compactor folds past its seq.
-            self.inner.delete(key).await.expect("delete the snapshot");
+            inner.delete(key).await.expect("delete the snapshot");
             let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
-            compact::compact(&self.inner, "v/", &eager, &SystemClock).await.expect("the other compaction");
+            compact::compact(inner, "v/", &eager, &SystemClock).await.expect("the other compaction");
         }
         r
-    }
-    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
-        self.inner.put(key, body, mode).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
-        self.inner.list(req).await
-    }
-    async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
-        self.inner.head(key).await
-    }
-    fn describe(&self) -> String {
-        "snapshot-delete-race".into()
     }
 }
 
@@ -451,11 +391,10 @@ async fn a_snapshot_deleted_while_compaction_runs_is_no_damage() {
     w.flush().await.expect("flush");
     drop(w);
 
-    let race: DynStore = Arc::new(SnapshotDeleteRace {
-        inner: mem.clone(),
-        snap_key: format::snapshot_key("v/", &snap.name),
-        armed: AtomicBool::new(true),
-    });
+    let race: DynStore = Wrapped::new(
+        mem.clone(),
+        SnapshotDeleteRace { snap_key: format::snapshot_key("v/", &snap.name), armed: AtomicBool::new(true) },
+    );
     let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
     let r = compact::compact(&race, "v/", &eager, &SystemClock).await;
     assert!(
@@ -469,31 +408,14 @@ async fn a_snapshot_deleted_while_compaction_runs_is_no_damage() {
 
 /// A store that lists objects without a modification time.
 #[derive(Debug)]
-struct NoModifiedTimes {
-    inner: DynStore,
-}
+struct NoModifiedTimes;
 
 #[async_trait]
-impl ObjectStore for NoModifiedTimes {
-    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
-        self.inner.get(key, range).await
-    }
-    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
-        self.inner.put(key, body, mode).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
-        let mut page = self.inner.list(req).await?;
+impl Around for NoModifiedTimes {
+    async fn list(&self, inner: &DynStore, req: ListRequest<'_>) -> StoreResult<ListPage> {
+        let mut page = inner.list(req).await?;
         page.objects.iter_mut().for_each(|o| o.modified_unix = None);
         Ok(page)
-    }
-    async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
-        self.inner.head(key).await
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
     }
 }
 
@@ -503,7 +425,7 @@ impl ObjectStore for NoModifiedTimes {
 /// compactor's, or the record's own `created_unix`) makes it look.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_takes_objects_without_a_store_time_for_young() {
-    let store: DynStore = Arc::new(NoModifiedTimes { inner: Arc::new(MemoryStore::new()) });
+    let store: DynStore = Wrapped::new(Arc::new(MemoryStore::new()), NoModifiedTimes);
     create(&store, "v/", 4 * CSU).await;
     let v = open_with(&store, "v/", OpenOptions::default()).await;
     for seed in 0..3 {
@@ -530,43 +452,22 @@ async fn compaction_takes_objects_without_a_store_time_for_young() {
 /// object written on the strength of it: right after the first
 /// conditional PUT of a key under `trigger` (an open record, a snapshot
 /// record).
+#[derive(Debug)]
 struct DeleteRace {
-    inner: DynStore,
     armed: AtomicBool,
     on: OnDependants,
     trigger: String,
 }
 
-impl std::fmt::Debug for DeleteRace {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("delete-race")
-    }
-}
-
 #[async_trait]
-impl ObjectStore for DeleteRace {
-    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
-        self.inner.get(key, range).await
-    }
-    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+impl Around for DeleteRace {
+    async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
         let hit = key.starts_with(&self.trigger) && mode == PutMode::IfAbsent;
-        self.inner.put(key, body, mode).await?;
+        inner.put(key, body, mode).await?;
         if hit && self.armed.swap(false, Ordering::SeqCst) {
-            catalog::delete_volume(&self.inner, "v/", self.on, &SystemClock).await.expect("the delete");
+            catalog::delete_volume(inner, "v/", self.on, &SystemClock).await.expect("the delete");
         }
         Ok(())
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
-        self.inner.list(req).await
-    }
-    async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
-        self.inner.head(key).await
-    }
-    fn describe(&self) -> String {
-        "delete-race".into()
     }
 }
 
@@ -588,7 +489,7 @@ async fn a_volume_deleted_while_a_writer_opens_it_is_not_opened() {
             drop(v);
         }
         let trigger = format::journal_prefix("v/");
-        let race = Arc::new(DeleteRace { inner: plain.clone(), armed: AtomicBool::new(true), on, trigger });
+        let race = Wrapped::new(plain.clone(), DeleteRace { armed: AtomicBool::new(true), on, trigger });
         let store: DynStore = race.clone();
         let r = Volume::open(store.clone(), "v/", OpenOptions::default()).await;
         assert!(!race.armed.load(Ordering::SeqCst), "{on:?}: the delete never ran");
@@ -631,7 +532,7 @@ async fn a_snapshot_taken_while_its_volume_is_deleted_is_not_reported_taken() {
         v.flush().await.expect("flush");
         drop(v);
         let trigger = format::snapshot_prefix("v/");
-        let race = Arc::new(DeleteRace { inner: plain.clone(), armed: AtomicBool::new(true), on, trigger });
+        let race = Wrapped::new(plain.clone(), DeleteRace { armed: AtomicBool::new(true), on, trigger });
         let store: DynStore = race.clone();
         let r = s3blk::volume::engine::snapshot_committed(&store, "v/", "s", &SystemClock).await;
         assert!(!race.armed.load(Ordering::SeqCst), "{on:?}: the delete never ran");

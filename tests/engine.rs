@@ -1225,34 +1225,18 @@ async fn compaction_is_crash_consistent_at_every_step() {
 /// listed: a reader replaying the journal finds it folded under its feet.
 #[derive(Debug)]
 struct CompactsOnJournalList {
-    inner: DynStore,
     armed: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
-impl ObjectStore for CompactsOnJournalList {
-    async fn get(&self, key: &str, range: Option<std::ops::Range<u64>>) -> store::StoreResult<Bytes> {
-        self.inner.get(key, range).await
-    }
-    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> store::StoreResult<()> {
-        self.inner.put(key, body, mode).await
-    }
-    async fn delete(&self, key: &str) -> store::StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    async fn list(&self, req: store::ListRequest<'_>) -> store::StoreResult<store::ListPage> {
+impl common::Around for CompactsOnJournalList {
+    async fn list(&self, inner: &DynStore, req: store::ListRequest<'_>) -> store::StoreResult<store::ListPage> {
         if req.prefix.ends_with("journal/") && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            compact::compact(&self.inner, "f/", &eager(), &s3blk::clock::SystemClock)
+            compact::compact(inner, "f/", &eager(), &s3blk::clock::SystemClock)
                 .await
                 .expect("compaction in the middle");
         }
-        self.inner.list(req).await
-    }
-    async fn head(&self, key: &str) -> store::StoreResult<Option<u64>> {
-        self.inner.head(key).await
-    }
-    fn describe(&self) -> String {
-        "compacting wrapper".into()
+        inner.list(req).await
     }
 }
 
@@ -1267,7 +1251,7 @@ async fn opening_while_compaction_folds_the_journal_replays_again() {
     }
     let want = v.read(0, 4 * CS as u64).await.expect("read");
     drop(v);
-    let racing: DynStore = Arc::new(CompactsOnJournalList { inner: mem.clone(), armed: true.into() });
+    let racing: DynStore = common::Wrapped::new(mem.clone(), CompactsOnJournalList { armed: true.into() });
     let got = open_ro(&racing, "f/").await.read(0, 4 * CS as u64).await.expect("read");
     assert_eq!(got, want);
     assert!(!store::list_all(mem.as_ref(), "f/checkpoints/").await.expect("list").is_empty(), "compaction ran");
@@ -1456,7 +1440,6 @@ fn assert_same(got: &[u8], want: &[u8], what: &str) {
 /// and commits caught in flight.
 #[derive(Debug)]
 struct HoldsPuts {
-    inner: DynStore,
     armed: std::sync::Mutex<Option<(String, usize)>>,
     /// Hold the answer, after the PUT was applied, instead of the PUT.
     after: std::sync::atomic::AtomicBool,
@@ -1466,15 +1449,17 @@ struct HoldsPuts {
 }
 
 impl HoldsPuts {
-    fn new(inner: DynStore) -> Arc<Self> {
-        Arc::new(Self {
+    fn new(inner: DynStore) -> Arc<common::Wrapped<Self>> {
+        common::Wrapped::new(
             inner,
-            armed: std::sync::Mutex::new(None),
-            after: false.into(),
-            entered: 0.into(),
-            done: 0.into(),
-            release: tokio::sync::Semaphore::new(0),
-        })
+            Self {
+                armed: std::sync::Mutex::new(None),
+                after: false.into(),
+                entered: 0.into(),
+                done: 0.into(),
+                release: tokio::sync::Semaphore::new(0),
+            },
+        )
     }
     fn arm(&self, key: &str, n: usize) {
         *self.armed.lock().expect("lock") = Some((key.to_string(), n));
@@ -1492,11 +1477,8 @@ impl HoldsPuts {
 }
 
 #[async_trait::async_trait]
-impl ObjectStore for HoldsPuts {
-    async fn get(&self, key: &str, range: Option<std::ops::Range<u64>>) -> store::StoreResult<Bytes> {
-        self.inner.get(key, range).await
-    }
-    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> store::StoreResult<()> {
+impl common::Around for HoldsPuts {
+    async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> store::StoreResult<()> {
         let held = {
             let mut armed = self.armed.lock().expect("lock");
             match armed.as_mut() {
@@ -1508,10 +1490,10 @@ impl ObjectStore for HoldsPuts {
             }
         };
         if !held {
-            return self.inner.put(key, body, mode).await;
+            return inner.put(key, body, mode).await;
         }
         if self.after.load(std::sync::atomic::Ordering::SeqCst) {
-            let r = self.inner.put(key, body, mode).await;
+            let r = inner.put(key, body, mode).await;
             self.entered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.release.acquire().await.expect("semaphore").forget();
             self.done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -1519,21 +1501,9 @@ impl ObjectStore for HoldsPuts {
         }
         self.entered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.release.acquire().await.expect("semaphore").forget();
-        let r = self.inner.put(key, body, mode).await;
+        let r = inner.put(key, body, mode).await;
         self.done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         r
-    }
-    async fn delete(&self, key: &str) -> store::StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    async fn list(&self, req: store::ListRequest<'_>) -> store::StoreResult<store::ListPage> {
-        self.inner.list(req).await
-    }
-    async fn head(&self, key: &str) -> store::StoreResult<Option<u64>> {
-        self.inner.head(key).await
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
     }
 }
 

@@ -8,7 +8,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use bytes::Bytes;
 use s3blk::csi::common::Stores;
 use s3blk::csi::node::{NodeConfig, NodeService};
 use s3blk::location::Location;
-use s3blk::store::{DynStore, ListPage, ListRequest, ObjectStore, PutMode, StoreResult};
+use s3blk::store::{DynStore, PutMode, StoreResult};
 use s3blk::volume::budget::MemoryBudget;
 use s3blk::volume::engine::CreateOptions;
 use s3blk::volume::{OpenOptions, Volume};
@@ -29,15 +28,14 @@ const CS: u64 = 64 << 10;
 /// held wait until they are let go.
 #[derive(Debug)]
 struct SlowStore {
-    inner: DynStore,
     delay: Duration,
     held: Mutex<Vec<String>>,
     release: watch::Sender<bool>,
 }
 
 impl SlowStore {
-    fn new(inner: DynStore, delay: Duration) -> Arc<Self> {
-        Arc::new(Self { inner, delay, held: Mutex::new(Vec::new()), release: watch::channel(false).0 })
+    fn new(inner: DynStore, delay: Duration) -> Arc<common::Wrapped<Self>> {
+        common::Wrapped::new(inner, Self { delay, held: Mutex::new(Vec::new()), release: watch::channel(false).0 })
     }
 
     fn hold(&self, prefix: &str) {
@@ -50,11 +48,8 @@ impl SlowStore {
 }
 
 #[async_trait]
-impl ObjectStore for SlowStore {
-    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
-        self.inner.get(key, range).await
-    }
-    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+impl common::Around for SlowStore {
+    async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
         if key.contains("/chunks/") {
             tokio::time::sleep(self.delay).await;
             let held = self.held.lock().expect("lock").iter().any(|p| key.starts_with(p.as_str()));
@@ -63,26 +58,14 @@ impl ObjectStore for SlowStore {
                 let _ = rx.wait_for(|go| *go).await;
             }
         }
-        self.inner.put(key, body, mode).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
-        self.inner.list(req).await
-    }
-    async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
-        self.inner.head(key).await
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
+        inner.put(key, body, mode).await
     }
 }
 
 struct Node {
     node: NodeService,
     budget: Arc<MemoryBudget>,
-    slow: Arc<SlowStore>,
+    slow: Arc<common::Wrapped<SlowStore>>,
     plain: DynStore,
     root: std::path::PathBuf,
     _dir: tempfile::TempDir,

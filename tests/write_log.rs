@@ -372,50 +372,42 @@ proptest! {
 /// opener errs right after its open record landed (as if killed there).
 #[derive(Debug)]
 struct RaceStore {
-    inner: DynStore,
     phase: std::sync::atomic::AtomicU32,
 }
 
 #[async_trait::async_trait]
-impl s3blk::store::ObjectStore for RaceStore {
-    async fn get(&self, key: &str, range: Option<std::ops::Range<u64>>) -> s3blk::store::StoreResult<Bytes> {
+impl common::Around for RaceStore {
+    async fn get(
+        &self,
+        inner: &DynStore,
+        key: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> s3blk::store::StoreResult<Bytes> {
         use std::sync::atomic::Ordering::SeqCst;
         if key.contains("journal/") && self.phase.load(SeqCst) == 2 {
             return Err(s3blk::store::StoreError::Permanent("injected: the opener dies here".into()));
         }
-        self.inner.get(key, range).await
+        inner.get(key, range).await
     }
-    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> s3blk::store::StoreResult<()> {
+    async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> s3blk::store::StoreResult<()> {
         use std::sync::atomic::Ordering::SeqCst;
         if key.contains("journal/") {
             match self.phase.load(SeqCst) {
                 0 => {
                     self.phase.store(1, SeqCst);
-                    let q = Volume::open(self.inner.clone(), "v", OpenOptions::default()).await.expect("other host");
+                    let q = Volume::open(inner.clone(), "v", OpenOptions::default()).await.expect("other host");
                     q.write(0, &[2u8; 4096]).await.expect("write");
                     q.flush().await.expect("flush");
                 }
                 1 => {
-                    let r = self.inner.put(key, body, mode).await;
+                    let r = inner.put(key, body, mode).await;
                     self.phase.store(2, SeqCst);
                     return r;
                 }
                 _ => {}
             }
         }
-        self.inner.put(key, body, mode).await
-    }
-    async fn delete(&self, key: &str) -> s3blk::store::StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    async fn list(&self, req: s3blk::store::ListRequest<'_>) -> s3blk::store::StoreResult<s3blk::store::ListPage> {
-        self.inner.list(req).await
-    }
-    async fn head(&self, key: &str) -> s3blk::store::StoreResult<Option<u64>> {
-        self.inner.head(key).await
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
+        inner.put(key, body, mode).await
     }
 }
 
@@ -433,7 +425,7 @@ async fn a_taken_over_log_is_emptied_before_an_open_record_that_follows_another_
     let v = open_log(&plain, "v", &logs).await;
     v.write(0, &[1u8; 4096]).await.expect("write");
     die(v).await;
-    let racing: DynStore = std::sync::Arc::new(RaceStore { inner: plain.clone(), phase: 0.into() });
+    let racing: DynStore = common::Wrapped::new(plain.clone(), RaceStore { phase: 0.into() });
     match Volume::open(racing, "v", with_log(&logs)).await {
         Err(e) => assert!(e.to_string().contains("injected"), "{e}"),
         Ok(v) => panic!("the race was not played: {:?}", v.stats()),
@@ -479,38 +471,30 @@ async fn a_log_of_an_earlier_boot_is_never_replayed() {
 /// the open record landed where the journal had moved on.
 #[derive(Debug)]
 struct ProofStore {
-    inner: DynStore,
     phase: std::sync::atomic::AtomicU32,
 }
 
 #[async_trait::async_trait]
-impl s3blk::store::ObjectStore for ProofStore {
-    async fn get(&self, key: &str, range: Option<std::ops::Range<u64>>) -> s3blk::store::StoreResult<Bytes> {
+impl common::Around for ProofStore {
+    async fn get(
+        &self,
+        inner: &DynStore,
+        key: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> s3blk::store::StoreResult<Bytes> {
         use std::sync::atomic::Ordering::SeqCst;
         if key.contains("journal/") && self.phase.compare_exchange(1, 2, SeqCst, SeqCst).is_ok() {
             return Ok(Bytes::from_static(b"another writer's record"));
         }
-        self.inner.get(key, range).await
+        inner.get(key, range).await
     }
-    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> s3blk::store::StoreResult<()> {
+    async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> s3blk::store::StoreResult<()> {
         use std::sync::atomic::Ordering::SeqCst;
-        let r = self.inner.put(key, body, mode).await;
+        let r = inner.put(key, body, mode).await;
         if key.contains("journal/") {
             let _ = self.phase.compare_exchange(0, 1, SeqCst, SeqCst);
         }
         r
-    }
-    async fn delete(&self, key: &str) -> s3blk::store::StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    async fn list(&self, req: s3blk::store::ListRequest<'_>) -> s3blk::store::StoreResult<s3blk::store::ListPage> {
-        self.inner.list(req).await
-    }
-    async fn head(&self, key: &str) -> s3blk::store::StoreResult<Option<u64>> {
-        self.inner.head(key).await
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
     }
 }
 
@@ -526,7 +510,7 @@ async fn a_log_is_given_up_when_the_open_records_proof_fails() {
     let v = open_log(&plain, "v", &logs).await;
     v.write(0, &[1u8; 4096]).await.expect("write");
     die(v).await;
-    let proving: DynStore = std::sync::Arc::new(ProofStore { inner: plain.clone(), phase: 0.into() });
+    let proving: DynStore = common::Wrapped::new(plain.clone(), ProofStore { phase: 0.into() });
     let v = open_log(&proving, "v", &logs).await;
     let r = v.log_recovery().expect("a log");
     assert!(!r.adopted, "a log was replayed after the open record's proof failed: {r:?}");

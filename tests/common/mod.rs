@@ -236,3 +236,83 @@ impl FaultRig {
         self.fault.add_rule(s3blk::store::fault::Rule { op, key_contains: Some(key.to_string()), fault, times });
     }
 }
+
+/// What a test's store wrapper does around the calls of the store it
+/// wraps (`inner`). Every call passes straight through unless the wrapper
+/// says otherwise: a wrapper writes only the calls it changes.
+#[async_trait::async_trait]
+pub trait Around: Send + Sync + std::fmt::Debug + 'static {
+    async fn get(
+        &self,
+        inner: &DynStore,
+        key: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> s3blk::store::StoreResult<bytes::Bytes> {
+        inner.get(key, range).await
+    }
+    async fn put(
+        &self,
+        inner: &DynStore,
+        key: &str,
+        body: bytes::Bytes,
+        mode: s3blk::store::PutMode,
+    ) -> s3blk::store::StoreResult<()> {
+        inner.put(key, body, mode).await
+    }
+    async fn delete(&self, inner: &DynStore, key: &str) -> s3blk::store::StoreResult<()> {
+        inner.delete(key).await
+    }
+    async fn list(
+        &self,
+        inner: &DynStore,
+        req: s3blk::store::ListRequest<'_>,
+    ) -> s3blk::store::StoreResult<s3blk::store::ListPage> {
+        inner.list(req).await
+    }
+    async fn head(&self, inner: &DynStore, key: &str) -> s3blk::store::StoreResult<Option<u64>> {
+        inner.head(key).await
+    }
+}
+
+/// `inner` with `around` around its calls; derefs to `around`, so a test
+/// reaches its wrapper's state through it.
+#[derive(Debug)]
+pub struct Wrapped<A> {
+    pub inner: DynStore,
+    pub around: A,
+}
+
+impl<A: Around> Wrapped<A> {
+    pub fn new(inner: DynStore, around: A) -> Arc<Self> {
+        Arc::new(Self { inner, around })
+    }
+}
+
+impl<A> std::ops::Deref for Wrapped<A> {
+    type Target = A;
+    fn deref(&self) -> &A {
+        &self.around
+    }
+}
+
+#[async_trait::async_trait]
+impl<A: Around> s3blk::store::ObjectStore for Wrapped<A> {
+    async fn get(&self, key: &str, range: Option<std::ops::Range<u64>>) -> s3blk::store::StoreResult<bytes::Bytes> {
+        self.around.get(&self.inner, key, range).await
+    }
+    async fn put(&self, key: &str, body: bytes::Bytes, mode: s3blk::store::PutMode) -> s3blk::store::StoreResult<()> {
+        self.around.put(&self.inner, key, body, mode).await
+    }
+    async fn delete(&self, key: &str) -> s3blk::store::StoreResult<()> {
+        self.around.delete(&self.inner, key).await
+    }
+    async fn list(&self, req: s3blk::store::ListRequest<'_>) -> s3blk::store::StoreResult<s3blk::store::ListPage> {
+        self.around.list(&self.inner, req).await
+    }
+    async fn head(&self, key: &str) -> s3blk::store::StoreResult<Option<u64>> {
+        self.around.head(&self.inner, key).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
