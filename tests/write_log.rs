@@ -36,6 +36,17 @@ async fn open_log(store: &DynStore, vol: &str, dir: &Path) -> Volume {
     Volume::open(store.clone(), vol, with_log(dir)).await.expect("open with a log")
 }
 
+/// A volume "v" on a local directory store in a fresh directory, and
+/// where its writers keep their logs: (the directory, the store, the logs'
+/// root, the volume's uuid).
+async fn volume_with_logs() -> (tempfile::TempDir, DynStore, PathBuf, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(&dir.path().join("store"));
+    let logs = dir.path().join("logs");
+    let uuid = create(&store, "v").await;
+    (dir, store, logs, uuid)
+}
+
 /// The log directories of a volume's uuid under `root`.
 fn log_dirs(root: &Path, uuid: &str) -> Vec<PathBuf> {
     match std::fs::read_dir(root.join(uuid)) {
@@ -54,10 +65,7 @@ async fn die(v: Volume) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_after_a_crash_carries_on_with_every_acknowledged_write() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = common::local_store(&dir.path().join("store"));
-    let logs = dir.path().join("logs");
-    let uuid = create(&store, "v").await;
+    let (_dir, store, logs, uuid) = volume_with_logs().await;
     let v = open_log(&store, "v", &logs).await;
     assert_eq!(v.log_recovery().map(|r| r.adopted), Some(false));
     let flushed = common::pattern(1, 100_000);
@@ -93,10 +101,7 @@ async fn a_writer_after_a_crash_carries_on_with_every_acknowledged_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_is_not_replayed_after_another_writer_opened_the_volume() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = common::local_store(&dir.path().join("store"));
-    let logs = dir.path().join("logs");
-    let uuid = create(&store, "v").await;
+    let (_dir, store, logs, uuid) = volume_with_logs().await;
     let v = open_log(&store, "v", &logs).await;
     v.write(0, &common::pattern(1, 8192)).await.expect("write");
     die(v).await;
@@ -168,10 +173,7 @@ async fn a_log_handed_to_a_writer_that_died_opening_is_kept_only_if_its_open_rec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_writer_discards_its_log_and_a_live_writers_log_is_never_taken() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = common::local_store(&dir.path().join("store"));
-    let logs = dir.path().join("logs");
-    let uuid = create(&store, "v").await;
+    let (_dir, store, logs, uuid) = volume_with_logs().await;
     let a = open_log(&store, "v", &logs).await;
     a.write(0, &common::pattern(1, 8192)).await.expect("write");
     // A second writer on the same host while the first is alive: it must
@@ -200,10 +202,7 @@ async fn a_fenced_writer_discards_its_log_and_a_live_writers_log_is_never_taken(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_log_refuses_the_open_with_a_clear_error_and_moving_it_aside_opens_the_last_flush() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = common::local_store(&dir.path().join("store"));
-    let logs = dir.path().join("logs");
-    let uuid = create(&store, "v").await;
+    let (dir, store, logs, uuid) = volume_with_logs().await;
     let v = open_log(&store, "v", &logs).await;
     let flushed = common::pattern(1, 8192);
     v.write(0, &flushed).await.expect("write");
@@ -244,10 +243,7 @@ async fn a_damaged_log_refuses_the_open_with_a_clear_error_and_moving_it_aside_o
 /// were, and the next open replays them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_entry_followed_only_by_empty_segments_is_the_logs_end() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = common::local_store(&dir.path().join("store"));
-    let logs = dir.path().join("logs");
-    let uuid = create(&store, "v").await;
+    let (_dir, store, logs, uuid) = volume_with_logs().await;
     let v = open_log(&store, "v", &logs).await;
     let a = common::pattern(1, 8192);
     let b = common::pattern(2, 4096);
@@ -283,10 +279,7 @@ async fn a_torn_entry_followed_only_by_empty_segments_is_the_logs_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_past_its_limit_starts_a_flush() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = common::local_store(&dir.path().join("store"));
-    let logs = dir.path().join("logs");
-    create(&store, "v").await;
+    let (_dir, store, logs, _) = volume_with_logs().await;
     let opts = OpenOptions { log_limit: 256 << 10, commit_interval: Duration::from_secs(3600), ..with_log(&logs) };
     let v = Volume::open(store.clone(), "v", opts).await.expect("open");
     let head = v.stats().head_seq;
@@ -323,10 +316,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 async fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = common::local_store(&dir.path().join("store"));
-    let logs = dir.path().join("logs");
-    create(&store, "v").await;
+    let (_dir, store, logs, _) = volume_with_logs().await;
     let mut model = vec![0u8; SIZE as usize];
     let mut v = open_log(&store, "v", &logs).await;
     for op in ops {
@@ -444,10 +434,7 @@ async fn a_taken_over_log_is_emptied_before_an_open_record_that_follows_another_
 /// never replayed; the volume opens as of its last flush.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_of_an_earlier_boot_is_never_replayed() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = common::local_store(&dir.path().join("store"));
-    let logs = dir.path().join("logs");
-    let uuid = create(&store, "v").await;
+    let (_dir, store, logs, uuid) = volume_with_logs().await;
     let v = open_log(&store, "v", &logs).await;
     v.write(0, &[1u8; 4096]).await.expect("write");
     v.flush().await.expect("flush");
@@ -547,10 +534,7 @@ async fn a_copy_of_a_volume_neither_takes_nor_removes_the_originals_log() {
 /// (it names a directory under the log root) is refused a log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_uuid_never_names_a_log_directory() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = common::local_store(&dir.path().join("store"));
-    let logs = dir.path().join("logs");
-    create(&store, "v").await;
+    let (dir, store, logs, _) = volume_with_logs().await;
     let key = format::meta_key("v");
     let meta = store.get(&key, None).await.expect("meta");
     let mut json: serde_json::Value = serde_json::from_slice(&meta).expect("volume.json is json");
@@ -666,10 +650,7 @@ async fn a_replay_committing_part_way_never_takes_a_block_back() {
 /// and a crash all give the bytes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_kept_in_the_log_only_take_no_memory_and_read_back_everywhere() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = common::local_store(&dir.path().join("store"));
-    let logs = dir.path().join("logs");
-    let uuid = create(&store, "v").await;
+    let (_dir, store, logs, uuid) = volume_with_logs().await;
     // Stored bytes under the pages, so that reads and uploads merge.
     let base = common::pattern(9, SIZE as usize);
     {
