@@ -348,10 +348,14 @@ pub fn blank_names(text: &str) -> String {
             let index = hex_run(&rest[after..]);
             (index == 16 && rest[after + index..].starts_with('/')).then_some((p, after + index + 1))
         });
-        let next = match (probe, chunk) {
-            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-            (a, b) => a.or(b),
-        };
+        // A split checkpoint's part: `checkpoints/<seq>.<tag>.<n>`, its
+        // writer's tag drawn at random.
+        let part = rest.find("checkpoints/").and_then(|p| {
+            let after = p + "checkpoints/".len();
+            let seq = hex_run(&rest[after..]);
+            (seq == 20 && rest[after + seq..].starts_with('.')).then_some((p, after + seq + 1))
+        });
+        let next = [probe, chunk, part].into_iter().flatten().min();
         let Some((_, name_start)) = next else {
             out.push_str(rest);
             return out;
@@ -804,5 +808,10 @@ mod tests {
         );
         assert_eq!(blank_names("chunks/12 and chunks/"), "chunks/12 and chunks/");
         assert_eq!(blank_names("v/.s3blk-clock-7426e97c6180d50d -> ok"), "v/.s3blk-clock-* -> ok");
+        assert_eq!(
+            blank_names("v/checkpoints/0000000000000000000a.7426e97c6180d50d.000001 -> ok"),
+            "v/checkpoints/0000000000000000000a.*.000001 -> ok"
+        );
+        assert_eq!(blank_names("v/checkpoints/0000000000000000000a -> ok"), "v/checkpoints/0000000000000000000a -> ok");
     }
 }
