@@ -300,7 +300,9 @@ fn delete_leaves_whatever_is_not_an_s3blk_volume_alone() {
     // The store probe a failed create left behind (its delete lost) is s3blk's own: it goes.
     std::fs::create_dir(dir.path().join("failed")).expect("mkdir");
     std::fs::write(dir.path().join("failed/.s3blk-probe-0123456789abcdef"), b"1").expect("write");
-    assert!(ok(&s3blk(&[], &["volume", "delete", &path("failed")])).contains("deleted the 1 probe objects"));
+    assert!(
+        ok(&s3blk(&[], &["volume", "delete", &path("failed")])).contains("deleted the 1 objects a failed create left")
+    );
     assert!(!dir.path().join("failed/.s3blk-probe-0123456789abcdef").exists());
     // Once the stranger's file is gone, the volume goes.
     std::fs::remove_file(dir.path().join("store/v1/mine.txt")).expect("rm");

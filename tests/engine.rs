@@ -1154,6 +1154,51 @@ async fn a_failed_clone_leaves_nothing_a_delete_cannot_remove() {
     assert!(keys(&store, "other/").await.is_empty());
 }
 
+/// A restore that died part way (its pin and clone marker in the source
+/// written, its volume.json not, and its own attempt to let go of the source
+/// failed) leaves a record under the new volume's prefix naming its source:
+/// deleting the new volume lets go of the source, so the source deletes as
+/// usual instead of being kept for a clone that never existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_died_part_way_lets_go_of_its_source_when_deleted() {
+    use s3blk::store::local::LocalStore;
+    use s3blk::volume::catalog::{self, DeleteOutcome, OnDependants};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fault = Arc::new(FaultStore::new(Arc::new(LocalStore::new(dir.path()).expect("local store"))));
+    let store: DynStore = Arc::new(RetryStore::new(fault.clone(), common::fast_policy()));
+    let clock = s3blk::clock::SystemClock;
+    create(&store, "parent/", 4 * CS as u64).await;
+    // The clone's volume.json never lands, and neither does any delete in
+    // the parent: the restore dies with its pin and marker in place.
+    fault.add_rule(Rule {
+        op: Some(Op::Put),
+        key_contains: Some("child/volume.json".into()),
+        fault: Fault::ServerError,
+        times: 1000,
+    });
+    fault.add_rule(Rule {
+        op: Some(Op::Delete),
+        key_contains: Some("parent/".into()),
+        fault: Fault::ServerError,
+        times: 1000,
+    });
+    let failed = catalog::clone_volume(&store, "parent/", None, "child/", "child", None, &clock).await;
+    assert!(failed.is_err(), "the clone was created: {failed:?}");
+    fault.clear_rules();
+    let pin = format::snapshot_key("parent/", &format::clone_pin_name("child/"));
+    let marker = format::clone_marker_key("parent/", "child/");
+    assert!(store.head(&pin).await.expect("head").is_some(), "the restore's own release was not stopped");
+    let out = catalog::delete_volume(&store, "child/", OnDependants::RefuseClones, &clock).await;
+    assert!(matches!(out, Ok(DeleteOutcome::Absent | DeleteOutcome::Probes { .. })), "{out:?}");
+    assert!(keys(&store, "child/").await.is_empty(), "{:?}", keys(&store, "child/").await);
+    for key in [&pin, &marker] {
+        assert!(store.head(key).await.expect("head").is_none(), "{key} is left in the source");
+    }
+    let out = catalog::delete_volume(&store, "parent/", OnDependants::RefuseClones, &clock).await;
+    assert!(matches!(out, Ok(DeleteOutcome::Deleted { .. })), "{out:?}");
+    assert!(keys(&store, "").await.is_empty(), "{:?}", keys(&store, "").await);
+}
+
 /// A compaction that dies at any point (at its checkpoint PUT, or after
 /// any number of deletes) leaves a volume that reads the same, snapshot
 /// included, passes fsck, takes a new writer, and compacts fully next time.

@@ -42,8 +42,8 @@
 //!   minutes off, or ahead by more than the safety age (every upload not
 //!   yet committed looks old to such a host);
 //! - a cloner that restores clones from snapshots as the CSI controller
-//!   does (a pin in the parent, a clone marker, `volume.json` naming the
-//!   pin), deletes snapshots (some that clones were restored from), and
+//!   does (a record of the parent under the clone's prefix, a pin in the
+//!   parent, a clone marker, `volume.json` naming the pin), deletes snapshots (some that clones were restored from), and
 //!   deletes clones with `catalog::delete_volume` while their writer and
 //!   readers still work; each clone has a writer session and read-only
 //!   openers of its own, reading through the parent while the parent is
@@ -2355,13 +2355,17 @@ fn clone_fail(e: catalog::CatalogError) -> CloneFail {
 /// with a snapshot source does.
 async fn make_clone(store: &DynStore, prefix: &str, snap: &str, clock: &dyn Clock) -> Result<u64, CloneFail> {
     let rec = read_snapshot(store, VOL, snap).await.map_err(|e| clone_fail(e.into()))?;
+    catalog::record_source(store, prefix, VOL, prefix).await.map_err(clone_fail)?;
     catalog::pin_snapshot_for(store, VOL, &rec, prefix).await.map_err(clone_fail)?;
     catalog::add_clone_marker(store, VOL, prefix, prefix, rec.seq).await.map_err(clone_fail)?;
     let parent = ParentRef { volume: VOL.to_string(), snapshot: format::clone_pin_name(prefix), seq: rec.seq };
     let opts = CreateOptions { size: rec.size, chunk_size: CS as u32, parent: Some(parent), single_writer: false };
     match Volume::create(store.clone(), prefix, opts, clock).await {
         // A retry after an attempt that landed.
-        Ok(_) | Err(VolumeError::AlreadyExists(_)) => Ok(rec.size),
+        Ok(_) | Err(VolumeError::AlreadyExists(_)) => {
+            catalog::forget_source(store, prefix).await;
+            Ok(rec.size)
+        }
         Err(e) => Err(clone_fail(e.into())),
     }
 }
@@ -2792,14 +2796,11 @@ async fn final_clones(ctx: &Ctx) {
     for &(c, ref prefix, created, deleting) in &clones {
         if deleting || !created {
             // Finish a delete that gave up, or let go of a restore that never
-            // finished, as a retried DeleteVolume would.
+            // finished, as a retried DeleteVolume does: the delete lets go of
+            // the source by what the restore left under the clone's prefix
+            // (the checker does not: the leftovers below must be gone).
             let r = catalog::delete_volume(&store, prefix, catalog::OnDependants::RefuseClones, clock.as_ref()).await;
             let r = match r {
-                // No volume there (at most the probes of a create that
-                // failed): let go of the source.
-                Ok(catalog::DeleteOutcome::Absent | catalog::DeleteOutcome::Probes { .. }) => {
-                    catalog::release_source(&store, VOL, prefix).await.map(|_| ())
-                }
                 Ok(_) => Ok(()),
                 // What its writer, readers and compactors still sent while
                 // the delete ran (or in flight when it returned) may land

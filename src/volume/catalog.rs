@@ -21,6 +21,11 @@
 //! - `provisioned.json`: the CSI parameters and capabilities CreateVolume
 //!   made the volume with, so a repeated CreateVolume can tell a retry from
 //!   a conflicting request.
+//! - `source.json`: the volume a clone or restore is being made from,
+//!   written before the pin and marker it adds there and removed once its
+//!   `volume.json` landed. A create that died in between leaves it, and the
+//!   delete of the name lets go of that source by it (a prefix without
+//!   `volume.json` names no source otherwise).
 //!
 //! And at a store root: `.s3blk-store.json`, written when the controller
 //! first provisions a volume there; `.s3blk-stores/<name>.json`, one per
@@ -54,6 +59,8 @@ pub const TOMBSTONE: &str = "deleted.json";
 pub const STORE_MARKER: &str = ".s3blk-store.json";
 /// The record of a volume's CSI parameters, under its prefix.
 pub const PROVISIONED: &str = "provisioned.json";
+/// The record of the source a clone or restore under construction pins, under its prefix.
+pub const SOURCE: &str = "source.json";
 /// Under a store root: the store registry and the node records.
 pub const STORES_DIR: &str = ".s3blk-stores/";
 pub const NODES_DIR: &str = ".s3blk-nodes/";
@@ -141,6 +148,7 @@ pub(crate) fn is_bookkeeping(rel: &str) -> bool {
         || rel == TOMBSTONE
         || rel == super::lease::LEASE_NAME
         || rel == PROVISIONED
+        || rel == SOURCE
         || json_in(rel, "attachments/").is_some()
         || json_in(rel, "clones/").is_some()
 }
@@ -579,12 +587,24 @@ pub async fn clone_volume(
         ))
         .into());
     }
+    // Before anything is written in the source: a create that dies after
+    // that leaves this record, by which a delete of `clone` lets go of it.
+    record_source(store, clone, source, clone_id).await?;
     let rec = match snapshot {
         Some(name) => {
             let snap = read_snapshot(store, source, name).await?;
-            pin_snapshot_for(store, source, &snap, clone).await?
+            pin_snapshot_for(store, source, &snap, clone).await
         }
-        None => super::engine::snapshot_committed(store, source, &pin_name, clock).await?,
+        None => super::engine::snapshot_committed(store, source, &pin_name, clock).await.map_err(Into::into),
+    };
+    let rec = match rec {
+        Ok(r) => r,
+        Err(e) => {
+            // Nothing of this call's is in the source (a pin that was
+            // written is deleted again, or was never written).
+            forget_source(store, clone).await;
+            return Err(e);
+        }
     };
     // From here on the pin is this call's (its name was free above).
     let created = async {
@@ -601,12 +621,18 @@ pub async fn clone_volume(
     }
     .await;
     // Let go of the source again, unless another create of the same name
-    // won a race: the pin and marker are then that clone's.
-    if let Err(e) = &created
-        && !matches!(e, CatalogError::Volume(VolumeError::AlreadyExists(_)))
-        && let Err(e) = release_source(store, source, clone).await
-    {
-        tracing::warn!(volume = %describe(store.as_ref(), source), error = %e, "releasing a failed clone's pin");
+    // won a race: the pin and marker are then that clone's. The record of
+    // the source goes once it is no longer needed: the clone exists, or it
+    // let go of the source; otherwise it stays for a delete of the name.
+    match &created {
+        Ok(_) => forget_source(store, clone).await,
+        Err(CatalogError::Volume(VolumeError::AlreadyExists(_))) => {}
+        Err(_) => match release_source(store, source, clone).await {
+            Ok(()) => forget_source(store, clone).await,
+            Err(e) => {
+                tracing::warn!(volume = %describe(store.as_ref(), source), error = %e, "releasing a failed clone's pin")
+            }
+        },
     }
     created
 }
@@ -621,6 +647,76 @@ pub async fn release_source(store: &DynStore, source: &str, clone: &str) -> Cata
         tracing::warn!(volume = %describe(store.as_ref(), source), error = %e, "reaping a deleted source failed");
     }
     Ok(())
+}
+
+/// What `source.json` holds: where the pin and marker of a clone or
+/// restore under construction are, and the name its marker gives it.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceRecord {
+    source: String,
+    clone: String,
+}
+
+fn source_key(vol: &str) -> String {
+    format!("{vol}{SOURCE}")
+}
+
+/// Record under `clone` (which has no `volume.json` yet) that it is being
+/// made from `source`, before anything is written there: a create that dies
+/// after pinning the source leaves the record, and a delete of `clone` lets
+/// go of the source by it. A record of another source (a failed attempt
+/// with another source under the same name) is let go of first.
+pub async fn record_source(store: &DynStore, clone: &str, source: &str, clone_id: &str) -> CatalogResult<()> {
+    let rec = SourceRecord { source: source.to_string(), clone: clone_id.to_string() };
+    if let Some(old) = read_source(store, clone).await?
+        && old != rec
+    {
+        release_recorded_source(store, clone, &old).await?;
+    }
+    let body = serde_json::to_vec(&rec).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
+    store.put(&source_key(clone), Bytes::from(body), PutMode::Overwrite).await?;
+    Ok(())
+}
+
+/// The create of `clone` finished (its `volume.json` names the source now)
+/// or let go of its source itself: the record goes. Failing to delete it
+/// harms nothing (it goes with the volume), so it is only logged.
+pub async fn forget_source(store: &DynStore, clone: &str) {
+    if let Err(e) = store.delete(&source_key(clone)).await {
+        tracing::warn!(volume = %describe(store.as_ref(), clone), error = %e, "deleting the record of a clone's source");
+    }
+}
+
+async fn read_source(store: &DynStore, clone: &str) -> CatalogResult<Option<SourceRecord>> {
+    let key = source_key(clone);
+    match store.get(&key, None).await {
+        Ok(b) => Ok(Some(parse_source(&b).ok_or_else(|| VolumeError::Corrupt(format!("{key}: not a source record")))?)),
+        Err(StoreError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The record, when `body` is exactly what [`record_source`] writes.
+fn parse_source(body: &[u8]) -> Option<SourceRecord> {
+    let rec: SourceRecord = serde_json::from_slice(body).ok()?;
+    (serde_json::to_vec(&rec).ok()? == body && rec.source.ends_with('/')).then_some(rec)
+}
+
+/// Let go of the source a record under `clone` names: its marker and pin
+/// for `clone`, unless the marker there names another clone (then both are
+/// that clone's, and stay).
+async fn release_recorded_source(store: &DynStore, clone: &str, rec: &SourceRecord) -> CatalogResult<()> {
+    match store.get(&format::clone_marker_key(&rec.source, clone), None).await {
+        Ok(b) => {
+            if serde_json::from_slice::<CloneMarker>(&b).is_ok_and(|m| m.clone != rec.clone) {
+                return Ok(());
+            }
+        }
+        Err(StoreError::NotFound(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    release_source(store, &rec.source, clone).await
 }
 
 /// Do snapshots or clones still read through the volume?
@@ -659,9 +755,10 @@ pub enum DeleteOutcome {
     Kept,
     /// Gone: this many objects deleted.
     Deleted { objects: u64 },
-    /// No volume: only the probes of a create that failed (its delete of
-    /// them lost), or of a compaction cut short, were there; this many
-    /// were deleted.
+    /// No volume: only what a create that failed left was there (probes
+    /// whose delete was lost, or of a compaction cut short; the provisioning
+    /// record; the record of its source, whose pin and marker for it were
+    /// let go of); this many objects were deleted.
     Probes { objects: u64 },
 }
 
@@ -669,9 +766,11 @@ pub enum DeleteOutcome {
 /// tombstone) holding nothing but s3blk's own objects, write the tombstone,
 /// delete every object, the tombstone last. Refuses, deleting nothing, when
 /// the proof is missing, anything else lives under the prefix, or (unless
-/// `Break`) the volume is published. A prefix holding nothing but s3blk's
-/// probes, each named and filled as s3blk writes them, is what a create
-/// that failed left behind: the probes go (see [`delete_probes`]).
+/// `Break`) the volume is published. A prefix holding nothing but what a
+/// create writes before `volume.json` (probes, the provisioning record, the
+/// record of its source), each named and filled as s3blk writes them, is
+/// what a create that failed left behind: the source it pinned is let go
+/// of and the objects go (see [`delete_failed_create`]).
 pub async fn delete_volume(
     store: &DynStore,
     vol: &str,
@@ -691,8 +790,8 @@ pub async fn delete_volume(
     let tombstoned = has(tombstone_key(vol));
     let has_meta = has(format::meta_key(vol));
     if !tombstoned && !has_meta {
-        if objects.iter().all(|o| o.key.strip_prefix(vol).is_some_and(is_probe)) {
-            return delete_probes(store, vol, &objects).await;
+        if objects.iter().all(|o| o.key.strip_prefix(vol).is_some_and(is_create_remains)) {
+            return delete_failed_create(store, vol, &objects).await;
         }
         return Err(CatalogError::NotAVolume { volume, objects: objects.len() });
     }
@@ -735,17 +834,43 @@ async fn finish_delete(store: &DynStore, vol: &str) -> CatalogResult<u64> {
     purge(store, vol).await
 }
 
-/// Delete the probes that are all a prefix holds (no volume: a create
-/// failed after its probe's delete was lost). Their names alone carry
-/// s3blk's mark, and each must also hold exactly what s3blk writes into it
-/// before any goes: a prefix with anything else is refused, whole, as no
-/// volume (design invariant 5).
-async fn delete_probes(store: &DynStore, vol: &str, objects: &[ObjectInfo]) -> CatalogResult<DeleteOutcome> {
+/// What a create writes under a prefix before its `volume.json`.
+fn is_create_remains(rel: &str) -> bool {
+    is_probe(rel) || rel == PROVISIONED || rel == SOURCE
+}
+
+/// Does `body` under `rel` (one of [`is_create_remains`]) hold exactly what s3blk writes there?
+fn is_create_remains_body(rel: &str, body: &[u8]) -> bool {
+    match rel {
+        PROVISIONED => serde_json::from_slice::<Provisioned>(body)
+            .ok()
+            .and_then(|p| serde_json::to_vec(&p).ok())
+            .is_some_and(|b| b == body),
+        SOURCE => parse_source(body).is_some(),
+        _ => is_probe_body(rel, body),
+    }
+}
+
+/// Delete what a create that failed left under a prefix with no volume
+/// (probes whose delete was lost, the provisioning record, the record of
+/// its source), after letting go of the source it pinned. Their names
+/// alone carry s3blk's mark, and each must also hold exactly what s3blk
+/// writes into it before any goes: a prefix with anything else is refused,
+/// whole, as no volume (design invariant 5). The record of the source goes
+/// last, so a delete cut short finds it again.
+async fn delete_failed_create(store: &DynStore, vol: &str, objects: &[ObjectInfo]) -> CatalogResult<DeleteOutcome> {
     let mut keys = Vec::new();
+    let mut source = None;
     for o in objects {
         let rel = o.key.strip_prefix(vol).unwrap_or(&o.key);
         match store.get(&o.key, None).await {
-            Ok(body) if is_probe_body(rel, &body) => keys.push(o.key.clone()),
+            Ok(body) if is_create_remains_body(rel, &body) => {
+                if rel == SOURCE {
+                    source = parse_source(&body);
+                } else {
+                    keys.push(o.key.clone());
+                }
+            }
             Ok(_) => {
                 let volume = describe(store.as_ref(), vol);
                 return Err(CatalogError::NotAVolume { volume, objects: objects.len() });
@@ -755,9 +880,15 @@ async fn delete_probes(store: &DynStore, vol: &str, objects: &[ObjectInfo]) -> C
             Err(e) => return Err(e.into()),
         }
     }
-    let n = keys.len() as u64;
+    if let Some(rec) = &source {
+        release_recorded_source(store, vol, rec).await?;
+    }
+    let n = keys.len() as u64 + u64::from(source.is_some());
     store::delete_keys(store.as_ref(), keys, DELETE_CONCURRENCY).await?;
-    tracing::info!(volume = %describe(store.as_ref(), vol), objects = n, "no volume; deleted the probes a failed create left");
+    if source.is_some() {
+        store.delete(&source_key(vol)).await?;
+    }
+    tracing::info!(volume = %describe(store.as_ref(), vol), objects = n, "no volume; deleted what a failed create left");
     Ok(DeleteOutcome::Probes { objects: n })
 }
 
