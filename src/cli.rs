@@ -690,10 +690,9 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
             match catalog::delete_volume(&store, &loc.prefix, rule, &clock).await? {
                 DeleteOutcome::Deleted { objects } => println!("deleted {} ({objects} objects)", loc.display()),
                 DeleteOutcome::Absent => bail!("volume {} does not exist", loc.display()),
-                DeleteOutcome::Probes { objects } => println!(
-                    "no volume at {}; deleted the {objects} objects a failed create left there",
-                    loc.display()
-                ),
+                DeleteOutcome::Probes { objects } => {
+                    println!("no volume at {}; deleted the {objects} objects a failed create left there", loc.display())
+                }
                 DeleteOutcome::Kept => bail!("volume {} is kept for its clones", loc.display()),
             }
         }

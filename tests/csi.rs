@@ -1315,3 +1315,141 @@ async fn ids_outside_the_drivers_stores_are_not_found_and_never_opened() {
     let wrong: Vec<_> = answers.iter().filter(|(_, a)| *a != Err(Code::NotFound)).collect();
     assert!(created.is_empty() && wrong.is_empty(), "created on the host: {created:?}; answers: {wrong:#?}");
 }
+
+/// A driver whose store (for the bucket its requests name) fails as the
+/// returned fault store is told to.
+async fn faulty_driver() -> Option<(Driver, Arc<s3blk::store::fault::FaultStore>)> {
+    let endpoint = common::s3_endpoint()?;
+    let stores = Arc::new(Stores::with_defaults(common::fast_policy(), common::s3_settings(&endpoint)));
+    let d = driver_opts(std::time::Duration::ZERO, std::time::Duration::from_secs(300), None, stores.clone()).await?;
+    let raw = s3blk::store::s3::S3Store::connect(&d.bucket, common::s3_settings(&endpoint)).await.expect("s3 client");
+    let fault = Arc::new(s3blk::store::fault::FaultStore::new(Arc::new(raw)));
+    let store: DynStore = Arc::new(s3blk::store::retry::RetryStore::new(fault.clone(), common::fast_policy()));
+    let spec = Location::parse(&format!("s3://{}/k8s", d.bucket), false).expect("store").store;
+    stores.register(&spec, store);
+    Some((d, fault))
+}
+
+fn fail_all(fault: &s3blk::store::fault::FaultStore, op: s3blk::store::fault::Op, key: &str) {
+    use s3blk::store::fault::{Fault, Rule};
+    fault.add_rule(Rule { op: Some(op), key_contains: Some(key.into()), fault: Fault::ServerError, times: 1_000_000 });
+}
+
+/// A CreateVolume that fails part way (its volume.json never lands) leaves
+/// nothing under the name: not its provisioning record, not its probes. When
+/// the store also refuses the clean-up, a DeleteVolume removes what was
+/// left. Either way a retry with the same name creates the volume, and
+/// another retry answers with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_create_leaves_nothing_behind() {
+    use s3blk::store::fault::Op;
+    let Some((mut d, fault)) = faulty_driver().await else { return };
+    for (name, deletes_fail) in [("pvc-fails", false), ("pvc-fails-twice", true)] {
+        fail_all(&fault, Op::Put, &format!("k8s/{name}/volume.json"));
+        if deletes_fail {
+            fail_all(&fault, Op::Delete, &format!("k8s/{name}/"));
+        }
+        let failed = d.ctl.create_volume(create_req(name, 1 << 20, 0)).await;
+        assert!(failed.is_err(), "{name}: created: {failed:?}");
+        fault.clear_rules();
+        let prefix = format!("k8s/{name}/");
+        if deletes_fail {
+            let left = keys_under(&d, &prefix).await;
+            assert!(left.contains(&format!("{prefix}provisioned.json")), "{left:?}");
+            let del = pb::DeleteVolumeRequest { volume_id: failed_id(&d, name), secrets: secrets() };
+            d.ctl.delete_volume(del).await.expect("delete");
+        }
+        assert_eq!(keys_under(&d, &prefix).await, Vec::<String>::new(), "{name}");
+        let made = create(&mut d, name, 1 << 20).await;
+        let again = create(&mut d, name, 1 << 20).await;
+        assert_eq!(made.volume_id, again.volume_id);
+        assert_eq!(read(&d, &made.volume_id, 0, 4096).await, vec![0; 4096]);
+    }
+}
+
+/// The id CreateVolume would have given `name` in the driver's store.
+fn failed_id(d: &Driver, name: &str) -> String {
+    format!("s3://{}/k8s/{name}", d.bucket)
+}
+
+/// A restore from a snapshot, or a clone of a volume, that fails part way
+/// (its pin and clone marker in the source written, its volume.json not,
+/// and the store refusing every clean-up) is let go of by a DeleteVolume of
+/// its name: the source keeps no pin or marker for it, and deleting the
+/// source (and its snapshot) then removes every object it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_restore_lets_go_of_its_source() {
+    use s3blk::store::fault::Op;
+    let Some((mut d, fault)) = faulty_driver().await else { return };
+    let src = create(&mut d, "pvc-base", 1 << 20).await;
+    write(&d, &src.volume_id, 0, &common::pattern(5, 8192)).await;
+    let snap = d
+        .ctl
+        .create_snapshot(pb::CreateSnapshotRequest {
+            source_volume_id: src.volume_id.clone(),
+            name: "snap-base".into(),
+            secrets: secrets(),
+            parameters: HashMap::new(),
+        })
+        .await
+        .expect("snapshot")
+        .into_inner()
+        .snapshot
+        .expect("snapshot");
+    let sources = [
+        (
+            "pvc-restore",
+            pb::volume_content_source::Type::Snapshot(pb::volume_content_source::SnapshotSource {
+                snapshot_id: snap.snapshot_id.clone(),
+            }),
+        ),
+        (
+            "pvc-clone",
+            pb::volume_content_source::Type::Volume(pb::volume_content_source::VolumeSource {
+                volume_id: src.volume_id.clone(),
+            }),
+        ),
+    ];
+    for (name, source) in sources {
+        let mut req = create_req(name, 1 << 20, 0);
+        req.volume_content_source = Some(pb::VolumeContentSource { r#type: Some(source) });
+        fail_all(&fault, Op::Put, &format!("k8s/{name}/volume.json"));
+        fail_all(&fault, Op::Delete, "k8s/");
+        let failed = d.ctl.create_volume(req.clone()).await;
+        assert!(failed.is_err(), "{name}: created: {failed:?}");
+        fault.clear_rules();
+        let marker = format!("k8s/pvc-base/clones/{name}.json");
+        assert!(d.store.head(&marker).await.expect("head").is_some(), "{name}: the clean-up was not stopped");
+        // A retry with the same name creates it, reading the source.
+        let made = d.ctl.create_volume(req.clone()).await.expect("retry").into_inner().volume.expect("volume");
+        let again = d.ctl.create_volume(req.clone()).await.expect("again").into_inner().volume.expect("volume");
+        assert_eq!(made.volume_id, again.volume_id);
+        assert_eq!(read(&d, &made.volume_id, 0, 8192).await, common::pattern(5, 8192));
+        d.ctl
+            .delete_volume(pb::DeleteVolumeRequest { volume_id: made.volume_id.clone(), secrets: secrets() })
+            .await
+            .expect("delete");
+        // Failed again, then deleted: the source lets go of it.
+        fail_all(&fault, Op::Put, &format!("k8s/{name}/volume.json"));
+        fail_all(&fault, Op::Delete, "k8s/");
+        let failed = d.ctl.create_volume(req).await;
+        assert!(failed.is_err(), "{name}: created: {failed:?}");
+        fault.clear_rules();
+        assert!(d.store.head(&marker).await.expect("head").is_some(), "{name}: the clean-up was not stopped");
+        let del = pb::DeleteVolumeRequest { volume_id: failed_id(&d, name), secrets: secrets() };
+        d.ctl.delete_volume(del).await.expect("delete");
+        assert_eq!(keys_under(&d, &format!("k8s/{name}/")).await, Vec::<String>::new(), "{name}");
+        let pins: Vec<String> = keys_under(&d, "k8s/pvc-base/")
+            .await
+            .into_iter()
+            .filter(|k| k.contains("clone-") || k.contains("/clones/"))
+            .collect();
+        assert!(pins.is_empty(), "{name}: the source still holds {pins:?}");
+    }
+    // The source and its snapshot go, and with them every object.
+    let del = pb::DeleteSnapshotRequest { snapshot_id: snap.snapshot_id.clone(), secrets: secrets() };
+    d.ctl.delete_snapshot(del).await.expect("delete snapshot");
+    let del = pb::DeleteVolumeRequest { volume_id: src.volume_id.clone(), secrets: secrets() };
+    d.ctl.delete_volume(del).await.expect("delete source");
+    assert_eq!(keys_under(&d, "k8s/pvc-base/").await, Vec::<String>::new());
+}

@@ -1197,6 +1197,18 @@ async fn a_restore_that_died_part_way_lets_go_of_its_source_when_deleted() {
     let out = catalog::delete_volume(&store, "parent/", OnDependants::RefuseClones, &clock).await;
     assert!(matches!(out, Ok(DeleteOutcome::Deleted { .. })), "{out:?}");
     assert!(keys(&store, "").await.is_empty(), "{:?}", keys(&store, "").await);
+
+    // Under those names, bytes s3blk never writes there: nothing goes.
+    for (key, body) in [
+        ("other/source.json", &br#"{"source":"parent/","clone":"other","note":"mine"}"#[..]),
+        ("other/provisioned.json", &b"{\"parameters\":{}}"[..]),
+    ] {
+        store.put(key, Bytes::copy_from_slice(body), PutMode::Overwrite).await.expect("put");
+        let out = catalog::delete_volume(&store, "other/", OnDependants::RefuseClones, &clock).await;
+        assert!(matches!(out, Err(catalog::CatalogError::NotAVolume { .. })), "{key}: {out:?}");
+        assert_eq!(keys(&store, "other/").await, vec![key.to_string()]);
+        store.delete(key).await.expect("delete");
+    }
 }
 
 /// A compaction that dies at any point (at its checkpoint PUT, or after

@@ -19,7 +19,8 @@
 //! | no canonical volume URL (`garbage`, a plain path such as `/dir/vol`) | OK: it names no volume; nothing is touched |
 //! | a canonical URL outside the stores served, or a name the driver never gives (a store root, another bucket or prefix, another directory) | INVALID_ARGUMENT; nothing is touched |
 //! | in a served store, nothing there | OK (already deleted, or never created) |
-//! | in a served store, only s3blk-named objects but no `volume.json` and no tombstone | OK; nothing is deleted (not proven a volume), a warning is logged |
+//! | in a served store, only what a failed CreateVolume wrote before `volume.json` (probes, `provisioned.json`, `source.json`), each holding what s3blk writes there | OK; the source it pinned is let go of, then they are deleted |
+//! | in a served store, other s3blk-named objects but no `volume.json` and no tombstone | OK; nothing is deleted (not proven a volume), a warning is logged |
 //! | anything but s3blk's own objects under it (another volume, a store, foreign data) | FAILED_PRECONDITION; nothing is touched |
 //! | published to a node | FAILED_PRECONDITION |
 //! | snapshots or clones read through it | OK; hidden behind its tombstone, reaped when they are gone |
@@ -542,8 +543,16 @@ impl pb::controller_server::Controller for ControllerService {
         let chunk = params.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
 
         // The source, if any: a snapshot, or a volume (cloned via an internal
-        // snapshot). It must exist (NOT_FOUND) and live in the new volume's bucket.
-        let source = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
+        // snapshot, its pin). It must exist (NOT_FOUND) and live in the new
+        // volume's bucket. A volume's pin is taken only once the new
+        // volume's prefix records its source (below), so that a create
+        // that dies after pinning is let go of by a delete of its name; a
+        // pin already there is the one an earlier attempt took.
+        let source: Option<(Location, Option<SnapshotRecord>, u64)> = match req
+            .volume_content_source
+            .as_ref()
+            .and_then(|s| s.r#type.as_ref())
+        {
             None => None,
             Some(pb::volume_content_source::Type::Snapshot(s)) => {
                 let (sloc, name) = self.snapshot_location(&s.snapshot_id)?;
@@ -566,12 +575,13 @@ impl pb::controller_server::Controller for ControllerService {
                         store_name(&loc)
                     )));
                 }
-                Some((sloc, rec))
+                let size = rec.size;
+                Some((sloc, Some(rec), size))
             }
             Some(pb::volume_content_source::Type::Volume(v)) => {
                 let vloc = self.volume_location(&v.volume_id)?;
                 let vstore = self.store_for(&vloc, &req.secrets).await?;
-                self.live_meta(&vstore, &vloc).await?;
+                let vmeta = self.live_meta(&vstore, &vloc).await?;
                 if vloc.store != loc.store {
                     return Err(Status::invalid_argument(format!(
                         "volume {} is in {}, the clone in {}: a volume is cloned within its own bucket (use a StorageClass with its bucket)",
@@ -581,30 +591,33 @@ impl pb::controller_server::Controller for ControllerService {
                     )));
                 }
                 let snap = format::clone_pin_name(&loc.prefix);
-                let rec = match read_snapshot(&store, &vloc.prefix, &snap).await {
-                    Ok(r) => r,
+                match read_snapshot(&store, &vloc.prefix, &snap).await {
+                    Ok(r) => {
+                        let size = r.size;
+                        Some((vloc, Some(r), size))
+                    }
                     Err(VolumeError::NotFound(_)) => {
-                        snapshot_committed(&store, &vloc.prefix, &snap, self.clock.as_ref()).await.map_err(status)?
+                        let size =
+                            catalog::current_size(&vstore, &vloc.prefix, &vmeta).await.map_err(catalog_status)?;
+                        Some((vloc, None, size))
                     }
                     Err(e) => return Err(status(e)),
-                };
-                Some((vloc, rec))
+                }
             }
         };
-        let minimum = source.as_ref().map(|(_, r)| r.size).unwrap_or(0);
+        let minimum = source.as_ref().map(|(_, _, size)| *size).unwrap_or(0);
         let size = size_for(req.capacity_range.as_ref(), chunk as u64, minimum)?;
-        if let Some((_, rec)) = &source
-            && size < rec.size
-        {
+        if size < minimum {
             return Err(Status::out_of_range("the source is larger than the requested capacity"));
         }
         // The parent names the pin that keeps what the new volume reads
         // (for a restore, a pin of its own beside the user's snapshot).
-        let parent = source.as_ref().map(|(sloc, rec)| ParentRef {
+        let parent_of = |sloc: &Location, rec: &SnapshotRecord| ParentRef {
             volume: sloc.prefix.clone(),
             snapshot: format::clone_pin_name(&loc.prefix),
             seq: rec.seq,
-        });
+        };
+        let parent = source.as_ref().and_then(|(sloc, rec, _)| rec.as_ref().map(|r| parent_of(sloc, r)));
 
         // Idempotency: an existing volume of this name is the answer when
         // it was made with the same store, chunk size, parameters,
@@ -626,7 +639,7 @@ impl pb::controller_server::Controller for ControllerService {
                 if meta.chunk_size != chunk {
                     differs.push(format!("chunkSize {} (asked: {chunk})", meta.chunk_size));
                 }
-                if meta.parent != parent {
+                if meta.parent != parent || (source.is_some() && parent.is_none()) {
                     differs.push("another source".to_string());
                 }
                 // Volumes made before the record was kept (or by the CLI) have none.
@@ -669,27 +682,65 @@ impl pb::controller_server::Controller for ControllerService {
             let home_store = self.store_for(home, &HashMap::new()).await?;
             catalog::register_store(&home_store, &home.prefix, &root.url()).await.map_err(catalog_status)?;
         }
-        if let Some((sloc, rec)) = &source {
-            if rec.name != format::clone_pin_name(&loc.prefix) {
-                // A restore: deleting the snapshot must not take what this
-                // volume reads through, so it gets a pin of its own.
-                catalog::pin_snapshot_for(&store, &sloc.prefix, rec, &loc.prefix).await.map_err(catalog_status)?;
-            }
-            catalog::add_clone_marker(&store, &sloc.prefix, &loc.prefix, &loc.url(), rec.seq)
-                .await
-                .map_err(catalog_status)?;
-        }
         // Before volume.json: a volume never exists without its record.
         catalog::write_provisioned(&store, &loc.prefix, &wanted).await.map_err(catalog_status)?;
-        let opts = CreateOptions { size, chunk_size: chunk, parent, single_writer: false };
-        let meta = match Volume::create(store.clone(), &loc.prefix, opts, self.clock.as_ref()).await {
-            Ok(m) => m,
-            // Lost a race with a concurrent create of the same name.
-            Err(VolumeError::AlreadyExists(_)) => {
-                replay::read_meta(store.as_ref(), &loc.prefix).await.map_err(status)?
+        let made = async {
+            let mut parent = parent;
+            if let Some((sloc, rec, _)) = &source {
+                // Before anything is written in the source.
+                catalog::record_source(&store, &loc.prefix, &sloc.prefix, &loc.url()).await.map_err(catalog_status)?;
+                let rec = match rec {
+                    // A restore: deleting the snapshot must not take what
+                    // this volume reads through, so it gets a pin of its own.
+                    Some(rec) if rec.name != format::clone_pin_name(&loc.prefix) => {
+                        catalog::pin_snapshot_for(&store, &sloc.prefix, rec, &loc.prefix)
+                            .await
+                            .map_err(catalog_status)?;
+                        rec.clone()
+                    }
+                    Some(rec) => rec.clone(),
+                    None => {
+                        let pin = format::clone_pin_name(&loc.prefix);
+                        let rec = snapshot_committed(&store, &sloc.prefix, &pin, self.clock.as_ref())
+                            .await
+                            .map_err(status)?;
+                        if size < rec.size {
+                            return Err(Status::out_of_range("the source is larger than the requested capacity"));
+                        }
+                        rec
+                    }
+                };
+                parent = Some(parent_of(sloc, &rec));
+                catalog::add_clone_marker(&store, &sloc.prefix, &loc.prefix, &loc.url(), rec.seq)
+                    .await
+                    .map_err(catalog_status)?;
             }
-            Err(e) => return Err(status(e)),
+            let opts = CreateOptions { size, chunk_size: chunk, parent, single_writer: false };
+            match Volume::create(store.clone(), &loc.prefix, opts, self.clock.as_ref()).await {
+                Ok(m) => Ok(m),
+                // Lost a race with a concurrent create of the same name.
+                Err(VolumeError::AlreadyExists(_)) => {
+                    replay::read_meta(store.as_ref(), &loc.prefix).await.map_err(status)
+                }
+                Err(e) => Err(status(e)),
+            }
+        }
+        .await;
+        let meta = match made {
+            Ok(meta) => meta,
+            Err(e) => {
+                // Without volume.json, what this call wrote goes again and
+                // the source is let go of; what cannot go now (the store
+                // failing) a DeleteVolume or a retry of this call finds.
+                if let Err(clean) = catalog::abandon_create(&store, &loc.prefix).await {
+                    tracing::warn!(volume = %loc.url(), error = %clean, "cleaning up after a failed CreateVolume");
+                }
+                return Err(e);
+            }
         };
+        if source.is_some() {
+            catalog::forget_source(&store, &loc.prefix).await;
+        }
         tracing::info!(volume = %loc.url(), size, "volume created");
         let mut v = self.volume_message(&store, &loc, &meta).await?;
         v.volume_context.extend(params.context);

@@ -834,6 +834,20 @@ async fn finish_delete(store: &DynStore, vol: &str) -> CatalogResult<u64> {
     purge(store, vol).await
 }
 
+/// A create of `vol` failed. Unless its `volume.json` (or a tombstone)
+/// is there, which makes it a volume to delete as one, what a create
+/// writes first (probes, the provisioning record, the record of its source)
+/// goes, after the source it pinned is let go of. A prefix holding anything
+/// else is left as it is.
+pub async fn abandon_create(store: &DynStore, vol: &str) -> CatalogResult<()> {
+    let objects = store::list_all(store.as_ref(), vol).await?;
+    let remains = |o: &ObjectInfo| o.key.strip_prefix(vol).is_some_and(is_create_remains);
+    if !objects.is_empty() && objects.iter().all(remains) {
+        delete_failed_create(store, vol, &objects).await?;
+    }
+    Ok(())
+}
+
 /// What a create writes under a prefix before its `volume.json`.
 fn is_create_remains(rel: &str) -> bool {
     is_probe(rel) || rel == PROVISIONED || rel == SOURCE
