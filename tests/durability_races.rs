@@ -545,3 +545,34 @@ async fn a_snapshot_taken_while_its_volume_is_deleted_is_not_reported_taken() {
         assert!(!left.iter().any(|k| k.contains("snapshots/")), "{on:?}: left {left:?}");
     }
 }
+
+/// Invariant 3 for the reaper: a deleted volume kept for its snapshot is
+/// reaped once the tombstone is older than the safety age on the store's
+/// clock. Where the store lists no modification time that age is unknown
+/// and the volume stays, however old the tombstone's own record of a
+/// host's clock makes it look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reaper_takes_a_tombstone_without_a_store_time_for_young() {
+    use s3blk::volume::catalog::{self, DeleteOutcome, OnDependants, ReapAge};
+    let store: DynStore = Wrapped::new(Arc::new(MemoryStore::new()), NoModifiedTimes);
+    create(&store, "v/", 4 * CSU).await;
+    let slow_host = ManualClock::new(Clock::now_unix(&SystemClock) - 86_400);
+    s3blk::volume::engine::snapshot_committed(&store, "v/", "s1", &slow_host).await.expect("snapshot");
+    let out = catalog::delete_volume(&store, "v/", OnDependants::Keep, &slow_host).await.expect("delete");
+    assert_eq!(out, DeleteOutcome::Kept);
+    store.delete(&format::snapshot_key("v/", "s1")).await.expect("delete snapshot");
+    let before = store::list_all(store.as_ref(), "v/").await.expect("list").len();
+    let age = ReapAge { safety_age: Duration::from_secs(60) };
+    let reaped = catalog::reap(&store, "v/", Some(age)).await.expect("reap");
+    assert_eq!(reaped, None, "the reaper trusted a host clock");
+    assert_eq!(store::list_all(store.as_ref(), "v/").await.expect("list").len(), before);
+    // With the store's times, the same tombstone is old enough at once.
+    let timed: DynStore = Arc::new(MemoryStore::new());
+    create(&timed, "v/", 4 * CSU).await;
+    s3blk::volume::engine::snapshot_committed(&timed, "v/", "s1", &slow_host).await.expect("snapshot");
+    catalog::delete_volume(&timed, "v/", OnDependants::Keep, &slow_host).await.expect("delete");
+    timed.delete(&format::snapshot_key("v/", "s1")).await.expect("delete snapshot");
+    let age = ReapAge { safety_age: Duration::ZERO };
+    assert!(catalog::reap(&timed, "v/", Some(age)).await.expect("reap").is_some());
+    assert!(store::list_all(timed.as_ref(), "v/").await.expect("list").is_empty());
+}

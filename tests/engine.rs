@@ -1072,9 +1072,8 @@ async fn remains_of_a_deleted_volume_go_only_when_tombstoned_all_ours_and_old() 
     let dir = tempfile::tempdir().expect("tempdir");
     let store = common::local_store(dir.path());
     // Ages are measured on the store's clock: "old" is a zero safety age.
-    let clock = s3blk::clock::SystemClock;
-    let old = || Some(ReapAge { safety_age: Duration::ZERO, clock: &clock });
-    let young = || Some(ReapAge { safety_age: compact::DEFAULT_SAFETY_AGE, clock: &clock });
+    let old = || Some(ReapAge { safety_age: Duration::ZERO });
+    let young = || Some(ReapAge { safety_age: compact::DEFAULT_SAFETY_AGE });
     create(&store, "gone/", 4 * CS as u64).await;
     let v = open(&store, "gone/").await;
     v.write(0, &common::pattern(3, CS as usize)).await.expect("write");

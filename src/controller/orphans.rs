@@ -67,7 +67,7 @@ pub async fn scan_store(
             }
             EntryState::Deleted => {
                 if !opts.dry_run {
-                    let age = catalog::ReapAge { safety_age: opts.safety_age, clock };
+                    let age = catalog::ReapAge { safety_age: opts.safety_age };
                     match catalog::reap(&store, &loc.prefix, Some(age)).await {
                         Ok(Some(_)) => {
                             scan.reaped += 1;

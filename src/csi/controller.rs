@@ -296,7 +296,7 @@ impl ControllerService {
                 EntryState::Deleted if !opts.dry_run => {
                     // Kept for dependants that have gone meanwhile, or an
                     // interrupted delete: removed once the tombstone is old.
-                    let age = catalog::ReapAge { safety_age: opts.safety_age, clock: self.clock.as_ref() };
+                    let age = catalog::ReapAge { safety_age: opts.safety_age };
                     if let Err(e) = catalog::reap(&store, &loc.prefix, Some(age)).await {
                         tracing::warn!(volume = %loc.url(), error = %e, "reaping a deleted volume failed");
                     }

@@ -916,28 +916,27 @@ async fn write_tombstone(store: &DynStore, vol: &str, clock: &dyn Clock) -> Cata
 }
 
 /// When the background reaper may act on a tombstone: once it is older
-/// than `safety_age`, so a delete still running finishes on its own.
+/// than `safety_age` on the store's clock, so a delete still running
+/// finishes on its own.
 #[derive(Debug, Clone, Copy)]
-pub struct ReapAge<'a> {
+pub struct ReapAge {
     pub safety_age: Duration,
-    pub clock: &'a dyn Clock,
 }
 
 /// Remove a tombstoned volume once no snapshot or clone reads through it
 /// any more: the volume kept for its dependants, or the remains of an
 /// interrupted delete. Untombstoned prefixes are never touched. Returns the
 /// number of objects deleted, `None` when there was nothing to do.
-pub async fn reap(store: &DynStore, vol: &str, age: Option<ReapAge<'_>>) -> CatalogResult<Option<u64>> {
+pub async fn reap(store: &DynStore, vol: &str, age: Option<ReapAge>) -> CatalogResult<Option<u64>> {
     let Some(tombstone) = tombstone_info(store, vol).await? else { return Ok(None) };
     if let Some(a) = age {
-        // The tombstone's age on the store's clock, as compaction measures.
-        let now = super::compact::store_now(store, vol).await?.unwrap_or_else(|| a.clock.now_unix());
+        // The tombstone's age on the store's clock, as compaction measures
+        // it (design invariant 3). A store that keeps no modification time
+        // leaves the age unknown: the tombstone counts as young, never aged
+        // by a host's clock (its own `deleted_unix` is one).
+        let Some(now) = super::compact::store_now(store, vol).await? else { return Ok(None) };
         let cutoff = now.saturating_sub(a.safety_age.as_secs() as i64);
-        let when = match tombstone.modified_unix {
-            Some(m) => Some(m),
-            None => tombstone_written(store, vol).await?,
-        };
-        if when.is_none_or(|w| w > cutoff) {
+        if tombstone.modified_unix.is_none_or(|w| w > cutoff) {
             return Ok(None);
         }
     }
@@ -953,20 +952,6 @@ async fn tombstone_info(store: &DynStore, vol: &str) -> CatalogResult<Option<Obj
     let key = tombstone_key(vol);
     let page = store.list(ListRequest { prefix: &key, start_after: None, delimiter: false, max_keys: 1 }).await?;
     Ok(page.objects.into_iter().find(|o| o.key == key))
-}
-
-/// The tombstone's own record of when it was written (stores that report
-/// no modification time).
-async fn tombstone_written(store: &DynStore, vol: &str) -> CatalogResult<Option<i64>> {
-    #[derive(Deserialize)]
-    struct Tombstone {
-        deleted_unix: i64,
-    }
-    match store.get(&tombstone_key(vol), None).await {
-        Ok(b) => Ok(serde_json::from_slice::<Tombstone>(&b).ok().map(|t| t.deleted_unix)),
-        Err(StoreError::NotFound(_)) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// Delete every object of a tombstoned volume, `volume.json` first (a
