@@ -286,6 +286,13 @@ def test_lint_is_clean():
     {"controller": {"livenessPort": 0}},
     {"controller": {"compaction": {"interval": "daily", "safetyAge": "5m"}}},
     {"controller": {"compaction": {"interval": "1h", "safetyAge": -1}}},
+    # With compaction on, the controller refuses a safety age under 120 s at start.
+    {"controller": {"compaction": {"interval": "1h", "safetyAge": "60s"}}},
+    {"controller": {"compaction": {"interval": "15s", "safetyAge": 119}}},
+    {"controller": {"compaction": {"interval": 300, "safetyAge": "119"}}},
+    {"controller": {"compaction": {"interval": "1h", "safetyAge": "1m"}}},
+    {"controller": {"compaction": {"interval": "1h", "safetyAge": "0h"}}},
+    {"controller": {"compaction": {"interval": "10m", "safetyAge": 0}}},
     {"typo": True},
     {"driverName": "UPPER_case"},
 ])
@@ -293,6 +300,17 @@ def test_schema_rejects_bad_values(values):
     chart = helm_python.Chart.load(str(CHART))
     with pytest.raises(helm_python.HelmValuesError):
         chart.render(values, name="s3blk", namespace="kube-system")
+
+
+@pytest.mark.parametrize("interval,safety_age", [
+    ("1h", "120s"), ("15s", 120), ("1h", "120"), ("1h", "2m"), ("1h", "1h"), ("1h", "5m"), ("1h", "0300s"),
+    # Compaction off: the controller does not check the age.
+    (0, "30s"), ("0", 0), ("0s", "1m"), ("0h", 5),
+])
+def test_schema_accepts_safety_ages_the_controller_starts_with(interval, safety_age):
+    docs, _ = docs_of({"controller": {"compaction": {"interval": interval, "safetyAge": safety_age}}})
+    args = find(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert {f"--compact-interval={interval}", f"--compact-safety-age={safety_age}"} <= set(args)
 
 
 def test_deploy_matches_the_rendered_chart():
