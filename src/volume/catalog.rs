@@ -591,18 +591,26 @@ pub async fn clone_volume(
     // that leaves this record, by which a delete of `clone` lets go of it.
     record_source(store, clone, source, clone_id).await?;
     let rec = match snapshot {
-        Some(name) => {
-            let snap = read_snapshot(store, source, name).await?;
-            pin_snapshot_for(store, source, &snap, clone).await
-        }
+        Some(name) => match read_snapshot(store, source, name).await {
+            Ok(snap) => pin_snapshot_for(store, source, &snap, clone).await,
+            Err(e) => Err(e.into()),
+        },
         None => super::engine::snapshot_committed(store, source, &pin_name, clock).await.map_err(Into::into),
     };
     let rec = match rec {
         Ok(r) => r,
+        // A pin of that name appeared since it was checked: another
+        // create's, as is the source record then.
+        Err(e @ CatalogError::Volume(VolumeError::AlreadyExists(_))) => return Err(e),
         Err(e) => {
-            // Nothing of this call's is in the source (a pin that was
-            // written is deleted again, or was never written).
-            forget_source(store, clone).await;
+            // The pin may have landed though its answer was lost: let go of
+            // it, and keep the record of the source when that fails too.
+            match release_source(store, source, clone).await {
+                Ok(()) => forget_source(store, clone).await,
+                Err(r) => {
+                    tracing::warn!(volume = %describe(store.as_ref(), source), error = %r, "releasing a failed clone's pin")
+                }
+            }
             return Err(e);
         }
     };
