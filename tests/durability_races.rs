@@ -576,3 +576,54 @@ async fn the_reaper_takes_a_tombstone_without_a_store_time_for_young() {
     assert!(catalog::reap(&timed, "v/", Some(age)).await.expect("reap").is_some());
     assert!(store::list_all(timed.as_ref(), "v/").await.expect("list").is_empty());
 }
+
+/// A delete that runs right before the first listing of the journal: a
+/// replay has read the newest checkpoint, the delete removes every object,
+/// and the listing finds no record after the checkpoint.
+#[derive(Debug)]
+struct DeleteBeforeJournalList {
+    armed: AtomicBool,
+}
+
+#[async_trait]
+impl Around for DeleteBeforeJournalList {
+    async fn list(&self, inner: &DynStore, req: ListRequest<'_>) -> StoreResult<ListPage> {
+        if req.prefix == format::journal_prefix("v/") && self.armed.swap(false, Ordering::SeqCst) {
+            catalog::delete_volume(inner, "v/", OnDependants::RefuseClones, &SystemClock).await.expect("the delete");
+        }
+        inner.list(req).await
+    }
+}
+
+/// Found by the simulation (seed 208071920363227: a clone deleted while a
+/// reader opened it). A replay that raced a delete stopped at the
+/// checkpoint it had read, the records after it deleted: the open
+/// succeeded, and a block written after the checkpoint read as zeros, with
+/// no error. An open now fails when the volume was deleted under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_deleted_while_a_reader_opens_it_is_not_served_from_an_older_checkpoint() {
+    let plain: DynStore = Arc::new(MemoryStore::new());
+    create(&plain, "v/", 4 * CSU).await;
+    let v = open_with(&plain, "v/", OpenOptions::default()).await;
+    v.write(0, &common::pattern(1, CS as usize)).await.expect("write");
+    v.flush().await.expect("flush");
+    let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
+    let rep = compact::compact(&plain, "v/", &eager, &SystemClock).await.expect("compact");
+    assert!(rep.folded_seq.is_some(), "{rep:?}");
+    let late = common::pattern(2, CS as usize);
+    v.write(CSU, &late).await.expect("write after the checkpoint");
+    v.flush().await.expect("flush");
+    drop(v);
+    let store: DynStore = Wrapped::new(plain.clone(), DeleteBeforeJournalList { armed: AtomicBool::new(true) });
+    match Volume::open(store, "v/", OpenOptions { read_only: true, ..OpenOptions::default() }).await {
+        Err(VolumeError::NotFound(why)) => assert!(why.contains("deleted"), "{why}"),
+        Err(e) => panic!("{e}"),
+        Ok(r) => {
+            let got = r.read(CSU, CSU).await;
+            panic!(
+                "a volume deleted while it was opened was served; the block written after its checkpoint reads {:?}",
+                got.map(|b| if b.iter().all(|x| *x == 0) { "zeros".to_string() } else { format!("{} bytes", b.len()) })
+            );
+        }
+    }
+}

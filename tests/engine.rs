@@ -834,7 +834,9 @@ async fn a_deleted_volume_kept_for_its_clones_takes_no_writer() {
     let out = catalog::delete_volume(&store, "parent/", catalog::OnDependants::Keep, &clock).await.expect("delete");
     assert!(matches!(out, catalog::DeleteOutcome::Kept), "{out:?}");
     match Volume::open(store.clone(), "parent/", OpenOptions::default()).await {
-        Err(VolumeError::NotFound(msg)) => assert!(msg.contains("was deleted"), "{msg}"),
+        Err(VolumeError::NotFound(msg)) => {
+            assert!(msg.contains("deleted: its objects are kept") && msg.contains("not written"), "{msg}")
+        }
         other => panic!("a writer opened a deleted volume: {:?}", other.map(|_| ())),
     }
     let ro = open_ro(&store, "parent/").await;

@@ -539,6 +539,14 @@ impl Volume {
         };
         let mut st = replay::replay(store.as_ref(), vol, chunk_size, upto).await?;
         let parents = load_parents(&store, &meta).await?;
+        // A delete removes `volume.json` before anything else. Still there
+        // after the replay, no record or checkpoint the replay read was
+        // taken by one; gone, the replay may have stopped at a checkpoint
+        // whose later records the delete had removed, and older bytes would
+        // be served as the volume's.
+        if store.head(&format::meta_key(vol)).await?.is_none() {
+            return Err(VolumeError::NotFound(format!("{vol} (deleted while it was being opened)")));
+        }
         let writer = rand::random::<u64>() | 1;
         let budget = match &opts.budget {
             Some(b) => b.clone(),
@@ -886,7 +894,7 @@ async fn record_snapshot(
             || store.head(&crate::volume::catalog::tombstone_key(vol)).await?.is_some())
     {
         store.delete(&key).await?;
-        return Err(VolumeError::NotFound(format!("volume {vol} was deleted while snapshot {name} was being taken")));
+        return Err(VolumeError::NotFound(format!("{vol} (deleted while snapshot {name} was being taken)")));
     }
     let slow = started.elapsed() > SNAPSHOT_DEADLINE;
     if slow || !super::compact::snapshot_still_replayable(store, vol, rec.seq).await? {
@@ -951,8 +959,8 @@ async fn open_for_write(
     // with the rest once the reaper finishes the delete.
     if store.head(&crate::volume::catalog::tombstone_key(vol)).await?.is_some() {
         return Err(VolumeError::NotFound(format!(
-            "volume {vol} was deleted (its objects are kept only for the snapshots or clones that read through it); \
-             it can be read, not written"
+            "{vol} (deleted: its objects are kept only for the snapshots or clones that read through it; it can be \
+             read, not written)"
         )));
     }
     let chunk_size = meta.chunk_size as u64;
@@ -1041,7 +1049,7 @@ async fn deleted_since_open(store: &DynStore, vol: &str, seq: u64) -> VolumeResu
             tracing::warn!(volume = vol, key = %key, error = %e, "removing the open record of a volume deleted meanwhile failed");
         }
     }
-    Err(VolumeError::NotFound(format!("volume {vol} was deleted while it was being opened")))
+    Err(VolumeError::NotFound(format!("{vol} (deleted while it was being opened)")))
 }
 
 /// For ranges `(offset, len)` in the order they were written, the parts of
