@@ -102,9 +102,10 @@ async fn latest_checkpoint(store: &dyn ObjectStore, vol: &str, upto: Option<u64>
 }
 
 /// Fetch and decode the checkpoint at `seq`: a whole one, or a split one's
-/// manifest and then its parts, side by side. A part gone is the store's
-/// NotFound, as the manifest gone would be (a compaction removed the
-/// checkpoint meanwhile: the caller lists again).
+/// manifest and then its parts, side by side. The manifest gone, or a part
+/// gone with it, is the store's NotFound (a compaction removed the
+/// checkpoint meanwhile: the caller lists again); a part gone while its
+/// manifest is still there is damage.
 pub async fn read_checkpoint(store: &dyn ObjectStore, vol: &str, seq: u64) -> VolumeResult<Checkpoint> {
     use futures::stream::{self, StreamExt, TryStreamExt};
     let key = format::checkpoint_key(vol, seq);
@@ -142,9 +143,11 @@ pub async fn read_checkpoint(store: &dyn ObjectStore, vol: &str, seq: u64) -> Vo
 /// Store `cp` at `checkpoints/<seq>` unless a checkpoint is there already
 /// (then it holds the same map: the state at a seq is the state at that
 /// seq). A split one's parts go first, under a name of this call's own,
-/// and its manifest last; a manifest that lost the race, or failed, takes
-/// its parts back (best effort: compaction collects parts left below its
-/// fold point). Returns whether this call's checkpoint landed.
+/// and its manifest last. When the manifest certainly did not land (the
+/// parts failed, or another manifest is there) the parts are taken back;
+/// when that is not known they stay (compaction collects parts no manifest
+/// names once its fold point passes them). Returns whether this call's
+/// checkpoint landed.
 pub async fn write_checkpoint(store: &dyn ObjectStore, vol: &str, cp: &Checkpoint) -> VolumeResult<bool> {
     use crate::store::PutMode;
     use futures::stream::{self, StreamExt, TryStreamExt};
