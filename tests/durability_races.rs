@@ -627,3 +627,43 @@ async fn a_volume_deleted_while_a_reader_opens_it_is_not_served_from_an_older_ch
         }
     }
 }
+
+/// Every HEAD of `volume.json` after the first conditional PUT of a
+/// journal record fails (a store that stops answering right after an open
+/// record landed).
+#[derive(Debug)]
+struct HeadsFailAfterOpenRecord {
+    landed: AtomicBool,
+}
+
+#[async_trait]
+impl Around for HeadsFailAfterOpenRecord {
+    async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        let r = inner.put(key, body, mode).await;
+        if r.is_ok() && mode == PutMode::IfAbsent && key.starts_with(&format::journal_prefix("v/")) {
+            self.landed.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+    async fn head(&self, inner: &DynStore, key: &str) -> StoreResult<Option<u64>> {
+        if key == format::meta_key("v/") && self.landed.load(Ordering::SeqCst) {
+            return Err(store::StoreError::Transient("injected: no answer".into()));
+        }
+        inner.head(key).await
+    }
+}
+
+/// The check that the volume was not deleted while it was opened comes
+/// after the open record landed, which has fenced the writer before. A
+/// store error there must not fail the open: a writer that failed after
+/// its record landed leaves the log it took over harder to adopt (the
+/// simulation, seed 230075064936022, lost acknowledged writes that way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_deletion_check_after_the_open_record_does_not_fail_the_open() {
+    let plain: DynStore = Arc::new(MemoryStore::new());
+    create(&plain, "v/", 4 * CSU).await;
+    let store: DynStore = Wrapped::new(plain.clone(), HeadsFailAfterOpenRecord { landed: AtomicBool::new(false) });
+    let v = Volume::open(store, "v/", OpenOptions::default()).await.expect("the open failed after its record landed");
+    v.write(0, &common::pattern(1, 4096)).await.expect("write");
+    v.flush().await.expect("flush");
+}

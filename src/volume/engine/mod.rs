@@ -1038,11 +1038,26 @@ async fn open_for_write(
 /// record that landed while `volume.json` was still there is seen by a
 /// later listing; one that landed after is not, and is taken back here
 /// (no volume is left for it to belong to).
+///
+/// A store error here is not a reason to fail: the record has landed and
+/// fenced the writer before, and an open failing after that leaves a log
+/// it took over harder to adopt (a later opener finds it by this record,
+/// which compaction may fold away meanwhile). Unknown is taken for "not
+/// deleted", as it was before this check existed.
 async fn deleted_since_open(store: &DynStore, vol: &str, seq: u64) -> VolumeResult<()> {
-    let meta_gone = store.head(&format::meta_key(vol)).await?.is_none();
-    if !meta_gone && store.head(&crate::volume::catalog::tombstone_key(vol)).await?.is_none() {
-        return Ok(());
-    }
+    let looked = async {
+        let meta_gone = store.head(&format::meta_key(vol)).await?.is_none();
+        let tombstoned = meta_gone || store.head(&crate::volume::catalog::tombstone_key(vol)).await?.is_some();
+        Ok::<_, StoreError>((meta_gone, tombstoned))
+    };
+    let meta_gone = match looked.await {
+        Ok((_, false)) => return Ok(()),
+        Ok((meta_gone, true)) => meta_gone,
+        Err(e) => {
+            tracing::warn!(volume = vol, error = %e, "cannot tell whether the volume was deleted while it was opened; going on");
+            return Ok(());
+        }
+    };
     if meta_gone {
         let key = format::journal_key(vol, seq);
         if let Err(e) = store.delete(&key).await {
