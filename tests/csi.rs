@@ -376,6 +376,17 @@ async fn list_volumes_paginates_and_validate_checks_capabilities() {
     assert_eq!(cap.available_capacity, 1 << 50);
 }
 
+/// CreateSnapshot of `volume_id` named `name`; the snapshot it answers.
+async fn snapshot(d: &Driver, volume_id: &str, name: &str) -> pb::Snapshot {
+    let req = pb::CreateSnapshotRequest {
+        source_volume_id: volume_id.to_string(),
+        name: name.into(),
+        secrets: secrets(),
+        parameters: HashMap::new(),
+    };
+    d.ctl.clone().create_snapshot(req).await.expect("snapshot").into_inner().snapshot.expect("snapshot")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_and_clones_restore_the_right_bytes() {
     let Some(mut d) = driver().await else { return };
@@ -858,19 +869,7 @@ async fn a_restored_volume_outlives_its_snapshot() {
     let src = create(&mut d, "pvc-origin", 1 << 20).await;
     let before = common::pattern(21, 1 << 20);
     write(&d, &src.volume_id, 0, &before).await;
-    let snap = d
-        .ctl
-        .create_snapshot(pb::CreateSnapshotRequest {
-            source_volume_id: src.volume_id.clone(),
-            name: "snap-gone".into(),
-            secrets: secrets(),
-            parameters: HashMap::new(),
-        })
-        .await
-        .expect("snapshot")
-        .into_inner()
-        .snapshot
-        .expect("snapshot");
+    let snap = snapshot(&d, &src.volume_id, "snap-gone").await;
     let mut restore = create_req("pvc-restored", 1 << 20, 0);
     restore.volume_content_source = Some(pb::VolumeContentSource {
         r#type: Some(pb::volume_content_source::Type::Snapshot(pb::volume_content_source::SnapshotSource {
@@ -1396,19 +1395,7 @@ async fn a_failed_restore_lets_go_of_its_source() {
     let Some((mut d, fault)) = faulty_driver().await else { return };
     let src = create(&mut d, "pvc-base", 1 << 20).await;
     write(&d, &src.volume_id, 0, &common::pattern(5, 8192)).await;
-    let snap = d
-        .ctl
-        .create_snapshot(pb::CreateSnapshotRequest {
-            source_volume_id: src.volume_id.clone(),
-            name: "snap-base".into(),
-            secrets: secrets(),
-            parameters: HashMap::new(),
-        })
-        .await
-        .expect("snapshot")
-        .into_inner()
-        .snapshot
-        .expect("snapshot");
+    let snap = snapshot(&d, &src.volume_id, "snap-base").await;
     let sources = [
         (
             "pvc-restore",
