@@ -1379,6 +1379,42 @@ async fn a_failed_create_leaves_nothing_behind() {
     }
 }
 
+/// A CreateVolume, plain or restoring a snapshot, whose volume.json landed
+/// but whose create record did not (the store failing every try) leaves a
+/// volume that cannot open; a retry of the same request finishes it rather
+/// than answer with it as it is, and it then reads as asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_that_stopped_before_its_create_record_is_finished_by_a_retry() {
+    use s3blk::store::fault::Op;
+    let Some((mut d, fault)) = faulty_driver().await else { return };
+    let src = create(&mut d, "pvc-half-src", 1 << 20).await;
+    let data = common::pattern(9, 8192);
+    write(&d, &src.volume_id, 0, &data).await;
+    let snap = snapshot(&d, &src.volume_id, "snap-half").await;
+    let restore = pb::volume_content_source::Type::Snapshot(pb::volume_content_source::SnapshotSource {
+        snapshot_id: snap.snapshot_id.clone(),
+    });
+    for (name, source, want) in [("pvc-half", None, vec![0u8; 8192]), ("pvc-half-restore", Some(restore), data)] {
+        let mut req = create_req(name, 1 << 20, 0);
+        req.volume_content_source = source.map(|t| pb::VolumeContentSource { r#type: Some(t) });
+        fail_all(&fault, Op::Put, &format!("k8s/{name}/journal/"));
+        let failed = d.ctl.create_volume(req.clone()).await;
+        assert!(failed.is_err(), "{name}: created: {failed:?}");
+        fault.clear_rules();
+        let prefix = format!("k8s/{name}/");
+        assert!(keys_under(&d, &prefix).await.contains(&format!("{prefix}volume.json")), "{name}");
+        let opened = Volume::open(d.store.clone(), &prefix, OpenOptions::default()).await.err();
+        assert!(
+            opened.as_ref().is_some_and(|e| e.to_string().contains("create the same volume again")),
+            "{name}: {opened:?}"
+        );
+        let made = d.ctl.create_volume(req).await.expect("the retry").into_inner().volume.expect("volume");
+        assert_eq!(read(&d, &made.volume_id, 0, 8192).await, want, "{name}");
+        let left = keys_under(&d, &prefix).await;
+        assert!(!left.contains(&format!("{prefix}source.json")), "{name}: {left:?}");
+    }
+}
+
 /// The id CreateVolume would have given `name` in the driver's store.
 fn failed_id(d: &Driver, name: &str) -> String {
     format!("s3://{}/k8s/{name}", d.bucket)

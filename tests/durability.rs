@@ -469,3 +469,42 @@ async fn a_busy_volume_opens_replaying_few_records() {
     assert_eq!(read_fresh(&store, "v/", 3 * CSU, 8).await, 399u64.to_le_bytes());
     assert_fsck_clean(&store, "v/").await;
 }
+
+/// A create whose volume.json landed but whose create record did not: the
+/// volume refuses to open with what to do; the same create asked again
+/// finishes it (another size is refused as a name taken); a prefix with
+/// chunks but no records is damage, never finished into an empty volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_asked_again_finishes_one_that_stopped_before_its_create_record() {
+    let rig = FaultRig::new();
+    let opts = |size: u64| CreateOptions { size, chunk_size: CS, parent: None, single_writer: false };
+    rig.rule(Some(Op::Put), "journal/", Fault::ServerError, 1_000);
+    let failed = Volume::create(rig.faulty(), "v/", opts(4 * CSU), &SystemClock).await;
+    assert!(failed.is_err(), "created: {failed:?}");
+    rig.fault.clear_rules();
+    let opened = Volume::open(rig.plain(), "v/", OpenOptions::default()).await.err();
+    assert!(opened.as_ref().is_some_and(|e| e.to_string().contains("create the same volume again")), "{opened:?}");
+    let other = Volume::create(rig.plain(), "v/", opts(8 * CSU), &SystemClock).await;
+    assert!(matches!(other, Err(VolumeError::AlreadyExists(_))), "another size: {other:?}");
+    Volume::create(rig.plain(), "v/", opts(4 * CSU), &SystemClock).await.expect("the same create again");
+    let v = open(&rig.plain(), "v/").await;
+    // A whole chunk: it goes up as a chunk object, not inside a record.
+    let data = common::pattern(3, CS as usize);
+    v.write(0, &data).await.expect("write");
+    v.flush().await.expect("flush");
+    drop(v);
+    assert_eq!(read_fresh(&rig.plain(), "v/", 0, CSU).await, data);
+    let again = Volume::create(rig.plain(), "v/", opts(4 * CSU), &SystemClock).await;
+    assert!(matches!(again, Err(VolumeError::AlreadyExists(_))), "a finished volume: {again:?}");
+    assert_fsck_clean(&rig.plain(), "v/").await;
+
+    // Records and checkpoints gone, chunks left: damage.
+    let store = rig.plain();
+    for o in s3blk::store::list_all(store.as_ref(), "v/").await.expect("list") {
+        if o.key.contains("/journal/") || o.key.contains("/checkpoints/") {
+            store.delete(&o.key).await.expect("delete");
+        }
+    }
+    let damaged = Volume::create(rig.plain(), "v/", opts(4 * CSU), &SystemClock).await;
+    assert!(matches!(damaged, Err(VolumeError::Corrupt(_))), "{damaged:?}");
+}

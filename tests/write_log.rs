@@ -16,6 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use proptest::prelude::*;
 use s3blk::store::{DynStore, PutMode};
+use s3blk::volume::compact::{self, CompactOptions};
 use s3blk::volume::engine::CreateOptions;
 use s3blk::volume::format::{self, JournalRecord, RecordKind};
 use s3blk::volume::{OpenOptions, Volume, VolumeError};
@@ -126,7 +127,9 @@ async fn a_log_is_not_replayed_after_another_writer_opened_the_volume() {
 /// taken over when that writer's open record is the journal's newest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_handed_to_a_writer_that_died_opening_is_kept_only_if_its_open_record_landed() {
-    for landed in [true, false] {
+    // Also when compaction ran in between, with the open record the
+    // journal's last: it must not fold the record the log is known by.
+    for (landed, compacted) in [(true, false), (false, false), (true, true), (false, true)] {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = common::local_store(&dir.path().join("store"));
         let logs = dir.path().join("logs");
@@ -158,15 +161,20 @@ async fn a_log_handed_to_a_writer_that_died_opening_is_kept_only_if_its_open_rec
         };
         let key = format::journal_key("v", head + 1);
         store.put(&key, Bytes::from(rec.encode()), PutMode::IfAbsent).await.expect("open record");
+        if compacted {
+            let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
+            let report = compact::compact(&store, "v", &eager, &s3blk::clock::SystemClock).await.expect("compact");
+            assert_eq!(report.folded_seq, Some(head), "compaction folded onto the trailing open record");
+        }
 
         let v = open_log(&store, "v", &logs).await;
         let r = v.log_recovery().expect("a log");
-        assert_eq!(r.adopted, landed, "{r:?}");
+        assert_eq!(r.adopted, landed, "compacted: {compacted}; {r:?}");
         let got = v.read(0, 8192).await.expect("read");
         if landed {
-            assert_eq!(got, data, "the log of a writer whose open landed was not replayed");
+            assert_eq!(got, data, "the log of a writer whose open landed was not replayed (compacted: {compacted})");
         } else {
-            assert_eq!(got, vec![0u8; 8192], "the log of a superseded writer was replayed");
+            assert_eq!(got, vec![0u8; 8192], "the log of a superseded writer was replayed (compacted: {compacted})");
         }
     }
 }
@@ -748,4 +756,72 @@ async fn a_chunk_written_whole_in_pages_takes_a_small_write_without_fetching_its
         .await
         .expect("open ro");
     assert_eq!(ro.read(0, CS as u64).await.expect("read"), model);
+}
+
+/// A dead writer's log whose newest entry zeroes part of a block an
+/// earlier entry wrote whole, and the replay commits part way (room for
+/// two dirty chunks): every block another opener sees then is one the
+/// volume held at some point, never the newest bytes of one entry beside
+/// committed bytes a later entry had overwritten (simulation seed
+/// 230075064934969).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_committing_part_way_never_stores_a_block_that_never_was() {
+    let (_dir, store, logs, _uuid) = volume_with_logs().await;
+    let opts = || OpenOptions { dirty_limit: 2 * CS as u64, ..with_log(&logs) };
+    let a = Volume::open(store.clone(), "v", opts()).await.expect("open");
+    const SPAN: usize = 3 * CS as usize;
+    let mut model = vec![0u8; SPAN];
+    // Every state of each 4 KiB block, oldest first.
+    let mut states: Vec<Vec<Vec<u8>>> = (0..SPAN / 4096).map(|_| vec![vec![0u8; 4096]]).collect();
+    let step = |model: &mut Vec<u8>, states: &mut Vec<Vec<Vec<u8>>>, offset: usize, len: usize, seed: Option<u64>| {
+        let data = seed.map_or_else(|| vec![0u8; len], |s| common::pattern(s, len));
+        model[offset..offset + len].copy_from_slice(&data);
+        for b in offset / 4096..(offset + len).div_ceil(4096) {
+            states[b].push(model[b * 4096..(b + 1) * 4096].to_vec());
+        }
+        (offset as u64, data, seed.is_none())
+    };
+    let writes: [&[(usize, usize, Option<u64>)]; 2] = [
+        &[(65536, 65536, Some(1)), (40960, 20480, Some(2)), (159744, 20480, Some(3)), (102400, 24576, Some(4))],
+        &[
+            (40960, 12288, None),
+            (6060, 8268, Some(6)),
+            (65536, 65536, Some(7)),
+            (53248, 57344, Some(8)),
+            (56596, 8410, None),
+        ],
+    ];
+    for (round, ws) in writes.iter().enumerate() {
+        for &(offset, len, seed) in ws.iter() {
+            let (o, d, zeros) = step(&mut model, &mut states, offset, len, seed);
+            match zeros {
+                true => a.write_zeroes(o, d.len() as u64).await.expect("write_zeroes"),
+                false => a.write(o, &d).await.expect("write"),
+            }
+        }
+        if round == 0 {
+            a.flush().await.expect("flush");
+        }
+    }
+    die(a).await;
+    let b = Volume::open(store.clone(), "v", opts()).await.expect("open");
+    assert!(b.log_recovery().is_some_and(|r| r.adopted), "the log was not taken over");
+    assert!(b.read(0, SPAN as u64).await.expect("read") == model, "the replaying writer reads other bytes");
+    // What another opener sees now (the replaying writer could die here).
+    let ro = Volume::open(store.clone(), "v", OpenOptions { read_only: true, ..OpenOptions::default() })
+        .await
+        .expect("open read-only");
+    let got = ro.read(0, SPAN as u64).await.expect("read");
+    for (b, block) in got.chunks(4096).enumerate() {
+        assert!(states[b].iter().any(|s| s == block), "block {b} as committed part way was never the volume's");
+    }
+    drop(ro);
+    b.flush().await.expect("flush");
+    let ro = Volume::open(store.clone(), "v", OpenOptions { read_only: true, ..OpenOptions::default() })
+        .await
+        .expect("open read-only");
+    assert!(
+        ro.read(0, SPAN as u64).await.expect("read") == model,
+        "the flushed volume differs from what was acknowledged"
+    );
 }

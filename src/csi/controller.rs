@@ -629,6 +629,11 @@ impl pb::controller_server::Controller for ControllerService {
                 if tombstoned {
                     return Err(Status::already_exists(format!("volume {} exists and is being deleted", req.name)));
                 }
+                // An earlier attempt that wrote volume.json and failed before
+                // its create record: finished now, as the retry asks.
+                if Volume::finish_create(&store, &loc.prefix, &meta).await.map_err(status)? {
+                    catalog::forget_source(&store, &loc.prefix).await;
+                }
                 let size = catalog::current_size(&store, &loc.prefix, &meta).await.map_err(catalog_status)?;
                 let lim = req.capacity_range.as_ref().map(|r| r.limit_bytes).unwrap_or(0);
                 let req_b = req.capacity_range.as_ref().map(|r| r.required_bytes).unwrap_or(0);

@@ -8,6 +8,9 @@
 //!   age. A checkpoint is written at `X`; records below `X` are deleted;
 //!   `X` itself and everything after it stay, so a live writer always finds
 //!   its predecessor record (the engine's check against resurrected seqs).
+//!   When `X` is a writer's open record, the record before it is the fold
+//!   point instead: a successor recognises a dead writer's write-back log
+//!   by that record.
 //! - Every snapshot gets a checkpoint at its seq before the records it
 //!   needs go, so snapshots and clones of this volume still replay.
 //! - A chunk generation is garbage when no map that can still be read
@@ -153,20 +156,39 @@ pub async fn compact(
     report.stale_records = head_state.stale_records.clone();
     add_map(&mut live, head_state.map.iter());
     let mut pinned: BTreeSet<u64> = BTreeSet::new();
+    let has_checkpoint = |seq: u64| checkpoints.iter().any(|o| parse_checkpoint_key(vol, &o.key) == Some(seq));
     if let Some(x) = fold {
-        let at_fold = match replay::replay(store.as_ref(), vol, cs, Some(x)).await {
-            Ok(st) => st,
-            // Another compaction folded past our fold point meanwhile: it
-            // did this pass's work; stop without touching anything.
-            Err(VolumeError::Corrupt(why)) if replay::checkpoint_after(store.as_ref(), vol, None, Some(x)).await? => {
-                return Err(VolumeError::Store(StoreError::Transient(format!(
-                    "another compaction folded past seq {x} while this one ran ({why}); nothing done"
-                ))));
+        let replay_at = |x: u64| async move {
+            match replay::replay(store.as_ref(), vol, cs, Some(x)).await {
+                Ok(st) => Ok(st),
+                // Another compaction folded past our fold point meanwhile: it
+                // did this pass's work; stop without touching anything.
+                Err(VolumeError::Corrupt(why))
+                    if replay::checkpoint_after(store.as_ref(), vol, None, Some(x)).await? =>
+                {
+                    Err(VolumeError::Store(StoreError::Transient(format!(
+                        "another compaction folded past seq {x} while this one ran ({why}); nothing done"
+                    ))))
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => return Err(e),
         };
+        let mut at_fold = replay_at(x).await?;
+        // Never fold onto a writer's open record (one before it instead):
+        // a writer that took over a dead process's write-back log and died
+        // with its open record landed, before it knew, leaves that log to
+        // its successor, which recognises it by the writer id in that
+        // record. Folded into a checkpoint, the record could be a late
+        // one that landed in a hole, and the log would be discarded with
+        // the acknowledged writes in it. A record after it is the same
+        // writer's commit, and its log then names the epoch itself.
+        if x > 0 && at_fold.epoch == x && at_fold.checkpoint != Some(x) && !has_checkpoint(x) {
+            fold = Some(x - 1);
+            at_fold = replay_at(x - 1).await?;
+        }
+        let x = fold.unwrap_or(x);
         add_map(&mut live, at_fold.map.iter());
-        if !checkpoints.iter().any(|o| parse_checkpoint_key(vol, &o.key) == Some(x)) {
+        if !has_checkpoint(x) {
             report.checkpoints_written += 1;
             if !opts.dry_run {
                 write_checkpoint(store, vol, &at_fold).await?;

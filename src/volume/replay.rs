@@ -296,7 +296,10 @@ async fn replay_from(
     }
     catch_up(store, vol, chunk_size, &mut state, started, upto).await?;
     if !started && state.records_replayed == 0 {
-        return Err(VolumeError::Corrupt(format!("{vol}: no journal records and no checkpoint")));
+        return Err(VolumeError::Corrupt(format!(
+            "{vol}: no journal records and no checkpoint (a create that stopped after writing volume.json leaves \
+             this: create the same volume again to finish it, or delete it)"
+        )));
     }
     Ok(state)
 }

@@ -313,6 +313,12 @@ impl Claimed {
     /// Read segment `n`. `last`: it is the newest, so a torn tail is cut
     /// off (and the file truncated) rather than refused.
     pub fn read_segment(&self, n: u64, last: bool) -> Result<Vec<Entry>, LogError> {
+        Ok(self.read_segment_at(n, last)?.into_iter().map(|(_, e)| e).collect())
+    }
+
+    /// [`Claimed::read_segment`], each entry with where its payload
+    /// starts in the segment (for [`Claimed::read_payload`]).
+    pub fn read_segment_at(&self, n: u64, last: bool) -> Result<Vec<(u64, Entry)>, LogError> {
         let path = segment_path(&self.dir, n);
         let mut buf = Vec::new();
         File::open(&path)?.read_to_end(&mut buf)?;
@@ -337,6 +343,13 @@ impl Claimed {
             }
         }
         Ok(entries)
+    }
+
+    /// Read `buf.len()` bytes at `at` in segment `n` (part of a payload
+    /// [`Claimed::read_segment_at`] located).
+    pub fn read_payload(&self, n: u64, at: u64, buf: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        File::open(segment_path(&self.dir, n))?.read_exact_at(buf, at)
     }
 
     /// Start appending after the segments already there.
@@ -389,7 +402,12 @@ fn new_segment(dir: &Path, n: u64) -> io::Result<(File, u64)> {
 /// Entries of a segment's bytes, how many bytes are valid, and why the
 /// rest is not, with whether it looks like a torn end (the bad entry is
 /// the last thing in the file, or only zeros follow the good ones).
-fn parse_segment(buf: &[u8]) -> (Vec<Entry>, usize, Option<(String, bool)>) {
+/// What [`parse_segment`] found: each entry with where its payload starts
+/// in the file, how many bytes are valid, and why the rest is not (and
+/// whether that looks like a torn end).
+type Parsed = (Vec<(u64, Entry)>, usize, Option<(String, bool)>);
+
+fn parse_segment(buf: &[u8]) -> Parsed {
     let mut out = Vec::new();
     if buf.len() < SEGMENT_HEADER {
         return (out, 0, Some(("short segment header".into(), true)));
@@ -429,10 +447,11 @@ fn parse_segment(buf: &[u8]) -> (Vec<Entry>, usize, Option<(String, bool)>) {
         if crc32c::crc32c_append(crc32c::crc32c(&rest[4..ENTRY_HEADER]), payload) != crc {
             return (out, pos, bad(pos, end, "checksum mismatch".into()));
         }
+        let at = (pos + ENTRY_HEADER) as u64;
         out.push(match kind {
-            KIND_WRITE => Entry::Write { offset, data: payload.to_vec() },
-            KIND_ZERO => Entry::Zero { offset, len: len as u64 },
-            KIND_SIZE => Entry::Size(offset),
+            KIND_WRITE => (at, Entry::Write { offset, data: payload.to_vec() }),
+            KIND_ZERO => (at, Entry::Zero { offset, len: len as u64 }),
+            KIND_SIZE => (at, Entry::Size(offset)),
             k => return (out, pos, bad(pos, end, format!("unknown entry kind {k}"))),
         });
         pos = end;

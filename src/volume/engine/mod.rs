@@ -474,6 +474,17 @@ impl Volume {
         format::check_size(opts.size).map_err(VolumeError::InvalidArgument)?;
         format::check_chunk_size(opts.chunk_size).map_err(VolumeError::InvalidArgument)?;
         if store.head(&meta_key(vol)).await?.is_some() {
+            // A create asked again after an attempt that wrote volume.json
+            // and failed (or died) before its create record: finished here
+            // when it asked for the same volume.
+            let meta = replay::read_meta(store.as_ref(), vol).await?;
+            if meta.size == opts.size
+                && meta.chunk_size == opts.chunk_size
+                && meta.parent == opts.parent
+                && Self::finish_create(&store, vol, &meta).await?
+            {
+                return Ok(meta);
+            }
             return Err(VolumeError::AlreadyExists(format!("volume {}/{vol}", store.describe())));
         }
         let conditional = crate::store::supports_conditional_put(store.as_ref(), vol).await?;
@@ -506,22 +517,43 @@ impl Volume {
             }
             Err(e) => return Err(e.into()),
         }
-        let rec = JournalRecord {
-            kind: RecordKind::Create,
-            seq: 0,
-            epoch: 0,
-            size: opts.size,
-            writer: 0,
-            created_unix: meta.created_unix,
-            chunks: Vec::new(),
-            inline: Vec::new(),
-        };
-        match store.put(&journal_key(vol, 0), Bytes::from(rec.encode()), PutMode::IfAbsent).await {
+        match store.put(&journal_key(vol, 0), create_record(&meta), PutMode::IfAbsent).await {
             // A retried PUT that had landed the first time answers 412; the
             // record is ours: nobody else can have written volume.json.
             Ok(()) | Err(StoreError::PreconditionFailed(_)) => Ok(meta),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Finish a create that wrote `volume.json` (`meta`) but not its
+    /// create record (the creator failed or died in between): write the
+    /// record. `Ok(false)`: the volume has records or checkpoints, there
+    /// is nothing to finish. A volume with chunks but neither is damage,
+    /// never taken for a new empty one.
+    pub async fn finish_create(store: &DynStore, vol: &str, meta: &VolumeMeta) -> VolumeResult<bool> {
+        let any = |prefix: String| async move {
+            let req = crate::store::ListRequest { prefix: &prefix, start_after: None, delimiter: false, max_keys: 1 };
+            Ok::<_, StoreError>(!store.list(req).await?.objects.is_empty())
+        };
+        if any(format::journal_prefix(vol)).await? || any(format::checkpoint_prefix(vol)).await? {
+            return Ok(false);
+        }
+        if any(format::chunk_prefix(vol)).await? {
+            return Err(VolumeError::Corrupt(format!("{vol}: chunks, but no journal records and no checkpoint")));
+        }
+        match store.put(&journal_key(vol, 0), create_record(meta), PutMode::IfAbsent).await {
+            // The first creator's record landed meanwhile: the same record.
+            Ok(()) | Err(StoreError::PreconditionFailed(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // A delete may have begun meanwhile (it takes volume.json first):
+        // a record left under a prefix without a volume is taken back.
+        if store.head(&meta_key(vol)).await?.is_none() {
+            store.delete(&journal_key(vol, 0)).await?;
+            return Err(VolumeError::NotFound(format!("{vol} (deleted while its create was being finished)")));
+        }
+        tracing::info!(volume = vol, "finished a create that had stopped before its create record");
+        Ok(true)
     }
 
     /// Open a volume: replay checkpoint + journal; for writing, append an
@@ -699,15 +731,23 @@ impl Volume {
         // already committed after it would otherwise be committed, taking
         // the volume back in time until a later entry is replayed (or for
         // good, if this writer dies first). A volume part-replayed holds,
-        // range by range, its committed bytes or the newest acknowledged
+        // block by block, its committed bytes or the newest acknowledged
         // ones: a subset of unflushed writes, as a volatile cache may.
         let mut ranges = Vec::new();
+        // Per entry that covers bytes: its segment and where its payload is.
+        let mut sources = Vec::new();
         let mut size = None;
         for (i, n) in segments.iter().enumerate() {
-            for e in c.read_segment(*n, i + 1 == segments.len()).map_err(damaged)? {
+            for (at, e) in c.read_segment_at(*n, i + 1 == segments.len()).map_err(damaged)? {
                 match e {
-                    log::Entry::Write { offset, data } => ranges.push((offset, data.len() as u64)),
-                    log::Entry::Zero { offset, len } => ranges.push((offset, len)),
+                    log::Entry::Write { offset, data } => {
+                        ranges.push((offset, data.len() as u64));
+                        sources.push(Some((*n, at, offset)));
+                    }
+                    log::Entry::Zero { offset, len } => {
+                        ranges.push((offset, len));
+                        sources.push(None);
+                    }
                     log::Entry::Size(s) => size = size.max(Some(s)),
                 }
             }
@@ -717,6 +757,12 @@ impl Volume {
             let mut st = self.inner.lock();
             st.size = st.size.max(s);
         }
+        // A block whose newest bytes are in two parts or more (of one entry
+        // or several) is written whole, once, at the end: written part by
+        // part, a commit between the parts would store a block that never
+        // was (the newest bytes of one entry beside the committed ones
+        // another entry had overwritten).
+        let shared = shared_blocks(&keep);
         let mut at = 0;
         for (i, n) in segments.iter().enumerate() {
             for e in c.read_segment(*n, i + 1 == segments.len()).map_err(damaged)? {
@@ -728,6 +774,10 @@ impl Volume {
                     }
                 };
                 for &(start, end) in parts {
+                    let (start, end) = outside_blocks(start, end, &shared);
+                    if start >= end {
+                        continue;
+                    }
                     let r = match &e {
                         log::Entry::Write { offset, data } => {
                             let from = (start - offset) as usize;
@@ -736,18 +786,31 @@ impl Volume {
                         log::Entry::Zero { .. } => self.write_zeroes(start, end - start).await,
                         log::Entry::Size(_) => Ok(()),
                     };
-                    r.map_err(|err| match err {
-                        VolumeError::OutOfRange { .. } | VolumeError::InvalidArgument(_) => {
-                            damaged(log::LogError::Damaged { path: c.dir.clone(), at: 0, why: err.to_string() })
-                        }
-                        other => other,
-                    })?;
+                    r.map_err(|err| replay_damage(err, &damaged, &c.dir))?;
                 }
                 rec.entries += 1;
                 if let log::Entry::Write { data, .. } = &e {
                     rec.bytes += data.len() as u64;
                 }
             }
+        }
+        for (block, parts) in &shared {
+            let first = block * REPLAY_BLOCK;
+            let len = REPLAY_BLOCK.min(self.size().saturating_sub(first));
+            let mut buf = self.read(first, len).await.map_err(|err| replay_damage(err, &damaged, &c.dir))?;
+            for &(entry, start, end) in parts {
+                let Some(to) = buf.get_mut((start - first) as usize..(end - first) as usize) else {
+                    let why = format!("an entry for bytes {start}..{end} is past the volume's end");
+                    return Err(damaged(log::LogError::Damaged { path: c.dir.clone(), at: 0, why }));
+                };
+                match sources.get(entry).copied().flatten() {
+                    Some((seg, payload, offset)) => {
+                        c.read_payload(seg, payload + (start - offset), to).map_err(|e| log_io(&c.dir, e))?
+                    }
+                    None => to.fill(0),
+                }
+            }
+            self.write(first, &buf).await.map_err(|err| replay_damage(err, &damaged, &c.dir))?;
         }
         Ok(())
     }
@@ -1067,6 +1130,87 @@ async fn deleted_since_open(store: &DynStore, vol: &str, seq: u64) -> VolumeResu
     Err(VolumeError::NotFound(format!("{vol} (deleted while it was being opened)")))
 }
 
+/// The create record (seq 0) of a volume whose `volume.json` is `meta`.
+fn create_record(meta: &VolumeMeta) -> Bytes {
+    let rec = JournalRecord {
+        kind: RecordKind::Create,
+        seq: 0,
+        epoch: 0,
+        size: meta.size,
+        writer: 0,
+        created_unix: meta.created_unix,
+        chunks: Vec::new(),
+        inline: Vec::new(),
+    };
+    Bytes::from(rec.encode())
+}
+
+/// The unit a write-back log replay never leaves half applied: a block
+/// holds, at every commit, bytes it held at once (a kernel's writes are
+/// made of whole 512-byte sectors or 4 KiB blocks).
+const REPLAY_BLOCK: u64 = 4096;
+
+/// The blocks of [`REPLAY_BLOCK`] holding two or more of `parts` (from
+/// [`newest_parts`]), each with those parts as `(entry, start, end)`.
+/// Only the blocks where a part starts or ends can: a block inside a part
+/// holds nothing else.
+fn shared_blocks(parts: &[Vec<(u64, u64)>]) -> BTreeMap<u64, Vec<(usize, u64, u64)>> {
+    let mut blocks: BTreeMap<u64, Vec<(usize, u64, u64)>> = BTreeMap::new();
+    for (entry, ps) in parts.iter().enumerate() {
+        for &(start, end) in ps {
+            if start >= end {
+                continue;
+            }
+            let (first, last) = (start / REPLAY_BLOCK, (end - 1) / REPLAY_BLOCK);
+            for b in [first, last] {
+                let (lo, hi) = (b * REPLAY_BLOCK, (b + 1) * REPLAY_BLOCK);
+                if start > lo || end < hi {
+                    let piece = (entry, start.max(lo), end.min(hi));
+                    let v = blocks.entry(b).or_default();
+                    if !v.contains(&piece) {
+                        v.push(piece);
+                    }
+                }
+            }
+        }
+    }
+    blocks.retain(|_, v| v.len() > 1);
+    blocks
+}
+
+/// `[start, end)` without its first and last block when those are in
+/// `shared` (only a part's end blocks can be).
+fn outside_blocks(start: u64, end: u64, shared: &BTreeMap<u64, Vec<(usize, u64, u64)>>) -> (u64, u64) {
+    if start >= end {
+        return (start, start);
+    }
+    let (first, last) = (start / REPLAY_BLOCK, (end - 1) / REPLAY_BLOCK);
+    let from = match shared.contains_key(&first) {
+        true => (first + 1) * REPLAY_BLOCK,
+        false => start,
+    };
+    let to = match shared.contains_key(&last) {
+        true => last * REPLAY_BLOCK,
+        false => end,
+    };
+    (from, to.max(from))
+}
+
+/// An error applying a replayed entry: one the entry itself caused is the
+/// log's damage.
+fn replay_damage(
+    err: VolumeError,
+    damaged: &impl Fn(log::LogError) -> VolumeError,
+    dir: &std::path::Path,
+) -> VolumeError {
+    match err {
+        VolumeError::OutOfRange { .. } | VolumeError::InvalidArgument(_) => {
+            damaged(log::LogError::Damaged { path: dir.to_path_buf(), at: 0, why: err.to_string() })
+        }
+        other => other,
+    }
+}
+
 /// For ranges `(offset, len)` in the order they were written, the parts of
 /// each that no later range overwrote, as `[start, end)` pairs: applying
 /// just those gives the same bytes as applying every range in order.
@@ -1334,7 +1478,7 @@ impl Drop for Inner {
 
 #[cfg(test)]
 mod tests {
-    use super::newest_parts;
+    use super::{REPLAY_BLOCK, newest_parts, outside_blocks, shared_blocks};
 
     #[test]
     fn only_the_newest_bytes_of_each_range_are_kept() {
@@ -1397,5 +1541,59 @@ mod tests {
             newest_parts(&[(m - 5, 10), (m - 3, 1)]),
             vec![vec![(m - 5, m - 3), (m - 2, m)], vec![(m - 3, m - 2)]]
         );
+    }
+
+    /// The replay's steps (each entry's newest bytes outside shared blocks
+    /// in log order, then each shared block whole) over random histories
+    /// of unaligned ranges: after every step each block is either as
+    /// before the replay or as after it, and after the last, every byte
+    /// is its newest.
+    #[test]
+    fn a_replay_leaves_every_block_old_or_new_after_each_step() {
+        const B: usize = REPLAY_BLOCK as usize;
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m
+        };
+        for _ in 0..500 {
+            let n = next(10) as usize + 1;
+            let ranges: Vec<(u64, u64)> =
+                (0..n).map(|_| (next(5 * REPLAY_BLOCK), next(3 * REPLAY_BLOCK) + 1)).collect();
+            // Byte values: 0 before the replay, entry + 1 for an entry's bytes.
+            let mut fin = vec![0usize; 9 * B];
+            for (i, (o, l)) in ranges.iter().enumerate() {
+                fin[*o as usize..(*o + *l) as usize].fill(i + 1);
+            }
+            let mut now = vec![0usize; 9 * B];
+            let check = |now: &[usize]| {
+                for b in 0..9 {
+                    let (got, want) = (&now[b * B..(b + 1) * B], &fin[b * B..(b + 1) * B]);
+                    assert!(
+                        got.iter().all(|v| *v == 0) || got == want,
+                        "{ranges:?}: block {b} was neither old nor new"
+                    );
+                }
+            };
+            let keep = newest_parts(&ranges);
+            let shared = shared_blocks(&keep);
+            for (i, ps) in keep.iter().enumerate() {
+                for &(s, e) in ps {
+                    let (s, e) = outside_blocks(s, e, &shared);
+                    now[s as usize..e as usize].fill(i + 1);
+                    check(&now);
+                }
+            }
+            for (block, parts) in &shared {
+                for &(i, s, e) in parts {
+                    assert_eq!((s / REPLAY_BLOCK, (e - 1) / REPLAY_BLOCK), (*block, *block), "{ranges:?}");
+                    now[s as usize..e as usize].fill(i + 1);
+                }
+                check(&now);
+            }
+            assert_eq!(now, fin, "{ranges:?}");
+        }
     }
 }
