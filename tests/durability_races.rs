@@ -667,3 +667,53 @@ async fn an_unanswered_deletion_check_after_the_open_record_does_not_fail_the_op
     v.write(0, &common::pattern(1, 4096)).await.expect("write");
     v.flush().await.expect("flush");
 }
+
+/// A reader opens a restored volume just as a delete of it lets go of its
+/// pin in the source, and the source's compaction then folds past the
+/// pinned seq (keeping an older snapshot's checkpoint). The reader must
+/// not be served the source as of another seq than the one it reads
+/// through, and a volume being deleted is not found, not damaged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_opened_while_its_delete_lets_go_of_the_source_is_not_found() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CSU).await;
+    let w = open_with(&mem, "v/", OpenOptions::default()).await;
+    let (d1, d2, d3) =
+        (common::pattern(1, CS as usize), common::pattern(2, CS as usize), common::pattern(3, CS as usize));
+    w.write(0, &d1).await.expect("write");
+    w.flush().await.expect("flush");
+    s3blk::volume::engine::snapshot_committed(&mem, "v/", "old", &SystemClock).await.expect("snapshot");
+    w.write(0, &d2).await.expect("write");
+    w.flush().await.expect("flush");
+    s3blk::volume::engine::snapshot_committed(&mem, "v/", "s", &SystemClock).await.expect("snapshot");
+    w.write(0, &d3).await.expect("write");
+    w.flush().await.expect("flush");
+    drop(w);
+    catalog::clone_volume(&mem, "v/", Some("s"), "r/", "r/", None, &SystemClock).await.expect("restore");
+    assert_eq!(read_fresh(&mem, "r/", 0, CSU).await.as_deref(), Ok(&d2[..]));
+    // The user's snapshot goes; the restore's own pin keeps seq s.
+    mem.delete(&format::snapshot_key("v/", "s")).await.expect("delete snapshot");
+
+    // The delete of r/ as far as letting go of its source: tombstone, pin
+    // and marker gone; volume.json still there.
+    let tomb = catalog::tombstone_key("r/");
+    let body = Bytes::from(format!("{{\"deleted_unix\":{}}}\n", SystemClock.now_unix()));
+    mem.put(&tomb, body, PutMode::IfAbsent).await.expect("tombstone");
+    catalog::release_source(&mem, "v/", "r/").await.expect("release");
+    let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
+    compact::compact(&mem, "v/", &eager, &SystemClock).await.expect("compact");
+    compact::compact(&mem, "v/", &eager, &SystemClock).await.expect("compact");
+
+    match Volume::open(mem.clone(), "r/", OpenOptions { read_only: true, ..OpenOptions::default() }).await {
+        Err(VolumeError::NotFound(why)) => assert!(why.contains("deleted"), "{why}"),
+        Err(e) => panic!("a restore being deleted was reported as: {e}"),
+        Ok(r) => {
+            let got = r.read(0, CSU).await.expect("read");
+            let which = [(&d1, "d1 (an older seq)"), (&d2, "d2 (its seq)"), (&d3, "d3 (a later seq)")]
+                .iter()
+                .find(|(d, _)| got == ***d)
+                .map_or("other bytes", |(_, n)| *n);
+            panic!("a restore being deleted was served; it reads {which}");
+        }
+    }
+}

@@ -570,7 +570,7 @@ impl Volume {
             None => None,
         };
         let mut st = replay::replay(store.as_ref(), vol, chunk_size, upto).await?;
-        let parents = load_parents(&store, &meta).await?;
+        let parents = load_parents(&store, vol, &meta).await?;
         // A delete removes `volume.json` before anything else. Still there
         // after the replay, no record or checkpoint the replay read was
         // taken by one; gone, the replay may have stopped at a checkpoint
@@ -977,8 +977,10 @@ const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(30);
 /// Deepest clone chain followed (clone of a clone of ...).
 const MAX_CLONE_DEPTH: usize = 32;
 
-async fn load_parents(store: &DynStore, meta: &VolumeMeta) -> VolumeResult<Vec<Parent>> {
+/// The maps of `vol`'s parents, each as of the seq it reads through.
+async fn load_parents(store: &DynStore, vol: &str, meta: &VolumeMeta) -> VolumeResult<Vec<Parent>> {
     let mut parents = Vec::new();
+    let mut child = vol.to_string();
     let mut next = meta.parent.clone();
     while let Some(p) = next {
         if parents.len() >= MAX_CLONE_DEPTH {
@@ -988,8 +990,29 @@ async fn load_parents(store: &DynStore, meta: &VolumeMeta) -> VolumeResult<Vec<P
         if pmeta.chunk_size != meta.chunk_size {
             return Err(VolumeError::Corrupt(format!("clone parent {} has another chunk size", p.volume)));
         }
-        let pst = replay::replay(store.as_ref(), &p.volume, meta.chunk_size as u64, Some(p.seq)).await?;
+        let pst = match replay::replay(store.as_ref(), &p.volume, meta.chunk_size as u64, Some(p.seq)).await {
+            Ok(pst) if pst.head == p.seq => Ok(pst),
+            Ok(pst) => Err(VolumeError::Corrupt(format!(
+                "clone parent {} replays to seq {}, not to seq {} that {child} reads through",
+                p.volume, pst.head, p.seq
+            ))),
+            Err(e) => Err(e),
+        };
+        // A delete of the clone lets go of its pin in the parent before it
+        // removes the rest: the parent's compaction may then fold past
+        // that seq under this replay. The clone is being deleted (its
+        // tombstone is written first), not damaged.
+        let pst = match pst {
+            Err(VolumeError::Corrupt(why))
+                if store.head(&crate::volume::catalog::tombstone_key(&child)).await?.is_some() =>
+            {
+                tracing::info!(volume = %child, parent = %p.volume, reason = %why, "the parent of a clone being deleted cannot be read through any more");
+                return Err(VolumeError::NotFound(format!("{vol} (deleted while it was being opened)")));
+            }
+            r => r?,
+        };
         parents.push(Parent { vol: p.volume.clone(), map: pst.map, patches: pst.patches });
+        child = p.volume.clone();
         next = pmeta.parent;
     }
     Ok(parents)
