@@ -508,3 +508,35 @@ async fn a_create_asked_again_finishes_one_that_stopped_before_its_create_record
     let damaged = Volume::create(rig.plain(), "v/", opts(4 * CSU), &SystemClock).await;
     assert!(matches!(damaged, Err(VolumeError::Corrupt(_))), "{damaged:?}");
 }
+
+/// A clone whose volume.json landed but whose create record did not keeps
+/// the pin it reads through (letting go of it would let the source's
+/// compaction take the clone's data), and the same clone asked again
+/// finishes it: it then reads the source as cloned, after compactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_that_stopped_before_its_create_record_keeps_its_pin_and_is_finished_when_asked_again() {
+    use s3blk::volume::catalog;
+    let rig = FaultRig::new();
+    create(&rig.plain(), "src/", 4 * CSU).await;
+    let w = open(&rig.plain(), "src/").await;
+    let before = common::pattern(4, CS as usize);
+    w.write(0, &before).await.expect("write");
+    w.flush().await.expect("flush");
+    rig.rule(Some(Op::Put), "c/journal/", Fault::ServerError, 1_000);
+    let failed = catalog::clone_volume(&rig.faulty(), "src/", None, "c/", "c/", None, &SystemClock).await;
+    assert!(failed.is_err(), "cloned: {failed:?}");
+    rig.fault.clear_rules();
+    let pin = format::snapshot_key("src/", &format::clone_pin_name("c/"));
+    assert!(rig.plain().head(&pin).await.expect("head").is_some(), "the half-made clone's pin was let go of");
+    // The source moves on and is compacted: the pin keeps the clone's seq.
+    w.write(0, &common::pattern(5, CS as usize)).await.expect("write");
+    w.flush().await.expect("flush");
+    drop(w);
+    compact::compact(&rig.plain(), "src/", &eager(), &SystemClock).await.expect("compact");
+    compact::compact(&rig.plain(), "src/", &eager(), &SystemClock).await.expect("compact");
+    catalog::clone_volume(&rig.plain(), "src/", None, "c/", "c/", None, &SystemClock).await.expect("asked again");
+    assert_eq!(read_fresh(&rig.plain(), "c/", 0, CSU).await, before, "the finished clone reads other bytes");
+    let again = catalog::clone_volume(&rig.plain(), "src/", None, "c/", "c/", None, &SystemClock).await;
+    assert!(again.is_err(), "a finished clone asked again: {again:?}");
+    assert_fsck_clean(&rig.plain(), "c/").await;
+}

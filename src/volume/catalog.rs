@@ -559,14 +559,28 @@ pub async fn clone_volume(
         .into());
     }
     check_name_free(store, clone).await?;
-    match replay::read_meta(store.as_ref(), clone).await {
-        Ok(_) => return Err(VolumeError::AlreadyExists(describe(store.as_ref(), clone)).into()),
-        Err(VolumeError::NotFound(_)) => {}
-        Err(e) => return Err(e.into()),
-    }
     let marker = format::clone_marker_key(source, clone);
     let pin_name = format::clone_pin_name(clone);
     let pin_key = format::snapshot_key(source, &pin_name);
+    match replay::read_meta(store.as_ref(), clone).await {
+        Ok(existing) => {
+            // An earlier attempt of this clone that wrote volume.json and
+            // stopped before its create record: finished now, while the
+            // pin and marker it reads through are still there.
+            let ours = existing.parent.as_ref().is_some_and(|p| p.volume == source && p.snapshot == pin_name);
+            if ours
+                && store.head(&pin_key).await?.is_some()
+                && store.head(&marker).await?.is_some()
+                && super::Volume::finish_create(store, clone, &existing).await?
+            {
+                forget_source(store, clone).await;
+                return Ok(existing);
+            }
+            return Err(VolumeError::AlreadyExists(describe(store.as_ref(), clone)).into());
+        }
+        Err(VolumeError::NotFound(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
     for key in [&marker, &pin_key] {
         if store.head(key).await?.is_some() {
             return Err(VolumeError::AlreadyExists(format!(
@@ -635,6 +649,9 @@ pub async fn clone_volume(
     match &created {
         Ok(_) => forget_source(store, clone).await,
         Err(CatalogError::Volume(VolumeError::AlreadyExists(_))) => {}
+        // volume.json landed (or may have): the clone reads through the
+        // pin, and a retry finishes it or a delete lets go of it.
+        Err(_) if !matches!(store.head(&format::meta_key(clone)).await, Ok(None)) => {}
         Err(_) => match release_source(store, source, clone).await {
             Ok(()) => forget_source(store, clone).await,
             Err(e) => {
