@@ -717,3 +717,48 @@ async fn a_restore_opened_while_its_delete_lets_go_of_the_source_is_not_found() 
         }
     }
 }
+
+/// A clone's marker in its source whose PUT the store applied long after
+/// the clone's delete let go of the source (simulation seed
+/// 83803091358344: a marker PUT of the clone's create hung and landed
+/// 100 s later). Without the pin it keeps nothing the clone read: the
+/// source's delete, and its reaper once its last snapshot goes, remove
+/// every object, the marker too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_marker_landing_after_the_clones_delete_keeps_nothing() {
+    for with_snapshot in [false, true] {
+        let mem: DynStore = Arc::new(MemoryStore::new());
+        create(&mem, "v/", 4 * CSU).await;
+        let w = open_with(&mem, "v/", OpenOptions::default()).await;
+        w.write(0, &common::pattern(1, CS as usize)).await.expect("write");
+        w.flush().await.expect("flush");
+        drop(w);
+        if with_snapshot {
+            s3blk::volume::engine::snapshot_committed(&mem, "v/", "s", &SystemClock).await.expect("snapshot");
+        }
+        catalog::clone_volume(&mem, "v/", None, "c/", "c/", None, &SystemClock).await.expect("clone");
+        let marker = format::clone_marker_key("v/", "c/");
+        let body = mem.get(&marker, None).await.expect("the marker");
+        let gone = catalog::delete_volume(&mem, "c/", OnDependants::RefuseClones, &SystemClock).await;
+        assert!(matches!(gone, Ok(catalog::DeleteOutcome::Deleted { .. })), "{gone:?}");
+        mem.put(&marker, body, PutMode::Overwrite).await.expect("the late marker");
+        let deleted = catalog::delete_volume(&mem, "v/", OnDependants::Keep, &SystemClock).await;
+        if with_snapshot {
+            assert!(matches!(deleted, Ok(catalog::DeleteOutcome::Kept)), "{deleted:?}");
+            mem.delete(&format::snapshot_key("v/", "s")).await.expect("delete the snapshot");
+            let reaped = catalog::reap(&mem, "v/", None).await;
+            assert!(matches!(reaped, Ok(Some(_))), "the reaper kept the source for a late marker: {reaped:?}");
+        } else {
+            assert!(
+                matches!(deleted, Ok(catalog::DeleteOutcome::Deleted { .. })),
+                "the source's delete kept it for a late marker: {deleted:?}"
+            );
+        }
+        let left = store::list_all(mem.as_ref(), "").await.expect("list");
+        assert!(
+            left.is_empty(),
+            "snapshot {with_snapshot}: left {:?}",
+            left.iter().map(|o| &o.key).collect::<Vec<_>>()
+        );
+    }
+}

@@ -744,16 +744,16 @@ async fn release_recorded_source(store: &DynStore, clone: &str, rec: &SourceReco
     release_source(store, &rec.source, clone).await
 }
 
-/// Do snapshots or clones still read through the volume?
+/// Do snapshots or clones still read through the volume? Every clone
+/// reads through a pin of its own, a snapshot record (a create writes the
+/// pin before the clone's marker; a delete removes the marker before the
+/// pin): a marker without its pin keeps nothing the clone reads, and is
+/// no dependant. One is left when a marker's PUT lands long after the
+/// clone's delete let go of the source.
 pub async fn has_dependants(store: &DynStore, vol: &str) -> CatalogResult<bool> {
-    for prefix in [format::clones_prefix(vol), format::snapshot_prefix(vol)] {
-        let page =
-            store.list(ListRequest { prefix: &prefix, start_after: None, delimiter: false, max_keys: 1 }).await?;
-        if !page.objects.is_empty() {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+    let prefix = format::snapshot_prefix(vol);
+    let page = store.list(ListRequest { prefix: &prefix, start_after: None, delimiter: false, max_keys: 1 }).await?;
+    Ok(!page.objects.is_empty())
 }
 
 // ---------------------------------------------------------------- delete and reap
@@ -825,8 +825,14 @@ pub async fn delete_volume(
     {
         return Err(CatalogError::Published { volume, node: a.node_id.clone() });
     }
-    let clones: Vec<String> =
-        objects.iter().filter_map(|o| json_in(o.key.strip_prefix(vol)?, "clones/").map(str::to_string)).collect();
+    // Clones with their pin (see `has_dependants`: a marker without one
+    // keeps nothing).
+    let clones: Vec<String> = objects
+        .iter()
+        .filter_map(|o| json_in(o.key.strip_prefix(vol)?, "clones/"))
+        .filter(|name| has(format::snapshot_key(vol, &format::clone_pin_name(name))))
+        .map(str::to_string)
+        .collect();
     let snapshots = objects.iter().any(|o| o.key.starts_with(&format::snapshot_prefix(vol)));
     // Without volume.json a tombstoned volume is an interrupted delete:
     // its snapshots and clones were gone or let go before it began.
