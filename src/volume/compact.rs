@@ -151,10 +151,13 @@ pub async fn compact(
 
     // Maps that can still be read: at the fold point, after it, at every snapshot.
     let mut live: HashSet<(u64, u64)> = HashSet::new();
-    let head_state = replay::replay(store.as_ref(), vol, cs, None).await?;
-    report.head_seq = head_state.head;
-    report.stale_records = head_state.stale_records.clone();
-    add_map(&mut live, head_state.map.iter());
+    {
+        // Held no longer than it takes to note its chunks.
+        let head_state = replay::replay(store.as_ref(), vol, cs, None).await?;
+        report.head_seq = head_state.head;
+        report.stale_records = head_state.stale_records;
+        add_map(&mut live, head_state.map.iter());
+    }
     let mut pinned: BTreeSet<u64> = BTreeSet::new();
     let has_checkpoint = |seq: u64| checkpoints.iter().any(|o| parse_checkpoint_key(vol, &o.key) == Some(seq));
     if let Some(x) = fold {
@@ -197,7 +200,7 @@ pub async fn compact(
         pinned.insert(x);
     }
     let after = fold.map_or(0, |x| x + 1);
-    add_records(store, vol, after, &mut live).await?;
+    let mut tail_from = add_records(store, vol, after, &mut live).await?.max(report.head_seq + 1);
     let (snapshots, unreadable) = list_snapshots(store, vol).await?;
     report.snapshots = snapshots.len() as u64;
     for snap in &snapshots {
@@ -284,28 +287,45 @@ pub async fn compact(
         }
     }
 
-    // Collect garbage chunks. Commits that landed while we worked count
-    // as live too: read the journal tail once more right before deleting.
-    let chunks = list_all(store.as_ref(), &format::chunk_prefix(vol)).await?;
-    add_records(store, vol, report.head_seq + 1, &mut live).await?;
+    // Collect garbage chunks, one page of the listing at a time (a big
+    // volume's listing is never held whole). Commits that landed while we
+    // worked count as live too: the journal tail is read again after each
+    // page is listed, right before its garbage goes.
+    let chunk_prefix = format::chunk_prefix(vol);
+    let mut listed_after: Option<String> = None;
+    loop {
+        let page = store
+            .list(crate::store::ListRequest {
+                prefix: &chunk_prefix,
+                start_after: listed_after.as_deref(),
+                delimiter: false,
+                max_keys: 1000,
+            })
+            .await?;
+        tail_from = add_records(store, vol, tail_from, &mut live).await?;
+        let mut doomed = Vec::new();
+        for o in &page.objects {
+            let Some(id) = parse_chunk_key(vol, &o.key) else { continue };
+            if live.contains(&id) {
+                continue;
+            }
+            if is_old(o, cutoff) {
+                report.chunks_deleted += 1;
+                report.chunk_bytes_deleted += o.size;
+                doomed.push(o.key.clone());
+            } else {
+                report.chunks_kept_young += 1;
+            }
+        }
+        if !opts.dry_run {
+            delete_all(store, doomed, opts.concurrency).await?;
+        }
+        match page.next_start_after {
+            Some(next) => listed_after = Some(next),
+            None => break,
+        }
+    }
     report.chunks_live = live.len() as u64;
-    let mut doomed = Vec::new();
-    for o in &chunks {
-        let Some(id) = parse_chunk_key(vol, &o.key) else { continue };
-        if live.contains(&id) {
-            continue;
-        }
-        if is_old(o, cutoff) {
-            report.chunks_deleted += 1;
-            report.chunk_bytes_deleted += o.size;
-            doomed.push(o.key.clone());
-        } else {
-            report.chunks_kept_young += 1;
-        }
-    }
-    if !opts.dry_run {
-        delete_all(store, doomed, opts.concurrency).await?;
-    }
     report.folded_seq = fold;
     if !opts.dry_run {
         let m = &crate::metrics::global().compaction;
@@ -425,11 +445,14 @@ fn add_map<'a>(live: &mut HashSet<(u64, u64)>, map: impl Iterator<Item = (&'a u6
     }
 }
 
-/// Every chunk any record from `from` on refers to.
-async fn add_records(store: &DynStore, vol: &str, from: u64, live: &mut HashSet<(u64, u64)>) -> VolumeResult<()> {
+/// Every chunk any record from `from` on refers to. Returns the seq after
+/// the last record read (`from` when there was none): where to read on
+/// from next time.
+async fn add_records(store: &DynStore, vol: &str, from: u64, live: &mut HashSet<(u64, u64)>) -> VolumeResult<u64> {
     let start = from.checked_sub(1).map(|s| journal_key(vol, s));
     let prefix = format::journal_prefix(vol);
     let mut after = start;
+    let mut next = from;
     loop {
         let page = store
             .list(crate::store::ListRequest {
@@ -446,11 +469,12 @@ async fn add_records(store: &DynStore, vol: &str, from: u64, live: &mut HashSet<
             }
             if let Some((rec, _)) = replay::read_record(store.as_ref(), vol, seq).await? {
                 add_map(live, rec.chunks.iter().map(|(i, r)| (i, r)));
+                next = next.max(seq + 1);
             }
         }
         match page.next_start_after {
             Some(n) => after = Some(n),
-            None => return Ok(()),
+            None => return Ok(next),
         }
     }
 }
