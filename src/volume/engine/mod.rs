@@ -752,11 +752,19 @@ impl Volume {
                 }
             }
         }
-        let keep = newest_parts(&ranges);
         if let Some(s) = size {
             let mut st = self.inner.lock();
             st.size = st.size.max(s);
         }
+        // An entry past the volume's end is damage: refused before any
+        // entry is applied (and before the block arithmetic below, which
+        // holds for bytes of the volume only).
+        let end = self.size();
+        if let Some(&(offset, len)) = ranges.iter().find(|(o, l)| o.checked_add(*l).is_none_or(|e| e > end)) {
+            let why = format!("an entry for {len} bytes at {offset} is past the volume's end ({end})");
+            return Err(damaged(log::LogError::Damaged { path: c.dir.clone(), at: 0, why }));
+        }
+        let keep = newest_parts(&ranges);
         // A block whose newest bytes are in two parts or more (of one entry
         // or several) is written whole, once, at the end: written part by
         // part, a commit between the parts would store a block that never
