@@ -2,7 +2,8 @@
 //! compactors probing the store's clock at once, a writer host paused while
 //! its commit was in doubt, a snapshot deleted right after a restore pinned
 //! it, an outage with a zeroed chunk staged, a record in doubt that became
-//! compaction's fold point, a snapshot deleted while two compactions ran.
+//! compaction's fold point, a snapshot deleted while two compactions ran,
+//! a name deleted and created again while a create of it was being finished.
 //! Each once broke a design §4 invariant, lost
 //! acknowledged data or reported damage where there was none; each test
 //! names the scenario.
@@ -761,4 +762,164 @@ async fn a_clone_marker_landing_after_the_clones_delete_keeps_nothing() {
             left.iter().map(|o| &o.key).collect::<Vec<_>>()
         );
     }
+}
+
+// Finishing a create ------------------------------------------------------------
+
+/// A delete of the name and a new create of it that stops after its
+/// volume.json, both landing while a create asked again (to finish the
+/// first one, which had stopped before its create record) has listed the
+/// journal empty but not yet sent the record.
+#[derive(Debug)]
+struct RecreatedMeanwhile {
+    vol: String,
+    size: u64,
+    fired: AtomicBool,
+}
+
+#[async_trait]
+impl Around for RecreatedMeanwhile {
+    async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        if key == format::journal_key(&self.vol, 0) && !self.fired.swap(true, Ordering::SeqCst) {
+            let out = catalog::delete_volume(inner, &self.vol, OnDependants::RefuseClones, &SystemClock).await;
+            assert!(matches!(out, Ok(catalog::DeleteOutcome::Deleted { .. })), "delete: {out:?}");
+            stopped_create(inner, &self.vol, self.size).await;
+        }
+        inner.put(key, body, mode).await
+    }
+}
+
+/// A create of `vol` that writes its volume.json and stops before its
+/// create record (every journal PUT fails).
+async fn stopped_create(store: &DynStore, vol: &str, size: u64) {
+    let fault = Arc::new(FaultStore::new(store.clone()));
+    fault.add_rule(Rule {
+        op: Some(Op::Put),
+        key_contains: Some("journal/".into()),
+        fault: Fault::ServerError,
+        times: 1_000,
+    });
+    let faulty: DynStore = fault;
+    let opts = CreateOptions { size, chunk_size: CS, parent: None, single_writer: false };
+    let failed = Volume::create(faulty, vol, opts, &SystemClock).await;
+    assert!(failed.is_err(), "created: {failed:?}");
+}
+
+/// Finishing a stopped create must not give the create record of the
+/// volume it was asked for to another volume made meanwhile under the same
+/// name: that volume's create, asked again, finishes it as asked (its
+/// size), and the stale finish is not reported as done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finishing_a_create_never_hands_its_record_to_a_volume_made_again_meanwhile() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let opts = |size: u64| CreateOptions { size, chunk_size: CS, parent: None, single_writer: false };
+    stopped_create(&mem, "v/", 4 * CSU).await;
+    let race: DynStore = Wrapped::new(
+        mem.clone(),
+        RecreatedMeanwhile { vol: "v/".into(), size: 8 * CSU, fired: AtomicBool::new(false) },
+    );
+    let stale = Volume::create(race, "v/", opts(4 * CSU), &SystemClock).await;
+    let again = Volume::create(mem.clone(), "v/", opts(8 * CSU), &SystemClock).await;
+    let opened = Volume::open(mem.clone(), "v/", OpenOptions { read_only: true, ..OpenOptions::default() })
+        .await
+        .map(|v| v.size());
+    assert!(
+        stale.is_err() && again.is_ok() && matches!(opened, Ok(s) if s == 8 * CSU),
+        "the stale finish: {stale:?}; the new volume's create asked again: {again:?}; its size as opened: {opened:?} \
+         (asked: {})",
+        8 * CSU
+    );
+}
+
+/// Steps shared by a stale finish and a new create of the same name.
+#[derive(Debug, Default)]
+struct Steps {
+    arrived: tokio::sync::Notify,
+    go: tokio::sync::Notify,
+    done: tokio::sync::Notify,
+}
+
+/// The new create's store: its create record's PUT waits for `go`.
+#[derive(Debug)]
+struct Held {
+    vol: String,
+    steps: Arc<Steps>,
+    fired: AtomicBool,
+}
+
+#[async_trait]
+impl Around for Held {
+    async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        if key != format::journal_key(&self.vol, 0) || self.fired.swap(true, Ordering::SeqCst) {
+            return inner.put(key, body, mode).await;
+        }
+        self.steps.arrived.notify_one();
+        self.steps.go.notified().await;
+        let r = inner.put(key, body, mode).await;
+        self.steps.done.notify_one();
+        r
+    }
+}
+
+/// The stale finish's store: before its create record's PUT, the name is
+/// deleted and a new create runs up to its own create record's PUT, which
+/// is sent once the stale one has landed.
+#[derive(Debug)]
+struct RecreatedBetween {
+    vol: String,
+    size: u64,
+    steps: Arc<Steps>,
+    created: Mutex<Option<tokio::task::JoinHandle<Result<u64, VolumeError>>>>,
+}
+
+#[async_trait]
+impl Around for RecreatedBetween {
+    async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        if key != format::journal_key(&self.vol, 0) || self.created.lock().expect("lock").is_some() {
+            return inner.put(key, body, mode).await;
+        }
+        let out = catalog::delete_volume(inner, &self.vol, OnDependants::RefuseClones, &SystemClock).await;
+        assert!(matches!(out, Ok(catalog::DeleteOutcome::Deleted { .. })), "delete: {out:?}");
+        let held: DynStore = Wrapped::new(
+            inner.clone(),
+            Held { vol: self.vol.clone(), steps: self.steps.clone(), fired: AtomicBool::new(false) },
+        );
+        let (vol, size) = (self.vol.clone(), self.size);
+        let task = tokio::spawn(async move {
+            let opts = CreateOptions { size, chunk_size: CS, parent: None, single_writer: false };
+            Volume::create(held, &vol, opts, &SystemClock).await.map(|m| m.size)
+        });
+        *self.created.lock().expect("lock") = Some(task);
+        self.steps.arrived.notified().await;
+        let r = inner.put(key, body, mode).await;
+        self.steps.go.notify_one();
+        self.steps.done.notified().await;
+        r
+    }
+}
+
+/// The same race, the new create's record sent right after the stale one
+/// landed (and before the stale finish looks at volume.json): the new
+/// create must not take the stale record for its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_never_takes_a_stale_finishs_record_for_its_own() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let opts = |size: u64| CreateOptions { size, chunk_size: CS, parent: None, single_writer: false };
+    stopped_create(&mem, "v/", 4 * CSU).await;
+    let race = Wrapped::new(
+        mem.clone(),
+        RecreatedBetween { vol: "v/".into(), size: 8 * CSU, steps: Arc::default(), created: Mutex::new(None) },
+    );
+    let store: DynStore = race.clone();
+    let stale = Volume::create(store, "v/", opts(4 * CSU), &SystemClock).await;
+    let task = race.created.lock().expect("lock").take().expect("the new create ran");
+    let created = task.await.expect("the new create's task");
+    let opened = Volume::open(mem.clone(), "v/", OpenOptions { read_only: true, ..OpenOptions::default() })
+        .await
+        .map(|v| v.size());
+    assert!(
+        stale.is_err() && matches!(created, Ok(s) if s == 8 * CSU) && matches!(opened, Ok(s) if s == 8 * CSU),
+        "the stale finish: {stale:?}; the new create: {created:?}; the volume as opened: {opened:?} (asked: {})",
+        8 * CSU
+    );
 }

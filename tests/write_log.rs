@@ -825,3 +825,57 @@ async fn a_replay_committing_part_way_never_stores_a_block_that_never_was() {
         "the flushed volume differs from what was acknowledged"
     );
 }
+
+/// A dead writer's log whose entries (checksums intact) name bytes past
+/// the volume's end, two of them in one 4 KiB block near the end of the
+/// byte space: the open refuses the log as damaged, before applying any
+/// entry, rather than panic on the block arithmetic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_entry_past_the_end_of_the_byte_space_is_damage_not_a_panic() {
+    let (_dir, store, logs, uuid) = volume_with_logs().await;
+    let v = open_log(&store, "v", &logs).await;
+    v.write(0, &common::pattern(1, 4096)).await.expect("write");
+    v.flush().await.expect("flush");
+    v.write(0, &common::pattern(2, 512)).await.expect("write");
+    v.write(8192, &common::pattern(3, 512)).await.expect("write");
+    die(v).await;
+    let log = log_dirs(&logs, &uuid).remove(0);
+    let seg = std::fs::read_dir(&log)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("seg-")))
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .expect("a segment");
+    let mut b = std::fs::read(&seg).expect("segment");
+    // Entries: crc (4), kind (1), offset (8), length (4), payload; the
+    // crc covers the rest of the header and the payload.
+    let mut pos = 16;
+    let top = u64::MAX - 4095;
+    for to in [top, top + 1024] {
+        let len = u32::from_le_bytes(b[pos + 13..pos + 17].try_into().expect("4 bytes")) as usize;
+        assert_eq!((b[pos + 4], len), (1, 512), "not the write entry expected");
+        b[pos + 5..pos + 13].copy_from_slice(&to.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&b[pos + 4..pos + 17]), &b[pos + 17..pos + 17 + len]);
+        b[pos..pos + 4].copy_from_slice(&crc.to_le_bytes());
+        pos += 17 + len;
+    }
+    std::fs::write(&seg, b).expect("rewrite");
+    let opened = tokio::spawn({
+        let (store, logs) = (store.clone(), logs.clone());
+        async move { Volume::open(store, "v", with_log(&logs)).await.map(|_| ()) }
+    })
+    .await;
+    let e = match opened {
+        Err(join) => panic!("the open panicked on a log entry past the volume's end: {join}"),
+        Ok(Ok(())) => panic!("a log with entries past the volume's end was replayed"),
+        Ok(Err(e)) => e,
+    };
+    let msg = e.to_string();
+    assert!(matches!(e, VolumeError::Corrupt(_)) && msg.contains("move") && msg.contains(&uuid), "{msg}");
+    // Nothing of the log was applied.
+    let ro = Volume::open(store.clone(), "v", OpenOptions { read_only: true, ..OpenOptions::default() })
+        .await
+        .expect("open read-only");
+    assert_eq!(ro.read(0, 4096).await.expect("read"), common::pattern(1, 4096));
+}

@@ -517,12 +517,29 @@ impl Volume {
             }
             Err(e) => return Err(e.into()),
         }
-        match store.put(&journal_key(vol, 0), create_record(&meta), PutMode::IfAbsent).await {
-            // A retried PUT that had landed the first time answers 412; the
-            // record is ours: nobody else can have written volume.json.
-            Ok(()) | Err(StoreError::PreconditionFailed(_)) => Ok(meta),
-            Err(e) => Err(e.into()),
+        let record = create_record(&meta);
+        for _ in 0..3 {
+            match store.put(&journal_key(vol, 0), record.clone(), PutMode::IfAbsent).await {
+                Ok(()) => return Ok(meta),
+                Err(StoreError::PreconditionFailed(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            // A retried PUT that had landed the first time answers 412 (the
+            // same bytes: ours). Other bytes are the record a finish of an
+            // earlier volume of this name wrote after that volume was
+            // deleted; that finish takes it back once it sees this
+            // volume.json.
+            match store.get(&journal_key(vol, 0), None).await {
+                Ok(b) if b == record => return Ok(meta),
+                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
+        Err(VolumeError::Store(StoreError::Transient(format!(
+            "{vol}: the create record's place holds another volume's (an earlier volume of this name whose create \
+             was being finished); create it again"
+        ))))
     }
 
     /// Finish a create that wrote `volume.json` (`meta`) but not its
@@ -541,16 +558,34 @@ impl Volume {
         if any(format::chunk_prefix(vol)).await? {
             return Err(VolumeError::Corrupt(format!("{vol}: chunks, but no journal records and no checkpoint")));
         }
-        match store.put(&journal_key(vol, 0), create_record(meta), PutMode::IfAbsent).await {
-            // The first creator's record landed meanwhile: the same record.
-            Ok(()) | Err(StoreError::PreconditionFailed(_)) => {}
+        let landed = match store.put(&journal_key(vol, 0), create_record(meta), PutMode::IfAbsent).await {
+            Ok(()) => true,
+            // The first creator's record landed meanwhile: the same record
+            // (unless the name was deleted and created again, below).
+            Err(StoreError::PreconditionFailed(_)) => false,
             Err(e) => return Err(e.into()),
-        }
+        };
         // A delete may have begun meanwhile (it takes volume.json first):
-        // a record left under a prefix without a volume is taken back.
-        if store.head(&meta_key(vol)).await?.is_none() {
-            store.delete(&journal_key(vol, 0)).await?;
-            return Err(VolumeError::NotFound(format!("{vol} (deleted while its create was being finished)")));
+        // a record left under a prefix without a volume is taken back. The
+        // name may even have been created again since: a record of ours
+        // there is not that volume's (another size, another creation
+        // time), and is taken back too; its create waits for that (it
+        // compares the record with its own) and a retry of it finishes it.
+        match replay::read_meta(store.as_ref(), vol).await {
+            Ok(now) if now.uuid == meta.uuid => {}
+            Ok(_) => {
+                if landed {
+                    store.delete(&journal_key(vol, 0)).await?;
+                }
+                return Err(VolumeError::AlreadyExists(format!(
+                    "{vol} (deleted and created again while its create was being finished)"
+                )));
+            }
+            Err(VolumeError::NotFound(_)) => {
+                store.delete(&journal_key(vol, 0)).await?;
+                return Err(VolumeError::NotFound(format!("{vol} (deleted while its create was being finished)")));
+            }
+            Err(e) => return Err(e),
         }
         tracing::info!(volume = vol, "finished a create that had stopped before its create record");
         Ok(true)
@@ -752,11 +787,19 @@ impl Volume {
                 }
             }
         }
-        let keep = newest_parts(&ranges);
         if let Some(s) = size {
             let mut st = self.inner.lock();
             st.size = st.size.max(s);
         }
+        // An entry past the volume's end is damage: refused before any
+        // entry is applied (and before the block arithmetic below, which
+        // holds for bytes of the volume only).
+        let end = self.size();
+        if let Some(&(offset, len)) = ranges.iter().find(|(o, l)| o.checked_add(*l).is_none_or(|e| e > end)) {
+            let why = format!("an entry for {len} bytes at {offset} is past the volume's end ({end})");
+            return Err(damaged(log::LogError::Damaged { path: c.dir.clone(), at: 0, why }));
+        }
+        let keep = newest_parts(&ranges);
         // A block whose newest bytes are in two parts or more (of one entry
         // or several) is written whole, once, at the end: written part by
         // part, a commit between the parts would store a block that never
