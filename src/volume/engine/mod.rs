@@ -546,7 +546,10 @@ impl Volume {
     /// create record (the creator failed or died in between): write the
     /// record. `Ok(false)`: the volume has records or checkpoints, there
     /// is nothing to finish. A volume with chunks but neither is damage,
-    /// never taken for a new empty one.
+    /// never taken for a new empty one. (One whose every record and
+    /// checkpoint was removed from outside, and whose writes all went
+    /// inside records, cannot be told from a create that stopped: it is
+    /// finished as an empty volume.)
     pub async fn finish_create(store: &DynStore, vol: &str, meta: &VolumeMeta) -> VolumeResult<bool> {
         let any = |prefix: String| async move {
             let req = crate::store::ListRequest { prefix: &prefix, start_after: None, delimiter: false, max_keys: 1 };
