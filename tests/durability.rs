@@ -486,6 +486,12 @@ async fn a_create_asked_again_finishes_one_that_stopped_before_its_create_record
     assert!(opened.as_ref().is_some_and(|e| e.to_string().contains("create the same volume again")), "{opened:?}");
     let other = Volume::create(rig.plain(), "v/", opts(8 * CSU), &SystemClock).await;
     assert!(matches!(other, Err(VolumeError::AlreadyExists(_))), "another size: {other:?}");
+    // Not while its delete has begun.
+    let tomb = s3blk::volume::catalog::tombstone_key("v/");
+    rig.plain().put(&tomb, Bytes::from_static(b"{\"deleted_unix\":1}\n"), PutMode::IfAbsent).await.expect("tombstone");
+    let deleting = Volume::create(rig.plain(), "v/", opts(4 * CSU), &SystemClock).await;
+    assert!(matches!(deleting, Err(VolumeError::NotFound(_))), "a create being deleted was finished: {deleting:?}");
+    rig.plain().delete(&tomb).await.expect("delete tombstone");
     Volume::create(rig.plain(), "v/", opts(4 * CSU), &SystemClock).await.expect("the same create again");
     let v = open(&rig.plain(), "v/").await;
     // A whole chunk: it goes up as a chunk object, not inside a record.

@@ -561,6 +561,10 @@ impl Volume {
         if any(format::chunk_prefix(vol)).await? {
             return Err(VolumeError::Corrupt(format!("{vol}: chunks, but no journal records and no checkpoint")));
         }
+        // Its delete has begun: nothing is finished for the reaper to take.
+        if store.head(&crate::volume::catalog::tombstone_key(vol)).await?.is_some() {
+            return Err(VolumeError::NotFound(format!("{vol} (deleted: its create is not finished)")));
+        }
         let landed = match store.put(&journal_key(vol, 0), create_record(meta), PutMode::IfAbsent).await {
             Ok(()) => true,
             // The first creator's record landed meanwhile: the same record
