@@ -56,6 +56,17 @@ fn log_dirs(root: &Path, uuid: &str) -> Vec<PathBuf> {
     }
 }
 
+/// The log's segment holding the most bytes.
+fn largest_segment(log: &Path) -> PathBuf {
+    std::fs::read_dir(log)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("seg-")))
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .expect("a segment")
+}
+
 /// Let the volume's background tasks let go of it, so dropping the last
 /// handle closes it (its log's files and lock) as a dead process would.
 async fn die(v: Volume) {
@@ -219,13 +230,7 @@ async fn a_damaged_log_refuses_the_open_with_a_clear_error_and_moving_it_aside_o
     v.write(8192, &common::pattern(3, 4096)).await.expect("write");
     die(v).await;
     let log = log_dirs(&logs, &uuid).remove(0);
-    let seg = std::fs::read_dir(&log)
-        .expect("dir")
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("seg-")))
-        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
-        .expect("a segment");
+    let seg = largest_segment(&log);
     let mut b = std::fs::read(&seg).expect("segment");
     b[16 + 17 + 100] ^= 1; // the first entry's payload
     std::fs::write(&seg, b).expect("damage");
@@ -840,13 +845,7 @@ async fn a_log_entry_past_the_end_of_the_byte_space_is_damage_not_a_panic() {
     v.write(8192, &common::pattern(3, 512)).await.expect("write");
     die(v).await;
     let log = log_dirs(&logs, &uuid).remove(0);
-    let seg = std::fs::read_dir(&log)
-        .expect("dir")
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("seg-")))
-        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
-        .expect("a segment");
+    let seg = largest_segment(&log);
     let mut b = std::fs::read(&seg).expect("segment");
     // Entries: crc (4), kind (1), offset (8), length (4), payload; the
     // crc covers the rest of the header and the payload.
