@@ -546,3 +546,137 @@ async fn a_clone_that_stopped_before_its_create_record_keeps_its_pin_and_is_fini
     assert!(again.is_err(), "a finished clone asked again: {again:?}");
     assert_fsck_clean(&rig.plain(), "c/").await;
 }
+
+/// `volume.json` PUTs of the volume `vol` time out at the client while
+/// `armed` and land later: when `land` is called, or just before the next
+/// PUT of a key containing `land_before`.
+#[derive(Debug)]
+struct LateMeta {
+    vol: String,
+    land_before: String,
+    armed: Mutex<bool>,
+    late: Mutex<Option<Bytes>>,
+}
+
+impl LateMeta {
+    async fn land(&self, inner: &DynStore) {
+        let late = self.late.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(body) = late {
+            inner.put(&format::meta_key(&self.vol), body, PutMode::IfAbsent).await.expect("the late volume.json");
+        }
+    }
+}
+
+#[async_trait]
+impl common::Around for LateMeta {
+    async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        if key == format::meta_key(&self.vol)
+            && std::mem::take(&mut *self.armed.lock().unwrap_or_else(|p| p.into_inner()))
+        {
+            *self.late.lock().unwrap_or_else(|p| p.into_inner()) = Some(body);
+            return Err(StoreError::Transient("timed out (the request is still on its way)".into()));
+        }
+        if key.contains(&self.land_before) {
+            self.land(inner).await;
+        }
+        inner.put(key, body, mode).await
+    }
+}
+
+/// A clone's `volume.json` whose PUT timed out lands only while the same
+/// clone is asked for again, after the source moved on: the second attempt
+/// pins the source's new seq under the same pin name, while the
+/// `volume.json` that landed reads through the old one. Asked a third
+/// time, the clone must not be finished: its pin keeps another seq than
+/// the one it reads through, and the source's compaction takes what it
+/// reads. (Before: the third attempt answered Ok, and after two
+/// compactions of the source the clone could not be opened.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_is_never_finished_through_a_pin_of_another_seq() {
+    use s3blk::volume::catalog;
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "src/", 4 * CSU).await;
+    let w = open(&mem, "src/").await;
+    let before = common::pattern(4, CS as usize);
+    w.write(0, &before).await.expect("write");
+    w.flush().await.expect("flush");
+    let late = common::Wrapped::new(
+        mem.clone(),
+        LateMeta {
+            vol: "c/".into(),
+            land_before: "src/clones/".into(),
+            armed: Mutex::new(true),
+            late: Mutex::default(),
+        },
+    );
+    let store: DynStore = late.clone();
+    let first = catalog::clone_volume(&store, "src/", None, "c/", "c/", None, &SystemClock).await;
+    assert!(first.is_err(), "the volume.json PUT timed out: {first:?}");
+    // The source moves on; the clone is asked for again, and the first
+    // attempt's volume.json lands while the second one writes its marker.
+    w.write(0, &common::pattern(5, CS as usize)).await.expect("write");
+    w.flush().await.expect("flush");
+    let second = catalog::clone_volume(&store, "src/", None, "c/", "c/", None, &SystemClock).await;
+    assert!(second.is_err(), "the clone's volume.json names another seq: {second:?}");
+    let third = catalog::clone_volume(&mem, "src/", None, "c/", "c/", None, &SystemClock).await;
+    // The source moves on and is compacted: only its pins keep old seqs.
+    w.write(0, &common::pattern(6, CS as usize)).await.expect("write");
+    w.flush().await.expect("flush");
+    drop(w);
+    compact::compact(&mem, "src/", &eager(), &SystemClock).await.expect("compact");
+    compact::compact(&mem, "src/", &eager(), &SystemClock).await.expect("compact");
+    if let Ok(meta) = &third {
+        let ro = OpenOptions { read_only: true, ..OpenOptions::default() };
+        let read = match Volume::open(mem.clone(), "c/", ro).await {
+            Ok(v) => v.read(0, CSU).await.map(|b| b == before),
+            Err(e) => Err(e),
+        };
+        panic!("a clone reading through seq {:?} was finished; after compaction its read gives {read:?}", meta.parent);
+    }
+    assert!(matches!(third, Err(catalog::CatalogError::Volume(VolumeError::AlreadyExists(_)))), "{third:?}");
+    // What is left can be deleted, and the clone made afresh.
+    let gone = catalog::delete_volume(&mem, "c/", catalog::OnDependants::RefuseClones, &SystemClock).await;
+    assert!(matches!(gone, Ok(catalog::DeleteOutcome::Deleted { .. })), "{gone:?}");
+    catalog::clone_volume(&mem, "src/", None, "c/", "c/", None, &SystemClock).await.expect("cloned afresh");
+    assert_eq!(read_fresh(&mem, "c/", 0, CSU).await, common::pattern(6, CS as usize));
+    assert_fsck_clean(&mem, "c/").await;
+}
+
+/// A restore's `volume.json` that lands after its failed create let go of
+/// the pin in the source (as CreateVolume's clean-up does when no
+/// `volume.json` is there yet): finishing that create (a retried
+/// CreateVolume finishes a volume.json without a create record) must be
+/// refused, since nothing keeps what the volume would read through once
+/// the user's snapshot goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_whose_pin_was_let_go_of_is_never_finished() {
+    use s3blk::volume::catalog;
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "src/", 4 * CSU).await;
+    let w = open(&mem, "src/").await;
+    w.write(0, &common::pattern(4, CS as usize)).await.expect("write");
+    let snap = w.snapshot("s").await.expect("snapshot");
+    drop(w);
+    let late = common::Wrapped::new(
+        mem.clone(),
+        LateMeta { vol: "r/".into(), land_before: "never".into(), armed: Mutex::new(true), late: Mutex::default() },
+    );
+    let store: DynStore = late.clone();
+    // CreateVolume's steps for a restore of `s` into `r/`.
+    catalog::record_source(&store, "r/", "src/", "r/").await.expect("record the source");
+    let pin = catalog::pin_snapshot_for(&store, "src/", &snap, "r/").await.expect("pin");
+    catalog::add_clone_marker(&store, "src/", "r/", "r/", pin.seq).await.expect("marker");
+    let parent = format::ParentRef { volume: "src/".into(), snapshot: pin.name.clone(), seq: pin.seq };
+    let opts = CreateOptions { size: 4 * CSU, chunk_size: CS, parent: Some(parent), single_writer: false };
+    let made = Volume::create(store.clone(), "r/", opts.clone(), &SystemClock).await;
+    assert!(made.is_err(), "the volume.json PUT timed out: {made:?}");
+    catalog::abandon_create(&store, "r/").await.expect("clean up the failed create");
+    assert!(mem.head(&format::snapshot_key("src/", &pin.name)).await.expect("head").is_none(), "the pin stayed");
+    late.land(&mem).await;
+    // The create asked again finds volume.json and finishes it.
+    let meta = replay::read_meta(mem.as_ref(), "r/").await.expect("the late volume.json");
+    let again = Volume::create(mem.clone(), "r/", opts, &SystemClock).await;
+    let finished = Volume::finish_create(&mem, "r/", &meta).await;
+    assert!(again.is_err(), "a restore without its pin was finished: {again:?}");
+    assert!(finished.is_err(), "a restore without its pin was finished: {finished:?}");
+}

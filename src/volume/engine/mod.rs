@@ -565,6 +565,28 @@ impl Volume {
         if store.head(&crate::volume::catalog::tombstone_key(vol)).await?.is_some() {
             return Err(VolumeError::NotFound(format!("{vol} (deleted: its create is not finished)")));
         }
+        // A clone (or restore) reads through its parent at the seq its pin
+        // keeps there. A `volume.json` whose PUT landed late may name a pin
+        // its failed create let go of, or one a later attempt wrote at
+        // another seq: finished, it would read what compaction takes.
+        if let Some(p) = &meta.parent {
+            let held = match read_snapshot(store, &p.volume, &p.snapshot).await {
+                Ok(pin) => Some(pin.seq),
+                Err(VolumeError::NotFound(_)) => None,
+                Err(e) => return Err(e),
+            };
+            if held != Some(p.seq) {
+                let pin = match held {
+                    Some(seq) => format!("keeps seq {seq}"),
+                    None => "is gone".to_string(),
+                };
+                return Err(VolumeError::AlreadyExists(format!(
+                    "{vol} was left unfinished by a create that failed; it would read through {} at seq {}, but \
+                     its pin there ({}) {pin}: delete it and create it again",
+                    p.volume, p.seq, p.snapshot
+                )));
+            }
+        }
         let landed = match store.put(&journal_key(vol, 0), create_record(meta), PutMode::IfAbsent).await {
             Ok(()) => true,
             // The first creator's record landed meanwhile: the same record
