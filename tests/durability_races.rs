@@ -923,3 +923,34 @@ async fn a_create_never_takes_a_stale_finishs_record_for_its_own() {
         8 * CSU
     );
 }
+
+/// A clone of a clone (`d/` of `c/` of `s/`) whose middle volume was
+/// deleted and is kept for it, while `c/`'s pin in `s/` was removed from
+/// outside and `s/` compacted past the seq `c/` reads through: `d/` is not
+/// being deleted, so its open reports the damage, never that `d/` was
+/// deleted (a NotFound tells a caller the volume is gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_clone_whose_grandparent_is_damaged_is_not_reported_deleted() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "s/", 4 * CSU).await;
+    let w = open_with(&mem, "s/", OpenOptions::default()).await;
+    w.write(0, &common::pattern(1, CS as usize)).await.expect("write");
+    w.flush().await.expect("flush");
+    catalog::clone_volume(&mem, "s/", None, "c/", "c/", None, &SystemClock).await.expect("clone c");
+    catalog::clone_volume(&mem, "c/", None, "d/", "d/", None, &SystemClock).await.expect("clone d");
+    let kept = catalog::delete_volume(&mem, "c/", OnDependants::Keep, &SystemClock).await;
+    assert!(matches!(kept, Ok(catalog::DeleteOutcome::Kept)), "{kept:?}");
+    mem.delete(&format::snapshot_key("s/", &format::clone_pin_name("c/"))).await.expect("remove the pin");
+    w.write(0, &common::pattern(2, CS as usize)).await.expect("write");
+    w.flush().await.expect("flush");
+    drop(w);
+    let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
+    compact::compact(&mem, "s/", &eager, &SystemClock).await.expect("compact");
+    compact::compact(&mem, "s/", &eager, &SystemClock).await.expect("compact");
+    assert!(!catalog::is_deleted(&mem, "d/").await.expect("tombstone?"), "d/ was not deleted");
+    match Volume::open(mem.clone(), "d/", OpenOptions { read_only: true, ..OpenOptions::default() }).await {
+        Err(VolumeError::Corrupt(_)) => {}
+        Err(e) => panic!("a live clone with a damaged grandparent was reported as: {e:?}"),
+        Ok(_) => panic!("a clone whose grandparent was folded past its seq opened"),
+    }
+}

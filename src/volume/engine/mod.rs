@@ -1073,10 +1073,13 @@ async fn load_parents(store: &DynStore, vol: &str, meta: &VolumeMeta) -> VolumeR
         // A delete of the clone lets go of its pin in the parent before it
         // removes the rest: the parent's compaction may then fold past
         // that seq under this replay. The clone is being deleted (its
-        // tombstone is written first), not damaged.
+        // tombstone is written first), not damaged. Further up the chain
+        // a pin goes only once the volume opened is being deleted too (a
+        // deleted middle volume is kept, pin and all, while a clone reads
+        // through it): a volume opened that is not tombstoned is damaged.
         let pst = match pst {
             Err(VolumeError::Corrupt(why))
-                if store.head(&crate::volume::catalog::tombstone_key(&child)).await?.is_some() =>
+                if store.head(&crate::volume::catalog::tombstone_key(vol)).await?.is_some() =>
             {
                 tracing::info!(volume = %child, parent = %p.volume, reason = %why, "the parent of a clone being deleted cannot be read through any more");
                 return Err(VolumeError::NotFound(format!("{vol} (deleted while it was being opened)")));
