@@ -954,3 +954,105 @@ async fn a_live_clone_whose_grandparent_is_damaged_is_not_reported_deleted() {
         Ok(_) => panic!("a clone whose grandparent was folded past its seq opened"),
     }
 }
+
+/// Around the store of one of two creates of the same clone: waits and
+/// signals at named PUTs, and fails the marker's PUT when told to.
+#[derive(Debug)]
+struct CloneSteps {
+    /// Before the PUT of `c/source.json`: signal this, then wait for that.
+    at_source: (Option<Arc<tokio::sync::Notify>>, Option<Arc<tokio::sync::Notify>>),
+    /// After the marker's PUT: signal this.
+    after_marker: Option<Arc<tokio::sync::Notify>>,
+    fail_marker: bool,
+    /// Before the PUT of `c/volume.json`: wait for this.
+    at_meta: Option<Arc<tokio::sync::Notify>>,
+}
+
+#[async_trait]
+impl Around for CloneSteps {
+    async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        if key == "c/source.json" {
+            if let Some(n) = &self.at_source.0 {
+                n.notify_one();
+            }
+            if let Some(n) = &self.at_source.1 {
+                n.notified().await;
+            }
+        }
+        if key == format::clone_marker_key("src/", "c/") {
+            if self.fail_marker {
+                return Err(s3blk::store::StoreError::Transient("injected: the marker's PUT failed".into()));
+            }
+            inner.put(key, body, mode).await?;
+            if let Some(n) = &self.after_marker {
+                n.notify_one();
+            }
+            return Ok(());
+        }
+        if key == format::meta_key("c/")
+            && let Some(n) = &self.at_meta
+        {
+            n.notified().await;
+        }
+        inner.put(key, body, mode).await
+    }
+}
+
+/// Two creates of the same restore (`s/`'s snapshot into `c/`) run side
+/// by side: the second passes its checks before the first pins, finds the
+/// first's pin (the same seq, taken for a retry of its own) and then fails
+/// at its marker. Letting go of the pin and marker then takes the first's,
+/// whose create answers Ok: the restore reads through a seq nothing pins,
+/// and once the user's snapshot goes the source's compaction takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_create_never_lets_go_of_a_pin_another_create_of_the_clone_wrote() {
+    use tokio::sync::Notify;
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "src/", 4 * CSU).await;
+    let w = open_with(&mem, "src/", OpenOptions::default()).await;
+    let before = common::pattern(1, CS as usize);
+    w.write(0, &before).await.expect("write");
+    w.snapshot("s").await.expect("snapshot");
+    let (b_checked, a_marked, go_a) = (Arc::new(Notify::new()), Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let a_store: DynStore = Wrapped::new(
+        mem.clone(),
+        CloneSteps {
+            at_source: (None, Some(b_checked.clone())),
+            after_marker: Some(a_marked.clone()),
+            fail_marker: false,
+            at_meta: Some(go_a.clone()),
+        },
+    );
+    let b_store: DynStore = Wrapped::new(
+        mem.clone(),
+        CloneSteps {
+            at_source: (Some(b_checked), Some(a_marked)),
+            after_marker: None,
+            fail_marker: true,
+            at_meta: None,
+        },
+    );
+    let a = tokio::spawn(async move {
+        catalog::clone_volume(&a_store, "src/", Some("s"), "c/", "c/", None, &SystemClock).await
+    });
+    let b = catalog::clone_volume(&b_store, "src/", Some("s"), "c/", "c/", None, &SystemClock).await;
+    assert!(b.is_err(), "the second create's marker failed: {b:?}");
+    go_a.notify_one();
+    let a = a.await.expect("the first create");
+    assert!(a.is_ok(), "the first create: {a:?}");
+    // The user's snapshot goes; the source moves on and is compacted.
+    mem.delete(&format::snapshot_key("src/", "s")).await.expect("delete the snapshot");
+    w.write(0, &common::pattern(2, CS as usize)).await.expect("write");
+    w.flush().await.expect("flush");
+    drop(w);
+    let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
+    compact::compact(&mem, "src/", &eager, &SystemClock).await.expect("compact");
+    compact::compact(&mem, "src/", &eager, &SystemClock).await.expect("compact");
+    let pin = mem.head(&format::snapshot_key("src/", &format::clone_pin_name("c/"))).await.expect("head");
+    let read = read_fresh(&mem, "c/", 0, CSU).await;
+    assert!(
+        read.as_deref() == Ok(&before[..]),
+        "the restore does not read what it was made from (its pin: {pin:?}): {:?}",
+        read.map(|_| "other bytes")
+    );
+}

@@ -498,11 +498,27 @@ pub async fn pin_snapshot_for(
     snap: &SnapshotRecord,
     clone: &str,
 ) -> CatalogResult<SnapshotRecord> {
+    pin_snapshot(store, source, snap, clone, true).await
+}
+
+/// [`pin_snapshot_for`]; a pin already there at the same seq is taken for
+/// this create's own (a retry's) only when `retried`, else it is another
+/// create's of the same clone: AlreadyExists.
+async fn pin_snapshot(
+    store: &DynStore,
+    source: &str,
+    snap: &SnapshotRecord,
+    clone: &str,
+    retried: bool,
+) -> CatalogResult<SnapshotRecord> {
     let pin = SnapshotRecord { name: format::clone_pin_name(clone), ..snap.clone() };
     let body = serde_json::to_vec_pretty(&pin).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
     let key = format::snapshot_key(source, &pin.name);
     match store.put(&key, Bytes::from(body), PutMode::IfAbsent).await {
         Ok(()) => {}
+        Err(StoreError::PreconditionFailed(_)) if !retried => {
+            return Err(VolumeError::AlreadyExists(format!("snapshot {}", pin.name)).into());
+        }
         // A retried restore: the pin it wrote the first time.
         Err(StoreError::PreconditionFailed(_)) => {
             let existing = read_snapshot(store, source, &pin.name).await?;
@@ -606,7 +622,10 @@ pub async fn clone_volume(
     record_source(store, clone, source, clone_id).await?;
     let rec = match snapshot {
         Some(name) => match read_snapshot(store, source, name).await {
-            Ok(snap) => pin_snapshot_for(store, source, &snap, clone).await,
+            // The pin's name was free above: one there now is another
+            // create's of this clone, whose create may still be running
+            // (letting go of it on a failure here would take its pin).
+            Ok(snap) => pin_snapshot(store, source, &snap, clone, false).await,
             Err(e) => Err(e.into()),
         },
         None => super::engine::snapshot_committed(store, source, &pin_name, clock).await.map_err(Into::into),
