@@ -1056,3 +1056,50 @@ async fn a_failed_create_never_lets_go_of_a_pin_another_create_of_the_clone_wrot
         read.map(|_| "other bytes")
     );
 }
+
+/// The first listing of `v/` (a delete's) returns, and only then does a
+/// clone of `v/` record its pin, whose own check for a tombstone passes:
+/// the pin landed between the delete's listing and its tombstone.
+#[derive(Debug)]
+struct PinAfterDeleteListing {
+    fired: AtomicBool,
+}
+
+#[async_trait]
+impl Around for PinAfterDeleteListing {
+    async fn list(&self, inner: &DynStore, req: ListRequest<'_>) -> StoreResult<ListPage> {
+        let page = inner.list(req.clone()).await;
+        if req.prefix == "v/" && !self.fired.swap(true, Ordering::SeqCst) {
+            let pin = format::clone_pin_name("c/");
+            s3blk::volume::engine::snapshot_committed(inner, "v/", &pin, &SystemClock).await.expect("the clone's pin");
+        }
+        page
+    }
+}
+
+/// A clone of a volume (pinned through `snapshot_committed`, as CSI
+/// clones from a volume source do) whose pin lands between a delete's
+/// listing and its tombstone: the delete keeps the volume for it rather
+/// than remove the pin with the rest (the clone, created next, would read
+/// through a volume that is gone). A pin landing after the tombstone
+/// takes itself back (`a_snapshot_taken_while_its_volume_is_deleted_…`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_pinned_while_its_source_is_deleted_keeps_the_source() {
+    for on in [OnDependants::Keep, OnDependants::RefuseClones] {
+        let mem: DynStore = Arc::new(MemoryStore::new());
+        create(&mem, "v/", 4 * CSU).await;
+        let w = open_with(&mem, "v/", OpenOptions::default()).await;
+        w.write(0, &common::pattern(1, CS as usize)).await.expect("write");
+        w.flush().await.expect("flush");
+        drop(w);
+        let racing: DynStore = Wrapped::new(mem.clone(), PinAfterDeleteListing { fired: AtomicBool::new(false) });
+        let deleted = catalog::delete_volume(&racing, "v/", on, &SystemClock).await;
+        let pin = format::snapshot_key("v/", &format::clone_pin_name("c/"));
+        let kept = mem.head(&pin).await.expect("head");
+        assert!(
+            matches!(deleted, Ok(catalog::DeleteOutcome::Kept)) && kept.is_some(),
+            "{on:?}: the delete answered {deleted:?}; the clone's pin is {}",
+            if kept.is_some() { "there" } else { "gone" }
+        );
+    }
+}

@@ -844,35 +844,54 @@ pub async fn delete_volume(
     {
         return Err(CatalogError::Published { volume, node: a.node_id.clone() });
     }
-    // Clones with their pin (see `has_dependants`: a marker without one
-    // keeps nothing).
-    let clones: Vec<String> = objects
-        .iter()
-        .filter_map(|o| json_in(o.key.strip_prefix(vol)?, "clones/"))
-        .filter(|name| has(format::snapshot_key(vol, &format::clone_pin_name(name))))
-        .map(str::to_string)
-        .collect();
-    let snapshots = objects.iter().any(|o| o.key.starts_with(&format::snapshot_prefix(vol)));
+    let clones = clones_in(vol, &objects);
+    if on_dependants == OnDependants::RefuseClones && has_meta && !clones.is_empty() {
+        return Err(CatalogError::HasClones { volume, clones });
+    }
+    write_tombstone(store, vol, clock).await?;
     // Without volume.json a tombstoned volume is an interrupted delete:
     // its snapshots and clones were gone or let go before it began.
-    match on_dependants {
-        OnDependants::Keep if has_meta && (!clones.is_empty() || snapshots) => {
-            write_tombstone(store, vol, clock).await?;
+    // Otherwise what keeps the volume is decided on a listing made after
+    // the tombstone: a snapshot or pin recorded later sees the tombstone
+    // once it has landed and takes itself back (`record_snapshot`,
+    // `pin_snapshot_for`), so none the listing misses is left reading
+    // through what goes. A clone pinned since the first listing keeps the
+    // volume under RefuseClones too (it is deleted, and kept for it), as
+    // does a clone's pin whose marker is not there yet (a create under
+    // way writes the pin first).
+    if has_meta && on_dependants != OnDependants::Break {
+        let now = store::list_all(store.as_ref(), vol).await?;
+        let clones = clones_in(vol, &now);
+        let names: Vec<&str> = now.iter().filter_map(|o| json_in(o.key.strip_prefix(vol)?, "snapshots/")).collect();
+        let snapshots = !names.is_empty();
+        let pins = names.iter().any(|n| n.starts_with(format::CLONE_PIN_PREFIX));
+        let keep = match on_dependants {
+            OnDependants::Keep => !clones.is_empty() || snapshots,
+            _ => !clones.is_empty() || pins,
+        };
+        if keep {
             tracing::info!(
                 volume = %volume,
-                objects = objects.len(),
+                objects = now.len(),
                 clones = clones.len(),
                 "volume deleted; its objects are kept for its snapshots or clones"
             );
             return Ok(DeleteOutcome::Kept);
         }
-        OnDependants::RefuseClones if has_meta && !clones.is_empty() => {
-            return Err(CatalogError::HasClones { volume, clones });
-        }
-        _ => {}
     }
-    write_tombstone(store, vol, clock).await?;
     Ok(DeleteOutcome::Deleted { objects: finish_delete(store, vol).await? })
+}
+
+/// The clones reading through `vol` in a listing of it: markers with
+/// their pin (see `has_dependants`: a marker without one keeps nothing).
+fn clones_in(vol: &str, objects: &[ObjectInfo]) -> Vec<String> {
+    let has = |key: String| objects.iter().any(|o| o.key == key);
+    objects
+        .iter()
+        .filter_map(|o| json_in(o.key.strip_prefix(vol)?, "clones/"))
+        .filter(|name| has(format::snapshot_key(vol, &format::clone_pin_name(name))))
+        .map(str::to_string)
+        .collect()
 }
 
 /// The deletion proper of a tombstoned volume: it lets go of its source

@@ -139,9 +139,12 @@ pub fn clones_prefix(vol: &str) -> String {
 pub fn clone_marker_key(parent: &str, clone_vol: &str) -> String {
     format!("{parent}clones/{}.json", volume_name(clone_vol))
 }
+/// How the names of clones' pins begin.
+pub const CLONE_PIN_PREFIX: &str = "clone-";
+
 /// The snapshot of the parent that pins a clone's source.
 pub fn clone_pin_name(clone_vol: &str) -> String {
-    format!("clone-{}", volume_name(clone_vol))
+    format!("{CLONE_PIN_PREFIX}{}", volume_name(clone_vol))
 }
 
 fn parse_hex_tail(key: &str, prefix: &str, width: usize) -> Option<u64> {
