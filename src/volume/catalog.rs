@@ -852,10 +852,13 @@ pub async fn delete_volume(
     // Without volume.json a tombstoned volume is an interrupted delete:
     // its snapshots and clones were gone or let go before it began.
     // Otherwise what keeps the volume is decided on a listing made after
-    // the tombstone: a snapshot or pin recorded later sees the tombstone
-    // once it has landed and takes itself back (`record_snapshot`,
-    // `pin_snapshot_for`), so none the listing misses is left reading
-    // through what goes. A clone pinned since the first listing keeps the
+    // the tombstone: a snapshot or a clone's pin recorded later (by
+    // `snapshot_committed`) sees the tombstone once it has landed and
+    // takes itself back, so none the listing misses is left reading
+    // through what goes. (A restore's pin, `pin_snapshot_for`, is taken
+    // back when its snapshot is gone; under Keep that snapshot keeps the
+    // volume, under RefuseClones it goes with it, after this listing: a
+    // restore racing a CLI delete is not covered.) A clone pinned since the first listing keeps the
     // volume under RefuseClones too (it is deleted, and kept for it), as
     // does a clone's pin whose marker is not there yet (a create under
     // way writes the pin first).
