@@ -1103,3 +1103,69 @@ async fn a_clone_pinned_while_its_source_is_deleted_keeps_the_source() {
         );
     }
 }
+
+/// After the `n`th listing of `v/` (a delete's), a restore from snapshot
+/// `s` of `v/` records its pin; what it answered is kept.
+#[derive(Debug)]
+struct RestoreAfterListing {
+    n: usize,
+    lists: std::sync::atomic::AtomicUsize,
+    answer: Mutex<Option<Result<(), String>>>,
+}
+
+#[async_trait]
+impl Around for RestoreAfterListing {
+    async fn list(&self, inner: &DynStore, req: ListRequest<'_>) -> StoreResult<ListPage> {
+        let page = inner.list(req.clone()).await;
+        if req.prefix == "v/" && self.lists.fetch_add(1, Ordering::SeqCst) + 1 == self.n {
+            let r = async {
+                let snap = s3blk::volume::engine::read_snapshot(inner, "v/", "s").await.map_err(|e| e.to_string())?;
+                catalog::pin_snapshot_for(inner, "v/", &snap, "r/").await.map(|_| ()).map_err(|e| e.to_string())
+            }
+            .await;
+            *self.answer.lock().expect("lock") = Some(r);
+        }
+        page
+    }
+}
+
+/// A restore from a snapshot of a volume that the CLI deletes with its
+/// snapshots (RefuseClones), its pin landing after the listing the delete
+/// decides on: either the delete keeps the volume for the pin, or the
+/// restore is refused and its pin taken back; never a restore answered
+/// Ok whose pin the delete then removes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_pinned_while_the_cli_deletes_its_source_is_kept_or_refused() {
+    for n in [1, 2] {
+        let mem: DynStore = Arc::new(MemoryStore::new());
+        create(&mem, "v/", 4 * CSU).await;
+        let w = open_with(&mem, "v/", OpenOptions::default()).await;
+        w.write(0, &common::pattern(1, CS as usize)).await.expect("write");
+        w.flush().await.expect("flush");
+        drop(w);
+        s3blk::volume::engine::snapshot_committed(&mem, "v/", "s", &SystemClock).await.expect("snapshot");
+        let race = Arc::new(RestoreAfterListing { n, lists: 0.into(), answer: Mutex::new(None) });
+        let racing: DynStore = Wrapped::new(mem.clone(), RestoreHook(race.clone()));
+        let deleted = catalog::delete_volume(&racing, "v/", OnDependants::RefuseClones, &SystemClock).await;
+        let pinned = race.answer.lock().expect("lock").clone();
+        let pin = mem.head(&format::snapshot_key("v/", &format::clone_pin_name("r/"))).await.expect("head");
+        let kept = matches!(deleted, Ok(catalog::DeleteOutcome::Kept)) && pin.is_some();
+        let refused = matches!(pinned, Some(Err(_))) && pin.is_none();
+        assert!(
+            kept || refused,
+            "listing {n}: the delete answered {deleted:?}, the restore's pin {pinned:?}; the pin is {}",
+            if pin.is_some() { "there" } else { "gone" }
+        );
+    }
+}
+
+/// [`RestoreAfterListing`] shared with the test.
+#[derive(Debug)]
+struct RestoreHook(Arc<RestoreAfterListing>);
+
+#[async_trait]
+impl Around for RestoreHook {
+    async fn list(&self, inner: &DynStore, req: ListRequest<'_>) -> StoreResult<ListPage> {
+        self.0.list(inner, req).await
+    }
+}

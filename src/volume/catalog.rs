@@ -855,14 +855,28 @@ pub async fn delete_volume(
     // the tombstone: a snapshot or a clone's pin recorded later (by
     // `snapshot_committed`) sees the tombstone once it has landed and
     // takes itself back, so none the listing misses is left reading
-    // through what goes. (A restore's pin, `pin_snapshot_for`, is taken
-    // back when its snapshot is gone; under Keep that snapshot keeps the
-    // volume, under RefuseClones it goes with it, after this listing: a
-    // restore racing a CLI delete is not covered.) A clone pinned since the first listing keeps the
+    // through what goes. A restore's pin (`pin_snapshot_for`) is taken
+    // back when its snapshot is gone: under Keep that snapshot keeps the
+    // volume; under RefuseClones it goes first. A clone pinned since the first listing keeps the
     // volume under RefuseClones too (it is deleted, and kept for it), as
     // does a clone's pin whose marker is not there yet (a create under
     // way writes the pin first).
     if has_meta && on_dependants != OnDependants::Break {
+        if on_dependants == OnDependants::RefuseClones {
+            // Its own snapshots go with it, before the listing: a restore
+            // from one that pins after the listing then finds its
+            // snapshot gone and takes its pin back.
+            let own: Vec<String> = store::list_all(store.as_ref(), &format::snapshot_prefix(vol))
+                .await?
+                .into_iter()
+                .filter(|o| {
+                    json_in(o.key.strip_prefix(vol).unwrap_or_default(), "snapshots/")
+                        .is_some_and(|n| !n.starts_with(format::CLONE_PIN_PREFIX))
+                })
+                .map(|o| o.key)
+                .collect();
+            store::delete_keys(store.as_ref(), own, DELETE_CONCURRENCY).await?;
+        }
         let now = store::list_all(store.as_ref(), vol).await?;
         let clones = clones_in(vol, &now);
         let names: Vec<&str> = now.iter().filter_map(|o| json_in(o.key.strip_prefix(vol)?, "snapshots/")).collect();
