@@ -2328,3 +2328,53 @@ async fn a_checkpoint_missing_a_part_is_damage_not_an_empty_range() {
     let rep = fsck::fsck(store.as_ref(), vol, false, &|_, _| {}).await.expect("fsck");
     assert!(!rep.clean && rep.errors.iter().any(|e| e.contains(&gone)), "{:?}", rep.errors);
 }
+
+/// A checkpoint no replay reads (a newer one covers the head, and no
+/// snapshot pins a seq it alone covers) whose part is gone: a manifest
+/// whose PUT landed after compaction had removed it and its parts. fsck
+/// names it as a warning, not damage: nothing kept depends on it, and
+/// compaction removes it. A snapshot that needs it makes it damage again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_checkpoint_no_replay_reads_is_a_warning() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let vol = "v/";
+    let n = format::CHECKPOINT_PART_ENTRIES as u64 + 20;
+    create(&store, vol, n * CS as u64).await;
+    let v = open(&store, vol).await;
+    v.write(0, &common::pattern(1, CS as usize)).await.expect("write");
+    v.flush().await.expect("flush");
+    drop(v);
+    let checkpoint = |store: DynStore| async move {
+        let st = replay::replay(store.as_ref(), vol, CS as u64, None).await.expect("replay");
+        let mut map = st.map.clone();
+        map.extend((8..n).map(|i| (i, format::ChunkRef::Zero)));
+        let cp = Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map, patches: st.patches.clone() };
+        assert!(replay::write_checkpoint(store.as_ref(), vol, &cp).await.expect("checkpoint"));
+        st.head
+    };
+    let old = checkpoint(store.clone()).await;
+    let v = open(&store, vol).await;
+    v.write(CS as u64, &common::pattern(2, CS as usize)).await.expect("write");
+    v.flush().await.expect("flush");
+    drop(v);
+    checkpoint(store.clone()).await;
+    let (seq, tag) = checkpoint_parts(&store, vol).await[0];
+    assert_eq!(seq, old);
+    let gone = format::checkpoint_part_key(vol, seq, tag, 1);
+    store.delete(&gone).await.expect("delete a part");
+    let rep = fsck::fsck(store.as_ref(), vol, false, &|_, _| {}).await.expect("fsck");
+    assert!(rep.clean, "{:?}", rep.errors);
+    assert!(rep.warnings.iter().any(|w| w.contains(&gone) && w.contains("no replay reads it")), "{:?}", rep.warnings);
+    // A snapshot at that seq reads it: damage.
+    let rec = format::SnapshotRecord {
+        format_version: format::FORMAT_VERSION,
+        name: "s".into(),
+        seq: old,
+        size: n * CS as u64,
+        created_unix: 0,
+    };
+    let body = serde_json::to_vec_pretty(&rec).expect("json");
+    store.put(&format::snapshot_key(vol, "s"), body.into(), PutMode::IfAbsent).await.expect("snapshot");
+    let rep = fsck::fsck(store.as_ref(), vol, false, &|_, _| {}).await.expect("fsck");
+    assert!(!rep.clean && rep.errors.iter().any(|e| e.contains(&gone)), "{:?}", rep.errors);
+}

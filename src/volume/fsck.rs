@@ -77,6 +77,8 @@ pub async fn fsck(
 
     // Every checkpoint decodes, a split one with every part it names.
     let mut named: BTreeSet<(u64, u64)> = BTreeSet::new();
+    // Checkpoints that do not read back, judged once the snapshots are known.
+    let mut broken: Vec<(u64, String)> = Vec::new();
     for &seq in &checkpoints {
         let key = format::checkpoint_key(vol, seq);
         match store.get(&key, None).await {
@@ -88,7 +90,7 @@ pub async fn fsck(
                     // Removed by a compaction since the listing.
                     Ok(_) | Err(VolumeError::Store(crate::store::StoreError::NotFound(_))) => {}
                     Err(VolumeError::Store(e)) => return Err(e.into()),
-                    Err(e) => rep.errors.push(format!("checkpoint {seq}: {e}")),
+                    Err(e) => broken.push((seq, format!("checkpoint {seq}: {e}"))),
                 }
             }
             // Removed by a compaction since the listing.
@@ -138,6 +140,7 @@ pub async fn fsck(
         Ok(st) => st,
         Err(VolumeError::Store(e)) => return Err(e.into()),
         Err(e) => {
+            rep.errors.extend(broken.into_iter().map(|(_, why)| why));
             rep.errors.push(format!("replay: {e}"));
             rep.clean = false;
             return Ok(rep);
@@ -159,6 +162,7 @@ pub async fn fsck(
         }
     };
     add_refs(&head.map);
+    let mut pinned_seqs = Vec::new();
     for key in &snapshots {
         let rec = match store.get(key, None).await {
             Ok(b) => match SnapshotRecord::decode(&b, key) {
@@ -173,6 +177,7 @@ pub async fn fsck(
                 continue;
             }
         };
+        pinned_seqs.push(rec.seq);
         if rec.seq > head.head {
             rep.errors.push(format!("{key} pins seq {} past the journal head {}", rec.seq, head.head));
             continue;
@@ -184,6 +189,22 @@ pub async fn fsck(
         }
     }
     rep.referenced_chunks = referenced.len() as u64;
+    // A replay reads the newest checkpoint, or the newest at or below a
+    // snapshot's seq. Any other is garbage compaction removes: one that
+    // does not read back is a manifest whose PUT landed after compaction
+    // had removed it and its parts, not damage to anything kept.
+    let newest_at = |upto: Option<u64>| checkpoints.iter().rev().find(|&&c| upto.is_none_or(|u| c <= u)).copied();
+    let read: BTreeSet<u64> =
+        std::iter::once(None).chain(pinned_seqs.iter().map(|s| Some(*s))).filter_map(newest_at).collect();
+    for (seq, why) in broken {
+        match read.contains(&seq) {
+            true => rep.errors.push(why),
+            false => rep.warnings.push(format!(
+                "{why} (no replay reads it: a newer checkpoint covers the head and every snapshot; compaction \
+                 removes it)"
+            )),
+        }
+    }
 
     let mut to_verify = Vec::new();
     for ((index, generation), crc) in &referenced {
