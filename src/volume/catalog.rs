@@ -857,10 +857,11 @@ pub async fn delete_volume(
     // takes itself back, so none the listing misses is left reading
     // through what goes. A restore's pin (`pin_snapshot_for`) is taken
     // back when its snapshot is gone: under Keep that snapshot keeps the
-    // volume; under RefuseClones it goes first. A clone pinned since the first listing keeps the
-    // volume under RefuseClones too (it is deleted, and kept for it), as
-    // does a clone's pin whose marker is not there yet (a create under
-    // way writes the pin first).
+    // volume; under RefuseClones it goes first. A clone pinned since the
+    // first listing keeps the volume under RefuseClones too (it is
+    // deleted, and kept for it), as does a clone's pin whose marker is
+    // not there yet (a create under way writes the pin first; a pin
+    // left by a create that died keeps it too, until `--force`).
     if has_meta && on_dependants != OnDependants::Break {
         if on_dependants == OnDependants::RefuseClones {
             // Its own snapshots go with it, before the listing: a restore
