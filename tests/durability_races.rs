@@ -37,6 +37,18 @@ async fn create(store: &DynStore, vol: &str, size: u64) {
     Volume::create(store.clone(), vol, opts, &SystemClock).await.expect("create");
 }
 
+/// A memory store holding volume `v/` with its first chunk written and
+/// flushed, and no writer on it.
+async fn one_chunk_volume() -> DynStore {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CSU).await;
+    let w = open_with(&mem, "v/", OpenOptions::default()).await;
+    w.write(0, &common::pattern(1, CS as usize)).await.expect("write");
+    w.flush().await.expect("flush");
+    drop(w);
+    mem
+}
+
 async fn open_with(store: &DynStore, vol: &str, opts: OpenOptions) -> Volume {
     Volume::open(store.clone(), vol, opts).await.expect("open")
 }
@@ -526,12 +538,7 @@ async fn a_volume_deleted_while_a_writer_opens_it_is_not_opened() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_taken_while_its_volume_is_deleted_is_not_reported_taken() {
     for on in [OnDependants::Keep, OnDependants::RefuseClones] {
-        let plain: DynStore = Arc::new(MemoryStore::new());
-        create(&plain, "v/", 4 * CSU).await;
-        let v = open_with(&plain, "v/", OpenOptions::default()).await;
-        v.write(0, &common::pattern(1, CS as usize)).await.expect("write");
-        v.flush().await.expect("flush");
-        drop(v);
+        let plain = one_chunk_volume().await;
         let trigger = format::snapshot_prefix("v/");
         let race = Wrapped::new(plain.clone(), DeleteRace { armed: AtomicBool::new(true), on, trigger });
         let store: DynStore = race.clone();
@@ -728,12 +735,7 @@ async fn a_restore_opened_while_its_delete_lets_go_of_the_source_is_not_found() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clone_marker_landing_after_the_clones_delete_keeps_nothing() {
     for with_snapshot in [false, true] {
-        let mem: DynStore = Arc::new(MemoryStore::new());
-        create(&mem, "v/", 4 * CSU).await;
-        let w = open_with(&mem, "v/", OpenOptions::default()).await;
-        w.write(0, &common::pattern(1, CS as usize)).await.expect("write");
-        w.flush().await.expect("flush");
-        drop(w);
+        let mem = one_chunk_volume().await;
         if with_snapshot {
             s3blk::volume::engine::snapshot_committed(&mem, "v/", "s", &SystemClock).await.expect("snapshot");
         }
@@ -1086,12 +1088,7 @@ impl Around for PinAfterDeleteListing {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clone_pinned_while_its_source_is_deleted_keeps_the_source() {
     for on in [OnDependants::Keep, OnDependants::RefuseClones] {
-        let mem: DynStore = Arc::new(MemoryStore::new());
-        create(&mem, "v/", 4 * CSU).await;
-        let w = open_with(&mem, "v/", OpenOptions::default()).await;
-        w.write(0, &common::pattern(1, CS as usize)).await.expect("write");
-        w.flush().await.expect("flush");
-        drop(w);
+        let mem = one_chunk_volume().await;
         let racing: DynStore = Wrapped::new(mem.clone(), PinAfterDeleteListing { fired: AtomicBool::new(false) });
         let deleted = catalog::delete_volume(&racing, "v/", on, &SystemClock).await;
         let pin = format::snapshot_key("v/", &format::clone_pin_name("c/"));
@@ -1113,22 +1110,6 @@ struct RestoreAfterListing {
     answer: Mutex<Option<Result<(), String>>>,
 }
 
-#[async_trait]
-impl Around for RestoreAfterListing {
-    async fn list(&self, inner: &DynStore, req: ListRequest<'_>) -> StoreResult<ListPage> {
-        let page = inner.list(req.clone()).await;
-        if req.prefix == "v/" && self.lists.fetch_add(1, Ordering::SeqCst) + 1 == self.n {
-            let r = async {
-                let snap = s3blk::volume::engine::read_snapshot(inner, "v/", "s").await.map_err(|e| e.to_string())?;
-                catalog::pin_snapshot_for(inner, "v/", &snap, "r/").await.map(|_| ()).map_err(|e| e.to_string())
-            }
-            .await;
-            *self.answer.lock().expect("lock") = Some(r);
-        }
-        page
-    }
-}
-
 /// A restore from a snapshot of a volume that the CLI deletes with its
 /// snapshots (RefuseClones), its pin landing after the listing the delete
 /// decides on: either the delete keeps the volume for the pin, or the
@@ -1137,12 +1118,7 @@ impl Around for RestoreAfterListing {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_pinned_while_the_cli_deletes_its_source_is_kept_or_refused() {
     for n in [1, 2] {
-        let mem: DynStore = Arc::new(MemoryStore::new());
-        create(&mem, "v/", 4 * CSU).await;
-        let w = open_with(&mem, "v/", OpenOptions::default()).await;
-        w.write(0, &common::pattern(1, CS as usize)).await.expect("write");
-        w.flush().await.expect("flush");
-        drop(w);
+        let mem = one_chunk_volume().await;
         s3blk::volume::engine::snapshot_committed(&mem, "v/", "s", &SystemClock).await.expect("snapshot");
         let race = Arc::new(RestoreAfterListing { n, lists: 0.into(), answer: Mutex::new(None) });
         let racing: DynStore = Wrapped::new(mem.clone(), RestoreHook(race.clone()));
@@ -1159,13 +1135,23 @@ async fn a_restore_pinned_while_the_cli_deletes_its_source_is_kept_or_refused() 
     }
 }
 
-/// [`RestoreAfterListing`] shared with the test.
+/// The store wrapper doing what a [`RestoreAfterListing`] says; the test
+/// keeps the other handle, to read the restore's answer.
 #[derive(Debug)]
 struct RestoreHook(Arc<RestoreAfterListing>);
 
 #[async_trait]
 impl Around for RestoreHook {
     async fn list(&self, inner: &DynStore, req: ListRequest<'_>) -> StoreResult<ListPage> {
-        self.0.list(inner, req).await
+        let page = inner.list(req.clone()).await;
+        if req.prefix == "v/" && self.0.lists.fetch_add(1, Ordering::SeqCst) + 1 == self.0.n {
+            let r = async {
+                let snap = s3blk::volume::engine::read_snapshot(inner, "v/", "s").await.map_err(|e| e.to_string())?;
+                catalog::pin_snapshot_for(inner, "v/", &snap, "r/").await.map(|_| ()).map_err(|e| e.to_string())
+            }
+            .await;
+            *self.0.answer.lock().expect("lock") = Some(r);
+        }
+        page
     }
 }

@@ -2299,24 +2299,41 @@ async fn checkpoint_parts_no_manifest_names_go_once_folded_past() {
     assert!(rep.clean && rep.warnings.is_empty(), "{rep:?}");
 }
 
+/// Chunks of a volume whose full map takes two checkpoint parts.
+const PAST_ONE_PART: u64 = format::CHECKPOINT_PART_ENTRIES as u64 + 20;
+
+/// A memory store with a volume of [`PAST_ONE_PART`] chunks under `vol`,
+/// its first chunk written and flushed.
+async fn volume_past_one_part(vol: &str) -> DynStore {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    create(&store, vol, PAST_ONE_PART * CS as u64).await;
+    let v = open(&store, vol).await;
+    v.write(0, &common::pattern(1, CS as usize)).await.expect("write");
+    v.flush().await.expect("flush");
+    drop(v);
+    store
+}
+
+/// Write a checkpoint at the head of `vol` whose map also maps chunks 8
+/// on as zeros (as trimming records them): it is stored in two parts.
+/// Returns its seq.
+async fn split_checkpoint_at_head(store: &DynStore, vol: &str) -> u64 {
+    let st = replay::replay(store.as_ref(), vol, CS as u64, None).await.expect("replay");
+    let mut map = st.map.clone();
+    map.extend((8..PAST_ONE_PART).map(|i| (i, format::ChunkRef::Zero)));
+    let cp = Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map, patches: st.patches.clone() };
+    assert!(replay::write_checkpoint(store.as_ref(), vol, &cp).await.expect("checkpoint"));
+    st.head
+}
+
 /// A part of a checkpoint gone while its manifest is still there is
 /// damage: the open refuses with a clear error naming it, and fsck reports
 /// it; a missing part is never read as an empty range of the map.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_missing_a_part_is_damage_not_an_empty_range() {
-    let store: DynStore = Arc::new(MemoryStore::new());
     let vol = "v/";
-    let n = format::CHECKPOINT_PART_ENTRIES as u64 + 20;
-    create(&store, vol, n * CS as u64).await;
-    let v = open(&store, vol).await;
-    v.write(0, &common::pattern(1, CS as usize)).await.expect("write");
-    v.flush().await.expect("flush");
-    drop(v);
-    let st = replay::replay(store.as_ref(), vol, CS as u64, None).await.expect("replay");
-    let mut map = st.map.clone();
-    map.extend((8..n).map(|i| (i, format::ChunkRef::Zero)));
-    let cp = Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map, patches: st.patches.clone() };
-    assert!(replay::write_checkpoint(store.as_ref(), vol, &cp).await.expect("checkpoint"));
+    let store = volume_past_one_part(vol).await;
+    split_checkpoint_at_head(&store, vol).await;
     let (seq, tag) = checkpoint_parts(&store, vol).await[1];
     let gone = format::checkpoint_part_key(vol, seq, tag, 1);
     store.delete(&gone).await.expect("delete a part");
@@ -2336,28 +2353,14 @@ async fn a_checkpoint_missing_a_part_is_damage_not_an_empty_range() {
 /// compaction removes it. A snapshot that needs it makes it damage again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_checkpoint_no_replay_reads_is_a_warning() {
-    let store: DynStore = Arc::new(MemoryStore::new());
     let vol = "v/";
-    let n = format::CHECKPOINT_PART_ENTRIES as u64 + 20;
-    create(&store, vol, n * CS as u64).await;
-    let v = open(&store, vol).await;
-    v.write(0, &common::pattern(1, CS as usize)).await.expect("write");
-    v.flush().await.expect("flush");
-    drop(v);
-    let checkpoint = |store: DynStore| async move {
-        let st = replay::replay(store.as_ref(), vol, CS as u64, None).await.expect("replay");
-        let mut map = st.map.clone();
-        map.extend((8..n).map(|i| (i, format::ChunkRef::Zero)));
-        let cp = Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map, patches: st.patches.clone() };
-        assert!(replay::write_checkpoint(store.as_ref(), vol, &cp).await.expect("checkpoint"));
-        st.head
-    };
-    let old = checkpoint(store.clone()).await;
+    let store = volume_past_one_part(vol).await;
+    let old = split_checkpoint_at_head(&store, vol).await;
     let v = open(&store, vol).await;
     v.write(CS as u64, &common::pattern(2, CS as usize)).await.expect("write");
     v.flush().await.expect("flush");
     drop(v);
-    checkpoint(store.clone()).await;
+    split_checkpoint_at_head(&store, vol).await;
     let (seq, tag) = checkpoint_parts(&store, vol).await[0];
     assert_eq!(seq, old);
     let gone = format::checkpoint_part_key(vol, seq, tag, 1);
@@ -2370,7 +2373,7 @@ async fn a_broken_checkpoint_no_replay_reads_is_a_warning() {
         format_version: format::FORMAT_VERSION,
         name: "s".into(),
         seq: old,
-        size: n * CS as u64,
+        size: PAST_ONE_PART * CS as u64,
         created_unix: 0,
     };
     let body = serde_json::to_vec_pretty(&rec).expect("json");
