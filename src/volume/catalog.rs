@@ -581,11 +581,11 @@ pub async fn clone_volume(
     match replay::read_meta(store.as_ref(), clone).await {
         Ok(existing) => {
             // An earlier attempt of this clone that wrote volume.json and
-            // stopped before its create record: finished now, while the
-            // pin and marker it reads through are still there.
+            // stopped before its create record: finished now, while its
+            // marker is still there (`finish_create` checks the pin it
+            // reads through).
             let ours = existing.parent.as_ref().is_some_and(|p| p.volume == source && p.snapshot == pin_name);
             if ours
-                && store.head(&pin_key).await?.is_some()
                 && store.head(&marker).await?.is_some()
                 && super::Volume::finish_create(store, clone, &existing).await?
             {
