@@ -44,7 +44,9 @@ async fn main() -> anyhow::Result<()> {
     let opts = CreateOptions { size, chunk_size: CHUNK, parent: None, single_writer: false };
     Volume::create(store.clone(), vol, opts, &s3blk::clock::SystemClock).await?;
     let st = replay::replay(store.as_ref(), vol, CHUNK as u64, None).await?;
-    let map = (0..chunks).map(|i| (i, ChunkRef::Stored { generation: generation(1, i + 1), crc: i as u32 })).collect();
+    let map = (0..chunks)
+        .map(|i| (i, ChunkRef::Stored { generation: generation(1, i + 1), crc: i as u32, table: true }))
+        .collect();
     let cp = Checkpoint { seq: st.head, epoch: st.epoch, size, map, patches: Default::default() };
     let t = Instant::now();
     replay::write_checkpoint(store.as_ref(), vol, &cp).await?;

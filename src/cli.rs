@@ -633,6 +633,9 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 })
                 .collect();
             let stored = st.map.values().filter(|r| matches!(r, format::ChunkRef::Stored { .. })).count() as u64;
+            // Chunk objects with a table (format 4) serve small reads by range.
+            let tabled =
+                st.map.values().filter(|r| matches!(r, format::ChunkRef::Stored { table: true, .. })).count() as u64;
             let patch_bytes: u64 = st.patches.values().map(|p| p.bytes()).sum();
             let occupant = lease::occupant(&store, &loc.prefix, None).await?;
             if json {
@@ -646,7 +649,8 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 let v = serde_json::json!({
                     "volume": loc.display(), "meta": meta, "size": st.size, "head_seq": st.head, "epoch": st.epoch,
                     "checkpoint": st.checkpoint, "mapped_chunks": st.map.len(), "stored_chunks": stored,
-                    "stored_bytes": stored * meta.chunk_size as u64, "patched_chunks": st.patches.len(),
+                    "stored_bytes": stored * meta.chunk_size as u64, "chunks_with_table": tabled,
+                    "patched_chunks": st.patches.len(),
                     "patch_bytes": patch_bytes, "format_version": meta.format_version,
                     "snapshots": snaps, "writer": writer,
                 });
@@ -658,6 +662,12 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 println!("chunk size:    {}", format_size(meta.chunk_size as u64));
                 println!("format:        {}", meta.format_version);
                 println!("stored chunks: {} ({})", stored, format_size(stored * meta.chunk_size as u64));
+                if tabled < stored {
+                    println!(
+                        "               {} of them whole (format 3: a read fetches the whole chunk)",
+                        stored - tabled
+                    );
+                }
                 if !st.patches.is_empty() {
                     println!(
                         "patched:       {} chunks ({} of pages not yet folded)",

@@ -58,6 +58,7 @@ fn round_trip(env: &[(&'static str, String)], vol: &str, store_url: &str, dir: &
     assert_eq!(json["size"], 8 << 20);
     // Four whole chunks stored; the 1234-byte tail went inline (a page patch).
     assert_eq!(json["stored_chunks"], 4, "the zero chunk and the untouched ones cost nothing: {json}");
+    assert_eq!(json["chunks_with_table"], 4, "new chunks are stored with their table (format 4): {json}");
     assert_eq!((json["patched_chunks"].as_u64(), json["patch_bytes"].as_u64()), (Some(1), Some(4096)), "{json}");
     let list = ok(&s3blk(env, &["volume", "list", store_url]));
     let name = vol.rsplit('/').next().expect("name");

@@ -1376,7 +1376,8 @@ async fn a_small_flush_is_one_put_and_reads_back_everywhere(store: DynStore) {
     let cp =
         Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map: st.map.clone(), patches: st.patches.clone() };
     let cp_bytes = cp.encode();
-    assert_eq!(cp_bytes[8..12], format::FORMAT_V2.to_le_bytes());
+    // Patches need format 2; its chunks, stored with their table, 4.
+    assert_eq!(cp_bytes[8..12], format::FORMAT_V4.to_le_bytes());
     store.put(&format::checkpoint_key(&vol, st.head), Bytes::from(cp_bytes), PutMode::IfAbsent).await.expect("cp");
     for seq in 0..=st.head {
         store.delete(&format::journal_key(&vol, seq)).await.expect("delete");
@@ -1438,7 +1439,8 @@ async fn a_format_1_volume_opens_and_is_upgraded_by_its_first_small_flush() {
     let mut meta = format::VolumeMeta::decode(&store.get(&key, None).await.expect("meta")).expect("meta");
     meta.format_version = 1;
     store.put(&key, Bytes::from(meta.encode()), PutMode::Overwrite).await.expect("put meta");
-    let old = OpenOptions { patch_limit: 0, ..OpenOptions::default() };
+    // Nor chunk tables (format 4), which also need a newer reader.
+    let old = OpenOptions { patch_limit: 0, chunk_tables: false, ..OpenOptions::default() };
     let v = Volume::open(store.clone(), "v/", old).await.expect("open");
     v.write(0, b"format one").await.expect("write");
     v.flush().await.expect("flush");
@@ -2381,3 +2383,218 @@ async fn a_broken_checkpoint_no_replay_reads_is_a_warning() {
     let rep = fsck::fsck(store.as_ref(), vol, false, &|_, _| {}).await.expect("fsck");
     assert!(!rep.clean && rep.errors.iter().any(|e| e.contains(&gone)), "{:?}", rep.errors);
 }
+
+// ------------------------------------------------------------------ ranged reads
+
+const MIB: u64 = 1 << 20;
+const VB: u64 = format::VERIFY_BLOCK as u64;
+
+/// Every GET of a chunk object: its key and range.
+#[derive(Debug, Default)]
+struct ChunkGets(std::sync::Mutex<Vec<(String, Option<std::ops::Range<u64>>)>>);
+
+impl ChunkGets {
+    fn take(&self) -> Vec<(String, Option<std::ops::Range<u64>>)> {
+        std::mem::take(&mut *self.0.lock().expect("lock"))
+    }
+}
+
+#[async_trait::async_trait]
+impl common::Around for ChunkGets {
+    async fn get(
+        &self,
+        inner: &DynStore,
+        key: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> s3blk::store::StoreResult<Bytes> {
+        if key.contains("/chunks/") {
+            self.0.lock().expect("lock").push((key.to_string(), range.clone()));
+        }
+        inner.get(key, range).await
+    }
+}
+
+/// A volume of 1 MiB chunks (16 verified blocks each) whose first two
+/// chunks hold `pattern(1, 2 MiB)`, flushed.
+async fn two_chunks_of_1mib(store: &DynStore, vol: &str) -> Vec<u8> {
+    let opts = CreateOptions { size: 4 * MIB, chunk_size: MIB as u32, parent: None, single_writer: false };
+    Volume::create(store.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
+    let data = common::pattern(1, 2 * MIB as usize);
+    let v = open(store, vol).await;
+    v.write(0, &data).await.expect("write");
+    v.flush().await.expect("flush");
+    drop(v);
+    data
+}
+
+/// The key of chunk `index`'s only object.
+async fn chunk_object(store: &DynStore, vol: &str, index: u64) -> String {
+    let keys = keys(store, &format::chunk_prefix(vol)).await;
+    let mut of = keys.into_iter().filter(|k| format::parse_chunk_key(vol, k).is_some_and(|(i, _)| i == index));
+    let key = of.next().expect("the chunk's object");
+    assert!(of.next().is_none(), "chunk {index} has more than one object");
+    key
+}
+
+/// A read of a few KiB of a chunk that is not cached fetches the blocks
+/// that hold them and the chunk's table (once), not the whole chunk; a
+/// sequential reader still fetches whole chunks.
+async fn a_small_cold_read_fetches_its_blocks_and_the_table_not_the_whole_chunk(store: DynStore) {
+    let vol = &format!("{}/", common::unique("ranged"));
+    let data = two_chunks_of_1mib(&store, vol).await;
+    let gets = common::Wrapped::new(store.clone(), ChunkGets::default());
+    let logged: DynStore = gets.clone();
+    let v = open_ro(&logged, vol).await;
+    let chunk0 = chunk_object(&store, vol, 0).await;
+    let table = MIB..MIB + format::table_len(MIB);
+    let at = 300 << 10;
+    assert_eq!(v.read(at, 4096).await.expect("read"), &data[at as usize..at as usize + 4096]);
+    let mut got = gets.take();
+    got.sort_by_key(|(_, r)| r.as_ref().map(|r| r.start));
+    assert_eq!(got, vec![(chunk0.clone(), Some(4 * VB..5 * VB)), (chunk0.clone(), Some(table.clone()))]);
+    // The same block again: from the cache.
+    assert_eq!(v.read(at + 8192, 4096).await.expect("read"), &data[at as usize + 8192..at as usize + 12288]);
+    assert_eq!(gets.take(), vec![]);
+    // Another block of the chunk: its bytes only, the table is known.
+    let at = 10 * VB + 4096;
+    assert_eq!(v.read(at, 8192).await.expect("read"), &data[at as usize..at as usize + 8192]);
+    assert_eq!(gets.take(), vec![(chunk0.clone(), Some(10 * VB..11 * VB))]);
+    // Across two blocks, one of them cached.
+    let at = 5 * VB - 2048;
+    assert_eq!(v.read(at, 4096).await.expect("read"), &data[at as usize..at as usize + 4096]);
+    assert_eq!(gets.take(), vec![(chunk0.clone(), Some(4 * VB..6 * VB))]);
+    // More than half the chunk: the whole object, in one GET.
+    let at = 100 << 10;
+    assert_eq!(v.read(at, 600 << 10).await.expect("read"), &data[at as usize..at as usize + (600 << 10)]);
+    assert_eq!(gets.take(), vec![(chunk0.clone(), None)]);
+    // A sequential reader of chunk 1: ranged first, then the whole chunk.
+    assert_eq!(v.read(MIB, 4096).await.expect("read"), &data[MIB as usize..MIB as usize + 4096]);
+    assert_eq!(v.read(MIB + 4096, 4096).await.expect("read"), &data[MIB as usize + 4096..MIB as usize + 8192]);
+    let got = gets.take();
+    assert!(got.iter().filter(|(k, r)| k.contains("/0000000000000001/") && r.is_none()).count() == 1, "{got:?}");
+    // The read path's answers agree with a writer's whole reads.
+    drop(v);
+    let w = open(&logged, vol).await;
+    assert_eq!(w.read(0, 2 * MIB).await.expect("read"), data);
+    assert_fsck_clean(&store, vol).await;
+}
+on_both_stores!(a_small_cold_read_fetches_its_blocks_and_the_table_not_the_whole_chunk);
+
+/// One flipped bit in a block, or in the table, of a chunk object: the
+/// reads that need it fail as damage (never return its bytes), other
+/// blocks still read, and fsck reports the object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_block_or_table_fails_the_reads_that_need_it_and_fsck() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(dir.path());
+    let vol = "v/";
+    let data = two_chunks_of_1mib(&store, vol).await;
+    let key = chunk_object(&store, vol, 0).await;
+    let good = store.get(&key, None).await.expect("get");
+    assert_eq!(good.len() as u64, MIB + format::table_len(MIB), "a chunk object is its bytes and its table");
+    let damage = |at: usize| {
+        let mut b = good.to_vec();
+        b[at] ^= 0x04;
+        Bytes::from(b)
+    };
+    // Block 3.
+    store.put(&key, damage(3 * VB as usize + 5), PutMode::Overwrite).await.expect("damage");
+    let v = open_ro(&store, vol).await;
+    let e = v.read(3 * VB + 4096, 4096).await.expect_err("a damaged block was read");
+    assert!(matches!(e, VolumeError::Corrupt(_)) && e.to_string().contains("block 3"), "{e}");
+    assert_eq!(v.read(VB, 4096).await.expect("another block"), &data[VB as usize..VB as usize + 4096]);
+    let e = v.read(0, MIB).await.expect_err("the whole damaged chunk was read");
+    assert!(matches!(e, VolumeError::Corrupt(_)) && e.to_string().contains("block 3"), "{e}");
+    let rep = fsck::fsck(store.as_ref(), vol, true, &|_, _| {}).await.expect("fsck");
+    assert!(!rep.clean && rep.errors.iter().any(|e| e.contains(&key) && e.contains("block 3")), "{:?}", rep.errors);
+    // The table.
+    store.put(&key, damage(MIB as usize + 2), PutMode::Overwrite).await.expect("damage");
+    let v = open_ro(&store, vol).await;
+    let e = v.read(VB, 4096).await.expect_err("a block read through a damaged table");
+    assert!(matches!(e, VolumeError::Corrupt(_)) && e.to_string().contains("table"), "{e}");
+    let rep = fsck::fsck(store.as_ref(), vol, true, &|_, _| {}).await.expect("fsck");
+    assert!(!rep.clean && rep.errors.iter().any(|e| e.contains(&key) && e.contains("table")), "{:?}", rep.errors);
+    // Cut short: the ranged read falls back to the whole object, which says so.
+    store.put(&key, good.slice(..MIB as usize), PutMode::Overwrite).await.expect("truncate");
+    let v = open_ro(&store, vol).await;
+    let e = v.read(VB, 4096).await.expect_err("a block of a truncated object");
+    assert!(matches!(e, VolumeError::Corrupt(_)) && e.to_string().contains("bytes, expected"), "{e}");
+    store.put(&key, good, PutMode::Overwrite).await.expect("restore");
+    assert_stored(&store, vol, 2 * MIB, &data, "restored").await;
+}
+
+/// Chunks written whole (format 3) and with a table (format 4) in one
+/// volume read alike, whole and ranged, before and after compaction; the
+/// records that reference a table are format 4, the others are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_written_whole_and_with_a_table_read_alike() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(dir.path());
+    let vol = "v/";
+    let opts = CreateOptions { size: 4 * MIB, chunk_size: MIB as u32, parent: None, single_writer: false };
+    Volume::create(store.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
+    let data = common::pattern(3, 3 * MIB as usize);
+    let whole = OpenOptions { chunk_tables: false, ..OpenOptions::default() };
+    let v = Volume::open(store.clone(), vol, whole).await.expect("open");
+    v.write(0, &data[..2 * MIB as usize]).await.expect("write");
+    v.flush().await.expect("flush");
+    drop(v);
+    let v = open(&store, vol).await;
+    v.write(2 * MIB, &data[2 * MIB as usize..]).await.expect("write");
+    v.flush().await.expect("flush");
+    drop(v);
+    let records = keys(&store, &format::journal_prefix(vol)).await;
+    let versions: Vec<u32> = futures::future::join_all(records.iter().map(|k| store.get(k, None)))
+        .await
+        .into_iter()
+        .map(|b| {
+            let b = b.expect("record");
+            u32::from_le_bytes([b[8], b[9], b[10], b[11]])
+        })
+        .collect();
+    // Create, open, the commit of whole chunks, open, the commit of one
+    // with a table.
+    assert_eq!(versions, [1, 1, 1, 1, 4], "{records:?}");
+    let sizes: Vec<u64> = store::list_all(store.as_ref(), &format::chunk_prefix(vol))
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|o| o.size)
+        .collect();
+    assert_eq!(sizes, [MIB, MIB, MIB + format::table_len(MIB)]);
+    let check = |v: Volume| {
+        let data = data.clone();
+        async move {
+            for at in [5 * VB + 100, MIB + 9 * VB, 2 * MIB + 3 * VB - 10, 2 * MIB + 15 * VB] {
+                let got = v.read(at, 4096).await.expect("ranged read");
+                assert!(got == data[at as usize..at as usize + 4096], "at {at}");
+            }
+            assert!(v.read(0, 3 * MIB).await.expect("whole read") == data);
+        }
+    };
+    check(open_ro(&store, vol).await).await;
+    assert_fsck_clean(&store, vol).await;
+    compact::compact(&store, vol, &eager(), &s3blk::clock::SystemClock).await.expect("compact");
+    check(open_ro(&store, vol).await).await;
+    check(open(&store, vol).await).await;
+    assert_fsck_clean(&store, vol).await;
+}
+
+/// A PUT of parts (how a chunk and its table go up) stores their
+/// concatenation as one object, under the same condition as a PUT, on the
+/// local store and on S3 (through the retry layer).
+async fn a_put_of_parts_is_one_object_under_its_condition(store: DynStore) {
+    let key = format!("{}/obj", common::unique("parts"));
+    let parts = vec![Bytes::from(common::pattern(1, 70_000)), Bytes::new(), Bytes::from_static(b"tail")];
+    store.put_parts(&key, parts.clone(), PutMode::IfAbsent).await.expect("put parts");
+    let want = store::concat(&parts);
+    assert_eq!(want.len(), 70_004);
+    assert_eq!(store.get(&key, None).await.expect("get"), want);
+    assert_eq!(store.get(&key, Some(69_998..70_004)).await.expect("ranged get"), want.slice(69_998..));
+    let again = store.put_parts(&key, vec![Bytes::from_static(b"other")], PutMode::IfAbsent).await;
+    assert!(matches!(again, Err(store::StoreError::PreconditionFailed(_))), "{again:?}");
+    assert_eq!(store.get(&key, None).await.expect("get"), want, "a refused PUT changed the object");
+    store.put_parts(&key, vec![Bytes::from_static(b"new")], PutMode::Overwrite).await.expect("overwrite");
+    assert_eq!(store.get(&key, None).await.expect("get"), &b"new"[..]);
+}
+on_both_stores!(a_put_of_parts_is_one_object_under_its_condition);

@@ -195,6 +195,26 @@ struct Config {
     final_host: Host,
     /// A writer whose log holds more than this flushes on its own.
     log_limit: u64,
+    /// The volume's chunk size: `CS` (one verified block per chunk), or 4
+    /// times that (reads of one or two blocks fetch only those).
+    chunk_size: u64,
+    /// Whether writers upload chunk objects with their table (format 4).
+    tables: Tables,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tables {
+    /// Whole, as format 3 did.
+    Off,
+    On,
+    /// Some writers with, some without: volumes that mix both.
+    Mixed,
+}
+
+thread_local! {
+    /// Writers opened by this thread's seed so far (which of them use
+    /// tables under `Tables::Mixed`).
+    static OPENS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// Where a writer session runs, as far as its write-back log goes: on one
@@ -286,8 +306,36 @@ impl Config {
             hosts: Vec::new(),
             final_host: Host::NoLog,
             log_limit: 0,
+            chunk_size: CS,
+            tables: Tables::Off,
         }
         .draw_logs(rng)
+    }
+
+    /// The chunk layout, from a generator of its own: the seeds whose
+    /// volumes keep format 3's layout run as they did before format 4.
+    fn draw_chunks(mut self, seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_7ab1e5);
+        (self.chunk_size, self.tables) = match rng.random_range(0..10) {
+            0..=3 => (CS, Tables::Off),
+            4..=5 => (CS, Tables::On),
+            6..=7 => (4 * CS, Tables::On),
+            _ => (4 * CS, Tables::Mixed),
+        };
+        OPENS.with(|o| o.set(0));
+        self
+    }
+
+    /// Whether the next writer opened writes chunk tables.
+    fn next_tables(&self) -> bool {
+        match self.tables {
+            Tables::Off => false,
+            Tables::On => true,
+            Tables::Mixed => OPENS.with(|o| {
+                o.set(o.get() + 1);
+                o.get() % 3 != 0
+            }),
+        }
     }
 
     /// The write-back log settings, drawn after everything else (so that a
@@ -366,6 +414,7 @@ impl Config {
             readahead_chunks: self.readahead,
             snapshot,
             clock,
+            chunk_tables: self.next_tables(),
             // The engine's own time limits (commit interval, restaging old
             // chunks, the commit deadline) keep their production values.
             ..OpenOptions::default()
@@ -1340,8 +1389,12 @@ async fn create(ctx: &Ctx, rng: &mut StdRng) -> bool {
     plan.outages.clear();
     let (_h, store) = ctx.store("creator", plan, rng);
     let clock = SimClock::new(ctx.world.clone(), 0);
-    let opts =
-        CreateOptions { size: ctx.cfg.initial_chunks * CS, chunk_size: CS as u32, parent: None, single_writer: false };
+    let opts = CreateOptions {
+        size: ctx.cfg.initial_chunks * CS,
+        chunk_size: ctx.cfg.chunk_size as u32,
+        parent: None,
+        single_writer: false,
+    };
     for attempt in 1..=20 {
         match Volume::create(store.clone(), VOL, opts.clone(), &clock).await {
             Ok(_) => {
@@ -2353,13 +2406,20 @@ fn clone_fail(e: catalog::CatalogError) -> CloneFail {
 
 /// Restore `prefix` from snapshot `snap` of the volume, as CreateVolume
 /// with a snapshot source does.
-async fn make_clone(store: &DynStore, prefix: &str, snap: &str, clock: &dyn Clock) -> Result<u64, CloneFail> {
+async fn make_clone(
+    store: &DynStore,
+    prefix: &str,
+    snap: &str,
+    clock: &dyn Clock,
+    chunk_size: u64,
+) -> Result<u64, CloneFail> {
     let rec = read_snapshot(store, VOL, snap).await.map_err(|e| clone_fail(e.into()))?;
     catalog::record_source(store, prefix, VOL, prefix).await.map_err(clone_fail)?;
     catalog::pin_snapshot_for(store, VOL, &rec, prefix).await.map_err(clone_fail)?;
     catalog::add_clone_marker(store, VOL, prefix, prefix, rec.seq).await.map_err(clone_fail)?;
     let parent = ParentRef { volume: VOL.to_string(), snapshot: format::clone_pin_name(prefix), seq: rec.seq };
-    let opts = CreateOptions { size: rec.size, chunk_size: CS as u32, parent: Some(parent), single_writer: false };
+    let opts =
+        CreateOptions { size: rec.size, chunk_size: chunk_size as u32, parent: Some(parent), single_writer: false };
     match Volume::create(store.clone(), prefix, opts, clock).await {
         // A retry after an attempt that landed.
         Ok(_) | Err(VolumeError::AlreadyExists(_)) => {
@@ -2403,7 +2463,7 @@ async fn clone_life(ctx: Ctx, n: u64, snap: String) {
         if ctx.done() {
             return;
         }
-        match make_clone(&store, &prefix, &snap, clock.as_ref()).await {
+        match make_clone(&store, &prefix, &snap, clock.as_ref(), ctx.cfg.chunk_size).await {
             Ok(s) => {
                 size = Some(s);
                 break;
@@ -2954,9 +3014,9 @@ struct Outcome {
 async fn simulate(seed: u64, verbose: bool) -> Outcome {
     let world = SimWorld::new(seed, verbose);
     let mut rng = StdRng::seed_from_u64(seed);
-    let cfg = Config::draw(&mut rng);
+    let cfg = Config::draw(&mut rng).draw_chunks(seed);
     let summary = format!(
-        "{:?} chaos, {}..{} chunks, dirty {} chunks, {} min, safety age {}s, takeovers {:?}, compactor skews {:?}, up to {} clones, writers on {:?} then {}, log limit {}",
+        "{:?} chaos, {}..{} chunks, dirty {} chunks, {} min, safety age {}s, takeovers {:?}, compactor skews {:?}, up to {} clones, writers on {:?} then {}, log limit {}, {} KiB chunks, tables {:?}",
         cfg.chaos,
         cfg.initial_chunks,
         cfg.max_chunks,
@@ -2971,7 +3031,9 @@ async fn simulate(seed: u64, verbose: bool) -> Outcome {
         cfg.max_clones,
         cfg.hosts.iter().map(|h| h.label()).collect::<Vec<_>>(),
         cfg.final_host.label(),
-        cfg.log_limit
+        cfg.log_limit,
+        cfg.chunk_size >> 10,
+        cfg.tables
     );
     world.trace(&format!("seed {seed}: {summary}"));
     let oracle = Oracle::new(world.clone(), cfg.max_blocks(), cfg.initial_chunks * CS);

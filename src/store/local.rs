@@ -90,7 +90,7 @@ fn create_dirs(dir: &Path) -> io::Result<()> {
 /// (then empty) directory between creating it and writing into it.
 const DIR_RACE_ATTEMPTS: usize = 16;
 
-fn write_object(path: &Path, body: &[u8], mode: PutMode) -> io::Result<()> {
+fn write_object(path: &Path, body: &[Bytes], mode: PutMode) -> io::Result<()> {
     let dir = path.parent().ok_or_else(|| io::Error::other("object path has no parent"))?;
     let mut attempt = 0;
     loop {
@@ -109,9 +109,18 @@ fn write_object(path: &Path, body: &[u8], mode: PutMode) -> io::Result<()> {
     }
 }
 
-fn finish_object(mut f: fs::File, tmp: &Path, dir: &Path, path: &Path, body: &[u8], mode: PutMode) -> io::Result<()> {
+fn finish_object(
+    mut f: fs::File,
+    tmp: &Path,
+    dir: &Path,
+    path: &Path,
+    body: &[Bytes],
+    mode: PutMode,
+) -> io::Result<()> {
     let result = (|| {
-        f.write_all(body)?;
+        for part in body {
+            f.write_all(part)?;
+        }
         f.sync_all()?;
         match mode {
             PutMode::Overwrite => fs::rename(tmp, path),
@@ -215,9 +224,13 @@ impl ObjectStore for LocalStore {
     }
 
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        self.put_parts(key, vec![body], mode).await
+    }
+
+    async fn put_parts(&self, key: &str, parts: Vec<Bytes>, mode: PutMode) -> StoreResult<()> {
         let path = self.path_of(key)?;
         let key = key.to_string();
-        Self::blocking(move || write_object(&path, &body, mode).map_err(|e| io_err(&key, e))).await
+        Self::blocking(move || write_object(&path, &parts, mode).map_err(|e| io_err(&key, e))).await
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
@@ -283,7 +296,7 @@ mod tests {
             std::thread::spawn(move || {
                 let victim = root.join("v/chunks/0/a");
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = write_object(&victim, b"x", PutMode::Overwrite);
+                    let _ = write_object(&victim, &[Bytes::from_static(b"x")], PutMode::Overwrite);
                     delete_object(&root, &victim).expect("delete");
                 }
             })
@@ -291,7 +304,7 @@ mod tests {
         let mut failures = Vec::new();
         for i in 0..2000 {
             let path = root.join(format!("v/chunks/0/b{i}"));
-            if let Err(e) = write_object(&path, b"y", PutMode::IfAbsent) {
+            if let Err(e) = write_object(&path, &[Bytes::from_static(b"y")], PutMode::IfAbsent) {
                 failures.push(e.to_string());
             }
             let _ = delete_object(&root, &path);

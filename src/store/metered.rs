@@ -92,6 +92,10 @@ impl ObjectStore for MeteredAttempts {
         self.run("PUT", self.inner.put(key, body, mode)).await
     }
 
+    async fn put_parts(&self, key: &str, parts: Vec<Bytes>, mode: PutMode) -> StoreResult<()> {
+        self.run("PUT", self.inner.put_parts(key, parts, mode)).await
+    }
+
     async fn delete(&self, key: &str) -> StoreResult<()> {
         self.run("DELETE", self.inner.delete(key)).await
     }
@@ -148,6 +152,10 @@ impl ObjectStore for MeteredStore {
 
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
         self.run("PUT", self.inner.put(key, body, mode)).await
+    }
+
+    async fn put_parts(&self, key: &str, parts: Vec<Bytes>, mode: PutMode) -> StoreResult<()> {
+        self.run("PUT", self.inner.put_parts(key, parts, mode)).await
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {

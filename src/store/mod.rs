@@ -89,6 +89,12 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// Read an object, or a byte range of it.
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes>;
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()>;
+    /// [`ObjectStore::put`] of `parts` one after the other. The S3 and
+    /// local stores (and the layers over them) send the parts as they are:
+    /// a chunk's table goes up after its bytes without a copy of them.
+    async fn put_parts(&self, key: &str, parts: Vec<Bytes>, mode: PutMode) -> StoreResult<()> {
+        self.put(key, concat(&parts), mode).await
+    }
     /// Delete an object; deleting a missing object succeeds.
     async fn delete(&self, key: &str) -> StoreResult<()>;
     /// List keys in lexicographic order.
@@ -109,6 +115,20 @@ pub fn layered(base: DynStore, policy: retry::RetryPolicy) -> DynStore {
     let attempts: DynStore = Arc::new(metered::MeteredAttempts::new(base, metrics.clone()));
     let retried: DynStore = Arc::new(retry::RetryStore::new(attempts, policy));
     Arc::new(metered::MeteredStore::new(retried, metrics))
+}
+
+/// The parts as one body (one part is not copied).
+pub fn concat(parts: &[Bytes]) -> Bytes {
+    match parts {
+        [one] => one.clone(),
+        _ => {
+            let mut v = Vec::with_capacity(parts.iter().map(Bytes::len).sum());
+            for p in parts {
+                v.extend_from_slice(p);
+            }
+            Bytes::from(v)
+        }
+    }
 }
 
 /// List every object under a prefix, following pages.

@@ -120,6 +120,10 @@ impl ObjectStore for RetryStore {
         self.run("PUT", key, || self.inner.put(key, body.clone(), mode)).await
     }
 
+    async fn put_parts(&self, key: &str, parts: Vec<Bytes>, mode: PutMode) -> StoreResult<()> {
+        self.run("PUT", key, || self.inner.put_parts(key, parts.clone(), mode)).await
+    }
+
     async fn delete(&self, key: &str) -> StoreResult<()> {
         self.run("DELETE", key, || self.inner.delete(key)).await
     }

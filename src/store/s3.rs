@@ -20,6 +20,7 @@ use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
+use aws_smithy_types::body::SdkBody;
 use bytes::Bytes;
 
 use super::{ListPage, ListRequest, ObjectInfo, ObjectStore, PutMode, StoreError, StoreResult};
@@ -147,6 +148,16 @@ impl S3Store {
         self.answered.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    async fn put_body(&self, key: &str, body: ByteStream, mode: PutMode) -> StoreResult<()> {
+        let mut req = self.client.put_object().bucket(&self.bucket).key(key).body(body);
+        if mode == PutMode::IfAbsent {
+            req = req.if_none_match("*");
+        }
+        req.send().await.map_err(|e| self.map_err("PUT", key, e))?;
+        self.answered();
+        Ok(())
+    }
+
     /// Map an SDK error to a store error, in the user's terms. Credentials
     /// never appear: only the status, the S3 error code and message.
     fn map_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
@@ -216,6 +227,44 @@ fn map_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
     }
 }
 
+/// Parts sent one after the other as one request body, without a copy;
+/// its exact length is the request's Content-Length.
+struct PartsBody {
+    parts: std::collections::VecDeque<Bytes>,
+    left: u64,
+}
+
+impl PartsBody {
+    fn new(parts: Vec<Bytes>) -> Self {
+        let left = parts.iter().map(|p| p.len() as u64).sum();
+        Self { parts: parts.into(), left }
+    }
+}
+
+impl http_body::Body for PartsBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let next = self.parts.pop_front();
+        if let Some(p) = &next {
+            self.left -= p.len() as u64;
+        }
+        std::task::Poll::Ready(next.map(|p| Ok(http_body::Frame::data(p))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.left)
+    }
+}
+
 #[async_trait]
 impl ObjectStore for S3Store {
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
@@ -234,13 +283,12 @@ impl ObjectStore for S3Store {
     }
 
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
-        let mut req = self.client.put_object().bucket(&self.bucket).key(key).body(ByteStream::from(body));
-        if mode == PutMode::IfAbsent {
-            req = req.if_none_match("*");
-        }
-        req.send().await.map_err(|e| self.map_err("PUT", key, e))?;
-        self.answered();
-        Ok(())
+        self.put_body(key, ByteStream::from(body), mode).await
+    }
+
+    async fn put_parts(&self, key: &str, parts: Vec<Bytes>, mode: PutMode) -> StoreResult<()> {
+        let body = SdkBody::retryable(move || SdkBody::from_body_1_x(PartsBody::new(parts.clone())));
+        self.put_body(key, ByteStream::new(body), mode).await
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {

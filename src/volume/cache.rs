@@ -1,4 +1,6 @@
-//! Bounded cache of clean (uploaded or fetched) chunk bytes.
+//! Bounded cache of clean (uploaded or fetched) chunk bytes: a whole
+//! chunk, or some of its blocks with the chunk's table (ranged reads of
+//! chunks with a table, format 4).
 //!
 //! Eviction is CLOCK, an approximation of LRU: a hit only sets a flag, so
 //! the read path does no reordering; the eviction hand gives flagged
@@ -9,19 +11,46 @@
 //! [`super::budget`]): a miss that finds the pool full sweeps the caches
 //! in turn, this one included.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::budget::CachePool;
+use super::format::ChunkRef;
 
 #[derive(Debug)]
 struct Entry {
-    data: Bytes,
+    held: Held,
+    /// Bytes this entry holds (what it draws from the pool).
+    bytes: u64,
     referenced: bool,
     /// Matches the ring's stamp for this entry's current insertion.
     stamp: u64,
+}
+
+#[derive(Debug)]
+enum Held {
+    Whole(Bytes),
+    /// Runs of a chunk's bytes by their offset in it, and the table of the
+    /// stored chunk they were checked against.
+    Blocks {
+        table: Arc<ChunkTable>,
+        runs: BTreeMap<usize, Bytes>,
+    },
+}
+
+/// A chunk's table as fetched and checked, with the reference it belongs to.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ChunkTable {
+    pub r: ChunkRef,
+    pub crcs: Vec<u32>,
+}
+
+impl ChunkTable {
+    fn bytes(&self) -> u64 {
+        self.crcs.len() as u64 * 4
+    }
 }
 
 #[derive(Debug)]
@@ -57,26 +86,87 @@ impl CleanCache {
         self.id
     }
 
+    /// The whole chunk, if cached whole.
     pub fn get(&mut self, index: u64) -> Option<Bytes> {
-        let Some(e) = self.entries.get_mut(&index) else {
-            self.misses += 1;
-            return None;
-        };
-        self.hits += 1;
-        e.referenced = true;
-        Some(e.data.clone())
+        let hit = self.entries.get_mut(&index).and_then(|e| match &e.held {
+            Held::Whole(b) => {
+                e.referenced = true;
+                Some(b.clone())
+            }
+            Held::Blocks { .. } => None,
+        });
+        match hit {
+            Some(_) => self.hits += 1,
+            None => self.misses += 1,
+        }
+        hit
     }
 
-    /// Is the chunk cached? (No effect on recency or hit counters.)
+    /// Bytes `[at, at + len)` of the chunk, if cached: from a whole chunk,
+    /// or from blocks that cover them.
+    pub fn get_range(&mut self, index: u64, at: usize, len: usize) -> Option<Bytes> {
+        let found = self.entries.get_mut(&index).and_then(|e| {
+            let b = match &e.held {
+                Held::Whole(b) => Some(b.slice(at..at + len)),
+                Held::Blocks { runs, .. } => covered(runs, at, len),
+            };
+            e.referenced |= b.is_some();
+            b
+        });
+        match found {
+            Some(_) => self.hits += 1,
+            None => self.misses += 1,
+        }
+        found
+    }
+
+    /// The table kept with cached blocks of the chunk, if it is `r`'s.
+    pub fn table(&self, index: u64, r: ChunkRef) -> Option<Arc<ChunkTable>> {
+        match self.entries.get(&index) {
+            Some(Entry { held: Held::Blocks { table, .. }, .. }) if table.r == r => Some(table.clone()),
+            _ => None,
+        }
+    }
+
+    /// Is the whole chunk cached? (No effect on recency or hit counters.)
     pub fn peek(&self, index: u64) -> bool {
-        self.entries.contains_key(&index)
+        matches!(self.entries.get(&index), Some(Entry { held: Held::Whole(_), .. }))
+    }
+
+    /// Keep `data`, the chunk's bytes from `at` on, checked against
+    /// `table`. Ignored when the whole chunk is cached; blocks checked
+    /// against another table replace what is there.
+    pub fn insert_blocks(&mut self, index: u64, table: Arc<ChunkTable>, at: usize, data: Bytes) {
+        let mut runs = match self.entries.get(&index) {
+            Some(Entry { held: Held::Whole(_), .. }) => return,
+            Some(Entry { held: Held::Blocks { table: t, runs }, .. }) if t.r == table.r => runs.clone(),
+            _ => BTreeMap::new(),
+        };
+        if runs.get(&at).is_some_and(|b| b.len() >= data.len()) {
+            return;
+        }
+        runs.insert(at, data);
+        let n = table.bytes() + runs.values().map(|b| b.len() as u64).sum::<u64>();
+        let referenced = self.entries.get(&index).is_some_and(|e| e.referenced);
+        self.remove(index);
+        if self.make_room(n) {
+            self.add(index, Held::Blocks { table, runs }, n, referenced);
+        }
     }
 
     pub fn insert(&mut self, index: u64, data: Bytes) {
         self.remove(index);
         let n = data.len() as u64;
+        if self.make_room(n) {
+            self.add(index, Held::Whole(data), n, false);
+        }
+    }
+
+    /// Make room for `n` more bytes, under this cache's cap and in the pool
+    /// (reserved on success).
+    fn make_room(&mut self, n: u64) -> bool {
         if n > self.limit || n > self.pool.limit() {
-            return;
+            return false;
         }
         // Under this cache's own cap first (two passes clear every flag).
         let mut tries = 0;
@@ -86,7 +176,7 @@ impl CleanCache {
             }
         }
         if self.bytes + n > self.limit {
-            return;
+            return false;
         }
         // Then room in the pool: sweep the caches in turn (this one
         // directly, the others only if their lock is free this instant).
@@ -114,13 +204,18 @@ impl CleanCache {
             if freed == 0 {
                 idle_rounds += 1;
                 if idle_rounds > 2 {
-                    return;
+                    return false;
                 }
             }
         }
+        true
+    }
+
+    /// Add an entry of `n` bytes, whose room is made.
+    fn add(&mut self, index: u64, held: Held, n: u64, referenced: bool) {
         self.stamp += 1;
         self.bytes += n;
-        self.entries.insert(index, Entry { data, referenced: false, stamp: self.stamp });
+        self.entries.insert(index, Entry { held, bytes: n, referenced, stamp: self.stamp });
         self.ring.push_back((index, self.stamp));
         // Leftovers of removed entries must not pile up in the ring.
         if self.ring.len() > 2 * self.entries.len() + 16 {
@@ -146,7 +241,7 @@ impl CleanCache {
                     self.ring.push_back((victim, stamp));
                 }
                 Some(e) if e.stamp == stamp => {
-                    let n = e.data.len() as u64;
+                    let n = e.bytes;
                     self.entries.remove(&victim);
                     self.bytes -= n;
                     self.pool.release(n);
@@ -160,14 +255,36 @@ impl CleanCache {
 
     pub fn remove(&mut self, index: u64) {
         if let Some(e) = self.entries.remove(&index) {
-            self.bytes -= e.data.len() as u64;
-            self.pool.release(e.data.len() as u64);
+            self.bytes -= e.bytes;
+            self.pool.release(e.bytes);
         }
     }
 
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
+}
+
+/// Bytes `[at, at + len)` from runs keyed by their offset, if they cover
+/// them: a slice of one run, or copied from adjoining ones.
+fn covered(runs: &BTreeMap<usize, Bytes>, at: usize, len: usize) -> Option<Bytes> {
+    let end = at + len;
+    let (&start, first) = runs.range(..=at).next_back()?;
+    if start + first.len() >= end {
+        return Some(first.slice(at - start..end - start));
+    }
+    let mut out = Vec::with_capacity(len);
+    let mut pos = at;
+    while pos < end {
+        let (&s, run) = runs.range(..=pos).next_back()?;
+        if s + run.len() <= pos {
+            return None;
+        }
+        let take = (s + run.len()).min(end);
+        out.extend_from_slice(&run[pos - s..take - s]);
+        pos = take;
+    }
+    Some(Bytes::from(out))
 }
 
 impl Drop for CleanCache {
@@ -208,5 +325,51 @@ mod tests {
         }
         c.insert(100, Bytes::from(vec![0u8; 5]));
         assert!(!c.peek(100), "an entry larger than the whole cache is not kept");
+    }
+
+    fn table(generation: u64) -> Arc<ChunkTable> {
+        Arc::new(ChunkTable { r: ChunkRef::Stored { generation, crc: 1, table: true }, crcs: vec![0; 4] })
+    }
+
+    #[test]
+    fn blocks_serve_the_ranges_they_cover_and_count_with_their_table() {
+        let mut c = CleanCache::new(1 << 20);
+        let run = |b: u8| Bytes::from(vec![b; 100]);
+        c.insert_blocks(7, table(1), 100, run(1));
+        c.insert_blocks(7, table(1), 200, run(2));
+        c.insert_blocks(7, table(1), 400, run(4));
+        assert_eq!(c.bytes(), 16 + 300);
+        assert!(!c.peek(7) && c.get(7).is_none(), "blocks are not the whole chunk");
+        assert_eq!(c.get_range(7, 150, 10).unwrap(), vec![1u8; 10]);
+        let across = c.get_range(7, 190, 20).unwrap();
+        assert_eq!(&across[..10], &[1u8; 10][..]);
+        assert_eq!(&across[10..], &[2u8; 10][..]);
+        assert!(c.get_range(7, 250, 100).is_none(), "a gap at 300 is not covered");
+        assert!(c.get_range(7, 0, 10).is_none());
+        assert!(c.get_range(8, 150, 10).is_none());
+        assert_eq!(c.table(7, table(1).r), Some(table(1)));
+        assert_eq!(c.table(7, table(2).r), None, "a table is only for its own reference");
+        // Blocks of another reference replace the old ones.
+        c.insert_blocks(7, table(2), 0, run(9));
+        assert!(c.get_range(7, 150, 10).is_none());
+        assert_eq!(c.get_range(7, 0, 100).unwrap(), vec![9u8; 100]);
+        assert_eq!(c.bytes(), 16 + 100);
+        // The whole chunk wins over blocks, and blocks never over it.
+        c.insert(7, Bytes::from(vec![5u8; 500]));
+        c.insert_blocks(7, table(2), 0, run(9));
+        assert_eq!(c.get_range(7, 0, 3).unwrap(), vec![5u8; 3]);
+        assert_eq!(c.bytes(), 500);
+        c.remove(7);
+        assert_eq!(c.bytes(), 0);
+    }
+
+    #[test]
+    fn blocks_stay_within_the_limit() {
+        let mut c = CleanCache::new(1000);
+        for i in 0..50u64 {
+            c.insert_blocks(i % 5, table(1), (i as usize % 7) * 100, Bytes::from(vec![i as u8; 100]));
+            assert!(c.bytes() <= 1000, "{} bytes", c.bytes());
+            assert_eq!(c.bytes(), c.entries.values().map(|e| e.bytes).sum::<u64>());
+        }
     }
 }

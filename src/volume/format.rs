@@ -23,6 +23,15 @@
 //! version 1, so a volume that never had a small flush stays readable by
 //! format-1 readers; the first inline write upgrades it (older readers
 //! then refuse it with a version error rather than misread it).
+//!
+//! Format 4 adds chunk tables: a chunk object of format 4 is the chunk's
+//! bytes followed by a crc32c of each [`VERIFY_BLOCK`] of them, and its
+//! reference ([`ChunkRef::Stored`] with `table`) holds the crc32c of that
+//! table. A read of a few KiB then fetches the table and the blocks it
+//! needs, each checked, instead of the whole chunk. Records and
+//! checkpoints that reference such a chunk are format 4 (a layout byte per
+//! reference); a split checkpoint's manifest stays format 3, which is what
+//! marks it as one.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -31,7 +40,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// The newest format this build reads and writes (`volume.json` of new volumes).
-pub const FORMAT_VERSION: u32 = FORMAT_V3;
+pub const FORMAT_VERSION: u32 = FORMAT_V4;
 /// Objects whose layout format 2 did not change (snapshot records,
 /// tombstones, binary objects without patches) keep this version.
 pub const FORMAT_V1: u32 = 1;
@@ -40,6 +49,12 @@ pub const FORMAT_V2: u32 = 2;
 /// Split checkpoints: a checkpoint whose map has more than
 /// [`CHECKPOINT_PART_ENTRIES`] entries is a manifest plus parts.
 pub const FORMAT_V3: u32 = 3;
+/// Chunk tables: chunk objects end with a crc32c per [`VERIFY_BLOCK`], and
+/// references to them say so.
+pub const FORMAT_V4: u32 = 4;
+/// The bytes one crc32c of a chunk table covers: the least a verified
+/// read fetches.
+pub const VERIFY_BLOCK: usize = 64 << 10;
 /// Chunk map entries per part of a split checkpoint: about 1.7 MB of a
 /// dense map, so no object grows with the volume (a 64 TiB volume of 1 MiB
 /// chunks has 512 parts) and an open fetches the parts side by side.
@@ -343,8 +358,96 @@ impl SnapshotRecord {
 pub enum ChunkRef {
     /// All zeros; no object.
     Zero,
-    /// `chunks/<index>/<generation>`, whose bytes have this crc32c.
-    Stored { generation: u64, crc: u32 },
+    /// `chunks/<index>/<generation>`. Without `table`, the object is the
+    /// chunk's bytes and `crc` their crc32c; with it (format 4), the
+    /// object is the bytes and then their table ([`encode_chunk`]), and
+    /// `crc` is the table's crc32c.
+    Stored { generation: u64, crc: u32, table: bool },
+}
+
+impl ChunkRef {
+    fn has_table(&self) -> bool {
+        matches!(self, ChunkRef::Stored { table: true, .. })
+    }
+}
+
+/// Bytes of the table that ends a format-4 chunk object of `chunk_size`.
+pub fn table_len(chunk_size: u64) -> u64 {
+    chunk_size.div_ceil(VERIFY_BLOCK as u64) * 4
+}
+
+/// The table of a chunk's bytes (format 4: its object is the bytes, then
+/// this), and the table's crc32c for its reference.
+pub fn chunk_table(data: &[u8]) -> (Bytes, u32) {
+    let mut table = Vec::with_capacity(data.len().div_ceil(VERIFY_BLOCK) * 4);
+    for block in data.chunks(VERIFY_BLOCK) {
+        table.extend_from_slice(&crc32c::crc32c(block).to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&table);
+    (Bytes::from(table), crc)
+}
+
+/// A chunk's whole object with its table (format 4), and the table's crc32c.
+pub fn encode_chunk(data: &[u8]) -> (Bytes, u32) {
+    let (table, crc) = chunk_table(data);
+    let mut obj = Vec::with_capacity(data.len() + table.len());
+    obj.extend_from_slice(data);
+    obj.extend_from_slice(&table);
+    (Bytes::from(obj), crc)
+}
+
+/// Check a whole chunk object fetched for `r` (a [`ChunkRef::Stored`]) and
+/// give back the chunk's bytes (without the table, sharing the object's
+/// memory). The error says what is wrong, for a "damaged" message.
+pub fn check_chunk(obj: Bytes, r: ChunkRef, chunk_size: u64) -> Result<Bytes, String> {
+    let ChunkRef::Stored { crc, table, .. } = r else {
+        return Err("a zero chunk has no object".into());
+    };
+    let want = chunk_size + if table { table_len(chunk_size) } else { 0 };
+    if obj.len() as u64 != want {
+        return Err(format!("has {} bytes, expected {want}", obj.len()));
+    }
+    if !table {
+        let actual = crc32c::crc32c(&obj);
+        if actual != crc {
+            return Err(format!("fails its checksum (crc32c {actual:08x}, expected {crc:08x})"));
+        }
+        return Ok(obj);
+    }
+    let crcs = check_table(&obj[chunk_size as usize..], crc, chunk_size)?;
+    let data = obj.slice(..chunk_size as usize);
+    check_blocks(&crcs, 0, &data)?;
+    Ok(data)
+}
+
+/// Check a chunk table (as fetched: [`table_len`] bytes after the chunk's
+/// bytes) against its reference's `crc`, and give back its entries.
+pub fn check_table(bytes: &[u8], crc: u32, chunk_size: u64) -> Result<Vec<u32>, String> {
+    if bytes.len() as u64 != table_len(chunk_size) {
+        return Err(format!("has a table of {} bytes, expected {}", bytes.len(), table_len(chunk_size)));
+    }
+    let actual = crc32c::crc32c(bytes);
+    if actual != crc {
+        return Err(format!("has a table that fails its checksum (crc32c {actual:08x}, expected {crc:08x})"));
+    }
+    Ok(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
+/// Check `data`, the chunk's bytes from block `first` on (whole blocks,
+/// the chunk's last one possibly short), against the table's entries.
+pub fn check_blocks(crcs: &[u32], first: usize, data: &[u8]) -> Result<(), String> {
+    for (n, block) in data.chunks(VERIFY_BLOCK).enumerate() {
+        let i = first + n;
+        let want = crcs.get(i).copied().ok_or_else(|| format!("has no table entry for block {i}"))?;
+        let actual = crc32c::crc32c(block);
+        if actual != want {
+            return Err(format!(
+                "fails its checksum in block {i} at byte {} (crc32c {actual:08x}, expected {want:08x})",
+                i * VERIFY_BLOCK
+            ));
+        }
+    }
+    Ok(())
 }
 
 const ZERO_GENERATION: u64 = u64::MAX;
@@ -466,12 +569,23 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn put_ref(w: &mut Writer, r: &ChunkRef) {
+/// The version an object holding these references needs at least: format
+/// 4 when one of them has a table, else `base`.
+fn refs_version<'a>(base: u32, mut refs: impl Iterator<Item = &'a ChunkRef>) -> u32 {
+    if refs.any(ChunkRef::has_table) { FORMAT_V4 } else { base }
+}
+
+/// A reference; in a format-4 object a stored one ends with a layout byte
+/// (0: whole, 1: with a table).
+fn put_ref(w: &mut Writer, r: &ChunkRef, version: u32) {
     match r {
         ChunkRef::Zero => w.u64(ZERO_GENERATION),
-        ChunkRef::Stored { generation, crc } => {
+        ChunkRef::Stored { generation, crc, table } => {
             w.u64(*generation);
             w.u32(*crc);
+            if version >= FORMAT_V4 {
+                w.u8(u8::from(*table));
+            }
         }
     }
 }
@@ -481,7 +595,16 @@ fn get_ref(r: &mut Reader<'_>) -> Result<ChunkRef, FormatError> {
     if generation == ZERO_GENERATION {
         return Ok(ChunkRef::Zero);
     }
-    Ok(ChunkRef::Stored { generation, crc: r.u32()? })
+    let crc = r.u32()?;
+    let table = match r.version {
+        v if v < FORMAT_V4 => false,
+        _ => match r.u8()? {
+            0 => false,
+            1 => true,
+            l => return Err(invalid(r.what, format!("unknown chunk layout {l}"))),
+        },
+    };
+    Ok(ChunkRef::Stored { generation, crc, table })
 }
 
 // ---------------------------------------------------------------- journal
@@ -576,7 +699,8 @@ pub struct JournalRecord {
 
 impl JournalRecord {
     pub fn encode(&self) -> Vec<u8> {
-        let version = if self.inline.is_empty() { FORMAT_V1 } else { FORMAT_V2 };
+        let base = if self.inline.is_empty() { FORMAT_V1 } else { FORMAT_V2 };
+        let version = refs_version(base, self.chunks.iter().map(|(_, r)| r));
         let mut w = Writer::new(JOURNAL_MAGIC, version);
         w.u8(self.kind as u8);
         w.u64(self.seq);
@@ -587,7 +711,7 @@ impl JournalRecord {
         w.varint(self.chunks.len() as u64);
         for (index, r) in &self.chunks {
             w.u64(*index);
-            put_ref(&mut w, r);
+            put_ref(&mut w, r, version);
         }
         w.varint(self.inline.len() as u64);
         for iw in &self.inline {
@@ -650,14 +774,16 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// The whole checkpoint as one object (format 1, or 2 with patches).
+    /// The whole checkpoint as one object (format 1, 2 with patches, 4
+    /// with a chunk table).
     pub fn encode(&self) -> Vec<u8> {
-        let version = if self.patches.is_empty() { FORMAT_V1 } else { FORMAT_V2 };
+        let base = if self.patches.is_empty() { FORMAT_V1 } else { FORMAT_V2 };
+        let version = refs_version(base, self.map.values());
         let mut w = Writer::new(CHECKPOINT_MAGIC, version);
         w.u64(self.seq);
         w.u64(self.epoch);
         w.u64(self.size);
-        put_map(&mut w, self.map.len(), self.map.iter());
+        put_map(&mut w, self.map.len(), self.map.iter(), version);
         if version >= FORMAT_V2 {
             put_patches(&mut w, self.patches.iter());
         }
@@ -691,15 +817,16 @@ impl Checkpoint {
         let mut refs = Vec::with_capacity(starts.len());
         for (n, &first) in starts.iter().enumerate() {
             let last = starts.get(n + 1).map_or(u64::MAX, |next| next - 1);
-            let mut w = Writer::new(CHECKPOINT_PART_MAGIC, FORMAT_V3);
+            let entries = self.map.range(first..=last);
+            let version = refs_version(FORMAT_V3, entries.clone().map(|(_, r)| r));
+            let mut w = Writer::new(CHECKPOINT_PART_MAGIC, version);
             w.u64(self.seq);
             w.u64(tag);
             w.u32(n as u32);
             w.u64(first);
             w.u64(last);
-            let entries = self.map.range(first..=last);
             let count = entries.clone().count();
-            put_map(&mut w, count, entries);
+            put_map(&mut w, count, entries, version);
             put_patches(&mut w, self.patches.range(first..=last));
             let bytes = w.finish();
             refs.push(PartRef {
@@ -716,13 +843,13 @@ impl Checkpoint {
     }
 }
 
-fn put_map<'a>(w: &mut Writer, len: usize, map: impl Iterator<Item = (&'a u64, &'a ChunkRef)>) {
+fn put_map<'a>(w: &mut Writer, len: usize, map: impl Iterator<Item = (&'a u64, &'a ChunkRef)>, version: u32) {
     w.varint(len as u64);
     let mut prev = 0u64;
     for (i, (index, r)) in map.enumerate() {
         w.varint(if i == 0 { *index } else { index - prev });
         prev = *index;
-        put_ref(w, r);
+        put_ref(w, r, version);
     }
 }
 
@@ -794,7 +921,8 @@ impl StoredCheckpoint {
         let seq = r.u64()?;
         let epoch = r.u64()?;
         let size = r.u64()?;
-        if r.version >= FORMAT_V3 {
+        // Format 3 is a manifest; 1, 2 and 4 hold the map whole.
+        if r.version == FORMAT_V3 {
             let tag = r.u64()?;
             let n = r.count(22)?;
             let mut parts = Vec::with_capacity(n);
@@ -977,7 +1105,11 @@ mod tests {
             size: 1 << 30,
             writer: 42,
             created_unix: 1_700_000_000,
-            chunks: vec![(0, ChunkRef::Zero), (5, ChunkRef::Stored { generation: generation(3, 9), crc: 0xdead_beef })],
+            chunks: vec![
+                (0, ChunkRef::Zero),
+                (5, ChunkRef::Stored { generation: generation(3, 9), crc: 0xdead_beef, table: true }),
+                (6, ChunkRef::Stored { generation: generation(3, 10), crc: 0xfeed, table: false }),
+            ],
             inline: vec![
                 InlineWrite { offset: 4096, data: Some(Bytes::from(vec![7u8; BLOCK_SIZE as usize])) },
                 InlineWrite { offset: 8192, data: None },
@@ -1008,8 +1140,8 @@ mod tests {
     fn checkpoint_round_trips() {
         let mut map = ChunkMap::new();
         map.insert(0, ChunkRef::Zero);
-        map.insert(1, ChunkRef::Stored { generation: 1, crc: 2 });
-        map.insert(1 << 40, ChunkRef::Stored { generation: 3, crc: 4 });
+        map.insert(1, ChunkRef::Stored { generation: 1, crc: 2, table: false });
+        map.insert(1 << 40, ChunkRef::Stored { generation: 3, crc: 4, table: false });
         let cp = Checkpoint { seq: 9, epoch: 2, size: 1 << 50, map, patches: Patches::new() };
         let bytes = cp.encode();
         assert_eq!(bytes[8..12], FORMAT_V1.to_le_bytes(), "a checkpoint without patches stays format 1");
@@ -1023,12 +1155,73 @@ mod tests {
         let bytes = cp.encode();
         assert_eq!(bytes[8..12], FORMAT_V2.to_le_bytes());
         assert_eq!(Checkpoint::decode(&bytes, "c").unwrap(), cp);
+        // A chunk with a table makes it format 4, still whole (format 3
+        // is a split checkpoint's manifest), with and without patches.
+        let mut cp = cp;
+        cp.map.insert(2, ChunkRef::Stored { generation: 5, crc: 6, table: true });
+        let bytes = cp.encode();
+        assert_eq!(bytes[8..12], FORMAT_V4.to_le_bytes());
+        assert_eq!(Checkpoint::decode(&bytes, "c").unwrap(), cp);
+        let cp = Checkpoint { patches: Patches::new(), ..cp };
+        assert_eq!(Checkpoint::decode(&cp.encode(), "c").unwrap(), cp);
+    }
+
+    #[test]
+    fn a_reference_with_an_unknown_layout_is_refused() {
+        let r = JournalRecord { inline: Vec::new(), ..record() };
+        let mut bytes = r.encode();
+        // Chunk 5's reference: after the header (8 + 4 + 1 + 5 * 8), the
+        // count (1 byte), chunk 0 (8 + 8) and chunk 5's index, generation
+        // and crc (8 + 8 + 4) comes its layout byte.
+        let at = 8 + 4 + 1 + 40 + 1 + 16 + 20;
+        assert_eq!(bytes[at], 1);
+        bytes[at] = 2;
+        let n = bytes.len();
+        let crc = crc32c::crc32c(&bytes[..n - 4]);
+        bytes[n - 4..].copy_from_slice(&crc.to_le_bytes());
+        let err = JournalRecord::decode(&bytes, "j").unwrap_err();
+        assert!(err.to_string().contains("unknown chunk layout 2"), "{err}");
+    }
+
+    #[test]
+    fn a_chunk_object_with_a_table_checks_every_block_and_the_table() {
+        let cs = 4 * VERIFY_BLOCK as u64;
+        let data: Vec<u8> = (0..cs).map(|i| (i * 7 % 251) as u8).collect();
+        let (obj, crc) = encode_chunk(&data);
+        assert_eq!(obj.len() as u64, cs + table_len(cs));
+        let r = ChunkRef::Stored { generation: 1, crc, table: true };
+        assert_eq!(check_chunk(obj.clone(), r, cs).unwrap(), &data[..]);
+        // Any flipped bit, in the bytes or the table, is caught.
+        for at in [0, VERIFY_BLOCK * 2 + 17, cs as usize - 1, cs as usize, obj.len() - 1] {
+            let mut bad = obj.to_vec();
+            bad[at] ^= 0x10;
+            assert!(check_chunk(Bytes::from(bad), r, cs).is_err(), "flip at {at} accepted");
+        }
+        assert!(check_chunk(obj.slice(..obj.len() - 4), r, cs).is_err(), "a truncated object was accepted");
+        // A whole chunk object (format 3) under a reference with a table
+        // and the other way round are refused.
+        let whole = ChunkRef::Stored { generation: 1, crc: crc32c::crc32c(&data), table: false };
+        assert!(check_chunk(Bytes::from(data.clone()), r, cs).is_err());
+        assert!(check_chunk(obj.clone(), whole, cs).is_err());
+        assert_eq!(check_chunk(Bytes::from(data.clone()), whole, cs).unwrap(), &data[..]);
+        // A ranged read: the table, then any run of blocks.
+        let crcs = check_table(&obj[cs as usize..], crc, cs).unwrap();
+        assert_eq!(crcs.len(), 4);
+        let b = VERIFY_BLOCK;
+        check_blocks(&crcs, 1, &data[b..3 * b]).unwrap();
+        let err = check_blocks(&crcs, 2, &data[b..2 * b]).unwrap_err();
+        assert!(err.contains("block 2"), "{err}");
+        assert!(check_table(&obj[cs as usize..], crc ^ 1, cs).is_err());
+        assert!(check_blocks(&crcs, 4, &data[..b]).is_err(), "a block past the table was accepted");
     }
 
     fn big_checkpoint(n: u64) -> Checkpoint {
         let mut map = ChunkMap::new();
         for i in 0..n {
-            let r = if i % 3 == 0 { ChunkRef::Zero } else { ChunkRef::Stored { generation: i, crc: i as u32 } };
+            let r = match i % 3 {
+                0 => ChunkRef::Zero,
+                t => ChunkRef::Stored { generation: i, crc: i as u32, table: t == 1 && i > n / 2 },
+            };
             map.insert(i * 7 + 2, r);
         }
         let mut patches = Patches::new();
@@ -1061,6 +1254,9 @@ mod tests {
         let (manifest, parts) = cp.encode_stored_with(5, 3);
         assert_eq!(parts.len(), 4);
         assert_eq!(manifest[8..12], FORMAT_V3.to_le_bytes(), "a split checkpoint's manifest is format 3");
+        // Only the part holding a chunk with a table (entry 7) is format 4.
+        let versions: Vec<&[u8]> = parts.iter().map(|p| &p[8..12]).collect();
+        assert_eq!(versions, [&[3, 0, 0, 0][..], &[3, 0, 0, 0], &[4, 0, 0, 0], &[3, 0, 0, 0]]);
         assert!(Checkpoint::decode(&manifest, "m").is_err(), "a manifest read as a whole checkpoint");
         let stored = StoredCheckpoint::decode(&manifest, "m").unwrap();
         assert_eq!((stored.seq(), stored.epoch(), stored.size()), (40, 12, 1 << 40));
@@ -1136,10 +1332,16 @@ mod tests {
     }
 
     #[test]
-    fn records_are_format_1_unless_they_carry_inline_writes() {
-        let plain = JournalRecord { inline: Vec::new(), ..record() };
+    fn records_are_format_1_unless_they_carry_inline_writes_or_chunk_tables() {
+        let whole = |r: JournalRecord| JournalRecord {
+            chunks: r.chunks.into_iter().map(|(i, c)| (i, if i == 5 { ChunkRef::Zero } else { c })).collect(),
+            ..r
+        };
+        let plain = JournalRecord { inline: Vec::new(), ..whole(record()) };
         assert_eq!(plain.encode()[8..12], FORMAT_V1.to_le_bytes());
-        assert_eq!(record().encode()[8..12], FORMAT_V2.to_le_bytes());
+        assert_eq!(whole(record()).encode()[8..12], FORMAT_V2.to_le_bytes());
+        assert_eq!(JournalRecord { inline: Vec::new(), ..record() }.encode()[8..12], FORMAT_V4.to_le_bytes());
+        assert_eq!(record().encode()[8..12], FORMAT_V4.to_le_bytes());
         // What a format-1 reader meets: a version it does not know, not garbage.
         let mut newer = record().encode();
         newer[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());

@@ -153,11 +153,11 @@ pub async fn fsck(
     }
 
     // Chunks referenced by the head and by every snapshot.
-    let mut referenced: BTreeMap<(u64, u64), u32> = BTreeMap::new();
+    let mut referenced: BTreeMap<(u64, u64), ChunkRef> = BTreeMap::new();
     let mut add_refs = |map: &format::ChunkMap| {
         for (i, r) in map {
-            if let ChunkRef::Stored { generation, crc } = r {
-                referenced.insert((*i, *generation), *crc);
+            if let ChunkRef::Stored { generation, .. } = r {
+                referenced.insert((*i, *generation), *r);
             }
         }
     };
@@ -206,14 +206,19 @@ pub async fn fsck(
         }
     }
 
+    // A chunk object with a table (format 4) ends with it.
+    let object_size = |r: &ChunkRef| match r {
+        ChunkRef::Stored { table: true, .. } => chunk_size + format::table_len(chunk_size),
+        _ => chunk_size,
+    };
     let mut to_verify = Vec::new();
-    for ((index, generation), crc) in &referenced {
+    for ((index, generation), r) in &referenced {
         match chunks.get(&(*index, *generation)) {
             None => rep.errors.push(format!("chunk {index} generation {generation:x} is referenced but missing")),
-            Some(&size) if size != chunk_size => rep
+            Some(&size) if size != object_size(r) => rep
                 .errors
-                .push(format!("chunk {index} generation {generation:x} has {size} bytes, expected {chunk_size}")),
-            Some(_) => to_verify.push((*index, *generation, *crc)),
+                .push(format!("chunk {index} generation {generation:x} has {size} bytes, expected {}", object_size(r))),
+            Some(_) => to_verify.push((*index, *generation, *r)),
         }
     }
     rep.garbage_chunks = chunks.keys().filter(|k| !referenced.contains_key(k)).count() as u64;
@@ -227,11 +232,10 @@ pub async fn fsck(
     if verify_data {
         let total = to_verify.len() as u64;
         let mut done = 0u64;
-        let mut results = stream::iter(to_verify.into_iter().map(|(index, generation, crc)| async move {
+        let mut results = stream::iter(to_verify.into_iter().map(|(index, generation, r)| async move {
             let key = format::chunk_key(vol, index, generation);
             match store.get(&key, None).await {
-                Ok(d) if crc32c::crc32c(&d) == crc => Ok(None),
-                Ok(_) => Ok(Some(format!("chunk object {key} fails its checksum"))),
+                Ok(d) => Ok(format::check_chunk(d, r, chunk_size).err().map(|why| format!("chunk object {key} {why}"))),
                 Err(StoreError::NotFound(_)) => Ok(Some(format!("chunk object {key} vanished"))),
                 Err(e) => Err(e),
             }

@@ -71,7 +71,7 @@ pub use dirty::is_zero;
 use dirty::{DirtyData, PAGE, PageBuf, Piece, pieces};
 
 use super::budget::{CacheMember, DirtyAccount, DirtyGuard, MemoryBudget, Uploads};
-use super::cache::CleanCache;
+use super::cache::{ChunkTable, CleanCache};
 use super::format::{
     self, Checkpoint, ChunkMap, ChunkRef, InlineWrite, JournalRecord, ParentRef, Patch, Patches, RecordKind,
     SnapshotRecord, VolumeMeta, chunk_key, journal_key, meta_key, snapshot_key,
@@ -130,6 +130,11 @@ pub struct OpenOptions {
     /// most patched chunks whole again. 0: every dirty chunk is uploaded
     /// (format 1 records only).
     pub patch_limit: u64,
+    /// New chunk objects end with their table (format 4: a read of a few
+    /// KiB fetches and checks only the blocks it needs). `false` writes
+    /// them whole, as format 3 did: tests and the simulation make volumes
+    /// that mix both. Readers take either.
+    pub chunk_tables: bool,
 }
 
 impl Default for OpenOptions {
@@ -149,6 +154,7 @@ impl Default for OpenOptions {
             log_dir: None,
             log_limit: 1 << 30,
             patch_limit: DEFAULT_PATCH_LIMIT,
+            chunk_tables: true,
         }
     }
 }

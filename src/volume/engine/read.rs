@@ -11,9 +11,10 @@ impl Volume {
         inner.check_not_fenced()?;
         let mut out = vec![0u8; len as usize];
         let ps: Vec<Piece> = pieces(offset, len, inner.chunk_size).collect();
+        let ranged = self.ranged(offset);
         let fetched: Vec<(Piece, Option<Bytes>)> = stream::iter(ps.into_iter().map(|p| async move {
             let _g = inner.locks.lock(p.index).await;
-            Ok::<_, VolumeError>((p, inner.piece_bytes(p).await?))
+            Ok::<_, VolumeError>((p, inner.piece_bytes(p, ranged).await?))
         }))
         .buffered(inner.opts.concurrency)
         .try_collect()
@@ -35,9 +36,10 @@ impl Volume {
         inner.check_not_fenced()?;
         let mut ps = pieces(offset, len, inner.chunk_size);
         if let (Some(p), None) = (ps.next(), ps.next()) {
+            let ranged = self.ranged(offset);
             let data = {
                 let _g = inner.locks.lock(p.index).await;
-                inner.piece_bytes(p).await?
+                inner.piece_bytes(p, ranged).await?
             };
             self.maybe_readahead(offset, len);
             return Ok(data.unwrap_or_else(|| Bytes::from(vec![0u8; p.len])));
@@ -123,8 +125,8 @@ impl Volume {
                         Some(b) => b.slice(p.at..p.at + p.len),
                         None => Bytes::from(vec![0u8; p.len]),
                     },
-                    None => match st.clean.get(p.index) {
-                        Some(b) => b.slice(p.at..p.at + p.len),
+                    None => match st.clean.get_range(p.index, p.at, p.len) {
+                        Some(b) => b,
                         None if st.patches.contains_key(&p.index) => return None,
                         None => match st.map.get(&p.index) {
                             Some(ChunkRef::Zero) => Bytes::from(vec![0u8; p.len]),
@@ -152,6 +154,13 @@ impl Volume {
             inner.chunk_bytes(p.index).await?;
         }
         Ok(())
+    }
+
+    /// Whether a read at `offset` may fetch only the blocks it needs: not
+    /// when it continues the last read (a sequential reader wants whole
+    /// chunks, and readahead fetches the next ones).
+    fn ranged(&self, offset: u64) -> bool {
+        self.inner.lock().last_read_end != offset
     }
 
     pub(super) fn maybe_readahead(&self, offset: u64, len: u64) {
@@ -191,22 +200,25 @@ impl Volume {
 
 impl Inner {
     /// The bytes of one piece of a chunk (`None` = zeros), copying no more
-    /// than the piece from a dirty buffer. Caller holds the chunk lock.
-    pub(super) async fn piece_bytes(&self, p: Piece) -> VolumeResult<Option<Bytes>> {
-        self.bytes_at(p.index, p.at, p.len).await
+    /// than the piece from a dirty buffer; `ranged`: fetching only the
+    /// blocks it needs when the chunk has a table. Caller holds the chunk
+    /// lock.
+    pub(super) async fn piece_bytes(&self, p: Piece, ranged: bool) -> VolumeResult<Option<Bytes>> {
+        self.bytes_at(p.index, p.at, p.len, ranged).await
     }
 
     /// The current bytes of a chunk (`None` = zeros). Caller holds the chunk lock.
     pub(super) async fn chunk_bytes(&self, index: u64) -> VolumeResult<Option<Bytes>> {
-        self.bytes_at(index, 0, self.chunk_size as usize).await
+        self.bytes_at(index, 0, self.chunk_size as usize, false).await
     }
 
     /// Bytes `[at, at + len)` of chunk `index` (`None` = zeros): a dirty
     /// slot's, or its written pages laid over the stored bytes (which
     /// leaves the slot as it is: it holds only its pages, as the budget
     /// counts it), or the stored bytes. Caller holds the chunk lock.
-    async fn bytes_at(&self, index: u64, at: usize, len: usize) -> VolumeResult<Option<Bytes>> {
+    async fn bytes_at(&self, index: u64, at: usize, len: usize, ranged: bool) -> VolumeResult<Option<Bytes>> {
         let p = Piece { index, at, len, pos: 0 };
+        let mut ranged = ranged;
         loop {
             let over_base = {
                 let st = self.lock();
@@ -218,6 +230,12 @@ impl Inner {
                     },
                 }
             };
+            if !over_base && ranged {
+                if let Some(b) = self.stored_range(index, at, len).await? {
+                    return Ok(Some(b));
+                }
+                ranged = false;
+            }
             let base = self.stored_bytes(index).await?;
             if !over_base {
                 return Ok(base.map(|b| if at == 0 && len == b.len() { b } else { b.slice(at..at + len) }));
@@ -353,7 +371,7 @@ impl Inner {
         let data = match r {
             ChunkRef::Zero if patches.is_empty() => return Ok(None),
             ChunkRef::Zero => Bytes::from(vec![0u8; self.chunk_size as usize]),
-            ChunkRef::Stored { generation, crc } => self.fetch_chunk(vol, index, generation, crc).await?,
+            r @ ChunkRef::Stored { .. } => self.fetch_chunk(vol, index, r).await?,
         };
         let data = if patches.is_empty() {
             data
@@ -383,8 +401,11 @@ impl Inner {
         Ok(Some(data))
     }
 
-    /// Fetch a chunk object and check its size and checksum.
-    async fn fetch_chunk(&self, vol: &str, index: u64, generation: u64, crc: u32) -> VolumeResult<Bytes> {
+    /// Fetch a chunk object and check it (its size, checksum or table).
+    async fn fetch_chunk(&self, vol: &str, index: u64, r: ChunkRef) -> VolumeResult<Bytes> {
+        let ChunkRef::Stored { generation, .. } = r else {
+            return Ok(Bytes::from(vec![0u8; self.chunk_size as usize]));
+        };
         let key = chunk_key(vol, index, generation);
         let data = match self.store.get(&key, None).await {
             Ok(d) => d,
@@ -393,20 +414,90 @@ impl Inner {
             }
             Err(e) => return Err(e.into()),
         };
-        if data.len() as u64 != self.chunk_size {
-            return Err(VolumeError::Corrupt(format!(
-                "chunk object {key} has {} bytes, expected {}",
-                data.len(),
-                self.chunk_size
-            )));
+        format::check_chunk(data, r, self.chunk_size)
+            .map_err(|why| VolumeError::Corrupt(format!("chunk object {key} {why}")))
+    }
+
+    /// Bytes `[at, at + len)` of the chunk as stored, from the cache or
+    /// fetched as the few blocks that hold them and checked against the
+    /// chunk's table (fetched beside them unless cached). `None`: take the
+    /// whole chunk instead (it is staged or patched, has no table, or the
+    /// blocks are more than half of it; or the ranged fetch failed, which
+    /// the whole fetch then reports). Caller holds the chunk lock.
+    async fn stored_range(&self, index: u64, at: usize, len: usize) -> VolumeResult<Option<Bytes>> {
+        let cs = self.chunk_size;
+        let (vol, r, own, table) = {
+            let mut st = self.lock();
+            if st.staged.contains_key(&index) || st.patches.contains_key(&index) {
+                return Ok(None);
+            }
+            if let Some(b) = st.clean.get_range(index, at, len) {
+                return Ok(Some(b));
+            }
+            let (vol, r, own) = match st.map.get(&index) {
+                Some(r) => (self.vol.as_str(), *r, Some(*r)),
+                None => {
+                    let mut found = None;
+                    for p in &self.parents {
+                        if p.patches.contains_key(&index) {
+                            return Ok(None);
+                        }
+                        if let Some(r) = p.map.get(&index) {
+                            found = Some((p.vol.as_str(), *r));
+                            break;
+                        }
+                    }
+                    match found {
+                        Some((vol, r)) => (vol, r, None),
+                        None => return Ok(None),
+                    }
+                }
+            };
+            (vol, r, own, st.clean.table(index, r))
+        };
+        let ChunkRef::Stored { generation, crc, table: true } = r else {
+            return Ok(None);
+        };
+        let vb = format::VERIFY_BLOCK;
+        let (first, last) = (at / vb, (at + len - 1) / vb);
+        let blocks = (cs as usize).div_ceil(vb);
+        if (last - first + 1) * 2 > blocks {
+            return Ok(None);
         }
-        let actual = crc32c::crc32c(&data);
-        if actual != crc {
-            return Err(VolumeError::Corrupt(format!(
-                "chunk object {key} fails its checksum (crc32c {actual:08x}, expected {crc:08x})"
-            )));
+        let key = chunk_key(vol, index, generation);
+        let (start, end) = (first * vb, ((last + 1) * vb).min(cs as usize));
+        let fetch_table = async {
+            if let Some(t) = table {
+                return Ok(t);
+            }
+            let bytes = self.store.get(&key, Some(cs..cs + format::table_len(cs))).await?;
+            match format::check_table(&bytes, crc, cs) {
+                Ok(crcs) => Ok(Arc::new(ChunkTable { r, crcs })),
+                Err(why) => Err(VolumeError::Corrupt(format!("chunk object {key} {why}"))),
+            }
+        };
+        let fetch_data = async { Ok(self.store.get(&key, Some(start as u64..end as u64)).await?) };
+        let (table, data): (Arc<ChunkTable>, Bytes) = match tokio::try_join!(fetch_table, fetch_data) {
+            Ok(v) => v,
+            // Missing or cut short: the whole fetch says which (and a
+            // read-only opener follows the journal there).
+            Err(VolumeError::Store(StoreError::NotFound(_) | StoreError::Permanent(_))) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if data.len() != end - start {
+            return Ok(None);
         }
-        Ok(data)
+        format::check_blocks(&table.crcs, first, &data)
+            .map_err(|why| VolumeError::Corrupt(format!("chunk object {key} {why}")))?;
+        let mut st = self.lock();
+        if !st.slots.contains_key(&index)
+            && !st.staged.contains_key(&index)
+            && !st.patches.contains_key(&index)
+            && st.map.get(&index).copied() == own
+        {
+            st.clean.insert_blocks(index, table, start, data.clone());
+        }
+        Ok(Some(data.slice(at - start..at - start + len)))
     }
 }
 

@@ -32,13 +32,21 @@ impl Inner {
     /// conditionally: a name already taken (by any writer, ever) is never
     /// overwritten; the next name is tried.
     pub(super) async fn put_chunk(&self, index: u64, data: &Bytes) -> VolumeResult<ChunkRef> {
-        let crc = crc32c::crc32c(data);
+        let table = self.opts.chunk_tables;
+        // The bytes and their table go up as parts: no copy of the chunk.
+        let (parts, crc) = match table {
+            true => {
+                let (t, crc) = format::chunk_table(data);
+                (vec![data.clone(), t], crc)
+            }
+            false => (vec![data.clone()], crc32c::crc32c(data)),
+        };
         let mode = if self.meta.single_writer { PutMode::Overwrite } else { PutMode::IfAbsent };
         for _ in 0..NAME_ATTEMPTS {
             let epoch = self.lock().epoch;
             let generation = self.next_generation(epoch)?;
-            match self.store.put(&chunk_key(&self.vol, index, generation), data.clone(), mode).await {
-                Ok(()) => return Ok(ChunkRef::Stored { generation, crc }),
+            match self.store.put_parts(&chunk_key(&self.vol, index, generation), parts.clone(), mode).await {
+                Ok(()) => return Ok(ChunkRef::Stored { generation, crc, table }),
                 // Taken, or our own earlier attempt whose answer was lost:
                 // either way a fresh name is safe (the other is garbage).
                 Err(StoreError::PreconditionFailed(_)) => continue,
