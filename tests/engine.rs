@@ -2598,3 +2598,75 @@ async fn a_put_of_parts_is_one_object_under_its_condition(store: DynStore) {
     assert_eq!(store.get(&key, None).await.expect("get"), &b"new"[..]);
 }
 on_both_stores!(a_put_of_parts_is_one_object_under_its_condition);
+
+/// Readahead grows with a sequential reader: two reads in a row fetch one
+/// chunk ahead, not several; a long sequential scan keeps up to 16 chunks
+/// ahead (a quarter of the cache at most); reads elsewhere fetch nothing
+/// ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readahead_starts_at_one_chunk_and_grows_with_a_sequential_reader() {
+    use std::collections::BTreeSet;
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let vol = "v/";
+    let chunks = 48u64;
+    let opts = CreateOptions { size: chunks * MIB, chunk_size: MIB as u32, parent: None, single_writer: false };
+    Volume::create(mem.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
+    let data = common::pattern(5, (chunks * MIB) as usize);
+    let v = open(&mem, vol).await;
+    v.write(0, &data).await.expect("write");
+    v.flush().await.expect("flush");
+    drop(v);
+    let gets = common::Wrapped::new(mem.clone(), ChunkGets::default());
+    let logged: DynStore = gets.clone();
+    let fetched = |g: &[(String, Option<std::ops::Range<u64>>)]| -> BTreeSet<u64> {
+        g.iter().filter_map(|(k, _)| format::parse_chunk_key(vol, k).map(|(i, _)| i)).collect()
+    };
+    let settle = || tokio::time::sleep(Duration::from_millis(300));
+    let v = Volume::open(
+        logged.clone(),
+        vol,
+        OpenOptions { read_only: true, cache_limit: 256 * MIB, ..Default::default() },
+    )
+    .await
+    .expect("open");
+    // Random reads: nothing ahead.
+    for at in [40 * MIB + 4096, 7 * MIB, 23 * MIB + 100] {
+        assert!(v.read(at, 4096).await.expect("read") == data[at as usize..at as usize + 4096]);
+    }
+    settle().await;
+    assert_eq!(fetched(&gets.take()), BTreeSet::from([40, 7, 23]), "random reads fetched chunks ahead");
+    // Two reads in a row: one chunk ahead.
+    for at in [2 * MIB, 2 * MIB + 4096] {
+        assert!(v.read(at, 4096).await.expect("read") == data[at as usize..at as usize + 4096]);
+    }
+    settle().await;
+    assert_eq!(
+        fetched(&gets.take()),
+        BTreeSet::from([2, 3]),
+        "a short sequential run fetched more than one chunk ahead"
+    );
+    // A long scan in 256 KiB reads: the window reaches 16 chunks.
+    let mut most_ahead = 0;
+    let mut at = 10 * MIB;
+    while at < 20 * MIB {
+        assert!(v.read(at, 256 << 10).await.expect("read") == data[at as usize..at as usize + (256 << 10)]);
+        settle().await;
+        let ahead = fetched(&gets.0.lock().expect("lock")).into_iter().max().unwrap_or(0).saturating_sub(at / MIB);
+        most_ahead = most_ahead.max(ahead);
+        at += 256 << 10;
+    }
+    assert_eq!(most_ahead, 16, "readahead did not grow to its limit");
+    assert!(fetched(&gets.take()).into_iter().max() <= Some(20 + 16), "readahead went past its window");
+    // With a small cache, a quarter of it.
+    drop(v);
+    let v =
+        Volume::open(logged.clone(), vol, OpenOptions { read_only: true, cache_limit: 8 * MIB, ..Default::default() })
+            .await
+            .expect("open");
+    for n in 0..12u64 {
+        let at = n * (64 << 10);
+        assert!(v.read(at, 64 << 10).await.expect("read") == data[at as usize..at as usize + (64 << 10)]);
+    }
+    settle().await;
+    assert_eq!(fetched(&gets.take()), BTreeSet::from([0, 1, 2]), "readahead past a quarter of the cache");
+}

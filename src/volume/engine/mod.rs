@@ -98,7 +98,9 @@ pub struct OpenOptions {
     pub budget: Option<Arc<MemoryBudget>>,
     /// Parallel chunk uploads/downloads.
     pub concurrency: usize,
-    /// Chunks fetched ahead of a sequential reader.
+    /// Chunks fetched ahead of a sequential reader at most (and no more
+    /// than a quarter of the cache): the window starts at one chunk and
+    /// doubles with each read that continues the last one.
     pub readahead_chunks: u64,
     /// Open the state at this snapshot (read-only).
     pub snapshot: Option<String>,
@@ -148,7 +150,7 @@ impl Default for OpenOptions {
             restage_after: Duration::from_secs(30),
             commit_deadline: Duration::from_secs(75),
             concurrency: 16,
-            readahead_chunks: 4,
+            readahead_chunks: 16,
             snapshot: None,
             clock: Arc::new(SystemClock),
             log_dir: None,
@@ -339,6 +341,10 @@ struct State {
     abandoned: Vec<(Bytes, JournalRecord)>,
     tick: u64,
     last_read_end: u64,
+    /// Chunks fetched ahead of the sequential reader now: 1 at its second
+    /// read in a row, doubled at each next one up to the limit, 0 after a
+    /// read elsewhere.
+    readahead: u64,
     /// Seq of the newest checkpoint known (written by us or replayed from).
     checkpoint_seq: u64,
     /// The write-back log (a writer with a `log_dir`), appended in the
@@ -711,6 +717,7 @@ impl Volume {
             abandoned: Vec::new(),
             tick: 0,
             last_read_end: u64::MAX,
+            readahead: 0,
             checkpoint_seq: st.checkpoint.unwrap_or(0),
             log: None,
             log_limit: opts.log_limit,

@@ -110,7 +110,7 @@ impl Volume {
         let (Some(p), None) = (ps.next(), ps.next()) else {
             return None;
         };
-        let (data, sequential) = {
+        let (data, ahead) = {
             let mut st = inner.lock();
             if offset + len > st.size || st.fenced.is_some() {
                 return None;
@@ -136,10 +136,10 @@ impl Volume {
                     },
                 },
             };
-            (data, note_read(&mut st, offset, len))
+            (data, note_read(&mut st, offset, len, inner.readahead_limit()))
         };
-        if sequential {
-            self.readahead_after(offset + len);
+        if ahead > 0 {
+            self.readahead_after(offset + len, ahead);
         }
         Some(data)
     }
@@ -164,18 +164,15 @@ impl Volume {
     }
 
     pub(super) fn maybe_readahead(&self, offset: u64, len: u64) {
-        if note_read(&mut self.inner.lock(), offset, len) {
-            self.readahead_after(offset + len);
+        let ahead = note_read(&mut self.inner.lock(), offset, len, self.inner.readahead_limit());
+        if ahead > 0 {
+            self.readahead_after(offset + len, ahead);
         }
     }
 
-    /// Fetch the chunks after `end` into the cache in the background.
-    pub(super) fn readahead_after(&self, end: u64) {
+    /// Fetch `ra` chunks after `end` into the cache in the background.
+    pub(super) fn readahead_after(&self, end: u64, ra: u64) {
         let inner = &self.inner;
-        let ra = inner.opts.readahead_chunks;
-        if ra == 0 {
-            return;
-        }
         let size = self.size();
         let next = end.div_ceil(inner.chunk_size);
         let last = size.div_ceil(inner.chunk_size);
@@ -199,6 +196,13 @@ impl Volume {
 }
 
 impl Inner {
+    /// The most chunks readahead fetches at once: the configured number,
+    /// and no more than a quarter of the cache (at least one chunk).
+    fn readahead_limit(&self) -> u64 {
+        let quarter = (self.opts.cache_limit / 4 / self.chunk_size).max(1);
+        self.opts.readahead_chunks.min(quarter)
+    }
+
     /// The bytes of one piece of a chunk (`None` = zeros), copying no more
     /// than the piece from a dirty buffer; `ranged`: fetching only the
     /// blocks it needs when the chunk has a table. Caller holds the chunk
@@ -501,9 +505,15 @@ impl Inner {
     }
 }
 
-/// Record a read for sequential detection: true when it continues the last one.
-fn note_read(st: &mut State, offset: u64, len: u64) -> bool {
+/// Record a read for sequential detection; returns how many chunks to
+/// fetch ahead (0 unless it continues the last read): the window grows
+/// from one chunk, doubling with each read in a row, up to `limit`.
+fn note_read(st: &mut State, offset: u64, len: u64, limit: u64) -> u64 {
     let sequential = st.last_read_end == offset;
     st.last_read_end = offset + len;
-    sequential
+    st.readahead = match sequential {
+        true => (st.readahead * 2).max(1).min(limit),
+        false => 0,
+    };
+    st.readahead
 }
