@@ -540,7 +540,15 @@ async fn a_clone_that_stopped_before_its_create_record_keeps_its_pin_and_is_fini
     drop(w);
     compact::compact(&rig.plain(), "src/", &eager(), &SystemClock).await.expect("compact");
     compact::compact(&rig.plain(), "src/", &eager(), &SystemClock).await.expect("compact");
-    catalog::clone_volume(&rig.plain(), "src/", None, "c/", "c/", None, &SystemClock).await.expect("asked again");
+    // Asked again at another size: not the clone that was begun.
+    let bigger = catalog::clone_volume(&rig.plain(), "src/", None, "c/", "c/", Some(8 * CSU), &SystemClock).await;
+    assert!(
+        matches!(&bigger, Err(catalog::CatalogError::Volume(VolumeError::AlreadyExists(_)))),
+        "a half-made clone of 4 chunks was finished when asked for 8: {bigger:?}"
+    );
+    catalog::clone_volume(&rig.plain(), "src/", None, "c/", "c/", Some(4 * CSU), &SystemClock)
+        .await
+        .expect("asked again");
     assert_eq!(read_fresh(&rig.plain(), "c/", 0, CSU).await, before, "the finished clone reads other bytes");
     let again = catalog::clone_volume(&rig.plain(), "src/", None, "c/", "c/", None, &SystemClock).await;
     assert!(again.is_err(), "a finished clone asked again: {again:?}");

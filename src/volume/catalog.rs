@@ -583,8 +583,9 @@ pub async fn clone_volume(
             // An earlier attempt of this clone that wrote volume.json and
             // stopped before its create record: finished now, while its
             // marker is still there (`finish_create` checks the pin it
-            // reads through).
-            let ours = existing.parent.as_ref().is_some_and(|p| p.volume == source && p.snapshot == pin_name);
+            // reads through), when asked for its size (or none).
+            let ours = existing.parent.as_ref().is_some_and(|p| p.volume == source && p.snapshot == pin_name)
+                && size.is_none_or(|s| s == existing.size);
             if ours
                 && store.head(&marker).await?.is_some()
                 && super::Volume::finish_create(store, clone, &existing).await?
