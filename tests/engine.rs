@@ -2670,3 +2670,119 @@ async fn readahead_starts_at_one_chunk_and_grows_with_a_sequential_reader() {
     settle().await;
     assert_eq!(fetched(&gets.take()), BTreeSet::from([0, 1, 2]), "readahead past a quarter of the cache");
 }
+
+/// A proxy in front of the test's S3 endpoint that keeps a copy of every
+/// byte clients send through it.
+async fn recording_proxy(endpoint: &str) -> (String, Arc<std::sync::Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let target = endpoint.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else { return };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.split();
+                let (mut sr, mut sw) = server.split();
+                let up = async {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                        log.lock().expect("lock").extend_from_slice(&buf[..n]);
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = sw.shutdown().await;
+                };
+                let down = async {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    (url, sent)
+}
+
+/// A chunk's PUT sends its bytes and table as they are (unsigned: their
+/// SHA-256 is not in the request's signature), so with request checksums
+/// "when required" (the default for a custom endpoint) it carries their
+/// MD5 for the server to check; a plain PUT is signed with its SHA-256.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_of_parts_carries_the_md5_of_its_bytes() {
+    use md5::Digest;
+    let Some(endpoint) = common::s3_endpoint() else { return };
+    let (proxy, sent) = recording_proxy(&endpoint).await;
+    let bucket = common::unique("bkt");
+    let raw = s3blk::store::s3::S3Store::connect(&bucket, common::s3_settings(&proxy)).await.expect("client");
+    raw.client().create_bucket().bucket(&bucket).send().await.expect("create bucket");
+    let parts = vec![Bytes::from(common::pattern(1, 70_000)), Bytes::from_static(b"tail")];
+    raw.put("plain", store::concat(&parts), PutMode::IfAbsent).await.expect("put");
+    raw.put_parts("parts", parts.clone(), PutMode::IfAbsent).await.expect("put parts");
+    assert_eq!(raw.get("parts", None).await.expect("get"), store::concat(&parts));
+    let text = String::from_utf8_lossy(&sent.lock().expect("lock")).to_lowercase();
+    let headers = |key: &str| {
+        let at = text.find(&format!("put /{bucket}/{key}")).expect("the request");
+        text[at..at + text[at..].find("\r\n\r\n").expect("headers")].to_string()
+    };
+    let md5 = aws_smithy_types::base64::encode(md5::Md5::digest(store::concat(&parts))).to_lowercase();
+    let parts_put = headers("parts");
+    assert!(parts_put.contains(&format!("content-md5: {md5}")), "no MD5 of the bytes in a chunk's PUT:\n{parts_put}");
+    assert!(!headers("plain").contains("unsigned-payload"), "a plain PUT went unsigned");
+}
+
+/// A store that answers a ranged GET with the whole object (a gateway that
+/// ignores Range, HTTP 200): reads fall back to checking the whole chunk.
+#[derive(Debug, Default)]
+struct IgnoresRange;
+
+#[async_trait::async_trait]
+impl common::Around for IgnoresRange {
+    async fn get(
+        &self,
+        inner: &DynStore,
+        key: &str,
+        _: Option<std::ops::Range<u64>>,
+    ) -> s3blk::store::StoreResult<Bytes> {
+        inner.get(key, None).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_ignores_ranges_reads_whole_chunks_not_damage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(dir.path());
+    let vol = "v/";
+    let data = two_chunks_of_1mib(&store, vol).await;
+    let wrapped: DynStore = common::Wrapped::new(store.clone(), IgnoresRange);
+    let v = open_ro(&wrapped, vol).await;
+    for at in [3 * VB + 100, MIB + 5 * VB] {
+        let got = v.read(at, 4096).await.expect("a sound chunk read as damaged");
+        assert!(got == data[at as usize..at as usize + 4096], "at {at}");
+    }
+}
+
+/// Blocks cached inside a longer run that starts before them are served
+/// from the cache, not fetched again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_cached_inside_a_longer_run_are_not_fetched_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(dir.path());
+    let vol = "v/";
+    let data = two_chunks_of_1mib(&store, vol).await;
+    let gets = common::Wrapped::new(store.clone(), ChunkGets::default());
+    let logged: DynStore = gets.clone();
+    let v = open_ro(&logged, vol).await;
+    let r = |at: u64, len: u64| data[at as usize..(at + len) as usize].to_vec();
+    // Block 1, then blocks 0 to 2.
+    assert_eq!(v.read(VB + 10, 100).await.expect("read"), r(VB + 10, 100));
+    assert_eq!(v.read(10, 3 * VB - 20).await.expect("read"), r(10, 3 * VB - 20));
+    gets.take();
+    for at in [2 * VB + 10, VB + 500, 20] {
+        assert_eq!(v.read(at, 100).await.expect("read"), r(at, 100));
+    }
+    assert_eq!(gets.take(), vec![], "cached blocks fetched again");
+}

@@ -22,6 +22,7 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_smithy_types::body::SdkBody;
 use bytes::Bytes;
+use md5::Digest;
 
 use super::{ListPage, ListRequest, ObjectInfo, ObjectStore, PutMode, StoreError, StoreResult};
 
@@ -34,6 +35,7 @@ pub struct S3Store {
     /// The store has answered a call: missing credentials from now on are
     /// a refresh that failed (retried), no longer a setup mistake.
     answered: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    checksums: ChecksumMode,
 }
 
 /// How the SDK computes request checksums (`S3BLK_S3_CHECKSUMS`).
@@ -114,6 +116,7 @@ impl S3Store {
             client: Client::from_conf(conf.build()),
             bucket: bucket.to_string(),
             endpoint,
+            checksums,
             answered: Default::default(),
         })
     }
@@ -148,8 +151,8 @@ impl S3Store {
         self.answered.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    async fn put_body(&self, key: &str, body: ByteStream, mode: PutMode) -> StoreResult<()> {
-        let mut req = self.client.put_object().bucket(&self.bucket).key(key).body(body);
+    async fn put_body(&self, key: &str, body: ByteStream, mode: PutMode, md5: Option<String>) -> StoreResult<()> {
+        let mut req = self.client.put_object().bucket(&self.bucket).key(key).body(body).set_content_md5(md5);
         if mode == PutMode::IfAbsent {
             req = req.if_none_match("*");
         }
@@ -277,18 +280,35 @@ impl ObjectStore for S3Store {
         }
         let out = req.send().await.map_err(|e| self.map_err("GET", key, e))?;
         self.answered();
+        // A server that ignores Range answers with the whole object (no
+        // Content-Range): the range is then cut from it here.
+        let whole = range.is_some() && out.content_range().is_none();
         let body =
             out.body.collect().await.map_err(|e| StoreError::Transient(format!("GET {key}: body cut short: {e}")))?;
-        Ok(body.into_bytes())
+        let body = body.into_bytes();
+        match (whole, range) {
+            (true, Some(r)) => super::apply_range(&body, Some(r), key),
+            _ => Ok(body),
+        }
     }
 
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
-        self.put_body(key, ByteStream::from(body), mode).await
+        self.put_body(key, ByteStream::from(body), mode, None).await
     }
 
     async fn put_parts(&self, key: &str, parts: Vec<Bytes>, mode: PutMode) -> StoreResult<()> {
+        // A body of parts goes unsigned (its SHA-256 is not in the
+        // signature): with request checksums "when required" nothing else
+        // would let the server check it, so it carries its MD5.
+        let md5 = (self.checksums == ChecksumMode::WhenRequired).then(|| {
+            let mut h = md5::Md5::new();
+            for p in &parts {
+                h.update(p);
+            }
+            aws_smithy_types::base64::encode(h.finalize())
+        });
         let body = SdkBody::retryable(move || SdkBody::from_body_1_x(PartsBody::new(parts.clone())));
-        self.put_body(key, ByteStream::new(body), mode).await
+        self.put_body(key, ByteStream::new(body), mode, md5).await
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {

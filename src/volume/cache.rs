@@ -135,17 +135,34 @@ impl CleanCache {
 
     /// Keep `data`, the chunk's bytes from `at` on, checked against
     /// `table`. Ignored when the whole chunk is cached; blocks checked
-    /// against another table replace what is there.
+    /// against another table replace what is there. Runs that overlap or
+    /// touch are merged into one: runs never overlap, so the one starting
+    /// last at or before an offset is the only one that can hold it.
     pub fn insert_blocks(&mut self, index: u64, table: Arc<ChunkTable>, at: usize, data: Bytes) {
         let mut runs = match self.entries.get(&index) {
             Some(Entry { held: Held::Whole(_), .. }) => return,
             Some(Entry { held: Held::Blocks { table: t, runs }, .. }) if t.r == table.r => runs.clone(),
             _ => BTreeMap::new(),
         };
-        if runs.get(&at).is_some_and(|b| b.len() >= data.len()) {
+        if data.is_empty() || covered(&runs, at, data.len()).is_some() {
             return;
         }
-        runs.insert(at, data);
+        let end = at + data.len();
+        let touching: Vec<usize> = runs.range(..=end).filter(|(s, b)| *s + b.len() >= at).map(|(s, _)| *s).collect();
+        if touching.is_empty() {
+            runs.insert(at, data);
+        } else {
+            let start = touching.iter().copied().fold(at, usize::min);
+            let stop = touching.iter().map(|s| s + runs.get(s).map_or(0, Bytes::len)).fold(end, usize::max);
+            let mut merged = vec![0u8; stop - start];
+            for s in touching {
+                if let Some(b) = runs.remove(&s) {
+                    merged[s - start..s - start + b.len()].copy_from_slice(&b);
+                }
+            }
+            merged[at - start..end - start].copy_from_slice(&data);
+            runs.insert(start, Bytes::from(merged));
+        }
         let n = table.bytes() + runs.values().map(|b| b.len() as u64).sum::<u64>();
         let referenced = self.entries.get(&index).is_some_and(|e| e.referenced);
         self.remove(index);
@@ -361,6 +378,30 @@ mod tests {
         assert_eq!(c.bytes(), 500);
         c.remove(7);
         assert_eq!(c.bytes(), 0);
+    }
+
+    #[test]
+    fn runs_that_overlap_or_touch_are_merged_and_serve_every_range_they_hold() {
+        let mut c = CleanCache::new(1 << 20);
+        let run = |at: usize, len: usize| Bytes::from((at..at + len).map(|i| i as u8).collect::<Vec<u8>>());
+        let want = |at: usize, len: usize| (at..at + len).map(|i| i as u8).collect::<Vec<u8>>();
+        c.insert_blocks(1, table(1), 100, run(100, 100));
+        // A longer run starting earlier, over the first one.
+        c.insert_blocks(1, table(1), 0, run(0, 300));
+        assert_eq!(c.get_range(1, 250, 20).as_deref(), Some(&want(250, 20)[..]), "held bytes reported as a miss");
+        assert_eq!(c.bytes(), 16 + 300, "overlapping bytes counted twice");
+        // A run touching it, and one apart.
+        c.insert_blocks(1, table(1), 300, run(300, 50));
+        c.insert_blocks(1, table(1), 400, run(400, 10));
+        assert_eq!(c.get_range(1, 290, 60).as_deref(), Some(&want(290, 60)[..]));
+        assert_eq!(c.bytes(), 16 + 360);
+        // A run bridging the gap merges all three.
+        c.insert_blocks(1, table(1), 340, run(340, 70));
+        assert_eq!(c.get_range(1, 0, 410).as_deref(), Some(&want(0, 410)[..]));
+        assert_eq!(c.bytes(), 16 + 410);
+        // A run already held changes nothing.
+        c.insert_blocks(1, table(1), 10, run(10, 20));
+        assert_eq!(c.bytes(), 16 + 410);
     }
 
     #[test]

@@ -472,25 +472,30 @@ impl Inner {
         let (start, end) = (first * vb, ((last + 1) * vb).min(cs as usize));
         let fetch_table = async {
             if let Some(t) = table {
-                return Ok(t);
+                return Ok(Some(t));
             }
             let bytes = self.store.get(&key, Some(cs..cs + format::table_len(cs))).await?;
+            if bytes.len() as u64 != format::table_len(cs) {
+                return Ok(None);
+            }
             match format::check_table(&bytes, crc, cs) {
-                Ok(crcs) => Ok(Arc::new(ChunkTable { r, crcs })),
+                Ok(crcs) => Ok(Some(Arc::new(ChunkTable { r, crcs }))),
                 Err(why) => Err(VolumeError::Corrupt(format!("chunk object {key} {why}"))),
             }
         };
         let fetch_data = async { Ok(self.store.get(&key, Some(start as u64..end as u64)).await?) };
-        let (table, data): (Arc<ChunkTable>, Bytes) = match tokio::try_join!(fetch_table, fetch_data) {
+        let (table, data): (Option<Arc<ChunkTable>>, Bytes) = match tokio::try_join!(fetch_table, fetch_data) {
             Ok(v) => v,
             // Missing or cut short: the whole fetch says which (and a
             // read-only opener follows the journal there).
             Err(VolumeError::Store(StoreError::NotFound(_) | StoreError::Permanent(_))) => return Ok(None),
             Err(e) => return Err(e),
         };
-        if data.len() != end - start {
+        // Not the lengths asked for (an object cut short, or a store that
+        // answered with more than the range): the whole fetch decides.
+        let Some(table) = table.filter(|_| data.len() == end - start) else {
             return Ok(None);
-        }
+        };
         format::check_blocks(&table.crcs, first, &data)
             .map_err(|why| VolumeError::Corrupt(format!("chunk object {key} {why}")))?;
         let mut st = self.lock();
