@@ -214,8 +214,14 @@ impl ObjectStore for LocalStore {
                     }
                 };
                 f.seek(SeekFrom::Start(start))?;
-                let mut buf = vec![0u8; (end - start) as usize];
-                f.read_exact(&mut buf)?;
+                // Read into spare capacity: no zeroing of a buffer the
+                // read overwrites anyway.
+                let want = end - start;
+                let mut buf = Vec::with_capacity(want as usize);
+                f.take(want).read_to_end(&mut buf)?;
+                if (buf.len() as u64) < want {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "object shorter than its size"));
+                }
                 Ok(buf)
             };
             read().map(Bytes::from).map_err(|e| io_err(&key, e))

@@ -133,39 +133,37 @@ impl CleanCache {
         matches!(self.entries.get(&index), Some(Entry { held: Held::Whole(_), .. }))
     }
 
-    /// Keep `data`, the chunk's bytes from `at` on, checked against
-    /// `table`. Ignored when the whole chunk is cached; blocks checked
-    /// against another table replace what is there. Runs that overlap or
-    /// touch are merged into one: runs never overlap, so the one starting
-    /// last at or before an offset is the only one that can hold it.
-    pub fn insert_blocks(&mut self, index: u64, table: Arc<ChunkTable>, at: usize, data: Bytes) {
-        let mut runs = match self.entries.get(&index) {
+    /// Keep `data`, the chunk's bytes from `at` on (whole blocks of
+    /// `block` bytes from a block boundary, the chunk's last one possibly
+    /// short), checked against `table`, block by block: each block is a
+    /// slice of `data`, no copy, and blocks never overlap. Ignored when the
+    /// whole chunk is cached; blocks checked against another table replace
+    /// what is there.
+    pub fn insert_blocks(&mut self, index: u64, table: Arc<ChunkTable>, at: usize, data: Bytes, block: usize) {
+        let (mut runs, referenced) = match self.entries.get(&index) {
             Some(Entry { held: Held::Whole(_), .. }) => return,
-            Some(Entry { held: Held::Blocks { table: t, runs }, .. }) if t.r == table.r => runs.clone(),
-            _ => BTreeMap::new(),
+            Some(e @ Entry { held: Held::Blocks { table: t, .. }, .. }) if t.r == table.r => (None, e.referenced),
+            _ => (Some(BTreeMap::new()), false),
         };
-        if data.is_empty() || covered(&runs, at, data.len()).is_some() {
-            return;
-        }
-        let end = at + data.len();
-        let touching: Vec<usize> = runs.range(..=end).filter(|(s, b)| *s + b.len() >= at).map(|(s, _)| *s).collect();
-        if touching.is_empty() {
-            runs.insert(at, data);
-        } else {
-            let start = touching.iter().copied().fold(at, usize::min);
-            let stop = touching.iter().map(|s| s + runs.get(s).map_or(0, Bytes::len)).fold(end, usize::max);
-            let mut merged = vec![0u8; stop - start];
-            for s in touching {
-                if let Some(b) = runs.remove(&s) {
-                    merged[s - start..s - start + b.len()].copy_from_slice(&b);
-                }
+        if runs.is_none() {
+            // Ours: taken out (its bytes given back) and put back below.
+            if let Some(Entry { held: Held::Blocks { runs: r, .. }, bytes, .. }) = self.entries.remove(&index) {
+                self.bytes -= bytes;
+                self.pool.release(bytes);
+                runs = Some(r);
             }
-            merged[at - start..end - start].copy_from_slice(&data);
-            runs.insert(start, Bytes::from(merged));
+        } else {
+            self.remove(index);
+        }
+        let mut runs = runs.unwrap_or_default();
+        let block = block.max(1);
+        let mut off = 0;
+        while off < data.len() {
+            let len = block.min(data.len() - off);
+            runs.entry(at + off).or_insert_with(|| data.slice(off..off + len));
+            off += len;
         }
         let n = table.bytes() + runs.values().map(|b| b.len() as u64).sum::<u64>();
-        let referenced = self.entries.get(&index).is_some_and(|e| e.referenced);
-        self.remove(index);
         if self.make_room(n) {
             self.add(index, Held::Blocks { table, runs }, n, referenced);
         }
@@ -352,9 +350,9 @@ mod tests {
     fn blocks_serve_the_ranges_they_cover_and_count_with_their_table() {
         let mut c = CleanCache::new(1 << 20);
         let run = |b: u8| Bytes::from(vec![b; 100]);
-        c.insert_blocks(7, table(1), 100, run(1));
-        c.insert_blocks(7, table(1), 200, run(2));
-        c.insert_blocks(7, table(1), 400, run(4));
+        c.insert_blocks(7, table(1), 100, run(1), 100);
+        c.insert_blocks(7, table(1), 200, run(2), 100);
+        c.insert_blocks(7, table(1), 400, run(4), 100);
         assert_eq!(c.bytes(), 16 + 300);
         assert!(!c.peek(7) && c.get(7).is_none(), "blocks are not the whole chunk");
         assert_eq!(c.get_range(7, 150, 10).unwrap(), vec![1u8; 10]);
@@ -367,13 +365,13 @@ mod tests {
         assert_eq!(c.table(7, table(1).r), Some(table(1)));
         assert_eq!(c.table(7, table(2).r), None, "a table is only for its own reference");
         // Blocks of another reference replace the old ones.
-        c.insert_blocks(7, table(2), 0, run(9));
+        c.insert_blocks(7, table(2), 0, run(9), 100);
         assert!(c.get_range(7, 150, 10).is_none());
         assert_eq!(c.get_range(7, 0, 100).unwrap(), vec![9u8; 100]);
         assert_eq!(c.bytes(), 16 + 100);
         // The whole chunk wins over blocks, and blocks never over it.
         c.insert(7, Bytes::from(vec![5u8; 500]));
-        c.insert_blocks(7, table(2), 0, run(9));
+        c.insert_blocks(7, table(2), 0, run(9), 100);
         assert_eq!(c.get_range(7, 0, 3).unwrap(), vec![5u8; 3]);
         assert_eq!(c.bytes(), 500);
         c.remove(7);
@@ -381,34 +379,32 @@ mod tests {
     }
 
     #[test]
-    fn runs_that_overlap_or_touch_are_merged_and_serve_every_range_they_hold() {
+    fn blocks_of_overlapping_fetches_are_kept_once_and_serve_every_range_they_hold() {
         let mut c = CleanCache::new(1 << 20);
         let run = |at: usize, len: usize| Bytes::from((at..at + len).map(|i| i as u8).collect::<Vec<u8>>());
         let want = |at: usize, len: usize| (at..at + len).map(|i| i as u8).collect::<Vec<u8>>();
-        c.insert_blocks(1, table(1), 100, run(100, 100));
-        // A longer run starting earlier, over the first one.
-        c.insert_blocks(1, table(1), 0, run(0, 300));
+        c.insert_blocks(1, table(1), 100, run(100, 100), 100);
+        // Blocks 0 to 2, over block 1.
+        c.insert_blocks(1, table(1), 0, run(0, 300), 100);
         assert_eq!(c.get_range(1, 250, 20).as_deref(), Some(&want(250, 20)[..]), "held bytes reported as a miss");
-        assert_eq!(c.bytes(), 16 + 300, "overlapping bytes counted twice");
-        // A run touching it, and one apart.
-        c.insert_blocks(1, table(1), 300, run(300, 50));
-        c.insert_blocks(1, table(1), 400, run(400, 10));
+        assert_eq!(c.get_range(1, 150, 20).as_deref(), Some(&want(150, 20)[..]));
+        assert_eq!(c.bytes(), 16 + 300, "a block counted twice");
+        // Adjoining blocks serve a range across them; a gap does not.
+        c.insert_blocks(1, table(1), 300, run(300, 50), 100);
+        c.insert_blocks(1, table(1), 400, run(400, 10), 100);
         assert_eq!(c.get_range(1, 290, 60).as_deref(), Some(&want(290, 60)[..]));
+        assert!(c.get_range(1, 340, 70).is_none());
         assert_eq!(c.bytes(), 16 + 360);
-        // A run bridging the gap merges all three.
-        c.insert_blocks(1, table(1), 340, run(340, 70));
-        assert_eq!(c.get_range(1, 0, 410).as_deref(), Some(&want(0, 410)[..]));
-        assert_eq!(c.bytes(), 16 + 410);
-        // A run already held changes nothing.
-        c.insert_blocks(1, table(1), 10, run(10, 20));
-        assert_eq!(c.bytes(), 16 + 410);
+        // A block held already changes nothing.
+        c.insert_blocks(1, table(1), 100, run(100, 100), 100);
+        assert_eq!(c.bytes(), 16 + 360);
     }
 
     #[test]
     fn blocks_stay_within_the_limit() {
         let mut c = CleanCache::new(1000);
         for i in 0..50u64 {
-            c.insert_blocks(i % 5, table(1), (i as usize % 7) * 100, Bytes::from(vec![i as u8; 100]));
+            c.insert_blocks(i % 5, table(1), (i as usize % 7) * 100, Bytes::from(vec![i as u8; 100]), 100);
             assert!(c.bytes() <= 1000, "{} bytes", c.bytes());
             assert_eq!(c.bytes(), c.entries.values().map(|e| e.bytes).sum::<u64>());
         }

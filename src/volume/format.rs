@@ -54,7 +54,7 @@ pub const FORMAT_V3: u32 = 3;
 pub const FORMAT_V4: u32 = 4;
 /// The bytes one crc32c of a chunk table covers: the least a verified
 /// read fetches.
-pub const VERIFY_BLOCK: usize = 64 << 10;
+pub const VERIFY_BLOCK: usize = 16 << 10;
 /// Chunk map entries per part of a split checkpoint: about 1.7 MB of a
 /// dense map, so no object grows with the volume (a 64 TiB volume of 1 MiB
 /// chunks has 512 parts) and an open fetches the parts side by side.

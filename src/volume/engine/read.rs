@@ -504,7 +504,7 @@ impl Inner {
             && !st.patches.contains_key(&index)
             && st.map.get(&index).copied() == own
         {
-            st.clean.insert_blocks(index, table, start, data.clone());
+            st.clean.insert_blocks(index, table, start, data.clone(), vb);
         }
         Ok(Some(data.slice(at - start..at - start + len)))
     }
