@@ -195,8 +195,9 @@ struct Config {
     final_host: Host,
     /// A writer whose log holds more than this flushes on its own.
     log_limit: u64,
-    /// The volume's chunk size: `CS` (one verified block per chunk), or 4
-    /// times that (reads of one or two blocks fetch only those).
+    /// The volume's chunk size: `CS`, or 4 times that. Reads of up to half
+    /// a chunk that miss the cache fetch only their verified blocks (16
+    /// KiB each) when the chunk has a table.
     chunk_size: u64,
     /// Whether writers upload chunk objects with their table (format 4).
     tables: Tables,
