@@ -228,8 +228,8 @@ async fn a_due_volume_is_compacted_annotated_and_gets_an_event() {
     let (patch, reply) = api.expect("PATCH", "/api/v1/persistentvolumes/pv-1").await;
     assert_eq!(chunk_objects(&store, "pvc-1/").await, 1, "three superseded generations are gone");
     let result = annotation(&patch, ANN_RESULT).as_str().expect("a result");
-    // Three 64 KiB chunks, each with its 4-byte table.
-    assert!(result.starts_with("ok: deleted 3 chunk objects (192.01 KiB)"), "{result}");
+    // Three 64 KiB chunks, each with its table (a crc32c per 16 KiB).
+    assert!(result.starts_with("ok: deleted 3 chunk objects (192.05 KiB)"), "{result}");
     let when: Timestamp = annotation(&patch, ANN_LAST).as_str().expect("a time").parse().expect("RFC 3339");
     assert_eq!(when.as_second(), clock.now_unix());
     assert_eq!(annotation(&patch, ANN_FAILURES), &Value::Null, "a success clears the failure count");
@@ -242,7 +242,7 @@ async fn a_due_volume_is_compacted_annotated_and_gets_an_event() {
     assert_eq!(event["regarding"]["name"], "pv-1");
     assert_eq!(event["reportingController"], "s3blk-compaction");
     let note = event["note"].as_str().expect("a note");
-    assert!(note.starts_with("deleted 3 chunk objects (192.01 KiB)") && note.contains("checkpoint at seq"), "{note}");
+    assert!(note.starts_with("deleted 3 chunk objects (192.05 KiB)") && note.contains("checkpoint at seq"), "{note}");
     respond(reply, 201, &event);
     assert_eq!(task.await.expect("task").expect("reconcile"), Action::requeue(INTERVAL));
     let metrics = s3blk::metrics::render();
@@ -251,7 +251,11 @@ async fn a_due_volume_is_compacted_annotated_and_gets_an_event() {
         metrics.contains("\ns3blk_volume_compactions_total{volume=\"pvc-1\",outcome=\"changed\"} 1\n"),
         "{metrics}"
     );
-    assert!(metrics.contains("\ns3blk_compaction_freed_bytes_total{volume=\"pvc-1\"} 196620\n"), "{metrics}");
+    let freed = format!(
+        "\ns3blk_compaction_freed_bytes_total{{volume=\"pvc-1\"}} {}\n",
+        3 * (65536 + format::table_len(65536))
+    );
+    assert!(metrics.contains(&freed), "{metrics}");
 
     // The watch event our patch causes: not due, only requeued; nothing touched.
     clock.advance(600);

@@ -2597,10 +2597,9 @@ async fn a_put_of_parts_is_one_object_under_its_condition(store: DynStore) {
 }
 on_both_stores!(a_put_of_parts_is_one_object_under_its_condition);
 
-/// Readahead grows with a sequential reader: two reads in a row fetch one
-/// chunk ahead, not several; a long sequential scan keeps up to 16 chunks
-/// ahead (a quarter of the cache at most); reads elsewhere fetch nothing
-/// ahead.
+/// Readahead grows with what a sequential reader read in a row: a short
+/// run fetches nothing ahead, a long scan keeps up to 16 chunks ahead (a
+/// quarter of the cache at most); reads elsewhere fetch nothing ahead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readahead_starts_at_one_chunk_and_grows_with_a_sequential_reader() {
     use std::collections::BTreeSet;
@@ -2633,16 +2632,13 @@ async fn readahead_starts_at_one_chunk_and_grows_with_a_sequential_reader() {
     }
     settle().await;
     assert_eq!(fetched(&gets.take()), BTreeSet::from([40, 7, 23]), "random reads fetched chunks ahead");
-    // Two reads in a row: one chunk ahead.
+    // Two reads in a row: the chunk they read (whole, for a reader that
+    // goes on), nothing ahead.
     for at in [2 * MIB, 2 * MIB + 4096] {
         assert!(v.read(at, 4096).await.expect("read") == data[at as usize..at as usize + 4096]);
     }
     settle().await;
-    assert_eq!(
-        fetched(&gets.take()),
-        BTreeSet::from([2, 3]),
-        "a short sequential run fetched more than one chunk ahead"
-    );
+    assert_eq!(fetched(&gets.take()), BTreeSet::from([2]), "a short sequential run fetched chunks ahead");
     // A long scan in 256 KiB reads: the window reaches 16 chunks.
     let mut most_ahead = 0;
     let mut at = 10 * MIB;
@@ -2666,7 +2662,9 @@ async fn readahead_starts_at_one_chunk_and_grows_with_a_sequential_reader() {
         assert!(v.read(at, 64 << 10).await.expect("read") == data[at as usize..at as usize + (64 << 10)]);
     }
     settle().await;
-    assert_eq!(fetched(&gets.take()), BTreeSet::from([0, 1, 2]), "readahead past a quarter of the cache");
+    // 768 KiB read in a row: twice that is one chunk, under the quarter of
+    // the cache (two chunks).
+    assert_eq!(fetched(&gets.take()), BTreeSet::from([0, 1]), "readahead past what was read or the cache");
 }
 
 /// A proxy in front of the test's S3 endpoint that keeps a copy of every
@@ -2793,9 +2791,11 @@ async fn blocks_cached_inside_a_longer_run_are_not_fetched_again() {
 }
 
 /// An S3 server that ignores Range answers a ranged GET with the whole
-/// object and no Content-Range: the S3 store cuts the range itself.
+/// object and no Content-Range: the S3 store refuses ranged reads from
+/// then on without asking the server (the engine reads whole chunks), and
+/// whole reads go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_s3_answer_without_content_range_is_cut_to_the_range() {
+async fn an_s3_server_that_ignores_ranges_gets_no_more_ranged_reads() {
     let Some(endpoint) = common::s3_endpoint() else { return };
     let (proxy, sent) = recording_proxy(&endpoint, true).await;
     let bucket = common::unique("bkt");
@@ -2803,8 +2803,135 @@ async fn an_s3_answer_without_content_range_is_cut_to_the_range() {
     raw.client().create_bucket().bucket(&bucket).send().await.expect("create bucket");
     let body = Bytes::from(common::pattern(2, 1000));
     raw.put("obj", body.clone(), PutMode::IfAbsent).await.expect("put");
-    assert_eq!(raw.get("obj", Some(100..164)).await.expect("ranged get"), body.slice(100..164));
-    assert_eq!(raw.get("obj", Some(990..2000)).await.expect("ranged get past the end"), body.slice(990..));
+    let gets = || String::from_utf8_lossy(&sent.lock().expect("lock")).matches("GET /").count();
+    for _ in 0..3 {
+        let e = raw.get("obj", Some(100..164)).await.expect_err("a ranged read answered");
+        assert!(matches!(&e, store::StoreError::Permanent(m) if m.contains("ignores Range")), "{e}");
+    }
+    assert_eq!(gets(), 1, "ranged reads went on to a server that ignores them");
+    assert_eq!(raw.get("obj", None).await.expect("whole read"), body);
     let text = String::from_utf8_lossy(&sent.lock().expect("lock")).to_lowercase();
     assert!(text.contains("\r\nrange: bytes=100-163"), "the GET asked for no range");
+}
+
+/// Through a server that ignores Range, a volume's chunks are read whole,
+/// once each, and cached, not fetched whole for every block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_on_an_s3_server_that_ignores_ranges_reads_each_chunk_once() {
+    let Some(endpoint) = common::s3_endpoint() else { return };
+    let (proxy, sent) = recording_proxy(&endpoint, true).await;
+    let bucket = common::unique("bkt");
+    let raw = s3blk::store::s3::S3Store::connect(&bucket, common::s3_settings(&proxy)).await.expect("client");
+    raw.client().create_bucket().bucket(&bucket).send().await.expect("create bucket");
+    let store: DynStore = Arc::new(raw);
+    let data = two_chunks_of_1mib(&store, "v/").await;
+    let chunk_gets = || String::from_utf8_lossy(&sent.lock().expect("lock")).matches("/v/chunks/").count();
+    let v = open_ro(&store, "v/").await;
+    let before = chunk_gets();
+    for at in [3 * VB + 100, 9 * VB, 5 * VB + 7, MIB + 2 * VB, MIB + 11 * VB] {
+        assert!(v.read(at, 4096).await.expect("read") == data[at as usize..at as usize + 4096], "at {at}");
+    }
+    // The first read learns that ranges are ignored (two ranged GETs), then
+    // each chunk is read whole once.
+    assert!(chunk_gets() - before <= 4, "{} GETs of chunk objects for 5 reads in 2 chunks", chunk_gets() - before);
+}
+
+/// A cache smaller than a chunk cannot keep what readahead fetches: a
+/// sequential reader's every read must not fetch the next chunk whole
+/// again (nor its own chunk whole, when a ranged fetch would do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readahead_into_a_cache_smaller_than_a_chunk_is_not_a_get_per_read() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let vol = "v/";
+    let data = two_chunks_of_1mib(&mem, vol).await;
+    let gets = common::Wrapped::new(mem.clone(), ChunkGets::default());
+    let logged: DynStore = gets.clone();
+    let v = Volume::open(
+        logged.clone(),
+        vol,
+        OpenOptions { read_only: true, cache_limit: 512 << 10, ..Default::default() },
+    )
+    .await
+    .expect("open");
+    for n in 0..20u64 {
+        let at = n * 4096;
+        assert!(v.read(at, 4096).await.expect("read") == data[at as usize..at as usize + 4096]);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = gets.take();
+    let whole = |i: &str| got.iter().filter(|(k, r)| k.contains(i) && r.is_none()).count();
+    let (c0, c1) = (whole("/0000000000000000/"), whole("/0000000000000001/"));
+    assert!(c1 <= 1 && c0 <= 1, "20 reads of 4 KiB: chunk 0 fetched whole {c0} times, chunk 1 (readahead) {c1} times");
+}
+
+/// GETs of chunk objects other than chunk 0 take a while.
+#[derive(Debug, Default)]
+struct SlowAhead;
+
+#[async_trait::async_trait]
+impl common::Around for SlowAhead {
+    async fn get(
+        &self,
+        inner: &DynStore,
+        key: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> s3blk::store::StoreResult<Bytes> {
+        if key.contains("/chunks/") && !key.contains("/0000000000000000/") {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        inner.get(key, range).await
+    }
+}
+
+/// While readahead's fetches are in flight, a sequential reader's reads
+/// must not each spawn another task for every chunk in the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readahead_in_flight_is_not_spawned_again_for_every_read() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let vol = "v/";
+    let data = two_chunks_of_1mib(&mem, vol).await;
+    let slow: DynStore = common::Wrapped::new(mem.clone(), SlowAhead);
+    let v = open_ro(&slow, vol).await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    let mut most = 0;
+    for n in 0..200u64 {
+        let at = n * 4096;
+        assert!(v.read(at, 4096).await.expect("read") == data[at as usize..at as usize + 4096]);
+        most = most.max(metrics.num_alive_tasks().saturating_sub(before));
+    }
+    assert!(most <= 16, "{most} readahead tasks alive at once for a volume of 4 chunks");
+}
+
+/// A handful of small reads in a row (a filesystem reading a few
+/// consecutive 4 KiB blocks) must not fetch the window's full 16 chunks:
+/// readahead should grow with what the reader consumed, not per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_few_small_sequential_reads_do_not_fetch_sixteen_chunks_ahead() {
+    use std::collections::BTreeSet;
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let vol = "v/";
+    let chunks = 48u64;
+    let opts = CreateOptions { size: chunks * MIB, chunk_size: MIB as u32, parent: None, single_writer: false };
+    Volume::create(mem.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
+    let v = open(&mem, vol).await;
+    v.write(0, &common::pattern(5, (chunks * MIB) as usize)).await.expect("write");
+    v.flush().await.expect("flush");
+    drop(v);
+    let gets = common::Wrapped::new(mem.clone(), ChunkGets::default());
+    let logged: DynStore = gets.clone();
+    let v = Volume::open(
+        logged.clone(),
+        vol,
+        OpenOptions { read_only: true, cache_limit: 256 * MIB, ..Default::default() },
+    )
+    .await
+    .expect("open");
+    for n in 0..6u64 {
+        v.read(10 * MIB + n * 4096, 4096).await.expect("read");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got: BTreeSet<u64> =
+        gets.take().iter().filter_map(|(k, _)| format::parse_chunk_key(vol, k).map(|(i, _)| i)).collect();
+    assert!(got.len() <= 3, "24 KiB read sequentially in chunk 10 fetched chunks {got:?}");
 }

@@ -360,3 +360,37 @@ fn the_nbd_allowance_is_a_quarter_of_the_memory_limit_within_bounds() {
     assert_eq!(nbd_inflight(Some(8 << 30)), 256 << 20);
     assert_eq!(nbd_inflight(None), 256 << 20);
 }
+
+/// The stores a node reaches (two directories here: two buckets, in
+/// effect) share one limit of requests in flight: while it is all taken,
+/// a call through either waits; given back, both go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_stores_share_one_limit_of_requests_in_flight() {
+    let (d1, d2) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+    let stores = Stores::new(common::fast_policy());
+    let mut reached = Vec::new();
+    for d in [&d1, &d2] {
+        let url = format!("file://{}/vol", d.path().display());
+        let loc = Location::parse(&url, true).expect("location");
+        let store = stores.get(&loc, &HashMap::new()).await.expect("store");
+        store.put("vol/x", Bytes::from_static(b"x"), PutMode::Overwrite).await.expect("put");
+        reached.push(store);
+    }
+    let all = stores.permits().available() as u32;
+    assert!(all >= 16, "a limit of {all}");
+    let held = stores.permits().hold(all).await.expect("hold");
+    let calls: Vec<_> = reached
+        .iter()
+        .map(|s| {
+            let s = s.clone();
+            tokio::spawn(async move { s.get("vol/x", None).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(calls.iter().all(|c| !c.is_finished()), "a store call ran past the node's limit");
+    drop(held);
+    for c in calls {
+        let got = tokio::time::timeout(Duration::from_secs(20), c).await.expect("given back, the calls go on");
+        assert_eq!(got.expect("task").expect("get"), &b"x"[..]);
+    }
+}

@@ -125,6 +125,9 @@ pub fn check_capabilities(caps: &[pb::VolumeCapability]) -> Result<(), Status> {
 pub struct Stores {
     cache: Mutex<HashMap<String, DynStore>>,
     policy: RetryPolicy,
+    /// Requests in flight at once across every store of this process
+    /// (all the volumes a node serves, whatever their bucket).
+    permits: crate::store::limit::Permits,
     /// Used for whatever a request's secrets leave out.
     defaults: S3Settings,
 }
@@ -141,12 +144,18 @@ fn secret<'a>(secrets: &'a HashMap<String, String>, keys: &[&str]) -> Option<&'a
 
 impl Stores {
     pub fn new(policy: RetryPolicy) -> Self {
-        Self { cache: Mutex::default(), policy, defaults: S3Settings::default() }
+        Self::with_defaults(policy, S3Settings::default())
     }
 
     /// With explicit S3 settings for requests that carry no secrets.
     pub fn with_defaults(policy: RetryPolicy, defaults: S3Settings) -> Self {
-        Self { cache: Mutex::default(), policy, defaults }
+        let permits = crate::store::limit::Permits::new(crate::store::limit::DEFAULT_REQUESTS_IN_FLIGHT);
+        Self { cache: Mutex::default(), policy, defaults, permits }
+    }
+
+    /// The limit of requests in flight its stores share.
+    pub fn permits(&self) -> &crate::store::limit::Permits {
+        &self.permits
     }
 
     /// Use `store` for every location in `spec` reached without secrets
@@ -205,7 +214,7 @@ impl Stores {
             }
             StoreSpec::Memory => Arc::new(crate::store::memory::MemoryStore::new()),
         };
-        let store = crate::store::layered(base, self.policy.clone());
+        let store = crate::store::layered_within(base, self.policy.clone(), Some(self.permits.clone()));
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, store.clone());
         Ok(store)
     }

@@ -7,6 +7,7 @@
 //! every store of the process is built.
 
 pub mod fault;
+pub mod limit;
 pub mod local;
 pub mod memory;
 pub mod metered;
@@ -111,7 +112,17 @@ pub type DynStore = Arc<dyn ObjectStore>;
 /// metered (see [`metered`] for why metrics sit on both sides of the
 /// retries). Tests put a [`fault::FaultStore`] in as `base`.
 pub fn layered(base: DynStore, policy: retry::RetryPolicy) -> DynStore {
+    layered_within(base, policy, None)
+}
+
+/// [`layered`], each attempt also taking one of `permits` (shared with
+/// other stores) while it runs.
+pub fn layered_within(base: DynStore, policy: retry::RetryPolicy, permits: Option<limit::Permits>) -> DynStore {
     let metrics = crate::metrics::global().store.clone();
+    let base: DynStore = match permits {
+        Some(p) => Arc::new(limit::Limited::new(base, p)),
+        None => base,
+    };
     let attempts: DynStore = Arc::new(metered::MeteredAttempts::new(base, metrics.clone()));
     let retried: DynStore = Arc::new(retry::RetryStore::new(attempts, policy));
     Arc::new(metered::MeteredStore::new(retried, metrics))

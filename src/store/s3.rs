@@ -36,6 +36,12 @@ pub struct S3Store {
     /// a refresh that failed (retried), no longer a setup mistake.
     answered: std::sync::Arc<std::sync::atomic::AtomicBool>,
     checksums: ChecksumMode,
+    /// The server answered a ranged GET with the whole object.
+    ignores_ranges: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn ignores_ranges(endpoint: &str) -> StoreError {
+    StoreError::Permanent(format!("{endpoint} ignores Range in GET requests; whole objects are read instead"))
 }
 
 /// How the SDK computes request checksums (`S3BLK_S3_CHECKSUMS`).
@@ -118,6 +124,7 @@ impl S3Store {
             endpoint,
             checksums,
             answered: Default::default(),
+            ignores_ranges: Default::default(),
         })
     }
 
@@ -276,20 +283,26 @@ impl ObjectStore for S3Store {
             if r.start >= r.end {
                 return Ok(Bytes::new());
             }
+            if self.ignores_ranges.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(ignores_ranges(&self.endpoint));
+            }
             req = req.range(format!("bytes={}-{}", r.start, r.end - 1));
         }
         let out = req.send().await.map_err(|e| self.map_err("GET", key, e))?;
         self.answered();
         // A server that ignores Range answers with the whole object (no
-        // Content-Range): the range is then cut from it here.
-        let whole = range.is_some() && out.content_range().is_none();
+        // Content-Range). Ranged reads are then refused from here on (no
+        // request sent): the engine reads whole chunks instead, as it did
+        // before it read ranges, rather than download a whole object for
+        // every block.
+        if range.is_some() && out.content_range().is_none() {
+            self.ignores_ranges.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(endpoint = %self.endpoint, "the S3 server ignores Range; reading whole objects instead");
+            return Err(ignores_ranges(&self.endpoint));
+        }
         let body =
             out.body.collect().await.map_err(|e| StoreError::Transient(format!("GET {key}: body cut short: {e}")))?;
-        let body = body.into_bytes();
-        match (whole, range) {
-            (true, Some(r)) => super::apply_range(&body, Some(r), key),
-            _ => Ok(body),
-        }
+        Ok(body.into_bytes())
     }
 
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {

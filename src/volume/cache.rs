@@ -157,10 +157,16 @@ impl CleanCache {
         }
         let mut runs = runs.unwrap_or_default();
         let block = block.max(1);
+        // Blocks of the fetch held already: the others are copied out, so
+        // that no kept block holds the rest of the fetch's memory.
+        let partly_held = (0..data.len()).step_by(block).any(|off| runs.contains_key(&(at + off)));
         let mut off = 0;
         while off < data.len() {
             let len = block.min(data.len() - off);
-            runs.entry(at + off).or_insert_with(|| data.slice(off..off + len));
+            runs.entry(at + off).or_insert_with(|| match partly_held {
+                true => Bytes::copy_from_slice(&data[off..off + len]),
+                false => data.slice(off..off + len),
+            });
             off += len;
         }
         let n = table.bytes() + runs.values().map(|b| b.len() as u64).sum::<u64>();
@@ -398,6 +404,37 @@ mod tests {
         // A block held already changes nothing.
         c.insert_blocks(1, table(1), 100, run(100, 100), 100);
         assert_eq!(c.bytes(), 16 + 360);
+    }
+
+    /// A fetch buffer that counts its bytes as live until dropped.
+    struct Tracked(Vec<u8>, Arc<std::sync::atomic::AtomicU64>);
+    impl AsRef<[u8]> for Tracked {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            self.1.fetch_sub(self.0.len() as u64, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Reads of growing ranges at the start of a chunk, each missing one
+    /// block (so each fetches all of them): a kept block must not hold the
+    /// rest of its fetch's memory.
+    #[test]
+    fn blocks_hold_no_more_memory_than_they_count() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let live = Arc::new(AtomicU64::new(0));
+        let mut c = CleanCache::new(1 << 30);
+        let t = Arc::new(ChunkTable { r: ChunkRef::Stored { generation: 1, crc: 1, table: true }, crcs: vec![0; 64] });
+        for k in 1..=50usize {
+            let v = vec![7u8; k * 100];
+            live.fetch_add(v.len() as u64, Ordering::SeqCst);
+            c.insert_blocks(1, t.clone(), 0, Bytes::from_owner(Tracked(v, live.clone())), 100);
+        }
+        let held = live.load(Ordering::SeqCst);
+        assert!(held <= c.bytes(), "the cache counts {} bytes but holds {held}", c.bytes());
     }
 
     #[test]

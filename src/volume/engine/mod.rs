@@ -99,8 +99,8 @@ pub struct OpenOptions {
     /// Parallel chunk uploads/downloads.
     pub concurrency: usize,
     /// Chunks fetched ahead of a sequential reader at most (and no more
-    /// than a quarter of the cache): the window starts at one chunk and
-    /// doubles with each read that continues the last one.
+    /// than a quarter of the cache): readahead fetches twice what the
+    /// reader read in a row, from half a chunk on.
     pub readahead_chunks: u64,
     /// Open the state at this snapshot (read-only).
     pub snapshot: Option<String>,
@@ -341,10 +341,11 @@ struct State {
     abandoned: Vec<(Bytes, JournalRecord)>,
     tick: u64,
     last_read_end: u64,
-    /// Chunks fetched ahead of the sequential reader now: 1 at its second
-    /// read in a row, doubled at each next one up to the limit, 0 after a
-    /// read elsewhere.
-    readahead: u64,
+    /// Bytes read in a row (each read where the last one ended): readahead
+    /// fetches twice that.
+    read_in_a_row: u64,
+    /// Chunks being fetched ahead (each once, however many reads ask).
+    reading_ahead: BTreeSet<u64>,
     /// Seq of the newest checkpoint known (written by us or replayed from).
     checkpoint_seq: u64,
     /// The write-back log (a writer with a `log_dir`), appended in the
@@ -717,7 +718,8 @@ impl Volume {
             abandoned: Vec::new(),
             tick: 0,
             last_read_end: u64::MAX,
-            readahead: 0,
+            read_in_a_row: 0,
+            reading_ahead: BTreeSet::new(),
             checkpoint_seq: st.checkpoint.unwrap_or(0),
             log: None,
             log_limit: opts.log_limit,

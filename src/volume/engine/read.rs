@@ -136,7 +136,7 @@ impl Volume {
                     },
                 },
             };
-            (data, note_read(&mut st, offset, len, inner.readahead_limit()))
+            (data, note_read(&mut st, offset, len, inner.readahead_limit(), inner.chunk_size))
         };
         if ahead > 0 {
             self.readahead_after(offset + len, ahead);
@@ -160,11 +160,13 @@ impl Volume {
     /// when it continues the last read (a sequential reader wants whole
     /// chunks, and readahead fetches the next ones).
     fn ranged(&self, offset: u64) -> bool {
-        self.inner.lock().last_read_end != offset
+        // A cache that cannot keep a whole chunk would fetch it again for
+        // every read of it.
+        self.inner.lock().last_read_end != offset || self.inner.opts.cache_limit < self.inner.chunk_size
     }
 
     pub(super) fn maybe_readahead(&self, offset: u64, len: u64) {
-        let ahead = note_read(&mut self.inner.lock(), offset, len, self.inner.readahead_limit());
+        let ahead = note_read(&mut self.inner.lock(), offset, len, self.inner.readahead_limit(), self.inner.chunk_size);
         if ahead > 0 {
             self.readahead_after(offset + len, ahead);
         }
@@ -177,15 +179,20 @@ impl Volume {
         let next = end.div_ceil(inner.chunk_size);
         let last = size.div_ceil(inner.chunk_size);
         for index in next..(next + ra).min(last) {
-            let cached = {
-                let st = inner.lock();
-                st.slots.contains_key(&index) || st.staged.contains_key(&index) || st.clean.peek(index)
-            };
-            if cached {
-                continue;
+            {
+                // Cached, dirty, or being fetched ahead already: nothing to do.
+                let mut st = inner.lock();
+                if st.slots.contains_key(&index)
+                    || st.staged.contains_key(&index)
+                    || st.clean.peek(index)
+                    || !st.reading_ahead.insert(index)
+                {
+                    continue;
+                }
             }
             let vol = self.clone();
             tokio::spawn(async move {
+                let _done = ReadingAhead { vol: &vol, index };
                 let _g = vol.inner.locks.lock(index).await;
                 if let Err(e) = vol.inner.chunk_bytes(index).await {
                     tracing::debug!(index, error = %e, "readahead failed");
@@ -197,9 +204,10 @@ impl Volume {
 
 impl Inner {
     /// The most chunks readahead fetches at once: the configured number,
-    /// and no more than a quarter of the cache (at least one chunk).
+    /// and no more than a quarter of the cache (none when a chunk is more
+    /// than that: what it fetched would not stay).
     fn readahead_limit(&self) -> u64 {
-        let quarter = (self.opts.cache_limit / 4 / self.chunk_size).max(1);
+        let quarter = self.opts.cache_limit / 4 / self.chunk_size;
         self.opts.readahead_chunks.min(quarter)
     }
 
@@ -510,15 +518,31 @@ impl Inner {
     }
 }
 
-/// Record a read for sequential detection; returns how many chunks to
-/// fetch ahead (0 unless it continues the last read): the window grows
-/// from one chunk, doubling with each read in a row, up to `limit`.
-fn note_read(st: &mut State, offset: u64, len: u64, limit: u64) -> u64 {
+/// Record a read for sequential detection; returns how many chunks of
+/// `chunk_size` to fetch ahead: none unless it continues the last read,
+/// then twice what was read in a row (none until that is half a chunk),
+/// up to `limit`.
+fn note_read(st: &mut State, offset: u64, len: u64, limit: u64, chunk_size: u64) -> u64 {
     let sequential = st.last_read_end == offset;
     st.last_read_end = offset + len;
-    st.readahead = match sequential {
-        true => (st.readahead * 2).max(1).min(limit),
-        false => 0,
+    st.read_in_a_row = match sequential {
+        true => st.read_in_a_row.saturating_add(len),
+        false => len,
     };
-    st.readahead
+    match sequential {
+        true => (st.read_in_a_row.saturating_mul(2) / chunk_size).min(limit),
+        false => 0,
+    }
+}
+
+/// A chunk being fetched ahead, until the task fetching it ends.
+struct ReadingAhead<'a> {
+    vol: &'a Volume,
+    index: u64,
+}
+
+impl Drop for ReadingAhead<'_> {
+    fn drop(&mut self) {
+        self.vol.inner.lock().reading_ahead.remove(&self.index);
+    }
 }
