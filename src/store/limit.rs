@@ -41,16 +41,16 @@ impl Permits {
     /// Take `n` permits until the guard is dropped: no more than the rest
     /// can run meanwhile (a test holds them all to see who waits).
     pub async fn hold(&self, n: u32) -> StoreResult<tokio::sync::OwnedSemaphorePermit> {
-        self.0
-            .clone()
-            .acquire_many_owned(n)
-            .await
-            .map_err(|_| StoreError::Transient("the store request limit was closed".into()))
+        self.0.clone().acquire_many_owned(n).await.map_err(|_| closed())
     }
 
     async fn take(&self) -> StoreResult<SemaphorePermit<'_>> {
-        self.0.acquire().await.map_err(|_| StoreError::Transient("the store request limit was closed".into()))
+        self.0.acquire().await.map_err(|_| closed())
     }
+}
+
+fn closed() -> StoreError {
+    StoreError::Transient("the store request limit was closed".into())
 }
 
 /// `inner` under a shared limit of requests in flight.

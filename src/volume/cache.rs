@@ -140,22 +140,16 @@ impl CleanCache {
     /// whole chunk is cached; blocks checked against another table replace
     /// what is there.
     pub fn insert_blocks(&mut self, index: u64, table: Arc<ChunkTable>, at: usize, data: Bytes, block: usize) {
-        let (mut runs, referenced) = match self.entries.get(&index) {
-            Some(Entry { held: Held::Whole(_), .. }) => return,
-            Some(e @ Entry { held: Held::Blocks { table: t, .. }, .. }) if t.r == table.r => (None, e.referenced),
-            _ => (Some(BTreeMap::new()), false),
-        };
-        if runs.is_none() {
-            // Ours: taken out (its bytes given back) and put back below.
-            if let Some(Entry { held: Held::Blocks { runs: r, .. }, bytes, .. }) = self.entries.remove(&index) {
-                self.bytes -= bytes;
-                self.pool.release(bytes);
-                runs = Some(r);
-            }
-        } else {
-            self.remove(index);
+        if self.peek(index) {
+            return;
         }
-        let mut runs = runs.unwrap_or_default();
+        // Taken out (its bytes given back) and put back below.
+        let (mut runs, referenced) = match self.take(index) {
+            Some(Entry { held: Held::Blocks { table: t, runs }, referenced, .. }) if t.r == table.r => {
+                (runs, referenced)
+            }
+            _ => (BTreeMap::new(), false),
+        };
         let block = block.max(1);
         // Blocks of the fetch held already: the others are copied out, so
         // that no kept block holds the rest of the fetch's memory.
@@ -275,10 +269,15 @@ impl CleanCache {
     }
 
     pub fn remove(&mut self, index: u64) {
-        if let Some(e) = self.entries.remove(&index) {
-            self.bytes -= e.bytes;
-            self.pool.release(e.bytes);
-        }
+        self.take(index);
+    }
+
+    /// Remove the entry and give its bytes back.
+    fn take(&mut self, index: u64) -> Option<Entry> {
+        let e = self.entries.remove(&index)?;
+        self.bytes -= e.bytes;
+        self.pool.release(e.bytes);
+        Some(e)
     }
 
     pub fn bytes(&self) -> u64 {

@@ -360,7 +360,7 @@ pub enum ChunkRef {
     Zero,
     /// `chunks/<index>/<generation>`. Without `table`, the object is the
     /// chunk's bytes and `crc` their crc32c; with it (format 4), the
-    /// object is the bytes and then their table ([`encode_chunk`]), and
+    /// object is the bytes and then their table ([`chunk_table`]), and
     /// `crc` is the table's crc32c.
     Stored { generation: u64, crc: u32, table: bool },
 }
@@ -385,15 +385,6 @@ pub fn chunk_table(data: &[u8]) -> (Bytes, u32) {
     }
     let crc = crc32c::crc32c(&table);
     (Bytes::from(table), crc)
-}
-
-/// A chunk's whole object with its table (format 4), and the table's crc32c.
-pub fn encode_chunk(data: &[u8]) -> (Bytes, u32) {
-    let (table, crc) = chunk_table(data);
-    let mut obj = Vec::with_capacity(data.len() + table.len());
-    obj.extend_from_slice(data);
-    obj.extend_from_slice(&table);
-    (Bytes::from(obj), crc)
 }
 
 /// Check a whole chunk object fetched for `r` (a [`ChunkRef::Stored`]) and
@@ -1187,7 +1178,8 @@ mod tests {
     fn a_chunk_object_with_a_table_checks_every_block_and_the_table() {
         let cs = 4 * VERIFY_BLOCK as u64;
         let data: Vec<u8> = (0..cs).map(|i| (i * 7 % 251) as u8).collect();
-        let (obj, crc) = encode_chunk(&data);
+        let (table, crc) = chunk_table(&data);
+        let obj = Bytes::from([&data[..], &table[..]].concat());
         assert_eq!(obj.len() as u64, cs + table_len(cs));
         let r = ChunkRef::Stored { generation: 1, crc, table: true };
         assert_eq!(check_chunk(obj.clone(), r, cs).unwrap(), &data[..]);
