@@ -292,6 +292,118 @@ async fn the_only_writer_fences_itself_when_compaction_folds_to_its_abandoned_re
     assert!(r.is_ok(), "the only writer fenced itself (compaction folded to {:?}): {r:?}", rep.folded_seq);
 }
 
+/// What [`LateRecord`] does to the next PUT of its journal key.
+#[derive(Debug, Default)]
+enum LateStep {
+    /// Pass it through.
+    #[default]
+    Off,
+    /// Keep its bytes and answer an error: the record is on its way.
+    Hold,
+    /// The kept record lands now, a snapshot pins it, another writer opens
+    /// and commits, the store's clock moves on 400 s and compaction folds
+    /// past the kept record (writing a checkpoint at its seq for the
+    /// snapshot); then the PUT goes through, into the hole the fold left.
+    Race,
+}
+
+/// A journal PUT that lands long after its writer gave up on it.
+#[derive(Debug)]
+struct LateRecord {
+    key: String,
+    timed: Arc<Wrapped<Timed>>,
+    step: Mutex<LateStep>,
+    kept: Mutex<Option<Bytes>>,
+    folded: Mutex<Option<u64>>,
+}
+
+#[async_trait]
+impl Around for LateRecord {
+    async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        if key != self.key {
+            return inner.put(key, body, mode).await;
+        }
+        let step = std::mem::take(&mut *self.step.lock().unwrap());
+        match step {
+            LateStep::Off => inner.put(key, body, mode).await,
+            LateStep::Hold => {
+                // The first record sent is the one that lands late.
+                self.kept.lock().unwrap().get_or_insert(body);
+                *self.step.lock().unwrap() = LateStep::Hold;
+                Err(s3blk::store::StoreError::Transient("the answer did not come back".into()))
+            }
+            LateStep::Race => {
+                let kept = self.kept.lock().unwrap().clone().expect("a record was kept");
+                inner.put(key, kept, PutMode::IfAbsent).await.expect("the late record lands");
+                let store: DynStore = self.timed.clone();
+                s3blk::volume::engine::snapshot_committed(&store, "v/", "pinned", &SystemClock)
+                    .await
+                    .expect("a snapshot pins seq 3");
+                let other = open_with(&store, "v/", OpenOptions::default()).await; // record 4
+                other.write(3 * CSU, b"other").await.expect("write");
+                other.flush().await.expect("flush"); // record 5
+                drop(other);
+                self.timed.advance(400);
+                let rep = compact::compact(&store, "v/", &CompactOptions::default(), &SystemClock).await;
+                *self.folded.lock().unwrap() = rep.expect("compact").folded_seq;
+                inner.put(key, body, mode).await
+            }
+        }
+    }
+}
+
+/// Found by the crash campaign (seed 261200692781125). A writer's record
+/// A for seq 3 is on its way when the writer gives up on it (its chunks go
+/// up again) and later sends record B for the same seq. A lands after
+/// all; a snapshot pins seq 3; another writer opens and commits; and
+/// compaction folds past seq 3, writing a checkpoint there for the
+/// snapshot and deleting records 0..=4. B then lands in that hole. Its
+/// fencing proof finds record 2 gone and a checkpoint at seq 3 with the
+/// writer's epoch, which vouched for any record of that epoch: the flush
+/// was acknowledged though the volume holds A, not B, and the data only B
+/// carried is gone. The checkpoint must hold B's own entries to vouch.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_record_landing_in_the_hole_its_abandoned_twin_left_is_not_proven_by_the_twins_checkpoint() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let timed = Timed::new(mem.clone());
+    let tstore: DynStore = timed.clone();
+    create(&tstore, "v/", 4 * CSU).await;
+    let late = Wrapped::new(
+        tstore.clone(),
+        LateRecord {
+            key: format::journal_key("v/", 3),
+            timed: timed.clone(),
+            step: Mutex::default(),
+            kept: Mutex::default(),
+            folded: Mutex::default(),
+        },
+    );
+    let store: DynStore = late.clone();
+    let w = open_with(&store, "v/", OpenOptions::default()).await; // record 1
+    w.write(0, b"first").await.expect("write");
+    w.flush().await.expect("flush"); // record 2
+    w.write(CSU, b"second").await.expect("write");
+    *late.step.lock().unwrap() = LateStep::Hold;
+    assert!(w.flush().await.is_err(), "record A (seq 3) is on its way, unanswered");
+    w.write(2 * CSU, b"third").await.expect("write");
+    // Long enough that the append alone proves nothing; whatever the
+    // writer sends for seq 3 meanwhile is held too.
+    tokio::time::sleep(Duration::from_secs(100)).await;
+    *late.step.lock().unwrap() = LateStep::Race;
+    let flushed = w.flush().await;
+    let folded = *late.folded.lock().unwrap();
+    assert_eq!(folded, Some(5), "compaction folded past the late record");
+    drop(w);
+    if flushed.is_ok() {
+        let third = read_fresh(&mem, "v/", 2 * CSU, 5).await;
+        assert_eq!(
+            third.as_deref(),
+            Ok(&b"third"[..]),
+            "a flush was acknowledged whose record was folded away (compaction folded to {folded:?})"
+        );
+    }
+}
+
 // E ---------------------------------------------------------------------------
 
 /// A TRIM of a whole chunk stages a ZERO reference (no object) with the

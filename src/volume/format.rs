@@ -798,39 +798,178 @@ impl Checkpoint {
     }
 
     fn encode_stored_with(&self, tag: u64, per_part: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
-        if self.map.len() <= per_part {
-            return (self.encode(), Vec::new());
+        let mut b = CheckpointBuilder::with_part_entries(self.seq, self.epoch, self.size, tag, per_part);
+        let mut parts = Vec::new();
+        let mut patches = self.patches.iter().peekable();
+        // Indexes come from the maps' own order: they increase.
+        let mut push = |b: &mut CheckpointBuilder, i: u64, r: Option<ChunkRef>, p: Option<Arc<Patch>>| {
+            if let Ok(Some(part)) = b.push(i, r, p) {
+                parts.push(part);
+            }
+        };
+        for (index, r) in &self.map {
+            // Patches of chunks before this entry first: items go in index order.
+            while let Some((i, p)) = patches.next_if(|(i, _)| *i < index) {
+                push(&mut b, *i, None, Some(p.clone()));
+            }
+            let patch = patches.next_if(|(i, _)| *i == index).map(|(_, p)| p.clone());
+            push(&mut b, *index, Some(*r), patch);
         }
-        // Index ranges of `per_part` map entries each, covering every index.
-        let starts: Vec<u64> =
-            std::iter::once(0).chain(self.map.keys().copied().skip(per_part).step_by(per_part)).collect();
-        let mut parts = Vec::with_capacity(starts.len());
-        let mut refs = Vec::with_capacity(starts.len());
-        for (n, &first) in starts.iter().enumerate() {
-            let last = starts.get(n + 1).map_or(u64::MAX, |next| next - 1);
-            let entries = self.map.range(first..=last);
-            let version = refs_version(FORMAT_V3, entries.clone().map(|(_, r)| r));
-            let mut w = Writer::new(CHECKPOINT_PART_MAGIC, version);
-            w.u64(self.seq);
-            w.u64(tag);
-            w.u32(n as u32);
-            w.u64(first);
-            w.u64(last);
-            let count = entries.clone().count();
-            put_map(&mut w, count, entries, version);
-            put_patches(&mut w, self.patches.range(first..=last));
-            let bytes = w.finish();
-            refs.push(PartRef {
-                first,
-                last,
-                entries: count as u64,
-                len: bytes.len() as u64,
-                crc: crc32c::crc32c(&bytes),
-            });
-            parts.push(bytes);
+        for (i, p) in patches {
+            push(&mut b, *i, None, Some(p.clone()));
         }
-        let manifest = SplitCheckpoint { seq: self.seq, epoch: self.epoch, size: self.size, tag, parts: refs };
-        (manifest.encode(), parts)
+        match b.finish() {
+            Built::Whole(bytes) => (bytes, parts),
+            Built::Split { last, manifest } => {
+                parts.push(last);
+                (manifest, parts)
+            }
+        }
+    }
+}
+
+/// Encode part `n` of the split checkpoint `seq`/`tag`: the map entries and
+/// patches of chunk indexes `first..=last`, in index order. Returns the
+/// object and the manifest's record of it.
+fn encode_part(
+    (seq, tag, n): (u64, u64, u32),
+    (first, last): (u64, u64),
+    entries: &[(u64, ChunkRef)],
+    patches: &Patches,
+) -> (Vec<u8>, PartRef) {
+    let version = refs_version(FORMAT_V3, entries.iter().map(|(_, r)| r));
+    let mut w = Writer::new(CHECKPOINT_PART_MAGIC, version);
+    w.u64(seq);
+    w.u64(tag);
+    w.u32(n);
+    w.u64(first);
+    w.u64(last);
+    put_map(&mut w, entries.len(), entries.iter().map(|(i, r)| (i, r)), version);
+    put_patches(&mut w, patches.iter());
+    let bytes = w.finish();
+    let r =
+        PartRef { first, last, entries: entries.len() as u64, len: bytes.len() as u64, crc: crc32c::crc32c(&bytes) };
+    (bytes, r)
+}
+
+/// Writes a checkpoint from its map entries and patches given one chunk
+/// index at a time, in increasing order, without holding the map: each
+/// part is handed back as soon as the first entry of the next one shows
+/// where it ends. A map of no more than one part's entries comes out
+/// whole, as [`Checkpoint::encode_stored`] stores it.
+#[derive(Debug)]
+pub struct CheckpointBuilder {
+    seq: u64,
+    epoch: u64,
+    size: u64,
+    tag: u64,
+    per_part: usize,
+    first: u64,
+    entries: Vec<(u64, ChunkRef)>,
+    patches: Patches,
+    parts: Vec<PartRef>,
+    last_index: Option<u64>,
+}
+
+/// What a [`CheckpointBuilder`] ends with.
+#[derive(Debug)]
+pub enum Built {
+    /// The whole checkpoint, one object (no part was handed out).
+    Whole(Vec<u8>),
+    /// The last part, and then the manifest naming every part.
+    Split { last: Vec<u8>, manifest: Vec<u8> },
+}
+
+impl CheckpointBuilder {
+    /// A builder cutting parts as [`Checkpoint::encode_stored`] does now.
+    pub fn new(seq: u64, epoch: u64, size: u64, tag: u64) -> Self {
+        Self::with_part_entries(seq, epoch, size, tag, PART_ENTRIES.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn with_part_entries(seq: u64, epoch: u64, size: u64, tag: u64, per_part: usize) -> Self {
+        Self {
+            seq,
+            epoch,
+            size,
+            tag,
+            per_part: per_part.max(1),
+            first: 0,
+            entries: Vec::new(),
+            patches: Patches::new(),
+            parts: Vec::new(),
+            last_index: None,
+        }
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The name its parts go under ([`checkpoint_part_key`]).
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// Parts handed out so far.
+    pub fn parts(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// Chunk `index`'s map entry (`None`: unmapped, zeros) and patch, if
+    /// it has either. Indexes must increase from call to call. Returns a
+    /// finished part's object when this entry starts the next part.
+    pub fn push(
+        &mut self,
+        index: u64,
+        entry: Option<ChunkRef>,
+        patch: Option<Arc<Patch>>,
+    ) -> Result<Option<Vec<u8>>, FormatError> {
+        if let Some(l) = self.last_index.filter(|l| index <= *l) {
+            return Err(invalid(
+                "checkpoint being written",
+                format!("chunk {index} given after chunk {l}: entries out of order"),
+            ));
+        }
+        self.last_index = Some(index);
+        let mut done = None;
+        if let Some(r) = entry {
+            if self.entries.len() >= self.per_part {
+                done = Some(self.cut(index - 1));
+                self.first = index;
+            }
+            self.entries.push((index, r));
+        }
+        if let Some(p) = patch.filter(|p| !p.pages.is_empty()) {
+            self.patches.insert(index, p);
+        }
+        Ok(done)
+    }
+
+    /// Finish the current part at `last`.
+    fn cut(&mut self, last: u64) -> Vec<u8> {
+        let n = self.parts.len() as u32;
+        let (bytes, r) = encode_part((self.seq, self.tag, n), (self.first, last), &self.entries, &self.patches);
+        self.parts.push(r);
+        self.entries.clear();
+        self.patches.clear();
+        bytes
+    }
+
+    pub fn finish(mut self) -> Built {
+        if self.parts.is_empty() {
+            let cp = Checkpoint {
+                seq: self.seq,
+                epoch: self.epoch,
+                size: self.size,
+                map: std::mem::take(&mut self.entries).into_iter().collect(),
+                patches: std::mem::take(&mut self.patches),
+            };
+            return Built::Whole(cp.encode());
+        }
+        let last = self.cut(u64::MAX);
+        let manifest =
+            SplitCheckpoint { seq: self.seq, epoch: self.epoch, size: self.size, tag: self.tag, parts: self.parts };
+        Built::Split { last, manifest: manifest.encode() }
     }
 }
 
@@ -991,7 +1130,7 @@ pub struct PartRef {
 }
 
 impl SplitCheckpoint {
-    fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new(CHECKPOINT_MAGIC, FORMAT_V3);
         w.u64(self.seq);
         w.u64(self.epoch);
@@ -1016,6 +1155,25 @@ impl SplitCheckpoint {
     /// Decode part `n` (as fetched) into `into`, after checking it is the
     /// very object the manifest names.
     pub fn decode_part(&self, n: usize, bytes: &[u8], what: &str, into: &mut Assembly) -> Result<(), FormatError> {
+        let (map, patches) = self.read_part(n, bytes, what)?;
+        if into.next != n {
+            return Err(invalid(what, format!("part {n} assembled out of order (expected part {})", into.next)));
+        }
+        into.next += 1;
+        into.entries.extend(map);
+        into.patches.extend(patches);
+        Ok(())
+    }
+
+    /// Decode part `n` (as fetched) on its own, after checking it is the
+    /// very object the manifest names: its map entries in index order and
+    /// its patches.
+    pub fn read_part(
+        &self,
+        n: usize,
+        bytes: &[u8],
+        what: &str,
+    ) -> Result<(Vec<(u64, ChunkRef)>, Patches), FormatError> {
         let p = self.parts.get(n).ok_or_else(|| invalid(what, format!("no part {n} in the manifest")))?;
         if bytes.len() as u64 != p.len || crc32c::crc32c(bytes) != p.crc {
             return Err(invalid(what, "not the part its checkpoint's manifest names (length or checksum differ)"));
@@ -1032,13 +1190,13 @@ impl SplitCheckpoint {
         if map.len() as u64 != p.entries || map.iter().map(|(i, _)| i).any(outside) || patches.keys().any(outside) {
             return Err(invalid(what, "entries outside the part's range"));
         }
-        if into.next != n {
-            return Err(invalid(what, format!("part {n} assembled out of order (expected part {})", into.next)));
-        }
-        into.next += 1;
-        into.entries.extend(map);
-        into.patches.extend(patches);
-        Ok(())
+        Ok((map, patches))
+    }
+
+    /// The part holding chunk `index`, by number.
+    pub fn part_of(&self, index: u64) -> Option<usize> {
+        let n = self.parts.partition_point(|p| p.last < index);
+        self.parts.get(n).filter(|p| p.first <= index).map(|_| n)
     }
 
     /// Start assembling the checkpoint, part 0 first.

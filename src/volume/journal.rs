@@ -24,7 +24,9 @@
 
 use bytes::Bytes;
 
-use super::format::{StoredCheckpoint, checkpoint_key, journal_key};
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::format::{BLOCK_SIZE, JournalRecord, Patches, StoredCheckpoint, checkpoint_key, journal_key};
 use crate::store::{ObjectStore, PutMode, StoreError, StoreResult};
 
 /// How a conditional append ended.
@@ -94,16 +96,22 @@ pub async fn read_back(
 /// The fencing proof for a record that landed at `seq`: the record at
 /// `seq - 1` must still exist and, when the writer knows its bytes, be
 /// exactly those. When compaction has folded it away, a checkpoint at
-/// `seq` itself whose newest writer epoch is ours proves the same (no
-/// other writer opened up to `seq`): that happens when a record of ours
-/// that was long in doubt became the fold point. `Ok(Err(why))` means
-/// fenced; a store error means "not known yet, ask again".
+/// `seq` itself can vouch for the record the writer appended (`vouch`:
+/// the record and the volume's chunk size), which happens when a record of
+/// ours that was long in doubt became the fold point. The checkpoint must
+/// then hold that very record's effect: our epoch as the newest, its size,
+/// every chunk entry and every inline page exactly. An epoch alone would
+/// not do: a record this writer abandoned at `seq` may have landed and
+/// been folded, and a second record it built for the same `seq` could
+/// then land in the hole the fold left, long after another writer took
+/// over. `Ok(Err(why))` means fenced; a store error means "not known yet,
+/// ask again".
 pub async fn prove_successor(
     store: &dyn ObjectStore,
     vol: &str,
     seq: u64,
     prev: Option<&Bytes>,
-    epoch: u64,
+    vouch: Option<(&JournalRecord, u64)>,
 ) -> StoreResult<Result<(), String>> {
     let Some(before) = seq.checked_sub(1) else {
         return Ok(Ok(()));
@@ -112,19 +120,76 @@ pub async fn prove_successor(
         Ok(b) if prev.is_none_or(|p| *p == b) => Ok(Ok(())),
         Ok(_) => Ok(Err(format!("journal record {before} is not the one this writer appended after"))),
         Err(StoreError::NotFound(_)) => {
-            let key = checkpoint_key(vol, seq);
-            match store.get(&key, None).await {
-                Ok(b) if StoredCheckpoint::decode(&b, &key).is_ok_and(|cp| cp.seq() == seq && cp.epoch() == epoch) => {
-                    Ok(Ok(()))
-                }
-                Ok(_) | Err(StoreError::NotFound(_)) => {
-                    Ok(Err(format!("journal record {before} was already folded by compaction")))
-                }
+            let folded = || Ok(Err(format!("journal record {before} was already folded by compaction")));
+            let Some((record, chunk_size)) = vouch else {
+                return folded();
+            };
+            match checkpoint_holds(store, vol, record, chunk_size).await {
+                Ok(true) => Ok(Ok(())),
+                Ok(false) => folded(),
+                Err(StoreError::NotFound(_)) => folded(),
                 Err(e) => Err(e),
             }
         }
         Err(e) => Err(e),
     }
+}
+
+/// Whether the checkpoint at `record.seq` holds exactly what `record`
+/// applied: its epoch is the newest, its size is the volume's, and every
+/// chunk entry and inline page it wrote is in the map as written. Reads
+/// the manifest and only the parts holding those chunks. A checkpoint
+/// that cannot be decoded vouches for nothing.
+async fn checkpoint_holds(
+    store: &dyn ObjectStore,
+    vol: &str,
+    record: &JournalRecord,
+    chunk_size: u64,
+) -> StoreResult<bool> {
+    let key = checkpoint_key(vol, record.seq);
+    let bytes = store.get(&key, None).await?;
+    let Ok(stored) = StoredCheckpoint::decode(&bytes, &key) else {
+        return Ok(false);
+    };
+    if stored.seq() != record.seq || stored.epoch() != record.epoch || stored.size() != record.size {
+        return Ok(false);
+    }
+    let bs = BLOCK_SIZE as u64;
+    let pages: Vec<(u64, u32, &Option<Bytes>)> =
+        record.inline.iter().map(|w| (w.offset / chunk_size, ((w.offset % chunk_size) / bs) as u32, &w.data)).collect();
+    // The entries and patches of the chunks the record touched.
+    let mut wanted: BTreeSet<u64> = record.chunks.iter().map(|(i, _)| *i).collect();
+    wanted.extend(pages.iter().map(|(i, _, _)| *i));
+    let mut map = BTreeMap::new();
+    let mut patches = Patches::new();
+    match stored {
+        StoredCheckpoint::Whole(cp) => {
+            for i in &wanted {
+                if let Some(r) = cp.map.get(i) {
+                    map.insert(*i, *r);
+                }
+                if let Some(p) = cp.patches.get(i) {
+                    patches.insert(*i, p.clone());
+                }
+            }
+        }
+        StoredCheckpoint::Split(split) => {
+            let parts: BTreeSet<usize> = wanted.iter().filter_map(|i| split.part_of(*i)).collect();
+            for n in parts {
+                let part = split.part_key(vol, n);
+                let bytes = store.get(&part, None).await?;
+                let Ok((entries, got)) = split.read_part(n, &bytes, &part) else {
+                    return Ok(false);
+                };
+                map.extend(entries.into_iter().filter(|(i, _)| wanted.contains(i)));
+                patches.extend(got.into_iter().filter(|(i, _)| wanted.contains(i)));
+            }
+        }
+    }
+    let chunks_hold = record.chunks.iter().all(|(i, r)| map.get(i) == Some(r));
+    let pages_hold =
+        pages.iter().all(|(i, page, data)| patches.get(i).and_then(|p| p.pages.get(page)).is_some_and(|d| d == *data));
+    Ok(chunks_hold && pages_hold)
 }
 
 /// Delete journal records strictly in ascending order, one at a time, each

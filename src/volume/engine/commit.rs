@@ -415,9 +415,9 @@ impl Inner {
     /// send): nothing is pending any more either way.
     pub(super) async fn settle(&self, p: Pending) -> VolumeResult<()> {
         let seq = p.record.seq;
-        let (prev, earlier, epoch) = {
+        let (prev, earlier) = {
             let st = self.lock();
-            (st.head_bytes.clone(), st.abandoned.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>(), st.epoch)
+            (st.head_bytes.clone(), st.abandoned.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>())
         };
         let clock = self.opts.clock.as_ref();
         let first_sent = p.sent.unwrap_or_else(|| Stamp::now(clock));
@@ -475,7 +475,15 @@ impl Inner {
         // is the proof. Otherwise the record below must still be ours.
         let recent = self.lock().head_sent.is_some_and(|s| s.age(clock) < self.proof_window());
         if !self.meta.single_writer && !recent {
-            match journal::prove_successor(self.store.as_ref(), &self.vol, seq, prev.as_ref(), epoch).await? {
+            match journal::prove_successor(
+                self.store.as_ref(),
+                &self.vol,
+                seq,
+                prev.as_ref(),
+                Some((&record, self.meta.chunk_size as u64)),
+            )
+            .await?
+            {
                 Ok(()) => {}
                 Err(why) => return Err(self.fence(why)),
             }

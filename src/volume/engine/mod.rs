@@ -1173,9 +1173,9 @@ async fn open_for_write(
             let proof = if meta.single_writer {
                 Ok(())
             } else {
-                // An open record is never in doubt long: no checkpoint can
-                // vouch for it (epoch 0 is no writer's).
-                journal::prove_successor(store.as_ref(), vol, seq, st.head_bytes.as_ref(), 0).await?
+                // An open record is never in doubt long: no checkpoint
+                // vouches for it.
+                journal::prove_successor(store.as_ref(), vol, seq, st.head_bytes.as_ref(), None).await?
             };
             match proof {
                 Ok(()) => {
