@@ -687,7 +687,14 @@ impl ObjectStore for SimStore {
     async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
         let prefix = req.prefix.to_string();
         let start_after = req.start_after.map(str::to_string);
-        let (delimiter, max_keys) = (req.delimiter, req.max_keys);
+        let (delimiter, mut max_keys) = (req.delimiter, req.max_keys);
+        // A quarter of listings end after 1 to 3 keys, as S3 may: every
+        // walk over a listing must carry on across pages that end anywhere
+        // (between two generations of one chunk, say).
+        let mut rng = self.world.call_rng(&self.actor, SimOp::List, &format!("page size {}", req.prefix));
+        if rng.random_bool(0.25) {
+            max_keys = max_keys.min(rng.random_range(1..=3));
+        }
         self.call(SimOp::List, req.prefix, move |objects, _| {
             let req = ListRequest { prefix: &prefix, start_after: start_after.as_deref(), delimiter, max_keys };
             let keys = objects.iter().map(|(k, (v, _))| (k.as_str(), v.len() as u64));

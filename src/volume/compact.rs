@@ -27,9 +27,10 @@ use bytes::Bytes;
 
 use super::engine::read_snapshot;
 use super::format::{
-    self, Checkpoint, ChunkRef, SnapshotRecord, checkpoint_key, journal_key, parse_checkpoint_key, parse_chunk_key,
+    self, ChunkRef, SnapshotRecord, checkpoint_key, journal_key, parse_checkpoint_key, parse_chunk_key,
     parse_journal_key,
 };
+use super::mapview::{self, MapView, Walker};
 use super::{VolumeError, VolumeResult};
 use super::{journal, replay};
 use crate::clock::Clock;
@@ -149,20 +150,20 @@ pub async fn compact(
         }
     }
 
-    // Maps that can still be read: at the fold point, after it, at every snapshot.
+    // Maps that can still be read: at the fold point, after it, at every
+    // snapshot. Each is a view (a checkpoint and the records after it),
+    // walked a part at a time when chunks are collected.
+    let mut views: Vec<MapView> = Vec::new();
     let mut live: HashSet<(u64, u64)> = HashSet::new();
-    {
-        // Held no longer than it takes to note its chunks.
-        let head_state = replay::replay(store.as_ref(), vol, cs, None).await?;
-        report.head_seq = head_state.head;
-        report.stale_records = head_state.stale_records;
-        add_map(&mut live, head_state.map.iter());
-    }
+    let head_view = mapview::replay_view(store.as_ref(), vol, cs, None).await?;
+    report.head_seq = head_view.head();
+    report.stale_records = head_view.delta.stale_records.clone();
+    add_view(&mut views, head_view);
     let mut pinned: BTreeSet<u64> = BTreeSet::new();
     let has_checkpoint = |seq: u64| checkpoints.iter().any(|o| parse_checkpoint_key(vol, &o.key) == Some(seq));
     if let Some(x) = fold {
         let replay_at = |x: u64| async move {
-            match replay::replay(store.as_ref(), vol, cs, Some(x)).await {
+            match mapview::replay_view(store.as_ref(), vol, cs, Some(x)).await {
                 Ok(st) => Ok(st),
                 // Another compaction folded past our fold point meanwhile: it
                 // did this pass's work; stop without touching anything.
@@ -185,18 +186,20 @@ pub async fn compact(
         // one that landed in a hole, and the log would be discarded with
         // the acknowledged writes in it. A record after it is the same
         // writer's commit, and its log then names the epoch itself.
-        if x > 0 && at_fold.epoch == x && at_fold.checkpoint != Some(x) && !has_checkpoint(x) {
+        if x > 0 && at_fold.delta.epoch == x && at_fold.base.seq() != Some(x) && !has_checkpoint(x) {
             fold = Some(x - 1);
             at_fold = replay_at(x - 1).await?;
         }
         let x = fold.unwrap_or(x);
-        add_map(&mut live, at_fold.map.iter());
         if !has_checkpoint(x) {
             report.checkpoints_written += 1;
             if !opts.dry_run {
-                write_checkpoint(store, vol, &at_fold).await?;
+                // Another compactor (or the writer) may have written the
+                // same seq: the same map, by construction.
+                at_fold.write_checkpoint(store.as_ref(), vol).await?;
             }
         }
+        add_view(&mut views, at_fold);
         pinned.insert(x);
     }
     let after = fold.map_or(0, |x| x + 1);
@@ -204,8 +207,8 @@ pub async fn compact(
     let (snapshots, unreadable) = list_snapshots(store, vol).await?;
     report.snapshots = snapshots.len() as u64;
     for snap in &snapshots {
-        let at = match replay::replay(store.as_ref(), vol, cs, Some(snap.seq)).await {
-            Ok(at) if at.head == snap.seq => at,
+        let at = match mapview::replay_view(store.as_ref(), vol, cs, Some(snap.seq)).await {
+            Ok(at) if at.head() == snap.seq => at,
             // Deleted since it was listed, and another pass, which no longer
             // saw it, folded past its seq: no damage. Stop without deleting
             // anything (what this pass listed is out of date); the next pass
@@ -219,19 +222,21 @@ pub async fn compact(
             Ok(at) => at,
             Err(e) => return Err(e),
         };
-        if at.head != snap.seq {
+        if at.head() != snap.seq {
             return Err(VolumeError::Corrupt(format!(
                 "snapshot {} pins seq {}, but the journal replays only to {}",
-                snap.name, snap.seq, at.head
+                snap.name,
+                snap.seq,
+                at.head()
             )));
         }
-        add_map(&mut live, at.map.iter());
-        if at.checkpoint != Some(snap.seq) && fold.is_some_and(|x| snap.seq < x) {
+        if at.base.seq() != Some(snap.seq) && fold.is_some_and(|x| snap.seq < x) {
             report.checkpoints_written += 1;
             if !opts.dry_run {
-                write_checkpoint(store, vol, &at).await?;
+                at.write_checkpoint(store.as_ref(), vol).await?;
             }
         }
+        add_view(&mut views, at);
         pinned.insert(snap.seq);
     }
 
@@ -263,7 +268,52 @@ pub async fn compact(
         return Ok(report);
     }
 
-    // Fold: journal records and checkpoints below the fold point go. The
+    // Collect garbage chunks, one page of the listing at a time (a big
+    // volume's listing is never held whole), walking every view alongside
+    // in chunk index order (the listing's order), one part of each in
+    // memory. Commits that landed while we worked count as live too: the
+    // journal tail is read again after each page is listed, right before
+    // its garbage goes.
+    let chunk_prefix = format::chunk_prefix(vol);
+    let mut walkers: Vec<Walker<'_>> = views.iter().map(Walker::new).collect();
+    let mut listed_after: Option<String> = None;
+    loop {
+        let page = store
+            .list(crate::store::ListRequest {
+                prefix: &chunk_prefix,
+                start_after: listed_after.as_deref(),
+                delimiter: false,
+                max_keys: 1000,
+            })
+            .await?;
+        tail_from = add_records(store, vol, tail_from, &mut live).await?;
+        let mut doomed = Vec::new();
+        for o in &page.objects {
+            let Some((index, generation)) = parse_chunk_key(vol, &o.key) else { continue };
+            if live.contains(&(index, generation)) || held(&mut walkers, store, vol, index, generation).await? {
+                report.chunks_live += 1;
+                continue;
+            }
+            if is_old(o, cutoff) {
+                report.chunks_deleted += 1;
+                report.chunk_bytes_deleted += o.size;
+                doomed.push(o.key.clone());
+            } else {
+                report.chunks_kept_young += 1;
+            }
+        }
+        if !opts.dry_run {
+            delete_all(store, doomed, opts.concurrency).await?;
+        }
+        match page.next_start_after {
+            Some(next) => listed_after = Some(next),
+            None => break,
+        }
+    }
+    drop(walkers);
+
+    // Fold: journal records and checkpoints below the fold point go, after
+    // the walk (the views may start from those checkpoints). The
     // records strictly in ascending order, one after the other (the
     // journal never gets a hole below a record that remains: writers'
     // fencing proof rests on it).
@@ -287,45 +337,6 @@ pub async fn compact(
         }
     }
 
-    // Collect garbage chunks, one page of the listing at a time (a big
-    // volume's listing is never held whole). Commits that landed while we
-    // worked count as live too: the journal tail is read again after each
-    // page is listed, right before its garbage goes.
-    let chunk_prefix = format::chunk_prefix(vol);
-    let mut listed_after: Option<String> = None;
-    loop {
-        let page = store
-            .list(crate::store::ListRequest {
-                prefix: &chunk_prefix,
-                start_after: listed_after.as_deref(),
-                delimiter: false,
-                max_keys: 1000,
-            })
-            .await?;
-        tail_from = add_records(store, vol, tail_from, &mut live).await?;
-        let mut doomed = Vec::new();
-        for o in &page.objects {
-            let Some(id) = parse_chunk_key(vol, &o.key) else { continue };
-            if live.contains(&id) {
-                continue;
-            }
-            if is_old(o, cutoff) {
-                report.chunks_deleted += 1;
-                report.chunk_bytes_deleted += o.size;
-                doomed.push(o.key.clone());
-            } else {
-                report.chunks_kept_young += 1;
-            }
-        }
-        if !opts.dry_run {
-            delete_all(store, doomed, opts.concurrency).await?;
-        }
-        match page.next_start_after {
-            Some(next) => listed_after = Some(next),
-            None => break,
-        }
-    }
-    report.chunks_live = live.len() as u64;
     report.folded_seq = fold;
     if !opts.dry_run {
         let m = &crate::metrics::global().compaction;
@@ -445,6 +456,43 @@ fn add_map<'a>(live: &mut HashSet<(u64, u64)>, map: impl Iterator<Item = (&'a u6
     }
 }
 
+/// Keep `view` among the maps to walk, unless one with the same start
+/// and head (so the same map) is there already.
+fn add_view(views: &mut Vec<MapView>, view: MapView) {
+    if !views.iter().any(|v| v.base.seq() == view.base.seq() && v.head() == view.head()) {
+        views.push(view);
+    }
+}
+
+/// Does any view refer to chunk `index`'s `generation`? A view's part gone
+/// under the walk means another compaction folded past it and removed its
+/// checkpoint: this pass stops (what it deleted so far was garbage in
+/// every map it walked) and the next one starts from the newer checkpoint.
+async fn held(
+    walkers: &mut [Walker<'_>],
+    store: &DynStore,
+    vol: &str,
+    index: u64,
+    generation: u64,
+) -> VolumeResult<bool> {
+    let mut found = false;
+    // Every walker is asked (each must see every index in order, and a
+    // cheap "no" keeps it moving with the listing).
+    for w in walkers.iter_mut() {
+        match w.holds(store.as_ref(), vol, index, generation).await {
+            Ok(h) => found |= h,
+            Err(VolumeError::Store(StoreError::NotFound(key))) => {
+                return Err(VolumeError::Store(StoreError::Transient(format!(
+                    "checkpoint part {key} was removed by another compaction while this one walked it; compacting \
+                     again later"
+                ))));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(found)
+}
+
 /// Every chunk any record from `from` on refers to. Returns the seq after
 /// the last record read (`from` when there was none): where to read on
 /// from next time.
@@ -514,14 +562,6 @@ async fn list_snapshots(store: &DynStore, vol: &str) -> VolumeResult<(Vec<Snapsh
 
 /// Listings of snapshot records tried before a pass gives up.
 const SNAPSHOT_LISTINGS: usize = 5;
-
-async fn write_checkpoint(store: &DynStore, vol: &str, st: &replay::Replayed) -> VolumeResult<()> {
-    let cp =
-        Checkpoint { seq: st.head, epoch: st.epoch, size: st.size, map: st.map.clone(), patches: st.patches.clone() };
-    // Another compactor (or the writer) may have written the same seq: the
-    // same map, by construction.
-    replay::write_checkpoint(store.as_ref(), vol, &cp).await.map(|_| ())
-}
 
 async fn delete_all(store: &DynStore, keys: Vec<String>, concurrency: usize) -> VolumeResult<()> {
     Ok(crate::store::delete_keys(store.as_ref(), keys, concurrency).await?)

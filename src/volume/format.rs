@@ -799,25 +799,10 @@ impl Checkpoint {
 
     fn encode_stored_with(&self, tag: u64, per_part: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
         let mut b = CheckpointBuilder::with_part_entries(self.seq, self.epoch, self.size, tag, per_part);
-        let mut parts = Vec::new();
-        let mut patches = self.patches.iter().peekable();
         // Indexes come from the maps' own order: they increase.
-        let mut push = |b: &mut CheckpointBuilder, i: u64, r: Option<ChunkRef>, p: Option<Arc<Patch>>| {
-            if let Ok(Some(part)) = b.push(i, r, p) {
-                parts.push(part);
-            }
-        };
-        for (index, r) in &self.map {
-            // Patches of chunks before this entry first: items go in index order.
-            while let Some((i, p)) = patches.next_if(|(i, _)| *i < index) {
-                push(&mut b, *i, None, Some(p.clone()));
-            }
-            let patch = patches.next_if(|(i, _)| *i == index).map(|(_, p)| p.clone());
-            push(&mut b, *index, Some(*r), patch);
-        }
-        for (i, p) in patches {
-            push(&mut b, *i, None, Some(p.clone()));
-        }
+        let mut parts = b
+            .push_all(self.map.iter().map(|(i, r)| (*i, *r)), self.patches.iter().map(|(i, p)| (*i, p.clone())))
+            .unwrap_or_default();
         match b.finish() {
             Built::Whole(bytes) => (bytes, parts),
             Built::Split { last, manifest } => {
@@ -941,6 +926,30 @@ impl CheckpointBuilder {
         }
         if let Some(p) = patch.filter(|p| !p.pages.is_empty()) {
             self.patches.insert(index, p);
+        }
+        Ok(done)
+    }
+
+    /// [`push`](Self::push) every chunk of `entries` and `patches` (each
+    /// in increasing index order), interleaved by index. Returns the parts
+    /// finished meanwhile, in order.
+    pub fn push_all(
+        &mut self,
+        entries: impl IntoIterator<Item = (u64, ChunkRef)>,
+        patches: impl IntoIterator<Item = (u64, Arc<Patch>)>,
+    ) -> Result<Vec<Vec<u8>>, FormatError> {
+        let mut done = Vec::new();
+        let mut patches = patches.into_iter().peekable();
+        for (index, r) in entries {
+            // Patches of chunks before this entry first.
+            while let Some((i, p)) = patches.next_if(|(i, _)| *i < index) {
+                done.extend(self.push(i, None, Some(p))?);
+            }
+            let patch = patches.next_if(|(i, _)| *i == index).map(|(_, p)| p);
+            done.extend(self.push(index, Some(r), patch)?);
+        }
+        for (i, p) in patches {
+            done.extend(self.push(i, None, Some(p))?);
         }
         Ok(done)
     }

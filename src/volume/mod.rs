@@ -10,6 +10,7 @@ pub mod fsck;
 pub mod journal;
 pub mod lease;
 pub mod locks;
+pub mod mapview;
 pub mod replay;
 
 pub use engine::{OpenOptions, Volume, VolumeStats};

@@ -159,16 +159,28 @@ pub async fn write_checkpoint(store: &dyn ObjectStore, vol: &str, cp: &Checkpoin
         .buffer_unordered(REPLAY_FETCHES)
         .try_collect::<Vec<()>>()
         .await;
-    let key = format::checkpoint_key(vol, cp.seq);
-    let head = Bytes::from(head);
-    let landed = match put_parts {
-        Ok(_) => store.put(&key, head.clone(), PutMode::IfAbsent).await,
-        Err(e) => {
-            // No manifest was sent: nothing refers to the parts.
-            take_back(store, vol, keys, &e.to_string()).await;
-            return Err(e.into());
-        }
-    };
+    if let Err(e) = put_parts {
+        // No manifest was sent: nothing refers to the parts.
+        take_back(store, vol, keys, &e.to_string()).await;
+        return Err(e.into());
+    }
+    land_checkpoint(store, vol, cp.seq, Bytes::from(head), keys).await
+}
+
+/// Store the manifest (or whole checkpoint) `head` at `checkpoints/<seq>`
+/// once its parts `keys` are all stored, unless a checkpoint is there
+/// already; then the parts are taken back when the one there is certainly
+/// not ours. Returns whether ours landed.
+pub(crate) async fn land_checkpoint(
+    store: &dyn ObjectStore,
+    vol: &str,
+    seq: u64,
+    head: Bytes,
+    keys: Vec<String>,
+) -> VolumeResult<bool> {
+    use crate::store::PutMode;
+    let key = format::checkpoint_key(vol, seq);
+    let landed = store.put(&key, head.clone(), PutMode::IfAbsent).await;
     match landed {
         Ok(()) => Ok(true),
         // Ours, landed on an earlier try whose answer was lost, or another's.
@@ -189,7 +201,7 @@ pub async fn write_checkpoint(store: &dyn ObjectStore, vol: &str, cp: &Checkpoin
 
 /// Remove the parts of a checkpoint whose manifest is certainly not there
 /// (best effort: compaction collects parts left below its fold point).
-async fn take_back(store: &dyn ObjectStore, vol: &str, keys: Vec<String>, why: &str) {
+pub(crate) async fn take_back(store: &dyn ObjectStore, vol: &str, keys: Vec<String>, why: &str) {
     if keys.is_empty() {
         return;
     }
@@ -244,11 +256,16 @@ pub async fn replay(store: &dyn ObjectStore, vol: &str, chunk_size: u64, upto: O
 }
 
 /// Replays tried while compaction keeps folding under them.
-const REPLAY_ATTEMPTS: u32 = 4;
+pub(crate) const REPLAY_ATTEMPTS: u32 = 4;
 
 /// Did compaction move under a replay that started from `from`: a newer
 /// checkpoint (not past `upto`), or the one it started from gone?
-async fn changed_under(store: &dyn ObjectStore, vol: &str, upto: Option<u64>, from: Option<u64>) -> VolumeResult<bool> {
+pub(crate) async fn changed_under(
+    store: &dyn ObjectStore,
+    vol: &str,
+    upto: Option<u64>,
+    from: Option<u64>,
+) -> VolumeResult<bool> {
     if checkpoint_after(store, vol, upto, from).await? {
         return Ok(true);
     }
@@ -282,7 +299,7 @@ async fn replay_from(
     let mut state = Replayed::default();
     let mut started = false;
     if let Some(cp) = cp {
-        check_patches(&cp, chunk_size)?;
+        check_patches(cp.seq, cp.size, &cp.patches, chunk_size)?;
         state = Replayed {
             map: cp.map,
             patches: cp.patches,
@@ -296,32 +313,36 @@ async fn replay_from(
     }
     catch_up(store, vol, chunk_size, &mut state, started, upto).await?;
     if !started && state.records_replayed == 0 {
-        return Err(VolumeError::Corrupt(format!(
-            "{vol}: no journal records and no checkpoint (a create that stopped after writing volume.json leaves \
-             this: create the same volume again to finish it, or delete it)"
-        )));
+        return Err(nothing_to_replay(vol));
     }
     Ok(state)
 }
 
+/// A volume with neither a journal record nor a checkpoint.
+pub(crate) fn nothing_to_replay(vol: &str) -> VolumeError {
+    VolumeError::Corrupt(format!(
+        "{vol}: no journal records and no checkpoint (a create that stopped after writing volume.json leaves this: \
+         create the same volume again to finish it, or delete it)"
+    ))
+}
+
 /// Every page a checkpoint's patches lay must fall inside its chunk and
-/// inside the volume, as the records they came from had to.
-fn check_patches(cp: &Checkpoint, chunk_size: u64) -> VolumeResult<()> {
+/// inside the volume, as the records they came from had to (`seq` and
+/// `size` are the checkpoint's).
+pub(crate) fn check_patches(seq: u64, size: u64, patches: &Patches, chunk_size: u64) -> VolumeResult<()> {
     let bs = format::BLOCK_SIZE as u64;
-    for (index, patch) in &cp.patches {
+    for (index, patch) in patches {
         for page in patch.pages.keys() {
             let at = *page as u64 * bs;
             let offset = index.checked_mul(chunk_size).and_then(|o| o.checked_add(at));
             if at + bs > chunk_size {
                 return Err(VolumeError::Corrupt(format!(
-                    "checkpoint {} patches page {page} of chunk {index}, outside its chunk",
-                    cp.seq
+                    "checkpoint {seq} patches page {page} of chunk {index}, outside its chunk"
                 )));
             }
-            if offset.and_then(|o| o.checked_add(bs)).is_none_or(|end| end > cp.size) {
+            if offset.and_then(|o| o.checked_add(bs)).is_none_or(|end| end > size) {
                 return Err(VolumeError::Corrupt(format!(
-                    "checkpoint {} patches page {page} of chunk {index}, past the end",
-                    cp.seq
+                    "checkpoint {seq} patches page {page} of chunk {index}, past the end"
                 )));
             }
         }
@@ -330,7 +351,7 @@ fn check_patches(cp: &Checkpoint, chunk_size: u64) -> VolumeResult<()> {
 }
 
 /// Journal records fetched at once during replay.
-const REPLAY_FETCHES: usize = 32;
+pub(crate) const REPLAY_FETCHES: usize = 32;
 
 /// Apply every record after `state.head` (or from seq 0 when `!started`).
 /// Records of one listing page are fetched in parallel and applied in order.
