@@ -816,7 +816,7 @@ impl Checkpoint {
 /// Encode part `n` of the split checkpoint `seq`/`tag`: the map entries and
 /// patches of chunk indexes `first..=last`, in index order. Returns the
 /// object and the manifest's record of it.
-fn encode_part(
+pub fn encode_part(
     (seq, tag, n): (u64, u64, u32),
     (first, last): (u64, u64),
     entries: &[(u64, ChunkRef)],
