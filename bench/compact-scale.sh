@@ -16,4 +16,4 @@ chunks=${1:-67108864}
 args=(--test compact_scale)
 [ "${S3BLK_BENCH_PROFILE:-release}" = release ] && args+=(--release)
 S3BLK_SCALE_CHUNKS=$chunks S3BLK_SCALE_RSS_MIB=${S3BLK_SCALE_RSS_MIB:-256} \
-  cargo test "${args[@]}" -- --nocapture --test-threads 1 2>&1 | grep -E '^compacted|panicked|test result'
+  cargo test "${args[@]}" -- --nocapture --test-threads 1 2>&1 | grep -oE 'compacted [0-9].*|panicked.*|test result.*'

@@ -138,6 +138,10 @@ enum Command {
         /// from cgroups.
         #[arg(long, env = "S3BLK_MEMORY_LIMIT", value_parser = parse_size)]
         memory_limit: Option<u64>,
+        /// S3 requests in flight at once across every volume this process serves, whatever their bucket
+        /// (more wait their turn, so a busy volume cannot starve the others' connections).
+        #[arg(long, env = "S3BLK_REQUESTS_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=4096))]
+        requests_in_flight: u16,
         /// Serve Prometheus metrics (/metrics) and /healthz on this address, e.g. 0.0.0.0:9808.
         #[arg(long)]
         metrics_address: Option<String>,
@@ -436,6 +440,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             max_volumes,
             memory_budget,
             memory_limit,
+            requests_in_flight,
             metrics_address,
             compaction,
         } => {
@@ -475,7 +480,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 },
                 metrics_address,
             };
-            let stores = Arc::new(crate::csi::common::Stores::new(g.policy()));
+            let stores = Arc::new(crate::csi::common::Stores::with_limit(
+                g.policy(),
+                Default::default(),
+                requests_in_flight.into(),
+            ));
             crate::csi::server::run(cfg, stores, wait_for_signal()).await?;
             eprintln!("CSI driver stopped");
             Ok(ExitCode::SUCCESS)

@@ -377,7 +377,7 @@ async fn a_nodes_stores_share_one_limit_of_requests_in_flight() {
         reached.push(store);
     }
     let all = stores.permits().available() as u32;
-    assert!(all >= 16, "a limit of {all}");
+    assert_eq!(all as usize, s3blk::store::limit::DEFAULT_REQUESTS_IN_FLIGHT, "the default limit");
     let held = stores.permits().hold(all).await.expect("hold");
     let calls: Vec<_> = reached
         .iter()
@@ -393,4 +393,28 @@ async fn a_nodes_stores_share_one_limit_of_requests_in_flight() {
         let got = tokio::time::timeout(Duration::from_secs(20), c).await.expect("given back, the calls go on");
         assert_eq!(got.expect("task").expect("get"), &b"x"[..]);
     }
+}
+
+/// `csi --requests-in-flight` (the chart's node.requestsInFlight) sets the
+/// node's limit: with 2, a third call waits for one of the first two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limit_of_requests_in_flight_is_the_one_configured() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let stores = Stores::with_limit(common::fast_policy(), Default::default(), 2);
+    assert_eq!(stores.permits().available(), 2);
+    let url = format!("file://{}/vol", d.path().display());
+    let loc = Location::parse(&url, true).expect("location");
+    let store = stores.get(&loc, &HashMap::new()).await.expect("store");
+    store.put("vol/x", Bytes::from_static(b"x"), PutMode::Overwrite).await.expect("put");
+    let one = stores.permits().hold(1).await.expect("hold");
+    store.get("vol/x", None).await.expect("one permit left: the call goes on");
+    let other = stores.permits().hold(1).await.expect("hold");
+    let s = store.clone();
+    let call = tokio::spawn(async move { s.get("vol/x", None).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!call.is_finished(), "a call ran past a limit of 2");
+    drop(one);
+    let got = tokio::time::timeout(Duration::from_secs(20), call).await.expect("given back, the call goes on");
+    assert_eq!(got.expect("task").expect("get"), &b"x"[..]);
+    drop(other);
 }

@@ -149,7 +149,12 @@ impl Stores {
 
     /// With explicit S3 settings for requests that carry no secrets.
     pub fn with_defaults(policy: RetryPolicy, defaults: S3Settings) -> Self {
-        let permits = crate::store::limit::Permits::new(crate::store::limit::DEFAULT_REQUESTS_IN_FLIGHT);
+        Self::with_limit(policy, defaults, crate::store::limit::DEFAULT_REQUESTS_IN_FLIGHT)
+    }
+
+    /// With at most `requests` S3 requests in flight at once across them all.
+    pub fn with_limit(policy: RetryPolicy, defaults: S3Settings, requests: usize) -> Self {
+        let permits = crate::store::limit::Permits::new(requests.max(1));
         Self { cache: Mutex::default(), policy, defaults, permits }
     }
 

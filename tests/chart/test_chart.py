@@ -239,6 +239,9 @@ MATRIX = [
     # The write-back log's size before a flush is forced, per staged volume.
     ({}, lambda d: "--write-log-limit=1GiB" in node_container(d)["args"]),
     ({"node": {"writeLogLimit": "4GiB"}}, lambda d: "--write-log-limit=4GiB" in node_container(d)["args"]),
+    # S3 requests in flight across the node's volumes.
+    ({}, lambda d: "--requests-in-flight=64" in node_container(d)["args"]),
+    ({"node": {"requestsInFlight": 256}}, lambda d: "--requests-in-flight=256" in node_container(d)["args"]),
     ({"node": {"hostNetwork": False}},
      lambda d: "hostNetwork" not in find(d, "DaemonSet")[0]["spec"]["template"]["spec"]
      and "dnsPolicy" not in find(d, "DaemonSet")[0]["spec"]["template"]["spec"]),
@@ -281,6 +284,8 @@ def test_lint_is_clean():
     {"node": {"livenessPort": 0}},
     {"node": {"memoryBudget": "lots"}},
     {"node": {"writeLogLimit": "lots"}},
+    {"node": {"requestsInFlight": 0}},
+    {"node": {"requestsInFlight": "many"}},
     {"node": {"updateStrategy": {"type": "Recreate"}}},
     {"node": {"terminationGracePeriodSeconds": 5}},
     {"controller": {"livenessPort": 0}},
