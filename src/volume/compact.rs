@@ -277,6 +277,7 @@ pub async fn compact(
     let chunk_prefix = format::chunk_prefix(vol);
     let mut walkers: Vec<Walker<'_>> = views.iter().map(Walker::new).collect();
     let mut listed_after: Option<String> = None;
+    let mut last_index = 0;
     loop {
         let page = store
             .list(crate::store::ListRequest {
@@ -289,7 +290,22 @@ pub async fn compact(
         tail_from = add_records(store, vol, tail_from, &mut live).await?;
         let mut doomed = Vec::new();
         for o in &page.objects {
-            let Some((index, generation)) = parse_chunk_key(vol, &o.key) else { continue };
+            // Only names s3blk writes: anything else under chunks/ is not ours.
+            let Some((index, generation)) =
+                parse_chunk_key(vol, &o.key).filter(|(i, g)| format::chunk_key(vol, *i, *g) == o.key)
+            else {
+                continue;
+            };
+            // The walk moves forward only: a listing out of key order could
+            // make it pass over live entries.
+            if index < last_index {
+                return Err(VolumeError::Store(StoreError::Permanent(format!(
+                    "the store listed {} after a chunk of index {last_index}: its listing is not in key order; \
+                     compaction deletes nothing more from {vol}",
+                    o.key
+                ))));
+            }
+            last_index = index;
             if live.contains(&(index, generation)) || held(&mut walkers, store, vol, index, generation).await? {
                 report.chunks_live += 1;
                 continue;
@@ -309,6 +325,12 @@ pub async fn compact(
             Some(next) => listed_after = Some(next),
             None => break,
         }
+    }
+    // Every part of every map kept is read through before anything is
+    // folded away: a checkpoint of a snapshot (or the fold point) that has
+    // lost a part is damage, reported before the records it came from go.
+    for w in &mut walkers {
+        walk_step(w.finish(store.as_ref(), vol).await)?;
     }
     drop(walkers);
 
@@ -479,18 +501,20 @@ async fn held(
     // Every walker is asked (each must see every index in order, and a
     // cheap "no" keeps it moving with the listing).
     for w in walkers.iter_mut() {
-        match w.holds(store.as_ref(), vol, index, generation).await {
-            Ok(h) => found |= h,
-            Err(VolumeError::Store(StoreError::NotFound(key))) => {
-                return Err(VolumeError::Store(StoreError::Transient(format!(
-                    "checkpoint part {key} was removed by another compaction while this one walked it; compacting \
-                     again later"
-                ))));
-            }
-            Err(e) => return Err(e),
-        }
+        found |= walk_step(w.holds(store.as_ref(), vol, index, generation).await)?;
     }
     Ok(found)
+}
+
+/// A walker's answer, a part gone under it (with its manifest) made a
+/// transient error.
+fn walk_step<T>(r: VolumeResult<T>) -> VolumeResult<T> {
+    match r {
+        Err(VolumeError::Store(StoreError::NotFound(key))) => Err(VolumeError::Store(StoreError::Transient(format!(
+            "checkpoint part {key} was removed by another compaction while this one walked it; compacting again later"
+        )))),
+        r => r,
+    }
 }
 
 /// Every chunk any record from `from` on refers to. Returns the seq after

@@ -93,25 +93,36 @@ pub async fn read_back(
     }
 }
 
+/// What a checkpoint at a record's own seq must show to vouch for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Vouch<'a> {
+    /// The record that landed.
+    pub record: &'a JournalRecord,
+    /// Other records this writer built for the same seq and gave up on
+    /// (any of them may have landed and been folded instead).
+    pub twins: &'a [JournalRecord],
+    pub chunk_size: u64,
+}
+
 /// The fencing proof for a record that landed at `seq`: the record at
 /// `seq - 1` must still exist and, when the writer knows its bytes, be
 /// exactly those. When compaction has folded it away, a checkpoint at
-/// `seq` itself can vouch for the record the writer appended (`vouch`:
-/// the record and the volume's chunk size), which happens when a record of
-/// ours that was long in doubt became the fold point. The checkpoint must
-/// then hold that very record's effect: our epoch as the newest, its size,
-/// every chunk entry and every inline page exactly. An epoch alone would
-/// not do: a record this writer abandoned at `seq` may have landed and
-/// been folded, and a second record it built for the same `seq` could
-/// then land in the hole the fold left, long after another writer took
-/// over. `Ok(Err(why))` means fenced; a store error means "not known yet,
-/// ask again".
+/// `seq` itself can vouch for the record the writer appended, which
+/// happens when a record of ours that was long in doubt became the fold
+/// point. The checkpoint must then hold that very record's effect (our
+/// epoch as the newest, its size, every chunk entry and every inline page
+/// exactly) and not that of any twin: a record this writer gave up on at
+/// `seq` may have landed and been folded, and the one it built next for
+/// the same `seq` could then land in the hole the fold left, long after
+/// another writer took over. When the checkpoint could be either's, the
+/// writer is fenced: it cannot tell. `Ok(Err(why))` means fenced; a store
+/// error means "not known yet, ask again".
 pub async fn prove_successor(
     store: &dyn ObjectStore,
     vol: &str,
     seq: u64,
     prev: Option<&Bytes>,
-    vouch: Option<(&JournalRecord, u64)>,
+    vouch: Option<Vouch<'_>>,
 ) -> StoreResult<Result<(), String>> {
     let Some(before) = seq.checked_sub(1) else {
         return Ok(Ok(()));
@@ -121,13 +132,24 @@ pub async fn prove_successor(
         Ok(_) => Ok(Err(format!("journal record {before} is not the one this writer appended after"))),
         Err(StoreError::NotFound(_)) => {
             let folded = || Ok(Err(format!("journal record {before} was already folded by compaction")));
-            let Some((record, chunk_size)) = vouch else {
+            let Some(v) = vouch else {
                 return folded();
             };
-            match checkpoint_holds(store, vol, record, chunk_size).await {
+            let mut holds = checkpoint_holds(store, vol, v.record, v.chunk_size).await;
+            for twin in v.twins.iter().filter(|t| t.seq == seq) {
+                if !matches!(holds, Ok(true)) {
+                    break;
+                }
+                holds = match checkpoint_holds(store, vol, twin, v.chunk_size).await {
+                    // The checkpoint may be the twin's: not known which landed.
+                    Ok(true) => Ok(false),
+                    Ok(false) => Ok(true),
+                    Err(e) => Err(e),
+                };
+            }
+            match holds {
                 Ok(true) => Ok(Ok(())),
-                Ok(false) => folded(),
-                Err(StoreError::NotFound(_)) => folded(),
+                Ok(false) | Err(StoreError::NotFound(_)) => folded(),
                 Err(e) => Err(e),
             }
         }

@@ -169,6 +169,10 @@ impl MapView {
                     Ok(b) => b,
                     Err(StoreError::NotFound(_)) => {
                         let manifest = format::checkpoint_key(vol, split.seq);
+                        // A volume being deleted loses its objects in any order.
+                        if store.head(&format::meta_key(vol)).await?.is_none() {
+                            return Err(VolumeError::NotFound(vol.trim_end_matches('/').to_string()));
+                        }
                         if store.head(&manifest).await?.is_some() {
                             return Err(VolumeError::Corrupt(format!(
                                 "{manifest} names the part {key}, which is missing"
@@ -318,5 +322,17 @@ impl<'v> Walker<'v> {
         Ok(s.entries.get(self.pos).is_some_and(|(i, r)| {
             *i == index && matches!(r, ChunkRef::Stored { generation: g, .. } if *g == generation)
         }))
+    }
+
+    /// Read the slices not read yet: every part of the checkpoint is then
+    /// known to be there and whole (the walk reads only the parts whose
+    /// ranges hold a listed chunk).
+    pub async fn finish(&mut self, store: &dyn ObjectStore, vol: &str) -> VolumeResult<()> {
+        while self.next < self.view.slices() {
+            self.slice = Some(self.view.slice(store, vol, self.next).await?);
+            self.next += 1;
+            self.pos = 0;
+        }
+        Ok(())
     }
 }

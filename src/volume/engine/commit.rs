@@ -415,9 +415,16 @@ impl Inner {
     /// send): nothing is pending any more either way.
     pub(super) async fn settle(&self, p: Pending) -> VolumeResult<()> {
         let seq = p.record.seq;
-        let (prev, earlier) = {
+        let (prev, earlier, mut twins) = {
             let st = self.lock();
-            (st.head_bytes.clone(), st.abandoned.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>())
+            let twins: Vec<(usize, JournalRecord)> = st
+                .abandoned
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, r))| r.seq == seq)
+                .map(|(i, (_, r))| (i, r.clone()))
+                .collect();
+            (st.head_bytes.clone(), st.abandoned.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>(), twins)
         };
         let clock = self.opts.clock.as_ref();
         let first_sent = p.sent.unwrap_or_else(|| Stamp::now(clock));
@@ -453,6 +460,7 @@ impl Inner {
         let (record, bytes, versions, sent) = match landed {
             Appended::Ours => (p.record.clone(), p.bytes.clone(), p.inline_versions.clone(), Some(first_sent)),
             Appended::Earlier(i) => {
+                twins.retain(|(t, _)| *t != i);
                 let (b, r) = self.lock().abandoned[i].clone();
                 tracing::warn!(volume = %self.vol, seq, "a commit given up on landed after all; committing again after it");
                 // Its pages were read from slots that stay dirty: they go
@@ -475,15 +483,9 @@ impl Inner {
         // is the proof. Otherwise the record below must still be ours.
         let recent = self.lock().head_sent.is_some_and(|s| s.age(clock) < self.proof_window());
         if !self.meta.single_writer && !recent {
-            match journal::prove_successor(
-                self.store.as_ref(),
-                &self.vol,
-                seq,
-                prev.as_ref(),
-                Some((&record, self.meta.chunk_size as u64)),
-            )
-            .await?
-            {
+            let twins: Vec<JournalRecord> = twins.into_iter().map(|(_, r)| r).collect();
+            let vouch = journal::Vouch { record: &record, twins: &twins, chunk_size: self.meta.chunk_size as u64 };
+            match journal::prove_successor(self.store.as_ref(), &self.vol, seq, prev.as_ref(), Some(vouch)).await? {
                 Ok(()) => {}
                 Err(why) => return Err(self.fence(why)),
             }
