@@ -196,7 +196,7 @@ pub async fn compact(
             if !opts.dry_run {
                 // Another compactor (or the writer) may have written the
                 // same seq: the same map, by construction.
-                at_fold.write_checkpoint(store.as_ref(), vol).await?;
+                walk_step(at_fold.write_checkpoint(store.as_ref(), vol).await)?;
             }
         }
         add_view(&mut views, at_fold);
@@ -233,7 +233,7 @@ pub async fn compact(
         if at.base.seq() != Some(snap.seq) && fold.is_some_and(|x| snap.seq < x) {
             report.checkpoints_written += 1;
             if !opts.dry_run {
-                at.write_checkpoint(store.as_ref(), vol).await?;
+                walk_step(at.write_checkpoint(store.as_ref(), vol).await)?;
             }
         }
         add_view(&mut views, at);
@@ -506,7 +506,8 @@ async fn held(
     Ok(found)
 }
 
-/// A walker's answer, a part gone under it (with its manifest) made a
+/// A view's answer (a walk's, or a checkpoint written from it), a part
+/// gone under it (a compaction folded past its checkpoint) made a
 /// transient error.
 fn walk_step<T>(r: VolumeResult<T>) -> VolumeResult<T> {
     match r {

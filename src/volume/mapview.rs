@@ -173,6 +173,13 @@ impl MapView {
                         if store.head(&format::meta_key(vol)).await?.is_none() {
                             return Err(VolumeError::NotFound(vol.trim_end_matches('/').to_string()));
                         }
+                        // A compaction folded past this checkpoint (writing a
+                        // newer one first) and removed it; its manifest may
+                        // even be back, a PUT of it landing late.
+                        let (upto, from) = (Some(self.delta.head), Some(split.seq));
+                        if replay::checkpoint_after(store, vol, upto, from).await? {
+                            return Err(StoreError::NotFound(key).into());
+                        }
                         if store.head(&manifest).await?.is_some() {
                             return Err(VolumeError::Corrupt(format!(
                                 "{manifest} names the part {key}, which is missing"
