@@ -352,18 +352,11 @@ impl Around for LateRecord {
     }
 }
 
-/// Found by the crash campaign (seed 261200692781125). A writer's record
-/// A for seq 3 is on its way when the writer gives up on it (its chunks go
-/// up again) and later sends record B for the same seq. A lands after
-/// all; a snapshot pins seq 3; another writer opens and commits; and
-/// compaction folds past seq 3, writing a checkpoint there for the
-/// snapshot and deleting records 0..=4. B then lands in that hole. Its
-/// fencing proof finds record 2 gone and a checkpoint at seq 3 with the
-/// writer's epoch, which vouched for any record of that epoch: the flush
-/// was acknowledged though the volume holds A, not B, and the data only B
-/// carried is gone. The checkpoint must hold B's own entries to vouch.
-#[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn a_record_landing_in_the_hole_its_abandoned_twin_left_is_not_proven_by_the_twins_checkpoint() {
+/// A volume whose writer has written record 2 and sent record A (seq 3,
+/// "second" in chunk 1) through a [`LateRecord`] that holds it: the flush
+/// failed, A is on its way. Returns the store under it, the wrapper and
+/// the writer.
+async fn record_a_on_its_way() -> (DynStore, Arc<Wrapped<LateRecord>>, Volume) {
     let mem: DynStore = Arc::new(MemoryStore::new());
     let timed = Timed::new(mem.clone());
     let tstore: DynStore = timed.clone();
@@ -385,15 +378,37 @@ async fn a_record_landing_in_the_hole_its_abandoned_twin_left_is_not_proven_by_t
     w.write(CSU, b"second").await.expect("write");
     *late.step.lock().unwrap() = LateStep::Hold;
     assert!(w.flush().await.is_err(), "record A (seq 3) is on its way, unanswered");
-    w.write(2 * CSU, b"third").await.expect("write");
-    // Long enough that the append alone proves nothing; whatever the
-    // writer sends for seq 3 meanwhile is held too.
+    (mem, late, w)
+}
+
+/// Wait long enough that an append alone proves nothing (whatever the
+/// writer sends for seq 3 meanwhile is held too), then flush: A lands late,
+/// is folded past, and the flush's record lands in the hole. Returns the
+/// flush's answer and the fold point.
+async fn flush_into_the_hole(late: &Wrapped<LateRecord>, w: Volume) -> (Result<(), VolumeError>, Option<u64>) {
     tokio::time::sleep(Duration::from_secs(100)).await;
     *late.step.lock().unwrap() = LateStep::Race;
     let flushed = w.flush().await;
     let folded = *late.folded.lock().unwrap();
     assert_eq!(folded, Some(5), "compaction folded past the late record");
-    drop(w);
+    (flushed, folded)
+}
+
+/// Found by the crash campaign (seed 261200692781125). A writer's record
+/// A for seq 3 is on its way when the writer gives up on it (its chunks go
+/// up again) and later sends record B for the same seq. A lands after
+/// all; a snapshot pins seq 3; another writer opens and commits; and
+/// compaction folds past seq 3, writing a checkpoint there for the
+/// snapshot and deleting records 0..=4. B then lands in that hole. Its
+/// fencing proof finds record 2 gone and a checkpoint at seq 3 with the
+/// writer's epoch, which vouched for any record of that epoch: the flush
+/// was acknowledged though the volume holds A, not B, and the data only B
+/// carried is gone. The checkpoint must hold B's own entries to vouch.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_record_landing_in_the_hole_its_abandoned_twin_left_is_not_proven_by_the_twins_checkpoint() {
+    let (mem, late, w) = record_a_on_its_way().await;
+    w.write(2 * CSU, b"third").await.expect("write");
+    let (flushed, folded) = flush_into_the_hole(&late, w).await;
     if flushed.is_ok() {
         let third = read_fresh(&mem, "v/", 2 * CSU, 5).await;
         assert_eq!(
@@ -1276,35 +1291,10 @@ impl Around for RestoreHook {
 /// acknowledged. A checkpoint that could be a twin's vouches for nothing.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_twin_record_with_nothing_to_compare_is_not_proven_by_the_checkpoint_at_its_seq() {
-    let mem: DynStore = Arc::new(MemoryStore::new());
-    let timed = Timed::new(mem.clone());
-    let tstore: DynStore = timed.clone();
-    create(&tstore, "v/", 4 * CSU).await;
-    let late = Wrapped::new(
-        tstore.clone(),
-        LateRecord {
-            key: format::journal_key("v/", 3),
-            timed: timed.clone(),
-            step: Mutex::default(),
-            kept: Mutex::default(),
-            folded: Mutex::default(),
-        },
-    );
-    let store: DynStore = late.clone();
-    let w = open_with(&store, "v/", OpenOptions::default()).await; // record 1
-    w.write(0, b"first").await.expect("write");
-    w.flush().await.expect("flush"); // record 2
-    w.write(CSU, b"second").await.expect("write");
-    *late.step.lock().unwrap() = LateStep::Hold;
-    assert!(w.flush().await.is_err(), "record A (seq 3) is on its way, unanswered");
+    let (mem, late, w) = record_a_on_its_way().await;
     // The page A carried is zeroed again.
     w.write(CSU, &[0u8; 6]).await.expect("write");
-    tokio::time::sleep(Duration::from_secs(100)).await;
-    *late.step.lock().unwrap() = LateStep::Race;
-    let flushed = w.flush().await;
-    let folded = *late.folded.lock().unwrap();
-    assert_eq!(folded, Some(5), "compaction folded past the late record");
-    drop(w);
+    let (flushed, _) = flush_into_the_hole(&late, w).await;
     if flushed.is_ok() {
         let got = read_fresh(&mem, "v/", CSU, 6).await;
         assert_eq!(
