@@ -1532,3 +1532,30 @@ async fn a_checkpoint_removed_under_compaction_and_its_manifest_landing_again_is
     assert!(!matches!(rep, Err(VolumeError::Corrupt(_))), "damage reported: {rep:?}");
     assert!(matches!(rep, Err(VolumeError::Store(s3blk::store::StoreError::Transient(_)))), "{rep:?}");
 }
+
+/// The same race under an open: the replay's checkpoint is removed by a
+/// compaction while its parts are read, and its manifest lands again. The
+/// open starts from the newer checkpoint instead of reporting damage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_whose_checkpoint_is_removed_and_its_manifest_lands_again_starts_from_the_newer_one() {
+    format::set_checkpoint_part_entries(2);
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 8 * CSU).await;
+    let w = open_with(&mem, "v/", OpenOptions::default()).await; // 1
+    for i in 0..6 {
+        w.write(i * CSU, &common::pattern(i, CS as usize)).await.expect("write");
+    }
+    w.flush().await.expect("flush"); // 2
+    let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
+    let rep = compact::compact(&mem, "v/", &eager, &SystemClock).await.expect("compact");
+    assert_eq!(rep.folded_seq, Some(2));
+    w.write(0, &common::pattern(7, CS as usize)).await.expect("write");
+    w.flush().await.expect("flush"); // 3
+    w.write(CSU, &common::pattern(8, CS as usize)).await.expect("write");
+    w.flush().await.expect("flush"); // 4
+    drop(w);
+    let store: DynStore = Wrapped::new(mem.clone(), FoldUnderPartRead { armed: AtomicBool::new(true) });
+    let ro = OpenOptions { read_only: true, ..OpenOptions::default() };
+    let v = Volume::open(store, "v/", ro).await.map_err(|e| e.to_string()).expect("opens");
+    assert_eq!(v.read(0, 16).await.expect("read"), common::pattern(7, CS as usize)[..16].to_vec());
+}

@@ -141,8 +141,13 @@ pub async fn prove_successor(
                     break;
                 }
                 holds = match checkpoint_holds(store, vol, twin, v.chunk_size).await {
-                    // The checkpoint may be the twin's: not known which landed.
-                    Ok(true) => Ok(false),
+                    // The checkpoint may be the twin's. It is ours all the
+                    // same when no fold went past `seq`: a fold writes its
+                    // checkpoint before it deletes a record, and a
+                    // checkpoint goes only once a newer one is there, so
+                    // none past `seq` means the record there was never
+                    // deleted, and ours (created there) is the one folded.
+                    Ok(true) => no_checkpoint_past(store, vol, seq).await,
                     Ok(false) => Ok(true),
                     Err(e) => Err(e),
                 };
@@ -155,6 +160,12 @@ pub async fn prove_successor(
         }
         Err(e) => Err(e),
     }
+}
+
+/// Whether no checkpoint past `seq` is listed.
+async fn no_checkpoint_past(store: &dyn ObjectStore, vol: &str, seq: u64) -> StoreResult<bool> {
+    let all = crate::store::list_all(store, &super::format::checkpoint_prefix(vol)).await?;
+    Ok(!all.iter().filter_map(|o| super::format::parse_checkpoint_key(vol, &o.key)).any(|s| s > seq))
 }
 
 /// Whether the checkpoint at `record.seq` holds exactly what `record`

@@ -98,7 +98,18 @@ async fn latest_checkpoint(store: &dyn ObjectStore, vol: &str, upto: Option<u64>
     let Some((seq, _)) = best else {
         return Ok(None);
     };
-    Ok(Some(read_checkpoint(store, vol, seq).await?))
+    match read_checkpoint(store, vol, seq).await {
+        // A part gone beside its manifest while a newer checkpoint (not
+        // past `upto`) is there: a compaction folded past this one and
+        // removed it, and a late PUT of its manifest landed again. The
+        // caller lists again and starts from the newer one.
+        Err(VolumeError::Corrupt(why))
+            if why.ends_with("which is missing") && checkpoint_after(store, vol, upto, Some(seq)).await? =>
+        {
+            Err(VolumeError::Store(StoreError::NotFound(format::checkpoint_key(vol, seq))))
+        }
+        r => Ok(Some(r?)),
+    }
 }
 
 /// Fetch and decode the checkpoint at `seq`: a whole one, or a split one's
