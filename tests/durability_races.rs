@@ -1509,8 +1509,9 @@ impl Around for FoldUnderPartRead {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_checkpoint_removed_under_compaction_and_its_manifest_landing_again_is_no_damage() {
+/// A volume with a split checkpoint at seq 2 (parts of 2 entries) and
+/// records 3 and 4 after it, behind a [`FoldUnderPartRead`].
+async fn fold_under_part_read() -> DynStore {
     format::set_checkpoint_part_entries(2);
     let mem: DynStore = Arc::new(MemoryStore::new());
     create(&mem, "v/", 8 * CSU).await;
@@ -1527,7 +1528,13 @@ async fn a_checkpoint_removed_under_compaction_and_its_manifest_landing_again_is
     w.write(CSU, &common::pattern(8, CS as usize)).await.expect("write");
     w.flush().await.expect("flush"); // 4
     drop(w);
-    let store: DynStore = Wrapped::new(mem.clone(), FoldUnderPartRead { armed: AtomicBool::new(true) });
+    Wrapped::new(mem, FoldUnderPartRead { armed: AtomicBool::new(true) })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_removed_under_compaction_and_its_manifest_landing_again_is_no_damage() {
+    let store = fold_under_part_read().await;
+    let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
     let rep = compact::compact(&store, "v/", &eager, &SystemClock).await;
     assert!(!matches!(rep, Err(VolumeError::Corrupt(_))), "damage reported: {rep:?}");
     assert!(matches!(rep, Err(VolumeError::Store(s3blk::store::StoreError::Transient(_)))), "{rep:?}");
@@ -1538,23 +1545,7 @@ async fn a_checkpoint_removed_under_compaction_and_its_manifest_landing_again_is
 /// open starts from the newer checkpoint instead of reporting damage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_whose_checkpoint_is_removed_and_its_manifest_lands_again_starts_from_the_newer_one() {
-    format::set_checkpoint_part_entries(2);
-    let mem: DynStore = Arc::new(MemoryStore::new());
-    create(&mem, "v/", 8 * CSU).await;
-    let w = open_with(&mem, "v/", OpenOptions::default()).await; // 1
-    for i in 0..6 {
-        w.write(i * CSU, &common::pattern(i, CS as usize)).await.expect("write");
-    }
-    w.flush().await.expect("flush"); // 2
-    let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
-    let rep = compact::compact(&mem, "v/", &eager, &SystemClock).await.expect("compact");
-    assert_eq!(rep.folded_seq, Some(2));
-    w.write(0, &common::pattern(7, CS as usize)).await.expect("write");
-    w.flush().await.expect("flush"); // 3
-    w.write(CSU, &common::pattern(8, CS as usize)).await.expect("write");
-    w.flush().await.expect("flush"); // 4
-    drop(w);
-    let store: DynStore = Wrapped::new(mem.clone(), FoldUnderPartRead { armed: AtomicBool::new(true) });
+    let store = fold_under_part_read().await;
     let ro = OpenOptions { read_only: true, ..OpenOptions::default() };
     let v = Volume::open(store, "v/", ro).await.map_err(|e| e.to_string()).expect("opens");
     assert_eq!(v.read(0, 16).await.expect("read"), common::pattern(7, CS as usize)[..16].to_vec());
