@@ -1550,3 +1550,47 @@ async fn an_open_whose_checkpoint_is_removed_and_its_manifest_lands_again_starts
     let v = Volume::open(store, "v/", ro).await.map_err(|e| e.to_string()).expect("opens");
     assert_eq!(v.read(0, 16).await.expect("read"), common::pattern(7, CS as usize)[..16].to_vec());
 }
+
+/// A store whose listing of chunks comes out of key order.
+#[derive(Debug)]
+struct ReversedChunkListing;
+
+#[async_trait]
+impl Around for ReversedChunkListing {
+    async fn list(&self, inner: &DynStore, req: ListRequest<'_>) -> StoreResult<ListPage> {
+        let chunks = req.prefix.ends_with("chunks/");
+        let mut page = inner.list(req).await?;
+        if chunks {
+            page.objects.reverse();
+        }
+        Ok(page)
+    }
+}
+
+/// Compaction walks the chunk listing in key order alongside the maps it
+/// keeps; a store that lists out of order stops the pass before it
+/// deletes anything, and every chunk stays readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_listing_out_of_key_order_stops_compaction() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CSU).await;
+    let w = open_with(&mem, "v/", OpenOptions::default()).await;
+    for i in 0..4 {
+        w.write(i * CSU, &common::pattern(i, CS as usize)).await.expect("write");
+    }
+    w.flush().await.expect("flush");
+    w.write(0, &common::pattern(9, CS as usize)).await.expect("write");
+    w.flush().await.expect("flush");
+    drop(w);
+    let store: DynStore = Wrapped::new(mem.clone(), ReversedChunkListing);
+    let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
+    let rep = compact::compact(&store, "v/", &eager, &SystemClock).await;
+    assert!(
+        matches!(&rep, Err(VolumeError::Store(s3blk::store::StoreError::Permanent(why))) if why.contains("not in key order")),
+        "{rep:?}"
+    );
+    for i in 1..4 {
+        let got = read_fresh(&mem, "v/", i * CSU, 16).await;
+        assert_eq!(got, Ok(common::pattern(i, CS as usize)[..16].to_vec()), "chunk {i}");
+    }
+}
