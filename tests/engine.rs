@@ -1632,8 +1632,54 @@ async fn an_upload_ending_while_inline_pages_are_in_flight_does_not_outlive_them
     assert_fsck_clean(&mem, "v/").await;
 }
 
-/// A writer with room for two dirty chunks: pages a (chunk 0, page 0)
-/// and a page of chunk 1 written; a third chunk's write waiting for the
+/// A chunk of pages merged with its stored bytes for an upload and
+/// written again while the upload is in flight keeps only its pages: the
+/// merged bytes are the upload's own. (Merged in place, the chunk stayed
+/// whole in memory, and random writes during a long write-back filled the
+/// dirty limit with whole chunks.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_during_an_upload_of_pages_leaves_the_chunk_holding_only_its_pages() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CS as u64).await;
+    let chunks = HoldsPuts::new(mem.clone());
+    let store: DynStore = chunks.clone();
+    let v = open(&store, "v/").await;
+    // Half the chunk's pages: more than go inside a record, so the flush
+    // uploads the chunk.
+    let half = common::pattern(1, CS as usize / 2);
+    v.write(0, &half).await.expect("write");
+    chunks.arm(&format!("{}{:016x}/", format::chunk_prefix("v/"), 0), 1);
+    let flush = {
+        let v = v.clone();
+        tokio::spawn(async move { v.flush().await })
+    };
+    chunks.until(1, false).await;
+    let page = common::pattern(2, 4096);
+    let at = CS as u64 / 2 + 4096;
+    v.write(at, &page).await.expect("write during the upload");
+    chunks.release.add_permits(1);
+    flush.await.expect("join").expect("flush");
+    let s = v.stats();
+    assert_eq!(s.dirty_chunks, 1, "the page written during the upload is dirty");
+    assert!(
+        s.dirty_bytes < CS as u64 / 2 + 2 * 4096 + 2048,
+        "a chunk of {} pages counts {} bytes: it holds the whole chunk",
+        CS / 2 / 4096 + 1,
+        s.dirty_bytes
+    );
+    let mut want = vec![0u8; CS as usize];
+    want[..half.len()].copy_from_slice(&half);
+    want[at as usize..at as usize + 4096].copy_from_slice(&page);
+    assert_same(&v.read(0, CS as u64).await.expect("read"), &want, "the writer");
+    v.flush().await.expect("flush");
+    assert_eq!(v.stats().dirty_chunks, 0);
+    drop(v);
+    assert_same(&open_ro(&mem, "v/").await.read(0, CS as u64).await.expect("read"), &want, "a fresh opener");
+    assert_fsck_clean(&mem, "v/").await;
+}
+
+/// A writer with room for two dirty chunks: pages a (chunk 0, page 0),
+/// an older page 1 and a page of chunk 1 written; a third chunk's write waiting for the
 /// background uploader. The uploader first commits both chunks' pages
 /// inline; that record is held while both are written again (page a'),
 /// so the round frees nothing and the uploader uploads chunk 0 instead,
@@ -1650,8 +1696,13 @@ async fn older_upload_in_flight(
     let a = common::pattern(1, 4096);
     let a2 = common::pattern(3, 4096);
     let b = common::pattern(2, 4096);
-    v.write(0, &a).await.expect("write a");
-    // Chunk 1 whole (the budget counts chunk 0 by its one page): the
+    // Page 1 too, with bytes b replaces later: every upload carries them,
+    // and b then needs no more of the budget (where the third write waits
+    // first in the queue).
+    let mut a_b0 = a.clone();
+    a_b0.extend_from_slice(&common::pattern(5, 4096));
+    v.write(0, &a_b0).await.expect("write a and an older page 1");
+    // Chunk 1 whole (the budget counts chunk 0 by its two pages): the
     // third write then waits for the uploader.
     v.write(CS as u64, &common::pattern(4, CS as usize)).await.expect("write chunk 1");
     chunks.arm(&format!("{}{:016x}/", format::chunk_prefix("v/"), 0), 1);
@@ -2436,36 +2487,90 @@ async fn chunk_object(store: &DynStore, vol: &str, index: u64) -> String {
     key
 }
 
+/// Chunk GETs that take `whole` when they fetch a whole object and
+/// `ranged` when they fetch a range.
+#[derive(Debug)]
+struct ChunkGetDelays {
+    whole: Duration,
+    ranged: Duration,
+}
+
+#[async_trait::async_trait]
+impl common::Around for ChunkGetDelays {
+    async fn get(
+        &self,
+        inner: &DynStore,
+        key: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> s3blk::store::StoreResult<Bytes> {
+        if key.contains("/chunks/") {
+            tokio::time::sleep(if range.is_some() { self.ranged } else { self.whole }).await;
+        }
+        inner.get(key, range).await
+    }
+}
+
+/// `store` with chunk GETs delayed as `delays` says, every chunk GET
+/// recorded.
+fn delayed_and_recorded(store: &DynStore, delays: ChunkGetDelays) -> Arc<common::Wrapped<ChunkGets>> {
+    let delayed: DynStore = common::Wrapped::new(store.clone(), delays);
+    common::Wrapped::new(delayed, ChunkGets::default())
+}
+
 /// A read of a few KiB of a chunk that is not cached fetches the blocks
 /// that hold them and the chunk's table (once), not the whole chunk; a
-/// sequential reader still fetches whole chunks.
+/// second miss in a chunk fetches it whole while no whole chunk has been
+/// measured, and afterwards only where a whole chunk costs little more
+/// than a ranged fetch (here whole chunks take 300 ms more); a sequential
+/// reader still fetches whole chunks.
 async fn a_small_cold_read_fetches_its_blocks_and_the_table_not_the_whole_chunk(store: DynStore) {
     let vol = &format!("{}/", common::unique("ranged"));
     let data = two_chunks_of_1mib(&store, vol).await;
-    let gets = common::Wrapped::new(store.clone(), ChunkGets::default());
+    let gets =
+        delayed_and_recorded(&store, ChunkGetDelays { whole: Duration::from_millis(300), ranged: Duration::ZERO });
     let logged: DynStore = gets.clone();
     let v = open_ro(&logged, vol).await;
     let chunk0 = chunk_object(&store, vol, 0).await;
+    let chunk1 = chunk_object(&store, vol, 1).await;
     let table = MIB..MIB + format::table_len(MIB);
     let r = |at: u64, len: u64| data[at as usize..(at + len) as usize].to_vec();
+    let sorted = |mut got: Vec<(String, Option<std::ops::Range<u64>>)>| {
+        got.sort_by_key(|(_, r)| r.as_ref().map(|r| r.start));
+        got
+    };
     assert_eq!(v.read(4 * VB, 2048).await.expect("read"), r(4 * VB, 2048));
-    let mut got = gets.take();
-    got.sort_by_key(|(_, r)| r.as_ref().map(|r| r.start));
-    assert_eq!(got, vec![(chunk0.clone(), Some(4 * VB..5 * VB)), (chunk0.clone(), Some(table.clone()))]);
+    assert_eq!(
+        sorted(gets.take()),
+        vec![(chunk0.clone(), Some(4 * VB..5 * VB)), (chunk0.clone(), Some(table.clone()))]
+    );
     // The same block again (not where the last read ended, which a
     // sequential reader would read next): from the cache.
     assert_eq!(v.read(4 * VB + 3072, 1024).await.expect("read"), r(4 * VB + 3072, 1024));
     assert_eq!(gets.take(), vec![]);
-    // Another block of the chunk: its bytes only, the table is known.
+    // Another block of the chunk, with no whole chunk measured yet: the
+    // whole chunk, which measures it.
     assert_eq!(v.read(10 * VB, VB / 2).await.expect("read"), r(10 * VB, VB / 2));
-    assert_eq!(gets.take(), vec![(chunk0.clone(), Some(10 * VB..11 * VB))]);
-    // Across two blocks, one of them cached.
-    assert_eq!(v.read(5 * VB - 1024, 2048).await.expect("read"), r(5 * VB - 1024, 2048));
-    assert_eq!(gets.take(), vec![(chunk0.clone(), Some(4 * VB..6 * VB))]);
-    // More than half the chunk: the whole object, in one GET.
-    assert_eq!(v.read(MIB / 8, 5 * MIB / 8).await.expect("read"), r(MIB / 8, 5 * MIB / 8));
     assert_eq!(gets.take(), vec![(chunk0.clone(), None)]);
+    assert_eq!(v.read(5 * VB - 1024, 2048).await.expect("read"), r(5 * VB - 1024, 2048));
+    assert_eq!(gets.take(), vec![]);
+    // Chunk 1, with whole chunks measured slow: a block and the table...
+    assert_eq!(v.read(MIB + 4 * VB, 2048).await.expect("read"), r(MIB + 4 * VB, 2048));
+    assert_eq!(
+        sorted(gets.take()),
+        vec![(chunk1.clone(), Some(4 * VB..5 * VB)), (chunk1.clone(), Some(table.clone()))]
+    );
+    // ...another block of the chunk: its bytes only, the table is known...
+    assert_eq!(v.read(MIB + 10 * VB, VB / 2).await.expect("read"), r(MIB + 10 * VB, VB / 2));
+    assert_eq!(gets.take(), vec![(chunk1.clone(), Some(10 * VB..11 * VB))]);
+    // ...across two blocks, one of them cached...
+    assert_eq!(v.read(MIB + 5 * VB - 1024, 2048).await.expect("read"), r(MIB + 5 * VB - 1024, 2048));
+    assert_eq!(gets.take(), vec![(chunk1.clone(), Some(4 * VB..6 * VB))]);
+    // ...more than half the chunk: the whole object, in one GET.
+    assert_eq!(v.read(MIB + MIB / 8, 5 * MIB / 8).await.expect("read"), r(MIB + MIB / 8, 5 * MIB / 8));
+    assert_eq!(gets.take(), vec![(chunk1.clone(), None)]);
     // A sequential reader of chunk 1: ranged first, then the whole chunk.
+    drop(v);
+    let v = open_ro(&logged, vol).await;
     assert_eq!(v.read(MIB, 4096).await.expect("read"), &data[MIB as usize..MIB as usize + 4096]);
     assert_eq!(v.read(MIB + 4096, 4096).await.expect("read"), &data[MIB as usize + 4096..MIB as usize + 8192]);
     let got = gets.take();
@@ -2477,6 +2582,34 @@ async fn a_small_cold_read_fetches_its_blocks_and_the_table_not_the_whole_chunk(
     assert_fsck_clean(&store, vol).await;
 }
 on_both_stores!(a_small_cold_read_fetches_its_blocks_and_the_table_not_the_whole_chunk);
+
+/// Where every request takes long (a store across a network) and a whole
+/// chunk costs little more than a few blocks, a chunk read at random a
+/// second time comes whole, and later reads of it are served from the
+/// cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_latency_bound_store_a_chunk_missed_twice_comes_whole() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let vol = "v/";
+    let data = two_chunks_of_1mib(&mem, vol).await;
+    let each = Duration::from_millis(40);
+    let gets = delayed_and_recorded(&mem, ChunkGetDelays { whole: each, ranged: each });
+    let logged: DynStore = gets.clone();
+    let v = open_ro(&logged, vol).await;
+    let r = |at: u64, len: u64| data[at as usize..(at + len) as usize].to_vec();
+    for (n, base) in [0, MIB].into_iter().enumerate() {
+        assert_eq!(v.read(base + 4 * VB, 4096).await.expect("read"), r(base + 4 * VB, 4096));
+        let ranged = gets.take();
+        assert!(ranged.len() == 2 && ranged.iter().all(|(_, r)| r.is_some()), "chunk {n}: {ranged:?}");
+        assert_eq!(v.read(base + 10 * VB, 4096).await.expect("read"), r(base + 10 * VB, 4096));
+        let whole = gets.take();
+        assert!(whole.len() == 1 && whole[0].1.is_none(), "chunk {n}, the second miss: {whole:?}");
+        for at in [2 * VB, 7 * VB, 13 * VB] {
+            assert_eq!(v.read(base + at, 4096).await.expect("read"), r(base + at, 4096));
+        }
+        assert_eq!(gets.take(), vec![], "chunk {n}: later reads are served from the cache");
+    }
+}
 
 /// One flipped bit in a block, or in the table, of a chunk object: the
 /// reads that need it fail as damage (never return its bytes), other

@@ -51,6 +51,7 @@
 
 mod commit;
 mod dirty;
+mod fetchcost;
 pub mod log;
 mod read;
 mod upload;
@@ -180,6 +181,8 @@ pub struct VolumeStats {
     pub mapped_chunks: u64,
     pub stored_chunks: u64,
     pub dirty_chunks: u64,
+    /// Dirty chunks' memory as the dirty budget counts it.
+    pub dirty_bytes: u64,
     pub staged_chunks: u64,
     /// Chunks with committed pages over their stored bytes, and those pages' bytes.
     pub patched_chunks: u64,
@@ -453,6 +456,8 @@ struct Inner {
     metrics: crate::metrics::VolumeMetrics,
     /// What opening found in the write-back log directory.
     recovery: Mutex<Option<LogRecovery>>,
+    /// What ranged and whole fetches of chunks have cost.
+    fetch_costs: fetchcost::FetchCosts,
 }
 
 /// An open volume. Cheap to clone; all clones share one engine.
@@ -755,6 +760,7 @@ impl Volume {
                 uploader_running: AtomicBool::new(false),
                 generation_counter: AtomicU64::new(1),
                 recovery: Mutex::new(None),
+                fetch_costs: fetchcost::FetchCosts::default(),
             }),
         };
         // Other volumes of the budget may now ask this one to upload or
@@ -951,6 +957,7 @@ impl Volume {
             mapped_chunks: st.map.len() as u64,
             stored_chunks: st.map.values().filter(|r| matches!(r, ChunkRef::Stored { .. })).count() as u64,
             dirty_chunks: st.slots.len() as u64,
+            dirty_bytes: st.slots.values().map(Slot::charged).sum(),
             staged_chunks: st.staged.len() as u64,
             patched_chunks: st.patches.len() as u64,
             patch_bytes: st.patch_bytes,

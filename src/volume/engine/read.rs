@@ -429,8 +429,12 @@ impl Inner {
             return Ok(Bytes::from(vec![0u8; self.chunk_size as usize]));
         };
         let key = chunk_key(vol, index, generation);
+        let started = Instant::now();
         let data = match self.store.get(&key, None).await {
-            Ok(d) => d,
+            Ok(d) => {
+                self.fetch_costs.whole_took(started.elapsed());
+                d
+            }
             Err(StoreError::NotFound(_)) => {
                 return Err(VolumeError::Corrupt(format!("chunk object {key} is missing")));
             }
@@ -486,6 +490,13 @@ impl Inner {
         if (last - first + 1) * 2 > blocks {
             return Ok(None);
         }
+        // Blocks of this chunk cached already and more wanted now: a
+        // chunk read at random more than once, likely read again. Where
+        // requests cost more than bytes, it comes whole.
+        // (Not when the cache cannot keep a whole chunk.)
+        if table.is_some() && self.opts.cache_limit >= cs && self.fetch_costs.whole_on_second_miss() {
+            return Ok(None);
+        }
         let key = chunk_key(vol, index, generation);
         let (start, end) = (first * vb, ((last + 1) * vb).min(cs as usize));
         let fetch_table = async {
@@ -501,7 +512,12 @@ impl Inner {
                 Err(why) => Err(VolumeError::Corrupt(format!("chunk object {key} {why}"))),
             }
         };
-        let fetch_data = async { Ok(self.store.get(&key, Some(start as u64..end as u64)).await?) };
+        let fetch_data = async {
+            let started = Instant::now();
+            let data = self.store.get(&key, Some(start as u64..end as u64)).await?;
+            self.fetch_costs.ranged_took(started.elapsed());
+            Ok(data)
+        };
         let (table, data): (Option<Arc<ChunkTable>>, Bytes) = match tokio::try_join!(fetch_table, fetch_data) {
             Ok(v) => v,
             // Missing or cut short: the whole fetch says which (and a

@@ -75,19 +75,28 @@ impl Inner {
                     true => None,
                     false => self.stored_bytes(index).await?,
                 };
-                let mut guard = self.lock();
-                let st = &mut *guard;
-                if let Some(slot) = st.slots.get_mut(&index) {
-                    // The whole chunk is in memory now: the budget counts
-                    // it, past the limit if need be (freeing memory must
-                    // not wait for memory). Uploads merge a few chunks at
-                    // a time and commit them before the next ones.
-                    let need = self.chunk_size.saturating_sub(slot.charged());
-                    if let (true, Some(d)) = (need > 0, &self.dirty) {
-                        slot.grow(d.overdraft(need));
-                    }
-                    slot.data.materialize(base.as_deref(), st.log.as_ref()).map_err(|e| st.log_read(e))?;
+                let st = self.lock();
+                let Some(slot) = st.slots.get(&index) else {
+                    return Ok(());
+                };
+                if let DirtyData::Pages(pb) = &slot.data {
+                    // The chunk's bytes in a buffer of the upload's own:
+                    // the slot keeps its pages (most of them only in the
+                    // write-back log), so a write landing during the
+                    // upload leaves the slot no bigger than it was, where
+                    // merging in place left it holding the whole chunk.
+                    // The buffer is not counted in the dirty budget
+                    // (freeing memory must not wait for memory): uploads
+                    // merge a few chunks at a time (at most a merge
+                    // round) and commit them before the next ones.
+                    let v = pb
+                        .over(base.as_deref(), 0, self.chunk_size as usize, st.log.as_ref())
+                        .map_err(|e| st.log_read(e))?;
+                    let data = (!is_zero(&v)).then(|| Bytes::from(v));
+                    break (data, slot.version, slot.since);
                 }
+                // Committed inline meanwhile, and a write made a new slot
+                // that holds the chunk whole: taken as it is, below.
             }
             let st = self.lock();
             let Some(slot) = st.slots.get(&index) else {
