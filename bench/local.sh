@@ -4,6 +4,7 @@
 # the same run on the same machine, printed as one table.
 #
 #   bench/local.sh [SECONDS-PER-JOB]     (default 10)
+#   S3BLK=target/debug/s3blk             skip the release build
 #
 # The volume (WORKING_SET, default 256 MiB of 1 MiB chunks) is twice
 # s3blk's default cache (128 MiB), so about half the random reads miss it
@@ -14,7 +15,11 @@ cd "$(dirname "$0")/.."
 runtime=${1:-10}
 size=${WORKING_SET:-256M}
 for t in fio nbdkit; do command -v "$t" >/dev/null || { echo "bench needs $t (./tests/run.sh installs it)" >&2; exit 1; }; done
-cargo build --release --quiet
+bin=${S3BLK:-}
+if [ -z "$bin" ]; then
+  cargo build --release --quiet
+  bin=./target/release/s3blk
+fi
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
@@ -24,7 +29,7 @@ truncate -s "$size" "$work/raw.img"
 
 serve() { # start s3blk serve on the volume (created on the first call)
   rm -f "$work/s3blk.sock"
-  ./target/release/s3blk serve "file://$work/store/bench" "$@" --listen "unix:$work/s3blk.sock" >>"$work/s3blk.log" 2>&1 &
+  "$bin" serve "file://$work/store/bench" "$@" --listen "unix:$work/s3blk.sock" >>"$work/s3blk.log" 2>&1 &
   s3blk_pid=$!
   pids+=("$s3blk_pid")
   for _ in $(seq 100); do [ -S "$work/s3blk.sock" ] && break; sleep 0.1; done

@@ -1678,6 +1678,54 @@ async fn a_write_during_an_upload_of_pages_leaves_the_chunk_holding_only_its_pag
     assert_fsck_clean(&mem, "v/").await;
 }
 
+/// A flush carries chunk 0's pages inline (b on page 1) while an older
+/// upload of the chunk (b0 on page 1) is in flight; a write after the
+/// record was built keeps the chunk dirty, and the upload then stages its
+/// older bytes. The next record must not name them: applied, it would
+/// drop the page the flush acknowledged (`apply_commit` drops the staged
+/// chunk of a slot the record carried inline; the slot still holds every
+/// page). Found by review; before the fix a fresh opener read b0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_older_than_inline_pages_staged_after_them_is_never_committed() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CS as u64).await;
+    let journal = HoldsPuts::new(mem.clone());
+    let chunks = HoldsPuts::new(journal.clone());
+    let store: DynStore = chunks.clone();
+    let (v, want, third) = older_upload_in_flight(&store, &chunks, &journal).await;
+    // The flush's record (chunk 0's pages inline) is held.
+    journal.arm(&format::journal_prefix("v/"), 1);
+    let flush = {
+        let v = v.clone();
+        tokio::spawn(async move { v.flush().await })
+    };
+    journal.until(2, false).await;
+    // Written after the record was built: page 0 again (no new budget).
+    let a3 = common::pattern(7, 4096);
+    v.write(0, &a3).await.expect("write a''");
+    let mut want = want;
+    want[..4096].copy_from_slice(&a3);
+    // The older upload ends and stages; the next upload of chunk 0 is held.
+    chunks.arm(&format!("{}{:016x}/", format::chunk_prefix("v/"), 0), 1);
+    chunks.release.add_permits(1);
+    chunks.until(1, true).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    journal.release.add_permits(1);
+    flush.await.expect("join").expect("flush");
+    // Whatever the uploader commits meanwhile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_same(&v.read(0, 8192).await.expect("read"), &want, "the writer");
+    let got = open_ro(&mem, "v/").await.read(4096, 4096).await.expect("read");
+    assert!(got != common::pattern(5, 4096), "a fresh opener reads page 1 as the older upload had it");
+    assert_same(&got, &want[4096..8192], "a fresh opener, page 1 (b, flushed)");
+    chunks.release.add_permits(4);
+    third.await.expect("join").expect("third write");
+    v.flush().await.expect("flush");
+    drop(v);
+    assert_same(&open_ro(&mem, "v/").await.read(0, 8192).await.expect("read"), &want, "a fresh opener at the end");
+    assert_fsck_clean(&mem, "v/").await;
+}
+
 /// A writer with room for two dirty chunks: pages a (chunk 0, page 0),
 /// an older page 1 and a page of chunk 1 written; a third chunk's write waiting for the
 /// background uploader. The uploader first commits both chunks' pages

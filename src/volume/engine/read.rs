@@ -431,17 +431,16 @@ impl Inner {
         let key = chunk_key(vol, index, generation);
         let started = Instant::now();
         let data = match self.store.get(&key, None).await {
-            Ok(d) => {
-                self.fetch_costs.whole_took(started.elapsed());
-                d
-            }
+            Ok(d) => d,
             Err(StoreError::NotFound(_)) => {
                 return Err(VolumeError::Corrupt(format!("chunk object {key} is missing")));
             }
             Err(e) => return Err(e.into()),
         };
-        format::check_chunk(data, r, self.chunk_size)
-            .map_err(|why| VolumeError::Corrupt(format!("chunk object {key} {why}")))
+        let data = format::check_chunk(data, r, self.chunk_size)
+            .map_err(|why| VolumeError::Corrupt(format!("chunk object {key} {why}")))?;
+        self.fetch_costs.whole_took(started.elapsed());
+        Ok(data)
     }
 
     /// Bytes `[at, at + len)` of the chunk as stored, from the cache or
@@ -512,12 +511,8 @@ impl Inner {
                 Err(why) => Err(VolumeError::Corrupt(format!("chunk object {key} {why}"))),
             }
         };
-        let fetch_data = async {
-            let started = Instant::now();
-            let data = self.store.get(&key, Some(start as u64..end as u64)).await?;
-            self.fetch_costs.ranged_took(started.elapsed());
-            Ok(data)
-        };
+        let started = Instant::now();
+        let fetch_data = async { Ok(self.store.get(&key, Some(start as u64..end as u64)).await?) };
         let (table, data): (Option<Arc<ChunkTable>>, Bytes) = match tokio::try_join!(fetch_table, fetch_data) {
             Ok(v) => v,
             // Missing or cut short: the whole fetch says which (and a
@@ -532,6 +527,7 @@ impl Inner {
         };
         format::check_blocks(&table.crcs, first, &data)
             .map_err(|why| VolumeError::Corrupt(format!("chunk object {key} {why}")))?;
+        self.fetch_costs.ranged_took(started.elapsed());
         let mut st = self.lock();
         if !st.slots.contains_key(&index)
             && !st.staged.contains_key(&index)
