@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// Fetch whole when a whole chunk costs at most this many ranged fetches.
-const WHOLE_AT_MOST: f64 = 2.0;
+const WHOLE_AT_MOST: f64 = 3.0;
 
 /// A figure follows the cheapest recent fetches: each fetch lowers it to
 /// its own cost, or else lets it rise by this fraction, so that fetches
