@@ -1573,11 +1573,7 @@ impl common::Around for HoldsPuts {
 /// record (whose chunk entry would drop the committed pages).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_older_than_inline_pages_does_not_bring_back_older_bytes() {
-    let mem: DynStore = Arc::new(MemoryStore::new());
-    create(&mem, "v/", 4 * CS as u64).await;
-    let journal = HoldsPuts::new(mem.clone());
-    let chunks = HoldsPuts::new(journal.clone());
-    let store: DynStore = chunks.clone();
+    let (mem, journal, chunks, store) = held_puts_volume().await;
     let (v, want, third) = older_upload_in_flight(&store, &chunks, &journal).await;
     v.flush().await.expect("flush");
     assert_same(&v.read(0, 8192).await.expect("read"), &want, "after the flush");
@@ -1601,11 +1597,7 @@ async fn an_upload_older_than_inline_pages_does_not_bring_back_older_bytes() {
 /// record and must go with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_ending_while_inline_pages_are_in_flight_does_not_outlive_them() {
-    let mem: DynStore = Arc::new(MemoryStore::new());
-    create(&mem, "v/", 4 * CS as u64).await;
-    let journal = HoldsPuts::new(mem.clone());
-    let chunks = HoldsPuts::new(journal.clone());
-    let store: DynStore = chunks.clone();
+    let (mem, journal, chunks, store) = held_puts_volume().await;
     // The uploader's next upload of chunk 0 (at the flushed version) is
     // held too, until the record has landed.
     let (v, want, third) = older_upload_in_flight(&store, &chunks, &journal).await;
@@ -1687,11 +1679,7 @@ async fn a_write_during_an_upload_of_pages_leaves_the_chunk_holding_only_its_pag
 /// page). Found by review; before the fix a fresh opener read b0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_older_than_inline_pages_staged_after_them_is_never_committed() {
-    let mem: DynStore = Arc::new(MemoryStore::new());
-    create(&mem, "v/", 4 * CS as u64).await;
-    let journal = HoldsPuts::new(mem.clone());
-    let chunks = HoldsPuts::new(journal.clone());
-    let store: DynStore = chunks.clone();
+    let (mem, journal, chunks, store) = held_puts_volume().await;
     let (v, want, third) = older_upload_in_flight(&store, &chunks, &journal).await;
     // The flush's record (chunk 0's pages inline) is held.
     journal.arm(&format::journal_prefix("v/"), 1);
@@ -1724,6 +1712,17 @@ async fn an_upload_older_than_inline_pages_staged_after_them_is_never_committed(
     drop(v);
     assert_same(&open_ro(&mem, "v/").await.read(0, 8192).await.expect("read"), &want, "a fresh opener at the end");
     assert_fsck_clean(&mem, "v/").await;
+}
+
+/// Volume "v/" of four chunks on a memory store (`mem`), reached through
+/// `store`: chunk PUTs held by `chunks`, journal PUTs by `journal`.
+async fn held_puts_volume() -> (DynStore, Arc<common::Wrapped<HoldsPuts>>, Arc<common::Wrapped<HoldsPuts>>, DynStore) {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CS as u64).await;
+    let journal = HoldsPuts::new(mem.clone());
+    let chunks = HoldsPuts::new(journal.clone());
+    let store: DynStore = chunks.clone();
+    (mem, journal, chunks, store)
 }
 
 /// A writer with room for two dirty chunks: pages a (chunk 0, page 0),
