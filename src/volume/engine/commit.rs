@@ -299,19 +299,8 @@ impl Inner {
             st.clean.remove(index);
         }
         for (index, version) in inline_versions {
-            let Some(slot) = st.slots.get(index) else { continue };
-            if slot.version != *version {
-                // Written again meanwhile: still dirty (its pages go
-                // again). When it is the slot the record read (made no
-                // later than that version: ticks only grow), a chunk
-                // staged meanwhile may come from an upload that read it
-                // before the record was built: named by a later record,
-                // its older bytes would take back pages this one carries.
-                // The slot holds every page it was made of, over what is
-                // committed now, so nothing needs that staged chunk.
-                if slot.since <= *version {
-                    st.staged.remove(index);
-                }
+            if st.slots.get(index).is_none_or(|s| s.version != *version) {
+                // Written again meanwhile: still dirty (its pages go again).
                 continue;
             }
             // A chunk staged since the record was built (an upload that
