@@ -1631,10 +1631,7 @@ async fn an_upload_ending_while_inline_pages_are_in_flight_does_not_outlive_them
 /// dirty limit with whole chunks.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_during_an_upload_of_pages_leaves_the_chunk_holding_only_its_pages() {
-    let mem: DynStore = Arc::new(MemoryStore::new());
-    create(&mem, "v/", 4 * CS as u64).await;
-    let chunks = HoldsPuts::new(mem.clone());
-    let store: DynStore = chunks.clone();
+    let (mem, _journal, chunks, store) = held_puts_volume().await;
     let v = open(&store, "v/").await;
     // Half the chunk's pages: more than go inside a record, so the flush
     // uploads the chunk.

@@ -30,11 +30,11 @@ const PROBE_EVERY: u64 = 1024;
 
 #[derive(Debug, Default)]
 pub(super) struct FetchCosts {
-    inner: Mutex<Means>,
+    inner: Mutex<Figures>,
 }
 
 #[derive(Debug, Default)]
-struct Means {
+struct Figures {
     /// Seconds a ranged fetch of blocks takes, and a whole chunk, each
     /// fetched and checked: near the cheapest recent ones.
     ranged: Option<f64>,
@@ -51,16 +51,16 @@ fn update(figure: &mut Option<f64>, d: Duration) {
 }
 
 impl FetchCosts {
-    fn means(&self) -> std::sync::MutexGuard<'_, Means> {
+    fn figures(&self) -> std::sync::MutexGuard<'_, Figures> {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub(super) fn ranged_took(&self, d: Duration) {
-        update(&mut self.means().ranged, d);
+        update(&mut self.figures().ranged, d);
     }
 
     pub(super) fn whole_took(&self, d: Duration) {
-        update(&mut self.means().whole, d);
+        update(&mut self.figures().whole, d);
     }
 
     /// A chunk some of whose blocks are cached misses again: fetch it
@@ -69,7 +69,7 @@ impl FetchCosts {
     /// [`WHOLE_AT_MOST`] ranged fetches (each fetched and checked: bytes
     /// cost their checksum too).
     pub(super) fn whole_on_second_miss(&self) -> bool {
-        let mut m = self.means();
+        let mut m = self.figures();
         let whole = match (m.ranged, m.whole) {
             (Some(r), Some(w)) => w <= WHOLE_AT_MOST * r,
             _ => true,

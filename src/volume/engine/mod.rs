@@ -362,6 +362,11 @@ struct State {
 }
 
 impl State {
+    /// Dirty chunks' memory as the dirty budget counts it.
+    fn dirty_bytes(&self) -> u64 {
+        self.slots.values().map(Slot::charged).sum()
+    }
+
     /// Log a change just applied here (under the same lock). An error
     /// fails the write; what memory holds then is at most a write that
     /// was never acknowledged.
@@ -957,7 +962,7 @@ impl Volume {
             mapped_chunks: st.map.len() as u64,
             stored_chunks: st.map.values().filter(|r| matches!(r, ChunkRef::Stored { .. })).count() as u64,
             dirty_chunks: st.slots.len() as u64,
-            dirty_bytes: st.slots.values().map(Slot::charged).sum(),
+            dirty_bytes: st.dirty_bytes(),
             staged_chunks: st.staged.len() as u64,
             patched_chunks: st.patches.len() as u64,
             patch_bytes: st.patch_bytes,
@@ -1549,7 +1554,7 @@ impl crate::metrics::VolumeFigures for Inner {
     fn figures(&self) -> crate::metrics::Figures {
         let st = self.lock();
         crate::metrics::Figures {
-            dirty_bytes: st.slots.values().map(Slot::charged).sum(),
+            dirty_bytes: st.dirty_bytes(),
             cache_bytes: st.clean.bytes(),
             staged_chunks: st.staged.len() as u64,
             journal_records: st.head.saturating_sub(st.checkpoint_seq),
