@@ -1670,15 +1670,13 @@ async fn a_write_during_an_upload_of_pages_leaves_the_chunk_holding_only_its_pag
 /// A flush carries chunk 0's pages inline (b on page 1) while an older
 /// upload of the chunk (b0 on page 1) is in flight; a write after the
 /// record was built keeps the chunk dirty, and the upload then stages its
-/// older bytes. The next record must not name them: applied, it would
-/// drop the page the flush acknowledged (`apply_commit` drops the staged
-/// chunk of a slot the record carried inline; the slot still holds every
-/// page). Found by review: a fresh opener reads b0. Known and open:
-/// dropping that staged chunk when the record lands fixes this test but
-/// lets a flush running meanwhile return without committing writes the
-/// staged chunk carried (simulation seed 166743172782522).
+/// older bytes. The next record must not name them as they are: applied,
+/// it would drop the page the flush acknowledged. Found by review: a fresh
+/// opener read b0. When the record lands, the staged chunk gets its pages
+/// and goes up again before a record names it. (Dropping the staged chunk
+/// instead fails simulation seed 166743172782522: a flush running
+/// meanwhile may rely on it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug, open: an upload older than inline pages, staged after them, takes them back"]
 async fn an_upload_older_than_inline_pages_staged_after_them_is_never_committed() {
     let (mem, journal, chunks, store) = held_puts_volume().await;
     let (v, want, third) = older_upload_in_flight(&store, &chunks, &journal).await;
@@ -1700,7 +1698,56 @@ async fn an_upload_older_than_inline_pages_staged_after_them_is_never_committed(
     chunks.until(1, true).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     journal.release.add_permits(1);
+    // The flush commits what is staged too: the older upload's chunk,
+    // given the record's pages, goes up again first (let through).
+    let mut flush = flush;
+    let flushed = tokio::select! {
+        r = &mut flush => r,
+        () = chunks.until(2, false) => {
+            chunks.release.add_permits(1);
+            flush.await
+        }
+    };
+    flushed.expect("join").expect("flush");
+    // Whatever the uploader commits meanwhile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_same(&v.read(0, 8192).await.expect("read"), &want, "the writer");
+    let got = open_ro(&mem, "v/").await.read(4096, 4096).await.expect("read");
+    assert!(got != common::pattern(5, 4096), "a fresh opener reads page 1 as the older upload had it");
+    assert_same(&got, &want[4096..8192], "a fresh opener, page 1 (b, flushed)");
+    chunks.release.add_permits(4);
+    third.await.expect("join").expect("third write");
+    v.flush().await.expect("flush");
+    drop(v);
+    assert_same(&open_ro(&mem, "v/").await.read(0, 8192).await.expect("read"), &want, "a fresh opener at the end");
+    assert_fsck_clean(&mem, "v/").await;
+}
+
+/// As above, but the record lands before the older upload ends: the
+/// upload, staged after it, gets the record's pages and goes up again
+/// before a record names it. Without that, the uploader's next record
+/// names its older bytes (b0 on page 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_older_than_inline_pages_that_landed_before_it_ended_is_never_committed() {
+    let (mem, journal, chunks, store) = held_puts_volume().await;
+    let (v, want, third) = older_upload_in_flight(&store, &chunks, &journal).await;
+    journal.arm(&format::journal_prefix("v/"), 1);
+    let flush = {
+        let v = v.clone();
+        tokio::spawn(async move { v.flush().await })
+    };
+    journal.until(2, false).await;
+    // Written after the record was built: the chunk stays dirty.
+    let a3 = common::pattern(7, 4096);
+    v.write(0, &a3).await.expect("write a''");
+    let mut want = want;
+    want[..4096].copy_from_slice(&a3);
+    journal.release.add_permits(1);
     flush.await.expect("join").expect("flush");
+    // The older upload ends and stages; the next upload of chunk 0 is held.
+    chunks.arm(&format!("{}{:016x}/", format::chunk_prefix("v/"), 0), 1);
+    chunks.release.add_permits(1);
+    chunks.until(1, true).await;
     // Whatever the uploader commits meanwhile.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_same(&v.read(0, 8192).await.expect("read"), &want, "the writer");

@@ -266,8 +266,9 @@ impl Inner {
 
     /// A record of ours is the journal's head now. `inline_versions`: the
     /// slots whose pages it carries, at the versions it read (empty when
-    /// the record is not the one built last).
-    pub(super) fn apply_commit(&self, rec: &JournalRecord, bytes: Bytes, inline_versions: &[(u64, u64)]) {
+    /// the record is not the one built last); `built`: the tick at which
+    /// it was built.
+    pub(super) fn apply_commit(&self, rec: &JournalRecord, bytes: Bytes, inline_versions: &[(u64, u64)], built: u64) {
         let mut st = self.lock();
         for (index, r) in &rec.chunks {
             if st.staged.get(index).is_some_and(|s| s.r == *r)
@@ -294,9 +295,34 @@ impl Inner {
             st.patch_bytes += after - before;
             patched.insert(index);
         }
-        for index in patched {
+        for index in &patched {
             // A cached copy predates the pages.
-            st.clean.remove(index);
+            st.clean.remove(*index);
+        }
+        // A chunk uploaded from bytes read before this record was built,
+        // and not named by it (staged after it was built, or still in
+        // flight), holds older bytes than its pages: named by a later
+        // record as it is, it would take them back. Its bytes get the
+        // pages; a staged one goes up again before a record names it.
+        for index in patched {
+            let mut laid = Patch::default();
+            for w in rec.inline.iter().filter(|w| w.offset / self.chunk_size == index) {
+                let page = ((w.offset % self.chunk_size) / PAGE as u64) as u32;
+                laid.pages.insert(page, w.data.clone());
+            }
+            if let Some(r) = st.reading.get_mut(&index).filter(|r| r.read < built) {
+                r.laid.pages.extend(laid.pages.iter().map(|(p, d)| (*p, d.clone())));
+            }
+            if let Some(s) = st.staged.get_mut(&index).filter(|s| s.read < built)
+                && let Some(data) = upload::lay_pages(s.data.as_ref(), &laid, self.chunk_size)
+            {
+                // Zeros need no object.
+                s.stale = data.is_some();
+                if data.is_none() {
+                    s.r = ChunkRef::Zero;
+                }
+                s.data = data;
+            }
         }
         for (index, version) in inline_versions {
             if st.slots.get(index).is_none_or(|s| s.version != *version) {
@@ -334,6 +360,10 @@ impl Inner {
             }
             self.restage(self.opts.restage_after).await?;
             let mut st = self.lock();
+            if st.staged.values().any(|s| s.stale) {
+                // Made stale while it re-uploaded others: again.
+                continue;
+            }
             // The pages of the chunks this flush sends inline, as they are
             // now: within the limits `choose_inline` kept to, which pages
             // written since may have pushed them past.
@@ -348,8 +378,11 @@ impl Inner {
                     continue;
                 }
                 inline_versions.push((*index, slot.version));
-                // Zero pages over a chunk that is all zeros go nowhere.
+                // Zero pages over a chunk that is all zeros go nowhere;
+                // an upload in flight gets the record's pages when it
+                // lands, so they all go then.
                 let zero_below = !st.staged.contains_key(index)
+                    && !st.reading.contains_key(index)
                     && !st.patches.contains_key(index)
                     && match st.map.get(index) {
                         Some(ChunkRef::Zero) => true,
@@ -403,8 +436,14 @@ impl Inner {
                 .unwrap_or_else(|| Stamp::now(clock));
             // Noted before it is sent: if this future is dropped mid-PUT,
             // the next commit finds out whether it landed.
-            st.pending =
-                Some(Pending { bytes: Bytes::from(record.encode()), record, oldest, sent: None, inline_versions });
+            st.pending = Some(Pending {
+                bytes: Bytes::from(record.encode()),
+                record,
+                oldest,
+                sent: None,
+                inline_versions,
+                built: st.tick,
+            });
         }
         Err(VolumeError::Store(StoreError::Transient("the journal kept moving under this commit; try again".into())))
     }
@@ -421,10 +460,10 @@ impl Inner {
                 .abandoned
                 .iter()
                 .enumerate()
-                .filter(|(_, (_, r))| r.seq == seq)
-                .map(|(i, (_, r))| (i, r.clone()))
+                .filter(|(_, (_, r, _))| r.seq == seq)
+                .map(|(i, (_, r, _))| (i, r.clone()))
                 .collect();
-            (st.head_bytes.clone(), st.abandoned.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>(), twins)
+            (st.head_bytes.clone(), st.abandoned.iter().map(|(b, _, _)| b.clone()).collect::<Vec<_>>(), twins)
         };
         let clock = self.opts.clock.as_ref();
         let first_sent = p.sent.unwrap_or_else(|| Stamp::now(clock));
@@ -457,16 +496,16 @@ impl Inner {
                 }
             }
         };
-        let (record, bytes, versions, sent) = match landed {
-            Appended::Ours => (p.record.clone(), p.bytes.clone(), p.inline_versions.clone(), Some(first_sent)),
+        let (record, bytes, versions, built, sent) = match landed {
+            Appended::Ours => (p.record.clone(), p.bytes.clone(), p.inline_versions.clone(), p.built, Some(first_sent)),
             Appended::Earlier(i) => {
                 twins.retain(|(t, _)| *t != i);
-                let (b, r) = self.lock().abandoned[i].clone();
+                let (b, r, built) = self.lock().abandoned[i].clone();
                 tracing::warn!(volume = %self.vol, seq, "a commit given up on landed after all; committing again after it");
                 // Its pages were read from slots that stay dirty: they go
                 // again in the next record, with those `p` carried.
                 self.lock().inline_next.extend(p.inline_versions.iter().map(|(i, _)| *i));
-                (r, b, Vec::new(), None)
+                (r, b, Vec::new(), built, None)
             }
             Appended::Taken(why) => return Err(self.fence(why)),
         };
@@ -492,7 +531,7 @@ impl Inner {
         }
         // When an abandoned record landed instead of `p`, `p` is dropped
         // here too: what it carried is still staged and goes in the next.
-        self.apply_commit(&record, bytes, &versions);
+        self.apply_commit(&record, bytes, &versions, built);
         // When this record was first sent (unknown for an abandoned one).
         self.lock().head_sent = sent;
         self.metrics.commits.inc();
@@ -524,7 +563,7 @@ impl Inner {
             st.pending = None;
             // The chunks whose pages it carried go in the next record.
             st.inline_next.extend(p.inline_versions.iter().map(|(i, _)| *i));
-            st.abandoned.push((p.bytes, p.record));
+            st.abandoned.push((p.bytes, p.record, p.built));
         }
         self.restage(Duration::ZERO).await
     }

@@ -288,9 +288,30 @@ struct Staged {
     data: Option<Bytes>,
     /// When its upload started.
     at: Stamp,
+    /// The tick at which its bytes were read: a record built later
+    /// carries pages at least as new as these bytes.
+    read: u64,
+    /// Its bytes changed after the upload (pages a record built after
+    /// they were read, but not naming it, committed over them): the
+    /// object holds older bytes and goes up again before a record names
+    /// it ([`Inner::restage`]).
+    stale: bool,
     /// Held, not read: dropped with the entry, it gives the memory back.
     _permit: Option<DirtyGuard>,
 }
+
+/// A chunk being uploaded from bytes read at tick `read`: a record built
+/// later that lands before the upload is staged carries newer pages of it
+/// (`laid`), which the staged bytes get.
+#[derive(Debug)]
+struct Reading {
+    read: u64,
+    laid: Patch,
+}
+
+/// A record given up on that may still land: its bytes, the record, and
+/// the tick at which it was built.
+type Abandoned = (Bytes, JournalRecord, u64);
 
 /// A journal record sent (or about to be sent) whose outcome is unknown.
 #[derive(Debug, Clone)]
@@ -307,6 +328,9 @@ struct Pending {
     /// version it read them: once it is the head, a slot still at that
     /// version is clean.
     inline_versions: Vec<(u64, u64)>,
+    /// The tick at which it was built: its pages are the newest written
+    /// by then.
+    built: u64,
 }
 
 #[derive(Debug)]
@@ -333,6 +357,8 @@ struct State {
     /// uploads them whole and commits again.
     inline_deferred: BTreeSet<u64>,
     staged: BTreeMap<u64, Staged>,
+    /// Chunks being uploaded, from bytes read when: see [`Reading`].
+    reading: BTreeMap<u64, Reading>,
     slots: BTreeMap<u64, Slot>,
     clean: CleanCache,
     fenced: Option<String>,
@@ -341,7 +367,7 @@ struct State {
     upload_error: Option<(StoreError, Instant)>,
     pending: Option<Pending>,
     /// Records given up on at seq `head + 1`: one may still land.
-    abandoned: Vec<(Bytes, JournalRecord)>,
+    abandoned: Vec<Abandoned>,
     tick: u64,
     last_read_end: u64,
     /// Bytes read in a row (each read where the last one ended): readahead
@@ -720,6 +746,7 @@ impl Volume {
             inline_deferred: BTreeSet::new(),
             map: st.map,
             staged: BTreeMap::new(),
+            reading: BTreeMap::new(),
             slots: BTreeMap::new(),
             clean: CleanCache::shared(opts.cache_limit, budget.cache.clone()),
             fenced: None,

@@ -19,6 +19,34 @@ impl Volume {
     }
 }
 
+/// Removes an upload's entry among the chunks being read for upload when
+/// the upload ends, however it ends.
+struct ReadingGuard<'a> {
+    inner: &'a Inner,
+    index: u64,
+}
+
+impl Drop for ReadingGuard<'_> {
+    fn drop(&mut self) {
+        self.inner.lock().reading.remove(&self.index);
+    }
+}
+
+/// `data` (`None`: zeros) with `pages` laid over it, when that changes
+/// it (`Some(None)`: zeros still).
+pub(super) fn lay_pages(data: Option<&Bytes>, pages: &Patch, chunk_size: u64) -> Option<Option<Bytes>> {
+    if pages.pages.is_empty() {
+        return None;
+    }
+    let mut v = data.map_or_else(|| vec![0u8; chunk_size as usize], |d| d.to_vec());
+    pages.apply(&mut v);
+    let same = match data {
+        Some(d) => d[..] == v[..],
+        None => is_zero(&v),
+    };
+    (!same).then(|| (!is_zero(&v)).then(|| Bytes::from(v)))
+}
+
 impl Inner {
     pub(super) fn next_generation(&self, epoch: u64) -> VolumeResult<u64> {
         let counter = self.generation_counter.fetch_add(1, Ordering::SeqCst);
@@ -60,7 +88,7 @@ impl Inner {
     /// keeps its bytes throughout: cancelled or failed, nothing is lost.
     pub(super) async fn upload_chunk(&self, index: u64) -> VolumeResult<()> {
         let _u = self.upload_locks.lock(index).await;
-        let (data, version, since) = loop {
+        let (data, version, since, read) = loop {
             let pages = matches!(self.lock().slots.get(&index).map(|s| &s.data), Some(DirtyData::Pages(_)));
             // Held until the slot's bytes are read: no new slot of pages
             // can appear meanwhile (slots are made under the chunk lock).
@@ -75,7 +103,7 @@ impl Inner {
                     true => None,
                     false => self.stored_bytes(index).await?,
                 };
-                let st = self.lock();
+                let mut st = self.lock();
                 let Some(slot) = st.slots.get(&index) else {
                     return Ok(());
                 };
@@ -93,28 +121,38 @@ impl Inner {
                         .over(base.as_deref(), 0, self.chunk_size as usize, st.log.as_ref())
                         .map_err(|e| st.log_read(e))?;
                     let data = (!is_zero(&v)).then(|| Bytes::from(v));
-                    break (data, slot.version, slot.since);
+                    let read = (slot.version, slot.since, st.tick);
+                    st.reading.insert(index, Reading { read: read.2, laid: Patch::default() });
+                    break (data, read.0, read.1, read.2);
                 }
                 // Committed inline meanwhile, and a write made a new slot
                 // that holds the chunk whole: taken as it is, below.
             }
-            let st = self.lock();
+            let mut st = self.lock();
             let Some(slot) = st.slots.get(&index) else {
                 return Ok(());
             };
             match slot.data.upload_bytes() {
-                Some(data) => break (data, slot.version, slot.since),
+                Some(data) => {
+                    let read = (slot.version, slot.since, st.tick);
+                    st.reading.insert(index, Reading { read: read.2, laid: Patch::default() });
+                    break (data, read.0, read.1, read.2);
+                }
                 // The slot read was committed inline meanwhile and a write
                 // made a new one, of pages: merge that one too.
                 None => continue,
             }
         };
+        // Records that land while it runs lay their newer pages here
+        // (`apply_commit`); gone with the upload, however it ends.
+        let _reading = ReadingGuard { inner: self, index };
         let at = Stamp::now(self.opts.clock.as_ref());
         let r = match &data {
             None => ChunkRef::Zero,
             Some(d) => self.put_chunk(index, d).await?,
         };
         let mut st = self.lock();
+        let laid = st.reading.remove(&index).map(|r| r.laid);
         if st.slots.get(&index).is_none_or(|s| s.since != since) {
             // A commit carried the slot's pages inline meanwhile (only
             // uploads, one at a time per chunk, and such commits remove
@@ -126,6 +164,16 @@ impl Inner {
             // garbage.
             return Ok(());
         }
+        // A record built after the bytes were read, carrying pages of the
+        // chunk, landed meanwhile: its pages are newer than these, and the
+        // object holds the older bytes (it goes up again before a record
+        // names it).
+        let (data, r, stale) = match laid.and_then(|p| lay_pages(data.as_ref(), &p, self.chunk_size)) {
+            // Zeros need no object.
+            Some(None) => (None, ChunkRef::Zero, false),
+            Some(d) => (d, r, true),
+            None => (data, r, false),
+        };
         let unchanged = st.slots.get(&index).is_some_and(|s| s.version == version);
         let permit = if unchanged { st.slots.remove(&index).and_then(|mut s| s.permit.take()) } else { None };
         if unchanged {
@@ -135,7 +183,7 @@ impl Inner {
             }
         }
         // A staged chunk it replaces keeps its permit until dropped here.
-        st.staged.insert(index, Staged { r, data, at, _permit: permit });
+        st.staged.insert(index, Staged { r, data, at, read, stale, _permit: permit });
         Ok(())
     }
 
@@ -276,13 +324,13 @@ impl Inner {
         // Never waits for a chunk's locks: a writer holding one may be
         // waiting for memory that only the uploader (which folds) frees.
         let Some(_u) = self.upload_locks.try_lock(index) else { return Ok(false) };
-        let (data, map, patch) = {
+        let (data, map, patch, read) = {
             let Some(_g) = self.locks.try_lock(index) else { return Ok(false) };
-            let (map, patch) = {
+            let (map, patch, read) = {
                 let st = self.lock();
-                (st.map.get(&index).copied(), st.patches.get(&index).cloned())
+                (st.map.get(&index).copied(), st.patches.get(&index).cloned(), st.tick)
             };
-            (self.stored_bytes(index).await?, map, patch)
+            (self.stored_bytes(index).await?, map, patch, read)
         };
         let Some(patch) = patch else { return Ok(false) };
         let at = Stamp::now(self.opts.clock.as_ref());
@@ -306,20 +354,22 @@ impl Inner {
             return Ok(false);
         }
         let data = data.filter(|_| matches!(r, ChunkRef::Stored { .. }));
-        st.staged.insert(index, Staged { r, data, at, _permit: None });
+        st.staged.insert(index, Staged { r, data, at, read, stale: false, _permit: None });
         Ok(true)
     }
 
-    /// Staged chunks uploaded longer ago than `restage_after` go up again
-    /// under fresh names from the bytes kept in memory, so that no commit
-    /// refers to a chunk compaction could have collected meanwhile.
+    /// Staged chunks uploaded longer ago than `restage_after`, or whose
+    /// bytes changed since (stale), go up again under fresh names from the
+    /// bytes kept in memory, so that no commit refers to a chunk
+    /// compaction could have collected meanwhile, or to older bytes than
+    /// the chunk's.
     pub(super) async fn restage(&self, older_than: Duration) -> VolumeResult<()> {
         let clock = self.opts.clock.as_ref();
         let old: Vec<(u64, ChunkRef, Bytes)> = {
             let st = self.lock();
             st.staged
                 .iter()
-                .filter(|(_, s)| s.at.age(clock) >= older_than)
+                .filter(|(_, s)| s.stale || s.at.age(clock) >= older_than)
                 .filter_map(|(i, s)| s.data.clone().map(|d| (*i, s.r, d)))
                 .collect()
         };
@@ -327,9 +377,15 @@ impl Inner {
             let at = Stamp::now(clock);
             let r = self.put_chunk(index, &data).await?;
             let mut st = self.lock();
-            if let Some(s) = st.staged.get_mut(&index).filter(|s| s.r == old_ref) {
+            // Not when replaced meanwhile, or when its bytes changed again.
+            if let Some(s) = st
+                .staged
+                .get_mut(&index)
+                .filter(|s| s.r == old_ref && s.data.as_ref().is_some_and(|d| d.as_ptr() == data.as_ptr()))
+            {
                 s.r = r;
                 s.at = at;
+                s.stale = false;
             }
             tracing::debug!(volume = %self.vol, index, "uploaded an old staged chunk again before committing it");
         }
