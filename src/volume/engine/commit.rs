@@ -358,12 +358,17 @@ impl Inner {
                 self.settle(p).await?;
                 continue;
             }
-            self.restage(self.opts.restage_after).await?;
-            let mut st = self.lock();
-            if st.staged.values().any(|s| s.stale) {
-                // Made stale while it re-uploaded others: again.
-                continue;
-            }
+            // Uploads that were in flight when a record landed stage stale
+            // chunks as they end, each going up again here: few (one per
+            // upload in flight then; no record lands meanwhile), so this
+            // ends, and costs none of the attempts below.
+            let mut st = loop {
+                self.restage(self.opts.restage_after).await?;
+                let st = self.lock();
+                if !st.staged.values().any(|s| s.stale) {
+                    break st;
+                }
+            };
             // The pages of the chunks this flush sends inline, as they are
             // now: within the limits `choose_inline` kept to, which pages
             // written since may have pushed them past.
