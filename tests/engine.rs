@@ -1667,6 +1667,42 @@ async fn a_write_during_an_upload_of_pages_leaves_the_chunk_holding_only_its_pag
     assert_fsck_clean(&mem, "v/").await;
 }
 
+/// The chunk such an upload merged stays counted in the dirty budget
+/// until the record naming it lands (past the limit if need be): with
+/// commits slow or failing, uploads of chunks written meanwhile cannot
+/// pile up memory the budget does not see, across volumes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_staged_while_written_again_counts_in_the_dirty_budget_until_committed() {
+    let (_mem, journal, chunks, store) = held_puts_volume().await;
+    let budget = s3blk::volume::budget::MemoryBudget::new(8 * CS as u64, 2 * CS as u64);
+    let opts = OpenOptions { budget: Some(budget.clone()), ..OpenOptions::default() };
+    let v = Volume::open(store.clone(), "v/", opts).await.expect("open");
+    // Half the chunk's pages: the flush uploads the chunk.
+    v.write(0, &common::pattern(1, CS as usize / 2)).await.expect("write");
+    chunks.arm(&format!("{}{:016x}/", format::chunk_prefix("v/"), 0), 1);
+    journal.arm(&format::journal_prefix("v/"), 1);
+    let flush = {
+        let v = v.clone();
+        tokio::spawn(async move { v.flush().await })
+    };
+    chunks.until(1, false).await;
+    v.write(CS as u64 / 2 + 4096, &common::pattern(2, 4096)).await.expect("write during the upload");
+    let slot = budget.dirty_bytes();
+    chunks.release.add_permits(1);
+    // Staged; the record naming it is held.
+    journal.until(1, false).await;
+    let staged = budget.dirty_bytes();
+    assert!(
+        staged >= slot + CS as u64,
+        "the staged chunk is not counted: {staged} bytes dirty with it, {slot} before it"
+    );
+    journal.release.add_permits(1);
+    flush.await.expect("join").expect("flush");
+    assert_eq!(budget.dirty_bytes(), slot, "committed: only the chunk still dirty is counted");
+    v.flush().await.expect("flush");
+    assert_eq!(budget.dirty_bytes(), 0);
+}
+
 /// A flush carries chunk 0's pages inline (b on page 1) while an older
 /// upload of the chunk (b0 on page 1) is in flight; a write after the
 /// record was built keeps the chunk dirty, and the upload then stages its

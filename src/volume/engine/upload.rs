@@ -182,6 +182,25 @@ impl Inner {
                 None => st.clean.remove(index),
             }
         }
+        // The staged bytes stay counted until committed, past the limit if
+        // need be (committed, they free more): a chunk of pages merged for
+        // the upload, or a whole chunk the slot copied when written during
+        // the upload, is a buffer the slot's charge does not cover.
+        let permit = match &self.dirty {
+            Some(d) => {
+                let held = data.as_ref().map_or(0, |b| b.len() as u64);
+                let counted = permit.as_ref().map_or(0, DirtyGuard::bytes);
+                match (permit, held > counted) {
+                    (Some(mut p), true) => {
+                        p.absorb(d.overdraft(held - counted));
+                        Some(p)
+                    }
+                    (None, true) => Some(d.overdraft(held)),
+                    (p, false) => p,
+                }
+            }
+            None => permit,
+        };
         // A staged chunk it replaces keeps its permit until dropped here.
         st.staged.insert(index, Staged { r, data, at, read, stale, _permit: permit });
         Ok(())
