@@ -1594,3 +1594,72 @@ async fn a_chunk_listing_out_of_key_order_stops_compaction() {
         assert_eq!(got, Ok(common::pattern(i, CS as usize)[..16].to_vec()), "chunk {i}");
     }
 }
+
+/// A compactor walking a view that starts from a split checkpoint finds a
+/// part of it gone, and at the checkpoint's key a manifest of another
+/// checkpoint at the same seq: a faster compactor folded past it and
+/// removed it, and a slower one's PUT of its own manifest (its parts
+/// removed too) landed after. That is no damage: the walk stops as when
+/// the manifest is gone (found by the simulation, seed 32313141913681,
+/// where it was reported as damage). A part missing under the manifest
+/// that names it is damage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_gone_under_another_manifest_at_its_seq_is_no_damage() {
+    use s3blk::volume::mapview;
+    format::set_checkpoint_part_entries(1);
+    let store: DynStore = Arc::new(MemoryStore::new());
+    create(&store, "v/", 4 * CSU).await;
+    let v = open_with(&store, "v/", OpenOptions::default()).await;
+    for i in 0..3u64 {
+        v.write(i * CSU, &vec![i as u8 + 1; CS as usize]).await.expect("write");
+        v.flush().await.expect("flush");
+    }
+    drop(v);
+    let head = mapview::replay_view(store.as_ref(), "v/", CSU, None).await.expect("view");
+    let x = head.head();
+    assert!(head.write_checkpoint(store.as_ref(), "v/").await.expect("checkpoint"), "written");
+    let at = mapview::replay_view(store.as_ref(), "v/", CSU, Some(x)).await.expect("view at the checkpoint");
+    assert_eq!(at.base.seq(), Some(x));
+    assert!(at.slices() > 1, "the checkpoint is split");
+    let parts = |store: DynStore| async move {
+        store::list_all(store.as_ref(), &format::checkpoint_prefix("v/"))
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|o| o.key)
+            .filter(|k| format::parse_checkpoint_part_key("v/", k).is_some())
+            .collect::<Vec<String>>()
+    };
+    let first = parts(store.clone()).await;
+    // A part missing under its own manifest: damage.
+    let gone = format::checkpoint_part_key("v/", x, tag_of(&store, x).await, 0);
+    let kept = store.get(&gone, None).await.expect("part");
+    store.delete(&gone).await.expect("delete");
+    match at.slice(store.as_ref(), "v/", 0).await {
+        Err(VolumeError::Corrupt(why)) => assert!(why.contains("which is missing"), "{why}"),
+        other => panic!("a part missing under its manifest: {:?}", other.map(|s| s.entries)),
+    }
+    store.put(&gone, kept, PutMode::Overwrite).await.expect("put back");
+    // Folded past and removed; another compactor's manifest at the seq
+    // landed afterwards (its own parts there or not).
+    for k in &first {
+        store.delete(k).await.expect("delete part");
+    }
+    store.delete(&format::checkpoint_key("v/", x)).await.expect("delete manifest");
+    assert!(head.write_checkpoint(store.as_ref(), "v/").await.expect("checkpoint again"), "written again");
+    match at.slice(store.as_ref(), "v/", 0).await {
+        Err(VolumeError::Store(store::StoreError::NotFound(_))) => {}
+        Err(e) => panic!("a part removed with its checkpoint, another manifest there now: {e}"),
+        Ok(_) => panic!("a removed part was read"),
+    }
+}
+
+/// The tag of the split checkpoint at `seq`.
+async fn tag_of(store: &DynStore, seq: u64) -> u64 {
+    let key = format::checkpoint_key("v/", seq);
+    let b = store.get(&key, None).await.expect("manifest");
+    match format::StoredCheckpoint::decode(&b, &key).expect("decode") {
+        format::StoredCheckpoint::Split(s) => s.tag,
+        format::StoredCheckpoint::Whole(_) => panic!("not split"),
+    }
+}

@@ -191,7 +191,9 @@ pub async fn compact(
             at_fold = replay_at(x - 1).await?;
         }
         let x = fold.unwrap_or(x);
-        if !has_checkpoint(x) {
+        // Not when the view starts from one at `x` (written since the
+        // listing, by another compactor or the writer).
+        if !has_checkpoint(x) && at_fold.base.seq() != Some(x) {
             report.checkpoints_written += 1;
             if !opts.dry_run {
                 // Another compactor (or the writer) may have written the

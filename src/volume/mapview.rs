@@ -180,7 +180,19 @@ impl MapView {
                         if replay::checkpoint_after(store, vol, upto, from).await? {
                             return Err(StoreError::NotFound(key).into());
                         }
-                        if store.head(&manifest).await?.is_some() {
+                        // Damage only when the manifest there is still this
+                        // checkpoint's: another one at the same seq (a
+                        // slower compactor's, landing after a faster one
+                        // removed this one) means this one was removed.
+                        let ours = match store.get(&manifest, None).await {
+                            Ok(b) => matches!(
+                                format::StoredCheckpoint::decode(&b, &manifest),
+                                Ok(format::StoredCheckpoint::Split(s)) if s.tag == split.tag
+                            ),
+                            Err(StoreError::NotFound(_)) => false,
+                            Err(e) => return Err(e.into()),
+                        };
+                        if ours {
                             return Err(VolumeError::Corrupt(format!(
                                 "{manifest} names the part {key}, which is missing"
                             )));
