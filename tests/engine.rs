@@ -2742,6 +2742,34 @@ async fn on_a_latency_bound_store_a_chunk_missed_twice_comes_whole() {
     }
 }
 
+/// The same, where the cache pool the volume shares with others is
+/// smaller than a chunk (its own cap is not): a whole chunk fetched could
+/// not stay, so the second miss fetches blocks too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_missed_twice_comes_in_blocks_when_the_shared_cache_cannot_keep_it() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let vol = "v/";
+    let data = two_chunks_of_1mib(&mem, vol).await;
+    let each = Duration::from_millis(40);
+    let gets = delayed_and_recorded(&mem, ChunkGetDelays { whole: each, ranged: each });
+    let logged: DynStore = gets.clone();
+    let budget = s3blk::volume::budget::MemoryBudget::new(4 * MIB, MIB / 2);
+    let opts = OpenOptions { read_only: true, budget: Some(budget), ..OpenOptions::default() };
+    let v = Volume::open(logged, vol, opts).await.expect("open");
+    let r = |at: u64, len: u64| data[at as usize..(at + len) as usize].to_vec();
+    assert_eq!(v.read(4 * VB, 4096).await.expect("read"), r(4 * VB, 4096));
+    let first = gets.take();
+    assert!(!first.is_empty() && first.iter().all(|(_, r)| r.is_some()), "the first miss: {first:?}");
+    assert_eq!(v.read(10 * VB, 4096).await.expect("read"), r(10 * VB, 4096));
+    let second = gets.take();
+    assert!(
+        !second.is_empty() && second.iter().all(|(_, r)| r.is_some()),
+        "the second miss fetched the whole chunk, which the cache cannot keep: {second:?}"
+    );
+    assert_eq!(v.read(10 * VB, 4096).await.expect("read"), r(10 * VB, 4096));
+    assert_eq!(gets.take(), vec![], "the blocks read stay cached");
+}
+
 /// One flipped bit in a block, or in the table, of a chunk object: the
 /// reads that need it fail as damage (never return its bytes), other
 /// blocks still read, and fsck reports the object.

@@ -86,6 +86,12 @@ impl CleanCache {
         self.id
     }
 
+    /// The most one entry can hold: this cache's cap, or the pool's when
+    /// that is smaller.
+    pub fn room(&self) -> u64 {
+        self.limit.min(self.pool.limit())
+    }
+
     /// The whole chunk, if cached whole.
     pub fn get(&mut self, index: u64) -> Option<Bytes> {
         let hit = self.entries.get_mut(&index).and_then(|e| match &e.held {

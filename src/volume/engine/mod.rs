@@ -481,6 +481,9 @@ struct Inner {
     /// After `state`: the guards its slots hold drop first.
     dirty: Option<DirtyAccount>,
     flush_lock: tokio::sync::Mutex<()>,
+    /// The most one entry of its cache can hold: its own cap, or the
+    /// pool's it shares with other volumes when that is smaller.
+    cache_room: u64,
     uploader_running: AtomicBool,
     generation_counter: AtomicU64,
     /// Its commit and NBD request metrics; its gauges read [`Inner::figures`].
@@ -774,6 +777,7 @@ impl Volume {
         );
         let read_only = opts.read_only;
         let cache_id = state.clean.id();
+        let cache_room = state.clean.room();
         let v = Volume {
             inner: Arc::new_cyclic(|me: &std::sync::Weak<Inner>| Inner {
                 metrics: crate::metrics::global().volume(vol, me.clone()),
@@ -793,6 +797,7 @@ impl Volume {
                 generation_counter: AtomicU64::new(1),
                 recovery: Mutex::new(None),
                 fetch_costs: fetchcost::FetchCosts::default(),
+                cache_room,
             }),
         };
         // Other volumes of the budget may now ask this one to upload or

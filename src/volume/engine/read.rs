@@ -162,7 +162,7 @@ impl Volume {
     fn ranged(&self, offset: u64) -> bool {
         // A cache that cannot keep a whole chunk would fetch it again for
         // every read of it.
-        self.inner.lock().last_read_end != offset || self.inner.opts.cache_limit < self.inner.chunk_size
+        self.inner.lock().last_read_end != offset || self.inner.cache_room < self.inner.chunk_size
     }
 
     pub(super) fn maybe_readahead(&self, offset: u64, len: u64) {
@@ -207,7 +207,7 @@ impl Inner {
     /// and no more than a quarter of the cache (none when a chunk is more
     /// than that: what it fetched would not stay).
     fn readahead_limit(&self) -> u64 {
-        let quarter = self.opts.cache_limit / 4 / self.chunk_size;
+        let quarter = self.cache_room / 4 / self.chunk_size;
         self.opts.readahead_chunks.min(quarter)
     }
 
@@ -493,7 +493,7 @@ impl Inner {
         // chunk read at random more than once, likely read again. Where
         // requests cost more than bytes, it comes whole.
         // (Not when the cache cannot keep a whole chunk.)
-        if table.is_some() && self.opts.cache_limit >= cs && self.fetch_costs.whole_on_second_miss() {
+        if table.is_some() && self.cache_room >= cs && self.fetch_costs.whole_on_second_miss() {
             return Ok(None);
         }
         let key = chunk_key(vol, index, generation);
