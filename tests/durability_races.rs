@@ -1663,3 +1663,80 @@ async fn tag_of(store: &DynStore, seq: u64) -> u64 {
         format::StoredCheckpoint::Whole(_) => panic!("not split"),
     }
 }
+
+/// The same for a whole replay (a writer or reader opening the volume):
+/// a part gone while another manifest replaced the one read is no damage,
+/// the checkpoint was removed (the caller lists again); a part gone under
+/// the manifest read is damage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_replaced_while_its_parts_are_read_is_not_damage() {
+    use s3blk::volume::{mapview, replay};
+    format::set_checkpoint_part_entries(1);
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CSU).await;
+    let v = open_with(&mem, "v/", OpenOptions::default()).await;
+    for i in 0..3u64 {
+        v.write(i * CSU, &vec![i as u8 + 1; CS as usize]).await.expect("write");
+        v.flush().await.expect("flush");
+    }
+    drop(v);
+    let view = mapview::replay_view(mem.as_ref(), "v/", CSU, None).await.expect("view");
+    let x = view.head();
+    let key = format::checkpoint_key("v/", x);
+    assert!(view.write_checkpoint(mem.as_ref(), "v/").await.expect("checkpoint"));
+    let first = mem.get(&key, None).await.expect("manifest");
+    let first_tag = tag_of(&mem, x).await;
+    mem.delete(&key).await.expect("delete");
+    assert!(view.write_checkpoint(mem.as_ref(), "v/").await.expect("checkpoint again"));
+    let second = mem.get(&key, None).await.expect("manifest");
+    mem.put(&key, first.clone(), PutMode::Overwrite).await.expect("the first back");
+    let parts: Vec<String> = (0..3u32).map(|n| format::checkpoint_part_key("v/", x, first_tag, n)).collect();
+    // While the first part is read: the first checkpoint's parts go, and
+    // the second's manifest lands.
+    let swap = Wrapped::new(
+        mem.clone(),
+        SwapOnPart { armed: AtomicBool::new(true), parts: parts.clone(), manifest: (key.clone(), Some(second)) },
+    );
+    let store: DynStore = swap.clone();
+    match replay::read_checkpoint(store.as_ref(), "v/", x).await {
+        Err(VolumeError::Store(store::StoreError::NotFound(_))) => {}
+        Err(e) => panic!("a checkpoint replaced while read: {e}"),
+        Ok(_) => panic!("a checkpoint whose parts are gone was read"),
+    }
+    // A part gone under the manifest read: damage.
+    let second_tag = tag_of(&mem, x).await;
+    let part = format::checkpoint_part_key("v/", x, second_tag, 1);
+    let swap = Wrapped::new(
+        mem.clone(),
+        SwapOnPart { armed: AtomicBool::new(true), parts: vec![part], manifest: (key, None) },
+    );
+    let store: DynStore = swap.clone();
+    match replay::read_checkpoint(store.as_ref(), "v/", x).await {
+        Err(VolumeError::Corrupt(why)) => assert!(why.contains("which is missing"), "{why}"),
+        other => panic!("a part missing under its manifest: {:?}", other.map(|c| c.seq)),
+    }
+}
+
+/// On the first GET of a checkpoint part: `parts` deleted, and the
+/// manifest replaced when one is given.
+#[derive(Debug)]
+struct SwapOnPart {
+    armed: AtomicBool,
+    parts: Vec<String>,
+    manifest: (String, Option<Bytes>),
+}
+
+#[async_trait]
+impl Around for SwapOnPart {
+    async fn get(&self, inner: &DynStore, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
+        if format::parse_checkpoint_part_key("v/", key).is_some() && self.armed.swap(false, Ordering::SeqCst) {
+            for p in &self.parts {
+                inner.delete(p).await?;
+            }
+            if let (k, Some(m)) = &self.manifest {
+                inner.put(k, m.clone(), PutMode::Overwrite).await?;
+            }
+        }
+        inner.get(key, range).await
+    }
+}

@@ -141,9 +141,17 @@ pub async fn read_checkpoint(store: &dyn ObjectStore, vol: &str, seq: u64) -> Vo
             Ok(Some((n, part, b))) => split.decode_part(n, &b, &part, &mut cp)?,
             Ok(None) => break,
             // Compaction removes a checkpoint's manifest before its parts:
-            // a part gone while the manifest is still there is damage.
-            Err(StoreError::NotFound(part)) if store.head(&key).await?.is_some() => {
-                return Err(VolumeError::Corrupt(format!("{key} names the part {part}, which is missing")));
+            // a part gone while the manifest read is still there is
+            // damage. Another manifest there now (a slower compactor's,
+            // landing after this checkpoint was removed) is not.
+            Err(StoreError::NotFound(part)) => {
+                return match store.get(&key, None).await {
+                    Ok(now) if now == bytes => {
+                        Err(VolumeError::Corrupt(format!("{key} names the part {part}, which is missing")))
+                    }
+                    Ok(_) | Err(StoreError::NotFound(_)) => Err(StoreError::NotFound(part).into()),
+                    Err(e) => Err(e.into()),
+                };
             }
             Err(e) => return Err(e.into()),
         }
