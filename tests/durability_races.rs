@@ -1740,3 +1740,34 @@ impl Around for SwapOnPart {
         inner.get(key, range).await
     }
 }
+
+/// A writer taken over without knowing it (nothing dirty since, so no
+/// commit told it) holds a head the journal has moved past. A snapshot it
+/// took would pin that old seq, which a compaction that listed the
+/// snapshots before the record landed folds away right after the
+/// snapshot's own check (the record still there) passes: an unreadable
+/// snapshot that stops every later pass. It is refused as fenced, and
+/// nothing is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_taken_over_unawares_takes_no_snapshot_of_its_old_head() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    create(&store, "v/", 4 * CSU).await;
+    let a = open_with(&store, "v/", OpenOptions::default()).await;
+    a.write(0, &vec![1u8; CS as usize]).await.expect("write");
+    a.flush().await.expect("flush");
+    let b = open_with(&store, "v/", OpenOptions::default()).await;
+    b.write(CSU, &vec![2u8; CS as usize]).await.expect("write");
+    b.flush().await.expect("flush");
+    match a.snapshot("s").await {
+        Err(VolumeError::Fenced(why)) => assert!(why.contains("another writer"), "{why}"),
+        Err(e) => panic!("the old writer's snapshot failed otherwise: {e}"),
+        Ok(rec) => panic!("the old writer pinned seq {} under a snapshot", rec.seq),
+    }
+    assert!(store.get(&format::snapshot_key("v/", "s"), None).await.is_err(), "a snapshot record was left behind");
+    // The live writer's snapshot is taken.
+    let rec = b.snapshot("s").await.expect("the live writer's snapshot");
+    assert!(rec.seq >= 2);
+    // A read-only handle takes none.
+    let r = open_with(&store, "v/", OpenOptions { read_only: true, ..OpenOptions::default() }).await;
+    assert!(matches!(r.snapshot("t").await, Err(VolumeError::InvalidArgument(_))));
+}

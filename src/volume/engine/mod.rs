@@ -1008,12 +1008,40 @@ impl Volume {
     /// Flush, then record a snapshot pinning the committed state.
     pub async fn snapshot(&self, name: &str) -> VolumeResult<SnapshotRecord> {
         format::validate_snapshot_name(name).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
+        if self.inner.opts.read_only {
+            // Its head is where it was opened (or last followed the journal).
+            return Err(VolumeError::InvalidArgument(format!(
+                "snapshot {name}: a read-only handle takes no snapshot; snapshot the volume's committed head instead"
+            )));
+        }
         self.flush().await?;
         let (seq, size) = {
             let st = self.inner.lock();
             (st.head, st.committed_size)
         };
         let started = Instant::now();
+        // A writer fenced without knowing it (nothing to commit since)
+        // holds a head another writer has moved past, maybe long ago: a
+        // compaction running now may fold past it after the check in
+        // `record_snapshot` (which sees its record still there). So the
+        // seq after it must be free, or a record of this writer's own (a
+        // commit since, young): then no compaction folds past it before
+        // it sees the snapshot.
+        let next = journal_key(&self.inner.vol, seq + 1);
+        match self.inner.store.get(&next, None).await {
+            Err(StoreError::NotFound(_)) => {}
+            Ok(b) => {
+                let r = JournalRecord::decode(&b, &next)?;
+                if r.writer != self.inner.writer {
+                    return Err(self.inner.fence(format!(
+                        "record {} is another writer's: this one's head ({seq}) is not the volume's, no snapshot \
+                         {name} taken",
+                        seq + 1
+                    )));
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
         let rec = SnapshotRecord {
             format_version: format::FORMAT_V1,
             name: name.to_string(),
@@ -1021,8 +1049,6 @@ impl Volume {
             size,
             created_unix: self.inner.opts.clock.now_unix(),
         };
-        // A writer fenced without knowing it (nothing to commit since) could
-        // pin a seq compaction has folded away: the check below catches it.
         record_snapshot(&self.inner.store, &self.inner.vol, rec, started, true).await
     }
 }
