@@ -1771,3 +1771,87 @@ async fn a_writer_taken_over_unawares_takes_no_snapshot_of_its_old_head() {
     let r = open_with(&store, "v/", OpenOptions { read_only: true, ..OpenOptions::default() }).await;
     assert!(matches!(r.snapshot("t").await, Err(VolumeError::InvalidArgument(_))));
 }
+
+/// A third compactor whose fold point is the seq of such a late manifest
+/// (its parts gone with the checkpoint a faster compactor folded past)
+/// starts its fold view from that manifest: the part it misses is no
+/// damage, since the record at that seq is gone too (records go only
+/// below a fold point). The same part missing while the record is still
+/// there is damage, however new the writer's latest checkpoint; and at a
+/// seq a snapshot pins (no fold removes that checkpoint) it is damage too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_manifest_at_a_folded_seq_is_no_damage_to_a_view_starting_from_it() {
+    use s3blk::volume::mapview;
+    format::set_checkpoint_part_entries(1);
+    let store: DynStore = Arc::new(MemoryStore::new());
+    create(&store, "v/", 4 * CSU).await;
+    let v = open_with(&store, "v/", OpenOptions::default()).await;
+    for i in 0..3u64 {
+        v.write(i * CSU, &vec![i as u8 + 1; CS as usize]).await.expect("write");
+        v.flush().await.expect("flush");
+    }
+    let at_x = mapview::replay_view(store.as_ref(), "v/", CSU, None).await.expect("view");
+    let x = at_x.head();
+    let key = format::checkpoint_key("v/", x);
+    // Two checkpoints at x: the first stays, the second's manifest is kept
+    // aside (a slower compactor's PUT on its way).
+    assert!(at_x.write_checkpoint(store.as_ref(), "v/").await.expect("checkpoint"));
+    let first = store.get(&key, None).await.expect("manifest");
+    store.delete(&key).await.expect("delete");
+    assert!(at_x.write_checkpoint(store.as_ref(), "v/").await.expect("checkpoint again"));
+    let late = store.get(&key, None).await.expect("manifest");
+    store.put(&key, first, PutMode::Overwrite).await.expect("the first back");
+    let late_tag = {
+        let b = late.clone();
+        match format::StoredCheckpoint::decode(&b, &key).expect("decode") {
+            format::StoredCheckpoint::Split(s) => s.tag,
+            format::StoredCheckpoint::Whole(_) => panic!("not split"),
+        }
+    };
+    // More records, and a newer checkpoint (the writer's, or a fold's).
+    v.write(3 * CSU, &vec![9u8; CS as usize]).await.expect("write");
+    v.flush().await.expect("flush");
+    drop(v);
+    let newer = mapview::replay_view(store.as_ref(), "v/", CSU, None).await.expect("view");
+    assert!(newer.head() > x);
+    assert!(newer.write_checkpoint(store.as_ref(), "v/").await.expect("newer checkpoint"));
+    let part0 = format::checkpoint_part_key("v/", x, late_tag, 0);
+    // The record at x still there: a part of the checkpoint the view
+    // starts from missing is damage, newer checkpoint or not.
+    store.put(&key, late.clone(), PutMode::Overwrite).await.expect("the late manifest");
+    let view = mapview::replay_view(store.as_ref(), "v/", CSU, Some(x)).await.expect("view at x");
+    let kept = store.get(&part0, None).await.expect("part");
+    store.delete(&part0).await.expect("delete");
+    match view.slice(store.as_ref(), "v/", 0).await {
+        Err(VolumeError::Corrupt(why)) => assert!(why.contains("which is missing"), "{why}"),
+        other => panic!("a part missing, its record there: {:?}", other.map(|s| s.entries)),
+    }
+    store.put(&part0, kept, PutMode::Overwrite).await.expect("put back");
+    // Folded past x: records up to x and every part at x go; then the late
+    // manifest lands.
+    for seq in 0..=x {
+        store.delete(&format::journal_key("v/", seq)).await.expect("delete record");
+    }
+    let parts: Vec<String> = store::list_all(store.as_ref(), &format::checkpoint_prefix("v/"))
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|o| o.key)
+        .filter(|k| format::parse_checkpoint_part_key("v/", k).is_some_and(|(s, _, _)| s == x))
+        .collect();
+    for k in parts {
+        store.delete(&k).await.expect("delete part");
+    }
+    store.put(&key, late, PutMode::Overwrite).await.expect("the late manifest lands");
+    let view = mapview::replay_view(store.as_ref(), "v/", CSU, Some(x)).await.expect("view at x");
+    assert_eq!(view.base.seq(), Some(x), "the view starts from the late manifest");
+    match view.slice(store.as_ref(), "v/", 0).await {
+        Err(VolumeError::Store(store::StoreError::NotFound(_))) => {}
+        Err(e) => panic!("a late manifest at a folded seq: {e}"),
+        Ok(_) => panic!("a removed part was read"),
+    }
+    // Pinned by a snapshot, the same is damage.
+    let mut pinned = view;
+    pinned.pinned = true;
+    assert!(matches!(pinned.slice(store.as_ref(), "v/", 0).await, Err(VolumeError::Corrupt(_))));
+}

@@ -238,6 +238,8 @@ pub async fn compact(
                 walk_step(at.write_checkpoint(store.as_ref(), vol).await)?;
             }
         }
+        let mut at = at;
+        at.pinned = true;
         add_view(&mut views, at);
         pinned.insert(snap.seq);
     }
@@ -483,8 +485,10 @@ fn add_map<'a>(live: &mut HashSet<(u64, u64)>, map: impl Iterator<Item = (&'a u6
 /// Keep `view` among the maps to walk, unless one with the same start
 /// and head (so the same map) is there already.
 fn add_view(views: &mut Vec<MapView>, view: MapView) {
-    if !views.iter().any(|v| v.base.seq() == view.base.seq() && v.head() == view.head()) {
-        views.push(view);
+    match views.iter_mut().find(|v| v.base.seq() == view.base.seq() && v.head() == view.head()) {
+        // The same map: pinned when either is.
+        Some(v) => v.pinned |= view.pinned,
+        None => views.push(view),
     }
 }
 

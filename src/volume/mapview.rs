@@ -52,6 +52,11 @@ pub struct MapView {
     /// head, epoch and size.
     pub delta: Replayed,
     chunk_size: u64,
+    /// A snapshot pins its seq: compaction keeps the checkpoint there
+    /// whatever it folds past, so a part of it gone is damage even with a
+    /// newer checkpoint on the store. (Not pinned: the head, a fold point,
+    /// where a newer checkpoint means a fold past removed it.)
+    pub pinned: bool,
 }
 
 /// The view's map over chunk indexes `first..=last`: entries in index order
@@ -103,7 +108,7 @@ pub async fn replay_view(
         if from.is_none() && delta.records_replayed == 0 {
             return Err(replay::nothing_to_replay(vol));
         }
-        return Ok(MapView { base, delta, chunk_size });
+        return Ok(MapView { base, delta, chunk_size, pinned: false });
     }
 }
 
@@ -175,9 +180,21 @@ impl MapView {
                         }
                         // A compaction folded past this checkpoint (writing a
                         // newer one first) and removed it; its manifest may
-                        // even be back, a PUT of it landing late.
-                        let (upto, from) = (Some(self.delta.head), Some(split.seq));
-                        if replay::checkpoint_after(store, vol, upto, from).await? {
+                        // even be back, a PUT of it landing late. Not at a
+                        // pinned seq, which no fold removes: there a newer
+                        // checkpoint up to the view's head tells. Elsewhere
+                        // the record at its seq gone tells (records go only
+                        // below a fold point), not any newer checkpoint (a
+                        // writer writes them as it goes).
+                        let from = Some(split.seq);
+                        let removed = match self.pinned {
+                            true => replay::checkpoint_after(store, vol, Some(self.delta.head), from).await?,
+                            false => {
+                                store.head(&format::journal_key(vol, split.seq)).await?.is_none()
+                                    && replay::checkpoint_after(store, vol, None, from).await?
+                            }
+                        };
+                        if removed {
                             return Err(StoreError::NotFound(key).into());
                         }
                         // Damage only when the manifest there is still this
