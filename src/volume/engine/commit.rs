@@ -321,6 +321,17 @@ impl Inner {
                 if data.is_none() {
                     s.r = ChunkRef::Zero;
                 }
+                // Bytes where there were none (a chunk staged as zeros)
+                // are counted too.
+                let more = data.as_ref().map_or(0, |b| b.len() as u64);
+                let counted = s.permit.as_ref().map_or(0, DirtyGuard::bytes);
+                if let (Some(d), true) = (&self.dirty, more > counted) {
+                    let extra = d.overdraft(more - counted);
+                    match s.permit.as_mut() {
+                        Some(p) => p.absorb(extra),
+                        None => s.permit = Some(extra),
+                    }
+                }
                 s.data = data;
             }
         }

@@ -296,8 +296,9 @@ struct Staged {
     /// object holds older bytes and goes up again before a record names
     /// it ([`Inner::restage`]).
     stale: bool,
-    /// Held, not read: dropped with the entry, it gives the memory back.
-    _permit: Option<DirtyGuard>,
+    /// The dirty budget its bytes hold: dropped with the entry, it gives
+    /// the memory back.
+    permit: Option<DirtyGuard>,
 }
 
 /// A chunk being uploaded from bytes read at tick `read`: a record built
@@ -1041,6 +1042,17 @@ impl Volume {
                 }
             }
             Err(e) => return Err(e.into()),
+        }
+        // And the record at the head itself still there: a compaction
+        // deleting records (in ascending order) has not reached it, so the
+        // one after it was never deleted either (only created, by this
+        // writer, since). A checkpoint at the head alone is no proof: a
+        // pass deleting records below its fold point deletes checkpoints
+        // after them.
+        if self.inner.store.head(&journal_key(&self.inner.vol, seq)).await?.is_none() {
+            return Err(VolumeError::Store(StoreError::Transient(format!(
+                "snapshot {name}: record {seq}, this writer's head, was folded by compaction; no snapshot taken, try again"
+            ))));
         }
         let rec = SnapshotRecord {
             format_version: format::FORMAT_V1,

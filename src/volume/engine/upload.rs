@@ -202,7 +202,7 @@ impl Inner {
             None => permit,
         };
         // A staged chunk it replaces keeps its permit until dropped here.
-        st.staged.insert(index, Staged { r, data, at, read, stale, _permit: permit });
+        st.staged.insert(index, Staged { r, data, at, read, stale, permit });
         Ok(())
     }
 
@@ -373,7 +373,12 @@ impl Inner {
             return Ok(false);
         }
         let data = data.filter(|_| matches!(r, ChunkRef::Stored { .. }));
-        st.staged.insert(index, Staged { r, data, at, read, stale: false, _permit: None });
+        // Counted until committed, as an upload's bytes are.
+        let permit = match (&self.dirty, &data) {
+            (Some(d), Some(b)) => Some(d.overdraft(b.len() as u64)),
+            _ => None,
+        };
+        st.staged.insert(index, Staged { r, data, at, read, stale: false, permit });
         Ok(true)
     }
 
