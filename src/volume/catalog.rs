@@ -916,8 +916,22 @@ fn clones_in(vol: &str, objects: &[ObjectInfo]) -> Vec<String> {
 /// The deletion proper of a tombstoned volume: it lets go of its source
 /// first (while its `volume.json` still names it), then every object goes.
 async fn finish_delete(store: &DynStore, vol: &str) -> CatalogResult<u64> {
-    if let Some(p) = replay::read_meta(store.as_ref(), vol).await.ok().and_then(|m| m.parent) {
-        release_source(store, &p.volume, vol).await?;
+    match replay::read_meta(store.as_ref(), vol).await {
+        Ok(m) => {
+            if let Some(p) = m.parent {
+                release_source(store, &p.volume, vol).await?;
+            }
+        }
+        // Gone: an earlier run of this delete let go of the source first.
+        Err(VolumeError::NotFound(_)) => {}
+        // Not read (the store failing): the delete stops, to be run again.
+        // Going on would purge the only record of the source, whose pin
+        // and marker for this volume would then stay for good.
+        Err(VolumeError::Store(e)) => return Err(e.into()),
+        // Damaged: no source can be known from it.
+        Err(e) => {
+            tracing::warn!(volume = vol, error = %e, "volume.json cannot be read; a source it may name keeps its pin and marker for this volume");
+        }
     }
     purge(store, vol).await
 }
