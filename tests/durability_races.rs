@@ -1606,14 +1606,7 @@ async fn a_chunk_listing_out_of_key_order_stops_compaction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_part_gone_under_another_manifest_at_its_seq_is_no_damage() {
     use s3blk::volume::mapview;
-    format::set_checkpoint_part_entries(1);
-    let store: DynStore = Arc::new(MemoryStore::new());
-    create(&store, "v/", 4 * CSU).await;
-    let v = open_with(&store, "v/", OpenOptions::default()).await;
-    for i in 0..3u64 {
-        v.write(i * CSU, &vec![i as u8 + 1; CS as usize]).await.expect("write");
-        v.flush().await.expect("flush");
-    }
+    let (store, v) = three_chunks_split_checkpoints().await;
     drop(v);
     let head = mapview::replay_view(store.as_ref(), "v/", CSU, None).await.expect("view");
     let x = head.head();
@@ -1671,14 +1664,7 @@ async fn tag_of(store: &DynStore, seq: u64) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_replaced_while_its_parts_are_read_is_not_damage() {
     use s3blk::volume::{mapview, replay};
-    format::set_checkpoint_part_entries(1);
-    let mem: DynStore = Arc::new(MemoryStore::new());
-    create(&mem, "v/", 4 * CSU).await;
-    let v = open_with(&mem, "v/", OpenOptions::default()).await;
-    for i in 0..3u64 {
-        v.write(i * CSU, &vec![i as u8 + 1; CS as usize]).await.expect("write");
-        v.flush().await.expect("flush");
-    }
+    let (mem, v) = three_chunks_split_checkpoints().await;
     drop(v);
     let view = mapview::replay_view(mem.as_ref(), "v/", CSU, None).await.expect("view");
     let x = view.head();
@@ -1782,14 +1768,7 @@ async fn a_writer_taken_over_unawares_takes_no_snapshot_of_its_old_head() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_manifest_at_a_folded_seq_is_no_damage_to_a_view_starting_from_it() {
     use s3blk::volume::mapview;
-    format::set_checkpoint_part_entries(1);
-    let store: DynStore = Arc::new(MemoryStore::new());
-    create(&store, "v/", 4 * CSU).await;
-    let v = open_with(&store, "v/", OpenOptions::default()).await;
-    for i in 0..3u64 {
-        v.write(i * CSU, &vec![i as u8 + 1; CS as usize]).await.expect("write");
-        v.flush().await.expect("flush");
-    }
+    let (store, v) = three_chunks_split_checkpoints().await;
     let at_x = mapview::replay_view(store.as_ref(), "v/", CSU, None).await.expect("view");
     let x = at_x.head();
     let key = format::checkpoint_key("v/", x);
@@ -1926,4 +1905,18 @@ async fn a_clone_deleted_while_its_volume_json_cannot_be_read_lets_go_of_its_sou
     assert!(mem.head(&marker).await.expect("head").is_none(), "the clone's marker is left");
     assert!(mem.head(&pin).await.expect("head").is_none(), "the clone's pin is left");
     assert!(store::list_all(mem.as_ref(), "c/").await.expect("list").is_empty(), "the clone's objects are left");
+}
+
+/// Volume "v/" on a memory store whose checkpoints are split one map
+/// entry a part, with three chunks written in three records; its writer.
+async fn three_chunks_split_checkpoints() -> (DynStore, Volume) {
+    format::set_checkpoint_part_entries(1);
+    let store: DynStore = Arc::new(MemoryStore::new());
+    create(&store, "v/", 4 * CSU).await;
+    let v = open_with(&store, "v/", OpenOptions::default()).await;
+    for i in 0..3u64 {
+        v.write(i * CSU, &vec![i as u8 + 1; CS as usize]).await.expect("write");
+        v.flush().await.expect("flush");
+    }
+    (store, v)
 }

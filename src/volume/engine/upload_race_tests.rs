@@ -72,6 +72,18 @@ impl ObjectStore for Gate {
 
 const CS: u64 = 64 << 10;
 
+/// Volume "v/" of four chunks on a memory store (`mem`), opened through a
+/// gate.
+async fn gated_volume() -> (DynStore, Arc<Gate>, Volume) {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let opts = CreateOptions { size: 4 * CS, chunk_size: CS as u32, parent: None, single_writer: false };
+    Volume::create(mem.clone(), "v/", opts, &SystemClock).await.expect("create");
+    let gate = Gate::new(mem.clone());
+    let store: DynStore = gate.clone();
+    let v = Volume::open(store, "v/", OpenOptions::default()).await.expect("open");
+    (mem, gate, v)
+}
+
 fn page(n: u8) -> Vec<u8> {
     vec![n; 4096]
 }
@@ -82,12 +94,7 @@ fn page(n: u8) -> Vec<u8> {
 /// and drop the committed pages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_overtaken_by_an_inline_commit_never_stages_older_bytes() {
-    let mem: DynStore = Arc::new(MemoryStore::new());
-    let opts = CreateOptions { size: 4 * CS, chunk_size: CS as u32, parent: None, single_writer: false };
-    Volume::create(mem.clone(), "v/", opts, &SystemClock).await.expect("create");
-    let gate = Gate::new(mem.clone());
-    let store: DynStore = gate.clone();
-    let v = Volume::open(store, "v/", OpenOptions::default()).await.expect("open");
+    let (mem, gate, v) = gated_volume().await;
     v.write(0, &page(1)).await.expect("write page 0");
     // The upload reads the slot (page 0 only) and waits at the gate.
     let inner = v.inner.clone();
@@ -120,12 +127,7 @@ async fn an_upload_overtaken_by_an_inline_commit_never_stages_older_bytes() {
 /// without the chunk's pages then keeps the page zero.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_older_than_a_zeroed_page_committed_inline_never_brings_it_back() {
-    let mem: DynStore = Arc::new(MemoryStore::new());
-    let opts = CreateOptions { size: 4 * CS, chunk_size: CS as u32, parent: None, single_writer: false };
-    Volume::create(mem.clone(), "v/", opts, &SystemClock).await.expect("create");
-    let gate = Gate::new(mem.clone());
-    let store: DynStore = gate.clone();
-    let v = Volume::open(store, "v/", OpenOptions::default()).await.expect("open");
+    let (mem, gate, v) = gated_volume().await;
     v.write(0, &page(1)).await.expect("write page 0");
     let inner = v.inner.clone();
     let upload = tokio::spawn(async move { inner.upload_chunk(0).await });
