@@ -284,7 +284,8 @@ impl Inner {
             }
         }
         // Then the pages, as replay lays them (after the chunk entries).
-        let mut patched = BTreeSet::new();
+        // This record's pages by chunk.
+        let mut patched: BTreeMap<u64, Patch> = BTreeMap::new();
         for w in &rec.inline {
             let index = w.offset / self.chunk_size;
             let page = ((w.offset % self.chunk_size) / PAGE as u64) as u32;
@@ -293,9 +294,9 @@ impl Inner {
             Arc::make_mut(patch).pages.insert(page, w.data.clone());
             let after = patch.bytes();
             st.patch_bytes += after - before;
-            patched.insert(index);
+            patched.entry(index).or_default().pages.insert(page, w.data.clone());
         }
-        for index in &patched {
+        for index in patched.keys() {
             // A cached copy predates the pages.
             st.clean.remove(*index);
         }
@@ -304,12 +305,7 @@ impl Inner {
         // flight), holds older bytes than its pages: named by a later
         // record as it is, it would take them back. Its bytes get the
         // pages; a staged one goes up again before a record names it.
-        for index in patched {
-            let mut laid = Patch::default();
-            for w in rec.inline.iter().filter(|w| w.offset / self.chunk_size == index) {
-                let page = ((w.offset % self.chunk_size) / PAGE as u64) as u32;
-                laid.pages.insert(page, w.data.clone());
-            }
+        for (index, laid) in patched {
             if let Some(r) = st.reading.get_mut(&index).filter(|r| r.read < built) {
                 r.laid.pages.extend(laid.pages.iter().map(|(p, d)| (*p, d.clone())));
             }
@@ -323,15 +319,7 @@ impl Inner {
                 }
                 // Bytes where there were none (a chunk staged as zeros)
                 // are counted too.
-                let more = data.as_ref().map_or(0, |b| b.len() as u64);
-                let counted = s.permit.as_ref().map_or(0, DirtyGuard::bytes);
-                if let (Some(d), true) = (&self.dirty, more > counted) {
-                    let extra = d.overdraft(more - counted);
-                    match s.permit.as_mut() {
-                        Some(p) => p.absorb(extra),
-                        None => s.permit = Some(extra),
-                    }
-                }
+                s.permit = self.staged_permit(s.permit.take(), data.as_ref());
                 s.data = data;
             }
         }

@@ -182,28 +182,30 @@ impl Inner {
                 None => st.clean.remove(index),
             }
         }
-        // The staged bytes stay counted until committed, past the limit if
-        // need be (committed, they free more): a chunk of pages merged for
-        // the upload, or a whole chunk the slot copied when written during
-        // the upload, is a buffer the slot's charge does not cover.
-        let permit = match &self.dirty {
-            Some(d) => {
-                let held = data.as_ref().map_or(0, |b| b.len() as u64);
-                let counted = permit.as_ref().map_or(0, DirtyGuard::bytes);
-                match (permit, held > counted) {
-                    (Some(mut p), true) => {
-                        p.absorb(d.overdraft(held - counted));
-                        Some(p)
-                    }
-                    (None, true) => Some(d.overdraft(held)),
-                    (p, false) => p,
-                }
-            }
-            None => permit,
-        };
+        // A chunk of pages merged for the upload, or a whole chunk the
+        // slot copied when written during the upload, is a buffer the
+        // slot's charge does not cover.
+        let permit = self.staged_permit(permit, data.as_ref());
         // A staged chunk it replaces keeps its permit until dropped here.
         st.staged.insert(index, Staged { r, data, at, read, stale, permit });
         Ok(())
+    }
+
+    /// `permit` grown to count `data`, a staged chunk's bytes, in the
+    /// dirty budget until committed: past the limit if need be, without
+    /// waiting (committed, they free more).
+    pub(super) fn staged_permit(&self, permit: Option<DirtyGuard>, data: Option<&Bytes>) -> Option<DirtyGuard> {
+        let held = data.map_or(0, |b| b.len() as u64);
+        let counted = permit.as_ref().map_or(0, DirtyGuard::bytes);
+        let Some(d) = self.dirty.as_ref().filter(|_| held > counted) else { return permit };
+        let more = d.overdraft(held - counted);
+        Some(match permit {
+            Some(mut p) => {
+                p.absorb(more);
+                p
+            }
+            None => more,
+        })
     }
 
     /// Upload the oldest dirty chunks until they hold no more than three
@@ -373,11 +375,7 @@ impl Inner {
             return Ok(false);
         }
         let data = data.filter(|_| matches!(r, ChunkRef::Stored { .. }));
-        // Counted until committed, as an upload's bytes are.
-        let permit = match (&self.dirty, &data) {
-            (Some(d), Some(b)) => Some(d.overdraft(b.len() as u64)),
-            _ => None,
-        };
+        let permit = self.staged_permit(None, data.as_ref());
         st.staged.insert(index, Staged { r, data, at, read, stale: false, permit });
         Ok(true)
     }
