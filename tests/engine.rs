@@ -1716,18 +1716,7 @@ async fn a_chunk_staged_while_written_again_counts_in_the_dirty_budget_until_com
 async fn an_upload_older_than_inline_pages_staged_after_them_is_never_committed() {
     let (mem, journal, chunks, store) = held_puts_volume().await;
     let (v, want, third) = older_upload_in_flight(&store, &chunks, &journal).await;
-    // The flush's record (chunk 0's pages inline) is held.
-    journal.arm(&format::journal_prefix("v/"), 1);
-    let flush = {
-        let v = v.clone();
-        tokio::spawn(async move { v.flush().await })
-    };
-    journal.until(2, false).await;
-    // Written after the record was built: page 0 again (no new budget).
-    let a3 = common::pattern(7, 4096);
-    v.write(0, &a3).await.expect("write a''");
-    let mut want = want;
-    want[..4096].copy_from_slice(&a3);
+    let (flush, want) = flush_held_then_written_again(&v, &journal, want).await;
     // The older upload ends and stages; the next upload of chunk 0 is held.
     chunks.arm(&format!("{}{:016x}/", format::chunk_prefix("v/"), 0), 1);
     chunks.release.add_permits(1);
@@ -1748,9 +1737,7 @@ async fn an_upload_older_than_inline_pages_staged_after_them_is_never_committed(
     // Whatever the uploader commits meanwhile.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_same(&v.read(0, 8192).await.expect("read"), &want, "the writer");
-    let got = open_ro(&mem, "v/").await.read(4096, 4096).await.expect("read");
-    assert!(got != common::pattern(5, 4096), "a fresh opener reads page 1 as the older upload had it");
-    assert_same(&got, &want[4096..8192], "a fresh opener, page 1 (b, flushed)");
+    assert_page_1_flushed(&mem, &want).await;
     chunks.release.add_permits(4);
     third.await.expect("join").expect("third write");
     v.flush().await.expect("flush");
@@ -1767,17 +1754,7 @@ async fn an_upload_older_than_inline_pages_staged_after_them_is_never_committed(
 async fn an_upload_older_than_inline_pages_that_landed_before_it_ended_is_never_committed() {
     let (mem, journal, chunks, store) = held_puts_volume().await;
     let (v, want, third) = older_upload_in_flight(&store, &chunks, &journal).await;
-    journal.arm(&format::journal_prefix("v/"), 1);
-    let flush = {
-        let v = v.clone();
-        tokio::spawn(async move { v.flush().await })
-    };
-    journal.until(2, false).await;
-    // Written after the record was built: the chunk stays dirty.
-    let a3 = common::pattern(7, 4096);
-    v.write(0, &a3).await.expect("write a''");
-    let mut want = want;
-    want[..4096].copy_from_slice(&a3);
+    let (flush, want) = flush_held_then_written_again(&v, &journal, want).await;
     journal.release.add_permits(1);
     flush.await.expect("join").expect("flush");
     // The older upload ends and stages; the next upload of chunk 0 is held.
@@ -1787,15 +1764,43 @@ async fn an_upload_older_than_inline_pages_that_landed_before_it_ended_is_never_
     // Whatever the uploader commits meanwhile.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_same(&v.read(0, 8192).await.expect("read"), &want, "the writer");
-    let got = open_ro(&mem, "v/").await.read(4096, 4096).await.expect("read");
-    assert!(got != common::pattern(5, 4096), "a fresh opener reads page 1 as the older upload had it");
-    assert_same(&got, &want[4096..8192], "a fresh opener, page 1 (b, flushed)");
+    assert_page_1_flushed(&mem, &want).await;
     chunks.release.add_permits(4);
     third.await.expect("join").expect("third write");
     v.flush().await.expect("flush");
     drop(v);
     assert_same(&open_ro(&mem, "v/").await.read(0, 8192).await.expect("read"), &want, "a fresh opener at the end");
     assert_fsck_clean(&mem, "v/").await;
+}
+
+/// A flush of the volume `older_upload_in_flight` left, its record
+/// (chunk 0's pages inline) held by `journal`, and page 0 written again
+/// after the record was built (no new budget): the chunk stays dirty when
+/// the record lands. Returns the flush and chunk 0's first two pages as
+/// they must now read.
+async fn flush_held_then_written_again(
+    v: &Volume,
+    journal: &HoldsPuts,
+    mut want: Vec<u8>,
+) -> (tokio::task::JoinHandle<Result<(), VolumeError>>, Vec<u8>) {
+    journal.arm(&format::journal_prefix("v/"), 1);
+    let flush = {
+        let v = v.clone();
+        tokio::spawn(async move { v.flush().await })
+    };
+    journal.until(2, false).await;
+    let a3 = common::pattern(7, 4096);
+    v.write(0, &a3).await.expect("write a''");
+    want[..4096].copy_from_slice(&a3);
+    (flush, want)
+}
+
+/// A fresh opener reads page 1 as flushed (b), not as the older upload
+/// had it (b0).
+async fn assert_page_1_flushed(mem: &DynStore, want: &[u8]) {
+    let got = open_ro(mem, "v/").await.read(4096, 4096).await.expect("read");
+    assert!(got != common::pattern(5, 4096), "a fresh opener reads page 1 as the older upload had it");
+    assert_same(&got, &want[4096..8192], "a fresh opener, page 1 (b, flushed)");
 }
 
 /// Volume "v/" of four chunks on a memory store (`mem`), reached through
