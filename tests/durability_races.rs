@@ -1647,6 +1647,54 @@ async fn a_part_gone_under_another_manifest_at_its_seq_is_no_damage() {
     }
 }
 
+/// A checkpoint at the fold point whose manifest lost to another (a
+/// writer that died between its parts and its manifest, say): its parts go
+/// once old, though the volume is idle and the fold point never moves
+/// again. They stayed for good: parts at the fold point were all taken for
+/// a checkpoint in progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_of_a_checkpoint_that_lost_its_manifest_at_the_fold_point_are_collected() {
+    use s3blk::volume::mapview;
+    let (store, v) = three_chunks_split_checkpoints().await;
+    drop(v);
+    let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
+    compact::compact(&store, "v/", &eager, &SystemClock).await.expect("compact");
+    let x = mapview::replay_view(store.as_ref(), "v/", CSU, None).await.expect("view").head();
+    let parts_at = |store: DynStore| async move {
+        store::list_all(store.as_ref(), &format::checkpoint_prefix("v/"))
+            .await
+            .expect("list")
+            .into_iter()
+            .filter_map(|o| format::parse_checkpoint_part_key("v/", &o.key).map(|(seq, tag, n)| (seq, tag, n, o.key)))
+            .filter(|(seq, ..)| *seq == x)
+            .collect::<Vec<_>>()
+    };
+    let kept = tag_of(&store, x).await;
+    let ours = parts_at(store.clone()).await;
+    assert!(
+        ours.len() > 1 && ours.iter().all(|(_, t, ..)| *t == kept),
+        "the fold point's checkpoint is split: {ours:?}"
+    );
+    // The loser's parts: the same map under another tag, no manifest.
+    let loser = kept ^ 0x5a5a;
+    for (_, _, n, key) in &ours {
+        let b = store.get(key, None).await.expect("part");
+        store.put(&format::checkpoint_part_key("v/", x, loser, *n), b, PutMode::Overwrite).await.expect("put");
+    }
+    let rep = compact::compact(&store, "v/", &eager, &SystemClock).await.expect("compact again");
+    let after = parts_at(store.clone()).await;
+    assert_eq!(rep.folded_seq, Some(x), "the fold point stays: {rep:?}");
+    assert!(
+        after.iter().all(|(_, t, ..)| *t == kept),
+        "a losing checkpoint's parts at the fold point stayed: {after:?}"
+    );
+    assert_eq!(after.len(), ours.len(), "the kept checkpoint's parts stay");
+    assert_eq!(rep.checkpoint_parts_deleted, ours.len() as u64, "{rep:?}");
+    for i in 0..3u64 {
+        assert_eq!(read_fresh(&store, "v/", i * CSU, CSU).await, Ok(vec![i as u8 + 1; CS as usize]), "chunk {i}");
+    }
+}
+
 /// The tag of the split checkpoint at `seq`.
 async fn tag_of(store: &DynStore, seq: u64) -> u64 {
     let key = format::checkpoint_key("v/", seq);

@@ -385,10 +385,12 @@ pub async fn compact(
 /// `checkpoints/`: those of every checkpoint below the fold point `x` that
 /// is not pinned (they go with their manifests), and, of a pinned one,
 /// parts old enough that its manifest names another writer's (a checkpoint
-/// written twice at one seq). A pinned checkpoint whose manifest is not
-/// there yet keeps every part: it may be on its way. Parts at or past the
-/// fold point stay (a writer's checkpoint in progress); they fall below a
-/// later fold point. A manifest landing late, after its parts went below
+/// written twice at one seq); the fold point's is pinned too, so the parts
+/// of a checkpoint that lost its manifest there go even when the volume
+/// goes idle and the fold point never moves again. A pinned checkpoint
+/// whose manifest is not there yet keeps every part: it may be on its way.
+/// Parts past the fold point stay (a writer's checkpoint in progress); they
+/// fall below a later fold point. A manifest landing late, after its parts went below
 /// the fold point, is never read: every replay finds a newer checkpoint
 /// (the fold point's, or the one compaction keeps at each snapshot's seq).
 async fn stray_parts(
@@ -403,7 +405,7 @@ async fn stray_parts(
     let mut tags: BTreeMap<u64, Option<u64>> = BTreeMap::new();
     for o in listing {
         let Some((seq, tag, _)) = format::parse_checkpoint_part_key(vol, &o.key) else { continue };
-        if seq >= x {
+        if seq > x {
             continue;
         }
         if !pinned.contains(&seq) {
