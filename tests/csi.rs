@@ -1389,6 +1389,151 @@ async fn a_failed_create_leaves_nothing_behind() {
     }
 }
 
+/// Two CreateVolume calls cloning a volume under one name at once, in two
+/// controllers (across a leader handover): the one whose pin lost the race
+/// (the pin appeared between its read and its write) answers ABORTED and
+/// leaves the other's pin alone. It let go of the source instead, which
+/// took the pin the other's clone reads through. The CO's retry is
+/// answered with the clone, which reads the source's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_create_that_loses_its_pin_to_another_leaves_that_pin() {
+    let Some(endpoint) = common::s3_endpoint() else { return };
+    let stores = Arc::new(Stores::with_defaults(common::fast_policy(), common::s3_settings(&endpoint)));
+    let Some(mut d) =
+        driver_opts(std::time::Duration::ZERO, std::time::Duration::from_secs(300), None, stores.clone()).await
+    else {
+        return;
+    };
+    let src = create(&mut d, "pvc-race-src", 1 << 20).await;
+    let data = common::pattern(7, 8192);
+    write(&d, &src.volume_id, 0, &data).await;
+    let source = prefix_of(&src.volume_id);
+    let clone_prefix = format!("{}pvc-race-clone/", source.trim_end_matches("pvc-race-src/"));
+    let pin = s3blk::volume::format::clone_pin_name(&clone_prefix);
+    let pin_key = s3blk::volume::format::snapshot_key(&source, &pin);
+    let raw = s3blk::store::s3::S3Store::connect(&d.bucket, common::s3_settings(&endpoint)).await.expect("s3 client");
+    let inner: DynStore = Arc::new(s3blk::store::retry::RetryStore::new(Arc::new(raw), common::fast_policy()));
+    let around = PinLandsAfterItsRead {
+        armed: std::sync::atomic::AtomicBool::new(true),
+        key: pin_key.clone(),
+        source: source.clone(),
+        pin,
+    };
+    let spec = Location::parse(&format!("s3://{}/k8s", d.bucket), false).expect("store").store;
+    stores.register(&spec, common::Wrapped::new(inner, around));
+    let mut req = create_req("pvc-race-clone", 1 << 20, 0);
+    req.volume_content_source = Some(pb::VolumeContentSource {
+        r#type: Some(pb::volume_content_source::Type::Volume(pb::volume_content_source::VolumeSource {
+            volume_id: src.volume_id.clone(),
+        })),
+    });
+    let lost = d.ctl.create_volume(req.clone()).await;
+    assert_eq!(lost.as_ref().err().map(tonic::Status::code), Some(Code::Aborted), "{lost:?}");
+    assert!(
+        d.store.head(&pin_key).await.expect("head").is_some(),
+        "the other create's pin was taken: {:?}",
+        keys_under(&d, &source).await
+    );
+    let made = d.ctl.create_volume(req).await.expect("the retry").into_inner().volume.expect("volume");
+    assert_eq!(read(&d, &made.volume_id, 0, 8192).await, data);
+}
+
+/// A snapshot name that starts with clone- (the pins' names) is refused
+/// and claims nothing: taken, it could never be deleted (DeleteSnapshot
+/// leaves pins alone), nor listed, and a clone of that name would read
+/// through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_named_like_a_pin_is_refused() {
+    let Some(mut d) = driver().await else { return };
+    let v = create(&mut d, "pvc-pin-name", 1 << 20).await;
+    for name in ["clone-mine", "Clone-Mine"] {
+        let req = pb::CreateSnapshotRequest {
+            source_volume_id: v.volume_id.clone(),
+            name: name.into(),
+            secrets: secrets(),
+            parameters: HashMap::new(),
+        };
+        let r = d.ctl.create_snapshot(req).await;
+        assert_eq!(r.as_ref().err().map(tonic::Status::code), Some(Code::InvalidArgument), "{name}: {r:?}");
+        assert!(r.err().is_some_and(|e| e.message().contains("reserved")));
+    }
+    let left: Vec<String> = keys_under(&d, "k8s/").await.into_iter().filter(|k| k.contains("snapshots")).collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// DeleteSnapshot touches nothing outside the stores the driver provisions
+/// into (an id naming another bucket is refused), and never another
+/// volume's claim on a snapshot name: a DeleteSnapshot of a name that
+/// volume B never took leaves volume A's snapshot of that name claimed.
+/// A CreateSnapshot of a volume that does not exist claims no name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_snapshot_touches_only_its_own_objects() {
+    let Some(mut d) = driver().await else { return };
+    let other = common::unique("other");
+    let Some(foreign) = common::s3_raw_store(&other).await else { return };
+    let foreign: DynStore = foreign;
+    let theirs = "k8s/data/snapshots/snap-x.json";
+    foreign.put(theirs, bytes::Bytes::from_static(b"not ours"), PutMode::Overwrite).await.expect("put");
+    let req = pb::DeleteSnapshotRequest { snapshot_id: format!("s3://{other}/k8s/data@snap-x"), secrets: secrets() };
+    let r = d.ctl.delete_snapshot(req).await;
+    assert_eq!(r.as_ref().err().map(tonic::Status::code), Some(Code::InvalidArgument), "{r:?}");
+    assert!(foreign.head(theirs).await.expect("head").is_some(), "an object of another bucket was deleted");
+
+    let a = create(&mut d, "pvc-snap-a", 1 << 20).await;
+    let b = create(&mut d, "pvc-snap-b", 1 << 20).await;
+    snapshot(&d, &a.volume_id, "snap-shared").await;
+    let req = pb::DeleteSnapshotRequest { snapshot_id: format!("{}@snap-shared", b.volume_id), secrets: secrets() };
+    d.ctl.delete_snapshot(req).await.expect("delete of a snapshot B never had");
+    let again = pb::CreateSnapshotRequest {
+        source_volume_id: b.volume_id.clone(),
+        name: "snap-shared".into(),
+        secrets: secrets(),
+        parameters: HashMap::new(),
+    };
+    let r = d.ctl.create_snapshot(again).await;
+    assert_eq!(r.as_ref().err().map(tonic::Status::code), Some(Code::AlreadyExists), "A's claim went: {r:?}");
+
+    let missing = format!("{}-gone", b.volume_id);
+    let req = pb::CreateSnapshotRequest {
+        source_volume_id: missing,
+        name: "snap-of-nothing".into(),
+        secrets: secrets(),
+        parameters: HashMap::new(),
+    };
+    let r = d.ctl.create_snapshot(req).await;
+    assert_eq!(r.as_ref().err().map(tonic::Status::code), Some(Code::NotFound), "{r:?}");
+    let claims: Vec<String> = keys_under(&d, "k8s/_snapshots/").await;
+    assert!(!claims.iter().any(|k| k.ends_with("snap-of-nothing")), "{claims:?}");
+}
+
+/// The first GET of `key` (a clone's pin) finds it absent, and another
+/// create's pin of that name lands right after.
+#[derive(Debug)]
+struct PinLandsAfterItsRead {
+    armed: std::sync::atomic::AtomicBool,
+    key: String,
+    source: String,
+    pin: String,
+}
+
+#[async_trait::async_trait]
+impl common::Around for PinLandsAfterItsRead {
+    async fn get(
+        &self,
+        inner: &DynStore,
+        key: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> s3blk::store::StoreResult<bytes::Bytes> {
+        let r = inner.get(key, range).await;
+        if key == self.key && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            s3blk::volume::engine::snapshot_committed(inner, &self.source, &self.pin, &s3blk::clock::SystemClock)
+                .await
+                .expect("the other create's pin");
+        }
+        r
+    }
+}
+
 /// A CreateVolume, plain or restoring a snapshot, whose volume.json landed
 /// but whose create record did not (the store failing every try) leaves a
 /// volume that cannot open; a retry of the same request finishes it rather

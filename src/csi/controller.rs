@@ -689,6 +689,9 @@ impl pb::controller_server::Controller for ControllerService {
         }
         // Before volume.json: a volume never exists without its record.
         catalog::write_provisioned(&store, &loc.prefix, &wanted).await.map_err(catalog_status)?;
+        // Set when another CreateVolume of this name is running (its pin
+        // appeared since it was read): what it wrote stays.
+        let mut raced = false;
         let made = async {
             let mut parent = parent;
             if let Some((sloc, rec, _)) = &source {
@@ -706,9 +709,22 @@ impl pb::controller_server::Controller for ControllerService {
                     Some(rec) => rec.clone(),
                     None => {
                         let pin = format::clone_pin_name(&loc.prefix);
-                        let rec = snapshot_committed(&store, &sloc.prefix, &pin, self.clock.as_ref())
-                            .await
-                            .map_err(status)?;
+                        let rec = match snapshot_committed(&store, &sloc.prefix, &pin, self.clock.as_ref()).await {
+                            Ok(rec) => rec,
+                            // Free when read above: the pin is another
+                            // CreateVolume's of this name (another
+                            // controller's, across a leader handover), still
+                            // running. Letting go of the source here would
+                            // take the pin its clone reads through.
+                            Err(VolumeError::AlreadyExists(_)) => {
+                                raced = true;
+                                return Err(Status::aborted(format!(
+                                    "another CreateVolume of {} is in progress; retry",
+                                    req.name
+                                )));
+                            }
+                            Err(e) => return Err(status(e)),
+                        };
                         if size < rec.size {
                             return Err(Status::out_of_range("the source is larger than the requested capacity"));
                         }
@@ -737,6 +753,9 @@ impl pb::controller_server::Controller for ControllerService {
                 // Without volume.json, what this call wrote goes again and
                 // the source is let go of; what cannot go now (the store
                 // failing) a DeleteVolume or a retry of this call finds.
+                if raced {
+                    return Err(e);
+                }
                 if let Err(clean) = catalog::abandon_create(&store, &loc.prefix).await {
                     tracing::warn!(volume = %loc.url(), error = %clean, "cleaning up after a failed CreateVolume");
                 }
@@ -980,7 +999,18 @@ impl pb::controller_server::Controller for ControllerService {
         }
         let vloc = self.volume_location(&req.source_volume_id)?;
         let name = object_name(&req.name);
+        // Taken for one, it could never be deleted (DeleteSnapshot leaves
+        // pins alone) nor listed, and a clone of that name would read
+        // through it.
+        if name.starts_with("clone-") {
+            return Err(Status::invalid_argument(format!(
+                "snapshot name {}: names starting with clone- are reserved for the pins that keep what clones read",
+                req.name
+            )));
+        }
         let store = self.store_for(&vloc, &req.secrets).await?;
+        // A volume first: the claim below would stay for good otherwise.
+        self.live_meta(&store, &vloc).await?;
         // Snapshot names are unique per store: an index entry claims the name.
         let root_prefix =
             vloc.prefix.trim_end_matches('/').rsplit_once('/').map(|(p, _)| format!("{p}/")).unwrap_or_default();
@@ -1000,7 +1030,6 @@ impl pb::controller_server::Controller for ControllerService {
             Err(e) => return Err(store_status(&e)),
         }
         let _guard = self.inflight.start(&sid)?;
-        self.live_meta(&store, &vloc).await?;
         let rec = match read_snapshot(&store, &vloc.prefix, &name).await {
             Ok(r) => r,
             Err(VolumeError::NotFound(_)) => {
@@ -1027,8 +1056,18 @@ impl pb::controller_server::Controller for ControllerService {
         };
         // The pins that keep what clones and restored volumes read are no
         // snapshots a CO can see (ListSnapshots hides them) or delete.
-        if name.starts_with("clone-") {
+        // Nor is a name this driver never gives a snapshot.
+        if name.starts_with("clone-") || object_name(&name) != name {
             return Ok(Response::new(pb::DeleteSnapshotResponse {}));
+        }
+        // As for DeleteVolume: nothing is deleted outside the stores this
+        // driver provisions into.
+        let (root, vname) = split_volume(&vloc);
+        if object_name(vname) != vname || !self.serves(&root, &req.secrets).await? {
+            return Err(Status::invalid_argument(format!(
+                "snapshot id {} is outside the stores this driver provisions into; nothing was deleted",
+                req.snapshot_id
+            )));
         }
         let _guard = self.inflight.start(&req.snapshot_id)?;
         let store = self.store_for(&vloc, &req.secrets).await?;
@@ -1037,7 +1076,16 @@ impl pb::controller_server::Controller for ControllerService {
         store.delete(&format::snapshot_key(&vloc.prefix, &name)).await.map_err(|e| store_status(&e))?;
         let root_prefix =
             vloc.prefix.trim_end_matches('/').rsplit_once('/').map(|(p, _)| format!("{p}/")).unwrap_or_default();
-        store.delete(&format!("{root_prefix}_snapshots/{name}")).await.map_err(|e| store_status(&e))?;
+        // The name's claim, when it is this snapshot's (another volume's
+        // snapshot of the same name keeps its own).
+        let index_key = format!("{root_prefix}_snapshots/{name}");
+        match store.get(&index_key, None).await {
+            Ok(owner) if owner == snapshot_id(&vloc, &name).as_bytes() => {
+                store.delete(&index_key).await.map_err(|e| store_status(&e))?;
+            }
+            Ok(_) | Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(store_status(&e)),
+        }
         self.reap(&store, &vloc).await?;
         Ok(Response::new(pb::DeleteSnapshotResponse {}))
     }
