@@ -878,3 +878,63 @@ async fn a_log_entry_past_the_end_of_the_byte_space_is_damage_not_a_panic() {
         .expect("open read-only");
     assert_eq!(ro.read(0, 4096).await.expect("read"), common::pattern(1, 4096));
 }
+
+/// A full local disk: a write that does not fit in the write-back log
+/// fails with no space (nothing is acknowledged); a flush still commits
+/// every write acknowledged before it and empties the log's committed
+/// segment, so writes go on. Before, the flush could not start a new
+/// segment on the full disk, released nothing, and every later write
+/// failed for good. Needs root, for a small tmpfs (skipped otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_writes_until_a_flush_frees_it_and_loses_nothing() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: mounting a small tmpfs needs root");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let (dir, store, _, _) = volume_with_logs().await;
+    let small = dir.path().join("small");
+    std::fs::create_dir_all(&small).expect("mkdir");
+    let mounted =
+        std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"]).arg(&small).status();
+    assert!(mounted.is_ok_and(|s| s.success()), "mounting a tmpfs as root failed");
+    let _unmount = Unmount(small.clone());
+    let v = open_log(&store, "v", &small).await;
+    let mut model = vec![0u8; SIZE as usize];
+    let pages = SIZE / 4096;
+    let mut n = 0u64;
+    let write = |v: Volume, n: u64| async move {
+        let off = (n % pages) * 4096;
+        let data = common::pattern(n + 1, 4096);
+        v.write(off, &data).await.map(|()| (off, data))
+    };
+    let full = loop {
+        match write(v.clone(), n).await {
+            Ok((off, data)) => model[off as usize..off as usize + 4096].copy_from_slice(&data),
+            Err(e) => break e,
+        }
+        n += 1;
+        assert!(n < 4 * pages, "512 KiB of log never filled");
+    };
+    assert!(matches!(full, VolumeError::LocalLog { no_space: true, .. }), "{full}");
+    assert!(n > 16, "only {n} writes fit");
+    v.flush().await.expect("a flush on a full disk");
+    // Room again: as many writes as fitted before.
+    let fitted = n;
+    for k in 1..=fitted {
+        let (off, data) = write(v.clone(), fitted + k).await.expect("a write after the flush");
+        model[off as usize..off as usize + 4096].copy_from_slice(&data);
+    }
+    v.flush().await.expect("flush");
+    drop(v);
+    let ro = Volume::open(store.clone(), "v", OpenOptions { read_only: true, ..OpenOptions::default() })
+        .await
+        .expect("open");
+    assert!(ro.read(0, SIZE).await.expect("read") == model, "acknowledged and flushed writes differ");
+}

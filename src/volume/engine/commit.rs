@@ -23,11 +23,15 @@ impl Volume {
             // committed, they hold nothing uncommitted.
             let (dirty, closed) = {
                 let mut st = inner.lock();
-                let closed = st.log.as_mut().and_then(|l| match l.rotate() {
-                    Ok(n) => Some(n),
+                let closed = st.log.as_mut().map(|l| match l.rotate() {
+                    Ok(n) => (Some(n), None),
+                    // The disk full, say: the segments closed before this
+                    // flush still go once it committed, and the current
+                    // one is emptied then if nothing was appended to it
+                    // meanwhile (what frees the disk).
                     Err(e) => {
-                        tracing::warn!(volume = %inner.vol, log = %l.dir().display(), error = %e, "starting a new write-back log segment failed; the log is trimmed at a later flush");
-                        None
+                        tracing::warn!(volume = %inner.vol, log = %l.dir().display(), error = %e, "starting a new write-back log segment failed; the committed entries of the current one are cut off after the flush instead");
+                        (l.last_closed(), Some(l.position()))
                     }
                 });
                 // Chunks with a few dirty pages go inside the record;
@@ -54,8 +58,12 @@ impl Volume {
             for round in deferred.into_iter().flatten() {
                 inner.upload_round(round).await?;
             }
+            let (closed, current) = closed.unwrap_or((None, None));
             if let Some(n) = closed {
                 inner.release_log(n);
+            }
+            if let Some((seg, len)) = current {
+                inner.empty_log_segment(seg, len);
             }
             Ok(())
         }
@@ -157,6 +165,34 @@ impl Inner {
     fn release_log(&self, n: u64) {
         let mut guard = self.lock();
         let st = &mut *guard;
+        if self.load_logged(st, n)
+            && let Some(l) = st.log.as_mut()
+        {
+            l.release(n);
+        }
+    }
+
+    /// A flush whose new segment could not be started committed the
+    /// current one's entries up to `len`: emptied, when nothing was
+    /// appended to it since (pages of chunks written again meanwhile are
+    /// brought into memory first).
+    fn empty_log_segment(&self, seg: u64, len: u64) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.log.as_ref().is_none_or(|l| l.position() != (seg, len)) || !self.load_logged(st, seg) {
+            return;
+        }
+        if let Some(l) = st.log.as_mut()
+            && let Err(e) = l.empty_current(seg, len)
+        {
+            tracing::warn!(volume = %self.vol, log = %l.dir().display(), error = %e, "emptying a committed write-back log segment failed");
+        }
+    }
+
+    /// Bring into memory the dirty pages whose only copy is in log
+    /// segments up to `n`. False when one could not be read (the segments
+    /// then stay).
+    fn load_logged(&self, st: &mut State, n: u64) -> bool {
         for (index, slot) in st.slots.iter_mut() {
             let (more, r) = slot.data.load_logged(n, st.log.as_ref());
             // The pages brought in are counted, whether all came or not.
@@ -165,12 +201,10 @@ impl Inner {
             }
             if let Err(e) = r {
                 tracing::warn!(volume = %self.vol, index, error = %e, "reading dirty pages back from the write-back log failed; its segments stay");
-                return;
+                return false;
             }
         }
-        if let Some(l) = st.log.as_mut() {
-            l.release(n);
-        }
+        true
     }
 
     /// Dirty chunks in upload rounds, each committed before the next:

@@ -150,6 +150,17 @@ fn segments(dir: &Path) -> io::Result<Vec<u64>> {
 /// The log directories of `root` (one volume's) whose lock this process
 /// could take: those of processes that are gone. Locks are kept.
 pub fn scan(root: &Path) -> io::Result<Vec<Claimed>> {
+    scan_where(root, |_| true)
+}
+
+fn read_state(dir: &Path) -> Option<LogState> {
+    fs::read(dir.join("state")).ok().and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+/// [`scan`], of the logs whose state (as read before their lock is
+/// tried, without it) `pick` takes: the others are never locked, so a
+/// process looking for its own meanwhile finds it free.
+fn scan_where(root: &Path, pick: impl Fn(Option<&LogState>) -> bool) -> io::Result<Vec<Claimed>> {
     let mut out = Vec::new();
     let entries = match fs::read_dir(root) {
         Ok(e) => e,
@@ -166,6 +177,9 @@ pub fn scan(root: &Path) -> io::Result<Vec<Claimed>> {
         if e.file_name().to_string_lossy().starts_with('.') {
             continue;
         }
+        if !pick(read_state(&dir).as_ref()) {
+            continue;
+        }
         let lock = match fs::OpenOptions::new().write(true).open(dir.join("lock")) {
             Ok(l) => l,
             // Removed meanwhile by the process that held it, or never
@@ -180,7 +194,7 @@ pub fn scan(root: &Path) -> io::Result<Vec<Claimed>> {
             // Removed between our open and our lock.
             continue;
         }
-        let state = fs::read(dir.join("state")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let state = read_state(&dir);
         out.push(Claimed { dir, _lock: lock, state });
     }
     Ok(out)
@@ -207,8 +221,9 @@ pub fn sweep_other_boots(dir: &Path) -> io::Result<u64> {
         if !v.file_type()?.is_dir() || name.len() != 32 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
             continue;
         }
-        for c in scan(&v.path())? {
-            if c.state.as_ref().is_some_and(|s| s.boot.as_deref() == Some(boot.as_str())) {
+        for c in sweep_picks(&v.path(), &boot)? {
+            // Its state as read under the lock.
+            if of_boot(c.state.as_ref(), &boot) {
                 continue;
             }
             let path = c.dir.clone();
@@ -221,6 +236,20 @@ pub fn sweep_other_boots(dir: &Path) -> io::Result<u64> {
         let _ = fs::remove_dir(v.path());
     }
     Ok(removed)
+}
+
+fn of_boot(state: Option<&LogState>, boot: &str) -> bool {
+    state.is_some_and(|s| s.boot.as_deref() == Some(boot))
+}
+
+/// The logs under `volume` (one volume's directory) the sweep removes,
+/// locked: dead ones of another boot, or without a state. Dead logs of
+/// this boot are not even locked: a writer restarting this instant must
+/// find its own log free, where it took a log locked by the sweep of
+/// another process for a live one and started afresh, and the
+/// acknowledged writes in it were then given up.
+fn sweep_picks(volume: &Path, boot: &str) -> io::Result<Vec<Claimed>> {
+    scan_where(volume, |s| !of_boot(s, boot))
 }
 
 /// A new, empty log directory under `root`, locked. Made under a hidden
@@ -588,6 +617,35 @@ impl WriteLog {
         Ok(self.seg_no - 1)
     }
 
+    /// The newest closed segment still here (every segment before the
+    /// current one), if any.
+    pub fn last_closed(&self) -> Option<u64> {
+        (self.seg_no > self.first).then(|| self.seg_no - 1)
+    }
+
+    /// Where the next entry goes: the current segment and its length.
+    pub fn position(&self) -> (u64, u64) {
+        (self.seg_no, self.seg_len)
+    }
+
+    /// Empty the current segment, when it is still `seg` and nothing was
+    /// appended since it was `len` long (its entries are committed): where
+    /// a new segment cannot be started (the disk full), the space its
+    /// entries took comes back. True when emptied.
+    pub fn empty_current(&mut self, seg: u64, len: u64) -> io::Result<bool> {
+        if (self.seg_no, self.seg_len) != (seg, len) || len <= SEGMENT_HEADER as u64 {
+            return Ok(false);
+        }
+        self.seg.set_len(SEGMENT_HEADER as u64)?;
+        self.bytes = self.bytes.saturating_sub(len - SEGMENT_HEADER as u64);
+        self.seg_len = SEGMENT_HEADER as u64;
+        if self.broken.as_ref().is_some_and(|(n, _)| *n == seg) {
+            tracing::info!(log = %self.claimed.dir.display(), "the write-back log takes writes again");
+            self.broken = None;
+        }
+        Ok(true)
+    }
+
     /// Delete segments up to `upto` (their writes are committed).
     pub fn release(&mut self, upto: u64) {
         while self.first <= upto && self.first < self.seg_no {
@@ -699,6 +757,31 @@ mod tests {
         assert!(live.dir().exists(), "a live log was removed");
         assert!(root.path().join("not-a-uuid/x").exists());
         assert_eq!(sweep_other_boots(&root.path().join("missing")).expect("sweep"), 0);
+    }
+
+    /// While a sweep (of another process, restarting beside this one)
+    /// holds what it removes, a dead log of this boot is still free for
+    /// the writer restarting on its volume.
+    #[test]
+    fn a_sweep_never_holds_a_log_a_restarting_writer_takes_over() {
+        let Some(boot) = boot_id() else { return };
+        let root = tempfile::tempdir().expect("tempdir");
+        let state = |boot: Option<String>| LogState { volume: "v".into(), epoch: 3, next_writer: None, boot, at: None };
+        let mut old = create(root.path()).expect("create");
+        old.set_state(state(Some("an-earlier-boot".into()))).expect("state");
+        drop(old);
+        let mut ours = create(root.path()).expect("create");
+        ours.set_state(state(Some(boot.clone()))).expect("state");
+        let ours_dir = ours.dir.clone();
+        drop(ours);
+        let held = sweep_picks(root.path(), &boot).expect("sweep");
+        assert_eq!(held.len(), 1, "the other boot's log");
+        let found = scan(root.path()).expect("scan");
+        assert_eq!(
+            found.iter().map(|c| c.dir.clone()).collect::<Vec<_>>(),
+            vec![ours_dir],
+            "a dead log of this boot was held by the sweep"
+        );
     }
 
     #[test]
