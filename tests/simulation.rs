@@ -111,7 +111,9 @@
 //!   `S3BLK_SIM_FIRST`, random by default), or as many as fit in t seconds;
 //! - `S3BLK_SIM_THREADS`: seeds run in parallel on this many threads (2);
 //! - `S3BLK_SIM_STOP=1`: stop at the first failing seed (seeds below it
-//!   all run), to count how many seeds a bug takes to show.
+//!   all run), to count how many seeds a bug takes to show;
+//! - `S3BLK_SIM_HOT=1`: every seed hot (see `Hot`; about 3 in 10 are by
+//!   default); a failing seed replays with the same setting.
 //!
 //! By default a fixed range of seeds and a few random ones run; a run of
 //! 100 seeds or more fails if no writer replayed a write-back log.
@@ -201,6 +203,28 @@ struct Config {
     chunk_size: u64,
     /// Whether writers upload chunk objects with their table (format 4).
     tables: Tables,
+    /// Pressure on a few hot chunks, for some seeds.
+    hot: Option<Hot>,
+}
+
+/// Most writes land on one or two hot chunks, a page or two at a time,
+/// often in bursts beside flushes, with writers keeping no log mostly
+/// (each page counts whole against the dirty limit, so background uploads
+/// of the hot chunks run all the time) and a small patch limit (so a
+/// chunk's pages go inline in one flush and whole in the next). That is
+/// where an upload that read a chunk runs beside a record carrying newer
+/// pages of it, and a write lands while that record is on its way.
+#[derive(Debug, Clone)]
+struct Hot {
+    /// Their indexes, in chunks of the volume's chunk size.
+    chunks: Vec<u64>,
+    /// The blocks in them that most of their writes go to (a database's
+    /// log tail, rewritten at every commit: a write there needs no more
+    /// of the dirty budget, so it lands while writers of new pages wait).
+    pages: Vec<u64>,
+    /// The share of writes that go to them.
+    share: f64,
+    patch_limit: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,6 +333,7 @@ impl Config {
             log_limit: 0,
             chunk_size: CS,
             tables: Tables::Off,
+            hot: None,
         }
         .draw_logs(rng)
     }
@@ -325,6 +350,61 @@ impl Config {
         };
         OPENS.with(|o| o.set(0));
         self
+    }
+
+    /// Hot chunks, for some seeds, from a generator of their own (drawn
+    /// last: the other seeds run as they did before).
+    fn draw_hot(mut self, seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x407_c4a1_2b5e);
+        let hot = rng.random_bool(0.3);
+        if !hot && !std::env::var("S3BLK_SIM_HOT").is_ok_and(|v| v == "1") {
+            return self;
+        }
+        // Small chunks and the smallest dirty limit (two chunks): a spray
+        // passes it.
+        self.chunk_size = CS;
+        self.dirty_chunks = 2;
+        self.initial_chunks = self.initial_chunks.max(4);
+        self.max_chunks = self.max_chunks.max(self.initial_chunks);
+        let chunks = (self.initial_chunks * CS / self.chunk_size).max(1);
+        let mut hot: Vec<u64> = (0..rng.random_range(1..=2)).map(|_| rng.random_range(0..chunks)).collect();
+        hot.dedup();
+        let pages = (0..rng.random_range(1..=4)).map(|_| rng.random_range(0..CS / BLOCK)).collect();
+        self.hot = Some(Hot {
+            chunks: hot,
+            pages,
+            share: rng.random_range(0.6..0.95),
+            patch_limit: rng.random_range(2..=16) * BLOCK,
+        });
+        if rng.random_bool(0.7) {
+            self.hosts.iter_mut().for_each(|h| *h = Host::NoLog);
+        }
+        self
+    }
+
+    /// A write's range: on a hot chunk (a page or two) at the hot share,
+    /// anywhere otherwise.
+    fn write_range(&self, rng: &mut StdRng, size: u64) -> (u64, u64) {
+        match &self.hot {
+            Some(h) if rng.random_bool(h.share) => {
+                let chunk = h.chunks[rng.random_range(0..h.chunks.len())];
+                let pages = self.chunk_size / BLOCK;
+                let (lo, hi) = (chunk * pages, ((chunk + 1) * pages).min(size / BLOCK));
+                if lo >= hi {
+                    return random_range(rng, size);
+                }
+                let b = match rng.random_bool(0.7) {
+                    true => lo + h.pages[rng.random_range(0..h.pages.len())],
+                    false => rng.random_range(lo..hi),
+                };
+                if b >= hi {
+                    return random_range(rng, size);
+                }
+                let n = rng.random_range(1..=2u64).min(hi - b);
+                (b * BLOCK, n * BLOCK)
+            }
+            _ => random_range(rng, size),
+        }
     }
 
     /// Whether the next writer opened writes chunk tables.
@@ -416,6 +496,7 @@ impl Config {
             snapshot,
             clock,
             chunk_tables: self.next_tables(),
+            patch_limit: self.hot.as_ref().map_or(OpenOptions::default().patch_limit, |h| h.patch_limit),
             // The engine's own time limits (commit interval, restaging old
             // chunks, the commit deadline) keep their production values.
             ..OpenOptions::default()
@@ -1564,12 +1645,19 @@ enum WriterOp {
     Resize,
     Snapshot,
     Burst,
+    Spray,
 }
 
 async fn writer_loop(ctx: Ctx, s: usize, name: String, vol: Volume, mut rng: StdRng) {
     while !ctx.done() {
         // Think; now and then stall for minutes (a paused VM, a slow node).
-        let pause = if rng.random_bool(0.02) { ms(&mut rng, 20_000..400_000) } else { ms(&mut rng, 0..2000) };
+        // Hot seeds think less, and stall about as often per minute.
+        let pause = match ctx.cfg.hot {
+            None if rng.random_bool(0.02) => ms(&mut rng, 20_000..400_000),
+            None => ms(&mut rng, 0..2000),
+            Some(_) if rng.random_bool(0.003) => ms(&mut rng, 20_000..400_000),
+            Some(_) => ms(&mut rng, 0..300),
+        };
         sleep(pause).await;
         if ctx.done() {
             return;
@@ -1589,7 +1677,12 @@ async fn writer_loop(ctx: Ctx, s: usize, name: String, vol: Volume, mut rng: Std
             }
             continue;
         }
-        let op = match rng.random_range(0..100) {
+        let roll = rng.random_range(0..100);
+        // Hot seeds: more bursts, taken from plain reads.
+        let roll = if ctx.cfg.hot.is_some() && (47..=65).contains(&roll) && roll % 2 == 0 { 70 } else { roll };
+        let op = match roll {
+            // Hot seeds: some writes become sprays.
+            0..=37 if ctx.cfg.hot.is_some() && roll % 4 == 0 => WriterOp::Spray,
             0..=37 => WriterOp::Write,
             38..=46 => WriterOp::Zero,
             47..=65 => WriterOp::Read,
@@ -1609,7 +1702,11 @@ async fn writer_loop(ctx: Ctx, s: usize, name: String, vol: Volume, mut rng: Std
             WriterOp::Flush => flush_op(&ctx, s, &name, &vol, &mut rng).await,
             WriterOp::Resize => resize_op(&ctx, s, &name, &vol, &mut rng).await,
             WriterOp::Snapshot => snapshot_op(&ctx, s, &name, &vol).await,
+            WriterOp::Burst if ctx.cfg.hot.is_some() && rng.random_bool(0.5) => {
+                overlap_op(&ctx, s, &name, &vol, &mut rng).await
+            }
             WriterOp::Burst => burst_op(&ctx, s, &name, &vol, &mut rng).await,
+            WriterOp::Spray => spray_op(&ctx, s, &name, &vol, &mut rng).await,
         };
         if fenced {
             ctx.event(&format!("{name}: fenced, stops"));
@@ -1687,7 +1784,7 @@ async fn diagnose_missing(ctx: &Ctx, who: &str, off: u64, len: u64, e: &VolumeEr
 }
 
 async fn write_op(ctx: &Ctx, s: usize, name: &str, vol: &Volume, rng: &mut StdRng, zero: bool) -> bool {
-    let (off, len) = random_range(rng, vol.size());
+    let (off, len) = ctx.cfg.write_range(rng, vol.size());
     let write = {
         let mut o = ctx.oracle();
         o.writes += 1;
@@ -1775,8 +1872,16 @@ async fn burst_op(ctx: &Ctx, s: usize, name: &str, vol: &Volume, rng: &mut StdRn
         let mut sub = StdRng::seed_from_u64(rng.random());
         match rng.random_range(0..100) {
             0..=54 => {
-                let b = rng.random_range(0..blocks);
-                let n = rng.random_range(1..=(blocks - b).min(8));
+                let (b, n) = match ctx.cfg.hot {
+                    Some(_) => {
+                        let (off, len) = ctx.cfg.write_range(rng, size);
+                        (off / BLOCK, len.div_ceil(BLOCK).max(1))
+                    }
+                    None => {
+                        let b = rng.random_range(0..blocks);
+                        (b, rng.random_range(1..=(blocks - b).min(8)))
+                    }
+                };
                 if (b..b + n).any(|x| taken.contains(&x)) {
                     continue;
                 }
@@ -1800,6 +1905,54 @@ async fn burst_op(ctx: &Ctx, s: usize, name: &str, vol: &Volume, rng: &mut StdRn
     ctx.event(&format!("{name}: {} requests at once", ops.len()));
     ctx.oracle().counts.bursts += 1;
     futures::future::join_all(ops).await.into_iter().any(|fenced| fenced)
+}
+
+/// A flush with writes landing while it is on its way, one after the
+/// other (a database writing its next pages while its last fsync runs).
+async fn overlap_op(ctx: &Ctx, s: usize, name: &str, vol: &Volume, rng: &mut StdRng) -> bool {
+    let mut sub = StdRng::seed_from_u64(rng.random());
+    let size = vol.size();
+    // Each after a pause: some land before its record is built, some
+    // while the record is on its way, some after.
+    let writes: Vec<(Duration, u64, u64)> = (0..rng.random_range(1..=6))
+        .map(|_| {
+            let (off, len) = ctx.cfg.write_range(rng, size);
+            (ms(rng, 0..200), off / BLOCK, len.div_ceil(BLOCK).max(1))
+        })
+        .collect();
+    ctx.event(&format!("{name}: a flush, and {} writes while it runs", writes.len()));
+    let flush = flush_op(ctx, s, name, vol, &mut sub);
+    let more = async {
+        for (pause, b, n) in writes {
+            sleep(pause).await;
+            if burst_write(ctx, s, name, vol, b * BLOCK, n * BLOCK, false).await {
+                return true;
+            }
+        }
+        false
+    };
+    let (a, b) = tokio::join!(flush, more);
+    a || b
+}
+
+/// Many single-block writes all over the volume, eight at a time and no
+/// flush: past the dirty limit, so that background uploads start (hot
+/// seeds: beside the hot chunks' writes and flushes).
+async fn spray_op(ctx: &Ctx, s: usize, name: &str, vol: &Volume, rng: &mut StdRng) -> bool {
+    let blocks = vol.size() / BLOCK;
+    let n = rng.random_range(16..=48);
+    ctx.event(&format!("{name}: spray of {n} writes"));
+    let picks: Vec<u64> = (0..n).map(|_| rng.random_range(0..blocks)).collect();
+    for group in picks.chunks(8) {
+        let mut distinct = group.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let writes = distinct.into_iter().map(|b| burst_write(ctx, s, name, vol, b * BLOCK, BLOCK, false));
+        if futures::future::join_all(writes).await.into_iter().any(|fenced| fenced) {
+            return true;
+        }
+    }
+    false
 }
 
 async fn burst_write(ctx: &Ctx, s: usize, name: &str, vol: &Volume, off: u64, len: u64, zero: bool) -> bool {
@@ -1962,7 +2115,9 @@ async fn snapshot_op(ctx: &Ctx, s: usize, name: &str, vol: &Volume) -> bool {
 async fn readers(ctx: Ctx) {
     let mut rng = rng_for(ctx.seed, "readers");
     for n in 1.. {
-        sleep(ms(&mut rng, 10_000..150_000)).await;
+        // Hot seeds: often, to see a chunk's bytes between two records.
+        let gap = if ctx.cfg.hot.is_some() { 1_000..10_000 } else { 10_000..150_000 };
+        sleep(ms(&mut rng, gap)).await;
         if ctx.done() {
             return;
         }
@@ -1974,6 +2129,27 @@ async fn readers(ctx: Ctx) {
         let stay = ms(&mut rng, 5_000..200_000);
         let c = ctx.clone();
         ctx.spawn(reader(c, format!("r{n}"), snapshot, stay));
+    }
+}
+
+/// Hot seeds: a fresh reader soon after a journal record lands, one at a
+/// time, reading everything once. A record that names a chunk's older
+/// bytes is followed closely by one naming the newer (the writer still
+/// holds them dirty), so a reader that comes minutes later sees nothing.
+async fn auditor(ctx: Ctx) {
+    let mut rng = rng_for(ctx.seed, "auditor");
+    let mut seen = None;
+    for n in 1.. {
+        sleep(ms(&mut rng, 1..40)).await;
+        if ctx.done() {
+            return;
+        }
+        let head = ctx.world.keys(&format::journal_prefix(VOL)).pop();
+        if head.is_none() || head == seen {
+            continue;
+        }
+        seen = head;
+        reader(ctx.clone(), format!("a{n}"), None, Duration::ZERO).await;
     }
 }
 
@@ -3015,9 +3191,9 @@ struct Outcome {
 async fn simulate(seed: u64, verbose: bool) -> Outcome {
     let world = SimWorld::new(seed, verbose);
     let mut rng = StdRng::seed_from_u64(seed);
-    let cfg = Config::draw(&mut rng).draw_chunks(seed);
+    let cfg = Config::draw(&mut rng).draw_chunks(seed).draw_hot(seed);
     let summary = format!(
-        "{:?} chaos, {}..{} chunks, dirty {} chunks, {} min, safety age {}s, takeovers {:?}, compactor skews {:?}, up to {} clones, writers on {:?} then {}, log limit {}, {} KiB chunks, tables {:?}",
+        "{:?} chaos, {}..{} chunks, dirty {} chunks, {} min, safety age {}s, takeovers {:?}, compactor skews {:?}, up to {} clones, writers on {:?} then {}, log limit {}, {} KiB chunks, tables {:?}, hot {:?}",
         cfg.chaos,
         cfg.initial_chunks,
         cfg.max_chunks,
@@ -3034,7 +3210,8 @@ async fn simulate(seed: u64, verbose: bool) -> Outcome {
         cfg.final_host.label(),
         cfg.log_limit,
         cfg.chunk_size >> 10,
-        cfg.tables
+        cfg.tables,
+        cfg.hot
     );
     world.trace(&format!("seed {seed}: {summary}"));
     let oracle = Oracle::new(world.clone(), cfg.max_blocks(), cfg.initial_chunks * CS);
@@ -3059,6 +3236,9 @@ async fn simulate(seed: u64, verbose: bool) -> Outcome {
     if create(&ctx, &mut crng).await {
         ctx.spawn(writers(ctx.clone()));
         ctx.spawn(readers(ctx.clone()));
+        if ctx.cfg.hot.is_some() {
+            ctx.spawn(auditor(ctx.clone()));
+        }
         ctx.spawn(cloner(ctx.clone()));
         if let Some(at) = ctx.cfg.broken_snapshot_at {
             ctx.spawn(break_snapshot(ctx.clone(), at));
@@ -3193,14 +3373,15 @@ fn report(out: &Outcome, lines: usize) -> String {
     let story: Vec<&str> = out.events[..end].iter().map(|(_, l)| l.as_str()).filter(|l| story_line(l)).collect();
     let tail = &story[story.len().saturating_sub(lines)..];
     format!(
-        "seed {seed} FAILED at {:.3}s: {}: {}\n  config: {}\n  replay: S3BLK_SIM_SEED={seed} cargo test --test simulation -- simulation --nocapture\n  story (last {} lines; the replay prints every event):\n    {}",
+        "seed {seed} FAILED at {:.3}s: {}: {}\n  config: {}\n  replay: {hot}S3BLK_SIM_SEED={seed} cargo test --test simulation -- simulation --nocapture\n  story (last {} lines; the replay prints every event):\n    {}",
         v.at.as_secs_f64(),
         v.invariant,
         v.detail,
         out.summary,
         tail.len(),
         tail.join("\n    "),
-        seed = out.seed
+        seed = out.seed,
+        hot = if std::env::var("S3BLK_SIM_HOT").is_ok_and(|v| v == "1") { "S3BLK_SIM_HOT=1 " } else { "" }
     )
 }
 
