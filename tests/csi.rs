@@ -1493,6 +1493,16 @@ async fn delete_snapshot_touches_only_its_own_objects() {
     let r = d.ctl.create_snapshot(again).await;
     assert_eq!(r.as_ref().err().map(tonic::Status::code), Some(Code::AlreadyExists), "A's claim went: {r:?}");
 
+    // A snapshot named with the CLI (capitals allowed) is deleted too.
+    let prefix_b = prefix_of(&b.volume_id);
+    s3blk::volume::engine::snapshot_committed(&d.store, &prefix_b, "Nightly", &s3blk::clock::SystemClock)
+        .await
+        .expect("a snapshot named with the CLI");
+    let req = pb::DeleteSnapshotRequest { snapshot_id: format!("{}@Nightly", b.volume_id), secrets: secrets() };
+    d.ctl.delete_snapshot(req).await.expect("delete");
+    let record = s3blk::volume::format::snapshot_key(&prefix_b, "Nightly");
+    assert!(d.store.head(&record).await.expect("head").is_none(), "a CLI-named snapshot was not deleted");
+
     let missing = format!("{}-gone", b.volume_id);
     let req = pb::CreateSnapshotRequest {
         source_volume_id: missing,
@@ -1504,6 +1514,45 @@ async fn delete_snapshot_touches_only_its_own_objects() {
     assert_eq!(r.as_ref().err().map(tonic::Status::code), Some(Code::NotFound), "{r:?}");
     let claims: Vec<String> = keys_under(&d, "k8s/_snapshots/").await;
     assert!(!claims.iter().any(|k| k.ends_with("snap-of-nothing")), "{claims:?}");
+}
+
+/// The same when the other create's pin is there before this call reads
+/// it: this call takes the pin as its own (it may be its own earlier
+/// attempt's), and when it then fails (here: its volume.json is refused)
+/// the pin stays for the create that may still be running; a retry is
+/// answered with the clone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_create_that_found_another_creates_pin_and_failed_leaves_that_pin() {
+    use s3blk::store::fault::Op;
+    let Some((mut d, fault)) = faulty_driver().await else { return };
+    let src = create(&mut d, "pvc-adopt-src", 1 << 20).await;
+    let data = common::pattern(8, 8192);
+    write(&d, &src.volume_id, 0, &data).await;
+    let source = prefix_of(&src.volume_id);
+    let clone_prefix = format!("{}pvc-adopt-clone/", source.trim_end_matches("pvc-adopt-src/"));
+    let pin = s3blk::volume::format::clone_pin_name(&clone_prefix);
+    let pin_key = s3blk::volume::format::snapshot_key(&source, &pin);
+    // The other create got as far as its pin.
+    s3blk::volume::engine::snapshot_committed(&d.store, &source, &pin, &s3blk::clock::SystemClock)
+        .await
+        .expect("the other create's pin");
+    let mut req = create_req("pvc-adopt-clone", 1 << 20, 0);
+    req.volume_content_source = Some(pb::VolumeContentSource {
+        r#type: Some(pb::volume_content_source::Type::Volume(pb::volume_content_source::VolumeSource {
+            volume_id: src.volume_id.clone(),
+        })),
+    });
+    fail_all(&fault, Op::Put, &format!("{clone_prefix}volume.json"));
+    let failed = d.ctl.create_volume(req.clone()).await;
+    assert!(failed.is_err(), "created: {failed:?}");
+    fault.clear_rules();
+    assert!(
+        d.store.head(&pin_key).await.expect("head").is_some(),
+        "the other create's pin was taken: {:?}",
+        keys_under(&d, &source).await
+    );
+    let made = d.ctl.create_volume(req).await.expect("the retry").into_inner().volume.expect("volume");
+    assert_eq!(read(&d, &made.volume_id, 0, 8192).await, data);
 }
 
 /// The first GET of `key` (a clone's pin) finds it absent, and another

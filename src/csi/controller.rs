@@ -689,8 +689,11 @@ impl pb::controller_server::Controller for ControllerService {
         }
         // Before volume.json: a volume never exists without its record.
         catalog::write_provisioned(&store, &loc.prefix, &wanted).await.map_err(catalog_status)?;
-        // Set when another CreateVolume of this name is running (its pin
-        // appeared since it was read): what it wrote stays.
+        // Set when the pin in the source may be another CreateVolume's of
+        // this name, still running (another controller's, across a leader
+        // handover): what this call wrote stays on a failure, since
+        // letting go of the source would take the pin that create's clone
+        // reads through. A retry (or a DeleteVolume) cleans up.
         let mut raced = false;
         let made = async {
             let mut parent = parent;
@@ -706,7 +709,12 @@ impl pb::controller_server::Controller for ControllerService {
                             .map_err(catalog_status)?;
                         rec.clone()
                     }
-                    Some(rec) => rec.clone(),
+                    // Found there: an earlier attempt's, or another running
+                    // create's of this name.
+                    Some(rec) => {
+                        raced = true;
+                        rec.clone()
+                    }
                     None => {
                         let pin = format::clone_pin_name(&loc.prefix);
                         let rec = match snapshot_committed(&store, &sloc.prefix, &pin, self.clock.as_ref()).await {
@@ -1056,8 +1064,7 @@ impl pb::controller_server::Controller for ControllerService {
         };
         // The pins that keep what clones and restored volumes read are no
         // snapshots a CO can see (ListSnapshots hides them) or delete.
-        // Nor is a name this driver never gives a snapshot.
-        if name.starts_with("clone-") || object_name(&name) != name {
+        if name.starts_with("clone-") {
             return Ok(Response::new(pb::DeleteSnapshotResponse {}));
         }
         // As for DeleteVolume: nothing is deleted outside the stores this
