@@ -461,8 +461,12 @@ struct InProcess {
 }
 
 async fn in_process(read_only: bool) -> InProcess {
+    in_process_with(read_only, 4 << 20, s3blk::nbd::session::Limits::default()).await
+}
+
+async fn in_process_with(read_only: bool, size: u64, limits: s3blk::nbd::session::Limits) -> InProcess {
     let store: DynStore = Arc::new(MemoryStore::new());
-    let opts = CreateOptions { size: 4 << 20, chunk_size: 64 << 10, parent: None, single_writer: false };
+    let opts = CreateOptions { size, chunk_size: 64 << 10, parent: None, single_writer: false };
     Volume::create(store.clone(), "v/", opts, &s3blk::clock::SystemClock).await.expect("create");
     let volume =
         Volume::open(store.clone(), "v/", OpenOptions { read_only, ..OpenOptions::default() }).await.expect("open");
@@ -475,12 +479,37 @@ async fn in_process(read_only: bool) -> InProcess {
         volume,
         read_only,
         busy_poll: std::time::Duration::from_micros(50),
-        limits: s3blk::nbd::session::Limits::default(),
+        limits,
         unflushed: None,
     });
     let (shutdown, rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(server::serve(bound, export, rx));
     InProcess { sock, _dir: dir, store, shutdown, task }
+}
+
+/// With the smallest in-flight budget a node gives (32 MiB, one largest
+/// payload), a TRIM or WRITE_ZEROES of more than that (mkfs.xfs discards
+/// the whole device in such requests) and a READ larger than any payload
+/// are answered, and requests behind them too: charged by their length,
+/// they waited for more than the whole budget, for good, and every
+/// request after them on every connection with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_hold_no_memory_are_not_charged_by_their_range() {
+    let limits = s3blk::nbd::session::Limits::new(proto::MAX_PAYLOAD as usize, 8, std::time::Duration::from_secs(10));
+    let srv = in_process_with(false, 256 << 20, limits).await;
+    let mut c = Client::connect(&srv.sock, "v").await;
+    let answered = async {
+        assert_eq!(c.write(1, 0, b"kept").await, 0);
+        c.send(proto::CMD_TRIM, 0, 2, 4096, 64 << 20, &[]).await;
+        assert_eq!(c.reply().await, (0, 2), "a 64 MiB TRIM");
+        c.send(proto::CMD_WRITE_ZEROES, 0, 3, 128 << 20, 128 << 20, &[]).await;
+        assert_eq!(c.reply().await, (0, 3), "a 128 MiB WRITE_ZEROES");
+        c.send(proto::CMD_READ, 0, 4, 0, proto::MAX_PAYLOAD + 4096, &[]).await;
+        assert_eq!(c.reply().await, (proto::EINVAL, 4), "a READ larger than any payload");
+        c.read(5, 0, 4).await.expect("a read after them")
+    };
+    let back = tokio::time::timeout(std::time::Duration::from_secs(20), answered).await.expect("requests hung");
+    assert_eq!(back, b"kept");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

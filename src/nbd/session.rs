@@ -692,8 +692,17 @@ where
         if req.kind == proto::CMD_DISC {
             break Ok(());
         }
-        // A block status answer is small whatever range it covers.
-        let bytes = if req.kind == proto::CMD_BLOCK_STATUS { 0 } else { req.length as usize };
+        // What a request holds in memory: a READ its reply (one larger
+        // than any payload is refused and holds none), a WRITE its
+        // payload. A TRIM, WRITE_ZEROES, CACHE or block status holds
+        // nothing, whatever range it covers: charged by its length, a
+        // TRIM of more than the whole budget (mkfs discards the whole
+        // device) waited for good, and every request queued behind it.
+        let bytes = match req.kind {
+            proto::CMD_READ if req.length <= proto::MAX_PAYLOAD => req.length as usize,
+            proto::CMD_WRITE => req.length as usize,
+            _ => 0,
+        };
         let units = bytes.min(INFLIGHT_BYTES).div_ceil(PERMIT_UNIT).max(1) as u32;
         // A WRITE takes its server-wide share as its payload arrives (see
         // read_payload); everything else takes it up front.
