@@ -27,6 +27,8 @@ struct Driver {
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), s3blk::csi::server::CsiError>>,
+    cfg: CsiConfig,
+    stores: Arc<Stores>,
 }
 
 async fn driver() -> Option<Driver> {
@@ -84,7 +86,7 @@ async fn driver_opts(
         metrics_address: Some("127.0.0.1:0".into()),
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(s3blk::csi::server::run(cfg, stores, async move {
+    let task = tokio::spawn(s3blk::csi::server::run(cfg.clone(), stores.clone(), async move {
         let _ = rx.await;
     }));
     for _ in 0..250 {
@@ -103,6 +105,8 @@ async fn driver_opts(
         _dir: dir,
         stop: Some(tx),
         task,
+        cfg,
+        stores,
     })
 }
 
@@ -1338,6 +1342,42 @@ async fn ids_outside_the_drivers_stores_are_not_found_and_never_opened() {
     assert!(created.is_empty() && wrong.is_empty(), "created on the host: {created:?}; answers: {wrong:#?}");
 }
 
+/// A second node plugin started while the first still runs with the same
+/// state directory (a pod replaced before the old one exited) serves
+/// nothing until the first has stopped: opening the volumes the first
+/// still serves would fence it and lose its unflushed writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_plugin_waits_for_the_first_to_exit() {
+    let Some(endpoint) = common::s3_endpoint() else { return };
+    let stores = Arc::new(Stores::with_defaults(common::fast_policy(), common::s3_settings(&endpoint)));
+    let Some(mut first) =
+        driver_opts(std::time::Duration::ZERO, std::time::Duration::from_secs(300), Some("node-a"), stores).await
+    else {
+        return;
+    };
+    let mut cfg = first.cfg.clone();
+    let sock = first._dir.path().join("second.sock");
+    cfg.endpoint = format!("unix://{}", sock.display());
+    cfg.metrics_address = None;
+    let second = tokio::spawn(s3blk::csi::server::run(cfg, first.stores.clone(), std::future::pending()));
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(!sock.exists() && !second.is_finished(), "the second node plugin started beside the first");
+    if let Some(stop) = first.stop.take() {
+        let _ = stop.send(());
+    }
+    (&mut first.task).await.expect("join").expect("the first stops");
+    let mut up = false;
+    for _ in 0..100 {
+        if sock.exists() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(up, "the second node plugin did not start once the first stopped");
+    second.abort();
+}
+
 /// A driver whose store (for the bucket its requests name) fails as the
 /// returned fault store is told to.
 async fn faulty_driver() -> Option<(Driver, Arc<s3blk::store::fault::FaultStore>)> {
@@ -1404,38 +1444,61 @@ async fn a_clone_create_that_loses_its_pin_to_another_leaves_that_pin() {
     else {
         return;
     };
-    let src = create(&mut d, "pvc-race-src", 1 << 20).await;
-    let data = common::pattern(7, 8192);
-    write(&d, &src.volume_id, 0, &data).await;
-    let source = prefix_of(&src.volume_id);
-    let clone_prefix = format!("{}pvc-race-clone/", source.trim_end_matches("pvc-race-src/"));
-    let pin = s3blk::volume::format::clone_pin_name(&clone_prefix);
-    let pin_key = s3blk::volume::format::snapshot_key(&source, &pin);
+    let race = clone_race(&mut d, "pvc-race").await;
     let raw = s3blk::store::s3::S3Store::connect(&d.bucket, common::s3_settings(&endpoint)).await.expect("s3 client");
     let inner: DynStore = Arc::new(s3blk::store::retry::RetryStore::new(Arc::new(raw), common::fast_policy()));
     let around = PinLandsAfterItsRead {
         armed: std::sync::atomic::AtomicBool::new(true),
-        key: pin_key.clone(),
-        source: source.clone(),
-        pin,
+        key: race.pin_key.clone(),
+        source: race.source.clone(),
+        pin: race.pin.clone(),
     };
     let spec = Location::parse(&format!("s3://{}/k8s", d.bucket), false).expect("store").store;
     stores.register(&spec, common::Wrapped::new(inner, around));
-    let mut req = create_req("pvc-race-clone", 1 << 20, 0);
+    let lost = d.ctl.create_volume(race.req.clone()).await;
+    assert_eq!(lost.as_ref().err().map(tonic::Status::code), Some(Code::Aborted), "{lost:?}");
+    race.pin_kept_and_retry_answers(&mut d).await;
+}
+
+/// A clone of a fresh volume `<name>-src` (some bytes written) asked for
+/// as `<name>-clone`, and the pin its create writes in the source.
+struct CloneRace {
+    data: Vec<u8>,
+    source: String,
+    pin: String,
+    pin_key: String,
+    req: pb::CreateVolumeRequest,
+}
+
+async fn clone_race(d: &mut Driver, name: &str) -> CloneRace {
+    let src = create(d, &format!("{name}-src"), 1 << 20).await;
+    let data = common::pattern(7, 8192);
+    write(d, &src.volume_id, 0, &data).await;
+    let source = prefix_of(&src.volume_id);
+    let clone_prefix = format!("{}{name}-clone/", source.trim_end_matches(&format!("{name}-src/")));
+    let pin = s3blk::volume::format::clone_pin_name(&clone_prefix);
+    let pin_key = s3blk::volume::format::snapshot_key(&source, &pin);
+    let mut req = create_req(&format!("{name}-clone"), 1 << 20, 0);
     req.volume_content_source = Some(pb::VolumeContentSource {
         r#type: Some(pb::volume_content_source::Type::Volume(pb::volume_content_source::VolumeSource {
             volume_id: src.volume_id.clone(),
         })),
     });
-    let lost = d.ctl.create_volume(req.clone()).await;
-    assert_eq!(lost.as_ref().err().map(tonic::Status::code), Some(Code::Aborted), "{lost:?}");
-    assert!(
-        d.store.head(&pin_key).await.expect("head").is_some(),
-        "the other create's pin was taken: {:?}",
-        keys_under(&d, &source).await
-    );
-    let made = d.ctl.create_volume(req).await.expect("the retry").into_inner().volume.expect("volume");
-    assert_eq!(read(&d, &made.volume_id, 0, 8192).await, data);
+    CloneRace { data, source, pin, pin_key, req }
+}
+
+impl CloneRace {
+    /// The other create's pin is still there, and the CO's retry is
+    /// answered with the clone, which reads the source's bytes.
+    async fn pin_kept_and_retry_answers(&self, d: &mut Driver) {
+        assert!(
+            d.store.head(&self.pin_key).await.expect("head").is_some(),
+            "the other create's pin was taken: {:?}",
+            keys_under(d, &self.source).await
+        );
+        let made = d.ctl.create_volume(self.req.clone()).await.expect("the retry").into_inner().volume.expect("volume");
+        assert_eq!(read(d, &made.volume_id, 0, 8192).await, self.data);
+    }
 }
 
 /// A snapshot name that starts with clone- (the pins' names) is refused
@@ -1525,34 +1588,16 @@ async fn delete_snapshot_touches_only_its_own_objects() {
 async fn a_clone_create_that_found_another_creates_pin_and_failed_leaves_that_pin() {
     use s3blk::store::fault::Op;
     let Some((mut d, fault)) = faulty_driver().await else { return };
-    let src = create(&mut d, "pvc-adopt-src", 1 << 20).await;
-    let data = common::pattern(8, 8192);
-    write(&d, &src.volume_id, 0, &data).await;
-    let source = prefix_of(&src.volume_id);
-    let clone_prefix = format!("{}pvc-adopt-clone/", source.trim_end_matches("pvc-adopt-src/"));
-    let pin = s3blk::volume::format::clone_pin_name(&clone_prefix);
-    let pin_key = s3blk::volume::format::snapshot_key(&source, &pin);
+    let race = clone_race(&mut d, "pvc-adopt").await;
     // The other create got as far as its pin.
-    s3blk::volume::engine::snapshot_committed(&d.store, &source, &pin, &s3blk::clock::SystemClock)
+    s3blk::volume::engine::snapshot_committed(&d.store, &race.source, &race.pin, &s3blk::clock::SystemClock)
         .await
         .expect("the other create's pin");
-    let mut req = create_req("pvc-adopt-clone", 1 << 20, 0);
-    req.volume_content_source = Some(pb::VolumeContentSource {
-        r#type: Some(pb::volume_content_source::Type::Volume(pb::volume_content_source::VolumeSource {
-            volume_id: src.volume_id.clone(),
-        })),
-    });
-    fail_all(&fault, Op::Put, &format!("{clone_prefix}volume.json"));
-    let failed = d.ctl.create_volume(req.clone()).await;
+    fail_all(&fault, Op::Put, "pvc-adopt-clone/volume.json");
+    let failed = d.ctl.create_volume(race.req.clone()).await;
     assert!(failed.is_err(), "created: {failed:?}");
     fault.clear_rules();
-    assert!(
-        d.store.head(&pin_key).await.expect("head").is_some(),
-        "the other create's pin was taken: {:?}",
-        keys_under(&d, &source).await
-    );
-    let made = d.ctl.create_volume(req).await.expect("the retry").into_inner().volume.expect("volume");
-    assert_eq!(read(&d, &made.volume_id, 0, 8192).await, data);
+    race.pin_kept_and_retry_answers(&mut d).await;
 }
 
 /// The first GET of `key` (a clone's pin) finds it absent, and another

@@ -1175,3 +1175,57 @@ impl pb::node_server::Node for NodeService {
         }))
     }
 }
+
+/// Wait until this process is the only node plugin using `state_dir`, and
+/// hold it so until the returned file is dropped. A second plugin on the
+/// node (a pod replaced before the old one exited: a forced delete, a
+/// rolling update with a surge, a process stuck in the kernel) would open
+/// every volume the first still serves for writing, which fences it: its
+/// unflushed writes would be lost and its devices cut. It waits instead.
+pub async fn hold_node_lock(state_dir: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(state_dir)?;
+    let path = state_dir.join("node.lock");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    let mut told = false;
+    loop {
+        // SAFETY: flock(2) on a descriptor owned by `file` for the whole call.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            if told {
+                tracing::info!(lock = %path.display(), "the other node plugin exited; serving");
+            }
+            return Ok(file);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e);
+        }
+        if !told {
+            tracing::warn!(lock = %path.display(), "another node plugin is still running with this state directory; waiting for it to exit before serving any volume");
+            told = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod node_lock_tests {
+    use super::hold_node_lock;
+
+    /// A second holder waits until the first lets go.
+    #[tokio::test]
+    async fn a_second_node_plugin_waits_for_the_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = hold_node_lock(dir.path()).await.expect("first");
+        let second = tokio::time::timeout(std::time::Duration::from_millis(600), hold_node_lock(dir.path())).await;
+        assert!(second.is_err(), "a second plugin went ahead while the first runs");
+        let path = dir.path().to_path_buf();
+        let waiting = tokio::spawn(async move { hold_node_lock(&path).await });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "a second plugin went ahead while the first runs");
+        drop(first);
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await;
+        assert!(got.is_ok_and(|r| r.is_ok_and(|f| f.is_ok())), "the second did not go on once the first exited");
+    }
+}

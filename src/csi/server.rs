@@ -139,6 +139,7 @@ pub async fn run(
         compact::check_live_safety_age(cfg.compact_safety_age)?;
     }
     let mut registration = None;
+    let mut node_lock = None;
     let node = if cfg.mode != Mode::Controller {
         let node_id = cfg.node_id.clone().filter(|n| !n.is_empty()).ok_or(CsiError::NoNodeId)?;
         let (budget, nbd_inflight) = node_budget(&cfg)?;
@@ -154,6 +155,12 @@ pub async fn run(
             patch_limit: cfg.patch_limit,
             nbd_inflight,
         };
+        // Held while this process serves (see hold_node_lock).
+        node_lock = Some(
+            super::node::hold_node_lock(&cfg.state_dir)
+                .await
+                .map_err(|source| CsiError::StateDir { path: cfg.state_dir.clone(), source })?,
+        );
         let n = NodeService::new(ncfg, stores.clone())
             .map_err(|source| CsiError::StateDir { path: cfg.state_dir.clone(), source })?;
         let n = match controller::connect().await {
@@ -241,6 +248,8 @@ pub async fn run(
         r.abort();
     }
     let _ = std::fs::remove_file(&path);
+    // Its volumes stopped: another node plugin may go on.
+    drop(node_lock);
     result.map_err(CsiError::from)
 }
 
