@@ -965,6 +965,118 @@ async fn node_unstage_fails_while_writes_cannot_be_committed() {
     assert_eq!(v.read(1 << 20, data.len() as u64).await.expect("read back"), data, "acknowledged writes were lost");
 }
 
+/// An unstage naming another path than the volume's staging path (another
+/// volume's, say) unmounts and detaches nothing: it unmounted that path and
+/// cut the device while the volume's filesystem was still mounted at its
+/// own. The volume stays served; the right unstage then goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_unstage_of_another_path_touches_nothing() {
+    let r = Restarted::new(&["node-1"], None);
+    let (child, mut node) = r.start().await;
+    assert!(r.log_text().contains("serving staged volume again"), "{}", r.log_text());
+    let mut wrong = r.unstage_req();
+    wrong.staging_target_path = r.dir.path().join("another-volumes-staging").display().to_string();
+    let e = node.node_unstage_volume(wrong).await.expect_err("an unstage of another path");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(r.record_path().exists(), "the stage record went");
+    let mut nbd = common::nbd_client::Client::connect(&r.socket, &r.export).await;
+    let data = common::pattern(5, 8192);
+    assert_eq!(nbd.write(1, 0, &data).await, 0, "still served");
+    drop(nbd);
+    node.node_unstage_volume(r.unstage_req()).await.expect("the unstage of its own path");
+    stop_child(child);
+    assert!(!r.record_path().exists(), "the stage record outlived the unstage");
+    assert_eq!(r.open(true).await.read(0, 8192).await.expect("read"), data);
+}
+
+/// A fresh stage onto a path that is already a mount point (another
+/// volume's stage, say) is refused before anything is served or attached:
+/// stacked on it, its unstage would unmount the mount below. Needs root
+/// for the mount (skipped otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_stage_onto_a_mount_point_is_refused() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: mounting a tmpfs needs root");
+        return;
+    }
+    let r = Restarted::new(&["node-1"], None);
+    let (child, mut node) = r.start().await;
+    let taken = r.dir.path().join("taken");
+    std::fs::create_dir_all(&taken).expect("mkdir");
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"]).arg(&taken).status();
+    assert!(mounted.is_ok_and(|s| s.success()), "mounting a tmpfs as root failed");
+    let other = r.id.replace("pvc-1", "pvc-2");
+    let e = node.node_stage_volume(stage_req(&other, &taken, &mount_cap("ext4"))).await;
+    let _ = Command::new("umount").arg(&taken).status();
+    stop_child(child);
+    let e = e.expect_err("a stage onto a mount point");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("already a mount point"), "{}", e.message());
+}
+
+/// A volume the restart's recovery left unserved (its store away then, so
+/// its attachment record could not be found) is served again by kubelet's next NodeStage, on the device it was
+/// staged on: it was staged afresh on a second device, over the first
+/// one's mount, and the first was never let go of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_stage_serves_again_a_volume_recovery_left_unserved() {
+    let r = Restarted::new(&["node-1"], None);
+    let away = r.vol.with_extension("away");
+    std::fs::rename(&r.vol, &away).expect("take the store away");
+    let (child, mut node) = r.start().await;
+    assert!(r.log_text().contains("not serving the staged volume again"), "{}", r.log_text());
+    std::fs::rename(&away, &r.vol).expect("bring the store back");
+    node.node_stage_volume(stage_req(&r.id, &r.staging(), &block_cap())).await.expect("the stage kubelet retries");
+    assert!(r.log_text().contains("serving it again"), "{}", r.log_text());
+    let mut nbd = common::nbd_client::Client::connect(&r.socket, &r.export).await;
+    let data = common::pattern(4, 4096);
+    assert_eq!(nbd.write(1, 0, &data).await, 0, "served again");
+    drop(nbd);
+    node.node_unstage_volume(r.unstage_req()).await.expect("unstage");
+    stop_child(child);
+    assert_eq!(r.open(true).await.read(0, 4096).await.expect("read"), data);
+}
+
+/// NodeUnstage never cuts a device a filesystem is still mounted from (a
+/// publish not undone, a mount stacked on the staging path): it fails
+/// (FAILED_PRECONDITION) and keeps the volume staged. A loop device stands
+/// in for the volume's device; needs root (skipped otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_unstage_leaves_a_device_that_is_still_mounted() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: a loop device and a mount need root");
+        return;
+    }
+    let r = Restarted::new(&["node-1"], None);
+    let image = r.dir.path().join("loop.img");
+    std::fs::File::create(&image).and_then(|f| f.set_len(8 << 20)).expect("image");
+    let out = Command::new("losetup").args(["-f", "--show"]).arg(&image).output().expect("losetup");
+    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    let loop_dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let mounted_at = r.dir.path().join("elsewhere");
+    std::fs::create_dir_all(&mounted_at).expect("mkdir");
+    let ok = |c: &mut Command| c.output().is_ok_and(|o| o.status.success());
+    let ready = ok(Command::new("mkfs.ext4").args(["-q", "-F", &loop_dev]))
+        && ok(Command::new("mount").arg(&loop_dev).arg(&mounted_at));
+    // The record names the loop device as the volume's.
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(r.record_path()).expect("record")).expect("record json");
+    rec["device"] = serde_json::Value::String(loop_dev.clone());
+    std::fs::write(r.record_path(), rec.to_string()).expect("record");
+    let (child, mut node) = r.start().await;
+    let refused = node.node_unstage_volume(r.unstage_req()).await;
+    let _ = Command::new("umount").arg(&mounted_at).status();
+    let _ = Command::new("losetup").args(["-d", &loop_dev]).status();
+    stop_child(child);
+    assert!(ready, "mkfs or mount of the loop device failed");
+    let e = refused.expect_err("an unstage while the device is mounted");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("still mounted"), "{}", e.message());
+    assert!(r.record_path().exists(), "the stage record went");
+}
+
 /// A staged volume taken over by another writer (fenced here) can still be
 /// unstaged: its uncommitted writes can never be committed, so unstage
 /// discards them (and their write-back log) instead of failing for ever.

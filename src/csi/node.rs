@@ -775,12 +775,28 @@ impl pb::node_server::Node for NodeService {
             req.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume capability is required"))?;
         check_capability(cap).map_err(Status::invalid_argument)?;
         let _guard = self.inflight.start(&req.volume_id)?;
-        let already = self
-            .staged
-            .lock()
-            .await
-            .get(&req.volume_id)
-            .map(|s| (s.record.clone(), matches!(s.serving, Serving::LostWrites)));
+        let staged_now = || async {
+            self.staged
+                .lock()
+                .await
+                .get(&req.volume_id)
+                .map(|s| (s.record.clone(), matches!(s.serving, Serving::LostWrites)))
+        };
+        let mut already = staged_now().await;
+        if already.is_none()
+            && let Some(record) = std::fs::read(self.record_path(&req.volume_id))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<StageRecord>(&b).ok())
+                .filter(|r| r.staging_path == staging)
+        {
+            // Staged before a restart whose recovery did not serve it (the
+            // store away then, say): its device and mount are still there.
+            // Served again as recovery would, not staged afresh on a
+            // second device over the first one's mount.
+            tracing::info!(volume = %req.volume_id, device = %record.device, "stage of a volume recovery left unserved: serving it again");
+            self.recover_one(record, None).await;
+            already = staged_now().await;
+        }
         if let Some((r, lost)) = already {
             if lost {
                 return Err(Status::failed_precondition(LOST_WRITES));
@@ -809,6 +825,14 @@ impl pb::node_server::Node for NodeService {
         }
         if staging.exists() && !staging.is_dir() {
             return Err(Status::failed_precondition(format!("{} is not a directory", staging.display())));
+        }
+        // A fresh stage over a mount (another volume's stage, say) would
+        // stack on it, and its unstage unmount the one below.
+        if mount::is_mountpoint(&staging) {
+            return Err(Status::failed_precondition(format!(
+                "{} is already a mount point; nothing was attached",
+                staging.display()
+            )));
         }
         use pb::volume_capability::{AccessType, access_mode::Mode};
         let mode = cap.access_mode.as_ref().map(|m| m.mode()).unwrap_or(Mode::Unknown);
@@ -864,6 +888,9 @@ impl pb::node_server::Node for NodeService {
             has_secrets: !req.secrets.is_empty(),
             legacy_secrets: Secrets::default(),
         };
+        // Whether this call mounted the staging path (only then does a
+        // failure unmount it).
+        let mut mounted = false;
         let result: Result<(), Status> = async {
             if let Some(fs) = &fs_type {
                 match mount::filesystem(&device).await.map_err(internal)? {
@@ -890,6 +917,7 @@ impl pb::node_server::Node for NodeService {
                     _ => Vec::new(),
                 };
                 mount_staged(&req.volume_id, &device, &staging, fs, readonly, flags).await?;
+                mounted = true;
             }
             if record.has_secrets {
                 self.save_secrets(&req.volume_id, &Secrets(req.secrets.clone()))?;
@@ -899,7 +927,9 @@ impl pb::node_server::Node for NodeService {
         .await;
         if let Err(e) = result {
             // Leave nothing half-done behind.
-            let _ = mount::umount(&staging).await;
+            if mounted {
+                let _ = mount::umount(&staging).await;
+            }
             let _ = self.attacher.detach(&device).await;
             self.remove_secrets(&req.volume_id);
             let _ = self.stop(&req.volume_id, server).await;
@@ -920,14 +950,33 @@ impl pb::node_server::Node for NodeService {
         }
         let staging = required_path(&req.staging_target_path, "staging target path")?;
         let _guard = self.inflight.start(&req.volume_id)?;
-        mount::umount(&staging).await.map_err(internal)?;
         let served = self.staged.lock().await.get(&req.volume_id).map(|s| (s.volume().ok().cloned(), s.record.clone()));
-        let record = match &served {
+        let record: Option<StageRecord> = match &served {
             Some((_, r)) => Some(r.clone()),
             // Not served by this process (recovery did not serve it after
             // a restart): the record still says which device it attached.
             None => std::fs::read(self.record_path(&req.volume_id)).ok().and_then(|b| serde_json::from_slice(&b).ok()),
         };
+        // Another path is not this volume's to unmount (it may be another
+        // volume's stage), and the device must not be cut while its
+        // filesystem is still mounted at the real one.
+        if let Some(r) = record.as_ref().filter(|r| r.staging_path != staging) {
+            return Err(Status::failed_precondition(format!(
+                "volume is staged at {}, not {}; nothing was unmounted or detached",
+                r.staging_path.display(),
+                staging.display()
+            )));
+        }
+        mount::umount(&staging).await.map_err(internal)?;
+        if let Some(r) = &record
+            && devices::dev_t(&r.device).is_some_and(|d| mount::device_mounted(&d))
+        {
+            return Err(Status::failed_precondition(format!(
+                "{} is still mounted (a publish not yet undone, or a mount stacked on the staging path): \
+                 it stays attached until it is unmounted",
+                r.device
+            )));
+        }
         if let Some((Some(volume), _)) = &served {
             // Commit every acknowledged write before anything is let go:
             // while that fails the volume stays served and attached, and
