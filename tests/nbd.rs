@@ -849,6 +849,29 @@ async fn meta_contexts_are_negotiated_by_the_spec() {
     assert_eq!(u16::from_be_bytes([h[6], h[7]]), proto::REPLY_TYPE_ERROR);
 }
 
+/// With structured replies on, a READ with flags it may not carry gets a
+/// structured error (a simple reply to a READ is out of protocol then, and
+/// strict clients drop the connection), and the stream stays in step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_with_bad_flags_gets_a_structured_error_once_they_are_on() {
+    let srv = in_process(false).await;
+    let mut s = nbd_client::greet(&srv.sock).await;
+    nbd_client::send_option(&mut s, proto::OPT_STRUCTURED_REPLY, &[]).await;
+    assert_eq!(nbd_client::read_option_reply(&mut s).await.1, proto::REP_ACK);
+    let mut c = nbd_client::go(s, "v").await;
+    c.send(proto::CMD_READ, proto::CMD_FLAG_DF, 7, 0, 512, &[]).await;
+    let mut h = [0u8; 20];
+    tokio::io::AsyncReadExt::read_exact(&mut c.s, &mut h).await.expect("reply header");
+    assert_eq!(u32::from_be_bytes([h[0], h[1], h[2], h[3]]), proto::STRUCTURED_REPLY_MAGIC, "a simple reply");
+    assert_eq!(u16::from_be_bytes([h[6], h[7]]), proto::REPLY_TYPE_ERROR);
+    assert_eq!(u64::from_be_bytes(h[8..16].try_into().expect("handle")), 7);
+    let mut body = vec![0u8; u32::from_be_bytes([h[16], h[17], h[18], h[19]]) as usize];
+    tokio::io::AsyncReadExt::read_exact(&mut c.s, &mut body).await.expect("reply body");
+    assert_eq!(u32::from_be_bytes([body[0], body[1], body[2], body[3]]), proto::EINVAL);
+    // In step: a write and its simple reply.
+    assert_eq!(c.write(8, 0, &[3u8; 512]).await, 0);
+}
+
 /// The MUSTs and SHOULDs of the protocol the server once skipped: unknown
 /// handshake flags drop the connection; a bad option magic is not trusted
 /// for its length; unknown or unadvertised command flags get EINVAL (and

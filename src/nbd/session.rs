@@ -863,6 +863,14 @@ async fn handle<W: AsyncWrite + Unpin>(
     if !flags_ok(&req) {
         tracing::debug!(kind = req.kind, flags = req.flags, "request with unsupported flags");
         done();
+        // Once structured replies are on, a READ (or block status) gets
+        // none but structured ones, errors included.
+        if structured && matches!(req.kind, proto::CMD_READ | proto::CMD_BLOCK_STATUS) {
+            let msg = "unsupported command flags";
+            return wr
+                .send(vec![Bytes::from(proto::structured_error(req.handle, proto::EINVAL, msg))], Some(permit))
+                .await;
+        }
         return wr.simple(proto::EINVAL, req.handle, Some(permit)).await;
     }
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
