@@ -989,55 +989,6 @@ async fn node_unstage_of_another_path_touches_nothing() {
     assert_eq!(r.open(true).await.read(0, 8192).await.expect("read"), data);
 }
 
-/// A fresh stage onto a path that is already a mount point (another
-/// volume's stage, say) is refused before anything is served or attached:
-/// stacked on it, its unstage would unmount the mount below. Needs root
-/// for the mount (skipped otherwise).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_stage_onto_a_mount_point_is_refused() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: mounting a tmpfs needs root");
-        return;
-    }
-    let r = Restarted::new(&["node-1"], None);
-    let (child, mut node) = r.start().await;
-    let taken = r.dir.path().join("taken");
-    std::fs::create_dir_all(&taken).expect("mkdir");
-    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"]).arg(&taken).status();
-    assert!(mounted.is_ok_and(|s| s.success()), "mounting a tmpfs as root failed");
-    let other = r.id.replace("pvc-1", "pvc-2");
-    let e = node.node_stage_volume(stage_req(&other, &taken, &mount_cap("ext4"))).await;
-    let _ = Command::new("umount").arg(&taken).status();
-    stop_child(child);
-    let e = e.expect_err("a stage onto a mount point");
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert!(e.message().contains("already a mount point"), "{}", e.message());
-}
-
-/// A volume the restart's recovery left unserved (its store away then, so
-/// its attachment record could not be found) is served again by kubelet's next NodeStage, on the device it was
-/// staged on: it was staged afresh on a second device, over the first
-/// one's mount, and the first was never let go of.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_stage_serves_again_a_volume_recovery_left_unserved() {
-    let r = Restarted::new(&["node-1"], None);
-    let away = r.vol.with_extension("away");
-    std::fs::rename(&r.vol, &away).expect("take the store away");
-    let (child, mut node) = r.start().await;
-    assert!(r.log_text().contains("not serving the staged volume again"), "{}", r.log_text());
-    std::fs::rename(&away, &r.vol).expect("bring the store back");
-    node.node_stage_volume(stage_req(&r.id, &r.staging(), &block_cap())).await.expect("the stage kubelet retries");
-    assert!(r.log_text().contains("serving it again"), "{}", r.log_text());
-    let mut nbd = common::nbd_client::Client::connect(&r.socket, &r.export).await;
-    let data = common::pattern(4, 4096);
-    assert_eq!(nbd.write(1, 0, &data).await, 0, "served again");
-    drop(nbd);
-    node.node_unstage_volume(r.unstage_req()).await.expect("unstage");
-    stop_child(child);
-    assert_eq!(r.open(true).await.read(0, 4096).await.expect("read"), data);
-}
-
 /// NodeUnstage never cuts a device a filesystem is still mounted from (a
 /// publish not undone, a mount stacked on the staging path): it fails
 /// (FAILED_PRECONDITION) and keeps the volume staged. A loop device stands

@@ -775,28 +775,12 @@ impl pb::node_server::Node for NodeService {
             req.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume capability is required"))?;
         check_capability(cap).map_err(Status::invalid_argument)?;
         let _guard = self.inflight.start(&req.volume_id)?;
-        let staged_now = || async {
-            self.staged
-                .lock()
-                .await
-                .get(&req.volume_id)
-                .map(|s| (s.record.clone(), matches!(s.serving, Serving::LostWrites)))
-        };
-        let mut already = staged_now().await;
-        if already.is_none()
-            && let Some(record) = std::fs::read(self.record_path(&req.volume_id))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<StageRecord>(&b).ok())
-                .filter(|r| r.staging_path == staging)
-        {
-            // Staged before a restart whose recovery did not serve it (the
-            // store away then, say): its device and mount are still there.
-            // Served again as recovery would, not staged afresh on a
-            // second device over the first one's mount.
-            tracing::info!(volume = %req.volume_id, device = %record.device, "stage of a volume recovery left unserved: serving it again");
-            self.recover_one(record, None).await;
-            already = staged_now().await;
-        }
+        let already = self
+            .staged
+            .lock()
+            .await
+            .get(&req.volume_id)
+            .map(|s| (s.record.clone(), matches!(s.serving, Serving::LostWrites)));
         if let Some((r, lost)) = already {
             if lost {
                 return Err(Status::failed_precondition(LOST_WRITES));
@@ -825,14 +809,6 @@ impl pb::node_server::Node for NodeService {
         }
         if staging.exists() && !staging.is_dir() {
             return Err(Status::failed_precondition(format!("{} is not a directory", staging.display())));
-        }
-        // A fresh stage over a mount (another volume's stage, say) would
-        // stack on it, and its unstage unmount the one below.
-        if mount::is_mountpoint(&staging) {
-            return Err(Status::failed_precondition(format!(
-                "{} is already a mount point; nothing was attached",
-                staging.display()
-            )));
         }
         use pb::volume_capability::{AccessType, access_mode::Mode};
         let mode = cap.access_mode.as_ref().map(|m| m.mode()).unwrap_or(Mode::Unknown);
