@@ -1208,23 +1208,16 @@ impl pb::node_server::Node for NodeService {
 /// every volume the first still serves for writing, which fences it: its
 /// unflushed writes would be lost and its devices cut. It waits instead.
 pub async fn hold_node_lock(state_dir: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
     std::fs::create_dir_all(state_dir)?;
     let path = state_dir.join("node.lock");
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
     let mut told = false;
     loop {
-        // SAFETY: flock(2) on a descriptor owned by `file` for the whole call.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
+        if crate::volume::engine::log::flock_nb(&file)? {
             if told {
                 tracing::info!(lock = %path.display(), "the other node plugin exited; serving");
             }
             return Ok(file);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(e);
         }
         if !told {
             tracing::warn!(lock = %path.display(), "another node plugin is still running with this state directory; waiting for it to exit before serving any volume");

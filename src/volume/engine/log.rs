@@ -116,7 +116,9 @@ pub enum LogError {
     Damaged { path: PathBuf, at: u64, why: String },
 }
 
-fn flock_nb(f: &File) -> io::Result<bool> {
+/// Take `f`'s exclusive flock without waiting: false when another open
+/// file holds it.
+pub(crate) fn flock_nb(f: &File) -> io::Result<bool> {
     // SAFETY: flock(2) on a descriptor owned by `f` for the whole call.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc == 0 {
