@@ -817,6 +817,20 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
         }
         VolumeCmd::Resize { url, size, takeover } => {
             let (loc, store) = connect(&url, g, true).await?;
+            // Checked before the lease: a resize refused must not have
+            // taken the volume from its writer on the way.
+            let size = crate::size::round_to_blocks(size, format::BLOCK_SIZE as u64);
+            format::check_size(size).map_err(anyhow::Error::msg)?;
+            let meta = replay::read_meta(store.as_ref(), &loc.prefix).await?;
+            let now = catalog::current_size(&store, &loc.prefix, &meta).await?;
+            if size < now {
+                bail!(
+                    "cannot resize {}: shrinking from {} to {} is not supported",
+                    loc.display(),
+                    format_size(now),
+                    format_size(size)
+                );
+            }
             let held = take_lease(&store, &loc, "resize", takeover, g).await?;
             let done = async {
                 let vol = Volume::open(store.clone(), &loc.prefix, g.open_options(false)).await?;
@@ -1501,6 +1515,10 @@ async fn take_lease(
     takeover: bool,
     g: &Global,
 ) -> Result<lease::Lease> {
+    // A prefix that holds no volume gets no lease: lease.json there may be
+    // an object of someone else's, which the lease would overwrite and its
+    // release delete.
+    replay::read_meta(store.as_ref(), &loc.prefix).await?;
     match lease::Lease::acquire(store, &loc.prefix, command, takeover, g.lease_ttl, &SystemClock).await {
         Ok(l) => Ok(l),
         Err(lease::LeaseError::Busy(occ)) => bail!("{}", lease::refusal(&loc.display(), command, &occ)),
@@ -1520,7 +1538,14 @@ fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
         "h" => 3600,
         _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m or h)")),
     };
-    n.checked_mul(mult).map(Duration::from_secs).ok_or_else(|| format!("{s:?}: too large"))
+    // Ten years: longer is no setting anyone means, and arithmetic on
+    // it (a cutoff in Unix seconds, a fraction of a deadline) must not
+    // overflow.
+    const MAX_SECS: u64 = 10 * 365 * 24 * 3600;
+    match n.checked_mul(mult) {
+        Some(secs) if secs <= MAX_SECS => Ok(Duration::from_secs(secs)),
+        _ => Err(format!("{s:?}: too large (at most 10 years, {MAX_SECS}s)")),
+    }
 }
 
 fn warn_short_safety_age(age: Duration) {

@@ -134,9 +134,32 @@ fn bad_input_gives_one_clear_line() {
     one_line_error(&s3blk(&[], &["volume", "export", v, "/nonexistent-dir/x"]), "cannot create");
     one_line_error(&s3blk(&[], &["volume", "export", v, "-", "--snapshot", "nope"]), "snapshot nope not found");
     one_line_error(&s3blk(&[], &["volume", "resize", v, "--size", "64KiB"]), "shrinking");
+    // A size that is no multiple of 4 KiB is rounded up, as at create.
+    assert!(ok(&s3blk(&[], &["volume", "resize", v, "--size", "2000001"])).contains("1.91 MiB"));
+    // A prefix that holds no volume: its lease.json (someone else's) is
+    // neither overwritten nor deleted.
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir_all(&foreign).expect("mkdir");
+    std::fs::write(foreign.join("lease.json"), b"app data").expect("write");
+    let f = foreign.to_str().expect("path");
+    one_line_error(&s3blk(&[], &["volume", "resize", f, "--size", "1MiB"]), "not found");
+    let sock = format!("unix:{}", dir.path().join("s.sock").display());
+    let served = s3blk(&[], &["serve", f, "--listen", &sock]);
+    assert_eq!(served.status.code(), Some(1), "{served:?}");
+    assert_eq!(std::fs::read(foreign.join("lease.json")).expect("the foreign lease.json"), b"app data");
     let out = s3blk(&[], &["compact", v, "--safety-age", "5 days"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown unit"), "{out:?}");
+    // Durations too large to compute with are refused, not wrapped (a
+    // safety age that wrapped made every object old) nor a panic.
+    for args in [
+        &["compact", v, "--safety-age", "18446744073709551615"][..],
+        &["volume", "export", v, "-", "--commit-deadline", "10000000000000000000"][..],
+    ] {
+        let out = s3blk(&[], args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("too large"), "{args:?}: {out:?}");
+    }
     // clap's own usage errors are not panics either.
     let out = s3blk(&[], &["volume", "create", v, "--size", "lots"]);
     assert_eq!(out.status.code(), Some(2));

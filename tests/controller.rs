@@ -17,7 +17,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -479,17 +479,31 @@ const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/s3blk/leases";
 
 impl LeaseServer {
     fn client(self: &Arc<Self>) -> (Client, tokio::task::JoinHandle<()>) {
+        let (client, task, _) = self.client_cut_off_by();
+        (client, task)
+    }
+
+    /// A client whose requests go unanswered, their connections kept open,
+    /// once the returned flag is set (the API server cut off mid-way).
+    fn client_cut_off_by(self: &Arc<Self>) -> (Client, tokio::task::JoinHandle<()>, Arc<AtomicBool>) {
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let server = self.clone();
+        let cut = Arc::new(AtomicBool::new(false));
+        let cut_off = cut.clone();
         let task = tokio::spawn(async move {
+            let mut unanswered = Vec::new();
             while let Some((req, reply)) = handle.next_request().await {
+                if cut_off.load(Ordering::SeqCst) {
+                    unanswered.push(reply);
+                    continue;
+                }
                 let (method, path) = (req.method().as_str().to_string(), req.uri().path().to_string());
                 let body = body_json(req).await;
                 let (code, answer) = server.answer(&method, &path, body);
                 respond(reply, code, &answer);
             }
         });
-        (Client::new(service, "s3blk"), task)
+        (Client::new(service, "s3blk"), task, cut)
     }
 
     fn answer(&self, method: &str, path: &str, mut body: Value) -> (u16, Value) {
@@ -714,6 +728,58 @@ async fn the_election_loop_runs_the_work_in_one_replica_and_fails_over() {
     c.abort();
 }
 
+/// A leader whose lease round hangs (the API server unreachable, the
+/// connection still open: no answer, no error) stops its work within the
+/// renew deadline, before another replica may take over. The round had no
+/// time limit, so the leader worked on for as long as the connection hung,
+/// beside the replica that took over.
+#[tokio::test(start_paused = true)]
+async fn a_leader_whose_renewal_hangs_stops_before_another_takes_over() {
+    let server = Arc::new(LeaseServer::default());
+    let active = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let replica = |client: Client, name: &'static str| {
+        let (active, most) = (active.clone(), most.clone());
+        tokio::spawn(elect_and_run(
+            lock(client, name),
+            move || {
+                let (active, most) = (active.clone(), most.clone());
+                async move {
+                    struct Running(Arc<AtomicUsize>);
+                    impl Drop for Running {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
+                    let n = active.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(n, Ordering::SeqCst);
+                    let _running = Running(active);
+                    std::future::pending::<()>().await
+                }
+            },
+            std::future::pending::<()>(),
+        ))
+    };
+    let (ca, _ta, cut_a) = server.client_cut_off_by();
+    let a = replica(ca, "replica-a");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (cb, _tb) = server.client();
+    let b = replica(cb, "replica-b");
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(server.holder().as_deref(), Some("replica-a"));
+    cut_a.store(true, Ordering::SeqCst);
+    let cut = Instant::now();
+    while server.holder().as_deref() != Some("replica-b") {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(cut.elapsed() < Duration::from_secs(60), "no takeover");
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(most.load(Ordering::SeqCst), 1, "the cut-off leader worked on beside the new one");
+    assert_eq!(active.load(Ordering::SeqCst), 1);
+    a.abort();
+    b.abort();
+}
+
 // ------------------------------------------------------------ choosing the mode
 
 /// `s3blk csi` without any Kubernetes API configuration: `kubernetes`
@@ -883,6 +949,30 @@ async fn a_restarted_node_serves_again_only_volumes_a_volume_attachment_still_at
     // Their stage records stay for NodeUnstage to clean up.
     let records = std::fs::read_dir(&r.state).expect("state").flatten();
     assert_eq!(records.filter(|e| e.path().extension().is_some_and(|x| x == "json")).count(), 4);
+}
+
+/// A stage record written in an earlier boot of the node names a device
+/// that went with that boot and may be another tool's now (another nbd
+/// client took the lowest free number): recovery drops the record and
+/// touches nothing, and the volume is not served until a NodeStage stages
+/// it afresh. It was served again on that device (reconnected, mounted,
+/// later detached at NodeUnstage).
+#[tokio::test]
+async fn a_stage_record_of_an_earlier_boot_is_dropped_and_its_device_left_alone() {
+    let (client, mut api) = mock_client();
+    let r = restarted_node(client, &["rebooted"]).await;
+    let path = r.state.join("0.json");
+    let mut record: Value = serde_json::from_slice(&std::fs::read(&path).expect("record")).expect("json");
+    record["boot"] = json!("an earlier boot");
+    std::fs::write(&path, record.to_string()).expect("rewrite the record");
+    let recovery = r.node.recover();
+    tokio::time::timeout(Duration::from_secs(10), recovery)
+        .await
+        .expect("recovery ends without asking about the volume")
+        .expect("join");
+    api.expect_silence().await;
+    assert!(!r.serves(&r.ids[0]).await, "a volume staged before the reboot was served again on its old device");
+    assert!(!path.exists(), "the stage record of an earlier boot stayed");
 }
 
 #[tokio::test]

@@ -1359,9 +1359,23 @@ async fn a_second_node_plugin_waits_for_the_first_to_exit() {
     let sock = first._dir.path().join("second.sock");
     cfg.endpoint = format!("unix://{}", sock.display());
     cfg.metrics_address = None;
-    let second = tokio::spawn(s3blk::csi::server::run(cfg, first.stores.clone(), std::future::pending()));
+    let second = tokio::spawn(s3blk::csi::server::run(cfg.clone(), first.stores.clone(), std::future::pending()));
+    // A third, told to stop while it waits, stops without serving.
+    let (stop_third, stopped) = tokio::sync::oneshot::channel::<()>();
+    let third_sock = first._dir.path().join("third.sock");
+    cfg.endpoint = format!("unix://{}", third_sock.display());
+    let third = tokio::spawn(s3blk::csi::server::run(cfg, first.stores.clone(), async move {
+        let _ = stopped.await;
+    }));
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     assert!(!sock.exists() && !second.is_finished(), "the second node plugin started beside the first");
+    let _ = stop_third.send(());
+    let third = tokio::time::timeout(std::time::Duration::from_secs(5), third).await;
+    assert!(
+        third.as_ref().is_ok_and(|r| r.as_ref().is_ok_and(|r| r.is_ok())),
+        "a waiting node plugin told to stop did not: {third:?}"
+    );
+    assert!(!third_sock.exists(), "the stopped node plugin served");
     if let Some(stop) = first.stop.take() {
         let _ = stop.send(());
     }
@@ -1598,6 +1612,106 @@ async fn a_clone_create_that_found_another_creates_pin_and_failed_leaves_that_pi
     assert!(failed.is_err(), "created: {failed:?}");
     fault.clear_rules();
     race.pin_kept_and_retry_answers(&mut d).await;
+}
+
+/// A snapshot `<name>-snap` of a fresh volume `<name>-src` (some bytes
+/// written), a restore of it asked for as `<name>-restored`, and the pin
+/// another create of that name (another controller's, across a leader
+/// handover) already wrote in the source, which its volume would read
+/// through.
+async fn restore_race(d: &mut Driver, name: &str) -> CloneRace {
+    let src = create(d, &format!("{name}-src"), 1 << 20).await;
+    let data = common::pattern(8, 8192);
+    write(d, &src.volume_id, 0, &data).await;
+    let snap = snapshot(d, &src.volume_id, &format!("{name}-snap")).await;
+    let source = prefix_of(&src.volume_id);
+    let restored = format!("{}{name}-restored/", source.trim_end_matches(&format!("{name}-src/")));
+    let pin = s3blk::volume::format::clone_pin_name(&restored);
+    let pin_key = s3blk::volume::format::snapshot_key(&source, &pin);
+    let rec = s3blk::volume::engine::read_snapshot(&d.store, &source, &format!("{name}-snap")).await.expect("record");
+    let mut adopted = false;
+    s3blk::volume::catalog::pin_snapshot_for(&d.store, &source, &rec, &restored, &mut adopted)
+        .await
+        .expect("the other create's pin");
+    assert!(!adopted);
+    let mut req = create_req(&format!("{name}-restored"), 1 << 20, 0);
+    req.volume_content_source = Some(pb::VolumeContentSource {
+        r#type: Some(pb::volume_content_source::Type::Snapshot(pb::volume_content_source::SnapshotSource {
+            snapshot_id: snap.snapshot_id,
+        })),
+    });
+    CloneRace { data, source, pin, pin_key, req }
+}
+
+/// Two restores of one snapshot under one name at once: the one that found
+/// the other's pin there and then failed (its volume.json refused) leaves
+/// that pin, which the other's volume reads through; the CO's retry is
+/// answered with the restored volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_found_another_creates_pin_and_failed_leaves_that_pin() {
+    use s3blk::store::fault::Op;
+    let Some((mut d, fault)) = faulty_driver().await else { return };
+    let race = restore_race(&mut d, "pvc-radopt").await;
+    fail_all(&fault, Op::Put, "pvc-radopt-restored/volume.json");
+    let failed = d.ctl.create_volume(race.req.clone()).await;
+    assert!(failed.is_err(), "created: {failed:?}");
+    fault.clear_rules();
+    race.pin_kept_and_retry_answers(&mut d).await;
+}
+
+/// The same when the snapshot is deleted while the second restore checks
+/// it: the other restore saw the snapshot after its pin landed and reads
+/// through that pin, so the second one fails (NOT_FOUND) and leaves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_found_another_creates_pin_leaves_it_when_the_snapshot_goes() {
+    let Some(endpoint) = common::s3_endpoint() else { return };
+    let stores = Arc::new(Stores::with_defaults(common::fast_policy(), common::s3_settings(&endpoint)));
+    let Some(mut d) =
+        driver_opts(std::time::Duration::ZERO, std::time::Duration::from_secs(300), None, stores.clone()).await
+    else {
+        return;
+    };
+    let race = restore_race(&mut d, "pvc-rgone").await;
+    let raw = s3blk::store::s3::S3Store::connect(&d.bucket, common::s3_settings(&endpoint)).await.expect("s3 client");
+    let inner: DynStore = Arc::new(s3blk::store::retry::RetryStore::new(Arc::new(raw), common::fast_policy()));
+    let around = SnapshotGoesAfterPin {
+        pin_key: race.pin_key.clone(),
+        snapshot_key: s3blk::volume::format::snapshot_key(&race.source, "pvc-rgone-snap"),
+    };
+    let spec = Location::parse(&format!("s3://{}/k8s", d.bucket), false).expect("store").store;
+    stores.register(&spec, common::Wrapped::new(inner, around));
+    let gone = d.ctl.create_volume(race.req.clone()).await;
+    assert_eq!(gone.as_ref().err().map(tonic::Status::code), Some(Code::NotFound), "{gone:?}");
+    assert!(
+        d.store.head(&race.pin_key).await.expect("head").is_some(),
+        "the other restore's pin was taken: {:?}",
+        keys_under(&d, &race.source).await
+    );
+}
+
+/// A PUT of `pin_key` (refused: the pin is there) is followed by the
+/// deletion of the snapshot record at `snapshot_key`.
+#[derive(Debug)]
+struct SnapshotGoesAfterPin {
+    pin_key: String,
+    snapshot_key: String,
+}
+
+#[async_trait::async_trait]
+impl common::Around for SnapshotGoesAfterPin {
+    async fn put(
+        &self,
+        inner: &DynStore,
+        key: &str,
+        body: bytes::Bytes,
+        mode: PutMode,
+    ) -> s3blk::store::StoreResult<()> {
+        let r = inner.put(key, body, mode).await;
+        if key == self.pin_key {
+            inner.delete(&self.snapshot_key).await.expect("the user's DeleteSnapshot");
+        }
+        r
+    }
 }
 
 /// The first GET of `key` (a clone's pin) finds it absent, and another

@@ -672,7 +672,7 @@ async fn a_restore_whose_pin_was_let_go_of_is_never_finished() {
     let store: DynStore = late.clone();
     // CreateVolume's steps for a restore of `s` into `r/`.
     catalog::record_source(&store, "r/", "src/", "r/").await.expect("record the source");
-    let pin = catalog::pin_snapshot_for(&store, "src/", &snap, "r/").await.expect("pin");
+    let pin = catalog::pin_snapshot_for(&store, "src/", &snap, "r/", &mut false).await.expect("pin");
     catalog::add_clone_marker(&store, "src/", "r/", "r/", pin.seq).await.expect("marker");
     let parent = format::ParentRef { volume: "src/".into(), snapshot: pin.name.clone(), seq: pin.seq };
     let opts = CreateOptions { size: 4 * CSU, chunk_size: CS, parent: Some(parent), single_writer: false };

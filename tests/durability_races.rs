@@ -206,7 +206,7 @@ impl Around for PinRace {
     async fn list(&self, inner: &DynStore, req: ListRequest<'_>) -> StoreResult<ListPage> {
         let page = inner.list(req.clone()).await?;
         if req.prefix == format::snapshot_prefix("v/") && !self.fired.swap(true, Ordering::SeqCst) {
-            s3blk::volume::catalog::pin_snapshot_for(inner, "v/", &self.snap, "r/")
+            s3blk::volume::catalog::pin_snapshot_for(inner, "v/", &self.snap, "r/", &mut false)
                 .await
                 .expect("the restore's pin succeeds: the snapshot is still there");
             inner.delete(&format::snapshot_key("v/", &self.snap.name)).await.expect("DeleteSnapshot");
@@ -1274,7 +1274,10 @@ impl Around for RestoreHook {
         if req.prefix == "v/" && self.0.lists.fetch_add(1, Ordering::SeqCst) + 1 == self.0.n {
             let r = async {
                 let snap = s3blk::volume::engine::read_snapshot(inner, "v/", "s").await.map_err(|e| e.to_string())?;
-                catalog::pin_snapshot_for(inner, "v/", &snap, "r/").await.map(|_| ()).map_err(|e| e.to_string())
+                catalog::pin_snapshot_for(inner, "v/", &snap, "r/", &mut false)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
             }
             .await;
             *self.0.answer.lock().expect("lock") = Some(r);
@@ -1967,4 +1970,32 @@ async fn three_chunks_split_checkpoints() -> (DynStore, Volume) {
         v.flush().await.expect("flush");
     }
     (store, v)
+}
+
+/// A snapshot record whose PUT landed but whose answer was lost is tried
+/// again by the retry layer, which then finds it there: it is this
+/// snapshot's own record, kept and checked as such. It was taken for
+/// someone else's (AlreadyExists), so the snapshot was reported failed
+/// while its record stayed, unchecked.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_snapshot_whose_record_landed_with_its_answer_lost_is_taken() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let fault = Arc::new(FaultStore::new(mem.clone()));
+    let retrying: DynStore = Arc::new(s3blk::store::retry::RetryStore::new(fault.clone(), common::fast_policy()));
+    create(&mem, "v/", 4 * CSU).await;
+    let w = open_with(&mem, "v/", OpenOptions::default()).await;
+    w.write(0, b"snapshotted").await.expect("write");
+    w.flush().await.expect("flush");
+    fault.add_rule(Rule {
+        op: Some(Op::Put),
+        key_contains: Some("snapshots/".into()),
+        fault: Fault::LostResponse,
+        times: 1,
+    });
+    let r = s3blk::volume::engine::snapshot_committed(&retrying, "v/", "s", &SystemClock).await;
+    assert!(r.is_ok(), "a snapshot whose record landed was reported failed: {r:?}");
+    let ro =
+        open_with(&mem, "v/", OpenOptions { read_only: true, snapshot: Some("s".into()), ..OpenOptions::default() })
+            .await;
+    assert_eq!(ro.read(0, 11).await.expect("read"), b"snapshotted");
 }

@@ -969,6 +969,12 @@ async fn compaction_leaves_young_objects_and_dry_runs_alone() {
     let rep = compact::compact(&store, vol, &now, &s3blk::clock::SystemClock).await.expect("compact");
     assert_eq!((rep.folded_seq, rep.chunks_deleted), (None, 0), "{rep:?}");
     assert_eq!(keys(&store, "").await, before, "nothing younger than the safety age is touched");
+    // An age too large for Unix seconds keeps everything too (it wrapped
+    // to a cutoff in the future, which made every object old).
+    let forever = compact::CompactOptions { safety_age: Duration::from_secs(u64::MAX), ..Default::default() };
+    let rep = compact::compact(&store, vol, &forever, &s3blk::clock::SystemClock).await.expect("compact");
+    assert_eq!((rep.folded_seq, rep.chunks_deleted), (None, 0), "{rep:?}");
+    assert_eq!(keys(&store, "").await, before, "an enormous safety age deleted young objects");
 }
 
 /// Compaction in a loop beside a writer that keeps writing and flushing:
@@ -2564,6 +2570,7 @@ async fn a_broken_checkpoint_no_replay_reads_is_a_warning() {
         seq: old,
         size: PAST_ONE_PART * CS as u64,
         created_unix: 0,
+        token: None,
     };
     let body = serde_json::to_vec_pretty(&rec).expect("json");
     store.put(&format::snapshot_key(vol, "s"), body.into(), PutMode::IfAbsent).await.expect("snapshot");

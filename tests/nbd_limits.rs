@@ -455,6 +455,16 @@ fn a_served_volume_is_not_taken_over_by_accident() {
     assert!(vol.join("volume.json").exists(), "the refused delete deleted");
     let (ok, out, _) = s3blk_out(&["volume".as_ref(), "inspect".as_ref(), vol_os]);
     assert!(ok && out.contains(&format!("in use by:     {held_by}")), "inspect: {out}");
+    // A takeover refused for its size refuses before it takes anything.
+    let (ok, _, err) = s3blk_out(&[
+        "volume".as_ref(),
+        "resize".as_ref(),
+        vol_os,
+        "--size".as_ref(),
+        "64KiB".as_ref(),
+        "--takeover".as_ref(),
+    ]);
+    assert!(!ok && err.contains("shrinking"), "resize --takeover to a smaller size: {err}");
 
     // The first server still serves: a write and a flush succeed.
     let mut client = handshake(&first.sock);
@@ -491,6 +501,31 @@ fn a_served_volume_is_not_taken_over_by_accident() {
     crashed.child.wait().expect("wait");
     let mut restarted = serve_on(dir.path(), "held", "restarted", &[]);
     restarted.stop();
+}
+
+/// A lease whose holder this process cannot see is live: a `serve` in a
+/// container with its own pid namespace on a host that shares its name
+/// (host networking) shows, from another such container, a pid that names
+/// no process. Such a holder was judged gone, and `volume delete` without
+/// `--force` deleted the served volume. Shown here by rewriting the live
+/// server's lease as it would read from another pid namespace.
+#[test]
+fn a_lease_held_in_another_pid_namespace_is_live() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vol = dir.path().join("ns");
+    let vol_os = vol.as_os_str();
+    let mut server = serve(dir.path(), "ns", &["--lease-ttl", "60s"]);
+    let lease = vol.join("lease.json");
+    let mut holder: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&lease).expect("the server's lease")).expect("lease json");
+    assert!(holder["process"]["pid_ns"].is_string(), "the lease names no pid namespace: {holder}");
+    holder["pid"] = 4_194_000.into();
+    holder["process"]["pid_ns"] = "pid:[1]".into();
+    std::fs::write(&lease, serde_json::to_vec(&holder).expect("json")).expect("rewrite the lease");
+    let (ok, _, err) = s3blk_out(&["volume".as_ref(), "delete".as_ref(), vol_os]);
+    assert!(!ok && err.contains("pid 4194000") && err.contains("--force"), "delete: {err}");
+    assert!(vol.join("volume.json").exists(), "the refused delete deleted");
+    server.stop();
 }
 
 fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {

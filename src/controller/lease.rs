@@ -90,6 +90,12 @@ impl LeaseLock {
         self.timing
     }
 
+    /// Until when a leader may act without another renewal (`None`: it
+    /// never renewed).
+    pub fn leading_until(&self) -> Option<Instant> {
+        self.renewed.map(|r| r + self.timing.renew_deadline)
+    }
+
     /// Whether a leader that last renewed at some point may still act at
     /// `now`: false once the renew deadline has passed without a renewal.
     pub fn still_leading(&self, now: Instant) -> bool {

@@ -117,7 +117,18 @@ where
     };
     loop {
         let now = tokio::time::Instant::now();
-        match lock.try_acquire_or_renew(now).await {
+        // A round never outlasts the renew deadline: one that hangs (the API
+        // server unreachable with the connection still open) would keep a
+        // leader working long after another replica may take over.
+        let limit = match lock.leading_until() {
+            Some(until) if until > now => until - now,
+            _ => timing.renew_deadline,
+        };
+        let round = match tokio::time::timeout(limit, lock.try_acquire_or_renew(now)).await {
+            Ok(r) => r,
+            Err(_) => Err(kube::Error::Service(format!("no answer from the API server within {limit:?}").into())),
+        };
+        match round {
             Ok(Round::Leading) => {
                 if running.as_ref().is_none_or(|t| t.0.is_finished()) {
                     tracing::info!(identity = lock.identity(), "leading: compaction runs in this replica");

@@ -703,8 +703,10 @@ impl pb::controller_server::Controller for ControllerService {
                 let rec = match rec {
                     // A restore: deleting the snapshot must not take what
                     // this volume reads through, so it gets a pin of its own.
+                    // A pin found there is an earlier attempt's or another
+                    // running restore's of this name: it stays on a failure.
                     Some(rec) if rec.name != format::clone_pin_name(&loc.prefix) => {
-                        catalog::pin_snapshot_for(&store, &sloc.prefix, rec, &loc.prefix)
+                        catalog::pin_snapshot_for(&store, &sloc.prefix, rec, &loc.prefix, &mut raced)
                             .await
                             .map_err(catalog_status)?;
                         rec.clone()

@@ -100,6 +100,11 @@ struct StageRecord {
     /// The stage carried secrets (kept in `--secrets-dir`, not here).
     #[serde(default)]
     has_secrets: bool,
+    /// The boot of the kernel the device was attached in (`None`: a record
+    /// of an earlier version). After a reboot the device named is no longer
+    /// this volume's: another tool may have taken its number since.
+    #[serde(default)]
+    boot: Option<String>,
     /// Records of earlier versions kept the secrets here: read once,
     /// moved to `--secrets-dir`, never written back.
     #[serde(default, rename = "secrets", skip_serializing)]
@@ -503,11 +508,28 @@ impl NodeService {
         }
         let mut tasks = tokio::task::JoinSet::new();
         let attached = Arc::new(OnceCell::new());
+        let boot = crate::volume::engine::log::boot_id();
         for (path, record) in self.records() {
             let Some(record) = record else {
                 tracing::warn!(path = %path.display(), "unreadable stage record skipped");
                 continue;
             };
+            if record.boot.as_ref().is_some_and(|b| Some(b) != boot.as_ref()) {
+                // The device and the mount went with that boot, and the
+                // device's number may be another tool's now: nothing is
+                // done to it. The next NodeStage stages the volume afresh;
+                // what was not flushed went with the node's crash, as the
+                // kernel's own unwritten pages did.
+                tracing::info!(
+                    volume = %record.volume_id, device = %record.device,
+                    "staged before this node rebooted: its stage record is dropped, its device left alone"
+                );
+                self.remove_secrets(&record.volume_id);
+                let _ = std::fs::remove_file(&record.socket);
+                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(self.marker_path(&record.volume_id));
+                continue;
+            }
             let guard = match self.inflight.start(&record.volume_id) {
                 Ok(g) => g,
                 Err(_) => continue,
@@ -862,6 +884,7 @@ impl pb::node_server::Node for NodeService {
             readonly,
             cache_limit,
             has_secrets: !req.secrets.is_empty(),
+            boot: crate::volume::engine::log::boot_id(),
             legacy_secrets: Secrets::default(),
         };
         // Whether this call mounted the staging path (only then does a

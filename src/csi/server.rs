@@ -138,6 +138,10 @@ pub async fn run(
     if with_controller && compacts && !cfg.allow_short_safety_age {
         compact::check_live_safety_age(cfg.compact_safety_age)?;
     }
+    // Also heeded while waiting for the node lock (a pod told to stop
+    // before the one it replaces exited).
+    let shutdown = std::pin::pin!(shutdown);
+    let mut shutdown = shutdown;
     let mut registration = None;
     let mut node_lock = None;
     let node = if cfg.mode != Mode::Controller {
@@ -156,11 +160,14 @@ pub async fn run(
             nbd_inflight,
         };
         // Held while this process serves (see hold_node_lock).
-        node_lock = Some(
-            super::node::hold_node_lock(&cfg.state_dir)
-                .await
-                .map_err(|source| CsiError::StateDir { path: cfg.state_dir.clone(), source })?,
-        );
+        let lock = tokio::select! {
+            lock = super::node::hold_node_lock(&cfg.state_dir) => lock,
+            () = &mut shutdown => {
+                tracing::info!("told to stop while waiting for the other node plugin; nothing was served");
+                return Ok(());
+            }
+        };
+        node_lock = Some(lock.map_err(|source| CsiError::StateDir { path: cfg.state_dir.clone(), source })?);
         let n = NodeService::new(ncfg, stores.clone())
             .map_err(|source| CsiError::StateDir { path: cfg.state_dir.clone(), source })?;
         let n = match controller::connect().await {

@@ -170,26 +170,27 @@ async fn read_payload<R: AsyncRead + Unpin>(
     server: &Arc<Semaphore>,
     held: &mut OwnedSemaphorePermit,
 ) -> std::io::Result<bool> {
-    let started = tokio::time::Instant::now();
     let whole = payload_deadline(deadline, len);
-    let mut read_some = async |buf: &mut Vec<u8>, want: usize| -> std::io::Result<bool> {
-        let start = buf.len();
-        buf.resize(start + want, 0);
-        let left = whole.saturating_sub(started.elapsed()).min(deadline);
-        match tokio::time::timeout(left, rd.read(&mut buf[start..])).await {
-            Ok(Ok(0)) | Err(_) => Ok(false),
-            Ok(Ok(n)) => {
-                buf.truncate(start + n);
-                Ok(true)
+    let mut read_some =
+        async |buf: &mut Vec<u8>, want: usize, started: tokio::time::Instant| -> std::io::Result<bool> {
+            let start = buf.len();
+            buf.resize(start + want, 0);
+            let left = whole.saturating_sub(started.elapsed()).min(deadline);
+            match tokio::time::timeout(left, rd.read(&mut buf[start..])).await {
+                Ok(Ok(0)) | Err(_) => Ok(false),
+                Ok(Ok(n)) => {
+                    buf.truncate(start + n);
+                    Ok(true)
+                }
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+                Ok(Err(e)) => Err(e),
             }
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
-            Ok(Err(e)) => Err(e),
-        }
-    };
+        };
+    let started = tokio::time::Instant::now();
     let first = len.min(FIRST_BYTES);
     while buf.len() < first {
         let want = first - buf.len();
-        if !read_some(buf, want).await? {
+        if !read_some(buf, want, started).await? {
             return Ok(false);
         }
     }
@@ -200,9 +201,14 @@ async fn read_payload<R: AsyncRead + Unpin>(
             Err(_) => return Ok(false),
         }
     }
+    // The rest's time runs from here: a wait for the budget (other
+    // connections' writes waiting on a slow store) is no fault of this
+    // client's, whose bytes sit in the socket meanwhile. Counted in, it
+    // cut the kernel's connection once the wait passed the deadline.
+    let started = tokio::time::Instant::now();
     while buf.len() < len {
         let want = (len - buf.len()).min(PAYLOAD_STEP);
-        if !read_some(buf, want).await? {
+        if !read_some(buf, want, started).await? {
             return Ok(false);
         }
     }
@@ -1037,5 +1043,42 @@ mod poller_tests {
         let start = Instant::now();
         p.wait();
         assert!(start.elapsed() < budget, "a cold connection spun");
+    }
+}
+
+#[cfg(test)]
+mod payload_tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A payload whose client waited for the server-wide budget (held by
+    /// other connections) gets its whole deadline for the rest once the
+    /// budget is granted. The wait was counted in, so the first read after
+    /// it timed out at once and the connection (the kernel's only one)
+    /// was cut.
+    #[tokio::test]
+    async fn a_wait_for_the_budget_does_not_count_against_the_payload() {
+        let (mut client, mut server_end) = tokio::io::duplex(8 << 10);
+        let server = Arc::new(Semaphore::new(64));
+        let others = server.clone().acquire_many_owned(64).await.expect("the others' share");
+        let mut held = server.clone().acquire_many_owned(0).await.expect("none");
+        let len = 2 * FIRST_BYTES;
+        let data = vec![7u8; len];
+        let deadline = Duration::from_millis(300);
+        let feed = tokio::spawn(async move {
+            client.write_all(&data[..FIRST_BYTES]).await.expect("first bytes");
+            // The budget comes back after more than the deadline; the
+            // rest of the payload follows soon after.
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            drop(others);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.write_all(&data[FIRST_BYTES..]).await.expect("the rest");
+            client
+        });
+        let mut buf = Vec::new();
+        let r = read_payload(&mut server_end, &mut buf, len, deadline, &server, &mut held).await;
+        assert!(matches!(r, Ok(true)), "the payload was cut off: {r:?}");
+        assert_eq!(buf.len(), len);
+        drop(feed.await.expect("feeder"));
     }
 }

@@ -179,7 +179,13 @@ fn walk(dir: &Path, rel: &str, out: &mut Vec<(String, u64, Option<i64>)>) -> io:
             continue;
         }
         let key = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
-        let meta = entry.metadata()?;
+        // Deleted since read_dir named it (a compaction, a take-back): not
+        // listed, as if the listing had come a moment later.
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
         if meta.is_dir() {
             walk(&entry.path(), &key, out)?;
         } else if meta.is_file() {
@@ -318,5 +324,42 @@ mod tests {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         deleter.join().expect("deleter thread");
         assert!(failures.is_empty(), "{} of 2000 writes failed, first: {:?}", failures.len(), failures.first());
+    }
+
+    /// A listing beside deletes of what it lists (compaction deleting
+    /// journal records and emptying chunk directories) succeeds: an entry
+    /// gone between the directory read and its stat is left out. It failed
+    /// with NotFound, which a writer's proof of succession read as its
+    /// record folded away.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listing_beside_deletes_of_what_it_lists_succeeds() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let store = LocalStore::new(root.path()).expect("store");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn = {
+            let (root, stop) = (root.path().to_path_buf(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for path in [root.join(format!("v/journal/{i:020x}")), root.join(format!("v/chunks/{i:x}/1"))] {
+                        let _ = write_object(&path, &[Bytes::from_static(b"x")], PutMode::Overwrite);
+                        let _ = delete_object(&root, &path);
+                    }
+                    i = (i + 1) % 64;
+                }
+            })
+        };
+        let mut failures = Vec::new();
+        for _ in 0..2000 {
+            for prefix in ["v/journal/", "v/"] {
+                let req = ListRequest { prefix, start_after: None, delimiter: false, max_keys: 1000 };
+                if let Err(e) = store.list(req).await {
+                    failures.push(e.to_string());
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        churn.join().expect("churn thread");
+        assert!(failures.is_empty(), "{} of 4000 listings failed, first: {:?}", failures.len(), failures.first());
     }
 }

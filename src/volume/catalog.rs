@@ -492,39 +492,50 @@ pub async fn add_clone_marker(
 /// restored volume is deleted, whatever happens to `snap`. Fails when
 /// `snap` is deleted before the pin is in place (compaction may then
 /// already have folded its seq away).
+///
+/// `adopted` is set when the pin was already there at that seq: an earlier
+/// attempt's of this create, or another create's of the same name still
+/// running (another controller's, across a leader handover), whose volume
+/// reads through it. Such a pin is never deleted here, and the caller must
+/// not let go of it on a failure either.
 pub async fn pin_snapshot_for(
     store: &DynStore,
     source: &str,
     snap: &SnapshotRecord,
     clone: &str,
+    adopted: &mut bool,
 ) -> CatalogResult<SnapshotRecord> {
-    pin_snapshot(store, source, snap, clone, true).await
+    pin_snapshot(store, source, snap, clone, Some(adopted)).await
 }
 
 /// [`pin_snapshot_for`]; a pin already there at the same seq is taken for
-/// this create's own (a retry's) only when `retried`, else it is another
-/// create's of the same clone: AlreadyExists.
+/// this create's own (a retry's) only when `adopted` is given, else it is
+/// another create's of the same clone: AlreadyExists.
 async fn pin_snapshot(
     store: &DynStore,
     source: &str,
     snap: &SnapshotRecord,
     clone: &str,
-    retried: bool,
+    mut adopted: Option<&mut bool>,
 ) -> CatalogResult<SnapshotRecord> {
-    let pin = SnapshotRecord { name: format::clone_pin_name(clone), ..snap.clone() };
+    // Without a token: every restore of this name writes the same bytes,
+    // so the pin found there cannot be told to be this call's own.
+    let pin = SnapshotRecord { name: format::clone_pin_name(clone), token: None, ..snap.clone() };
     let body = serde_json::to_vec_pretty(&pin).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
     let key = format::snapshot_key(source, &pin.name);
     match store.put(&key, Bytes::from(body), PutMode::IfAbsent).await {
         Ok(()) => {}
-        Err(StoreError::PreconditionFailed(_)) if !retried => {
-            return Err(VolumeError::AlreadyExists(format!("snapshot {}", pin.name)).into());
-        }
-        // A retried restore: the pin it wrote the first time.
         Err(StoreError::PreconditionFailed(_)) => {
+            let Some(adopted) = adopted.as_deref_mut() else {
+                return Err(VolumeError::AlreadyExists(format!("snapshot {}", pin.name)).into());
+            };
+            // A retried restore's pin, or another running restore's of this
+            // name: it is not this call's to delete from here on.
             let existing = read_snapshot(store, source, &pin.name).await?;
             if existing.seq != snap.seq {
                 return Err(VolumeError::AlreadyExists(format!("snapshot {} at another seq", pin.name)).into());
             }
+            *adopted = true;
         }
         Err(e) => return Err(e.into()),
     }
@@ -534,7 +545,14 @@ async fn pin_snapshot(
     match read_snapshot(store, source, &snap.name).await {
         Ok(r) if r.seq == snap.seq => Ok(pin),
         Ok(_) | Err(VolumeError::NotFound(_)) => {
-            store.delete(&key).await?;
+            // A pin found there stays: another restore of this name may
+            // have seen the snapshot after the pin landed and be reading
+            // through it now. One this call wrote goes (the window where
+            // another restore took it over between the write and this
+            // check is named in README).
+            if !adopted.is_some_and(|a| *a) {
+                store.delete(&key).await?;
+            }
             Err(CatalogError::SnapshotGone { volume: describe(store.as_ref(), source), snapshot: snap.name.clone() })
         }
         Err(e) => Err(e.into()),
@@ -626,7 +644,7 @@ pub async fn clone_volume(
             // The pin's name was free above: one there now is another
             // create's of this clone, whose create may still be running
             // (letting go of it on a failure here would take its pin).
-            Ok(snap) => pin_snapshot(store, source, &snap, clone, false).await,
+            Ok(snap) => pin_snapshot(store, source, &snap, clone, None).await,
             Err(e) => Err(e.into()),
         },
         None => super::engine::snapshot_committed(store, source, &pin_name, clock).await.map_err(Into::into),
@@ -1037,7 +1055,7 @@ pub async fn reap(store: &DynStore, vol: &str, age: Option<ReapAge>) -> CatalogR
         // leaves the age unknown: the tombstone counts as young, never aged
         // by a host's clock (its own `deleted_unix` is one).
         let Some(now) = super::compact::store_now(store, vol).await? else { return Ok(None) };
-        let cutoff = now.saturating_sub(a.safety_age.as_secs() as i64);
+        let cutoff = now.saturating_sub(i64::try_from(a.safety_age.as_secs()).unwrap_or(i64::MAX));
         if tombstone.modified_unix.is_none_or(|w| w > cutoff) {
             return Ok(None);
         }

@@ -129,7 +129,7 @@ pub async fn compact(
         true => clock.now_unix(),
         false => store_now(store, vol).await?.unwrap_or_else(|| clock.now_unix()),
     };
-    let cutoff = now.saturating_sub(opts.safety_age.as_secs() as i64);
+    let cutoff = now.saturating_sub(i64::try_from(opts.safety_age.as_secs()).unwrap_or(i64::MAX));
 
     // The fold point: the newest record (or checkpoint) old enough. A
     // young checkpoint (a writer writes them as it goes) speeds up replay

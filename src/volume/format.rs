@@ -339,6 +339,12 @@ pub struct SnapshotRecord {
     pub seq: u64,
     pub size: u64,
     pub created_unix: i64,
+    /// Drawn at random by each taking of a snapshot: tells a record this
+    /// call wrote (its PUT landed, the answer was lost, the retry found it)
+    /// from one of the same name another call wrote at the same seq and
+    /// second. Records of earlier versions, and pins, have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<u64>,
 }
 
 impl SnapshotRecord {

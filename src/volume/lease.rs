@@ -55,6 +55,51 @@ pub struct Holder {
     /// The lease is dead when not rewritten for this long; it is rewritten
     /// every third of it.
     pub ttl_secs: u64,
+    /// The holding process as its kernel knows it: what tells a holder that
+    /// is gone (killed, crashed) from one this process cannot see. Leases
+    /// written by earlier versions have none; they live out their TTL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessId>,
+}
+
+/// A process, told apart from every other: the boot of the kernel it runs
+/// on, its pid namespace, and its start time (so that a pid reused by a
+/// later process is not taken for it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessId {
+    pub boot: String,
+    pub pid_ns: String,
+    /// Field 22 of `/proc/<pid>/stat`: clock ticks after boot.
+    pub start: u64,
+}
+
+impl ProcessId {
+    /// This process, when /proc tells.
+    pub fn current() -> Option<Self> {
+        let boot = crate::volume::engine::log::boot_id()?;
+        let pid_ns = std::fs::read_link("/proc/self/ns/pid").ok()?.to_string_lossy().into_owned();
+        let start = start_time(std::process::id()).ok()??;
+        Some(Self { boot, pid_ns, start })
+    }
+}
+
+/// The start time of process `pid` in this pid namespace (`None`: there
+/// is no such process).
+fn start_time(pid: u32) -> std::io::Result<Option<u64>> {
+    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // The command name (field 2) is in parentheses and may hold anything;
+    // the fields after its last ')' start at field 3.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
+    after
+        .split_whitespace()
+        .nth(22 - 3)
+        .and_then(|f| f.parse().ok())
+        .map(Some)
+        .ok_or_else(|| std::io::Error::other(format!("/proc/{pid}/stat: no start time")))
 }
 
 impl std::fmt::Display for Holder {
@@ -197,6 +242,7 @@ impl Lease {
             since_unix: clock.now_unix(),
             token: rand::random::<u64>() | 1,
             ttl_secs: ttl.as_secs().max(3),
+            process: ProcessId::current(),
         };
         let every = Duration::from_secs(holder.ttl_secs) / 3;
         write(store, vol, &holder).await?;
@@ -280,23 +326,24 @@ async fn write(store: &DynStore, vol: &str, h: &Holder) -> VolumeResult<()> {
     Ok(())
 }
 
-/// A holder on this host whose process is gone (killed, crashed) holds
-/// nothing: a restart after a crash need not wait out the lease. Its pid is
-/// checked in /proc (the same pid as ours is a previous incarnation of this
-/// process, as in a restarted container, where both are often 1).
+/// A holder whose process is gone (killed, crashed) holds nothing: a
+/// restart after a crash need not wait out the lease. Gone only when this
+/// process can tell: the holder ran on this host, in this boot of it, in
+/// this pid namespace, and no process with its pid and start time is
+/// there. A holder this process cannot see (a container with its own pid
+/// namespace on a host-network pod or container, which shares the host's
+/// name; another machine of the same name) is live until its lease expires.
 fn holder_is_gone(h: &Holder) -> bool {
-    if h.host != hostname() {
+    let (Some(theirs), Some(ours)) = (&h.process, ProcessId::current()) else {
+        return false;
+    };
+    if h.host != hostname() || theirs.boot != ours.boot || theirs.pid_ns != ours.pid_ns {
         return false;
     }
-    if !std::path::Path::new("/proc/self").exists() {
-        return false;
-    }
-    if h.pid == std::process::id() {
-        return true;
-    }
-    match std::fs::read_to_string(format!("/proc/{}/comm", h.pid)) {
-        Ok(comm) => comm.trim() != "s3blk",
-        Err(_) => true,
+    match start_time(h.pid) {
+        Ok(Some(start)) => start != theirs.start,
+        Ok(None) => true,
+        Err(_) => false,
     }
 }
 
@@ -311,6 +358,38 @@ fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn holder(pid: u32, process: Option<ProcessId>) -> Holder {
+        Holder { host: hostname(), pid, command: "serve".into(), since_unix: 0, token: 3, ttl_secs: 30, process }
+    }
+
+    /// A holder is gone only when this process can see it is: same boot,
+    /// same pid namespace, and its pid names no process or a later one.
+    #[test]
+    fn only_a_holder_this_process_can_see_is_judged_gone() {
+        let Some(me) = ProcessId::current() else {
+            panic!("/proc does not tell this process's identity");
+        };
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
+        let pid = child.id();
+        let start = start_time(pid).expect("stat").expect("the child runs");
+        let alive = ProcessId { start, ..me.clone() };
+        assert!(!holder_is_gone(&holder(pid, Some(alive.clone()))), "a live holder was judged gone");
+        // Its pid now names a later process: the holder is gone.
+        let reused = ProcessId { start: start.wrapping_add(1), ..me.clone() };
+        assert!(holder_is_gone(&holder(pid, Some(reused))));
+        // Another pid namespace (a container sharing the host's name), or
+        // another boot: nothing here tells, so it is live.
+        let elsewhere = ProcessId { pid_ns: "pid:[1]".into(), ..alive.clone() };
+        assert!(!holder_is_gone(&holder(4_194_000, Some(elsewhere))));
+        let other_boot = ProcessId { boot: "another boot".into(), ..alive.clone() };
+        assert!(!holder_is_gone(&holder(4_194_000, Some(other_boot))));
+        // A lease of an earlier version, which names no process identity.
+        assert!(!holder_is_gone(&holder(4_194_000, None)));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(holder_is_gone(&holder(pid, Some(alive))), "a holder whose process exited is live");
+    }
 
     #[test]
     fn dates_are_readable() {

@@ -199,6 +199,17 @@ pub fn s3blk_bin() -> PathBuf {
 
 /// A gRPC channel over a unix socket (the CSI endpoint).
 pub async fn grpc_channel(sock: &Path) -> tonic::transport::Channel {
+    // The socket file appears at bind(), a moment before listen(): a
+    // connect in between is refused, so the first one is tried again
+    // for a while (a loaded machine can stop a thread between the two).
+    for _ in 0..100 {
+        match tokio::net::UnixStream::connect(sock).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            _ => break,
+        }
+    }
     let path = sock.to_path_buf();
     tonic::transport::Endpoint::try_from("http://localhost")
         .expect("endpoint")

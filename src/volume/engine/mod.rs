@@ -1060,6 +1060,7 @@ impl Volume {
             seq,
             size,
             created_unix: self.inner.opts.clock.now_unix(),
+            token: Some(rand::random()),
         };
         record_snapshot(&self.inner.store, &self.inner.vol, rec, started, true).await
     }
@@ -1083,6 +1084,7 @@ pub async fn snapshot_committed(
         seq: st.head,
         size: st.size,
         created_unix: clock.now_unix(),
+        token: Some(rand::random()),
     };
     record_snapshot(store, vol, rec, started, false).await
 }
@@ -1105,16 +1107,30 @@ async fn record_snapshot(
     let name = rec.name.clone();
     let body = serde_json::to_vec_pretty(&rec).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
     let key = snapshot_key(vol, &name);
-    let (rec, ours) = match store.put(&key, Bytes::from(body), PutMode::IfAbsent).await {
+    let body = Bytes::from(body);
+    let (rec, ours) = match store.put(&key, body.clone(), PutMode::IfAbsent).await {
         Ok(()) => (rec, true),
-        Err(StoreError::PreconditionFailed(_)) if same_seq_ok => {
-            let existing = read_snapshot(store, vol, &name).await?;
-            if existing.seq != rec.seq {
+        Err(StoreError::PreconditionFailed(_)) => {
+            // This PUT may have landed with its answer lost and been
+            // retried: the very bytes there are this record, to be checked
+            // (and taken back) as this call's own.
+            let there = match store.get(&key, None).await {
+                Ok(b) => Some(b),
+                Err(StoreError::NotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            if rec.token.is_some() && there.as_ref() == Some(&body) {
+                (rec, true)
+            } else if same_seq_ok {
+                let existing = read_snapshot(store, vol, &name).await?;
+                if existing.seq != rec.seq {
+                    return Err(VolumeError::AlreadyExists(format!("snapshot {name}")));
+                }
+                (existing, false)
+            } else {
                 return Err(VolumeError::AlreadyExists(format!("snapshot {name}")));
             }
-            (existing, false)
         }
-        Err(StoreError::PreconditionFailed(_)) => return Err(VolumeError::AlreadyExists(format!("snapshot {name}"))),
         Err(e) => return Err(e.into()),
     };
     // The volume may have been deleted since it was looked at: a record
