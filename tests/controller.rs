@@ -128,6 +128,7 @@ fn context(
         compact: CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() },
         recorder: Recorder::new(client, reporter),
         clock,
+        unrecorded: Default::default(),
     })
 }
 
@@ -320,7 +321,23 @@ async fn a_result_that_cannot_be_recorded_is_retried() {
     respond(reply, 403, &status(403, "Forbidden"));
     let err = task.await.expect("task").expect_err("the patch was refused");
     assert!(err.to_string().contains("pv-3"), "{err}");
-    assert_eq!(reconcile::error_policy(p, &err, ctx), Action::requeue(BACKOFF));
+    assert_eq!(reconcile::error_policy(p.clone(), &err, ctx.clone()), Action::requeue(BACKOFF));
+    // The retry records that result; it does not compact again (it did at
+    // every backoff while the patch failed: hourly compactions every
+    // minute). Garbage made meanwhile stays until the next one is due.
+    let v = Volume::open(store.clone(), "pvc-3/", OpenOptions::default()).await.expect("open");
+    v.write(0, &vec![9; CS as usize]).await.expect("write");
+    v.flush().await.expect("flush");
+    drop(v);
+    let before = chunk_objects(&store, "pvc-3/").await;
+    let task = tokio::spawn(reconcile::reconcile(p, ctx));
+    let (patch, reply) = api.expect("PATCH", "/api/v1/persistentvolumes/pv-3").await;
+    assert!(annotation(&patch, ANN_RESULT).as_str().is_some_and(|r| r.starts_with("ok")), "{patch}");
+    respond(reply, 200, &json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "pv-3"}}));
+    let next = task.await.expect("task").expect("the result recorded");
+    assert_ne!(next, Action::await_change());
+    assert_eq!(chunk_objects(&store, "pvc-3/").await, before, "the retry compacted again");
+    api.expect_silence().await;
 }
 
 /// A local path outside `--store` is refused without touching it.
@@ -949,6 +966,45 @@ async fn a_restarted_node_serves_again_only_volumes_a_volume_attachment_still_at
     // Their stage records stay for NodeUnstage to clean up.
     let records = std::fs::read_dir(&r.state).expect("state").flatten();
     assert_eq!(records.filter(|e| e.path().extension().is_some_and(|x| x == "json")).count(), 4);
+}
+
+/// A staged volume whose device recovery cannot connect again (here: the
+/// device is gone) is reported abnormal, and a NodeStage tries to connect
+/// it again and fails (UNAVAILABLE, kubelet retries) instead of answering
+/// OK over a device whose I/O fails. It was reported healthy and staged.
+#[tokio::test]
+async fn a_device_recovery_cannot_connect_again_is_reported_and_not_staged() {
+    use s3blk::csi::pb;
+    use s3blk::csi::pb::node_server::Node;
+    let (client, mut api) = mock_client();
+    let r = restarted_node(client, &["no-device"]).await;
+    let recovery = r.node.recover();
+    let (_, reply) = api.expect("GET", "/apis/storage.k8s.io/v1/volumeattachments").await;
+    respond(reply, 503, &status(503, "ServiceUnavailable"));
+    tokio::time::timeout(Duration::from_secs(60), recovery).await.expect("recovery ends").expect("join");
+    let id = &r.ids[0];
+    let stats = pb::NodeGetVolumeStatsRequest {
+        volume_id: id.clone(),
+        volume_path: r.state.display().to_string(),
+        staging_target_path: String::new(),
+    };
+    let stats = r.node.node_get_volume_stats(tonic::Request::new(stats)).await.expect("stats").into_inner();
+    let condition = stats.volume_condition.expect("a condition");
+    assert!(condition.abnormal && condition.message.contains("not connected"), "{condition:?}");
+    let record: Value = serde_json::from_slice(&std::fs::read(r.state.join("0.json")).expect("record")).expect("json");
+    let stage = pb::NodeStageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: record["staging_path"].as_str().expect("staging path").to_string(),
+        volume_capability: Some(pb::VolumeCapability {
+            access_type: Some(pb::volume_capability::AccessType::Block(pb::volume_capability::BlockVolume {})),
+            access_mode: Some(pb::volume_capability::AccessMode {
+                mode: pb::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+            }),
+        }),
+        ..Default::default()
+    };
+    let staged = r.node.node_stage_volume(tonic::Request::new(stage)).await;
+    assert_eq!(staged.as_ref().err().map(tonic::Status::code), Some(tonic::Code::Unavailable), "{staged:?}");
 }
 
 /// A stage record written in an earlier boot of the node names a device

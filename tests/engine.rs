@@ -3315,3 +3315,34 @@ async fn map_views_equal_replay_at_every_seq() {
         assert_fsck_clean(&store, vol).await;
     }
 }
+
+/// A store whose listing ignores StartAfter (it answers the first page
+/// again and again) gets an error, not a listing followed for ever that
+/// grows until memory runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_that_does_not_move_on_is_an_error() {
+    #[derive(Debug, Default)]
+    struct IgnoresStartAfter(std::sync::atomic::AtomicU32);
+    #[async_trait::async_trait]
+    impl common::Around for IgnoresStartAfter {
+        async fn list(
+            &self,
+            inner: &DynStore,
+            req: s3blk::store::ListRequest<'_>,
+        ) -> s3blk::store::StoreResult<s3blk::store::ListPage> {
+            if self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 100 {
+                return Err(s3blk::store::StoreError::Permanent("listed the first page 100 times".into()));
+            }
+            inner.list(s3blk::store::ListRequest { start_after: None, ..req }).await
+        }
+    }
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    for i in 0..1001 {
+        mem.put(&format!("p/{i:05}"), Bytes::from_static(b"x"), PutMode::Overwrite).await.expect("put");
+    }
+    let wrapped: DynStore = common::Wrapped::new(mem, IgnoresStartAfter::default());
+    let r = tokio::time::timeout(Duration::from_secs(20), store::list_all(wrapped.as_ref(), "p/"))
+        .await
+        .expect("the listing was followed for ever");
+    assert!(r.as_ref().is_err_and(|e| e.to_string().contains("does not move")), "{:?}", r.map(|v| v.len()));
+}

@@ -171,6 +171,9 @@ where
     }
 }
 
+/// Volumes the leader compacts at once.
+const COMPACTIONS_AT_ONCE: u16 = 4;
+
 /// The work of the leader: the reconcile loop over PVs and, with a
 /// `--store`, the orphan pass over it every interval.
 pub async fn lead(client: kube::Client, stores: Arc<Stores>, s: KubeSettings) {
@@ -185,8 +188,12 @@ pub async fn lead(client: kube::Client, stores: Arc<Stores>, s: KubeSettings) {
         compact: s.compact.clone(),
         recorder: Recorder::new(client.clone(), reporter),
         clock: clock.clone(),
+        unrecorded: Default::default(),
     });
-    let controller = Controller::new(Api::<PersistentVolume>::all(client), watcher::Config::default());
+    // A few compactions at once: every PV is due at a first leadership,
+    // and the controller's CSI calls share the store's request limit.
+    let controller = Controller::new(Api::<PersistentVolume>::all(client), watcher::Config::default())
+        .with_config(kube::runtime::controller::Config::default().concurrency(COMPACTIONS_AT_ONCE));
     let reader = controller.store();
     let reconciles = controller.run(reconcile::reconcile, reconcile::error_policy, ctx).for_each(|r| async move {
         if let Err(e) = r {

@@ -94,6 +94,18 @@ pub struct Context {
     pub compact: CompactOptions,
     pub recorder: Recorder,
     pub clock: Arc<dyn Clock>,
+    /// Results compacted and not yet recorded on their PV (the patch
+    /// failed), by PV name: recorded on the next try instead of compacting
+    /// again at every backoff.
+    pub unrecorded: std::sync::Mutex<HashMap<String, Unrecorded>>,
+}
+
+/// A compaction's result its PV does not show yet.
+#[derive(Debug, Clone)]
+pub struct Unrecorded {
+    annotations: BTreeMap<String, Option<String>>,
+    failures: u32,
+    at: std::time::Instant,
 }
 
 impl std::fmt::Debug for Context {
@@ -294,11 +306,22 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
     if pv.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
+    let name = pv.name_any();
+    // A result not recorded yet is recorded, not compacted for again, until
+    // the next compaction is due by it.
+    let pending = ctx.unrecorded.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+    if let Some(u) = pending.filter(|u| u.at.elapsed() < ctx.schedule.wait_after(u.failures)) {
+        let wait = ctx.schedule.wait_after(u.failures).saturating_sub(u.at.elapsed());
+        if let Err(e) = record(&ctx, &name, &u.annotations).await {
+            ctx.unrecorded.lock().unwrap_or_else(|p| p.into_inner()).insert(name, u);
+            return Err(e);
+        }
+        return Ok(Action::requeue(wait));
+    }
     let due = ctx.schedule.due_in(pv.annotations(), ctx.clock.now_unix());
     if !due.is_zero() {
         return Ok(Action::requeue(due));
     }
-    let name = pv.name_any();
     let started = std::time::Instant::now();
     let outcome = compact_volume(&pv, handle, &ctx).await;
     let failures_before = failures_of(&pv);
@@ -331,11 +354,11 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
         }
     };
     let annotations = annotations_for(&outcome, ctx.clock.now_unix(), failures_before);
-    let patch = serde_json::json!({ "metadata": { "annotations": annotations } });
-    Api::<PersistentVolume>::all(ctx.client.clone())
-        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(|source| ReconcileError::Record { pv: name.clone(), source })?;
+    if let Err(e) = record(&ctx, &name, &annotations).await {
+        let u = Unrecorded { annotations, failures, at: std::time::Instant::now() };
+        ctx.unrecorded.lock().unwrap_or_else(|p| p.into_inner()).insert(name, u);
+        return Err(e);
+    }
     let reference = pv_reference(&pv);
     for ev in events_for(&outcome) {
         // An Event that cannot be written is not worth a second compaction:
@@ -345,6 +368,20 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
         }
     }
     Ok(Action::requeue(ctx.schedule.wait_after(failures)))
+}
+
+/// Write a compaction's result into its PV's annotations.
+async fn record(
+    ctx: &Context,
+    name: &str,
+    annotations: &BTreeMap<String, Option<String>>,
+) -> Result<(), ReconcileError> {
+    let patch = serde_json::json!({ "metadata": { "annotations": annotations } });
+    Api::<PersistentVolume>::all(ctx.client.clone())
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(drop)
+        .map_err(|source| ReconcileError::Record { pv: name.to_string(), source })
 }
 
 /// After a reconcile error (the result could not be recorded): try again

@@ -166,6 +166,10 @@ enum Serving {
 struct Staged {
     record: StageRecord,
     serving: Serving,
+    /// Why the device could not be connected to its server again after a
+    /// plugin restart: until a NodeStage connects it, its I/O fails and
+    /// the volume is reported abnormal.
+    unconnected: Option<String>,
 }
 
 impl Staged {
@@ -176,6 +180,10 @@ impl Staged {
         }
     }
 }
+
+/// Tries to connect a staged volume's device again after a plugin restart
+/// (waiting 1, 2 s between them) before it is left to NodeStage.
+const RECONNECT_ATTEMPTS: u32 = 3;
 
 pub struct NodeService {
     cfg: NodeConfig,
@@ -659,22 +667,33 @@ impl NodeService {
                     );
                 }
                 tracing::info!(volume = %id, device = %record.device, "serving staged volume again");
-                // A netlink-attached device: the kernel has been holding
-                // its I/O since the old connection died; hand it a fresh
-                // socket. A device without a size lost its connection
-                // (ioctl-attached, or the dead-connection timeout passed):
-                // connect it again.
-                let r = if devices::device_size(&record.device) > 0 {
-                    self.attacher.reconnect(&record.socket, &record.export, &record.device).await
-                } else {
-                    let a = &self.attacher;
-                    a.attach_device(&record.socket, &record.export, &record.device).await.map(drop)
-                };
-                match r {
-                    Ok(()) => tracing::info!(volume = %id, "device reconnected"),
-                    Err(e) => tracing::error!(volume = %id, error = %e, "reconnect failed"),
+                // A device busy for a moment (udev probing it after the
+                // restart) is tried again, a few times.
+                let mut unconnected = None;
+                for attempt in 0..RECONNECT_ATTEMPTS {
+                    if attempt > 0 {
+                        tokio::time::sleep(std::time::Duration::from_secs(1 << (attempt - 1))).await;
+                    }
+                    match self.connect_again(&record).await {
+                        Ok(()) => {
+                            tracing::info!(volume = %id, "device reconnected");
+                            unconnected = None;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(volume = %id, device = %record.device, attempt, error = %e, "reconnect failed");
+                            unconnected = Some(e);
+                        }
+                    }
                 }
-                self.staged.lock().await.insert(id, Staged { record, serving: Serving::Up(server) });
+                if let Some(e) = &unconnected {
+                    tracing::error!(
+                        volume = %id, device = %record.device, error = %e,
+                        "the device could not be connected again: its I/O fails, and the volume is reported abnormal, \
+                         until a NodeStage connects it"
+                    );
+                }
+                self.staged.lock().await.insert(id, Staged { record, serving: Serving::Up(server), unconnected });
             }
             Err(e) => {
                 tracing::error!(volume = %id, error = %e.message(), "cannot serve staged volume");
@@ -684,6 +703,20 @@ impl NodeService {
                 self.lost_if(marked, record).await;
             }
         }
+    }
+
+    /// Connect a staged volume's recorded device to its server again. A
+    /// netlink-attached device: the kernel has been holding its I/O since
+    /// the old connection died; hand it a fresh socket. A device without a
+    /// size lost its connection (ioctl-attached, or the dead-connection
+    /// timeout passed): connect it again.
+    async fn connect_again(&self, record: &StageRecord) -> Result<(), String> {
+        let r = if devices::device_size(&record.device) > 0 {
+            self.attacher.reconnect(&record.socket, &record.export, &record.device).await
+        } else {
+            self.attacher.attach_device(&record.socket, &record.export, &record.device).await.map(drop)
+        };
+        r.map_err(|e| e.to_string())
     }
 
     /// Not served again: when the previous process left writes it had
@@ -714,7 +747,7 @@ impl NodeService {
                 Err(e) => tracing::error!(volume = %id, device = %record.device, error = %e, "disconnect failed"),
             }
         }
-        self.staged.lock().await.insert(id, Staged { record, serving: Serving::LostWrites });
+        self.staged.lock().await.insert(id, Staged { record, serving: Serving::LostWrites, unconnected: None });
     }
 
     /// Serve a volume on a unix socket as NodeStage does, without attaching
@@ -802,8 +835,8 @@ impl pb::node_server::Node for NodeService {
             .lock()
             .await
             .get(&req.volume_id)
-            .map(|s| (s.record.clone(), matches!(s.serving, Serving::LostWrites)));
-        if let Some((r, lost)) = already {
+            .map(|s| (s.record.clone(), matches!(s.serving, Serving::LostWrites), s.unconnected.is_some()));
+        if let Some((r, lost, unconnected)) = already {
             if lost {
                 return Err(Status::failed_precondition(LOST_WRITES));
             }
@@ -812,6 +845,17 @@ impl pb::node_server::Node for NodeService {
                     "volume is already staged at {}",
                     r.staging_path.display()
                 )));
+            }
+            if unconnected {
+                // Recovery could not connect the device again: this stage
+                // tries, and fails (kubelet retries) until it can.
+                self.connect_again(&r).await.map_err(|e| {
+                    Status::unavailable(format!("the device {} could not be connected again: {e}", r.device))
+                })?;
+                if let Some(s) = self.staged.lock().await.get_mut(&req.volume_id) {
+                    s.unconnected = None;
+                }
+                tracing::info!(volume = %req.volume_id, device = %r.device, "device connected again by NodeStage");
             }
             // Kubelet stages again after a restart of either side: the
             // staging path must really hold this volume's filesystem.
@@ -935,7 +979,10 @@ impl pb::node_server::Node for NodeService {
             return Err(e);
         }
         tracing::info!(volume = %req.volume_id, device = %device, staging = %staging.display(), "volume staged");
-        self.staged.lock().await.insert(req.volume_id, Staged { record, serving: Serving::Up(server) });
+        self.staged
+            .lock()
+            .await
+            .insert(req.volume_id, Staged { record, serving: Serving::Up(server), unconnected: None });
         Ok(Response::new(pb::NodeStageVolumeResponse {}))
     }
 
@@ -1117,11 +1164,11 @@ impl pb::node_server::Node for NodeService {
             return Err(Status::invalid_argument("volume id is required"));
         }
         // An unknown volume is NOT_FOUND whatever the path says.
-        let (volume, record) = {
+        let (volume, record, unconnected) = {
             let staged = self.staged.lock().await;
             let s =
                 staged.get(&req.volume_id).ok_or_else(|| Status::not_found("the volume is not staged on this node"))?;
-            (s.volume().ok().cloned(), s.record.clone())
+            (s.volume().ok().cloned(), s.record.clone(), s.unconnected.clone())
         };
         let path = required_path(&req.volume_path, "volume path")?;
         if !path.exists() {
@@ -1135,9 +1182,15 @@ impl pb::node_server::Node for NodeService {
                 volume_condition: Some(condition),
             }));
         };
-        let condition = match volume.health(std::time::Duration::from_secs(5)).await {
-            Some(why) => pb::VolumeCondition { abnormal: true, message: why },
-            None => pb::VolumeCondition { abnormal: false, message: "ok".into() },
+        let condition = match unconnected {
+            Some(why) => pb::VolumeCondition {
+                abnormal: true,
+                message: format!("its device {} is not connected since the plugin restarted: {why}", record.device),
+            },
+            None => match volume.health(std::time::Duration::from_secs(5)).await {
+                Some(why) => pb::VolumeCondition { abnormal: true, message: why },
+                None => pb::VolumeCondition { abnormal: false, message: "ok".into() },
+            },
         };
         use pb::volume_usage::Unit;
         let usage = if record.fs_type.is_some() && path.is_dir() {

@@ -151,6 +151,13 @@ pub async fn list_all(store: &dyn ObjectStore, prefix: &str) -> StoreResult<Vec<
             store.list(ListRequest { prefix, start_after: after.as_deref(), delimiter: false, max_keys: 1000 }).await?;
         out.extend(page.objects);
         match page.next_start_after {
+            // A listing that does not move on (a store that ignores
+            // StartAfter) would be followed for ever, growing without end.
+            Some(next) if after.as_deref().is_some_and(|a| next.as_str() <= a) => {
+                return Err(StoreError::Permanent(format!(
+                    "listing {prefix}: the store answered a page that does not move past {next:?}"
+                )));
+            }
             Some(next) => after = Some(next),
             None => return Ok(out),
         }

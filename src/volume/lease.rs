@@ -245,6 +245,10 @@ impl Lease {
             process: ProcessId::current(),
         };
         let every = Duration::from_secs(holder.ttl_secs) / 3;
+        // The holder this one replaces (on a takeover, or one whose lease
+        // expired): a renewal of its that was on its way (retried through
+        // an outage) may land after ours; that is no takeover of ours.
+        let displaced = read_holder(store, vol).await?.map(|h| h.token);
         write(store, vol, &holder).await?;
         let (stop, mut stop_rx) = watch::channel(false);
         let (lost_tx, lost) = watch::channel(None);
@@ -256,6 +260,9 @@ impl Lease {
                     _ = stop_rx.changed() => return,
                 }
                 match read_holder(&s, &v).await {
+                    Ok(Some(other)) if Some(other.token) == displaced => {
+                        tracing::warn!(volume = %v, holder = %other, "a late renewal of the writer this one took over landed; taken back");
+                    }
                     Ok(Some(other)) if other.token != h.token => {
                         let why = format!("the writer lease was taken over by {other}");
                         tracing::error!(volume = %v, "{why}");
@@ -389,6 +396,34 @@ mod tests {
         let _ = child.kill();
         let _ = child.wait();
         assert!(holder_is_gone(&holder(pid, Some(alive))), "a holder whose process exited is live");
+    }
+
+    /// A renewal of the holder that was taken over, landing late (retried
+    /// through an outage), does not make the new holder give up: it writes
+    /// its lease again. It stopped serving, and the old holder, unaware,
+    /// kept the volume looking busy.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_renewal_of_the_displaced_holder_is_no_takeover() {
+        let store: DynStore = std::sync::Arc::new(crate::store::memory::MemoryStore::new());
+        let clock = crate::clock::SystemClock;
+        let ttl = Duration::from_secs(3);
+        let old = Lease::acquire(&store, "v/", "serve", false, ttl, &clock).await.expect("the first holder");
+        let new = Lease::acquire(&store, "v/", "serve", true, ttl, &clock).await.expect("the takeover");
+        let late = old.holder().clone();
+        // The old holder's process is cut off: its renewals stop, one lands late.
+        drop(old);
+        write(&store, "v/", &late).await.expect("the late renewal");
+        let lost = new.lost();
+        tokio::pin!(lost);
+        let gave_up = tokio::time::timeout(ttl * 3, &mut lost).await;
+        assert!(gave_up.is_err(), "the new holder gave up: {gave_up:?}");
+        let now = read_holder(&store, "v/").await.expect("read").expect("a holder");
+        assert_eq!(now.token, new.holder().token, "the lease names the displaced holder");
+        // A third holder's takeover is still one.
+        let third = Lease::acquire(&store, "v/", "serve", true, ttl, &clock).await.expect("a third");
+        let why = tokio::time::timeout(ttl * 3, &mut lost).await.expect("the takeover seen");
+        assert!(why.contains("taken over"), "{why}");
+        drop(third);
     }
 
     #[test]
