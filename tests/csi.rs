@@ -1620,6 +1620,11 @@ async fn a_clone_create_that_found_another_creates_pin_and_failed_leaves_that_pi
 /// handover) already wrote in the source, which its volume would read
 /// through.
 async fn restore_race(d: &mut Driver, name: &str) -> CloneRace {
+    restore_of(d, name, true).await
+}
+
+/// The same, with the other create's pin in place or not.
+async fn restore_of(d: &mut Driver, name: &str, other_pinned: bool) -> CloneRace {
     let src = create(d, &format!("{name}-src"), 1 << 20).await;
     let data = common::pattern(8, 8192);
     write(d, &src.volume_id, 0, &data).await;
@@ -1629,11 +1634,13 @@ async fn restore_race(d: &mut Driver, name: &str) -> CloneRace {
     let pin = s3blk::volume::format::clone_pin_name(&restored);
     let pin_key = s3blk::volume::format::snapshot_key(&source, &pin);
     let rec = s3blk::volume::engine::read_snapshot(&d.store, &source, &format!("{name}-snap")).await.expect("record");
-    let mut adopted = false;
-    s3blk::volume::catalog::pin_snapshot_for(&d.store, &source, &rec, &restored, &mut adopted)
-        .await
-        .expect("the other create's pin");
-    assert!(!adopted);
+    if other_pinned {
+        let mut adopted = false;
+        s3blk::volume::catalog::pin_snapshot_for(&d.store, &source, &rec, &restored, &mut adopted)
+            .await
+            .expect("the other create's pin");
+        assert!(!adopted);
+    }
     let mut req = create_req(&format!("{name}-restored"), 1 << 20, 0);
     req.volume_content_source = Some(pb::VolumeContentSource {
         r#type: Some(pb::volume_content_source::Type::Snapshot(pb::volume_content_source::SnapshotSource {
@@ -1657,6 +1664,39 @@ async fn a_restore_that_found_another_creates_pin_and_failed_leaves_that_pin() {
     assert!(failed.is_err(), "created: {failed:?}");
     fault.clear_rules();
     race.pin_kept_and_retry_answers(&mut d).await;
+}
+
+/// A restore that wrote its pin and then failed leaves it too: another
+/// restore of the name may have found it meanwhile and read through it
+/// (pins of one name are alike). It let go of its source, which deleted
+/// that pin. What a failed create leaves is removed by the compaction pass
+/// once an hour old (`reap_failed_create`): the pin goes with it, and a
+/// later retry starts afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_wrote_its_pin_and_failed_leaves_it_until_the_remains_are_old() {
+    use s3blk::store::fault::Op;
+    use s3blk::volume::catalog::reap_failed_create;
+    let Some((mut d, fault)) = faulty_driver().await else { return };
+    let race = restore_of(&mut d, "pvc-rown", false).await;
+    fail_all(&fault, Op::Put, "pvc-rown-restored/volume.json");
+    let failed = d.ctl.create_volume(race.req.clone()).await;
+    assert!(failed.is_err(), "created: {failed:?}");
+    fault.clear_rules();
+    assert!(d.store.head(&race.pin_key).await.expect("head").is_some(), "the failed restore took its pin");
+    let remains = race.source.replace("pvc-rown-src/", "pvc-rown-restored/");
+    let young = reap_failed_create(&d.store, &remains, std::time::Duration::from_secs(3600)).await.expect("reap");
+    assert!(!young, "remains younger than the age were removed");
+    assert!(d.store.head(&race.pin_key).await.expect("head").is_some());
+    let old = reap_failed_create(&d.store, &remains, std::time::Duration::ZERO).await.expect("reap");
+    assert!(old, "old remains were left");
+    assert!(d.store.head(&race.pin_key).await.expect("head").is_none(), "the remains' pin was kept");
+    assert_eq!(keys_under(&d, &remains).await, Vec::<String>::new());
+    let made = d.ctl.create_volume(race.req.clone()).await.expect("the retry").into_inner().volume.expect("volume");
+    assert_eq!(read(&d, &made.volume_id, 0, 8192).await, race.data);
+    // A volume, or a prefix with anything else in it, is never reaped.
+    let live = prefix_of(&made.volume_id);
+    assert!(!reap_failed_create(&d.store, &live, std::time::Duration::ZERO).await.expect("reap"));
+    assert!(d.store.head(&race.pin_key).await.expect("head").is_some());
 }
 
 /// The same when the snapshot is deleted while the second restore checks

@@ -292,7 +292,15 @@ impl ControllerService {
         for (loc, state) in self.entries().await? {
             let store = self.store_for(&loc, &HashMap::new()).await?;
             match state {
-                EntryState::Other => continue,
+                EntryState::Other => {
+                    if !opts.dry_run
+                        && let Err(e) =
+                            catalog::reap_failed_create(&store, &loc.prefix, catalog::CREATE_REMAINS_AGE).await
+                    {
+                        tracing::warn!(prefix = %loc.url(), error = %e, "removing what a failed create left failed");
+                    }
+                    continue;
+                }
                 EntryState::Deleted if !opts.dry_run => {
                     // Kept for dependants that have gone meanwhile, or an
                     // interrupted delete: removed once the tombstone is old.
@@ -689,22 +697,31 @@ impl pb::controller_server::Controller for ControllerService {
         }
         // Before volume.json: a volume never exists without its record.
         catalog::write_provisioned(&store, &loc.prefix, &wanted).await.map_err(catalog_status)?;
-        // Set when the pin in the source may be another CreateVolume's of
+        // Set once the pin in the source may be another CreateVolume's of
         // this name, still running (another controller's, across a leader
         // handover): what this call wrote stays on a failure, since
         // letting go of the source would take the pin that create's clone
-        // reads through. A retry (or a DeleteVolume) cleans up.
+        // reads through. A retry, a DeleteVolume or the compaction pass
+        // (after an hour) cleans up.
         let mut raced = false;
         let made = async {
             let mut parent = parent;
             if let Some((sloc, rec, _)) = &source {
                 // Before anything is written in the source.
                 catalog::record_source(&store, &loc.prefix, &sloc.prefix, &loc.url()).await.map_err(catalog_status)?;
+                // From here on the pin in the source may be another running
+                // create's of this name too (across a leader handover), one
+                // that took this call's pin for its own (the pins of one
+                // name are alike): on a failure, nothing is let go of. A
+                // retry finishes the volume; if none comes, the compaction
+                // pass removes the remains, pin included, once an hour old
+                // (`catalog::reap_failed_create`).
+                raced = true;
                 let rec = match rec {
                     // A restore: deleting the snapshot must not take what
                     // this volume reads through, so it gets a pin of its own.
-                    // A pin found there is an earlier attempt's or another
-                    // running restore's of this name: it stays on a failure.
+                    // It stays on a failure, also when the snapshot is found
+                    // deleted meanwhile (`raced` is set).
                     Some(rec) if rec.name != format::clone_pin_name(&loc.prefix) => {
                         catalog::pin_snapshot_for(&store, &sloc.prefix, rec, &loc.prefix, &mut raced)
                             .await
@@ -713,10 +730,7 @@ impl pb::controller_server::Controller for ControllerService {
                     }
                     // Found there: an earlier attempt's, or another running
                     // create's of this name.
-                    Some(rec) => {
-                        raced = true;
-                        rec.clone()
-                    }
+                    Some(rec) => rec.clone(),
                     None => {
                         let pin = format::clone_pin_name(&loc.prefix);
                         let rec = match snapshot_committed(&store, &sloc.prefix, &pin, self.clock.as_ref()).await {
@@ -727,7 +741,6 @@ impl pb::controller_server::Controller for ControllerService {
                             // running. Letting go of the source here would
                             // take the pin its clone reads through.
                             Err(VolumeError::AlreadyExists(_)) => {
-                                raced = true;
                                 return Err(Status::aborted(format!(
                                     "another CreateVolume of {} is in progress; retry",
                                     req.name
