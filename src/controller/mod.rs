@@ -171,8 +171,10 @@ where
     }
 }
 
-/// Volumes the leader compacts at once.
-const COMPACTIONS_AT_ONCE: u16 = 4;
+/// Volumes the leader compacts at once: enough that a few volumes on a
+/// store that does not answer (each spending its retries) leave room for
+/// the others.
+const COMPACTIONS_AT_ONCE: u16 = 16;
 
 /// The work of the leader: the reconcile loop over PVs and, with a
 /// `--store`, the orphan pass over it every interval.

@@ -95,8 +95,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub clock: Arc<dyn Clock>,
     /// Results compacted and not yet recorded on their PV (the patch
-    /// failed), by PV name: recorded on the next try instead of compacting
-    /// again at every backoff.
+    /// failed), by PV name and uid: recorded on the next try instead of
+    /// compacting again at every backoff.
     pub unrecorded: std::sync::Mutex<HashMap<String, Unrecorded>>,
 }
 
@@ -302,18 +302,21 @@ fn failures_of(pv: &PersistentVolume) -> u32 {
 /// Reconcile one PV: compact its volume when due, record what happened,
 /// and requeue for the next time it is due.
 pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let name = pv.name_any();
+    // Keyed by the PV's uid as well: a PV made again under the same name
+    // is another volume's.
+    let key = format!("{name}/{}", pv.metadata.uid.as_deref().unwrap_or_default());
+    // A result not recorded yet is recorded, not compacted for again, until
+    // the next compaction is due by it.
+    let pending = ctx.unrecorded.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
     let Some(handle) = our_volume(&pv, &ctx.driver_name) else { return Ok(Action::await_change()) };
     if pv.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    let name = pv.name_any();
-    // A result not recorded yet is recorded, not compacted for again, until
-    // the next compaction is due by it.
-    let pending = ctx.unrecorded.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
     if let Some(u) = pending.filter(|u| u.at.elapsed() < ctx.schedule.wait_after(u.failures)) {
         let wait = ctx.schedule.wait_after(u.failures).saturating_sub(u.at.elapsed());
         if let Err(e) = record(&ctx, &name, &u.annotations).await {
-            ctx.unrecorded.lock().unwrap_or_else(|p| p.into_inner()).insert(name, u);
+            ctx.unrecorded.lock().unwrap_or_else(|p| p.into_inner()).insert(key, u);
             return Err(e);
         }
         return Ok(Action::requeue(wait));
@@ -356,7 +359,7 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
     let annotations = annotations_for(&outcome, ctx.clock.now_unix(), failures_before);
     if let Err(e) = record(&ctx, &name, &annotations).await {
         let u = Unrecorded { annotations, failures, at: std::time::Instant::now() };
-        ctx.unrecorded.lock().unwrap_or_else(|p| p.into_inner()).insert(name, u);
+        ctx.unrecorded.lock().unwrap_or_else(|p| p.into_inner()).insert(key, u);
         return Err(e);
     }
     let reference = pv_reference(&pv);

@@ -181,6 +181,27 @@ impl Staged {
     }
 }
 
+/// Was the stage record at `path` written before this boot of the node
+/// (`boot`)? A record names its boot; one of an earlier version does not,
+/// and is of an earlier boot when its file is older than the boot itself.
+fn staged_in_an_earlier_boot(record: &StageRecord, path: &Path, boot: Option<&str>) -> bool {
+    match (&record.boot, boot) {
+        (Some(theirs), Some(ours)) => theirs != ours,
+        (Some(_), None) => false,
+        (None, _) => {
+            let written = std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs());
+            let booted = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+                s.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<u64>().ok()))
+            });
+            matches!((written, booted), (Some(w), Some(b)) if w < b)
+        }
+    }
+}
+
 /// Tries to connect a staged volume's device again after a plugin restart
 /// (waiting 1, 2 s between them) before it is left to NodeStage.
 const RECONNECT_ATTEMPTS: u32 = 3;
@@ -522,7 +543,7 @@ impl NodeService {
                 tracing::warn!(path = %path.display(), "unreadable stage record skipped");
                 continue;
             };
-            if record.boot.as_ref().is_some_and(|b| Some(b) != boot.as_ref()) {
+            if staged_in_an_earlier_boot(&record, &path, boot.as_deref()) {
                 // The device and the mount went with that boot, and the
                 // device's number may be another tool's now: nothing is
                 // done to it. The next NodeStage stages the volume afresh;
@@ -678,6 +699,14 @@ impl NodeService {
                         Ok(()) => {
                             tracing::info!(volume = %id, "device reconnected");
                             unconnected = None;
+                            if record.boot.is_none() {
+                                // Staged by an earlier version: the device
+                                // is this boot's, as reconnecting proved.
+                                record.boot = crate::volume::engine::log::boot_id();
+                                if let Err(e) = self.save(&record) {
+                                    tracing::warn!(volume = %id, error = %e.message(), "stamping the stage record with this boot failed");
+                                }
+                            }
                             break;
                         }
                         Err(e) => {

@@ -142,6 +142,19 @@ pub fn concat(parts: &[Bytes]) -> Bytes {
     }
 }
 
+/// Where the next page of a listing of `prefix` starts (`None`: it ended),
+/// given where this one started and what it said. A page that does not
+/// move past the one before (a store that ignores StartAfter) is an error:
+/// followed, the listing would never end.
+pub fn advance(prefix: &str, after: Option<&str>, next: Option<String>) -> StoreResult<Option<String>> {
+    match next {
+        Some(n) if after.is_some_and(|a| n.as_str() <= a) => Err(StoreError::Permanent(format!(
+            "listing {prefix}: the store answered a page that does not move past {n:?}"
+        ))),
+        other => Ok(other),
+    }
+}
+
 /// List every object under a prefix, following pages.
 pub async fn list_all(store: &dyn ObjectStore, prefix: &str) -> StoreResult<Vec<ObjectInfo>> {
     let mut out = Vec::new();
@@ -150,14 +163,7 @@ pub async fn list_all(store: &dyn ObjectStore, prefix: &str) -> StoreResult<Vec<
         let page =
             store.list(ListRequest { prefix, start_after: after.as_deref(), delimiter: false, max_keys: 1000 }).await?;
         out.extend(page.objects);
-        match page.next_start_after {
-            // A listing that does not move on (a store that ignores
-            // StartAfter) would be followed for ever, growing without end.
-            Some(next) if after.as_deref().is_some_and(|a| next.as_str() <= a) => {
-                return Err(StoreError::Permanent(format!(
-                    "listing {prefix}: the store answered a page that does not move past {next:?}"
-                )));
-            }
+        match advance(prefix, after.as_deref(), page.next_start_after)? {
             Some(next) => after = Some(next),
             None => return Ok(out),
         }

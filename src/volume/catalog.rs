@@ -404,7 +404,7 @@ pub async fn list(store: &DynStore, root: &str) -> CatalogResult<Vec<Entry>> {
             let name = format::volume_name(&p).to_string();
             out.push(Entry { prefix: p, name, state });
         }
-        match page.next_start_after {
+        match store::advance(root, after.as_deref(), page.next_start_after)? {
             Some(n) => after = Some(n),
             None => break,
         }

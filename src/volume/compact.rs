@@ -325,7 +325,7 @@ pub async fn compact(
         if !opts.dry_run {
             delete_all(store, doomed, opts.concurrency).await?;
         }
-        match page.next_start_after {
+        match crate::store::advance(&chunk_prefix, listed_after.as_deref(), page.next_start_after)? {
             Some(next) => listed_after = Some(next),
             None => break,
         }
@@ -553,7 +553,7 @@ async fn add_records(store: &DynStore, vol: &str, from: u64, live: &mut HashSet<
                 next = next.max(seq + 1);
             }
         }
-        match page.next_start_after {
+        match crate::store::advance(&prefix, after.as_deref(), page.next_start_after)? {
             Some(n) => after = Some(n),
             None => return Ok(next),
         }

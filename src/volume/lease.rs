@@ -78,14 +78,29 @@ impl ProcessId {
     pub fn current() -> Option<Self> {
         let boot = crate::volume::engine::log::boot_id()?;
         let pid_ns = std::fs::read_link("/proc/self/ns/pid").ok()?.to_string_lossy().into_owned();
-        let start = start_time(std::process::id()).ok()??;
+        let start = start_time_of("self").ok()??;
         Some(Self { boot, pid_ns, start })
     }
 }
 
-/// The start time of process `pid` in this pid namespace (`None`: there
-/// is no such process).
+/// Is there a process `pid` in this pid namespace? Asked of the kernel, not
+/// of /proc, which may hide other users' processes (`hidepid`): only
+/// ESRCH means none.
+fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: signal 0 sends nothing; kill only checks the process exists
+    // and may be signalled.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// The start time of process `pid` in this pid namespace (`None`: /proc
+/// shows no such process).
 fn start_time(pid: u32) -> std::io::Result<Option<u64>> {
+    start_time_of(&pid.to_string())
+}
+
+fn start_time_of(pid: &str) -> std::io::Result<Option<u64>> {
     let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -337,7 +352,8 @@ async fn write(store: &DynStore, vol: &str, h: &Holder) -> VolumeResult<()> {
 /// restart after a crash need not wait out the lease. Gone only when this
 /// process can tell: the holder ran on this host, in this boot of it, in
 /// this pid namespace, and no process with its pid and start time is
-/// there. A holder this process cannot see (a container with its own pid
+/// there (the kernel says no process has its pid, or /proc shows the one
+/// that has it started at another time). A holder this process cannot see (a container with its own pid
 /// namespace on a host-network pod or container, which shares the host's
 /// name; another machine of the same name) is live until its lease expires.
 fn holder_is_gone(h: &Holder) -> bool {
@@ -347,11 +363,12 @@ fn holder_is_gone(h: &Holder) -> bool {
     if h.host != hostname() || theirs.boot != ours.boot || theirs.pid_ns != ours.pid_ns {
         return false;
     }
-    match start_time(h.pid) {
-        Ok(Some(start)) => start != theirs.start,
-        Ok(None) => true,
-        Err(_) => false,
+    if !process_exists(h.pid) {
+        return true;
     }
+    // A process has that pid: the holder only if it started when the
+    // holder did (/proc hiding it, or unreadable: it may be the holder).
+    matches!(start_time(h.pid), Ok(Some(start)) if start != theirs.start)
 }
 
 fn hostname() -> String {
@@ -393,6 +410,11 @@ mod tests {
         assert!(!holder_is_gone(&holder(4_194_000, Some(other_boot))));
         // A lease of an earlier version, which names no process identity.
         assert!(!holder_is_gone(&holder(4_194_000, None)));
+        // Whether a pid is in use is the kernel's answer: pid 1 is, also
+        // for a process that may not signal it (EPERM), and a pid past the
+        // kernel's limit is not.
+        assert!(process_exists(1));
+        assert!(!process_exists(4_194_000));
         let _ = child.kill();
         let _ = child.wait();
         assert!(holder_is_gone(&holder(pid, Some(alive))), "a holder whose process exited is live");

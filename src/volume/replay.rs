@@ -442,7 +442,7 @@ pub async fn catch_up(
             state.head_bytes = Some(bytes);
             started = true;
         }
-        match page.next_start_after {
+        match crate::store::advance(&prefix, after.as_deref(), page.next_start_after)? {
             Some(n) if !reached_end => after = Some(n),
             _ => {
                 // A replay to `upto` that ran out of records below it: they
