@@ -265,7 +265,7 @@ impl Attacher {
                 Target::Device(d) => (vec![d], 0, false),
                 Target::AnyFree { taken } => {
                     let free = devices::candidates(&taken);
-                    let in_use = devices::nbd_devices().len() - free.len();
+                    let in_use = devices::nbd_devices().len().saturating_sub(free.len());
                     (free, in_use, true)
                 }
             };

@@ -3,8 +3,8 @@
 //! (buckets, endpoints) of the volumes it serves, so many volumes cannot
 //! open hundreds of connections between them, while one busy volume alone
 //! may use the whole limit. A permit is held for one attempt of one call
-//! (it sits under the retry layer): a call waiting out its backoff holds
-//! none.
+//! (the retry layer takes it for each attempt, before the attempt's
+//! timeout starts): a call waiting out its backoff holds none.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -44,7 +44,7 @@ impl Permits {
         self.0.clone().acquire_many_owned(n).await.map_err(|_| closed())
     }
 
-    async fn take(&self) -> StoreResult<SemaphorePermit<'_>> {
+    pub(crate) async fn take(&self) -> StoreResult<SemaphorePermit<'_>> {
         self.0.acquire().await.map_err(|_| closed())
     }
 }
@@ -108,11 +108,13 @@ mod tests {
     struct Slow {
         now: AtomicUsize,
         most: AtomicUsize,
+        calls: AtomicUsize,
     }
 
     #[async_trait]
     impl ObjectStore for Slow {
         async fn get(&self, _: &str, _: Option<Range<u64>>) -> StoreResult<Bytes> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
             let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
             self.most.fetch_max(n, Ordering::SeqCst);
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -165,5 +167,25 @@ mod tests {
         }
         futures::future::join_all(calls).await;
         assert_eq!(permits.available(), 6, "a cancelled call kept its permit");
+    }
+
+    /// A call that waits for a permit is timed out for its request only:
+    /// the wait counted, so calls queued behind slow requests timed out
+    /// without sending anything, went to the back of the queue, and in the
+    /// end failed.
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_for_a_permit_does_not_count_against_the_attempt_timeout() {
+        let slow = Arc::new(Slow::default());
+        let policy = crate::store::retry::RetryPolicy {
+            max_attempts: 3,
+            base_delay: std::time::Duration::from_millis(1),
+            max_delay: std::time::Duration::from_millis(1),
+            // Longer than one request (20 ms), shorter than two.
+            attempt_timeout: std::time::Duration::from_millis(30),
+        };
+        let store = crate::store::layered_within(slow.clone(), policy, Some(Permits::new(1)));
+        let (a, b) = tokio::join!(store.get("a", None), store.get("b", None));
+        assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+        assert_eq!(slow.calls.load(Ordering::SeqCst), 2, "a call was timed out while it waited for its permit");
     }
 }

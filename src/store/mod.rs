@@ -119,12 +119,12 @@ pub fn layered(base: DynStore, policy: retry::RetryPolicy) -> DynStore {
 /// other stores) while it runs.
 pub fn layered_within(base: DynStore, policy: retry::RetryPolicy, permits: Option<limit::Permits>) -> DynStore {
     let metrics = crate::metrics::global().store.clone();
-    let base: DynStore = match permits {
-        Some(p) => Arc::new(limit::Limited::new(base, p)),
-        None => base,
-    };
     let attempts: DynStore = Arc::new(metered::MeteredAttempts::new(base, metrics.clone()));
-    let retried: DynStore = Arc::new(retry::RetryStore::new(attempts, policy));
+    let retry = retry::RetryStore::new(attempts, policy);
+    let retried: DynStore = Arc::new(match permits {
+        Some(p) => retry.with_permits(p),
+        None => retry,
+    });
     Arc::new(metered::MeteredStore::new(retried, metrics))
 }
 

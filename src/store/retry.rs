@@ -60,6 +60,9 @@ pub struct RetryStore {
     policy: RetryPolicy,
     clock: Arc<dyn Clock>,
     jitter: Jitter,
+    /// Taken for each attempt, before its timeout starts: a wait for a
+    /// shared permit is no fault of the store's.
+    permits: Option<super::limit::Permits>,
 }
 
 impl std::fmt::Debug for RetryStore {
@@ -74,7 +77,14 @@ impl RetryStore {
     }
 
     pub fn with_clock(inner: DynStore, policy: RetryPolicy, clock: Arc<dyn Clock>, jitter: Jitter) -> Self {
-        Self { inner, policy, clock, jitter }
+        Self { inner, policy, clock, jitter, permits: None }
+    }
+
+    /// Each attempt takes one of `permits` (shared with other stores)
+    /// while it runs; the attempt timeout counts from when it has one.
+    pub fn with_permits(mut self, permits: super::limit::Permits) -> Self {
+        self.permits = Some(permits);
+        self
     }
 
     async fn run<T, F, Fut>(&self, what: &str, key: &str, mut op: F) -> StoreResult<T>
@@ -85,6 +95,10 @@ impl RetryStore {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
+            let permit = match &self.permits {
+                Some(p) => Some(p.take().await?),
+                None => None,
+            };
             let result = match tokio::time::timeout(self.policy.attempt_timeout, op()).await {
                 Ok(r) => r,
                 Err(_) => Err(StoreError::Transient(format!(
@@ -92,6 +106,7 @@ impl RetryStore {
                     self.policy.attempt_timeout
                 ))),
             };
+            drop(permit);
             match result {
                 Err(e) if e.is_retryable() && attempt < self.policy.max_attempts => {
                     let delay = (self.jitter)(self.policy.delay_cap(attempt - 1));

@@ -231,6 +231,8 @@ pub struct Lease {
     store: DynStore,
     vol: String,
     holder: Holder,
+    /// The token of the holder this one took the lease from, if any.
+    displaced: Option<u64>,
     stop: watch::Sender<bool>,
     lost: watch::Receiver<Option<String>>,
     renewer: Option<tokio::task::JoinHandle<()>>,
@@ -292,7 +294,7 @@ impl Lease {
                 }
             }
         });
-        Ok(Lease { store: store.clone(), vol: vol.to_string(), holder, stop, lost, renewer: Some(renewer) })
+        Ok(Lease { store: store.clone(), vol: vol.to_string(), holder, displaced, stop, lost, renewer: Some(renewer) })
     }
 
     pub fn holder(&self) -> &Holder {
@@ -313,7 +315,8 @@ impl Lease {
             let _ = r.await;
         }
         match read_holder(&self.store, &self.vol).await {
-            Ok(Some(h)) if h.token == self.holder.token => {
+            // Ours, or a late renewal of the holder ours replaced.
+            Ok(Some(h)) if h.token == self.holder.token || Some(h.token) == self.displaced => {
                 if let Err(e) = self.store.delete(&lease_key(&self.vol)).await {
                     tracing::warn!(volume = %self.vol, error = %e, "cannot remove the writer lease; it expires by itself");
                 }
@@ -446,6 +449,22 @@ mod tests {
         let why = tokio::time::timeout(ttl * 3, &mut lost).await.expect("the takeover seen");
         assert!(why.contains("taken over"), "{why}");
         drop(third);
+    }
+
+    /// A late renewal of the displaced holder that lands just before a
+    /// clean release goes with it: the volume is not left looking busy.
+    #[tokio::test(start_paused = true)]
+    async fn a_release_removes_a_late_renewal_of_the_displaced_holder() {
+        let store: DynStore = std::sync::Arc::new(crate::store::memory::MemoryStore::new());
+        let clock = crate::clock::SystemClock;
+        let ttl = Duration::from_secs(3);
+        let old = Lease::acquire(&store, "v/", "serve", false, ttl, &clock).await.expect("the first holder");
+        let new = Lease::acquire(&store, "v/", "serve", true, ttl, &clock).await.expect("the takeover");
+        let late = old.holder().clone();
+        drop(old);
+        write(&store, "v/", &late).await.expect("the late renewal");
+        new.release().await;
+        assert!(read_holder(&store, "v/").await.expect("read").is_none(), "the lease outlived a clean release");
     }
 
     #[test]
