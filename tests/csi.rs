@@ -1669,34 +1669,17 @@ async fn a_restore_that_found_another_creates_pin_and_failed_leaves_that_pin() {
 /// A restore that wrote its pin and then failed leaves it too: another
 /// restore of the name may have found it meanwhile and read through it
 /// (pins of one name are alike). It let go of its source, which deleted
-/// that pin. What a failed create leaves is removed by the compaction pass
-/// once an hour old (`reap_failed_create`): the pin goes with it, and a
-/// later retry starts afresh.
+/// that pin. The CO's retry is answered with the volume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restore_that_wrote_its_pin_and_failed_leaves_it_until_the_remains_are_old() {
+async fn a_restore_that_wrote_its_pin_and_failed_leaves_it() {
     use s3blk::store::fault::Op;
-    use s3blk::volume::catalog::reap_failed_create;
     let Some((mut d, fault)) = faulty_driver().await else { return };
     let race = restore_of(&mut d, "pvc-rown", false).await;
     fail_all(&fault, Op::Put, "pvc-rown-restored/volume.json");
     let failed = d.ctl.create_volume(race.req.clone()).await;
     assert!(failed.is_err(), "created: {failed:?}");
     fault.clear_rules();
-    assert!(d.store.head(&race.pin_key).await.expect("head").is_some(), "the failed restore took its pin");
-    let remains = race.source.replace("pvc-rown-src/", "pvc-rown-restored/");
-    let young = reap_failed_create(&d.store, &remains, std::time::Duration::from_secs(3600)).await.expect("reap");
-    assert!(!young, "remains younger than the age were removed");
-    assert!(d.store.head(&race.pin_key).await.expect("head").is_some());
-    let old = reap_failed_create(&d.store, &remains, std::time::Duration::ZERO).await.expect("reap");
-    assert!(old, "old remains were left");
-    assert!(d.store.head(&race.pin_key).await.expect("head").is_none(), "the remains' pin was kept");
-    assert_eq!(keys_under(&d, &remains).await, Vec::<String>::new());
-    let made = d.ctl.create_volume(race.req.clone()).await.expect("the retry").into_inner().volume.expect("volume");
-    assert_eq!(read(&d, &made.volume_id, 0, 8192).await, race.data);
-    // A volume, or a prefix with anything else in it, is never reaped.
-    let live = prefix_of(&made.volume_id);
-    assert!(!reap_failed_create(&d.store, &live, std::time::Duration::ZERO).await.expect("reap"));
-    assert!(d.store.head(&race.pin_key).await.expect("head").is_some());
+    race.pin_kept_and_retry_answers(&mut d).await;
 }
 
 /// The same when the snapshot is deleted while the second restore checks

@@ -171,10 +171,9 @@ where
     }
 }
 
-/// Volumes the leader compacts at once: enough that a few volumes on a
-/// store that does not answer (each spending its retries) leave room for
-/// the others.
-const COMPACTIONS_AT_ONCE: u16 = 16;
+/// Volumes the leader compacts at once: few, as they share the
+/// controller's memory limit and its store requests with its CSI calls.
+const COMPACTIONS_AT_ONCE: u16 = 4;
 
 /// The work of the leader: the reconcile loop over PVs and, with a
 /// `--store`, the orphan pass over it every interval.

@@ -57,13 +57,7 @@ pub async fn scan_store(
     for e in entries {
         let loc = Location { store: root.store.clone(), prefix: e.prefix };
         match e.state {
-            EntryState::Other => {
-                if !opts.dry_run
-                    && let Err(e) = catalog::reap_failed_create(&store, &loc.prefix, catalog::CREATE_REMAINS_AGE).await
-                {
-                    tracing::warn!(prefix = %loc.url(), error = %e, "removing what a failed create left failed");
-                }
-            }
+            EntryState::Other => {}
             EntryState::Live => {
                 let url = loc.url();
                 if !handles.contains(&url) {

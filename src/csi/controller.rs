@@ -292,15 +292,7 @@ impl ControllerService {
         for (loc, state) in self.entries().await? {
             let store = self.store_for(&loc, &HashMap::new()).await?;
             match state {
-                EntryState::Other => {
-                    if !opts.dry_run
-                        && let Err(e) =
-                            catalog::reap_failed_create(&store, &loc.prefix, catalog::CREATE_REMAINS_AGE).await
-                    {
-                        tracing::warn!(prefix = %loc.url(), error = %e, "removing what a failed create left failed");
-                    }
-                    continue;
-                }
+                EntryState::Other => continue,
                 EntryState::Deleted if !opts.dry_run => {
                     // Kept for dependants that have gone meanwhile, or an
                     // interrupted delete: removed once the tombstone is old.
@@ -701,22 +693,22 @@ impl pb::controller_server::Controller for ControllerService {
         // this name, still running (another controller's, across a leader
         // handover): what this call wrote stays on a failure, since
         // letting go of the source would take the pin that create's clone
-        // reads through. A retry, a DeleteVolume or the compaction pass
-        // (after an hour) cleans up.
+        // reads through. A retry or a DeleteVolume cleans up.
         let mut raced = false;
         let made = async {
             let mut parent = parent;
             if let Some((sloc, rec, _)) = &source {
+                // From here on the pin in the source may be another running
+                // create's of this name too (across a leader handover: its
+                // record of the source is the one this call overwrites), or
+                // one that took this call's pin for its own (the pins of
+                // one name are alike): on a failure, nothing is let go of.
+                // A retry finishes the volume; a DeleteVolume of it cleans
+                // up. Must be set before `pin_snapshot_for`, which keeps a
+                // pin it wrote only then.
+                raced = true;
                 // Before anything is written in the source.
                 catalog::record_source(&store, &loc.prefix, &sloc.prefix, &loc.url()).await.map_err(catalog_status)?;
-                // From here on the pin in the source may be another running
-                // create's of this name too (across a leader handover), one
-                // that took this call's pin for its own (the pins of one
-                // name are alike): on a failure, nothing is let go of. A
-                // retry finishes the volume; if none comes, the compaction
-                // pass removes the remains, pin included, once an hour old
-                // (`catalog::reap_failed_create`).
-                raced = true;
                 let rec = match rec {
                     // A restore: deleting the snapshot must not take what
                     // this volume reads through, so it gets a pin of its own.

@@ -181,25 +181,12 @@ impl Staged {
     }
 }
 
-/// Was the stage record at `path` written before this boot of the node
-/// (`boot`)? A record names its boot; one of an earlier version does not,
-/// and is of an earlier boot when its file is older than the boot itself.
-fn staged_in_an_earlier_boot(record: &StageRecord, path: &Path, boot: Option<&str>) -> bool {
-    match (&record.boot, boot) {
-        (Some(theirs), Some(ours)) => theirs != ours,
-        (Some(_), None) => false,
-        (None, _) => {
-            let written = std::fs::metadata(path)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_secs());
-            let booted = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
-                s.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<u64>().ok()))
-            });
-            matches!((written, booted), (Some(w), Some(b)) if w < b)
-        }
-    }
+/// Was the stage record written before this boot of the node (`boot`)?
+/// A record names its boot; one of an earlier version does not, and is
+/// taken for this boot's (a file's time is no proof: the clock may have
+/// been stepped since the boot).
+fn staged_in_an_earlier_boot(record: &StageRecord, boot: Option<&str>) -> bool {
+    matches!((&record.boot, boot), (Some(theirs), Some(ours)) if theirs != ours)
 }
 
 /// Tries to connect a staged volume's device again after a plugin restart
@@ -543,7 +530,7 @@ impl NodeService {
                 tracing::warn!(path = %path.display(), "unreadable stage record skipped");
                 continue;
             };
-            if staged_in_an_earlier_boot(&record, &path, boot.as_deref()) {
+            if staged_in_an_earlier_boot(&record, boot.as_deref()) {
                 // The device and the mount went with that boot, and the
                 // device's number may be another tool's now: nothing is
                 // done to it. The next NodeStage stages the volume afresh;
@@ -696,12 +683,13 @@ impl NodeService {
                         tokio::time::sleep(std::time::Duration::from_secs(1 << (attempt - 1))).await;
                     }
                     match self.connect_again(&record).await {
-                        Ok(()) => {
+                        Ok(reconfigured) => {
                             tracing::info!(volume = %id, "device reconnected");
                             unconnected = None;
-                            if record.boot.is_none() {
-                                // Staged by an earlier version: the device
-                                // is this boot's, as reconnecting proved.
+                            if record.boot.is_none() && reconfigured {
+                                // Staged by an earlier version: the kernel
+                                // took a new socket for the device's own
+                                // connection, so it is this boot's.
                                 record.boot = crate::volume::engine::log::boot_id();
                                 if let Err(e) = self.save(&record) {
                                     tracing::warn!(volume = %id, error = %e.message(), "stamping the stage record with this boot failed");
@@ -739,11 +727,12 @@ impl NodeService {
     /// the old connection died; hand it a fresh socket. A device without a
     /// size lost its connection (ioctl-attached, or the dead-connection
     /// timeout passed): connect it again.
-    async fn connect_again(&self, record: &StageRecord) -> Result<(), String> {
+    /// True when the device's own connection took the new socket.
+    async fn connect_again(&self, record: &StageRecord) -> Result<bool, String> {
         let r = if devices::device_size(&record.device) > 0 {
-            self.attacher.reconnect(&record.socket, &record.export, &record.device).await
+            self.attacher.reconnect(&record.socket, &record.export, &record.device).await.map(|()| true)
         } else {
-            self.attacher.attach_device(&record.socket, &record.export, &record.device).await.map(drop)
+            self.attacher.attach_device(&record.socket, &record.export, &record.device).await.map(|_| false)
         };
         r.map_err(|e| e.to_string())
     }

@@ -547,9 +547,9 @@ async fn pin_snapshot(
         Ok(_) | Err(VolumeError::NotFound(_)) => {
             // A pin found there stays: another restore of this name may
             // have seen the snapshot after the pin landed and be reading
-            // through it now. One this call wrote goes (the window where
-            // another restore took it over between the write and this
-            // check is named in README).
+            // through it now. So does one this call wrote when `adopted`
+            // is set on entry (CreateVolume: another create may have
+            // taken it over since); otherwise it goes.
             if !adopted.is_some_and(|a| *a) {
                 store.delete(&key).await?;
             }
@@ -966,34 +966,6 @@ pub async fn abandon_create(store: &DynStore, vol: &str) -> CatalogResult<()> {
         delete_failed_create(store, vol, &objects).await?;
     }
     Ok(())
-}
-
-/// Age on the store's clock after which what a failed create left (its
-/// records and the pin it took in its source) is removed by the compaction
-/// pass: a create that failed after taking its pin leaves it (another
-/// create of the name may read through it: see CreateVolume), and one the
-/// CO then gives up on (the claim deleted) would keep its source's data
-/// for ever. No create runs this long; a retry rewrites its records.
-pub const CREATE_REMAINS_AGE: Duration = Duration::from_secs(3600);
-
-/// The compaction pass over a prefix that holds no volume: when it holds
-/// only what a create writes before its `volume.json`, every object older
-/// than `age` on the store's clock, that create failed for good; its
-/// source is let go of and its records go. Anything else there, or
-/// anything younger, is left alone. True when something was removed.
-pub async fn reap_failed_create(store: &DynStore, vol: &str, age: Duration) -> CatalogResult<bool> {
-    let objects = store::list_all(store.as_ref(), vol).await?;
-    let remains = |o: &ObjectInfo| o.key.strip_prefix(vol).is_some_and(is_create_remains);
-    if objects.is_empty() || !objects.iter().all(remains) {
-        return Ok(false);
-    }
-    let Some(now) = super::compact::store_now(store, vol).await? else { return Ok(false) };
-    let cutoff = now.saturating_sub(i64::try_from(age.as_secs()).unwrap_or(i64::MAX));
-    if !objects.iter().all(|o| o.modified_unix.is_some_and(|m| m <= cutoff)) {
-        return Ok(false);
-    }
-    delete_failed_create(store, vol, &objects).await?;
-    Ok(true)
 }
 
 /// What a create writes under a prefix before its `volume.json`.
