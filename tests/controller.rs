@@ -663,41 +663,51 @@ async fn a_takeover_racing_a_renewal_loses_on_the_resource_version() {
     );
 }
 
+/// The work a replica runs while it leads, counting the replicas running
+/// it at once (`most`: the most ever) and which started it, in order.
+#[derive(Clone, Default)]
+struct LeaderWork {
+    active: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+    started: Arc<Mutex<Vec<&'static str>>>,
+}
+
+impl LeaderWork {
+    fn of(&self, name: &'static str) -> impl FnMut() -> futures::future::BoxFuture<'static, ()> + Send + 'static {
+        let w = self.clone();
+        move || {
+            let w = w.clone();
+            Box::pin(async move {
+                struct Running(Arc<AtomicUsize>);
+                impl Drop for Running {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                let n = w.active.fetch_add(1, Ordering::SeqCst) + 1;
+                w.most.fetch_max(n, Ordering::SeqCst);
+                w.started.lock().expect("lock").push(name);
+                let _running = Running(w.active.clone());
+                std::future::pending::<()>().await
+            })
+        }
+    }
+}
+
 /// The election loop with two replicas on tokio's paused clock: exactly one
 /// runs the work at any time; when the leader's loop dies, the other starts
 /// the work after the lease expires.
 #[tokio::test(start_paused = true)]
 async fn the_election_loop_runs_the_work_in_one_replica_and_fails_over() {
     let server = Arc::new(LeaseServer::default());
-    let active = Arc::new(AtomicUsize::new(0));
-    let most = Arc::new(AtomicUsize::new(0));
-    let started: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    let work = LeaderWork::default();
+    let (active, most, started) = (work.active.clone(), work.most.clone(), work.started.clone());
     let replica = |name: &'static str, stop: tokio::sync::oneshot::Receiver<()>| {
         let (client, _task) = server.client();
-        let (active, most, started) = (active.clone(), most.clone(), started.clone());
         let stop = async move {
             let _ = stop.await;
         };
-        tokio::spawn(elect_and_run(
-            lock(client, name),
-            move || {
-                let (active, most, started) = (active.clone(), most.clone(), started.clone());
-                async move {
-                    struct Running(Arc<AtomicUsize>);
-                    impl Drop for Running {
-                        fn drop(&mut self) {
-                            self.0.fetch_sub(1, Ordering::SeqCst);
-                        }
-                    }
-                    let n = active.fetch_add(1, Ordering::SeqCst) + 1;
-                    most.fetch_max(n, Ordering::SeqCst);
-                    started.lock().expect("lock").push(name);
-                    let _running = Running(active);
-                    std::future::pending::<()>().await
-                }
-            },
-            stop,
-        ))
+        tokio::spawn(elect_and_run(lock(client, name), work.of(name), stop))
     };
     let (_stop_a, stop) = tokio::sync::oneshot::channel();
     let a = replica("replica-a", stop);
@@ -753,29 +763,10 @@ async fn the_election_loop_runs_the_work_in_one_replica_and_fails_over() {
 #[tokio::test(start_paused = true)]
 async fn a_leader_whose_renewal_hangs_stops_before_another_takes_over() {
     let server = Arc::new(LeaseServer::default());
-    let active = Arc::new(AtomicUsize::new(0));
-    let most = Arc::new(AtomicUsize::new(0));
+    let work = LeaderWork::default();
+    let (active, most) = (work.active.clone(), work.most.clone());
     let replica = |client: Client, name: &'static str| {
-        let (active, most) = (active.clone(), most.clone());
-        tokio::spawn(elect_and_run(
-            lock(client, name),
-            move || {
-                let (active, most) = (active.clone(), most.clone());
-                async move {
-                    struct Running(Arc<AtomicUsize>);
-                    impl Drop for Running {
-                        fn drop(&mut self) {
-                            self.0.fetch_sub(1, Ordering::SeqCst);
-                        }
-                    }
-                    let n = active.fetch_add(1, Ordering::SeqCst) + 1;
-                    most.fetch_max(n, Ordering::SeqCst);
-                    let _running = Running(active);
-                    std::future::pending::<()>().await
-                }
-            },
-            std::future::pending::<()>(),
-        ))
+        tokio::spawn(elect_and_run(lock(client, name), work.of(name), std::future::pending::<()>()))
     };
     let (ca, _ta, cut_a) = server.client_cut_off_by();
     let a = replica(ca, "replica-a");

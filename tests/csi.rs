@@ -1656,10 +1656,17 @@ async fn restore_of(d: &mut Driver, name: &str, other_pinned: bool) -> CloneRace
 /// answered with the restored volume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_that_found_another_creates_pin_and_failed_leaves_that_pin() {
+    a_restore_whose_volume_json_is_refused_keeps_the_pin("pvc-radopt", true).await;
+}
+
+/// A restore of `<name>-snap` as `<name>-restored` (another create's pin
+/// in place first, or not) whose volume.json the store refuses: it fails,
+/// the pin stays, and the CO's retry is answered with the volume.
+async fn a_restore_whose_volume_json_is_refused_keeps_the_pin(name: &str, other_pinned: bool) {
     use s3blk::store::fault::Op;
     let Some((mut d, fault)) = faulty_driver().await else { return };
-    let race = restore_race(&mut d, "pvc-radopt").await;
-    fail_all(&fault, Op::Put, "pvc-radopt-restored/volume.json");
+    let race = restore_of(&mut d, name, other_pinned).await;
+    fail_all(&fault, Op::Put, &format!("{name}-restored/volume.json"));
     let failed = d.ctl.create_volume(race.req.clone()).await;
     assert!(failed.is_err(), "created: {failed:?}");
     fault.clear_rules();
@@ -1672,14 +1679,7 @@ async fn a_restore_that_found_another_creates_pin_and_failed_leaves_that_pin() {
 /// that pin. The CO's retry is answered with the volume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_that_wrote_its_pin_and_failed_leaves_it() {
-    use s3blk::store::fault::Op;
-    let Some((mut d, fault)) = faulty_driver().await else { return };
-    let race = restore_of(&mut d, "pvc-rown", false).await;
-    fail_all(&fault, Op::Put, "pvc-rown-restored/volume.json");
-    let failed = d.ctl.create_volume(race.req.clone()).await;
-    assert!(failed.is_err(), "created: {failed:?}");
-    fault.clear_rules();
-    race.pin_kept_and_retry_answers(&mut d).await;
+    a_restore_whose_volume_json_is_refused_keeps_the_pin("pvc-rown", false).await;
 }
 
 /// The same when the snapshot is deleted while the second restore checks

@@ -1999,3 +1999,75 @@ async fn a_snapshot_whose_record_landed_with_its_answer_lost_is_taken() {
             .await;
     assert_eq!(ro.read(0, 11).await.expect("read"), b"snapshotted");
 }
+
+/// The first journal listing after it is armed waits, once it has its
+/// answer, until told to go: a read-only opener's catch-up, held between
+/// reading the journal and applying it.
+#[derive(Debug)]
+struct FollowHeld {
+    prefix: String,
+    armed: AtomicBool,
+    steps: Arc<Steps>,
+}
+
+#[async_trait]
+impl Around for FollowHeld {
+    async fn list(&self, inner: &DynStore, req: ListRequest<'_>) -> StoreResult<ListPage> {
+        let page = inner.list(req.clone()).await;
+        if req.prefix.starts_with(&self.prefix) && self.armed.swap(false, Ordering::SeqCst) {
+            self.steps.arrived.notify_one();
+            self.steps.go.notified().await;
+        }
+        page
+    }
+}
+
+/// Two reads of a read-only opener that miss collected chunks at once
+/// each follow the journal; the one that started from an older state and
+/// finished last put the opener's map back to it, and a chunk written
+/// since read as its older generation. Catch-ups now take turns, each from
+/// the state the one before left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_opener_never_goes_back_when_two_reads_follow_the_journal_at_once() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CSU).await;
+    let w = open_with(&mem, "v/", OpenOptions::default()).await;
+    let chunk = |seed| common::pattern(seed, CS as usize);
+    for i in 0..3 {
+        w.write(i * CSU, &chunk(1)).await.expect("write");
+    }
+    w.flush().await.expect("flush");
+    let steps = Arc::new(Steps::default());
+    let around =
+        FollowHeld { prefix: format::journal_prefix("v/"), armed: AtomicBool::new(false), steps: steps.clone() };
+    let held = Wrapped::new(mem.clone(), around);
+    let held_store: DynStore = held.clone();
+    let ro_opts = OpenOptions { read_only: true, cache_limit: 0, ..OpenOptions::default() };
+    let ro = open_with(&held_store, "v/", ro_opts).await;
+    // Chunks 0 and 1 move on; their generations the opener maps are collected.
+    for i in 0..2 {
+        w.write(i * CSU, &chunk(2)).await.expect("write");
+    }
+    w.flush().await.expect("flush");
+    let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
+    compact::compact(&mem, "v/", &eager, &SystemClock).await.expect("compact");
+    held.armed.store(true, Ordering::SeqCst);
+    let first = {
+        let ro = ro.clone();
+        tokio::spawn(async move { ro.read(0, 4096).await })
+    };
+    steps.arrived.notified().await;
+    // Meanwhile chunk 2 moves on too, and another read misses and follows.
+    w.write(2 * CSU, &chunk(3)).await.expect("write");
+    w.flush().await.expect("flush");
+    let second = {
+        let ro = ro.clone();
+        tokio::spawn(async move { ro.read(CSU, 4096).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    steps.go.notify_one();
+    assert_eq!(first.await.expect("join").expect("read of chunk 0"), chunk(2)[..4096].to_vec());
+    assert_eq!(second.await.expect("join").expect("read of chunk 1"), chunk(2)[..4096].to_vec());
+    let third = ro.read(2 * CSU, 4096).await.expect("read of chunk 2");
+    assert!(third == chunk(3)[..4096], "the opener went back to an older generation of chunk 2");
+}

@@ -427,17 +427,25 @@ mod tests {
     /// through an outage), does not make the new holder give up: it writes
     /// its lease again. It stopped serving, and the old holder, unaware,
     /// kept the volume looking busy.
+    /// A lease taken over from another, and a late renewal of that other
+    /// landed after the takeover (its process cut off: its renewals stop,
+    /// one lands late).
+    async fn taken_over_then_late_renewal(store: &DynStore, ttl: Duration) -> Lease {
+        let clock = crate::clock::SystemClock;
+        let old = Lease::acquire(store, "v/", "serve", false, ttl, &clock).await.expect("the first holder");
+        let new = Lease::acquire(store, "v/", "serve", true, ttl, &clock).await.expect("the takeover");
+        let late = old.holder().clone();
+        drop(old);
+        write(store, "v/", &late).await.expect("the late renewal");
+        new
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_late_renewal_of_the_displaced_holder_is_no_takeover() {
         let store: DynStore = std::sync::Arc::new(crate::store::memory::MemoryStore::new());
         let clock = crate::clock::SystemClock;
         let ttl = Duration::from_secs(3);
-        let old = Lease::acquire(&store, "v/", "serve", false, ttl, &clock).await.expect("the first holder");
-        let new = Lease::acquire(&store, "v/", "serve", true, ttl, &clock).await.expect("the takeover");
-        let late = old.holder().clone();
-        // The old holder's process is cut off: its renewals stop, one lands late.
-        drop(old);
-        write(&store, "v/", &late).await.expect("the late renewal");
+        let new = taken_over_then_late_renewal(&store, ttl).await;
         let lost = new.lost();
         tokio::pin!(lost);
         let gave_up = tokio::time::timeout(ttl * 3, &mut lost).await;
@@ -456,13 +464,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_release_removes_a_late_renewal_of_the_displaced_holder() {
         let store: DynStore = std::sync::Arc::new(crate::store::memory::MemoryStore::new());
-        let clock = crate::clock::SystemClock;
-        let ttl = Duration::from_secs(3);
-        let old = Lease::acquire(&store, "v/", "serve", false, ttl, &clock).await.expect("the first holder");
-        let new = Lease::acquire(&store, "v/", "serve", true, ttl, &clock).await.expect("the takeover");
-        let late = old.holder().clone();
-        drop(old);
-        write(&store, "v/", &late).await.expect("the late renewal");
+        let new = taken_over_then_late_renewal(&store, Duration::from_secs(3)).await;
         new.release().await;
         assert!(read_holder(&store, "v/").await.expect("read").is_none(), "the lease outlived a clean release");
     }

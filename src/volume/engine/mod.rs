@@ -482,6 +482,8 @@ struct Inner {
     /// After `state`: the guards its slots hold drop first.
     dirty: Option<DirtyAccount>,
     flush_lock: tokio::sync::Mutex<()>,
+    /// A read-only opener follows the journal one catch-up at a time.
+    follow_lock: tokio::sync::Mutex<()>,
     /// The most one entry of its cache can hold: its own cap, or the
     /// pool's it shares with other volumes when that is smaller.
     cache_room: u64,
@@ -794,6 +796,7 @@ impl Volume {
                 upload_locks: ChunkLocks::default(),
                 dirty,
                 flush_lock: tokio::sync::Mutex::new(()),
+                follow_lock: tokio::sync::Mutex::new(()),
                 uploader_running: AtomicBool::new(false),
                 generation_counter: AtomicU64::new(1),
                 recovery: Mutex::new(None),

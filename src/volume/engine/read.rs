@@ -304,6 +304,11 @@ impl Inner {
     /// latest checkpoint and what follows it.
     pub(super) async fn follow_journal(&self) -> VolumeResult<()> {
         let cs = self.chunk_size;
+        // One at a time, each from the state the one before left: reads
+        // missing chunks at once each follow, and one that started from an
+        // older head and ended last put the map back to an older state
+        // (older generations read again, or the chunk missing again: EIO).
+        let _turn = self.follow_lock.lock().await;
         let mut next = {
             let st = self.lock();
             Replayed {
@@ -329,6 +334,9 @@ impl Inner {
             next = replay::replay(self.store.as_ref(), &self.vol, cs, None).await?;
         }
         let mut st = self.lock();
+        if next.head < st.head {
+            return Ok(());
+        }
         tracing::debug!(volume = %self.vol, from = st.head, to = next.head, "read-only opener followed the journal");
         for (index, r) in &next.map {
             if st.map.get(index) != Some(r) {
