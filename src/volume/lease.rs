@@ -173,7 +173,17 @@ async fn read_lease(store: &DynStore, vol: &str) -> VolumeResult<Option<(Holder,
         .await?;
     let Some(info) = page.objects.into_iter().find(|o| o.key == key) else { return Ok(None) };
     let Some(holder) = read_holder(store, vol).await? else { return Ok(None) };
-    let age = match (info.modified_unix, store_now(store, vol).await?) {
+    // Reading the store's clock writes a probe: with credentials that may
+    // only read (`volume inspect`), or a store refusing it, the age is
+    // unknown and the lease counts as live (the safe side).
+    let now = match store_now(store, vol).await {
+        Ok(now) => now,
+        Err(e) => {
+            tracing::debug!(volume = vol, error = %e, "the store's clock cannot be read; the lease's age is unknown");
+            None
+        }
+    };
+    let age = match (info.modified_unix, now) {
         (Some(m), Some(now)) => Some(Duration::from_secs(now.saturating_sub(m).max(0) as u64)),
         _ => None,
     };
@@ -457,6 +467,23 @@ mod tests {
         let why = tokio::time::timeout(ttl * 3, &mut lost).await.expect("the takeover seen");
         assert!(why.contains("taken over"), "{why}");
         drop(third);
+    }
+
+    /// A store that refuses the clock probe's PUT (read-only credentials,
+    /// as `volume inspect` may have) still tells who holds the lease: its
+    /// age is unknown, so it counts as live. It failed the whole call.
+    #[tokio::test]
+    async fn a_lease_is_seen_without_writing_to_the_store() {
+        use crate::store::fault::{Fault, FaultStore, Op, Rule};
+        let mem: DynStore = std::sync::Arc::new(crate::store::memory::MemoryStore::new());
+        let held = Lease::acquire(&mem, "v/", "serve", false, Duration::from_secs(30), &crate::clock::SystemClock)
+            .await
+            .expect("lease");
+        let fault = std::sync::Arc::new(FaultStore::new(mem.clone()));
+        fault.add_rule(Rule { op: Some(Op::Put), key_contains: None, fault: Fault::ServerError, times: u64::MAX });
+        let read_only: DynStore = fault;
+        let occ = occupant(&read_only, "v/", None).await.expect("the occupant, read without writing");
+        assert!(matches!(&occ, Some(Occupant::Lease { holder, .. }) if holder.token == held.holder().token), "{occ:?}");
     }
 
     /// A late renewal of the displaced holder that lands just before a
