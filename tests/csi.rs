@@ -663,7 +663,12 @@ async fn the_controller_compacts_every_volume_in_the_background() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_compacts_volumes_in_every_store_it_provisioned_into() {
-    let Some(mut d) = driver_with(std::time::Duration::from_secs(1), std::time::Duration::ZERO).await else { return };
+    // A safety age of 2 s, not 0: the test writes the volume while the
+    // loop compacts it every second, and with no safety age a pass may
+    // collect a flush's chunks between their upload and their commit
+    // (what the safety age is for), which failed this test once under load.
+    let safety_age = std::time::Duration::from_secs(2);
+    let Some(mut d) = driver_with(std::time::Duration::from_secs(1), safety_age).await else { return };
     let (bucket2, store2) = second_bucket().await;
     let mut req = create_req("pvc-away-compact", 4 << 20, 0);
     req.parameters.insert("bucket".into(), bucket2);
