@@ -1397,6 +1397,23 @@ async fn a_second_node_plugin_waits_for_the_first_to_exit() {
     second.abort();
 }
 
+/// A driver with stores of its own, so that a test can put a wrapper
+/// around its bucket's store once it has set things up ([`wrap_bucket`]).
+async fn driver_of_its_own_stores() -> Option<Driver> {
+    let endpoint = common::s3_endpoint()?;
+    let stores = Arc::new(Stores::with_defaults(common::fast_policy(), common::s3_settings(&endpoint)));
+    driver_opts(std::time::Duration::ZERO, std::time::Duration::from_secs(300), None, stores).await
+}
+
+/// From now on the driver reaches its bucket through `around`.
+async fn wrap_bucket<A: common::Around>(d: &Driver, around: A) {
+    let endpoint = common::s3_endpoint().expect("endpoint");
+    let raw = s3blk::store::s3::S3Store::connect(&d.bucket, common::s3_settings(&endpoint)).await.expect("s3 client");
+    let inner: DynStore = Arc::new(s3blk::store::retry::RetryStore::new(Arc::new(raw), common::fast_policy()));
+    let spec = Location::parse(&format!("s3://{}/k8s", d.bucket), false).expect("store").store;
+    d.stores.register(&spec, common::Wrapped::new(inner, around));
+}
+
 /// A driver whose store (for the bucket its requests name) fails as the
 /// returned fault store is told to.
 async fn faulty_driver() -> Option<(Driver, Arc<s3blk::store::fault::FaultStore>)> {
@@ -1456,24 +1473,15 @@ async fn a_failed_create_leaves_nothing_behind() {
 /// answered with the clone, which reads the source's bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clone_create_that_loses_its_pin_to_another_leaves_that_pin() {
-    let Some(endpoint) = common::s3_endpoint() else { return };
-    let stores = Arc::new(Stores::with_defaults(common::fast_policy(), common::s3_settings(&endpoint)));
-    let Some(mut d) =
-        driver_opts(std::time::Duration::ZERO, std::time::Duration::from_secs(300), None, stores.clone()).await
-    else {
-        return;
-    };
+    let Some(mut d) = driver_of_its_own_stores().await else { return };
     let race = clone_race(&mut d, "pvc-race").await;
-    let raw = s3blk::store::s3::S3Store::connect(&d.bucket, common::s3_settings(&endpoint)).await.expect("s3 client");
-    let inner: DynStore = Arc::new(s3blk::store::retry::RetryStore::new(Arc::new(raw), common::fast_policy()));
     let around = PinLandsAfterItsRead {
         armed: std::sync::atomic::AtomicBool::new(true),
         key: race.pin_key.clone(),
         source: race.source.clone(),
         pin: race.pin.clone(),
     };
-    let spec = Location::parse(&format!("s3://{}/k8s", d.bucket), false).expect("store").store;
-    stores.register(&spec, common::Wrapped::new(inner, around));
+    wrap_bucket(&d, around).await;
     let lost = d.ctl.create_volume(race.req.clone()).await;
     assert_eq!(lost.as_ref().err().map(tonic::Status::code), Some(Code::Aborted), "{lost:?}");
     race.pin_kept_and_retry_answers(&mut d).await;
@@ -1692,22 +1700,13 @@ async fn a_restore_that_wrote_its_pin_and_failed_leaves_it() {
 /// through that pin, so the second one fails (NOT_FOUND) and leaves it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_that_found_another_creates_pin_leaves_it_when_the_snapshot_goes() {
-    let Some(endpoint) = common::s3_endpoint() else { return };
-    let stores = Arc::new(Stores::with_defaults(common::fast_policy(), common::s3_settings(&endpoint)));
-    let Some(mut d) =
-        driver_opts(std::time::Duration::ZERO, std::time::Duration::from_secs(300), None, stores.clone()).await
-    else {
-        return;
-    };
+    let Some(mut d) = driver_of_its_own_stores().await else { return };
     let race = restore_race(&mut d, "pvc-rgone").await;
-    let raw = s3blk::store::s3::S3Store::connect(&d.bucket, common::s3_settings(&endpoint)).await.expect("s3 client");
-    let inner: DynStore = Arc::new(s3blk::store::retry::RetryStore::new(Arc::new(raw), common::fast_policy()));
     let around = SnapshotGoesAfterPin {
         pin_key: race.pin_key.clone(),
         snapshot_key: s3blk::volume::format::snapshot_key(&race.source, "pvc-rgone-snap"),
     };
-    let spec = Location::parse(&format!("s3://{}/k8s", d.bucket), false).expect("store").store;
-    stores.register(&spec, common::Wrapped::new(inner, around));
+    wrap_bucket(&d, around).await;
     let gone = d.ctl.create_volume(race.req.clone()).await;
     assert_eq!(gone.as_ref().err().map(tonic::Status::code), Some(Code::NotFound), "{gone:?}");
     assert!(
