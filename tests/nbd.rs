@@ -512,25 +512,6 @@ async fn requests_that_hold_no_memory_are_not_charged_by_their_range() {
     assert_eq!(back, b"kept");
 }
 
-/// A client that sends READs and never reads their replies holds the
-/// server-wide budget only until a reply cannot be written within the
-/// payload deadline: the connection is then closed and what it held is
-/// given back, so another client's requests go on. They waited for good.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_does_not_read_its_replies_gives_the_budget_back() {
-    // The smallest server-wide budget: one largest payload (32 MiB).
-    let limits = s3blk::nbd::session::Limits::new(0, 8, std::time::Duration::from_secs(1));
-    let srv = in_process_with(false, 64 << 20, limits).await;
-    let mut hog = Client::connect(&srv.sock, "v").await;
-    for handle in 0..40 {
-        hog.send(proto::CMD_READ, 0, handle, 0, 1 << 20, &[]).await;
-    }
-    let mut other = Client::connect(&srv.sock, "v").await;
-    let read = tokio::time::timeout(std::time::Duration::from_secs(30), other.read(100, 0, 4096)).await;
-    assert!(read.is_ok_and(|r| r.is_ok()), "another client's read waited behind one that reads no replies");
-    drop(hog);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_and_malformed_options_get_errors_not_a_dropped_connection() {
     let srv = in_process(false).await;

@@ -537,46 +537,20 @@ struct Reply {
 struct Replies<W> {
     tx: mpsc::UnboundedSender<Reply>,
     out: Arc<Mutex<W>>,
-    /// A reply of n bytes must be written within the payload deadline for
-    /// n bytes (see [`payload_deadline`]).
-    deadline: Duration,
-    /// Set once a reply could not be written in time (a client that does
-    /// not read its replies) or at all: later replies are dropped with
-    /// their share of the budget, and the connection ends. A client that
-    /// stopped reading held its share (and the server's) for good.
-    broken: Arc<watch::Sender<bool>>,
 }
 
 impl<W> Clone for Replies<W> {
     fn clone(&self) -> Self {
-        Self { tx: self.tx.clone(), out: self.out.clone(), deadline: self.deadline, broken: self.broken.clone() }
+        Self { tx: self.tx.clone(), out: self.out.clone() }
     }
-}
-
-/// Write a batch of replies within the payload deadline for its bytes;
-/// false when it could not be (the stream is then of no further use).
-async fn write_in_time<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    batch: &[Reply],
-    buf: &mut Vec<u8>,
-    deadline: Duration,
-) -> bool {
-    let bytes: usize = batch.iter().flat_map(|r| r.parts.iter()).map(Bytes::len).sum();
-    matches!(tokio::time::timeout(payload_deadline(deadline, bytes), write_batch(w, batch, buf)).await, Ok(Ok(())))
 }
 
 impl<W: AsyncWrite + Unpin> Replies<W> {
     async fn send(&self, parts: Vec<Bytes>, permit: Option<Permit>) {
         let reply = Reply { parts, _permit: permit };
-        if *self.broken.borrow() {
-            return;
-        }
         if let Ok(mut w) = self.out.try_lock() {
             let mut buf = Vec::new();
-            if !write_in_time(&mut *w, std::slice::from_ref(&reply), &mut buf, self.deadline).await {
-                self.broken.send_replace(true);
-                let _ = tokio::time::timeout(Duration::from_secs(1), w.shutdown()).await;
-            }
+            let _ = write_batch(&mut *w, std::slice::from_ref(&reply), &mut buf).await;
             return;
         }
         // Only fails when the writer has stopped (the connection is gone).
@@ -610,12 +584,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(w: &mut W, batch: &[Reply], buf: &mu
 }
 
 /// The queue's writer: takes every reply that is ready and writes them together.
-async fn write_replies<W: AsyncWrite + Unpin>(
-    out: Arc<Mutex<W>>,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-    deadline: Duration,
-    broken: Arc<watch::Sender<bool>>,
-) {
+async fn write_replies<W: AsyncWrite + Unpin>(out: Arc<Mutex<W>>, mut rx: mpsc::UnboundedReceiver<Reply>) {
     let mut buf: Vec<u8> = Vec::with_capacity(256 << 10);
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -625,17 +594,12 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 Err(_) => break,
             }
         }
-        if *broken.borrow() {
-            break;
-        }
         let mut w = out.lock().await;
-        if !write_in_time(&mut *w, &batch, &mut buf, deadline).await {
-            broken.send_replace(true);
+        if write_batch(&mut *w, &batch, &mut buf).await.is_err() {
             break;
         }
     }
-    drop(rx);
-    let _ = tokio::time::timeout(Duration::from_secs(1), out.lock().await.shutdown()).await;
+    let _ = out.lock().await.shutdown().await;
 }
 
 /// Busy polling for request/reply ping-pong (a client with one request in
@@ -700,11 +664,8 @@ where
     let structured = neg.structured;
     let (tx, rx) = mpsc::unbounded_channel();
     let out = Arc::new(Mutex::new(wr));
-    let deadline = export.limits.io_deadline;
-    let broken = Arc::new(watch::channel(false).0);
-    let mut replies_broken = broken.subscribe();
-    let writer = tokio::spawn(write_replies(out.clone(), rx, deadline, broken.clone()));
-    let wr = Replies { tx, out, deadline, broken };
+    let writer = tokio::spawn(write_replies(out.clone(), rx));
+    let wr = Replies { tx, out };
     let budget = Arc::new(Semaphore::new(INFLIGHT_BYTES / PERMIT_UNIT));
     let mut tasks = JoinSet::new();
     let result = loop {
@@ -725,10 +686,6 @@ where
                 }
             }
             _ = shutdown.changed() => break Ok(()),
-            _ = replies_broken.wait_for(|b| *b) => {
-                tracing::info!("client did not read its replies in time; closing");
-                break Ok(());
-            }
         }
         if let Some(p) = poller.as_mut() {
             p.arrived();
