@@ -421,6 +421,18 @@ impl NodeService {
         let _ = std::fs::remove_file(self.secrets_path(volume_id));
     }
 
+    /// Remove what a stage kept on the node: its socket, secrets, record
+    /// (the file `record`) and, last, its unflushed-writes marker (until
+    /// the record is gone, a restart must still see a loss).
+    fn forget_stage(&self, volume_id: &str, socket: Option<&Path>, record: &Path) {
+        if let Some(s) = socket {
+            let _ = std::fs::remove_file(s);
+        }
+        self.remove_secrets(volume_id);
+        let _ = std::fs::remove_file(record);
+        let _ = std::fs::remove_file(self.marker_path(volume_id));
+    }
+
     /// Every stage record in the state directory.
     fn records(&self) -> Vec<(PathBuf, Option<StageRecord>)> {
         let Ok(dir) = std::fs::read_dir(&self.cfg.state_dir) else { return Vec::new() };
@@ -540,10 +552,7 @@ impl NodeService {
                     volume = %record.volume_id, device = %record.device,
                     "staged before this node rebooted: its stage record is dropped, its device left alone"
                 );
-                self.remove_secrets(&record.volume_id);
-                let _ = std::fs::remove_file(&record.socket);
-                let _ = std::fs::remove_file(&path);
-                let _ = std::fs::remove_file(self.marker_path(&record.volume_id));
+                self.forget_stage(&record.volume_id, Some(&record.socket), &path);
                 continue;
             }
             let guard = match self.inflight.start(&record.volume_id) {
@@ -1082,13 +1091,8 @@ impl pb::node_server::Node for NodeService {
         {
             self.stop(&req.volume_id, server).await?;
         }
-        if let Some(r) = &record {
-            let _ = std::fs::remove_file(&r.socket);
-        }
-        self.remove_secrets(&req.volume_id);
-        let _ = std::fs::remove_file(self.record_path(&req.volume_id));
-        // Last: until the record is gone, a restart must still see the loss.
-        let _ = std::fs::remove_file(self.marker_path(&req.volume_id));
+        let socket = record.as_ref().map(|r| r.socket.as_path());
+        self.forget_stage(&req.volume_id, socket, &self.record_path(&req.volume_id));
         tracing::info!(volume = %req.volume_id, "volume unstaged");
         Ok(Response::new(pb::NodeUnstageVolumeResponse {}))
     }

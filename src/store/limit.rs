@@ -6,14 +6,11 @@
 //! (the retry layer takes it for each attempt, before the attempt's
 //! timeout starts): a call waiting out its backoff holds none.
 
-use std::ops::Range;
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use bytes::Bytes;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use super::{DynStore, ListPage, ListRequest, ObjectStore, PutMode, StoreError, StoreResult};
+use super::{StoreError, StoreResult};
 
 /// Requests in flight at once across a CSI node's stores, by default.
 pub const DEFAULT_REQUESTS_IN_FLIGHT: usize = 64;
@@ -53,54 +50,14 @@ fn closed() -> StoreError {
     StoreError::Transient("the store request limit was closed".into())
 }
 
-/// `inner` under a shared limit of requests in flight.
-#[derive(Debug)]
-pub struct Limited {
-    inner: DynStore,
-    permits: Permits,
-}
-
-impl Limited {
-    pub fn new(inner: DynStore, permits: Permits) -> Self {
-        Self { inner, permits }
-    }
-}
-
-#[async_trait]
-impl ObjectStore for Limited {
-    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
-        let _p = self.permits.take().await?;
-        self.inner.get(key, range).await
-    }
-    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
-        let _p = self.permits.take().await?;
-        self.inner.put(key, body, mode).await
-    }
-    async fn put_parts(&self, key: &str, parts: Vec<Bytes>, mode: PutMode) -> StoreResult<()> {
-        let _p = self.permits.take().await?;
-        self.inner.put_parts(key, parts, mode).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        let _p = self.permits.take().await?;
-        self.inner.delete(key).await
-    }
-    async fn list(&self, req: ListRequest<'_>) -> StoreResult<ListPage> {
-        let _p = self.permits.take().await?;
-        self.inner.list(req).await
-    }
-    async fn head(&self, key: &str) -> StoreResult<Option<u64>> {
-        let _p = self.permits.take().await?;
-        self.inner.head(key).await
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::memory::MemoryStore;
+    use crate::store::{ListPage, ListRequest, ObjectStore, PutMode};
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use std::ops::Range;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A store whose GETs take a while and that records how many ran at once.
@@ -143,8 +100,9 @@ mod tests {
         // Two stores (say, two buckets) over one recorder of requests in flight.
         let slow = Arc::new(Slow::default());
         let permits = Permits::new(6);
-        let a: DynStore = Arc::new(Limited::new(slow.clone(), permits.clone()));
-        let b: DynStore = Arc::new(Limited::new(slow.clone(), permits.clone()));
+        let policy = crate::store::retry::RetryPolicy::default();
+        let a = crate::store::layered_within(slow.clone(), policy.clone(), Some(permits.clone()));
+        let b = crate::store::layered_within(slow.clone(), policy, Some(permits.clone()));
         let calls = (0..40).map(|i| {
             let s = if i % 2 == 0 { a.clone() } else { b.clone() };
             tokio::spawn(async move { s.get("k", None).await })
