@@ -896,7 +896,7 @@ async fn restarted_node(client: Client, names: &[&str]) -> Restarted {
     let node = s3blk::csi::node::NodeService::new(cfg, Arc::new(Stores::new(common::fast_policy())))
         .expect("node service")
         .with_kubernetes(s3blk::csi::attachments::NodeAttachments::new(client, DRIVER));
-    Restarted { node: Arc::new(node), ids, state, _dir: dir }
+    Restarted { node: node.into_arc(), ids, state, _dir: dir }
 }
 
 impl Restarted {

@@ -1654,3 +1654,100 @@ async fn stage_mounts_clones_restores_and_checks_filesystems_inside_vm() {
     wait_all_detached("after the mount tests");
     step("mounts: done");
 }
+
+/// Nbd devices attached now (with a size).
+fn attached_devices() -> Vec<String> {
+    nbd_sizes().into_iter().filter(|(_, s)| *s > 0).map(|(d, _)| d).collect()
+}
+
+/// How many mounts sit at `path` (from /proc/self/mountinfo).
+fn mounts_at(path: &Path) -> usize {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let target = path.display().to_string();
+    info.lines().filter(|l| l.split(' ').nth(4) == Some(target.as_str())).count()
+}
+
+/// Runs only inside the VM: a NodeStage whose caller gives up after the
+/// device is attached (kubelet's deadline, here the client dropping the
+/// call) still finishes; its retry answers ABORTED until then and OK after,
+/// and the volume ends up on one device, mounted once. A stage dropped
+/// between its steps left its device attached and its volume served, and
+/// the retry attached and mounted the volume a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs inside the VM started by node_stage_publish_expand_restart_block_in_a_vm"]
+async fn a_node_stage_its_caller_gives_up_on_finishes_once_inside_vm() {
+    assert_eq!(std::env::var("S3BLK_IN_VM").as_deref(), Ok("1"), "only inside the VM");
+    let w = work().join("given-up");
+    std::fs::create_dir_all(&w).expect("work dir");
+    let log = w.join("plugin.log");
+    let _dump = LogOnPanic(log.clone());
+    let args: Vec<String> = vec![
+        "csi".into(),
+        "--mode=all".into(),
+        "--node-id=node-g".into(),
+        format!("--store=file://{}", w.join("store").display()),
+        format!("--state-dir={}", w.join("state").display()),
+    ];
+    let plugin = spawn_plugin(&args, &w.join("csi.sock"), false, Some(&log));
+    let (mut ctl, mut node) = clients(&plugin.sock).await;
+    let ext4 = mount_cap("ext4");
+    let id = create(&mut ctl, "pvc-given-up", 2 << 30, ext4.clone()).await;
+    publish_ctl(&mut ctl, &id, "node-g", &ext4).await;
+    let before = attached_devices();
+    let staging = w.join("staging");
+    let mut req = stage_req(&id, &staging, &ext4);
+    // A mkfs that writes its inode tables and journal: seconds, not a blink.
+    req.volume_context.insert("mkfsOptions".into(), "-E lazy_itable_init=0,lazy_journal_init=0,nodiscard".into());
+
+    step("a stage given up on once its device is attached");
+    let mut n2 = node.clone();
+    let first = req.clone();
+    let call = tokio::spawn(async move { n2.node_stage_volume(first).await });
+    let mut seen = None;
+    for _ in 0..3000 {
+        if let Some(d) = attached_devices().into_iter().find(|d| !before.contains(d)) {
+            seen = Some(d);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    call.abort();
+    let given_up = call.await;
+    let seen = seen.expect("the stage attached no device within 30 s");
+    assert!(given_up.is_err(), "the stage answered before it was given up on ({given_up:?}); the test proves nothing");
+
+    step("its retry: ABORTED while the first runs, then OK");
+    let mut aborted = 0;
+    for i in 0.. {
+        match node.node_stage_volume(req.clone()).await {
+            Ok(_) => break,
+            Err(s) if s.code() == Code::Aborted && i < 600 => {
+                aborted += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("stage retry: {s}"),
+        }
+    }
+    println!("the retry was answered ABORTED {aborted} times");
+    let now: Vec<String> = attached_devices().into_iter().filter(|d| !before.contains(d)).collect();
+    assert_eq!(now, vec![seen.clone()], "the volume must be on the one device its first stage attached");
+    assert_eq!(mounts_at(&staging), 1, "the staging path must hold one mount");
+    assert_eq!(mounted_device(&staging), seen);
+
+    step("unstage lets it go");
+    let unstage =
+        pb::NodeUnstageVolumeRequest { volume_id: id.clone(), staging_target_path: staging.display().to_string() };
+    node.node_unstage_volume(unstage).await.expect("unstage");
+    assert_eq!(mounts_at(&staging), 0, "unstage left a mount");
+    let mut left = attached_devices();
+    for _ in 0..200 {
+        left = attached_devices().into_iter().filter(|d| !before.contains(d)).collect();
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(left.is_empty(), "devices still attached after unstage: {left:?}");
+    unpublish_ctl(&mut ctl, &id, "node-g").await;
+    plugin.stop();
+}

@@ -23,7 +23,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, OnceCell, watch};
@@ -204,6 +204,8 @@ pub struct NodeService {
     nbd_limits: crate::nbd::session::Limits,
     /// The Kubernetes API, when the plugin runs in a cluster.
     kubernetes: Option<NodeAttachments>,
+    /// This service, for the tasks its calls run in (see [`Self::into_arc`]).
+    me: Weak<NodeService>,
 }
 
 impl std::fmt::Debug for NodeService {
@@ -320,7 +322,33 @@ impl NodeService {
             inflight: InFlight::default(),
             attacher,
             kubernetes: None,
+            me: Weak::new(),
         })
+    }
+
+    /// The service, shared: what its gRPC server and recovery take. Its
+    /// calls that change the node run in tasks of their own, which hold it.
+    pub fn into_arc(mut self) -> Arc<Self> {
+        Arc::new_cyclic(|me| {
+            self.me = me.clone();
+            self
+        })
+    }
+
+    /// Run `call` in a task of its own, so that it finishes (and keeps its
+    /// guard on the volume till then) when the caller gives up.
+    async fn owned<T, F, Fut>(&self, call: F) -> RpcResult<T>
+    where
+        F: FnOnce(Arc<Self>) -> Fut,
+        Fut: std::future::Future<Output = RpcResult<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let Some(me) = self.me.upgrade() else {
+            return Err(Status::internal("the node service was not started through NodeService::into_arc"));
+        };
+        tokio::spawn(call(me))
+            .await
+            .map_err(|e| Status::internal(format!("the operation stopped before it finished: {e}")))?
     }
 
     /// Consult this node's VolumeAttachments (through `api`) before serving
@@ -844,9 +872,8 @@ impl NodeService {
     }
 }
 
-#[tonic::async_trait]
-impl pb::node_server::Node for NodeService {
-    async fn node_stage_volume(
+impl NodeService {
+    async fn stage_volume(
         &self,
         request: Request<pb::NodeStageVolumeRequest>,
     ) -> RpcResult<pb::NodeStageVolumeResponse> {
@@ -1013,7 +1040,7 @@ impl pb::node_server::Node for NodeService {
         Ok(Response::new(pb::NodeStageVolumeResponse {}))
     }
 
-    async fn node_unstage_volume(
+    async fn unstage_volume(
         &self,
         request: Request<pb::NodeUnstageVolumeRequest>,
     ) -> RpcResult<pb::NodeUnstageVolumeResponse> {
@@ -1097,7 +1124,7 @@ impl pb::node_server::Node for NodeService {
         Ok(Response::new(pb::NodeUnstageVolumeResponse {}))
     }
 
-    async fn node_publish_volume(
+    async fn publish_volume(
         &self,
         request: Request<pb::NodePublishVolumeRequest>,
     ) -> RpcResult<pb::NodePublishVolumeResponse> {
@@ -1159,7 +1186,7 @@ impl pb::node_server::Node for NodeService {
         Ok(Response::new(pb::NodePublishVolumeResponse {}))
     }
 
-    async fn node_unpublish_volume(
+    async fn unpublish_volume(
         &self,
         request: Request<pb::NodeUnpublishVolumeRequest>,
     ) -> RpcResult<pb::NodeUnpublishVolumeResponse> {
@@ -1177,7 +1204,7 @@ impl pb::node_server::Node for NodeService {
         Ok(Response::new(pb::NodeUnpublishVolumeResponse {}))
     }
 
-    async fn node_get_volume_stats(
+    async fn volume_stats(
         &self,
         request: Request<pb::NodeGetVolumeStatsRequest>,
     ) -> RpcResult<pb::NodeGetVolumeStatsResponse> {
@@ -1230,7 +1257,7 @@ impl pb::node_server::Node for NodeService {
         Ok(Response::new(pb::NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) }))
     }
 
-    async fn node_expand_volume(
+    async fn expand_volume(
         &self,
         request: Request<pb::NodeExpandVolumeRequest>,
     ) -> RpcResult<pb::NodeExpandVolumeResponse> {
@@ -1278,7 +1305,7 @@ impl pb::node_server::Node for NodeService {
         Ok(Response::new(pb::NodeExpandVolumeResponse { capacity_bytes: size as i64 }))
     }
 
-    async fn node_get_capabilities(
+    async fn capabilities(
         &self,
         _r: Request<pb::NodeGetCapabilitiesRequest>,
     ) -> RpcResult<pb::NodeGetCapabilitiesResponse> {
@@ -1290,12 +1317,76 @@ impl pb::node_server::Node for NodeService {
         Ok(Response::new(pb::NodeGetCapabilitiesResponse { capabilities: caps }))
     }
 
-    async fn node_get_info(&self, _r: Request<pb::NodeGetInfoRequest>) -> RpcResult<pb::NodeGetInfoResponse> {
+    async fn info(&self, _r: Request<pb::NodeGetInfoRequest>) -> RpcResult<pb::NodeGetInfoResponse> {
         Ok(Response::new(pb::NodeGetInfoResponse {
             node_id: self.cfg.node_id.clone(),
             max_volumes_per_node: self.cfg.max_volumes,
             accessible_topology: None,
         }))
+    }
+}
+
+/// The calls that change the node (stage, unstage, publish, unpublish,
+/// expand) run in a task of their own, which finishes when the call is
+/// cancelled: kubelet gives up on a call after its deadline (a long mkfs,
+/// a slow store) and gRPC then drops the handler. Dropped between its
+/// steps, a stage would leave a device attached and a volume served that
+/// no record names, and the retry would attach and mount the volume a
+/// second time. The retry answers ABORTED while the first runs, then finds
+/// its result.
+#[tonic::async_trait]
+impl pb::node_server::Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        request: Request<pb::NodeStageVolumeRequest>,
+    ) -> RpcResult<pb::NodeStageVolumeResponse> {
+        self.owned(|me| async move { me.stage_volume(request).await }).await
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<pb::NodeUnstageVolumeRequest>,
+    ) -> RpcResult<pb::NodeUnstageVolumeResponse> {
+        self.owned(|me| async move { me.unstage_volume(request).await }).await
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<pb::NodePublishVolumeRequest>,
+    ) -> RpcResult<pb::NodePublishVolumeResponse> {
+        self.owned(|me| async move { me.publish_volume(request).await }).await
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<pb::NodeUnpublishVolumeRequest>,
+    ) -> RpcResult<pb::NodeUnpublishVolumeResponse> {
+        self.owned(|me| async move { me.unpublish_volume(request).await }).await
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<pb::NodeGetVolumeStatsRequest>,
+    ) -> RpcResult<pb::NodeGetVolumeStatsResponse> {
+        self.volume_stats(request).await
+    }
+
+    async fn node_expand_volume(
+        &self,
+        request: Request<pb::NodeExpandVolumeRequest>,
+    ) -> RpcResult<pb::NodeExpandVolumeResponse> {
+        self.owned(|me| async move { me.expand_volume(request).await }).await
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        r: Request<pb::NodeGetCapabilitiesRequest>,
+    ) -> RpcResult<pb::NodeGetCapabilitiesResponse> {
+        self.capabilities(r).await
+    }
+
+    async fn node_get_info(&self, r: Request<pb::NodeGetInfoRequest>) -> RpcResult<pb::NodeGetInfoResponse> {
+        self.info(r).await
     }
 }
 

@@ -180,7 +180,7 @@ pub async fn run(
                 n
             }
         };
-        let n = Arc::new(n);
+        let n = n.into_arc();
         // Register before serving so that ControllerPublish finds the node
         // (bounded: an unreachable store only delays it to the background).
         if let Some(root) = &cfg.default_store {
