@@ -1879,3 +1879,161 @@ async fn a_failed_restore_lets_go_of_its_source() {
     d.ctl.delete_volume(del).await.expect("delete source");
     assert_eq!(keys_under(&d, "k8s/pvc-base/").await, Vec::<String>::new());
 }
+
+/// Lists the objects whose key contains `contains` as modified `secs`
+/// seconds later than the store says: a record whose PUT took that long.
+#[derive(Debug)]
+struct Late {
+    contains: String,
+    secs: i64,
+}
+
+#[async_trait::async_trait]
+impl common::Around for Late {
+    async fn list(
+        &self,
+        inner: &DynStore,
+        req: s3blk::store::ListRequest<'_>,
+    ) -> s3blk::store::StoreResult<s3blk::store::ListPage> {
+        let mut page = inner.list(req).await?;
+        for o in page.objects.iter_mut().filter(|o| o.key.contains(&self.contains)) {
+            o.modified_unix = o.modified_unix.map(|m| m + self.secs);
+        }
+        Ok(page)
+    }
+}
+
+/// A snapshot record an earlier CreateSnapshot left (it died, or was
+/// dropped, between the record's PUT and its check) that landed 40 s after
+/// the volume's next journal record, on the store's clock: a compaction
+/// may have folded past its seq without seeing it. The retry does not take
+/// it: it removes it and answers UNAVAILABLE, and the next retry records
+/// the snapshot afresh at the volume's head, which then holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_record_that_landed_too_late_is_not_taken_by_a_retry() {
+    let Some(mut d) = driver_of_its_own_stores().await else { return };
+    let src = create(&mut d, "pvc-late-snap", 1 << 20).await;
+    write(&d, &src.volume_id, 0, &common::pattern(3, 8192)).await;
+    let first = snapshot(&d, &src.volume_id, "late-snap").await;
+    let source = prefix_of(&src.volume_id);
+    let name = first.snapshot_id.rsplit('@').next().expect("snapshot name").to_string();
+    let before = s3blk::volume::engine::read_snapshot(&d.store, &source, &name).await.expect("record");
+    // The volume's next record, then the record seen as landing 40 s after it.
+    write(&d, &src.volume_id, 0, &common::pattern(4, 8192)).await;
+    wrap_bucket(&d, Late { contains: "/snapshots/".into(), secs: 40 }).await;
+    let req = pb::CreateSnapshotRequest {
+        source_volume_id: src.volume_id.clone(),
+        name: "late-snap".into(),
+        secrets: secrets(),
+        parameters: HashMap::new(),
+    };
+    let retried = d.ctl.create_snapshot(req.clone()).await;
+    assert_eq!(
+        retried.as_ref().map_err(|s| s.code()).err(),
+        Some(tonic::Code::Unavailable),
+        "a record that landed too late was taken: {retried:?}"
+    );
+    let key = s3blk::volume::format::snapshot_key(&source, &name);
+    assert!(d.store.head(&key).await.expect("head").is_none(), "the record that landed too late is still there");
+    let again = d.ctl.create_snapshot(req).await.expect("the next retry").into_inner().snapshot.expect("snapshot");
+    assert_eq!(again.snapshot_id, first.snapshot_id);
+    let after = s3blk::volume::engine::read_snapshot(&d.store, &source, &name).await.expect("record");
+    assert!(after.seq > before.seq, "the snapshot was taken again at the head ({} → {})", before.seq, after.seq);
+}
+
+/// A clone's pin another create of the same name left in the source (it
+/// died before it could check it) that landed 40 s after the source's next
+/// journal record: the create that finds it does not read through it; it
+/// removes it and answers ABORTED, and the retry pins the source afresh
+/// and makes the clone, which reads the source's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_pin_that_landed_too_late_is_not_read_through() {
+    let Some(mut d) = driver_of_its_own_stores().await else { return };
+    let race = clone_race(&mut d, "pvc-latepin").await;
+    let src_id = match &race.req.volume_content_source {
+        Some(pb::VolumeContentSource { r#type: Some(pb::volume_content_source::Type::Volume(v)) }) => {
+            v.volume_id.clone()
+        }
+        other => panic!("not a clone request: {other:?}"),
+    };
+    s3blk::volume::engine::snapshot_committed(&d.store, &race.source, &race.pin, &s3blk::clock::SystemClock)
+        .await
+        .expect("the other create's pin");
+    // The source's next record; the pin seen as landing 40 s after it.
+    let newer = common::pattern(9, 8192);
+    write(&d, &src_id, 0, &newer).await;
+    wrap_bucket(&d, Late { contains: "/snapshots/clone-".into(), secs: 40 }).await;
+    let found = d.ctl.create_volume(race.req.clone()).await;
+    assert_eq!(
+        found.as_ref().map_err(|s| s.code()).err(),
+        Some(tonic::Code::Aborted),
+        "a pin that landed too late was read through: {found:?}"
+    );
+    assert!(d.store.head(&race.pin_key).await.expect("head").is_none(), "the pin that landed too late is still there");
+    let clone = d.ctl.create_volume(race.req.clone()).await.expect("the retry").into_inner().volume.expect("volume");
+    assert_eq!(read(&d, &clone.volume_id, 0, newer.len() as u64).await, newer, "the clone reads the source's head");
+}
+
+/// Commits a write to `vol` just before the first PUT of a snapshot record
+/// goes through, and lists snapshot records as landing 40 s later than
+/// the store says: a snapshot PUT that took 40 s while the writer went on.
+#[derive(Debug)]
+struct CommitThenLate {
+    vol: String,
+    done: std::sync::atomic::AtomicBool,
+    late: Late,
+}
+
+#[async_trait::async_trait]
+impl common::Around for CommitThenLate {
+    async fn put(
+        &self,
+        inner: &DynStore,
+        key: &str,
+        body: bytes::Bytes,
+        mode: PutMode,
+    ) -> s3blk::store::StoreResult<()> {
+        if key.contains("/snapshots/") && !self.done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let v = Volume::open(inner.clone(), &self.vol, OpenOptions::default()).await.expect("open");
+            v.write(0, &common::pattern(5, 4096)).await.expect("write");
+            v.flush().await.expect("flush");
+        }
+        inner.put(key, body, mode).await
+    }
+    async fn list(
+        &self,
+        inner: &DynStore,
+        req: s3blk::store::ListRequest<'_>,
+    ) -> s3blk::store::StoreResult<s3blk::store::ListPage> {
+        self.late.list(inner, req).await
+    }
+}
+
+/// A snapshot whose record landed 40 s after the volume's next journal
+/// record (on the store's clock) is withdrawn, however fast the call was
+/// on this host's clock; one that landed while no record followed its seq
+/// stays, however late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_withdrawn_when_it_landed_too_late_after_the_next_record() {
+    let Some(mut d) = driver_of_its_own_stores().await else { return };
+    let src = create(&mut d, "pvc-slow-snap", 1 << 20).await;
+    write(&d, &src.volume_id, 0, &common::pattern(3, 8192)).await;
+    let source = prefix_of(&src.volume_id);
+    let late = || Late { contains: "/snapshots/".into(), secs: 40 };
+    let racing: DynStore = common::Wrapped::new(
+        d.store.clone(),
+        CommitThenLate { vol: source.clone(), done: Default::default(), late: late() },
+    );
+    let clock = s3blk::clock::SystemClock;
+    let got = s3blk::volume::engine::snapshot_committed(&racing, &source, "slow", &clock).await;
+    assert!(
+        matches!(got, Err(s3blk::volume::VolumeError::Store(s3blk::store::StoreError::Transient(_)))),
+        "a snapshot that landed 40 s after the next record was kept: {got:?}"
+    );
+    let key = s3blk::volume::format::snapshot_key(&source, "slow");
+    assert!(d.store.head(&key).await.expect("head").is_none(), "the withdrawn record is still there");
+    // Nothing written since the head it pins: late is fine.
+    let quiet: DynStore = common::Wrapped::new(d.store.clone(), late());
+    let kept = s3blk::volume::engine::snapshot_committed(&quiet, &source, "slow", &clock).await.expect("snapshot");
+    assert_eq!(s3blk::volume::engine::read_snapshot(&d.store, &source, "slow").await.expect("record").seq, kept.seq);
+}
