@@ -512,6 +512,57 @@ async fn requests_that_hold_no_memory_are_not_charged_by_their_range() {
     assert_eq!(back, b"kept");
 }
 
+/// A client that sends READs and never reads their replies holds the
+/// server-wide budget only until its replies make no progress for the
+/// deadline while another request waits for that budget: the connection is
+/// then closed and what it held is given back, so another client's
+/// requests go on. They waited for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_its_replies_gives_the_budget_back() {
+    // The smallest server-wide budget: one largest payload (32 MiB).
+    let limits = s3blk::nbd::session::Limits::new(0, 8, std::time::Duration::from_secs(1));
+    let srv = in_process_with(false, 64 << 20, limits).await;
+    let mut hog = Client::connect(&srv.sock, "v").await;
+    for handle in 0..40 {
+        hog.send(proto::CMD_READ, 0, handle, 0, 1 << 20, &[]).await;
+    }
+    let mut other = Client::connect(&srv.sock, "v").await;
+    let read = tokio::time::timeout(std::time::Duration::from_secs(30), other.read(100, 0, 4096)).await;
+    assert!(read.is_ok_and(|r| r.is_ok()), "another client's read waited behind one that reads no replies");
+    drop(hog);
+}
+
+/// A client that stops reading its replies for longer than the deadline
+/// while nothing else waits for the budget (a paused machine, a busy
+/// reader) keeps its connection: every reply arrives, whole and in order,
+/// once it reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_nobody_waits_for_keeps_its_connection() {
+    let limits = s3blk::nbd::session::Limits::new(256 << 20, 8, std::time::Duration::from_secs(1));
+    let srv = in_process_with(false, 64 << 20, limits).await;
+    let mut c = Client::connect(&srv.sock, "v").await;
+    let data = common::pattern(11, 1 << 20);
+    assert_eq!(c.write(1, 0, &data).await, 0);
+    for handle in 0..40 {
+        c.send(proto::CMD_READ, 0, 100 + handle, 0, 1 << 20, &[]).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let all = async {
+        let mut handles = Vec::new();
+        for _ in 0..40 {
+            let (err, handle) = c.reply().await;
+            assert_eq!(err, 0);
+            assert_eq!(c.read_payload(1 << 20).await, data, "reply {handle}");
+            handles.push(handle);
+        }
+        handles.sort();
+        handles
+    };
+    let handles = tokio::time::timeout(std::time::Duration::from_secs(30), all).await.expect("replies stopped");
+    assert_eq!(handles, (100..140).collect::<Vec<u64>>());
+    assert_eq!(c.read(200, 0, 4096).await.expect("the connection goes on"), data[..4096]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_and_malformed_options_get_errors_not_a_dropped_connection() {
     let srv = in_process(false).await;

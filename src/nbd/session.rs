@@ -10,6 +10,7 @@
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -54,14 +55,44 @@ pub struct Limits {
     /// Connections served at once; more are refused (closed at accept).
     pub max_connections: usize,
     /// A client must finish the handshake within this, and a request's
-    /// payload must keep arriving: no progress for this long drops it.
+    /// payload must keep arriving: no progress for this long drops it. So
+    /// must its replies while another request waits for `inflight`.
     pub io_deadline: Duration,
+    /// Requests waiting for `inflight` now.
+    waiting: Arc<AtomicUsize>,
 }
 
 impl Limits {
     pub fn new(inflight_bytes: usize, max_connections: usize, io_deadline: Duration) -> Self {
         let units = (inflight_bytes / PERMIT_UNIT).max(proto::MAX_PAYLOAD as usize / PERMIT_UNIT);
-        Self { inflight: Arc::new(Semaphore::new(units)), max_connections: max_connections.max(1), io_deadline }
+        Self {
+            inflight: Arc::new(Semaphore::new(units)),
+            max_connections: max_connections.max(1),
+            io_deadline,
+            waiting: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// `units` of the server-wide budget, counted as waiting until granted
+    /// (`None` once the budget is closed).
+    async fn acquire(&self, units: u32) -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = self.inflight.clone().try_acquire_many_owned(units) {
+            return Some(p);
+        }
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
+        self.inflight.clone().acquire_many_owned(units).await.ok()
+    }
+
+    /// Does a request wait for the server-wide budget?
+    fn contended(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst) > 0
     }
 }
 
@@ -167,7 +198,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
     buf: &mut Vec<u8>,
     len: usize,
     deadline: Duration,
-    server: &Arc<Semaphore>,
+    server: &Limits,
     held: &mut OwnedSemaphorePermit,
 ) -> std::io::Result<bool> {
     let whole = payload_deadline(deadline, len);
@@ -196,9 +227,9 @@ async fn read_payload<R: AsyncRead + Unpin>(
     }
     let units = len.div_ceil(PERMIT_UNIT);
     if let Some(more) = units.checked_sub(held.num_permits()).filter(|&n| n > 0) {
-        match server.clone().acquire_many_owned(more as u32).await {
-            Ok(p) => held.merge(p),
-            Err(_) => return Ok(false),
+        match server.acquire(more as u32).await {
+            Some(p) => held.merge(p),
+            None => return Ok(false),
         }
     }
     // The rest's time runs from here: a wait for the budget (other
@@ -536,7 +567,71 @@ struct Reply {
 /// task's queue, which batches whatever piles up.
 struct Replies<W> {
     tx: mpsc::UnboundedSender<Reply>,
-    out: Arc<Mutex<W>>,
+    out: Arc<Mutex<Out<W>>>,
+}
+
+/// The socket's write half, and whether it is broken: a write failed or
+/// made no progress for the deadline while another request waited for the
+/// server-wide budget. A broken connection writes nothing more (a reply
+/// after a half-written one would be read as part of it): its replies are
+/// dropped, and with them the budget they hold, and `tell` has the request
+/// loop end the session.
+struct Out<W> {
+    w: W,
+    broken: bool,
+    stall: Stall,
+    tell: watch::Sender<bool>,
+}
+
+/// When a reply's write counts as stalled.
+struct Stall {
+    deadline: Duration,
+    limits: Limits,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Stall {
+    /// Run `io`, giving up once it made no progress for the deadline while
+    /// something else needs what this connection holds: a request waiting
+    /// for the server-wide budget, or the server stopping. Otherwise a slow
+    /// reader (a paused machine, a client busy elsewhere) is waited for.
+    async fn progress<T>(&self, io: impl std::future::Future<Output = std::io::Result<T>>) -> std::io::Result<T> {
+        tokio::pin!(io);
+        loop {
+            match tokio::time::timeout(self.deadline, &mut io).await {
+                Ok(r) => return r,
+                Err(_) => {
+                    // One more try first: a machine that was paused finds
+                    // its timers due and its socket ready at once.
+                    if let Some(r) = futures::FutureExt::now_or_never(&mut io) {
+                        return r;
+                    }
+                    if self.limits.contended() || *self.shutdown.borrow() {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the client read none of its replies while others waited",
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> Out<W> {
+    /// Write `batch` unless the connection is broken; a failure breaks it.
+    async fn write(&mut self, batch: &[Reply], buf: &mut Vec<u8>) -> bool {
+        if self.broken {
+            return false;
+        }
+        if let Err(e) = write_batch(&mut self.w, batch, buf, &self.stall).await {
+            tracing::info!(error = %e, "a reply could not be written; closing the connection");
+            self.broken = true;
+            let _ = self.tell.send(true);
+            return false;
+        }
+        true
+    }
 }
 
 impl<W> Clone for Replies<W> {
@@ -550,7 +645,7 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
         let reply = Reply { parts, _permit: permit };
         if let Ok(mut w) = self.out.try_lock() {
             let mut buf = Vec::new();
-            let _ = write_batch(&mut *w, std::slice::from_ref(&reply), &mut buf).await;
+            w.write(std::slice::from_ref(&reply), &mut buf).await;
             return;
         }
         // Only fails when the writer has stopped (the connection is gone).
@@ -563,28 +658,45 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
 }
 
 /// Write replies, small parts gathered into one buffer: few syscalls.
-async fn write_batch<W: AsyncWrite + Unpin>(w: &mut W, batch: &[Reply], buf: &mut Vec<u8>) -> std::io::Result<()> {
+async fn write_batch<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    batch: &[Reply],
+    buf: &mut Vec<u8>,
+    stall: &Stall,
+) -> std::io::Result<()> {
     const GATHER: usize = 64 << 10;
     buf.clear();
     for part in batch.iter().flat_map(|r| r.parts.iter()) {
         if part.len() >= GATHER {
             if !buf.is_empty() {
-                w.write_all(buf).await?;
+                write_all(w, buf, stall).await?;
                 buf.clear();
             }
-            w.write_all(part).await?;
+            write_all(w, part, stall).await?;
         } else {
             buf.extend_from_slice(part);
         }
     }
     if !buf.is_empty() {
-        w.write_all(buf).await?;
+        write_all(w, buf, stall).await?;
     }
-    w.flush().await
+    stall.progress(w.flush()).await
+}
+
+/// `write_all`, each write held to [`Stall::progress`].
+async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, mut bytes: &[u8], stall: &Stall) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let n = stall.progress(w.write(bytes)).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[n..];
+    }
+    Ok(())
 }
 
 /// The queue's writer: takes every reply that is ready and writes them together.
-async fn write_replies<W: AsyncWrite + Unpin>(out: Arc<Mutex<W>>, mut rx: mpsc::UnboundedReceiver<Reply>) {
+async fn write_replies<W: AsyncWrite + Unpin>(out: Arc<Mutex<Out<W>>>, mut rx: mpsc::UnboundedReceiver<Reply>) {
     let mut buf: Vec<u8> = Vec::with_capacity(256 << 10);
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -595,11 +707,13 @@ async fn write_replies<W: AsyncWrite + Unpin>(out: Arc<Mutex<W>>, mut rx: mpsc::
             }
         }
         let mut w = out.lock().await;
-        if write_batch(&mut *w, &batch, &mut buf).await.is_err() {
+        if !w.write(&batch, &mut buf).await {
             break;
         }
     }
-    let _ = out.lock().await.shutdown().await;
+    // Replies still queued (and what they hold) go with the queue.
+    drop(rx);
+    let _ = out.lock().await.w.shutdown().await;
 }
 
 /// Busy polling for request/reply ping-pong (a client with one request in
@@ -663,7 +777,10 @@ where
 {
     let structured = neg.structured;
     let (tx, rx) = mpsc::unbounded_channel();
-    let out = Arc::new(Mutex::new(wr));
+    let (tell, mut broken) = watch::channel(false);
+    let stall =
+        Stall { deadline: export.limits.io_deadline, limits: export.limits.clone(), shutdown: shutdown.clone() };
+    let out = Arc::new(Mutex::new(Out { w: wr, broken: false, stall, tell }));
     let writer = tokio::spawn(write_replies(out.clone(), rx));
     let wr = Replies { tx, out };
     let budget = Arc::new(Semaphore::new(INFLIGHT_BYTES / PERMIT_UNIT));
@@ -686,6 +803,7 @@ where
                 }
             }
             _ = shutdown.changed() => break Ok(()),
+            _ = broken.changed() => break Ok(()),
         }
         if let Some(p) = poller.as_mut() {
             p.arrived();
@@ -717,7 +835,7 @@ where
         let server_units = if payload_follows { 0 } else { units };
         let permits = async {
             let mine = budget.clone().acquire_many_owned(units).await.ok()?;
-            let all = export.limits.inflight.clone().acquire_many_owned(server_units).await.ok()?;
+            let all = export.limits.acquire(server_units).await?;
             Some((mine, all))
         };
         let mut permit = tokio::select! {
@@ -726,6 +844,7 @@ where
                 None => break Ok(()),
             },
             _ = shutdown.changed() => break Ok(()),
+            _ = broken.changed() => break Ok(()),
         };
         let mut payload = None;
         if req.kind == proto::CMD_WRITE {
@@ -742,6 +861,7 @@ where
                         Err(_) => break Ok(()),
                     },
                     _ = shutdown.changed() => break Ok(()),
+                    _ = broken.changed() => break Ok(()),
                 };
                 if n != req.length as u64 {
                     break Ok(());
@@ -755,8 +875,9 @@ where
             let mut buf = Vec::with_capacity((req.length as usize).min(PAYLOAD_STEP));
             let deadline = export.limits.io_deadline;
             let r = tokio::select! {
-                r = read_payload(&mut rd, &mut buf, req.length as usize, deadline, &export.limits.inflight, &mut permit.1) => r,
+                r = read_payload(&mut rd, &mut buf, req.length as usize, deadline, &export.limits, &mut permit.1) => r,
                 _ = shutdown.changed() => break Ok(()),
+                _ = broken.changed() => break Ok(()),
             };
             match r {
                 Ok(true) => {}
@@ -1059,8 +1180,10 @@ mod payload_tests {
     #[tokio::test]
     async fn a_wait_for_the_budget_does_not_count_against_the_payload() {
         let (mut client, mut server_end) = tokio::io::duplex(8 << 10);
-        let server = Arc::new(Semaphore::new(64));
-        let others = server.clone().acquire_many_owned(64).await.expect("the others' share");
+        let limits = Limits::new(0, 1, Duration::from_secs(1));
+        let server = limits.inflight.clone();
+        let all = server.available_permits() as u32;
+        let others = server.clone().acquire_many_owned(all).await.expect("the others' share");
         let mut held = server.clone().acquire_many_owned(0).await.expect("none");
         let len = 2 * FIRST_BYTES;
         let data = vec![7u8; len];
@@ -1076,7 +1199,7 @@ mod payload_tests {
             client
         });
         let mut buf = Vec::new();
-        let r = read_payload(&mut server_end, &mut buf, len, deadline, &server, &mut held).await;
+        let r = read_payload(&mut server_end, &mut buf, len, deadline, &limits, &mut held).await;
         assert!(matches!(r, Ok(true)), "the payload was cut off: {r:?}");
         assert_eq!(buf.len(), len);
         drop(feed.await.expect("feeder"));
