@@ -55,7 +55,7 @@ use crate::location::{Location, StoreSpec};
 use crate::size::parse_size;
 use crate::store::{self, DynStore, PutMode, StoreError};
 use crate::volume::catalog::{self, Attachment, CatalogError, DeleteOutcome, EntryState, OnDependants};
-use crate::volume::engine::{CreateOptions, pin_holds, read_snapshot, snapshot_committed};
+use crate::volume::engine::{CreateOptions, read_snapshot, snapshot_committed};
 use crate::volume::format::{self, DEFAULT_CHUNK_SIZE, ParentRef, SnapshotRecord, VolumeMeta};
 use crate::volume::{OpenOptions, Volume, VolumeError, compact, replay};
 
@@ -721,24 +721,8 @@ impl pb::controller_server::Controller for ControllerService {
                         rec.clone()
                     }
                     // Found there: an earlier attempt's, or another running
-                    // create's of this name. Its writer checked it landed in
-                    // time for compaction to see it, unless that call died
-                    // first: checked again here, from what the store holds
-                    // (every create decides alike), and one that did not
-                    // goes, for the retry to pin afresh.
-                    Some(rec) => {
-                        if !pin_holds(&store, &sloc.prefix, rec).await.map_err(status)? {
-                            let key = format::snapshot_key(&sloc.prefix, &rec.name);
-                            store.delete(&key).await.map_err(|e| store_status(&e))?;
-                            tracing::warn!(volume = %loc.url(), pin = %key, "removed a clone pin that landed too late for compaction to be sure to see it");
-                            return Err(Status::aborted(format!(
-                                "the pin an earlier attempt of CreateVolume {} left in its source landed too late to be \
-                                 relied on and was removed; retry",
-                                req.name
-                            )));
-                        }
-                        rec.clone()
-                    }
+                    // create's of this name.
+                    Some(rec) => rec.clone(),
                     None => {
                         let pin = format::clone_pin_name(&loc.prefix);
                         let rec = match snapshot_committed(&store, &sloc.prefix, &pin, self.clock.as_ref()).await {
@@ -1062,22 +1046,7 @@ impl pb::controller_server::Controller for ControllerService {
         }
         let _guard = self.inflight.start(&sid)?;
         let rec = match read_snapshot(&store, &vloc.prefix, &name).await {
-            // An earlier attempt's: checked again as it was when written,
-            // since that call may have died (or been dropped) before it
-            // could check and withdraw it.
-            Ok(r) => {
-                if !pin_holds(&store, &vloc.prefix, &r).await.map_err(status)? {
-                    let key = format::snapshot_key(&vloc.prefix, &name);
-                    store.delete(&key).await.map_err(|e| store_status(&e))?;
-                    tracing::warn!(snapshot = %sid, seq = r.seq, "removed a snapshot record an earlier attempt left that landed too late for compaction to be sure to see it");
-                    return Err(Status::unavailable(format!(
-                        "snapshot {} as an earlier attempt recorded it landed too late to be relied on and was removed; \
-                         retry",
-                        req.name
-                    )));
-                }
-                r
-            }
+            Ok(r) => r,
             Err(VolumeError::NotFound(_)) => {
                 snapshot_committed(&store, &vloc.prefix, &name, self.clock.as_ref()).await.map_err(status)?
             }

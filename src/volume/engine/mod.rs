@@ -1023,6 +1023,7 @@ impl Volume {
             let st = self.inner.lock();
             (st.head, st.committed_size)
         };
+        let started = Instant::now();
         // A writer fenced without knowing it (nothing to commit since)
         // holds a head another writer has moved past, maybe long ago: a
         // compaction running now may fold past it after the check in
@@ -1064,7 +1065,7 @@ impl Volume {
             created_unix: self.inner.opts.clock.now_unix(),
             token: Some(rand::random()),
         };
-        record_snapshot(&self.inner.store, &self.inner.vol, rec, true).await
+        record_snapshot(&self.inner.store, &self.inner.vol, rec, started, true).await
     }
 }
 
@@ -1077,6 +1078,7 @@ pub async fn snapshot_committed(
     clock: &dyn Clock,
 ) -> VolumeResult<SnapshotRecord> {
     format::validate_snapshot_name(name).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
+    let started = Instant::now();
     let meta = replay::read_meta(store.as_ref(), vol).await?;
     let st = replay::replay(store.as_ref(), vol, meta.chunk_size as u64, None).await?;
     let rec = SnapshotRecord {
@@ -1087,18 +1089,22 @@ pub async fn snapshot_committed(
         created_unix: clock.now_unix(),
         token: Some(rand::random()),
     };
-    record_snapshot(store, vol, rec, false).await
+    record_snapshot(store, vol, rec, started, false).await
 }
 
-/// Record the snapshot `rec`, then check that compaction cannot have
-/// missed it ([`pin_holds`]); one that can is withdrawn rather than left
-/// to pin a seq whose data may go. With `same_seq_ok`, a record already
-/// there at the same seq is this snapshot recorded before; otherwise any
-/// record there is someone else's.
+/// Record the snapshot `rec`, then check the seq it pins is still
+/// replayable (its journal record or a checkpoint at it exists): compaction
+/// folds only records older than its safety age and keeps what every
+/// snapshot it lists needs, so a snapshot that took long between reading
+/// the head (`started`) and being recorded, or that pins a seq already
+/// folded, is withdrawn rather than left unreadable. With `same_seq_ok`, a
+/// record already there at the same seq is this snapshot recorded before;
+/// otherwise any record there is someone else's.
 async fn record_snapshot(
     store: &DynStore,
     vol: &str,
     rec: SnapshotRecord,
+    started: Instant,
     same_seq_ok: bool,
 ) -> VolumeResult<SnapshotRecord> {
     let name = rec.name.clone();
@@ -1141,90 +1147,20 @@ async fn record_snapshot(
         store.delete(&key).await?;
         return Err(VolumeError::NotFound(format!("{vol} (deleted while snapshot {name} was being taken)")));
     }
-    if !pin_holds(store, vol, &rec).await? {
+    let slow = started.elapsed() > SNAPSHOT_DEADLINE;
+    if slow || !super::compact::snapshot_still_replayable(store, vol, rec.seq).await? {
         store.delete(&key).await?;
         return Err(VolumeError::Store(StoreError::Transient(format!(
-            "snapshot {name} could not be recorded at seq {} in time (compaction may fold it); try again",
+            "snapshot {name} could not be recorded at seq {} (compaction may have folded it); try again",
             rec.seq
         ))));
     }
     Ok(rec)
 }
 
-/// Longest a snapshot record (or a clone's pin) may land after the
-/// journal record that follows the seq it pins, on the store's clock; well
-/// under compaction's least safety age.
-pub const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(30);
-
-/// Can no compaction pass have missed the snapshot record `rec` (a
-/// snapshot, or a clone's pin)? Decided from what the store holds, on its
-/// clock, so that the call that wrote the record, its retry after a crash
-/// or a dropped call, and another create that found the record all decide
-/// alike.
-///
-/// A pass folds past `rec.seq` only once the record after it, `seq + 1`,
-/// is older than the safety age, and it lists snapshots after it read the
-/// store's clock. So a record that landed within [`SNAPSHOT_DEADLINE`] of
-/// `seq + 1` (or while no record followed `seq`) was there before any
-/// pass that may fold past `seq` listed snapshots: every such pass keeps
-/// what it needs. When `seq + 1` was folded since, the checkpoint
-/// compaction keeps at `seq` for the snapshot must be there. And the seq
-/// must still replay: its record or a checkpoint at it exists.
-pub async fn pin_holds(store: &DynStore, vol: &str, rec: &SnapshotRecord) -> VolumeResult<bool> {
-    let key = snapshot_key(vol, &rec.name);
-    let landed = match modified_of(store, &key).await? {
-        Some(m) => m,
-        None => return Ok(false),
-    };
-    let in_time = match next_record(store, vol, rec.seq).await? {
-        None => true,
-        Some(o) if format::parse_journal_key(vol, &o.key) == Some(rec.seq + 1) => match (o.modified_unix, landed) {
-            // A store without modification times: compaction takes every
-            // record for young and folds nothing.
-            (None, _) => true,
-            // LastModified is in whole seconds: one second of rounding on
-            // each side.
-            (Some(next), Some(landed)) => landed - next <= SNAPSHOT_DEADLINE.as_secs() as i64 + 2,
-            (Some(_), None) => false,
-        },
-        // `seq + 1` was folded since: the checkpoint at `seq` (checked
-        // below, as the record at `seq` went before it) is what a pass
-        // that saw this record kept.
-        Some(_) => true,
-    };
-    Ok(in_time && super::compact::snapshot_still_replayable(store, vol, rec.seq).await?)
-}
-
-/// The object `key` as listed: `None` when absent, else its modification
-/// time (`Some(None)` when the store keeps none).
-async fn modified_of(store: &DynStore, key: &str) -> VolumeResult<Option<Option<i64>>> {
-    let page =
-        store.list(crate::store::ListRequest { prefix: key, start_after: None, delimiter: false, max_keys: 1 }).await?;
-    Ok(page.objects.into_iter().find(|o| o.key == key).map(|o| o.modified_unix))
-}
-
-/// The first journal record after `seq`, if any.
-async fn next_record(store: &DynStore, vol: &str, seq: u64) -> VolumeResult<Option<crate::store::ObjectInfo>> {
-    let prefix = format::journal_prefix(vol);
-    let mut after = journal_key(vol, seq);
-    loop {
-        let page = store
-            .list(crate::store::ListRequest {
-                prefix: &prefix,
-                start_after: Some(&after),
-                delimiter: false,
-                max_keys: 100,
-            })
-            .await?;
-        if let Some(o) = page.objects.iter().find(|o| format::parse_journal_key(vol, &o.key).is_some()) {
-            return Ok(Some(o.clone()));
-        }
-        match crate::store::advance(&prefix, Some(&after), page.next_start_after)? {
-            Some(next) => after = next,
-            None => return Ok(None),
-        }
-    }
-}
+/// Longest a snapshot of a volume with a live writer may take between
+/// reading the head and recording it; well under compaction's safety age.
+const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Deepest clone chain followed (clone of a clone of ...).
 const MAX_CLONE_DEPTH: usize = 32;
