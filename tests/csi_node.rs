@@ -1672,7 +1672,9 @@ fn mounts_at(path: &Path) -> usize {
 /// call) still finishes; its retry answers ABORTED until then and OK after,
 /// and the volume ends up on one device, mounted once. A stage dropped
 /// between its steps left its device attached and its volume served, and
-/// the retry attached and mounted the volume a second time.
+/// the retry attached and mounted the volume a second time. The same when
+/// the plugin is stopped (SIGTERM) while such a stage runs: it waits for
+/// the stage, and the restarted plugin serves the volume on that device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "runs inside the VM started by node_stage_publish_expand_restart_block_in_a_vm"]
 async fn a_node_stage_its_caller_gives_up_on_finishes_once_inside_vm() {
@@ -1748,6 +1750,39 @@ async fn a_node_stage_its_caller_gives_up_on_finishes_once_inside_vm() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(left.is_empty(), "devices still attached after unstage: {left:?}");
+
+    step("a stage given up on, and the plugin stopped while it runs");
+    let mut n2 = node.clone();
+    let first = req.clone();
+    let call = tokio::spawn(async move { n2.node_stage_volume(first).await });
+    let mut seen = None;
+    for _ in 0..3000 {
+        if let Some(d) = attached_devices().into_iter().find(|d| !before.contains(d)) {
+            seen = Some(d);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    call.abort();
+    let _ = call.await;
+    let seen = seen.expect("the stage attached no device within 30 s");
+    drop((ctl, node));
+    plugin.stop();
+    let plugin = spawn_plugin(&args, &w.join("csi.sock"), false, Some(&log));
+    let (mut ctl, mut node) = clients(&plugin.sock).await;
+    for i in 0.. {
+        match node.node_stage_volume(req.clone()).await {
+            Ok(_) => break,
+            Err(s) if s.code() == Code::Aborted && i < 600 => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(s) => panic!("stage after the restart: {s}"),
+        }
+    }
+    let now: Vec<String> = attached_devices().into_iter().filter(|d| !before.contains(d)).collect();
+    assert_eq!(now, vec![seen.clone()], "the volume must be on the one device its first stage attached");
+    assert_eq!(mounts_at(&staging), 1, "the staging path must hold one mount");
+    let unstage =
+        pb::NodeUnstageVolumeRequest { volume_id: id.clone(), staging_target_path: staging.display().to_string() };
+    node.node_unstage_volume(unstage).await.expect("unstage");
     unpublish_ctl(&mut ctl, &id, "node-g").await;
     plugin.stop();
 }

@@ -206,7 +206,14 @@ pub struct NodeService {
     kubernetes: Option<NodeAttachments>,
     /// This service, for the tasks its calls run in (see [`Self::into_arc`]).
     me: Weak<NodeService>,
+    /// Held (read) by every call running in a task of its own; `shutdown`
+    /// takes it (write) to wait for them, and closes it (`true`).
+    calls: Arc<tokio::sync::RwLock<bool>>,
 }
+
+/// Longest `shutdown` waits for node calls still running (a stage's mkfs)
+/// before it stops the volumes anyway; well inside the chart's grace period.
+const CALLS_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl std::fmt::Debug for NodeService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -288,6 +295,11 @@ async fn mount_staged(
 /// without it.
 const KUBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// The in-flight key of a publish target (volume ids are URLs: no clash).
+fn target_key(target: &Path) -> String {
+    format!("publish target {}", target.display())
+}
+
 fn key_of(volume_id: &str) -> String {
     format!("{:08x}", crc32c::crc32c(volume_id.as_bytes()))
 }
@@ -323,6 +335,7 @@ impl NodeService {
             attacher,
             kubernetes: None,
             me: Weak::new(),
+            calls: Arc::new(tokio::sync::RwLock::new(false)),
         })
     }
 
@@ -346,9 +359,17 @@ impl NodeService {
         let Some(me) = self.me.upgrade() else {
             return Err(Status::internal("the node service was not started through NodeService::into_arc"));
         };
-        tokio::spawn(call(me))
-            .await
-            .map_err(|e| Status::internal(format!("the operation stopped before it finished: {e}")))?
+        let running = self.calls.clone().read_owned().await;
+        if *running {
+            return Err(Status::unavailable("the node plugin is stopping"));
+        }
+        let work = call(me);
+        tokio::spawn(async move {
+            let _running = running;
+            work.await
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the operation stopped before it finished: {e}")))?
     }
 
     /// Consult this node's VolumeAttachments (through `api`) before serving
@@ -847,6 +868,12 @@ impl NodeService {
     /// (dead-connection timeout) until the restarted plugin reconnects them.
     /// Devices attached through ioctls go away with this process.
     pub async fn shutdown(&self) {
+        // Calls their callers gave up on may still run (a stage's mkfs):
+        // what they leave must be in `staged` to be stopped below.
+        match tokio::time::timeout(CALLS_GRACE, self.calls.write()).await {
+            Ok(mut closed) => *closed = true,
+            Err(_) => tracing::warn!(grace = ?CALLS_GRACE, "node calls still running; stopping the volumes anyway"),
+        }
         let lost = self.attacher.ioctl_devices();
         if !lost.is_empty() {
             tracing::warn!(
@@ -1135,6 +1162,9 @@ impl NodeService {
         let cap =
             req.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume capability is required"))?;
         check_capability(cap).map_err(Status::invalid_argument)?;
+        // A publish given up on still runs: an unpublish of its target
+        // waits for it (ABORTED, kubelet retries) rather than run beside it.
+        let _guard = self.inflight.start(&target_key(&target))?;
         let device = {
             let staged = self.staged.lock().await;
             let s = staged
@@ -1195,6 +1225,7 @@ impl NodeService {
             return Err(Status::invalid_argument("volume id is required"));
         }
         let target = required_path(&req.target_path, "target path")?;
+        let _guard = self.inflight.start(&target_key(&target))?;
         mount::umount(&target).await.map_err(internal)?;
         if target.is_dir() {
             let _ = std::fs::remove_dir(&target);
