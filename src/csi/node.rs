@@ -209,6 +209,9 @@ pub struct NodeService {
     /// Held (read) by every call running in a task of its own; `shutdown`
     /// takes it (write) to wait for them, and closes it (`true`).
     calls: Arc<tokio::sync::RwLock<bool>>,
+    /// Set when `shutdown` begins: no call starts after it, also when the
+    /// wait for the running ones gave up.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Longest `shutdown` waits for node calls still running (a stage's mkfs)
@@ -336,6 +339,7 @@ impl NodeService {
             kubernetes: None,
             me: Weak::new(),
             calls: Arc::new(tokio::sync::RwLock::new(false)),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -360,7 +364,7 @@ impl NodeService {
             return Err(Status::internal("the node service was not started through NodeService::into_arc"));
         };
         let running = self.calls.clone().read_owned().await;
-        if *running {
+        if *running || self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Status::unavailable("the node plugin is stopping"));
         }
         let work = call(me);
@@ -608,12 +612,22 @@ impl NodeService {
                 Ok(g) => g,
                 Err(_) => continue,
             };
+            // Held like a call's, so a plugin told to stop waits for the
+            // recovery (it attaches devices) before it stops the volumes.
+            let running = match self.calls.clone().try_read_owned() {
+                Ok(r) if !*r && !self.stopping.load(std::sync::atomic::Ordering::SeqCst) => r,
+                _ => {
+                    tracing::info!(volume = %record.volume_id, "the node plugin is stopping: not recovered");
+                    continue;
+                }
+            };
             let me = self.clone();
             let attached = attached.clone();
             tasks.spawn(async move {
                 let attached = me.kube_attached(&attached).await;
                 me.recover_one(record, attached).await;
                 drop(guard);
+                drop(running);
             });
         }
         tokio::spawn(async move {
@@ -870,6 +884,7 @@ impl NodeService {
     pub async fn shutdown(&self) {
         // Calls their callers gave up on may still run (a stage's mkfs):
         // what they leave must be in `staged` to be stopped below.
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         match tokio::time::timeout(CALLS_GRACE, self.calls.write()).await {
             Ok(mut closed) => *closed = true,
             Err(_) => tracing::warn!(grace = ?CALLS_GRACE, "node calls still running; stopping the volumes anyway"),
