@@ -300,7 +300,7 @@ fn greet(srv: &Server) -> TcpStream {
     s
 }
 
-fn send_option(s: &mut TcpStream, code: u32, data: &[u8]) {
+fn send_option<S: Write>(s: &mut S, code: u32, data: &[u8]) {
     let mut f = proto::IHAVEOPT.to_be_bytes().to_vec();
     f.extend_from_slice(&code.to_be_bytes());
     f.extend_from_slice(&(data.len() as u32).to_be_bytes());
@@ -309,7 +309,7 @@ fn send_option(s: &mut TcpStream, code: u32, data: &[u8]) {
 }
 
 /// (option, reply type) of the next option reply.
-fn option_reply(s: &mut TcpStream) -> std::io::Result<(u32, u32)> {
+fn option_reply<S: Read>(s: &mut S) -> std::io::Result<(u32, u32)> {
     let mut h = [0u8; 20];
     s.read_exact(&mut h)?;
     let option = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
@@ -623,4 +623,120 @@ fn libnbd_and_qemu_work_with_a_pre_shared_key() {
     let plain = run(Command::new("nbdinfo").arg("--size").arg(format!("nbd://{}/vol", srv.address)));
     assert!(!plain.status.success(), "a plaintext client was served: {}", text(&plain));
     assert!(srv.log().contains("unknown PSK username"), "{}", srv.log());
+}
+
+/// GO for `name` on a connection in its option phase (plain or TLS).
+fn go_on<S: Read + Write>(s: &mut S, name: &str) -> std::io::Result<()> {
+    send_option(s, proto::OPT_GO, &common::nbd_client::go_payload(name));
+    loop {
+        match option_reply(s)? {
+            (_, proto::REP_ACK) => return Ok(()),
+            (_, proto::REP_INFO) => {}
+            (_, kind) => return Err(std::io::Error::other(format!("GO refused: reply {kind:#x}"))),
+        }
+    }
+}
+
+/// A plaintext client in its transmission phase (`Err` when refused).
+fn plain_client(address: &str, name: &str) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect(address)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g)?;
+    s.write_all(&(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).to_be_bytes())?;
+    go_on(&mut s, name)?;
+    Ok(s)
+}
+
+fn read_request(handle: u64, length: u32) -> [u8; proto::REQUEST_HEADER_LEN] {
+    proto::encode_request(&proto::Request { flags: 0, kind: proto::CMD_READ, handle, offset: 0, length })
+}
+
+/// One 4 KiB read, answered.
+fn read_4k<S: Read + Write>(s: &mut S) -> std::io::Result<()> {
+    s.write_all(&read_request(1, 4096))?;
+    let mut reply = [0u8; 16 + 4096];
+    s.read_exact(&mut reply)?;
+    let error = u32::from_be_bytes([reply[4], reply[5], reply[6], reply[7]]);
+    if error != 0 {
+        return Err(std::io::Error::other(format!("read failed: error {error}")));
+    }
+    Ok(())
+}
+
+/// A TLS client that stops reading its replies while another client waits
+/// for the budget it holds is cut, and its session ends: ending TLS
+/// cleanly (close_notify) is not tried on a connection whose socket takes
+/// no more bytes. Tried, it waited for good, and the session kept its
+/// place among the connections the server allows (and its volume).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_that_reads_no_replies_is_cut_and_its_session_ends() {
+    use s3blk::nbd::server::{self, Listen};
+    use s3blk::nbd::session::{Export, Limits};
+    use s3blk::nbd::tls::{Policy, Tls, X509Files};
+    use s3blk::store::DynStore;
+    use s3blk::volume::engine::CreateOptions;
+    use s3blk::volume::{OpenOptions, Volume};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(pki) = pki(dir.path()) else { return };
+    let files = X509Files { cert: pki.path("server-cert.pem"), key: pki.path("server-key.pem"), client_ca: None };
+    let tls = Tls::x509(&files, Policy::Offer).expect("tls");
+    let store: DynStore = Arc::new(s3blk::store::memory::MemoryStore::new());
+    let opts = CreateOptions { size: 64 << 20, chunk_size: 64 << 10, parent: None, single_writer: false };
+    Volume::create(store.clone(), "v/", opts, &s3blk::clock::SystemClock).await.expect("create");
+    let volume = Volume::open(store, "v/", OpenOptions::default()).await.expect("open");
+    let export = Arc::new(Export {
+        name: "v".into(),
+        description: "test".into(),
+        volume,
+        read_only: false,
+        busy_poll: Duration::ZERO,
+        // The smallest budget (32 MiB), two connections at most.
+        limits: Limits::new(0, 2, Duration::from_secs(1)),
+        unflushed: None,
+    });
+    let bound = server::bind(&Listen::Tcp("127.0.0.1:0".into()), Some(Arc::new(tls))).await.expect("bind");
+    let address = bound.address.clone();
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(server::serve(bound, export, stopped));
+    let ca = pki.path("ca-cert.pem");
+    let clients = tokio::task::spawn_blocking(move || {
+        let mut tcp = TcpStream::connect(&address).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let mut g = [0u8; 18];
+        tcp.read_exact(&mut g).expect("greeting");
+        tcp.write_all(&(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).to_be_bytes()).expect("flags");
+        send_option(&mut tcp, proto::OPT_STARTTLS, &[]);
+        assert_eq!(option_reply(&mut tcp).expect("STARTTLS reply").1, proto::REP_ACK);
+        let mut connector = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).expect("connector");
+        connector.set_ca_file(&ca).expect("CA");
+        let mut hog = connector.build().connect("localhost", tcp).expect("TLS handshake");
+        go_on(&mut hog, "v").expect("GO over TLS");
+        // Far more than the budget and the sockets' buffers hold; no
+        // reply is ever read.
+        for handle in 0..100 {
+            hog.write_all(&read_request(handle, 1 << 20)).expect("request");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let mut other = plain_client(&address, "v").expect("another client");
+        read_4k(&mut other).expect("another client's read waited behind a client that reads no replies");
+        drop(other);
+        // Both places are free again once the TLS client's session ended.
+        let give_up = Instant::now() + Duration::from_secs(10);
+        loop {
+            let both = plain_client(&address, "v").and_then(|mut a| {
+                let mut b = plain_client(&address, "v")?;
+                read_4k(&mut a)?;
+                read_4k(&mut b)
+            });
+            match both {
+                Ok(()) => break,
+                Err(_) if Instant::now() < give_up => std::thread::sleep(Duration::from_millis(200)),
+                Err(e) => panic!("a place stayed taken by the cut TLS client's session: {e}"),
+            }
+        }
+        drop(hog);
+    });
+    tokio::time::timeout(Duration::from_secs(120), clients).await.expect("the clients hung").expect("clients");
 }

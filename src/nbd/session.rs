@@ -74,25 +74,37 @@ impl Limits {
     }
 
     /// `units` of the server-wide budget, counted as waiting until granted
-    /// (`None` once the budget is closed).
-    async fn acquire(&self, units: u32) -> Option<OwnedSemaphorePermit> {
+    /// (`None` once the budget is closed), here and in `own`, the waits of
+    /// the connection asking.
+    async fn acquire(&self, units: u32, own: &AtomicUsize) -> Option<OwnedSemaphorePermit> {
         if let Ok(p) = self.inflight.clone().try_acquire_many_owned(units) {
             return Some(p);
         }
-        struct Waiting<'a>(&'a AtomicUsize);
+        struct Waiting<'a>(&'a AtomicUsize, &'a AtomicUsize);
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
+                self.1.fetch_sub(1, Ordering::SeqCst);
                 self.0.fetch_sub(1, Ordering::SeqCst);
             }
         }
+        // Own count first, so `others_wait` never sees this wait as
+        // another connection's.
+        own.fetch_add(1, Ordering::SeqCst);
         self.waiting.fetch_add(1, Ordering::SeqCst);
-        let _waiting = Waiting(&self.waiting);
+        let _waiting = Waiting(own, &self.waiting);
         self.inflight.clone().acquire_many_owned(units).await.ok()
     }
 
-    /// Does a request wait for the server-wide budget?
-    fn contended(&self) -> bool {
-        self.waiting.load(Ordering::SeqCst) > 0
+    /// Does a request of another connection than the one whose waits
+    /// `own` counts wait for the server-wide budget? A connection's own
+    /// requests waiting behind its unread replies are its client's affair:
+    /// counted, the kernel's only connection was cut by its own reads once
+    /// the budget was smaller than what it keeps in flight.
+    fn others_wait(&self, own: &AtomicUsize) -> bool {
+        // Own count read first: a wait of this connection that ends
+        // between the two loads only makes the answer "no".
+        let mine = own.load(Ordering::SeqCst);
+        self.waiting.load(Ordering::SeqCst) > mine
     }
 }
 
@@ -199,6 +211,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
     len: usize,
     deadline: Duration,
     server: &Limits,
+    own: &AtomicUsize,
     held: &mut OwnedSemaphorePermit,
 ) -> std::io::Result<bool> {
     let whole = payload_deadline(deadline, len);
@@ -227,7 +240,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
     }
     let units = len.div_ceil(PERMIT_UNIT);
     if let Some(more) = units.checked_sub(held.num_permits()).filter(|&n| n > 0) {
-        match server.acquire(more as u32).await {
+        match server.acquire(more as u32, own).await {
             Some(p) => held.merge(p),
             None => return Ok(false),
         }
@@ -587,26 +600,40 @@ struct Out<W> {
 struct Stall {
     deadline: Duration,
     limits: Limits,
+    /// This connection's requests waiting for the server-wide budget.
+    own: Arc<AtomicUsize>,
     shutdown: watch::Receiver<bool>,
 }
 
+/// Stalls are watched in this many ticks per deadline.
+const STALL_TICKS: u32 = 20;
+
 impl Stall {
     /// Run `io`, giving up once it made no progress for the deadline while
-    /// something else needs what this connection holds: a request waiting
-    /// for the server-wide budget, or the server stopping. Otherwise a slow
-    /// reader (a paused machine, a client busy elsewhere) is waited for.
+    /// something else needed what this connection holds all that time: a
+    /// request of another connection waiting for the server-wide budget,
+    /// or the server stopping. Otherwise a slow reader (a paused machine, a
+    /// client busy elsewhere) is waited for.
+    ///
+    /// Time is counted in ticks, each a fresh timer: a machine that was
+    /// paused finds one tick due when it wakes, not the whole deadline
+    /// spent, so its client gets a deadline's worth of real time to read.
     async fn progress<T>(&self, io: impl std::future::Future<Output = std::io::Result<T>>) -> std::io::Result<T> {
         tokio::pin!(io);
+        let tick = (self.deadline / STALL_TICKS).max(Duration::from_millis(1));
+        // The last ticks without progress that others waited through (or
+        // the server was stopping).
+        let mut needed = 0u32;
         loop {
-            match tokio::time::timeout(self.deadline, &mut io).await {
+            match tokio::time::timeout(tick, &mut io).await {
                 Ok(r) => return r,
                 Err(_) => {
-                    // One more try first: a machine that was paused finds
-                    // its timers due and its socket ready at once.
-                    if let Some(r) = futures::FutureExt::now_or_never(&mut io) {
-                        return r;
+                    if *self.shutdown.borrow() || self.limits.others_wait(&self.own) {
+                        needed += 1;
+                    } else {
+                        needed = 0;
                     }
-                    if self.limits.contended() || *self.shutdown.borrow() {
+                    if needed >= STALL_TICKS {
                         return Err(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
                             "the client read none of its replies while others waited",
@@ -713,7 +740,13 @@ async fn write_replies<W: AsyncWrite + Unpin>(out: Arc<Mutex<Out<W>>>, mut rx: m
     }
     // Replies still queued (and what they hold) go with the queue.
     drop(rx);
-    let _ = out.lock().await.w.shutdown().await;
+    // A clean end for a client still reading (TLS sends close_notify);
+    // none for a broken one, whose socket may never take another byte.
+    let mut out = out.lock().await;
+    if !out.broken {
+        let deadline = out.stall.deadline;
+        let _ = tokio::time::timeout(deadline, out.w.shutdown()).await;
+    }
 }
 
 /// Busy polling for request/reply ping-pong (a client with one request in
@@ -778,8 +811,13 @@ where
     let structured = neg.structured;
     let (tx, rx) = mpsc::unbounded_channel();
     let (tell, mut broken) = watch::channel(false);
-    let stall =
-        Stall { deadline: export.limits.io_deadline, limits: export.limits.clone(), shutdown: shutdown.clone() };
+    let own = Arc::new(AtomicUsize::new(0));
+    let stall = Stall {
+        deadline: export.limits.io_deadline,
+        limits: export.limits.clone(),
+        own: own.clone(),
+        shutdown: shutdown.clone(),
+    };
     let out = Arc::new(Mutex::new(Out { w: wr, broken: false, stall, tell }));
     let writer = tokio::spawn(write_replies(out.clone(), rx));
     let wr = Replies { tx, out };
@@ -835,7 +873,7 @@ where
         let server_units = if payload_follows { 0 } else { units };
         let permits = async {
             let mine = budget.clone().acquire_many_owned(units).await.ok()?;
-            let all = export.limits.acquire(server_units).await?;
+            let all = export.limits.acquire(server_units, &own).await?;
             Some((mine, all))
         };
         let mut permit = tokio::select! {
@@ -875,7 +913,7 @@ where
             let mut buf = Vec::with_capacity((req.length as usize).min(PAYLOAD_STEP));
             let deadline = export.limits.io_deadline;
             let r = tokio::select! {
-                r = read_payload(&mut rd, &mut buf, req.length as usize, deadline, &export.limits, &mut permit.1) => r,
+                r = read_payload(&mut rd, &mut buf, req.length as usize, deadline, &export.limits, &own, &mut permit.1) => r,
                 _ = shutdown.changed() => break Ok(()),
                 _ = broken.changed() => break Ok(()),
             };
@@ -1199,7 +1237,7 @@ mod payload_tests {
             client
         });
         let mut buf = Vec::new();
-        let r = read_payload(&mut server_end, &mut buf, len, deadline, &limits, &mut held).await;
+        let r = read_payload(&mut server_end, &mut buf, len, deadline, &limits, &AtomicUsize::new(0), &mut held).await;
         assert!(matches!(r, Ok(true)), "the payload was cut off: {r:?}");
         assert_eq!(buf.len(), len);
         drop(feed.await.expect("feeder"));
