@@ -1879,3 +1879,70 @@ async fn a_failed_restore_lets_go_of_its_source() {
     d.ctl.delete_volume(del).await.expect("delete source");
     assert_eq!(keys_under(&d, "k8s/pvc-base/").await, Vec::<String>::new());
 }
+
+/// Holds every PUT of a key ending in `suffix` for `delay` before sending
+/// it; `held` is set once one is held.
+#[derive(Debug)]
+struct SlowPut {
+    suffix: &'static str,
+    delay: std::time::Duration,
+    held: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl common::Around for SlowPut {
+    async fn put(
+        &self,
+        inner: &DynStore,
+        key: &str,
+        body: bytes::Bytes,
+        mode: PutMode,
+    ) -> s3blk::store::StoreResult<()> {
+        if key.ends_with(self.suffix) {
+            self.held.store(true, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+        }
+        inner.put(key, body, mode).await
+    }
+}
+
+/// A CreateVolume its caller gives up on (the provisioner's deadline; here
+/// the call dropped) still finishes: its retry answers ABORTED while it
+/// runs, the volume appears without another call, and the next retry is
+/// answered with it. Dropped, the call stopped wherever it was, its store
+/// requests cut off (or, sent already, landing later beside the retry's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_volume_its_caller_gives_up_on_still_finishes() {
+    let Some(d) = driver_of_its_own_stores().await else { return };
+    let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    wrap_bucket(&d, SlowPut { suffix: "/volume.json", delay: std::time::Duration::from_secs(2), held: held.clone() })
+        .await;
+    let req = create_req("pvc-given-up", 1 << 20, 0);
+    let mut ctl = d.ctl.clone();
+    let first = req.clone();
+    let call = tokio::spawn(async move { ctl.create_volume(first).await });
+    // Given up on while its volume.json is on its way.
+    for _ in 0..200 {
+        if held.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(held.load(std::sync::atomic::Ordering::SeqCst), "the create never reached its volume.json");
+    call.abort();
+    assert!(call.await.is_err(), "the create answered before it was given up on; the test proves nothing");
+    let retry = d.ctl.clone().create_volume(req.clone()).await;
+    assert_eq!(retry.as_ref().map_err(|s| s.code()).err(), Some(Code::Aborted), "a retry ran beside it: {retry:?}");
+    let mut made = false;
+    for _ in 0..100 {
+        let listed = s3blk::store::list_all(d.store.as_ref(), "k8s/").await.expect("list");
+        if listed.iter().any(|o| o.key.contains("pvc-given-up") && o.key.ends_with("/volume.json")) {
+            made = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(made, "the create given up on did not finish");
+    let v = d.ctl.clone().create_volume(req).await.expect("the next retry").into_inner().volume.expect("volume");
+    assert_eq!(v.capacity_bytes, 1 << 20);
+}

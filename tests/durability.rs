@@ -688,3 +688,130 @@ async fn a_restore_whose_pin_was_let_go_of_is_never_finished() {
     assert!(again.is_err(), "a restore without its pin was finished: {again:?}");
     assert!(finished.is_err(), "a restore without its pin was finished: {finished:?}");
 }
+
+/// Plays, on the first PUT of a create record, another create landing its
+/// own record first and a delete then taking `volume.json`.
+#[derive(Debug)]
+struct OtherCreateThenDelete {
+    armed: std::sync::atomic::AtomicBool,
+}
+
+/// What the other create's record holds.
+const OTHER_RECORD: &[u8] = b"another create's record";
+
+#[async_trait]
+impl common::Around for OtherCreateThenDelete {
+    async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        if key.ends_with("journal/00000000000000000000") && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            inner.put(key, Bytes::from_static(OTHER_RECORD), PutMode::IfAbsent).await?;
+            inner.delete(&format::meta_key("v/")).await?;
+        }
+        inner.put(key, body, mode).await
+    }
+}
+
+/// A finish of a create whose record PUT finds another's record there, and
+/// then finds the volume deleted, leaves that record alone: it wrote none,
+/// and what it would delete is another create's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_create_that_wrote_no_record_deletes_none() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CSU).await;
+    let meta = replay::read_meta(mem.as_ref(), "v/").await.expect("meta");
+    // A create that stopped before its create record.
+    mem.delete(&format::journal_key("v/", 0)).await.expect("delete the record");
+    let store: DynStore =
+        common::Wrapped::new(mem.clone(), OtherCreateThenDelete { armed: std::sync::atomic::AtomicBool::new(true) });
+    let finished = Volume::finish_create(&store, "v/", &meta).await;
+    assert!(matches!(finished, Err(VolumeError::NotFound(_))), "{finished:?}");
+    let left = mem.get(&format::journal_key("v/", 0), None).await;
+    assert_eq!(left.ok().as_deref(), Some(OTHER_RECORD), "the other create's record was deleted");
+}
+
+/// Fails the first delete of `key`, as a crash or a lost connection would.
+#[derive(Debug)]
+struct FailDeleteOnce {
+    key: String,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl common::Around for FailDeleteOnce {
+    async fn delete(&self, inner: &DynStore, key: &str) -> StoreResult<()> {
+        if key == self.key && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Transient("injected: connection reset".into()));
+        }
+        inner.delete(key).await
+    }
+}
+
+/// Pins and markers are named by a clone's last path segment. A delete of
+/// clone `a/x` that let go of its source and stopped before its volume.json
+/// went, run again after a clone `b/x` of the same source took those names,
+/// leaves b/x's pin: b/x still reads its bytes after the source moved on
+/// and was compacted. The second run took b/x's pin and b/x could no longer
+/// be opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_run_again_leaves_the_pin_of_another_clone_of_the_same_name() {
+    use s3blk::volume::catalog::{self, OnDependants};
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let opts = CreateOptions { size: 4 * CSU, chunk_size: CS, parent: None, single_writer: false };
+    Volume::create(mem.clone(), "src/", opts, &SystemClock).await.expect("create");
+    let w = Volume::open(mem.clone(), "src/", OpenOptions::default()).await.expect("open");
+    let old = common::pattern(4, CS as usize);
+    w.write(0, &old).await.expect("write");
+    w.flush().await.expect("flush");
+    catalog::clone_volume(&mem, "src/", None, "a/x/", "a/x/", None, &SystemClock).await.expect("clone a/x");
+    let failing: DynStore = common::Wrapped::new(
+        mem.clone(),
+        FailDeleteOnce { key: "a/x/volume.json".into(), armed: std::sync::atomic::AtomicBool::new(true) },
+    );
+    let first = catalog::delete_volume(&failing, "a/x/", OnDependants::RefuseClones, &SystemClock).await;
+    assert!(first.is_err(), "the first delete was to stop before volume.json went: {first:?}");
+    let pin = format::snapshot_key("src/", &format::clone_pin_name("a/x/"));
+    assert!(mem.head(&pin).await.expect("head").is_none(), "the first delete let go of the source");
+    catalog::clone_volume(&mem, "src/", None, "b/x/", "b/x/", None, &SystemClock).await.expect("clone b/x");
+    catalog::delete_volume(&mem, "a/x/", OnDependants::RefuseClones, &SystemClock).await.expect("the delete again");
+    assert!(mem.head(&pin).await.expect("head").is_some(), "the delete of a/x took b/x's pin");
+    w.write(0, &common::pattern(5, CS as usize)).await.expect("write");
+    w.flush().await.expect("flush");
+    drop(w);
+    let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
+    for _ in 0..2 {
+        compact::compact(&mem, "src/", &eager, &SystemClock).await.expect("compact");
+    }
+    let ro = OpenOptions { read_only: true, ..OpenOptions::default() };
+    let b = Volume::open(mem.clone(), "b/x/", ro).await.expect("open b/x");
+    assert_eq!(b.read(0, CSU).await.expect("read b/x"), old);
+}
+
+/// A prefix another program keeps, holding its own `deleted.json` and
+/// `volume.json` (and a name under `attachments/`), is no s3blk volume:
+/// the reaper leaves it (it took it for an interrupted delete and removed
+/// every object) and `volume delete` refuses it, as it refuses a prefix
+/// whose only marker is a volume.json that is not a volume's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_programs_deleted_json_or_volume_json_makes_no_volume_to_remove() {
+    use s3blk::volume::catalog::{self, OnDependants};
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let theirs = [
+        ("root/app/deleted.json", &b"[\"order-17\",\"order-18\"]"[..]),
+        ("root/app/volume.json", &b"{\"app\":\"inventory\",\"level\":11}"[..]),
+        ("root/app/attachments/invoice.json", &b"{\"total\":42}"[..]),
+        ("root/cfg/volume.json", &b"{\"replicas\":3}"[..]),
+    ];
+    for (k, v) in theirs {
+        mem.put(k, Bytes::from_static(v), PutMode::Overwrite).await.expect("put");
+    }
+    let age = catalog::ReapAge { safety_age: Duration::ZERO };
+    let reaped = catalog::reap(&mem, "root/app/", Some(age)).await.expect("reap");
+    assert_eq!(reaped, None, "the reaper acted on another program's deleted.json");
+    for prefix in ["root/app/", "root/cfg/"] {
+        let refused = catalog::delete_volume(&mem, prefix, OnDependants::RefuseClones, &SystemClock).await;
+        assert!(refused.is_err(), "{prefix} was deleted: {refused:?}");
+    }
+    for (k, v) in theirs {
+        assert_eq!(mem.get(k, None).await.expect("still there"), Bytes::from_static(v), "{k}");
+    }
+}

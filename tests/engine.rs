@@ -949,6 +949,41 @@ async fn compaction_folds_the_journal_and_collects_garbage(store: DynStore) {
 }
 on_both_stores!(compaction_folds_the_journal_and_collects_garbage);
 
+/// Names s3blk writes hold numbers in lowercase hex of a fixed width; an
+/// object that differs only in case (another program's, or a hand-made
+/// copy) is not the journal record, checkpoint or chunk it resembles, and
+/// compaction, which deletes what it folded or what nothing needs, leaves
+/// it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_leaves_names_like_its_own_in_uppercase_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(dir.path());
+    let vol = "upper/";
+    create(&store, vol, 4 * CS as u64).await;
+    let v = open(&store, vol).await;
+    for seed in 0..14 {
+        v.write(0, &common::pattern(seed, CS as usize)).await.expect("write");
+        v.flush().await.expect("flush");
+    }
+    drop(v);
+    let foreign = [
+        format!("{vol}journal/{:020X}", 0xa),
+        format!("{vol}checkpoints/{:020X}", 0xa),
+        format!("{vol}checkpoints/{:020X}.{:016x}.{:06x}", 0xb, 1, 0),
+        format!("{vol}chunks/{:016x}/{:016X}", 0, 0xab),
+    ];
+    for k in &foreign {
+        store.put(k, Bytes::from_static(b"not s3blk's"), PutMode::Overwrite).await.expect("put");
+    }
+    let rep = compact::compact(&store, vol, &eager(), &s3blk::clock::SystemClock).await.expect("compact");
+    assert!(rep.journal_records_deleted > 0 && rep.chunks_deleted > 0, "compaction did nothing: {rep:?}");
+    let left = keys(&store, vol).await;
+    for k in &foreign {
+        assert!(left.contains(k), "compaction deleted {k}, which s3blk did not write");
+    }
+    assert_eq!(open_ro(&store, vol).await.read(0, CS as u64).await.expect("read"), common::pattern(13, CS as usize));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_leaves_young_objects_and_dry_runs_alone() {
     let dir = tempfile::tempdir().expect("tempdir");

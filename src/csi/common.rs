@@ -43,6 +43,7 @@ pub fn catalog_status(e: CatalogError) -> Status {
         | CatalogError::StoreRoot { .. }
         | CatalogError::HoldsVolume { .. }
         | CatalogError::ForeignObjects { .. }
+        | CatalogError::ForeignMarker { .. }
         | CatalogError::Published { .. }
         | CatalogError::HasClones { .. } => Status::failed_precondition(e.to_string()),
         CatalogError::BeingDeleted { .. } => Status::aborted(e.to_string()),

@@ -40,7 +40,7 @@
 //! (`csi::registration`).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use tonic::{Request, Response, Status};
@@ -81,6 +81,8 @@ pub struct ControllerService {
     stores: Arc<Stores>,
     inflight: InFlight,
     clock: Arc<dyn Clock>,
+    /// This service, for the tasks its calls run in (see [`Self::into_arc`]).
+    me: Weak<ControllerService>,
 }
 
 /// StorageClass parameters s3blk understands.
@@ -213,7 +215,32 @@ fn timestamp(unix: i64) -> prost_types::Timestamp {
 
 impl ControllerService {
     pub fn new(cfg: ControllerConfig, stores: Arc<Stores>) -> Self {
-        Self { cfg, stores, inflight: InFlight::default(), clock: Arc::new(SystemClock) }
+        Self { cfg, stores, inflight: InFlight::default(), clock: Arc::new(SystemClock), me: Weak::new() }
+    }
+
+    /// The service, shared: what its gRPC server takes. Its calls that
+    /// change volumes run in tasks of their own, which hold it.
+    pub fn into_arc(mut self) -> Arc<Self> {
+        Arc::new_cyclic(|me| {
+            self.me = me.clone();
+            self
+        })
+    }
+
+    /// Run `call` in a task of its own, so that it finishes (and keeps its
+    /// guard on the volume till then) when the caller gives up.
+    async fn owned<T, F, Fut>(&self, call: F) -> RpcResult<T>
+    where
+        F: FnOnce(Arc<Self>) -> Fut,
+        Fut: std::future::Future<Output = RpcResult<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let Some(me) = self.me.upgrade() else {
+            return Err(Status::internal("the controller service was not started through ControllerService::into_arc"));
+        };
+        tokio::spawn(call(me))
+            .await
+            .map_err(|e| Status::internal(format!("the operation stopped before it finished: {e}")))?
     }
 
     async fn store_for(&self, loc: &Location, secrets: &HashMap<String, String>) -> Result<DynStore, Status> {
@@ -517,9 +544,8 @@ fn page<T>(items: Vec<T>, start: usize, max: usize) -> Result<(Vec<T>, String), 
     Ok((out, next))
 }
 
-#[tonic::async_trait]
-impl pb::controller_server::Controller for ControllerService {
-    async fn create_volume(&self, request: Request<pb::CreateVolumeRequest>) -> RpcResult<pb::CreateVolumeResponse> {
+impl ControllerService {
+    async fn do_create_volume(&self, request: Request<pb::CreateVolumeRequest>) -> RpcResult<pb::CreateVolumeResponse> {
         let req = request.into_inner();
         if req.name.is_empty() {
             return Err(Status::invalid_argument("name is required"));
@@ -787,7 +813,7 @@ impl pb::controller_server::Controller for ControllerService {
         Ok(Response::new(pb::CreateVolumeResponse { volume: Some(v) }))
     }
 
-    async fn delete_volume(&self, request: Request<pb::DeleteVolumeRequest>) -> RpcResult<pb::DeleteVolumeResponse> {
+    async fn do_delete_volume(&self, request: Request<pb::DeleteVolumeRequest>) -> RpcResult<pb::DeleteVolumeResponse> {
         let req = request.into_inner();
         if req.volume_id.is_empty() {
             return Err(Status::invalid_argument("volume id is required"));
@@ -824,7 +850,7 @@ impl pb::controller_server::Controller for ControllerService {
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
-    async fn controller_publish_volume(
+    async fn do_controller_publish_volume(
         &self,
         request: Request<pb::ControllerPublishVolumeRequest>,
     ) -> RpcResult<pb::ControllerPublishVolumeResponse> {
@@ -871,7 +897,7 @@ impl pb::controller_server::Controller for ControllerService {
         Ok(Response::new(pb::ControllerPublishVolumeResponse { publish_context: ctx }))
     }
 
-    async fn controller_unpublish_volume(
+    async fn do_controller_unpublish_volume(
         &self,
         request: Request<pb::ControllerUnpublishVolumeRequest>,
     ) -> RpcResult<pb::ControllerUnpublishVolumeResponse> {
@@ -895,7 +921,7 @@ impl pb::controller_server::Controller for ControllerService {
         Ok(Response::new(pb::ControllerUnpublishVolumeResponse {}))
     }
 
-    async fn validate_volume_capabilities(
+    async fn do_validate_volume_capabilities(
         &self,
         request: Request<pb::ValidateVolumeCapabilitiesRequest>,
     ) -> RpcResult<pb::ValidateVolumeCapabilitiesResponse> {
@@ -928,7 +954,7 @@ impl pb::controller_server::Controller for ControllerService {
         }))
     }
 
-    async fn list_volumes(&self, request: Request<pb::ListVolumesRequest>) -> RpcResult<pb::ListVolumesResponse> {
+    async fn do_list_volumes(&self, request: Request<pb::ListVolumesRequest>) -> RpcResult<pb::ListVolumesResponse> {
         let req = request.into_inner();
         let (start, max) = parse_pagination(req.max_entries, &req.starting_token)?;
         let (locs, next) = page(self.all_volumes().await?, start, max)?;
@@ -954,7 +980,7 @@ impl pb::controller_server::Controller for ControllerService {
         Ok(Response::new(pb::ListVolumesResponse { entries, next_token: next }))
     }
 
-    async fn get_capacity(&self, request: Request<pb::GetCapacityRequest>) -> RpcResult<pb::GetCapacityResponse> {
+    async fn do_get_capacity(&self, request: Request<pb::GetCapacityRequest>) -> RpcResult<pb::GetCapacityResponse> {
         let req = request.into_inner();
         for c in &req.volume_capabilities {
             if check_capability(c).is_err() {
@@ -979,7 +1005,7 @@ impl pb::controller_server::Controller for ControllerService {
         }))
     }
 
-    async fn controller_get_capabilities(
+    async fn do_controller_get_capabilities(
         &self,
         _request: Request<pb::ControllerGetCapabilitiesRequest>,
     ) -> RpcResult<pb::ControllerGetCapabilitiesResponse> {
@@ -1004,7 +1030,7 @@ impl pb::controller_server::Controller for ControllerService {
         Ok(Response::new(pb::ControllerGetCapabilitiesResponse { capabilities: caps }))
     }
 
-    async fn create_snapshot(
+    async fn do_create_snapshot(
         &self,
         request: Request<pb::CreateSnapshotRequest>,
     ) -> RpcResult<pb::CreateSnapshotResponse> {
@@ -1058,7 +1084,7 @@ impl pb::controller_server::Controller for ControllerService {
         }))
     }
 
-    async fn delete_snapshot(
+    async fn do_delete_snapshot(
         &self,
         request: Request<pb::DeleteSnapshotRequest>,
     ) -> RpcResult<pb::DeleteSnapshotResponse> {
@@ -1104,7 +1130,10 @@ impl pb::controller_server::Controller for ControllerService {
         Ok(Response::new(pb::DeleteSnapshotResponse {}))
     }
 
-    async fn list_snapshots(&self, request: Request<pb::ListSnapshotsRequest>) -> RpcResult<pb::ListSnapshotsResponse> {
+    async fn do_list_snapshots(
+        &self,
+        request: Request<pb::ListSnapshotsRequest>,
+    ) -> RpcResult<pb::ListSnapshotsResponse> {
         let req = request.into_inner();
         let (start, max) = parse_pagination(req.max_entries, &req.starting_token)?;
         let mut all = Vec::new();
@@ -1143,7 +1172,7 @@ impl pb::controller_server::Controller for ControllerService {
         Ok(Response::new(pb::ListSnapshotsResponse { entries, next_token: next }))
     }
 
-    async fn controller_expand_volume(
+    async fn do_controller_expand_volume(
         &self,
         request: Request<pb::ControllerExpandVolumeRequest>,
     ) -> RpcResult<pb::ControllerExpandVolumeResponse> {
@@ -1183,7 +1212,7 @@ impl pb::controller_server::Controller for ControllerService {
         }))
     }
 
-    async fn controller_get_volume(
+    async fn do_controller_get_volume(
         &self,
         request: Request<pb::ControllerGetVolumeRequest>,
     ) -> RpcResult<pb::ControllerGetVolumeResponse> {
@@ -1224,6 +1253,91 @@ impl pb::controller_server::Controller for ControllerService {
         let condition = self.condition(&store, &loc).await;
         let size = catalog::current_size(&store, &loc.prefix, &meta).await.unwrap_or(meta.size);
         reply(volume_message(&loc, &meta, size), nodes, condition)
+    }
+}
+
+/// The calls that change volumes and snapshots run in a task of their
+/// own, which finishes when the caller gives up (the provisioner's,
+/// attacher's, resizer's or snapshotter's deadline; gRPC then drops the
+/// handler): its store requests and its checks run to their end, so the
+/// retry (ABORTED while it runs) finds what it left whole, never a request
+/// of it landing later.
+#[tonic::async_trait]
+impl pb::controller_server::Controller for ControllerService {
+    async fn create_volume(&self, request: Request<pb::CreateVolumeRequest>) -> RpcResult<pb::CreateVolumeResponse> {
+        self.owned(|me| async move { me.do_create_volume(request).await }).await
+    }
+
+    async fn delete_volume(&self, request: Request<pb::DeleteVolumeRequest>) -> RpcResult<pb::DeleteVolumeResponse> {
+        self.owned(|me| async move { me.do_delete_volume(request).await }).await
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        request: Request<pb::ControllerPublishVolumeRequest>,
+    ) -> RpcResult<pb::ControllerPublishVolumeResponse> {
+        self.owned(|me| async move { me.do_controller_publish_volume(request).await }).await
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        request: Request<pb::ControllerUnpublishVolumeRequest>,
+    ) -> RpcResult<pb::ControllerUnpublishVolumeResponse> {
+        self.owned(|me| async move { me.do_controller_unpublish_volume(request).await }).await
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<pb::ValidateVolumeCapabilitiesRequest>,
+    ) -> RpcResult<pb::ValidateVolumeCapabilitiesResponse> {
+        self.do_validate_volume_capabilities(request).await
+    }
+
+    async fn list_volumes(&self, request: Request<pb::ListVolumesRequest>) -> RpcResult<pb::ListVolumesResponse> {
+        self.do_list_volumes(request).await
+    }
+
+    async fn get_capacity(&self, request: Request<pb::GetCapacityRequest>) -> RpcResult<pb::GetCapacityResponse> {
+        self.do_get_capacity(request).await
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        request: Request<pb::ControllerGetCapabilitiesRequest>,
+    ) -> RpcResult<pb::ControllerGetCapabilitiesResponse> {
+        self.do_controller_get_capabilities(request).await
+    }
+
+    async fn create_snapshot(
+        &self,
+        request: Request<pb::CreateSnapshotRequest>,
+    ) -> RpcResult<pb::CreateSnapshotResponse> {
+        self.owned(|me| async move { me.do_create_snapshot(request).await }).await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<pb::DeleteSnapshotRequest>,
+    ) -> RpcResult<pb::DeleteSnapshotResponse> {
+        self.owned(|me| async move { me.do_delete_snapshot(request).await }).await
+    }
+
+    async fn list_snapshots(&self, request: Request<pb::ListSnapshotsRequest>) -> RpcResult<pb::ListSnapshotsResponse> {
+        self.do_list_snapshots(request).await
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        request: Request<pb::ControllerExpandVolumeRequest>,
+    ) -> RpcResult<pb::ControllerExpandVolumeResponse> {
+        self.owned(|me| async move { me.do_controller_expand_volume(request).await }).await
+    }
+
+    async fn controller_get_volume(
+        &self,
+        request: Request<pb::ControllerGetVolumeRequest>,
+    ) -> RpcResult<pb::ControllerGetVolumeResponse> {
+        self.do_controller_get_volume(request).await
     }
 }
 

@@ -220,8 +220,8 @@ pub async fn run(
         true => start_compaction(&cfg, &ccfg, &stores).await?,
         false => None,
     };
-    let controller =
-        with_controller.then(|| pb::controller_server::ControllerServer::new(ControllerService::new(ccfg, stores)));
+    let controller = with_controller
+        .then(|| pb::controller_server::ControllerServer::from_arc(ControllerService::new(ccfg, stores).into_arc()));
     static REQUEST_ID: AtomicU64 = AtomicU64::new(1);
     tracing::info!(endpoint = %cfg.endpoint, driver = %cfg.driver_name, mode = ?cfg.mode, "CSI driver listening");
     let result = tonic::transport::Server::builder()

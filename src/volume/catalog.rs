@@ -79,6 +79,8 @@ pub enum CatalogError {
     NotAVolume { volume: String, objects: usize },
     #[error("{volume} is the root of a store of volumes; nothing was deleted")]
     StoreRoot { volume: String },
+    #[error("{volume} holds a {what} that s3blk did not write: not an s3blk volume; nothing was deleted")]
+    ForeignMarker { volume: String, what: &'static str },
     #[error("{volume} holds another volume ({inner}); nothing was deleted")]
     HoldsVolume { volume: String, inner: String },
     #[error("{volume} holds {objects} objects s3blk did not write (such as {example}); nothing was deleted")]
@@ -157,7 +159,7 @@ pub(crate) fn is_bookkeeping(rel: &str) -> bool {
 /// (`rel` relative to the volume's prefix): each is deleted right after it
 /// was written, but a crash or a lost delete may leave it behind.
 fn is_probe(rel: &str) -> bool {
-    let hex16 = |h: &str| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit());
+    let hex16 = |h: &str| format::is_lower_hex(h, 16);
     rel.strip_prefix(store::PROBE_STEM).is_some_and(hex16)
         || rel.strip_prefix(format::CLOCK_PROBE_STEM).is_some_and(hex16)
 }
@@ -712,6 +714,37 @@ pub async fn release_source(store: &DynStore, source: &str, clone: &str) -> Cata
     Ok(())
 }
 
+/// [`release_source`] for a volume being deleted, whose marker in
+/// `source` must name it: pins and markers are named by a clone's last
+/// path segment, so after an earlier run of this delete let go of them, a
+/// clone of the same name in another folder may have taken the names (and
+/// its clone reads through that pin). Without a marker, the pin is left:
+/// it may be such a clone's, whose marker follows its pin.
+async fn release_own_source(store: &DynStore, source: &str, vol: &str) -> CatalogResult<()> {
+    let key = format::clone_marker_key(source, vol);
+    let mine = match store.get(&key, None).await {
+        Ok(b) => serde_json::from_slice::<CloneMarker>(&b).ok().is_some_and(|m| marker_names(&m, vol)),
+        Err(StoreError::NotFound(_)) => false,
+        Err(e) => return Err(e.into()),
+    };
+    if !mine {
+        tracing::warn!(
+            volume = %describe(store.as_ref(), vol),
+            source = %describe(store.as_ref(), source),
+            "the source's marker for this name is gone or another clone's: its pin of that name is left alone"
+        );
+        return Ok(());
+    }
+    release_source(store, source, vol).await
+}
+
+/// Does `m` name the clone under `vol`? Markers name clones by their
+/// volume URL (or, written by callers of the library, by its prefix).
+fn marker_names(m: &CloneMarker, vol: &str) -> bool {
+    m.clone.trim_end_matches('/') == vol.trim_end_matches('/')
+        || crate::location::Location::parse(&m.clone, true).is_ok_and(|l| l.prefix == vol)
+}
+
 /// What `source.json` holds: where the pin and marker of a clone or
 /// restore under construction are, and the name its marker gives it.
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -852,6 +885,21 @@ pub async fn delete_volume(
     let has = |key: String| objects.iter().any(|o| o.key == key);
     let tombstoned = has(tombstone_key(vol));
     let has_meta = has(format::meta_key(vol));
+    // Names alone prove nothing (`volume.json` and `deleted.json` are
+    // common names): the prefix is a volume when its deletion marker is
+    // one s3blk wrote, or else its volume.json decodes as a volume's.
+    if tombstoned && !own_tombstone(store, vol).await? {
+        return Err(CatalogError::ForeignMarker { volume, what: "deleted.json" });
+    }
+    if !tombstoned && has_meta {
+        match replay::read_meta(store.as_ref(), vol).await {
+            Ok(_) => {}
+            Err(VolumeError::Corrupt(_)) => {
+                return Err(CatalogError::ForeignMarker { volume, what: "volume.json" });
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     if !tombstoned && !has_meta {
         if objects.iter().all(|o| o.key.strip_prefix(vol).is_some_and(is_create_remains)) {
             return delete_failed_create(store, vol, &objects).await;
@@ -937,7 +985,7 @@ async fn finish_delete(store: &DynStore, vol: &str) -> CatalogResult<u64> {
     match replay::read_meta(store.as_ref(), vol).await {
         Ok(m) => {
             if let Some(p) = m.parent {
-                release_source(store, &p.volume, vol).await?;
+                release_own_source(store, &p.volume, vol).await?;
             }
         }
         // Gone: an earlier run of this delete let go of the source first.
@@ -1027,10 +1075,33 @@ async fn delete_failed_create(store: &DynStore, vol: &str, objects: &[ObjectInfo
 }
 
 async fn write_tombstone(store: &DynStore, vol: &str, clock: &dyn Clock) -> CatalogResult<()> {
-    let body = Bytes::from(format!("{{\"deleted_unix\":{}}}\n", clock.now_unix()));
+    let body = Bytes::from(tombstone_body(clock.now_unix()));
     match store.put(&tombstone_key(vol), body, PutMode::IfAbsent).await {
         // Already tombstoned: keep the first one, its age counts.
         Ok(()) | Err(StoreError::PreconditionFailed(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn tombstone_body(deleted_unix: i64) -> String {
+    format!("{{\"deleted_unix\":{deleted_unix}}}\n")
+}
+
+/// Is `body` a deletion marker as [`write_tombstone`] writes it?
+fn is_own_tombstone(body: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Tombstone {
+        deleted_unix: i64,
+    }
+    serde_json::from_slice::<Tombstone>(body).is_ok_and(|t| tombstone_body(t.deleted_unix).as_bytes() == body)
+}
+
+/// Is the deletion marker under `vol` one s3blk wrote? (`false` when absent.)
+async fn own_tombstone(store: &DynStore, vol: &str) -> CatalogResult<bool> {
+    match store.get(&tombstone_key(vol), None).await {
+        Ok(b) => Ok(is_own_tombstone(&b)),
+        Err(StoreError::NotFound(_)) => Ok(false),
         Err(e) => Err(e.into()),
     }
 }
@@ -1068,10 +1139,17 @@ pub async fn reap(store: &DynStore, vol: &str, age: Option<ReapAge>) -> CatalogR
     Ok(Some(finish_delete(store, vol).await?))
 }
 
+/// The deletion marker under `vol`, when it is one s3blk wrote: another
+/// program's `deleted.json` makes no prefix s3blk's to remove.
 async fn tombstone_info(store: &DynStore, vol: &str) -> CatalogResult<Option<ObjectInfo>> {
     let key = tombstone_key(vol);
     let page = store.list(ListRequest { prefix: &key, start_after: None, delimiter: false, max_keys: 1 }).await?;
-    Ok(page.objects.into_iter().find(|o| o.key == key))
+    let Some(info) = page.objects.into_iter().find(|o| o.key == key) else { return Ok(None) };
+    if !own_tombstone(store, vol).await? {
+        tracing::warn!(volume = %describe(store.as_ref(), vol), "a deleted.json s3blk did not write; the prefix is left alone");
+        return Ok(None);
+    }
+    Ok(Some(info))
 }
 
 /// Delete every object of a tombstoned volume, `volume.json` first (a

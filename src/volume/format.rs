@@ -162,9 +162,17 @@ pub fn clone_pin_name(clone_vol: &str) -> String {
     format!("{CLONE_PIN_PREFIX}{}", volume_name(clone_vol))
 }
 
+/// Is `s` exactly `width` lowercase hex digits, as s3blk writes numbers
+/// into names? Nothing else is one of its names: `A` in place of `a`, a
+/// sign or another width is another program's object, never to be read
+/// as, or deleted for, the number it resembles.
+pub fn is_lower_hex(s: &str, width: usize) -> bool {
+    s.len() == width && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 fn parse_hex_tail(key: &str, prefix: &str, width: usize) -> Option<u64> {
     let tail = key.strip_prefix(prefix)?;
-    if tail.len() != width || !tail.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !is_lower_hex(tail, width) {
         return None;
     }
     u64::from_str_radix(tail, 16).ok()
@@ -183,7 +191,7 @@ pub fn parse_checkpoint_part_key(vol: &str, key: &str) -> Option<(u64, u64, u32)
     let tail = key.strip_prefix(&checkpoint_prefix(vol))?;
     let mut it = tail.split('.');
     let (seq, tag, n) = (it.next()?, it.next()?, it.next()?);
-    let hex = |s: &str, w: usize| (s.len() == w && s.bytes().all(|b| b.is_ascii_hexdigit())).then_some(());
+    let hex = |s: &str, w: usize| is_lower_hex(s, w).then_some(());
     hex(seq, 20)?;
     hex(tag, 16)?;
     hex(n, 6)?;
@@ -196,8 +204,7 @@ pub fn parse_checkpoint_part_key(vol: &str, key: &str) -> Option<(u64, u64, u32)
 pub fn parse_chunk_key(vol: &str, key: &str) -> Option<(u64, u64)> {
     let tail = key.strip_prefix(&chunk_prefix(vol))?;
     let (i, g) = tail.split_once('/')?;
-    let ok = |s: &str| s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit());
-    if !ok(i) || !ok(g) {
+    if !is_lower_hex(i, 16) || !is_lower_hex(g, 16) {
         return None;
     }
     Some((u64::from_str_radix(i, 16).ok()?, u64::from_str_radix(g, 16).ok()?))

@@ -141,7 +141,9 @@ fn segments(dir: &Path) -> io::Result<Vec<u64>> {
     for e in fs::read_dir(dir)? {
         let name = e?.file_name();
         let Some(hex) = name.to_str().and_then(|n| n.strip_prefix("seg-")) else { continue };
-        if let Ok(n) = u64::from_str_radix(hex, 16) {
+        if crate::volume::format::is_lower_hex(hex, 16)
+            && let Ok(n) = u64::from_str_radix(hex, 16)
+        {
             out.push(n);
         }
     }
@@ -220,7 +222,7 @@ pub fn sweep_other_boots(dir: &Path) -> io::Result<u64> {
         let v = v?;
         let name = v.file_name().to_string_lossy().into_owned();
         // Only what the engine names: a volume uuid.
-        if !v.file_type()?.is_dir() || name.len() != 32 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !v.file_type()?.is_dir() || !crate::volume::format::is_lower_hex(&name, 32) {
             continue;
         }
         for c in sweep_picks(&v.path(), &boot)? {

@@ -666,7 +666,11 @@ impl Volume {
                 )));
             }
             Err(VolumeError::NotFound(_)) => {
-                store.delete(&journal_key(vol, 0)).await?;
+                // Only a record this call wrote: one it found is another
+                // create's (its delete takes it back).
+                if landed {
+                    store.delete(&journal_key(vol, 0)).await?;
+                }
                 return Err(VolumeError::NotFound(format!("{vol} (deleted while its create was being finished)")));
             }
             Err(e) => return Err(e),
