@@ -258,14 +258,7 @@ fn delete_refuses_to_break_clones_and_a_deleted_clone_lets_go_of_its_parent() {
     rt.block_on(async {
         let clock = s3blk::clock::SystemClock;
         let rec = snapshot_committed(&store, "parent/", "clone-child", &clock).await.expect("snapshot");
-        s3blk::store::ObjectStore::put(
-            store.as_ref(),
-            "parent/clones/child.json",
-            bytes::Bytes::from_static(b"{}"),
-            s3blk::store::PutMode::Overwrite,
-        )
-        .await
-        .expect("marker");
+        s3blk::volume::catalog::add_clone_marker(&store, "parent/", "child/", "child/", rec.seq).await.expect("marker");
         let parent = Some(ParentRef { volume: "parent/".into(), snapshot: "clone-child".into(), seq: rec.seq });
         let opts = CreateOptions { size: 1 << 20, chunk_size: 64 << 10, parent, single_writer: false };
         s3blk::volume::Volume::create(store.clone(), "child/", opts, &clock).await.expect("clone");

@@ -1946,3 +1946,35 @@ async fn a_create_volume_its_caller_gives_up_on_still_finishes() {
     let v = d.ctl.clone().create_volume(req).await.expect("the next retry").into_inner().volume.expect("volume");
     assert_eq!(v.capacity_bytes, 1 << 20);
 }
+
+/// A controller told to stop waits for a CreateVolume its caller gave up
+/// on before it returns: the create's store requests run to their end
+/// (here its volume.json lands) instead of stopping wherever the process
+/// ends. Before, it returned at once with the call still under way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_told_to_stop_first_finishes_a_create_its_caller_gave_up_on() {
+    let Some(mut d) = driver_of_its_own_stores().await else { return };
+    let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    wrap_bucket(&d, SlowPut { suffix: "/volume.json", delay: std::time::Duration::from_secs(3), held: held.clone() })
+        .await;
+    let mut ctl = d.ctl.clone();
+    let call = tokio::spawn(async move { ctl.create_volume(create_req("pvc-stopping", 1 << 20, 0)).await });
+    for _ in 0..200 {
+        if held.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(held.load(std::sync::atomic::Ordering::SeqCst), "the create never reached its volume.json");
+    call.abort();
+    assert!(call.await.is_err(), "the create answered before it was given up on; the test proves nothing");
+    if let Some(stop) = d.stop.take() {
+        let _ = stop.send(());
+    }
+    (&mut d.task).await.expect("join").expect("the controller stops");
+    let listed = s3blk::store::list_all(d.store.as_ref(), "k8s/").await.expect("list");
+    assert!(
+        listed.iter().any(|o| o.key.contains("pvc-stopping") && o.key.ends_with("/volume.json")),
+        "the controller stopped before the create it was running finished: {listed:?}"
+    );
+}

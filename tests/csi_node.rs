@@ -1660,6 +1660,17 @@ fn attached_devices() -> Vec<String> {
     nbd_sizes().into_iter().filter(|(_, s)| *s > 0).map(|(d, _)| d).collect()
 }
 
+/// Does a process run mkfs on `device` now (from /proc/*/cmdline)?
+fn mkfs_running(device: &str) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return false };
+    procs.flatten().any(|p| {
+        let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        args.first().is_some_and(|a| a.windows(4).any(|w| w == b"mkfs" || w == b"mke2"))
+            && args.contains(&device.as_bytes())
+    })
+}
+
 /// How many mounts sit at `path` (from /proc/self/mountinfo).
 fn mounts_at(path: &Path) -> usize {
     let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
@@ -1674,7 +1685,12 @@ fn mounts_at(path: &Path) -> usize {
 /// between its steps left its device attached and its volume served, and
 /// the retry attached and mounted the volume a second time. The same when
 /// the plugin is stopped (SIGTERM) while such a stage runs: it waits for
-/// the stage, and the restarted plugin serves the volume on that device.
+/// the stage, and the restarted plugin serves the volume on that device;
+/// and when it is killed (SIGKILL) while the stage makes the filesystem:
+/// the device was recorded as soon as it was attached, so the restarted
+/// plugin serves the volume on it and the retried stage finishes there
+/// (recorded only at the end, it stayed attached unknown, and the retry
+/// attached the volume a second time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "runs inside the VM started by node_stage_publish_expand_restart_block_in_a_vm"]
 async fn a_node_stage_its_caller_gives_up_on_finishes_once_inside_vm() {
@@ -1783,6 +1799,72 @@ async fn a_node_stage_its_caller_gives_up_on_finishes_once_inside_vm() {
     let unstage =
         pb::NodeUnstageVolumeRequest { volume_id: id.clone(), staging_target_path: staging.display().to_string() };
     node.node_unstage_volume(unstage).await.expect("unstage");
+
+    step("a stage whose plugin is killed (SIGKILL) while it makes the filesystem");
+    // A fresh volume, so the stage runs mkfs again.
+    let id2 = create(&mut ctl, "pvc-killed-stage", 2 << 30, ext4.clone()).await;
+    publish_ctl(&mut ctl, &id2, "node-g", &ext4).await;
+    let before = attached_devices();
+    let staging2 = w.join("staging-killed");
+    let mut req2 = req.clone();
+    req2.volume_id = id2.clone();
+    req2.staging_target_path = staging2.display().to_string();
+    let mut n2 = node.clone();
+    let first = req2.clone();
+    let call = tokio::spawn(async move { n2.node_stage_volume(first).await });
+    let mut seen = None;
+    for _ in 0..3000 {
+        if let Some(d) = attached_devices().into_iter().find(|d| !before.contains(d)) {
+            seen = Some(d);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seen = seen.expect("the stage attached no device within 30 s");
+    // Killed while mkfs runs (its device attached and, with the fix,
+    // recorded): not in the moment between the attach and the record.
+    let mut making = false;
+    for _ in 0..3000 {
+        if mkfs_running(&seen) {
+            making = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(making, "no mkfs of {seen} ran within 30 s");
+    let mut plugin = plugin;
+    plugin.child.kill().expect("SIGKILL the plugin");
+    let _ = plugin.child.wait();
+    let killed = call.await;
+    assert!(
+        !matches!(killed, Ok(Ok(_))),
+        "the stage answered before the plugin was killed ({killed:?}); the test proves nothing"
+    );
+    drop((ctl, node));
+    let plugin = spawn_plugin(&args, &w.join("csi.sock"), false, Some(&log));
+    let (mut ctl, mut node) = clients(&plugin.sock).await;
+    // Its retry (kubelet's): refused while recovery runs, or while the
+    // killed stage's mkfs, which outlived the plugin, holds the device.
+    let mut refusals = Vec::new();
+    for i in 0.. {
+        match node.node_stage_volume(req2.clone()).await {
+            Ok(_) => break,
+            Err(s) if i < 600 => {
+                refusals.push(format!("{:?}: {}", s.code(), s.message()));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("stage after the kill: {s}; refused before: {refusals:?}"),
+        }
+    }
+    println!("the retry was refused {} times: {:?}", refusals.len(), refusals.last());
+    let now: Vec<String> = attached_devices().into_iter().filter(|d| !before.contains(d)).collect();
+    assert_eq!(now, vec![seen.clone()], "the volume must be on the one device the killed stage attached");
+    assert_eq!(mounts_at(&staging2), 1, "the staging path must hold one mount");
+    assert_eq!(mounted_device(&staging2), seen);
+    let unstage =
+        pb::NodeUnstageVolumeRequest { volume_id: id2.clone(), staging_target_path: staging2.display().to_string() };
+    node.node_unstage_volume(unstage).await.expect("unstage after the kill");
+    unpublish_ctl(&mut ctl, &id2, "node-g").await;
     unpublish_ctl(&mut ctl, &id, "node-g").await;
     plugin.stop();
 }

@@ -729,6 +729,44 @@ async fn a_finished_create_that_wrote_no_record_deletes_none() {
     assert_eq!(left.ok().as_deref(), Some(OTHER_RECORD), "the other create's record was deleted");
 }
 
+/// Lets the first PUT of a create record land, then, as a delete begins
+/// (taking `volume.json`), answers it 412: its answer was lost and the
+/// retry found the record it had written.
+#[derive(Debug)]
+struct LandedAnswerLost {
+    armed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl common::Around for LandedAnswerLost {
+    async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
+        if key.ends_with("journal/00000000000000000000") && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            inner.put(key, body, mode).await?;
+            inner.delete(&format::meta_key("v/")).await?;
+            return Err(StoreError::PreconditionFailed(key.to_string()));
+        }
+        inner.put(key, body, mode).await
+    }
+}
+
+/// A finish of a create whose record landed with its answer lost, and
+/// which then finds the volume deleted, takes its record back: left, it
+/// sat under a prefix without volume.json or tombstone, which no delete
+/// removes and which a create of the name again took for its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_create_whose_record_landed_unanswered_takes_it_back() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CSU).await;
+    let meta = replay::read_meta(mem.as_ref(), "v/").await.expect("meta");
+    mem.delete(&format::journal_key("v/", 0)).await.expect("delete the record");
+    let store: DynStore =
+        common::Wrapped::new(mem.clone(), LandedAnswerLost { armed: std::sync::atomic::AtomicBool::new(true) });
+    let finished = Volume::finish_create(&store, "v/", &meta).await;
+    assert!(matches!(finished, Err(VolumeError::NotFound(_))), "{finished:?}");
+    assert!(mem.head(&format::journal_key("v/", 0)).await.expect("head").is_none(), "its own record was left");
+}
+
 /// Fails the first delete of `key`, as a crash or a lost connection would.
 #[derive(Debug)]
 struct FailDeleteOnce {
@@ -784,6 +822,64 @@ async fn a_delete_run_again_leaves_the_pin_of_another_clone_of_the_same_name() {
     let ro = OpenOptions { read_only: true, ..OpenOptions::default() };
     let b = Volume::open(mem.clone(), "b/x/", ro).await.expect("open b/x");
     assert_eq!(b.read(0, CSU).await.expect("read b/x"), old);
+}
+
+/// A delete of a clone that failed while letting go of its source (its
+/// pin's or its marker's delete) lets go of the rest when run again: the
+/// source keeps no pin, nor a marker that refuses its delete. When the
+/// marker went first and the pin's delete failed, the second run found no
+/// marker naming the clone and left the pin for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_that_failed_letting_go_of_its_source_lets_go_when_run_again() {
+    use s3blk::volume::catalog::{self, OnDependants};
+    let pin = format::snapshot_key("src/", &format::clone_pin_name("c/x/"));
+    let marker = format::clone_marker_key("src/", "c/x/");
+    for failing_key in [&pin, &marker] {
+        let mem: DynStore = Arc::new(MemoryStore::new());
+        create(&mem, "src/", 4 * CSU).await;
+        catalog::clone_volume(&mem, "src/", None, "c/x/", "c/x/", None, &SystemClock).await.expect("clone");
+        let failing: DynStore = common::Wrapped::new(
+            mem.clone(),
+            FailDeleteOnce { key: failing_key.clone(), armed: std::sync::atomic::AtomicBool::new(true) },
+        );
+        let first = catalog::delete_volume(&failing, "c/x/", OnDependants::RefuseClones, &SystemClock).await;
+        assert!(first.is_err(), "the delete of {failing_key} was to fail: {first:?}");
+        catalog::delete_volume(&mem, "c/x/", OnDependants::RefuseClones, &SystemClock).await.expect("run again");
+        for k in [&pin, &marker] {
+            assert!(mem.head(k).await.expect("head").is_none(), "{k} left after {failing_key} failed once");
+        }
+        catalog::delete_volume(&mem, "src/", OnDependants::RefuseClones, &SystemClock).await.expect("the source goes");
+    }
+}
+
+/// Plays another delete finishing between a listing and the GET of the
+/// deletion marker it found.
+#[derive(Debug)]
+struct TombstoneGoesBeforeItIsRead;
+
+#[async_trait]
+impl common::Around for TombstoneGoesBeforeItIsRead {
+    async fn get(&self, inner: &DynStore, key: &str, range: Option<Range<u64>>) -> StoreResult<Bytes> {
+        if key.ends_with("deleted.json") {
+            inner.delete(key).await?;
+        }
+        inner.get(key, range).await
+    }
+}
+
+/// A delete that finds a deletion marker gone when it reads it (another
+/// delete finished meanwhile) is told to come back (ABORTED), not that
+/// s3blk did not write the marker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_marker_gone_before_it_is_read_is_no_foreign_one() {
+    use s3blk::volume::catalog::{self, CatalogError, OnDependants};
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "v/", 4 * CSU).await;
+    let body = Bytes::from(format!("{{\"deleted_unix\":{}}}\n", SystemClock.now_unix()));
+    mem.put(&catalog::tombstone_key("v/"), body, PutMode::IfAbsent).await.expect("tombstone");
+    let racing: DynStore = common::Wrapped::new(mem.clone(), TombstoneGoesBeforeItIsRead);
+    let r = catalog::delete_volume(&racing, "v/", OnDependants::RefuseClones, &SystemClock).await;
+    assert!(matches!(r, Err(CatalogError::BeingDeleted { .. })), "{r:?}");
 }
 
 /// A prefix another program keeps, holding its own `deleted.json` and

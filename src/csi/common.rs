@@ -269,3 +269,52 @@ mod tests {
         assert_eq!(parse_snapshot_id("s3://b/v@bad/name").unwrap_err().code(), tonic::Code::NotFound);
     }
 }
+
+/// The calls of a service that run in tasks of their own (they finish when
+/// their caller gives up): each holds a guard while it runs, and `close`
+/// waits for them, up to a grace period, before the service stops. No call
+/// starts once `close` began, also after its wait gave up.
+#[derive(Debug, Default)]
+pub struct Calls {
+    running: Arc<tokio::sync::RwLock<bool>>,
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+/// Held by a running call.
+pub type CallGuard = tokio::sync::OwnedRwLockReadGuard<bool>;
+
+impl Calls {
+    /// A guard for a call about to start (`what` names the service in the
+    /// refusal), or UNAVAILABLE when the service is stopping.
+    pub async fn enter(&self, what: &str) -> Result<CallGuard, Status> {
+        let g = self.running.clone().read_owned().await;
+        if *g || self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Status::unavailable(format!("the {what} is stopping")));
+        }
+        Ok(g)
+    }
+
+    /// `enter` without waiting (for work started outside a call).
+    pub fn try_enter(&self) -> Option<CallGuard> {
+        let g = self.running.clone().try_read_owned().ok()?;
+        (!*g && !self.stopping.load(std::sync::atomic::Ordering::SeqCst)).then_some(g)
+    }
+
+    /// Refuse new calls and wait up to `grace` for the running ones;
+    /// false when some still run.
+    pub async fn close(&self, grace: std::time::Duration) -> bool {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        match tokio::time::timeout(grace, self.running.write()).await {
+            Ok(mut closed) => {
+                *closed = true;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// Longest a service told to stop waits for calls still running (a
+/// stage's mkfs, a create's store requests) before it stops anyway; well
+/// inside the chart's grace period.
+pub const CALLS_GRACE: std::time::Duration = std::time::Duration::from_secs(60);

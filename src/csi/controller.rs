@@ -46,8 +46,8 @@ use bytes::Bytes;
 use tonic::{Request, Response, Status};
 
 use super::common::{
-    InFlight, RpcResult, Stores, catalog_status, check_capabilities, check_capability, object_name, parse_snapshot_id,
-    parse_volume_id, snapshot_id, status, store_status,
+    CALLS_GRACE, Calls, InFlight, RpcResult, Stores, catalog_status, check_capabilities, check_capability, object_name,
+    parse_snapshot_id, parse_volume_id, snapshot_id, status, store_status,
 };
 use super::pb;
 use crate::clock::{Clock, SystemClock};
@@ -83,6 +83,8 @@ pub struct ControllerService {
     clock: Arc<dyn Clock>,
     /// This service, for the tasks its calls run in (see [`Self::into_arc`]).
     me: Weak<ControllerService>,
+    /// The calls running in tasks of their own: `shutdown` waits for them.
+    calls: Calls,
 }
 
 /// StorageClass parameters s3blk understands.
@@ -215,7 +217,14 @@ fn timestamp(unix: i64) -> prost_types::Timestamp {
 
 impl ControllerService {
     pub fn new(cfg: ControllerConfig, stores: Arc<Stores>) -> Self {
-        Self { cfg, stores, inflight: InFlight::default(), clock: Arc::new(SystemClock), me: Weak::new() }
+        Self {
+            cfg,
+            stores,
+            inflight: InFlight::default(),
+            clock: Arc::new(SystemClock),
+            me: Weak::new(),
+            calls: Calls::default(),
+        }
     }
 
     /// The service, shared: what its gRPC server takes. Its calls that
@@ -238,9 +247,23 @@ impl ControllerService {
         let Some(me) = self.me.upgrade() else {
             return Err(Status::internal("the controller service was not started through ControllerService::into_arc"));
         };
-        tokio::spawn(call(me))
-            .await
-            .map_err(|e| Status::internal(format!("the operation stopped before it finished: {e}")))?
+        let running = self.calls.enter("controller plugin").await?;
+        let work = call(me);
+        tokio::spawn(async move {
+            let _running = running;
+            work.await
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the operation stopped before it finished: {e}")))?
+    }
+
+    /// At plugin shutdown: refuse new calls and wait (up to a minute) for
+    /// those their callers gave up on, so their store requests and checks
+    /// run to their end rather than stop wherever the runtime ends.
+    pub async fn shutdown(&self) {
+        if !self.calls.close(CALLS_GRACE).await {
+            tracing::warn!(grace = ?CALLS_GRACE, "controller calls still running; stopping anyway");
+        }
     }
 
     async fn store_for(&self, loc: &Location, secrets: &HashMap<String, String>) -> Result<DynStore, Status> {

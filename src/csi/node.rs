@@ -30,7 +30,7 @@ use tokio::sync::{Mutex, OnceCell, watch};
 use tonic::{Request, Response, Status};
 
 use super::attachments::NodeAttachments;
-use super::common::{InFlight, RpcResult, Stores, check_capability, parse_volume_id, status};
+use super::common::{CALLS_GRACE, Calls, InFlight, RpcResult, Stores, check_capability, parse_volume_id, status};
 use super::mount::{self, MountError};
 use super::pb;
 use crate::attach::{AttachError, Attacher, devices};
@@ -206,17 +206,10 @@ pub struct NodeService {
     kubernetes: Option<NodeAttachments>,
     /// This service, for the tasks its calls run in (see [`Self::into_arc`]).
     me: Weak<NodeService>,
-    /// Held (read) by every call running in a task of its own; `shutdown`
-    /// takes it (write) to wait for them, and closes it (`true`).
-    calls: Arc<tokio::sync::RwLock<bool>>,
-    /// Set when `shutdown` begins: no call starts after it, also when the
-    /// wait for the running ones gave up.
-    stopping: std::sync::atomic::AtomicBool,
+    /// The calls running in tasks of their own, and recoveries: `shutdown`
+    /// waits for them.
+    calls: Calls,
 }
-
-/// Longest `shutdown` waits for node calls still running (a stage's mkfs)
-/// before it stops the volumes anyway; well inside the chart's grace period.
-const CALLS_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl std::fmt::Debug for NodeService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -241,6 +234,21 @@ enum StagedMount {
     Ok,
     Missing,
     Wrong(String),
+}
+
+/// Make sure `device` holds an `fs` filesystem: one of another type is
+/// refused, none is made (`mkfs_opts`) unless the volume is read-only.
+async fn ensure_filesystem(device: &str, fs: &str, readonly: bool, mkfs_opts: &str) -> Result<(), Status> {
+    match mount::filesystem(device).await.map_err(internal)? {
+        Some(found) if found != fs => {
+            Err(Status::failed_precondition(format!("the volume holds a {found} filesystem, not {fs}")))
+        }
+        Some(_) => Ok(()),
+        None if readonly => {
+            Err(Status::failed_precondition("a read-only volume without a filesystem cannot be mounted"))
+        }
+        None => mount::mkfs(device, fs, mkfs_opts).await.map_err(internal),
+    }
 }
 
 fn staged_mount(r: &StageRecord) -> StagedMount {
@@ -338,8 +346,7 @@ impl NodeService {
             attacher,
             kubernetes: None,
             me: Weak::new(),
-            calls: Arc::new(tokio::sync::RwLock::new(false)),
-            stopping: std::sync::atomic::AtomicBool::new(false),
+            calls: Calls::default(),
         })
     }
 
@@ -363,10 +370,7 @@ impl NodeService {
         let Some(me) = self.me.upgrade() else {
             return Err(Status::internal("the node service was not started through NodeService::into_arc"));
         };
-        let running = self.calls.clone().read_owned().await;
-        if *running || self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(Status::unavailable("the node plugin is stopping"));
-        }
+        let running = self.calls.enter("node plugin").await?;
         let work = call(me);
         tokio::spawn(async move {
             let _running = running;
@@ -614,9 +618,9 @@ impl NodeService {
             };
             // Held like a call's, so a plugin told to stop waits for the
             // recovery (it attaches devices) before it stops the volumes.
-            let running = match self.calls.clone().try_read_owned() {
-                Ok(r) if !*r && !self.stopping.load(std::sync::atomic::Ordering::SeqCst) => r,
-                _ => {
+            let running = match self.calls.try_enter() {
+                Some(r) => r,
+                None => {
                     tracing::info!(volume = %record.volume_id, "the node plugin is stopping: not recovered");
                     continue;
                 }
@@ -884,10 +888,8 @@ impl NodeService {
     pub async fn shutdown(&self) {
         // Calls their callers gave up on may still run (a stage's mkfs):
         // what they leave must be in `staged` to be stopped below.
-        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-        match tokio::time::timeout(CALLS_GRACE, self.calls.write()).await {
-            Ok(mut closed) => *closed = true,
-            Err(_) => tracing::warn!(grace = ?CALLS_GRACE, "node calls still running; stopping the volumes anyway"),
+        if !self.calls.close(CALLS_GRACE).await {
+            tracing::warn!(grace = ?CALLS_GRACE, "node calls still running; stopping the volumes anyway");
         }
         let lost = self.attacher.ioctl_devices();
         if !lost.is_empty() {
@@ -959,6 +961,13 @@ impl NodeService {
                 match staged_mount(&r) {
                     StagedMount::Ok => {}
                     StagedMount::Missing => {
+                        // A stage whose plugin died after it recorded the
+                        // device may not have made the filesystem yet (or
+                        // its mkfs, which outlived it, may still run: it
+                        // holds the device exclusively, so this mkfs or
+                        // mount fails until it is done, and kubelet retries).
+                        let opts = req.volume_context.get("mkfsOptions").cloned().unwrap_or_default();
+                        ensure_filesystem(&r.device, fs, r.readonly, &opts).await?;
                         std::fs::create_dir_all(&staging)
                             .map_err(|e| Status::internal(format!("{}: {e}", staging.display())))?;
                         mount_staged(&req.volume_id, &r.device, &staging, fs, r.readonly, Vec::new()).await?;
@@ -1030,25 +1039,25 @@ impl NodeService {
         // Whether this call mounted the staging path (only then does a
         // failure unmount it).
         let mut mounted = false;
+        // Recorded (secrets first, which the record's recovery needs) as
+        // soon as the device is attached, before the filesystem work that
+        // can take long: a plugin killed meanwhile leaves a record, so the
+        // restarted one serves the volume on that device again and the
+        // retried stage finishes there. Recorded only at the end, such a
+        // device stayed attached with nobody knowing it, and the retry
+        // attached the volume a second time.
+        let recorded = async {
+            if record.has_secrets {
+                self.save_secrets(&req.volume_id, &Secrets(req.secrets.clone()))?;
+            }
+            self.save(&record)
+        }
+        .await;
         let result: Result<(), Status> = async {
+            recorded?;
             if let Some(fs) = &fs_type {
-                match mount::filesystem(&device).await.map_err(internal)? {
-                    Some(found) if &found != fs => {
-                        return Err(Status::failed_precondition(format!(
-                            "the volume holds a {found} filesystem, not {fs}"
-                        )));
-                    }
-                    Some(_) => {}
-                    None if readonly => {
-                        return Err(Status::failed_precondition(
-                            "a read-only volume without a filesystem cannot be mounted",
-                        ));
-                    }
-                    None => {
-                        let opts = req.volume_context.get("mkfsOptions").cloned().unwrap_or_default();
-                        mount::mkfs(&device, fs, &opts).await.map_err(internal)?;
-                    }
-                }
+                let opts = req.volume_context.get("mkfsOptions").cloned().unwrap_or_default();
+                ensure_filesystem(&device, fs, readonly, &opts).await?;
                 std::fs::create_dir_all(&staging)
                     .map_err(|e| Status::internal(format!("{}: {e}", staging.display())))?;
                 let flags = match &cap.access_type {
@@ -1058,20 +1067,19 @@ impl NodeService {
                 mount_staged(&req.volume_id, &device, &staging, fs, readonly, flags).await?;
                 mounted = true;
             }
-            if record.has_secrets {
-                self.save_secrets(&req.volume_id, &Secrets(req.secrets.clone()))?;
-            }
-            self.save(&record)
+            Ok(())
         }
         .await;
         if let Err(e) = result {
-            // Leave nothing half-done behind.
+            // Leave nothing half-done behind; the record goes last, once
+            // the device it names is no longer attached.
             if mounted {
                 let _ = mount::umount(&staging).await;
             }
             let _ = self.attacher.detach(&device).await;
-            self.remove_secrets(&req.volume_id);
             let _ = self.stop(&req.volume_id, server).await;
+            self.remove_secrets(&req.volume_id);
+            let _ = std::fs::remove_file(self.record_path(&req.volume_id));
             return Err(e);
         }
         tracing::info!(volume = %req.volume_id, device = %device, staging = %staging.display(), "volume staged");

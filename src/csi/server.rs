@@ -220,8 +220,7 @@ pub async fn run(
         true => start_compaction(&cfg, &ccfg, &stores).await?,
         false => None,
     };
-    let controller = with_controller
-        .then(|| pb::controller_server::ControllerServer::from_arc(ControllerService::new(ccfg, stores).into_arc()));
+    let controller = with_controller.then(|| ControllerService::new(ccfg, stores).into_arc());
     static REQUEST_ID: AtomicU64 = AtomicU64::new(1);
     tracing::info!(endpoint = %cfg.endpoint, driver = %cfg.driver_name, mode = ?cfg.mode, "CSI driver listening");
     let result = tonic::transport::Server::builder()
@@ -234,7 +233,7 @@ pub async fn run(
             req
         }))
         .add_service(pb::identity_server::IdentityServer::new(identity))
-        .add_optional_service(controller)
+        .add_optional_service(controller.clone().map(pb::controller_server::ControllerServer::from_arc))
         .add_optional_service(node.clone().map(pb::node_server::NodeServer::from_arc))
         .serve_with_incoming_shutdown(
             // Any :authority a client sends on the socket is accepted (see `authority`).
@@ -242,9 +241,18 @@ pub async fn run(
             shutdown,
         )
         .await;
-    if let Some(n) = node {
-        n.shutdown().await;
-    }
+    // Both wait (side by side) for the calls their callers gave up on.
+    let stop_controller = async {
+        if let Some(c) = &controller {
+            c.shutdown().await;
+        }
+    };
+    let stop_node = async {
+        if let Some(n) = &node {
+            n.shutdown().await;
+        }
+    };
+    tokio::join!(stop_controller, stop_node);
     if let Some(m) = metrics {
         m.abort();
     }

@@ -79,8 +79,8 @@ pub enum CatalogError {
     NotAVolume { volume: String, objects: usize },
     #[error("{volume} is the root of a store of volumes; nothing was deleted")]
     StoreRoot { volume: String },
-    #[error("{volume} holds a {what} that s3blk did not write: not an s3blk volume; nothing was deleted")]
-    ForeignMarker { volume: String, what: &'static str },
+    #[error("{volume} holds a {what} s3blk cannot take for its own ({why}): nothing was deleted")]
+    ForeignMarker { volume: String, what: &'static str, why: String },
     #[error("{volume} holds another volume ({inner}); nothing was deleted")]
     HoldsVolume { volume: String, inner: String },
     #[error("{volume} holds {objects} objects s3blk did not write (such as {example}); nothing was deleted")]
@@ -702,12 +702,16 @@ pub async fn clone_volume(
     created
 }
 
-/// A clone (or restored volume) lets go of its source: the marker and the
-/// pin go, and the source too when it was deleted and this was the last
-/// thing that kept it (if that fails, the reaper tries again later).
+/// A clone (or restored volume) lets go of its source: the pin and then
+/// the marker go, and the source too when it was deleted and this was the
+/// last thing that kept it (if that fails, the reaper tries again later).
+/// Pin first: a marker gone means this clone's pin went before it, so a
+/// pin of the name found without a marker is never this clone's (see
+/// [`release_own_source`]), and a delete that failed between the two
+/// finds its marker when it runs again.
 pub async fn release_source(store: &DynStore, source: &str, clone: &str) -> CatalogResult<()> {
-    store.delete(&format::clone_marker_key(source, clone)).await?;
     store.delete(&format::snapshot_key(source, &format::clone_pin_name(clone))).await?;
+    store.delete(&format::clone_marker_key(source, clone)).await?;
     if let Err(e) = Box::pin(reap(store, source, None)).await {
         tracing::warn!(volume = %describe(store.as_ref(), source), error = %e, "reaping a deleted source failed");
     }
@@ -719,7 +723,8 @@ pub async fn release_source(store: &DynStore, source: &str, clone: &str) -> Cata
 /// path segment, so after an earlier run of this delete let go of them, a
 /// clone of the same name in another folder may have taken the names (and
 /// its clone reads through that pin). Without a marker, the pin is left:
-/// it may be such a clone's, whose marker follows its pin.
+/// this volume's went before its marker, so it is such a clone's, whose
+/// marker follows its pin.
 async fn release_own_source(store: &DynStore, source: &str, vol: &str) -> CatalogResult<()> {
     let key = format::clone_marker_key(source, vol);
     let mine = match store.get(&key, None).await {
@@ -888,15 +893,26 @@ pub async fn delete_volume(
     // Names alone prove nothing (`volume.json` and `deleted.json` are
     // common names): the prefix is a volume when its deletion marker is
     // one s3blk wrote, or else its volume.json decodes as a volume's.
-    if tombstoned && !own_tombstone(store, vol).await? {
-        return Err(CatalogError::ForeignMarker { volume, what: "deleted.json" });
+    // Either gone since the listing: another delete is finishing (the
+    // retry sees what it left).
+    if tombstoned {
+        match own_tombstone(store, vol).await? {
+            Some(true) => {}
+            Some(false) => {
+                let why = "not the deletion marker s3blk writes".to_string();
+                return Err(CatalogError::ForeignMarker { volume, what: "deleted.json", why });
+            }
+            None => return Err(CatalogError::BeingDeleted { volume }),
+        }
     }
     if !tombstoned && has_meta {
         match replay::read_meta(store.as_ref(), vol).await {
             Ok(_) => {}
-            Err(VolumeError::Corrupt(_)) => {
-                return Err(CatalogError::ForeignMarker { volume, what: "volume.json" });
+            // Another program's, damaged, or of a newer format.
+            Err(VolumeError::Corrupt(why)) => {
+                return Err(CatalogError::ForeignMarker { volume, what: "volume.json", why });
             }
+            Err(VolumeError::NotFound(_)) => return Err(CatalogError::BeingDeleted { volume }),
             Err(e) => return Err(e.into()),
         }
     }
@@ -1087,21 +1103,23 @@ fn tombstone_body(deleted_unix: i64) -> String {
     format!("{{\"deleted_unix\":{deleted_unix}}}\n")
 }
 
-/// Is `body` a deletion marker as [`write_tombstone`] writes it?
+/// Is `body` a deletion marker as [`write_tombstone`] writes it: a JSON
+/// object holding `deleted_unix`, an integer, and nothing else?
 fn is_own_tombstone(body: &[u8]) -> bool {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Tombstone {
-        deleted_unix: i64,
+        #[serde(rename = "deleted_unix")]
+        _deleted_unix: i64,
     }
-    serde_json::from_slice::<Tombstone>(body).is_ok_and(|t| tombstone_body(t.deleted_unix).as_bytes() == body)
+    serde_json::from_slice::<Tombstone>(body).is_ok()
 }
 
-/// Is the deletion marker under `vol` one s3blk wrote? (`false` when absent.)
-async fn own_tombstone(store: &DynStore, vol: &str) -> CatalogResult<bool> {
+/// Is the deletion marker under `vol` one s3blk wrote? (`None` when absent.)
+async fn own_tombstone(store: &DynStore, vol: &str) -> CatalogResult<Option<bool>> {
     match store.get(&tombstone_key(vol), None).await {
-        Ok(b) => Ok(is_own_tombstone(&b)),
-        Err(StoreError::NotFound(_)) => Ok(false),
+        Ok(b) => Ok(Some(is_own_tombstone(&b))),
+        Err(StoreError::NotFound(_)) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
@@ -1145,11 +1163,15 @@ async fn tombstone_info(store: &DynStore, vol: &str) -> CatalogResult<Option<Obj
     let key = tombstone_key(vol);
     let page = store.list(ListRequest { prefix: &key, start_after: None, delimiter: false, max_keys: 1 }).await?;
     let Some(info) = page.objects.into_iter().find(|o| o.key == key) else { return Ok(None) };
-    if !own_tombstone(store, vol).await? {
-        tracing::warn!(volume = %describe(store.as_ref(), vol), "a deleted.json s3blk did not write; the prefix is left alone");
-        return Ok(None);
+    match own_tombstone(store, vol).await? {
+        Some(true) => Ok(Some(info)),
+        Some(false) => {
+            tracing::warn!(volume = %describe(store.as_ref(), vol), "a deleted.json s3blk did not write; the prefix is left alone");
+            Ok(None)
+        }
+        // Gone since the listing: a delete finished.
+        None => Ok(None),
     }
-    Ok(Some(info))
 }
 
 /// Delete every object of a tombstoned volume, `volume.json` first (a

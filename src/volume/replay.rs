@@ -290,7 +290,10 @@ pub(crate) async fn changed_under(
     }
     match from {
         Some(f) => Ok(store.head(&format::checkpoint_key(vol, f)).await?.is_none()),
-        None => Ok(!crate::store::list_all(store, &checkpoint_prefix(vol)).await?.is_empty()),
+        None => Ok(crate::store::list_all(store, &checkpoint_prefix(vol))
+            .await?
+            .iter()
+            .any(|o| parse_checkpoint_key(vol, &o.key).is_some())),
     }
 }
 

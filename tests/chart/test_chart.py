@@ -85,6 +85,8 @@ def test_default_render_has_every_component_and_validates():
     for sidecar in ["csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapshotter", "liveness-probe"]:
         assert sidecar in names
     assert ctrl["template"]["spec"]["priorityClassName"] == "system-cluster-critical"
+    # Longer than the 60 s a stopping controller waits for abandoned calls.
+    assert ctrl["template"]["spec"]["terminationGracePeriodSeconds"] == 90
     ds = find(docs, "DaemonSet")[0]["spec"]["template"]["spec"]
     assert ds["priorityClassName"] == "system-node-critical"
     node = [c for c in ds["containers"] if c["name"] == "s3blk"][0]

@@ -302,8 +302,14 @@ impl Claimed {
         Ok(())
     }
 
-    /// Remove the directory (the lock goes with it).
-    pub fn discard(self) -> io::Result<()> {
+    /// Remove the directory (the lock goes with it). Segments go first,
+    /// oldest first, as a flush releases them: a process killed midway
+    /// leaves a suffix of the log, whose replay by the next opener of this
+    /// boot writes only the newest bytes of what it holds. Removed in
+    /// directory order, it could leave an older segment without the newer
+    /// ones, and the replay put old bytes over committed ones.
+    pub fn discard(mut self) -> io::Result<()> {
+        self.clear()?;
         fs::remove_dir_all(&self.dir)
     }
 

@@ -606,14 +606,21 @@ impl Volume {
     /// inside records, cannot be told from a create that stopped: it is
     /// finished as an empty volume.)
     pub async fn finish_create(store: &DynStore, vol: &str, meta: &VolumeMeta) -> VolumeResult<bool> {
-        let any = |prefix: String| async move {
-            let req = crate::store::ListRequest { prefix: &prefix, start_after: None, delimiter: false, max_keys: 1 };
-            Ok::<_, StoreError>(!store.list(req).await?.objects.is_empty())
+        // Objects s3blk names so (the first page: its names sort first).
+        let any = |prefix: String, ours: fn(&str, &str) -> bool| async move {
+            let req =
+                crate::store::ListRequest { prefix: &prefix, start_after: None, delimiter: false, max_keys: 1000 };
+            Ok::<_, StoreError>(store.list(req).await?.objects.iter().any(|o| ours(vol, &o.key)))
         };
-        if any(format::journal_prefix(vol)).await? || any(format::checkpoint_prefix(vol)).await? {
+        let record = |vol: &str, key: &str| format::parse_journal_key(vol, key).is_some();
+        let checkpoint = |vol: &str, key: &str| {
+            format::parse_checkpoint_key(vol, key).is_some() || format::parse_checkpoint_part_key(vol, key).is_some()
+        };
+        let chunk = |vol: &str, key: &str| format::parse_chunk_key(vol, key).is_some();
+        if any(format::journal_prefix(vol), record).await? || any(format::checkpoint_prefix(vol), checkpoint).await? {
             return Ok(false);
         }
-        if any(format::chunk_prefix(vol)).await? {
+        if any(format::chunk_prefix(vol), chunk).await? {
             return Err(VolumeError::Corrupt(format!("{vol}: chunks, but no journal records and no checkpoint")));
         }
         // Its delete has begun: nothing is finished for the reaper to take.
@@ -642,11 +649,18 @@ impl Volume {
                 )));
             }
         }
-        let landed = match store.put(&journal_key(vol, 0), create_record(meta), PutMode::IfAbsent).await {
+        let record = create_record(meta);
+        let landed = match store.put(&journal_key(vol, 0), record.clone(), PutMode::IfAbsent).await {
             Ok(()) => true,
-            // The first creator's record landed meanwhile: the same record
-            // (unless the name was deleted and created again, below).
-            Err(StoreError::PreconditionFailed(_)) => false,
+            // The first creator's record landed meanwhile (unless the name
+            // was deleted and created again, below), or this call's own,
+            // whose answer was lost and whose retry found it: the same
+            // bytes, this volume's record either way.
+            Err(StoreError::PreconditionFailed(_)) => match store.get(&journal_key(vol, 0), None).await {
+                Ok(found) => found == record,
+                Err(StoreError::NotFound(_)) => false,
+                Err(e) => return Err(e.into()),
+            },
             Err(e) => return Err(e.into()),
         };
         // A delete may have begun meanwhile (it takes volume.json first):
@@ -666,8 +680,8 @@ impl Volume {
                 )));
             }
             Err(VolumeError::NotFound(_)) => {
-                // Only a record this call wrote: one it found is another
-                // create's (its delete takes it back).
+                // Only this volume's record: another is another create's
+                // (its delete takes it back).
                 if landed {
                     store.delete(&journal_key(vol, 0)).await?;
                 }
@@ -1540,7 +1554,9 @@ async fn claim_log(
     writer: u64,
 ) -> VolumeResult<TakingLog> {
     // The uuid names a directory here: only what s3blk itself writes.
-    if meta.uuid.len() != 32 || !meta.uuid.bytes().all(|b| b.is_ascii_hexdigit()) {
+    // (Lowercase, as it writes them: the sweep of earlier boots' logs
+    // passes over any other name and would never remove its logs.)
+    if !format::is_lower_hex(&meta.uuid, 32) {
         return Err(VolumeError::Corrupt(format!("volume.json of {vol} has a malformed uuid {:?}", meta.uuid)));
     }
     let at = format!("{}/{vol}", store.describe());
