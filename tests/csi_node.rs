@@ -415,6 +415,23 @@ async fn node_lifecycle_inside_vm() {
         assert!(back == data, "raw block data differs after re-stage");
     }
     unstage(&mut node, &bid, &bstaging, &btarget).await;
+
+    step("a volume holding data but no filesystem is never formatted by a stage");
+    let fs_staging = w.join("staging/block-as-ext4");
+    let refused = node.node_stage_volume(stage_req(&bid, &fs_staging, &mount_cap("ext4"))).await;
+    let e = refused.expect_err("a stage that would format a volume holding data");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("not formatted"), "{}", e.message());
+    node.node_stage_volume(stage_req(&bid, &bstaging, &block)).await.expect("stage block after the refusal");
+    node.node_publish_volume(publish_req(&bid, &bstaging, &btarget, &block)).await.expect("publish block");
+    {
+        let mut f = std::fs::File::open(&btarget).expect("open");
+        f.seek(SeekFrom::Start(7 << 20)).expect("seek");
+        let mut back = vec![0u8; data.len()];
+        f.read_exact(&mut back).expect("read block");
+        assert!(back == data, "the refused stage changed the volume's data");
+    }
+    unstage(&mut node, &bid, &bstaging, &btarget).await;
     drop((ctl, node));
     plugin.stop();
     assert!(s3blk::attach::devices::nbd_devices().iter().all(|d| s3blk::attach::devices::device_size(d) == 0));
@@ -1660,6 +1677,17 @@ fn attached_devices() -> Vec<String> {
     nbd_sizes().into_iter().filter(|(_, s)| *s > 0).map(|(d, _)| d).collect()
 }
 
+/// The first device attached that is not in `before`, waiting up to 30 s.
+async fn device_attached_since(before: &[String]) -> Option<String> {
+    for _ in 0..3000 {
+        if let Some(d) = attached_devices().into_iter().find(|d| !before.contains(d)) {
+            return Some(d);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
 /// Does a process run mkfs on `device` now (from /proc/*/cmdline)?
 fn mkfs_running(device: &str) -> bool {
     let Ok(procs) = std::fs::read_dir("/proc") else { return false };
@@ -1721,14 +1749,7 @@ async fn a_node_stage_its_caller_gives_up_on_finishes_once_inside_vm() {
     let mut n2 = node.clone();
     let first = req.clone();
     let call = tokio::spawn(async move { n2.node_stage_volume(first).await });
-    let mut seen = None;
-    for _ in 0..3000 {
-        if let Some(d) = attached_devices().into_iter().find(|d| !before.contains(d)) {
-            seen = Some(d);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let seen = device_attached_since(&before).await;
     call.abort();
     let given_up = call.await;
     let seen = seen.expect("the stage attached no device within 30 s");
@@ -1771,14 +1792,7 @@ async fn a_node_stage_its_caller_gives_up_on_finishes_once_inside_vm() {
     let mut n2 = node.clone();
     let first = req.clone();
     let call = tokio::spawn(async move { n2.node_stage_volume(first).await });
-    let mut seen = None;
-    for _ in 0..3000 {
-        if let Some(d) = attached_devices().into_iter().find(|d| !before.contains(d)) {
-            seen = Some(d);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let seen = device_attached_since(&before).await;
     call.abort();
     let _ = call.await;
     let seen = seen.expect("the stage attached no device within 30 s");
@@ -1812,14 +1826,7 @@ async fn a_node_stage_its_caller_gives_up_on_finishes_once_inside_vm() {
     let mut n2 = node.clone();
     let first = req2.clone();
     let call = tokio::spawn(async move { n2.node_stage_volume(first).await });
-    let mut seen = None;
-    for _ in 0..3000 {
-        if let Some(d) = attached_devices().into_iter().find(|d| !before.contains(d)) {
-            seen = Some(d);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let seen = device_attached_since(&before).await;
     let seen = seen.expect("the stage attached no device within 30 s");
     // Killed while mkfs runs (its device attached and, with the fix,
     // recorded): not in the moment between the attach and the record.

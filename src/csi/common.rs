@@ -294,6 +294,28 @@ impl Calls {
         Ok(g)
     }
 
+    /// Run `call` on the service `me` names in a task of its own, holding
+    /// a guard: it finishes (and keeps its guard on the volume till then)
+    /// when the caller gives up. `what` names the service in errors.
+    pub async fn owned<S, T, F, Fut>(&self, me: &std::sync::Weak<S>, what: &str, call: F) -> RpcResult<T>
+    where
+        F: FnOnce(Arc<S>) -> Fut,
+        Fut: std::future::Future<Output = RpcResult<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let Some(me) = me.upgrade() else {
+            return Err(Status::internal(format!("the {what} service was not started through into_arc")));
+        };
+        let running = self.enter(what).await?;
+        let work = call(me);
+        tokio::spawn(async move {
+            let _running = running;
+            work.await
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the operation stopped before it finished: {e}")))?
+    }
+
     /// `enter` without waiting (for work started outside a call).
     pub fn try_enter(&self) -> Option<CallGuard> {
         let g = self.running.clone().try_read_owned().ok()?;

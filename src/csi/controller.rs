@@ -244,17 +244,7 @@ impl ControllerService {
         Fut: std::future::Future<Output = RpcResult<T>> + Send + 'static,
         T: Send + 'static,
     {
-        let Some(me) = self.me.upgrade() else {
-            return Err(Status::internal("the controller service was not started through ControllerService::into_arc"));
-        };
-        let running = self.calls.enter("controller plugin").await?;
-        let work = call(me);
-        tokio::spawn(async move {
-            let _running = running;
-            work.await
-        })
-        .await
-        .map_err(|e| Status::internal(format!("the operation stopped before it finished: {e}")))?
+        self.calls.owned(&self.me, "controller plugin", call).await
     }
 
     /// At plugin shutdown: refuse new calls and wait (up to a minute) for

@@ -105,6 +105,10 @@ struct StageRecord {
     /// this volume's: another tool may have taken its number since.
     #[serde(default)]
     boot: Option<String>,
+    /// Set while this stage makes the filesystem: a stage retried after
+    /// the plugin died then may make it again over what that mkfs left.
+    #[serde(default)]
+    formatting: bool,
     /// Records of earlier versions kept the secrets here: read once,
     /// moved to `--secrets-dir`, never written back.
     #[serde(default, rename = "secrets", skip_serializing)]
@@ -236,18 +240,25 @@ enum StagedMount {
     Wrong(String),
 }
 
-/// Make sure `device` holds an `fs` filesystem: one of another type is
-/// refused, none is made (`mkfs_opts`) unless the volume is read-only.
-async fn ensure_filesystem(device: &str, fs: &str, readonly: bool, mkfs_opts: &str) -> Result<(), Status> {
+/// Must an `fs` filesystem be made on `device`? One of another type is
+/// refused, and so is none when the volume is read-only, or when it holds
+/// data (`may_format` false: written to, or a clone): blkid finds nothing
+/// also when it cannot read the device (the store not answering), and a
+/// filesystem made then would be committed over the volume's data.
+async fn needs_mkfs(device: &str, fs: &str, readonly: bool, may_format: bool) -> Result<bool, Status> {
     match mount::filesystem(device).await.map_err(internal)? {
         Some(found) if found != fs => {
             Err(Status::failed_precondition(format!("the volume holds a {found} filesystem, not {fs}")))
         }
-        Some(_) => Ok(()),
+        Some(_) => Ok(false),
         None if readonly => {
             Err(Status::failed_precondition("a read-only volume without a filesystem cannot be mounted"))
         }
-        None => mount::mkfs(device, fs, mkfs_opts).await.map_err(internal),
+        None if !may_format => Err(Status::failed_precondition(format!(
+            "no {fs} filesystem was found on {device}, but the volume holds data (or its data could not be read): \
+             it is not formatted, which would overwrite that data; stage it as a block volume to see what it holds"
+        ))),
+        None => Ok(true),
     }
 }
 
@@ -367,17 +378,7 @@ impl NodeService {
         Fut: std::future::Future<Output = RpcResult<T>> + Send + 'static,
         T: Send + 'static,
     {
-        let Some(me) = self.me.upgrade() else {
-            return Err(Status::internal("the node service was not started through NodeService::into_arc"));
-        };
-        let running = self.calls.enter("node plugin").await?;
-        let work = call(me);
-        tokio::spawn(async move {
-            let _running = running;
-            work.await
-        })
-        .await
-        .map_err(|e| Status::internal(format!("the operation stopped before it finished: {e}")))?
+        self.calls.owned(&self.me, "node plugin", call).await
     }
 
     /// Consult this node's VolumeAttachments (through `api`) before serving
@@ -423,6 +424,14 @@ impl NodeService {
 
     fn record_path(&self, volume_id: &str) -> PathBuf {
         self.cfg.state_dir.join(format!("{}.json", key_of(volume_id)))
+    }
+
+    /// Put back a record as it was (`bytes`), atomically.
+    fn put_back_record(&self, volume_id: &str, bytes: &[u8]) -> std::io::Result<()> {
+        let path = self.record_path(volume_id);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, &path)
     }
 
     fn save(&self, r: &StageRecord) -> Result<(), Status> {
@@ -928,13 +937,11 @@ impl NodeService {
             req.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume capability is required"))?;
         check_capability(cap).map_err(Status::invalid_argument)?;
         let _guard = self.inflight.start(&req.volume_id)?;
-        let already = self
-            .staged
-            .lock()
-            .await
-            .get(&req.volume_id)
-            .map(|s| (s.record.clone(), matches!(s.serving, Serving::LostWrites), s.unconnected.is_some()));
-        if let Some((r, lost, unconnected)) = already {
+        let already = self.staged.lock().await.get(&req.volume_id).map(|s| {
+            let pristine = s.volume().is_ok_and(|v| v.never_written());
+            (s.record.clone(), matches!(s.serving, Serving::LostWrites), s.unconnected.is_some(), pristine)
+        });
+        if let Some((mut r, lost, unconnected, pristine)) = already {
             if lost {
                 return Err(Status::failed_precondition(LOST_WRITES));
             }
@@ -966,11 +973,20 @@ impl NodeService {
                         // its mkfs, which outlived it, may still run: it
                         // holds the device exclusively, so this mkfs or
                         // mount fails until it is done, and kubelet retries).
-                        let opts = req.volume_context.get("mkfsOptions").cloned().unwrap_or_default();
-                        ensure_filesystem(&r.device, fs, r.readonly, &opts).await?;
+                        if needs_mkfs(&r.device, fs, r.readonly, pristine || r.formatting).await? {
+                            let opts = req.volume_context.get("mkfsOptions").cloned().unwrap_or_default();
+                            mount::mkfs(&r.device, fs, &opts).await.map_err(internal)?;
+                        }
                         std::fs::create_dir_all(&staging)
                             .map_err(|e| Status::internal(format!("{}: {e}", staging.display())))?;
                         mount_staged(&req.volume_id, &r.device, &staging, fs, r.readonly, Vec::new()).await?;
+                        if r.formatting {
+                            r.formatting = false;
+                            self.save(&r)?;
+                            if let Some(s) = self.staged.lock().await.get_mut(&req.volume_id) {
+                                s.record.formatting = false;
+                            }
+                        }
                         tracing::info!(volume = %req.volume_id, device = %r.device, "staging path mounted again");
                     }
                     StagedMount::Wrong(why) => return Err(Status::failed_precondition(why)),
@@ -1023,7 +1039,7 @@ impl NodeService {
                 return Err(attach_err(e));
             }
         };
-        let record = StageRecord {
+        let mut record = StageRecord {
             volume_id: req.volume_id.clone(),
             staging_path: staging.clone(),
             device: device.clone(),
@@ -1034,6 +1050,7 @@ impl NodeService {
             cache_limit,
             has_secrets: !req.secrets.is_empty(),
             boot: crate::volume::engine::log::boot_id(),
+            formatting: false,
             legacy_secrets: Secrets::default(),
         };
         // Whether this call mounted the staging path (only then does a
@@ -1046,6 +1063,9 @@ impl NodeService {
         // retried stage finishes there. Recorded only at the end, such a
         // device stayed attached with nobody knowing it, and the retry
         // attached the volume a second time.
+        // A record recovery left without serving the volume (its device
+        // may still be attached) is put back if this stage fails.
+        let earlier = std::fs::read(self.record_path(&req.volume_id)).ok();
         let recorded = async {
             if record.has_secrets {
                 self.save_secrets(&req.volume_id, &Secrets(req.secrets.clone()))?;
@@ -1056,8 +1076,12 @@ impl NodeService {
         let result: Result<(), Status> = async {
             recorded?;
             if let Some(fs) = &fs_type {
-                let opts = req.volume_context.get("mkfsOptions").cloned().unwrap_or_default();
-                ensure_filesystem(&device, fs, readonly, &opts).await?;
+                if needs_mkfs(&device, fs, readonly, server.volume.never_written()).await? {
+                    record.formatting = true;
+                    self.save(&record)?;
+                    let opts = req.volume_context.get("mkfsOptions").cloned().unwrap_or_default();
+                    mount::mkfs(&device, fs, &opts).await.map_err(internal)?;
+                }
                 std::fs::create_dir_all(&staging)
                     .map_err(|e| Status::internal(format!("{}: {e}", staging.display())))?;
                 let flags = match &cap.access_type {
@@ -1066,6 +1090,10 @@ impl NodeService {
                 };
                 mount_staged(&req.volume_id, &device, &staging, fs, readonly, flags).await?;
                 mounted = true;
+                if record.formatting {
+                    record.formatting = false;
+                    self.save(&record)?;
+                }
             }
             Ok(())
         }
@@ -1076,10 +1104,24 @@ impl NodeService {
             if mounted {
                 let _ = mount::umount(&staging).await;
             }
-            let _ = self.attacher.detach(&device).await;
+            let detached = self.attacher.detach(&device).await;
             let _ = self.stop(&req.volume_id, server).await;
-            self.remove_secrets(&req.volume_id);
-            let _ = std::fs::remove_file(self.record_path(&req.volume_id));
+            match (detached, &earlier) {
+                // Still attached: its record stays, for NodeUnstage.
+                (Err(d), _) => tracing::warn!(
+                    volume = %req.volume_id, device = %device, error = %d,
+                    "a failed stage could not detach its device; its record stays"
+                ),
+                (Ok(_), Some(bytes)) => {
+                    if let Err(w) = self.put_back_record(&req.volume_id, bytes) {
+                        tracing::warn!(volume = %req.volume_id, error = %w, "putting the earlier stage record back failed");
+                    }
+                }
+                (Ok(_), None) => {
+                    self.remove_secrets(&req.volume_id);
+                    let _ = std::fs::remove_file(self.record_path(&req.volume_id));
+                }
+            }
             return Err(e);
         }
         tracing::info!(volume = %req.volume_id, device = %device, staging = %staging.display(), "volume staged");

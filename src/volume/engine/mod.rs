@@ -1027,6 +1027,18 @@ impl Volume {
         }
     }
 
+    /// Has nothing ever been written to this volume (nor does it read
+    /// through a parent)? Then it reads as zeros everywhere, and making a
+    /// filesystem on it overwrites nothing.
+    pub fn never_written(&self) -> bool {
+        let st = self.inner.lock();
+        self.inner.meta.parent.is_none()
+            && st.map.is_empty()
+            && st.slots.is_empty()
+            && st.staged.is_empty()
+            && st.patches.is_empty()
+    }
+
     /// Flush, then record a snapshot pinning the committed state.
     pub async fn snapshot(&self, name: &str) -> VolumeResult<SnapshotRecord> {
         format::validate_snapshot_name(name).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
