@@ -822,10 +822,11 @@ async fn release_recorded_source(store: &DynStore, clone: &str, rec: &SourceReco
 
 /// Do snapshots or clones still read through the volume? Every clone
 /// reads through a pin of its own, a snapshot record (a create writes the
-/// pin before the clone's marker; a delete removes the marker before the
-/// pin): a marker without its pin keeps nothing the clone reads, and is
-/// no dependant. One is left when a marker's PUT lands long after the
-/// clone's delete let go of the source.
+/// pin before the clone's marker; a delete removes the pin before the
+/// marker): a marker without its pin keeps nothing the clone reads, and is
+/// no dependant. One is left when a delete stops between the two (its
+/// rerun removes it), or when a marker's PUT lands long after the clone's
+/// delete let go of the source.
 pub async fn has_dependants(store: &DynStore, vol: &str) -> CatalogResult<bool> {
     let prefix = format::snapshot_prefix(vol);
     let page = store.list(ListRequest { prefix: &prefix, start_after: None, delimiter: false, max_keys: 1 }).await?;
