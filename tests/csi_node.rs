@@ -74,6 +74,17 @@ fn start_plugin(node_id: &str) -> Plugin {
 /// of its own when `own_netns` (as in a pod without hostNetwork), its log
 /// appended to `log` when given.
 fn spawn_plugin(args: &[String], sock: &Path, own_netns: bool, log: Option<&Path>) -> Plugin {
+    spawn_plugin_with(args, sock, own_netns, log, &[])
+}
+
+/// [`spawn_plugin`] with `env` set for the plugin.
+fn spawn_plugin_with(
+    args: &[String],
+    sock: &Path,
+    own_netns: bool,
+    log: Option<&Path>,
+    env: &[(&str, String)],
+) -> Plugin {
     let bin = std::env::var("S3BLK_BIN").expect("S3BLK_BIN");
     let mut cmd = if own_netns {
         let mut c = Command::new("unshare");
@@ -83,6 +94,7 @@ fn spawn_plugin(args: &[String], sock: &Path, own_netns: bool, log: Option<&Path
         Command::new(bin)
     };
     cmd.args(args).arg(format!("--endpoint=unix://{}", sock.display())).env("S3BLK_LOG", "info");
+    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
     if let Some(log) = log {
         let f = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("plugin log");
         cmd.stderr(f.try_clone().expect("dup log")).stdout(f);
@@ -1688,15 +1700,33 @@ async fn device_attached_since(before: &[String]) -> Option<String> {
     None
 }
 
-/// Does a process run mkfs on `device` now (from /proc/*/cmdline)?
+/// The processes running mkfs on `device` now (from /proc/*/cmdline).
+fn mkfs_pids(device: &str) -> Vec<i32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+    procs
+        .flatten()
+        .filter(|p| {
+            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            // The program, or the script a shell runs.
+            args.iter().take(2).any(|a| a.windows(4).any(|w| w == b"mkfs" || w == b"mke2"))
+                && args.contains(&device.as_bytes())
+        })
+        .filter_map(|p| p.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect()
+}
+
 fn mkfs_running(device: &str) -> bool {
-    let Ok(procs) = std::fs::read_dir("/proc") else { return false };
-    procs.flatten().any(|p| {
-        let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        args.first().is_some_and(|a| a.windows(4).any(|w| w == b"mkfs" || w == b"mke2"))
-            && args.contains(&device.as_bytes())
-    })
+    !mkfs_pids(device).is_empty()
+}
+
+/// SIGKILL every mkfs of `device`.
+fn kill_mkfs(device: &str) {
+    for pid in mkfs_pids(device) {
+        // SAFETY: kill has no memory preconditions; a pid gone meanwhile
+        // only makes it fail.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
 }
 
 /// How many mounts sit at `path` (from /proc/self/mountinfo).
@@ -1714,11 +1744,13 @@ fn mounts_at(path: &Path) -> usize {
 /// the retry attached and mounted the volume a second time. The same when
 /// the plugin is stopped (SIGTERM) while such a stage runs: it waits for
 /// the stage, and the restarted plugin serves the volume on that device;
-/// and when it is killed (SIGKILL) while the stage makes the filesystem:
-/// the device was recorded as soon as it was attached, so the restarted
-/// plugin serves the volume on it and the retried stage finishes there
-/// (recorded only at the end, it stayed attached unknown, and the retry
-/// attached the volume a second time).
+/// and when it and its mkfs are killed (SIGKILL) while the stage makes the
+/// filesystem: the device was recorded as soon as it was attached, so the
+/// restarted plugin serves the volume on it, and the retried stage makes
+/// the filesystem again over what the cut mkfs left (its mark on the
+/// volume says so) and finishes there (recorded only at the end, the device
+/// stayed attached unknown, and the retry attached the volume a second
+/// time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "runs inside the VM started by node_stage_publish_expand_restart_block_in_a_vm"]
 async fn a_node_stage_its_caller_gives_up_on_finishes_once_inside_vm() {
@@ -1799,7 +1831,7 @@ async fn a_node_stage_its_caller_gives_up_on_finishes_once_inside_vm() {
     drop((ctl, node));
     plugin.stop();
     let plugin = spawn_plugin(&args, &w.join("csi.sock"), false, Some(&log));
-    let (mut ctl, mut node) = clients(&plugin.sock).await;
+    let (ctl, mut node) = clients(&plugin.sock).await;
     for i in 0.. {
         match node.node_stage_volume(req.clone()).await {
             Ok(_) => break,
@@ -1815,6 +1847,27 @@ async fn a_node_stage_its_caller_gives_up_on_finishes_once_inside_vm() {
     node.node_unstage_volume(unstage).await.expect("unstage");
 
     step("a stage whose plugin is killed (SIGKILL) while it makes the filesystem");
+    // The plugin's mkfs.ext4, once: it writes a block that is not zeros
+    // (as every mkfs soon does), then waits to be killed; after that, the
+    // real one. Only the stage's mark on the volume then lets a retry
+    // make the filesystem over what the cut mkfs left.
+    let bin = w.join("bin");
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    let once = w.join("slow-mkfs-once");
+    let written = w.join("slow-mkfs-wrote");
+    std::fs::write(&once, b"").expect("flag");
+    let wrapper = format!(
+        "#!/bin/sh\nfor dev; do :; done\nif rm {once} 2>/dev/null; then\n  printf 's3blk-partial-mkfs' | dd of=\"$dev\" bs=4096 seek=1 conv=notrunc,fsync 2>/dev/null\n  touch {written}\n  sleep 600\nfi\nexec /usr/sbin/mkfs.ext4 \"$@\"\n",
+        once = once.display(),
+        written = written.display()
+    );
+    std::fs::write(bin.join("mkfs.ext4"), wrapper).expect("wrapper");
+    std::process::Command::new("chmod").arg("+x").arg(bin.join("mkfs.ext4")).status().expect("chmod");
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    drop((ctl, node));
+    plugin.stop();
+    let plugin = spawn_plugin_with(&args, &w.join("csi.sock"), false, Some(&log), &[("PATH", path.clone())]);
+    let (mut ctl, node) = clients(&plugin.sock).await;
     // A fresh volume, so the stage runs mkfs again.
     let id2 = create(&mut ctl, "pvc-killed-stage", 2 << 30, ext4.clone()).await;
     publish_ctl(&mut ctl, &id2, "node-g", &ext4).await;
@@ -1828,26 +1881,32 @@ async fn a_node_stage_its_caller_gives_up_on_finishes_once_inside_vm() {
     let call = tokio::spawn(async move { n2.node_stage_volume(first).await });
     let seen = device_attached_since(&before).await;
     let seen = seen.expect("the stage attached no device within 30 s");
-    // Killed while mkfs runs (its device attached and, with the fix,
+    // Killed once mkfs wrote (its device attached and, with the fix,
     // recorded): not in the moment between the attach and the record.
     let mut making = false;
     for _ in 0..3000 {
-        if mkfs_running(&seen) {
+        if mkfs_running(&seen) && written.exists() {
             making = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(making, "no mkfs of {seen} ran within 30 s");
+    assert!(making, "no mkfs of {seen} wrote within 30 s");
     let mut plugin = plugin;
     plugin.child.kill().expect("SIGKILL the plugin");
     let _ = plugin.child.wait();
+    // Its mkfs goes too (an OOM kill of the pod's processes): what it
+    // wrote is no filesystem, and only the stage's mark on the volume lets
+    // the retry make it again.
+    kill_mkfs(&seen);
     let killed = call.await;
     assert!(
         !matches!(killed, Ok(Ok(_))),
         "the stage answered before the plugin was killed ({killed:?}); the test proves nothing"
     );
     drop((ctl, node));
+    // A killed plugin leaves its socket file: wait for the new one's.
+    let _ = std::fs::remove_file(w.join("csi.sock"));
     let plugin = spawn_plugin(&args, &w.join("csi.sock"), false, Some(&log));
     let (mut ctl, mut node) = clients(&plugin.sock).await;
     // Its retry (kubelet's): refused while recovery runs, or while the
@@ -1868,6 +1927,8 @@ async fn a_node_stage_its_caller_gives_up_on_finishes_once_inside_vm() {
     assert_eq!(now, vec![seen.clone()], "the volume must be on the one device the killed stage attached");
     assert_eq!(mounts_at(&staging2), 1, "the staging path must hold one mount");
     assert_eq!(mounted_device(&staging2), seen);
+    let marks: Vec<PathBuf> = walk(&w.join("store")).into_iter().filter(|p| p.ends_with("formatting.json")).collect();
+    assert!(marks.is_empty(), "the mark of the killed stage's mkfs outlived the filesystem: {marks:?}");
     let unstage =
         pb::NodeUnstageVolumeRequest { volume_id: id2.clone(), staging_target_path: staging2.display().to_string() };
     node.node_unstage_volume(unstage).await.expect("unstage after the kill");

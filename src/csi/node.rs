@@ -30,13 +30,17 @@ use tokio::sync::{Mutex, OnceCell, watch};
 use tonic::{Request, Response, Status};
 
 use super::attachments::NodeAttachments;
-use super::common::{CALLS_GRACE, Calls, InFlight, RpcResult, Stores, check_capability, parse_volume_id, status};
+use super::common::{
+    CALLS_GRACE, Calls, InFlight, RpcResult, Stores, check_capability, parse_volume_id, status, store_status,
+};
 use super::mount::{self, MountError};
 use super::pb;
 use crate::attach::{AttachError, Attacher, devices};
+use crate::clock::Clock;
 use crate::nbd::unflushed::UnflushedMarker;
 use crate::nbd::{Export, Listen, server};
 use crate::size::parse_size;
+use crate::store::DynStore;
 use crate::volume::budget::MemoryBudget;
 use crate::volume::{OpenOptions, Volume, catalog};
 
@@ -105,10 +109,6 @@ struct StageRecord {
     /// this volume's: another tool may have taken its number since.
     #[serde(default)]
     boot: Option<String>,
-    /// Set while this stage makes the filesystem: a stage retried after
-    /// the plugin died then may make it again over what that mkfs left.
-    #[serde(default)]
-    formatting: bool,
     /// Records of earlier versions kept the secrets here: read once,
     /// moved to `--secrets-dir`, never written back.
     #[serde(default, rename = "secrets", skip_serializing)]
@@ -240,26 +240,43 @@ enum StagedMount {
     Wrong(String),
 }
 
-/// Must an `fs` filesystem be made on `device`? One of another type is
-/// refused, and so is none when the volume is read-only, or when it holds
-/// data (`may_format` false: written to, or a clone): blkid finds nothing
-/// also when it cannot read the device (the store not answering), and a
-/// filesystem made then would be committed over the volume's data.
-async fn needs_mkfs(device: &str, fs: &str, readonly: bool, may_format: bool) -> Result<bool, Status> {
+/// Does `device` hold an `fs` filesystem (`false`: none)? One of another
+/// type is refused. "None" is believed only once the device reads: blkid
+/// finds nothing also when it cannot read it (the store not answering).
+async fn has_filesystem(device: &str, fs: &str) -> Result<bool, Status> {
     match mount::filesystem(device).await.map_err(internal)? {
         Some(found) if found != fs => {
             Err(Status::failed_precondition(format!("the volume holds a {found} filesystem, not {fs}")))
         }
-        Some(_) => Ok(false),
-        None if readonly => {
-            Err(Status::failed_precondition("a read-only volume without a filesystem cannot be mounted"))
+        Some(_) => Ok(true),
+        None => {
+            let dev = device.to_string();
+            let read = tokio::task::spawn_blocking(move || reads_ends(&dev))
+                .await
+                .map_err(|e| Status::internal(format!("reading {device}: {e}")))?;
+            read.map_err(|e| {
+                Status::unavailable(format!(
+                    "{device} could not be read to look for a filesystem ({e}); nothing was formatted"
+                ))
+            })?;
+            Ok(false)
         }
-        None if !may_format => Err(Status::failed_precondition(format!(
-            "no {fs} filesystem was found on {device}, but the volume holds data (or its data could not be read): \
-             it is not formatted, which would overwrite that data; stage it as a block volume to see what it holds"
-        ))),
-        None => Ok(true),
     }
+}
+
+/// Read the first and the last MiB of `device` (where filesystems keep
+/// their superblocks), failing on any error.
+fn reads_ends(device: &str) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(device)?;
+    let len = f.seek(SeekFrom::End(0))?;
+    let span = len.min(1 << 20);
+    let mut buf = vec![0u8; span as usize];
+    for at in [0, len - span] {
+        f.seek(SeekFrom::Start(at))?;
+        f.read_exact(&mut buf)?;
+    }
+    Ok(())
 }
 
 fn staged_mount(r: &StageRecord) -> StagedMount {
@@ -424,6 +441,72 @@ impl NodeService {
 
     fn record_path(&self, volume_id: &str) -> PathBuf {
         self.cfg.state_dir.join(format!("{}.json", key_of(volume_id)))
+    }
+
+    /// Make an `fs` filesystem on the stage's `device` unless it holds one
+    /// (true when it made one). Only on a volume that reads as zeros
+    /// (`zeros`), or over what a stage's mkfs that did not finish left (on
+    /// this node or another: its mark is on the volume's store): a volume
+    /// holding data without a filesystem blkid knows is refused, never
+    /// formatted.
+    async fn filesystem_on(
+        &self,
+        req: &pb::NodeStageVolumeRequest,
+        device: &str,
+        fs: &str,
+        readonly: bool,
+        zeros: bool,
+    ) -> Result<bool, Status> {
+        if has_filesystem(device, fs).await? {
+            // One a stage's mkfs made, before a plugin kill kept that stage
+            // from removing its mark.
+            self.formatted(req).await;
+            return Ok(false);
+        }
+        if readonly {
+            return Err(Status::failed_precondition("a read-only volume without a filesystem cannot be mounted"));
+        }
+        let (store, mark) = self.mkfs_mark(req).await?;
+        if !zeros && store.head(&mark).await.map_err(|e| store_status(&e))?.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "no {fs} filesystem was found on {device}, but the volume holds data: it is not formatted, which \
+                 would overwrite that data (stage it as a block volume to see what it holds)"
+            )));
+        }
+        let body =
+            serde_json::json!({ "node": self.cfg.node_id, "started_unix": crate::clock::SystemClock.now_unix() });
+        store
+            .put(&mark, bytes::Bytes::from(body.to_string()), crate::store::PutMode::Overwrite)
+            .await
+            .map_err(|e| store_status(&e))?;
+        let opts = req.volume_context.get("mkfsOptions").cloned().unwrap_or_default();
+        mount::mkfs(device, fs, &opts).await.map_err(internal)?;
+        Ok(true)
+    }
+
+    /// The mark a stage keeps on the volume's store while it makes the
+    /// volume's filesystem: its store, and the key.
+    async fn mkfs_mark(&self, req: &pb::NodeStageVolumeRequest) -> Result<(DynStore, String), Status> {
+        let loc = parse_volume_id(&req.volume_id)?;
+        let store = self.stores.get(&loc, &req.secrets).await?;
+        Ok((store, format!("{}{}", loc.prefix, catalog::FORMATTING)))
+    }
+
+    /// The volume has its filesystem: the mark of a stage making it goes,
+    /// if there is one (left, it would let a later stage format the volume
+    /// should blkid see no filesystem on it).
+    async fn formatted(&self, req: &pb::NodeStageVolumeRequest) {
+        let gone = match self.mkfs_mark(req).await {
+            Ok((store, mark)) => match store.head(&mark).await {
+                Ok(None) => Ok(()),
+                Ok(Some(_)) => store.delete(&mark).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(e.message().to_string()),
+        };
+        if let Err(e) = gone {
+            tracing::warn!(volume = %req.volume_id, error = %e, "removing the volume's mkfs mark failed");
+        }
     }
 
     /// Put back a record as it was (`bytes`), atomically.
@@ -938,10 +1021,10 @@ impl NodeService {
         check_capability(cap).map_err(Status::invalid_argument)?;
         let _guard = self.inflight.start(&req.volume_id)?;
         let already = self.staged.lock().await.get(&req.volume_id).map(|s| {
-            let pristine = s.volume().is_ok_and(|v| v.never_written());
-            (s.record.clone(), matches!(s.serving, Serving::LostWrites), s.unconnected.is_some(), pristine)
+            let zeros = s.volume().is_ok_and(|v| v.reads_as_zeros());
+            (s.record.clone(), matches!(s.serving, Serving::LostWrites), s.unconnected.is_some(), zeros)
         });
-        if let Some((mut r, lost, unconnected, pristine)) = already {
+        if let Some((r, lost, unconnected, zeros)) = already {
             if lost {
                 return Err(Status::failed_precondition(LOST_WRITES));
             }
@@ -973,19 +1056,12 @@ impl NodeService {
                         // its mkfs, which outlived it, may still run: it
                         // holds the device exclusively, so this mkfs or
                         // mount fails until it is done, and kubelet retries).
-                        if needs_mkfs(&r.device, fs, r.readonly, pristine || r.formatting).await? {
-                            let opts = req.volume_context.get("mkfsOptions").cloned().unwrap_or_default();
-                            mount::mkfs(&r.device, fs, &opts).await.map_err(internal)?;
-                        }
+                        let made = self.filesystem_on(&req, &r.device, fs, r.readonly, zeros).await?;
                         std::fs::create_dir_all(&staging)
                             .map_err(|e| Status::internal(format!("{}: {e}", staging.display())))?;
                         mount_staged(&req.volume_id, &r.device, &staging, fs, r.readonly, Vec::new()).await?;
-                        if r.formatting {
-                            r.formatting = false;
-                            self.save(&r)?;
-                            if let Some(s) = self.staged.lock().await.get_mut(&req.volume_id) {
-                                s.record.formatting = false;
-                            }
+                        if made {
+                            self.formatted(&req).await;
                         }
                         tracing::info!(volume = %req.volume_id, device = %r.device, "staging path mounted again");
                     }
@@ -1039,7 +1115,7 @@ impl NodeService {
                 return Err(attach_err(e));
             }
         };
-        let mut record = StageRecord {
+        let record = StageRecord {
             volume_id: req.volume_id.clone(),
             staging_path: staging.clone(),
             device: device.clone(),
@@ -1050,7 +1126,6 @@ impl NodeService {
             cache_limit,
             has_secrets: !req.secrets.is_empty(),
             boot: crate::volume::engine::log::boot_id(),
-            formatting: false,
             legacy_secrets: Secrets::default(),
         };
         // Whether this call mounted the staging path (only then does a
@@ -1076,12 +1151,7 @@ impl NodeService {
         let result: Result<(), Status> = async {
             recorded?;
             if let Some(fs) = &fs_type {
-                if needs_mkfs(&device, fs, readonly, server.volume.never_written()).await? {
-                    record.formatting = true;
-                    self.save(&record)?;
-                    let opts = req.volume_context.get("mkfsOptions").cloned().unwrap_or_default();
-                    mount::mkfs(&device, fs, &opts).await.map_err(internal)?;
-                }
+                let made = self.filesystem_on(&req, &device, fs, readonly, server.volume.reads_as_zeros()).await?;
                 std::fs::create_dir_all(&staging)
                     .map_err(|e| Status::internal(format!("{}: {e}", staging.display())))?;
                 let flags = match &cap.access_type {
@@ -1090,9 +1160,8 @@ impl NodeService {
                 };
                 mount_staged(&req.volume_id, &device, &staging, fs, readonly, flags).await?;
                 mounted = true;
-                if record.formatting {
-                    record.formatting = false;
-                    self.save(&record)?;
+                if made {
+                    self.formatted(&req).await;
                 }
             }
             Ok(())

@@ -61,6 +61,10 @@ pub const STORE_MARKER: &str = ".s3blk-store.json";
 pub const PROVISIONED: &str = "provisioned.json";
 /// The record of the source a clone or restore under construction pins, under its prefix.
 pub const SOURCE: &str = "source.json";
+/// Kept by a node's stage while it makes the volume's filesystem (see
+/// the node plugin): a stage that finds it may make it again over what an
+/// mkfs cut short left.
+pub const FORMATTING: &str = "formatting.json";
 /// Under a store root: the store registry and the node records.
 pub const STORES_DIR: &str = ".s3blk-stores/";
 pub const NODES_DIR: &str = ".s3blk-nodes/";
@@ -151,6 +155,7 @@ pub(crate) fn is_bookkeeping(rel: &str) -> bool {
         || rel == super::lease::LEASE_NAME
         || rel == PROVISIONED
         || rel == SOURCE
+        || rel == FORMATTING
         || json_in(rel, "attachments/").is_some()
         || json_in(rel, "clones/").is_some()
 }

@@ -1027,16 +1027,18 @@ impl Volume {
         }
     }
 
-    /// Has nothing ever been written to this volume (nor does it read
-    /// through a parent)? Then it reads as zeros everywhere, and making a
-    /// filesystem on it overwrites nothing.
-    pub fn never_written(&self) -> bool {
+    /// Does the volume read as zeros everywhere, its parents' chunks
+    /// included (nothing but trims, zeroes and discards was ever
+    /// committed, and nothing is pending)? Then making a filesystem on it
+    /// overwrites nothing.
+    pub fn reads_as_zeros(&self) -> bool {
+        let zeros = |map: &ChunkMap| map.values().all(|r| matches!(r, ChunkRef::Zero));
         let st = self.inner.lock();
-        self.inner.meta.parent.is_none()
-            && st.map.is_empty()
+        zeros(&st.map)
+            && st.patches.is_empty()
             && st.slots.is_empty()
             && st.staged.is_empty()
-            && st.patches.is_empty()
+            && self.inner.parents.iter().all(|p| zeros(&p.map) && p.patches.is_empty())
     }
 
     /// Flush, then record a snapshot pinning the committed state.
