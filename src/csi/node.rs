@@ -1182,7 +1182,16 @@ impl NodeService {
                     "a failed stage could not detach its device; its record stays"
                 ),
                 (Ok(_), Some(bytes)) => {
-                    if let Err(w) = self.put_back_record(&req.volume_id, bytes) {
+                    // Unless another volume's stage took its device meanwhile
+                    // (this stage's record no longer named it): two records
+                    // of one device, and a restart would hand it to both.
+                    let device = serde_json::from_slice::<StageRecord>(bytes).ok().map(|r| r.device);
+                    let taken = self.recorded_devices(Some(&req.volume_id)).await;
+                    if device.as_ref().is_some_and(|d| taken.contains(d)) {
+                        tracing::warn!(volume = %req.volume_id, device = ?device, "the earlier stage record's device is another volume's now; the record is dropped");
+                        self.remove_secrets(&req.volume_id);
+                        let _ = std::fs::remove_file(self.record_path(&req.volume_id));
+                    } else if let Err(w) = self.put_back_record(&req.volume_id, bytes) {
                         tracing::warn!(volume = %req.volume_id, error = %w, "putting the earlier stage record back failed");
                     }
                 }
