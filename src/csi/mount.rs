@@ -37,13 +37,41 @@ pub async fn run(cmd: &str, args: &[&str]) -> Result<String, MountError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The filesystem on a device, `None` when it holds none.
-pub async fn filesystem(dev: &str) -> Result<Option<String>, MountError> {
-    match run("blkid", &["-p", "-o", "value", "-s", "TYPE", dev]).await {
-        Ok(out) => Ok(Some(out.trim().to_string()).filter(|s| !s.is_empty())),
-        // blkid exits 2 when it finds nothing.
-        Err(MountError::Command { detail, .. }) if detail.contains("exit 2") => Ok(None),
+/// What blkid finds on a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// A filesystem (or another signature with a type) of this type.
+    Type(String),
+    /// Something else that is not nothing: a partition table, or more
+    /// than one signature.
+    Other(String),
+    /// No signature blkid knows (or blkid could not read the device: it
+    /// says the same).
+    Nothing,
+}
+
+/// Probe a device (`blkid -p`, every signature, not the cache).
+pub async fn probe(dev: &str) -> Result<Found, MountError> {
+    match run("blkid", &["-p", "-o", "export", dev]).await {
+        Ok(out) => Ok(parse_probe(&out)),
+        // Exit 2: nothing found (or nothing read); exit 8: signatures that
+        // contradict each other.
+        Err(MountError::Command { detail, .. }) if detail.ends_with("(exit 2)") => Ok(Found::Nothing),
+        Err(MountError::Command { detail, .. }) if detail.ends_with("(exit 8)") => {
+            Ok(Found::Other("more than one signature".into()))
+        }
         Err(e) => Err(e),
+    }
+}
+
+fn parse_probe(out: &str) -> Found {
+    let value = |key: &str| {
+        out.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=').map(str::to_string)).filter(|v| !v.is_empty())
+    };
+    match (value("TYPE"), value("PTTYPE")) {
+        (Some(t), _) => Found::Type(t),
+        (None, Some(pt)) => Found::Other(format!("a {pt} partition table")),
+        (None, None) => Found::Other("a signature without a type".into()),
     }
 }
 
@@ -202,6 +230,16 @@ pub fn statvfs(path: &Path) -> Result<([u64; 3], [u64; 3]), MountError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blkid_export_is_read_for_type_and_partition_table() {
+        assert_eq!(parse_probe("DEVNAME=/dev/nbd0\nUUID=x\nTYPE=ext4\nUSAGE=filesystem\n"), Found::Type("ext4".into()));
+        assert_eq!(
+            parse_probe("DEVNAME=/dev/nbd0\nPTUUID=y\nPTTYPE=gpt\n"),
+            Found::Other("a gpt partition table".into())
+        );
+        assert_eq!(parse_probe("DEVNAME=/dev/nbd0\n"), Found::Other("a signature without a type".into()));
+    }
 
     #[test]
     fn stage_options_per_filesystem() {

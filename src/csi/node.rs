@@ -240,25 +240,35 @@ enum StagedMount {
     Wrong(String),
 }
 
-/// Does `device` hold an `fs` filesystem (`false`: none)? One of another
-/// type is refused. "None" is believed only once the device reads: blkid
-/// finds nothing also when it cannot read it (the store not answering).
+/// Does `device` hold an `fs` filesystem (`false`: nothing at all)? One
+/// of another type is refused, and so is anything else blkid finds (a
+/// partition table, contradicting signatures). blkid says "nothing" also
+/// when it cannot read the device (the store not answering): that is
+/// believed only when the device's ends read before the probe (which
+/// then reads them from the page cache) and after it.
 async fn has_filesystem(device: &str, fs: &str) -> Result<bool, Status> {
-    match mount::filesystem(device).await.map_err(internal)? {
-        Some(found) if found != fs => {
+    let read = async || {
+        let dev = device.to_string();
+        let r = tokio::task::spawn_blocking(move || reads_ends(&dev))
+            .await
+            .map_err(|e| Status::internal(format!("reading {device}: {e}")))?;
+        r.map_err(|e| {
+            Status::unavailable(format!(
+                "{device} could not be read to look for a filesystem ({e}); nothing was formatted"
+            ))
+        })
+    };
+    read().await?;
+    match mount::probe(device).await.map_err(internal)? {
+        mount::Found::Type(found) if found != fs => {
             Err(Status::failed_precondition(format!("the volume holds a {found} filesystem, not {fs}")))
         }
-        Some(_) => Ok(true),
-        None => {
-            let dev = device.to_string();
-            let read = tokio::task::spawn_blocking(move || reads_ends(&dev))
-                .await
-                .map_err(|e| Status::internal(format!("reading {device}: {e}")))?;
-            read.map_err(|e| {
-                Status::unavailable(format!(
-                    "{device} could not be read to look for a filesystem ({e}); nothing was formatted"
-                ))
-            })?;
+        mount::Found::Type(_) => Ok(true),
+        mount::Found::Other(what) => Err(Status::failed_precondition(format!(
+            "the volume holds {what}, not a {fs} filesystem: it is not formatted"
+        ))),
+        mount::Found::Nothing => {
+            read().await?;
             Ok(false)
         }
     }
@@ -459,8 +469,11 @@ impl NodeService {
     ) -> Result<bool, Status> {
         if has_filesystem(device, fs).await? {
             // One a stage's mkfs made, before a plugin kill kept that stage
-            // from removing its mark.
-            self.formatted(req).await;
+            // from removing its mark. (A reader leaves the mark alone: a
+            // writer's mkfs may be under way elsewhere.)
+            if !readonly {
+                self.formatted(req).await;
+            }
             return Ok(false);
         }
         if readonly {
@@ -1049,6 +1062,9 @@ impl NodeService {
             // staging path must really hold this volume's filesystem.
             if let Some(fs) = &r.fs_type {
                 match staged_mount(&r) {
+                    // Mounted: a mark its mkfs left (the plugin killed
+                    // between the mount and the mark's removal) goes.
+                    StagedMount::Ok if !r.readonly => self.formatted(&req).await,
                     StagedMount::Ok => {}
                     StagedMount::Missing => {
                         // A stage whose plugin died after it recorded the

@@ -283,8 +283,9 @@ impl Lease {
         let renewer = tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
+                    biased;
                     _ = stop_rx.changed() => return,
+                    _ = tokio::time::sleep(every) => {}
                 }
                 match read_holder(&s, &v).await {
                     Ok(Some(other)) if Some(other.token) == displaced => {

@@ -102,6 +102,7 @@ impl Volume {
         tokio::spawn(async move {
             loop {
                 tokio::select! {
+                    biased;
                     () = tokio::time::sleep(interval) => {}
                     () = log_full.notified() => {}
                 }

@@ -388,7 +388,11 @@ impl Inner {
         loop {
             vol.kick_uploader();
             account.ask_others_to_upload();
+            // Biased: a wait that finished is taken, also when the timer
+            // is due at the same moment (an unbiased pick made runs of the
+            // simulation differ for the same seed).
             tokio::select! {
+                biased;
                 g = &mut wait => return Ok(g),
                 () = tokio::time::sleep(Duration::from_millis(200)) => {
                     // Only an upload that failed while this writer waited
