@@ -949,6 +949,30 @@ async fn compaction_folds_the_journal_and_collects_garbage(store: DynStore) {
 }
 on_both_stores!(compaction_folds_the_journal_and_collects_garbage);
 
+/// A stage's mkfs mark (`formatting.json`) left on a volume lets a later
+/// stage format the volume when it finds no filesystem: fsck says so, and
+/// a volume delete takes the mark with the volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_left_mkfs_mark_is_reported_by_fsck_and_deleted_with_the_volume() {
+    use s3blk::volume::catalog::{self, OnDependants};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(dir.path());
+    let vol = "marked/";
+    create(&store, vol, 4 * CS as u64).await;
+    let rep = fsck::fsck(store.as_ref(), vol, true, &|_, _| {}).await.expect("fsck");
+    assert!(rep.clean && rep.warnings.is_empty(), "{rep:?}");
+    let mark = format!("{vol}{}", catalog::FORMATTING);
+    store
+        .put(&mark, Bytes::from_static(b"{\"node\":\"n1\",\"started_unix\":1}"), PutMode::Overwrite)
+        .await
+        .expect("put");
+    let rep = fsck::fsck(store.as_ref(), vol, true, &|_, _| {}).await.expect("fsck");
+    assert!(rep.clean, "{rep:?}");
+    assert!(rep.warnings.iter().any(|w| w.contains("formatting.json is left")), "{:?}", rep.warnings);
+    catalog::delete_volume(&store, vol, OnDependants::RefuseClones, &s3blk::clock::SystemClock).await.expect("delete");
+    assert!(keys(&store, vol).await.is_empty(), "{:?}", keys(&store, vol).await);
+}
+
 /// Names s3blk writes hold numbers in lowercase hex of a fixed width; an
 /// object that differs only in case (another program's, or a hand-made
 /// copy) is not the journal record, checkpoint or chunk it resembles, and

@@ -67,6 +67,13 @@ pub async fn fsck(
             chunks.insert(ig, o.size);
         } else if o.key.starts_with(&format::snapshot_prefix(vol)) && o.key.ends_with(".json") {
             snapshots.push(o.key.clone());
+        } else if o.key[vol.len()..] == *super::catalog::FORMATTING {
+            rep.warnings.push(format!(
+                "{} is left: a node's stage began making a filesystem here and did not see it through; a stage \
+                 that finds no filesystem on this volume will make one (delete it if the volume holds data \
+                 without one)",
+                o.key
+            ));
         } else if !super::catalog::is_bookkeeping(&o.key[vol.len()..]) {
             rep.warnings.push(format!("unknown object {}", o.key));
         }
