@@ -276,19 +276,19 @@ mod tests {
 /// starts once `close` began, also after its wait gave up.
 #[derive(Debug, Default)]
 pub struct Calls {
-    running: Arc<tokio::sync::RwLock<bool>>,
+    running: Arc<tokio::sync::RwLock<()>>,
     stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Held by a running call.
-pub type CallGuard = tokio::sync::OwnedRwLockReadGuard<bool>;
+pub type CallGuard = tokio::sync::OwnedRwLockReadGuard<()>;
 
 impl Calls {
     /// A guard for a call about to start (`what` names the service in the
     /// refusal), or UNAVAILABLE when the service is stopping.
     pub async fn enter(&self, what: &str) -> Result<CallGuard, Status> {
         let g = self.running.clone().read_owned().await;
-        if *g || self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Status::unavailable(format!("the {what} is stopping")));
         }
         Ok(g)
@@ -319,20 +319,14 @@ impl Calls {
     /// `enter` without waiting (for work started outside a call).
     pub fn try_enter(&self) -> Option<CallGuard> {
         let g = self.running.clone().try_read_owned().ok()?;
-        (!*g && !self.stopping.load(std::sync::atomic::Ordering::SeqCst)).then_some(g)
+        (!self.stopping.load(std::sync::atomic::Ordering::SeqCst)).then_some(g)
     }
 
     /// Refuse new calls and wait up to `grace` for the running ones;
     /// false when some still run.
     pub async fn close(&self, grace: std::time::Duration) -> bool {
         self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-        match tokio::time::timeout(grace, self.running.write()).await {
-            Ok(mut closed) => {
-                *closed = true;
-                true
-            }
-            Err(_) => false,
-        }
+        tokio::time::timeout(grace, self.running.write()).await.is_ok()
     }
 }
 

@@ -87,8 +87,9 @@ impl Limits {
                 self.0.fetch_sub(1, Ordering::SeqCst);
             }
         }
-        // Own count first, so `others_wait` never sees this wait as
-        // another connection's.
+        // Own count first: `others_wait` may still take a wait beginning
+        // between its two loads for another connection's, for one tick;
+        // a cut needs twenty in a row.
         own.fetch_add(1, Ordering::SeqCst);
         self.waiting.fetch_add(1, Ordering::SeqCst);
         let _waiting = Waiting(own, &self.waiting);

@@ -1097,16 +1097,12 @@ async fn delete_failed_create(store: &DynStore, vol: &str, objects: &[ObjectInfo
 }
 
 async fn write_tombstone(store: &DynStore, vol: &str, clock: &dyn Clock) -> CatalogResult<()> {
-    let body = Bytes::from(tombstone_body(clock.now_unix()));
+    let body = Bytes::from(format!("{{\"deleted_unix\":{}}}\n", clock.now_unix()));
     match store.put(&tombstone_key(vol), body, PutMode::IfAbsent).await {
         // Already tombstoned: keep the first one, its age counts.
         Ok(()) | Err(StoreError::PreconditionFailed(_)) => Ok(()),
         Err(e) => Err(e.into()),
     }
-}
-
-fn tombstone_body(deleted_unix: i64) -> String {
-    format!("{{\"deleted_unix\":{deleted_unix}}}\n")
 }
 
 /// Is `body` a deletion marker as [`write_tombstone`] writes it: a JSON

@@ -612,15 +612,17 @@ impl Volume {
                 crate::store::ListRequest { prefix: &prefix, start_after: None, delimiter: false, max_keys: 1000 };
             Ok::<_, StoreError>(store.list(req).await?.objects.iter().any(|o| ours(vol, &o.key)))
         };
-        let record = |vol: &str, key: &str| format::parse_journal_key(vol, key).is_some();
-        let checkpoint = |vol: &str, key: &str| {
+        let is_record = |vol: &str, key: &str| format::parse_journal_key(vol, key).is_some();
+        let is_checkpoint = |vol: &str, key: &str| {
             format::parse_checkpoint_key(vol, key).is_some() || format::parse_checkpoint_part_key(vol, key).is_some()
         };
-        let chunk = |vol: &str, key: &str| format::parse_chunk_key(vol, key).is_some();
-        if any(format::journal_prefix(vol), record).await? || any(format::checkpoint_prefix(vol), checkpoint).await? {
+        let is_chunk = |vol: &str, key: &str| format::parse_chunk_key(vol, key).is_some();
+        if any(format::journal_prefix(vol), is_record).await?
+            || any(format::checkpoint_prefix(vol), is_checkpoint).await?
+        {
             return Ok(false);
         }
-        if any(format::chunk_prefix(vol), chunk).await? {
+        if any(format::chunk_prefix(vol), is_chunk).await? {
             return Err(VolumeError::Corrupt(format!("{vol}: chunks, but no journal records and no checkpoint")));
         }
         // Its delete has begun: nothing is finished for the reaper to take.
