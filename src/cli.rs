@@ -789,7 +789,7 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 bail!("snapshot names starting with clone- are reserved for the pins that keep what clones read");
             }
             let (loc, store) = connect(&url, g, true).await?;
-            let rec = crate::volume::engine::snapshot_committed(&store, &loc.prefix, &name, &clock).await?;
+            let rec = crate::volume::engine::snapshot_committed(&store, &loc.prefix, &name, None, &clock).await?;
             println!("snapshot {name} of {} pins journal seq {} ({})", loc.display(), rec.seq, format_size(rec.size));
         }
         VolumeCmd::Clone { source, url, size } => {

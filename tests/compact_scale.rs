@@ -358,8 +358,15 @@ fn build(shape: Shape, spill: PathBuf) -> Arc<ScaleStore> {
     for (k, r) in records.into_iter().enumerate() {
         store.small_put(&format::journal_key(VOL, BASE + 1 + k as u64), r);
     }
-    let snap =
-        SnapshotRecord { format_version: 1, name: "pinned".into(), seq: BASE + 2, size, created_unix: T0, token: None };
+    let snap = SnapshotRecord {
+        format_version: 1,
+        name: "pinned".into(),
+        seq: BASE + 2,
+        size,
+        created_unix: T0,
+        token: None,
+        clone: None,
+    };
     let snap = serde_json::to_vec(&snap).expect("a snapshot record encodes");
     store.small_put(&format::snapshot_key(VOL, "pinned"), Bytes::from(snap));
     // Everything above is now an hour old on the store's clock.

@@ -1585,7 +1585,7 @@ async fn delete_snapshot_touches_only_its_own_objects() {
 
     // A snapshot named with the CLI (capitals allowed) is deleted too.
     let prefix_b = prefix_of(&b.volume_id);
-    s3blk::volume::engine::snapshot_committed(&d.store, &prefix_b, "Nightly", &s3blk::clock::SystemClock)
+    s3blk::volume::engine::snapshot_committed(&d.store, &prefix_b, "Nightly", None, &s3blk::clock::SystemClock)
         .await
         .expect("a snapshot named with the CLI");
     let req = pb::DeleteSnapshotRequest { snapshot_id: format!("{}@Nightly", b.volume_id), secrets: secrets() };
@@ -1617,7 +1617,7 @@ async fn a_clone_create_that_found_another_creates_pin_and_failed_leaves_that_pi
     let Some((mut d, fault)) = faulty_driver().await else { return };
     let race = clone_race(&mut d, "pvc-adopt").await;
     // The other create got as far as its pin.
-    s3blk::volume::engine::snapshot_committed(&d.store, &race.source, &race.pin, &s3blk::clock::SystemClock)
+    s3blk::volume::engine::snapshot_committed(&d.store, &race.source, &race.pin, None, &s3blk::clock::SystemClock)
         .await
         .expect("the other create's pin");
     fail_all(&fault, Op::Put, "pvc-adopt-clone/volume.json");
@@ -1649,7 +1649,7 @@ async fn restore_of(d: &mut Driver, name: &str, other_pinned: bool) -> CloneRace
     let rec = s3blk::volume::engine::read_snapshot(&d.store, &source, &format!("{name}-snap")).await.expect("record");
     if other_pinned {
         let mut adopted = false;
-        s3blk::volume::catalog::pin_snapshot_for(&d.store, &source, &rec, &restored, &mut adopted)
+        s3blk::volume::catalog::pin_snapshot_for(&d.store, &source, &rec, &restored, &restored, &mut adopted)
             .await
             .expect("the other create's pin");
         assert!(!adopted);
@@ -1761,7 +1761,7 @@ impl common::Around for PinLandsAfterItsRead {
     ) -> s3blk::store::StoreResult<bytes::Bytes> {
         let r = inner.get(key, range).await;
         if key == self.key && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            s3blk::volume::engine::snapshot_committed(inner, &self.source, &self.pin, &s3blk::clock::SystemClock)
+            s3blk::volume::engine::snapshot_committed(inner, &self.source, &self.pin, None, &s3blk::clock::SystemClock)
                 .await
                 .expect("the other create's pin");
         }

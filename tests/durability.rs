@@ -672,7 +672,7 @@ async fn a_restore_whose_pin_was_let_go_of_is_never_finished() {
     let store: DynStore = late.clone();
     // CreateVolume's steps for a restore of `s` into `r/`.
     catalog::record_source(&store, "r/", "src/", "r/").await.expect("record the source");
-    let pin = catalog::pin_snapshot_for(&store, "src/", &snap, "r/", &mut false).await.expect("pin");
+    let pin = catalog::pin_snapshot_for(&store, "src/", &snap, "r/", "r/", &mut false).await.expect("pin");
     catalog::add_clone_marker(&store, "src/", "r/", "r/", pin.seq).await.expect("marker");
     let parent = format::ParentRef { volume: "src/".into(), snapshot: pin.name.clone(), seq: pin.seq };
     let opts = CreateOptions { size: 4 * CSU, chunk_size: CS, parent: Some(parent), single_writer: false };
@@ -822,6 +822,92 @@ async fn a_delete_run_again_leaves_the_pin_of_another_clone_of_the_same_name() {
     let ro = OpenOptions { read_only: true, ..OpenOptions::default() };
     let b = Volume::open(mem.clone(), "b/x/", ro).await.expect("open b/x");
     assert_eq!(b.read(0, CSU).await.expect("read b/x"), old);
+}
+
+/// Fails every PUT of its first key and every DELETE of its second.
+#[derive(Debug)]
+struct FailWrites(String, String);
+
+#[async_trait]
+impl common::Around for FailWrites {
+    async fn put(&self, inner: &DynStore, key: &str, body: bytes::Bytes, mode: PutMode) -> StoreResult<()> {
+        if key == self.0 {
+            return Err(StoreError::Transient("injected: connection reset".into()));
+        }
+        inner.put(key, body, mode).await
+    }
+    async fn delete(&self, inner: &DynStore, key: &str) -> StoreResult<()> {
+        if key == self.1 {
+            return Err(StoreError::Transient("injected: connection reset".into()));
+        }
+        inner.delete(key).await
+    }
+}
+
+/// A clone create of `a/x` that failed after pinning its source and let go
+/// of the pin, but not of its record of the source (source.json), and a
+/// clone `b/x` of the same source, which takes the same pin name, caught
+/// between writing its pin and its marker: cleaning up `a/x` (its delete)
+/// finds no marker and must still leave b/x's pin, which names b/x. It took
+/// the pin, and b/x then read a source compacted under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleaning_up_a_failed_clone_leaves_the_pin_another_clone_of_the_name_just_wrote() {
+    use s3blk::volume::catalog::{self, DeleteOutcome, OnDependants};
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let opts = CreateOptions { size: 4 * CSU, chunk_size: CS, parent: None, single_writer: false };
+    Volume::create(mem.clone(), "src/", opts, &SystemClock).await.expect("create");
+    let w = Volume::open(mem.clone(), "src/", OpenOptions::default()).await.expect("open");
+    let old = common::pattern(4, CS as usize);
+    w.write(0, &old).await.expect("write");
+    w.flush().await.expect("flush");
+    let marker = format::clone_marker_key("src/", "a/x/");
+    let failing: DynStore = common::Wrapped::new(mem.clone(), FailWrites(marker.clone(), "a/x/source.json".into()));
+    let failed = catalog::clone_volume(&failing, "src/", None, "a/x/", "a/x/", None, &SystemClock).await;
+    assert!(failed.is_err(), "the clone of a/x was to fail: {failed:?}");
+    assert!(mem.head("a/x/source.json").await.expect("head").is_some(), "a/x's record of its source stays");
+    let pin = format::snapshot_key("src/", &format::clone_pin_name("a/x/"));
+    assert!(mem.head(&pin).await.expect("head").is_none(), "the failed clone let go of its pin");
+    catalog::clone_volume(&mem, "src/", None, "b/x/", "b/x/", None, &SystemClock).await.expect("clone b/x");
+    // b/x as its create stands between its pin and its marker.
+    let b_marker = mem.get(&marker, None).await.expect("b/x's marker");
+    mem.delete(&marker).await.expect("delete the marker");
+    let cleaned = catalog::delete_volume(&mem, "a/x/", OnDependants::RefuseClones, &SystemClock).await;
+    assert!(matches!(cleaned, Ok(DeleteOutcome::Probes { .. })), "{cleaned:?}");
+    assert!(mem.head(&pin).await.expect("head").is_some(), "cleaning up a/x took b/x's pin");
+    mem.put(&marker, b_marker, PutMode::Overwrite).await.expect("b/x's marker lands");
+    w.write(0, &common::pattern(5, CS as usize)).await.expect("write");
+    w.flush().await.expect("flush");
+    drop(w);
+    let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
+    for _ in 0..2 {
+        compact::compact(&mem, "src/", &eager, &SystemClock).await.expect("compact");
+    }
+    let ro = OpenOptions { read_only: true, ..OpenOptions::default() };
+    let b = Volume::open(mem.clone(), "b/x/", ro).await.expect("open b/x");
+    assert_eq!(b.read(0, CSU).await.expect("read b/x"), old);
+}
+
+/// A restore takes a pin already there at its seq for its own (an earlier
+/// attempt's, or another running create's of the same volume), but not the
+/// pin of a restore of the same last path segment in another folder: that
+/// one names its clone, and the second restore is refused instead of
+/// reading through a pin whose clone's delete would take it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_does_not_adopt_the_pin_of_another_clone_of_the_name() {
+    use s3blk::volume::catalog;
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "src/", 4 * CSU).await;
+    let snap = s3blk::volume::engine::snapshot_committed(&mem, "src/", "s", None, &SystemClock).await.expect("snap");
+    let mut adopted = false;
+    let pin = catalog::pin_snapshot_for(&mem, "src/", &snap, "a/x/", "a/x/", &mut adopted).await.expect("pin a/x");
+    assert_eq!(pin.clone.as_deref(), Some("a/x/"));
+    assert!(!adopted);
+    catalog::pin_snapshot_for(&mem, "src/", &snap, "a/x/", "a/x/", &mut adopted).await.expect("a/x again");
+    assert!(adopted, "a retry of a/x takes its pin");
+    let mut adopted = false;
+    let other = catalog::pin_snapshot_for(&mem, "src/", &snap, "b/x/", "b/x/", &mut adopted).await;
+    assert!(matches!(other, Err(catalog::CatalogError::Volume(VolumeError::AlreadyExists(_)))), "{other:?}");
+    assert!(!adopted, "b/x adopted a/x's pin");
 }
 
 /// A delete of a clone that failed while letting go of its source (its

@@ -206,7 +206,7 @@ impl Around for PinRace {
     async fn list(&self, inner: &DynStore, req: ListRequest<'_>) -> StoreResult<ListPage> {
         let page = inner.list(req.clone()).await?;
         if req.prefix == format::snapshot_prefix("v/") && !self.fired.swap(true, Ordering::SeqCst) {
-            s3blk::volume::catalog::pin_snapshot_for(inner, "v/", &self.snap, "r/", &mut false)
+            s3blk::volume::catalog::pin_snapshot_for(inner, "v/", &self.snap, "r/", "r/", &mut false)
                 .await
                 .expect("the restore's pin succeeds: the snapshot is still there");
             inner.delete(&format::snapshot_key("v/", &self.snap.name)).await.expect("DeleteSnapshot");
@@ -229,7 +229,7 @@ async fn a_snapshot_deleted_right_after_a_restore_takes_the_restored_volumes_dat
     let d1 = common::pattern(11, CS as usize);
     w.write(0, &d1).await.expect("write");
     w.flush().await.expect("flush");
-    let snap = s3blk::volume::engine::snapshot_committed(&mem, "v/", "s1", &SystemClock).await.expect("snapshot");
+    let snap = s3blk::volume::engine::snapshot_committed(&mem, "v/", "s1", None, &SystemClock).await.expect("snapshot");
     w.write(0, &common::pattern(12, CS as usize)).await.expect("overwrite");
     w.flush().await.expect("flush");
     drop(w);
@@ -336,7 +336,7 @@ impl Around for LateRecord {
                 let kept = self.kept.lock().unwrap().clone().expect("a record was kept");
                 inner.put(key, kept, PutMode::IfAbsent).await.expect("the late record lands");
                 let store: DynStore = self.timed.clone();
-                s3blk::volume::engine::snapshot_committed(&store, "v/", "pinned", &SystemClock)
+                s3blk::volume::engine::snapshot_committed(&store, "v/", "pinned", None, &SystemClock)
                     .await
                     .expect("a snapshot pins seq 3");
                 let other = open_with(&store, "v/", OpenOptions::default()).await; // record 4
@@ -521,7 +521,7 @@ async fn a_snapshot_deleted_while_compaction_runs_is_no_damage() {
         w.write(0, &common::pattern(20 + i, CS as usize)).await.expect("write");
         w.flush().await.expect("flush");
     }
-    let snap = s3blk::volume::engine::snapshot_committed(&mem, "v/", "s1", &SystemClock).await.expect("snapshot");
+    let snap = s3blk::volume::engine::snapshot_committed(&mem, "v/", "s1", None, &SystemClock).await.expect("snapshot");
     let last = common::pattern(30, CS as usize);
     for i in 0..3 {
         w.write(0, &common::pattern(24 + i, CS as usize)).await.expect("write");
@@ -669,7 +669,7 @@ async fn a_snapshot_taken_while_its_volume_is_deleted_is_not_reported_taken() {
         let trigger = format::snapshot_prefix("v/");
         let race = Wrapped::new(plain.clone(), DeleteRace { armed: AtomicBool::new(true), on, trigger });
         let store: DynStore = race.clone();
-        let r = s3blk::volume::engine::snapshot_committed(&store, "v/", "s", &SystemClock).await;
+        let r = s3blk::volume::engine::snapshot_committed(&store, "v/", "s", None, &SystemClock).await;
         assert!(!race.armed.load(Ordering::SeqCst), "{on:?}: the delete never ran");
         match r {
             Err(VolumeError::NotFound(why)) => assert!(why.contains("deleted"), "{on:?}: {why}"),
@@ -692,7 +692,7 @@ async fn the_reaper_takes_a_tombstone_without_a_store_time_for_young() {
     let store: DynStore = Wrapped::new(Arc::new(MemoryStore::new()), NoModifiedTimes);
     create(&store, "v/", 4 * CSU).await;
     let slow_host = ManualClock::new(Clock::now_unix(&SystemClock) - 86_400);
-    s3blk::volume::engine::snapshot_committed(&store, "v/", "s1", &slow_host).await.expect("snapshot");
+    s3blk::volume::engine::snapshot_committed(&store, "v/", "s1", None, &slow_host).await.expect("snapshot");
     let out = catalog::delete_volume(&store, "v/", OnDependants::Keep, &slow_host).await.expect("delete");
     assert_eq!(out, DeleteOutcome::Kept);
     store.delete(&format::snapshot_key("v/", "s1")).await.expect("delete snapshot");
@@ -704,7 +704,7 @@ async fn the_reaper_takes_a_tombstone_without_a_store_time_for_young() {
     // With the store's times, the same tombstone is old enough at once.
     let timed: DynStore = Arc::new(MemoryStore::new());
     create(&timed, "v/", 4 * CSU).await;
-    s3blk::volume::engine::snapshot_committed(&timed, "v/", "s1", &slow_host).await.expect("snapshot");
+    s3blk::volume::engine::snapshot_committed(&timed, "v/", "s1", None, &slow_host).await.expect("snapshot");
     catalog::delete_volume(&timed, "v/", OnDependants::Keep, &slow_host).await.expect("delete");
     timed.delete(&format::snapshot_key("v/", "s1")).await.expect("delete snapshot");
     let age = ReapAge { safety_age: Duration::ZERO };
@@ -817,10 +817,10 @@ async fn a_restore_opened_while_its_delete_lets_go_of_the_source_is_not_found() 
         (common::pattern(1, CS as usize), common::pattern(2, CS as usize), common::pattern(3, CS as usize));
     w.write(0, &d1).await.expect("write");
     w.flush().await.expect("flush");
-    s3blk::volume::engine::snapshot_committed(&mem, "v/", "old", &SystemClock).await.expect("snapshot");
+    s3blk::volume::engine::snapshot_committed(&mem, "v/", "old", None, &SystemClock).await.expect("snapshot");
     w.write(0, &d2).await.expect("write");
     w.flush().await.expect("flush");
-    s3blk::volume::engine::snapshot_committed(&mem, "v/", "s", &SystemClock).await.expect("snapshot");
+    s3blk::volume::engine::snapshot_committed(&mem, "v/", "s", None, &SystemClock).await.expect("snapshot");
     w.write(0, &d3).await.expect("write");
     w.flush().await.expect("flush");
     drop(w);
@@ -864,7 +864,7 @@ async fn a_clone_marker_landing_after_the_clones_delete_keeps_nothing() {
     for with_snapshot in [false, true] {
         let mem = one_chunk_volume().await;
         if with_snapshot {
-            s3blk::volume::engine::snapshot_committed(&mem, "v/", "s", &SystemClock).await.expect("snapshot");
+            s3blk::volume::engine::snapshot_committed(&mem, "v/", "s", None, &SystemClock).await.expect("snapshot");
         }
         catalog::clone_volume(&mem, "v/", None, "c/", "c/", None, &SystemClock).await.expect("clone");
         let marker = format::clone_marker_key("v/", "c/");
@@ -1200,7 +1200,9 @@ impl Around for PinAfterDeleteListing {
         let page = inner.list(req.clone()).await;
         if req.prefix == "v/" && !self.fired.swap(true, Ordering::SeqCst) {
             let pin = format::clone_pin_name("c/");
-            s3blk::volume::engine::snapshot_committed(inner, "v/", &pin, &SystemClock).await.expect("the clone's pin");
+            s3blk::volume::engine::snapshot_committed(inner, "v/", &pin, Some("c/"), &SystemClock)
+                .await
+                .expect("the clone's pin");
         }
         page
     }
@@ -1246,7 +1248,7 @@ struct RestoreAfterListing {
 async fn a_restore_pinned_while_the_cli_deletes_its_source_is_kept_or_refused() {
     for n in [1, 2] {
         let mem = one_chunk_volume().await;
-        s3blk::volume::engine::snapshot_committed(&mem, "v/", "s", &SystemClock).await.expect("snapshot");
+        s3blk::volume::engine::snapshot_committed(&mem, "v/", "s", None, &SystemClock).await.expect("snapshot");
         let race = Arc::new(RestoreAfterListing { n, lists: 0.into(), answer: Mutex::new(None) });
         let racing: DynStore = Wrapped::new(mem.clone(), RestoreHook(race.clone()));
         let deleted = catalog::delete_volume(&racing, "v/", OnDependants::RefuseClones, &SystemClock).await;
@@ -1274,7 +1276,7 @@ impl Around for RestoreHook {
         if req.prefix == "v/" && self.0.lists.fetch_add(1, Ordering::SeqCst) + 1 == self.0.n {
             let r = async {
                 let snap = s3blk::volume::engine::read_snapshot(inner, "v/", "s").await.map_err(|e| e.to_string())?;
-                catalog::pin_snapshot_for(inner, "v/", &snap, "r/", &mut false)
+                catalog::pin_snapshot_for(inner, "v/", &snap, "r/", "r/", &mut false)
                     .await
                     .map(|_| ())
                     .map_err(|e| e.to_string())
@@ -1335,7 +1337,7 @@ async fn a_snapshot_checkpoint_missing_a_part_stops_compaction_before_the_fold()
     w.write(CSU, &common::pattern(2, CS as usize)).await.unwrap();
     w.write_zeroes(4 * CSU, 4 * CSU).await.unwrap();
     w.flush().await.unwrap(); // 2
-    let snap = s3blk::volume::engine::snapshot_committed(&store, "v/", "snap", &SystemClock).await.unwrap();
+    let snap = s3blk::volume::engine::snapshot_committed(&store, "v/", "snap", None, &SystemClock).await.unwrap();
     assert_eq!(snap.seq, 2);
     let st = s3blk::volume::replay::replay(store.as_ref(), "v/", CSU, Some(2)).await.unwrap();
     s3blk::volume::replay::write_checkpoint(store.as_ref(), "v/", &checkpoint_of(&st)).await.unwrap();
@@ -1992,7 +1994,7 @@ async fn a_snapshot_whose_record_landed_with_its_answer_lost_is_taken() {
         fault: Fault::LostResponse,
         times: 1,
     });
-    let r = s3blk::volume::engine::snapshot_committed(&retrying, "v/", "s", &SystemClock).await;
+    let r = s3blk::volume::engine::snapshot_committed(&retrying, "v/", "s", None, &SystemClock).await;
     assert!(r.is_ok(), "a snapshot whose record landed was reported failed: {r:?}");
     let ro =
         open_with(&mem, "v/", OpenOptions { read_only: true, snapshot: Some("s".into()), ..OpenOptions::default() })

@@ -1422,7 +1422,7 @@ async fn a_small_flush_is_one_put_and_reads_back_everywhere(store: DynStore) {
     assert_stored(&store, &vol, 2 * CS as u64, &expect, "a fresh opener").await;
     // A snapshot, a clone of it, and a write through the clone's own patch.
     let clock = s3blk::clock::SystemClock;
-    s3blk::volume::engine::snapshot_committed(&store, &vol, "s1", &clock).await.expect("snapshot");
+    s3blk::volume::engine::snapshot_committed(&store, &vol, "s1", None, &clock).await.expect("snapshot");
     let child = format!("{}/", common::unique("inline-child"));
     let child_id = format::volume_name(&child).to_string();
     s3blk::volume::catalog::clone_volume(&store, &vol, Some("s1"), &child, &child_id, None, &clock)
@@ -2630,6 +2630,7 @@ async fn a_broken_checkpoint_no_replay_reads_is_a_warning() {
         size: PAST_ONE_PART * CS as u64,
         created_unix: 0,
         token: None,
+        clone: None,
     };
     let body = serde_json::to_vec_pretty(&rec).expect("json");
     store.put(&format::snapshot_key(vol, "s"), body.into(), PutMode::IfAbsent).await.expect("snapshot");

@@ -2592,7 +2592,7 @@ async fn make_clone(
 ) -> Result<u64, CloneFail> {
     let rec = read_snapshot(store, VOL, snap).await.map_err(|e| clone_fail(e.into()))?;
     catalog::record_source(store, prefix, VOL, prefix).await.map_err(clone_fail)?;
-    catalog::pin_snapshot_for(store, VOL, &rec, prefix, &mut false).await.map_err(clone_fail)?;
+    catalog::pin_snapshot_for(store, VOL, &rec, prefix, prefix, &mut false).await.map_err(clone_fail)?;
     catalog::add_clone_marker(store, VOL, prefix, prefix, rec.seq).await.map_err(clone_fail)?;
     let parent = ParentRef { volume: VOL.to_string(), snapshot: format::clone_pin_name(prefix), seq: rec.seq };
     let opts =

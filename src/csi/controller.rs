@@ -754,7 +754,7 @@ impl ControllerService {
                     // It stays on a failure, also when the snapshot is found
                     // deleted meanwhile (`raced` is set).
                     Some(rec) if rec.name != format::clone_pin_name(&loc.prefix) => {
-                        catalog::pin_snapshot_for(&store, &sloc.prefix, rec, &loc.prefix, &mut raced)
+                        catalog::pin_snapshot_for(&store, &sloc.prefix, rec, &loc.prefix, &loc.url(), &mut raced)
                             .await
                             .map_err(catalog_status)?;
                         rec.clone()
@@ -764,21 +764,24 @@ impl ControllerService {
                     Some(rec) => rec.clone(),
                     None => {
                         let pin = format::clone_pin_name(&loc.prefix);
-                        let rec = match snapshot_committed(&store, &sloc.prefix, &pin, self.clock.as_ref()).await {
-                            Ok(rec) => rec,
-                            // Free when read above: the pin is another
-                            // CreateVolume's of this name (another
-                            // controller's, across a leader handover), still
-                            // running. Letting go of the source here would
-                            // take the pin its clone reads through.
-                            Err(VolumeError::AlreadyExists(_)) => {
-                                return Err(Status::aborted(format!(
-                                    "another CreateVolume of {} is in progress; retry",
-                                    req.name
-                                )));
-                            }
-                            Err(e) => return Err(status(e)),
-                        };
+                        let rec =
+                            match snapshot_committed(&store, &sloc.prefix, &pin, Some(&loc.url()), self.clock.as_ref())
+                                .await
+                            {
+                                Ok(rec) => rec,
+                                // Free when read above: the pin is another
+                                // CreateVolume's of this name (another
+                                // controller's, across a leader handover), still
+                                // running. Letting go of the source here would
+                                // take the pin its clone reads through.
+                                Err(VolumeError::AlreadyExists(_)) => {
+                                    return Err(Status::aborted(format!(
+                                        "another CreateVolume of {} is in progress; retry",
+                                        req.name
+                                    )));
+                                }
+                                Err(e) => return Err(status(e)),
+                            };
                         if size < rec.size {
                             return Err(Status::out_of_range("the source is larger than the requested capacity"));
                         }
@@ -1087,7 +1090,7 @@ impl ControllerService {
         let rec = match read_snapshot(&store, &vloc.prefix, &name).await {
             Ok(r) => r,
             Err(VolumeError::NotFound(_)) => {
-                snapshot_committed(&store, &vloc.prefix, &name, self.clock.as_ref()).await.map_err(status)?
+                snapshot_committed(&store, &vloc.prefix, &name, None, self.clock.as_ref()).await.map_err(status)?
             }
             Err(e) => return Err(status(e)),
         };

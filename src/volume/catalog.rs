@@ -510,9 +510,10 @@ pub async fn pin_snapshot_for(
     source: &str,
     snap: &SnapshotRecord,
     clone: &str,
+    clone_id: &str,
     adopted: &mut bool,
 ) -> CatalogResult<SnapshotRecord> {
-    pin_snapshot(store, source, snap, clone, Some(adopted)).await
+    pin_snapshot(store, source, snap, clone, clone_id, Some(adopted)).await
 }
 
 /// [`pin_snapshot_for`]; a pin already there at the same seq is taken for
@@ -523,11 +524,17 @@ async fn pin_snapshot(
     source: &str,
     snap: &SnapshotRecord,
     clone: &str,
+    clone_id: &str,
     mut adopted: Option<&mut bool>,
 ) -> CatalogResult<SnapshotRecord> {
-    // Without a token: every restore of this name writes the same bytes,
+    // Without a token: every restore of this clone writes the same bytes,
     // so the pin found there cannot be told to be this call's own.
-    let pin = SnapshotRecord { name: format::clone_pin_name(clone), token: None, ..snap.clone() };
+    let pin = SnapshotRecord {
+        name: format::clone_pin_name(clone),
+        token: None,
+        clone: Some(clone_id.to_string()),
+        ..snap.clone()
+    };
     let body = serde_json::to_vec_pretty(&pin).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
     let key = format::snapshot_key(source, &pin.name);
     match store.put(&key, Bytes::from(body), PutMode::IfAbsent).await {
@@ -541,6 +548,13 @@ async fn pin_snapshot(
             let existing = read_snapshot(store, source, &pin.name).await?;
             if existing.seq != snap.seq {
                 return Err(VolumeError::AlreadyExists(format!("snapshot {} at another seq", pin.name)).into());
+            }
+            if existing.clone.as_deref().is_some_and(|c| !names_clone(c, clone)) {
+                return Err(VolumeError::AlreadyExists(format!(
+                    "snapshot {}, the pin of another clone of that name",
+                    pin.name
+                ))
+                .into());
             }
             *adopted = true;
         }
@@ -651,10 +665,12 @@ pub async fn clone_volume(
             // The pin's name was free above: one there now is another
             // create's of this clone, whose create may still be running
             // (letting go of it on a failure here would take its pin).
-            Ok(snap) => pin_snapshot(store, source, &snap, clone, None).await,
+            Ok(snap) => pin_snapshot(store, source, &snap, clone, clone_id, None).await,
             Err(e) => Err(e.into()),
         },
-        None => super::engine::snapshot_committed(store, source, &pin_name, clock).await.map_err(Into::into),
+        None => {
+            super::engine::snapshot_committed(store, source, &pin_name, Some(clone_id), clock).await.map_err(Into::into)
+        }
     };
     let rec = match rec {
         Ok(r) => r,
@@ -713,9 +729,24 @@ pub async fn clone_volume(
 /// Pin first: a marker gone means this clone's pin went before it, so a
 /// pin of the name found without a marker is never this clone's (see
 /// [`release_own_source`]), and a delete that failed between the two
-/// finds its marker when it runs again.
+/// finds its marker when it runs again. A pin that names another clone
+/// (of the same last path segment, in another folder) is that clone's,
+/// and stays.
 pub async fn release_source(store: &DynStore, source: &str, clone: &str) -> CatalogResult<()> {
-    store.delete(&format::snapshot_key(source, &format::clone_pin_name(clone))).await?;
+    let pin = format::snapshot_key(source, &format::clone_pin_name(clone));
+    match store.get(&pin, None).await {
+        Ok(b) => match SnapshotRecord::decode(&b, &pin).ok().and_then(|r| r.clone) {
+            Some(other) if !names_clone(&other, clone) => tracing::warn!(
+                volume = %describe(store.as_ref(), clone),
+                source = %describe(store.as_ref(), source),
+                other = %other,
+                "the source's pin of this name is another clone's: left alone"
+            ),
+            _ => store.delete(&pin).await?,
+        },
+        Err(StoreError::NotFound(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
     store.delete(&format::clone_marker_key(source, clone)).await?;
     if let Err(e) = Box::pin(reap(store, source, None)).await {
         tracing::warn!(volume = %describe(store.as_ref(), source), error = %e, "reaping a deleted source failed");
@@ -751,8 +782,13 @@ async fn release_own_source(store: &DynStore, source: &str, vol: &str) -> Catalo
 /// Does `m` name the clone under `vol`? Markers name clones by their
 /// volume URL (or, written by callers of the library, by its prefix).
 fn marker_names(m: &CloneMarker, vol: &str) -> bool {
-    m.clone.trim_end_matches('/') == vol.trim_end_matches('/')
-        || crate::location::Location::parse(&m.clone, true).is_ok_and(|l| l.prefix == vol)
+    names_clone(&m.clone, vol)
+}
+
+/// Does `named` (a clone as a marker or pin names it) name the clone under `vol`?
+fn names_clone(named: &str, vol: &str) -> bool {
+    named.trim_end_matches('/') == vol.trim_end_matches('/')
+        || crate::location::Location::parse(named, true).is_ok_and(|l| l.prefix == vol)
 }
 
 /// What `source.json` holds: where the pin and marker of a clone or

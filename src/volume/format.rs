@@ -352,6 +352,13 @@ pub struct SnapshotRecord {
     /// second. Records of earlier versions, and pins, have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<u64>,
+    /// A clone's pin: the clone it was made for, as its clone marker names
+    /// it. Pins are named by the clone's last path segment, so clones of
+    /// one name in different folders take the same name in turn; this
+    /// tells whose pin is there. Pins of earlier versions, and snapshots,
+    /// have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<String>,
 }
 
 impl SnapshotRecord {

@@ -1098,17 +1098,20 @@ impl Volume {
             size,
             created_unix: self.inner.opts.clock.now_unix(),
             token: Some(rand::random()),
+            clone: None,
         };
         record_snapshot(&self.inner.store, &self.inner.vol, rec, started, true).await
     }
 }
 
 /// Pin the volume's committed head under a snapshot name without taking
-/// over the volume: a live writer keeps going.
+/// over the volume: a live writer keeps going. `for_clone`: the record is
+/// the pin of that clone (as its marker names it).
 pub async fn snapshot_committed(
     store: &DynStore,
     vol: &str,
     name: &str,
+    for_clone: Option<&str>,
     clock: &dyn Clock,
 ) -> VolumeResult<SnapshotRecord> {
     format::validate_snapshot_name(name).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
@@ -1122,6 +1125,7 @@ pub async fn snapshot_committed(
         size: st.size,
         created_unix: clock.now_unix(),
         token: Some(rand::random()),
+        clone: for_clone.map(str::to_string),
     };
     record_snapshot(store, vol, rec, started, false).await
 }
