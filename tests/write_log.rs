@@ -632,7 +632,13 @@ async fn a_replay_committing_part_way_never_takes_a_block_back() {
     die(a).await;
     let mut c = log::create(&dir.path().join(&uuid)).expect("create log");
     let at = format!("{}/v/", store.describe());
-    let state = LogState { volume: uuid.clone(), epoch, next_writer: None, boot: log::boot_id(), at: Some(at) };
+    let state = LogState {
+        volume: uuid.clone(),
+        epoch,
+        next_writer: None,
+        boot: log::boot_id().expect("boot id"),
+        at: Some(at),
+    };
     c.set_state(state).expect("state");
     let mut l = c.into_log().expect("log");
     let other = vec![3u8; 4096];

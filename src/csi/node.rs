@@ -698,7 +698,7 @@ impl NodeService {
         }
         let mut tasks = tokio::task::JoinSet::new();
         let attached = Arc::new(OnceCell::new());
-        let boot = crate::volume::engine::log::boot_id();
+        let boot = crate::volume::engine::log::boot_id().ok().flatten();
         for (path, record) in self.records() {
             let Some(record) = record else {
                 tracing::warn!(path = %path.display(), "unreadable stage record skipped");
@@ -871,7 +871,7 @@ impl NodeService {
                                 // Staged by an earlier version: the kernel
                                 // took a new socket for the device's own
                                 // connection, so it is this boot's.
-                                record.boot = crate::volume::engine::log::boot_id();
+                                record.boot = crate::volume::engine::log::boot_id().ok().flatten();
                                 if let Err(e) = self.save(&record) {
                                     tracing::warn!(volume = %id, error = %e.message(), "stamping the stage record with this boot failed");
                                 }
@@ -1141,7 +1141,7 @@ impl NodeService {
             readonly,
             cache_limit,
             has_secrets: !req.secrets.is_empty(),
-            boot: crate::volume::engine::log::boot_id(),
+            boot: crate::volume::engine::log::boot_id().ok().flatten(),
             legacy_secrets: Secrets::default(),
         };
         // Whether this call mounted the staging path (only then does a

@@ -76,7 +76,7 @@ pub struct ProcessId {
 impl ProcessId {
     /// This process, when /proc tells.
     pub fn current() -> Option<Self> {
-        let boot = crate::volume::engine::log::boot_id()?;
+        let boot = crate::volume::engine::log::boot_id().ok()??;
         let pid_ns = std::fs::read_link("/proc/self/ns/pid").ok()?.to_string_lossy().into_owned();
         let start = start_time_of("self").ok()??;
         Some(Self { boot, pid_ns, start })

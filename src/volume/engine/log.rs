@@ -92,9 +92,34 @@ pub struct LogState {
     pub at: Option<String>,
 }
 
-/// This boot's id (`None` where the kernel does not say).
-pub fn boot_id() -> Option<String> {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+/// Where the kernel says which boot this is.
+const BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
+
+#[cfg(test)]
+thread_local! {
+    /// A test's stand-in for [`BOOT_ID_FILE`] on its thread.
+    pub(crate) static TEST_BOOT_ID_FILE: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+/// This boot's id: `Ok(None)` where the kernel does not say (no such
+/// file); an error where it does but could not be read now. Logs are then
+/// neither taken nor removed: which boot wrote them is not known, and
+/// taking a log for another boot's throws away acknowledged writes.
+pub fn boot_id() -> io::Result<Option<String>> {
+    #[cfg(test)]
+    if let Some(p) = TEST_BOOT_ID_FILE.with(|f| f.borrow().clone()) {
+        return read_boot_id(&p);
+    }
+    read_boot_id(Path::new(BOOT_ID_FILE))
+}
+
+fn read_boot_id(path: &Path) -> io::Result<Option<String>> {
+    match fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => Ok(Some(s.trim().to_string())),
+        Ok(_) => Err(io::Error::new(io::ErrorKind::InvalidData, format!("{}: empty", path.display()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io::Error::new(e.kind(), format!("reading this boot's id from {}: {e}", path.display()))),
+    }
 }
 
 /// A log directory this process holds the lock of: a dead process's
@@ -211,7 +236,7 @@ fn scan_where(root: &Path, pick: impl Fn(Option<&LogState>) -> bool) -> io::Resu
 /// processes (locked) and of dead ones of this boot are kept. Returns how
 /// many were removed. Without a boot id nothing is removed.
 pub fn sweep_other_boots(dir: &Path) -> io::Result<u64> {
-    let Some(boot) = boot_id() else { return Ok(0) };
+    let Some(boot) = boot_id()? else { return Ok(0) };
     let volumes = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
@@ -741,7 +766,7 @@ mod tests {
     /// logs of this boot and live ones stay; other names are left alone.
     #[test]
     fn the_sweep_removes_only_logs_no_writer_will_take_over() {
-        let Some(boot) = boot_id() else { return };
+        let Some(boot) = boot_id().expect("boot id") else { return };
         let root = tempfile::tempdir().expect("tempdir");
         let uuid = |c: char| std::iter::repeat_n(c, 32).collect::<String>();
         let state = |boot: Option<String>| LogState { volume: uuid('a'), epoch: 3, next_writer: None, boot, at: None };
@@ -774,7 +799,7 @@ mod tests {
     /// the writer restarting on its volume.
     #[test]
     fn a_sweep_never_holds_a_log_a_restarting_writer_takes_over() {
-        let Some(boot) = boot_id() else { return };
+        let Some(boot) = boot_id().expect("boot id") else { return };
         let root = tempfile::tempdir().expect("tempdir");
         let state = |boot: Option<String>| LogState { volume: "v".into(), epoch: 3, next_writer: None, boot, at: None };
         let mut old = create(root.path()).expect("create");

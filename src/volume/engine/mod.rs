@@ -751,7 +751,7 @@ impl Volume {
                     volume: meta.uuid.clone(),
                     epoch: st.epoch,
                     next_writer: None,
-                    boot: log::boot_id(),
+                    boot: t.boot.clone(),
                     at: Some(t.at.clone()),
                 };
                 t.c.set_state(state).map_err(|e| log_io(&t.c.dir, e))?;
@@ -1520,6 +1520,8 @@ struct TakingLog {
     /// never takes this one's log.
     at: String,
     writer: u64,
+    /// This boot's id as read when the log was chosen.
+    boot: Option<String>,
 }
 
 impl TakingLog {
@@ -1550,7 +1552,7 @@ impl TakingLog {
             volume: self.uuid.clone(),
             epoch,
             next_writer: Some(self.writer),
-            boot: log::boot_id(),
+            boot: self.boot.clone(),
             at: Some(self.at.clone()),
         };
         self.c.set_state(state).map_err(|e| log_io(&self.c.dir, e))?;
@@ -1585,7 +1587,12 @@ async fn claim_log(
     let mut rec = LogRecovery::default();
     let mut chosen = None;
     let mut opener = None;
-    let boot = log::boot_id();
+    // Unreadable now: refused, not taken for another boot's (which would
+    // throw away the acknowledged writes of a log of this one).
+    let boot = log::boot_id().map_err(|e| VolumeError::LocalLog {
+        no_space: false,
+        why: format!("cannot tell which boot wrote the write-back logs under {}: {e}", root.display()),
+    })?;
     for c in found {
         let this_boot = boot.is_some() && c.state.as_ref().is_some_and(|s| s.boot == boot);
         let here = c.state.as_ref().is_some_and(|s| s.volume == meta.uuid && s.at.as_deref() == Some(at.as_str()));
@@ -1628,10 +1635,15 @@ async fn claim_log(
         None => log::create(&root).map_err(|e| log_io(&root, e))?,
     };
     let epoch = c.state.as_ref().map_or(0, |s| s.epoch);
-    let state =
-        log::LogState { volume: meta.uuid.clone(), epoch, next_writer: Some(writer), boot, at: Some(at.clone()) };
+    let state = log::LogState {
+        volume: meta.uuid.clone(),
+        epoch,
+        next_writer: Some(writer),
+        boot: boot.clone(),
+        at: Some(at.clone()),
+    };
     c.set_state(state).map_err(|e| log_io(&c.dir, e))?;
-    Ok(TakingLog { c, rec, ok_epochs: vec![st.epoch], uuid: meta.uuid.clone(), at, writer })
+    Ok(TakingLog { c, rec, ok_epochs: vec![st.epoch], uuid: meta.uuid.clone(), at, writer, boot })
 }
 
 /// The writer id of the open record at `epoch` (`None`: not readable any
@@ -1733,6 +1745,48 @@ impl Drop for Inner {
 #[cfg(test)]
 mod tests {
     use super::{REPLAY_BLOCK, newest_parts, outside_blocks, shared_blocks};
+
+    /// A boot id that cannot be read when a writer opens: the open is
+    /// refused and the dead writer's log stays, taken once the id reads
+    /// again. It was taken for another boot's log and its acknowledged
+    /// writes thrown away. (Current-thread runtime: the boot id file is
+    /// this thread's stand-in.)
+    #[tokio::test]
+    async fn an_unreadable_boot_id_refuses_the_open_and_keeps_the_log() {
+        use super::log::TEST_BOOT_ID_FILE;
+        use super::{CreateOptions, OpenOptions, Volume, VolumeError};
+        use crate::store::{DynStore, memory::MemoryStore};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let boot = dir.path().join("boot_id");
+        std::fs::write(&boot, "boot-a\n").expect("boot id");
+        TEST_BOOT_ID_FILE.with(|f| *f.borrow_mut() = Some(boot.clone()));
+        let store: DynStore = std::sync::Arc::new(MemoryStore::new());
+        let opts = CreateOptions { size: 1 << 20, chunk_size: 64 << 10, parent: None, single_writer: false };
+        let uuid = Volume::create(store.clone(), "v/", opts, &crate::clock::SystemClock).await.expect("create").uuid;
+        let logs = dir.path().join("logs");
+        let with_log = || OpenOptions { log_dir: Some(logs.clone()), ..OpenOptions::default() };
+        let v = Volume::open(store.clone(), "v/", with_log()).await.expect("open");
+        let data = vec![0x5au8; 10_000];
+        v.write(4096, &data).await.expect("write");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        drop(v);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let count = || std::fs::read_dir(logs.join(&uuid)).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(count(), 1, "the dead writer's log");
+        // A directory where the id should be: reading it fails.
+        TEST_BOOT_ID_FILE.with(|f| *f.borrow_mut() = Some(dir.path().to_path_buf()));
+        let refused = Volume::open(store.clone(), "v/", with_log()).await;
+        match refused {
+            Err(VolumeError::LocalLog { why, .. }) => assert!(why.contains("cannot tell which boot"), "{why}"),
+            other => panic!("opened without knowing the boot: {:?}", other.map(|_| ())),
+        }
+        assert_eq!(count(), 1, "the log was thrown away");
+        TEST_BOOT_ID_FILE.with(|f| *f.borrow_mut() = Some(boot.clone()));
+        let v = Volume::open(store.clone(), "v/", with_log()).await.expect("open again");
+        assert_eq!(v.log_recovery().map(|r| r.adopted), Some(true));
+        assert_eq!(v.read(4096, data.len() as u64).await.expect("read"), data, "acknowledged writes were lost");
+        TEST_BOOT_ID_FILE.with(|f| *f.borrow_mut() = None);
+    }
 
     #[test]
     fn only_the_newest_bytes_of_each_range_are_kept() {
