@@ -249,6 +249,35 @@ async fn a_damaged_log_refuses_the_open_with_a_clear_error_and_moving_it_aside_o
     assert_eq!(v.read(0, 12288).await.expect("read"), want, "not the last flush");
 }
 
+/// A dead writer's log whose state file cannot be read (here: it does not
+/// decode) refuses the open with its path, and the start-up sweep of
+/// earlier boots' logs leaves it; moved aside, the volume opens as of its
+/// last flush. It was taken for a log that never got a state and thrown
+/// away with its acknowledged writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_whose_state_cannot_be_read_refuses_the_open_and_is_kept() {
+    let (dir, store, logs, uuid) = volume_with_logs().await;
+    let v = open_log(&store, "v", &logs).await;
+    let flushed = common::pattern(1, 8192);
+    v.write(0, &flushed).await.expect("write");
+    v.flush().await.expect("flush");
+    let unflushed = common::pattern(2, 4096);
+    v.write(0, &unflushed).await.expect("write");
+    die(v).await;
+    let log = log_dirs(&logs, &uuid).remove(0);
+    std::fs::write(log.join("state"), b"{\"volume\": 7").expect("damage the state");
+    let Err(e) = Volume::open(store.clone(), "v", with_log(&logs)).await else {
+        panic!("a log whose state does not read must refuse the open");
+    };
+    let msg = e.to_string();
+    assert!(matches!(e, VolumeError::Corrupt(_)) && msg.contains(&uuid) && msg.contains("aside"), "{msg}");
+    s3blk::volume::engine::log::sweep_other_boots(&logs).expect("sweep");
+    assert_eq!(log_dirs(&logs, &uuid), vec![log.clone()], "the log was thrown away");
+    std::fs::rename(&log, dir.path().join("aside")).expect("move aside");
+    let v = open_log(&store, "v", &logs).await;
+    assert_eq!(v.read(0, 8192).await.expect("read"), flushed, "not the last flush");
+}
+
 /// What a writer leaves when an append failed and could not be cut back
 /// (the log takes no more writes), a flush rotated, and the process died
 /// before the flush released the torn segment: a torn entry, then empty

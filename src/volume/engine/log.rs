@@ -178,18 +178,49 @@ fn segments(dir: &Path) -> io::Result<Vec<u64>> {
 
 /// The log directories of `root` (one volume's) whose lock this process
 /// could take: those of processes that are gone. Locks are kept.
+/// A log whose state is there but cannot be read fails the scan (its
+/// writes are neither taken nor thrown away).
 pub fn scan(root: &Path) -> io::Result<Vec<Claimed>> {
-    scan_where(root, |_| true)
+    scan_where(root, |_| true, true)
 }
 
-fn read_state(dir: &Path) -> Option<LogState> {
-    fs::read(dir.join("state")).ok().and_then(|b| serde_json::from_slice(&b).ok())
+/// A log's state: `None` when it never got one (its opener died before
+/// writing it, and so before any write); an error when it is there and
+/// cannot be read or decoded. (It is replaced by a rename, so a reader
+/// never sees it half written.)
+fn read_state(dir: &Path) -> io::Result<Option<LogState>> {
+    let path = dir.join("state");
+    match fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: not a write-back log state ({e}); the writes in {} cannot be told to be this volume's. \
+                     Moving that directory aside opens the volume as of its last flush",
+                    path.display(),
+                    dir.display()
+                ),
+            )
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+    }
 }
 
 /// [`scan`], of the logs whose state (as read before their lock is
 /// tried, without it) `pick` takes: the others are never locked, so a
-/// process looking for its own meanwhile finds it free.
-fn scan_where(root: &Path, pick: impl Fn(Option<&LogState>) -> bool) -> io::Result<Vec<Claimed>> {
+/// process looking for its own meanwhile finds it free. A state that
+/// cannot be read fails the scan when `strict`, else its log is passed
+/// over.
+fn scan_where(root: &Path, pick: impl Fn(Option<&LogState>) -> bool, strict: bool) -> io::Result<Vec<Claimed>> {
+    let state_of = |dir: &Path| match read_state(dir) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if strict => Err(e),
+        Err(e) => {
+            tracing::warn!(log = %dir.display(), error = %e, "a write-back log whose state cannot be read is left alone");
+            Ok(None)
+        }
+    };
     let mut out = Vec::new();
     let entries = match fs::read_dir(root) {
         Ok(e) => e,
@@ -206,7 +237,8 @@ fn scan_where(root: &Path, pick: impl Fn(Option<&LogState>) -> bool) -> io::Resu
         if e.file_name().to_string_lossy().starts_with('.') {
             continue;
         }
-        if !pick(read_state(&dir).as_ref()) {
+        let Some(state) = state_of(&dir)? else { continue };
+        if !pick(state.as_ref()) {
             continue;
         }
         let lock = match fs::OpenOptions::new().write(true).open(dir.join("lock")) {
@@ -223,7 +255,7 @@ fn scan_where(root: &Path, pick: impl Fn(Option<&LogState>) -> bool) -> io::Resu
             // Removed between our open and our lock.
             continue;
         }
-        let state = read_state(&dir);
+        let Some(state) = state_of(&dir)? else { continue };
         out.push(Claimed { dir, _lock: lock, state });
     }
     Ok(out)
@@ -278,7 +310,7 @@ fn of_boot(state: Option<&LogState>, boot: &str) -> bool {
 /// another process for a live one and started afresh, and the
 /// acknowledged writes in it were then given up.
 fn sweep_picks(volume: &Path, boot: &str) -> io::Result<Vec<Claimed>> {
-    scan_where(volume, |s| !of_boot(s, boot))
+    scan_where(volume, |s| !of_boot(s, boot), false)
 }
 
 /// A new, empty log directory under `root`, locked. Made under a hidden

@@ -1583,7 +1583,10 @@ async fn claim_log(
     }
     let at = format!("{}/{vol}", store.describe());
     let root = root.join(&meta.uuid);
-    let found = log::scan(&root).map_err(|e| log_io(&root, e))?;
+    let found = log::scan(&root).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidData => VolumeError::Corrupt(e.to_string()),
+        _ => log_io(&root, e),
+    })?;
     let mut rec = LogRecovery::default();
     let mut chosen = None;
     let mut opener = None;
