@@ -156,7 +156,8 @@ pub(crate) fn is_bookkeeping(rel: &str) -> bool {
         || rel == PROVISIONED
         || rel == SOURCE
         || rel == FORMATTING
-        || json_in(rel, "attachments/").is_some()
+        // Named as `attachment_key` names them: a name `object_name` keeps.
+        || json_in(rel, "attachments/").is_some_and(|n| object_name(n) == n)
         || json_in(rel, "clones/").is_some()
 }
 
@@ -1277,6 +1278,7 @@ mod tests {
             format::snapshot_key(v, "snap-1"),
             format::clone_marker_key(v, "k8s/pvc-2/"),
             attachment_key(v, "node-a"),
+            attachment_key(v, "Node A"),
             tombstone_key(v),
             super::super::lease::lease_key(v),
             format!("{v}.s3blk-probe-0123456789abcdef"),
@@ -1289,6 +1291,8 @@ mod tests {
             "k8s/pvc-1/journal/volume.json",
             "k8s/pvc-1/chunks/0000000000000001/zz",
             "k8s/pvc-1/attachments/a/b.json",
+            "k8s/pvc-1/attachments/Node A.json",
+            "k8s/pvc-1/attachments/UPPER.json",
             "k8s/pvc-1/snapshots/x/y.json",
             "k8s/pvc-1/.s3blk-store.json",
             "k8s/pvc-10/volume.json",
