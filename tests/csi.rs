@@ -1627,6 +1627,35 @@ async fn a_clone_create_that_found_another_creates_pin_and_failed_leaves_that_pi
     race.pin_kept_and_retry_answers(&mut d).await;
 }
 
+/// A clone of a volume whose pin name (the clone's last path segment) is
+/// held by the pin of a clone elsewhere (`s3blk volume clone` into another
+/// folder): refused (ALREADY_EXISTS), the other pin and marker untouched.
+/// It was taken as an earlier attempt's pin: the clone got the source as of
+/// the other clone's making, and overwrote the other's marker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_whose_pin_name_another_clone_holds_is_refused() {
+    let Some(mut d) = driver().await else { return };
+    let race = clone_race(&mut d, "pvc-held").await;
+    let other = "elsewhere/pvc-held-clone/";
+    s3blk::volume::engine::snapshot_committed(
+        &d.store,
+        &race.source,
+        &race.pin,
+        Some(other),
+        &s3blk::clock::SystemClock,
+    )
+    .await
+    .expect("the other clone's pin");
+    let marker = s3blk::volume::format::clone_marker_key(&race.source, other);
+    let body = bytes::Bytes::from(format!("{{\"clone\":\"{other}\",\"seq\":0}}"));
+    d.store.put(&marker, body.clone(), s3blk::store::PutMode::Overwrite).await.expect("its marker");
+    let refused = d.ctl.create_volume(race.req.clone()).await;
+    assert_eq!(refused.as_ref().map_err(|e| e.code()).err(), Some(tonic::Code::AlreadyExists), "{refused:?}");
+    let pin = s3blk::volume::engine::read_snapshot(&d.store, &race.source, &race.pin).await.expect("the pin");
+    assert_eq!(pin.clone.as_deref(), Some(other));
+    assert_eq!(d.store.get(&marker, None).await.expect("the marker"), body, "the other clone's marker changed");
+}
+
 /// A snapshot `<name>-snap` of a fresh volume `<name>-src` (some bytes
 /// written), a restore of it asked for as `<name>-restored`, and the pin
 /// another create of that name (another controller's, across a leader

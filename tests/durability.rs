@@ -887,6 +887,51 @@ async fn cleaning_up_a_failed_clone_leaves_the_pin_another_clone_of_the_name_jus
     assert_eq!(b.read(0, CSU).await.expect("read b/x"), old);
 }
 
+/// Plays a clone `f2/data/` of "src/" being made in full just as the clone
+/// `f1/data/` sends its pin (same name), whose PUT then fails.
+#[derive(Debug)]
+struct OtherCloneFirst {
+    pin: String,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl common::Around for OtherCloneFirst {
+    async fn put(&self, inner: &DynStore, key: &str, body: bytes::Bytes, mode: PutMode) -> StoreResult<()> {
+        if key == self.pin && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            s3blk::volume::catalog::clone_volume(inner, "src/", None, "f2/data/", "f2/data/", None, &SystemClock)
+                .await
+                .map_err(|e| StoreError::Permanent(format!("the other clone: {e}")))?;
+            return Err(StoreError::Transient("injected: connection reset".into()));
+        }
+        inner.put(key, body, mode).await
+    }
+}
+
+/// A clone create that failed (not for its name) after another clone of
+/// the same name elsewhere took the pin and marker lets go of neither: the
+/// other clone's delete still finds its marker and lets go of its pin. The
+/// marker was deleted, so that delete left the pin for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_clone_leaves_the_marker_of_another_clone_of_the_name() {
+    use s3blk::volume::catalog::{self, OnDependants};
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    create(&mem, "src/", 4 * CSU).await;
+    let pin = format::snapshot_key("src/", &format::clone_pin_name("f1/data/"));
+    let marker = format::clone_marker_key("src/", "f1/data/");
+    let racing: DynStore = common::Wrapped::new(
+        mem.clone(),
+        OtherCloneFirst { pin: pin.clone(), armed: std::sync::atomic::AtomicBool::new(true) },
+    );
+    let failed = catalog::clone_volume(&racing, "src/", None, "f1/data/", "f1/data/", None, &SystemClock).await;
+    assert!(failed.is_err(), "f1 was to fail: {failed:?}");
+    assert!(mem.head(&pin).await.expect("head").is_some(), "f2's pin was taken");
+    assert!(mem.head(&marker).await.expect("head").is_some(), "f2's marker was taken");
+    catalog::delete_volume(&mem, "f2/data/", OnDependants::RefuseClones, &SystemClock).await.expect("delete f2");
+    assert!(mem.head(&pin).await.expect("head").is_none(), "f2's delete left its pin");
+    assert!(mem.head(&marker).await.expect("head").is_none(), "f2's delete left its marker");
+}
+
 /// A restore takes a pin already there at its seq for its own (an earlier
 /// attempt's, or another running create's of the same volume), but not the
 /// pin of a restore of the same last path segment in another folder: that

@@ -631,6 +631,16 @@ impl ControllerService {
                 }
                 let snap = format::clone_pin_name(&loc.prefix);
                 match read_snapshot(&store, &vloc.prefix, &snap).await {
+                    // The pin of a clone of the same last path segment
+                    // elsewhere (pins of earlier versions name none).
+                    Ok(r) if r.clone.as_deref().is_some_and(|c| !catalog::names_clone(c, &loc.prefix)) => {
+                        return Err(Status::already_exists(format!(
+                            "volume {} already has a clone named {} ({}); this volume cannot be cloned under that name",
+                            v.volume_id,
+                            format::volume_name(&loc.prefix),
+                            r.clone.unwrap_or_default()
+                        )));
+                    }
                     Ok(r) => {
                         let size = r.size;
                         Some((vloc, Some(r), size))

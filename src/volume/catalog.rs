@@ -736,14 +736,23 @@ pub async fn clone_volume(
 pub async fn release_source(store: &DynStore, source: &str, clone: &str) -> CatalogResult<()> {
     let pin = format::snapshot_key(source, &format::clone_pin_name(clone));
     match store.get(&pin, None).await {
-        Ok(b) => match SnapshotRecord::decode(&b, &pin).ok().and_then(|r| r.clone) {
-            Some(other) if !names_clone(&other, clone) => tracing::warn!(
-                volume = %describe(store.as_ref(), clone),
-                source = %describe(store.as_ref(), source),
-                other = %other,
-                "the source's pin of this name is another clone's: left alone"
-            ),
-            _ => store.delete(&pin).await?,
+        Ok(b) => match SnapshotRecord::decode(&b, &pin) {
+            Ok(r) if r.clone.as_deref().is_none_or(|c| names_clone(c, clone)) => store.delete(&pin).await?,
+            // Another clone's pin, and then the marker (which follows its
+            // pin) is that clone's too, or it is on its way; or a pin that
+            // does not read, which is nobody's to take: both stay.
+            found => {
+                let why = match found {
+                    Ok(r) => format!("it is the pin of {}", r.clone.unwrap_or_default()),
+                    Err(e) => format!("it does not read ({e})"),
+                };
+                tracing::warn!(
+                    volume = %describe(store.as_ref(), clone),
+                    source = %describe(store.as_ref(), source),
+                    "the source's pin and marker of this name are left alone: {why}"
+                );
+                return Ok(());
+            }
         },
         Err(StoreError::NotFound(_)) => {}
         Err(e) => return Err(e.into()),
@@ -787,7 +796,7 @@ fn marker_names(m: &CloneMarker, vol: &str) -> bool {
 }
 
 /// Does `named` (a clone as a marker or pin names it) name the clone under `vol`?
-fn names_clone(named: &str, vol: &str) -> bool {
+pub fn names_clone(named: &str, vol: &str) -> bool {
     named.trim_end_matches('/') == vol.trim_end_matches('/')
         || crate::location::Location::parse(named, true).is_ok_and(|l| l.prefix == vol)
 }

@@ -343,10 +343,19 @@ pub fn create(root: &Path) -> io::Result<Claimed> {
 
 impl Claimed {
     /// Replace `state` atomically.
+    /// Replace the state: written aside, synced, renamed over the old one
+    /// and the directory synced. Segments are never synced (a log of an
+    /// earlier boot is never replayed), but the state is, so that after a
+    /// power loss it reads whole (old or new) and tells that boot: a state
+    /// that does not read refuses the open (see [`scan`]).
     pub fn set_state(&mut self, s: LogState) -> io::Result<()> {
         let tmp = self.dir.join("state.tmp");
-        fs::write(&tmp, serde_json::to_vec(&s).map_err(io::Error::other)?)?;
+        let mut f = File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(&s).map_err(io::Error::other)?)?;
+        f.sync_all()?;
+        drop(f);
         fs::rename(&tmp, self.dir.join("state"))?;
+        File::open(&self.dir)?.sync_all()?;
         self.state = Some(s);
         Ok(())
     }
