@@ -41,11 +41,20 @@ async fn main() -> anyhow::Result<()> {
     let store: DynStore = Arc::new(RetryStore::new(Arc::new(raw), RetryPolicy::default()));
     let vol = "bench/";
     let size = chunks * CHUNK as u64;
-    let opts = CreateOptions { size, chunk_size: CHUNK, parent: None, single_writer: false };
+    let opts = CreateOptions { size, chunk_size: CHUNK, parent: None, single_writer: false, compression: None };
     Volume::create(store.clone(), vol, opts, &s3blk::clock::SystemClock).await?;
     let st = replay::replay(store.as_ref(), vol, CHUNK as u64, None).await?;
     let map = (0..chunks)
-        .map(|i| (i, ChunkRef::Stored { generation: generation(1, i + 1), crc: i as u32, table: true }))
+        .map(|i| {
+            (
+                i,
+                ChunkRef::Stored {
+                    generation: generation(1, i + 1),
+                    crc: i as u32,
+                    layout: s3blk::volume::format::Layout::Table,
+                },
+            )
+        })
         .collect();
     let cp = Checkpoint { seq: st.head, epoch: st.epoch, size, map, patches: Default::default() };
     let t = Instant::now();

@@ -237,6 +237,14 @@ enum SnapshotCmd {
     },
 }
 
+/// A `--compression` value (`None`: none).
+#[derive(Debug, Clone, Copy)]
+struct Compression(Option<format::Codec>);
+
+fn parse_compression(s: &str) -> std::result::Result<Compression, String> {
+    format::Codec::parse(s).map(Compression)
+}
+
 #[derive(Subcommand, Debug)]
 enum VolumeCmd {
     /// Create an empty (sparse) volume.
@@ -252,6 +260,11 @@ enum VolumeCmd {
         /// Accept a store that ignores conditional writes: no protection against two writers.
         #[arg(long)]
         single_writer: bool,
+        /// Compress chunks: lz4, zstd or none. Each chunk is stored compressed
+        /// block by block where that saves at least an eighth, else as it is.
+        /// Earlier s3blk versions cannot open a compressed volume.
+        #[arg(long, value_parser = parse_compression, default_value = "none")]
+        compression: Compression,
     },
     /// List the volumes under a store URL (s3://bucket/prefix, file:///dir or a directory).
     List {
@@ -295,6 +308,9 @@ enum VolumeCmd {
         /// Chunk size of a new volume: a power of two from 64KiB to 64MiB.
         #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CHUNK_SIZE as u64)]
         chunk_size: u64,
+        /// With --create: compress the new volume's chunks (lz4, zstd or none).
+        #[arg(long, value_parser = parse_compression, default_value = "none")]
+        compression: Compression,
         /// Import even while another writer holds the volume (it is fenced and loses its unflushed writes).
         #[arg(long)]
         takeover: bool,
@@ -592,7 +608,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
     let clock = SystemClock;
     match cmd {
-        VolumeCmd::Create { url, size, chunk_size, single_writer } => {
+        VolumeCmd::Create { url, size, chunk_size, single_writer, compression } => {
             let (loc, store) = connect_to(&url, g, true, true).await?;
             catalog::check_name_free(&store, &loc.prefix).await?;
             let chunk_size = chunk_size_arg(chunk_size)?;
@@ -600,7 +616,7 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
             let meta = Volume::create(
                 store,
                 &loc.prefix,
-                CreateOptions { size, chunk_size, parent: None, single_writer },
+                CreateOptions { size, chunk_size, parent: None, single_writer, compression: compression.0 },
                 &clock,
             )
             .await
@@ -643,8 +659,13 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 .collect();
             let stored = st.map.values().filter(|r| matches!(r, format::ChunkRef::Stored { .. })).count() as u64;
             // Chunk objects with a table (format 4) serve small reads by range.
-            let tabled =
-                st.map.values().filter(|r| matches!(r, format::ChunkRef::Stored { table: true, .. })).count() as u64;
+            let tabled = st.map.values().filter(|r| r.has_table()).count() as u64;
+            // Compressed block by block (format 5).
+            let packed = st
+                .map
+                .values()
+                .filter(|r| matches!(r, format::ChunkRef::Stored { layout: format::Layout::Packed(_), .. }))
+                .count() as u64;
             let patch_bytes: u64 = st.patches.values().map(|p| p.bytes()).sum();
             let occupant = lease::occupant(&store, &loc.prefix, None).await?;
             if json {
@@ -659,6 +680,7 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                     "volume": loc.display(), "meta": meta, "size": st.size, "head_seq": st.head, "epoch": st.epoch,
                     "checkpoint": st.checkpoint, "mapped_chunks": st.map.len(), "stored_chunks": stored,
                     "stored_bytes": stored * meta.chunk_size as u64, "chunks_with_table": tabled,
+                    "compression": meta.compression.map_or("none", |c| c.name()), "packed_chunks": packed,
                     "patched_chunks": st.patches.len(),
                     "patch_bytes": patch_bytes, "format_version": meta.format_version,
                     "snapshots": snaps, "writer": writer,
@@ -670,6 +692,11 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 println!("size:          {} ({} bytes)", format_size(st.size), st.size);
                 println!("chunk size:    {}", format_size(meta.chunk_size as u64));
                 println!("format:        {}", meta.format_version);
+                match meta.compression {
+                    Some(c) => println!("compression:   {} ({packed} of the stored chunks compressed)", c.name()),
+                    None if packed > 0 => println!("compression:   none ({packed} stored chunks compressed)"),
+                    None => println!("compression:   none"),
+                }
                 println!("stored chunks: {} ({})", stored, format_size(stored * meta.chunk_size as u64));
                 if tabled < stored {
                     println!(
@@ -715,9 +742,9 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 DeleteOutcome::Kept => bail!("volume {} is kept for its clones", loc.display()),
             }
         }
-        VolumeCmd::Import { url, file, create, size, chunk_size, takeover } => {
+        VolumeCmd::Import { url, file, create, size, chunk_size, compression, takeover } => {
             let (loc, store) = connect_to(&url, g, true, create).await?;
-            import(&loc, store, &file, ImportArgs { create, size, chunk_size, takeover }, g).await?;
+            import(&loc, store, &file, ImportArgs { create, size, chunk_size, compression, takeover }, g).await?;
         }
         VolumeCmd::Export { url, file, snapshot, dense } => {
             let (loc, store) = connect(&url, g, true).await?;
@@ -938,11 +965,12 @@ struct ImportArgs {
     create: bool,
     size: Option<u64>,
     chunk_size: u64,
+    compression: Compression,
     takeover: bool,
 }
 
 async fn import(loc: &Location, store: DynStore, file: &str, a: ImportArgs, g: &Global) -> Result<()> {
-    let ImportArgs { create, size, chunk_size, takeover } = a;
+    let ImportArgs { create, size, chunk_size, compression, takeover } = a;
     let (input, input_len): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, Option<u64>) = if file == "-" {
         (Box::new(tokio::io::stdin()), None)
     } else {
@@ -961,7 +989,7 @@ async fn import(loc: &Location, store: DynStore, file: &str, a: ImportArgs, g: &
         Volume::create(
             store.clone(),
             &loc.prefix,
-            CreateOptions { size, chunk_size, parent: None, single_writer: false },
+            CreateOptions { size, chunk_size, parent: None, single_writer: false, compression: compression.0 },
             &SystemClock,
         )
         .await?;
@@ -1154,6 +1182,9 @@ struct ServeArgs {
     /// Chunk size of a volume --create makes: 64KiB to 64MiB, a power of two.
     #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CHUNK_SIZE as u64)]
     chunk_size: u64,
+    /// Compression of a volume --create makes: lz4, zstd or none.
+    #[arg(long, value_parser = parse_compression, default_value = "none")]
+    compression: Compression,
     /// Serve without taking over the volume: writes are refused.
     #[arg(long)]
     read_only: bool,
@@ -1281,7 +1312,13 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
                 let size = a.size.ok_or_else(|| anyhow::anyhow!("--create needs --size for a new volume"))?;
                 let size = crate::size::round_to_blocks(size, format::BLOCK_SIZE as u64);
                 let chunk_size = chunk_size_arg(a.chunk_size)?;
-                let opts = CreateOptions { size, chunk_size, parent: None, single_writer: false };
+                let opts = CreateOptions {
+                    size,
+                    chunk_size,
+                    parent: None,
+                    single_writer: false,
+                    compression: a.compression.0,
+                };
                 catalog::check_name_free(&store, &loc.prefix).await?;
                 Volume::create(store.clone(), &loc.prefix, opts, &SystemClock).await?;
                 eprintln!("created {} ({})", loc.display(), format_size(size));

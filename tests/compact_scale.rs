@@ -65,10 +65,10 @@ impl Shape {
         generation(EPOCH, i + 1)
     }
     fn base_ref(i: u64) -> ChunkRef {
-        ChunkRef::Stored { generation: Self::base_gen(i), crc: i as u32, table: true }
+        ChunkRef::Stored { generation: Self::base_gen(i), crc: i as u32, layout: s3blk::volume::format::Layout::Table }
     }
     fn rec_ref(&self, which: u64) -> ChunkRef {
-        ChunkRef::Stored { generation: self.rec_gen(which), crc: 7, table: true }
+        ChunkRef::Stored { generation: self.rec_gen(which), crc: 7, layout: s3blk::volume::format::Layout::Table }
     }
     /// Chunk `i`'s generations in the listing, in key order.
     fn gens(&self, i: u64) -> Vec<u64> {
@@ -336,6 +336,7 @@ fn build(shape: Shape, spill: PathBuf) -> Arc<ScaleStore> {
         created_unix: T0,
         parent: None,
         single_writer: false,
+        compression: None,
     };
     store.small_put(&format::meta_key(VOL), Bytes::from(meta.encode()));
     // The base checkpoint: its parts are generated when read; the manifest

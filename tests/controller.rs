@@ -139,7 +139,8 @@ fn now() -> i64 {
 /// A volume whose chunk 0 was written `rewrites` times, each flushed: all
 /// but the last generation are garbage once folded.
 async fn volume_with_garbage(store: &DynStore, vol: &str, rewrites: u8) {
-    let opts = CreateOptions { size: 4 * CS as u64, chunk_size: CS, parent: None, single_writer: false };
+    let opts =
+        CreateOptions { size: 4 * CS as u64, chunk_size: CS, parent: None, single_writer: false, compression: None };
     Volume::create(store.clone(), vol, opts, &SystemClock).await.expect("create");
     let v = Volume::open(store.clone(), vol, OpenOptions::default()).await.expect("open");
     for i in 0..rewrites {
@@ -869,7 +870,13 @@ async fn restarted_node(client: Client, names: &[&str]) -> Restarted {
     let mut ids = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let loc = Location::parse(&format!("file://{}/{name}", root.display()), true).expect("url");
-        let opts = CreateOptions { size: 4 * CS as u64, chunk_size: CS, parent: None, single_writer: false };
+        let opts = CreateOptions {
+            size: 4 * CS as u64,
+            chunk_size: CS,
+            parent: None,
+            single_writer: false,
+            compression: None,
+        };
         Volume::create(store.clone(), &loc.prefix, opts, &SystemClock).await.expect("create");
         let a = s3blk::volume::catalog::Attachment { node_id: "node-a".into(), readonly: false, created_unix: now() };
         s3blk::volume::catalog::attach(&store, &loc.prefix, &a).await.expect("publish");

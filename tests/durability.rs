@@ -28,7 +28,7 @@ const CS: u32 = 64 << 10;
 const CSU: u64 = CS as u64;
 
 async fn create(store: &DynStore, vol: &str, size: u64) {
-    let opts = CreateOptions { size, chunk_size: CS, parent: None, single_writer: false };
+    let opts = CreateOptions { size, chunk_size: CS, parent: None, single_writer: false, compression: None };
     Volume::create(store.clone(), vol, opts, &SystemClock).await.expect("create");
 }
 
@@ -337,7 +337,7 @@ async fn a_create_whose_first_put_landed_succeeds() {
     let retrying: DynStore =
         Arc::new(RetryStore::with_clock(rig.faulty(), common::fast_policy(), clock, Arc::new(|d| d)));
     rig.rule(Some(Op::Put), "volume.json", Fault::LostResponse, 1);
-    let opts = CreateOptions { size: 4 * CSU, chunk_size: CS, parent: None, single_writer: false };
+    let opts = CreateOptions { size: 4 * CSU, chunk_size: CS, parent: None, single_writer: false, compression: None };
     Volume::create(retrying.clone(), "v/", opts.clone(), &SystemClock).await.expect("create must succeed");
     let v = open(&retrying, "v/").await;
     v.write(0, b"usable").await.expect("write");
@@ -477,7 +477,8 @@ async fn a_busy_volume_opens_replaying_few_records() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_asked_again_finishes_one_that_stopped_before_its_create_record() {
     let rig = FaultRig::new();
-    let opts = |size: u64| CreateOptions { size, chunk_size: CS, parent: None, single_writer: false };
+    let opts =
+        |size: u64| CreateOptions { size, chunk_size: CS, parent: None, single_writer: false, compression: None };
     rig.rule(Some(Op::Put), "journal/", Fault::ServerError, 1_000);
     let failed = Volume::create(rig.faulty(), "v/", opts(4 * CSU), &SystemClock).await;
     assert!(failed.is_err(), "created: {failed:?}");
@@ -675,7 +676,8 @@ async fn a_restore_whose_pin_was_let_go_of_is_never_finished() {
     let pin = catalog::pin_snapshot_for(&store, "src/", &snap, "r/", "r/", &mut false).await.expect("pin");
     catalog::add_clone_marker(&store, "src/", "r/", "r/", pin.seq).await.expect("marker");
     let parent = format::ParentRef { volume: "src/".into(), snapshot: pin.name.clone(), seq: pin.seq };
-    let opts = CreateOptions { size: 4 * CSU, chunk_size: CS, parent: Some(parent), single_writer: false };
+    let opts =
+        CreateOptions { size: 4 * CSU, chunk_size: CS, parent: Some(parent), single_writer: false, compression: None };
     let made = Volume::create(store.clone(), "r/", opts.clone(), &SystemClock).await;
     assert!(made.is_err(), "the volume.json PUT timed out: {made:?}");
     catalog::abandon_create(&store, "r/").await.expect("clean up the failed create");
@@ -794,7 +796,7 @@ impl common::Around for FailDeleteOnce {
 async fn a_delete_run_again_leaves_the_pin_of_another_clone_of_the_same_name() {
     use s3blk::volume::catalog::{self, OnDependants};
     let mem: DynStore = Arc::new(MemoryStore::new());
-    let opts = CreateOptions { size: 4 * CSU, chunk_size: CS, parent: None, single_writer: false };
+    let opts = CreateOptions { size: 4 * CSU, chunk_size: CS, parent: None, single_writer: false, compression: None };
     Volume::create(mem.clone(), "src/", opts, &SystemClock).await.expect("create");
     let w = Volume::open(mem.clone(), "src/", OpenOptions::default()).await.expect("open");
     let old = common::pattern(4, CS as usize);
@@ -854,7 +856,7 @@ impl common::Around for FailWrites {
 async fn cleaning_up_a_failed_clone_leaves_the_pin_another_clone_of_the_name_just_wrote() {
     use s3blk::volume::catalog::{self, DeleteOutcome, OnDependants};
     let mem: DynStore = Arc::new(MemoryStore::new());
-    let opts = CreateOptions { size: 4 * CSU, chunk_size: CS, parent: None, single_writer: false };
+    let opts = CreateOptions { size: 4 * CSU, chunk_size: CS, parent: None, single_writer: false, compression: None };
     Volume::create(mem.clone(), "src/", opts, &SystemClock).await.expect("create");
     let w = Volume::open(mem.clone(), "src/", OpenOptions::default()).await.expect("open");
     let old = common::pattern(4, CS as usize);

@@ -23,7 +23,7 @@ use s3blk::volume::{OpenOptions, Volume, VolumeError, compact, fsck, replay};
 const CS: u32 = 64 << 10;
 
 fn create_opts(size: u64) -> CreateOptions {
-    CreateOptions { size, chunk_size: CS, parent: None, single_writer: false }
+    CreateOptions { size, chunk_size: CS, parent: None, single_writer: false, compression: None }
 }
 
 async fn create(store: &DynStore, vol: &str, size: u64) {
@@ -683,7 +683,7 @@ async fn sparse_volumes_cost_a_handful_of_objects(store: DynStore) {
     Volume::create(
         store.clone(),
         &vol,
-        CreateOptions { size: tib, chunk_size: 1 << 20, parent: None, single_writer: false },
+        CreateOptions { size: tib, chunk_size: 1 << 20, parent: None, single_writer: false, compression: None },
         &s3blk::clock::SystemClock,
     )
     .await
@@ -2671,7 +2671,8 @@ impl common::Around for ChunkGets {
 /// A volume of 1 MiB chunks (16 verified blocks each) whose first two
 /// chunks hold `pattern(1, 2 MiB)`, flushed.
 async fn two_chunks_of_1mib(store: &DynStore, vol: &str) -> Vec<u8> {
-    let opts = CreateOptions { size: 4 * MIB, chunk_size: MIB as u32, parent: None, single_writer: false };
+    let opts =
+        CreateOptions { size: 4 * MIB, chunk_size: MIB as u32, parent: None, single_writer: false, compression: None };
     Volume::create(store.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
     let data = common::pattern(1, 2 * MIB as usize);
     let v = open(store, vol).await;
@@ -2786,6 +2787,136 @@ async fn a_small_cold_read_fetches_its_blocks_and_the_table_not_the_whole_chunk(
 }
 on_both_stores!(a_small_cold_read_fetches_its_blocks_and_the_table_not_the_whole_chunk);
 
+// ------------------------------------------------------------------ compression
+
+/// Log-like text: compresses well.
+fn text(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 100);
+    let mut n = seed;
+    while out.len() < len {
+        n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        out.extend_from_slice(format!("{n:>20} INFO volume pvc-{:04} staged on node-{}\n", n % 9973, n % 7).as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A compressed volume of 1 MiB chunks: chunk 0 text, chunk 1 noise,
+/// chunk 2 text; flushed. Returns the three chunks' bytes.
+async fn compressed_volume(store: &DynStore, vol: &str, codec: format::Codec) -> Vec<u8> {
+    let opts = CreateOptions {
+        size: 4 * MIB,
+        chunk_size: MIB as u32,
+        parent: None,
+        single_writer: false,
+        compression: Some(codec),
+    };
+    let meta = Volume::create(store.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
+    assert_eq!((meta.format_version, meta.compression), (format::FORMAT_V5, Some(codec)));
+    let mut data = text(MIB as usize, 1);
+    data.extend(common::pattern(2, MIB as usize));
+    data.extend(text(MIB as usize, 3));
+    let v = open(store, vol).await;
+    v.write(0, &data).await.expect("write");
+    v.flush().await.expect("flush");
+    drop(v);
+    data
+}
+
+/// A compressed volume stores its compressible chunks packed (smaller
+/// objects), its incompressible ones as they are, and reads all of them
+/// back: whole, and by a small cold read that fetches the packed chunk's
+/// table and then only the blocks it needs; fsck verifies it.
+async fn compressed_chunks_are_smaller_and_read_back_by_range(store: DynStore) {
+    for codec in [format::Codec::Lz4, format::Codec::Zstd] {
+        let vol = &format!("{}/", common::unique(codec.name()));
+        let data = compressed_volume(&store, vol, codec).await;
+        let size_of = |k: String| {
+            let store = store.clone();
+            async move { store.head(&k).await.expect("head").expect("there") }
+        };
+        let (c0, c1, c2) = (
+            chunk_object(&store, vol, 0).await,
+            chunk_object(&store, vol, 1).await,
+            chunk_object(&store, vol, 2).await,
+        );
+        let ptl = format::packed_table_len(MIB);
+        assert!(
+            size_of(c0.clone()).await < MIB * 5 / 8,
+            "{codec:?}: text stored in {} bytes",
+            size_of(c0.clone()).await
+        );
+        assert!(size_of(c2.clone()).await < MIB * 5 / 8);
+        assert_eq!(size_of(c1.clone()).await, MIB + format::table_len(MIB), "noise is stored as it is");
+        let gets = delayed_and_recorded(&store, ChunkGetDelays { whole: Duration::ZERO, ranged: Duration::ZERO });
+        let logged: DynStore = gets.clone();
+        let v = open_ro(&logged, vol).await;
+        let r = |at: u64, len: u64| data[at as usize..(at + len) as usize].to_vec();
+        assert_eq!(v.read(4 * VB + 100, 2048).await.expect("read"), r(4 * VB + 100, 2048));
+        let got = gets.take();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0], (c0.clone(), Some(0..ptl)), "the table first");
+        let blocks = got[1].1.clone().expect("a range");
+        assert_eq!(got[1].0, c0);
+        assert!(blocks.start >= ptl && blocks.end - blocks.start < VB, "one packed block: {blocks:?}");
+        // Cached now; another block of chunk 2 reads alike; the noise chunk as before.
+        assert_eq!(v.read(4 * VB + 3000, 1000).await.expect("read"), r(4 * VB + 3000, 1000));
+        assert_eq!(gets.take(), vec![]);
+        assert_eq!(v.read(2 * MIB + 9 * VB, 4096).await.expect("read"), r(2 * MIB + 9 * VB, 4096));
+        assert_eq!(gets.take().len(), 2);
+        assert_eq!(v.read(MIB + 3 * VB, 4096).await.expect("read"), r(MIB + 3 * VB, 4096));
+        assert_eq!(v.read(0, 3 * MIB).await.expect("read"), data);
+        drop(v);
+        assert_stored(&store, vol, 3 * MIB, &data, "a fresh opener").await;
+        // A writer's partial overwrite of a packed chunk reads its base back.
+        let w = open(&store, vol).await;
+        let patch = common::pattern(9, 10_000);
+        w.write(MIB / 2 + 7, &patch).await.expect("write");
+        w.flush().await.expect("flush");
+        drop(w);
+        let mut want = data.clone();
+        want[MIB as usize / 2 + 7..MIB as usize / 2 + 7 + patch.len()].copy_from_slice(&patch);
+        assert_stored(&store, vol, 3 * MIB, &want, "after a partial overwrite").await;
+    }
+}
+on_both_stores!(compressed_chunks_are_smaller_and_read_back_by_range);
+
+/// Damage to a packed chunk (a flipped bit in a block, or in its table, or
+/// a cut object) is an error on read, by range or whole, and fsck reports
+/// it; never other bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_to_a_packed_chunk_is_found() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let vol = "v/";
+    compressed_volume(&mem, vol, format::Codec::Zstd).await;
+    let key = chunk_object(&mem, vol, 0).await;
+    let good = mem.get(&key, None).await.expect("get");
+    let ptl = format::packed_table_len(MIB) as usize;
+    let flip = |at: usize| {
+        let mut b = good.to_vec();
+        b[at] ^= 0x04;
+        Bytes::from(b)
+    };
+    // What is damaged, and a small read of a block it is in.
+    for (what, bad, at) in [
+        ("a block", flip(ptl + 40), 100),
+        ("the table", flip(20), 5 * VB),
+        ("the end", good.slice(..good.len() - 3), MIB - 4096),
+    ] {
+        mem.put(&key, bad, s3blk::store::PutMode::Overwrite).await.expect("damage");
+        let v = open_ro(&mem, vol).await;
+        let small = v.read(at, 4096).await;
+        assert!(matches!(small, Err(VolumeError::Corrupt(_))), "{what}: a small read gave {small:?}");
+        let whole = v.read(0, MIB).await;
+        assert!(matches!(whole, Err(VolumeError::Corrupt(_))), "{what}: a whole read gave {:?}", whole.map(|_| ()));
+        drop(v);
+        let rep = fsck::fsck(mem.as_ref(), vol, true, &|_, _| {}).await.expect("fsck ran");
+        assert!(!rep.clean && rep.errors.iter().any(|e| e.contains(&key)), "{what}: {:?}", rep.errors);
+    }
+    mem.put(&key, good, s3blk::store::PutMode::Overwrite).await.expect("repair");
+    assert_fsck_clean(&mem, vol).await;
+}
+
 /// Where every request takes long (a store across a network) and a whole
 /// chunk costs little more than a few blocks, a chunk read at random a
 /// second time comes whole, and later reads of it are served from the
@@ -2893,7 +3024,8 @@ async fn chunks_written_whole_and_with_a_table_read_alike() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = common::local_store(dir.path());
     let vol = "v/";
-    let opts = CreateOptions { size: 4 * MIB, chunk_size: MIB as u32, parent: None, single_writer: false };
+    let opts =
+        CreateOptions { size: 4 * MIB, chunk_size: MIB as u32, parent: None, single_writer: false, compression: None };
     Volume::create(store.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
     let data = common::pattern(3, 3 * MIB as usize);
     let whole = OpenOptions { chunk_tables: false, ..OpenOptions::default() };
@@ -2970,7 +3102,13 @@ async fn readahead_starts_at_one_chunk_and_grows_with_a_sequential_reader() {
     let mem: DynStore = Arc::new(MemoryStore::new());
     let vol = "v/";
     let chunks = 48u64;
-    let opts = CreateOptions { size: chunks * MIB, chunk_size: MIB as u32, parent: None, single_writer: false };
+    let opts = CreateOptions {
+        size: chunks * MIB,
+        chunk_size: MIB as u32,
+        parent: None,
+        single_writer: false,
+        compression: None,
+    };
     Volume::create(mem.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
     let data = common::pattern(5, (chunks * MIB) as usize);
     let v = open(&mem, vol).await;
@@ -3276,7 +3414,13 @@ async fn a_few_small_sequential_reads_do_not_fetch_sixteen_chunks_ahead() {
     let mem: DynStore = Arc::new(MemoryStore::new());
     let vol = "v/";
     let chunks = 48u64;
-    let opts = CreateOptions { size: chunks * MIB, chunk_size: MIB as u32, parent: None, single_writer: false };
+    let opts = CreateOptions {
+        size: chunks * MIB,
+        chunk_size: MIB as u32,
+        parent: None,
+        single_writer: false,
+        compression: None,
+    };
     Volume::create(mem.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
     let v = open(&mem, vol).await;
     v.write(0, &common::pattern(5, (chunks * MIB) as usize)).await.expect("write");

@@ -1476,6 +1476,7 @@ async fn create(ctx: &Ctx, rng: &mut StdRng) -> bool {
         chunk_size: ctx.cfg.chunk_size as u32,
         parent: None,
         single_writer: false,
+        compression: None,
     };
     for attempt in 1..=20 {
         match Volume::create(store.clone(), VOL, opts.clone(), &clock).await {
@@ -2595,8 +2596,13 @@ async fn make_clone(
     catalog::pin_snapshot_for(store, VOL, &rec, prefix, prefix, &mut false).await.map_err(clone_fail)?;
     catalog::add_clone_marker(store, VOL, prefix, prefix, rec.seq).await.map_err(clone_fail)?;
     let parent = ParentRef { volume: VOL.to_string(), snapshot: format::clone_pin_name(prefix), seq: rec.seq };
-    let opts =
-        CreateOptions { size: rec.size, chunk_size: chunk_size as u32, parent: Some(parent), single_writer: false };
+    let opts = CreateOptions {
+        size: rec.size,
+        chunk_size: chunk_size as u32,
+        parent: Some(parent),
+        single_writer: false,
+        compression: None,
+    };
     match Volume::create(store.clone(), prefix, opts, clock).await {
         // A retry after an attempt that landed.
         Ok(_) | Err(VolumeError::AlreadyExists(_)) => {

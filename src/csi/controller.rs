@@ -92,6 +92,8 @@ pub struct ControllerService {
 struct Params {
     store: Option<Location>,
     chunk_size: Option<u32>,
+    /// `compression`: lz4, zstd or none (the default).
+    compression: Option<format::Codec>,
     context: HashMap<String, String>,
 }
 
@@ -114,6 +116,10 @@ fn parse_params(p: &HashMap<String, String>) -> Result<Params, Status> {
                 format::check_chunk_size(cs)
                     .map_err(|e| Status::invalid_argument(format!("parameter chunkSize: {e}")))?;
                 out.chunk_size = Some(cs);
+            }
+            "compression" => {
+                out.compression = format::Codec::parse(v)
+                    .map_err(|e| Status::invalid_argument(format!("parameter compression: {e}")))?;
             }
             "cacheSize" => {
                 parse_size(v).map_err(|e| Status::invalid_argument(format!("parameter cacheSize: {e}")))?;
@@ -693,6 +699,14 @@ impl ControllerService {
                 if meta.chunk_size != chunk {
                     differs.push(format!("chunkSize {} (asked: {chunk})", meta.chunk_size));
                 }
+                if meta.compression != params.compression {
+                    let name = |c: Option<format::Codec>| c.map_or("none", |c| c.name());
+                    differs.push(format!(
+                        "compression {} (asked: {})",
+                        name(meta.compression),
+                        name(params.compression)
+                    ));
+                }
                 if meta.parent != parent || (source.is_some() && parent.is_none()) {
                     differs.push("another source".to_string());
                 }
@@ -803,7 +817,13 @@ impl ControllerService {
                     .await
                     .map_err(catalog_status)?;
             }
-            let opts = CreateOptions { size, chunk_size: chunk, parent, single_writer: false };
+            let opts = CreateOptions {
+                size,
+                chunk_size: chunk,
+                parent,
+                single_writer: false,
+                compression: params.compression,
+            };
             match Volume::create(store.clone(), &loc.prefix, opts, self.clock.as_ref()).await {
                 Ok(m) => Ok(m),
                 // Lost a race with a concurrent create of the same name.
@@ -1397,8 +1417,13 @@ mod tests {
         assert_eq!(ok.store.unwrap().url(), "s3://b/k8s");
         assert_eq!(ok.chunk_size, Some(4 << 20));
         assert_eq!(ok.context["fsType"], "xfs");
+        assert_eq!(ok.compression, None);
+        assert_eq!(p(&[("compression", "zstd")]).unwrap().compression, Some(format::Codec::Zstd));
+        assert_eq!(p(&[("compression", "LZ4")]).unwrap().compression, Some(format::Codec::Lz4));
+        assert_eq!(p(&[("compression", "none")]).unwrap().compression, None);
         for bad in [
-            &[("chunkSize", "3000")][..],
+            &[("compression", "gzip")][..],
+            &[("chunkSize", "3000")],
             &[("fsType", "btrfs")],
             &[("bogus", "1")],
             &[("bucket", "b"), ("store", "s3://c")],

@@ -45,11 +45,13 @@ enum Held {
 pub struct ChunkTable {
     pub r: ChunkRef,
     pub crcs: Vec<u32>,
+    /// A packed chunk's stored block lengths (empty otherwise).
+    pub stored: Vec<u32>,
 }
 
 impl ChunkTable {
     fn bytes(&self) -> u64 {
-        self.crcs.len() as u64 * 4
+        (self.crcs.len() + self.stored.len()) as u64 * 4
     }
 }
 
@@ -323,6 +325,7 @@ impl Drop for CleanCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::volume::format::Layout;
 
     #[test]
     fn evicts_entries_not_used_since_the_last_sweep_within_limit() {
@@ -354,7 +357,11 @@ mod tests {
     }
 
     fn table(generation: u64) -> Arc<ChunkTable> {
-        Arc::new(ChunkTable { r: ChunkRef::Stored { generation, crc: 1, table: true }, crcs: vec![0; 4] })
+        Arc::new(ChunkTable {
+            r: ChunkRef::Stored { generation, crc: 1, layout: Layout::Table },
+            crcs: vec![0; 4],
+            stored: Vec::new(),
+        })
     }
 
     #[test]
@@ -432,7 +439,11 @@ mod tests {
         use std::sync::atomic::{AtomicU64, Ordering};
         let live = Arc::new(AtomicU64::new(0));
         let mut c = CleanCache::new(1 << 30);
-        let t = Arc::new(ChunkTable { r: ChunkRef::Stored { generation: 1, crc: 1, table: true }, crcs: vec![0; 64] });
+        let t = Arc::new(ChunkTable {
+            r: ChunkRef::Stored { generation: 1, crc: 1, layout: Layout::Table },
+            crcs: vec![0; 64],
+            stored: Vec::new(),
+        });
         for k in 1..=50usize {
             let v = vec![7u8; k * 100];
             live.fetch_add(v.len() as u64, Ordering::SeqCst);

@@ -700,6 +700,7 @@ pub async fn clone_volume(
             chunk_size: meta.chunk_size,
             parent: Some(parent),
             single_writer: meta.single_writer,
+            compression: meta.compression,
         };
         Ok::<_, CatalogError>(super::Volume::create(store.clone(), clone, opts, clock).await?)
     }

@@ -74,7 +74,7 @@ use dirty::{DirtyData, PAGE, PageBuf, Piece, pieces};
 use super::budget::{CacheMember, DirtyAccount, DirtyGuard, MemoryBudget, Uploads};
 use super::cache::{ChunkTable, CleanCache};
 use super::format::{
-    self, Checkpoint, ChunkMap, ChunkRef, InlineWrite, JournalRecord, ParentRef, Patch, Patches, RecordKind,
+    self, Checkpoint, ChunkMap, ChunkRef, InlineWrite, JournalRecord, Layout, ParentRef, Patch, Patches, RecordKind,
     SnapshotRecord, VolumeMeta, chunk_key, journal_key, meta_key, snapshot_key,
 };
 use super::journal::{self, Appended};
@@ -170,6 +170,8 @@ pub struct CreateOptions {
     pub parent: Option<ParentRef>,
     /// Accept a store without conditional writes (no fencing).
     pub single_writer: bool,
+    /// Compress chunks with this codec (format 5); `None`: stored as they are.
+    pub compression: Option<format::Codec>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -536,6 +538,7 @@ impl Volume {
             if meta.size == opts.size
                 && meta.chunk_size == opts.chunk_size
                 && meta.parent == opts.parent
+                && meta.compression == opts.compression
                 && Self::finish_create(&store, vol, &meta).await?
             {
                 return Ok(meta);
@@ -547,7 +550,8 @@ impl Volume {
             return Err(VolumeError::NoConditionalWrites);
         }
         let meta = VolumeMeta {
-            format_version: format::FORMAT_VERSION,
+            // Format 4 unless compressed: earlier builds open the volume.
+            format_version: if opts.compression.is_some() { format::FORMAT_V5 } else { format::FORMAT_V4 },
             uuid: format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>()),
             size: opts.size,
             chunk_size: opts.chunk_size,
@@ -556,6 +560,7 @@ impl Volume {
             created_unix: clock.now_unix(),
             parent: opts.parent,
             single_writer: !conditional,
+            compression: opts.compression,
         };
         let meta_bytes = Bytes::from(meta.encode());
         match store.put(&meta_key(vol), meta_bytes.clone(), PutMode::IfAbsent).await {
@@ -1764,7 +1769,13 @@ mod tests {
         std::fs::write(&boot, "boot-a\n").expect("boot id");
         TEST_BOOT_ID_FILE.with(|f| *f.borrow_mut() = Some(boot.clone()));
         let store: DynStore = std::sync::Arc::new(MemoryStore::new());
-        let opts = CreateOptions { size: 1 << 20, chunk_size: 64 << 10, parent: None, single_writer: false };
+        let opts = CreateOptions {
+            size: 1 << 20,
+            chunk_size: 64 << 10,
+            parent: None,
+            single_writer: false,
+            compression: None,
+        };
         let uuid = Volume::create(store.clone(), "v/", opts, &crate::clock::SystemClock).await.expect("create").uuid;
         let logs = dir.path().join("logs");
         let with_log = || OpenOptions { log_dir: Some(logs.clone()), ..OpenOptions::default() };

@@ -488,7 +488,7 @@ impl Inner {
             };
             (vol, r, own, st.clean.table(index, r))
         };
-        let ChunkRef::Stored { generation, crc, table: true } = r else {
+        let ChunkRef::Stored { generation, crc, layout: layout @ (Layout::Table | Layout::Packed(_)) } = r else {
             return Ok(None);
         };
         let vb = format::VERIFY_BLOCK;
@@ -506,6 +506,9 @@ impl Inner {
         }
         let key = chunk_key(vol, index, generation);
         let (start, end) = (first * vb, ((last + 1) * vb).min(cs as usize));
+        if let Layout::Packed(codec) = layout {
+            return self.packed_range(vol, index, r, own, table, codec, (first, last), (at, len)).await;
+        }
         let fetch_table = async {
             if let Some(t) = table {
                 return Ok(Some(t));
@@ -515,7 +518,7 @@ impl Inner {
                 return Ok(None);
             }
             match format::check_table(&bytes, crc, cs) {
-                Ok(crcs) => Ok(Some(Arc::new(ChunkTable { r, crcs }))),
+                Ok(crcs) => Ok(Some(Arc::new(ChunkTable { r, crcs, stored: Vec::new() }))),
                 Err(why) => Err(VolumeError::Corrupt(format!("chunk object {key} {why}"))),
             }
         };
@@ -536,6 +539,70 @@ impl Inner {
         format::check_blocks(&table.crcs, first, &data)
             .map_err(|why| VolumeError::Corrupt(format!("chunk object {key} {why}")))?;
         self.fetch_costs.ranged_took(started.elapsed());
+        let mut st = self.lock();
+        if !st.slots.contains_key(&index)
+            && !st.staged.contains_key(&index)
+            && !st.patches.contains_key(&index)
+            && st.map.get(&index).copied() == own
+        {
+            st.clean.insert_blocks(index, table, start, data.clone(), vb);
+        }
+        Ok(Some(data.slice(at - start..at - start + len)))
+    }
+}
+
+impl Inner {
+    /// [`Inner::stored_range`] of a packed chunk: its table (from the
+    /// cache, else fetched first: where the blocks lie depends on it), then
+    /// the stored bytes of blocks `first..=last`, unpacked and checked.
+    #[allow(clippy::too_many_arguments)]
+    async fn packed_range(
+        &self,
+        vol: &str,
+        index: u64,
+        r: ChunkRef,
+        own: Option<ChunkRef>,
+        table: Option<Arc<ChunkTable>>,
+        codec: format::Codec,
+        (first, last): (usize, usize),
+        (at, len): (usize, usize),
+    ) -> VolumeResult<Option<Bytes>> {
+        let cs = self.chunk_size;
+        let vb = format::VERIFY_BLOCK;
+        let ChunkRef::Stored { generation, crc, .. } = r else {
+            return Ok(None);
+        };
+        let key = chunk_key(vol, index, generation);
+        let started = Instant::now();
+        let table = match table {
+            Some(t) => t,
+            None => {
+                let tl = format::packed_table_len(cs);
+                let bytes = match self.store.get(&key, Some(0..tl)).await {
+                    Ok(b) if b.len() as u64 == tl => b,
+                    // Missing, cut short, or more than asked: the whole fetch decides.
+                    Ok(_) | Err(StoreError::NotFound(_) | StoreError::Permanent(_)) => return Ok(None),
+                    Err(e) => return Err(e.into()),
+                };
+                let t = format::check_packed_table(&bytes, crc, cs)
+                    .map_err(|why| VolumeError::Corrupt(format!("chunk object {key} {why}")))?;
+                Arc::new(ChunkTable { r, crcs: t.crcs, stored: t.stored })
+            }
+        };
+        if table.stored.len() <= last {
+            return Ok(None);
+        }
+        let (from, to) = (format::packed_offset(&table.stored, first), format::packed_offset(&table.stored, last + 1));
+        let data = match self.store.get(&key, Some(from..to)).await {
+            Ok(b) if b.len() as u64 == to - from => b,
+            Ok(_) | Err(StoreError::NotFound(_) | StoreError::Permanent(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let data = format::unpack_blocks(codec, (&table.stored, &table.crcs), cs, first, &data)
+            .map_err(|why| VolumeError::Corrupt(format!("chunk object {key} {why}")))?;
+        let data = Bytes::from(data);
+        self.fetch_costs.ranged_took(started.elapsed());
+        let start = first * vb;
         let mut st = self.lock();
         if !st.slots.contains_key(&index)
             && !st.staged.contains_key(&index)

@@ -60,21 +60,27 @@ impl Inner {
     /// conditionally: a name already taken (by any writer, ever) is never
     /// overwritten; the next name is tried.
     pub(super) async fn put_chunk(&self, index: u64, data: &Bytes) -> VolumeResult<ChunkRef> {
-        let table = self.opts.chunk_tables;
-        // The bytes and their table go up as parts: no copy of the chunk.
-        let (parts, crc) = match table {
-            true => {
+        // Packed where the volume is compressed and that saves an eighth
+        // (a copy, smaller); else the bytes and their table go up as
+        // parts, with no copy of the chunk.
+        let packed = match (self.opts.chunk_tables, self.meta.compression) {
+            (true, Some(codec)) => format::pack_chunk(data, codec).map(|(obj, crc)| (obj, crc, codec)),
+            _ => None,
+        };
+        let (parts, crc, layout) = match (packed, self.opts.chunk_tables) {
+            (Some((obj, crc, codec)), _) => (vec![obj], crc, Layout::Packed(codec)),
+            (None, true) => {
                 let (t, crc) = format::chunk_table(data);
-                (vec![data.clone(), t], crc)
+                (vec![data.clone(), t], crc, Layout::Table)
             }
-            false => (vec![data.clone()], crc32c::crc32c(data)),
+            (None, false) => (vec![data.clone()], crc32c::crc32c(data), Layout::Whole),
         };
         let mode = if self.meta.single_writer { PutMode::Overwrite } else { PutMode::IfAbsent };
         for _ in 0..NAME_ATTEMPTS {
             let epoch = self.lock().epoch;
             let generation = self.next_generation(epoch)?;
             match self.store.put_parts(&chunk_key(&self.vol, index, generation), parts.clone(), mode).await {
-                Ok(()) => return Ok(ChunkRef::Stored { generation, crc, table }),
+                Ok(()) => return Ok(ChunkRef::Stored { generation, crc, layout }),
                 // Taken, or our own earlier attempt whose answer was lost:
                 // either way a fresh name is safe (the other is garbage).
                 Err(StoreError::PreconditionFailed(_)) => continue,
