@@ -117,6 +117,7 @@ def test_default_render_has_every_component_and_validates():
     sc = find(docs, "StorageClass")[0]
     assert sc["allowVolumeExpansion"] is True and sc["provisioner"] == "csi.s3blk.dev"
     assert sc["parameters"]["csi.storage.k8s.io/fstype"] == "ext4" and "fsType" not in sc["parameters"]
+    assert "compression" not in sc["parameters"], "uncompressed by default"
     assert "kubectl" in out["s3blk/templates/NOTES.txt"] and "PersistentVolumeClaim" in out["s3blk/templates/NOTES.txt"]
 
 
@@ -204,6 +205,8 @@ MATRIX = [
      lambda d: find(d, "StorageClass")[0]["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"] == "true"
      and find(d, "StorageClass")[0]["parameters"]["mkfsOptions"] == "-m 0"
      and find(d, "StorageClass")[0]["parameters"]["csi.storage.k8s.io/fstype"] == "xfs"),
+    ({"storageClass": {"compression": "zstd"}},
+     lambda d: find(d, "StorageClass")[0]["parameters"]["compression"] == "zstd"),
     ({"node": {"updateStrategy": {"type": "OnDelete"}, "terminationGracePeriodSeconds": 900}},
      lambda d: find(d, "DaemonSet")[0]["spec"]["updateStrategy"] == {"type": "OnDelete"}
      and find(d, "DaemonSet")[0]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 900
@@ -278,6 +281,7 @@ def test_lint_is_clean():
     {"node": {"nbdsMax": 0}},
     {"storageClass": {"fsType": "btrfs"}},
     {"storageClass": {"reclaimPolicy": "Recycle"}},
+    {"storageClass": {"compression": "gzip"}},
     {"store": {"bucket": "Not A Bucket"}},
     {"s3": {"checksums": "sometimes"}},
     {"s3": {"endpoint": "minio:9000"}},
