@@ -971,6 +971,11 @@ struct ImportArgs {
 
 async fn import(loc: &Location, store: DynStore, file: &str, a: ImportArgs, g: &Global) -> Result<()> {
     let ImportArgs { create, size, chunk_size, compression, takeover } = a;
+    if !create && compression.0.is_some() {
+        bail!(
+            "--compression applies to a volume --create makes; the compression of an existing volume cannot be changed"
+        );
+    }
     let (input, input_len): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, Option<u64>) = if file == "-" {
         (Box::new(tokio::io::stdin()), None)
     } else {
@@ -1306,6 +1311,15 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
             Ok(meta) => {
                 if a.size.is_some_and(|s| s != meta.size) {
                     eprintln!("note: {} already exists ({}); --size is ignored", loc.display(), format_size(meta.size));
+                }
+                if a.compression.0 != meta.compression {
+                    let name = |c: Option<format::Codec>| c.map_or("none", |c| c.name());
+                    eprintln!(
+                        "note: {} already exists with compression {}; --compression {} is ignored",
+                        loc.display(),
+                        name(meta.compression),
+                        name(a.compression.0)
+                    );
                 }
             }
             Err(VolumeError::NotFound(_)) => {

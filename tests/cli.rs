@@ -673,6 +673,7 @@ fn compressed_volumes_round_trip_through_the_cli() {
         let bad = s3blk(&[], &["volume", "create", &path("x"), "--size", "1MiB", "--compression", "gzip"]);
         let err = String::from_utf8_lossy(&bad.stderr);
         assert!(bad.status.code() == Some(2) && err.contains("\"gzip\" (lz4, zstd or none)"), "{err}");
+        one_line_error(&s3blk(&[], &["volume", "import", &v, inp, "--compression", codec]), "cannot be changed");
     }
 }
 

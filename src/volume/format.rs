@@ -32,6 +32,13 @@
 //! checkpoints that reference such a chunk are format 4 (a layout byte per
 //! reference); a split checkpoint's manifest stays format 3, which is what
 //! marks it as one.
+//!
+//! Format 5 adds packed chunks, for volumes with `compression` set in
+//! `volume.json`: a chunk object that begins with a table of each
+//! [`VERIFY_BLOCK`]'s stored length and crc32c, then the blocks, each
+//! compressed on its own or as it is ([`Layout::Packed`], [`pack_chunk`]).
+//! Records and checkpoints (and parts) referencing one are format 5; their
+//! layout byte names the codec.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -337,6 +344,9 @@ impl VolumeMeta {
             return Err(invalid(w, format!("block_size {} (expected {BLOCK_SIZE})", self.block_size)));
         }
         check_size(self.size).map_err(|d| invalid(w, d))?;
+        if self.compression.is_some() && self.format_version < FORMAT_V5 {
+            return Err(invalid(w, format!("compression in a format-{} volume", self.format_version)));
+        }
         if self.checksum != "crc32c" {
             return Err(invalid(w, format!("unknown checksum algorithm {:?}", self.checksum)));
         }
@@ -567,23 +577,23 @@ fn compress_block(codec: Codec, block: &[u8], zstd: &mut Option<zstd::bulk::Comp
 /// chunk is then stored as it is).
 pub fn pack_chunk(data: &[u8], codec: Codec) -> Option<(Bytes, u32)> {
     let blocks = data.len().div_ceil(VERIFY_BLOCK);
-    let mut table = Vec::with_capacity(blocks * 8);
-    let mut body = Vec::with_capacity(data.len() / 2);
+    let limit = data.len() * 7 / 8;
+    // One buffer: the table's room first, filled in as the blocks follow.
+    let mut obj = vec![0u8; blocks * 8];
+    obj.reserve(limit.saturating_sub(obj.len()));
     let mut zstd = None;
-    for block in data.chunks(VERIFY_BLOCK) {
+    for (i, block) in data.chunks(VERIFY_BLOCK).enumerate() {
         let packed = compress_block(codec, block, &mut zstd).filter(|c| c.len() < block.len());
         let stored = packed.as_deref().unwrap_or(block);
-        table.extend_from_slice(&(stored.len() as u32).to_le_bytes());
-        table.extend_from_slice(&crc32c::crc32c(block).to_le_bytes());
-        body.extend_from_slice(stored);
+        obj[i * 8..i * 8 + 4].copy_from_slice(&(stored.len() as u32).to_le_bytes());
+        obj[i * 8 + 4..i * 8 + 8].copy_from_slice(&crc32c::crc32c(block).to_le_bytes());
         // Past what is worth it already: what follows only adds.
-        if (blocks * 8 + body.len()) as u64 > data.len() as u64 * 7 / 8 {
+        if obj.len() + stored.len() > limit {
             return None;
         }
+        obj.extend_from_slice(stored);
     }
-    let crc = crc32c::crc32c(&table);
-    let mut obj = table;
-    obj.extend_from_slice(&body);
+    let crc = crc32c::crc32c(&obj[..blocks * 8]);
     Some((Bytes::from(obj), crc))
 }
 
@@ -619,7 +629,16 @@ pub fn unpack_blocks(
     first: usize,
     data: &[u8],
 ) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
+    // Room for the blocks `data` holds whole, no more.
+    let whole = stored
+        .iter()
+        .skip(first)
+        .scan(0usize, |n, &l| {
+            *n += l as usize;
+            (*n <= data.len()).then_some(())
+        })
+        .count();
+    let mut out = Vec::with_capacity(whole * VERIFY_BLOCK);
     let mut pos = 0usize;
     let mut zstd = None;
     let mut i = first;
@@ -679,6 +698,43 @@ pub fn unpack_chunk(obj: &[u8], codec: Codec, crc: u32, chunk_size: u64) -> Resu
         return Err(format!("has {} bytes, its table gives {want}", obj.len()));
     }
     unpack_blocks(codec, (&table.stored, &table.crcs), chunk_size, 0, &obj[tl..])
+}
+
+/// Fuzz entry point: every decoder of stored objects over arbitrary
+/// bytes, and the chunk decoders of every layout, with a reference crc
+/// that does and one that does not match. None may panic, nor allocate
+/// more than the chunk size asks.
+pub fn fuzz_decode(data: &[u8]) {
+    let _ = VolumeMeta::decode(data);
+    let _ = SnapshotRecord::decode(data, "fuzz");
+    let _ = JournalRecord::decode(data, "fuzz");
+    if let Ok(StoredCheckpoint::Split(m)) = StoredCheckpoint::decode(data, "fuzz") {
+        let mut into = m.assembly();
+        for n in 0..m.parts.len().min(4) {
+            let _ = m.decode_part(n, data, "fuzz", &mut into);
+        }
+    }
+    // The first byte picks a chunk size from 64 KiB to 1 MiB; the rest is the object.
+    let Some((&pick, obj)) = data.split_first() else { return };
+    let cs = (MIN_CHUNK_SIZE as u64) << (pick % 5);
+    let tl = packed_table_len(cs) as usize;
+    let table_crc = obj.get(..tl).map_or(0, crc32c::crc32c);
+    let obj = Bytes::copy_from_slice(obj);
+    for layout in [Layout::Whole, Layout::Table, Layout::Packed(Codec::Lz4), Layout::Packed(Codec::Zstd)] {
+        for crc in [table_crc, crc32c::crc32c(&obj), 0] {
+            let _ = check_chunk(obj.clone(), ChunkRef::Stored { generation: 1, crc, layout }, cs);
+        }
+    }
+    if let Some(head) = obj.get(..tl)
+        && let Ok(t) = check_packed_table(head, table_crc, cs)
+    {
+        for first in [0, t.stored.len() / 2] {
+            let from = (packed_offset(&t.stored, first) as usize).min(obj.len());
+            for codec in [Codec::Lz4, Codec::Zstd] {
+                let _ = unpack_blocks(codec, (&t.stored, &t.crcs), cs, first, &obj[from..]);
+            }
+        }
+    }
 }
 
 const ZERO_GENERATION: u64 = u64::MAX;
@@ -1832,6 +1888,10 @@ mod tests {
         assert!(matches!(VolumeMeta::decode(&enc[..enc.len() / 2]), Err(FormatError::Truncated(_))));
         let bad = VolumeMeta { chunk_size: 3000, ..good.clone() };
         assert!(VolumeMeta::decode(&bad.encode()).is_err());
+        let packed = VolumeMeta { format_version: FORMAT_V5, compression: Some(Codec::Zstd), ..good.clone() };
+        assert_eq!(VolumeMeta::decode(&packed.encode()).expect("format 5").compression, Some(Codec::Zstd));
+        let mislabelled = VolumeMeta { format_version: FORMAT_V4, ..packed };
+        assert!(VolumeMeta::decode(&mislabelled.encode()).is_err(), "compression in a format-4 volume.json");
         let newer = VolumeMeta { format_version: 99, ..good };
         assert!(matches!(VolumeMeta::decode(&newer.encode()), Err(FormatError::Version { .. })));
     }
@@ -1893,6 +1953,60 @@ mod tests {
         }
     }
 
+    /// Writes the fuzz corpus's seeds: `cargo test --lib write_volume_format_corpus -- --ignored`.
+    #[test]
+    #[ignore]
+    fn write_volume_format_corpus() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/volume_format");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let cs = 64u64 << 10;
+        let mut chunk = compressible(cs as usize / 2);
+        chunk.extend(random(cs as usize / 2, 5));
+        for (name, codec) in [("packed-lz4", Codec::Lz4), ("packed-zstd", Codec::Zstd)] {
+            let (obj, _) = pack_chunk(&chunk, codec).expect("packs");
+            // The first byte picks the chunk size: 0 is 64 KiB.
+            std::fs::write(dir.join(name), [&[0u8][..], &obj].concat()).expect("write");
+        }
+        let (table, _) = chunk_table(&chunk);
+        std::fs::write(dir.join("tabled"), [&[0u8][..], &chunk, &table].concat()).expect("write");
+        let r = ChunkRef::Stored { generation: 7, crc: 9, layout: Layout::Packed(Codec::Zstd) };
+        let rec = JournalRecord {
+            kind: RecordKind::Commit,
+            seq: 4,
+            epoch: 3,
+            size: 1 << 20,
+            writer: 9,
+            created_unix: 0,
+            chunks: vec![(1, r), (2, ChunkRef::Zero)],
+            inline: vec![InlineWrite { offset: 8192, data: Some(Bytes::from(vec![7u8; 4096])) }],
+        };
+        std::fs::write(dir.join("journal-v5"), rec.encode()).expect("write");
+        let mut cp = Checkpoint { seq: 4, epoch: 3, size: 1 << 20, map: ChunkMap::new(), patches: Patches::new() };
+        cp.map.insert(7, r);
+        cp.map.insert(8, ChunkRef::Stored { generation: 5, crc: 6, layout: Layout::Table });
+        std::fs::write(dir.join("checkpoint-v5"), cp.encode()).expect("write");
+        for (k, e) in
+            (0..40u64).map(|i| (i, ChunkRef::Stored { generation: i + 1, crc: 1, layout: Layout::Table })).enumerate()
+        {
+            cp.map.insert(k as u64 + 100, e.1);
+        }
+        let (manifest, _) = cp.encode_stored_with(1, 16);
+        std::fs::write(dir.join("checkpoint-manifest"), manifest).expect("write");
+        let meta = VolumeMeta {
+            format_version: FORMAT_V5,
+            uuid: "0123456789abcdef0123456789abcdef".into(),
+            size: 1 << 30,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            block_size: BLOCK_SIZE,
+            checksum: "crc32c".into(),
+            created_unix: 0,
+            parent: None,
+            single_writer: false,
+            compression: Some(Codec::Lz4),
+        };
+        std::fs::write(dir.join("volume-json"), meta.encode()).expect("write");
+    }
+
     #[test]
     fn packed_references_need_format_5() {
         let r = ChunkRef::Stored { generation: generation(3, 9), crc: 0xabc, layout: Layout::Packed(Codec::Zstd) };
@@ -1916,6 +2030,34 @@ mod tests {
         let mut cp = Checkpoint { seq: 4, epoch: 3, size: 1 << 20, map: ChunkMap::new(), patches: Patches::new() };
         cp.map.insert(7, ChunkRef::Stored { generation: 5, crc: 6, layout: Layout::Packed(Codec::Lz4) });
         assert_eq!(Checkpoint::decode(&cp.encode(), "c").expect("decode"), cp);
+    }
+
+    /// The fuzz corpus (`fuzz/corpus/volume_format`: valid objects of each
+    /// kind, and what the fuzzer ever found) and mutations of each never
+    /// panic the decoders.
+    #[test]
+    fn fuzz_corpus_and_its_mutations_decode_without_panics() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/volume_format");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("corpus dir") {
+            let data = std::fs::read(entry.expect("entry").path()).expect("read");
+            fuzz_decode(&data);
+            for seed in 0..64u64 {
+                let mut m = data.clone();
+                if m.is_empty() {
+                    break;
+                }
+                for (k, b) in random(4, seed).iter().enumerate() {
+                    let at = (seed as usize * 7919 + k * 104_729) % m.len();
+                    m[at] = *b;
+                }
+                fuzz_decode(&m);
+                m.truncate((seed as usize * 31) % m.len());
+                fuzz_decode(&m);
+            }
+            n += 1;
+        }
+        assert!(n >= 6, "corpus has only {n} inputs");
     }
 
     /// Bytes that are no packed chunk never panic the decoders.

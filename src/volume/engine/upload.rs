@@ -64,7 +64,15 @@ impl Inner {
         // (a copy, smaller); else the bytes and their table go up as
         // parts, with no copy of the chunk.
         let packed = match (self.opts.chunk_tables, self.meta.compression) {
-            (true, Some(codec)) => format::pack_chunk(data, codec).map(|(obj, crc)| (obj, crc, codec)),
+            // Compressing a chunk takes milliseconds of CPU: off the
+            // runtime's workers, which serve reads from the cache meanwhile.
+            (true, Some(codec)) => {
+                let data = data.clone();
+                tokio::task::spawn_blocking(move || format::pack_chunk(&data, codec))
+                    .await
+                    .map_err(|e| VolumeError::Corrupt(format!("compressing chunk {index}: {e}")))?
+                    .map(|(obj, crc)| (obj, crc, codec))
+            }
             _ => None,
         };
         let (parts, crc, layout) = match (packed, self.opts.chunk_tables) {
