@@ -786,6 +786,17 @@ impl common::Around for FailDeleteOnce {
     }
 }
 
+/// "src/" with its first chunk written and flushed: its writer and the bytes.
+async fn source_with_a_chunk(mem: &DynStore) -> (Volume, Vec<u8>) {
+    let opts = CreateOptions { size: 4 * CSU, chunk_size: CS, parent: None, single_writer: false, compression: None };
+    Volume::create(mem.clone(), "src/", opts, &SystemClock).await.expect("create");
+    let w = Volume::open(mem.clone(), "src/", OpenOptions::default()).await.expect("open");
+    let old = common::pattern(4, CS as usize);
+    w.write(0, &old).await.expect("write");
+    w.flush().await.expect("flush");
+    (w, old)
+}
+
 /// Pins and markers are named by a clone's last path segment. A delete of
 /// clone `a/x` that let go of its source and stopped before its volume.json
 /// went, run again after a clone `b/x` of the same source took those names,
@@ -796,12 +807,7 @@ impl common::Around for FailDeleteOnce {
 async fn a_delete_run_again_leaves_the_pin_of_another_clone_of_the_same_name() {
     use s3blk::volume::catalog::{self, OnDependants};
     let mem: DynStore = Arc::new(MemoryStore::new());
-    let opts = CreateOptions { size: 4 * CSU, chunk_size: CS, parent: None, single_writer: false, compression: None };
-    Volume::create(mem.clone(), "src/", opts, &SystemClock).await.expect("create");
-    let w = Volume::open(mem.clone(), "src/", OpenOptions::default()).await.expect("open");
-    let old = common::pattern(4, CS as usize);
-    w.write(0, &old).await.expect("write");
-    w.flush().await.expect("flush");
+    let (w, old) = source_with_a_chunk(&mem).await;
     catalog::clone_volume(&mem, "src/", None, "a/x/", "a/x/", None, &SystemClock).await.expect("clone a/x");
     let failing: DynStore = common::Wrapped::new(
         mem.clone(),
@@ -856,12 +862,7 @@ impl common::Around for FailWrites {
 async fn cleaning_up_a_failed_clone_leaves_the_pin_another_clone_of_the_name_just_wrote() {
     use s3blk::volume::catalog::{self, DeleteOutcome, OnDependants};
     let mem: DynStore = Arc::new(MemoryStore::new());
-    let opts = CreateOptions { size: 4 * CSU, chunk_size: CS, parent: None, single_writer: false, compression: None };
-    Volume::create(mem.clone(), "src/", opts, &SystemClock).await.expect("create");
-    let w = Volume::open(mem.clone(), "src/", OpenOptions::default()).await.expect("open");
-    let old = common::pattern(4, CS as usize);
-    w.write(0, &old).await.expect("write");
-    w.flush().await.expect("flush");
+    let (w, old) = source_with_a_chunk(&mem).await;
     let marker = format::clone_marker_key("src/", "a/x/");
     let failing: DynStore = common::Wrapped::new(mem.clone(), FailWrites(marker.clone(), "a/x/source.json".into()));
     let failed = catalog::clone_volume(&failing, "src/", None, "a/x/", "a/x/", None, &SystemClock).await;

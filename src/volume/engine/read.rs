@@ -548,15 +548,22 @@ impl Inner {
         format::check_blocks(&table.crcs, first, &data)
             .map_err(|why| VolumeError::Corrupt(format!("chunk object {key} {why}")))?;
         self.fetch_costs.ranged_took(started.elapsed());
+        self.keep_blocks(index, own, table, start, &data);
+        Ok(Some(data.slice(at - start..at - start + len)))
+    }
+
+    /// Cache blocks fetched from `start` on, checked against `table`,
+    /// unless the chunk changed meanwhile (dirty, staged, patched or
+    /// remapped from `own`).
+    fn keep_blocks(&self, index: u64, own: Option<ChunkRef>, table: Arc<ChunkTable>, start: usize, data: &Bytes) {
         let mut st = self.lock();
         if !st.slots.contains_key(&index)
             && !st.staged.contains_key(&index)
             && !st.patches.contains_key(&index)
             && st.map.get(&index).copied() == own
         {
-            st.clean.insert_blocks(index, table, start, data.clone(), vb);
+            st.clean.insert_blocks(index, table, start, data.clone(), format::VERIFY_BLOCK);
         }
-        Ok(Some(data.slice(at - start..at - start + len)))
     }
 }
 
@@ -614,14 +621,7 @@ impl Inner {
         let data = Bytes::from(data);
         self.fetch_costs.ranged_took(started.elapsed());
         let start = first * vb;
-        let mut st = self.lock();
-        if !st.slots.contains_key(&index)
-            && !st.staged.contains_key(&index)
-            && !st.patches.contains_key(&index)
-            && st.map.get(&index).copied() == own
-        {
-            st.clean.insert_blocks(index, table, start, data.clone(), vb);
-        }
+        self.keep_blocks(index, own, table, start, &data);
         Ok(Some(data.slice(at - start..at - start + len)))
     }
 }
