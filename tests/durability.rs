@@ -797,6 +797,21 @@ async fn source_with_a_chunk(mem: &DynStore) -> (Volume, Vec<u8>) {
     (w, old)
 }
 
+/// The source's writer `w` overwrites what clone "b/x/" read (`old`) and
+/// compaction folds eagerly: b/x still reads `old` through its pin.
+async fn b_reads_its_bytes_after_the_source_moves_on(mem: &DynStore, w: Volume, old: &[u8]) {
+    w.write(0, &common::pattern(5, CS as usize)).await.expect("write");
+    w.flush().await.expect("flush");
+    drop(w);
+    let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
+    for _ in 0..2 {
+        compact::compact(mem, "src/", &eager, &SystemClock).await.expect("compact");
+    }
+    let ro = OpenOptions { read_only: true, ..OpenOptions::default() };
+    let b = Volume::open(mem.clone(), "b/x/", ro).await.expect("open b/x");
+    assert_eq!(b.read(0, CSU).await.expect("read b/x"), old);
+}
+
 /// Pins and markers are named by a clone's last path segment. A delete of
 /// clone `a/x` that let go of its source and stopped before its volume.json
 /// went, run again after a clone `b/x` of the same source took those names,
@@ -820,16 +835,7 @@ async fn a_delete_run_again_leaves_the_pin_of_another_clone_of_the_same_name() {
     catalog::clone_volume(&mem, "src/", None, "b/x/", "b/x/", None, &SystemClock).await.expect("clone b/x");
     catalog::delete_volume(&mem, "a/x/", OnDependants::RefuseClones, &SystemClock).await.expect("the delete again");
     assert!(mem.head(&pin).await.expect("head").is_some(), "the delete of a/x took b/x's pin");
-    w.write(0, &common::pattern(5, CS as usize)).await.expect("write");
-    w.flush().await.expect("flush");
-    drop(w);
-    let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
-    for _ in 0..2 {
-        compact::compact(&mem, "src/", &eager, &SystemClock).await.expect("compact");
-    }
-    let ro = OpenOptions { read_only: true, ..OpenOptions::default() };
-    let b = Volume::open(mem.clone(), "b/x/", ro).await.expect("open b/x");
-    assert_eq!(b.read(0, CSU).await.expect("read b/x"), old);
+    b_reads_its_bytes_after_the_source_moves_on(&mem, w, &old).await;
 }
 
 /// Fails every PUT of its first key and every DELETE of its second.
@@ -878,16 +884,7 @@ async fn cleaning_up_a_failed_clone_leaves_the_pin_another_clone_of_the_name_jus
     assert!(matches!(cleaned, Ok(DeleteOutcome::Probes { .. })), "{cleaned:?}");
     assert!(mem.head(&pin).await.expect("head").is_some(), "cleaning up a/x took b/x's pin");
     mem.put(&marker, b_marker, PutMode::Overwrite).await.expect("b/x's marker lands");
-    w.write(0, &common::pattern(5, CS as usize)).await.expect("write");
-    w.flush().await.expect("flush");
-    drop(w);
-    let eager = CompactOptions { safety_age: Duration::ZERO, ..CompactOptions::default() };
-    for _ in 0..2 {
-        compact::compact(&mem, "src/", &eager, &SystemClock).await.expect("compact");
-    }
-    let ro = OpenOptions { read_only: true, ..OpenOptions::default() };
-    let b = Volume::open(mem.clone(), "b/x/", ro).await.expect("open b/x");
-    assert_eq!(b.read(0, CSU).await.expect("read b/x"), old);
+    b_reads_its_bytes_after_the_source_moves_on(&mem, w, &old).await;
 }
 
 /// Plays a clone `f2/data/` of "src/" being made in full just as the clone
