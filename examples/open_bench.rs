@@ -41,7 +41,14 @@ async fn main() -> anyhow::Result<()> {
     let store: DynStore = Arc::new(RetryStore::new(Arc::new(raw), RetryPolicy::default()));
     let vol = "bench/";
     let size = chunks * CHUNK as u64;
-    let opts = CreateOptions { size, chunk_size: CHUNK, parent: None, single_writer: false, compression: None };
+    let opts = CreateOptions {
+        size,
+        chunk_size: CHUNK,
+        parent: None,
+        single_writer: false,
+        compression: None,
+        encryption: None,
+    };
     Volume::create(store.clone(), vol, opts, &s3blk::clock::SystemClock).await?;
     let st = replay::replay(store.as_ref(), vol, CHUNK as u64, None).await?;
     let map = (0..chunks)

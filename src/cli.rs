@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::clock::SystemClock;
+use crate::crypto::{self, Kek};
 use crate::location::{Location, open_existing_store, open_store};
 use crate::size::{format_size, parse_size};
 use crate::store::retry::RetryPolicy;
@@ -18,6 +19,7 @@ use crate::store::{self, DynStore};
 use crate::volume::catalog::{self, DeleteOutcome, EntryState, OnDependants};
 use crate::volume::engine::{CreateOptions, is_zero};
 use crate::volume::format::{self, DEFAULT_CHUNK_SIZE};
+use crate::volume::keys::{self, NewKeys};
 use crate::volume::{OpenOptions, Volume, VolumeError, compact, fsck, lease, replay};
 
 #[derive(Parser, Debug)]
@@ -89,6 +91,11 @@ struct Global {
     /// take the volume over while it is live (see --takeover).
     #[arg(long, global = true, env = "S3BLK_LEASE_TTL", default_value = "30s", value_parser = parse_duration)]
     lease_ttl: Duration,
+    /// The key of encrypted volumes: a file holding 32 bytes as 64 hex digits or in base64 (make one with `head
+    /// -c 32 /dev/urandom | base64`). Needed to create one (--encrypt) and to read, write, snapshot, clone,
+    /// check or compact it; never stored in the store (it wraps each volume's own data key).
+    #[arg(long, global = true, env = "S3BLK_KEY_FILE")]
+    key_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -265,6 +272,18 @@ enum VolumeCmd {
         /// Earlier s3blk versions cannot open a compressed volume.
         #[arg(long, value_parser = parse_compression, default_value = "none")]
         compression: Compression,
+        /// Encrypt the volume with a data key of its own, wrapped by the key of --key-file (or S3BLK_KEY_FILE).
+        #[arg(long)]
+        encrypt: bool,
+    },
+    /// Change the key that opens an encrypted volume: its data key is wrapped again by the key of
+    /// --new-key-file (the data stays as it is); the key of --key-file no longer opens it.
+    Rekey {
+        /// The volume: s3://bucket/prefix/name, file:///dir/name or a directory path.
+        url: String,
+        /// The new key, in the form --key-file takes.
+        #[arg(long)]
+        new_key_file: PathBuf,
     },
     /// List the volumes under a store URL (s3://bucket/prefix, file:///dir or a directory).
     List {
@@ -311,6 +330,9 @@ enum VolumeCmd {
         /// With --create: compress the new volume's chunks (lz4, zstd or none).
         #[arg(long, value_parser = parse_compression, default_value = "none")]
         compression: Compression,
+        /// With --create: encrypt the new volume (with the key of --key-file).
+        #[arg(long)]
+        encrypt: bool,
         /// Import even while another writer holds the volume (it is fenced and loses its unflushed writes).
         #[arg(long)]
         takeover: bool,
@@ -404,6 +426,24 @@ impl Global {
             ..RetryPolicy::default()
         }
     }
+    /// The key of --key-file, when one is given.
+    fn kek(&self) -> Result<Option<Kek>> {
+        let Some(p) = &self.key_file else { return Ok(None) };
+        let raw = std::fs::read(p).with_context(|| format!("cannot read the key file {}", p.display()))?;
+        Kek::parse(&raw).map(Some).map_err(|e| anyhow::anyhow!("key file {}: {e}", p.display()))
+    }
+
+    /// The keys of a new volume: `None` unless `encrypt`, which needs a key.
+    fn new_keys(&self, encrypt: bool) -> Result<Option<NewKeys>> {
+        if !encrypt {
+            return Ok(None);
+        }
+        let kek = self.kek()?.ok_or_else(|| {
+            anyhow::anyhow!("--encrypt needs a key: --key-file FILE or S3BLK_KEY_FILE ({})", crypto::KEY_FORMAT_HELP)
+        })?;
+        Ok(Some(NewKeys::fresh(kek)))
+    }
+
     fn open_options(&self, read_only: bool) -> OpenOptions {
         OpenOptions {
             read_only,
@@ -422,7 +462,27 @@ impl Global {
 /// Parse the URL and open its store; a local store's directory must exist
 /// (commands other than create never create anything).
 async fn connect(url: &str, g: &Global, need_name: bool) -> Result<(Location, DynStore)> {
-    connect_to(url, g, need_name, false).await
+    let (loc, store) = connect_to(url, g, need_name, false).await?;
+    if !need_name {
+        return Ok((loc, store));
+    }
+    let store = unlock(store, &loc, g).await?;
+    Ok((loc, store))
+}
+
+/// The store through which the volume at `loc` reads in the clear:
+/// unlocked with the key of --key-file when the volume is encrypted. A
+/// wrong key is refused here. Without a key an encrypted volume's store
+/// comes back as it is: what needs the key then says so (a delete or a
+/// listing of snapshots does not).
+async fn unlock(store: DynStore, loc: &Location, g: &Global) -> Result<DynStore> {
+    let kek = g.kek()?;
+    match keys::unlock(&store, &loc.prefix, kek.as_ref()).await {
+        Ok(s) => Ok(s),
+        Err(VolumeError::NotFound(_)) => Ok(store),
+        Err(VolumeError::Key(_)) if kek.is_none() => Ok(store),
+        Err(e) => Err(e).with_context(|| format!("cannot open {}", loc.display())),
+    }
 }
 
 async fn connect_to(url: &str, g: &Global, need_name: bool, create: bool) -> Result<(Location, DynStore)> {
@@ -608,7 +668,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
     let clock = SystemClock;
     match cmd {
-        VolumeCmd::Create { url, size, chunk_size, single_writer, compression } => {
+        VolumeCmd::Create { url, size, chunk_size, single_writer, compression, encrypt } => {
+            let encryption = g.new_keys(encrypt)?;
             let (loc, store) = connect_to(&url, g, true, true).await?;
             catalog::check_name_free(&store, &loc.prefix).await?;
             let chunk_size = chunk_size_arg(chunk_size)?;
@@ -616,7 +677,7 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
             let meta = Volume::create(
                 store,
                 &loc.prefix,
-                CreateOptions { size, chunk_size, parent: None, single_writer, compression: compression.0 },
+                CreateOptions { size, chunk_size, parent: None, single_writer, compression: compression.0, encryption },
                 &clock,
             )
             .await
@@ -627,11 +688,26 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 format_size(meta.size),
                 format_size(meta.chunk_size as u64)
             );
+            if let Some(e) = &meta.encryption {
+                println!("encrypted with key {} (data key {})", e.key_id, e.data_key_id);
+            }
             if meta.single_writer {
                 eprintln!(
                     "warning: the store ignores conditional writes; the volume is in single-writer mode (no fencing)"
                 );
             }
+        }
+        VolumeCmd::Rekey { url, new_key_file } => {
+            let (loc, store) = connect_to(&url, g, true, false).await?;
+            let old =
+                g.kek()?.ok_or_else(|| anyhow::anyhow!("rekey needs the current key: --key-file or S3BLK_KEY_FILE"))?;
+            let raw = std::fs::read(&new_key_file)
+                .with_context(|| format!("cannot read the key file {}", new_key_file.display()))?;
+            let new = Kek::parse(&raw).map_err(|e| anyhow::anyhow!("key file {}: {e}", new_key_file.display()))?;
+            let id = keys::rekey(&store, &loc.prefix, &old, &new)
+                .await
+                .with_context(|| format!("cannot change the key of {}", loc.display()))?;
+            println!("{} now opens with key {id} only (key {} no longer opens it)", loc.display(), old.id());
         }
         VolumeCmd::List { url, json } => {
             let (loc, store) = connect(&url, g, false).await?;
@@ -681,6 +757,8 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                     "checkpoint": st.checkpoint, "mapped_chunks": st.map.len(), "stored_chunks": stored,
                     "stored_bytes": stored * meta.chunk_size as u64, "chunks_with_table": tabled,
                     "compression": meta.compression.map_or("none", |c| c.name()), "packed_chunks": packed,
+                    "encrypted": meta.encryption.is_some(),
+                    "key_id": meta.encryption.as_ref().map(|e| e.key_id.clone()),
                     "patched_chunks": st.patches.len(),
                     "patch_bytes": patch_bytes, "format_version": meta.format_version,
                     "snapshots": snaps, "writer": writer,
@@ -696,6 +774,10 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                     Some(c) => println!("compression:   {} ({packed} of the stored chunks compressed)", c.name()),
                     None if packed > 0 => println!("compression:   none ({packed} stored chunks compressed)"),
                     None => println!("compression:   none"),
+                }
+                match &meta.encryption {
+                    Some(e) => println!("encryption:    {} (key {}, data key {})", e.cipher, e.key_id, e.data_key_id),
+                    None => println!("encryption:    none"),
                 }
                 println!("stored chunks: {} ({})", stored, format_size(stored * meta.chunk_size as u64));
                 if tabled < stored {
@@ -742,9 +824,10 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 DeleteOutcome::Kept => bail!("volume {} is kept for its clones", loc.display()),
             }
         }
-        VolumeCmd::Import { url, file, create, size, chunk_size, compression, takeover } => {
+        VolumeCmd::Import { url, file, create, size, chunk_size, compression, encrypt, takeover } => {
             let (loc, store) = connect_to(&url, g, true, create).await?;
-            import(&loc, store, &file, ImportArgs { create, size, chunk_size, compression, takeover }, g).await?;
+            let a = ImportArgs { create, size, chunk_size, compression, encrypt, takeover };
+            import(&loc, store, &file, a, g).await?;
         }
         VolumeCmd::Export { url, file, snapshot, dense } => {
             let (loc, store) = connect(&url, g, true).await?;
@@ -966,16 +1049,21 @@ struct ImportArgs {
     size: Option<u64>,
     chunk_size: u64,
     compression: Compression,
+    encrypt: bool,
     takeover: bool,
 }
 
 async fn import(loc: &Location, store: DynStore, file: &str, a: ImportArgs, g: &Global) -> Result<()> {
-    let ImportArgs { create, size, chunk_size, compression, takeover } = a;
+    let ImportArgs { create, size, chunk_size, compression, encrypt, takeover } = a;
     if !create && compression.0.is_some() {
         bail!(
             "--compression applies to a volume --create makes; the compression of an existing volume cannot be changed"
         );
     }
+    if !create && encrypt {
+        bail!("--encrypt applies to a volume --create makes; an existing volume cannot be encrypted in place");
+    }
+    let encryption = g.new_keys(encrypt)?;
     let (input, input_len): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, Option<u64>) = if file == "-" {
         (Box::new(tokio::io::stdin()), None)
     } else {
@@ -994,11 +1082,19 @@ async fn import(loc: &Location, store: DynStore, file: &str, a: ImportArgs, g: &
         Volume::create(
             store.clone(),
             &loc.prefix,
-            CreateOptions { size, chunk_size, parent: None, single_writer: false, compression: compression.0 },
+            CreateOptions {
+                size,
+                chunk_size,
+                parent: None,
+                single_writer: false,
+                compression: compression.0,
+                encryption,
+            },
             &SystemClock,
         )
         .await?;
     }
+    let store = unlock(store, loc, g).await?;
     // Check the input against the volume before taking it over: a refused
     // import must not have fenced a server that is using the volume.
     let vsize = Volume::open(store.clone(), &loc.prefix, g.open_options(true))
@@ -1190,6 +1286,9 @@ struct ServeArgs {
     /// Compression of a volume --create makes: lz4, zstd or none.
     #[arg(long, value_parser = parse_compression, default_value = "none")]
     compression: Compression,
+    /// Encrypt a volume --create makes (with the key of --key-file).
+    #[arg(long)]
+    encrypt: bool,
     /// Serve without taking over the volume: writes are refused.
     #[arg(long)]
     read_only: bool,
@@ -1312,6 +1411,13 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
                 if a.size.is_some_and(|s| s != meta.size) {
                     eprintln!("note: {} already exists ({}); --size is ignored", loc.display(), format_size(meta.size));
                 }
+                if a.encrypt != meta.encryption.is_some() {
+                    eprintln!(
+                        "note: {} already exists {}; --encrypt is ignored",
+                        loc.display(),
+                        if meta.encryption.is_some() { "encrypted" } else { "unencrypted" }
+                    );
+                }
                 if a.compression.0 != meta.compression {
                     let name = |c: Option<format::Codec>| c.map_or("none", |c| c.name());
                     eprintln!(
@@ -1332,6 +1438,7 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
                     parent: None,
                     single_writer: false,
                     compression: a.compression.0,
+                    encryption: g.new_keys(a.encrypt)?,
                 };
                 catalog::check_name_free(&store, &loc.prefix).await?;
                 Volume::create(store.clone(), &loc.prefix, opts, &SystemClock).await?;
@@ -1344,6 +1451,7 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
         true => None,
         false => Some(take_lease(&store, &loc, "serve", a.takeover, g).await?),
     };
+    let store = unlock(store, &loc, g).await?;
     let mut opts = g.open_options(a.read_only);
     opts.log_dir = a.write_log_dir(&loc)?;
     opts.log_limit = g.write_log_limit;

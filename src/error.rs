@@ -16,6 +16,7 @@ pub fn nbd_errno(e: &VolumeError) -> u32 {
         | VolumeError::AlreadyExists(_)
         | VolumeError::Corrupt(_)
         | VolumeError::NoConditionalWrites
+        | VolumeError::Key(_)
         | VolumeError::Store(_) => proto::EIO,
     }
 }

@@ -5,6 +5,7 @@ pub mod attach;
 pub mod cli;
 pub mod clock;
 pub mod controller;
+pub mod crypto;
 pub mod csi;
 pub mod error;
 pub mod location;

@@ -327,7 +327,7 @@ fn build(shape: Shape, spill: PathBuf) -> Arc<ScaleStore> {
         base_parts_deleted: AtomicU64::new(0),
     });
     let meta = VolumeMeta {
-        format_version: format::FORMAT_VERSION,
+        format_version: format::FORMAT_V5,
         uuid: "0123456789abcdef0123456789abcdef".into(),
         size,
         chunk_size: CS as u32,
@@ -337,6 +337,7 @@ fn build(shape: Shape, spill: PathBuf) -> Arc<ScaleStore> {
         parent: None,
         single_writer: false,
         compression: None,
+        encryption: None,
     };
     store.small_put(&format::meta_key(VOL), Bytes::from(meta.encode()));
     // The base checkpoint: its parts are generated when read; the manifest
@@ -367,6 +368,7 @@ fn build(shape: Shape, spill: PathBuf) -> Arc<ScaleStore> {
         created_unix: T0,
         token: None,
         clone: None,
+        auth: None,
     };
     let snap = serde_json::to_vec(&snap).expect("a snapshot record encodes");
     store.small_put(&format::snapshot_key(VOL, "pinned"), Bytes::from(snap));

@@ -139,8 +139,14 @@ fn now() -> i64 {
 /// A volume whose chunk 0 was written `rewrites` times, each flushed: all
 /// but the last generation are garbage once folded.
 async fn volume_with_garbage(store: &DynStore, vol: &str, rewrites: u8) {
-    let opts =
-        CreateOptions { size: 4 * CS as u64, chunk_size: CS, parent: None, single_writer: false, compression: None };
+    let opts = CreateOptions {
+        size: 4 * CS as u64,
+        chunk_size: CS,
+        parent: None,
+        single_writer: false,
+        compression: None,
+        encryption: None,
+    };
     Volume::create(store.clone(), vol, opts, &SystemClock).await.expect("create");
     let v = Volume::open(store.clone(), vol, OpenOptions::default()).await.expect("open");
     for i in 0..rewrites {
@@ -876,6 +882,7 @@ async fn restarted_node(client: Client, names: &[&str]) -> Restarted {
             parent: None,
             single_writer: false,
             compression: None,
+            encryption: None,
         };
         Volume::create(store.clone(), &loc.prefix, opts, &SystemClock).await.expect("create");
         let a = s3blk::volume::catalog::Attachment { node_id: "node-a".into(), readonly: false, created_unix: now() };

@@ -766,6 +766,7 @@ async fn delete_volume_never_deletes_what_s3blk_does_not_own() {
         parent: None,
         single_writer: false,
         compression: None,
+        encryption: None,
     };
     Volume::create(d.store.clone(), &inner, opts, &s3blk::clock::SystemClock).await.expect("nested volume");
     let err = d.ctl.delete_volume(delete_req(&a.volume_id)).await.expect_err("nested");
@@ -818,6 +819,7 @@ async fn delete_volume_never_touches_the_controllers_own_files() {
         parent: None,
         single_writer: false,
         compression: None,
+        encryption: None,
     };
     Volume::create(local.clone(), "real/", opts, &s3blk::clock::SystemClock).await.expect("local volume");
     let path = plain.to_str().expect("path").to_string();

@@ -57,6 +57,7 @@ fn dirty_pages_in_the_log_take_no_more_memory_than_the_budget_counts() {
             parent: None,
             single_writer: false,
             compression: None,
+            encryption: None,
         };
         Volume::create(store.clone(), "v", opts, &s3blk::clock::SystemClock).await.expect("create");
         let budget = MemoryBudget::new(256 << 20, 16 << 20);

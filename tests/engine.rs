@@ -23,7 +23,7 @@ use s3blk::volume::{OpenOptions, Volume, VolumeError, compact, fsck, replay};
 const CS: u32 = 64 << 10;
 
 fn create_opts(size: u64) -> CreateOptions {
-    CreateOptions { size, chunk_size: CS, parent: None, single_writer: false, compression: None }
+    CreateOptions { size, chunk_size: CS, parent: None, single_writer: false, compression: None, encryption: None }
 }
 
 async fn create(store: &DynStore, vol: &str, size: u64) {
@@ -683,7 +683,14 @@ async fn sparse_volumes_cost_a_handful_of_objects(store: DynStore) {
     Volume::create(
         store.clone(),
         &vol,
-        CreateOptions { size: tib, chunk_size: 1 << 20, parent: None, single_writer: false, compression: None },
+        CreateOptions {
+            size: tib,
+            chunk_size: 1 << 20,
+            parent: None,
+            single_writer: false,
+            compression: None,
+            encryption: None,
+        },
         &s3blk::clock::SystemClock,
     )
     .await
@@ -2631,6 +2638,7 @@ async fn a_broken_checkpoint_no_replay_reads_is_a_warning() {
         created_unix: 0,
         token: None,
         clone: None,
+        auth: None,
     };
     let body = serde_json::to_vec_pretty(&rec).expect("json");
     store.put(&format::snapshot_key(vol, "s"), body.into(), PutMode::IfAbsent).await.expect("snapshot");
@@ -2671,8 +2679,14 @@ impl common::Around for ChunkGets {
 /// A volume of 1 MiB chunks (16 verified blocks each) whose first two
 /// chunks hold `pattern(1, 2 MiB)`, flushed.
 async fn two_chunks_of_1mib(store: &DynStore, vol: &str) -> Vec<u8> {
-    let opts =
-        CreateOptions { size: 4 * MIB, chunk_size: MIB as u32, parent: None, single_writer: false, compression: None };
+    let opts = CreateOptions {
+        size: 4 * MIB,
+        chunk_size: MIB as u32,
+        parent: None,
+        single_writer: false,
+        compression: None,
+        encryption: None,
+    };
     Volume::create(store.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
     let data = common::pattern(1, 2 * MIB as usize);
     let v = open(store, vol).await;
@@ -2810,6 +2824,7 @@ async fn compressed_volume(store: &DynStore, vol: &str, codec: format::Codec) ->
         parent: None,
         single_writer: false,
         compression: Some(codec),
+        encryption: None,
     };
     let meta = Volume::create(store.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
     assert_eq!((meta.format_version, meta.compression), (format::FORMAT_V5, Some(codec)));
@@ -3024,8 +3039,14 @@ async fn chunks_written_whole_and_with_a_table_read_alike() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = common::local_store(dir.path());
     let vol = "v/";
-    let opts =
-        CreateOptions { size: 4 * MIB, chunk_size: MIB as u32, parent: None, single_writer: false, compression: None };
+    let opts = CreateOptions {
+        size: 4 * MIB,
+        chunk_size: MIB as u32,
+        parent: None,
+        single_writer: false,
+        compression: None,
+        encryption: None,
+    };
     Volume::create(store.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
     let data = common::pattern(3, 3 * MIB as usize);
     let whole = OpenOptions { chunk_tables: false, ..OpenOptions::default() };
@@ -3108,6 +3129,7 @@ async fn readahead_starts_at_one_chunk_and_grows_with_a_sequential_reader() {
         parent: None,
         single_writer: false,
         compression: None,
+        encryption: None,
     };
     Volume::create(mem.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
     let data = common::pattern(5, (chunks * MIB) as usize);
@@ -3420,6 +3442,7 @@ async fn a_few_small_sequential_reads_do_not_fetch_sixteen_chunks_ahead() {
         parent: None,
         single_writer: false,
         compression: None,
+        encryption: None,
     };
     Volume::create(mem.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
     let v = open(&mem, vol).await;

@@ -115,7 +115,14 @@ impl Node {
     /// Create volume `name`; returns its volume id (URL).
     async fn create(&self, name: &str, size: u64) -> String {
         let loc = Location::parse(&format!("file://{}/{name}", self.root.display()), true).expect("volume url");
-        let opts = CreateOptions { size, chunk_size: CS as u32, parent: None, single_writer: false, compression: None };
+        let opts = CreateOptions {
+            size,
+            chunk_size: CS as u32,
+            parent: None,
+            single_writer: false,
+            compression: None,
+            encryption: None,
+        };
         Volume::create(self.plain.clone(), &loc.prefix, opts, &s3blk::clock::SystemClock).await.expect("create");
         loc.url()
     }

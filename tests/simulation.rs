@@ -1477,6 +1477,7 @@ async fn create(ctx: &Ctx, rng: &mut StdRng) -> bool {
         parent: None,
         single_writer: false,
         compression: None,
+        encryption: None,
     };
     for attempt in 1..=20 {
         match Volume::create(store.clone(), VOL, opts.clone(), &clock).await {
@@ -2602,6 +2603,7 @@ async fn make_clone(
         parent: Some(parent),
         single_writer: false,
         compression: None,
+        encryption: None,
     };
     match Volume::create(store.clone(), prefix, opts, clock).await {
         // A retry after an attempt that landed.

@@ -449,8 +449,18 @@ async fn compact_volume(pv: &PersistentVolume, handle: &str, ctx: &Context) -> O
         Ok(s) => s,
         Err(e) => return Outcome::failed("StoreUnavailable", e.message()),
     };
+    // An encrypted volume compacts with the key in the same secret.
+    let kek = match crate::csi::common::kek_of(&secrets) {
+        Ok(k) => k,
+        Err(e) => return Outcome::failed("EncryptionKeyInvalid", e.message()),
+    };
+    let store = match crate::csi::common::unlocked(&store, &loc, kek.as_ref()).await {
+        Ok(s) => s,
+        Err(e) => return Outcome::failed("EncryptionKeyWrong", e.message()),
+    };
     match compact::compact(&store, &loc.prefix, &ctx.compact, ctx.clock.as_ref()).await {
         Ok(r) => Outcome::Compacted(r),
+        Err(e @ VolumeError::Key(_)) => Outcome::failed("EncryptionKeyMissing", e),
         Err(e @ VolumeError::Fenced(_)) => Outcome::failed("Fenced", e),
         Err(e @ VolumeError::NotFound(_)) => Outcome::failed("VolumeNotFound", e),
         Err(e) => Outcome::failed("CompactionFailed", e),

@@ -17,6 +17,32 @@ pub use crate::volume::catalog::object_name;
 
 pub type RpcResult<T> = Result<tonic::Response<T>, Status>;
 
+/// The secret key that holds an encrypted volume's key.
+pub const ENCRYPTION_KEY: &str = "encryptionKey";
+
+/// The key in a request's secrets, when there is one.
+pub fn kek_of(secrets: &HashMap<String, String>) -> Result<Option<crate::crypto::Kek>, Status> {
+    match secrets.get(ENCRYPTION_KEY) {
+        None => Ok(None),
+        Some(v) => crate::crypto::Kek::parse(v.as_bytes())
+            .map(Some)
+            .map_err(|e| Status::invalid_argument(format!("secret key {ENCRYPTION_KEY}: {e}"))),
+    }
+}
+
+/// The store through which the volume at `loc` reads in the clear
+/// (`volume::keys::unlock`): a wrong key is refused; without one, an
+/// encrypted volume's store comes back as it is and what needs the key
+/// says so (deleting a volume does not).
+pub async fn unlocked(store: &DynStore, loc: &Location, kek: Option<&crate::crypto::Kek>) -> Result<DynStore, Status> {
+    match crate::volume::keys::unlock(store, &loc.prefix, kek).await {
+        Ok(s) => Ok(s),
+        Err(VolumeError::NotFound(_)) => Ok(store.clone()),
+        Err(VolumeError::Key(_)) if kek.is_none() => Ok(store.clone()),
+        Err(e) => Err(status(e)),
+    }
+}
+
 /// Map an engine error to a gRPC status. Messages carry object names and
 /// S3 error codes, never credentials.
 pub fn status(e: VolumeError) -> Status {
@@ -29,6 +55,7 @@ pub fn status(e: VolumeError) -> Status {
             Status::failed_precondition(e.to_string())
         }
         VolumeError::Corrupt(_) => Status::data_loss(e.to_string()),
+        VolumeError::Key(_) => Status::invalid_argument(e.to_string()),
         VolumeError::LocalLog { no_space: true, .. } => Status::resource_exhausted(e.to_string()),
         VolumeError::LocalLog { no_space: false, .. } => Status::internal(e.to_string()),
         VolumeError::Store(se) => store_status(se),
@@ -62,6 +89,7 @@ pub fn store_status(e: &StoreError) -> Status {
             Status::permission_denied(e.to_string())
         }
         StoreError::Permanent(_) => Status::internal(e.to_string()),
+        StoreError::Damaged(_) => Status::data_loss(e.to_string()),
     }
 }
 

@@ -46,8 +46,9 @@ use bytes::Bytes;
 use tonic::{Request, Response, Status};
 
 use super::common::{
-    CALLS_GRACE, Calls, InFlight, RpcResult, Stores, catalog_status, check_capabilities, check_capability, object_name,
-    parse_snapshot_id, parse_volume_id, snapshot_id, status, store_status,
+    CALLS_GRACE, Calls, ENCRYPTION_KEY, InFlight, RpcResult, Stores, catalog_status, check_capabilities,
+    check_capability, kek_of, object_name, parse_snapshot_id, parse_volume_id, snapshot_id, status, store_status,
+    unlocked,
 };
 use super::pb;
 use crate::clock::{Clock, SystemClock};
@@ -57,7 +58,7 @@ use crate::store::{self, DynStore, PutMode, StoreError};
 use crate::volume::catalog::{self, Attachment, CatalogError, DeleteOutcome, EntryState, OnDependants};
 use crate::volume::engine::{CreateOptions, read_snapshot, snapshot_committed};
 use crate::volume::format::{self, DEFAULT_CHUNK_SIZE, ParentRef, SnapshotRecord, VolumeMeta};
-use crate::volume::{OpenOptions, Volume, VolumeError, compact, replay};
+use crate::volume::{OpenOptions, Volume, VolumeError, compact, keys, replay};
 
 /// Default size when a request gives no capacity.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
@@ -94,6 +95,8 @@ struct Params {
     chunk_size: Option<u32>,
     /// `compression`: lz4, zstd or none (the default).
     compression: Option<format::Codec>,
+    /// `encrypted`: "true" or "false"; unset, a secret holding a key is refused.
+    encrypted: Option<bool>,
     context: HashMap<String, String>,
 }
 
@@ -120,6 +123,13 @@ fn parse_params(p: &HashMap<String, String>) -> Result<Params, Status> {
             "compression" => {
                 out.compression = format::Codec::parse(v)
                     .map_err(|e| Status::invalid_argument(format!("parameter compression: {e}")))?;
+            }
+            "encrypted" => {
+                out.encrypted = Some(match v.trim().to_ascii_lowercase().as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(Status::invalid_argument(format!("parameter encrypted: {v:?} (true or false)"))),
+                })
             }
             "cacheSize" => {
                 parse_size(v).map_err(|e| Status::invalid_argument(format!("parameter cacheSize: {e}")))?;
@@ -363,6 +373,16 @@ impl ControllerService {
                         );
                     }
                 }
+                Err(e @ VolumeError::Key(_)) => {
+                    failed += 1;
+                    crate::metrics::global().compaction.failures.inc();
+                    tracing::warn!(
+                        volume = %loc.url(),
+                        error = %e,
+                        "an encrypted volume is not compacted here: compaction over the store alone has no key (the \
+                         Kubernetes compaction reads it from the volume's provisioner secret)"
+                    );
+                }
                 Err(e) => {
                     failed += 1;
                     crate::metrics::global().compaction.failures.inc();
@@ -582,6 +602,22 @@ impl ControllerService {
                 "a directory or memory store is served only as the driver's --store; StorageClasses name S3 stores",
             ));
         }
+        let kek = kek_of(&req.secrets)?;
+        let encrypted = match (params.encrypted, &kek) {
+            (Some(true), None) => {
+                return Err(Status::invalid_argument(format!(
+                    "the StorageClass sets encrypted: \"true\", but the provisioner secret holds no {ENCRYPTION_KEY} \
+                     (name the secret with csi.storage.k8s.io/provisioner-secret-name and -namespace)"
+                )));
+            }
+            (None, Some(_)) => {
+                return Err(Status::invalid_argument(format!(
+                    "the provisioner secret holds {ENCRYPTION_KEY}, but the StorageClass does not say whether to \
+                     encrypt: set the parameter encrypted: \"true\" (or \"false\" for unencrypted volumes)"
+                )));
+            }
+            (e, _) => e.unwrap_or(false),
+        };
         let loc = root.child(&object_name(&req.name));
         let _guard = self.inflight.start(&loc.url())?;
         let store = self.store_for(&loc, &req.secrets).await?;
@@ -605,6 +641,7 @@ impl ControllerService {
                     return Err(Status::not_found(format!("no such snapshot {}", s.snapshot_id)));
                 }
                 let sstore = self.store_for(&sloc, &req.secrets).await?;
+                let sstore = unlocked(&sstore, &sloc, kek.as_ref()).await?;
                 let rec = match read_snapshot(&sstore, &sloc.prefix, &name).await {
                     Ok(r) => r,
                     Err(VolumeError::NotFound(_)) => {
@@ -626,6 +663,7 @@ impl ControllerService {
             Some(pb::volume_content_source::Type::Volume(v)) => {
                 let vloc = self.volume_location(&v.volume_id)?;
                 let vstore = self.store_for(&vloc, &req.secrets).await?;
+                let vstore = unlocked(&vstore, &vloc, kek.as_ref()).await?;
                 let vmeta = self.live_meta(&vstore, &vloc).await?;
                 if vloc.store != loc.store {
                     return Err(Status::invalid_argument(format!(
@@ -673,6 +711,12 @@ impl ControllerService {
             seq: rec.seq,
         };
         let parent = source.as_ref().and_then(|(sloc, rec, _)| rec.as_ref().map(|r| parent_of(sloc, r)));
+        // Reads and writes the source (pins, its committed head) in the
+        // clear, and the new volume once it exists.
+        let store = match &source {
+            Some((sloc, _, _)) => unlocked(&store, sloc, kek.as_ref()).await?,
+            None => store,
+        };
 
         // Idempotency: an existing volume of this name is the answer when
         // it was made with the same store, chunk size, parameters,
@@ -680,6 +724,7 @@ impl ControllerService {
         let wanted = provisioned(&params, &req.volume_capabilities);
         match replay::read_meta(store.as_ref(), &loc.prefix).await {
             Ok(meta) => {
+                let store = unlocked(&store, &loc, kek.as_ref()).await?;
                 let tombstoned = catalog::is_deleted(&store, &loc.prefix).await.map_err(catalog_status)?;
                 if tombstoned {
                     return Err(Status::already_exists(format!("volume {} exists and is being deleted", req.name)));
@@ -706,6 +751,9 @@ impl ControllerService {
                         name(meta.compression),
                         name(params.compression)
                     ));
+                }
+                if meta.encryption.is_some() != encrypted {
+                    differs.push(format!("encrypted {} (asked: {encrypted})", meta.encryption.is_some()));
                 }
                 if meta.parent != parent || (source.is_some() && parent.is_none()) {
                     differs.push("another source".to_string());
@@ -817,12 +865,20 @@ impl ControllerService {
                     .await
                     .map_err(catalog_status)?;
             }
+            // A clone or restore shares its source's data key.
+            let encryption = match (encrypted, &kek) {
+                (true, Some(k)) => {
+                    Some(keys::NewKeys::inherited(store.as_ref()).unwrap_or_else(|| keys::NewKeys::fresh(k.clone())))
+                }
+                _ => None,
+            };
             let opts = CreateOptions {
                 size,
                 chunk_size: chunk,
                 parent,
                 single_writer: false,
                 compression: params.compression,
+                encryption,
             };
             match Volume::create(store.clone(), &loc.prefix, opts, self.clock.as_ref()).await {
                 Ok(m) => Ok(m),
@@ -852,7 +908,8 @@ impl ControllerService {
         if source.is_some() {
             catalog::forget_source(&store, &loc.prefix).await;
         }
-        tracing::info!(volume = %loc.url(), size, "volume created");
+        let store = unlocked(&store, &loc, kek.as_ref()).await?;
+        tracing::info!(volume = %loc.url(), size, encrypted, "volume created");
         let mut v = self.volume_message(&store, &loc, &meta).await?;
         v.volume_context.extend(params.context);
         v.content_source = req.volume_content_source;
@@ -1096,6 +1153,7 @@ impl ControllerService {
             )));
         }
         let store = self.store_for(&vloc, &req.secrets).await?;
+        let store = unlocked(&store, &vloc, kek_of(&req.secrets)?.as_ref()).await?;
         // A volume first: the claim below would stay for good otherwise.
         self.live_meta(&store, &vloc).await?;
         // Snapshot names are unique per store: an index entry claims the name.
@@ -1228,6 +1286,7 @@ impl ControllerService {
             req.capacity_range.as_ref().ok_or_else(|| Status::invalid_argument("capacity range is required"))?;
         let _guard = self.inflight.start(&loc.url())?;
         let store = self.store_for(&loc, &req.secrets).await?;
+        let store = unlocked(&store, &loc, kek_of(&req.secrets)?.as_ref()).await?;
         let meta = self.live_meta(&store, &loc).await?;
         let st = replay::replay(store.as_ref(), &loc.prefix, meta.chunk_size as u64, None).await.map_err(status)?;
         let want = size_for(Some(range), meta.chunk_size as u64, 0)?;

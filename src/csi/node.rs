@@ -646,6 +646,9 @@ impl NodeService {
     ) -> Result<Volume, Status> {
         let loc = parse_volume_id(volume_id)?;
         let store = self.stores.get(&loc, secrets).await?;
+        // An encrypted volume opens with the stage secret's key (kept with
+        // the other stage secrets for a restart) and only with it.
+        let store = super::common::unlocked(&store, &loc, super::common::kek_of(secrets)?.as_ref()).await?;
         let opts = OpenOptions {
             read_only: readonly,
             cache_limit,

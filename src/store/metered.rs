@@ -41,6 +41,7 @@ fn outcome<T>(r: &StoreResult<T>) -> &'static str {
         Err(StoreError::PreconditionFailed(_)) => "exists",
         Err(StoreError::Transient(_)) => "transient",
         Err(StoreError::Permanent(_)) => "permanent",
+        Err(StoreError::Damaged(_)) => "damaged",
     }
 }
 

@@ -13,6 +13,7 @@ pub mod memory;
 pub mod metered;
 pub mod retry;
 pub mod s3;
+pub mod sealed;
 pub mod sim;
 
 use std::fmt;
@@ -36,6 +37,10 @@ pub enum StoreError {
     /// Not worth retrying: access denied, bad bucket, malformed request.
     #[error("store error: {0}")]
     Permanent(String),
+    /// An encrypted volume's object that does not open: altered, cut, or
+    /// another object's bytes under this name ([`sealed`]). Never retried.
+    #[error("{0}")]
+    Damaged(String),
 }
 
 impl StoreError {
@@ -104,6 +109,11 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     async fn head(&self, key: &str) -> StoreResult<Option<u64>>;
     /// A short human description ("s3://bucket", "file:///dir").
     fn describe(&self) -> String;
+    /// A store that seals volumes' objects ([`sealed::SealedStore`]): its
+    /// keys, and the (prefix, uuid) of the volumes it seals.
+    fn unlocked(&self) -> Option<sealed::Sealing<'_>> {
+        None
+    }
 }
 
 pub type DynStore = Arc<dyn ObjectStore>;

@@ -530,12 +530,13 @@ async fn pin_snapshot(
 ) -> CatalogResult<SnapshotRecord> {
     // Without a token: every restore of this clone writes the same bytes,
     // so the pin found there cannot be told to be this call's own.
-    let pin = SnapshotRecord {
+    let mut pin = SnapshotRecord {
         name: format::clone_pin_name(clone),
         token: None,
         clone: Some(clone_id.to_string()),
         ..snap.clone()
     };
+    super::keys::tag_snapshot(store.as_ref(), source, &mut pin);
     let body = serde_json::to_vec_pretty(&pin).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
     let key = format::snapshot_key(source, &pin.name);
     match store.put(&key, Bytes::from(body), PutMode::IfAbsent).await {
@@ -701,6 +702,7 @@ pub async fn clone_volume(
             parent: Some(parent),
             single_writer: meta.single_writer,
             compression: meta.compression,
+            encryption: super::keys::NewKeys::inherited(store.as_ref()),
         };
         Ok::<_, CatalogError>(super::Volume::create(store.clone(), clone, opts, clock).await?)
     }

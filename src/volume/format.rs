@@ -47,9 +47,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// The newest format this build reads and writes. New volumes get format
-/// 4 unless they are compressed (format 5), so that earlier builds open
-/// them.
-pub const FORMAT_VERSION: u32 = FORMAT_V5;
+/// 4 unless they are compressed (format 5) or encrypted (format 6), so
+/// that earlier builds open them.
+pub const FORMAT_VERSION: u32 = FORMAT_V6;
 /// Objects whose layout format 2 did not change (snapshot records,
 /// tombstones, binary objects without patches) keep this version.
 pub const FORMAT_V1: u32 = 1;
@@ -64,6 +64,11 @@ pub const FORMAT_V4: u32 = 4;
 /// Packed chunks: a chunk object compressed block by block
 /// ([`Layout::Packed`]), for volumes with `compression` set.
 pub const FORMAT_V5: u32 = 5;
+/// Encrypted volumes: `volume.json` holds a wrapped data key, and chunks,
+/// journal records and checkpoints are sealed (`store::sealed`). Only
+/// `volume.json` says so: the objects themselves are those of format 5,
+/// sealed. Earlier builds refuse the volume instead of reading ciphertext.
+pub const FORMAT_V6: u32 = 6;
 /// The bytes one crc32c of a chunk table covers: the least a verified
 /// read fetches.
 pub const VERIFY_BLOCK: usize = 16 << 10;
@@ -104,6 +109,9 @@ pub enum FormatError {
     Checksum(String),
     #[error("{what}: {detail}")]
     Invalid { what: String, detail: String },
+    /// A sealed object read without the volume's key.
+    #[error("{0} is encrypted: this needs the volume's key")]
+    Encrypted(String),
 }
 
 fn invalid(what: &str, detail: impl Into<String>) -> FormatError {
@@ -299,6 +307,27 @@ pub struct VolumeMeta {
     /// stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<Codec>,
+    /// Encrypted (format 6): the wrapped data key and what names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// The only cipher: XChaCha20-Poly1305 (`crypto`).
+pub const CIPHER: &str = "xchacha20poly1305";
+
+/// How an encrypted volume keeps its data key (`volume::keys`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Encryption {
+    pub cipher: String,
+    /// The id of the key-encryption key that wrapped the data key (never the key).
+    pub key_id: String,
+    /// The data key's id: the same for a volume and its clones.
+    pub data_key_id: String,
+    /// The data key, wrapped (base64 of nonce, sealed key, tag).
+    pub wrapped_key: String,
+    /// This file's other fields, authenticated under the data key.
+    pub tag: String,
 }
 
 /// A compression codec for chunk objects.
@@ -346,6 +375,18 @@ impl VolumeMeta {
         check_size(self.size).map_err(|d| invalid(w, d))?;
         if self.compression.is_some() && self.format_version < FORMAT_V5 {
             return Err(invalid(w, format!("compression in a format-{} volume", self.format_version)));
+        }
+        match &self.encryption {
+            Some(_) if self.format_version < FORMAT_V6 => {
+                return Err(invalid(w, format!("encryption in a format-{} volume", self.format_version)));
+            }
+            Some(e) if e.cipher != CIPHER => {
+                return Err(invalid(w, format!("unknown cipher {:?} (this build knows {CIPHER})", e.cipher)));
+            }
+            None if self.format_version >= FORMAT_V6 => {
+                return Err(invalid(w, "a format-6 volume without its encryption"));
+            }
+            _ => {}
         }
         if self.checksum != "crc32c" {
             return Err(invalid(w, format!("unknown checksum algorithm {:?}", self.checksum)));
@@ -409,6 +450,11 @@ pub struct SnapshotRecord {
     /// have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone: Option<String>,
+    /// An encrypted volume's records are authenticated: the tag of the
+    /// fields above and the record's name under the data key
+    /// (`volume::keys`). Records of unencrypted volumes have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<String>,
 }
 
 impl SnapshotRecord {
@@ -788,6 +834,9 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     /// Check magic, version and trailing checksum; position after the header.
     fn open(buf: &'a [u8], magic: &[u8; 8], what: &'a str) -> Result<Self, FormatError> {
+        if crate::crypto::looks_sealed(buf) {
+            return Err(FormatError::Encrypted(what.into()));
+        }
         if buf.len() < 16 {
             return Err(FormatError::Truncated(what.into()));
         }
@@ -1882,6 +1931,7 @@ mod tests {
             parent: None,
             single_writer: false,
             compression: None,
+            encryption: None,
         };
         assert!(VolumeMeta::decode(&good.encode()).is_ok());
         let enc = good.encode();
@@ -1892,8 +1942,25 @@ mod tests {
         assert_eq!(VolumeMeta::decode(&packed.encode()).expect("format 5").compression, Some(Codec::Zstd));
         let mislabelled = VolumeMeta { format_version: FORMAT_V4, ..packed };
         assert!(VolumeMeta::decode(&mislabelled.encode()).is_err(), "compression in a format-4 volume.json");
-        let newer = VolumeMeta { format_version: 99, ..good };
+        let newer = VolumeMeta { format_version: 99, ..good.clone() };
         assert!(matches!(VolumeMeta::decode(&newer.encode()), Err(FormatError::Version { .. })));
+        // Encryption: format 6 and the known cipher only, and format 6 never without it.
+        let enc = Encryption {
+            cipher: CIPHER.into(),
+            key_id: "k".into(),
+            data_key_id: "d".into(),
+            wrapped_key: "w".into(),
+            tag: "t".into(),
+        };
+        let sealed = VolumeMeta { format_version: FORMAT_V6, encryption: Some(enc.clone()), ..good.clone() };
+        assert!(VolumeMeta::decode(&sealed.encode()).is_ok());
+        let early = VolumeMeta { format_version: FORMAT_V5, ..sealed.clone() };
+        assert!(VolumeMeta::decode(&early.encode()).is_err(), "encryption in a format-5 volume.json");
+        let other = Encryption { cipher: "rot13".into(), ..enc };
+        let other = VolumeMeta { encryption: Some(other), ..sealed.clone() };
+        assert!(VolumeMeta::decode(&other.encode()).is_err(), "an unknown cipher");
+        let stripped = VolumeMeta { encryption: None, ..sealed };
+        assert!(VolumeMeta::decode(&stripped.encode()).is_err(), "format 6 without its encryption");
     }
 
     /// Text-like bytes that compress, and bytes that do not.
@@ -2003,6 +2070,7 @@ mod tests {
             parent: None,
             single_writer: false,
             compression: Some(Codec::Lz4),
+            encryption: None,
         };
         std::fs::write(dir.join("volume-json"), meta.encode()).expect("write");
     }

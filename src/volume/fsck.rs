@@ -102,6 +102,8 @@ pub async fn fsck(
             }
             // Removed by a compaction since the listing.
             Err(crate::store::StoreError::NotFound(_)) => {}
+            // An encrypted volume's checkpoint that does not open.
+            Err(crate::store::StoreError::Damaged(why)) => broken.push((seq, why)),
             Err(e) => return Err(e.into()),
         }
     }
@@ -172,7 +174,10 @@ pub async fn fsck(
     let mut pinned_seqs = Vec::new();
     for key in &snapshots {
         let rec = match store.get(key, None).await {
-            Ok(b) => match SnapshotRecord::decode(&b, key) {
+            Ok(b) => match SnapshotRecord::decode(&b, key).map_err(VolumeError::from).and_then(|r| {
+                super::keys::check_snapshot(store, vol, &r, key)?;
+                Ok(r)
+            }) {
                 Ok(r) => r,
                 Err(e) => {
                     rep.errors.push(e.to_string());
@@ -255,6 +260,8 @@ pub async fn fsck(
             match store.get(&key, None).await {
                 Ok(d) => Ok(format::check_chunk(d, r, chunk_size).err().map(|why| format!("chunk object {key} {why}"))),
                 Err(StoreError::NotFound(_)) => Ok(Some(format!("chunk object {key} vanished"))),
+                // An encrypted volume's chunk that does not open.
+                Err(StoreError::Damaged(why)) => Ok(Some(why)),
                 Err(e) => Err(e),
             }
         }))

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod format;
 pub mod fsck;
 pub mod journal;
+pub mod keys;
 pub mod lease;
 pub mod locks;
 pub mod mapview;
@@ -41,13 +42,29 @@ pub enum VolumeError {
     NoConditionalWrites,
     #[error("{why}")]
     LocalLog { why: String, no_space: bool },
+    /// An encrypted volume asked for without its key, or with another.
+    #[error("{0}")]
+    Key(String),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for VolumeError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            // An object of an encrypted volume that does not open.
+            StoreError::Damaged(why) => VolumeError::Corrupt(why),
+            e => VolumeError::Store(e),
+        }
+    }
 }
 
 impl From<FormatError> for VolumeError {
     fn from(e: FormatError) -> Self {
-        VolumeError::Corrupt(e.to_string())
+        match e {
+            FormatError::Encrypted(_) => VolumeError::Key(format!("{e} ({})", keys::KEY_HINT)),
+            e => VolumeError::Corrupt(e.to_string()),
+        }
     }
 }
 

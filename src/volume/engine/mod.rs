@@ -78,6 +78,7 @@ use super::format::{
     SnapshotRecord, VolumeMeta, chunk_key, journal_key, meta_key, snapshot_key,
 };
 use super::journal::{self, Appended};
+use super::keys;
 use super::locks::ChunkLocks;
 use super::replay::{self, Replayed};
 use super::{VolumeError, VolumeResult};
@@ -172,6 +173,9 @@ pub struct CreateOptions {
     pub single_writer: bool,
     /// Compress chunks with this codec (format 5); `None`: stored as they are.
     pub compression: Option<format::Codec>,
+    /// Encrypt (format 6): the data key and the key that wraps it. A
+    /// clone's data key is its parent's.
+    pub encryption: Option<super::keys::NewKeys>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -530,16 +534,37 @@ impl Volume {
     ) -> VolumeResult<VolumeMeta> {
         format::check_size(opts.size).map_err(VolumeError::InvalidArgument)?;
         format::check_chunk_size(opts.chunk_size).map_err(VolumeError::InvalidArgument)?;
+        let store = keys::base(&store);
+        if let Some(p) = &opts.parent {
+            let parent = replay::read_meta(store.as_ref(), &p.volume).await?;
+            if parent.encryption.is_some() != opts.encryption.is_some() {
+                return Err(VolumeError::InvalidArgument(match parent.encryption {
+                    Some(_) => format!("{} is encrypted: a volume made from it must be encrypted too", p.volume),
+                    None => format!("{} is not encrypted: a volume made from it cannot be", p.volume),
+                }));
+            }
+        }
         if store.head(&meta_key(vol)).await?.is_some() {
             // A create asked again after an attempt that wrote volume.json
             // and failed (or died) before its create record: finished here
             // when it asked for the same volume.
             let meta = replay::read_meta(store.as_ref(), vol).await?;
+            let same_key = match (&meta.encryption, &opts.encryption) {
+                (None, None) => true,
+                (Some(e), Some(k)) => e.key_id == k.kek.id(),
+                _ => false,
+            };
             if meta.size == opts.size
                 && meta.chunk_size == opts.chunk_size
                 && meta.parent == opts.parent
                 && meta.compression == opts.compression
-                && Self::finish_create(&store, vol, &meta).await?
+                && same_key
+                && Self::finish_create(
+                    &keys::unlock(&store, vol, opts.encryption.as_ref().map(|k| &k.kek)).await?,
+                    vol,
+                    &meta,
+                )
+                .await?
             {
                 return Ok(meta);
             }
@@ -549,8 +574,9 @@ impl Volume {
         if !conditional && !opts.single_writer {
             return Err(VolumeError::NoConditionalWrites);
         }
-        let meta = VolumeMeta {
-            // Format 4 unless compressed: earlier builds open the volume.
+        let mut meta = VolumeMeta {
+            // Format 4 unless compressed (or encrypted, below): earlier
+            // builds open the volume.
             format_version: if opts.compression.is_some() { format::FORMAT_V5 } else { format::FORMAT_V4 },
             uuid: format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>()),
             size: opts.size,
@@ -561,7 +587,11 @@ impl Volume {
             parent: opts.parent,
             single_writer: !conditional,
             compression: opts.compression,
+            encryption: None,
         };
+        if let Some(k) = &opts.encryption {
+            keys::seal_meta(&mut meta, &k.kek, &k.data);
+        }
         let meta_bytes = Bytes::from(meta.encode());
         match store.put(&meta_key(vol), meta_bytes.clone(), PutMode::IfAbsent).await {
             Ok(()) => {}
@@ -577,6 +607,11 @@ impl Volume {
             }
             Err(e) => return Err(e.into()),
         }
+        // The create record is sealed like every record after it.
+        let store = match &opts.encryption {
+            Some(k) => keys::unlocked_with(&store, vol, &meta, k.kek.clone(), k.data.clone()).await?,
+            None => store,
+        };
         let record = create_record(&meta);
         for _ in 0..3 {
             match store.put(&journal_key(vol, 0), record.clone(), PutMode::IfAbsent).await {
@@ -704,6 +739,9 @@ impl Volume {
     /// Open record, which fences every earlier writer.
     pub async fn open(store: DynStore, vol: &str, opts: OpenOptions) -> VolumeResult<Volume> {
         let meta = replay::read_meta(store.as_ref(), vol).await?;
+        if meta.encryption.is_some() && !keys::seals(store.as_ref(), vol) {
+            return Err(keys::key_required(store.as_ref(), vol, &meta));
+        }
         let chunk_size = meta.chunk_size as u64;
         let mut opts = opts;
         let upto = match &opts.snapshot {
@@ -1104,6 +1142,7 @@ impl Volume {
             created_unix: self.inner.opts.clock.now_unix(),
             token: Some(rand::random()),
             clone: None,
+            auth: None,
         };
         record_snapshot(&self.inner.store, &self.inner.vol, rec, started, true).await
     }
@@ -1131,6 +1170,7 @@ pub async fn snapshot_committed(
         created_unix: clock.now_unix(),
         token: Some(rand::random()),
         clone: for_clone.map(str::to_string),
+        auth: None,
     };
     record_snapshot(store, vol, rec, started, false).await
 }
@@ -1150,6 +1190,8 @@ async fn record_snapshot(
     started: Instant,
     same_seq_ok: bool,
 ) -> VolumeResult<SnapshotRecord> {
+    let mut rec = rec;
+    keys::tag_snapshot(store.as_ref(), vol, &mut rec);
     let name = rec.name.clone();
     let body = serde_json::to_vec_pretty(&rec).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
     let key = snapshot_key(vol, &name);
@@ -1256,7 +1298,11 @@ pub async fn read_snapshot(store: &DynStore, vol: &str, name: &str) -> VolumeRes
     format::validate_snapshot_name(name).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
     let key = snapshot_key(vol, name);
     match store.get(&key, None).await {
-        Ok(b) => Ok(SnapshotRecord::decode(&b, &key)?),
+        Ok(b) => {
+            let rec = SnapshotRecord::decode(&b, &key)?;
+            keys::check_snapshot(store.as_ref(), vol, &rec, &key)?;
+            Ok(rec)
+        }
         Err(StoreError::NotFound(_)) => Err(VolumeError::NotFound(format!("snapshot {name}"))),
         Err(e) => Err(e.into()),
     }
@@ -1775,6 +1821,7 @@ mod tests {
             parent: None,
             single_writer: false,
             compression: None,
+            encryption: None,
         };
         let uuid = Volume::create(store.clone(), "v/", opts, &crate::clock::SystemClock).await.expect("create").uuid;
         let logs = dir.path().join("logs");

@@ -1,0 +1,276 @@
+//! Encrypted volumes: the data key `volume.json` keeps wrapped, unlocking
+//! a store for a volume (and the parents it reads through), the tags of
+//! records kept in the clear, and key rotation.
+//!
+//! Owns: what a volume's `encryption` field says and how it is checked,
+//! the errors a user sees for a missing or wrong key. Does not own the
+//! ciphers (`crypto`) or the sealing of objects (`store::sealed`).
+//!
+//! A volume's data key is drawn at create and never changes; a clone
+//! shares its parent's (it reads the parent's chunks), wrapped again for
+//! itself. Rotating the key-encryption key (`rekey`) rewraps the data key
+//! in `volume.json`: no data is rewritten.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use bytes::Bytes;
+
+use super::format::{self, Encryption, SnapshotRecord, VolumeMeta};
+use super::replay;
+use super::{VolumeError, VolumeResult};
+use crate::crypto::{DataKey, Kek};
+use crate::store::sealed::{SealedStore, Unlocked};
+use crate::store::{DynStore, ObjectStore, PutMode};
+
+/// What to do about a missing key, as a user reads it.
+pub const KEY_HINT: &str =
+    "give its key with --key-file or S3BLK_KEY_FILE, or in Kubernetes as encryptionKey in the StorageClass's secret";
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+fn describe(store: &dyn ObjectStore, vol: &str) -> String {
+    format!("{}/{vol}", store.describe())
+}
+
+/// A new volume's keys: its data key (drawn for it, or its parent's) and
+/// the key that wraps it.
+#[derive(Debug, Clone)]
+pub struct NewKeys {
+    pub kek: Kek,
+    pub data: DataKey,
+}
+
+impl NewKeys {
+    /// Keys for a volume of its own: a fresh data key.
+    pub fn fresh(kek: Kek) -> NewKeys {
+        NewKeys { kek, data: DataKey::generate() }
+    }
+
+    /// The keys a volume made from one `store` seals (a clone, a restore)
+    /// takes: the same data key and key.
+    pub fn inherited(store: &dyn ObjectStore) -> Option<NewKeys> {
+        store.unlocked().map(|(u, _)| NewKeys { kek: u.kek.clone(), data: u.data.clone() })
+    }
+}
+
+/// The tag over `meta`'s fields other than its encryption: a changed size,
+/// chunk size or parent is found before anything is read through it.
+fn meta_tag(meta: &VolumeMeta, data: &DataKey) -> String {
+    let parent = meta.parent.as_ref().map(|p| format!("{}\n{}\n{}", p.volume, p.snapshot, p.seq)).unwrap_or_default();
+    let compression = meta.compression.map(|c| c.name()).unwrap_or("none");
+    data.tag(&[
+        b"s3blk volume 1",
+        &meta.format_version.to_le_bytes(),
+        meta.uuid.as_bytes(),
+        &meta.size.to_le_bytes(),
+        &meta.chunk_size.to_le_bytes(),
+        &meta.block_size.to_le_bytes(),
+        meta.checksum.as_bytes(),
+        &meta.created_unix.to_le_bytes(),
+        parent.as_bytes(),
+        &[meta.single_writer as u8],
+        compression.as_bytes(),
+    ])
+}
+
+/// Make `meta` (format 6) an encrypted volume's whose data key is `data`, wrapped by `kek`.
+pub fn seal_meta(meta: &mut VolumeMeta, kek: &Kek, data: &DataKey) {
+    meta.format_version = meta.format_version.max(format::FORMAT_V6);
+    meta.encryption = None;
+    let tag = meta_tag(meta, data);
+    meta.encryption = Some(Encryption {
+        cipher: format::CIPHER.into(),
+        key_id: kek.id(),
+        data_key_id: data.id(),
+        wrapped_key: B64.encode(kek.wrap(data, &meta.uuid)),
+        tag,
+    });
+}
+
+/// The data key of the encrypted volume `meta` (at `what`), unwrapped with
+/// `kek`, its fields checked.
+pub fn open_meta(meta: &VolumeMeta, what: &str, kek: &Kek) -> VolumeResult<DataKey> {
+    let Some(e) = &meta.encryption else {
+        return Err(VolumeError::InvalidArgument(format!("volume {what} is not encrypted")));
+    };
+    if e.key_id != kek.id() {
+        return Err(VolumeError::Key(format!(
+            "wrong key for volume {what}: its data key is wrapped by key {}, the key given is {}",
+            e.key_id,
+            kek.id()
+        )));
+    }
+    let wrapped = B64
+        .decode(e.wrapped_key.trim())
+        .map_err(|err| VolumeError::Corrupt(format!("{what} volume.json: wrapped_key is not base64: {err}")))?;
+    let data = kek.unwrap(&wrapped, &meta.uuid).ok_or_else(|| {
+        VolumeError::Corrupt(format!(
+            "{what} volume.json: its wrapped key does not open with key {} although that key wrapped it (altered)",
+            kek.id()
+        ))
+    })?;
+    check_meta(meta, what, &data)?;
+    Ok(data)
+}
+
+/// `meta` is an encrypted volume's whose data key is `data`, and its fields are as written.
+fn check_meta(meta: &VolumeMeta, what: &str, data: &DataKey) -> VolumeResult<()> {
+    let Some(e) = &meta.encryption else {
+        return Err(VolumeError::Corrupt(format!("{what} is not encrypted, but a volume that reads through it is")));
+    };
+    if e.data_key_id != data.id() {
+        return Err(VolumeError::Corrupt(format!(
+            "{what} volume.json names data key {}, expected {}",
+            e.data_key_id,
+            data.id()
+        )));
+    }
+    let mut bare = meta.clone();
+    bare.encryption = None;
+    if meta_tag(&bare, data) != e.tag {
+        return Err(VolumeError::Corrupt(format!("{what} volume.json fails its tag (its fields were altered)")));
+    }
+    Ok(())
+}
+
+/// Does `store` seal the objects of `vol`?
+pub fn seals(store: &dyn ObjectStore, vol: &str) -> bool {
+    store.unlocked().is_some_and(|(_, vols)| vols.iter().any(|(p, _)| p == vol))
+}
+
+/// The store in the clear under `store` (itself when it seals nothing).
+pub fn base(store: &DynStore) -> DynStore {
+    store.unlocked().map(|(u, _)| u.base.clone()).unwrap_or_else(|| store.clone())
+}
+
+/// The error for an encrypted volume asked for without its key.
+pub fn key_required(store: &dyn ObjectStore, vol: &str, meta: &VolumeMeta) -> VolumeError {
+    let id = meta.encryption.as_ref().map(|e| e.key_id.as_str()).unwrap_or("?");
+    VolumeError::Key(format!("volume {} is encrypted (key {id}): {KEY_HINT}", describe(store, vol)))
+}
+
+/// The store through which `vol` reads and writes in the clear: `store`
+/// itself when the volume is not encrypted (or `store` already seals it),
+/// else a sealed store over it, unlocked with `kek` (or the key `store`
+/// was unlocked with). The volume's parents must share its data key.
+/// A missing or wrong key is refused here, before anything is read.
+pub async fn unlock(store: &DynStore, vol: &str, kek: Option<&Kek>) -> VolumeResult<DynStore> {
+    if seals(store.as_ref(), vol) {
+        return Ok(store.clone());
+    }
+    let base = base(store);
+    let meta = replay::read_meta(base.as_ref(), vol).await?;
+    if meta.encryption.is_none() {
+        return Ok(store.clone());
+    }
+    let kek = match (kek, store.unlocked()) {
+        (Some(k), _) => k.clone(),
+        (None, Some((u, _))) => u.kek.clone(),
+        (None, None) => return Err(key_required(base.as_ref(), vol, &meta)),
+    };
+    let data = open_meta(&meta, &describe(base.as_ref(), vol), &kek)?;
+    unlocked_with(&base, vol, &meta, kek, data).await
+}
+
+/// A sealed store for `vol` (whose `volume.json` is `meta`) and its parents.
+pub async fn unlocked_with(
+    base: &DynStore,
+    vol: &str,
+    meta: &VolumeMeta,
+    kek: Kek,
+    data: DataKey,
+) -> VolumeResult<DynStore> {
+    let mut volumes = vec![(vol.to_string(), meta.uuid.clone())];
+    let mut parent = meta.parent.clone();
+    while let Some(p) = parent {
+        if volumes.iter().any(|(v, _)| *v == p.volume) || volumes.len() > 64 {
+            return Err(VolumeError::Corrupt(format!("{vol}: its chain of parents loops at {}", p.volume)));
+        }
+        let pm = replay::read_meta(base.as_ref(), &p.volume).await?;
+        check_meta(&pm, &describe(base.as_ref(), &p.volume), &data)?;
+        volumes.push((p.volume.clone(), pm.uuid.clone()));
+        parent = pm.parent;
+    }
+    let keys = Arc::new(Unlocked { base: base.clone(), kek, data });
+    Ok(Arc::new(SealedStore::new(keys, volumes)))
+}
+
+/// The tag of snapshot record `rec` under `vol` (uuid `uuid`).
+fn snapshot_tag(data: &DataKey, uuid: &str, rec: &SnapshotRecord) -> String {
+    let token = rec.token.map(|t| t.to_string()).unwrap_or_default();
+    data.tag(&[
+        b"s3blk snapshot 1",
+        uuid.as_bytes(),
+        &rec.format_version.to_le_bytes(),
+        rec.name.as_bytes(),
+        &rec.seq.to_le_bytes(),
+        &rec.size.to_le_bytes(),
+        &rec.created_unix.to_le_bytes(),
+        token.as_bytes(),
+        rec.clone.as_deref().unwrap_or_default().as_bytes(),
+    ])
+}
+
+fn uuid_of<'s>(store: &'s dyn ObjectStore, vol: &str) -> Option<(&'s DataKey, &'s str)> {
+    let (u, vols) = store.unlocked()?;
+    vols.iter().find(|(p, _)| p == vol).map(|(_, uuid)| (&u.data, uuid.as_str()))
+}
+
+/// Tag `rec`, a snapshot record of `vol`, when `store` seals `vol`.
+pub fn tag_snapshot(store: &dyn ObjectStore, vol: &str, rec: &mut SnapshotRecord) {
+    rec.auth = None;
+    if let Some((data, uuid)) = uuid_of(store, vol) {
+        rec.auth = Some(snapshot_tag(data, uuid, rec));
+    }
+}
+
+/// When `store` seals `vol`: `rec` (at `what`) is a record written for it, unaltered.
+pub fn check_snapshot(store: &dyn ObjectStore, vol: &str, rec: &SnapshotRecord, what: &str) -> VolumeResult<()> {
+    let Some((data, uuid)) = uuid_of(store, vol) else { return Ok(()) };
+    match &rec.auth {
+        Some(t) if *t == snapshot_tag(data, uuid, rec) => Ok(()),
+        Some(_) => Err(VolumeError::Corrupt(format!("{what} fails its tag (altered, or another volume's)"))),
+        None => Err(VolumeError::Corrupt(format!("{what} has no tag, but its volume is encrypted"))),
+    }
+}
+
+/// Rewrap `vol`'s data key with `new` (it was wrapped by `old`): the data
+/// stays as it is, and only `new` opens the volume from then on. Returns
+/// the new key's id. A `volume.json` whose fields changed meanwhile (a
+/// concurrent rekey) is reported, not overwritten blindly.
+pub async fn rekey(store: &DynStore, vol: &str, old: &Kek, new: &Kek) -> VolumeResult<String> {
+    let base = base(store);
+    let what = describe(base.as_ref(), vol);
+    let meta = replay::read_meta(base.as_ref(), vol).await?;
+    if meta.encryption.is_none() {
+        return Err(VolumeError::InvalidArgument(format!(
+            "volume {what} is not encrypted: there is no key to change (an existing volume cannot be encrypted in place; \
+             copy it into an encrypted one)"
+        )));
+    }
+    let data = open_meta(&meta, &what, old)?;
+    let mut next = meta.clone();
+    next.encryption = None;
+    seal_meta(&mut next, new, &data);
+    // Rewriting volume.json must not bring back a volume being deleted
+    // (its delete takes volume.json first).
+    if base.head(&super::catalog::tombstone_key(vol)).await?.is_some() {
+        return Err(VolumeError::NotFound(format!("{what} (being deleted)")));
+    }
+    base.put(&format::meta_key(vol), Bytes::from(next.encode()), PutMode::Overwrite).await?;
+    if base.head(&super::catalog::tombstone_key(vol)).await?.is_some() {
+        base.delete(&format::meta_key(vol)).await?;
+        return Err(VolumeError::NotFound(format!("{what} (deleted while its key was being changed)")));
+    }
+    let now = replay::read_meta(base.as_ref(), vol).await?;
+    match now.encryption.as_ref().map(|e| e.key_id.as_str()) {
+        Some(id) if id == new.id() => Ok(new.id()),
+        other => Err(VolumeError::Store(crate::store::StoreError::Transient(format!(
+            "{what}: volume.json names key {} after the rekey to {} (another rekey ran at the same time); check \
+             with volume inspect and run it again",
+            other.unwrap_or("none"),
+            new.id()
+        )))),
+    }
+}

@@ -1,0 +1,388 @@
+//! Encrypted volumes against real stores (the local directory store and a
+//! real S3 server): nothing written leaves the process in the clear, every
+//! altered, swapped, replayed or cut object is found instead of read, and
+//! only the right key opens a volume.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use s3blk::crypto::Kek;
+use s3blk::store::memory::MemoryStore;
+use s3blk::store::{self, DynStore, PutMode};
+use s3blk::volume::engine::{CreateOptions, read_snapshot, snapshot_committed};
+use s3blk::volume::keys::{self, NewKeys};
+use s3blk::volume::{OpenOptions, Volume, VolumeError, catalog, compact, format, fsck};
+
+const CS: u32 = 64 << 10;
+const CSU: u64 = CS as u64;
+
+fn kek(n: u8) -> Kek {
+    Kek::parse(&[n; 32]).expect("a key")
+}
+
+fn create_opts(size: u64, encryption: Option<NewKeys>) -> CreateOptions {
+    CreateOptions { size, chunk_size: CS, parent: None, single_writer: false, compression: None, encryption }
+}
+
+/// Create an encrypted volume and give back the store that reads it in the clear.
+async fn create_encrypted(base: &DynStore, vol: &str, size: u64, key: &Kek) -> DynStore {
+    let meta = Volume::create(base.clone(), vol, create_opts(size, Some(NewKeys::fresh(key.clone()))), &clock())
+        .await
+        .expect("create");
+    assert_eq!(meta.format_version, format::FORMAT_V6);
+    assert_eq!(meta.encryption.as_ref().map(|e| e.key_id.clone()), Some(key.id()));
+    keys::unlock(base, vol, Some(key)).await.expect("unlock")
+}
+
+fn clock() -> s3blk::clock::SystemClock {
+    s3blk::clock::SystemClock
+}
+
+async fn open(store: &DynStore, vol: &str) -> Volume {
+    Volume::open(store.clone(), vol, OpenOptions::default()).await.expect("open")
+}
+
+async fn open_ro(store: &DynStore, vol: &str) -> Volume {
+    Volume::open(store.clone(), vol, OpenOptions { read_only: true, ..OpenOptions::default() }).await.expect("open ro")
+}
+
+async fn fsck_errors(store: &DynStore, vol: &str) -> Vec<String> {
+    fsck::fsck(store.as_ref(), vol, true, &|_, _| {}).await.expect("fsck ran").errors
+}
+
+/// Bytes that are easy to find: a line of text repeated.
+fn marked(len: usize, tag: &str) -> Vec<u8> {
+    let line = format!("PLAINTEXT-{tag}-the quick brown fox jumps over the lazy dog;");
+    line.bytes().cycle().take(len).collect()
+}
+
+/// Every object in the store, raw, and whether any holds `needle`.
+async fn raw_objects_holding(base: &DynStore, needle: &[u8]) -> (usize, Vec<String>) {
+    let all = store::list_all(base.as_ref(), "").await.expect("list");
+    let mut holding = Vec::new();
+    for o in &all {
+        let b = base.get(&o.key, None).await.expect("get");
+        if b.windows(needle.len()).any(|w| w == needle) {
+            holding.push(o.key.clone());
+        }
+    }
+    (all.len(), holding)
+}
+
+/// Whole chunks, a small inline write, a compaction (a checkpoint holding
+/// the inline pages), a snapshot and a clone written through: everything
+/// reads back through the key, fsck is clean, and no object in the store
+/// holds the plaintext, with or without compression (compressed before it
+/// is sealed: the sealed chunk is still smaller than the chunk).
+async fn an_encrypted_volume_stores_no_plaintext_and_reads_back(base: DynStore) {
+    for compression in [None, Some(format::Codec::Zstd)] {
+        let vol = &format!("{}/", common::unique("enc"));
+        let key = kek(1);
+        let opts = CreateOptions { compression, ..create_opts(8 * CSU, Some(NewKeys::fresh(key.clone()))) };
+        Volume::create(base.clone(), vol, opts, &clock()).await.expect("create");
+        let store = keys::unlock(&base, vol, Some(&key)).await.expect("unlock");
+        let w = open(&store, vol).await;
+        let mut want = marked(4 * CS as usize, "CHUNK");
+        w.write(0, &want).await.expect("write");
+        w.flush().await.expect("flush");
+        let small = marked(4096, "INLINE");
+        w.write(5 * CSU, &small).await.expect("small write");
+        w.flush().await.expect("flush");
+        want.resize(5 * CS as usize, 0);
+        want.extend_from_slice(&small);
+        drop(w);
+        let rep = compact::compact(
+            &store,
+            vol,
+            &compact::CompactOptions { safety_age: Duration::ZERO, ..Default::default() },
+            &clock(),
+        )
+        .await
+        .expect("compact");
+        assert!(rep.folded_seq.is_some(), "a checkpoint was written: {rep:?}");
+        let snap = snapshot_committed(&store, vol, "s1", None, &clock()).await.expect("snapshot");
+        assert!(snap.auth.is_some(), "an encrypted volume's snapshot record carries its tag");
+        let clone = &format!("{}/", common::unique("enc-clone"));
+        catalog::clone_volume(&store, vol, Some("s1"), clone, clone, None, &clock()).await.expect("clone");
+        let cstore = keys::unlock(&base, clone, Some(&key)).await.expect("unlock the clone");
+        let c = open(&cstore, clone).await;
+        let cwrite = marked(CS as usize, "CLONE");
+        c.write(2 * CSU, &cwrite).await.expect("clone write");
+        c.flush().await.expect("clone flush");
+        drop(c);
+
+        let got = open_ro(&store, vol).await.read(0, want.len() as u64).await.expect("read");
+        assert!(got == want, "{compression:?}: the volume reads back");
+        let mut cwant = want.clone();
+        cwant[2 * CS as usize..3 * CS as usize].copy_from_slice(&cwrite);
+        let got = open_ro(&cstore, clone).await.read(0, cwant.len() as u64).await.expect("read clone");
+        assert!(got == cwant, "{compression:?}: the clone reads back through its parent");
+        let snap_ro = Volume::open(
+            store.clone(),
+            vol,
+            OpenOptions { snapshot: Some("s1".into()), read_only: true, ..OpenOptions::default() },
+        )
+        .await
+        .expect("open the snapshot");
+        assert!(snap_ro.read(0, want.len() as u64).await.expect("read") == want);
+        assert_eq!(fsck_errors(&store, vol).await, Vec::<String>::new());
+        assert_eq!(fsck_errors(&cstore, clone).await, Vec::<String>::new());
+
+        for needle in ["PLAINTEXT-CHUNK", "PLAINTEXT-INLINE", "PLAINTEXT-CLONE", "quick brown fox"] {
+            let (n, holding) = raw_objects_holding(&base, needle.as_bytes()).await;
+            assert!(n > 10, "{n} objects looked at");
+            assert!(holding.is_empty(), "{compression:?}: {needle} in the clear in {holding:?}");
+        }
+        if compression.is_some() {
+            let chunks = store::list_all(base.as_ref(), &format::chunk_prefix(vol)).await.expect("list");
+            assert!(!chunks.is_empty());
+            for o in chunks {
+                assert!(o.size < CSU / 2, "compressed before it was sealed: {} holds {} bytes", o.key, o.size);
+            }
+        }
+    }
+}
+
+macro_rules! on_both_stores {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn local() {
+                let dir = tempfile::tempdir().expect("tempdir");
+                super::$name(super::common::local_store(dir.path())).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn s3() {
+                let Some(store) = super::common::s3_store().await else { return };
+                super::$name(store).await
+            }
+        }
+    };
+}
+
+on_both_stores!(an_encrypted_volume_stores_no_plaintext_and_reads_back);
+
+/// Replace the object `key` with `body` in the raw store.
+async fn put_raw(base: &DynStore, key: &str, body: Bytes) {
+    base.put(key, body, PutMode::Overwrite).await.expect("put raw");
+}
+
+/// The chunk objects of chunk `index`, oldest generation first.
+async fn generations(base: &DynStore, vol: &str, index: u64) -> Vec<String> {
+    let mut keys: Vec<(u64, String)> = store::list_all(base.as_ref(), &format::chunk_prefix(vol))
+        .await
+        .expect("list")
+        .into_iter()
+        .filter_map(|o| format::parse_chunk_key(vol, &o.key).filter(|(i, _)| *i == index).map(|(_, g)| (g, o.key)))
+        .collect();
+    keys.sort();
+    keys.into_iter().map(|(_, k)| k).collect()
+}
+
+/// Each way of altering an encrypted volume's objects is found: a read
+/// fails (never other bytes) and fsck reports the object. Flipped bits in
+/// a chunk; a chunk object copied over another index, and an older
+/// generation copied over a newer one's name (both of the same bytes, so
+/// no checksum tells them apart); a cut journal record; a changed
+/// `volume.json` field; a changed snapshot record.
+async fn damage_to_an_encrypted_volume_is_found(base: DynStore) {
+    let key = kek(2);
+    // One volume per case: each starts from a clean copy.
+    let setup = || async {
+        let vol = format!("{}/", common::unique("dmg"));
+        let store = create_encrypted(&base, &vol, 4 * CSU, &key).await;
+        let w = open(&store, &vol).await;
+        // Chunks 0 and 1 hold the same bytes, and chunk 0 gets them again
+        // (a second generation of the same bytes): their checksums alike,
+        // only the sealing binds each object to its name.
+        let same = marked(CS as usize, "A");
+        w.write(0, &same).await.expect("write");
+        w.write(CSU, &same).await.expect("write");
+        w.flush().await.expect("flush");
+        w.write(0, &same).await.expect("write");
+        w.flush().await.expect("flush");
+        drop(w);
+        assert_eq!(fsck_errors(&store, &vol).await, Vec::<String>::new());
+        (vol, store)
+    };
+    let read_fails = |store: DynStore, vol: String, what: &'static str| async move {
+        match Volume::open(store.clone(), &vol, OpenOptions { read_only: true, ..OpenOptions::default() }).await {
+            Ok(v) => match v.read(0, 2 * CSU).await {
+                Err(VolumeError::Corrupt(why)) => assert!(why.contains("damaged") || why.contains("fails"), "{why}"),
+                other => panic!("{what}: read gave {:?}", other.map(|b| b.len())),
+            },
+            Err(VolumeError::Corrupt(_)) => {}
+            Err(e) => panic!("{what}: open failed otherwise: {e}"),
+        }
+    };
+
+    // A flipped bit inside a chunk.
+    let (vol, store) = setup().await;
+    let newest = generations(&base, &vol, 0).await.pop().expect("chunk 0");
+    let mut raw = base.get(&newest, None).await.expect("get").to_vec();
+    let at = raw.len() / 2;
+    raw[at] ^= 0x04;
+    put_raw(&base, &newest, raw.into()).await;
+    read_fails(store.clone(), vol.clone(), "a flipped bit").await;
+    let errs = fsck_errors(&store, &vol).await;
+    assert!(errs.iter().any(|e| e.contains(&newest)), "fsck: {errs:?}");
+
+    // Chunk 1's object copied over chunk 0's newest name.
+    let (vol, store) = setup().await;
+    let newest = generations(&base, &vol, 0).await.pop().expect("chunk 0");
+    let other = generations(&base, &vol, 1).await.pop().expect("chunk 1");
+    put_raw(&base, &newest, base.get(&other, None).await.expect("get")).await;
+    read_fails(store.clone(), vol.clone(), "another index's object").await;
+    assert!(fsck_errors(&store, &vol).await.iter().any(|e| e.contains(&newest)));
+
+    // The older generation of chunk 0 copied over the newer one's name.
+    let (vol, store) = setup().await;
+    let gens = generations(&base, &vol, 0).await;
+    assert!(gens.len() >= 2, "two generations of chunk 0: {gens:?}");
+    put_raw(&base, &gens[gens.len() - 1], base.get(&gens[0], None).await.expect("get")).await;
+    read_fails(store.clone(), vol.clone(), "an older generation").await;
+    assert!(fsck_errors(&store, &vol).await.iter().any(|e| e.contains(&gens[gens.len() - 1])));
+
+    // The newest journal record cut short (at a frame boundary and inside one).
+    for cut in [0usize, 17] {
+        let (vol, store) = setup().await;
+        let records = store::list_all(base.as_ref(), &format::journal_prefix(&vol)).await.expect("list");
+        let last = records.last().expect("records").key.clone();
+        let raw = base.get(&last, None).await.expect("get");
+        let keep = if cut == 0 { raw.len() - 1 } else { cut };
+        put_raw(&base, &last, raw.slice(..keep)).await;
+        match Volume::open(store.clone(), &vol, OpenOptions { read_only: true, ..OpenOptions::default() }).await {
+            Err(VolumeError::Corrupt(why)) => assert!(why.contains(&last), "{why}"),
+            other => panic!("a cut record: open gave {:?}", other.map(|_| ())),
+        }
+        let errs = fsck_errors(&store, &vol).await;
+        assert!(errs.iter().any(|e| e.contains(&last)), "fsck: {errs:?}");
+    }
+
+    // A record replayed under a later seq: record 1 copied over the last.
+    let (vol, store) = setup().await;
+    let records = store::list_all(base.as_ref(), &format::journal_prefix(&vol)).await.expect("list");
+    let (first, last) = (records[1].key.clone(), records.last().expect("records").key.clone());
+    put_raw(&base, &last, base.get(&first, None).await.expect("get")).await;
+    assert!(matches!(
+        Volume::open(store.clone(), &vol, OpenOptions { read_only: true, ..OpenOptions::default() }).await,
+        Err(VolumeError::Corrupt(_))
+    ));
+
+    // volume.json's size changed.
+    let (vol, _) = setup().await;
+    let mk = format::meta_key(&vol);
+    let mut meta = format::VolumeMeta::decode(&base.get(&mk, None).await.expect("get")).expect("meta");
+    meta.size *= 2;
+    put_raw(&base, &mk, Bytes::from(meta.encode())).await;
+    match keys::unlock(&base, &vol, Some(&key)).await {
+        Err(VolumeError::Corrupt(why)) => assert!(why.contains("fails its tag"), "{why}"),
+        other => panic!("a changed volume.json: {:?}", other.map(|_| ())),
+    }
+
+    // A snapshot record's seq changed.
+    let (vol, store) = setup().await;
+    snapshot_committed(&store, &vol, "s", None, &clock()).await.expect("snapshot");
+    let sk = format::snapshot_key(&vol, "s");
+    let mut rec = format::SnapshotRecord::decode(&base.get(&sk, None).await.expect("get"), &sk).expect("record");
+    rec.seq -= 1;
+    put_raw(&base, &sk, Bytes::from(serde_json::to_vec(&rec).expect("json"))).await;
+    match read_snapshot(&store, &vol, "s").await {
+        Err(VolumeError::Corrupt(why)) => assert!(why.contains("fails its tag"), "{why}"),
+        other => panic!("a changed snapshot record: {other:?}"),
+    }
+    let errs = fsck_errors(&store, &vol).await;
+    assert!(errs.iter().any(|e| e.contains(&sk)), "fsck: {errs:?}");
+}
+
+on_both_stores!(damage_to_an_encrypted_volume_is_found);
+
+/// Only the right key opens a volume; none, or another, is refused before
+/// anything is read or written, with the key ids in the message; a rekey
+/// keeps the data readable with the new key only, rewriting no data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_right_key_opens_and_rekey_changes_it() {
+    let base: DynStore = Arc::new(MemoryStore::new());
+    let vol = "v/";
+    let (k1, k2, k3) = (kek(3), kek(4), kek(5));
+    let store = create_encrypted(&base, vol, 4 * CSU, &k1).await;
+    let data = marked(3 * CS as usize, "KEYS");
+    let w = open(&store, vol).await;
+    w.write(0, &data).await.expect("write");
+    w.flush().await.expect("flush");
+    drop(w);
+
+    // No key: refused at open, naming the key.
+    match Volume::open(base.clone(), vol, OpenOptions::default()).await {
+        Err(VolumeError::Key(why)) => {
+            assert!(why.contains("is encrypted") && why.contains(&k1.id()) && why.contains("--key-file"), "{why}")
+        }
+        other => panic!("no key: {:?}", other.map(|_| ())),
+    }
+    // Another key: refused at unlock.
+    match keys::unlock(&base, vol, Some(&k2)).await {
+        Err(VolumeError::Key(why)) => {
+            assert!(why.contains("wrong key for volume") && why.contains(&k1.id()) && why.contains(&k2.id()), "{why}")
+        }
+        other => panic!("a wrong key: {:?}", other.map(|_| ())),
+    }
+    // Nothing was written by the refused attempts.
+    let before = store::list_all(base.as_ref(), "").await.expect("list");
+
+    // Rekey: a wrong current key is refused; then k2 replaces k1.
+    assert!(matches!(keys::rekey(&base, vol, &k3, &k2).await, Err(VolumeError::Key(_))));
+    let chunks_before = store::list_all(base.as_ref(), &format::chunk_prefix(vol)).await.expect("list");
+    assert_eq!(keys::rekey(&base, vol, &k1, &k2).await.expect("rekey"), k2.id());
+    let after = store::list_all(base.as_ref(), "").await.expect("list");
+    assert_eq!(before.len(), after.len(), "a rekey writes no object but volume.json");
+    let chunks_after = store::list_all(base.as_ref(), &format::chunk_prefix(vol)).await.expect("list");
+    for (a, b) in chunks_before.iter().zip(&chunks_after) {
+        assert_eq!((&a.key, a.size), (&b.key, b.size));
+    }
+    assert!(
+        matches!(keys::unlock(&base, vol, Some(&k1)).await, Err(VolumeError::Key(_))),
+        "the old key no longer opens"
+    );
+    let store2 = keys::unlock(&base, vol, Some(&k2)).await.expect("the new key opens");
+    assert!(open_ro(&store2, vol).await.read(0, data.len() as u64).await.expect("read") == data);
+    assert_eq!(fsck_errors(&store2, vol).await, Vec::<String>::new());
+    // A plain volume has no key to change.
+    Volume::create(base.clone(), "plain/", create_opts(CSU, None), &clock()).await.expect("create");
+    assert!(matches!(keys::rekey(&base, "plain/", &k1, &k2).await, Err(VolumeError::InvalidArgument(_))));
+}
+
+/// A volume made from an encrypted one (clone, restore) is encrypted with
+/// the same data key; made without the key it is refused, as is an
+/// encrypted volume made from a plain one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clones_share_their_parents_encryption() {
+    let base: DynStore = Arc::new(MemoryStore::new());
+    let key = kek(6);
+    let store = create_encrypted(&base, "src/", 2 * CSU, &key).await;
+    let w = open(&store, "src/").await;
+    w.write(0, &marked(CS as usize, "SRC")).await.expect("write");
+    w.flush().await.expect("flush");
+    drop(w);
+    // Through the store in the clear only.
+    let e = catalog::clone_volume(&base, "src/", None, "c0/", "c0/", None, &clock()).await;
+    assert!(e.is_err(), "a clone of an encrypted volume without its key");
+    assert!(base.head(&format::meta_key("c0/")).await.expect("head").is_none());
+    let meta = catalog::clone_volume(&store, "src/", None, "c1/", "c1/", None, &clock()).await.expect("clone");
+    let src_meta = s3blk::volume::replay::read_meta(base.as_ref(), "src/").await.expect("meta");
+    let (a, b) = (meta.encryption.expect("encrypted"), src_meta.encryption.expect("encrypted"));
+    assert_eq!(a.data_key_id, b.data_key_id);
+    assert_ne!(a.wrapped_key, b.wrapped_key, "wrapped again for the clone");
+    let cstore = keys::unlock(&base, "c1/", Some(&key)).await.expect("unlock");
+    assert!(open_ro(&cstore, "c1/").await.read(0, CSU).await.expect("read") == marked(CS as usize, "SRC"));
+    // A plain parent cannot have an encrypted child.
+    Volume::create(base.clone(), "plain/", create_opts(CSU, None), &clock()).await.expect("create");
+    let parent = format::ParentRef { volume: "plain/".into(), snapshot: "x".into(), seq: 0 };
+    let opts = CreateOptions { parent: Some(parent), ..create_opts(CSU, Some(NewKeys::fresh(key.clone()))) };
+    assert!(matches!(
+        Volume::create(base.clone(), "c2/", opts, &clock()).await,
+        Err(VolumeError::InvalidArgument(why)) if why.contains("not encrypted")
+    ));
+}
