@@ -121,6 +121,10 @@ pub async fn compact(
     clock: &dyn Clock,
 ) -> VolumeResult<CompactReport> {
     let meta = replay::read_meta(store.as_ref(), vol).await?;
+    // Without its key nothing of an encrypted volume is read, folded or deleted.
+    if meta.encryption.is_some() && !super::keys::seals(store.as_ref(), vol) {
+        return Err(super::keys::key_required(store.as_ref(), vol, &meta));
+    }
     let cs = meta.chunk_size as u64;
     let mut report = CompactReport { dry_run: opts.dry_run, ..CompactReport::default() };
     // Ages are measured on the store's clock, never this host's: a

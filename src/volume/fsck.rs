@@ -47,6 +47,11 @@ pub async fn fsck(
             return Ok(rep);
         }
     };
+    // Without its key an encrypted volume's records read as noise: refused,
+    // not reported as damage.
+    if meta.encryption.is_some() && !super::keys::seals(store, vol) {
+        return Err(super::keys::key_required(store, vol, &meta));
+    }
     let chunk_size = meta.chunk_size as u64;
     let objects = crate::store::list_all(store, vol).await?;
     let mut journal = BTreeMap::new();
