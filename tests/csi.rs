@@ -2018,3 +2018,119 @@ async fn a_controller_told_to_stop_first_finishes_a_create_its_caller_gave_up_on
         "the controller stopped before the create it was running finished: {listed:?}"
     );
 }
+
+const KEY_A: &str = "3131313131313131313131313131313131313131313131313131313131313131";
+const KEY_B: &str = "MjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjI=";
+
+/// The provisioner secret with an encryption key.
+fn secrets_with_key(key: &str) -> HashMap<String, String> {
+    let mut s = secrets();
+    s.insert("encryptionKey".into(), key.into());
+    s
+}
+
+/// An encrypted StorageClass: `encrypted: "true"` and a secret holding
+/// `encryptionKey`. CreateVolume makes a format-6 volume wrapped by that
+/// key (and is idempotent); a class that says encrypted without a key, a
+/// secret with a key the class says nothing about, and a bad key are
+/// refused; snapshots, restores and clones need the key and are encrypted
+/// with the same data key; a restore into an unencrypted class is refused;
+/// expand needs the key; no object holds the plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_storage_classes_provision_encrypted_volumes() {
+    let Some(mut d) = driver().await else { return };
+    let enc_req = |name: &str, key: Option<&str>, encrypted: Option<&str>| {
+        let mut r = create_req(name, 1 << 20, 0);
+        if let Some(e) = encrypted {
+            r.parameters.insert("encrypted".into(), e.into());
+        }
+        if let Some(k) = key {
+            r.secrets = secrets_with_key(k);
+        }
+        r
+    };
+    let refused = |r: Result<tonic::Response<pb::CreateVolumeResponse>, tonic::Status>, needle: &str| match r {
+        Err(s) => assert!(s.code() == Code::InvalidArgument && s.message().contains(needle), "{s:?}"),
+        Ok(v) => panic!("expected a refusal, got {v:?}"),
+    };
+    refused(d.ctl.create_volume(enc_req("pvc-e0", None, Some("true"))).await, "holds no encryptionKey");
+    refused(d.ctl.create_volume(enc_req("pvc-e0", Some(KEY_A), None)).await, "set the parameter encrypted");
+    refused(d.ctl.create_volume(enc_req("pvc-e0", Some("short"), Some("true"))).await, "32 bytes");
+    refused(d.ctl.create_volume(enc_req("pvc-e0", Some(KEY_A), Some("maybe"))).await, "true or false");
+    let vol = d.ctl.create_volume(enc_req("pvc-enc", Some(KEY_A), Some("true"))).await.expect("create").into_inner();
+    let vol = vol.volume.expect("volume");
+    let again = d.ctl.create_volume(enc_req("pvc-enc", Some(KEY_A), Some("true"))).await.expect("idempotent");
+    assert_eq!(again.into_inner().volume.expect("volume").volume_id, vol.volume_id);
+    let plain_again = d.ctl.create_volume(enc_req("pvc-enc", Some(KEY_A), Some("false"))).await;
+    assert_eq!(code(plain_again), Code::AlreadyExists);
+
+    let prefix = prefix_of(&vol.volume_id);
+    let key_a = s3blk::crypto::Kek::parse(KEY_A.as_bytes()).expect("key");
+    let meta = s3blk::volume::replay::read_meta(d.store.as_ref(), &prefix).await.expect("meta");
+    assert_eq!(meta.encryption.as_ref().map(|e| e.key_id.clone()), Some(key_a.id()));
+    assert!(matches!(
+        Volume::open(d.store.clone(), &prefix, OpenOptions::default()).await,
+        Err(s3blk::volume::VolumeError::Key(_))
+    ));
+    let sealed = s3blk::volume::keys::unlock(&d.store, &prefix, Some(&key_a)).await.expect("unlock");
+    let data: Vec<u8> = b"ENCRYPTED-CSI-PLAINTEXT;".iter().cycle().take(300_000).copied().collect();
+    let v = Volume::open(sealed.clone(), &prefix, OpenOptions::default()).await.expect("open");
+    v.write(4096, &data).await.expect("write");
+    v.flush().await.expect("flush");
+    drop(v);
+
+    // Snapshot: without the key it cannot read the volume's head.
+    let snap_req = |key: Option<&str>| pb::CreateSnapshotRequest {
+        source_volume_id: vol.volume_id.clone(),
+        name: "snap-enc".into(),
+        secrets: key.map(secrets_with_key).unwrap_or_else(secrets),
+        parameters: HashMap::new(),
+    };
+    assert_eq!(code(d.ctl.create_snapshot(snap_req(None)).await), Code::InvalidArgument);
+    let snap = d.ctl.create_snapshot(snap_req(Some(KEY_A))).await.expect("snapshot").into_inner();
+    let snap_id = snap.snapshot.expect("snapshot").snapshot_id;
+    let from = |name: &str, key: &str, encrypted: &str, source: pb::volume_content_source::Type| {
+        let mut r = enc_req(name, Some(key), Some(encrypted));
+        r.volume_content_source = Some(pb::VolumeContentSource { r#type: Some(source) });
+        r
+    };
+    let of_snap = || {
+        pb::volume_content_source::Type::Snapshot(pb::volume_content_source::SnapshotSource {
+            snapshot_id: snap_id.clone(),
+        })
+    };
+    let of_vol = || {
+        pb::volume_content_source::Type::Volume(pb::volume_content_source::VolumeSource {
+            volume_id: vol.volume_id.clone(),
+        })
+    };
+    refused(d.ctl.create_volume(from("pvc-r0", KEY_B, "true", of_snap())).await, "wrong key for volume");
+    refused(d.ctl.create_volume(from("pvc-r0", KEY_A, "false", of_snap())).await, "must be encrypted too");
+    refused(d.ctl.create_volume(from("pvc-c0", KEY_B, "true", of_vol())).await, "wrong key for volume");
+    let restored = d.ctl.create_volume(from("pvc-r1", KEY_A, "true", of_snap())).await.expect("restore").into_inner();
+    let cloned = d.ctl.create_volume(from("pvc-c1", KEY_A, "true", of_vol())).await.expect("clone").into_inner();
+    for made in [restored.volume.expect("volume"), cloned.volume.expect("volume")] {
+        let p = prefix_of(&made.volume_id);
+        let m = s3blk::volume::replay::read_meta(d.store.as_ref(), &p).await.expect("meta");
+        assert_eq!(m.encryption.map(|e| e.data_key_id), meta.encryption.as_ref().map(|e| e.data_key_id.clone()));
+        let s = s3blk::volume::keys::unlock(&d.store, &p, Some(&key_a)).await.expect("unlock");
+        let r = Volume::open(s, &p, OpenOptions { read_only: true, ..OpenOptions::default() }).await.expect("open");
+        assert!(r.read(4096, data.len() as u64).await.expect("read") == data, "{p} reads its source's bytes");
+    }
+
+    // Expand: the key is needed to write the new size.
+    let expand = |key: Option<&str>| pb::ControllerExpandVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        capacity_range: Some(pb::CapacityRange { required_bytes: 2 << 20, limit_bytes: 0 }),
+        secrets: key.map(secrets_with_key).unwrap_or_else(secrets),
+        volume_capability: Some(rwo()),
+    };
+    assert_eq!(code(d.ctl.controller_expand_volume(expand(None)).await), Code::InvalidArgument);
+    let grown = d.ctl.controller_expand_volume(expand(Some(KEY_A))).await.expect("expand").into_inner();
+    assert_eq!(grown.capacity_bytes, 2 << 20);
+
+    for o in s3blk::store::list_all(d.store.as_ref(), "").await.expect("list") {
+        let b = d.store.get(&o.key, None).await.expect("get");
+        assert!(!b.windows(18).any(|w| w == b"ENCRYPTED-CSI-PLAI"), "plaintext in {}", o.key);
+    }
+}

@@ -425,3 +425,41 @@ async fn the_limit_of_requests_in_flight_is_the_one_configured() {
     assert_eq!(got.expect("task").expect("get"), &b"x"[..]);
     drop(other);
 }
+
+/// Staging opens an encrypted volume with the stage secret's
+/// `encryptionKey` and only with it: without one, or with another, the
+/// open fails with INVALID_ARGUMENT and a message that says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_opens_an_encrypted_volume_with_the_secrets_key_only() {
+    let n = node(64 << 20, 64 << 20, Duration::ZERO);
+    let loc = Location::parse(&format!("file://{}/enc", n.root.display()), true).expect("volume url");
+    let key = "6b".repeat(32);
+    let kek = s3blk::crypto::Kek::parse(key.as_bytes()).expect("key");
+    let opts = CreateOptions {
+        size: 4 * CS as u64,
+        chunk_size: CS as u32,
+        parent: None,
+        single_writer: false,
+        compression: None,
+        encryption: Some(s3blk::volume::keys::NewKeys::fresh(kek.clone())),
+    };
+    Volume::create(n.plain.clone(), &loc.prefix, opts, &s3blk::clock::SystemClock).await.expect("create");
+    let with = |k: Option<&str>| HashMap::from_iter(k.map(|k| ("encryptionKey".to_string(), k.to_string())));
+    for (secrets, needle) in [
+        (with(None), "is encrypted"),
+        (with(Some(&"6c".repeat(32))), "wrong key for volume"),
+        (with(Some("not a key")), "32 bytes"),
+    ] {
+        match n.node.open_volume(&loc.url(), &secrets, false, u64::MAX).await {
+            Err(s) => assert!(s.code() == tonic::Code::InvalidArgument && s.message().contains(needle), "{s:?}"),
+            Ok(_) => panic!("opened with {secrets:?}"),
+        }
+    }
+    let v = n.node.open_volume(&loc.url(), &with(Some(&key)), false, u64::MAX).await.expect("open with the key");
+    v.write(0, b"staged and sealed").await.expect("write");
+    v.flush().await.expect("flush");
+    drop(v);
+    let sealed = s3blk::volume::keys::unlock(&n.plain, &loc.prefix, Some(&kek)).await.expect("unlock");
+    let r = Volume::open(sealed, &loc.prefix, OpenOptions { read_only: true, ..OpenOptions::default() }).await;
+    assert_eq!(r.expect("open").read(0, 17).await.expect("read"), b"staged and sealed");
+}
