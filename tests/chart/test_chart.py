@@ -207,6 +207,28 @@ MATRIX = [
      and find(d, "StorageClass")[0]["parameters"]["csi.storage.k8s.io/fstype"] == "xfs"),
     ({"storageClass": {"compression": "zstd"}},
      lambda d: find(d, "StorageClass")[0]["parameters"]["compression"] == "zstd"),
+    # Encryption: the chart's Secret holds the key (with or without S3
+    # credentials: IRSA), every secret reference names it, the driver's
+    # environment takes credentials only where there are any.
+    ({"encryption": {"enabled": True, "key": "ab" * 32}},
+     lambda d: find(d, "StorageClass")[0]["parameters"]["encrypted"] == "true"
+     and find(d, "Secret")[0]["stringData"] == {"encryptionKey": "ab" * 32}
+     and find(d, "StorageClass")[0]["parameters"]["csi.storage.k8s.io/node-stage-secret-name"]
+     == find(d, "Secret")[0]["metadata"]["name"]
+     and find(d, "StorageClass")[0]["parameters"]["csi.storage.k8s.io/controller-expand-secret-name"]
+     == find(d, "Secret")[0]["metadata"]["name"]
+     and "AWS_ACCESS_KEY_ID" not in str(find(d, "Deployment")[0])),
+    ({"encryption": {"enabled": True, "key": "q" * 43 + "="}, "s3": {"accessKeyID": "AK", "secretAccessKey": "SK"}},
+     lambda d: set(find(d, "Secret")[0]["stringData"]) == {"accessKeyID", "secretAccessKey", "region", "encryptionKey"}
+     and "AWS_ACCESS_KEY_ID" in str(find(d, "Deployment")[0])),
+    ({"encryption": {"enabled": True}, "s3": {"existingSecret": "mine"}},
+     lambda d: not find(d, "Secret") and find(d, "StorageClass")[0]["parameters"]["encrypted"] == "true"
+     and find(d, "StorageClass")[0]["parameters"]["csi.storage.k8s.io/provisioner-secret-name"] == "mine"),
+    # A key without encryption on: the class says so (the driver refuses a
+    # key the class says nothing about).
+    ({"encryption": {"key": "ab" * 32}},
+     lambda d: find(d, "StorageClass")[0]["parameters"]["encrypted"] == "false"),
+    ({}, lambda d: "encrypted" not in find(d, "StorageClass")[0]["parameters"]),
     ({"node": {"updateStrategy": {"type": "OnDelete"}, "terminationGracePeriodSeconds": 900}},
      lambda d: find(d, "DaemonSet")[0]["spec"]["updateStrategy"] == {"type": "OnDelete"}
      and find(d, "DaemonSet")[0]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 900
@@ -282,6 +304,9 @@ def test_lint_is_clean():
     {"storageClass": {"fsType": "btrfs"}},
     {"storageClass": {"reclaimPolicy": "Recycle"}},
     {"storageClass": {"compression": "gzip"}},
+    {"encryption": {"enabled": "yes"}},
+    {"encryption": {"key": "hunter2"}},
+    {"encryption": {"enabled": True, "key": "ab" * 31}},
     {"store": {"bucket": "Not A Bucket"}},
     {"s3": {"checksums": "sometimes"}},
     {"s3": {"endpoint": "minio:9000"}},
@@ -310,6 +335,16 @@ def test_lint_is_clean():
 def test_schema_rejects_bad_values(values):
     chart = helm_python.Chart.load(str(CHART))
     with pytest.raises(helm_python.HelmValuesError):
+        chart.render(values, name="s3blk", namespace="kube-system")
+
+
+@pytest.mark.parametrize("values,needle", [
+    ({"encryption": {"enabled": True}}, "encryption.enabled needs encryption.key"),
+    ({"encryption": {"enabled": True, "key": "ab" * 32}, "s3": {"existingSecret": "mine"}}, "put encryptionKey into"),
+])
+def test_encryption_without_a_key_fails_to_render(values, needle):
+    chart = helm_python.Chart.load(str(CHART))
+    with pytest.raises(Exception, match=needle):
         chart.render(values, name="s3blk", namespace="kube-system")
 
 

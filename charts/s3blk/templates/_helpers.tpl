@@ -39,7 +39,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
+{{/* The StorageClass and VolumeSnapshotClass name a Secret: one holds
+     S3 credentials, an encryption key, or both. */}}
 {{- define "s3blk.useSecret" -}}
+{{- if or .Values.s3.existingSecret .Values.s3.accessKeyID .Values.encryption.key -}}true{{- end -}}
+{{- end -}}
+
+{{/* The driver containers take S3 credentials from the Secret. */}}
+{{- define "s3blk.secretCredentials" -}}
 {{- if or .Values.s3.existingSecret .Values.s3.accessKeyID -}}true{{- end -}}
 {{- end -}}
 
@@ -57,7 +64,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - name: S3BLK_S3_CHECKSUMS
   value: {{ .Values.s3.checksums | quote }}
 {{- end }}
-{{- if include "s3blk.useSecret" . }}
+{{- if include "s3blk.secretCredentials" . }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
     secretKeyRef:
