@@ -470,6 +470,16 @@ async fn connect(url: &str, g: &Global, need_name: bool) -> Result<(Location, Dy
     Ok((loc, store))
 }
 
+/// Refuse an encrypted volume whose key was not given (before anything
+/// takes it over).
+async fn need_key(store: &DynStore, loc: &Location) -> Result<()> {
+    match replay::read_meta(store.as_ref(), &loc.prefix).await {
+        Ok(meta) => keys::require(store.as_ref(), &loc.prefix, &meta).map_err(Into::into),
+        // What opens it next says so.
+        Err(_) => Ok(()),
+    }
+}
+
 /// The store through which the volume at `loc` reads in the clear:
 /// unlocked with the key of --key-file when the volume is encrypted. A
 /// wrong key is refused here. Without a key an encrypted volume's store
@@ -478,7 +488,12 @@ async fn connect(url: &str, g: &Global, need_name: bool) -> Result<(Location, Dy
 async fn unlock(store: DynStore, loc: &Location, g: &Global) -> Result<DynStore> {
     let kek = g.kek()?;
     match keys::unlock(&store, &loc.prefix, kek.as_ref()).await {
-        Ok(s) => Ok(s),
+        Ok(s) => {
+            if kek.is_some() && !keys::seals(s.as_ref(), &loc.prefix) {
+                eprintln!("note: {} is not encrypted; the key is not used", loc.display());
+            }
+            Ok(s)
+        }
         Err(VolumeError::NotFound(_)) => Ok(store),
         Err(VolumeError::Key(_)) if kek.is_none() => Ok(store),
         Err(e) => Err(e).with_context(|| format!("cannot open {}", loc.display())),
@@ -941,6 +956,7 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                     format_size(size)
                 );
             }
+            need_key(&store, &loc).await?;
             let held = take_lease(&store, &loc, "resize", takeover, g).await?;
             let done = async {
                 let vol = Volume::open(store.clone(), &loc.prefix, g.open_options(false)).await?;
@@ -1447,11 +1463,14 @@ async fn serve(a: ServeArgs, g: &Global) -> Result<()> {
             Err(e) => return Err(e.into()),
         }
     }
+    // The key before the lease: a server refused for its key must not have
+    // taken the volume from a live one.
+    let store = unlock(store, &loc, g).await?;
+    need_key(&store, &loc).await?;
     let held = match a.read_only {
         true => None,
         false => Some(take_lease(&store, &loc, "serve", a.takeover, g).await?),
     };
-    let store = unlock(store, &loc, g).await?;
     let mut opts = g.open_options(a.read_only);
     opts.log_dir = a.write_log_dir(&loc)?;
     opts.log_limit = g.write_log_limit;

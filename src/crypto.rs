@@ -75,9 +75,10 @@ pub const KEY_FORMAT_HELP: &str = "an encryption key is 32 bytes, given as 64 he
 
 impl Kek {
     /// The key as a Secret or a key file holds it: 64 hex digits, base64
-    /// of 32 bytes (either with surrounding whitespace), or 32 raw bytes.
-    /// Nothing else: a passphrase would need a slow KDF to be safe, and a
-    /// key of the wrong length is more likely a mistake than a choice.
+    /// of 32 bytes (either with surrounding whitespace), or 32 raw bytes
+    /// that are not all printable text (a random key is so but once in
+    /// 10^14). Nothing else: a passphrase would need a slow KDF to be safe,
+    /// and a key of the wrong length is more likely a mistake than a choice.
     pub fn parse(raw: &[u8]) -> Result<Kek, String> {
         use base64::Engine;
         let text = std::str::from_utf8(raw).ok().map(str::trim);
@@ -90,7 +91,7 @@ impl Kek {
         };
         let mut bytes = match decoded {
             Some(b) if b.len() == KEY_LEN => b,
-            _ if raw.len() == KEY_LEN => raw.to_vec(),
+            _ if raw.len() == KEY_LEN && !raw.iter().all(|b| b.is_ascii_graphic() || *b == b' ') => raw.to_vec(),
             _ => return Err(format!("not a usable key ({} bytes): {KEY_FORMAT_HELP}", raw.len())),
         };
         let mut k = [0u8; KEY_LEN];
@@ -346,7 +347,14 @@ mod tests {
         for given in [raw.to_vec(), hex_form.clone().into_bytes(), format!("  {hex_form}\n").into_bytes(), b64.into()] {
             assert_eq!(Kek::parse(&given).unwrap().id(), Kek(raw).id());
         }
-        for bad in [&b"correct horse battery staple"[..], b"", &[0u8; 32], &[1u8; 31], b"abcd"] {
+        for bad in [
+            &b"correct horse battery staple"[..],
+            b"correct horse battery staple 123",
+            b"",
+            &[0u8; 32],
+            &[1u8; 31],
+            b"abcd",
+        ] {
             let e = Kek::parse(bad).unwrap_err();
             assert!(e.contains("32 bytes"), "{e}");
         }

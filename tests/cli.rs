@@ -769,7 +769,14 @@ fn encrypted_volumes_through_the_cli() {
     one_line_error(&with(&k1, &["volume", "export", &v, "-"]), "wrong key for volume");
     assert!(export(&k2, &[&v]) == data, "the export after the rekey differs");
     assert!(export(&k1, &[&c]) == data, "the clone still opens with its key");
-    // Deleting needs no key.
+    // Listing needs no key (an encrypted volume's size is its size at
+    // creation there), nor does deleting; a key given for a volume that is
+    // not encrypted is not used, and says so.
+    let listed = ok(&s3blk(&[], &["volume", "list", store.to_str().expect("path")]));
+    assert!(listed.contains("\nv ") && listed.contains("\nc "), "{listed}");
+    ok(&s3blk(&[], &["volume", "create", &path("plain"), "--size", "1MiB"]));
+    let out = with(&k1, &["volume", "inspect", &path("plain")]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not encrypted; the key is not used"), "{out:?}");
     ok(&s3blk(&[], &["volume", "delete", &c]));
 }
 

@@ -14,7 +14,7 @@ use s3blk::csi::pb::identity_client::IdentityClient;
 use s3blk::csi::server::{CsiConfig, Mode};
 use s3blk::location::Location;
 use s3blk::store::{DynStore, PutMode};
-use s3blk::volume::{OpenOptions, Volume};
+use s3blk::volume::{OpenOptions, Volume, format};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -2059,6 +2059,7 @@ async fn encrypted_storage_classes_provision_encrypted_volumes() {
     refused(d.ctl.create_volume(enc_req("pvc-e0", Some(KEY_A), Some("maybe"))).await, "true or false");
     let vol = d.ctl.create_volume(enc_req("pvc-enc", Some(KEY_A), Some("true"))).await.expect("create").into_inner();
     let vol = vol.volume.expect("volume");
+    assert_eq!(vol.volume_context.get("encrypted").map(String::as_str), Some("true"), "the node checks it");
     let again = d.ctl.create_volume(enc_req("pvc-enc", Some(KEY_A), Some("true"))).await.expect("idempotent");
     assert_eq!(again.into_inner().volume.expect("volume").volume_id, vol.volume_id);
     let plain_again = d.ctl.create_volume(enc_req("pvc-enc", Some(KEY_A), Some("false"))).await;
@@ -2106,6 +2107,11 @@ async fn encrypted_storage_classes_provision_encrypted_volumes() {
     };
     refused(d.ctl.create_volume(from("pvc-r0", KEY_B, "true", of_snap())).await, "wrong key for volume");
     refused(d.ctl.create_volume(from("pvc-r0", KEY_A, "false", of_snap())).await, "must be encrypted too");
+    // Refused before anything was written into the source (no pin, no marker).
+    let pins = s3blk::store::list_all(d.store.as_ref(), &format::snapshot_prefix(&prefix)).await.expect("list");
+    assert!(pins.iter().all(|o| !o.key.contains("clone-")), "{pins:?}");
+    let markers = s3blk::store::list_all(d.store.as_ref(), &format::clones_prefix(&prefix)).await.expect("list");
+    assert!(markers.is_empty(), "{markers:?}");
     refused(d.ctl.create_volume(from("pvc-c0", KEY_B, "true", of_vol())).await, "wrong key for volume");
     let restored = d.ctl.create_volume(from("pvc-r1", KEY_A, "true", of_snap())).await.expect("restore").into_inner();
     let cloned = d.ctl.create_volume(from("pvc-c1", KEY_A, "true", of_vol())).await.expect("clone").into_inner();
@@ -2133,4 +2139,16 @@ async fn encrypted_storage_classes_provision_encrypted_volumes() {
         let b = d.store.get(&o.key, None).await.expect("get");
         assert!(!b.windows(18).any(|w| w == b"ENCRYPTED-CSI-PLAI"), "plaintext in {}", o.key);
     }
+    // Calls without secrets still answer for encrypted volumes: listing
+    // (at their size at creation) and their condition (not checked).
+    let listed = d.ctl.list_volumes(pb::ListVolumesRequest::default()).await.expect("list").into_inner();
+    assert!(listed.entries.iter().any(|e| e.volume.as_ref().is_some_and(|v| v.volume_id == vol.volume_id)));
+    let got = d
+        .ctl
+        .controller_get_volume(pb::ControllerGetVolumeRequest { volume_id: vol.volume_id.clone() })
+        .await
+        .expect("get volume")
+        .into_inner();
+    let condition = got.status.and_then(|s| s.volume_condition).expect("a condition");
+    assert!(!condition.abnormal && condition.message.contains("encrypted"), "{condition:?}");
 }

@@ -296,6 +296,16 @@ async fn damage_to_an_encrypted_volume_is_found(base: DynStore) {
     }
     let errs = fsck_errors(&store, &vol).await;
     assert!(errs.iter().any(|e| e.contains(&sk)), "fsck: {errs:?}");
+
+    // A snapshot record copied under another snapshot's name.
+    let (vol, store) = setup().await;
+    snapshot_committed(&store, &vol, "a", None, &clock()).await.expect("snapshot");
+    let (ka, kb) = (format::snapshot_key(&vol, "a"), format::snapshot_key(&vol, "b"));
+    put_raw(&base, &kb, base.get(&ka, None).await.expect("get")).await;
+    match read_snapshot(&store, &vol, "b").await {
+        Err(VolumeError::Corrupt(why)) => assert!(why.contains("holds the record of snapshot"), "{why}"),
+        other => panic!("a snapshot record under another name: {other:?}"),
+    }
 }
 
 on_both_stores!(damage_to_an_encrypted_volume_is_found);
@@ -385,4 +395,108 @@ async fn clones_share_their_parents_encryption() {
         Volume::create(base.clone(), "c2/", opts, &clock()).await,
         Err(VolumeError::InvalidArgument(why)) if why.contains("not encrypted")
     ));
+}
+
+/// A delete that keeps the volume for its clones (its tombstone beside
+/// `volume.json`) begins while a rekey rewrites `volume.json`: the rekey
+/// says the volume is being deleted and leaves `volume.json` where it is,
+/// so the reaper never takes the volume for an interrupted delete and the
+/// clone still reads through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rekey_racing_a_delete_leaves_the_volume_its_clones_read() {
+    #[derive(Debug, Default)]
+    struct DeleteDuringRekey {
+        armed: std::sync::atomic::AtomicBool,
+    }
+    #[async_trait::async_trait]
+    impl common::Around for DeleteDuringRekey {
+        async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> store::StoreResult<()> {
+            if key == "src/volume.json" && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                let out = catalog::delete_volume(inner, "src/", catalog::OnDependants::Keep, &clock()).await;
+                assert!(matches!(out, Ok(catalog::DeleteOutcome::Kept)), "{out:?}");
+            }
+            inner.put(key, body, mode).await
+        }
+    }
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let wrapped = common::Wrapped::new(mem.clone(), DeleteDuringRekey::default());
+    let base: DynStore = wrapped.clone();
+    let (k1, k2) = (kek(7), kek(8));
+    let store = create_encrypted(&base, "src/", 2 * CSU, &k1).await;
+    let w = open(&store, "src/").await;
+    w.write(0, &marked(CS as usize, "KEPT")).await.expect("write");
+    w.flush().await.expect("flush");
+    drop(w);
+    catalog::clone_volume(&store, "src/", None, "c/", "c/", None, &clock()).await.expect("clone");
+    wrapped.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    match keys::rekey(&base, "src/", &k1, &k2).await {
+        Err(VolumeError::NotFound(why)) => assert!(why.contains("deleted while its key"), "{why}"),
+        other => panic!("a rekey racing a delete: {other:?}"),
+    }
+    assert!(mem.head(&format::meta_key("src/")).await.expect("head").is_some(), "volume.json stays");
+    let age = catalog::ReapAge { safety_age: Duration::ZERO };
+    catalog::reap(&mem, "src/", Some(age)).await.expect("reap");
+    let cstore = keys::unlock(&mem, "c/", Some(&k1)).await.expect("unlock the clone");
+    assert!(open_ro(&cstore, "c/").await.read(0, CSU).await.expect("read") == marked(CS as usize, "KEPT"));
+}
+
+/// A clone whose create stopped after its `volume.json` (its create record
+/// failed) is finished by the retry with a sealed create record: it opens
+/// with the key, and its record is not in the clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_retried_after_a_failed_create_record_is_sealed() {
+    use s3blk::store::fault::{Fault, Op};
+    let rig = common::FaultRig::new();
+    let faulty = rig.faulty();
+    let key = kek(9);
+    let store = create_encrypted(&faulty, "src/", 2 * CSU, &key).await;
+    let w = open(&store, "src/").await;
+    w.write(0, &marked(CS as usize, "RETRY")).await.expect("write");
+    w.flush().await.expect("flush");
+    drop(w);
+    rig.rule(Some(Op::Put), "c/journal/", Fault::ServerError, 1);
+    assert!(catalog::clone_volume(&store, "src/", None, "c/", "c/", None, &clock()).await.is_err());
+    assert!(rig.plain().head(&format::meta_key("c/")).await.expect("head").is_some(), "volume.json was left");
+    catalog::clone_volume(&store, "src/", None, "c/", "c/", None, &clock()).await.expect("the retry finishes it");
+    let record = rig.plain().get(&format::journal_key("c/", 0), None).await.expect("create record");
+    assert!(s3blk::crypto::looks_sealed(&record), "the create record is sealed");
+    let cstore = keys::unlock(&rig.plain(), "c/", Some(&key)).await.expect("unlock");
+    assert!(open_ro(&cstore, "c/").await.read(0, CSU).await.expect("read") == marked(CS as usize, "RETRY"));
+}
+
+/// A sealed store answers every range as the store in the clear would:
+/// the same bytes, the same clipping at the end, an empty answer for a
+/// range from the end on, an error for one past it; heads and listings
+/// give plain sizes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_ranges_read_as_plain_ranges() {
+    let frame = s3blk::crypto::FRAME as u64;
+    let base: DynStore = Arc::new(MemoryStore::new());
+    let plain: DynStore = Arc::new(MemoryStore::new());
+    let store = create_encrypted(&base, "v/", CSU, &kek(10)).await;
+    for len in [0, 1, frame - 1, frame, frame + 1, 2 * frame, 3 * frame - 5] {
+        let key = format!("v/chunks/{len:016x}/0000000000000001");
+        let body = Bytes::from(common::pattern(len, len as usize));
+        store.put(&key, body.clone(), PutMode::Overwrite).await.expect("put sealed");
+        plain.put(&key, body.clone(), PutMode::Overwrite).await.expect("put plain");
+        assert_eq!(store.head(&key).await.expect("head"), Some(len));
+        let listed = store::list_all(store.as_ref(), &key).await.expect("list");
+        assert_eq!(listed.iter().map(|o| o.size).collect::<Vec<_>>(), vec![len]);
+        assert_eq!(store.get(&key, None).await.expect("get"), body);
+        let points = [0, 1, frame - 1, frame, frame + 1, len.saturating_sub(1), len, len + 1, len + frame];
+        for &a in &points {
+            for &b in &points {
+                if a > b {
+                    continue;
+                }
+                let want = plain.get(&key, Some(a..b)).await;
+                let got = store.get(&key, Some(a..b)).await;
+                match (&want, &got) {
+                    (Ok(w), Ok(g)) => assert_eq!(w, g, "len {len} range {a}..{b}"),
+                    (Err(_), Err(e)) => assert!(!matches!(e, store::StoreError::Damaged(_)), "{e}"),
+                    _ => panic!("len {len} range {a}..{b}: plain {want:?}, sealed {got:?}"),
+                }
+            }
+        }
+    }
 }

@@ -246,10 +246,16 @@ fn an_encrypted_volume_through_nbd() {
     let mut c = Command::new("qemu-io");
     c.args(["-f", "raw", "-c", "read -P 0x63 5000020 1", "-c", "read -P 0x67 30 1"]);
     run(c.arg(srv.uri()));
-    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(srv.uri()));
-    srv.stop();
+    // A second server without the key, even with --takeover, is refused
+    // before it takes the volume: the first keeps its lease and serves on.
+    let token = || {
+        let lease: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(srv.vol.join("lease.json")).expect("lease")).expect("json");
+        lease["token"].clone()
+    };
+    let held = token();
     let out = Command::new(common::s3blk_bin())
-        .args(["serve"])
+        .args(["serve", "--takeover"])
         .arg(&srv.vol)
         .args(["--listen", &format!("unix:{}", dir.path().join("nokey.sock").display())])
         .env_remove("S3BLK_KEY_FILE")
@@ -258,6 +264,9 @@ fn an_encrypted_volume_through_nbd() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("is encrypted") && err.contains("--key-file"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(token(), held, "the lease is the first server's");
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(srv.uri()));
+    srv.stop();
 }
 
 #[test]

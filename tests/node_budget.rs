@@ -462,4 +462,12 @@ async fn staging_opens_an_encrypted_volume_with_the_secrets_key_only() {
     let sealed = s3blk::volume::keys::unlock(&n.plain, &loc.prefix, Some(&kek)).await.expect("unlock");
     let r = Volume::open(sealed, &loc.prefix, OpenOptions { read_only: true, ..OpenOptions::default() }).await;
     assert_eq!(r.expect("open").read(0, 17).await.expect("read"), b"staged and sealed");
+    // A volume provisioned encrypted (its volume context says so) whose
+    // volume.json was replaced by an unencrypted one is not served.
+    let swapped = n.create("swapped", 4 * CS as u64).await;
+    let got = n.node.open_volume_checked(&swapped, &with(Some(&key)), false, u64::MAX, true).await;
+    match got {
+        Err(s) => assert!(s.code() == tonic::Code::FailedPrecondition && s.message().contains("in the clear"), "{s:?}"),
+        Ok(_) => panic!("an unencrypted volume served as an encrypted one"),
+    }
 }

@@ -19,6 +19,8 @@ pub type RpcResult<T> = Result<tonic::Response<T>, Status>;
 
 /// The secret key that holds an encrypted volume's key.
 pub const ENCRYPTION_KEY: &str = "encryptionKey";
+/// The volume context key that says a volume was provisioned encrypted.
+pub const ENCRYPTED: &str = "encrypted";
 
 /// The key in a request's secrets, when there is one.
 pub fn kek_of(secrets: &HashMap<String, String>) -> Result<Option<crate::crypto::Kek>, Status> {

@@ -196,6 +196,9 @@ fn to_i64(n: u64) -> i64 {
 fn volume_message(loc: &Location, meta: &VolumeMeta, size: u64) -> pb::Volume {
     let mut context = HashMap::new();
     context.insert("chunkSize".to_string(), meta.chunk_size.to_string());
+    if meta.encryption.is_some() {
+        context.insert(super::common::ENCRYPTED.to_string(), "true".to_string());
+    }
     pb::Volume { capacity_bytes: to_i64(size), volume_id: loc.url(), volume_context: context, ..Default::default() }
 }
 
@@ -507,6 +510,11 @@ impl ControllerService {
                 }
             }
             Err(VolumeError::Store(e)) => abnormal(format!("store unreachable: {e}")),
+            // ControllerGetVolume carries no secrets.
+            Err(VolumeError::Key(_)) => pb::VolumeCondition {
+                abnormal: false,
+                message: "not checked: the volume is encrypted and this call carries no key".into(),
+            },
             Err(e) => abnormal(format!("damaged: {e}")),
         }
     }
@@ -674,7 +682,7 @@ impl ControllerService {
                     )));
                 }
                 let snap = format::clone_pin_name(&loc.prefix);
-                match read_snapshot(&store, &vloc.prefix, &snap).await {
+                match read_snapshot(&vstore, &vloc.prefix, &snap).await {
                     // The pin of a clone of the same last path segment
                     // elsewhere (pins of earlier versions name none).
                     Ok(r) if r.clone.as_deref().is_some_and(|c| !catalog::names_clone(c, &loc.prefix)) => {
@@ -717,6 +725,27 @@ impl ControllerService {
             Some((sloc, _, _)) => unlocked(&store, sloc, kek.as_ref()).await?,
             None => store,
         };
+        // Before anything is written into the source (its pin, its marker):
+        // a volume made from an encrypted one is encrypted, with its key.
+        if let Some((sloc, _, _)) = &source {
+            let smeta = replay::read_meta(store.as_ref(), &sloc.prefix).await.map_err(status)?;
+            match (smeta.encryption.is_some(), encrypted) {
+                (true, false) => {
+                    return Err(Status::invalid_argument(format!(
+                        "{} is encrypted: a volume made from it must be encrypted too (a StorageClass with \
+                         encrypted: \"true\" and the source's key)",
+                        sloc.url()
+                    )));
+                }
+                (false, true) => {
+                    return Err(Status::invalid_argument(format!(
+                        "{} is not encrypted: a volume made from it cannot be (use a StorageClass without encryption)",
+                        sloc.url()
+                    )));
+                }
+                _ => {}
+            }
+        }
 
         // Idempotency: an existing volume of this name is the answer when
         // it was made with the same store, chunk size, parameters,
@@ -1288,6 +1317,7 @@ impl ControllerService {
         let store = self.store_for(&loc, &req.secrets).await?;
         let store = unlocked(&store, &loc, kek_of(&req.secrets)?.as_ref()).await?;
         let meta = self.live_meta(&store, &loc).await?;
+        keys::require(store.as_ref(), &loc.prefix, &meta).map_err(status)?;
         let st = replay::replay(store.as_ref(), &loc.prefix, meta.chunk_size as u64, None).await.map_err(status)?;
         let want = size_for(Some(range), meta.chunk_size as u64, 0)?;
         let is_block = matches!(

@@ -31,7 +31,7 @@ use tonic::{Request, Response, Status};
 
 use super::attachments::NodeAttachments;
 use super::common::{
-    CALLS_GRACE, Calls, InFlight, RpcResult, Stores, check_capability, parse_volume_id, status, store_status,
+    CALLS_GRACE, Calls, ENCRYPTED, InFlight, RpcResult, Stores, check_capability, parse_volume_id, status, store_status,
 };
 use super::mount::{self, MountError};
 use super::pb;
@@ -109,6 +109,9 @@ struct StageRecord {
     /// this volume's: another tool may have taken its number since.
     #[serde(default)]
     boot: Option<String>,
+    /// Provisioned encrypted: served only while its `volume.json` says so.
+    #[serde(default)]
+    encrypted: bool,
     /// Records of earlier versions kept the secrets here: read once,
     /// moved to `--secrets-dir`, never written back.
     #[serde(default, rename = "secrets", skip_serializing)]
@@ -136,6 +139,8 @@ struct ServeSpec<'a> {
     readonly: bool,
     cache_limit: u64,
     secrets: &'a HashMap<String, String>,
+    /// Provisioned encrypted (the volume context says so).
+    encrypted: bool,
 }
 
 impl<'a> ServeSpec<'a> {
@@ -147,6 +152,7 @@ impl<'a> ServeSpec<'a> {
             readonly: r.readonly,
             cache_limit: r.cache_limit,
             secrets,
+            encrypted: r.encrypted,
         }
     }
 }
@@ -644,11 +650,34 @@ impl NodeService {
         readonly: bool,
         cache_limit: u64,
     ) -> Result<Volume, Status> {
+        self.open_volume_checked(volume_id, secrets, readonly, cache_limit, false).await
+    }
+
+    /// [`NodeService::open_volume`]; `encrypted`: the volume was
+    /// provisioned encrypted, and one whose `volume.json` says otherwise
+    /// (replaced in the store) is refused, never written in the clear.
+    pub async fn open_volume_checked(
+        &self,
+        volume_id: &str,
+        secrets: &HashMap<String, String>,
+        readonly: bool,
+        cache_limit: u64,
+        encrypted: bool,
+    ) -> Result<Volume, Status> {
         let loc = parse_volume_id(volume_id)?;
         let store = self.stores.get(&loc, secrets).await?;
         // An encrypted volume opens with the stage secret's key (kept with
         // the other stage secrets for a restart) and only with it.
         let store = super::common::unlocked(&store, &loc, super::common::kek_of(secrets)?.as_ref()).await?;
+        if encrypted {
+            let meta = crate::volume::replay::read_meta(store.as_ref(), &loc.prefix).await.map_err(status)?;
+            if meta.encryption.is_none() {
+                return Err(Status::failed_precondition(format!(
+                    "{volume_id} was provisioned encrypted, but its volume.json says it is not (it was replaced in \
+                     the store): not served, so that nothing is written to it in the clear"
+                )));
+            }
+        }
         let opts = OpenOptions {
             read_only: readonly,
             cache_limit,
@@ -665,7 +694,9 @@ impl NodeService {
 
     /// Open the volume and serve it on its socket.
     async fn serve(&self, spec: &ServeSpec<'_>) -> Result<Server, Status> {
-        let volume = self.open_volume(spec.volume_id, spec.secrets, spec.readonly, spec.cache_limit).await?;
+        let volume = self
+            .open_volume_checked(spec.volume_id, spec.secrets, spec.readonly, spec.cache_limit, spec.encrypted)
+            .await?;
         let bound = server::bind(&Listen::Unix(spec.socket.to_path_buf()), None)
             .await
             .map_err(|e| Status::internal(format!("socket {}: {e}", spec.socket.display())))?;
@@ -964,6 +995,7 @@ impl NodeService {
             readonly: false,
             cache_limit: self.cfg.cache_limit,
             secrets: &secrets,
+            encrypted: false,
         };
         Ok(Served { volume_id: volume_id.to_string(), server: self.serve(&spec).await? })
     }
@@ -1109,6 +1141,7 @@ impl NodeService {
             Some(v) => parse_size(v).map_err(Status::invalid_argument)?,
             None => self.cfg.cache_limit,
         };
+        let encrypted = req.volume_context.get(ENCRYPTED).is_some_and(|v| v == "true");
         let key = key_of(&req.volume_id);
         let socket = self.cfg.state_dir.join(format!("{key}.sock"));
         // A marker left without a stage record (an unstage interrupted at
@@ -1124,6 +1157,7 @@ impl NodeService {
             readonly,
             cache_limit,
             secrets: &req.secrets,
+            encrypted,
         };
         let server = self.serve(&spec).await?;
         let taken = self.recorded_devices(None).await;
@@ -1145,6 +1179,7 @@ impl NodeService {
             cache_limit,
             has_secrets: !req.secrets.is_empty(),
             boot: crate::volume::engine::log::boot_id().ok().flatten(),
+            encrypted,
             legacy_secrets: Secrets::default(),
         };
         // Whether this call mounted the staging path (only then does a

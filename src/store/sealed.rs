@@ -114,7 +114,21 @@ impl ObjectStore for SealedStore {
             Some(r) => {
                 let first = r.start / FRAME as u64;
                 let last = (r.end - 1) / FRAME as u64;
-                let stored = self.base().get(key, Some(first * f..(last + 1) * f)).await?;
+                let stored = self.base().get(key, Some(first.saturating_mul(f)..(last + 1).saturating_mul(f))).await?;
+                if stored.is_empty() {
+                    // From the object's end on (a whole number of frames):
+                    // nothing, as a plain object answers; past it, an error.
+                    // A cut object reads short here; a whole read finds the cut.
+                    if r.start == first * FRAME as u64 {
+                        return Ok(Bytes::new());
+                    }
+                    return Err(StoreError::Permanent(format!(
+                        "range {}..{} outside object {key} of {} bytes",
+                        r.start,
+                        r.end,
+                        first * FRAME as u64
+                    )));
+                }
                 let cipher = self.cipher.clone();
                 let plain = maybe_blocking(stored.len(), move || cipher.open(&uuid, &rel, first, &stored, false))
                     .await?

@@ -122,9 +122,7 @@ pub async fn compact(
 ) -> VolumeResult<CompactReport> {
     let meta = replay::read_meta(store.as_ref(), vol).await?;
     // Without its key nothing of an encrypted volume is read, folded or deleted.
-    if meta.encryption.is_some() && !super::keys::seals(store.as_ref(), vol) {
-        return Err(super::keys::key_required(store.as_ref(), vol, &meta));
-    }
+    super::keys::require(store.as_ref(), vol, &meta)?;
     let cs = meta.chunk_size as u64;
     let mut report = CompactReport { dry_run: opts.dry_run, ..CompactReport::default() };
     // Ages are measured on the store's clock, never this host's: a
@@ -582,7 +580,13 @@ async fn list_snapshots(store: &DynStore, vol: &str) -> VolumeResult<(Vec<Snapsh
                 Err(StoreError::NotFound(_)) => continue 'listing,
                 Err(e) => return Err(e.into()),
             };
-            match SnapshotRecord::decode(&bytes, &o.key) {
+            let name = o.key[format::snapshot_prefix(vol).len()..].trim_end_matches(".json");
+            // An encrypted volume's record must carry its tag: one that does
+            // not is unreadable, as a record that does not decode is.
+            let checked = SnapshotRecord::decode(&bytes, &o.key)
+                .map_err(VolumeError::from)
+                .and_then(|s| super::keys::check_snapshot(store.as_ref(), vol, name, &s, &o.key).map(|()| s));
+            match checked {
                 Ok(s) => out.push(s),
                 Err(e) => {
                     tracing::warn!(volume = %vol, key = %o.key, error = %e, "unreadable snapshot record");

@@ -49,9 +49,7 @@ pub async fn fsck(
     };
     // Without its key an encrypted volume's records read as noise: refused,
     // not reported as damage.
-    if meta.encryption.is_some() && !super::keys::seals(store, vol) {
-        return Err(super::keys::key_required(store, vol, &meta));
-    }
+    super::keys::require(store, vol, &meta)?;
     let chunk_size = meta.chunk_size as u64;
     let objects = crate::store::list_all(store, vol).await?;
     let mut journal = BTreeMap::new();
@@ -180,7 +178,8 @@ pub async fn fsck(
     for key in &snapshots {
         let rec = match store.get(key, None).await {
             Ok(b) => match SnapshotRecord::decode(&b, key).map_err(VolumeError::from).and_then(|r| {
-                super::keys::check_snapshot(store, vol, &r, key)?;
+                let name = key[format::snapshot_prefix(vol).len()..].trim_end_matches(".json");
+                super::keys::check_snapshot(store, vol, name, &r, key)?;
                 Ok(r)
             }) {
                 Ok(r) => r,

@@ -144,6 +144,15 @@ pub fn base(store: &DynStore) -> DynStore {
     store.unlocked().map(|(u, _)| u.base.clone()).unwrap_or_else(|| store.clone())
 }
 
+/// Refuse (with [`key_required`]) to read an encrypted volume whose
+/// `volume.json` is `meta` through a store that does not seal it.
+pub fn require(store: &dyn ObjectStore, vol: &str, meta: &VolumeMeta) -> VolumeResult<()> {
+    match meta.encryption.is_some() && !seals(store, vol) {
+        true => Err(key_required(store, vol, meta)),
+        false => Ok(()),
+    }
+}
+
 /// The error for an encrypted volume asked for without its key.
 pub fn key_required(store: &dyn ObjectStore, vol: &str, meta: &VolumeMeta) -> VolumeError {
     let id = meta.encryption.as_ref().map(|e| e.key_id.as_str()).unwrap_or("?");
@@ -225,9 +234,19 @@ pub fn tag_snapshot(store: &dyn ObjectStore, vol: &str, rec: &mut SnapshotRecord
     }
 }
 
-/// When `store` seals `vol`: `rec` (at `what`) is a record written for it, unaltered.
-pub fn check_snapshot(store: &dyn ObjectStore, vol: &str, rec: &SnapshotRecord, what: &str) -> VolumeResult<()> {
+/// When `store` seals `vol`: `rec` (at `what`, the record of snapshot
+/// `name`) is a record written for it under that name, unaltered.
+pub fn check_snapshot(
+    store: &dyn ObjectStore,
+    vol: &str,
+    name: &str,
+    rec: &SnapshotRecord,
+    what: &str,
+) -> VolumeResult<()> {
     let Some((data, uuid)) = uuid_of(store, vol) else { return Ok(()) };
+    if rec.name != name {
+        return Err(VolumeError::Corrupt(format!("{what} holds the record of snapshot {:?}", rec.name)));
+    }
     match &rec.auth {
         Some(t) if *t == snapshot_tag(data, uuid, rec) => Ok(()),
         Some(_) => Err(VolumeError::Corrupt(format!("{what} fails its tag (altered, or another volume's)"))),
@@ -237,8 +256,10 @@ pub fn check_snapshot(store: &dyn ObjectStore, vol: &str, rec: &SnapshotRecord, 
 
 /// Rewrap `vol`'s data key with `new` (it was wrapped by `old`): the data
 /// stays as it is, and only `new` opens the volume from then on. Returns
-/// the new key's id. A `volume.json` whose fields changed meanwhile (a
-/// concurrent rekey) is reported, not overwritten blindly.
+/// the new key's id. `volume.json` is rewritten whole (the store has no
+/// compare-and-swap here): a rekey racing another is reported when it
+/// reads the other's key back, and a last one racing both can win
+/// unreported (README says so).
 pub async fn rekey(store: &DynStore, vol: &str, old: &Kek, new: &Kek) -> VolumeResult<String> {
     let base = base(store);
     let what = describe(base.as_ref(), vol);
@@ -253,19 +274,35 @@ pub async fn rekey(store: &DynStore, vol: &str, old: &Kek, new: &Kek) -> VolumeR
     let mut next = meta.clone();
     next.encryption = None;
     seal_meta(&mut next, new, &data);
-    // Rewriting volume.json must not bring back a volume being deleted
-    // (its delete takes volume.json first).
-    if base.head(&super::catalog::tombstone_key(vol)).await?.is_some() {
+    let tombstone = super::catalog::tombstone_key(vol);
+    if base.head(&tombstone).await?.is_some() {
         return Err(VolumeError::NotFound(format!("{what} (being deleted)")));
     }
-    base.put(&format::meta_key(vol), Bytes::from(next.encode()), PutMode::Overwrite).await?;
-    if base.head(&super::catalog::tombstone_key(vol)).await?.is_some() {
-        base.delete(&format::meta_key(vol)).await?;
+    let body = Bytes::from(next.encode());
+    base.put(&format::meta_key(vol), body.clone(), PutMode::Overwrite).await?;
+    // A delete that began meanwhile keeps its tombstone: volume.json stays
+    // beside it (a volume kept for its clones needs it; the reaper takes
+    // it with the rest otherwise). A delete that finished meanwhile left
+    // nothing but what this rekey wrote: that goes again.
+    if base.head(&tombstone).await?.is_some() {
+        return Err(VolumeError::NotFound(format!("{what} (deleted while its key was being changed)")));
+    }
+    let any = |prefix: String| {
+        let base = base.clone();
+        async move {
+            let req = crate::store::ListRequest { prefix: &prefix, start_after: None, delimiter: false, max_keys: 1 };
+            Ok::<_, VolumeError>(!base.list(req).await?.objects.is_empty())
+        }
+    };
+    if !any(format::journal_prefix(vol)).await? && !any(format::checkpoint_prefix(vol)).await? {
+        if base.get(&format::meta_key(vol), None).await.ok().as_ref() == Some(&body) {
+            base.delete(&format::meta_key(vol)).await?;
+        }
         return Err(VolumeError::NotFound(format!("{what} (deleted while its key was being changed)")));
     }
     let now = replay::read_meta(base.as_ref(), vol).await?;
     match now.encryption.as_ref().map(|e| e.key_id.as_str()) {
-        Some(id) if id == new.id() => Ok(new.id()),
+        Some(id) if id == new.id() && now.uuid == meta.uuid => Ok(new.id()),
         other => Err(VolumeError::Store(crate::store::StoreError::Transient(format!(
             "{what}: volume.json names key {} after the rekey to {} (another rekey ran at the same time); check \
              with volume inspect and run it again",

@@ -62,7 +62,10 @@ impl From<StoreError> for VolumeError {
 impl From<FormatError> for VolumeError {
     fn from(e: FormatError) -> Self {
         match e {
-            FormatError::Encrypted(_) => VolumeError::Key(format!("{e} ({})", keys::KEY_HINT)),
+            // Read without the key (what reads an encrypted volume checks
+            // for its key first: `keys::require`), or damage in a volume
+            // that is not encrypted.
+            FormatError::Encrypted(_) => VolumeError::Corrupt(format!("{e} ({})", keys::KEY_HINT)),
             e => VolumeError::Corrupt(e.to_string()),
         }
     }

@@ -626,7 +626,8 @@ impl Volume {
             // volume.json.
             match store.get(&journal_key(vol, 0), None).await {
                 Ok(b) if b == record => return Ok(meta),
-                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                // Another volume's (sealed with another key, or in the clear).
+                Ok(_) | Err(StoreError::Damaged(_)) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
                 Err(StoreError::NotFound(_)) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -646,6 +647,17 @@ impl Volume {
     /// inside records, cannot be told from a create that stopped: it is
     /// finished as an empty volume.)
     pub async fn finish_create(store: &DynStore, vol: &str, meta: &VolumeMeta) -> VolumeResult<bool> {
+        // The create record of an encrypted volume is sealed like every
+        // record after it: through a store that seals this volume (one
+        // unlocked for its source lends its key), never in the clear.
+        let sealed;
+        let store = match meta.encryption.is_some() && !keys::seals(store.as_ref(), vol) {
+            true => {
+                sealed = keys::unlock(store, vol, None).await?;
+                &sealed
+            }
+            false => store,
+        };
         // Objects s3blk names so (the first page: its names sort first).
         let any = |prefix: String, ours: fn(&str, &str) -> bool| async move {
             let req =
@@ -700,7 +712,8 @@ impl Volume {
             // bytes, this volume's record either way.
             Err(StoreError::PreconditionFailed(_)) => match store.get(&journal_key(vol, 0), None).await {
                 Ok(found) => found == record,
-                Err(StoreError::NotFound(_)) => false,
+                // Another volume's record, in the clear or sealed with another key.
+                Err(StoreError::NotFound(_) | StoreError::Damaged(_)) => false,
                 Err(e) => return Err(e.into()),
             },
             Err(e) => return Err(e.into()),
@@ -739,9 +752,7 @@ impl Volume {
     /// Open record, which fences every earlier writer.
     pub async fn open(store: DynStore, vol: &str, opts: OpenOptions) -> VolumeResult<Volume> {
         let meta = replay::read_meta(store.as_ref(), vol).await?;
-        if meta.encryption.is_some() && !keys::seals(store.as_ref(), vol) {
-            return Err(keys::key_required(store.as_ref(), vol, &meta));
-        }
+        keys::require(store.as_ref(), vol, &meta)?;
         let chunk_size = meta.chunk_size as u64;
         let mut opts = opts;
         let upto = match &opts.snapshot {
@@ -1161,6 +1172,7 @@ pub async fn snapshot_committed(
     format::validate_snapshot_name(name).map_err(|e| VolumeError::InvalidArgument(e.to_string()))?;
     let started = Instant::now();
     let meta = replay::read_meta(store.as_ref(), vol).await?;
+    keys::require(store.as_ref(), vol, &meta)?;
     let st = replay::replay(store.as_ref(), vol, meta.chunk_size as u64, None).await?;
     let rec = SnapshotRecord {
         format_version: format::FORMAT_V1,
@@ -1300,7 +1312,7 @@ pub async fn read_snapshot(store: &DynStore, vol: &str, name: &str) -> VolumeRes
     match store.get(&key, None).await {
         Ok(b) => {
             let rec = SnapshotRecord::decode(&b, &key)?;
-            keys::check_snapshot(store.as_ref(), vol, &rec, &key)?;
+            keys::check_snapshot(store.as_ref(), vol, name, &rec, &key)?;
             Ok(rec)
         }
         Err(StoreError::NotFound(_)) => Err(VolumeError::NotFound(format!("snapshot {name}"))),
