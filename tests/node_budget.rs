@@ -436,7 +436,7 @@ async fn staging_opens_an_encrypted_volume_with_the_secrets_key_only() {
     let key = "6b".repeat(32);
     let kek = s3blk::crypto::Kek::parse(key.as_bytes()).expect("key");
     let opts = CreateOptions {
-        size: 4 * CS as u64,
+        size: 4 * CS,
         chunk_size: CS as u32,
         parent: None,
         single_writer: false,
@@ -464,7 +464,7 @@ async fn staging_opens_an_encrypted_volume_with_the_secrets_key_only() {
     assert_eq!(r.expect("open").read(0, 17).await.expect("read"), b"staged and sealed");
     // A volume provisioned encrypted (its volume context says so) whose
     // volume.json was replaced by an unencrypted one is not served.
-    let swapped = n.create("swapped", 4 * CS as u64).await;
+    let swapped = n.create("swapped", 4 * CS).await;
     let got = n.node.open_volume_checked(&swapped, &with(Some(&key)), false, u64::MAX, true).await;
     match got {
         Err(s) => assert!(s.code() == tonic::Code::FailedPrecondition && s.message().contains("in the clear"), "{s:?}"),
