@@ -296,6 +296,11 @@ async fn damage_to_an_encrypted_volume_is_found(base: DynStore) {
     }
     let errs = fsck_errors(&store, &vol).await;
     assert!(errs.iter().any(|e| e.contains(&sk)), "fsck: {errs:?}");
+    // Compaction takes it for unreadable: it deletes nothing.
+    let opts = compact::CompactOptions { safety_age: Duration::ZERO, ..Default::default() };
+    let rep = compact::compact(&store, &vol, &opts, &clock()).await.expect("compact");
+    assert_eq!(rep.unreadable_snapshots, vec![sk.clone()]);
+    assert_eq!(rep.chunks_deleted + rep.journal_records_deleted, 0, "{rep:?}");
 
     // A snapshot record copied under another snapshot's name.
     let (vol, store) = setup().await;
