@@ -331,6 +331,31 @@ impl FrameCipher {
     }
 }
 
+/// Fuzzing entry: arbitrary bytes opened as sealed frames (whole, and as
+/// a range from a later frame), unwrapped as a wrapped key, parsed as a
+/// key, their length mapped to a plain length. Nothing may panic, and
+/// nothing but a real seal may open.
+pub fn fuzz_open(data: &[u8]) {
+    let cipher = DataKey::from_bytes([7; KEY_LEN]).cipher();
+    let _ = cipher.open("u", "chunks/0/1", 0, data, true);
+    let _ = cipher.open("u", "chunks/0/1", 3, data, false);
+    let _ = plain_len(data.len() as u64);
+    let _ = Kek::parse(data);
+    let _ = Kek([9; KEY_LEN]).unwrap(data, "u");
+}
+
+/// Seeds for [`fuzz_open`]: objects sealed as it opens them (one frame,
+/// and three), and a key wrapped as it unwraps one.
+pub fn fuzz_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let cipher = DataKey::from_bytes([7; KEY_LEN]).cipher();
+    let text: Vec<u8> = b"sealed s3blk object ".iter().cycle().take(2 * FRAME + 100).copied().collect();
+    vec![
+        ("sealed-small", cipher.seal("u", "chunks/0/1", &text[..300])),
+        ("sealed-frames", cipher.seal("u", "chunks/0/1", &text)),
+        ("wrapped-key", Kek([9; KEY_LEN]).wrap(&DataKey::from_bytes([3; KEY_LEN]), "u")),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

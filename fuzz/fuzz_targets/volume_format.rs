@@ -2,13 +2,19 @@
 //! `cargo fuzz run volume_format`: the decoders of stored objects
 //! (volume.json, snapshot records, journal records, checkpoints and their
 //! parts) and of chunk objects of every layout (whole, with a table,
-//! packed with lz4 or zstd) over arbitrary bytes. Inputs that ever crashed
+//! packed with lz4 or zstd) over arbitrary bytes, and the opening of
+//! sealed objects and wrapped keys of encrypted volumes (`src/crypto.rs`).
+//! Inputs that ever crashed
 //! belong in `corpus/volume_format/`, which the normal test suite replays
 //! with mutations (`src/volume/format.rs`).
 
 #[allow(dead_code)]
 #[path = "../../src/volume/format.rs"]
 mod format;
+
+#[allow(dead_code)]
+#[path = "../../src/crypto.rs"]
+mod crypto;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     format::fuzz_decode(data);

@@ -751,6 +751,7 @@ pub fn unpack_chunk(obj: &[u8], codec: Codec, crc: u32, chunk_size: u64) -> Resu
 /// that does and one that does not match. None may panic, nor allocate
 /// more than the chunk size asks.
 pub fn fuzz_decode(data: &[u8]) {
+    crate::crypto::fuzz_open(data);
     let _ = VolumeMeta::decode(data);
     let _ = SnapshotRecord::decode(data, "fuzz");
     let _ = JournalRecord::decode(data, "fuzz");
@@ -2036,6 +2037,9 @@ mod tests {
         }
         let (table, _) = chunk_table(&chunk);
         std::fs::write(dir.join("tabled"), [&[0u8][..], &chunk, &table].concat()).expect("write");
+        for (name, obj) in crate::crypto::fuzz_seeds() {
+            std::fs::write(dir.join(name), obj).expect("write");
+        }
         let r = ChunkRef::Stored { generation: 7, crc: 9, layout: Layout::Packed(Codec::Zstd) };
         let rec = JournalRecord {
             kind: RecordKind::Commit,
