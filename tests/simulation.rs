@@ -138,6 +138,9 @@ use s3blk::volume::engine::log::LogState;
 use s3blk::volume::engine::{CreateOptions, read_snapshot};
 use s3blk::volume::format::{self, ParentRef};
 use s3blk::volume::{OpenOptions, Volume, VolumeError, fsck};
+use s3blk::crypto::Kek;
+use s3blk::store::sealed::{SealedStore, Unlocked};
+use s3blk::volume::keys::{self, NewKeys};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -205,6 +208,9 @@ struct Config {
     tables: Tables,
     /// Pressure on a few hot chunks, for some seeds.
     hot: Option<Hot>,
+    /// The volume and its clones are encrypted: every actor's store seals
+    /// them (`store::sealed`), for some seeds.
+    encrypted: bool,
 }
 
 /// Most writes land on one or two hot chunks, a page or two at a time,
@@ -334,6 +340,7 @@ impl Config {
             chunk_size: CS,
             tables: Tables::Off,
             hot: None,
+            encrypted: false,
         }
         .draw_logs(rng)
     }
@@ -349,6 +356,15 @@ impl Config {
             _ => (4 * CS, Tables::Mixed),
         };
         OPENS.with(|o| o.set(0));
+        self
+    }
+
+    /// Encryption, for some seeds, from a generator of its own (the other
+    /// seeds run as they did before). `S3BLK_SIM_ENCRYPTED=1`: every seed.
+    fn draw_encryption(mut self, seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0xe4c2_7a11_5ea1);
+        self.encrypted =
+            rng.random_bool(0.3) || std::env::var("S3BLK_SIM_ENCRYPTED").is_ok_and(|v| v == "1");
         self
     }
 
@@ -1272,6 +1288,50 @@ struct Sim {
     commit_outage_armed: AtomicBool,
     /// The hosts' local disks: write-back logs live under `a/` and `b/`.
     disks: tempfile::TempDir,
+    /// An encrypted run's keys, and the (prefix, uuid) of each volume
+    /// created so far (the volume, then its clones): every actor's store
+    /// seals them.
+    keys: Option<NewKeys>,
+    sealed: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+/// An actor's store in an encrypted run: a sealed store (`store::sealed`)
+/// of every volume created so far, the list growing as clones are made.
+#[derive(Debug)]
+struct RingStore {
+    keys: Arc<Unlocked>,
+    ring: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl RingStore {
+    fn now(&self) -> SealedStore {
+        SealedStore::new(self.keys.clone(), lock(&self.ring).clone())
+    }
+}
+
+#[async_trait::async_trait]
+impl s3blk::store::ObjectStore for RingStore {
+    async fn get(&self, key: &str, range: Option<std::ops::Range<u64>>) -> s3blk::store::StoreResult<Bytes> {
+        self.now().get(key, range).await
+    }
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> s3blk::store::StoreResult<()> {
+        self.now().put(key, body, mode).await
+    }
+    async fn delete(&self, key: &str) -> s3blk::store::StoreResult<()> {
+        self.now().delete(key).await
+    }
+    async fn list(&self, req: s3blk::store::ListRequest<'_>) -> s3blk::store::StoreResult<s3blk::store::ListPage> {
+        self.now().list(req).await
+    }
+    async fn head(&self, key: &str) -> s3blk::store::StoreResult<Option<u64>> {
+        self.now().head(key).await
+    }
+    fn describe(&self) -> String {
+        self.keys.base.describe()
+    }
+    fn unlocked(&self) -> Option<s3blk::store::sealed::Sealing> {
+        self.now().unlocked()
+    }
 }
 
 type Ctx = Arc<Sim>;
@@ -1303,7 +1363,15 @@ impl Sim {
         let clock = Arc::new(SimClock::new(self.world.clone(), 0));
         let retry = RetryStore::with_clock(Arc::new(handle.clone()), RetryPolicy::default(), clock, jitter);
         lock(&self.handles).push(handle.clone());
-        (handle, Arc::new(SimGate::new(self.world.clone(), actor, Arc::new(retry))))
+        let gate: DynStore = Arc::new(SimGate::new(self.world.clone(), actor, Arc::new(retry)));
+        // An encrypted run's volumes, once created, are read and written sealed.
+        match &self.keys {
+            Some(k) if !lock(&self.sealed).is_empty() => {
+                let keys = Arc::new(Unlocked { base: gate, kek: k.kek.clone(), data: k.data.clone() });
+                (handle, Arc::new(RingStore { keys, ring: self.sealed.clone() }))
+            }
+            _ => (handle, gate),
+        }
     }
 
     fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
@@ -1477,12 +1545,15 @@ async fn create(ctx: &Ctx, rng: &mut StdRng) -> bool {
         parent: None,
         single_writer: false,
         compression: None,
-        encryption: None,
+        encryption: ctx.keys.clone(),
     };
     for attempt in 1..=20 {
         match Volume::create(store.clone(), VOL, opts.clone(), &clock).await {
-            Ok(_) => {
+            Ok(meta) => {
                 ctx.event(&format!("creator: volume created (attempt {attempt})"));
+                if ctx.keys.is_some() {
+                    lock(&ctx.sealed).push((VOL.to_string(), meta.uuid));
+                }
                 return true;
             }
             Err(VolumeError::AlreadyExists(what)) => {
@@ -2603,7 +2674,8 @@ async fn make_clone(
         parent: Some(parent),
         single_writer: false,
         compression: None,
-        encryption: None,
+        // An encrypted volume's clone shares its data key.
+        encryption: keys::NewKeys::inherited(store.as_ref()),
     };
     match Volume::create(store.clone(), prefix, opts, clock).await {
         // A retry after an attempt that landed.
@@ -2668,6 +2740,22 @@ async fn clone_life(ctx: Ctx, n: u64, snap: String) {
         }
     }
     let Some(size) = size else { return };
+    if ctx.keys.is_some() {
+        // The clone is sealed from now on, in every actor's store.
+        let mut uuid = None;
+        for _ in 0..20 {
+            match s3blk::volume::replay::read_meta(store.as_ref(), &prefix).await {
+                Ok(m) => {
+                    uuid = Some(m.uuid);
+                    break;
+                }
+                Err(e) => ctx.event(&format!("{name}: reading its volume.json: {e}")),
+            }
+            sleep(Duration::from_secs(1)).await;
+        }
+        let Some(uuid) = uuid else { return };
+        lock(&ctx.sealed).push((prefix.clone(), uuid));
+    }
     {
         let mut o = ctx.oracle();
         if size != o.clones[c].base.size {
@@ -3199,9 +3287,9 @@ struct Outcome {
 async fn simulate(seed: u64, verbose: bool) -> Outcome {
     let world = SimWorld::new(seed, verbose);
     let mut rng = StdRng::seed_from_u64(seed);
-    let cfg = Config::draw(&mut rng).draw_chunks(seed).draw_hot(seed);
+    let cfg = Config::draw(&mut rng).draw_chunks(seed).draw_hot(seed).draw_encryption(seed);
     let summary = format!(
-        "{:?} chaos, {}..{} chunks, dirty {} chunks, {} min, safety age {}s, takeovers {:?}, compactor skews {:?}, up to {} clones, writers on {:?} then {}, log limit {}, {} KiB chunks, tables {:?}, hot {:?}",
+        "{:?} chaos, {}..{} chunks, dirty {} chunks, {} min, safety age {}s, takeovers {:?}, compactor skews {:?}, up to {} clones, writers on {:?} then {}, log limit {}, {} KiB chunks, tables {:?}, hot {:?}, encrypted {}",
         cfg.chaos,
         cfg.initial_chunks,
         cfg.max_chunks,
@@ -3219,7 +3307,8 @@ async fn simulate(seed: u64, verbose: bool) -> Outcome {
         cfg.log_limit,
         cfg.chunk_size >> 10,
         cfg.tables,
-        cfg.hot
+        cfg.hot,
+        cfg.encrypted
     );
     world.trace(&format!("seed {seed}: {summary}"));
     let oracle = Oracle::new(world.clone(), cfg.max_blocks(), cfg.initial_chunks * CS);
@@ -3227,6 +3316,7 @@ async fn simulate(seed: u64, verbose: bool) -> Outcome {
         Ok(d) => d,
         Err(e) => panic!("cannot make the hosts' directory: {e}"),
     };
+    let cfg_encrypted = cfg.encrypted;
     let ctx: Ctx = Arc::new(Sim {
         disks,
         seed,
@@ -3239,6 +3329,8 @@ async fn simulate(seed: u64, verbose: bool) -> Outcome {
         snapshot_names: AtomicU64::new(1),
         stormed: AtomicBool::new(false),
         commit_outage_armed: AtomicBool::new(false),
+        keys: cfg_encrypted.then(|| NewKeys::fresh(Kek::parse("5e".repeat(32).as_bytes()).expect("a key"))),
+        sealed: Arc::new(Mutex::new(Vec::new())),
     });
     let mut crng = rng_for(seed, "creator");
     if create(&ctx, &mut crng).await {

@@ -111,7 +111,7 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     fn describe(&self) -> String;
     /// A store that seals volumes' objects ([`sealed::SealedStore`]): its
     /// keys, and the (prefix, uuid) of the volumes it seals.
-    fn unlocked(&self) -> Option<sealed::Sealing<'_>> {
+    fn unlocked(&self) -> Option<sealed::Sealing> {
         None
     }
 }

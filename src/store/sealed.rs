@@ -38,7 +38,11 @@ pub struct Unlocked {
 }
 
 /// A sealed store's keys, and the (prefix, uuid) of the volumes it seals.
-pub type Sealing<'a> = (&'a Arc<Unlocked>, &'a [(String, String)]);
+#[derive(Debug, Clone)]
+pub struct Sealing {
+    pub keys: Arc<Unlocked>,
+    pub volumes: Vec<(String, String)>,
+}
 
 #[derive(Debug)]
 pub struct SealedStore {
@@ -193,7 +197,7 @@ impl ObjectStore for SealedStore {
         self.base().describe()
     }
 
-    fn unlocked(&self) -> Option<Sealing<'_>> {
-        Some((&self.keys, &self.volumes))
+    fn unlocked(&self) -> Option<Sealing> {
+        Some(Sealing { keys: self.keys.clone(), volumes: self.volumes.clone() })
     }
 }

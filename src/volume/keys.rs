@@ -50,7 +50,7 @@ impl NewKeys {
     /// The keys a volume made from one `store` seals (a clone, a restore)
     /// takes: the same data key and key.
     pub fn inherited(store: &dyn ObjectStore) -> Option<NewKeys> {
-        store.unlocked().map(|(u, _)| NewKeys { kek: u.kek.clone(), data: u.data.clone() })
+        store.unlocked().map(|s| NewKeys { kek: s.keys.kek.clone(), data: s.keys.data.clone() })
     }
 }
 
@@ -136,12 +136,12 @@ fn check_meta(meta: &VolumeMeta, what: &str, data: &DataKey) -> VolumeResult<()>
 
 /// Does `store` seal the objects of `vol`?
 pub fn seals(store: &dyn ObjectStore, vol: &str) -> bool {
-    store.unlocked().is_some_and(|(_, vols)| vols.iter().any(|(p, _)| p == vol))
+    store.unlocked().is_some_and(|s| s.volumes.iter().any(|(p, _)| p == vol))
 }
 
 /// The store in the clear under `store` (itself when it seals nothing).
 pub fn base(store: &DynStore) -> DynStore {
-    store.unlocked().map(|(u, _)| u.base.clone()).unwrap_or_else(|| store.clone())
+    store.unlocked().map(|s| s.keys.base.clone()).unwrap_or_else(|| store.clone())
 }
 
 /// Refuse (with [`key_required`]) to read an encrypted volume whose
@@ -175,7 +175,7 @@ pub async fn unlock(store: &DynStore, vol: &str, kek: Option<&Kek>) -> VolumeRes
     }
     let kek = match (kek, store.unlocked()) {
         (Some(k), _) => k.clone(),
-        (None, Some((u, _))) => u.kek.clone(),
+        (None, Some(s)) => s.keys.kek.clone(),
         (None, None) => return Err(key_required(base.as_ref(), vol, &meta)),
     };
     let data = open_meta(&meta, &describe(base.as_ref(), vol), &kek)?;
@@ -221,16 +221,16 @@ fn snapshot_tag(data: &DataKey, uuid: &str, rec: &SnapshotRecord) -> String {
     ])
 }
 
-fn uuid_of<'s>(store: &'s dyn ObjectStore, vol: &str) -> Option<(&'s DataKey, &'s str)> {
-    let (u, vols) = store.unlocked()?;
-    vols.iter().find(|(p, _)| p == vol).map(|(_, uuid)| (&u.data, uuid.as_str()))
+fn uuid_of(store: &dyn ObjectStore, vol: &str) -> Option<(DataKey, String)> {
+    let s = store.unlocked()?;
+    s.volumes.into_iter().find(|(p, _)| p == vol).map(|(_, uuid)| (s.keys.data.clone(), uuid))
 }
 
 /// Tag `rec`, a snapshot record of `vol`, when `store` seals `vol`.
 pub fn tag_snapshot(store: &dyn ObjectStore, vol: &str, rec: &mut SnapshotRecord) {
     rec.auth = None;
     if let Some((data, uuid)) = uuid_of(store, vol) {
-        rec.auth = Some(snapshot_tag(data, uuid, rec));
+        rec.auth = Some(snapshot_tag(&data, &uuid, rec));
     }
 }
 
@@ -248,7 +248,7 @@ pub fn check_snapshot(
         return Err(VolumeError::Corrupt(format!("{what} holds the record of snapshot {:?}", rec.name)));
     }
     match &rec.auth {
-        Some(t) if *t == snapshot_tag(data, uuid, rec) => Ok(()),
+        Some(t) if *t == snapshot_tag(&data, &uuid, rec) => Ok(()),
         Some(_) => Err(VolumeError::Corrupt(format!("{what} fails its tag (altered, or another volume's)"))),
         None => Err(VolumeError::Corrupt(format!("{what} has no tag, but its volume is encrypted"))),
     }
