@@ -129,7 +129,9 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use s3blk::clock::Clock;
+use s3blk::crypto::Kek;
 use s3blk::store::retry::{Jitter, RetryPolicy, RetryStore};
+use s3blk::store::sealed::{SealedStore, Unlocked};
 use s3blk::store::sim::{FaultPlan, Fnv, Outage, PutTrip, SimClock, SimGate, SimStore, SimWorld};
 use s3blk::store::{DynStore, PutMode};
 use s3blk::volume::catalog;
@@ -137,10 +139,8 @@ use s3blk::volume::compact::{self, CompactOptions};
 use s3blk::volume::engine::log::LogState;
 use s3blk::volume::engine::{CreateOptions, read_snapshot};
 use s3blk::volume::format::{self, ParentRef};
-use s3blk::volume::{OpenOptions, Volume, VolumeError, fsck};
-use s3blk::crypto::Kek;
-use s3blk::store::sealed::{SealedStore, Unlocked};
 use s3blk::volume::keys::{self, NewKeys};
+use s3blk::volume::{OpenOptions, Volume, VolumeError, fsck};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -363,8 +363,7 @@ impl Config {
     /// seeds run as they did before). `S3BLK_SIM_ENCRYPTED=1`: every seed.
     fn draw_encryption(mut self, seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed ^ 0xe4c2_7a11_5ea1);
-        self.encrypted =
-            rng.random_bool(0.3) || std::env::var("S3BLK_SIM_ENCRYPTED").is_ok_and(|v| v == "1");
+        self.encrypted = rng.random_bool(0.3) || std::env::var("S3BLK_SIM_ENCRYPTED").is_ok_and(|v| v == "1");
         self
     }
 

@@ -81,9 +81,13 @@ fn damaged(key: &str, why: String) -> StoreError {
 }
 
 /// Run `f` on the blocking pool when `len` is big enough to hold a runtime
-/// worker for long.
+/// worker for long. On a current-thread runtime it runs in place: there
+/// is no other worker to keep free, and a paused clock (the simulation)
+/// must not move while a thread outside the runtime works.
 async fn maybe_blocking<T: Send + 'static>(len: usize, f: impl FnOnce() -> T + Send + 'static) -> StoreResult<T> {
-    if len < BLOCKING_AT {
+    let single = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+    if len < BLOCKING_AT || single {
         return Ok(f());
     }
     tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Transient(format!("sealing: {e}")))
