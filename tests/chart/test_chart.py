@@ -440,7 +440,8 @@ def test_kind_e2e_dry_run_prints_every_step():
                  "kubectl patch pvc data", "controller.compaction.interval=15s", "deleted parent volume is tombstoned",
                  "bucket holds nothing but the store marker", "nothing was executed",
                  "Compacted event on data's PV", "storageClassName: s3blk-other", "holds nothing but its store marker",
-                 "a new node plugin on", "another replica takes the Lease and compacts"]:
+                 "a new node plugin on", "another replica takes the Lease and compacts",
+                 "encrypted: \"true\"", "no object of the encrypted volume holds its plaintext"]:
         assert step in out, f"dry run does not show {step!r}"
     # The image is built before the cluster exists.
     assert out.index("docker build") < out.index("kind create cluster")
@@ -462,7 +463,7 @@ def test_kind_e2e_manifests_parse_and_validate():
         assert parsed, f"empty {end} manifest"
         docs.extend(parsed)
     kinds_seen = sorted(d["kind"] for d in docs)
-    assert kinds_seen.count("Pod") == 8 and kinds_seen.count("PersistentVolumeClaim") == 5, kinds_seen
+    assert kinds_seen.count("Pod") == 9 and kinds_seen.count("PersistentVolumeClaim") == 6, kinds_seen
     for kind in ["Cluster", "Deployment", "Service", "VolumeSnapshot", "StorageClass"]:
         assert kind in kinds_seen, f"no {kind} among the e2e manifests"
     validated = 0
@@ -475,7 +476,7 @@ def test_kind_e2e_manifests_parse_and_validate():
             continue
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
         validated += 1
-    assert validated == len(docs) - 2 == 16
+    assert validated == len(docs) - 2 == 19
     # Every data pod's command is one shell string that reached YAML intact.
     commands = [d["spec"]["containers"][0]["command"] for d in docs if d["kind"] == "Pod"]
     assert all(c[:2] == ["sh", "-c"] and len(c) == 3 for c in commands), commands

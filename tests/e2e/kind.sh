@@ -531,6 +531,55 @@ check "the volume lives in $bucket2" in_bucket2
 check "the second StorageClass's volume is compacted (Event)" compacted_event other
 check "its PV carries the compaction annotations" compaction_annotated other
 
+section "an encrypted StorageClass"
+# Its secret holds the S3 credentials and the key; the controller (create,
+# compaction) and the node (stage) read the key from it. No object in the
+# bucket holds what the pod wrote.
+run kubectl -n "$ns" create secret generic s3blk-enc --from-literal=accessKeyID=s3blk \
+  --from-literal=secretAccessKey=s3blk-secret --from-literal=endpoint="http://minio.$ns:9000" \
+  --from-literal=region=us-east-1 --from-literal=encryptionKey="$(printf '5a%.0s' $(seq 32))"
+apply <<YAML
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: s3blk-enc}
+provisioner: csi.s3blk.dev
+allowVolumeExpansion: true
+volumeBindingMode: Immediate
+parameters:
+  bucket: $bucket2
+  prefix: encrypted
+  encrypted: "true"
+  csi.storage.k8s.io/fstype: ext4
+  csi.storage.k8s.io/provisioner-secret-name: s3blk-enc
+  csi.storage.k8s.io/provisioner-secret-namespace: $ns
+  csi.storage.k8s.io/controller-publish-secret-name: s3blk-enc
+  csi.storage.k8s.io/controller-publish-secret-namespace: $ns
+  csi.storage.k8s.io/node-stage-secret-name: s3blk-enc
+  csi.storage.k8s.io/node-stage-secret-namespace: $ns
+  csi.storage.k8s.io/controller-expand-secret-name: s3blk-enc
+  csi.storage.k8s.io/controller-expand-secret-namespace: $ns
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: sealed}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: s3blk-enc
+  volumeMode: Filesystem
+  resources: {requests: {storage: 1Gi}}
+YAML
+pod sealedw "${workers[1]}" sealed fs "yes S3BLK-E2E-PLAINTEXT | head -c $((mib << 20)) > /data/text && sync && sha256sum /data/text && exec sleep 3600"
+check "write to an encrypted volume" pod_logged sealedw
+no_plaintext() {
+  local hits
+  hits=$(kubectl -n "$ns" exec deploy/minio -- sh -c "mc alias set local http://localhost:9000 s3blk s3blk-secret >/dev/null \
+    && mc mirror --quiet local/$bucket2/encrypted /tmp/sealed >/dev/null && grep -rl S3BLK-E2E-PLAINTEXT /tmp/sealed; rm -rf /tmp/sealed" || true)
+  [ -z "$hits" ] || { echo "plaintext in: $hits" >&2; return 1; }
+  mc ls --recursive "local/$bucket2/encrypted" | grep -q volume.json
+}
+check "no object of the encrypted volume holds its plaintext" no_plaintext
+check "the encrypted volume is compacted with the secret's key (Event)" compacted_event sealed
+
 section "node plugin restart under a mounted volume"
 # The node plugin is restarted (its pod deleted; the DaemonSet makes a new
 # one) while otherw keeps its filesystem mounted: the volume is served again
@@ -684,9 +733,11 @@ delete pvc raw restored cloned
 for pv in "${dependants_pv[@]}"; do pv_gone "$pv"; done
 check "bucket holds nothing but the store marker" bucket_empty
 if [ "$dry" = 0 ]; then other_pv=$(pv_of other); else other_pv="<other's PV>"; fi
-delete pod otherw
-delete pvc other
+if [ "$dry" = 0 ]; then sealed_pv=$(pv_of sealed); else sealed_pv="<sealed's PV>"; fi
+delete pod otherw sealedw
+delete pvc other sealed
 pv_gone "$other_pv"
+pv_gone "$sealed_pv"
 bucket2_empty() {
   local left="" i
   for ((i = 0; i < 180; i += 10)); do
