@@ -740,6 +740,9 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
         VolumeCmd::Inspect { url, json } => {
             let (loc, store) = connect(&url, g, true).await?;
             let meta = replay::read_meta(store.as_ref(), &loc.prefix).await?;
+            // Without its key an encrypted volume's state is unreadable: the
+            // error names the volume's key id.
+            keys::require(store.as_ref(), &loc.prefix, &meta)?;
             let st = replay::replay(store.as_ref(), &loc.prefix, meta.chunk_size as u64, None).await?;
             let snaps = store::list_all(store.as_ref(), &format::snapshot_prefix(&loc.prefix)).await?;
             let snaps: Vec<String> = snaps

@@ -91,7 +91,9 @@ impl Kek {
         };
         let mut bytes = match decoded {
             Some(b) if b.len() == KEY_LEN => b,
-            _ if raw.len() == KEY_LEN && !raw.iter().all(|b| b.is_ascii_graphic() || *b == b' ') => raw.to_vec(),
+            _ if raw.len() == KEY_LEN && !raw.iter().all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace()) => {
+                raw.to_vec()
+            }
             _ => return Err(format!("not a usable key ({} bytes): {KEY_FORMAT_HELP}", raw.len())),
         };
         let mut k = [0u8; KEY_LEN];
@@ -366,15 +368,17 @@ mod tests {
 
     #[test]
     fn keys_parse_from_hex_base64_and_raw_bytes_only() {
-        let raw = [0x5au8; 32];
+        use base64::Engine;
+        let raw = [0x9au8; 32];
         let hex_form = hex(&raw);
-        let b64 = "WlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlo=";
+        let b64 = base64::engine::general_purpose::STANDARD.encode(raw);
         for given in [raw.to_vec(), hex_form.clone().into_bytes(), format!("  {hex_form}\n").into_bytes(), b64.into()] {
             assert_eq!(Kek::parse(&given).unwrap().id(), Kek(raw).id());
         }
         for bad in [
             &b"correct horse battery staple"[..],
             b"correct horse battery staple 123",
+            b"correct horse battery staple 12\n",
             b"",
             &[0u8; 32],
             &[1u8; 31],

@@ -762,6 +762,13 @@ fn encrypted_volumes_through_the_cli() {
         one_line_error(&with(&k2, args), "wrong key for volume");
     }
     one_line_error(&with(&k2, &["volume", "clone", &v, &path("c2")]), "wrong key for volume");
+    // Without the key, inspect names the key; a clone writes nothing into the source.
+    one_line_error(&s3blk(&[], &["volume", "inspect", &v]), &format!("is encrypted (key {id})"));
+    one_line_error(
+        &s3blk(&[], &["volume", "clone", &format!("{v}@s1"), &path("c3")]),
+        &format!("is encrypted (key {id})"),
+    );
+    assert!(!store.join("v/snapshots/clone-c3.json").exists() && !store.join("v/clones/c3.json").exists());
     // Rekey: then only the new key opens it; the clone keeps its own wrapping.
     one_line_error(&with(&k2, &["volume", "rekey", &v, "--new-key-file", &k2]), "wrong key for volume");
     let out = ok(&with(&k1, &["volume", "rekey", &v, "--new-key-file", &k2]));

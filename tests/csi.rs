@@ -2064,6 +2064,8 @@ async fn encrypted_storage_classes_provision_encrypted_volumes() {
     assert_eq!(again.into_inner().volume.expect("volume").volume_id, vol.volume_id);
     let plain_again = d.ctl.create_volume(enc_req("pvc-enc", Some(KEY_A), Some("false"))).await;
     assert_eq!(code(plain_again), Code::AlreadyExists);
+    // An unencrypted class without a key asking for the name: the same answer.
+    assert_eq!(code(d.ctl.create_volume(enc_req("pvc-enc", None, None)).await), Code::AlreadyExists);
 
     let prefix = prefix_of(&vol.volume_id);
     let key_a = s3blk::crypto::Kek::parse(KEY_A.as_bytes()).expect("key");

@@ -79,7 +79,9 @@ pub async fn scan_store(
                 }
                 match compact::compact(&store, &loc.prefix, opts, clock).await {
                     Ok(_) => scan.deleted_compacted += 1,
-                    Err(VolumeError::NotFound(_)) => {}
+                    // Encrypted: this scan has no key (no PersistentVolume names
+                    // a deleted volume's secret); it is reaped all the same.
+                    Err(VolumeError::NotFound(_) | VolumeError::Key(_)) => {}
                     Err(e) => {
                         crate::metrics::global().compaction.failures.inc();
                         tracing::warn!(volume = %loc.url(), error = %e, "compacting a deleted volume failed");

@@ -753,6 +753,14 @@ impl ControllerService {
         let wanted = provisioned(&params, &req.volume_capabilities);
         match replay::read_meta(store.as_ref(), &loc.prefix).await {
             Ok(meta) => {
+                // Made otherwise: answered before anything needs its key.
+                if meta.encryption.is_some() != encrypted {
+                    return Err(Status::already_exists(format!(
+                        "volume {} exists with encrypted {} (asked: {encrypted})",
+                        req.name,
+                        meta.encryption.is_some()
+                    )));
+                }
                 let store = unlocked(&store, &loc, kek.as_ref()).await?;
                 let tombstoned = catalog::is_deleted(&store, &loc.prefix).await.map_err(catalog_status)?;
                 if tombstoned {

@@ -610,6 +610,9 @@ pub async fn clone_volume(
     clock: &dyn Clock,
 ) -> CatalogResult<super::format::VolumeMeta> {
     let meta = replay::read_meta(store.as_ref(), source).await?;
+    // An encrypted source is read with its key: without it, nothing is
+    // written into it (a pin, a marker, the record of the source).
+    super::keys::require(store.as_ref(), source, &meta)?;
     if is_deleted(store, source).await? {
         return Err(CatalogError::BeingDeleted { volume: describe(store.as_ref(), source) });
     }

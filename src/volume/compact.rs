@@ -580,7 +580,7 @@ async fn list_snapshots(store: &DynStore, vol: &str) -> VolumeResult<(Vec<Snapsh
                 Err(StoreError::NotFound(_)) => continue 'listing,
                 Err(e) => return Err(e.into()),
             };
-            let name = o.key[format::snapshot_prefix(vol).len()..].trim_end_matches(".json");
+            let name = o.key[format::snapshot_prefix(vol).len()..].strip_suffix(".json").unwrap_or_default();
             // An encrypted volume's record must carry its tag: one that does
             // not is unreadable, as a record that does not decode is.
             let checked = SnapshotRecord::decode(&bytes, &o.key)

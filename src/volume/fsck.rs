@@ -178,7 +178,7 @@ pub async fn fsck(
     for key in &snapshots {
         let rec = match store.get(key, None).await {
             Ok(b) => match SnapshotRecord::decode(&b, key).map_err(VolumeError::from).and_then(|r| {
-                let name = key[format::snapshot_prefix(vol).len()..].trim_end_matches(".json");
+                let name = key[format::snapshot_prefix(vol).len()..].strip_suffix(".json").unwrap_or_default();
                 super::keys::check_snapshot(store, vol, name, &r, key)?;
                 Ok(r)
             }) {

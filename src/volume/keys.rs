@@ -278,31 +278,41 @@ pub async fn rekey(store: &DynStore, vol: &str, old: &Kek, new: &Kek) -> VolumeR
     if base.head(&tombstone).await?.is_some() {
         return Err(VolumeError::NotFound(format!("{what} (being deleted)")));
     }
+    // Records or a checkpoint: a volume whose create finished (one still
+    // being created, or left by a create that stopped, is not rekeyed).
+    let holds_state = || async {
+        for prefix in [format::journal_prefix(vol), format::checkpoint_prefix(vol)] {
+            let req = crate::store::ListRequest { prefix: &prefix, start_after: None, delimiter: false, max_keys: 1 };
+            if !base.list(req).await?.objects.is_empty() {
+                return Ok::<_, VolumeError>(true);
+            }
+        }
+        Ok(false)
+    };
+    if !holds_state().await? {
+        return Err(VolumeError::InvalidArgument(format!(
+            "{what}: its create has not finished (no journal record yet); finish or delete it first"
+        )));
+    }
     let body = Bytes::from(next.encode());
     base.put(&format::meta_key(vol), body.clone(), PutMode::Overwrite).await?;
-    // A delete that began meanwhile keeps its tombstone: volume.json stays
-    // beside it (a volume kept for its clones needs it; the reaper takes
-    // it with the rest otherwise). A delete that finished meanwhile left
-    // nothing but what this rekey wrote: that goes again.
-    if base.head(&tombstone).await?.is_some() {
-        return Err(VolumeError::NotFound(format!("{what} (deleted while its key was being changed)")));
-    }
-    let any = |prefix: String| {
-        let base = base.clone();
-        async move {
-            let req = crate::store::ListRequest { prefix: &prefix, start_after: None, delimiter: false, max_keys: 1 };
-            Ok::<_, VolumeError>(!base.list(req).await?.objects.is_empty())
-        }
-    };
-    if !any(format::journal_prefix(vol)).await? && !any(format::checkpoint_prefix(vol)).await? {
+    // A delete that ran meanwhile took every record and checkpoint before
+    // its tombstone: what this rekey wrote is all that is left of the
+    // volume, and goes again. One that began meanwhile and keeps the
+    // volume for its clones keeps volume.json beside its tombstone (the
+    // reaper takes it with the rest later).
+    if !holds_state().await? {
         if base.get(&format::meta_key(vol), None).await.ok().as_ref() == Some(&body) {
             base.delete(&format::meta_key(vol)).await?;
         }
         return Err(VolumeError::NotFound(format!("{what} (deleted while its key was being changed)")));
     }
+    if base.head(&tombstone).await?.is_some() {
+        return Err(VolumeError::NotFound(format!("{what} (deleted while its key was being changed)")));
+    }
     let now = replay::read_meta(base.as_ref(), vol).await?;
     match now.encryption.as_ref().map(|e| e.key_id.as_str()) {
-        Some(id) if id == new.id() && now.uuid == meta.uuid => Ok(new.id()),
+        Some(id) if id == new.id() => Ok(new.id()),
         other => Err(VolumeError::Store(crate::store::StoreError::Transient(format!(
             "{what}: volume.json names key {} after the rekey to {} (another rekey ran at the same time); check \
              with volume inspect and run it again",
