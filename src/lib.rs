@@ -5,7 +5,8 @@ pub mod attach;
 pub mod cli;
 pub mod clock;
 pub mod controller;
-pub mod crypto;
+/// Keys and sealed frames of encrypted volumes (`crates/crypto`).
+pub use s3blk_crypto as crypto;
 pub mod csi;
 pub mod error;
 pub mod location;

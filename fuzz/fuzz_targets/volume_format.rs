@@ -3,7 +3,7 @@
 //! (volume.json, snapshot records, journal records, checkpoints and their
 //! parts) and of chunk objects of every layout (whole, with a table,
 //! packed with lz4 or zstd) over arbitrary bytes, and the opening of
-//! sealed objects and wrapped keys of encrypted volumes (`src/crypto.rs`).
+//! sealed objects and wrapped keys of encrypted volumes (`crates/crypto`).
 //! Inputs that ever crashed
 //! belong in `corpus/volume_format/`, which the normal test suite replays
 //! with mutations (`src/volume/format.rs`).
@@ -13,7 +13,7 @@
 mod format;
 
 #[allow(dead_code)]
-#[path = "../../src/crypto.rs"]
+#[path = "../../crates/crypto/src/lib.rs"]
 mod crypto;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
