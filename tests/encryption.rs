@@ -3,6 +3,7 @@
 //! altered, swapped, replayed or cut object is found instead of read, and
 //! only the right key opens a volume.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -144,23 +145,6 @@ async fn an_encrypted_volume_stores_no_plaintext_and_reads_back(base: DynStore) 
             }
         }
     }
-}
-
-macro_rules! on_both_stores {
-    ($name:ident) => {
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn local() {
-                let dir = tempfile::tempdir().expect("tempdir");
-                super::$name(super::common::local_store(dir.path())).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn s3() {
-                let Some(store) = super::common::s3_store().await else { return };
-                super::$name(store).await
-            }
-        }
-    };
 }
 
 on_both_stores!(an_encrypted_volume_stores_no_plaintext_and_reads_back);

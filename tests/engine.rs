@@ -2,6 +2,7 @@
 //! real S3 server (moto), plus the fault-injecting store for crashes and
 //! retries.
 
+#[macro_use]
 mod common;
 
 use common::FaultRig;
@@ -49,24 +50,6 @@ async fn assert_stored(store: &DynStore, vol: &str, len: u64, want: &[u8], what:
     let got = open_ro(store, vol).await.read(0, len).await.expect("read");
     assert!(got == want, "{what}: the stored bytes differ");
     assert_fsck_clean(store, vol).await;
-}
-
-/// Run a test body against the local directory store and against S3.
-macro_rules! on_both_stores {
-    ($name:ident) => {
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn local() {
-                let dir = tempfile::tempdir().expect("tempdir");
-                super::$name(super::common::local_store(dir.path())).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn s3() {
-                let Some(store) = super::common::s3_store().await else { return };
-                super::$name(store).await
-            }
-        }
-    };
 }
 
 // ------------------------------------------------------------------ model

@@ -327,3 +327,22 @@ impl<A: Around> s3blk::store::ObjectStore for Wrapped<A> {
         self.inner.describe()
     }
 }
+
+/// Run a test body (`async fn(DynStore)` named `$name`) against the local directory store and against S3.
+#[allow(unused_macros)]
+macro_rules! on_both_stores {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn local() {
+                let dir = tempfile::tempdir().expect("tempdir");
+                super::$name(super::common::local_store(dir.path())).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn s3() {
+                let Some(store) = super::common::s3_store().await else { return };
+                super::$name(store).await
+            }
+        }
+    };
+}
