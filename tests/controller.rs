@@ -867,6 +867,12 @@ struct Restarted {
 /// node-a before a restart; a node plugin for node-a that has just started
 /// and consults `client`.
 async fn restarted_node(client: Client, names: &[&str]) -> Restarted {
+    restarted_node_with(client, names, None).await
+}
+
+/// [`restarted_node`]; with `key`, the volumes are encrypted and their
+/// stage records carry the key among their stage secrets.
+async fn restarted_node_with(client: Client, names: &[&str], key: Option<&str>) -> Restarted {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().join("store");
     std::fs::create_dir_all(&root).expect("store dir");
@@ -882,7 +888,8 @@ async fn restarted_node(client: Client, names: &[&str]) -> Restarted {
             parent: None,
             single_writer: false,
             compression: None,
-            encryption: None,
+            encryption: key
+                .map(|k| s3blk::volume::keys::NewKeys::fresh(s3blk::crypto::Kek::parse(k.as_bytes()).expect("a key"))),
         };
         Volume::create(store.clone(), &loc.prefix, opts, &SystemClock).await.expect("create");
         let a = s3blk::volume::catalog::Attachment { node_id: "node-a".into(), readonly: false, created_unix: now() };
@@ -892,6 +899,13 @@ async fn restarted_node(client: Client, names: &[&str]) -> Restarted {
             "device": format!("/dev/nbd-test-{i}"), "socket": state.join(format!("{i}.sock")),
             "export": format!("export-{i}"), "fs_type": null, "readonly": false, "cache_limit": 1 << 20,
         });
+        let mut record = record;
+        if let Some(k) = key {
+            // As an earlier version kept them: moved to the secrets directory on the way.
+            record["has_secrets"] = json!(true);
+            record["encrypted"] = json!(true);
+            record["secrets"] = json!({ "encryptionKey": k });
+        }
         std::fs::write(state.join(format!("{i}.json")), record.to_string()).expect("stage record");
         ids.push(loc.url());
     }
@@ -1035,6 +1049,43 @@ async fn a_stage_record_of_an_earlier_boot_is_dropped_and_its_device_left_alone(
     api.expect_silence().await;
     assert!(!r.serves(&r.ids[0]).await, "a volume staged before the reboot was served again on its old device");
     assert!(!path.exists(), "the stage record of an earlier boot stayed");
+}
+
+/// A restarted node plugin serves an encrypted volume again with the key
+/// its stage kept among the stage secrets (the kernel's reconnect finds it
+/// served), and only with it.
+#[tokio::test]
+async fn a_restarted_node_serves_an_encrypted_volume_again_with_its_stage_key() {
+    let key = "4d".repeat(32);
+    for (given, served) in [(key.clone(), true), ("4e".repeat(32), false)] {
+        let (client, mut api) = mock_client();
+        let r = restarted_node_with(client, &["sealed"], Some(&key)).await;
+        if !served {
+            // The record's key is not the volume's.
+            let path = r.state.join("0.json");
+            let mut rec: Value = serde_json::from_slice(&std::fs::read(&path).expect("record")).expect("json");
+            rec["secrets"] = json!({ "encryptionKey": given });
+            std::fs::write(&path, rec.to_string()).expect("record");
+        }
+        let recovery = r.node.recover();
+        let (_, reply) = api.expect("GET", "/apis/storage.k8s.io/v1/volumeattachments").await;
+        respond(reply, 503, &status(503, "ServiceUnavailable"));
+        tokio::time::timeout(Duration::from_secs(60), recovery).await.expect("recovery ends").expect("join");
+        use s3blk::csi::pb::node_server::Node;
+        let req = s3blk::csi::pb::NodeGetVolumeStatsRequest {
+            volume_id: r.ids[0].clone(),
+            volume_path: r.state.display().to_string(),
+            staging_target_path: String::new(),
+        };
+        // Served again: only its (test) device is missing. Not served: the
+        // volume it cannot open is reported so.
+        let message = match r.node.node_get_volume_stats(tonic::Request::new(req)).await {
+            Ok(stats) => stats.into_inner().volume_condition.expect("a condition").message,
+            Err(s) => s.message().to_string(),
+        };
+        let device_only = message.contains("is not connected since the plugin restarted");
+        assert_eq!(device_only, served, "key {}: {message}", &given[..4]);
+    }
 }
 
 #[tokio::test]
