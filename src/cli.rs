@@ -761,6 +761,22 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 .filter(|r| matches!(r, format::ChunkRef::Stored { layout: format::Layout::Packed(_), .. }))
                 .count() as u64;
             let patch_bytes: u64 = st.patches.values().map(|p| p.bytes()).sum();
+            // What the mapped chunks' objects take in the store (packed and
+            // sealed as they are), from one listing of them.
+            let sizes: std::collections::HashMap<(u64, u64), u64> =
+                store::list_all(keys::base(&store).as_ref(), &format::chunk_prefix(&loc.prefix))
+                    .await?
+                    .into_iter()
+                    .filter_map(|o| format::parse_chunk_key(&loc.prefix, &o.key).map(|ig| (ig, o.size)))
+                    .collect();
+            let stored_bytes: u64 = st
+                .map
+                .iter()
+                .filter_map(|(i, r)| match r {
+                    format::ChunkRef::Stored { generation, .. } => sizes.get(&(*i, *generation)).copied(),
+                    format::ChunkRef::Zero => None,
+                })
+                .sum();
             let occupant = lease::occupant(&store, &loc.prefix, None).await?;
             if json {
                 let writer = occupant.as_ref().map(|o| match o {
@@ -773,7 +789,7 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 let v = serde_json::json!({
                     "volume": loc.display(), "meta": meta, "size": st.size, "head_seq": st.head, "epoch": st.epoch,
                     "checkpoint": st.checkpoint, "mapped_chunks": st.map.len(), "stored_chunks": stored,
-                    "stored_bytes": stored * meta.chunk_size as u64, "chunks_with_table": tabled,
+                    "stored_bytes": stored_bytes, "chunks_with_table": tabled,
                     "compression": meta.compression.map_or("none", |c| c.name()), "packed_chunks": packed,
                     "encrypted": meta.encryption.is_some(),
                     "key_id": meta.encryption.as_ref().map(|e| e.key_id.clone()),
@@ -797,7 +813,12 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                     Some(e) => println!("encryption:    {} (key {}, data key {})", e.cipher, e.key_id, e.data_key_id),
                     None => println!("encryption:    none"),
                 }
-                println!("stored chunks: {} ({})", stored, format_size(stored * meta.chunk_size as u64));
+                println!(
+                    "stored chunks: {} ({} of data, {} in the store)",
+                    stored,
+                    format_size(stored * meta.chunk_size as u64),
+                    format_size(stored_bytes)
+                );
                 if tabled < stored {
                     println!(
                         "               {} of them whole (format 3: a read fetches the whole chunk)",

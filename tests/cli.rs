@@ -642,6 +642,9 @@ fn compressed_volumes_round_trip_through_the_cli() {
         assert_eq!(json["compression"], codec, "{json}");
         assert_eq!(json["format_version"], 5, "{json}");
         assert_eq!((json["stored_chunks"].as_u64(), json["packed_chunks"].as_u64()), (Some(16), Some(8)), "{json}");
+        // What the objects take, as the store holds them (the text packed).
+        let stored_bytes = json["stored_bytes"].as_u64().expect("stored_bytes");
+        assert_eq!(stored_bytes, bytes_under(&store.join("v").join("chunks")), "{json}");
         let text = ok(&s3blk(&[], &["volume", "inspect", &v]));
         assert!(text.contains(&format!("compression:   {codec} (8 of the stored chunks compressed)")), "{text}");
         let stored = bytes_under(&store.join("v").join("chunks"));
