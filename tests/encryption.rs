@@ -256,8 +256,9 @@ async fn damage_to_an_encrypted_volume_is_found(base: DynStore) {
         Err(VolumeError::Corrupt(_))
     ));
 
-    // volume.json's size changed.
-    let (vol, _) = setup().await;
+    // volume.json's size changed: refused at unlock, and by an open, fsck or
+    // compaction through a store unlocked before the change.
+    let (vol, store) = setup().await;
     let mk = format::meta_key(&vol);
     let mut meta = format::VolumeMeta::decode(&base.get(&mk, None).await.expect("get")).expect("meta");
     meta.size *= 2;
@@ -266,6 +267,14 @@ async fn damage_to_an_encrypted_volume_is_found(base: DynStore) {
         Err(VolumeError::Corrupt(why)) => assert!(why.contains("fails its tag"), "{why}"),
         other => panic!("a changed volume.json: {:?}", other.map(|_| ())),
     }
+    match Volume::open(store.clone(), &vol, OpenOptions::default()).await {
+        Err(VolumeError::Corrupt(why)) => assert!(why.contains("fails its tag"), "{why}"),
+        other => panic!("an open after volume.json changed: {:?}", other.map(|_| ())),
+    }
+    let opts = compact::CompactOptions { safety_age: Duration::ZERO, ..Default::default() };
+    assert!(matches!(compact::compact(&store, &vol, &opts, &clock()).await, Err(VolumeError::Corrupt(_))));
+    let errs = fsck_errors(&store, &vol).await;
+    assert!(errs.iter().any(|e| e.contains("volume.json") && e.contains("fails its tag")), "{errs:?}");
 
     // A snapshot record's seq changed.
     let (vol, store) = setup().await;

@@ -49,7 +49,15 @@ pub async fn fsck(
     };
     // Without its key an encrypted volume's records read as noise: refused,
     // not reported as damage.
-    super::keys::require(store, vol, &meta)?;
+    match super::keys::require(store, vol, &meta) {
+        Ok(()) => {}
+        Err(e @ VolumeError::Key(_)) => return Err(e),
+        // Its fields altered since the store was unlocked.
+        Err(e) => {
+            rep.errors.push(format!("volume.json: {e}"));
+            return Ok(rep);
+        }
+    }
     let chunk_size = meta.chunk_size as u64;
     let objects = crate::store::list_all(store, vol).await?;
     let mut journal = BTreeMap::new();

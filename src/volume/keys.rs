@@ -145,9 +145,21 @@ pub fn base(store: &DynStore) -> DynStore {
 }
 
 /// Refuse (with [`key_required`]) to read an encrypted volume whose
-/// `volume.json` is `meta` through a store that does not seal it.
+/// `volume.json` is `meta` through a store that does not seal it; through
+/// one that does, `meta` (read again since the store was unlocked) must
+/// still be the volume's, its fields unaltered.
 pub fn require(store: &dyn ObjectStore, vol: &str, meta: &VolumeMeta) -> VolumeResult<()> {
-    match meta.encryption.is_some() && !seals(store, vol) {
+    if let Some((data, uuid)) = uuid_of(store, vol) {
+        if meta.uuid != uuid {
+            return Err(VolumeError::Corrupt(format!(
+                "{}: volume.json names uuid {}, the volume unlocked was {uuid}",
+                describe(store, vol),
+                meta.uuid
+            )));
+        }
+        return check_meta(meta, &describe(store, vol), &data);
+    }
+    match meta.encryption.is_some() {
         true => Err(key_required(store, vol, meta)),
         false => Ok(()),
     }
