@@ -276,6 +276,15 @@ async fn damage_to_an_encrypted_volume_is_found(base: DynStore) {
     let errs = fsck_errors(&store, &vol).await;
     assert!(errs.iter().any(|e| e.contains("volume.json") && e.contains("fails its tag")), "{errs:?}");
 
+    // Another volume's volume.json (same key) put in its place.
+    let (vol, store) = setup().await;
+    let (other, _) = setup().await;
+    put_raw(&base, &format::meta_key(&vol), base.get(&format::meta_key(&other), None).await.expect("get")).await;
+    match Volume::open(store.clone(), &vol, OpenOptions::default()).await {
+        Err(VolumeError::Corrupt(why)) => assert!(why.contains("names uuid"), "{why}"),
+        other => panic!("another volume's volume.json: {:?}", other.map(|_| ())),
+    }
+
     // A snapshot record's seq changed.
     let (vol, store) = setup().await;
     snapshot_committed(&store, &vol, "s", None, &clock()).await.expect("snapshot");
