@@ -377,6 +377,18 @@ enum VolumeCmd {
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
     },
+    /// Make a clone stand alone: copy into it the chunks it still reads
+    /// through its parent, then let go of the parent, which can then be
+    /// deleted (takes over the volume as its writer while it copies). A
+    /// clone with snapshots taken before keeps its parent until they are
+    /// deleted; run it again then.
+    Flatten {
+        /// The clone: s3://bucket/prefix/name, file:///dir/name or a directory path.
+        url: String,
+        /// Flatten even while another writer holds the volume (it is fenced and loses its unflushed writes).
+        #[arg(long)]
+        takeover: bool,
+    },
     /// Grow a volume (takes over the volume as its writer while it runs).
     Resize {
         /// The volume: s3://bucket/prefix/name, file:///dir/name or a directory path.
@@ -840,6 +852,12 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 if let Some(p) = &meta.parent {
                     println!("parent:        {} @ {}", p.volume, p.snapshot);
                 }
+                if let Some(f) = &meta.flattened {
+                    println!(
+                        "parent:        none (flattened at seq {}; was {} @ {})",
+                        f.seq, f.parent.volume, f.parent.snapshot
+                    );
+                }
                 println!("snapshots:     {}", if snaps.is_empty() { "-".to_string() } else { snaps.join(", ") });
                 if meta.single_writer {
                     println!("mode:          single writer (store without conditional writes)");
@@ -964,6 +982,7 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 snapshot.map(|s| format!("@{s}")).unwrap_or_default()
             );
         }
+        VolumeCmd::Flatten { url, takeover } => flatten(&url, takeover, g).await?,
         VolumeCmd::Resize { url, size, takeover } => {
             let (loc, store) = connect(&url, g, true).await?;
             // Checked before the lease: a resize refused must not have
@@ -993,6 +1012,61 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `s3blk volume flatten`: the copy under the writer lease, then the
+/// parent let go of (also when an earlier run copied and stopped).
+async fn flatten(url: &str, takeover: bool, g: &Global) -> Result<()> {
+    let (loc, store) = connect(url, g, true).await?;
+    let meta = replay::read_meta(store.as_ref(), &loc.prefix).await?;
+    if meta.parent.is_none() && meta.flattened.is_none() {
+        bail!("{} is not a clone: it reads through no parent, there is nothing to flatten", loc.display());
+    }
+    need_key(&store, &loc).await?;
+    // Copied before (`flattened` beside `parent`): only the letting go is left.
+    let mut seq = None;
+    if meta.parent.is_some() && meta.flattened.is_none() {
+        let held = take_lease(&store, &loc, "flatten", takeover, g).await?;
+        let done = async {
+            let vol = Volume::open(store.clone(), &loc.prefix, g.open_options(false)).await?;
+            let cs = vol.chunk_size();
+            let shown: std::sync::Mutex<Option<Progress>> = std::sync::Mutex::new(None);
+            let progress = |done: u64, total: u64| {
+                let mut p = shown.lock().unwrap_or_else(|p| p.into_inner());
+                p.get_or_insert_with(|| Progress::new("copied", Some(total * cs))).update(done * cs);
+            };
+            let c = vol.copy_parents(&progress).await?;
+            println!(
+                "copied {} chunks of its parent's ({} of them zeros, no object); {} were its own already",
+                c.copied,
+                c.zero,
+                c.inherited.saturating_sub(c.copied)
+            );
+            Ok::<_, anyhow::Error>(c.seq)
+        }
+        .await;
+        held.release().await;
+        seq = Some(done.with_context(|| format!("cannot flatten {}", loc.display()))?);
+    }
+    let out = catalog::let_go_of_parent(&store, &loc.prefix, seq)
+        .await
+        .with_context(|| format!("cannot let go of the parent of {}", loc.display()))?;
+    match out {
+        catalog::ParentOutcome::LetGo { parent } => {
+            let parent = Location { prefix: parent, ..loc.clone() };
+            println!("{} no longer reads through {}", loc.display(), parent.display());
+        }
+        catalog::ParentOutcome::Kept { snapshots } => bail!(
+            "{} has its own copy of every chunk now, but keeps its parent: snapshots taken before ({}) read through \
+             it; delete them and run flatten again",
+            loc.display(),
+            snapshots.join(", ")
+        ),
+        catalog::ParentOutcome::NotAClone => {
+            bail!("{} is not a clone: it reads through no parent, there is nothing to flatten", loc.display())
+        }
+    }
+    Ok(())
 }
 
 /// Live volumes directly under a prefix: `(name, meta)`.

@@ -589,11 +589,32 @@ fn snapshots_list_delete_and_clones_from_the_cli() {
     assert_eq!(c2_bytes.len(), 8 << 20);
     assert!(c2_bytes[..1 << 20] == second[..], "the clone of the committed state");
     assert!(ok(&s3blk(&[], &["fsck", &c1])).contains("clean"));
-    // The source is kept for its clones; they go first, then it.
+    // The source is kept for its clones; they go first, or are flattened.
     one_line_error(&s3blk(&[], &["volume", "delete", &v]), "clones");
     ok(&s3blk(&[], &["volume", "delete", &c1]));
-    ok(&s3blk(&[], &["volume", "delete", &c2]));
+    one_line_error(&s3blk(&[], &["volume", "flatten", &v]), "is not a clone");
+    // A snapshot of the clone from before keeps its parent until it goes.
+    ok(&s3blk(&[], &["volume", "snapshot", &c2, "early"]));
+    let kept = s3blk(&[], &["volume", "flatten", &c2]);
+    assert!(String::from_utf8_lossy(&kept.stdout).contains("copied 16 chunks"), "{kept:?}");
+    let err = String::from_utf8_lossy(&kept.stderr);
+    assert_eq!(kept.status.code(), Some(1), "{err}");
+    // Progress of the copy, then one error line.
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: ") && last.contains("snapshots taken before (early)"), "{err}");
+    assert!(err.lines().filter(|l| l.starts_with("error")).count() == 1 && !err.contains("panicked"), "{err}");
+    ok(&s3blk(&[], &["volume", "snapshot", "delete", &c2, "early"]));
+    // The copy is on record: the second run only lets go of the parent.
+    let out = ok(&s3blk(&[], &["volume", "flatten", &c2]));
+    assert!(!out.contains("copied") && out.contains("no longer reads through"), "{out}");
+    let inspect = ok(&s3blk(&[], &["volume", "inspect", &c2]));
+    assert!(inspect.contains("parent:        none (flattened at seq"), "{inspect}");
     ok(&s3blk(&[], &["volume", "delete", &v]));
+    assert!(!Path::new(&v).exists(), "the flattened clone's parent was not deleted");
+    assert!(read(&c2) == c2_bytes, "the flattened clone reads other bytes without its parent");
+    assert!(ok(&s3blk(&[], &["fsck", &c2])).contains("clean"));
+    assert!(ok(&s3blk(&[], &["volume", "flatten", &c2])).contains("no longer reads through"), "run again");
+    ok(&s3blk(&[], &["volume", "delete", &c2]));
 }
 
 /// Bytes of the files under `dir`, recursively.
@@ -779,6 +800,12 @@ fn encrypted_volumes_through_the_cli() {
     one_line_error(&with(&k1, &["volume", "export", &v, "-"]), "wrong key for volume");
     assert!(export(&k2, &[&v]) == data, "the export after the rekey differs");
     assert!(export(&k1, &[&c]) == data, "the clone still opens with its key");
+    // Flattened (its volume.json changes, under its tag), it reads the same.
+    one_line_error(&s3blk(&[], &["volume", "flatten", &c]), "--key-file");
+    ok(&with(&k1, &["volume", "flatten", &c]));
+    assert!(export(&k1, &[&c]) == data, "the flattened clone differs");
+    let fsck: serde_json::Value = serde_json::from_str(&ok(&with(&k1, &["fsck", &c, "--json"]))).expect("fsck json");
+    assert_eq!(fsck["clean"], true, "{fsck}");
     // Listing needs no key (an encrypted volume's size is its size at
     // creation there), nor does deleting; a key given for a volume that is
     // not encrypted is not used, and says so.

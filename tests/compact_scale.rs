@@ -338,6 +338,7 @@ fn build(shape: Shape, spill: PathBuf) -> Arc<ScaleStore> {
         single_writer: false,
         compression: None,
         encryption: None,
+        flattened: None,
     };
     store.small_put(&format::meta_key(VOL), Bytes::from(meta.encode()));
     // The base checkpoint: its parts are generated when read; the manifest

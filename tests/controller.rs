@@ -73,6 +73,37 @@ impl ApiServer {
         (body_json(req).await, reply)
     }
 
+    /// Answer the PV patches and Events of a reconcile until it is done;
+    /// the Events it posted.
+    async fn answer_until_done(
+        &mut self,
+        task: tokio::task::JoinHandle<Result<Action, reconcile::ReconcileError>>,
+    ) -> Vec<Value> {
+        let mut events = Vec::new();
+        tokio::pin!(task);
+        loop {
+            tokio::select! {
+                done = &mut task => {
+                    done.expect("task").expect("reconcile");
+                    return events;
+                }
+                next = self.0.next_request() => {
+                    let (req, reply) = next.expect("the client is gone");
+                    let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+                    let body = body_json(req).await;
+                    match (method.as_str(), path.as_str()) {
+                        ("PATCH", p) if p.starts_with("/api/v1/persistentvolumes/") => respond(reply, 200, &json!({})),
+                        ("POST", "/apis/events.k8s.io/v1/namespaces/default/events") => {
+                            respond(reply, 201, &body);
+                            events.push(body);
+                        }
+                        other => panic!("unexpected request {other:?}"),
+                    }
+                }
+            }
+        }
+    }
+
     /// No request arrives within a short while.
     async fn expect_silence(&mut self) {
         if let Ok(Some((req, _))) = tokio::time::timeout(Duration::from_millis(300), self.0.next_request()).await {
@@ -286,6 +317,114 @@ async fn a_due_volume_is_compacted_annotated_and_gets_an_event() {
     assert_eq!(task.await.expect("task").expect("reconcile"), Action::requeue(INTERVAL));
     api.expect_silence().await;
     assert_eq!(chunk_objects(&store, "pvc-1/").await, 1);
+}
+
+/// A clone of a class with `flatten: "true"` that no node serves is
+/// flattened by the reconcile after its compaction (a Flattened Event);
+/// the same clone while a node is recorded as using it is left to that
+/// node; a PV without the parameter is not flattened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconcile_flattens_a_clone_no_node_serves() {
+    use s3blk::volume::catalog;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = common::local_store(dir.path());
+    volume_with_garbage(&store, "src/", 2).await;
+    for c in ["pvc-1/", "pvc-2/"] {
+        catalog::clone_volume(&store, "src/", None, c, c, None, &SystemClock).await.expect("clone");
+    }
+    let root = Location::parse(&format!("file://{}", dir.path().display()), false).expect("root");
+    let clock = Arc::new(ManualClock::new(now()));
+    let (client, mut api) = mock_client();
+    let ctx = context(client, Arc::new(Stores::new(common::fast_policy())), Some(root.clone()), clock);
+    let flatten = json!({"volumeAttributes": {"flatten": "true"}});
+    let meta = |vol: &'static str| {
+        let store = store.clone();
+        async move { s3blk::volume::replay::read_meta(store.as_ref(), vol).await.expect("meta") }
+    };
+    let reconcile_one = |name: &'static str, vol: &str, csi: Value| {
+        let pv = pv(name, DRIVER, &root.child(vol).url(), json!({}), csi);
+        tokio::spawn(reconcile::reconcile(Arc::new(pv), ctx.clone()))
+    };
+
+    // Not asked: compacted, not flattened.
+    let events = api.answer_until_done(reconcile_one("pv-2", "pvc-2", json!({}))).await;
+    assert!(events.iter().all(|e| e["action"] == "Compact"), "{events:?}");
+    assert!(meta("pvc-2/").await.parent.is_some(), "flattened without being asked");
+
+    // Asked, but a node uses it (its attachment record): left to the node.
+    let a = catalog::Attachment { node_id: "node-a".into(), readonly: false, created_unix: now() };
+    catalog::attach(&store, "pvc-1/", &a).await.expect("attach");
+    let events = api.answer_until_done(reconcile_one("pv-1", "pvc-1", flatten.clone())).await;
+    assert!(events.iter().all(|e| e["action"] == "Compact"), "{events:?}");
+    assert!(meta("pvc-1/").await.parent.is_some(), "flattened under a node that serves it");
+
+    // Asked, and no node uses it: flattened, and the parent can go.
+    catalog::detach(&store, "pvc-1/", "node-a").await.expect("detach");
+    let events = api.answer_until_done(reconcile_one("pv-1", "pvc-1", flatten)).await;
+    let flat: Vec<&Value> = events.iter().filter(|e| e["action"] == "Flatten").collect();
+    assert_eq!(flat.len(), 1, "{events:?}");
+    assert_eq!((flat[0]["type"].as_str(), flat[0]["reason"].as_str()), (Some("Normal"), Some("Flattened")));
+    assert!(flat[0]["note"].as_str().is_some_and(|n| n.contains("no longer reads through")), "{events:?}");
+    let m = meta("pvc-1/").await;
+    assert!(m.parent.is_none() && m.flattened.is_some(), "{m:?}");
+    assert!(store.head(&format::clone_marker_key("src/", "pvc-1/")).await.expect("head").is_none());
+    assert!(store.head("pvc-1/lease.json").await.expect("head").is_none(), "the lease was not released");
+    let ro = OpenOptions { read_only: true, ..OpenOptions::default() };
+    let v = Volume::open(store.clone(), "pvc-1/", ro).await.expect("open");
+    assert_eq!(v.read(0, CS as u64).await.expect("read"), vec![2u8; CS as usize]);
+}
+
+/// A ControllerPublish that writes its attachment just after the
+/// controller's flatten wrote its lease (it then sees that lease and is
+/// refused): the flatten, listing attachments after its lease, opens no
+/// writer beside the node's, and lets the lease go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flatten_never_opens_a_writer_once_a_publish_wrote_its_attachment() {
+    use s3blk::volume::catalog;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plain = common::local_store(dir.path());
+    volume_with_garbage(&plain, "src/", 1).await;
+    catalog::clone_volume(&plain, "src/", None, "pvc-1/", "pvc-1/", None, &SystemClock).await.expect("clone");
+    let head = || async {
+        s3blk::volume::replay::replay(plain.as_ref(), "pvc-1/", CS as u64, None).await.expect("replay").head
+    };
+    let before = head().await;
+    let root = Location::parse(&format!("file://{}", dir.path().display()), false).expect("root");
+    let stores = Arc::new(Stores::new(common::fast_policy()));
+    stores.register(&root.store, common::Wrapped::new(plain.clone(), AttachAfterLease));
+    let (client, mut api) = mock_client();
+    let ctx = context(client, stores, Some(root.clone()), Arc::new(ManualClock::new(now())));
+    let csi = json!({"volumeAttributes": {"flatten": "true"}});
+    let pv = pv("pv-1", DRIVER, &root.child("pvc-1").url(), json!({}), csi);
+    let events = api.answer_until_done(tokio::spawn(reconcile::reconcile(Arc::new(pv), ctx))).await;
+    assert!(events.iter().all(|e| e["action"] == "Compact"), "{events:?}");
+    assert_eq!(head().await, before, "the flatten opened a writer (its open record) beside the attached node's");
+    let m = s3blk::volume::replay::read_meta(plain.as_ref(), "pvc-1/").await.expect("meta");
+    assert!(m.parent.is_some() && m.flattened.is_none(), "{m:?}");
+    assert!(plain.head("pvc-1/lease.json").await.expect("head").is_none(), "the lease was not let go");
+}
+
+/// Writes an attachment of node-a right after a volume's lease is written.
+#[derive(Debug)]
+struct AttachAfterLease;
+
+#[async_trait::async_trait]
+impl common::Around for AttachAfterLease {
+    async fn put(
+        &self,
+        inner: &DynStore,
+        key: &str,
+        body: bytes::Bytes,
+        mode: store::PutMode,
+    ) -> store::StoreResult<()> {
+        inner.put(key, body, mode).await?;
+        if let Some(vol) = key.strip_suffix("lease.json") {
+            let a =
+                s3blk::volume::catalog::Attachment { node_id: "node-a".into(), readonly: false, created_unix: now() };
+            s3blk::volume::catalog::attach(inner, vol, &a).await.expect("attach");
+        }
+        Ok(())
+    }
 }
 
 /// A missing secret is a failure: a Warning Event, the failure count on the

@@ -258,6 +258,45 @@ async fn concurrent_creates_of_one_name_make_one_volume() {
     assert_eq!(ids.len(), 1);
 }
 
+/// While the controller's flatten holds a volume's writer lease, a
+/// read-write ControllerPublish answers UNAVAILABLE (its attachment is
+/// written first, which the flatten sees and stops for); once the lease
+/// is gone, the retry publishes. A lease of another command (a CLI serve)
+/// does not hold a publish back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_waits_while_the_controller_flattens_the_volume() {
+    use s3blk::clock::SystemClock;
+    use s3blk::volume::lease::{LEASE_TTL, Lease};
+    let Some(mut d) = driver().await else { return };
+    let v = create(&mut d, "pvc-flat", 1 << 20).await;
+    let prefix = prefix_of(&v.volume_id);
+    let publish = pb::ControllerPublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: "node-a".into(),
+        volume_capability: Some(rwo()),
+        readonly: false,
+        secrets: secrets(),
+        volume_context: HashMap::new(),
+    };
+    let flatten = s3blk::controller::reconcile::FLATTEN_LEASE;
+    let held = Lease::acquire(&d.store, &prefix, flatten, false, LEASE_TTL, &SystemClock).await.expect("lease");
+    let refused = d.ctl.controller_publish_volume(publish.clone()).await;
+    assert_eq!(code(refused), Code::Unavailable);
+    let attached = s3blk::volume::catalog::attachments(&d.store, &prefix).await.expect("attachments");
+    assert_eq!(attached.len(), 1, "the attachment the flatten stops for");
+    held.release().await;
+    d.ctl.controller_publish_volume(publish.clone()).await.expect("published once the flatten let go");
+    let unpub = pb::ControllerUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: "node-a".into(),
+        secrets: secrets(),
+    };
+    d.ctl.controller_unpublish_volume(unpub).await.expect("unpublish");
+    let other = Lease::acquire(&d.store, &prefix, "serve", false, LEASE_TTL, &SystemClock).await.expect("lease");
+    d.ctl.controller_publish_volume(publish).await.expect("another command's lease holds nothing back");
+    other.release().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_fences_a_second_writer_node() {
     let Some(mut d) = driver().await else { return };
@@ -453,7 +492,20 @@ async fn snapshots_and_clones_restore_the_right_bytes() {
             volume_id: clone.volume_id.clone(),
         })),
     });
-    let clone2 = d.ctl.create_volume(cc).await.expect("clone of clone").into_inner().volume.expect("volume");
+    let clone2 = d.ctl.create_volume(cc.clone()).await.expect("clone of clone").into_inner().volume.expect("volume");
+    assert_eq!(read(&d, &clone2.volume_id, 0, 10).await, b"clone-only");
+    assert_eq!(read(&d, &clone2.volume_id, 1000 + 150_000, 10).await, expect[150_000..150_010]);
+    // Flattened (the chunks of both ancestors copied), the clone of the
+    // clone reads the same, and a CreateVolume asked again (its pin in the
+    // source is gone) answers with it.
+    let prefix = prefix_of(&clone2.volume_id);
+    let v = Volume::open(d.store.clone(), &prefix, OpenOptions::default()).await.expect("open");
+    let copied = v.copy_parents(&|_, _| {}).await.expect("copy");
+    drop(v);
+    let out = s3blk::volume::catalog::let_go_of_parent(&d.store, &prefix, Some(copied.seq)).await.expect("let go");
+    assert!(matches!(out, s3blk::volume::catalog::ParentOutcome::LetGo { .. }), "{out:?}");
+    let again = d.ctl.create_volume(cc).await.expect("asked again after the flatten").into_inner();
+    assert_eq!(again.volume.expect("volume").volume_id, clone2.volume_id);
     assert_eq!(read(&d, &clone2.volume_id, 0, 10).await, b"clone-only");
     assert_eq!(read(&d, &clone2.volume_id, 1000 + 150_000, 10).await, expect[150_000..150_010]);
 

@@ -329,7 +329,7 @@ async fn nbd_buffers_of_every_volume_share_one_bound() {
     for name in ["a", "b"] {
         let id = n.create(name, 64 << 20).await;
         let sock = sockets.path().join(format!("{name}.sock"));
-        served.push(n.node.serve_unattached(&id, &sock, name).await.expect("serve"));
+        served.push(n.node.serve_unattached(&id, &sock, name, false).await.expect("serve"));
     }
     let mut a = common::nbd_client::Client::connect(&sockets.path().join("a.sock"), "a").await;
     let mut b = common::nbd_client::Client::connect(&sockets.path().join("b.sock"), "b").await;
@@ -470,4 +470,65 @@ async fn staging_opens_an_encrypted_volume_with_the_secrets_key_only() {
         Err(s) => assert!(s.code() == tonic::Code::FailedPrecondition && s.message().contains("in the clear"), "{s:?}"),
         Ok(_) => panic!("an unencrypted volume served as an encrypted one"),
     }
+}
+
+/// A clone served with the volume context's `flatten: "true"` is flattened
+/// by the node's writer in the background while an NBD client writes to
+/// it: its `volume.json` then names no parent, the parent can be deleted,
+/// and the clone reads what it read and what was written. Served without
+/// it, a clone keeps its parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_served_with_flatten_is_flattened_beside_its_writes() {
+    use s3blk::volume::catalog;
+    let n = node(64 * CS, 64 * CS, Duration::ZERO);
+    let (src, v) = n.volume("src", 16 * CS).await;
+    let data = common::pattern(5, 16 * CS as usize);
+    write_and_flush(&v, &data).await;
+    drop(v);
+    let sockets = tempfile::tempdir().expect("tempdir");
+    let mut expected = data.clone();
+    for (name, flatten) in [("plain", false), ("flat", true)] {
+        let loc = Location::parse(&format!("file://{}/{name}", n.root.display()), true).expect("url");
+        let clock = s3blk::clock::SystemClock;
+        catalog::clone_volume(&n.plain, &src, None, &loc.prefix, name, None, &clock).await.expect("clone");
+        let sock = sockets.path().join(format!("{name}.sock"));
+        let served = n.node.serve_unattached(&loc.url(), &sock, name, flatten).await.expect("serve");
+        let mut c = common::nbd_client::Client::connect(&sock, name).await;
+        let meta = || async { s3blk::volume::replay::read_meta(n.plain.as_ref(), &loc.prefix).await.expect("meta") };
+        let mut h = 1;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        // Pages written all the while, until it is flattened (or, without
+        // the parameter, for a while).
+        loop {
+            let at = (h % 16) * CS + (h % 7) * 4096;
+            let page = common::pattern(100 + h, 4096);
+            assert_eq!(c.write(h, at, &page).await, 0, "write");
+            expected[at as usize..at as usize + 4096].copy_from_slice(&page);
+            h += 1;
+            // Both steps done: `flattened` on record and the parent gone.
+            let m = meta().await;
+            let flattened = m.flattened.is_some() && m.parent.is_none();
+            if flattened || tokio::time::Instant::now() > deadline || (!flatten && h > 40) {
+                assert_eq!(flattened, flatten, "{name}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(c.flush(h).await, 0, "flush");
+        assert!(c.read(h + 1, 0, 16 * CS as u32).await.expect("read") == expected, "{name} reads other bytes");
+        n.node.stop_serving(served).await.expect("stop");
+        if flatten {
+            assert!(meta().await.parent.is_none());
+        } else {
+            // The unflattened clone goes, so that the parent can.
+            let del = catalog::delete_volume(&n.plain, &loc.prefix, catalog::OnDependants::RefuseClones, &clock).await;
+            assert!(matches!(del, Ok(catalog::DeleteOutcome::Deleted { .. })), "{del:?}");
+            expected = data.clone();
+        }
+    }
+    let clock = s3blk::clock::SystemClock;
+    let del = catalog::delete_volume(&n.plain, &src, catalog::OnDependants::RefuseClones, &clock).await;
+    assert!(matches!(del, Ok(catalog::DeleteOutcome::Deleted { .. })), "the flattened clone's parent: {del:?}");
+    let flat = Location::parse(&format!("file://{}/flat", n.root.display()), true).expect("url").prefix;
+    assert!(n.stored(&flat, 16 * CS).await == expected, "the flattened clone without its parent");
 }

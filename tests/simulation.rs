@@ -693,6 +693,8 @@ struct Counts {
     snapshots_deleted: u64,
     clones: u64,
     clones_deleted: u64,
+    /// Clones flattened: their parent let go of.
+    flattens: u64,
     bursts: u64,
     storms: u64,
     unreadable_snapshots_reported: u64,
@@ -2789,6 +2791,8 @@ async fn clone_life(ctx: Ctx, n: u64, snap: String) {
     let blocks = size / BLOCK;
     let mut after_delete = rng.random_range(0..8);
     let mut readers = 0;
+    let mut flattens = 0;
+    let flattening = Arc::new(AtomicBool::new(false));
     while !ctx.done() {
         sleep(ms(&mut rng, 0..3000)).await;
         if ctx.oracle().clones[c].deleting.is_some() {
@@ -2863,10 +2867,61 @@ async fn clone_life(ctx: Ctx, n: u64, snap: String) {
                     Err(_) => ctx.event(&format!("{name}: flush cancelled after {bound:?}")),
                 }
             }
+            // Now and then, flatten it (once at a time), beside its writes.
+            _ if rng.random_range(0..4) == 0 => {
+                if !flattening.swap(true, Ordering::SeqCst) {
+                    flattens += 1;
+                    let (ctx2, vol, store) = (ctx.clone(), vol.clone(), store.clone());
+                    let (who, prefix, busy) = (format!("{name}f{flattens}"), prefix.clone(), flattening.clone());
+                    ctx.spawn(async move {
+                        flatten_clone(&ctx2, c, &who, &store, &prefix, &vol).await;
+                        busy.store(false, Ordering::SeqCst);
+                    });
+                }
+            }
             _ => {
                 readers += 1;
                 let stay = ms(&mut rng, 5_000..120_000);
                 ctx.spawn(clone_reader(ctx.clone(), c, format!("{name}r{readers}"), stay));
+            }
+        }
+    }
+}
+
+/// Flatten clone `c` as `s3blk volume flatten` does, through its writer
+/// `vol` (whose writes go on meanwhile): copy, then let go of the parent.
+/// Its reads must not change; the parent's compaction may then take what
+/// the clone read through it.
+async fn flatten_clone(ctx: &Ctx, c: usize, who: &str, store: &DynStore, prefix: &str, vol: &Volume) {
+    let copied = match vol.copy_parents(&|_, _| {}).await {
+        Ok(copied) => copied,
+        Err(e) => {
+            ctx.event(&format!("{who}: copy failed: {e}"));
+            ctx.oracle().clone_error(c, who, "flatten", &e);
+            return;
+        }
+    };
+    ctx.event(&format!(
+        "{who}: copied {} of {} inherited chunks, covered from seq {}",
+        copied.copied, copied.inherited, copied.seq
+    ));
+    match catalog::let_go_of_parent(store, prefix, Some(copied.seq)).await {
+        Ok(catalog::ParentOutcome::LetGo { parent }) => {
+            ctx.event(&format!("{who}: let go of {parent}"));
+            ctx.oracle().counts.flattens += 1;
+        }
+        Ok(other) => {
+            // No snapshot of a clone is taken here: nothing keeps the parent.
+            ctx.oracle().violation("flatten", format!("{who}: {other:?}"));
+        }
+        Err(catalog::CatalogError::Store(e) | catalog::CatalogError::Volume(VolumeError::Store(e))) => {
+            ctx.event(&format!("{who}: letting go failed: {e}"));
+        }
+        Err(e) => {
+            ctx.event(&format!("{who}: letting go failed: {e}"));
+            let mut o = ctx.oracle();
+            if o.clones[c].deleting.is_none() {
+                o.violation("flatten", format!("{who}: {e}"));
             }
         }
     }
@@ -3580,6 +3635,7 @@ fn simulation() {
         total.snapshots_deleted += c.snapshots_deleted;
         total.clones += c.clones;
         total.clones_deleted += c.clones_deleted;
+        total.flattens += c.flattens;
         total.bursts += c.bursts;
         total.storms += c.storms;
         total.unreadable_snapshots_reported += c.unreadable_snapshots_reported;

@@ -28,6 +28,7 @@ use crate::clock::Clock;
 use crate::csi::common::Stores;
 use crate::location::{Location, StoreSpec};
 use crate::size::format_size;
+use crate::store::DynStore;
 use crate::volume::VolumeError;
 use crate::volume::compact::{self, CompactOptions, CompactReport};
 use crate::volume::format;
@@ -363,7 +364,11 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
         return Err(e);
     }
     let reference = pv_reference(&pv);
-    for ev in events_for(&outcome) {
+    let mut events = events_for(&outcome);
+    if flatten_wanted(&pv) && matches!(outcome, Outcome::Compacted(_)) {
+        events.extend(flatten_unserved(&pv, handle, &ctx).await);
+    }
+    for ev in events {
         // An Event that cannot be written is not worth a second compaction:
         // the annotations above already tell the outcome.
         if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
@@ -417,15 +422,153 @@ fn allowed(loc: &Location, default_store: Option<&Location>) -> bool {
 }
 
 async fn compact_volume(pv: &PersistentVolume, handle: &str, ctx: &Context) -> Outcome {
+    let (loc, store) = match volume_store(pv, handle, ctx).await {
+        Ok(found) => found,
+        Err(failed) => return failed,
+    };
+    match compact::compact(&store, &loc.prefix, &ctx.compact, ctx.clock.as_ref()).await {
+        Ok(r) => Outcome::Compacted(r),
+        Err(e @ VolumeError::Key(_)) => Outcome::failed("EncryptionKeyMissing", e),
+        Err(e @ VolumeError::Fenced(_)) => Outcome::failed("Fenced", e),
+        Err(e @ VolumeError::NotFound(_)) => Outcome::failed("VolumeNotFound", e),
+        Err(e) => Outcome::failed("CompactionFailed", e),
+    }
+}
+
+/// Does the PV's StorageClass ask for its clones to be flattened?
+pub fn flatten_wanted(pv: &PersistentVolume) -> bool {
+    let attrs = pv.spec.as_ref().and_then(|s| s.csi.as_ref()).and_then(|c| c.volume_attributes.as_ref());
+    attrs.and_then(|a| a.get(crate::csi::common::FLATTEN)).is_some_and(|v| v == "true")
+}
+
+/// The writer lease command of the controller's flatten: ControllerPublish
+/// answers UNAVAILABLE while a live lease of this command is on the
+/// volume (and the flatten, seeing the attachment, stops and lets go).
+pub const FLATTEN_LEASE: &str = "flatten (s3blk controller)";
+
+/// How often a flatten under way looks for an attachment.
+const ATTACHMENT_POLL: Duration = Duration::from_secs(2);
+
+/// Flatten the PV's volume when it is a clone no node serves (a node
+/// serving one flattens it itself, as its writer): under the volume's
+/// writer lease, copy what it reads through its parent, then let go of
+/// the parent. The lease and an attachment exclude each other: this
+/// writes the lease and then lists attachments; ControllerPublish writes
+/// its attachment and then reads the lease. So a node never opens the
+/// volume while this writer lives: a publish meanwhile is refused until
+/// the copy, which looks for attachments while it runs, stops and lets
+/// the lease go. `None`: nothing to do or say.
+pub async fn flatten_unserved(pv: &PersistentVolume, handle: &str, ctx: &Context) -> Option<Event> {
+    let ev = |type_, reason: &str, note: String| Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(clip(&note)),
+        action: "Flatten".to_string(),
+        secondary: None,
+    };
+    let failed = |note: String| Some(ev(EventType::Warning, "FlattenFailed", note));
+    // A PV released or being deleted: its volume may be on its way out.
+    if pv.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p != "Bound") {
+        return None;
+    }
+    let (loc, store) = match volume_store(pv, handle, ctx).await {
+        Ok(found) => found,
+        Err(Outcome::Failed { message, .. }) => return failed(message),
+        Err(Outcome::Compacted(_)) => return None,
+    };
+    let meta = match crate::volume::replay::read_meta(store.as_ref(), &loc.prefix).await {
+        Ok(m) => m,
+        Err(e) => return failed(e.to_string()),
+    };
+    // Copied already when `flattened` is there: only the letting go is left.
+    let seq = match (&meta.parent, &meta.flattened) {
+        (None, None) => return None,
+        (Some(_), None) if meta.single_writer => {
+            // No fencing on such a volume: no writer of the controller's beside a node's.
+            return failed("a volume in single-writer mode is flattened with `s3blk volume flatten` only".into());
+        }
+        (Some(_), None) => match copy_unserved(&store, &loc, ctx).await {
+            Ok(Some(seq)) => Some(seq),
+            Ok(None) => return None,
+            Err(e) => return failed(format!("copying what the clone reads through its parent: {e}")),
+        },
+        _ => None,
+    };
+    match crate::volume::catalog::let_go_of_parent(&store, &loc.prefix, seq).await {
+        Ok(crate::volume::catalog::ParentOutcome::LetGo { parent }) if meta.parent.is_some() => Some(ev(
+            EventType::Normal,
+            "Flattened",
+            format!("the volume has its own copy of every chunk and no longer reads through {parent}"),
+        )),
+        Ok(crate::volume::catalog::ParentOutcome::Kept { snapshots }) => Some(ev(
+            EventType::Normal,
+            "FlattenWaiting",
+            format!(
+                "the volume has its own copy of every chunk, but snapshots of it taken before ({}) still read through \
+                 its parent; it lets go of the parent once they are deleted",
+                snapshots.join(", ")
+            ),
+        )),
+        Ok(_) => None,
+        Err(e) => failed(format!("letting go of the parent: {e}")),
+    }
+}
+
+/// The copy of [`flatten_unserved`], under the writer lease: the seq its
+/// copy is committed at, or `None` when a node uses the volume (before
+/// or while it copies; what it committed stays).
+async fn copy_unserved(store: &DynStore, loc: &Location, ctx: &Context) -> Result<Option<u64>, String> {
+    use crate::volume::lease::{self, Lease, LeaseError};
+    let held =
+        match Lease::acquire(store, &loc.prefix, FLATTEN_LEASE, false, lease::LEASE_TTL, ctx.clock.as_ref()).await {
+            Ok(l) => l,
+            Err(LeaseError::Busy(_)) => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
+    let attached = || async {
+        crate::volume::catalog::attachments(store, &loc.prefix).await.map(|a| !a.is_empty()).map_err(|e| e.to_string())
+    };
+    let copied = async {
+        // After the lease is written: an attachment written before it is seen here.
+        if attached().await? {
+            return Ok(None);
+        }
+        let vol = crate::volume::Volume::open(store.clone(), &loc.prefix, crate::volume::OpenOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let copy = vol.copy_parents(&|_, _| {});
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                biased;
+                c = &mut copy => return c.map(|c| Some(c.seq)).map_err(|e| e.to_string()),
+                _ = tokio::time::sleep(ATTACHMENT_POLL) => {
+                    // A node is on its way: stop (dropping the copy is safe:
+                    // what is not committed reads the same through the parent).
+                    if attached().await? {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    held.release().await;
+    copied
+}
+
+/// The PV's volume and its store (unlocked with the key of the PV's
+/// secret when encrypted), or the outcome that says why not.
+async fn volume_store(pv: &PersistentVolume, handle: &str, ctx: &Context) -> Result<(Location, DynStore), Outcome> {
     let loc = match Location::parse(handle, true) {
         Ok(l) => l,
-        Err(e) => return Outcome::failed("InvalidVolumeHandle", format!("volume handle {handle:?}: {e}")),
+        Err(e) => return Err(Outcome::failed("InvalidVolumeHandle", format!("volume handle {handle:?}: {e}"))),
     };
     if !allowed(&loc, ctx.default_store.as_ref()) {
-        return Outcome::failed(
+        return Err(Outcome::failed(
             "InvalidVolumeHandle",
             format!("volume handle {handle:?} is a local path outside --store; not compacted"),
-        );
+        ));
     }
     let secrets = match credentials_for(pv) {
         Credentials::PodEnvironment => HashMap::new(),
@@ -434,36 +577,32 @@ async fn compact_volume(pv: &PersistentVolume, handle: &str, ctx: &Context) -> O
             match api.get_opt(&name).await {
                 Ok(Some(s)) => secret_values(&s),
                 Ok(None) => {
-                    return Outcome::failed(
+                    return Err(Outcome::failed(
                         "SecretNotFound",
                         format!("secret {namespace}/{name} ({source}) does not exist"),
-                    );
+                    ));
                 }
                 Err(e) => {
-                    return Outcome::failed("SecretUnreadable", format!("secret {namespace}/{name} ({source}): {e}"));
+                    return Err(Outcome::failed(
+                        "SecretUnreadable",
+                        format!("secret {namespace}/{name} ({source}): {e}"),
+                    ));
                 }
             }
         }
     };
     let store = match ctx.stores.get(&loc, &secrets).await {
         Ok(s) => s,
-        Err(e) => return Outcome::failed("StoreUnavailable", e.message()),
+        Err(e) => return Err(Outcome::failed("StoreUnavailable", e.message())),
     };
     // An encrypted volume compacts with the key in the same secret.
     let kek = match crate::csi::common::kek_of(&secrets) {
         Ok(k) => k,
-        Err(e) => return Outcome::failed("EncryptionKeyInvalid", e.message()),
+        Err(e) => return Err(Outcome::failed("EncryptionKeyInvalid", e.message())),
     };
-    let store = match crate::csi::common::unlocked(&store, &loc, kek.as_ref()).await {
-        Ok(s) => s,
-        Err(e) => return Outcome::failed("EncryptionKeyWrong", e.message()),
-    };
-    match compact::compact(&store, &loc.prefix, &ctx.compact, ctx.clock.as_ref()).await {
-        Ok(r) => Outcome::Compacted(r),
-        Err(e @ VolumeError::Key(_)) => Outcome::failed("EncryptionKeyMissing", e),
-        Err(e @ VolumeError::Fenced(_)) => Outcome::failed("Fenced", e),
-        Err(e @ VolumeError::NotFound(_)) => Outcome::failed("VolumeNotFound", e),
-        Err(e) => Outcome::failed("CompactionFailed", e),
+    match crate::csi::common::unlocked(&store, &loc, kek.as_ref()).await {
+        Ok(s) => Ok((loc, s)),
+        Err(e) => Err(Outcome::failed("EncryptionKeyWrong", e.message())),
     }
 }
 

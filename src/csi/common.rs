@@ -21,6 +21,9 @@ pub type RpcResult<T> = Result<tonic::Response<T>, Status>;
 pub const ENCRYPTION_KEY: &str = "encryptionKey";
 /// The volume context key that says a volume was provisioned encrypted.
 pub const ENCRYPTED: &str = "encrypted";
+/// The StorageClass parameter (and volume context key) that has clones
+/// and restores flattened: "true" or "false" (the default).
+pub const FLATTEN: &str = "flatten";
 
 /// The key in a request's secrets, when there is one.
 pub fn kek_of(secrets: &HashMap<String, String>) -> Result<Option<crate::crypto::Kek>, Status> {

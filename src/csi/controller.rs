@@ -144,6 +144,17 @@ fn parse_params(p: &HashMap<String, String>) -> Result<Params, Status> {
             "mkfsOptions" => {
                 out.context.insert(k.clone(), v.clone());
             }
+            // Clones and restores of the class copy what they read through
+            // their source, and then let go of it (the node serving one, or
+            // the controller's reconcile loop for one no node serves).
+            super::common::FLATTEN => {
+                let on = match v.trim().to_ascii_lowercase().as_str() {
+                    "true" => "true",
+                    "false" => "false",
+                    _ => return Err(Status::invalid_argument(format!("parameter flatten: {v:?} (true or false)"))),
+                };
+                out.context.insert(k.clone(), on.to_string());
+            }
             // Keys the sidecars and Kubernetes add for themselves.
             k if k.starts_with("csi.storage.k8s.io/") => {}
             other => return Err(Status::invalid_argument(format!("unknown parameter {other:?}"))),
@@ -792,7 +803,13 @@ impl ControllerService {
                 if meta.encryption.is_some() != encrypted {
                     differs.push(format!("encrypted {} (asked: {encrypted})", meta.encryption.is_some()));
                 }
-                if meta.parent != parent || (source.is_some() && parent.is_none()) {
+                // A clone flattened since no longer has the pin the source
+                // is looked up by: its source volume is what is compared.
+                let same_source = match (&meta.parent, &meta.flattened, &source) {
+                    (None, Some(f), Some((sloc, _, _))) => f.parent.volume == sloc.prefix,
+                    _ => meta.source() == parent.as_ref() && (source.is_none() || parent.is_some()),
+                };
+                if !same_source {
                     differs.push("another source".to_string());
                 }
                 // Volumes made before the record was kept (or by the CLI) have none.
@@ -1031,6 +1048,21 @@ impl ControllerService {
             }
             let a = Attachment { node_id: req.node_id.clone(), readonly, created_unix: self.clock.now_unix() };
             catalog::attach(&store, &loc.prefix, &a).await.map_err(catalog_status)?;
+        }
+        // After the attachment is written: the controller's flatten writes
+        // its lease and then lists attachments, so one of the two sees the
+        // other, and a node never opens the volume beside that writer. The
+        // flatten sees the attachment and stops; a retry then goes through.
+        if !readonly
+            && let Some(crate::volume::lease::Occupant::Lease { holder, .. }) =
+                crate::volume::lease::occupant(&store, &loc.prefix, None).await.map_err(super::common::status)?
+            && holder.command == crate::controller::reconcile::FLATTEN_LEASE
+        {
+            return Err(Status::unavailable(format!(
+                "volume {} is being flattened by the controller (it stops now that the volume is being attached); \
+                 retry in a few seconds",
+                loc.url()
+            )));
         }
         let mut ctx = HashMap::new();
         ctx.insert("readonly".to_string(), readonly.to_string());
@@ -1518,7 +1550,9 @@ mod tests {
         assert_eq!(p(&[("compression", "zstd")]).unwrap().compression, Some(format::Codec::Zstd));
         assert_eq!(p(&[("compression", "LZ4")]).unwrap().compression, Some(format::Codec::Lz4));
         assert_eq!(p(&[("compression", "none")]).unwrap().compression, None);
+        assert_eq!(p(&[("flatten", "True")]).unwrap().context["flatten"], "true");
         for bad in [
+            &[("flatten", "yes")][..],
             &[("compression", "gzip")][..],
             &[("chunkSize", "3000")],
             &[("fsType", "btrfs")],

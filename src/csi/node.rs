@@ -112,6 +112,9 @@ struct StageRecord {
     /// Provisioned encrypted: served only while its `volume.json` says so.
     #[serde(default)]
     encrypted: bool,
+    /// Its StorageClass asks for clones to be flattened.
+    #[serde(default)]
+    flatten: bool,
     /// Records of earlier versions kept the secrets here: read once,
     /// moved to `--secrets-dir`, never written back.
     #[serde(default, rename = "secrets", skip_serializing)]
@@ -123,6 +126,17 @@ struct Server {
     volume: Volume,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Flattening it in the background (a clone of a class that asks).
+    flatten: Option<AbortOnDrop>,
+}
+
+/// A task stopped when its handle goes.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A volume served by [`NodeService::serve_unattached`].
@@ -141,6 +155,8 @@ struct ServeSpec<'a> {
     secrets: &'a HashMap<String, String>,
     /// Provisioned encrypted (the volume context says so).
     encrypted: bool,
+    /// Flatten it, when it is a clone (the volume context says so).
+    flatten: bool,
 }
 
 impl<'a> ServeSpec<'a> {
@@ -153,7 +169,50 @@ impl<'a> ServeSpec<'a> {
             cache_limit: r.cache_limit,
             secrets,
             encrypted: r.encrypted,
+            flatten: r.flatten,
         }
+    }
+}
+
+/// Flatten a clone this node serves (its StorageClass asks): its writer
+/// copies what it reads through its parent beside the I/O it serves, then
+/// lets go of the parent. Failures are retried with backoff; a snapshot of
+/// the clone older than the copy keeps the parent, and the flatten is tried
+/// again hourly until it is gone. Stopped with the volume's server.
+async fn flatten_served(volume: Volume, volume_id: String) {
+    const FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_secs(30);
+    const LATEST: std::time::Duration = std::time::Duration::from_secs(3600);
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let outcome = match volume.copy_parents(&|_, _| {}).await {
+            Ok(c) => {
+                tracing::info!(volume = %volume_id, copied = c.copied, inherited = c.inherited, "flatten: copied what the clone read through its parent");
+                catalog::let_go_of_parent(volume.store(), volume.prefix(), Some(c.seq)).await.map_err(|e| e.to_string())
+            }
+            Err(e) if volume.fenced().is_some() => {
+                tracing::info!(volume = %volume_id, error = %e, "flatten stopped: the volume was taken over");
+                return;
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let wait = match outcome {
+            Ok(catalog::ParentOutcome::LetGo { parent }) => {
+                tracing::info!(volume = %volume_id, parent = %parent, "flattened: the clone no longer reads through its parent");
+                return;
+            }
+            Ok(catalog::ParentOutcome::NotAClone) => return,
+            Ok(catalog::ParentOutcome::Kept { snapshots }) => {
+                tracing::info!(volume = %volume_id, snapshots = ?snapshots, "flatten: snapshots of the clone taken before keep its parent; trying again in an hour");
+                LATEST
+            }
+            Err(e) => {
+                tracing::warn!(volume = %volume_id, error = %e, retry_in = ?backoff, "flatten failed");
+                let w = backoff;
+                backoff = (backoff * 2).min(LATEST);
+                w
+            }
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -712,7 +771,11 @@ impl NodeService {
         });
         let (shutdown, rx) = watch::channel(false);
         let task = tokio::spawn(server::serve(bound, export, rx));
-        Ok(Server { volume, shutdown, task })
+        let flatten = (spec.flatten && !spec.readonly && volume.meta().parent.is_some()).then(|| {
+            let (volume, id) = (volume.clone(), spec.volume_id.to_string());
+            AbortOnDrop(tokio::spawn(flatten_served(volume, id)).abort_handle())
+        });
+        Ok(Server { volume, shutdown, task, flatten })
     }
 
     /// Serve again every volume staged before a restart, each in a task of
@@ -986,7 +1049,14 @@ impl NodeService {
     /// Serve a volume on a unix socket as NodeStage does, without attaching
     /// it to a device (what the volumes of a node share is tested with it
     /// where no kernel is at hand); `stop_serving` ends it.
-    pub async fn serve_unattached(&self, volume_id: &str, socket: &Path, export: &str) -> Result<Served, Status> {
+    /// `flatten`: as the volume context's `flatten` says.
+    pub async fn serve_unattached(
+        &self,
+        volume_id: &str,
+        socket: &Path,
+        export: &str,
+        flatten: bool,
+    ) -> Result<Served, Status> {
         let secrets = HashMap::new();
         let spec = ServeSpec {
             volume_id,
@@ -996,6 +1066,7 @@ impl NodeService {
             cache_limit: self.cfg.cache_limit,
             secrets: &secrets,
             encrypted: false,
+            flatten,
         };
         Ok(Served { volume_id: volume_id.to_string(), server: self.serve(&spec).await? })
     }
@@ -1007,6 +1078,9 @@ impl NodeService {
 
     /// Stop serving: flush everything, then close the socket.
     async fn stop(&self, volume_id: &str, s: Server) -> Result<(), Status> {
+        // A flatten stops first (what it copied and did not commit reads
+        // the same through the parent; the final flush commits it).
+        drop(s.flatten);
         let _ = s.shutdown.send(true);
         match s.task.await {
             Ok(Ok(())) => Ok(()),
@@ -1142,6 +1216,7 @@ impl NodeService {
             None => self.cfg.cache_limit,
         };
         let encrypted = req.volume_context.get(ENCRYPTED).is_some_and(|v| v == "true");
+        let flatten = req.volume_context.get(super::common::FLATTEN).is_some_and(|v| v == "true");
         let key = key_of(&req.volume_id);
         let socket = self.cfg.state_dir.join(format!("{key}.sock"));
         // A marker left without a stage record (an unstage interrupted at
@@ -1158,6 +1233,7 @@ impl NodeService {
             cache_limit,
             secrets: &req.secrets,
             encrypted,
+            flatten,
         };
         let server = self.serve(&spec).await?;
         let taken = self.recorded_devices(None).await;
@@ -1180,6 +1256,7 @@ impl NodeService {
             has_secrets: !req.secrets.is_empty(),
             boot: crate::volume::engine::log::boot_id().ok().flatten(),
             encrypted,
+            flatten,
             legacy_secrets: Secrets::default(),
         };
         // Whether this call mounted the staging path (only then does a

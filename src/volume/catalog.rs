@@ -775,6 +775,133 @@ pub async fn release_source(store: &DynStore, source: &str, clone: &str) -> Cata
     Ok(())
 }
 
+/// How [`let_go_of_parent`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParentOutcome {
+    /// The volume is no clone, and was none.
+    NotAClone,
+    /// `volume.json` names no parent any more, and the parent's pin and
+    /// marker for this volume are gone (the parent may now be deleted).
+    LetGo { parent: String },
+    /// Kept: these snapshots (or pins of this volume's own clones) read
+    /// seqs before the copy was committed, where the parent still gives
+    /// chunks. Delete them and flatten again.
+    Kept { snapshots: Vec<String> },
+}
+
+/// Snapshot records of `vol` (clones' pins included) at seqs before `seq`.
+/// One that does not read counts, as it may pin anything.
+async fn snapshots_before(store: &DynStore, vol: &str, seq: u64) -> CatalogResult<Vec<String>> {
+    let prefix = format::snapshot_prefix(vol);
+    let mut out = Vec::new();
+    for o in store::list_all(store.as_ref(), &prefix).await? {
+        let Some(name) = o.key.strip_prefix(&prefix).and_then(|n| n.strip_suffix(".json")) else { continue };
+        let rec = match store.get(&o.key, None).await {
+            Ok(b) => SnapshotRecord::decode(&b, &o.key).map(|r| r.seq),
+            Err(StoreError::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if rec.as_ref().map_or(true, |s| *s < seq) {
+            out.push(name.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// The second half of a flatten: `vol`, whose own chunks cover from seq
+/// `seq` on everything its parents gave it ([`super::Volume::copy_parents`];
+/// `None` when this run copied nothing), lets go of its parent. In two
+/// steps, each a change of `volume.json`:
+///
+/// 1. `flattened` is added beside `parent`: the seq from which the clone
+///    needs no parent is on record (a later run goes on from it, however
+///    far the head moved), and from then on a snapshot recorded at an
+///    earlier seq withdraws itself (`record_snapshot`).
+/// 2. The snapshots are listed: one at an earlier seq (a clone's pin
+///    among them) keeps the parent ([`ParentOutcome::Kept`]; step 1 stays).
+///    With none, `parent` goes, and then the parent's pin and marker for
+///    this volume.
+///
+/// A run cut short anywhere leaves a clone that reads the same (the parent
+/// goes only after `volume.json` no longer names it); run again, it
+/// finishes. `store` must be unlocked for an encrypted volume
+/// (`volume.json` carries a tag over its fields).
+pub async fn let_go_of_parent(store: &DynStore, vol: &str, seq: Option<u64>) -> CatalogResult<ParentOutcome> {
+    let meta = replay::read_meta(store.as_ref(), vol).await?;
+    let (parent, covered) = match (&meta.parent, &meta.flattened) {
+        (None, None) => return Ok(ParentOutcome::NotAClone),
+        (None, Some(f)) => {
+            // Let go of: what may be left is the pin and marker.
+            release_flattened(store, &f.parent.volume, vol).await?;
+            return Ok(ParentOutcome::LetGo { parent: f.parent.volume.clone() });
+        }
+        (Some(p), Some(f)) if f.parent == *p => (p.clone(), f.seq),
+        (Some(p), _) => {
+            let Some(seq) = seq else {
+                return Err(VolumeError::InvalidArgument(format!(
+                    "{}: its parent's chunks have not been copied yet; flatten it first",
+                    describe(store.as_ref(), vol)
+                ))
+                .into());
+            };
+            let flattened = Some(format::FlattenedFrom { parent: p.clone(), seq });
+            change_meta(store, vol, |m| (m.parent.as_ref() == Some(p)).then(|| m.flattened = flattened.clone()))
+                .await?;
+            (p.clone(), seq)
+        }
+    };
+    let early = snapshots_before(store, vol, covered).await?;
+    if !early.is_empty() {
+        return Ok(ParentOutcome::Kept { snapshots: early });
+    }
+    let flattened = Some(format::FlattenedFrom { parent: parent.clone(), seq: covered });
+    change_meta(store, vol, |m| {
+        (m.parent.as_ref() == Some(&parent) && m.flattened == flattened).then(|| m.parent = None)
+    })
+    .await?;
+    release_own_source(store, &parent.volume, vol).await?;
+    Ok(ParentOutcome::LetGo { parent: parent.volume })
+}
+
+/// Change `vol`'s `volume.json` with `change` (`None`: it no longer
+/// applies: the flatten stops, to be run again), read just before the
+/// write, and check the change is what `volume.json` says after it.
+/// Unconditional writes: another change at the same moment (a rekey) can
+/// still be lost or lose this one; this one is then found missing (an
+/// error, and nothing let go of).
+async fn change_meta(
+    store: &DynStore,
+    vol: &str,
+    change: impl Fn(&mut format::VolumeMeta) -> Option<()>,
+) -> CatalogResult<()> {
+    let changed = |why: &str| -> CatalogError {
+        VolumeError::Store(StoreError::Transient(format!(
+            "{}: volume.json {why} while it was being flattened (a rekey or another flatten at the same time?); \
+             run flatten again",
+            describe(store.as_ref(), vol)
+        )))
+        .into()
+    };
+    let mut next = replay::read_meta(store.as_ref(), vol).await?;
+    change(&mut next).ok_or_else(|| changed("changed"))?;
+    super::keys::retag(store.as_ref(), vol, &mut next)?;
+    super::keys::replace_meta(store, vol, &next, "it was being flattened").await?;
+    let now = replay::read_meta(store.as_ref(), vol).await?;
+    if (&now.parent, &now.flattened, &now.encryption) != (&next.parent, &next.flattened, &next.encryption) {
+        return Err(changed("was changed by another"));
+    }
+    Ok(())
+}
+
+/// The pin and marker a flatten of `vol` cut short left in `source`, if
+/// any (none is the usual case: no warning then).
+async fn release_flattened(store: &DynStore, source: &str, vol: &str) -> CatalogResult<()> {
+    match store.head(&format::clone_marker_key(source, vol)).await? {
+        Some(_) => release_own_source(store, source, vol).await,
+        None => Ok(()),
+    }
+}
+
 /// [`release_source`] for a volume being deleted, whose marker in
 /// `source` must name it: pins and markers are named by a clone's last
 /// path segment, so after an earlier run of this delete let go of them, a
@@ -1065,6 +1192,9 @@ async fn finish_delete(store: &DynStore, vol: &str) -> CatalogResult<u64> {
         Ok(m) => {
             if let Some(p) = m.parent {
                 release_own_source(store, &p.volume, vol).await?;
+            } else if let Some(f) = m.flattened {
+                // A flatten cut short may have left the pin and marker.
+                release_flattened(store, &f.parent.volume, vol).await?;
             }
         }
         // Gone: an earlier run of this delete let go of the source first.

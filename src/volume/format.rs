@@ -310,6 +310,28 @@ pub struct VolumeMeta {
     /// Encrypted (format 6): the wrapped data key and what names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+    /// A clone being flattened or flattened (`volume::catalog::let_go_of_parent`):
+    /// from which seq of this volume on its own chunks cover all its parent
+    /// gave it, and what the parent was. Beside `parent` while the parent
+    /// is still kept (for snapshots of earlier seqs); alone once it was let
+    /// go of. Earlier builds ignore it (an unencrypted flattened clone then
+    /// opens as a volume without parent, which reads the same; an encrypted
+    /// one fails its tag there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flattened: Option<FlattenedFrom>,
+}
+
+/// A flatten's record in `volume.json` ([`VolumeMeta::flattened`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlattenedFrom {
+    /// The parent reference the clone had.
+    pub parent: ParentRef,
+    /// A journal seq of this volume whose map covers every chunk the
+    /// parent chain gave it (and so every later one does): a snapshot (or
+    /// a clone's pin) of an earlier seq needs the parent, which is let go
+    /// of only while none is kept, and none is taken from then on.
+    pub seq: u64,
 }
 
 /// The only cipher: XChaCha20-Poly1305 (`crypto`).
@@ -391,7 +413,17 @@ impl VolumeMeta {
         if self.checksum != "crc32c" {
             return Err(invalid(w, format!("unknown checksum algorithm {:?}", self.checksum)));
         }
+        if let (Some(p), Some(f)) = (&self.parent, &self.flattened)
+            && *p != f.parent
+        {
+            return Err(invalid(w, "a parent and another flattened parent"));
+        }
         Ok(())
+    }
+
+    /// The volume it was cloned from, flattened or not.
+    pub fn source(&self) -> Option<&ParentRef> {
+        self.parent.as_ref().or(self.flattened.as_ref().map(|f| &f.parent))
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -1933,6 +1965,7 @@ mod tests {
             single_writer: false,
             compression: None,
             encryption: None,
+            flattened: None,
         };
         assert!(VolumeMeta::decode(&good.encode()).is_ok());
         let enc = good.encode();
@@ -2075,6 +2108,7 @@ mod tests {
             single_writer: false,
             compression: Some(Codec::Lz4),
             encryption: None,
+            flattened: None,
         };
         std::fs::write(dir.join("volume-json"), meta.encode()).expect("write");
     }

@@ -59,19 +59,30 @@ impl NewKeys {
 fn meta_tag(meta: &VolumeMeta, data: &DataKey) -> String {
     let parent = meta.parent.as_ref().map(|p| format!("{}\n{}\n{}", p.volume, p.snapshot, p.seq)).unwrap_or_default();
     let compression = meta.compression.map(|c| c.name()).unwrap_or("none");
-    data.tag(&[
+    // Only when there (volumes sealed before it existed keep their tags).
+    let flattened = meta
+        .flattened
+        .as_ref()
+        .map(|f| format!("flattened\n{}\n{}\n{}\n{}", f.parent.volume, f.parent.snapshot, f.parent.seq, f.seq));
+    let (version, size, chunk_size) =
+        (meta.format_version.to_le_bytes(), meta.size.to_le_bytes(), meta.chunk_size.to_le_bytes());
+    let (block_size, created, single) =
+        (meta.block_size.to_le_bytes(), meta.created_unix.to_le_bytes(), [meta.single_writer as u8]);
+    let mut fields: Vec<&[u8]> = vec![
         b"s3blk volume 1",
-        &meta.format_version.to_le_bytes(),
+        &version,
         meta.uuid.as_bytes(),
-        &meta.size.to_le_bytes(),
-        &meta.chunk_size.to_le_bytes(),
-        &meta.block_size.to_le_bytes(),
+        &size,
+        &chunk_size,
+        &block_size,
         meta.checksum.as_bytes(),
-        &meta.created_unix.to_le_bytes(),
+        &created,
         parent.as_bytes(),
-        &[meta.single_writer as u8],
+        &single,
         compression.as_bytes(),
-    ])
+    ];
+    fields.extend(flattened.as_ref().map(|f| f.as_bytes()));
+    data.tag(&fields)
 }
 
 /// Make `meta` (format 6) an encrypted volume's whose data key is `data`, wrapped by `kek`.
@@ -86,6 +97,30 @@ pub fn seal_meta(meta: &mut VolumeMeta, kek: &Kek, data: &DataKey) {
         wrapped_key: B64.encode(kek.wrap(data, &meta.uuid)),
         tag,
     });
+}
+
+/// After a change of `meta`'s fields (a flatten dropping its parent): its
+/// tag again, under the data key `store` unlocked. An unencrypted volume
+/// has none to renew; an encrypted one reached without its key is refused.
+pub fn retag(store: &dyn ObjectStore, vol: &str, meta: &mut VolumeMeta) -> VolumeResult<()> {
+    if meta.encryption.is_none() {
+        return Ok(());
+    }
+    let Some((data, uuid)) = uuid_of(store, vol) else {
+        return Err(key_required(store, vol, meta));
+    };
+    if uuid != meta.uuid {
+        return Err(VolumeError::Corrupt(format!(
+            "{} volume.json names uuid {}, expected {uuid}",
+            describe(store, vol),
+            meta.uuid
+        )));
+    }
+    let tag = meta_tag(meta, &data);
+    if let Some(e) = &mut meta.encryption {
+        e.tag = tag;
+    }
+    Ok(())
 }
 
 /// The data key of the encrypted volume `meta` (at `what`), unwrapped with
@@ -204,11 +239,19 @@ pub async fn unlocked_with(
 ) -> VolumeResult<DynStore> {
     let mut volumes = vec![(vol.to_string(), meta.uuid.clone())];
     let mut parent = meta.parent.clone();
+    // A flattened volume reads from its own chunks from its flatten on: a
+    // parent gone by then is no error here (what reads before that seq
+    // says so).
+    let mut flattened = meta.flattened.is_some();
     while let Some(p) = parent {
         if volumes.iter().any(|(v, _)| *v == p.volume) || volumes.len() > 64 {
             return Err(VolumeError::Corrupt(format!("{vol}: its chain of parents loops at {}", p.volume)));
         }
-        let pm = replay::read_meta(base.as_ref(), &p.volume).await?;
+        let pm = match replay::read_meta(base.as_ref(), &p.volume).await {
+            Err(VolumeError::NotFound(_)) if flattened => break,
+            r => r?,
+        };
+        flattened = pm.flattened.is_some();
         check_meta(&pm, &describe(base.as_ref(), &p.volume), &data)?;
         volumes.push((p.volume.clone(), pm.uuid.clone()));
         parent = pm.parent;
@@ -272,26 +315,22 @@ pub fn check_snapshot(
 /// compare-and-swap here): a rekey racing another is reported when it
 /// reads the other's key back, and a last one racing both can win
 /// unreported (README says so).
-pub async fn rekey(store: &DynStore, vol: &str, old: &Kek, new: &Kek) -> VolumeResult<String> {
-    let base = base(store);
+/// Put `meta` in place of a finished volume's `volume.json` (a rekey, a
+/// flatten). Refused while the volume is being deleted or before its
+/// create finished. A delete that ran meanwhile took every record and
+/// checkpoint before its tombstone: what this wrote is then all that is
+/// left of the volume, and goes again. One that began meanwhile and keeps
+/// the volume for its clones keeps `volume.json` beside its tombstone
+/// (the reaper takes it with the rest later). `doing` says, for errors,
+/// what was under way.
+pub(crate) async fn replace_meta(base: &DynStore, vol: &str, meta: &VolumeMeta, doing: &str) -> VolumeResult<()> {
     let what = describe(base.as_ref(), vol);
-    let meta = replay::read_meta(base.as_ref(), vol).await?;
-    if meta.encryption.is_none() {
-        return Err(VolumeError::InvalidArgument(format!(
-            "volume {what} is not encrypted: there is no key to change (an existing volume cannot be encrypted in place; \
-             copy it into an encrypted one)"
-        )));
-    }
-    let data = open_meta(&meta, &what, old)?;
-    let mut next = meta.clone();
-    next.encryption = None;
-    seal_meta(&mut next, new, &data);
     let tombstone = super::catalog::tombstone_key(vol);
     if base.head(&tombstone).await?.is_some() {
         return Err(VolumeError::NotFound(format!("{what} (being deleted)")));
     }
     // Records or a checkpoint: a volume whose create finished (one still
-    // being created, or left by a create that stopped, is not rekeyed).
+    // being created, or left by a create that stopped, is not changed).
     let holds_state = || async {
         for prefix in [format::journal_prefix(vol), format::checkpoint_prefix(vol)] {
             let req = crate::store::ListRequest { prefix: &prefix, start_after: None, delimiter: false, max_keys: 1 };
@@ -306,22 +345,35 @@ pub async fn rekey(store: &DynStore, vol: &str, old: &Kek, new: &Kek) -> VolumeR
             "{what}: its create has not finished (no journal record yet); finish or delete it first"
         )));
     }
-    let body = Bytes::from(next.encode());
+    let body = Bytes::from(meta.encode());
     base.put(&format::meta_key(vol), body.clone(), PutMode::Overwrite).await?;
-    // A delete that ran meanwhile took every record and checkpoint before
-    // its tombstone: what this rekey wrote is all that is left of the
-    // volume, and goes again. One that began meanwhile and keeps the
-    // volume for its clones keeps volume.json beside its tombstone (the
-    // reaper takes it with the rest later).
     if !holds_state().await? {
         if base.get(&format::meta_key(vol), None).await.ok().as_ref() == Some(&body) {
             base.delete(&format::meta_key(vol)).await?;
         }
-        return Err(VolumeError::NotFound(format!("{what} (deleted while its key was being changed)")));
+        return Err(VolumeError::NotFound(format!("{what} (deleted while {doing})")));
     }
     if base.head(&tombstone).await?.is_some() {
-        return Err(VolumeError::NotFound(format!("{what} (deleted while its key was being changed)")));
+        return Err(VolumeError::NotFound(format!("{what} (deleted while {doing})")));
     }
+    Ok(())
+}
+
+pub async fn rekey(store: &DynStore, vol: &str, old: &Kek, new: &Kek) -> VolumeResult<String> {
+    let base = base(store);
+    let what = describe(base.as_ref(), vol);
+    let meta = replay::read_meta(base.as_ref(), vol).await?;
+    if meta.encryption.is_none() {
+        return Err(VolumeError::InvalidArgument(format!(
+            "volume {what} is not encrypted: there is no key to change (an existing volume cannot be encrypted in place; \
+             copy it into an encrypted one)"
+        )));
+    }
+    let data = open_meta(&meta, &what, old)?;
+    let mut next = meta.clone();
+    next.encryption = None;
+    seal_meta(&mut next, new, &data);
+    replace_meta(&base, vol, &next, "its key was being changed").await?;
     let now = replay::read_meta(base.as_ref(), vol).await?;
     match now.encryption.as_ref().map(|e| e.key_id.as_str()) {
         Some(id) if id == new.id() => Ok(new.id()),

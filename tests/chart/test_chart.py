@@ -118,6 +118,7 @@ def test_default_render_has_every_component_and_validates():
     assert sc["allowVolumeExpansion"] is True and sc["provisioner"] == "csi.s3blk.dev"
     assert sc["parameters"]["csi.storage.k8s.io/fstype"] == "ext4" and "fsType" not in sc["parameters"]
     assert "compression" not in sc["parameters"], "uncompressed by default"
+    assert "flatten" not in sc["parameters"], "clones read through their source by default"
     assert "kubectl" in out["s3blk/templates/NOTES.txt"] and "PersistentVolumeClaim" in out["s3blk/templates/NOTES.txt"]
 
 
@@ -207,6 +208,8 @@ MATRIX = [
      and find(d, "StorageClass")[0]["parameters"]["csi.storage.k8s.io/fstype"] == "xfs"),
     ({"storageClass": {"compression": "zstd"}},
      lambda d: find(d, "StorageClass")[0]["parameters"]["compression"] == "zstd"),
+    ({"storageClass": {"flatten": True}},
+     lambda d: find(d, "StorageClass")[0]["parameters"]["flatten"] == "true"),
     # Encryption: the chart's Secret holds the key (with or without S3
     # credentials: IRSA), every secret reference names it, the driver's
     # environment takes credentials only where there are any.
@@ -304,6 +307,7 @@ def test_lint_is_clean():
     {"storageClass": {"fsType": "btrfs"}},
     {"storageClass": {"reclaimPolicy": "Recycle"}},
     {"storageClass": {"compression": "gzip"}},
+    {"storageClass": {"flatten": "yes"}},
     {"encryption": {"enabled": "yes"}},
     {"encryption": {"key": "hunter2"}},
     {"encryption": {"enabled": True, "key": "ab" * 31}},
@@ -441,7 +445,9 @@ def test_kind_e2e_dry_run_prints_every_step():
                  "bucket holds nothing but the store marker", "nothing was executed",
                  "Compacted event on data's PV", "storageClassName: s3blk-other", "holds nothing but its store marker",
                  "a new node plugin on", "another replica takes the Lease and compacts",
-                 "encrypted: \"true\"", "no object of the encrypted volume holds its plaintext"]:
+                 "encrypted: \"true\"", "no object of the encrypted volume holds its plaintext",
+                 "flatten: \"true\"", "the node flattens the clone it serves",
+                 "the flattened clone's source is deleted whole"]:
         assert step in out, f"dry run does not show {step!r}"
     # The image is built before the cluster exists.
     assert out.index("docker build") < out.index("kind create cluster")

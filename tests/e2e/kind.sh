@@ -531,6 +531,59 @@ check "the volume lives in $bucket2" in_bucket2
 check "the second StorageClass's volume is compacted (Event)" compacted_event other
 check "its PV carries the compaction annotations" compaction_annotated other
 
+section "a StorageClass that flattens its clones"
+# The same store as s3blk-other (clones stay in their source's store),
+# with flatten: the node serving the clone copies what it reads through
+# its source and lets go of it; the source can then be deleted whole.
+apply <<YAML
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: s3blk-flat}
+provisioner: csi.s3blk.dev
+allowVolumeExpansion: true
+volumeBindingMode: Immediate
+parameters:
+  bucket: $bucket2
+  prefix: other
+  flatten: "true"
+  csi.storage.k8s.io/fstype: ext4
+  csi.storage.k8s.io/provisioner-secret-name: $(yq "$secret")
+  csi.storage.k8s.io/provisioner-secret-namespace: $ns
+  csi.storage.k8s.io/controller-publish-secret-name: $(yq "$secret")
+  csi.storage.k8s.io/controller-publish-secret-namespace: $ns
+  csi.storage.k8s.io/node-stage-secret-name: $(yq "$secret")
+  csi.storage.k8s.io/node-stage-secret-namespace: $ns
+  csi.storage.k8s.io/controller-expand-secret-name: $(yq "$secret")
+  csi.storage.k8s.io/controller-expand-secret-namespace: $ns
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: flat}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: s3blk-flat
+  volumeMode: Filesystem
+  resources: {requests: {storage: 1Gi}}
+  dataSource: {name: other, kind: PersistentVolumeClaim}
+YAML
+pod flatr "${workers[1]}" flat fs "sha256sum /data/random && exec sleep 3600"
+check "the flattening clone has the data" pod_logged flatr
+check "its data is intact (sha256)" same_sum otherw flatr
+flattened() {
+  local handle i
+  handle=$(kubectl get pv "$(pv_of flat)" -o jsonpath='{.spec.csi.volumeHandle}')
+  handle=${handle#"s3://$bucket2/"}
+  for ((i = 0; i < 180; i += 5)); do
+    if mc cat "local/$bucket2/${handle%/}/volume.json" | grep -q '"flattened"'; then
+      return 0
+    fi
+    sleep 5
+  done
+  echo "${handle%/}/volume.json still names its parent" >&2
+  return 1
+}
+check "the node flattens the clone it serves" flattened
+
 section "an encrypted StorageClass"
 # Its secret holds the S3 credentials and the key; the controller (create,
 # compaction) and the node (stage) read the key from it. No object in the
@@ -734,10 +787,35 @@ for pv in "${dependants_pv[@]}"; do pv_gone "$pv"; done
 check "bucket holds nothing but the store marker" bucket_empty
 if [ "$dry" = 0 ]; then other_pv=$(pv_of other); else other_pv="<other's PV>"; fi
 if [ "$dry" = 0 ]; then sealed_pv=$(pv_of sealed); else sealed_pv="<sealed's PV>"; fi
-delete pod otherw sealedw
+if [ "$dry" = 0 ]; then
+  flat_pv=$(pv_of flat)
+  other_prefix=$(kubectl get pv "$other_pv" -o jsonpath='{.spec.csi.volumeHandle}')
+  other_prefix=${other_prefix#"s3://$bucket2/"}
+else
+  flat_pv="<flat's PV>" other_prefix="other/<other's volume>"
+fi
+delete pod otherw sealedw flatr
+# The flattened clone's source goes whole while the clone lives on.
 delete pvc other sealed
 pv_gone "$other_pv"
 pv_gone "$sealed_pv"
+source_gone() {
+  local left="" i
+  for ((i = 0; i < 180; i += 10)); do
+    left=$(mc ls --recursive "local/$bucket2/${other_prefix%/}/" || true)
+    [ -z "$left" ] && return 0
+    sleep 10
+  done
+  echo "left of the flattened clone's source: $left" >&2
+  return 1
+}
+check "the flattened clone's source is deleted whole" source_gone
+pod flatr2 "${workers[0]}" flat fs "sha256sum /data/random && exec sleep 3600"
+check "the flattened clone reads its data without its source" pod_logged flatr2
+check "... intact (sha256)" same_sum otherw flatr2
+delete pod flatr2
+delete pvc flat
+pv_gone "$flat_pv"
 bucket2_empty() {
   local left="" i
   for ((i = 0; i < 180; i += 10)); do

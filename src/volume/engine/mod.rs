@@ -52,6 +52,7 @@
 mod commit;
 mod dirty;
 mod fetchcost;
+mod flatten;
 pub mod log;
 mod read;
 mod upload;
@@ -70,6 +71,7 @@ use tokio::time::Instant;
 
 pub use dirty::is_zero;
 use dirty::{DirtyData, PAGE, PageBuf, Piece, pieces};
+pub use flatten::Copied;
 
 use super::budget::{CacheMember, DirtyAccount, DirtyGuard, MemoryBudget, Uploads};
 use super::cache::{ChunkTable, CleanCache};
@@ -588,6 +590,7 @@ impl Volume {
             single_writer: !conditional,
             compression: opts.compression,
             encryption: None,
+            flattened: None,
         };
         if let Some(k) = &opts.encryption {
             keys::seal_meta(&mut meta, &k.kek, &k.data);
@@ -763,7 +766,11 @@ impl Volume {
             None => None,
         };
         let mut st = replay::replay(store.as_ref(), vol, chunk_size, upto).await?;
-        let parents = load_parents(&store, vol, &meta).await?;
+        let at = upto.unwrap_or(st.head);
+        if let (None, Some(f)) = (&meta.parent, &meta.flattened) {
+            check_flattened_at(vol, f, at, upto.is_some())?;
+        }
+        let parents = load_parents(&store, vol, &meta, at).await?;
         // A delete removes `volume.json` before anything else. Still there
         // after the replay, no record or checkpoint the replay read was
         // taken by one; gone, the replay may have stopped at a checkpoint
@@ -1027,6 +1034,16 @@ impl Volume {
         &self.inner.meta
     }
 
+    /// The store it was opened through (sealing, for an encrypted volume).
+    pub fn store(&self) -> &DynStore {
+        &self.inner.store
+    }
+
+    /// Its key prefix in that store.
+    pub fn prefix(&self) -> &str {
+        &self.inner.vol
+    }
+
     pub fn size(&self) -> u64 {
         self.inner.lock().size
     }
@@ -1237,12 +1254,28 @@ async fn record_snapshot(
     // landing after the delete's last listing would be left behind under
     // a prefix without a volume, and one behind a tombstone would pin a
     // deleted volume's data. (A record already there is left alone.)
-    if ours
-        && (store.head(&format::meta_key(vol)).await?.is_none()
-            || store.head(&crate::volume::catalog::tombstone_key(vol)).await?.is_some())
-    {
-        store.delete(&key).await?;
-        return Err(VolumeError::NotFound(format!("{vol} (deleted while snapshot {name} was being taken)")));
+    if ours {
+        let meta = match store.get(&format::meta_key(vol), None).await {
+            Ok(b) => Some(b),
+            Err(StoreError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        if meta.is_none() || store.head(&crate::volume::catalog::tombstone_key(vol)).await?.is_some() {
+            store.delete(&key).await?;
+            return Err(VolumeError::NotFound(format!("{vol} (deleted while snapshot {name} was being taken)")));
+        }
+        // A flatten let go of the parent that seq reads through after it
+        // listed the snapshots (it lists them again after it writes
+        // `volume.json`, so a record it did not see there sees this).
+        if let Some(f) = meta.and_then(|b| VolumeMeta::decode(&b).ok()).and_then(|m| m.flattened)
+            && f.seq > rec.seq
+        {
+            store.delete(&key).await?;
+            return Err(VolumeError::Store(StoreError::Transient(format!(
+                "snapshot {name}: the volume was flattened at seq {} after this snapshot read seq {}; try again",
+                f.seq, rec.seq
+            ))));
+        }
     }
     let slow = started.elapsed() > SNAPSHOT_DEADLINE;
     if slow || !super::compact::snapshot_still_replayable(store, vol, rec.seq).await? {
@@ -1262,11 +1295,45 @@ const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(30);
 /// Deepest clone chain followed (clone of a clone of ...).
 const MAX_CLONE_DEPTH: usize = 32;
 
-/// The maps of `vol`'s parents, each as of the seq it reads through.
-async fn load_parents(store: &DynStore, vol: &str, meta: &VolumeMeta) -> VolumeResult<Vec<Parent>> {
+/// `vol`, flattened as `f` says, read as of `seq`: from `f.seq` on its
+/// own chunks cover what its parent gave it; before, they may not, and the
+/// parent is let go of. A flatten keeps its parent while any snapshot
+/// pins an earlier seq, and a snapshot recorded meanwhile withdraws
+/// itself: one read at such a seq is on its way out (`pinned`), a head
+/// there is damage.
+fn check_flattened_at(vol: &str, f: &format::FlattenedFrom, seq: u64, pinned: bool) -> VolumeResult<()> {
+    if seq >= f.seq {
+        return Ok(());
+    }
+    let why = format!(
+        "{vol} was flattened at seq {} (its parent {} let go of), so seq {seq} does not read without it",
+        f.seq, f.parent.volume
+    );
+    Err(match pinned {
+        true => {
+            VolumeError::Store(StoreError::Transient(format!("{why}; a snapshot there is being withdrawn, try again")))
+        }
+        false => VolumeError::Corrupt(why),
+    })
+}
+
+/// Does `meta`'s volume, read as of `seq`, need its parent? Not from the
+/// seq a flatten recorded on: its own chunks cover all the parent gave it
+/// (so a `volume.json` that names the parent again, as a rekey racing the
+/// flatten's last step may leave it, still opens once the parent is gone).
+fn needs_parent(meta: &VolumeMeta, seq: u64) -> Option<ParentRef> {
+    match &meta.flattened {
+        Some(f) if seq >= f.seq => None,
+        _ => meta.parent.clone(),
+    }
+}
+
+/// The maps of `vol`'s parents, each as of the seq it reads through; `vol`
+/// is read as of `seq`.
+async fn load_parents(store: &DynStore, vol: &str, meta: &VolumeMeta, seq: u64) -> VolumeResult<Vec<Parent>> {
     let mut parents = Vec::new();
     let mut child = vol.to_string();
-    let mut next = meta.parent.clone();
+    let mut next = needs_parent(meta, seq);
     while let Some(p) = next {
         if parents.len() >= MAX_CLONE_DEPTH {
             return Err(VolumeError::Corrupt(format!("clone chain deeper than {MAX_CLONE_DEPTH}")));
@@ -1299,9 +1366,12 @@ async fn load_parents(store: &DynStore, vol: &str, meta: &VolumeMeta) -> VolumeR
             }
             r => r?,
         };
+        if let (None, Some(f)) = (&pmeta.parent, &pmeta.flattened) {
+            check_flattened_at(&p.volume, f, p.seq, true)?;
+        }
         parents.push(Parent { vol: p.volume.clone(), map: pst.map, patches: pst.patches });
         child = p.volume.clone();
-        next = pmeta.parent;
+        next = needs_parent(&pmeta, p.seq);
     }
     Ok(parents)
 }

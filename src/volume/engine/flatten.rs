@@ -1,0 +1,142 @@
+//! Flattening a clone, its copying half: every chunk the clone still reads
+//! through its parents becomes a chunk of its own. The copy is written as
+//! the writer writes anything (uploaded, committed, fenced and
+//! crash-consistent like any write), and only where nothing was written
+//! since: the bytes are read and the slot is filled under the chunk's
+//! lock, which every write to a chunk without a dirty slot takes. A crash
+//! loses nothing, since a copy not yet committed reads the same through
+//! the parent. [`crate::volume::catalog::let_go_of_parent`] then drops the
+//! parent.
+
+use super::*;
+
+/// What [`Volume::copy_parents`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Copied {
+    /// Chunks its parents mapped or patched (below its size).
+    pub inherited: u64,
+    /// Of those, chunks copied into its own prefix now.
+    pub copied: u64,
+    /// Of the copied ones, chunks that read as zeros: a ZERO reference, no object.
+    pub zero: u64,
+    /// The committed seq from which its own chunk map covers every chunk
+    /// its parents map: what it reads from there on never needs them.
+    pub seq: u64,
+}
+
+/// Chunks read from the parents at once: a background job beside the
+/// volume's own I/O, holding at most this many chunks of the dirty
+/// budget while it waits.
+const COPY_CONCURRENCY: usize = 4;
+
+/// Rounds of copying before giving up on chunks a writer keeps patching
+/// (inline pages over the parent's bytes leave the chunk the parent's).
+const COPY_ROUNDS: usize = 8;
+
+impl Volume {
+    /// The ancestors this handle reads through, nearest first.
+    pub fn parent_volumes(&self) -> Vec<String> {
+        self.inner.parents.iter().map(|p| p.vol.clone()).collect()
+    }
+
+    /// Chunk indices below the volume's size that an ancestor maps or patches.
+    fn inherited(&self) -> Vec<u64> {
+        let chunks = self.inner.lock().size.div_ceil(self.inner.chunk_size);
+        let mut set = std::collections::BTreeSet::new();
+        for p in &self.inner.parents {
+            set.extend(p.map.keys().chain(p.patches.keys()).copied().filter(|i| *i < chunks));
+        }
+        set.into_iter().collect()
+    }
+
+    /// Make every chunk this clone reads through its parents its own, and
+    /// commit them, in batches of half the dirty limit. `progress(done,
+    /// total)` is told after each batch. Safe beside writes: a chunk
+    /// written meanwhile keeps what was written.
+    pub async fn copy_parents(&self, progress: &(dyn Fn(u64, u64) + Send + Sync)) -> VolumeResult<Copied> {
+        let inner = &self.inner;
+        inner.check_writable()?;
+        let all = self.inherited();
+        let mut out = Copied { inherited: all.len() as u64, ..Copied::default() };
+        let batch = ((inner.opts.dirty_limit / inner.chunk_size) / 2).clamp(1, 256) as usize;
+        let mut todo = all.clone();
+        for _ in 0..COPY_ROUNDS {
+            let mut done = 0u64;
+            for part in todo.chunks(batch) {
+                let copied: Vec<Option<bool>> = stream::iter(part.iter().copied().map(|i| self.copy_chunk(i)))
+                    .buffer_unordered(inner.opts.concurrency.clamp(1, COPY_CONCURRENCY))
+                    .try_collect()
+                    .await?;
+                for zero in copied.into_iter().flatten() {
+                    out.copied += 1;
+                    out.zero += zero as u64;
+                }
+                self.flush().await?;
+                done += part.len() as u64;
+                progress(done, todo.len() as u64);
+            }
+            // A chunk written over meanwhile with a few pages may have been
+            // committed as a patch over the parent's bytes: still the
+            // parent's, copied in the next round.
+            let st = inner.lock();
+            if let Some(why) = &st.fenced {
+                return Err(VolumeError::Fenced(why.clone()));
+            }
+            todo = all.iter().copied().filter(|i| !st.map.contains_key(i)).collect();
+            if todo.is_empty() {
+                out.seq = st.head;
+                return Ok(out);
+            }
+        }
+        Err(VolumeError::Store(StoreError::Transient(format!(
+            "{} chunks are still the parent's after {COPY_ROUNDS} rounds (written over with a few pages each time); \
+             try again",
+            todo.len()
+        ))))
+    }
+
+    /// Copy chunk `index` from the parents when nothing of the clone's own
+    /// holds it: `Some(zero)` when copied.
+    async fn copy_chunk(&self, index: u64) -> VolumeResult<Option<bool>> {
+        let inner = &self.inner;
+        let untouched = |st: &State| {
+            !st.slots.contains_key(&index) && !st.staged.contains_key(&index) && !st.map.contains_key(&index)
+        };
+        let cs = inner.chunk_size;
+        let mut permit: Option<DirtyGuard> = None;
+        let _g = loop {
+            if !untouched(&inner.lock()) {
+                return Ok(None);
+            }
+            let g = inner.locks.lock(index).await;
+            if !untouched(&inner.lock()) {
+                return Ok(None);
+            }
+            // Budget bytes free now, or waited for without the chunk lock
+            // (a writer holding it may be waiting for them, as `write_vec`
+            // does), then the lock again.
+            let free = || inner.dirty.as_ref()?.try_acquire_bytes(cs).filter(|p| p.bytes() == cs);
+            if let Some(p) = permit.take().or_else(free) {
+                permit = Some(p);
+                break g;
+            }
+            drop(g);
+            permit = Some(inner.acquire_dirty_permit(self).await?);
+        };
+        let Some(permit) = permit else { return Ok(None) };
+        // Under the chunk lock no slot appears (a write to a chunk without
+        // one takes the lock), and without a slot nothing is staged or
+        // committed for it: these bytes stay the chunk's until the slot
+        // holds them.
+        let data = inner.chunk_bytes(index).await?;
+        let zero = data.as_deref().is_none_or(is_zero);
+        let data = match data {
+            Some(b) if !zero => DirtyData::Data(Arc::new(b.to_vec())),
+            _ => DirtyData::Zero,
+        };
+        // Not in the write-back log: lost in a crash, the chunk reads the
+        // same through the parent, and a write over it is logged as any.
+        inner.insert_slot(index, data, permit, None, None)?;
+        Ok(Some(zero))
+    }
+}
