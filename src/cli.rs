@@ -852,11 +852,16 @@ async fn volume_cmd(cmd: VolumeCmd, g: &Global) -> Result<ExitCode> {
                 if let Some(p) = &meta.parent {
                     println!("parent:        {} @ {}", p.volume, p.snapshot);
                 }
-                if let Some(f) = &meta.flattened {
-                    println!(
+                match (&meta.parent, &meta.flattened) {
+                    (None, Some(f)) => println!(
                         "parent:        none (flattened at seq {}; was {} @ {})",
                         f.seq, f.parent.volume, f.parent.snapshot
-                    );
+                    ),
+                    (Some(_), Some(f)) => println!(
+                        "flatten:       copied, covered from seq {}; the parent is kept for snapshots before it",
+                        f.seq
+                    ),
+                    _ => {}
                 }
                 println!("snapshots:     {}", if snaps.is_empty() { "-".to_string() } else { snaps.join(", ") });
                 if meta.single_writer {
@@ -1058,7 +1063,8 @@ async fn flatten(url: &str, takeover: bool, g: &Global) -> Result<()> {
         }
         catalog::ParentOutcome::Kept { snapshots } => bail!(
             "{} has its own copy of every chunk now, but keeps its parent: snapshots taken before ({}) read through \
-             it; delete them and run flatten again",
+             it; delete them (a clone-* pin goes with its clone, or when that clone is flattened) and run \
+             flatten again",
             loc.display(),
             snapshots.join(", ")
         ),

@@ -506,6 +506,29 @@ async fn snapshots_and_clones_restore_the_right_bytes() {
     assert!(matches!(out, s3blk::volume::catalog::ParentOutcome::LetGo { .. }), "{out:?}");
     let again = d.ctl.create_volume(cc).await.expect("asked again after the flatten").into_inner();
     assert_eq!(again.volume.expect("volume").volume_id, clone2.volume_id);
+    // A snapshot record of the flattened volume at a seq before its flatten
+    // (a PUT that landed after its CreateSnapshot gave up): a retried
+    // CreateSnapshot takes it back and takes the snapshot again.
+    let late = format::SnapshotRecord {
+        format_version: format::FORMAT_V1,
+        name: "snap-late".into(),
+        seq: 0,
+        size: 1 << 20,
+        created_unix: 0,
+        token: Some(7),
+        clone: None,
+        auth: None,
+    };
+    let key = format::snapshot_key(&prefix, "snap-late");
+    let body = serde_json::to_vec(&late).expect("json");
+    d.store.put(&key, body.into(), PutMode::IfAbsent).await.expect("the late record");
+    let taken = d.ctl.create_snapshot(snap_req("snap-late", &clone2.volume_id)).await.expect("snapshot").into_inner();
+    let rec = s3blk::volume::engine::read_snapshot(&d.store, &prefix, "snap-late").await.expect("record");
+    assert!(rec.seq >= copied.seq && rec.token != Some(7), "{rec:?}");
+    let ro = OpenOptions { read_only: true, snapshot: Some("snap-late".into()), ..OpenOptions::default() };
+    let at = Volume::open(d.store.clone(), &prefix, ro).await.expect("the snapshot opens");
+    assert_eq!(at.read(0, 10).await.expect("read"), b"clone-only");
+    assert!(taken.snapshot.expect("snapshot").ready_to_use);
     assert_eq!(read(&d, &clone2.volume_id, 0, 10).await, b"clone-only");
     assert_eq!(read(&d, &clone2.volume_id, 1000 + 150_000, 10).await, expect[150_000..150_010]);
 

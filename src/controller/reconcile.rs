@@ -505,7 +505,8 @@ pub async fn flatten_unserved(pv: &PersistentVolume, handle: &str, ctx: &Context
             "FlattenWaiting",
             format!(
                 "the volume has its own copy of every chunk, but snapshots of it taken before ({}) still read through \
-                 its parent; it lets go of the parent once they are deleted",
+                 its parent; it lets go of the parent once they are deleted (a clone-* pin goes with its clone, or \
+                 when that clone is flattened)",
                 snapshots.join(", ")
             ),
         )),
@@ -529,13 +530,24 @@ async fn copy_unserved(store: &DynStore, loc: &Location, ctx: &Context) -> Resul
         crate::volume::catalog::attachments(store, &loc.prefix).await.map(|a| !a.is_empty()).map_err(|e| e.to_string())
     };
     let copied = async {
-        // After the lease is written: an attachment written before it is seen here.
+        // The head first, then the attachments (after the lease is
+        // written: one written before it is seen here), then an open at
+        // that head only: a node that opened since (its publish let
+        // through by a lease that lapsed meanwhile) is never fenced by it.
+        let meta = crate::volume::replay::read_meta(store.as_ref(), &loc.prefix).await.map_err(|e| e.to_string())?;
+        let cs = u64::from(meta.chunk_size);
+        let head =
+            crate::volume::replay::replay(store.as_ref(), &loc.prefix, cs, None).await.map_err(|e| e.to_string())?.head;
         if attached().await? {
             return Ok(None);
         }
-        let vol = crate::volume::Volume::open(store.clone(), &loc.prefix, crate::volume::OpenOptions::default())
-            .await
-            .map_err(|e| e.to_string())?;
+        let opts = crate::volume::OpenOptions { expect_head: Some(head), ..crate::volume::OpenOptions::default() };
+        let vol = match crate::volume::Volume::open(store.clone(), &loc.prefix, opts).await {
+            Ok(v) => v,
+            // Another writer opened since: its node flattens it.
+            Err(VolumeError::Fenced(_)) => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
         let copy = vol.copy_parents(&|_, _| {});
         tokio::pin!(copy);
         loop {

@@ -56,7 +56,7 @@ use crate::location::{Location, StoreSpec};
 use crate::size::parse_size;
 use crate::store::{self, DynStore, PutMode, StoreError};
 use crate::volume::catalog::{self, Attachment, CatalogError, DeleteOutcome, EntryState, OnDependants};
-use crate::volume::engine::{CreateOptions, read_snapshot, snapshot_committed};
+use crate::volume::engine::{CreateOptions, read_snapshot, snapshot_committed, take_back_if_outlived};
 use crate::volume::format::{self, DEFAULT_CHUNK_SIZE, ParentRef, SnapshotRecord, VolumeMeta};
 use crate::volume::{OpenOptions, Volume, VolumeError, compact, keys, replay};
 
@@ -662,8 +662,9 @@ impl ControllerService {
                 let sstore = self.store_for(&sloc, &req.secrets).await?;
                 let sstore = unlocked(&sstore, &sloc, kek.as_ref()).await?;
                 let rec = match read_snapshot(&sstore, &sloc.prefix, &name).await {
-                    Ok(r) => r,
-                    Err(VolumeError::NotFound(_)) => {
+                    Ok(r) if !take_back_if_outlived(&sstore, &sloc.prefix, &r).await.map_err(status)? => r,
+                    // One a flatten left unreadable is no snapshot either.
+                    Ok(_) | Err(VolumeError::NotFound(_)) => {
                         return Err(Status::not_found(format!("no such snapshot {}", s.snapshot_id)));
                     }
                     Err(e) => return Err(status(e)),
@@ -704,11 +705,13 @@ impl ControllerService {
                             r.clone.unwrap_or_default()
                         )));
                     }
-                    Ok(r) => {
+                    // An earlier attempt's pin, unless a flatten of the
+                    // source left it unreadable (then taken again).
+                    Ok(r) if !take_back_if_outlived(&vstore, &vloc.prefix, &r).await.map_err(status)? => {
                         let size = r.size;
                         Some((vloc, Some(r), size))
                     }
-                    Err(VolumeError::NotFound(_)) => {
+                    Ok(_) | Err(VolumeError::NotFound(_)) => {
                         let size =
                             catalog::current_size(&vstore, &vloc.prefix, &vmeta).await.map_err(catalog_status)?;
                         Some((vloc, None, size))
@@ -1244,12 +1247,15 @@ impl ControllerService {
             Err(e) => return Err(store_status(&e)),
         }
         let _guard = self.inflight.start(&sid)?;
-        let rec = match read_snapshot(&store, &vloc.prefix, &name).await {
-            Ok(r) => r,
-            Err(VolumeError::NotFound(_)) => {
-                snapshot_committed(&store, &vloc.prefix, &name, None, self.clock.as_ref()).await.map_err(status)?
-            }
+        let found = match read_snapshot(&store, &vloc.prefix, &name).await {
+            // An earlier attempt's, unless a flatten left it unreadable.
+            Ok(r) if !take_back_if_outlived(&store, &vloc.prefix, &r).await.map_err(status)? => Some(r),
+            Ok(_) | Err(VolumeError::NotFound(_)) => None,
             Err(e) => return Err(status(e)),
+        };
+        let rec = match found {
+            Some(r) => r,
+            None => snapshot_committed(&store, &vloc.prefix, &name, None, self.clock.as_ref()).await.map_err(status)?,
         };
         tracing::info!(snapshot = %sid, seq = rec.seq, "snapshot created");
         Ok(Response::new(pb::CreateSnapshotResponse {

@@ -108,7 +108,15 @@ impl Volume {
             if !untouched(&inner.lock()) {
                 return Ok(None);
             }
-            let g = inner.locks.lock(index).await;
+            // Never waiting for the lock holding budget bytes: a writer
+            // holding the lock may be waiting for them (`write_vec`).
+            let g = match permit.is_some().then(|| inner.locks.try_lock(index)).flatten() {
+                Some(g) => g,
+                None => {
+                    permit = None;
+                    inner.locks.lock(index).await
+                }
+            };
             if !untouched(&inner.lock()) {
                 return Ok(None);
             }

@@ -141,6 +141,12 @@ pub struct OpenOptions {
     /// them whole, as format 3 did: tests and the simulation make volumes
     /// that mix both. Readers take either.
     pub chunk_tables: bool,
+    /// Open as a writer only at this head: the open record goes at the
+    /// next seq or the open fails, never after another writer's records.
+    /// For a writer that checked the volume unused at that head (the
+    /// controller's flatten): a writer that opened since is never fenced
+    /// by it.
+    pub expect_head: Option<u64>,
 }
 
 impl Default for OpenOptions {
@@ -161,6 +167,7 @@ impl Default for OpenOptions {
             log_limit: 1 << 30,
             patch_limit: DEFAULT_PATCH_LIMIT,
             chunk_tables: true,
+            expect_head: None,
         }
     }
 }
@@ -804,7 +811,7 @@ impl Volume {
                 None => None,
             };
             let (prev_epoch, sent) =
-                open_for_write(&store, vol, &meta, &mut st, writer, opts.clock.as_ref(), taking.as_mut()).await?;
+                open_for_write(&store, vol, &meta, &mut st, writer, &opts, taking.as_mut()).await?;
             head_sent = Some(sent);
             if let Some(mut t) = taking {
                 t.before_append(prev_epoch)?;
@@ -1107,10 +1114,12 @@ impl Volume {
     pub fn reads_as_zeros(&self) -> bool {
         let zeros = |map: &ChunkMap| map.values().all(|r| matches!(r, ChunkRef::Zero));
         let st = self.inner.lock();
+        // Chunks zeroed and not yet committed (a trim, or a flatten's copy
+        // of a parent's ZERO chunk) are zeros too.
         zeros(&st.map)
             && st.patches.is_empty()
-            && st.slots.is_empty()
-            && st.staged.is_empty()
+            && st.slots.values().all(|s| matches!(s.data, DirtyData::Zero))
+            && st.staged.values().all(|s| s.data.is_none())
             && self.inner.parents.iter().all(|p| zeros(&p.map) && p.patches.is_empty())
     }
 
@@ -1288,6 +1297,30 @@ async fn record_snapshot(
     Ok(rec)
 }
 
+/// Is `rec`, a snapshot record of `vol` found by name, one a flatten left
+/// unreadable: at a seq before the one from which `vol` reads without the
+/// parent it let go of? Such a record can only be one whose PUT landed
+/// after its recorder gave up (or withdrew it): none is kept otherwise.
+/// It never opens; it is deleted here (when still the record read), and
+/// `true` tells the caller to take the snapshot again.
+pub async fn take_back_if_outlived(store: &DynStore, vol: &str, rec: &SnapshotRecord) -> VolumeResult<bool> {
+    let meta = replay::read_meta(store.as_ref(), vol).await?;
+    let (None, Some(f)) = (&meta.parent, &meta.flattened) else { return Ok(false) };
+    if rec.seq >= f.seq {
+        return Ok(false);
+    }
+    let key = snapshot_key(vol, &rec.name);
+    match store.get(&key, None).await {
+        Ok(b) if SnapshotRecord::decode(&b, &key).is_ok_and(|now| now.seq == rec.seq && now.token == rec.token) => {
+            tracing::warn!(volume = vol, snapshot = %rec.name, seq = rec.seq, flattened_at = f.seq, "a snapshot record that landed after the volume was flattened is taken back");
+            store.delete(&key).await?;
+        }
+        Ok(_) | Err(StoreError::NotFound(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(true)
+}
+
 /// Longest a snapshot of a volume with a live writer may take between
 /// reading the head and recording it; well under compaction's safety age.
 const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(30);
@@ -1399,9 +1432,10 @@ async fn open_for_write(
     meta: &VolumeMeta,
     st: &mut Replayed,
     writer: u64,
-    clock: &dyn Clock,
+    opts: &OpenOptions,
     mut log: Option<&mut TakingLog>,
 ) -> VolumeResult<(u64, Stamp)> {
+    let clock = opts.clock.as_ref();
     // A deleted volume kept behind its tombstone for the snapshots or clones
     // that read through it: whatever a writer acknowledged there would go
     // with the rest once the reaper finishes the delete.
@@ -1413,6 +1447,15 @@ async fn open_for_write(
     }
     let chunk_size = meta.chunk_size as u64;
     for _ in 0..32 {
+        // Never after another writer's record (`OpenOptions::expect_head`).
+        if let Some(h) = opts.expect_head
+            && st.head != h
+        {
+            return Err(VolumeError::Fenced(format!(
+                "{vol}: the journal is at seq {}, past the seq {h} this writer checked before it opened; not opened",
+                st.head
+            )));
+        }
         let seq = st.head + 1;
         // Our open record may land from here on: a log taken over must not
         // outlive another writer's open, even if we die before we know.
