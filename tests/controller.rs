@@ -83,12 +83,17 @@ impl ApiServer {
         tokio::pin!(task);
         loop {
             tokio::select! {
+                biased;
                 done = &mut task => {
                     done.expect("task").expect("reconcile");
                     return events;
                 }
                 next = self.0.next_request() => {
-                    let (req, reply) = next.expect("the client is gone");
+                    // The reconcile ended, and its client with it.
+                    let Some((req, reply)) = next else {
+                        (&mut task).await.expect("task").expect("reconcile");
+                        return events;
+                    };
                     let (method, path) = (req.method().to_string(), req.uri().path().to_string());
                     let body = body_json(req).await;
                     match (method.as_str(), path.as_str()) {

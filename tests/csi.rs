@@ -31,6 +31,18 @@ struct Driver {
     stores: Arc<Stores>,
 }
 
+/// ControllerPublish of `volume_id` to `node`, read-write unless `readonly`.
+fn publish_req(volume_id: &str, node: &str, readonly: bool) -> pb::ControllerPublishVolumeRequest {
+    pb::ControllerPublishVolumeRequest {
+        volume_id: volume_id.into(),
+        node_id: node.into(),
+        volume_capability: Some(rwo()),
+        readonly,
+        secrets: secrets(),
+        volume_context: HashMap::new(),
+    }
+}
+
 async fn driver() -> Option<Driver> {
     driver_with(std::time::Duration::ZERO, std::time::Duration::from_secs(300)).await
 }
@@ -270,14 +282,7 @@ async fn a_publish_waits_while_the_controller_flattens_the_volume() {
     let Some(mut d) = driver().await else { return };
     let v = create(&mut d, "pvc-flat", 1 << 20).await;
     let prefix = prefix_of(&v.volume_id);
-    let publish = pb::ControllerPublishVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        node_id: "node-a".into(),
-        volume_capability: Some(rwo()),
-        readonly: false,
-        secrets: secrets(),
-        volume_context: HashMap::new(),
-    };
+    let publish = publish_req(&v.volume_id, "node-a", false);
     let flatten = s3blk::controller::reconcile::FLATTEN_LEASE;
     let held = Lease::acquire(&d.store, &prefix, flatten, false, LEASE_TTL, &SystemClock).await.expect("lease");
     let refused = d.ctl.controller_publish_volume(publish.clone()).await;
@@ -301,14 +306,7 @@ async fn a_publish_waits_while_the_controller_flattens_the_volume() {
 async fn publish_fences_a_second_writer_node() {
     let Some(mut d) = driver().await else { return };
     let v = create(&mut d, "pvc-pub", 1 << 20).await;
-    let publish = |node: &str, ro: bool| pb::ControllerPublishVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        node_id: node.into(),
-        volume_capability: Some(rwo()),
-        readonly: ro,
-        secrets: secrets(),
-        volume_context: HashMap::new(),
-    };
+    let publish = |node: &str, ro: bool| publish_req(&v.volume_id, node, ro);
     let ctx = d.ctl.controller_publish_volume(publish("node-a", false)).await.expect("publish").into_inner();
     assert_eq!(ctx.publish_context["readonly"], "false");
     d.ctl.controller_publish_volume(publish("node-a", false)).await.expect("idempotent publish");
@@ -626,17 +624,7 @@ async fn expand_grows_offline_volumes_and_defers_to_the_node_when_attached() {
         ),
         Code::InvalidArgument
     );
-    d.ctl
-        .controller_publish_volume(pb::ControllerPublishVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            node_id: "node-a".into(),
-            volume_capability: Some(rwo()),
-            readonly: false,
-            secrets: secrets(),
-            volume_context: HashMap::new(),
-        })
-        .await
-        .expect("publish");
+    d.ctl.controller_publish_volume(publish_req(&v.volume_id, "node-a", false)).await.expect("publish");
     let r = d.ctl.controller_expand_volume(expand(5 << 20)).await.expect("expand attached").into_inner();
     assert!(r.node_expansion_required);
     let got = d.ctl.controller_get_volume(pb::ControllerGetVolumeRequest { volume_id: v.volume_id.clone() }).await;

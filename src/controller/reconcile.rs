@@ -234,17 +234,16 @@ fn clip(s: &str) -> String {
     format!("{}…", &s[..end])
 }
 
+/// An Event on a PV about `action`, its note clipped.
+fn event(type_: EventType, action: &str, reason: &str, note: String) -> Event {
+    Event { type_, reason: reason.to_string(), note: Some(clip(&note)), action: action.to_string(), secondary: None }
+}
+
 /// The Events an outcome gets on the PV: one for a compaction that changed
 /// something, one for every failure, one when fenced writers' records were
 /// found, one when unreadable snapshots hold compaction back.
 pub fn events_for(outcome: &Outcome) -> Vec<Event> {
-    let ev = |type_, reason: &str, note: String| Event {
-        type_,
-        reason: reason.to_string(),
-        note: Some(clip(&note)),
-        action: "Compact".to_string(),
-        secondary: None,
-    };
+    let ev = |type_, reason: &str, note: String| event(type_, "Compact", reason, note);
     let mut out = Vec::new();
     match outcome {
         Outcome::Compacted(r) => {
@@ -459,13 +458,7 @@ const ATTACHMENT_POLL: Duration = Duration::from_secs(2);
 /// the copy, which looks for attachments while it runs, stops and lets
 /// the lease go. `None`: nothing to do or say.
 pub async fn flatten_unserved(pv: &PersistentVolume, handle: &str, ctx: &Context) -> Option<Event> {
-    let ev = |type_, reason: &str, note: String| Event {
-        type_,
-        reason: reason.to_string(),
-        note: Some(clip(&note)),
-        action: "Flatten".to_string(),
-        secondary: None,
-    };
+    let ev = |type_, reason: &str, note: String| event(type_, "Flatten", reason, note);
     let failed = |note: String| Some(ev(EventType::Warning, "FlattenFailed", note));
     // A PV released or being deleted: its volume may be on its way out.
     if pv.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p != "Bound") {

@@ -483,6 +483,15 @@ compaction_annotated() { # pvc
 check "Compacted event on data's PV" compacted_event data
 check "data's PV carries the last compaction and its result" compaction_annotated data
 
+# The StorageClass parameters that name secret $1 for every CSI call.
+secret_params() {
+  local k
+  for k in provisioner controller-publish node-stage controller-expand; do
+    printf '  csi.storage.k8s.io/%s-secret-name: %s\n  csi.storage.k8s.io/%s-secret-namespace: %s\n' \
+      "$k" "$(yq "$1")" "$k" "$ns"
+  done
+}
+
 section "a second StorageClass in another bucket"
 bucket2=volumes-other
 run mc mb "local/$bucket2"
@@ -502,14 +511,7 @@ parameters:
   bucket: $bucket2
   prefix: other
   csi.storage.k8s.io/fstype: ext4
-  csi.storage.k8s.io/provisioner-secret-name: $(yq "$secret")
-  csi.storage.k8s.io/provisioner-secret-namespace: $ns
-  csi.storage.k8s.io/controller-publish-secret-name: $(yq "$secret")
-  csi.storage.k8s.io/controller-publish-secret-namespace: $ns
-  csi.storage.k8s.io/node-stage-secret-name: $(yq "$secret")
-  csi.storage.k8s.io/node-stage-secret-namespace: $ns
-  csi.storage.k8s.io/controller-expand-secret-name: $(yq "$secret")
-  csi.storage.k8s.io/controller-expand-secret-namespace: $ns
+$(secret_params "$secret")
 ---
 apiVersion: v1
 kind: PersistentVolumeClaim
@@ -547,14 +549,7 @@ parameters:
   prefix: other
   flatten: "true"
   csi.storage.k8s.io/fstype: ext4
-  csi.storage.k8s.io/provisioner-secret-name: $(yq "$secret")
-  csi.storage.k8s.io/provisioner-secret-namespace: $ns
-  csi.storage.k8s.io/controller-publish-secret-name: $(yq "$secret")
-  csi.storage.k8s.io/controller-publish-secret-namespace: $ns
-  csi.storage.k8s.io/node-stage-secret-name: $(yq "$secret")
-  csi.storage.k8s.io/node-stage-secret-namespace: $ns
-  csi.storage.k8s.io/controller-expand-secret-name: $(yq "$secret")
-  csi.storage.k8s.io/controller-expand-secret-namespace: $ns
+$(secret_params "$secret")
 ---
 apiVersion: v1
 kind: PersistentVolumeClaim
@@ -603,14 +598,7 @@ parameters:
   prefix: encrypted
   encrypted: "true"
   csi.storage.k8s.io/fstype: ext4
-  csi.storage.k8s.io/provisioner-secret-name: s3blk-enc
-  csi.storage.k8s.io/provisioner-secret-namespace: $ns
-  csi.storage.k8s.io/controller-publish-secret-name: s3blk-enc
-  csi.storage.k8s.io/controller-publish-secret-namespace: $ns
-  csi.storage.k8s.io/node-stage-secret-name: s3blk-enc
-  csi.storage.k8s.io/node-stage-secret-namespace: $ns
-  csi.storage.k8s.io/controller-expand-secret-name: s3blk-enc
-  csi.storage.k8s.io/controller-expand-secret-namespace: $ns
+$(secret_params s3blk-enc)
 ---
 apiVersion: v1
 kind: PersistentVolumeClaim
