@@ -469,7 +469,7 @@ def test_kind_e2e_manifests_parse_and_validate():
         assert parsed, f"empty {end} manifest"
         docs.extend(parsed)
     kinds_seen = sorted(d["kind"] for d in docs)
-    assert kinds_seen.count("Pod") == 9 and kinds_seen.count("PersistentVolumeClaim") == 6, kinds_seen
+    assert kinds_seen.count("Pod") == 11 and kinds_seen.count("PersistentVolumeClaim") == 7, kinds_seen
     for kind in ["Cluster", "Deployment", "Service", "VolumeSnapshot", "StorageClass"]:
         assert kind in kinds_seen, f"no {kind} among the e2e manifests"
     validated = 0
