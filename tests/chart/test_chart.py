@@ -482,7 +482,7 @@ def test_kind_e2e_manifests_parse_and_validate():
             continue
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
         validated += 1
-    assert validated == len(docs) - 2 == 19
+    assert validated == len(docs) - 2 == 23
     # Every data pod's command is one shell string that reached YAML intact.
     commands = [d["spec"]["containers"][0]["command"] for d in docs if d["kind"] == "Pod"]
     assert all(c[:2] == ["sh", "-c"] and len(c) == 3 for c in commands), commands
