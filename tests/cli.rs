@@ -260,14 +260,7 @@ fn delete_refuses_to_break_clones_and_a_deleted_clone_lets_go_of_its_parent() {
         let rec = snapshot_committed(&store, "parent/", "clone-child", Some("child/"), &clock).await.expect("snapshot");
         s3blk::volume::catalog::add_clone_marker(&store, "parent/", "child/", "child/", rec.seq).await.expect("marker");
         let parent = Some(ParentRef { volume: "parent/".into(), snapshot: "clone-child".into(), seq: rec.seq });
-        let opts = CreateOptions {
-            size: 1 << 20,
-            chunk_size: 64 << 10,
-            parent,
-            single_writer: false,
-            compression: None,
-            encryption: None,
-        };
+        let opts = CreateOptions { parent, ..CreateOptions::new(1 << 20, 64 << 10) };
         s3blk::volume::Volume::create(store.clone(), "child/", opts, &clock).await.expect("clone");
     });
     one_line_error(&s3blk(&[], &["volume", "delete", p]), "clones reading through its snapshots (child)");

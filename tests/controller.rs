@@ -175,14 +175,7 @@ fn now() -> i64 {
 /// A volume whose chunk 0 was written `rewrites` times, each flushed: all
 /// but the last generation are garbage once folded.
 async fn volume_with_garbage(store: &DynStore, vol: &str, rewrites: u8) {
-    let opts = CreateOptions {
-        size: 4 * CS as u64,
-        chunk_size: CS,
-        parent: None,
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = CreateOptions::new(4 * CS as u64, CS);
     Volume::create(store.clone(), vol, opts, &SystemClock).await.expect("create");
     let v = Volume::open(store.clone(), vol, OpenOptions::default()).await.expect("open");
     for i in 0..rewrites {
@@ -1027,13 +1020,9 @@ async fn restarted_node_with(client: Client, names: &[&str], key: Option<&str>) 
     for (i, name) in names.iter().enumerate() {
         let loc = Location::parse(&format!("file://{}/{name}", root.display()), true).expect("url");
         let opts = CreateOptions {
-            size: 4 * CS as u64,
-            chunk_size: CS,
-            parent: None,
-            single_writer: false,
-            compression: None,
             encryption: key
                 .map(|k| s3blk::volume::keys::NewKeys::fresh(s3blk::crypto::Kek::parse(k.as_bytes()).expect("a key"))),
+            ..CreateOptions::new(4 * CS as u64, CS)
         };
         Volume::create(store.clone(), &loc.prefix, opts, &SystemClock).await.expect("create");
         let a = s3blk::volume::catalog::Attachment { node_id: "node-a".into(), readonly: false, created_unix: now() };

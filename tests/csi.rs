@@ -823,14 +823,7 @@ async fn delete_volume_never_deletes_what_s3blk_does_not_own() {
 
     // A volume whose prefix holds another volume (made there by hand) is left whole.
     let inner = format!("{}inner/", prefix_of(&a.volume_id));
-    let opts = s3blk::volume::engine::CreateOptions {
-        size: 1 << 20,
-        chunk_size: 64 << 10,
-        parent: None,
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = s3blk::volume::engine::CreateOptions::new(1 << 20, 64 << 10);
     Volume::create(d.store.clone(), &inner, opts, &s3blk::clock::SystemClock).await.expect("nested volume");
     let err = d.ctl.delete_volume(delete_req(&a.volume_id)).await.expect_err("nested");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
@@ -876,14 +869,7 @@ async fn delete_volume_never_touches_the_controllers_own_files() {
     std::fs::write(plain.join("file"), b"keep me").expect("write");
     // Even a real s3blk volume in a directory the driver does not serve.
     let local = common::local_store(dir.path());
-    let opts = s3blk::volume::engine::CreateOptions {
-        size: 1 << 20,
-        chunk_size: 64 << 10,
-        parent: None,
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = s3blk::volume::engine::CreateOptions::new(1 << 20, 64 << 10);
     Volume::create(local.clone(), "real/", opts, &s3blk::clock::SystemClock).await.expect("local volume");
     let path = plain.to_str().expect("path").to_string();
     // A plain path is no volume id this driver issues: OK, nothing touched.

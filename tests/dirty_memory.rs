@@ -51,14 +51,7 @@ fn dirty_pages_in_the_log_take_no_more_memory_than_the_budget_counts() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = common::local_store(&dir.path().join("store"));
         let chunks = 1024u64;
-        let opts = CreateOptions {
-            size: chunks * CS,
-            chunk_size: CS as u32,
-            parent: None,
-            single_writer: false,
-            compression: None,
-            encryption: None,
-        };
+        let opts = CreateOptions::new(chunks * CS, CS as u32);
         Volume::create(store.clone(), "v", opts, &s3blk::clock::SystemClock).await.expect("create");
         let budget = MemoryBudget::new(256 << 20, 16 << 20);
         let opts = OpenOptions {

@@ -28,8 +28,7 @@ const CS: u32 = 64 << 10;
 const CSU: u64 = CS as u64;
 
 async fn create(store: &DynStore, vol: &str, size: u64) {
-    let opts =
-        CreateOptions { size, chunk_size: CS, parent: None, single_writer: false, compression: None, encryption: None };
+    let opts = CreateOptions::new(size, CS);
     Volume::create(store.clone(), vol, opts, &SystemClock).await.expect("create");
 }
 
@@ -338,14 +337,7 @@ async fn a_create_whose_first_put_landed_succeeds() {
     let retrying: DynStore =
         Arc::new(RetryStore::with_clock(rig.faulty(), common::fast_policy(), clock, Arc::new(|d| d)));
     rig.rule(Some(Op::Put), "volume.json", Fault::LostResponse, 1);
-    let opts = CreateOptions {
-        size: 4 * CSU,
-        chunk_size: CS,
-        parent: None,
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = CreateOptions::new(4 * CSU, CS);
     Volume::create(retrying.clone(), "v/", opts.clone(), &SystemClock).await.expect("create must succeed");
     let v = open(&retrying, "v/").await;
     v.write(0, b"usable").await.expect("write");
@@ -485,14 +477,7 @@ async fn a_busy_volume_opens_replaying_few_records() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_asked_again_finishes_one_that_stopped_before_its_create_record() {
     let rig = FaultRig::new();
-    let opts = |size: u64| CreateOptions {
-        size,
-        chunk_size: CS,
-        parent: None,
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = |size: u64| CreateOptions::new(size, CS);
     rig.rule(Some(Op::Put), "journal/", Fault::ServerError, 1_000);
     let failed = Volume::create(rig.faulty(), "v/", opts(4 * CSU), &SystemClock).await;
     assert!(failed.is_err(), "created: {failed:?}");
@@ -690,14 +675,7 @@ async fn a_restore_whose_pin_was_let_go_of_is_never_finished() {
     let pin = catalog::pin_snapshot_for(&store, "src/", &snap, "r/", "r/", &mut false).await.expect("pin");
     catalog::add_clone_marker(&store, "src/", "r/", "r/", pin.seq).await.expect("marker");
     let parent = format::ParentRef { volume: "src/".into(), snapshot: pin.name.clone(), seq: pin.seq };
-    let opts = CreateOptions {
-        size: 4 * CSU,
-        chunk_size: CS,
-        parent: Some(parent),
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = CreateOptions { parent: Some(parent), ..CreateOptions::new(4 * CSU, CS) };
     let made = Volume::create(store.clone(), "r/", opts.clone(), &SystemClock).await;
     assert!(made.is_err(), "the volume.json PUT timed out: {made:?}");
     catalog::abandon_create(&store, "r/").await.expect("clean up the failed create");
@@ -808,14 +786,7 @@ impl common::Around for FailDeleteOnce {
 
 /// "src/" with its first chunk written and flushed: its writer and the bytes.
 async fn source_with_a_chunk(mem: &DynStore) -> (Volume, Vec<u8>) {
-    let opts = CreateOptions {
-        size: 4 * CSU,
-        chunk_size: CS,
-        parent: None,
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = CreateOptions::new(4 * CSU, CS);
     Volume::create(mem.clone(), "src/", opts, &SystemClock).await.expect("create");
     let w = Volume::open(mem.clone(), "src/", OpenOptions::default()).await.expect("open");
     let old = common::pattern(4, CS as usize);

@@ -33,8 +33,7 @@ const CS: u32 = 64 << 10;
 const CSU: u64 = CS as u64;
 
 async fn create(store: &DynStore, vol: &str, size: u64) {
-    let opts =
-        CreateOptions { size, chunk_size: CS, parent: None, single_writer: false, compression: None, encryption: None };
+    let opts = CreateOptions::new(size, CS);
     Volume::create(store.clone(), vol, opts, &SystemClock).await.expect("create");
 }
 
@@ -241,14 +240,7 @@ async fn a_snapshot_deleted_right_after_a_restore_takes_the_restored_volumes_dat
 
     // The restored volume (CSI CreateVolume from snapshot s1) reads through v at the pinned seq.
     let parent = format::ParentRef { volume: "v/".into(), snapshot: format::clone_pin_name("r/"), seq: snap.seq };
-    let opts = CreateOptions {
-        size: 4 * CSU,
-        chunk_size: CS,
-        parent: Some(parent),
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = CreateOptions { parent: Some(parent), ..CreateOptions::new(4 * CSU, CS) };
     Volume::create(mem.clone(), "r/", opts, &SystemClock).await.expect("create restored");
     let got = read_fresh(&mem, "r/", 0, CSU).await;
     let next = compact::compact(&mem, "v/", &eager, &SystemClock).await.map(|_| ()).map_err(|e| e.to_string());
@@ -937,8 +929,7 @@ async fn stopped_create(store: &DynStore, vol: &str, size: u64) {
         times: 1_000,
     });
     let faulty: DynStore = fault;
-    let opts =
-        CreateOptions { size, chunk_size: CS, parent: None, single_writer: false, compression: None, encryption: None };
+    let opts = CreateOptions::new(size, CS);
     let failed = Volume::create(faulty, vol, opts, &SystemClock).await;
     assert!(failed.is_err(), "created: {failed:?}");
 }
@@ -950,14 +941,7 @@ async fn stopped_create(store: &DynStore, vol: &str, size: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finishing_a_create_never_hands_its_record_to_a_volume_made_again_meanwhile() {
     let mem: DynStore = Arc::new(MemoryStore::new());
-    let opts = |size: u64| CreateOptions {
-        size,
-        chunk_size: CS,
-        parent: None,
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = |size: u64| CreateOptions::new(size, CS);
     stopped_create(&mem, "v/", 4 * CSU).await;
     let race: DynStore = Wrapped::new(
         mem.clone(),
@@ -1031,14 +1015,7 @@ impl Around for RecreatedBetween {
         );
         let (vol, size) = (self.vol.clone(), self.size);
         let task = tokio::spawn(async move {
-            let opts = CreateOptions {
-                size,
-                chunk_size: CS,
-                parent: None,
-                single_writer: false,
-                compression: None,
-                encryption: None,
-            };
+            let opts = CreateOptions::new(size, CS);
             Volume::create(held, &vol, opts, &SystemClock).await.map(|m| m.size)
         });
         *self.created.lock().expect("lock") = Some(task);
@@ -1056,14 +1033,7 @@ impl Around for RecreatedBetween {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_never_takes_a_stale_finishs_record_for_its_own() {
     let mem: DynStore = Arc::new(MemoryStore::new());
-    let opts = |size: u64| CreateOptions {
-        size,
-        chunk_size: CS,
-        parent: None,
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = |size: u64| CreateOptions::new(size, CS);
     stopped_create(&mem, "v/", 4 * CSU).await;
     let race = Wrapped::new(
         mem.clone(),

@@ -25,7 +25,7 @@ fn kek(n: u8) -> Kek {
 }
 
 fn create_opts(size: u64, encryption: Option<NewKeys>) -> CreateOptions {
-    CreateOptions { size, chunk_size: CS, parent: None, single_writer: false, compression: None, encryption }
+    CreateOptions { encryption, ..CreateOptions::new(size, CS) }
 }
 
 /// Create an encrypted volume and give back the store that reads it in the clear.

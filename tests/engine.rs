@@ -24,7 +24,7 @@ use s3blk::volume::{OpenOptions, Volume, VolumeError, compact, fsck, replay};
 const CS: u32 = 64 << 10;
 
 fn create_opts(size: u64) -> CreateOptions {
-    CreateOptions { size, chunk_size: CS, parent: None, single_writer: false, compression: None, encryption: None }
+    CreateOptions::new(size, CS)
 }
 
 async fn create(store: &DynStore, vol: &str, size: u64) {
@@ -663,21 +663,9 @@ async fn out_of_range_io_is_refused_and_changes_nothing() {
 async fn sparse_volumes_cost_a_handful_of_objects(store: DynStore) {
     let vol = format!("{}/", common::unique("sparse"));
     let tib = 1u64 << 40;
-    Volume::create(
-        store.clone(),
-        &vol,
-        CreateOptions {
-            size: tib,
-            chunk_size: 1 << 20,
-            parent: None,
-            single_writer: false,
-            compression: None,
-            encryption: None,
-        },
-        &s3blk::clock::SystemClock,
-    )
-    .await
-    .expect("create");
+    Volume::create(store.clone(), &vol, CreateOptions::new(tib, 1 << 20), &s3blk::clock::SystemClock)
+        .await
+        .expect("create");
     let v = open(&store, &vol).await;
     let objects = store::list_all(store.as_ref(), &vol).await.expect("list");
     assert!(objects.len() <= 3, "a new 1 TiB volume has {} objects: {objects:?}", objects.len());
@@ -2662,14 +2650,7 @@ impl common::Around for ChunkGets {
 /// A volume of 1 MiB chunks (16 verified blocks each) whose first two
 /// chunks hold `pattern(1, 2 MiB)`, flushed.
 async fn two_chunks_of_1mib(store: &DynStore, vol: &str) -> Vec<u8> {
-    let opts = CreateOptions {
-        size: 4 * MIB,
-        chunk_size: MIB as u32,
-        parent: None,
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = CreateOptions::new(4 * MIB, MIB as u32);
     Volume::create(store.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
     let data = common::pattern(1, 2 * MIB as usize);
     let v = open(store, vol).await;
@@ -2801,14 +2782,7 @@ fn text(len: usize, seed: u64) -> Vec<u8> {
 /// A compressed volume of 1 MiB chunks: chunk 0 text, chunk 1 noise,
 /// chunk 2 text; flushed. Returns the three chunks' bytes.
 async fn compressed_volume(store: &DynStore, vol: &str, codec: format::Codec) -> Vec<u8> {
-    let opts = CreateOptions {
-        size: 4 * MIB,
-        chunk_size: MIB as u32,
-        parent: None,
-        single_writer: false,
-        compression: Some(codec),
-        encryption: None,
-    };
+    let opts = CreateOptions { compression: Some(codec), ..CreateOptions::new(4 * MIB, MIB as u32) };
     let meta = Volume::create(store.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
     assert_eq!((meta.format_version, meta.compression), (format::FORMAT_V5, Some(codec)));
     let mut data = text(MIB as usize, 1);
@@ -3022,14 +2996,7 @@ async fn chunks_written_whole_and_with_a_table_read_alike() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = common::local_store(dir.path());
     let vol = "v/";
-    let opts = CreateOptions {
-        size: 4 * MIB,
-        chunk_size: MIB as u32,
-        parent: None,
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = CreateOptions::new(4 * MIB, MIB as u32);
     Volume::create(store.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
     let data = common::pattern(3, 3 * MIB as usize);
     let whole = OpenOptions { chunk_tables: false, ..OpenOptions::default() };
@@ -3106,14 +3073,7 @@ async fn readahead_starts_at_one_chunk_and_grows_with_a_sequential_reader() {
     let mem: DynStore = Arc::new(MemoryStore::new());
     let vol = "v/";
     let chunks = 48u64;
-    let opts = CreateOptions {
-        size: chunks * MIB,
-        chunk_size: MIB as u32,
-        parent: None,
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = CreateOptions::new(chunks * MIB, MIB as u32);
     Volume::create(mem.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
     let data = common::pattern(5, (chunks * MIB) as usize);
     let v = open(&mem, vol).await;
@@ -3419,14 +3379,7 @@ async fn a_few_small_sequential_reads_do_not_fetch_sixteen_chunks_ahead() {
     let mem: DynStore = Arc::new(MemoryStore::new());
     let vol = "v/";
     let chunks = 48u64;
-    let opts = CreateOptions {
-        size: chunks * MIB,
-        chunk_size: MIB as u32,
-        parent: None,
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = CreateOptions::new(chunks * MIB, MIB as u32);
     Volume::create(mem.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create");
     let v = open(&mem, vol).await;
     v.write(0, &common::pattern(5, (chunks * MIB) as usize)).await.expect("write");

@@ -24,7 +24,7 @@ const CSU: u64 = CS as u64;
 const CHUNKS: u64 = 12;
 
 fn opts(size: u64) -> CreateOptions {
-    CreateOptions { size, chunk_size: CS, parent: None, single_writer: false, compression: None, encryption: None }
+    CreateOptions::new(size, CS)
 }
 
 fn eager() -> CompactOptions {

@@ -564,14 +564,7 @@ async fn in_process(read_only: bool) -> InProcess {
 
 async fn in_process_with(read_only: bool, size: u64, limits: s3blk::nbd::session::Limits) -> InProcess {
     let store: DynStore = Arc::new(MemoryStore::new());
-    let opts = CreateOptions {
-        size,
-        chunk_size: 64 << 10,
-        parent: None,
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = CreateOptions::new(size, 64 << 10);
     Volume::create(store.clone(), "v/", opts, &s3blk::clock::SystemClock).await.expect("create");
     let volume =
         Volume::open(store.clone(), "v/", OpenOptions { read_only, ..OpenOptions::default() }).await.expect("open");
@@ -855,14 +848,7 @@ async fn a_write_waiting_for_the_store_does_not_stall_its_connection() {
     use s3blk::store::fault::{Fault, FaultStore, Op, Rule};
     let mem: DynStore = Arc::new(MemoryStore::new());
     let fault = Arc::new(FaultStore::new(mem.clone()));
-    let opts = CreateOptions {
-        size: 4 << 20,
-        chunk_size: 64 << 10,
-        parent: None,
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = CreateOptions::new(4 << 20, 64 << 10);
     Volume::create(mem.clone(), "v/", opts, &s3blk::clock::SystemClock).await.expect("create");
     let seed = Volume::open(mem.clone(), "v/", OpenOptions::default()).await.expect("open");
     seed.write(64 << 10, &common::pattern(3, 64 << 10)).await.expect("write");

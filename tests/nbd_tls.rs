@@ -683,14 +683,7 @@ async fn a_tls_client_that_reads_no_replies_is_cut_and_its_session_ends() {
     let files = X509Files { cert: pki.path("server-cert.pem"), key: pki.path("server-key.pem"), client_ca: None };
     let tls = Tls::x509(&files, Policy::Offer).expect("tls");
     let store: DynStore = Arc::new(s3blk::store::memory::MemoryStore::new());
-    let opts = CreateOptions {
-        size: 64 << 20,
-        chunk_size: 64 << 10,
-        parent: None,
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = CreateOptions::new(64 << 20, 64 << 10);
     Volume::create(store.clone(), "v/", opts, &s3blk::clock::SystemClock).await.expect("create");
     let volume = Volume::open(store, "v/", OpenOptions::default()).await.expect("open");
     let export = Arc::new(Export {

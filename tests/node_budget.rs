@@ -115,14 +115,7 @@ impl Node {
     /// Create volume `name`; returns its volume id (URL).
     async fn create(&self, name: &str, size: u64) -> String {
         let loc = Location::parse(&format!("file://{}/{name}", self.root.display()), true).expect("volume url");
-        let opts = CreateOptions {
-            size,
-            chunk_size: CS as u32,
-            parent: None,
-            single_writer: false,
-            compression: None,
-            encryption: None,
-        };
+        let opts = CreateOptions::new(size, CS as u32);
         Volume::create(self.plain.clone(), &loc.prefix, opts, &s3blk::clock::SystemClock).await.expect("create");
         loc.url()
     }
@@ -436,12 +429,8 @@ async fn staging_opens_an_encrypted_volume_with_the_secrets_key_only() {
     let key = "6b".repeat(32);
     let kek = s3blk::crypto::Kek::parse(key.as_bytes()).expect("key");
     let opts = CreateOptions {
-        size: 4 * CS,
-        chunk_size: CS as u32,
-        parent: None,
-        single_writer: false,
-        compression: None,
         encryption: Some(s3blk::volume::keys::NewKeys::fresh(kek.clone())),
+        ..CreateOptions::new(4 * CS, CS as u32)
     };
     Volume::create(n.plain.clone(), &loc.prefix, opts, &s3blk::clock::SystemClock).await.expect("create");
     let with = |k: Option<&str>| HashMap::from_iter(k.map(|k| ("encryptionKey".to_string(), k.to_string())));

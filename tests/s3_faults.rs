@@ -263,14 +263,7 @@ async fn a_volume_rides_out_throttling_and_dropped_connections() {
     };
     let store: DynStore = Arc::new(RetryStore::new(s3.clone(), policy));
     let size = 8u64 << 20;
-    let create = CreateOptions {
-        size,
-        chunk_size: 1 << 20,
-        parent: None,
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let create = CreateOptions::new(size, 1 << 20);
     proxy.fail("PUT", "vol/volume.json", Fault::Error(503, "SlowDown"), 2);
     Volume::create(store.clone(), "vol/", create, &SystemClock).await.expect("create rides out throttling");
 

@@ -1542,12 +1542,8 @@ async fn create(ctx: &Ctx, rng: &mut StdRng) -> bool {
     let (_h, store) = ctx.store("creator", plan, rng);
     let clock = SimClock::new(ctx.world.clone(), 0);
     let opts = CreateOptions {
-        size: ctx.cfg.initial_chunks * CS,
-        chunk_size: ctx.cfg.chunk_size as u32,
-        parent: None,
-        single_writer: false,
-        compression: None,
         encryption: ctx.keys.clone(),
+        ..CreateOptions::new(ctx.cfg.initial_chunks * CS, ctx.cfg.chunk_size as u32)
     };
     for attempt in 1..=20 {
         match Volume::create(store.clone(), VOL, opts.clone(), &clock).await {
@@ -2671,13 +2667,10 @@ async fn make_clone(
     catalog::add_clone_marker(store, VOL, prefix, prefix, rec.seq).await.map_err(clone_fail)?;
     let parent = ParentRef { volume: VOL.to_string(), snapshot: format::clone_pin_name(prefix), seq: rec.seq };
     let opts = CreateOptions {
-        size: rec.size,
-        chunk_size: chunk_size as u32,
         parent: Some(parent),
-        single_writer: false,
-        compression: None,
         // An encrypted volume's clone shares its data key.
         encryption: keys::NewKeys::inherited(store.as_ref()),
+        ..CreateOptions::new(rec.size, chunk_size as u32)
     };
     match Volume::create(store.clone(), prefix, opts, clock).await {
         // A retry after an attempt that landed.

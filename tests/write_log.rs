@@ -25,14 +25,7 @@ const CS: u32 = 64 << 10;
 const SIZE: u64 = 1 << 20;
 
 async fn create(store: &DynStore, vol: &str) -> String {
-    let opts = CreateOptions {
-        size: SIZE,
-        chunk_size: CS,
-        parent: None,
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = CreateOptions::new(SIZE, CS);
     Volume::create(store.clone(), vol, opts, &s3blk::clock::SystemClock).await.expect("create").uuid
 }
 

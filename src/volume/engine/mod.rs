@@ -187,6 +187,14 @@ pub struct CreateOptions {
     pub encryption: Option<super::keys::NewKeys>,
 }
 
+impl CreateOptions {
+    /// A volume of `size` bytes in chunks of `chunk_size`: no parent,
+    /// fenced writers, stored as it is (neither compressed nor encrypted).
+    pub fn new(size: u64, chunk_size: u32) -> Self {
+        Self { size, chunk_size, parent: None, single_writer: false, compression: None, encryption: None }
+    }
+}
+
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct VolumeStats {
     pub size: u64,
@@ -1940,14 +1948,7 @@ mod tests {
         std::fs::write(&boot, "boot-a\n").expect("boot id");
         TEST_BOOT_ID_FILE.with(|f| *f.borrow_mut() = Some(boot.clone()));
         let store: DynStore = std::sync::Arc::new(MemoryStore::new());
-        let opts = CreateOptions {
-            size: 1 << 20,
-            chunk_size: 64 << 10,
-            parent: None,
-            single_writer: false,
-            compression: None,
-            encryption: None,
-        };
+        let opts = CreateOptions::new(1 << 20, 64 << 10);
         let uuid = Volume::create(store.clone(), "v/", opts, &crate::clock::SystemClock).await.expect("create").uuid;
         let logs = dir.path().join("logs");
         let with_log = || OpenOptions { log_dir: Some(logs.clone()), ..OpenOptions::default() };

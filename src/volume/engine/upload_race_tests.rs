@@ -76,14 +76,7 @@ const CS: u64 = 64 << 10;
 /// gate.
 async fn gated_volume() -> (DynStore, Arc<Gate>, Volume) {
     let mem: DynStore = Arc::new(MemoryStore::new());
-    let opts = CreateOptions {
-        size: 4 * CS,
-        chunk_size: CS as u32,
-        parent: None,
-        single_writer: false,
-        compression: None,
-        encryption: None,
-    };
+    let opts = CreateOptions::new(4 * CS, CS as u32);
     Volume::create(mem.clone(), "v/", opts, &SystemClock).await.expect("create");
     let gate = Gate::new(mem.clone());
     let store: DynStore = gate.clone();
