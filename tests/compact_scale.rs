@@ -226,6 +226,14 @@ impl ObjectStore for ScaleStore {
         Ok(())
     }
 
+    async fn get_tagged(&self, key: &str) -> StoreResult<(Bytes, String)> {
+        Err(StoreError::Unsupported(format!("{key}: the scale store keeps no tags")))
+    }
+
+    async fn put_if_match(&self, key: &str, _: Bytes, _: &str) -> StoreResult<()> {
+        Err(StoreError::Unsupported(format!("{key}: the scale store keeps no tags")))
+    }
+
     async fn delete(&self, key: &str) -> StoreResult<()> {
         if let Some((i, g)) = format::parse_chunk_key(VOL, key) {
             if self.shape.live(i, g) {

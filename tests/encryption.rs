@@ -435,12 +435,12 @@ async fn a_rekey_racing_a_delete_leaves_the_volume_its_clones_read() {
     }
     #[async_trait::async_trait]
     impl common::Around for DeleteDuringRekey {
-        async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> store::StoreResult<()> {
+        async fn put_if_match(&self, inner: &DynStore, key: &str, body: Bytes, tag: &str) -> store::StoreResult<()> {
             if key == "src/volume.json" && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
                 let out = catalog::delete_volume(inner, "src/", catalog::OnDependants::Keep, &clock()).await;
                 assert!(matches!(out, Ok(catalog::DeleteOutcome::Kept)), "{out:?}");
             }
-            inner.put(key, body, mode).await
+            inner.put_if_match(key, body, tag).await
         }
     }
     let mem: DynStore = Arc::new(MemoryStore::new());
@@ -523,5 +523,119 @@ async fn sealed_ranges_read_as_plain_ranges() {
                 }
             }
         }
+    }
+}
+
+/// Where [`RekeyBesideFlatten`] puts the other change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Beside {
+    /// A whole rekey lands between the flatten's read of `volume.json`
+    /// and its first write.
+    RekeyInFlatten,
+    /// A whole flatten lands between the rekey's read and its write.
+    FlattenInRekey,
+}
+
+/// Runs the other change through the store it wraps at the first write of
+/// the clone's `volume.json` (conditional or not).
+#[derive(Debug)]
+struct RekeyBesideFlatten {
+    beside: Beside,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl RekeyBesideFlatten {
+    async fn other(&self, inner: &DynStore, key: &str) {
+        if key != "c/volume.json" || !self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        match self.beside {
+            Beside::RekeyInFlatten => {
+                assert_eq!(keys::rekey(inner, "c/", &kek(11), &kek(12)).await.expect("rekey"), kek(12).id())
+            }
+            Beside::FlattenInRekey => {
+                let out = flatten_with(inner, "c/", &kek(11)).await;
+                assert_eq!(out, catalog::ParentOutcome::LetGo { parent: "src/".into() });
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl common::Around for RekeyBesideFlatten {
+    async fn put(&self, inner: &DynStore, key: &str, body: Bytes, mode: PutMode) -> store::StoreResult<()> {
+        self.other(inner, key).await;
+        inner.put(key, body, mode).await
+    }
+    async fn put_if_match(&self, inner: &DynStore, key: &str, body: Bytes, tag: &str) -> store::StoreResult<()> {
+        self.other(inner, key).await;
+        inner.put_if_match(key, body, tag).await
+    }
+}
+
+/// Copy the parents' chunks of the encrypted clone `vol` (opened with
+/// `key`) and let go of its parent.
+async fn flatten_with(base: &DynStore, vol: &str, key: &Kek) -> catalog::ParentOutcome {
+    let store = keys::unlock(base, vol, Some(key)).await.expect("unlock");
+    let v = open(&store, vol).await;
+    let copied = v.copy_parents(&|_, _| {}).await.expect("copy the parent's chunks");
+    drop(v);
+    catalog::let_go_of_parent(&store, vol, Some(copied.seq)).await.expect("let go of the parent")
+}
+
+/// A rekey and a flatten of one clone at once, each landing between the
+/// other's read of `volume.json` and its write, undo neither change: the
+/// later write finds `volume.json` changed (a replace `If-Match`), reads
+/// it again and goes again. Unconditional, the flatten's step put the old
+/// key back (the new one no longer opened the clone), and a rekey that
+/// read before the flatten named the parent again after it was let go of
+/// (the clone then failed to open once the parent was deleted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rekey_and_a_flatten_at_once_keep_each_others_change() {
+    for beside in [Beside::RekeyInFlatten, Beside::FlattenInRekey] {
+        let mem: DynStore = Arc::new(MemoryStore::new());
+        let wrapped = common::Wrapped::new(
+            mem.clone(),
+            RekeyBesideFlatten { beside, armed: std::sync::atomic::AtomicBool::new(false) },
+        );
+        let base: DynStore = wrapped.clone();
+        let (k1, k2) = (kek(11), kek(12));
+        let store = create_encrypted(&mem, "src/", 3 * CSU, &k1).await;
+        let w = open(&store, "src/").await;
+        w.write(0, &marked(CS as usize, "ZERO")).await.expect("write");
+        w.write(2 * CSU, &marked(CS as usize, "TWO")).await.expect("write");
+        w.flush().await.expect("flush");
+        drop(w);
+        catalog::clone_volume(&store, "src/", None, "c/", "c/", None, &clock()).await.expect("clone");
+        let model = open_ro(&keys::unlock(&mem, "c/", Some(&k1)).await.expect("unlock"), "c/")
+            .await
+            .read(0, 3 * CSU)
+            .await
+            .expect("read");
+        wrapped.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        match beside {
+            Beside::RekeyInFlatten => {
+                let out = flatten_with(&base, "c/", &k1).await;
+                assert_eq!(out, catalog::ParentOutcome::LetGo { parent: "src/".into() });
+            }
+            Beside::FlattenInRekey => assert_eq!(keys::rekey(&base, "c/", &k1, &k2).await.expect("rekey"), k2.id()),
+        }
+        assert!(!wrapped.armed.load(std::sync::atomic::Ordering::SeqCst), "{beside:?}: the other change never ran");
+        let meta = s3blk::volume::replay::read_meta(mem.as_ref(), "c/").await.expect("meta");
+        assert_eq!(
+            meta.encryption.as_ref().map(|e| e.key_id.clone()),
+            Some(k2.id()),
+            "{beside:?}: the rekey was undone"
+        );
+        assert!(meta.parent.is_none() && meta.flattened.is_some(), "{beside:?}: the flatten was undone: {meta:?}");
+        let old = keys::unlock(&mem, "c/", Some(&k1)).await;
+        assert!(matches!(old, Err(VolumeError::Key(_))), "{beside:?}: the old key still opens the clone");
+        let del = catalog::delete_volume(&mem, "src/", catalog::OnDependants::RefuseClones, &clock()).await;
+        assert!(matches!(del, Ok(catalog::DeleteOutcome::Deleted { .. })), "{beside:?}: {del:?}");
+        let cstore = keys::unlock(&mem, "c/", Some(&k2)).await.expect("unlock with the new key");
+        let v = Volume::open(cstore.clone(), "c/", OpenOptions { read_only: true, ..OpenOptions::default() }).await;
+        let v = v.unwrap_or_else(|e| panic!("{beside:?}: the clone does not open without its parent: {e}"));
+        assert!(v.read(0, 3 * CSU).await.expect("read") == model, "{beside:?}: the clone reads other bytes");
+        assert!(fsck_errors(&cstore, "c/").await.is_empty(), "{beside:?}");
     }
 }

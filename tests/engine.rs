@@ -3064,6 +3064,43 @@ async fn a_put_of_parts_is_one_object_under_its_condition(store: DynStore) {
 }
 on_both_stores!(a_put_of_parts_is_one_object_under_its_condition);
 
+/// A replace `If-Match` lands only while the object is still the one whose
+/// tag was read: a stale tag is refused and changes nothing, a missing
+/// object is not found, and of replaces racing from one tag exactly one
+/// lands (on the local store: threads holding its file lock in turn; on
+/// S3: the server's condition), through the retry layer.
+async fn a_replace_if_match_lands_only_over_what_was_read(store: DynStore) {
+    let key = format!("{}/meta", common::unique("cas"));
+    let gone = store.put_if_match(&key, Bytes::from_static(b"x"), "\"00\"").await;
+    assert!(matches!(gone, Err(store::StoreError::NotFound(_))), "{gone:?}");
+    store.put(&key, Bytes::from_static(b"first"), PutMode::IfAbsent).await.expect("put");
+    let (body, tag) = store.get_tagged(&key).await.expect("get tagged");
+    assert_eq!(body, &b"first"[..]);
+    store.put_if_match(&key, Bytes::from_static(b"second"), &tag).await.expect("replace over what was read");
+    let (body, tag2) = store.get_tagged(&key).await.expect("get tagged");
+    assert_eq!(body, &b"second"[..]);
+    assert_ne!(tag, tag2, "other bytes, the same tag");
+    let stale = store.put_if_match(&key, Bytes::from_static(b"stale"), &tag).await;
+    assert!(matches!(stale, Err(store::StoreError::PreconditionFailed(_))), "{stale:?}");
+    assert_eq!(store.get(&key, None).await.expect("get"), &b"second"[..], "a refused replace changed the object");
+    // Racing from one tag: one lands, the others are refused.
+    let racers = (0..8u8).map(|i| {
+        let (store, key, tag) = (store.clone(), key.clone(), tag2.clone());
+        tokio::spawn(async move { (i, store.put_if_match(&key, Bytes::from(vec![b'a' + i; 64]), &tag).await) })
+    });
+    let mut landed = Vec::new();
+    for r in futures::future::join_all(racers).await {
+        match r.expect("racer") {
+            (i, Ok(())) => landed.push(i),
+            (_, Err(store::StoreError::PreconditionFailed(_))) => {}
+            (_, Err(e)) => panic!("a racing replace: {e}"),
+        }
+    }
+    assert_eq!(landed.len(), 1, "replaces from one tag that landed: {landed:?}");
+    assert_eq!(store.get(&key, None).await.expect("get"), vec![b'a' + landed[0]; 64]);
+}
+on_both_stores!(a_replace_if_match_lands_only_over_what_was_read);
+
 /// Readahead grows with what a sequential reader read in a row: a short
 /// run fetches nothing ahead, a long scan keeps up to 16 chunks ahead (a
 /// quarter of the cache at most); reads elsewhere fetch nothing ahead.

@@ -228,6 +228,14 @@ impl common::Around for DiesAfter {
         self.alive(true)?;
         inner.put(key, body, mode).await
     }
+    async fn get_tagged(&self, inner: &DynStore, key: &str) -> StoreResult<(Bytes, String)> {
+        self.alive(false)?;
+        inner.get_tagged(key).await
+    }
+    async fn put_if_match(&self, inner: &DynStore, key: &str, body: Bytes, tag: &str) -> StoreResult<()> {
+        self.alive(true)?;
+        inner.put_if_match(key, body, tag).await
+    }
     async fn delete(&self, inner: &DynStore, key: &str) -> StoreResult<()> {
         self.alive(true)?;
         inner.delete(key).await
@@ -363,10 +371,13 @@ impl common::Around for HoldSnapshot {
             *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Some((body, tx));
             return rx.await.unwrap_or_else(|_| Err(StoreError::Transient("dropped".into())));
         }
+        inner.put(key, body, mode).await
+    }
+    async fn put_if_match(&self, inner: &DynStore, key: &str, body: Bytes, tag: &str) -> StoreResult<()> {
         if key == format::meta_key("c/") && self.land_at == Land::BeforeMeta {
             self.land(inner).await;
         }
-        inner.put(key, body, mode).await
+        inner.put_if_match(key, body, tag).await
     }
 }
 

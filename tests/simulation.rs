@@ -1319,6 +1319,12 @@ impl s3blk::store::ObjectStore for RingStore {
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> s3blk::store::StoreResult<()> {
         self.now().put(key, body, mode).await
     }
+    async fn get_tagged(&self, key: &str) -> s3blk::store::StoreResult<(Bytes, String)> {
+        self.now().get_tagged(key).await
+    }
+    async fn put_if_match(&self, key: &str, body: Bytes, tag: &str) -> s3blk::store::StoreResult<()> {
+        self.now().put_if_match(key, body, tag).await
+    }
     async fn delete(&self, key: &str) -> s3blk::store::StoreResult<()> {
         self.now().delete(key).await
     }

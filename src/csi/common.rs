@@ -95,6 +95,7 @@ pub fn store_status(e: &StoreError) -> Status {
         }
         StoreError::Permanent(_) => Status::internal(e.to_string()),
         StoreError::Damaged(_) => Status::data_loss(e.to_string()),
+        StoreError::Unsupported(_) => Status::failed_precondition(e.to_string()),
     }
 }
 

@@ -169,6 +169,14 @@ impl ObjectStore for FaultStore {
         let f = self.gate(Op::Put, key).await?;
         Self::after(f, key, self.inner.put(key, body, mode).await)
     }
+    async fn get_tagged(&self, key: &str) -> StoreResult<(Bytes, String)> {
+        let f = self.gate(Op::Get, key).await?;
+        Self::after(f, key, self.inner.get_tagged(key).await)
+    }
+    async fn put_if_match(&self, key: &str, body: Bytes, tag: &str) -> StoreResult<()> {
+        let f = self.gate(Op::Put, key).await?;
+        Self::after(f, key, self.inner.put_if_match(key, body, tag).await)
+    }
     async fn delete(&self, key: &str) -> StoreResult<()> {
         let f = self.gate(Op::Delete, key).await?;
         Self::after(f, key, self.inner.delete(key).await)

@@ -81,6 +81,12 @@ mod tests {
         async fn put(&self, _: &str, _: Bytes, _: PutMode) -> StoreResult<()> {
             Ok(())
         }
+        async fn get_tagged(&self, key: &str) -> StoreResult<(Bytes, String)> {
+            Err(StoreError::Unsupported(key.into()))
+        }
+        async fn put_if_match(&self, key: &str, _: Bytes, _: &str) -> StoreResult<()> {
+            Err(StoreError::Unsupported(key.into()))
+        }
         async fn delete(&self, _: &str) -> StoreResult<()> {
             Ok(())
         }

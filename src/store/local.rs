@@ -138,6 +138,32 @@ fn finish_object(
     result
 }
 
+/// Replace the object at `path` only while its bytes still have `tag`
+/// ([`super::content_tag`]). Every such replace holds an exclusive `flock`
+/// on the file it checked until its rename is done, and checks that the
+/// file it locked is still the one under the name (a replace that renamed
+/// over it meanwhile made a new one): two replaces from the same tag, in
+/// one process or two, cannot both land. `Ok(false)`: the tag differs.
+fn replace_if_match(path: &Path, body: &Bytes, tag: &str) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    for _ in 0..DIR_RACE_ATTEMPTS {
+        let mut f = fs::File::open(path)?;
+        f.lock()?;
+        let (held, now) = (f.metadata()?, fs::metadata(path)?);
+        if (held.dev(), held.ino()) != (now.dev(), now.ino()) {
+            continue;
+        }
+        let mut current = Vec::with_capacity(held.len() as usize);
+        f.read_to_end(&mut current)?;
+        if super::content_tag(&current) != tag {
+            return Ok(false);
+        }
+        write_object(path, std::slice::from_ref(body), PutMode::Overwrite)?;
+        return Ok(true);
+    }
+    Err(io::Error::new(io::ErrorKind::Interrupted, "replaced by others again and again while waiting for its lock"))
+}
+
 /// Remove an object and the directories its removal left empty, up to the
 /// root. A directory that is not empty (or just got a new entry) stays.
 fn delete_object(root: &Path, path: &Path) -> io::Result<()> {
@@ -243,6 +269,23 @@ impl ObjectStore for LocalStore {
         let path = self.path_of(key)?;
         let key = key.to_string();
         Self::blocking(move || write_object(&path, &parts, mode).map_err(|e| io_err(&key, e))).await
+    }
+
+    async fn get_tagged(&self, key: &str) -> StoreResult<(Bytes, String)> {
+        let data = self.get(key, None).await?;
+        let tag = super::content_tag(&data);
+        Ok((data, tag))
+    }
+
+    async fn put_if_match(&self, key: &str, body: Bytes, tag: &str) -> StoreResult<()> {
+        let path = self.path_of(key)?;
+        let (key, tag) = (key.to_string(), tag.to_string());
+        Self::blocking(move || match replace_if_match(&path, &body, &tag) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(StoreError::PreconditionFailed(key)),
+            Err(e) => Err(io_err(&key, e)),
+        })
+        .await
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {

@@ -62,6 +62,24 @@ impl ObjectStore for MemoryStore {
         Ok(())
     }
 
+    async fn get_tagged(&self, key: &str) -> StoreResult<(Bytes, String)> {
+        let data = self.get(key, None).await?;
+        let tag = super::content_tag(&data);
+        Ok((data, tag))
+    }
+
+    async fn put_if_match(&self, key: &str, body: Bytes, tag: &str) -> StoreResult<()> {
+        let mut map = self.lock();
+        match map.get(key) {
+            None => Err(StoreError::NotFound(key.to_string())),
+            Some((now, _)) if super::content_tag(now) != tag => Err(StoreError::PreconditionFailed(key.to_string())),
+            Some(_) => {
+                map.insert(key.to_string(), (body, now_unix()));
+                Ok(())
+            }
+        }
+    }
+
     async fn delete(&self, key: &str) -> StoreResult<()> {
         self.lock().remove(key);
         Ok(())

@@ -42,6 +42,7 @@ fn outcome<T>(r: &StoreResult<T>) -> &'static str {
         Err(StoreError::Transient(_)) => "transient",
         Err(StoreError::Permanent(_)) => "permanent",
         Err(StoreError::Damaged(_)) => "damaged",
+        Err(StoreError::Unsupported(_)) => "unsupported",
     }
 }
 
@@ -95,6 +96,14 @@ impl ObjectStore for MeteredAttempts {
 
     async fn put_parts(&self, key: &str, parts: Vec<Bytes>, mode: PutMode) -> StoreResult<()> {
         self.run("PUT", self.inner.put_parts(key, parts, mode)).await
+    }
+
+    async fn get_tagged(&self, key: &str) -> StoreResult<(Bytes, String)> {
+        self.run("GET", self.inner.get_tagged(key)).await
+    }
+
+    async fn put_if_match(&self, key: &str, body: Bytes, tag: &str) -> StoreResult<()> {
+        self.run("PUT", self.inner.put_if_match(key, body, tag)).await
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
@@ -157,6 +166,14 @@ impl ObjectStore for MeteredStore {
 
     async fn put_parts(&self, key: &str, parts: Vec<Bytes>, mode: PutMode) -> StoreResult<()> {
         self.run("PUT", self.inner.put_parts(key, parts, mode)).await
+    }
+
+    async fn get_tagged(&self, key: &str) -> StoreResult<(Bytes, String)> {
+        self.run("GET", self.inner.get_tagged(key)).await
+    }
+
+    async fn put_if_match(&self, key: &str, body: Bytes, tag: &str) -> StoreResult<()> {
+        self.run("PUT", self.inner.put_if_match(key, body, tag)).await
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {

@@ -41,6 +41,10 @@ pub enum StoreError {
     /// another object's bytes under this name ([`sealed`]). Never retried.
     #[error("{0}")]
     Damaged(String),
+    /// The store does not do what was asked (a replace `If-Match` on a
+    /// store that answers 501 to it). Never retried.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl StoreError {
@@ -101,6 +105,16 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     async fn put_parts(&self, key: &str, parts: Vec<Bytes>, mode: PutMode) -> StoreResult<()> {
         self.put(key, concat(&parts), mode).await
     }
+    /// An object and its version tag: the S3 store's ETag, the others' an
+    /// MD5 of the bytes ([`content_tag`]). Equal bytes may have equal tags.
+    async fn get_tagged(&self, key: &str) -> StoreResult<(Bytes, String)>;
+    /// Replace `key` only while its tag is still `tag` (`If-Match`):
+    /// [`StoreError::PreconditionFailed`] when it changed (or a retried
+    /// attempt of this call landed: read it back),
+    /// [`StoreError::NotFound`] when it is gone, and
+    /// [`StoreError::Unsupported`] from a store without conditional
+    /// replaces.
+    async fn put_if_match(&self, key: &str, body: Bytes, tag: &str) -> StoreResult<()>;
     /// Delete an object; deleting a missing object succeeds.
     async fn delete(&self, key: &str) -> StoreResult<()>;
     /// List keys in lexicographic order.
@@ -188,6 +202,21 @@ pub async fn delete_keys(store: &dyn ObjectStore, keys: Vec<String>, concurrency
         .try_collect::<Vec<()>>()
         .await
         .map(drop)
+}
+
+/// The version tag of `body` in the stores that keep no tag of their own
+/// (local directory, memory, simulation): its MD5 in hex, as S3 tags an
+/// object put whole without KMS.
+pub fn content_tag(body: &[u8]) -> String {
+    use md5::Digest;
+    let digest = md5::Md5::digest(body);
+    let mut out = String::with_capacity(34);
+    out.push('"');
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out.push('"');
+    out
 }
 
 /// The name of [`supports_conditional_put`]'s probe under a prefix is this

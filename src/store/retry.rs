@@ -139,6 +139,16 @@ impl ObjectStore for RetryStore {
         self.run("PUT", key, || self.inner.put_parts(key, parts.clone(), mode)).await
     }
 
+    async fn get_tagged(&self, key: &str) -> StoreResult<(Bytes, String)> {
+        self.run("GET", key, || self.inner.get_tagged(key)).await
+    }
+
+    async fn put_if_match(&self, key: &str, body: Bytes, tag: &str) -> StoreResult<()> {
+        // As a conditional create: an attempt that timed out may have
+        // landed, and the retry then sees 412 (the tag is its own now).
+        self.run("PUT", key, || self.inner.put_if_match(key, body.clone(), tag)).await
+    }
+
     async fn delete(&self, key: &str) -> StoreResult<()> {
         self.run("DELETE", key, || self.inner.delete(key)).await
     }

@@ -224,6 +224,8 @@ fn map_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
             match (status, code) {
                 (404, _) | (_, "NoSuchKey") => StoreError::NotFound(key.to_string()),
                 (412, _) | (_, "PreconditionFailed") => StoreError::PreconditionFailed(key.to_string()),
+                // A header the server does not implement (If-Match on PUT).
+                (501, _) | (_, "NotImplemented") => StoreError::Unsupported(detail),
                 // A concurrent conditional write is in progress: retry, and the
                 // retry gets the real answer (412 or success).
                 (409, "ConditionalRequestConflict") => StoreError::Transient(detail),
@@ -307,6 +309,31 @@ impl ObjectStore for S3Store {
 
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
         self.put_body(key, ByteStream::from(body), mode, None).await
+    }
+
+    async fn get_tagged(&self, key: &str) -> StoreResult<(Bytes, String)> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| self.map_err("GET", key, e))?;
+        self.answered();
+        let Some(tag) = out.e_tag().map(str::to_string) else {
+            return Err(StoreError::Unsupported(format!("GET {key}: {} answered no ETag", self.endpoint)));
+        };
+        let body =
+            out.body.collect().await.map_err(|e| StoreError::Transient(format!("GET {key}: body cut short: {e}")))?;
+        Ok((body.into_bytes(), tag))
+    }
+
+    async fn put_if_match(&self, key: &str, body: Bytes, tag: &str) -> StoreResult<()> {
+        let req = self.client.put_object().bucket(&self.bucket).key(key).body(ByteStream::from(body)).if_match(tag);
+        req.send().await.map_err(|e| self.map_err("PUT (If-Match)", key, e))?;
+        self.answered();
+        Ok(())
     }
 
     async fn put_parts(&self, key: &str, parts: Vec<Bytes>, mode: PutMode) -> StoreResult<()> {

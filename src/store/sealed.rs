@@ -173,6 +173,22 @@ impl ObjectStore for SealedStore {
         self.put(key, super::concat(&parts), mode).await
     }
 
+    /// Only for objects kept in the clear (`volume.json`): a sealed
+    /// object's tag would be its ciphertext's.
+    async fn get_tagged(&self, key: &str) -> StoreResult<(Bytes, String)> {
+        match self.sealed(key) {
+            Some(_) => Err(StoreError::Unsupported(format!("{key}: a sealed object is not replaced conditionally"))),
+            None => self.base().get_tagged(key).await,
+        }
+    }
+
+    async fn put_if_match(&self, key: &str, body: Bytes, tag: &str) -> StoreResult<()> {
+        match self.sealed(key) {
+            Some(_) => Err(StoreError::Unsupported(format!("{key}: a sealed object is not replaced conditionally"))),
+            None => self.base().put_if_match(key, body, tag).await,
+        }
+    }
+
     async fn delete(&self, key: &str) -> StoreResult<()> {
         self.base().delete(key).await
     }

@@ -675,6 +675,29 @@ impl ObjectStore for SimStore {
         .await
     }
 
+    async fn get_tagged(&self, key: &str) -> StoreResult<(Bytes, String)> {
+        let k = key.to_string();
+        self.call(SimOp::Get, key, move |objects, _| {
+            let data = objects.get(&k).map(|(b, _)| b.clone()).ok_or_else(|| StoreError::NotFound(k.clone()))?;
+            let tag = super::content_tag(&data);
+            Ok((data, tag))
+        })
+        .await
+    }
+
+    async fn put_if_match(&self, key: &str, body: Bytes, tag: &str) -> StoreResult<()> {
+        let (k, tag) = (key.to_string(), tag.to_string());
+        self.call(SimOp::Put, key, move |objects, now| match objects.get(&k) {
+            None => Err(StoreError::NotFound(k)),
+            Some((b, _)) if super::content_tag(b) != tag => Err(StoreError::PreconditionFailed(k)),
+            Some(_) => {
+                objects.insert(k, (body, now));
+                Ok(())
+            }
+        })
+        .await
+    }
+
     async fn delete(&self, key: &str) -> StoreResult<()> {
         let k = key.to_string();
         self.call(SimOp::Delete, key, move |objects, _| {
@@ -757,6 +780,14 @@ impl ObjectStore for SimGate {
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
         self.pass(if mode == PutMode::IfAbsent { SimOp::PutIfAbsent } else { SimOp::Put }, key).await;
         self.inner.put(key, body, mode).await
+    }
+    async fn get_tagged(&self, key: &str) -> StoreResult<(Bytes, String)> {
+        self.pass(SimOp::Get, key).await;
+        self.inner.get_tagged(key).await
+    }
+    async fn put_if_match(&self, key: &str, body: Bytes, tag: &str) -> StoreResult<()> {
+        self.pass(SimOp::Put, key).await;
+        self.inner.put_if_match(key, body, tag).await
     }
     async fn delete(&self, key: &str) -> StoreResult<()> {
         self.pass(SimOp::Delete, key).await;

@@ -865,32 +865,39 @@ pub async fn let_go_of_parent(store: &DynStore, vol: &str, seq: Option<u64>) -> 
 
 /// Change `vol`'s `volume.json` with `change` (`None`: it no longer
 /// applies: the flatten stops, to be run again), read just before the
-/// write, and check the change is what `volume.json` says after it.
-/// Unconditional writes: another change at the same moment (a rekey) can
-/// still be lost or lose this one; this one is then found missing (an
-/// error, and nothing let go of).
+/// write, which lands only while `volume.json` is still what was read
+/// ([`super::keys::replace_meta`]): a change that landed meanwhile (a
+/// rekey) is read again and kept, and `change` applied to it. A store
+/// without conditional replaces gets an unconditional write; the check
+/// after it then finds a change another undid (an error, and nothing let
+/// go of).
 async fn change_meta(
     store: &DynStore,
     vol: &str,
     change: impl Fn(&mut format::VolumeMeta) -> Option<()>,
 ) -> CatalogResult<()> {
+    const DOING: &str = "it was being flattened";
+    let what = describe(store.as_ref(), vol);
     let changed = |why: &str| -> CatalogError {
         VolumeError::Store(StoreError::Transient(format!(
-            "{}: volume.json {why} while it was being flattened (a rekey or another flatten at the same time?); \
-             run flatten again",
-            describe(store.as_ref(), vol)
+            "{what}: volume.json {why} while {DOING} (a rekey or another flatten at the same time?); run flatten again"
         )))
         .into()
     };
-    let mut next = replay::read_meta(store.as_ref(), vol).await?;
-    change(&mut next).ok_or_else(|| changed("changed"))?;
-    super::keys::retag(store.as_ref(), vol, &mut next)?;
-    super::keys::replace_meta(store, vol, &next, "it was being flattened").await?;
-    let now = replay::read_meta(store.as_ref(), vol).await?;
-    if (&now.parent, &now.flattened, &now.encryption) != (&next.parent, &next.flattened, &next.encryption) {
-        return Err(changed("was changed by another"));
+    for _ in 0..super::keys::META_ATTEMPTS {
+        let (mut next, tag) = replay::read_meta_tagged(store.as_ref(), vol).await?;
+        change(&mut next).ok_or_else(|| changed("changed"))?;
+        super::keys::retag(store.as_ref(), vol, &mut next)?;
+        if super::keys::replace_meta(store, vol, &next, &tag, DOING).await? == super::keys::Replaced::Changed {
+            continue;
+        }
+        let now = replay::read_meta(store.as_ref(), vol).await?;
+        if (&now.parent, &now.flattened, &now.encryption) != (&next.parent, &next.flattened, &next.encryption) {
+            return Err(changed("was changed by another"));
+        }
+        return Ok(());
     }
-    Ok(())
+    Err(super::keys::changed_again(&what, DOING).into())
 }
 
 /// The pin and marker a flatten of `vol` cut short left in `source`, if

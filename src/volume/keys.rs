@@ -21,7 +21,7 @@ use super::replay;
 use super::{VolumeError, VolumeResult};
 use crate::crypto::{DataKey, Kek};
 use crate::store::sealed::{SealedStore, Unlocked};
-use crate::store::{DynStore, ObjectStore, PutMode};
+use crate::store::{DynStore, ObjectStore, PutMode, StoreError};
 
 /// What to do about a missing key, as a user reads it.
 pub const KEY_HINT: &str =
@@ -309,21 +309,39 @@ pub fn check_snapshot(
     }
 }
 
-/// Rewrap `vol`'s data key with `new` (it was wrapped by `old`): the data
-/// stays as it is, and only `new` opens the volume from then on. Returns
-/// the new key's id. `volume.json` is rewritten whole (the store has no
-/// compare-and-swap here): a rekey racing another is reported when it
-/// reads the other's key back, and a last one racing both can win
-/// unreported (README says so).
+/// How often a change of `volume.json` reads it again and goes again when
+/// another change landed between its read and its write.
+pub(crate) const META_ATTEMPTS: usize = 8;
+
+/// What [`replace_meta`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Replaced {
+    Done,
+    /// Another change landed since `volume.json` was read: nothing was
+    /// written; read it again and go again.
+    Changed,
+}
+
 /// Put `meta` in place of a finished volume's `volume.json` (a rekey, a
-/// flatten). Refused while the volume is being deleted or before its
-/// create finished. A delete that ran meanwhile took every record and
+/// flatten), only while it still is the one read with `tag`: two changes
+/// at once (a rekey and a flatten's step) cannot undo one another, the
+/// later one finds it changed and goes again. A store that does not do
+/// conditional replaces (it answers 501 to `If-Match`) gets an
+/// unconditional write, with a warning, and the callers' read-back.
+/// Refused while the volume is being deleted or before its create
+/// finished. A delete that ran meanwhile took every record and
 /// checkpoint before its tombstone: what this wrote is then all that is
 /// left of the volume, and goes again. One that began meanwhile and keeps
 /// the volume for its clones keeps `volume.json` beside its tombstone
 /// (the reaper takes it with the rest later). `doing` says, for errors,
 /// what was under way.
-pub(crate) async fn replace_meta(base: &DynStore, vol: &str, meta: &VolumeMeta, doing: &str) -> VolumeResult<()> {
+pub(crate) async fn replace_meta(
+    base: &DynStore,
+    vol: &str,
+    meta: &VolumeMeta,
+    tag: &str,
+    doing: &str,
+) -> VolumeResult<Replaced> {
     let what = describe(base.as_ref(), vol);
     let tombstone = super::catalog::tombstone_key(vol);
     if base.head(&tombstone).await?.is_some() {
@@ -346,42 +364,86 @@ pub(crate) async fn replace_meta(base: &DynStore, vol: &str, meta: &VolumeMeta, 
         )));
     }
     let body = Bytes::from(meta.encode());
-    base.put(&format::meta_key(vol), body.clone(), PutMode::Overwrite).await?;
-    if !holds_state().await? {
-        if base.get(&format::meta_key(vol), None).await.ok().as_ref() == Some(&body) {
-            base.delete(&format::meta_key(vol)).await?;
+    let key = format::meta_key(vol);
+    let deleted = || VolumeError::NotFound(format!("{what} (deleted while {doing})"));
+    match base.put_if_match(&key, body.clone(), tag).await {
+        Ok(()) => {}
+        // Another change, or an attempt of this one that landed before a
+        // retry (whose tag it then found): the bytes say which.
+        Err(StoreError::PreconditionFailed(_)) => match base.get(&key, None).await {
+            Ok(now) if now == body => {}
+            Ok(_) => return Ok(Replaced::Changed),
+            Err(StoreError::NotFound(_)) => return Err(deleted()),
+            Err(e) => return Err(e.into()),
+        },
+        Err(StoreError::NotFound(_)) => return Err(deleted()),
+        Err(StoreError::Unsupported(why)) => {
+            tracing::warn!(
+                volume = %what,
+                %why,
+                "the store does not replace objects conditionally (If-Match): volume.json is rewritten \
+                 unconditionally; run no other rekey or flatten of this volume at the same time"
+            );
+            base.put(&key, body.clone(), PutMode::Overwrite).await?;
         }
-        return Err(VolumeError::NotFound(format!("{what} (deleted while {doing})")));
+        Err(e) => return Err(e.into()),
+    }
+    if !holds_state().await? {
+        if base.get(&key, None).await.ok().as_ref() == Some(&body) {
+            base.delete(&key).await?;
+        }
+        return Err(deleted());
     }
     if base.head(&tombstone).await?.is_some() {
-        return Err(VolumeError::NotFound(format!("{what} (deleted while {doing})")));
+        return Err(deleted());
     }
-    Ok(())
+    Ok(Replaced::Done)
 }
 
+/// Rewrap `vol`'s data key with `new` (it was wrapped by `old`): the data
+/// stays as it is, and only `new` opens the volume from then on. Returns
+/// the new key's id. `volume.json` is replaced only while it is the one
+/// read ([`replace_meta`]): a change that landed meanwhile (a flatten's
+/// step) is kept, and the rekey goes again on it; another rekey that
+/// landed first leaves a volume `old` no longer opens (an error).
 pub async fn rekey(store: &DynStore, vol: &str, old: &Kek, new: &Kek) -> VolumeResult<String> {
     let base = base(store);
     let what = describe(base.as_ref(), vol);
-    let meta = replay::read_meta(base.as_ref(), vol).await?;
-    if meta.encryption.is_none() {
-        return Err(VolumeError::InvalidArgument(format!(
-            "volume {what} is not encrypted: there is no key to change (an existing volume cannot be encrypted in place; \
-             copy it into an encrypted one)"
-        )));
+    for _ in 0..META_ATTEMPTS {
+        let (meta, tag) = replay::read_meta_tagged(base.as_ref(), vol).await?;
+        if meta.encryption.is_none() {
+            return Err(VolumeError::InvalidArgument(format!(
+                "volume {what} is not encrypted: there is no key to change (an existing volume cannot be encrypted \
+                 in place; copy it into an encrypted one)"
+            )));
+        }
+        let data = open_meta(&meta, &what, old)?;
+        let mut next = meta.clone();
+        next.encryption = None;
+        seal_meta(&mut next, new, &data);
+        if replace_meta(&base, vol, &next, &tag, "its key was being changed").await? == Replaced::Changed {
+            continue;
+        }
+        // On a store without conditional replaces, another rekey at the
+        // same moment can still have won: say so.
+        let now = replay::read_meta(base.as_ref(), vol).await?;
+        return match now.encryption.as_ref().map(|e| e.key_id.as_str()) {
+            Some(id) if id == new.id() => Ok(new.id()),
+            other => Err(VolumeError::Store(crate::store::StoreError::Transient(format!(
+                "{what}: volume.json names key {} after the rekey to {} (another rekey ran at the same time); check \
+                 with volume inspect and run it again",
+                other.unwrap_or("none"),
+                new.id()
+            )))),
+        };
     }
-    let data = open_meta(&meta, &what, old)?;
-    let mut next = meta.clone();
-    next.encryption = None;
-    seal_meta(&mut next, new, &data);
-    replace_meta(&base, vol, &next, "its key was being changed").await?;
-    let now = replay::read_meta(base.as_ref(), vol).await?;
-    match now.encryption.as_ref().map(|e| e.key_id.as_str()) {
-        Some(id) if id == new.id() => Ok(new.id()),
-        other => Err(VolumeError::Store(crate::store::StoreError::Transient(format!(
-            "{what}: volume.json names key {} after the rekey to {} (another rekey ran at the same time); check \
-             with volume inspect and run it again",
-            other.unwrap_or("none"),
-            new.id()
-        )))),
-    }
+    Err(changed_again(&what, "its key was being changed"))
+}
+
+/// The error of a change of `volume.json` that found it changed by others
+/// [`META_ATTEMPTS`] times in a row.
+pub(crate) fn changed_again(what: &str, doing: &str) -> VolumeError {
+    VolumeError::Store(StoreError::Transient(format!(
+        "{what}: volume.json was changed by others {META_ATTEMPTS} times while {doing}; run it again"
+    )))
 }

@@ -462,6 +462,19 @@ pub async fn catch_up(
     }
 }
 
+/// Load `volume.json` with its version tag, for a change of it that must
+/// not undo another's ([`crate::store::ObjectStore::put_if_match`]).
+pub async fn read_meta_tagged(store: &dyn ObjectStore, vol: &str) -> VolumeResult<(format::VolumeMeta, String)> {
+    let key = format::meta_key(vol);
+    match store.get_tagged(&key).await {
+        Ok((bytes, tag)) => Ok((format::VolumeMeta::decode(&bytes)?, tag)),
+        Err(StoreError::NotFound(_)) => {
+            Err(VolumeError::NotFound(format!("{}/{}", store.describe(), vol.trim_end_matches('/'))))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Load `volume.json`.
 pub async fn read_meta(store: &dyn ObjectStore, vol: &str) -> VolumeResult<format::VolumeMeta> {
     let key = format::meta_key(vol);

@@ -270,6 +270,18 @@ pub trait Around: Send + Sync + std::fmt::Debug + 'static {
     ) -> s3blk::store::StoreResult<()> {
         inner.put(key, body, mode).await
     }
+    async fn get_tagged(&self, inner: &DynStore, key: &str) -> s3blk::store::StoreResult<(bytes::Bytes, String)> {
+        inner.get_tagged(key).await
+    }
+    async fn put_if_match(
+        &self,
+        inner: &DynStore,
+        key: &str,
+        body: bytes::Bytes,
+        tag: &str,
+    ) -> s3blk::store::StoreResult<()> {
+        inner.put_if_match(key, body, tag).await
+    }
     async fn delete(&self, inner: &DynStore, key: &str) -> s3blk::store::StoreResult<()> {
         inner.delete(key).await
     }
@@ -313,6 +325,12 @@ impl<A: Around> s3blk::store::ObjectStore for Wrapped<A> {
     }
     async fn put(&self, key: &str, body: bytes::Bytes, mode: s3blk::store::PutMode) -> s3blk::store::StoreResult<()> {
         self.around.put(&self.inner, key, body, mode).await
+    }
+    async fn get_tagged(&self, key: &str) -> s3blk::store::StoreResult<(bytes::Bytes, String)> {
+        self.around.get_tagged(&self.inner, key).await
+    }
+    async fn put_if_match(&self, key: &str, body: bytes::Bytes, tag: &str) -> s3blk::store::StoreResult<()> {
+        self.around.put_if_match(&self.inner, key, body, tag).await
     }
     async fn delete(&self, key: &str) -> s3blk::store::StoreResult<()> {
         self.around.delete(&self.inner, key).await

@@ -56,6 +56,12 @@ impl ObjectStore for Gate {
         }
         self.inner.put(key, body, mode).await
     }
+    async fn get_tagged(&self, key: &str) -> StoreResult<(Bytes, String)> {
+        self.inner.get_tagged(key).await
+    }
+    async fn put_if_match(&self, key: &str, body: Bytes, tag: &str) -> StoreResult<()> {
+        self.inner.put_if_match(key, body, tag).await
+    }
     async fn delete(&self, key: &str) -> StoreResult<()> {
         self.inner.delete(key).await
     }
