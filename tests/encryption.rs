@@ -534,6 +534,12 @@ enum Beside {
     RekeyInFlatten,
     /// A whole flatten lands between the rekey's read and its write.
     FlattenInRekey,
+    /// The rekey's write lands but its answer is lost; a whole flatten
+    /// lands before the retry (which finds `volume.json` changed).
+    FlattenAfterLostRekey,
+    /// A whole rekey lands right after the flatten's first write, before
+    /// the flatten reads it back.
+    RekeyAfterFlattenStep,
 }
 
 /// Runs the other change through the store it wraps at the first write of
@@ -557,6 +563,7 @@ impl RekeyBesideFlatten {
                 let out = flatten_with(inner, "c/", &kek(11)).await;
                 assert_eq!(out, catalog::ParentOutcome::LetGo { parent: "src/".into() });
             }
+            Beside::FlattenAfterLostRekey | Beside::RekeyAfterFlattenStep => {}
         }
     }
 }
@@ -568,6 +575,23 @@ impl common::Around for RekeyBesideFlatten {
         inner.put(key, body, mode).await
     }
     async fn put_if_match(&self, inner: &DynStore, key: &str, body: Bytes, tag: &str) -> store::StoreResult<()> {
+        if self.beside == Beside::FlattenAfterLostRekey
+            && key == "c/volume.json"
+            && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            inner.put_if_match(key, body, tag).await?;
+            let out = flatten_with(inner, "c/", &kek(12)).await;
+            assert_eq!(out, catalog::ParentOutcome::LetGo { parent: "src/".into() });
+            return Err(store::StoreError::Transient("injected: the answer was lost".into()));
+        }
+        if self.beside == Beside::RekeyAfterFlattenStep
+            && key == "c/volume.json"
+            && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            inner.put_if_match(key, body, tag).await?;
+            assert_eq!(keys::rekey(inner, "c/", &kek(11), &kek(12)).await.expect("rekey"), kek(12).id());
+            return Ok(());
+        }
         self.other(inner, key).await;
         inner.put_if_match(key, body, tag).await
     }
@@ -589,16 +613,27 @@ async fn flatten_with(base: &DynStore, vol: &str, key: &Kek) -> catalog::ParentO
 /// it again and goes again. Unconditional, the flatten's step put the old
 /// key back (the new one no longer opened the clone), and a rekey that
 /// read before the flatten named the parent again after it was let go of
-/// (the clone then failed to open once the parent was deleted).
+/// (the clone then failed to open once the parent was deleted). A rekey
+/// whose write landed unanswered and whose retry finds a flatten's step
+/// over it succeeds (the new key opens the volume): it said "wrong key".
+/// A rekey landing right after a flatten's step is no conflict for the
+/// flatten (it said "changed by another" and stopped).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rekey_and_a_flatten_at_once_keep_each_others_change() {
-    for beside in [Beside::RekeyInFlatten, Beside::FlattenInRekey] {
+    for beside in
+        [Beside::RekeyInFlatten, Beside::FlattenInRekey, Beside::FlattenAfterLostRekey, Beside::RekeyAfterFlattenStep]
+    {
         let mem: DynStore = Arc::new(MemoryStore::new());
         let wrapped = common::Wrapped::new(
             mem.clone(),
             RekeyBesideFlatten { beside, armed: std::sync::atomic::AtomicBool::new(false) },
         );
-        let base: DynStore = wrapped.clone();
+        let policy = store::retry::RetryPolicy {
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(1),
+            ..store::retry::RetryPolicy::default()
+        };
+        let base: DynStore = store::layered(wrapped.clone(), policy);
         let (k1, k2) = (kek(11), kek(12));
         let store = create_encrypted(&mem, "src/", 3 * CSU, &k1).await;
         let w = open(&store, "src/").await;
@@ -614,11 +649,13 @@ async fn a_rekey_and_a_flatten_at_once_keep_each_others_change() {
             .expect("read");
         wrapped.armed.store(true, std::sync::atomic::Ordering::SeqCst);
         match beside {
-            Beside::RekeyInFlatten => {
+            Beside::RekeyInFlatten | Beside::RekeyAfterFlattenStep => {
                 let out = flatten_with(&base, "c/", &k1).await;
                 assert_eq!(out, catalog::ParentOutcome::LetGo { parent: "src/".into() });
             }
-            Beside::FlattenInRekey => assert_eq!(keys::rekey(&base, "c/", &k1, &k2).await.expect("rekey"), k2.id()),
+            Beside::FlattenInRekey | Beside::FlattenAfterLostRekey => {
+                assert_eq!(keys::rekey(&base, "c/", &k1, &k2).await.expect("rekey"), k2.id())
+            }
         }
         assert!(!wrapped.armed.load(std::sync::atomic::Ordering::SeqCst), "{beside:?}: the other change never ran");
         let meta = s3blk::volume::replay::read_meta(mem.as_ref(), "c/").await.expect("meta");
@@ -637,5 +674,54 @@ async fn a_rekey_and_a_flatten_at_once_keep_each_others_change() {
         let v = v.unwrap_or_else(|e| panic!("{beside:?}: the clone does not open without its parent: {e}"));
         assert!(v.read(0, 3 * CSU).await.expect("read") == model, "{beside:?}: the clone reads other bytes");
         assert!(fsck_errors(&cstore, "c/").await.is_empty(), "{beside:?}");
+    }
+}
+
+/// A store that writes over a replace `If-Match` whatever the tag.
+#[derive(Debug)]
+struct IgnoresIfMatch;
+
+#[async_trait::async_trait]
+impl common::Around for IgnoresIfMatch {
+    async fn put_if_match(&self, inner: &DynStore, key: &str, body: Bytes, _: &str) -> store::StoreResult<()> {
+        inner.put(key, body, PutMode::Overwrite).await
+    }
+}
+
+/// A store that answers 501 to `If-Match`.
+#[derive(Debug)]
+struct NoIfMatch;
+
+#[async_trait::async_trait]
+impl common::Around for NoIfMatch {
+    async fn put_if_match(&self, _: &DynStore, key: &str, _: Bytes, _: &str) -> store::StoreResult<()> {
+        Err(store::StoreError::Unsupported(format!("PUT (If-Match) {key}: HTTP 501 NotImplemented")))
+    }
+}
+
+/// The probe before a change of `volume.json` finds a store that ignores
+/// `If-Match` or answers 501 to it (and leaves no probe behind); a rekey
+/// there still changes the key, unconditionally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_without_conditional_replaces_are_found_and_still_rekeyed() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    assert!(store::supports_conditional_replace(mem.as_ref(), "p/").await.expect("probe"));
+    let ignores: DynStore = common::Wrapped::new(mem.clone(), IgnoresIfMatch);
+    let refuses: DynStore = common::Wrapped::new(mem.clone(), NoIfMatch);
+    assert!(!store::supports_conditional_replace(ignores.as_ref(), "p/").await.expect("probe"));
+    assert!(!store::supports_conditional_replace(refuses.as_ref(), "p/").await.expect("probe"));
+    assert!(store::list_all(mem.as_ref(), "p/").await.expect("list").is_empty(), "a probe was left");
+    for (n, base) in [(0u8, ignores), (1, refuses)] {
+        let vol = format!("v{n}/");
+        let (k1, k2) = (kek(20 + 2 * n), kek(21 + 2 * n));
+        let store = create_encrypted(&base, &vol, CSU, &k1).await;
+        let w = open(&store, &vol).await;
+        w.write(0, &marked(CS as usize, "CAS")).await.expect("write");
+        w.flush().await.expect("flush");
+        drop(w);
+        assert_eq!(keys::rekey(&base, &vol, &k1, &k2).await.expect("rekey"), k2.id());
+        assert!(matches!(keys::unlock(&mem, &vol, Some(&k1)).await, Err(VolumeError::Key(_))));
+        let now = keys::unlock(&mem, &vol, Some(&k2)).await.expect("the new key opens it");
+        assert!(open_ro(&now, &vol).await.read(0, CSU).await.expect("read") == marked(CS as usize, "CAS"));
     }
 }

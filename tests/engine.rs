@@ -3070,7 +3070,9 @@ on_both_stores!(a_put_of_parts_is_one_object_under_its_condition);
 /// lands (on the local store: threads holding its file lock in turn; on
 /// S3: the server's condition), through the retry layer.
 async fn a_replace_if_match_lands_only_over_what_was_read(store: DynStore) {
-    let key = format!("{}/meta", common::unique("cas"));
+    let prefix = format!("{}/", common::unique("cas"));
+    assert!(store::supports_conditional_replace(store.as_ref(), &prefix).await.expect("probe"));
+    let key = format!("{prefix}meta");
     let gone = store.put_if_match(&key, Bytes::from_static(b"x"), "\"00\"").await;
     assert!(matches!(gone, Err(store::StoreError::NotFound(_))), "{gone:?}");
     store.put(&key, Bytes::from_static(b"first"), PutMode::IfAbsent).await.expect("put");

@@ -211,6 +211,10 @@ struct Config {
     /// The volume and its clones are encrypted: every actor's store seals
     /// them (`store::sealed`), for some seeds.
     encrypted: bool,
+    /// The volume and its clones compress their chunks, for some seeds
+    /// (packed by writers that write tables; the writes' words compress
+    /// well with either codec).
+    compression: Option<format::Codec>,
 }
 
 /// Most writes land on one or two hot chunks, a page or two at a time,
@@ -341,6 +345,7 @@ impl Config {
             tables: Tables::Off,
             hot: None,
             encrypted: false,
+            compression: None,
         }
         .draw_logs(rng)
     }
@@ -364,6 +369,23 @@ impl Config {
     fn draw_encryption(mut self, seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed ^ 0xe4c2_7a11_5ea1);
         self.encrypted = rng.random_bool(0.3) || std::env::var("S3BLK_SIM_ENCRYPTED").is_ok_and(|v| v == "1");
+        self
+    }
+
+    /// Compression, for some seeds, from a generator of its own (the other
+    /// seeds run as they did before). `S3BLK_SIM_COMPRESSION=lz4|zstd`:
+    /// every seed.
+    fn draw_compression(mut self, seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0xc0_4e55_10c0);
+        self.compression = match std::env::var("S3BLK_SIM_COMPRESSION").as_deref() {
+            Ok("lz4") => Some(format::Codec::Lz4),
+            Ok("zstd") => Some(format::Codec::Zstd),
+            _ => match rng.random_range(0..10) {
+                0..=1 => Some(format::Codec::Lz4),
+                2..=3 => Some(format::Codec::Zstd),
+                _ => None,
+            },
+        };
         self
     }
 
@@ -709,6 +731,8 @@ struct Counts {
     logs_discarded: u64,
     /// Versions found never committed when a later session opened.
     versions_dead: u64,
+    /// Chunks the volume's final state maps to compressed objects.
+    packed_chunks: u64,
 }
 
 /// What a writer opening with a write-back log must do with the logs
@@ -1549,6 +1573,7 @@ async fn create(ctx: &Ctx, rng: &mut StdRng) -> bool {
     let clock = SimClock::new(ctx.world.clone(), 0);
     let opts = CreateOptions {
         encryption: ctx.keys.clone(),
+        compression: ctx.cfg.compression,
         ..CreateOptions::new(ctx.cfg.initial_chunks * CS, ctx.cfg.chunk_size as u32)
     };
     for attempt in 1..=20 {
@@ -2666,6 +2691,7 @@ async fn make_clone(
     snap: &str,
     clock: &dyn Clock,
     chunk_size: u64,
+    compression: Option<format::Codec>,
 ) -> Result<u64, CloneFail> {
     let rec = read_snapshot(store, VOL, snap).await.map_err(|e| clone_fail(e.into()))?;
     catalog::record_source(store, prefix, VOL, prefix).await.map_err(clone_fail)?;
@@ -2676,6 +2702,8 @@ async fn make_clone(
         parent: Some(parent),
         // An encrypted volume's clone shares its data key.
         encryption: keys::NewKeys::inherited(store.as_ref()),
+        // As a StorageClass of the same compression makes it.
+        compression,
         ..CreateOptions::new(rec.size, chunk_size as u32)
     };
     match Volume::create(store.clone(), prefix, opts, clock).await {
@@ -2721,7 +2749,7 @@ async fn clone_life(ctx: Ctx, n: u64, snap: String) {
         if ctx.done() {
             return;
         }
-        match make_clone(&store, &prefix, &snap, clock.as_ref(), ctx.cfg.chunk_size).await {
+        match make_clone(&store, &prefix, &snap, clock.as_ref(), ctx.cfg.chunk_size, ctx.cfg.compression).await {
             Ok(s) => {
                 size = Some(s);
                 break;
@@ -3095,6 +3123,11 @@ async fn final_checks(ctx: &Ctx) {
         return;
     }
     drop(vol);
+    if let Ok(st) = s3blk::volume::replay::replay(store.as_ref(), VOL, ctx.cfg.chunk_size, None).await {
+        let packed =
+            st.map.values().filter(|r| matches!(r, format::ChunkRef::Stored { layout: format::Layout::Packed(_), .. }));
+        ctx.oracle().counts.packed_chunks = packed.count() as u64;
+    }
     // Its writes all committed, its log goes as it closes; the logs of the
     // writers it superseded went as it opened.
     if let Some(root) = ctx.log_root(host) {
@@ -3350,9 +3383,9 @@ struct Outcome {
 async fn simulate(seed: u64, verbose: bool) -> Outcome {
     let world = SimWorld::new(seed, verbose);
     let mut rng = StdRng::seed_from_u64(seed);
-    let cfg = Config::draw(&mut rng).draw_chunks(seed).draw_hot(seed).draw_encryption(seed);
+    let cfg = Config::draw(&mut rng).draw_chunks(seed).draw_hot(seed).draw_encryption(seed).draw_compression(seed);
     let summary = format!(
-        "{:?} chaos, {}..{} chunks, dirty {} chunks, {} min, safety age {}s, takeovers {:?}, compactor skews {:?}, up to {} clones, writers on {:?} then {}, log limit {}, {} KiB chunks, tables {:?}, hot {:?}, encrypted {}",
+        "{:?} chaos, {}..{} chunks, dirty {} chunks, {} min, safety age {}s, takeovers {:?}, compactor skews {:?}, up to {} clones, writers on {:?} then {}, log limit {}, {} KiB chunks, tables {:?}, hot {:?}, encrypted {}, compression {:?}",
         cfg.chaos,
         cfg.initial_chunks,
         cfg.max_chunks,
@@ -3371,7 +3404,8 @@ async fn simulate(seed: u64, verbose: bool) -> Outcome {
         cfg.chunk_size >> 10,
         cfg.tables,
         cfg.hot,
-        cfg.encrypted
+        cfg.encrypted,
+        cfg.compression
     );
     world.trace(&format!("seed {seed}: {summary}"));
     let oracle = Oracle::new(world.clone(), cfg.max_blocks(), cfg.initial_chunks * CS);
@@ -3654,6 +3688,7 @@ fn simulation() {
         total.log_entries_replayed += c.log_entries_replayed;
         total.logs_discarded += c.logs_discarded;
         total.versions_dead += c.versions_dead;
+        total.packed_chunks += c.packed_chunks;
         sim_time += o.sim_time;
     }
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.violation.is_some()).collect();

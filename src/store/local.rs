@@ -167,6 +167,16 @@ fn replace_if_match(path: &Path, body: &Bytes, tag: &str) -> io::Result<bool> {
 /// Remove an object and the directories its removal left empty, up to the
 /// root. A directory that is not empty (or just got a new entry) stays.
 fn delete_object(root: &Path, path: &Path) -> io::Result<()> {
+    // After any replace `If-Match` holding the file's lock: one that
+    // checked its tag must not rename its bytes back after the delete.
+    let _held = match fs::File::open(path) {
+        Ok(f) => {
+            f.lock()?;
+            f
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
     match fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -338,6 +348,30 @@ impl ObjectStore for LocalStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A delete waits while a replace `If-Match` holds the object's lock
+    /// (here the test holds it): a replace that checked its tag renames
+    /// its bytes in before the delete, never after it (which brought a
+    /// deleted `volume.json` back).
+    #[test]
+    fn a_delete_waits_for_a_replace_holding_the_objects_lock() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let path = root.path().join("v/volume.json");
+        write_object(&path, &[Bytes::from_static(b"a")], PutMode::IfAbsent).expect("write");
+        let held = fs::File::open(&path).expect("open");
+        held.lock().expect("lock");
+        let deleter = {
+            let (root, path) = (root.path().to_path_buf(), path.clone());
+            std::thread::spawn(move || delete_object(&root, &path))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(!deleter.is_finished() && path.exists(), "the delete went ahead of a replace holding the lock");
+        // The replace lands, then lets go: the delete removes its bytes.
+        write_object(&path, &[Bytes::from_static(b"b")], PutMode::Overwrite).expect("replace");
+        drop(held);
+        deleter.join().expect("deleter").expect("delete");
+        assert!(!path.exists(), "the replaced object outlived the delete");
+    }
 
     /// A delete of a directory's last object removes the directory; a write
     /// into that directory at the same moment must still succeed.

@@ -242,6 +242,26 @@ pub async fn supports_conditional_put(store: &dyn ObjectStore, prefix: &str) -> 
     }
 }
 
+/// Probe whether the store honours `If-Match` on a PUT: create a probe
+/// object, then replace it under a tag it does not have; that replace
+/// must be refused. A store that ignores the header (some S3 servers, and
+/// older versions of others, answer 200 and write) or answers 501 to it
+/// does not. The probe is named and filled as
+/// [`supports_conditional_put`]'s, so a lost delete leaves what the
+/// catalog recognises.
+pub async fn supports_conditional_replace(store: &dyn ObjectStore, prefix: &str) -> StoreResult<bool> {
+    let key = format!("{prefix}{PROBE_STEM}{:016x}", rand::random::<u64>());
+    store.put(&key, Bytes::from_static(PROBE_BODIES[0]), PutMode::IfAbsent).await?;
+    let not_its_tag = content_tag(PROBE_BODIES[1]);
+    let second = store.put_if_match(&key, Bytes::from_static(PROBE_BODIES[1]), &not_its_tag).await;
+    let _ = store.delete(&key).await;
+    match second {
+        Err(StoreError::PreconditionFailed(_)) => Ok(true),
+        Ok(()) | Err(StoreError::Unsupported(_)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 pub(crate) fn apply_range(data: &Bytes, range: Option<Range<u64>>, key: &str) -> StoreResult<Bytes> {
     match range {
         None => Ok(data.clone()),

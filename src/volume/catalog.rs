@@ -870,7 +870,8 @@ pub async fn let_go_of_parent(store: &DynStore, vol: &str, seq: Option<u64>) -> 
 /// rekey) is read again and kept, and `change` applied to it. A store
 /// without conditional replaces gets an unconditional write; the check
 /// after it then finds a change another undid (an error, and nothing let
-/// go of).
+/// go of). That check looks at what the flatten changes only: a rekey
+/// landing right after this step is no conflict.
 async fn change_meta(
     store: &DynStore,
     vol: &str,
@@ -884,15 +885,19 @@ async fn change_meta(
         )))
         .into()
     };
-    for _ in 0..super::keys::META_ATTEMPTS {
+    for attempt in 0..super::keys::META_ATTEMPTS {
+        if attempt > 0 {
+            super::keys::before_again(attempt).await;
+        }
         let (mut next, tag) = replay::read_meta_tagged(store.as_ref(), vol).await?;
         change(&mut next).ok_or_else(|| changed("changed"))?;
         super::keys::retag(store.as_ref(), vol, &mut next)?;
-        if super::keys::replace_meta(store, vol, &next, &tag, DOING).await? == super::keys::Replaced::Changed {
+        let done = super::keys::replace_meta(store, vol, &next, tag.as_deref(), DOING).await?;
+        if done == super::keys::Replaced::Changed {
             continue;
         }
         let now = replay::read_meta(store.as_ref(), vol).await?;
-        if (&now.parent, &now.flattened, &now.encryption) != (&next.parent, &next.flattened, &next.encryption) {
+        if (&now.parent, &now.flattened) != (&next.parent, &next.flattened) {
             return Err(changed("was changed by another"));
         }
         return Ok(());

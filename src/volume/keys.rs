@@ -21,7 +21,7 @@ use super::replay;
 use super::{VolumeError, VolumeResult};
 use crate::crypto::{DataKey, Kek};
 use crate::store::sealed::{SealedStore, Unlocked};
-use crate::store::{DynStore, ObjectStore, PutMode, StoreError};
+use crate::store::{self, DynStore, ObjectStore, PutMode, StoreError};
 
 /// What to do about a missing key, as a user reads it.
 pub const KEY_HINT: &str =
@@ -326,7 +326,8 @@ pub(crate) enum Replaced {
 /// flatten), only while it still is the one read with `tag`: two changes
 /// at once (a rekey and a flatten's step) cannot undo one another, the
 /// later one finds it changed and goes again. A store that does not do
-/// conditional replaces (it answers 501 to `If-Match`) gets an
+/// conditional replaces (no tag, or [`store::supports_conditional_replace`]
+/// finds it answers 501 to `If-Match` or ignores it) gets an
 /// unconditional write, with a warning, and the callers' read-back.
 /// Refused while the volume is being deleted or before its create
 /// finished. A delete that ran meanwhile took every record and
@@ -336,12 +337,13 @@ pub(crate) enum Replaced {
 /// (the reaper takes it with the rest later). `doing` says, for errors,
 /// what was under way.
 pub(crate) async fn replace_meta(
-    base: &DynStore,
+    store: &DynStore,
     vol: &str,
     meta: &VolumeMeta,
-    tag: &str,
+    tag: Option<&str>,
     doing: &str,
 ) -> VolumeResult<Replaced> {
+    let base = base(store);
     let what = describe(base.as_ref(), vol);
     let tombstone = super::catalog::tombstone_key(vol);
     if base.head(&tombstone).await?.is_some() {
@@ -366,27 +368,32 @@ pub(crate) async fn replace_meta(
     let body = Bytes::from(meta.encode());
     let key = format::meta_key(vol);
     let deleted = || VolumeError::NotFound(format!("{what} (deleted while {doing})"));
-    match base.put_if_match(&key, body.clone(), tag).await {
-        Ok(()) => {}
-        // Another change, or an attempt of this one that landed before a
-        // retry (whose tag it then found): the bytes say which.
-        Err(StoreError::PreconditionFailed(_)) => match base.get(&key, None).await {
-            Ok(now) if now == body => {}
-            Ok(_) => return Ok(Replaced::Changed),
+    let tag = match tag {
+        Some(t) if store::supports_conditional_replace(base.as_ref(), vol).await? => Some(t),
+        _ => None,
+    };
+    match tag {
+        Some(tag) => match base.put_if_match(&key, body.clone(), tag).await {
+            Ok(()) => {}
+            // Another change, or an attempt of this one that landed before
+            // a retry (whose tag it then found): the bytes say which.
+            Err(StoreError::PreconditionFailed(_)) => match base.get(&key, None).await {
+                Ok(now) if now == body => {}
+                Ok(_) => return Ok(Replaced::Changed),
+                Err(StoreError::NotFound(_)) => return Err(deleted()),
+                Err(e) => return Err(e.into()),
+            },
             Err(StoreError::NotFound(_)) => return Err(deleted()),
             Err(e) => return Err(e.into()),
         },
-        Err(StoreError::NotFound(_)) => return Err(deleted()),
-        Err(StoreError::Unsupported(why)) => {
+        None => {
             tracing::warn!(
                 volume = %what,
-                %why,
                 "the store does not replace objects conditionally (If-Match): volume.json is rewritten \
                  unconditionally; run no other rekey or flatten of this volume at the same time"
             );
             base.put(&key, body.clone(), PutMode::Overwrite).await?;
         }
-        Err(e) => return Err(e.into()),
     }
     if !holds_state().await? {
         if base.get(&key, None).await.ok().as_ref() == Some(&body) {
@@ -400,16 +407,28 @@ pub(crate) async fn replace_meta(
     Ok(Replaced::Done)
 }
 
+/// A pause before reading `volume.json` again after attempt `attempt`
+/// found it changed: twice as long each time (20 ms, 40 ms, ...), so that
+/// two changes that keep meeting drift apart. Not jittered: the
+/// simulation replays a seed's timings exactly.
+pub(crate) async fn before_again(attempt: usize) {
+    tokio::time::sleep(std::time::Duration::from_millis(10 << attempt.min(8))).await;
+}
+
 /// Rewrap `vol`'s data key with `new` (it was wrapped by `old`): the data
 /// stays as it is, and only `new` opens the volume from then on. Returns
 /// the new key's id. `volume.json` is replaced only while it is the one
 /// read ([`replace_meta`]): a change that landed meanwhile (a flatten's
-/// step) is kept, and the rekey goes again on it; another rekey that
-/// landed first leaves a volume `old` no longer opens (an error).
+/// step) is kept, and the rekey goes again on it. A volume that `new`
+/// already opens needs nothing (a rekey run again, or one whose attempt
+/// landed while its answer was lost and a flatten's step followed it).
 pub async fn rekey(store: &DynStore, vol: &str, old: &Kek, new: &Kek) -> VolumeResult<String> {
     let base = base(store);
     let what = describe(base.as_ref(), vol);
-    for _ in 0..META_ATTEMPTS {
+    for attempt in 0..META_ATTEMPTS {
+        if attempt > 0 {
+            before_again(attempt).await;
+        }
         let (meta, tag) = replay::read_meta_tagged(base.as_ref(), vol).await?;
         if meta.encryption.is_none() {
             return Err(VolumeError::InvalidArgument(format!(
@@ -417,11 +436,14 @@ pub async fn rekey(store: &DynStore, vol: &str, old: &Kek, new: &Kek) -> VolumeR
                  in place; copy it into an encrypted one)"
             )));
         }
+        if meta.encryption.as_ref().is_some_and(|e| e.key_id == new.id()) && open_meta(&meta, &what, new).is_ok() {
+            return Ok(new.id());
+        }
         let data = open_meta(&meta, &what, old)?;
         let mut next = meta.clone();
         next.encryption = None;
         seal_meta(&mut next, new, &data);
-        if replace_meta(&base, vol, &next, &tag, "its key was being changed").await? == Replaced::Changed {
+        if replace_meta(&base, vol, &next, tag.as_deref(), "its key was being changed").await? == Replaced::Changed {
             continue;
         }
         // On a store without conditional replaces, another rekey at the

@@ -463,11 +463,16 @@ pub async fn catch_up(
 }
 
 /// Load `volume.json` with its version tag, for a change of it that must
-/// not undo another's ([`crate::store::ObjectStore::put_if_match`]).
-pub async fn read_meta_tagged(store: &dyn ObjectStore, vol: &str) -> VolumeResult<(format::VolumeMeta, String)> {
+/// not undo another's ([`crate::store::ObjectStore::put_if_match`]); no
+/// tag from a store that keeps none (an S3 server that answers no ETag).
+pub async fn read_meta_tagged(
+    store: &dyn ObjectStore,
+    vol: &str,
+) -> VolumeResult<(format::VolumeMeta, Option<String>)> {
     let key = format::meta_key(vol);
     match store.get_tagged(&key).await {
-        Ok((bytes, tag)) => Ok((format::VolumeMeta::decode(&bytes)?, tag)),
+        Ok((bytes, tag)) => Ok((format::VolumeMeta::decode(&bytes)?, Some(tag))),
+        Err(StoreError::Unsupported(_)) => Ok((read_meta(store, vol).await?, None)),
         Err(StoreError::NotFound(_)) => {
             Err(VolumeError::NotFound(format!("{}/{}", store.describe(), vol.trim_end_matches('/'))))
         }
