@@ -1042,8 +1042,10 @@ async fn flatten(url: &str, takeover: bool, g: &Global) -> Result<()> {
             };
             let c = vol.copy_parents(&progress).await?;
             println!(
-                "copied {} chunks of its parent's ({} of them zeros, no object); {} were its own already",
+                "copied {} chunks of its parent's ({} of them within the store, {} zeros with no object); {} were its \
+                 own already",
                 c.copied,
+                c.in_store,
                 c.zero,
                 c.inherited.saturating_sub(c.copied)
             );

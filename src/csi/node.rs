@@ -186,7 +186,7 @@ async fn flatten_served(volume: Volume, volume_id: String) {
     loop {
         let outcome = match volume.copy_parents(&|_, _| {}).await {
             Ok(c) => {
-                tracing::info!(volume = %volume_id, copied = c.copied, inherited = c.inherited, "flatten: copied what the clone read through its parent");
+                tracing::info!(volume = %volume_id, copied = c.copied, in_store = c.in_store, inherited = c.inherited, "flatten: copied what the clone read through its parent");
                 catalog::let_go_of_parent(volume.store(), volume.prefix(), Some(c.seq)).await.map_err(|e| e.to_string())
             }
             Err(e) if volume.fenced().is_some() => {

@@ -177,6 +177,10 @@ impl ObjectStore for FaultStore {
         let f = self.gate(Op::Put, key).await?;
         Self::after(f, key, self.inner.put_if_match(key, body, tag).await)
     }
+    async fn copy(&self, from: &str, to: &str, mode: PutMode) -> StoreResult<()> {
+        let f = self.gate(Op::Put, to).await?;
+        Self::after(f, to, self.inner.copy(from, to, mode).await)
+    }
     async fn delete(&self, key: &str) -> StoreResult<()> {
         let f = self.gate(Op::Delete, key).await?;
         Self::after(f, key, self.inner.delete(key).await)

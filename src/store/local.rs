@@ -138,6 +138,34 @@ fn finish_object(
     result
 }
 
+/// Link the object at `src` under `dst` too (see [`LocalStore`]'s copy),
+/// the directory made durable as a write's is.
+fn link_object(src: &Path, dst: &Path, mode: PutMode) -> io::Result<()> {
+    let dir = dst.parent().ok_or_else(|| io::Error::other("object path has no parent"))?;
+    let mut attempt = 0;
+    loop {
+        let linked = create_dirs(dir).and_then(|()| match mode {
+            PutMode::IfAbsent => fs::hard_link(src, dst),
+            PutMode::Overwrite => {
+                let tmp = dir.join(format!("{TMP_PREFIX}{:016x}", rand::random::<u64>()));
+                fs::hard_link(src, &tmp)?;
+                fs::rename(&tmp, dst).inspect_err(|_| {
+                    let _ = fs::remove_file(&tmp);
+                })
+            }
+        });
+        match linked {
+            Ok(()) => return fsync_dir(dir),
+            // The directory went away under us (see `write_object`), or
+            // the source did (then the caller says so).
+            Err(e) if e.kind() == io::ErrorKind::NotFound && src.exists() && attempt < DIR_RACE_ATTEMPTS => {
+                attempt += 1
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Replace the object at `path` only while its bytes still have `tag`
 /// ([`super::content_tag`]). Every such replace holds an exclusive `flock`
 /// on the file it checked until its rename is done, and checks that the
@@ -294,6 +322,25 @@ impl ObjectStore for LocalStore {
             Ok(true) => Ok(()),
             Ok(false) => Err(StoreError::PreconditionFailed(key)),
             Err(e) => Err(io_err(&key, e)),
+        })
+        .await
+    }
+
+    /// A hard link (objects are never changed in place: a write renames a
+    /// new file over the name): no bytes are copied, and create-if-absent
+    /// is `link(2)`'s own `EEXIST`. A replace links a temporary name and
+    /// renames it over `to`.
+    async fn copy(&self, from: &str, to: &str, mode: PutMode) -> StoreResult<()> {
+        let (src, dst) = (self.path_of(from)?, self.path_of(to)?);
+        let (from, to) = (from.to_string(), to.to_string());
+        Self::blocking(move || {
+            if !src.is_file() {
+                return Err(StoreError::NotFound(from));
+            }
+            link_object(&src, &dst, mode).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound if !src.exists() => StoreError::NotFound(from.clone()),
+                _ => io_err(&to, e),
+            })
         })
         .await
     }

@@ -106,6 +106,10 @@ impl ObjectStore for MeteredAttempts {
         self.run("PUT", self.inner.put_if_match(key, body, tag)).await
     }
 
+    async fn copy(&self, from: &str, to: &str, mode: PutMode) -> StoreResult<()> {
+        self.run("COPY", self.inner.copy(from, to, mode)).await
+    }
+
     async fn delete(&self, key: &str) -> StoreResult<()> {
         self.run("DELETE", self.inner.delete(key)).await
     }
@@ -174,6 +178,10 @@ impl ObjectStore for MeteredStore {
 
     async fn put_if_match(&self, key: &str, body: Bytes, tag: &str) -> StoreResult<()> {
         self.run("PUT", self.inner.put_if_match(key, body, tag)).await
+    }
+
+    async fn copy(&self, from: &str, to: &str, mode: PutMode) -> StoreResult<()> {
+        self.run("COPY", self.inner.copy(from, to, mode)).await
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {

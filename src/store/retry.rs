@@ -149,6 +149,12 @@ impl ObjectStore for RetryStore {
         self.run("PUT", key, || self.inner.put_if_match(key, body.clone(), tag)).await
     }
 
+    async fn copy(&self, from: &str, to: &str, mode: PutMode) -> StoreResult<()> {
+        // As a PUT: a conditional copy whose first attempt landed unanswered
+        // sees 412 on the retry (callers take a fresh name then).
+        self.run("COPY", to, || self.inner.copy(from, to, mode)).await
+    }
+
     async fn delete(&self, key: &str) -> StoreResult<()> {
         self.run("DELETE", key, || self.inner.delete(key)).await
     }

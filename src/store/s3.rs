@@ -239,6 +239,20 @@ fn map_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
     }
 }
 
+/// A key as `x-amz-copy-source` takes it: percent-encoded but for the
+/// unreserved characters and `/`.
+fn copy_source_path(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Parts sent one after the other as one request body, without a copy;
 /// its exact length is the request's Content-Length.
 struct PartsBody {
@@ -309,6 +323,29 @@ impl ObjectStore for S3Store {
 
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> StoreResult<()> {
         self.put_body(key, ByteStream::from(body), mode, None).await
+    }
+
+    /// CopyObject: the bytes stay in the store. A create-if-absent copy
+    /// checks the name with a HEAD first (CopyObject takes no
+    /// `If-None-Match` everywhere): the names copied to are fresh ones of
+    /// one writer, which no one else writes.
+    async fn copy(&self, from: &str, to: &str, mode: PutMode) -> StoreResult<()> {
+        if mode == PutMode::IfAbsent && self.head(to).await?.is_some() {
+            return Err(StoreError::PreconditionFailed(to.to_string()));
+        }
+        let source = format!("{}/{}", self.bucket, copy_source_path(from));
+        let req = self.client.copy_object().bucket(&self.bucket).key(to).copy_source(source);
+        match req.send().await {
+            Ok(_) => {
+                self.answered();
+                Ok(())
+            }
+            // The source missing answers 404 as a missing key does.
+            Err(e) => Err(match self.map_err("COPY", to, e) {
+                StoreError::NotFound(_) => StoreError::NotFound(from.to_string()),
+                other => other,
+            }),
+        }
     }
 
     async fn get_tagged(&self, key: &str) -> StoreResult<(Bytes, String)> {

@@ -306,6 +306,9 @@ impl Inner {
     pub(super) fn apply_commit(&self, rec: &JournalRecord, bytes: Bytes, inline_versions: &[(u64, u64)], built: u64) {
         let mut st = self.lock();
         for (index, r) in &rec.chunks {
+            if st.adopted.get(index).is_some_and(|a| a.r == *r) {
+                st.adopted.remove(index);
+            }
             if st.staged.get(index).is_some_and(|s| s.r == *r)
                 && let Some(s) = st.staged.remove(index)
                 && let (Some(d), false) = (s.data, st.slots.contains_key(index))
@@ -446,11 +449,34 @@ impl Inner {
             // flush must not take a later flush's choice with it.
             st.inline_next.clear();
             st.inline_deferred.extend(deferred);
+            // Copies of parents' chunks whose chunk is still the parent's
+            // alone, and young enough to be named.
+            let chunks_now = st.size.div_ceil(self.chunk_size);
+            let restage_after = self.opts.restage_after;
+            let clock = self.opts.clock.as_ref();
+            let adopted = std::mem::take(&mut st.adopted);
+            st.adopted = adopted
+                .into_iter()
+                .filter(|(i, a)| {
+                    *i < chunks_now
+                        && !st.slots.contains_key(i)
+                        && !st.staged.contains_key(i)
+                        && !st.reading.contains_key(i)
+                        && !st.patches.contains_key(i)
+                        && !st.map.contains_key(i)
+                        && a.at.age(clock) < restage_after
+                })
+                .collect();
             // A chunk whose pages were all zeros over zeros adds nothing,
             // but the flush covering its writes still commits a record: the
             // append is what proves this writer was not fenced meanwhile.
             // Once it lands, the chunk is clean.
-            if st.staged.is_empty() && inline.is_empty() && inline_versions.is_empty() && st.size == st.committed_size {
+            if st.staged.is_empty()
+                && st.adopted.is_empty()
+                && inline.is_empty()
+                && inline_versions.is_empty()
+                && st.size == st.committed_size
+            {
                 return Ok(());
             }
             let record = JournalRecord {
@@ -460,17 +486,22 @@ impl Inner {
                 size: st.size,
                 writer: self.writer,
                 created_unix: self.opts.clock.now_unix(),
-                chunks: st.staged.iter().map(|(i, s)| (*i, s.r)).collect(),
+                chunks: st
+                    .staged
+                    .iter()
+                    .map(|(i, s)| (*i, s.r))
+                    .chain(st.adopted.iter().map(|(i, a)| (*i, a.r)))
+                    .collect(),
                 inline,
             };
             // Only chunk objects age: a ZERO entry refers to nothing
             // compaction could collect.
-            let clock = self.opts.clock.as_ref();
             let oldest = st
                 .staged
                 .values()
                 .filter(|s| matches!(s.r, ChunkRef::Stored { .. }))
                 .map(|s| s.at)
+                .chain(st.adopted.values().map(|a| a.at))
                 .max_by_key(|at| at.age(clock))
                 .unwrap_or_else(|| Stamp::now(clock));
             // Noted before it is sent: if this future is dropped mid-PUT,
@@ -603,6 +634,8 @@ impl Inner {
             // The chunks whose pages it carried go in the next record.
             st.inline_next.extend(p.inline_versions.iter().map(|(i, _)| *i));
             st.abandoned.push((p.bytes, p.record, p.built));
+            // Copies it named are too old to be named again: copied anew.
+            st.adopted.clear();
         }
         self.restage(Duration::ZERO).await
     }

@@ -19,6 +19,10 @@ pub struct Copied {
     pub copied: u64,
     /// Of the copied ones, chunks that read as zeros: a ZERO reference, no object.
     pub zero: u64,
+    /// Of the copied ones, chunk objects copied within the store (S3
+    /// CopyObject, a hard link on the local store): their bytes never
+    /// came through this process.
+    pub in_store: u64,
     /// The committed seq from which its own chunk map covers every chunk
     /// its parents map: what it reads from there on never needs them.
     pub seq: u64,
@@ -63,13 +67,14 @@ impl Volume {
         for _ in 0..COPY_ROUNDS {
             let mut done = 0u64;
             for part in todo.chunks(batch) {
-                let copied: Vec<Option<bool>> = stream::iter(part.iter().copied().map(|i| self.copy_chunk(i)))
+                let copied: Vec<Option<How>> = stream::iter(part.iter().copied().map(|i| self.copy_chunk(i)))
                     .buffer_unordered(inner.opts.concurrency.clamp(1, COPY_CONCURRENCY))
                     .try_collect()
                     .await?;
-                for zero in copied.into_iter().flatten() {
+                for how in copied.into_iter().flatten() {
                     out.copied += 1;
-                    out.zero += zero as u64;
+                    out.zero += (how == How::Zero) as u64;
+                    out.in_store += (how == How::InStore) as u64;
                 }
                 self.flush().await?;
                 done += part.len() as u64;
@@ -95,9 +100,80 @@ impl Volume {
         ))))
     }
 
+    /// The object of a parent's that chunk `index` reads as it is (no
+    /// patch of the clone's or of an ancestor's over it), when the clone
+    /// may name a copy of it: not sealed (a sealed object is bound to its
+    /// volume and name), and in a layout the clone's own writer could have
+    /// written (a packed chunk only into a clone of the same codec).
+    fn copyable(&self, st: &State, index: u64) -> Option<(String, ChunkRef)> {
+        let inner = &self.inner;
+        if inner.meta.encryption.is_some() || st.patches.contains_key(&index) || st.adopted.contains_key(&index) {
+            return None;
+        }
+        for p in &inner.parents {
+            if p.patches.contains_key(&index) {
+                return None;
+            }
+            let Some(r) = p.map.get(&index) else { continue };
+            let ChunkRef::Stored { generation, layout, .. } = *r else { return None };
+            let fits = match layout {
+                Layout::Whole => true,
+                Layout::Table => inner.meta.format_version >= format::FORMAT_V4,
+                Layout::Packed(c) => inner.meta.compression == Some(c),
+            };
+            return fits.then(|| (chunk_key(&p.vol, index, generation), *r));
+        }
+        None
+    }
+
+    /// Copy chunk `index`'s object from a parent within the store, under a
+    /// fresh name of the clone's, for the next record to name
+    /// ([`Adopted`]): no byte passes through here. Nothing is locked: the
+    /// bytes are the parent's, which reads take meanwhile, and a write
+    /// to the chunk makes the copy garbage (the next record leaves it
+    /// out). False when the chunk cannot be copied so.
+    pub(super) async fn copy_in_store(&self, index: u64) -> VolumeResult<bool> {
+        let inner = &self.inner;
+        let untouched = |st: &State| {
+            !st.slots.contains_key(&index) && !st.staged.contains_key(&index) && !st.map.contains_key(&index)
+        };
+        let (from, r, epoch) = {
+            let st = inner.lock();
+            let Some((from, r)) = self.copyable(&st, index).filter(|_| untouched(&st)) else { return Ok(false) };
+            (from, r, st.epoch)
+        };
+        let ChunkRef::Stored { crc, layout, .. } = r else { return Ok(false) };
+        let mode = if inner.meta.single_writer { PutMode::Overwrite } else { PutMode::IfAbsent };
+        let at = Stamp::now(inner.opts.clock.as_ref());
+        for _ in 0..NAME_ATTEMPTS {
+            let generation = inner.next_generation(epoch)?;
+            match inner.store.copy(&from, &chunk_key(&inner.vol, index, generation), mode).await {
+                Ok(()) => {
+                    let mut st = inner.lock();
+                    if !untouched(&st) || self.copyable(&st, index).is_none_or(|(f, _)| f != from) {
+                        // Written or copied meanwhile: the copy is garbage.
+                        return Ok(false);
+                    }
+                    st.adopted.insert(index, Adopted { r: ChunkRef::Stored { generation, crc, layout }, at });
+                    return Ok(true);
+                }
+                // Taken, or an attempt of ours whose answer was lost.
+                Err(StoreError::PreconditionFailed(_)) => continue,
+                // The parent's object missing, or a store that cannot:
+                // the copy through this process finds out and says.
+                Err(StoreError::NotFound(_) | StoreError::Unsupported(_)) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(false)
+    }
+
     /// Copy chunk `index` from the parents when nothing of the clone's own
-    /// holds it: `Some(zero)` when copied.
-    async fn copy_chunk(&self, index: u64) -> VolumeResult<Option<bool>> {
+    /// holds it: how, when copied.
+    async fn copy_chunk(&self, index: u64) -> VolumeResult<Option<How>> {
+        if self.copy_in_store(index).await? {
+            return Ok(Some(How::InStore));
+        }
         let inner = &self.inner;
         let untouched = |st: &State| {
             !st.slots.contains_key(&index) && !st.staged.contains_key(&index) && !st.map.contains_key(&index)
@@ -145,6 +221,17 @@ impl Volume {
         // Not in the write-back log: lost in a crash, the chunk reads the
         // same through the parent, and a write over it is logged as any.
         inner.insert_slot(index, data, permit, None, None)?;
-        Ok(Some(zero))
+        Ok(Some(if zero { How::Zero } else { How::Read }))
     }
+}
+
+/// How [`Volume::copy_chunk`] copied a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum How {
+    /// Read, and written as any write.
+    Read,
+    /// Zeros: a ZERO reference.
+    Zero,
+    /// Its object copied within the store.
+    InStore,
 }

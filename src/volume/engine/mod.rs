@@ -53,6 +53,8 @@ mod commit;
 mod dirty;
 mod fetchcost;
 mod flatten;
+#[cfg(test)]
+mod flatten_tests;
 pub mod log;
 mod read;
 mod upload;
@@ -324,6 +326,20 @@ struct Staged {
     permit: Option<DirtyGuard>,
 }
 
+/// A parent's chunk object copied within the store under a name of the
+/// clone's own ([`Volume::copy_parents`]): the next record names it,
+/// unless the chunk is no longer the parent's by then (written, staged,
+/// patched or mapped since), or the copy is older than `restage_after`
+/// (compaction may collect an object no record names): then the copy is
+/// garbage, and the flatten copies the chunk again. Its bytes are the
+/// parent's: reads go on through the parent until a record names it.
+#[derive(Debug)]
+struct Adopted {
+    r: ChunkRef,
+    /// When the copy started.
+    at: Stamp,
+}
+
 /// A chunk being uploaded from bytes read at tick `read`: a record built
 /// later that lands before the upload is staged carries newer pages of it
 /// (`laid`), which the staged bytes get.
@@ -381,6 +397,8 @@ struct State {
     /// uploads them whole and commits again.
     inline_deferred: BTreeSet<u64>,
     staged: BTreeMap<u64, Staged>,
+    /// Parents' chunks copied within the store for the next record.
+    adopted: BTreeMap<u64, Adopted>,
     /// Chunks being uploaded, from bytes read when: see [`Reading`].
     reading: BTreeMap<u64, Reading>,
     slots: BTreeMap<u64, Slot>,
@@ -848,6 +866,7 @@ impl Volume {
             inline_deferred: BTreeSet::new(),
             map: st.map,
             staged: BTreeMap::new(),
+            adopted: BTreeMap::new(),
             reading: BTreeMap::new(),
             slots: BTreeMap::new(),
             clean: CleanCache::shared(opts.cache_limit, budget.cache.clone()),
