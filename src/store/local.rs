@@ -138,29 +138,43 @@ fn finish_object(
     result
 }
 
-/// Link the object at `src` under `dst` too (see [`LocalStore`]'s copy),
-/// the directory made durable as a write's is.
-fn link_object(src: &Path, dst: &Path, mode: PutMode) -> io::Result<()> {
+/// Copy the object at `src` to `dst` as a write does (a temporary file,
+/// synced, then linked or renamed into place, the directory synced), the
+/// bytes copied by the kernel (`copy_file_range`, a reflink where the
+/// file system shares extents). Not a hard link: the new object must be
+/// as young as the copy (compaction takes an unnamed chunk object for
+/// garbage by its age), where a link shares the source's inode and mtime.
+fn copy_object(src: &Path, dst: &Path, mode: PutMode) -> io::Result<()> {
     let dir = dst.parent().ok_or_else(|| io::Error::other("object path has no parent"))?;
     let mut attempt = 0;
     loop {
-        let linked = create_dirs(dir).and_then(|()| match mode {
-            PutMode::IfAbsent => fs::hard_link(src, dst),
-            PutMode::Overwrite => {
-                let tmp = dir.join(format!("{TMP_PREFIX}{:016x}", rand::random::<u64>()));
-                fs::hard_link(src, &tmp)?;
-                fs::rename(&tmp, dst).inspect_err(|_| {
-                    let _ = fs::remove_file(&tmp);
-                })
-            }
+        let made = create_dirs(dir).and_then(|()| {
+            let tmp = dir.join(format!("{TMP_PREFIX}{:016x}", rand::random::<u64>()));
+            fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map(|f| (f, tmp))
         });
-        match linked {
-            Ok(()) => return fsync_dir(dir),
-            // The directory went away under us (see `write_object`), or
-            // the source did (then the caller says so).
-            Err(e) if e.kind() == io::ErrorKind::NotFound && src.exists() && attempt < DIR_RACE_ATTEMPTS => {
-                attempt += 1
+        match made {
+            Ok((f, tmp)) => {
+                let result = (|| {
+                    let mut from = fs::File::open(src)?;
+                    let mut to = f;
+                    io::copy(&mut from, &mut to)?;
+                    to.sync_all()?;
+                    match mode {
+                        PutMode::Overwrite => fs::rename(&tmp, dst),
+                        PutMode::IfAbsent => {
+                            let linked = fs::hard_link(&tmp, dst);
+                            let _ = fs::remove_file(&tmp);
+                            linked
+                        }
+                    }?;
+                    fsync_dir(dir)
+                })();
+                if result.is_err() {
+                    let _ = fs::remove_file(&tmp);
+                }
+                return result;
             }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < DIR_RACE_ATTEMPTS => attempt += 1,
             Err(e) => return Err(e),
         }
     }
@@ -326,10 +340,8 @@ impl ObjectStore for LocalStore {
         .await
     }
 
-    /// A hard link (objects are never changed in place: a write renames a
-    /// new file over the name): no bytes are copied, and create-if-absent
-    /// is `link(2)`'s own `EEXIST`. A replace links a temporary name and
-    /// renames it over `to`.
+    /// The bytes copied by the kernel, not through this process (see
+    /// [`copy_object`]).
     async fn copy(&self, from: &str, to: &str, mode: PutMode) -> StoreResult<()> {
         let (src, dst) = (self.path_of(from)?, self.path_of(to)?);
         let (from, to) = (from.to_string(), to.to_string());
@@ -337,7 +349,7 @@ impl ObjectStore for LocalStore {
             if !src.is_file() {
                 return Err(StoreError::NotFound(from));
             }
-            link_object(&src, &dst, mode).map_err(|e| match e.kind() {
+            copy_object(&src, &dst, mode).map_err(|e| match e.kind() {
                 io::ErrorKind::NotFound if !src.exists() => StoreError::NotFound(from.clone()),
                 _ => io_err(&to, e),
             })
@@ -395,6 +407,34 @@ impl ObjectStore for LocalStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A copy is a new object, as young as the copy (a hard link kept the
+    /// source's days-old mtime, and compaction took the copy for garbage
+    /// before a record named it), with the source's bytes; a copy onto a
+    /// name taken is refused, and one of a missing object is not found.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_is_a_new_object_as_young_as_the_copy() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let store = LocalStore::new(root.path()).expect("store");
+        let body = Bytes::from(vec![7u8; 100_000]);
+        store.put("p/chunks/a", body.clone(), PutMode::IfAbsent).await.expect("put");
+        let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+        let f = fs::File::options().write(true).open(root.path().join("p/chunks/a")).expect("open");
+        f.set_modified(old).expect("age the source");
+        store.copy("p/chunks/a", "c/chunks/a", PutMode::IfAbsent).await.expect("copy");
+        assert_eq!(store.get("c/chunks/a", None).await.expect("get"), body);
+        let now = crate::clock::Clock::now_unix(&crate::clock::SystemClock);
+        let listed = store.list(ListRequest { prefix: "c/", max_keys: 10, ..ListRequest::default() }).await;
+        let modified = listed.expect("list").objects.first().and_then(|o| o.modified_unix);
+        assert!(modified.is_some_and(|m| m >= now - 60), "the copy is stamped {modified:?}, now is {now}");
+        let taken = store.copy("p/chunks/a", "c/chunks/a", PutMode::IfAbsent).await;
+        assert!(matches!(taken, Err(StoreError::PreconditionFailed(_))), "{taken:?}");
+        let missing = store.copy("p/chunks/b", "c/chunks/b", PutMode::IfAbsent).await;
+        assert!(matches!(missing, Err(StoreError::NotFound(_))), "{missing:?}");
+        // The source's file is its own still: unchanged by the copy.
+        let source = fs::metadata(root.path().join("p/chunks/a")).expect("stat").modified().expect("mtime");
+        assert_eq!(source, old);
+    }
 
     /// A delete waits while a replace `If-Match` holds the object's lock
     /// (here the test holds it): a replace that checked its tag renames

@@ -239,6 +239,12 @@ fn map_err<E: ProvideErrorMetadata + std::error::Error + 'static>(
     }
 }
 
+/// How far before this host's clock a copy's Last-Modified may be and
+/// still count as made now: half the shortest safety age of a compaction
+/// beside live writers, so that a server that kept the source's time on
+/// a copy is found out before compaction could take the copy for old.
+const COPY_FRESH_SECS: i64 = 60;
+
 /// A key as `x-amz-copy-source` takes it: percent-encoded but for the
 /// unreserved characters and `/`.
 fn copy_source_path(key: &str) -> String {
@@ -336,9 +342,24 @@ impl ObjectStore for S3Store {
         let source = format!("{}/{}", self.bucket, copy_source_path(from));
         let req = self.client.copy_object().bucket(&self.bucket).key(to).copy_source(source);
         match req.send().await {
-            Ok(_) => {
+            Ok(out) => {
                 self.answered();
-                Ok(())
+                // The copy must be as young as it is: compaction takes an
+                // unnamed chunk object for garbage by its age, and some
+                // servers have kept the source's time on a copy. One that
+                // says no time, or one well before now, is not used (the
+                // caller copies through itself instead).
+                let stamped = out.copy_object_result().and_then(|r| r.last_modified()).map(|t| t.secs());
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                match stamped {
+                    Some(t) if t >= now - COPY_FRESH_SECS => Ok(()),
+                    other => Err(StoreError::Unsupported(format!(
+                        "COPY {from} to {to}: the copy is stamped {} (now {now}): not a fresh object",
+                        other.map_or_else(|| "with no time".to_string(), |t| t.to_string())
+                    ))),
+                }
             }
             // The source missing answers 404 as a missing key does.
             Err(e) => Err(match self.map_err("COPY", to, e) {

@@ -66,15 +66,27 @@ impl Volume {
         let mut todo = all.clone();
         for _ in 0..COPY_ROUNDS {
             let mut done = 0u64;
+            let clock = inner.opts.clock.as_ref();
             for part in todo.chunks(batch) {
-                let copied: Vec<Option<How>> = stream::iter(part.iter().copied().map(|i| self.copy_chunk(i)))
-                    .buffer_unordered(inner.opts.concurrency.clamp(1, COPY_CONCURRENCY))
-                    .try_collect()
-                    .await?;
-                for how in copied.into_iter().flatten() {
-                    out.copied += 1;
-                    out.zero += (how == How::Zero) as u64;
-                    out.in_store += (how == How::InStore) as u64;
+                // Copies within the store hold no memory, but must be named
+                // before `restage_after`: a flush at least every quarter of
+                // it, however slow the store (a piece of a few rounds of
+                // copies at a time).
+                let mut since = Stamp::now(clock);
+                for piece in part.chunks(4 * COPY_CONCURRENCY) {
+                    let copied: Vec<Option<How>> = stream::iter(piece.iter().copied().map(|i| self.copy_chunk(i)))
+                        .buffer_unordered(inner.opts.concurrency.clamp(1, COPY_CONCURRENCY))
+                        .try_collect()
+                        .await?;
+                    for how in copied.into_iter().flatten() {
+                        out.copied += 1;
+                        out.zero += (how == How::Zero) as u64;
+                        out.in_store += (how == How::InStore) as u64;
+                    }
+                    if since.age(clock) >= inner.opts.restage_after / 4 {
+                        self.flush().await?;
+                        since = Stamp::now(clock);
+                    }
                 }
                 self.flush().await?;
                 done += part.len() as u64;
@@ -94,8 +106,8 @@ impl Volume {
             }
         }
         Err(VolumeError::Store(StoreError::Transient(format!(
-            "{} chunks are still the parent's after {COPY_ROUNDS} rounds (written over with a few pages each time); \
-             try again",
+            "{} chunks are still the parent's after {COPY_ROUNDS} rounds (written over with a few pages each time, or \
+             copied but not committed in time); try again",
             todo.len()
         ))))
     }
@@ -159,9 +171,15 @@ impl Volume {
                 }
                 // Taken, or an attempt of ours whose answer was lost.
                 Err(StoreError::PreconditionFailed(_)) => continue,
-                // The parent's object missing, or a store that cannot:
-                // the copy through this process finds out and says.
-                Err(StoreError::NotFound(_) | StoreError::Unsupported(_)) => return Ok(false),
+                // The parent's object missing, or a store that cannot (a
+                // server that refuses the copy, a file system without
+                // `copy_file_range` across mounts): the copy through this
+                // process finds out and says. Transient trouble fails the
+                // round, as a read would.
+                Err(e @ (StoreError::NotFound(_) | StoreError::Unsupported(_) | StoreError::Permanent(_))) => {
+                    tracing::debug!(volume = %inner.vol, index, error = %e, "copying a chunk within the store failed; reading it instead");
+                    return Ok(false);
+                }
                 Err(e) => return Err(e.into()),
             }
         }
