@@ -477,7 +477,7 @@ async fn snapshots_and_clones_restore_the_right_bytes() {
             volume_id: src.volume_id.clone(),
         })),
     });
-    let clone = d.ctl.create_volume(clone_req).await.expect("clone").into_inner().volume.expect("volume");
+    let clone = d.ctl.create_volume(clone_req.clone()).await.expect("clone").into_inner().volume.expect("volume");
     let mut expect = first.clone();
     expect[..second.len()].copy_from_slice(&second);
     assert_eq!(read(&d, &clone.volume_id, 1000, expect.len() as u64).await, expect);
@@ -580,6 +580,30 @@ async fn snapshots_and_clones_restore_the_right_bytes() {
         .collect();
     assert!(!ids.contains(&src.volume_id));
     assert_eq!(read(&d, &restored.volume_id, 1000, first.len() as u64).await, first);
+    // A CreateVolume asked again (the CO lost the answer) after its source
+    // went answers with the volume it made: the clone of the deleted
+    // volume, and (below) the restore of a deleted snapshot. A new name
+    // from a gone source is still NOT_FOUND.
+    let again = d.ctl.create_volume(clone_req.clone()).await.expect("the clone asked again after its source went");
+    assert_eq!(again.into_inner().volume.expect("volume").volume_id, clone.volume_id);
+    clone_req.name = "pvc-clone-new".into();
+    assert_eq!(code(d.ctl.create_volume(clone_req).await), Code::NotFound);
+    let sid = format!("{}@snap-1", src.volume_id);
+    d.ctl
+        .delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: sid, secrets: secrets() })
+        .await
+        .expect("delete snap-1");
+    let again = d.ctl.create_volume(from_snap("pvc-restored", 2 << 20, 0)).await.expect("restore asked again");
+    assert_eq!(again.into_inner().volume.expect("volume").volume_id, restored.volume_id);
+    assert_eq!(code(d.ctl.create_volume(from_snap("pvc-restored-new", 2 << 20, 0)).await), Code::NotFound);
+    // Asked again with another gone source, the volume is not the answer.
+    let mut other_src = from_snap("pvc-restored", 2 << 20, 0);
+    other_src.volume_content_source = Some(pb::VolumeContentSource {
+        r#type: Some(pb::volume_content_source::Type::Volume(pb::volume_content_source::VolumeSource {
+            volume_id: other.volume_id.replace("pvc-other", "pvc-never"),
+        })),
+    });
+    assert_eq!(code(d.ctl.create_volume(other_src).await), Code::AlreadyExists);
     // When the last dependant goes, the source's objects go too.
     for id in [&clone2.volume_id, &clone.volume_id, &restored.volume_id] {
         d.ctl

@@ -603,6 +603,16 @@ fn page<T>(items: Vec<T>, start: usize, max: usize) -> Result<(Vec<T>, String), 
 }
 
 impl ControllerService {
+    /// Where a CreateVolume's content source lives, from its id alone
+    /// (nothing read).
+    fn requested_source(&self, req: &pb::CreateVolumeRequest) -> Result<Option<Location>, Status> {
+        Ok(match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
+            None => None,
+            Some(pb::volume_content_source::Type::Snapshot(s)) => Some(self.snapshot_location(&s.snapshot_id)?.0),
+            Some(pb::volume_content_source::Type::Volume(v)) => Some(self.volume_location(&v.volume_id)?),
+        })
+    }
+
     async fn do_create_volume(&self, request: Request<pb::CreateVolumeRequest>) -> RpcResult<pb::CreateVolumeResponse> {
         let req = request.into_inner();
         if req.name.is_empty() {
@@ -648,11 +658,8 @@ impl ControllerService {
         // volume's prefix records its source (below), so that a create
         // that dies after pinning is let go of by a delete of its name; a
         // pin already there is the one an earlier attempt took.
-        let source: Option<(Location, Option<SnapshotRecord>, u64)> = match req
-            .volume_content_source
-            .as_ref()
-            .and_then(|s| s.r#type.as_ref())
-        {
+        let resolved: Result<Option<(Location, Option<SnapshotRecord>, u64)>, Status> = async {
+            Ok(match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
             None => None,
             Some(pb::volume_content_source::Type::Snapshot(s)) => {
                 let (sloc, name) = self.snapshot_location(&s.snapshot_id)?;
@@ -719,6 +726,20 @@ impl ControllerService {
                     Err(e) => return Err(status(e)),
                 }
             }
+            })
+        }
+        .await;
+        // A source gone (deleted since an earlier attempt of this call made
+        // the volume, as the CO may retry one whose answer it lost): the
+        // volume made from it is still the answer, its source compared by
+        // volume as for a flattened clone. With no volume, NOT_FOUND.
+        let (source, mut gone) = match resolved {
+            Ok(s) => (s, None),
+            Err(st) if st.code() == tonic::Code::NotFound => match self.requested_source(&req)? {
+                Some(sloc) => (None, Some((sloc, st))),
+                None => return Err(st),
+            },
+            Err(st) => return Err(st),
         };
         let minimum = source.as_ref().map(|(_, _, size)| *size).unwrap_or(0);
         let size = size_for(req.capacity_range.as_ref(), chunk as u64, minimum)?;
@@ -809,6 +830,14 @@ impl ControllerService {
                 // A clone flattened since no longer has the pin the source
                 // is looked up by: its source volume is what is compared.
                 let same_source = match (&meta.parent, &meta.flattened, &source) {
+                    _ if gone.is_some() => {
+                        let made_from = meta
+                            .parent
+                            .as_ref()
+                            .map(|p| &p.volume)
+                            .or(meta.flattened.as_ref().map(|f| &f.parent.volume));
+                        made_from == gone.as_ref().map(|(sloc, _)| &sloc.prefix)
+                    }
                     (None, Some(f), Some((sloc, _, _))) => f.parent.volume == sloc.prefix,
                     _ => meta.source() == parent.as_ref() && (source.is_none() || parent.is_some()),
                 };
@@ -836,8 +865,15 @@ impl ControllerService {
                 v.content_source = req.volume_content_source.clone();
                 return Ok(Response::new(pb::CreateVolumeResponse { volume: Some(v) }));
             }
-            Err(VolumeError::NotFound(_)) => {}
+            Err(VolumeError::NotFound(_)) => {
+                if let Some((_, st)) = gone.take() {
+                    return Err(st);
+                }
+            }
             Err(e) => return Err(status(e)),
+        }
+        if let Some((_, st)) = gone.take() {
+            return Err(st);
         }
         if let Some(other) = self.same_name_elsewhere(&root, &object_name(&req.name)).await? {
             return Err(Status::already_exists(format!(
