@@ -7,6 +7,10 @@
 #   s3blk 1M     `s3blk serve`, a volume of 1 MiB chunks (the default)
 #   s3blk 64K    `s3blk serve`, a volume of 64 KiB chunks
 #   nbdkit S3    nbdkit's S3 plugin, 64 KiB objects
+# and, on a compressible data set (an ext4 image of S3BLK_BENCH_SEQ_MIB
+# holding text: /usr/share/doc, made with mkfs.ext4 -d), s3blk 1M chunks
+# with compression none and zstd and the nbdkit S3 plugin: sequential
+# write + FLUSH, cold sequential read, and the bytes stored in the bucket.
 # Both s3blk servers keep their write-back log in a temporary directory. The
 # NBD servers listen on unix sockets; fio's nbd engine and bench/s3drive.py
 # (libnbd) drive them. Prints one table per scenario.
@@ -41,7 +45,7 @@ vol_mib=${S3BLK_BENCH_VOLUME_MIB:-1024}
 cold_reads=${S3BLK_BENCH_COLD_READS:-500}
 
 need() { echo "bench/s3.sh needs $1" >&2; exit 1; }
-for t in fio nbdkit curl; do command -v "$t" >/dev/null || need "$t (./tests/run.sh installs fio and nbdkit)"; done
+for t in fio nbdkit curl mkfs.ext4; do command -v "$t" >/dev/null || need "$t (./tests/run.sh installs fio and nbdkit)"; done
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need "python3-libnbd (./tests/run.sh installs it)"
 nbdkit S3 --dump-plugin >/dev/null 2>&1 || need "nbdkit's S3 plugin: apt-get install nbdkit-plugin-python python3-boto3"
 nbdkit --filter=blocksize-policy null --dump-plugin >/dev/null 2>&1 || need "nbdkit's blocksize-policy filter (nbdkit >= 1.30)"
@@ -91,11 +95,11 @@ fail() { echo "bench/s3.sh: $*" >&2; exit 1; }
 
 # --- servers
 server="" uri="" rss_max=0
-start_s3blk() { # chunk-size
+start_s3blk() { # chunk-size [compression]
   local sock=$work/$endpoint-$system.sock
   rm -f "$sock"
   AWS_ENDPOINT_URL=$url "$bin" serve "s3://bench/$endpoint/$system/vol" --create --size "${vol_mib}MiB" \
-    --chunk-size "$1" --write-log-dir "$work/write-log" --listen "unix:$sock" \
+    --chunk-size "$1" --compression "${2:-none}" --write-log-dir "$work/write-log" --listen "unix:$sock" \
     >"$work/serve.out" 2>"$work/serve.err" &
   server=$!
   pids+=("$server")
@@ -109,7 +113,7 @@ start_nbdkit() {
   # The plugin advertises its object size as the minimum and maximum block
   # size; the policy filter lets 4 KiB and 1 MiB requests through to it (it
   # read-modify-writes and splits them itself).
-  nbdkit -f -U "$sock" --filter=blocksize-policy S3 endpoint-url="$url" bucket=bench key="$endpoint/nbdkit" \
+  nbdkit -f -U "$sock" --filter=blocksize-policy S3 endpoint-url="$url" bucket=bench key="$endpoint/$system" \
     object-size=64K size="${vol_mib}M" blocksize-minimum=4096 blocksize-maximum=32M \
     >"$work/nbdkit.out" 2>"$work/nbdkit.err" &
   server=$!
@@ -118,7 +122,14 @@ start_nbdkit() {
   [ -S "$sock" ] || { cat "$work/nbdkit.err" >&2; fail "nbdkit S3 did not start"; }
   uri="nbd+unix:///?socket=$sock"
 }
-start() { case $system in s3blk-1M) start_s3blk 1MiB ;; s3blk-64K) start_s3blk 64KiB ;; nbdkit-S3) start_nbdkit ;; esac; }
+start() {
+  case $system in
+    s3blk-1M | text-none) start_s3blk 1MiB ;;
+    s3blk-64K) start_s3blk 64KiB ;;
+    text-zstd) start_s3blk 1MiB zstd ;;
+    nbdkit-S3 | text-nbdkit) start_nbdkit ;;
+  esac
+}
 stop() { # SIGTERM (s3blk writes back what is dirty), wait, keep the peak RSS
   local hwm
   hwm=$(sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$server/status")
@@ -132,6 +143,36 @@ stop() { # SIGTERM (s3blk writes back what is dirty), wait, keep the peak RSS
   local status=0
   wait "$server" || status=$?
   [ "$status" = 0 ] || { cat "$work"/*.err >&2; fail "$system exited with status $status"; }
+}
+
+# --- the compressible data set: text files (already compressed ones left
+# out) up to 60% of an ext4 image of S3BLK_BENCH_SEQ_MIB
+text=$work/text.img
+docs=${S3BLK_BENCH_TEXT_DIR:-/usr/share/doc}
+"$py" - "$docs" "$work/docs" $((seq_mib * 6 / 10)) <<'PY'
+import os, shutil, sys
+src, dst, budget = sys.argv[1], sys.argv[2], int(sys.argv[3]) << 20
+n = 0
+for root, dirs, files in os.walk(src):
+    dirs.sort()
+    for f in sorted(files):
+        p = os.path.join(root, f)
+        if f.endswith((".gz", ".xz", ".bz2", ".zst", ".png", ".jpg", ".gif")) or os.path.islink(p):
+            continue
+        size = os.path.getsize(p)
+        if n + size <= budget:
+            os.makedirs(os.path.join(dst, os.path.relpath(root, src)), exist_ok=True)
+            shutil.copyfile(p, os.path.join(dst, os.path.relpath(p, src)))
+            n += size
+PY
+mkfs.ext4 -q -F -d "$work/docs" "$text" "${seq_mib}M" >/dev/null 2>&1 || fail "mkfs.ext4 -d $work/docs failed"
+stored() { # bytes of every object under this endpoint's prefix of the system
+  "$py" -c 'import boto3, json, sys
+s3 = boto3.client("s3", endpoint_url=sys.argv[1])
+n = 0
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix=sys.argv[2]):
+    n += sum(o["Size"] for o in page.get("Contents", []))
+print(json.dumps({"bytes": n, "written": int(sys.argv[3]) << 20}))' "http://127.0.0.1:$moto_port" "$endpoint/$system/" "$seq_mib"
 }
 
 # --- the jobs
@@ -183,6 +224,18 @@ for endpoint in direct proxy; do
     fio_job randwrite-cold randwrite "$vol_mib" --time_based --runtime="$seconds"
     stop
     record rss 0 "{\"kib\":$rss_max}" null
+  done
+  for system in text-none text-zstd text-nbdkit; do
+    echo "[$endpoint] $system" >&2
+    start
+    export S3DRIVE_DATA=$text
+    timed seqwrite-text "$seq_mib" seqwrite "$seq_mib" 8
+    unset S3DRIVE_DATA
+    stop
+    record stored 0 "$(stored)" null
+    start
+    timed seqread-text "$seq_mib" seqread "$seq_mib" 8
+    stop
   done
 done
 

@@ -5,6 +5,9 @@
     s3drive.py URI fsync MIB SECONDS a 4 KiB write at a random 4 KiB-aligned offset
                                      below MIB, then FLUSH, one pair at a time, for SECONDS
 
+With S3DRIVE_DATA=FILE, seqwrite writes FILE's bytes (from its start, over
+again if MIB is longer) instead of random ones: a compressible data set.
+
 Prints one JSON object: seconds and mbps for seqwrite/seqread (the FLUSH
 is inside the time), n, p50_ms and p99_ms of the write+FLUSH pairs for fsync.
 """
@@ -26,9 +29,23 @@ h.connect_uri(uri)
 MiB = 1 << 20
 
 
+def piece(whole, i):
+    """The i-th MiB of `whole` repeated end to end."""
+    start, out = (i * MiB) % len(whole), bytearray()
+    while len(out) < MiB:
+        out += whole[start:start + MiB - len(out)]
+        start = 0
+    return out
+
+
 def sequential(write, qd):
     """MIB 1 MiB commands, qd in flight; returns seconds (a write run ends with FLUSH)."""
-    data = nbd.Buffer.from_bytearray(bytearray(os.urandom(MiB)))
+    source = os.environ.get("S3DRIVE_DATA")
+    if source:
+        whole = open(source, "rb").read()
+        datas = [nbd.Buffer.from_bytearray(piece(whole, i)) for i in range(mib)]
+    else:
+        datas = [nbd.Buffer.from_bytearray(bytearray(os.urandom(MiB)))]
     bufs = [nbd.Buffer(MiB) for _ in range(qd)]
     free = list(range(qd))
     inflight = {}
@@ -38,7 +55,7 @@ def sequential(write, qd):
         while free and submitted < mib:
             slot = free.pop()
             if write:
-                cookie = h.aio_pwrite(data, submitted * MiB)
+                cookie = h.aio_pwrite(datas[submitted % len(datas)], submitted * MiB)
             else:
                 cookie = h.aio_pread(bufs[slot], submitted * MiB)
             inflight[cookie] = slot

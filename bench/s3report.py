@@ -15,7 +15,8 @@ rows = [json.loads(line) for line in open(sys.argv[1])]
 latency = sys.argv[2]
 ENDPOINTS = {"direct": "moto", "proxy": f"moto+{latency}ms"}
 SYSTEMS = {"ceiling": "ceiling (boto3)", "s3blk-1M": "s3blk 1M chunks", "s3blk-64K": "s3blk 64K chunks",
-           "nbdkit-S3": "nbdkit S3 64K"}
+           "nbdkit-S3": "nbdkit S3 64K", "text-none": "s3blk 1M, none", "text-zstd": "s3blk 1M, zstd",
+           "text-nbdkit": "nbdkit S3 64K"}
 
 
 def find(endpoint, system, scenario):
@@ -101,3 +102,33 @@ table("randread-hot", "4 KiB random read at QD32 over the hot region, after it w
       lambda r: (r["iops"],), lambda e: ceiling(e, "small_get_iops"))
 table("rss", "peak RSS of the server process (VmHWM, MiB)", "lower", ["MiB"], lambda r: (r["kib"] / 1024,), None,
       with_requests=False)
+
+
+def compressible():
+    """The compressible data set: write and cold read MB/s, bytes stored."""
+    print("\ncompressible data set (ext4 image of text files): 1 MiB sequential write + FLUSH and cold read, "
+          "8 in flight; bytes stored in the bucket afterwards (higher MB/s, fewer bytes are better)")
+    head = ["endpoint", "system", "write MB/s", "×nbdkit", "read MB/s", "×nbdkit", "stored MiB", "stored/written",
+            "PUT/MiB", "KiB up/MiB"]
+    lines = [head]
+    for endpoint in ENDPOINTS:
+        def mbps(system, scenario):
+            r = find(endpoint, system, scenario)
+            return r["result"]["mbps"] if r else None
+        nw, nr = mbps("text-nbdkit", "seqwrite-text"), mbps("text-nbdkit", "seqread-text")
+        for system in ("text-none", "text-zstd", "text-nbdkit"):
+            w, rd, st = mbps(system, "seqwrite-text"), mbps(system, "seqread-text"), find(endpoint, system, "stored")
+            if w is None:
+                continue
+            req = requests(find(endpoint, system, "seqwrite-text"))
+            stored = st["result"] if st else None
+            lines.append([ENDPOINTS[endpoint], SYSTEMS[system], f"{w:.1f}", ratio(w, nw),
+                          f"{rd:.1f}" if rd is not None else "-", ratio(rd, nr),
+                          f"{stored['bytes'] / 2**20:.1f}" if stored else "-",
+                          ratio(stored["bytes"], stored["written"]) if stored else "-", req[0], req[3]])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for line in lines:
+        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))
+
+
+compressible()

@@ -91,6 +91,23 @@ fn create_dirs(dir: &Path) -> io::Result<()> {
 const DIR_RACE_ATTEMPTS: usize = 16;
 
 fn write_object(path: &Path, body: &[Bytes], mode: PutMode) -> io::Result<()> {
+    put_file(path, mode, |f| body.iter().try_for_each(|part| f.write_all(part)))
+}
+
+/// Copy the object at `src` to `dst` as a write does, the bytes copied by
+/// the kernel (`copy_file_range`, a reflink where the file system shares
+/// extents). Not a hard link: the new object must be as young as the
+/// copy (compaction takes an unnamed chunk object for garbage by its
+/// age), where a link shares the source's inode and mtime.
+fn copy_object(src: &Path, dst: &Path, mode: PutMode) -> io::Result<()> {
+    let mut from = fs::File::open(src)?;
+    put_file(dst, mode, |f| io::copy(&mut from, f).map(drop))
+}
+
+/// Put an object at `path`: a temporary file in its directory, filled by
+/// `fill`, synced, then renamed (overwrite) or hard-linked
+/// (create-if-absent) into place, and the directory synced.
+fn put_file(path: &Path, mode: PutMode, fill: impl FnOnce(&mut fs::File) -> io::Result<()>) -> io::Result<()> {
     let dir = path.parent().ok_or_else(|| io::Error::other("object path has no parent"))?;
     let mut attempt = 0;
     loop {
@@ -102,7 +119,7 @@ fn write_object(path: &Path, body: &[Bytes], mode: PutMode) -> io::Result<()> {
             fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map(|f| (f, tmp))
         });
         match opened {
-            Ok((f, tmp)) => return finish_object(f, &tmp, dir, path, body, mode),
+            Ok((f, tmp)) => return finish_object(f, &tmp, dir, path, fill, mode),
             Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < DIR_RACE_ATTEMPTS => attempt += 1,
             Err(e) => return Err(e),
         }
@@ -114,13 +131,11 @@ fn finish_object(
     tmp: &Path,
     dir: &Path,
     path: &Path,
-    body: &[Bytes],
+    fill: impl FnOnce(&mut fs::File) -> io::Result<()>,
     mode: PutMode,
 ) -> io::Result<()> {
     let result = (|| {
-        for part in body {
-            f.write_all(part)?;
-        }
+        fill(&mut f)?;
         f.sync_all()?;
         match mode {
             PutMode::Overwrite => fs::rename(tmp, path),
@@ -136,48 +151,6 @@ fn finish_object(
         let _ = fs::remove_file(tmp);
     }
     result
-}
-
-/// Copy the object at `src` to `dst` as a write does (a temporary file,
-/// synced, then linked or renamed into place, the directory synced), the
-/// bytes copied by the kernel (`copy_file_range`, a reflink where the
-/// file system shares extents). Not a hard link: the new object must be
-/// as young as the copy (compaction takes an unnamed chunk object for
-/// garbage by its age), where a link shares the source's inode and mtime.
-fn copy_object(src: &Path, dst: &Path, mode: PutMode) -> io::Result<()> {
-    let dir = dst.parent().ok_or_else(|| io::Error::other("object path has no parent"))?;
-    let mut attempt = 0;
-    loop {
-        let made = create_dirs(dir).and_then(|()| {
-            let tmp = dir.join(format!("{TMP_PREFIX}{:016x}", rand::random::<u64>()));
-            fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map(|f| (f, tmp))
-        });
-        match made {
-            Ok((f, tmp)) => {
-                let result = (|| {
-                    let mut from = fs::File::open(src)?;
-                    let mut to = f;
-                    io::copy(&mut from, &mut to)?;
-                    to.sync_all()?;
-                    match mode {
-                        PutMode::Overwrite => fs::rename(&tmp, dst),
-                        PutMode::IfAbsent => {
-                            let linked = fs::hard_link(&tmp, dst);
-                            let _ = fs::remove_file(&tmp);
-                            linked
-                        }
-                    }?;
-                    fsync_dir(dir)
-                })();
-                if result.is_err() {
-                    let _ = fs::remove_file(&tmp);
-                }
-                return result;
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < DIR_RACE_ATTEMPTS => attempt += 1,
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 /// Replace the object at `path` only while its bytes still have `tag`
