@@ -116,8 +116,9 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// replaces.
     async fn put_if_match(&self, key: &str, body: Bytes, tag: &str) -> StoreResult<()>;
     /// Copy the object `from` to `to` under `mode`, within the store where
-    /// it can (S3 CopyObject, a hard link on the local store) so that the
-    /// bytes never pass through this process; here, a GET and a PUT.
+    /// it can (S3 CopyObject; on the local store the kernel copies the
+    /// file) so that the bytes never pass through this process; here, a
+    /// GET and a PUT.
     /// [`StoreError::NotFound`] when `from` is missing.
     async fn copy(&self, from: &str, to: &str, mode: PutMode) -> StoreResult<()> {
         let body = self.get(from, None).await?;

@@ -20,8 +20,10 @@ pub struct Copied {
     /// Of the copied ones, chunks that read as zeros: a ZERO reference, no object.
     pub zero: u64,
     /// Of the copied ones, chunk objects copied within the store (S3
-    /// CopyObject, a hard link on the local store): their bytes never
-    /// came through this process.
+    /// CopyObject; the kernel's file copy on the local store): their
+    /// bytes never came through this process. A copy the next record
+    /// leaves out (the chunk written meanwhile, or the copy too old) is
+    /// copied again and counted again.
     pub in_store: u64,
     /// The committed seq from which its own chunk map covers every chunk
     /// its parents map: what it reads from there on never needs them.
