@@ -699,9 +699,21 @@ impl common::Around for NoIfMatch {
     }
 }
 
+/// An S3 server that answers a GET with no ETag.
+#[derive(Debug)]
+struct NoTags;
+
+#[async_trait::async_trait]
+impl common::Around for NoTags {
+    async fn get_tagged(&self, _: &DynStore, key: &str) -> store::StoreResult<(Bytes, String)> {
+        Err(store::StoreError::Unsupported(format!("GET {key}: the server answered no ETag")))
+    }
+}
+
 /// The probe before a change of `volume.json` finds a store that ignores
 /// `If-Match` or answers 501 to it (and leaves no probe behind); a rekey
-/// there still changes the key, unconditionally.
+/// there, or on a store that keeps no tags, still changes the key,
+/// unconditionally (without tags it failed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stores_without_conditional_replaces_are_found_and_still_rekeyed() {
     let mem: DynStore = Arc::new(MemoryStore::new());
@@ -711,7 +723,8 @@ async fn stores_without_conditional_replaces_are_found_and_still_rekeyed() {
     assert!(!store::supports_conditional_replace(ignores.as_ref(), "p/").await.expect("probe"));
     assert!(!store::supports_conditional_replace(refuses.as_ref(), "p/").await.expect("probe"));
     assert!(store::list_all(mem.as_ref(), "p/").await.expect("list").is_empty(), "a probe was left");
-    for (n, base) in [(0u8, ignores), (1, refuses)] {
+    let untagged: DynStore = common::Wrapped::new(mem.clone(), NoTags);
+    for (n, base) in [(0u8, ignores), (1, refuses), (2, untagged)] {
         let vol = format!("v{n}/");
         let (k1, k2) = (kek(20 + 2 * n), kek(21 + 2 * n));
         let store = create_encrypted(&base, &vol, CSU, &k1).await;

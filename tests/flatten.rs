@@ -443,3 +443,37 @@ async fn zeroed_chunks_not_yet_committed_still_read_as_zeros() {
     v.write(3 * CSU, &common::pattern(1, 4096)).await.expect("write");
     assert!(!v.reads_as_zeros(), "a page of data pending counts as zeros");
 }
+
+/// A store that refuses every copy within it (a server answering 403 or
+/// 501 to CopyObject, a file system that cannot copy across mounts).
+#[derive(Debug)]
+struct RefusesCopies;
+
+#[async_trait::async_trait]
+impl common::Around for RefusesCopies {
+    async fn copy(&self, _: &DynStore, _: &str, to: &str, _: PutMode) -> StoreResult<()> {
+        Err(StoreError::Permanent(format!("COPY {to}: HTTP 403 AccessDenied")))
+    }
+}
+
+/// A store that refuses to copy within it gets every chunk read and
+/// written instead: the flatten finishes, the same bytes (it failed the
+/// flatten).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_refuses_copies_gets_the_chunks_read_and_written() {
+    let mem: DynStore = Arc::new(s3blk::store::memory::MemoryStore::new());
+    let model = parent_with_snapshot(&mem).await;
+    clone_of_s(&mem).await;
+    let store: DynStore = common::Wrapped::new(mem.clone(), RefusesCopies);
+    let v = open(&store, "c/").await;
+    let copied = v.copy_parents(&|_, _| {}).await.expect("copy through the writer");
+    drop(v);
+    assert_eq!((copied.in_store, copied.copied), (0, copied.inherited), "{copied:?}");
+    assert_eq!(
+        catalog::let_go_of_parent(&store, "c/", Some(copied.seq)).await.expect("let go"),
+        ParentOutcome::LetGo { parent: "src/".into() }
+    );
+    let del = catalog::delete_volume(&mem, "src/", OnDependants::RefuseClones, &SystemClock).await;
+    assert!(matches!(del, Ok(DeleteOutcome::Deleted { .. })), "{del:?}");
+    assert_eq!(read_fresh(&mem, "c/").await, model);
+}

@@ -70,19 +70,32 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
-/// Create `dir` and any missing parents, fsyncing each parent that got a
-/// new entry, so a crash cannot lose a directory an object was put in.
-fn create_dirs(dir: &Path) -> io::Result<()> {
+/// Create `dir` and any missing parents, noting each one made in `made`:
+/// its parent got a new entry, synced once the object is in place (see
+/// [`put_file`]), so a crash cannot lose a directory an object was put in.
+fn create_dirs(dir: &Path, made: &mut Vec<PathBuf>) -> io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
     if let Some(parent) = dir.parent() {
-        create_dirs(parent)?;
+        create_dirs(parent, made)?;
     }
     match fs::create_dir(dir) {
-        Ok(()) => dir.parent().map_or(Ok(()), fsync_dir),
+        Ok(()) => {
+            made.push(dir.to_path_buf());
+            Ok(())
+        }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// Sync a directory that may be gone: one a concurrent delete emptied and
+/// removed after the object in it was deleted too has nothing to keep.
+fn fsync_dir_if_there(dir: &Path) -> io::Result<()> {
+    match fsync_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
     }
 }
 
@@ -106,20 +119,25 @@ fn copy_object(src: &Path, dst: &Path, mode: PutMode) -> io::Result<()> {
 
 /// Put an object at `path`: a temporary file in its directory, filled by
 /// `fill`, synced, then renamed (overwrite) or hard-linked
-/// (create-if-absent) into place, and the directory synced.
+/// (create-if-absent) into place, and the directories synced. Directories
+/// are made without a sync and synced only once the temporary file is in
+/// them: a delete of a neighbour's last object prunes empty directories,
+/// and a sync between making one and filling it (slow on a busy disk)
+/// gave that prune the time to take it again and again.
 fn put_file(path: &Path, mode: PutMode, fill: impl FnOnce(&mut fs::File) -> io::Result<()>) -> io::Result<()> {
     let dir = path.parent().ok_or_else(|| io::Error::other("object path has no parent"))?;
     let mut attempt = 0;
+    let mut made = Vec::new();
     loop {
         // A directory on the way went away under us (a delete of its last
         // object removed it): make it again. Once our temporary file is in
         // it, it is not empty and stays.
-        let opened = create_dirs(dir).and_then(|()| {
+        let opened = create_dirs(dir, &mut made).and_then(|()| {
             let tmp = dir.join(format!("{TMP_PREFIX}{:016x}", rand::random::<u64>()));
             fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map(|f| (f, tmp))
         });
         match opened {
-            Ok((f, tmp)) => return finish_object(f, &tmp, dir, path, fill, mode),
+            Ok((f, tmp)) => return finish_object(f, &tmp, dir, path, fill, mode, &made),
             Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < DIR_RACE_ATTEMPTS => attempt += 1,
             Err(e) => return Err(e),
         }
@@ -133,10 +151,18 @@ fn finish_object(
     path: &Path,
     fill: impl FnOnce(&mut fs::File) -> io::Result<()>,
     mode: PutMode,
+    made: &[PathBuf],
 ) -> io::Result<()> {
     let result = (|| {
         fill(&mut f)?;
         f.sync_all()?;
+        // The directories made for it hold it now: their entries synced,
+        // nearest the root first.
+        for d in made {
+            if let Some(parent) = d.parent() {
+                fsync_dir_if_there(parent)?;
+            }
+        }
         match mode {
             PutMode::Overwrite => fs::rename(tmp, path),
             PutMode::IfAbsent => {
@@ -145,7 +171,7 @@ fn finish_object(
                 linked
             }
         }?;
-        fsync_dir(dir)
+        fsync_dir_if_there(dir)
     })();
     if result.is_err() {
         let _ = fs::remove_file(tmp);

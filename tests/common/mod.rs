@@ -282,6 +282,18 @@ pub trait Around: Send + Sync + std::fmt::Debug + 'static {
     ) -> s3blk::store::StoreResult<()> {
         inner.put_if_match(key, body, tag).await
     }
+    /// A GET and a PUT through this wrapper's own `get` and `put`, so that
+    /// a wrapper that watches or cuts those sees a copy's too.
+    async fn copy(
+        &self,
+        inner: &DynStore,
+        from: &str,
+        to: &str,
+        mode: s3blk::store::PutMode,
+    ) -> s3blk::store::StoreResult<()> {
+        let body = self.get(inner, from, None).await?;
+        self.put(inner, to, body, mode).await
+    }
     async fn delete(&self, inner: &DynStore, key: &str) -> s3blk::store::StoreResult<()> {
         inner.delete(key).await
     }
@@ -331,6 +343,9 @@ impl<A: Around> s3blk::store::ObjectStore for Wrapped<A> {
     }
     async fn put_if_match(&self, key: &str, body: bytes::Bytes, tag: &str) -> s3blk::store::StoreResult<()> {
         self.around.put_if_match(&self.inner, key, body, tag).await
+    }
+    async fn copy(&self, from: &str, to: &str, mode: s3blk::store::PutMode) -> s3blk::store::StoreResult<()> {
+        self.around.copy(&self.inner, from, to, mode).await
     }
     async fn delete(&self, key: &str) -> s3blk::store::StoreResult<()> {
         self.around.delete(&self.inner, key).await
