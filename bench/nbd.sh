@@ -99,6 +99,7 @@ cjobs=(
   "randwrite-4k-qd32 randwrite 4k 32"
 )
 stored() { find "$work/cstore/$1" -type f -printf '%s\n' | awk '{ s += $1 } END { printf "%d\n", s }'; }
+stored_bytes=()
 for target in none zstd nbdkit; do
   if [ "$target" != nbdkit ]; then
     ./target/release/s3blk serve "file://$work/cstore/$target" --create --size 2GiB --compression "$target" \
@@ -120,10 +121,10 @@ for target in none zstd nbdkit; do
     # Chunk generations no record names any more go (as the controller's
     # compaction takes them), then what is left is what the volume stores.
     ./target/release/s3blk compact "file://$work/cstore/$target" --safety-age 0 >/dev/null 2>&1 || true
-    eval "stored_$target=$(stored "$target")"
+    stored_bytes+=("$(stored "$target")")
   fi
 done
-python3 - "$work" "$stored_none" "$stored_zstd" "${cjobs[@]}" <<'PY'
+python3 - "$work" "${stored_bytes[0]}" "${stored_bytes[1]}" "${cjobs[@]}" <<'PY'
 import json, sys
 work, plain, packed, jobs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 def result(target, name):
