@@ -345,11 +345,8 @@ impl ObjectStore for LocalStore {
         let (src, dst) = (self.path_of(from)?, self.path_of(to)?);
         let (from, to) = (from.to_string(), to.to_string());
         Self::blocking(move || {
-            if !src.is_file() {
-                return Err(StoreError::NotFound(from));
-            }
             copy_object(&src, &dst, mode).map_err(|e| match e.kind() {
-                io::ErrorKind::NotFound if !src.exists() => StoreError::NotFound(from.clone()),
+                io::ErrorKind::NotFound if !src.exists() => StoreError::NotFound(from),
                 _ => io_err(&to, e),
             })
         })

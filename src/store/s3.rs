@@ -350,9 +350,7 @@ impl ObjectStore for S3Store {
                 // says no time, or one well before now, is not used (the
                 // caller copies through itself instead).
                 let stamped = out.copy_object_result().and_then(|r| r.last_modified()).map(|t| t.secs());
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64);
+                let now = crate::clock::Clock::now_unix(&crate::clock::SystemClock);
                 match stamped {
                     Some(t) if t >= now - COPY_FRESH_SECS => Ok(()),
                     other => Err(StoreError::Unsupported(format!(

@@ -864,45 +864,37 @@ pub async fn let_go_of_parent(store: &DynStore, vol: &str, seq: Option<u64>) -> 
 }
 
 /// Change `vol`'s `volume.json` with `change` (`None`: it no longer
-/// applies: the flatten stops, to be run again), read just before the
-/// write, which lands only while `volume.json` is still what was read
-/// ([`super::keys::replace_meta`]): a change that landed meanwhile (a
-/// rekey) is read again and kept, and `change` applied to it. A store
-/// without conditional replaces gets an unconditional write; the check
-/// after it then finds a change another undid (an error, and nothing let
-/// go of). That check looks at what the flatten changes only: a rekey
-/// landing right after this step is no conflict.
+/// applies: the flatten stops, to be run again), replacing it only while
+/// it is still what was read ([`super::keys::change_meta`]): a change that
+/// landed meanwhile (a rekey) is read again and kept, and `change` applied
+/// to it. A store without conditional replaces gets an unconditional
+/// write; the check after it then finds a change another undid (an error,
+/// and nothing let go of). That check looks at what the flatten changes
+/// only: a rekey landing right after this step is no conflict.
 async fn change_meta(
     store: &DynStore,
     vol: &str,
     change: impl Fn(&mut format::VolumeMeta) -> Option<()>,
 ) -> CatalogResult<()> {
-    const DOING: &str = "it was being flattened";
-    let what = describe(store.as_ref(), vol);
-    let changed = |why: &str| -> CatalogError {
+    let changed = |why: &str| -> VolumeError {
         VolumeError::Store(StoreError::Transient(format!(
-            "{what}: volume.json {why} while {DOING} (a rekey or another flatten at the same time?); run flatten again"
+            "{}: volume.json {why} while it was being flattened (a rekey or another flatten at the same time?); \
+             run flatten again",
+            describe(store.as_ref(), vol)
         )))
-        .into()
     };
-    for attempt in 0..super::keys::META_ATTEMPTS {
-        if attempt > 0 {
-            super::keys::before_again(attempt).await;
-        }
-        let (mut next, tag) = replay::read_meta_tagged(store.as_ref(), vol).await?;
+    let written = super::keys::change_meta(store, vol, "it was being flattened", |mut next| {
         change(&mut next).ok_or_else(|| changed("changed"))?;
         super::keys::retag(store.as_ref(), vol, &mut next)?;
-        let done = super::keys::replace_meta(store, vol, &next, tag.as_deref(), DOING).await?;
-        if done == super::keys::Replaced::Changed {
-            continue;
-        }
-        let now = replay::read_meta(store.as_ref(), vol).await?;
-        if (&now.parent, &now.flattened) != (&next.parent, &next.flattened) {
-            return Err(changed("was changed by another"));
-        }
-        return Ok(());
+        Ok(Some(next))
+    })
+    .await?;
+    let Some(next) = written else { return Ok(()) };
+    let now = replay::read_meta(store.as_ref(), vol).await?;
+    if (&now.parent, &now.flattened) != (&next.parent, &next.flattened) {
+        return Err(changed("was changed by another").into());
     }
-    Err(super::keys::changed_again(&what, DOING).into())
+    Ok(())
 }
 
 /// The pin and marker a flatten of `vol` cut short left in `source`, if

@@ -311,11 +311,11 @@ pub fn check_snapshot(
 
 /// How often a change of `volume.json` reads it again and goes again when
 /// another change landed between its read and its write.
-pub(crate) const META_ATTEMPTS: usize = 8;
+const META_ATTEMPTS: usize = 8;
 
 /// What [`replace_meta`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Replaced {
+enum Replaced {
     Done,
     /// Another change landed since `volume.json` was read: nothing was
     /// written; read it again and go again.
@@ -336,7 +336,7 @@ pub(crate) enum Replaced {
 /// the volume for its clones keeps `volume.json` beside its tombstone
 /// (the reaper takes it with the rest later). `doing` says, for errors,
 /// what was under way.
-pub(crate) async fn replace_meta(
+async fn replace_meta(
     store: &DynStore,
     vol: &str,
     meta: &VolumeMeta,
@@ -411,25 +411,45 @@ pub(crate) async fn replace_meta(
 /// found it changed: twice as long each time (20 ms, 40 ms, ...), so that
 /// two changes that keep meeting drift apart. Not jittered: the
 /// simulation replays a seed's timings exactly.
-pub(crate) async fn before_again(attempt: usize) {
+async fn before_again(attempt: usize) {
     tokio::time::sleep(std::time::Duration::from_millis(10 << attempt.min(8))).await;
+}
+
+/// Change `vol`'s `volume.json`: `make` gives the next one from the one
+/// read (`None`: nothing to write), which replaces it only while it is
+/// still the one read ([`replace_meta`]); when another change landed in
+/// between, it is read again and `make` goes again on it. Returns what
+/// was written. `doing` says, for errors, what was under way.
+pub(crate) async fn change_meta(
+    store: &DynStore,
+    vol: &str,
+    doing: &str,
+    make: impl Fn(VolumeMeta) -> VolumeResult<Option<VolumeMeta>>,
+) -> VolumeResult<Option<VolumeMeta>> {
+    for attempt in 0..META_ATTEMPTS {
+        if attempt > 0 {
+            before_again(attempt).await;
+        }
+        let (meta, tag) = replay::read_meta_tagged(store.as_ref(), vol).await?;
+        let Some(next) = make(meta)? else { return Ok(None) };
+        if replace_meta(store, vol, &next, tag.as_deref(), doing).await? == Replaced::Done {
+            return Ok(Some(next));
+        }
+    }
+    Err(changed_again(&describe(store.as_ref(), vol), doing))
 }
 
 /// Rewrap `vol`'s data key with `new` (it was wrapped by `old`): the data
 /// stays as it is, and only `new` opens the volume from then on. Returns
 /// the new key's id. `volume.json` is replaced only while it is the one
-/// read ([`replace_meta`]): a change that landed meanwhile (a flatten's
+/// read ([`change_meta`]): a change that landed meanwhile (a flatten's
 /// step) is kept, and the rekey goes again on it. A volume that `new`
 /// already opens needs nothing (a rekey run again, or one whose attempt
 /// landed while its answer was lost and a flatten's step followed it).
 pub async fn rekey(store: &DynStore, vol: &str, old: &Kek, new: &Kek) -> VolumeResult<String> {
     let base = base(store);
     let what = describe(base.as_ref(), vol);
-    for attempt in 0..META_ATTEMPTS {
-        if attempt > 0 {
-            before_again(attempt).await;
-        }
-        let (meta, tag) = replay::read_meta_tagged(base.as_ref(), vol).await?;
+    let written = change_meta(&base, vol, "its key was being changed", |meta| {
         if meta.encryption.is_none() {
             return Err(VolumeError::InvalidArgument(format!(
                 "volume {what} is not encrypted: there is no key to change (an existing volume cannot be encrypted \
@@ -437,34 +457,35 @@ pub async fn rekey(store: &DynStore, vol: &str, old: &Kek, new: &Kek) -> VolumeR
             )));
         }
         if meta.encryption.as_ref().is_some_and(|e| e.key_id == new.id()) && open_meta(&meta, &what, new).is_ok() {
-            return Ok(new.id());
+            return Ok(None);
         }
         let data = open_meta(&meta, &what, old)?;
-        let mut next = meta.clone();
+        let mut next = meta;
         next.encryption = None;
         seal_meta(&mut next, new, &data);
-        if replace_meta(&base, vol, &next, tag.as_deref(), "its key was being changed").await? == Replaced::Changed {
-            continue;
-        }
-        // On a store without conditional replaces, another rekey at the
-        // same moment can still have won: say so.
-        let now = replay::read_meta(base.as_ref(), vol).await?;
-        return match now.encryption.as_ref().map(|e| e.key_id.as_str()) {
-            Some(id) if id == new.id() => Ok(new.id()),
-            other => Err(VolumeError::Store(crate::store::StoreError::Transient(format!(
-                "{what}: volume.json names key {} after the rekey to {} (another rekey ran at the same time); check \
-                 with volume inspect and run it again",
-                other.unwrap_or("none"),
-                new.id()
-            )))),
-        };
+        Ok(Some(next))
+    })
+    .await?;
+    if written.is_none() {
+        return Ok(new.id());
     }
-    Err(changed_again(&what, "its key was being changed"))
+    // On a store without conditional replaces, another rekey at the same
+    // moment can still have won: say so.
+    let now = replay::read_meta(base.as_ref(), vol).await?;
+    match now.encryption.as_ref().map(|e| e.key_id.as_str()) {
+        Some(id) if id == new.id() => Ok(new.id()),
+        other => Err(VolumeError::Store(crate::store::StoreError::Transient(format!(
+            "{what}: volume.json names key {} after the rekey to {} (another rekey ran at the same time); check \
+             with volume inspect and run it again",
+            other.unwrap_or("none"),
+            new.id()
+        )))),
+    }
 }
 
 /// The error of a change of `volume.json` that found it changed by others
 /// [`META_ATTEMPTS`] times in a row.
-pub(crate) fn changed_again(what: &str, doing: &str) -> VolumeError {
+fn changed_again(what: &str, doing: &str) -> VolumeError {
     VolumeError::Store(StoreError::Transient(format!(
         "{what}: volume.json was changed by others {META_ATTEMPTS} times while {doing}; run it again"
     )))
